@@ -2,4 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.storage",
+    "tests.fixtures.identity",
+    "tests.fixtures.connector",
+    "tests.fixtures.aad",
 ]
