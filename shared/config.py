@@ -7,6 +7,7 @@ raises :class:`SettingsError` naming it, never a stack trace from inside a libra
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ class StorageSettings:
         return ""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], prefix: str = "AzureWebJobsStorage") -> StorageSettings:
+    def from_env(
+        cls, env: Mapping[str, str], prefix: str = "AzureWebJobsStorage"
+    ) -> StorageSettings:
         def get(suffix: str) -> str:
             return env.get(f"{prefix}__{suffix}", "").strip()
 
@@ -121,7 +124,9 @@ class StorageSettings:
                 prefix, "set either a connection string or the identity-based __ settings, not both"
             )
         if settings.credential and settings.credential.lower() != "managedidentity":
-            raise SettingsError(f"{prefix}__credential", "the only supported value is managedidentity")
+            raise SettingsError(
+                f"{prefix}__credential", "the only supported value is managedidentity"
+            )
         for name, uri in (
             ("blobServiceUri", settings.blob_service_uri),
             ("queueServiceUri", settings.queue_service_uri),
@@ -199,7 +204,9 @@ class Settings:
                 "is required (set BOT_ALLOW_UNAUTHENTICATED=true only for local use without one)",
             )
         if app_type in ("SingleTenant", "UserAssignedMSI") and not tenant_id:
-            raise SettingsError("MicrosoftAppTenantId", f"is required when MicrosoftAppType={app_type}")
+            raise SettingsError(
+                "MicrosoftAppTenantId", f"is required when MicrosoftAppType={app_type}"
+            )
 
         password = get("MicrosoftAppPassword")
         certificate_path = get("MicrosoftAppCertificatePath")
@@ -214,7 +221,9 @@ class Settings:
             )
 
         openid = get("BOT_OPENID_METADATA_URL", cloud.openid_metadata_url)
-        emulator_openid = get("BOT_EMULATOR_OPENID_METADATA_URL", cloud.emulator_openid_metadata_url)
+        emulator_openid = get(
+            "BOT_EMULATOR_OPENID_METADATA_URL", cloud.emulator_openid_metadata_url
+        )
         authority = get("BOT_LOGIN_AUTHORITY", cloud.login_authority).rstrip("/")
         for name, url in (
             ("BOT_OPENID_METADATA_URL", openid),
@@ -249,7 +258,8 @@ class Settings:
             allow_unauthenticated=allow_unauthenticated,
             storage=StorageSettings.from_env(env),
             references_container=_storage_name(
-                "BOT_REFERENCES_CONTAINER", get("BOT_REFERENCES_CONTAINER", "conversation-references")
+                "BOT_REFERENCES_CONTAINER",
+                get("BOT_REFERENCES_CONTAINER", "conversation-references"),
             ),
             proactive_queue=_storage_name(
                 "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
@@ -261,15 +271,17 @@ class Settings:
         )
 
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
 def is_loopback_host(host: str | None) -> bool:
     """True for localhost, 127.0.0.0/8 and ::1: the only hosts allowed over plain http."""
     if not host:
         return False
     host = host.lower().strip("[]")
-    return host in LOOPBACK_HOSTS or (host.startswith("127.") and host.count(".") == 3)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _require_https_or_loopback(name: str, url: str) -> None:

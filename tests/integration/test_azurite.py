@@ -14,8 +14,10 @@ pytestmark = pytest.mark.integration
 def test_resources_are_created_and_usable(azurite, unique_name):
     queue, container = unique_name("q"), unique_name("c")
     ensure_resources(azurite.connection_string, [queue], [container])
-    queues = {q.name for q in QueueServiceClient.from_connection_string(
-        azurite.connection_string).list_queues()}
+    queues = {
+        q.name
+        for q in QueueServiceClient.from_connection_string(azurite.connection_string).list_queues()
+    }
     assert {queue, f"{queue}-poison"} <= queues
     blob = BlobServiceClient.from_connection_string(azurite.connection_string)
     blob.get_blob_client(container, "x.json").upload_blob(b"{}")
