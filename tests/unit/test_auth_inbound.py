@@ -1,0 +1,452 @@
+"""Inbound authentication against botsim's OpenID/JWKS services over HTTP, real RSA keys.
+
+The only stand-in is the clock (the authenticator's documented injection point), so that
+"a minute later" and "a day later" do not cost a minute or a day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import jwt
+import pytest
+
+from shared.auth.inbound import ANONYMOUS, AuthError, Identity, InboundAuthenticator
+from shared.config import Settings
+from tools.botsim.identity import IdentityService
+
+APP_ID = "11111111-2222-3333-4444-555555555555"
+OTHER_APP_ID = "99999999-8888-7777-6666-555555555555"
+BOT_TENANT = "0a0b0c0d-1111-2222-3333-444455556666"
+SERVICE_URL = "https://smba.trafficmanager.net/amer/"
+
+
+class Clock:
+    """A settable clock, injected into the authenticator (not a patch of its internals)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def activity(service_url: object = SERVICE_URL, channel_id: object = "msteams") -> dict:
+    return {
+        "type": "message",
+        "id": "a1",
+        "channelId": channel_id,
+        "serviceUrl": service_url,
+        "from": {"id": "29:user"},
+        "recipient": {"id": f"28:{APP_ID}"},
+        "conversation": {"id": "19:conv"},
+        "text": "hi",
+    }
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings(identity_env) -> Settings:
+    return Settings.from_env({"MicrosoftAppId": APP_ID, **identity_env})
+
+
+@pytest.fixture
+async def auth(settings, clock):
+    authenticator = InboundAuthenticator(settings, clock=clock)
+    yield authenticator
+    await authenticator.close()
+
+
+async def rejected(auth: InboundAuthenticator, header: str | None, act: dict) -> str:
+    """The AuthError reason; fails the test for any other outcome."""
+    with pytest.raises(AuthError) as caught:
+        await auth.authenticate(header, act)
+    reason = str(caught.value)
+    token = (header or "").partition(" ")[2].strip()
+    if len(token) > 8:
+        assert token not in reason  # never the token
+    return reason
+
+
+# -- accepted -----------------------------------------------------------------------------
+
+
+async def test_valid_channel_token(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    identity = await auth.authenticate(bearer(token), activity())
+    assert identity == Identity(True, "channel", APP_ID, identity.claims)
+    assert identity.claims["serviceurl"] == SERVICE_URL
+    assert auth.caller_id(identity) == "urn:botframework:azure"
+
+
+async def test_service_url_compared_normalised(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, "HTTPS://SMBA.TrafficManager.net:443/amer")
+    identity = await auth.authenticate(bearer(token), activity(SERVICE_URL))
+    assert identity.kind == "channel"
+    # The path is not case-folded, and a port other than the default counts.
+    for other in (
+        "https://smba.trafficmanager.net/AMER/",
+        "https://smba.trafficmanager.net:8443/amer/",
+    ):
+        await rejected(auth, bearer(token), activity(other))
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+async def test_valid_emulator_tokens(auth, channel_identity, emulator_identity, version):
+    token = emulator_identity.mint_emulator_token(APP_ID, version=version)
+    identity = await auth.authenticate(
+        bearer(token), activity("http://localhost:53000", "emulator")
+    )
+    assert (identity.authenticated, identity.kind, identity.app_id) == (True, "emulator", APP_ID)
+    assert identity.claims["ver"] == version
+    assert auth.caller_id(identity) is None  # signed by AAD, not the Bot Framework metadata
+    assert channel_identity.jwks_requests == 0  # the AAD keys were used, not the channel's
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+async def test_emulator_token_from_the_bots_own_tenant(identity_env, emulator_identity, version):
+    token = emulator_identity.mint_emulator_token(APP_ID, version=version, tenant=BOT_TENANT)
+    emulator_activity = activity("http://127.0.0.1:1", "emulator")
+    env = {"MicrosoftAppId": APP_ID, "MicrosoftAppTenantId": BOT_TENANT, **identity_env}
+    single = InboundAuthenticator(Settings.from_env({**env, "MicrosoftAppType": "SingleTenant"}))
+    try:
+        assert (await single.authenticate(bearer(token), emulator_activity)).kind == "emulator"
+    finally:
+        await single.close()
+    # Without a tenant of its own, the bot does not accept that tenant's tokens.
+    del env["MicrosoftAppTenantId"]
+    multi = InboundAuthenticator(Settings.from_env(env))
+    try:
+        assert "issuer" in await rejected(multi, bearer(token), emulator_activity)
+    finally:
+        await multi.close()
+
+
+async def test_clock_skew_of_five_minutes_is_tolerated(auth, channel_identity, clock):
+    now = clock.now
+    late = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, exp=now - 240)
+    early = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, nbf=now + 240)
+    assert (await auth.authenticate(bearer(late), activity())).kind == "channel"
+    assert (await auth.authenticate(bearer(early), activity())).kind == "channel"
+
+
+# -- rejected -----------------------------------------------------------------------------
+
+# case: (mint_channel_token arguments, expected reason)
+CHANNEL_REJECTIONS = {
+    "expired beyond skew": (dict(exp_offset=-360), "expired"),
+    "nbf in the future": (dict(nbf_offset=+360), "nbf"),
+    "no exp": (dict(drop=("exp",)), "no exp"),
+    "wrong aud": (dict(audience=OTHER_APP_ID), "audience"),
+    "wrong iss": (dict(issuer="https://api.botframework.evil"), "issuer"),
+    "missing serviceurl claim": (dict(service_url=None), "no serviceurl claim"),
+    "serviceurl differs": (dict(service_url="https://attacker.example/amer/"), "does not match"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANNEL_REJECTIONS))
+async def test_channel_token_rejections(auth, channel_identity, clock, case):
+    spec, expected = CHANNEL_REJECTIONS[case]
+    kwargs = {key: spec[key] for key in ("drop", "audience", "issuer") if key in spec}
+    if "exp_offset" in spec:
+        kwargs["exp"] = clock.now + spec["exp_offset"]
+    if "nbf_offset" in spec:
+        kwargs["nbf"] = clock.now + spec["nbf_offset"]
+    service_url = spec.get("service_url", SERVICE_URL)
+    token = channel_identity.mint_channel_token(APP_ID, service_url, **kwargs)
+    assert expected in await rejected(auth, bearer(token), activity())
+    # The same authenticator still accepts a good token: nothing was poisoned.
+    good = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert (await auth.authenticate(bearer(good), activity())).kind == "channel"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer a b", "Bearer " + "a" * 20_000],
+)
+async def test_missing_or_malformed_header(auth, channel_identity, header):
+    await rejected(auth, header, activity())
+    assert channel_identity.metadata_requests == 0
+
+
+@pytest.mark.parametrize("kind", ["garbage", "alg_none", "hs256_public_key"])
+async def test_forged_tokens_rejected_before_any_key_is_fetched(auth, channel_identity, kind):
+    token = channel_identity.mint_broken(kind, APP_ID, SERVICE_URL)
+    await rejected(auth, bearer(token), activity())
+    assert channel_identity.jwks_requests == 0
+
+
+@pytest.mark.parametrize("kind", ["unknown_kid", "unpublished_key"])
+async def test_tokens_signed_outside_the_jwks(auth, channel_identity, kind):
+    token = channel_identity.mint_broken(kind, APP_ID, SERVICE_URL)
+    reason = await rejected(auth, bearer(token), activity())
+    assert "unknown key id" in reason
+
+
+async def test_signature_must_match_the_published_key(auth, channel_identity):
+    # The published kid in the header, but signed by a key that is not the published one.
+    claims = {"iss": "https://api.botframework.com", "aud": APP_ID, "serviceurl": SERVICE_URL}
+    claims |= {"nbf": int(time.time()), "exp": int(time.time()) + 600}
+    forged = jwt.encode(
+        claims,
+        channel_identity.unpublished_key.private_key,
+        algorithm="RS256",
+        headers={"kid": channel_identity.signing_kid},
+    )
+    assert "signature" in await rejected(auth, bearer(forged), activity())
+    # A genuine signature over another payload (the serviceUrl swapped for an attacker's).
+    genuine = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    attacker = channel_identity.mint_channel_token(APP_ID, "https://attacker.example/")
+    header, _, signature = genuine.split(".")
+    spliced = ".".join((header, attacker.split(".")[1], signature))
+    reason = await rejected(auth, bearer(spliced), activity("https://attacker.example/"))
+    assert "signature" in reason
+
+
+async def test_key_not_endorsed_for_the_channel(auth, channel_identity):
+    kid = channel_identity.rotate_key(endorsements=["webchat"])
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, kid=kid)
+    assert (
+        await auth.authenticate(bearer(token), activity(channel_id="webchat"))
+    ).kind == "channel"
+    assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id="msteams"))
+    assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id=None))
+
+
+# case: (mint_emulator_token arguments, expected reason)
+EMULATOR_REJECTIONS = {
+    "another app (appid)": (dict(version="1.0", caller=OTHER_APP_ID), "another app"),
+    "another app (azp)": (dict(version="2.0", caller=OTHER_APP_ID), "another app"),
+    "v1 without appid": (dict(version="1.0", drop=("appid",)), "names no calling app"),
+    "v2 without azp": (dict(version="2.0", drop=("azp",)), "names no calling app"),
+    "no ver": (dict(version="2.0", drop=("ver",)), "ver"),
+    "unknown ver": (dict(version="2.0", claims={"ver": "3.0"}), "ver"),
+    "wrong aud": (dict(version="2.0", audience=OTHER_APP_ID), "audience"),
+    "untrusted tenant": (
+        dict(version="2.0", tenant="72f988bf-86f1-41af-91ab-2d7cd011db47"),
+        "issuer",
+    ),
+    "no exp": (dict(version="1.0", drop=("exp",)), "no exp"),
+    "expired": (dict(version="1.0", lifetime=-1000), "expired"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMULATOR_REJECTIONS))
+async def test_emulator_token_rejections(auth, emulator_identity, case):
+    spec, expected = EMULATOR_REJECTIONS[case]
+    token = emulator_identity.mint_emulator_token(APP_ID, **spec)
+    emulator_activity = activity("http://localhost:53000", "emulator")
+    assert expected in await rejected(auth, bearer(token), emulator_activity)
+
+
+async def test_tokens_verified_against_the_right_issuers_keys(
+    auth, channel_identity, emulator_identity
+):
+    # Channel-shaped token signed with an AAD key, and an Emulator token signed with a channel key.
+    forged_channel = emulator_identity.mint_channel_token(
+        APP_ID, SERVICE_URL, issuer="https://api.botframework.com"
+    )
+    assert "unknown key id" in await rejected(auth, bearer(forged_channel), activity())
+    forged_emulator = channel_identity.mint_emulator_token(APP_ID, version="2.0")
+    assert "unknown key id" in await rejected(
+        auth, bearer(forged_emulator), activity("http://localhost:1", "emulator")
+    )
+
+
+async def test_odd_activity_values_are_auth_errors(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    for act in (activity(123), activity("http://[::1"), activity(SERVICE_URL, {"x": 1}), {}):
+        await rejected(auth, bearer(token), act)
+
+
+# -- the key cache ------------------------------------------------------------------------
+
+
+async def test_keys_are_cached(auth, channel_identity):
+    for _ in range(5):
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+        await auth.authenticate(bearer(token), activity())
+    assert (channel_identity.metadata_requests, channel_identity.jwks_requests) == (1, 1)
+
+
+async def test_rotated_key_accepted_and_refresh_rate_limited(auth, channel_identity, clock):
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    assert channel_identity.jwks_requests == 1
+
+    # A key rolled out after caching: the unknown kid triggers one refetch, then it is accepted.
+    channel_identity.rotate_key()
+    rotated = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert (await auth.authenticate(bearer(rotated), activity())).kind == "channel"
+    assert channel_identity.jwks_requests == 2
+
+    # Within the minute, further unknown kids do not refetch (and are 401s, not crashes).
+    channel_identity.rotate_key()
+    newer = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    clock.advance(30)
+    await rejected(auth, bearer(newer), activity())
+    await rejected(
+        auth, bearer(channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)), activity()
+    )
+    assert channel_identity.jwks_requests == 2
+
+    # A minute after the last refetch, the next unknown kid refetches again.
+    clock.advance(31)
+    assert (await auth.authenticate(bearer(newer), activity())).kind == "channel"
+    assert channel_identity.jwks_requests == 3
+
+
+async def test_concurrent_unknown_kids_share_one_fetch(auth, channel_identity):
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    channel_identity.rotate_key()
+    tokens = [channel_identity.mint_channel_token(APP_ID, SERVICE_URL) for _ in range(20)]
+    results = await asyncio.gather(*(auth.authenticate(bearer(t), activity()) for t in tokens))
+    assert all(r.kind == "channel" for r in results)
+    assert (channel_identity.metadata_requests, channel_identity.jwks_requests) == (2, 2)
+
+
+async def test_concurrent_cold_start_shares_one_fetch(auth, channel_identity):
+    tokens = [channel_identity.mint_channel_token(APP_ID, SERVICE_URL) for _ in range(20)]
+    results = await asyncio.gather(*(auth.authenticate(bearer(t), activity()) for t in tokens))
+    assert {r.kind for r in results} == {"channel"}
+    assert (channel_identity.metadata_requests, channel_identity.jwks_requests) == (1, 1)
+
+
+async def test_outage_with_cached_keys_does_not_stop_valid_traffic(auth, channel_identity, clock):
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    channel_identity.set_outage(True)
+    clock.advance(2 * 24 * 3600)  # long past the daily refresh
+    for _ in range(3):
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, now=clock.now)
+        assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+        clock.advance(61)
+    unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL, now=clock.now)
+    assert "unknown key id" in await rejected(auth, bearer(unknown), activity())
+    assert channel_identity.metadata_requests >= 2  # it did try, and kept the cached keys
+
+
+async def test_keys_refreshed_daily(auth, channel_identity, clock):
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    clock.advance(3600)
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    assert channel_identity.jwks_requests == 1
+    clock.advance(24 * 3600)
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, now=clock.now)
+    assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+    for _ in range(100):  # the refresh runs beside the request, not in front of it
+        if channel_identity.jwks_requests == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert channel_identity.jwks_requests == 2
+
+
+async def test_outage_without_cached_keys_is_an_auth_error(auth, channel_identity, clock):
+    channel_identity.set_outage(True)
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert "unavailable" in await rejected(auth, bearer(token), activity())
+    # Retried after a short pause, not on every request.
+    channel_identity.set_outage(False)
+    assert "unavailable" in await rejected(auth, bearer(token), activity())
+    assert channel_identity.metadata_requests == 1
+    clock.advance(5)
+    assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+
+
+async def test_plain_http_metadata_refused_unless_loopback(channel_identity):
+    settings = Settings(
+        app_id=APP_ID,
+        openid_metadata_url="http://login.botframework.example/v1/.well-known/openidconfiguration",
+    )
+    auth = InboundAuthenticator(settings)
+    try:
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+        assert "https" in await rejected(auth, bearer(token), activity())
+    finally:
+        await auth.close()
+
+
+async def test_plain_http_jwks_uri_refused(auth, channel_identity):
+    channel_identity.metadata_overrides["jwks_uri"] = "http://login.botframework.example/keys"
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert "jwks_uri" in await rejected(auth, bearer(token), activity())
+    assert channel_identity.jwks_requests == 0
+
+
+async def test_validation_with_cached_keys_is_fast(auth, channel_identity):
+    tokens = [channel_identity.mint_channel_token(APP_ID, SERVICE_URL) for _ in range(50)]
+    await auth.authenticate(bearer(tokens[0]), activity())
+    start = time.perf_counter()
+    for token in tokens * 4:
+        await auth.authenticate(bearer(token), activity())
+    per_token = (time.perf_counter() - start) / 200
+    assert per_token < 0.003, f"{per_token * 1000:.2f} ms per token"
+    assert channel_identity.jwks_requests == 1
+
+
+# -- anonymous mode and callerId ----------------------------------------------------------
+
+
+async def test_anonymous_mode_only_for_loopback_service_urls(channel_identity):
+    auth = InboundAuthenticator(Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"}))
+    try:
+        for url in ("http://127.0.0.1:3978/", "http://localhost:53000", "http://[::1]:8080/x"):
+            identity = await auth.authenticate(None, activity(url, "emulator"))
+            assert identity == ANONYMOUS
+            assert (identity.authenticated, identity.kind, identity.app_id) == (
+                False,
+                "anonymous",
+                "",
+            )
+            assert auth.caller_id(identity) is None
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+        for url in (SERVICE_URL, "http://10.0.0.1/", "http://localhost.evil.example/", None):
+            await rejected(auth, bearer(token), activity(url))
+            await rejected(auth, None, activity(url))
+    finally:
+        await auth.close()
+    assert channel_identity.metadata_requests == 0
+
+
+async def test_an_app_id_turns_anonymous_mode_off():
+    settings = Settings.from_env({"MicrosoftAppId": APP_ID, "BOT_ALLOW_UNAUTHENTICATED": "true"})
+    strict = InboundAuthenticator(settings)
+    assert "Authorization" in await rejected(strict, None, activity("http://127.0.0.1:3978/"))
+    await strict.close()
+
+
+async def test_caller_id_per_cloud(channel_identity):
+    with IdentityService.channel("usgov") as usgov:
+        env = {"MicrosoftAppId": APP_ID, "BOT_CHANNEL_SERVICE": "usgov"}
+        settings = Settings.from_env({**env, "BOT_OPENID_METADATA_URL": usgov.metadata_url})
+        auth = InboundAuthenticator(settings)
+        try:
+            token = usgov.mint_channel_token(APP_ID, SERVICE_URL)
+            identity = await auth.authenticate(bearer(token), activity())
+            assert auth.caller_id(identity) == "urn:botframework:azureusgov"
+            # A public-cloud channel token is not a US Gov one.
+            public = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+            assert "issuer" in await rejected(auth, bearer(public), activity())
+            assert auth.caller_id(ANONYMOUS) is None
+        finally:
+            await auth.close()
