@@ -1,0 +1,842 @@
+"""The Connector client against botsim's fake Connector (HTTP) with tokens from the fake AAD.
+
+Retry waits are measured with an injected clock and sleep (VirtualTime), so the tests
+check the exact waits without spending them; one test checks the bound in wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from shared.auth.tokens import create_token_provider
+from shared.config import Settings
+from shared.connector import (
+    ConnectorClient,
+    ConnectorError,
+    ErrorKind,
+    RetryPolicy,
+    parse_error_body,
+    parse_retry_after,
+)
+from shared.ratelimit import Pacer, Window
+from tests.fixtures.connector import VirtualTime
+from tools.botsim.connector import FakeConnector, Reply
+
+# Teams ids really look like this: every character a naive client would get wrong.
+CONVERSATION = "a:1Xy-Z@thread.skype;messageid=1700000000000/part"
+ACTIVITY = "1:act@id;v=1/2"
+MEMBER = "29:1AbC/dEf@x;y"
+ATTACHMENT = "att:1@2;3/4"
+ENC_CONVERSATION = "a%3A1Xy-Z%40thread.skype%3Bmessageid%3D1700000000000%2Fpart"
+ENC_ACTIVITY = "1%3Aact%40id%3Bv%3D1%2F2"
+ENC_MEMBER = "29%3A1AbC%2FdEf%40x%3By"
+ENC_ATTACHMENT = "att%3A1%402%3B3%2F4"
+
+NO_JITTER = RetryPolicy(jitter=0.0)
+
+
+@pytest.fixture
+def settings(aad_app, fake_connector) -> Settings:
+    return aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="1000"
+    )
+
+
+@pytest.fixture
+def vtime() -> VirtualTime:
+    return VirtualTime()
+
+
+@pytest.fixture
+async def client(settings, vtime):
+    connector = ConnectorClient(
+        settings,
+        create_token_provider(settings),
+        retry=NO_JITTER,
+        sleep=vtime.sleep,
+        clock=vtime.clock,
+    )
+    yield connector
+    await connector.close()
+
+
+# --- the 15 operations ---------------------------------------------------------------
+
+
+async def test_send_to_conversation(client, fake_connector):
+    activity = {"type": "message", "text": "hello"}
+    result = await client.send_to_conversation(fake_connector.url, CONVERSATION, activity)
+
+    (request,) = fake_connector.requests
+    assert request.method == "POST"
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/activities"
+    assert request.params == {"conversationId": CONVERSATION}
+    assert request.json == activity
+    assert result == request.response and result["id"]
+
+
+async def test_reply_to_activity(client, fake_connector):
+    activity = {"type": "message", "text": "re", "replyToId": ACTIVITY}
+    result = await client.reply_to_activity(fake_connector.url, CONVERSATION, ACTIVITY, activity)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("POST", "replyToActivity")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/activities/{ENC_ACTIVITY}"
+    assert request.params == {"conversationId": CONVERSATION, "activityId": ACTIVITY}
+    assert request.json == activity
+    assert result == request.response and result["id"]
+
+
+async def test_update_activity(client, fake_connector):
+    activity = {"type": "message", "text": "edited", "id": ACTIVITY}
+    result = await client.update_activity(fake_connector.url, CONVERSATION, ACTIVITY, activity)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("PUT", "updateActivity")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/activities/{ENC_ACTIVITY}"
+    assert request.json == activity
+    assert result == {"id": ACTIVITY}
+
+
+async def test_delete_activity(client, fake_connector):
+    result = await client.delete_activity(fake_connector.url, CONVERSATION, ACTIVITY)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("DELETE", "deleteActivity")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/activities/{ENC_ACTIVITY}"
+    assert request.body == b""
+    assert result is None
+
+
+async def test_send_conversation_history(client, fake_connector):
+    transcript = {"activities": [{"type": "message", "text": "earlier"}]}
+    result = await client.send_conversation_history(fake_connector.url, CONVERSATION, transcript)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("POST", "sendConversationHistory")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/activities/history"
+    assert request.json == transcript
+    assert result == request.response
+
+
+async def test_get_activity_members(client, fake_connector):
+    fake_connector.members[CONVERSATION] = [{"id": MEMBER, "name": "Ada"}]
+    result = await client.get_activity_members(fake_connector.url, CONVERSATION, ACTIVITY)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("GET", "getActivityMembers")
+    assert request.raw_path == (
+        f"/v3/conversations/{ENC_CONVERSATION}/activities/{ENC_ACTIVITY}/members"
+    )
+    assert result == [{"id": MEMBER, "name": "Ada"}]
+
+
+async def test_create_conversation(client, fake_connector):
+    parameters = {
+        "bot": {"id": "28:bot"},
+        "members": [{"id": MEMBER}],
+        "channelData": {"tenant": {"id": "tenant-1"}},
+        "tenantId": "tenant-1",
+        "activity": {"type": "message", "text": "hi"},
+    }
+    result = await client.create_conversation(fake_connector.url, parameters)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.raw_path) == ("POST", "/v3/conversations")
+    assert request.json == parameters
+    assert set(result) == {"id", "activityId", "serviceUrl"}
+    assert result["serviceUrl"].startswith(fake_connector.url)
+
+
+async def test_get_conversations_with_continuation(client, fake_connector):
+    fake_connector.conversations.extend({"id": f"a:{n}"} for n in range(150))
+
+    first = await client.get_conversations(fake_connector.url)
+    second = await client.get_conversations(fake_connector.url, first["continuationToken"])
+
+    assert [r.raw_path for r in fake_connector.requests] == ["/v3/conversations"] * 2
+    assert fake_connector.requests[1].query == {"continuationToken": first["continuationToken"]}
+    assert len(first["conversations"]) + len(second["conversations"]) == 150
+    assert "continuationToken" not in second
+
+
+async def test_get_conversation_members(client, fake_connector):
+    result = await client.get_conversation_members(fake_connector.url, CONVERSATION)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("GET", "getConversationMembers")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/members"
+    assert isinstance(result, list) and result == request.response
+
+
+async def test_get_conversation_paged_members(client, fake_connector):
+    fake_connector.members[CONVERSATION] = [{"id": f"29:{n}"} for n in range(5)]
+    token = "tok/en=+&1"  # continuation tokens are opaque: must survive the query string
+
+    fake_connector.script(
+        "GET",
+        "pagedmembers",
+        [Reply(json={"members": [{"id": "29:0"}], "continuationToken": token})],
+    )
+    first = await client.get_conversation_paged_members(fake_connector.url, CONVERSATION, 2)
+    await client.get_conversation_paged_members(fake_connector.url, CONVERSATION, 2, token)
+    page = await client.get_conversation_paged_members(fake_connector.url, CONVERSATION, 2, "2")
+
+    requests = fake_connector.requests_for("getConversationPagedMembers")
+    assert requests[0].raw_path == f"/v3/conversations/{ENC_CONVERSATION}/pagedmembers"
+    assert requests[0].query == {"pageSize": "2"}
+    assert requests[1].query == {"pageSize": "2", "continuationToken": token}
+    assert first["continuationToken"] == token
+    assert page == {"members": [{"id": "29:2"}, {"id": "29:3"}], "continuationToken": "4"}
+
+
+async def test_get_conversation_member(client, fake_connector):
+    fake_connector.members[CONVERSATION] = [{"id": MEMBER, "name": "Ada"}]
+    result = await client.get_conversation_member(fake_connector.url, CONVERSATION, MEMBER)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("GET", "getConversationMember")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/members/{ENC_MEMBER}"
+    assert request.params["memberId"] == MEMBER
+    assert result == {"id": MEMBER, "name": "Ada"}
+
+
+async def test_delete_conversation_member(client, fake_connector):
+    fake_connector.members[CONVERSATION] = [{"id": MEMBER}, {"id": "29:other"}]
+    result = await client.delete_conversation_member(fake_connector.url, CONVERSATION, MEMBER)
+
+    (request,) = fake_connector.requests
+    assert (request.method, request.operation) == ("DELETE", "deleteConversationMember")
+    assert request.raw_path == f"/v3/conversations/{ENC_CONVERSATION}/members/{ENC_MEMBER}"
+    assert result is None
+    assert fake_connector.members[CONVERSATION] == [{"id": "29:other"}]
+
+
+async def test_attachments_upload_info_and_view(client, fake_connector):
+    content = bytes(range(256)) * 10
+    upload = {
+        "type": "application/octet-stream",
+        "name": "data.bin",
+        "originalBase64": base64.b64encode(content).decode(),
+    }
+
+    uploaded = await client.upload_attachment(fake_connector.url, CONVERSATION, upload)
+    info = await client.get_attachment_info(fake_connector.url, uploaded["id"])
+    view = await client.get_attachment(fake_connector.url, uploaded["id"], "original")
+
+    upload_request, info_request, view_request = fake_connector.requests
+    assert (upload_request.method, upload_request.raw_path) == (
+        "POST",
+        f"/v3/conversations/{ENC_CONVERSATION}/attachments",
+    )
+    assert upload_request.json == upload
+    assert (info_request.method, info_request.operation) == ("GET", "getAttachmentInfo")
+    assert info == {
+        "name": "data.bin",
+        "type": "application/octet-stream",
+        "views": [{"viewId": "original", "size": len(content)}],
+    }
+    assert view_request.status == 302  # the view is served from elsewhere: redirect followed
+    assert view == content
+
+
+async def test_attachment_ids_are_percent_encoded(client, fake_connector):
+    fake_connector.attachments[ATTACHMENT] = {"name": "x", "originalBase64": "aGk="}
+    fake_connector.redirect_attachments = False
+
+    assert await client.get_attachment(fake_connector.url, ATTACHMENT, "original") == b"hi"
+    info = await client.get_attachment_info(fake_connector.url, ATTACHMENT)
+
+    paths = [r.raw_path for r in fake_connector.requests]
+    assert paths == [
+        f"/v3/attachments/{ENC_ATTACHMENT}/views/original",
+        f"/v3/attachments/{ENC_ATTACHMENT}",
+    ]
+    assert info["name"] == "x"
+
+
+async def test_a_service_url_with_a_path_prefix_is_kept(client, fake_connector, aad_app):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=f"{fake_connector.url}/amer")
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        await connector.send_to_conversation(
+            f"{fake_connector.url}/amer/", "a:1", {"type": "message"}
+        )
+    finally:
+        await connector.close()
+    assert fake_connector.requests[0].raw_path == "/amer/v3/conversations/a%3A1/activities"
+
+
+# --- tokens --------------------------------------------------------------------------
+
+
+async def test_one_token_for_many_calls_across_turns(client, fake_connector, fake_aad, aad_app):
+    for turn in range(5):  # five turns, a few calls each, on the process's one client
+        await client.reply_to_activity(fake_connector.url, f"a:{turn}", "1", {"type": "message"})
+        await client.send_to_conversation(fake_connector.url, f"a:{turn}", {"type": "message"})
+        await client.get_conversation_members(fake_connector.url, f"a:{turn}")
+
+    assert fake_aad.issued[aad_app.app_id] == 1
+    headers = {r.authorization for r in fake_connector.requests}
+    assert len(headers) == 1
+    (header,) = headers
+    assert header.startswith("Bearer ") and fake_aad.is_valid_token(header[len("Bearer ") :])
+
+
+async def test_expiry_gives_one_refresh_for_50_concurrent_calls(
+    settings, fake_connector, fake_aad, aad_app
+):
+    vtime = VirtualTime(start=1_000_000.0)
+    connector = ConnectorClient(settings, create_token_provider(settings, clock=vtime.clock))
+    try:
+        await connector.get_conversation_members(fake_connector.url, "a:0")
+        vtime.now += 3600  # the token has expired
+        fake_aad.delay = 0.1
+        await asyncio.gather(
+            *(
+                connector.send_to_conversation(fake_connector.url, f"a:{n}", {"type": "message"})
+                for n in range(50)
+            )
+        )
+    finally:
+        await connector.close()
+
+    assert fake_aad.issued[aad_app.app_id] == 2
+    sends = fake_connector.requests_for("sendToConversation")
+    assert len(sends) == 50 and len({r.authorization for r in sends}) == 1
+    assert sends[0].authorization != fake_connector.requests[0].authorization
+
+
+async def test_401_refreshes_the_token_once_and_retries(client, fake_connector, fake_aad, aad_app):
+    fake_connector.script(
+        "POST", "activities$", [Reply(401, json={"error": {"code": "Unauthorized"}})]
+    )
+
+    result = await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    first, second = fake_connector.requests
+    assert (first.status, second.status) == (401, 200)
+    assert first.authorization != second.authorization
+    assert fake_aad.issued[aad_app.app_id] == 2
+    assert result["id"]
+    assert fake_connector.activities == [{"type": "message"}]
+
+
+async def test_a_second_401_is_an_invalid_error(client, fake_connector, fake_aad, aad_app):
+    body = {"error": {"code": "BotNotRegistered", "message": "No registration found for this bot."}}
+    fake_connector.script("POST", "activities$", [Reply(401, json=body)] * 3)
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.INVALID, 401)
+    assert caught.value.code == "BotNotRegistered"
+    assert len(fake_connector.requests) == 2
+    assert fake_aad.issued[aad_app.app_id] == 2
+
+
+async def test_token_failures_become_connector_errors_and_nothing_is_sent(
+    fake_connector, aad_app, fake_aad
+):
+    settings = aad_app.settings(
+        MicrosoftAppPassword="not-the-secret", BOT_TRUSTED_SERVICE_URLS=fake_connector.url
+    )
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+
+    assert caught.value.kind is ErrorKind.INVALID
+    assert caught.value.code == "AADSTS7000215"
+    assert "MicrosoftAppPassword" in str(caught.value)
+    assert "not-the-secret" not in str(caught.value)
+    assert fake_connector.requests == []
+
+
+# --- retries -------------------------------------------------------------------------
+
+
+async def test_429_twice_then_success_is_delivered_once_after_the_waits(
+    client, fake_connector, vtime
+):
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "1"})
+    fake_connector.script("POST", "activities$", [throttled, throttled])
+
+    result = await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert [r.status for r in fake_connector.requests] == [429, 429, 200]
+    assert vtime.sleeps == [1.0, 1.0]
+    assert fake_connector.activities == [{"type": "message"}]
+    assert result == fake_connector.requests[-1].response
+
+
+async def test_retry_after_as_an_http_date_is_honoured(client, fake_connector, vtime):
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    fake_connector.script("POST", "activities$", [Reply(503, headers={"Retry-After": when})])
+
+    await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert len(vtime.sleeps) == 1 and 1.5 <= vtime.sleeps[0] <= 3.0
+
+
+@pytest.mark.parametrize("status", [412, 502, 503, 504])
+async def test_transient_statuses_are_retried_with_backoff(client, fake_connector, vtime, status):
+    fake_connector.script("POST", "activities$", [Reply(status), Reply(status)])
+
+    await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert [r.status for r in fake_connector.requests] == [status, status, 200]
+    assert vtime.sleeps == [0.5, 1.0]  # base 0.5 s, doubling (no jitter in this policy)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "GET"])
+async def test_every_method_is_retried(client, fake_connector, method):
+    fake_connector.script(method, ".", [Reply(503)])
+    if method == "PUT":
+        await client.update_activity(fake_connector.url, "a:1", "2", {"type": "message"})
+    elif method == "DELETE":
+        await client.delete_activity(fake_connector.url, "a:1", "2")
+    else:
+        await client.get_conversation_members(fake_connector.url, "a:1")
+    assert [r.status for r in fake_connector.requests] == [503, 200]
+
+
+async def test_500_is_not_retried(client, fake_connector):
+    fake_connector.script("POST", "activities$", [Reply(500, body="boom")])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert len(fake_connector.requests) == 1
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 500)
+
+
+async def test_a_dropped_connection_is_retried(client, fake_connector, vtime):
+    fake_connector.script("POST", "activities$", [Reply(drop=True)])
+
+    result = await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert len(fake_connector.requests) == 2
+    assert vtime.sleeps == [0.5]
+    assert result["id"]
+
+
+async def test_a_server_that_is_down_gives_up_as_transient(settings, aad_app, vtime):
+    with FakeConnector() as gone:
+        url = gone.url
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=url)
+    connector = ConnectorClient(
+        settings, create_token_provider(settings), sleep=vtime.sleep, clock=vtime.clock
+    )
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(url, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+    assert caught.value.kind is ErrorKind.TRANSIENT and caught.value.status is None
+    assert len(vtime.sleeps) == 4  # five attempts
+
+
+async def test_endless_429s_give_up_within_the_bounds_as_throttled(client, fake_connector, vtime):
+    start = vtime.now
+    throttled = Reply(429, headers={"Retry-After": "2"})
+    fake_connector.script("POST", "activities$", [throttled] * 50)
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.THROTTLED, 429)
+    assert caught.value.retry_after == 2.0
+    assert len(fake_connector.requests) == 5  # max_attempts
+    assert vtime.now - start <= NO_JITTER.max_total_seconds
+    assert fake_connector.activities == []
+
+
+async def test_endless_503s_give_up_within_the_total_time(client, fake_connector, vtime):
+    start = vtime.now
+    fake_connector.script("POST", "activities$", [Reply(503, headers={"Retry-After": "5"})] * 50)
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 503)
+    assert len(fake_connector.requests) == 3  # 0 s, 5 s, 10 s; a wait to 15 s would exceed 12 s
+    assert vtime.now - start <= 12.0
+
+
+async def test_a_retry_after_beyond_the_budget_gives_up_at_once(client, fake_connector, vtime):
+    fake_connector.script("POST", "activities$", [Reply(429, headers={"Retry-After": "120"})])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert caught.value.kind is ErrorKind.THROTTLED and caught.value.retry_after == 120.0
+    assert len(fake_connector.requests) == 1 and vtime.sleeps == []
+
+
+async def test_give_up_is_bounded_in_wall_clock_time(settings, fake_connector):
+    # Real sleeps: the bound holds end to end, not only in virtual time.
+    policy = RetryPolicy(max_attempts=10, max_total_seconds=1.0, base_delay=0.2, jitter=0.0)
+    fake_connector.script("POST", "activities$", [Reply(503, headers={"Retry-After": "0.3"})] * 20)
+    connector = ConnectorClient(settings, create_token_provider(settings), retry=policy)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectorError):
+            await connector.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+    assert time.monotonic() - started < 1.5
+    assert len(fake_connector.requests) == 4  # 0, 0.3, 0.6, 0.9 s
+
+
+async def test_the_retry_policy_can_be_overridden_per_call(client, fake_connector):
+    fake_connector.script("POST", "activities$", [Reply(503)] * 5)
+
+    with pytest.raises(ConnectorError):
+        await client.send_to_conversation(
+            fake_connector.url, "a:1", {"type": "message"}, retry=RetryPolicy(max_attempts=2)
+        )
+    assert len(fake_connector.requests) == 2
+
+
+def test_backoff_is_capped_and_jittered():
+    policy = RetryPolicy(base_delay=0.5, max_delay=4.0, jitter=0.5)
+    assert policy.backoff(1, rand=lambda: 0.0) == 0.5
+    assert policy.backoff(10, rand=lambda: 0.0) == 4.0
+    assert policy.backoff(10, rand=lambda: 1.0) == 2.0
+
+
+def test_retry_after_parsing():
+    now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    assert parse_retry_after("1") == 1.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:05 GMT", now=lambda: now) == 5.0
+    assert parse_retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now=lambda: now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+# --- errors --------------------------------------------------------------------------
+
+TEAMS_209 = (
+    '{"errorCode":209,"message":"{\\r\\n  \\"subCode\\": \\"MessageWritesBlocked\\",\\r\\n  '
+    '\\"details\\": \\"Thread is blocked from message writes.\\",\\r\\n  \\"errorCode\\": null,'
+    '\\r\\n  \\"errorSubCode\\": null\\r\\n}"}'
+)
+
+
+def error(code: str, message: str = "") -> str:
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "code"),
+    [
+        (
+            403,
+            error("BotNotInConversationRoster", "The bot is not part of the conversation roster."),
+            ErrorKind.GONE,
+            "BotNotInConversationRoster",
+        ),
+        (
+            403,
+            error("ConversationBlockedByUser", "User blocked the conversation with the bot."),
+            ErrorKind.GONE,
+            "ConversationBlockedByUser",
+        ),
+        (
+            403,
+            error("BotDisabledByAdmin", "The tenant admin disabled this bot"),
+            ErrorKind.GONE,
+            "BotDisabledByAdmin",
+        ),
+        (
+            403,
+            error("ForbiddenOperationException", "Bot is not installed in user's personal scope"),
+            ErrorKind.GONE,
+            "ForbiddenOperationException",
+        ),
+        (403, TEAMS_209, ErrorKind.GONE, "MessageWritesBlocked"),
+        (
+            404,
+            error("ConversationNotFound", "Conversation not found."),
+            ErrorKind.GONE,
+            "ConversationNotFound",
+        ),
+        (
+            413,
+            error("MessageSizeTooBig", "Message size too large."),
+            ErrorKind.INVALID,
+            "MessageSizeTooBig",
+        ),
+        (400, error("BadArgument", "Unknown activity type"), ErrorKind.INVALID, "BadArgument"),
+        (403, error("Forbidden", "Something else"), ErrorKind.INVALID, "Forbidden"),
+        (404, "Not Found", ErrorKind.INVALID, None),
+    ],
+)
+async def test_error_bodies_are_classified(client, fake_connector, status, body, kind, code):
+    fake_connector.script("POST", "activities$", [Reply(status, body=body)])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, CONVERSATION, {"type": "message"})
+
+    assert (caught.value.kind, caught.value.status, caught.value.code) == (kind, status, code)
+    assert len(fake_connector.requests) == 1  # terminal: never retried
+    assert caught.value.terminal is (kind is ErrorKind.GONE)
+
+
+def test_teams_nested_error_body_is_parsed():
+    code, message, teams_code = parse_error_body(TEAMS_209.encode())
+    assert (code, teams_code) == ("MessageWritesBlocked", 209)
+    assert message == "Thread is blocked from message writes."
+    assert parse_error_body(b"<html>Bad gateway</html>") == (None, "<html>Bad gateway</html>", None)
+    assert parse_error_body(b'{"code":"X","message":"y"}') == ("X", "y", None)
+
+
+# --- trusted serviceUrls -------------------------------------------------------------
+
+UNTRUSTED = [
+    "http://smba.trafficmanager.net/amer/",  # plain http to a non-loopback host
+    "https://smba.trafficmanager.net.evil.example/amer/",
+    "https://evilbotframework.com/",
+    "https://botframework.com.evil.example/",
+    "https://smba.trafficmanager.net@evil.example/",
+    "https://user:pw@smba.trafficmanager.net/",
+    "https://smba.trafficmanager.net:8443/amer/",
+    "https://evil.example/?https://smba.trafficmanager.net/",
+    "https://evil.example#@smba.trafficmanager.net/",
+    "https://evil.example\\@smba.trafficmanager.net/",
+    "https://trafficmanager.net/",
+    "ftp://smba.trafficmanager.net/",
+    "//smba.trafficmanager.net/",
+    "https://smba.trafficmanager.net./",
+    "",
+]
+
+
+@pytest.mark.parametrize("service_url", UNTRUSTED)
+async def test_untrusted_service_urls_are_refused_before_anything_is_sent(
+    client, fake_connector, fake_aad, aad_app, service_url
+):
+    assert not client.is_trusted(service_url)
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(service_url, "a:1", {"type": "message"})
+
+    assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_aad.issued[aad_app.app_id] == 0 and aad_app.app_id not in fake_aad.last_request
+
+
+async def test_a_listening_server_outside_the_trusted_set_receives_nothing(
+    client, fake_connector, fake_aad, aad_app
+):
+    with FakeConnector() as other:
+        with pytest.raises(ConnectorError) as caught:
+            await client.send_to_conversation(other.url, "a:1", {"type": "message"})
+        assert other.requests == []
+    assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_aad.issued.total() == 0
+
+
+@pytest.mark.parametrize(
+    "service_url",
+    [
+        "https://smba.trafficmanager.net/amer/",
+        "https://smba.trafficmanager.net/teams/",
+        "https://smba.infra.gcc.teams.microsoft.com/teams",
+        "https://smba.infra.gov.teams.microsoft.us/teams",
+        "https://smba.infra.dod.teams.microsoft.us/teams",
+        "https://webchat.botframework.com/",
+        "https://europe.directline.botframework.com/v3/",
+        "https://SMBA.TrafficManager.net:443/emea/",
+    ],
+)
+def test_bot_framework_and_teams_hosts_are_trusted(settings, service_url):
+    assert ConnectorClient(settings, None).is_trusted(service_url)
+
+
+def test_usgov_trusts_its_own_bot_framework_hosts():
+    settings = Settings.from_env(
+        {"MicrosoftAppId": "a", "MicrosoftAppPassword": "p", "BOT_CHANNEL_SERVICE": "usgov"}
+    )
+    client = ConnectorClient(settings, None)
+    assert client.is_trusted("https://webchat.botframework.azure.us/")
+    assert client.is_trusted("https://smba.infra.gov.teams.microsoft.us/teams")
+    assert not client.is_trusted("https://webchat.botframework.com/")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "url", "trusted"),
+    [
+        ("http://127.0.0.1:80", "http://127.0.0.1:80/v3/", True),
+        ("http://127.0.0.1:80", "http://127.0.0.1:8080/", False),
+        ("http://127.0.0.1:80", "http://127.0.0.1/", True),  # default port
+        ("http://localhost:3978/bot", "http://localhost:3978/bot/x", True),
+        ("http://localhost:3978/bot", "http://localhost:3978/bot", True),
+        ("http://localhost:3978/bot", "http://localhost:3978/bot2/", False),
+        ("http://localhost:3978/bot/", "http://localhost:3978/botx", False),
+        ("https://connector.contoso.com/teams", "https://connector.contoso.com/teams/v3", True),
+        ("https://connector.contoso.com/teams", "http://connector.contoso.com/teams/v3", False),
+        ("https://connector.contoso.com", "https://x.connector.contoso.com/", False),
+    ],
+)
+def test_trusted_prefixes_match_scheme_host_port_and_whole_segments(prefix, url, trusted):
+    settings = Settings.from_env(
+        {"MicrosoftAppId": "a", "MicrosoftAppPassword": "p", "BOT_TRUSTED_SERVICE_URLS": prefix}
+    )
+    assert ConnectorClient(settings, None).is_trusted(url) is trusted
+
+
+async def test_unauthenticated_local_mode_sends_no_token_and_only_to_loopback(fake_connector):
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        await connector.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+        assert not connector.is_trusted("https://smba.trafficmanager.net/amer/")
+    finally:
+        await connector.close()
+    assert fake_connector.requests[0].authorization is None
+
+
+# --- logs ----------------------------------------------------------------------------
+
+
+async def test_the_token_never_appears_in_logs(client, fake_connector, fake_aad, caplog):
+    caplog.set_level(logging.DEBUG)  # every logger, msal's and aiohttp's included
+    fake_connector.script(
+        "POST",
+        "activities$",
+        [Reply(401), Reply(429, headers={"Retry-After": "1"}), Reply(403, body=TEAMS_209)],
+    )
+    with pytest.raises(ConnectorError):
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    await client.get_conversation_members(fake_connector.url, "a:1")
+
+    tokens = [issuance.token for issuance in fake_aad.issuances]
+    assert len(tokens) == 2
+    for token in tokens:
+        assert token not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "shared.connector"]
+    assert any("sendToConversation status=429 attempt=2" in line for line in lines)
+    assert any("getConversationMembers status=200" in line for line in lines)
+
+
+# --- pacing against the fake Connector's enforcement ----------------------------------
+
+
+def paced_fake(**fake_options) -> tuple[VirtualTime, Pacer, FakeConnector]:
+    """A fake Connector, a pacer and virtual time shared by both.
+
+    Time only moves once every request the pacer let go has reached the fake, so the
+    fake stamps each arrival with the virtual time at which the client sent it.
+    """
+    parts: dict = {}
+    vtime = VirtualTime(gate=lambda: len(parts["fake"].requests) >= parts["pacer"].granted)
+    parts["pacer"] = Pacer(50, clock=vtime.clock, sleep=vtime.sleep)
+    parts["fake"] = FakeConnector(clock=vtime.clock, **fake_options)
+    return vtime, parts["pacer"], parts["fake"]
+
+
+async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_app):
+    vtime, pacer, fake = paced_fake(enforce_limits=True)
+    with fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=pacer,
+            sleep=vtime.sleep,
+            clock=vtime.clock,
+        )
+        try:
+            await asyncio.gather(
+                *(
+                    connector.send_to_conversation(fake.url, CONVERSATION, {"text": str(n)})
+                    for n in range(100)
+                )
+            )
+        finally:
+            await connector.close()
+
+        assert fake.violations == []
+        assert [r.status for r in fake.requests] == [200] * 100
+        assert [a["text"] for a in fake.activities] == [str(n) for n in range(100)]  # in order
+        assert vtime.now - 1000.0 < 45  # paced, not stalled: 100 sends take 30-40 s
+
+
+async def test_1000_sends_across_conversations_stay_under_the_global_limit(aad_app):
+    vtime, pacer, fake = paced_fake(enforce_limits=True, global_limit=Window(50, 1.0))
+    with fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=pacer,
+            sleep=vtime.sleep,
+            clock=vtime.clock,
+        )
+        workers = asyncio.Semaphore(50)
+
+        async def send(n: int):
+            async with workers:
+                await connector.send_to_conversation(fake.url, f"a:{n % 250}", {"text": str(n)})
+
+        try:
+            await asyncio.gather(*(send(n) for n in range(1000)))
+        finally:
+            await connector.close()
+
+        assert fake.violations == []
+        assert len(fake.activities) == 1000
+        times = sorted(r.time for r in fake.requests)
+        assert all(times[i + 50] - times[i] >= 1.0 for i in range(len(times) - 50))
+        assert vtime.now - 1000.0 < 30  # 1000 at 50/s: about 20 s of waiting in all
+
+
+async def test_a_client_without_pacing_is_caught_by_the_fake(aad_app):
+    # The enforcement the pacing tests rely on is real: a burst with pacing off gets 429s.
+    with FakeConnector(enforce_limits=True) as fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=Pacer(10_000, windows=(Window(10_000, 1.0),)),
+            retry=RetryPolicy(max_attempts=1),
+        )
+        try:
+            results = await asyncio.gather(
+                *(
+                    connector.send_to_conversation(fake.url, "a:1", {"type": "message"})
+                    for _ in range(10)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await connector.close()
+        throttled = [r for r in results if isinstance(r, ConnectorError)]
+        assert {e.kind for e in throttled} == {ErrorKind.THROTTLED}
+        assert len(throttled) == 3 and len(fake.violations) == 3  # 7 per second pass
+
+
+# --- the session ---------------------------------------------------------------------
+
+
+async def test_an_injected_session_is_used_and_left_open(settings, fake_connector):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        connector = ConnectorClient(settings, create_token_provider(settings), session=session)
+        await connector.get_conversation_members(fake_connector.url, "a:1")
+        await connector.close()
+        assert not session.closed
+    assert fake_connector.requests[0].operation == "getConversationMembers"

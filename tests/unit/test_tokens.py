@@ -1,0 +1,350 @@
+"""Outbound tokens: real MSAL against botsim's fake AAD over HTTPS (and its managed identity)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.auth.tokens import TokenError, create_token_provider
+from shared.config import Settings
+from tests.fixtures.connector import VirtualTime
+from tools.botsim.aad import AadError, FakeAAD, FakeManagedIdentity
+
+
+def test_no_app_id_means_no_token_provider():
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    assert create_token_provider(settings) is None
+
+
+def test_importing_the_outbound_modules_does_not_import_msal():
+    code = "import sys, shared.auth.tokens, shared.connector; print('msal' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],  # the repo root
+    )
+    assert result.stdout.strip() == "False"
+
+
+async def test_client_secret_obtains_a_token_from_the_login_authority(fake_aad, aad_app):
+    provider = create_token_provider(aad_app.settings())
+
+    token = await provider.get_token()
+
+    assert fake_aad.is_valid_token(token)
+    issuance = fake_aad.issuances[-1]
+    assert (issuance.client_id, issuance.grant) == (aad_app.app_id, "secret")
+    assert issuance.tenant == "botframework.com"  # MultiTenant authority
+    assert issuance.scope == "https://api.botframework.com/.default"
+    assert "client_secret" not in fake_aad.last_request[aad_app.app_id]
+
+
+async def test_single_tenant_uses_the_tenant_authority(fake_aad, aad_app):
+    tenant = str(uuid.uuid4())
+    settings = aad_app.settings(MicrosoftAppType="SingleTenant", MicrosoftAppTenantId=tenant)
+
+    await create_token_provider(settings).get_token()
+
+    assert fake_aad.issuances[-1].tenant == tenant
+
+
+async def test_one_token_is_reused_for_many_calls(fake_aad, aad_app):
+    provider = create_token_provider(aad_app.settings())
+
+    tokens = {await provider.get_token() for _ in range(20)}
+    tokens |= set(await asyncio.gather(*(provider.get_token() for _ in range(20))))
+
+    assert len(tokens) == 1
+    assert fake_aad.issued[aad_app.app_id] == 1
+
+
+async def test_concurrent_first_callers_share_one_acquisition(fake_aad, aad_app):
+    fake_aad.delay = 0.2
+    provider = create_token_provider(aad_app.settings())
+
+    tokens = await asyncio.gather(*(provider.get_token() for _ in range(50)))
+
+    assert len(set(tokens)) == 1
+    assert fake_aad.issued[aad_app.app_id] == 1
+
+
+async def test_expiry_triggers_exactly_one_refresh_for_50_concurrent_callers(fake_aad, aad_app):
+    time = VirtualTime(start=1_000_000.0)
+    provider = create_token_provider(aad_app.settings(), clock=time.clock)
+    first = await provider.get_token()
+
+    time.now += 3600 - 299  # inside the last 5 minutes of the token's life
+    fake_aad.delay = 0.1
+    tokens = await asyncio.gather(*(provider.get_token() for _ in range(50)))
+
+    assert fake_aad.issued[aad_app.app_id] == 2
+    assert len(set(tokens)) == 1
+    assert tokens[0] != first
+    assert fake_aad.is_valid_token(tokens[0])
+
+
+async def test_a_token_is_reused_until_shortly_before_expiry(fake_aad, aad_app):
+    time = VirtualTime(start=1_000_000.0)
+    provider = create_token_provider(aad_app.settings(), clock=time.clock)
+    first = await provider.get_token()
+
+    time.now += 3600 - 301
+    assert await provider.get_token() == first
+    assert fake_aad.issued[aad_app.app_id] == 1
+
+
+async def test_short_lived_tokens_are_refreshed_at_half_life(fake_aad, aad_app):
+    fake_aad.expires_in = 120
+    time = VirtualTime(start=1_000_000.0)
+    provider = create_token_provider(aad_app.settings(), clock=time.clock)
+    first = await provider.get_token()
+
+    time.now += 59
+    assert await provider.get_token() == first
+    time.now += 2
+    assert await provider.get_token() != first
+
+
+async def test_force_refresh_gets_a_new_token_past_msal_cache(fake_aad, aad_app):
+    provider = create_token_provider(aad_app.settings())
+    first = await provider.get_token()
+
+    second = await provider.get_token(force_refresh=True)
+
+    assert second != first
+    assert fake_aad.issued[aad_app.app_id] == 2
+
+
+async def test_acquisition_does_not_block_the_event_loop(fake_aad, aad_app):
+    fake_aad.delay = 0.5
+    provider = create_token_provider(aad_app.settings())
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await provider.get_token()
+    task.cancel()
+    assert ticks >= 20  # the loop kept running while MSAL waited on the network
+
+
+async def test_certificate_with_x5c_obtains_a_token(fake_aad, bot_certificate):
+    path, certificate = bot_certificate
+    app_id = str(uuid.uuid4())
+    fake_aad.register_certificate(app_id, certificate, require_x5c=True)  # subject name/issuer
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "MicrosoftAppCertificatePath": path,
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+
+    token = await create_token_provider(settings).get_token()
+
+    assert fake_aad.is_valid_token(token)
+    issuance = fake_aad.issuances[-1]
+    assert issuance.grant == "certificate"
+    assert "x5c" in issuance.assertion_header and "x5t#S256" in issuance.assertion_header
+
+
+async def test_a_certificate_the_app_does_not_have_is_refused(fake_aad, bot_certificate, tmp_path):
+    from tools.botsim.aad import generate_certificate
+
+    path, _ = bot_certificate
+    _, other_certificate = generate_certificate("someone-else")
+    app_id = str(uuid.uuid4())
+    fake_aad.register_certificate(app_id, other_certificate)
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "MicrosoftAppCertificatePath": path,
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+
+    assert caught.value.code == "AADSTS700027"
+    assert caught.value.setting == "MicrosoftAppCertificatePath"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), (b"not a pem", "no PEM private key")],
+)
+async def test_an_unusable_certificate_file_names_the_setting(fake_aad, tmp_path, content, problem):
+    path = tmp_path / "bot.pem"
+    if content is not None:
+        path.write_bytes(content)
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "app",
+            "MicrosoftAppCertificatePath": str(path),
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+
+    with pytest.raises(TokenError, match="MicrosoftAppCertificatePath") as caught:
+        await create_token_provider(settings).get_token()
+    assert problem in str(caught.value)
+    assert fake_aad.issued.total() == 0
+
+
+async def test_federated_assertion_is_read_fresh_from_the_token_file(fake_aad, tmp_path):
+    app_id = str(uuid.uuid4())
+    fake_aad.register_federated(app_id, subject="system:serviceaccount:bots:bot")
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text(fake_aad.federated_assertion("system:serviceaccount:other:pod"))
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+    provider = create_token_provider(settings)
+
+    with pytest.raises(TokenError, match="AZURE_FEDERATED_TOKEN_FILE"):
+        await provider.get_token()
+
+    # The platform rotates the file; the same provider picks the new assertion up.
+    token_file.write_text(fake_aad.federated_assertion("system:serviceaccount:bots:bot"))
+    token = await provider.get_token()
+
+    assert fake_aad.is_valid_token(token)
+    assert fake_aad.issuances[-1].grant == "federated"
+
+
+async def test_a_missing_federated_token_file_names_the_setting(fake_aad, tmp_path):
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "app",
+            "AZURE_FEDERATED_TOKEN_FILE": str(tmp_path / "missing"),
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+    assert caught.value.setting == "AZURE_FEDERATED_TOKEN_FILE"
+
+
+async def test_user_assigned_managed_identity_uses_the_identity_endpoint(
+    fake_managed_identity: FakeManagedIdentity,
+):
+    app_id = str(uuid.uuid4())
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "MicrosoftAppType": "UserAssignedMSI",
+            "MicrosoftAppTenantId": str(uuid.uuid4()),
+        }
+    )
+    provider = create_token_provider(settings)
+
+    tokens = {await provider.get_token() for _ in range(5)}
+
+    assert len(tokens) == 1 and tokens <= fake_managed_identity.tokens
+    assert fake_managed_identity.issued[app_id] == 1
+    request = fake_managed_identity.requests[-1]
+    assert request["client_id"] == app_id
+    assert request["resource"] == "https://api.botframework.com"
+
+    await provider.get_token(force_refresh=True)
+    assert fake_managed_identity.issued[app_id] == 2
+
+
+async def test_a_wrong_secret_names_the_aad_code_and_never_the_secret(fake_aad, aad_app):
+    settings = aad_app.settings(MicrosoftAppPassword="wrong-secret-value")
+
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+
+    error = caught.value
+    assert error.code == "AADSTS7000215"
+    assert error.setting == "MicrosoftAppPassword"
+    assert "MicrosoftAppPassword" in str(error) and "AADSTS7000215" in str(error)
+    assert "wrong-secret-value" not in str(error)
+    assert not error.transient
+
+
+async def test_no_credential_names_the_setting(fake_aad):
+    settings = Settings.from_env({"MicrosoftAppId": "app", "BOT_LOGIN_AUTHORITY": fake_aad.url})
+
+    with pytest.raises(TokenError, match="MicrosoftAppPassword"):
+        await create_token_provider(settings).get_token()
+    assert fake_aad.discovery_requests == 0
+
+
+async def test_an_unreachable_authority_is_a_transient_error_naming_the_setting(fake_aad):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "app",
+            "MicrosoftAppPassword": "s3cret",
+            "BOT_LOGIN_AUTHORITY": f"https://127.0.0.1:{port}",
+        }
+    )
+
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+
+    assert caught.value.transient
+    assert caught.value.setting == "BOT_LOGIN_AUTHORITY"
+    assert "s3cret" not in str(caught.value)
+
+
+async def test_a_failed_refresh_keeps_the_current_token_while_it_is_valid(fake_aad, aad_app):
+    time = VirtualTime(start=1_000_000.0)
+    provider = create_token_provider(aad_app.settings(), clock=time.clock)
+    first = await provider.get_token()
+    time.now += 3600 - 200
+    fake_aad.fail_next(AadError())  # e.g. the secret was just rotated elsewhere
+
+    assert await provider.get_token() == first  # still 200 s left: better than failing
+
+    assert await provider.get_token() != first  # the next call refreshes successfully
+
+
+async def test_a_scripted_aad_outage_surfaces_once_the_token_has_expired(fake_aad, aad_app):
+    provider = create_token_provider(aad_app.settings())
+    fake_aad.fail_next(AadError("temporarily_unavailable", 50196, "Try again.", 503))
+
+    with pytest.raises(TokenError) as caught:
+        await provider.get_token()
+    assert caught.value.transient
+    assert caught.value.code == "HTTP503"
+
+
+def test_fake_aad_is_not_trusted_without_its_ca(fake_aad_service: FakeAAD, monkeypatch):
+    # The fake's certificate is only valid for clients told to trust its CA: MSAL verifies TLS.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    fake_aad_service.register_secret("untrusting-app", "pw")
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "untrusting-app",
+            "MicrosoftAppPassword": "pw",
+            "BOT_LOGIN_AUTHORITY": fake_aad_service.url,
+        }
+    )
+
+    with pytest.raises(TokenError, match="BOT_LOGIN_AUTHORITY"):
+        asyncio.run(create_token_provider(settings).get_token())

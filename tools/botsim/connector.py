@@ -1,0 +1,596 @@
+"""botsim's fake Bot Connector: the 15 operations of Connector REST v3 over local HTTP.
+
+It records every request (method, raw percent-encoded path, decoded path parameters,
+query, headers, JSON body, arrival time), answers with sensible defaults, replays
+scripted replies (statuses, Teams error bodies, Retry-After, delays, dropped
+connections), can enforce the Teams per-conversation limits (7/1 s, 8/2 s, 60/30 s →
+429, with a record of violations) and hands each activity the bot sends to subscribers
+as it arrives (the chat command prints them).
+
+    with FakeConnector() as connector:
+        ...  # point the bot at connector.url
+        connector.script("POST", r"/activities$", [Reply(429, headers={"Retry-After": "1"})])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from aiohttp import web
+
+from shared.ratelimit import TEAMS_CONVERSATION_WINDOWS, Window
+from tools.botsim.server import BackgroundServer
+
+_UNSET: Any = object()
+
+# (method, pattern on the raw path after any serviceUrl prefix, operationId); order matters:
+# ".../activities/history" must win over ".../activities/{activityId}".
+_SEG = r"(?P<{}>[^/]+)"
+_CONV = "/v3/conversations/" + _SEG.format("conversationId")
+_ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
+    (method, re.compile(pattern + "$"), operation)
+    for method, pattern, operation in (
+        ("GET", "/v3/conversations", "getConversations"),
+        ("POST", "/v3/conversations", "createConversation"),
+        ("POST", _CONV + "/activities/history", "sendConversationHistory"),
+        ("POST", _CONV + "/activities", "sendToConversation"),
+        (
+            "GET",
+            _CONV + "/activities/" + _SEG.format("activityId") + "/members",
+            "getActivityMembers",
+        ),
+        ("POST", _CONV + "/activities/" + _SEG.format("activityId"), "replyToActivity"),
+        ("PUT", _CONV + "/activities/" + _SEG.format("activityId"), "updateActivity"),
+        ("DELETE", _CONV + "/activities/" + _SEG.format("activityId"), "deleteActivity"),
+        ("GET", _CONV + "/members", "getConversationMembers"),
+        ("GET", _CONV + "/pagedmembers", "getConversationPagedMembers"),
+        ("GET", _CONV + "/members/" + _SEG.format("memberId"), "getConversationMember"),
+        ("DELETE", _CONV + "/members/" + _SEG.format("memberId"), "deleteConversationMember"),
+        ("POST", _CONV + "/attachments", "uploadAttachment"),
+        ("GET", "/v3/attachments/" + _SEG.format("attachmentId"), "getAttachmentInfo"),
+        (
+            "GET",
+            "/v3/attachments/" + _SEG.format("attachmentId") + "/views/" + _SEG.format("viewId"),
+            "getAttachment",
+        ),
+    )
+)
+OPERATIONS = tuple(operation for _, _, operation in _ROUTES)
+ACTIVITY_OPERATIONS = frozenset(
+    {"sendToConversation", "replyToActivity", "updateActivity", "deleteActivity"}
+)
+
+THROTTLED_BODY = {"error": {"code": "Throttled", "message": "Too many requests."}}
+
+
+@dataclass(slots=True)
+class Reply:
+    """One scripted answer. ``drop`` closes the connection without answering."""
+
+    status: int = 200
+    json: Any = _UNSET
+    body: bytes | str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    method: str
+    raw_path: str  # as sent, percent-encoding intact, without the query
+    path: str  # decoded
+    operation: str | None  # operationId, None for unknown routes
+    params: dict[str, str]  # decoded path parameters
+    query: dict[str, str]
+    headers: dict[str, str]
+    json: Any
+    body: bytes
+    time: float
+    status: int = 0  # what the fake answered
+    response: Any = None  # the JSON it answered with, if any
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.params.get("conversationId")
+
+    @property
+    def activity(self) -> dict[str, Any] | None:
+        return self.json if isinstance(self.json, dict) else None
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("Authorization")
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A request the fake answered 429 because it broke a limit."""
+
+    conversation_id: str | None  # None for the global limit
+    window: Window
+    time: float
+
+
+@dataclass(slots=True)
+class _Script:
+    method: str
+    pattern: re.Pattern[str]
+    replies: deque[Reply]
+
+
+def default_members(conversation_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": "29:user-1",
+            "name": "User One",
+            "aadObjectId": "00000000-0000-0000-0000-000000000001",
+            "role": "user",
+        },
+        {
+            "id": "29:user-2",
+            "name": "User Two",
+            "aadObjectId": "00000000-0000-0000-0000-000000000002",
+            "role": "user",
+        },
+        {"id": "28:bot", "name": "Bot", "role": "bot"},
+    ]
+
+
+class FakeConnector:
+    """The fake Connector service. Start with :meth:`start` or use it as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        enforce_limits: bool = False,
+        windows: Sequence[Window] = TEAMS_CONVERSATION_WINDOWS,
+        global_limit: Window | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        auth_check: Callable[[str | None], bool] | None = None,
+        redirect_attachments: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.enforce_limits = enforce_limits
+        self.windows = tuple(windows)
+        self.global_limit = global_limit
+        self.auth_check = auth_check
+        self.redirect_attachments = redirect_attachments
+        self.members: dict[str, list[dict[str, Any]]] = {}
+        self.attachments: dict[str, dict[str, Any]] = {}
+        self.conversations: list[dict[str, Any]] = []
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._requests: list[RecordedRequest] = []
+        self._scripts: list[_Script] = []
+        self._violations: list[Violation] = []
+        self._arrivals: dict[str, deque[float]] = {}
+        self._global_arrivals: deque[float] = deque()
+        self._subscribers: list[Callable[[RecordedRequest], None]] = []
+        self._ids = itertools.count(1)
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.server = BackgroundServer(self.app, host=host, port=port)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The serviceUrl to give the bot (no trailing slash)."""
+        return self.server.url
+
+    def start(self) -> FakeConnector:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def __enter__(self) -> FakeConnector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Forget requests, scripts, violations, subscribers and stored data."""
+        with self._lock:
+            self._requests.clear()
+            self._scripts.clear()
+            self._violations.clear()
+            self._arrivals.clear()
+            self._global_arrivals.clear()
+            self._subscribers.clear()
+            self.members.clear()
+            self.attachments.clear()
+            self.conversations.clear()
+            self.enforce_limits = False
+            self.global_limit = None
+            self.auth_check = None
+            self.redirect_attachments = True
+
+    # --- what tests read --------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def violations(self) -> list[Violation]:
+        with self._lock:
+            return list(self._violations)
+
+    def requests_for(self, operation: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.operation == operation]
+
+    @property
+    def activities(self) -> list[dict[str, Any]]:
+        """The activities the bot sent, replied or updated (answered 2xx), in arrival order."""
+        return [
+            r.json
+            for r in self.requests
+            if r.operation in ACTIVITY_OPERATIONS and isinstance(r.json, dict) and r.status < 300
+        ]
+
+    async def wait_for(
+        self,
+        predicate: Callable[[list[RecordedRequest]], Any],
+        timeout: float = 5.0,  # noqa: ASYNC109 - a plain deadline reads best in tests
+    ) -> Any:
+        """Wait until ``predicate(requests)`` is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = predicate(self.requests)
+            if result:
+                return result
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"fake Connector: condition not met within {timeout} s")
+            await asyncio.sleep(0.01)
+
+    def wait_for_sync(
+        self, predicate: Callable[[list[RecordedRequest]], Any], timeout: float = 5.0
+    ) -> Any:
+        """Blocking :meth:`wait_for`, for code without an event loop (the chat command)."""
+        with self._lock:
+            result = self._lock.wait_for(lambda: predicate(list(self._requests)), timeout)
+        if not result:
+            raise TimeoutError(f"fake Connector: condition not met within {timeout} s")
+        return result
+
+    # --- what tests set up ------------------------------------------------------------
+
+    def script(self, method: str, path_regex: str, replies: Iterable[Reply]) -> None:
+        """Answer matching requests with ``replies`` in order, then with the defaults.
+
+        ``method`` is an HTTP method or ``"*"``; ``path_regex`` is searched in the raw
+        (percent-encoded) path.
+        """
+        with self._lock:
+            self._scripts.append(_Script(method.upper(), re.compile(path_regex), deque(replies)))
+
+    def subscribe(
+        self,
+        target: Callable[[RecordedRequest], None] | asyncio.Queue[RecordedRequest],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Callable[[], None]:
+        """Receive each activity operation the bot makes (send, reply, update, delete).
+
+        ``target`` is a callback (called on the server's thread) or an ``asyncio.Queue``
+        fed on ``loop`` (default: the running loop of the caller). Returns an unsubscribe
+        function.
+        """
+        if isinstance(target, asyncio.Queue):
+            queue = target
+            queue_loop = loop or asyncio.get_running_loop()
+
+            def callback(request: RecordedRequest) -> None:
+                queue_loop.call_soon_threadsafe(queue.put_nowait, request)
+        else:
+            callback = target
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # --- the server side --------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = self._clock()
+        raw_path = request.raw_path.split("?", 1)[0]
+        if raw_path.startswith("/_blobs/"):
+            return self._blob(raw_path)
+        body = await request.read()
+        payload = _json_or_none(body)
+        recorded = self._record(request, raw_path, body, payload, arrived)
+        reply = self._next_script(request.method, raw_path)
+        if reply is not None:
+            return await self._scripted(request, recorded, reply)
+        status, answer = self._answer(request, recorded, arrived)
+        return self._respond(recorded, status, answer)
+
+    def _record(
+        self, request: web.Request, raw_path: str, body: bytes, payload: Any, arrived: float
+    ) -> RecordedRequest:
+        prefix_end = raw_path.find("/v3/")
+        route_path = raw_path[prefix_end:] if prefix_end >= 0 else raw_path
+        operation, params = _match(request.method, route_path)
+        recorded = RecordedRequest(
+            method=request.method,
+            raw_path=raw_path,
+            path=unquote(raw_path),
+            operation=operation,
+            params=params,
+            query=dict(parse_qsl(request.query_string, keep_blank_values=True)),
+            headers=dict(request.headers),
+            json=payload,
+            body=body,
+            time=arrived,
+        )
+        with self._lock:
+            self._requests.append(recorded)
+        return recorded
+
+    def _next_script(self, method: str, raw_path: str) -> Reply | None:
+        with self._lock:
+            for script in self._scripts:
+                if (
+                    script.replies
+                    and script.method in ("*", method)
+                    and script.pattern.search(raw_path)
+                ):
+                    return script.replies.popleft()
+        return None
+
+    async def _scripted(
+        self, request: web.Request, recorded: RecordedRequest, reply: Reply
+    ) -> web.StreamResponse:
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.drop:
+            # A connection reset as the client sees it: no status line, socket closed.
+            if request.transport is not None:
+                request.transport.abort()
+            self._finish(recorded, 0, None)
+            return web.Response(status=500)
+        if reply.json is not _UNSET:
+            self._finish(recorded, reply.status, reply.json)
+            return web.json_response(reply.json, status=reply.status, headers=reply.headers)
+        body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        self._finish(recorded, reply.status, None)
+        return web.Response(status=reply.status, body=body, headers=reply.headers)
+
+    def _answer(
+        self, request: web.Request, recorded: RecordedRequest, arrived: float
+    ) -> tuple[int, Any]:
+        if self.auth_check is not None and not self.auth_check(_bearer(recorded.authorization)):
+            return 401, {
+                "error": {"code": "Unauthorized", "message": "Authorization has been denied."}
+            }
+        if recorded.operation is None:
+            return 404, {"error": {"code": "NotFound", "message": "No such operation."}}
+        violation = self._check_limits(recorded, arrived)
+        if violation is not None:
+            return 429, THROTTLED_BODY
+        return self._default(request, recorded)
+
+    def _check_limits(self, recorded: RecordedRequest, arrived: float) -> Violation | None:
+        with self._lock:
+            if self.global_limit is not None:
+                violation = _admit(self._global_arrivals, (self.global_limit,), arrived, None)
+                if violation is not None:
+                    self._violations.append(violation)
+                    return violation
+            conversation = recorded.conversation_id
+            if not self.enforce_limits or conversation is None or recorded.method == "GET":
+                return None
+            key = conversation.split(";", 1)[0]
+            arrivals = self._arrivals.setdefault(key, deque())
+            violation = _admit(arrivals, self.windows, arrived, conversation)
+            if violation is not None:
+                self._violations.append(violation)
+            return violation
+
+    def _respond(self, recorded: RecordedRequest, status: int, answer: Any) -> web.StreamResponse:
+        self._finish(
+            recorded, status, answer if not isinstance(answer, web.StreamResponse) else None
+        )
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        headers = {"Retry-After": "1"} if status == 429 else None
+        if answer is None:
+            return web.Response(status=status, headers=headers)
+        return web.json_response(answer, status=status, headers=headers)
+
+    def _finish(self, recorded: RecordedRequest, status: int, answer: Any) -> None:
+        with self._lock:
+            recorded.status = status
+            recorded.response = answer
+            subscribers = (
+                list(self._subscribers) if recorded.operation in ACTIVITY_OPERATIONS else []
+            )
+            self._lock.notify_all()
+        if 200 <= status < 300:
+            for callback in subscribers:
+                callback(recorded)
+
+    # --- default answers, one per operation ---------------------------------------------
+
+    def _default(self, request: web.Request, recorded: RecordedRequest) -> tuple[int, Any]:
+        op, params, body = recorded.operation, recorded.params, recorded.json
+        conversation = params.get("conversationId", "")
+        if op in ("sendToConversation", "replyToActivity", "sendConversationHistory"):
+            return 200, {"id": f"activity-{next(self._ids)}"}
+        if op == "updateActivity":
+            return 200, {"id": params["activityId"]}
+        if op in ("deleteActivity",):
+            return 200, None
+        if op == "createConversation":
+            return self._create_conversation(request, recorded)
+        if op == "getConversations":
+            return 200, self._page(self.conversations, recorded.query, "conversations", 100)
+        if op in ("getConversationMembers", "getActivityMembers"):
+            return 200, self._members(conversation)
+        if op == "getConversationPagedMembers":
+            return 200, self._page(self._members(conversation), recorded.query, "members", 200)
+        if op == "getConversationMember":
+            member = self._find_member(conversation, params["memberId"])
+            if member is None:
+                return 404, {
+                    "error": {
+                        "code": "MemberNotFoundInConversation",
+                        "message": "The member was not found.",
+                    }
+                }
+            return 200, member
+        if op == "deleteConversationMember":
+            members = self._members(conversation)
+            self.members[conversation] = [m for m in members if m.get("id") != params["memberId"]]
+            return 200, None
+        if op == "uploadAttachment":
+            attachment_id = f"attachment-{next(self._ids)}"
+            self.attachments[attachment_id] = dict(body or {})
+            return 200, {"id": attachment_id}
+        if op == "getAttachmentInfo":
+            return self._attachment_info(params["attachmentId"])
+        if op == "getAttachment":
+            return self._attachment_view(request, params["attachmentId"], params["viewId"])
+        return 404, {"error": {"code": "NotFound", "message": "No such operation."}}
+
+    def _create_conversation(
+        self, request: web.Request, recorded: RecordedRequest
+    ) -> tuple[int, Any]:
+        parameters = recorded.json if isinstance(recorded.json, dict) else {}
+        conversation_id = f"a:conversation-{next(self._ids)}"
+        prefix = recorded.raw_path[: recorded.raw_path.find("/v3/")]
+        service_url = f"{self.url}{prefix}/"
+        entry = {"id": conversation_id, "members": parameters.get("members") or []}
+        self.conversations.append(entry)
+        if parameters.get("members"):
+            self.members[conversation_id] = [dict(m) for m in parameters["members"]]
+        answer: dict[str, Any] = {"id": conversation_id, "serviceUrl": service_url}
+        if isinstance(parameters.get("activity"), dict):
+            answer["activityId"] = f"activity-{next(self._ids)}"
+        return 201 if parameters.get("isGroup") else 200, answer
+
+    def _members(self, conversation_id: str) -> list[dict[str, Any]]:
+        if conversation_id not in self.members:
+            return default_members(conversation_id)
+        return self.members[conversation_id]
+
+    def _find_member(self, conversation_id: str, member_id: str) -> dict[str, Any] | None:
+        for member in self._members(conversation_id):
+            if member_id in (member.get("id"), member.get("aadObjectId")):
+                return member
+        return None
+
+    @staticmethod
+    def _page(
+        items: list[dict[str, Any]], query: Mapping[str, str], key: str, default_size: int
+    ) -> dict[str, Any]:
+        try:
+            start = int(query.get("continuationToken") or 0)
+            size = int(query.get("pageSize") or default_size)
+        except ValueError:
+            start, size = 0, default_size
+        page: dict[str, Any] = {key: items[start : start + size]}
+        if start + size < len(items):
+            page["continuationToken"] = str(start + size)
+        return page
+
+    def _attachment_info(self, attachment_id: str) -> tuple[int, Any]:
+        attachment = self.attachments.get(attachment_id)
+        if attachment is None:
+            return 404, {"error": {"code": "NotFound", "message": "Attachment not found."}}
+        views = [
+            {"viewId": view, "size": len(_view_bytes(attachment, view) or b"")}
+            for view in ("original", "thumbnail")
+            if _view_bytes(attachment, view) is not None
+        ]
+        return 200, {"name": attachment.get("name"), "type": attachment.get("type"), "views": views}
+
+    def _attachment_view(
+        self, request: web.Request, attachment_id: str, view_id: str
+    ) -> tuple[int, Any]:
+        content = _view_bytes(self.attachments.get(attachment_id) or {}, view_id)
+        if content is None:
+            return 404, {"error": {"code": "NotFound", "message": "Attachment view not found."}}
+        if self.redirect_attachments:
+            location = f"/_blobs/{attachment_id}/{view_id}"
+            return 302, web.Response(status=302, headers={"Location": location})
+        return 200, web.Response(body=content, content_type="application/octet-stream")
+
+    def _blob(self, raw_path: str) -> web.Response:
+        _, _, attachment_id, view_id = [*raw_path.split("/"), "", "", "", ""][:4]
+        content = _view_bytes(self.attachments.get(unquote(attachment_id)) or {}, unquote(view_id))
+        if content is None:
+            return web.Response(status=404)
+        return web.Response(body=content, content_type="application/octet-stream")
+
+
+def _admit(
+    arrivals: deque[float], windows: Sequence[Window], now: float, conversation: str | None
+) -> Violation | None:
+    """Count this arrival against every window; a 429 arrival is not counted."""
+    span = max(w.seconds for w in windows)
+    while arrivals and arrivals[0] <= now - span:
+        arrivals.popleft()
+    for window in windows:
+        inside = sum(1 for t in arrivals if t > now - window.seconds)
+        if inside + 1 > window.limit:
+            return Violation(conversation, window, now)
+    arrivals.append(now)
+    return None
+
+
+def _match(method: str, route_path: str) -> tuple[str | None, dict[str, str]]:
+    for route_method, pattern, operation in _ROUTES:
+        if route_method != method:
+            continue
+        found = pattern.match(route_path)
+        if found:
+            return operation, {k: unquote(v) for k, v in found.groupdict().items()}
+    return None, {}
+
+
+def _view_bytes(attachment: Mapping[str, Any], view_id: str) -> bytes | None:
+    encoded = attachment.get(f"{view_id}Base64")
+    if not isinstance(encoded, str):
+        return None
+    try:
+        return base64.b64decode(encoded)
+    except ValueError:
+        return None
+
+
+def _json_or_none(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.startswith("Bearer "):
+        return authorization[len("Bearer ") :]
+    return None
