@@ -1,0 +1,592 @@
+"""tools/devhost runs function apps as the Functions host would: HTTP, queues, timers.
+
+Every test drives a real `python -m tools.devhost` subprocess over HTTP and real
+Azurite queues, and checks what a user would notice: statuses, bodies, what the
+functions recorded, what is left on the queues, and that SIGTERM exits 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.storage.queue import QueueClient
+
+from tools.devhost.app import Function, FunctionSpec, HttpTrigger
+from tools.devhost.http import compile_route
+from tools.devhost.queue import UndecodableMessage, decode_body, encode_body
+from tools.devhost.settings import HostError, parse_timespan, resolve
+from tools.devhost.storage import resolve_connection
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+APPS = REPO / "tests" / "fixtures" / "apps"
+STARTUP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DevHost:
+    """One `python -m tools.devhost` process; output captured to files for assertions."""
+
+    def __init__(self, root: Path, logs: Path, env: dict[str, str], *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stdout_path = logs / f"devhost-{self.port}.out"
+        self._stderr_path = logs / f"devhost-{self.port}.err"
+        args = ["--root", str(root), "--port", str(self.port), *extra]
+        with open(self._stdout_path, "wb") as out, open(self._stderr_path, "wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tools.devhost", *args],
+                cwd=REPO,
+                env={**_base_env(), **env},
+                stdout=out,
+                stderr=err,
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self._stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr_path.read_text(errors="replace")
+
+    def wait_started(self) -> DevHost:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if "Host started on" in self.stdout:
+                return self
+            if self.process.poll() is not None:
+                pytest.fail(f"devhost exited with {self.process.returncode}:\n{self.stderr}")
+            time.sleep(0.05)
+        pytest.fail(f"devhost did not start:\n{self.stderr}")
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            pytest.fail(f"devhost did not exit:\n{self.stderr}")
+
+    def terminate(self) -> int:
+        """SIGTERM, then the exit code (killing it if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout=15)
+
+
+def _base_env() -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+    return {name: os.environ[name] for name in keep if name in os.environ}
+
+
+@contextlib.contextmanager
+def running(root: Path, logs: Path, env: dict[str, str], *extra: str) -> Iterator[DevHost]:
+    """A started devhost that is always stopped, and must exit 0 on SIGTERM."""
+    host = DevHost(root, logs, env, *extra)
+    try:
+        yield host.wait_started()
+    finally:
+        code = host.terminate()
+    assert code == 0, host.stderr
+    assert not _listening(host.port)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def request(
+    host: DevHost,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def wait_for_log(host: DevHost, text: str, timeout: float = 5.0) -> str:
+    """The host's log once it contains `text`."""
+    return wait_for(lambda: text in host.stderr and host.stderr, timeout, f"log line {text!r}")
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def queue(azurite) -> Iterator[Callable[[str], QueueClient]]:
+    """Clients without encoding policies (they send and see the raw queue text), closed after."""
+    clients: list[QueueClient] = []
+
+    def make(name: str) -> QueueClient:
+        clients.append(QueueClient.from_connection_string(azurite.connection_string, name))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# --- HTTP -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http_host(tmp_path_factory) -> Iterator[DevHost]:
+    # local.settings.json is git-ignored, so the app is copied and the file written here.
+    root = tmp_path_factory.mktemp("http") / "http_app"
+    shutil.copytree(APPS / "http_app", root)
+    values = {"FROM_FILE": "file", "OVERRIDDEN": "file"}
+    (root / "local.settings.json").write_text(json.dumps({"Values": values}))
+    with running(root, root.parent, {"OVERRIDDEN": "environment"}) as host:
+        yield host
+
+
+def test_startup_lists_functions_with_urls(http_host):
+    assert f"echo_function: [POST,PUT] {http_host.url}/api/echo/{{item}}" in http_host.stdout
+    assert f"sync_function: [GET] {http_host.url}/api/sync" in http_host.stdout
+
+
+def test_post_reaches_async_function_with_real_http_request(http_host):
+    status, headers, body = request(
+        http_host, "POST", "/api/echo/item-42?q=find", b'{"hello": 1}', {"X-Test": "yes"}
+    )
+    assert status == 201
+    assert headers["X-Echo"] == "1"
+    assert headers["Content-Type"].startswith("application/json")
+    echoed = json.loads(body)
+    assert echoed["method"] == "POST"
+    assert echoed["body"] == '{"hello": 1}'
+    assert echoed["header"] == "yes"
+    assert echoed["item"] == "item-42"
+    assert echoed["query"] == "find"
+    assert echoed["url"] == f"{http_host.url}/api/echo/item-42?q=find"
+    assert echoed["type"].startswith("azure.functions.")
+    assert echoed["is_http_request"] is True
+    assert echoed["function"] == "echo_function"
+    # No queue trigger in this app: the storage SDK is not even imported.
+    assert echoed["queue_sdk_loaded"] is False
+    wait_for_log(
+        http_host, f"Executed 'Functions.echo_function' (Succeeded, Id={echoed['invocation_id']}"
+    )
+
+
+def test_async_invocations_share_one_loop_and_one_module_import(http_host):
+    first = json.loads(request(http_host, "PUT", "/api/echo/a", b"")[2])
+    second = json.loads(request(http_host, "POST", "/API/Echo/b", b"")[2])
+    assert first["loop"] == second["loop"]
+    assert first["imports"] == second["imports"] == 1
+    assert second["item"] == "b"  # routes match case-insensitively, like the host's
+
+
+def test_sync_function_runs_in_a_worker_thread_and_environment_wins(http_host):
+    status, _, body = request(http_host, "GET", "/api/sync")
+    assert status == 200
+    payload = json.loads(body)
+    assert payload["thread"] != "MainThread"
+    assert payload["type"].startswith("azure.functions")
+    assert payload["from_file"] == "file"
+    assert payload["overridden"] == "environment"
+
+
+def test_wrong_method_is_405_and_unknown_route_is_404(http_host):
+    status, headers, _ = request(http_host, "GET", "/api/echo/x")
+    assert status == 405
+    assert headers["Allow"] == "POST, PUT"
+    assert request(http_host, "POST", "/api/nothing-here")[0] == 404
+    assert request(http_host, "POST", "/echo/x")[0] == 404  # the route prefix is required
+
+
+def test_raising_function_is_500_without_exception_text(http_host):
+    status, _, body = request(http_host, "POST", "/api/boom", b"{}")
+    assert status == 500
+    assert body == b""
+    log = wait_for_log(http_host, "Executed 'Functions.boom_function' (Failed")
+    assert "RuntimeError" in log  # the developer sees what failed, in the log only
+
+
+def test_sigterm_waits_for_invocations_in_flight(tmp_path):
+    host = DevHost(APPS / "http_app", tmp_path, {}).wait_started()
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["response"] = request(host, "GET", "/api/slow?seconds=1.5")
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        wait_for(lambda: _listening(host.port), 5, "listening")
+        time.sleep(0.5)  # the slow invocation is running now
+        host.process.send_signal(signal.SIGTERM)
+        assert host.wait_exit(timeout=15) == 0
+    finally:
+        caller.join(timeout=15)
+        if host.process.poll() is None:
+            host.terminate()
+    status, _, body = result["response"]
+    assert (status, body) == (200, b"done")
+    assert "Executed 'Functions.slow_function' (Succeeded" in host.stderr
+
+
+# --- the real app -----------------------------------------------------------------
+
+
+def test_real_app_serves_messages_function(tmp_path, azurite):
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "MicrosoftAppId": "",
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_PROACTIVE_QUEUE": f"devhost-real-{uuid.uuid4().hex[:8]}",
+        "BOT_SCHEDULE": "0 0 9 * * *",
+        "BOT_REFERENCES_CONTAINER": f"devhost-real-{uuid.uuid4().hex[:8]}",
+    }
+    ready = [
+        name
+        for name in ("messages_function", "proactive_function", "schedule_function")
+        if (REPO / name / "__init__.py").is_file()
+    ]
+    with running(REPO, tmp_path, env, "--functions", *ready) as host:
+        assert f"messages_function: [POST] {host.url}/api/messages" in host.stdout
+        assert all(f"  {name}: " in host.stdout for name in ready)
+        # An empty activity: rejected by the bot itself, so no reply is attempted anywhere.
+        status, _, _ = request(
+            host, "POST", "/api/messages", b"{}", {"Content-Type": "application/json"}
+        )
+        assert status not in (404, 405)
+        assert request(host, "GET", "/api/messages")[0] == 405
+        wait_for_log(host, "Executed 'Functions.messages_function'")
+
+
+# --- queues and timers -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, azurite) -> Iterator[dict[str, Any]]:
+    logs = tmp_path_factory.mktemp("worker")
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        "queue": f"devhost-ok-{suffix}",
+        "fail": f"devhost-fail-{suffix}",
+        "slow": f"devhost-slow-{suffix}",
+    }
+    files = {f"{name}_file": logs / f"{name}.jsonl" for name in ("record", "fail", "tick", "slow")}
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "TEST_QUEUE": names["queue"],
+        "TEST_FAIL_QUEUE": names["fail"],
+        "TEST_SLOW_QUEUE": names["slow"],
+        "TEST_SCHEDULE": "*/2 * * * * *",
+        "RECORD_FILE": str(files["record_file"]),
+        "FAIL_FILE": str(files["fail_file"]),
+        "TICK_FILE": str(files["tick_file"]),
+        "SLOW_FILE": str(files["slow_file"]),
+    }
+    started = time.monotonic()
+    with running(APPS / "worker_app", logs, env) as host:
+        yield {"host": host, "started": started, **names, **files}
+
+
+def test_base64_message_reaches_function_and_is_deleted(worker, queue):
+    client = queue(worker["queue"])
+    wait_for(lambda: _exists(client), 10, "the trigger queue to be created by the host")
+    body = json.dumps({"id": "m-1", "text": "héllo"})
+    sent = client.send_message(b64(body))
+    got = wait_for(lambda: records(worker["record_file"]), 10, "the queue function")
+    assert len(got) == 1
+    entry = got[0]
+    assert entry["id"] == sent.id
+    assert entry["body"] == body
+    assert entry["dequeue_count"] == 1
+    assert entry["type"] == "azure.functions.queue.QueueMessage"
+    assert entry["insertion_time"] and entry["expiration_time"] and entry["pop_receipt"]
+    wait_for(lambda: _empty(client), 5, "the message to be deleted")
+
+
+def test_failing_message_is_retried_then_moved_to_poison(worker, queue):
+    client = queue(worker["fail"])
+    wait_for(lambda: _exists(client), 10, "the trigger queue")
+    body = json.dumps({"id": "m-2", "text": "always fails"})
+    client.send_message(b64(body))
+    poison = queue(f"{worker['fail']}-poison")
+    poisoned = wait_for(lambda: _peek(poison), 15, "the poison queue")
+    assert [m.content for m in poisoned] == [b64(body)]  # the original text, same encoding
+    attempts = records(worker["fail_file"])
+    assert [a["dequeue_count"] for a in attempts] == [1, 2, 3]
+    assert {a["body"] for a in attempts} == {body}
+    assert all(a["thread"] != "MainThread" for a in attempts)  # a sync main
+    wait_for(lambda: _empty(client), 5, "the message to leave the trigger queue")
+    assert "has reached MaxDequeueCount of 3" in worker["host"].stderr
+    assert worker["host"].stderr.count("Executed 'Functions.failing_function' (Failed") == 3
+
+
+def test_message_that_is_not_base64_goes_to_poison_at_once(worker, queue):
+    client = queue(worker["queue"])
+    wait_for(lambda: _exists(client), 10, "the trigger queue")
+    seen_before = len(records(worker["record_file"]))
+    client.send_message("this is not base64!")
+    poison = queue(f"{worker['queue']}-poison")
+    poisoned = wait_for(lambda: _peek(poison), 10, "the poison queue")
+    assert [m.content for m in poisoned] == ["this is not base64!"]
+    assert len(records(worker["record_file"])) == seen_before
+
+
+def test_a_batch_is_processed_concurrently(worker, queue):
+    client = queue(worker["slow"])
+    wait_for(lambda: _exists(client), 10, "the trigger queue")
+    for n in range(4):
+        client.send_message(b64(f"slow {n}"))
+    done = wait_for(
+        lambda: len(records(worker["slow_file"])) == 4 and records(worker["slow_file"]),
+        10,
+        "four slow messages",
+    )
+    # Processed in parallel (batchSize 4): more than one started before the first finished.
+    first_end = min(entry["ended"] for entry in done)
+    assert sum(entry["started"] < first_end for entry in done) >= 2
+
+
+def test_timer_fires_on_its_ncrontab_schedule(worker):
+    ticks = wait_for(
+        lambda: len(records(worker["tick_file"])) >= 2 and records(worker["tick_file"]),
+        max(1.0, 8.0 - (time.monotonic() - worker["started"])),
+        "two timer ticks",
+    )
+    assert all(t["type"] == "azure.functions.timer.TimerRequest" for t in ticks)
+    assert not any(t["past_due"] for t in ticks)
+    seconds = [_second_of(t["at"]) for t in ticks]
+    assert all(s % 2 == 0 for s in seconds)  # fired on even seconds, as */2 says
+    assert ticks[0]["next"] and ticks[0]["next"] > ticks[0]["at"][:19]
+
+
+def _second_of(iso: str) -> int:
+    return int(iso[17:19])
+
+
+def test_message_encoding_none(tmp_path, azurite, queue):
+    name = f"devhost-plain-{uuid.uuid4().hex[:10]}"
+    record_file = tmp_path / "plain.jsonl"
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "TEST_QUEUE": name,
+        "RECORD_FILE": str(record_file),
+    }
+    with running(APPS / "plain_app", tmp_path, env) as host:
+        assert f"ping_function: [ANY] {host.url}/custom/ping_function" in host.stdout
+        status, _, body = request(host, "DELETE", "/custom/ping_function")
+        assert (status, body) == (200, b"pong DELETE")
+        client = queue(name)
+        wait_for(lambda: _exists(client), 10, "the trigger queue")
+        client.send_message('{"plain": "text ✓"}')
+        got = wait_for(lambda: records(record_file), 10, "the queue function")
+        assert got == [{"body": '{"plain": "text ✓"}', "type": "str"}]
+        # The admin endpoint runs a non-HTTP function by hand, as the real host's does.
+        status, _, _ = request(
+            host,
+            "POST",
+            "/admin/functions/plain_function",
+            json.dumps({"input": "by hand"}).encode(),
+        )
+        assert status == 202
+        assert records(record_file)[-1] == {"body": "by hand", "type": "str"}
+
+
+def _exists(client: QueueClient) -> bool:
+    try:
+        client.get_queue_properties()
+    except Exception:
+        return False
+    return True
+
+
+def _peek(client: QueueClient) -> list[Any]:
+    try:
+        return client.peek_messages(max_messages=32)
+    except Exception:
+        return []
+
+
+def _empty(client: QueueClient) -> bool:
+    # Peek shows visible messages only; a failed message re-appears within 1 s here.
+    return not client.peek_messages(max_messages=32)
+
+
+# --- startup errors ----------------------------------------------------------------
+
+
+def _app(root: Path, function_json: dict[str, Any], code: str = "def main(x):\n    pass\n") -> Path:
+    (root / "host.json").write_text('{"version": "2.0"}')
+    folder = root / "only_function"
+    folder.mkdir()
+    (folder / "function.json").write_text(json.dumps(function_json))
+    (folder / "__init__.py").write_text(code)
+    return root
+
+
+def _binding(kind: str, **extra: str) -> dict[str, Any]:
+    return {"bindings": [{"type": kind, "direction": "in", "name": "x", **extra}]}
+
+
+@pytest.mark.parametrize(
+    ("function_json", "code", "expected"),
+    [
+        (
+            _binding("blobTrigger", path="c/{n}"),
+            "def main(x):\n    pass\n",
+            "only_function/function.json: trigger type 'blobTrigger' is not supported",
+        ),
+        (
+            _binding("timerTrigger", schedule="%NOPE%"),
+            "def main(x):\n    pass\n",
+            "only_function/function.json schedule: app setting 'NOPE'",
+        ),
+        (
+            _binding("timerTrigger", schedule="0 * * * *"),
+            "def main(x):\n    pass\n",
+            "is not a 6-field NCRONTAB expression",
+        ),
+        (
+            _binding("queueTrigger", queueName="Bad_Name"),
+            "def main(x):\n    pass\n",
+            "'Bad_Name' is not a valid queue name",
+        ),
+        (
+            _binding("queueTrigger", queueName="work-items"),
+            "def main(x):\n    pass\n",
+            "storage connection 'AzureWebJobsStorage' is not configured",
+        ),
+        (
+            _binding("timerTrigger", schedule="*/5 * * * * *"),
+            "def main(timer):\n    pass\n",
+            "parameters not declared in function.json: timer",
+        ),
+    ],
+    ids=[
+        "unknown-trigger",
+        "unresolved-setting",
+        "5-field-cron",
+        "queue-name",
+        "no-storage",
+        "params",
+    ],
+)
+def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
+    app = _app(tmp_path, function_json, code)
+    host = DevHost(app, tmp_path, {})
+    assert host.wait_exit(timeout=20) == 1
+    assert expected in host.stderr
+    assert "Traceback" not in host.stderr
+
+
+# --- pure parts: routes, settings, encodings ------------------------------------------
+
+
+def _http_function(route: str, methods: frozenset[str] | None = None) -> Function:
+    spec = FunctionSpec(
+        name="f", directory=APPS, trigger=HttpTrigger("req", route, methods), http_output="$return"
+    )
+    return Function(spec=spec, main=lambda req: None, is_async=False, parameters=("req",))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "route", "path", "params"),
+    [
+        ("api", "items/{id}", "/api/items/7", {"id": "7"}),
+        ("api", "items/{id}", "/API/ITEMS/7/", {"id": "7"}),
+        ("api", "items/{id:int}", "/api/items/x", None),
+        ("api", "items/{id?}", "/api/items", {}),
+        ("api", "files/{*rest}", "/api/files/a/b.txt", {"rest": "a/b.txt"}),
+        ("api", "files/{name}.{ext}", "/api/files/a.txt", {"name": "a", "ext": "txt"}),
+        ("", "hook", "/hook", {}),
+        ("api", "items/{id}", "/api/items/7/more", None),
+    ],
+)
+def test_route_templates_match_like_the_host(prefix, route, path, params):
+    match = compile_route(prefix, _http_function(route)).pattern.match(path)
+    if params is None:
+        assert match is None
+    else:
+        assert match is not None
+        assert {k: v for k, v in match.groupdict().items() if v is not None} == params
+
+
+def test_settings_references_and_timespans():
+    assert resolve("%A%-%B%", {"A": "x", "B": "y"}, where="w") == "x-y"
+    with pytest.raises(HostError, match="'MISSING'"):
+        resolve("%MISSING%", {}, where="w")
+    assert parse_timespan("00:00:02", where="w") == 2.0
+    assert parse_timespan("1.00:00:00.5", where="w") == 86400.5
+    assert parse_timespan(1500, where="w") == 1.5
+    with pytest.raises(HostError, match="TimeSpan"):
+        parse_timespan("2 seconds", where="w")
+
+
+def test_storage_connections_resolve_like_the_host():
+    dev = resolve_connection(
+        "AzureWebJobsStorage", {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, where="w"
+    )
+    assert "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1" in dev.connection_string
+    short = resolve_connection(
+        "Other", {"AzureWebJobsOther": "DefaultEndpointsProtocol=https"}, where="w"
+    )
+    assert short.setting == "AzureWebJobsOther"
+    identity = resolve_connection(
+        "AzureWebJobsStorage", {"AzureWebJobsStorage__accountName": "acct"}, where="w"
+    )
+    assert identity.account_url == "https://acct.queue.core.windows.net"
+    with pytest.raises(HostError, match="AzureWebJobsStorage"):
+        resolve_connection("AzureWebJobsStorage", {}, where="w")
+
+
+def test_message_encodings_round_trip():
+    body = "héllo ✓".encode()
+    assert decode_body(encode_body(body, "base64"), "base64") == body
+    assert decode_body(encode_body(body, "none"), "none") == body
+    with pytest.raises(UndecodableMessage):
+        decode_body("not base64!", "base64")

@@ -1,0 +1,67 @@
+"""Command line: `python -m tools.devhost [--port N] [--host H] [--root DIR] [--functions ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tools.devhost.settings import HostError, apply_settings, load_local_settings
+
+logger = logging.getLogger("tools.devhost")
+
+QUIET_LOGGERS = ("azure", "aiohttp.access", "asyncio", "msal", "urllib3")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.devhost", description="Run the function app locally"
+    )
+    parser.add_argument("--port", type=int, default=7071, help="HTTP port (default 7071; 0: any)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="function app folder")
+    parser.add_argument("--functions", nargs="+", metavar="NAME", help="run only these functions")
+    return parser.parse_args(argv)
+
+
+def configure_logging() -> None:
+    """INFO to stderr for the host and function modules; libraries that echo requests quieter."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def run(args: argparse.Namespace) -> int:
+    # Imported here so `--help` and argument errors stay instant.
+    from tools.devhost.app import load_app
+    from tools.devhost.host import HostOptions, serve
+
+    root = args.root.resolve()
+    if not root.is_dir():
+        raise HostError(f"--root: {args.root} is not a folder")
+    # Like the real host: settings are in os.environ before any function module is imported.
+    settings = apply_settings(load_local_settings(root), os.environ)
+    app = load_app(root, settings, args.functions)
+    return await serve(app, settings, HostOptions(host=args.host, port=args.port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        return asyncio.run(run(args))
+    except HostError as exc:
+        logger.error("%s", exc)
+        print(f"devhost: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

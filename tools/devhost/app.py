@@ -1,0 +1,355 @@
+"""The function app as the host sees it: host.json, every `*/function.json`, the modules.
+
+Reading is strict, like the Functions host: an unknown trigger, an unresolved
+`%Setting%` or a `main` whose parameters do not match its bindings stops the host
+at startup with a :class:`HostError` naming the function and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tools.devhost.settings import HostError, parse_timespan, resolve
+
+logger = logging.getLogger(__name__)
+
+HOST_JSON = "host.json"
+FUNCTION_JSON = "function.json"
+DEFAULT_CONNECTION = "AzureWebJobsStorage"
+CONTEXT_PARAMETER = "context"
+MessageEncoding = Literal["base64", "none"]
+# Storage queue names: 3-63 lower-case letters, digits and single hyphens, alphanumeric ends.
+_QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """host.json `extensions.queues` (defaults as the Functions host, except polling)."""
+
+    max_polling_interval: float = 2.0  # seconds; Azure's default is 1 min, 2 s suits local runs
+    visibility_timeout: float = 0.0
+    batch_size: int = 16
+    new_batch_threshold: int = 8
+    max_dequeue_count: int = 5
+    message_encoding: MessageEncoding = "base64"
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    route_prefix: str = "api"
+    queues: QueueOptions = field(default_factory=QueueOptions)
+    function_timeout: float | None = None  # seconds; None = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTrigger:
+    name: str
+    route: str
+    methods: frozenset[str] | None  # None: every method
+
+
+@dataclass(frozen=True, slots=True)
+class QueueTrigger:
+    name: str
+    queue_name: str
+    connection: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimerTrigger:
+    name: str
+    schedule: str
+    run_on_startup: bool
+
+
+Trigger = HttpTrigger | QueueTrigger | TimerTrigger
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionSpec:
+    """One function folder: its trigger and how to find its code."""
+
+    name: str
+    directory: Path
+    trigger: Trigger
+    script_file: str = "__init__.py"
+    entry_point: str = "main"
+    http_output: str | None = None  # "$return" or a parameter name
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A loaded function: the spec plus its entry point."""
+
+    spec: FunctionSpec
+    main: Callable[..., Any]
+    is_async: bool
+    parameters: tuple[str, ...]
+    trigger_annotation: Any = None  # the trigger parameter's annotation (str, bytes, ...)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionApp:
+    root: Path
+    config: HostConfig
+    functions: tuple[Function, ...]
+
+
+def read_host_config(root: Path) -> HostConfig:
+    document = _read_json(root / HOST_JSON, HOST_JSON)
+    extensions = _object(document.get("extensions", {}), "host.json extensions")
+    http = _object(extensions.get("http", {}), "host.json extensions.http")
+    prefix = str(http.get("routePrefix", "api")).strip("/")
+    timeout = document.get("functionTimeout")
+    function_timeout = None
+    if timeout not in (None, "", "-1", -1):
+        function_timeout = parse_timespan(timeout, where="host.json functionTimeout")
+    return HostConfig(
+        route_prefix=prefix,
+        queues=_queue_options(_object(extensions.get("queues", {}), "host.json extensions.queues")),
+        function_timeout=function_timeout,
+    )
+
+
+def _queue_options(queues: Mapping[str, Any]) -> QueueOptions:
+    where = "host.json extensions.queues"
+    defaults = QueueOptions()
+    batch_size = _integer(queues, "batchSize", defaults.batch_size, where, low=1, high=32)
+    encoding = str(queues.get("messageEncoding", "base64")).lower()
+    if encoding not in ("base64", "none"):
+        raise HostError(f"{where}.messageEncoding: expected base64 or none, got {encoding!r}")
+    return QueueOptions(
+        max_polling_interval=max(
+            0.1,
+            parse_timespan(
+                queues.get("maxPollingInterval", "00:00:02"), where=f"{where}.maxPollingInterval"
+            ),
+        ),
+        visibility_timeout=parse_timespan(
+            queues.get("visibilityTimeout", "00:00:00"), where=f"{where}.visibilityTimeout"
+        ),
+        batch_size=batch_size,
+        new_batch_threshold=_integer(
+            queues, "newBatchThreshold", batch_size // 2, where, low=0, high=1000
+        ),
+        max_dequeue_count=_integer(
+            queues, "maxDequeueCount", defaults.max_dequeue_count, where, low=1, high=1000
+        ),
+        message_encoding=encoding,  # type: ignore[arg-type]
+    )
+
+
+def discover_functions(
+    root: Path, settings: Mapping[str, str], only: Sequence[str] | None = None
+) -> list[FunctionSpec]:
+    """Every enabled function folder under `root` (optionally only the named ones)."""
+    folders = sorted(path.parent for path in root.glob(f"*/{FUNCTION_JSON}"))
+    known = {folder.name for folder in folders}
+    unknown = sorted(set(only or ()) - known)
+    if unknown:
+        raise HostError(f"--functions: no function folder named {', '.join(unknown)}")
+    specs = []
+    for folder in folders:
+        if only and folder.name not in only:
+            continue
+        spec = read_function(folder, settings)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def read_function(folder: Path, settings: Mapping[str, str]) -> FunctionSpec | None:
+    """The folder's function.json as a spec, or None when the function is disabled."""
+    name = folder.name
+    where = f"{name}/{FUNCTION_JSON}"
+    document = _read_json(folder / FUNCTION_JSON, where)
+    if _is_disabled(name, document, settings):
+        logger.info("Function '%s' is disabled", name)
+        return None
+    bindings = document.get("bindings")
+    if not isinstance(bindings, list) or not all(isinstance(b, dict) for b in bindings):
+        raise HostError(f"{where}: bindings must be a list of objects")
+    triggers = [b for b in bindings if str(b.get("type", "")).endswith("Trigger")]
+    if len(triggers) != 1:
+        raise HostError(f"{where}: expected exactly one trigger binding, found {len(triggers)}")
+    http_output = None
+    for binding in bindings:
+        if binding in triggers:
+            continue
+        if binding.get("type") == "http" and binding.get("direction") == "out":
+            http_output = str(binding.get("name", "$return"))
+            continue
+        raise HostError(
+            f"{where}: binding type {binding.get('type')!r} "
+            f"(direction {binding.get('direction')!r}) is not supported by tools/devhost"
+        )
+    trigger = _trigger(name, triggers[0], settings, where)
+    if isinstance(trigger, HttpTrigger) and http_output is None:
+        raise HostError(f"{where}: an httpTrigger needs an http output binding")
+    return FunctionSpec(
+        name=name,
+        directory=folder,
+        trigger=trigger,
+        script_file=str(document.get("scriptFile") or "__init__.py"),
+        entry_point=str(document.get("entryPoint") or "main"),
+        http_output=http_output,
+    )
+
+
+def _trigger(name: str, binding: Mapping[str, Any], settings: Mapping[str, str], where: str):
+    kind = binding.get("type")
+    param = binding.get("name")
+    if not isinstance(param, str) or not param.isidentifier():
+        raise HostError(f"{where}: the trigger binding needs a 'name' that is a Python identifier")
+    if binding.get("direction", "in") != "in":
+        raise HostError(f"{where}: a trigger binding's direction must be 'in'")
+    if kind == "httpTrigger":
+        methods = binding.get("methods") or None
+        route = str(binding.get("route") or name).strip("/")
+        return HttpTrigger(
+            name=param,
+            route=route,
+            methods=frozenset(str(m).upper() for m in methods) if methods else None,
+        )
+    if kind == "queueTrigger":
+        queue_name = binding.get("queueName")
+        if not isinstance(queue_name, str) or not queue_name:
+            raise HostError(f"{where}: queueTrigger needs a queueName")
+        connection = str(binding.get("connection") or DEFAULT_CONNECTION)
+        resolved = resolve(queue_name, settings, where=f"{where} queueName")
+        if not _QUEUE_NAME.match(resolved):
+            raise HostError(
+                f"{where} queueName: {resolved!r} is not a valid queue name "
+                "(3-63 lower-case letters, digits and single hyphens)"
+            )
+        return QueueTrigger(
+            name=param,
+            queue_name=resolved,
+            connection=resolve(connection, settings, where=f"{where} connection"),
+        )
+    if kind == "timerTrigger":
+        schedule = binding.get("schedule")
+        if not isinstance(schedule, str) or not schedule.strip():
+            raise HostError(f"{where}: timerTrigger needs a schedule")
+        return TimerTrigger(
+            name=param,
+            schedule=resolve(schedule, settings, where=f"{where} schedule").strip(),
+            run_on_startup=bool(binding.get("runOnStartup", False)),
+        )
+    raise HostError(
+        f"{where}: trigger type {kind!r} is not supported by tools/devhost "
+        "(httpTrigger, queueTrigger and timerTrigger are)"
+    )
+
+
+def load_function(spec: FunctionSpec) -> Function:
+    """Import the function's module as a package of the app root and check `main`."""
+    module_name = _module_name(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        logger.exception("Function '%s': importing %s failed", spec.name, module_name)
+        raise HostError(
+            f"function {spec.name}: importing {module_name} failed ({type(exc).__name__})"
+        ) from None
+    main = getattr(module, spec.entry_point, None)
+    if not callable(main):
+        raise HostError(f"function {spec.name}: {module_name} has no function {spec.entry_point}")
+    signature = inspect.signature(main)
+    parameters = tuple(signature.parameters)
+    _check_parameters(spec, parameters)
+    return Function(
+        spec=spec,
+        main=main,
+        is_async=inspect.iscoroutinefunction(main),
+        parameters=parameters,
+        trigger_annotation=signature.parameters[spec.trigger.name].annotation,
+    )
+
+
+def load_app(
+    root: Path, settings: Mapping[str, str], only: Sequence[str] | None = None
+) -> FunctionApp:
+    """Read host.json and every function, then import them (settings already in os.environ)."""
+    config = read_host_config(root)
+    specs = discover_functions(root, settings, only)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    return FunctionApp(root, config, tuple(load_function(spec) for spec in specs))
+
+
+def _module_name(spec: FunctionSpec) -> str:
+    script = (spec.directory / spec.script_file).resolve()
+    if script.suffix != ".py" or script.parent != spec.directory.resolve():
+        raise HostError(
+            f"function {spec.name}: scriptFile must be a .py file inside its folder, "
+            f"got {spec.script_file!r}"
+        )
+    if not script.is_file():
+        raise HostError(f"function {spec.name}: scriptFile {spec.script_file} does not exist")
+    if script.name == "__init__.py":
+        return spec.name
+    if not (spec.directory / "__init__.py").is_file():
+        raise HostError(f"function {spec.name}: the folder needs an __init__.py")
+    return f"{spec.name}.{script.stem}"
+
+
+def _check_parameters(spec: FunctionSpec, parameters: tuple[str, ...]) -> None:
+    bindings = {spec.trigger.name}
+    if spec.http_output and spec.http_output != "$return":
+        bindings.add(spec.http_output)
+    extra = sorted(set(parameters) - bindings - {CONTEXT_PARAMETER})
+    missing = sorted(bindings - set(parameters))
+    if extra:
+        raise HostError(
+            f"function {spec.name}: parameters not declared in function.json: {', '.join(extra)}"
+        )
+    if missing:
+        raise HostError(
+            f"function {spec.name}: bindings without a parameter in "
+            f"{spec.entry_point}(): {', '.join(missing)}"
+        )
+
+
+def _is_disabled(name: str, document: Mapping[str, Any], settings: Mapping[str, str]) -> bool:
+    flag = settings.get(f"AzureWebJobs.{name}.Disabled", "")
+    return document.get("disabled") is True or flag.strip().lower() in ("true", "1")
+
+
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise HostError(f"{where}: not found (is --root the function app folder?)") from None
+    except (OSError, ValueError) as exc:
+        raise HostError(f"{where}: not readable JSON ({type(exc).__name__})") from None
+    return _object(document, where)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise HostError(f"{where}: must be a JSON object")
+    return value
+
+
+def _integer(
+    section: Mapping[str, Any], key: str, default: int, where: str, *, low: int, high: int
+) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise HostError(f"{where}.{key}: expected an integer from {low} to {high}, got {value!r}")
+    return value

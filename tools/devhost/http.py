@@ -1,0 +1,188 @@
+"""HTTP triggers: an aiohttp server that routes `/{routePrefix}/{route}` to functions.
+
+Routes follow the Functions host: matched case-insensitively, `{param}` segments
+(also `{param?}`, `{param:int}`, `{*rest}`) become `route_params`, `methods` is
+enforced (405 with `Allow`), anything else is 404. The function gets a real
+`azure.functions.HttpRequest`; a raising function answers 500 with an empty body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import azure.functions as func
+from aiohttp import web
+from azure.functions.http import HttpRequest as WorkerHttpRequest
+from multidict import CIMultiDict
+
+from tools.devhost.app import Function, HttpTrigger
+from tools.devhost.invoker import Invoker, Outcome
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 100 * 1024 * 1024  # the Functions host's request size limit
+ADMIN_PREFIX = "/admin/"
+_TOKEN = re.compile(r"(\{[^{}]*\})")
+_PARAMETER = re.compile(
+    r"^\{(?P<star>\*{1,2})?(?P<name>[A-Za-z_]\w*)(?::(?P<constraint>[^?=}]+))?"
+    r"(?P<optional>\?)?(?:=(?P<default>[^}]*))?\}$"
+)
+_CONSTRAINTS = {
+    "int": r"-?\d+",
+    "long": r"-?\d+",
+    "alpha": r"[A-Za-z]+",
+    "bool": r"(?i:true|false)",
+    "guid": r"[0-9A-Fa-f]{8}-?(?:[0-9A-Fa-f]{4}-?){3}[0-9A-Fa-f]{12}",
+}
+
+ManualTrigger = Callable[[str], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    function: Function
+    template: str  # the path as written, for the startup listing
+    pattern: re.Pattern[str]
+    methods: frozenset[str] | None
+
+    def allows(self, method: str) -> bool:
+        return self.methods is None or method.upper() in self.methods
+
+
+def compile_route(prefix: str, function: Function) -> Route:
+    trigger = function.spec.trigger
+    assert isinstance(trigger, HttpTrigger)
+    segments = [s for s in (prefix.strip("/"), trigger.route.strip("/")) if s]
+    template = "/" + "/".join(segments)
+    regex = "".join(_segment(segment) for segment in "/".join(segments).split("/") if segment)
+    pattern = re.compile(f"^{regex or '/'}/?$", re.IGNORECASE)
+    return Route(function, template, pattern, trigger.methods)
+
+
+def _segment(segment: str) -> str:
+    whole = _PARAMETER.match(segment)
+    if whole and (whole["optional"] or whole["default"] is not None or whole["star"]):
+        # An optional or catch-all parameter may be absent together with its slash.
+        value = ".*" if whole["star"] else _constraint(whole["constraint"])
+        return f"(?:/(?P<{whole['name']}>{value}))?"
+    parts = []
+    for token in _TOKEN.split(segment):
+        match = _PARAMETER.match(token)
+        if match:
+            parts.append(f"(?P<{match['name']}>{_constraint(match['constraint'])})")
+        elif token:
+            parts.append(re.escape(token))
+    return "/" + "".join(parts)
+
+
+def _constraint(constraint: str | None) -> str:
+    return _CONSTRAINTS.get((constraint or "").split("(")[0].lower(), r"[^/]+")
+
+
+def build_web_app(
+    routes: list[Route],
+    invoker: Invoker,
+    *,
+    manual_triggers: Mapping[str, ManualTrigger] | None = None,
+) -> web.Application:
+    """One catch-all handler: admin endpoints first, then the function routes in order."""
+    manual = dict(manual_triggers or {})
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith(ADMIN_PREFIX):
+            return await _admin(request, manual)
+        matches = [(r, m) for r in routes if (m := r.pattern.match(request.path))]
+        if not matches:
+            logger.info("No function for %s %s (404)", request.method, request.path)
+            return web.Response(status=404)
+        for route, match in matches:
+            if route.allows(request.method):
+                return await _invoke(request, route, match, invoker)
+        allowed = sorted({m for r, _ in matches for m in (r.methods or ())})
+        logger.info("Method %s not allowed for %s (405)", request.method, request.path)
+        return web.Response(status=405, headers={"Allow": ", ".join(allowed)})
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def _invoke(
+    request: web.Request, route: Route, match: re.Match[str], invoker: Invoker
+) -> web.StreamResponse:
+    body = await request.read()
+    trigger_request = WorkerHttpRequest(
+        method=request.method,
+        url=str(request.url),
+        headers=_joined(request.headers),
+        params=_joined(request.query),
+        route_params={k: v for k, v in match.groupdict().items() if v is not None},
+        body_type="bytes",
+        body=body,
+    )
+    outcome = await invoker.invoke(route.function, trigger_request)
+    if not outcome.succeeded:
+        return web.Response(status=500)  # never the exception text: it may carry secrets
+    output = route.function.spec.http_output
+    value = outcome.value if output == "$return" else outcome.outputs.get(output or "")
+    try:
+        return to_web_response(value)
+    except TypeError:
+        logger.error(
+            "Function '%s' returned %s, not an HttpResponse (Id=%s)",
+            route.function.name,
+            type(value).__name__,
+            outcome.invocation_id,
+        )
+        return web.Response(status=500)
+
+
+def to_web_response(value: Any) -> web.Response:
+    """An aiohttp response from what the function returned (HttpResponse, str or None)."""
+    if value is None:
+        return web.Response(status=204)
+    if isinstance(value, str):
+        return web.Response(status=200, text=value)
+    if not isinstance(value, func.HttpResponse):
+        raise TypeError(type(value).__name__)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, header in value.headers.items():
+        headers.add(name, header)
+    if "Content-Type" not in headers:
+        mimetype = value.mimetype
+        charset = f"; charset={value.charset}" if mimetype.startswith("text/") else ""
+        headers["Content-Type"] = f"{mimetype}{charset}"
+    return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
+
+
+async def _admin(request: web.Request, manual: Mapping[str, ManualTrigger]) -> web.Response:
+    """`GET /admin/host/status` and `POST /admin/functions/<name>` (run a non-HTTP function)."""
+    path = request.path.rstrip("/").lower()
+    if path == "/admin/host/status" and request.method == "GET":
+        return web.json_response({"state": "Running"})
+    prefix = "/admin/functions/"
+    if path.startswith(prefix) and request.method == "POST":
+        name = request.path.rstrip("/")[len(prefix) :]
+        trigger = manual.get(name)
+        if trigger is None:
+            return web.Response(status=404)
+        try:
+            document = await request.json() if await request.read() else {}
+        except ValueError:
+            return web.Response(status=400, text='body must be JSON: {"input": "..."}')
+        text = document.get("input", "") if isinstance(document, dict) else ""
+        outcome = await trigger(text if isinstance(text, str) else "")
+        return web.Response(status=202 if outcome.succeeded else 500)
+    return web.Response(status=404)
+
+
+def _joined(pairs: Mapping[str, str]) -> dict[str, str]:
+    """Repeated header/query names joined with commas, as the host does."""
+    joined: dict[str, str] = {}
+    for name, value in pairs.items():
+        joined[name] = f"{joined[name]},{value}" if name in joined else value
+    return joined

@@ -1,0 +1,91 @@
+"""App settings for the local host: `local.settings.json` `Values`, then the environment.
+
+Like Core Tools, the process environment wins over `local.settings.json`, and the
+merged values are put into `os.environ` before any function module is imported, so
+function code reads its settings exactly as it would on Azure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+LOCAL_SETTINGS = "local.settings.json"
+_SETTING_REFERENCE = re.compile(r"%([^%\s]+)%")
+_TIMESPAN = re.compile(r"^(?:(?P<days>\d+)\.)?(?P<h>\d+):(?P<m>\d+)(?::(?P<s>\d+(?:\.\d+)?))?$")
+
+
+class HostError(Exception):
+    """The function app cannot be hosted; the message names the file, function or setting."""
+
+
+def load_local_settings(root: Path) -> dict[str, str]:
+    """`Values` of `<root>/local.settings.json`, or {} when the file does not exist."""
+    path = root / LOCAL_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise HostError(f"{LOCAL_SETTINGS}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(document, dict):
+        raise HostError(f"{LOCAL_SETTINGS}: must be a JSON object")
+    if document.get("IsEncrypted") is True:
+        raise HostError(f"{LOCAL_SETTINGS}: encrypted settings are not supported; decrypt them")
+    values = document.get("Values", {})
+    if not isinstance(values, dict):
+        raise HostError(f"{LOCAL_SETTINGS}: Values must be an object")
+    return {str(name): _as_text(value) for name, value in values.items() if value is not None}
+
+
+def apply_settings(
+    local: Mapping[str, str], environ: MutableMapping[str, str] | None = None
+) -> dict[str, str]:
+    """Put local settings into the environment where it has no value; return the merged view."""
+    target = os.environ if environ is None else environ
+    for name, value in local.items():
+        target.setdefault(name, value)
+    return dict(target)
+
+
+def resolve(value: str, settings: Mapping[str, str], *, where: str) -> str:
+    """Replace every `%Setting%` in `value`; an unknown setting is a :class:`HostError`."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in settings:
+            raise HostError(f"{where}: app setting '{name}' (referenced as %{name}%) is not set")
+        return settings[name]
+
+    return _SETTING_REFERENCE.sub(lookup, value)
+
+
+def parse_timespan(value: Any, *, where: str) -> float:
+    """Seconds in a .NET TimeSpan (`[d.]hh:mm[:ss[.fff]]`) or a number of milliseconds."""
+    if isinstance(value, bool):
+        raise HostError(f"{where}: expected a TimeSpan like 00:00:02, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = value / 1000
+    else:
+        match = _TIMESPAN.match(str(value).strip())
+        if match is None:
+            raise HostError(f"{where}: expected a TimeSpan like 00:00:02, got {value!r}")
+        seconds = (
+            int(match["days"] or 0) * 86400
+            + int(match["h"]) * 3600
+            + int(match["m"]) * 60
+            + float(match["s"] or 0)
+        )
+    if seconds < 0:
+        raise HostError(f"{where}: must not be negative")
+    return float(seconds)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,0 +1,151 @@
+"""Timer triggers: 6-field NCRONTAB schedules (or TimeSpan intervals) on the host's loop.
+
+NCRONTAB is `second minute hour day month day-of-week`, evaluated with croniter
+(`second_at_beginning=True`) in UTC, or in `WEBSITE_TIME_ZONE` when set to an IANA
+zone. Runs of one function never overlap: the next occurrence is computed after a
+run ends, skipping occurrences missed meanwhile. `past_due` is true when a run
+starts noticeably later than its scheduled time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from azure.functions.timer import TimerRequest
+
+from tools.devhost.app import Function, TimerTrigger
+from tools.devhost.invoker import Invoker, Outcome
+from tools.devhost.settings import HostError, parse_timespan
+
+logger = logging.getLogger(__name__)
+
+PAST_DUE_AFTER = timedelta(seconds=1)
+LONGEST_SLEEP = 30.0  # re-check the wall clock at least this often
+NEVER = "0001-01-01T00:00:00"
+
+
+class Schedule(Protocol):
+    def next_after(self, when: datetime) -> datetime: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CronSchedule:
+    expression: str
+    zone: tzinfo = UTC
+
+    def next_after(self, when: datetime) -> datetime:
+        from croniter import croniter
+
+        local = when.astimezone(self.zone)
+        following = croniter(self.expression, local, second_at_beginning=True).get_next(datetime)
+        return following.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalSchedule:
+    seconds: float
+
+    def next_after(self, when: datetime) -> datetime:
+        return when + timedelta(seconds=self.seconds)
+
+
+def parse_schedule(text: str, settings: Mapping[str, str], *, where: str) -> Schedule:
+    """A schedule from a 6-field NCRONTAB expression or a TimeSpan such as 00:05:00."""
+    if ":" in text:
+        seconds = parse_timespan(text, where=where)
+        if seconds <= 0:
+            raise HostError(f"{where}: the interval must be positive")
+        return IntervalSchedule(seconds)
+    from croniter import croniter
+
+    if len(text.split()) != 6 or not croniter.is_valid(text, second_at_beginning=True):
+        raise HostError(
+            f"{where}: {text!r} is not a 6-field NCRONTAB expression "
+            "(second minute hour day month day-of-week)"
+        )
+    return CronSchedule(text, _zone(settings))
+
+
+def _zone(settings: Mapping[str, str]) -> tzinfo:
+    name = settings.get("WEBSITE_TIME_ZONE", "").strip()
+    if not name:
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HostError(f"app setting WEBSITE_TIME_ZONE: unknown time zone {name!r}") from None
+
+
+class TimerListener:
+    """Fires one timer function on its schedule until stopped."""
+
+    def __init__(
+        self,
+        function: Function,
+        schedule: Schedule,
+        invoker: Invoker,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        trigger = function.spec.trigger
+        assert isinstance(trigger, TimerTrigger)
+        self.function = function
+        self.schedule = schedule
+        self.run_on_startup = trigger.run_on_startup
+        self._invoker = invoker
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self._last: datetime | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        now = self._clock()
+        if self.run_on_startup:
+            await self._fire(now, past_due=False)
+        due = self.schedule.next_after(now)
+        while await self._sleep_until(due):
+            started = self._clock()
+            await self._fire(due, past_due=started - due > PAST_DUE_AFTER)
+            due = self.schedule.next_after(max(due, self._clock()))
+
+    async def invoke_manually(self, _text: str = "") -> Outcome:
+        """Run the function now, outside its schedule (admin endpoint)."""
+        return await self._invoker.invoke(self.function, self._request(self._clock(), False))
+
+    async def _fire(self, scheduled: datetime, *, past_due: bool) -> None:
+        request = self._request(scheduled, past_due)
+        self._last = scheduled
+        task = self._invoker.spawn(self._invoker.invoke(self.function, request))
+        # Shielded: stopping the timer must not cancel a run in progress.
+        await asyncio.shield(task)
+
+    def _request(self, scheduled: datetime, past_due: bool) -> TimerRequest:
+        following = self.schedule.next_after(max(scheduled, self._clock()))
+        return TimerRequest(
+            past_due=past_due,
+            schedule_status={
+                "Last": self._last.isoformat() if self._last else NEVER,
+                "Next": following.isoformat(),
+                "LastUpdated": self._clock().isoformat(),
+            },
+            schedule={"AdjustForDST": True},
+        )
+
+    async def _sleep_until(self, due: datetime) -> bool:
+        """Wait for `due`; False when stopped first."""
+        while not self._stopping.is_set():
+            remaining = (due - self._clock()).total_seconds()
+            if remaining <= 0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(remaining, LONGEST_SLEEP))
+        return False
