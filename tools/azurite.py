@@ -77,6 +77,7 @@ class Azurite:
             str(AZURITE_BIN),
             "--silent",
             "--skipApiVersionCheck",
+            "--disableTelemetry",  # no traffic beyond loopback
             "--disableProductStyleUrl",
             "--blobHost",
             "127.0.0.1",
@@ -115,7 +116,9 @@ class Azurite:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=10)
+                # Azurite can linger on open keep-alive connections; in-memory data has
+                # nothing to flush, so it gets a short grace period.
+                self.process.wait(timeout=3 if self.in_memory else 10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
