@@ -1,0 +1,167 @@
+"""Keep the reference store in step with the conversations the bot is in.
+
+The inbound pipeline calls :func:`record_activity` for every authenticated activity:
+
+| activity                                                      | effect                 |
+|---------------------------------------------------------------|------------------------|
+| installationUpdate `add` / `add-upgrade`                      | add or refresh         |
+| conversationUpdate with the bot in `membersAdded`             | add or refresh         |
+| conversationUpdate, Teams `eventType` `teamRestored`          | add again              |
+| installationUpdate `remove` / `remove-upgrade`                | remove                 |
+| conversationUpdate with the bot in `membersRemoved`           | remove                 |
+| conversationUpdate, Teams `eventType` `teamDeleted` / `teamHardDeleted` | remove       |
+| anything else                                                 | store when new or changed |
+
+"Add or refresh" bypasses the store's in-process cache (another instance may have removed
+the reference meanwhile); "when new or changed" does not, so a chatty conversation costs no
+storage call per message. Removing a Teams team's conversation also removes the stored
+references of the team's channels (same `channelData.team.id`). A Teams channel is stored
+once, under its channel id: the `;messageid=…` thread suffix of its activities is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from shared.activity import conversation_reference, tenant_id
+from shared.references import ReferenceStore, reference_key
+
+logger = logging.getLogger(__name__)
+
+_TEAMS_BOT_PREFIX = "28:"  # Teams prefixes bot ids with "28:"; some payloads omit it
+_REMOVAL_EVENTS = frozenset({"teamDeleted", "teamHardDeleted"})
+_THREAD_MARKER = ";messageid="
+
+
+class Change(StrEnum):
+    ADD = "add"  # make sure it is stored and current (cache bypassed)
+    REMOVE = "remove"
+    REFRESH = "refresh"  # store when new or materially changed
+
+
+def classify(activity: Mapping[str, Any]) -> Change:
+    """What `activity` means for the stored reference of its conversation."""
+    kind = activity.get("type")
+    if kind == "installationUpdate":
+        action = str(activity.get("action") or "").lower()
+        if action in ("add", "add-upgrade"):
+            return Change.ADD
+        if action in ("remove", "remove-upgrade"):
+            return Change.REMOVE
+        return Change.REFRESH
+    if kind == "conversationUpdate":
+        event = _channel_data(activity).get("eventType")
+        if event in _REMOVAL_EVENTS:
+            return Change.REMOVE
+        if event == "teamRestored":
+            return Change.ADD
+        if _includes_bot(activity, "membersRemoved"):
+            return Change.REMOVE
+        if _includes_bot(activity, "membersAdded"):
+            return Change.ADD
+    return Change.REFRESH
+
+
+async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) -> None:
+    """Add, refresh or remove the activity's conversation reference (see the module table).
+
+    Raises StoreError when storage fails; the pipeline logs it and still answers the user.
+    """
+    reference = _reference(activity)
+    try:
+        key = reference_key(reference)
+    except ValueError as exc:
+        logger.warning("references: activity %s not recorded: %s", activity.get("id"), exc)
+        return
+    team_id = _team_id(activity)
+    change = classify(activity)
+    if change is Change.REMOVE:
+        await _remove(store, key, reference, team_id, activity.get("id"))
+        return
+    written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
+    if written:
+        logger.info(
+            "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
+        )
+
+
+def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:
+    """The activity's reference as stored: the channel, not the thread; tenant included."""
+    reference = conversation_reference(activity)
+    conversation = reference.get("conversation")
+    if not isinstance(conversation, Mapping):
+        return reference
+    conversation = dict(conversation)
+    tenant = tenant_id(activity)
+    if tenant and not conversation.get("tenantId"):
+        conversation["tenantId"] = tenant
+    conversation_id = conversation.get("id")
+    if (
+        reference.get("channelId") == "msteams"
+        and conversation.get("conversationType") == "channel"
+        and isinstance(conversation_id, str)
+        and _THREAD_MARKER in conversation_id
+    ):
+        # Teams gives each channel thread its own id ("19:…@thread.tacv2;messageid=…").
+        # Proactive messages go to the channel, so one reference per channel, not per thread.
+        conversation["id"] = conversation_id.split(_THREAD_MARKER, 1)[0]
+        reference.pop("activityId", None)  # it belongs to the thread
+    reference["conversation"] = conversation
+    return reference
+
+
+async def _remove(
+    store: ReferenceStore,
+    key: str,
+    reference: Mapping[str, Any],
+    team_id: str | None,
+    activity_id: Any,
+) -> None:
+    removed = 1 if await store.delete(key) else 0
+    if team_id:
+        # The bot left (or lost) a whole team: its channels' references are useless too.
+        # Team ids are unique across tenants, so no tenant filter (older documents may lack it).
+        continuation = None
+        while True:
+            page = await store.list(
+                channel_id=reference["channelId"], team_id=team_id, continuation=continuation
+            )
+            for item in page.items:
+                removed += 1 if await store.delete(item.key) else 0
+            continuation = page.continuation
+            if continuation is None:
+                break
+    logger.info("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
+
+
+def _channel_data(activity: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = activity.get("channelData")
+    return data if isinstance(data, Mapping) else {}
+
+
+def _team_id(activity: Mapping[str, Any]) -> str | None:
+    team = _channel_data(activity).get("team")
+    team_id = team.get("id") if isinstance(team, Mapping) else None
+    return team_id if isinstance(team_id, str) and team_id else None
+
+
+def _includes_bot(activity: Mapping[str, Any], field: str) -> bool:
+    recipient = activity.get("recipient")
+    bot_id = recipient.get("id") if isinstance(recipient, Mapping) else None
+    members = activity.get(field)
+    if not isinstance(bot_id, str) or not bot_id or not isinstance(members, list):
+        return False
+    bot = bot_id.removeprefix(_TEAMS_BOT_PREFIX)
+    return any(
+        isinstance(member, Mapping)
+        and isinstance(member.get("id"), str)
+        and member["id"].removeprefix(_TEAMS_BOT_PREFIX) == bot
+        for member in members
+    )
+
+
+def _short(key: str) -> str:
+    return key if len(key) <= 120 else key[:100] + "…"

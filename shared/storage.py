@@ -1,0 +1,174 @@
+"""Async Blob and Queue service clients built from `AzureWebJobsStorage`.
+
+Two ways to connect, as the Functions host does:
+
+- a connection string (`AzureWebJobsStorage`, including `UseDevelopmentStorage=true`
+  for Azurite on its default ports);
+- identity-based (`AzureWebJobsStorage__blobServiceUri` / `__queueServiceUri` /
+  `__accountName`) with azure-identity: `ManagedIdentityCredential(client_id=__clientId)`
+  when `__credential=managedidentity`, else `DefaultAzureCredential`.
+
+Retries and timeouts are deliberately short (a bot turn has 15 s) and configurable through
+:class:`StorageOptions`. The azure packages are imported on first use (cold start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from shared.config import SettingsError, StorageSettings
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import BlobServiceClient
+    from azure.storage.queue.aio import QueueServiceClient
+
+logger = logging.getLogger(__name__)
+
+SETTING = "AzureWebJobsStorage"
+Service = Literal["blob", "queue"]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageOptions:
+    """Retry and timeout settings of the storage clients (seconds).
+
+    The SDK's defaults (15 s first backoff, 20 s connect, 60 s read) would outlast the
+    channel's 15 s answer window; these fail fast enough for a turn to still answer.
+    """
+
+    retry_total: int = 3
+    initial_backoff: float = 0.5
+    increment_base: float = 1.5
+    jitter: float = 0.2
+    connection_timeout: float = 5.0
+    read_timeout: float = 10.0
+    operation_timeout: float = 10.0  # bound on one store call, all retries included
+
+
+DEFAULT_OPTIONS = StorageOptions()
+
+
+def create_blob_service(
+    storage: StorageSettings, options: StorageOptions = DEFAULT_OPTIONS
+) -> BlobServiceClient:
+    """A new async BlobServiceClient; the caller owns it (close with :func:`close_client`)."""
+    from azure.storage.blob.aio import BlobServiceClient
+
+    return _create(storage, options, "blob", BlobServiceClient)
+
+
+def create_queue_service(
+    storage: StorageSettings, options: StorageOptions = DEFAULT_OPTIONS
+) -> QueueServiceClient:
+    """A new async QueueServiceClient; the caller owns it (close with :func:`close_client`)."""
+    from azure.storage.queue.aio import QueueServiceClient
+
+    return _create(storage, options, "queue", QueueServiceClient)
+
+
+def check_storage_settings(storage: StorageSettings, service: Service = "blob") -> None:
+    """Raise SettingsError now (no I/O) when `service` cannot be reached with `storage`."""
+    if storage.connection_string:
+        return
+    if not storage.configured:
+        raise SettingsError(
+            SETTING,
+            "is not set: give a connection string (UseDevelopmentStorage=true for Azurite) "
+            f"or {SETTING}__accountName / __{service}ServiceUri",
+        )
+    if not storage.service_uri(service):
+        raise SettingsError(
+            f"{SETTING}__{service}ServiceUri", f"is required to reach {service} storage"
+        )
+
+
+def _create(storage, options, service, client_class):
+    check_storage_settings(storage, service)
+    kwargs: dict[str, Any] = {
+        # The clients build their ExponentialRetry policy from these.
+        "initial_backoff": options.initial_backoff,
+        "increment_base": options.increment_base,
+        "retry_total": options.retry_total,
+        "random_jitter_range": options.jitter,
+        "connection_timeout": options.connection_timeout,
+        "read_timeout": options.read_timeout,
+    }
+    if storage.connection_string:
+        try:
+            return client_class.from_connection_string(storage.connection_string, **kwargs)
+        except ValueError:
+            # The SDK's message may quote the string, which holds the account key.
+            raise SettingsError(SETTING, "is not a valid storage connection string") from None
+    uri = storage.service_uri(service)
+    try:
+        return client_class(uri, credential=_credential(storage), **kwargs)
+    except ValueError:
+        raise SettingsError(
+            f"{SETTING}__{service}ServiceUri",
+            "is not usable with an identity credential (it must be an https URL)",
+        ) from None
+
+
+def _credential(storage: StorageSettings):
+    if storage.credential.lower() == "managedidentity":
+        from azure.identity.aio import ManagedIdentityCredential
+
+        return ManagedIdentityCredential(client_id=storage.client_id or None)
+    from azure.identity.aio import DefaultAzureCredential
+
+    if storage.client_id:
+        return DefaultAzureCredential(managed_identity_client_id=storage.client_id)
+    return DefaultAzureCredential()
+
+
+async def close_client(client: Any) -> None:
+    """Close a client made here and, for identity-based ones, its credential's session."""
+    credential = getattr(client, "credential", None)
+    await client.close()
+    close = getattr(credential, "close", None)
+    if close is not None and inspect.iscoroutinefunction(close):
+        await close()
+
+
+# One shared client per (event loop, settings, options): async clients are bound to the loop
+# that opened their connections. The Functions worker runs one loop, so that is one per process.
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_blob_service(
+    storage: StorageSettings, options: StorageOptions = DEFAULT_OPTIONS
+) -> BlobServiceClient:
+    """The process's shared BlobServiceClient for these settings (created on first use)."""
+    return _shared_client("blob", storage, options, create_blob_service)
+
+
+def get_queue_service(
+    storage: StorageSettings, options: StorageOptions = DEFAULT_OPTIONS
+) -> QueueServiceClient:
+    """The process's shared QueueServiceClient for these settings (created on first use)."""
+    return _shared_client("queue", storage, options, create_queue_service)
+
+
+def _shared_client(service, storage, options, factory):
+    loop = asyncio.get_running_loop()
+    clients = _shared.setdefault(loop, {})
+    key = (service, storage, options)
+    client = clients.get(key)
+    if client is None:
+        client = clients[key] = factory(storage, options)
+        logger.info("storage: opened shared %s client", service)
+    return client
+
+
+async def close_shared_clients() -> None:
+    """Close the shared clients of the running loop (host shutdown, test teardown)."""
+    clients = _shared.pop(asyncio.get_running_loop(), {})
+    for client in clients.values():
+        await close_client(client)

@@ -1,0 +1,218 @@
+"""No lost updates under concurrent writers (tasks and OS processes), and listing at scale.
+
+Each writer adds its own field to the same conversation's reference, the way function
+instances handling one conversation each bring something new. Afterwards the stored document
+must hold exactly the fields of the writers that reported success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import uuid
+
+import pytest
+
+from shared.config import Settings, StorageSettings
+from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreConflict
+from shared.storage import StorageOptions
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = StorageOptions(retry_total=2, initial_backoff=0.05, increment_base=0.1, jitter=0.0)
+KEY = "msteams/a:contended"
+
+
+def base_reference() -> dict:
+    return {
+        "channelId": "msteams",
+        "serviceUrl": "https://smba.trafficmanager.net/emea/",
+        "conversation": {"id": "a:contended", "conversationType": "personal", "tenantId": "t"},
+        "user": {"id": "29:user"},
+        "bot": {"id": "28:bot"},
+    }
+
+
+def settings_for(connection_string: str, container: str) -> Settings:
+    return Settings(
+        storage=StorageSettings(connection_string=connection_string),
+        references_container=container,
+    )
+
+
+async def run_writers(
+    connection_string: str,
+    container: str,
+    probes: list[int],
+    *,
+    instances: int = 4,
+    max_attempts: int = 25,
+) -> list[tuple[int, str]]:
+    """Each probe is one writer task; writers share `instances` store instances."""
+    stores = [
+        BlobReferenceStore(
+            settings_for(connection_string, container), options=OPTIONS, max_attempts=max_attempts
+        )
+        for _ in range(instances)
+    ]
+
+    async def writer(probe: int, store: BlobReferenceStore) -> tuple[int, str]:
+        try:
+            written = await store.upsert({**base_reference(), f"probe{probe}": probe})
+        except StoreConflict:
+            return probe, "conflict"
+        except Exception as exc:  # reported, then asserted absent
+            return probe, f"error {type(exc).__name__}: {exc}"
+        return probe, "ok" if written else "unchanged"
+
+    try:
+        return await asyncio.gather(
+            *(writer(p, stores[i % instances]) for i, p in enumerate(probes))
+        )
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def writers_in_process(connection_string, container, probes, barrier, results):
+    """Entry point of a spawned OS process: start with the other process, report outcomes."""
+    barrier.wait(timeout=60)
+    results.put(asyncio.run(run_writers(connection_string, container, probes)))
+
+
+async def stored_probes(connection_string: str, container: str) -> set[int]:
+    store = BlobReferenceStore(settings_for(connection_string, container), options=OPTIONS)
+    try:
+        stored = await store.get(KEY)
+    finally:
+        await store.close()
+    assert stored is not None
+    return {value for name, value in stored.reference.items() if name.startswith("probe")}
+
+
+def check(results: list[tuple[int, str]], final: set[int]) -> set[int]:
+    errors = [outcome for _, outcome in results if outcome.startswith("error")]
+    assert not errors, errors
+    succeeded = {probe for probe, outcome in results if outcome == "ok"}
+    assert final == succeeded, "every reported success is in the document, nothing else"
+    return succeeded
+
+
+async def test_twenty_tasks_lose_no_update(azurite, unique_name):
+    container = unique_name("race")
+    results = await run_writers(azurite.connection_string, container, list(range(20)))
+    succeeded = check(results, await stored_probes(azurite.connection_string, container))
+    assert succeeded == set(range(20))  # 25 attempts > 19 rivals: every writer gets through
+
+
+async def test_exhausted_retries_report_conflict_and_write_nothing(azurite, unique_name):
+    container = unique_name("race")
+    results = await run_writers(
+        azurite.connection_string, container, list(range(20)), instances=20, max_attempts=1
+    )
+    succeeded = check(results, await stored_probes(azurite.connection_string, container))
+    assert succeeded  # somebody won...
+    assert any(outcome == "conflict" for _, outcome in results)  # ...and somebody was told no
+
+
+def test_twenty_writers_in_two_processes_lose_no_update(azurite, unique_name):
+    container = unique_name("race")
+    context = multiprocessing.get_context("spawn")
+    barrier, outcomes = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(
+            target=writers_in_process,
+            args=(
+                azurite.connection_string,
+                container,
+                list(range(k * 10, k * 10 + 10)),
+                barrier,
+                outcomes,
+            ),
+        )
+        for k in range(2)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        results = [outcome for _ in processes for outcome in outcomes.get(timeout=60)]
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    assert all(process.exitcode == 0 for process in processes)
+    final = asyncio.run(stored_probes(azurite.connection_string, container))
+    assert check(results, final) == set(range(20))
+
+
+# ---------------------------------------------------------------------------- listing at scale
+
+
+def scale_reference(i: int, channels: int = 2, tenants: int = 5) -> dict:
+    return {
+        "channelId": ["msteams", "webchat"][i % channels],
+        "serviceUrl": "https://smba.trafficmanager.net/emea/",
+        "conversation": {
+            "id": f"19:{uuid.UUID(int=i)}@thread.tacv2",
+            "conversationType": "channel",
+            "tenantId": f"tenant-{i % tenants}",
+        },
+        "bot": {"id": "28:bot"},
+    }
+
+
+def expected_keys(count: int, channel: str, tenant: str) -> set[str]:
+    refs = (scale_reference(i) for i in range(count))
+    return {
+        f"{r['channelId']}/{r['conversation']['id']}"
+        for r in refs
+        if r["channelId"] == channel and r["conversation"]["tenantId"] == tenant
+    }
+
+
+async def page_through(store, page_size: int, **filters) -> list[str]:
+    keys: list[str] = []
+    continuation = None
+    while True:
+        page = await store.list(page_size=page_size, continuation=continuation, **filters)
+        assert len(page.items) <= page_size
+        keys += [item.key for item in page.items]
+        continuation = page.continuation
+        if continuation is None:
+            return keys
+
+
+async def test_ten_thousand_references_page_exactly_in_memory():
+    store = MemoryReferenceStore()
+    for i in range(10_000):
+        await store.upsert(scale_reference(i))
+    everything = await page_through(store, 1000)
+    assert len(everything) == len(set(everything)) == 10_000
+    subset = await page_through(store, 100, channel_id="msteams", tenant_id="tenant-2")
+    assert len(subset) == len(set(subset))
+    assert set(subset) == expected_keys(10_000, "msteams", "tenant-2")
+
+
+async def test_a_thousand_references_page_exactly_on_azurite(azurite, unique_name):
+    count = 1000
+    store = BlobReferenceStore(
+        settings_for(azurite.connection_string, unique_name("scale")), options=OPTIONS
+    )
+    try:
+        semaphore = asyncio.Semaphore(16)
+
+        async def put(i: int) -> None:
+            async with semaphore:
+                assert await store.upsert(scale_reference(i))
+
+        await asyncio.gather(*(put(i) for i in range(count)))
+        everything = await page_through(store, 70)  # pages end mid-listing-page too
+        assert len(everything) == len(set(everything)) == count
+        subset = await page_through(store, 33, channel_id="msteams", tenant_id="tenant-2")
+        assert len(subset) == len(set(subset))
+        assert set(subset) == expected_keys(count, "msteams", "tenant-2")
+        tenant_only = await page_through(store, 500, tenant_id="tenant-4")
+        assert len(tenant_only) == len(set(tenant_only)) == count // 5
+    finally:
+        await store.close()

@@ -1,0 +1,329 @@
+"""Lifecycle rules: which activities add, refresh or remove a stored reference.
+
+Run against the in-memory store and Blob storage on Azurite; "nothing written" is observed
+through the memory store's write counter and the blob's ETag and Last-Modified.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from azure.storage.blob.aio import ContainerClient
+
+from shared.config import Settings, StorageSettings
+from shared.lifecycle import Change, classify, record_activity
+from shared.references import (
+    BlobReferenceStore,
+    MemoryReferenceStore,
+    StoreError,
+    document_name,
+)
+from shared.storage import StorageOptions
+from tools.azurite import free_port
+
+FAST = StorageOptions(
+    retry_total=1,
+    initial_backoff=0.05,
+    increment_base=0.1,
+    jitter=0.0,
+    connection_timeout=1.0,
+    read_timeout=2.0,
+    operation_timeout=4.0,
+)
+BOT = {"id": "28:bot-app-id", "name": "Bot"}
+SERVICE_URL = "https://smba.trafficmanager.net/emea/"
+_ids = itertools.count(1)
+
+
+def activity(
+    kind: str,
+    conversation_id: str = "a:personal",
+    *,
+    personal: bool = True,
+    team: str | None = None,
+    event: str | None = None,
+    tenant: str = "tenant-1",
+    service_url: str = SERVICE_URL,
+    **fields,
+) -> dict:
+    channel_data: dict = {"tenant": {"id": tenant}}
+    if team:
+        channel_data["team"] = {"id": team}
+    if event:
+        channel_data["eventType"] = event
+    return {
+        "type": kind,
+        "id": f"act-{next(_ids)}",
+        "channelId": "msteams",
+        "serviceUrl": service_url,
+        "from": {"id": "29:user", "aadObjectId": "aad-user"},
+        "recipient": BOT,
+        # No conversation.tenantId: the tenant arrives in channelData, as Teams often sends it.
+        "conversation": {
+            "id": conversation_id,
+            "conversationType": "personal" if personal else "channel",
+            "isGroup": not personal,
+        },
+        "channelData": channel_data,
+        **fields,
+    }
+
+
+def message(conversation_id: str = "a:personal", **kw) -> dict:
+    return activity("message", conversation_id, text="hi", **kw)
+
+
+def channel_message(conversation_id: str, team: str) -> dict:
+    return message(conversation_id, personal=False, team=team)
+
+
+@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
+async def store(request, unique_name):
+    if request.param == "memory":
+        instance = MemoryReferenceStore()
+    else:
+        azurite = request.getfixturevalue("azurite")
+        settings = Settings(
+            storage=StorageSettings(connection_string=azurite.connection_string),
+            references_container=unique_name("life"),
+        )
+        instance = BlobReferenceStore(settings, options=FAST)
+    yield instance
+    await instance.close()
+
+
+async def keys(store) -> set[str]:
+    return {item.key for item in (await store.list(page_size=1000)).items}
+
+
+# ---------------------------------------------------------------------------- adds
+
+
+@pytest.mark.parametrize("action", ["add", "add-upgrade"])
+async def test_install_adds_the_conversation(store, action):
+    await record_activity(store, activity("installationUpdate", action=action))
+    stored = await store.get("msteams/a:personal")
+    assert stored is not None and stored.tenant_id == "tenant-1"
+    assert stored.reference["conversation"]["tenantId"] == "tenant-1"
+    assert stored.reference["serviceUrl"] == SERVICE_URL
+    found = await store.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    assert found.key == "msteams/a:personal"
+
+
+@pytest.mark.parametrize("bot_id", ["28:bot-app-id", "bot-app-id"])
+async def test_bot_added_to_a_team_adds_the_conversation(store, bot_id):
+    update = activity(
+        "conversationUpdate",
+        "19:general@thread.tacv2",
+        personal=False,
+        team="19:general@thread.tacv2",
+        membersAdded=[{"id": bot_id}],
+    )
+    assert classify(update) is Change.ADD
+    await record_activity(store, update)
+    stored = await store.get("msteams/19:general@thread.tacv2")
+    assert stored.team_id == "19:general@thread.tacv2" and not stored.personal
+    assert "activityId" not in stored.reference  # a conversationUpdate cannot be replied to
+
+
+async def test_other_members_added_stores_a_new_conversation_too(store):
+    update = activity(
+        "conversationUpdate", "19:chat", personal=False, membersAdded=[{"id": "29:x"}]
+    )
+    assert classify(update) is Change.REFRESH
+    await record_activity(store, update)
+    assert await keys(store) == {"msteams/19:chat"}
+
+
+async def test_first_message_adds_and_a_changed_one_refreshes(store):
+    await record_activity(store, message())
+    first = await store.get("msteams/a:personal")
+    await record_activity(store, message(service_url="https://smba.trafficmanager.net/amer/"))
+    second = await store.get("msteams/a:personal")
+    assert second.etag != first.etag
+    assert second.reference["serviceUrl"] == "https://smba.trafficmanager.net/amer/"
+
+
+async def test_team_restored_adds_it_back(store):
+    general = "19:general@thread.tacv2"
+    await record_activity(
+        store,
+        activity("conversationUpdate", general, personal=False, team=general, event="teamDeleted"),
+    )
+    restored = activity(
+        "conversationUpdate", general, personal=False, team=general, event="teamRestored"
+    )
+    assert classify(restored) is Change.ADD
+    await record_activity(store, restored)
+    assert await keys(store) == {f"msteams/{general}"}
+
+
+# ---------------------------------------------------------------------------- nothing written
+
+
+async def test_message_with_only_a_new_activity_id_writes_nothing(store):
+    await record_activity(store, message())
+    before = await store.get("msteams/a:personal")
+    writes = getattr(store, "writes", None)
+    for _ in range(5):
+        await record_activity(store, message())  # new id each time, nothing else new
+    after = await store.get("msteams/a:personal")
+    assert after.etag == before.etag and after.updated_at == before.updated_at
+    if writes is not None:
+        assert store.writes == writes
+
+
+@pytest.mark.integration
+async def test_blob_untouched_by_chatty_messages(azurite, unique_name):
+    container_name = unique_name("life")
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=container_name,
+    )
+    store = BlobReferenceStore(settings, options=FAST)
+    container = ContainerClient.from_connection_string(azurite.connection_string, container_name)
+    try:
+        await record_activity(store, message())
+        blob = container.get_blob_client(document_name("msteams/a:personal"))
+        before = await blob.get_blob_properties()
+        for _ in range(10):
+            await record_activity(store, message())
+        after = await blob.get_blob_properties()
+        assert (after.etag, after.last_modified) == (before.etag, before.last_modified)
+    finally:
+        await store.close()
+        await container.close()
+
+
+# ---------------------------------------------------------------------------- removals
+
+
+@pytest.mark.parametrize("action", ["remove", "remove-upgrade"])
+async def test_uninstall_removes_the_conversation(store, action):
+    await record_activity(store, message())
+    await record_activity(store, activity("installationUpdate", action=action))
+    assert await store.get("msteams/a:personal") is None
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+
+async def test_bot_removed_from_a_group_chat_removes_it(store):
+    await record_activity(store, message("19:chat", personal=False))
+    update = activity(
+        "conversationUpdate",
+        "19:chat",
+        personal=False,
+        membersRemoved=[{"id": "29:x"}, {"id": BOT["id"]}],
+    )
+    assert classify(update) is Change.REMOVE
+    await record_activity(store, update)
+    assert await keys(store) == set()
+
+
+async def test_other_member_removed_keeps_the_conversation(store):
+    await record_activity(store, message("19:chat", personal=False))
+    await record_activity(
+        store,
+        activity("conversationUpdate", "19:chat", personal=False, membersRemoved=[{"id": "29:x"}]),
+    )
+    assert await keys(store) == {"msteams/19:chat"}
+
+
+async def _two_teams_and_a_chat(store) -> None:
+    for conversation_id in ("19:general-a", "19:design-a", "19:design-a;messageid=17"):
+        await record_activity(store, channel_message(conversation_id, team="19:general-a"))
+    await record_activity(store, channel_message("19:general-b", team="19:general-b"))
+    await record_activity(store, message())
+
+
+@pytest.mark.parametrize("event", ["teamDeleted", "teamHardDeleted"])
+async def test_team_deleted_removes_all_its_channels(store, event):
+    await _two_teams_and_a_chat(store)
+    await record_activity(
+        store,
+        activity(
+            "conversationUpdate", "19:general-a", personal=False, team="19:general-a", event=event
+        ),
+    )
+    assert await keys(store) == {"msteams/19:general-b", "msteams/a:personal"}
+
+
+async def test_bot_removed_from_a_team_removes_all_its_channels(store):
+    await _two_teams_and_a_chat(store)
+    await record_activity(
+        store,
+        activity(
+            "conversationUpdate",
+            "19:general-a",
+            personal=False,
+            team="19:general-a",
+            membersRemoved=[{"id": BOT["id"]}],
+        ),
+    )
+    assert await keys(store) == {"msteams/19:general-b", "msteams/a:personal"}
+
+
+async def test_removing_something_never_stored_is_fine(store):
+    await record_activity(store, activity("installationUpdate", action="remove"))
+    assert await keys(store) == set()
+
+
+# ---------------------------------------------------------------------------- edges
+
+
+async def test_teams_channel_threads_share_one_channel_reference(store):
+    await record_activity(store, channel_message("19:design@thread.tacv2;messageid=1", "19:g"))
+    writes = getattr(store, "writes", None)
+    await record_activity(store, channel_message("19:design@thread.tacv2;messageid=2", "19:g"))
+    assert await keys(store) == {"msteams/19:design@thread.tacv2"}
+    stored = await store.get("msteams/19:design@thread.tacv2")
+    assert stored.reference["conversation"]["id"] == "19:design@thread.tacv2"
+    assert "activityId" not in stored.reference  # a thread's message id is not the channel's
+    if writes is not None:
+        assert store.writes == writes
+
+
+async def test_unstorable_activity_is_skipped_without_error(store):
+    broken = message()
+    del broken["conversation"]
+    await record_activity(store, broken)
+    await record_activity(store, {**message(), "channelId": "bad/channel"})
+    assert await keys(store) == set()
+
+
+@pytest.mark.integration
+async def test_install_after_another_instance_removed_it(azurite, unique_name):
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("life"),
+    )
+    a, b = BlobReferenceStore(settings, options=FAST), BlobReferenceStore(settings, options=FAST)
+    try:
+        await record_activity(a, message())  # instance a remembers it is stored
+        await record_activity(b, activity("installationUpdate", action="remove"))
+        await record_activity(a, activity("installationUpdate", action="add"))
+        assert await b.get("msteams/a:personal") is not None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_storage_failure_raises_store_error():
+    port = free_port()  # nothing listens here
+    settings = Settings(
+        storage=StorageSettings(
+            connection_string=(
+                "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+                f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+            )
+        ),
+        references_container="life",
+    )
+    store = BlobReferenceStore(settings, options=FAST)
+    try:
+        with pytest.raises(StoreError):
+            await record_activity(store, message())
+        with pytest.raises(StoreError):
+            await record_activity(store, activity("installationUpdate", action="remove"))
+    finally:
+        await store.close()

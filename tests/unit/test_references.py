@@ -1,0 +1,601 @@
+"""The reference-store contract, run against the in-memory store and Blob storage (Azurite).
+
+Then what only the Blob store has: its on-storage layout, the container created on first
+write, the in-process cache that spares a chatty conversation any storage call, clear
+errors for foreign or corrupt documents, and storage outages (stopped or frozen Azurite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+
+import pytest
+from azure.storage.blob import ContainerClient
+from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+
+from shared.config import Settings, SettingsError, StorageSettings
+from shared.references import (
+    BlobReferenceStore,
+    MemoryReferenceStore,
+    StoreError,
+    create_reference_store,
+    document_name,
+    user_index_name,
+)
+from shared.storage import StorageOptions
+from tools.azurite import Azurite, free_port
+
+# Short retries and timeouts: a dead storage account must fail a test in seconds.
+FAST = StorageOptions(
+    retry_total=1,
+    initial_backoff=0.05,
+    increment_base=0.1,
+    jitter=0.0,
+    connection_timeout=1.0,
+    read_timeout=2.0,
+    operation_timeout=4.0,
+)
+
+
+def settings_for(connection_string: str, container: str) -> Settings:
+    return Settings(
+        storage=StorageSettings(connection_string=connection_string),
+        references_container=container,
+    )
+
+
+def reference(
+    conversation_id: str = "a:1",
+    *,
+    channel_id: str = "msteams",
+    tenant: str | None = "tenant-1",
+    personal: bool = True,
+    user: str = "29:user",
+    aad: str | None = "aad-user",
+    service_url: str = "https://smba.trafficmanager.net/emea/",
+    **extra,
+) -> dict:
+    conversation = {
+        "id": conversation_id,
+        "conversationType": "personal" if personal else "channel",
+        "isGroup": not personal,
+    }
+    if tenant is not None:
+        conversation["tenantId"] = tenant
+    member = {"id": user, "name": "User"}
+    if aad is not None:
+        member["aadObjectId"] = aad
+    return {
+        "channelId": channel_id,
+        "serviceUrl": service_url,
+        "conversation": conversation,
+        "user": member,
+        "bot": {"id": "28:bot-app-id", "name": "Bot"},
+        **extra,
+    }
+
+
+@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
+async def store(request, unique_name):
+    if request.param == "memory":
+        instance = MemoryReferenceStore()
+    else:
+        azurite = request.getfixturevalue("azurite")
+        instance = BlobReferenceStore(
+            settings_for(azurite.connection_string, unique_name("refs")), options=FAST
+        )
+    yield instance
+    await instance.close()
+
+
+async def list_all(store, **filters) -> list[str]:
+    keys: list[str] = []
+    continuation = None
+    while True:
+        page = await store.list(continuation=continuation, **filters)
+        keys += [item.key for item in page.items]
+        continuation = page.continuation
+        if continuation is None:
+            return keys
+
+
+# ---------------------------------------------------------------------------- the contract
+
+
+async def test_missing_reference_is_none(store):
+    assert await store.get("msteams/never-seen") is None
+
+
+async def test_malformed_keys_are_rejected(store):
+    for key in ("no-slash", "/no-channel", "msteams/"):
+        with pytest.raises(ValueError):
+            await store.get(key)
+
+
+async def test_new_reference_is_stored_with_its_fields(store):
+    ref = reference(activityId="act-1", locale="en-US")
+    assert await store.upsert(ref) is True
+    stored = await store.get("msteams/a:1")
+    assert stored is not None
+    assert stored.reference == ref
+    assert (stored.key, stored.channel_id, stored.conversation_id) == (
+        "msteams/a:1",
+        "msteams",
+        "a:1",
+    )
+    assert stored.tenant_id == "tenant-1"
+    assert stored.personal and stored.user_id == "29:user" and stored.aad_object_id == "aad-user"
+    assert stored.etag and stored.created_at and stored.updated_at
+
+
+async def test_same_reference_or_only_new_activity_id_writes_nothing(store):
+    assert await store.upsert(reference(activityId="1"))
+    etag = (await store.get("msteams/a:1")).etag
+    assert await store.upsert(reference(activityId="1")) is False
+    assert await store.upsert(reference(activityId="2")) is False
+    stored = await store.get("msteams/a:1")
+    assert stored.etag == etag
+    assert stored.reference["activityId"] == "1"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"service_url": "https://smba.trafficmanager.net/amer/"},
+        {"tenant": "tenant-2"},
+        {"user": "29:someone-else"},
+        {"bot": {"id": "28:bot-app-id", "name": "Renamed bot"}},
+        {"locale": "de-DE"},
+    ],
+    ids=["serviceUrl", "tenant", "user", "bot-name", "locale"],
+)
+async def test_material_change_is_written(store, change):
+    assert await store.upsert(reference(activityId="1"))
+    before = await store.get("msteams/a:1")
+    assert await store.upsert(reference(activityId="2", **change)) is True
+    after = await store.get("msteams/a:1")
+    assert after.etag != before.etag
+    assert after.created_at == before.created_at
+    assert after.reference["activityId"] == "2"  # a real write carries the latest id
+    if "service_url" in change:
+        assert after.reference["serviceUrl"] == change["service_url"]
+    if "tenant" in change:
+        assert after.tenant_id == "tenant-2"
+
+
+async def test_conversation_name_change_is_written(store):
+    ref = reference()
+    assert await store.upsert(ref)
+    ref["conversation"] = {**ref["conversation"], "name": "Renamed"}
+    assert await store.upsert(ref) is True
+    assert (await store.get("msteams/a:1")).reference["conversation"]["name"] == "Renamed"
+
+
+async def test_group_speaker_change_alone_writes_nothing(store):
+    assert await store.upsert(reference("19:team@thread.tacv2", personal=False, user="29:alice"))
+    assert not await store.upsert(reference("19:team@thread.tacv2", personal=False, user="29:bob"))
+    stored = await store.get("msteams/19:team@thread.tacv2")
+    assert stored.reference["user"]["id"] == "29:alice"
+    assert not stored.personal and stored.user_id is None
+
+
+async def test_fields_missing_from_a_later_activity_are_kept(store):
+    assert await store.upsert(reference(activityId="msg-1", locale="fr-FR"))
+    later = reference()  # e.g. a conversationUpdate: no activityId, no locale
+    assert await store.upsert(later) is False
+    stored = await store.get("msteams/a:1")
+    assert stored.reference["activityId"] == "msg-1"
+    assert stored.reference["locale"] == "fr-FR"
+
+
+async def test_unstorable_references_are_rejected(store):
+    bad = [
+        {k: v for k, v in reference().items() if k != "channelId"},
+        reference(channel_id="ms/teams"),
+        {**reference(), "conversation": {"name": "no id"}},
+        {k: v for k, v in reference().items() if k != "serviceUrl"},
+    ]
+    for ref in bad:
+        with pytest.raises(ValueError):
+            await store.upsert(ref)
+    assert await list_all(store) == []
+
+
+async def test_delete_removes_and_a_second_delete_is_fine(store):
+    await store.upsert(reference())
+    assert await store.delete("msteams/a:1") is True
+    assert await store.get("msteams/a:1") is None
+    assert await store.delete("msteams/a:1") is False
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+
+async def test_upsert_after_delete_stores_again(store):
+    await store.upsert(reference())
+    await store.delete("msteams/a:1")
+    assert await store.upsert(reference()) is True
+    assert (await store.get("msteams/a:1")) is not None
+
+
+async def test_find_by_user_id_and_aad_object_id(store):
+    await store.upsert(reference("a:1", user="29:alice", aad="aad-alice"))
+    await store.upsert(reference("a:2", user="29:bob", aad="aad-bob", tenant="tenant-2"))
+    by_id = await store.find_by_user(channel_id="msteams", user_id="29:alice")
+    by_aad = await store.find_by_user(channel_id="msteams", aad_object_id="aad-bob")
+    assert by_id.key == "msteams/a:1"
+    assert by_aad.key == "msteams/a:2"
+    assert await store.find_by_user(channel_id="msteams", user_id="29:carol") is None
+    assert await store.find_by_user(channel_id="webchat", user_id="29:alice") is None
+    # tenant narrows: bob lives in tenant-2
+    assert (
+        await store.find_by_user(
+            channel_id="msteams", aad_object_id="aad-bob", tenant_id="tenant-1"
+        )
+        is None
+    )
+    with pytest.raises(ValueError):
+        await store.find_by_user(channel_id="msteams")
+
+
+async def test_find_by_user_ignores_group_conversations(store):
+    await store.upsert(reference("19:group", personal=False, user="29:alice", aad="aad-alice"))
+    assert await store.find_by_user(channel_id="msteams", user_id="29:alice") is None
+    assert await store.find_by_user(channel_id="msteams", aad_object_id="aad-alice") is None
+
+
+async def test_list_filters_by_channel_tenant_and_team(store):
+    await store.upsert(reference("t1-a", tenant="t1", personal=False), team_id="team-x")
+    await store.upsert(reference("t1-b", tenant="t1", personal=False))
+    await store.upsert(reference("t2-a", tenant="t2", personal=False), team_id="team-x")
+    await store.upsert(reference("web-1", channel_id="webchat", tenant=None))
+    assert sorted(await list_all(store)) == [
+        "msteams/t1-a",
+        "msteams/t1-b",
+        "msteams/t2-a",
+        "webchat/web-1",
+    ]
+    assert sorted(await list_all(store, channel_id="msteams", tenant_id="t1")) == [
+        "msteams/t1-a",
+        "msteams/t1-b",
+    ]
+    assert await list_all(store, tenant_id="t2") == ["msteams/t2-a"]
+    assert sorted(await list_all(store, channel_id="msteams", team_id="team-x")) == [
+        "msteams/t1-a",
+        "msteams/t2-a",
+    ]
+    assert await list_all(store, channel_id="webchat") == ["webchat/web-1"]
+    assert await list_all(store, channel_id="slack") == []
+
+
+async def test_list_pages_without_duplicates_or_gaps(store):
+    tenant_of = {f"c-{i:03d}": "t1" if i % 2 == 0 else "t2" for i in range(45)}
+    for conversation_id, tenant in tenant_of.items():
+        await store.upsert(reference(conversation_id, tenant=tenant, personal=False))
+    for page_size, filters, tenants in [
+        (7, {}, {"t1", "t2"}),
+        (1, {"tenant_id": "t1"}, {"t1"}),
+        (10, {"channel_id": "msteams", "tenant_id": "t2"}, {"t2"}),
+    ]:
+        seen: list[str] = []
+        continuation = None
+        while True:
+            page = await store.list(page_size=page_size, continuation=continuation, **filters)
+            assert len(page.items) <= page_size
+            seen += [item.key for item in page.items]
+            continuation = page.continuation
+            if continuation is None:
+                break
+        assert len(seen) == len(set(seen)), "duplicates"
+        assert set(seen) == {f"msteams/{c}" for c, t in tenant_of.items() if t in tenants}
+
+
+async def test_list_items_carry_the_reference(store):
+    await store.upsert(reference("x", activityId="1"), team_id="team-1")
+    [item] = (await store.list()).items
+    assert item.reference == reference("x", activityId="1")
+    assert item.team_id == "team-1" and item.tenant_id == "tenant-1" and item.etag
+
+
+async def test_list_survives_deletes_between_pages(store):
+    for i in range(20):
+        await store.upsert(reference(f"c-{i:02d}", personal=False))
+    first = await store.list(page_size=5)
+    deleted = {f"msteams/c-{i:02d}" for i in range(0, 20, 3)} - {i.key for i in first.items}
+    for key in deleted:
+        await store.delete(key)
+    rest: list[str] = []
+    continuation = first.continuation
+    while continuation:
+        page = await store.list(page_size=5, continuation=continuation)
+        rest += [item.key for item in page.items]
+        continuation = page.continuation
+    seen = [i.key for i in first.items] + rest
+    assert len(seen) == len(set(seen))
+    assert set(seen) == {f"msteams/c-{i:02d}" for i in range(20)} - deleted
+
+
+async def test_list_rejects_bad_page_sizes_and_tokens(store):
+    await store.upsert(reference("a", personal=False))
+    await store.upsert(reference("b", personal=False))
+    page = await store.list(page_size=1)
+    assert page.continuation
+    for size in (0, -1, 5001):
+        with pytest.raises(ValueError):
+            await store.list(page_size=size)
+    with pytest.raises(ValueError):
+        await store.list(continuation="not a token")
+    with pytest.raises(ValueError):  # a token only continues the listing it came from
+        await store.list(channel_id="webchat", continuation=page.continuation)
+
+
+async def test_hostile_ids_round_trip(store):
+    ids = [
+        "19:abc@thread.tacv2;messageid=1675",
+        "a:1/with/slashes/../..",
+        "ünïcödé 会話 🤖 \u202e",
+        "x" * 1500,
+        "29:" + "é" * 700,
+    ]
+    for conversation_id in ids:
+        ref = reference(conversation_id, user=conversation_id, aad=conversation_id[::-1])
+        assert await store.upsert(ref)
+        stored = await store.get(f"msteams/{conversation_id}")
+        assert stored.reference == ref and stored.key == f"msteams/{conversation_id}"
+        found = await store.find_by_user(channel_id="msteams", user_id=conversation_id)
+        assert found.key == stored.key
+    assert sorted(await list_all(store)) == sorted(f"msteams/{c}" for c in ids)
+
+
+async def test_team_id_is_kept_when_a_later_activity_lacks_it(store):
+    await store.upsert(reference("19:c", personal=False), team_id="team-1")
+    assert await store.upsert(reference("19:c", personal=False, activityId="2")) is False
+    assert (await store.get("msteams/19:c")).team_id == "team-1"
+
+
+# ---------------------------------------------------------------------------- Blob only
+
+
+@pytest.fixture
+async def blob_store(azurite, unique_name):
+    container = unique_name("refs")
+    store = BlobReferenceStore(settings_for(azurite.connection_string, container), options=FAST)
+    raw = ContainerClient.from_connection_string(azurite.connection_string, container)
+    yield store, raw
+    await store.close()
+    raw.close()
+
+
+@pytest.mark.integration
+async def test_blob_layout_is_plain_schema_versioned_json(blob_store):
+    store, container = blob_store
+    assert not container.exists()  # created on first write, not before
+    assert await store.get("msteams/a:1") is None
+    page = await store.list()
+    assert page.items == [] and page.continuation is None
+    await store.upsert(reference(), team_id="team-1")
+    assert container.exists()
+    blob = container.get_blob_client(document_name("msteams/a:1"))
+    document = json.loads(blob.download_blob().readall())
+    assert document["schemaVersion"] == 1
+    assert document["key"] == "msteams/a:1"
+    assert document["reference"] == reference()
+    assert (document["tenantId"], document["teamId"], document["personal"]) == (
+        "tenant-1",
+        "team-1",
+        True,
+    )
+    assert (document["userId"], document["aadObjectId"]) == ("29:user", "aad-user")
+    props = blob.get_blob_properties()
+    assert props.content_settings.content_type == "application/json"
+    index = json.loads(
+        container.get_blob_client(user_index_name("msteams", "id", "29:user"))
+        .download_blob()
+        .readall()
+    )
+    assert index == {"schemaVersion": 1, "key": "msteams/a:1"}
+    assert {b.name.split("/")[0] for b in container.list_blobs()} == {"refs", "users"}
+
+
+@pytest.mark.integration
+async def test_blob_chatty_conversation_costs_no_storage_call(azurite, unique_name):
+    requests: list[str] = []
+    client = AsyncBlobServiceClient.from_connection_string(
+        azurite.connection_string, raw_request_hook=lambda r: requests.append(r.http_request.method)
+    )
+    store = BlobReferenceStore(
+        settings_for(azurite.connection_string, unique_name("refs")), client=client, options=FAST
+    )
+    try:
+        assert await store.upsert(reference(activityId="0"))
+        after_first = len(requests)
+        for i in range(1, 50):
+            assert await store.upsert(reference(activityId=str(i))) is False
+        assert len(requests) == after_first  # 49 messages: not one read or write
+        assert await store.upsert(reference(activityId="50", locale="de-DE")) is True
+        assert "PUT" in requests[after_first:]
+    finally:
+        await store.close()
+        await client.close()
+
+
+@pytest.mark.integration
+async def test_blob_refresh_bypasses_the_cache(azurite, unique_name):
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    a, b = BlobReferenceStore(settings, options=FAST), BlobReferenceStore(settings, options=FAST)
+    try:
+        await a.upsert(reference())
+        await b.delete("msteams/a:1")  # another instance removed it
+        assert await a.upsert(reference()) is False  # a's cache still says "stored"
+        assert await a.upsert(reference(), refresh=True) is True
+        assert await b.get("msteams/a:1") is not None
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.integration
+async def test_blob_cache_entries_expire(azurite, unique_name):
+    now = [1000.0]
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    a = BlobReferenceStore(settings, options=FAST, cache_ttl=60, clock=lambda: now[0])
+    b = BlobReferenceStore(settings, options=FAST)
+    try:
+        await a.upsert(reference())
+        await b.delete("msteams/a:1")
+        now[0] += 61
+        assert await a.upsert(reference()) is True
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.integration
+async def test_blob_foreign_or_corrupt_documents_raise_store_error(blob_store):
+    store, container = blob_store
+    container.create_container()
+    container.upload_blob(
+        document_name("msteams/new"),
+        json.dumps({"schemaVersion": 99, "key": "msteams/new", "reference": {}}),
+    )
+    container.upload_blob(document_name("msteams/bad"), b"{not json")
+    with pytest.raises(StoreError, match="schemaVersion"):
+        await store.get("msteams/new")
+    with pytest.raises(StoreError, match="schemaVersion"):
+        await store.upsert(reference("new"))  # never overwrite what a newer bot wrote
+    with pytest.raises(StoreError, match="not valid JSON"):
+        await store.get("msteams/bad")
+    assert (
+        json.loads(container.download_blob(document_name("msteams/new")).readall())["schemaVersion"]
+        == 99
+    )
+
+
+@pytest.mark.integration
+async def test_blob_stale_user_index_is_ignored(blob_store):
+    store, container = blob_store
+    await store.upsert(reference("a:1", user="29:alice", aad=None))
+    # Point alice's index at a conversation that is not hers.
+    await store.upsert(reference("a:2", user="29:bob", aad=None))
+    container.upload_blob(
+        user_index_name("msteams", "id", "29:alice"),
+        json.dumps({"schemaVersion": 1, "key": "msteams/a:2"}),
+        overwrite=True,
+    )
+    assert await store.find_by_user(channel_id="msteams", user_id="29:alice") is None
+    container.upload_blob(
+        user_index_name("msteams", "id", "29:carol"),
+        json.dumps({"schemaVersion": 1, "key": "msteams/gone"}),
+    )
+    assert await store.find_by_user(channel_id="msteams", user_id="29:carol") is None
+    for junk in ({"key": "no-slash"}, {"key": 42}, ["not", "an", "object"]):
+        container.upload_blob(
+            user_index_name("msteams", "id", "29:dave"), json.dumps(junk), overwrite=True
+        )
+        assert await store.find_by_user(channel_id="msteams", user_id="29:dave") is None
+
+
+@pytest.mark.integration
+async def test_blob_large_reference_is_listed_from_its_document(blob_store):
+    store, _ = blob_store
+    big = reference("big", personal=False)
+    big["conversation"]["name"] = os.urandom(6000).hex()  # too big for the metadata copy
+    await store.upsert(big)
+    await store.upsert(reference("small", personal=False))
+    items = {item.key: item for item in (await store.list()).items}
+    assert items["msteams/big"].reference == big
+    assert items["msteams/small"].reference == reference("small", personal=False)
+
+
+@pytest.mark.integration
+def test_blob_store_survives_a_new_event_loop(azurite, unique_name):
+    store = BlobReferenceStore(
+        settings_for(azurite.connection_string, unique_name("refs")), options=FAST
+    )
+    assert asyncio.run(store.upsert(reference()))
+    # A host that runs each invocation on a fresh loop: the client is rebuilt, not reused.
+    assert asyncio.run(store.get("msteams/a:1")) is not None
+    asyncio.run(store.close())
+
+
+# ---------------------------------------------------------------------------- outages
+
+
+@pytest.mark.integration
+async def test_unreachable_storage_raises_store_error_quickly(unique_name):
+    dead = Azurite().start()
+    store = BlobReferenceStore(
+        settings_for(dead.connection_string, unique_name("refs")), options=FAST
+    )
+    try:
+        assert await store.upsert(reference())  # works while storage is up
+        dead.stop()
+        started = time.monotonic()
+        for call in (
+            lambda: store.get("msteams/a:1"),
+            lambda: store.upsert(reference("other")),
+            lambda: store.delete("msteams/a:1"),
+            lambda: store.list(),
+            lambda: store.find_by_user(channel_id="msteams", user_id="29:user"),
+        ):
+            with pytest.raises(StoreError, match=r"unreachable|timed out") as info:
+                await call()
+            assert "AccountKey" not in str(info.value) and "Eby8" not in str(info.value)
+        assert time.monotonic() - started < 20
+    finally:
+        dead.stop()
+        await store.close()
+
+
+async def test_unanswering_storage_times_out_instead_of_hanging(unique_name):
+    # A socket that accepts connections (kernel backlog) but never answers: a hung account.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        options = StorageOptions(
+            retry_total=0, connection_timeout=1, read_timeout=30, operation_timeout=1.5
+        )
+        store = BlobReferenceStore(
+            settings_for(_connection_string(port), unique_name("refs")), options=options
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="timed out"):
+                await store.get("msteams/a:1")
+            assert time.monotonic() - started < 5
+        finally:
+            await store.close()
+
+
+async def test_create_reference_store_requires_storage_settings():
+    with pytest.raises(SettingsError) as info:
+        create_reference_store(Settings())
+    assert info.value.setting == "AzureWebJobsStorage"
+    store = create_reference_store(settings_for("UseDevelopmentStorage=true", "refs"))
+    assert isinstance(store, BlobReferenceStore)
+    await store.close()
+
+
+async def test_memory_store_counts_writes():
+    store = MemoryReferenceStore()
+    await store.upsert(reference(activityId="1"))
+    await store.upsert(reference(activityId="2"))
+    await store.upsert(reference(service_url="https://smba.trafficmanager.net/apac/"))
+    await store.delete("msteams/a:1")
+    assert (store.writes, store.deletes) == (2, 1)
+
+
+def _connection_string(port: int) -> str:
+    return f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+
+
+async def test_nothing_listening_raises_store_error():
+    store = BlobReferenceStore(settings_for(_connection_string(free_port()), "refs"), options=FAST)
+    try:
+        with pytest.raises(StoreError):
+            await store.upsert(reference())
+    finally:
+        await store.close()

@@ -1,0 +1,109 @@
+"""AzureWebJobsStorage → async Blob/Queue clients: connection strings, identity, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
+
+from shared.config import SettingsError, StorageSettings
+from shared.storage import (
+    close_client,
+    close_shared_clients,
+    create_blob_service,
+    create_queue_service,
+    get_blob_service,
+    get_queue_service,
+)
+
+
+def storage(**env: str) -> StorageSettings:
+    return StorageSettings.from_env({f"AzureWebJobsStorage{k}": v for k, v in env.items()})
+
+
+@pytest.mark.integration
+async def test_connection_string_clients_reach_azurite(azurite, unique_name):
+    settings = StorageSettings(connection_string=azurite.connection_string)
+    blob, queue = create_blob_service(settings), create_queue_service(settings)
+    try:
+        container = blob.get_container_client(unique_name("c"))
+        await container.create_container()
+        await container.upload_blob("x.json", b"{}")
+        assert await (await container.download_blob("x.json")).readall() == b"{}"
+        queue_client = queue.get_queue_client(unique_name("q"))
+        await queue_client.create_queue()
+        await queue_client.send_message("hello")
+        assert (await queue_client.get_queue_properties()).approximate_message_count == 1
+    finally:
+        await close_client(blob)
+        await close_client(queue)
+
+
+async def test_use_development_storage_points_at_local_azurite():
+    settings = storage(**{"": "UseDevelopmentStorage=true"})
+    blob, queue = create_blob_service(settings), create_queue_service(settings)
+    assert blob.url.startswith("http://127.0.0.1:10000/devstoreaccount1")
+    assert queue.url.startswith("http://127.0.0.1:10001/devstoreaccount1")
+    await close_client(blob)
+    await close_client(queue)
+
+
+async def test_managed_identity_with_client_id():
+    settings = storage(
+        __accountName="botstore", __credential="managedidentity", __clientId="11111111-2222"
+    )
+    blob, queue = create_blob_service(settings), create_queue_service(settings)
+    assert blob.url.startswith("https://botstore.blob.core.windows.net")
+    assert queue.url.startswith("https://botstore.queue.core.windows.net")
+    assert isinstance(blob.credential, ManagedIdentityCredential)
+    await close_client(blob)
+    await close_client(queue)
+
+
+async def test_explicit_service_uris_and_default_credential():
+    settings = storage(
+        __blobServiceUri="https://custom.blob.example.net",
+        __queueServiceUri="https://custom.queue.example.net",
+    )
+    blob, queue = create_blob_service(settings), create_queue_service(settings)
+    assert blob.url.startswith("https://custom.blob.example.net")
+    assert queue.url.startswith("https://custom.queue.example.net")
+    assert isinstance(blob.credential, DefaultAzureCredential)
+    await close_client(blob)
+    await close_client(queue)
+
+
+def test_missing_storage_names_the_setting():
+    with pytest.raises(SettingsError) as info:
+        create_blob_service(StorageSettings())
+    assert info.value.setting == "AzureWebJobsStorage"
+
+
+def test_missing_service_uri_names_the_setting():
+    with pytest.raises(SettingsError) as info:
+        create_blob_service(storage(__queueServiceUri="https://acct.queue.core.windows.net"))
+    assert info.value.setting == "AzureWebJobsStorage__blobServiceUri"
+
+
+def test_identity_over_plain_http_is_a_settings_error():
+    with pytest.raises(SettingsError) as info:
+        create_blob_service(storage(__blobServiceUri="http://127.0.0.1:10000/devstoreaccount1"))
+    assert info.value.setting == "AzureWebJobsStorage__blobServiceUri"
+
+
+def test_malformed_connection_string_does_not_echo_it():
+    secret = "AccountName=x;AccountKey=c2VjcmV0LWtleQ==;garbage"
+    with pytest.raises(SettingsError) as info:
+        create_blob_service(StorageSettings(connection_string=secret))
+    assert info.value.setting == "AzureWebJobsStorage"
+    assert "c2VjcmV0" not in str(info.value)
+
+
+async def test_shared_clients_are_one_per_loop_until_closed():
+    settings = storage(**{"": "UseDevelopmentStorage=true"})
+    first = get_blob_service(settings)
+    assert get_blob_service(settings) is first
+    assert get_queue_service(settings) is get_queue_service(settings)
+    await close_shared_clients()
+    again = get_blob_service(settings)
+    assert again is not first
+    await close_shared_clients()
