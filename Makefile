@@ -37,6 +37,12 @@ test: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
+## Benchmarks (not part of make test): cold start against the two SDKs, and the reference store.
+## Results go to benchmarks/results/.
+bench: setup
+	$(PY) -m benchmarks.cold_start
+	$(PY) -m benchmarks.bench_references
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
