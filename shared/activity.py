@@ -1,13 +1,17 @@
 """Activities on the wire: camelCase JSON dicts, kept as dicts at the edges.
 
 Conversation references follow the Bot Framework spec: the fields a bot needs to
-address a conversation again later (proactive messages).
+address a conversation again later (proactive messages). This module also checks an
+incoming request body (the 400/413/415 rows of DESIGN.md's `POST /api/messages` table)
+and builds outgoing activities (replies, activities addressed by a reference).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 Activity = dict[str, Any]
 ConversationReference = dict[str, Any]
@@ -47,3 +51,223 @@ def conversation_reference(activity: Mapping[str, Any]) -> ConversationReference
     if activity.get("id") and activity.get("type") != "conversationUpdate":
         reference["activityId"] = activity["id"]
     return {k: v for k, v in reference.items() if v is not None}
+
+
+# --- validation of an incoming request body (DESIGN.md, "POST /api/messages") -----------------
+
+
+class InvalidActivity(Exception):
+    """The request cannot be an activity: carries the HTTP status and a short, safe reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# Optional fields that handlers and reply building read: spec A2003 says receivers SHOULD
+# reject values of the wrong type, so a handler never meets e.g. a `from` that is a string.
+# `None` is accepted everywhere as "absent".
+# `value` (invoke and event payloads) may be any JSON value.
+_OBJECT_FIELDS = ("from", "recipient", "channelData", "relatesTo")
+_STRING_FIELDS = (
+    "id",
+    "text",
+    "locale",
+    "name",
+    "action",
+    "replyToId",
+    "deliveryMode",
+    "textFormat",
+    "timestamp",
+    "localTimestamp",
+)
+_LIST_FIELDS = (
+    "membersAdded",
+    "membersRemoved",
+    "reactionsAdded",
+    "reactionsRemoved",
+    "attachments",
+    "entities",
+)
+_MEMBER_LISTS = ("membersAdded", "membersRemoved", "reactionsAdded", "reactionsRemoved")
+
+
+def check_content_type(content_type: str | None) -> None:
+    """415 unless the media type is `application/json` (parameters such as charset allowed)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise InvalidActivity(415, "Content-Type must be application/json")
+
+
+def check_size(content_length: str | None, body: bytes, max_bytes: int) -> None:
+    """413 when the declared or the actual body length is over the limit."""
+    if content_length is not None and content_length.strip():
+        declared = content_length.strip()
+        if not declared.isascii() or not declared.isdigit():
+            raise InvalidActivity(400, "invalid Content-Length")
+        if len(declared) > 18 or int(declared) > max_bytes:
+            raise InvalidActivity(413, "body too large")
+    if len(body) > max_bytes:
+        raise InvalidActivity(413, "body too large")
+
+
+def parse_activity(body: bytes) -> Activity:
+    """Decode a request body into an activity dict; 400 with a short reason when it is not one.
+
+    Unknown fields are kept as they are (spec A2005).
+    """
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidActivity(400, "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidActivity(400, "body must be a JSON object")
+    validate_activity(value)
+    return value
+
+
+def validate_activity(activity: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidActivity` (400) unless the required fields are present and typed."""
+    for name in ("type", "channelId"):
+        if not _non_empty_string(activity.get(name)):
+            raise InvalidActivity(400, f"missing {name}")
+    if not is_http_url(activity.get("serviceUrl")):
+        raise InvalidActivity(400, "missing serviceUrl (an http or https URL)")
+    conversation = activity.get("conversation")
+    if not isinstance(conversation, dict) or not _non_empty_string(conversation.get("id")):
+        raise InvalidActivity(400, "missing conversation.id")
+    for name in _OBJECT_FIELDS:
+        if not isinstance(activity.get(name), dict | None):
+            raise InvalidActivity(400, f"{name} must be an object")
+    for name in _STRING_FIELDS:
+        if not isinstance(activity.get(name), str | None):
+            raise InvalidActivity(400, f"{name} must be a string")
+    for name in _LIST_FIELDS:
+        if not isinstance(activity.get(name), list | None):
+            raise InvalidActivity(400, f"{name} must be an array")
+    for name in _MEMBER_LISTS:
+        if not all(isinstance(item, dict) for item in activity.get(name) or ()):
+            raise InvalidActivity(400, f"{name} must hold objects")
+    for name in ("entities", "attachments"):
+        if not all(isinstance(item, dict) for item in activity.get(name) or ()):
+            raise InvalidActivity(400, f"{name} must hold objects")
+
+
+def is_http_url(value: Any) -> bool:
+    """True for an absolute http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
+    try:
+        parts = urlsplit(value)
+        return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an invalid IPv6 literal or port
+        return False
+
+
+def _non_empty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# --- building outgoing activities ---------------------------------------------------------------
+
+
+def _account(value: Any) -> dict[str, Any] | None:
+    """A channel account reduced to what the channel needs to address it."""
+    if not isinstance(value, Mapping):
+        return None
+    account = {k: value[k] for k in ("id", "name", "role", "aadObjectId") if value.get(k)}
+    return account or None
+
+
+def create_reply(activity: Mapping[str, Any], text: str | None = None) -> Activity:
+    """A message replying to `activity`, per spec.
+
+    `from` and `recipient` are swapped, the conversation is copied, `replyToId` is the incoming
+    id; channel, serviceUrl and locale carry over.
+    """
+    reply: Activity = {
+        "type": "message",
+        "from": _account(activity.get("recipient")),
+        "recipient": _account(activity.get("from")),
+        "conversation": dict(activity.get("conversation") or {}),
+        "channelId": activity.get("channelId"),
+        "serviceUrl": activity.get("serviceUrl"),
+        "replyToId": activity.get("id"),
+        "locale": activity.get("locale"),
+    }
+    if text is not None:
+        reply["text"] = text
+    return {k: v for k, v in reply.items() if v is not None}
+
+
+def apply_conversation_reference(
+    activity: Mapping[str, Any], reference: Mapping[str, Any], *, reply: bool = False
+) -> Activity:
+    """A copy of an outgoing `activity` addressed with `reference`.
+
+    The reference decides where the activity goes (channel, serviceUrl, conversation, bot as
+    sender, user as recipient); the activity's own content is kept. With ``reply=True`` the
+    activity answers the reference's `activityId`. A `locale` only fills a missing one.
+    """
+    outgoing: Activity = dict(activity)
+    outgoing.setdefault("type", "message")
+    for field_name, key in (
+        ("channelId", "channelId"),
+        ("serviceUrl", "serviceUrl"),
+        ("conversation", "conversation"),
+        ("from", "bot"),
+        ("recipient", "user"),
+    ):
+        value = reference.get(key)
+        if value is not None:
+            outgoing[field_name] = dict(value) if isinstance(value, Mapping) else value
+    if reference.get("locale") and not outgoing.get("locale"):
+        outgoing["locale"] = reference["locale"]
+    if reply and reference.get("activityId"):
+        outgoing["replyToId"] = reference["activityId"]
+    return outgoing
+
+
+def as_activity(text_or_activity: str | Mapping[str, Any]) -> Activity:
+    """A message from plain text, or a copy of an activity dict (type defaults to message)."""
+    if isinstance(text_or_activity, str):
+        return {"type": "message", "text": text_or_activity}
+    activity = dict(text_or_activity)
+    activity.setdefault("type", "message")
+    return activity
+
+
+def text_without_bot_mention(activity: Mapping[str, Any]) -> str:
+    """The message text with the bot's own @mention removed (Teams puts `<at>Bot</at>` in it)."""
+    text = activity.get("text") or ""
+    recipient = activity.get("recipient") or {}
+    bot_id = recipient.get("id") if isinstance(recipient, Mapping) else None
+    for entity in activity.get("entities") or ():
+        if not isinstance(entity, Mapping) or entity.get("type") != "mention":
+            continue
+        mentioned = entity.get("mentioned")
+        mention_text = entity.get("text")
+        if (
+            bot_id
+            and isinstance(mentioned, Mapping)
+            and mentioned.get("id") == bot_id
+            and isinstance(mention_text, str)
+            and mention_text
+        ):
+            text = text.replace(mention_text, "")
+    return text.strip()
+
+
+def is_bot_account(account: Any, bot_id: str | None) -> bool:
+    """True when a channel account is the bot (`bot_id`: the activity's `recipient.id`).
+
+    Teams prefixes bot ids with ``28:`` but some payloads omit it, so the prefix is ignored.
+    """
+    if not bot_id or not isinstance(account, Mapping) or not isinstance(account.get("id"), str):
+        return False
+    return account["id"].removeprefix("28:") == bot_id.removeprefix("28:")

@@ -1,0 +1,157 @@
+"""`POST /api/messages`: from an HTTP request to the bot's answer (DESIGN.md's table).
+
+The order is the security boundary: cheap checks of the request first (method, media
+type, size, JSON, required fields), then the token, and only then anything with a side
+effect. A request that fails a check never reaches a handler, never writes storage and
+never makes the bot obtain or send its token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from shared.activity import (
+    Activity,
+    InvalidActivity,
+    check_content_type,
+    check_size,
+    conversation_key,
+    parse_activity,
+)
+from shared.config import SettingsError
+from shared.http import HttpRequest, HttpResponse
+from shared.router import InvokeResponse, Router
+from shared.runtime import Runtime, get_runtime
+from shared.turn import TurnContext
+
+logger = logging.getLogger(__name__)
+
+UNAUTHORIZED = "Unauthorized."  # the one 401 body: the reason is logged, never sent
+SERVER_ERROR = "The bot could not process this activity."
+
+
+@dataclass(slots=True)
+class TurnOutcome:
+    handled: bool = False
+    value: Any = None
+    failed: bool = False
+
+
+async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) -> HttpResponse:
+    """Authenticate, validate and route one activity; answer per DESIGN.md."""
+    try:
+        return await _handle(request, runtime)
+    except Exception as error:  # a bug here must still give the channel a clean answer
+        logger.error("messages: unexpected %s", type(error).__name__, exc_info=error)
+        return HttpResponse.text(500, SERVER_ERROR)
+
+
+async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponse(405, b"", {"Allow": "POST"})
+    if runtime is None:
+        try:
+            runtime = get_runtime()
+        except SettingsError as error:
+            # SettingsError's message names the setting and the problem, never its value.
+            logger.error("messages: bot not configured: %s", error)
+            return HttpResponse.text(500, SERVER_ERROR)
+
+    try:
+        check_content_type(request.header("content-type"))
+        check_size(request.header("content-length"), request.body, runtime.settings.max_body_bytes)
+        activity = parse_activity(request.body)
+    except InvalidActivity as invalid:
+        logger.info("messages: rejected request: %s %s", invalid.status, invalid.reason)
+        return HttpResponse.text(invalid.status, invalid.reason)
+
+    ids = _ids(activity)
+    from shared.auth.inbound import AuthError  # with the authenticator: jwt is imported here
+
+    try:
+        identity = await runtime.authenticator.authenticate(
+            request.header("authorization"), activity
+        )
+    except AuthError as error:
+        # AuthError's message is the internal reason, written without the token.
+        logger.warning("messages: 401 %s: %s", ids, error)
+        return HttpResponse.text(401, UNAUTHORIZED)
+    except Exception as error:  # fail closed: an auth problem is never a 500
+        logger.error("messages: 401 %s: authenticator raised %s", ids, type(error).__name__)
+        return HttpResponse.text(401, UNAUTHORIZED)
+
+    # Spec: callerId is set by the receiver from the verified token; what was sent is discarded.
+    activity.pop("callerId", None)
+    caller_id = runtime.authenticator.caller_id(identity)
+    if caller_id:
+        activity["callerId"] = caller_id
+
+    turn = TurnContext(activity, runtime.connector, identity=identity, settings=runtime.settings)
+    # The reference is recorded beside the turn, not before it: the reply never waits for
+    # a blob write. A shallow copy keeps a handler's edits to the activity out of it.
+    outcome, _ = await asyncio.gather(
+        _run_turn(runtime.router, turn), _record(runtime, dict(activity), ids)
+    )
+    response = _respond(activity, turn, outcome)
+    logger.info("messages: %s %s -> %s", ids, activity["type"], response.status)
+    return response
+
+
+async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
+    try:
+        result = await router.dispatch(turn)
+    except Exception as error:
+        await router.handle_error(turn, error)
+        return TurnOutcome(handled=True, failed=True)
+    return TurnOutcome(handled=result.handled, value=result.value)
+
+
+async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
+    """Add/refresh/remove the conversation reference; a storage failure is only logged."""
+    from shared.lifecycle import record_activity
+    from shared.references import StoreError
+
+    try:
+        await record_activity(runtime.references, activity)
+    except StoreError as error:
+        logger.error("messages: reference not recorded %s: %s", ids, error)
+    except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
+        logger.error("messages: reference not recorded %s: %s", ids, type(error).__name__)
+
+
+def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
+    if outcome.failed:
+        return HttpResponse.text(500, SERVER_ERROR)
+    if turn.expects_replies:
+        return HttpResponse.json(200, {"activities": turn.buffered})
+    if activity["type"] == "invoke":
+        if not outcome.handled:
+            return HttpResponse(501)
+        return _invoke_response(outcome.value, activity)
+    return HttpResponse(200)
+
+
+def _invoke_response(value: Any, activity: Activity) -> HttpResponse:
+    """An invoke handler's return value as the HTTP answer (see Router.invoke)."""
+    response = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
+    if not isinstance(response.status, int) or not 200 <= response.status <= 599:
+        logger.error(
+            "messages: invoke %s returned status %r", activity.get("name"), response.status
+        )
+        return HttpResponse.text(500, SERVER_ERROR)
+    if response.body is None:
+        return HttpResponse(response.status)
+    try:
+        return HttpResponse.json(response.status, response.body)
+    except (TypeError, ValueError):
+        logger.error("messages: invoke %s returned a body that is not JSON", activity.get("name"))
+        return HttpResponse.text(500, SERVER_ERROR)
+
+
+def _ids(activity: Activity) -> str:
+    """What lets an operator follow one activity in the logs (quoted: ids are untrusted)."""
+    key = conversation_key(activity["channelId"], activity["conversation"]["id"])
+    return f"activity={activity.get('id')!r} conversation={key!r}"

@@ -1,0 +1,310 @@
+"""Handler registration and dispatch.
+
+A bot registers async handlers with decorators::
+
+    router = Router()
+
+    @router.message(r"^help\\b")
+    async def help_(turn: TurnContext) -> None:
+        await turn.reply("Try 'weather <city>'.")
+
+    @router.invoke("composeExtension/query")
+    async def search(turn: TurnContext) -> InvokeResponse:
+        return InvokeResponse(200, {"composeExtension": {"type": "result", ...}})
+
+Matching rules, the same for every decorator:
+
+- Routes are tried in registration order and the **first match wins**: exactly one handler
+  runs per activity. Register specific routes before general ones (a catch-all last).
+- Activity types, event names and invoke names compare exactly (spec A2011: ordinal).
+- A handler's return value matters only for invokes (see :meth:`Router.invoke`).
+- An activity no route matches is ignored (spec A2014); an unmatched invoke answers 501.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from shared.activity import is_bot_account
+from shared.turn import TurnContext
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[TurnContext], Awaitable[Any]]
+ErrorHandler = Callable[[TurnContext, BaseException], Awaitable[None]]
+Predicate = Callable[[TurnContext], Any]  # truthy = match; a re.Match is kept on turn.match
+H = TypeVar("H", bound=Callable[..., Any])
+
+APOLOGY = "Sorry, something went wrong on my side. Please try again later."
+
+
+@dataclass(slots=True)
+class InvokeResponse:
+    """The synchronous answer to an invoke: HTTP status and JSON body (None = empty)."""
+
+    status: int
+    body: Any = None
+
+
+@dataclass(slots=True)
+class DispatchResult:
+    """Whether a route matched, and what its handler returned."""
+
+    handled: bool
+    value: Any = None
+
+
+@dataclass(slots=True)
+class Route:
+    predicate: Predicate
+    handler: Callable[[TurnContext], Any]
+    name: str = ""
+
+
+def _of_type(activity_type: str) -> Predicate:
+    return lambda turn: turn.activity.get("type") == activity_type
+
+
+def _channel_data(turn: TurnContext) -> dict[str, Any]:
+    channel_data = turn.activity.get("channelData")
+    return channel_data if isinstance(channel_data, dict) else {}
+
+
+def _includes_bot(members: Any, turn: TurnContext) -> bool:
+    return any(is_bot_account(member, turn.bot_id) for member in members or ())
+
+
+class Router:
+    """Ordered routes from activities to handlers; the first matching route handles a turn."""
+
+    def __init__(self, *, apology: str = APOLOGY) -> None:
+        self.routes: list[Route] = []
+        self.apology = apology  # what a user sees when a handler fails
+        self._on_error: ErrorHandler | None = None
+
+    # --- registration ----------------------------------------------------------------------
+
+    def add(
+        self, predicate: Predicate, handler: Callable[[TurnContext], Any], name: str = ""
+    ) -> None:
+        """Append a route. Later routes only see activities earlier ones did not match."""
+        self.routes.append(Route(predicate, handler, name or getattr(handler, "__name__", "")))
+
+    def on(self, predicate: Predicate) -> Callable[[H], H]:
+        """Register a handler for activities `predicate(turn)` accepts (any custom rule)."""
+
+        def register(handler: H) -> H:
+            self.add(predicate, handler)
+            return handler
+
+        return register
+
+    def activity(self, activity_type: str) -> Callable[[H], H]:
+        """Any activity of this `type` (e.g. ``"message"``, ``"invoke"``, a custom type)."""
+        return self.on(_of_type(activity_type))
+
+    def message(
+        self, pattern: str | re.Pattern[str] | None = None, *, ignore_case: bool = True
+    ) -> Callable[[H], H]:
+        """Messages; with `pattern`, only those whose text it matches.
+
+        The pattern is searched (``re.search``, anchor it with ``^``/``$`` for a whole-text
+        match) in the text without the bot's own @mention, case-insensitively unless
+        ``ignore_case=False``; a compiled pattern is used with its own flags. The match is
+        available to the handler as ``turn.match`` (groups, named groups).
+        """
+        if pattern is None:
+            return self.on(_of_type("message"))
+        if isinstance(pattern, str):
+            pattern = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+        compiled = pattern
+
+        def predicate(turn: TurnContext) -> re.Match[str] | None:
+            if turn.activity.get("type") != "message":
+                return None
+            return compiled.search(turn.text)
+
+        return self.on(predicate)
+
+    def members_added(self) -> Callable[[H], H]:
+        """conversationUpdate adding members other than the bot (``turn.members_added``)."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "conversationUpdate" and bool(turn.members_added)
+            )
+        )
+
+    def bot_added(self) -> Callable[[H], H]:
+        """conversationUpdate adding the bot itself (its id is the activity's `recipient.id`)."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "conversationUpdate"
+                and _includes_bot(turn.activity.get("membersAdded"), turn)
+            )
+        )
+
+    def members_removed(self) -> Callable[[H], H]:
+        """conversationUpdate removing members other than the bot (``turn.members_removed``)."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "conversationUpdate" and bool(turn.members_removed)
+            )
+        )
+
+    def bot_removed(self) -> Callable[[H], H]:
+        """conversationUpdate removing the bot itself from the conversation."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "conversationUpdate"
+                and _includes_bot(turn.activity.get("membersRemoved"), turn)
+            )
+        )
+
+    def teams_event(self, event_type: str) -> Callable[[H], H]:
+        """Teams conversationUpdate with this `channelData.eventType`.
+
+        E.g. ``teamRenamed``, ``teamDeleted``, ``teamArchived``, ``channelCreated``,
+        ``channelRenamed``, ``channelDeleted``, ``teamMemberAdded``.
+        """
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "conversationUpdate"
+                and _channel_data(turn).get("eventType") == event_type
+            )
+        )
+
+    def installation_added(self, *, upgrade: bool | None = None) -> Callable[[H], H]:
+        """installationUpdate `add` (the bot was installed) or `add-upgrade` (app updated).
+
+        ``upgrade=None`` matches both, ``True`` only `add-upgrade`, ``False`` only `add`.
+        """
+        return self.on(self._installation("add", upgrade))
+
+    def installation_removed(self, *, upgrade: bool | None = None) -> Callable[[H], H]:
+        """installationUpdate `remove` (uninstalled) or `remove-upgrade` (app updated).
+
+        ``upgrade=None`` matches both, ``True`` only `remove-upgrade`, ``False`` only `remove`.
+        """
+        return self.on(self._installation("remove", upgrade))
+
+    @staticmethod
+    def _installation(action: str, upgrade: bool | None) -> Predicate:
+        wanted = {
+            None: (action, f"{action}-upgrade"),
+            False: (action,),
+            True: (f"{action}-upgrade",),
+        }[upgrade]
+        return lambda turn: (
+            turn.activity.get("type") == "installationUpdate"
+            and turn.activity.get("action") in wanted
+        )
+
+    def reactions_added(self) -> Callable[[H], H]:
+        """messageReaction with `reactionsAdded` (e.g. a like on a bot message)."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "messageReaction"
+                and bool(turn.activity.get("reactionsAdded"))
+            )
+        )
+
+    def reactions_removed(self) -> Callable[[H], H]:
+        """messageReaction with `reactionsRemoved`."""
+        return self.on(
+            lambda turn: (
+                turn.activity.get("type") == "messageReaction"
+                and bool(turn.activity.get("reactionsRemoved"))
+            )
+        )
+
+    def message_update(self) -> Callable[[H], H]:
+        """A user edited a message (Teams also sends this for undelete)."""
+        return self.activity("messageUpdate")
+
+    def message_delete(self) -> Callable[[H], H]:
+        """A user deleted a message."""
+        return self.activity("messageDelete")
+
+    def event(self, name: str | None = None) -> Callable[[H], H]:
+        """event activities with this `name` (any event when None)."""
+        return self.on(self._named("event", name))
+
+    def invoke(self, name: str | None = None) -> Callable[[H], H]:
+        """invoke activities with this `name` (any invoke when None).
+
+        E.g. ``adaptiveCard/action``, ``composeExtension/query``, ``task/fetch``,
+        ``signin/verifyState``. The handler's return value is the HTTP answer: an
+        :class:`InvokeResponse`, any other value as a 200 JSON body, or None for 200 with an
+        empty body. An invoke no route matches answers 501.
+        """
+        return self.on(self._named("invoke", name))
+
+    @staticmethod
+    def _named(activity_type: str, name: str | None) -> Predicate:
+        return lambda turn: (
+            turn.activity.get("type") == activity_type
+            and (name is None or turn.activity.get("name") == name)
+        )
+
+    def end_of_conversation(self) -> Callable[[H], H]:
+        return self.activity("endOfConversation")
+
+    def typing(self) -> Callable[[H], H]:
+        return self.activity("typing")
+
+    def catch_all(self) -> Callable[[H], H]:
+        """Every activity no earlier route matched, invokes included (register it last)."""
+        return self.on(lambda turn: True)
+
+    def error(self, handler: ErrorHandler) -> ErrorHandler:
+        """Replace the apology sent when a handler raises (the failure is logged either way)."""
+        self._on_error = handler
+        return handler
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    async def dispatch(self, turn: TurnContext) -> DispatchResult:
+        """Run the first route matching `turn`. A handler's exception propagates."""
+        for route in self.routes:
+            matched = route.predicate(turn)
+            if not matched:
+                continue
+            if isinstance(matched, re.Match):
+                turn.match = matched
+            value = route.handler(turn)
+            if inspect.isawaitable(value):
+                value = await value
+            return DispatchResult(True, value)
+        return DispatchResult(False)
+
+    async def handle_error(self, turn: TurnContext, error: BaseException) -> None:
+        """Log a failed turn with its ids and apologise to the user. Never raises.
+
+        The user never sees the exception; the log names the activity and conversation so an
+        operator can find the traceback.
+        """
+        logger.error(
+            "handler failed: activity=%r conversation=%r type=%r error=%s",
+            turn.activity.get("id"),
+            turn.conversation_key,
+            turn.activity.get("type"),
+            type(error).__name__,
+            exc_info=error,
+        )
+        try:
+            if self._on_error is not None:
+                await self._on_error(turn, error)
+            else:
+                await turn.reply(self.apology, buffer=False)
+        except Exception as failure:
+            logger.warning(
+                "could not apologise: activity=%r conversation=%r error=%s",
+                turn.activity.get("id"),
+                turn.conversation_key,
+                type(failure).__name__,
+            )

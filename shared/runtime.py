@@ -1,0 +1,72 @@
+"""The per-process parts the messages endpoint works with, created once and reused.
+
+Warm invocations reuse the authenticator's key cache, the Connector client's HTTP
+session and token, and the reference store's client. Building a :class:`Runtime` does no
+I/O and imports nothing heavy: each part connects (and imports its SDK) on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from shared.auth.inbound import InboundAuthenticator
+    from shared.connector import ConnectorClient
+    from shared.references import ReferenceStore
+    from shared.router import Router
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    authenticator: InboundAuthenticator
+    connector: ConnectorClient
+    references: ReferenceStore
+    router: Router
+
+    @classmethod
+    def create(cls, settings: Settings, router: Router) -> Runtime:
+        """The production parts for `settings` (raises SettingsError for a bad setting)."""
+        from shared.auth.inbound import InboundAuthenticator
+        from shared.auth.tokens import create_token_provider
+        from shared.connector import ConnectorClient
+        from shared.references import create_reference_store
+
+        return cls(
+            settings=settings,
+            authenticator=InboundAuthenticator(settings),
+            connector=ConnectorClient(settings, create_token_provider(settings)),
+            references=create_reference_store(settings),
+            router=router,
+        )
+
+    async def close(self) -> None:
+        await self.authenticator.close()
+        await self.connector.close()
+        await self.references.close()
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The process's runtime: settings from the environment, handlers from shared.bot.
+
+    Built on first use; a failure (e.g. a SettingsError) is raised again at the next call
+    rather than remembered, so fixing the app settings needs no redeploy of code.
+    """
+    global _runtime
+    if _runtime is None:
+        from shared.bot import router
+
+        _runtime = Runtime.create(get_settings(), router)
+    return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the process's runtime (tests and hosts that change the environment)."""
+    global _runtime
+    _runtime = None

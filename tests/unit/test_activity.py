@@ -1,0 +1,247 @@
+"""shared/activity.py: request-body validation, reply building, references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.activity import (
+    InvalidActivity,
+    apply_conversation_reference,
+    as_activity,
+    check_content_type,
+    check_size,
+    conversation_key,
+    conversation_reference,
+    create_reply,
+    is_bot_account,
+    parse_activity,
+    tenant_id,
+    text_without_bot_mention,
+)
+
+SERVICE_URL = "https://smba.trafficmanager.net/amer/"
+
+
+def incoming(**overrides) -> dict:
+    activity = {
+        "type": "message",
+        "id": "act-1",
+        "channelId": "msteams",
+        "serviceUrl": SERVICE_URL,
+        "from": {"id": "29:user", "name": "Ada", "aadObjectId": "aad-1"},
+        "recipient": {"id": "28:bot", "name": "Bot"},
+        "conversation": {"id": "a:conv", "tenantId": "tenant-1", "conversationType": "personal"},
+        "locale": "en-GB",
+        "text": "hello",
+    }
+    activity.update(overrides)
+    return activity
+
+
+def status_of(fn, *args) -> int | None:
+    try:
+        fn(*args)
+    except InvalidActivity as invalid:
+        return invalid.status
+    return None
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", None),
+        ("application/json; charset=utf-8", None),
+        ("Application/JSON ;charset=UTF-8", None),
+        (None, 415),
+        ("", 415),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/jsonp", 415),
+        ("multipart/form-data; boundary=x", 415),
+    ],
+)
+def test_content_type_must_be_json(content_type, status):
+    assert status_of(check_content_type, content_type) == status
+
+
+@pytest.mark.parametrize(
+    ("content_length", "body", "status"),
+    [
+        (None, b"x" * 100, None),
+        ("100", b"x" * 100, None),
+        ("101", b"x" * 100, 413),  # declared length over the limit
+        (None, b"x" * 101, 413),  # actual length over the limit, no header
+        ("10", b"x" * 101, 413),  # header lies: the body still counts
+        ("9" * 5000, b"", 413),  # absurd declared size, no int-parsing crash
+        ("-1", b"", 400),
+        ("ten", b"", 400),
+        ("\u0661\u0660", b"", 400),  # Arabic-Indic digits: isdigit() but not ASCII
+    ],
+)
+def test_body_size_limit_checks_header_and_body(content_length, body, status):
+    assert status_of(check_size, content_length, body, 100) == status
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"{",
+        b"\xff\xfe\x00garbage",
+        b'{"type": NaN}',
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the parser's recursion limit
+        b"1" * 5000,  # integer over Python's digit limit
+    ],
+)
+def test_body_that_is_not_json_is_400(body):
+    with pytest.raises(InvalidActivity) as raised:
+        parse_activity(body)
+    assert raised.value.status == 400
+    assert raised.value.reason == "body is not valid JSON"
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"message"', b"42", b"null", b"true"])
+def test_body_must_be_an_object(body):
+    with pytest.raises(InvalidActivity, match="JSON object"):
+        parse_activity(body)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"type": None}, "missing type"),
+        ({"type": ""}, "missing type"),
+        ({"type": 7}, "missing type"),
+        ({"channelId": None}, "missing channelId"),
+        ({"channelId": ["msteams"]}, "missing channelId"),
+        ({"serviceUrl": None}, "missing serviceUrl"),
+        ({"serviceUrl": "ftp://example.com/"}, "missing serviceUrl"),
+        ({"serviceUrl": "javascript:alert(1)"}, "missing serviceUrl"),
+        ({"serviceUrl": "https://"}, "missing serviceUrl"),
+        ({"serviceUrl": "http://[::1"}, "missing serviceUrl"),
+        ({"serviceUrl": 3}, "missing serviceUrl"),
+        ({"conversation": None}, "missing conversation.id"),
+        ({"conversation": "a:conv"}, "missing conversation.id"),
+        ({"conversation": {"name": "x"}}, "missing conversation.id"),
+        ({"conversation": {"id": 5}}, "missing conversation.id"),
+        ({"from": "29:user"}, "from must be an object"),
+        ({"recipient": []}, "recipient must be an object"),
+        ({"channelData": "x"}, "channelData must be an object"),
+        ({"text": {"a": 1}}, "text must be a string"),
+        ({"id": 12}, "id must be a string"),
+        ({"name": 1}, "name must be a string"),
+        ({"membersAdded": {"id": "x"}}, "membersAdded must be an array"),
+        ({"membersAdded": ["x"]}, "membersAdded must hold objects"),
+        ({"entities": [1]}, "entities must hold objects"),
+    ],
+)
+def test_required_and_typed_fields(change, reason):
+    activity = incoming()
+    for key, value in change.items():
+        if value is None and key in ("type", "channelId", "serviceUrl", "conversation"):
+            del activity[key]
+        else:
+            activity[key] = value
+    with pytest.raises(InvalidActivity) as raised:
+        parse_activity(json.dumps(activity).encode())
+    assert raised.value.status == 400
+    assert raised.value.reason.startswith(reason)
+
+
+def test_valid_body_parses_and_keeps_unknown_fields():
+    activity = incoming(
+        futureField={"nested": [1, 2]},
+        value=[1, "any JSON"],
+        text=None,
+        serviceUrl="http://127.0.0.1:9/",
+    )
+    parsed = parse_activity(json.dumps(activity).encode("utf-8"))
+    assert parsed == activity
+    assert parsed["futureField"] == {"nested": [1, 2]}
+
+
+def test_utf16_body_is_accepted_as_json():
+    # RFC 8259 wants UTF-8, but Python's json detects UTF-16/32; accept rather than 400.
+    activity = incoming(text="héllo ✓")
+    assert parse_activity(json.dumps(activity).encode("utf-16"))["text"] == "héllo ✓"
+
+
+def test_create_reply_swaps_accounts_and_answers_the_incoming_id():
+    reply = create_reply(incoming(), "Echo: hello")
+    assert reply == {
+        "type": "message",
+        "from": {"id": "28:bot", "name": "Bot"},
+        "recipient": {"id": "29:user", "name": "Ada", "aadObjectId": "aad-1"},
+        "conversation": {"id": "a:conv", "tenantId": "tenant-1", "conversationType": "personal"},
+        "channelId": "msteams",
+        "serviceUrl": SERVICE_URL,
+        "replyToId": "act-1",
+        "locale": "en-GB",
+        "text": "Echo: hello",
+    }
+
+
+def test_create_reply_copies_the_conversation():
+    activity = incoming()
+    reply = create_reply(activity)
+    reply["conversation"]["id"] = "changed"
+    assert activity["conversation"]["id"] == "a:conv"
+    assert "text" not in reply
+
+
+def test_apply_reference_addresses_an_outgoing_activity():
+    reference = conversation_reference(incoming())
+    outgoing = apply_conversation_reference(
+        {"type": "message", "text": "hi", "from": {"id": "spoofed"}, "locale": "fr-FR"},
+        reference,
+    )
+    assert outgoing["from"] == {"id": "28:bot", "name": "Bot"}
+    assert outgoing["recipient"]["id"] == "29:user"
+    assert outgoing["conversation"]["id"] == "a:conv"
+    assert outgoing["serviceUrl"] == SERVICE_URL
+    assert outgoing["channelId"] == "msteams"
+    assert outgoing["locale"] == "fr-FR"  # the activity's own locale wins
+    assert "replyToId" not in outgoing
+    replied = apply_conversation_reference({"text": "hi"}, reference, reply=True)
+    assert replied["replyToId"] == "act-1"
+    assert replied["type"] == "message"
+    assert replied["locale"] == "en-GB"
+
+
+def test_conversation_reference_omits_activity_id_for_conversation_update():
+    reference = conversation_reference(incoming(type="conversationUpdate"))
+    assert "activityId" not in reference
+    assert conversation_reference(incoming())["activityId"] == "act-1"
+    assert conversation_key("msteams", "a:conv") == "msteams/a:conv"
+    assert tenant_id(incoming()) == "tenant-1"
+
+
+def test_as_activity():
+    assert as_activity("hi") == {"type": "message", "text": "hi"}
+    card = {"attachments": [{"contentType": "x"}]}
+    assert as_activity(card) == {"type": "message", "attachments": [{"contentType": "x"}]}
+    assert "type" not in card  # the caller's dict is not changed
+
+
+def test_bot_mention_is_removed_from_text_but_other_mentions_stay():
+    activity = incoming(
+        text="<at>Bot</at> weather <at>Ada</at>",
+        entities=[
+            {"type": "mention", "mentioned": {"id": "28:bot"}, "text": "<at>Bot</at>"},
+            {"type": "mention", "mentioned": {"id": "29:user"}, "text": "<at>Ada</at>"},
+            {"type": "clientInfo", "locale": "en-GB"},
+        ],
+    )
+    assert text_without_bot_mention(activity) == "weather <at>Ada</at>"
+    assert text_without_bot_mention(incoming(text=None)) == ""
+
+
+def test_is_bot_account():
+    assert is_bot_account({"id": "28:bot"}, "28:bot")
+    assert is_bot_account({"id": "bot"}, "28:bot")  # Teams sometimes drops the prefix
+    assert not is_bot_account({"id": "29:bot"}, "28:bot")
+    assert not is_bot_account({"id": "28:bot"}, None)
+    assert not is_bot_account("28:bot", "28:bot")

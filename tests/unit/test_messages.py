@@ -1,0 +1,487 @@
+"""shared/messages.py: POST /api/messages end to end in-process, against botsim.
+
+Real parts throughout: tokens minted by botsim's identity services and checked against
+their JWKS over HTTP, the bot's own token from the fake AAD (HTTPS, through MSAL), replies
+sent over HTTP to botsim's FakeConnector, references in the in-memory store (the Blob store
+is exercised in tests/integration/test_messages_e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.auth.inbound import InboundAuthenticator
+from shared.auth.tokens import create_token_provider
+from shared.bot import router as shipped_router
+from shared.config import reset_settings
+from shared.connector import ConnectorClient
+from shared.http import HttpRequest, HttpResponse
+from shared.messages import SERVER_ERROR, UNAUTHORIZED, handle_messages
+from shared.references import MemoryReferenceStore, StoreError
+from shared.router import APOLOGY, InvokeResponse, Router
+from shared.runtime import Runtime, reset_runtime
+from tools.botsim.connector import FakeConnector
+
+ROOT = Path(__file__).resolve().parents[2]
+CHANNEL = "msteams"
+CONVERSATION = "a:1Xy-conversation"
+
+
+def activity_for(service_url: str, **fields) -> dict:
+    value = {
+        "type": "message",
+        "id": "1700000000001",
+        "channelId": CHANNEL,
+        "serviceUrl": service_url,
+        "from": {"id": "29:user-1", "name": "Ada", "aadObjectId": "aad-user-1"},
+        "recipient": {"id": "28:bot", "name": "Bot"},
+        "conversation": {"id": CONVERSATION, "conversationType": "personal", "tenantId": "t-1"},
+        "channelData": {"tenant": {"id": "t-1"}},
+        "locale": "en-US",
+        "text": "hello there",
+    }
+    value.update(fields)
+    return value
+
+
+def post(
+    activity: dict | None = None,
+    token: str | None = None,
+    *,
+    body: bytes | None = None,
+    content_type: str = "application/json; charset=utf-8",
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> HttpRequest:
+    all_headers = {"Content-Type": content_type}
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    all_headers.update(headers or {})
+    payload = json.dumps(activity).encode() if body is None else body
+    return HttpRequest.create(method, all_headers, payload, "http://127.0.0.1/api/messages")
+
+
+async def stored_keys(store: MemoryReferenceStore) -> list[str]:
+    return [item.key for item in (await store.list()).items]
+
+
+class Bot:
+    """The bot under test: settings pointing at botsim, its runtime and store."""
+
+    def __init__(self, settings, connector_url: str, router: Router) -> None:
+        self.settings = settings
+        self.connector_url = connector_url
+        self.store = MemoryReferenceStore()
+        self.runtime = Runtime(
+            settings=settings,
+            authenticator=InboundAuthenticator(settings),
+            connector=ConnectorClient(settings, create_token_provider(settings)),
+            references=self.store,
+            router=router,
+        )
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        return await handle_messages(request, self.runtime)
+
+
+@pytest.fixture
+def attacker() -> FakeConnector:
+    """A second Connector, playing a server the attacker wants the bot's token sent to."""
+    with FakeConnector() as server:
+        yield server
+
+
+@pytest.fixture
+def bot_settings(aad_app, identity_env, fake_connector, attacker):
+    # The attacker's URL is even trusted for outbound calls: only inbound auth may stop it.
+    return aad_app.settings(
+        **identity_env, BOT_TRUSTED_SERVICE_URLS=f"{fake_connector.url},{attacker.url}"
+    )
+
+
+@pytest.fixture
+async def make_bot(bot_settings, fake_connector):
+    bots: list[Bot] = []
+
+    def make(router: Router = shipped_router) -> Bot:
+        bot = Bot(bot_settings, fake_connector.url, router)
+        bots.append(bot)
+        return bot
+
+    yield make
+    for bot in bots:
+        await bot.runtime.close()
+
+
+@pytest.fixture
+async def bot(make_bot) -> Bot:
+    return make_bot()
+
+
+def channel_token(channel_identity, bot: Bot, service_url: str | None = None, **kwargs) -> str:
+    return channel_identity.mint_channel_token(
+        bot.settings.app_id, service_url or bot.connector_url, **kwargs
+    )
+
+
+# --- valid tokens: the echo reaches the Connector with the bot's token ----------------------
+
+
+async def test_channel_token_gets_the_echo_with_the_bots_token(
+    bot, channel_identity, fake_connector, fake_aad
+):
+    incoming = activity_for(fake_connector.url)
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+
+    assert (response.status, response.body) == (200, b"")
+    [sent] = fake_connector.requests
+    assert sent.operation == "replyToActivity"
+    assert sent.params == {"conversationId": CONVERSATION, "activityId": incoming["id"]}
+    assert sent.json["text"] == "Echo: hello there"
+    assert sent.json["replyToId"] == incoming["id"]
+    assert sent.json["recipient"]["id"] == "29:user-1"
+    assert sent.json["from"]["id"] == "28:bot"
+    [issued] = fake_aad.issuances
+    assert sent.authorization == f"Bearer {issued.token}"
+    assert fake_aad.is_valid_token(issued.token)
+    assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+async def test_emulator_token_gets_the_echo(
+    bot, emulator_identity, fake_connector, fake_aad, version
+):
+    incoming = activity_for(fake_connector.url, channelId="emulator")
+    token = emulator_identity.mint_emulator_token(bot.settings.app_id, version=version)
+    response = await bot.handle(post(incoming, token))
+
+    assert response.status == 200
+    [sent] = fake_connector.requests
+    assert sent.json["text"] == "Echo: hello there"
+    assert fake_aad.is_valid_token(sent.authorization.removeprefix("Bearer "))
+    assert await stored_keys(bot.store) == [f"emulator/{CONVERSATION}"]
+
+
+async def test_welcome_for_members_added_but_not_for_the_bot(bot, channel_identity, fake_connector):
+    token = channel_token(channel_identity, bot)
+    user_joined = activity_for(
+        fake_connector.url, type="conversationUpdate", membersAdded=[{"id": "29:u2", "name": "Bo"}]
+    )
+    bot_joined = activity_for(
+        fake_connector.url, type="conversationUpdate", membersAdded=[{"id": "28:bot"}]
+    )
+    for incoming in (user_joined, bot_joined):
+        del incoming["text"]
+        assert (await bot.handle(post(incoming, token))).status == 200
+
+    [sent] = fake_connector.requests
+    assert sent.operation == "sendToConversation"  # a conversationUpdate is not replied to
+    assert "Welcome, Bo!" in sent.json["text"]
+
+
+async def test_caller_id_is_set_from_the_token_not_the_body(
+    make_bot, channel_identity, emulator_identity, fake_connector
+):
+    router = Router()
+    seen: list[str | None] = []
+    router.catch_all()(lambda turn: seen.append(turn.activity.get("callerId")))
+    bot = make_bot(router)
+    forged = activity_for(fake_connector.url, callerId="urn:botframework:aadappid:forged")
+
+    await bot.handle(post(forged, channel_token(channel_identity, bot)))
+    emulator = dict(forged, channelId="emulator")
+    await bot.handle(post(emulator, emulator_identity.mint_emulator_token(bot.settings.app_id)))
+
+    assert seen == ["urn:botframework:azure", None]
+
+
+# --- authentication failures: 401, one body, no side effects -------------------------------
+
+
+def _broken(kind: str):
+    return lambda ids, bot, url: ids.mint_broken(kind, bot.settings.app_id, url)
+
+
+FAILURES = {
+    "missing header": lambda ids, bot, url: None,
+    "garbage": _broken("garbage"),
+    "alg none": _broken("alg_none"),
+    "hs256 with the public key": _broken("hs256_public_key"),
+    "key not in the jwks": _broken("unpublished_key"),
+    "unknown kid": _broken("unknown_kid"),
+    "wrong aud": lambda ids, bot, url: ids.mint_channel_token("another-app", url),
+    "wrong iss": lambda ids, bot, url: ids.mint_channel_token(
+        bot.settings.app_id, url, issuer="https://api.botframework.evil"
+    ),
+    "expired beyond skew": lambda ids, bot, url: ids.mint_channel_token(
+        bot.settings.app_id, url, exp=time.time() - 301 - 5
+    ),
+    "no serviceurl claim": lambda ids, bot, url: ids.mint_channel_token(bot.settings.app_id, None),
+    "nbf in the future": lambda ids, bot, url: ids.mint_channel_token(
+        bot.settings.app_id, url, nbf=time.time() + 301 + 60
+    ),
+    "no exp": lambda ids, bot, url: ids.mint_channel_token(bot.settings.app_id, url, drop=["exp"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_auth_failures_are_401_without_side_effects(
+    bot, channel_identity, fake_connector, fake_aad, case
+):
+    token = FAILURES[case](channel_identity, bot, fake_connector.url)
+    response = await bot.handle(post(activity_for(fake_connector.url), token))
+    await _assert_rejected(response, bot, fake_connector, fake_aad)
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "bearer  ", "Token abc"])
+async def test_non_bearer_headers_are_401(bot, fake_connector, fake_aad, header):
+    request = post(activity_for(fake_connector.url), headers={"Authorization": header})
+    await _assert_rejected(await bot.handle(request), bot, fake_connector, fake_aad)
+
+
+async def test_serviceurl_claim_must_match_the_activity(
+    bot, channel_identity, fake_connector, attacker, fake_aad
+):
+    # A genuine token for the real serviceUrl, replayed with an activity pointing elsewhere.
+    token = channel_token(channel_identity, bot, fake_connector.url)
+    response = await bot.handle(post(activity_for(attacker.url), token))
+    await _assert_rejected(response, bot, fake_connector, fake_aad)
+    assert attacker.requests == []
+
+
+async def test_channel_not_endorsed_by_the_signing_key(
+    bot, channel_identity, fake_connector, fake_aad
+):
+    token = channel_token(channel_identity, bot)
+    incoming = activity_for(fake_connector.url, channelId="not-endorsed")
+    await _assert_rejected(await bot.handle(post(incoming, token)), bot, fake_connector, fake_aad)
+
+
+async def test_token_with_an_app_id_but_no_header_in_unauthenticated_mode_is_401(
+    make_bot, fake_connector, fake_aad
+):
+    bot = make_bot()  # MicrosoftAppId is set: a missing token is always 401
+    await _assert_rejected(
+        await bot.handle(post(activity_for(fake_connector.url))), bot, fake_connector, fake_aad
+    )
+
+
+async def _assert_rejected(response, bot, fake_connector, fake_aad) -> None:
+    assert response.status == 401
+    assert response.body == UNAUTHORIZED.encode()
+    assert fake_connector.requests == []
+    assert await stored_keys(bot.store) == []
+    assert fake_aad.issuances == []
+
+
+# --- malformed requests: the designed 4xx, nothing sent or written --------------------------
+
+MALFORMED = {
+    "not json": (415, {"content_type": "text/plain"}),
+    "form": (415, {"content_type": "application/x-www-form-urlencoded"}),
+    "no content type": (415, {"content_type": ""}),
+    "over the limit": (413, {"body": b'{"type":"message","text":"' + b"x" * (1 << 20) + b'"}'}),
+    "content-length over the limit": (413, {"headers": {"Content-Length": str(2 << 20)}}),
+    "broken json": (400, {"body": b'{"type": "message",'}),
+    "array": (400, {"body": b"[]"}),
+    "no type": (400, {"drop": "type"}),
+    "no channelId": (400, {"drop": "channelId"}),
+    "no serviceUrl": (400, {"drop": "serviceUrl"}),
+    "no conversation": (400, {"drop": "conversation"}),
+    "ftp serviceUrl": (400, {"fields": {"serviceUrl": "ftp://127.0.0.1/"}}),
+    "conversation without id": (400, {"fields": {"conversation": {"name": "x"}}}),
+    "from is a string": (400, {"fields": {"from": "29:user"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_requests_get_the_designed_status(
+    bot, channel_identity, fake_connector, fake_aad, case
+):
+    status, how = MALFORMED[case]
+    incoming = activity_for(fake_connector.url, **how.get("fields", {}))
+    incoming.pop(how.get("drop", ""), None)
+    request = post(
+        incoming,
+        channel_token(channel_identity, bot),  # a valid token does not make it acceptable
+        body=how.get("body"),
+        content_type=how.get("content_type", "application/json"),
+        headers=how.get("headers"),
+    )
+    response = await bot.handle(request)
+    assert response.status == status
+    assert fake_connector.requests == []
+    assert await stored_keys(bot.store) == []
+    assert fake_aad.issuances == []
+    assert channel_identity.jwks_requests == 0  # rejected before the token was even looked at
+
+
+async def test_get_is_405(bot, fake_connector):
+    response = await bot.handle(post(activity_for(fake_connector.url), method="GET"))
+    assert response.status == 405
+    assert fake_connector.requests == []
+
+
+# --- routing outcomes in the HTTP answer ----------------------------------------------------
+
+
+async def test_invoke_answers_come_back_in_the_response(make_bot, channel_identity, fake_connector):
+    router = Router()
+
+    @router.invoke("adaptiveCard/action")
+    async def card(turn):
+        return InvokeResponse(200, {"statusCode": 200, "value": turn.activity["value"]["x"]})
+
+    @router.invoke("composeExtension/query")
+    async def query(turn):
+        return {"composeExtension": {"type": "result", "attachments": []}}
+
+    bot = make_bot(router)
+    token = channel_token(channel_identity, bot)
+    card_action = activity_for(
+        fake_connector.url, type="invoke", name="adaptiveCard/action", value={"x": "ok"}
+    )
+    response = await bot.handle(post(card_action, token))
+    assert response.status == 200
+    assert json.loads(response.body) == {"statusCode": 200, "value": "ok"}
+    assert response.headers["Content-Type"].startswith("application/json")
+
+    query_invoke = activity_for(fake_connector.url, type="invoke", name="composeExtension/query")
+    response = await bot.handle(post(query_invoke, token))
+    assert json.loads(response.body)["composeExtension"]["type"] == "result"
+
+    unknown = activity_for(fake_connector.url, type="invoke", name="task/fetch")
+    response = await bot.handle(post(unknown, token))
+    assert (response.status, response.body) == (501, b"")
+    assert fake_connector.requests == []
+
+
+async def test_unknown_activity_types_are_200(bot, channel_identity, fake_connector):
+    incoming = activity_for(fake_connector.url, type="somethingFromTheFuture")
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+    assert (response.status, response.body) == (200, b"")
+    assert fake_connector.requests == []
+
+
+async def test_expect_replies_returns_the_buffered_activities(
+    bot, channel_identity, fake_connector
+):
+    incoming = activity_for(fake_connector.url, deliveryMode="expectReplies")
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+    assert response.status == 200
+    [reply] = json.loads(response.body)["activities"]
+    assert reply["text"] == "Echo: hello there"
+    assert reply["replyToId"] == incoming["id"]
+    assert fake_connector.requests == []
+
+
+async def test_raising_handler_apologises_and_answers_500(
+    make_bot, channel_identity, fake_connector, fake_aad, caplog
+):
+    router = Router()
+
+    @router.message()
+    async def broken(turn):
+        raise RuntimeError("database password is hunter2")
+
+    bot = make_bot(router)
+    incoming = activity_for(fake_connector.url)
+    with caplog.at_level(logging.ERROR):
+        response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+
+    assert response.status == 500
+    assert response.body == SERVER_ERROR.encode()
+    [apology] = fake_connector.requests
+    assert apology.json["text"] == APOLOGY
+    assert apology.json["replyToId"] == incoming["id"]
+    assert apology.authorization == f"Bearer {fake_aad.issuances[0].token}"
+    assert f"activity='{incoming['id']}'" in caplog.text
+    assert f"{CHANNEL}/{CONVERSATION}" in caplog.text
+    assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
+
+
+class GatedFailingStore(MemoryReferenceStore):
+    """The memory store, except that a write waits until the reply has reached the
+    Connector and then fails like a storage outage: proves the write runs beside the turn
+    and its failure does not change the answer."""
+
+    def __init__(self, connector: FakeConnector) -> None:
+        super().__init__()
+        self.connector = connector
+        self.reply_arrived_first: bool | None = None
+
+    async def upsert(self, reference, *, team_id=None, refresh=False) -> bool:
+        try:
+            await self.connector.wait_for(lambda requests: requests, timeout=3)
+            self.reply_arrived_first = True
+        except TimeoutError:  # the pipeline waited for this write before replying
+            self.reply_arrived_first = False
+        raise StoreError("reference store: write failed (simulated outage)")
+
+
+async def test_reference_write_neither_delays_nor_breaks_the_reply(
+    bot, channel_identity, fake_connector, caplog
+):
+    store = GatedFailingStore(fake_connector)
+    bot.runtime.references = store
+    with caplog.at_level(logging.ERROR):
+        response = await bot.handle(
+            post(activity_for(fake_connector.url), channel_token(channel_identity, bot))
+        )
+    assert response.status == 200
+    assert fake_connector.activities[0]["text"] == "Echo: hello there"
+    assert store.reply_arrived_first is True
+    assert "reference not recorded" in caplog.text
+
+
+async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch, caplog):
+    for name in ("MicrosoftAppId", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    reset_settings()
+    reset_runtime()
+    try:
+        with caplog.at_level(logging.ERROR):
+            response = await handle_messages(post(activity_for("https://example.com/")))
+    finally:
+        reset_settings()
+        reset_runtime()
+    assert response.status == 500
+    assert response.body == SERVER_ERROR.encode()
+    assert "MicrosoftAppId" in caplog.text
+
+
+def test_building_the_runtime_is_cheap():
+    """get_runtime() reads settings and builds clients without importing MSAL or the
+    storage SDK, and without any I/O (the storage account below does not exist)."""
+    script = (
+        "import sys;"
+        "from shared.runtime import get_runtime;"
+        "runtime = get_runtime();"
+        "heavy = [m for m in ('msal', 'azure.storage.blob', 'azure.identity') if m in sys.modules];"
+        "print(type(runtime.references).__name__, heavy)"
+    )
+    env = {
+        "MicrosoftAppId": "app",
+        "MicrosoftAppPassword": "secret",
+        "AzureWebJobsStorage": "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;",
+        "PATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "BlobReferenceStore []"
