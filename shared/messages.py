@@ -8,7 +8,6 @@ never makes the bot obtain or send its token.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -90,11 +89,13 @@ async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse
         activity["callerId"] = caller_id
 
     turn = TurnContext(activity, runtime.connector, identity=identity, settings=runtime.settings)
-    # The reference is recorded beside the turn, not before it: the reply never waits for
-    # a blob write. A shallow copy keeps a handler's edits to the activity out of it.
-    outcome, _ = await asyncio.gather(
-        _run_turn(runtime.router, turn), _record(runtime, dict(activity), ids)
-    )
+    # The reference is recorded after the turn, never before or beside it: the reply waits
+    # neither for a blob write nor, on a cold start, for the storage SDK's import (which
+    # would hold the event loop while the reply is in flight). A shallow copy keeps a
+    # handler's edits to the activity out of the reference.
+    recorded = dict(activity)
+    outcome = await _run_turn(runtime.router, turn)
+    await _record(runtime, recorded, ids)
     response = _respond(activity, turn, outcome)
     logger.info("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response

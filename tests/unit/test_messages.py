@@ -409,8 +409,8 @@ async def test_raising_handler_apologises_and_answers_500(
 
 class GatedFailingStore(MemoryReferenceStore):
     """The memory store, except that a write waits until the reply has reached the
-    Connector and then fails like a storage outage: proves the write runs beside the turn
-    and its failure does not change the answer."""
+    Connector and then fails like a storage outage: proves the reply does not wait for the
+    write and the write's failure does not change the answer."""
 
     def __init__(self, connector: FakeConnector) -> None:
         super().__init__()
