@@ -9,14 +9,7 @@ with real `azure.functions` request objects, as the Functions worker does.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import azure.functions as func
 import pytest
@@ -24,19 +17,11 @@ import pytest
 from shared.config import Settings, reset_settings
 from shared.references import BlobReferenceStore
 from shared.runtime import get_runtime, reset_runtime
+from tests.fixtures.devhost import DevHost
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 30.0
-DEVHOST = (sys.executable, "-m", "tools.devhost")
 CONVERSATION = "19:meeting_abc@thread.v2"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def message(service_url: str, text: str = "hello from e2e") -> dict:
@@ -77,57 +62,6 @@ async def stored_reference(env: dict[str, str], key: str):
 
 
 # --- through the local host --------------------------------------------------------------------
-
-
-class DevHost:
-    """`python -m tools.devhost --port N` from the repo root, serving messages_function."""
-
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.port = free_port()
-        self.log_path = logs / f"devhost-{self.port}.log"
-        keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [*DEVHOST, "--port", str(self.port), "--functions", "messages_function"],
-                cwd=ROOT,
-                env={**keep, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_started(self) -> DevHost:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"devhost exited with {self.process.returncode}:\n{self.log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail(f"devhost did not start:\n{self.log}")
-
-    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("POST", "/api/messages", body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -1,0 +1,116 @@
+"""Proactive delivery: one queue message, one send (DESIGN.md, "Proactive queue message").
+
+This is the delivery core the proactive engine builds on. It sends to the two targets
+that name one known conversation, `{"conversation": "<key>"}` (a stored reference) and
+`{"reference": {...}}`, and keeps the store honest: a conversation the channel says is
+gone is pruned, not retried. Anything that may succeed later (storage down, throttled or
+transient Connector errors) raises, so the queue redelivers the message instead of
+losing it. `user` and `broadcast` targets, idempotency by `id` and delivery reports come
+with the proactive engine; until then such a request is refused with a clear reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from shared.activity import apply_conversation_reference, as_activity, conversation_key
+from shared.connector import ConnectorError, ErrorKind
+from shared.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """The queue message is not a proactive request this bot can deliver."""
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    PRUNED = "pruned"  # the channel said the conversation is gone; its reference was removed
+    UNKNOWN = "unknown"  # no stored reference for the conversation key
+
+
+@dataclass(frozen=True, slots=True)
+class ProactiveRequest:
+    id: str
+    key: str | None  # the conversation key, for a stored-reference target
+    reference: Mapping[str, Any] | None  # an explicit reference target
+    activity: dict[str, Any]
+
+
+def parse_request(body: bytes | str) -> ProactiveRequest:
+    """Validate a queue message body; raises InvalidRequest with a short reason."""
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the message is not JSON") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("the message is not a JSON object")
+    request_id = message.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidRequest("`id` must be a non-empty string")
+
+    if isinstance(message.get("activity"), dict):
+        activity = as_activity(message["activity"])
+    elif isinstance(message.get("text"), str) and message["text"]:
+        activity = as_activity(message["text"])
+    else:
+        raise InvalidRequest("one of `activity` (an object) or `text` is required")
+
+    target = message.get("to")
+    if not isinstance(target, dict) or len(target) != 1:
+        raise InvalidRequest("`to` must be an object with exactly one target")
+    if isinstance(target.get("conversation"), str) and "/" in target["conversation"]:
+        return ProactiveRequest(request_id, target["conversation"], None, activity)
+    if isinstance(target.get("reference"), dict):
+        reference = target["reference"]
+        conversation = reference.get("conversation")
+        if (
+            not isinstance(reference.get("serviceUrl"), str)
+            or not isinstance(reference.get("channelId"), str)
+            or not isinstance(conversation, dict)
+            or not isinstance(conversation.get("id"), str)
+        ):
+            raise InvalidRequest("`to.reference` needs serviceUrl, channelId and conversation.id")
+        key = conversation_key(reference["channelId"], conversation["id"])
+        return ProactiveRequest(request_id, key, reference, activity)
+    kind = next(iter(target))
+    if kind in ("user", "broadcast"):
+        raise InvalidRequest(f"`to.{kind}` is not supported by this version")
+    raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
+    """Send one proactive request. Raises what a retry may fix (StoreError, ConnectorError)."""
+    request = parse_request(body)
+    reference = request.reference
+    if reference is None:
+        stored = await runtime.references.get(request.key)  # StoreError → redelivery
+        if stored is None:
+            logger.warning("proactive %s: no stored reference for %s", request.id, request.key)
+            return Outcome.UNKNOWN
+        reference = stored.reference
+
+    activity = apply_conversation_reference(request.activity, reference)
+    try:
+        await runtime.connector.send_to_conversation(
+            reference["serviceUrl"], reference["conversation"]["id"], activity
+        )
+    except ConnectorError as error:
+        if error.kind is not ErrorKind.GONE:
+            raise
+        await runtime.references.delete(request.key)
+        logger.info(
+            "proactive %s: conversation %s is gone (%s); reference pruned",
+            request.id,
+            request.key,
+            error.code or error.status,
+        )
+        return Outcome.PRUNED
+    logger.info("proactive %s: delivered to %s", request.id, request.key)
+    return Outcome.DELIVERED

@@ -1,0 +1,118 @@
+"""`make chat`: a person's lines reach the locally running bot and its answers are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+import time
+
+import pytest
+from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+
+from shared.config import Settings
+from shared.references import BlobReferenceStore
+from tests.fixtures.devhost import DevHost, free_port
+from tools.botsim import chat
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def local_bot(azurite, unique_name, tmp_path):
+    """The bot as `make run` starts it: local unauthenticated mode, trusting the chat's port."""
+    port = free_port()
+    env = {
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_TRUSTED_SERVICE_URLS": f"http://127.0.0.1:{port}",
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
+    }
+    host = DevHost(env, tmp_path).wait_started()
+    try:
+        yield host, port
+    finally:
+        host.stop()
+
+
+def test_chat_prints_the_welcome_and_the_echo(local_bot):
+    host, port = local_bot
+    out = io.StringIO()
+
+    code = chat.main(
+        ["--bot", f"{host.url}/api/messages", "--port", str(port)],
+        stdin=io.StringIO("hello bot\n\nsecond line\n"),
+        out=out,
+    )
+
+    printed = out.getvalue()
+    assert code == 0, printed + host.log
+    assert "bot (send)> " in printed  # the welcome, sent to the conversation
+    assert "bot (reply)> Echo: hello bot" in printed
+    assert "bot (reply)> Echo: second line" in printed
+    assert "answered HTTP" not in printed  # every line got a 200
+
+
+def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp_path):
+    """A proactive send queued while the person is still typing shows up in the chat."""
+    port, queue = free_port(), unique_name("proactive")
+    env = {
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_TRUSTED_SERVICE_URLS": f"http://127.0.0.1:{port}",
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
+        "BOT_PROACTIVE_QUEUE": queue,
+    }
+    host = DevHost(env, tmp_path, functions=("messages_function", "proactive_function"))
+    host.wait_started()
+    read_end, write_end = os.pipe()
+    out = io.StringIO()
+    thread = threading.Thread(
+        target=chat.main,
+        args=(["--bot", f"{host.url}/api/messages", "--port", str(port)], os.fdopen(read_end), out),
+    )
+    thread.start()
+    try:
+        with os.fdopen(write_end, "w") as typed:
+            typed.write("hi\n")
+            typed.flush()
+            wait_until(lambda: "Echo: hi" in out.getvalue(), "the echo")
+            key = asyncio.run(only_reference(env))
+            QueueClient.from_connection_string(
+                azurite.connection_string, queue, message_encode_policy=TextBase64EncodePolicy()
+            ).send_message(json.dumps({"id": "p-1", "to": {"conversation": key}, "text": "ping"}))
+            wait_until(lambda: "bot (send)> ping" in out.getvalue(), "the proactive message")
+    finally:
+        thread.join(timeout=30)
+        host.stop()
+    assert not thread.is_alive()
+
+
+async def only_reference(env: dict[str, str]) -> str:
+    store = BlobReferenceStore(Settings.from_env(env))
+    try:
+        [stored] = (await store.list(channel_id="botsim")).items
+        return stored.key
+    finally:
+        await store.close()
+
+
+def wait_until(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_chat_says_when_no_bot_answers():
+    out = io.StringIO()
+    code = chat.main(
+        ["--bot", f"http://127.0.0.1:{free_port()}/api/messages", "--port", str(free_port())],
+        stdin=io.StringIO("hello\n"),
+        out=out,
+    )
+    assert code == 1
+    assert "make run" in out.getvalue()
