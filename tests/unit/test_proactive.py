@@ -1,0 +1,310 @@
+"""shared/proactive.py: one queue message, one send, against the FakeConnector over HTTP.
+
+The bot's token comes from the fake AAD (HTTPS, through MSAL); references live in the
+in-memory store (the Blob store is exercised in tests/integration/test_proactive_e2e.py).
+What is checked is what a user or operator would notice: what reached the Connector (and
+with which token), what the store holds afterwards, and what `deliver` raised or returned.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from shared.auth.inbound import InboundAuthenticator
+from shared.auth.tokens import create_token_provider
+from shared.connector import ConnectorClient, ConnectorError, ErrorKind, RetryPolicy
+from shared.proactive import InvalidRequest, Outcome, deliver, parse_request
+from shared.references import MemoryReferenceStore
+from shared.router import Router
+from shared.runtime import Runtime
+from tools.botsim.connector import FakeConnector, Reply
+
+CONVERSATION = "a:1Xy-personal;with/odd@chars"
+KEY = f"msteams/{CONVERSATION}"
+OTHER = "19:kept@thread.v2"
+FAST_RETRY = RetryPolicy(max_attempts=3, max_total_seconds=2.0, base_delay=0.01, max_delay=0.02)
+
+
+def reference_for(service_url: str, conversation_id: str = CONVERSATION) -> dict[str, Any]:
+    return {
+        "channelId": "msteams",
+        "serviceUrl": service_url,
+        "conversation": {"id": conversation_id, "conversationType": "personal", "tenantId": "t-1"},
+        "bot": {"id": "28:bot", "name": "Bot"},
+        "user": {"id": "29:user-1", "name": "Ada", "aadObjectId": "aad-user-1"},
+        "locale": "en-US",
+        "activityId": "1700000000001",
+    }
+
+
+def request(to: Any, **content: Any) -> str:
+    return json.dumps({"id": "req-1", "to": to, **(content or {"text": "hello"})})
+
+
+@pytest.fixture
+def attacker() -> FakeConnector:
+    """A Connector the bot does not trust: it must never receive anything."""
+    with FakeConnector() as server:
+        yield server
+
+
+@pytest.fixture
+async def runtime(aad_app, fake_connector):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    store = MemoryReferenceStore()
+    await store.upsert(reference_for(fake_connector.url))
+    await store.upsert(reference_for(fake_connector.url, OTHER))
+    runtime = Runtime(
+        settings=settings,
+        authenticator=InboundAuthenticator(settings),
+        connector=ConnectorClient(settings, create_token_provider(settings), retry=FAST_RETRY),
+        references=store,
+        router=Router(),
+    )
+    yield runtime
+    await runtime.close()
+
+
+async def stored_keys(runtime: Runtime) -> list[str]:
+    return sorted(item.key for item in (await runtime.references.list()).items)
+
+
+# --- delivered -------------------------------------------------------------------------------
+
+
+async def test_text_reaches_the_stored_conversation_addressed_from_the_reference(
+    runtime, fake_connector, fake_aad
+):
+    outcome = await deliver(request({"conversation": KEY}, text="hello"), runtime)
+
+    assert outcome is Outcome.DELIVERED
+    [sent] = fake_connector.requests
+    assert sent.operation == "sendToConversation"
+    assert sent.params == {"conversationId": CONVERSATION}
+    assert sent.json["type"] == "message"
+    assert sent.json["text"] == "hello"
+    assert sent.json["from"] == {"id": "28:bot", "name": "Bot"}
+    assert sent.json["recipient"]["id"] == "29:user-1"
+    assert sent.json["conversation"]["id"] == CONVERSATION
+    assert sent.json["serviceUrl"] == fake_connector.url
+    assert sent.json["channelId"] == "msteams"
+    assert "replyToId" not in sent.json  # proactive: a new message, not a reply
+    assert fake_aad.is_valid_token(sent.authorization.removeprefix("Bearer "))
+
+
+async def test_an_activity_keeps_its_content_but_not_its_own_addressing(runtime, fake_connector):
+    card = {"contentType": "application/vnd.microsoft.card.hero", "content": {"title": "Hi"}}
+    activity = {
+        "attachments": [card],
+        "summary": "a card",
+        # A producer cannot redirect the send: the stored reference decides where it goes.
+        "conversation": {"id": "19:somewhere-else@thread.v2"},
+        "serviceUrl": "https://evil.example/",
+        "recipient": {"id": "29:someone-else"},
+    }
+    body = json.dumps({"id": "req-2", "to": {"conversation": KEY}, "activity": activity})
+
+    assert await deliver(body.encode(), runtime) is Outcome.DELIVERED
+
+    [sent] = fake_connector.requests
+    assert sent.params == {"conversationId": CONVERSATION}
+    assert sent.json["type"] == "message"
+    assert sent.json["attachments"] == [card]
+    assert sent.json["summary"] == "a card"
+    assert sent.json["serviceUrl"] == fake_connector.url
+    assert sent.json["recipient"]["id"] == "29:user-1"
+
+
+async def test_an_explicit_reference_target_is_delivered_without_the_store(runtime, fake_connector):
+    target = reference_for(fake_connector.url, "a:not-stored")
+
+    outcome = await deliver(request({"reference": target}, text="direct"), runtime)
+
+    assert outcome is Outcome.DELIVERED
+    [sent] = fake_connector.requests
+    assert sent.params == {"conversationId": "a:not-stored"}
+    assert sent.json["text"] == "direct"
+    assert await stored_keys(runtime) == sorted([KEY, f"msteams/{OTHER}"])
+
+
+async def test_a_send_retried_after_one_429_is_delivered_once(runtime, fake_connector):
+    fake_connector.script(
+        "POST", r"/activities$", [Reply(429, json={}, headers={"Retry-After": "0.01"})]
+    )
+
+    assert await deliver(request({"conversation": KEY}), runtime) is Outcome.DELIVERED
+    assert [r.status for r in fake_connector.requests] == [429, 200]
+
+
+# --- refused before anything is sent ----------------------------------------------------------
+
+
+async def test_an_untrusted_service_url_in_a_reference_sends_nothing_anywhere(
+    runtime, fake_connector, attacker, fake_aad
+):
+    target = reference_for(attacker.url)
+
+    with pytest.raises(ConnectorError) as raised:
+        await deliver(request({"reference": target}), runtime)
+
+    assert raised.value.kind is ErrorKind.UNTRUSTED
+    assert attacker.requests == []
+    assert fake_connector.requests == []
+    assert fake_aad.issuances == []  # not even a token was obtained
+
+
+async def test_an_untrusted_service_url_in_a_stored_reference_sends_nothing(
+    runtime, attacker, fake_aad
+):
+    await runtime.references.upsert(reference_for(attacker.url, "a:tampered"))
+
+    with pytest.raises(ConnectorError) as raised:
+        await deliver(request({"conversation": "msteams/a:tampered"}), runtime)
+
+    assert raised.value.kind is ErrorKind.UNTRUSTED
+    assert attacker.requests == []
+    assert fake_aad.issuances == []
+
+
+async def test_an_unknown_conversation_is_reported_and_nothing_is_sent(
+    runtime, fake_connector, fake_aad
+):
+    outcome = await deliver(request({"conversation": "msteams/a:never-seen"}), runtime)
+
+    assert outcome is Outcome.UNKNOWN
+    assert fake_connector.requests == []
+    assert fake_aad.issuances == []
+
+
+# --- the channel says the conversation is gone: pruned, not retried -------------------------
+
+GONE = {
+    "bot not in roster": (403, {"error": {"code": "BotNotInConversationRoster", "message": "x"}}),
+    "blocked by user": (403, {"error": {"code": "ConversationBlockedByUser", "message": "x"}}),
+    "conversation not found": (404, {"error": {"code": "ConversationNotFound", "message": "x"}}),
+    "teams write blocked": (
+        403,
+        {"errorCode": 209, "message": json.dumps({"subCode": "MessageWritesBlocked"})},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GONE))
+async def test_a_conversation_the_channel_says_is_gone_is_pruned(runtime, fake_connector, case):
+    status, body = GONE[case]
+    fake_connector.script("POST", r"/activities$", [Reply(status, json=body)])
+
+    outcome = await deliver(request({"conversation": KEY}), runtime)
+
+    assert outcome is Outcome.PRUNED
+    assert len(fake_connector.requests) == 1  # not retried
+    assert await runtime.references.get(KEY) is None
+    assert await stored_keys(runtime) == [f"msteams/{OTHER}"]
+
+
+async def test_a_gone_explicit_reference_prunes_its_stored_copy(runtime, fake_connector):
+    body = {"error": {"code": "BotNotInConversationRoster", "message": "x"}}
+    fake_connector.script("POST", r"/activities$", [Reply(403, json=body)])
+
+    target = reference_for(fake_connector.url)
+    assert await deliver(request({"reference": target}), runtime) is Outcome.PRUNED
+    assert await runtime.references.get(KEY) is None
+
+
+# --- what a retry may fix: raised, the reference kept ----------------------------------------
+
+
+async def test_throttling_beyond_the_retry_budget_raises_and_keeps_the_reference(
+    runtime, fake_connector
+):
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "0.01"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 5)
+
+    with pytest.raises(ConnectorError) as raised:
+        await deliver(request({"conversation": KEY}), runtime)
+
+    assert raised.value.kind is ErrorKind.THROTTLED
+    assert raised.value.retry_after == pytest.approx(0.01)
+    assert len(fake_connector.requests) == FAST_RETRY.max_attempts
+    assert await runtime.references.get(KEY) is not None
+
+
+async def test_a_service_unavailable_connector_raises_and_keeps_the_reference(
+    runtime, fake_connector
+):
+    fake_connector.script("POST", r"/activities$", [Reply(503, body="busy")] * 5)
+
+    with pytest.raises(ConnectorError) as raised:
+        await deliver(request({"conversation": KEY}), runtime)
+
+    assert raised.value.kind is ErrorKind.TRANSIENT
+    assert raised.value.status == 503
+    assert await runtime.references.get(KEY) is not None
+
+
+# --- malformed requests: refused with a reason, nothing sent ---------------------------------
+
+MALFORMED: dict[str, tuple[bytes | str, str]] = {
+    "not json": (b"hello", "not JSON"),
+    "not utf-8": (b"\xff\xfe{", "not JSON"),
+    "a list": ("[1, 2]", "not a JSON object"),
+    "a string": ('"hello"', "not a JSON object"),
+    "no id": (json.dumps({"to": {"conversation": KEY}, "text": "x"}), "`id`"),
+    "empty id": (json.dumps({"id": "", "to": {"conversation": KEY}, "text": "x"}), "`id`"),
+    "numeric id": (json.dumps({"id": 7, "to": {"conversation": KEY}, "text": "x"}), "`id`"),
+    "no content": (json.dumps({"id": "r", "to": {"conversation": KEY}}), "`activity`"),
+    "empty text": (json.dumps({"id": "r", "to": {"conversation": KEY}, "text": ""}), "`text`"),
+    "activity not an object": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": "hi"}),
+        "`activity`",
+    ),
+    "no to": (json.dumps({"id": "r", "text": "x"}), "`to`"),
+    "to not an object": (json.dumps({"id": "r", "to": KEY, "text": "x"}), "`to`"),
+    "two targets": (
+        json.dumps({"id": "r", "to": {"conversation": KEY, "reference": {}}, "text": "x"}),
+        "exactly one target",
+    ),
+    "key without a channel": (
+        json.dumps({"id": "r", "to": {"conversation": "a:1"}, "text": "x"}),
+        "`to`",
+    ),
+    "reference without serviceUrl": (
+        json.dumps({"id": "r", "to": {"reference": {"channelId": "msteams"}}, "text": "x"}),
+        "`to.reference` needs serviceUrl",
+    ),
+    "user target": (
+        json.dumps(
+            {"id": "r", "to": {"user": {"channelId": "msteams", "id": "29:1"}}, "text": "x"}
+        ),
+        "`to.user` is not supported",
+    ),
+    "broadcast target": (
+        json.dumps({"id": "r", "to": {"broadcast": {}}, "text": "x"}),
+        "`to.broadcast` is not supported",
+    ),
+    "unknown target": (json.dumps({"id": "r", "to": {"team": "x"}, "text": "x"}), "`to` must"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_requests_are_refused_with_a_reason(
+    runtime, fake_connector, fake_aad, case
+):
+    body, reason = MALFORMED[case]
+
+    with pytest.raises(InvalidRequest) as raised:
+        await deliver(body, runtime)
+
+    assert reason in str(raised.value)
+    assert fake_connector.requests == []
+    assert fake_aad.issuances == []
+    assert len(await stored_keys(runtime)) == 2
+
+
+def test_a_valid_request_parses_to_its_target_and_activity():
+    parsed = parse_request(request({"conversation": KEY}, text="hi"))
+    assert (parsed.id, parsed.key, parsed.reference) == ("req-1", KEY, None)
+    assert parsed.activity == {"type": "message", "text": "hi"}
