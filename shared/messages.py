@@ -8,6 +8,7 @@ never makes the bot obtain or send its token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 UNAUTHORIZED = "Unauthorized."  # the one 401 body: the reason is logged, never sent
 SERVER_ERROR = "The bot could not process this activity."
+RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
 
 
 @dataclass(slots=True)
@@ -111,12 +113,20 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
 
 
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
-    """Add/refresh/remove the conversation reference; a storage failure is only logged."""
+    """Add/refresh/remove the conversation reference; a storage failure is only logged.
+
+    The write gets at most RECORD_BUDGET seconds: the channel is still waiting for the
+    HTTP answer (Teams gives message-extension queries 5 s in all), and a storage outage
+    with its retries must not eat that. A write cut short is redone by a later activity.
+    """
     from shared.lifecycle import record_activity
     from shared.references import StoreError
 
     try:
-        await record_activity(runtime.references, activity)
+        async with asyncio.timeout(RECORD_BUDGET):
+            await record_activity(runtime.references, activity)
+    except TimeoutError:
+        logger.error("messages: reference not recorded %s: storage did not answer in time", ids)
     except StoreError as error:
         logger.error("messages: reference not recorded %s: %s", ids, error)
     except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
