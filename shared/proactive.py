@@ -5,20 +5,24 @@ that name one known conversation, `{"conversation": "<key>"}` (a stored referenc
 `{"reference": {...}}`, and keeps the store honest: a conversation the channel says is
 gone is pruned, not retried. Anything that may succeed later (storage down, throttled or
 transient Connector errors) raises, so the queue redelivers the message instead of
-losing it. `user` and `broadcast` targets, idempotency by `id` and delivery reports come
-with the proactive engine; until then such a request is refused with a clear reason.
+losing it. A message no retry can fix (malformed, an untrusted serviceUrl, an activity
+the Connector refuses) goes to `<queue>-poison` at once with the reason, instead of
+after five useless attempts. `user` and `broadcast` targets, idempotency by `id` and
+delivery reports come with the proactive engine; until then such a request is refused
+with a clear reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from shared.activity import apply_conversation_reference, as_activity, conversation_key
+from shared.config import Settings
 from shared.connector import ConnectorError, ErrorKind
 from shared.runtime import Runtime
 
@@ -33,6 +37,7 @@ class Outcome(StrEnum):
     DELIVERED = "delivered"
     PRUNED = "pruned"  # the channel said the conversation is gone; its reference was removed
     UNKNOWN = "unknown"  # no stored reference for the conversation key
+    POISONED = "poisoned"  # no retry can deliver it: moved to the poison queue with the reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +119,60 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
         return Outcome.PRUNED
     logger.info("proactive %s: delivered to %s", request.id, request.key)
     return Outcome.DELIVERED
+
+
+Poison = Callable[[bytes | str, str], Awaitable[None]]
+
+
+async def handle_queue_message(
+    body: bytes | str, runtime: Runtime, *, poison: Poison | None = None
+) -> Outcome:
+    """Deliver one queue message; poison at once what no retry can deliver.
+
+    Raises only what a retry may fix, so the host's redelivery (and, after
+    `maxDequeueCount`, its own poisoning) is left to transient trouble.
+    """
+    try:
+        return await deliver(body, runtime)
+    except InvalidRequest as error:
+        reason = f"invalid request: {error}"
+    except ConnectorError as error:
+        if error.retryable:
+            raise
+        reason = f"not deliverable: {error.kind} (status {error.status}, code {error.code})"
+    if poison is None:
+        await send_to_poison_queue(runtime.settings, body, reason)
+    else:
+        await poison(body, reason)
+    logger.warning("proactive message poisoned: %s", reason)
+    return Outcome.POISONED
+
+
+def poison_message(body: bytes | str, reason: str) -> str:
+    """The poison queue's copy: the request with `poisonReason` added (or the raw text)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    if isinstance(message, dict):
+        return json.dumps({**message, "poisonReason": reason})
+    return json.dumps({"poisonReason": reason, "body": text})
+
+
+async def send_to_poison_queue(settings: Settings, body: bytes | str, reason: str) -> None:
+    """Put a copy on `<BOT_PROACTIVE_QUEUE>-poison`, base64-encoded like the host's own."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.queue import TextBase64EncodePolicy
+
+    from shared.storage import get_queue_service
+
+    queue = get_queue_service(settings.storage).get_queue_client(
+        f"{settings.proactive_queue}-poison", message_encode_policy=TextBase64EncodePolicy()
+    )
+    message = poison_message(body, reason)
+    try:
+        await queue.send_message(message)
+    except ResourceNotFoundError:
+        await queue.create_queue()
+        await queue.send_message(message)

@@ -193,3 +193,31 @@ async def test_a_conversation_the_bot_was_removed_from_is_pruned_from_blob(
     await wait_until(lambda: queue_is_empty(queues[0]), what="queue drained")
     assert queue_is_empty(queues[1])  # pruned is an answer, not a failure
     assert len([r for r in connector.requests if r.conversation_id == conversation]) == 1
+
+
+def poisoned(poison_queue) -> list[dict[str, Any]]:
+    return [
+        json.loads(base64.b64decode(m.content)) for m in poison_queue.peek_messages(max_messages=32)
+    ]
+
+
+async def test_a_malformed_request_is_poisoned_at_once_with_its_reason(devhost, queues, connector):
+    request_id = f"req-{uuid.uuid4().hex}"
+    body = {"id": request_id, "to": {"conversation": "msteams/x"}}  # neither text nor activity
+    queues[0].send_message(base64.b64encode(json.dumps(body).encode()).decode("ascii"))
+
+    await wait_until(
+        lambda: any(m.get("id") == request_id for m in poisoned(queues[1])), "poisoned"
+    )
+    [copy] = [m for m in poisoned(queues[1]) if m.get("id") == request_id]
+    assert copy["to"] == body["to"]
+    assert "text" in copy["poisonReason"] and "activity" in copy["poisonReason"]
+    await wait_until(lambda: queue_is_empty(queues[0]), what="queue drained")
+    # One attempt, not maxDequeueCount of them: the function succeeded after poisoning it.
+    invocations = [
+        line
+        for line in devhost.log.splitlines()
+        if "Executed 'Functions.proactive_function'" in line
+    ]
+    assert not any("Failed" in line for line in invocations), devhost.log
+    assert connector.requests == []

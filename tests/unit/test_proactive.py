@@ -8,18 +8,29 @@ with which token), what the store holds afterwards, and what `deliver` raised or
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
+from azure.storage.queue import QueueClient
 
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.connector import ConnectorClient, ConnectorError, ErrorKind, RetryPolicy
-from shared.proactive import InvalidRequest, Outcome, deliver, parse_request
+from shared.proactive import (
+    InvalidRequest,
+    Outcome,
+    deliver,
+    handle_queue_message,
+    parse_request,
+    poison_message,
+    send_to_poison_queue,
+)
 from shared.references import MemoryReferenceStore
 from shared.router import Router
 from shared.runtime import Runtime
+from shared.storage import close_shared_clients
 from tools.botsim.connector import FakeConnector, Reply
 
 CONVERSATION = "a:1Xy-personal;with/odd@chars"
@@ -308,3 +319,98 @@ def test_a_valid_request_parses_to_its_target_and_activity():
     parsed = parse_request(request({"conversation": KEY}, text="hi"))
     assert (parsed.id, parsed.key, parsed.reference) == ("req-1", KEY, None)
     assert parsed.activity == {"type": "message", "text": "hi"}
+
+
+# --- handle_queue_message: poison at once what no retry can deliver ------------------------------
+
+
+class PoisonQueue:
+    """Collects what would go to `<queue>-poison` (the Azurite path is tested below)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes | str, str]] = []
+
+    async def __call__(self, body: bytes | str, reason: str) -> None:
+        self.messages.append((body, reason))
+
+
+async def test_queue_message_delivered_is_not_poisoned(runtime, fake_connector):
+    poison = PoisonQueue()
+    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
+    assert outcome is Outcome.DELIVERED
+    assert poison.messages == []
+    assert len(fake_connector.activities) == 1
+
+
+async def test_malformed_queue_message_is_poisoned_at_once(runtime, fake_connector, fake_aad):
+    poison = PoisonQueue()
+    outcome = await handle_queue_message(b"{not json", runtime, poison=poison)
+    assert outcome is Outcome.POISONED
+    [(body, reason)] = poison.messages
+    assert body == b"{not json"
+    assert reason == "invalid request: the message is not JSON"
+    assert fake_connector.requests == []
+    assert fake_aad.issuances == []
+
+
+async def test_untrusted_reference_is_poisoned_at_once(runtime, attacker, fake_connector):
+    poison = PoisonQueue()
+    body = request({"reference": reference_for(attacker.url)})
+    assert await handle_queue_message(body, runtime, poison=poison) is Outcome.POISONED
+    [(_, reason)] = poison.messages
+    assert "untrusted" in reason
+    assert attacker.requests == [] and fake_connector.requests == []
+
+
+async def test_activity_the_connector_refuses_is_poisoned_at_once(runtime, fake_connector):
+    fake_connector.script(
+        "POST", r"/activities$", [Reply(400, json={"error": {"code": "BadArgument"}})]
+    )
+    poison = PoisonQueue()
+    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
+    assert outcome is Outcome.POISONED
+    [(_, reason)] = poison.messages
+    assert "invalid" in reason and "400" in reason and "BadArgument" in reason
+    assert len(fake_connector.requests) == 1  # not retried
+    assert KEY in await stored_keys(runtime)  # a bad activity says nothing about the conversation
+
+
+async def test_throttled_queue_message_is_retried_not_poisoned(runtime, fake_connector):
+    fake_connector.script("POST", r"/activities$", [Reply(429, headers={"Retry-After": "0"})] * 10)
+    poison = PoisonQueue()
+    with pytest.raises(ConnectorError) as raised:
+        await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
+    assert raised.value.kind is ErrorKind.THROTTLED
+    assert poison.messages == []
+
+
+def test_poison_copy_keeps_the_request_and_adds_the_reason():
+    body = json.dumps({"id": "r-9", "to": {"conversation": KEY}, "extra": [1]})
+    assert json.loads(poison_message(body.encode(), "why")) == {
+        "id": "r-9",
+        "to": {"conversation": KEY},
+        "extra": [1],
+        "poisonReason": "why",
+    }
+    assert json.loads(poison_message(b"\xffnot json", "why")) == {
+        "poisonReason": "why",
+        "body": "\ufffdnot json",
+    }
+
+
+async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(
+    azurite, unique_name, aad_app
+):
+    queue = unique_name("proactive")
+    settings = aad_app.settings(
+        AzureWebJobsStorage=azurite.connection_string, BOT_PROACTIVE_QUEUE=queue
+    )
+    await send_to_poison_queue(settings, b'{"id": "r-1"}', "invalid request: test")
+    await close_shared_clients()
+
+    client = QueueClient.from_connection_string(azurite.connection_string, f"{queue}-poison")
+    [message] = client.peek_messages()
+    assert json.loads(base64.b64decode(message.content)) == {
+        "id": "r-1",
+        "poisonReason": "invalid request: test",
+    }
