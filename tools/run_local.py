@@ -66,8 +66,12 @@ def main() -> int:
         try:
             return host.wait()
         except KeyboardInterrupt:
-            host.send_signal(signal.SIGINT)
-            return host.wait()
+            # Ctrl-C reached the host too (same process group): let it shut down cleanly.
+            try:
+                return host.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                return host.wait()
     finally:
         if azurite is not None:
             azurite.stop()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,15 +174,25 @@ def _announce(
     print("\n".join(lines), flush=True)
 
 
+REPEAT_GRACE = 1.0  # seconds within which a repeated signal is the same one
+
+
 def _install_signal_handlers() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
+    first_at: list[float] = []
+
     def on_signal(signum: int) -> None:
         if stopping.is_set():
+            # One Ctrl-C can arrive twice at once (from the terminal, and forwarded by
+            # `make`): only a signal sent a moment later means "stop waiting".
+            if time.monotonic() - first_at[0] < REPEAT_GRACE:
+                return
             logger.warning("Second %s: exiting now", signal.Signals(signum).name)
             _exit_now(1)
         logger.info("Received %s", signal.Signals(signum).name)
+        first_at.append(time.monotonic())
         stopping.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
