@@ -22,6 +22,7 @@ from shared.activity import (
     parse_activity,
 )
 from shared.config import SettingsError
+from shared.diagnostics import describe
 from shared.http import HttpRequest, HttpResponse
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime, get_runtime
@@ -46,7 +47,7 @@ async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) 
     try:
         return await _handle(request, runtime)
     except Exception as error:  # a bug here must still give the channel a clean answer
-        logger.error("messages: unexpected %s", type(error).__name__, exc_info=error)
+        logger.error("messages: unexpected %s", describe(error))
         return HttpResponse.text(500, SERVER_ERROR)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shared.activity import is_bot_account
+from shared.diagnostics import describe
 from shared.turn import TurnContext
 
 logger = logging.getLogger(__name__)
@@ -285,16 +286,15 @@ class Router:
     async def handle_error(self, turn: TurnContext, error: BaseException) -> None:
         """Log a failed turn with its ids and apologise to the user. Never raises.
 
-        The user never sees the exception; the log names the activity and conversation so an
-        operator can find the traceback.
+        The user never sees the exception; the log names the activity, the conversation and
+        where the exception was raised (not its text, which may carry user data or secrets).
         """
         logger.error(
             "handler failed: activity=%r conversation=%r type=%r error=%s",
             turn.activity.get("id"),
             turn.conversation_key,
             turn.activity.get("type"),
-            type(error).__name__,
-            exc_info=error,
+            describe(error),
         )
         try:
             if self._on_error is not None:

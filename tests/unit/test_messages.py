@@ -404,6 +404,11 @@ async def test_raising_handler_apologises_and_answers_500(
     assert apology.authorization == f"Bearer {fake_aad.issuances[0].token}"
     assert f"activity='{incoming['id']}'" in caplog.text
     assert f"{CHANNEL}/{CONVERSATION}" in caplog.text
+    # The log says what and where, never the exception's text (it may carry secrets).
+    assert "RuntimeError at unit/test_messages.py:" in caplog.text
+    assert "in broken" in caplog.text
+    assert "hunter2" not in caplog.text
+    assert "hunter2" not in apology.json["text"] and b"hunter2" not in response.body
     assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
 
 
