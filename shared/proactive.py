@@ -24,6 +24,7 @@ from typing import Any
 from shared.activity import apply_conversation_reference, as_activity, conversation_key
 from shared.config import Settings
 from shared.connector import ConnectorError, ErrorKind
+from shared.references import split_key
 from shared.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True, slots=True)
 class ProactiveRequest:
     id: str
-    key: str | None  # the conversation key, for a stored-reference target
+    key: str  # the conversation key ("<channelId>/<conversation.id>")
     reference: Mapping[str, Any] | None  # an explicit reference target
     activity: dict[str, Any]
 
@@ -70,7 +71,13 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     target = message.get("to")
     if not isinstance(target, dict) or len(target) != 1:
         raise InvalidRequest("`to` must be an object with exactly one target")
-    if isinstance(target.get("conversation"), str) and "/" in target["conversation"]:
+    if "conversation" in target:
+        try:
+            split_key(target["conversation"])
+        except ValueError:
+            raise InvalidRequest(
+                "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
+            ) from None
         return ProactiveRequest(request_id, target["conversation"], None, activity)
     if isinstance(target.get("reference"), dict):
         reference = target["reference"]
@@ -97,7 +104,7 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
     if reference is None:
         stored = await runtime.references.get(request.key)  # StoreError → redelivery
         if stored is None:
-            logger.warning("proactive %s: no stored reference for %s", request.id, request.key)
+            logger.warning("proactive %r: no stored reference for %r", request.id, request.key)
             return Outcome.UNKNOWN
         reference = stored.reference
 
@@ -111,13 +118,13 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
             raise
         await runtime.references.delete(request.key)
         logger.info(
-            "proactive %s: conversation %s is gone (%s); reference pruned",
+            "proactive %r: conversation %r is gone (%s); reference pruned",
             request.id,
             request.key,
             error.code or error.status,
         )
         return Outcome.PRUNED
-    logger.info("proactive %s: delivered to %s", request.id, request.key)
+    logger.info("proactive %r: delivered to %r", request.id, request.key)
     return Outcome.DELIVERED
 
 

@@ -280,7 +280,15 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
     ),
     "key without a channel": (
         json.dumps({"id": "r", "to": {"conversation": "a:1"}, "text": "x"}),
-        "`to`",
+        "`to.conversation` must be a conversation key",
+    ),
+    "key without a conversation": (
+        json.dumps({"id": "r", "to": {"conversation": "msteams/"}, "text": "x"}),
+        "`to.conversation` must be a conversation key",
+    ),
+    "key not a string": (
+        json.dumps({"id": "r", "to": {"conversation": ["msteams", "a:1"]}, "text": "x"}),
+        "`to.conversation` must be a conversation key",
     ),
     "reference without serviceUrl": (
         json.dumps({"id": "r", "to": {"reference": {"channelId": "msteams"}}, "text": "x"}),
