@@ -11,12 +11,9 @@ import base64
 import contextlib
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +24,7 @@ from typing import Any
 import pytest
 from azure.storage.queue import QueueClient
 
+from tests.fixtures.devhost import DevHost
 from tools.devhost.app import Function, FunctionSpec, HttpTrigger
 from tools.devhost.http import compile_route
 from tools.devhost.queue import UndecodableMessage, decode_body, encode_body
@@ -37,79 +35,16 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "tests" / "fixtures" / "apps"
-STARTUP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class DevHost:
-    """One `python -m tools.devhost` process; output captured to files for assertions."""
-
-    def __init__(self, root: Path, logs: Path, env: dict[str, str], *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stdout_path = logs / f"devhost-{self.port}.out"
-        self._stderr_path = logs / f"devhost-{self.port}.err"
-        args = ["--root", str(root), "--port", str(self.port), *extra]
-        with open(self._stdout_path, "wb") as out, open(self._stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tools.devhost", *args],
-                cwd=REPO,
-                env={**_base_env(), **env},
-                stdout=out,
-                stderr=err,
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self._stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self._stderr_path.read_text(errors="replace")
-
-    def wait_started(self) -> DevHost:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if "Host started on" in self.stdout:
-                return self
-            if self.process.poll() is not None:
-                pytest.fail(f"devhost exited with {self.process.returncode}:\n{self.stderr}")
-            time.sleep(0.05)
-        pytest.fail(f"devhost did not start:\n{self.stderr}")
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            pytest.fail(f"devhost did not exit:\n{self.stderr}")
-
-    def terminate(self) -> int:
-        """SIGTERM, then the exit code (killing it if it hangs)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.wait_exit(timeout=15)
-
-
-def _base_env() -> dict[str, str]:
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
-    return {name: os.environ[name] for name in keep if name in os.environ}
 
 
 @contextlib.contextmanager
 def running(root: Path, logs: Path, env: dict[str, str], *extra: str) -> Iterator[DevHost]:
     """A started devhost that is always stopped, and must exit 0 on SIGTERM."""
-    host = DevHost(root, logs, env, *extra)
+    host = DevHost(env, logs, root=root, functions=(), extra=extra)
     try:
         yield host.wait_started()
     finally:
-        code = host.terminate()
+        code = host.stop()
     assert code == 0, host.stderr
     assert not _listening(host.port)
 
@@ -253,7 +188,7 @@ def test_raising_function_is_500_without_exception_text(http_host):
 
 
 def test_sigterm_waits_for_invocations_in_flight(tmp_path):
-    host = DevHost(APPS / "http_app", tmp_path, {}).wait_started()
+    host = DevHost({}, tmp_path, root=APPS / "http_app", functions=()).wait_started()
     result: dict[str, Any] = {}
 
     def call() -> None:
@@ -269,7 +204,7 @@ def test_sigterm_waits_for_invocations_in_flight(tmp_path):
     finally:
         caller.join(timeout=15)
         if host.process.poll() is None:
-            host.terminate()
+            host.stop()
     status, _, body = result["response"]
     assert (status, body) == (200, b"done")
     assert "Executed 'Functions.slow_function' (Succeeded" in host.stderr
@@ -518,7 +453,7 @@ def _binding(kind: str, **extra: str) -> dict[str, Any]:
 )
 def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     app = _app(tmp_path, function_json, code)
-    host = DevHost(app, tmp_path, {})
+    host = DevHost({}, tmp_path, root=app, functions=())
     assert host.wait_exit(timeout=20) == 1
     assert expected in host.stderr
     assert "Traceback" not in host.stderr
