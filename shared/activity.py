@@ -9,6 +9,7 @@ and builds outgoing activities (replies, activities addressed by a reference).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -92,6 +93,13 @@ _LIST_FIELDS = (
 )
 _MEMBER_LISTS = ("membersAdded", "membersRemoved", "reactionsAdded", "reactionsRemoved")
 
+# How deeply objects and arrays may nest, the activity itself being level 1: the default
+# limit of .NET's JSON readers (Json.NET 13, System.Text.Json), so of what .NET channels
+# produce. A body nested just under Python's recursion limit would parse here and then fail
+# with RecursionError (a 500) when the reply or the stored reference is serialised deeper
+# in the stack.
+MAX_JSON_DEPTH = 64
+
 
 def check_content_type(content_type: str | None) -> None:
     """415 unless the media type is `application/json` (parameters such as charset allowed)."""
@@ -118,11 +126,13 @@ def parse_activity(body: bytes) -> Activity:
     Unknown fields are kept as they are (spec A2005).
     """
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidActivity(400, "body is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidActivity(400, "body must be a JSON object")
+    if _nests_deeper(value, MAX_JSON_DEPTH):
+        raise InvalidActivity(400, f"body is nested more than {MAX_JSON_DEPTH} levels deep")
     validate_activity(value)
     return value
 
@@ -171,6 +181,29 @@ def _non_empty_string(value: Any) -> bool:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON syntax but parses to inf, which json.dumps would send on as Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """True when objects/arrays in `value` nest more than `limit` levels (no recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 # --- building outgoing activities ---------------------------------------------------------------

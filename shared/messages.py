@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 UNAUTHORIZED = "Unauthorized."  # the one 401 body: the reason is logged, never sent
 SERVER_ERROR = "The bot could not process this activity."
 RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
+MAX_LOGGED_ID = 200  # characters of an id a log line may quote
 
 
 @dataclass(slots=True)
@@ -137,33 +138,51 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
 def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
     if outcome.failed:
         return HttpResponse.text(500, SERVER_ERROR)
-    if turn.expects_replies:
-        return HttpResponse.json(200, {"activities": turn.buffered})
-    if activity["type"] == "invoke":
-        if not outcome.handled:
-            return HttpResponse(501)
-        return _invoke_response(outcome.value, activity)
-    return HttpResponse(200)
-
-
-def _invoke_response(value: Any, activity: Activity) -> HttpResponse:
-    """An invoke handler's return value as the HTTP answer (see Router.invoke)."""
-    response = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
-    if not isinstance(response.status, int) or not 200 <= response.status <= 599:
-        logger.error(
-            "messages: invoke %s returned status %r", activity.get("name"), response.status
-        )
+    if activity["type"] != "invoke":
+        if turn.expects_replies:
+            return HttpResponse.json(200, {"activities": turn.buffered})
+        return HttpResponse(200)
+    invoke = _invoke_result(outcome, activity)
+    if invoke is None:
         return HttpResponse.text(500, SERVER_ERROR)
-    if response.body is None:
-        return HttpResponse(response.status)
     try:
-        return HttpResponse.json(response.status, response.body)
+        if turn.expects_replies:
+            # As the SDKs do: the invoke's answer travels with the replies, as an activity.
+            value: dict[str, Any] = {"status": invoke.status}
+            if invoke.body is not None:
+                value["body"] = invoke.body
+            answer = {"type": "invokeResponse", "value": value}
+            return HttpResponse.json(200, {"activities": [*turn.buffered, answer]})
+        if invoke.body is None:
+            return HttpResponse(invoke.status)
+        return HttpResponse.json(invoke.status, invoke.body)
     except (TypeError, ValueError):
         logger.error("messages: invoke %s returned a body that is not JSON", activity.get("name"))
         return HttpResponse.text(500, SERVER_ERROR)
 
 
+def _invoke_result(outcome: TurnOutcome, activity: Activity) -> InvokeResponse | None:
+    """An invoke handler's return value as status and body (see Router.invoke); 501 when
+    no handler took it, None when the handler returned an impossible status."""
+    if not outcome.handled:
+        return InvokeResponse(501)
+    value = outcome.value
+    response = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
+    if not isinstance(response.status, int) or not 200 <= response.status <= 599:
+        logger.error(
+            "messages: invoke %s returned status %r", activity.get("name"), response.status
+        )
+        return None
+    return response
+
+
 def _ids(activity: Activity) -> str:
-    """What lets an operator follow one activity in the logs (quoted: ids are untrusted)."""
+    """What lets an operator follow one activity in the logs (quoted and clipped: the ids
+    are untrusted, and logged before the token is checked)."""
     key = conversation_key(activity["channelId"], activity["conversation"]["id"])
-    return f"activity={activity.get('id')!r} conversation={key!r}"
+    return f"activity={_clip(activity.get('id'))} conversation={_clip(key)}"
+
+
+def _clip(value: Any, limit: int = MAX_LOGGED_ID) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"

@@ -76,11 +76,17 @@ def emulator_issuers(settings: Settings) -> frozenset[str]:
 
 def normalize_service_url(url: object) -> tuple[object, ...]:
     """A serviceUrl reduced to what identifies it: scheme/host case, default port and a
-    trailing slash do not matter; everything else does."""
+    trailing slash do not matter; everything else does.
+
+    URLs with characters urlsplit would silently drop or fold (whitespace, controls,
+    non-ASCII) or that parsers read differently (backslash) are refused, not normalised.
+    """
     if not isinstance(url, str) or not url:
         raise AuthError("serviceUrl missing")
+    if not _plain_url(url):
+        raise AuthError("serviceUrl has whitespace, control, non-ASCII or backslash characters")
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise AuthError("serviceUrl is not a valid URL") from None
@@ -95,6 +101,7 @@ def normalize_service_url(url: object) -> tuple[object, ...]:
         port,
         parts.path.rstrip("/"),
         parts.query,
+        parts.fragment,
     )
 
 
@@ -181,7 +188,7 @@ class InboundAuthenticator:
             raise AuthError("serviceurl claim does not match the activity's serviceUrl")
         channel_id = activity.get("channelId")
         if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {channel_id!r}")
+            raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
         return Identity(True, "channel", settings.app_id, MappingProxyType(claims))
 
     async def _emulator_identity(
@@ -194,6 +201,10 @@ class InboundAuthenticator:
         if not isinstance(issuer, str) or issuer not in self._emulator_issuers:
             raise AuthError("token issuer is not an accepted AAD issuer")
         self._check_audience_and_lifetime(claims)
+        # The Emulator gets an app token (client credentials). `scp` marks a user's delegated
+        # token, which any user who can sign in to the bot's own app registration could get.
+        if "scp" in claims:
+            raise AuthError("AAD token is a user token (scp), not an app token")
         # The Emulator signs in as the bot itself: v1 names the caller in appid, v2 in azp.
         version = claims.get("ver")
         if version == "1.0":
@@ -210,7 +221,7 @@ class InboundAuthenticator:
         if key.endorsements is not None and (
             not isinstance(channel_id, str) or channel_id not in key.endorsements
         ):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {channel_id!r}")
+            raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
         return Identity(True, "emulator", caller, MappingProxyType(claims))
 
     def _check_audience_and_lifetime(self, claims: Mapping[str, Any]) -> None:
@@ -317,11 +328,24 @@ def _is_number(value: object) -> bool:
 
 
 def _is_loopback_url(url: object) -> bool:
-    if not isinstance(url, str):
+    # No userinfo and nothing parsers disagree on: `http://evil.example\@127.0.0.1/` is
+    # 127.0.0.1 to urlsplit but evil.example to a WHATWG parser.
+    if not isinstance(url, str) or not _plain_url(url):
         return False
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and is_loopback_host(host)
+    return parts.scheme in ("http", "https") and "@" not in parts.netloc and is_loopback_host(host)
+
+
+def _plain_url(url: str) -> bool:
+    """ASCII without whitespace, control characters or backslashes."""
+    return url.isascii() and not any(c.isspace() or c < " " or c in "\\\x7f" for c in url)
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """An untrusted value quoted for a reason (which is logged), briefly."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -98,18 +98,20 @@ class OpenIdKeyCache:
 
         Raises :class:`KeySourceError` only when no keys could ever be fetched.
         """
+        fetched = False  # keys fetched for this very call: an unknown kid is not refetched
         if self._keys is None:
             # Nothing cached yet: fetch, but after a failure wait a little before trying again
             # so an outage at cold start does not turn every request into two fetches.
             if self._lock.locked() or self._clock() - self._attempted_at >= COLD_RETRY_INTERVAL:
                 await self._refresh()
+                fetched = True
             if self._keys is None:
                 raise KeySourceError(self._last_error or "no signing keys")
         elif self._due(self._refresh_interval):
             # Stale but usable: answer from the cache, refresh beside the request.
             self._refresh_in_background()
         key = self._keys.get(kid)
-        if key is None and (self._lock.locked() or self._miss_refresh_allowed()):
+        if key is None and not fetched and (self._lock.locked() or self._miss_refresh_allowed()):
             # An unknown kid may be a key the issuer has just rolled out: refetch, but at
             # most once a minute, so made-up kids cannot turn us into a fetch amplifier.
             self._miss_refreshed_at = self._clock()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shared.activity import (
+    MAX_JSON_DEPTH,
     InvalidActivity,
     apply_conversation_reference,
     as_activity,
@@ -94,6 +95,8 @@ def test_body_size_limit_checks_header_and_body(content_length, body, status):
         b'{"type": NaN}',
         b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the parser's recursion limit
         b"1" * 5000,  # integer over Python's digit limit
+        b'{"type": "message", "x": 1e999}',  # parses to inf, would be sent on as Infinity
+        b'{"type": "message", "x": [-1e400]}',
     ],
 )
 def test_body_that_is_not_json_is_400(body):
@@ -149,6 +152,28 @@ def test_required_and_typed_fields(change, reason):
         parse_activity(json.dumps(activity).encode())
     assert raised.value.status == 400
     assert raised.value.reason.startswith(reason)
+
+
+def with_nesting(levels: int) -> bytes:
+    """An activity whose `channelData.deep` nests `levels` arrays: total depth levels + 2."""
+    body = json.dumps(incoming(channelData={"deep": "x"}))
+    return body.replace('"x"', "[" * levels + "]" * levels).encode()
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    levels = MAX_JSON_DEPTH - 2  # the activity and channelData are the first two
+    parsed = parse_activity(with_nesting(levels))
+    assert json.dumps(parsed["channelData"]["deep"]) == "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH - 1, 940])
+def test_nesting_deeper_than_the_limit_is_400(levels):
+    # 940 levels still parse, but serialising the activity again deeper in the stack (the
+    # reply, the stored reference, an expectReplies answer) hits the recursion limit: a 500.
+    with pytest.raises(InvalidActivity) as raised:
+        parse_activity(with_nesting(levels))
+    assert raised.value.status == 400
+    assert "nested" in raised.value.reason
 
 
 def test_valid_body_parses_and_keeps_unknown_fields():

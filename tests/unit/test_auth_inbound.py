@@ -7,14 +7,20 @@ The only stand-in is the clock (the authenticator's documented injection point),
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 
+import aiohttp
 import jwt
 import pytest
+from aiohttp import web
 
 from shared.auth.inbound import ANONYMOUS, AuthError, Identity, InboundAuthenticator
+from shared.auth.keys import KeySourceError, OpenIdKeyCache, parse_jwks
 from shared.config import Settings
 from tools.botsim.identity import IdentityService
+from tools.botsim.server import BackgroundServer
 
 APP_ID = "11111111-2222-3333-4444-555555555555"
 OTHER_APP_ID = "99999999-8888-7777-6666-555555555555"
@@ -103,6 +109,34 @@ async def test_service_url_compared_normalised(auth, channel_identity):
         await rejected(auth, bearer(token), activity(other))
 
 
+@pytest.mark.parametrize(
+    ("claim", "sent"),
+    [
+        # urlsplit drops tabs and newlines and strips the ends; the Connector client refuses
+        # such URLs, so a reference recorded with one could never be used.
+        (SERVICE_URL, "https://smba.traffic\tmanager.net/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net/am\ner/"),
+        (SERVICE_URL, " https://smba.trafficmanager.net/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net/amer/\r\n"),
+        (SERVICE_URL, "https://smba.trafficmanager.net/amer/#fragment"),
+        (SERVICE_URL, "https://smba.trafficmanager.net\\amer/"),
+        (SERVICE_URL, "https://x@smba.trafficmanager.net/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net@attacker.example/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net./amer/"),
+        (SERVICE_URL, "https://smba%2Etrafficmanager.net/amer/"),
+        (SERVICE_URL, "http://smba.trafficmanager.net/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net:80/amer/"),
+        (SERVICE_URL, "https://smba.trafficmanager.net/amer/?x=1"),
+        # str.lower() folds the Kelvin sign to "k": not the host the channel signed.
+        ("https://webchat.botframework.com/", "https://webchat.botframewor\u212a.com/"),
+    ],
+)
+async def test_service_url_normalisation_folds_nothing_else(auth, channel_identity, claim, sent):
+    token = channel_identity.mint_channel_token(APP_ID, claim)
+    assert (await auth.authenticate(bearer(token), activity(claim))).kind == "channel"
+    await rejected(auth, bearer(token), activity(sent))
+
+
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
 async def test_valid_emulator_tokens(auth, channel_identity, emulator_identity, version):
     token = emulator_identity.mint_emulator_token(APP_ID, version=version)
@@ -181,6 +215,40 @@ async def test_missing_or_malformed_header(auth, channel_identity, header):
     assert channel_identity.metadata_requests == 0
 
 
+async def test_several_authorization_values_are_rejected(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    for header in (f"Bearer {token}, Bearer {token}", f"Bearer {token},Bearer {token}"):
+        await rejected(auth, header, activity())
+    assert channel_identity.jwks_requests == 0
+
+
+def unsigned(header: object, payload: object) -> str:
+    """A token with any JSON header and payload and a junk signature."""
+    encoded = json.dumps(header).replace('"DEEP"', "[" * 5000 + "]" * 5000)
+    parts = (encoded.encode(), json.dumps(payload).encode(), b"x" * 256)
+    return ".".join(base64.urlsafe_b64encode(p).rstrip(b"=").decode() for p in parts)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "RS256", "x5t": "only-x5t"},  # no kid: never guessed from x5t
+        {"alg": "RS256", "kid": {"nested": ["kid"]}},
+        {"alg": "RS256", "kid": ""},
+        {"alg": "RS256", "kid": "k" * 300},
+        {"alg": ["RS256"], "kid": "k"},
+        {"alg": "rs256", "kid": "k"},
+        {"alg": "RS256", "kid": "k", "b64": False},
+        [{"alg": "RS256", "kid": "k"}],
+        {"alg": "RS256", "kid": "k", "deep": "DEEP"},  # past the JSON parser's limit
+    ],
+)
+async def test_odd_jwt_headers_are_rejected_without_fetching_keys(auth, channel_identity, header):
+    payload = {"iss": "https://api.botframework.com", "aud": APP_ID, "serviceurl": SERVICE_URL}
+    await rejected(auth, bearer(unsigned(header, payload)), activity())
+    assert channel_identity.jwks_requests == 0
+
+
 @pytest.mark.parametrize("kind", ["garbage", "alg_none", "hs256_public_key"])
 async def test_forged_tokens_rejected_before_any_key_is_fetched(auth, channel_identity, kind):
     token = channel_identity.mint_broken(kind, APP_ID, SERVICE_URL)
@@ -225,6 +293,50 @@ async def test_key_not_endorsed_for_the_channel(auth, channel_identity):
     assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id=None))
 
 
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        ({"exp": "9999999999"}, "no exp"),
+        ({"exp": True}, "no exp"),
+        ({"exp": None}, "no exp"),
+        ({"exp": float("inf")}, "no exp"),  # serialised as Infinity, parsed back as inf
+        ({"exp": float("nan")}, "no exp"),
+        ({"exp": 10**400}, ""),
+        ({"nbf": "0"}, "nbf"),
+        ({"nbf": False}, "nbf"),
+        ({"nbf": float("-inf")}, "nbf"),
+        ({"aud": [OTHER_APP_ID]}, "audience"),
+        ({"aud": {"id": APP_ID}}, "audience"),
+        ({"iss": "https://api.botframework.com/"}, "issuer"),
+        ({"iss": "HTTPS://api.botframework.com"}, "issuer"),
+        ({"serviceurl": ["https://smba.trafficmanager.net/amer/"]}, "serviceurl"),
+    ],
+)
+async def test_claims_of_the_wrong_type_or_near_misses(auth, channel_identity, claims, expected):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, claims=claims)
+    assert expected in await rejected(auth, bearer(token), activity())
+
+
+async def test_audience_list_must_contain_the_app_id(auth, channel_identity):
+    token = channel_identity.mint_channel_token(
+        APP_ID, SERVICE_URL, claims={"aud": [OTHER_APP_ID, APP_ID]}
+    )
+    assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+
+
+async def test_reasons_quote_untrusted_values_briefly(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    reason = await rejected(auth, bearer(token), activity(channel_id="c" * 100_000))
+    assert "endorsed" in reason
+    assert len(reason) < 500
+
+
+async def test_endorsements_are_matched_exactly(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    for channel_id in ("MSTeams", "msteams ", "msteams\x00", ""):
+        assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id=channel_id))
+
+
 # case: (mint_emulator_token arguments, expected reason)
 EMULATOR_REJECTIONS = {
     "another app (appid)": (dict(version="1.0", caller=OTHER_APP_ID), "another app"),
@@ -240,6 +352,9 @@ EMULATOR_REJECTIONS = {
     ),
     "no exp": (dict(version="1.0", drop=("exp",)), "no exp"),
     "expired": (dict(version="1.0", lifetime=-1000), "expired"),
+    # A user's delegated token for the bot's own app (scp): the Emulator signs in as the app.
+    "user token (v2)": (dict(version="2.0", claims={"scp": "access_as_user"}), "user token"),
+    "user token (v1)": (dict(version="1.0", claims={"scp": "user_impersonation"}), "user token"),
 }
 
 
@@ -279,6 +394,79 @@ async def test_keys_are_cached(auth, channel_identity):
         token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
         await auth.authenticate(bearer(token), activity())
     assert (channel_identity.metadata_requests, channel_identity.jwks_requests) == (1, 1)
+
+
+async def test_unknown_kid_at_cold_start_costs_one_fetch(auth, channel_identity):
+    unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)
+    assert "unknown key id" in await rejected(auth, bearer(unknown), activity())
+    assert (channel_identity.metadata_requests, channel_identity.jwks_requests) == (1, 1)
+
+
+async def test_key_source_documents_are_limited_in_size_and_time():
+    async def big(request: web.Request) -> web.Response:
+        return web.json_response({"jwks_uri": "https://x/keys", "pad": "x" * (2 << 20)})
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for _ in range(60):  # a byte every 50 ms: a slow-loris answer
+            await asyncio.sleep(0.05)
+            await response.write(b" ")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    app.router.add_get("/slow", slow)
+    with BackgroundServer(app) as server:
+        async with aiohttp.ClientSession() as session:
+
+            async def shared_session() -> aiohttp.ClientSession:
+                return session
+
+            for path, reason in (("/big", "too large"), ("/slow", "longer than")):
+                cache = OpenIdKeyCache(server.url + path, shared_session, timeout=0.5)
+                started = time.monotonic()
+                with pytest.raises(KeySourceError, match=reason):
+                    await cache.get("kid")
+                assert time.monotonic() - started < 3
+
+
+def jwk(bits: int = 2048, **fields) -> dict:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits).public_key()
+    numbers = key.public_numbers()
+
+    def b64(value: int) -> str:
+        raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    fixed = {"kty": "RSA", "use": "sig", "kid": "good", "n": b64(numbers.n), "e": b64(numbers.e)}
+    return fixed | fields
+
+
+def test_jwks_entries_that_are_not_rsa_signing_keys_of_2048_bits_are_skipped():
+    good = jwk(endorsements=["msteams", 7])
+    keys = parse_jwks(
+        {
+            "keys": [
+                good,
+                jwk(kid="weak", bits=1024),
+                jwk(kid="enc", use="enc"),
+                dict(good, kid="ec", kty="EC"),
+                dict(good, kid="no-n", n=""),
+                dict(good, kid="e-one", e="AQ"),  # e = 1 would make every signature valid
+                dict(good, kid=None),
+                "not an object",
+            ]
+        }
+    )
+    assert list(keys) == ["good"]
+    assert keys["good"].endorsements == frozenset({"msteams"})
+    with pytest.raises(KeySourceError):
+        parse_jwks({"keys": [jwk(kid="weak", bits=1024)]})
+    with pytest.raises(KeySourceError):
+        parse_jwks({"keys": {"good": good}})
 
 
 async def test_rotated_key_accepted_and_refresh_rate_limited(auth, channel_identity, clock):
@@ -426,6 +614,29 @@ async def test_anonymous_mode_only_for_loopback_service_urls(channel_identity):
     finally:
         await auth.close()
     assert channel_identity.metadata_requests == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.example\\@127.0.0.1:3978/",  # urlsplit: 127.0.0.1; WHATWG: evil.example
+        "http://127.0.0.1:3978\\@evil.example/",
+        "http://user@127.0.0.1:3978/",  # userinfo: the Connector client refuses it
+        "http://localhost@evil.example/",
+        "http://127.0.0.1.evil.example/",
+        "http://127.0.0.1:3978/\tx",
+        " http://127.0.0.1:3978/",
+        "http://localhost:3978/\u212a",
+        "http://0x7f.0.0.1/",
+        "http://localhost./",
+    ],
+)
+async def test_anonymous_mode_refuses_urls_that_only_look_loopback(url):
+    auth = InboundAuthenticator(Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"}))
+    try:
+        await rejected(auth, None, activity(url, "emulator"))
+    finally:
+        await auth.close()
 
 
 async def test_an_app_id_turns_anonymous_mode_off():

@@ -20,7 +20,7 @@ import pytest
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.bot import router as shipped_router
-from shared.config import reset_settings
+from shared.config import Settings, reset_settings
 from shared.connector import ConnectorClient
 from shared.http import HttpRequest, HttpResponse
 from shared.messages import SERVER_ERROR, UNAUTHORIZED, handle_messages
@@ -323,6 +323,67 @@ async def test_malformed_requests_get_the_designed_status(
     assert channel_identity.jwks_requests == 0  # rejected before the token was even looked at
 
 
+async def test_json_nested_just_under_the_parsers_limit_is_400_not_500(
+    bot, channel_identity, fake_connector, fake_aad
+):
+    # ~940 levels still parse, but the reply and the stored reference (which copy the
+    # conversation) are serialised deeper in the stack: RecursionError, a 500, half a turn.
+    incoming = activity_for(fake_connector.url)
+    body = json.dumps(incoming).replace('"personal"', "[" * 940 + "]" * 940).encode()
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot), body=body))
+    assert response.status == 400
+    assert fake_connector.requests == []
+    assert await stored_keys(bot.store) == []
+    assert fake_aad.issuances == []
+
+
+async def test_unauthenticated_requests_cannot_flood_the_log(bot, fake_connector, caplog):
+    incoming = activity_for(
+        fake_connector.url, id="i" * 200_000, conversation={"id": "c" * 200_000}
+    )
+    with caplog.at_level(logging.INFO):
+        response = await bot.handle(post(incoming))
+    assert response.status == 401
+    assert caplog.records
+    assert max(len(record.getMessage()) for record in caplog.records) < 1000
+    assert "activity='iiii" in caplog.text  # still says which activity it was
+
+
+async def test_logs_carry_neither_tokens_nor_message_text(
+    bot, channel_identity, fake_connector, fake_aad, caplog
+):
+    token = channel_token(channel_identity, bot)
+    incoming = activity_for(fake_connector.url, text="my secret plans")
+    forged = channel_identity.mint_broken(
+        "unpublished_key", bot.settings.app_id, fake_connector.url
+    )
+    with caplog.at_level(logging.DEBUG, logger="shared"):
+        assert (await bot.handle(post(incoming, token))).status == 200
+        assert (await bot.handle(post(incoming, forged))).status == 401
+    assert "messages: 401" in caplog.text
+    [issued] = fake_aad.issuances
+    for secret in (token, forged, forged.split(".")[2], issued.token, "my secret plans"):
+        assert secret not in caplog.text
+
+
+async def test_anonymous_mode_accepts_only_real_loopback_service_urls(fake_connector):
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    bot = Bot(settings, fake_connector.url, shipped_router)
+    try:
+        port = fake_connector.url.rsplit(":", 1)[1]
+        # urlsplit reads the host as 127.0.0.1, a WHATWG parser as evil.example.
+        incoming = activity_for(f"http://evil.example\\@127.0.0.1:{port}", channelId="emulator")
+        response = await bot.handle(post(incoming))
+        assert (response.status, response.body) == (401, UNAUTHORIZED.encode())
+        assert await stored_keys(bot.store) == []
+        # The genuine loopback URL is still served.
+        response = await bot.handle(post(dict(incoming, serviceUrl=fake_connector.url)))
+        assert response.status == 200
+        assert fake_connector.activities[0]["text"] == "Echo: hello there"
+    finally:
+        await bot.runtime.close()
+
+
 async def test_get_is_405(bot, fake_connector):
     response = await bot.handle(post(activity_for(fake_connector.url), method="GET"))
     assert response.status == 405
@@ -379,6 +440,46 @@ async def test_expect_replies_returns_the_buffered_activities(
     [reply] = json.loads(response.body)["activities"]
     assert reply["text"] == "Echo: hello there"
     assert reply["replyToId"] == incoming["id"]
+    assert fake_connector.requests == []
+
+
+async def test_expect_replies_invoke_carries_the_invoke_response(
+    make_bot, channel_identity, fake_connector
+):
+    # As the SDKs do: the invoke's answer travels as an `invokeResponse` activity in the
+    # expected replies, instead of being dropped (a skill host reads it from there).
+    router = Router()
+
+    @router.invoke("adaptiveCard/action")
+    async def card(turn):
+        await turn.send("working on it")
+        return InvokeResponse(
+            200, {"statusCode": 200, "type": "application/vnd.microsoft.activity.message"}
+        )
+
+    bot = make_bot(router)
+    token = channel_token(channel_identity, bot)
+    action = activity_for(
+        fake_connector.url, type="invoke", name="adaptiveCard/action", deliveryMode="expectReplies"
+    )
+    response = await bot.handle(post(action, token))
+    assert response.status == 200
+    sent, answer = json.loads(response.body)["activities"]
+    assert sent["text"] == "working on it"
+    assert answer == {
+        "type": "invokeResponse",
+        "value": {
+            "status": 200,
+            "body": {"statusCode": 200, "type": "application/vnd.microsoft.activity.message"},
+        },
+    }
+
+    unhandled = dict(action, name="task/fetch")
+    response = await bot.handle(post(unhandled, token))
+    assert response.status == 200
+    assert json.loads(response.body)["activities"] == [
+        {"type": "invokeResponse", "value": {"status": 501}}
+    ]
     assert fake_connector.requests == []
 
 
