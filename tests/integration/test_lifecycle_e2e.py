@@ -19,7 +19,6 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from shared.references import document_name
-from tests.fixtures.aad import AadApp
 from tests.fixtures.devhost import DevHost
 from tools.botsim import identity as botsim_identity
 from tools.botsim.connector import FakeConnector
@@ -32,41 +31,26 @@ TENANT = "t-lifecycle"
 # --- one bot for the module ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def connector() -> FakeConnector:
-    with FakeConnector() as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
-def fresh_connector(connector: FakeConnector) -> FakeConnector:
-    connector.reset()
-    return connector
+def connector(module_connector: FakeConnector) -> FakeConnector:
+    module_connector.reset()
+    return module_connector
 
 
 @pytest.fixture(scope="module")
-def aad_app_for_module(fake_aad_service) -> AadApp:
-    # Registered once for the module (the function-scoped `aad_app` fixture resets the fake).
-    app = AadApp(str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}", fake_aad_service.url)
-    fake_aad_service.register_secret(app.app_id, app.secret)
-    fake_aad_service.expires_in = 3600  # whatever an earlier test set
-    return app
-
-
-@pytest.fixture(scope="module")
-def app_id(aad_app_for_module) -> str:
-    return aad_app_for_module.app_id
+def app_id(module_aad_app) -> str:
+    return module_aad_app.app_id
 
 
 @pytest.fixture(scope="module")
 def bot_env(
-    aad_app_for_module, fake_aad_service, identity_services, connector, azurite
+    module_aad_app, fake_aad_service, identity_services, module_connector, azurite
 ) -> dict[str, str]:
     identity_services.reset()
     return {
-        **aad_app_for_module.env,
+        **module_aad_app.env,
         **botsim_identity.identity_env(identity_services.channel, identity_services.emulator),
-        "BOT_TRUSTED_SERVICE_URLS": connector.url,
+        "BOT_TRUSTED_SERVICE_URLS": module_connector.url,
         "AzureWebJobsStorage": azurite.connection_string,
         "BOT_REFERENCES_CONTAINER": f"lifecycle-{uuid.uuid4().hex[:12]}",
         # MSAL (requests) must trust the fake AAD's CA.

@@ -24,7 +24,6 @@ from azure.storage.queue import QueueServiceClient
 
 from shared.config import Settings
 from shared.references import BlobReferenceStore
-from tests.fixtures.aad import AadApp
 from tests.fixtures.devhost import DevHost
 from tools.botsim import identity as botsim_identity
 from tools.botsim.connector import FakeConnector, Reply
@@ -34,34 +33,19 @@ pytestmark = pytest.mark.integration
 DELIVERY_TIMEOUT = 15.0  # polling backs off to 2 s; a cold first send also gets a token
 
 
-@pytest.fixture(scope="module")
-def connector() -> FakeConnector:
-    with FakeConnector() as server:
-        yield server
-
-
 @pytest.fixture(autouse=True)
-def fresh_connector(connector: FakeConnector) -> FakeConnector:
-    connector.reset()
-    return connector
+def connector(module_connector: FakeConnector) -> FakeConnector:
+    module_connector.reset()
+    return module_connector
 
 
 @pytest.fixture(scope="module")
-def aad_app_for_module(fake_aad_service) -> AadApp:
-    # Registered once for the module (the function-scoped `aad_app` fixture resets the fake).
-    app = AadApp(str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}", fake_aad_service.url)
-    fake_aad_service.register_secret(app.app_id, app.secret)
-    fake_aad_service.expires_in = 3600  # whatever an earlier test set
-    return app
-
-
-@pytest.fixture(scope="module")
-def bot_env(aad_app_for_module, fake_aad_service, identity_services, connector, azurite):
+def bot_env(module_aad_app, fake_aad_service, identity_services, module_connector, azurite):
     suffix = uuid.uuid4().hex[:12]
     return {
-        **aad_app_for_module.env,
+        **module_aad_app.env,
         **botsim_identity.identity_env(identity_services.channel, identity_services.emulator),
-        "BOT_TRUSTED_SERVICE_URLS": connector.url,
+        "BOT_TRUSTED_SERVICE_URLS": module_connector.url,
         "AzureWebJobsStorage": azurite.connection_string,
         "BOT_REFERENCES_CONTAINER": f"proactive-refs-{suffix}",
         "BOT_PROACTIVE_QUEUE": f"proactive-{suffix}",
