@@ -24,8 +24,12 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
 
 ``users/<channel>/id/<user id>.json`` and ``users/<channel>/aad/<aadObjectId>.json``
     Small index documents ``{"schemaVersion": 1, "key": "<conversation key>"}`` pointing at
-    a user's 1:1 conversation. Written before the document and verified against it when
-    read, so a stale or orphaned index entry is never returned.
+    a user's 1:1 conversation, plus ``"older": [...]`` (most recent first, at most 8 in all)
+    when the user has more than one (a guest's 1:1 in each tenant; several Web Chat
+    sessions), so a lookup narrowed to a tenant, or made after the latest one was deleted,
+    still finds the others. Changed with ETags like the documents; brought up to date
+    before a document write and checked again after it; every entry is verified against
+    its document when read, so a stale or orphaned entry is never returned.
 
 Name segments
     ``b`` + base64url(UTF-8, no padding) of the id: reversible (:func:`decode_segment`),
@@ -39,9 +43,20 @@ Writes
     conflict the document is re-read and the change re-applied (bounded, jittered retries,
     then :class:`StoreConflict`). ``upsert`` merges the incoming reference into the stored
     one (top-level fields; nested objects with the same ``id`` merge too) and writes only
-    when something material changed: ``activityId`` never forces a write, nor does the
-    speaking ``user`` of a group conversation. A bounded in-process LRU remembers what was
-    last read or written per key, so a chatty conversation costs no storage call per message.
+    when something material changed: ``activityId`` never forces a write, nor do the
+    speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
+    takes the key out of the user index first, then deletes the document at the ETag it
+    read (re-reading when it changed meanwhile), so a delete racing a re-create never
+    leaves a stored conversation its user cannot be found by.
+
+Cache
+    A bounded in-process LRU remembers what was last read or written per key (5 minutes),
+    so a chatty conversation costs no storage call per message. It only ever spares a
+    write: ``get``, ``list`` and ``find_by_user`` always read storage, ``refresh=True``
+    (install, bot added, team restored) bypasses it, and a delete in this process makes
+    it forget the key, including what a concurrent read or write would have remembered.
+    A delete by another instance can therefore delay re-storing a conversation by at most
+    the cache's lifetime, and only until the next install or bot-added event.
 """
 
 from __future__ import annotations
@@ -84,6 +99,7 @@ MAX_PAGE_SIZE = 5000  # Azure's largest listing page
 _CHANNEL_BUDGET = 96  # characters of a channel-id segment
 _ID_BUDGET = 800  # characters of a conversation / user id segment
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
+_INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
 _DOC_PREFIX = "refs/"
 _USER_PREFIX = "users/"
 
@@ -252,8 +268,10 @@ def _merge(stored: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, 
 def _material(reference: Mapping[str, Any]) -> dict[str, Any]:
     material = {k: v for k, v in reference.items() if k not in VOLATILE_FIELDS}
     if not is_personal(reference):
-        # In a group the reference's user is whoever spoke last: not worth a write.
+        # In a group the reference's user (and their client's locale) is whoever spoke
+        # last: not worth a write.
         material.pop("user", None)
+        material.pop("locale", None)
     return material
 
 
@@ -437,7 +455,7 @@ class MemoryReferenceStore:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._docs: dict[str, StoredReference] = {}
-        self._users: dict[tuple[str, str, str], str] = {}  # (channel, kind, id) -> key
+        self._users: dict[tuple[str, str, str], list[str]] = {}  # (channel, kind, id) -> keys
         self._sorted: list[str] | None = None
         self._version = 0
         self.writes = 0
@@ -457,9 +475,9 @@ class MemoryReferenceStore:
             return False
         self._version += 1
         planned.etag = f'"m{self._version}"'
-        if planned.personal:
-            for kind, value in _index_entries(planned):
-                self._users[(planned.channel_id, kind, value)] = key
+        for kind, value in _index_entries(planned):
+            entry = (planned.channel_id, kind, value)
+            self._users[entry] = _to_front(key)(self._users.get(entry, []))
         if key not in self._docs:
             self._sorted = None
         self._docs[key] = _copy(planned)
@@ -474,8 +492,11 @@ class MemoryReferenceStore:
         self._sorted = None
         self.deletes += 1
         for kind, value in _index_entries(stored):
-            if self._users.get((stored.channel_id, kind, value)) == key:
-                del self._users[(stored.channel_id, kind, value)]
+            entry = (stored.channel_id, kind, value)
+            if keys := _without(key)(self._users.get(entry, [])):
+                self._users[entry] = keys
+            else:
+                self._users.pop(entry, None)
         return True
 
     async def list(
@@ -512,10 +533,10 @@ class MemoryReferenceStore:
         tenant_id: str | None = None,
     ) -> StoredReference | None:
         for kind, value in _user_lookups(channel_id, user_id, aad_object_id):
-            key = self._users.get((channel_id, kind, value))
-            stored = self._docs.get(key) if key else None
-            if stored and _user_matches(stored, user_id, aad_object_id, tenant_id):
-                return _copy(stored)
+            for key in self._users.get((channel_id, kind, value), []):
+                stored = self._docs.get(key)
+                if stored and _user_matches(stored, user_id, aad_object_id, tenant_id):
+                    return _copy(stored)
         return None
 
     async def close(self) -> None:
@@ -524,6 +545,31 @@ class MemoryReferenceStore:
 
 def _copy(stored: StoredReference) -> StoredReference:
     return replace(stored, reference=json.loads(json.dumps(stored.reference)))
+
+
+def _to_front(key: str) -> Callable[[list[str]], list[str]]:
+    """Index change: `key` becomes the user's most recent conversation."""
+    return lambda keys: [key, *(k for k in keys if k != key)][:_INDEX_KEYS]
+
+
+def _without(key: str) -> Callable[[list[str]], list[str]]:
+    return lambda keys: [k for k in keys if k != key]
+
+
+def _index_keys(document: Any) -> list[str]:
+    """The conversation keys of a user index document, most recent first."""
+    if not isinstance(document, dict) or not isinstance(document.get("key"), str):
+        return []
+    older = document.get("older")
+    older = [key for key in older if isinstance(key, str)] if isinstance(older, list) else []
+    return [document["key"], *older]
+
+
+def _index_body(keys: list[str]) -> bytes:
+    document: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "key": keys[0]}
+    if len(keys) > 1:
+        document["older"] = keys[1:]
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _index_entries(stored: StoredReference) -> list[tuple[Literal["id", "aad"], str]]:
@@ -588,6 +634,7 @@ class BlobReferenceStore:
         cache_size: int = 1024,
         cache_ttl: float = 300.0,
         max_attempts: int = 16,
+        listing_batch: int = 1000,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
@@ -600,6 +647,8 @@ class BlobReferenceStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cache = _RecentCache(cache_size, cache_ttl, clock)
         self._max_attempts = max_attempts
+        self._listing_batch = listing_batch
+        self._deletions = 0  # bumped by every delete: a read from before it is not cached
         self._clock = clock
         self._sleep = sleep
 
@@ -607,12 +656,13 @@ class BlobReferenceStore:
 
     async def get(self, key: str) -> StoredReference | None:
         name = document_name(key)
+        generation = self._deletions
         async with self._guard("get", key):
             stored = await self._read(name, key)
         if stored is None:
             self._cache.drop(key)
         else:
-            self._cache.put(stored)
+            self._remember(stored, generation)
         return stored
 
     async def upsert(
@@ -623,27 +673,38 @@ class BlobReferenceStore:
         if cached is not None and _plan(cached, reference, team_id, self._clock()) is None:
             return False
         name = document_name(key)
+        generation = self._deletions
         async with self._guard("upsert", key):
             for attempt in range(self._max_attempts):
                 current = await self._read(name, key)
                 planned = _plan(current, reference, team_id, self._clock())
                 if planned is None:
-                    self._cache.put(current)  # type: ignore[arg-type]
+                    self._remember(current, generation)  # type: ignore[arg-type]
                     return False
-                # Index first: an index entry without its document is ignored on lookup,
-                # a document without its index entry could not be found by user.
-                for kind, value in _index_entries(planned):
-                    await self._write_index(planned.channel_id, kind, value, key)
-                etag = await self._write_document(name, planned, current.etag if current else None)
+                # The user index is brought up to date before the document (an entry
+                # without its document is ignored on lookup, so a crash in between harms
+                # nothing) and checked again after it, because a delete that ran meanwhile
+                # may have taken this key out of it.
+                entries = _index_entries(planned)
+                for kind, value in entries:
+                    await self._update_index(planned.channel_id, kind, value, _to_front(key))
+                etag = await self._put(
+                    name,
+                    _document_body(planned),
+                    current.etag if current else None,
+                    metadata_for=planned,
+                )
                 if etag is not None:
+                    for kind, value in entries:
+                        await self._update_index(planned.channel_id, kind, value, _to_front(key))
                     planned.etag = etag
-                    self._cache.put(planned)
+                    self._remember(planned, generation)
                     logger.info(
                         "references: %s %s", "updated" if current else "created", _short(key)
                     )
                     return True
                 self._cache.drop(key)
-                await self._sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+                await self._backoff(attempt)
         raise StoreConflict(
             f"reference store: upsert of {_short(key)} gave up after "
             f"{self._max_attempts} concurrent-update conflicts"
@@ -651,13 +712,14 @@ class BlobReferenceStore:
 
     async def delete(self, key: str) -> bool:
         name = document_name(key)
-        self._cache.drop(key)
-        async with self._guard("delete", key):
-            current = await self._read(name, key)
-            deleted = await self._delete_blob(name)
-            if current is not None:
-                for kind, value in _index_entries(current):
-                    await self._delete_index(current.channel_id, kind, value, key)
+        self._forget(key)
+        try:
+            async with self._guard("delete", key):
+                deleted = await self._delete(name, key)
+        finally:
+            # Again at the end: an upsert or get that read the document before it was
+            # deleted must not leave it in the cache as stored.
+            self._forget(key)
         if deleted:
             logger.info("references: deleted %s", _short(key))
         return deleted
@@ -689,14 +751,14 @@ class BlobReferenceStore:
         async with self._guard("find_by_user", channel_id):
             for kind, value in lookups:
                 index = await self._read_json(user_index_name(channel_id, kind, value))
-                key = index[0].get("key") if index and isinstance(index[0], dict) else None
-                try:
-                    name = document_name(key)  # type: ignore[arg-type]
-                except ValueError:
-                    continue  # not an index entry this store wrote: treat as absent
-                stored = await self._read(name, key)  # type: ignore[arg-type]
-                if stored and _user_matches(stored, user_id, aad_object_id, tenant_id):
-                    return stored
+                for key in _index_keys(index[0]) if index else []:
+                    try:
+                        name = document_name(key)
+                    except ValueError:
+                        continue  # not an index entry this store wrote: treat as absent
+                    stored = await self._read(name, key)
+                    if stored and _user_matches(stored, user_id, aad_object_id, tenant_id):
+                        return stored
         return None
 
     async def close(self) -> None:
@@ -741,10 +803,16 @@ class BlobReferenceStore:
         stored = from_document(found[0], found[1])
         return stored if stored.key == key else None  # a hashed name's other key: absent
 
-    async def _write_document(
-        self, name: str, stored: StoredReference, etag: str | None
+    async def _put(
+        self,
+        name: str,
+        body: bytes,
+        etag: str | None,
+        *,
+        metadata_for: StoredReference | None = None,
     ) -> str | None:
-        """Write conditionally; the new ETag, or None when another writer got there first."""
+        """Write `name` if it is still at `etag` (absent when None): the new ETag, or None
+        when another writer changed or removed it first."""
         from azure.core import MatchConditions
         from azure.core.exceptions import (
             ResourceExistsError,
@@ -753,17 +821,17 @@ class BlobReferenceStore:
         )
         from azure.storage.blob import ContentSettings
 
-        body = json.dumps(to_document(stored), separators=(",", ":")).encode()
         if etag is None:
             conditions: dict[str, Any] = {"overwrite": False}  # If-None-Match: *
         else:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+        metadata = _metadata(metadata_for, body) if metadata_for else None
         for _ in range(2):
             blob = self._container().get_blob_client(name)
             try:
                 result = await blob.upload_blob(
                     body,
-                    metadata=_metadata(stored, body),
+                    metadata=metadata,
                     content_settings=ContentSettings(content_type="application/json"),
                     **conditions,
                 )
@@ -776,40 +844,78 @@ class BlobReferenceStore:
                 await self._create_container()
         raise StoreError(f"reference store: container {self._container_name} keeps vanishing")
 
-    async def _write_index(self, channel_id: str, kind: str, value: str, key: str) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        name = user_index_name(channel_id, kind, value)  # type: ignore[arg-type]
-        body = json.dumps({"schemaVersion": SCHEMA_VERSION, "key": key}).encode()
-        try:
-            await self._container().upload_blob(name, body, overwrite=True)
-        except ResourceNotFoundError as exc:
-            if exc.error_code != "ContainerNotFound":
-                raise
-            await self._create_container()
-            await self._container().upload_blob(name, body, overwrite=True)
-
-    async def _delete_index(self, channel_id: str, kind: str, value: str, key: str) -> None:
+    async def _remove(self, name: str, etag: str) -> bool | None:
+        """Delete `name` if it is still at `etag`: True; False when it is gone already;
+        None when another writer changed it first."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        name = user_index_name(channel_id, kind, value)  # type: ignore[arg-type]
-        found = await self._read_json(name)
-        if not found or not isinstance(found[0], dict) or found[0].get("key") != key:
-            return  # already gone, or now pointing at another conversation
-        with contextlib.suppress(ResourceNotFoundError, ResourceModifiedError):
-            await self._container().delete_blob(
-                name, etag=found[1], match_condition=MatchConditions.IfNotModified
-            )
-
-    async def _delete_blob(self, name: str) -> bool:
-        from azure.core.exceptions import ResourceNotFoundError
-
         try:
-            await self._container().delete_blob(name)
+            await self._container().delete_blob(
+                name, etag=etag, match_condition=MatchConditions.IfNotModified
+            )
         except ResourceNotFoundError:
             return False  # 404 on delete is fine: it is gone either way
+        except ResourceModifiedError:
+            return None
         return True
+
+    async def _delete(self, name: str, key: str) -> bool:
+        """Index entries first, then the document at the ETag they were read from."""
+        for attempt in range(self._max_attempts):
+            current = await self._read(name, key)
+            if current is None:
+                return False
+            for kind, value in _index_entries(current):
+                await self._update_index(current.channel_id, kind, value, _without(key))
+            removed = await self._remove(name, current.etag)  # type: ignore[arg-type]
+            if removed is not None:
+                return removed
+            await self._backoff(attempt)  # updated meanwhile: its index entries may differ
+        raise StoreConflict(
+            f"reference store: delete of {_short(key)} gave up after "
+            f"{self._max_attempts} concurrent-update conflicts"
+        )
+
+    async def _update_index(
+        self,
+        channel_id: str,
+        kind: Literal["id", "aad"],
+        value: str,
+        change: Callable[[list[str]], list[str]],
+    ) -> None:
+        """Apply `change` to a user index's keys (read, then conditional write or delete)."""
+        name = user_index_name(channel_id, kind, value)
+        for attempt in range(self._max_attempts):
+            found = await self._read_json(name)
+            keys = _index_keys(found[0]) if found else []
+            wanted = change(keys)
+            if wanted == keys and (found is None or wanted):
+                return  # already so (an index left with no key is removed below)
+            if wanted:
+                etag = found[1] if found else None
+                done = await self._put(name, _index_body(wanted), etag) is not None
+            else:
+                done = await self._remove(name, found[1]) is not None  # type: ignore[index]
+            if done:
+                return
+            await self._backoff(attempt)
+        raise StoreConflict(
+            f"reference store: user index of {_short(value)} gave up after "
+            f"{self._max_attempts} concurrent-update conflicts"
+        )
+
+    async def _backoff(self, attempt: int) -> None:
+        await self._sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+
+    def _remember(self, stored: StoredReference, generation: int) -> None:
+        """Cache what was read or written, unless a delete ran since it was read."""
+        if generation == self._deletions:
+            self._cache.put(stored)
+
+    def _forget(self, key: str) -> None:
+        self._deletions += 1
+        self._cache.drop(key)
 
     async def _create_container(self) -> None:
         from azure.core.exceptions import ResourceExistsError
@@ -827,7 +933,8 @@ class BlobReferenceStore:
         from azure.core.exceptions import ResourceNotFoundError
 
         filtered = filters.tenant_id is not None or filters.team_id is not None
-        fetch = min(MAX_PAGE_SIZE, max(page_size, 1000)) if filtered else page_size
+        batch = max(page_size, self._listing_batch)
+        fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
         tenant = _meta_value(filters.tenant_id)
         team = _meta_value(filters.team_id)
         marker: str | None = state.get("m")
@@ -865,7 +972,9 @@ class BlobReferenceStore:
                     return Page(await self._materialize(found, filters), token)
             if not next_marker:
                 return Page(await self._materialize(found, filters), None)
-            marker, after = next_marker, None
+            # `after` stays: names handed out before may reappear on a later listing page
+            # when conversations were added in front of them meanwhile.
+            marker = next_marker
 
     async def _materialize(
         self, found: list[tuple[str, Any]], filters: _Filters
@@ -910,17 +1019,28 @@ class BlobReferenceStore:
                 status=exc.status_code,
             ) from None
         except HttpResponseError as exc:
+            code = _error_code(exc)
             raise StoreError(
                 f"reference store: {operation} {_short(key)} failed: HTTP {exc.status_code} "
-                f"{exc.error_code or ''}".rstrip(),
+                f"{code or ''}".rstrip(),
                 status=exc.status_code,
-                code=str(exc.error_code) if exc.error_code else None,
+                code=code,
             ) from None
         except (AzureError, OSError) as exc:
             raise StoreError(
                 f"reference store: {operation} {_short(key)} failed: storage unreachable "
                 f"({type(exc).__name__})"
             ) from None
+
+
+def _error_code(exc: Any) -> str | None:
+    """Storage's own error code ("LeaseIdMissing"), not the SDK enum's name."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code)) if code else None
+
+
+def _document_body(stored: StoredReference) -> bytes:
+    return json.dumps(to_document(stored), separators=(",", ":")).encode()
 
 
 def _meta_value(value: str | None) -> str | None:

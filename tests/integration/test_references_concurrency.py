@@ -146,6 +146,50 @@ def test_twenty_writers_in_two_processes_lose_no_update(azurite, unique_name):
     assert check(results, final) == set(range(20))
 
 
+def guest_reference(tenant: int, **extra) -> dict:
+    """One user's 1:1 with the bot in each of several tenants (a guest user)."""
+    return {
+        "channelId": "msteams",
+        "serviceUrl": "https://smba.trafficmanager.net/emea/",
+        "conversation": {
+            "id": f"a:guest-{tenant}",
+            "conversationType": "personal",
+            "tenantId": f"t{tenant}",
+        },
+        "user": {"id": "29:guest", "aadObjectId": "aad-guest"},
+        "bot": {"id": "28:bot"},
+        **extra,
+    }
+
+
+async def test_user_index_loses_no_conversation_under_concurrent_writers(azurite, unique_name):
+    settings = settings_for(azurite.connection_string, unique_name("race"))
+    stores = [BlobReferenceStore(settings, options=OPTIONS, max_attempts=25) for _ in range(3)]
+    try:
+        await asyncio.gather(*(stores[t % 3].upsert(guest_reference(t)) for t in range(6)))
+        # Half are removed while the other half change, all at once, from three instances.
+        await asyncio.gather(
+            *(
+                stores[t % 3].delete(f"msteams/a:guest-{t}")
+                if t % 2
+                else stores[(t + 1) % 3].upsert(guest_reference(t, locale="fr-FR"))
+                for t in range(6)
+            )
+        )
+        reader = stores[0]
+        for t in range(6):
+            for who in ({"user_id": "29:guest"}, {"aad_object_id": "aad-guest"}):
+                found = await reader.find_by_user(channel_id="msteams", tenant_id=f"t{t}", **who)
+                if t % 2:
+                    assert found is None, (t, who)
+                else:
+                    assert found is not None and found.key == f"msteams/a:guest-{t}", (t, who)
+                    assert found.reference["locale"] == "fr-FR"
+    finally:
+        for store in stores:
+            await store.close()
+
+
 # ---------------------------------------------------------------------------- listing at scale
 
 

@@ -145,6 +145,29 @@ async def test_first_message_adds_and_a_changed_one_refreshes(store):
     assert second.reference["serviceUrl"] == "https://smba.trafficmanager.net/amer/"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tenant": "tenant-2"},
+        {"conversation": {"id": "19:chat", "conversationType": "groupChat", "name": "Renamed"}},
+        {"recipient": {"id": BOT["id"], "name": "Renamed bot"}},
+    ],
+    ids=["tenant", "conversation-name", "bot-name"],
+)
+async def test_a_message_that_changes_the_reference_is_written(store, change):
+    await record_activity(store, message("19:chat", personal=False))
+    before = await store.get("msteams/19:chat")
+    await record_activity(store, message("19:chat", personal=False, **change))
+    after = await store.get("msteams/19:chat")
+    assert after.etag != before.etag
+    if "tenant" in change:
+        assert after.tenant_id == "tenant-2"
+    if "conversation" in change:
+        assert after.reference["conversation"]["name"] == "Renamed"
+    if "recipient" in change:
+        assert after.reference["bot"]["name"] == "Renamed bot"
+
+
 async def test_team_restored_adds_it_back(store):
     general = "19:general@thread.tacv2"
     await record_activity(
@@ -207,13 +230,14 @@ async def test_uninstall_removes_the_conversation(store, action):
     assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
 
 
-async def test_bot_removed_from_a_group_chat_removes_it(store):
+@pytest.mark.parametrize("bot_id", ["28:bot-app-id", "bot-app-id"])
+async def test_bot_removed_from_a_group_chat_removes_it(store, bot_id):
     await record_activity(store, message("19:chat", personal=False))
     update = activity(
         "conversationUpdate",
         "19:chat",
         personal=False,
-        membersRemoved=[{"id": "29:x"}, {"id": BOT["id"]}],
+        membersRemoved=[{"id": "29:x"}, {"id": bot_id}],
     )
     assert classify(update) is Change.REMOVE
     await record_activity(store, update)

@@ -8,12 +8,14 @@ errors for foreign or corrupt documents, and storage outages (stopped or frozen 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
 import time
 
 import pytest
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import ContainerClient
 from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
 
@@ -327,6 +329,15 @@ async def test_list_rejects_bad_page_sizes_and_tokens(store):
             await store.list(page_size=size)
     with pytest.raises(ValueError):
         await store.list(continuation="not a token")
+    forged = [
+        "",
+        "é",
+        base64.urlsafe_b64encode(b"[1, 2]").decode(),
+        base64.urlsafe_b64encode(b'{"v": 1, "a": 5}').decode(),
+    ]
+    for token in forged:
+        with pytest.raises(ValueError):
+            await store.list(continuation=token)
     with pytest.raises(ValueError):  # a token only continues the listing it came from
         await store.list(channel_id="webchat", continuation=page.continuation)
 
@@ -353,6 +364,80 @@ async def test_team_id_is_kept_when_a_later_activity_lacks_it(store):
     await store.upsert(reference("19:c", personal=False), team_id="team-1")
     assert await store.upsert(reference("19:c", personal=False, activityId="2")) is False
     assert (await store.get("msteams/19:c")).team_id == "team-1"
+
+
+async def test_find_by_user_with_one_to_one_chats_in_several_tenants(store):
+    # A guest user: one 1:1 with the bot in the home tenant, one in the host tenant.
+    await store.upsert(reference("a:home", tenant="tenant-1", user="29:guest", aad="aad-guest"))
+    await store.upsert(reference("a:host", tenant="tenant-2", user="29:guest", aad="aad-guest"))
+    for tenant, key in (("tenant-1", "msteams/a:home"), ("tenant-2", "msteams/a:host")):
+        for who in ({"user_id": "29:guest"}, {"aad_object_id": "aad-guest"}):
+            found = await store.find_by_user(channel_id="msteams", tenant_id=tenant, **who)
+            assert found is not None and found.key == key, (tenant, who)
+    latest = await store.find_by_user(channel_id="msteams", user_id="29:guest")
+    assert latest.key == "msteams/a:host"  # no tenant given: the most recently written
+    await store.upsert(
+        reference("a:home", tenant="tenant-1", user="29:guest", aad="aad-guest", locale="fr-FR")
+    )
+    latest = await store.find_by_user(channel_id="msteams", aad_object_id="aad-guest")
+    assert latest.key == "msteams/a:home"
+
+
+async def test_find_by_user_after_their_latest_conversation_is_deleted(store):
+    for conversation_id in ("c-1", "c-2"):
+        await store.upsert(
+            reference(conversation_id, channel_id="webchat", tenant=None, user="u-1", aad=None)
+        )
+    assert (await store.find_by_user(channel_id="webchat", user_id="u-1")).key == "webchat/c-2"
+    await store.delete("webchat/c-2")
+    found = await store.find_by_user(channel_id="webchat", user_id="u-1")
+    assert found is not None and found.key == "webchat/c-1"
+    await store.delete("webchat/c-1")
+    assert await store.find_by_user(channel_id="webchat", user_id="u-1") is None
+
+
+async def test_group_speakers_locale_alone_writes_nothing(store):
+    # In a group every speaker brings their own client's locale: no write per speaker.
+    group = "19:team@thread.tacv2"
+    assert await store.upsert(reference(group, personal=False, user="29:a", locale="en-US"))
+    etag = (await store.get(f"msteams/{group}")).etag
+    assert not await store.upsert(reference(group, personal=False, user="29:b", locale="de-DE"))
+    assert not await store.upsert(reference(group, personal=False, user="29:c", locale="ja-JP"))
+    assert (await store.get(f"msteams/{group}")).etag == etag
+
+
+async def test_ids_differing_only_in_unicode_normalisation_stay_apart(store):
+    composed, decomposed = "a:caf\u00e9", "a:cafe\u0301"  # NFC and NFD of the same text
+    await store.upsert(reference(composed, user="29:nfc"))
+    await store.upsert(reference(decomposed, user="29:nfd"))
+    assert (await store.get(f"msteams/{composed}")).reference["user"]["id"] == "29:nfc"
+    assert (await store.get(f"msteams/{decomposed}")).reference["user"]["id"] == "29:nfd"
+    assert len(await list_all(store)) == 2
+
+
+def _token_state(token: str) -> dict:
+    return json.loads(base64.urlsafe_b64decode(token))
+
+
+def _token(state: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
+
+
+async def test_a_token_forged_for_other_filters_lists_only_those_filters(store):
+    for i in range(4):
+        await store.upsert(reference(f"t1-{i}", tenant="t1", personal=False))
+        await store.upsert(reference(f"t2-{i}", tenant="t2", personal=False))
+        await store.upsert(reference(f"web-{i}", channel_id="webchat", tenant=None))
+    t1 = await store.list(channel_id="msteams", tenant_id="t1", page_size=1)
+    t2 = await store.list(tenant_id="t2", page_size=1)
+    web = await store.list(channel_id="webchat", page_size=1)
+    # t1's position with the t2 listing's (public) fingerprint: still only t2 comes back.
+    forged = _token({**_token_state(t1.continuation), "f": _token_state(t2.continuation)["f"]})
+    page = await store.list(tenant_id="t2", page_size=100, continuation=forged)
+    assert page.items and {item.tenant_id for item in page.items} == {"t2"}
+    forged = _token({**_token_state(t1.continuation), "f": _token_state(web.continuation)["f"]})
+    page = await store.list(channel_id="webchat", page_size=100, continuation=forged)
+    assert {item.channel_id for item in page.items} <= {"webchat"}
 
 
 # ---------------------------------------------------------------------------- Blob only
@@ -518,6 +603,186 @@ def test_blob_store_survives_a_new_event_loop(azurite, unique_name):
     # A host that runs each invocation on a fresh loop: the client is rebuilt, not reused.
     assert asyncio.run(store.get("msteams/a:1")) is not None
     asyncio.run(store.close())
+
+
+class Gate:
+    """Holds the first request a predicate picks (or its answer) until released."""
+
+    def __init__(self, picks, after_response: bool) -> None:
+        self.picks = picks
+        self.after_response = after_response
+        self.reached = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def wait_reached(self) -> None:
+        await asyncio.wait_for(self.reached.wait(), 5)
+
+    async def hold(self) -> None:
+        self.reached.set()
+        await asyncio.wait_for(self.released.wait(), 10)
+
+
+class GatedTransport(AioHttpTransport):
+    """The SDK's own aiohttp transport, able to pause one chosen request: this is how two
+    function instances' requests interleave, made deterministic. Everything still reaches
+    Azurite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[Gate] = []
+
+    def gate(self, picks, *, after_response: bool = False) -> Gate:
+        self.gates.append(gate := Gate(picks, after_response))
+        return gate
+
+    async def send(self, request, **kwargs):
+        gate = next((g for g in self.gates if not g.reached.is_set() and g.picks(request)), None)
+        if gate is not None and not gate.after_response:
+            await gate.hold()
+        response = await super().send(request, **kwargs)
+        if gate is not None and gate.after_response:
+            await gate.hold()
+        return response
+
+
+def _is(method: str, prefix: str):
+    return lambda request: request.method == method and f"/{prefix}/" in request.url
+
+
+AMER = "https://smba.trafficmanager.net/amer/"
+
+
+@pytest.fixture
+async def gated(azurite, unique_name):
+    """make() → (store, transport); stores share one container."""
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    opened = []
+
+    def make():
+        transport = GatedTransport()
+        client = AsyncBlobServiceClient.from_connection_string(
+            azurite.connection_string, transport=transport
+        )
+        store = BlobReferenceStore(settings, client=client, options=FAST)
+        opened.append((store, client))
+        return store, transport
+
+    yield make
+    for store, client in opened:
+        await store.close()
+        await client.close()
+
+
+@pytest.mark.integration
+async def test_blob_delete_racing_a_recreate_keeps_the_user_index(gated):
+    deleter, deleter_transport = gated()
+    updater, updater_transport = gated()
+    await updater.upsert(reference())
+    index_read = deleter_transport.gate(_is("GET", "users"))
+    document_put = updater_transport.gate(_is("PUT", "refs"))
+    deleting = asyncio.create_task(deleter.delete("msteams/a:1"))
+    await index_read.wait_reached()
+    updating = asyncio.create_task(updater.upsert(reference(service_url=AMER)))
+    await document_put.wait_reached()
+    index_read.released.set()
+    assert await deleting is True
+    document_put.released.set()
+    assert await updating is True
+    # The update came last: the conversation is stored, and its user can be found.
+    stored = await updater.get("msteams/a:1")
+    assert stored is not None and stored.reference["serviceUrl"] == AMER
+    by_id = await updater.find_by_user(channel_id="msteams", user_id="29:user")
+    by_aad = await updater.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    assert by_id is not None and by_id.key == "msteams/a:1"
+    assert by_aad is not None and by_aad.key == "msteams/a:1"
+
+
+@pytest.mark.integration
+async def test_blob_delete_during_an_update_leaves_no_stale_cache(gated):
+    store, transport = gated()
+    await store.upsert(reference())
+    answer = transport.gate(_is("PUT", "refs"), after_response=True)
+    updating = asyncio.create_task(store.upsert(reference(service_url=AMER)))
+    await answer.wait_reached()  # the update is stored; its answer is not back yet
+    assert await store.delete("msteams/a:1") is True
+    answer.released.set()
+    assert await updating is True
+    # Deleted after the update: the next message must store the conversation again.
+    assert await store.upsert(reference(service_url=AMER)) is True
+    assert await store.get("msteams/a:1") is not None
+
+
+@pytest.mark.integration
+async def test_blob_paging_survives_inserts_before_the_resume_point(azurite, unique_name):
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    store = BlobReferenceStore(settings, options=FAST, listing_batch=4)
+    try:
+        wanted = {f"msteams/m-{i}" for i in range(3)}
+        for key in wanted:
+            await store.upsert(reference(key.partition("/")[2], tenant="t1", personal=False))
+        first = await store.list(tenant_id="t1", page_size=1)
+        [handed_out] = first.items
+        # More conversations than one listing batch appear before the resume point.
+        resume_point = document_name(handed_out.key)
+        fillers = [f"f-{i}" for i in range(100)]
+        fillers = [f for f in fillers if document_name(f"msteams/{f}") < resume_point]
+        for filler in fillers[:6]:
+            await store.upsert(reference(filler, tenant="t2", personal=False))
+        seen = [handed_out.key]
+        continuation = first.continuation
+        while continuation:
+            page = await store.list(tenant_id="t1", page_size=1, continuation=continuation)
+            seen += [item.key for item in page.items]
+            continuation = page.continuation
+        assert len(seen) == len(set(seen)), f"duplicates: {seen}"
+        assert set(seen) == wanted
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_blob_leased_document_is_a_clear_error_not_a_conflict(blob_store):
+    store, container = blob_store
+    await store.upsert(reference())
+    container.get_blob_client(document_name("msteams/a:1")).acquire_lease(-1)
+    for call in (
+        lambda: store.upsert(reference(locale="de-DE")),
+        lambda: store.delete("msteams/a:1"),
+    ):
+        with pytest.raises(StoreError) as info:
+            await call()
+        assert type(info.value) is StoreError  # not StoreConflict: no ETag race here
+        assert (info.value.status, info.value.code) == (412, "LeaseIdMissing")
+        assert "LeaseIdMissing" in str(info.value)
+
+
+@pytest.mark.integration
+async def test_blob_user_index_keeps_older_conversations(blob_store):
+    store, container = blob_store
+    await store.upsert(reference("a:1", tenant="tenant-1"))
+    await store.upsert(reference("a:2", tenant="tenant-2"))
+    index = container.download_blob(user_index_name("msteams", "aad", "aad-user")).readall()
+    assert json.loads(index) == {"schemaVersion": 1, "key": "msteams/a:2", "older": ["msteams/a:1"]}
+    await store.delete("msteams/a:2")
+    await store.delete("msteams/a:1")
+    assert not [b.name for b in container.list_blobs(name_starts_with="users/")]
+
+
+@pytest.mark.integration
+async def test_blob_container_deleted_while_running_is_recreated(blob_store):
+    store, container = blob_store
+    await store.upsert(reference("a:1", user="29:alice", aad=None))
+    container.delete_container()
+    assert await store.get("msteams/a:1") is None
+    assert await store.find_by_user(channel_id="msteams", user_id="29:alice") is None
+    assert (await store.list()).items == []
+    assert await store.delete("msteams/a:1") is False
+    assert await store.upsert(reference("a:2", user="29:bob", aad=None)) is True
+    assert container.exists()
+    assert await store.upsert(reference("a:1", user="29:alice", aad=None), refresh=True) is True
+    assert sorted(await list_all(store)) == ["msteams/a:1", "msteams/a:2"]
+    found = await store.find_by_user(channel_id="msteams", user_id="29:alice")
+    assert found is not None and found.key == "msteams/a:1"
 
 
 # ---------------------------------------------------------------------------- outages
