@@ -1,14 +1,20 @@
 """Async client for the Bot Connector REST API v3: all 15 operations, resilient.
 
 - The bot's token goes only to trusted serviceUrls (https on the Bot Framework and Teams
-  hosts, plus ``BOT_TRUSTED_SERVICE_URLS``); anything else is refused before any
-  connection is made or token acquired.
+  hosts of the configured cloud, plus ``BOT_TRUSTED_SERVICE_URLS``); anything else is
+  refused before any connection is made or token acquired. The URL is parsed once,
+  strictly, and the request goes to exactly what was checked.
+- Redirects are followed only for attachment views, and the token never follows one
+  outside the trusted set. Answers are read up to a size limit.
 - Path parameters are percent-encoded (Teams ids contain ``:``, ``@``, ``;`` and ``/``).
 - 412, 429, 502, 503, 504 and connection errors are retried on every method, POST included,
   honouring ``Retry-After``, otherwise with capped exponential backoff and jitter, within a
-  bounded number of attempts and a bounded total time; 500 and other 4xx are not retried.
-- A 401 refreshes the token once and retries.
-- Sends are paced under the Teams limits (:mod:`shared.ratelimit`).
+  bounded number of attempts and a bounded total time (pacing, token and every attempt
+  included); 500 and other 4xx are not retried.
+- A 401 refreshes the token once and retries; calls that saw the same rejected token
+  share one refresh.
+- Sends are paced under the Teams limits (:mod:`shared.ratelimit`); :meth:`background`
+  gives the same client for proactive traffic, which leaves headroom for replies.
 - Every failure is a :class:`ConnectorError` with the status, the service's code and a
   classification the caller can act on (retry later, prune the conversation, give up).
 """
@@ -16,11 +22,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import ipaddress
 import json
 import logging
+import math
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -32,7 +42,7 @@ import yarl
 
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings, is_loopback_host
-from shared.ratelimit import Pacer, conversation_key
+from shared.ratelimit import Pacer, PacingTimeout, conversation_key
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +63,30 @@ GONE_403_CODES = frozenset(
 )
 TEAMS_BLOCKED_ERROR_CODE = 209  # {"errorCode": 209, "message": "{\"subCode\": ...}"}
 
-# Hosts the bot's token may be sent to (exact host or a subdomain of it), per cloud.
-_TEAMS_HOSTS = (
-    "smba.trafficmanager.net",  # Teams, public cloud
-    "smba.infra.gcc.teams.microsoft.com",  # GCC
-    "smba.infra.gov.teams.microsoft.us",  # GCC High
-    "smba.infra.dod.teams.microsoft.us",  # DoD
-)
+# Hosts the bot's token may be sent to (exact host or a subdomain of it), per cloud. GCC
+# tenants use commercial Azure bots; GCC High and DoD bots live in Azure Government.
 TRUSTED_HOSTS: dict[str, tuple[str, ...]] = {
-    "public": ("botframework.com", *_TEAMS_HOSTS),
-    "usgov": ("botframework.us", "botframework.azure.us", *_TEAMS_HOSTS),
+    "public": (
+        "botframework.com",
+        "smba.trafficmanager.net",  # Teams, public cloud
+        "smba.infra.gcc.teams.microsoft.com",  # Teams, GCC
+    ),
+    "usgov": (
+        "botframework.us",
+        "botframework.azure.us",
+        "smba.infra.gov.teams.microsoft.us",  # Teams, GCC High
+        "smba.infra.dod.teams.microsoft.us",  # Teams, DoD
+    ),
 }
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
+MAX_RETRY_AFTER = 3600.0  # a longer Retry-After is reported as this (callers requeue)
+MAX_REDIRECTS = 5  # attachment views only
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
+MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _MAX_MESSAGE_CHARS = 300
+_MAX_CODE_CHARS = 100
 
 
 class ErrorKind(StrEnum):
@@ -151,33 +171,55 @@ class ConnectorClient:
     ) -> None:
         self._settings = settings
         self._tokens = tokens
-        self._session = session
-        self._owns_session = session is None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._http = _Http(session, timeout)
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._clock = clock
-        self._timeout = timeout
         self.pacer = pacer or Pacer(settings.connector_rate_limit, clock=clock, sleep=sleep)
         self._trusted_hosts = TRUSTED_HOSTS[settings.channel_service]
-        self._trusted_prefixes = tuple(urlsplit(p) for p in settings.trusted_service_urls)
+        self._trusted_prefixes = _trusted_prefixes(settings.trusted_service_urls)
+        self._background = False
+        self._background_view: ConnectorClient | None = None
+
+    def background(self) -> ConnectorClient:
+        """This client for background traffic (proactive sends, broadcasts).
+
+        Same session, token provider, pacer and retry policy; its requests are held to
+        the pacer's background share of the global rate, so replies to users always
+        find headroom. Closing the view does nothing: the client that made it owns the
+        session.
+        """
+        if self._background:
+            return self
+        if self._background_view is None:
+            view = copy.copy(self)
+            view._background = True
+            view._background_view = view
+            self._background_view = view
+        return self._background_view
 
     # --- trust ------------------------------------------------------------------------
 
     def is_trusted(self, service_url: str) -> bool:
         """May the bot send its token to ``service_url``? Decided on the URL alone."""
-        parts = _parse_service_url(service_url)
-        if parts is None:
-            return False
-        scheme, host, port, path = parts
+        return self._trusted_target(service_url) is not None
+
+    def _trusted_target(self, service_url: str) -> ServiceTarget | None:
+        target = parse_service_url(service_url)
+        if target is None:
+            return None
         if self._settings.auth_disabled:
             # Local, unauthenticated mode: only loopback Connectors (botsim) are reachable.
-            return is_loopback_host(host)
-        if scheme == "https" and port == 443 and _host_in(host, self._trusted_hosts):
-            return True
-        return any(
-            _prefix_admits(prefix, scheme, host, port, path) for prefix in self._trusted_prefixes
-        )
+            return target if is_loopback_host(target.host) else None
+        if (
+            target.scheme == "https"
+            and target.port == 443
+            and _host_in(target.host, self._trusted_hosts)
+        ):
+            return target
+        if any(_prefix_admits(prefix, target) for prefix in self._trusted_prefixes):
+            return target
+        return None
 
     # --- activities -------------------------------------------------------------------
 
@@ -420,9 +462,8 @@ class ConnectorClient:
         )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and self._owns_session and not session.closed:
-            await session.close()
+        if not self._background:
+            await self._http.close()
 
     # --- the one request path -----------------------------------------------------------
 
@@ -439,46 +480,56 @@ class ConnectorClient:
         pace: str | None = None,
         retry: RetryPolicy | None = None,
     ) -> Any:
-        self._require_trusted(operation, service_url)
+        target = self._require_trusted(operation, service_url)
         policy = retry or self._retry
-        url = _build_url(service_url, path, query)
+        url = _build_url(target, path, query)
+        data = _encode_body(operation, body)
         pace_key = conversation_key(pace) if pace is not None else None
-        started = self._clock()
+        # One budget for everything: the token, pacing waits, every attempt, every backoff.
+        deadline = self._clock() + policy.max_total_seconds
         attempt = failures = 0
-        refreshed = force_refresh = False
+        rejected: str | None = None
+        failure: ConnectorError | None = None
         while True:
-            headers = await self._headers(operation, force_refresh)
-            force_refresh = False
-            await self.pacer.acquire(pace_key)
+            if failure is not None and self._clock() >= deadline:
+                raise failure
+            token = await self._token(operation, rejected, deadline)
+            if self._clock() >= deadline:  # the token took the whole budget
+                raise failure or _budget_spent(operation)
+            await self._pace(operation, pace_key, deadline)
             attempt += 1
-            answer = await self._attempt(operation, method, url, headers, body, attempt)
+            answer = await self._attempt(
+                operation, method, url, _headers(token, data), data, attempt, deadline, expect
+            )
             if isinstance(answer, ConnectorError):
                 failure = answer
             else:
                 status, response_headers, content = answer
                 if 200 <= status < 300:
                     return _result(operation, expect, content)
-                if status == 401 and self._tokens is not None and not refreshed:
+                if status == 401 and token is not None and rejected is None:
                     # The token was rejected (revoked, rotated secret): one fresh token, once.
-                    refreshed = force_refresh = True
+                    rejected = token
                     continue
-                failure = error_from_response(operation, status, response_headers, content)
+                failure = error_from_response(
+                    operation, status, response_headers, content, secrets=(token or "",)
+                )
                 if status not in RETRY_STATUSES:
                     raise failure
             failures += 1
             delay = failure.retry_after
             if delay is None:
                 delay = policy.backoff(failures)
-            elapsed = self._clock() - started
-            if failures >= policy.max_attempts or elapsed + delay > policy.max_total_seconds:
+            if failures >= policy.max_attempts or self._clock() + delay > deadline:
                 raise failure
             await self._sleep(delay)
 
-    def _require_trusted(self, operation: str, service_url: str) -> None:
+    def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
         # Checked before any token is acquired or connection opened (DESIGN: never send
         # the bot's token to a serviceUrl outside the trusted set).
-        if self.is_trusted(service_url):
-            return
+        target = self._trusted_target(service_url)
+        if target is not None:
+            return target
         log.warning(
             "connector %s refused: untrusted serviceUrl host=%s",
             operation,
@@ -488,18 +539,65 @@ class ConnectorClient:
             ErrorKind.UNTRUSTED, "serviceUrl is not trusted; nothing was sent", operation=operation
         )
 
+    def _remaining(self, deadline: float) -> float:
+        return max(0.0, deadline - self._clock())
+
+    async def _token(self, operation: str, rejected: str | None, deadline: float) -> str | None:
+        """The token for the next attempt; a fresh one if ``rejected`` is still current."""
+        if self._tokens is None:
+            return None
+        try:
+            async with asyncio.timeout(self._remaining(deadline)):
+                token = await self._tokens.get_token()
+                if rejected is not None and token == rejected:
+                    # Nobody has replaced the rejected token yet. Calls that saw the same
+                    # 401 get here in the same instant and share this one refresh.
+                    token = await self._tokens.get_token(force_refresh=True)
+        except TokenError as error:
+            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.INVALID
+            raise ConnectorError(
+                kind, f"no token: {error}", code=error.code or "TokenError", operation=operation
+            ) from error
+        except TimeoutError:
+            raise ConnectorError(
+                ErrorKind.TRANSIENT,
+                "no token within the time budget; nothing was sent",
+                code="TokenTimeout",
+                operation=operation,
+            ) from None
+        return token
+
+    async def _pace(self, operation: str, key: str | None, deadline: float) -> None:
+        try:
+            await self.pacer.acquire(
+                key, background=self._background, max_wait=self._remaining(deadline)
+            )
+        except PacingTimeout as error:
+            raise ConnectorError(
+                ErrorKind.THROTTLED,
+                "rate limited here: no send slot within the time budget; nothing was sent",
+                code="PacingTimeout",
+                retry_after=error.wait,
+                operation=operation,
+            ) from None
+
     async def _attempt(
         self,
         operation: str,
         method: str,
         url: yarl.URL,
         headers: dict[str, str],
-        body: Mapping[str, Any] | None,
+        data: bytes | None,
         attempt: int,
+        deadline: float,
+        expect: Expect,
     ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
         """One request: the answer, or a retryable ConnectorError for a connection failure."""
         try:
-            status, response_headers, content = await self._send(method, url, headers, body)
+            async with asyncio.timeout(self._remaining(deadline)):
+                status, response_headers, content = await self._send(
+                    operation, method, url, headers, data, expect
+                )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             outcome = f"failed={type(error).__name__}"
             failure = ConnectorError(
@@ -511,7 +609,7 @@ class ConnectorClient:
                 "connector %s %s %s %s attempt=%d", method, url.host, operation, outcome, attempt
             )
             return failure
-        except aiohttp.ClientError as error:  # e.g. too many redirects: not worth a retry
+        except aiohttp.ClientError as error:  # e.g. a malformed answer: not worth a retry
             raise ConnectorError(
                 ErrorKind.INVALID, f"request failed ({type(error).__name__})", operation=operation
             ) from None
@@ -520,62 +618,156 @@ class ConnectorClient:
         )
         return status, response_headers, content
 
-    async def _headers(self, operation: str, force_refresh: bool) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
-        if self._tokens is None:
-            return headers
-        try:
-            token = await self._tokens.get_token(force_refresh=force_refresh)
-        except TokenError as error:
-            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.INVALID
-            raise ConnectorError(
-                kind, f"no token: {error}", code=error.code or "TokenError", operation=operation
-            ) from error
-        headers["Authorization"] = f"Bearer {token}"
-        return headers
-
     async def _send(
         self,
+        operation: str,
         method: str,
         url: yarl.URL,
         headers: dict[str, str],
-        body: Mapping[str, Any] | None,
+        data: bytes | None,
+        expect: Expect,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        session = self._get_session()
-        # Redirects are followed for reads only (attachment views live elsewhere); aiohttp
-        # drops the Authorization header when a redirect leaves the origin.
-        async with session.request(
-            method,
-            url,
-            headers=headers,
-            json=dict(body) if body is not None else None,
-            allow_redirects=method == "GET",
-        ) as response:
-            content = await response.read()
-            return response.status, response.headers, content
+        session = self._http.get()
+        # Attachment views redirect to where the bytes live; nothing else may redirect
+        # (a 3xx is an error), and redirects are followed here, not by aiohttp, so the
+        # token is dropped unless the next hop is still inside the trusted set.
+        follow = expect == "bytes"
+        for _ in range(MAX_REDIRECTS + 1):
+            async with session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            ) as response:
+                location = response.headers.get("Location")
+                if follow and response.status in _REDIRECT_STATUSES and location:
+                    url, headers = self._redirect(operation, url, location, headers)
+                    continue
+                ok = 200 <= response.status < 300
+                content = await _read_body(operation, response, ok)
+                return response.status, response.headers, content
+        raise ConnectorError(
+            ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
+        )
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _redirect(
+        self, operation: str, url: yarl.URL, location: str, headers: dict[str, str]
+    ) -> tuple[yarl.URL, dict[str, str]]:
+        try:
+            target = url.join(yarl.URL(location))
+            host = target.host
+        except (ValueError, TypeError):
+            target, host = None, None
+        secure = target is not None and (
+            target.scheme == "https" or (target.scheme == "http" and is_loopback_host(host))
+        )
+        if target is None or not host or not secure:
+            raise ConnectorError(
+                ErrorKind.INVALID,
+                "redirected to a location that is not an https URL",
+                operation=operation,
+            )
+        headers = dict(headers)
+        same_origin = target.origin() == url.origin()
+        if not (same_origin and self.is_trusted(str(target.with_query(None).with_fragment(None)))):
+            headers.pop("Authorization", None)
+        log.info("connector %s redirected to host=%s", operation, _host_for_log(str(target)))
+        return target, headers
+
+
+class _Http:
+    """The process's one aiohttp session (per event loop), created on first use."""
+
+    __slots__ = ("_loop", "_owned", "_session", "_timeout")
+
+    def __init__(self, session: aiohttp.ClientSession | None, timeout: aiohttp.ClientTimeout):
+        self._session = session
+        self._owned = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeout = timeout
+
+    def get(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         session = self._session
-        if session is not None and not (
-            self._owns_session and (session.closed or self._session_loop is not loop)
-        ):
+        if session is not None and not (self._owned and (session.closed or self._loop is not loop)):
             return session
-        # One session per process (per event loop), created on first use.
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self._session_loop = loop
-        self._owns_session = True
+        # First use, or the loop that owned the old session is gone (tests, some hosts).
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between calls
+        )
+        self._loop = loop
+        self._owned = True
         return self._session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._owned and not session.closed:
+            await session.close()
+
+
+def _budget_spent(operation: str) -> ConnectorError:
+    return ConnectorError(
+        ErrorKind.TRANSIENT, "the time budget was spent; nothing was sent", operation=operation
+    )
+
+
+def _headers(token: str | None, data: bytes | None) -> dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _encode_body(operation: str, body: Mapping[str, Any] | None) -> bytes | None:
+    if body is None:
+        return None
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            f"the request body is not JSON ({type(error).__name__}); nothing was sent",
+            operation=operation,
+        ) from None
+
+
+async def _read_body(operation: str, response: aiohttp.ClientResponse, ok: bool) -> bytes:
+    """The answer's body, up to a limit: errors are cut short, oversized results refused."""
+    limit = MAX_RESPONSE_BYTES if ok else MAX_ERROR_BODY_BYTES
+    if ok and (response.content_length or 0) > limit:
+        raise _too_large(operation, limit)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            if ok:
+                raise _too_large(operation, limit)
+            return bytes(body[:limit])  # leaving unread: aiohttp closes the connection
+    return bytes(body)
+
+
+def _too_large(operation: str, limit: int) -> ConnectorError:
+    return ConnectorError(
+        ErrorKind.INVALID, f"the answer is larger than {limit} bytes", operation=operation
+    )
 
 
 # --- errors ---------------------------------------------------------------------------
 
 
 def error_from_response(
-    operation: str, status: int, headers: Mapping[str, str], content: bytes
+    operation: str,
+    status: int,
+    headers: Mapping[str, str],
+    content: bytes,
+    *,
+    secrets: Sequence[str] = (),
 ) -> ConnectorError:
-    """The ConnectorError for a non-2xx answer, classified per the Teams error table."""
-    code, message, teams_code = parse_error_body(content)
+    """The ConnectorError for a non-2xx answer, classified per the Teams error table.
+
+    ``secrets`` (the token that was sent) are removed should the service echo them.
+    """
+    code, message, teams_code = parse_error_body(content, secrets)
     return ConnectorError(
         classify(status, code, teams_code),
         message or f"HTTP {status}",
@@ -599,20 +791,23 @@ def classify(status: int, code: str | None, teams_code: int | None = None) -> Er
     return ErrorKind.INVALID
 
 
-def parse_error_body(content: bytes) -> tuple[str | None, str, int | None]:
+def parse_error_body(
+    content: bytes, secrets: Sequence[str] = ()
+) -> tuple[str | None, str, int | None]:
     """(code, message, Teams errorCode) from any of the Connector's error body shapes.
 
     Shapes: ``{"error": {"code", "message"}}``; Teams'
     ``{"errorCode": 209, "message": "{\\"subCode\\": \\"MessageWritesBlocked\\", ...}"}``
     (a JSON document inside the message string); ``{"code", "message"}``; plain text.
+    Code and message come back short, on one line, with tokens and ``secrets`` removed.
     """
     text = content.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text) if text else None
     except ValueError:
-        return None, _clip(text), None
+        return None, _clean(text, secrets), None
     if not isinstance(data, dict):
-        return None, _clip(text), None
+        return None, _clean(text, secrets), None
     code: Any = None
     message: Any = None
     error = data.get("error")
@@ -629,25 +824,35 @@ def parse_error_body(content: bytes) -> tuple[str | None, str, int | None]:
     code = code or data.get("code")
     message = message or data.get("message") or ""
     numeric = teams_code if isinstance(teams_code, int) else None
-    return (str(code) if code else None), _clip(str(message)), numeric
+    code_text = _clean(str(code), secrets, _MAX_CODE_CHARS) if code else None
+    return code_text, _clean(str(message), secrets), numeric
+
+
+_DELTA_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 
 def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date.
+
+    Always finite, between 0 and :data:`MAX_RETRY_AFTER`; None when absent or unreadable
+    (``inf``, ``nan``, a date without a zone, garbage).
+    """
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None or when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now())
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now()
+    if not math.isfinite(seconds):
+        return MAX_RETRY_AFTER if seconds > 0 else None
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def _json_object(value: Any) -> dict[str, Any]:
@@ -662,8 +867,20 @@ def _json_object(value: Any) -> dict[str, Any]:
     return {}
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_BEARER = re.compile(r"(?i)bearer\s+[^\s,;\"']+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def _clean(text: str, secrets: Sequence[str] = (), limit: int = _MAX_MESSAGE_CHARS) -> str:
+    """Service text made safe to carry and log: no secrets or tokens, one line, short."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _BEARER.sub("Bearer [redacted]", text)
+    text = _JWT.sub("[redacted]", text)
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- results and URLs -----------------------------------------------------------------
@@ -693,59 +910,116 @@ def _q(value: str) -> str:
     return quote(value, safe="")
 
 
-def _build_url(service_url: str, path: str, query: Mapping[str, str | None] | None) -> yarl.URL:
-    base = str(yarl.URL(service_url.strip())).rstrip("/")
+def _build_url(
+    target: ServiceTarget, path: str, query: Mapping[str, str | None] | None
+) -> yarl.URL:
     params = {k: v for k, v in (query or {}).items() if v is not None}
     qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
-    # encoded=True: the path segments are already encoded; yarl must not decode %2F etc.
-    return yarl.URL(f"{base}{path}{qs}", encoded=True)
+    # encoded=True: the URL is exactly the checked one plus already-encoded segments;
+    # yarl must not decode %2F or resolve anything.
+    return yarl.URL(f"{target.base}{path}{qs}", encoded=True)
 
 
-def _parse_service_url(service_url: str) -> tuple[str, str, int, str] | None:
-    """(scheme, host, port, path) of a well-formed absolute http(s) URL, else None."""
+@dataclass(frozen=True, slots=True)
+class ServiceTarget:
+    """A serviceUrl that passed the strict parse: what is checked is what is called."""
+
+    scheme: str
+    host: str  # lower case; an IPv6 address without brackets
+    port: int
+    path: str  # percent-encoded as given, without a trailing slash ("" for the root)
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port == default else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.path}"
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_PATH_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+# Encoded "/", "\\", "." and NUL: servers that decode them could walk out of a path prefix.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
+
+
+def parse_service_url(service_url: str) -> ServiceTarget | None:
+    """The target of a well-formed absolute http(s) URL, else None.
+
+    Strict on purpose: ASCII only (an IDN must come as punycode), no whitespace, control
+    characters or backslashes, no userinfo, query or fragment, a plain DNS name or IP
+    address (no trailing dot, no percent-encoding), a path without dot segments or
+    encoded separators, and plain http only for loopback hosts.
+    """
     if not isinstance(service_url, str) or not service_url.isascii():
         return None
-    if any(c.isspace() or ord(c) < 0x20 or c == "\\" for c in service_url):
-        return None
-    parts = urlsplit(service_url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("https", "http") or parts.query or parts.fragment:
-        return None
-    if "@" in parts.netloc or not parts.hostname:  # userinfo tricks: https://trusted@evil
-        return None
-    host = parts.hostname.lower()
-    if host.endswith(".") or ".." in host:
+    if any(c.isspace() or not c.isprintable() or c in "\\?#" for c in service_url):
         return None
     try:
-        port = parts.port or (443 if scheme == "https" else 80)
+        parts = urlsplit(service_url)
+        port = parts.port
     except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if scheme not in ("https", "http") or "@" in parts.netloc:  # https://trusted@evil
+        return None
+    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+        return None
+    if port is not None and not 0 < port < 65536:
         return None
     if scheme == "http" and not is_loopback_host(host):
         return None
-    return scheme, host, port, parts.path or "/"
+    path = parts.path
+    if not _PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
+        return None
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return None
+    default = 443 if scheme == "https" else 80
+    return ServiceTarget(scheme, host, port or default, path.rstrip("/"))
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _trusted_prefixes(prefixes: Sequence[str]) -> tuple[ServiceTarget, ...]:
+    """BOT_TRUSTED_SERVICE_URLS, parsed as strictly as the serviceUrls they must match."""
+    parsed = []
+    for prefix in prefixes:
+        target = parse_service_url(prefix)
+        if target is None:
+            log.warning(
+                "BOT_TRUSTED_SERVICE_URLS entry ignored (not a plain URL prefix): host=%s",
+                _host_for_log(prefix),
+            )
+            continue
+        parsed.append(target)
+    return tuple(parsed)
 
 
 def _host_in(host: str, trusted: tuple[str, ...]) -> bool:
     return any(host == name or host.endswith("." + name) for name in trusted)
 
 
-def _prefix_admits(prefix: Any, scheme: str, host: str, port: int, path: str) -> bool:
+def _prefix_admits(prefix: ServiceTarget, target: ServiceTarget) -> bool:
     """A BOT_TRUSTED_SERVICE_URLS prefix: scheme, host and port exact, path on whole segments."""
-    prefix_scheme = prefix.scheme.lower()
-    if prefix_scheme != scheme or (prefix.hostname or "").lower() != host:
+    if (prefix.scheme, prefix.host, prefix.port) != (target.scheme, target.host, target.port):
         return False
-    try:
-        prefix_port = prefix.port or (443 if prefix_scheme == "https" else 80)
-    except ValueError:
-        return False
-    if prefix_port != port:
-        return False
-    prefix_path = prefix.path.rstrip("/")
-    return not prefix_path or path == prefix_path or path.startswith(prefix_path + "/")
+    return (
+        not prefix.path or target.path == prefix.path or target.path.startswith(prefix.path + "/")
+    )
 
 
 def _host_for_log(service_url: str) -> str:
     try:
-        return urlsplit(service_url).hostname or "?"
-    except ValueError:
+        host = urlsplit(service_url).hostname or "?"
+    except (ValueError, TypeError, AttributeError):
         return "?"
+    host = host.encode("ascii", "backslashreplace").decode("ascii")
+    return _CONTROL.sub("?", host)[:100]

@@ -110,7 +110,7 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
 
     activity = apply_conversation_reference(request.activity, reference)
     try:
-        await runtime.connector.send_to_conversation(
+        await runtime.connector.background().send_to_conversation(
             reference["serviceUrl"], reference["conversation"]["id"], activity
         )
     except ConnectorError as error:

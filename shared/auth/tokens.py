@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+# The tenant a multi-tenant bot asks for channel tokens, per cloud (Azure Government has
+# its own; the Bot Framework SDKs use the same values).
+CHANNEL_AUTH_TENANTS = {"public": "botframework.com", "usgov": "MicrosoftServices.onmicrosoft.us"}
+
 # Refresh this long before expiry (capped at half the lifetime for short-lived tokens).
 REFRESH_MARGIN_SECONDS = 300.0
 # If a refresh fails, keep using the current token while it has at least this long left.
@@ -115,8 +119,12 @@ class MsalTokenProvider:
 
     @property
     def authority(self) -> str:
-        tenant = "botframework.com" if self._settings.app_type == "MultiTenant" else None
-        return f"{self._settings.login_authority.rstrip('/')}/{tenant or self._settings.tenant_id}"
+        settings = self._settings
+        if settings.app_type == "MultiTenant":
+            tenant = CHANNEL_AUTH_TENANTS[settings.channel_service]
+        else:
+            tenant = settings.tenant_id
+        return f"{settings.login_authority.rstrip('/')}/{tenant}"
 
     async def get_token(self, *, force_refresh: bool = False) -> str:
         """A valid access token. ``force_refresh`` after the Connector rejected the current one."""

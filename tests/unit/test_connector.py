@@ -19,6 +19,7 @@ import pytest
 from shared.auth.tokens import create_token_provider
 from shared.config import Settings
 from shared.connector import (
+    NO_RETRY,
     ConnectorClient,
     ConnectorError,
     ErrorKind,
@@ -654,8 +655,6 @@ async def test_a_listening_server_outside_the_trusted_set_receives_nothing(
         "https://smba.trafficmanager.net/amer/",
         "https://smba.trafficmanager.net/teams/",
         "https://smba.infra.gcc.teams.microsoft.com/teams",
-        "https://smba.infra.gov.teams.microsoft.us/teams",
-        "https://smba.infra.dod.teams.microsoft.us/teams",
         "https://webchat.botframework.com/",
         "https://europe.directline.botframework.com/v3/",
         "https://SMBA.TrafficManager.net:443/emea/",
@@ -755,6 +754,7 @@ async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_
             settings,
             create_token_provider(settings),
             pacer=pacer,
+            retry=RetryPolicy(max_total_seconds=60.0),  # the pacing waits count: allow them
             sleep=vtime.sleep,
             clock=vtime.clock,
         )
@@ -840,3 +840,439 @@ async def test_an_injected_session_is_used_and_left_open(settings, fake_connecto
         await connector.close()
         assert not session.closed
     assert fake_connector.requests[0].operation == "getConversationMembers"
+
+
+# --- redirects: only attachment views follow them, and never with the token off the set ---
+
+
+async def test_only_attachment_views_follow_redirects(client, fake_connector):
+    with FakeConnector() as other:
+        fake_connector.script(
+            "GET", "members$", [Reply(302, headers={"Location": f"{other.url}/v3/x"})]
+        )
+        with pytest.raises(ConnectorError) as caught:
+            await client.get_conversation_members(fake_connector.url, "a:1")
+        assert other.requests == []
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.INVALID, 302)
+
+
+async def test_an_attachment_redirect_to_another_host_carries_no_token(client, fake_connector):
+    with FakeConnector(redirect_attachments=False) as other:
+        other.attachments["blob"] = {"originalBase64": "aGk="}
+        location = f"{other.url}/v3/attachments/blob/views/original"
+        fake_connector.script("GET", "views", [Reply(302, headers={"Location": location})])
+
+        assert await client.get_attachment(fake_connector.url, "att", "original") == b"hi"
+
+        (elsewhere,) = other.requests
+    assert fake_connector.requests[0].authorization.startswith("Bearer ")
+    assert elsewhere.authorization is None
+
+
+async def test_a_redirect_out_of_the_trusted_path_prefix_carries_no_token(fake_connector, aad_app):
+    # Same host and port, but outside the configured prefix: aiohttp alone keeps the header.
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=f"{fake_connector.url}/bot")
+    fake_connector.attachments["x"] = {"originalBase64": "aGk="}
+    fake_connector.redirect_attachments = False
+    location = "/elsewhere/v3/attachments/x/views/original"
+    fake_connector.script("GET", "^/bot/", [Reply(302, headers={"Location": location})])
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        assert await connector.get_attachment(f"{fake_connector.url}/bot", "x", "original") == b"hi"
+    finally:
+        await connector.close()
+    first, second = fake_connector.requests
+    assert first.raw_path.startswith("/bot/") and first.authorization
+    assert second.raw_path.startswith("/elsewhere/") and second.authorization is None
+
+
+async def test_a_redirect_within_the_trusted_prefix_keeps_the_token(client, fake_connector):
+    fake_connector.attachments["x"] = {"originalBase64": "aGk="}  # the fake redirects in-origin
+
+    assert await client.get_attachment(fake_connector.url, "x", "original") == b"hi"
+    assert fake_connector.requests[0].raw_path.startswith("/v3/attachments/")
+
+
+async def test_a_redirect_loop_gives_up(client, fake_connector):
+    loop = Reply(302, headers={"Location": "/v3/attachments/x/views/original"})
+    fake_connector.script("GET", "views", [loop] * 50)
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.get_attachment(fake_connector.url, "x", "original")
+
+    assert caught.value.kind is ErrorKind.INVALID
+    assert len(fake_connector.requests) <= 6
+
+
+@pytest.mark.parametrize("location", ["ftp://127.0.0.1/x", "file:///etc/passwd"])
+async def test_a_redirect_to_another_scheme_is_refused(client, fake_connector, location):
+    fake_connector.script("GET", "views", [Reply(302, headers={"Location": location})])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.get_attachment(fake_connector.url, "x", "original")
+    assert caught.value.kind is ErrorKind.INVALID
+
+
+# --- trust: look-alike URLs and configured path prefixes ------------------------------
+
+LOOK_ALIKES = [
+    "https://evil.example%23.smba.trafficmanager.net/",  # percent-encoded host characters
+    "https://evil.example%2f.smba.trafficmanager.net/",
+    "https://x%40evil.smba.trafficmanager.net/",
+    "https://smba.trafficmanager.net\x7f/",
+    "https://smba.trafficmanager.n\u0435t/",  # Cyrillic e (IDN homograph)
+    "https://smba\uff0etrafficmanager.net/",  # full-width dot
+    "https://xn--smba-trafficmanager-net.evil/",
+    "https://smba.trafficmanager.net /amer/",
+    " https://smba.trafficmanager.net/amer/",
+    "https://smba.trafficmanager.net/amer/\n",
+    "https://smba.trafficmanager.net:443@evil.example/",
+    "https://smba.trafficmanager.net;@evil.example/",
+    "https://SMBA.TRAFFICMANAGER.NET.evil.example/",
+    "https://smba.trafficmanager.net.:443/",
+]
+
+
+@pytest.mark.parametrize("service_url", LOOK_ALIKES)
+def test_look_alike_service_urls_are_refused(settings, service_url):
+    assert not ConnectorClient(settings, None).is_trusted(service_url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://connector.contoso.com/teams/../admin/",
+        "https://connector.contoso.com/teams/./../admin/",
+        "https://connector.contoso.com/teams/%2e%2e/admin/",
+        "https://connector.contoso.com/teams/%2E%2E/admin/",
+        "https://connector.contoso.com/teams/..%2Fadmin/",
+        "https://connector.contoso.com/teams/x%2F..%2F..%2Fadmin/",
+        "https://connector.contoso.com/teams/x%5C..%5C..%5Cadmin/",
+        "https://connector.contoso.com/teams%2F..%2Fadmin/",
+    ],
+)
+def test_a_path_prefix_cannot_be_escaped(url):
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "a",
+            "MicrosoftAppPassword": "p",
+            "BOT_TRUSTED_SERVICE_URLS": "https://connector.contoso.com/teams",
+        }
+    )
+    assert not ConnectorClient(settings, None).is_trusted(url)
+
+
+async def test_a_dot_segment_never_reaches_the_connector(fake_connector, aad_app):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=f"{fake_connector.url}/bot")
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(
+                f"{fake_connector.url}/bot/../admin", "a:1", {"type": "message"}
+            )
+    finally:
+        await connector.close()
+    assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_connector.requests == []
+
+
+def test_a_prefix_with_an_encoded_slash_matches_only_itself():
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": "a",
+            "MicrosoftAppPassword": "p",
+            "BOT_TRUSTED_SERVICE_URLS": "https://connector.contoso.com/a%2Fb",
+        }
+    )
+    client = ConnectorClient(settings, None)
+    assert not client.is_trusted("https://connector.contoso.com/a/b/")
+    assert not client.is_trusted("https://connector.contoso.com/a%2Fb/../../c/")
+    assert not client.is_trusted("https://connector.contoso.com/a/")
+
+
+def test_each_cloud_trusts_only_its_own_teams_hosts():
+    public = ConnectorClient(Settings.from_env({"MicrosoftAppId": "a"}), None)
+    usgov = ConnectorClient(
+        Settings.from_env({"MicrosoftAppId": "a", "BOT_CHANNEL_SERVICE": "usgov"}), None
+    )
+    # GCC runs on the commercial cloud; GCC High and DoD on Azure Government.
+    for url in (
+        "https://smba.trafficmanager.net/teams/",
+        "https://smba.infra.gcc.teams.microsoft.com/teams",
+    ):
+        assert public.is_trusted(url) and not usgov.is_trusted(url)
+    for url in (
+        "https://smba.infra.gov.teams.microsoft.us/teams",
+        "https://smba.infra.dod.teams.microsoft.us/teams",
+    ):
+        assert usgov.is_trusted(url) and not public.is_trusted(url)
+
+
+# --- Retry-After: every value gives a finite, bounded wait -----------------------------
+
+
+def test_retry_after_values_that_are_not_a_finite_delay_are_ignored_or_capped():
+    from shared.connector import MAX_RETRY_AFTER
+
+    now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    for garbage in ("inf", "Infinity", "nan", "-inf", "1e400", "1_0", "0x10", "1,2", "", "  "):
+        assert parse_retry_after(garbage) is None, garbage
+    assert parse_retry_after("99999999") == MAX_RETRY_AFTER
+    assert parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", now=lambda: now) == MAX_RETRY_AFTER
+    assert parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT", now=lambda: now) == 0.0
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:05", now=lambda: now) is None  # no zone
+
+
+async def test_an_infinite_retry_after_falls_back_to_backoff(client, fake_connector, vtime):
+    fake_connector.script("POST", "activities$", [Reply(429, headers={"Retry-After": "inf"})])
+
+    await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert vtime.sleeps == [0.5]
+    assert [r.status for r in fake_connector.requests] == [429, 200]
+
+
+# --- the total time bound covers pacing, the token and each attempt --------------------
+
+
+async def test_pacing_waits_count_against_the_time_budget(settings, fake_connector, vtime):
+    pacer = Pacer(1, clock=vtime.clock, sleep=vtime.sleep)  # one request per second
+    connector = ConnectorClient(
+        settings,
+        create_token_provider(settings),
+        pacer=pacer,
+        retry=RetryPolicy(max_total_seconds=0.5),
+        sleep=vtime.sleep,
+        clock=vtime.clock,
+    )
+    try:
+        await connector.send_to_conversation(fake_connector.url, "a:1", {"text": "1"})
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(fake_connector.url, "a:2", {"text": "2"})
+    finally:
+        await connector.close()
+    assert caught.value.kind is ErrorKind.THROTTLED and caught.value.retry_after > 0.5
+    assert len(fake_connector.requests) == 1
+    assert vtime.now - 1000.0 <= 0.5
+
+
+async def test_a_slow_token_endpoint_counts_against_the_time_budget(
+    settings, fake_connector, fake_aad
+):
+    fake_aad.delay = 1.5
+    connector = ConnectorClient(
+        settings, create_token_provider(settings), retry=RetryPolicy(max_total_seconds=0.3)
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+    assert time.monotonic() - started < 1.0
+    assert caught.value.kind is ErrorKind.TRANSIENT
+    assert fake_connector.requests == []
+
+
+async def test_a_slow_answer_counts_against_the_time_budget(settings, fake_connector):
+    fake_connector.script("POST", "activities$", [Reply(delay=1.5)])
+    connector = ConnectorClient(
+        settings, create_token_provider(settings), retry=RetryPolicy(max_total_seconds=0.3)
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+    assert time.monotonic() - started < 1.0
+    assert caught.value.kind is ErrorKind.TRANSIENT
+
+
+# --- 401: one refresh for everyone who saw the same rejected token ---------------------
+
+
+async def test_401s_for_the_same_rejected_token_share_one_refresh(
+    client, fake_connector, fake_aad, aad_app
+):
+    # 50 sends carry the same (revoked) token; their 401s come back over half a second,
+    # long after the first one has refreshed it: the late ones must use the new token.
+    rejected = [
+        Reply(401, json={"error": {"code": "Unauthorized"}}, delay=n * 0.01) for n in range(50)
+    ]
+    fake_connector.script("POST", "activities$", rejected)
+
+    await asyncio.gather(
+        *(
+            client.send_to_conversation(fake_connector.url, f"a:{n}", {"type": "message"})
+            for n in range(50)
+        )
+    )
+
+    assert fake_aad.issued[aad_app.app_id] == 2
+    assert len(fake_connector.activities) == 50
+    assert len({r.authorization for r in fake_connector.requests if r.status == 200}) == 1
+
+
+# --- error bodies: bounded, clean, never the token --------------------------------------
+
+
+@pytest.fixture
+def endless() -> str:
+    """A server whose answers never end: 503 with an HTML body, or 200 under ``/ok/``."""
+    from aiohttp import web
+
+    from tools.botsim.server import BackgroundServer
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200 if request.path.startswith("/ok/") else 503)
+        response.content_type = "text/html"
+        await response.prepare(request)
+        chunk = b"<p>" + b"x" * 65536 + b"</p>\n"
+        try:
+            for _ in range(100_000):  # about 6 GB: only a client that stops reading is done
+                await response.write(chunk)
+        except ConnectionError:
+            pass  # the client hung up: what these tests expect
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = BackgroundServer(app).start()
+    yield server.url
+    server.stop()
+
+
+async def test_a_huge_error_body_is_read_only_in_part(endless, aad_app):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=endless)
+    connector = ConnectorClient(settings, create_token_provider(settings), retry=NO_RETRY)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.send_to_conversation(endless, "a:1", {"type": "message"})
+    finally:
+        await connector.close()
+    assert time.monotonic() - started < 5
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 503)
+    assert len(caught.value.message) < 400
+
+
+async def test_a_huge_success_body_is_refused(endless, aad_app):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=endless)
+    connector = ConnectorClient(settings, create_token_provider(settings), retry=NO_RETRY)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await connector.get_attachment(f"{endless}/ok", "x", "original")
+    finally:
+        await connector.close()
+    assert time.monotonic() - started < 10
+    assert caught.value.kind is ErrorKind.INVALID
+
+
+async def test_an_error_body_echoing_the_token_does_not_carry_it_on(client, fake_connector):
+    class Echo:
+        token = ""
+
+    def echo(token):
+        Echo.token = token or ""
+        return True
+
+    fake_connector.auth_check = echo
+    await client.get_conversation_members(fake_connector.url, "a:1")
+    leaked = f"Bearer {Echo.token} rejected\r\nX-Injected: 1 eyJhbGciOi.eyJzdWIiOiJ4In0.c2ln"
+    fake_connector.script("POST", "activities$", [Reply(400, body=leaked)])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    text = str(caught.value)
+    assert Echo.token and Echo.token not in text
+    assert "eyJzdWIiOiJ4In0" not in text
+    assert "\n" not in text and "\r" not in text
+
+
+async def test_cookies_from_a_connector_are_not_sent_back(client, fake_connector):
+    fake_connector.script(
+        "GET", "members$", [Reply(json=[], headers={"Set-Cookie": "affinity=abc; Path=/"})]
+    )
+    await client.get_conversation_members(fake_connector.url, "a:1")
+    await client.get_conversation_members(fake_connector.url, "a:1")
+    assert "Cookie" not in fake_connector.requests[1].headers
+
+
+async def test_a_body_that_is_not_json_is_an_invalid_request_and_nothing_is_sent(
+    client, fake_connector
+):
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"value": float("nan")})
+    assert caught.value.kind is ErrorKind.INVALID
+    assert fake_connector.requests == []
+
+
+# --- one client across event loops ------------------------------------------------------
+
+
+def test_a_process_wide_client_works_across_event_loops(fake_connector, aad_app, fake_aad):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+
+    async def send(n: int) -> None:
+        await connector.send_to_conversation(fake_connector.url, "a:1", {"text": str(n)})
+
+    for n in range(3):  # a new loop each time, as pytest-asyncio and some hosts do
+        asyncio.run(send(n))
+    asyncio.run(connector.close())
+
+    assert [a["text"] for a in fake_connector.activities] == ["0", "1", "2"]
+    assert fake_aad.issued[aad_app.app_id] == 1
+
+
+# --- background traffic: replies do not wait for a proactive burst ----------------------
+
+
+async def test_a_reply_is_not_held_up_by_a_background_burst(aad_app, fake_aad):
+    with FakeConnector() as fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=Pacer(10, background_share=0.5),  # 10/s in all, at most 5/s in background
+            retry=RetryPolicy(max_total_seconds=30.0),
+        )
+        background = connector.background()
+        burst = [
+            asyncio.create_task(
+                background.send_to_conversation(fake.url, f"a:{n}", {"text": f"news {n}"})
+            )
+            for n in range(40)  # 8 s of background traffic at 5/s
+        ]
+        try:
+            await fake.wait_for(lambda requests: len(requests) >= 5)
+            await asyncio.sleep(0.3)
+            asked = time.monotonic()
+            await connector.reply_to_activity(fake.url, "a:user", "1", {"text": "answer"})
+            took = time.monotonic() - asked
+        finally:
+            for task in burst:
+                task.cancel()
+            await asyncio.gather(*burst, return_exceptions=True)
+            await background.close()  # a view: the session stays open for the client
+            await connector.get_conversation_members(fake.url, "a:user")
+            await connector.close()
+
+        assert took < 1.0  # without the background class: about 4 s
+        texts = [r.json["text"] for r in fake.requests if r.operation == "replyToActivity"]
+        assert texts == ["answer"]
+        news = [r for r in fake.requests if r.operation == "sendToConversation"]
+        assert 5 <= len(news) <= 12  # the burst itself kept to its share and waited
+        assert len({r.authorization for r in fake.requests}) == 1  # one token for both
+        assert fake_aad.issued[aad_app.app_id] == 1
+
+
+def test_background_is_one_view_of_the_same_client(settings):
+    client = ConnectorClient(settings, None)
+    view = client.background()
+    assert client.background() is view and view.background() is view
+    assert view.pacer is client.pacer
+    assert view.is_trusted(settings.trusted_service_urls[0])

@@ -106,6 +106,16 @@ async def test_text_reaches_the_stored_conversation_addressed_from_the_reference
     assert fake_aad.is_valid_token(sent.authorization.removeprefix("Bearer "))
 
 
+async def test_proactive_sends_are_background_traffic(runtime, fake_connector):
+    # Held to the pacer's background share, so replies to users always find headroom.
+    pacer = runtime.connector.pacer
+
+    assert await deliver(request({"conversation": KEY}), runtime) is Outcome.DELIVERED
+
+    assert (pacer.granted, pacer.granted_background) == (1, 1)
+    assert len(fake_connector.requests) == 1
+
+
 async def test_an_activity_keeps_its_content_but_not_its_own_addressing(runtime, fake_connector):
     card = {"contentType": "application/vnd.microsoft.card.hero", "content": {"title": "Hi"}}
     activity = {

@@ -12,8 +12,10 @@ import pytest
 from shared.ratelimit import (
     TEAMS_CONVERSATION_WINDOWS,
     Pacer,
+    PacingTimeout,
     SlidingWindowLog,
     Window,
+    background_window,
     conversation_key,
     global_window,
 )
@@ -182,3 +184,136 @@ def test_sliding_window_log_reports_the_wait_until_the_oldest_event_leaves():
 def test_global_window_for_fractional_rates():
     assert global_window(50) == Window(50, 1.0)
     assert global_window(0.5) == Window(1, 2.0)
+
+
+async def test_a_conversation_waiting_long_does_not_stop_memory_being_reclaimed():
+    time = VirtualScheduler()
+    pacer = Pacer(100_000, clock=time.clock, sleep=time.sleep, max_conversations=100)
+    tracked: list[int] = []
+
+    async def busy():  # 61 sends: the last waits about 30 s for the 60/30 s window
+        for _ in range(61):
+            await pacer.acquire("a:busy")
+
+    async def many():
+        await time.sleep(0.5)  # while busy's last send waits, holding its conversation
+        for n in range(1000):
+            await pacer.acquire(f"a:{n}")
+        tracked.append(pacer.tracked_conversations)
+
+    await time.run(busy(), many())
+    assert tracked[0] <= 100
+
+
+# --- deadlines --------------------------------------------------------------------------
+
+
+async def test_a_wait_longer_than_max_wait_is_refused_at_once_and_takes_no_slot():
+    time = VirtualScheduler()
+    pacer = Pacer(1, clock=time.clock, sleep=time.sleep, margin=0.0)
+    await pacer.acquire("a:1")
+
+    with pytest.raises(PacingTimeout) as caught:
+        await pacer.acquire("a:2", max_wait=0.5)
+
+    assert caught.value.wait == pytest.approx(1.0)
+    assert time.now == 0.0 and pacer.granted == 1
+    await time.run(pacer.acquire("a:3", max_wait=1.0))  # the refused call took no slot
+    assert time.now == pytest.approx(1.0)
+
+
+async def test_a_wait_behind_other_senders_of_the_conversation_respects_max_wait():
+    time = VirtualScheduler()
+    pacer = Pacer(1000, clock=time.clock, sleep=time.sleep, margin=0.0)
+    outcomes: list[str] = []
+
+    async def send(n: int):
+        try:
+            await pacer.acquire("a:1", max_wait=1.5)
+            outcomes.append(f"{n}@{time.now:g}")
+        except PacingTimeout:
+            outcomes.append(f"{n} refused@{time.now:g}")
+
+    await time.run(*(send(n) for n in range(9)))
+    # 7 at once (7 per second), the 8th at 1 s; the 9th would wait until 2 s (8 per 2 s).
+    assert outcomes[:7] == [f"{n}@0" for n in range(7)]
+    assert outcomes[7] == "7@1"
+    assert outcomes[8] == "8 refused@1"
+
+
+# --- background traffic -----------------------------------------------------------------
+
+
+async def test_background_traffic_alone_never_exceeds_its_share():
+    time = VirtualScheduler()
+    pacer = Pacer(10, background_share=0.8, clock=time.clock, sleep=time.sleep, margin=0.0)
+    grants: list[float] = []
+
+    async def send(n: int):
+        await pacer.acquire(f"a:{n}", background=True)
+        grants.append(time.now)
+
+    await time.run(*(send(n) for n in range(100)))
+
+    assert max_in_window(grants, 1.0) <= 8
+    assert 11.0 <= max(grants) <= 13.0  # 100 at 8/s: the share is used, not wasted
+    assert pacer.granted_background == 100
+
+
+async def test_an_interactive_request_finds_headroom_while_background_saturates():
+    time = VirtualScheduler()
+    pacer = Pacer(10, background_share=0.8, clock=time.clock, sleep=time.sleep)
+    background: list[float] = []
+    interactive: list[tuple[float, float]] = []
+
+    async def proactive(n: int):
+        await pacer.acquire(f"a:{n}", background=True)
+        background.append(time.now)
+
+    async def reply(at: float):
+        await time.sleep(at)
+        asked = time.now
+        await pacer.acquire("a:user")
+        interactive.append((asked, time.now))
+
+    await time.run(*(proactive(n) for n in range(200)), *(reply(at) for at in (3.0, 7.5, 12.25)))
+
+    assert len(interactive) == 3
+    assert all(granted - asked <= 0.2 for asked, granted in interactive)
+    assert max(background) > 20.0  # the background burst itself keeps waiting its turn
+    assert max_in_window(background + [g for _, g in interactive], 1.0) <= 10
+
+
+async def test_interactive_traffic_alone_may_use_the_whole_rate():
+    time = VirtualScheduler()
+    pacer = Pacer(10, background_share=0.5, clock=time.clock, sleep=time.sleep, margin=0.0)
+    grants: list[float] = []
+
+    async def send(n: int):
+        await pacer.acquire(f"a:{n}")
+        grants.append(time.now)
+
+    await time.run(*(send(n) for n in range(50)))
+    assert max_in_window(grants, 1.0) == 10
+    assert max(grants) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("window", "share", "expected"),
+    [
+        (Window(50, 1.0), 0.8, Window(40, 1.0)),
+        (Window(10, 1.0), 0.95, Window(9, 1.0)),  # always at least one slot for interactive
+        (Window(2, 1.0), 0.8, Window(1, 1.0)),
+        (Window(1, 1.0), 0.5, Window(1, 2.0)),  # one slot: background every other window
+        (Window(50, 1.0), 0.01, Window(1, 2.0)),  # less than one slot per window
+        (Window(50, 1.0), 1.0, Window(50, 1.0)),  # no reservation asked for
+    ],
+)
+def test_the_background_window_keeps_headroom(window, share, expected):
+    assert background_window(window, share) == expected
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_the_background_share_must_be_a_fraction(share):
+    with pytest.raises(ValueError):
+        Pacer(10, background_share=share)

@@ -57,6 +57,15 @@ async def test_single_tenant_uses_the_tenant_authority(fake_aad, aad_app):
     assert fake_aad.issuances[-1].tenant == tenant
 
 
+async def test_us_gov_multi_tenant_uses_the_government_channel_tenant_and_scope(fake_aad, aad_app):
+    # Azure Government has no botframework.com tenant: the SDKs ask its own channel tenant.
+    await create_token_provider(aad_app.settings(BOT_CHANNEL_SERVICE="usgov")).get_token()
+
+    issuance = fake_aad.issuances[-1]
+    assert issuance.tenant == "MicrosoftServices.onmicrosoft.us"
+    assert issuance.scope == "https://api.botframework.us/.default"
+
+
 async def test_one_token_is_reused_for_many_calls(fake_aad, aad_app):
     provider = create_token_provider(aad_app.settings())
 
@@ -348,3 +357,35 @@ def test_fake_aad_is_not_trusted_without_its_ca(fake_aad_service: FakeAAD, monke
 
     with pytest.raises(TokenError, match="BOT_LOGIN_AUTHORITY"):
         asyncio.run(create_token_provider(settings).get_token())
+
+
+async def test_no_log_line_holds_the_secret_the_assertion_or_the_token(
+    fake_aad, aad_app, tmp_path, caplog
+):
+    import logging
+
+    caplog.set_level(logging.DEBUG)  # every logger: msal's, urllib3's and ours
+    secret_token = await create_token_provider(aad_app.settings()).get_token()
+
+    app_id = str(uuid.uuid4())
+    fake_aad.register_federated(app_id, subject="system:serviceaccount:bots:bot")
+    assertion = fake_aad.federated_assertion("system:serviceaccount:bots:bot")
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text(assertion)
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+    federated_token = await create_token_provider(settings).get_token()
+    refused = fake_aad.federated_assertion("system:serviceaccount:other:pod")
+    token_file.write_text(refused)
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+
+    assert caplog.records  # the check below looked at something
+    for value in (aad_app.secret, assertion, refused, secret_token, federated_token):
+        assert value not in caplog.text
+    assert refused not in str(caught.value) and caught.value.code
