@@ -497,7 +497,9 @@ async def test_give_up_is_bounded_in_wall_clock_time(settings, fake_connector):
     finally:
         await connector.close()
     assert time.monotonic() - started < 1.5
-    assert len(fake_connector.requests) == 4  # 0, 0.3, 0.6, 0.9 s
+    # Retried, and never past the budget: at most 0, 0.3, 0.6, 0.9 s. Fewer on a slow
+    # machine, where the token acquisition and each answer also spend the budget.
+    assert 2 <= len(fake_connector.requests) <= 4
 
 
 async def test_the_retry_policy_can_be_overridden_per_call(client, fake_connector):
