@@ -10,6 +10,7 @@ back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -267,7 +268,7 @@ async def test_an_outage_through_the_devhost_answers_the_user_and_keeps_proactiv
     # The host deletes the message once the function has returned: allow it a moment.
     deadline = time.monotonic() + 5
     while queue.get_queue_properties().approximate_message_count and time.monotonic() < deadline:
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert queue.get_queue_properties().approximate_message_count == 0
     poison = QueueClient.from_connection_string(
         env["AzureWebJobsStorage"], f"{queue.queue_name}-poison"
