@@ -59,6 +59,8 @@ _IMPORT_SNIPPET = (
     "print((time.perf_counter() - t) * 1000.0)\n"
 )
 
+WORKER_PRELOADED = ("asyncio", "azure.functions")
+
 OURS_PACKAGES = (
     "azure-functions",
     "aiohttp",
@@ -339,8 +341,9 @@ def contenders(
             "benchmarks.ours_bot",
             OURS_PACKAGES,
             local_mode_env("ours", connector_url, storage),
-            # The Functions worker has azure.functions loaded before it imports a function.
-            preloaded=("azure.functions",),
+            # The Functions worker (an asyncio program) has asyncio and azure.functions
+            # loaded before it imports a function.
+            preloaded=WORKER_PRELOADED,
         )
     }
     if sdk_python is not None:
@@ -352,7 +355,7 @@ def contenders(
             "benchmarks.sdk.botbuilder_echo",
             SDK_PACKAGES["botbuilder"] + SHARED_SDK_PACKAGES,
             local_mode_env("botbuilder", connector_url),
-            preloaded=("azure.functions",),  # as on Functions, like ours
+            preloaded=WORKER_PRELOADED,  # as on Functions, like ours
         )
         bots["agents"] = Bot(
             "agents",
@@ -362,7 +365,7 @@ def contenders(
             "benchmarks.sdk.agents_echo",
             SDK_PACKAGES["agents"] + SHARED_SDK_PACKAGES,
             local_mode_env("agents", connector_url),
-            preloaded=("azure.functions",),  # as on Functions, like ours
+            preloaded=WORKER_PRELOADED,  # as on Functions, like ours
         )
     return [bots[k] for k in keys if k in bots]
 
