@@ -19,18 +19,10 @@ from shared.references import (
     StoreError,
     document_name,
 )
-from shared.storage import StorageOptions
+from tests.fixtures.storage import FAST_STORAGE
 from tools.azurite import free_port
 
-FAST = StorageOptions(
-    retry_total=1,
-    initial_backoff=0.05,
-    increment_base=0.1,
-    jitter=0.0,
-    connection_timeout=1.0,
-    read_timeout=2.0,
-    operation_timeout=4.0,
-)
+FAST = FAST_STORAGE
 BOT = {"id": "28:bot-app-id", "name": "Bot"}
 SERVICE_URL = "https://smba.trafficmanager.net/emea/"
 _ids = itertools.count(1)

@@ -29,18 +29,10 @@ from shared.references import (
     user_index_name,
 )
 from shared.storage import StorageOptions
+from tests.fixtures.storage import FAST_STORAGE
 from tools.azurite import Azurite, free_port
 
-# Short retries and timeouts: a dead storage account must fail a test in seconds.
-FAST = StorageOptions(
-    retry_total=1,
-    initial_backoff=0.05,
-    increment_base=0.1,
-    jitter=0.0,
-    connection_timeout=1.0,
-    read_timeout=2.0,
-    operation_timeout=4.0,
-)
+FAST = FAST_STORAGE
 
 
 def settings_for(connection_string: str, container: str) -> Settings:
