@@ -1,4 +1,12 @@
-"""Shared fixtures. The fake services' fixtures live in tests/fixtures/."""
+"""Shared fixtures (the fake services' fixtures live in tests/fixtures/), and a session check
+that the suite leaves no process behind: Azurite, local hosts and helpers must all be gone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
 
 pytest_plugins = [
     "tests.fixtures.storage",
@@ -6,3 +14,36 @@ pytest_plugins = [
     "tests.fixtures.connector",
     "tests.fixtures.aad",
 ]
+
+
+def _children(pid: int) -> list[str]:
+    """Live (not zombie) child processes of `pid`, as "pid command" strings."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue  # the process ended while we looked
+        text = command.decode(errors="replace").strip()
+        # multiprocessing's resource tracker ends by itself when this process exits.
+        if "multiprocessing.resource_tracker" not in text:
+            found.append(f"{stat.parent.name} {text[:120]}")
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not Path("/proc").is_dir():
+        return  # not Linux: nothing to look at
+    left = _children(os.getpid())
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line("processes left behind by the tests:", red=True)
+            for line in left:
+                reporter.write_line(f"  {line}", red=True)
