@@ -4,7 +4,13 @@
 on free ports for tests or the default ports for `make run`, waits until both
 services answer, and creates the bot's queues and container.
 
-    python -m tools.azurite [--default-ports] [--location DIR]
+With a certificate it serves HTTPS, and with ``oauth=True`` also accepts bearer tokens
+(Azurite's ``--oauth basic``: it checks a token's issuer, audience and lifetime, not its
+signature), so identity-based clients (``AzureWebJobsStorage__blobServiceUri`` +
+``__credential=managedidentity``) can be run against it. Azurite accepts OAuth only over
+HTTPS.
+
+    python -m tools.azurite [--default-ports] [--location DIR] [--cert PEM --key PEM [--oauth]]
 """
 
 from __future__ import annotations
@@ -38,16 +44,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def connection_string(blob_port: int, queue_port: int) -> str:
+def connection_string(blob_port: int, queue_port: int, scheme: str = "http") -> str:
     return (
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-        f"BlobEndpoint=http://127.0.0.1:{blob_port}/{ACCOUNT};"
-        f"QueueEndpoint=http://127.0.0.1:{queue_port}/{ACCOUNT};"
+        f"DefaultEndpointsProtocol={scheme};AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+        f"BlobEndpoint={service_url(blob_port, scheme)};"
+        f"QueueEndpoint={service_url(queue_port, scheme)};"
     )
 
 
+def service_url(port: int, scheme: str = "http") -> str:
+    """The account's endpoint on one service port (path-style, as Azurite serves it)."""
+    return f"{scheme}://127.0.0.1:{port}/{ACCOUNT}"
+
+
 class Azurite:
-    """One Azurite process (blob, queue and table services)."""
+    """One Azurite process (blob, queue and table services).
+
+    ``cert_path`` + ``key_path`` (PEM files) make it serve HTTPS; ``oauth=True`` (needs the
+    certificate) makes it accept bearer tokens too, besides the account key.
+    """
 
     def __init__(
         self,
@@ -57,18 +72,40 @@ class Azurite:
         table_port: int | None = None,
         location: str | None = None,
         in_memory: bool = True,
+        cert_path: str | None = None,
+        key_path: str | None = None,
+        oauth: bool = False,
     ) -> None:
+        if bool(cert_path) != bool(key_path):
+            raise ValueError("Azurite needs both cert_path and key_path for HTTPS")
+        if oauth and not cert_path:
+            raise ValueError("Azurite accepts OAuth only over HTTPS: give cert_path and key_path")
         self.blob_port = blob_port or free_port()
         self.queue_port = queue_port or free_port()
         self.table_port = table_port or free_port()
         self.in_memory = in_memory
         self._own_location = location is None and not in_memory
         self.location = location or ("" if in_memory else tempfile.mkdtemp(prefix="azurite-"))
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.oauth = oauth
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.cert_path else "http"
+
+    @property
+    def blob_url(self) -> str:
+        return service_url(self.blob_port, self.scheme)
+
+    @property
+    def queue_url(self) -> str:
+        return service_url(self.queue_port, self.scheme)
+
+    @property
     def connection_string(self) -> str:
-        return connection_string(self.blob_port, self.queue_port)
+        return connection_string(self.blob_port, self.queue_port, self.scheme)
 
     def start(self, timeout: float = 30.0) -> Azurite:
         if not AZURITE_BIN.exists():
@@ -94,6 +131,10 @@ class Azurite:
         ]
         # Azurite refuses --location together with --inMemoryPersistence.
         args += ["--inMemoryPersistence"] if self.in_memory else ["--location", self.location]
+        if self.cert_path:
+            args += ["--cert", self.cert_path, "--key", str(self.key_path)]
+        if self.oauth:
+            args += ["--oauth", "basic"]
         # A new session, so stopping Azurite also stops node's children.
         self.process = subprocess.Popen(
             args,
@@ -161,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the repo-local Azurite")
     parser.add_argument("--default-ports", action="store_true", help="10000/10001/10002")
     parser.add_argument("--location", help="data folder (default: in memory)")
+    parser.add_argument("--cert", help="PEM certificate: serve HTTPS (needs --key)")
+    parser.add_argument("--key", help="PEM private key of --cert")
+    parser.add_argument("--oauth", action="store_true", help="accept bearer tokens (HTTPS only)")
     args = parser.parse_args(argv)
+    if bool(args.cert) != bool(args.key) or (args.oauth and not args.cert):
+        parser.error("--cert and --key go together, and --oauth needs them")
     ports = DEFAULT_PORTS if args.default_ports else {}
     azurite = Azurite(
         blob_port=ports.get("blob"),
@@ -169,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         table_port=ports.get("table"),
         location=args.location,
         in_memory=args.location is None,
+        cert_path=args.cert,
+        key_path=args.key,
+        oauth=args.oauth,
     )
     azurite.start()
     print(f"Azurite running: {azurite.connection_string}", flush=True)
