@@ -1015,7 +1015,9 @@ class BlobReferenceStore:
         except ClientAuthenticationError as exc:
             raise StoreError(
                 f"reference store: {operation} {_short(key)}: storage authentication failed "
-                f"({type(exc).__name__}, HTTP {exc.status_code})",
+                f"({type(exc).__name__}, HTTP {exc.status_code}); check AzureWebJobsStorage "
+                "(the connection string, or the managed identity's __clientId and its role "
+                "on the storage account)",
                 status=exc.status_code,
             ) from None
         except HttpResponseError as exc:

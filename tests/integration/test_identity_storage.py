@@ -315,6 +315,7 @@ def test_without_a_usable_identity_the_store_fails_clearly_and_writes_nothing(
     assert result["error"] is not None, "the write must not succeed"
     assert result["type"] == "StoreError"
     assert "storage authentication failed" in result["error"]
+    assert "AzureWebJobsStorage" in result["error"]  # names the setting to check
     assert identity.secret not in result["error"]
     assert asked and all(q["client_id"] == CLIENT_ID for q in asked)
     assert "No managed identity" not in result["error"]  # the endpoint's text stays out
