@@ -8,7 +8,9 @@ raises :class:`SettingsError` naming it, never a stack trace from inside a libra
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +64,11 @@ CLOUDS: dict[ChannelService, Cloud] = {
 
 DEFAULT_SCHEDULE = "0 0 9 * * *"  # daily at 09:00 UTC (6-field NCRONTAB)
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+# App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
+# cannot (no access to the vault, a wrong URI), the app sees the reference text itself, and
+# so does a local run that copied the setting. Used as a secret it would fail deep in MSAL.
+_KEY_VAULT_REFERENCE = "@microsoft.keyvault("
 
 
 class SettingsError(Exception):
@@ -179,6 +186,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        _reject_unresolved_key_vault_references(env)
 
         def get(name: str, default: str = "") -> str:
             return env.get(name, default).strip() or default
@@ -202,6 +210,13 @@ class Settings:
             raise SettingsError(
                 "MicrosoftAppId",
                 "is required (set BOT_ALLOW_UNAUTHENTICATED=true only for local use without one)",
+            )
+        if allow_unauthenticated and not app_id and env.get("WEBSITE_INSTANCE_ID", "").strip():
+            # Only App Service (Functions on Azure) sets WEBSITE_INSTANCE_ID: a deployed bot
+            # without an app id would answer anyone, so this is a mistake, not a mode.
+            raise SettingsError(
+                "BOT_ALLOW_UNAUTHENTICATED",
+                "is for local use only; on Azure set MicrosoftAppId (and its credential)",
             )
         if app_type in ("SingleTenant", "UserAssignedMSI") and not tenant_id:
             raise SettingsError(
@@ -231,18 +246,10 @@ class Settings:
             ("BOT_LOGIN_AUTHORITY", authority),
         ):
             _require_https_or_loopback(name, url)
+        _require_bare_authority(authority)
 
-        trusted = tuple(
-            _validate_trusted_prefix(p.strip())
-            for p in get("BOT_TRUSTED_SERVICE_URLS").split(",")
-            if p.strip()
-        )
-
-        schedule = get("BOT_SCHEDULE", DEFAULT_SCHEDULE)
-        if len(schedule.split()) != 6:
-            raise SettingsError(
-                "BOT_SCHEDULE", "must be a 6-field NCRONTAB expression (sec min hour day month dow)"
-            )
+        trusted = _parse_trusted_prefixes(get("BOT_TRUSTED_SERVICE_URLS"))
+        schedule = _validate_schedule(get("BOT_SCHEDULE", DEFAULT_SCHEDULE))
 
         return cls(
             app_id=app_id,
@@ -284,8 +291,29 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def _reject_unresolved_key_vault_references(env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if _is_bot_setting(name) and value.strip().lower().startswith(_KEY_VAULT_REFERENCE):
+            raise SettingsError(
+                name,
+                "is a Key Vault reference that was not resolved: on Azure, give the app's "
+                "identity read access to the secret and check the reference; locally, put the "
+                "value itself in local.settings.json",
+            )
+
+
+def _is_bot_setting(name: str) -> bool:
+    return name.startswith(("MicrosoftApp", "BOT_", "AzureWebJobsStorage")) or name in (
+        "AZURE_FEDERATED_TOKEN_FILE",
+    )
+
+
 def _require_https_or_loopback(name: str, url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise SettingsError(name, "is not a valid URL") from None
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and is_loopback_host(parts.hostname):
@@ -293,15 +321,122 @@ def _require_https_or_loopback(name: str, url: str) -> None:
     raise SettingsError(name, "must be an https URL (plain http only for loopback hosts)")
 
 
-def _validate_trusted_prefix(prefix: str) -> str:
-    parts = urlsplit(prefix)
-    if parts.query or parts.fragment or not parts.hostname:
-        raise SettingsError("BOT_TRUSTED_SERVICE_URLS", "each entry must be a URL prefix")
-    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(parts.hostname)):
-        return prefix
-    raise SettingsError(
-        "BOT_TRUSTED_SERVICE_URLS", "entries must be https (plain http only for loopback hosts)"
-    )
+def _require_bare_authority(authority: str) -> None:
+    # The tenant is appended to it (`<authority>/botframework.com` or `/<tenant>`), so a
+    # tenant or path given here would make MSAL ask the wrong endpoint.
+    parts = urlsplit(authority)
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        raise SettingsError(
+            "BOT_LOGIN_AUTHORITY",
+            "must be the authority host only, without a tenant or path "
+            "(e.g. https://login.microsoftonline.com)",
+        )
+
+
+# What the Connector client accepts as a serviceUrl prefix (shared.connector.parse_service_url
+# is the final word; these checks catch the mistakes it would otherwise ignore with only a
+# warning). A path with encoded separators (%2F, %2E, %5C) is left to it: it never matches.
+_HOST_NAME = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+
+
+def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
+    """Comma-separated prefixes: blanks skipped, duplicates dropped, each one validated."""
+    prefixes: list[str] = []
+    for position, entry in enumerate(raw.split(","), start=1):
+        entry = entry.strip()
+        if entry:
+            problem = _trusted_prefix_problem(entry)
+            if problem:
+                raise SettingsError("BOT_TRUSTED_SERVICE_URLS", f"entry {position} {problem}")
+            if entry not in prefixes:
+                prefixes.append(entry)
+    return tuple(prefixes)
+
+
+def _trusted_prefix_problem(prefix: str) -> str:
+    """Why the Connector would not use `prefix` ("" when it would). Never echoes the value."""
+    if not prefix.isascii() or any(c.isspace() or not c.isprintable() for c in prefix):
+        return "must be one ASCII URL (separate entries with commas; punycode for IDNs)"
+    try:
+        parts = urlsplit(prefix)
+        port = parts.port
+    except ValueError:
+        return "has an invalid port or host"
+    host = parts.hostname or ""
+    if parts.scheme not in ("https", "http") or not host:
+        return "must be an absolute https URL"
+    if "@" in parts.netloc or parts.query or parts.fragment or "\\" in prefix:
+        return "must be a plain URL prefix (no user, query or fragment)"
+    if parts.scheme == "http" and not is_loopback_host(host):
+        return "must be https (plain http only for loopback hosts)"
+    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+        return "has an invalid host name"
+    if port == 0:
+        return "has an invalid port"
+    path = parts.path
+    if not _PATH.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
+        return "has a path with dot segments or characters a URL path cannot have"
+    return ""
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# NCRONTAB fields (sec min hour day month day-of-week): bounds, and the names NCrontab knows.
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_SCHEDULE_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("second", 0, 59, ()),
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+_SCHEDULE_ITEM = re.compile(r"(\*|\?|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/([0-9]+))?")
+
+
+def _validate_schedule(schedule: str) -> str:
+    """Catch what is obviously not a 6-field NCRONTAB (the host's parser is the final word)."""
+    fields = schedule.split()
+    if len(fields) != 6:
+        raise SettingsError(
+            "BOT_SCHEDULE", "must be a 6-field NCRONTAB expression (sec min hour day month dow)"
+        )
+    for text, (name, low, high, names) in zip(fields, _SCHEDULE_FIELDS, strict=True):
+        if not all(_schedule_item_ok(item, low, high, names) for item in text.split(",")):
+            raise SettingsError(
+                "BOT_SCHEDULE", f"the {name} field is not valid (values {low}-{high}, *, -, /, ,)"
+            )
+    return schedule
+
+
+def _schedule_item_ok(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
+    match = _SCHEDULE_ITEM.fullmatch(item)
+    if match is None:
+        return False
+    base, step = match.groups()
+    if step is not None and int(step) == 0:
+        return False
+    if base == "?":  # "any" in the day fields (croniter, Quartz); left to the host to judge
+        return step is None and high in (31, 7)
+    if base == "*":
+        return True
+    return all(_schedule_value_ok(value, low, high, names) for value in base.split("-"))
+
+
+def _schedule_value_ok(value: str, low: int, high: int, names: tuple[str, ...]) -> bool:
+    if value.isdigit():
+        return low <= int(value) <= high
+    return value.lower() in names
 
 
 def _storage_name(setting: str, name: str) -> str:
@@ -336,6 +471,8 @@ def _parse_number(env: Mapping[str, str], name: str, default, kind):
         value = kind(raw)
     except ValueError:
         raise SettingsError(name, "must be a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(name, "must be a finite number")
     if value <= 0:
         raise SettingsError(name, "must be greater than zero")
     return value

@@ -49,24 +49,36 @@ class ProactiveRequest:
     activity: dict[str, Any]
 
 
+# Activity types a bot may send to a conversation on its own initiative. Inbound-only types
+# (invoke, conversationUpdate, ...) would only be refused by the Connector after a token and
+# a round trip.
+SENDABLE_TYPES = frozenset({"message", "typing", "event", "endOfConversation"})
+# Where the activity goes is the reference's to decide, never the producer's: these fields of
+# a producer's activity are dropped, then filled from the reference.
+ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipient")
+MAX_ID_CHARS = 1024
+# A queue message is at most 64 KiB once base64-encoded, so this many bytes before encoding.
+MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
+
+
 def parse_request(body: bytes | str) -> ProactiveRequest:
-    """Validate a queue message body; raises InvalidRequest with a short reason."""
+    """Validate a queue message body; raises InvalidRequest with a short reason.
+
+    The content is either `activity` (an object; `type` defaults to message) or `text`
+    (shorthand for a message with that text), never both: a request carrying both is
+    ambiguous and refused. The activity's addressing fields (channelId, serviceUrl,
+    conversation, from, recipient) always come from the target's reference.
+    """
     try:
         message = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the message is not JSON") from None
     if not isinstance(message, dict):
         raise InvalidRequest("the message is not a JSON object")
     request_id = message.get("id")
-    if not isinstance(request_id, str) or not request_id:
-        raise InvalidRequest("`id` must be a non-empty string")
-
-    if isinstance(message.get("activity"), dict):
-        activity = as_activity(message["activity"])
-    elif isinstance(message.get("text"), str) and message["text"]:
-        activity = as_activity(message["text"])
-    else:
-        raise InvalidRequest("one of `activity` (an object) or `text` is required")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
+        raise InvalidRequest(f"`id` must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    activity = _content(message.get("activity"), message.get("text"))
 
     target = message.get("to")
     if not isinstance(target, dict) or len(target) != 1:
@@ -83,18 +95,50 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
         reference = target["reference"]
         conversation = reference.get("conversation")
         if (
-            not isinstance(reference.get("serviceUrl"), str)
-            or not isinstance(reference.get("channelId"), str)
+            not _non_empty_string(reference.get("serviceUrl"))
+            or not _non_empty_string(reference.get("channelId"))
             or not isinstance(conversation, dict)
-            or not isinstance(conversation.get("id"), str)
+            or not _non_empty_string(conversation.get("id"))
         ):
             raise InvalidRequest("`to.reference` needs serviceUrl, channelId and conversation.id")
+        for account in ("bot", "user"):
+            if not isinstance(reference.get(account), dict | None):
+                raise InvalidRequest(f"`to.reference.{account}` must be an object")
         key = conversation_key(reference["channelId"], conversation["id"])
         return ProactiveRequest(request_id, key, reference, activity)
     kind = next(iter(target))
+    if kind == "reference":
+        raise InvalidRequest("`to.reference` must be an object")
     if kind in ("user", "broadcast"):
         raise InvalidRequest(f"`to.{kind}` is not supported by this version")
     raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+def _content(activity: Any, text: Any) -> dict[str, Any]:
+    """The activity to send, from the request's `activity` or `text` (see parse_request)."""
+    if activity is not None and text is not None:
+        raise InvalidRequest("give either `activity` or `text`, not both")
+    if activity is not None:
+        if not isinstance(activity, dict):
+            raise InvalidRequest("`activity` must be an object")
+        outgoing = as_activity(activity)
+        kind = outgoing["type"]
+        if not isinstance(kind, str) or kind not in SENDABLE_TYPES:
+            raise InvalidRequest(
+                "`activity.type` must be one of " + ", ".join(sorted(SENDABLE_TYPES))
+            )
+        for name in ADDRESSING_FIELDS:
+            outgoing.pop(name, None)
+        return outgoing
+    if isinstance(text, str) and text:
+        return as_activity(text)
+    if text is not None:
+        raise InvalidRequest("`text` must be a non-empty string")
+    raise InvalidRequest("one of `activity` (an object) or `text` is required")
+
+
+def _non_empty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
@@ -151,20 +195,50 @@ async def handle_queue_message(
         await send_to_poison_queue(runtime.settings, body, reason)
     else:
         await poison(body, reason)
-    logger.warning("proactive message poisoned: %s", reason)
+    logger.warning("proactive %r poisoned: %s", _request_id(body), reason)
     return Outcome.POISONED
 
 
+def _request_id(body: bytes | str) -> str | None:
+    """The request's `id` for the log, when there is a usable one (never any other content)."""
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return request_id[:MAX_ID_CHARS] if isinstance(request_id, str) else None
+
+
 def poison_message(body: bytes | str, reason: str) -> str:
-    """The poison queue's copy: the request with `poisonReason` added (or the raw text)."""
+    """The poison queue's copy: the request with `poisonReason` added (or the raw text).
+
+    A request that is not a JSON object becomes ``{"poisonReason", "body"}``. When the copy
+    would not fit in a queue message, the original text is kept unchanged instead (it fitted
+    once, and a copy that cannot be queued would cost the request); the reason is in the log.
+    """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         message = None
     if isinstance(message, dict):
-        return json.dumps({**message, "poisonReason": reason})
-    return json.dumps({"poisonReason": reason, "body": text})
+        copy: Any = {**message, "poisonReason": reason}
+    else:
+        copy = {"poisonReason": reason, "body": text}
+    encoded = _compact_json(copy)
+    if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+        return encoded
+    return text
+
+
+def _compact_json(value: Any) -> str:
+    # Non-ASCII text stays as it is: \uXXXX escapes would make it up to three times longer.
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        encoded.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid as a JSON escape, not as UTF-8)
+        encoded = json.dumps(value, separators=(",", ":"))
+    return encoded
 
 
 async def send_to_poison_queue(settings: Settings, body: bytes | str, reason: str) -> None:

@@ -1,80 +1,263 @@
 """`make run`: the bot on http://127.0.0.1:7071 with Azurite on its default ports.
 
 Creates `local.settings.json` from the example on first run, starts the repo's Azurite
-(unless one already answers on the default ports), creates the bot's queues and
-container, then runs `func start` when Azure Functions Core Tools are on PATH and the
-repo's own host (`tools/devhost`) otherwise. Ctrl-C stops everything it started.
+(unless one already answers on the default ports; its data is kept in
+`.tools/azurite-data`), creates the bot's queues and container, then runs `func start`
+when Azure Functions Core Tools are on PATH and the repo's own host (`tools/devhost`)
+otherwise. Ctrl-C or SIGTERM stops everything it started; a port already taken is a
+one-line message, not a traceback.
+
+    python -m tools.run_local [--port N] [--blob-port N --queue-port N --table-port N]
+                              [--settings FILE] [--data DIR] [--devhost]
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import http.client
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 from tools.azurite import DEFAULT_PORTS, ROOT, Azurite, connection_string, ensure_resources
 
 PORT = 7071
+SETTINGS_FILE = ROOT / "local.settings.json"
+DATA_DIR = ROOT / ".tools" / "azurite-data"
+HOST_STOP_TIMEOUT = 20.0  # the host finishes the invocations in flight
+DEVELOPMENT_STORAGE = "usedevelopmentstorage=true"
 
 
-def load_settings() -> dict[str, str]:
-    settings_file = ROOT / "local.settings.json"
-    if not settings_file.exists():
-        shutil.copyfile(ROOT / "local.settings.example.json", settings_file)
-        print("created local.settings.json from local.settings.example.json", flush=True)
-    return json.loads(settings_file.read_text()).get("Values", {})
+class RunError(Exception):
+    """The bot cannot be started; the message says what to do about it."""
 
 
-def answering(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: stop like Ctrl-C (a BaseException, so nothing swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def main() -> int:
-    values = load_settings()
-    azurite = None
-    if answering(DEFAULT_PORTS["blob"]) and answering(DEFAULT_PORTS["queue"]):
-        print("using the Azurite already running on the default ports", flush=True)
-    else:
-        data = ROOT / ".tools" / "azurite-data"
-        data.mkdir(parents=True, exist_ok=True)
-        azurite = Azurite(
-            blob_port=DEFAULT_PORTS["blob"],
-            queue_port=DEFAULT_PORTS["queue"],
-            table_port=DEFAULT_PORTS["table"],
-            location=str(data),
-            in_memory=False,
-        ).start()
-        print("Azurite started on ports 10000 (blob) and 10001 (queue)", flush=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.run_local", description=__doc__)
+    parser.add_argument("--port", type=int, default=PORT, help="the bot's HTTP port")
+    for service in ("blob", "queue", "table"):
+        parser.add_argument(f"--{service}-port", type=int, default=DEFAULT_PORTS[service])
+    parser.add_argument("--settings", type=Path, default=SETTINGS_FILE, help="local settings")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="Azurite's data folder")
+    parser.add_argument("--devhost", action="store_true", help="never use `func start`")
+    return parser.parse_args(argv)
+
+
+def load_settings(path: Path) -> dict[str, str]:
+    """`Values` of the settings file, created from the example when it does not exist."""
+    if not path.exists():
+        shutil.copyfile(ROOT / "local.settings.example.json", path)
+        print(f"created {path.name} from local.settings.example.json", flush=True)
     try:
-        if values.get("AzureWebJobsStorage", "").strip() == "UseDevelopmentStorage=true":
-            ensure_resources(
-                connection_string(DEFAULT_PORTS["blob"], DEFAULT_PORTS["queue"]),
-                [values.get("BOT_PROACTIVE_QUEUE") or "proactive-messages"],
-                [values.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
-            )
-        if shutil.which("func"):
-            command = ["func", "start", "--port", str(PORT)]
-        else:
-            command = [sys.executable, "-m", "tools.devhost", "--port", str(PORT)]
-        host = subprocess.Popen(command, cwd=ROOT)
-        signal.signal(signal.SIGTERM, lambda *_: host.terminate())
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"{path.name} is not readable JSON ({type(error).__name__})") from None
+    values = document.get("Values", {}) if isinstance(document, dict) else None
+    if not isinstance(values, dict):
+        raise RunError(f'{path.name} must be a JSON object with a "Values" object')
+    return {str(k): str(v) for k, v in values.items() if v is not None}
+
+
+def port_in_use(port: int) -> bool:
+    """True when something answers on 127.0.0.1:port or a listener could not bind it."""
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
         try:
-            return host.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C reached the host too (same process group): let it shut down cleanly.
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def answers_as_azurite(port: int) -> bool:
+    """True when an HTTP request to the port gets Azurite's `Server` header back."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/")
+        return "azurite" in (connection.getresponse().getheader("Server") or "").lower()
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise :class:`Terminated`; the previous handlers come back after."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def no_interruptions() -> Iterator[None]:
+    """While cleaning up: further Ctrl-C / SIGTERM wait (every step of the cleanup is bounded)."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def storage_to_start(args: argparse.Namespace) -> Azurite | None:
+    """A new Azurite for the ports (not started yet), or None when one already answers."""
+    ports = {"blob": args.blob_port, "queue": args.queue_port, "table": args.table_port}
+    if port_in_use(ports["blob"]) and port_in_use(ports["queue"]):
+        if not (answers_as_azurite(ports["blob"]) and answers_as_azurite(ports["queue"])):
+            raise RunError(
+                f"ports {ports['blob']} and {ports['queue']} are in use by a program that is not "
+                "Azurite: stop it, then run `make run` again"
+            )
+        print(
+            f"using the Azurite already running on ports {ports['blob']} and {ports['queue']}",
+            flush=True,
+        )
+        return None
+    for service, port in ports.items():
+        if port_in_use(port):
+            raise RunError(
+                f"port {port} (Azurite's {service} service) is in use by another program: "
+                "stop it, then run `make run` again"
+            )
+    args.data.mkdir(parents=True, exist_ok=True)
+    return Azurite(
+        blob_port=ports["blob"],
+        queue_port=ports["queue"],
+        table_port=ports["table"],
+        location=str(args.data),
+        in_memory=False,
+    )
+
+
+def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    try:
+        ensure_resources(
+            connection_string(args.blob_port, args.queue_port),
+            [settings.get("BOT_PROACTIVE_QUEUE") or "proactive-messages"],
+            [settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
+        )
+    except Exception as error:  # whatever answers on the ports is not a working Azurite
+        raise RunError(
+            f"ports {args.blob_port}/{args.queue_port} answer, but not as Azurite "
+            f"({type(error).__name__}): stop what uses them, then run `make run` again"
+        ) from None
+
+
+def host_command(args: argparse.Namespace) -> list[str]:
+    if not args.devhost and shutil.which("func"):
+        return ["func", "start", "--port", str(args.port)]
+    return [sys.executable, "-m", "tools.devhost", "--port", str(args.port)]
+
+
+def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
+    """The host's environment: ours, plus what the host would not find on its own."""
+    env = dict(os.environ)
+    if args.settings.resolve() != SETTINGS_FILE.resolve():
+        for name, value in file_values.items():  # the host reads only the repo's file
+            env.setdefault(name, value)
+    storage = env.get("AzureWebJobsStorage", file_values.get("AzureWebJobsStorage", ""))
+    custom_ports = (args.blob_port, args.queue_port) != (
+        DEFAULT_PORTS["blob"],
+        DEFAULT_PORTS["queue"],
+    )
+    if storage.strip().lower() == DEVELOPMENT_STORAGE and custom_ports:
+        env["AzureWebJobsStorage"] = connection_string(args.blob_port, args.queue_port)
+    return env
+
+
+def run_host(command: list[str], env: dict[str, str]) -> int:
+    """Run the host until it exits, or until Ctrl-C / SIGTERM stops it; its exit code."""
+    host = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        return host.wait()
+    except (KeyboardInterrupt, Terminated) as stop:
+        with no_interruptions():
+            if isinstance(stop, Terminated):
+                host.terminate()  # Ctrl-C reached the host already (same process group)
             try:
-                return host.wait(timeout=20)
+                return host.wait(timeout=HOST_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 host.kill()
                 return host.wait()
     finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    file_values = load_settings(args.settings)
+    settings = {**file_values, **os.environ}  # like the host: the environment wins
+    if port_in_use(args.port):
+        raise RunError(
+            f"port {args.port} is in use: is the bot already running (`make run` in another "
+            "terminal)? Stop it, then try again"
+        )
+    azurite = storage_to_start(args)
+    try:
         if azurite is not None:
-            azurite.stop()
+            try:
+                azurite.start()
+            except RuntimeError as error:  # not installed, exited, or too slow to answer
+                raise RunError(f"Azurite did not start: {error}") from None
+            except OSError as error:
+                raise RunError(
+                    f"Azurite could not be run ({type(error).__name__}): is Node.js installed?"
+                ) from None
+            print(
+                f"Azurite started on ports {args.blob_port} (blob) and {args.queue_port} (queue),"
+                f" data in {args.data}",
+                flush=True,
+            )
+        if settings.get("AzureWebJobsStorage", "").strip().lower() == DEVELOPMENT_STORAGE:
+            create_resources(args, settings)
+        return run_host(host_command(args), host_environment(args, file_values))
+    finally:
+        if azurite is not None:
+            with no_interruptions():
+                azurite.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with stop_signals():
+        try:
+            return run(args)
+        except RunError as error:
+            print(f"make run: {error}", file=sys.stderr, flush=True)
+            return 1
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT
+        except Terminated as stop:
+            return 128 + stop.signum
 
 
 if __name__ == "__main__":

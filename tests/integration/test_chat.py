@@ -6,16 +6,19 @@ import asyncio
 import io
 import json
 import os
+import socket
 import threading
 import time
 
 import pytest
+from aiohttp import web
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from shared.config import Settings
 from shared.references import BlobReferenceStore
 from tests.fixtures.devhost import DevHost, free_port
 from tools.botsim import chat
+from tools.botsim.server import BackgroundServer
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +119,83 @@ def test_chat_says_when_no_bot_answers():
     )
     assert code == 1
     assert "make run" in out.getvalue()
+
+
+def test_chat_with_a_bot_that_requires_a_token_says_how_to_fix_it(azurite, unique_name, tmp_path):
+    # local.settings.json with an app id: the bot wants a channel token the chat cannot mint.
+    env = {
+        "MicrosoftAppId": "00000000-0000-0000-0000-00000000a99d",
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
+    }
+    host = DevHost(env, tmp_path).wait_started()
+    out = io.StringIO()
+    try:
+        code = chat.main(
+            ["--bot", f"{host.url}/api/messages", "--port", str(free_port())],
+            stdin=io.StringIO("hello\nagain\n"),
+            out=out,
+        )
+    finally:
+        host.stop()
+
+    printed = out.getvalue()
+    assert code == 1, printed
+    assert "401" in printed
+    assert '"MicrosoftAppId": ""' in printed and '"BOT_ALLOW_UNAUTHENTICATED": "true"' in printed
+    assert "Type a message" not in printed  # no pointless prompt for lines that would all fail
+
+
+def test_chat_on_a_port_in_use_says_so_without_a_traceback():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = io.StringIO()
+
+        code = chat.main(["--port", str(port)], stdin=io.StringIO(""), out=out)
+
+    assert code == 1
+    assert f"port {port}" in out.getvalue() and "--port" in out.getvalue()
+
+
+def test_chat_moves_to_a_free_port_when_the_default_one_is_taken(local_bot, monkeypatch):
+    host, _ = local_bot
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setattr(chat, "DEFAULT_PORT", busy.getsockname()[1])
+        out = io.StringIO()
+
+        code = chat.main(
+            ["--bot", f"{host.url}/api/messages"], stdin=io.StringIO("hello\n"), out=out
+        )
+
+    printed = out.getvalue()
+    assert code == 0, printed + host.log
+    assert "is in use" in printed
+    assert "bot (reply)> Echo: hello" in printed
+
+
+def test_chat_survives_the_bot_going_away_mid_conversation():
+    async def accept(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/api/messages", accept)
+    bot = BackgroundServer(app).start()
+    out = io.StringIO()
+
+    def typed():
+        yield "first\n"
+        bot.stop()  # the person stops `make run` while the chat is open
+        yield "second\n"
+
+    code = chat.main(
+        ["--bot", f"{bot.url}/api/messages", "--port", str(free_port())], stdin=typed(), out=out
+    )
+
+    printed = out.getvalue()
+    assert code == 0
+    assert "is `make run` still running?" in printed
+    assert "Traceback" not in printed

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from croniter import croniter
 
+from shared.auth.tokens import create_token_provider
 from shared.config import CLOUDS, Settings, SettingsError, is_loopback_host
+from shared.connector import ConnectorClient, parse_service_url
 
 BASE = {"MicrosoftAppId": "app-1", "MicrosoftAppPassword": "s3cret"}
 
@@ -93,6 +96,234 @@ def test_local_unauthenticated_mode_needs_the_flag_and_no_app_id():
 def test_trusted_service_urls_are_parsed():
     s = settings(BOT_TRUSTED_SERVICE_URLS=" http://127.0.0.1:3980 , https://bots.example/api ")
     assert s.trusted_service_urls == ("http://127.0.0.1:3980", "https://bots.example/api")
+
+
+def test_trusted_service_urls_skip_blanks_and_duplicates_and_keep_trailing_slashes():
+    s = settings(
+        BOT_TRUSTED_SERVICE_URLS=",https://bots.example/api/ ,, https://bots.example/api/,"
+        "HTTPS://Other.example , "
+    )
+    assert s.trusted_service_urls == ("https://bots.example/api/", "HTTPS://Other.example")
+    # The Connector client reads them as the prefixes they are meant to be.
+    connector = ConnectorClient(s, None)
+    assert connector.is_trusted("https://bots.example/api/v3")
+    assert connector.is_trusted("https://other.example/anything")
+    assert not connector.is_trusted("https://bots.example/apiv3")
+
+
+# Entries the Connector client would ignore (with only a log line), so the bot would refuse
+# to send where the operator meant to allow it: refused here instead, by position, not value.
+UNUSABLE_PREFIXES = {
+    "space-separated": "http://127.0.0.1:1 http://127.0.0.1:2",
+    "port out of range": "https://bots.example:99999",
+    "port zero": "https://bots.example:0",
+    "user and password": "https://user:pw@bots.example",
+    "dot segments": "https://bots.example/a/../b",
+    "a percent sign that encodes nothing": "https://bots.example/100%",
+    "non-ASCII host": "https://bøts.example",
+    "trailing-dot host": "https://bots.example.",
+    "underscore host": "https://bots_x.example",
+    "query": "https://bots.example/api?x=1",
+    "no scheme": "bots.example/api",
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE_PREFIXES))
+def test_trusted_service_urls_the_connector_could_not_use_are_refused(case):
+    entry = UNUSABLE_PREFIXES[case]
+    # Sanity: the Connector client's own parser refuses it too.
+    assert parse_service_url(entry) is None
+
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_TRUSTED_SERVICE_URLS=f"https://fine.example, {entry}")
+
+    assert raised.value.setting == "BOT_TRUSTED_SERVICE_URLS"
+    assert "entry 2" in str(raised.value)
+    assert "pw" not in str(raised.value) and "99999" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "https://bots.example",
+        "https://bots.example:8443/v3/",
+        "http://localhost:3980",
+        "http://[::1]:3980/api",
+        "https://10.1.2.3/x;y=1/z",
+    ],
+)
+def test_every_accepted_trusted_service_url_is_one_the_connector_uses(entry):
+    [accepted] = settings(BOT_TRUSTED_SERVICE_URLS=entry).trusted_service_urls
+    assert parse_service_url(accepted) is not None
+
+
+# --- Key Vault references ---------------------------------------------------------------------
+
+KEY_VAULT_REFERENCE = "@Microsoft.KeyVault(SecretUri=https://vault.example/secrets/bot-secret/)"
+
+
+@pytest.mark.parametrize(
+    "setting", ["MicrosoftAppPassword", "MicrosoftAppId", "AzureWebJobsStorage", "BOT_SCHEDULE"]
+)
+def test_an_unresolved_key_vault_reference_is_a_clear_error(setting):
+    # App Service passes the reference text on when it cannot resolve it; a local run gets
+    # whatever was copied. Used as a client secret it would only fail later, inside MSAL.
+    with pytest.raises(SettingsError) as raised:
+        settings(**{setting: f" {KEY_VAULT_REFERENCE.lower()} "})
+
+    assert raised.value.setting == setting
+    assert "Key Vault reference" in str(raised.value)
+    assert "vault.example" not in str(raised.value)
+    assert "bot-secret" not in str(raised.value)
+
+
+def test_a_secret_that_merely_mentions_key_vault_is_a_secret():
+    assert settings(MicrosoftAppPassword="x@Microsoft.KeyVault(").app_password.startswith("x@")
+
+
+# --- whitespace and case -------------------------------------------------------------------------
+
+
+def test_app_type_and_channel_service_ignore_case_and_whitespace():
+    s = settings(
+        MicrosoftAppType=" singletenant ",
+        MicrosoftAppTenantId=" tenant-1 ",
+        BOT_CHANNEL_SERVICE=" USGov ",
+        BOT_ALLOW_UNAUTHENTICATED=" FALSE ",
+        MicrosoftAppId=" app-1 ",
+    )
+    assert (s.app_type, s.tenant_id, s.channel_service, s.app_id) == (
+        "SingleTenant",
+        "tenant-1",
+        "usgov",
+        "app-1",
+    )
+    assert (
+        settings(
+            MicrosoftAppType="USERASSIGNEDMSI", MicrosoftAppTenantId="t", MicrosoftAppPassword=""
+        ).app_type
+        == "UserAssignedMSI"
+    )
+
+
+# --- BOT_LOGIN_AUTHORITY -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "https://login.microsoftonline.com/botframework.com",
+        "https://login.microsoftonline.com/common/",
+        "https://login.microsoftonline.com?x=1",
+        "https://user@login.microsoftonline.com",
+    ],
+)
+def test_login_authority_is_the_host_only(authority):
+    # The tenant is appended to it; a path here would make MSAL ask `.../<tenant>/<tenant>`.
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_LOGIN_AUTHORITY=authority)
+    assert raised.value.setting == "BOT_LOGIN_AUTHORITY"
+
+
+def test_login_authority_keeps_a_port_and_drops_a_trailing_slash():
+    s = settings(BOT_LOGIN_AUTHORITY="https://127.0.0.1:8443/")
+    assert s.login_authority == "https://127.0.0.1:8443"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["BOT_LOGIN_AUTHORITY", "BOT_OPENID_METADATA_URL", "BOT_EMULATOR_OPENID_METADATA_URL"],
+)
+def test_a_url_with_an_impossible_port_names_the_setting(setting):
+    with pytest.raises(SettingsError) as raised:
+        settings(**{setting: "https://login.example:99999"})
+    assert raised.value.setting == setting
+
+
+# --- BOT_SCHEDULE --------------------------------------------------------------------------------
+
+VALID_SCHEDULES = [
+    "0 0 9 * * *",
+    "0 */5 * * * *",
+    "0 30 9 * * 1-5",
+    "0 30 9 * Jan Mon",
+    "0 0 9 * * MON-FRI",
+    "0 0 7,18 * * *",
+    "5,10-20/5 0 0 1-31/2 * *",
+    "0 0 9 * * sun",
+    "0 0 9 ? * *",
+]
+INVALID_SCHEDULES = {
+    "hour 25": "0 0 25 * * *",
+    "minute 60": "0 60 9 * * *",
+    "day 0": "0 0 9 0 * *",
+    "month 13": "0 0 9 * 13 *",
+    "day of week 8": "0 0 9 * * 8",
+    "step 0": "*/0 * * * * *",
+    "empty list item": "0 0 9,,10 * * *",
+    "unknown name": "0 0 9 * * Funday",
+    "month name in the day field": "0 0 9 Jan * *",
+    "negative": "0 -5 9 * * *",
+    "L is not NCRONTAB": "0 0 9 L * *",
+    "a TimeSpan": "00:05:00",
+    "five fields": "0 9 * * *",
+}
+
+
+@pytest.mark.parametrize("schedule", VALID_SCHEDULES)
+def test_valid_schedules_are_kept(schedule):
+    assert settings(BOT_SCHEDULE=f" {schedule} ").schedule == schedule
+    # The local host's parser agrees (croniter is a dev dependency only).
+    assert croniter.is_valid(schedule, second_at_beginning=True)
+
+
+@pytest.mark.parametrize("case", list(INVALID_SCHEDULES))
+def test_obviously_invalid_schedules_name_the_setting(case):
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_SCHEDULE=INVALID_SCHEDULES[case])
+    assert raised.value.setting == "BOT_SCHEDULE"
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_rate_limit_must_be_a_finite_number(value):
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_CONNECTOR_RATE_LIMIT=value)
+    assert raised.value.setting == "BOT_CONNECTOR_RATE_LIMIT"
+
+
+# --- unauthenticated mode is local only ----------------------------------------------------------
+
+
+def test_unauthenticated_mode_is_refused_on_azure():
+    env = {"BOT_ALLOW_UNAUTHENTICATED": "true", "WEBSITE_INSTANCE_ID": "a1b2c3"}
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    assert raised.value.setting == "BOT_ALLOW_UNAUTHENTICATED"
+    # With an app id the flag changes nothing, so it is not an error there.
+    assert not settings(**env).auth_disabled
+
+
+# --- US Gov: the cloud's URLs agree with the token and Connector modules ------------------------
+
+
+def test_usgov_defaults_agree_with_outbound_tokens_and_trusted_hosts():
+    s = settings(BOT_CHANNEL_SERVICE="usgov")
+    provider = create_token_provider(s)
+    assert provider.authority == (
+        "https://login.microsoftonline.us/MicrosoftServices.onmicrosoft.us"
+    )
+    assert s.oauth_scope == "https://api.botframework.us/.default"
+    assert s.emulator_openid_metadata_url.startswith("https://login.microsoftonline.us/")
+    assert s.cloud.caller_id == "urn:botframework:azureusgov"
+    connector = ConnectorClient(s, None)
+    assert connector.is_trusted("https://smba.infra.gov.teams.microsoft.us/teams/")
+    assert not connector.is_trusted("https://smba.trafficmanager.net/amer/")
+    public = ConnectorClient(settings(), None)
+    assert public.is_trusted("https://smba.trafficmanager.net/amer/")
+    assert not public.is_trusted("https://smba.infra.gov.teams.microsoft.us/teams/")
 
 
 def test_identity_based_storage():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -36,6 +37,8 @@ from tools.botsim.connector import FakeConnector, Reply
 CONVERSATION = "a:1Xy-personal;with/odd@chars"
 KEY = f"msteams/{CONVERSATION}"
 OTHER = "19:kept@thread.v2"
+# Azure Queue storage takes messages up to 64 KiB, base64-encoded: 48 KiB before encoding.
+QUEUE_MESSAGE_LIMIT = 48 * 1024
 FAST_RETRY = RetryPolicy(max_attempts=3, max_total_seconds=2.0, base_delay=0.01, max_delay=0.02)
 
 
@@ -315,6 +318,70 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         "`to.broadcast` is not supported",
     ),
     "unknown target": (json.dumps({"id": "r", "to": {"team": "x"}, "text": "x"}), "`to` must"),
+    "both activity and text": (
+        json.dumps(
+            {"id": "r", "to": {"conversation": KEY}, "activity": {"text": "a"}, "text": "b"}
+        ),
+        "either `activity` or `text`, not both",
+    ),
+    "activity not an object beside text": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": "hi", "text": "x"}),
+        "not both",
+    ),
+    "text not a string": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "text": 5}),
+        "`text` must be a non-empty string",
+    ),
+    "inbound-only activity type": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": {"type": "invoke"}}),
+        "`activity.type` must be one of",
+    ),
+    "activity type not a string": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": {"type": ["message"]}}),
+        "`activity.type` must be one of",
+    ),
+    "id too long": (
+        json.dumps({"id": "r" * 1025, "to": {"conversation": KEY}, "text": "x"}),
+        "`id`",
+    ),
+    "reference not an object": (
+        json.dumps({"id": "r", "to": {"reference": "msteams/a:1"}, "text": "x"}),
+        "`to.reference` must be an object",
+    ),
+    "reference with an empty conversation id": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {
+                    "reference": {
+                        "channelId": "msteams",
+                        "serviceUrl": "http://127.0.0.1:9/never-called",
+                        "conversation": {"id": ""},
+                    }
+                },
+                "text": "x",
+            }
+        ),
+        "`to.reference` needs serviceUrl",
+    ),
+    "reference with a bot that is not an object": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {
+                    "reference": {
+                        "channelId": "msteams",
+                        "serviceUrl": "http://127.0.0.1:9/never-called",
+                        "conversation": {"id": "a:1"},
+                        "bot": "28:bot",
+                    }
+                },
+                "text": "x",
+            }
+        ),
+        "`to.reference.bot` must be an object",
+    ),
+    "nested beyond the JSON parser": ("[" * 100_000 + "]" * 100_000, "not JSON"),
 }
 
 
@@ -331,6 +398,52 @@ async def test_malformed_requests_are_refused_with_a_reason(
     assert fake_connector.requests == []
     assert fake_aad.issuances == []
     assert len(await stored_keys(runtime)) == 2
+
+
+async def test_the_addressing_always_comes_from_the_reference_even_when_it_lacks_a_field(
+    runtime, fake_connector
+):
+    # A minimal reference (no bot, no user): the producer's from/recipient must not fill in.
+    target = {
+        "channelId": "msteams",
+        "serviceUrl": fake_connector.url,
+        "conversation": {"id": "a:minimal"},
+    }
+    activity = {
+        "text": "hi",
+        "from": {"id": "29:impersonated-user", "role": "user"},
+        "recipient": {"id": "29:someone-else"},
+        "channelId": "directline",
+        "replyToId": "1700000000009",
+    }
+    body = json.dumps({"id": "req-3", "to": {"reference": target}, "activity": activity})
+
+    assert await deliver(body, runtime) is Outcome.DELIVERED
+
+    [sent] = fake_connector.requests
+    assert sent.params == {"conversationId": "a:minimal"}
+    assert "from" not in sent.json and "recipient" not in sent.json
+    assert sent.json["channelId"] == "msteams"
+    assert sent.json["text"] == "hi"
+    assert sent.json["replyToId"] == "1700000000009"  # content, kept: a reply in a thread
+
+
+@pytest.mark.parametrize("kind", ["typing", "event", "endOfConversation"])
+async def test_activity_types_a_bot_may_send_are_delivered(runtime, fake_connector, kind):
+    body = json.dumps(
+        {"id": "req-4", "to": {"conversation": KEY}, "activity": {"type": kind, "name": "n"}}
+    )
+
+    assert await deliver(body, runtime) is Outcome.DELIVERED
+
+    [sent] = fake_connector.requests
+    assert sent.json["type"] == kind
+    assert sent.json["recipient"]["id"] == "29:user-1"
+
+
+def test_a_null_activity_beside_text_is_the_text_shorthand():
+    body = json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": None, "text": "hi"})
+    assert parse_request(body).activity == {"type": "message", "text": "hi"}
 
 
 def test_a_valid_request_parses_to_its_target_and_activity():
@@ -414,6 +527,71 @@ def test_poison_copy_keeps_the_request_and_adds_the_reason():
         "poisonReason": "why",
         "body": "\ufffdnot json",
     }
+
+
+def test_poison_copy_keeps_non_ascii_text_unescaped():
+    body = json.dumps({"id": "r", "text": "héllo 😀"}, ensure_ascii=False).encode()
+    copy = poison_message(body, "why")
+    assert "héllo 😀" in copy
+    assert json.loads(copy) == {"id": "r", "text": "héllo 😀", "poisonReason": "why"}
+    # A lone surrogate is valid JSON but not UTF-8: the copy stays encodable.
+    lone = poison_message(b'{"id": "r", "text": "\\ud800"}', "why")
+    assert json.loads(lone)["text"] == "\ud800"
+    lone.encode("utf-8")
+
+
+def test_poison_copy_that_would_not_fit_a_queue_message_keeps_the_original_body():
+    body = json.dumps({"id": "r", "to": {"team": "x"}, "text": "a" * (QUEUE_MESSAGE_LIMIT - 60)})
+    assert len(body.encode()) <= QUEUE_MESSAGE_LIMIT
+    assert poison_message(body.encode(), "invalid request: " + "x" * 100) == body
+
+
+async def test_a_large_non_ascii_malformed_request_is_poisoned_on_azurite_at_once(
+    azurite, unique_name, aad_app, fake_connector
+):
+    # ~40 KB of UTF-8 fits a queue message (base64: ~54 KB of 64); escaped as \u00e9 it would
+    # be ~120 KB and the poison queue would refuse the copy, costing five useless retries.
+    queue = unique_name("proactive")
+    settings = aad_app.settings(
+        AzureWebJobsStorage=azurite.connection_string, BOT_PROACTIVE_QUEUE=queue
+    )
+    runtime = Runtime(
+        settings=settings,
+        authenticator=InboundAuthenticator(settings),
+        connector=ConnectorClient(settings, None),
+        references=MemoryReferenceStore(),
+        router=Router(),
+    )
+    text = "é" * 20_000
+    body = json.dumps({"id": "r-big", "to": {"team": "x"}, "text": text}, ensure_ascii=False)
+    try:
+        outcome = await handle_queue_message(body.encode(), runtime)
+    finally:
+        await runtime.close()
+        await close_shared_clients()
+
+    assert outcome is Outcome.POISONED
+    client = QueueClient.from_connection_string(azurite.connection_string, f"{queue}-poison")
+    [message] = client.peek_messages()
+    copy = json.loads(base64.b64decode(message.content))
+    assert copy["id"] == "r-big" and copy["text"] == text
+    assert copy["poisonReason"].startswith("invalid request: `to` must")
+    assert fake_connector.requests == []
+
+
+async def test_logs_name_the_request_but_never_its_text(runtime, fake_connector, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret_text = "the user's private words"
+    poison = PoisonQueue()
+    delivered = request({"conversation": KEY}, text=secret_text)
+    malformed = json.dumps({"id": "req-bad", "to": {"team": "x"}, "text": secret_text})
+
+    assert await handle_queue_message(delivered, runtime, poison=poison) is Outcome.DELIVERED
+    assert await handle_queue_message(malformed, runtime, poison=poison) is Outcome.POISONED
+
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "req-1" in logged and "req-bad" in logged
+    assert secret_text not in logged
 
 
 async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(

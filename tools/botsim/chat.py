@@ -7,12 +7,14 @@ the bot's `/api/messages`. Everything the bot sends to the fake Connector is pri
 it arrives: replies, updates, and proactive messages sent later.
 
 The local bot runs in unauthenticated mode (`BOT_ALLOW_UNAUTHENTICATED=true`, no app
-id), so the chat sends no token; the bot accepts that only for loopback serviceUrls.
+id), so the chat sends no token; the bot accepts that only for loopback serviceUrls (any
+port, so when 3980 is taken the chat listens on another one).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
@@ -24,6 +26,17 @@ from tools.botsim.connector import FakeConnector, RecordedRequest
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
 DEFAULT_PORT = 3980  # trusted by local.settings.example.json
+TIMEOUT = 20.0  # the channel gives a bot 15 s
+
+NEEDS_TOKEN_HINT = (
+    "the bot answered 401: it expects a channel token (MicrosoftAppId is set), and the chat "
+    'has none to send.\nTo chat locally, set in local.settings.json "MicrosoftAppId": "" '
+    'and "BOT_ALLOW_UNAUTHENTICATED": "true", then restart `make run`.'
+)
+
+
+class BotUnreachable(Exception):
+    """No answer from the bot's endpoint (not running, stopped, or too slow)."""
 
 
 class Chat:
@@ -58,18 +71,31 @@ class Chat:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=20) as response:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
                 return response.status
         except urllib.error.HTTPError as error:
             return error.code
+        except TimeoutError:
+            raise BotUnreachable(f"the bot did not answer within {TIMEOUT:.0f} s") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            raise BotUnreachable(f"no bot answers at {self.bot_url}") from None
 
     def show(self, request: RecordedRequest) -> None:
         activity = request.activity or {}
         kind = activity.get("type", "?")
-        label = {"replyToActivity": "reply", "sendToConversation": "send"}.get(
-            request.operation or "", request.operation or "?"
-        )
-        if kind == "message":
+        label = {
+            "replyToActivity": "reply",
+            "sendToConversation": "send",
+            "updateActivity": "update",
+            "deleteActivity": "delete",
+        }.get(request.operation or "", request.operation or "?")
+        if request.operation == "deleteActivity":
+            print(
+                f"bot ({label})> [activity {request.params.get('activityId')}]",
+                file=self.out,
+                flush=True,
+            )
+        elif kind == "message":
             text = activity.get("text") or ""
             extra = len(activity.get("attachments") or [])
             suffix = f" [+{extra} attachment(s)]" if extra else ""
@@ -87,25 +113,64 @@ class Chat:
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.botsim chat", description=__doc__)
     parser.add_argument("--bot", default=DEFAULT_BOT, help="the bot's messages endpoint")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="fake Connector port")
+    parser.add_argument(
+        "--port", type=int, help=f"fake Connector port (default {DEFAULT_PORT}, else any free one)"
+    )
     args = parser.parse_args(argv)
 
-    with FakeConnector(port=args.port) as connector:
-        chat = Chat(args.bot, connector, out)
-        connector.subscribe(chat.show)
+    connector = start_connector(args.port, out)
+    if connector is None:
+        return 1
+    try:
+        return converse(Chat(args.bot, connector, out), stdin, out)
+    finally:
+        connector.stop()
+
+
+def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
+    """The fake Connector on `port`, or on 3980 (any free port when 3980 is taken)."""
+    for candidate in (port,) if port is not None else (DEFAULT_PORT, 0):
+        connector = FakeConnector(port=candidate)
         try:
-            status = chat.start()
-        except urllib.error.URLError:
-            print(f"no bot answers at {args.bot}: start it with `make run`", file=out)
+            return connector.start()
+        except OSError as error:
+            connector.stop()
+            if port is not None:
+                print(
+                    f"cannot listen on port {port} ({error.strerror}): pick another --port",
+                    file=out,
+                )
+                return None
+            print(f"port {DEFAULT_PORT} is in use (another chat?): using a free port", file=out)
+    return None
+
+
+def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
+    """Open the conversation, then send each typed line; 1 when the bot cannot be talked to."""
+    chat.connector.subscribe(chat.show)
+    try:
+        status = chat.start()
+    except BotUnreachable as error:
+        print(f"{error}: start it with `make run`", file=out, flush=True)
+        return 1
+    if status == 401:
+        print(NEEDS_TOKEN_HINT, file=out, flush=True)
+        return 1
+    if status != 200:
+        print(f"the bot answered {status} to the conversation start", file=out, flush=True)
+    print("Type a message and press Enter (Ctrl-D to quit).", file=out, flush=True)
+    for line in stdin:
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            status = chat.say(text)
+        except BotUnreachable as error:
+            print(f"({error}; is `make run` still running?)", file=out, flush=True)
+            continue
+        if status == 401:
+            print(NEEDS_TOKEN_HINT, file=out, flush=True)
             return 1
         if status != 200:
-            print(f"the bot answered {status} to the conversation start", file=out, flush=True)
-        print("Type a message and press Enter (Ctrl-D to quit).", file=out, flush=True)
-        for line in stdin:
-            text = line.strip()
-            if not text:
-                continue
-            status = chat.say(text)
-            if status != 200:
-                print(f"(the bot answered HTTP {status})", file=out, flush=True)
+            print(f"(the bot answered HTTP {status})", file=out, flush=True)
     return 0

@@ -1,0 +1,244 @@
+"""`make run` (tools/run_local.py): starts Azurite and the bot, stops both, explains busy ports.
+
+Each test runs `python -m tools.run_local` as a user's `make run` would, but on free ports,
+with its own settings file and Azurite data folder (the repo's are never touched), and
+with the repo's host (`--devhost`) even where Core Tools are installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
+
+from tests.fixtures.devhost import free_port
+from tools.azurite import AZURITE_BIN, connection_string
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not AZURITE_BIN.exists(), reason="Azurite is not installed"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTED = "Host started on"  # the devhost's last startup line
+START_TIMEOUT = 60.0
+INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+
+
+class RunLocal:
+    """One `python -m tools.run_local` in its own session (so Ctrl-C can be sent to it)."""
+
+    def __init__(self, tmp_path: Path, settings_text: str | None = None, **ports: int) -> None:
+        self.ports = {
+            "port": free_port(),
+            "blob": free_port(),
+            "queue": free_port(),
+            "table": free_port(),
+        }
+        self.ports.update(ports)
+        self.queue = f"proactive-{uuid.uuid4().hex[:10]}"
+        self.container = f"refs-{uuid.uuid4().hex[:10]}"
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.data = tmp_path / "azurite-data"
+        self.settings = tmp_path / "local.settings.json"
+        example = json.loads((ROOT / "local.settings.example.json").read_text())
+        example["Values"].update(
+            BOT_PROACTIVE_QUEUE=self.queue, BOT_REFERENCES_CONTAINER=self.container
+        )
+        self.settings.write_text(settings_text or json.dumps(example))
+        self._out = tmp_path / "run_local.out"
+        self._err = tmp_path / "run_local.err"
+        args = [
+            sys.executable,
+            "-m",
+            "tools.run_local",
+            "--devhost",
+            "--port",
+            str(self.ports["port"]),
+            "--blob-port",
+            str(self.ports["blob"]),
+            "--queue-port",
+            str(self.ports["queue"]),
+            "--table-port",
+            str(self.ports["table"]),
+            "--settings",
+            str(self.settings),
+            "--data",
+            str(self.data),
+        ]
+        env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        with open(self._out, "wb") as out, open(self._err, "wb") as err:
+            self.process = subprocess.Popen(
+                args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self._out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._err.read_text(errors="replace")
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while STARTED not in self.stdout:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"make run did not start:\n{self.stdout}\n{self.stderr}")
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 40.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def left_behind(self) -> list[str]:
+        """Processes still running that this run started (Azurite by its data folder)."""
+        marks = (str(self.data), f"--port {self.ports['port']}")
+        return [line for line in _command_lines() if any(mark in line for mark in marks)]
+
+    def kill(self) -> None:
+        """Last resort after a failed test: nothing may outlive it."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        for line in self.left_behind():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def _command_lines() -> list[str]:
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text:
+            lines.append(f"{cmdline.parent.name} {text}")
+    return lines
+
+
+def answering(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[int]:
+    """A port some other program holds: it accepts connections and never answers."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]
+
+
+@pytest.fixture
+def make_run(tmp_path) -> Iterator[Callable[..., RunLocal]]:
+    started: list[RunLocal] = []
+
+    def start(settings_text: str | None = None, **ports: int) -> RunLocal:
+        run = RunLocal(tmp_path / str(len(started)), settings_text, **ports)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.kill()
+
+
+def post_status(port: int, path: str, body: bytes) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, stop):
+    run = make_run()
+    run.wait_started()
+    ports = run.ports
+
+    # The bot answers on its port: an object that is not an activity is its 400.
+    assert post_status(ports["port"], "/api/messages", b"{}") == 400
+    # Azurite runs on the given ports, with the bot's queues and container created.
+    conn_str = connection_string(ports["blob"], ports["queue"])
+    with QueueServiceClient.from_connection_string(conn_str) as queues:
+        names = {queue.name for queue in queues.list_queues()}
+    assert {run.queue, f"{run.queue}-poison"} <= names
+    with BlobServiceClient.from_connection_string(conn_str) as blobs:
+        assert blobs.get_container_client(run.container).exists()
+    assert any(run.data.iterdir())  # Azurite keeps its data in the folder it was given
+
+    if stop == "SIGTERM":
+        run.process.send_signal(signal.SIGTERM)
+    else:  # the terminal sends SIGINT to the whole foreground process group
+        os.killpg(run.process.pid, signal.SIGINT)
+    code = run.wait()
+
+    assert code == 0, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert not any(answering(ports[name]) for name in ("port", "blob", "queue"))
+    assert run.left_behind() == []
+
+
+def test_make_run_when_the_bot_port_is_taken_says_so_and_starts_nothing(make_run):
+    with listening() as port:
+        run = make_run(port=port)
+        code = run.wait(timeout=30)
+
+    assert code == 1
+    assert f"port {port} is in use" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not answering(run.ports["blob"])  # Azurite was not started for nothing
+    assert run.left_behind() == []
+
+
+def test_make_run_when_an_azurite_port_is_taken_names_it(make_run):
+    with listening() as port:
+        run = make_run(blob=port)
+        code = run.wait(timeout=30)
+
+    assert code == 1
+    assert f"port {port} (Azurite's blob service) is in use" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.left_behind() == []
+
+
+def test_make_run_when_the_storage_ports_answer_but_not_as_azurite(make_run):
+    with listening() as blob, listening() as queue:
+        run = make_run(blob=blob, queue=queue)
+        code = run.wait(timeout=30)
+
+    assert code == 1
+    assert "not Azurite" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_make_run_with_a_broken_settings_file_names_it(make_run):
+    run = make_run(settings_text='{"Values": {"MicrosoftAppId": ')
+
+    assert run.wait(timeout=30) == 1
+    assert "local.settings.json is not readable JSON" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not answering(run.ports["blob"])
