@@ -1,15 +1,21 @@
 """tools/devhost runs function apps as the Functions host would: HTTP, queues, timers.
 
-Every test drives a real `python -m tools.devhost` subprocess over HTTP and real
-Azurite queues, and checks what a user would notice: statuses, bodies, what the
-functions recorded, what is left on the queues, and that SIGTERM exits 0.
+Most tests drive a real `python -m tools.devhost` subprocess over HTTP and real
+Azurite queues; queue and timer corner cases run the host's own listeners in-process
+on Azurite (so a lease can be 2 s instead of 10 min). They check what a user would
+notice: statuses, bodies, what the functions received, what is left on the queues,
+and that SIGTERM exits 0 without noise. Where the real host's behaviour is subtle
+(404 for a method not listed, %2F in route values, how queue bodies bind, poison-queue
+rules, NCrontab day matching) the test says which host rule it follows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import http.client
+import itertools
 import json
 import shutil
 import signal
@@ -17,19 +23,32 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import azure.functions as func
 import pytest
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost
-from tools.devhost.app import Function, FunctionSpec, HttpTrigger
+from tools.devhost.app import (
+    Function,
+    FunctionSpec,
+    HttpTrigger,
+    QueueOptions,
+    QueueTrigger,
+    TimerTrigger,
+    make_function,
+)
 from tools.devhost.http import compile_route
-from tools.devhost.queue import UndecodableMessage, decode_body, encode_body
+from tools.devhost.invoker import Invoker
+from tools.devhost.queue import QueueListener, UndecodableMessage, decode_body, encode_body
 from tools.devhost.settings import HostError, parse_timespan, resolve
-from tools.devhost.storage import resolve_connection
+from tools.devhost.storage import queue_service_client, resolve_connection
+from tools.devhost.timer import IntervalSchedule, TimerListener, parse_schedule
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +66,9 @@ def running(root: Path, logs: Path, env: dict[str, str], *extra: str) -> Iterato
         code = host.stop()
     assert code == 0, host.stderr
     assert not _listening(host.port)
+    # Like the real worker, the host's process just ends: no teardown noise about clients
+    # (aiohttp sessions) that function modules keep for the process lifetime.
+    assert "Unclosed" not in host.stderr
 
 
 def _listening(port: int) -> bool:
@@ -60,11 +82,18 @@ def request(
     method: str,
     path: str,
     body: bytes | None = None,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
+    """One request; `headers` as a list of pairs may repeat a name."""
     conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in pairs:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -120,7 +149,8 @@ def http_host(tmp_path_factory) -> Iterator[DevHost]:
     shutil.copytree(APPS / "http_app", root)
     values = {"FROM_FILE": "file", "OVERRIDDEN": "file"}
     (root / "local.settings.json").write_text(json.dumps({"Values": values}))
-    with running(root, root.parent, {"OVERRIDDEN": "environment"}) as host:
+    env = {"OVERRIDDEN": "environment", "PYTHON_THREADPOOL_THREAD_COUNT": "2"}
+    with running(root, root.parent, env) as host:
         yield host
 
 
@@ -171,12 +201,65 @@ def test_sync_function_runs_in_a_worker_thread_and_environment_wins(http_host):
     assert payload["overridden"] == "environment"
 
 
-def test_wrong_method_is_405_and_unknown_route_is_404(http_host):
-    status, headers, _ = request(http_host, "GET", "/api/echo/x")
-    assert status == 405
-    assert headers["Allow"] == "POST, PUT"
+def test_a_method_the_function_does_not_take_is_404_like_the_host(http_host):
+    # The Functions host routes on path and method together: a known path with another
+    # method (HEAD and OPTIONS included) is 404, not 405.
+    assert request(http_host, "GET", "/api/echo/x")[0] == 404
+    assert request(http_host, "OPTIONS", "/api/echo/x")[0] == 404
+    assert request(http_host, "HEAD", "/api/sync")[0] == 404
+    assert request(http_host, "GET", "/api/sync")[0] == 200
     assert request(http_host, "POST", "/api/nothing-here")[0] == 404
     assert request(http_host, "POST", "/echo/x")[0] == 404  # the route prefix is required
+
+
+def test_route_params_keep_an_encoded_slash_and_decode_the_rest(http_host):
+    status, _, body = request(http_host, "POST", "/api/echo/a%2Fb", b"")
+    assert status == 201
+    assert json.loads(body)["item"] == "a%2Fb"  # as ASP.NET Core leaves %2F in a route value
+    assert json.loads(request(http_host, "POST", "/api/echo/caf%C3%A9", b"")[2])["item"] == "café"
+
+
+def test_query_and_headers_reach_the_function_as_the_host_passes_them(http_host):
+    status, _, body = request(
+        http_host,
+        "POST",
+        "/api/echo/x?q=1&q=2&empty=&flag",
+        b"",
+        [("X-Multi", "a"), ("x-multi", "b")],
+    )
+    assert status == 201
+    echoed = json.loads(body)
+    assert echoed["params"] == {"q": "1,2"}  # repeated keys joined; empty values left out
+    assert echoed["multi"] == "a,b"
+
+
+def test_http_outputs_none_and_values_as_the_worker_handles_them(http_host):
+    # `$return` with nothing returned: the worker cannot encode None, the invocation fails.
+    status, _, body = request(http_host, "GET", "/api/none")
+    assert (status, body) == (500, b"")
+    wait_for_log(http_host, "Executed 'Functions.none_function' (Failed")
+    # A named `http` output left unset: the host answers 200 with an empty body.
+    status, _, body = request(http_host, "GET", "/api/out")
+    assert (status, body) == (200, b"")
+    assert request(http_host, "GET", "/api/out?set=1")[:3:2] == (202, b"set")
+    # A value returned without a `$return` binding fails the invocation, as in the worker.
+    assert request(http_host, "GET", "/api/out?set=1&return=1")[0] == 500
+    wait_for_log(http_host, "without a $return binding returned a non-None value")
+
+
+def test_sync_functions_share_a_pool_of_python_threadpool_thread_count_threads(http_host):
+    results: list[bytes] = []
+
+    def call() -> None:
+        results.append(request(http_host, "GET", "/api/blocking?seconds=0.3")[2])
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=15)
+    assert len(results) == 4
+    assert len(set(results)) == 2  # PYTHON_THREADPOOL_THREAD_COUNT=2, as the worker honours
 
 
 def test_raising_function_is_500_without_exception_text(http_host):
@@ -235,7 +318,7 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
             host, "POST", "/api/messages", b"{}", {"Content-Type": "application/json"}
         )
         assert status not in (404, 405)
-        assert request(host, "GET", "/api/messages")[0] == 405
+        assert request(host, "GET", "/api/messages")[0] == 404
         wait_for_log(host, "Executed 'Functions.messages_function'")
 
 
@@ -258,6 +341,7 @@ def worker(tmp_path_factory, azurite) -> Iterator[dict[str, Any]]:
         "TEST_FAIL_QUEUE": names["fail"],
         "TEST_SLOW_QUEUE": names["slow"],
         "TEST_SCHEDULE": "*/2 * * * * *",
+        "AzureWebJobs.late_function.Disabled": "true",  # it has a test of its own
         "RECORD_FILE": str(files["record_file"]),
         "FAIL_FILE": str(files["fail_file"]),
         "TICK_FILE": str(files["tick_file"]),
@@ -282,6 +366,7 @@ def test_base64_message_reaches_function_and_is_deleted(worker, queue):
     assert entry["type"] == "azure.functions.queue.QueueMessage"
     assert entry["insertion_time"] and entry["expiration_time"] and entry["pop_receipt"]
     wait_for(lambda: _empty(client), 5, "the message to be deleted")
+    assert "late_function" not in worker["host"].stdout  # AzureWebJobs.<name>.Disabled
 
 
 def test_failing_message_is_retried_then_moved_to_poison(worker, queue):
@@ -372,6 +457,31 @@ def test_message_encoding_none(tmp_path, azurite, queue):
         assert records(record_file)[-1] == {"body": "by hand", "type": "str"}
 
 
+def test_a_message_failing_while_the_host_stops_is_released_not_lost(tmp_path, azurite, queue):
+    name = f"devhost-late-{uuid.uuid4().hex[:10]}"
+    late_file = tmp_path / "late.jsonl"
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "TEST_LATE_QUEUE": name,
+        "LATE_FILE": str(late_file),
+    }
+    host = DevHost(env, tmp_path, root=APPS / "worker_app", functions=("late_function",))
+    host.wait_started()
+    try:
+        client = queue(name)
+        wait_for(lambda: _exists(client), 10, "the trigger queue")
+        client.send_message(b64("late"))
+        wait_for(lambda: records(late_file), 10, "the function to start")
+        host.process.send_signal(signal.SIGTERM)  # the function fails during the drain
+        assert host.wait_exit(timeout=15) == 0
+    finally:
+        host.stop()
+    # Released with visibilityTimeout (1 s), not hidden for the 10 min of a lost lease.
+    visible = wait_for(lambda: client.peek_messages(max_messages=5), 5, "the message back")
+    assert [(m.content, m.dequeue_count) for m in visible] == [(b64("late"), 1)]
+    assert "Executed 'Functions.late_function' (Failed" in host.stderr
+
+
 def _exists(client: QueueClient) -> bool:
     try:
         client.get_queue_properties()
@@ -422,9 +532,9 @@ def _binding(kind: str, **extra: str) -> dict[str, Any]:
             "only_function/function.json schedule: app setting 'NOPE'",
         ),
         (
-            _binding("timerTrigger", schedule="0 * * * *"),
+            _binding("timerTrigger", schedule="0 * * *"),
             "def main(x):\n    pass\n",
-            "is not a 6-field NCRONTAB expression",
+            "is not an NCRONTAB expression",
         ),
         (
             _binding("queueTrigger", queueName="Bad_Name"),
@@ -441,14 +551,32 @@ def _binding(kind: str, **extra: str) -> dict[str, Any]:
             "def main(timer):\n    pass\n",
             "parameters not declared in function.json: timer",
         ),
+        (
+            _binding("timerTrigger", schedule="*/5 * * * * *"),
+            "def main(x: dict):\n    pass\n",
+            'type of x binding in function.json "timerTrigger" does not match its Python '
+            'annotation "dict"',
+        ),
+        (
+            {
+                "bindings": [
+                    {"type": "httpTrigger", "direction": "in", "name": "x"},
+                    {"type": "http", "direction": "out", "name": "$return"},
+                ]
+            },
+            "def main(x) -> dict:\n    return {}\n",
+            'Python return annotation "dict" does not match binding type "http"',
+        ),
     ],
     ids=[
         "unknown-trigger",
         "unresolved-setting",
-        "5-field-cron",
+        "4-field-cron",
         "queue-name",
         "no-storage",
         "params",
+        "trigger-annotation",
+        "return-annotation",
     ],
 )
 def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
@@ -459,7 +587,238 @@ def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     assert "Traceback" not in host.stderr
 
 
-# --- pure parts: routes, settings, encodings ------------------------------------------
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("raise RuntimeError('broken at import')\n", "RuntimeError"),
+        ("raise SystemExit(3)\n", "SystemExit"),
+    ],
+)
+def test_an_exception_at_import_stops_the_host_naming_the_function(tmp_path, code, error):
+    app = _app(tmp_path, _binding("timerTrigger", schedule="0 0 * * * *"), code)
+    host = DevHost({}, tmp_path, root=app, functions=())
+    assert host.wait_exit(timeout=20) == 1
+    assert f"function only_function: importing only_function failed ({error})" in host.stderr
+
+
+# --- in-process listeners: the real QueueListener / TimerListener on Azurite ----------------
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def storage(azurite) -> AsyncIterator[Any]:
+    """The host's own async queue service client for Azurite."""
+    settings = {"AzureWebJobsStorage": azurite.connection_string}
+    service = queue_service_client(
+        resolve_connection("AzureWebJobsStorage", settings, where="test"), where="test"
+    )
+    async with service:
+        yield service
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    service: Any, main: Callable[..., Any], queue_name: str, *, data_type: str = "", **options: Any
+) -> AsyncIterator[QueueListener]:
+    """A queue listener for `main` running on this loop until the block ends."""
+    trigger = QueueTrigger("msg", queue_name, "AzureWebJobsStorage", data_type=data_type)
+    function = make_function(FunctionSpec("queue_function", APPS, trigger), main)
+    visibility = options.pop("receive_visibility", 600)
+    defaults = {"max_polling_interval": 0.2, "visibility_timeout": 0.0, "max_dequeue_count": 1}
+    executor = ThreadPoolExecutor(max_workers=2)
+    invoker = Invoker(executor)
+    listener = QueueListener(
+        function,
+        service,
+        QueueOptions(**{**defaults, **options}),
+        invoker,
+        receive_visibility=visibility,
+    )
+    from azure.core.exceptions import ResourceExistsError
+
+    with contextlib.suppress(ResourceExistsError):
+        await service.get_queue_client(queue_name).create_queue()
+    task = asyncio.create_task(listener.run())
+    try:
+        yield listener
+    finally:
+        listener.stop()
+        await asyncio.wait_for(task, 10)
+        assert await invoker.drain(10)
+        executor.shutdown()
+
+
+async def _texts(client: Any) -> list[str]:
+    try:
+        return [m.content for m in await client.peek_messages(max_messages=32)]
+    except Exception:
+        return []
+
+
+async def _gone(client: Any) -> bool:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        await client.get_queue_properties()
+    except ResourceNotFoundError:
+        return True
+    return False
+
+
+async def test_a_queue_function_returning_a_value_fails_like_the_worker(storage, caplog):
+    name = f"devhost-ret-{uuid.uuid4().hex[:10]}"
+    calls: list[str] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.id)
+        return "done"  # type: ignore[return-value]
+
+    async with listening(storage, main, name):
+        await storage.get_queue_client(name).send_message(b64("hello"))
+        poison = storage.get_queue_client(f"{name}-poison")
+        assert await eventually(lambda: _texts(poison), 10, "the poison queue") == [b64("hello")]
+    assert len(calls) == 1
+    assert "without a $return binding returned a non-None value" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("annotation", "data_type", "body", "expected"),
+    [
+        ("str", "", "héllo".encode(), ("str", "héllo")),
+        ("bytes", "", "héllo".encode(), ("str", "héllo")),  # the host sends a string
+        ("bytes", "binary", b"\xff\x00\xfe", ("bytes", "ff00fe")),
+        ("func.QueueMessage", "binary", b"\xff\x00\xfe", ("QueueMessage", "ff00fe")),
+        ("func.QueueMessage", "", b"\xff\x00\xfe", None),  # not UTF-8: binding fails
+    ],
+)
+async def test_queue_bodies_bind_as_the_host_sends_them(
+    storage, caplog, annotation, data_type, body, expected
+):
+    name = f"devhost-bind-{uuid.uuid4().hex[:10]}"
+    received: list[tuple[str, str]] = []
+
+    def record(msg: Any) -> None:
+        value = msg.get_body() if isinstance(msg, func.QueueMessage) else msg
+        shown = value.hex() if isinstance(value, bytes) else value
+        received.append((type(msg).__name__, shown))
+
+    namespace: dict[str, Any] = {"func": func, "record": record}
+    exec(f"async def main(msg: {annotation}) -> None:\n    record(msg)\n", namespace)
+    text = base64.b64encode(body).decode()
+    async with listening(storage, namespace["main"], name, data_type=data_type):
+        await storage.get_queue_client(name).send_message(text)
+        if expected is None:
+            poison = storage.get_queue_client(f"{name}-poison")
+            assert await eventually(lambda: _texts(poison), 10, "the poison queue") == [text]
+            assert "Exception binding parameter 'msg'" in caplog.text
+        else:
+            await eventually(lambda: asyncio.sleep(0, received), 10, "the function")
+    assert received == ([] if expected is None else [expected])
+
+
+async def test_a_message_dequeued_too_often_goes_to_poison_without_running(storage):
+    name = f"devhost-over-{uuid.uuid4().hex[:10]}"
+    client = storage.get_queue_client(name)
+    await client.create_queue()
+    await client.send_message(b64("tired"))
+    for _ in range(2):  # two deliveries the host never finished (e.g. it was killed)
+        message = await client.receive_message(visibility_timeout=30)
+        await client.update_message(message, visibility_timeout=0)
+    calls: list[int] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+
+    async with listening(storage, main, name, max_dequeue_count=2):
+        poison = storage.get_queue_client(f"{name}-poison")
+        assert await eventually(lambda: _texts(poison), 10, "the poison queue") == [b64("tired")]
+    assert calls == []
+
+
+async def test_a_long_invocation_keeps_its_message_invisible(storage):
+    name = f"devhost-long-{uuid.uuid4().hex[:10]}"
+    calls: list[int] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+        await asyncio.sleep(3.5)
+
+    # Received hidden for 2 s (the host: 10 min), renewed while the function runs.
+    async with listening(storage, main, name, receive_visibility=2):
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("slow"))
+        await eventually(lambda: asyncio.sleep(0, calls), 10, "the function")
+        await asyncio.sleep(4)
+        props = await client.get_queue_properties()
+    assert calls == [1]  # never delivered twice at once
+    assert props.approximate_message_count == 0  # deleted with the renewed pop receipt
+
+
+async def test_a_poison_queue_has_no_poison_queue_of_its_own(storage):
+    name = f"devhost-{uuid.uuid4().hex[:10]}-poison"
+    calls: list[int] = []
+
+    def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+        raise ValueError("still failing")
+
+    async with listening(storage, main, name):
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("again"))
+        await eventually(lambda: asyncio.sleep(0, calls), 10, "the function")
+        await asyncio.sleep(1)
+        # Left invisible (not released, not moved), as the host does for such queues.
+        assert await _texts(client) == []
+        assert (await client.get_queue_properties()).approximate_message_count == 1
+    assert await _gone(storage.get_queue_client(f"{name}-poison"))
+    assert calls == [1]
+
+
+async def test_a_long_timer_run_never_overlaps_the_next():
+    runs: list[list[float]] = []
+
+    async def main(timer: func.TimerRequest) -> None:
+        runs.append([time.monotonic(), 0.0])
+        await asyncio.sleep(0.6)
+        runs[-1][1] = time.monotonic()
+
+    trigger = TimerTrigger("timer", "00:00:00.2", run_on_startup=False)
+    function = make_function(FunctionSpec("tick_function", APPS, trigger), main)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        invoker = Invoker(executor)
+        listener = TimerListener(function, IntervalSchedule(0.2), invoker)
+        task = asyncio.create_task(listener.run())
+        await asyncio.sleep(2.0)
+        listener.stop()
+        await asyncio.wait_for(task, 5)
+    assert len(runs) >= 2
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(runs))
+
+
+# --- pure parts: routes, settings, schedules, encodings ------------------------------------
+
+
+def test_ncrontab_day_and_day_of_week_must_both_match():
+    # NCrontab (the timer extension's parser) ANDs the two day fields: Friday the 13th only.
+    schedule = parse_schedule("0 0 0 13 * 5", {}, where="w")
+    assert schedule.next_after(datetime(2026, 1, 1, tzinfo=UTC)) == datetime(
+        2026, 2, 13, tzinfo=UTC
+    )
+
+
+def test_five_field_cron_runs_at_minute_starts_like_the_timer_extension():
+    schedule = parse_schedule("*/5 * * * *", {}, where="w")
+    start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    assert schedule.next_after(start) == datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
 
 
 def _http_function(route: str, methods: frozenset[str] | None = None) -> Function:

@@ -1,4 +1,9 @@
-"""Command line: `python -m tools.devhost [--port N] [--host H] [--root DIR] [--functions ...]`."""
+"""Command line: `python -m tools.devhost [--port N] [--host H] [--root DIR] [--functions ...]`.
+
+After an orderly stop the process ends at once, as the real worker's process does when
+the host shuts it down: no interpreter teardown, so clients that function modules keep
+for the process lifetime (aiohttp sessions) are not reported as "unclosed".
+"""
 
 from __future__ import annotations
 
@@ -63,5 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def end_process(code: int) -> None:
+    """Flush what was logged and printed, then end without interpreter teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

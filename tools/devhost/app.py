@@ -1,8 +1,9 @@
 """The function app as the host sees it: host.json, every `*/function.json`, the modules.
 
 Reading is strict, like the Functions host: an unknown trigger, an unresolved
-`%Setting%` or a `main` whose parameters do not match its bindings stops the host
-at startup with a :class:`HostError` naming the function and the problem.
+`%Setting%`, a module that fails to import, or a `main` whose parameters or
+annotations do not match its bindings (the Python worker's load checks) stops the
+host at startup with a :class:`HostError` naming the function and the problem.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import json
 import logging
 import re
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import azure.functions as func
 
 from tools.devhost.settings import HostError, parse_timespan, resolve
 
@@ -62,6 +66,7 @@ class QueueTrigger:
     name: str
     queue_name: str
     connection: str
+    data_type: str = ""  # function.json "dataType": "binary" passes bytes, otherwise a string
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,7 @@ class Function:
     main: Callable[..., Any]
     is_async: bool
     parameters: tuple[str, ...]
-    trigger_annotation: Any = None  # the trigger parameter's annotation (str, bytes, ...)
+    trigger_annotation: type | None = None  # the trigger parameter's annotation, resolved
 
     @property
     def name(self) -> str:
@@ -239,6 +244,7 @@ def _trigger(name: str, binding: Mapping[str, Any], settings: Mapping[str, str],
             name=param,
             queue_name=resolved,
             connection=resolve(connection, settings, where=f"{where} connection"),
+            data_type=str(binding.get("dataType") or "").lower(),
         )
     if kind == "timerTrigger":
         schedule = binding.get("schedule")
@@ -260,7 +266,7 @@ def load_function(spec: FunctionSpec) -> Function:
     module_name = _module_name(spec)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit too: one module must not end the host
         logger.exception("Function '%s': importing %s failed", spec.name, module_name)
         raise HostError(
             f"function {spec.name}: importing {module_name} failed ({type(exc).__name__})"
@@ -268,15 +274,19 @@ def load_function(spec: FunctionSpec) -> Function:
     main = getattr(module, spec.entry_point, None)
     if not callable(main):
         raise HostError(f"function {spec.name}: {module_name} has no function {spec.entry_point}")
-    signature = inspect.signature(main)
-    parameters = tuple(signature.parameters)
+    return make_function(spec, main)
+
+
+def make_function(spec: FunctionSpec, main: Callable[..., Any]) -> Function:
+    """`main` checked against the spec's bindings, as the worker does when it loads it."""
+    parameters = tuple(inspect.signature(main).parameters)
     _check_parameters(spec, parameters)
     return Function(
         spec=spec,
         main=main,
         is_async=inspect.iscoroutinefunction(main),
         parameters=parameters,
-        trigger_annotation=signature.parameters[spec.trigger.name].annotation,
+        trigger_annotation=_check_annotations(spec, main),
     )
 
 
@@ -323,6 +333,49 @@ def _check_parameters(spec: FunctionSpec, parameters: tuple[str, ...]) -> None:
             f"function {spec.name}: bindings without a parameter in "
             f"{spec.entry_point}(): {', '.join(missing)}"
         )
+
+
+# What the worker's converters accept for a trigger parameter; str and bytes always pass
+# (the worker's "generic" binding hands over the host's value as it is).
+_TRIGGER_TYPES: dict[type, tuple[str, type]] = {
+    HttpTrigger: ("httpTrigger", func.HttpRequest),
+    QueueTrigger: ("queueTrigger", func.QueueMessage),
+    TimerTrigger: ("timerTrigger", func.TimerRequest),
+}
+
+
+def _check_annotations(spec: FunctionSpec, main: Callable[..., Any]) -> type | None:
+    """The worker's load-time annotation checks; the trigger parameter's resolved type."""
+    try:
+        hints = typing.get_type_hints(main)
+    except Exception as exc:
+        raise HostError(
+            f"function {spec.name}: the annotations of {spec.entry_point}() cannot be resolved "
+            f"({type(exc).__name__})"
+        ) from None
+    name = spec.trigger.name
+    annotation = hints.get(name)
+    if annotation is not None:
+        kind, expected = _TRIGGER_TYPES[type(spec.trigger)]
+        if not isinstance(annotation, type):
+            raise HostError(
+                f"function {spec.name}: binding {name} has invalid non-type annotation "
+                f"{annotation!r}"
+            )
+        if not issubclass(annotation, expected | str | bytes):
+            raise HostError(
+                f'function {spec.name}: type of {name} binding in function.json "{kind}" '
+                f'does not match its Python annotation "{annotation.__name__}"'
+            )
+    if spec.http_output == "$return" and "return" in hints:
+        returned = hints["return"]
+        if not isinstance(returned, type) or not issubclass(returned, func.HttpResponse | str):
+            shown = getattr(returned, "__name__", repr(returned))
+            raise HostError(
+                f'function {spec.name}: Python return annotation "{shown}" does not match '
+                'binding type "http"'
+            )
+    return annotation
 
 
 def _is_disabled(name: str, document: Mapping[str, Any], settings: Mapping[str, str]) -> bool:

@@ -1,8 +1,11 @@
 """The host: load the app, serve HTTP, run queue and timer listeners, stop cleanly.
 
-Everything runs on one long-lived event loop, like the Python worker. On SIGINT or
-SIGTERM the host stops polling and timers, stops accepting requests, waits (bounded)
-for invocations in flight, and returns 0. A second signal exits at once.
+Everything runs on one long-lived event loop, like the Python worker; sync functions
+share a thread pool of `PYTHON_THREADPOOL_THREAD_COUNT` threads (the worker's setting;
+default: Python's). On SIGINT or SIGTERM the host stops polling and timers, stops
+accepting requests, waits (bounded) for invocations in flight, and returns 0. A queue
+message still being processed when the wait ends stays hidden until its lease runs out
+(at most 10 minutes), as with the Functions host. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tools.devhost.settings import HostError
 logger = logging.getLogger(__name__)
 
 LISTENER_STOP_TIMEOUT = 2.0  # seconds for a listener to finish its current storage call
+THREAD_COUNT_SETTING = "PYTHON_THREADPOOL_THREAD_COUNT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +51,7 @@ class Listener(Protocol):
 
 async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOptions) -> int:
     """Run the host until SIGINT/SIGTERM; the exit code."""
-    executor = ThreadPoolExecutor(thread_name_prefix="devhost-sync")
+    executor = ThreadPoolExecutor(_thread_count(settings), thread_name_prefix="devhost-sync")
     invoker = Invoker(executor, function_timeout=app.config.function_timeout)
     routes = [compile_route(app.config.route_prefix, f) for f in _of(app, HttpTrigger)]
     listeners, clients = _listeners(app, settings, invoker)
@@ -77,6 +81,17 @@ async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOpti
         _exit_now(0)
     logger.info("Host stopped")
     return 0
+
+
+def _thread_count(settings: Mapping[str, str]) -> int | None:
+    """The worker's sync thread pool size; like the worker, a bad value falls back."""
+    value = settings.get(THREAD_COUNT_SETTING, "").strip()
+    if not value:
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    logger.warning("%s must be an integer of at least 1; using the default", THREAD_COUNT_SETTING)
+    return None
 
 
 async def _start_http(app: web.Application, options: HostOptions) -> tuple[web.AppRunner, int]:

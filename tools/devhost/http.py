@@ -1,18 +1,24 @@
 """HTTP triggers: an aiohttp server that routes `/{routePrefix}/{route}` to functions.
 
-Routes follow the Functions host: matched case-insensitively, `{param}` segments
-(also `{param?}`, `{param:int}`, `{*rest}`) become `route_params`, `methods` is
-enforced (405 with `Allow`), anything else is 404. The function gets a real
-`azure.functions.HttpRequest`; a raising function answers 500 with an empty body.
+Routes follow the Functions host: matched case-insensitively on the path (decoded,
+except that an encoded slash stays `%2F` inside a segment, as ASP.NET Core leaves it),
+`{param}` segments (also `{param?}`, `{param:int}`, `{*rest}`) become `route_params`.
+Routing is on path and method together, so a method a function does not list (HEAD
+and OPTIONS included) is 404, like any unknown path. The function gets a real
+`azure.functions.HttpRequest` shaped as the host passes it (header names lower-case,
+repeated headers and query keys joined with commas, empty query values left out).
+A failed invocation answers 500 with an empty body; a named `http` output left unset
+answers 200 with an empty body, as the host's default result.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import azure.functions as func
 from aiohttp import web
@@ -26,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # the Functions host's request size limit
 ADMIN_PREFIX = "/admin/"
+_ENCODED_SLASH = re.compile("%2F", re.IGNORECASE)
 _TOKEN = re.compile(r"(\{[^{}]*\})")
 _PARAMETER = re.compile(
     r"^\{(?P<star>\*{1,2})?(?P<name>[A-Za-z_]\w*)(?::(?P<constraint>[^?=}]+))?"
@@ -95,16 +102,16 @@ def build_web_app(
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path.startswith(ADMIN_PREFIX):
             return await _admin(request, manual)
-        matches = [(r, m) for r in routes if (m := r.pattern.match(request.path))]
-        if not matches:
-            logger.info("No function for %s %s (404)", request.method, request.path)
-            return web.Response(status=404)
+        path = routing_path(request.raw_path)
+        matches = [(r, m) for r in routes if (m := r.pattern.match(path))]
         for route, match in matches:
             if route.allows(request.method):
                 return await _invoke(request, route, match, invoker)
-        allowed = sorted({m for r, _ in matches for m in (r.methods or ())})
-        logger.info("Method %s not allowed for %s (405)", request.method, request.path)
-        return web.Response(status=405, headers={"Allow": ", ".join(allowed)})
+        if matches:
+            logger.info("%s is not a method of %s (404, as the host)", request.method, path)
+        else:
+            logger.info("No function for %s %s (404)", request.method, path)
+        return web.Response(status=404)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -118,33 +125,30 @@ async def _invoke(
     trigger_request = WorkerHttpRequest(
         method=request.method,
         url=str(request.url),
-        headers=_joined(request.headers),
-        params=_joined(request.query),
+        headers=_joined((name.lower(), value) for name, value in request.headers.items()),
+        params={k: v for k, v in _joined(request.query.items()).items() if v},
         route_params={k: v for k, v in match.groupdict().items() if v is not None},
         body_type="bytes",
         body=body,
     )
-    outcome = await invoker.invoke(route.function, trigger_request)
+    outcome = await invoker.invoke(route.function, lambda: trigger_request)
     if not outcome.succeeded:
         return web.Response(status=500)  # never the exception text: it may carry secrets
     output = route.function.spec.http_output
     value = outcome.value if output == "$return" else outcome.outputs.get(output or "")
-    try:
-        return to_web_response(value)
-    except TypeError:
-        logger.error(
-            "Function '%s' returned %s, not an HttpResponse (Id=%s)",
-            route.function.name,
-            type(value).__name__,
-            outcome.invocation_id,
-        )
-        return web.Response(status=500)
+    return to_web_response(value)  # the invoker checked it is an HttpResponse, str or None
+
+
+def routing_path(raw_path: str) -> str:
+    """The request path as the host routes on it: decoded, but `%2F` kept in a segment."""
+    path = raw_path.split("?", 1)[0]
+    return unquote(_ENCODED_SLASH.sub(lambda m: m.group(0).replace("%", "%25"), path))
 
 
 def to_web_response(value: Any) -> web.Response:
-    """An aiohttp response from what the function returned (HttpResponse, str or None)."""
+    """An aiohttp response from an http output (HttpResponse, str, or None: unset)."""
     if value is None:
-        return web.Response(status=204)
+        return web.Response(status=200)
     if isinstance(value, str):
         return web.Response(status=200, text=value)
     if not isinstance(value, func.HttpResponse):
@@ -180,9 +184,9 @@ async def _admin(request: web.Request, manual: Mapping[str, ManualTrigger]) -> w
     return web.Response(status=404)
 
 
-def _joined(pairs: Mapping[str, str]) -> dict[str, str]:
+def _joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Repeated header/query names joined with commas, as the host does."""
     joined: dict[str, str] = {}
-    for name, value in pairs.items():
+    for name, value in pairs:
         joined[name] = f"{joined[name]},{value}" if name in joined else value
     return joined

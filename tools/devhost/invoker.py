@@ -2,9 +2,13 @@
 
 Like the Python worker, async functions run on the host's one long-lived event loop
 (module-level aiohttp sessions keep working across invocations) and sync functions
-run in a thread pool. Every invocation ends with one line such as
+run in a thread pool. Binding the trigger value and encoding the outputs are part of
+the invocation, so a body that cannot be bound, a value returned without a `$return`
+binding, or an `http` `$return` that is not a response fails it, as in the worker.
+Every invocation ends with one line such as
 ``Executed 'Functions.x' (Succeeded, Id=..., Duration=12ms)``; a failure also logs
-its traceback. Trigger payloads (bodies, headers) are never logged.
+its reason (a function's own exception with its traceback). Trigger payloads
+(bodies, headers) are never logged.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +30,10 @@ import azure.functions as func
 from tools.devhost.app import CONTEXT_PARAMETER, Function
 
 logger = logging.getLogger(__name__)
+
+
+class BindingError(Exception):
+    """An input could not be bound or an output not encoded; the text names which."""
 
 
 @dataclass(slots=True)
@@ -132,41 +140,27 @@ class Invoker:
                 await asyncio.sleep(min(remaining, 0.05))
         return True
 
-    async def invoke(self, function: Function, trigger_value: Any) -> Outcome:
+    async def invoke(self, function: Function, bind: Callable[[], Any]) -> Outcome:
+        """Run `function` once; `bind()` makes its trigger value, inside the invocation."""
         invocation_id = str(uuid.uuid4())
         outputs = {
             name: Out()
             for name in function.parameters
             if name not in (function.spec.trigger.name, CONTEXT_PARAMETER)
         }
-        kwargs: dict[str, Any] = {function.spec.trigger.name: trigger_value, **outputs}
-        if CONTEXT_PARAMETER in function.parameters:
-            kwargs[CONTEXT_PARAMETER] = InvocationContext(invocation_id, function)
         started = time.perf_counter()
         self._running += 1
         try:
+            kwargs: dict[str, Any] = {function.spec.trigger.name: bind(), **outputs}
+            if CONTEXT_PARAMETER in function.parameters:
+                kwargs[CONTEXT_PARAMETER] = InvocationContext(invocation_id, function)
             value = await self._call(function, kwargs)
+            _check_outputs(function, value, outputs)
         except BaseException as exc:
             self._log_executed(function, invocation_id, started, failed=True)
-            timeout = self._function_timeout
-            if isinstance(exc, TimeoutError) and timeout and _elapsed(started) >= timeout:
-                logger.error(
-                    "Function '%s' timed out after %ss (Id=%s)",
-                    function.name,
-                    timeout,
-                    invocation_id,
-                )
-            elif isinstance(exc, Exception):
-                # Tracebacks are what a developer needs; payloads are never part of this line.
-                logger.error(
-                    "Function '%s' raised %s (Id=%s)",
-                    function.name,
-                    type(exc).__name__,
-                    invocation_id,
-                    exc_info=exc,
-                )
-            else:
+            if not isinstance(exc, Exception):
                 raise  # cancellation / exit: not the function's failure to report
+            self._log_failure(function, invocation_id, started, exc)
             return Outcome(invocation_id, succeeded=False)
         finally:
             self._running -= 1
@@ -177,6 +171,27 @@ class Invoker:
             value=value,
             outputs={name: out.get() for name, out in outputs.items()},
         )
+
+    def _log_failure(
+        self, function: Function, invocation_id: str, started: float, exc: Exception
+    ) -> None:
+        timeout = self._function_timeout
+        if isinstance(exc, TimeoutError) and timeout and _elapsed(started) >= timeout:
+            logger.error(
+                "Function '%s' timed out after %ss (Id=%s)", function.name, timeout, invocation_id
+            )
+        elif isinstance(exc, BindingError):
+            # The host's own reason; it names a parameter or a type, never a payload.
+            logger.error("Function '%s': %s (Id=%s)", function.name, exc, invocation_id)
+        else:
+            # Tracebacks are what a developer needs; payloads are never part of this line.
+            logger.error(
+                "Function '%s' raised %s (Id=%s)",
+                function.name,
+                type(exc).__name__,
+                invocation_id,
+                exc_info=exc,
+            )
 
     async def _call(self, function: Function, kwargs: dict[str, Any]) -> Any:
         if function.is_async:
@@ -196,6 +211,27 @@ class Invoker:
             "Failed" if failed else "Succeeded",
             invocation_id,
             duration_ms,
+        )
+
+
+def _check_outputs(function: Function, value: Any, outputs: dict[str, Out]) -> None:
+    """What the worker checks when it encodes the results of an invocation."""
+    http_output = function.spec.http_output
+    if http_output != "$return" and value is not None:
+        raise BindingError(
+            f"function '{function.name}' without a $return binding returned a non-None value"
+        )
+    if http_output == "$return":
+        _check_http_value(value)
+    elif http_output and outputs[http_output].get() is not None:
+        _check_http_value(outputs[http_output].get())
+
+
+def _check_http_value(value: Any) -> None:
+    if not isinstance(value, func.HttpResponse | str):
+        raise BindingError(
+            f'unable to encode outgoing TypedData: unsupported type "http" for Python type '
+            f'"{type(value).__name__}"'
         )
 
 

@@ -3,12 +3,18 @@
 - Fetch up to `batchSize` messages; fetch again when no more than `newBatchThreshold`
   are still being processed. Back off (100 ms, doubling) while the queue is empty,
   never waiting longer than `maxPollingInterval`.
-- Decode per `messageEncoding` (base64 or none) and pass a real
-  `azure.functions.QueueMessage`.
+- A message is received hidden for 10 minutes, renewed halfway while its function
+  runs, so a long invocation is never delivered twice at once.
+- Decode per `messageEncoding` (base64 or none). The value is bound as the host sends
+  it to the worker: a string (UTF-8; a body that is not valid UTF-8 fails the
+  invocation), or bytes with `"dataType": "binary"`; wrapped in a real
+  `azure.functions.QueueMessage` unless `main` asks for `str` or `bytes`.
 - Success: delete. Failure: the message becomes visible again after
-  `visibilityTimeout`; once it has been dequeued `maxDequeueCount` times it is copied,
-  as the original text, to `<queue>-poison` (created if missing) and deleted. A message
-  that cannot be decoded goes to the poison queue at once.
+  `visibilityTimeout`; once it has been dequeued `maxDequeueCount` times (or more, when
+  received) it is copied, as the original text, to `<queue>-poison` (created if
+  missing) and deleted. A message that cannot be decoded goes to the poison queue at
+  once. A queue whose name ends in `-poison`, or is too long for the suffix, has no
+  poison queue: a failed message is then left hidden, as the host leaves it.
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from azure.functions.queue import QueueMessage as TriggerMessage
 
 from tools.devhost.app import Function, QueueOptions, QueueTrigger
-from tools.devhost.invoker import Invoker, Outcome
+from tools.devhost.invoker import BindingError, Invoker, Outcome
 
 if TYPE_CHECKING:
     from azure.storage.queue import QueueMessage
@@ -34,7 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIN_POLLING_INTERVAL = 0.1  # seconds, as the host's randomized backoff starts
-RECEIVE_VISIBILITY = 600  # seconds a dequeued message stays hidden while it is processed
+RECEIVE_VISIBILITY = 600  # seconds a dequeued message stays hidden, renewed while processed
+POISON_SUFFIX = "-poison"
+MAX_QUEUE_NAME = 63
 
 
 class UndecodableMessage(ValueError):
@@ -57,6 +67,21 @@ def encode_body(body: bytes | str, encoding: str) -> str:
     return raw.decode("utf-8") if encoding == "none" else base64.b64encode(raw).decode("ascii")
 
 
+def poison_queue_name(queue_name: str) -> str | None:
+    """`<queue>-poison`, or None where the host has no poison queue (see module doc)."""
+    if queue_name.endswith(POISON_SUFFIX) or len(queue_name) + len(POISON_SUFFIX) > MAX_QUEUE_NAME:
+        return None
+    return queue_name + POISON_SUFFIX
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A received message's current pop receipt (each visibility update issues a new one)."""
+
+    message_id: str
+    pop_receipt: str
+
+
 class QueueListener:
     """Polls one queue for one function until stopped."""
 
@@ -66,15 +91,20 @@ class QueueListener:
         service: QueueServiceClient,
         options: QueueOptions,
         invoker: Invoker,
+        *,
+        receive_visibility: float = RECEIVE_VISIBILITY,
     ) -> None:
         trigger = function.spec.trigger
         assert isinstance(trigger, QueueTrigger)
         self.function = function
         self.queue_name = trigger.queue_name
         self.options = options
+        self._binary = trigger.data_type == "binary"
         self._invoker = invoker
+        self._visibility = max(1, round(receive_visibility))
         self._queue: QueueClient = service.get_queue_client(trigger.queue_name)
-        self._poison: QueueClient = service.get_queue_client(f"{trigger.queue_name}-poison")
+        poison = poison_queue_name(trigger.queue_name)
+        self._poison: QueueClient | None = service.get_queue_client(poison) if poison else None
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
         self._in_flight = 0
@@ -110,16 +140,16 @@ class QueueListener:
     async def invoke_manually(self, text: str) -> Outcome:
         """Run the function on `text` without touching the queue (admin endpoint)."""
         now = datetime.now(UTC)
-        message = TriggerMessage(
-            id=str(uuid.uuid4()),
-            body=text.encode("utf-8"),
-            dequeue_count=1,
-            insertion_time=now,
-            expiration_time=now + timedelta(days=7),
-            time_next_visible=now,
-            pop_receipt=None,
-        )
-        return await self._invoker.invoke(self.function, self._argument(message))
+        fields = {
+            "id": str(uuid.uuid4()),
+            "dequeue_count": 1,
+            "insertion_time": now,
+            "expiration_time": now + timedelta(days=7),
+            "time_next_visible": now,
+            "pop_receipt": None,
+        }
+        bind = functools.partial(self._bind, fields, text.encode("utf-8"))
+        return await self._invoker.invoke(self.function, bind)
 
     async def _ensure_queue(self) -> bool:
         from azure.core.exceptions import ResourceExistsError
@@ -138,7 +168,7 @@ class QueueListener:
 
     async def _receive(self, count: int) -> list[QueueMessage]:
         pages = self._queue.receive_messages(
-            messages_per_page=count, visibility_timeout=RECEIVE_VISIBILITY
+            messages_per_page=count, visibility_timeout=self._visibility
         ).by_page()
         try:
             page = await pages.__anext__()
@@ -158,73 +188,121 @@ class QueueListener:
 
     async def _handle(self, message: QueueMessage) -> None:
         text = message.content or ""
+        lease = _Lease(message.id, message.pop_receipt or "")
         try:
             body = decode_body(text, self.options.message_encoding)
         except UndecodableMessage:
             logger.warning(
-                "Message %s on queue '%s' is not valid %s; moving it to '%s'",
+                "Message %s on queue '%s' is not valid %s",
                 message.id,
                 self.queue_name,
                 self.options.message_encoding,
-                self._poison.queue_name,
             )
-            await self._move_to_poison(message, text)
+            await self._give_up(lease, text)
             return
         max_count = self.options.max_dequeue_count
         if message.dequeue_count > max_count:
             # Seen more often than allowed (e.g. the host stopped mid-invocation): give up.
             logger.warning(
-                "Message %s was dequeued %d times; moving it to queue '%s'",
+                "Message %s was dequeued %d times (MaxDequeueCount %d)",
                 message.id,
                 message.dequeue_count,
-                self._poison.queue_name,
-            )
-            await self._move_to_poison(message, text)
-            return
-        outcome = await self._invoker.invoke(self.function, self._argument(_trigger(message, body)))
-        if outcome.succeeded:
-            await self._delete(message)
-        elif message.dequeue_count >= max_count:
-            logger.warning(
-                "Message %s has reached MaxDequeueCount of %d; moving it to queue '%s'",
-                message.id,
                 max_count,
-                self._poison.queue_name,
             )
-            await self._move_to_poison(message, text)
+            await self._give_up(lease, text)
+            return
+        outcome = await self._invoke_leased(
+            lease, functools.partial(self._bind, _fields(message), body)
+        )
+        if outcome.succeeded:
+            await self._delete(lease)
+        elif self._poison is None:
+            pass  # no poison queue: left hidden, so a failing message cannot spin (as the host)
+        elif message.dequeue_count >= max_count:
+            logger.warning("Message %s has reached MaxDequeueCount of %d", message.id, max_count)
+            await self._move_to_poison(lease, text)
         else:
-            await self._queue.update_message(
-                message.id,
-                pop_receipt=message.pop_receipt,
-                visibility_timeout=round(self.options.visibility_timeout),
+            await self._release(lease)
+
+    async def _invoke_leased(self, lease: _Lease, bind: Any) -> Outcome:
+        """Invoke while renewing the message's invisibility halfway through each period."""
+        done = asyncio.Event()
+        renewal = asyncio.create_task(self._keep_hidden(lease, done))
+        try:
+            return await self._invoker.invoke(self.function, bind)
+        finally:
+            done.set()
+            await renewal  # lets a renewal in progress finish: the lease needs its receipt
+
+    async def _keep_hidden(self, lease: _Lease, done: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=self._visibility / 2)
+            if done.is_set():
+                return
+            try:
+                updated = await self._queue.update_message(
+                    lease.message_id,
+                    pop_receipt=lease.pop_receipt,
+                    visibility_timeout=self._visibility,
+                )
+            except Exception as exc:
+                _log_storage_error(f"renewing message {lease.message_id} on", self.queue_name, exc)
+                continue
+            lease.pop_receipt = updated.pop_receipt or lease.pop_receipt
+
+    def _bind(self, fields: dict[str, Any], body: bytes) -> Any:
+        """The trigger value as the host sends it and the worker converts it."""
+        if self._binary:
+            value: str | bytes = body
+        else:
+            try:
+                value = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BindingError(
+                    f"Exception binding parameter '{self.function.spec.trigger.name}': the "
+                    'message is not valid UTF-8 (use "dataType": "binary" for bytes)'
+                ) from None
+        if self.function.trigger_annotation in (str, bytes):
+            return value  # the worker's generic binding: the host's value as it is
+        return TriggerMessage(body=value, **fields)
+
+    async def _give_up(self, lease: _Lease, text: str) -> None:
+        if self._poison is None:
+            logger.warning(
+                "Queue '%s' has no poison queue: message %s stays hidden for %ds",
+                self.queue_name,
+                lease.message_id,
+                self._visibility,
             )
+            return
+        await self._move_to_poison(lease, text)
 
-    def _argument(self, message: TriggerMessage) -> Any:
-        """The trigger value in the type `main` asks for (str, bytes or QueueMessage)."""
-        annotation = self.function.trigger_annotation
-        if annotation in (str, "str"):
-            return message.get_body().decode("utf-8")
-        if annotation in (bytes, "bytes"):
-            return message.get_body()
-        return message
-
-    async def _move_to_poison(self, message: QueueMessage, text: str) -> None:
+    async def _move_to_poison(self, lease: _Lease, text: str) -> None:
         """Copy the original text to `<queue>-poison` (creating it if needed), then delete."""
         from azure.core.exceptions import ResourceNotFoundError
 
+        assert self._poison is not None
+        logger.warning("Moving message %s to queue '%s'", lease.message_id, self._poison.queue_name)
         try:
             await self._poison.send_message(text)
         except ResourceNotFoundError:
             await self._poison.create_queue()
             await self._poison.send_message(text)
-        await self._delete(message)
+        await self._delete(lease)
 
-    async def _delete(self, message: QueueMessage) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
+    async def _release(self, lease: _Lease) -> None:
+        """Make a failed message visible again after `visibilityTimeout`."""
+        with _unless_gone(lease, "release"):
+            await self._queue.update_message(
+                lease.message_id,
+                pop_receipt=lease.pop_receipt,
+                visibility_timeout=round(self.options.visibility_timeout),
+            )
 
-        # Gone already (deleted elsewhere, or the queue was removed): nothing left to do.
-        with contextlib.suppress(ResourceNotFoundError):
-            await self._queue.delete_message(message.id, message.pop_receipt)
+    async def _delete(self, lease: _Lease) -> None:
+        with _unless_gone(lease, "delete"):
+            await self._queue.delete_message(lease.message_id, lease.pop_receipt)
 
     async def _wait_for_room(self) -> None:
         while self._in_flight > self.options.new_batch_threshold and not self._stopping.is_set():
@@ -236,16 +314,31 @@ class QueueListener:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
 
-def _trigger(message: QueueMessage, body: bytes) -> TriggerMessage:
-    return TriggerMessage(
-        id=message.id,
-        body=body,
-        dequeue_count=message.dequeue_count,
-        insertion_time=message.inserted_on,
-        expiration_time=message.expires_on,
-        time_next_visible=message.next_visible_on,
-        pop_receipt=message.pop_receipt,
-    )
+@contextlib.contextmanager
+def _unless_gone(lease: _Lease, action: str):
+    """Like the host: a message deleted, re-leased elsewhere or whose queue is gone is fine."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    try:
+        yield
+    except ResourceNotFoundError:
+        logger.debug("Cannot %s message %s: it or its queue is gone", action, lease.message_id)
+    except HttpResponseError as exc:
+        if getattr(exc, "error_code", None) != "PopReceiptMismatch":
+            raise
+        logger.debug("Cannot %s message %s: its lease has passed on", action, lease.message_id)
+
+
+def _fields(message: QueueMessage) -> dict[str, Any]:
+    """The trigger metadata the host passes along with the body."""
+    return {
+        "id": message.id,
+        "dequeue_count": message.dequeue_count,
+        "insertion_time": message.inserted_on,
+        "expiration_time": message.expires_on,
+        "time_next_visible": message.next_visible_on,
+        "pop_receipt": message.pop_receipt,
+    }
 
 
 def _log_storage_error(action: str, queue: str, exc: Exception) -> None:

@@ -1,10 +1,12 @@
 """Timer triggers: 6-field NCRONTAB schedules (or TimeSpan intervals) on the host's loop.
 
-NCRONTAB is `second minute hour day month day-of-week`, evaluated with croniter
-(`second_at_beginning=True`) in UTC, or in `WEBSITE_TIME_ZONE` when set to an IANA
-zone. Runs of one function never overlap: the next occurrence is computed after a
-run ends, skipping occurrences missed meanwhile. `past_due` is true when a run
-starts noticeably later than its scheduled time.
+NCRONTAB is `second minute hour day month day-of-week` (the timer extension also takes
+the 5 fields without seconds, firing at second 0), evaluated with croniter in UTC, or in
+`WEBSITE_TIME_ZONE` when set to an IANA zone. Like NCrontab, a day must match both the
+day and the day-of-week fields (croniter's default ORs them). Runs of one function
+never overlap: the next occurrence is computed after a run ends, skipping occurrences
+missed meanwhile. `past_due` is true when a run starts noticeably later than its
+scheduled time.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class CronSchedule:
         from croniter import croniter
 
         local = when.astimezone(self.zone)
-        following = croniter(self.expression, local, second_at_beginning=True).get_next(datetime)
-        return following.astimezone(UTC)
+        schedule = croniter(self.expression, local, second_at_beginning=True, day_or=False)
+        return schedule.get_next(datetime).astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class IntervalSchedule:
 
 
 def parse_schedule(text: str, settings: Mapping[str, str], *, where: str) -> Schedule:
-    """A schedule from a 6-field NCRONTAB expression or a TimeSpan such as 00:05:00."""
+    """A schedule from an NCRONTAB expression or a TimeSpan such as 00:05:00."""
     if ":" in text:
         seconds = parse_timespan(text, where=where)
         if seconds <= 0:
@@ -65,12 +67,14 @@ def parse_schedule(text: str, settings: Mapping[str, str], *, where: str) -> Sch
         return IntervalSchedule(seconds)
     from croniter import croniter
 
-    if len(text.split()) != 6 or not croniter.is_valid(text, second_at_beginning=True):
+    fields = text.split()
+    expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
+    if len(fields) not in (5, 6) or not croniter.is_valid(expression, second_at_beginning=True):
         raise HostError(
-            f"{where}: {text!r} is not a 6-field NCRONTAB expression "
-            "(second minute hour day month day-of-week)"
+            f"{where}: {text!r} is not an NCRONTAB expression "
+            "(second minute hour day month day-of-week, or the last five)"
         )
-    return CronSchedule(text, _zone(settings))
+    return CronSchedule(expression, _zone(settings))
 
 
 def _zone(settings: Mapping[str, str]) -> tzinfo:
@@ -119,12 +123,13 @@ class TimerListener:
 
     async def invoke_manually(self, _text: str = "") -> Outcome:
         """Run the function now, outside its schedule (admin endpoint)."""
-        return await self._invoker.invoke(self.function, self._request(self._clock(), False))
+        request = self._request(self._clock(), False)
+        return await self._invoker.invoke(self.function, lambda: request)
 
     async def _fire(self, scheduled: datetime, *, past_due: bool) -> None:
         request = self._request(scheduled, past_due)
         self._last = scheduled
-        task = self._invoker.spawn(self._invoker.invoke(self.function, request))
+        task = self._invoker.spawn(self._invoker.invoke(self.function, lambda: request))
         # Shielded: stopping the timer must not cancel a run in progress.
         await asyncio.shield(task)
 
