@@ -34,8 +34,8 @@ from shared.messages import handle_messages
 from shared.proactive import deliver
 from shared.references import BlobReferenceStore, StoreError
 from shared.runtime import Runtime
-from shared.storage import StorageOptions
 from tests.fixtures.devhost import DevHost
+from tests.fixtures.storage import FAST_STORAGE
 from tools.azurite import ACCOUNT_KEY, Azurite, connection_string
 
 pytestmark = pytest.mark.integration
@@ -44,15 +44,6 @@ pytestmark = pytest.mark.integration
 # not push the answer past the tighter window.
 CHANNEL_WINDOW = 5.0
 CONTAINER = "references"
-# Fail fast in-process; the devhost runs with the product's defaults.
-SHORT = StorageOptions(
-    retry_total=1,
-    initial_backoff=0.05,
-    increment_base=1.1,
-    connection_timeout=1.0,
-    read_timeout=1.0,
-    operation_timeout=3.0,
-)
 
 
 def start_and_stop_azurite() -> Azurite:
@@ -123,7 +114,7 @@ async def runtime(bot_env):
         settings=settings,
         authenticator=InboundAuthenticator(settings),
         connector=ConnectorClient(settings, create_token_provider(settings)),
-        references=BlobReferenceStore(settings, options=SHORT),
+        references=BlobReferenceStore(settings, options=FAST_STORAGE),  # devhost: defaults
         router=shipped_router,
     )
     yield runtime
