@@ -114,7 +114,7 @@ async def runtime(bot_env):
         settings=settings,
         authenticator=InboundAuthenticator(settings),
         connector=ConnectorClient(settings, create_token_provider(settings)),
-        references=BlobReferenceStore(settings, options=FAST_STORAGE),  # devhost: defaults
+        references=BlobReferenceStore(settings, options=FAST_STORAGE),  # fail fast in-process
         router=shipped_router,
     )
     yield runtime
