@@ -7,7 +7,6 @@ raises :class:`SettingsError` naming it, never a stack trace from inside a libra
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -15,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
+
+from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
 
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
 ChannelService = Literal["public", "usgov"]
@@ -278,19 +279,6 @@ class Settings:
         )
 
 
-def is_loopback_host(host: str | None) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1: the only hosts allowed over plain http."""
-    if not host:
-        return False
-    host = host.lower().strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _reject_unresolved_key_vault_references(env: Mapping[str, str]) -> None:
     for name, value in env.items():
         if _is_bot_setting(name) and value.strip().lower().startswith(_KEY_VAULT_REFERENCE):
@@ -334,14 +322,9 @@ def _require_bare_authority(authority: str) -> None:
 
 
 # What the Connector client accepts as a serviceUrl prefix (shared.connector.parse_service_url
-# is the final word; these checks catch the mistakes it would otherwise ignore with only a
-# warning). A path with encoded separators (%2F, %2E, %5C) is left to it: it never matches.
-_HOST_NAME = re.compile(
-    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-)
-_PATH = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
-
-
+# is the final word, judging hosts and paths with the same shared.urls rules; these checks
+# catch the mistakes it would otherwise ignore with only a warning). A path with encoded
+# separators (%2F, %2E, %5C) is left to it: it never matches.
 def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
     """Comma-separated prefixes: blanks skipped, duplicates dropped, each one validated."""
     prefixes: list[str] = []
@@ -372,22 +355,14 @@ def _trusted_prefix_problem(prefix: str) -> str:
         return "must be a plain URL prefix (no user, query or fragment)"
     if parts.scheme == "http" and not is_loopback_host(host):
         return "must be https (plain http only for loopback hosts)"
-    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+    if not (HOST_NAME.fullmatch(host) or is_ip_address(host)):
         return "has an invalid host name"
     if port == 0:
         return "has an invalid port"
     path = parts.path
-    if not _PATH.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
+    if not PATH_CHARS.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
         return "has a path with dot segments or characters a URL path cannot have"
     return ""
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # NCRONTAB fields (sec min hour day month day-of-week): bounds, and the names NCrontab knows.

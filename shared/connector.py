@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ipaddress
 import json
 import logging
 import math
@@ -41,8 +40,9 @@ import aiohttp
 import yarl
 
 from shared.auth.tokens import TokenError, TokenProvider
-from shared.config import Settings, is_loopback_host
+from shared.config import Settings
 from shared.ratelimit import Pacer, PacingTimeout, conversation_key
+from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -937,9 +937,6 @@ class ServiceTarget:
         return f"{self.scheme}://{host}{port}{self.path}"
 
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_PATH_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 # Encoded "/", "\\", "." and NUL: servers that decode them could walk out of a path prefix.
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
 
@@ -965,27 +962,19 @@ def parse_service_url(service_url: str) -> ServiceTarget | None:
     host = parts.hostname or ""
     if scheme not in ("https", "http") or "@" in parts.netloc:  # https://trusted@evil
         return None
-    if not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+    if not (HOST_NAME.fullmatch(host) or is_ip_address(host)):
         return None
     if port is not None and not 0 < port < 65536:
         return None
     if scheme == "http" and not is_loopback_host(host):
         return None
     path = parts.path
-    if not _PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
+    if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
         return None
     if any(segment in (".", "..") for segment in path.split("/")):
         return None
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _trusted_prefixes(prefixes: Sequence[str]) -> tuple[ServiceTarget, ...]:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from shared.auth.keys import KeySourceError, OpenIdKeyCache, SigningKey
-from shared.config import CLOUDS, Settings, is_loopback_host
+from shared.config import CLOUDS, Settings
+from shared.urls import is_loopback_host
 
 if TYPE_CHECKING:
     import aiohttp

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from shared.config import is_loopback_host
+from shared.urls import is_loopback_host
 
 if TYPE_CHECKING:
     import aiohttp

@@ -6,8 +6,9 @@ import pytest
 from croniter import croniter
 
 from shared.auth.tokens import create_token_provider
-from shared.config import CLOUDS, Settings, SettingsError, is_loopback_host
+from shared.config import CLOUDS, Settings, SettingsError
 from shared.connector import ConnectorClient, parse_service_url
+from shared.urls import is_loopback_host
 
 BASE = {"MicrosoftAppId": "app-1", "MicrosoftAppPassword": "s3cret"}
 
