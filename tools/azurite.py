@@ -146,7 +146,7 @@ class Azurite:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Azurite exited with code {self.process.returncode}")
-            if _listening(self.blob_port) and _listening(self.queue_port):
+            if listening(self.blob_port) and listening(self.queue_port):
                 return self
             time.sleep(0.1)
         self.stop()
@@ -175,7 +175,8 @@ class Azurite:
         self.stop()
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:`port`."""
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0

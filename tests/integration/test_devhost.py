@@ -19,7 +19,6 @@ import itertools
 import json
 import shutil
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost
+from tools.azurite import listening as accepts_connections
 from tools.devhost.app import (
     Function,
     FunctionSpec,
@@ -65,16 +65,10 @@ def running(root: Path, logs: Path, env: dict[str, str], *extra: str) -> Iterato
     finally:
         code = host.stop()
     assert code == 0, host.stderr
-    assert not _listening(host.port)
+    assert not accepts_connections(host.port)
     # Like the real worker, the host's process just ends: no teardown noise about clients
     # (aiohttp sessions) that function modules keep for the process lifetime.
     assert "Unclosed" not in host.stderr
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def request(
@@ -280,7 +274,7 @@ def test_sigterm_waits_for_invocations_in_flight(tmp_path):
     caller = threading.Thread(target=call)
     caller.start()
     try:
-        wait_for(lambda: _listening(host.port), 5, "listening")
+        wait_for(lambda: accepts_connections(host.port), 5, "listening")
         time.sleep(0.5)  # the slow invocation is running now
         host.process.send_signal(signal.SIGTERM)
         assert host.wait_exit(timeout=15) == 0

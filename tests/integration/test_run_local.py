@@ -26,6 +26,7 @@ from azure.storage.queue import QueueServiceClient
 
 from tests.fixtures.devhost import free_port
 from tools.azurite import AZURITE_BIN, connection_string
+from tools.azurite import listening as accepts_connections
 
 pytestmark = [
     pytest.mark.integration,
@@ -135,12 +136,6 @@ def _command_lines() -> list[str]:
     return lines
 
 
-def answering(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextlib.contextmanager
 def listening() -> Iterator[int]:
     """A port some other program holds: it accepts connections and never answers."""
@@ -198,7 +193,7 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
 
     assert code == 0, run.stdout + run.stderr
     assert "Traceback" not in run.stderr
-    assert not any(answering(ports[name]) for name in ("port", "blob", "queue"))
+    assert not any(accepts_connections(ports[name]) for name in ("port", "blob", "queue"))
     assert run.left_behind() == []
 
 
@@ -210,7 +205,7 @@ def test_make_run_when_the_bot_port_is_taken_says_so_and_starts_nothing(make_run
     assert code == 1
     assert f"port {port} is in use" in run.stderr
     assert "Traceback" not in run.stderr
-    assert not answering(run.ports["blob"])  # Azurite was not started for nothing
+    assert not accepts_connections(run.ports["blob"])  # Azurite was not started for nothing
     assert run.left_behind() == []
 
 
@@ -241,4 +236,4 @@ def test_make_run_with_a_broken_settings_file_names_it(make_run):
     assert run.wait(timeout=30) == 1
     assert "local.settings.json is not readable JSON" in run.stderr
     assert "Traceback" not in run.stderr
-    assert not answering(run.ports["blob"])
+    assert not accepts_connections(run.ports["blob"])
