@@ -183,8 +183,10 @@ class AdaptiveRate:
         if rate is None:
             return
         interval = 1.0 / (rate * share) if background else 1.0 / rate
-        # Late callers may catch up by one interval, never more: no bursts.
-        self._next = max(self._next, now - interval) + interval
+        # A caller late by less than one interval may catch up; after a longer gap the
+        # spacing starts again from now: never a burst.
+        base = self._next if self._next > now - interval else now
+        self._next = base + interval
 
     def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
         """Take a 429 into account; True when it cut the rate."""
