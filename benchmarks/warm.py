@@ -26,7 +26,8 @@ Measured, targets interleaved, medians of the repeats:
   at the fake Connector: lost (a 2xx answer whose reply never arrived) and duplicated;
 - the floor: one RS256 verification plus one loopback POST, alone, in this process.
 
-Half of the activities go to 8 shared conversations, half to new ones; the channel is
+Half of the activities go to 8 shared group conversations, half each to a new 1:1
+conversation (a new user, so ours records a reference and a user index); the channel is
 ``webchat`` (no published per-conversation limits, so pacing is not what is measured).
 Results: benchmarks/results/warm.json and warm.md (ratios ours / theirs); a PNG chart
 with ``--chart`` (needs .tools/bench-report, made from requirements-report.txt).
@@ -328,17 +329,27 @@ def spawn(target: Target, services: Services) -> Server:
 
 
 def activity(services: Services, run: str, n: int) -> dict[str, Any]:
-    """Message ``n`` of a run: even ones to 8 shared conversations, odd ones to new ones."""
-    conversation = f"shared-{n // 2 % SHARED_CONVERSATIONS}" if n % 2 == 0 else f"new-{run}-{n}"
+    """Message ``n`` of a run: even ones to 8 shared group conversations (many users),
+    odd ones each to a new 1:1 conversation (one user; a new user for every one)."""
+    if n % 2 == 0:
+        conversation = {
+            "id": f"shared-{(n // 2) % SHARED_CONVERSATIONS}",
+            "isGroup": True,
+            "conversationType": "groupChat",
+        }
+        user = f"user-{n % 50}"
+    else:
+        conversation = {"id": f"new-{run}-{n}", "conversationType": "personal"}
+        user = f"user-{run}-{n}"
     return {
         "type": "message",
         "id": f"{run}-{n}",
         "timestamp": "2026-01-01T00:00:00.000Z",
         "channelId": CHANNEL,
         "serviceUrl": services.connector_url,
-        "from": {"id": f"user-{n % 50}", "name": "User"},
+        "from": {"id": user, "name": "User"},
         "recipient": {"id": f"28:{services.app_id}", "name": "Bot"},
-        "conversation": {"id": conversation},
+        "conversation": conversation,
         "locale": "en-US",
         "text": f"m-{run}-{n}",
         "textFormat": "plain",
