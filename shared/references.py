@@ -687,7 +687,13 @@ class BlobReferenceStore:
                 # may have taken this key out of it.
                 entries = _index_entries(planned)
                 for kind, value in entries:
-                    await self._update_index(planned.channel_id, kind, value, _to_front(key))
+                    await self._update_index(
+                        planned.channel_id,
+                        kind,
+                        value,
+                        _to_front(key),
+                        likely_absent=current is None and attempt == 0,
+                    )
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -883,9 +889,21 @@ class BlobReferenceStore:
         kind: Literal["id", "aad"],
         value: str,
         change: Callable[[list[str]], list[str]],
+        *,
+        likely_absent: bool = False,
     ) -> None:
-        """Apply `change` to a user index's keys (read, then conditional write or delete)."""
+        """Apply `change` to a user index's keys (read, then conditional write or delete).
+
+        ``likely_absent``: try creating the index first (one call instead of two when the
+        user has none yet; one wasted call when they have).
+        """
         name = user_index_name(channel_id, kind, value)
+        if likely_absent:
+            # A new user's first conversation: create the index straight away (If-None-
+            # Match: *), no read first; if it exists after all, read and apply as usual.
+            wanted = change([])
+            if wanted and await self._put(name, _index_body(wanted), None) is not None:
+                return
         for attempt in range(self._max_attempts):
             found = await self._read_json(name)
             keys = _index_keys(found[0]) if found else []
