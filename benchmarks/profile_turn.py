@@ -89,9 +89,7 @@ def devhost(services: warm.Services, count: int, concurrency: int, html: Path | 
     server = warm.Server(target, port, process, time.perf_counter())
     try:
         asyncio.run(warm.first_echo(server, services))
-        result = asyncio.run(
-            warm.load(server, services, "profiled", concurrency, count / 50.0)
-        )
+        result = asyncio.run(warm.load(server, services, "profiled", concurrency, count / 50.0))
         print(json.dumps({k: v for k, v in result.items() if k != "statuses"}, indent=1))
     finally:
         process.send_signal(signal.SIGINT)
