@@ -79,11 +79,21 @@ def devhost(services: warm.Services, count: int, concurrency: int, html: Path | 
     from tools.azurite import free_port
 
     port = free_port()
-    output = html or Path("/dev/null")
-    renderer = "html" if html else "text"
-    args = [sys.executable, "-m", "pyinstrument", "-i", "0.0005", "-r", renderer]
-    args += ["-o", str(output), "-m", "tools.devhost", "--port", str(port)]
-    args += ["--functions", "messages_function"]
+    # The devhost ends with os._exit (no interpreter teardown), so pyinstrument's own
+    # runner would never write its report: main() is run under a profiler instead.
+    renderer = "output_html()" if html else "output_text(unicode=True, color=False)"
+    snippet = (
+        "import sys\n"
+        "from pyinstrument import Profiler\n"
+        "from tools.devhost.__main__ import main\n"
+        "profiler = Profiler(interval=0.0005)\n"
+        "profiler.start()\n"
+        "main(sys.argv[1:])\n"
+        "profiler.stop()\n"
+        f"report = profiler.{renderer}\n"
+        f"open({str(html)!r}, 'w').write(report) if {bool(html)} else print(report)\n"
+    )
+    args = [sys.executable, "-c", snippet, "--port", str(port), "--functions", "messages_function"]
     target = warm.TARGETS["ours"]
     process = subprocess.Popen(args, cwd=warm.ROOT, env=services.env(target, port))
     server = warm.Server(target, port, process, time.perf_counter())
