@@ -27,7 +27,8 @@ Measured, targets interleaved, medians of the repeats:
 - the floor: one RS256 verification plus one loopback POST, alone, in this process.
 
 Half of the activities go to 8 shared group conversations, half each to a new 1:1
-conversation (a new user, so ours records a reference and a user index); the channel is
+conversation (a new user, so ours records a reference and a user index; the SDK samples
+store nothing); ``--shared-only`` adds a run with group conversations only. The channel is
 ``webchat`` (no published per-conversation limits, so pacing is not what is measured).
 Results: benchmarks/results/warm.json and warm.md (ratios ours / theirs); a PNG chart
 with ``--chart`` (needs .tools/bench-report, made from requirements-report.txt).
@@ -328,10 +329,11 @@ def spawn(target: Target, services: Services) -> Server:
     return Server(target, port, process, spawned)
 
 
-def activity(services: Services, run: str, n: int) -> dict[str, Any]:
-    """Message ``n`` of a run: even ones to 8 shared group conversations (many users),
-    odd ones each to a new 1:1 conversation (one user; a new user for every one)."""
-    if n % 2 == 0:
+def activity(services: Services, run: str, n: int, workload: str = "mixed") -> dict[str, Any]:
+    """Message ``n`` of a run. ``mixed``: even ones to 8 shared group conversations (many
+    users), odd ones each to a new 1:1 conversation (one user; a new user for every one).
+    ``shared``: all to the 8 group conversations (nothing new for ours to store)."""
+    if n % 2 == 0 or workload == "shared":
         conversation = {
             "id": f"shared-{(n // 2) % SHARED_CONVERSATIONS}",
             "isGroup": True,
@@ -422,7 +424,12 @@ def measure_cold(targets: Sequence[Target], services: Services, repeats: int) ->
 
 
 async def load(
-    server: Server, services: Services, run: str, concurrency: int, seconds: float
+    server: Server,
+    services: Services,
+    run: str,
+    concurrency: int,
+    seconds: float,
+    workload: str = "mixed",
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -438,7 +445,7 @@ async def load(
             while time.perf_counter() < stop_at:
                 n = sent
                 sent += 1
-                body = json.dumps(activity(services, run, n)).encode()
+                body = json.dumps(activity(services, run, n, workload)).encode()
                 started = time.perf_counter()
                 async with session.post(server.url, data=body, headers=headers(services)) as r:
                     await r.read()
@@ -467,6 +474,7 @@ def measure_warm(
     repeats: int,
     concurrencies: Sequence[int],
     seconds: float,
+    workload: str = "mixed",
 ) -> dict[str, Any]:
     servers = {t.key: spawn(t, services) for t in targets}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
@@ -481,13 +489,15 @@ def measure_warm(
                     targets[: repeat % len(targets)]
                 )
                 for target in order:
-                    run = f"w{repeat}c{concurrency}{target.key}"
+                    run = f"{workload[0]}{repeat}c{concurrency}{target.key}"
                     services.connector.reset()
                     server = servers[target.key]
                     asyncio.run(load(server, services, run, 1, 0.3))  # warm the connection
                     services.connector.reset()
                     load_before = os.getloadavg()[0]
-                    result = asyncio.run(load(server, services, run, concurrency, seconds))
+                    result = asyncio.run(
+                        load(server, services, run, concurrency, seconds, workload)
+                    )
                     stats = _settled(services.connector, expected=result["ok"])
                     result["replies_received"] = stats["received"]
                     result["lost"] = max(0, result["ok"] - stats["distinct"])
@@ -496,7 +506,8 @@ def measure_warm(
                     result["load_average_1m"] = [round(load_before, 2), _load()]
                     runs[target.key][concurrency].append(result)
                     print(
-                        f"  {target.key:10} c={concurrency:<3} {result['activities_per_s']:7.1f}/s"
+                        f"  {workload:6} {target.key:10} c={concurrency:<3}"
+                        f" {result['activities_per_s']:7.1f}/s"
                         f" p50 {result['p50_ms']:6.1f} ms p99 {result['p99_ms']:7.1f} ms"
                         f" cpu {result['cpu_ms_per_activity']:5.2f} ms"
                         f" lost {result['lost']} dup {result['duplicated']}"
@@ -641,6 +652,18 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             {k: _dig(warm, k, "concurrency", str(c), "cpu_ms_per_activity") for k in warm},
             "lower",
         )
+    shared = report.get("warm_shared_only", {})
+    for c in report["concurrencies"] if shared else ():
+        row(
+            f"group conversations only: activities/s, concurrency {c}",
+            {k: _dig(shared, k, "concurrency", str(c), "activities_per_s") for k in shared},
+            "higher",
+        )
+        row(
+            f"group conversations only: CPU ms per activity, concurrency {c}",
+            {k: _dig(shared, k, "concurrency", str(c), "cpu_ms_per_activity") for k in shared},
+            "lower",
+        )
     row("peak RSS MiB", {k: warm[k]["peak_rss_mib"] for k in warm}, "lower")
     row(
         "lost + duplicated replies",
@@ -686,6 +709,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     ]
     for r in ratios(report):
         values = r["values"]
+        if not values:
+            continue
         cells = [_fmt(values.get(k)) for k in keys]
         ours = values.get("ours")
         shares = []
@@ -741,6 +766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--chart", action="store_true", help="also draw results/warm.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it all work?")
+    parser.add_argument(
+        "--shared-only",
+        action="store_true",
+        help="also measure a workload of group conversations only (nothing new to store)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "warm.json")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -775,6 +805,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["warm"] = measure_warm(
                 targets, services, args.repeats, concurrencies, args.seconds
             )
+            if args.shared_only:
+                print("warm, group conversations only ...", flush=True)
+                report["warm_shared_only"] = measure_warm(
+                    targets, services, args.repeats, concurrencies, args.seconds, "shared"
+                )
             services.connector.reset()
             report["floor"] = asyncio.run(measure_floor(services, 200 if args.smoke else 2000))
     except BenchmarkError as error:
