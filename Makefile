@@ -41,7 +41,7 @@ test: setup
 ## (cold start, warm throughput, the floor), import + first turn in-process, the reference
 ## store. Each SDK goes into its own venv under .tools/. Results go to benchmarks/results/.
 bench: setup
-	$(PY) -m benchmarks.warm --chart
+	$(PY) -m benchmarks.warm --chart --shared-only
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
 
