@@ -18,6 +18,7 @@ them against mutated copies and see them fail.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -417,8 +418,9 @@ def check_all(infra: Path = INFRA) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    infra = Path(argv[0]) if argv else INFRA
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("infra", nargs="?", type=Path, default=INFRA, help="the infra folder")
+    infra = parser.parse_args(argv).infra
     problems = check_all(infra.resolve())
     for problem in problems:
         print(problem)
