@@ -190,7 +190,7 @@ module keyVault 'modules/keyvault.bicep' = if (singleTenant) {
 var appId = singleTenant ? botAppId : identity.properties.clientId
 
 // Every app setting of the app. The bot's settings are exactly what shared/config.py reads
-// (tests/unit/test_infra_consistency.py holds them to it); the rest are the host's.
+// (tools/infra_check.py holds them to it, in make test); the rest are the host's.
 var hostSettings = {
   // Host storage and the bot's own storage: identity-based, no connection string.
   AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint

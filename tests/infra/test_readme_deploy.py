@@ -22,7 +22,7 @@ MAIN = infra_check.load(infra_check.INFRA, "main.bicep")
 READER_VALUES = {"objectId", "appId", "keyId", "conversationId", "owner", "repo"}
 READER_VALUES |= {"resourceGroupId"}
 CORE_TOOLS_PUBLISH_FLAGS = {"--python"}
-# The producer command's fixed contract (docs in README "Proactive messages").
+# The producer command's fixed contract: subcommands and their flags.
 PRODUCER = {
     "send": {"--conversation", "--user", "--broadcast", "--text", "--activity", "--id"},
     "report": set(),
