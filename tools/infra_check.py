@@ -7,6 +7,8 @@
 - the role assignments grant what the host and the code do (blob read/write/delete and
   container creation on the account, queue send/receive/delete on the proactive queue
   and its poison queue, telemetry, the Key Vault secret);
+- Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
+  messages function serves, and the Teams channel is on;
 - storage and telemetry are identity-only (no shared keys, TLS 1.2, no public blobs, local
   auth off) and no output or expression hands out a key.
 
@@ -408,11 +410,48 @@ def check_security(infra: Path = INFRA) -> list[str]:
     return problems
 
 
+def check_hosting(infra: Path = INFRA) -> list[str]:
+    """Flex Consumption, Python 3.11, identity-based deployment storage, and the bot's
+    endpoint on the route the messages function serves, with the Teams channel."""
+    problems = []
+    resources = load(infra, "modules/functionapp.bicep")["resources"]
+    if _config(resources["plan"]).get("sku") != {"name": "FC1", "tier": "FlexConsumption"}:
+        problems.append("the plan must be Flex Consumption (FC1)")
+    app = _config(resources["app"])
+    config = app["properties"].get("functionAppConfig", {})
+    if config.get("runtime") != {"name": "python", "version": "3.11"}:
+        problems.append("functionAppConfig.runtime must be python 3.11")
+    storage = config.get("deployment", {}).get("storage", {})
+    if storage.get("authentication", {}).get("type") != "UserAssignedIdentity":
+        problems.append("the deployment container must be reached with the user-assigned identity")
+    if app.get("identity", {}).get("type") != "UserAssigned":
+        problems.append("the function app must run as the user-assigned identity")
+    host = json.loads((ROOT / "host.json").read_text())
+    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    binding = json.loads((ROOT / "messages_function" / "function.json").read_text())
+    route = next(b["route"] for b in binding["bindings"] if b["type"] == "httpTrigger")
+    endpoint = load(infra, "main.bicep")["modules"]["bot"]["config"]["params"].get("endpoint")
+    if endpoint != f"https://${{functionApp.outputs.hostName}}/{prefix}/{route}":
+        problems.append(f"the bot's endpoint must be https://<app host>/{prefix}/{route}")
+    parameters = load(infra, "main.bicep")["parameters"]
+    if parameters["botAppType"].get("default") != "UserAssignedMSI":
+        problems.append("botAppType must default to UserAssignedMSI (no secret)")
+    bot = load(infra, "modules/bot.bicep")["resources"]
+    channels = [
+        _config(r)["properties"]
+        for r in bot.values()
+        if r["type"] == "Microsoft.BotService/botServices/channels"
+    ]
+    if {"channelName": "MsTeamsChannel", "properties": {"isEnabled": True}} not in channels:
+        problems.append("the bot must have the Microsoft Teams channel, enabled")
+    return problems
+
+
 def check_all(infra: Path = INFRA) -> list[str]:
     problems = check_parses(infra)
     if problems:
         return problems
-    for check in (check_app_settings, check_names, check_roles, check_security):
+    for check in (check_app_settings, check_names, check_roles, check_security, check_hosting):
         problems.extend(check(infra))
     return problems
 

@@ -151,6 +151,24 @@ def test_telemetry_local_auth_is_reported(infra_copy: Path) -> None:
     assert "Application Insights: DisableLocalAuth must be true" in problems
 
 
+def test_a_messaging_endpoint_off_the_functions_route_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "hostName}/api/messages'\n    tags",
+        "hostName}/messages'\n    tags",
+    )
+    problems = infra_check.check_hosting(infra_copy)
+    assert "the bot's endpoint must be https://<app host>/api/messages" in problems
+
+
+def test_another_runtime_or_plan_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "modules/functionapp.bicep", "version: '3.11'", "version: '3.10'")
+    mutate(infra_copy / "modules/functionapp.bicep", "name: 'FC1'", "name: 'Y1'")
+    problems = infra_check.check_hosting(infra_copy)
+    assert "functionAppConfig.runtime must be python 3.11" in problems
+    assert "the plan must be Flex Consumption (FC1)" in problems
+
+
 def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
     """Bicep's defaults, with what Azure fills in at deployment, make valid Settings."""
     from shared.config import Settings
