@@ -9,6 +9,7 @@
   and its poison queue, telemetry, the Key Vault secret);
 - Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
   messages function serves, and the Teams channel is on;
+- main.parameters.json gives only declared parameters, with values they accept;
 - storage and telemetry are identity-only (no shared keys, TLS 1.2, no public blobs, local
   auth off) and no output or expression hands out a key.
 
@@ -447,11 +448,59 @@ def check_hosting(infra: Path = INFRA) -> list[str]:
     return problems
 
 
+_TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
+
+
+def check_parameter_file(infra: Path = INFRA) -> list[str]:
+    """main.parameters.json names only parameters main.bicep has, with values of their type
+    and within their @allowed / @minValue / @maxValue / @minLength / @maxLength, and gives
+    every parameter that has no default."""
+    declared = load(infra, "main.bicep")["parameters"]
+    path = infra / "main.parameters.json"
+    values = {
+        name: entry.get("value")
+        for name, entry in json.loads(path.read_text())["parameters"].items()
+    }
+    problems = [
+        f"{path.name}: {name} is not a parameter" for name in values if name not in declared
+    ]
+    for name, parameter in declared.items():
+        if parameter.get("default") is None and name not in values:
+            problems.append(f"{path.name}: {name} has no default and is not given")
+        if name not in values:
+            continue
+        value = values[name]
+        kind = _TYPES.get(parameter["type"])
+        if kind and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            problems.append(f"{path.name}: {name} must be of type {parameter['type']}")
+            continue
+        rules = {d["type"]: d["argument"] for d in parameter["decorators"]}
+        if "allowed" in rules and value not in rules["allowed"]:
+            problems.append(f"{path.name}: {name}={value!r} is not an allowed value")
+        if "min_value" in rules and value < rules["min_value"]:
+            problems.append(f"{path.name}: {name} is below its minimum")
+        if "max_value" in rules and value > rules["max_value"]:
+            problems.append(f"{path.name}: {name} is above its maximum")
+        if "min_length" in rules and len(value) < rules["min_length"]:
+            problems.append(f"{path.name}: {name} is shorter than {rules['min_length']}")
+        if "max_length" in rules and len(value) > rules["max_length"]:
+            problems.append(f"{path.name}: {name} is longer than {rules['max_length']}")
+    return problems
+
+
 def check_all(infra: Path = INFRA) -> list[str]:
     problems = check_parses(infra)
     if problems:
         return problems
-    for check in (check_app_settings, check_names, check_roles, check_security, check_hosting):
+    checks = (
+        check_app_settings,
+        check_names,
+        check_roles,
+        check_security,
+        check_hosting,
+        check_parameter_file,
+    )
+    for check in checks:
         problems.extend(check(infra))
     return problems
 

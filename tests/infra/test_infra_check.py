@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -167,6 +168,19 @@ def test_another_runtime_or_plan_is_reported(infra_copy: Path) -> None:
     problems = infra_check.check_hosting(infra_copy)
     assert "functionAppConfig.runtime must be python 3.11" in problems
     assert "the plan must be Flex Consumption (FC1)" in problems
+
+
+def test_a_parameter_file_with_a_bad_value_or_name_is_reported(infra_copy: Path) -> None:
+    path = infra_copy / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"]["botAppType"] = {"value": "MultiTenant"}
+    values["parameters"]["namePrefix"] = {"value": "ab"}
+    values["parameters"]["botId"] = {"value": "x"}
+    path.write_text(json.dumps(values))
+    problems = infra_check.check_parameter_file(infra_copy)
+    assert "main.parameters.json: botAppType='MultiTenant' is not an allowed value" in problems
+    assert "main.parameters.json: namePrefix is shorter than 3" in problems
+    assert "main.parameters.json: botId is not a parameter" in problems
 
 
 def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:

@@ -143,3 +143,18 @@ def test_the_functions_import_with_only_requirements_installed(built, tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_the_make_targets_run_the_builders() -> None:
+    result = subprocess.run(
+        ["make", "-n", "package", "teams-package", "BOT_ID=id", "BOT_DOMAIN=host"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-m tools.package dist/functionapp.zip" in result.stdout
+    assert (
+        '-m tools.teams_package --bot-id "id" --domain "host" dist/teams-app.zip' in result.stdout
+    )

@@ -104,7 +104,7 @@ def test_deployment_commands_name_real_files_parameters_and_values() -> None:
 def test_required_parameters_are_given_by_the_file_or_the_command() -> None:
     required = {name for name, p in MAIN["parameters"].items() if p.get("default") is None}
     in_file = set(json.loads((ROOT / "infra/main.parameters.json").read_text())["parameters"])
-    assert required <= in_file | {"namePrefix"}
+    assert required <= in_file
     for command in commands():
         if command.startswith("az deployment group create"):
             passed = {a.split("=")[0] for a in options(words(command))["--parameters"]}
