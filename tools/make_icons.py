@@ -66,9 +66,9 @@ def outline_pixel(x: float, y: float) -> Pixel:
     return (*WHITE, 255) if in_bubble(x, y) and not in_dots(x, y) else (0, 0, 0, 0)
 
 
-def main() -> None:
-    (ROOT / "appPackage" / "color.png").write_bytes(png(192, 192, color_pixel))
-    (ROOT / "appPackage" / "outline.png").write_bytes(png(32, 32, outline_pixel))
+def main(folder: Path = ROOT / "appPackage") -> None:
+    (folder / "color.png").write_bytes(png(192, 192, color_pixel))
+    (folder / "outline.png").write_bytes(png(32, 32, outline_pixel))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import teams_package
+from tools import make_icons, teams_package
 from tools.teams_package import PackageError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +89,12 @@ def test_the_outline_icon_is_white_on_transparent() -> None:
     found = pixels((ROOT / "appPackage" / "outline.png").read_bytes())
     assert {p for p in found if p[3] != 0} <= {(255, 255, 255, 255)}
     assert any(p[3] == 0 for p in found) and any(p[3] == 255 for p in found)
+
+
+def test_the_committed_icons_are_what_the_generator_draws(tmp_path: Path) -> None:
+    make_icons.main(tmp_path)
+    for name in ("color.png", "outline.png"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "appPackage" / name).read_bytes()
 
 
 def test_the_color_icon_is_opaque() -> None:
