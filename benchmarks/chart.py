@@ -40,13 +40,14 @@ def main(report_path: str, png: str) -> None:
         axis.set_title(title)
         axis.set_xticks([n + width * (len(keys) - 1) / 2 for n in range(len(levels))])
         axis.set_xticklabels([f"concurrency {c}" for c in levels])
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(keys))
     machine = report["machine"]
     figure.suptitle(
         f"{report['generated']}, {machine['cpus']} cores, load "
         f"{machine['load_average_1m']['start']}-{machine['load_average_1m']['end']}"
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(png, dpi=100)
 
 
