@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
 ChannelService = Literal["public", "usgov"]
@@ -360,7 +360,7 @@ def _trusted_prefix_problem(prefix: str) -> str:
     if port == 0:
         return "has an invalid port"
     path = parts.path
-    if not PATH_CHARS.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
+    if not PATH_CHARS.fullmatch(path) or has_dot_segment(path):
         return "has a path with dot segments or characters a URL path cannot have"
     return ""
 

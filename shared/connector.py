@@ -42,7 +42,7 @@ import yarl
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
 from shared.ratelimit import Pacer, PacingTimeout, conversation_key
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -906,8 +906,17 @@ def _result(operation: str, expect: Expect, content: bytes) -> Any:
 
 
 def _q(value: str) -> str:
-    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included."""
-    return quote(value, safe="")
+    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
+
+    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    """
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
+        ) from None
 
 
 def _build_url(
@@ -971,7 +980,7 @@ def parse_service_url(service_url: str) -> ServiceTarget | None:
     path = parts.path
     if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
         return None
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if has_dot_segment(path):
         return None
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))
