@@ -113,11 +113,14 @@ class BlobStateStore:
         async with self._guard("write"):
             for _ in range(2):
                 try:
-                    result = await self._container().upload_blob(
-                        name,
-                        body,
-                        content_settings=ContentSettings(content_type="application/json"),
-                        **conditions,
+                    result = (
+                        await self._container()
+                        .get_blob_client(name)
+                        .upload_blob(
+                            body,
+                            content_settings=ContentSettings(content_type="application/json"),
+                            **conditions,
+                        )
                     )
                     return result["etag"]
                 except (ResourceExistsError, ResourceModifiedError):
