@@ -138,7 +138,7 @@ def test_conversation_kinds(conversation, personal, group_chat, channel):
 
 def test_user_state_needs_a_sender():
     bare = {k: v for k, v in activity().items() if k != "from"}
-    with pytest.raises(StateError, match="no from.id"):
+    with pytest.raises(StateError, match=r"no from\.id"):
         turn_for(bare).user_state  # noqa: B018 - the property raises
 
 
@@ -236,7 +236,7 @@ async def test_send_reply_and_update_take_a_card(sent):
     assert [call[0] for call in connector.calls] == ["send", "reply", "update"]
 
 
-# ---------------------------------------------------------------------------- card and dialog routes
+# ------------------------------------------------------------------- card and dialog routes
 
 
 def card_invoke(verb, **value) -> dict:
