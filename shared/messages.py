@@ -1,4 +1,4 @@
-"""`POST /api/messages`: from an HTTP request to the bot's answer (DESIGN.md's table).
+"""`POST /api/messages`: from an HTTP request to the bot's answer (docs/contracts.md).
 
 The order is the security boundary: cheap checks of the request first (method, media
 type, size, JSON, required fields), then the token, and only then anything with a side
@@ -44,7 +44,7 @@ class TurnOutcome:
 
 
 async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) -> HttpResponse:
-    """Authenticate, validate and route one activity; answer per DESIGN.md."""
+    """Authenticate, validate and route one activity; answer per docs/contracts.md."""
     try:
         return await _handle(request, runtime)
     except Exception as error:  # a bug here must still give the channel a clean answer
