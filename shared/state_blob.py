@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from shared.blob_container import LazyContainer
 from shared.config import Settings
 from shared.references import encode_segment
 from shared.state import (
@@ -37,10 +38,10 @@ from shared.state import (
     split_state_key,
     to_document,
 )
-from shared.storage import DEFAULT_OPTIONS, StorageOptions, close_client, create_blob_service
+from shared.storage import DEFAULT_OPTIONS, StorageOptions
 
 if TYPE_CHECKING:
-    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+    from azure.storage.blob.aio import BlobServiceClient
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,10 @@ class BlobStateStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_bytes = max_bytes
-        self._settings = settings
-        self._client = client
-        self._owns_client = client is None
+        self._container = LazyContainer(
+            settings.storage, settings.references_container, client=client, options=options
+        )
         self._options = options
-        self._container_name = settings.references_container
-        self._container_client: ContainerClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
 
     async def read(self, key: str) -> StateDocument | None:
@@ -82,7 +80,7 @@ class BlobStateStore:
         name = state_blob_name(key)
         async with self._guard("read"):
             try:
-                downloader = await self._container().download_blob(name)
+                downloader = await self._container.get().download_blob(name)
                 body = await downloader.readall()
             except ResourceNotFoundError:
                 return None  # no document, or no container yet
@@ -112,15 +110,12 @@ class BlobStateStore:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         async with self._guard("write"):
             for _ in range(2):
+                blob = self._container.get().get_blob_client(name)
                 try:
-                    result = (
-                        await self._container()
-                        .get_blob_client(name)
-                        .upload_blob(
-                            body,
-                            content_settings=ContentSettings(content_type="application/json"),
-                            **conditions,
-                        )
+                    result = await blob.upload_blob(
+                        body,
+                        content_settings=ContentSettings(content_type="application/json"),
+                        **conditions,
                     )
                     return result["etag"]
                 except (ResourceExistsError, ResourceModifiedError):
@@ -128,8 +123,8 @@ class BlobStateStore:
                 except ResourceNotFoundError as exc:
                     if exc.error_code != "ContainerNotFound":
                         return None  # If-Match on a document deleted meanwhile
-                    await self._create_container()
-        raise StateError(f"state store: container {self._container_name} keeps vanishing")
+                    await self._container.create()
+        raise StateError(f"state store: container {self._container.name} keeps vanishing")
 
     async def delete(self, key: str) -> bool:
         from azure.core.exceptions import ResourceNotFoundError
@@ -137,35 +132,13 @@ class BlobStateStore:
         name = state_blob_name(key)
         async with self._guard("delete"):
             try:
-                await self._container().delete_blob(name)
+                await self._container.get().delete_blob(name)
             except ResourceNotFoundError:
                 return False
         return True
 
     async def close(self) -> None:
-        if self._owns_client and self._client is not None:
-            client, self._client = self._client, None
-            self._container_client = None
-            await close_client(client)
-
-    def _container(self) -> ContainerClient:
-        loop = asyncio.get_running_loop()
-        if self._owns_client and self._client is not None and self._loop is not loop:
-            # An async client belongs to the loop that opened its connections.
-            self._client = self._container_client = None
-        if self._container_client is None:
-            if self._client is None:
-                self._client = create_blob_service(self._settings.storage, self._options)
-                self._loop = loop
-            self._container_client = self._client.get_container_client(self._container_name)
-        return self._container_client
-
-    async def _create_container(self) -> None:
-        from azure.core.exceptions import ResourceExistsError
-
-        with contextlib.suppress(ResourceExistsError):
-            await self._container().create_container()
-            logger.info("state: created container %s", self._container_name)
+        await self._container.close()
 
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str):
