@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from shared.blob_container import LazyContainer
+from shared.blob_container import ContainerVanished, LazyContainer
 from shared.config import Settings
 from shared.references import encode_segment
 from shared.state import (
@@ -75,67 +75,30 @@ class BlobStateStore:
         self._clock = clock
 
     async def read(self, key: str) -> StateDocument | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
         name = state_blob_name(key)
         async with self._guard("read"):
-            try:
-                downloader = await self._container.get().download_blob(name)
-                body = await downloader.readall()
-            except ResourceNotFoundError:
-                return None  # no document, or no container yet
+            found = await self._container.read(name)
+        if found is None:
+            return None  # no document, or no container yet
         try:
-            stored = from_document(json.loads(body), downloader.properties.etag)
+            stored = from_document(json.loads(found.body), found.etag)
         except ValueError:
             raise StateError("state store: a stored document is not valid JSON") from None
         return stored if stored.key == key else None  # a hashed name's other key: absent
 
     async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None:
-        from azure.core import MatchConditions
-        from azure.core.exceptions import (
-            ResourceExistsError,
-            ResourceModifiedError,
-            ResourceNotFoundError,
-        )
-        from azure.storage.blob import ContentSettings
-
         name = state_blob_name(key)
         document = to_document(key, json.loads(encode_data(data, self.max_bytes)), self._clock())
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogatepass"
         )
-        if etag is None:
-            conditions: dict[str, Any] = {"overwrite": False}  # If-None-Match: *
-        else:
-            conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         async with self._guard("write"):
-            for _ in range(2):
-                blob = self._container.get().get_blob_client(name)
-                try:
-                    result = await blob.upload_blob(
-                        body,
-                        content_settings=ContentSettings(content_type="application/json"),
-                        **conditions,
-                    )
-                    return result["etag"]
-                except (ResourceExistsError, ResourceModifiedError):
-                    return None
-                except ResourceNotFoundError as exc:
-                    if exc.error_code != "ContainerNotFound":
-                        return None  # If-Match on a document deleted meanwhile
-                    await self._container.create()
-        raise StateError(f"state store: container {self._container.name} keeps vanishing")
+            return await self._container.put(name, body, etag)
 
     async def delete(self, key: str) -> bool:
-        from azure.core.exceptions import ResourceNotFoundError
-
         name = state_blob_name(key)
         async with self._guard("delete"):
-            try:
-                await self._container.get().delete_blob(name)
-            except ResourceNotFoundError:
-                return False
-        return True
+            return bool(await self._container.remove(name))
 
     async def close(self) -> None:
         await self._container.close()
@@ -151,6 +114,10 @@ class BlobStateStore:
                 yield
         except StateError:
             raise
+        except ContainerVanished:
+            raise StateError(
+                f"state store: container {self._container.name} keeps vanishing"
+            ) from None
         except TimeoutError:
             raise StateError(f"state store: {operation} timed out after {timeout:g}s") from None
         except HttpResponseError as exc:
