@@ -100,6 +100,8 @@ def user_state_key(channel_id: str, user_id: str) -> str:
 
 
 def state_key(scope: Scope, channel_id: str, owner_id: str) -> str:
+    if not isinstance(channel_id, str) or "/" in channel_id:
+        raise ValueError("a channel id in a state key is a string without '/'")
     key = f"{scope}/{channel_id}/{owner_id}"
     split_state_key(key)
     return key

@@ -11,7 +11,7 @@ import pytest
 
 from shared.config import Settings, StorageSettings
 from shared.router import APOLOGY, Router
-from shared.state import MemoryStateStore, conversation_state_key, user_state_key
+from shared.state import MemoryStateStore, State, conversation_state_key, user_state_key
 from shared.state_blob import BlobStateStore
 from shared.turn import TurnContext
 from tests.fixtures.storage import FAST_STORAGE
@@ -81,6 +81,21 @@ async def test_changed_state_is_saved_after_the_turn(bot, channel_identity, fake
     assert response.status == 200
     assert fake_connector.requests[-1].json["text"] == "theme=dark"
     assert store.writes == 2  # reading wrote nothing
+
+
+async def test_code_outside_a_turn_reads_and_updates_the_same_state(
+    bot, channel_identity, fake_connector
+):
+    await say(bot, channel_identity, fake_connector, "dark")
+
+    # E.g. a proactive job: the user's state, by channel and user id, from the runtime.
+    outside = State.for_user(bot.runtime.state, CHANNEL, "29:user-1")
+    assert (await outside.load())["theme"] == "dark"
+    await outside.update(lambda data: data.update(theme="solarized"))
+    assert await outside.save()
+
+    await say(bot, channel_identity, fake_connector, "read")
+    assert fake_connector.requests[-1].json["text"] == "theme=solarized"
 
 
 async def test_state_over_the_limit_fails_the_turn_and_writes_nothing(

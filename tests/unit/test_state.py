@@ -68,6 +68,12 @@ async def test_malformed_keys_are_rejected(store):
             await store.write(key, {}, etag=None)
 
 
+def test_a_channel_id_with_a_slash_makes_no_key():
+    with pytest.raises(ValueError):
+        user_state_key("ms/teams", "29:user")
+    assert user_state_key("msteams", "29:a/b") == "user/msteams/29:a/b"
+
+
 async def test_create_read_and_update_with_etags(store):
     etag = await store.write(USER, {"count": 1, "name": "Ada"}, etag=None)
     assert etag
