@@ -240,6 +240,21 @@ class TurnContext:
 
     # --- members -------------------------------------------------------------------------------
 
+    async def members(self) -> list[ChannelAccount]:
+        """Everyone in this conversation (Connector `GetConversationMembers`); for a large
+        team, page through ``turn.connector.get_conversation_paged_members``."""
+        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
+        found = await self.connector.get_conversation_members(service_url, conversation_id)
+        return cast(list[ChannelAccount], found)
+
+    async def member(self, member_id: str) -> ChannelAccount:
+        """One member of this conversation (Connector `GetConversationMember`)."""
+        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
+        found = await self.connector.get_conversation_member(
+            service_url, conversation_id, member_id
+        )
+        return cast(ChannelAccount, found)
+
     @property
     def members_added(self) -> list[dict[str, Any]]:
         """Members added to the conversation, the bot itself excluded."""

@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from shared.auth.tokens import create_token_provider
 from shared.cards import (
     ADAPTIVE_CARD,
     HERO_CARD,
@@ -26,6 +27,7 @@ from shared.cards import (
     refresh,
     text_block,
 )
+from shared.connector import ConnectorClient
 from shared.invokes import (
     card_error,
     card_response,
@@ -154,6 +156,28 @@ async def test_state_without_a_store_fails_clearly_on_first_use():
     with pytest.raises(StateError, match="no state store"):
         await turn.user_state.load()
     await turn.save_state()  # nothing was loaded: nothing to save, no error
+
+
+async def test_members_come_from_the_connector(aad_app, fake_connector):
+    # The real client over HTTP: the turn's connector is the whole ConnectorClient.
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    fake_connector.members["a:conv"] = [
+        {"id": "29:user", "name": "Ada", "aadObjectId": "aad-1"},
+        {"id": "29:bob", "name": "Bob"},
+    ]
+    turn = TurnContext(activity(serviceUrl=fake_connector.url), connector)
+    try:
+        members = await turn.members()
+        bob = await turn.member("29:bob")
+    finally:
+        await connector.close()
+    assert [m["name"] for m in members] == ["Ada", "Bob"]
+    assert bob == {"id": "29:bob", "name": "Bob"}
+    assert [r.operation for r in fake_connector.requests] == [
+        "getConversationMembers",
+        "getConversationMember",
+    ]
 
 
 # ---------------------------------------------------------------------------- cards
