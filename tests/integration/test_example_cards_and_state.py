@@ -1,13 +1,15 @@
 """examples/cards_and_state.py through the real pipeline: botsim's channel tokens checked
 against its JWKS, the bot's token from the fake AAD (MSAL over HTTPS), replies to the
 FakeConnector, references and state in Azurite. Each `Runtime` is built as production
-builds it (`Runtime.create`); two of them play two function instances.
+builds it (`Runtime.create`); two of them play two function instances. The last test runs
+the example as a function app in two local hosts (`tools/devhost`), two processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -18,6 +20,7 @@ from shared.messages import handle_messages
 from shared.runtime import Runtime
 from shared.state import conversation_state_key, user_state_key
 from shared.state_blob import state_blob_name
+from tests.fixtures.devhost import ROOT, DevHost
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +218,42 @@ async def test_delete_user_data_erases_state_and_references(instances, channel, 
     assert (await bot.references.find_by_user(channel_id="msteams", user_id=USER["id"])) is None
     # The group conversation is not the user's alone: it stays.
     assert await bot.references.get(f"msteams/{GROUP['id']}") is not None
+
+
+async def test_two_host_processes_count_every_concurrent_click(
+    aad_app, identity_env, fake_connector, fake_aad, azurite, channel, tmp_path
+):
+    env = {
+        **aad_app.env,
+        **identity_env,
+        "BOT_TRUSTED_SERVICE_URLS": fake_connector.url,
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_REFERENCES_CONTAINER": channel.settings.references_container,
+        "REQUESTS_CA_BUNDLE": fake_aad.ca_path,  # MSAL (requests) trusts the fake AAD
+        "SSL_CERT_FILE": fake_aad.ca_path,
+    }
+    app = ROOT / "tests" / "fixtures" / "apps" / "example_app"
+    hosts = [DevHost(env, tmp_path, root=app), DevHost(env, tmp_path, root=app)]
+    try:
+        for host in hosts:
+            host.wait_started()
+        value = {"action": {"type": "Action.Execute", "verb": "add"}, "trigger": "manual"}
+        presses = 8
+
+        def press(index: int) -> tuple[int, bytes]:
+            token = channel.identity.mint_channel_token(aad_app.app_id, fake_connector.url)
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            body = json.dumps(channel.invoke("adaptiveCard/action", value)).encode()
+            return hosts[index % 2].post(body, headers)
+
+        with ThreadPoolExecutor(presses) as pool:
+            answers = list(pool.map(press, range(presses)))
+    finally:
+        for host in hosts:
+            host.stop()
+
+    assert [status for status, _ in answers] == [200] * presses, hosts[0].log + hosts[1].log
+    shown = sorted(clicks_in(json.loads(body)["value"]) for _, body in answers)
+    assert shown == sorted(f"Clicks: {n}" for n in range(1, presses + 1))
+    key = conversation_state_key("msteams", GROUP["id"])
+    assert stored(channel.settings, key) == {"clicks": presses}
