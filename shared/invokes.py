@@ -3,8 +3,8 @@
 ``adaptiveCard/action`` (Universal Actions) is answered with HTTP 200 and a body
 ``{"statusCode", "type", "value"}``: a card that replaces the one pressed
 (:func:`card_response`), a message (:func:`card_text_response`), or an error
-(:func:`card_error`, whose status is also the HTTP status, as the Bot Framework SDKs
-answer). ``task/fetch`` / ``task/submit`` (Teams dialogs) are answered with
+(:func:`card_error`: the error's status goes in ``statusCode``, the HTTP answer stays 200
+so the client reads the body and shows the bot's message, as Teams Toolkit answers). ``task/fetch`` / ``task/submit`` (Teams dialogs) are answered with
 ``{"task": {"type": "continue", "value": {...}}}`` to show a dialog (:func:`task_card`,
 :func:`task_url`) or ``{"task": {"type": "message", "value": text}}`` (:func:`task_message`).
 """
@@ -39,7 +39,7 @@ def card_error(status: int, message: str, *, code: str = "BadRequest") -> Invoke
 
 
 def _card_invoke(status: int, kind: str, value: Any) -> InvokeResponse:
-    return InvokeResponse(status, {"statusCode": status, "type": kind, "value": value})
+    return InvokeResponse(200, {"statusCode": status, "type": kind, "value": value})
 
 
 def task_card(
