@@ -4,7 +4,9 @@
 ``{"statusCode", "type", "value"}``: a card that replaces the one pressed
 (:func:`card_response`), a message (:func:`card_text_response`), or an error
 (:func:`card_error`: the error's status goes in ``statusCode``, the HTTP answer stays 200
-so the client reads the body and shows the bot's message, as Teams Toolkit answers). ``task/fetch`` / ``task/submit`` (Teams dialogs) are answered with
+so the client reads the body and shows the bot's message, as Teams Toolkit answers).
+
+``task/fetch`` / ``task/submit`` (Teams dialogs) are answered with
 ``{"task": {"type": "continue", "value": {...}}}`` to show a dialog (:func:`task_card`,
 :func:`task_url`) or ``{"task": {"type": "message", "value": text}}`` (:func:`task_message`).
 """
