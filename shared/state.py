@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
-MAX_SAVE_ATTEMPTS = 8  # conflicts re-read and re-applied before StateConflict
+MAX_SAVE_ATTEMPTS = 16  # conflicts re-read and re-applied before StateConflict
 SCHEMA_VERSION = 1
 
 Scope = Literal["conversation", "user"]

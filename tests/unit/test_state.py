@@ -250,6 +250,24 @@ async def test_delete_then_state_starts_empty(store):
     assert await store.read(USER) is None
 
 
+class BusyStore(MemoryStateStore):
+    """A memory store where another writer always saves just before this one."""
+
+    async def write(self, key, data, *, etag):
+        current = await self.read(key)
+        await super().write(key, {"other": self.writes}, etag=current.etag if current else None)
+        return await super().write(key, data, etag=etag)
+
+
+async def test_endless_concurrent_writers_give_a_retry_safe_conflict():
+    store = BusyStore()
+    state = State(store, USER)
+    await state.update(lambda data: data.update(mine=True))
+    with pytest.raises(StateConflict, match="nothing was written"):
+        await state.save()
+    assert "mine" not in (await store.read(USER)).data
+
+
 async def test_state_without_a_store_is_a_clear_error():
     with pytest.raises(StateError, match="no state store"):
         await State(None, USER).load()
