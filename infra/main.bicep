@@ -127,6 +127,12 @@ param logRetentionDays int = 30
 // ---- Names ----
 
 var suffix = take(uniqueString(resourceGroup().id, namePrefix), 8)
+var singleTenant = botAppType == 'SingleTenant'
+// An Azure Bot's app id cannot be changed once it is registered, so the registration's name
+// follows the bot's identity: switching to SingleTenant (or to another app registration)
+// creates a new registration instead of failing to update the old one.
+var botIdentity = singleTenant ? botAppId : 'UserAssignedMSI'
+var botSuffix = take(uniqueString(resourceGroup().id, namePrefix, botIdentity), 8)
 var names = {
   identity: 'id-${namePrefix}-${suffix}'
   storage: 'st${namePrefix}${suffix}'
@@ -134,11 +140,10 @@ var names = {
   appInsights: 'appi-${namePrefix}-${suffix}'
   plan: 'plan-${namePrefix}-${suffix}'
   app: 'func-${namePrefix}-${suffix}'
-  bot: 'bot-${namePrefix}-${suffix}'
+  bot: 'bot-${namePrefix}-${botSuffix}'
   vault: 'kv-${namePrefix}-${suffix}'
 }
 var deploymentContainer = 'app-package'
-var singleTenant = botAppType == 'SingleTenant'
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: names.identity

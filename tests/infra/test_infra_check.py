@@ -214,3 +214,98 @@ def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
     assert settings.storage.credential == "managedidentity"
     assert settings.proactive_queue == "proactive-messages"
     assert settings.schedule == defaults["schedule"]
+
+
+def test_a_bot_name_that_ignores_the_bots_identity_is_reported(infra_copy: Path) -> None:
+    # An Azure Bot's app id cannot change: switching identity must create a new registration.
+    path = infra_copy / "main.bicep"
+    text = path.read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("bot: 'bot-"))
+    mutate(path, line, "  bot: 'bot-${namePrefix}-${suffix}'")
+    problems = infra_check.check_identity(infra_copy)
+    assert (
+        "the bot's name must change with its identity (botAppType and botAppId): "
+        "an Azure Bot's app id cannot be changed" in problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "problem"),
+    [
+        (
+            "main.bicep",
+            "AzureWebJobsStorage__clientId: identity.properties.clientId",
+            "AzureWebJobsStorage__clientId: identity.properties.principalId",
+            "AzureWebJobsStorage__clientId must be identity.properties.clientId",
+        ),
+        (
+            "main.bicep",
+            "'ClientId=${identity.properties.clientId};Authorization=AAD'",
+            "'ClientId=${identity.properties.principalId};Authorization=AAD'",
+            "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be "
+            "ClientId=${identity.properties.clientId};Authorization=AAD",
+        ),
+        (
+            "main.bicep",
+            "  MicrosoftAppType: botAppType\n",
+            "  MicrosoftAppType: 'SingleTenant'\n",
+            "MicrosoftAppType must be botAppType",
+        ),
+        (
+            "main.bicep",
+            "    appId: appId\n",
+            "    appId: botAppId\n",
+            "module bot: appId must be appId",
+        ),
+        (
+            "modules/bot.bicep",
+            "msaAppId: appId",
+            "msaAppId: '00000000-0000-0000-0000-000000000000'",
+            "bot.bicep: msaAppId must be appId",
+        ),
+        (
+            "modules/bot.bicep",
+            "msaAppType: appType",
+            "msaAppType: 'MultiTenant'",
+            "bot.bicep: msaAppType must be appType",
+        ),
+        (
+            "modules/functionapp.bicep",
+            "keyVaultReferenceIdentity: identityResourceId",
+            "keyVaultReferenceIdentity: 'SystemAssigned'",
+            "functionapp.bicep: keyVaultReferenceIdentity must be identityResourceId",
+        ),
+        (
+            "main.bicep",
+            "'@Microsoft.KeyVault(VaultName=${names.vault};SecretName=${botSecretName})'",
+            "botSecretName",
+            "MicrosoftAppPassword must be a Key Vault reference, never a value",
+        ),
+    ],
+    ids=[
+        "storage-principal-id",
+        "telemetry-principal-id",
+        "app-type-constant",
+        "bot-app-id",
+        "bot-msa-app-id",
+        "bot-msa-app-type",
+        "key-vault-identity",
+        "password-value",
+    ],
+)
+def test_identity_wiring_mistakes_are_reported(
+    infra_copy: Path, file: str, old: str, new: str, problem: str
+) -> None:
+    mutate(infra_copy / file, old, new)
+    problems = infra_check.check_identity(infra_copy)
+    assert problem in problems
+
+
+def test_a_secret_parameter_with_a_default_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "param botSecretName string = 'bot-app-password'",
+        "param botSecretName string = 'bot-app-password'\n\nparam botPassword string = 'hunter2'",
+    )
+    problems = infra_check.check_security(infra_copy)
+    assert "main.bicep: param botPassword looks like a secret: @secure() and no default" in problems
