@@ -305,6 +305,7 @@ class Assignment:
     scope: str  # the symbolic name of the resource it is scoped to
     grants: frozenset[str]
     principal: str
+    role: str = ""  # the role definition's GUID
 
 
 def role_assignments(infra: Path = INFRA) -> list[Assignment]:
@@ -323,6 +324,7 @@ def role_assignments(infra: Path = INFRA) -> list[Assignment]:
                     str(config.get("scope")),
                     frozenset(ROLE_GRANTS.get(role, set())),
                     str(config["properties"]["principalId"]),
+                    role,
                 )
             )
     return found
@@ -378,6 +380,24 @@ def check_roles(infra: Path = INFRA) -> list[str]:
         if not assignment.grants:
             problems.append(f"{assignment.file}: a role assignment with an unknown role")
     return problems
+
+
+def role_condition(infra: Path = INFRA) -> str:
+    """An Azure ABAC condition for the deployer's Role Based Access Control Administrator
+    assignment: it may create and delete assignments of the roles this template assigns,
+    and of no other role (no Owner, no User Access Administrator)."""
+    guids = ", ".join(sorted({a.role for a in role_assignments(infra) if a.role}))
+    allowed = {
+        "write": f"@Request[Microsoft.Authorization/roleAssignments:RoleDefinitionId] "
+        f"ForAnyOfAnyValues:GuidEquals {{{guids}}}",
+        "delete": f"@Resource[Microsoft.Authorization/roleAssignments:RoleDefinitionId] "
+        f"ForAnyOfAnyValues:GuidEquals {{{guids}}}",
+    }
+    return " AND ".join(
+        f"((!(ActionMatches{{'Microsoft.Authorization/roleAssignments/{action}'}})) "
+        f"OR ({condition}))"
+        for action, condition in allowed.items()
+    )
 
 
 def check_security(infra: Path = INFRA) -> list[str]:
@@ -638,7 +658,16 @@ def check_all(infra: Path = INFRA) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("infra", nargs="?", type=Path, default=INFRA, help="the infra folder")
-    infra = parser.parse_args(argv).infra
+    parser.add_argument(
+        "--role-condition",
+        action="store_true",
+        help="print the condition that limits a deployer to the roles the template assigns",
+    )
+    args = parser.parse_args(argv)
+    infra = args.infra
+    if args.role_condition:
+        print(role_condition(infra.resolve()))
+        return 0
     problems = check_all(infra.resolve())
     for problem in problems:
         print(problem)

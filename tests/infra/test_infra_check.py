@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +311,36 @@ def test_a_secret_parameter_with_a_default_is_reported(infra_copy: Path) -> None
     )
     problems = infra_check.check_security(infra_copy)
     assert "main.bicep: param botPassword looks like a secret: @secure() and no default" in problems
+
+
+def test_the_deployers_role_condition_allows_exactly_the_roles_bicep_assigns(
+    infra_copy: Path,
+) -> None:
+    condition = infra_check.role_condition()
+    assigned: set[str] = set()
+    for path in (ROOT / "infra" / "modules").glob("*.bicep"):
+        assigned |= set(re.findall(r"'([0-9a-f]{8}-[0-9a-f-]{27})'", path.read_text()))
+    allowed = set(re.findall(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}", condition))
+    assert allowed == assigned
+    assert condition.count("ForAnyOfAnyValues:GuidEquals") == 2  # assign and delete
+    # A role the template starts assigning is allowed at once (derived, not a list).
+    mutate(
+        infra_copy / "modules/storage.bicep",
+        "roleDefinitions', roles.storageBlobDataReader)",
+        "roleDefinitions', '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3')",
+    )
+    changed = infra_check.role_condition(infra_copy)
+    assert "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3" in changed
+    assert "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1" not in changed
+
+
+def test_the_role_condition_command_prints_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.infra_check", "--role-condition"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == infra_check.role_condition()

@@ -241,3 +241,11 @@ def test_the_parameter_table_lists_exactly_the_parameters() -> None:
     for row in re.findall(r"^\| (`[^|]+`) \|", table, re.M):
         listed.update(re.findall(r"`(\w+)`", row))
     assert listed == set(MAIN["parameters"])
+
+
+def test_the_deployer_may_assign_only_the_templates_roles() -> None:
+    # Unconstrained, Role Based Access Control Administrator could grant anyone Owner.
+    (command,) = [c for c in commands() if "Role Based Access Control Administrator" in c]
+    passed = options(words(command))
+    assert passed["--condition"] == ["$(.venv/bin/python -m tools.infra_check --role-condition)"]
+    assert passed["--condition-version"] == ["2.0"]
