@@ -6,7 +6,8 @@
 - the queue and container names are the code's defaults and the ones the settings name;
 - the role assignments grant what the host and the code do (blob read/write/delete and
   container creation on the account, queue send/receive/delete on the proactive queue
-  and its poison queue, telemetry, the Key Vault secret);
+  and its poison queue, telemetry, the Key Vault secret), and no wider: queue roles on the
+  queues, a producer's blob role on the references container;
 - Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
   messages function serves, and the Teams channel is on;
 - the identity is wired right: client ids where client ids go (not object ids), the bot and
@@ -370,6 +371,9 @@ APP_NEEDS = (
 )
 
 
+QUEUE_SCOPES = ("proactiveQueue", "poisonQueue")
+
+
 def check_roles(infra: Path = INFRA) -> list[str]:
     assignments = [a for a in role_assignments(infra) if a.principal == "appPrincipalId"]
     problems = []
@@ -379,6 +383,23 @@ def check_roles(infra: Path = INFRA) -> list[str]:
     for assignment in role_assignments(infra):
         if not assignment.grants:
             problems.append(f"{assignment.file}: a role assignment with an unknown role")
+        # As narrow as each need allows: the app and producers use two queues only, and a
+        # producer reads one container; only the host's own blobs need the whole account.
+        if any(g.startswith("queue:") for g in assignment.grants) and assignment.scope not in (
+            QUEUE_SCOPES
+        ):
+            problems.append(
+                f"{assignment.file}: queue roles must be scoped to a queue, not {assignment.scope}"
+            )
+        if (
+            assignment.principal == "producerPrincipalId"
+            and any(g.startswith("blob:") for g in assignment.grants)
+            and assignment.scope != "referencesContainer"
+        ):
+            problems.append(
+                f"{assignment.file}: a producer's blob role must be scoped to the references "
+                f"container, not {assignment.scope}"
+            )
     return problems
 
 

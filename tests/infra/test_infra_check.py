@@ -344,3 +344,29 @@ def test_the_role_condition_command_prints_it() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == infra_check.role_condition()
+
+
+@pytest.mark.parametrize(
+    ("resource", "problem"),
+    [
+        ("appProactiveQueue", "storage.bicep: queue roles must be scoped to a queue, not account"),
+        ("producerSender", "storage.bicep: queue roles must be scoped to a queue, not account"),
+        (
+            "producerReportReader",
+            "storage.bicep: a producer's blob role must be scoped to the references "
+            "container, not account",
+        ),
+    ],
+)
+def test_a_role_scoped_wider_than_needed_is_reported(
+    infra_copy: Path, resource: str, problem: str
+) -> None:
+    path = infra_copy / "modules/storage.bicep"
+    text = path.read_text()
+    start = text.index(f"resource {resource} ")
+    body = text[start:]
+    scope = re.search(r"\n  scope: (\w+)\n", body)
+    assert scope
+    new_body = body.replace(scope.group(0), "\n  scope: account\n", 1)
+    path.write_text(text[:start] + new_body)
+    assert problem in infra_check.check_roles(infra_copy)
