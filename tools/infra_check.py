@@ -618,6 +618,9 @@ def check_identity(infra: Path = INFRA) -> list[str]:
     return problems
 
 
+# A parameter value that is only meaningful with others given too.
+NEEDS = {("botAppType", "SingleTenant"): ("botAppId",)}
+
 _TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
 
 
@@ -655,6 +658,13 @@ def check_parameter_file(infra: Path = INFRA) -> list[str]:
             problems.append(f"{path.name}: {name} is shorter than {rules['min_length']}")
         if "max_length" in rules and len(value) > rules["max_length"]:
             problems.append(f"{path.name}: {name} is longer than {rules['max_length']}")
+    for (name, value), needed in NEEDS.items():
+        if values.get(name) == value:
+            problems.extend(
+                f"{path.name}: {name}={value} needs {other}"
+                for other in needed
+                if not values.get(other)
+            )
     return problems
 
 

@@ -370,3 +370,15 @@ def test_a_role_scoped_wider_than_needed_is_reported(
     new_body = body.replace(scope.group(0), "\n  scope: account\n", 1)
     path.write_text(text[:start] + new_body)
     assert problem in infra_check.check_roles(infra_copy)
+
+
+def test_single_tenant_without_an_app_id_is_reported(infra_copy: Path) -> None:
+    path = infra_copy / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"]["botAppType"] = {"value": "SingleTenant"}
+    path.write_text(json.dumps(values))
+    problems = infra_check.check_parameter_file(infra_copy)
+    assert "main.parameters.json: botAppType=SingleTenant needs botAppId" in problems
+    values["parameters"]["botAppId"] = {"value": "6f1c2a7e-3b0d-4c55-9a1e-2d8f0b7c4e11"}
+    path.write_text(json.dumps(values))
+    assert infra_check.check_parameter_file(infra_copy) == []
