@@ -66,3 +66,13 @@ def test_two_deploys_never_run_at_once() -> None:
     assert re.search(
         r"\n    concurrency:\n      group: [\w${}.-]+\n      cancel-in-progress: false\n", deploy
     )
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_checkouts_leave_no_token_behind(workflow: Path) -> None:
+    # Later steps (make test runs code from the repository) never need the job's token.
+    text = workflow.read_text()
+    checkouts = re.findall(r"- uses: actions/checkout@\S+\n((?:\s{8}.*\n)*)", text)
+    assert checkouts
+    for options in checkouts:
+        assert "persist-credentials: false" in options
