@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAIN = infra_check.load(infra_check.INFRA, "main.bicep")
 # Placeholders that are not deployment outputs: what the reader supplies.
 READER_VALUES = {"objectId", "appId", "keyId", "conversationId", "owner", "repo"}
-READER_VALUES |= {"resourceGroupId"}
+READER_VALUES |= {"resourceGroupId", "requestId"}
 CORE_TOOLS_PUBLISH_FLAGS = {"--python"}
 # The producer command's fixed contract: subcommands and their flags.
 PRODUCER = {
