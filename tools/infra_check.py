@@ -385,9 +385,8 @@ def check_roles(infra: Path = INFRA) -> list[str]:
             problems.append(f"{assignment.file}: a role assignment with an unknown role")
         # As narrow as each need allows: the app and producers use two queues only, and a
         # producer reads one container; only the host's own blobs need the whole account.
-        if any(g.startswith("queue:") for g in assignment.grants) and assignment.scope not in (
-            QUEUE_SCOPES
-        ):
+        queue_role = any(grant.startswith("queue:") for grant in assignment.grants)
+        if queue_role and assignment.scope not in QUEUE_SCOPES:
             problems.append(
                 f"{assignment.file}: queue roles must be scoped to a queue, not {assignment.scope}"
             )
@@ -583,8 +582,8 @@ def check_identity(infra: Path = INFRA) -> list[str]:
     expected_app_id = "singleTenant ? botAppId : identity.properties.clientId"
     if render(variables.get("appId", {}).get("value")) != expected_app_id:
         problems.append(f"var appId must be {expected_app_id}")
-    password = render(settings.get("MicrosoftAppPassword", "@Microsoft.KeyVault("))
-    if not password.startswith("@Microsoft.KeyVault("):
+    password = settings.get("MicrosoftAppPassword")
+    if password is not None and not render(password).startswith("@Microsoft.KeyVault("):
         problems.append("MicrosoftAppPassword must be a Key Vault reference, never a value")
     for (module, param), expected in IDENTITY_MODULE_PARAMS.items():
         config = _config(main["modules"].get(module, {"config": {}}))
