@@ -21,6 +21,7 @@ Each check returns a list of problems (empty when the rule holds), so the tests 
 them against mutated copies and see them fail.
 
     python -m tools.infra_check [INFRA_DIR]
+    python -m tools.infra_check --role-condition   # the deployer's role assignment condition
 """
 
 from __future__ import annotations
