@@ -100,6 +100,7 @@ _CHANNEL_BUDGET = 96  # characters of a channel-id segment
 _ID_BUDGET = 800  # characters of a conversation / user id segment
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
 _INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
+TEAMS_CHANNEL = "msteams"  # the only channel whose tenant and team are indexed (verified data)
 _DOC_PREFIX = "refs/"
 _USER_PREFIX = "users/"
 
@@ -285,8 +286,11 @@ def _plan(
     key = reference_key(reference)
     incoming = json.loads(json.dumps(reference))  # a deep, JSON-clean copy
     merged = _merge(current.reference, incoming) if current else incoming
-    tenant = activity_tenant_id(merged)
-    team = team_id or (current.team_id if current else None)
+    # Tenant and team filters of a broadcast must match only what Teams said: another
+    # channel's reference may carry a tenant its client made up.
+    teams = merged.get("channelId") == TEAMS_CHANNEL
+    tenant = activity_tenant_id(merged) if teams else None
+    team = (team_id or (current.team_id if current else None)) if teams else None
     if (
         current is not None
         and tenant == current.tenant_id
@@ -552,6 +556,11 @@ def _to_front(key: str) -> Callable[[list[str]], list[str]]:
     return lambda keys: [key, *(k for k in keys if k != key)][:_INDEX_KEYS]
 
 
+def _including(key: str) -> Callable[[list[str]], list[str]]:
+    """Index change: `key` is listed (at the front when it was missing), else unchanged."""
+    return lambda keys: keys if key in keys else _to_front(key)(keys)
+
+
 def _without(key: str) -> Callable[[list[str]], list[str]]:
     return lambda keys: [k for k in keys if k != key]
 
@@ -679,7 +688,13 @@ class BlobReferenceStore:
                 current = await self._read(name, key)
                 planned = _plan(current, reference, team_id, self._clock())
                 if planned is None:
-                    self._remember(current, generation)  # type: ignore[arg-type]
+                    assert current is not None
+                    # Nothing to write, but the user index may have lost this key (a delete
+                    # interrupted after its first step): put it back, so a `user` target
+                    # finds the conversation again. One small read per uncached activity.
+                    for kind, value in _index_entries(current):
+                        await self._update_index(current.channel_id, kind, value, _including(key))
+                    self._remember(current, generation)
                     return False
                 # The user index is brought up to date before the document (an entry
                 # without its document is ignored on lookup, so a crash in between harms
