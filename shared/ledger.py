@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from azure.storage.blob.aio import ContainerClient
 
 
+OPERATION_TIMEOUT = 15.0  # seconds for one ledger call, the client's retries included
+
+
 @dataclass(slots=True)
 class Entry:
     """One listed blob: its name, metadata and when it was last written (epoch seconds)."""
@@ -232,12 +235,12 @@ class BlobLedger:
 
 
 @contextlib.asynccontextmanager
-async def _guard(operation: str, name: str, timeout: float = 15.0):
+async def _guard(operation: str, name: str):
     """Storage failures become StoreError: status and code only, never the service's text."""
     from azure.core.exceptions import AzureError, HttpResponseError
 
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(OPERATION_TIMEOUT):
             yield
     except StoreError:
         raise

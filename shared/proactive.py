@@ -5,16 +5,20 @@ conversation (`conversation`), an explicit `reference`, a Teams `user` (their st
 or a new one), or a `broadcast` (fanned out by shared/fanout.py into one message per
 conversation). :func:`handle_queue_message` is the queue trigger's one call:
 
-| what happened                               | what the engine does                              |
-|---------------------------------------------|---------------------------------------------------|
-| delivered                                   | marker written at once, reported                  |
-| target already delivered (id seen before)   | nothing sent, reported as duplicate               |
-| throttled / transient (after the client's own retries) | copy requeued after Retry-After (+ jitter), up to `BOT_PROACTIVE_MAX_AGE_SECONDS`, then failed + poison copy |
-| gone (403 roster/blocked, 404)              | the reference actually tried is pruned, reported  |
-| no stored reference for the key             | requeued for about a minute, then failed + poison copy |
-| malformed, untrusted serviceUrl, refused    | poison copy with the reason at once, failed       |
-| 500 (the message may have been posted)      | never resent: failed + poison copy                |
-| the bot's credentials / settings refused    | requeued with capped backoff, never poisoned      |
+- delivered: the marker is written at once, then reported.
+- the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
+  reported as a duplicate.
+- throttled or transient after the client's own retries: a copy goes back on the queue
+  after `Retry-After` (+ jitter), up to `BOT_PROACTIVE_MAX_AGE_SECONDS`; then failed, with
+  a poison copy.
+- gone (403 roster / blocked, 404): the reference actually tried is pruned, reported.
+- no stored reference for the key: requeued for about a minute (the reference may be
+  landing), then failed with a poison copy.
+- malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
+  at once, reported failed.
+- 500 (the message may have been posted): never resent; failed with a poison copy.
+- the bot's credentials or settings refused: requeued with capped backoff, never
+  poisoned; delivered once the setting (named in the log) is fixed.
 
 A requeued copy is a new queue message and the original returns normally, so the host's
 dequeue budget (`maxDequeueCount`) is spent only on what raised: storage outages.
