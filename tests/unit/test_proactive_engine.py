@@ -106,7 +106,7 @@ def sends(connector: FakeConnector) -> list[str]:
 
 async def test_unknown_key_is_retried_for_a_minute_then_failed_and_poisoned(parts, fake_connector):
     # Defect 1: it returned normally and was deleted: no retry, no poison copy, no report.
-    runtime, engine = parts
+    _runtime, engine = parts
     assert await handle(engine, body({"conversation": "msteams/a:landing"})) is Outcome.REQUEUED
     [(copy, delay)] = engine.queue.take()
     assert 0 < delay <= 20
@@ -133,7 +133,7 @@ async def test_unknown_key_whose_reference_lands_is_delivered(parts, fake_connec
 async def test_a_long_retry_after_is_requeued_with_that_delay_not_raised(parts, fake_connector):
     # Defect 2: a 429 raised, so the host redelivered after visibilityTimeout and spent one
     # of its five dequeues each time: a conversation throttled for 60 s was poisoned.
-    runtime, engine = parts
+    _runtime, engine = parts
     throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "60"})
     fake_connector.script("POST", r"/activities$", [throttled] * 2)
 
@@ -169,7 +169,7 @@ async def test_throttling_beyond_the_total_age_is_failed_and_poisoned(parts, fak
 
 async def test_a_500_is_never_resent(parts, fake_connector):
     # Defect 3: classed transient, it was redelivered and could be posted twice.
-    runtime, engine = parts
+    _runtime, engine = parts
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
     assert engine.queue.sent == []
@@ -233,7 +233,7 @@ async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
 
 
 async def test_a_resubmitted_id_sends_nothing_new_and_is_reported_duplicate(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     text = body({"conversation": "msteams/a:1"})
     assert await handle(engine, text) is Outcome.DELIVERED
     assert await handle(engine, text) is Outcome.DUPLICATE
@@ -248,7 +248,7 @@ async def test_a_resubmitted_id_sends_nothing_new_and_is_reported_duplicate(part
 
 
 async def test_a_target_claimed_elsewhere_is_not_sent_at_the_same_time(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     await engine.ledger.create(claim_name("req-1", "target"), {"expiresAt": engine.clock.now + 30})
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
     assert sends(fake_connector) == []
@@ -260,7 +260,7 @@ async def test_a_target_claimed_elsewhere_is_not_sent_at_the_same_time(parts, fa
 
 
 async def test_a_pending_report_before_delivery_and_none_for_an_unknown_id(parts):
-    runtime, engine = parts
+    _runtime, engine = parts
     assert await read_report(engine.ledger, "never-sent") is None
 
 
@@ -293,14 +293,14 @@ async def test_a_user_target_creates_the_1to1_then_reuses_it(parts, fake_connect
 
 
 async def test_a_user_target_reuses_a_stored_1to1_instead_of_creating(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     assert await handle(engine, body({"user": user(fake_connector, "29:ada")})) is Outcome.DELIVERED
     assert fake_connector.requests_for("createConversation") == []
     assert sends(fake_connector) == ["a:1"]
 
 
 async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     with FakeConnector() as attacker:
         target = {**user(fake_connector), "serviceUrl": attacker.url}
         assert await handle(engine, body({"user": target})) is Outcome.FAILED
@@ -361,7 +361,7 @@ async def test_a_resumed_fanout_re_enqueues_a_page_but_sends_each_target_once(
     children_and_continuation = engine.queue.take()
     # A crash after the first page's children were enqueued but before its checkpoint:
     # the original broadcast is redelivered and enqueues that page again.
-    head_name = [n for n in engine.ledger.blobs if n.endswith("head.json")][0]
+    head_name = next(n for n in engine.ledger.blobs if n.endswith("head.json"))
     data = json.loads(engine.ledger.blobs[head_name][0])
     data.update(continuation=None, targets=0)
     record = await engine.ledger.read(head_name)
@@ -390,7 +390,7 @@ async def test_a_broadcast_child_that_is_gone_is_pruned_and_reported(parts, fake
 
 
 async def test_a_resubmitted_broadcast_is_not_fanned_out_again(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     await handle(engine, body({"broadcast": {}}, "b-1"))
     await drain(engine)
     assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.DUPLICATE
