@@ -20,4 +20,4 @@ log = logging.getLogger(__name__)
 
 async def main(msg: func.QueueMessage) -> None:
     outcome = await handle_queue_message(msg.get_body(), get_runtime())
-    log.info("queue message %s (dequeue %d): %s", msg.id, msg.dequeue_count, outcome)
+    log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)
