@@ -579,7 +579,7 @@ async def _connector_failure(
             return await engine.requeue(request, delay)
         return await _fail(request, engine, f"gave up after {age:.0f} s: {what}")
     if kind is ErrorKind.CREDENTIALS:
-        delay = engine.jitter(min(600.0, 15.0 * 2**request.engine.attempt))
+        delay = engine.jitter(min(600.0, 5.0 * 3**request.engine.attempt))
         logger.warning(
             "proactive %r: the bot's credentials were refused (%s); check the setting %s. "
             "The message is kept and retried in %.0f s",
