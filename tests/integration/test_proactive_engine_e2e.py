@@ -28,6 +28,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from azure.core.exceptions import ResourceExistsError
@@ -127,8 +128,8 @@ class Bot:
     async def report(self, request_id: str) -> dict | None:
         return await producer.read_report(request_id, settings=self.settings)
 
-    async def wait_report(self, request_id: str, timeout: float = TIMEOUT, **expected) -> dict:
-        deadline = time.monotonic() + timeout
+    async def wait_report(self, request_id: str, within: float = TIMEOUT, **expected) -> dict:
+        deadline = time.monotonic() + within
         while True:
             report = await self.report(request_id)
             if (
@@ -191,6 +192,11 @@ def sent_to(connector: FakeConnector, conversation_id: str) -> list[dict[str, An
 
 def dequeue_counts(host: DevHost) -> list[int]:
     return [int(n) for n in re.findall(r"\(attempt (\d+)\)", host.log)]
+
+
+def activities_of(conversation_id: str) -> str:
+    """The fake Connector's script pattern for sends to one conversation (raw path)."""
+    return re.escape(quote(conversation_id, safe="")) + "/activities$"
 
 
 def new_id() -> str:
@@ -309,13 +315,15 @@ async def test_throttling_unavailability_and_resets_deliver_once_without_poison(
     for index, conversation in enumerate(conversations):
         # Each send fails more often than the client retries: the engine requeues it.
         failure = [throttled, Reply(503, body="busy"), Reply(drop=True)][index % 3]
-        connector.script("POST", re.escape(conversation) + "/activities$", [failure] * 6)
+        connector.script("POST", activities_of(conversation), [failure] * 6)
     ids = [await bot.send({"to": {"conversation": k}, "text": "storm"}) for k in keys]
 
     for request_id in ids:
-        await bot.wait_report(request_id, timeout=60, delivered=1, failed=0)
+        await bot.wait_report(request_id, within=60, delivered=1, failed=0)
     for conversation in conversations:
         assert len(sent_to(connector, conversation)) == 1
+    for request_id in ids:  # each outlasted the client's own retries and was requeued
+        assert re.search(re.escape(repr(request_id)) + r": \w+ .*; requeued in", devhost.log)
     assert bot.poisoned() == []
     assert max(dequeue_counts(devhost)) < 5  # requeued copies, not host redeliveries
 
@@ -324,7 +332,7 @@ async def test_a_60_second_retry_after_is_requeued_not_poisoned(devhost, bot, co
     conversation = f"a:{uuid.uuid4().hex}"
     [key] = await bot.store(reference_for(connector.url, conversation))
     slow = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "60"})
-    connector.script("POST", re.escape(conversation) + "/activities$", [slow])
+    connector.script("POST", activities_of(conversation), [slow])
     request_id = await bot.send({"to": {"conversation": key}, "text": "later"})
 
     await connector.wait_for(lambda rs: [r for r in rs if r.status == 429], timeout=TIMEOUT)
@@ -347,7 +355,7 @@ async def test_gone_is_pruned_and_reported(devhost, bot, connector):
     conversation = f"a:{uuid.uuid4().hex}"
     [key] = await bot.store(reference_for(connector.url, conversation))
     roster = {"error": {"code": "BotNotInConversationRoster", "message": "not in roster"}}
-    connector.script("POST", re.escape(conversation) + "/activities$", [Reply(403, json=roster)])
+    connector.script("POST", activities_of(conversation), [Reply(403, json=roster)])
     request_id = await bot.send({"to": {"conversation": key}, "text": "hi"})
     await bot.wait_report(request_id, pruned=1)
     assert await bot.get(key) is None
@@ -492,7 +500,7 @@ async def test_a_host_killed_mid_broadcast_completes_it_after_a_restart(
         assert len(killed_at) < len(conversations)  # it really was mid-broadcast
 
         second = DevHost(shared_env, tmp_path, functions=("proactive_function",)).wait_started()
-        report = await bot.wait_report(request_id, timeout=90, targets=300, delivered=300)
+        report = await bot.wait_report(request_id, within=90, targets=300, delivered=300)
         sent = conversations_sent(connector, "survive")
         assert set(sent) == set(conversations)
         twice = [c for c, n in sent.items() if n > 1]
@@ -520,7 +528,7 @@ async def test_two_hosts_share_a_thousand_conversation_broadcast(
         for host in hosts:
             host.wait_started()
         request_id = await bot.send({"to": {"broadcast": {}}, "text": "together"})
-        report = await bot.wait_report(request_id, timeout=120, targets=1000, delivered=1000)
+        report = await bot.wait_report(request_id, within=120, targets=1000, delivered=1000)
         sent = conversations_sent(connector, "together")
         assert set(sent) == set(conversations) and set(sent.values()) == {1}
         assert (report["failed"], report["pruned"]) == (0, 0)
