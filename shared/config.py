@@ -1,6 +1,6 @@
 """The bot's settings: read once from the environment, validated, passed in everywhere.
 
-Setting names follow Azure Bot Service conventions (DESIGN.md, "Settings"), so an
+Setting names follow Azure Bot Service conventions (README, "Configuration"), so an
 existing bot's app settings map over unchanged. A missing or contradictory setting
 raises :class:`SettingsError` naming it, never a stack trace from inside a library.
 """
@@ -146,7 +146,7 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting of DESIGN.md, validated. Build with :meth:`from_env`."""
+    """Every setting of the README's Configuration table, validated. Build with :meth:`from_env`."""
 
     app_id: str = ""
     app_type: AppType = "MultiTenant"

@@ -533,7 +533,7 @@ class ConnectorClient:
             await self._sleep(delay)
 
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
-        # Checked before any token is acquired or connection opened (DESIGN: never send
+        # Checked before any token is acquired or connection opened (security rule: never send
         # the bot's token to a serviceUrl outside the trusted set).
         target = self._trusted_target(service_url)
         if target is not None:

@@ -170,20 +170,24 @@ class BlobLedger:
 
     async def replace(self, name: str, data: Any, etag: str) -> str | None:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         async with _guard("replace", name):
             try:
                 result = await self._upload(
                     name, data, None, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
-            except (ResourceModifiedError, ResourceNotFoundError):
+            except ResourceNotFoundError:
                 return None
+            except HttpResponseError as error:
+                if error.status_code == 412:  # changed since it was read (the SDK's class varies)
+                    return None
+                raise
             return result["etag"]
 
     async def delete(self, name: str, etag: str | None = None) -> bool:
         from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         conditions: dict[str, Any] = {}
         if etag is not None:
@@ -191,8 +195,12 @@ class BlobLedger:
         async with _guard("delete", name):
             try:
                 await self._container().delete_blob(name, **conditions)
-            except (ResourceModifiedError, ResourceNotFoundError):
+            except ResourceNotFoundError:
                 return False
+            except HttpResponseError as error:
+                if error.status_code == 412:
+                    return False
+                raise
             return True
 
     async def list(self, prefix: str) -> AsyncIterator[Entry]:
