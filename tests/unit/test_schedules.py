@@ -67,3 +67,25 @@ async def test_runs_enqueue_each_due_time_once_and_skip_disabled_or_broken_sched
     sent = [json.loads(text) for text, _ in queue.sent]
     assert [m["id"] for m in sent] == ["schedule:every5:2030-01-01T12:00Z", *later]
     assert all(m["to"] == REQUEST["to"] and m["text"] == "tick" for m in sent)
+
+
+def test_importing_the_timer_and_queue_functions_loads_no_heavy_package():
+    # Cold start: croniter and the storage SDKs are imported when first used, not on import.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("croniter", "azure.storage.blob", "azure.storage.queue", "azure.identity", "msal")
+    code = (
+        "import sys, schedule_function, proactive_function, shared.producer\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
