@@ -51,7 +51,7 @@ from shared.references import TEAMS_CHANNEL, split_key
 from shared.reports import (
     SINGLE_TARGET,
     ensure_head,
-    has_outcome,
+    outcome_name,
     record_duplicate,
     record_outcome,
 )
@@ -516,7 +516,7 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
     try:
-        if await has_outcome(ledger, request.id, target):
+        if not await _clear_to_send(request, engine, target):
             await record_duplicate(ledger, request.id, request.label, now)
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
@@ -541,8 +541,37 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         await release_claim(ledger, claim)
 
 
+async def _clear_to_send(request: ProactiveRequest, engine: Engine, target: str) -> bool:
+    """No outcome yet; or a failed one and this is its poison copy, put back by an operator
+    to try again (a delivered or pruned target is never sent again)."""
+    name = outcome_name(request.id, target)
+    record = await engine.ledger.read(name)
+    if record is None:
+        return True
+    failed = isinstance(record.data, dict) and record.data.get("outcome") == "failed"
+    if failed and "poisonReason" in request.message:
+        logger.info("proactive %r: %s retried by an operator", request.id, request.label)
+        return await engine.ledger.delete(name, record.etag)
+    return False
+
+
 async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:
     """No stored reference: it may be landing (written after the install's turn)."""
+    if request.engine.child:
+        # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
+        # is landing, and a poison copy per removed conversation would only be noise.
+        reason = "the conversation was removed from the store after the broadcast matched it"
+        await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            "failed",
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+        logger.info("proactive %r: %s: %s", request.id, request.label, reason)
+        return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
         delay = engine.jitter(min(20.0, 5.0 * 2**request.engine.attempt))
         logger.info(

@@ -100,10 +100,6 @@ async def record_outcome(
     return created is not None
 
 
-async def has_outcome(ledger: Ledger, request_id: str, target: str) -> bool:
-    return await ledger.read(outcome_name(request_id, target)) is not None
-
-
 async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:
     name = f"{request_prefix(request_id)}dup/{uuid.uuid4().hex}.json"
     await ledger.create(name, {"target": target, "at": iso(now)})

@@ -396,3 +396,32 @@ async def test_a_resubmitted_broadcast_is_not_fanned_out_again(parts, fake_conne
     assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.DUPLICATE
     assert engine.queue.sent == []
     assert sends(fake_connector) == ["a:1"]
+
+
+async def test_an_operator_puts_a_poison_copy_back_to_retry_a_failed_target(parts, fake_connector):
+    runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+
+    # Checked the conversation, decided it was not posted: the copy goes back as it is.
+    assert await handle(engine, json.dumps(copy)) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"], report["state"]) == (1, 0, "done")
+    # A delivered target is never sent again, poison copy or not.
+    assert await handle(engine, json.dumps(copy)) is Outcome.DUPLICATE
+    assert len(sends(fake_connector)) == 2  # the 500 and the retry
+
+
+async def test_a_broadcast_child_removed_after_the_listing_fails_at_once_without_poison(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    await runtime.references.delete("msteams/a:2")  # uninstalled meanwhile
+    await drain(engine)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+    assert "removed from the store" in report["failures"][0]["reason"]
+    assert engine.queue.poisoned == []
