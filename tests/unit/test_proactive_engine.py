@@ -399,7 +399,7 @@ async def test_a_resubmitted_broadcast_is_not_fanned_out_again(parts, fake_conne
 
 
 async def test_an_operator_puts_a_poison_copy_back_to_retry_a_failed_target(parts, fake_connector):
-    runtime, engine = parts
+    _runtime, engine = parts
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
     [copy] = engine.queue.poisoned
