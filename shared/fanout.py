@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import iso
+from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest
 from shared.queues import compact_json
 from shared.references import StoredReference
 from shared.reports import FANOUT_TARGET, ensure_head, head_name, record_duplicate
 
 if TYPE_CHECKING:
-    from shared.proactive import BroadcastFilter, Engine, Outcome, ProactiveRequest
+    from shared.proactive import Engine, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:
 async def _enqueue_children(
     request: ProactiveRequest, targets: Sequence[StoredReference], engine: Engine
 ) -> None:
-    from shared.proactive import RESERVED
-
     content = {name: request.message[name] for name in CONTENT_FIELDS if name in request.message}
     semaphore = asyncio.Semaphore(engine.fanout_parallel)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Settings, SettingsError, StorageSettings, _storage_name
-from shared.proactive import RESERVED, InvalidRequest, parse_request
+from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import StorageQueue, compact_json
 
 LOCAL_SETTINGS = "local.settings.json"
@@ -159,10 +159,10 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _conversations(settings: Settings, filters: Any) -> list[str]:
-    from shared.proactive import _broadcast
+    from shared.proactive_schema import parse_broadcast
     from shared.references import BlobReferenceStore
 
-    wanted = _broadcast(filters)
+    wanted = parse_broadcast(filters)
     store = BlobReferenceStore(settings, cache_size=0)
     keys: list[str] = []
     continuation = None

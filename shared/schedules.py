@@ -23,7 +23,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.ledger import Ledger
-from shared.proactive import RESERVED, InvalidRequest, parse_request
+from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MessageQueue, compact_json
 from shared.references import encode_segment
 
