@@ -1,9 +1,9 @@
 """Proactive delivery: one send per target, and what each outcome means.
 
-A queue message (schema: shared/proactive_schema.py, docs/proactive.md) names one target: a stored
-conversation (`conversation`), an explicit `reference`, a Teams `user` (their stored 1:1,
-or a new one), or a `broadcast` (fanned out by shared/fanout.py into one message per
-conversation). :func:`handle_queue_message` is the queue trigger's one call:
+A queue message (schema: shared/proactive_schema.py, docs/proactive.md) names one
+target: a stored conversation (`conversation`), an explicit `reference`, a Teams `user`
+(their stored 1:1, or a new one), or a `broadcast` (fanned out by shared/fanout.py into
+one message per conversation). :func:`handle_queue_message` is the queue trigger's one call:
 
 - delivered: the marker is written at once, then reported.
 - the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
