@@ -12,12 +12,11 @@ import logging
 
 import azure.functions as func
 
-from shared.proactive import handle_queue_message
-from shared.runtime import get_runtime
+from shared.proactive import process_queue_message
 
 log = logging.getLogger(__name__)
 
 
 async def main(msg: func.QueueMessage) -> None:
-    outcome = await handle_queue_message(msg.get_body(), get_runtime())
+    outcome = await process_queue_message(msg.get_body())
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

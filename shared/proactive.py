@@ -379,6 +379,20 @@ async def _connector_failure(
     request: ProactiveRequest, engine: Engine, error: ConnectorError
 ) -> Outcome:
     kind, what = error.kind, _describe(error)
+    # No token (Entra ID refused the credential, or could not be reached at the configured
+    # authority) is the bot's configuration, not the message's: kept until it is fixed.
+    no_token = kind is ErrorKind.TRANSIENT and error.setting is not None
+    if kind is ErrorKind.CREDENTIALS or no_token:
+        delay = engine.jitter(_settings_backoff(request.engine.attempt))
+        logger.warning(
+            "proactive %r: no usable credentials (%s); check the setting %s. "
+            "The message is kept and retried in %.0f s",
+            request.id,
+            error.code or error.status or "no token",
+            error.setting or "MicrosoftAppId",
+            delay,
+        )
+        return await engine.requeue(request, delay)
     if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
         age = engine.age(request)
         if age < engine.max_age:
@@ -396,17 +410,6 @@ async def _connector_failure(
             )
             return await engine.requeue(request, delay)
         return await _fail(request, engine, f"gave up after {age:.0f} s: {what}")
-    if kind is ErrorKind.CREDENTIALS:
-        delay = engine.jitter(min(600.0, 5.0 * 3**request.engine.attempt))
-        logger.warning(
-            "proactive %r: the bot's credentials were refused (%s); check the setting %s. "
-            "The message is kept and retried in %.0f s",
-            request.id,
-            error.code or error.status or "no token",
-            error.setting or "MicrosoftAppId",
-            delay,
-        )
-        return await engine.requeue(request, delay)
     if kind is ErrorKind.UNCERTAIN:
         reason = f"{what}: the message may have been posted, so it is not resent"
     elif kind is ErrorKind.UNTRUSTED:
@@ -416,6 +419,59 @@ async def _connector_failure(
     else:
         reason = f"not deliverable: {what}"
     return await _fail(request, engine, reason)
+
+
+def _settings_backoff(attempt: int) -> float:
+    """5, 15, 45, 135, 405, then every 600 s: a fixed setting is picked up within 10 min."""
+    return min(600.0, 5.0 * 3 ** min(attempt, 10))
+
+
+async def process_queue_message(body: bytes | str) -> Outcome:
+    """The queue trigger's one call: handle the message with the process's runtime or,
+    when the app settings are unusable, keep it on the queue until they are fixed."""
+    from shared.config import SettingsError
+    from shared.runtime import get_runtime
+
+    try:
+        runtime = get_runtime()
+    except SettingsError as error:
+        return await hold_for_settings(body, error)
+    return await handle_queue_message(body, runtime)
+
+
+async def hold_for_settings(
+    body: bytes | str, error: Exception, *, queue: MessageQueue | None = None
+) -> Outcome:
+    """Put the message back with a capped backoff: a settings mistake must not drain the
+    queue into the poison queue (the host's dequeue budget is not touched either).
+
+    Needs only the storage settings (the trigger itself runs on them).
+    """
+    if queue is None:
+        from shared.producer import producer_settings
+
+        queue = StorageQueue(producer_settings())
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    attempt = 0
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        message = None
+    if isinstance(message, dict):
+        engine_field = message.get(RESERVED)
+        engine_field = dict(engine_field) if isinstance(engine_field, dict) else {}
+        attempt = engine_field.get("attempt") if isinstance(engine_field.get("attempt"), int) else 0
+        message[RESERVED] = {**engine_field, "attempt": attempt + 1}
+        text = compact_json(message)
+    delay = _settings_backoff(attempt) * (1 + 0.2 * random.random())
+    # SettingsError messages name the setting and never carry a value.
+    logger.warning(
+        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
+        error,
+        delay,
+    )
+    await queue.put(text, delay=delay)
+    return Outcome.REQUEUED
 
 
 def _describe(error: ConnectorError) -> str:

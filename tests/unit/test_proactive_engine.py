@@ -9,6 +9,7 @@ engine put back (with which delay) and what it poisoned is what the tests read.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -425,3 +426,79 @@ async def test_a_broadcast_child_removed_after_the_listing_fails_at_once_without
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
     assert "removed from the store" in report["failures"][0]["reason"]
     assert engine.queue.poisoned == []
+
+
+# --- unusable app settings -----------------------------------------------------------------
+
+
+async def test_unusable_settings_keep_the_message_with_a_backoff(
+    monkeypatch, azurite, unique_name, caplog
+):
+    # A settings mistake (here: no MicrosoftAppId) must not drain the queue into poison.
+    from azure.storage.queue import QueueClient
+
+    from shared.config import reset_settings
+    from shared.proactive import process_queue_message
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("held")
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        text = body({"conversation": "msteams/a:1"})
+        assert await process_queue_message(text) is Outcome.REQUEUED
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    assert "MicrosoftAppId" in caplog.text
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+        assert client.peek_messages() == []  # hidden for the backoff
+    finally:
+        client.close()
+
+
+async def test_a_held_message_counts_its_attempts_and_backs_off():
+    from shared.proactive import hold_for_settings
+
+    queue = MemoryQueue()
+    text = body({"conversation": "msteams/a:1"})
+    for expected in (1, 2, 3):
+        await hold_for_settings(text, RuntimeError("MicrosoftAppId is required"), queue=queue)
+        [(text, delay)] = queue.take()
+        assert json.loads(text)["_proactive"]["attempt"] == expected
+        assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
+    await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
+    [(raw, _)] = queue.take()
+    assert raw == "\ufffdnot json"  # kept (it is poisoned once the settings work)
+
+
+async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app, fake_connector):
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    settings = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_LOGIN_AUTHORITY="https://127.0.0.1:9"
+    )
+    runtime = make_runtime(settings, store)
+    clock = Clock()
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, max_age=0)
+    try:
+        # Requeued three times already, and older than any age bound.
+        requeued = {"attempt": 3, "since": 0.0}
+        text = json.dumps(
+            {**json.loads(body({"conversation": "msteams/a:1"})), "_proactive": requeued}
+        )
+        assert await handle(engine, text) is Outcome.REQUEUED
+    finally:
+        await runtime.close()
+    assert engine.queue.poisoned == [] and fake_connector.requests == []
+    [(_, delay)] = engine.queue.take()
+    assert 135 <= delay <= 135 * 1.2 + 1
