@@ -1,9 +1,9 @@
 """Queue trigger on `%BOT_PROACTIVE_QUEUE%`: one proactive request per message.
 
 Thin adapter: the body goes to shared.proactive, which delivers, requeues a copy with a
-delay (throttled, transient, credentials, a reference still landing), poisons at once
-what no retry can deliver, and reports every outcome. Only a storage outage raises, so
-the host's redelivery and `maxDequeueCount` are kept for that.
+delay (throttled, transient, credentials or settings to fix, a reference still landing),
+poisons at once what no retry can deliver, and reports every outcome. Only a storage
+outage raises, so the host's redelivery and `maxDequeueCount` are kept for that.
 """
 
 from __future__ import annotations
