@@ -336,7 +336,7 @@ async def test_a_60_second_retry_after_is_requeued_not_poisoned(devhost, bot, co
     request_id = await bot.send({"to": {"conversation": key}, "text": "later"})
 
     await connector.wait_for(lambda rs: [r for r in rs if r.status == 429], timeout=TIMEOUT)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while f"proactive {request_id!r}: throttled" not in devhost.log:
         assert time.monotonic() < deadline, devhost.log[-3000:]
         await asyncio.sleep(0.1)
@@ -368,7 +368,7 @@ async def test_malformed_is_poisoned_at_once_and_unknown_is_reported(devhost, bo
     bot.queue.send_message(base64.b64encode(json.dumps(malformed).encode()).decode())
     started = time.monotonic()
     while not any(m.get("id") == request_id for m in bot.poisoned()):
-        assert time.monotonic() - started < 10, devhost.log[-3000:]
+        assert time.monotonic() - started < 15, devhost.log[-3000:]  # seconds, not retries
         await asyncio.sleep(0.2)
     [copy] = [m for m in bot.poisoned() if m.get("id") == request_id]
     assert "`activity`" in copy["poisonReason"]
