@@ -31,9 +31,10 @@ from typing import Any
 
 from shared.config import Settings, SettingsError, StorageSettings, _storage_name
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
-from shared.queues import StorageQueue, compact_json
+from shared.queues import MAX_QUEUE_MESSAGE_BYTES, StorageQueue, compact_json
 
 LOCAL_SETTINGS = "local.settings.json"
+MAX_REQUEST_BYTES = MAX_QUEUE_MESSAGE_BYTES - 512
 
 
 async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = None) -> str:
@@ -53,6 +54,9 @@ async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = Non
     if message.get("id") is None:
         message["id"] = str(uuid.uuid4())
     text = compact_json(message)
+    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
+        # The engine adds its bookkeeping to copies it requeues: leave room for it.
+        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
     parsed = parse_request(text)
     kind = "broadcast" if parsed.broadcast is not None else "single"
     await ensure_head(BlobLedger(settings), parsed.id, kind, time.time())
