@@ -44,7 +44,7 @@ def test_bad_names_are_refused_by_setting(tmp_path):
         ({"to": {"conversation": "msteams/a"}}, "`activity`"),
         ({"to": {"conversation": "msteams/a"}, "text": "x", "_proactive": {}}, "engine's own"),
         (["not", "an", "object"], "object"),
-        ({"to": {"conversation": "msteams/a"}, "text": "x" * 48_000}, "larger than"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x" * 49_000}, "larger than"),
     ],
 )
 async def test_invalid_requests_are_refused_before_anything_is_enqueued(tmp_path, request_, reason):
