@@ -254,8 +254,8 @@ class Engine:
             attempt=engine.attempt + (1 if count else 0),
             since=engine.since if engine.since is not None else now,
         )
+        # An operator's retry keeps its `poisonReason` until it has an outcome again.
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
-        copy.pop("poisonReason", None)
         await self.queue.put(compact_json(copy), delay=delay)
         return Outcome.REQUEUED
 
