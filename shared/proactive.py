@@ -39,7 +39,7 @@ from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector import ConnectorError, ErrorKind
 from shared.idempotency import Busy, release_claim, take_claim
-from shared.ledger import BlobLedger, Ledger
+from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import (
     MAX_ID_CHARS,
     RESERVED,
@@ -61,6 +61,7 @@ from shared.reports import (
     outcome_name,
     record_duplicate,
     record_outcome,
+    started_name,
 )
 from shared.runtime import Runtime
 
@@ -257,6 +258,8 @@ class Engine:
         # An operator's retry keeps its `poisonReason` until it has an outcome again.
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
         await self.queue.put(compact_json(copy), delay=delay)
+        if count and not engine.child and request.broadcast is None:
+            await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
         return Outcome.REQUEUED
 
     def age(self, request: ProactiveRequest) -> float:

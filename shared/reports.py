@@ -16,6 +16,8 @@ the reference store encodes name segments; see docs/proactive.md):
     One per arrival that was not sent again because its target already had an outcome.
 ``claim/<target>.json``
     Held while an instance works on the target (shared/idempotency.py).
+``started.json``
+    Written when a single-target request is requeued (throttled, ...): it is running.
 
 State: ``pending`` until an instance started on it, ``running`` while targets remain,
 ``done`` when every target has an outcome (for a broadcast: after the fan-out ended).
@@ -55,6 +57,11 @@ def outcome_name(request_id: str, target: str) -> str:
 
 def claim_name(request_id: str, target: str) -> str:
     return f"{request_prefix(request_id)}claim/{encode_segment(target, 400)}.json"
+
+
+def started_name(request_id: str) -> str:
+    """Marks a single-target request that was tried and is waiting to be tried again."""
+    return f"{request_prefix(request_id)}started.json"
 
 
 def new_head(request_id: str, kind: Kind, now: float) -> dict[str, Any]:
@@ -116,8 +123,8 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     claimed = False
     async for entry in ledger.list(prefix):
         rest = entry.name[len(prefix) :]
-        if rest.startswith("claim/"):
-            claimed = True
+        if rest.startswith("claim/") or rest == "started.json":
+            claimed = True  # being worked on, or tried and waiting for its next attempt
             continue
         if rest.startswith("dup/"):
             duplicate += 1
