@@ -21,7 +21,7 @@ from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.queues import MemoryQueue
 from shared.references import MemoryReferenceStore
-from shared.reports import claim_name, read_report
+from shared.reports import claim_name, ensure_head, read_report
 from shared.router import Router
 from shared.runtime import Runtime
 from tools.botsim.connector import FakeConnector, Reply
@@ -144,6 +144,8 @@ async def test_a_long_retry_after_is_requeued_with_that_delay_not_raised(parts, 
     assert json.loads(copy)["_proactive"] == {"attempt": 1, "since": engine.clock.now}
     assert engine.queue.poisoned == []
     assert len(sends(fake_connector)) == 1  # the client did not wait 60 s itself
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
 
     engine.clock.now += 61
     assert await handle(engine, copy) is Outcome.REQUEUED  # still throttled: again
@@ -260,9 +262,15 @@ async def test_a_target_claimed_elsewhere_is_not_sent_at_the_same_time(parts, fa
     assert sends(fake_connector) == ["a:1"]
 
 
-async def test_a_pending_report_before_delivery_and_none_for_an_unknown_id(parts):
+async def test_a_report_is_pending_until_tried_and_none_for_an_unknown_id(parts):
     _runtime, engine = parts
     assert await read_report(engine.ledger, "never-sent") is None
+    await ensure_head(engine.ledger, "queued", "single", engine.clock())  # as enqueue does
+    report = await read_report(engine.ledger, "queued")
+    assert (report["state"], report["targets"], report["delivered"]) == ("pending", 1, 0)
+    await ensure_head(engine.ledger, "b-queued", "broadcast", engine.clock())
+    report = await read_report(engine.ledger, "b-queued")
+    assert (report["state"], report["targets"]) == ("pending", 0)
 
 
 # --- user targets --------------------------------------------------------------------------
