@@ -300,7 +300,7 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
-    if not request.engine.child:
+    if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)
     claim = await take_claim(ledger, request.id, target, now, seconds=engine.claim_seconds)
     if isinstance(claim, Busy):
