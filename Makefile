@@ -8,9 +8,16 @@ AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format chat bench soak clean
+.PHONY: setup run test lint format chat bench soak clean package teams-package
 
-setup: $(STAMP) $(AZURITE)
+# Offline checkers of infra/ and appPackage/: checkov in its own venv (its pins clash with the
+# app's), and the Teams manifest JSON schemas from Microsoft's npm package.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .tools/checkov-venv/bin/checkov
+APP_MANIFEST_VERSION := 1.1.2
+APP_MANIFEST := .tools/app-manifest/node_modules/@microsoft/app-manifest/package.json
+
+setup: $(STAMP) $(AZURITE) $(CHECKOV) $(APP_MANIFEST)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +29,25 @@ $(AZURITE):
 	echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
 	cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --loglevel=error \
 		azurite@$(AZURITE_VERSION)
+
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov-venv
+	.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+
+$(APP_MANIFEST):
+	mkdir -p .tools/app-manifest
+	echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
+	cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \
+		--loglevel=error @microsoft/app-manifest@$(APP_MANIFEST_VERSION)
+
+## The zip `func azure functionapp publish` (or a zip deploy) uploads: dist/functionapp.zip.
+package: setup
+	$(PY) -m tools.package dist/functionapp.zip
+
+## The Teams app to upload (sideload): dist/teams-app.zip. Needs the bot's app id and the
+## app's host name: make teams-package BOT_ID=<guid> BOT_DOMAIN=<app>.azurewebsites.net
+teams-package: setup
+	$(PY) -m tools.teams_package --bot-id "$(BOT_ID)" --domain "$(BOT_DOMAIN)" dist/teams-app.zip
 
 ## Run the bot locally on http://127.0.0.1:7071 with Azurite on its default ports.
 run: setup
@@ -57,4 +83,4 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools dist .pytest_cache .ruff_cache .hypothesis
