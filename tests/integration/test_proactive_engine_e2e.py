@@ -540,3 +540,46 @@ async def test_two_hosts_share_a_thousand_conversation_broadcast(
             host.stop()
         bot.close()
         await close_shared_clients()
+
+
+async def test_a_producer_allowed_only_to_enqueue_and_read_still_sends(
+    devhost, bot, connector, azurite
+):
+    # The infra grants producers queue "add" and blob "read": no blob writes. Here that is
+    # an account SAS with exactly those rights.
+    from azure.storage.blob import ResourceTypes, Services, generate_account_sas
+
+    from tools.azurite import ACCOUNT, ACCOUNT_KEY
+
+    sas = generate_account_sas(
+        ACCOUNT,
+        ACCOUNT_KEY,
+        ResourceTypes(container=True, object=True),
+        "rla",
+        datetime.now(UTC) + timedelta(hours=1),
+        services=Services(blob=True, queue=True),
+    )
+    connection = (
+        f"BlobEndpoint={azurite.blob_url};QueueEndpoint={azurite.queue_url};"
+        f"SharedAccessSignature={sas}"
+    )
+    limited = producer.producer_settings(
+        {
+            **{k: v for k, v in bot.env.items() if k != "AzureWebJobsStorage"},
+            "AzureWebJobsStorage": connection,
+        }  # fmt: skip
+    )
+    conversation = f"a:{uuid.uuid4().hex}"
+    [key] = await bot.store(reference_for(connector.url, conversation))
+
+    request_id = await producer.enqueue(
+        {"to": {"conversation": key}, "text": "least privilege"}, settings=limited
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while (report := await producer.read_report(request_id, settings=limited)) is None or (
+        report["state"] != "done"
+    ):
+        assert time.monotonic() < deadline, report
+        await asyncio.sleep(0.2)
+    assert report["delivered"] == 1
+    assert [a["text"] for a in sent_to(connector, conversation)] == ["least privilege"]
