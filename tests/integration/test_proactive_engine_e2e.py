@@ -567,7 +567,7 @@ async def test_a_producer_allowed_only_to_enqueue_and_read_still_sends(
         {
             **{k: v for k, v in bot.env.items() if k != "AzureWebJobsStorage"},
             "AzureWebJobsStorage": connection,
-        }  # fmt: skip
+        }
     )
     conversation = f"a:{uuid.uuid4().hex}"
     [key] = await bot.store(reference_for(connector.url, conversation))
