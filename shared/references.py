@@ -20,7 +20,9 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     ``schema``, ``tenant`` and ``team`` (encoded like a name segment) and ``doc`` (the
     document, zlib + base64url, when under 7,000 characters). Listing by channel is a
     prefix listing; tenant and team filters read the metadata that comes with the listing,
-    so neither filtering nor paging reads the documents themselves.
+    so neither filtering nor paging reads the documents themselves. Tenant and team are
+    indexed for Teams conversations only: another channel's client can write anything
+    into its channelData.
 
 ``users/<channel>/id/<user id>.json`` and ``users/<channel>/aad/<aadObjectId>.json``
     Small index documents ``{"schemaVersion": 1, "key": "<conversation key>"}`` pointing at
@@ -47,7 +49,9 @@ Writes
     speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
     takes the key out of the user index first, then deletes the document at the ETag it
     read (re-reading when it changed meanwhile), so a delete racing a re-create never
-    leaves a stored conversation its user cannot be found by.
+    leaves a stored conversation its user cannot be found by. An upsert that changes nothing
+    still checks (when it read the document) that the user index lists the conversation
+    and puts it back if not, which repairs a delete interrupted between its two steps.
 
 Cache
     A bounded in-process LRU remembers what was last read or written per key (5 minutes),
