@@ -362,7 +362,9 @@ async def test_gone_is_pruned_and_reported(devhost, bot, connector):
     assert bot.poisoned() == []
 
 
-async def test_malformed_is_poisoned_at_once_and_unknown_is_reported(devhost, bot, connector):
+async def test_malformed_is_poisoned_at_once_and_an_unknown_key_is_kept_and_reported(
+    devhost, bot, connector
+):
     request_id = new_id()
     malformed = {"id": request_id, "to": {"conversation": "msteams/x"}}  # no content
     bot.queue.send_message(base64.b64encode(json.dumps(malformed).encode()).decode())
@@ -375,6 +377,21 @@ async def test_malformed_is_poisoned_at_once_and_unknown_is_reported(devhost, bo
     report = await bot.wait_report(request_id, failed=1)
     assert "invalid request" in report["failures"][0]["reason"]
     assert connector.requests == []
+
+    # A key whose reference has not landed yet (a producer right after an install): kept
+    # and retried, reported running, delivered once the reference is there. (Failed with a
+    # poison copy after about a minute without it: tests/unit/test_proactive_engine.py.)
+    conversation = f"a:{uuid.uuid4().hex}"
+    key = f"msteams/{conversation}"
+    early = await bot.send({"to": {"conversation": key}, "text": "welcome"})
+    deadline = time.monotonic() + TIMEOUT
+    while f"proactive {early!r}: no stored reference" not in devhost.log:
+        assert time.monotonic() < deadline, devhost.log[-3000:]
+        await asyncio.sleep(0.1)
+    assert (await bot.report(early))["state"] == "running"
+    await bot.store(reference_for(connector.url, conversation))
+    await bot.wait_report(early, delivered=1)
+    assert [a["text"] for a in sent_to(connector, conversation)] == ["welcome"]
 
 
 async def test_an_untrusted_service_url_is_refused_and_reported(devhost, bot, connector):
