@@ -78,6 +78,12 @@ param maxBodyBytes int = 1048576
 @description('BOT_CONNECTOR_RATE_LIMIT: Connector requests per second, per instance.')
 param connectorRateLimit string = '50'
 
+@description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
+param proactiveMaxAgeSeconds string = '3600'
+
+@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it.')
+param proactiveClaimSeconds string = '45'
+
 // ---- Producers ----
 
 @description('Optional object id of a producer (user, group or service principal) allowed to enqueue proactive requests and read delivery reports.')
@@ -220,6 +226,8 @@ var botSettings = {
   BOT_SCHEDULE: schedule
   BOT_MAX_BODY_BYTES: string(maxBodyBytes)
   BOT_CONNECTOR_RATE_LIMIT: connectorRateLimit
+  BOT_PROACTIVE_MAX_AGE_SECONDS: proactiveMaxAgeSeconds
+  BOT_PROACTIVE_CLAIM_SECONDS: proactiveClaimSeconds
 }
 // SingleTenant: App Service resolves the reference with the identity; a reference without a
 // secret version follows rotation.
