@@ -11,6 +11,9 @@ What it shows, one handler each:
   conversations on the channel.
 - ``nickname``: a card whose button opens a Teams dialog (``task/fetch``); what the user
   submits there (``task/submit``) is saved in their state.
+- ``remind 90 stretch``: schedules a proactive message to this conversation in 90 seconds,
+  through the proactive queue (``turn.send_later``): it arrives even if no one writes again,
+  with the queue's retries and a delivery report.
 - anything else: counts the user's messages (user state) and says what it knows.
 
 Erasing a user's data needs no handler: on the channel's ``deleteUserData`` activity the
@@ -38,6 +41,7 @@ router = Router()
 
 THEMES = ("dark", "light")
 MAX_NICKNAME = 40
+MAX_REMINDER_SECONDS = 24 * 3600
 
 
 def counter_card(clicks: int) -> dict[str, Any]:
@@ -118,6 +122,16 @@ async def save_nickname(turn: TurnContext):
     return task_message(f"Hello, {nickname}!")
 
 
+@router.message(r"^remind\s+(?P<seconds>\d{1,6})\s+(?P<what>.+)$")
+async def remind(turn: TurnContext) -> None:
+    seconds = int(turn.match["seconds"])
+    if seconds > MAX_REMINDER_SECONDS:
+        await turn.reply("I can remind you within a day at most.")
+        return
+    await turn.send_later(f"Reminder: {turn.match['what']}", delay=seconds)
+    await turn.reply(f"I will remind you in {seconds} s.")
+
+
 @router.message()
 async def count_messages(turn: TurnContext) -> None:
     data = await turn.user_state.update(lambda d: d.update(messages=d.get("messages", 0) + 1))
@@ -125,5 +139,5 @@ async def count_messages(turn: TurnContext) -> None:
     theme = data.get("theme", "not set")
     await turn.reply(
         f"Hi {name}: that is message {data['messages']} you sent me. Theme: {theme}. "
-        "Say 'card', 'theme dark' or 'nickname'."
+        "Say 'card', 'theme dark', 'nickname' or 'remind 60 stretch'."
     )

@@ -308,6 +308,29 @@ class TurnContext:
             self.activity["serviceUrl"], self.activity["conversation"]["id"], activity_id
         )
 
+    async def send_later(
+        self,
+        text_or_activity: str | Mapping[str, Any],
+        *,
+        delay: float = 0.0,
+        request_id: str | None = None,
+    ) -> str:
+        """Send to this conversation later, through the proactive queue: ``delay`` seconds
+        from now (up to about 7 days), with the queue's retries, idempotency and delivery
+        report. Returns the request id (``shared.producer.read_report`` reads its report).
+
+        Raises ``shared.proactive_schema.InvalidRequest`` (nothing enqueued) for what the
+        engine could not deliver, e.g. an activity type it does not send.
+        """
+        from shared.producer import enqueue
+
+        outgoing = _outgoing(text_or_activity)
+        reference = {k: v for k, v in self.reference.items() if k != "activityId"}
+        request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
+        if request_id is not None:
+            request["id"] = request_id
+        return await enqueue(request, settings=self.settings, delay=delay)
+
     async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
         if buffer and self.expects_replies:
             self.buffered.append(activity)

@@ -8,18 +8,24 @@ the example as a function app in two local hosts (`tools/devhost`), two processe
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
+from azure.storage.queue import QueueClient
 
 from examples.cards_and_state import router
 from shared.http import HttpRequest, HttpResponse
 from shared.messages import handle_messages
+from shared.proactive import handle_queue_message
+from shared.producer import read_report
 from shared.runtime import Runtime
 from shared.state import conversation_state_key, user_state_key
 from shared.state_blob import state_blob_name
+from shared.storage import close_shared_clients
 from tests.fixtures.devhost import ROOT, DevHost
 
 pytestmark = pytest.mark.integration
@@ -71,6 +77,7 @@ def settings(aad_app, identity_env, fake_connector, fake_aad, azurite, unique_na
         BOT_TRUSTED_SERVICE_URLS=fake_connector.url,
         AzureWebJobsStorage=azurite.connection_string,
         BOT_REFERENCES_CONTAINER=unique_name("example"),
+        BOT_PROACTIVE_QUEUE=unique_name("example-q"),
     )
 
 
@@ -218,6 +225,62 @@ async def test_delete_user_data_erases_state_and_references(instances, channel, 
     assert (await bot.references.find_by_user(channel_id="msteams", user_id=USER["id"])) is None
     # The group conversation is not the user's alone: it stays.
     assert await bot.references.get(f"msteams/{GROUP['id']}") is not None
+
+
+def proactive_queue(settings) -> QueueClient:
+    return QueueClient.from_connection_string(
+        settings.storage.connection_string, settings.proactive_queue
+    )
+
+
+async def test_a_reminder_goes_through_the_proactive_queue(
+    instances, channel, fake_connector, settings
+):
+    bot = instances[0]
+    try:
+        response = await channel.post(bot, channel.activity(text="remind 0 stretch"))
+        assert response.status == 200
+        assert fake_connector.requests[-1].json["text"] == "I will remind you in 0 s."
+
+        [message] = proactive_queue(settings).receive_messages()
+        body = base64.b64decode(message.content)
+        request = json.loads(body)
+        assert request["to"]["reference"]["conversation"]["id"] == PERSONAL["id"]
+        assert "activityId" not in request["to"]["reference"]
+        assert request["activity"]["text"] == "Reminder: stretch"
+
+        # What the proactive function does with it: the reminder reaches the conversation.
+        await handle_queue_message(body, bot)
+        sent = fake_connector.requests[-1]
+        assert sent.operation == "sendToConversation"
+        assert sent.params == {"conversationId": PERSONAL["id"]}
+        assert sent.json["text"] == "Reminder: stretch"
+        assert "replyToId" not in sent.json
+        report = await read_report(request["id"], settings=settings)
+        assert (report["state"], report["delivered"]) == ("done", 1)
+    finally:
+        await close_shared_clients()
+
+
+async def test_a_later_reminder_waits_hidden_on_the_queue(instances, channel, settings):
+    try:
+        response = await channel.post(instances[0], channel.activity(text="remind 600 later"))
+        assert response.status == 200
+    finally:
+        await close_shared_clients()
+    queue = proactive_queue(settings)
+    assert queue.get_queue_properties().approximate_message_count == 1
+    assert list(queue.peek_messages()) == []  # not visible before its time
+
+
+async def test_a_reminder_beyond_a_day_is_refused_and_nothing_is_queued(
+    instances, channel, fake_connector, settings
+):
+    response = await channel.post(instances[0], channel.activity(text="remind 90000 later"))
+    assert response.status == 200
+    assert fake_connector.requests[-1].json["text"] == "I can remind you within a day at most."
+    with pytest.raises(ResourceNotFoundError):  # never created: nothing was enqueued
+        proactive_queue(settings).get_queue_properties()
 
 
 async def test_two_host_processes_count_every_concurrent_click(

@@ -180,6 +180,20 @@ async def test_members_come_from_the_connector(aad_app, fake_connector):
     ]
 
 
+async def test_send_later_refuses_what_the_proactive_engine_cannot_send(tmp_path):
+    from shared.proactive_schema import InvalidRequest
+    from shared.producer import producer_settings
+
+    # Storage that does not exist: the refusal comes before any storage call.
+    settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
+    turn = TurnContext(activity(), RecordingConnector(), settings=settings)
+    with pytest.raises(InvalidRequest):
+        await turn.send_later({"type": "invoke", "name": "x"})
+    with pytest.raises(InvalidRequest, match="delay"):
+        await turn.send_later("later", delay=-5)
+    assert turn.connector.calls == []
+
+
 # ---------------------------------------------------------------------------- cards
 
 
