@@ -42,7 +42,7 @@ import yarl
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
 from shared.ratelimit import Pacer, PacingTimeout, conversation_key
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -533,8 +533,8 @@ class ConnectorClient:
             await self._sleep(delay)
 
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
-        # Checked before any token is acquired or connection opened (security rule: never send
-        # the bot's token to a serviceUrl outside the trusted set).
+        # Checked before any token is acquired or connection opened (docs/architecture.md,
+        # trust model: never send the bot's token to a serviceUrl outside the trusted set).
         target = self._trusted_target(service_url)
         if target is not None:
             return target
@@ -926,8 +926,17 @@ def _result(operation: str, expect: Expect, content: bytes) -> Any:
 
 
 def _q(value: str) -> str:
-    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included."""
-    return quote(value, safe="")
+    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
+
+    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    """
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
+        ) from None
 
 
 def _build_url(
@@ -991,7 +1000,7 @@ def parse_service_url(service_url: str) -> ServiceTarget | None:
     path = parts.path
     if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
         return None
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if has_dot_segment(path):
         return None
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))

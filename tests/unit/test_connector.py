@@ -960,6 +960,10 @@ def test_look_alike_service_urls_are_refused(settings, service_url):
         "https://connector.contoso.com/teams/x%2F..%2F..%2Fadmin/",
         "https://connector.contoso.com/teams/x%5C..%5C..%5Cadmin/",
         "https://connector.contoso.com/teams%2F..%2Fadmin/",
+        # Servers that strip path parameters (";...") read these segments as "..", ".".
+        "https://connector.contoso.com/teams/..;/admin/",
+        "https://connector.contoso.com/teams/..;x=1/admin/",
+        "https://connector.contoso.com/teams/.;/..;/admin/",
     ],
 )
 def test_a_path_prefix_cannot_be_escaped(url):
@@ -984,6 +988,24 @@ async def test_a_dot_segment_never_reaches_the_connector(fake_connector, aad_app
     finally:
         await connector.close()
     assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize("conversation_id", ["a:\ud800", "\udfff", "x\udc80y"])
+async def test_a_lone_surrogate_in_an_id_is_a_clear_error_and_nothing_is_sent(
+    client, fake_connector, conversation_id
+):
+    calls = [
+        client.send_to_conversation(fake_connector.url, conversation_id, {"type": "message"}),
+        client.reply_to_activity(fake_connector.url, "a:1", conversation_id, {"type": "message"}),
+        client.get_conversation_members(fake_connector.url, conversation_id),
+        client.get_attachment_info(fake_connector.url, conversation_id),
+    ]
+    for call in calls:
+        with pytest.raises(ConnectorError) as caught:
+            await call
+        assert caught.value.kind is ErrorKind.INVALID
+        assert not caught.value.retryable
     assert fake_connector.requests == []
 
 
