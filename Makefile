@@ -8,7 +8,7 @@ AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format chat bench clean package teams-package
+.PHONY: setup run test lint format chat bench soak clean package teams-package
 
 # Offline checkers of infra/ and appPackage/: checkov in its own venv (its pins clash with the
 # app's), and the Teams manifest JSON schemas from Microsoft's npm package.
@@ -70,6 +70,11 @@ bench: setup
 	$(PY) -m benchmarks.warm --chart --shared-only
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
+
+## Soak (not part of make test): one broadcast to 10,000 conversations through two local
+## hosts, the fake Connector enforcing Teams limits; results in benchmarks/results/.
+soak: setup
+	$(PY) -m benchmarks.proactive_soak
 
 lint: setup
 	$(PY) -m ruff check .

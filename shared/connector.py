@@ -45,7 +45,7 @@ from shared.activity import tenant_id
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
 from shared.ratelimit import TEAMS, Pacer, PacingTimeout, Scope, conversation_key
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,16 @@ _MAX_CODE_CHARS = 100
 
 class ErrorKind(StrEnum):
     THROTTLED = "throttled"  # 429: retry after retry_after
-    TRANSIENT = "transient"  # 5xx, 412, connection errors: retry later
+    TRANSIENT = "transient"  # 412, 502, 503, 504, connection errors: retry later
     GONE = "gone"  # the bot can no longer reach this conversation: prune, do not retry
-    INVALID = "invalid"  # the request (or the bot's configuration) is wrong: do not retry
+    INVALID = "invalid"  # the request is wrong: do not retry
     UNTRUSTED = "untrusted"  # serviceUrl outside the trusted set: nothing was sent
+    # 500 and other unexpected 5xx: the service failed and may have acted (a message may be
+    # posted), so resending is not safe; report it and let an operator decide.
+    UNCERTAIN = "uncertain"
+    # The bot's own credentials or settings were refused (no token, a second 401): nothing
+    # is wrong with the request; keep it and fix the setting named in ``setting``.
+    CREDENTIALS = "credentials"
 
 
 class ConnectorError(Exception):
@@ -121,8 +127,10 @@ class ConnectorError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         operation: str | None = None,
+        setting: str | None = None,
     ) -> None:
         self.kind = kind
+        self.setting = setting
         self.message = message
         self.status = status
         self.code = code
@@ -539,8 +547,8 @@ class ConnectorClient:
             await self._sleep(delay)
 
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
-        # Checked before any token is acquired or connection opened (DESIGN: never send
-        # the bot's token to a serviceUrl outside the trusted set).
+        # Checked before any token is acquired or connection opened (docs/architecture.md,
+        # trust model: never send the bot's token to a serviceUrl outside the trusted set).
         target = self._trusted_target(service_url)
         if target is not None:
             return target
@@ -568,9 +576,13 @@ class ConnectorClient:
                     # 401 get here in the same instant and share this one refresh.
                     token = await self._tokens.get_token(force_refresh=True)
         except TokenError as error:
-            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.INVALID
+            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.CREDENTIALS
             raise ConnectorError(
-                kind, f"no token: {error}", code=error.code or "TokenError", operation=operation
+                kind,
+                f"no token: {error}",
+                code=error.code or "TokenError",
+                operation=operation,
+                setting=error.setting,
             ) from error
         except TimeoutError:
             raise ConnectorError(
@@ -801,13 +813,17 @@ def error_from_response(
     ``secrets`` (the token that was sent) are removed should the service echo them.
     """
     code, message, teams_code = parse_error_body(content, secrets)
+    kind = classify(status, code, teams_code)
     return ConnectorError(
-        classify(status, code, teams_code),
+        kind,
         message or f"HTTP {status}",
         status=status,
         code=code,
         retry_after=parse_retry_after(headers.get("Retry-After")),
         operation=operation,
+        # The Connector refused the bot's token even after a refresh: the app id (or its
+        # registration with the Bot Service) is what to check.
+        setting="MicrosoftAppId" if kind is ErrorKind.CREDENTIALS else None,
     )
 
 
@@ -815,8 +831,12 @@ def classify(status: int, code: str | None, teams_code: int | None = None) -> Er
     folded = (code or "").lower()
     if status == 429:
         return ErrorKind.THROTTLED
-    if status >= 500 or status == 412:
+    if status in RETRY_STATUSES:
         return ErrorKind.TRANSIENT
+    if status >= 500:
+        return ErrorKind.UNCERTAIN
+    if status == 401:
+        return ErrorKind.CREDENTIALS
     if status == 403 and (folded in GONE_403_CODES or teams_code == TEAMS_BLOCKED_ERROR_CODE):
         return ErrorKind.GONE
     if status == 404 and folded == "conversationnotfound":
@@ -939,8 +959,17 @@ def _result(operation: str, expect: Expect, content: bytes) -> Any:
 
 
 def _q(value: str) -> str:
-    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included."""
-    return quote(value, safe="")
+    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
+
+    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    """
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
+        ) from None
 
 
 def _build_url(
@@ -1004,7 +1033,7 @@ def parse_service_url(service_url: str) -> ServiceTarget | None:
     path = parts.path
     if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
         return None
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if has_dot_segment(path):
         return None
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))

@@ -82,17 +82,23 @@ def normalize_service_url(url: object) -> tuple[object, ...]:
     trailing slash do not matter; everything else does.
 
     URLs with characters urlsplit would silently drop or fold (whitespace, controls,
-    non-ASCII) or that parsers read differently (backslash) are refused, not normalised.
+    non-ASCII; an empty query, fragment or port) or that parsers read differently
+    (backslash) are refused, not normalised: a serviceUrl is never more than scheme, host,
+    port and path, and the Connector client refuses anything else.
     """
     if not isinstance(url, str) or not url:
         raise AuthError("serviceUrl missing")
     if not _plain_url(url):
         raise AuthError("serviceUrl has whitespace, control, non-ASCII or backslash characters")
+    if "?" in url or "#" in url:
+        raise AuthError("serviceUrl has a query or fragment")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise AuthError("serviceUrl is not a valid URL") from None
+    if parts.netloc.endswith(":"):
+        raise AuthError("serviceUrl has an empty port")
     scheme = parts.scheme.lower()
     if port == _DEFAULT_PORTS.get(scheme):
         port = None

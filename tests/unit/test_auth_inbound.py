@@ -206,6 +206,39 @@ async def test_channel_token_rejections(auth, channel_identity, clock, case):
     assert (await auth.authenticate(bearer(good), activity())).kind == "channel"
 
 
+# The activity's serviceUrl differs from the claim only by what urlsplit would fold away:
+# an empty query or fragment, an empty port. The Connector refuses such URLs, so accepting
+# them would fail the turn and overwrite the stored reference with an unusable URL.
+@pytest.mark.parametrize(
+    "service_url",
+    [
+        "https://smba.trafficmanager.net/amer/?",
+        "https://smba.trafficmanager.net/amer/#",
+        "https://smba.trafficmanager.net:/amer/",
+        "https://smba.trafficmanager.net/amer/?#",
+    ],
+)
+async def test_a_service_url_that_only_folds_to_the_claim_is_rejected(
+    auth, channel_identity, service_url
+):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert "serviceUrl" in await rejected(auth, bearer(token), activity(service_url))
+
+
+async def test_a_claim_that_only_folds_to_the_service_url_is_rejected(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL + "?")
+    assert "serviceUrl" in await rejected(auth, bearer(token), activity())
+
+
+async def test_case_default_port_and_trailing_slash_still_match(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    for same in (
+        "HTTPS://SMBA.trafficmanager.net/amer",
+        "https://smba.trafficmanager.net:443/amer/",
+    ):
+        assert (await auth.authenticate(bearer(token), activity(same))).kind == "channel"
+
+
 @pytest.mark.parametrize(
     "header",
     [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer a b", "Bearer " + "a" * 20_000],

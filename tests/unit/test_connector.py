@@ -331,14 +331,19 @@ async def test_401_refreshes_the_token_once_and_retries(client, fake_connector, 
     assert fake_connector.activities == [{"type": "message"}]
 
 
-async def test_a_second_401_is_an_invalid_error(client, fake_connector, fake_aad, aad_app):
+async def test_a_second_401_is_a_credentials_error_naming_the_setting(
+    client, fake_connector, fake_aad, aad_app
+):
+    # Defect 5: classed `invalid`, it sent every queued proactive message to the poison queue.
     body = {"error": {"code": "BotNotRegistered", "message": "No registration found for this bot."}}
     fake_connector.script("POST", "activities$", [Reply(401, json=body)] * 3)
 
     with pytest.raises(ConnectorError) as caught:
         await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
 
-    assert (caught.value.kind, caught.value.status) == (ErrorKind.INVALID, 401)
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.CREDENTIALS, 401)
+    assert caught.value.setting == "MicrosoftAppId"
+    assert not caught.value.retryable and not caught.value.terminal
     assert caught.value.code == "BotNotRegistered"
     assert len(fake_connector.requests) == 2
     assert fake_aad.issued[aad_app.app_id] == 2
@@ -357,7 +362,9 @@ async def test_token_failures_become_connector_errors_and_nothing_is_sent(
     finally:
         await connector.close()
 
-    assert caught.value.kind is ErrorKind.INVALID
+    # Defect 5: a refused secret is the bot's configuration, not the message's fault.
+    assert caught.value.kind is ErrorKind.CREDENTIALS
+    assert caught.value.setting == "MicrosoftAppPassword"
     assert caught.value.code == "AADSTS7000215"
     assert "MicrosoftAppPassword" in str(caught.value)
     assert "not-the-secret" not in str(caught.value)
@@ -419,7 +426,9 @@ async def test_500_is_not_retried(client, fake_connector):
         await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
 
     assert len(fake_connector.requests) == 1
-    assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 500)
+    # Defect 3: the message may have been posted; `transient` made callers send it again.
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.UNCERTAIN, 500)
+    assert not caught.value.retryable
 
 
 async def test_a_dropped_connection_is_retried(client, fake_connector, vtime):
@@ -996,6 +1005,10 @@ def test_look_alike_service_urls_are_refused(settings, service_url):
         "https://connector.contoso.com/teams/x%2F..%2F..%2Fadmin/",
         "https://connector.contoso.com/teams/x%5C..%5C..%5Cadmin/",
         "https://connector.contoso.com/teams%2F..%2Fadmin/",
+        # Servers that strip path parameters (";...") read these segments as "..", ".".
+        "https://connector.contoso.com/teams/..;/admin/",
+        "https://connector.contoso.com/teams/..;x=1/admin/",
+        "https://connector.contoso.com/teams/.;/..;/admin/",
     ],
 )
 def test_a_path_prefix_cannot_be_escaped(url):
@@ -1020,6 +1033,24 @@ async def test_a_dot_segment_never_reaches_the_connector(fake_connector, aad_app
     finally:
         await connector.close()
     assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize("conversation_id", ["a:\ud800", "\udfff", "x\udc80y"])
+async def test_a_lone_surrogate_in_an_id_is_a_clear_error_and_nothing_is_sent(
+    client, fake_connector, conversation_id
+):
+    calls = [
+        client.send_to_conversation(fake_connector.url, conversation_id, {"type": "message"}),
+        client.reply_to_activity(fake_connector.url, "a:1", conversation_id, {"type": "message"}),
+        client.get_conversation_members(fake_connector.url, conversation_id),
+        client.get_attachment_info(fake_connector.url, conversation_id),
+    ]
+    for call in calls:
+        with pytest.raises(ConnectorError) as caught:
+            await call
+        assert caught.value.kind is ErrorKind.INVALID
+        assert not caught.value.retryable
     assert fake_connector.requests == []
 
 
