@@ -7,32 +7,69 @@ PY := $(VENV)/bin/python
 AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
 STAMP := $(VENV)/.installed
+PLAYGROUND_VERSION := 0.2.28
+PLAYGROUND := .tools/playground/node_modules/.bin/agentsplayground
+CHANNEL ?= msteams
+# Playwright (browser test) drives Debian's chromium: it never downloads a browser.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup run test lint format chat bench clean
+.PHONY: setup run test lint format chat playground browser bench clean
 
 setup: $(STAMP) $(AZURITE)
 
 $(STAMP): requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $@
+	@echo "Installing the Python packages into $(VENV) (first run only: about 20-60 s)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+	@echo "Python packages installed."
 
+# npm: no spinner (its glyphs stick to the next line when the output is not a terminal).
 $(AZURITE):
-	mkdir -p .tools/azurite
-	echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
-	cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --loglevel=error \
-		azurite@$(AZURITE_VERSION)
+	@echo "Installing Azurite $(AZURITE_VERSION) into .tools/azurite (npm; first run only: about 30 s)..."
+	@mkdir -p .tools/azurite
+	@echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
+	@cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --no-progress \
+		--loglevel=error azurite@$(AZURITE_VERSION)
+	@echo "Azurite installed."
+
+$(PLAYGROUND):
+	@echo "Installing Microsoft 365 Agents Playground $(PLAYGROUND_VERSION) into .tools/playground (npm; first run only: a few seconds)..."
+	@mkdir -p .tools/playground
+	@echo '{"name": "local-playground", "private": true}' > .tools/playground/package.json
+	@cd .tools/playground && npm install --no-audit --no-fund --no-package-lock --no-progress \
+		--loglevel=error @microsoft/m365agentsplayground@$(PLAYGROUND_VERSION)
+	@echo "Agents Playground installed."
+
+## Chromium for the browser test: Debian's package, installed when missing and possible
+## (root with apt-get). Without it the test skips and says why; under CI=true it fails.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing Chromium (Debian package chromium; first run only: about 1 min)..."; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends chromium >/dev/null) \
+				|| echo "Chromium could not be installed: the browser test will say so."; \
+		else \
+			echo "No chromium here (install Debian's chromium as root): the browser test skips."; \
+		fi; \
+	fi
 
 ## Run the bot locally on http://127.0.0.1:7071 with Azurite on its default ports.
 run: setup
-	$(PY) -m tools.run_local
+	@$(PY) -m tools.run_local
 
 ## Type messages to the locally running bot (start `make run` first, in another terminal).
 chat: setup
 	$(PY) -m tools.botsim chat
 
+## Microsoft 365 Agents Playground (a Teams-like page) against the local bot; starts the bot
+## when `make run` is not running. CHANNEL=webchat or CHANNEL=emulator for another channel.
+playground: setup $(PLAYGROUND)
+	@$(PY) -m tools.playground --channel $(CHANNEL)
+
 ## Lint, then every test (unit + Azurite integration + end-to-end). Starts and stops its own Azurite.
-test: setup
+test: setup $(PLAYGROUND) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

@@ -108,9 +108,9 @@ def build_web_app(
             if route.allows(request.method):
                 return await _invoke(request, route, match, invoker)
         if matches:
-            logger.info("%s is not a method of %s (404, as the host)", request.method, path)
+            logger.debug("%s is not a method of %s (404, as the host)", request.method, path)
         else:
-            logger.info("No function for %s %s (404)", request.method, path)
+            logger.debug("No function for %s %s (404, as the host)", request.method, path)
         return web.Response(status=404)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
