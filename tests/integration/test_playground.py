@@ -1,0 +1,203 @@
+"""The bot in Microsoft 365 Agents Playground, driven through its own page in headless Chromium.
+
+Real parts end to end: the repo's local host (messages and proactive functions) on Azurite,
+the Playground 0.2.28 from `.tools/playground` started as `make playground` starts it (no
+browser spawned, telemetry off, loopback only), and Debian's chromium driven by Playwright.
+The test does what a person would: reads the welcome, types a message and sees the echo,
+mocks "Add user" and sees that user welcomed, sees a proactive message arrive on the open
+page, and uninstalls the app, after which the stored conversation reference is gone.
+On failure a screenshot of the page is saved in the test's output folder.
+
+Without a browser (or the Playground) the test says why and skips; under CI=true that is a
+failure, since `make test` installs both.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.storage.blob import ContainerClient
+from azure.storage.queue import QueueClient
+
+from tests.fixtures.devhost import DevHost
+from tools.azurite import AZURITE_BIN, free_port
+from tools.playground import CLI as PLAYGROUND_CLI
+from tools.playground import Playground
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not AZURITE_BIN.exists(), reason="Azurite is not installed"),
+]
+
+# Flags that let Chromium run headless here: no sandbox (root in a container), and none of
+# its background connections (this machine has no outside network and refuses them).
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOWN = 30_000  # ms for something the bot sent to appear on the page
+STORED = 15.0  # s for a reference write or delete to show in storage
+
+
+def unavailable(reason: str) -> None:
+    """Skip on a developer's machine; fail under CI, where `make test` installs everything."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: `make test` should have installed it)")
+    pytest.skip(reason)
+
+
+def chromium_path() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    unavailable("no chromium on PATH: `make test` installs Debian's chromium when run as root")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    executable = chromium_path()
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=executable, args=CHROMIUM_FLAGS, headless=True
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def bot(azurite, unique_name, tmp_path) -> Iterator[tuple[DevHost, dict[str, str]]]:
+    """The bot as `make run` runs it (example settings: local unauthenticated mode)."""
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "MicrosoftAppId": "",
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
+        "BOT_PROACTIVE_QUEUE": unique_name("proactive"),
+    }
+    queue = QueueClient.from_connection_string(
+        azurite.connection_string, env["BOT_PROACTIVE_QUEUE"]
+    )
+    queue.create_queue()
+    host = DevHost(env, tmp_path, functions=("messages_function", "proactive_function"))
+    try:
+        yield host.wait_started(), env
+    finally:
+        host.stop()
+        queue.close()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page: Any, folder: Path, logs: Callable[[], str]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        shot = folder / "playground-failure.png"
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot of the page: {shot}\n--- logs ---\n{logs()}")
+        raise
+
+
+def references(connection_string: str, container: str) -> list[dict[str, Any]]:
+    """The stored conversation reference documents."""
+    with ContainerClient.from_connection_string(connection_string, container) as client:
+        if not client.exists():
+            return []
+        return [
+            json.loads(client.download_blob(blob.name).readall())
+            for blob in client.list_blobs(name_starts_with="refs/")
+        ]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def mock_activity(page: Any, item: str) -> None:
+    """The Playground's "Mock an Activity" menu, then the item's "Send activity" dialog."""
+    page.get_by_text("Mock an Activity").click()
+    page.get_by_text(item, exact=True).click()
+    page.get_by_text("Send activity").click()
+
+
+def bot_messages(page: Any, text: str) -> Any:
+    return page.get_by_text(text)
+
+
+def test_the_bot_in_the_agents_playground(browser, bot, azurite, tmp_path):
+    host, env = bot
+    container = env["BOT_REFERENCES_CONTAINER"]
+    playground = Playground(
+        f"{host.url}/api/messages", port=free_port(), log_file=tmp_path / "playground.log"
+    ).start()
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    logs = lambda: "\n".join(playground.lines) + "\n" + host.log  # noqa: E731
+    try:
+        with screenshot_on_failure(page, tmp_path, logs):
+            page.goto(playground.url)
+
+            # Installing the app in a personal chat: Teams sends no name, the bot looks it up.
+            welcome = "Welcome, Alex Wilber! Send me a message and I will echo it."
+            bot_messages(page, welcome).first.wait_for(timeout=SHOWN)
+            [stored] = wait_for(
+                lambda: references(azurite.connection_string, container), STORED, "the reference"
+            )
+            assert stored["channelId"] == "msteams"
+
+            page.get_by_role("textbox").click()
+            page.keyboard.type("hello from the browser")
+            page.keyboard.press("Enter")
+            bot_messages(page, "Echo: hello from the browser").first.wait_for(timeout=SHOWN)
+
+            mock_activity(page, "Add user")
+            wait_for(
+                lambda: bot_messages(page, welcome).count() >= 2, SHOWN / 1000, "a 2nd welcome"
+            )
+
+            # A proactive message, queued as a producer queues it, appears on the open page.
+            text = f"proactive hello {uuid.uuid4().hex[:8]}"
+            request = {"id": uuid.uuid4().hex, "to": {"conversation": stored["key"]}, "text": text}
+            with QueueClient.from_connection_string(
+                azurite.connection_string, env["BOT_PROACTIVE_QUEUE"]
+            ) as queue:
+                queue.send_message(base64.b64encode(json.dumps(request).encode()).decode())
+            bot_messages(page, text).first.wait_for(timeout=SHOWN)
+
+            mock_activity(page, "Uninstall application")
+            wait_for(
+                lambda: not references(azurite.connection_string, container),
+                STORED,
+                "the reference to be removed",
+            )
+    finally:
+        page.close()
+        playground.stop()
