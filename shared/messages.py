@@ -109,7 +109,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse
     outcome = await _run_turn(runtime.router, turn)
     await _record(runtime, recorded, ids)
     response = _respond(activity, turn, outcome)
-    logger.info("messages: %s %s -> %s", ids, activity["type"], response.status)
+    logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response
 
 

@@ -338,6 +338,49 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
         wait_for_log(host, "Executed 'Functions.messages_function'")
 
 
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_an_activity_logs_one_line_by_default_and_its_detail_at_debug(
+    tmp_path, azurite, fake_connector, debug
+):
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "MicrosoftAppId": "",
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_REFERENCES_CONTAINER": f"devhost-logs-{uuid.uuid4().hex[:8]}",
+    }
+    if debug:
+        env["PYTHON_ENABLE_DEBUG_LOGGING"] = "1"  # the worker's setting, honoured locally too
+    activity = {
+        "type": "message",
+        "id": "activity-1",
+        "channelId": "msteams",
+        "serviceUrl": fake_connector.url,
+        "from": {"id": "29:user", "name": "Ada"},
+        "recipient": {"id": "28:bot", "name": "Bot"},
+        "conversation": {"id": "a:logs", "conversationType": "personal"},
+        "text": "hello",
+    }
+    with running(REPO, tmp_path, env, "--functions", "messages_function") as host:
+        before = len(host.stderr)
+        headers = {"Content-Type": "application/json"}
+        assert (
+            request(host, "POST", "/api/messages", json.dumps(activity).encode(), headers)[0] == 200
+        )
+        wait_for_log(host, "Executed 'Functions.messages_function' (Succeeded")
+        time.sleep(0.5)  # anything logged late would show now
+        lines = host.stderr[before:].splitlines()
+    assert fake_connector.activities[0]["text"] == "Echo: hello"  # the reference was written too
+    if debug:
+        detail = "\n".join(lines)
+        assert "messages: activity='activity-1' conversation='msteams/a:logs'" in detail
+        assert "references: created msteams/a:logs" in detail, detail
+    else:
+        assert len(lines) == 1, lines
+        assert "Executed 'Functions.messages_function' (Succeeded" in lines[0]
+    # The app holds the Azure SDK at WARNING (no request/response header dumps), even at DEBUG.
+    assert not any("azure.core" in line or "Request URL" in line for line in lines)
+
+
 # --- queues and timers -------------------------------------------------------------
 
 
