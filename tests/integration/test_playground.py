@@ -19,7 +19,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost
-from tools.azurite import AZURITE_BIN, free_port
+from tools.azurite import AZURITE_BIN, free_port, listening
 from tools.playground import CLI as PLAYGROUND_CLI
 from tools.playground import Playground
 
@@ -50,6 +54,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+ROOT = Path(__file__).resolve().parents[2]
 SHOWN = 30_000  # ms for something the bot sent to appear on the page
 STORED = 15.0  # s for a reference write or delete to show in storage
 
@@ -198,6 +203,58 @@ def test_the_bot_in_the_agents_playground(browser, bot, azurite, tmp_path):
                 STORED,
                 "the reference to be removed",
             )
+            # The Playground's readiness probe (HEAD /api/messages) was answered quietly.
+            assert "HEAD" not in host.log
     finally:
         page.close()
         playground.stop()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port` (from /proc, IPv4 and IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_path):
+    """`python -m tools.playground` (what `make playground` runs) on a PATH with nothing but
+    node: no xdg-open to spawn, and none needed."""
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    host, _ = bot
+    only_node = tmp_path / "bin"
+    only_node.mkdir()
+    (only_node / "node").symlink_to(shutil.which("node"))
+    port = free_port()
+    out = tmp_path / "playground.out"
+    with open(out, "w") as sink:
+        command = [sys.executable, "-m", "tools.playground", "--port", str(port)]
+        process = subprocess.Popen(
+            [*command, "--bot", f"{host.url}/api/messages", "--channel", "webchat"],
+            cwd=ROOT,
+            env={"PATH": str(only_node), "HOME": str(tmp_path)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: f"open http://127.0.0.1:{port} " in out.read_text(), 60, out.name)
+        assert "Agents Playground (webchat)" in out.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert page.status == 200
+        # Loopback only: 127.0.0.1, never the wildcard address (0.0.0.0 or ::).
+        assert listening_addresses(port) == {"0100007F"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    printed = out.read_text()
+    assert code == 0, printed
+    assert "Stopped the Playground." in printed
+    assert "xdg-open" not in printed and "ENOENT" not in printed
+    assert not listening(port)
