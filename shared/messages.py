@@ -1,4 +1,4 @@
-"""`POST /api/messages`: from an HTTP request to the bot's answer (DESIGN.md's table).
+"""`POST /api/messages`: from an HTTP request to the bot's answer (the README's table).
 
 The order is the security boundary: cheap checks of the request first (method, media
 type, size, JSON, required fields), then the token, and only then anything with a side
@@ -51,7 +51,7 @@ class TurnOutcome:
 
 
 async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) -> HttpResponse:
-    """Authenticate, validate and route one activity; answer per DESIGN.md."""
+    """Authenticate, validate and route one activity; answer per the README's table."""
     try:
         return await _handle(request, runtime)
     except Exception as error:  # a bug here must still give the channel a clean answer
