@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 # npm: no spinner (its glyphs stick to the next line when the output is not a terminal).
 $(AZURITE):
-	@echo "Installing Azurite $(AZURITE_VERSION) into .tools/azurite (npm; first run only: about 30 s)..."
+	@echo "Installing Azurite $(AZURITE_VERSION) into .tools/azurite (npm; first run only: about 30-60 s)..."
 	@mkdir -p .tools/azurite
 	@echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
 	@cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --no-progress \

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
@@ -128,13 +129,14 @@ def screenshot_on_failure(page: Any, folder: Path, logs: Callable[[], str]) -> I
 
 def references(connection_string: str, container: str) -> list[dict[str, Any]]:
     """The stored conversation reference documents."""
+    documents = []
     with ContainerClient.from_connection_string(connection_string, container) as client:
         if not client.exists():
             return []
-        return [
-            json.loads(client.download_blob(blob.name).readall())
-            for blob in client.list_blobs(name_starts_with="refs/")
-        ]
+        for blob in client.list_blobs(name_starts_with="refs/"):
+            with contextlib.suppress(ResourceNotFoundError):  # deleted since it was listed
+                documents.append(json.loads(client.download_blob(blob.name).readall()))
+    return documents
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
