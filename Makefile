@@ -24,22 +24,22 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $@
 	@echo "Python packages installed."
 
-# npm: no spinner (its glyphs stick to the next line when the output is not a terminal).
+# $(call npm_tool,FOLDER,PACKAGE@VERSION,NAME,HOW LONG): an npm package, pinned, in .tools/FOLDER.
+# No npm spinner: its glyphs stick to the next line when the output is not a terminal.
+define npm_tool
+	@echo "Installing $(3) into .tools/$(1) (npm; first run only: $(4))..."
+	@mkdir -p .tools/$(1)
+	@echo '{"name": "local-$(1)", "private": true}' > .tools/$(1)/package.json
+	@cd .tools/$(1) && npm install --no-audit --no-fund --no-package-lock --no-progress \
+		--loglevel=error $(2)
+	@echo "$(3) installed."
+endef
+
 $(AZURITE):
-	@echo "Installing Azurite $(AZURITE_VERSION) into .tools/azurite (npm; first run only: about 30-60 s)..."
-	@mkdir -p .tools/azurite
-	@echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
-	@cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --no-progress \
-		--loglevel=error azurite@$(AZURITE_VERSION)
-	@echo "Azurite installed."
+	$(call npm_tool,azurite,azurite@$(AZURITE_VERSION),Azurite $(AZURITE_VERSION),about 30-60 s)
 
 $(PLAYGROUND):
-	@echo "Installing Microsoft 365 Agents Playground $(PLAYGROUND_VERSION) into .tools/playground (npm; first run only: a few seconds)..."
-	@mkdir -p .tools/playground
-	@echo '{"name": "local-playground", "private": true}' > .tools/playground/package.json
-	@cd .tools/playground && npm install --no-audit --no-fund --no-package-lock --no-progress \
-		--loglevel=error @microsoft/m365agentsplayground@$(PLAYGROUND_VERSION)
-	@echo "Agents Playground installed."
+	$(call npm_tool,playground,@microsoft/m365agentsplayground@$(PLAYGROUND_VERSION),Microsoft 365 Agents Playground $(PLAYGROUND_VERSION),a few seconds)
 
 ## Chromium for the browser test: Debian's package, installed when missing and possible
 ## (root with apt-get). Without it the test skips and says why; under CI=true it fails.

@@ -32,7 +32,7 @@ import azure.functions as func
 import pytest
 from azure.storage.queue import QueueClient
 
-from tests.fixtures.devhost import DevHost
+from tests.fixtures.devhost import DevHost, wait_for
 from tools.azurite import listening as accepts_connections
 from tools.devhost.app import (
     Function,
@@ -92,16 +92,6 @@ def request(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def wait_for_log(host: DevHost, text: str, timeout: float = 5.0) -> str:

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
-from tests.fixtures.devhost import DevHost
+from tests.fixtures.devhost import DevHost, wait_for
 from tools.azurite import AZURITE_BIN, free_port, listening
 from tools.playground import CLI as PLAYGROUND_CLI
 from tools.playground import Playground
@@ -137,16 +136,6 @@ def references(connection_string: str, container: str) -> list[dict[str, Any]]:
             with contextlib.suppress(ResourceNotFoundError):  # deleted since it was listed
                 documents.append(json.loads(client.download_blob(blob.name).readall()))
     return documents
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def mock_activity(page: Any, item: str) -> None:
