@@ -4,11 +4,13 @@ Creates `local.settings.json` from the example on first run, starts the repo's A
 (unless one already answers on the default ports; its data is kept in
 `.tools/azurite-data`), creates the bot's queues and container, then runs `func start`
 when Azure Functions Core Tools are on PATH and the repo's own host (`tools/devhost`)
-otherwise. Ctrl-C or SIGTERM stops everything it started; a port already taken is a
+otherwise. Once the bot answers it prints one `Ready:` line with its URL and what to run
+next (`make chat`, `make playground`; `--no-hints` leaves those out). Ctrl-C or SIGTERM
+stops everything it started and says what it stopped; a port already taken is a
 one-line message, not a traceback.
 
     python -m tools.run_local [--port N] [--blob-port N --queue-port N --table-port N]
-                              [--settings FILE] [--data DIR] [--devhost]
+                              [--settings FILE] [--data DIR] [--devhost] [--no-hints]
 """
 
 from __future__ import annotations
