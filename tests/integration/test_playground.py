@@ -45,6 +45,7 @@ pytestmark = [
 
 # Flags that let Chromium run headless here: no sandbox (root in a container), and none of
 # its background connections (this machine has no outside network and refuses them).
+# Playwright adds --headless and a fresh temporary profile (--user-data-dir) itself.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
