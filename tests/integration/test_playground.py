@@ -250,3 +250,17 @@ def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_p
     assert "Stopped the Playground." in printed
     assert "xdg-open" not in printed and "ENOENT" not in printed
     assert not listening(port)
+
+
+def test_make_playground_against_a_bot_that_is_not_running_says_so(tmp_path):
+    bot = f"http://127.0.0.1:{free_port()}/api/messages"
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.playground", "--bot", bot, "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"no bot answers at {bot}: start it first" in result.stderr
+    assert "Traceback" not in result.stderr and "Stopped" not in result.stdout

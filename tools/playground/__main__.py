@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         echo=lambda line: print(f"playground: {line}"),
     )
+    started = False
     try:
         playground.start()
+        started = True
         print(
             f"\nAgents Playground ({args.channel}) for the bot at {args.bot}\n"
             f"  open {playground.url} in a browser (Ctrl-C to stop)\n",
@@ -99,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(KeyboardInterrupt):
             playground.stop()
-            stopped = "the Playground"
+            stopped = ["the Playground"] if started else []
             if bot is not None:
                 stop_bot(bot)
-                stopped += " and the bot it started"
-            print(f"Stopped {stopped}.", flush=True)
+                stopped.append("the bot it started")
+            if stopped:
+                print(f"Stopped {' and '.join(stopped)}.", flush=True)
 
 
 def interrupt(signum: int, frame: object) -> None:
