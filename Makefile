@@ -13,9 +13,16 @@ CHANNEL ?= msteams
 # Playwright (browser test) drives Debian's chromium: it never downloads a browser.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup run test lint format chat playground browser bench clean
+.PHONY: setup run test lint format chat playground browser bench clean package teams-package
 
-setup: $(STAMP) $(AZURITE)
+# Offline checkers of infra/ and appPackage/: checkov in its own venv (its pins clash with the
+# app's), and the Teams manifest JSON schemas from Microsoft's npm package.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .tools/checkov-venv/bin/checkov
+APP_MANIFEST_VERSION := 1.1.2
+APP_MANIFEST := .tools/app-manifest/node_modules/@microsoft/app-manifest/package.json
+
+setup: $(STAMP) $(AZURITE) $(CHECKOV) $(APP_MANIFEST)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@echo "Installing the Python packages into $(VENV) (first run only: about 20-60 s)..."
@@ -55,6 +62,27 @@ browser:
 		fi; \
 	fi
 
+$(CHECKOV):
+	@echo "Installing checkov $(CHECKOV_VERSION) into .tools/checkov-venv (first run only: about 30-60 s)..."
+	@$(PYTHON) -m venv .tools/checkov-venv
+	@.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+
+$(APP_MANIFEST):
+	@echo "Installing the Teams manifest schemas into .tools/app-manifest (npm; first run only: a few seconds)..."
+	@mkdir -p .tools/app-manifest
+	@echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
+	@cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \
+		--no-progress --loglevel=error @microsoft/app-manifest@$(APP_MANIFEST_VERSION)
+
+## The zip `func azure functionapp publish` (or a zip deploy) uploads: dist/functionapp.zip.
+package: setup
+	$(PY) -m tools.package dist/functionapp.zip
+
+## The Teams app to upload (sideload): dist/teams-app.zip. Needs the bot's app id and the
+## app's host name: make teams-package BOT_ID=<guid> BOT_DOMAIN=<app>.azurewebsites.net
+teams-package: setup
+	$(PY) -m tools.teams_package --bot-id "$(BOT_ID)" --domain "$(BOT_DOMAIN)" dist/teams-app.zip
+
 ## Run the bot locally on http://127.0.0.1:7071 with Azurite on its default ports.
 run: setup
 	@$(PY) -m tools.run_local
@@ -89,4 +117,4 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools dist .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,216 @@
+"""tools/infra_check against infra/, and against mutated copies that break each rule."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools import infra_check
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def infra_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "infra"
+    shutil.copytree(ROOT / "infra", target)
+    return target
+
+
+def mutate(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"the mutation's anchor is gone from {path.name}: {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_the_repo_infra_has_no_problems() -> None:
+    assert infra_check.check_all() == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "infra").rglob("*.bicep")), ids=lambda p: p.name)
+def test_every_bicep_file_parses(path: Path) -> None:
+    tree = infra_check.parse(path)
+    assert tree["resources"] or tree.get("modules")
+
+
+def test_a_syntax_error_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "modules/bot.bicep", "kind: 'azurebot'", "kind: 'azurebot' +")
+    assert any("bot.bicep does not parse" in p for p in infra_check.check_all(infra_copy))
+
+
+def test_settings_are_derived_from_the_code_not_a_list() -> None:
+    names = infra_check.code_settings()
+    for name in ("MicrosoftAppId", "BOT_PROACTIVE_QUEUE", "AzureWebJobsStorage__clientId"):
+        assert name in names
+
+
+def test_a_setting_the_code_reads_but_bicep_misses_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "main.bicep", "  BOT_SCHEDULE: schedule\n", "")
+    problems = infra_check.check_app_settings(infra_copy)
+    assert "app setting BOT_SCHEDULE is read by shared/config.py but not set in Bicep" in problems
+    assert "schedule_function uses %BOT_SCHEDULE% (not set)" in problems
+
+
+def test_a_misspelt_setting_is_reported_both_ways(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "  BOT_TRUSTED_SERVICE_URLS: trustedServiceUrls",
+        "  BOT_TRUSTED_SERVICE_URL: trustedServiceUrls",
+    )
+    problems = infra_check.check_app_settings(infra_copy)
+    assert "app setting BOT_TRUSTED_SERVICE_URL is set in Bicep but nothing reads it" in problems
+    assert any("BOT_TRUSTED_SERVICE_URLS is read" in p for p in problems)
+
+
+def test_a_setting_the_code_starts_reading_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "config.py"
+    source = (ROOT / "shared" / "config.py").read_text()
+    config.write_text(
+        source + '\n\ndef _extra(env):\n    return _parse_bool(env, "BOT_NEW_FLAG")\n'
+    )
+    problems = infra_check.check_app_settings(infra_check.INFRA, config)
+    assert "app setting BOT_NEW_FLAG is read by shared/config.py but not set in Bicep" in problems
+
+
+def test_a_connection_string_setting_is_rejected(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "  AzureWebJobsStorage__credential: 'managedidentity'\n",
+        "  AzureWebJobsStorage__credential: 'managedidentity'\n  AzureWebJobsStorage: 'x'\n",
+    )
+    problems = infra_check.check_app_settings(infra_copy)
+    assert "app setting AzureWebJobsStorage must not be set on Azure" in problems
+
+
+def test_a_queue_name_that_differs_from_the_code_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "main.bicep", "= 'proactive-messages'", "= 'proactive'")
+    problems = infra_check.check_names(infra_copy)
+    assert "param proactiveQueue must default to the code's 'proactive-messages'" in problems
+
+
+def test_a_missing_poison_queue_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "modules/storage.bicep", "  name: poisonQueueName\n", "  name: 'other'\n")
+    problems = infra_check.check_names(infra_copy) + infra_check.check_roles(infra_copy)
+    assert "storage.bicep must create the poison queue" in problems
+
+
+def test_a_missing_queue_role_is_reported(infra_copy: Path) -> None:
+    path = infra_copy / "modules/storage.bicep"
+    text = path.read_text()
+    start = text.index("resource appPoisonQueue")
+    end = text.index("// A producer only adds")
+    path.write_text(text[:start] + text[end:])
+    problems = infra_check.check_roles(infra_copy)
+    assert "the app's identity lacks queue:receive on account or poisonQueue" in problems
+
+
+def test_a_weaker_blob_role_is_reported(infra_copy: Path) -> None:
+    # Reader instead of Owner: the app could no longer write or delete references.
+    mutate(
+        infra_copy / "modules/storage.bicep",
+        "roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+        "roles.storageBlobDataOwner)",
+        "roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', "
+        "roles.storageBlobDataReader)",
+    )
+    problems = infra_check.check_roles(infra_copy)
+    assert "the app's identity lacks blob:write on account" in problems
+
+
+def test_shared_key_access_enabled_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "modules/storage.bicep",
+        "allowSharedKeyAccess: false",
+        "allowSharedKeyAccess: true",
+    )
+    assert "storage account: allowSharedKeyAccess must be false" in infra_check.check_security(
+        infra_copy
+    )
+
+
+def test_listing_keys_or_a_secret_output_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "modules/storage.bicep",
+        "output name string = account.name",
+        "output name string = account.name\n"
+        "output accountKey string = account.listKeys().keys[0].value",
+    )
+    problems = infra_check.check_security(infra_copy)
+    assert "storage.bicep reads keys or SAS (list...()): identity only" in problems
+    assert "storage.bicep: output accountKey looks like a secret" in problems
+
+
+def test_telemetry_local_auth_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "modules/monitoring.bicep", "DisableLocalAuth: true", "DisableLocalAuth: false"
+    )
+    problems = infra_check.check_security(infra_copy)
+    assert "Application Insights: DisableLocalAuth must be true" in problems
+
+
+def test_a_messaging_endpoint_off_the_functions_route_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "hostName}/api/messages'\n    tags",
+        "hostName}/messages'\n    tags",
+    )
+    problems = infra_check.check_hosting(infra_copy)
+    assert "the bot's endpoint must be https://<app host>/api/messages" in problems
+
+
+def test_another_runtime_or_plan_is_reported(infra_copy: Path) -> None:
+    mutate(infra_copy / "modules/functionapp.bicep", "version: '3.11'", "version: '3.10'")
+    mutate(infra_copy / "modules/functionapp.bicep", "name: 'FC1'", "name: 'Y1'")
+    problems = infra_check.check_hosting(infra_copy)
+    assert "functionAppConfig.runtime must be python 3.11" in problems
+    assert "the plan must be Flex Consumption (FC1)" in problems
+
+
+def test_a_parameter_file_with_a_bad_value_or_name_is_reported(infra_copy: Path) -> None:
+    path = infra_copy / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"]["botAppType"] = {"value": "MultiTenant"}
+    values["parameters"]["namePrefix"] = {"value": "ab"}
+    values["parameters"]["botId"] = {"value": "x"}
+    path.write_text(json.dumps(values))
+    problems = infra_check.check_parameter_file(infra_copy)
+    assert "main.parameters.json: botAppType='MultiTenant' is not an allowed value" in problems
+    assert "main.parameters.json: namePrefix is shorter than 3" in problems
+    assert "main.parameters.json: botId is not a parameter" in problems
+
+
+def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
+    """Bicep's defaults, with what Azure fills in at deployment, make valid Settings."""
+    from shared.config import Settings
+
+    main = infra_check.load(infra_check.INFRA, "main.bicep")
+    defaults = {name: p.get("default") for name, p in main["parameters"].items()}
+    deployed = {  # what the expressions resolve to on Azure
+        "AzureWebJobsStorage__blobServiceUri": "https://stbot.blob.core.windows.net/",
+        "AzureWebJobsStorage__queueServiceUri": "https://stbot.queue.core.windows.net/",
+        "MicrosoftAppId": "00000000-0000-0000-0000-00000000000a",
+        "MicrosoftAppTenantId": "00000000-0000-0000-0000-00000000000b",
+        "AzureWebJobsStorage__clientId": "00000000-0000-0000-0000-00000000000a",
+        "BOT_REFERENCES_CONTAINER": defaults["referencesContainer"],
+        "BOT_PROACTIVE_QUEUE": defaults["proactiveQueue"],
+        "BOT_MAX_BODY_BYTES": str(defaults["maxBodyBytes"]),
+        "WEBSITE_INSTANCE_ID": "instance",
+    }
+    env = {}
+    for name, value in infra_check.app_settings().items():
+        if name in deployed:
+            env[name] = deployed[name]
+        elif isinstance(value, str) and value in defaults:
+            env[name] = str(defaults[value])
+        elif isinstance(value, str) and not re.search(r"\$\{", value):
+            env[name] = value
+    env["WEBSITE_INSTANCE_ID"] = "instance"
+    settings = Settings.from_env(env)
+    assert settings.app_type == "UserAssignedMSI"
+    assert settings.storage.credential == "managedidentity"
+    assert settings.proactive_queue == "proactive-messages"
+    assert settings.schedule == defaults["schedule"]

@@ -1,0 +1,160 @@
+"""`make package`: the zip holds the app and nothing dev-only, and its functions import in
+a fresh venv that has only requirements.txt installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tools import package
+
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS = ("messages_function", "proactive_function", "schedule_function")
+DEV_ONLY = (
+    "tests/",
+    "tools/",
+    "benchmarks/",
+    "infra/",
+    "appPackage/",
+    "docs/",
+    "dist/",
+    ".venv/",
+    ".tools/",
+    ".github/",
+    ".git",
+    "Makefile",
+    "requirements-dev.txt",
+    "local.settings.json",
+    "local.settings.example.json",
+    "pyproject.toml",
+)
+
+
+# Imports the function folders, then every module any file of the package imports, lazy
+# (inside a function) imports included, so a package missing from requirements.txt shows.
+_IMPORT_EVERYTHING = """
+import ast, importlib, pathlib, sys
+for function in sys.argv[1:]:
+    importlib.import_module(function)
+modules = set()
+for path in pathlib.Path(".").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+for module in sorted(modules):
+    importlib.import_module(module)
+print(len(modules), "modules ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    output = tmp_path_factory.mktemp("package") / "functionapp.zip"
+    package.build(output)
+    with zipfile.ZipFile(output) as archive:
+        return output, archive.namelist()
+
+
+def test_the_package_holds_the_app(built) -> None:
+    _, names = built
+    for required in ("host.json", "requirements.txt", "shared/__init__.py", "shared/config.py"):
+        assert required in names
+    for function in FUNCTIONS:
+        assert f"{function}/function.json" in names
+        assert f"{function}/__init__.py" in names
+
+
+def test_the_package_holds_nothing_dev_only(built) -> None:
+    _, names = built
+    leaked = [n for n in names if n.startswith(DEV_ONLY)]
+    assert leaked == []
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pem", ".key"))]
+
+
+def test_funcignore_rules_follow_gitignore(tmp_path: Path) -> None:
+    (tmp_path / ".funcignore").write_text("# comment\n*.log\n/top.txt\nsecrets/\n!keep.log\n")
+    for name in ("host.json", "requirements.txt", "a.log", "keep.log", "top.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.txt").write_text("x")
+    (tmp_path / "sub" / "b.log").write_text("x")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "s.json").write_text("x")
+    files = package.package_files(tmp_path)
+    assert files == [".funcignore", "host.json", "keep.log", "requirements.txt", "sub/top.txt"]
+
+
+def test_a_folder_that_is_not_an_app_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(SystemExit, match=r"missing host\.json, requirements\.txt"):
+        package.build(tmp_path / "out.zip", tmp_path)
+    assert not (tmp_path / "out.zip").exists()
+
+
+def test_the_same_tree_gives_the_same_bytes(built, tmp_path: Path) -> None:
+    output, _ = built
+    again = tmp_path / "again.zip"
+    package.build(again)
+    assert again.read_bytes() == output.read_bytes()
+
+
+@pytest.mark.integration
+def test_the_functions_import_with_only_requirements_installed(built, tmp_path: Path) -> None:
+    output, _ = built
+    app = tmp_path / "app"
+    with zipfile.ZipFile(output) as archive:
+        archive.extractall(app)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    # The repo's pip installs into the new venv (pip's cache keeps this quick).
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(app / "requirements.txt"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    result = subprocess.run(
+        [str(python), "-E", "-s", "-c", _IMPORT_EVERYTHING, *FUNCTIONS],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_the_make_targets_run_the_builders() -> None:
+    result = subprocess.run(
+        ["make", "-n", "package", "teams-package", "BOT_ID=id", "BOT_DOMAIN=host"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-m tools.package dist/functionapp.zip" in result.stdout
+    assert (
+        '-m tools.teams_package --bot-id "id" --domain "host" dist/teams-app.zip' in result.stdout
+    )

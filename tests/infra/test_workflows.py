@@ -1,0 +1,57 @@
+"""The CI workflow offered to users is linted by actionlint (it cannot run here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+ACTIONLINT = Path(sys.executable).parent / "actionlint"
+
+
+def actionlint(*files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ACTIONLINT), "-no-color", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_workflows_pass_actionlint() -> None:
+    assert WORKFLOWS
+    result = actionlint(*WORKFLOWS)
+    assert result.returncode == 0, result.stdout
+
+
+def test_actionlint_fails_a_broken_workflow(tmp_path: Path) -> None:
+    broken = tmp_path / "ci.yml"
+    shutil.copy(ROOT / ".github" / "workflows" / "ci.yml", broken)
+    text = broken.read_text()
+    assert "needs: test\n" in text
+    broken.write_text(text.replace("needs: test\n", "needs: tests\n"))
+    result = actionlint(broken)
+    assert result.returncode == 1
+    assert "tests" in result.stdout
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_deploys_use_federated_credentials_not_secrets(workflow: Path) -> None:
+    text = workflow.read_text()
+    assert "secrets." not in text
+    if "azure/login@" in text:
+        assert "id-token: write" in text
+        assert "client-secret" not in text and "creds:" not in text
+
+
+def test_deploying_happens_on_tags_after_the_tests() -> None:
+    text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    deploy = text[text.index("\n  deploy:") :]
+    assert "if: startsWith(github.ref, 'refs/tags/v')" in deploy
+    assert "needs: test\n" in deploy
+    assert "run: make test" in text[: text.index("\n  deploy:")]

@@ -1,0 +1,520 @@
+"""Offline checks of infra/ that no general tool makes: the Bicep against the code.
+
+- every `.bicep` file parses (pycep-parser) and every module path exists;
+- the app settings are exactly what `shared/config.py` reads, plus the host's own, and no
+  setting Flex Consumption rejects; `%SETTING%` references in function.json are all set;
+- the queue and container names are the code's defaults and the ones the settings name;
+- the role assignments grant what the host and the code do (blob read/write/delete and
+  container creation on the account, queue send/receive/delete on the proactive queue
+  and its poison queue, telemetry, the Key Vault secret);
+- Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
+  messages function serves, and the Teams channel is on;
+- main.parameters.json gives only declared parameters, with values they accept;
+- storage and telemetry are identity-only (no shared keys, TLS 1.2, no public blobs, local
+  auth off) and no output or expression hands out a key.
+
+Each check returns a list of problems (empty when the rule holds), so the tests can run
+them against mutated copies and see them fail.
+
+    python -m tools.infra_check [INFRA_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+
+# App settings the Functions host (not shared/config.py) reads.
+HOST_SETTINGS = {
+    "APPLICATIONINSIGHTS_CONNECTION_STRING": "where the host sends telemetry",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "telemetry with the managed identity",
+}
+# Settings shared/config.py reads that a deployment must not set, and why.
+NOT_DEPLOYED = {
+    "BOT_ALLOW_UNAUTHENTICATED": "local use only; the app refuses it on Azure",
+    "MicrosoftAppCertificatePath": "a PEM file path; Flex Consumption loads no certificate files",
+    "AZURE_FEDERATED_TOKEN_FILE": "set by Kubernetes workload identity, not by Functions",
+    "WEBSITE_INSTANCE_ID": "set by the platform itself",
+    "AzureWebJobsStorage": "a connection string holds the account key: identity-based only",
+    "AzureWebJobsStorage__accountName": "the service URIs are set instead (right in every cloud)",
+}
+# Settings Flex Consumption rejects or that would bring shared keys back.
+FORBIDDEN = (
+    "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTSHARE",
+    "AzureWebJobsStorage",
+    "APPINSIGHTS_INSTRUMENTATIONKEY",
+)
+
+# Outputs whose names look secret but are not, and why.
+NOT_SECRET_OUTPUTS = {
+    ("monitoring.bicep", "connectionString"): (
+        "names the ingestion endpoint; with local auth off, sending needs an Entra ID token"
+    ),
+}
+
+# Built-in roles (ids are the same in every tenant) and the data actions that matter here.
+ROLE_GRANTS = {
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": {  # Storage Blob Data Owner
+        "blob:read",
+        "blob:write",
+        "blob:delete",
+        "blob:create-container",
+    },
+    "ba92f5b4-2d11-453d-a403-e96b0029c9fe": {  # Storage Blob Data Contributor
+        "blob:read",
+        "blob:write",
+        "blob:delete",
+        "blob:create-container",
+    },
+    "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": {"blob:read"},  # Storage Blob Data Reader
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": {  # Storage Queue Data Contributor
+        "queue:send",
+        "queue:receive",
+        "queue:delete",
+        "queue:create",
+    },
+    "8a0f0c08-91a1-4084-bc3d-661d67233fed": {"queue:receive", "queue:delete"},  # Processor
+    "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a": {"queue:send"},  # Message Sender
+    "3913510d-42f4-4e42-8a64-420c390055eb": {"telemetry:publish"},  # Monitoring Metrics Pub.
+    "4633458b-17de-408a-b874-0445c86b69e6": {"secret:read"},  # Key Vault Secrets User
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": {"secret:read", "secret:write"},  # Secrets Officer
+}
+
+
+def parse(path: Path) -> dict[str, Any]:
+    from pycep import BicepParser
+
+    return BicepParser().parse(file_path=path)
+
+
+@cache
+def _parsed(text: str) -> dict[str, Any]:
+    from pycep import BicepParser
+
+    return BicepParser().parse(text=text)
+
+
+def load(infra: Path, name: str) -> dict[str, Any]:
+    """The parsed file (cached by content: the checks read each file several times)."""
+    return _parsed((infra / name).read_text())
+
+
+# ---- shared/config.py: the settings the code reads ----
+
+
+def code_settings(config_path: Path = ROOT / "shared" / "config.py") -> set[str]:
+    """Every environment name shared/config.py reads, found in its source (not a list).
+
+    Reads are calls `get(NAME)`, `env.get(NAME)`, `_parse_bool(env, NAME)` and
+    `_parse_number(env, NAME, ...)`; in a function with a `prefix` parameter (the
+    `AzureWebJobsStorage__*` forms) `get(SUFFIX)` reads `<prefix>__SUFFIX`.
+    """
+    tree = ast.parse(config_path.read_text())
+    names: set[str] = set()
+    for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        prefix = _prefix_default(function)
+        for call in (n for n in ast.walk(function) if isinstance(n, ast.Call)):
+            callee = call.func
+            name = callee.attr if isinstance(callee, ast.Attribute) else getattr(callee, "id", "")
+            position = {"get": 0, "_parse_bool": 1, "_parse_number": 1}.get(name)
+            if position is None or len(call.args) <= position:
+                continue
+            argument = call.args[position]
+            if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                text = argument.value
+                is_suffix = prefix and isinstance(callee, ast.Name) and _reads_prefixed(function)
+                names.add(f"{prefix}__{text}" if is_suffix else text)
+            elif isinstance(argument, ast.Name) and argument.id == "prefix" and prefix:
+                names.add(prefix)
+    return names
+
+
+def _prefix_default(function: ast.FunctionDef) -> str:
+    arguments = function.args
+    positional = arguments.args[len(arguments.args) - len(arguments.defaults) :]
+    for argument, default in zip(positional, arguments.defaults, strict=True):
+        if argument.arg == "prefix" and isinstance(default, ast.Constant):
+            return str(default.value)
+    return ""
+
+
+def _reads_prefixed(function: ast.FunctionDef) -> bool:
+    # The local `get` of StorageSettings.from_env builds f"{prefix}__{suffix}".
+    return any(
+        isinstance(node, ast.JoinedStr) and "__" in ast.unparse(node) for node in ast.walk(function)
+    )
+
+
+# ---- Bicep helpers ----
+
+
+def _identifiers(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for inner in value.values():
+            yield from _identifiers(inner)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _identifiers(item)
+
+
+def app_settings(infra: Path = INFRA) -> dict[str, Any]:
+    """The app settings main.bicep composes: `var appSettings`, its union's parts followed."""
+    variables = load(infra, "main.bicep")["variables"]
+    found: dict[str, Any] = {}
+    seen: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str) and value in variables and value not in seen:
+            seen.add(value)
+            collect(variables[value]["value"])
+        elif isinstance(value, dict) and "function" in value:  # union(a, b, ...)
+            for argument in (value["function"].get("parameters") or {}).values():
+                collect(argument)
+        elif isinstance(value, dict) and "operator" in value:  # cond ? {...} : {...}
+            operands = value["operator"].get("operands", {})
+            if value["operator"].get("type") == "conditional":
+                collect(operands.get("true_value"))
+                collect(operands.get("false_value"))
+        elif isinstance(value, dict):
+            found.update(value)
+
+    if "appSettings" not in variables:
+        return {}
+    collect(variables["appSettings"]["value"])
+    return found
+
+
+def check_parses(infra: Path = INFRA) -> list[str]:
+    problems = []
+    for path in sorted(infra.rglob("*.bicep")):
+        try:
+            tree = parse(path)
+        except Exception as error:  # pycep raises lark's many error types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            problems.append(f"{path.relative_to(infra)} does not parse: {first}")
+            continue
+        for name, module in tree.get("modules", {}).items():
+            target = path.parent / module["detail"]["path"]
+            if not target.is_file():
+                problems.append(f"{path.name}: module {name} points to a missing {target.name}")
+    return problems
+
+
+def check_app_settings(infra: Path = INFRA, config_path: Path | None = None) -> list[str]:
+    code = code_settings(config_path) if config_path else code_settings()
+    bicep = set(app_settings(infra))
+    problems = []
+    for name in sorted(code - bicep - set(NOT_DEPLOYED)):
+        problems.append(f"app setting {name} is read by shared/config.py but not set in Bicep")
+    for name in sorted(bicep - code - set(HOST_SETTINGS)):
+        problems.append(f"app setting {name} is set in Bicep but nothing reads it")
+    for name in sorted(set(NOT_DEPLOYED) - code):
+        problems.append(f"NOT_DEPLOYED names {name}, which shared/config.py no longer reads")
+    for name in sorted(bicep & (set(NOT_DEPLOYED) | set(FORBIDDEN))):
+        problems.append(f"app setting {name} must not be set on Azure")
+    for function_json in sorted(ROOT.glob("*/function.json")):
+        for reference in re.findall(r"%([A-Za-z0-9_]+)%", function_json.read_text()):
+            if reference not in bicep:
+                problems.append(f"{function_json.parent.name} uses %{reference}% (not set)")
+    # The function app module must get exactly these settings and add none.
+    modules = load(infra, "main.bicep").get("modules", {})
+    function_app = modules.get("functionApp", {}).get("config", {}).get("params", {})
+    if function_app.get("appSettings") != "appSettings":
+        problems.append("module functionApp does not receive appSettings")
+    config = [
+        resource
+        for resource in load(infra, "modules/functionapp.bicep")["resources"].values()
+        if resource["type"] == "Microsoft.Web/sites/config"
+    ]
+    if [_config(r).get("properties") for r in config] != ["appSettings"]:
+        problems.append("functionapp.bicep must set exactly the appSettings it is given")
+    return problems
+
+
+def check_names(infra: Path = INFRA) -> list[str]:
+    """Queue and container names: the code's defaults, created, and the ones the settings name."""
+    from shared.config import Settings
+
+    defaults = Settings()
+    main = load(infra, "main.bicep")
+    parameters = main["parameters"]
+    problems = []
+    for parameter, expected in (
+        ("referencesContainer", defaults.references_container),
+        ("proactiveQueue", defaults.proactive_queue),
+    ):
+        if parameters.get(parameter, {}).get("default") != expected:
+            problems.append(f"param {parameter} must default to the code's {expected!r}")
+    settings = app_settings(infra)
+    for setting, output in (
+        ("BOT_REFERENCES_CONTAINER", "referencesContainerName"),
+        ("BOT_PROACTIVE_QUEUE", "proactiveQueueName"),
+    ):
+        if output not in set(_identifiers(settings.get(setting))):
+            problems.append(f"{setting} must be the storage module's {output} output")
+    storage_params = main["modules"]["storage"]["config"]["params"]
+    if storage_params.get("proactiveQueueName") != "proactiveQueue":
+        problems.append("the storage module must create the queue named by param proactiveQueue")
+    if storage_params.get("referencesContainerName") != "referencesContainer":
+        problems.append("the storage module must create the container param referencesContainer")
+    storage = load(infra, "modules/storage.bicep")
+    names = {
+        _config(resource)["name"]: resource["type"].rsplit("/", 1)[-1]
+        for resource in storage["resources"].values()
+        if isinstance(_config(resource)["name"], str)
+    }
+    queue_names = {names_key for names_key, kind in names.items() if kind == "queues"}
+    poison = storage["variables"].get("poisonQueueName", {}).get("value")
+    if "proactiveQueueName" not in queue_names or poison != "${proactiveQueueName}-poison":
+        problems.append("storage.bicep must create the proactive queue and <queue>-poison")
+    if "poisonQueueName" not in queue_names:
+        problems.append("storage.bicep must create the poison queue")
+    outputs = storage["outputs"]
+    for output, resource in (
+        ("proactiveQueueName", "proactiveQueue"),
+        ("referencesContainerName", "referencesContainer"),
+    ):
+        if resource not in set(_identifiers(outputs.get(output, {}).get("value"))):
+            problems.append(f"storage output {output} must be the name of resource {resource}")
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    file: str
+    scope: str  # the symbolic name of the resource it is scoped to
+    grants: frozenset[str]
+    principal: str
+
+
+def role_assignments(infra: Path = INFRA) -> list[Assignment]:
+    found = []
+    for path in sorted((infra / "modules").glob("*.bicep")):
+        tree = load(infra, f"modules/{path.name}")
+        variables = {name: v["value"] for name, v in tree.get("variables", {}).items()}
+        for resource in tree["resources"].values():
+            if resource["type"] != "Microsoft.Authorization/roleAssignments":
+                continue
+            config = _config(resource)
+            role = _resolve_role(config["properties"]["roleDefinitionId"], variables)
+            found.append(
+                Assignment(
+                    path.name,
+                    str(config.get("scope")),
+                    frozenset(ROLE_GRANTS.get(role, set())),
+                    str(config["properties"]["principalId"]),
+                )
+            )
+    return found
+
+
+def _resolve_role(value: Any, variables: dict[str, Any]) -> str:
+    """The role GUID of `subscriptionResourceId('...roleDefinitions', X)`: X a GUID, a
+    variable, or `table.key` of an object variable."""
+    try:
+        name = value["function"]["parameters"]["resource_name_1"]
+    except (KeyError, TypeError):
+        return ""
+    if isinstance(name, str):
+        resolved = variables.get(name, name)
+        return resolved if isinstance(resolved, str) else ""
+    operands = name.get("operator", {}).get("operands", {})
+    table = variables.get(operands.get("operand_1"), {})
+    resolved = table.get(operands.get("operand_2")) if isinstance(table, dict) else None
+    return resolved if isinstance(resolved, str) else ""
+
+
+def _config(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource's body; a conditional resource (`= if (...) {...}`) nests it once more."""
+    config = resource["config"]
+    return config["config"] if "condition" in config and "config" in config else config
+
+
+# What the app's identity must be able to do, and on which resource (scope names in the
+# modules): the host's blobs and the references container live in the account.
+APP_NEEDS = (
+    ("storage.bicep", {"account"}, "blob:read"),
+    ("storage.bicep", {"account"}, "blob:write"),
+    ("storage.bicep", {"account"}, "blob:delete"),
+    ("storage.bicep", {"account"}, "blob:create-container"),
+    ("storage.bicep", {"account", "proactiveQueue"}, "queue:send"),
+    ("storage.bicep", {"account", "proactiveQueue"}, "queue:receive"),
+    ("storage.bicep", {"account", "proactiveQueue"}, "queue:delete"),
+    ("storage.bicep", {"account", "poisonQueue"}, "queue:send"),
+    ("storage.bicep", {"account", "poisonQueue"}, "queue:receive"),
+    ("storage.bicep", {"account", "poisonQueue"}, "queue:delete"),
+    ("monitoring.bicep", {"appInsights"}, "telemetry:publish"),
+    ("keyvault.bicep", {"vault"}, "secret:read"),
+)
+
+
+def check_roles(infra: Path = INFRA) -> list[str]:
+    assignments = [a for a in role_assignments(infra) if a.principal == "appPrincipalId"]
+    problems = []
+    for file, scopes, grant in APP_NEEDS:
+        if not any(a.file == file and a.scope in scopes and grant in a.grants for a in assignments):
+            problems.append(f"the app's identity lacks {grant} on {' or '.join(sorted(scopes))}")
+    for assignment in role_assignments(infra):
+        if not assignment.grants:
+            problems.append(f"{assignment.file}: a role assignment with an unknown role")
+    return problems
+
+
+def check_security(infra: Path = INFRA) -> list[str]:
+    problems = []
+    storage = load(infra, "modules/storage.bicep")["resources"]["account"]["config"]["properties"]
+    expected = {
+        "allowSharedKeyAccess": False,
+        "allowBlobPublicAccess": False,
+        "minimumTlsVersion": "TLS1_2",
+        "supportsHttpsTrafficOnly": True,
+    }
+    for key, value in expected.items():
+        if storage.get(key) != value:
+            problems.append(f"storage account: {key} must be {json.dumps(value)}")
+    insights = load(infra, "modules/monitoring.bicep")["resources"]["appInsights"]["config"]
+    if insights["properties"].get("DisableLocalAuth") is not True:
+        problems.append("Application Insights: DisableLocalAuth must be true")
+    app = load(infra, "modules/functionapp.bicep")["resources"]["app"]["config"]["properties"]
+    if app.get("httpsOnly") is not True:
+        problems.append("function app: httpsOnly must be true")
+    secret_words = re.compile(r"(?i)secret|password|key(?!vault)|connectionstring")
+    for path in sorted(infra.rglob("*.bicep")):
+        text = path.read_text()
+        if re.search(r"\blist(Keys|Secrets|AccountSas|ServiceSas)\s*\(", text):
+            problems.append(f"{path.name} reads keys or SAS (list...()): identity only")
+        outputs = load(infra, str(path.relative_to(infra)))["outputs"]
+        problems.extend(
+            f"{path.name}: output {name} looks like a secret"
+            for name in outputs
+            if secret_words.search(name)
+            and not name.endswith("Name")
+            and (path.name, name) not in NOT_SECRET_OUTPUTS
+        )
+    return problems
+
+
+def check_hosting(infra: Path = INFRA) -> list[str]:
+    """Flex Consumption, Python 3.11, identity-based deployment storage, and the bot's
+    endpoint on the route the messages function serves, with the Teams channel."""
+    problems = []
+    resources = load(infra, "modules/functionapp.bicep")["resources"]
+    if _config(resources["plan"]).get("sku") != {"name": "FC1", "tier": "FlexConsumption"}:
+        problems.append("the plan must be Flex Consumption (FC1)")
+    app = _config(resources["app"])
+    config = app["properties"].get("functionAppConfig", {})
+    if config.get("runtime") != {"name": "python", "version": "3.11"}:
+        problems.append("functionAppConfig.runtime must be python 3.11")
+    storage = config.get("deployment", {}).get("storage", {})
+    if storage.get("authentication", {}).get("type") != "UserAssignedIdentity":
+        problems.append("the deployment container must be reached with the user-assigned identity")
+    if app.get("identity", {}).get("type") != "UserAssigned":
+        problems.append("the function app must run as the user-assigned identity")
+    host = json.loads((ROOT / "host.json").read_text())
+    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    binding = json.loads((ROOT / "messages_function" / "function.json").read_text())
+    route = next(b["route"] for b in binding["bindings"] if b["type"] == "httpTrigger")
+    endpoint = load(infra, "main.bicep")["modules"]["bot"]["config"]["params"].get("endpoint")
+    if endpoint != f"https://${{functionApp.outputs.hostName}}/{prefix}/{route}":
+        problems.append(f"the bot's endpoint must be https://<app host>/{prefix}/{route}")
+    parameters = load(infra, "main.bicep")["parameters"]
+    if parameters["botAppType"].get("default") != "UserAssignedMSI":
+        problems.append("botAppType must default to UserAssignedMSI (no secret)")
+    bot = load(infra, "modules/bot.bicep")["resources"]
+    channels = [
+        _config(r)["properties"]
+        for r in bot.values()
+        if r["type"] == "Microsoft.BotService/botServices/channels"
+    ]
+    if {"channelName": "MsTeamsChannel", "properties": {"isEnabled": True}} not in channels:
+        problems.append("the bot must have the Microsoft Teams channel, enabled")
+    return problems
+
+
+_TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
+
+
+def check_parameter_file(infra: Path = INFRA) -> list[str]:
+    """main.parameters.json names only parameters main.bicep has, with values of their type
+    and within their @allowed / @minValue / @maxValue / @minLength / @maxLength, and gives
+    every parameter that has no default."""
+    declared = load(infra, "main.bicep")["parameters"]
+    path = infra / "main.parameters.json"
+    values = {
+        name: entry.get("value")
+        for name, entry in json.loads(path.read_text())["parameters"].items()
+    }
+    problems = [
+        f"{path.name}: {name} is not a parameter" for name in values if name not in declared
+    ]
+    for name, parameter in declared.items():
+        if parameter.get("default") is None and name not in values:
+            problems.append(f"{path.name}: {name} has no default and is not given")
+        if name not in values:
+            continue
+        value = values[name]
+        kind = _TYPES.get(parameter["type"])
+        if kind and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            problems.append(f"{path.name}: {name} must be of type {parameter['type']}")
+            continue
+        rules = {d["type"]: d["argument"] for d in parameter["decorators"]}
+        if "allowed" in rules and value not in rules["allowed"]:
+            problems.append(f"{path.name}: {name}={value!r} is not an allowed value")
+        if "min_value" in rules and value < rules["min_value"]:
+            problems.append(f"{path.name}: {name} is below its minimum")
+        if "max_value" in rules and value > rules["max_value"]:
+            problems.append(f"{path.name}: {name} is above its maximum")
+        if "min_length" in rules and len(value) < rules["min_length"]:
+            problems.append(f"{path.name}: {name} is shorter than {rules['min_length']}")
+        if "max_length" in rules and len(value) > rules["max_length"]:
+            problems.append(f"{path.name}: {name} is longer than {rules['max_length']}")
+    return problems
+
+
+def check_all(infra: Path = INFRA) -> list[str]:
+    problems = check_parses(infra)
+    if problems:
+        return problems
+    checks = (
+        check_app_settings,
+        check_names,
+        check_roles,
+        check_security,
+        check_hosting,
+        check_parameter_file,
+    )
+    for check in checks:
+        problems.extend(check(infra))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("infra", nargs="?", type=Path, default=INFRA, help="the infra folder")
+    infra = parser.parse_args(argv).infra
+    problems = check_all(infra.resolve())
+    for problem in problems:
+        print(problem)
+    print(f"{infra}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
