@@ -13,7 +13,7 @@ CHANNEL ?= msteams
 # Playwright (browser test) drives Debian's chromium: it never downloads a browser.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup run test lint format chat playground browser bench clean package teams-package
+.PHONY: setup run test lint format chat playground browser bench soak clean package teams-package
 
 # Offline checkers of infra/ and appPackage/: checkov in its own venv (its pins clash with the
 # app's), and the Teams manifest JSON schemas from Microsoft's npm package.
@@ -107,6 +107,11 @@ test: setup $(PLAYGROUND) browser
 bench: setup
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
+
+## Soak (not part of make test): one broadcast to 10,000 conversations through two local
+## hosts, the fake Connector enforcing Teams limits; results in benchmarks/results/.
+soak: setup
+	$(PY) -m benchmarks.proactive_soak
 
 lint: setup
 	$(PY) -m ruff check .

@@ -78,6 +78,12 @@ param maxBodyBytes int = 1048576
 @description('BOT_CONNECTOR_RATE_LIMIT: Connector requests per second, per instance.')
 param connectorRateLimit string = '50'
 
+@description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
+param proactiveMaxAgeSeconds string = '3600'
+
+@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it.')
+param proactiveClaimSeconds string = '45'
+
 // ---- Producers ----
 
 @description('Optional object id of a producer (user, group or service principal) allowed to enqueue proactive requests and read delivery reports.')
@@ -127,6 +133,12 @@ param logRetentionDays int = 30
 // ---- Names ----
 
 var suffix = take(uniqueString(resourceGroup().id, namePrefix), 8)
+var singleTenant = botAppType == 'SingleTenant'
+// An Azure Bot's app id cannot be changed once it is registered, so the registration's name
+// follows the bot's identity: switching to SingleTenant (or to another app registration)
+// creates a new registration instead of failing to update the old one.
+var botIdentity = singleTenant ? botAppId : 'UserAssignedMSI'
+var botSuffix = take(uniqueString(resourceGroup().id, namePrefix, botIdentity), 8)
 var names = {
   identity: 'id-${namePrefix}-${suffix}'
   storage: 'st${namePrefix}${suffix}'
@@ -134,11 +146,10 @@ var names = {
   appInsights: 'appi-${namePrefix}-${suffix}'
   plan: 'plan-${namePrefix}-${suffix}'
   app: 'func-${namePrefix}-${suffix}'
-  bot: 'bot-${namePrefix}-${suffix}'
+  bot: 'bot-${namePrefix}-${botSuffix}'
   vault: 'kv-${namePrefix}-${suffix}'
 }
 var deploymentContainer = 'app-package'
-var singleTenant = botAppType == 'SingleTenant'
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: names.identity
@@ -215,6 +226,8 @@ var botSettings = {
   BOT_SCHEDULE: schedule
   BOT_MAX_BODY_BYTES: string(maxBodyBytes)
   BOT_CONNECTOR_RATE_LIMIT: connectorRateLimit
+  BOT_PROACTIVE_MAX_AGE_SECONDS: proactiveMaxAgeSeconds
+  BOT_PROACTIVE_CLAIM_SECONDS: proactiveClaimSeconds
 }
 // SingleTenant: App Service resolves the reference with the identity; a reference without a
 // secret version follows rotation.

@@ -1,8 +1,9 @@
-"""Queue trigger on `%BOT_PROACTIVE_QUEUE%`: one proactive send request per message.
+"""Queue trigger on `%BOT_PROACTIVE_QUEUE%`: one proactive request per message.
 
-Thin adapter: the body goes to shared.proactive. What no retry can deliver is poisoned at
-once there; an exception (storage down, throttled) makes the host redeliver the message,
-and poison it after `maxDequeueCount` attempts, so nothing is lost.
+Thin adapter: the body goes to shared.proactive, which delivers, requeues a copy with a
+delay (throttled, transient, credentials or settings to fix, a reference still landing),
+poisons at once what no retry can deliver, and reports every outcome. Only a storage
+outage raises, so the host's redelivery and `maxDequeueCount` are kept for that.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import logging
 
 import azure.functions as func
 
-from shared.proactive import handle_queue_message
-from shared.runtime import get_runtime
+from shared.proactive import process_queue_message
 
 log = logging.getLogger(__name__)
 
 
 async def main(msg: func.QueueMessage) -> None:
-    outcome = await handle_queue_message(msg.get_body(), get_runtime())
+    outcome = await process_queue_message(msg.get_body())
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

@@ -1,6 +1,6 @@
 """The bot's settings: read once from the environment, validated, passed in everywhere.
 
-Setting names follow Azure Bot Service conventions (DESIGN.md, "Settings"), so an
+Setting names follow Azure Bot Service conventions (README, "Configuration"), so an
 existing bot's app settings map over unchanged. A missing or contradictory setting
 raises :class:`SettingsError` naming it, never a stack trace from inside a library.
 """
@@ -63,7 +63,7 @@ CLOUDS: dict[ChannelService, Cloud] = {
     ),
 }
 
-DEFAULT_SCHEDULE = "0 0 9 * * *"  # daily at 09:00 UTC (6-field NCRONTAB)
+DEFAULT_SCHEDULE = "0 * * * * *"  # every minute (6-field NCRONTAB): schedules fire on time
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 # App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
@@ -146,7 +146,7 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting of DESIGN.md, validated. Build with :meth:`from_env`."""
+    """Every setting of the README's Configuration table, validated. Build with :meth:`from_env`."""
 
     app_id: str = ""
     app_type: AppType = "MultiTenant"
@@ -166,6 +166,10 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     connector_rate_limit: float = 50.0
     federated_token_file: str = ""
+    # Proactive engine bounds (docs/proactive.md): how long a throttled or transiently
+    # failing send keeps being requeued, and how long an instance's claim on a target lasts.
+    proactive_max_age: float = 3600.0
+    proactive_claim_seconds: float = 45.0
 
     @property
     def cloud(self) -> Cloud:
@@ -276,6 +280,8 @@ class Settings:
             max_body_bytes=_parse_number(env, "BOT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
             connector_rate_limit=_parse_number(env, "BOT_CONNECTOR_RATE_LIMIT", 50.0, float),
             federated_token_file=get("AZURE_FEDERATED_TOKEN_FILE"),
+            proactive_max_age=_parse_number(env, "BOT_PROACTIVE_MAX_AGE_SECONDS", 3600.0, float),
+            proactive_claim_seconds=_parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float),
         )
 
 

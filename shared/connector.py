@@ -91,10 +91,16 @@ _MAX_CODE_CHARS = 100
 
 class ErrorKind(StrEnum):
     THROTTLED = "throttled"  # 429: retry after retry_after
-    TRANSIENT = "transient"  # 5xx, 412, connection errors: retry later
+    TRANSIENT = "transient"  # 412, 502, 503, 504, connection errors: retry later
     GONE = "gone"  # the bot can no longer reach this conversation: prune, do not retry
-    INVALID = "invalid"  # the request (or the bot's configuration) is wrong: do not retry
+    INVALID = "invalid"  # the request is wrong: do not retry
     UNTRUSTED = "untrusted"  # serviceUrl outside the trusted set: nothing was sent
+    # 500 and other unexpected 5xx: the service failed and may have acted (a message may be
+    # posted), so resending is not safe; report it and let an operator decide.
+    UNCERTAIN = "uncertain"
+    # The bot's own credentials or settings were refused (no token, a second 401): nothing
+    # is wrong with the request; keep it and fix the setting named in ``setting``.
+    CREDENTIALS = "credentials"
 
 
 class ConnectorError(Exception):
@@ -109,8 +115,10 @@ class ConnectorError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         operation: str | None = None,
+        setting: str | None = None,
     ) -> None:
         self.kind = kind
+        self.setting = setting
         self.message = message
         self.status = status
         self.code = code
@@ -525,7 +533,7 @@ class ConnectorClient:
             await self._sleep(delay)
 
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
-        # Checked before any token is acquired or connection opened (DESIGN: never send
+        # Checked before any token is acquired or connection opened (security rule: never send
         # the bot's token to a serviceUrl outside the trusted set).
         target = self._trusted_target(service_url)
         if target is not None:
@@ -554,9 +562,13 @@ class ConnectorClient:
                     # 401 get here in the same instant and share this one refresh.
                     token = await self._tokens.get_token(force_refresh=True)
         except TokenError as error:
-            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.INVALID
+            kind = ErrorKind.TRANSIENT if error.transient else ErrorKind.CREDENTIALS
             raise ConnectorError(
-                kind, f"no token: {error}", code=error.code or "TokenError", operation=operation
+                kind,
+                f"no token: {error}",
+                code=error.code or "TokenError",
+                operation=operation,
+                setting=error.setting,
             ) from error
         except TimeoutError:
             raise ConnectorError(
@@ -775,13 +787,17 @@ def error_from_response(
     ``secrets`` (the token that was sent) are removed should the service echo them.
     """
     code, message, teams_code = parse_error_body(content, secrets)
+    kind = classify(status, code, teams_code)
     return ConnectorError(
-        classify(status, code, teams_code),
+        kind,
         message or f"HTTP {status}",
         status=status,
         code=code,
         retry_after=parse_retry_after(headers.get("Retry-After")),
         operation=operation,
+        # The Connector refused the bot's token even after a refresh: the app id (or its
+        # registration with the Bot Service) is what to check.
+        setting="MicrosoftAppId" if kind is ErrorKind.CREDENTIALS else None,
     )
 
 
@@ -789,8 +805,12 @@ def classify(status: int, code: str | None, teams_code: int | None = None) -> Er
     folded = (code or "").lower()
     if status == 429:
         return ErrorKind.THROTTLED
-    if status >= 500 or status == 412:
+    if status in RETRY_STATUSES:
         return ErrorKind.TRANSIENT
+    if status >= 500:
+        return ErrorKind.UNCERTAIN
+    if status == 401:
+        return ErrorKind.CREDENTIALS
     if status == 403 and (folded in GONE_403_CODES or teams_code == TEAMS_BLOCKED_ERROR_CODE):
         return ErrorKind.GONE
     if status == 404 and folded == "conversationnotfound":

@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared.activity import conversation_reference, tenant_id
-from shared.references import ReferenceStore, reference_key
+from shared.references import TEAMS_CHANNEL, ReferenceStore, reference_key
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(conversation, Mapping):
         return reference
     conversation = dict(conversation)
-    tenant = tenant_id(activity)
+    tenant = tenant_id(activity) if _from_teams(activity) else None
     if tenant and not conversation.get("tenantId"):
         conversation["tenantId"] = tenant
     conversation_id = conversation.get("id")
@@ -142,7 +142,16 @@ def _channel_data(activity: Mapping[str, Any]) -> Mapping[str, Any]:
     return data if isinstance(data, Mapping) else {}
 
 
+def _from_teams(activity: Mapping[str, Any]) -> bool:
+    """Teams' channelData (tenant, team) is only trusted on msteams activities: inbound auth
+    checked that the signing key is endorsed for the channel, while any other channel's
+    client (Web Chat, Direct Line) can put whatever it likes into channelData."""
+    return activity.get("channelId") == TEAMS_CHANNEL
+
+
 def _team_id(activity: Mapping[str, Any]) -> str | None:
+    if not _from_teams(activity):
+        return None
     team = _channel_data(activity).get("team")
     team_id = team.get("id") if isinstance(team, Mapping) else None
     return team_id if isinstance(team_id, str) and team_id else None

@@ -1,156 +1,129 @@
-"""Proactive delivery: one queue message, one send (DESIGN.md, "Proactive queue message").
+"""Proactive delivery: one send per target, and what each outcome means.
 
-This is the delivery core the proactive engine builds on. It sends to the two targets
-that name one known conversation, `{"conversation": "<key>"}` (a stored reference) and
-`{"reference": {...}}`, and keeps the store honest: a conversation the channel says is
-gone is pruned, not retried. Anything that may succeed later (storage down, throttled or
-transient Connector errors) raises, so the queue redelivers the message instead of
-losing it. A message no retry can fix (malformed, an untrusted serviceUrl, an activity
-the Connector refuses) goes to `<queue>-poison` at once with the reason, instead of
-after five useless attempts. `user` and `broadcast` targets, idempotency by `id` and
-delivery reports come with the proactive engine; until then such a request is refused
-with a clear reason.
+A queue message (schema: shared/proactive_schema.py, docs/proactive.md) names one
+target: a stored conversation (`conversation`), an explicit `reference`, a Teams `user`
+(their stored 1:1, or a new one), or a `broadcast` (fanned out by shared/fanout.py into
+one message per conversation). :func:`handle_queue_message` is the queue trigger's one call:
+
+- delivered: the marker is written at once, then reported.
+- the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
+  reported as a duplicate.
+- throttled or transient after the client's own retries: a copy goes back on the queue
+  after `Retry-After` (+ jitter), up to `BOT_PROACTIVE_MAX_AGE_SECONDS`; then failed, with
+  a poison copy.
+- gone (403 roster / blocked, 404): the reference actually tried is pruned, reported.
+- no stored reference for the key: requeued for about a minute (the reference may be
+  landing), then failed with a poison copy.
+- malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
+  at once, reported failed.
+- 500 (the message may have been posted): never resent; failed with a poison copy.
+- the bot's credentials or settings refused: requeued with capped backoff, never
+  poisoned; delivered once the setting (named in the log) is fixed.
+
+A requeued copy is a new queue message and the original returns normally, so the host's
+dequeue budget (`maxDequeueCount`) is spent only on what raised: storage outages.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from shared.activity import apply_conversation_reference, as_activity, conversation_key
+from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector import ConnectorError, ErrorKind
-from shared.references import split_key
+from shared.idempotency import Busy, release_claim, take_claim
+from shared.ledger import BlobLedger, Ledger, iso
+from shared.proactive_schema import (
+    MAX_ID_CHARS,
+    RESERVED,
+    InvalidRequest,
+    ProactiveRequest,
+    UserTarget,
+    parse_request,
+)
+from shared.queues import (
+    MAX_QUEUE_MESSAGE_BYTES,
+    MessageQueue,
+    StorageQueue,
+    compact_json,
+    poison_message,
+)
+from shared.reports import (
+    SINGLE_TARGET,
+    ensure_head,
+    outcome_name,
+    record_duplicate,
+    record_outcome,
+    started_name,
+)
 from shared.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-
-class InvalidRequest(ValueError):
-    """The queue message is not a proactive request this bot can deliver."""
+__all__ = [
+    "MAX_QUEUE_MESSAGE_BYTES",
+    "Engine",
+    "InvalidRequest",
+    "Outcome",
+    "ProactiveRequest",
+    "deliver",
+    "handle_queue_message",
+    "parse_request",
+    "poison_message",
+    "send_to_poison_queue",
+]
 
 
 class Outcome(StrEnum):
     DELIVERED = "delivered"
     PRUNED = "pruned"  # the channel said the conversation is gone; its reference was removed
     UNKNOWN = "unknown"  # no stored reference for the conversation key
-    POISONED = "poisoned"  # no retry can deliver it: moved to the poison queue with the reason
+    POISONED = "poisoned"  # no retry can deliver it: poison queue with the reason, reported
+    FAILED = "failed"  # reported failed (a poison copy holds the request and the reason)
+    DUPLICATE = "duplicate"  # the target already had an outcome: nothing sent
+    REQUEUED = "requeued"  # a copy was put back on the queue with a delay
+    FANNED_OUT = "fanned-out"  # a broadcast enqueued its last page of targets
 
 
-@dataclass(frozen=True, slots=True)
-class ProactiveRequest:
-    id: str
-    key: str  # the conversation key ("<channelId>/<conversation.id>")
-    reference: Mapping[str, Any] | None  # an explicit reference target
-    activity: dict[str, Any]
-
-
-# Activity types a bot may send to a conversation on its own initiative. Inbound-only types
-# (invoke, conversationUpdate, ...) would only be refused by the Connector after a token and
-# a round trip.
-SENDABLE_TYPES = frozenset({"message", "typing", "event", "endOfConversation"})
-# Where the activity goes is the reference's to decide, never the producer's: these fields of
-# a producer's activity are dropped, then filled from the reference.
-ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipient")
-MAX_ID_CHARS = 1024
-# A queue message is at most 64 KiB once base64-encoded, so this many bytes before encoding.
-MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
-
-
-def parse_request(body: bytes | str) -> ProactiveRequest:
-    """Validate a queue message body; raises InvalidRequest with a short reason.
-
-    The content is either `activity` (an object; `type` defaults to message) or `text`
-    (shorthand for a message with that text), never both: a request carrying both is
-    ambiguous and refused. The activity's addressing fields (channelId, serviceUrl,
-    conversation, from, recipient) always come from the target's reference.
-    """
-    try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the message is not JSON") from None
-    if not isinstance(message, dict):
-        raise InvalidRequest("the message is not a JSON object")
-    request_id = message.get("id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
-        raise InvalidRequest(f"`id` must be a non-empty string of at most {MAX_ID_CHARS} chars")
-    activity = _content(message.get("activity"), message.get("text"))
-
-    target = message.get("to")
-    if not isinstance(target, dict) or len(target) != 1:
-        raise InvalidRequest("`to` must be an object with exactly one target")
-    if "conversation" in target:
-        try:
-            split_key(target["conversation"])
-        except ValueError:
-            raise InvalidRequest(
-                "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
-            ) from None
-        return ProactiveRequest(request_id, target["conversation"], None, activity)
-    if isinstance(target.get("reference"), dict):
-        reference = target["reference"]
-        conversation = reference.get("conversation")
-        if (
-            not _non_empty_string(reference.get("serviceUrl"))
-            or not _non_empty_string(reference.get("channelId"))
-            or not isinstance(conversation, dict)
-            or not _non_empty_string(conversation.get("id"))
-        ):
-            raise InvalidRequest("`to.reference` needs serviceUrl, channelId and conversation.id")
-        for account in ("bot", "user"):
-            if not isinstance(reference.get(account), dict | None):
-                raise InvalidRequest(f"`to.reference.{account}` must be an object")
-        key = conversation_key(reference["channelId"], conversation["id"])
-        return ProactiveRequest(request_id, key, reference, activity)
-    kind = next(iter(target))
-    if kind == "reference":
-        raise InvalidRequest("`to.reference` must be an object")
-    if kind in ("user", "broadcast"):
-        raise InvalidRequest(f"`to.{kind}` is not supported by this version")
-    raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
-
-
-def _content(activity: Any, text: Any) -> dict[str, Any]:
-    """The activity to send, from the request's `activity` or `text` (see parse_request)."""
-    if activity is not None and text is not None:
-        raise InvalidRequest("give either `activity` or `text`, not both")
-    if activity is not None:
-        if not isinstance(activity, dict):
-            raise InvalidRequest("`activity` must be an object")
-        outgoing = as_activity(activity)
-        kind = outgoing["type"]
-        if not isinstance(kind, str) or kind not in SENDABLE_TYPES:
-            raise InvalidRequest(
-                "`activity.type` must be one of " + ", ".join(sorted(SENDABLE_TYPES))
-            )
-        for name in ADDRESSING_FIELDS:
-            outgoing.pop(name, None)
-        return outgoing
-    if isinstance(text, str) and text:
-        return as_activity(text)
-    if text is not None:
-        raise InvalidRequest("`text` must be a non-empty string")
-    raise InvalidRequest("one of `activity` (an object) or `text` is required")
-
-
-def _non_empty_string(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
+# ---------------------------------------------------------------------------- one send
 
 
 async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
-    """Send one proactive request. Raises what a retry may fix (StoreError, ConnectorError)."""
+    """Parse and send one request, without bookkeeping (the engine adds that).
+
+    Raises InvalidRequest, and what the Connector or the store raised.
+    """
     request = parse_request(body)
-    reference = request.reference
-    if reference is None:
-        stored = await runtime.references.get(request.key)  # StoreError → redelivery
+    if request.broadcast is not None:
+        raise InvalidRequest("a broadcast is fanned out, not delivered")
+    return await send_one(request, runtime)
+
+
+async def send_one(request: ProactiveRequest, runtime: Runtime) -> Outcome:
+    """Send to the request's one target. Raises ConnectorError / StoreError.
+
+    Gone: only the reference that was tried is pruned. For an inline `reference` target
+    that is the stored one only when it names the same serviceUrl and conversation (the
+    producer's copy may be stale while the stored one, under the same key, works).
+    """
+    stored_key: str | None = None  # the stored reference the send used, if any
+    if request.user is not None:
+        stored_key, reference = await _user_reference(request.user, runtime)
+    elif request.reference is not None:
+        reference = request.reference
+    else:
+        assert request.key is not None
+        stored = await runtime.references.get(request.key)
         if stored is None:
-            logger.warning("proactive %r: no stored reference for %r", request.id, request.key)
             return Outcome.UNKNOWN
-        reference = stored.reference
+        stored_key, reference = stored.key, stored.reference
 
     activity = apply_conversation_reference(request.activity, reference)
     try:
@@ -160,43 +133,377 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
     except ConnectorError as error:
         if error.kind is not ErrorKind.GONE:
             raise
-        await runtime.references.delete(request.key)
+        pruned = await _prune(runtime, stored_key, request.key, reference)
         logger.info(
-            "proactive %r: conversation %r is gone (%s); reference pruned",
+            "proactive %r: %s is gone (%s); %s",
             request.id,
-            request.key,
+            request.label,
             error.code or error.status,
+            "reference pruned" if pruned else "no stored reference of it to prune",
         )
         return Outcome.PRUNED
-    logger.info("proactive %r: delivered to %r", request.id, request.key)
     return Outcome.DELIVERED
 
 
-Poison = Callable[[bytes | str, str], Awaitable[None]]
+async def _prune(
+    runtime: Runtime, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
+) -> bool:
+    if stored_key is not None:
+        return await runtime.references.delete(stored_key)
+    if key is None:
+        return False
+    stored = await runtime.references.get(key)
+    if stored is None or not _same_conversation(stored.reference, tried):
+        return False  # defect 4: the stored reference was not the one tried
+    return await runtime.references.delete(key)
+
+
+def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    def where(reference: Mapping[str, Any]) -> tuple[str, Any]:
+        conversation = reference.get("conversation") or {}
+        service_url = str(reference.get("serviceUrl") or "").rstrip("/").lower()
+        return service_url, conversation.get("id")
+
+    return where(a) == where(b)
+
+
+async def _user_reference(user: UserTarget, runtime: Runtime) -> tuple[str, Mapping[str, Any]]:
+    """The user's stored 1:1 in that tenant, or a new one (created, then remembered)."""
+    store = runtime.references
+    for lookup in ({"user_id": user.user_id}, {"aad_object_id": user.user_id}):
+        stored = await store.find_by_user(
+            channel_id=user.channel_id, tenant_id=user.tenant_id, **lookup
+        )
+        if stored is not None:
+            return stored.key, stored.reference
+    settings = runtime.settings
+    bot = {"id": f"28:{settings.app_id}" if settings.app_id else "28:bot"}
+    parameters = {
+        "bot": bot,
+        "members": [{"id": user.user_id}],
+        "channelData": {"tenant": {"id": user.tenant_id}},
+        "tenantId": user.tenant_id,
+        "isGroup": False,
+    }
+    created = await runtime.connector.background().create_conversation(user.service_url, parameters)
+    conversation_id = created.get("id") if isinstance(created, dict) else None
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise ConnectorError(
+            ErrorKind.INVALID, "createConversation answered without an id", status=200
+        )
+    # The serviceUrl stored is the one that was checked and called, never one the answer
+    # suggests: the bot's token only goes to trusted serviceUrls.
+    reference = {
+        "channelId": user.channel_id,
+        "serviceUrl": user.service_url,
+        "conversation": {
+            "id": conversation_id,
+            "conversationType": "personal",
+            "tenantId": user.tenant_id,
+        },
+        "bot": bot,
+        "user": {"id": user.user_id},
+    }
+    await store.upsert(reference, refresh=True)
+    key = conversation_key(user.channel_id, conversation_id)
+    logger.info("proactive: created 1:1 %s for a user target", key[:120])
+    return key, reference
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+@dataclass(slots=True)
+class Engine:
+    """What the queue trigger works with: the runtime, the bookkeeping store, the queue."""
+
+    runtime: Runtime
+    ledger: Ledger
+    queue: MessageQueue
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+    max_age: float = 3600.0  # throttled / transient requeues stop after this long
+    unknown_window: float = 60.0  # an unknown conversation key is retried this long
+    claim_seconds: float = 45.0
+    fanout_page_size: int = 250
+    fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
+    fanout_parallel: int = 32
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> Engine:
+        settings = runtime.settings
+        return cls(
+            runtime,
+            BlobLedger(settings),
+            StorageQueue(settings),
+            max_age=settings.proactive_max_age,
+            claim_seconds=settings.proactive_claim_seconds,
+        )
+
+    def jitter(self, delay: float) -> float:
+        """Spread requeued copies so a burst does not come back all at once."""
+        return delay * (1 + 0.2 * self.rand()) + self.rand()
+
+    async def requeue(
+        self, request: ProactiveRequest, delay: float, *, count: bool = True
+    ) -> Outcome:
+        """Put a copy back with a visibility delay; the original then completes normally."""
+        now = self.clock()
+        engine = request.engine
+        bookkeeping = replace(
+            engine,
+            attempt=engine.attempt + (1 if count else 0),
+            since=engine.since if engine.since is not None else now,
+        )
+        # An operator's retry keeps its `poisonReason` until it has an outcome again.
+        copy = {**request.message, RESERVED: bookkeeping.to_json()}
+        await self.queue.put(compact_json(copy), delay=delay)
+        if count and not engine.child and request.broadcast is None:
+            await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
+        return Outcome.REQUEUED
+
+    def age(self, request: ProactiveRequest) -> float:
+        since = request.engine.since
+        return 0.0 if since is None else max(0.0, self.clock() - since)
 
 
 async def handle_queue_message(
-    body: bytes | str, runtime: Runtime, *, poison: Poison | None = None
+    body: bytes | str, runtime: Runtime, *, engine: Engine | None = None
 ) -> Outcome:
-    """Deliver one queue message; poison at once what no retry can deliver.
+    """Process one queue message (see the module table). Raises only StoreError.
 
-    Raises only what a retry may fix, so the host's redelivery (and, after
-    `maxDequeueCount`, its own poisoning) is left to transient trouble.
+    An exception makes the host redeliver the message (and poison it after
+    `maxDequeueCount`), which is kept for storage outages: nothing else burns that budget.
     """
+    engine = engine or Engine.for_runtime(runtime)
     try:
-        return await deliver(body, runtime)
+        request = parse_request(body)
     except InvalidRequest as error:
-        reason = f"invalid request: {error}"
-    except ConnectorError as error:
-        if error.retryable:
-            raise
-        reason = f"not deliverable: {error.kind} (status {error.status}, code {error.code})"
-    if poison is None:
-        await send_to_poison_queue(runtime.settings, body, reason)
-    else:
-        await poison(body, reason)
-    logger.warning("proactive %r poisoned: %s", _request_id(body), reason)
+        return await _poison_invalid(engine, body, f"invalid request: {error}")
+    if request.broadcast is not None:
+        from shared.fanout import fan_out
+
+        return await fan_out(request, engine)
+    return await _deliver_tracked(request, engine)
+
+
+async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Outcome:
+    await engine.queue.poison(body, reason)
+    request_id = _request_id(body)
+    logger.warning("proactive %r poisoned: %s", request_id, reason)
+    if request_id:
+        now = engine.clock()
+        await ensure_head(engine.ledger, request_id, "single", now)
+        await record_outcome(engine.ledger, request_id, SINGLE_TARGET, "failed", now, reason=reason)
     return Outcome.POISONED
+
+
+async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
+    ledger, now, target = engine.ledger, engine.clock(), request.target_name
+    if not request.engine.child and request.engine.since is None:  # a first attempt
+        await ensure_head(ledger, request.id, "single", now)
+    claim = await take_claim(ledger, request.id, target, now, seconds=engine.claim_seconds)
+    if isinstance(claim, Busy):
+        # Another instance is on it (or crashed on it): look again when its claim ends.
+        logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
+        return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
+    try:
+        if not await _clear_to_send(request, engine, target):
+            await record_duplicate(ledger, request.id, request.label, now)
+            logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
+            return Outcome.DUPLICATE
+        try:
+            outcome = await send_one(request, engine.runtime)
+        except ConnectorError as error:
+            return await _connector_failure(request, engine, error)
+        if outcome is Outcome.DELIVERED:
+            # The marker first, before anything else: this is the crash window's far edge.
+            await record_outcome(
+                ledger, request.id, target, "delivered", engine.clock(), label=request.label
+            )
+            logger.debug("proactive %r: delivered to %s", request.id, request.label)
+        elif outcome is Outcome.PRUNED:
+            await record_outcome(
+                ledger, request.id, target, "pruned", engine.clock(), label=request.label
+            )
+        elif outcome is Outcome.UNKNOWN:
+            return await _unknown(request, engine)
+        return outcome
+    finally:
+        await release_claim(ledger, claim)
+
+
+async def _clear_to_send(request: ProactiveRequest, engine: Engine, target: str) -> bool:
+    """No outcome yet; or a failed one and this is its poison copy, put back by an operator
+    to try again (a delivered or pruned target is never sent again)."""
+    name = outcome_name(request.id, target)
+    record = await engine.ledger.read(name)
+    if record is None:
+        return True
+    failed = isinstance(record.data, dict) and record.data.get("outcome") == "failed"
+    if failed and "poisonReason" in request.message:
+        logger.info("proactive %r: %s retried by an operator", request.id, request.label)
+        return await engine.ledger.delete(name, record.etag)
+    return False
+
+
+async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:
+    """No stored reference: it may be landing (written after the install's turn)."""
+    if request.engine.child:
+        # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
+        # is landing, and a poison copy per removed conversation would only be noise.
+        reason = "the conversation was removed from the store after the broadcast matched it"
+        await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            "failed",
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+        logger.info("proactive %r: %s: %s", request.id, request.label, reason)
+        return Outcome.FAILED
+    if engine.age(request) < engine.unknown_window:
+        delay = engine.jitter(min(20.0, 5.0 * 2**request.engine.attempt))
+        logger.info(
+            "proactive %r: no stored reference for %s yet; retry in %.0f s",
+            request.id,
+            request.label,
+            delay,
+        )
+        return await engine.requeue(request, delay)
+    return await _fail(
+        request, engine, f"no stored reference for conversation {request.label[:200]}"
+    )
+
+
+async def _connector_failure(
+    request: ProactiveRequest, engine: Engine, error: ConnectorError
+) -> Outcome:
+    kind, what = error.kind, _describe(error)
+    # No token (Entra ID refused the credential, or could not be reached at the configured
+    # authority) is the bot's configuration, not the message's: kept until it is fixed.
+    no_token = kind is ErrorKind.TRANSIENT and error.setting is not None
+    if kind is ErrorKind.CREDENTIALS or no_token:
+        delay = engine.jitter(_settings_backoff(request.engine.attempt))
+        logger.warning(
+            "proactive %r: no usable credentials (%s); check the setting %s. "
+            "The message is kept and retried in %.0f s",
+            request.id,
+            error.code or error.status or "no token",
+            error.setting or "MicrosoftAppId",
+            delay,
+        )
+        return await engine.requeue(request, delay)
+    if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
+        age = engine.age(request)
+        if age < engine.max_age:
+            wait = error.retry_after
+            if wait is None:
+                wait = min(300.0, 2.0 * 2**request.engine.attempt)
+            delay = engine.jitter(wait)
+            logger.info(
+                "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
+                request.id,
+                what,
+                request.label,
+                delay,
+                request.engine.attempt + 1,
+            )
+            return await engine.requeue(request, delay)
+        return await _fail(request, engine, f"gave up after {age:.0f} s: {what}")
+    if kind is ErrorKind.UNCERTAIN:
+        reason = f"{what}: the message may have been posted, so it is not resent"
+    elif kind is ErrorKind.UNTRUSTED:
+        reason = "the serviceUrl is not trusted; nothing was sent"
+    elif kind is ErrorKind.GONE:
+        reason = f"the channel refused the conversation: {what}"
+    else:
+        reason = f"not deliverable: {what}"
+    return await _fail(request, engine, reason)
+
+
+def _settings_backoff(attempt: int) -> float:
+    """5, 15, 45, 135, 405, then every 600 s: a fixed setting is picked up within 10 min."""
+    return min(600.0, 5.0 * 3 ** min(attempt, 10))
+
+
+async def process_queue_message(body: bytes | str) -> Outcome:
+    """The queue trigger's one call: handle the message with the process's runtime or,
+    when the app settings are unusable, keep it on the queue until they are fixed."""
+    from shared.config import SettingsError
+    from shared.runtime import get_runtime
+
+    try:
+        runtime = get_runtime()
+    except SettingsError as error:
+        return await hold_for_settings(body, error)
+    return await handle_queue_message(body, runtime)
+
+
+async def hold_for_settings(
+    body: bytes | str, error: Exception, *, queue: MessageQueue | None = None
+) -> Outcome:
+    """Put the message back with a capped backoff: a settings mistake must not drain the
+    queue into the poison queue (the host's dequeue budget is not touched either).
+
+    Needs only the storage settings (the trigger itself runs on them).
+    """
+    if queue is None:
+        from shared.producer import producer_settings
+
+        queue = StorageQueue(producer_settings())
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    attempt = 0
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        message = None
+    if isinstance(message, dict):
+        engine_field = message.get(RESERVED)
+        engine_field = dict(engine_field) if isinstance(engine_field, dict) else {}
+        attempt = engine_field.get("attempt") if isinstance(engine_field.get("attempt"), int) else 0
+        message[RESERVED] = {**engine_field, "attempt": attempt + 1}
+        text = compact_json(message)
+    delay = _settings_backoff(attempt) * (1 + 0.2 * random.random())
+    # SettingsError messages name the setting and never carry a value.
+    logger.warning(
+        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
+        error,
+        delay,
+    )
+    await queue.put(text, delay=delay)
+    return Outcome.REQUEUED
+
+
+def _describe(error: ConnectorError) -> str:
+    parts = [str(error.kind)]
+    if error.status is not None:
+        parts.append(f"status {error.status}")
+    if error.code:
+        parts.append(f"code {error.code[:60]}")
+    return " ".join(parts)
+
+
+async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outcome:
+    """Final failure: reported with the reason, and a poison copy for an operator."""
+    # The copy an operator may put back as it is: a fresh start (a child stays a child).
+    copy = {k: v for k, v in request.message.items() if k != RESERVED}
+    if request.engine.child:
+        copy[RESERVED] = {"child": True}
+    await engine.queue.poison(compact_json(copy), reason)
+    await record_outcome(
+        engine.ledger,
+        request.id,
+        request.target_name,
+        "failed",
+        engine.clock(),
+        reason=reason,
+        label=request.label,
+    )
+    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
+    return Outcome.FAILED
 
 
 def _request_id(body: bytes | str) -> str | None:
@@ -206,54 +513,11 @@ def _request_id(body: bytes | str) -> str | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     request_id = message.get("id") if isinstance(message, dict) else None
-    return request_id[:MAX_ID_CHARS] if isinstance(request_id, str) else None
-
-
-def poison_message(body: bytes | str, reason: str) -> str:
-    """The poison queue's copy: the request with `poisonReason` added (or the raw text).
-
-    A request that is not a JSON object becomes ``{"poisonReason", "body"}``. When the copy
-    would not fit in a queue message, the original text is kept unchanged instead (it fitted
-    once, and a copy that cannot be queued would cost the request); the reason is in the log.
-    """
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        message = json.loads(text)
-    except (ValueError, RecursionError):
-        message = None
-    if isinstance(message, dict):
-        copy: Any = {**message, "poisonReason": reason}
-    else:
-        copy = {"poisonReason": reason, "body": text}
-    encoded = _compact_json(copy)
-    if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
-        return encoded
-    return text
-
-
-def _compact_json(value: Any) -> str:
-    # Non-ASCII text stays as it is: \uXXXX escapes would make it up to three times longer.
-    try:
-        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        encoded.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (valid as a JSON escape, not as UTF-8)
-        encoded = json.dumps(value, separators=(",", ":"))
-    return encoded
+    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS:
+        return request_id
+    return None
 
 
 async def send_to_poison_queue(settings: Settings, body: bytes | str, reason: str) -> None:
     """Put a copy on `<BOT_PROACTIVE_QUEUE>-poison`, base64-encoded like the host's own."""
-    from azure.core.exceptions import ResourceNotFoundError
-    from azure.storage.queue import TextBase64EncodePolicy
-
-    from shared.storage import get_queue_service
-
-    queue = get_queue_service(settings.storage).get_queue_client(
-        f"{settings.proactive_queue}-poison", message_encode_policy=TextBase64EncodePolicy()
-    )
-    message = poison_message(body, reason)
-    try:
-        await queue.send_message(message)
-    except ResourceNotFoundError:
-        await queue.create_queue()
-        await queue.send_message(message)
+    await StorageQueue(settings).poison(body, reason)

@@ -20,7 +20,9 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     ``schema``, ``tenant`` and ``team`` (encoded like a name segment) and ``doc`` (the
     document, zlib + base64url, when under 7,000 characters). Listing by channel is a
     prefix listing; tenant and team filters read the metadata that comes with the listing,
-    so neither filtering nor paging reads the documents themselves.
+    so neither filtering nor paging reads the documents themselves. Tenant and team are
+    indexed for Teams conversations only: another channel's client can write anything
+    into its channelData.
 
 ``users/<channel>/id/<user id>.json`` and ``users/<channel>/aad/<aadObjectId>.json``
     Small index documents ``{"schemaVersion": 1, "key": "<conversation key>"}`` pointing at
@@ -47,7 +49,9 @@ Writes
     speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
     takes the key out of the user index first, then deletes the document at the ETag it
     read (re-reading when it changed meanwhile), so a delete racing a re-create never
-    leaves a stored conversation its user cannot be found by.
+    leaves a stored conversation its user cannot be found by. An upsert that changes nothing
+    still checks (when it read the document) that the user index lists the conversation
+    and puts it back if not, which repairs a delete interrupted between its two steps.
 
 Cache
     A bounded in-process LRU remembers what was last read or written per key (5 minutes),
@@ -100,6 +104,7 @@ _CHANNEL_BUDGET = 96  # characters of a channel-id segment
 _ID_BUDGET = 800  # characters of a conversation / user id segment
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
 _INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
+TEAMS_CHANNEL = "msteams"  # the only channel whose tenant and team are indexed (verified data)
 _DOC_PREFIX = "refs/"
 _USER_PREFIX = "users/"
 
@@ -285,8 +290,11 @@ def _plan(
     key = reference_key(reference)
     incoming = json.loads(json.dumps(reference))  # a deep, JSON-clean copy
     merged = _merge(current.reference, incoming) if current else incoming
-    tenant = activity_tenant_id(merged)
-    team = team_id or (current.team_id if current else None)
+    # Tenant and team filters of a broadcast must match only what Teams said: another
+    # channel's reference may carry a tenant its client made up.
+    teams = merged.get("channelId") == TEAMS_CHANNEL
+    tenant = activity_tenant_id(merged) if teams else None
+    team = (team_id or (current.team_id if current else None)) if teams else None
     if (
         current is not None
         and tenant == current.tenant_id
@@ -552,6 +560,11 @@ def _to_front(key: str) -> Callable[[list[str]], list[str]]:
     return lambda keys: [key, *(k for k in keys if k != key)][:_INDEX_KEYS]
 
 
+def _including(key: str) -> Callable[[list[str]], list[str]]:
+    """Index change: `key` is listed (at the front when it was missing), else unchanged."""
+    return lambda keys: keys if key in keys else _to_front(key)(keys)
+
+
 def _without(key: str) -> Callable[[list[str]], list[str]]:
     return lambda keys: [k for k in keys if k != key]
 
@@ -679,7 +692,13 @@ class BlobReferenceStore:
                 current = await self._read(name, key)
                 planned = _plan(current, reference, team_id, self._clock())
                 if planned is None:
-                    self._remember(current, generation)  # type: ignore[arg-type]
+                    assert current is not None
+                    # Nothing to write, but the user index may have lost this key (a delete
+                    # interrupted after its first step): put it back, so a `user` target
+                    # finds the conversation again. One small read per uncached activity.
+                    for kind, value in _index_entries(current):
+                        await self._update_index(current.channel_id, kind, value, _including(key))
+                    self._remember(current, generation)
                     return False
                 # The user index is brought up to date before the document (an entry
                 # without its document is ignored on lookup, so a crash in between harms

@@ -6,17 +6,22 @@
 - the queue and container names are the code's defaults and the ones the settings name;
 - the role assignments grant what the host and the code do (blob read/write/delete and
   container creation on the account, queue send/receive/delete on the proactive queue
-  and its poison queue, telemetry, the Key Vault secret);
+  and its poison queue, telemetry, the Key Vault secret), and no wider: queue roles on the
+  queues, a producer's blob role on the references container;
 - Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
   messages function serves, and the Teams channel is on;
+- the identity is wired right: client ids where client ids go (not object ids), the bot and
+  the app agree on the app id and type, Key Vault references resolved with the identity, and
+  the bot's registration renamed when its identity changes (an app id is immutable);
 - main.parameters.json gives only declared parameters, with values they accept;
 - storage and telemetry are identity-only (no shared keys, TLS 1.2, no public blobs, local
-  auth off) and no output or expression hands out a key.
+  auth off) and no output, parameter default or expression hands out a key.
 
 Each check returns a list of problems (empty when the rule holds), so the tests can run
 them against mutated copies and see them fail.
 
     python -m tools.infra_check [INFRA_DIR]
+    python -m tools.infra_check --role-condition   # the deployer's role assignment condition
 """
 
 from __future__ import annotations
@@ -302,6 +307,7 @@ class Assignment:
     scope: str  # the symbolic name of the resource it is scoped to
     grants: frozenset[str]
     principal: str
+    role: str = ""  # the role definition's GUID
 
 
 def role_assignments(infra: Path = INFRA) -> list[Assignment]:
@@ -320,6 +326,7 @@ def role_assignments(infra: Path = INFRA) -> list[Assignment]:
                     str(config.get("scope")),
                     frozenset(ROLE_GRANTS.get(role, set())),
                     str(config["properties"]["principalId"]),
+                    role,
                 )
             )
     return found
@@ -365,6 +372,9 @@ APP_NEEDS = (
 )
 
 
+QUEUE_SCOPES = ("proactiveQueue", "poisonQueue")
+
+
 def check_roles(infra: Path = INFRA) -> list[str]:
     assignments = [a for a in role_assignments(infra) if a.principal == "appPrincipalId"]
     problems = []
@@ -374,7 +384,41 @@ def check_roles(infra: Path = INFRA) -> list[str]:
     for assignment in role_assignments(infra):
         if not assignment.grants:
             problems.append(f"{assignment.file}: a role assignment with an unknown role")
+        # As narrow as each need allows: the app and producers use two queues only, and a
+        # producer reads one container; only the host's own blobs need the whole account.
+        queue_role = any(grant.startswith("queue:") for grant in assignment.grants)
+        if queue_role and assignment.scope not in QUEUE_SCOPES:
+            problems.append(
+                f"{assignment.file}: queue roles must be scoped to a queue, not {assignment.scope}"
+            )
+        if (
+            assignment.principal == "producerPrincipalId"
+            and any(g.startswith("blob:") for g in assignment.grants)
+            and assignment.scope != "referencesContainer"
+        ):
+            problems.append(
+                f"{assignment.file}: a producer's blob role must be scoped to the references "
+                f"container, not {assignment.scope}"
+            )
     return problems
+
+
+def role_condition(infra: Path = INFRA) -> str:
+    """An Azure ABAC condition for the deployer's Role Based Access Control Administrator
+    assignment: it may create and delete assignments of the roles this template assigns,
+    and of no other role (no Owner, no User Access Administrator)."""
+    guids = ", ".join(sorted({a.role for a in role_assignments(infra) if a.role}))
+    allowed = {
+        "write": f"@Request[Microsoft.Authorization/roleAssignments:RoleDefinitionId] "
+        f"ForAnyOfAnyValues:GuidEquals {{{guids}}}",
+        "delete": f"@Resource[Microsoft.Authorization/roleAssignments:RoleDefinitionId] "
+        f"ForAnyOfAnyValues:GuidEquals {{{guids}}}",
+    }
+    return " AND ".join(
+        f"((!(ActionMatches{{'Microsoft.Authorization/roleAssignments/{action}'}})) "
+        f"OR ({condition}))"
+        for action, condition in allowed.items()
+    )
 
 
 def check_security(infra: Path = INFRA) -> list[str]:
@@ -395,12 +439,23 @@ def check_security(infra: Path = INFRA) -> list[str]:
     app = load(infra, "modules/functionapp.bicep")["resources"]["app"]["config"]["properties"]
     if app.get("httpsOnly") is not True:
         problems.append("function app: httpsOnly must be true")
-    secret_words = re.compile(r"(?i)secret|password|key(?!vault)|connectionstring")
+    secret_words = re.compile(r"(?i)secret|password|key(?!vault)|connectionstring|token")
     for path in sorted(infra.rglob("*.bicep")):
         text = path.read_text()
         if re.search(r"\blist(Keys|Secrets|AccountSas|ServiceSas)\s*\(", text):
             problems.append(f"{path.name} reads keys or SAS (list...()): identity only")
-        outputs = load(infra, str(path.relative_to(infra)))["outputs"]
+        tree = load(infra, str(path.relative_to(infra)))
+        # A secret never has a default (it would sit in the template) and is always @secure()
+        # (kept out of deployment history); names, ids and types of secrets are not secrets.
+        for name, parameter in tree["parameters"].items():
+            if re.search(r"(Name|Id|Type|Uri|Url)$", name) or not secret_words.search(name):
+                continue
+            secure = any(d["type"] == "secure" for d in parameter["decorators"])
+            if not secure or parameter.get("default") is not None:
+                problems.append(
+                    f"{path.name}: param {name} looks like a secret: @secure() and no default"
+                )
+        outputs = tree["outputs"]
         problems.extend(
             f"{path.name}: output {name} looks like a secret"
             for name in outputs
@@ -448,6 +503,124 @@ def check_hosting(infra: Path = INFRA) -> list[str]:
     return problems
 
 
+def render(value: Any) -> str:
+    """A pycep expression as Bicep-like text: `identity.properties.clientId`, `a ? b : c`.
+
+    pycep gives identifiers and string literals alike as plain strings, so `render` does too.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(render(item) for item in value) + "]"
+    if "operator" in value:
+        kind, operands = value["operator"]["type"], value["operator"].get("operands", {})
+        if kind == "property_accessor":
+            return f"{render(operands['operand_1'])}.{render(operands['operand_2'])}"
+        if kind == "conditional":
+            parts = (operands["condition"], operands["true_value"], operands["false_value"])
+            return "{} ? {} : {}".format(*map(render, parts))
+        return f"{kind}({', '.join(render(operand) for operand in operands.values())})"
+    if "function" in value:
+        arguments = (value["function"].get("parameters") or {}).values()
+        shown = ", ".join(render(argument) for argument in arguments if argument is not None)
+        return f"{value['function']['type']}({shown})"
+    return "{" + ", ".join(f"{key}: {render(item)}" for key, item in value.items()) + "}"
+
+
+def _reachable_names(value: Any, variables: dict[str, Any], seen: set[str]) -> set[str]:
+    """Every identifier `value` depends on, following variables and `${...}` interpolations."""
+    found: set[str] = set()
+    for text in _identifiers(value):
+        names = set(re.findall(r"\$\{(\w+)", text)) | ({text} if text.isidentifier() else set())
+        for name in names - seen:
+            found.add(name)
+            if name in variables:
+                seen.add(name)
+                found |= _reachable_names(variables[name]["value"], variables, seen)
+    return found
+
+
+# What each end of the identity wiring must be (rendered), and where.
+IDENTITY_SETTINGS = {
+    "AzureWebJobsStorage__clientId": "identity.properties.clientId",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": (
+        "ClientId=${identity.properties.clientId};Authorization=AAD"
+    ),
+    "MicrosoftAppType": "botAppType",
+    "MicrosoftAppId": "appId",
+    "MicrosoftAppTenantId": "tenant().tenantId",
+}
+IDENTITY_MODULE_PARAMS = {
+    ("bot", "appType"): "botAppType",
+    ("bot", "appId"): "appId",
+    ("bot", "identityResourceId"): "identity.id",
+    ("functionApp", "identityResourceId"): "identity.id",
+    ("storage", "appPrincipalId"): "identity.properties.principalId",
+    ("monitoring", "appPrincipalId"): "identity.properties.principalId",
+    ("keyVault", "appPrincipalId"): "identity.properties.principalId",
+}
+BOT_PROPERTIES = {
+    "msaAppType": "appType",
+    "msaAppId": "appId",
+    "msaAppTenantId": "tenant().tenantId",
+}
+
+
+def check_identity(infra: Path = INFRA) -> list[str]:
+    """The one identity, wired the same way everywhere it is named."""
+    main = load(infra, "main.bicep")
+    variables = main["variables"]
+    settings = app_settings(infra)
+    problems = [
+        f"{name} must be {expected}"
+        for name, expected in IDENTITY_SETTINGS.items()
+        if render(settings.get(name)) != expected
+    ]
+    expected_app_id = "singleTenant ? botAppId : identity.properties.clientId"
+    if render(variables.get("appId", {}).get("value")) != expected_app_id:
+        problems.append(f"var appId must be {expected_app_id}")
+    password = settings.get("MicrosoftAppPassword")
+    if password is not None and not render(password).startswith("@Microsoft.KeyVault("):
+        problems.append("MicrosoftAppPassword must be a Key Vault reference, never a value")
+    for (module, param), expected in IDENTITY_MODULE_PARAMS.items():
+        config = _config(main["modules"].get(module, {"config": {}}))
+        if render(config.get("params", {}).get(param)) != expected:
+            problems.append(f"module {module}: {param} must be {expected}")
+    # An Azure Bot's app id cannot be changed: a new identity needs a new registration.
+    bot_name = variables.get("names", {}).get("value", {}).get("bot")
+    if not {"botAppType", "botAppId"} <= _reachable_names(bot_name, variables, set()):
+        problems.append(
+            "the bot's name must change with its identity (botAppType and botAppId): "
+            "an Azure Bot's app id cannot be changed"
+        )
+    bot = _config(load(infra, "modules/bot.bicep")["resources"]["bot"])["properties"]
+    for name, expected in BOT_PROPERTIES.items():
+        if render(bot.get(name)) != expected:
+            problems.append(f"bot.bicep: {name} must be {expected}")
+    if "identityResourceId" not in render(bot.get("msaAppMSIResourceId")):
+        problems.append("bot.bicep: msaAppMSIResourceId must be identityResourceId")
+    app = _config(load(infra, "modules/functionapp.bicep")["resources"]["app"])
+    if render(app["properties"].get("keyVaultReferenceIdentity")) != "identityResourceId":
+        problems.append("functionapp.bicep: keyVaultReferenceIdentity must be identityResourceId")
+    identities = [
+        key.strip("'") for key in app.get("identity", {}).get("userAssignedIdentities", {})
+    ]
+    if identities != ["${identityResourceId}"]:
+        problems.append("functionapp.bicep: the app must run as identityResourceId only")
+    storage = app["properties"].get("functionAppConfig", {}).get("deployment", {}).get("storage")
+    reached = (storage or {}).get("authentication", {}).get("userAssignedIdentityResourceId")
+    if render(reached) != "identityResourceId":
+        problems.append("functionapp.bicep: the deployment container must use identityResourceId")
+    return problems
+
+
+# A parameter value that is only meaningful with others given too.
+NEEDS = {("botAppType", "SingleTenant"): ("botAppId",)}
+
 _TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
 
 
@@ -485,6 +658,13 @@ def check_parameter_file(infra: Path = INFRA) -> list[str]:
             problems.append(f"{path.name}: {name} is shorter than {rules['min_length']}")
         if "max_length" in rules and len(value) > rules["max_length"]:
             problems.append(f"{path.name}: {name} is longer than {rules['max_length']}")
+    for (name, value), needed in NEEDS.items():
+        if values.get(name) == value:
+            problems.extend(
+                f"{path.name}: {name}={value} needs {other}"
+                for other in needed
+                if not values.get(other)
+            )
     return problems
 
 
@@ -498,6 +678,7 @@ def check_all(infra: Path = INFRA) -> list[str]:
         check_roles,
         check_security,
         check_hosting,
+        check_identity,
         check_parameter_file,
     )
     for check in checks:
@@ -508,7 +689,16 @@ def check_all(infra: Path = INFRA) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("infra", nargs="?", type=Path, default=INFRA, help="the infra folder")
-    infra = parser.parse_args(argv).infra
+    parser.add_argument(
+        "--role-condition",
+        action="store_true",
+        help="print the condition that limits a deployer to the roles the template assigns",
+    )
+    args = parser.parse_args(argv)
+    infra = args.infra
+    if args.role_condition:
+        print(role_condition(infra.resolve()))
+        return 0
     problems = check_all(infra.resolve())
     for problem in problems:
         print(problem)

@@ -70,7 +70,9 @@ def package_files(root: Path = ROOT) -> list[str]:
     def walk(directory: Path, prefix: str) -> None:
         for entry in sorted(directory.iterdir()):
             relative = f"{prefix}{entry.name}"
-            is_dir = entry.is_dir() and not entry.is_symlink()
+            if entry.is_symlink():
+                continue  # could point anywhere on this machine: a key, a home folder
+            is_dir = entry.is_dir()
             if is_ignored(relative, is_dir, rules):
                 continue
             if is_dir:

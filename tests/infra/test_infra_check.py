@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,169 @@ def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
     assert settings.storage.credential == "managedidentity"
     assert settings.proactive_queue == "proactive-messages"
     assert settings.schedule == defaults["schedule"]
+
+
+def test_a_bot_name_that_ignores_the_bots_identity_is_reported(infra_copy: Path) -> None:
+    # An Azure Bot's app id cannot change: switching identity must create a new registration.
+    path = infra_copy / "main.bicep"
+    text = path.read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("bot: 'bot-"))
+    mutate(path, line, "  bot: 'bot-${namePrefix}-${suffix}'")
+    problems = infra_check.check_identity(infra_copy)
+    assert (
+        "the bot's name must change with its identity (botAppType and botAppId): "
+        "an Azure Bot's app id cannot be changed" in problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "problem"),
+    [
+        (
+            "main.bicep",
+            "AzureWebJobsStorage__clientId: identity.properties.clientId",
+            "AzureWebJobsStorage__clientId: identity.properties.principalId",
+            "AzureWebJobsStorage__clientId must be identity.properties.clientId",
+        ),
+        (
+            "main.bicep",
+            "'ClientId=${identity.properties.clientId};Authorization=AAD'",
+            "'ClientId=${identity.properties.principalId};Authorization=AAD'",
+            "APPLICATIONINSIGHTS_AUTHENTICATION_STRING must be "
+            "ClientId=${identity.properties.clientId};Authorization=AAD",
+        ),
+        (
+            "main.bicep",
+            "  MicrosoftAppType: botAppType\n",
+            "  MicrosoftAppType: 'SingleTenant'\n",
+            "MicrosoftAppType must be botAppType",
+        ),
+        (
+            "main.bicep",
+            "    appId: appId\n",
+            "    appId: botAppId\n",
+            "module bot: appId must be appId",
+        ),
+        (
+            "modules/bot.bicep",
+            "msaAppId: appId",
+            "msaAppId: '00000000-0000-0000-0000-000000000000'",
+            "bot.bicep: msaAppId must be appId",
+        ),
+        (
+            "modules/bot.bicep",
+            "msaAppType: appType",
+            "msaAppType: 'MultiTenant'",
+            "bot.bicep: msaAppType must be appType",
+        ),
+        (
+            "modules/functionapp.bicep",
+            "keyVaultReferenceIdentity: identityResourceId",
+            "keyVaultReferenceIdentity: 'SystemAssigned'",
+            "functionapp.bicep: keyVaultReferenceIdentity must be identityResourceId",
+        ),
+        (
+            "main.bicep",
+            "'@Microsoft.KeyVault(VaultName=${names.vault};SecretName=${botSecretName})'",
+            "botSecretName",
+            "MicrosoftAppPassword must be a Key Vault reference, never a value",
+        ),
+    ],
+    ids=[
+        "storage-principal-id",
+        "telemetry-principal-id",
+        "app-type-constant",
+        "bot-app-id",
+        "bot-msa-app-id",
+        "bot-msa-app-type",
+        "key-vault-identity",
+        "password-value",
+    ],
+)
+def test_identity_wiring_mistakes_are_reported(
+    infra_copy: Path, file: str, old: str, new: str, problem: str
+) -> None:
+    mutate(infra_copy / file, old, new)
+    problems = infra_check.check_identity(infra_copy)
+    assert problem in problems
+
+
+def test_a_secret_parameter_with_a_default_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "param botSecretName string = 'bot-app-password'",
+        "param botSecretName string = 'bot-app-password'\n\nparam botPassword string = 'hunter2'",
+    )
+    problems = infra_check.check_security(infra_copy)
+    assert "main.bicep: param botPassword looks like a secret: @secure() and no default" in problems
+
+
+def test_the_deployers_role_condition_allows_exactly_the_roles_bicep_assigns(
+    infra_copy: Path,
+) -> None:
+    condition = infra_check.role_condition()
+    assigned: set[str] = set()
+    for path in (ROOT / "infra" / "modules").glob("*.bicep"):
+        assigned |= set(re.findall(r"'([0-9a-f]{8}-[0-9a-f-]{27})'", path.read_text()))
+    allowed = set(re.findall(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}", condition))
+    assert allowed == assigned
+    assert condition.count("ForAnyOfAnyValues:GuidEquals") == 2  # assign and delete
+    # A role the template starts assigning is allowed at once (derived, not a list).
+    mutate(
+        infra_copy / "modules/storage.bicep",
+        "roleDefinitions', roles.storageBlobDataReader)",
+        "roleDefinitions', '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3')",
+    )
+    changed = infra_check.role_condition(infra_copy)
+    assert "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3" in changed
+    assert "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1" not in changed
+
+
+def test_the_role_condition_command_prints_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.infra_check", "--role-condition"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == infra_check.role_condition()
+
+
+@pytest.mark.parametrize(
+    ("resource", "problem"),
+    [
+        ("appProactiveQueue", "storage.bicep: queue roles must be scoped to a queue, not account"),
+        ("producerSender", "storage.bicep: queue roles must be scoped to a queue, not account"),
+        (
+            "producerReportReader",
+            "storage.bicep: a producer's blob role must be scoped to the references "
+            "container, not account",
+        ),
+    ],
+)
+def test_a_role_scoped_wider_than_needed_is_reported(
+    infra_copy: Path, resource: str, problem: str
+) -> None:
+    path = infra_copy / "modules/storage.bicep"
+    text = path.read_text()
+    start = text.index(f"resource {resource} ")
+    body = text[start:]
+    scope = re.search(r"\n  scope: (\w+)\n", body)
+    assert scope
+    new_body = body.replace(scope.group(0), "\n  scope: account\n", 1)
+    path.write_text(text[:start] + new_body)
+    assert problem in infra_check.check_roles(infra_copy)
+
+
+def test_single_tenant_without_an_app_id_is_reported(infra_copy: Path) -> None:
+    path = infra_copy / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"]["botAppType"] = {"value": "SingleTenant"}
+    path.write_text(json.dumps(values))
+    problems = infra_check.check_parameter_file(infra_copy)
+    assert "main.parameters.json: botAppType=SingleTenant needs botAppId" in problems
+    values["parameters"]["botAppId"] = {"value": "6f1c2a7e-3b0d-4c55-9a1e-2d8f0b7c4e11"}
+    path.write_text(json.dumps(values))
+    assert infra_check.check_parameter_file(infra_copy) == []

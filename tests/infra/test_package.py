@@ -158,3 +158,16 @@ def test_the_make_targets_run_the_builders() -> None:
     assert (
         '-m tools.teams_package --bot-id "id" --domain "host" dist/teams-app.zip' in result.stdout
     )
+
+
+def test_a_symlink_never_brings_a_file_from_outside_into_the_package(tmp_path: Path) -> None:
+    app, outside = tmp_path / "app", tmp_path / "outside"
+    app.mkdir()
+    outside.mkdir()
+    (outside / "id_rsa").write_text("private key")
+    for name in ("host.json", "requirements.txt"):
+        (app / name).write_text("x")
+    (app / "shared").mkdir()
+    (app / "shared" / "key.txt").symlink_to(outside / "id_rsa")
+    (app / "linked").symlink_to(outside, target_is_directory=True)
+    assert package.package_files(app) == ["host.json", "requirements.txt"]

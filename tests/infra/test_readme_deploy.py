@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAIN = infra_check.load(infra_check.INFRA, "main.bicep")
 # Placeholders that are not deployment outputs: what the reader supplies.
 READER_VALUES = {"objectId", "appId", "keyId", "conversationId", "owner", "repo"}
-READER_VALUES |= {"resourceGroupId"}
+READER_VALUES |= {"resourceGroupId", "requestId"}
 CORE_TOOLS_PUBLISH_FLAGS = {"--python"}
 # The producer command's fixed contract: subcommands and their flags.
 PRODUCER = {
@@ -71,44 +72,67 @@ def test_the_section_shows_every_step() -> None:
         "make package",
         "make teams-package",
         "shared.producer send",
-        "botAppType=SingleTenant",
+        "az bot delete",
         "az keyvault secret set",
         "credential reset --id <appId> --append",
         "federated-credential create",
     ):
         assert needle in joined
+    chosen = parameter_snippets()
+    assert chosen["botAppType"] == "SingleTenant"
+    assert {"botAppId", "secretsOfficerPrincipalId", "producerPrincipalId"} <= set(chosen)
 
 
-def test_deployment_commands_name_real_files_parameters_and_values() -> None:
-    parameters = MAIN["parameters"]
-    checked = 0
-    for command in commands():
-        if not command.startswith("az deployment group create"):
-            continue
-        found = options(words(command))
-        assert (ROOT / found["--template-file"][0]).is_file()
-        for argument in found["--parameters"]:
-            if "=" not in argument:
-                values = json.loads((ROOT / argument).read_text())["parameters"]
-                assert set(values) <= set(parameters), argument
-                continue
-            name, value = argument.split("=", 1)
-            assert name in parameters, f"README passes unknown parameter {name}"
-            allowed = [d for d in parameters[name]["decorators"] if d["type"] == "allowed"]
-            if allowed and not value.startswith("<"):
-                assert value in allowed[0]["argument"], f"{name}={value} is not allowed"
-        checked += 1
-    assert checked >= 3
+def parameter_snippets() -> dict[str, object]:
+    """The parameter entries the section tells the reader to add to main.parameters.json."""
+    found: dict[str, object] = {}
+    for block in re.findall(r"```json\n(.*?)```", section(), re.S):
+        entries = json.loads("{" + block.strip().rstrip(",") + "}")
+        found.update({name: entry["value"] for name, entry in entries.items()})
+    return found
 
 
-def test_required_parameters_are_given_by_the_file_or_the_command() -> None:
+def deployment_commands() -> list[tuple[str, str]]:
+    """(where, command) of every `az deployment group create`, README and workflows."""
+    found = [("README", c) for c in commands() if c.startswith("az deployment group create")]
+    for workflow in sorted((ROOT / ".github" / "workflows").glob("*.yml")):
+        text = re.sub(r"\\\n\s*", "", workflow.read_text())
+        for line in text.splitlines():
+            if "az deployment group create" in line:
+                command = line[line.index("az deployment group create") :].rstrip(")")
+                found.append((workflow.name, command))
+    return found
+
+
+def test_every_deployment_deploys_the_committed_parameter_file() -> None:
+    """Choices live in infra/main.parameters.json, not on a command line: a re-run, or the
+    workflow's deploy on a tag, must never undo one (e.g. turn SingleTenant back into the
+    managed identity)."""
+    found = deployment_commands()
+    assert {where for where, _ in found} >= {"README", "ci.yml"}
+    for where, command in found:
+        passed = options(words(command))
+        assert passed["--template-file"] == ["infra/main.bicep"], (where, command)
+        assert passed["--parameters"] == ["infra/main.parameters.json"], (where, command)
+
+
+def test_the_parameters_the_section_adds_are_valid(tmp_path: Path) -> None:
+    """What the reader adds to main.parameters.json names real parameters with accepted
+    values (the repo's own check of the file, on a copy with the additions)."""
+    infra = tmp_path / "infra"
+    shutil.copytree(ROOT / "infra", infra)
+    path = infra / "main.parameters.json"
+    document = json.loads(path.read_text())
+    for name, value in parameter_snippets().items():
+        document["parameters"][name] = {"value": value}
+    path.write_text(json.dumps(document))
+    assert infra_check.check_parameter_file(infra) == []
+
+
+def test_the_committed_parameter_file_gives_every_required_parameter() -> None:
     required = {name for name, p in MAIN["parameters"].items() if p.get("default") is None}
     in_file = set(json.loads((ROOT / "infra/main.parameters.json").read_text())["parameters"])
     assert required <= in_file
-    for command in commands():
-        if command.startswith("az deployment group create"):
-            passed = {a.split("=")[0] for a in options(words(command))["--parameters"]}
-            assert required <= in_file | passed
 
 
 def test_placeholders_are_outputs_or_the_readers_own_values() -> None:
@@ -217,3 +241,11 @@ def test_the_parameter_table_lists_exactly_the_parameters() -> None:
     for row in re.findall(r"^\| (`[^|]+`) \|", table, re.M):
         listed.update(re.findall(r"`(\w+)`", row))
     assert listed == set(MAIN["parameters"])
+
+
+def test_the_deployer_may_assign_only_the_templates_roles() -> None:
+    # Unconstrained, Role Based Access Control Administrator could grant anyone Owner.
+    (command,) = [c for c in commands() if "Role Based Access Control Administrator" in c]
+    passed = options(words(command))
+    assert passed["--condition"] == ["$(.venv/bin/python -m tools.infra_check --role-condition)"]
+    assert passed["--condition-version"] == ["2.0"]

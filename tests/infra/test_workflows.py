@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,23 @@ def test_deploying_happens_on_tags_after_the_tests() -> None:
     assert "if: startsWith(github.ref, 'refs/tags/v')" in deploy
     assert "needs: test\n" in deploy
     assert "run: make test" in text[: text.index("\n  deploy:")]
+
+
+def test_two_deploys_never_run_at_once() -> None:
+    # Two tags pushed close together must queue, not interleave provisioning and code deploys
+    # (nor cancel one half-way).
+    text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    deploy = text[text.index("\n  deploy:") :]
+    assert re.search(
+        r"\n    concurrency:\n      group: [\w${}.-]+\n      cancel-in-progress: false\n", deploy
+    )
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_checkouts_leave_no_token_behind(workflow: Path) -> None:
+    # Later steps (make test runs code from the repository) never need the job's token.
+    text = workflow.read_text()
+    checkouts = re.findall(r"- uses: actions/checkout@\S+\n((?:\s{8}.*\n)*)", text)
+    assert checkouts
+    for options in checkouts:
+        assert "persist-credentials: false" in options

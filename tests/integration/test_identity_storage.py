@@ -21,6 +21,7 @@ managed identity endpoint was asked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -342,6 +343,26 @@ def test_a_token_storage_does_not_accept_fails_clearly_and_writes_nothing(
     assert not container_exists(oauth_azurite, tls, container)
 
 
+def test_a_producer_with_the_default_credential_chain_enqueues_and_reads_reports(
+    oauth_azurite, tls, jwt_identity, unique_name
+):
+    # An operator's producer: identity-based storage without `__credential`, so
+    # azure-identity's default chain finds its identity (here the managed identity endpoint).
+    name = unique_name("q")
+    settings = identity_settings(oauth_azurite, unique_name("refs"))
+    del settings["AzureWebJobsStorage__credential"]
+    settings["BOT_PROACTIVE_QUEUE"] = name
+
+    result = run_scenario("producer", settings, tls, jwt_identity.endpoint, jwt_identity.secret)
+
+    assert result["report"]["id"] == result["id"] and result["report"]["state"] == "pending"
+    with admin_queue(oauth_azurite, tls, name) as admin:
+        [message] = admin.receive_messages(max_messages=32)
+    queued = json.loads(base64.b64decode(message.content))
+    assert queued == {"to": {"conversation": GROUP_KEY}, "text": "hi", "id": result["id"]}
+    assert jwt_identity.tokens
+
+
 def test_azurite_refuses_oauth_without_https():
     with pytest.raises(ValueError, match="HTTPS"):
         Azurite(oauth=True)
@@ -398,10 +419,31 @@ async def _queue(settings: Settings, name: str) -> dict[str, Any]:
     return {"received": received}
 
 
+async def _producer(settings: Settings) -> dict[str, Any]:
+    from shared import producer
+    from shared.storage import close_shared_clients
+
+    env = {**os.environ, **json.loads(sys.argv[2])}
+    settings = producer.producer_settings(env)
+    try:
+        request_id = await producer.enqueue(
+            {"to": {"conversation": GROUP_KEY}, "text": "hi"}, settings=settings
+        )
+        report = await producer.read_report(request_id, settings=settings)
+    finally:
+        await close_shared_clients()
+    return {"id": request_id, "report": report}
+
+
 def _child(argv: list[str]) -> None:
     scenario, settings_env, *extra = argv
     settings = Settings.from_env(json.loads(settings_env))
-    scenarios = {"store": _store, "store-error": _store_error, "queue": _queue}
+    scenarios = {
+        "store": _store,
+        "store-error": _store_error,
+        "queue": _queue,
+        "producer": _producer,
+    }
     result = asyncio.run(scenarios[scenario](settings, *extra))
     print(json.dumps(result), flush=True)
 

@@ -14,7 +14,6 @@ failure, since `make test` installs both.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -139,6 +138,20 @@ def references(connection_string: str, container: str) -> list[dict[str, Any]]:
     return documents
 
 
+def producer(env: dict[str, str], *args: str) -> str:
+    """`python -m shared.producer ...` as an operator runs it; its stdout ("" on exit 1)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.producer", *args],
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def mock_activity(page: Any, item: str) -> None:
     """The Playground's "Mock an Activity" menu, then the item's "Send activity" dialog."""
     page.get_by_text("Mock an Activity").click()
@@ -180,14 +193,16 @@ def test_the_bot_in_the_agents_playground(browser, bot, azurite, tmp_path):
                 lambda: bot_messages(page, welcome).count() >= 2, SHOWN / 1000, "a 2nd welcome"
             )
 
-            # A proactive message, queued as a producer queues it, appears on the open page.
+            # A proactive message sent with the producer command appears on the open page.
             text = f"proactive hello {uuid.uuid4().hex[:8]}"
-            request = {"id": uuid.uuid4().hex, "to": {"conversation": stored["key"]}, "text": text}
-            with QueueClient.from_connection_string(
-                azurite.connection_string, env["BOT_PROACTIVE_QUEUE"]
-            ) as queue:
-                queue.send_message(base64.b64encode(json.dumps(request).encode()).decode())
+            request_id = producer(env, "send", "--conversation", stored["key"], "--text", text)
             bot_messages(page, text).first.wait_for(timeout=SHOWN)
+            report = wait_for(
+                lambda: json.loads(producer(env, "report", request_id) or "{}").get("delivered"),
+                STORED,
+                "the delivery report",
+            )
+            assert report == 1
 
             mock_activity(page, "Uninstall application")
             wait_for(

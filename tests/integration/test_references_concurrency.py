@@ -257,6 +257,9 @@ async def test_a_thousand_references_page_exactly_on_azurite(azurite, unique_nam
         assert len(subset) == len(set(subset))
         assert set(subset) == expected_keys(count, "msteams", "tenant-2")
         tenant_only = await page_through(store, 500, tenant_id="tenant-4")
-        assert len(tenant_only) == len(set(tenant_only)) == count // 5
+        # Only Teams conversations are indexed by tenant (a webchat client's tenant is not
+        # verified data), so the webchat half of these carries none.
+        assert len(tenant_only) == len(set(tenant_only)) == count // 10
+        assert set(tenant_only) == expected_keys(count, "msteams", "tenant-4")
     finally:
         await store.close()

@@ -331,14 +331,19 @@ async def test_401_refreshes_the_token_once_and_retries(client, fake_connector, 
     assert fake_connector.activities == [{"type": "message"}]
 
 
-async def test_a_second_401_is_an_invalid_error(client, fake_connector, fake_aad, aad_app):
+async def test_a_second_401_is_a_credentials_error_naming_the_setting(
+    client, fake_connector, fake_aad, aad_app
+):
+    # Defect 5: classed `invalid`, it sent every queued proactive message to the poison queue.
     body = {"error": {"code": "BotNotRegistered", "message": "No registration found for this bot."}}
     fake_connector.script("POST", "activities$", [Reply(401, json=body)] * 3)
 
     with pytest.raises(ConnectorError) as caught:
         await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
 
-    assert (caught.value.kind, caught.value.status) == (ErrorKind.INVALID, 401)
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.CREDENTIALS, 401)
+    assert caught.value.setting == "MicrosoftAppId"
+    assert not caught.value.retryable and not caught.value.terminal
     assert caught.value.code == "BotNotRegistered"
     assert len(fake_connector.requests) == 2
     assert fake_aad.issued[aad_app.app_id] == 2
@@ -357,7 +362,9 @@ async def test_token_failures_become_connector_errors_and_nothing_is_sent(
     finally:
         await connector.close()
 
-    assert caught.value.kind is ErrorKind.INVALID
+    # Defect 5: a refused secret is the bot's configuration, not the message's fault.
+    assert caught.value.kind is ErrorKind.CREDENTIALS
+    assert caught.value.setting == "MicrosoftAppPassword"
     assert caught.value.code == "AADSTS7000215"
     assert "MicrosoftAppPassword" in str(caught.value)
     assert "not-the-secret" not in str(caught.value)
@@ -419,7 +426,9 @@ async def test_500_is_not_retried(client, fake_connector):
         await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
 
     assert len(fake_connector.requests) == 1
-    assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 500)
+    # Defect 3: the message may have been posted; `transient` made callers send it again.
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.UNCERTAIN, 500)
+    assert not caught.value.retryable
 
 
 async def test_a_dropped_connection_is_retried(client, fake_connector, vtime):

@@ -343,3 +343,22 @@ async def test_storage_failure_raises_store_error():
             await record_activity(store, activity("installationUpdate", action="remove"))
     finally:
         await store.close()
+
+
+async def test_tenant_and_team_come_only_from_teams_activities(store):
+    # Defect 7: a Web Chat client writes what it likes into channelData; listing it under
+    # a tenant or team would let a tenant-filtered broadcast reach it.
+    spoofed = activity("message", "webchat-conv", team="team-1", text="hi")
+    spoofed["channelId"] = "webchat"
+    spoofed["serviceUrl"] = "https://webchat.botframework.com/"
+    await record_activity(store, spoofed)
+    await record_activity(store, message("a:teams-chat"))
+
+    stored = await store.get("webchat/webchat-conv")
+    assert stored is not None
+    assert (stored.tenant_id, stored.team_id) == (None, None)
+    assert "tenantId" not in stored.reference["conversation"]
+    tenant_keys = {i.key for i in (await store.list(tenant_id="tenant-1")).items}
+    team_keys = {i.key for i in (await store.list(team_id="team-1")).items}
+    assert tenant_keys == {"msteams/a:teams-chat"}
+    assert team_keys == set()

@@ -19,7 +19,9 @@ from azure.storage.queue import QueueClient
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.connector import ConnectorClient, ConnectorError, ErrorKind, RetryPolicy
+from shared.ledger import MemoryLedger
 from shared.proactive import (
+    Engine,
     InvalidRequest,
     Outcome,
     deliver,
@@ -28,6 +30,7 @@ from shared.proactive import (
     poison_message,
     send_to_poison_queue,
 )
+from shared.queues import MemoryQueue
 from shared.references import MemoryReferenceStore
 from shared.router import Router
 from shared.runtime import Runtime
@@ -307,15 +310,43 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         json.dumps({"id": "r", "to": {"reference": {"channelId": "msteams"}}, "text": "x"}),
         "`to.reference` needs serviceUrl",
     ),
-    "user target": (
+    "user target without tenant and serviceUrl": (
         json.dumps(
             {"id": "r", "to": {"user": {"channelId": "msteams", "id": "29:1"}}, "text": "x"}
         ),
-        "`to.user` is not supported",
+        "`to.user` needs channelId, id, tenantId, serviceUrl",
     ),
-    "broadcast target": (
-        json.dumps({"id": "r", "to": {"broadcast": {}}, "text": "x"}),
-        "`to.broadcast` is not supported",
+    "user target outside Teams": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {
+                    "user": {"channelId": "webchat", "id": "u", "tenantId": "t", "serviceUrl": "s"}
+                },
+                "text": "x",
+            }
+        ),
+        "channelId must be msteams",
+    ),
+    "broadcast with an unknown filter": (
+        json.dumps({"id": "r", "to": {"broadcast": {"color": "red"}}, "text": "x"}),
+        "`to.broadcast` filters are channelId, tenantId, teamId, personal",
+    ),
+    "broadcast personal not a boolean": (
+        json.dumps({"id": "r", "to": {"broadcast": {"personal": "yes"}}, "text": "x"}),
+        "`to.broadcast.personal` must be true or false",
+    ),
+    "broadcast not an object": (
+        json.dumps({"id": "r", "to": {"broadcast": "all"}, "text": "x"}),
+        "`to.broadcast` must be an object",
+    ),
+    "unknown top-level field": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "text": "x", "colour": 1}),
+        "unknown field `colour`",
+    ),
+    "engine field forged": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "text": "x", "_proactive": 1}),
+        "engine's own field",
     ),
     "unknown target": (json.dumps({"id": "r", "to": {"team": "x"}, "text": "x"}), "`to` must"),
     "both activity and text": (
@@ -455,64 +486,59 @@ def test_a_valid_request_parses_to_its_target_and_activity():
 # --- handle_queue_message: poison at once what no retry can deliver ------------------------------
 
 
-class PoisonQueue:
-    """Collects what would go to `<queue>-poison` (the Azurite path is tested below)."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[bytes | str, str]] = []
-
-    async def __call__(self, body: bytes | str, reason: str) -> None:
-        self.messages.append((body, reason))
+@pytest.fixture
+def engine(runtime) -> Engine:
+    """The engine with its bookkeeping in memory (the Blob ledger: test_ledger.py)."""
+    return Engine(runtime, MemoryLedger(), MemoryQueue())
 
 
-async def test_queue_message_delivered_is_not_poisoned(runtime, fake_connector):
-    poison = PoisonQueue()
-    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
+async def test_queue_message_delivered_is_not_poisoned(runtime, engine, fake_connector):
+    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, engine=engine)
     assert outcome is Outcome.DELIVERED
-    assert poison.messages == []
+    assert engine.queue.poisoned == [] and engine.queue.sent == []
     assert len(fake_connector.activities) == 1
 
 
-async def test_malformed_queue_message_is_poisoned_at_once(runtime, fake_connector, fake_aad):
-    poison = PoisonQueue()
-    outcome = await handle_queue_message(b"{not json", runtime, poison=poison)
+async def test_malformed_queue_message_is_poisoned_at_once(
+    runtime, engine, fake_connector, fake_aad
+):
+    outcome = await handle_queue_message(b"{not json", runtime, engine=engine)
     assert outcome is Outcome.POISONED
-    [(body, reason)] = poison.messages
-    assert body == b"{not json"
-    assert reason == "invalid request: the message is not JSON"
+    assert engine.queue.poisoned == [
+        {"poisonReason": "invalid request: the message is not JSON", "body": "{not json"}
+    ]
     assert fake_connector.requests == []
     assert fake_aad.issuances == []
 
 
-async def test_untrusted_reference_is_poisoned_at_once(runtime, attacker, fake_connector):
-    poison = PoisonQueue()
+async def test_untrusted_reference_is_poisoned_at_once(runtime, engine, attacker, fake_connector):
     body = request({"reference": reference_for(attacker.url)})
-    assert await handle_queue_message(body, runtime, poison=poison) is Outcome.POISONED
-    [(_, reason)] = poison.messages
-    assert "untrusted" in reason
+    assert await handle_queue_message(body, runtime, engine=engine) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+    assert "not trusted" in copy["poisonReason"]
     assert attacker.requests == [] and fake_connector.requests == []
 
 
-async def test_activity_the_connector_refuses_is_poisoned_at_once(runtime, fake_connector):
+async def test_activity_the_connector_refuses_is_poisoned_at_once(runtime, engine, fake_connector):
     fake_connector.script(
         "POST", r"/activities$", [Reply(400, json={"error": {"code": "BadArgument"}})]
     )
-    poison = PoisonQueue()
-    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
-    assert outcome is Outcome.POISONED
-    [(_, reason)] = poison.messages
+    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, engine=engine)
+    assert outcome is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+    reason = copy["poisonReason"]
     assert "invalid" in reason and "400" in reason and "BadArgument" in reason
     assert len(fake_connector.requests) == 1  # not retried
     assert KEY in await stored_keys(runtime)  # a bad activity says nothing about the conversation
 
 
-async def test_throttled_queue_message_is_retried_not_poisoned(runtime, fake_connector):
+async def test_throttled_queue_message_is_requeued_not_poisoned(runtime, engine, fake_connector):
     fake_connector.script("POST", r"/activities$", [Reply(429, headers={"Retry-After": "0"})] * 10)
-    poison = PoisonQueue()
-    with pytest.raises(ConnectorError) as raised:
-        await handle_queue_message(request({"conversation": KEY}), runtime, poison=poison)
-    assert raised.value.kind is ErrorKind.THROTTLED
-    assert poison.messages == []
+    outcome = await handle_queue_message(request({"conversation": KEY}), runtime, engine=engine)
+    assert outcome is Outcome.REQUEUED
+    assert engine.queue.poisoned == []
+    [(copy, _)] = engine.queue.sent
+    assert json.loads(copy)["_proactive"]["attempt"] == 1
 
 
 def test_poison_copy_keeps_the_request_and_adds_the_reason():
@@ -582,12 +608,12 @@ async def test_a_large_non_ascii_malformed_request_is_poisoned_on_azurite_at_onc
 async def test_logs_name_the_request_but_never_its_text(runtime, fake_connector, caplog):
     caplog.set_level(logging.DEBUG)
     secret_text = "the user's private words"
-    poison = PoisonQueue()
+    engine = Engine(runtime, MemoryLedger(), MemoryQueue())
     delivered = request({"conversation": KEY}, text=secret_text)
     malformed = json.dumps({"id": "req-bad", "to": {"team": "x"}, "text": secret_text})
 
-    assert await handle_queue_message(delivered, runtime, poison=poison) is Outcome.DELIVERED
-    assert await handle_queue_message(malformed, runtime, poison=poison) is Outcome.POISONED
+    assert await handle_queue_message(delivered, runtime, engine=engine) is Outcome.DELIVERED
+    assert await handle_queue_message(malformed, runtime, engine=engine) is Outcome.POISONED
 
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "req-1" in logged and "req-bad" in logged

@@ -856,3 +856,28 @@ async def test_nothing_listening_raises_store_error():
             await store.upsert(reference())
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+async def test_blob_interrupted_delete_is_repaired_by_the_next_activity(
+    blob_store, azurite, unique_name
+):
+    # Defect 6: a delete that stopped after taking the key out of the user index (its
+    # first step) left the document behind; the user could no longer be found, and an
+    # activity that changed nothing never rewrote the index.
+    store, container = blob_store
+    await store.upsert(reference("a:1"))
+    container.delete_blob(user_index_name("msteams", "id", "29:user"))
+    container.delete_blob(user_index_name("msteams", "aad", "aad-user"))
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+    # Another instance (nothing cached) sees the next activity, which changes nothing.
+    other = BlobReferenceStore(store._settings, options=FAST)
+    try:
+        assert await other.upsert(reference("a:1")) is False  # the document is not rewritten
+        by_id = await other.find_by_user(channel_id="msteams", user_id="29:user")
+        by_aad = await other.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    finally:
+        await other.close()
+    assert by_id is not None and by_id.key == "msteams/a:1"
+    assert by_aad is not None and by_aad.key == "msteams/a:1"

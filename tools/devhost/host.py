@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 LISTENER_STOP_TIMEOUT = 2.0  # seconds for a listener to finish its current storage call
 THREAD_COUNT_SETTING = "PYTHON_THREADPOOL_THREAD_COUNT"
+LEASE_SETTING = "DEVHOST_QUEUE_LEASE_SECONDS"  # dev/test only: see _lease_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +159,35 @@ def _listeners(
             if connection not in clients:
                 clients[connection] = queue_service_client(connection, where=where)
             listeners.append(
-                QueueListener(function, clients[connection], app.config.queues, invoker)
+                QueueListener(
+                    function,
+                    clients[connection],
+                    app.config.queues,
+                    invoker,
+                    receive_visibility=_lease_seconds(settings),
+                )
             )
     return listeners, list(clients.values())
+
+
+def _lease_seconds(settings: Mapping[str, str]) -> float:
+    """How long a received message stays hidden (renewed halfway while it runs).
+
+    10 minutes, as the Functions host; `DEVHOST_QUEUE_LEASE_SECONDS` shortens it for tests
+    that kill a host mid-invocation and want its messages back in seconds, not minutes.
+    """
+    from tools.devhost.queue import RECEIVE_VISIBILITY
+
+    raw = settings.get(LEASE_SETTING, "").strip()
+    if not raw:
+        return RECEIVE_VISIBILITY
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HostError(f"{LEASE_SETTING} must be a number of seconds") from None
+    if not 2 <= value <= RECEIVE_VISIBILITY:
+        raise HostError(f"{LEASE_SETTING} must be between 2 and {RECEIVE_VISIBILITY} seconds")
+    return value
 
 
 def _of(app: FunctionApp, kind: type) -> list[Function]:

@@ -1,0 +1,118 @@
+"""Broadcast fan-out: one queue message per matching conversation, page by page, resumable.
+
+A broadcast request is never delivered by one invocation. Each invocation that holds the
+broadcast's fan-out claim:
+
+1. reads the checkpoint (the report head: the store's continuation token, targets so far);
+2. lists the next page of matching references (channel, tenant and team filters are the
+   store's; `personal` is checked here), and enqueues one child per conversation:
+   ``{"id": <broadcast id>, "to": {"conversation": <key>}, <content>, "_proactive":
+   {"child": true}}``, whose outcome is recorded under the broadcast's id by key;
+3. writes the checkpoint with ``If-Match`` (a page is never counted twice);
+4. stops after `fanout_seconds` and puts the broadcast back on the queue, so the next
+   page may be fanned out by any instance and no invocation runs long.
+
+A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
+delivery dedupes per (id, conversation). The children spread over every instance the
+host scales out to; each one is retried on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from shared.idempotency import Busy, release_claim, take_claim
+from shared.ledger import iso
+from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest
+from shared.queues import compact_json
+from shared.references import StoredReference
+from shared.reports import FANOUT_TARGET, ensure_head, head_name, record_duplicate
+
+if TYPE_CHECKING:
+    from shared.proactive import Engine, Outcome
+
+logger = logging.getLogger(__name__)
+
+CONTENT_FIELDS = ("activity", "text")
+
+
+async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
+    from shared.proactive import Outcome
+
+    assert request.broadcast is not None
+    ledger = engine.ledger
+    await ensure_head(ledger, request.id, "broadcast", engine.clock())
+    claim = await take_claim(
+        ledger, request.id, FANOUT_TARGET, engine.clock(), seconds=engine.claim_seconds
+    )
+    if isinstance(claim, Busy):
+        return await engine.requeue(request, engine.jitter(min(claim.wait, 10.0)), count=False)
+    try:
+        record = await ledger.read(head_name(request.id))
+        if record is None or record.data.get("fannedOut"):
+            await record_duplicate(ledger, request.id, "broadcast", engine.clock())
+            logger.info("proactive %r: broadcast already fanned out", request.id)
+            return Outcome.DUPLICATE
+        head, etag = dict(record.data), record.etag
+        started = engine.clock()
+        while True:
+            page = await engine.runtime.references.list(
+                channel_id=request.broadcast.channel_id,
+                tenant_id=request.broadcast.tenant_id,
+                team_id=request.broadcast.team_id,
+                continuation=head.get("continuation"),
+                page_size=engine.fanout_page_size,
+            )
+            targets = [item for item in page.items if _matches(item, request.broadcast)]
+            await _enqueue_children(request, targets, engine)
+            head.update(
+                continuation=page.continuation,
+                targets=int(head.get("targets") or 0) + len(targets),
+                fannedOut=page.continuation is None,
+                updatedAt=iso(engine.clock()),
+            )
+            new_etag = await ledger.replace(head_name(request.id), head, etag)
+            if new_etag is None:  # only the claim holder writes it: our claim was lost
+                logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
+                return Outcome.REQUEUED
+            etag = new_etag
+            if head["fannedOut"]:
+                logger.info(
+                    "proactive %r: broadcast fanned out to %d conversations",
+                    request.id,
+                    head["targets"],
+                )
+                return Outcome.FANNED_OUT
+            if engine.clock() - started >= engine.fanout_seconds:
+                break
+    finally:
+        await release_claim(ledger, claim)
+    # Released first, so the continuation can take the claim at once, wherever it runs.
+    logger.info("proactive %r: fan-out continues (%d so far)", request.id, head["targets"])
+    return await engine.requeue(request, 0.0, count=False)
+
+
+def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:
+    return broadcast.personal is None or stored.personal == broadcast.personal
+
+
+async def _enqueue_children(
+    request: ProactiveRequest, targets: Sequence[StoredReference], engine: Engine
+) -> None:
+    content = {name: request.message[name] for name in CONTENT_FIELDS if name in request.message}
+    semaphore = asyncio.Semaphore(engine.fanout_parallel)
+
+    async def one(stored: StoredReference) -> None:
+        child: dict[str, Any] = {
+            "id": request.id,
+            "to": {"conversation": stored.key},
+            **content,
+            RESERVED: {"child": True},
+        }
+        async with semaphore:
+            await engine.queue.put(compact_json(child))
+
+    await asyncio.gather(*(one(stored) for stored in targets))

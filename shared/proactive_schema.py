@@ -1,0 +1,234 @@
+"""The proactive request: its JSON schema, parsed strictly into a typed request.
+
+See docs/proactive.md for the schema. Every refusal is an :class:`InvalidRequest` with a
+short reason (it becomes the poison copy's `poisonReason` and the report's reason).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shared.activity import as_activity, conversation_key
+from shared.references import TEAMS_CHANNEL, split_key
+from shared.reports import SINGLE_TARGET
+
+# The one field the engine adds to copies it puts back on the queue (attempt count, first
+# seen, broadcast child). Producers never write it; shared.producer refuses it.
+RESERVED = "_proactive"
+TOP_LEVEL_FIELDS = frozenset({"id", "to", "activity", "text", RESERVED, "poisonReason"})
+BROADCAST_FILTERS = ("channelId", "tenantId", "teamId", "personal")
+USER_FIELDS = ("channelId", "id", "tenantId", "serviceUrl")
+
+
+class InvalidRequest(ValueError):
+    """The queue message is not a proactive request this bot can deliver."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserTarget:
+    channel_id: str
+    user_id: str  # the Teams user id (29:…) or the user's AAD object id
+    tenant_id: str
+    service_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastFilter:
+    channel_id: str | None = None
+    tenant_id: str | None = None
+    team_id: str | None = None
+    personal: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bookkeeping:
+    """The engine's reserved field: attempts so far, when first seen, broadcast child."""
+
+    attempt: int = 0
+    since: float | None = None
+    child: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
+        if self.child:
+            data["child"] = True
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ProactiveRequest:
+    id: str
+    key: str | None  # the conversation key, for conversation and reference targets
+    reference: Mapping[str, Any] | None  # an explicit reference target
+    activity: dict[str, Any]
+    user: UserTarget | None = None
+    broadcast: BroadcastFilter | None = None
+    engine: Bookkeeping = field(default_factory=Bookkeeping)
+    message: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def target_name(self) -> str:
+        """Where its outcome is recorded: a broadcast child by its conversation key."""
+        return self.key if self.engine.child and self.key else SINGLE_TARGET
+
+    @property
+    def label(self) -> str:
+        """The target as reports and logs show it."""
+        if self.key:
+            return self.key
+        if self.user:
+            return f"user {self.user.channel_id}/{self.user.user_id}"
+        return "broadcast"
+
+
+# Activity types a bot may send to a conversation on its own initiative. Inbound-only types
+# (invoke, conversationUpdate, ...) would only be refused by the Connector after a token and
+# a round trip.
+SENDABLE_TYPES = frozenset({"message", "typing", "event", "endOfConversation"})
+# Where the activity goes is the reference's to decide, never the producer's: these fields of
+# a producer's activity are dropped, then filled from the reference.
+ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipient")
+MAX_ID_CHARS = 1024
+
+
+def parse_request(body: bytes | str) -> ProactiveRequest:
+    """Validate a queue message body; raises InvalidRequest with a short reason.
+
+    The content is either `activity` (an object; `type` defaults to message) or `text`
+    (shorthand for a message with that text), never both: a request carrying both is
+    ambiguous and refused. The activity's addressing fields (channelId, serviceUrl,
+    conversation, from, recipient) always come from the target's reference.
+    """
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest("the message is not JSON") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("the message is not a JSON object")
+    unknown = sorted(set(message) - TOP_LEVEL_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
+    request_id = message.get("id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
+        raise InvalidRequest(f"`id` must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    activity = _content(message.get("activity"), message.get("text"))
+    engine = _bookkeeping(message.get(RESERVED))
+    base = ProactiveRequest(request_id, None, None, activity, engine=engine, message=message)
+
+    target = message.get("to")
+    if not isinstance(target, dict) or len(target) != 1:
+        raise InvalidRequest("`to` must be an object with exactly one target")
+    kind, value = next(iter(target.items()))
+    if engine.child and kind != "conversation":
+        raise InvalidRequest("a broadcast child names a conversation")
+    if kind == "conversation":
+        try:
+            split_key(value)
+        except ValueError:
+            raise InvalidRequest(
+                "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
+            ) from None
+        return replace(base, key=value)
+    if kind == "reference":
+        return replace(base, key=_reference_key(value), reference=value)
+    if kind == "user":
+        return replace(base, user=_user(value))
+    if kind == "broadcast":
+        return replace(base, broadcast=parse_broadcast(value))
+    raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+def _reference_key(reference: Any) -> str:
+    if not isinstance(reference, dict):
+        raise InvalidRequest("`to.reference` must be an object")
+    conversation = reference.get("conversation")
+    if (
+        not _non_empty_string(reference.get("serviceUrl"))
+        or not _non_empty_string(reference.get("channelId"))
+        or "/" in reference["channelId"]
+        or not isinstance(conversation, dict)
+        or not _non_empty_string(conversation.get("id"))
+    ):
+        raise InvalidRequest("`to.reference` needs serviceUrl, channelId and conversation.id")
+    for account in ("bot", "user"):
+        if not isinstance(reference.get(account), dict | None):
+            raise InvalidRequest(f"`to.reference.{account}` must be an object")
+    return conversation_key(reference["channelId"], conversation["id"])
+
+
+def _user(value: Any) -> UserTarget:
+    if not isinstance(value, dict):
+        raise InvalidRequest("`to.user` must be an object")
+    unknown = sorted(set(value) - set(USER_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"`to.user` has an unknown field `{unknown[0][:40]}`")
+    missing = [name for name in USER_FIELDS if not _non_empty_string(value.get(name))]
+    if missing:
+        raise InvalidRequest("`to.user` needs " + ", ".join(USER_FIELDS) + " (strings)")
+    if value["channelId"] != TEAMS_CHANNEL:
+        raise InvalidRequest("`to.user` is for Teams users: channelId must be msteams")
+    return UserTarget(value["channelId"], value["id"], value["tenantId"], value["serviceUrl"])
+
+
+def parse_broadcast(value: Any) -> BroadcastFilter:
+    if not isinstance(value, dict):
+        raise InvalidRequest("`to.broadcast` must be an object ({} means every conversation)")
+    unknown = sorted(set(value) - set(BROADCAST_FILTERS))
+    if unknown:
+        raise InvalidRequest(
+            f"`to.broadcast` filters are {', '.join(BROADCAST_FILTERS)}; not `{unknown[0][:40]}`"
+        )
+    for name in ("channelId", "tenantId", "teamId"):
+        if name in value and not _non_empty_string(value[name]):
+            raise InvalidRequest(f"`to.broadcast.{name}` must be a non-empty string")
+    if "personal" in value and not isinstance(value["personal"], bool):
+        raise InvalidRequest("`to.broadcast.personal` must be true or false")
+    return BroadcastFilter(
+        value.get("channelId"), value.get("tenantId"), value.get("teamId"), value.get("personal")
+    )
+
+
+def _bookkeeping(value: Any) -> Bookkeeping:
+    if value is None:
+        return Bookkeeping()
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
+    attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
+    if (
+        not isinstance(attempt, int)
+        or attempt < 0
+        or not isinstance(since, int | float | None)
+        or not isinstance(child, bool)
+    ):
+        raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
+    return Bookkeeping(attempt, float(since) if since is not None else None, child)
+
+
+def _content(activity: Any, text: Any) -> dict[str, Any]:
+    """The activity to send, from the request's `activity` or `text` (see parse_request)."""
+    if activity is not None and text is not None:
+        raise InvalidRequest("give either `activity` or `text`, not both")
+    if activity is not None:
+        if not isinstance(activity, dict):
+            raise InvalidRequest("`activity` must be an object")
+        outgoing = as_activity(activity)
+        kind = outgoing["type"]
+        if not isinstance(kind, str) or kind not in SENDABLE_TYPES:
+            raise InvalidRequest(
+                "`activity.type` must be one of " + ", ".join(sorted(SENDABLE_TYPES))
+            )
+        for name in ADDRESSING_FIELDS:
+            outgoing.pop(name, None)
+        return outgoing
+    if isinstance(text, str) and text:
+        return as_activity(text)
+    if text is not None:
+        raise InvalidRequest("`text` must be a non-empty string")
+    raise InvalidRequest("one of `activity` (an object) or `text` is required")
+
+
+def _non_empty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)

@@ -1,0 +1,240 @@
+"""The producer API and command: enqueue proactive requests, read their delivery reports.
+
+    from shared.producer import enqueue, read_report
+    request_id = await enqueue({"to": {"conversation": "msteams/19:…"}, "text": "Hi"})
+    report = await read_report(request_id)  # None until the request is known
+
+    python -m shared.producer send --conversation KEY | --user JSON | --broadcast [FILTER]
+                                   (--text TEXT | --activity JSON) [--id ID]
+    python -m shared.producer report ID
+    python -m shared.producer conversations [FILTER_JSON]
+
+Requests are validated by the same parser delivery uses, so a request this accepts is
+one the engine can deliver. Storage comes from the same `AzureWebJobsStorage` forms the
+app accepts (connection string, or identity-based: on an operator's machine azure-identity's
+default credential chain, when no `__credential` is given). Settings are read from the
+environment, then from `local.settings.json` `Values` in the working folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.config import Settings, SettingsError, StorageSettings, _storage_name
+from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.queues import MAX_QUEUE_MESSAGE_BYTES, StorageQueue, compact_json
+
+LOCAL_SETTINGS = "local.settings.json"
+MAX_REQUEST_BYTES = MAX_QUEUE_MESSAGE_BYTES - 512
+
+
+async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = None) -> str:
+    """Validate `request`, give it an id when it has none, record it pending, enqueue it.
+
+    Recording it (the report's head) needs blob write access; a producer with read access
+    only (as the infra grants) enqueues all the same, and the report appears when the
+    first delivery attempt starts.
+
+    Returns the request id. Raises InvalidRequest (short reason; nothing enqueued).
+    """
+    from shared.ledger import BlobLedger
+    from shared.references import StoreError
+    from shared.reports import ensure_head
+
+    settings = settings or producer_settings()
+    if not isinstance(request, Mapping):
+        raise InvalidRequest("the request must be an object")
+    if RESERVED in request:
+        raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
+    message = dict(request)
+    if message.get("id") is None:
+        message["id"] = str(uuid.uuid4())
+    text = compact_json(message)
+    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
+        # The engine adds its bookkeeping to copies it requeues: leave room for it.
+        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
+    parsed = parse_request(text)
+    kind = "broadcast" if parsed.broadcast is not None else "single"
+    try:
+        await ensure_head(BlobLedger(settings), parsed.id, kind, time.time())
+    except StoreError as error:
+        if error.status != 403:
+            raise
+        # A producer allowed to enqueue and read reports, not to write blobs (the role the
+        # infra grants): the report appears with the first delivery attempt instead.
+    await StorageQueue(settings).put(text)
+    return parsed.id
+
+
+async def read_report(request_id: str, *, settings: Settings | None = None) -> dict | None:
+    """The request's delivery report (docs/proactive.md), or None when none exists."""
+    from shared.ledger import BlobLedger
+    from shared.reports import read_report as read
+
+    return await read(BlobLedger(settings or producer_settings()), request_id)
+
+
+def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None = None) -> Settings:
+    """What a producer needs: storage, container and queue, from the environment first,
+    then `local.settings.json` Values. A producer needs no bot credentials."""
+    merged = dict(_local_values(folder or Path.cwd()))
+    merged.update(os.environ if env is None else env)
+
+    def get(name: str, default: str) -> str:
+        return merged.get(name, "").strip() or default
+
+    return Settings(
+        storage=StorageSettings.from_env(merged),
+        references_container=_storage_name(
+            "BOT_REFERENCES_CONTAINER", get("BOT_REFERENCES_CONTAINER", "conversation-references")
+        ),
+        proactive_queue=_storage_name(
+            "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
+        ),
+        allow_unauthenticated=True,  # unused: a producer sends nothing to a Connector
+    )
+
+
+def _local_values(folder: Path) -> dict[str, str]:
+    path = folder / LOCAL_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        raise SettingsError(LOCAL_SETTINGS, "is not readable JSON") from None
+    values = document.get("Values") if isinstance(document, dict) else None
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): str(v) for k, v in values.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------- command
+
+
+class UsageError(Exception):
+    """A command-line argument is not usable; the message says which."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.producer",
+        description="Send proactive messages through the bot's queue; read their reports.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    send = commands.add_parser("send", help="enqueue a request; prints its id")
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--conversation", metavar="KEY", help="a stored conversation key")
+    target.add_argument("--user", metavar="JSON", help='{"channelId","id","tenantId","serviceUrl"}')
+    target.add_argument(
+        "--broadcast", metavar="FILTER_JSON", nargs="?", const="{}", help="every match"
+    )
+    content = send.add_mutually_exclusive_group(required=True)
+    content.add_argument("--text", help="the message text")
+    content.add_argument("--activity", metavar="JSON", help="an activity object")
+    send.add_argument("--id", help="the request id (default: a new uuid)")
+    report = commands.add_parser("report", help="print a request's delivery report")
+    report.add_argument("id")
+    conversations = commands.add_parser("conversations", help="list stored conversation keys")
+    conversations.add_argument("filter", nargs="?", default="{}", metavar="FILTER_JSON")
+    return parser
+
+
+def _json_arg(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise UsageError(f"{name} is not valid JSON") from None
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.conversation is not None:
+        to: dict[str, Any] = {"conversation": args.conversation}
+    elif args.user is not None:
+        to = {"user": _json_arg("--user", args.user)}
+    else:
+        to = {"broadcast": _json_arg("--broadcast", args.broadcast)}
+    request: dict[str, Any] = {"to": to}
+    if args.text is not None:
+        request["text"] = args.text
+    else:
+        request["activity"] = _json_arg("--activity", args.activity)
+    if args.id is not None:
+        request["id"] = args.id
+    return request
+
+
+async def _conversations(settings: Settings, filters: Any) -> list[str]:
+    from shared.proactive_schema import parse_broadcast
+    from shared.references import BlobReferenceStore
+
+    wanted = parse_broadcast(filters)
+    store = BlobReferenceStore(settings, cache_size=0)
+    keys: list[str] = []
+    continuation = None
+    try:
+        while True:
+            page = await store.list(
+                channel_id=wanted.channel_id,
+                tenant_id=wanted.tenant_id,
+                team_id=wanted.team_id,
+                continuation=continuation,
+                page_size=1000,
+            )
+            keys += [
+                item.key
+                for item in page.items
+                if wanted.personal is None or item.personal == wanted.personal
+            ]
+            continuation = page.continuation
+            if continuation is None:
+                return keys
+    finally:
+        await store.close()
+
+
+async def run(argv: Sequence[str] | None = None) -> int:
+    from shared.references import StoreError
+    from shared.storage import close_shared_clients
+
+    args = _parser().parse_args(argv)
+    try:
+        settings = producer_settings()
+        if args.command == "send":
+            print(await enqueue(build_request(args), settings=settings), flush=True)
+        elif args.command == "report":
+            report = await read_report(args.id, settings=settings)
+            if report is None:
+                print(f"no report for {args.id!r} (yet)", file=sys.stderr)
+                return 1
+            print(json.dumps(report, ensure_ascii=False), flush=True)
+        else:
+            for key in await _conversations(settings, _json_arg("FILTER_JSON", args.filter)):
+                print(key)
+            sys.stdout.flush()
+        return 0
+    except (UsageError, InvalidRequest, SettingsError, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        print(f"error: could not reach storage ({type(error).__name__})", file=sys.stderr)
+        return 1
+    finally:
+        await close_shared_clients()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The proactive queue as the engine and producers use it: put (with a delay) and poison.
+
+Messages are base64-encoded, as the Functions host expects of every queue message; a
+queue that does not exist yet is created on first use. :class:`MemoryQueue` records what
+would have been sent, for unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.config import Settings
+
+# A queue message is at most 64 KiB once base64-encoded, so this many bytes before encoding.
+MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
+MAX_DELAY_SECONDS = 7 * 24 * 3600 - 60  # Azure's largest visibility timeout is 7 days
+
+
+class MessageQueue(Protocol):
+    async def put(self, text: str, *, delay: float = 0.0) -> None: ...
+
+    async def poison(self, body: bytes | str, reason: str) -> None: ...
+
+
+class StorageQueue:
+    """`queue_name` (default `BOT_PROACTIVE_QUEUE`) and its `-poison` queue on storage."""
+
+    def __init__(self, settings: Settings, queue_name: str | None = None) -> None:
+        self._settings = settings
+        self.name = queue_name or settings.proactive_queue
+
+    async def put(self, text: str, *, delay: float = 0.0) -> None:
+        await _send(self._settings, self.name, text, delay)
+
+    async def poison(self, body: bytes | str, reason: str) -> None:
+        await _send(self._settings, f"{self.name}-poison", poison_message(body, reason), 0.0)
+
+
+@dataclass(slots=True)
+class MemoryQueue:
+    """What the engine put on the queue (text, delay) and poisoned (copy), in order."""
+
+    sent: list[tuple[str, float]] = field(default_factory=list)
+    poisoned: list[dict[str, Any]] = field(default_factory=list)
+
+    async def put(self, text: str, *, delay: float = 0.0) -> None:
+        self.sent.append((text, delay))
+
+    async def poison(self, body: bytes | str, reason: str) -> None:
+        self.poisoned.append(json.loads(poison_message(body, reason)))
+
+    def take(self) -> list[tuple[str, float]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.queue import TextBase64EncodePolicy
+
+    from shared.storage import get_queue_service
+
+    queue = get_queue_service(settings.storage).get_queue_client(
+        queue_name, message_encode_policy=TextBase64EncodePolicy()
+    )
+    visibility = min(MAX_DELAY_SECONDS, max(0, math.ceil(delay))) or None
+    try:
+        await queue.send_message(text, visibility_timeout=visibility)
+    except ResourceNotFoundError:
+        await queue.create_queue()
+        await queue.send_message(text, visibility_timeout=visibility)
+
+
+def poison_message(body: bytes | str, reason: str) -> str:
+    """The poison queue's copy: the request with `poisonReason` added (or the raw text).
+
+    A request that is not a JSON object becomes ``{"poisonReason", "body"}``. When the copy
+    would not fit in a queue message, the original text is kept unchanged instead (it fitted
+    once, and a copy that cannot be queued would cost the request); the reason is in the log.
+    """
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        message = None
+    if isinstance(message, dict):
+        copy: Any = {**message, "poisonReason": reason}
+    else:
+        copy = {"poisonReason": reason, "body": text}
+    encoded = compact_json(copy)
+    if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+        return encoded
+    return text
+
+
+def compact_json(value: Any) -> str:
+    # Non-ASCII text stays as it is: \uXXXX escapes would make it up to three times longer.
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        encoded.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid as a JSON escape, not as UTF-8)
+        encoded = json.dumps(value, separators=(",", ":"))
+    return encoded

@@ -1,0 +1,187 @@
+"""Delivery reports: what happened to each proactive request, readable by its producer.
+
+Layout, under ``proactive/<request id>/`` in `BOT_REFERENCES_CONTAINER` (ids encoded as
+the reference store encodes name segments; see docs/proactive.md):
+
+``head.json``
+    ``{"id", "kind": "single" | "broadcast", "createdAt", "updatedAt", "targets",
+    "continuation", "fannedOut"}``: created (create-only) by the producer or by the first
+    delivery attempt; for a broadcast also the fan-out's checkpoint, updated with ETags
+    by the one instance holding the fan-out claim.
+``out/<target>.json``
+    One per target, create-only: the delivered marker (see shared/idempotency.py) or the
+    final outcome (pruned, failed + reason). Its metadata repeats the outcome, so a report
+    is one listing, and concurrent children never write to one shared blob.
+``dup/<uuid>.json``
+    One per arrival that was not sent again because its target already had an outcome.
+``claim/<target>.json``
+    Held while an instance works on the target (shared/idempotency.py).
+``started.json``
+    Written when a single-target request is requeued (throttled, ...): it is running.
+
+State: ``pending`` until an instance started on it, ``running`` while targets remain,
+``done`` when every target has an outcome (for a broadcast: after the fan-out ended).
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from shared.ledger import Ledger, iso
+from shared.references import encode_segment
+
+PREFIX = "proactive/"
+SINGLE_TARGET = "target"  # the outcome name of a request with one target
+FANOUT_TARGET = "fan-out"  # the claim name of a broadcast's fan-out
+MAX_FAILURES_LISTED = 1000  # a report lists at most this many failed targets
+MAX_REASON_CHARS = 300
+Kind = Literal["single", "broadcast"]
+Final = Literal["delivered", "pruned", "failed"]
+FINAL_OUTCOMES: tuple[Final, ...] = ("delivered", "pruned", "failed")
+
+
+def request_prefix(request_id: str) -> str:
+    return f"{PREFIX}{encode_segment(request_id, 400)}/"
+
+
+def head_name(request_id: str) -> str:
+    return f"{request_prefix(request_id)}head.json"
+
+
+def outcome_name(request_id: str, target: str) -> str:
+    return f"{request_prefix(request_id)}out/{encode_segment(target, 400)}.json"
+
+
+def claim_name(request_id: str, target: str) -> str:
+    return f"{request_prefix(request_id)}claim/{encode_segment(target, 400)}.json"
+
+
+def started_name(request_id: str) -> str:
+    """Marks a single-target request that was tried and is waiting to be tried again."""
+    return f"{request_prefix(request_id)}started.json"
+
+
+def new_head(request_id: str, kind: Kind, now: float) -> dict[str, Any]:
+    stamp = iso(now)
+    return {
+        "id": request_id,
+        "kind": kind,
+        "createdAt": stamp,
+        "updatedAt": stamp,
+        "targets": 1 if kind == "single" else 0,
+        "continuation": None,
+        "fannedOut": kind == "single",
+    }
+
+
+async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -> None:
+    """Create the request's head unless it exists (create-only: the first writer wins)."""
+    await ledger.create(head_name(request_id), new_head(request_id, kind, now))
+
+
+async def record_outcome(
+    ledger: Ledger,
+    request_id: str,
+    target: str,
+    outcome: Final,
+    now: float,
+    *,
+    reason: str | None = None,
+    label: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write the target's final outcome once; False when it already had one.
+
+    `label` is what the report shows as the target (the conversation key, when known).
+    """
+    shown = label or target
+    metadata = {"outcome": outcome, "target": _pack(shown)}
+    data: dict[str, Any] = {"target": shown, "outcome": outcome, "at": iso(now), **(detail or {})}
+    if reason:
+        metadata["reason"] = _pack(reason[:MAX_REASON_CHARS])
+        data["reason"] = reason[:MAX_REASON_CHARS]
+    created = await ledger.create(outcome_name(request_id, target), data, metadata=metadata)
+    return created is not None
+
+
+async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:
+    name = f"{request_prefix(request_id)}dup/{uuid.uuid4().hex}.json"
+    await ledger.create(name, {"target": target, "at": iso(now)})
+
+
+async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
+    """The report JSON (fixed shape, see docs/proactive.md), or None when nothing is known."""
+    prefix = request_prefix(request_id)
+    head_record = await ledger.read(head_name(request_id))
+    counts: dict[str, int] = dict.fromkeys(FINAL_OUTCOMES, 0)
+    duplicate = 0
+    failures: list[dict[str, str]] = []
+    latest = 0.0
+    claimed = False
+    async for entry in ledger.list(prefix):
+        rest = entry.name[len(prefix) :]
+        if rest.startswith("claim/") or rest == "started.json":
+            claimed = True  # being worked on, or tried and waiting for its next attempt
+            continue
+        if rest.startswith("dup/"):
+            duplicate += 1
+        elif rest.startswith("out/"):
+            outcome = entry.metadata.get("outcome", "")
+            if outcome not in counts:
+                continue
+            counts[outcome] += 1
+            if outcome == "failed" and len(failures) < MAX_FAILURES_LISTED:
+                failures.append(
+                    {
+                        "target": _unpack(entry.metadata.get("target")),
+                        "reason": _unpack(entry.metadata.get("reason")),
+                    }
+                )
+        else:
+            continue
+        latest = max(latest, entry.modified)
+    finished = sum(counts.values())
+    if head_record is None:
+        if not finished and not duplicate:
+            return None
+        head = new_head(request_id, "single", latest)  # its head write failed: still reported
+    else:
+        head = head_record.data
+        latest = max(latest, head_record.modified)
+    single = head.get("kind") != "broadcast"
+    targets = 1 if single else int(head.get("targets") or 0)
+    if head.get("fannedOut") and finished >= targets:
+        state = "done"
+    elif claimed or (not single and (finished or targets or head.get("continuation"))):
+        state = "running"
+    else:
+        state = "pending"
+    return {
+        "id": request_id,
+        "state": state,
+        "targets": targets,
+        "delivered": counts["delivered"],
+        "duplicate": duplicate,
+        "pruned": counts["pruned"],
+        "failed": counts["failed"],
+        "failures": failures,
+        "createdAt": head.get("createdAt"),
+        "updatedAt": iso(latest) if latest else head.get("updatedAt"),
+    }
+
+
+def _pack(text: str) -> str:
+    """Metadata values must be ASCII: base64url of the UTF-8 text."""
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def _unpack(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(value.encode("ascii")).decode("utf-8", "replace")
+    except ValueError:
+        return ""

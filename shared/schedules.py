@@ -1,0 +1,147 @@
+"""Scheduled sends: schedule documents in Blob storage, enqueued when due, never sent here.
+
+A schedule is a JSON blob ``schedules/<name>.json`` in `BOT_REFERENCES_CONTAINER`::
+
+    {"schedule": "0 0 9 * * Mon-Fri", "request": {<a proactive request without id>},
+     "enabled": true}
+
+Each timer run (`BOT_SCHEDULE`, every minute by default) enqueues, for every enabled
+schedule, each due time since that schedule's last run, with the id
+``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
+(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once. Two
+runs that overlap, or a run retried after a crash before its bookkeeping was written,
+enqueue the same ids again: delivery dedupes by id, so each due time is sent once.
+A schedule fires at most once a minute (due times are per minute).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.config import Settings
+from shared.ledger import Ledger
+from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.queues import MessageQueue, compact_json
+from shared.references import encode_segment
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES_PREFIX = "schedules/"
+STATE_PREFIX = "proactive-schedules/"
+MAX_CATCH_UP = timedelta(days=1)  # a schedule missed for longer catches up on this much
+MAX_DUE_PER_RUN = 60  # due times enqueued per schedule per run, the latest ones
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    name: str
+    expression: str
+    request: dict[str, Any]
+    enabled: bool = True
+
+
+def parse_schedule(name: str, document: Any) -> Schedule:
+    """Validate a schedule document; InvalidRequest with a short reason."""
+    from croniter import croniter  # imported when a schedule is read (cold start)
+
+    if not isinstance(document, dict):
+        raise InvalidRequest("a schedule document is a JSON object")
+    unknown = sorted(set(document) - {"schedule", "request", "enabled"})
+    if unknown:
+        raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
+    expression = document.get("schedule")
+    if (
+        not isinstance(expression, str)
+        or len(expression.split()) != 6
+        or not croniter.is_valid(expression, second_at_beginning=True)
+    ):
+        raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
+    enabled = document.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("`enabled` must be true or false")
+    request = document.get("request")
+    if not isinstance(request, dict) or "id" in request or RESERVED in request:
+        raise InvalidRequest("`request` must be a proactive request without `id`")
+    parse_request(compact_json({**request, "id": schedule_id(name, _EPOCH)}))
+    return Schedule(name, expression, request, enabled)
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def schedule_id(name: str, due: datetime) -> str:
+    return f"schedule:{name}:{due.astimezone(UTC).strftime('%Y-%m-%dT%H:%MZ')}"
+
+
+def due_times(expression: str, after: datetime, until: datetime) -> list[datetime]:
+    """Due minutes in (after, until], latest MAX_DUE_PER_RUN of them, oldest first."""
+    from croniter import croniter
+
+    after = max(after, until - MAX_CATCH_UP)
+    iterator = croniter(expression, after, second_at_beginning=True, day_or=False)
+    due: list[datetime] = []
+    while True:
+        moment = iterator.get_next(datetime).replace(second=0, microsecond=0)
+        if moment > until:
+            break
+        if moment > after and (not due or moment > due[-1]):
+            due.append(moment)
+    return due[-MAX_DUE_PER_RUN:]
+
+
+async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> list[str]:
+    """Enqueue every schedule's due times since its last run; the ids enqueued."""
+    enqueued: list[str] = []
+    names = [
+        entry.name async for entry in ledger.list(SCHEDULES_PREFIX) if entry.name.endswith(".json")
+    ]
+    for blob in names:
+        name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
+        record = await ledger.read(blob)
+        if record is None or not name or "/" in name:
+            continue
+        try:
+            schedule = parse_schedule(name, record.data)
+        except InvalidRequest as error:
+            logger.warning("schedule %r skipped: %s", name, error)
+            continue
+        if schedule.enabled:
+            enqueued += await _run_one(ledger, queue, schedule, now)
+    return enqueued
+
+
+async def _run_one(
+    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime
+) -> list[str]:
+    state_name = f"{STATE_PREFIX}{encode_segment(schedule.name, 400)}.json"
+    until = now.astimezone(UTC)
+    state = await ledger.read(state_name)
+    if state is None:
+        # A new schedule starts now (a run a moment late still counts this minute).
+        last = until.replace(second=0, microsecond=0) - timedelta(microseconds=1)
+    else:
+        last = datetime.fromisoformat(str(state.data.get("last")))
+    ids = []
+    for due in due_times(schedule.expression, last, until):
+        request_id = schedule_id(schedule.name, due)
+        await queue.put(compact_json({**schedule.request, "id": request_id}))
+        ids.append(request_id)
+        logger.info("schedule %r: enqueued %s", schedule.name, request_id)
+    data = {"last": until.isoformat()}
+    if state is None:
+        await ledger.create(state_name, data)
+    elif max(last, until) == until:
+        await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
+    return ids
+
+
+async def run_timer(settings: Settings, now: datetime | None = None) -> list[str]:
+    """The timer function's one call: enqueue what is due, on the app's storage."""
+    from shared.ledger import BlobLedger
+    from shared.queues import StorageQueue
+
+    moment = now or datetime.now(UTC)
+    return await run_schedules(BlobLedger(settings), StorageQueue(settings), moment)

@@ -1,0 +1,68 @@
+"""The engine's bookkeeping primitives: one contract, in memory and on Blob storage (Azurite)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.config import Settings, StorageSettings
+from shared.ledger import BlobLedger, MemoryLedger
+from shared.storage import close_shared_clients
+
+
+@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
+async def ledger(request, unique_name):
+    if request.param == "memory":
+        yield MemoryLedger()
+        return
+    azurite = request.getfixturevalue("azurite")
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("ledger"),
+    )
+    yield BlobLedger(settings)
+    await close_shared_clients()
+
+
+async def test_create_is_create_only(ledger):
+    assert await ledger.read("a/b.json") is None
+    etag = await ledger.create("a/b.json", {"n": 1})
+    assert etag
+    assert await ledger.create("a/b.json", {"n": 2}) is None
+    record = await ledger.read("a/b.json")
+    assert (record.data, record.etag) == ({"n": 1}, etag)
+
+
+async def test_concurrent_creates_have_exactly_one_winner(ledger):
+    results = await asyncio.gather(*(ledger.create("race.json", {"n": i}) for i in range(8)))
+    assert sum(result is not None for result in results) == 1
+
+
+async def test_replace_needs_the_current_etag(ledger):
+    first = await ledger.create("doc.json", {"v": 1})
+    second = await ledger.replace("doc.json", {"v": 2}, first)
+    assert second and second != first
+    assert await ledger.replace("doc.json", {"v": 3}, first) is None  # a lost update refused
+    assert (await ledger.read("doc.json")).data == {"v": 2}
+    assert await ledger.replace("missing.json", {"v": 1}, first) is None
+
+
+async def test_delete_with_and_without_etag(ledger):
+    etag = await ledger.create("x.json", {})
+    assert await ledger.delete("x.json", '"not-it"') is False
+    assert await ledger.delete("x.json", etag) is True
+    assert await ledger.delete("x.json") is False
+    await ledger.create("y.json", {})
+    assert await ledger.delete("y.json") is True
+
+
+async def test_list_gives_names_under_a_prefix_with_metadata(ledger):
+    assert [e async for e in ledger.list("p/")] == []  # nothing yet (no container either)
+    await ledger.create("p/1.json", {}, metadata={"outcome": "delivered"})
+    await ledger.create("p/2.json", {})
+    await ledger.create("q/1.json", {})
+    entries = [e async for e in ledger.list("p/")]
+    assert [e.name for e in entries] == ["p/1.json", "p/2.json"]
+    assert entries[0].metadata == {"outcome": "delivered"} and entries[1].metadata == {}
+    assert all(e.modified > 0 for e in entries)

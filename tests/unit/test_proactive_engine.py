@@ -1,0 +1,512 @@
+"""The proactive engine's outcomes, bookkeeping and fan-out, against the FakeConnector.
+
+Sends go over HTTP to botsim's fake Connector with tokens from the fake AAD (MSAL);
+references are in the in-memory store and the bookkeeping in the in-memory ledger (the
+Blob ledger runs the same contract in test_ledger.py). The queue is a recorder: what the
+engine put back (with which delay) and what it poisoned is what the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from shared.auth.inbound import InboundAuthenticator
+from shared.auth.tokens import create_token_provider
+from shared.connector import ConnectorClient, RetryPolicy
+from shared.ledger import MemoryLedger
+from shared.proactive import Engine, Outcome, handle_queue_message
+from shared.queues import MemoryQueue
+from shared.references import MemoryReferenceStore
+from shared.reports import claim_name, ensure_head, read_report
+from shared.router import Router
+from shared.runtime import Runtime
+from tools.botsim.connector import FakeConnector, Reply
+
+FAST_RETRY = RetryPolicy(max_attempts=2, max_total_seconds=2.0, base_delay=0.01, max_delay=0.02)
+GONE = {"error": {"code": "BotNotInConversationRoster", "message": "not in roster"}}
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reference(service_url: str, conversation_id: str, **overrides: Any) -> dict[str, Any]:
+    tenant = overrides.pop("tenant", "tenant-1")
+    personal = overrides.pop("personal", True)
+    user = overrides.pop("user", "29:ada")
+    return {
+        "channelId": overrides.pop("channel", "msteams"),
+        "serviceUrl": service_url,
+        "conversation": {
+            "id": conversation_id,
+            "conversationType": "personal" if personal else "channel",
+            "tenantId": tenant,
+        },
+        "bot": {"id": "28:bot", "name": "Bot"},
+        "user": {"id": user, "name": "Ada"},
+        **overrides,
+    }
+
+
+def body(to: dict[str, Any], request_id: str = "req-1", **content: Any) -> str:
+    return json.dumps({"id": request_id, "to": to, **(content or {"text": "hello"})})
+
+
+def make_runtime(settings, store) -> Runtime:
+    return Runtime(
+        settings=settings,
+        authenticator=InboundAuthenticator(settings),
+        connector=ConnectorClient(settings, create_token_provider(settings), retry=FAST_RETRY),
+        references=store,
+        router=Router(),
+    )
+
+
+@pytest.fixture
+async def parts(aad_app, fake_connector):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    runtime = make_runtime(settings, store)
+    clock = Clock()
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
+    yield runtime, engine
+    await runtime.close()
+
+
+async def handle(engine: Engine, text: str) -> Outcome:
+    return await handle_queue_message(text, engine.runtime, engine=engine)
+
+
+async def drain(engine: Engine, limit: int = 500) -> list[Outcome]:
+    """Process what the engine put back on the queue until it is empty (delays skipped)."""
+    outcomes = []
+    for _ in range(limit):
+        sent = engine.queue.take()
+        if not sent:
+            return outcomes
+        for text, _delay in sent:
+            outcomes.append(await handle(engine, text))
+    raise AssertionError("the queue never drained")
+
+
+def sends(connector: FakeConnector) -> list[str]:
+    return [r.conversation_id for r in connector.requests if r.operation == "sendToConversation"]
+
+
+# --- defects 1-5 -----------------------------------------------------------------------
+
+
+async def test_unknown_key_is_retried_for_a_minute_then_failed_and_poisoned(parts, fake_connector):
+    # Defect 1: it returned normally and was deleted: no retry, no poison copy, no report.
+    _runtime, engine = parts
+    assert await handle(engine, body({"conversation": "msteams/a:landing"})) is Outcome.REQUEUED
+    [(copy, delay)] = engine.queue.take()
+    assert 0 < delay <= 20
+    assert engine.queue.poisoned == []
+
+    engine.clock.now += 61  # the reference never landed
+    assert await handle(engine, copy) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    assert "no stored reference" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] == "done" and report["failed"] == 1
+    assert report["failures"][0]["target"] == "msteams/a:landing"
+    assert sends(fake_connector) == []
+
+
+async def test_unknown_key_whose_reference_lands_is_delivered(parts, fake_connector):
+    runtime, engine = parts
+    assert await handle(engine, body({"conversation": "msteams/a:2"})) is Outcome.REQUEUED
+    await runtime.references.upsert(reference(fake_connector.url, "a:2"))
+    assert await drain(engine) == [Outcome.DELIVERED]
+    assert sends(fake_connector) == ["a:2"]
+
+
+async def test_a_long_retry_after_is_requeued_with_that_delay_not_raised(parts, fake_connector):
+    # Defect 2: a 429 raised, so the host redelivered after visibilityTimeout and spent one
+    # of its five dequeues each time: a conversation throttled for 60 s was poisoned.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "60"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 2)
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, delay)] = engine.queue.take()
+    assert 60 <= delay <= 60 * 1.2 + 1
+    assert json.loads(copy)["_proactive"] == {"attempt": 1, "since": engine.clock.now}
+    assert engine.queue.poisoned == []
+    assert len(sends(fake_connector)) == 1  # the client did not wait 60 s itself
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
+
+    engine.clock.now += 61
+    assert await handle(engine, copy) is Outcome.REQUEUED  # still throttled: again
+    [(copy, _)] = engine.queue.take()
+    engine.clock.now += 61
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
+async def test_throttling_beyond_the_total_age_is_failed_and_poisoned(parts, fake_connector):
+    runtime, engine = parts
+    engine.max_age = 100
+    fake_connector.script("POST", r"/activities$", [Reply(503, body="busy")] * 20)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+    engine.clock.now += 101
+    assert await handle(engine, copy) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    assert "gave up" in poisoned["poisonReason"] and "503" in poisoned["poisonReason"]
+    assert "_proactive" not in poisoned  # an operator can put the copy back as it is
+    assert await runtime.references.get("msteams/a:1") is not None
+
+
+async def test_a_500_is_never_resent(parts, fake_connector):
+    # Defect 3: classed transient, it was redelivered and could be posted twice.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    assert engine.queue.sent == []
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"]
+    assert len(sends(fake_connector)) == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert report["failed"] == 1 and "500" in report["failures"][0]["reason"]
+
+
+async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_try(
+    parts, fake_connector
+):
+    # Defect 4: the producer's stale serviceUrl got a 403 and the stored reference under
+    # that key (another serviceUrl, never tried) was pruned.
+    runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(403, json=GONE)] * 2)
+    stale = reference(f"{fake_connector.url}/stale", "a:1")
+
+    assert await handle(engine, body({"reference": stale})) is Outcome.PRUNED
+    assert await runtime.references.get("msteams/a:1") is not None
+
+    same = reference(fake_connector.url, "a:1")
+    assert await handle(engine, body({"reference": same}, "req-2")) is Outcome.PRUNED
+    assert await runtime.references.get("msteams/a:1") is None
+    report = await read_report(engine.ledger, "req-2")
+    assert (report["state"], report["pruned"]) == ("done", 1)
+
+
+async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
+    aad_app, fake_aad, fake_connector
+):
+    # Defect 5: an expired secret was `invalid`, so every queued message went to poison.
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    clock = Clock()
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    wrong = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
+    )
+    runtime = make_runtime(wrong, store)
+    engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
+    try:
+        assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+        [(copy, delay)] = queue.take()
+        assert 5 <= delay <= 600 and queue.poisoned == []
+        assert fake_connector.requests == []
+    finally:
+        await runtime.close()
+
+    fixed = make_runtime(aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url), store)
+    engine = Engine(fixed, ledger, queue, clock=clock, rand=lambda: 0)
+    try:
+        assert await handle(engine, copy) is Outcome.DELIVERED
+    finally:
+        await fixed.close()
+    assert sends(fake_connector) == ["a:1"] and queue.poisoned == []
+
+
+# --- exactly once ------------------------------------------------------------------------
+
+
+async def test_a_resubmitted_id_sends_nothing_new_and_is_reported_duplicate(parts, fake_connector):
+    _runtime, engine = parts
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.DELIVERED
+    assert await handle(engine, text) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert {k: report[k] for k in ("state", "targets", "delivered", "duplicate")} == {
+        "state": "done",
+        "targets": 1,
+        "delivered": 1,
+        "duplicate": 1,
+    }
+
+
+async def test_a_target_claimed_elsewhere_is_not_sent_at_the_same_time(parts, fake_connector):
+    _runtime, engine = parts
+    await engine.ledger.create(claim_name("req-1", "target"), {"expiresAt": engine.clock.now + 30})
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert sends(fake_connector) == []
+    [(copy, delay)] = engine.queue.take()
+    assert 0 < delay <= 16 and json.loads(copy)["_proactive"]["attempt"] == 0
+    engine.clock.now += 31  # the holder crashed: its claim expires and is taken over
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_report_is_pending_until_tried_and_none_for_an_unknown_id(parts):
+    _runtime, engine = parts
+    assert await read_report(engine.ledger, "never-sent") is None
+    await ensure_head(engine.ledger, "queued", "single", engine.clock())  # as enqueue does
+    report = await read_report(engine.ledger, "queued")
+    assert (report["state"], report["targets"], report["delivered"]) == ("pending", 1, 0)
+    await ensure_head(engine.ledger, "b-queued", "broadcast", engine.clock())
+    report = await read_report(engine.ledger, "b-queued")
+    assert (report["state"], report["targets"]) == ("pending", 0)
+
+
+# --- user targets --------------------------------------------------------------------------
+
+
+def user(connector: FakeConnector, user_id: str = "29:grace") -> dict[str, str]:
+    return {
+        "channelId": "msteams",
+        "id": user_id,
+        "tenantId": "tenant-1",
+        "serviceUrl": connector.url,
+    }
+
+
+async def test_a_user_target_creates_the_1to1_then_reuses_it(parts, fake_connector, aad_app):
+    runtime, engine = parts
+    assert await handle(engine, body({"user": user(fake_connector)}, "u-1")) is Outcome.DELIVERED
+    assert await handle(engine, body({"user": user(fake_connector)}, "u-2")) is Outcome.DELIVERED
+
+    [created] = fake_connector.requests_for("createConversation")
+    assert created.json["members"] == [{"id": "29:grace"}]
+    assert created.json["tenantId"] == "tenant-1"
+    assert created.json["channelData"] == {"tenant": {"id": "tenant-1"}}
+    assert created.json["bot"]["id"] == f"28:{aad_app.app_id}"
+    conversation = created.response["id"]
+    assert sends(fake_connector) == [conversation, conversation]
+    stored = await runtime.references.find_by_user(channel_id="msteams", user_id="29:grace")
+    assert stored is not None and stored.key == f"msteams/{conversation}"
+
+
+async def test_a_user_target_reuses_a_stored_1to1_instead_of_creating(parts, fake_connector):
+    _runtime, engine = parts
+    assert await handle(engine, body({"user": user(fake_connector, "29:ada")})) is Outcome.DELIVERED
+    assert fake_connector.requests_for("createConversation") == []
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake_connector):
+    _runtime, engine = parts
+    with FakeConnector() as attacker:
+        target = {**user(fake_connector), "serviceUrl": attacker.url}
+        assert await handle(engine, body({"user": target})) is Outcome.FAILED
+        assert attacker.requests == []
+    report = await read_report(engine.ledger, "req-1")
+    assert report["failed"] == 1 and "not trusted" in report["failures"][0]["reason"]
+    assert engine.queue.poisoned[0]["to"] == {"user": target}
+
+
+# --- broadcast -------------------------------------------------------------------------------
+
+
+async def store_many(runtime: Runtime, url: str) -> None:
+    await runtime.references.upsert(reference(url, "19:chan-t1", personal=False, user="29:x"))
+    await runtime.references.upsert(reference(url, "a:t2", tenant="tenant-2", user="29:b"))
+    await runtime.references.upsert(reference(url, "a:t1-other", user="29:c"))
+    await runtime.references.upsert(
+        reference(url, "web-1", channel="webchat", tenant=None, user="u")
+    )
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({}, {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}),
+        ({"tenantId": "tenant-1"}, {"a:1", "19:chan-t1", "a:t1-other"}),
+        ({"tenantId": "tenant-1", "personal": True}, {"a:1", "a:t1-other"}),
+        ({"channelId": "webchat"}, {"web-1"}),
+        ({"personal": False}, {"19:chan-t1"}),
+    ],
+)
+async def test_a_broadcast_reaches_each_matching_conversation_once(
+    parts, fake_connector, filters, expected
+):
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+    engine.fanout_page_size = 2
+    engine.fanout_seconds = 0  # one page per invocation: continuations on the queue
+
+    outcomes = [await handle(engine, body({"broadcast": filters}, "b-1"))]
+    outcomes += await drain(engine)
+
+    assert sorted(sends(fake_connector)) == sorted(expected)
+    assert Outcome.FANNED_OUT in outcomes
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done"
+    assert report["targets"] == report["delivered"] == len(expected)
+
+
+async def test_a_resumed_fanout_re_enqueues_a_page_but_sends_each_target_once(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+    engine.fanout_page_size = 2
+    engine.fanout_seconds = 0
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
+    children_and_continuation = engine.queue.take()
+    # A crash after the first page's children were enqueued but before its checkpoint:
+    # the original broadcast is redelivered and enqueues that page again.
+    head_name = next(n for n in engine.ledger.blobs if n.endswith("head.json"))
+    data = json.loads(engine.ledger.blobs[head_name][0])
+    data.update(continuation=None, targets=0)
+    record = await engine.ledger.read(head_name)
+    await engine.ledger.replace(head_name, data, record.etag)
+    engine.queue.sent.extend(children_and_continuation)
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    await drain(engine)
+
+    assert sorted(sends(fake_connector)) == sorted(
+        {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}
+    )
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done" and report["delivered"] == report["targets"] == 5
+    assert report["duplicate"] >= 2
+
+
+async def test_a_broadcast_child_that_is_gone_is_pruned_and_reported(parts, fake_connector):
+    runtime, engine = parts
+    fake_connector.script("POST", r"a%3A1/activities$", [Reply(403, json=GONE)])
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    await drain(engine)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["targets"], report["delivered"], report["pruned"]) == (2, 1, 1)
+    assert await runtime.references.get("msteams/a:1") is None
+
+
+async def test_a_resubmitted_broadcast_is_not_fanned_out_again(parts, fake_connector):
+    _runtime, engine = parts
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    await drain(engine)
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.DUPLICATE
+    assert engine.queue.sent == []
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_an_operator_puts_a_poison_copy_back_to_retry_a_failed_target(parts, fake_connector):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+
+    # Checked the conversation, decided it was not posted: the copy goes back as it is.
+    assert await handle(engine, json.dumps(copy)) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"], report["state"]) == (1, 0, "done")
+    # A delivered target is never sent again, poison copy or not.
+    assert await handle(engine, json.dumps(copy)) is Outcome.DUPLICATE
+    assert len(sends(fake_connector)) == 2  # the 500 and the retry
+
+
+async def test_a_broadcast_child_removed_after_the_listing_fails_at_once_without_poison(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    await runtime.references.delete("msteams/a:2")  # uninstalled meanwhile
+    await drain(engine)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+    assert "removed from the store" in report["failures"][0]["reason"]
+    assert engine.queue.poisoned == []
+
+
+# --- unusable app settings -----------------------------------------------------------------
+
+
+async def test_unusable_settings_keep_the_message_with_a_backoff(
+    monkeypatch, azurite, unique_name, caplog
+):
+    # A settings mistake (here: no MicrosoftAppId) must not drain the queue into poison.
+    from azure.storage.queue import QueueClient
+
+    from shared.config import reset_settings
+    from shared.proactive import process_queue_message
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("held")
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        text = body({"conversation": "msteams/a:1"})
+        assert await process_queue_message(text) is Outcome.REQUEUED
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    assert "MicrosoftAppId" in caplog.text
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+        assert client.peek_messages() == []  # hidden for the backoff
+    finally:
+        client.close()
+
+
+async def test_a_held_message_counts_its_attempts_and_backs_off():
+    from shared.proactive import hold_for_settings
+
+    queue = MemoryQueue()
+    text = body({"conversation": "msteams/a:1"})
+    for expected in (1, 2, 3):
+        await hold_for_settings(text, RuntimeError("MicrosoftAppId is required"), queue=queue)
+        [(text, delay)] = queue.take()
+        assert json.loads(text)["_proactive"]["attempt"] == expected
+        assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
+    await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
+    [(raw, _)] = queue.take()
+    assert raw == "\ufffdnot json"  # kept (it is poisoned once the settings work)
+
+
+async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app, fake_connector):
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    settings = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_LOGIN_AUTHORITY="https://127.0.0.1:9"
+    )
+    runtime = make_runtime(settings, store)
+    clock = Clock()
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, max_age=0)
+    try:
+        # Requeued three times already, and older than any age bound.
+        requeued = {"attempt": 3, "since": 0.0}
+        text = json.dumps(
+            {**json.loads(body({"conversation": "msteams/a:1"})), "_proactive": requeued}
+        )
+        assert await handle(engine, text) is Outcome.REQUEUED
+    finally:
+        await runtime.close()
+    assert engine.queue.poisoned == [] and fake_connector.requests == []
+    [(_, delay)] = engine.queue.take()
+    assert 135 <= delay <= 135 * 1.2 + 1

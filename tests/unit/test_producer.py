@@ -1,0 +1,74 @@
+"""The producer API's validation and settings (its storage paths run end to end on Azurite)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from shared.config import SettingsError
+from shared.proactive import InvalidRequest
+from shared.producer import _parser, build_request, enqueue, producer_settings
+
+
+def test_settings_come_from_the_environment_then_local_settings(tmp_path):
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps(
+            {
+                "Values": {
+                    "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                    "BOT_PROACTIVE_QUEUE": "from-file",
+                    "BOT_REFERENCES_CONTAINER": "file-container",
+                }
+            }
+        )
+    )
+    settings = producer_settings({"BOT_PROACTIVE_QUEUE": "from-env"}, tmp_path)
+    assert settings.proactive_queue == "from-env"
+    assert settings.references_container == "file-container"
+    assert settings.storage.connection_string == "UseDevelopmentStorage=true"
+    assert not settings.app_id  # a producer needs no bot credentials
+
+
+def test_bad_names_are_refused_by_setting(tmp_path):
+    with pytest.raises(SettingsError) as raised:
+        producer_settings({"BOT_PROACTIVE_QUEUE": "Not_A_Queue"}, tmp_path)
+    assert "BOT_PROACTIVE_QUEUE" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        ({"to": {"conversation": "no-slash"}, "text": "x"}, "conversation key"),
+        ({"to": {"conversation": "msteams/a"}}, "`activity`"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "_proactive": {}}, "engine's own"),
+        (["not", "an", "object"], "object"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x" * 49_000}, "larger than"),
+    ],
+)
+async def test_invalid_requests_are_refused_before_anything_is_enqueued(tmp_path, request_, reason):
+    # Storage that does not exist: a refusal must come before any storage call.
+    settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
+    with pytest.raises(InvalidRequest) as raised:
+        await enqueue(request_, settings=settings)
+    assert reason in str(raised.value)
+
+
+def test_the_command_line_builds_each_target():
+    parse = _parser().parse_args
+    assert build_request(parse(["send", "--conversation", "msteams/a", "--text", "hi"])) == {
+        "to": {"conversation": "msteams/a"},
+        "text": "hi",
+    }
+    user = '{"channelId": "msteams", "id": "29:1", "tenantId": "t", "serviceUrl": "s"}'
+    built = build_request(parse(["send", "--user", user, "--activity", '{"text": "a"}']))
+    assert built == {"to": {"user": json.loads(user)}, "activity": {"text": "a"}}
+    assert build_request(parse(["send", "--broadcast", "--text", "x", "--id", "b"])) == {
+        "to": {"broadcast": {}},
+        "text": "x",
+        "id": "b",
+    }
+    with pytest.raises(SystemExit):
+        parse(["send", "--conversation", "k", "--broadcast", "--text", "x"])
+    assert uuid.UUID(str(uuid.uuid4()))

@@ -1,0 +1,91 @@
+"""Schedule documents and due times (the timer runs end to end in test_proactive_engine_e2e)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.ledger import MemoryLedger
+from shared.proactive import InvalidRequest
+from shared.queues import MemoryQueue
+from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
+
+REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
+T0 = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
+
+
+def test_due_times_are_minutes_after_the_last_run_up_to_now():
+    last = datetime(2030, 1, 1, 11, 59, tzinfo=UTC)
+    assert due_times("0 */5 * * * *", last, T0 + timedelta(minutes=11)) == [
+        datetime(2030, 1, 1, 12, m, tzinfo=UTC) for m in (0, 5, 10)
+    ]
+    # Seconds in the expression fire at most once a minute.
+    assert len(due_times("*/10 * * * * *", last, T0)) == 1
+
+
+def test_a_long_outage_catches_up_on_at_most_a_day_and_the_latest_sixty():
+    due = due_times("0 * * * * *", T0 - timedelta(days=30), T0)
+    assert len(due) == 60 and due[-1] == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_ids_name_the_schedule_and_the_due_minute():
+    assert schedule_id("daily", T0) == "schedule:daily:2030-01-01T12:00Z"
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ([], "JSON object"),
+        ({"schedule": "0 * * * *", "request": REQUEST}, "6-field"),
+        ({"schedule": "0 0 25 * * *", "request": REQUEST}, "6-field"),
+        ({"schedule": "0 * * * * *", "request": {**REQUEST, "id": "x"}}, "without `id`"),
+        ({"schedule": "0 * * * * *", "request": {"to": {}, "text": "x"}}, "`to`"),
+        ({"schedule": "0 * * * * *", "request": REQUEST, "enabled": "yes"}, "`enabled`"),
+        ({"schedule": "0 * * * * *", "request": REQUEST, "when": 1}, "unknown field"),
+    ],
+)
+def test_bad_schedule_documents_are_refused_with_a_reason(document, reason):
+    with pytest.raises(InvalidRequest) as raised:
+        parse_schedule("s", document)
+    assert reason in str(raised.value)
+
+
+async def test_runs_enqueue_each_due_time_once_and_skip_disabled_or_broken_schedules():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/every5.json", {"schedule": "0 */5 * * * *", "request": REQUEST})
+    await ledger.create(
+        "schedules/off.json", {"schedule": "0 * * * * *", "request": REQUEST, "enabled": False}
+    )
+    await ledger.create("schedules/broken.json", {"schedule": "nope", "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, T0) == ["schedule:every5:2030-01-01T12:00Z"]
+    assert await run_schedules(ledger, queue, T0 + timedelta(seconds=20)) == []
+    later = await run_schedules(ledger, queue, T0 + timedelta(minutes=10))
+    assert later == ["schedule:every5:2030-01-01T12:05Z", "schedule:every5:2030-01-01T12:10Z"]
+    sent = [json.loads(text) for text, _ in queue.sent]
+    assert [m["id"] for m in sent] == ["schedule:every5:2030-01-01T12:00Z", *later]
+    assert all(m["to"] == REQUEST["to"] and m["text"] == "tick" for m in sent)
+
+
+def test_importing_the_timer_and_queue_functions_loads_no_heavy_package():
+    # Cold start: croniter and the storage SDKs are imported when first used, not on import.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("croniter", "azure.storage.blob", "azure.storage.queue", "azure.identity", "msal")
+    code = (
+        "import sys, schedule_function, proactive_function, shared.producer\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
