@@ -321,7 +321,7 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             await record_outcome(
                 ledger, request.id, target, "delivered", engine.clock(), label=request.label
             )
-            logger.debug("proactive %r: delivered to %s", request.id, request.label)
+            logger.info("proactive %r: delivered to %s", request.id, request.label)
         elif outcome is Outcome.PRUNED:
             await record_outcome(
                 ledger, request.id, target, "pruned", engine.clock(), label=request.label
