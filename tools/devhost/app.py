@@ -338,14 +338,15 @@ def install_app_package(root: Path) -> None:
     package `__app__` (function modules are `__app__.<folder>`), and it is appended to
     `sys.path` last, so an installed package wins over an app folder of the same name.
 
-    The local host's own start-up entry for the working folder is taken off `sys.path`
-    (the worker's process has no such entry), so the app resolves the same from any folder.
+    The local host's own start-up entry for the working folder (`python -m` puts it first)
+    is taken off `sys.path`, as the worker's process has none, so the app resolves the same
+    from any folder; `PYTHONPATH` entries stay, as they do for the worker.
     """
     folder = str(root)
-    for entry in (folder, "", os.getcwd()):
-        while entry in sys.path:
-            sys.path.remove(entry)
-    sys.path.append(folder)
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path.pop(0)
+    if folder not in sys.path:
+        sys.path.append(folder)
     package = sys.modules.get(APP_PACKAGE)
     if package is None:
         spec = importlib.machinery.ModuleSpec(APP_PACKAGE, None, is_package=True)
