@@ -83,7 +83,7 @@ async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) ->
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
-        logger.info(
+        logger.debug(
             "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
         )
 
@@ -134,7 +134,7 @@ async def _remove(
             continuation = page.continuation
             if continuation is None:
                 break
-    logger.info("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
+    logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
 
 
 def _channel_data(activity: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -727,7 +727,7 @@ class BlobReferenceStore:
                         await self._update_index(planned.channel_id, kind, value, _to_front(key))
                     planned.etag = etag
                     self._remember(planned, generation)
-                    logger.info(
+                    logger.debug(
                         "references: %s %s", "updated" if current else "created", _short(key)
                     )
                     return True
@@ -749,7 +749,7 @@ class BlobReferenceStore:
             # deleted must not leave it in the cache as stored.
             self._forget(key)
         if deleted:
-            logger.info("references: deleted %s", _short(key))
+            logger.debug("references: deleted %s", _short(key))
         return deleted
 
     async def list(
@@ -980,7 +980,7 @@ class BlobReferenceStore:
 
         with contextlib.suppress(ResourceExistsError):
             await self._container().create_container()
-            logger.info("references: created container %s", self._container_name)
+            logger.debug("references: created container %s", self._container_name)
 
     async def _list(self, filters: _Filters, state: dict[str, Any], page_size: int) -> Page:
         """One page: Azure pages fetched from a marker, skipping names up to `after`.
