@@ -101,7 +101,11 @@ class MemoryLedger:
         found = self.blobs.get(name)
         if found is None:
             return None
-        return Record(json.loads(found[0]), found[2], found[3])
+        try:
+            data = json.loads(found[0])
+        except ValueError:
+            raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
+        return Record(data, found[2], found[3])
 
     async def replace(self, name: str, data: Any, etag: str) -> str | None:
         found = self.blobs.get(name)

@@ -10,6 +10,7 @@ import pytest
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
 from shared.queues import MemoryQueue
+from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
@@ -89,3 +90,44 @@ def test_importing_the_timer_and_queue_functions_loads_no_heavy_package():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_document_that_is_not_json_is_skipped_with_a_log_and_the_others_still_run(caplog):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-first.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    ledger.blobs["schedules/b-broken.json"] = (b"{not json", {}, '"x"', 0.0)
+    await ledger.create("schedules/c-last.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:a-first:2030-01-01T12:00Z", "schedule:c-last:2030-01-01T12:00Z"]
+    assert "b-broken" in caplog.text and "not valid JSON" in caplog.text
+
+
+async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stopping_others():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/b.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create(f"proactive-schedules/{encode_segment('a', 400)}.json", {"last": "?"})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:a:2030-01-01T12:00Z", "schedule:b:2030-01-01T12:00Z"]
+    assert await run_schedules(ledger, queue, T0 + timedelta(seconds=10)) == []
+
+
+async def test_a_re_enabled_schedule_does_not_send_what_fell_due_while_it_was_disabled():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    document = {"schedule": "0 * * * * *", "request": REQUEST}
+    await ledger.create("schedules/s.json", document)
+    assert await run_schedules(ledger, queue, T0) == ["schedule:s:2030-01-01T12:00Z"]
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", {**document, "enabled": False}, record.etag)
+    for minute in range(1, 30):
+        assert await run_schedules(ledger, queue, T0 + timedelta(minutes=minute)) == []
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", document, record.etag)
+
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=30))
+
+    assert ids == ["schedule:s:2030-01-01T12:30Z"]
