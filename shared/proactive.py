@@ -451,9 +451,7 @@ async def hold_for_settings(
     Needs only the storage settings (the trigger itself runs on them).
     """
     if queue is None:
-        from shared.producer import producer_settings
-
-        queue = StorageQueue(producer_settings())
+        queue = _holding_queue()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     attempt = 0
     try:
@@ -475,6 +473,22 @@ async def hold_for_settings(
     )
     await queue.put(text, delay=delay)
     return Outcome.REQUEUED
+
+
+def _holding_queue() -> StorageQueue:
+    """The trigger's own queue from the two settings it runs on, and nothing else: any
+    other setting (the container's name included) may be the one that is broken."""
+    import os
+
+    from shared.config import StorageSettings, _storage_name
+
+    name = os.environ.get("BOT_PROACTIVE_QUEUE", "").strip() or "proactive-messages"
+    settings = Settings(
+        storage=StorageSettings.from_env(os.environ),
+        proactive_queue=_storage_name("BOT_PROACTIVE_QUEUE", name),
+        allow_unauthenticated=True,  # unused: holding a message sends nothing
+    )
+    return StorageQueue(settings)
 
 
 def _describe(error: ConnectorError) -> str:

@@ -510,3 +510,40 @@ async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app
     assert engine.queue.poisoned == [] and fake_connector.requests == []
     [(_, delay)] = engine.queue.take()
     assert 135 <= delay <= 135 * 1.2 + 1
+
+
+async def test_an_invalid_container_setting_keeps_the_message_instead_of_failing_the_trigger(
+    monkeypatch, azurite, unique_name, caplog
+):
+    # The container setting is also what a producer's settings validate: holding the
+    # message must need only the storage connection and the queue name, or the host
+    # redelivers it until it poisons it.
+    from azure.storage.queue import QueueClient
+
+    from shared.config import reset_settings
+    from shared.proactive import process_queue_message
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("held")
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.setenv("BOT_REFERENCES_CONTAINER", "Not_A_Container!")
+    monkeypatch.setenv("BOT_ALLOW_UNAUTHENTICATED", "true")  # the container is what is wrong
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        assert await process_queue_message(body({"conversation": "msteams/a:1"})) is (
+            Outcome.REQUEUED
+        )
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    assert "BOT_REFERENCES_CONTAINER" in caplog.text
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+    finally:
+        client.close()
