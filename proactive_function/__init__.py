@@ -2,8 +2,9 @@
 
 Thin adapter: the body goes to shared.proactive, which delivers, requeues a copy with a
 delay (throttled, transient, credentials or settings to fix, a reference still landing),
-poisons at once what no retry can deliver, and reports every outcome. Only a storage
-outage raises, so the host's redelivery and `maxDequeueCount` are kept for that.
+poisons at once what no retry can deliver, and reports every outcome; a Blob storage
+failure is requeued with a backoff too. It raises only when even that copy cannot be
+queued, so the host's redelivery and `maxDequeueCount` are kept for a queue outage.
 """
 
 from __future__ import annotations

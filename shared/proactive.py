@@ -20,8 +20,10 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 - the bot's credentials or settings refused: requeued with capped backoff, never
   poisoned; delivered once the setting (named in the log) is fixed.
 
+- the bookkeeping or reference store failing: requeued with the same capped backoff.
+
 A requeued copy is a new queue message and the original returns normally, so the host's
-dequeue budget (`maxDequeueCount`) is spent only on what raised: storage outages.
+dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from shared.queues import (
     compact_json,
     poison_message,
 )
+from shared.references import StoreError
 from shared.reports import (
     SINGLE_TARGET,
     ensure_head,
@@ -245,7 +248,7 @@ class Engine:
         return delay * (1 + 0.2 * self.rand()) + self.rand()
 
     async def requeue(
-        self, request: ProactiveRequest, delay: float, *, count: bool = True
+        self, request: ProactiveRequest, delay: float, *, count: bool = True, mark: bool = True
     ) -> Outcome:
         """Put a copy back with a visibility delay; the original then completes normally."""
         now = self.clock()
@@ -257,9 +260,11 @@ class Engine:
         )
         # An operator's retry keeps its `poisonReason` until it has an outcome again.
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
-        await self.queue.put(compact_json(copy), delay=delay)
-        if count and not engine.child and request.broadcast is None:
+        if mark and count and not engine.child and request.broadcast is None:
             await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
+        # Written after the mark: a failure before the put leaves only the original, which
+        # the host redelivers; never a copy and a raise (two copies) for one failure.
+        await self.queue.put(compact_json(copy), delay=delay)
         return Outcome.REQUEUED
 
     def age(self, request: ProactiveRequest) -> float:
@@ -270,31 +275,75 @@ class Engine:
 async def handle_queue_message(
     body: bytes | str, runtime: Runtime, *, engine: Engine | None = None
 ) -> Outcome:
-    """Process one queue message (see the module table). Raises only StoreError.
+    """Process one queue message (see the module table).
 
-    An exception makes the host redeliver the message (and poison it after
-    `maxDequeueCount`), which is kept for storage outages: nothing else burns that budget.
+    A storage failure (the bookkeeping or the reference store) puts a copy back with a
+    capped backoff, as a settings mistake does: raising would spend the host's dequeue
+    budget, and after `maxDequeueCount` the host poisons the message itself, with no
+    outcome recorded (a broadcast would never be done). It raises only when that copy
+    cannot be queued either; then the host's redelivery is all that is left.
     """
     engine = engine or Engine.for_runtime(runtime)
     try:
         request = parse_request(body)
     except InvalidRequest as error:
-        return await _poison_invalid(engine, body, f"invalid request: {error}")
-    if request.broadcast is not None:
-        from shared.fanout import fan_out
+        try:
+            return await _poison_invalid(engine, body, f"invalid request: {error}")
+        except StoreError as failure:
+            return await _hold_raw(engine, body, failure)
+    try:
+        if request.broadcast is not None:
+            from shared.fanout import fan_out
 
-        return await fan_out(request, engine)
-    return await _deliver_tracked(request, engine)
+            return await fan_out(request, engine)
+        return await _deliver_tracked(request, engine)
+    except StoreError as failure:
+        return await _hold_for_storage(request, engine, failure)
+
+
+async def _hold_for_storage(
+    request: ProactiveRequest, engine: Engine, failure: StoreError
+) -> Outcome:
+    delay = engine.jitter(_settings_backoff(request.engine.attempt))
+    logger.warning(
+        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
+        request.id,
+        failure,
+        delay,
+    )
+    try:
+        return await engine.requeue(request, delay, mark=False)
+    except Exception:
+        raise failure from None
+
+
+async def _hold_raw(engine: Engine, body: bytes | str, failure: StoreError) -> Outcome:
+    """An invalid message whose failure could not be reported yet: kept, reported later."""
+    delay = engine.jitter(30.0)
+    logger.warning(
+        "proactive %r: storage failed (%s) reporting an invalid message; retried in %.0f s",
+        _request_id(body),
+        failure,
+        delay,
+    )
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        await engine.queue.put(text, delay=delay)
+    except Exception:
+        raise failure from None
+    return Outcome.REQUEUED
 
 
 async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Outcome:
-    await engine.queue.poison(body, reason)
+    # Reported first: a storage failure here keeps the message (see handle_queue_message)
+    # instead of leaving a poison copy with no outcome in the report.
     request_id = _request_id(body)
-    logger.warning("proactive %r poisoned: %s", request_id, reason)
     if request_id:
         now = engine.clock()
         await ensure_head(engine.ledger, request_id, "single", now)
         await record_outcome(engine.ledger, request_id, SINGLE_TARGET, "failed", now, reason=reason)
+    await engine.queue.poison(body, reason)
+    logger.warning("proactive %r poisoned: %s", request_id, reason)
     return Outcome.POISONED
 
 

@@ -547,3 +547,71 @@ async def test_an_invalid_container_setting_keeps_the_message_instead_of_failing
         assert client.get_queue_properties().approximate_message_count == 1
     finally:
         client.close()
+
+
+# --- storage outages ---------------------------------------------------------------------
+
+
+class OutageLedger(MemoryLedger):
+    """The in-memory ledger with a switch for a storage outage (a real one cannot be
+    started and stopped per call here; test_storage_down covers Azurite going away)."""
+
+    down = False
+
+    async def create(self, name, data, *, metadata=None):
+        self._check()
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    async def read(self, name):
+        self._check()
+        return await MemoryLedger.read(self, name)
+
+    def _check(self) -> None:
+        from shared.references import StoreError
+
+        if self.down:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+
+async def test_a_storage_outage_longer_than_the_dequeue_budget_loses_no_broadcast_child(
+    parts, fake_connector
+):
+    # Each raise costs one of the host's five dequeues; the host then poisons the child
+    # itself, with no outcome recorded, and the broadcast never reaches `done`.
+    runtime, engine = parts
+    engine.ledger = OutageLedger(clock=engine.clock)
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    [first, second] = engine.queue.take()
+
+    engine.ledger.down = True
+    text = first[0]
+    for _ in range(8):  # longer than maxDequeueCount
+        assert await handle(engine, text) is Outcome.REQUEUED
+        [(text, delay)] = engine.queue.take()
+        assert delay >= 5
+    engine.ledger.down = False
+    engine.queue.sent.extend([(text, 0.0), second])
+    await drain(engine)
+
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+    assert engine.queue.poisoned == []
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["targets"]) == ("done", 2, 2)
+
+
+async def test_a_storage_outage_still_raises_when_the_queue_is_down_too(parts):
+    # Nothing could hold the message: the host's redelivery is the only way left.
+    from shared.references import StoreError
+
+    _runtime, engine = parts
+    engine.ledger = OutageLedger(clock=engine.clock)
+    engine.ledger.down = True
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    with pytest.raises(StoreError):
+        await handle(engine, body({"conversation": "msteams/a:1"}))
