@@ -49,9 +49,11 @@ from shared.proactive_schema import (
     ProactiveRequest,
     UserTarget,
     parse_request,
+    request_bytes,
 )
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
     MessageQueue,
     StorageQueue,
     compact_json,
@@ -287,8 +289,15 @@ async def handle_queue_message(
     try:
         request = parse_request(body)
     except InvalidRequest as error:
+        reason: str | None = f"invalid request: {error}"
+    else:
+        reason = None
+        if request_bytes(request.message) > MAX_REQUEST_BYTES:
+            # Its requeued copies would not fit in a queue message.
+            reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
+    if reason is not None:
         try:
-            return await _poison_invalid(engine, body, f"invalid request: {error}")
+            return await _poison_invalid(engine, body, reason)
         except StoreError as failure:
             return await _hold_raw(engine, body, failure)
     try:
@@ -451,6 +460,10 @@ async def _connector_failure(
             wait = error.retry_after
             if wait is None:
                 wait = min(300.0, 2.0 * 2**request.engine.attempt)
+            elif age + wait > engine.max_age:
+                # Waiting as told would outlive the bound: reported now, not in an hour.
+                reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
+                return await _fail(request, engine, reason)
             delay = engine.jitter(wait)
             logger.info(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",

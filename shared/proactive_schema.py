@@ -94,6 +94,14 @@ ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipie
 MAX_ID_CHARS = 1024
 
 
+def request_bytes(message: Mapping[str, Any]) -> int:
+    """A request's size as JSON without the fields the engine and the poison queue add."""
+    from shared.queues import compact_json
+
+    own = {k: v for k, v in message.items() if k not in (RESERVED, "poisonReason")}
+    return len(compact_json(own).encode("utf-8"))
+
+
 def parse_request(body: bytes | str) -> ProactiveRequest:
     """Validate a queue message body; raises InvalidRequest with a short reason.
 

@@ -615,3 +615,72 @@ async def test_a_storage_outage_still_raises_when_the_queue_is_down_too(parts):
     engine.queue = DownQueue()
     with pytest.raises(StoreError):
         await handle(engine, body({"conversation": "msteams/a:1"}))
+
+
+# --- bounds: message size, Retry-After beyond the age bound ---------------------------------
+
+
+async def test_a_request_too_large_for_the_engines_copies_is_refused_at_once(parts, fake_connector):
+    # It fits a queue message, but the copy the engine puts back (with its `_proactive`
+    # field) would not: the put would raise on every throttle until the host poisons it,
+    # unreported. The producer refuses such requests; the engine must too.
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES
+
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "1"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 2)
+    text = body({"conversation": "msteams/a:1"}, text="x" * (MAX_QUEUE_MESSAGE_BYTES - 80))
+    assert len(text.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+
+    assert await handle(engine, text) is Outcome.POISONED
+
+    assert engine.queue.sent == [] and sends(fake_connector) == []
+    [poisoned] = engine.queue.poisoned  # the request as it was: with a reason it would not fit
+    assert poisoned["id"] == "req-1"
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "larger than" in report["failures"][0]["reason"]
+
+
+async def test_a_retry_after_beyond_the_age_bound_fails_now_instead_of_waiting_past_it(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    engine.max_age = 600
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "3600"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 2)
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+
+    assert engine.queue.sent == []
+    [poisoned] = engine.queue.poisoned
+    assert "3600" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+
+
+async def test_a_broadcast_child_too_large_for_a_queue_message_is_reported_not_raised(
+    parts, fake_connector
+):
+    # The broadcast fits; its child for a conversation with a long id would not (the key
+    # replaces the filter). Raising would stop the fan-out on every attempt.
+    from shared.queues import MAX_REQUEST_BYTES
+
+    runtime, engine = parts
+    long_id = "19:" + "c" * 600 + "@thread.tacv2"
+    await runtime.references.upsert(reference(fake_connector.url, long_id, personal=False))
+    overhead = len(body({"broadcast": {}}, "b-1", text="").encode())
+    text = body({"broadcast": {}}, "b-1", text="x" * (MAX_REQUEST_BYTES - overhead - 100))
+
+    assert await handle(engine, text) is Outcome.FANNED_OUT
+    await drain(engine)
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"], report["failed"]) == (
+        "done",
+        2,
+        1,
+        1,
+    )
+    assert "larger than" in report["failures"][0]["reason"]
