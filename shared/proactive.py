@@ -360,7 +360,8 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)
-    claim = await take_claim(ledger, request.id, target, now, seconds=engine.claim_seconds)
+    claimed_at = engine.clock()
+    claim = await take_claim(ledger, request.id, target, claimed_at, seconds=engine.claim_seconds)
     if isinstance(claim, Busy):
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
@@ -370,6 +371,15 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             await record_duplicate(ledger, request.id, request.label, now)
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
+        if engine.clock() - claimed_at > engine.claim_seconds / 2:
+            # Slow storage spent most of the claim: the send (with the Connector's own
+            # retries) could outlive it, and another instance would send too.
+            logger.info(
+                "proactive %r: claim on %s mostly spent before the send; retried",
+                request.id,
+                request.label,
+            )
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
         try:
             outcome = await send_one(request, engine.runtime)
         except ConnectorError as error:

@@ -684,3 +684,29 @@ async def test_a_broadcast_child_too_large_for_a_queue_message_is_reported_not_r
         1,
     )
     assert "larger than" in report["failures"][0]["reason"]
+
+
+async def test_a_claim_mostly_spent_on_slow_storage_is_not_used_for_a_send(parts, fake_connector):
+    # The claim is what keeps a second instance off the target. When the bookkeeping
+    # before the send took most of it, the send (its own retries up to the Connector
+    # budget) could outlive it and another instance would send too.
+    _runtime, engine = parts
+    clock = engine.clock
+
+    class SlowLedger(MemoryLedger):
+        """Reads of outcomes take 30 s (a storage brownout, played on the test clock)."""
+
+        async def read(self, name):
+            if "/out/" in name:
+                clock.now += 30
+            return await MemoryLedger.read(self, name)
+
+    engine.ledger = SlowLedger(clock=clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert sends(fake_connector) == []
+    assert not any("/claim/" in name for name in engine.ledger.blobs)  # released
+    [(copy, _)] = engine.queue.take()
+
+    engine.ledger = MemoryLedger(clock=clock)  # storage is quick again
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
