@@ -9,7 +9,10 @@ queued, so the host's redelivery and `maxDequeueCount` are kept for a queue outa
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from pathlib import Path
 
 import azure.functions as func
 
@@ -18,6 +21,17 @@ from shared.proactive import process_queue_message
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def max_dequeue_count() -> int:
+    """host.json's `maxDequeueCount` (the host's default, 5, when it is not set)."""
+    path = Path(__file__).resolve().parent.parent / "host.json"
+    try:
+        return int(json.loads(path.read_text("utf-8"))["extensions"]["queues"]["maxDequeueCount"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 5
+
+
 async def main(msg: func.QueueMessage) -> None:
-    outcome = await process_queue_message(msg.get_body())
+    final = (msg.dequeue_count or 0) >= max_dequeue_count()
+    outcome = await process_queue_message(msg.get_body(), final_attempt=final)
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

@@ -275,8 +275,53 @@ class Engine:
 
 
 async def handle_queue_message(
-    body: bytes | str, runtime: Runtime, *, engine: Engine | None = None
+    body: bytes | str,
+    runtime: Runtime,
+    *,
+    engine: Engine | None = None,
+    final_attempt: bool = False,
 ) -> Outcome:
+    """Process one queue message; see :func:`_handle`.
+
+    `final_attempt`: the host poisons the message if this attempt raises too (its
+    `maxDequeueCount` is reached). The target's failure is then recorded first, so its
+    report (and its broadcast's) still reaches `done`.
+    """
+    engine = engine or Engine.for_runtime(runtime)
+    try:
+        return await _handle(body, engine)
+    except Exception:
+        if final_attempt:
+            await _record_given_up(body, engine)
+        raise
+
+
+async def _record_given_up(body: bytes | str, engine: Engine) -> None:
+    try:
+        request = parse_request(body)
+    except InvalidRequest:
+        return
+    reason = "the function failed on every attempt; the host moved it to the poison queue"
+    try:
+        if request.broadcast is None:
+            await record_outcome(
+                engine.ledger,
+                request.id,
+                request.target_name,
+                "failed",
+                engine.clock(),
+                reason=reason,
+                label=request.label,
+            )
+    except Exception as error:  # best effort: the store may be what is failing
+        logger.warning(
+            "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
+        )
+        return
+    logger.warning("proactive %r: %s: %s", request.id, request.label, reason)
+
+
+async def _handle(body: bytes | str, engine: Engine) -> Outcome:
     """Process one queue message (see the module table).
 
     A storage failure (the bookkeeping or the reference store) puts a copy back with a
@@ -285,7 +330,6 @@ async def handle_queue_message(
     outcome recorded (a broadcast would never be done). It raises only when that copy
     cannot be queued either; then the host's redelivery is all that is left.
     """
-    engine = engine or Engine.for_runtime(runtime)
     try:
         request = parse_request(body)
     except InvalidRequest as error:
@@ -501,7 +545,7 @@ def _settings_backoff(attempt: int) -> float:
     return min(600.0, 5.0 * 3 ** min(attempt, 10))
 
 
-async def process_queue_message(body: bytes | str) -> Outcome:
+async def process_queue_message(body: bytes | str, *, final_attempt: bool = False) -> Outcome:
     """The queue trigger's one call: handle the message with the process's runtime or,
     when the app settings are unusable, keep it on the queue until they are fixed."""
     from shared.config import SettingsError
@@ -511,7 +555,7 @@ async def process_queue_message(body: bytes | str) -> Outcome:
         runtime = get_runtime()
     except SettingsError as error:
         return await hold_for_settings(body, error)
-    return await handle_queue_message(body, runtime)
+    return await handle_queue_message(body, runtime, final_attempt=final_attempt)
 
 
 async def hold_for_settings(

@@ -710,3 +710,37 @@ async def test_a_claim_mostly_spent_on_slow_storage_is_not_used_for_a_send(parts
     engine.ledger = MemoryLedger(clock=clock)  # storage is quick again
     assert await handle(engine, copy) is Outcome.DELIVERED
     assert sends(fake_connector) == ["a:1"]
+
+
+async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_poisons(
+    parts, fake_connector
+):
+    # The queue itself refuses the engine's copy (an outage of the queue, not the Blob
+    # store): the function raises, and after maxDequeueCount the host poisons the message.
+    # Without an outcome the report (a broadcast's too) would never be done.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 4)
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine)
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] != "done"  # not the last attempt: the host tries again
+
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "poison" in report["failures"][0]["reason"]
+
+
+def test_the_trigger_knows_the_hosts_dequeue_budget():
+    import proactive_function
+
+    assert proactive_function.max_dequeue_count() == 5  # host.json's maxDequeueCount
