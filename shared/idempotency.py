@@ -56,6 +56,10 @@ async def take_claim(
         if current is None:
             continue  # released meanwhile: try again
         expires = current.data.get("expiresAt") if isinstance(current.data, dict) else None
+        if isinstance(expires, int | float) and current.modified:
+            # Never longer than a claim lasts from when the store wrote it (its own clock,
+            # to the second): a holder whose clock ran ahead cannot block the target.
+            expires = min(expires, current.modified + seconds + 1.0)
         if isinstance(expires, int | float) and expires > now:
             return Busy(expires - now)
         etag = await ledger.replace(name, data, current.etag)  # expired: its holder is gone

@@ -744,3 +744,17 @@ def test_the_trigger_knows_the_hosts_dequeue_budget():
     import proactive_function
 
     assert proactive_function.max_dequeue_count() == 5  # host.json's maxDequeueCount
+
+
+async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(parts, fake_connector):
+    # Its holder wrote `expiresAt` an hour ahead (its clock is wrong), then crashed. The
+    # claim's age is read from the store's own timestamp, so it ends after its length.
+    _runtime, engine = parts
+    skewed = {"owner": "x", "expiresAt": engine.clock.now + 3600 + engine.claim_seconds}
+    await engine.ledger.create(claim_name("req-1", "target"), skewed)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+
+    engine.clock.now += engine.claim_seconds + 2
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
