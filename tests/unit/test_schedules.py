@@ -131,3 +131,42 @@ async def test_a_re_enabled_schedule_does_not_send_what_fell_due_while_it_was_di
     ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=30))
 
     assert ids == ["schedule:s:2030-01-01T12:30Z"]
+
+
+async def test_the_timer_enqueues_with_only_the_storage_settings(monkeypatch, azurite, unique_name):
+    # Scheduling needs storage only: a bot credential mistake must not stop the timer
+    # (its due times would pile up and all go at once when the setting is fixed).
+    import os
+
+    from azure.functions.timer import TimerRequest  # the host's own type
+    from azure.storage.queue import QueueClient
+
+    import schedule_function
+    from shared.config import reset_settings
+    from shared.ledger import BlobLedger
+    from shared.producer import producer_settings
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue, container = unique_name("sched"), unique_name("sched")
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.setenv("BOT_REFERENCES_CONTAINER", container)
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        ledger = BlobLedger(producer_settings())
+        await ledger.create("schedules/tick.json", {"schedule": "* * * * * *", "request": REQUEST})
+        await schedule_function.main(TimerRequest())
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+    finally:
+        client.close()
