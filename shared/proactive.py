@@ -313,12 +313,43 @@ async def _record_given_up(body: bytes | str, engine: Engine) -> None:
                 reason=reason,
                 label=request.label,
             )
+        else:
+            await _end_fan_out(request, engine, reason)
     except Exception as error:  # best effort: the store may be what is failing
         logger.warning(
             "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
         )
         return
     logger.warning("proactive %r: %s: %s", request.id, request.label, reason)
+
+
+async def _end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) -> None:
+    """A fan-out the host gives up on: ended, with the fan-out itself as one failed
+    target, so the report reaches `done` once the children enqueued so far are."""
+    from shared.reports import FANOUT_TARGET, head_name
+
+    record = await engine.ledger.read(head_name(request.id))
+    if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
+        return
+    head = {
+        **record.data,
+        "fannedOut": True,
+        "targets": int(record.data.get("targets") or 0) + 1,
+        "updatedAt": iso(engine.clock()),
+    }
+    if await engine.ledger.replace(head_name(request.id), head, record.etag) is None:
+        return  # a fan-out moved on meanwhile: it is not over
+    reason = f"{reason}; conversations not yet fanned out were not sent"
+    label = "broadcast fan-out"
+    await record_outcome(
+        engine.ledger,
+        request.id,
+        FANOUT_TARGET,
+        "failed",
+        engine.clock(),
+        reason=reason,
+        label=label,
+    )
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:

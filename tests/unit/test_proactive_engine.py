@@ -758,3 +758,30 @@ async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(par
     engine.clock.now += engine.claim_seconds + 2
     assert await handle(engine, copy) is Outcome.DELIVERED
     assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_report(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    engine.fanout_page_size = 1
+    engine.fanout_seconds = 0
+    text = body({"broadcast": {}}, "b-1")
+    assert await handle(engine, text) is Outcome.REQUEUED  # first page, then continues
+    [child, _continuation] = engine.queue.take()
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    queue, engine.queue = engine.queue, DownQueue()
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    engine.queue = queue
+    engine.queue.sent.append(child)
+    await drain(engine)
+
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+    assert "fan-out" in report["failures"][0]["target"]
