@@ -11,8 +11,9 @@ Teams has no idempotency key, so the store decides whether a target was already 
    before anything else; then release the claim.
 
 What is left is the window between the Connector's 2xx and the marker write: a crash
-there (or storage refusing the write) means the target is sent again once the claim has
-expired. It is one storage round trip wide; docs/proactive.md says so.
+there means the target is sent again once the claim has expired. It is one storage round
+trip wide; docs/proactive.md says so. (Storage refusing the write alone does not: the
+engine's kept copy carries the outcome and records it later, without a send.)
 """
 
 from __future__ import annotations

@@ -61,7 +61,9 @@ from shared.queues import (
 )
 from shared.references import StoreError
 from shared.reports import (
+    FINAL_OUTCOMES,
     SINGLE_TARGET,
+    Final,
     ensure_head,
     outcome_name,
     record_duplicate,
@@ -250,9 +252,19 @@ class Engine:
         return delay * (1 + 0.2 * self.rand()) + self.rand()
 
     async def requeue(
-        self, request: ProactiveRequest, delay: float, *, count: bool = True, mark: bool = True
+        self,
+        request: ProactiveRequest,
+        delay: float,
+        *,
+        count: bool = True,
+        mark: bool = True,
+        unrecorded: tuple[Final, str | None] | None = None,
     ) -> Outcome:
-        """Put a copy back with a visibility delay; the original then completes normally."""
+        """Put a copy back with a visibility delay; the original then completes normally.
+
+        `unrecorded`: the target's outcome (and reason) that storage refused to record;
+        the copy records it on arrival and sends nothing.
+        """
         now = self.clock()
         engine = request.engine
         bookkeeping = replace(
@@ -260,6 +272,8 @@ class Engine:
             attempt=engine.attempt + (1 if count else 0),
             since=engine.since if engine.since is not None else now,
         )
+        if unrecorded is not None:
+            bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again.
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
         if mark and count and not engine.child and request.broadcast is None:
@@ -376,6 +390,8 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
         except StoreError as failure:
             return await _hold_raw(engine, body, failure)
     try:
+        if request.engine.outcome is not None:
+            return await _record_unrecorded(request, engine)
         if request.broadcast is not None:
             from shared.fanout import fan_out
 
@@ -386,7 +402,11 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
 
 
 async def _hold_for_storage(
-    request: ProactiveRequest, engine: Engine, failure: StoreError
+    request: ProactiveRequest,
+    engine: Engine,
+    failure: StoreError,
+    *,
+    unrecorded: tuple[Final, str | None] | None = None,
 ) -> Outcome:
     delay = engine.jitter(_settings_backoff(request.engine.attempt))
     logger.warning(
@@ -396,7 +416,7 @@ async def _hold_for_storage(
         delay,
     )
     try:
-        return await engine.requeue(request, delay, mark=False)
+        return await engine.requeue(request, delay, mark=False, unrecorded=unrecorded)
     except Exception:
         raise failure from None
 
@@ -461,19 +481,61 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             return await _connector_failure(request, engine, error)
         if outcome is Outcome.DELIVERED:
             # The marker first, before anything else: this is the crash window's far edge.
-            await record_outcome(
-                ledger, request.id, target, "delivered", engine.clock(), label=request.label
-            )
+            if not await _record_or_hold(request, engine, "delivered"):
+                return Outcome.REQUEUED
             logger.info("proactive %r: delivered to %s", request.id, request.label)
         elif outcome is Outcome.PRUNED:
-            await record_outcome(
-                ledger, request.id, target, "pruned", engine.clock(), label=request.label
-            )
+            if not await _record_or_hold(request, engine, "pruned"):
+                return Outcome.REQUEUED
         elif outcome is Outcome.UNKNOWN:
             return await _unknown(request, engine)
         return outcome
     finally:
         await release_claim(ledger, claim)
+
+
+async def _record_or_hold(
+    request: ProactiveRequest, engine: Engine, outcome: Final, *, reason: str | None = None
+) -> bool:
+    """Record the target's final outcome (after a send); False when storage refused and a
+    copy that carries the outcome was queued instead, so it is recorded, never resent."""
+    try:
+        await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            outcome,
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+    except StoreError as failure:
+        await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+        return False
+    return True
+
+
+async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
+    """A copy kept because storage refused to record its outcome: recorded now, not sent."""
+    outcome, reason = request.engine.outcome, request.engine.reason
+    assert outcome in FINAL_OUTCOMES
+    try:
+        created = await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            outcome,
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+    except StoreError as failure:
+        return await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+    if not created:  # this copy arrived twice
+        await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
+        return Outcome.DUPLICATE
+    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
+    return Outcome(outcome)
 
 
 async def _clear_to_send(request: ProactiveRequest, engine: Engine, target: str) -> bool:
@@ -654,15 +716,8 @@ async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outco
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    await record_outcome(
-        engine.ledger,
-        request.id,
-        request.target_name,
-        "failed",
-        engine.clock(),
-        reason=reason,
-        label=request.label,
-    )
+    if not await _record_or_hold(request, engine, "failed", reason=reason):
+        return Outcome.REQUEUED  # recorded later; the poison copy is already there
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 

@@ -785,3 +785,65 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     report = await read_report(engine.ledger, "b-1")
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
     assert "fan-out" in report["failures"][0]["target"]
+
+
+async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a_resend(
+    parts, fake_connector
+):
+    # The crash window stays, but storage refusing the marker write after the 2xx no
+    # longer sends the message again: the kept copy carries the outcome to record.
+    _runtime, engine = parts
+
+    class MarkerOutage(MemoryLedger):
+        down = True
+
+        async def create(self, name, data, *, metadata=None):
+            from shared.references import StoreError
+
+            if self.down and "/out/" in name:
+                raise StoreError("proactive ledger: storage unreachable (test outage)")
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    engine.ledger = MarkerOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert sends(fake_connector) == ["a:1"]
+    [(copy, _)] = engine.queue.take()
+
+    assert await handle(engine, copy) is Outcome.REQUEUED  # still down: kept again
+    [(copy, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await handle(engine, copy) is Outcome.DELIVERED
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"]) == ("done", 1)
+    assert await handle(engine, copy) is Outcome.DUPLICATE
+
+
+async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(parts, fake_connector):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+
+    class OutcomeOutage(MemoryLedger):
+        """Outcome writes fail while `down` (storage failing right after the send)."""
+
+        down = True
+
+        async def create(self, name, data, *, metadata=None):
+            from shared.references import StoreError
+
+            if self.down and "/out/" in name:
+                raise StoreError("proactive ledger: storage unreachable (test outage)")
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    engine.ledger = OutcomeOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await handle(engine, copy) is Outcome.FAILED
+
+    assert len(sends(fake_connector)) == 1
+    assert len(engine.queue.poisoned) == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "500" in report["failures"][0]["reason"]
