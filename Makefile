@@ -63,9 +63,11 @@ test: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
-## Benchmarks (not part of make test): cold start against the two SDKs, and the reference store.
-## Results go to benchmarks/results/.
+## Benchmarks (not part of make test): side by side with three SDKs behind their own servers
+## (cold start, warm throughput, the floor), import + first turn in-process, the reference
+## store. Each SDK goes into its own venv under .tools/. Results go to benchmarks/results/.
 bench: setup
+	$(PY) -m benchmarks.warm --chart --shared-only
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
 

@@ -75,7 +75,7 @@ param schedule string = '0 * * * * *'
 @minValue(1)
 param maxBodyBytes int = 1048576
 
-@description('BOT_CONNECTOR_RATE_LIMIT: Connector requests per second, per instance.')
+@description('BOT_CONNECTOR_RATE_LIMIT: Teams requests per second per app and tenant, all instances together (where each instance\'s adaptive rate starts).')
 param connectorRateLimit string = '50'
 
 @description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
@@ -102,9 +102,9 @@ param producerPrincipalType string = 'ServicePrincipal'
 @maxValue(1000)
 param httpPerInstanceConcurrency int = 16
 
-// The Connector pace (BOT_CONNECTOR_RATE_LIMIT) is per instance, and Teams allows about 50
-// requests per second per app and tenant: more instances only help until the sum reaches it
-// (429s are retried after Retry-After, but waste work). 40 keeps bursts and broadcasts fast.
+// Teams allows about 50 requests per second per app and tenant (BOT_CONNECTOR_RATE_LIMIT):
+// each instance's rate per tenant adapts to 429s, so instances together settle near it;
+// more instances only help until the sum reaches it. 40 keeps bursts and broadcasts fast.
 @description('Upper bound of instances.')
 @minValue(1)
 @maxValue(1000)

@@ -2,7 +2,7 @@
 
 Conversation references follow the Bot Framework spec: the fields a bot needs to
 address a conversation again later (proactive messages). This module also checks an
-incoming request body (the 400/413/415 rows of DESIGN.md's `POST /api/messages` table)
+incoming request body (the 400/413/415 rows of docs/contracts.md's `POST /api/messages` table)
 and builds outgoing activities (replies, activities addressed by a reference).
 """
 
@@ -54,7 +54,7 @@ def conversation_reference(activity: Mapping[str, Any]) -> ConversationReference
     return {k: v for k, v in reference.items() if v is not None}
 
 
-# --- validation of an incoming request body (DESIGN.md, "POST /api/messages") -----------------
+# --- validation of an incoming request body (docs/contracts.md, "POST /api/messages") ---------
 
 
 class InvalidActivity(Exception):

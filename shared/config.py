@@ -1,6 +1,6 @@
 """The bot's settings: read once from the environment, validated, passed in everywhere.
 
-Setting names follow Azure Bot Service conventions (README, "Configuration"), so an
+Setting names follow Azure Bot Service conventions (docs/contracts.md, "Settings"), so an
 existing bot's app settings map over unchanged. A missing or contradictory setting
 raises :class:`SettingsError` naming it, never a stack trace from inside a library.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
 ChannelService = Literal["public", "usgov"]
@@ -146,7 +146,7 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting of the README's Configuration table, validated. Build with :meth:`from_env`."""
+    """Every setting of docs/contracts.md, validated. Build with :meth:`from_env`."""
 
     app_id: str = ""
     app_type: AppType = "MultiTenant"
@@ -164,6 +164,8 @@ class Settings:
     proactive_queue: str = "proactive-messages"
     schedule: str = DEFAULT_SCHEDULE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Teams requests per second per app per tenant (all instances together): where each
+    # tenant's adaptive rate starts and what it never probes past (shared/ratelimit.py).
     connector_rate_limit: float = 50.0
     federated_token_file: str = ""
     # Proactive engine bounds (docs/proactive.md): how long a throttled or transiently
@@ -366,7 +368,7 @@ def _trusted_prefix_problem(prefix: str) -> str:
     if port == 0:
         return "has an invalid port"
     path = parts.path
-    if not PATH_CHARS.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
+    if not PATH_CHARS.fullmatch(path) or has_dot_segment(path):
         return "has a path with dot segments or characters a URL path cannot have"
     return ""
 

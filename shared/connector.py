@@ -13,8 +13,10 @@
   included); 500 and other 4xx are not retried.
 - A 401 refreshes the token once and retries; calls that saw the same rejected token
   share one refresh.
-- Sends are paced under the Teams limits (:mod:`shared.ratelimit`); :meth:`background`
-  gives the same client for proactive traffic, which leaves headroom for replies.
+- Requests are paced as the channel enforces (:mod:`shared.ratelimit`): Teams
+  conversations under Teams' windows, Teams tenants at an app-wide rate that adapts to
+  429s; :meth:`background` gives the same client for proactive traffic, which yields to
+  replies and leaves them headroom.
 - Every failure is a :class:`ConnectorError` with the status, the service's code and a
   classification the caller can act on (retry later, prune the conversation, give up).
 """
@@ -39,10 +41,11 @@ from urllib.parse import quote, urlencode, urlsplit
 import aiohttp
 import yarl
 
+from shared.activity import tenant_id
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
-from shared.ratelimit import Pacer, PacingTimeout, conversation_key
-from shared.urls import HOST_NAME, PATH_CHARS, is_ip_address, is_loopback_host
+from shared.ratelimit import TEAMS, Pacer, PacingTimeout, Scope, conversation_key
+from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,15 @@ GONE_403_CODES = frozenset(
     }
 )
 TEAMS_BLOCKED_ERROR_CODE = 209  # {"errorCode": 209, "message": "{\"subCode\": ...}"}
+
+# Teams' Connector hosts: a request there is paced as Teams traffic even when its body
+# does not say which channel it is for (a delete, a createConversation).
+TEAMS_HOSTS = (
+    "smba.trafficmanager.net",
+    "smba.infra.gcc.teams.microsoft.com",
+    "smba.infra.gov.teams.microsoft.us",
+    "smba.infra.dod.teams.microsoft.us",
+)
 
 # Hosts the bot's token may be sent to (exact host or a subdomain of it), per cloud. GCC
 # tenants use commercial Azure bots; GCC High and DoD bots live in Azure Government.
@@ -492,7 +504,7 @@ class ConnectorClient:
         policy = retry or self._retry
         url = _build_url(target, path, query)
         data = _encode_body(operation, body)
-        pace_key = conversation_key(pace) if pace is not None else None
+        scope = _pacing_scope(target, pace, body)
         # One budget for everything: the token, pacing waits, every attempt, every backoff.
         deadline = self._clock() + policy.max_total_seconds
         attempt = failures = 0
@@ -504,7 +516,7 @@ class ConnectorClient:
             token = await self._token(operation, rejected, deadline)
             if self._clock() >= deadline:  # the token took the whole budget
                 raise failure or _budget_spent(operation)
-            await self._pace(operation, pace_key, deadline)
+            granted = await self._pace(operation, scope, deadline)
             attempt += 1
             answer = await self._attempt(
                 operation, method, url, _headers(token, data), data, attempt, deadline, expect
@@ -522,6 +534,8 @@ class ConnectorClient:
                 failure = error_from_response(
                     operation, status, response_headers, content, secrets=(token or "",)
                 )
+                if status == 429:
+                    self.pacer.throttled(scope, failure.retry_after, granted)
                 if status not in RETRY_STATUSES:
                     raise failure
             failures += 1
@@ -533,8 +547,8 @@ class ConnectorClient:
             await self._sleep(delay)
 
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
-        # Checked before any token is acquired or connection opened (security rule: never send
-        # the bot's token to a serviceUrl outside the trusted set).
+        # Checked before any token is acquired or connection opened (docs/architecture.md,
+        # trust model: never send the bot's token to a serviceUrl outside the trusted set).
         target = self._trusted_target(service_url)
         if target is not None:
             return target
@@ -579,10 +593,10 @@ class ConnectorClient:
             ) from None
         return token
 
-    async def _pace(self, operation: str, key: str | None, deadline: float) -> None:
+    async def _pace(self, operation: str, scope: Scope, deadline: float) -> float:
         try:
-            await self.pacer.acquire(
-                key, background=self._background, max_wait=self._remaining(deadline)
+            return await self.pacer.acquire(
+                scope, background=self._background, max_wait=self._remaining(deadline)
             )
         except PacingTimeout as error:
             raise ConnectorError(
@@ -713,6 +727,25 @@ class _Http:
         session, self._session = self._session, None
         if session is not None and self._owned and not session.closed:
             await session.close()
+
+
+def _pacing_scope(
+    target: ServiceTarget, conversation_id: str | None, body: Mapping[str, Any] | None
+) -> Scope:
+    """Which limits a request falls under: the channel and tenant the body names (a
+    Teams host counts as Teams when it names none), the conversation it goes to."""
+    channel = body.get("channelId") if body is not None else None
+    if not isinstance(channel, str) or not channel:
+        channel = TEAMS if _host_in(target.host, TEAMS_HOSTS) else None
+    tenant = None
+    if channel == TEAMS and body is not None:
+        tenant = tenant_id(body) or body.get("tenantId")  # createConversation: tenantId
+    return Scope(
+        channel_id=channel,
+        tenant_id=tenant if isinstance(tenant, str) and tenant else None,
+        conversation=conversation_key(conversation_id) if conversation_id else None,
+        service=f"{target.host}:{target.port}",
+    )
 
 
 def _budget_spent(operation: str) -> ConnectorError:
@@ -926,8 +959,17 @@ def _result(operation: str, expect: Expect, content: bytes) -> Any:
 
 
 def _q(value: str) -> str:
-    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included."""
-    return quote(value, safe="")
+    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
+
+    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    """
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
+        ) from None
 
 
 def _build_url(
@@ -991,7 +1033,7 @@ def parse_service_url(service_url: str) -> ServiceTarget | None:
     path = parts.path
     if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
         return None
-    if any(segment in (".", "..") for segment in path.split("/")):
+    if has_dot_segment(path):
         return None
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))

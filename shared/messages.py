@@ -1,4 +1,4 @@
-"""`POST /api/messages`: from an HTTP request to the bot's answer (DESIGN.md's table).
+"""`POST /api/messages`: from an HTTP request to the bot's answer (docs/contracts.md).
 
 The order is the security boundary: cheap checks of the request first (method, media
 type, size, JSON, required fields), then the token, and only then anything with a side
@@ -44,7 +44,7 @@ class TurnOutcome:
 
 
 async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) -> HttpResponse:
-    """Authenticate, validate and route one activity; answer per DESIGN.md."""
+    """Authenticate, validate and route one activity; answer per docs/contracts.md."""
     try:
         return await _handle(request, runtime)
     except Exception as error:  # a bug here must still give the channel a clean answer
@@ -92,14 +92,24 @@ async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse
     if caller_id:
         activity["callerId"] = caller_id
 
-    turn = TurnContext(activity, runtime.connector, identity=identity, settings=runtime.settings)
+    turn = TurnContext(
+        activity,
+        runtime.connector,
+        identity=identity,
+        settings=runtime.settings,
+        state=runtime.state,
+    )
     # The reference is recorded after the turn, never before or beside it: the reply waits
     # neither for a blob write nor, on a cold start, for the storage SDK's import (which
     # would hold the event loop while the reply is in flight). A shallow copy keeps a
     # handler's edits to the activity out of the reference.
     recorded = dict(activity)
     outcome = await _run_turn(runtime.router, turn)
-    await _record(runtime, recorded, ids)
+    if activity["type"] == "deleteUserData":
+        # The channel asks the bot to forget the sender: erase, and record nothing.
+        outcome.failed = outcome.failed or not await _erase(runtime, recorded, ids)
+    else:
+        await _record(runtime, recorded, ids)
     response = _respond(activity, turn, outcome)
     logger.info("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response
@@ -108,6 +118,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     try:
         result = await router.dispatch(turn)
+        await turn.save_state()  # only what the handler changed; a failure fails the turn
     except Exception as error:
         await router.handle_error(turn, error)
         return TurnOutcome(handled=True, failed=True)
@@ -133,6 +144,19 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
         logger.error("messages: reference not recorded %s: %s", ids, error)
     except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
         logger.error("messages: reference not recorded %s: %s", ids, type(error).__name__)
+
+
+async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:
+    """Erase the sender's state and references (deleteUserData); False when storage failed
+    (the turn then answers 500, and the channel's retry finishes the job)."""
+    from shared.userdata import erase_for_activity
+
+    try:
+        await erase_for_activity(activity, state=runtime.state, references=runtime.references)
+    except Exception as error:  # a storage SDK error's text may carry a SAS URL
+        logger.error("messages: user data not erased %s: %s", ids, describe(error))
+        return False
+    return True
 
 
 def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:

@@ -31,13 +31,18 @@ from typing import Any
 
 from shared.config import Settings, SettingsError, StorageSettings, _storage_name
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
-from shared.queues import MAX_REQUEST_BYTES, StorageQueue, compact_json
+from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
 
 LOCAL_SETTINGS = "local.settings.json"
 
 
-async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = None) -> str:
+async def enqueue(
+    request: Mapping[str, Any], *, settings: Settings | None = None, delay: float = 0.0
+) -> str:
     """Validate `request`, give it an id when it has none, record it pending, enqueue it.
+
+    ``delay`` (seconds, up to about 7 days: the queue's visibility limit) holds the message
+    back that long before any instance sees it; delivery and its guarantees are the same.
 
     Recording it (the report's head) needs blob write access; a producer with read access
     only (as the infra grants) enqueues all the same, and the report appears when the
@@ -54,6 +59,12 @@ async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = Non
         raise InvalidRequest("the request must be an object")
     if RESERVED in request:
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
+    if (
+        not isinstance(delay, int | float)
+        or isinstance(delay, bool)
+        or not 0 <= delay <= MAX_DELAY_SECONDS
+    ):
+        raise InvalidRequest(f"the delay must be between 0 and {MAX_DELAY_SECONDS} seconds")
     message = dict(request)
     if message.get("id") is None:
         message["id"] = str(uuid.uuid4())
@@ -70,7 +81,7 @@ async def enqueue(request: Mapping[str, Any], *, settings: Settings | None = Non
             raise
         # A producer allowed to enqueue and read reports, not to write blobs (the role the
         # infra grants): the report appears with the first delivery attempt instead.
-    await StorageQueue(settings).put(text)
+    await StorageQueue(settings).put(text, delay=delay)
     return parsed.id
 
 

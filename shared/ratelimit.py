@@ -1,24 +1,34 @@
-"""Outbound pacing: stay under the Teams limits so bursts wait briefly instead of drawing 429s.
+"""Outbound pacing that follows what the channel enforces, and learns from its 429s.
 
-Teams allows a bot 7 sends per second, 8 per 2 seconds and 60 per 30 seconds in one
-conversation, and about 50 requests per second per app and tenant overall. The
-:class:`Pacer` keeps a sliding-window log per conversation and one for the whole
-process; a caller that would exceed a window sleeps until the oldest event leaves it.
+The model (README, "Pacing"):
+
+- **Per conversation, only where the channel has limits.** Teams allows a bot 7 sends per
+  second, 8 per 2 seconds and 60 per 30 seconds in one conversation: those windows are
+  kept per Teams conversation (a sliding-window log). Other channels publish no such
+  limits, so their conversations are not held back at all.
+- **Per app and tenant, not per process.** Teams also allows about 50 requests per second
+  per app per tenant, across every instance of the app. Each process keeps one
+  :class:`AdaptiveRate` per Teams tenant: it starts at that ceiling (a lone instance gets
+  the whole tenant), and on a 429 it backs off (the request waits the server's
+  ``Retry-After``), cuts its rate, and then probes back upwards (quickly back towards
+  where the 429 came, then slowly past it). N instances that share a tenant so settle
+  near 1/N of the limit each, together close to it, with a 429 now and then rather
+  than a storm. Other channels get
+  a lane per (channel, service host) with no ceiling that only honours ``Retry-After``.
+- **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
+  turn) wait only for their conversation's windows, never for a tenant rate; they are
+  counted in it, so background traffic yields to them. Background requests (proactive
+  sends, broadcasts) wait in a FIFO line per tenant, evenly spaced at ``background_share``
+  of the tenant's current rate, which keeps headroom for replies.
+
 Sends to one conversation go out one at a time in call order (a FIFO lock per
-conversation), so replies also arrive in the order the bot wrote them.
-
-Traffic comes in two classes. Interactive requests (replies to a user's turn) may use
-the whole per-process rate; background requests (proactive sends) are held to a share
-of it (80 % by default), so a large proactive burst never leaves a reply waiting for
-the global window. Each class waits in its own FIFO line for the global window. Within
-one conversation order wins over class: a reply queues behind earlier sends to the
-same conversation, background ones included.
+conversation), so replies arrive in the order the bot wrote them; within a conversation,
+order wins over class.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -28,7 +38,19 @@ from dataclasses import dataclass
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
-DEFAULT_BACKGROUND_SHARE = 0.8
+TEAMS = "msteams"
+DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per tenant
+DEFAULT_BACKGROUND_SHARE = 0.96  # of a tenant's rate; the rest is headroom for replies
+DEFAULT_RETRY_AFTER = 1.0  # a 429 that did not say how long to wait
+MIN_RATE = 0.5  # requests per second: a lane is never cut below this
+# The throttled request itself waits the whole Retry-After (the Connector client's retry);
+# the rest of its tenant's background traffic pauses for this share of it, then goes on
+# at the cut rate. A whole-second pause of every instance at once costs more sends than
+# the cut saves (measured: tests/unit/test_ratelimit.py, N instances on one tenant).
+PAUSE_SHARE = 0.25
+CUT_FACTOR = 0.7  # on a 429 the rate drops to this share of what it was
+RECOVERY_SECONDS = 5.0  # back to the rate that drew the 429 after this long
+PROBE_SHARE = 0.005  # then growing past it by this share of the ceiling per second
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +70,31 @@ TEAMS_CONVERSATION_WINDOWS: tuple[Window, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a request goes, as far as pacing is concerned.
+
+    ``channel_id`` and ``tenant_id`` select the limits (Teams: per conversation and per
+    tenant); ``service`` (the serviceUrl's host) groups requests when no tenant is known;
+    ``conversation`` is the pacing key of the conversation (None for other calls).
+    """
+
+    channel_id: str | None = None
+    tenant_id: str | None = None
+    conversation: str | None = None
+    service: str = ""
+
+    @property
+    def teams(self) -> bool:
+        return self.channel_id == TEAMS
+
+    @property
+    def lane(self) -> tuple[str, str]:
+        if self.teams:
+            return (TEAMS, f"tenant:{self.tenant_id}" if self.tenant_id else self.service)
+        return (self.channel_id or "", self.service)
+
+
 class PacingTimeout(Exception):
     """No slot within the caller's ``max_wait``; nothing was recorded.
 
@@ -58,27 +105,6 @@ class PacingTimeout(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(f"no request slot in time (next in about {wait:.2f} s)")
         self.wait = wait
-
-
-def global_window(rate: float) -> Window:
-    """The sliding window for a per-process limit of ``rate`` requests per second."""
-    limit = max(1, int(rate))
-    return Window(limit, limit / rate)
-
-
-def background_window(window: Window, share: float) -> Window:
-    """The window background traffic keeps to: ``share`` of ``window``, leaving headroom.
-
-    Same length as the global window, so whatever background traffic does, every
-    global window keeps at least one slot free for interactive requests; when the share
-    is less than one slot per window, background gets one slot per longer window.
-    """
-    if share >= 1.0:
-        return window
-    slots = math.floor(window.limit * share + 1e-9)
-    if slots >= 1 and window.limit >= 2:
-        return Window(min(slots, window.limit - 1), window.seconds)
-    return Window(1, window.seconds / (window.limit * share))
 
 
 class SlidingWindowLog:
@@ -110,6 +136,81 @@ class SlidingWindowLog:
         return not self._times or self._times[-1] + self._span + margin <= now
 
 
+class AdaptiveRate:
+    """One app-wide request rate (a Teams tenant), learnt from the channel's 429s.
+
+    Before any 429 the rate is ``ceiling`` (None: no ceiling, only pauses). A 429 pauses
+    background traffic for PAUSE_SHARE of the server's Retry-After and cuts the rate to
+    CUT_FACTOR of what it was; from there it follows a cubic curve back to that rate
+    after RECOVERY_SECONDS, then grows past it by PROBE_SHARE of the ceiling per second.
+    429s for requests granted before the last cut do not cut again: they were sent at the
+    old rate. Background grants are evenly spaced (no bursts a sliding window would
+    count twice), with one interval of catch-up when the caller was late.
+    """
+
+    __slots__ = ("_cut_at", "_next", "_paused_until", "_peak", "ceiling", "line", "used_at")
+
+    def __init__(self, ceiling: float | None) -> None:
+        self.ceiling = ceiling
+        self.line = _LoopLock()  # background requests queue here, in order
+        self._next = float("-inf")  # earliest time of the next background grant
+        self._paused_until = float("-inf")
+        self._peak = ceiling or 0.0
+        self._cut_at: float | None = None
+        self.used_at = float("-inf")
+
+    def rate(self, now: float) -> float | None:
+        """Requests per second this instance may send now (None: not limited)."""
+        if self._cut_at is None:
+            return self.ceiling
+        elapsed = now - self._cut_at
+        if elapsed < RECOVERY_SECONDS:  # concave: quickly most of the way, then carefully
+            progress = elapsed / RECOVERY_SECONDS - 1.0  # -1 at the cut, 0 at the peak
+            rate = self._peak * (1.0 + (1.0 - CUT_FACTOR) * progress**3)
+        else:
+            probe = (self.ceiling or self._peak) * PROBE_SHARE
+            rate = self._peak + probe * (elapsed - RECOVERY_SECONDS)
+        if self.ceiling is not None:
+            rate = min(rate, self.ceiling)
+        return max(MIN_RATE, rate)
+
+    def background_wait(self, now: float) -> float:
+        return max(self._paused_until, self._next) - now
+
+    def record(self, now: float, background: bool, share: float) -> None:
+        self.used_at = now
+        rate = self.rate(now)
+        if rate is None:
+            return
+        interval = 1.0 / (rate * share) if background else 1.0 / rate
+        # A caller late by less than one interval may catch up; after a longer gap the
+        # spacing starts again from now: never a burst.
+        base = self._next if self._next > now - interval else now
+        self._next = base + interval
+
+    def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
+        """Take a 429 into account; True when it cut the rate."""
+        pause = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        self._paused_until = max(self._paused_until, now + pause * PAUSE_SHARE)
+        if self._cut_at is not None and sent_at < self._cut_at:
+            return False  # sent at the old rate, already cut for
+        current = self.rate(now)
+        if current is None:
+            return False
+        # A 429 before the rate got back to the last peak: others share this tenant too;
+        # aim lower than where this one came (TCP CUBIC's "fast convergence").
+        shrinking = self._cut_at is not None and current < self._peak
+        self._peak = current * (1.0 + CUT_FACTOR) / 2.0 if shrinking else current
+        self._cut_at = now
+        self._next = max(self._next, now + pause * PAUSE_SHARE)
+        return True
+
+    def idle(self, now: float) -> bool:
+        """Nothing learnt that still matters: the lane can be forgotten."""
+        recovered = self._cut_at is None or now - self._cut_at > 4 * RECOVERY_SECONDS
+        return recovered and self._paused_until <= now and self.used_at + 60.0 <= now
+
+
 class _LoopLock:
     """A FIFO asyncio lock, one per event loop (a process may run several: tests, hosts)."""
 
@@ -136,20 +237,19 @@ class _Conversation:
 
 
 class Pacer:
-    """Per-conversation and per-process sliding-window pacing for outbound requests.
+    """Pacing for outbound Connector requests (the module docstring has the model).
 
-    ``await pacer.acquire(key)`` returns when one more request may be sent: ``key`` is
-    the conversation for sends (per-conversation windows and the global limit apply) or
-    ``None`` for other calls (global limit only). ``background=True`` marks traffic that
-    must leave headroom for interactive requests (at most ``background_share`` of the
-    global rate). ``max_wait`` bounds the wait: :class:`PacingTimeout` instead of a slot
-    that would come later. Memory stays bounded: a conversation is forgotten once it has
-    been idle longer than the longest window, and at most ``max_conversations`` are kept.
+    ``await pacer.acquire(scope)`` returns the time at which one more request to
+    ``scope`` may be sent: at once for most. ``background=True`` marks traffic that keeps
+    to ``background_share`` of its tenant's rate and yields to interactive requests.
+    ``max_wait`` bounds the wait: :class:`PacingTimeout` instead of a later slot.
+    :meth:`throttled` tells the pacer about a 429. Memory stays bounded: conversations and
+    lanes are forgotten when idle, and at most ``max_conversations`` are kept.
     """
 
     def __init__(
         self,
-        rate_limit: float = 50.0,
+        tenant_rate: float = DEFAULT_TENANT_RATE,
         *,
         background_share: float = DEFAULT_BACKGROUND_SHARE,
         windows: Sequence[Window] = TEAMS_CONVERSATION_WINDOWS,
@@ -158,75 +258,109 @@ class Pacer:
         sleep: Sleep = asyncio.sleep,
         max_conversations: int = 100_000,
     ) -> None:
-        if rate_limit <= 0:
-            raise ValueError("rate_limit must be greater than zero")
+        if tenant_rate <= 0:
+            raise ValueError("tenant_rate must be greater than zero")
         if not 0 < background_share <= 1:
             raise ValueError("background_share must be greater than 0 and at most 1")
+        self.tenant_rate = tenant_rate
+        self.background_share = background_share
         self.windows = tuple(windows)
         self.margin = margin
         self._clock = clock
         self._sleep = sleep
-        window = global_window(rate_limit)
-        self._global = SlidingWindowLog((window,))
-        self._background = SlidingWindowLog((background_window(window, background_share),))
-        self._lines = {False: _LoopLock(), True: _LoopLock()}  # interactive, background
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._lanes: OrderedDict[tuple[str, str], AdaptiveRate] = OrderedDict()
         self._max_conversations = max_conversations
         self.granted = 0
         self.granted_background = 0
+        self.throttled_count = 0
+        self.cuts = 0
         self.waited = 0.0
 
     @property
     def tracked_conversations(self) -> int:
         return len(self._conversations)
 
+    def lane(self, scope: Scope) -> AdaptiveRate:
+        """The app-wide rate ``scope`` counts against (created on first use)."""
+        key = scope.lane
+        lane = self._lanes.get(key)
+        if lane is None:
+            now = self._clock()
+            while self._lanes:  # forget lanes nothing is waiting in and nothing learnt
+                oldest_key, oldest = next(iter(self._lanes.items()))
+                if not (oldest.idle(now) and not oldest.line.get().locked()):
+                    break
+                del self._lanes[oldest_key]
+            lane = self._lanes[key] = AdaptiveRate(self.tenant_rate if scope.teams else None)
+        else:
+            self._lanes.move_to_end(key)
+        return lane
+
     async def acquire(
-        self,
-        key: str | None = None,
-        *,
-        background: bool = False,
-        max_wait: float | None = None,
-    ) -> None:
-        """Wait until one more request (to conversation ``key``, if given) is allowed."""
+        self, scope: Scope, *, background: bool = False, max_wait: float | None = None
+    ) -> float:
+        """Wait until one more request to ``scope`` is allowed; return the grant time."""
+        if not background and not (scope.teams and scope.conversation):
+            return self._grant(self.lane(scope), None, background, self._clock())
         deadline = None if max_wait is None else self._clock() + max_wait
-        if key is None:
-            await self._take_slot(None, background, deadline)
-            return
-        conversation = self._conversation(key)
+        if not (scope.teams and scope.conversation):
+            return await self._take_slot(self.lane(scope), None, background, deadline)
+        conversation = self._conversation(scope.conversation)
         conversation.users += 1
         try:
             async with self._holding(conversation.lock.get(), deadline):
-                # The conversation's own windows first, outside the class line, so one
+                # The conversation's own windows first, outside the tenant's line, so one
                 # busy conversation never holds up requests to the others.
                 await self._wait_until(
                     lambda now: conversation.log.wait_time(now, self.margin), deadline
                 )
-                await self._take_slot(conversation, background, deadline)
+                return await self._take_slot(self.lane(scope), conversation, background, deadline)
         finally:
             conversation.users -= 1
 
+    def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
+        """A request to ``scope`` granted at ``sent_at`` was answered 429."""
+        self.throttled_count += 1
+        if self.lane(scope).throttled(self._clock(), retry_after, sent_at):
+            self.cuts += 1
+
     async def _take_slot(
-        self, conversation: _Conversation | None, background: bool, deadline: float | None
-    ) -> None:
+        self,
+        lane: AdaptiveRate,
+        conversation: _Conversation | None,
+        background: bool,
+        deadline: float | None,
+    ) -> float:
         def wait_time(now: float) -> float:
-            wait = self._global.wait_time(now, self.margin)
-            if background:
-                wait = max(wait, self._background.wait_time(now, self.margin))
+            wait = lane.background_wait(now) if background else 0.0
             if conversation is not None:
                 wait = max(wait, conversation.log.wait_time(now, self.margin))
             return wait
 
-        async with self._holding(self._lines[background].get(), deadline):
+        if not background:
             now = await self._wait_until(wait_time, deadline)
-            # Checked and recorded with no await in between: the event loop cannot
-            # interleave another caller, so no window is ever overbooked.
-            self._global.record(now)
-            if background:
-                self._background.record(now)
-                self.granted_background += 1
-            if conversation is not None:
-                conversation.log.record(now)
-            self.granted += 1
+            return self._grant(lane, conversation, background, now)
+        async with self._holding(lane.line.get(), deadline):
+            now = await self._wait_until(wait_time, deadline)
+            return self._grant(lane, conversation, background, now)
+
+    def _grant(
+        self,
+        lane: AdaptiveRate,
+        conversation: _Conversation | None,
+        background: bool,
+        now: float,
+    ) -> float:
+        # Checked and recorded with no await in between: the event loop cannot interleave
+        # another caller, so no window is ever overbooked.
+        lane.record(now, background, self.background_share)
+        if conversation is not None:
+            conversation.log.record(now)
+        if background:
+            self.granted_background += 1
+        self.granted += 1
+        return now
 
     async def _wait_until(
         self, wait_time: Callable[[float], float], deadline: float | None

@@ -92,7 +92,7 @@ from shared.storage import (
 )
 
 if TYPE_CHECKING:
-    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+    from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ _ID_BUDGET = 800  # characters of a conversation / user id segment
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
 _INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
 TEAMS_CHANNEL = "msteams"  # the only channel whose tenant and team are indexed (verified data)
+BLOB_CLIENTS = 64  # blob clients kept for reuse (see BlobReferenceStore._blob)
 _DOC_PREFIX = "refs/"
 _USER_PREFIX = "users/"
 
@@ -657,6 +658,8 @@ class BlobReferenceStore:
         self._options = options
         self._container_name = settings.references_container
         self._container_client: ContainerClient | None = None
+        self._blobs: OrderedDict[str, BlobClient] = OrderedDict()
+        self._blobs_of: ContainerClient | None = None  # the container they belong to
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cache = _RecentCache(cache_size, cache_ttl, clock)
         self._max_attempts = max_attempts
@@ -706,7 +709,13 @@ class BlobReferenceStore:
                 # may have taken this key out of it.
                 entries = _index_entries(planned)
                 for kind, value in entries:
-                    await self._update_index(planned.channel_id, kind, value, _to_front(key))
+                    await self._update_index(
+                        planned.channel_id,
+                        kind,
+                        value,
+                        _to_front(key),
+                        likely_absent=current is None and attempt == 0,
+                    )
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -784,6 +793,7 @@ class BlobReferenceStore:
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             self._container_client = None
+            self._blobs.clear()
             await close_client(client)
 
     # -- storage primitives (called inside _guard)
@@ -801,11 +811,28 @@ class BlobReferenceStore:
             self._container_client = self._client.get_container_client(self._container_name)
         return self._container_client
 
+    def _blob(self, name: str) -> BlobClient:
+        """The client of one blob, reused for the next call on the same name (a new
+        conversation's document is read, then written; an index written, then read):
+        building one costs more CPU than the request it makes."""
+        container = self._container()
+        blob = self._blobs.get(name)
+        if blob is None or self._blobs_of is not container:
+            if self._blobs_of is not container:
+                self._blobs.clear()
+                self._blobs_of = container
+            blob = self._blobs[name] = container.get_blob_client(name)
+            if len(self._blobs) > BLOB_CLIENTS:
+                self._blobs.popitem(last=False)
+        else:
+            self._blobs.move_to_end(name)
+        return blob
+
     async def _read_json(self, name: str) -> tuple[Any, str, dict[str, str]] | None:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            downloader = await self._container().download_blob(name)
+            downloader = await self._blob(name).download_blob()
             body = await downloader.readall()
         except ResourceNotFoundError:
             return None  # no blob, or no container yet
@@ -846,7 +873,7 @@ class BlobReferenceStore:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         metadata = _metadata(metadata_for, body) if metadata_for else None
         for _ in range(2):
-            blob = self._container().get_blob_client(name)
+            blob = self._blob(name)
             try:
                 result = await blob.upload_blob(
                     body,
@@ -870,8 +897,8 @@ class BlobReferenceStore:
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         try:
-            await self._container().delete_blob(
-                name, etag=etag, match_condition=MatchConditions.IfNotModified
+            await self._blob(name).delete_blob(
+                etag=etag, match_condition=MatchConditions.IfNotModified
             )
         except ResourceNotFoundError:
             return False  # 404 on delete is fine: it is gone either way
@@ -902,9 +929,21 @@ class BlobReferenceStore:
         kind: Literal["id", "aad"],
         value: str,
         change: Callable[[list[str]], list[str]],
+        *,
+        likely_absent: bool = False,
     ) -> None:
-        """Apply `change` to a user index's keys (read, then conditional write or delete)."""
+        """Apply `change` to a user index's keys (read, then conditional write or delete).
+
+        ``likely_absent``: try creating the index first (one call instead of two when the
+        user has none yet; one wasted call when they have).
+        """
         name = user_index_name(channel_id, kind, value)
+        if likely_absent:
+            # A new user's first conversation: create the index straight away (If-None-
+            # Match: *), no read first; if it exists after all, read and apply as usual.
+            wanted = change([])
+            if wanted and await self._put(name, _index_body(wanted), None) is not None:
+                return
         for attempt in range(self._max_attempts):
             found = await self._read_json(name)
             keys = _index_keys(found[0]) if found else []
@@ -1074,10 +1113,18 @@ def _metadata(stored: StoredReference, body: bytes) -> dict[str, str]:
         metadata["tenant"] = _meta_value(stored.tenant_id)  # type: ignore[assignment]
     if stored.team_id is not None:
         metadata["team"] = _meta_value(stored.team_id)  # type: ignore[assignment]
-    packed = base64.urlsafe_b64encode(zlib.compress(body)).decode("ascii")
+    packed = base64.urlsafe_b64encode(_compress(body)).decode("ascii")
     if len(packed) <= _METADATA_DOC_LIMIT:
         metadata["doc"] = packed
     return metadata
+
+
+def _compress(body: bytes) -> bytes:
+    """zlib with an 8 KiB window: a document copy must fit in metadata (a few KiB) anyway,
+    and the default 32 KiB window costs several times the CPU to set up. Any zlib reader
+    decompresses it (the window size is in the header)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 13, 5)
+    return compressor.compress(body) + compressor.flush()
 
 
 def _unpack(packed: str) -> Any:

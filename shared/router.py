@@ -245,6 +245,29 @@ class Router:
         """
         return self.on(self._named("invoke", name))
 
+    def card_action(self, verb: str | None = None) -> Callable[[H], H]:
+        """``adaptiveCard/action`` invokes (Universal Actions' ``Action.Execute``) with this
+        `verb` (any verb when None); ``turn.card_action`` is the typed value. Answer with
+        :mod:`shared.invokes` (``card_response(card)`` replaces the pressed card)."""
+
+        def predicate(turn: TurnContext) -> bool:
+            action = turn.card_action
+            if action is None:
+                return False
+            return verb is None or action["action"].get("verb") == verb
+
+        return self.on(predicate)
+
+    def task_fetch(self) -> Callable[[H], H]:
+        """``task/fetch``: Teams asks which dialog to open (``turn.task_request``); answer
+        with ``shared.invokes.task_card`` / ``task_url`` / ``task_message``."""
+        return self.invoke("task/fetch")
+
+    def task_submit(self) -> Callable[[H], H]:
+        """``task/submit``: a dialog was submitted (``turn.task_request["data"]``); answer
+        with ``shared.invokes.task_message`` (closes it), ``task_card``, or None."""
+        return self.invoke("task/submit")
+
     @staticmethod
     def _named(activity_type: str, name: str | None) -> Predicate:
         return lambda turn: (

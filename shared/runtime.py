@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from shared.connector import ConnectorClient
     from shared.references import ReferenceStore
     from shared.router import Router
+    from shared.state import StateStore
 
 
 @dataclass(slots=True)
@@ -26,6 +27,7 @@ class Runtime:
     connector: ConnectorClient
     references: ReferenceStore
     router: Router
+    state: StateStore | None = None  # None: handlers that use state get a clear StateError
 
     @classmethod
     def create(cls, settings: Settings, router: Router) -> Runtime:
@@ -34,6 +36,7 @@ class Runtime:
         from shared.auth.tokens import create_token_provider
         from shared.connector import ConnectorClient
         from shared.references import create_reference_store
+        from shared.state_blob import create_state_store
 
         return cls(
             settings=settings,
@@ -41,12 +44,15 @@ class Runtime:
             connector=ConnectorClient(settings, create_token_provider(settings)),
             references=create_reference_store(settings),
             router=router,
+            state=create_state_store(settings),
         )
 
     async def close(self) -> None:
         await self.authenticator.close()
         await self.connector.close()
         await self.references.close()
+        if self.state is not None:
+            await self.state.close()
 
 
 _runtime: Runtime | None = None

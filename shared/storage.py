@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -97,6 +98,10 @@ def _create(storage, options, service, client_class):
         "random_jitter_range": options.jitter,
         "connection_timeout": options.connection_timeout,
         "read_timeout": options.read_timeout,
+        # aiohttp trusting the environment looks up ~/.netrc and the proxy variables in
+        # a worker thread on every request: two thread hops per blob call. Only worth it
+        # when a proxy is configured at all.
+        "use_env_settings": _proxy_configured(),
     }
     if storage.connection_string:
         try:
@@ -112,6 +117,14 @@ def _create(storage, options, service, client_class):
             f"{SETTING}__{service}ServiceUri",
             "is not usable with an identity credential (it must be an https URL)",
         ) from None
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "WS_PROXY", "WSS_PROXY")
+
+
+def _proxy_configured() -> bool:
+    """Is any proxy variable set (either case), as aiohttp would read it?"""
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in _PROXY_VARIABLES)
 
 
 def _credential(storage: StorageSettings):

@@ -1,17 +1,25 @@
 """The turn context: one incoming activity and the means to answer it.
 
 A handler gets a :class:`TurnContext` and talks back through it: `send` posts a new
-activity to the conversation, `reply` answers the incoming activity (reply built per
-spec), `update_activity` / `delete_activity` change what the bot sent earlier. When the
-channel asked for `deliveryMode: expectReplies`, what the bot sends is buffered and
-returned in the HTTP response instead of being posted to the Connector.
+activity to the conversation (text, an activity, an Adaptive Card or an attachment),
+`reply` answers the incoming activity (reply built per spec), `update_activity` /
+`delete_activity` change what the bot sent earlier, and `connector` is the whole
+Connector client (members, conversations, attachments). When the channel asked for
+`deliveryMode: expectReplies`, what the bot sends is buffered and returned in the HTTP
+response instead of being posted to the Connector.
+
+The activity's fields are typed (:mod:`shared.wire`): `from_`, `recipient`,
+`conversation`, `value`, `channel_data`, `tenant_id`, `team_id`, `entities`,
+`attachments`, `locale`; `conversation_state` and `user_state` are the bot's state for
+this conversation and this user (:mod:`shared.state`), read on first use and saved at the
+end of the turn when changed.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, cast
 
 from shared.activity import (
     Activity,
@@ -23,59 +31,59 @@ from shared.activity import (
     is_bot_account,
     text_without_bot_mention,
 )
+from shared.activity import tenant_id as activity_tenant_id
+from shared.cards import as_attachment
+from shared.state import State, StateStore, conversation_state_key, user_state_key
+from shared.wire import (
+    Attachment,
+    CardActionValue,
+    ChannelAccount,
+    ConversationAccount,
+    Entity,
+    Mention,
+    TaskRequest,
+    TeamsChannelData,
+)
 
 if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
-
-
-class Connector(Protocol):
-    """The part of :class:`shared.connector.ConnectorClient` a turn uses."""
-
-    async def send_to_conversation(
-        self, service_url: str, conversation_id: str, activity: Mapping[str, Any]
-    ) -> dict: ...
-
-    async def reply_to_activity(
-        self,
-        service_url: str,
-        conversation_id: str,
-        activity_id: str,
-        activity: Mapping[str, Any],
-    ) -> dict: ...
-
-    async def update_activity(
-        self,
-        service_url: str,
-        conversation_id: str,
-        activity_id: str,
-        activity: Mapping[str, Any],
-    ) -> dict: ...
-
-    async def delete_activity(
-        self, service_url: str, conversation_id: str, activity_id: str
-    ) -> None: ...
+    from shared.connector import ConnectorClient
 
 
 class TurnContext:
     """One incoming activity, who sent it, and how to answer."""
 
-    __slots__ = ("activity", "buffered", "connector", "identity", "match", "settings")
+    __slots__ = (
+        "_conversation_state",
+        "_user_state",
+        "activity",
+        "buffered",
+        "connector",
+        "identity",
+        "match",
+        "settings",
+        "state_store",
+    )
 
     def __init__(
         self,
         activity: Activity,
-        connector: Connector,
+        connector: ConnectorClient,
         *,
         identity: Identity | None = None,
         settings: Settings | None = None,
+        state: StateStore | None = None,
     ) -> None:
         self.activity = activity
-        self.connector = connector
+        self.connector = connector  # the whole Connector client, for what a turn may do
         self.identity = identity
         self.settings = settings
+        self.state_store = state
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
+        self._conversation_state: State | None = None
+        self._user_state: State | None = None
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -102,6 +110,151 @@ class TurnContext:
         recipient = self.activity.get("recipient") or {}
         return recipient.get("id")
 
+    # --- typed fields -----------------------------------------------------------------------
+
+    @property
+    def type(self) -> str:
+        return self.activity["type"]
+
+    @property
+    def channel_id(self) -> str:
+        return self.activity["channelId"]
+
+    @property
+    def from_(self) -> ChannelAccount:
+        """Who sent the activity (``{}`` when the channel did not say)."""
+        return cast(ChannelAccount, self.activity.get("from") or {})
+
+    @property
+    def recipient(self) -> ChannelAccount:
+        """The bot, as the channel addressed it."""
+        return cast(ChannelAccount, self.activity.get("recipient") or {})
+
+    @property
+    def conversation(self) -> ConversationAccount:
+        return cast(ConversationAccount, self.activity["conversation"])
+
+    @property
+    def value(self) -> Any:
+        """The invoke's or event's payload, or a card's submitted inputs (any JSON)."""
+        return self.activity.get("value")
+
+    @property
+    def channel_data(self) -> TeamsChannelData:
+        """The channel's own data (``{}`` when absent); Teams' shape is typed."""
+        return cast(TeamsChannelData, self.activity.get("channelData") or {})
+
+    @property
+    def tenant_id(self) -> str | None:
+        """The Microsoft Entra tenant (conversation.tenantId or channelData.tenant.id)."""
+        return activity_tenant_id(self.activity)
+
+    @property
+    def team_id(self) -> str | None:
+        """The Teams team of a channel conversation (msteams activities only)."""
+        if self.activity.get("channelId") != "msteams":
+            return None
+        team = self.channel_data.get("team")
+        team_id = team.get("id") if isinstance(team, Mapping) else None
+        return team_id if isinstance(team_id, str) and team_id else None
+
+    @property
+    def entities(self) -> list[Entity]:
+        return cast(list[Entity], self.activity.get("entities") or [])
+
+    @property
+    def mentions(self) -> list[Mention]:
+        """The activity's @mentions (of the bot too)."""
+        return [cast(Mention, e) for e in self.entities if e.get("type") == "mention"]
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        return cast(list[Attachment], self.activity.get("attachments") or [])
+
+    @property
+    def locale(self) -> str | None:
+        return self.activity.get("locale")
+
+    @property
+    def card_action(self) -> CardActionValue | None:
+        """The `value` of an ``adaptiveCard/action`` invoke, when it has an action."""
+        if self.type != "invoke" or self.activity.get("name") != "adaptiveCard/action":
+            return None
+        value = self.value
+        if isinstance(value, dict) and isinstance(value.get("action"), dict):
+            return cast(CardActionValue, value)
+        return None
+
+    @property
+    def task_request(self) -> TaskRequest:
+        """The `value` of a ``task/fetch`` / ``task/submit`` invoke (``{}`` when absent)."""
+        value = self.value
+        return cast(TaskRequest, value if isinstance(value, dict) else {})
+
+    # --- Teams conversation kinds -------------------------------------------------------------
+
+    @property
+    def is_personal(self) -> bool:
+        """A 1:1 chat with the bot (Teams `personal`; elsewhere: not a group)."""
+        kind = self.conversation.get("conversationType")
+        if kind is not None:
+            return kind == "personal"
+        return self.conversation.get("isGroup") is not True
+
+    @property
+    def is_group_chat(self) -> bool:
+        return self.conversation.get("conversationType") == "groupChat"
+
+    @property
+    def is_channel(self) -> bool:
+        """A Teams channel (a team's conversation)."""
+        return self.conversation.get("conversationType") == "channel"
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def conversation_state(self) -> State:
+        """This conversation's state: ``data = await turn.conversation_state.load()``."""
+        if self._conversation_state is None:
+            key = conversation_state_key(self.channel_id, self.conversation["id"])
+            self._conversation_state = State(self.state_store, key)
+        return self._conversation_state
+
+    @property
+    def user_state(self) -> State:
+        """The sender's state on this channel: ``data = await turn.user_state.load()``."""
+        if self._user_state is None:
+            user_id = self.from_.get("id")
+            if not isinstance(user_id, str) or not user_id:
+                from shared.state import StateError
+
+                raise StateError("state: this activity has no from.id, so no user state")
+            self._user_state = State(self.state_store, user_state_key(self.channel_id, user_id))
+        return self._user_state
+
+    async def save_state(self) -> None:
+        """Save the turn's changed states now (the pipeline also does it after the turn)."""
+        for state in (self._conversation_state, self._user_state):
+            if state is not None:
+                await state.save()
+
+    # --- members -------------------------------------------------------------------------------
+
+    async def members(self) -> list[ChannelAccount]:
+        """Everyone in this conversation (Connector `GetConversationMembers`); for a large
+        team, page through ``turn.connector.get_conversation_paged_members``."""
+        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
+        found = await self.connector.get_conversation_members(service_url, conversation_id)
+        return cast(list[ChannelAccount], found)
+
+    async def member(self, member_id: str) -> ChannelAccount:
+        """One member of this conversation (Connector `GetConversationMember`)."""
+        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
+        found = await self.connector.get_conversation_member(
+            service_url, conversation_id, member_id
+        )
+        return cast(ChannelAccount, found)
+
     @property
     def members_added(self) -> list[dict[str, Any]]:
         """Members added to the conversation, the bot itself excluded."""
@@ -118,8 +271,9 @@ class TurnContext:
     # --- answering -------------------------------------------------------------------------
 
     async def send(self, text_or_activity: str | Mapping[str, Any]) -> dict:
-        """Post a new activity to this conversation (Connector `SendToConversation`)."""
-        activity = apply_conversation_reference(as_activity(text_or_activity), self.reference)
+        """Post a new activity to this conversation (Connector `SendToConversation`): text,
+        an activity, or an Adaptive Card / attachment (sent as a message carrying it)."""
+        activity = apply_conversation_reference(_outgoing(text_or_activity), self.reference)
         return await self._deliver(activity, reply_to=None, buffer=True)
 
     async def reply(
@@ -134,7 +288,7 @@ class TurnContext:
         """
         incoming_id = self.reference.get("activityId")
         activity = apply_conversation_reference(
-            as_activity(text_or_activity), self.reference, reply=bool(incoming_id)
+            _outgoing(text_or_activity), self.reference, reply=bool(incoming_id)
         )
         return await self._deliver(activity, reply_to=incoming_id, buffer=buffer)
 
@@ -142,7 +296,7 @@ class TurnContext:
         self, activity_id: str, text_or_activity: str | Mapping[str, Any]
     ) -> dict:
         """Replace an activity the bot sent earlier in this conversation."""
-        activity = apply_conversation_reference(as_activity(text_or_activity), self.reference)
+        activity = apply_conversation_reference(_outgoing(text_or_activity), self.reference)
         activity["id"] = activity_id
         return await self.connector.update_activity(
             activity["serviceUrl"], activity["conversation"]["id"], activity_id, activity
@@ -154,6 +308,29 @@ class TurnContext:
             self.activity["serviceUrl"], self.activity["conversation"]["id"], activity_id
         )
 
+    async def send_later(
+        self,
+        text_or_activity: str | Mapping[str, Any],
+        *,
+        delay: float = 0.0,
+        request_id: str | None = None,
+    ) -> str:
+        """Send to this conversation later, through the proactive queue: ``delay`` seconds
+        from now (up to about 7 days), with the queue's retries, idempotency and delivery
+        report. Returns the request id (``shared.producer.read_report`` reads its report).
+
+        Raises ``shared.proactive_schema.InvalidRequest`` (nothing enqueued) for what the
+        engine could not deliver, e.g. an activity type it does not send.
+        """
+        from shared.producer import enqueue
+
+        outgoing = _outgoing(text_or_activity)
+        reference = {k: v for k, v in self.reference.items() if k != "activityId"}
+        request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
+        if request_id is not None:
+            request["id"] = request_id
+        return await enqueue(request, settings=self.settings, delay=delay)
+
     async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
         if buffer and self.expects_replies:
             self.buffered.append(activity)
@@ -164,3 +341,12 @@ class TurnContext:
                 service_url, conversation_id, reply_to, activity
             )
         return await self.connector.send_to_conversation(service_url, conversation_id, activity)
+
+
+def _outgoing(value: str | Mapping[str, Any]) -> Activity:
+    """What a handler sends, as an activity: a card or attachment becomes a message."""
+    if not isinstance(value, str):
+        attachment = as_attachment(value)
+        if attachment is not None:
+            return {"type": "message", "attachments": [attachment]}
+    return as_activity(value)

@@ -36,3 +36,9 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def has_dot_segment(path: str) -> bool:
+    """True when a path has a "." or ".." segment, also one with path parameters: servers
+    that strip ";..." from a segment (Tomcat and others) read ``..;x`` as ``..``."""
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))

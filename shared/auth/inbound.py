@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 CLOCK_SKEW = 300.0  # seconds of leeway on exp and nbf (Bot Framework: 5 minutes)
 MAX_TOKEN_CHARS = 16 * 1024
 ALGORITHM = "RS256"  # the only algorithm the Bot Framework and AAD sign with
+VERIFIED_TOKENS = 256  # signatures remembered (the channel reuses a token for an hour)
 
 # Tenants whose AAD tokens the Bot Framework SDKs accept from the Emulator, per cloud.
 BOT_FRAMEWORK_TENANTS: dict[str, tuple[str, ...]] = {
@@ -80,17 +82,23 @@ def normalize_service_url(url: object) -> tuple[object, ...]:
     trailing slash do not matter; everything else does.
 
     URLs with characters urlsplit would silently drop or fold (whitespace, controls,
-    non-ASCII) or that parsers read differently (backslash) are refused, not normalised.
+    non-ASCII; an empty query, fragment or port) or that parsers read differently
+    (backslash) are refused, not normalised: a serviceUrl is never more than scheme, host,
+    port and path, and the Connector client refuses anything else.
     """
     if not isinstance(url, str) or not url:
         raise AuthError("serviceUrl missing")
     if not _plain_url(url):
         raise AuthError("serviceUrl has whitespace, control, non-ASCII or backslash characters")
+    if "?" in url or "#" in url:
+        raise AuthError("serviceUrl has a query or fragment")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise AuthError("serviceUrl is not a valid URL") from None
+    if parts.netloc.endswith(":"):
+        raise AuthError("serviceUrl has an empty port")
     scheme = parts.scheme.lower()
     if port == _DEFAULT_PORTS.get(scheme):
         port = None
@@ -122,6 +130,7 @@ class InboundAuthenticator:
         self._clock = clock
         self._caches: dict[str, OpenIdKeyCache] = {}
         self._emulator_issuers = emulator_issuers(settings)
+        self._parsed = _ParsedTokens(VERIFIED_TOKENS)
 
     async def authenticate(
         self, authorization: str | None, activity: Mapping[str, Any]
@@ -164,8 +173,11 @@ class InboundAuthenticator:
         if not settings.app_id:
             raise AuthError("MicrosoftAppId is not configured")
         token = _bearer_token(authorization)
-        kid = _unverified_kid(token)
-        issuer = _unverified_claims(token).get("iss")
+        parsed = self._parsed.get(token)
+        if parsed is None:
+            parsed = _ParsedToken(_unverified_kid(token), _unverified_claims(token).get("iss"))
+            self._parsed.put(token, parsed)
+        kid, issuer = parsed.kid, parsed.issuer
         if issuer == settings.channel_issuer:
             return await self._channel_identity(token, kid, activity)
         if isinstance(issuer, str) and issuer in self._emulator_issuers:
@@ -177,7 +189,7 @@ class InboundAuthenticator:
     ) -> Identity:
         settings = self._settings
         key = await self._key(settings.openid_metadata_url, kid)
-        claims = _verified_claims(token, key)
+        claims = self._verified(token, key)
         if claims.get("iss") != settings.channel_issuer:
             raise AuthError("token issuer is not the channel issuer")
         self._check_audience_and_lifetime(claims)
@@ -190,14 +202,14 @@ class InboundAuthenticator:
         channel_id = activity.get("channelId")
         if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
             raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
-        return Identity(True, "channel", settings.app_id, MappingProxyType(claims))
+        return Identity(True, "channel", settings.app_id, claims)
 
     async def _emulator_identity(
         self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
         key = await self._key(settings.emulator_openid_metadata_url, kid)
-        claims = _verified_claims(token, key)
+        claims = self._verified(token, key)
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or issuer not in self._emulator_issuers:
             raise AuthError("token issuer is not an accepted AAD issuer")
@@ -223,7 +235,20 @@ class InboundAuthenticator:
             not isinstance(channel_id, str) or channel_id not in key.endorsements
         ):
             raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
-        return Identity(True, "emulator", caller, MappingProxyType(claims))
+        return Identity(True, "emulator", caller, claims)
+
+    def _verified(self, token: str, key: SigningKey) -> Mapping[str, Any]:
+        """The token's claims once its signature verified with ``key``, checked once per
+        token and key: the same token with the same published key object verifies the same.
+        A key refreshed or withdrawn since is a new (or no) object, so it is checked again.
+        Every claim check runs on each use, on a read-only copy."""
+        parsed = self._parsed.get(token)
+        if parsed is not None and parsed.key is key and parsed.claims is not None:
+            return parsed.claims
+        claims = MappingProxyType(_verified_claims(token, key))
+        if parsed is not None:
+            parsed.key, parsed.claims = key, claims
+        return claims
 
     def _check_audience_and_lifetime(self, claims: Mapping[str, Any]) -> None:
         audience = claims.get("aud")
@@ -262,6 +287,37 @@ class InboundAuthenticator:
 
             self._session = aiohttp.ClientSession()
         return self._session
+
+
+@dataclass(slots=True)
+class _ParsedToken:
+    """What one token string says before and after its signature is checked."""
+
+    kid: str
+    issuer: Any
+    key: SigningKey | None = None  # the key its signature verified with
+    claims: Mapping[str, Any] | None = None
+
+
+class _ParsedTokens:
+    """The most recent tokens, parsed (and, once verified, their claims), LRU-bounded."""
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._entries: OrderedDict[str, _ParsedToken] = OrderedDict()
+        self._size = size
+
+    def get(self, token: str) -> _ParsedToken | None:
+        entry = self._entries.get(token)
+        if entry is not None:
+            self._entries.move_to_end(token)
+        return entry
+
+    def put(self, token: str, entry: _ParsedToken) -> None:
+        self._entries[token] = entry
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
 
 
 def _bearer_token(authorization: str | None) -> str:

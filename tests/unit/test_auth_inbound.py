@@ -206,6 +206,39 @@ async def test_channel_token_rejections(auth, channel_identity, clock, case):
     assert (await auth.authenticate(bearer(good), activity())).kind == "channel"
 
 
+# The activity's serviceUrl differs from the claim only by what urlsplit would fold away:
+# an empty query or fragment, an empty port. The Connector refuses such URLs, so accepting
+# them would fail the turn and overwrite the stored reference with an unusable URL.
+@pytest.mark.parametrize(
+    "service_url",
+    [
+        "https://smba.trafficmanager.net/amer/?",
+        "https://smba.trafficmanager.net/amer/#",
+        "https://smba.trafficmanager.net:/amer/",
+        "https://smba.trafficmanager.net/amer/?#",
+    ],
+)
+async def test_a_service_url_that_only_folds_to_the_claim_is_rejected(
+    auth, channel_identity, service_url
+):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert "serviceUrl" in await rejected(auth, bearer(token), activity(service_url))
+
+
+async def test_a_claim_that_only_folds_to_the_service_url_is_rejected(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL + "?")
+    assert "serviceUrl" in await rejected(auth, bearer(token), activity())
+
+
+async def test_case_default_port_and_trailing_slash_still_match(auth, channel_identity):
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    for same in (
+        "HTTPS://SMBA.trafficmanager.net/amer",
+        "https://smba.trafficmanager.net:443/amer/",
+    ):
+        assert (await auth.authenticate(bearer(token), activity(same))).kind == "channel"
+
+
 @pytest.mark.parametrize(
     "header",
     [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer a b", "Bearer " + "a" * 20_000],
@@ -661,3 +694,43 @@ async def test_caller_id_per_cloud(channel_identity):
             assert auth.caller_id(ANONYMOUS) is None
         finally:
             await auth.close()
+
+
+# -- a token the channel sends again -------------------------------------------------------
+
+
+async def test_a_repeated_token_is_verified_once_and_still_fully_checked(
+    auth, channel_identity, clock, monkeypatch
+):
+    # The channel reuses one token for an hour: its RSA signature is checked once. Counted
+    # by wrapping PyJWT's decode (a library call, not the authenticator's internals).
+    verified = []
+    original = jwt.decode
+
+    def counting(token, key=None, *args, **kwargs):
+        if key is not None:
+            verified.append(token)
+        return original(token, key, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, lifetime=600)
+    for _ in range(3):
+        assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+    assert len(verified) == 1
+    # Every claim check still runs on each use.
+    other = "https://smba.trafficmanager.net/emea/"
+    assert "serviceurl" in await rejected(auth, bearer(token), activity(service_url=other))
+    assert "not endorsed" in await rejected(auth, bearer(token), activity(channel_id="slack"))
+    clock.advance(600 + 301)
+    assert "expired" in await rejected(auth, bearer(token), activity())
+
+
+async def test_a_repeated_token_signed_by_a_key_no_longer_published_is_rejected(
+    auth, channel_identity
+):
+    old = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert (await auth.authenticate(bearer(old), activity())).kind == "channel"
+    channel_identity.rotate_key(retire_old=True)  # the old key leaves the JWKS
+    new = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert (await auth.authenticate(bearer(new), activity())).kind == "channel"  # refetched
+    assert "unknown key id" in await rejected(auth, bearer(old), activity())

@@ -120,6 +120,7 @@ UNUSABLE_PREFIXES = {
     "port zero": "https://bots.example:0",
     "user and password": "https://user:pw@bots.example",
     "dot segments": "https://bots.example/a/../b",
+    "dot segment with a path parameter": "https://bots.example/a/..;/b",
     "a percent sign that encodes nothing": "https://bots.example/100%",
     "non-ASCII host": "https://bøts.example",
     "trailing-dot host": "https://bots.example.",

@@ -772,7 +772,9 @@ async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_
         try:
             await asyncio.gather(
                 *(
-                    connector.send_to_conversation(fake.url, CONVERSATION, {"text": str(n)})
+                    connector.send_to_conversation(
+                        fake.url, CONVERSATION, {"channelId": "msteams", "text": str(n)}
+                    )
                     for n in range(100)
                 )
             )
@@ -785,8 +787,8 @@ async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_
         assert vtime.now - 1000.0 < 45  # paced, not stalled: 100 sends take 30-40 s
 
 
-async def test_1000_sends_across_conversations_stay_under_the_global_limit(aad_app):
-    vtime, pacer, fake = paced_fake(enforce_limits=True, global_limit=Window(50, 1.0))
+async def test_a_teams_broadcast_stays_under_the_tenant_limit_and_replies_are_not_held(aad_app):
+    vtime, pacer, fake = paced_fake(enforce_limits=True, tenant_limit=Window(50, 1.0))
     with fake:
         settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
         connector = ConnectorClient(
@@ -796,22 +798,67 @@ async def test_1000_sends_across_conversations_stay_under_the_global_limit(aad_a
             sleep=vtime.sleep,
             clock=vtime.clock,
         )
+        background = connector.background()
         workers = asyncio.Semaphore(50)
+
+        def teams_activity(n: int, tenant: str) -> dict:
+            conversation = {"id": f"a:{n}", "tenantId": tenant}
+            return {"channelId": "msteams", "conversation": conversation, "text": str(n)}
+
+        waited: list[float] = []
 
         async def send(n: int):
             async with workers:
-                await connector.send_to_conversation(fake.url, f"a:{n % 250}", {"text": str(n)})
+                await background.send_to_conversation(
+                    fake.url, f"a:{n}", teams_activity(n, f"t{n % 2}")
+                )
+            if n % 100 == 50:  # now and then a user's turn, answered during the broadcast
+                asked = vtime.now
+                await connector.reply_to_activity(fake.url, f"a:u{n}", "1", teams_activity(n, "t0"))
+                waited.append(vtime.now - asked)
 
         try:
             await asyncio.gather(*(send(n) for n in range(1000)))
+            finished = vtime.now
         finally:
             await connector.close()
 
         assert fake.violations == []
-        assert len(fake.activities) == 1000
-        times = sorted(r.time for r in fake.requests)
-        assert all(times[i + 50] - times[i] >= 1.0 for i in range(len(times) - 50))
-        assert vtime.now - 1000.0 < 30  # 1000 at 50/s: about 20 s of waiting in all
+        assert len(fake.activities) == 1010
+        for tenant in ("t0", "t1"):
+            times = sorted(
+                r.time for r in fake.requests if r.json["conversation"]["tenantId"] == tenant
+            )
+            assert all(times[i + 50] - times[i] >= 1.0 for i in range(len(times) - 50))
+        # Two tenants at 48/s each: 1000 in about 10.5 s, not the 20 s of a per-process cap.
+        assert finished - 1000.0 < 12
+        # The replies found headroom: none waited for the broadcast (virtual time moves
+        # while other senders sleep, by at most one of their 1/48 s intervals).
+        assert len(waited) == 10 and max(waited) < 0.05
+
+
+async def test_a_429_from_the_tenant_limit_slows_that_tenant_down(aad_app):
+    vtime, pacer, fake = paced_fake(tenant_limit=Window(10, 1.0))  # the app thinks 50/s
+    with fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=pacer,
+            retry=RetryPolicy(max_total_seconds=60.0),
+            sleep=vtime.sleep,
+            clock=vtime.clock,
+        )
+        background = connector.background()
+        try:
+            for n in range(100):
+                activity = {"channelId": "msteams", "conversation": {"id": f"a:{n}"}}
+                await background.send_to_conversation(fake.url, f"a:{n}", activity)
+        finally:
+            await connector.close()
+        assert len(fake.activities) == 100  # every one delivered, after retries
+        assert pacer.cuts >= 2 and pacer.throttled_count == len(fake.violations)
+        assert len(fake.violations) < 15  # it learnt: not one 429 per send
 
 
 async def test_a_client_without_pacing_is_caught_by_the_fake(aad_app):
@@ -824,12 +871,10 @@ async def test_a_client_without_pacing_is_caught_by_the_fake(aad_app):
             pacer=Pacer(10_000, windows=(Window(10_000, 1.0),)),
             retry=RetryPolicy(max_attempts=1),
         )
+        activity = {"type": "message", "channelId": "msteams"}
         try:
             results = await asyncio.gather(
-                *(
-                    connector.send_to_conversation(fake.url, "a:1", {"type": "message"})
-                    for _ in range(10)
-                ),
+                *(connector.send_to_conversation(fake.url, "a:1", activity) for _ in range(10)),
                 return_exceptions=True,
             )
         finally:
@@ -960,6 +1005,10 @@ def test_look_alike_service_urls_are_refused(settings, service_url):
         "https://connector.contoso.com/teams/x%2F..%2F..%2Fadmin/",
         "https://connector.contoso.com/teams/x%5C..%5C..%5Cadmin/",
         "https://connector.contoso.com/teams%2F..%2Fadmin/",
+        # Servers that strip path parameters (";...") read these segments as "..", ".".
+        "https://connector.contoso.com/teams/..;/admin/",
+        "https://connector.contoso.com/teams/..;x=1/admin/",
+        "https://connector.contoso.com/teams/.;/..;/admin/",
     ],
 )
 def test_a_path_prefix_cannot_be_escaped(url):
@@ -984,6 +1033,24 @@ async def test_a_dot_segment_never_reaches_the_connector(fake_connector, aad_app
     finally:
         await connector.close()
     assert caught.value.kind is ErrorKind.UNTRUSTED
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize("conversation_id", ["a:\ud800", "\udfff", "x\udc80y"])
+async def test_a_lone_surrogate_in_an_id_is_a_clear_error_and_nothing_is_sent(
+    client, fake_connector, conversation_id
+):
+    calls = [
+        client.send_to_conversation(fake_connector.url, conversation_id, {"type": "message"}),
+        client.reply_to_activity(fake_connector.url, "a:1", conversation_id, {"type": "message"}),
+        client.get_conversation_members(fake_connector.url, conversation_id),
+        client.get_attachment_info(fake_connector.url, conversation_id),
+    ]
+    for call in calls:
+        with pytest.raises(ConnectorError) as caught:
+            await call
+        assert caught.value.kind is ErrorKind.INVALID
+        assert not caught.value.retryable
     assert fake_connector.requests == []
 
 
@@ -1056,10 +1123,12 @@ async def test_pacing_waits_count_against_the_time_budget(settings, fake_connect
         sleep=vtime.sleep,
         clock=vtime.clock,
     )
+    background = connector.background()  # a Teams broadcast at 1/s for the tenant
+    activity = {"channelId": "msteams", "conversation": {"tenantId": "t1"}}
     try:
-        await connector.send_to_conversation(fake_connector.url, "a:1", {"text": "1"})
+        await background.send_to_conversation(fake_connector.url, "a:1", activity)
         with pytest.raises(ConnectorError) as caught:
-            await connector.send_to_conversation(fake_connector.url, "a:2", {"text": "2"})
+            await background.send_to_conversation(fake_connector.url, "a:2", activity)
     finally:
         await connector.close()
     assert caught.value.kind is ErrorKind.THROTTLED and caught.value.retry_after > 0.5
@@ -1248,13 +1317,14 @@ async def test_a_reply_is_not_held_up_by_a_background_burst(aad_app, fake_aad):
         connector = ConnectorClient(
             settings,
             create_token_provider(settings),
-            pacer=Pacer(10, background_share=0.5),  # 10/s in all, at most 5/s in background
+            pacer=Pacer(10, background_share=0.5),  # a tenant at 10/s, at most 5/s background
             retry=RetryPolicy(max_total_seconds=30.0),
         )
         background = connector.background()
+        teams = {"channelId": "msteams", "conversation": {"tenantId": "t1"}}
         burst = [
             asyncio.create_task(
-                background.send_to_conversation(fake.url, f"a:{n}", {"text": f"news {n}"})
+                background.send_to_conversation(fake.url, f"a:{n}", {**teams, "text": f"news {n}"})
             )
             for n in range(40)  # 8 s of background traffic at 5/s
         ]
@@ -1262,7 +1332,7 @@ async def test_a_reply_is_not_held_up_by_a_background_burst(aad_app, fake_aad):
             await fake.wait_for(lambda requests: len(requests) >= 5)
             await asyncio.sleep(0.3)
             asked = time.monotonic()
-            await connector.reply_to_activity(fake.url, "a:user", "1", {"text": "answer"})
+            await connector.reply_to_activity(fake.url, "a:user", "1", {**teams, "text": "answer"})
             took = time.monotonic() - asked
         finally:
             for task in burst:

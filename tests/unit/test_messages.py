@@ -256,6 +256,16 @@ async def test_serviceurl_claim_must_match_the_activity(
     assert attacker.requests == []
 
 
+@pytest.mark.parametrize("suffix", ["/?", "/#"])
+async def test_a_service_url_that_only_folds_to_the_claim_is_401_and_stores_nothing(
+    bot, channel_identity, fake_connector, fake_aad, suffix
+):
+    # Stored, such a URL would replace the good one and every later send would be refused.
+    token = channel_token(channel_identity, bot, fake_connector.url + "/")
+    response = await bot.handle(post(activity_for(fake_connector.url + suffix), token))
+    await _assert_rejected(response, bot, fake_connector, fake_aad)
+
+
 async def test_channel_not_endorsed_by_the_signing_key(
     bot, channel_identity, fake_connector, fake_aad
 ):

@@ -55,6 +55,16 @@ async def test_invalid_requests_are_refused_before_anything_is_enqueued(tmp_path
     assert reason in str(raised.value)
 
 
+@pytest.mark.parametrize("delay", [-1, 7 * 24 * 3600, float("nan"), "60", True])
+async def test_a_delay_outside_the_queues_range_is_refused_before_anything_is_enqueued(
+    tmp_path, delay
+):
+    settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
+    request = {"to": {"conversation": "msteams/a"}, "text": "x"}
+    with pytest.raises(InvalidRequest, match="delay"):
+        await enqueue(request, settings=settings, delay=delay)
+
+
 def test_the_command_line_builds_each_target():
     parse = _parser().parse_args
     assert build_request(parse(["send", "--conversation", "msteams/a", "--text", "hi"])) == {

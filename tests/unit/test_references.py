@@ -622,12 +622,15 @@ class GatedTransport(AioHttpTransport):
     def __init__(self) -> None:
         super().__init__()
         self.gates: list[Gate] = []
+        self.sent: list[tuple[str, str]] = []  # (method, "refs" or "users") per request
 
     def gate(self, picks, *, after_response: bool = False) -> Gate:
         self.gates.append(gate := Gate(picks, after_response))
         return gate
 
     async def send(self, request, **kwargs):
+        segments = request.url.split("?", 1)[0].split("/")  # .../account/container/refs/...
+        self.sent.append((request.method, segments[5] if len(segments) > 5 else "container"))
         gate = next((g for g in self.gates if not g.reached.is_set() and g.picks(request)), None)
         if gate is not None and not gate.after_response:
             await gate.hold()
@@ -663,6 +666,39 @@ async def gated(azurite, unique_name):
     for store, client in opened:
         await store.close()
         await client.close()
+
+
+@pytest.mark.integration
+async def test_blob_a_new_users_first_conversation_costs_six_storage_calls(gated):
+    store, transport = gated()
+    await store.upsert(reference(conversation_id="a:0", user="29:other", aad="aad-other"))
+    transport.sent.clear()
+    assert await store.upsert(reference()) is True  # a 1:1 conversation with a new user
+    # The document is looked for (absent), each user index created at once (If-None-Match,
+    # no read first), the document created, each index checked again after it.
+    assert transport.sent == [
+        ("GET", "refs"),
+        ("PUT", "users"),
+        ("PUT", "users"),
+        ("PUT", "refs"),
+        ("GET", "users"),
+        ("GET", "users"),
+    ]
+    by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
+    by_aad = await store.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    assert by_id is not None and by_aad is not None and by_id.key == "msteams/a:1"
+
+
+@pytest.mark.integration
+async def test_blob_a_known_users_new_conversation_keeps_the_older_ones_in_the_index(gated):
+    store, _ = gated()
+    await store.upsert(reference(conversation_id="a:0"))
+    await store.upsert(reference(conversation_id="a:1"))  # the same user, again 1:1
+    by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
+    assert by_id is not None and by_id.key == "msteams/a:1"  # the most recent first
+    await store.delete("msteams/a:1")
+    by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
+    assert by_id is not None and by_id.key == "msteams/a:0"  # the older one was kept
 
 
 @pytest.mark.integration

@@ -38,6 +38,60 @@ async def test_connection_string_clients_reach_azurite(azurite, unique_name):
         await close_client(queue)
 
 
+async def _thread_hops_of_one_read(settings: StorageSettings, container_name: str) -> int:
+    """How many times one blob read hands work to a thread (aiohttp's netrc and proxy
+    lookups when it trusts the environment: a thread wake-up each, on every call)."""
+    import concurrent.futures.thread as threads
+
+    blob = create_blob_service(settings)
+    container = blob.get_container_client(container_name)
+    submitted = 0
+    original = threads.ThreadPoolExecutor.submit
+
+    def counting(self, fn, /, *args, **kwargs):
+        nonlocal submitted
+        submitted += 1
+        return original(self, fn, *args, **kwargs)
+
+    try:
+        await container.upload_blob("x.json", b"{}", overwrite=True)
+        await (await container.download_blob("x.json")).readall()  # connection made
+        threads.ThreadPoolExecutor.submit = counting  # the thread pool, not the bot's code
+        await (await container.download_blob("x.json")).readall()
+    finally:
+        threads.ThreadPoolExecutor.submit = original
+        await close_client(blob)
+    return submitted
+
+
+@pytest.mark.integration
+async def test_a_warm_storage_call_makes_no_thread_hop(azurite, unique_name, monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings = StorageSettings(connection_string=azurite.connection_string)
+    container = unique_name("c")
+    blob = create_blob_service(settings)
+    await blob.create_container(container)
+    await close_client(blob)
+    assert await _thread_hops_of_one_read(settings, container) == 0
+
+
+@pytest.mark.integration
+async def test_proxy_settings_in_the_environment_are_still_honoured(
+    azurite, unique_name, monkeypatch
+):
+    # With a proxy configured the client reads the environment as before (here NO_PROXY
+    # keeps loopback direct, so the call still reaches Azurite).
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    settings = StorageSettings(connection_string=azurite.connection_string)
+    container = unique_name("c")
+    blob = create_blob_service(settings)
+    await blob.create_container(container)
+    await close_client(blob)
+    assert await _thread_hops_of_one_read(settings, container) > 0
+
+
 async def test_use_development_storage_points_at_local_azurite():
     settings = storage(**{"": "UseDevelopmentStorage=true"})
     blob, queue = create_blob_service(settings), create_queue_service(settings)

@@ -130,8 +130,18 @@ class _Tls:
 class FakeAAD:
     """A local HTTPS Entra token service. ``authority(tenant)`` is what the bot is given."""
 
-    def __init__(self, *, expires_in: int = 3600, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        expires_in: int = 3600,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        jwt_tokens: bool = False,
+    ) -> None:
         self.expires_in = expires_in
+        # Real access tokens are JWTs, and some clients read their expiry from them (the
+        # Teams SDK does); by default the tokens are opaque, which is all the bot needs.
+        self.jwt_tokens = jwt_tokens
         self.delay = 0.0  # seconds the token endpoint waits before answering
         self._tls = _Tls()
         self._clients: dict[str, _Client] = {}
@@ -304,6 +314,10 @@ class FakeAAD:
         if failure is not None:
             return self._error(client_id, failure)
         token = f"fake-aad-{secrets.token_urlsafe(24)}"
+        if self.jwt_tokens:
+            now = int(time.time())
+            claims = {"appid": client_id, "tid": tenant, "iat": now, "exp": now + self.expires_in}
+            token = jwt.encode({**claims, "jti": token}, self._federation_key, algorithm="RS256")
         with self._lock:
             self.issuances.append(
                 Issuance(

@@ -118,9 +118,10 @@ class RecordedRequest:
 class Violation:
     """A request the fake answered 429 because it broke a limit."""
 
-    conversation_id: str | None  # None for the global limit
+    conversation_id: str | None  # None for the global and tenant limits
     window: Window
     time: float
+    tenant_id: str | None = None  # which tenant's limit, for a tenant_limit violation
 
 
 @dataclass(slots=True)
@@ -157,6 +158,7 @@ class FakeConnector:
         enforce_limits: bool = False,
         windows: Sequence[Window] = TEAMS_CONVERSATION_WINDOWS,
         global_limit: Window | None = None,
+        tenant_limit: Window | None = None,
         clock: Callable[[], float] = time.monotonic,
         auth_check: Callable[[str | None], bool] | None = None,
         redirect_attachments: bool = True,
@@ -166,6 +168,7 @@ class FakeConnector:
         self.enforce_limits = enforce_limits
         self.windows = tuple(windows)
         self.global_limit = global_limit
+        self.tenant_limit = tenant_limit  # per Teams tenant named in the body (Teams: ~50/s)
         self.auth_check = auth_check
         self.redirect_attachments = redirect_attachments
         self.members: dict[str, list[dict[str, Any]]] = {}
@@ -178,6 +181,7 @@ class FakeConnector:
         self._violations: list[Violation] = []
         self._arrivals: dict[str, deque[float]] = {}
         self._global_arrivals: deque[float] = deque()
+        self._tenant_arrivals: dict[str | None, deque[float]] = {}
         self._subscribers: list[Callable[[RecordedRequest], None]] = []
         self._ids = itertools.count(1)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -212,12 +216,14 @@ class FakeConnector:
             self._violations.clear()
             self._arrivals.clear()
             self._global_arrivals.clear()
+            self._tenant_arrivals.clear()
             self._subscribers.clear()
             self.members.clear()
             self.attachments.clear()
             self.conversations.clear()
             self.enforce_limits = False
             self.global_limit = None
+            self.tenant_limit = None
             self.auth_check = None
             self.redirect_attachments = True
 
@@ -399,6 +405,13 @@ class FakeConnector:
                 if violation is not None:
                     self._violations.append(violation)
                     return violation
+            if self.tenant_limit is not None:
+                tenant = _tenant(recorded.json)
+                arrivals = self._tenant_arrivals.setdefault(tenant, deque())
+                violation = _admit(arrivals, (self.tenant_limit,), arrived, None, tenant)
+                if violation is not None:
+                    self._violations.append(violation)
+                    return violation
             conversation = recorded.conversation_id
             if not self.enforce_limits or conversation is None or recorded.method == "GET":
                 return None
@@ -546,8 +559,25 @@ class FakeConnector:
         return web.Response(body=content, content_type="application/octet-stream")
 
 
+def _tenant(payload: Any) -> str | None:
+    """The Teams tenant a request's body names (conversation.tenantId, channelData.tenant.id)."""
+    if not isinstance(payload, dict):
+        return None
+    conversation = payload.get("conversation")
+    if isinstance(conversation, dict) and isinstance(conversation.get("tenantId"), str):
+        return conversation["tenantId"]
+    tenant = (payload.get("channelData") or {}).get("tenant")
+    if isinstance(tenant, dict) and isinstance(tenant.get("id"), str):
+        return tenant["id"]
+    return payload.get("tenantId") if isinstance(payload.get("tenantId"), str) else None
+
+
 def _admit(
-    arrivals: deque[float], windows: Sequence[Window], now: float, conversation: str | None
+    arrivals: deque[float],
+    windows: Sequence[Window],
+    now: float,
+    conversation: str | None,
+    tenant: str | None = None,
 ) -> Violation | None:
     """Count this arrival against every window; a 429 arrival is not counted."""
     span = max(w.seconds for w in windows)
@@ -556,7 +586,7 @@ def _admit(
     for window in windows:
         inside = sum(1 for t in arrivals if t > now - window.seconds)
         if inside + 1 > window.limit:
-            return Violation(conversation, window, now)
+            return Violation(conversation, window, now, tenant)
     arrivals.append(now)
     return None
 

@@ -39,6 +39,7 @@ from tools.botsim.server import BackgroundServer
 CHANNEL_METADATA_PATH = "/v1/.well-known/openidconfiguration"
 AAD_METADATA_PATH = "/common/v2.0/.well-known/openid-configuration"
 JWKS_PATH = "/keys"
+CHANNEL_JWKS_ALIAS = "/v1/.well-known/keys"
 DEFAULT_ENDORSEMENTS = ("msteams", "webchat", "emulator", "directline", "test")
 BROKEN_KINDS = ("alg_none", "hs256_public_key", "garbage", "unpublished_key", "unknown_kid")
 
@@ -144,6 +145,10 @@ class IdentityService:
         self.app = web.Application()
         self.app.router.add_get(metadata_path, self._metadata)
         self.app.router.add_get(JWKS_PATH, self._jwks)
+        if metadata_path == CHANNEL_METADATA_PATH:
+            # Where the real service keeps them too: clients that derive the keys' address
+            # from the metadata's (the Teams SDK does) find them there.
+            self.app.router.add_get(CHANNEL_JWKS_ALIAS, self._jwks)
         self.server: BackgroundServer | None = None
 
     # -- the two roles ---------------------------------------------------------------------

@@ -5,6 +5,6 @@
 Reads host.json and every `*/function.json` under the root and serves HTTP triggers,
 polls queue triggers and fires timer triggers, passing real `azure.functions` types.
 Settings come from `local.settings.json` `Values`, overridden by the environment.
-See DESIGN.md ("Local host"); modules: settings, app, invoker, http, queue, storage,
+See README.md (architecture notes); modules: settings, app, invoker, http, queue, storage,
 timer, host.
 """

@@ -55,11 +55,18 @@ async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOpti
     executor = ThreadPoolExecutor(_thread_count(settings), thread_name_prefix="devhost-sync")
     invoker = Invoker(executor, function_timeout=app.config.function_timeout)
     routes = [compile_route(app.config.route_prefix, f) for f in _of(app, HttpTrigger)]
-    listeners, clients = _listeners(app, settings, invoker)
-    manual = {listener.function.name: listener.invoke_manually for listener in listeners}
+    manual: dict[str, Any] = {}  # filled once the listeners exist
     runner, port = await _start_http(
         build_web_app(routes, invoker, manual_triggers=manual), options
     )
+    # HTTP is served first: the queue and timer listeners need the storage SDK and
+    # croniter, which take longer to import than everything an HTTP function needs.
+    try:
+        listeners, clients = _listeners(app, settings, invoker)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    manual.update({listener.function.name: listener.invoke_manually for listener in listeners})
     stopping = _install_signal_handlers()
     tasks = [asyncio.create_task(listener.run()) for listener in listeners]
     for task in tasks:

@@ -97,7 +97,7 @@ def build_web_app(
     manual_triggers: Mapping[str, ManualTrigger] | None = None,
 ) -> web.Application:
     """One catch-all handler: admin endpoints first, then the function routes in order."""
-    manual = dict(manual_triggers or {})
+    manual = manual_triggers if manual_triggers is not None else {}  # may fill in later
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path.startswith(ADMIN_PREFIX):

@@ -1,0 +1,55 @@
+"""The PNG chart of a benchmarks/warm.py report: ``python -m benchmarks.chart REPORT PNG``.
+
+Runs in .tools/bench-report (matplotlib stays out of the product's .venv).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+LABELS = {
+    "ours": "this bot",
+    "botbuilder": "Bot Framework SDK 4.17",
+    "agents": "Agents SDK 1.9",
+    "teams": "Teams SDK 2.1",
+}
+
+
+def main(report_path: str, png: str) -> None:
+    report = json.loads(Path(report_path).read_text())
+    warm = report["warm"]
+    keys = [k for k in LABELS if k in warm]
+    levels = [str(c) for c in report["concurrencies"]]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        xs = [n + i * width for n in range(len(levels))]
+        by_c = warm[key]["concurrency"]
+        metrics = ("activities_per_s", "p99_ms", "cpu_ms_per_activity")
+        for axis, metric in zip(axes, metrics, strict=True):
+            axis.bar(xs, [by_c[c][metric] for c in levels], width, label=LABELS[key])
+    titles = ("warm activities/s (higher is better)", "p99 latency, ms", "CPU ms per activity")
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title)
+        axis.set_xticks([n + width * (len(keys) - 1) / 2 for n in range(len(levels))])
+        axis.set_xticklabels([f"concurrency {c}" for c in levels])
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(keys))
+    machine = report["machine"]
+    figure.suptitle(
+        f"{report['generated']}, {machine['cpus']} cores, load "
+        f"{machine['load_average_1m']['start']}-{machine['load_average_1m']['end']}"
+    )
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.savefig(png, dpi=100)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,92 @@
+"""botsim's fake Connector in a process of its own, for the benchmarks.
+
+In its own process it does not share an interpreter lock with the load generator, so
+neither slows the other's clock. ``--teams-limits`` and ``--tenant-limit N`` make it
+enforce Teams' limits with 429s (for a broadcast benchmark). Prints ``{"url": ...}``
+once listening, then answers commands on stdin, one per line, each with one JSON line
+on stdout:
+
+- ``stats``: what arrived since the last reset: ``received`` (activities the bots
+  posted), ``distinct`` (different texts), ``authorized`` (carrying a bearer token; the
+  bots get theirs from botsim's fake AAD, the only token service they can reach),
+  ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
+  breaking an enforced limit), and with ``stats texts`` also ``texts`` (text -> count);
+- ``reset``: forget what was counted;
+- ``quit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import Counter
+
+from shared.ratelimit import Window
+from tools.botsim.connector import FakeConnector, RecordedRequest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.connector_process")
+    parser.add_argument(
+        "--teams-limits",
+        action="store_true",
+        help="enforce Teams' per-conversation windows (7/1 s, 8/2 s, 60/30 s) with 429s",
+    )
+    parser.add_argument(
+        "--tenant-limit",
+        type=int,
+        default=0,
+        help="requests per second per Teams tenant named in the body (Teams: about 50)",
+    )
+    args = parser.parse_args()
+    lock = threading.Lock()
+    texts: Counter[str] = Counter()
+    counts = {"received": 0, "authorized": 0, "last": 0.0}
+
+    def count(request: RecordedRequest) -> None:
+        activity = request.json if isinstance(request.json, dict) else {}
+        authorization = request.authorization or ""
+        with lock:
+            counts["received"] += 1
+            counts["last"] = time.monotonic()
+            if authorization.startswith("Bearer ") and len(authorization) > 20:
+                counts["authorized"] += 1
+            texts[str(activity.get("text"))] += 1
+
+    def configure(connector: FakeConnector) -> None:
+        connector.enforce_limits = args.teams_limits
+        connector.tenant_limit = Window(args.tenant_limit, 1.0) if args.tenant_limit else None
+        connector.subscribe(count)
+
+    with FakeConnector() as connector:
+        configure(connector)
+        print(json.dumps({"url": connector.url}), flush=True)
+        for line in sys.stdin:
+            command = line.split()
+            if not command or command[0] == "quit":
+                break
+            with lock:
+                if command[0] == "reset":
+                    texts.clear()
+                    counts.update(received=0, authorized=0, last=0.0)
+                    connector.reset()
+                    configure(connector)
+                    answer: dict = {"ok": True}
+                else:
+                    answer = {
+                        "received": counts["received"],
+                        "authorized": counts["authorized"],
+                        "distinct": len(texts),
+                        "idle_for": time.monotonic() - counts["last"] if counts["last"] else None,
+                        "throttled": len(connector.violations),  # answered 429
+                    }
+                    if command[1:] == ["texts"]:
+                        answer["texts"] = dict(texts)
+            print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Bot state: one plain JSON document per conversation and one per user.
+
+The Bot Framework State service is retired: bots keep their own state. Here it is a JSON
+object per (channel, conversation) and per (channel, user), in Blob storage
+(:mod:`shared.state_blob`, container ``BOT_REFERENCES_CONTAINER`` under ``state/``) or in
+memory (:class:`MemoryStateStore`, same contract, for tests and tools). One test suite
+(tests/unit/test_state.py) runs against both.
+
+The store contract is small: ``read``, ``write`` (create with If-None-Match, update with
+If-Match on the ETag read) and ``delete``. :class:`State` builds the rest on it: loaded
+lazily, saved only when changed, and never a silent overwrite. When another writer saved
+the document since it was loaded, the save re-reads it and applies this writer's change
+again:
+
+- changes made through :meth:`State.update` are replayed on the fresh document (so two
+  concurrent counters both count);
+- other edits are merged field by field (top-level keys): fields only this writer changed
+  are applied, fields only the other writer changed are kept; a field both changed
+  differently goes to ``State.merge`` when set, else the save fails with
+  :class:`StateConflict`, having written nothing (safe to retry).
+
+Documents are plain JSON (no pickling), limited to :data:`MAX_STATE_BYTES` of UTF-8; a
+bigger state is a :class:`StateTooLarge` error and nothing is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
+MAX_SAVE_ATTEMPTS = 16  # conflicts re-read and re-applied before StateConflict
+SCHEMA_VERSION = 1
+
+Scope = Literal["conversation", "user"]
+Data = dict[str, Any]
+Change = Callable[[Data], Any]  # mutates the state in place; must depend only on it
+Merge = Callable[[Data, Data, Data], Data]  # (as loaded, theirs now, ours) -> to write
+
+_SCOPES: tuple[Scope, ...] = ("conversation", "user")
+
+
+class StateError(Exception):
+    """State could not be read or written. The message never quotes state data or secrets."""
+
+
+class StateTooLarge(StateError):
+    """The state is over the size limit; nothing was written."""
+
+
+class StateConflict(StateError):
+    """Another writer changed the same state and the change could not be re-applied.
+
+    Nothing was written: the operation can be retried as a whole.
+    """
+
+
+@dataclass(slots=True)
+class StateDocument:
+    """One stored state: its key, its JSON data and the ETag it was read at."""
+
+    key: str
+    data: Data
+    etag: str | None = None
+    updated_at: str | None = None
+
+
+class StateStore(Protocol):
+    """Where state documents live. ``write`` answers None when the ETag no longer holds
+    (or, with ``etag=None``, when the document exists): the caller re-reads."""
+
+    max_bytes: int
+
+    async def read(self, key: str) -> StateDocument | None: ...
+
+    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def conversation_state_key(channel_id: str, conversation_id: str) -> str:
+    """The key of a conversation's state: ``"conversation/<channelId>/<conversation.id>"``."""
+    return state_key("conversation", channel_id, conversation_id)
+
+
+def user_state_key(channel_id: str, user_id: str) -> str:
+    """The key of a user's state on one channel: ``"user/<channelId>/<user id>"``."""
+    return state_key("user", channel_id, user_id)
+
+
+def state_key(scope: Scope, channel_id: str, owner_id: str) -> str:
+    if not isinstance(channel_id, str) or "/" in channel_id:
+        raise ValueError("a channel id in a state key is a string without '/'")
+    key = f"{scope}/{channel_id}/{owner_id}"
+    split_state_key(key)
+    return key
+
+
+def split_state_key(key: str) -> tuple[Scope, str, str]:
+    """``"<scope>/<channelId>/<id>"`` → (scope, channel id, id); ValueError when malformed."""
+    if not isinstance(key, str):
+        raise ValueError("a state key must be a string")
+    parts = key.split("/", 2)
+    if len(parts) != 3 or parts[0] not in _SCOPES or not parts[1] or not parts[2]:
+        raise ValueError("a state key looks like '<conversation|user>/<channelId>/<id>'")
+    return parts[0], parts[1], parts[2]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def encode_data(data: Any, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+    """The JSON of `data`, checked: an object of plain JSON values, within `max_bytes`."""
+    if not isinstance(data, Mapping):
+        raise StateError("state must be a JSON object (a dict)")
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        plain = json.loads(text) == data
+    except (TypeError, ValueError, RecursionError):
+        plain = False
+    if not plain:
+        raise StateError(
+            "state must be plain JSON: dicts with string keys, lists, strings, numbers "
+            "(finite), booleans and None"
+        )
+    body = text.encode("utf-8", "surrogatepass")
+    if len(body) > max_bytes:
+        raise StateTooLarge(
+            f"state is {len(body)} bytes of JSON, over the limit of {max_bytes}; nothing was "
+            "written"
+        )
+    return body
+
+
+def to_document(key: str, data: Mapping[str, Any], now: float) -> Data:
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "key": key,
+        "updatedAt": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "data": data,
+    }
+
+
+def from_document(document: Any, etag: str | None) -> StateDocument:
+    if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+        raise StateError("state store: a stored document is not a state document")
+    if document.get("schemaVersion") != SCHEMA_VERSION:
+        # Never rewrite a document a newer version of the bot wrote.
+        raise StateError(
+            f"state store: unsupported schemaVersion {document.get('schemaVersion')!r}"
+        )
+    if not isinstance(document.get("key"), str):
+        raise StateError("state store: a stored document has no key")
+    return StateDocument(document["key"], document["data"], etag, document.get("updatedAt"))
+
+
+def _copy(data: Mapping[str, Any]) -> Data:
+    return json.loads(json.dumps(data))
+
+
+# ---------------------------------------------------------------------------- in memory
+
+
+class MemoryStateStore:
+    """State in this process: the Blob store's contract (ETags included), no storage."""
+
+    def __init__(
+        self, *, max_bytes: int = MAX_STATE_BYTES, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._docs: dict[str, StateDocument] = {}
+        self._version = 0
+        self.writes = 0  # successful writes, so tests can see a turn that wrote nothing
+
+    async def read(self, key: str) -> StateDocument | None:
+        split_state_key(key)
+        stored = self._docs.get(key)
+        if stored is None:
+            return None
+        return StateDocument(stored.key, _copy(stored.data), stored.etag, stored.updated_at)
+
+    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None:
+        split_state_key(key)
+        body = encode_data(data, self.max_bytes)
+        current = self._docs.get(key)
+        if (current.etag if current else None) != etag:
+            return None
+        self._version += 1
+        document = to_document(key, json.loads(body), self._clock())
+        stored = from_document(document, f'"s{self._version}"')
+        self._docs[key] = stored
+        self.writes += 1
+        return stored.etag
+
+    async def delete(self, key: str) -> bool:
+        split_state_key(key)
+        return self._docs.pop(key, None) is not None
+
+    async def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------- one state
+
+
+_MISSING = object()
+
+
+def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
+    """Three-way merge on top-level fields: ours where only we changed a field, theirs
+    where only they did; StateConflict where both changed one field differently."""
+    merged = dict(theirs)
+    for name in loaded.keys() | ours.keys():
+        before, mine = loaded.get(name, _MISSING), ours.get(name, _MISSING)
+        if mine == before:
+            continue
+        other = theirs.get(name, _MISSING)
+        if other != before and other != mine:
+            raise StateConflict(
+                "state: another turn changed the same field at the same time; nothing was "
+                "written (set State.merge to combine such changes)"
+            )
+        if mine is _MISSING:
+            merged.pop(name, None)
+        else:
+            merged[name] = mine
+    return merged
+
+
+class State:
+    """One state document, as a handler or proactive code sees it.
+
+    ``await state.load()`` gives the data as a dict to read and change (``{}`` when none is
+    stored); ``await state.update(change)`` applies ``change(data)`` and remembers it so a
+    concurrent save re-applies it; ``await state.save()`` writes when something changed.
+    A turn saves its states at its end; proactive code calls ``save`` itself.
+    """
+
+    __slots__ = ("_data", "_etag", "_loaded", "_store", "_updates", "key", "merge")
+
+    def __init__(self, store: StateStore | None, key: str, *, merge: Merge | None = None):
+        split_state_key(key)
+        self.key = key
+        self.merge = merge  # combines fields both writers changed (see merge_fields)
+        self._store = store
+        self._loaded: Data | None = None  # the data as read (or as last saved)
+        self._etag: str | None = None
+        self._data: Data | None = None  # what the bot sees and changes
+        self._updates: list[Change] = []
+
+    @classmethod
+    def for_conversation(cls, store: StateStore, channel_id: str, conversation_id: str) -> State:
+        return cls(store, conversation_state_key(channel_id, conversation_id))
+
+    @classmethod
+    def for_user(cls, store: StateStore, channel_id: str, user_id: str) -> State:
+        return cls(store, user_state_key(channel_id, user_id))
+
+    @property
+    def loaded(self) -> bool:
+        return self._data is not None
+
+    @property
+    def changed(self) -> bool:
+        return self._data is not None and self._data != self._loaded
+
+    async def load(self) -> Data:
+        """The state's data (read from the store on the first call only)."""
+        if self._data is None:
+            stored = await self._require_store().read(self.key)
+            self._loaded = stored.data if stored else {}
+            self._etag = stored.etag if stored else None
+            self._data = _copy(self._loaded)
+        return self._data
+
+    async def update(self, change: Change) -> Data:
+        """Apply `change` to the data now, and again on the fresh data if a concurrent
+        writer saved first. `change` must depend only on the data it is given."""
+        data = await self.load()
+        change(data)
+        self._updates.append(change)
+        return data
+
+    async def save(self) -> bool:
+        """Write the data if it changed (True when written). Raises StateTooLarge or
+        StateError (nothing written), StateConflict (nothing written, retry-safe)."""
+        if self._data is None or not self.changed:
+            return False
+        store = self._require_store()
+        loaded, ours = self._loaded or {}, self._data
+        encode_data(ours, store.max_bytes)  # a bad or oversized state fails before any I/O
+        candidate, etag = ours, self._etag
+        for attempt in range(MAX_SAVE_ATTEMPTS):
+            new_etag = await store.write(self.key, candidate, etag=etag)
+            if new_etag is not None:
+                self._loaded, self._etag = _copy(candidate), new_etag
+                self._updates.clear()
+                if candidate is not ours:  # show the bot what was stored
+                    ours.clear()
+                    ours.update(_copy(candidate))
+                return True
+            # Jittered: savers that collided do not collide again in step.
+            await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+            fresh = await store.read(self.key)
+            theirs = fresh.data if fresh else {}
+            etag = fresh.etag if fresh else None
+            candidate = self._reapply(loaded, theirs, ours)
+            encode_data(candidate, store.max_bytes)
+        raise StateConflict(
+            f"state: gave up saving after {MAX_SAVE_ATTEMPTS} concurrent changes; nothing was "
+            "written"
+        )
+
+    async def delete(self) -> bool:
+        """Remove the stored document now; the data reads as ``{}`` afterwards."""
+        deleted = await self._require_store().delete(self.key)
+        self._loaded, self._data, self._etag = {}, {}, None
+        self._updates.clear()
+        return deleted
+
+    def _reapply(self, loaded: Data, theirs: Data, ours: Data) -> Data:
+        if self._updates and self._replay(_copy(loaded)) == ours:
+            return self._replay(_copy(theirs))  # every change came through update()
+        merge = self.merge or merge_fields
+        return merge(_copy(loaded), _copy(theirs), _copy(ours))
+
+    def _replay(self, data: Data) -> Data:
+        for change in self._updates:
+            change(data)
+        return data
+
+    def _require_store(self) -> StateStore:
+        if self._store is None:
+            raise StateError("state: no state store is configured for this bot")
+        return self._store

@@ -1,0 +1,135 @@
+"""Bot state in Azure Blob storage (the contract is in :mod:`shared.state`).
+
+Layout, in container ``BOT_REFERENCES_CONTAINER`` (created on first write)::
+
+    state/conversation/<channel>/<conversation id>.json
+    state/user/<channel>/<user id>.json
+
+Name segments are encoded as the reference store's are (``b`` + base64url of the UTF-8
+id, or ``h`` + SHA-256 for an id too long), and each document keeps its full key, so a
+hashed name never answers for another key. A document is plain JSON::
+
+    {"schemaVersion": 1, "key": "user/msteams/29:…", "updatedAt": "…", "data": {…}}
+
+Writes create with ``If-None-Match: *`` and update with ``If-Match`` on the ETag read.
+Storage failures become :class:`shared.state.StateError` naming the operation, never the
+SDK's text (which may carry a SAS URL). The storage SDK is imported on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from shared.blob_container import ContainerVanished, LazyContainer
+from shared.config import Settings
+from shared.references import encode_segment
+from shared.state import (
+    MAX_STATE_BYTES,
+    StateDocument,
+    StateError,
+    encode_data,
+    from_document,
+    split_state_key,
+    to_document,
+)
+from shared.storage import DEFAULT_OPTIONS, StorageOptions
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import BlobServiceClient
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "state/"
+_CHANNEL_BUDGET = 96  # characters of a channel-id segment, as for references
+
+
+def state_blob_name(key: str) -> str:
+    scope, channel_id, owner_id = split_state_key(key)
+    channel = encode_segment(channel_id, _CHANNEL_BUDGET)
+    return f"{STATE_PREFIX}{scope}/{channel}/{encode_segment(owner_id)}.json"
+
+
+class BlobStateStore:
+    """State documents in Blob storage. Cheap to build: nothing connects until first use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: BlobServiceClient | None = None,
+        options: StorageOptions = DEFAULT_OPTIONS,
+        max_bytes: int = MAX_STATE_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self._container = LazyContainer(
+            settings.storage, settings.references_container, client=client, options=options
+        )
+        self._options = options
+        self._clock = clock
+
+    async def read(self, key: str) -> StateDocument | None:
+        name = state_blob_name(key)
+        async with self._guard("read"):
+            found = await self._container.read(name)
+        if found is None:
+            return None  # no document, or no container yet
+        try:
+            stored = from_document(json.loads(found.body), found.etag)
+        except ValueError:
+            raise StateError("state store: a stored document is not valid JSON") from None
+        return stored if stored.key == key else None  # a hashed name's other key: absent
+
+    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None:
+        name = state_blob_name(key)
+        document = to_document(key, json.loads(encode_data(data, self.max_bytes)), self._clock())
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
+        async with self._guard("write"):
+            return await self._container.put(name, body, etag)
+
+    async def delete(self, key: str) -> bool:
+        name = state_blob_name(key)
+        async with self._guard("delete"):
+            return bool(await self._container.remove(name))
+
+    async def close(self) -> None:
+        await self._container.close()
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, operation: str):
+        """Bound the call in time; storage failures become StateError (status, no text)."""
+        from azure.core.exceptions import AzureError, HttpResponseError
+
+        timeout = self._options.operation_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except StateError:
+            raise
+        except ContainerVanished:
+            raise StateError(
+                f"state store: container {self._container.name} keeps vanishing"
+            ) from None
+        except TimeoutError:
+            raise StateError(f"state store: {operation} timed out after {timeout:g}s") from None
+        except HttpResponseError as exc:
+            raise StateError(
+                f"state store: {operation} failed: HTTP {exc.status_code} ({type(exc).__name__})"
+            ) from None
+        except (AzureError, OSError) as exc:
+            raise StateError(
+                f"state store: {operation} failed: storage unreachable ({type(exc).__name__})"
+            ) from None
+
+
+def create_state_store(settings: Settings) -> BlobStateStore:
+    """The Blob state store for `settings` (nothing connects until first use)."""
+    return BlobStateStore(settings)

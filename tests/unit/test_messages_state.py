@@ -1,0 +1,149 @@
+"""State and user-data erasure in the POST /api/messages pipeline (shared/messages.py).
+
+Real tokens from botsim, the bot's token from the fake AAD, replies over HTTP to the
+FakeConnector; state in the in-memory store (the Blob store runs in
+tests/integration/test_example_cards_and_state.py), or a Blob store whose storage is down.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.config import Settings, StorageSettings
+from shared.router import APOLOGY, Router
+from shared.state import MemoryStateStore, State, conversation_state_key, user_state_key
+from shared.state_blob import BlobStateStore
+from shared.turn import TurnContext
+from tests.fixtures.storage import FAST_STORAGE
+from tests.unit.test_messages import (  # the fixtures build the bot as test_messages does
+    CHANNEL,
+    CONVERSATION,
+    activity_for,
+    attacker,  # noqa: F401
+    bot_settings,  # noqa: F401
+    channel_token,
+    make_bot,  # noqa: F401
+    post,
+)
+from tools.azurite import free_port
+
+USER_KEY = user_state_key(CHANNEL, "29:user-1")
+
+
+def state_router() -> Router:
+    router = Router()
+
+    @router.message(r"^read$")
+    async def read(turn: TurnContext) -> None:
+        data = await turn.user_state.load()
+        await turn.reply(f"theme={data.get('theme')}")
+
+    @router.message(r"^big$")
+    async def big(turn: TurnContext) -> None:
+        (await turn.user_state.load())["notes"] = "x" * 70_000
+        await turn.reply("noted")
+
+    @router.message(r"^fail$")
+    async def fail(turn: TurnContext) -> None:
+        (await turn.user_state.load())["theme"] = "half-done"
+        raise RuntimeError("handler bug")
+
+    @router.message()
+    async def remember(turn: TurnContext) -> None:
+        (await turn.user_state.load())["theme"] = turn.text
+        (await turn.conversation_state.load())["last"] = turn.text
+        await turn.reply("ok")
+
+    return router
+
+
+@pytest.fixture
+async def bot(make_bot):  # noqa: F811
+    bot = make_bot(state_router())
+    bot.runtime.state = MemoryStateStore()
+    return bot
+
+
+async def say(bot, channel_identity, fake_connector, text: str, **fields):
+    incoming = activity_for(fake_connector.url, text=text, **fields)
+    return await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+
+
+async def test_changed_state_is_saved_after_the_turn(bot, channel_identity, fake_connector):
+    response = await say(bot, channel_identity, fake_connector, "dark")
+    assert response.status == 200
+    store = bot.runtime.state
+    assert (await store.read(USER_KEY)).data == {"theme": "dark"}
+    conversation = conversation_state_key(CHANNEL, CONVERSATION)
+    assert (await store.read(conversation)).data == {"last": "dark"}
+
+    response = await say(bot, channel_identity, fake_connector, "read")
+    assert response.status == 200
+    assert fake_connector.requests[-1].json["text"] == "theme=dark"
+    assert store.writes == 2  # reading wrote nothing
+
+
+async def test_code_outside_a_turn_reads_and_updates_the_same_state(
+    bot, channel_identity, fake_connector
+):
+    await say(bot, channel_identity, fake_connector, "dark")
+
+    # E.g. a proactive job: the user's state, by channel and user id, from the runtime.
+    outside = State.for_user(bot.runtime.state, CHANNEL, "29:user-1")
+    assert (await outside.load())["theme"] == "dark"
+    await outside.update(lambda data: data.update(theme="solarized"))
+    assert await outside.save()
+
+    await say(bot, channel_identity, fake_connector, "read")
+    assert fake_connector.requests[-1].json["text"] == "theme=solarized"
+
+
+async def test_state_over_the_limit_fails_the_turn_and_writes_nothing(
+    bot, channel_identity, fake_connector
+):
+    response = await say(bot, channel_identity, fake_connector, "big")
+    assert response.status == 500
+    texts = [request.json["text"] for request in fake_connector.requests]
+    assert texts == ["noted", APOLOGY]
+    assert await bot.runtime.state.read(USER_KEY) is None
+    assert bot.runtime.state.writes == 0
+
+
+async def test_a_failed_handler_saves_no_state(bot, channel_identity, fake_connector):
+    response = await say(bot, channel_identity, fake_connector, "fail")
+    assert response.status == 500
+    assert await bot.runtime.state.read(USER_KEY) is None
+
+
+async def test_delete_user_data_erases_and_records_nothing(bot, channel_identity, fake_connector):
+    await say(bot, channel_identity, fake_connector, "dark")
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None
+
+    response = await say(bot, channel_identity, fake_connector, "", type="deleteUserData")
+
+    assert (response.status, response.body) == (200, b"")
+    assert await bot.runtime.state.read(USER_KEY) is None
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+
+
+async def test_delete_user_data_with_storage_down_is_500_and_keeps_the_reference(
+    bot, channel_identity, fake_connector, caplog
+):
+    await say(bot, channel_identity, fake_connector, "dark")
+    secret = "c2VjcmV0LWtleS12YWx1ZQ=="
+    down = (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={secret};"
+        f"BlobEndpoint=http://127.0.0.1:{free_port()}/devstoreaccount1;"
+    )
+    settings = Settings(storage=StorageSettings(connection_string=down))
+    bot.runtime.state = BlobStateStore(settings, options=FAST_STORAGE)
+    try:
+        response = await say(bot, channel_identity, fake_connector, "", type="deleteUserData")
+    finally:
+        await bot.runtime.state.close()
+
+    assert response.status == 500  # the channel's retry finishes the job
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None
+    assert "user data not erased" in caplog.text
+    assert secret not in caplog.text

@@ -1,0 +1,325 @@
+"""The state-store contract and State's save rules, run against memory and Blob (Azurite).
+
+Then what only the Blob store has: its layout in the container, plain JSON documents,
+clear errors for foreign documents and for storage that is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from shared.config import Settings, StorageSettings
+from shared.state import (
+    MAX_SAVE_ATTEMPTS,
+    MemoryStateStore,
+    State,
+    StateConflict,
+    StateError,
+    StateTooLarge,
+    conversation_state_key,
+    user_state_key,
+)
+from shared.state_blob import BlobStateStore, state_blob_name
+from tests.fixtures.storage import FAST_STORAGE
+from tools.azurite import free_port
+
+USER = user_state_key("msteams", "29:user-1")
+CONVERSATION = conversation_state_key("msteams", "19:abc@thread.tacv2;messageid=1")
+
+
+def settings_for(connection_string: str, container: str) -> Settings:
+    return Settings(
+        storage=StorageSettings(connection_string=connection_string),
+        references_container=container,
+    )
+
+
+@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
+async def store(request, unique_name):
+    if request.param == "memory":
+        instance = MemoryStateStore(max_bytes=4096)
+    else:
+        azurite = request.getfixturevalue("azurite")
+        instance = BlobStateStore(
+            settings_for(azurite.connection_string, unique_name("state")),
+            options=FAST_STORAGE,
+            max_bytes=4096,
+        )
+    yield instance
+    await instance.close()
+
+
+# ---------------------------------------------------------------------------- the contract
+
+
+async def test_missing_state_reads_as_none(store):
+    assert await store.read(USER) is None
+
+
+async def test_malformed_keys_are_rejected(store):
+    for key in ("user", "user/msteams", "user/msteams/", "team/msteams/x", "/msteams/x", 7):
+        with pytest.raises(ValueError):
+            await store.read(key)
+        with pytest.raises(ValueError):
+            await store.write(key, {}, etag=None)
+
+
+def test_a_channel_id_with_a_slash_makes_no_key():
+    with pytest.raises(ValueError):
+        user_state_key("ms/teams", "29:user")
+    assert user_state_key("msteams", "29:a/b") == "user/msteams/29:a/b"
+
+
+async def test_create_read_and_update_with_etags(store):
+    etag = await store.write(USER, {"count": 1, "name": "Ada"}, etag=None)
+    assert etag
+    stored = await store.read(USER)
+    assert (stored.key, stored.data, stored.etag) == (USER, {"count": 1, "name": "Ada"}, etag)
+    assert stored.updated_at
+
+    # Create-only when the document exists, and a stale ETag: refused, nothing changes.
+    assert await store.write(USER, {"count": 9}, etag=None) is None
+    newer = await store.write(USER, {"count": 2}, etag=etag)
+    assert newer and newer != etag
+    assert await store.write(USER, {"count": 99}, etag=etag) is None
+    assert (await store.read(USER)).data == {"count": 2}
+
+
+async def test_delete_then_an_old_etag_is_refused(store):
+    etag = await store.write(USER, {"a": 1}, etag=None)
+    assert await store.delete(USER) is True
+    assert await store.delete(USER) is False
+    assert await store.read(USER) is None
+    assert await store.write(USER, {"a": 2}, etag=etag) is None
+    assert await store.read(USER) is None
+
+
+async def test_over_the_limit_is_a_clear_error_and_nothing_is_written(store):
+    with pytest.raises(StateTooLarge) as raised:
+        await store.write(USER, {"blob": "x" * 5000}, etag=None)
+    assert "over the limit of 4096" in str(raised.value)
+    assert "xxxx" not in str(raised.value)
+    assert await store.read(USER) is None
+
+    etag = await store.write(USER, {"small": True}, etag=None)
+    with pytest.raises(StateTooLarge):
+        await store.write(USER, {"blob": "é" * 2100}, etag=etag)  # 4,200 bytes of UTF-8
+    assert (await store.read(USER)).data == {"small": True}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"when": {1, 2}},
+        {"value": float("nan")},
+        {1: "int key"},
+        {"tuple": (1, 2)},
+        {"object": object()},
+        ["not", "an", "object"],
+    ],
+    ids=["set", "nan", "int-key", "tuple", "object", "list"],
+)
+async def test_only_plain_json_objects_are_stored(store, data):
+    with pytest.raises(StateError) as raised:
+        await store.write(USER, data, etag=None)
+    assert "plain JSON" in str(raised.value) or "JSON object" in str(raised.value)
+    assert await store.read(USER) is None
+
+
+async def test_ids_of_any_shape_get_their_own_documents(store):
+    keys = [
+        user_state_key("msteams", "29:1a/b?c#d"),
+        user_state_key("msteams", "29:1A/B?C#D"),
+        user_state_key("msteams", "ü-ñ-🙂"),
+        user_state_key("webchat", "29:1a/b?c#d"),
+        conversation_state_key("msteams", "29:1a/b?c#d"),
+        user_state_key("msteams", "x" * 1500),  # hashed name
+        user_state_key("msteams", "x" * 1501),
+    ]
+    for index, key in enumerate(keys):
+        assert await store.write(key, {"n": index}, etag=None)
+    for index, key in enumerate(keys):
+        assert (await store.read(key)).data == {"n": index}
+
+
+# ---------------------------------------------------------------------------- State
+
+
+async def test_unchanged_state_is_not_written(store):
+    state = State(store, USER)
+    assert await state.load() == {}
+    assert await state.save() is False
+    assert await store.read(USER) is None
+
+    assert await State(store, USER).save() is False  # never loaded: nothing to save
+
+
+async def test_changed_state_is_written_and_read_back(store):
+    state = State(store, USER)
+    (await state.load())["theme"] = "dark"
+    assert await state.save() is True
+    assert await state.save() is False  # saved: nothing changed since
+    assert await State(store, USER).load() == {"theme": "dark"}
+
+
+async def test_two_concurrent_counters_both_count(store):
+    first, second = State(store, CONVERSATION), State(store, CONVERSATION)
+    await first.load()
+    await second.load()  # both read the same version
+
+    def increment(data):
+        data["count"] = data.get("count", 0) + 1
+
+    await first.update(increment)
+    await second.update(increment)
+    assert await first.save() and await second.save()
+
+    assert (await store.read(CONVERSATION)).data == {"count": 2}
+    assert await second.load() == {"count": 2}  # the loser sees what was stored
+
+
+async def test_many_concurrent_turns_lose_nothing(store):
+    def increment(data):
+        data["count"] = data.get("count", 0) + 1
+
+    async def turn() -> None:
+        state = State(store, CONVERSATION)
+        await state.update(increment)
+        await asyncio.sleep(0)
+        await state.save()
+
+    await asyncio.gather(*(turn() for _ in range(MAX_SAVE_ATTEMPTS - 2)))
+    assert (await store.read(CONVERSATION)).data == {"count": MAX_SAVE_ATTEMPTS - 2}
+
+
+async def test_edits_of_different_fields_merge(store):
+    await store.write(USER, {"theme": "light", "lang": "en", "old": 1}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["theme"] = "dark"
+    data = await second.load()
+    data["lang"] = "de"
+    del data["old"]
+    assert await first.save() and await second.save()
+    assert (await store.read(USER)).data == {"theme": "dark", "lang": "de"}
+
+
+async def test_edits_of_the_same_field_are_a_conflict_and_nothing_is_overwritten(store):
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["theme"] = "dark"
+    (await second.load())["theme"] = "blue"
+    assert await first.save()
+    with pytest.raises(StateConflict) as raised:
+        await second.save()
+    assert "nothing was written" in str(raised.value)
+    assert (await store.read(USER)).data == {"theme": "dark"}
+
+
+async def test_a_merge_function_combines_the_same_field(store):
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["tags"] = ["a"]
+    (await second.load())["tags"] = ["b"]
+    assert await first.save()
+
+    def union(loaded, theirs, ours):
+        return {**theirs, "tags": sorted(set(theirs.get("tags", [])) | set(ours["tags"]))}
+
+    second.merge = union
+    assert await second.save()
+    assert (await store.read(USER)).data == {"tags": ["a", "b"]}
+
+
+async def test_a_save_over_the_limit_writes_nothing(store):
+    await store.write(USER, {"notes": []}, etag=None)
+    state = State(store, USER)
+    (await state.load())["notes"].append("x" * 5000)
+    with pytest.raises(StateTooLarge):
+        await state.save()
+    assert (await store.read(USER)).data == {"notes": []}
+
+
+async def test_delete_then_state_starts_empty(store):
+    await store.write(USER, {"a": 1}, etag=None)
+    state = State(store, USER)
+    assert await state.load() == {"a": 1}
+    assert await state.delete() is True
+    assert await state.load() == {}
+    assert await store.read(USER) is None
+
+
+class BusyStore(MemoryStateStore):
+    """A memory store where another writer always saves just before this one."""
+
+    async def write(self, key, data, *, etag):
+        current = await self.read(key)
+        await super().write(key, {"other": self.writes}, etag=current.etag if current else None)
+        return await super().write(key, data, etag=etag)
+
+
+async def test_endless_concurrent_writers_give_a_retry_safe_conflict():
+    store = BusyStore()
+    state = State(store, USER)
+    await state.update(lambda data: data.update(mine=True))
+    with pytest.raises(StateConflict, match="nothing was written"):
+        await state.save()
+    assert "mine" not in (await store.read(USER)).data
+
+
+async def test_state_without_a_store_is_a_clear_error():
+    with pytest.raises(StateError, match="no state store"):
+        await State(None, USER).load()
+
+
+# ---------------------------------------------------------------------------- Blob only
+
+
+@pytest.mark.integration
+async def test_blob_layout_is_plain_json_under_state(azurite, unique_name):
+    container = unique_name("state")
+    store = BlobStateStore(settings_for(azurite.connection_string, container))
+    try:
+        await store.write(USER, {"theme": "dark", "name": "Zoë"}, etag=None)
+    finally:
+        await store.close()
+    blobs = ContainerClient.from_connection_string(azurite.connection_string, container)
+    [name] = [blob.name for blob in blobs.list_blobs()]
+    assert name == state_blob_name(USER)
+    assert name.startswith("state/user/")
+    document = json.loads(blobs.download_blob(name).readall())
+    assert document["schemaVersion"] == 1
+    assert document["key"] == USER
+    assert document["data"] == {"theme": "dark", "name": "Zoë"}
+
+
+@pytest.mark.integration
+async def test_a_foreign_document_is_a_clear_error(azurite, unique_name):
+    container = unique_name("state")
+    blobs = ContainerClient.from_connection_string(azurite.connection_string, container)
+    blobs.create_container()
+    blobs.upload_blob(state_blob_name(USER), b"{not json")
+    store = BlobStateStore(settings_for(azurite.connection_string, container))
+    try:
+        with pytest.raises(StateError, match="not valid JSON"):
+            await store.read(USER)
+    finally:
+        await store.close()
+
+
+async def test_storage_that_is_down_is_a_state_error_without_secrets():
+    port = free_port()
+    connection = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=c2VjcmV0LWtleS12YWx1ZQ==;"
+        f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+    store = BlobStateStore(settings_for(connection, "state-down"), options=FAST_STORAGE)
+    try:
+        with pytest.raises(StateError) as raised:
+            await store.read(USER)
+    finally:
+        await store.close()
+    assert "c2VjcmV0" not in str(raised.value)
+    assert "state store: read failed" in str(raised.value)
