@@ -12,11 +12,12 @@ import logging
 
 import azure.functions as func
 
+from app import runtime
 from shared.proactive import process_queue_message
 
 log = logging.getLogger(__name__)
 
 
 async def main(msg: func.QueueMessage) -> None:
-    outcome = await process_queue_message(msg.get_body())
+    outcome = await process_queue_message(msg.get_body(), runtime)
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

@@ -12,14 +12,14 @@ import logging
 
 import azure.functions as func
 
-from shared.runtime import get_runtime
+from app import runtime
 from shared.schedules import run_timer
 
 log = logging.getLogger(__name__)
 
 
 async def main(timer: func.TimerRequest) -> None:
-    enqueued = await run_timer(get_runtime().settings)
+    enqueued = await run_timer(runtime().settings)
     log.info(
         "schedules: %d due send(s) enqueued%s",
         len(enqueued),

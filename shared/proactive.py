@@ -429,11 +429,11 @@ def _settings_backoff(attempt: int) -> float:
     return min(600.0, 5.0 * 3 ** min(attempt, 10))
 
 
-async def process_queue_message(body: bytes | str) -> Outcome:
-    """The queue trigger's one call: handle the message with the process's runtime or,
-    when the app settings are unusable, keep it on the queue until they are fixed."""
+async def process_queue_message(body: bytes | str, get_runtime: Callable[[], Runtime]) -> Outcome:
+    """The queue trigger's one call: handle the message with the process's runtime (from
+    the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
+    on the queue until they are fixed."""
     from shared.config import SettingsError
-    from shared.runtime import get_runtime
 
     try:
         runtime = get_runtime()

@@ -445,6 +445,7 @@ async def test_unusable_settings_keep_the_message_with_a_backoff(
     # A settings mistake (here: no MicrosoftAppId) must not drain the queue into poison.
     from azure.storage.queue import QueueClient
 
+    import app
     from shared.config import reset_settings
     from shared.proactive import process_queue_message
     from shared.runtime import reset_runtime
@@ -460,7 +461,7 @@ async def test_unusable_settings_keep_the_message_with_a_backoff(
     reset_runtime()
     try:
         text = body({"conversation": "msteams/a:1"})
-        assert await process_queue_message(text) is Outcome.REQUEUED
+        assert await process_queue_message(text, app.runtime) is Outcome.REQUEUED
     finally:
         reset_settings()
         reset_runtime()
