@@ -329,7 +329,7 @@ def _require_bare_authority(authority: str) -> None:
         )
 
 
-# What the Connector client accepts as a serviceUrl prefix (shared.connector.parse_service_url
+# What the Connector client accepts as a serviceUrl prefix (shared.connector.trust.parse_service_url
 # is the final word, judging hosts and paths with the same shared.urls rules; these checks
 # catch the mistakes it would otherwise ignore with only a warning). A path with encoded
 # separators (%2F, %2E, %5C) is left to it: it never matches.

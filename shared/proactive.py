@@ -37,7 +37,7 @@ from typing import Any
 
 from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
-from shared.connector import ConnectorError, ErrorKind
+from shared.connector.errors import ConnectorError, ErrorKind
 from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import (

@@ -14,7 +14,7 @@ from shared.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from shared.auth.inbound import InboundAuthenticator
-    from shared.connector import ConnectorClient
+    from shared.connector.client import ConnectorClient
     from shared.references import ReferenceStore
     from shared.router import Router
     from shared.state import StateStore
@@ -34,7 +34,7 @@ class Runtime:
         """The production parts for `settings` (raises SettingsError for a bad setting)."""
         from shared.auth.inbound import InboundAuthenticator
         from shared.auth.tokens import create_token_provider
-        from shared.connector import ConnectorClient
+        from shared.connector.client import ConnectorClient
         from shared.references import create_reference_store
         from shared.state_blob import create_state_store
 

@@ -48,7 +48,7 @@ from shared.wire import (
 if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
-    from shared.connector import ConnectorClient
+    from shared.connector.client import ConnectorClient
 
 
 class TurnContext:
