@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared.activity import conversation_reference, tenant_id
-from shared.references import TEAMS_CHANNEL, ReferenceStore, reference_key
+from shared.references.contract import TEAMS_CHANNEL, ReferenceStore, reference_key
 
 logger = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
     with its retries must not eat that. A write cut short is redone by a later activity.
     """
     from shared.lifecycle import record_activity
-    from shared.references import StoreError
+    from shared.references.contract import StoreError
 
     try:
         async with asyncio.timeout(RECORD_BUDGET):

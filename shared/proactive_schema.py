@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.activity import as_activity, conversation_key
-from shared.references import TEAMS_CHANNEL, split_key
+from shared.references.contract import TEAMS_CHANNEL
+from shared.references.keys import split_key
 from shared.reports import SINGLE_TARGET
 
 # The one field the engine adds to copies it puts back on the queue (attempt count, first

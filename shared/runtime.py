@@ -15,7 +15,7 @@ from shared.config import Settings, get_settings
 if TYPE_CHECKING:
     from shared.auth.inbound import InboundAuthenticator
     from shared.connector.client import ConnectorClient
-    from shared.references import ReferenceStore
+    from shared.references.contract import ReferenceStore
     from shared.router import Router
     from shared.state import StateStore
 
@@ -35,7 +35,7 @@ class Runtime:
         from shared.auth.inbound import InboundAuthenticator
         from shared.auth.tokens import create_token_provider
         from shared.connector.client import ConnectorClient
-        from shared.references import create_reference_store
+        from shared.references.blob import create_reference_store
         from shared.state_blob import create_state_store
 
         return cls(

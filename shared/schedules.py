@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.ledger import Ledger
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MessageQueue, compact_json
-from shared.references import encode_segment
+from shared.references.keys import encode_segment
 
 logger = logging.getLogger(__name__)
 
