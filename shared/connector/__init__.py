@@ -1,13 +1,14 @@
-"""The Bot Connector REST API v3 client, in four modules:
+"""The Bot Connector REST API v3 client, in three modules:
 
 - :mod:`shared.connector.client`: :class:`ConnectorClient`, the 15 operations and the one
   request path (trust check, pacing, token, retries);
 - :mod:`shared.connector.errors`: :class:`ConnectorError` and the classification of the
   Connector's answers;
-- :mod:`shared.connector.trust`: which serviceUrls the bot's token may go to;
 - :mod:`shared.connector.transport`: the HTTP session, request bodies and URLs, bounded reads.
 
-The names below are re-exported so ``from shared.connector import ...`` keeps working.
+Which serviceUrls the bot's token may go to is :mod:`shared.serviceurl` (shared with the
+settings check and inbound auth). The names below are re-exported so
+``from shared.connector import ...`` keeps working.
 The client's names load on first use: importing the error model (as the proactive engine
 does) does not import aiohttp.
 """
@@ -28,7 +29,7 @@ from shared.connector.errors import (
     parse_error_body,
     parse_retry_after,
 )
-from shared.connector.trust import TEAMS_HOSTS, TRUSTED_HOSTS, ServiceTarget, parse_service_url
+from shared.serviceurl import TEAMS_HOSTS, TRUSTED_HOSTS, ServiceTarget, parse_service_url
 
 if TYPE_CHECKING:
     from shared.connector.client import (

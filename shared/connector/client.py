@@ -54,17 +54,8 @@ from shared.connector.transport import (
     result,
 )
 from shared.connector.transport import quote_segment as _q
-from shared.connector.trust import (
-    TEAMS_HOSTS,
-    TRUSTED_HOSTS,
-    ServiceTarget,
-    host_for_log,
-    host_in,
-    parse_service_url,
-    prefix_admits,
-    trusted_prefixes,
-)
 from shared.ratelimit import TEAMS, Pacer, PacingTimeout, Scope, conversation_key
+from shared.serviceurl import TEAMS_HOSTS, ServiceTarget, TrustPolicy, host_for_log, host_in
 from shared.urls import is_loopback_host
 
 log = logging.getLogger("shared.connector")  # the package logs under one name
@@ -118,8 +109,7 @@ class ConnectorClient:
         self._sleep = sleep
         self._clock = clock
         self.pacer = pacer or Pacer(settings.connector_rate_limit, clock=clock, sleep=sleep)
-        self._trusted_hosts = TRUSTED_HOSTS[settings.channel_service]
-        self._trusted_prefixes = trusted_prefixes(settings.trusted_service_urls)
+        self._trust = TrustPolicy.from_settings(settings)
         self._background = False
         self._background_view: ConnectorClient | None = None
 
@@ -147,21 +137,7 @@ class ConnectorClient:
         return self._trusted_target(service_url) is not None
 
     def _trusted_target(self, service_url: str) -> ServiceTarget | None:
-        target = parse_service_url(service_url)
-        if target is None:
-            return None
-        if self._settings.auth_disabled:
-            # Local, unauthenticated mode: only loopback Connectors (botsim) are reachable.
-            return target if is_loopback_host(target.host) else None
-        if (
-            target.scheme == "https"
-            and target.port == 443
-            and host_in(target.host, self._trusted_hosts)
-        ):
-            return target
-        if any(prefix_admits(prefix, target) for prefix in self._trusted_prefixes):
-            return target
-        return None
+        return self._trust.target(service_url)
 
     # --- activities -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import aiohttp
 import yarl
 
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.connector.trust import ServiceTarget
+from shared.serviceurl import ServiceTarget
 
 log = logging.getLogger("shared.connector")  # the package logs under one name
 

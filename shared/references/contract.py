@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from shared.activity import tenant_id as activity_tenant_id
+from shared.activity import TEAMS_CHANNEL, conversation_key, teams_tenant_id
 from shared.references.keys import (
     split_key,
 )
@@ -26,7 +26,6 @@ SCHEMA_VERSION = 1
 VOLATILE_FIELDS = frozenset({"activityId"})  # change every message; never worth a write
 MAX_PAGE_SIZE = 5000  # Azure's largest listing page
 _INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
-TEAMS_CHANNEL = "msteams"  # the only channel whose tenant and team are indexed (verified data)
 
 
 class StoreError(Exception):
@@ -111,7 +110,7 @@ def reference_key(reference: Mapping[str, Any]) -> str:
         raise ValueError("reference.conversation.id must be a non-empty string")
     if not isinstance(reference.get("serviceUrl"), str) or not reference["serviceUrl"]:
         raise ValueError("reference.serviceUrl must be a non-empty string")
-    return f"{channel_id}/{conversation_id}"
+    return conversation_key(channel_id, conversation_id)
 
 
 def is_personal(reference: Mapping[str, Any]) -> bool:
@@ -164,7 +163,7 @@ def plan(
     # Tenant and team filters of a broadcast must match only what Teams said: another
     # channel's reference may carry a tenant its client made up.
     teams = merged.get("channelId") == TEAMS_CHANNEL
-    tenant = activity_tenant_id(merged) if teams else None
+    tenant = teams_tenant_id(merged)
     team = (team_id or (current.team_id if current else None)) if teams else None
     if (
         current is not None

@@ -1,6 +1,7 @@
 """How references are named in storage: the conversation key and the blob names.
 
-A conversation key is ``"<channelId>/<conversation.id>"``. A name segment is ``b`` +
+A conversation key is ``"<channelId>/<conversation.id>"`` (:func:`shared.activity.conversation_key`,
+read back by :func:`split_key`). A name segment is ``b`` +
 base64url(UTF-8, no padding) of the id (reversible, safe for any character), or ``h`` +
 SHA-256 hex when that would exceed the segment's budget. See :mod:`shared.references`.
 """
@@ -11,20 +12,21 @@ import base64
 import hashlib
 from typing import Literal
 
+from shared.activity import split_key
+
+__all__ = [
+    "channel_prefix",
+    "decode_segment",
+    "document_name",
+    "encode_segment",
+    "split_key",
+    "user_index_name",
+]
+
 _CHANNEL_BUDGET = 96  # characters of a channel-id segment
 _ID_BUDGET = 800  # characters of a conversation / user id segment
 _DOC_PREFIX = "refs/"
 _USER_PREFIX = "users/"
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``"<channelId>/<conversation.id>"`` → (channel id, conversation id)."""
-    if not isinstance(key, str):
-        raise ValueError("a conversation key must be a string")
-    channel_id, sep, conversation_id = key.partition("/")
-    if not sep or not channel_id or not conversation_id:
-        raise ValueError("a conversation key looks like '<channelId>/<conversation id>'")
-    return channel_id, conversation_id
 
 
 def encode_segment(value: str, budget: int = _ID_BUDGET) -> str:
