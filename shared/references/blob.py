@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
 from shared.config import Settings
 from shared.references.contract import (
     MAX_PAGE_SIZE,
@@ -56,18 +57,15 @@ from shared.storage import (
     DEFAULT_OPTIONS,
     StorageOptions,
     check_storage_settings,
-    close_client,
-    create_blob_service,
 )
 
 if TYPE_CHECKING:
-    from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
+    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 
 logger = logging.getLogger("shared.references")  # the package logs under one name
 
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
-BLOB_CLIENTS = 64  # blob clients kept for reuse (see BlobReferenceStore._blob)
 
 
 @dataclass(slots=True)
@@ -122,14 +120,16 @@ class BlobReferenceStore:
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self._settings = settings
-        self._client = client
-        self._owns_client = client is None
         self._options = options
         self._container_name = settings.references_container
-        self._container_client: ContainerClient | None = None
-        self._blobs: OrderedDict[str, BlobClient] = OrderedDict()
-        self._blobs_of: ContainerClient | None = None  # the container they belong to
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._store = LazyContainer(
+            settings.storage,
+            settings.references_container,
+            client=client,
+            options=options,
+            label="references",
+            blob_clients=BLOB_CLIENTS,
+        )
         self._cache = _RecentCache(cache_size, cache_ttl, clock)
         self._max_attempts = max_attempts
         self._listing_batch = listing_batch
@@ -259,57 +259,22 @@ class BlobReferenceStore:
         return None
 
     async def close(self) -> None:
-        if self._owns_client and self._client is not None:
-            client, self._client = self._client, None
-            self._container_client = None
-            self._blobs.clear()
-            await close_client(client)
+        await self._store.close()
 
-    # -- storage primitives (called inside _guard)
+    # -- storage primitives (called inside _guard): the shared conditional-blob helper
 
     def _container(self) -> ContainerClient:
-        loop = asyncio.get_running_loop()
-        if self._owns_client and self._client is not None and self._loop is not loop:
-            # An async client belongs to the loop that opened its connections; a host that
-            # runs a new loop gets a new client (the old loop's connections died with it).
-            self._client = self._container_client = None
-        if self._container_client is None:
-            if self._client is None:
-                self._client = create_blob_service(self._settings.storage, self._options)
-                self._loop = loop
-            self._container_client = self._client.get_container_client(self._container_name)
-        return self._container_client
-
-    def _blob(self, name: str) -> BlobClient:
-        """The client of one blob, reused for the next call on the same name (a new
-        conversation's document is read, then written; an index written, then read):
-        building one costs more CPU than the request it makes."""
-        container = self._container()
-        blob = self._blobs.get(name)
-        if blob is None or self._blobs_of is not container:
-            if self._blobs_of is not container:
-                self._blobs.clear()
-                self._blobs_of = container
-            blob = self._blobs[name] = container.get_blob_client(name)
-            if len(self._blobs) > BLOB_CLIENTS:
-                self._blobs.popitem(last=False)
-        else:
-            self._blobs.move_to_end(name)
-        return blob
+        return self._store.get()
 
     async def _read_json(self, name: str) -> tuple[Any, str, dict[str, str]] | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            downloader = await self._blob(name).download_blob()
-            body = await downloader.readall()
-        except ResourceNotFoundError:
+        blob = await self._store.read(name)
+        if blob is None:
             return None  # no blob, or no container yet
         try:
-            document = json.loads(body)
+            document = json.loads(blob.body)
         except ValueError:
             raise StoreError(f"reference store: {name} is not valid JSON") from None
-        return document, downloader.properties.etag, downloader.properties.metadata or {}
+        return document, blob.etag, blob.metadata
 
     async def _read(self, name: str, key: str) -> StoredReference | None:
         found = await self._read_json(name)
@@ -328,52 +293,18 @@ class BlobReferenceStore:
     ) -> str | None:
         """Write `name` if it is still at `etag` (absent when None): the new ETag, or None
         when another writer changed or removed it first."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import (
-            ResourceExistsError,
-            ResourceModifiedError,
-            ResourceNotFoundError,
-        )
-        from azure.storage.blob import ContentSettings
-
-        if etag is None:
-            conditions: dict[str, Any] = {"overwrite": False}  # If-None-Match: *
-        else:
-            conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         metadata = _metadata(metadata_for, body) if metadata_for else None
-        for _ in range(2):
-            blob = self._blob(name)
-            try:
-                result = await blob.upload_blob(
-                    body,
-                    metadata=metadata,
-                    content_settings=ContentSettings(content_type="application/json"),
-                    **conditions,
-                )
-                return result["etag"]
-            except (ResourceExistsError, ResourceModifiedError):
-                return None
-            except ResourceNotFoundError as exc:
-                if exc.error_code != "ContainerNotFound":
-                    return None  # If-Match on a blob deleted meanwhile
-                await self._create_container()
-        raise StoreError(f"reference store: container {self._container_name} keeps vanishing")
+        try:
+            return await self._store.put(name, body, etag, metadata=metadata)
+        except ContainerVanished:
+            raise StoreError(
+                f"reference store: container {self._container_name} keeps vanishing"
+            ) from None
 
     async def _remove(self, name: str, etag: str) -> bool | None:
         """Delete `name` if it is still at `etag`: True; False when it is gone already;
         None when another writer changed it first."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
-
-        try:
-            await self._blob(name).delete_blob(
-                etag=etag, match_condition=MatchConditions.IfNotModified
-            )
-        except ResourceNotFoundError:
-            return False  # 404 on delete is fine: it is gone either way
-        except ResourceModifiedError:
-            return None
-        return True
+        return await self._store.remove(name, etag)
 
     async def _delete(self, name: str, key: str) -> bool:
         """Index entries first, then the document at the ETag they were read from."""
@@ -443,13 +374,6 @@ class BlobReferenceStore:
     def _forget(self, key: str) -> None:
         self._deletions += 1
         self._cache.drop(key)
-
-    async def _create_container(self) -> None:
-        from azure.core.exceptions import ResourceExistsError
-
-        with contextlib.suppress(ResourceExistsError):
-            await self._container().create_container()
-            logger.info("references: created container %s", self._container_name)
 
     async def _list(self, filters: Filters, state: dict[str, Any], page_size: int) -> Page:
         """One page: Azure pages fetched from a marker, skipping names up to `after`.
