@@ -17,13 +17,9 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
-
-if TYPE_CHECKING:
-    from shared.config import Settings
 
 log = logging.getLogger("shared.connector")  # as before: these lines are the client's
 
@@ -140,11 +136,13 @@ class TrustPolicy:
     loopback_only: bool = False  # BOT_ALLOW_UNAUTHENTICATED: nothing but this machine
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TrustPolicy:
+    def configured(
+        cls, channel_service: str, trusted_service_urls: Sequence[str], *, loopback_only: bool
+    ) -> TrustPolicy:
+        """From the settings: the cloud's hosts, BOT_TRUSTED_SERVICE_URLS, and whether the
+        bot runs unauthenticated (BOT_ALLOW_UNAUTHENTICATED)."""
         return cls(
-            TRUSTED_HOSTS[settings.channel_service],
-            trusted_prefixes(settings.trusted_service_urls),
-            settings.auth_disabled,
+            TRUSTED_HOSTS[channel_service], trusted_prefixes(trusted_service_urls), loopback_only
         )
 
     def target(self, service_url: str) -> ServiceTarget | None:

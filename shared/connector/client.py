@@ -109,7 +109,11 @@ class ConnectorClient:
         self._sleep = sleep
         self._clock = clock
         self.pacer = pacer or Pacer(settings.connector_rate_limit, clock=clock, sleep=sleep)
-        self._trust = TrustPolicy.from_settings(settings)
+        self._trust = TrustPolicy.configured(
+            settings.channel_service,
+            settings.trusted_service_urls,
+            loopback_only=settings.auth_disabled,
+        )
         self._background = False
         self._background_view: ConnectorClient | None = None
 

@@ -42,10 +42,12 @@ def test_a_malformed_service_url_is_refused_by_the_settings_check_and_the_connec
 
 def test_the_policy_follows_the_settings():
     configured = settings(BOT_TRUSTED_SERVICE_URLS="https://bots.example/teams")
-    policy = TrustPolicy.from_settings(configured)
+    policy = TrustPolicy.configured(
+        configured.channel_service, configured.trusted_service_urls, loopback_only=False
+    )
     assert policy.target("https://bots.example/teams/x") is not None
     assert policy.target("https://bots.example/teamsx") is None
     assert policy.target("https://smba.trafficmanager.net/amer/") is not None
-    local = TrustPolicy.from_settings(Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"}))
+    local = TrustPolicy.configured("public", (), loopback_only=True)
     assert local.target("http://127.0.0.1:3978/") is not None
     assert local.target("https://smba.trafficmanager.net/amer/") is None
