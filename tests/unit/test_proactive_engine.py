@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from shared.connector import ConnectorClient, RetryPolicy
 from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.queues import MemoryQueue
+from shared.ratelimit import Pacer
 from shared.references import MemoryReferenceStore
 from shared.reports import claim_name, ensure_head, read_report
 from shared.router import Router
@@ -60,11 +62,20 @@ def body(to: dict[str, Any], request_id: str = "req-1", **content: Any) -> str:
     return json.dumps({"id": request_id, "to": to, **(content or {"text": "hello"})})
 
 
-def make_runtime(settings, store) -> Runtime:
+def make_runtime(settings, store, clock: Clock | None = None) -> Runtime:
+    # The Connector's pacer keeps real time, moved on with the engine's clock when a test
+    # jumps it forward (a requeued copy comes back after its delay, and so does the tenant).
+    start = clock.now if clock else 0.0
+    pacer = Pacer(
+        settings.connector_rate_limit,
+        clock=lambda: time.monotonic() + ((clock.now - start) if clock else 0.0),
+    )
     return Runtime(
         settings=settings,
         authenticator=InboundAuthenticator(settings),
-        connector=ConnectorClient(settings, create_token_provider(settings), retry=FAST_RETRY),
+        connector=ConnectorClient(
+            settings, create_token_provider(settings), retry=FAST_RETRY, pacer=pacer
+        ),
         references=store,
         router=Router(),
     )
@@ -75,8 +86,8 @@ async def parts(aad_app, fake_connector):
     settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
     store = MemoryReferenceStore()
     await store.upsert(reference(fake_connector.url, "a:1"))
-    runtime = make_runtime(settings, store)
     clock = Clock()
+    runtime = make_runtime(settings, store, clock)
     engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
     yield runtime, engine
     await runtime.close()
@@ -496,8 +507,8 @@ async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app
     settings = aad_app.settings(
         BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_LOGIN_AUTHORITY="https://127.0.0.1:9"
     )
-    runtime = make_runtime(settings, store)
     clock = Clock()
+    runtime = make_runtime(settings, store, clock)
     engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, max_age=0)
     try:
         # Requeued three times already, and older than any age bound.
