@@ -3,7 +3,7 @@
 - :mod:`shared.connector.client`: :class:`ConnectorClient`, the 15 operations and the one
   request path (trust check, pacing, token, retries);
 - :mod:`shared.connector.errors`: :class:`ConnectorError` and the classification of the
-  Connector's answers;
+  Connector's answers, and the retry policy;
 - :mod:`shared.connector.transport`: the HTTP session, request bodies and URLs, bounded reads.
 
 Which serviceUrls the bot's token may go to is :mod:`shared.serviceurl` (shared with the
@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 from shared.connector.errors import (
     GONE_403_CODES,
     MAX_RETRY_AFTER,
+    NO_RETRY,
     RETRY_STATUSES,
     TEAMS_BLOCKED_ERROR_CODE,
     ConnectorError,
     ErrorKind,
+    RetryPolicy,
     classify,
     error_from_response,
     parse_error_body,
@@ -35,18 +37,14 @@ if TYPE_CHECKING:
     from shared.connector.client import (
         DEFAULT_TIMEOUT,
         MAX_REDIRECTS,
-        NO_RETRY,
         Clock,
         ConnectorClient,
-        RetryPolicy,
         Sleep,
     )
     from shared.connector.transport import MAX_ERROR_BODY_BYTES, MAX_RESPONSE_BYTES, Expect
 
 _LAZY = {
     "ConnectorClient": "shared.connector.client",
-    "RetryPolicy": "shared.connector.client",
-    "NO_RETRY": "shared.connector.client",
     "DEFAULT_TIMEOUT": "shared.connector.client",
     "MAX_REDIRECTS": "shared.connector.client",
     "Sleep": "shared.connector.client",

@@ -26,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -42,6 +40,7 @@ from shared.connector.errors import (
     RETRY_STATUSES,
     ConnectorError,
     ErrorKind,
+    RetryPolicy,
     error_from_response,
 )
 from shared.connector.transport import (
@@ -66,25 +65,6 @@ Clock = Callable[[], float]
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
 MAX_REDIRECTS = 5  # attachment views only
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How long to keep trying a call that failed transiently."""
-
-    max_attempts: int = 5
-    max_total_seconds: float = 12.0
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    jitter: float = 0.2  # each backoff is shortened by up to this fraction, at random
-
-    def backoff(self, failures: int, rand: Callable[[], float] = random.random) -> float:
-        """The wait after the ``failures``-th failure when the server gave no Retry-After."""
-        delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
-        return delay * (1 - self.jitter * rand())
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class ConnectorClient:

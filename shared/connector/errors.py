@@ -1,4 +1,5 @@
-"""The Connector's error model: :class:`ConnectorError`, what each answer means.
+"""The Connector's error model: :class:`ConnectorError`, what each answer means, and
+:class:`RetryPolicy`, how long a transient failure is retried.
 
 Every failed call is a ConnectorError whose ``kind`` says what the caller should do
 (retry later, prune the conversation, fix a setting, give up), classified per the Teams
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
@@ -223,3 +226,25 @@ def _clean(text: str, secrets: Sequence[str] = (), limit: int = _MAX_MESSAGE_CHA
     text = _JWT.sub("[redacted]", text)
     text = _CONTROL.sub(" ", text).strip()
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- how long to retry -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How long to keep trying a call that failed transiently."""
+
+    max_attempts: int = 5
+    max_total_seconds: float = 12.0
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    jitter: float = 0.2  # each backoff is shortened by up to this fraction, at random
+
+    def backoff(self, failures: int, rand: Callable[[], float] = random.random) -> float:
+        """The wait after the ``failures``-th failure when the server gave no Retry-After."""
+        delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
+        return delay * (1 - self.jitter * rand())
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
