@@ -7,8 +7,13 @@ PY := $(VENV)/bin/python
 AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
 STAMP := $(VENV)/.installed
+PLAYGROUND_VERSION := 0.2.28
+PLAYGROUND := .tools/playground/node_modules/.bin/agentsplayground
+CHANNEL ?= msteams
+# Playwright (browser test) drives Debian's chromium: it never downloads a browser.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup run test lint format chat bench soak clean package teams-package
+.PHONY: setup run test lint format chat playground browser bench soak clean package teams-package
 
 # Offline checkers of infra/ and appPackage/: checkov in its own venv (its pins clash with the
 # app's), and the Teams manifest JSON schemas from Microsoft's npm package.
@@ -20,25 +25,54 @@ APP_MANIFEST := .tools/app-manifest/node_modules/@microsoft/app-manifest/package
 setup: $(STAMP) $(AZURITE) $(CHECKOV) $(APP_MANIFEST)
 
 $(STAMP): requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $@
+	@echo "Installing the Python packages into $(VENV) (first run only: about 20-60 s)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+	@echo "Python packages installed."
+
+# $(call npm_tool,FOLDER,PACKAGE@VERSION,NAME,HOW LONG): an npm package, pinned, in .tools/FOLDER.
+# No npm spinner: its glyphs stick to the next line when the output is not a terminal.
+define npm_tool
+	@echo "Installing $(3) into .tools/$(1) (npm; first run only: $(4))..."
+	@mkdir -p .tools/$(1)
+	@echo '{"name": "local-$(1)", "private": true}' > .tools/$(1)/package.json
+	@cd .tools/$(1) && npm install --no-audit --no-fund --no-package-lock --no-progress \
+		--loglevel=error $(2)
+	@echo "$(3) installed."
+endef
 
 $(AZURITE):
-	mkdir -p .tools/azurite
-	echo '{"name": "local-azurite", "private": true}' > .tools/azurite/package.json
-	cd .tools/azurite && npm install --no-audit --no-fund --no-package-lock --loglevel=error \
-		azurite@$(AZURITE_VERSION)
+	$(call npm_tool,azurite,azurite@$(AZURITE_VERSION),Azurite $(AZURITE_VERSION),about 30-60 s)
+
+$(PLAYGROUND):
+	$(call npm_tool,playground,@microsoft/m365agentsplayground@$(PLAYGROUND_VERSION),Microsoft 365 Agents Playground $(PLAYGROUND_VERSION),a few seconds)
+
+## Chromium for the browser test: Debian's package, installed when missing and possible
+## (root with apt-get). Without it the test skips and says why; under CI=true it fails.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing Chromium (Debian package chromium; first run only: about 1 min)..."; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends chromium >/dev/null) \
+				|| echo "Chromium could not be installed: the browser test will say so."; \
+		else \
+			echo "No chromium here (install Debian's chromium as root): the browser test skips."; \
+		fi; \
+	fi
 
 $(CHECKOV):
-	$(PYTHON) -m venv .tools/checkov-venv
-	.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	@echo "Installing checkov $(CHECKOV_VERSION) into .tools/checkov-venv (first run only: about 30-60 s)..."
+	@$(PYTHON) -m venv .tools/checkov-venv
+	@.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 
 $(APP_MANIFEST):
-	mkdir -p .tools/app-manifest
-	echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
-	cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \
-		--loglevel=error @microsoft/app-manifest@$(APP_MANIFEST_VERSION)
+	@echo "Installing the Teams manifest schemas into .tools/app-manifest (npm; first run only: a few seconds)..."
+	@mkdir -p .tools/app-manifest
+	@echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
+	@cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \
+		--no-progress --loglevel=error @microsoft/app-manifest@$(APP_MANIFEST_VERSION)
 
 ## The zip `func azure functionapp publish` (or a zip deploy) uploads: dist/functionapp.zip.
 package: setup
@@ -51,14 +85,19 @@ teams-package: setup
 
 ## Run the bot locally on http://127.0.0.1:7071 with Azurite on its default ports.
 run: setup
-	$(PY) -m tools.run_local
+	@$(PY) -m tools.run_local
 
 ## Type messages to the locally running bot (start `make run` first, in another terminal).
 chat: setup
 	$(PY) -m tools.botsim chat
 
+## Microsoft 365 Agents Playground (a Teams-like page) against the local bot; starts the bot
+## when `make run` is not running. CHANNEL=webchat or CHANNEL=emulator for another channel.
+playground: setup $(PLAYGROUND)
+	@$(PY) -m tools.playground --channel $(CHANNEL)
+
 ## Lint, then every test (unit + Azurite integration + end-to-end). Starts and stops its own Azurite.
-test: setup
+test: setup $(PLAYGROUND) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

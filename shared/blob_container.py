@@ -95,7 +95,7 @@ class LazyContainer:
 
         with contextlib.suppress(ResourceExistsError):
             await self.get().create_container()
-            logger.info("%s: created container %s", self._label, self.name)
+            logger.debug("%s: created container %s", self._label, self.name)
 
     async def close(self) -> None:
         if self._owns_client and self._client is not None:

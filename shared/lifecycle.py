@@ -88,7 +88,7 @@ async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) ->
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
-        logger.info(
+        logger.debug(
             "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
         )
 
@@ -139,7 +139,7 @@ async def _remove(
             continuation = page.continuation
             if continuation is None:
                 break
-    logger.info("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
+    logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
 
 
 def _includes_bot(activity: Mapping[str, Any], field: str) -> bool:

@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UNAUTHORIZED = "Unauthorized."  # the one 401 body: the reason is logged, never sent
+# The one exception, in local unauthenticated mode only: a fixed text (nothing from the
+# request), so a local client with a hostname serviceUrl learns why it is refused.
+LOCAL_UNAUTHORIZED = (
+    "Unauthorized: this bot runs in local unauthenticated mode (BOT_ALLOW_UNAUTHENTICATED="
+    "true), which accepts only loopback serviceUrls (127.0.0.1, localhost, [::1]). Give the "
+    "client a serviceUrl on this machine, or configure MicrosoftAppId and send tokens."
+)
 SERVER_ERROR = "The bot could not process this activity."
 RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
 MAX_LOGGED_ID = 200  # characters of an id a log line may quote
@@ -81,7 +88,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         return HttpResponse.text(invalid.status, invalid.reason)
 
     ids = _ids(activity)
-    from shared.auth.inbound import AuthError  # with the authenticator: jwt is imported here
+    from shared.auth.inbound import AuthError, NotLoopback  # with the authenticator (jwt)
 
     try:
         identity = await runtime.authenticator.authenticate(
@@ -90,7 +97,8 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     except AuthError as error:
         # AuthError's message is the internal reason, written without the token.
         logger.warning("messages: 401 %s: %s", ids, error)
-        return HttpResponse.text(401, UNAUTHORIZED)
+        local = isinstance(error, NotLoopback) and runtime.settings.auth_disabled
+        return HttpResponse.text(401, LOCAL_UNAUTHORIZED if local else UNAUTHORIZED)
     except Exception as error:  # fail closed: an auth problem is never a 500
         logger.error("messages: 401 %s: authenticator raised %s", ids, type(error).__name__)
         return HttpResponse.text(401, UNAUTHORIZED)
@@ -120,7 +128,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     else:
         await _record(runtime, recorded, ids)
     response = _respond(activity, turn, outcome)
-    logger.info("messages: %s %s -> %s", ids, activity["type"], response.status)
+    logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response
 
 

@@ -176,7 +176,7 @@ def _shared_client(service, storage, options, factory):
     client = clients.get(key)
     if client is None:
         client = clients[key] = factory(storage, options)
-        logger.info("storage: opened shared %s client", service)
+        logger.debug("storage: opened shared %s client", service)
     return client
 
 

@@ -4,11 +4,13 @@ Creates `local.settings.json` from the example on first run, starts the repo's A
 (unless one already answers on the default ports; its data is kept in
 `.tools/azurite-data`), creates the bot's queues and container, then runs `func start`
 when Azure Functions Core Tools are on PATH and the repo's own host (`tools/devhost`)
-otherwise. Ctrl-C or SIGTERM stops everything it started; a port already taken is a
+otherwise. Once the bot answers it prints one `Ready:` line with its URL and what to run
+next (`make chat`, `make playground`; `--no-hints` leaves those out). Ctrl-C or SIGTERM
+stops everything it started and says what it stopped; a port already taken is a
 one-line message, not a traceback.
 
     python -m tools.run_local [--port N] [--blob-port N --queue-port N --table-port N]
-                              [--settings FILE] [--data DIR] [--devhost]
+                              [--settings FILE] [--data DIR] [--devhost] [--no-hints]
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tools.azurite import DEFAULT_PORTS, ROOT, Azurite, connection_string, ensure_resources
+from tools.azurite import (
+    DEFAULT_PORTS,
+    ROOT,
+    Azurite,
+    connection_string,
+    ensure_resources,
+    listening,
+)
 
 PORT = 7071
 SETTINGS_FILE = ROOT / "local.settings.json"
@@ -55,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE, help="local settings")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="Azurite's data folder")
     parser.add_argument("--devhost", action="store_true", help="never use `func start`")
+    parser.add_argument(
+        "--no-hints", action="store_true", help="no `make chat` / `make playground` hint when ready"
+    )
     return parser.parse_args(argv)
 
 
@@ -193,10 +206,30 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     return env
 
 
-def run_host(command: list[str], env: dict[str, str]) -> int:
-    """Run the host until it exits, or until Ctrl-C / SIGTERM stops it; its exit code."""
+def ready_line(args: argparse.Namespace) -> str:
+    """What to do next, once the bot answers."""
+    url = f"http://127.0.0.1:{args.port}/api/messages"
+    if args.no_hints:
+        return f"Ready: the bot answers on {url}"
+    return (
+        f"Ready: the bot answers on {url}. In another terminal: `make chat` (a terminal chat)"
+        " or `make playground` (Microsoft 365 Agents Playground, a Teams-like page)."
+        " Ctrl-C stops it."
+    )
+
+
+def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> int:
+    """Run the host until it exits, or until Ctrl-C / SIGTERM stops it; its exit code.
+
+    Prints `ready` once the host accepts connections on `port`.
+    """
     host = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
+        while host.poll() is None:
+            if listening(port):
+                print(ready, flush=True)
+                break
+            time.sleep(0.1)
         return host.wait()
     except (KeyboardInterrupt, Terminated) as stop:
         with no_interruptions():
@@ -222,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             "terminal)? Stop it, then try again"
         )
     azurite = storage_to_start(args)
+    host_started = False
     try:
         if azurite is not None:
             try:
@@ -239,11 +273,22 @@ def run(args: argparse.Namespace) -> int:
             )
         if settings.get("AzureWebJobsStorage", "").strip().lower() == DEVELOPMENT_STORAGE:
             create_resources(args, settings)
-        return run_host(host_command(args), host_environment(args, file_values))
+        command = host_command(args)
+        host_started = True
+        return run_host(command, host_environment(args, file_values), ready_line(args), args.port)
     finally:
-        if azurite is not None:
-            with no_interruptions():
+        with no_interruptions():
+            if azurite is not None:
                 azurite.stop()
+            if host_started:
+                print(stopped_line(azurite), flush=True)
+
+
+def stopped_line(azurite: Azurite | None) -> str:
+    """What Ctrl-C (or the host's exit) stopped."""
+    if azurite is None:
+        return "Stopped the bot (the Azurite that was already running is left running)."
+    return "Stopped the bot and Azurite."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,11 @@ class AuthError(Exception):
     """The request is not authenticated. `str(e)` is the internal reason: log it, never send it."""
 
 
+class NotLoopback(AuthError):
+    """Local unauthenticated mode refused a serviceUrl off this machine. Only this refusal
+    may be explained to the client (see shared.messages), and only in that mode."""
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who sent the request, once verified."""
@@ -129,7 +134,7 @@ class InboundAuthenticator:
         if settings.auth_disabled:
             # Local use only: without credentials, talk to nothing but this machine.
             if not _is_loopback_url(activity.get("serviceUrl")):
-                raise AuthError("unauthenticated mode accepts only loopback serviceUrls")
+                raise NotLoopback("unauthenticated mode accepts only loopback serviceUrls")
             return ANONYMOUS
         if not settings.app_id:
             raise AuthError("MicrosoftAppId is not configured")

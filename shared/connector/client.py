@@ -528,8 +528,15 @@ class ConnectorClient:
             raise ConnectorError(
                 ErrorKind.INVALID, f"request failed ({type(error).__name__})", operation=operation
             ) from None
-        log.info(
-            "connector %s %s %s status=%d attempt=%d", method, url.host, operation, status, attempt
+        # A success is detail (DEBUG); anything else is worth a line at the default level.
+        log.log(
+            logging.DEBUG if 200 <= status < 300 else logging.INFO,
+            "connector %s %s %s status=%d attempt=%d",
+            method,
+            url.host,
+            operation,
+            status,
+            attempt,
         )
         return status, response_headers, content
 

@@ -196,7 +196,7 @@ class BlobReferenceStore:
                         await self._update_index(planned.channel_id, kind, value, to_front(key))
                     planned.etag = etag
                     self._remember(planned, generation)
-                    logger.info(
+                    logger.debug(
                         "references: %s %s", "updated" if current else "created", short_key(key)
                     )
                     return True
@@ -218,7 +218,7 @@ class BlobReferenceStore:
             # deleted must not leave it in the cache as stored.
             self._forget(key)
         if deleted:
-            logger.info("references: deleted %s", short_key(key))
+            logger.debug("references: deleted %s", short_key(key))
         return deleted
 
     async def list(

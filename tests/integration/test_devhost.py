@@ -32,7 +32,7 @@ import azure.functions as func
 import pytest
 from azure.storage.queue import QueueClient
 
-from tests.fixtures.devhost import DevHost
+from tests.fixtures.devhost import DevHost, wait_for
 from tools.azurite import listening as accepts_connections
 from tools.devhost.app import (
     Function,
@@ -92,16 +92,6 @@ def request(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def wait_for_log(host: DevHost, text: str, timeout: float = 5.0) -> str:
@@ -204,6 +194,28 @@ def test_a_method_the_function_does_not_take_is_404_like_the_host(http_host):
     assert request(http_host, "GET", "/api/sync")[0] == 200
     assert request(http_host, "POST", "/api/nothing-here")[0] == 404
     assert request(http_host, "POST", "/echo/x")[0] == 404  # the route prefix is required
+    # A client's readiness probe (the Agents Playground sends HEAD /api/messages) is a
+    # routing 404 the host answers quietly: nothing about it at the default log level.
+    assert "HEAD" not in http_host.stderr, http_host.stderr
+
+
+def test_functions_are_imported_as_app_modules_like_the_worker(http_host):
+    echoed = json.loads(request(http_host, "POST", "/api/echo/x", b"")[2])
+    assert echoed["module"] == "__app__.echo_function"  # so logger names match Azure's
+
+
+def test_a_chunked_body_does_not_reach_the_function_like_the_host(http_host):
+    # The host passes a body only with a positive Content-Length.
+    conn = http.client.HTTPConnection("127.0.0.1", http_host.port, timeout=30)
+    try:
+        conn.request("POST", "/api/echo/x", body=iter([b'{"hello":', b" 1}"]))  # chunked
+        response = conn.getresponse()
+        status, echoed = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+    assert status == 201
+    assert echoed["body"] == ""
+    assert request(http_host, "POST", "/api/echo/x", b'{"hello": 1}')[2]  # sized: passed
 
 
 def test_route_params_keep_an_encoded_slash_and_decode_the_rest(http_host):
@@ -314,6 +326,49 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
         assert status not in (404, 405)
         assert request(host, "GET", "/api/messages")[0] == 404
         wait_for_log(host, "Executed 'Functions.messages_function'")
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_an_activity_logs_one_line_by_default_and_its_detail_at_debug(
+    tmp_path, azurite, fake_connector, debug
+):
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "MicrosoftAppId": "",
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_REFERENCES_CONTAINER": f"devhost-logs-{uuid.uuid4().hex[:8]}",
+    }
+    if debug:
+        env["PYTHON_ENABLE_DEBUG_LOGGING"] = "1"  # the worker's setting, honoured locally too
+    activity = {
+        "type": "message",
+        "id": "activity-1",
+        "channelId": "msteams",
+        "serviceUrl": fake_connector.url,
+        "from": {"id": "29:user", "name": "Ada"},
+        "recipient": {"id": "28:bot", "name": "Bot"},
+        "conversation": {"id": "a:logs", "conversationType": "personal"},
+        "text": "hello",
+    }
+    with running(REPO, tmp_path, env, "--functions", "messages_function") as host:
+        before = len(host.stderr)
+        headers = {"Content-Type": "application/json"}
+        assert (
+            request(host, "POST", "/api/messages", json.dumps(activity).encode(), headers)[0] == 200
+        )
+        wait_for_log(host, "Executed 'Functions.messages_function' (Succeeded")
+        time.sleep(0.5)  # anything logged late would show now
+        lines = host.stderr[before:].splitlines()
+    assert fake_connector.activities[0]["text"] == "Echo: hello"  # the reference was written too
+    if debug:
+        detail = "\n".join(lines)
+        assert "messages: activity='activity-1' conversation='msteams/a:logs'" in detail
+        assert "references: created msteams/a:logs" in detail, detail
+    else:
+        assert len(lines) == 1, lines
+        assert "Executed 'Functions.messages_function' (Succeeded" in lines[0]
+    # The app holds the Azure SDK at WARNING (no request/response header dumps), even at DEBUG.
+    assert not any("azure.core" in line or "Request URL" in line for line in lines)
 
 
 # --- queues and timers -------------------------------------------------------------
@@ -500,6 +555,7 @@ def _empty(client: QueueClient) -> bool:
 
 
 def _app(root: Path, function_json: dict[str, Any], code: str = "def main(x):\n    pass\n") -> Path:
+    root.mkdir(exist_ok=True)
     (root / "host.json").write_text('{"version": "2.0"}')
     folder = root / "only_function"
     folder.mkdir()
@@ -540,38 +596,8 @@ def _binding(kind: str, **extra: str) -> dict[str, Any]:
             "def main(x):\n    pass\n",
             "storage connection 'AzureWebJobsStorage' is not configured",
         ),
-        (
-            _binding("timerTrigger", schedule="*/5 * * * * *"),
-            "def main(timer):\n    pass\n",
-            "parameters not declared in function.json: timer",
-        ),
-        (
-            _binding("timerTrigger", schedule="*/5 * * * * *"),
-            "def main(x: dict):\n    pass\n",
-            'type of x binding in function.json "timerTrigger" does not match its Python '
-            'annotation "dict"',
-        ),
-        (
-            {
-                "bindings": [
-                    {"type": "httpTrigger", "direction": "in", "name": "x"},
-                    {"type": "http", "direction": "out", "name": "$return"},
-                ]
-            },
-            "def main(x) -> dict:\n    return {}\n",
-            'Python return annotation "dict" does not match binding type "http"',
-        ),
     ],
-    ids=[
-        "unknown-trigger",
-        "unresolved-setting",
-        "4-field-cron",
-        "queue-name",
-        "no-storage",
-        "params",
-        "trigger-annotation",
-        "return-annotation",
-    ],
+    ids=["unknown-trigger", "unresolved-setting", "4-field-cron", "queue-name", "no-storage"],
 )
 def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     app = _app(tmp_path, function_json, code)
@@ -581,18 +607,68 @@ def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     assert "Traceback" not in host.stderr
 
 
+HTTP_BINDINGS = {
+    "bindings": [
+        {"type": "httpTrigger", "direction": "in", "name": "x"},
+        {"type": "http", "direction": "out", "name": "$return"},
+    ]
+}
+
+
 @pytest.mark.parametrize(
-    ("code", "error"),
+    ("function_json", "code", "reason"),
     [
-        ("raise RuntimeError('broken at import')\n", "RuntimeError"),
-        ("raise SystemExit(3)\n", "SystemExit"),
+        (HTTP_BINDINGS, "raise RuntimeError('broken at import')\n", "failed (RuntimeError)"),
+        (HTTP_BINDINGS, "raise SystemExit(3)\n", "failed (SystemExit)"),
+        (HTTP_BINDINGS, "import module_that_is_not_installed\n", "(ModuleNotFoundError)"),
+        (HTTP_BINDINGS, "def main(x, y):\n    pass\n", "parameters not declared in function"),
+        (HTTP_BINDINGS, "def start(x):\n    pass\n", "has no function main"),
+        (
+            _binding("timerTrigger", schedule="0 0 0 1 1 *"),
+            "def main(x: dict):\n    pass\n",
+            'type of x binding in function.json "timerTrigger" does not match its Python '
+            'annotation "dict"',
+        ),
+        (
+            HTTP_BINDINGS,
+            "def main(x) -> dict:\n    return {}\n",
+            'Python return annotation "dict" does not match binding type "http"',
+        ),
     ],
+    ids=["raises", "exits", "missing-module", "params", "no-main", "trigger-type", "return"],
 )
-def test_an_exception_at_import_stops_the_host_naming_the_function(tmp_path, code, error):
-    app = _app(tmp_path, _binding("timerTrigger", schedule="0 0 * * * *"), code)
-    host = DevHost({}, tmp_path, root=app, functions=())
-    assert host.wait_exit(timeout=20) == 1
-    assert f"function only_function: importing only_function failed ({error})" in host.stderr
+def test_a_function_that_cannot_load_fails_alone_like_the_worker(
+    tmp_path, function_json, code, reason
+):
+    # The real host serves the other functions; each invocation of this one fails.
+    app = _app(tmp_path / "app", function_json, code)
+    good = app / "good_function"
+    good.mkdir()
+    (good / "function.json").write_text(json.dumps(HTTP_BINDINGS))
+    (good / "__init__.py").write_text("def main(x):\n    return 'fine'\n")
+
+    with running(app, tmp_path, {}) as host:
+        assert request(host, "POST", "/api/good_function")[0] == 200
+        if "timerTrigger" in json.dumps(function_json):
+            assert request(host, "POST", "/admin/functions/only_function", b"{}")[0] == 500
+        else:
+            assert request(host, "POST", "/api/only_function", b"{}")[0] == 500
+        log = wait_for_log(host, "Function 'only_function' is not loaded")
+    assert "Function 'only_function' failed to load" in log and reason in log
+    assert "Executed 'Functions.only_function' (Failed" in log
+
+
+def test_an_app_folder_named_like_an_installed_package_does_not_shadow_it(tmp_path):
+    # The worker appends the app root to sys.path: the installed PyJWT wins over ./jwt.
+    app = _app(
+        tmp_path / "app",
+        HTTP_BINDINGS,
+        "import jwt\n\ndef main(x):\n    return getattr(jwt, 'SHADOW', 'installed')\n",
+    )
+    (app / "jwt").mkdir()
+    (app / "jwt" / "__init__.py").write_text("SHADOW = 'app folder'\n")
+    with running(app, tmp_path, {}) as host:
+        assert request(host, "POST", "/api/only_function")[2] == b"installed"
 
 
 # --- in-process listeners: the real QueueListener / TimerListener on Azurite ----------------

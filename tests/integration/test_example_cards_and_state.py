@@ -296,6 +296,9 @@ async def test_two_host_processes_count_every_concurrent_click(
         "SSL_CERT_FILE": fake_aad.ca_path,
     }
     app = ROOT / "tests" / "fixtures" / "apps" / "example_app"
+    # The app imports the repo's `examples` and `shared`: on PYTHONPATH, as the worker needs
+    # them (the local host, like the worker, puts only the app's own folder on sys.path).
+    env = {**env, "PYTHONPATH": str(ROOT)}
     hosts = [DevHost(env, tmp_path, root=app), DevHost(env, tmp_path, root=app)]
     try:
         for host in hosts:

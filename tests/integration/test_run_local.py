@@ -159,6 +159,16 @@ def make_run(tmp_path) -> Iterator[Callable[..., RunLocal]]:
         run.kill()
 
 
+def wait_for_line(run: RunLocal, start: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in run.stdout.splitlines():
+            if line.startswith(start):
+                return line
+        time.sleep(0.1)
+    pytest.fail(f"no line starting {start!r}:\n{run.stdout}")
+
+
 def post_status(port: int, path: str, body: bytes) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -173,6 +183,10 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
     run = make_run()
     run.wait_started()
     ports = run.ports
+    # One line says the bot is ready and what to do next.
+    ready = wait_for_line(run, "Ready: ")
+    assert f"http://127.0.0.1:{ports['port']}/api/messages" in ready
+    assert "`make chat`" in ready and "`make playground`" in ready
 
     # The bot answers on its port: an object that is not an activity is its 400.
     assert post_status(ports["port"], "/api/messages", b"{}") == 400
@@ -193,6 +207,7 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
 
     assert code == 0, run.stdout + run.stderr
     assert "Traceback" not in run.stderr
+    assert run.stdout.rstrip().endswith("Stopped the bot and Azurite.")
     assert not any(accepts_connections(ports[name]) for name in ("port", "blob", "queue"))
     assert run.left_behind() == []
 

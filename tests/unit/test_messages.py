@@ -24,7 +24,7 @@ from shared.bot import router as shipped_router
 from shared.config import Settings, reset_settings
 from shared.connector import ConnectorClient
 from shared.http import HttpRequest, HttpResponse
-from shared.messages import SERVER_ERROR, UNAUTHORIZED, handle_messages
+from shared.messages import LOCAL_UNAUTHORIZED, SERVER_ERROR, UNAUTHORIZED, handle_messages
 from shared.references import MemoryReferenceStore, StoreError
 from shared.router import APOLOGY, InvokeResponse, Router
 from shared.runtime import Runtime, reset_runtime
@@ -385,7 +385,9 @@ async def test_anonymous_mode_accepts_only_real_loopback_service_urls(fake_conne
         # urlsplit reads the host as 127.0.0.1, a WHATWG parser as evil.example.
         incoming = activity_for(f"http://evil.example\\@127.0.0.1:{port}", channelId="emulator")
         response = await bot.handle(post(incoming))
-        assert (response.status, response.body) == (401, UNAUTHORIZED.encode())
+        # Local mode only: the 401 says why, in a fixed text that quotes nothing sent.
+        assert (response.status, response.body) == (401, LOCAL_UNAUTHORIZED.encode())
+        assert b"loopback serviceUrls" in response.body and b"evil" not in response.body
         assert await stored_keys(bot.store) == []
         # The genuine loopback URL is still served.
         response = await bot.handle(post(dict(incoming, serviceUrl=fake_connector.url)))

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
+from shared.bot import NOTHING_TO_ECHO
 from shared.bot import router as shipped_router
 from shared.connector import ConnectorClient
 from shared.http import HttpRequest
@@ -326,6 +327,7 @@ def test_well_formed_messages_with_a_valid_token_are_echoed(harness):
         [sent] = harness.connector.requests[before:]
         assert sent.operation == "replyToActivity"
         assert sent.params == {"conversationId": conversation_id, "activityId": activity_id}
-        assert sent.json["text"] == f"Echo: {text.strip()}"
+        # The sample echoes text, and says there was none to echo otherwise.
+        assert sent.json["text"] == (f"Echo: {text.strip()}" if text.strip() else NOTHING_TO_ECHO)
 
     run()

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from tools.botsim.connector import FakeConnector, RecordedRequest
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
-DEFAULT_PORT = 3980  # trusted by local.settings.example.json
+DEFAULT_PORT = 3980  # any loopback port works: unauthenticated mode accepts them all
 TIMEOUT = 20.0  # the channel gives a bot 15 s
 
 NEEDS_TOKEN_HINT = (

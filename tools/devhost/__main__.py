@@ -18,7 +18,10 @@ from tools.devhost.settings import HostError, apply_settings, load_local_setting
 
 logger = logging.getLogger("tools.devhost")
 
-QUIET_LOGGERS = ("azure", "aiohttp.access", "asyncio", "msal", "urllib3")
+# The host's own libraries. The app's (the Azure SDK, MSAL) are the app's to decide, as on
+# Azure, where the worker forwards whatever the app logs at INFO and above.
+QUIET_LOGGERS = ("aiohttp.access", "asyncio", "urllib3")
+DEBUG_SETTING = "PYTHON_ENABLE_DEBUG_LOGGING"  # the Python worker's: "1" forwards DEBUG too
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configure_logging() -> None:
-    """INFO to stderr for the host and function modules; libraries that echo requests quieter."""
+    """INFO to stderr for the host and function modules; the host's libraries quieter."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -53,6 +56,8 @@ async def run(args: argparse.Namespace) -> int:
         raise HostError(f"--root: {args.root} is not a folder")
     # Like the real host: settings are in os.environ before any function module is imported.
     settings = apply_settings(load_local_settings(root), os.environ)
+    if settings.get(DEBUG_SETTING, "").strip() == "1":
+        logging.getLogger().setLevel(logging.DEBUG)
     app = load_app(root, settings, args.functions)
     return await serve(app, settings, HostOptions(host=args.host, port=args.port))
 

@@ -1,17 +1,23 @@
 """The function app as the host sees it: host.json, every `*/function.json`, the modules.
 
-Reading is strict, like the Functions host: an unknown trigger, an unresolved
-`%Setting%`, a module that fails to import, or a `main` whose parameters or
-annotations do not match its bindings (the Python worker's load checks) stops the
-host at startup with a :class:`HostError` naming the function and the problem.
+Reading function.json is strict: an unknown trigger or an unresolved `%Setting%` stops
+the host at startup with a :class:`HostError` naming the function and the problem.
+Loading the code is the Python worker's part, and done as it does it: modules are
+imported as `__app__.<folder>` with the app root last on `sys.path`, and a function the
+worker cannot load (its module fails to import; its `main` is missing, or its parameters
+or annotations do not match its bindings) is logged at startup and fails each of its
+invocations with that reason, while the other functions are served.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 import typing
@@ -30,6 +36,7 @@ HOST_JSON = "host.json"
 FUNCTION_JSON = "function.json"
 DEFAULT_CONNECTION = "AzureWebJobsStorage"
 CONTEXT_PARAMETER = "context"
+APP_PACKAGE = "__app__"  # the Python worker's package name for the function app root
 MessageEncoding = Literal["base64", "none"]
 # Storage queue names: 3-63 lower-case letters, digits and single hyphens, alphanumeric ends.
 _QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -262,19 +269,45 @@ def _trigger(name: str, binding: Mapping[str, Any], settings: Mapping[str, str],
 
 
 def load_function(spec: FunctionSpec) -> Function:
-    """Import the function's module as a package of the app root and check `main`."""
+    """The function ready to run, or, when the worker could not load it, one whose every
+    invocation fails with the reason (the host serves the other functions meanwhile)."""
+    try:
+        return make_function(spec, _entry_point(spec))
+    except HostError as error:
+        logger.error("Function '%s' failed to load: %s", spec.name, error)
+        return failed_function(spec, str(error))
+
+
+def _entry_point(spec: FunctionSpec) -> Callable[..., Any]:
+    """Import `__app__.<folder>[.<script>]`, as the Python worker does, and find `main`."""
     module_name = _module_name(spec)
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # SystemExit too: one module must not end the host
-        logger.exception("Function '%s': importing %s failed", spec.name, module_name)
+        logger.error("Function '%s': importing %s raised", spec.name, module_name, exc_info=exc)
         raise HostError(
             f"function {spec.name}: importing {module_name} failed ({type(exc).__name__})"
         ) from None
     main = getattr(module, spec.entry_point, None)
     if not callable(main):
         raise HostError(f"function {spec.name}: {module_name} has no function {spec.entry_point}")
-    return make_function(spec, main)
+    return main
+
+
+class FunctionLoadError(Exception):
+    """Raised by every invocation of a function the worker could not load."""
+
+
+def failed_function(spec: FunctionSpec, reason: str) -> Function:
+    """A stand-in whose invocations fail with `reason`, as the worker answers them."""
+
+    async def not_loaded(**_: Any) -> None:
+        raise FunctionLoadError(reason)
+
+    parameters = [spec.trigger.name]
+    if spec.http_output and spec.http_output != "$return":
+        parameters.append(spec.http_output)
+    return Function(spec=spec, main=not_loaded, is_async=True, parameters=tuple(parameters))
 
 
 def make_function(spec: FunctionSpec, main: Callable[..., Any]) -> Function:
@@ -296,10 +329,33 @@ def load_app(
     """Read host.json and every function, then import them (settings already in os.environ)."""
     config = read_host_config(root)
     specs = discover_functions(root, settings, only)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
+    install_app_package(root)
     return FunctionApp(root, config, tuple(load_function(spec) for spec in specs))
+
+
+def install_app_package(root: Path) -> None:
+    """Make the app importable as the Python worker does: the app root is the namespace
+    package `__app__` (function modules are `__app__.<folder>`), and it is appended to
+    `sys.path` last, so an installed package wins over an app folder of the same name.
+
+    The local host's own start-up entry for the working folder (`python -m` puts it first)
+    is taken off `sys.path`, as the worker's process has none, so the app resolves the same
+    from any folder; `PYTHONPATH` entries stay, as they do for the worker.
+    """
+    folder = str(root)
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path.pop(0)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    package = sys.modules.get(APP_PACKAGE)
+    if package is None:
+        spec = importlib.machinery.ModuleSpec(APP_PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [folder]
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[APP_PACKAGE] = package
+    elif folder not in package.__path__:
+        package.__path__.append(folder)
+    importlib.invalidate_caches()
 
 
 def _module_name(spec: FunctionSpec) -> str:
@@ -312,10 +368,8 @@ def _module_name(spec: FunctionSpec) -> str:
     if not script.is_file():
         raise HostError(f"function {spec.name}: scriptFile {spec.script_file} does not exist")
     if script.name == "__init__.py":
-        return spec.name
-    if not (spec.directory / "__init__.py").is_file():
-        raise HostError(f"function {spec.name}: the folder needs an __init__.py")
-    return f"{spec.name}.{script.stem}"
+        return f"{APP_PACKAGE}.{spec.name}"
+    return f"{APP_PACKAGE}.{spec.name}.{script.stem}"
 
 
 def _check_parameters(spec: FunctionSpec, parameters: tuple[str, ...]) -> None:

@@ -7,7 +7,9 @@ Routing is on path and method together, so a method a function does not list (HE
 and OPTIONS included) is 404, like any unknown path. The function gets a real
 `azure.functions.HttpRequest` shaped as the host passes it (header names lower-case,
 repeated headers and query keys joined with commas, empty query values left out).
-A failed invocation answers 500 with an empty body; a named `http` output left unset
+A body is passed only with a positive Content-Length, as the host passes it (a chunked
+request's body does not reach the function). A failed invocation answers 500 with an
+empty body; a named `http` output left unset
 answers 200 with an empty body, as the host's default result.
 """
 
@@ -108,9 +110,9 @@ def build_web_app(
             if route.allows(request.method):
                 return await _invoke(request, route, match, invoker)
         if matches:
-            logger.info("%s is not a method of %s (404, as the host)", request.method, path)
+            logger.debug("%s is not a method of %s (404, as the host)", request.method, path)
         else:
-            logger.info("No function for %s %s (404)", request.method, path)
+            logger.debug("No function for %s %s (404, as the host)", request.method, path)
         return web.Response(status=404)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -121,7 +123,9 @@ def build_web_app(
 async def _invoke(
     request: web.Request, route: Route, match: re.Match[str], invoker: Invoker
 ) -> web.StreamResponse:
-    body = await request.read()
+    # The host passes the worker a body only when the request declares a positive
+    # Content-Length: a chunked request reaches the function with an empty body.
+    body = await request.read() if (request.content_length or 0) > 0 else b""
     trigger_request = WorkerHttpRequest(
         method=request.method,
         url=str(request.url),

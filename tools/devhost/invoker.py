@@ -27,7 +27,7 @@ from typing import Any
 
 import azure.functions as func
 
-from tools.devhost.app import CONTEXT_PARAMETER, Function
+from tools.devhost.app import CONTEXT_PARAMETER, Function, FunctionLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,10 @@ class Invoker:
         if isinstance(exc, TimeoutError) and timeout and _elapsed(started) >= timeout:
             logger.error(
                 "Function '%s' timed out after %ss (Id=%s)", function.name, timeout, invocation_id
+            )
+        elif isinstance(exc, FunctionLoadError):
+            logger.error(
+                "Function '%s' is not loaded: %s (Id=%s)", function.name, exc, invocation_id
             )
         elif isinstance(exc, BindingError):
             # The host's own reason; it names a parameter or a type, never a payload.

@@ -1,0 +1,110 @@
+"""shared/bot.py, the shipped sample: greetings by name, and an answer for empty messages.
+
+The handlers run in a real turn with the real ConnectorClient (local unauthenticated
+mode, no token) against botsim's FakeConnector, which answers member look-ups from the
+members it holds for a conversation, as the Connector does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shared.bot import NOTHING_TO_ECHO, router
+from shared.config import Settings
+from shared.connector import ConnectorClient
+from shared.turn import TurnContext
+from tools.botsim.connector import FakeConnector, Reply
+
+CONVERSATION = "a:1-personal"
+
+
+@pytest.fixture
+async def connector() -> AsyncIterator[ConnectorClient]:
+    client = ConnectorClient(Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"}), None)
+    yield client
+    await client.close()
+
+
+def incoming(fake: FakeConnector, channel: str = "msteams", **fields) -> dict:
+    return {
+        "type": "message",
+        "id": "act-1",
+        "channelId": channel,
+        "serviceUrl": fake.url,
+        "from": {"id": "29:ada", "name": "Ada"},
+        "recipient": {"id": "28:bot", "name": "Bot"},
+        "conversation": {"id": CONVERSATION, "conversationType": "personal"},
+        **fields,
+    }
+
+
+async def run(fake: FakeConnector, connector: ConnectorClient, activity: dict) -> list[str]:
+    await router.dispatch(TurnContext(activity, connector))
+    return [request.json["text"] for request in fake.requests if request.json]
+
+
+def joined(fake: FakeConnector, *members: dict, channel: str = "msteams") -> dict:
+    return incoming(fake, channel, type="conversationUpdate", membersAdded=list(members))
+
+
+async def test_a_member_the_channel_names_is_greeted_by_name(fake_connector, connector):
+    activity = joined(fake_connector, {"id": "u-1", "name": "Bo"}, channel="webchat")
+    assert await run(fake_connector, connector, activity) == [
+        "Welcome, Bo! Send me a message and I will echo it."
+    ]
+    assert [r.operation for r in fake_connector.requests] == ["sendToConversation"]
+
+
+async def test_teams_members_without_names_are_looked_up_through_the_connector(
+    fake_connector, connector
+):
+    fake_connector.members[CONVERSATION] = [
+        {"id": "29:ada", "name": "Ada Lovelace", "aadObjectId": "aad-ada"},
+        {"id": "29:bo", "name": "Bo Diddley", "aadObjectId": "aad-bo"},
+    ]
+    activity = joined(fake_connector, {"id": "29:ada", "aadObjectId": "aad-ada"}, {"id": "29:bo"})
+    texts = await run(fake_connector, connector, activity)
+    assert texts == ["Welcome, Ada Lovelace and Bo Diddley! Send me a message and I will echo it."]
+    lookups = [r for r in fake_connector.requests if r.operation == "getConversationMember"]
+    assert len(lookups) == 2
+
+
+async def test_a_member_that_cannot_be_looked_up_is_welcomed_without_a_name(
+    fake_connector, connector
+):
+    fake_connector.script("GET", "members/", [Reply(500)])  # the lookup fails: no retry on 500
+    texts = await run(fake_connector, connector, joined(fake_connector, {"id": "29:ghost"}))
+    assert texts == ["Welcome! Send me a message and I will echo it."]
+    assert "there" not in texts[0]
+
+
+async def test_named_and_unnamed_members_together(fake_connector, connector):
+    activity = joined(fake_connector, {"id": "u-1", "name": "Bo"}, {"id": "u-2"}, channel="webchat")
+    assert await run(fake_connector, connector, activity) == [
+        "Welcome, Bo and everyone else who joined! Send me a message and I will echo it."
+    ]
+    assert all(r.operation != "getConversationMember" for r in fake_connector.requests)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"text": ""},
+        {"text": "   "},
+        {},  # an email notification or a card without text
+        {"value": {"choice": "yes"}},  # an Adaptive Card submit
+    ],
+    ids=["empty", "blank", "no-text", "card-submit"],
+)
+async def test_a_message_without_text_gets_a_helpful_answer(fake_connector, connector, fields):
+    texts = await run(fake_connector, connector, incoming(fake_connector, **fields))
+    assert texts == [NOTHING_TO_ECHO]
+    assert "Echo:" not in texts[0]
+
+
+async def test_a_message_with_text_is_echoed(fake_connector, connector):
+    assert await run(fake_connector, connector, incoming(fake_connector, text=" hi ")) == [
+        "Echo: hi"
+    ]

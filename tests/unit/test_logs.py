@@ -1,0 +1,25 @@
+"""shared/logs.py: the app, not only the local host, holds the Azure SDK and MSAL quiet."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_importing_the_app_holds_the_azure_sdk_and_msal_at_warning():
+    # A fresh interpreter, as the worker imports the function: no test setup in between.
+    code = (
+        "import logging, messages_function\n"
+        "for name in ('azure.core.pipeline.policies.http_logging_policy', 'azure.storage.blob',"
+        " 'azure.identity', 'msal'):\n"
+        "    print(name, logging.getLogger(name).getEffectiveLevel())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    levels = dict(line.split() for line in result.stdout.splitlines())
+    assert levels and all(int(level) == logging.WARNING for level in levels.values()), levels

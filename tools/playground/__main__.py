@@ -1,0 +1,128 @@
+"""`make playground`: Microsoft 365 Agents Playground against the local bot.
+
+    python -m tools.playground [--channel msteams|webchat|emulator] [--port N] [--bot URL]
+
+Uses the bot that `make run` serves on http://127.0.0.1:7071/api/messages; when nothing
+answers there, starts it (`python -m tools.run_local`) and stops it again at the end.
+Prints the page's URL to open in a browser. Ctrl-C stops what it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+from tools.azurite import listening
+from tools.playground import CHANNELS, DEFAULT_PORT, ROOT, Playground, PlaygroundError
+
+DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
+BOT_START_TIMEOUT = 180.0  # a first `make run` installs nothing here, but starts Azurite
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.playground", description=__doc__)
+    parser.add_argument("--channel", choices=CHANNELS, default="msteams", help="default msteams")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"page port (default {DEFAULT_PORT})"
+    )
+    parser.add_argument("--bot", default=DEFAULT_BOT, help="the bot's messages endpoint")
+    return parser.parse_args(argv)
+
+
+def bot_port(url: str) -> int | None:
+    """The port of a bot URL on this machine's loopback, or None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return port if parts.hostname in ("127.0.0.1", "localhost") else None
+
+
+def start_bot(port: int) -> subprocess.Popen[bytes]:
+    """`make run`'s program on `port`, sharing this terminal; returns once it listens."""
+    print("No bot answers yet: starting it (`make run`) in this terminal", flush=True)
+    bot = subprocess.Popen(
+        [sys.executable, "-m", "tools.run_local", "--port", str(port), "--no-hints"], cwd=ROOT
+    )
+    deadline = time.monotonic() + BOT_START_TIMEOUT
+    while not listening(port):
+        if bot.poll() is not None:
+            raise PlaygroundError("the bot did not start (see the lines above)")
+        if time.monotonic() > deadline:
+            stop_bot(bot)
+            raise PlaygroundError("the bot did not start in time")
+        time.sleep(0.2)
+    return bot
+
+
+def stop_bot(bot: subprocess.Popen[bytes]) -> None:
+    if bot.poll() is None:
+        bot.send_signal(signal.SIGTERM)
+    try:
+        bot.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        bot.kill()
+        bot.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    bot = None
+    port = bot_port(args.bot)
+    if port is not None and not listening(port):
+        if args.bot != DEFAULT_BOT:
+            raise PlaygroundError(f"no bot answers at {args.bot}: start it first")
+        bot = start_bot(port)
+    playground = Playground(
+        args.bot,
+        channel=args.channel,
+        port=args.port,
+        echo=lambda line: print(f"playground: {line}"),
+    )
+    started = False
+    try:
+        playground.start()
+        started = True
+        print(
+            f"\nAgents Playground ({args.channel}) for the bot at {args.bot}\n"
+            f"  open {playground.url} in a browser (Ctrl-C to stop)\n",
+            flush=True,
+        )
+        code = playground.wait()
+        print(f"The Playground exited with {code}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            playground.stop()
+            stopped = ["the Playground"] if started else []
+            if bot is not None:
+                stop_bot(bot)
+                stopped.append("the bot it started")
+            if stopped:
+                print(f"Stopped {' and '.join(stopped)}.", flush=True)
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(args)
+    except PlaygroundError as error:
+        print(f"make playground: {error}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
