@@ -68,6 +68,7 @@ class ServiceTarget:
 
 # Encoded "/", "\\", "." and NUL: servers that decode them could walk out of a path prefix.
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
+_ENCODED = "has encoded separators in its path"
 
 
 def parse_service_url(service_url: object) -> ServiceTarget | None:
@@ -91,9 +92,6 @@ def prefix_problem(prefix: str) -> str:
     """
     parsed = _parse(prefix)
     return "" if isinstance(parsed, ServiceTarget) or parsed == _ENCODED else parsed
-
-
-_ENCODED = "has encoded separators in its path"
 
 
 def _parse(url: object) -> ServiceTarget | str:
