@@ -7,8 +7,9 @@ once listening, then answers commands on stdin, one per line, each with one JSON
 on stdout:
 
 - ``stats``: what arrived since the last reset: ``received`` (activities the bots
-  posted), ``distinct`` (different texts), ``authorized`` (carrying a bearer token; the
-  bots get theirs from botsim's fake AAD, the only token service they can reach),
+  posted), ``distinct`` (different conversation + text pairs), ``authorized``
+  (carrying a bearer token; the bots get theirs from botsim's fake AAD, the only token
+  service they can reach),
   ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
   breaking an enforced limit), and with ``stats texts`` also ``texts`` (text -> count);
 - ``reset``: forget what was counted;
@@ -54,7 +55,8 @@ def main() -> None:
             counts["last"] = time.monotonic()
             if authorization.startswith("Bearer ") and len(authorization) > 20:
                 counts["authorized"] += 1
-            texts[str(activity.get("text"))] += 1
+            # One key per conversation and text: a broadcast sends one text to many.
+            texts[f"{request.conversation_id}|{activity.get('text')}"] += 1
 
     def configure(connector: FakeConnector) -> None:
         connector.enforce_limits = args.teams_limits

@@ -200,9 +200,9 @@ class Services:
 class ConnectorProcess:
     """benchmarks/connector_process.py: the fake Connector, counting replies."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: Sequence[str] = ()) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.connector_process"],
+            [sys.executable, "-m", "benchmarks.connector_process", *args],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -241,7 +241,9 @@ class ConnectorProcess:
             self.process.kill()
 
 
-def start_services(stack: ExitStack, need_storage: bool) -> Services:
+def start_services(
+    stack: ExitStack, need_storage: bool, connector_args: Sequence[str] = ()
+) -> Services:
     from tools.botsim.aad import FakeAAD
     from tools.botsim.identity import start_identity_services
 
@@ -249,7 +251,7 @@ def start_services(stack: ExitStack, need_storage: bool) -> Services:
     aad = stack.enter_context(FakeAAD(jwt_tokens=True))
     app_id, secret = str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}"
     aad.register_secret(app_id, secret)
-    connector = ConnectorProcess()
+    connector = ConnectorProcess(connector_args)
     stack.callback(connector.close)
     storage = ""
     if need_storage:
@@ -311,21 +313,26 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def spawn(target: Target, services: Services) -> Server:
+def spawn(
+    target: Target,
+    services: Services,
+    *,
+    functions: Sequence[str] = ("messages_function",),
+    extra: Mapping[str, str] | None = None,
+) -> Server:
     from tools.azurite import free_port
 
     port = free_port()
     if target.key == "ours":
         args = [str(target.python), "-m", "tools.devhost", "--port", str(port)]
-        args += ["--functions", "messages_function"]
+        args += ["--functions", *functions]
     else:
         args = [str(target.python), "-m", target.module]
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(LOGS / f"{target.key}.log", "ab") as log:
         spawned = time.perf_counter()
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=services.env(target, port), stdout=log, stderr=log
-        )
+        env = {**services.env(target, port), **(extra or {})}
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
     return Server(target, port, process, spawned)
 
 
@@ -365,23 +372,27 @@ def headers(services: Services) -> dict[str, str]:
 # --- cold start -------------------------------------------------------------------------------
 
 
+async def wait_listening(server: Server) -> float:
+    """Wait until the server's port accepts; the perf_counter time it first did."""
+    deadline = time.perf_counter() + START_TIMEOUT
+    while True:
+        if server.process.poll() is not None:
+            raise BenchmarkError(f"{server.target.key} exited; see {LOGS.name}/")
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1.0).close()
+            return time.perf_counter()
+        except OSError:
+            if time.perf_counter() > deadline:
+                raise BenchmarkError(f"{server.target.key} did not listen in time") from None
+            await asyncio.sleep(0.002)
+
+
 async def first_echo(server: Server, services: Services) -> dict[str, float]:
     """POST one activity as soon as the port accepts; the times from the spawn, in ms."""
     import aiohttp
 
     body = json.dumps(activity(services, f"cold{uuid.uuid4().hex[:8]}", 0)).encode()
-    deadline = time.perf_counter() + START_TIMEOUT
-    while True:  # the port accepts: the server is listening
-        if server.process.poll() is not None:
-            raise BenchmarkError(f"{server.target.key} exited; see {LOGS.name}/")
-        try:
-            socket.create_connection(("127.0.0.1", server.port), timeout=1.0).close()
-            break
-        except OSError:
-            if time.perf_counter() > deadline:
-                raise BenchmarkError(f"{server.target.key} did not listen in time") from None
-            await asyncio.sleep(0.002)
-    listening = time.perf_counter()
+    listening = await wait_listening(server)
     async with (
         aiohttp.ClientSession() as session,
         session.post(server.url, data=body, headers=headers(services)) as r,

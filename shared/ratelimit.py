@@ -43,11 +43,14 @@ DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per te
 DEFAULT_BACKGROUND_SHARE = 0.96  # of a tenant's rate; the rest is headroom for replies
 DEFAULT_RETRY_AFTER = 1.0  # a 429 that did not say how long to wait
 MIN_RATE = 0.5  # requests per second: a lane is never cut below this
-# The throttled request itself waits the whole Retry-After (the Connector client's retry);
-# the rest of its tenant's background traffic pauses for this share of it, then goes on
-# at the cut rate. A whole-second pause of every instance at once costs more sends than
-# the cut saves (measured: tests/unit/test_ratelimit.py, N instances on one tenant).
+# The throttled request itself waits the whole Retry-After (the Connector client's retry,
+# or the proactive engine's requeue); the rest of its tenant's background traffic pauses
+# for this share of it, at most MAX_PAUSE, then goes on at the cut rate. A whole-second
+# pause of every instance at once costs more sends than the cut saves (measured:
+# tests/unit/test_ratelimit.py, N instances on one tenant), and a long Retry-After is
+# more likely one conversation's limit than the tenant's.
 PAUSE_SHARE = 0.25
+MAX_PAUSE = 0.25  # seconds
 CUT_FACTOR = 0.7  # on a 429 the rate drops to this share of what it was
 RECOVERY_SECONDS = 5.0  # back to the rate that drew the 429 after this long
 PROBE_SHARE = 0.005  # then growing past it by this share of the ceiling per second
@@ -140,7 +143,8 @@ class AdaptiveRate:
     """One app-wide request rate (a Teams tenant), learnt from the channel's 429s.
 
     Before any 429 the rate is ``ceiling`` (None: no ceiling, only pauses). A 429 pauses
-    background traffic for PAUSE_SHARE of the server's Retry-After and cuts the rate to
+    background traffic for PAUSE_SHARE of the server's Retry-After (at most MAX_PAUSE)
+    and cuts the rate to
     CUT_FACTOR of what it was; from there it follows a cubic curve back to that rate
     after RECOVERY_SECONDS, then grows past it by PROBE_SHARE of the ceiling per second.
     429s for requests granted before the last cut do not cut again: they were sent at the
@@ -191,7 +195,8 @@ class AdaptiveRate:
     def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
         """Take a 429 into account; True when it cut the rate."""
         pause = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
-        self._paused_until = max(self._paused_until, now + pause * PAUSE_SHARE)
+        pause = min(pause * PAUSE_SHARE, MAX_PAUSE)
+        self._paused_until = max(self._paused_until, now + pause)
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
         current = self.rate(now)
@@ -202,7 +207,7 @@ class AdaptiveRate:
         shrinking = self._cut_at is not None and current < self._peak
         self._peak = current * (1.0 + CUT_FACTOR) / 2.0 if shrinking else current
         self._cut_at = now
-        self._next = max(self._next, now + pause * PAUSE_SHARE)
+        self._next = max(self._next, now + pause)
         return True
 
     def idle(self, now: float) -> bool:

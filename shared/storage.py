@@ -88,8 +88,16 @@ def check_storage_settings(storage: StorageSettings, service: Service = "blob") 
         )
 
 
+# The storage SDK logs every request's and answer's headers at INFO, and the Functions
+# worker passes INFO records on to the host: two header dumps per blob call, every turn.
+_SDK_HTTP_LOG = "azure.core.pipeline.policies.http_logging_policy"
+
+
 def _create(storage, options, service, client_class):
     check_storage_settings(storage, service)
+    sdk_http_log = logging.getLogger(_SDK_HTTP_LOG)
+    if sdk_http_log.level == logging.NOTSET:  # unless an operator set a level on purpose
+        sdk_http_log.setLevel(logging.WARNING)
     kwargs: dict[str, Any] = {
         # The clients build their ExponentialRetry policy from these.
         "initial_backoff": options.initial_backoff,

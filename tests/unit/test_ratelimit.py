@@ -245,7 +245,15 @@ def test_a_lane_without_a_ceiling_only_pauses():
     lane = AdaptiveRate(None)
     assert not lane.throttled(5.0, 2.0, sent_at=4.0)
     assert lane.rate(5.0) is None
-    assert lane.background_wait(5.0) == pytest.approx(0.5)
+    assert lane.background_wait(5.0) == pytest.approx(0.25)
+
+
+def test_a_long_retry_after_pauses_the_tenant_only_briefly():
+    # 60 s is more likely one conversation's limit: that request waits it (retry or
+    # requeue), the rest of the tenant pauses a quarter second and goes on at the cut rate.
+    lane = AdaptiveRate(50.0)
+    lane.throttled(10.0, 60.0, sent_at=9.9)
+    assert lane.background_wait(10.0) == pytest.approx(0.25)
 
 
 async def instances_sharing_a_tenant(count: int, seconds: float = 100.0, limit: int = 50):
@@ -297,7 +305,7 @@ async def test_background_waits_after_a_429_but_replies_do_not():
     pacer.throttled(teams("a:1"), 2.0, granted)
     assert await pacer.acquire(teams("a:2")) == 0.0
     await time.run(pacer.acquire(teams("a:3"), background=True))
-    assert time.now == pytest.approx(0.5, abs=0.05)
+    assert time.now == pytest.approx(0.25, abs=0.05)
     assert pacer.throttled_count == 1 and pacer.cuts == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
 
@@ -90,6 +92,30 @@ async def test_proxy_settings_in_the_environment_are_still_honoured(
     await blob.create_container(container)
     await close_client(blob)
     assert await _thread_hops_of_one_read(settings, container) > 0
+
+
+@pytest.mark.integration
+async def test_a_storage_call_logs_no_request_and_response_headers(azurite, unique_name, caplog):
+    # The Functions worker passes INFO records on to the host: the storage SDK's HTTP logging
+    # policy would log two multi-line header dumps per blob call, every call, every turn.
+    caplog.set_level(logging.INFO)
+    settings = StorageSettings(connection_string=azurite.connection_string)
+    blob = create_blob_service(settings)
+    try:
+        await blob.create_container(unique_name("c"))
+    finally:
+        await close_client(blob)
+    assert [r for r in caplog.records if r.name.startswith("azure.core")] == []
+
+
+def test_a_level_set_for_the_sdk_http_log_is_kept():
+    name = "azure.core.pipeline.policies.http_logging_policy"
+    logging.getLogger(name).setLevel(logging.DEBUG)  # an operator asked for it
+    try:
+        create_blob_service(storage(**{"": "UseDevelopmentStorage=true"}))
+        assert logging.getLogger(name).level == logging.DEBUG
+    finally:
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 async def test_use_development_storage_points_at_local_azurite():

@@ -1,0 +1,214 @@
+"""Broadcast through the queue pipeline, with the fake Connector enforcing Teams' limits.
+
+    .venv/bin/python -m benchmarks.broadcast [--conversations 10000] [--processes 1,2,4]
+                                             [--tenant-limit 50] [--unthrottled]
+
+Stores ``--conversations`` Teams channel conversations in 2 tenants (Azurite), then for
+each process count starts that many local hosts (``tools.devhost`` serving
+``proactive_function`` on one Azurite), enqueues one broadcast to every stored
+conversation with ``shared.producer.enqueue`` and polls its delivery report until it is
+``done``. The fake Connector (benchmarks/connector_process.py) enforces Teams' windows
+per conversation and ``--tenant-limit`` requests per second per tenant, answering 429.
+
+Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
+limit), delivered, lost (delivered per the report but never received), duplicated,
+429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
+run of one process with no limits enforced. Results: benchmarks/results/broadcast.json.
+The SDKs' own proactive loops are not measured here (yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from benchmarks import warm
+
+TENANTS = ("tenant-a", "tenant-b")
+RESULTS = warm.RESULTS / "broadcast.json"
+
+
+def reference(service_url: str, app_id: str, n: int) -> dict[str, Any]:
+    tenant = TENANTS[n % len(TENANTS)]
+    return {
+        "channelId": "msteams",
+        "serviceUrl": service_url,
+        "conversation": {
+            "id": f"19:bench{n}@thread.tacv2",
+            "conversationType": "channel",
+            "isGroup": True,
+            "tenantId": tenant,
+        },
+        "bot": {"id": f"28:{app_id}", "name": "Bot"},
+        "user": {"id": f"29:user{n}", "name": "User"},
+        "channelData": {"tenant": {"id": tenant}},
+    }
+
+
+async def seed(settings: Any, service_url: str, app_id: str, count: int) -> None:
+    from shared.references import BlobReferenceStore
+
+    store = BlobReferenceStore(settings)
+    gate = asyncio.Semaphore(32)
+
+    async def one(n: int) -> None:
+        async with gate:
+            await store.upsert(reference(service_url, app_id, n))
+
+    try:
+        await asyncio.gather(*(one(n) for n in range(count)))
+    finally:
+        await store.close()
+
+
+async def broadcast(settings: Any, text: str, give_up_after: float) -> dict[str, Any]:
+    from shared.producer import enqueue, read_report
+
+    started = time.perf_counter()
+    request_id = await enqueue({"to": {"broadcast": {}}, "text": text}, settings=settings)
+    report: dict[str, Any] | None = None
+    deadline = started + give_up_after
+    while time.perf_counter() < deadline:  # polled: the report is a blob, not an event
+        await asyncio.sleep(1.0)
+        report = await read_report(request_id, settings=settings)
+        if report and report.get("state") == "done":
+            break
+    return {"seconds": time.perf_counter() - started, "report": report}
+
+
+def run_once(
+    services: warm.Services, env: dict[str, str], processes: int, count: int, timeout: float
+) -> dict[str, Any]:
+    from shared.config import Settings
+
+    settings = Settings.from_env(env)
+    services.connector.reset()
+    target = warm.TARGETS["ours"]
+    servers = []
+    try:
+        for _ in range(processes):
+            server = warm.spawn(target, services, functions=("proactive_function",), extra=env)
+            servers.append(server)
+        for server in servers:
+            asyncio.run(warm.wait_listening(server))
+        outcome = asyncio.run(broadcast(settings, f"news {uuid.uuid4().hex[:8]}", timeout))
+        stats = services.connector.stats()
+        memory = [server.memory_kib().get("VmHWM", 0) / 1024 for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+    report = outcome["report"] or {}
+    delivered = report.get("delivered", 0)
+    sends = stats["received"] + stats["throttled"]
+    return {
+        "processes": processes,
+        "seconds": round(outcome["seconds"], 1),
+        "state": report.get("state"),
+        "targets": report.get("targets"),
+        "delivered": delivered,
+        "failed": report.get("failed"),
+        # From enqueue to the report saying done (polled each second): fan-out included.
+        "sends_per_s": round(stats["distinct"] / outcome["seconds"], 1),
+        "received": stats["received"],
+        "distinct": stats["distinct"],
+        "lost": max(0, delivered - stats["distinct"]),
+        "duplicated": stats["received"] - stats["distinct"],
+        "throttled_429": stats["throttled"],
+        "share_429": round(stats["throttled"] / sends, 4) if sends else 0.0,
+        "peak_rss_mib": [round(m, 1) for m in memory],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "failures_sample": (report.get("failures") or [])[:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.broadcast", description=__doc__)
+    parser.add_argument("--conversations", type=int, default=10_000)
+    parser.add_argument("--processes", default="1,2,4")
+    parser.add_argument("--tenant-limit", type=int, default=50)
+    parser.add_argument("--unthrottled", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900.0, help="per broadcast, seconds")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    counts = [int(p) for p in args.processes.split(",")]
+    report: dict[str, Any] = {
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.broadcast " + " ".join(argv or sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_1m_start": round(os.getloadavg()[0], 2),
+        },
+        "conversations": args.conversations,
+        "tenants": len(TENANTS),
+        "tenant_limit_per_s": args.tenant_limit,
+        "enforced_rate_per_s": args.tenant_limit * len(TENANTS),
+        "runs": [],
+    }
+    connector_args = ["--teams-limits", "--tenant-limit", str(args.tenant_limit)]
+    with ExitStack() as stack:
+        services = warm.start_services(stack, need_storage=True, connector_args=connector_args)
+        suffix = uuid.uuid4().hex[:8]
+        env = {
+            **services.env(warm.TARGETS["ours"], 0),
+            "BOT_PROACTIVE_QUEUE": f"bench-{suffix}",
+            "BOT_REFERENCES_CONTAINER": f"bench-{suffix}",
+        }
+        from shared.config import Settings
+
+        print(f"storing {args.conversations} conversations ...", flush=True)
+        started = time.perf_counter()
+        asyncio.run(
+            seed(
+                Settings.from_env(env), services.connector_url, services.app_id, args.conversations
+            )
+        )
+        report["seed_seconds"] = round(time.perf_counter() - started, 1)
+        for processes in counts:
+            print(f"broadcast with {processes} process(es) ...", flush=True)
+            result = run_once(services, env, processes, args.conversations, args.timeout)
+            result["achieved_share_of_enforced"] = round(
+                result["sends_per_s"] / report["enforced_rate_per_s"], 3
+            )
+            report["runs"].append(result)
+            print(json.dumps(result), flush=True)
+    if args.unthrottled:
+        with ExitStack() as stack:
+            services = warm.start_services(stack, need_storage=True)
+            env = {
+                **services.env(warm.TARGETS["ours"], 0),
+                "BOT_PROACTIVE_QUEUE": "bench-free",
+                "BOT_REFERENCES_CONTAINER": "bench-free",
+            }
+            from shared.config import Settings
+
+            asyncio.run(
+                seed(
+                    Settings.from_env(env),
+                    services.connector_url,
+                    services.app_id,
+                    args.conversations,
+                )
+            )
+            result = run_once(services, env, 1, args.conversations, args.timeout)
+            report["unthrottled"] = result
+            print(json.dumps(result), flush=True)
+    report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
