@@ -2,13 +2,17 @@
 
 Thin adapter: the body goes to shared.proactive, which delivers, requeues a copy with a
 delay (throttled, transient, credentials or settings to fix, a reference still landing),
-poisons at once what no retry can deliver, and reports every outcome. Only a storage
-outage raises, so the host's redelivery and `maxDequeueCount` are kept for that.
+poisons at once what no retry can deliver, and reports every outcome; a Blob storage
+failure is requeued with a backoff too. It raises only when even that copy cannot be
+queued, so the host's redelivery and `maxDequeueCount` are kept for a queue outage.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from pathlib import Path
 
 import azure.functions as func
 
@@ -18,6 +22,17 @@ from shared.proactive import process_queue_message
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def max_dequeue_count() -> int:
+    """host.json's `maxDequeueCount` (the host's default, 5, when it is not set)."""
+    path = Path(__file__).resolve().parent.parent / "host.json"
+    try:
+        return int(json.loads(path.read_text("utf-8"))["extensions"]["queues"]["maxDequeueCount"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 5
+
+
 async def main(msg: func.QueueMessage) -> None:
-    outcome = await process_queue_message(msg.get_body(), runtime)
+    final = (msg.dequeue_count or 0) >= max_dequeue_count()
+    outcome = await process_queue_message(msg.get_body(), runtime, final_attempt=final)
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

@@ -12,14 +12,17 @@ import logging
 
 import azure.functions as func
 
-from app import runtime
 from shared.schedules import run_timer
 
 log = logging.getLogger(__name__)
 
 
 async def main(timer: func.TimerRequest) -> None:
-    enqueued = await run_timer(runtime().settings)
+    # Storage settings only (as a producer's): a bot credential mistake must not stop
+    # the schedules, whose sends then wait on the queue until it is fixed.
+    from shared.producer import producer_settings
+
+    enqueued = await run_timer(producer_settings())
     log.info(
         "schedules: %d due send(s) enqueued%s",
         len(enqueued),

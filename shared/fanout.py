@@ -26,10 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import iso
-from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest
-from shared.queues import compact_json
+from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
+from shared.queues import MAX_REQUEST_BYTES, compact_json
 from shared.references.contract import StoredReference
-from shared.reports import FANOUT_TARGET, ensure_head, head_name, record_duplicate
+from shared.reports import (
+    FANOUT_TARGET,
+    ensure_head,
+    head_name,
+    record_duplicate,
+    record_outcome,
+)
 
 if TYPE_CHECKING:
     from shared.proactive import Engine, Outcome
@@ -113,6 +119,21 @@ async def _enqueue_children(
             RESERVED: {"child": True},
         }
         async with semaphore:
+            if request_bytes(child) > MAX_REQUEST_BYTES:
+                # The key replaces the filter: a long one may not fit. Reported, not raised
+                # (a raise would stop the fan-out on every attempt).
+                await record_outcome(
+                    engine.ledger,
+                    request.id,
+                    stored.key,
+                    "failed",
+                    engine.clock(),
+                    reason=f"the message for this conversation is larger than "
+                    f"{MAX_REQUEST_BYTES} bytes as JSON",
+                    label=stored.key,
+                )
+                logger.warning("proactive %r: %s: too large, not sent", request.id, stored.key)
+                return
             await engine.queue.put(compact_json(child))
 
     await asyncio.gather(*(one(stored) for stored in targets))

@@ -11,8 +11,9 @@ Teams has no idempotency key, so the store decides whether a target was already 
    before anything else; then release the claim.
 
 What is left is the window between the Connector's 2xx and the marker write: a crash
-there (or storage refusing the write) means the target is sent again once the claim has
-expired. It is one storage round trip wide; docs/proactive.md says so.
+there means the target is sent again once the claim has expired. It is one storage round
+trip wide; docs/proactive.md says so. (Storage refusing the write alone does not: the
+engine's kept copy carries the outcome and records it later, without a send.)
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ async def take_claim(
         if current is None:
             continue  # released meanwhile: try again
         expires = current.data.get("expiresAt") if isinstance(current.data, dict) else None
+        if isinstance(expires, int | float) and current.modified:
+            # Never longer than a claim lasts from when the store wrote it (its own clock,
+            # to the second): a holder whose clock ran ahead cannot block the target.
+            expires = min(expires, current.modified + seconds + 1.0)
         if isinstance(expires, int | float) and expires > now:
             return Busy(expires - now)
         etag = await ledger.replace(name, data, current.etag)  # expired: its holder is gone

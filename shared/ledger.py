@@ -101,7 +101,11 @@ class MemoryLedger:
         found = self.blobs.get(name)
         if found is None:
             return None
-        return Record(json.loads(found[0]), found[2], found[3])
+        try:
+            data = json.loads(found[0])
+        except ValueError:
+            raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
+        return Record(data, found[2], found[3])
 
     async def replace(self, name: str, data: Any, etag: str) -> str | None:
         found = self.blobs.get(name)
@@ -131,9 +135,16 @@ class MemoryLedger:
 class BlobLedger:
     """The ledger in `settings.references_container` (created on first write)."""
 
-    def __init__(self, settings: Settings, *, options: StorageOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        options: StorageOptions = DEFAULT_OPTIONS,
+        page_size: int = 5000,
+    ) -> None:
         self._settings = settings
         self._options = options
+        self._page_size = page_size
 
     def _container(self) -> ContainerClient:
         # The process's shared client (one per event loop), as the poison queue uses.
@@ -206,19 +217,29 @@ class BlobLedger:
     async def list(self, prefix: str) -> AsyncIterator[Entry]:
         from azure.core.exceptions import ResourceNotFoundError
 
-        pages = self._container().list_blobs(
-            name_starts_with=prefix, include=["metadata"], results_per_page=5000
-        )
-        async with _guard("list", prefix):
-            try:
-                blobs = [blob async for blob in pages]
-            except ResourceNotFoundError:
-                blobs = []  # no container yet: nothing recorded
-        for blob in blobs:
-            modified = blob.last_modified
-            yield Entry(
-                blob.name, dict(blob.metadata or {}), modified.timestamp() if modified else 0
+        pages = (
+            self._container()
+            .list_blobs(
+                name_starts_with=prefix, include=["metadata"], results_per_page=self._page_size
             )
+            .by_page()
+        )
+        while True:
+            # Each page is one call with its own timeout: a report of a large broadcast
+            # is many pages, and must not time out as a whole.
+            async with _guard("list", prefix):
+                try:
+                    page = await anext(pages)
+                    blobs = [blob async for blob in page]
+                except StopAsyncIteration:
+                    return
+                except ResourceNotFoundError:
+                    return  # no container yet: nothing recorded
+            for blob in blobs:
+                modified = blob.last_modified
+                yield Entry(
+                    blob.name, dict(blob.metadata or {}), modified.timestamp() if modified else 0
+                )
 
     async def _upload(self, name: str, data: Any, metadata, **conditions: Any) -> dict:
         from azure.core.exceptions import ResourceNotFoundError

@@ -20,8 +20,10 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 - the bot's credentials or settings refused: requeued with capped backoff, never
   poisoned; delivered once the setting (named in the log) is fixed.
 
+- the bookkeeping or reference store failing: requeued with the same capped backoff.
+
 A requeued copy is a new queue message and the original returns normally, so the host's
-dequeue budget (`maxDequeueCount`) is spent only on what raised: storage outages.
+dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued.
 """
 
 from __future__ import annotations
@@ -47,16 +49,21 @@ from shared.proactive_schema import (
     ProactiveRequest,
     UserTarget,
     parse_request,
+    request_bytes,
 )
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
     MessageQueue,
     StorageQueue,
     compact_json,
     poison_message,
 )
+from shared.references import StoreError
 from shared.reports import (
+    FINAL_OUTCOMES,
     SINGLE_TARGET,
+    Final,
     ensure_head,
     outcome_name,
     record_duplicate,
@@ -245,9 +252,19 @@ class Engine:
         return delay * (1 + 0.2 * self.rand()) + self.rand()
 
     async def requeue(
-        self, request: ProactiveRequest, delay: float, *, count: bool = True
+        self,
+        request: ProactiveRequest,
+        delay: float,
+        *,
+        count: bool = True,
+        mark: bool = True,
+        unrecorded: tuple[Final, str | None] | None = None,
     ) -> Outcome:
-        """Put a copy back with a visibility delay; the original then completes normally."""
+        """Put a copy back with a visibility delay; the original then completes normally.
+
+        `unrecorded`: the target's outcome (and reason) that storage refused to record;
+        the copy records it on arrival and sends nothing.
+        """
         now = self.clock()
         engine = request.engine
         bookkeeping = replace(
@@ -255,11 +272,15 @@ class Engine:
             attempt=engine.attempt + (1 if count else 0),
             since=engine.since if engine.since is not None else now,
         )
+        if unrecorded is not None:
+            bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again.
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
-        await self.queue.put(compact_json(copy), delay=delay)
-        if count and not engine.child and request.broadcast is None:
+        if mark and count and not engine.child and request.broadcast is None:
             await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
+        # Written after the mark: a failure before the put leaves only the original, which
+        # the host redelivers; never a copy and a raise (two copies) for one failure.
+        await self.queue.put(compact_json(copy), delay=delay)
         return Outcome.REQUEUED
 
     def age(self, request: ProactiveRequest) -> float:
@@ -268,33 +289,165 @@ class Engine:
 
 
 async def handle_queue_message(
-    body: bytes | str, runtime: Runtime, *, engine: Engine | None = None
+    body: bytes | str,
+    runtime: Runtime,
+    *,
+    engine: Engine | None = None,
+    final_attempt: bool = False,
 ) -> Outcome:
-    """Process one queue message (see the module table). Raises only StoreError.
+    """Process one queue message; see :func:`_handle`.
 
-    An exception makes the host redeliver the message (and poison it after
-    `maxDequeueCount`), which is kept for storage outages: nothing else burns that budget.
+    `final_attempt`: the host poisons the message if this attempt raises too (its
+    `maxDequeueCount` is reached). The target's failure is then recorded first, so its
+    report (and its broadcast's) still reaches `done`.
     """
     engine = engine or Engine.for_runtime(runtime)
     try:
+        return await _handle(body, engine)
+    except Exception:
+        if final_attempt:
+            await _record_given_up(body, engine)
+        raise
+
+
+async def _record_given_up(body: bytes | str, engine: Engine) -> None:
+    try:
+        request = parse_request(body)
+    except InvalidRequest:
+        return
+    reason = "the function failed on every attempt; the host moved it to the poison queue"
+    try:
+        if request.broadcast is None:
+            await record_outcome(
+                engine.ledger,
+                request.id,
+                request.target_name,
+                "failed",
+                engine.clock(),
+                reason=reason,
+                label=request.label,
+            )
+        else:
+            await _end_fan_out(request, engine, reason)
+    except Exception as error:  # best effort: the store may be what is failing
+        logger.warning(
+            "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
+        )
+        return
+    logger.warning("proactive %r: %s: %s", request.id, request.label, reason)
+
+
+async def _end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) -> None:
+    """A fan-out the host gives up on: ended, with the fan-out itself as one failed
+    target, so the report reaches `done` once the children enqueued so far are."""
+    from shared.reports import FANOUT_TARGET, head_name
+
+    record = await engine.ledger.read(head_name(request.id))
+    if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
+        return
+    head = {
+        **record.data,
+        "fannedOut": True,
+        "targets": int(record.data.get("targets") or 0) + 1,
+        "updatedAt": iso(engine.clock()),
+    }
+    if await engine.ledger.replace(head_name(request.id), head, record.etag) is None:
+        return  # a fan-out moved on meanwhile: it is not over
+    reason = f"{reason}; conversations not yet fanned out were not sent"
+    label = "broadcast fan-out"
+    await record_outcome(
+        engine.ledger,
+        request.id,
+        FANOUT_TARGET,
+        "failed",
+        engine.clock(),
+        reason=reason,
+        label=label,
+    )
+
+
+async def _handle(body: bytes | str, engine: Engine) -> Outcome:
+    """Process one queue message (see the module table).
+
+    A storage failure (the bookkeeping or the reference store) puts a copy back with a
+    capped backoff, as a settings mistake does: raising would spend the host's dequeue
+    budget, and after `maxDequeueCount` the host poisons the message itself, with no
+    outcome recorded (a broadcast would never be done). It raises only when that copy
+    cannot be queued either; then the host's redelivery is all that is left.
+    """
+    try:
         request = parse_request(body)
     except InvalidRequest as error:
-        return await _poison_invalid(engine, body, f"invalid request: {error}")
-    if request.broadcast is not None:
-        from shared.fanout import fan_out
+        reason: str | None = f"invalid request: {error}"
+    else:
+        reason = None
+        if request_bytes(request.message) > MAX_REQUEST_BYTES:
+            # Its requeued copies would not fit in a queue message.
+            reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
+    if reason is not None:
+        try:
+            return await _poison_invalid(engine, body, reason)
+        except StoreError as failure:
+            return await _hold_raw(engine, body, failure)
+    try:
+        if request.engine.outcome is not None:
+            return await _record_unrecorded(request, engine)
+        if request.broadcast is not None:
+            from shared.fanout import fan_out
 
-        return await fan_out(request, engine)
-    return await _deliver_tracked(request, engine)
+            return await fan_out(request, engine)
+        return await _deliver_tracked(request, engine)
+    except StoreError as failure:
+        return await _hold_for_storage(request, engine, failure)
+
+
+async def _hold_for_storage(
+    request: ProactiveRequest,
+    engine: Engine,
+    failure: StoreError,
+    *,
+    unrecorded: tuple[Final, str | None] | None = None,
+) -> Outcome:
+    delay = engine.jitter(_settings_backoff(request.engine.attempt))
+    logger.warning(
+        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
+        request.id,
+        failure,
+        delay,
+    )
+    try:
+        return await engine.requeue(request, delay, mark=False, unrecorded=unrecorded)
+    except Exception:
+        raise failure from None
+
+
+async def _hold_raw(engine: Engine, body: bytes | str, failure: StoreError) -> Outcome:
+    """An invalid message whose failure could not be reported yet: kept, reported later."""
+    delay = engine.jitter(30.0)
+    logger.warning(
+        "proactive %r: storage failed (%s) reporting an invalid message; retried in %.0f s",
+        _request_id(body),
+        failure,
+        delay,
+    )
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        await engine.queue.put(text, delay=delay)
+    except Exception:
+        raise failure from None
+    return Outcome.REQUEUED
 
 
 async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Outcome:
-    await engine.queue.poison(body, reason)
+    # Reported first: a storage failure here keeps the message (see handle_queue_message)
+    # instead of leaving a poison copy with no outcome in the report.
     request_id = _request_id(body)
-    logger.warning("proactive %r poisoned: %s", request_id, reason)
     if request_id:
         now = engine.clock()
         await ensure_head(engine.ledger, request_id, "single", now)
         await record_outcome(engine.ledger, request_id, SINGLE_TARGET, "failed", now, reason=reason)
+    await engine.queue.poison(body, reason)
+    logger.warning("proactive %r poisoned: %s", request_id, reason)
     return Outcome.POISONED
 
 
@@ -302,7 +455,8 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)
-    claim = await take_claim(ledger, request.id, target, now, seconds=engine.claim_seconds)
+    claimed_at = engine.clock()
+    claim = await take_claim(ledger, request.id, target, claimed_at, seconds=engine.claim_seconds)
     if isinstance(claim, Busy):
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
@@ -312,25 +466,76 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             await record_duplicate(ledger, request.id, request.label, now)
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
+        if engine.clock() - claimed_at > engine.claim_seconds / 2:
+            # Slow storage spent most of the claim: the send (with the Connector's own
+            # retries) could outlive it, and another instance would send too.
+            logger.info(
+                "proactive %r: claim on %s mostly spent before the send; retried",
+                request.id,
+                request.label,
+            )
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
         try:
             outcome = await send_one(request, engine.runtime)
         except ConnectorError as error:
             return await _connector_failure(request, engine, error)
         if outcome is Outcome.DELIVERED:
             # The marker first, before anything else: this is the crash window's far edge.
-            await record_outcome(
-                ledger, request.id, target, "delivered", engine.clock(), label=request.label
-            )
+            if not await _record_or_hold(request, engine, "delivered"):
+                return Outcome.REQUEUED
             logger.info("proactive %r: delivered to %s", request.id, request.label)
         elif outcome is Outcome.PRUNED:
-            await record_outcome(
-                ledger, request.id, target, "pruned", engine.clock(), label=request.label
-            )
+            if not await _record_or_hold(request, engine, "pruned"):
+                return Outcome.REQUEUED
         elif outcome is Outcome.UNKNOWN:
             return await _unknown(request, engine)
         return outcome
     finally:
         await release_claim(ledger, claim)
+
+
+async def _record_or_hold(
+    request: ProactiveRequest, engine: Engine, outcome: Final, *, reason: str | None = None
+) -> bool:
+    """Record the target's final outcome (after a send); False when storage refused and a
+    copy that carries the outcome was queued instead, so it is recorded, never resent."""
+    try:
+        await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            outcome,
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+    except StoreError as failure:
+        await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+        return False
+    return True
+
+
+async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
+    """A copy kept because storage refused to record its outcome: recorded now, not sent."""
+    outcome, reason = request.engine.outcome, request.engine.reason
+    assert outcome in FINAL_OUTCOMES
+    try:
+        created = await record_outcome(
+            engine.ledger,
+            request.id,
+            request.target_name,
+            outcome,
+            engine.clock(),
+            reason=reason,
+            label=request.label,
+        )
+    except StoreError as failure:
+        return await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+    if not created:  # this copy arrived twice
+        await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
+        return Outcome.DUPLICATE
+    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
+    return Outcome(outcome)
 
 
 async def _clear_to_send(request: ProactiveRequest, engine: Engine, target: str) -> bool:
@@ -402,6 +607,10 @@ async def _connector_failure(
             wait = error.retry_after
             if wait is None:
                 wait = min(300.0, 2.0 * 2**request.engine.attempt)
+            elif age + wait > engine.max_age:
+                # Waiting as told would outlive the bound: reported now, not in an hour.
+                reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
+                return await _fail(request, engine, reason)
             delay = engine.jitter(wait)
             logger.info(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
@@ -429,7 +638,9 @@ def _settings_backoff(attempt: int) -> float:
     return min(600.0, 5.0 * 3 ** min(attempt, 10))
 
 
-async def process_queue_message(body: bytes | str, get_runtime: Callable[[], Runtime]) -> Outcome:
+async def process_queue_message(
+    body: bytes | str, get_runtime: Callable[[], Runtime], *, final_attempt: bool = False
+) -> Outcome:
     """The queue trigger's one call: handle the message with the process's runtime (from
     the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
     on the queue until they are fixed."""
@@ -439,7 +650,7 @@ async def process_queue_message(body: bytes | str, get_runtime: Callable[[], Run
         runtime = get_runtime()
     except SettingsError as error:
         return await hold_for_settings(body, error)
-    return await handle_queue_message(body, runtime)
+    return await handle_queue_message(body, runtime, final_attempt=final_attempt)
 
 
 async def hold_for_settings(
@@ -451,9 +662,7 @@ async def hold_for_settings(
     Needs only the storage settings (the trigger itself runs on them).
     """
     if queue is None:
-        from shared.producer import producer_settings
-
-        queue = StorageQueue(producer_settings())
+        queue = _holding_queue()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     attempt = 0
     try:
@@ -477,6 +686,22 @@ async def hold_for_settings(
     return Outcome.REQUEUED
 
 
+def _holding_queue() -> StorageQueue:
+    """The trigger's own queue from the two settings it runs on, and nothing else: any
+    other setting (the container's name included) may be the one that is broken."""
+    import os
+
+    from shared.config import StorageSettings, _storage_name
+
+    name = os.environ.get("BOT_PROACTIVE_QUEUE", "").strip() or "proactive-messages"
+    settings = Settings(
+        storage=StorageSettings.from_env(os.environ),
+        proactive_queue=_storage_name("BOT_PROACTIVE_QUEUE", name),
+        allow_unauthenticated=True,  # unused: holding a message sends nothing
+    )
+    return StorageQueue(settings)
+
+
 def _describe(error: ConnectorError) -> str:
     parts = [str(error.kind)]
     if error.status is not None:
@@ -493,15 +718,8 @@ async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outco
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    await record_outcome(
-        engine.ledger,
-        request.id,
-        request.target_name,
-        "failed",
-        engine.clock(),
-        reason=reason,
-        label=request.label,
-    )
+    if not await _record_or_hold(request, engine, "failed", reason=reason):
+        return Outcome.REQUEUED  # recorded later; the poison copy is already there
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 

@@ -49,11 +49,18 @@ class Bookkeeping:
     attempt: int = 0
     since: float | None = None
     child: bool = False
+    # Sent, but its outcome could not be recorded (storage failed): record it, send nothing.
+    outcome: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
         if self.child:
             data["child"] = True
+        if self.outcome:
+            data["outcome"] = self.outcome
+            if self.reason:
+                data["reason"] = self.reason
         return data
 
 
@@ -91,6 +98,14 @@ SENDABLE_TYPES = frozenset({"message", "typing", "event", "endOfConversation"})
 # a producer's activity are dropped, then filled from the reference.
 ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipient")
 MAX_ID_CHARS = 1024
+
+
+def request_bytes(message: Mapping[str, Any]) -> int:
+    """A request's size as JSON without the fields the engine and the poison queue add."""
+    from shared.queues import compact_json
+
+    own = {k: v for k, v in message.items() if k not in (RESERVED, "poisonReason")}
+    return len(compact_json(own).encode("utf-8"))
 
 
 def parse_request(body: bytes | str) -> ProactiveRequest:
@@ -196,14 +211,17 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     if not isinstance(value, dict):
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
     attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
+    outcome, reason = value.get("outcome"), value.get("reason")
     if (
         not isinstance(attempt, int)
         or attempt < 0
         or not isinstance(since, int | float | None)
         or not isinstance(child, bool)
+        or outcome not in (None, "delivered", "pruned", "failed")
+        or not isinstance(reason, str | None)
     ):
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
-    return Bookkeeping(attempt, float(since) if since is not None else None, child)
+    return Bookkeeping(attempt, float(since) if since is not None else None, child, outcome, reason)
 
 
 def _content(activity: Any, text: Any) -> dict[str, Any]:

@@ -31,10 +31,9 @@ from typing import Any
 
 from shared.config import Settings, SettingsError, StorageSettings, _storage_name
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
-from shared.queues import MAX_DELAY_SECONDS, MAX_QUEUE_MESSAGE_BYTES, StorageQueue, compact_json
+from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
 
 LOCAL_SETTINGS = "local.settings.json"
-MAX_REQUEST_BYTES = MAX_QUEUE_MESSAGE_BYTES - 512
 
 
 async def enqueue(

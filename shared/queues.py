@@ -16,6 +16,9 @@ from shared.config import Settings
 
 # A queue message is at most 64 KiB once base64-encoded, so this many bytes before encoding.
 MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
+# The largest request a producer may enqueue: the engine adds its bookkeeping (and the
+# poison queue a reason) to copies of it, which must still fit.
+MAX_REQUEST_BYTES = MAX_QUEUE_MESSAGE_BYTES - 512
 MAX_DELAY_SECONDS = 7 * 24 * 3600 - 60  # Azure's largest visibility timeout is 7 days
 
 
@@ -47,6 +50,9 @@ class MemoryQueue:
     poisoned: list[dict[str, Any]] = field(default_factory=list)
 
     async def put(self, text: str, *, delay: float = 0.0) -> None:
+        if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
+            # Refused as the service (and Azurite) refuse it: 64 KiB once base64-encoded.
+            raise ValueError("the message is larger than a queue message may be")
         self.sent.append((text, delay))
 
     async def poison(self, body: bytes | str, reason: str) -> None:

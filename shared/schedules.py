@@ -22,9 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.config import Settings
-from shared.ledger import Ledger
+from shared.ledger import Ledger, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MessageQueue, compact_json
+from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
 
 logger = logging.getLogger(__name__)
@@ -100,17 +101,34 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
     ]
     for blob in names:
         name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
-        record = await ledger.read(blob)
-        if record is None or not name or "/" in name:
+        if not name or "/" in name:
             continue
+        # One bad document (or one failed read) never stops the other schedules.
         try:
+            record = await ledger.read(blob)
+            if record is None:
+                continue
             schedule = parse_schedule(name, record.data)
+        except StoreError:
+            logger.warning(
+                "schedule %r skipped: the document is not valid JSON or unreadable", name
+            )
+            continue
         except InvalidRequest as error:
             logger.warning("schedule %r skipped: %s", name, error)
             continue
-        if schedule.enabled:
-            enqueued += await _run_one(ledger, queue, schedule, now)
+        enqueued += await _run_one(ledger, queue, schedule, now)
     return enqueued
+
+
+def _last_run(state: Record | None) -> datetime | None:
+    """The last run a state blob records, or None when it records none usable."""
+    last = state.data.get("last") if state is not None and isinstance(state.data, dict) else None
+    try:
+        moment = datetime.fromisoformat(last) if isinstance(last, str) else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 async def _run_one(
@@ -118,12 +136,22 @@ async def _run_one(
 ) -> list[str]:
     state_name = f"{STATE_PREFIX}{encode_segment(schedule.name, 400)}.json"
     until = now.astimezone(UTC)
-    state = await ledger.read(state_name)
-    if state is None:
+    try:
+        state = await ledger.read(state_name)
+    except StoreError:  # not JSON: replaced below, as if it were new
+        state = Record(None, "*")
+    last = _last_run(state)
+    if last is None:
         # A new schedule starts now (a run a moment late still counts this minute).
+        if state is not None:
+            logger.warning(
+                "schedule %r: its last-run record was unusable; restarts now", schedule.name
+            )
         last = until.replace(second=0, microsecond=0) - timedelta(microseconds=1)
-    else:
-        last = datetime.fromisoformat(str(state.data.get("last")))
+    if not schedule.enabled:
+        # A disabled schedule moves its last run on, so enabling it again does not send
+        # what fell due meanwhile.
+        last = until
     ids = []
     for due in due_times(schedule.expression, last, until):
         request_id = schedule_id(schedule.name, due)
@@ -133,7 +161,10 @@ async def _run_one(
     data = {"last": until.isoformat()}
     if state is None:
         await ledger.create(state_name, data)
-    elif max(last, until) == until:
+    elif state.etag == "*":
+        await ledger.delete(state_name)
+        await ledger.create(state_name, data)
+    elif last <= until:
         await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
     return ids
 

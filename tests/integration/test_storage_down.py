@@ -237,9 +237,16 @@ async def test_an_outage_through_the_devhost_answers_the_user_and_keeps_proactiv
     assert echo.json["text"] == "Echo: still there?"
     wait_for_log(devhost, "reference not recorded", timeout=5)
 
-    # Proactive: the attempt failed on storage, nothing was sent, the message is kept.
-    wait_for_log(devhost, "Function 'proactive_function' raised StoreError")
+    # Proactive: the attempt failed on storage, nothing was sent, the message is kept: a
+    # copy with a backoff, so the outage spends none of the host's dequeue budget.
+    wait_for_log(devhost, "storage failed")
+    wait_for_log(devhost, "): requeued")
+    assert "raised StoreError" not in devhost.log
     assert fake_connector.requests_for("sendToConversation") == []
+    for _ in range(100):  # the host deletes the original once the function has returned
+        if queue.get_queue_properties().approximate_message_count == 1:
+            break
+        await asyncio.sleep(0.05)
     assert queue.get_queue_properties().approximate_message_count == 1
 
     # Storage is back and the conversation is remembered again: the retry delivers, once.
@@ -249,13 +256,13 @@ async def test_an_outage_through_the_devhost_answers_the_user_and_keeps_proactiv
     await store.upsert(reference_for(fake_connector.url, conversation))
     await store.close()
 
-    # The host redelivers after host.json's visibilityTimeout (10 s in the repo).
+    # The copy becomes visible after the first backoff (5 s, plus jitter).
     [sent] = await fake_connector.wait_for(
         lambda requests: [r for r in requests if r.operation == "sendToConversation"], timeout=20
     )
     assert sent.params == {"conversationId": conversation}
     assert sent.json["text"] == "sent once storage is back"
-    wait_for_log(devhost, "(attempt 2): delivered", timeout=5)
+    wait_for_log(devhost, "(attempt 1): delivered", timeout=5)
     # The host deletes the message once the function has returned: allow it a moment.
     for _ in range(100):
         if queue.get_queue_properties().approximate_message_count == 0:

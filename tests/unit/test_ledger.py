@@ -66,3 +66,32 @@ async def test_list_gives_names_under_a_prefix_with_metadata(ledger):
     assert [e.name for e in entries] == ["p/1.json", "p/2.json"]
     assert entries[0].metadata == {"outcome": "delivered"} and entries[1].metadata == {}
     assert all(e.modified > 0 for e in entries)
+
+
+@pytest.mark.integration
+async def test_a_long_listing_is_timed_per_page_not_as_a_whole(azurite, unique_name, monkeypatch):
+    # A 100,000-target broadcast's report is one listing of ~20 pages of 5,000: each call
+    # gets the operation timeout, not the whole listing (which would time out the report).
+    import shared.ledger
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("ledger"),
+    )
+    ledger = BlobLedger(settings, page_size=1)
+    try:
+        sem = asyncio.Semaphore(16)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await ledger.create(f"p/{i:04d}.json", {})
+
+        await asyncio.gather(*(one(i) for i in range(80)))
+        started = asyncio.get_running_loop().time()
+        assert len([entry async for entry in ledger.list("p/")]) == 80
+        whole = asyncio.get_running_loop().time() - started
+        # Each page well within the timeout, the whole listing well beyond it.
+        monkeypatch.setattr(shared.ledger, "OPERATION_TIMEOUT", whole / 8)
+        assert len([entry async for entry in ledger.list("p/")]) == 80
+    finally:
+        await close_shared_clients()

@@ -522,3 +522,341 @@ async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app
     assert engine.queue.poisoned == [] and fake_connector.requests == []
     [(_, delay)] = engine.queue.take()
     assert 135 <= delay <= 135 * 1.2 + 1
+
+
+async def test_an_invalid_container_setting_keeps_the_message_instead_of_failing_the_trigger(
+    monkeypatch, azurite, unique_name, caplog
+):
+    # The container setting is also what a producer's settings validate: holding the
+    # message must need only the storage connection and the queue name, or the host
+    # redelivers it until it poisons it.
+    from azure.storage.queue import QueueClient
+
+    import app
+    from shared.config import reset_settings
+    from shared.proactive import process_queue_message
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("held")
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.setenv("BOT_REFERENCES_CONTAINER", "Not_A_Container!")
+    monkeypatch.setenv("BOT_ALLOW_UNAUTHENTICATED", "true")  # the container is what is wrong
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        assert await process_queue_message(body({"conversation": "msteams/a:1"}), app.runtime) is (
+            Outcome.REQUEUED
+        )
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    assert "BOT_REFERENCES_CONTAINER" in caplog.text
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+    finally:
+        client.close()
+
+
+# --- storage outages ---------------------------------------------------------------------
+
+
+class OutageLedger(MemoryLedger):
+    """The in-memory ledger with a switch for a storage outage (a real one cannot be
+    started and stopped per call here; test_storage_down covers Azurite going away)."""
+
+    down = False
+
+    async def create(self, name, data, *, metadata=None):
+        self._check()
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    async def read(self, name):
+        self._check()
+        return await MemoryLedger.read(self, name)
+
+    def _check(self) -> None:
+        from shared.references import StoreError
+
+        if self.down:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+
+async def test_a_storage_outage_longer_than_the_dequeue_budget_loses_no_broadcast_child(
+    parts, fake_connector
+):
+    # Each raise costs one of the host's five dequeues; the host then poisons the child
+    # itself, with no outcome recorded, and the broadcast never reaches `done`.
+    runtime, engine = parts
+    engine.ledger = OutageLedger(clock=engine.clock)
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    [first, second] = engine.queue.take()
+
+    engine.ledger.down = True
+    text = first[0]
+    for _ in range(8):  # longer than maxDequeueCount
+        assert await handle(engine, text) is Outcome.REQUEUED
+        [(text, delay)] = engine.queue.take()
+        assert delay >= 5
+    engine.ledger.down = False
+    engine.queue.sent.extend([(text, 0.0), second])
+    await drain(engine)
+
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+    assert engine.queue.poisoned == []
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["targets"]) == ("done", 2, 2)
+
+
+async def test_a_storage_outage_still_raises_when_the_queue_is_down_too(parts):
+    # Nothing could hold the message: the host's redelivery is the only way left.
+    from shared.references import StoreError
+
+    _runtime, engine = parts
+    engine.ledger = OutageLedger(clock=engine.clock)
+    engine.ledger.down = True
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    with pytest.raises(StoreError):
+        await handle(engine, body({"conversation": "msteams/a:1"}))
+
+
+# --- bounds: message size, Retry-After beyond the age bound ---------------------------------
+
+
+async def test_a_request_too_large_for_the_engines_copies_is_refused_at_once(parts, fake_connector):
+    # It fits a queue message, but the copy the engine puts back (with its `_proactive`
+    # field) would not: the put would raise on every throttle until the host poisons it,
+    # unreported. The producer refuses such requests; the engine must too.
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES
+
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "1"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 2)
+    text = body({"conversation": "msteams/a:1"}, text="x" * (MAX_QUEUE_MESSAGE_BYTES - 80))
+    assert len(text.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+
+    assert await handle(engine, text) is Outcome.POISONED
+
+    assert engine.queue.sent == [] and sends(fake_connector) == []
+    [poisoned] = engine.queue.poisoned  # the request as it was: with a reason it would not fit
+    assert poisoned["id"] == "req-1"
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "larger than" in report["failures"][0]["reason"]
+
+
+async def test_a_retry_after_beyond_the_age_bound_fails_now_instead_of_waiting_past_it(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    engine.max_age = 600
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "3600"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 2)
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+
+    assert engine.queue.sent == []
+    [poisoned] = engine.queue.poisoned
+    assert "3600" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+
+
+async def test_a_broadcast_child_too_large_for_a_queue_message_is_reported_not_raised(
+    parts, fake_connector
+):
+    # The broadcast fits; its child for a conversation with a long id would not (the key
+    # replaces the filter). Raising would stop the fan-out on every attempt.
+    from shared.queues import MAX_REQUEST_BYTES
+
+    runtime, engine = parts
+    long_id = "19:" + "c" * 600 + "@thread.tacv2"
+    await runtime.references.upsert(reference(fake_connector.url, long_id, personal=False))
+    overhead = len(body({"broadcast": {}}, "b-1", text="").encode())
+    text = body({"broadcast": {}}, "b-1", text="x" * (MAX_REQUEST_BYTES - overhead - 100))
+
+    assert await handle(engine, text) is Outcome.FANNED_OUT
+    await drain(engine)
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"], report["failed"]) == (
+        "done",
+        2,
+        1,
+        1,
+    )
+    assert "larger than" in report["failures"][0]["reason"]
+
+
+async def test_a_claim_mostly_spent_on_slow_storage_is_not_used_for_a_send(parts, fake_connector):
+    # The claim is what keeps a second instance off the target. When the bookkeeping
+    # before the send took most of it, the send (its own retries up to the Connector
+    # budget) could outlive it and another instance would send too.
+    _runtime, engine = parts
+    clock = engine.clock
+
+    class SlowLedger(MemoryLedger):
+        """Reads of outcomes take 30 s (a storage brownout, played on the test clock)."""
+
+        async def read(self, name):
+            if "/out/" in name:
+                clock.now += 30
+            return await MemoryLedger.read(self, name)
+
+    engine.ledger = SlowLedger(clock=clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert sends(fake_connector) == []
+    assert not any("/claim/" in name for name in engine.ledger.blobs)  # released
+    [(copy, _)] = engine.queue.take()
+
+    engine.ledger = MemoryLedger(clock=clock)  # storage is quick again
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_poisons(
+    parts, fake_connector
+):
+    # The queue itself refuses the engine's copy (an outage of the queue, not the Blob
+    # store): the function raises, and after maxDequeueCount the host poisons the message.
+    # Without an outcome the report (a broadcast's too) would never be done.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 4)
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine)
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] != "done"  # not the last attempt: the host tries again
+
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "poison" in report["failures"][0]["reason"]
+
+
+def test_the_trigger_knows_the_hosts_dequeue_budget():
+    import proactive_function
+
+    assert proactive_function.max_dequeue_count() == 5  # host.json's maxDequeueCount
+
+
+async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(parts, fake_connector):
+    # Its holder wrote `expiresAt` an hour ahead (its clock is wrong), then crashed. The
+    # claim's age is read from the store's own timestamp, so it ends after its length.
+    _runtime, engine = parts
+    skewed = {"owner": "x", "expiresAt": engine.clock.now + 3600 + engine.claim_seconds}
+    await engine.ledger.create(claim_name("req-1", "target"), skewed)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+
+    engine.clock.now += engine.claim_seconds + 2
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_report(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    engine.fanout_page_size = 1
+    engine.fanout_seconds = 0
+    text = body({"broadcast": {}}, "b-1")
+    assert await handle(engine, text) is Outcome.REQUEUED  # first page, then continues
+    [child, _continuation] = engine.queue.take()
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    queue, engine.queue = engine.queue, DownQueue()
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    engine.queue = queue
+    engine.queue.sent.append(child)
+    await drain(engine)
+
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+    assert "fan-out" in report["failures"][0]["target"]
+
+
+async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a_resend(
+    parts, fake_connector
+):
+    # The crash window stays, but storage refusing the marker write after the 2xx no
+    # longer sends the message again: the kept copy carries the outcome to record.
+    _runtime, engine = parts
+
+    class MarkerOutage(MemoryLedger):
+        down = True
+
+        async def create(self, name, data, *, metadata=None):
+            from shared.references import StoreError
+
+            if self.down and "/out/" in name:
+                raise StoreError("proactive ledger: storage unreachable (test outage)")
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    engine.ledger = MarkerOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert sends(fake_connector) == ["a:1"]
+    [(copy, _)] = engine.queue.take()
+
+    assert await handle(engine, copy) is Outcome.REQUEUED  # still down: kept again
+    [(copy, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await handle(engine, copy) is Outcome.DELIVERED
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"]) == ("done", 1)
+    assert await handle(engine, copy) is Outcome.DUPLICATE
+
+
+async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(parts, fake_connector):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+
+    class OutcomeOutage(MemoryLedger):
+        """Outcome writes fail while `down` (storage failing right after the send)."""
+
+        down = True
+
+        async def create(self, name, data, *, metadata=None):
+            from shared.references import StoreError
+
+            if self.down and "/out/" in name:
+                raise StoreError("proactive ledger: storage unreachable (test outage)")
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    engine.ledger = OutcomeOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await handle(engine, copy) is Outcome.FAILED
+
+    assert len(sends(fake_connector)) == 1
+    assert len(engine.queue.poisoned) == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "500" in report["failures"][0]["reason"]

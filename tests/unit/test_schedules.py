@@ -10,6 +10,7 @@ import pytest
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
 from shared.queues import MemoryQueue
+from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
@@ -89,3 +90,83 @@ def test_importing_the_timer_and_queue_functions_loads_no_heavy_package():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_document_that_is_not_json_is_skipped_with_a_log_and_the_others_still_run(caplog):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-first.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    ledger.blobs["schedules/b-broken.json"] = (b"{not json", {}, '"x"', 0.0)
+    await ledger.create("schedules/c-last.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:a-first:2030-01-01T12:00Z", "schedule:c-last:2030-01-01T12:00Z"]
+    assert "b-broken" in caplog.text and "not valid JSON" in caplog.text
+
+
+async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stopping_others():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/b.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create(f"proactive-schedules/{encode_segment('a', 400)}.json", {"last": "?"})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:a:2030-01-01T12:00Z", "schedule:b:2030-01-01T12:00Z"]
+    assert await run_schedules(ledger, queue, T0 + timedelta(seconds=10)) == []
+
+
+async def test_a_re_enabled_schedule_does_not_send_what_fell_due_while_it_was_disabled():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    document = {"schedule": "0 * * * * *", "request": REQUEST}
+    await ledger.create("schedules/s.json", document)
+    assert await run_schedules(ledger, queue, T0) == ["schedule:s:2030-01-01T12:00Z"]
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", {**document, "enabled": False}, record.etag)
+    for minute in range(1, 30):
+        assert await run_schedules(ledger, queue, T0 + timedelta(minutes=minute)) == []
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", document, record.etag)
+
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=30))
+
+    assert ids == ["schedule:s:2030-01-01T12:30Z"]
+
+
+async def test_the_timer_enqueues_with_only_the_storage_settings(monkeypatch, azurite, unique_name):
+    # Scheduling needs storage only: a bot credential mistake must not stop the timer
+    # (its due times would pile up and all go at once when the setting is fixed).
+    import os
+
+    from azure.functions.timer import TimerRequest  # the host's own type
+    from azure.storage.queue import QueueClient
+
+    import schedule_function
+    from shared.config import reset_settings
+    from shared.ledger import BlobLedger
+    from shared.producer import producer_settings
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    queue, container = unique_name("sched"), unique_name("sched")
+    for name in ("MicrosoftAppId", "MicrosoftAppPassword", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    monkeypatch.setenv("BOT_PROACTIVE_QUEUE", queue)
+    monkeypatch.setenv("BOT_REFERENCES_CONTAINER", container)
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    reset_runtime()
+    try:
+        ledger = BlobLedger(producer_settings())
+        await ledger.create("schedules/tick.json", {"schedule": "* * * * * *", "request": REQUEST})
+        await schedule_function.main(TimerRequest())
+    finally:
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    try:
+        assert client.get_queue_properties().approximate_message_count == 1
+    finally:
+        client.close()
