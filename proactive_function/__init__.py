@@ -16,6 +16,7 @@ from pathlib import Path
 
 import azure.functions as func
 
+from app import runtime
 from shared.proactive import process_queue_message
 
 log = logging.getLogger(__name__)
@@ -33,5 +34,5 @@ def max_dequeue_count() -> int:
 
 async def main(msg: func.QueueMessage) -> None:
     final = (msg.dequeue_count or 0) >= max_dequeue_count()
-    outcome = await process_queue_message(msg.get_body(), final_attempt=final)
+    outcome = await process_queue_message(msg.get_body(), runtime, final_attempt=final)
     log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

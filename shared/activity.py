@@ -18,9 +18,50 @@ Activity = dict[str, Any]
 ConversationReference = dict[str, Any]
 
 
+TEAMS_CHANNEL = "msteams"  # the only channel whose channelData tenant and team are trusted
+
+
 def conversation_key(channel_id: str, conversation_id: str) -> str:
-    """The key of a stored reference: ``"<channelId>/<conversation.id>"``."""
+    """The key of a stored reference: ``"<channelId>/<conversation.id>"`` (the one place
+    that spells the format; :func:`split_key` reads it back)."""
     return f"{channel_id}/{conversation_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"<channelId>/<conversation.id>"`` → (channel id, conversation id)."""
+    if not isinstance(key, str):
+        raise ValueError("a conversation key must be a string")
+    channel_id, sep, conversation_id = key.partition("/")
+    if not sep or not channel_id or not conversation_id:
+        raise ValueError("a conversation key looks like '<channelId>/<conversation id>'")
+    return channel_id, conversation_id
+
+
+def channel_data(activity: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The activity's ``channelData`` (``{}`` when absent or not an object)."""
+    data = activity.get("channelData")
+    return data if isinstance(data, Mapping) else {}
+
+
+def from_teams(activity: Mapping[str, Any]) -> bool:
+    """Teams' channelData (tenant, team) is only trusted on msteams activities: inbound auth
+    checked that the signing key is endorsed for the channel, while any other channel's
+    client (Web Chat, Direct Line) can put whatever it likes into channelData."""
+    return activity.get("channelId") == TEAMS_CHANNEL
+
+
+def teams_tenant_id(activity: Mapping[str, Any]) -> str | None:
+    """The tenant of a Teams activity (verified data only); None on other channels."""
+    return tenant_id(activity) if from_teams(activity) else None
+
+
+def teams_team_id(activity: Mapping[str, Any]) -> str | None:
+    """The team of a Teams channel conversation (``channelData.team.id``); None elsewhere."""
+    if not from_teams(activity):
+        return None
+    team = channel_data(activity).get("team")
+    team_id = team.get("id") if isinstance(team, Mapping) else None
+    return team_id if isinstance(team_id, str) and team_id else None
 
 
 def tenant_id(activity: Mapping[str, Any]) -> str | None:
@@ -28,9 +69,9 @@ def tenant_id(activity: Mapping[str, Any]) -> str | None:
     conversation = activity.get("conversation") or {}
     tenant = conversation.get("tenantId") if isinstance(conversation, Mapping) else None
     if not tenant:
-        channel_data = activity.get("channelData")
-        if isinstance(channel_data, Mapping) and isinstance(channel_data.get("tenant"), Mapping):
-            tenant = channel_data["tenant"].get("id")
+        data = channel_data(activity)
+        if isinstance(data.get("tenant"), Mapping):
+            tenant = data["tenant"].get("id")
     return tenant if isinstance(tenant, str) and tenant else None
 
 

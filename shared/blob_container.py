@@ -4,8 +4,10 @@ Stores built on Blob storage hold one of these: it creates the service client la
 (importing the storage SDK then, not at import time), makes a new one when the host
 runs a new event loop (an async client belongs to the loop that opened its connections),
 creates the container when a write finds it missing, and closes what it created. Its
-conditional ``read`` / ``put`` / ``remove`` are the ETag primitives the stores build on;
-they raise the SDK's errors (the store turns them into its own, without their text).
+conditional ``read`` (body and ETag) / ``put`` (create-only, or If-Match) / ``remove``
+(If-Match) are the one set of ETag primitives the stores build on (the reference store,
+the state store); they raise the SDK's errors (each store turns them into its own,
+without their text).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +23,11 @@ from shared.config import StorageSettings
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, close_client, create_blob_service
 
 if TYPE_CHECKING:
-    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+    from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
 logger = logging.getLogger(__name__)
+
+BLOB_CLIENTS = 64  # blob clients kept for reuse (see LazyContainer.blob)
 
 
 @dataclass(slots=True)
@@ -42,8 +47,14 @@ class LazyContainer:
         *,
         client: BlobServiceClient | None = None,
         options: StorageOptions = DEFAULT_OPTIONS,
+        label: str = "storage",
+        blob_clients: int = BLOB_CLIENTS,
     ) -> None:
         self.name = name
+        self._label = label  # how its log lines start
+        self._blobs: OrderedDict[str, BlobClient] = OrderedDict()
+        self._blobs_of: ContainerClient | None = None  # the container they belong to
+        self._blob_clients = blob_clients
         self._storage = storage
         self._options = options
         self._client = client
@@ -62,18 +73,35 @@ class LazyContainer:
             self._container = self._client.get_container_client(self.name)
         return self._container
 
+    def blob(self, name: str) -> BlobClient:
+        """The client of one blob, reused for the next call on the same name (a document
+        read, then written): building one costs more CPU than the request it makes."""
+        container = self.get()
+        blob = self._blobs.get(name)
+        if blob is None or self._blobs_of is not container:
+            if self._blobs_of is not container:
+                self._blobs.clear()
+                self._blobs_of = container
+            blob = self._blobs[name] = container.get_blob_client(name)
+            if len(self._blobs) > self._blob_clients:
+                self._blobs.popitem(last=False)
+        else:
+            self._blobs.move_to_end(name)
+        return blob
+
     async def create(self) -> None:
         """Create the container (another writer having created it first is fine)."""
         from azure.core.exceptions import ResourceExistsError
 
         with contextlib.suppress(ResourceExistsError):
             await self.get().create_container()
-            logger.info("storage: created container %s", self.name)
+            logger.debug("%s: created container %s", self._label, self.name)
 
     async def close(self) -> None:
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             self._container = None
+            self._blobs.clear()
             await close_client(client)
 
     async def read(self, name: str) -> Blob | None:
@@ -81,7 +109,7 @@ class LazyContainer:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            downloader = await self.get().download_blob(name)
+            downloader = await self.blob(name).download_blob()
             body = await downloader.readall()
         except ResourceNotFoundError:
             return None
@@ -112,7 +140,7 @@ class LazyContainer:
         else:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         for _ in range(2):
-            blob = self.get().get_blob_client(name)
+            blob = self.blob(name)
             try:
                 result = await blob.upload_blob(
                     body,
@@ -139,7 +167,7 @@ class LazyContainer:
         if etag is not None:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         try:
-            await self.get().delete_blob(name, **conditions)
+            await self.blob(name).delete_blob(**conditions)
         except ResourceNotFoundError:
             return False
         except ResourceModifiedError:

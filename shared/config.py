@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
+from shared.serviceurl import prefix_problem
+from shared.urls import is_loopback_host
 
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
 ChannelService = Literal["public", "usgov"]
@@ -329,48 +330,20 @@ def _require_bare_authority(authority: str) -> None:
         )
 
 
-# What the Connector client accepts as a serviceUrl prefix (shared.connector.parse_service_url
-# is the final word, judging hosts and paths with the same shared.urls rules; these checks
-# catch the mistakes it would otherwise ignore with only a warning). A path with encoded
-# separators (%2F, %2E, %5C) is left to it: it never matches.
+# Entries are judged by the Connector client's own serviceUrl parse (shared.serviceurl): an
+# entry it could not use is refused here rather than ignored with only a warning.
 def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
     """Comma-separated prefixes: blanks skipped, duplicates dropped, each one validated."""
     prefixes: list[str] = []
     for position, entry in enumerate(raw.split(","), start=1):
         entry = entry.strip()
         if entry:
-            problem = _trusted_prefix_problem(entry)
+            problem = prefix_problem(entry)
             if problem:
                 raise SettingsError("BOT_TRUSTED_SERVICE_URLS", f"entry {position} {problem}")
             if entry not in prefixes:
                 prefixes.append(entry)
     return tuple(prefixes)
-
-
-def _trusted_prefix_problem(prefix: str) -> str:
-    """Why the Connector would not use `prefix` ("" when it would). Never echoes the value."""
-    if not prefix.isascii() or any(c.isspace() or not c.isprintable() for c in prefix):
-        return "must be one ASCII URL (separate entries with commas; punycode for IDNs)"
-    try:
-        parts = urlsplit(prefix)
-        port = parts.port
-    except ValueError:
-        return "has an invalid port or host"
-    host = parts.hostname or ""
-    if parts.scheme not in ("https", "http") or not host:
-        return "must be an absolute https URL"
-    if "@" in parts.netloc or parts.query or parts.fragment or "\\" in prefix:
-        return "must be a plain URL prefix (no user, query or fragment)"
-    if parts.scheme == "http" and not is_loopback_host(host):
-        return "must be https (plain http only for loopback hosts)"
-    if not (HOST_NAME.fullmatch(host) or is_ip_address(host)):
-        return "has an invalid host name"
-    if port == 0:
-        return "has an invalid port"
-    path = parts.path
-    if not PATH_CHARS.fullmatch(path) or has_dot_segment(path):
-        return "has a path with dot segments or characters a URL path cannot have"
-    return ""
 
 
 # NCRONTAB fields (sec min hour day month day-of-week): bounds, and the names NCrontab knows.

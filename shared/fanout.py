@@ -28,7 +28,7 @@ from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import iso
 from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
 from shared.queues import MAX_REQUEST_BYTES, compact_json
-from shared.references import StoredReference
+from shared.references.contract import StoredReference
 from shared.reports import (
     FANOUT_TARGET,
     ensure_head,

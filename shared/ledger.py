@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.config import Settings
-from shared.references import StoreError
+from shared.references.contract import StoreError
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
 
 if TYPE_CHECKING:

@@ -26,12 +26,17 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from shared.activity import conversation_reference, tenant_id
-from shared.references import TEAMS_CHANNEL, ReferenceStore, reference_key
+from shared.activity import (
+    channel_data,
+    conversation_reference,
+    is_bot_account,
+    teams_team_id,
+    teams_tenant_id,
+)
+from shared.references.contract import ReferenceStore, reference_key
 
 logger = logging.getLogger(__name__)
 
-_TEAMS_BOT_PREFIX = "28:"  # Teams prefixes bot ids with "28:"; some payloads omit it
 _REMOVAL_EVENTS = frozenset({"teamDeleted", "teamHardDeleted"})
 _THREAD_MARKER = ";messageid="
 
@@ -53,7 +58,7 @@ def classify(activity: Mapping[str, Any]) -> Change:
             return Change.REMOVE
         return Change.REFRESH
     if kind == "conversationUpdate":
-        event = _channel_data(activity).get("eventType")
+        event = channel_data(activity).get("eventType")
         if event in _REMOVAL_EVENTS:
             return Change.REMOVE
         if event == "teamRestored":
@@ -76,7 +81,7 @@ async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) ->
     except ValueError as exc:
         logger.warning("references: activity %s not recorded: %s", activity.get("id"), exc)
         return
-    team_id = _team_id(activity)
+    team_id = teams_team_id(activity)
     change = classify(activity)
     if change is Change.REMOVE:
         await _remove(store, key, reference, team_id, activity.get("id"))
@@ -95,7 +100,7 @@ def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(conversation, Mapping):
         return reference
     conversation = dict(conversation)
-    tenant = tenant_id(activity) if _from_teams(activity) else None
+    tenant = teams_tenant_id(activity)
     if tenant and not conversation.get("tenantId"):
         conversation["tenantId"] = tenant
     conversation_id = conversation.get("id")
@@ -137,39 +142,13 @@ async def _remove(
     logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
 
 
-def _channel_data(activity: Mapping[str, Any]) -> Mapping[str, Any]:
-    data = activity.get("channelData")
-    return data if isinstance(data, Mapping) else {}
-
-
-def _from_teams(activity: Mapping[str, Any]) -> bool:
-    """Teams' channelData (tenant, team) is only trusted on msteams activities: inbound auth
-    checked that the signing key is endorsed for the channel, while any other channel's
-    client (Web Chat, Direct Line) can put whatever it likes into channelData."""
-    return activity.get("channelId") == TEAMS_CHANNEL
-
-
-def _team_id(activity: Mapping[str, Any]) -> str | None:
-    if not _from_teams(activity):
-        return None
-    team = _channel_data(activity).get("team")
-    team_id = team.get("id") if isinstance(team, Mapping) else None
-    return team_id if isinstance(team_id, str) and team_id else None
-
-
 def _includes_bot(activity: Mapping[str, Any], field: str) -> bool:
     recipient = activity.get("recipient")
     bot_id = recipient.get("id") if isinstance(recipient, Mapping) else None
     members = activity.get(field)
-    if not isinstance(bot_id, str) or not bot_id or not isinstance(members, list):
+    if not isinstance(members, list):
         return False
-    bot = bot_id.removeprefix(_TEAMS_BOT_PREFIX)
-    return any(
-        isinstance(member, Mapping)
-        and isinstance(member.get("id"), str)
-        and member["id"].removeprefix(_TEAMS_BOT_PREFIX) == bot
-        for member in members
-    )
+    return any(is_bot_account(member, bot_id) for member in members)
 
 
 def _short(key: str) -> str:

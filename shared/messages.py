@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.activity import (
     Activity,
@@ -25,8 +25,11 @@ from shared.config import SettingsError
 from shared.diagnostics import describe
 from shared.http import HttpRequest, HttpResponse
 from shared.router import InvokeResponse, Router
-from shared.runtime import Runtime, get_runtime
+from shared.runtime import Runtime
 from shared.turn import TurnContext
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,14 @@ class TurnOutcome:
     failed: bool = False
 
 
-async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) -> HttpResponse:
-    """Authenticate, validate and route one activity; answer per docs/contracts.md."""
+async def handle_messages(
+    request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
+) -> HttpResponse:
+    """Authenticate, validate and route one activity; answer per docs/contracts.md.
+
+    `runtime` is the runtime, or the app's function that gets it (app.runtime): called
+    here, so app settings that do not validate give the channel a clean 500.
+    """
     try:
         return await _handle(request, runtime)
     except Exception as error:  # a bug here must still give the channel a clean answer
@@ -59,12 +68,12 @@ async def handle_messages(request: HttpRequest, runtime: Runtime | None = None) 
         return HttpResponse.text(500, SERVER_ERROR)
 
 
-async def _handle(request: HttpRequest, runtime: Runtime | None) -> HttpResponse:
+async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]) -> HttpResponse:
     if request.method != "POST":
         return HttpResponse(405, b"", {"Allow": "POST"})
-    if runtime is None:
+    if not isinstance(runtime, Runtime):
         try:
-            runtime = get_runtime()
+            runtime = runtime()
         except SettingsError as error:
             # SettingsError's message names the setting and the problem, never its value.
             logger.error("messages: bot not configured: %s", error)
@@ -141,7 +150,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
     with its retries must not eat that. A write cut short is redone by a later activity.
     """
     from shared.lifecycle import record_activity
-    from shared.references import StoreError
+    from shared.references.contract import StoreError
 
     try:
         async with asyncio.timeout(RECORD_BUDGET):

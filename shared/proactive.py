@@ -39,7 +39,7 @@ from typing import Any
 
 from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
-from shared.connector import ConnectorError, ErrorKind
+from shared.connector.errors import ConnectorError, ErrorKind
 from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import (
@@ -638,11 +638,13 @@ def _settings_backoff(attempt: int) -> float:
     return min(600.0, 5.0 * 3 ** min(attempt, 10))
 
 
-async def process_queue_message(body: bytes | str, *, final_attempt: bool = False) -> Outcome:
-    """The queue trigger's one call: handle the message with the process's runtime or,
-    when the app settings are unusable, keep it on the queue until they are fixed."""
+async def process_queue_message(
+    body: bytes | str, get_runtime: Callable[[], Runtime], *, final_attempt: bool = False
+) -> Outcome:
+    """The queue trigger's one call: handle the message with the process's runtime (from
+    the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
+    on the queue until they are fixed."""
     from shared.config import SettingsError
-    from shared.runtime import get_runtime
 
     try:
         runtime = get_runtime()

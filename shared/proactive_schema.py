@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shared.activity import as_activity, conversation_key
-from shared.references import TEAMS_CHANNEL, split_key
+from shared.activity import TEAMS_CHANNEL, as_activity, conversation_key, split_key
 from shared.reports import SINGLE_TARGET
 
 # The one field the engine adds to copies it puts back on the queue (attempt count, first

@@ -51,7 +51,7 @@ async def enqueue(
     Returns the request id. Raises InvalidRequest (short reason; nothing enqueued).
     """
     from shared.ledger import BlobLedger
-    from shared.references import StoreError
+    from shared.references.contract import StoreError
     from shared.reports import ensure_head
 
     settings = settings or producer_settings()
@@ -185,7 +185,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _conversations(settings: Settings, filters: Any) -> list[str]:
     from shared.proactive_schema import parse_broadcast
-    from shared.references import BlobReferenceStore
+    from shared.references.blob import BlobReferenceStore
 
     wanted = parse_broadcast(filters)
     store = BlobReferenceStore(settings, cache_size=0)
@@ -213,7 +213,7 @@ async def _conversations(settings: Settings, filters: Any) -> list[str]:
 
 
 async def run(argv: Sequence[str] | None = None) -> int:
-    from shared.references import StoreError
+    from shared.references.contract import StoreError
     from shared.storage import close_shared_clients
 
     args = _parser().parse_args(argv)

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from shared.ledger import Ledger, iso
-from shared.references import encode_segment
+from shared.references.keys import encode_segment
 
 PREFIX = "proactive/"
 SINGLE_TARGET = "target"  # the outcome name of a request with one target

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shared.activity import is_bot_account
+from shared.activity import channel_data, is_bot_account
 from shared.diagnostics import describe
 from shared.turn import TurnContext
 
@@ -69,11 +69,6 @@ class Route:
 
 def _of_type(activity_type: str) -> Predicate:
     return lambda turn: turn.activity.get("type") == activity_type
-
-
-def _channel_data(turn: TurnContext) -> dict[str, Any]:
-    channel_data = turn.activity.get("channelData")
-    return channel_data if isinstance(channel_data, dict) else {}
 
 
 def _includes_bot(members: Any, turn: TurnContext) -> bool:
@@ -175,7 +170,7 @@ class Router:
         return self.on(
             lambda turn: (
                 turn.activity.get("type") == "conversationUpdate"
-                and _channel_data(turn).get("eventType") == event_type
+                and channel_data(turn.activity).get("eventType") == event_type
             )
         )
 

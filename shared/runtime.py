@@ -14,8 +14,8 @@ from shared.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from shared.auth.inbound import InboundAuthenticator
-    from shared.connector import ConnectorClient
-    from shared.references import ReferenceStore
+    from shared.connector.client import ConnectorClient
+    from shared.references.contract import ReferenceStore
     from shared.router import Router
     from shared.state import StateStore
 
@@ -34,8 +34,8 @@ class Runtime:
         """The production parts for `settings` (raises SettingsError for a bad setting)."""
         from shared.auth.inbound import InboundAuthenticator
         from shared.auth.tokens import create_token_provider
-        from shared.connector import ConnectorClient
-        from shared.references import create_reference_store
+        from shared.connector.client import ConnectorClient
+        from shared.references.blob import create_reference_store
         from shared.state_blob import create_state_store
 
         return cls(
@@ -58,16 +58,16 @@ class Runtime:
 _runtime: Runtime | None = None
 
 
-def get_runtime() -> Runtime:
-    """The process's runtime: settings from the environment, handlers from shared.bot.
+def get_runtime(router: Router) -> Runtime:
+    """The process's runtime for the app's bot: settings from the environment, the
+    handlers of `router` (the app names the bot, see app.py; the library never does).
 
-    Built on first use; a failure (e.g. a SettingsError) is raised again at the next call
-    rather than remembered, so fixing the app settings needs no redeploy of code.
+    Built on first use and reused; a process serves one bot, so a call with another
+    router builds a runtime for that one. A failure (e.g. a SettingsError) is raised again
+    at the next call rather than remembered, so fixing the app settings needs no redeploy.
     """
     global _runtime
-    if _runtime is None:
-        from shared.bot import router
-
+    if _runtime is None or _runtime.router is not router:
         _runtime = Runtime.create(get_settings(), router)
     return _runtime
 

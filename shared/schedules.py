@@ -25,7 +25,8 @@ from shared.config import Settings
 from shared.ledger import Ledger, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MessageQueue, compact_json
-from shared.references import StoreError, encode_segment
+from shared.references.contract import StoreError
+from shared.references.keys import encode_segment
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.blob_container import ContainerVanished, LazyContainer
 from shared.config import Settings
-from shared.references import encode_segment
+from shared.references.keys import encode_segment
 from shared.state import (
     MAX_STATE_BYTES,
     StateDocument,

@@ -29,6 +29,7 @@ from shared.activity import (
     conversation_key,
     conversation_reference,
     is_bot_account,
+    teams_team_id,
     text_without_bot_mention,
 )
 from shared.activity import tenant_id as activity_tenant_id
@@ -48,7 +49,7 @@ from shared.wire import (
 if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
-    from shared.connector import ConnectorClient
+    from shared.connector.client import ConnectorClient
 
 
 class TurnContext:
@@ -152,11 +153,7 @@ class TurnContext:
     @property
     def team_id(self) -> str | None:
         """The Teams team of a channel conversation (msteams activities only)."""
-        if self.activity.get("channelId") != "msteams":
-            return None
-        team = self.channel_data.get("team")
-        team_id = team.get("id") if isinstance(team, Mapping) else None
-        return team_id if isinstance(team_id, str) and team_id else None
+        return teams_team_id(self.activity)
 
     @property
     def entities(self) -> list[Entity]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from shared.state import StateStore, conversation_state_key, user_state_key
 
 if TYPE_CHECKING:
-    from shared.references import ReferenceStore
+    from shared.references.contract import ReferenceStore
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 from shared.auth.keys import KeySourceError, OpenIdKeyCache, SigningKey
 from shared.config import CLOUDS, Settings
+from shared.serviceurl import ServiceTarget, parse_service_url
 from shared.urls import is_loopback_host
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ BOT_FRAMEWORK_TENANTS: dict[str, tuple[str, ...]] = {
     ),
     "usgov": ("cab8a31a-1906-4287-a0d8-4eef66b95f6e",),
 }
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class AuthError(Exception):
@@ -80,43 +78,6 @@ def emulator_issuers(settings: Settings) -> frozenset[str]:
         issuers.add(f"https://sts.windows.net/{tenant}/")  # v1 tokens
         issuers.add(f"{v2_host}/{tenant}/v2.0")  # v2 tokens
     return frozenset(issuers)
-
-
-def normalize_service_url(url: object) -> tuple[object, ...]:
-    """A serviceUrl reduced to what identifies it: scheme/host case, default port and a
-    trailing slash do not matter; everything else does.
-
-    URLs with characters urlsplit would silently drop or fold (whitespace, controls,
-    non-ASCII; an empty query, fragment or port) or that parsers read differently
-    (backslash) are refused, not normalised: a serviceUrl is never more than scheme, host,
-    port and path, and the Connector client refuses anything else.
-    """
-    if not isinstance(url, str) or not url:
-        raise AuthError("serviceUrl missing")
-    if not _plain_url(url):
-        raise AuthError("serviceUrl has whitespace, control, non-ASCII or backslash characters")
-    if "?" in url or "#" in url:
-        raise AuthError("serviceUrl has a query or fragment")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise AuthError("serviceUrl is not a valid URL") from None
-    if parts.netloc.endswith(":"):
-        raise AuthError("serviceUrl has an empty port")
-    scheme = parts.scheme.lower()
-    if port == _DEFAULT_PORTS.get(scheme):
-        port = None
-    return (
-        scheme,
-        parts.username,
-        parts.password,
-        parts.hostname,
-        port,
-        parts.path.rstrip("/"),
-        parts.query,
-        parts.fragment,
-    )
 
 
 class InboundAuthenticator:
@@ -202,7 +163,10 @@ class InboundAuthenticator:
         service_url = claims.get("serviceurl")
         if not isinstance(service_url, str) or not service_url:
             raise AuthError("channel token has no serviceurl claim")
-        if normalize_service_url(service_url) != normalize_service_url(activity.get("serviceUrl")):
+        # Both parsed as the Connector client will (shared.serviceurl): case, the default
+        # port and a trailing slash do not matter; anything it would refuse never matches.
+        target = _service_target(activity)
+        if parse_service_url(service_url) != target:
             raise AuthError("serviceurl claim does not match the activity's serviceUrl")
         channel_id = activity.get("channelId")
         if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
@@ -240,6 +204,8 @@ class InboundAuthenticator:
             not isinstance(channel_id, str) or channel_id not in key.endorsements
         ):
             raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
+        # No serviceurl claim to pin it: at least the shape the Connector client accepts.
+        _service_target(activity)
         return Identity(True, "emulator", caller, claims)
 
     def _verified(self, token: str, key: SigningKey) -> Mapping[str, Any]:
@@ -392,19 +358,18 @@ def _is_number(value: object) -> bool:
 def _is_loopback_url(url: object) -> bool:
     # No userinfo and nothing parsers disagree on: `http://evil.example\@127.0.0.1/` is
     # 127.0.0.1 to urlsplit but evil.example to a WHATWG parser.
-    if not isinstance(url, str) or not _plain_url(url):
-        return False
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and "@" not in parts.netloc and is_loopback_host(host)
+    target = parse_service_url(url)
+    return target is not None and is_loopback_host(target.host)
 
 
-def _plain_url(url: str) -> bool:
-    """ASCII without whitespace, control characters or backslashes."""
-    return url.isascii() and not any(c.isspace() or c < " " or c in "\\\x7f" for c in url)
+def _service_target(activity: Mapping[str, Any]) -> ServiceTarget:
+    url = activity.get("serviceUrl")
+    if not isinstance(url, str) or not url:
+        raise AuthError("serviceUrl missing")
+    target = parse_service_url(url)
+    if target is None:
+        raise AuthError("serviceUrl is not a plain https URL (http only for loopback hosts)")
+    return target
 
 
 def _clip(value: object, limit: int = 80) -> str:

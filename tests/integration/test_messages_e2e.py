@@ -14,9 +14,10 @@ import json
 import azure.functions as func
 import pytest
 
+import app
 from shared.config import Settings, reset_settings
 from shared.references import BlobReferenceStore
-from shared.runtime import get_runtime, reset_runtime
+from shared.runtime import reset_runtime
 from tests.fixtures.devhost import DevHost
 
 pytestmark = pytest.mark.integration
@@ -123,7 +124,7 @@ async def process_env(bot_env, monkeypatch):
     reset_settings()
     reset_runtime()
     yield bot_env
-    await get_runtime().close()
+    await app.runtime().close()
     reset_settings()
     reset_runtime()
 

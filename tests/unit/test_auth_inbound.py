@@ -734,3 +734,31 @@ async def test_a_repeated_token_signed_by_a_key_no_longer_published_is_rejected(
     new = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
     assert (await auth.authenticate(bearer(new), activity())).kind == "channel"  # refetched
     assert "unknown key id" in await rejected(auth, bearer(old), activity())
+
+
+# -- the serviceUrl shape on Emulator tokens ----------------------------------------------
+
+
+# Emulator tokens carry no serviceurl claim, so nothing compared the activity's serviceUrl
+# with anything: a URL the Connector client refuses passed authentication, failed the turn
+# (500) and overwrote the stored reference with an address no proactive send can use.
+@pytest.mark.parametrize(
+    "service_url",
+    [
+        "http://localhost:53000/?",
+        "http://localhost:53000/#",
+        "http://localhost:/x",
+        "http://localhost:53000/a/..;/x",
+        "http://localhost:53000/a/%2e%2e/x",
+        "http://10.0.0.1:53000/",  # plain http to a host that is not loopback
+        "https://smba.trafficmanager.net\\amer/",
+        "https://user@smba.trafficmanager.net/amer/",
+        " https://smba.trafficmanager.net/amer/",
+        None,
+    ],
+)
+async def test_emulator_token_with_a_malformed_service_url_is_rejected(
+    auth, emulator_identity, service_url
+):
+    token = emulator_identity.mint_emulator_token(APP_ID, version="2.0")
+    assert "serviceUrl" in await rejected(auth, bearer(token), activity(service_url, "emulator"))

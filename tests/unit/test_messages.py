@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.bot import router as shipped_router
@@ -566,7 +567,9 @@ async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch,
     reset_runtime()
     try:
         with caplog.at_level(logging.ERROR):
-            response = await handle_messages(post(activity_for("https://example.com/")))
+            response = await handle_messages(
+                post(activity_for("https://example.com/")), app.runtime
+            )
     finally:
         reset_settings()
         reset_runtime()
@@ -576,12 +579,12 @@ async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch,
 
 
 def test_building_the_runtime_is_cheap():
-    """get_runtime() reads settings and builds clients without importing MSAL or the
+    """app.runtime() reads settings and builds clients without importing MSAL or the
     storage SDK, and without any I/O (the storage account below does not exist)."""
     script = (
         "import sys;"
-        "from shared.runtime import get_runtime;"
-        "runtime = get_runtime();"
+        "import app;"
+        "runtime = app.runtime();"
         "heavy = [m for m in ('msal', 'azure.storage.blob', 'azure.identity') if m in sys.modules];"
         "print(type(runtime.references).__name__, heavy)"
     )

@@ -456,6 +456,7 @@ async def test_unusable_settings_keep_the_message_with_a_backoff(
     # A settings mistake (here: no MicrosoftAppId) must not drain the queue into poison.
     from azure.storage.queue import QueueClient
 
+    import app
     from shared.config import reset_settings
     from shared.proactive import process_queue_message
     from shared.runtime import reset_runtime
@@ -471,7 +472,7 @@ async def test_unusable_settings_keep_the_message_with_a_backoff(
     reset_runtime()
     try:
         text = body({"conversation": "msteams/a:1"})
-        assert await process_queue_message(text) is Outcome.REQUEUED
+        assert await process_queue_message(text, app.runtime) is Outcome.REQUEUED
     finally:
         reset_settings()
         reset_runtime()
@@ -531,6 +532,7 @@ async def test_an_invalid_container_setting_keeps_the_message_instead_of_failing
     # redelivers it until it poisons it.
     from azure.storage.queue import QueueClient
 
+    import app
     from shared.config import reset_settings
     from shared.proactive import process_queue_message
     from shared.runtime import reset_runtime
@@ -545,7 +547,7 @@ async def test_an_invalid_container_setting_keeps_the_message_instead_of_failing
     reset_settings()
     reset_runtime()
     try:
-        assert await process_queue_message(body({"conversation": "msteams/a:1"})) is (
+        assert await process_queue_message(body({"conversation": "msteams/a:1"}), app.runtime) is (
             Outcome.REQUEUED
         )
     finally:

@@ -25,18 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
-import math
-import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from enum import StrEnum
-from typing import Any, Literal
-from urllib.parse import quote, urlencode, urlsplit
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import yarl
@@ -44,134 +36,35 @@ import yarl
 from shared.activity import tenant_id
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
+from shared.connector.errors import (
+    RETRY_STATUSES,
+    ConnectorError,
+    ErrorKind,
+    RetryPolicy,
+    error_from_response,
+)
+from shared.connector.transport import (
+    Expect,
+    Http,
+    build_url,
+    encode_body,
+    read_body,
+    request_headers,
+    result,
+)
+from shared.connector.transport import quote_segment as _q
 from shared.ratelimit import TEAMS, Pacer, PacingTimeout, Scope, conversation_key
-from shared.urls import HOST_NAME, PATH_CHARS, has_dot_segment, is_ip_address, is_loopback_host
+from shared.serviceurl import TEAMS_HOSTS, ServiceTarget, TrustPolicy, host_for_log, host_in
+from shared.urls import is_loopback_host
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shared.connector")  # the package logs under one name
 
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
-Expect = Literal["dict", "list", "none", "bytes"]
-
-RETRY_STATUSES = frozenset({412, 429, 502, 503, 504})
-# Teams answers these when the bot can no longer write to the conversation: stop, prune.
-GONE_403_CODES = frozenset(
-    {
-        "botnotinconversationroster",
-        "conversationblockedbyuser",
-        "botdisabledbyadmin",
-        "forbiddenoperationexception",
-        "messagewritesblocked",
-    }
-)
-TEAMS_BLOCKED_ERROR_CODE = 209  # {"errorCode": 209, "message": "{\"subCode\": ...}"}
-
-# Teams' Connector hosts: a request there is paced as Teams traffic even when its body
-# does not say which channel it is for (a delete, a createConversation).
-TEAMS_HOSTS = (
-    "smba.trafficmanager.net",
-    "smba.infra.gcc.teams.microsoft.com",
-    "smba.infra.gov.teams.microsoft.us",
-    "smba.infra.dod.teams.microsoft.us",
-)
-
-# Hosts the bot's token may be sent to (exact host or a subdomain of it), per cloud. GCC
-# tenants use commercial Azure bots; GCC High and DoD bots live in Azure Government.
-TRUSTED_HOSTS: dict[str, tuple[str, ...]] = {
-    "public": (
-        "botframework.com",
-        "smba.trafficmanager.net",  # Teams, public cloud
-        "smba.infra.gcc.teams.microsoft.com",  # Teams, GCC
-    ),
-    "usgov": (
-        "botframework.us",
-        "botframework.azure.us",
-        "smba.infra.gov.teams.microsoft.us",  # Teams, GCC High
-        "smba.infra.dod.teams.microsoft.us",  # Teams, DoD
-    ),
-}
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
-MAX_RETRY_AFTER = 3600.0  # a longer Retry-After is reported as this (callers requeue)
 MAX_REDIRECTS = 5  # attachment views only
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
-MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_MAX_MESSAGE_CHARS = 300
-_MAX_CODE_CHARS = 100
-
-
-class ErrorKind(StrEnum):
-    THROTTLED = "throttled"  # 429: retry after retry_after
-    TRANSIENT = "transient"  # 412, 502, 503, 504, connection errors: retry later
-    GONE = "gone"  # the bot can no longer reach this conversation: prune, do not retry
-    INVALID = "invalid"  # the request is wrong: do not retry
-    UNTRUSTED = "untrusted"  # serviceUrl outside the trusted set: nothing was sent
-    # 500 and other unexpected 5xx: the service failed and may have acted (a message may be
-    # posted), so resending is not safe; report it and let an operator decide.
-    UNCERTAIN = "uncertain"
-    # The bot's own credentials or settings were refused (no token, a second 401): nothing
-    # is wrong with the request; keep it and fix the setting named in ``setting``.
-    CREDENTIALS = "credentials"
-
-
-class ConnectorError(Exception):
-    """A Connector call failed. ``kind`` says what the caller should do about it."""
-
-    def __init__(
-        self,
-        kind: ErrorKind,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
-        operation: str | None = None,
-        setting: str | None = None,
-    ) -> None:
-        self.kind = kind
-        self.setting = setting
-        self.message = message
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
-        self.operation = operation
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        parts = [self.operation or "connector", self.kind.value]
-        if self.status is not None:
-            parts.append(str(self.status))
-        if self.code:
-            parts.append(self.code)
-        return f"{' '.join(parts)}: {self.message}"
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT)
-
-    @property
-    def terminal(self) -> bool:
-        return self.kind is ErrorKind.GONE
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How long to keep trying a call that failed transiently."""
-
-    max_attempts: int = 5
-    max_total_seconds: float = 12.0
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    jitter: float = 0.2  # each backoff is shortened by up to this fraction, at random
-
-    def backoff(self, failures: int, rand: Callable[[], float] = random.random) -> float:
-        """The wait after the ``failures``-th failure when the server gave no Retry-After."""
-        delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
-        return delay * (1 - self.jitter * rand())
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class ConnectorClient:
@@ -191,13 +84,16 @@ class ConnectorClient:
     ) -> None:
         self._settings = settings
         self._tokens = tokens
-        self._http = _Http(session, timeout)
+        self._http = Http(session, timeout)
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._clock = clock
         self.pacer = pacer or Pacer(settings.connector_rate_limit, clock=clock, sleep=sleep)
-        self._trusted_hosts = TRUSTED_HOSTS[settings.channel_service]
-        self._trusted_prefixes = _trusted_prefixes(settings.trusted_service_urls)
+        self._trust = TrustPolicy.configured(
+            settings.channel_service,
+            settings.trusted_service_urls,
+            loopback_only=settings.auth_disabled,
+        )
         self._background = False
         self._background_view: ConnectorClient | None = None
 
@@ -225,21 +121,7 @@ class ConnectorClient:
         return self._trusted_target(service_url) is not None
 
     def _trusted_target(self, service_url: str) -> ServiceTarget | None:
-        target = parse_service_url(service_url)
-        if target is None:
-            return None
-        if self._settings.auth_disabled:
-            # Local, unauthenticated mode: only loopback Connectors (botsim) are reachable.
-            return target if is_loopback_host(target.host) else None
-        if (
-            target.scheme == "https"
-            and target.port == 443
-            and _host_in(target.host, self._trusted_hosts)
-        ):
-            return target
-        if any(_prefix_admits(prefix, target) for prefix in self._trusted_prefixes):
-            return target
-        return None
+        return self._trust.target(service_url)
 
     # --- activities -------------------------------------------------------------------
 
@@ -502,8 +384,8 @@ class ConnectorClient:
     ) -> Any:
         target = self._require_trusted(operation, service_url)
         policy = retry or self._retry
-        url = _build_url(target, path, query)
-        data = _encode_body(operation, body)
+        url = build_url(target, path, query)
+        data = encode_body(operation, body)
         scope = _pacing_scope(target, pace, body)
         # One budget for everything: the token, pacing waits, every attempt, every backoff.
         deadline = self._clock() + policy.max_total_seconds
@@ -519,14 +401,21 @@ class ConnectorClient:
             granted = await self._pace(operation, scope, deadline)
             attempt += 1
             answer = await self._attempt(
-                operation, method, url, _headers(token, data), data, attempt, deadline, expect
+                operation,
+                method,
+                url,
+                request_headers(token, data),
+                data,
+                attempt,
+                deadline,
+                expect,
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
             else:
                 status, response_headers, content = answer
                 if 200 <= status < 300:
-                    return _result(operation, expect, content)
+                    return result(operation, expect, content)
                 if status == 401 and token is not None and rejected is None:
                     # The token was rejected (revoked, rotated secret): one fresh token, once.
                     rejected = token
@@ -555,7 +444,7 @@ class ConnectorClient:
         log.warning(
             "connector %s refused: untrusted serviceUrl host=%s",
             operation,
-            _host_for_log(service_url),
+            host_for_log(service_url),
         )
         raise ConnectorError(
             ErrorKind.UNTRUSTED, "serviceUrl is not trusted; nothing was sent", operation=operation
@@ -674,7 +563,7 @@ class ConnectorClient:
                     url, headers = self._redirect(operation, url, location, headers)
                     continue
                 ok = 200 <= response.status < 300
-                content = await _read_body(operation, response, ok)
+                content = await read_body(operation, response, ok)
                 return response.status, response.headers, content
         raise ConnectorError(
             ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
@@ -701,39 +590,8 @@ class ConnectorClient:
         same_origin = target.origin() == url.origin()
         if not (same_origin and self.is_trusted(str(target.with_query(None).with_fragment(None)))):
             headers.pop("Authorization", None)
-        log.info("connector %s redirected to host=%s", operation, _host_for_log(str(target)))
+        log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
         return target, headers
-
-
-class _Http:
-    """The process's one aiohttp session (per event loop), created on first use."""
-
-    __slots__ = ("_loop", "_owned", "_session", "_timeout")
-
-    def __init__(self, session: aiohttp.ClientSession | None, timeout: aiohttp.ClientTimeout):
-        self._session = session
-        self._owned = session is None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timeout = timeout
-
-    def get(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and not (self._owned and (session.closed or self._loop is not loop)):
-            return session
-        # First use, or the loop that owned the old session is gone (tests, some hosts).
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between calls
-        )
-        self._loop = loop
-        self._owned = True
-        return self._session
-
-    async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and self._owned and not session.closed:
-            await session.close()
 
 
 def _pacing_scope(
@@ -743,7 +601,7 @@ def _pacing_scope(
     Teams host counts as Teams when it names none), the conversation it goes to."""
     channel = body.get("channelId") if body is not None else None
     if not isinstance(channel, str) or not channel:
-        channel = TEAMS if _host_in(target.host, TEAMS_HOSTS) else None
+        channel = TEAMS if host_in(target.host, TEAMS_HOSTS) else None
     tenant = None
     if channel == TEAMS and body is not None:
         tenant = tenant_id(body) or body.get("tenantId")  # createConversation: tenantId
@@ -759,325 +617,3 @@ def _budget_spent(operation: str) -> ConnectorError:
     return ConnectorError(
         ErrorKind.TRANSIENT, "the time budget was spent; nothing was sent", operation=operation
     )
-
-
-def _headers(token: str | None, data: bytes | None) -> dict[str, str]:
-    headers = {"Accept": "application/json"}
-    if data is not None:
-        headers["Content-Type"] = "application/json; charset=utf-8"
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    return headers
-
-
-def _encode_body(operation: str, body: Mapping[str, Any] | None) -> bytes | None:
-    if body is None:
-        return None
-    try:
-        return json.dumps(body, allow_nan=False).encode()
-    except (TypeError, ValueError) as error:
-        raise ConnectorError(
-            ErrorKind.INVALID,
-            f"the request body is not JSON ({type(error).__name__}); nothing was sent",
-            operation=operation,
-        ) from None
-
-
-async def _read_body(operation: str, response: aiohttp.ClientResponse, ok: bool) -> bytes:
-    """The answer's body, up to a limit: errors are cut short, oversized results refused."""
-    limit = MAX_RESPONSE_BYTES if ok else MAX_ERROR_BODY_BYTES
-    if ok and (response.content_length or 0) > limit:
-        raise _too_large(operation, limit)
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            if ok:
-                raise _too_large(operation, limit)
-            return bytes(body[:limit])  # leaving unread: aiohttp closes the connection
-    return bytes(body)
-
-
-def _too_large(operation: str, limit: int) -> ConnectorError:
-    return ConnectorError(
-        ErrorKind.INVALID, f"the answer is larger than {limit} bytes", operation=operation
-    )
-
-
-# --- errors ---------------------------------------------------------------------------
-
-
-def error_from_response(
-    operation: str,
-    status: int,
-    headers: Mapping[str, str],
-    content: bytes,
-    *,
-    secrets: Sequence[str] = (),
-) -> ConnectorError:
-    """The ConnectorError for a non-2xx answer, classified per the Teams error table.
-
-    ``secrets`` (the token that was sent) are removed should the service echo them.
-    """
-    code, message, teams_code = parse_error_body(content, secrets)
-    kind = classify(status, code, teams_code)
-    return ConnectorError(
-        kind,
-        message or f"HTTP {status}",
-        status=status,
-        code=code,
-        retry_after=parse_retry_after(headers.get("Retry-After")),
-        operation=operation,
-        # The Connector refused the bot's token even after a refresh: the app id (or its
-        # registration with the Bot Service) is what to check.
-        setting="MicrosoftAppId" if kind is ErrorKind.CREDENTIALS else None,
-    )
-
-
-def classify(status: int, code: str | None, teams_code: int | None = None) -> ErrorKind:
-    folded = (code or "").lower()
-    if status == 429:
-        return ErrorKind.THROTTLED
-    if status in RETRY_STATUSES:
-        return ErrorKind.TRANSIENT
-    if status >= 500:
-        return ErrorKind.UNCERTAIN
-    if status == 401:
-        return ErrorKind.CREDENTIALS
-    if status == 403 and (folded in GONE_403_CODES or teams_code == TEAMS_BLOCKED_ERROR_CODE):
-        return ErrorKind.GONE
-    if status == 404 and folded == "conversationnotfound":
-        return ErrorKind.GONE
-    return ErrorKind.INVALID
-
-
-def parse_error_body(
-    content: bytes, secrets: Sequence[str] = ()
-) -> tuple[str | None, str, int | None]:
-    """(code, message, Teams errorCode) from any of the Connector's error body shapes.
-
-    Shapes: ``{"error": {"code", "message"}}``; Teams'
-    ``{"errorCode": 209, "message": "{\\"subCode\\": \\"MessageWritesBlocked\\", ...}"}``
-    (a JSON document inside the message string); ``{"code", "message"}``; plain text.
-    Code and message come back short, on one line, with tokens and ``secrets`` removed.
-    """
-    text = content.decode("utf-8", errors="replace").strip()
-    try:
-        data = json.loads(text) if text else None
-    except ValueError:
-        return None, _clean(text, secrets), None
-    if not isinstance(data, dict):
-        return None, _clean(text, secrets), None
-    code: Any = None
-    message: Any = None
-    error = data.get("error")
-    if isinstance(error, dict):
-        code, message = error.get("code"), error.get("message")
-    elif isinstance(error, str):
-        code, message = error, data.get("error_description") or data.get("message")
-    teams_code = data.get("errorCode")
-    if teams_code is not None:
-        inner = _json_object(data.get("message"))
-        sub = inner.get("subCode") or inner.get("errorSubCode") or inner.get("errorCode")
-        code = code or sub or str(teams_code)
-        message = message or inner.get("details") or data.get("message")
-    code = code or data.get("code")
-    message = message or data.get("message") or ""
-    numeric = teams_code if isinstance(teams_code, int) else None
-    code_text = _clean(str(code), secrets, _MAX_CODE_CHARS) if code else None
-    return code_text, _clean(str(message), secrets), numeric
-
-
-_DELTA_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-
-
-def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date.
-
-    Always finite, between 0 and :data:`MAX_RETRY_AFTER`; None when absent or unreadable
-    (``inf``, ``nan``, a date without a zone, garbage).
-    """
-    if not value:
-        return None
-    value = value.strip()
-    if _DELTA_SECONDS.fullmatch(value):
-        seconds = float(value)
-    else:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when is None or when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - now()
-    if not math.isfinite(seconds):
-        return MAX_RETRY_AFTER if seconds > 0 else None
-    return min(MAX_RETRY_AFTER, max(0.0, seconds))
-
-
-def _json_object(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
-    return {}
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-_BEARER = re.compile(r"(?i)bearer\s+[^\s,;\"']+")
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
-
-
-def _clean(text: str, secrets: Sequence[str] = (), limit: int = _MAX_MESSAGE_CHARS) -> str:
-    """Service text made safe to carry and log: no secrets or tokens, one line, short."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    text = _BEARER.sub("Bearer [redacted]", text)
-    text = _JWT.sub("[redacted]", text)
-    text = _CONTROL.sub(" ", text).strip()
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# --- results and URLs -----------------------------------------------------------------
-
-
-def _result(operation: str, expect: Expect, content: bytes) -> Any:
-    if expect == "bytes":
-        return content
-    if expect == "none":
-        return None
-    empty: Any = [] if expect == "list" else {}
-    if not content.strip():
-        return empty
-    try:
-        data = json.loads(content)
-    except ValueError:
-        log.warning("connector %s answered 2xx with a body that is not JSON", operation)
-        return empty
-    if isinstance(data, list if expect == "list" else dict):
-        return data
-    log.warning("connector %s answered 2xx with an unexpected JSON shape", operation)
-    return empty
-
-
-def _q(value: str) -> str:
-    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
-
-    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
-    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
-    """
-    try:
-        return quote(value, safe="")
-    except UnicodeEncodeError:
-        raise ConnectorError(
-            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
-        ) from None
-
-
-def _build_url(
-    target: ServiceTarget, path: str, query: Mapping[str, str | None] | None
-) -> yarl.URL:
-    params = {k: v for k, v in (query or {}).items() if v is not None}
-    qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
-    # encoded=True: the URL is exactly the checked one plus already-encoded segments;
-    # yarl must not decode %2F or resolve anything.
-    return yarl.URL(f"{target.base}{path}{qs}", encoded=True)
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceTarget:
-    """A serviceUrl that passed the strict parse: what is checked is what is called."""
-
-    scheme: str
-    host: str  # lower case; an IPv6 address without brackets
-    port: int
-    path: str  # percent-encoded as given, without a trailing slash ("" for the root)
-
-    @property
-    def base(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{host}{port}{self.path}"
-
-
-# Encoded "/", "\\", "." and NUL: servers that decode them could walk out of a path prefix.
-_ENCODED_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
-
-
-def parse_service_url(service_url: str) -> ServiceTarget | None:
-    """The target of a well-formed absolute http(s) URL, else None.
-
-    Strict on purpose: ASCII only (an IDN must come as punycode), no whitespace, control
-    characters or backslashes, no userinfo, query or fragment, a plain DNS name or IP
-    address (no trailing dot, no percent-encoding), a path without dot segments or
-    encoded separators, and plain http only for loopback hosts.
-    """
-    if not isinstance(service_url, str) or not service_url.isascii():
-        return None
-    if any(c.isspace() or not c.isprintable() or c in "\\?#" for c in service_url):
-        return None
-    try:
-        parts = urlsplit(service_url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    host = parts.hostname or ""
-    if scheme not in ("https", "http") or "@" in parts.netloc:  # https://trusted@evil
-        return None
-    if not (HOST_NAME.fullmatch(host) or is_ip_address(host)):
-        return None
-    if port is not None and not 0 < port < 65536:
-        return None
-    if scheme == "http" and not is_loopback_host(host):
-        return None
-    path = parts.path
-    if not PATH_CHARS.fullmatch(path) or _ENCODED_SEPARATOR.search(path):
-        return None
-    if has_dot_segment(path):
-        return None
-    default = 443 if scheme == "https" else 80
-    return ServiceTarget(scheme, host, port or default, path.rstrip("/"))
-
-
-def _trusted_prefixes(prefixes: Sequence[str]) -> tuple[ServiceTarget, ...]:
-    """BOT_TRUSTED_SERVICE_URLS, parsed as strictly as the serviceUrls they must match."""
-    parsed = []
-    for prefix in prefixes:
-        target = parse_service_url(prefix)
-        if target is None:
-            log.warning(
-                "BOT_TRUSTED_SERVICE_URLS entry ignored (not a plain URL prefix): host=%s",
-                _host_for_log(prefix),
-            )
-            continue
-        parsed.append(target)
-    return tuple(parsed)
-
-
-def _host_in(host: str, trusted: tuple[str, ...]) -> bool:
-    return any(host == name or host.endswith("." + name) for name in trusted)
-
-
-def _prefix_admits(prefix: ServiceTarget, target: ServiceTarget) -> bool:
-    """A BOT_TRUSTED_SERVICE_URLS prefix: scheme, host and port exact, path on whole segments."""
-    if (prefix.scheme, prefix.host, prefix.port) != (target.scheme, target.host, target.port):
-        return False
-    return (
-        not prefix.path or target.path == prefix.path or target.path.startswith(prefix.path + "/")
-    )
-
-
-def _host_for_log(service_url: str) -> str:
-    try:
-        host = urlsplit(service_url).hostname or "?"
-    except (ValueError, TypeError, AttributeError):
-        return "?"
-    host = host.encode("ascii", "backslashreplace").decode("ascii")
-    return _CONTROL.sub("?", host)[:100]

@@ -1,0 +1,139 @@
+"""The Connector client's HTTP plumbing: the session, request bodies and URLs, bounded
+reads of the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import yarl
+
+from shared.connector.errors import ConnectorError, ErrorKind
+from shared.serviceurl import ServiceTarget
+
+log = logging.getLogger("shared.connector")  # the package logs under one name
+
+Expect = Literal["dict", "list", "none", "bytes"]
+
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
+MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
+
+
+class Http:
+    """The process's one aiohttp session (per event loop), created on first use."""
+
+    __slots__ = ("_loop", "_owned", "_session", "_timeout")
+
+    def __init__(self, session: aiohttp.ClientSession | None, timeout: aiohttp.ClientTimeout):
+        self._session = session
+        self._owned = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeout = timeout
+
+    def get(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and not (self._owned and (session.closed or self._loop is not loop)):
+            return session
+        # First use, or the loop that owned the old session is gone (tests, some hosts).
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between calls
+        )
+        self._loop = loop
+        self._owned = True
+        return self._session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._owned and not session.closed:
+            await session.close()
+
+
+def request_headers(token: str | None, data: bytes | None) -> dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def encode_body(operation: str, body: Mapping[str, Any] | None) -> bytes | None:
+    if body is None:
+        return None
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            f"the request body is not JSON ({type(error).__name__}); nothing was sent",
+            operation=operation,
+        ) from None
+
+
+async def read_body(operation: str, response: aiohttp.ClientResponse, ok: bool) -> bytes:
+    """The answer's body, up to a limit: errors are cut short, oversized results refused."""
+    limit = MAX_RESPONSE_BYTES if ok else MAX_ERROR_BODY_BYTES
+    if ok and (response.content_length or 0) > limit:
+        raise too_large(operation, limit)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            if ok:
+                raise too_large(operation, limit)
+            return bytes(body[:limit])  # leaving unread: aiohttp closes the connection
+    return bytes(body)
+
+
+def too_large(operation: str, limit: int) -> ConnectorError:
+    return ConnectorError(
+        ErrorKind.INVALID, f"the answer is larger than {limit} bytes", operation=operation
+    )
+
+
+def result(operation: str, expect: Expect, content: bytes) -> Any:
+    if expect == "bytes":
+        return content
+    if expect == "none":
+        return None
+    empty: Any = [] if expect == "list" else {}
+    if not content.strip():
+        return empty
+    try:
+        data = json.loads(content)
+    except ValueError:
+        log.warning("connector %s answered 2xx with a body that is not JSON", operation)
+        return empty
+    if isinstance(data, list if expect == "list" else dict):
+        return data
+    log.warning("connector %s answered 2xx with an unexpected JSON shape", operation)
+    return empty
+
+
+def quote_segment(value: str) -> str:
+    """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
+
+    An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
+    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    """
+    try:
+        return quote(value, safe="")
+    except UnicodeEncodeError:
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not valid Unicode; nothing was sent"
+        ) from None
+
+
+def build_url(target: ServiceTarget, path: str, query: Mapping[str, str | None] | None) -> yarl.URL:
+    params = {k: v for k, v in (query or {}).items() if v is not None}
+    qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
+    # encoded=True: the URL is exactly the checked one plus already-encoded segments;
+    # yarl must not decode %2F or resolve anything.
+    return yarl.URL(f"{target.base}{path}{qs}", encoded=True)

@@ -1,0 +1,533 @@
+"""The reference store on Azure Blob storage, with its in-process cache of recent writes.
+
+Layout, write rules and the cache's guarantees are described in :mod:`shared.references`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import random
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
+from shared.config import Settings
+from shared.references.contract import (
+    MAX_PAGE_SIZE,
+    SCHEMA_VERSION,
+    Filters,
+    Page,
+    ReferenceStore,
+    StoreConflict,
+    StoredReference,
+    StoreError,
+    check_page_size,
+    copied,
+    decode_token,
+    encode_token,
+    from_document,
+    including,
+    index_body,
+    index_entries,
+    index_keys,
+    plan,
+    reference_key,
+    short_key,
+    to_document,
+    to_front,
+    user_lookups,
+    user_matches,
+    without,
+)
+from shared.references.keys import (
+    channel_prefix,
+    document_name,
+    encode_segment,
+    user_index_name,
+)
+from shared.storage import (
+    DEFAULT_OPTIONS,
+    StorageOptions,
+    check_storage_settings,
+)
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+
+
+logger = logging.getLogger("shared.references")  # the package logs under one name
+
+_METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
+
+
+@dataclass(slots=True)
+class _RecentCache:
+    """What this process last read or wrote per key, for a bounded time (LRU)."""
+
+    size: int
+    ttl: float
+    clock: Callable[[], float]
+    entries: OrderedDict[str, tuple[float, StoredReference]] = field(default_factory=OrderedDict)
+
+    def get(self, key: str) -> StoredReference | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < self.clock():
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, stored: StoredReference) -> None:
+        if self.size <= 0:
+            return
+        self.entries[stored.key] = (self.clock() + self.ttl, copied(stored))
+        self.entries.move_to_end(stored.key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+class BlobReferenceStore:
+    """References in Azure Blob storage (layout in the module docstring).
+
+    Cheap to build: the client is created on first use, the container on first write.
+    Pass `client` to share a BlobServiceClient (then the store does not close it).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: BlobServiceClient | None = None,
+        options: StorageOptions = DEFAULT_OPTIONS,
+        cache_size: int = 1024,
+        cache_ttl: float = 300.0,
+        max_attempts: int = 16,
+        listing_batch: int = 1000,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._settings = settings
+        self._options = options
+        self._container_name = settings.references_container
+        self._store = LazyContainer(
+            settings.storage,
+            settings.references_container,
+            client=client,
+            options=options,
+            label="references",
+            blob_clients=BLOB_CLIENTS,
+        )
+        self._cache = _RecentCache(cache_size, cache_ttl, clock)
+        self._max_attempts = max_attempts
+        self._listing_batch = listing_batch
+        self._deletions = 0  # bumped by every delete: a read from before it is not cached
+        self._clock = clock
+        self._sleep = sleep
+
+    # -- public API
+
+    async def get(self, key: str) -> StoredReference | None:
+        name = document_name(key)
+        generation = self._deletions
+        async with self._guard("get", key):
+            stored = await self._read(name, key)
+        if stored is None:
+            self._cache.drop(key)
+        else:
+            self._remember(stored, generation)
+        return stored
+
+    async def upsert(
+        self, reference: Mapping[str, Any], *, team_id: str | None = None, refresh: bool = False
+    ) -> bool:
+        key = reference_key(reference)
+        cached = None if refresh else self._cache.get(key)
+        if cached is not None and plan(cached, reference, team_id, self._clock()) is None:
+            return False
+        name = document_name(key)
+        generation = self._deletions
+        async with self._guard("upsert", key):
+            for attempt in range(self._max_attempts):
+                current = await self._read(name, key)
+                planned = plan(current, reference, team_id, self._clock())
+                if planned is None:
+                    assert current is not None
+                    # Nothing to write, but the user index may have lost this key (a delete
+                    # interrupted after its first step): put it back, so a `user` target
+                    # finds the conversation again. One small read per uncached activity.
+                    for kind, value in index_entries(current):
+                        await self._update_index(current.channel_id, kind, value, including(key))
+                    self._remember(current, generation)
+                    return False
+                # The user index is brought up to date before the document (an entry
+                # without its document is ignored on lookup, so a crash in between harms
+                # nothing) and checked again after it, because a delete that ran meanwhile
+                # may have taken this key out of it.
+                entries = index_entries(planned)
+                for kind, value in entries:
+                    await self._update_index(
+                        planned.channel_id,
+                        kind,
+                        value,
+                        to_front(key),
+                        likely_absent=current is None and attempt == 0,
+                    )
+                etag = await self._put(
+                    name,
+                    _document_body(planned),
+                    current.etag if current else None,
+                    metadata_for=planned,
+                )
+                if etag is not None:
+                    for kind, value in entries:
+                        await self._update_index(planned.channel_id, kind, value, to_front(key))
+                    planned.etag = etag
+                    self._remember(planned, generation)
+                    logger.debug(
+                        "references: %s %s", "updated" if current else "created", short_key(key)
+                    )
+                    return True
+                self._cache.drop(key)
+                await self._backoff(attempt)
+        raise StoreConflict(
+            f"reference store: upsert of {short_key(key)} gave up after "
+            f"{self._max_attempts} concurrent-update conflicts"
+        )
+
+    async def delete(self, key: str) -> bool:
+        name = document_name(key)
+        self._forget(key)
+        try:
+            async with self._guard("delete", key):
+                deleted = await self._delete(name, key)
+        finally:
+            # Again at the end: an upsert or get that read the document before it was
+            # deleted must not leave it in the cache as stored.
+            self._forget(key)
+        if deleted:
+            logger.debug("references: deleted %s", short_key(key))
+        return deleted
+
+    async def list(
+        self,
+        *,
+        channel_id: str | None = None,
+        tenant_id: str | None = None,
+        team_id: str | None = None,
+        continuation: str | None = None,
+        page_size: int = 100,
+    ) -> Page:
+        check_page_size(page_size)
+        filters = Filters(channel_id, tenant_id, team_id)
+        state = decode_token(continuation, filters)
+        async with self._guard("list", channel_id or "*"):
+            return await self._list(filters, state, page_size)
+
+    async def find_by_user(
+        self,
+        *,
+        channel_id: str,
+        user_id: str | None = None,
+        aad_object_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> StoredReference | None:
+        lookups = user_lookups(channel_id, user_id, aad_object_id)
+        async with self._guard("find_by_user", channel_id):
+            for kind, value in lookups:
+                index = await self._read_json(user_index_name(channel_id, kind, value))
+                for key in index_keys(index[0]) if index else []:
+                    try:
+                        name = document_name(key)
+                    except ValueError:
+                        continue  # not an index entry this store wrote: treat as absent
+                    stored = await self._read(name, key)
+                    if stored and user_matches(stored, user_id, aad_object_id, tenant_id):
+                        return stored
+        return None
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    # -- storage primitives (called inside _guard): the shared conditional-blob helper
+
+    def _container(self) -> ContainerClient:
+        return self._store.get()
+
+    async def _read_json(self, name: str) -> tuple[Any, str, dict[str, str]] | None:
+        blob = await self._store.read(name)
+        if blob is None:
+            return None  # no blob, or no container yet
+        try:
+            document = json.loads(blob.body)
+        except ValueError:
+            raise StoreError(f"reference store: {name} is not valid JSON") from None
+        return document, blob.etag, blob.metadata
+
+    async def _read(self, name: str, key: str) -> StoredReference | None:
+        found = await self._read_json(name)
+        if found is None:
+            return None
+        stored = from_document(found[0], found[1])
+        return stored if stored.key == key else None  # a hashed name's other key: absent
+
+    async def _put(
+        self,
+        name: str,
+        body: bytes,
+        etag: str | None,
+        *,
+        metadata_for: StoredReference | None = None,
+    ) -> str | None:
+        """Write `name` if it is still at `etag` (absent when None): the new ETag, or None
+        when another writer changed or removed it first."""
+        metadata = _metadata(metadata_for, body) if metadata_for else None
+        try:
+            return await self._store.put(name, body, etag, metadata=metadata)
+        except ContainerVanished:
+            raise StoreError(
+                f"reference store: container {self._container_name} keeps vanishing"
+            ) from None
+
+    async def _remove(self, name: str, etag: str) -> bool | None:
+        """Delete `name` if it is still at `etag`: True; False when it is gone already;
+        None when another writer changed it first."""
+        return await self._store.remove(name, etag)
+
+    async def _delete(self, name: str, key: str) -> bool:
+        """Index entries first, then the document at the ETag they were read from."""
+        for attempt in range(self._max_attempts):
+            current = await self._read(name, key)
+            if current is None:
+                return False
+            for kind, value in index_entries(current):
+                await self._update_index(current.channel_id, kind, value, without(key))
+            removed = await self._remove(name, current.etag)  # type: ignore[arg-type]
+            if removed is not None:
+                return removed
+            await self._backoff(attempt)  # updated meanwhile: its index entries may differ
+        raise StoreConflict(
+            f"reference store: delete of {short_key(key)} gave up after "
+            f"{self._max_attempts} concurrent-update conflicts"
+        )
+
+    async def _update_index(
+        self,
+        channel_id: str,
+        kind: Literal["id", "aad"],
+        value: str,
+        change: Callable[[list[str]], list[str]],
+        *,
+        likely_absent: bool = False,
+    ) -> None:
+        """Apply `change` to a user index's keys (read, then conditional write or delete).
+
+        ``likely_absent``: try creating the index first (one call instead of two when the
+        user has none yet; one wasted call when they have).
+        """
+        name = user_index_name(channel_id, kind, value)
+        if likely_absent:
+            # A new user's first conversation: create the index straight away (If-None-
+            # Match: *), no read first; if it exists after all, read and apply as usual.
+            wanted = change([])
+            if wanted and await self._put(name, index_body(wanted), None) is not None:
+                return
+        for attempt in range(self._max_attempts):
+            found = await self._read_json(name)
+            keys = index_keys(found[0]) if found else []
+            wanted = change(keys)
+            if wanted == keys and (found is None or wanted):
+                return  # already so (an index left with no key is removed below)
+            if wanted:
+                etag = found[1] if found else None
+                done = await self._put(name, index_body(wanted), etag) is not None
+            else:
+                done = await self._remove(name, found[1]) is not None  # type: ignore[index]
+            if done:
+                return
+            await self._backoff(attempt)
+        raise StoreConflict(
+            f"reference store: user index of {short_key(value)} gave up after "
+            f"{self._max_attempts} concurrent-update conflicts"
+        )
+
+    async def _backoff(self, attempt: int) -> None:
+        await self._sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+
+    def _remember(self, stored: StoredReference, generation: int) -> None:
+        """Cache what was read or written, unless a delete ran since it was read."""
+        if generation == self._deletions:
+            self._cache.put(stored)
+
+    def _forget(self, key: str) -> None:
+        self._deletions += 1
+        self._cache.drop(key)
+
+    async def _list(self, filters: Filters, state: dict[str, Any], page_size: int) -> Page:
+        """One page: Azure pages fetched from a marker, skipping names up to `after`.
+
+        The token holds Azure's marker of the page being consumed and the last name handed
+        out from it, so a page that ends mid-listing-page resumes exactly after that name.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+
+        filtered = filters.tenant_id is not None or filters.team_id is not None
+        batch = max(page_size, self._listing_batch)
+        fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
+        tenant = _meta_value(filters.tenant_id)
+        team = _meta_value(filters.team_id)
+        marker: str | None = state.get("m")
+        after: str | None = state.get("a")
+        found: list[tuple[str, Any]] = []
+        while True:
+            pages = (
+                self._container()
+                .list_blobs(
+                    name_starts_with=channel_prefix(filters.channel_id),
+                    include=["metadata"],
+                    results_per_page=fetch,
+                )
+                .by_page(continuation_token=marker)
+            )
+            try:
+                blobs = [blob async for blob in await pages.__anext__()]
+                next_marker = pages.continuation_token or None
+            except (StopAsyncIteration, ResourceNotFoundError):
+                blobs, next_marker = [], None  # no container yet: nothing stored
+            for index, blob in enumerate(blobs):
+                metadata = blob.metadata or {}
+                if after is not None and blob.name <= after:
+                    continue
+                if tenant is not None and metadata.get("tenant") != tenant:
+                    continue
+                if team is not None and metadata.get("team") != team:
+                    continue
+                found.append((blob.name, blob))
+                if len(found) == page_size:
+                    if index + 1 < len(blobs):
+                        token = encode_token(filters, m=marker, a=blob.name)
+                    else:
+                        token = encode_token(filters, m=next_marker) if next_marker else None
+                    return Page(await self._materialize(found, filters), token)
+            if not next_marker:
+                return Page(await self._materialize(found, filters), None)
+            # `after` stays: names handed out before may reappear on a later listing page
+            # when conversations were added in front of them meanwhile.
+            marker = next_marker
+
+    async def _materialize(
+        self, found: list[tuple[str, Any]], filters: Filters
+    ) -> list[StoredReference]:
+        """Listed blobs → references, from metadata; a document too big for it is read."""
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(name: str, blob: Any) -> StoredReference | None:
+            doc = (blob.metadata or {}).get("doc")
+            if doc:
+                stored = from_document(_unpack(doc), blob.etag)
+            else:
+                async with semaphore:
+                    found_json = await self._read_json(name)
+                if found_json is None:
+                    return None  # deleted since it was listed
+                stored = from_document(found_json[0], found_json[1])
+            return stored if filters.matches(stored) else None
+
+        results = await asyncio.gather(*(one(name, blob) for name, blob in found))
+        return [stored for stored in results if stored is not None]
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, operation: str, key: str):
+        """Bound the call in time and turn storage failures into StoreError (no secrets)."""
+        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+
+        timeout = self._options.operation_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except StoreError:
+            raise
+        except TimeoutError:
+            raise StoreError(
+                f"reference store: {operation} {short_key(key)} timed out after {timeout:g}s"
+            ) from None
+        except ClientAuthenticationError as exc:
+            raise StoreError(
+                f"reference store: {operation} {short_key(key)}: storage authentication failed "
+                f"({type(exc).__name__}, HTTP {exc.status_code}); check AzureWebJobsStorage "
+                "(the connection string, or the managed identity's __clientId and its role "
+                "on the storage account)",
+                status=exc.status_code,
+            ) from None
+        except HttpResponseError as exc:
+            code = _error_code(exc)
+            raise StoreError(
+                f"reference store: {operation} {short_key(key)} failed: HTTP {exc.status_code} "
+                f"{code or ''}".rstrip(),
+                status=exc.status_code,
+                code=code,
+            ) from None
+        except (AzureError, OSError) as exc:
+            raise StoreError(
+                f"reference store: {operation} {short_key(key)} failed: storage unreachable "
+                f"({type(exc).__name__})"
+            ) from None
+
+
+def _error_code(exc: Any) -> str | None:
+    """Storage's own error code ("LeaseIdMissing"), not the SDK enum's name."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code)) if code else None
+
+
+def _document_body(stored: StoredReference) -> bytes:
+    return json.dumps(to_document(stored), separators=(",", ":")).encode()
+
+
+def _meta_value(value: str | None) -> str | None:
+    return None if value is None else encode_segment(value, 200)
+
+
+def _metadata(stored: StoredReference, body: bytes) -> dict[str, str]:
+    metadata = {"schema": str(SCHEMA_VERSION)}
+    if stored.tenant_id is not None:
+        metadata["tenant"] = _meta_value(stored.tenant_id)  # type: ignore[assignment]
+    if stored.team_id is not None:
+        metadata["team"] = _meta_value(stored.team_id)  # type: ignore[assignment]
+    packed = base64.urlsafe_b64encode(_compress(body)).decode("ascii")
+    if len(packed) <= _METADATA_DOC_LIMIT:
+        metadata["doc"] = packed
+    return metadata
+
+
+def _compress(body: bytes) -> bytes:
+    """zlib with an 8 KiB window: a document copy must fit in metadata (a few KiB) anyway,
+    and the default 32 KiB window costs several times the CPU to set up. Any zlib reader
+    decompresses it (the window size is in the header)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 13, 5)
+    return compressor.compress(body) + compressor.flush()
+
+
+def _unpack(packed: str) -> Any:
+    try:
+        return json.loads(zlib.decompress(base64.urlsafe_b64decode(packed)))
+    except (ValueError, zlib.error):
+        raise StoreError("reference store: unreadable document copy in blob metadata") from None
+
+
+def create_reference_store(settings: Settings) -> ReferenceStore:
+    """The Blob store for `settings`; SettingsError now when AzureWebJobsStorage is unusable."""
+    check_storage_settings(settings.storage, "blob")
+    return BlobReferenceStore(settings)

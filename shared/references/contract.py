@@ -1,0 +1,363 @@
+"""The reference store's contract: errors, the stored shape, the store protocol, and the
+document rules both stores share (merge, what is material, the JSON document, paging).
+
+See :mod:`shared.references` for the layout and the write rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from shared.activity import TEAMS_CHANNEL, conversation_key, teams_tenant_id
+from shared.references.keys import (
+    split_key,
+)
+
+logger = logging.getLogger("shared.references")  # the package logs under one name
+
+SCHEMA_VERSION = 1
+VOLATILE_FIELDS = frozenset({"activityId"})  # change every message; never worth a write
+MAX_PAGE_SIZE = 5000  # Azure's largest listing page
+_INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
+
+
+class StoreError(Exception):
+    """A storage call failed. The message names the operation, never a credential."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class StoreConflict(StoreError):
+    """Concurrent writers kept changing a document; the change was not applied."""
+
+
+@dataclass(slots=True)
+class StoredReference:
+    """One conversation's stored reference and what is indexed about it."""
+
+    key: str
+    reference: dict[str, Any]
+    tenant_id: str | None = None
+    etag: str | None = None
+    channel_id: str = ""
+    conversation_id: str = ""
+    team_id: str | None = None
+    personal: bool = False
+    user_id: str | None = None
+    aad_object_id: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+@dataclass(slots=True)
+class Page:
+    items: list[StoredReference]
+    continuation: str | None = None
+
+
+class ReferenceStore(Protocol):
+    async def get(self, key: str) -> StoredReference | None: ...
+
+    async def upsert(
+        self, reference: Mapping[str, Any], *, team_id: str | None = None, refresh: bool = False
+    ) -> bool: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def list(
+        self,
+        *,
+        channel_id: str | None = None,
+        tenant_id: str | None = None,
+        team_id: str | None = None,
+        continuation: str | None = None,
+        page_size: int = 100,
+    ) -> Page: ...
+
+    async def find_by_user(
+        self,
+        *,
+        channel_id: str,
+        user_id: str | None = None,
+        aad_object_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> StoredReference | None: ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def reference_key(reference: Mapping[str, Any]) -> str:
+    """The conversation key of a reference; ValueError when it cannot be stored."""
+    channel_id = reference.get("channelId")
+    conversation = reference.get("conversation")
+    conversation_id = conversation.get("id") if isinstance(conversation, Mapping) else None
+    if not isinstance(channel_id, str) or not channel_id or "/" in channel_id:
+        raise ValueError("reference.channelId must be a non-empty string without '/'")
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise ValueError("reference.conversation.id must be a non-empty string")
+    if not isinstance(reference.get("serviceUrl"), str) or not reference["serviceUrl"]:
+        raise ValueError("reference.serviceUrl must be a non-empty string")
+    return conversation_key(channel_id, conversation_id)
+
+
+def is_personal(reference: Mapping[str, Any]) -> bool:
+    """A 1:1 conversation: Teams `personal`, or no `isGroup` and no group/channel type."""
+    conversation = reference.get("conversation") or {}
+    kind = conversation.get("conversationType")
+    if kind is not None:
+        return kind == "personal"
+    return conversation.get("isGroup") is not True
+
+
+def _merge(stored: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """Incoming fields win; fields it lacks are kept; objects with the same id merge."""
+    merged = dict(stored)
+    for name, value in incoming.items():
+        if value is None:
+            continue
+        previous = merged.get(name)
+        if (
+            isinstance(value, Mapping)
+            and isinstance(previous, Mapping)
+            and previous.get("id") == value.get("id")
+        ):
+            merged[name] = {**previous, **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def _material(reference: Mapping[str, Any]) -> dict[str, Any]:
+    material = {k: v for k, v in reference.items() if k not in VOLATILE_FIELDS}
+    if not is_personal(reference):
+        # In a group the reference's user (and their client's locale) is whoever spoke
+        # last: not worth a write.
+        material.pop("user", None)
+        material.pop("locale", None)
+    return material
+
+
+def plan(
+    current: StoredReference | None,
+    reference: Mapping[str, Any],
+    team_id: str | None,
+    now: float,
+) -> StoredReference | None:
+    """The document to write for `reference`, or None when `current` already says it."""
+    key = reference_key(reference)
+    incoming = json.loads(json.dumps(reference))  # a deep, JSON-clean copy
+    merged = _merge(current.reference, incoming) if current else incoming
+    # Tenant and team filters of a broadcast must match only what Teams said: another
+    # channel's reference may carry a tenant its client made up.
+    teams = merged.get("channelId") == TEAMS_CHANNEL
+    tenant = teams_tenant_id(merged)
+    team = (team_id or (current.team_id if current else None)) if teams else None
+    if (
+        current is not None
+        and tenant == current.tenant_id
+        and team == current.team_id
+        and _material(merged) == _material(current.reference)
+    ):
+        return None
+    personal = is_personal(merged)
+    user = merged.get("user") if isinstance(merged.get("user"), Mapping) else {}
+    channel_id, conversation_id = split_key(key)
+    stamp = timestamp(now)
+    return StoredReference(
+        key=key,
+        reference=merged,
+        tenant_id=tenant,
+        channel_id=channel_id,
+        conversation_id=conversation_id,
+        team_id=team,
+        personal=personal,
+        user_id=str_or_none(user.get("id")) if personal else None,
+        aad_object_id=str_or_none(user.get("aadObjectId")) if personal else None,
+        created_at=current.created_at if current else stamp,
+        updated_at=stamp,
+    )
+
+
+def to_document(stored: StoredReference) -> dict[str, Any]:
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "key": stored.key,
+        "channelId": stored.channel_id,
+        "conversationId": stored.conversation_id,
+        "tenantId": stored.tenant_id,
+        "teamId": stored.team_id,
+        "personal": stored.personal,
+        "userId": stored.user_id,
+        "aadObjectId": stored.aad_object_id,
+        "reference": stored.reference,
+        "createdAt": stored.created_at,
+        "updatedAt": stored.updated_at,
+    }
+
+
+def from_document(document: Any, etag: str | None = None) -> StoredReference:
+    if not isinstance(document, dict) or not isinstance(document.get("reference"), dict):
+        raise StoreError("reference store: a stored document is not a reference document")
+    version = document.get("schemaVersion")
+    if version != SCHEMA_VERSION:
+        # Never rewrite a document a newer version of the bot wrote.
+        raise StoreError(f"reference store: unsupported schemaVersion {version!r}")
+    if not isinstance(document.get("key"), str):
+        raise StoreError("reference store: a stored document has no key")
+    return StoredReference(
+        key=document["key"],
+        reference=document["reference"],
+        tenant_id=document.get("tenantId"),
+        etag=etag,
+        channel_id=document.get("channelId", ""),
+        conversation_id=document.get("conversationId", ""),
+        team_id=document.get("teamId"),
+        personal=bool(document.get("personal")),
+        user_id=document.get("userId"),
+        aad_object_id=document.get("aadObjectId"),
+        created_at=document.get("createdAt"),
+        updated_at=document.get("updatedAt"),
+    )
+
+
+def timestamp(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def short_key(key: str) -> str:
+    """A key for log lines and messages: ids are not secret, but may be 1,000+ chars."""
+    return key if len(key) <= 120 else key[:100] + "…"
+
+
+def user_matches(
+    stored: StoredReference, user_id: str | None, aad_object_id: str | None, tenant: str | None
+) -> bool:
+    if not stored.personal or (tenant is not None and stored.tenant_id != tenant):
+        return False
+    return (user_id is not None and stored.user_id == user_id) or (
+        aad_object_id is not None and stored.aad_object_id == aad_object_id
+    )
+
+
+def user_lookups(
+    channel_id: str, user_id: str | None, aad_object_id: str | None
+) -> list[tuple[Literal["id", "aad"], str]]:
+    if not channel_id or (user_id is None and aad_object_id is None):
+        raise ValueError("find_by_user needs channel_id and user_id or aad_object_id")
+    lookups: list[tuple[Literal["id", "aad"], str]] = []
+    if user_id is not None:
+        lookups.append(("id", user_id))
+    if aad_object_id is not None:
+        lookups.append(("aad", aad_object_id))
+    return lookups
+
+
+# ---------------------------------------------------------------------------- paging
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    channel_id: str | None
+    tenant_id: str | None
+    team_id: str | None
+
+    def matches(self, stored: StoredReference) -> bool:
+        return (
+            (self.channel_id is None or stored.channel_id == self.channel_id)
+            and (self.tenant_id is None or stored.tenant_id == self.tenant_id)
+            and (self.team_id is None or stored.team_id == self.team_id)
+        )
+
+    def fingerprint(self) -> str:
+        text = json.dumps([self.channel_id, self.tenant_id, self.team_id])
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def encode_token(filters: Filters, **state: Any) -> str:
+    payload = json.dumps({"v": 1, "f": filters.fingerprint(), **state}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode("utf-8", "surrogatepass")).decode("ascii")
+
+
+def decode_token(token: str | None, filters: Filters) -> dict[str, Any]:
+    if token is None:
+        return {}
+    if not isinstance(token, str):
+        raise ValueError("invalid continuation token")
+    try:
+        state = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, UnicodeError):
+        raise ValueError("invalid continuation token") from None
+    if (
+        not isinstance(state, dict)
+        or state.get("v") != 1
+        or not all(isinstance(state.get(k), str | None) for k in ("a", "m"))
+    ):
+        raise ValueError("invalid continuation token")
+    if state.get("f") != filters.fingerprint():
+        raise ValueError("the continuation token belongs to a listing with other filters")
+    return state
+
+
+def check_page_size(page_size: int) -> None:
+    if not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+
+
+def copied(stored: StoredReference) -> StoredReference:
+    return replace(stored, reference=json.loads(json.dumps(stored.reference)))
+
+
+def to_front(key: str) -> Callable[[list[str]], list[str]]:
+    """Index change: `key` becomes the user's most recent conversation."""
+    return lambda keys: [key, *(k for k in keys if k != key)][:_INDEX_KEYS]
+
+
+def including(key: str) -> Callable[[list[str]], list[str]]:
+    """Index change: `key` is listed (at the front when it was missing), else unchanged."""
+    return lambda keys: keys if key in keys else to_front(key)(keys)
+
+
+def without(key: str) -> Callable[[list[str]], list[str]]:
+    return lambda keys: [k for k in keys if k != key]
+
+
+def index_keys(document: Any) -> list[str]:
+    """The conversation keys of a user index document, most recent first."""
+    if not isinstance(document, dict) or not isinstance(document.get("key"), str):
+        return []
+    older = document.get("older")
+    older = [key for key in older if isinstance(key, str)] if isinstance(older, list) else []
+    return [document["key"], *older]
+
+
+def index_body(keys: list[str]) -> bytes:
+    document: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "key": keys[0]}
+    if len(keys) > 1:
+        document["older"] = keys[1:]
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def index_entries(stored: StoredReference) -> list[tuple[Literal["id", "aad"], str]]:
+    entries: list[tuple[Literal["id", "aad"], str]] = []
+    if stored.personal and stored.user_id:
+        entries.append(("id", stored.user_id))
+    if stored.personal and stored.aad_object_id:
+        entries.append(("aad", stored.aad_object_id))
+    return entries
