@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
@@ -70,7 +70,22 @@ from shared.reports import (
     record_outcome,
     started_name,
 )
-from shared.runtime import Runtime
+
+if TYPE_CHECKING:
+    from shared.connector import ConnectorClient
+    from shared.references import ReferenceStore
+
+
+class Parts(Protocol):
+    """What delivery uses of the process's runtime, and nothing else (a Runtime has them)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def connector(self) -> ConnectorClient: ...
+    @property
+    def references(self) -> ReferenceStore: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +117,7 @@ class Outcome(StrEnum):
 # ---------------------------------------------------------------------------- one send
 
 
-async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
+async def deliver(body: bytes | str, runtime: Parts) -> Outcome:
     """Parse and send one request, without bookkeeping (the engine adds that).
 
     Raises InvalidRequest, and what the Connector or the store raised.
@@ -113,7 +128,7 @@ async def deliver(body: bytes | str, runtime: Runtime) -> Outcome:
     return await send_one(request, runtime)
 
 
-async def send_one(request: ProactiveRequest, runtime: Runtime) -> Outcome:
+async def send_one(request: ProactiveRequest, runtime: Parts) -> Outcome:
     """Send to the request's one target. Raises ConnectorError / StoreError.
 
     Gone: only the reference that was tried is pruned. For an inline `reference` target
@@ -153,7 +168,7 @@ async def send_one(request: ProactiveRequest, runtime: Runtime) -> Outcome:
 
 
 async def _prune(
-    runtime: Runtime, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
+    runtime: Parts, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
 ) -> bool:
     if stored_key is not None:
         return await runtime.references.delete(stored_key)
@@ -174,7 +189,7 @@ def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return where(a) == where(b)
 
 
-async def _user_reference(user: UserTarget, runtime: Runtime) -> tuple[str, Mapping[str, Any]]:
+async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mapping[str, Any]]:
     """The user's stored 1:1 in that tenant, or a new one (created, then remembered)."""
     store = runtime.references
     for lookup in ({"user_id": user.user_id}, {"aad_object_id": user.user_id}):
@@ -224,7 +239,7 @@ async def _user_reference(user: UserTarget, runtime: Runtime) -> tuple[str, Mapp
 class Engine:
     """What the queue trigger works with: the runtime, the bookkeeping store, the queue."""
 
-    runtime: Runtime
+    runtime: Parts
     ledger: Ledger
     queue: MessageQueue
     clock: Callable[[], float] = time.time
@@ -237,7 +252,7 @@ class Engine:
     fanout_parallel: int = 32
 
     @classmethod
-    def for_runtime(cls, runtime: Runtime) -> Engine:
+    def for_runtime(cls, runtime: Parts) -> Engine:
         settings = runtime.settings
         return cls(
             runtime,
@@ -290,7 +305,7 @@ class Engine:
 
 async def handle_queue_message(
     body: bytes | str,
-    runtime: Runtime,
+    runtime: Parts,
     *,
     engine: Engine | None = None,
     final_attempt: bool = False,
@@ -639,7 +654,7 @@ def _settings_backoff(attempt: int) -> float:
 
 
 async def process_queue_message(
-    body: bytes | str, get_runtime: Callable[[], Runtime], *, final_attempt: bool = False
+    body: bytes | str, get_runtime: Callable[[], Parts], *, final_attempt: bool = False
 ) -> Outcome:
     """The queue trigger's one call: handle the message with the process's runtime (from
     the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
