@@ -35,4 +35,5 @@ def max_dequeue_count() -> int:
 async def main(msg: func.QueueMessage) -> None:
     final = (msg.dequeue_count or 0) >= max_dequeue_count()
     outcome = await process_queue_message(msg.get_body(), runtime, final_attempt=final)
-    log.info("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)
+    # DEBUG: the engine's own line (request id, target, outcome) is the one an operator reads.
+    log.debug("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

@@ -67,6 +67,8 @@ def make_env(app, fake_aad_service, identity_services, connector, azurite, **ext
         "BOT_SCHEDULE": "0 0 0 1 1 *",  # the timer stays quiet; the tests run schedules
         "REQUESTS_CA_BUNDLE": fake_aad_service.ca_path,
         "SSL_CERT_FILE": fake_aad_service.ca_path,
+        # The trigger's per-message line (with its dequeue count) is DEBUG detail.
+        "PYTHON_ENABLE_DEBUG_LOGGING": "1",
         **extra,
     }
 

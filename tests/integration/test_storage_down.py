@@ -192,6 +192,7 @@ def outage(bot_env, azurite, fake_aad, tmp_path):
         # MSAL (requests) in the devhost must trust the fake AAD's CA.
         "REQUESTS_CA_BUNDLE": fake_aad.ca_path,
         "SSL_CERT_FILE": fake_aad.ca_path,
+        "PYTHON_ENABLE_DEBUG_LOGGING": "1",  # the trigger's per-message line is DEBUG detail
     }
     host = DevHost(env, tmp_path, functions=("messages_function", "proactive_function"))
     queue = QueueClient.from_connection_string(azurite.connection_string, queue_name)
