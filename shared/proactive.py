@@ -32,14 +32,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
+from shared.delivery import Outcome, Parts, deliver, send_one
 from shared.idempotency import Busy, release_claim, take_claim
 from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import (
@@ -47,7 +45,6 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
-    UserTarget,
     parse_request,
     request_bytes,
 )
@@ -71,22 +68,6 @@ from shared.reports import (
     started_name,
 )
 
-if TYPE_CHECKING:
-    from shared.connector import ConnectorClient
-    from shared.references import ReferenceStore
-
-
-class Parts(Protocol):
-    """What delivery uses of the process's runtime, and nothing else (a Runtime has them)."""
-
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def connector(self) -> ConnectorClient: ...
-    @property
-    def references(self) -> ReferenceStore: ...
-
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -101,135 +82,6 @@ __all__ = [
     "poison_message",
     "send_to_poison_queue",
 ]
-
-
-class Outcome(StrEnum):
-    DELIVERED = "delivered"
-    PRUNED = "pruned"  # the channel said the conversation is gone; its reference was removed
-    UNKNOWN = "unknown"  # no stored reference for the conversation key
-    POISONED = "poisoned"  # no retry can deliver it: poison queue with the reason, reported
-    FAILED = "failed"  # reported failed (a poison copy holds the request and the reason)
-    DUPLICATE = "duplicate"  # the target already had an outcome: nothing sent
-    REQUEUED = "requeued"  # a copy was put back on the queue with a delay
-    FANNED_OUT = "fanned-out"  # a broadcast enqueued its last page of targets
-
-
-# ---------------------------------------------------------------------------- one send
-
-
-async def deliver(body: bytes | str, runtime: Parts) -> Outcome:
-    """Parse and send one request, without bookkeeping (the engine adds that).
-
-    Raises InvalidRequest, and what the Connector or the store raised.
-    """
-    request = parse_request(body)
-    if request.broadcast is not None:
-        raise InvalidRequest("a broadcast is fanned out, not delivered")
-    return await send_one(request, runtime)
-
-
-async def send_one(request: ProactiveRequest, runtime: Parts) -> Outcome:
-    """Send to the request's one target. Raises ConnectorError / StoreError.
-
-    Gone: only the reference that was tried is pruned. For an inline `reference` target
-    that is the stored one only when it names the same serviceUrl and conversation (the
-    producer's copy may be stale while the stored one, under the same key, works).
-    """
-    stored_key: str | None = None  # the stored reference the send used, if any
-    if request.user is not None:
-        stored_key, reference = await _user_reference(request.user, runtime)
-    elif request.reference is not None:
-        reference = request.reference
-    else:
-        assert request.key is not None
-        stored = await runtime.references.get(request.key)
-        if stored is None:
-            return Outcome.UNKNOWN
-        stored_key, reference = stored.key, stored.reference
-
-    activity = apply_conversation_reference(request.activity, reference)
-    try:
-        await runtime.connector.background().send_to_conversation(
-            reference["serviceUrl"], reference["conversation"]["id"], activity
-        )
-    except ConnectorError as error:
-        if error.kind is not ErrorKind.GONE:
-            raise
-        pruned = await _prune(runtime, stored_key, request.key, reference)
-        logger.info(
-            "proactive %r: %s is gone (%s); %s",
-            request.id,
-            request.label,
-            error.code or error.status,
-            "reference pruned" if pruned else "no stored reference of it to prune",
-        )
-        return Outcome.PRUNED
-    return Outcome.DELIVERED
-
-
-async def _prune(
-    runtime: Parts, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
-) -> bool:
-    if stored_key is not None:
-        return await runtime.references.delete(stored_key)
-    if key is None:
-        return False
-    stored = await runtime.references.get(key)
-    if stored is None or not _same_conversation(stored.reference, tried):
-        return False  # defect 4: the stored reference was not the one tried
-    return await runtime.references.delete(key)
-
-
-def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    def where(reference: Mapping[str, Any]) -> tuple[str, Any]:
-        conversation = reference.get("conversation") or {}
-        service_url = str(reference.get("serviceUrl") or "").rstrip("/").lower()
-        return service_url, conversation.get("id")
-
-    return where(a) == where(b)
-
-
-async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mapping[str, Any]]:
-    """The user's stored 1:1 in that tenant, or a new one (created, then remembered)."""
-    store = runtime.references
-    for lookup in ({"user_id": user.user_id}, {"aad_object_id": user.user_id}):
-        stored = await store.find_by_user(
-            channel_id=user.channel_id, tenant_id=user.tenant_id, **lookup
-        )
-        if stored is not None:
-            return stored.key, stored.reference
-    settings = runtime.settings
-    bot = {"id": f"28:{settings.app_id}" if settings.app_id else "28:bot"}
-    parameters = {
-        "bot": bot,
-        "members": [{"id": user.user_id}],
-        "channelData": {"tenant": {"id": user.tenant_id}},
-        "tenantId": user.tenant_id,
-        "isGroup": False,
-    }
-    created = await runtime.connector.background().create_conversation(user.service_url, parameters)
-    conversation_id = created.get("id") if isinstance(created, dict) else None
-    if not isinstance(conversation_id, str) or not conversation_id:
-        raise ConnectorError(
-            ErrorKind.INVALID, "createConversation answered without an id", status=200
-        )
-    # The serviceUrl stored is the one that was checked and called, never one the answer
-    # suggests: the bot's token only goes to trusted serviceUrls.
-    reference = {
-        "channelId": user.channel_id,
-        "serviceUrl": user.service_url,
-        "conversation": {
-            "id": conversation_id,
-            "conversationType": "personal",
-            "tenantId": user.tenant_id,
-        },
-        "bot": bot,
-        "user": {"id": user.user_id},
-    }
-    await store.upsert(reference, refresh=True)
-    key = conversation_key(user.channel_id, conversation_id)
-    logger.info("proactive: created 1:1 %s for a user target", key[:120])
-    return key, reference
 
 
 # ---------------------------------------------------------------------------- the engine
