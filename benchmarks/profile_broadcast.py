@@ -156,6 +156,56 @@ async def run_pipeline(
     return {**outcome, "durations": durations}
 
 
+async def storage_only(connection_string: str, count: int, concurrency: int) -> dict[str, Any]:
+    """`count` blob reads of one small blob through the SDK: CPU per call on each side."""
+    from shared.config import StorageSettings
+    from shared.storage import close_client, create_blob_service
+
+    service = create_blob_service(StorageSettings(connection_string=connection_string))
+    container = service.get_container_client("conversation-references")
+    blob = container.get_blob_client("profile/one.json")
+    await blob.upload_blob(b'{"a": 1}', overwrite=True)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            await (await blob.download_blob()).readall()
+
+    await asyncio.gather(*(one() for _ in range(50)))  # warm: connections, imports
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    result = {
+        "seconds": time.perf_counter() - started,
+        "client_cpu_seconds": time.process_time() - cpu,
+    }
+    await close_client(service)
+    return result
+
+
+def measure_storage(count: int, concurrency: int) -> None:
+    from tools.azurite import Azurite, ensure_resources
+
+    with Azurite() as azurite:
+        ensure_resources(azurite.connection_string, [], ["conversation-references"])
+        assert azurite.process is not None
+        before = cpu_seconds(azurite.process.pid)
+        result = asyncio.run(storage_only(azurite.connection_string, count, concurrency))
+        azurite_cpu = cpu_seconds(azurite.process.pid) - before
+    print(
+        json.dumps(
+            {
+                "blob_reads": count,
+                "concurrency": concurrency,
+                "reads_per_s": round(count / result["seconds"], 1),
+                "client_cpu_ms_per_read": round(result["client_cpu_seconds"] / count * 1000, 2),
+                "azurite_cpu_ms_per_read": round(azurite_cpu / count * 1000, 2),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+            },
+            indent=2,
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_broadcast")
     parser.add_argument("--conversations", type=int, default=1000)
@@ -163,7 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile", action="store_true", help="pyinstrument the run")
+    parser.add_argument(
+        "--storage-only",
+        type=int,
+        metavar="N",
+        help="only N blob reads through the SDK at --threshold concurrency",
+    )
     args = parser.parse_args(argv)
+    if args.storage_only:
+        measure_storage(args.storage_only, max(1, args.threshold))
+        return 0
     calls = StorageCalls()
     calls.install()
     with ExitStack() as stack:
