@@ -28,6 +28,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,10 @@ def percentile(values: list[float], share: float) -> float:
 
 
 async def run_pipeline(
-    env: dict[str, str], calls: StorageCalls, args: argparse.Namespace
+    env: dict[str, str],
+    calls: StorageCalls,
+    args: argparse.Namespace,
+    received: Callable[[], int] | None,
 ) -> dict[str, Any]:
     """The local host's queue listener in this loop, one broadcast, until its report is done."""
     from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +146,9 @@ async def run_pipeline(
     tasks = [asyncio.create_task(listener.run()) for listener in listeners]
     await asyncio.sleep(0.5)
     calls.reset()
-    outcome = await broadcast.broadcast(Settings.from_env(env), "news", args.timeout)
+    outcome = await broadcast.broadcast(
+        Settings.from_env(env), "news", args.timeout, received, args.conversations
+    )
     for listener in listeners:
         listener.stop()
     await asyncio.gather(*tasks)
@@ -214,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile", action="store_true", help="pyinstrument the run")
     parser.add_argument(
+        "--poll-report",
+        action="store_true",
+        help="read the report every second, as the benchmark did before (for comparison)",
+    )
+    parser.add_argument(
+        "--count-calls",
+        action="store_true",
+        help="count Python function calls with cProfile (deterministic, unlike CPU time)",
+    )
+    parser.add_argument(
         "--storage-only",
         type=int,
         metavar="N",
@@ -254,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
 
             profiler = Profiler(async_mode="disabled")
             profiler.start()
-        outcome = asyncio.run(run_pipeline(env, calls, args))
+        counter = None
+        if args.count_calls:
+            import cProfile
+
+            counter = cProfile.Profile()
+            counter.enable()
+        received = None if args.poll_report else lambda: services.connector.stats()["distinct"]
+        outcome = asyncio.run(run_pipeline(env, calls, args, received))
+        if counter is not None:
+            counter.disable()
         if profiler is not None:
             profiler.stop()
             out = warm.RESULTS / "profile_broadcast.html"
@@ -304,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_seconds": {"this_process": round(own_cpu, 2), "azurite": round(azurite_cpu, 2)},
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if counter is not None:
+        import pstats
+
+        counter.dump_stats(warm.RESULTS / "profile_broadcast.pstats")
+        total = pstats.Stats(counter).total_calls  # type: ignore[attr-defined]
+        result["python_calls_per_delivered"] = round(total / max(1, delivered))
     print(json.dumps(result, indent=2))
     return 0
 
