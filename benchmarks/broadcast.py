@@ -123,10 +123,14 @@ def run_once(
             servers.append(server)
         for server in servers:
             asyncio.run(warm.wait_listening(server))
+        host_cpu = sum(server.cpu_seconds() for server in servers)
+        storage_cpu = services.storage_cpu_seconds()
         text = f"news {uuid.uuid4().hex[:8]}"
         received = lambda: services.connector.stats()["distinct"]  # noqa: E731
         outcome = asyncio.run(broadcast(settings, text, timeout, received, count))
         stats = services.connector.stats()
+        host_cpu = sum(server.cpu_seconds() for server in servers) - host_cpu
+        storage_cpu = services.storage_cpu_seconds() - storage_cpu
         memory = [server.memory_kib().get("VmHWM", 0) / 1024 for server in servers]
     finally:
         for server in servers:
@@ -149,6 +153,9 @@ def run_once(
         "duplicated": stats["received"] - stats["distinct"],
         "throttled_429": stats["throttled"],
         "share_429": round(stats["throttled"] / sends, 4) if sends else 0.0,
+        # CPU per distinct send, from /proc: what the rate is made of on a shared machine.
+        "host_cpu_ms_per_send": round(host_cpu * 1000 / max(1, stats["distinct"]), 2),
+        "azurite_cpu_ms_per_send": round(storage_cpu * 1000 / max(1, stats["distinct"]), 2),
         "peak_rss_mib": [round(m, 1) for m in memory],
         "load_average_1m": round(os.getloadavg()[0], 2),
         "failures_sample": (report.get("failures") or [])[:3],
