@@ -207,9 +207,10 @@ def _reuse_child_clients(client: Any, service: Service) -> None:
     build = getattr(client, name)
     children: dict[tuple, Any] = {}
 
-    def reused(child_name: Any, **kwargs: Any) -> Any:
-        if not isinstance(child_name, str) or not set(kwargs) <= _POLICY_ARGUMENTS:
-            return build(child_name, **kwargs)
+    def reused(*args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or not isinstance(args[0], str) or not set(kwargs) <= _POLICY_ARGUMENTS:
+            return build(*args, **kwargs)  # by keyword, by properties object, other options
+        child_name = args[0]
         key = (child_name, *sorted((k, type(v)) for k, v in kwargs.items()))
         child = children.get(key)
         if child is None:
