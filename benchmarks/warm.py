@@ -169,6 +169,13 @@ class Services:
     token: str
     storage: str
     connector: ConnectorProcess
+    storage_pid: int = 0  # Azurite's process (0: no storage), for its CPU time
+
+    def storage_cpu_seconds(self) -> float:
+        if not self.storage_pid:
+            return 0.0
+        fields = Path(f"/proc/{self.storage_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
     def env(self, target: Target, port: int) -> dict[str, str]:
         keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL") if k in os.environ}
@@ -253,13 +260,14 @@ def start_services(
     aad.register_secret(app_id, secret)
     connector = ConnectorProcess(connector_args)
     stack.callback(connector.close)
-    storage = ""
+    storage, storage_pid = "", 0
     if need_storage:
         from tools.azurite import Azurite, ensure_resources
 
         azurite = stack.enter_context(Azurite())
         ensure_resources(azurite.connection_string, [], ["conversation-references"])
         storage = azurite.connection_string
+        storage_pid = azurite.process.pid if azurite.process else 0
     token = identity.channel.mint_channel_token(app_id, connector.url, lifetime=6 * 3600)
     return Services(
         app_id=app_id,
@@ -273,6 +281,7 @@ def start_services(
         token=token,
         storage=storage,
         connector=connector,
+        storage_pid=storage_pid,
     )
 
 

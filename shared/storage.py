@@ -184,8 +184,42 @@ def _shared_client(service, storage, options, factory):
     client = clients.get(key)
     if client is None:
         client = clients[key] = factory(storage, options)
+        _reuse_child_clients(client, service)
         logger.debug("storage: opened shared %s client", service)
     return client
+
+
+# Container / queue clients the shared service clients hand out, kept per name.
+MAX_CHILD_CLIENTS = 64
+# Queue client arguments that are stateless policy objects: one client per policy class.
+_POLICY_ARGUMENTS = frozenset({"message_encode_policy", "message_decode_policy"})
+
+
+def _reuse_child_clients(client: Any, service: Service) -> None:
+    """Make the shared client hand out one container (queue) client per name.
+
+    Building one builds a new pipeline, which costs more CPU than the request made with
+    it (about 0.3 ms, per ledger or queue call); they share the service's transport and
+    hold no per-request state, so one per name serves every caller. Only the shared
+    clients do this: a client the caller owns (``create_*``) is left as the SDK makes it.
+    """
+    name = "get_container_client" if service == "blob" else "get_queue_client"
+    build = getattr(client, name)
+    children: dict[tuple, Any] = {}
+
+    def reused(*args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or not isinstance(args[0], str) or not set(kwargs) <= _POLICY_ARGUMENTS:
+            return build(*args, **kwargs)  # by keyword, by properties object, other options
+        child_name = args[0]
+        key = (child_name, *sorted((k, type(v)) for k, v in kwargs.items()))
+        child = children.get(key)
+        if child is None:
+            if len(children) >= MAX_CHILD_CLIENTS:
+                children.pop(next(iter(children)))
+            child = children[key] = build(child_name, **kwargs)
+        return child
+
+    setattr(client, name, reused)
 
 
 async def close_shared_clients() -> None:

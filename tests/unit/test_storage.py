@@ -187,3 +187,55 @@ async def test_shared_clients_are_one_per_loop_until_closed():
     again = get_blob_service(settings)
     assert again is not first
     await close_shared_clients()
+
+
+@pytest.mark.integration
+async def test_the_shared_clients_build_a_container_or_queue_client_once_per_name(
+    azurite, unique_name, monkeypatch
+):
+    # Building a container or queue client costs more CPU than the request it then makes
+    # (a new pipeline each time); the engine's bookkeeping asks for one on every call.
+    from azure.storage.blob.aio import ContainerClient
+    from azure.storage.queue import TextBase64EncodePolicy
+    from azure.storage.queue.aio import QueueClient
+
+    built: list[str] = []
+    for cls in (ContainerClient, QueueClient):
+        original = cls.__init__
+
+        def counting(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            built.append(_name)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)  # the SDK's class, counted, not replaced
+    settings = StorageSettings(connection_string=azurite.connection_string)
+    container_name, queue_name, other = unique_name("c"), unique_name("q"), unique_name("c2")
+    try:
+        service = get_blob_service(settings)
+        await service.get_container_client(container_name).create_container()
+        for n in range(5):
+            await service.get_container_client(container_name).upload_blob(f"{n}.json", b"{}")
+        assert service.get_container_client(other) is not service.get_container_client(
+            container_name
+        )
+        queues = get_queue_service(settings)
+        await queues.get_queue_client(queue_name).create_queue()
+        for n in range(3):
+            client = queues.get_queue_client(
+                queue_name, message_encode_policy=TextBase64EncodePolicy()
+            )
+            await client.send_message(f"m{n}")
+        plain = queues.get_queue_client(queue_name)
+        received = [m.content async for m in plain.receive_messages(messages_per_page=32)]
+        names = [b.name async for b in service.get_container_client(container_name).list_blobs()]
+    finally:
+        await close_shared_clients()
+    assert sorted(names) == [f"{n}.json" for n in range(5)]
+    assert sorted(received) == [
+        "bTA=",  # base64 of "m0": the encode policy was applied to every message
+        "bTE=",
+        "bTI=",
+    ]
+    # one container client per name, one queue client per (name, encoding)
+    assert built.count("ContainerClient") == 2
+    assert built.count("QueueClient") == 2
