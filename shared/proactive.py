@@ -185,15 +185,7 @@ async def _record_given_up(body: bytes | str, engine: Engine) -> None:
     reason = "the function failed on every attempt; the host moved it to the poison queue"
     try:
         if request.broadcast is None:
-            await record_outcome(
-                engine.ledger,
-                request.id,
-                request.target_name,
-                "failed",
-                engine.clock(),
-                reason=reason,
-                label=request.label,
-            )
+            await _record(request, engine, "failed", reason)
         else:
             await _end_fan_out(request, engine, reason)
     except Exception as error:  # best effort: the store may be what is failing
@@ -361,21 +353,28 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         await release_claim(ledger, claim)
 
 
+async def _record(
+    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
+) -> bool:
+    """Record the request's target's final outcome; False when it already had one."""
+    return await record_outcome(
+        engine.ledger,
+        request.id,
+        request.target_name,
+        outcome,
+        engine.clock(),
+        reason=reason,
+        label=request.label,
+    )
+
+
 async def _record_or_hold(
     request: ProactiveRequest, engine: Engine, outcome: Final, *, reason: str | None = None
 ) -> bool:
     """Record the target's final outcome (after a send); False when storage refused and a
     copy that carries the outcome was queued instead, so it is recorded, never resent."""
     try:
-        await record_outcome(
-            engine.ledger,
-            request.id,
-            request.target_name,
-            outcome,
-            engine.clock(),
-            reason=reason,
-            label=request.label,
-        )
+        await _record(request, engine, outcome, reason)
     except StoreError as failure:
         await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
         return False
@@ -387,15 +386,7 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
     outcome, reason = request.engine.outcome, request.engine.reason
     assert outcome in FINAL_OUTCOMES
     try:
-        created = await record_outcome(
-            engine.ledger,
-            request.id,
-            request.target_name,
-            outcome,
-            engine.clock(),
-            reason=reason,
-            label=request.label,
-        )
+        created = await _record(request, engine, outcome, reason)
     except StoreError as failure:
         return await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
     if not created:  # this copy arrived twice
@@ -425,15 +416,7 @@ async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:
         # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
         # is landing, and a poison copy per removed conversation would only be noise.
         reason = "the conversation was removed from the store after the broadcast matched it"
-        await record_outcome(
-            engine.ledger,
-            request.id,
-            request.target_name,
-            "failed",
-            engine.clock(),
-            reason=reason,
-            label=request.label,
-        )
+        await _record(request, engine, "failed", reason)
         logger.info("proactive %r: %s: %s", request.id, request.label, reason)
         return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
