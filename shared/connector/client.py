@@ -33,7 +33,6 @@ from typing import Any
 import aiohttp
 import yarl
 
-from shared.activity import tenant_id
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
 from shared.connector.errors import (
@@ -41,8 +40,10 @@ from shared.connector.errors import (
     ConnectorError,
     ErrorKind,
     RetryPolicy,
+    budget_spent,
     error_from_response,
 )
+from shared.connector.scope import pacing_scope
 from shared.connector.transport import (
     Expect,
     Http,
@@ -53,8 +54,8 @@ from shared.connector.transport import (
     result,
 )
 from shared.connector.transport import quote_segment as _q
-from shared.ratelimit import TEAMS, Pacer, PacingTimeout, Scope, conversation_key
-from shared.serviceurl import TEAMS_HOSTS, ServiceTarget, TrustPolicy, host_for_log, host_in
+from shared.ratelimit import Pacer, PacingTimeout, Scope
+from shared.serviceurl import ServiceTarget, TrustPolicy, host_for_log
 from shared.urls import is_loopback_host
 
 log = logging.getLogger("shared.connector")  # the package logs under one name
@@ -386,7 +387,7 @@ class ConnectorClient:
         policy = retry or self._retry
         url = build_url(target, path, query)
         data = encode_body(operation, body)
-        scope = _pacing_scope(target, pace, body)
+        scope = pacing_scope(target, pace, body)
         # One budget for everything: the token, pacing waits, every attempt, every backoff.
         deadline = self._clock() + policy.max_total_seconds
         attempt = failures = 0
@@ -397,7 +398,7 @@ class ConnectorClient:
                 raise failure
             token = await self._token(operation, rejected, deadline)
             if self._clock() >= deadline:  # the token took the whole budget
-                raise failure or _budget_spent(operation)
+                raise failure or budget_spent(operation)
             granted = await self._pace(operation, scope, deadline)
             attempt += 1
             answer = await self._attempt(
@@ -592,28 +593,3 @@ class ConnectorClient:
             headers.pop("Authorization", None)
         log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
         return target, headers
-
-
-def _pacing_scope(
-    target: ServiceTarget, conversation_id: str | None, body: Mapping[str, Any] | None
-) -> Scope:
-    """Which limits a request falls under: the channel and tenant the body names (a
-    Teams host counts as Teams when it names none), the conversation it goes to."""
-    channel = body.get("channelId") if body is not None else None
-    if not isinstance(channel, str) or not channel:
-        channel = TEAMS if host_in(target.host, TEAMS_HOSTS) else None
-    tenant = None
-    if channel == TEAMS and body is not None:
-        tenant = tenant_id(body) or body.get("tenantId")  # createConversation: tenantId
-    return Scope(
-        channel_id=channel,
-        tenant_id=tenant if isinstance(tenant, str) and tenant else None,
-        conversation=conversation_key(conversation_id) if conversation_id else None,
-        service=f"{target.host}:{target.port}",
-    )
-
-
-def _budget_spent(operation: str) -> ConnectorError:
-    return ConnectorError(
-        ErrorKind.TRANSIENT, "the time budget was spent; nothing was sent", operation=operation
-    )

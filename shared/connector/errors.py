@@ -248,3 +248,10 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def budget_spent(operation: str) -> ConnectorError:
+    """A request whose deadline ran out before anything was sent (safe to retry)."""
+    return ConnectorError(
+        ErrorKind.TRANSIENT, "the time budget was spent; nothing was sent", operation=operation
+    )
