@@ -28,15 +28,26 @@ def references(count: int) -> list[dict]:
     return [{"conversation": {"id": f"c{n}"}} for n in range(count)]
 
 
+class InFlight:
+    """Counts the sends under way, and the most at once."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+
+    async def __aenter__(self) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.now -= 1
+
+
 async def test_the_sequential_loop_sends_one_at_a_time_and_counts_failures_by_status():
-    in_flight, most, sent = 0, 0, []
+    in_flight, sent = InFlight(), []
 
     async def send(reference: dict, text: str) -> None:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0)
-        in_flight -= 1
+        async with in_flight:
+            await asyncio.sleep(0)
         if reference["conversation"]["id"] in ("c1", "c3"):
             raise Throttled
         if reference["conversation"]["id"] == "c4":
@@ -45,7 +56,7 @@ async def test_the_sequential_loop_sends_one_at_a_time_and_counts_failures_by_st
 
     result = await broadcast_loop.run(send, references(6), "hi", concurrency=1)
 
-    assert most == 1
+    assert in_flight.most == 1
     assert sent == [("c0", "hi"), ("c2", "hi"), ("c5", "hi")]  # the loop went on, no resend
     assert result["attempted"] == 6 and result["failed"] == 3
     assert result["failures"] == {"429": 2, "RuntimeError": 1}
@@ -53,18 +64,15 @@ async def test_the_sequential_loop_sends_one_at_a_time_and_counts_failures_by_st
 
 
 async def test_the_gathered_loop_keeps_at_most_n_in_flight():
-    in_flight, most = 0, 0
+    in_flight = InFlight()
 
     async def send(reference: dict, text: str) -> None:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.001)
-        in_flight -= 1
+        async with in_flight:
+            await asyncio.sleep(0.001)
 
     result = await broadcast_loop.run(send, references(40), "hi", concurrency=8)
 
-    assert most == 8
+    assert in_flight.most == 8
     assert result["failed"] == 0 and result["attempted"] == 40
 
 
