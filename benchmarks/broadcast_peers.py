@@ -182,7 +182,9 @@ def run_peer(
         "other_texts_received": counted["other_texts"],
         "other_texts_sample": counted["other_sample"],
         "replies_without_token": stats["received"] - stats["authorized"],
+        "cpu_seconds": loop["cpu_seconds"],
         "cpu_ms_per_send": round(loop["cpu_seconds"] * 1000 / max(1, delivered), 2),
+        "cpu_ms_per_attempt": round(loop["cpu_seconds"] * 1000 / max(1, loop["attempted"]), 2),
         "peak_rss_mib": loop["peak_rss_mib"],
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }

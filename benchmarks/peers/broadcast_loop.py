@@ -43,6 +43,15 @@ def status_of(error: BaseException) -> str:
     return type(error).__name__
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: after fork + exec it
+    still holds the forking parent's peak, the benchmark's own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -76,8 +85,7 @@ async def run(send: Send, references: list[dict[str, Any]], text: str, concurren
         "failures": dict(failures),
         "seconds": round(wall, 3),
         "cpu_seconds": round(cpu, 3),
-        # ru_maxrss is in KiB on Linux
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
