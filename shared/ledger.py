@@ -7,7 +7,8 @@ many function instances work at once:
 
 - :meth:`create` — ``If-None-Match: *``: exactly one writer wins (and gets the ETag); the
   rest get None.
-- :meth:`replace` — ``If-Match`` on the ETag read: a concurrent change is never lost.
+- :meth:`replace` — ``If-Match`` on the ETag read: a concurrent change is never lost. It
+  writes the whole blob: the metadata given, or none.
 - :meth:`list` — names under a prefix with their metadata, so a report is aggregated
   from one listing instead of one read per blob.
 
@@ -62,7 +63,9 @@ class Ledger(Protocol):
 
     async def read(self, name: str) -> Record | None: ...
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None: ...
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None: ...
 
     async def delete(self, name: str, etag: str | None = None) -> bool: ...
 
@@ -107,12 +110,14 @@ class MemoryLedger:
             raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
         return Record(data, found[2], found[3])
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None:
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None:
         found = self.blobs.get(name)
         if found is None or found[2] != etag:
             return None
         new = self._etag()
-        self.blobs[name] = (_body(data), found[1], new, self.clock())
+        self.blobs[name] = (_body(data), dict(metadata or {}), new, self.clock())
         return new
 
     async def delete(self, name: str, etag: str | None = None) -> bool:
@@ -179,14 +184,16 @@ class BlobLedger:
         modified = downloader.properties.last_modified
         return Record(data, downloader.properties.etag, modified.timestamp() if modified else 0.0)
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None:
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None:
         from azure.core import MatchConditions
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         async with _guard("replace", name):
             try:
                 result = await self._upload(
-                    name, data, None, etag=etag, match_condition=MatchConditions.IfNotModified
+                    name, data, metadata, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
             except ResourceNotFoundError:
                 return None
