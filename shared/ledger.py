@@ -1,7 +1,7 @@
 """The proactive engine's bookkeeping: small JSON blobs with create-only and ETag'd writes.
 
-Everything the engine remembers about a request (its delivery report, the delivered
-markers, claims, the broadcast fan-out cursor, the schedules' last runs) is a small blob
+Everything the engine remembers about a request (its delivery report, each target's
+slot: claim, then outcome, the broadcast fan-out cursor, the schedules' last runs) is a small blob
 in `BOT_REFERENCES_CONTAINER`, written with the only primitives that stay correct when
 many function instances work at once:
 

@@ -5,7 +5,7 @@ target: a stored conversation (`conversation`), an explicit `reference`, a Teams
 (their stored 1:1, or a new one), or a `broadcast` (fanned out by shared/fanout.py into
 one message per conversation). :func:`handle_queue_message` is the queue trigger's one call:
 
-- delivered: the marker is written at once, then reported.
+- delivered: the target's slot is settled at once (shared/idempotency.py), then reported.
 - the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
   reported as a duplicate.
 - throttled or transient after the client's own retries: a copy goes back on the queue
