@@ -84,16 +84,16 @@ def count_texts(stats: Mapping[str, Any], text: str) -> dict[str, Any]:
     received: Mapping[str, int] = stats.get("texts") or {}
     throttled: Mapping[str, int] = stats.get("throttled_texts") or {}
     suffix = f"|{text}"
-    ours = {key: n for key, n in received.items() if key.endswith(suffix)}
-    throttled_ours = [key for key in throttled if key.endswith(suffix)]
+    sent = {key: n for key, n in received.items() if key.endswith(suffix)}
+    throttled_sent = [key for key in throttled if key.endswith(suffix)]
     others = {key: n for key, n in received.items() if not key.endswith(suffix)}
     sample = sorted({key.split("|", 1)[1][:120] for key in others})[:3]
     return {
-        "delivered": len(ours),
-        "duplicated": sum(n - 1 for n in ours.values()),
-        "conversations_429": len(throttled_ours),
-        "retried_after_429": sum(1 for key in throttled_ours if key in ours),
-        "lost_to_429": sum(1 for key in throttled_ours if key not in ours),
+        "delivered": len(sent),
+        "duplicated": sum(n - 1 for n in sent.values()),
+        "conversations_429": len(throttled_sent),
+        "retried_after_429": sum(1 for key in throttled_sent if key in sent),
+        "lost_to_429": sum(1 for key in throttled_sent if key not in sent),
         "other_texts": sum(others.values()),
         "other_sample": sample,
     }
