@@ -163,7 +163,9 @@ def run_peer(
         "mode": mode(concurrency),
         "seconds": loop["seconds"],
         "sends_per_s": round(sends_per_s, 1),
-        "achieved_share_of_enforced": round(sends_per_s / enforced_rate, 3),
+        "achieved_share_of_enforced": round(sends_per_s / enforced_rate, 3)
+        if enforced_rate
+        else None,
         "attempted": loop["attempted"],
         "attempts_per_s": round(loop["attempted"] / loop["seconds"], 1) if loop["seconds"] else 0.0,
         "failed_in_loop": loop["failed"],
@@ -194,16 +196,19 @@ def measure(
     peers: Sequence[str],
     concurrencies: Sequence[int],
     count: int,
-    tenant_limit: int,
+    tenant_limit: int | None,
     timeout: float,
 ) -> list[dict[str, Any]]:
+    """One run per concurrency and peer; ``tenant_limit`` None: no limits enforced."""
     # Teams counts a request against its conversation's tenant; the Bot Framework and
     # Teams SDKs' bodies do not name it, so the fake Connector is told each conversation's.
     tenants = warm.LOGS / f"broadcast-tenants-{uuid.uuid4().hex[:8]}.json"
-    write_tenants(tenants, count)
-    limits = ["--teams-limits", "--tenant-limit", str(tenant_limit)]
-    limits += ["--conversation-tenants", str(tenants)]
-    enforced = tenant_limit * len(broadcast.TENANTS)
+    limits: list[str] = []
+    if tenant_limit:
+        write_tenants(tenants, count)
+        limits = ["--teams-limits", "--tenant-limit", str(tenant_limit)]
+        limits += ["--conversation-tenants", str(tenants)]
+    enforced = (tenant_limit or 0) * len(broadcast.TENANTS)
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
         stack.callback(tenants.unlink, missing_ok=True)
@@ -213,7 +218,8 @@ def measure(
         stack.callback(references.unlink, missing_ok=True)
         for concurrency in concurrencies:
             for key in peers:
-                print(f"{key}: {mode(concurrency)}, {count} conversations ...", flush=True)
+                limited = "" if tenant_limit else ", no limits enforced"
+                print(f"{key}: {mode(concurrency)}{limited}, {count} conversations", flush=True)
                 result = run_peer(
                     warm.TARGETS[key], services, references, count, concurrency, enforced, timeout
                 )
@@ -237,52 +243,22 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
     return f"{ours / theirs:.2f}" if ours is not None and theirs else "—"
 
 
-def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
-    """One row per run (ours first), with the ratios ours / theirs for rate and CPU."""
-    machine = peers["machine"]
+def _ours_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run of broadcast.py in the peers' terms."""
+    tried = run.get("received", 0) + run.get("throttled_429", 0)
+    return {
+        **run,
+        "attempts_per_s": round(tried / run["seconds"], 1) if run.get("seconds") else None,
+        "cpu_ms_per_send": run.get("host_cpu_ms_per_send"),
+        "retries_429": "yes (the engine re-queues)",
+        "peak_rss_mib": max(run.get("peak_rss_mib") or [0]),
+    }
+
+
+def _table(
+    rows: Sequence[tuple[str, Mapping[str, Any]]], base: Mapping[str, Any] | None
+) -> list[str]:
     lines = [
-        f"Broadcast to {peers['conversations']:,} Teams conversations in {peers['tenants']}"
-        f" tenants, the fake Connector enforcing Teams' windows per conversation and"
-        f" {peers['tenant_limit_per_s']} requests/s per tenant ({peers['enforced_rate_per_s']}/s"
-        " in all), 429 with `Retry-After: 1` beyond.",
-        "",
-        f"Peers: generated {peers['generated']} by `{peers['command']}` ({machine['cpus']}"
-        f" cores, Python {machine['python']}, load average {machine['load_average_1m_start']}"
-        f" at the start, {machine['load_average_1m_end']} at the end; the machine is shared).",
-    ]
-    base: dict[str, Any] | None = None
-    rows: list[tuple[str, dict[str, Any]]] = []
-    if ours:
-        lines.append(
-            f"Ours: generated {ours['generated']} by `{ours['command']}` (load average"
-            f" {ours['machine']['load_average_1m_start']} at the start)."
-        )
-        if ours.get("conversations") != peers["conversations"]:
-            lines.append(
-                f"**Not the same size**: ours broadcast to {ours.get('conversations'):,}"
-                f" conversations, the peers to {peers['conversations']:,}."
-            )
-        for run in ours.get("runs", []):
-            tried = run.get("received", 0) + run.get("throttled_429", 0)
-            row = {
-                **run,
-                "attempts_per_s": round(tried / run["seconds"], 1) if run.get("seconds") else None,
-                "cpu_ms_per_send": run.get("host_cpu_ms_per_send"),
-                "retries_429": "yes (the engine re-queues)",
-                "peak_rss_mib": max(run.get("peak_rss_mib") or [0]),
-            }
-            processes = run["processes"]
-            rows.append((f"ours, queue pipeline, {processes} host process(es)", row))
-            if processes == 1:
-                base = row
-    for run in peers["runs"]:
-        rows.append((f"{run['label']}, {run['mode']}", run))
-    lines += [
-        "",
-        "Ratios are ours (1 host process) / theirs. CPU per send: the process that sends"
-        " (ours: the host, without Azurite's CPU, which is in broadcast.json); peak RSS:"
-        " that process's (ours: the largest host's).",
-        "",
         "| run | delivered/s | share of enforced | sends tried/s | delivered | lost |"
         " duplicated | 429s | retries a 429 | other texts to users | CPU ms per delivered send |"
         " peak RSS MiB | delivered/s ours / theirs | CPU per send ours / theirs |",
@@ -290,9 +266,10 @@ def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
     ]
     for name, row in rows:
         ours_row = base is None or name.startswith("ours")
+        share = row.get("achieved_share_of_enforced")
         cells = [
             _fmt(row.get("sends_per_s")),
-            f"{row.get('achieved_share_of_enforced', 0) * 100:.0f} %",
+            "—" if share is None else f"{share * 100:.0f} %",
             _fmt(row.get("attempts_per_s")),
             _fmt(row.get("delivered")),
             _fmt(row.get("lost")),
@@ -306,6 +283,64 @@ def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
             "" if ours_row else _ratio(base["cpu_ms_per_send"], row.get("cpu_ms_per_send")),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
+    """One row per run (ours first), with the ratios ours / theirs for rate and CPU; the
+    runs with no limits enforced in a second table."""
+    machine = peers["machine"]
+    lines = [
+        f"Broadcast to {peers['conversations']:,} Teams conversations in {peers['tenants']}"
+        f" tenants, the fake Connector enforcing Teams' windows per conversation and"
+        f" {peers['tenant_limit_per_s']} requests/s per tenant ({peers['enforced_rate_per_s']}/s"
+        " in all), 429 with `Retry-After: 1` beyond.",
+        "",
+        f"Peers: generated {peers['generated']} by `{peers['command']}` ({machine['cpus']}"
+        f" cores, Python {machine['python']}, load average {machine['load_average_1m_start']}"
+        f" at the start, {machine['load_average_1m_end']} at the end; the machine is shared).",
+    ]
+    base: dict[str, Any] | None = None
+    rows: list[tuple[str, Mapping[str, Any]]] = []
+    ours_unthrottled: dict[str, Any] | None = None
+    if ours:
+        lines.append(
+            f"Ours: generated {ours['generated']} by `{ours['command']}` (load average"
+            f" {ours['machine']['load_average_1m_start']} at the start)."
+        )
+        if ours.get("conversations") != peers["conversations"]:
+            lines.append(
+                f"**Not the same size**: ours broadcast to {ours.get('conversations'):,}"
+                f" conversations, the peers to {peers['conversations']:,}."
+            )
+        for run in ours.get("runs", []):
+            row = _ours_row(run)
+            processes = run["processes"]
+            rows.append((f"ours, queue pipeline, {processes} host process(es)", row))
+            if processes == 1:
+                base = row
+        if ours.get("unthrottled"):
+            ours_unthrottled = _ours_row(ours["unthrottled"])
+    rows += [(f"{run['label']}, {run['mode']}", run) for run in peers["runs"]]
+    lines += [
+        "",
+        "Ratios are ours (1 host process) / theirs. CPU per send: the process that sends"
+        " (ours: the host, without Azurite's CPU, which is in broadcast.json); peak RSS:"
+        " that process's (ours: the largest host's).",
+        "",
+        *_table(rows, base),
+    ]
+    if peers.get("unthrottled"):
+        free: list[tuple[str, Mapping[str, Any]]] = []
+        if ours_unthrottled:
+            free.append(("ours, queue pipeline, 1 host process", ours_unthrottled))
+        free += [(f"{run['label']}, {run['mode']}", run) for run in peers["unthrottled"]]
+        lines += [
+            "",
+            "No limits enforced (ratios against ours with no limits, 1 host process):",
+            "",
+            *_table(free, ours_unthrottled),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -327,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--concurrency", default="1,32", help="1: sequential; N: gather, N in flight"
     )
     parser.add_argument("--tenant-limit", type=int, default=50)
+    parser.add_argument(
+        "--unthrottled",
+        action="store_true",
+        help="also one run per peer with no limits enforced, at the highest --concurrency",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="per loop, seconds")
     parser.add_argument(
         "--no-install", action="store_true", help="use the peers' venvs as they are"
@@ -362,13 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": {key: warm.versions(warm.TARGETS[key]) for key in peers},
     }
     try:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
         report["runs"] = measure(
-            peers,
-            [int(c) for c in args.concurrency.split(",")],
-            args.conversations,
-            args.tenant_limit,
-            args.timeout,
+            peers, concurrencies, args.conversations, args.tenant_limit, args.timeout
         )
+        if args.unthrottled:
+            report["unthrottled"] = measure(
+                peers, [max(concurrencies)], args.conversations, None, args.timeout
+            )
     except (warm.BenchmarkError, subprocess.TimeoutExpired) as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
