@@ -182,10 +182,20 @@ def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
         ],
     }
 
+    free_run = {"mode": "gather", "sends_per_s": 400.0, "achieved_share_of_enforced": None}
+    peers["unthrottled"] = [{**peers["runs"][0], **free_run, "cpu_ms_per_send": 2.0}]
+    ours_free = {k: v for k, v in ours["runs"][0].items() if k != "achieved_share_of_enforced"}
+    ours["unthrottled"] = {**ours_free, "sends_per_s": 100.0, "host_cpu_ms_per_send": 5.0}
+
     table = broadcast_peers.markdown(peers, ours)
 
-    rows = [line for line in table.splitlines() if line.startswith("| ours") or "Agents" in line]
+    limited, free = table.split("No limits enforced")
+    rows = [line for line in limited.splitlines() if line.startswith(("| ours", "| Agents"))]
     assert rows[0].startswith("| ours, queue pipeline, 1 host process")
     assert rows[1].startswith("| Agents SDK 1.9.0, sequential loop | 60.0 | 60 % | 80.0 | 75 | 25")
     assert rows[1].endswith("| 0.50 | 2.00 |")  # 30 / 60 delivered/s, 8 / 4 ms CPU
-    assert "Not the same size" in table
+    assert "Not the same size" in limited
+    rows = [line for line in free.splitlines() if line.startswith(("| ours", "| Agents"))]
+    assert rows[0].startswith("| ours, queue pipeline, 1 host process | 100.0 | — |")
+    assert rows[1].startswith("| Agents SDK 1.9.0, gather | 400.0")
+    assert rows[1].endswith("| 0.25 | 2.50 |")  # against ours with no limits: 100 / 400, 5 / 2
