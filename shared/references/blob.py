@@ -172,19 +172,12 @@ class BlobReferenceStore:
                         await self._update_index(current.channel_id, kind, value, including(key))
                     self._remember(current, generation)
                     return False
-                # The user index is brought up to date before the document (an entry
-                # without its document is ignored on lookup, so a crash in between harms
-                # nothing) and checked again after it, because a delete that ran meanwhile
-                # may have taken this key out of it.
-                entries = index_entries(planned)
-                for kind, value in entries:
-                    await self._update_index(
-                        planned.channel_id,
-                        kind,
-                        value,
-                        to_front(key),
-                        likely_absent=current is None and attempt == 0,
-                    )
+                # The document first, then the user index. A delete takes the key out of
+                # the index before it removes the document, so the index write that follows
+                # every document write leaves a stored conversation findable by its user;
+                # nothing needs reading back. Should the index write fail (or the process
+                # die) in between, nothing is remembered: the next activity reads the
+                # document, finds it unchanged and puts the index entry back (above).
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -192,8 +185,14 @@ class BlobReferenceStore:
                     metadata_for=planned,
                 )
                 if etag is not None:
-                    for kind, value in entries:
-                        await self._update_index(planned.channel_id, kind, value, to_front(key))
+                    for kind, value in index_entries(planned):
+                        await self._update_index(
+                            planned.channel_id,
+                            kind,
+                            value,
+                            to_front(key),
+                            likely_absent=current is None,
+                        )
                     planned.etag = etag
                     self._remember(planned, generation)
                     logger.debug(
