@@ -687,6 +687,38 @@ async def test_blob_a_new_users_first_conversation_costs_four_storage_calls(gate
     assert by_id is not None and by_aad is not None and by_id.key == "msteams/a:1"
 
 
+@pytest.mark.integration
+async def test_blob_while_most_conversations_are_new_they_are_created_without_a_read(gated):
+    store, transport = gated()
+    for n in range(10):  # new users' first conversations (many users starting at once)
+        transport.sent.clear()
+        assert await store.upsert(reference(f"new:{n}", user=f"29:u{n}", aad=f"aad-{n}"))
+    # The document is created straight away (If-None-Match: *): no read of its absence.
+    assert transport.sent == [("PUT", "refs"), ("PUT", "users"), ("PUT", "users")]
+
+    # A conversation stored earlier (by another instance: nothing cached here) whose
+    # reference changed: the create is refused, then the usual read and conditional write.
+    other, _ = gated()
+    await other.upsert(reference("old:1", user="29:old", aad="aad-old"))
+    transport.sent.clear()
+    assert await store.upsert(reference("old:1", user="29:old", aad="aad-old", locale="de-DE"))
+    assert transport.sent[:3] == [("PUT", "refs"), ("GET", "refs"), ("PUT", "refs")]
+    stored = await store.get("msteams/old:1")
+    assert stored is not None and stored.reference["locale"] == "de-DE"
+    for n in (0, 9):
+        found = await store.find_by_user(channel_id="msteams", aad_object_id=f"aad-{n}")
+        assert found is not None and found.key == f"msteams/new:{n}"
+
+    # Once most uncached conversations turn out to be stored already, reading comes first.
+    for n in range(20):
+        await other.upsert(reference(f"seen:{n}", user=f"29:s{n}", aad=None))
+    for n in range(20):
+        await store.upsert(reference(f"seen:{n}", user=f"29:s{n}", aad=None, locale="fr-FR"))
+    transport.sent.clear()
+    await store.upsert(reference("seen:0", user="29:s0", aad=None, locale="it-IT"), refresh=True)
+    assert transport.sent[0] == ("GET", "refs")
+
+
 class FailingTransport(AioHttpTransport):
     """The SDK's own transport; requests a predicate picks fail as a dropped connection
     would (the one failure Azurite cannot be made to produce on demand)."""
