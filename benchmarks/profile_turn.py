@@ -119,7 +119,9 @@ def count_turns(services: warm.Services, count: int, concurrency: int, workload:
     )
 
 
-def devhost(services: warm.Services, count: int, concurrency: int, html: Path | None) -> None:
+def devhost(
+    services: warm.Services, count: int, concurrency: int, html: Path | None, workload: str
+) -> None:
     from tools.azurite import free_port
 
     port = free_port()
@@ -143,7 +145,9 @@ def devhost(services: warm.Services, count: int, concurrency: int, html: Path | 
     server = warm.Server(target, port, process, time.perf_counter())
     try:
         asyncio.run(warm.first_echo(server, services))
-        result = asyncio.run(warm.load(server, services, "profiled", concurrency, count / 50.0))
+        result = asyncio.run(
+            warm.load(server, services, "profiled", concurrency, count / 50.0, workload)
+        )
         print(json.dumps({k: v for k, v in result.items() if k != "statuses"}, indent=1))
     finally:
         process.send_signal(signal.SIGINT)
@@ -164,7 +168,7 @@ def main() -> int:
         if args.count:
             count_turns(services, args.turns, args.concurrency, args.workload)
         elif args.devhost:
-            devhost(services, args.turns, args.concurrency, args.html)
+            devhost(services, args.turns, args.concurrency, args.html, args.workload)
         else:
             in_process(services, args.turns, args.concurrency, args.html)
     return 0
