@@ -47,7 +47,11 @@ Name segments
 Writes
     Create with ``If-None-Match: *``, update with ``If-Match`` on the ETag read; on a
     conflict the document is re-read and the change re-applied (bounded, jittered retries,
-    then :class:`StoreConflict`). ``upsert`` merges the incoming reference into the stored
+    then :class:`StoreConflict`). While most conversations this process has not cached
+    turn out new (a moving average), an upsert creates the document straight away instead
+    of reading its absence first; a refused create falls back to the read and merge. A new
+    conversation then costs two calls (document, then user index; one more with an
+    aadObjectId). ``upsert`` merges the incoming reference into the stored
     one (top-level fields; nested objects with the same ``id`` merge too) and writes only
     when something material changed: ``activityId`` never forces a write, nor do the
     speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
