@@ -162,11 +162,12 @@ class BlobReferenceStore:
         name = document_name(key)
         generation = self._deletions
         async with self._guard("upsert", key):
-            if self._new_share > 0.5 and await self._create(name, reference, team_id, generation):
+            create_first = self._new_share > 0.5
+            if create_first and await self._create(name, reference, team_id, generation):
                 return True
             for attempt in range(self._max_attempts):
                 current = await self._read(name, key)
-                if attempt == 0:
+                if attempt == 0 and not create_first:  # a refused create was counted
                     self._observe(new=current is None)
                 planned = plan(current, reference, team_id, self._clock())
                 if planned is None:
