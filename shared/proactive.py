@@ -321,6 +321,11 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 
 
+class _OutcomeKept(Exception):
+    """Storage refused the target's outcome after the send; a copy that carries it was
+    queued. The claim is kept: it holds other copies off the target until it is recorded."""
+
+
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
@@ -340,11 +345,15 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             return Outcome.DUPLICATE
         claim = retried
     outcome: Outcome | None = None
+    kept = False
     try:
         outcome = await _send_claimed(request, engine, claim, claimed_at)
         return outcome
+    except _OutcomeKept:
+        kept = True  # the claim stays until the kept copy records the outcome
+        return Outcome.REQUEUED
     finally:
-        if outcome not in SETTLED:
+        if outcome not in SETTLED and not kept:
             await release_claim(ledger, claim)
 
 
@@ -367,8 +376,7 @@ async def _send_claimed(
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
-        if not await _record_or_hold(request, engine, final, claim_etag=claim.etag):
-            return Outcome.REQUEUED
+        await _record_or_hold(request, engine, final, claim_etag=claim.etag)
         if outcome is Outcome.DELIVERED:
             logger.info("proactive %r: delivered to %s", request.id, request.label)
     elif outcome is Outcome.UNKNOWN:
@@ -421,15 +429,15 @@ async def _record_or_hold(
     *,
     reason: str | None = None,
     claim_etag: str | None = None,
-) -> bool:
-    """Record the target's final outcome (after a send); False when storage refused and a
-    copy that carries the outcome was queued instead, so it is recorded, never resent."""
+) -> None:
+    """Record the target's final outcome (after a send). When storage refuses, a copy that
+    carries the outcome is queued instead (so it is recorded, never resent), and
+    _OutcomeKept tells the send to keep its claim meanwhile."""
     try:
         await _record(request, engine, outcome, reason, claim_etag=claim_etag)
     except StoreError as failure:
         await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-        return False
-    return True
+        raise _OutcomeKept from None
 
 
 async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -605,8 +613,7 @@ async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outco
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    if not await _record_or_hold(request, engine, "failed", reason=reason):
-        return Outcome.REQUEUED  # recorded later; the poison copy is already there
+    await _record_or_hold(request, engine, "failed", reason=reason)  # or kept, recorded later
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 

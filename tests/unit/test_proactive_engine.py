@@ -982,3 +982,75 @@ async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(part
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["failed"]) == ("done", 1)
     assert "500" in report["failures"][0]["reason"]
+
+
+# --- review: a kept outcome keeps its target claimed ---------------------------------------
+
+
+class OutcomeWriteOutage(MemoryLedger):
+    """Writes of an outcome fail while `down`; claims, reads and deletes still work (one
+    refused write after the Connector's 2xx)."""
+
+    down = True
+
+    def _check(self, data) -> None:
+        from shared.references import StoreError
+
+        if self.down and isinstance(data, dict) and "outcome" in data:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+    async def create(self, name, data, *, metadata=None):
+        self._check(data)
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        self._check(data)
+        return await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+
+
+async def test_a_second_copy_is_not_sent_while_a_refused_outcome_waits_to_be_recorded(
+    parts, fake_connector
+):
+    # The send succeeded, storage refused the settling write: the copy kept to record the
+    # outcome is queued. The claim must stay meanwhile; released, it let a second copy of
+    # the target (a resumed fan-out's page, a resubmitted id) claim the empty slot and
+    # send the message again before the kept copy recorded it.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)["_proactive"]["outcome"] == "delivered"
+    engine.ledger.down = False
+
+    engine.clock.now += 1
+    assert await handle(engine, text) is Outcome.REQUEUED  # the same request again: held off
+    [(second, _)] = engine.queue.take()
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] == "running"
+
+    assert await handle(engine, kept) is Outcome.DELIVERED
+    assert await handle(engine, second) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
+async def test_a_500_whose_failure_waits_to_be_recorded_is_not_resent_by_a_second_copy(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(second, _)] = engine.queue.take()
+    assert await handle(engine, kept) is Outcome.FAILED
+    assert await handle(engine, second) is Outcome.DUPLICATE
+    assert len(sends(fake_connector)) == 1  # the 500 was never resent
+    assert len(engine.queue.poisoned) == 1
