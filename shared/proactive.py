@@ -274,6 +274,10 @@ async def _hold_for_storage(
     *,
     unrecorded: tuple[Final, str | None] | None = None,
 ) -> Outcome:
+    if unrecorded is not None and request.engine.outcome is None:
+        # The first copy kept for an outcome comes back within seconds, while the send's
+        # claim still holds other copies off the target, not after the send's own backoff.
+        request = replace(request, engine=replace(request.engine, attempt=0))
     delay = engine.jitter(_settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",

@@ -1054,3 +1054,36 @@ async def test_a_500_whose_failure_waits_to_be_recorded_is_not_resent_by_a_secon
     assert await handle(engine, second) is Outcome.DUPLICATE
     assert len(sends(fake_connector)) == 1  # the 500 was never resent
     assert len(engine.queue.poisoned) == 1
+
+
+async def test_a_kept_outcome_comes_back_before_its_claim_ends_however_often_it_was_throttled(
+    parts, fake_connector
+):
+    # The kept copy's delay grew with the send's earlier attempts (5 x 3^n: 135 s after
+    # three throttles), so the claim holding other copies off ended long before the
+    # outcome was recorded: a second copy of the target sent the message again.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "1"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 6)
+    text = body({"conversation": "msteams/a:1"})
+    copy = text
+    for _ in range(3):
+        assert await handle(engine, copy) is Outcome.REQUEUED
+        [(copy, delay)] = engine.queue.take()
+        engine.clock.now += delay
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await handle(engine, copy) is Outcome.REQUEUED  # delivered; its outcome refused
+    [(kept, kept_delay)] = engine.queue.take()
+    engine.ledger.down = False
+
+    # What comes back first: the kept copy, or a second copy of the target arriving just
+    # after the claim ends.
+    arrivals = sorted([(kept_delay, kept), (engine.claim_seconds + 1, text)])
+    start = engine.clock.now
+    for at, message in arrivals:
+        engine.clock.now = start + at
+        await handle(engine, message)
+    await drain(engine)
+    assert len(sends(fake_connector)) == 7  # three throttled attempts of two, one delivered
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"]) == ("done", 1)
