@@ -959,21 +959,13 @@ async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(part
     _runtime, engine = parts
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
 
-    class OutcomeOutage(MemoryLedger):
-        """Outcome writes fail while `down` (storage failing right after the send)."""
-
-        down = True
-
-        async def create(self, name, data, *, metadata=None):
-            from shared.references import StoreError
-
-            if self.down and "/out/" in name:
-                raise StoreError("proactive ledger: storage unreachable (test outage)")
-            return await MemoryLedger.create(self, name, data, metadata=metadata)
-
-    engine.ledger = OutcomeOutage(clock=engine.clock)
+    # Only the outcome's write fails (storage failing right after the send): failing every
+    # write under out/ would refuse the claim too, and nothing would be sent at all.
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert len(sends(fake_connector)) == 1
     [(copy, _)] = engine.queue.take()
+    assert json.loads(copy)["_proactive"]["outcome"] == "failed"
     engine.ledger.down = False
     assert await handle(engine, copy) is Outcome.FAILED
 
