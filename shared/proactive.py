@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, deliver, send_one
+from shared.delivery import Outcome, Parts, deliver, post, resolve
 from shared.idempotency import (
     Busy,
     Claim,
@@ -364,17 +364,16 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
 async def _send_claimed(
     request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
 ) -> Outcome:
-    if engine.clock() - claimed_at > engine.claim_seconds / 2:
-        # Slow storage spent most of the claim: the send (with the Connector's own
-        # retries) could outlive it, and another instance would send too.
-        logger.info(
-            "proactive %r: claim on %s mostly spent before the send; retried",
-            request.id,
-            request.label,
-        )
-        return await engine.requeue(request, engine.jitter(1.0), count=False)
     try:
-        outcome = await send_one(request, engine.runtime)
+        if _claim_spent(request, engine, claimed_at):
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        target = await resolve(request, engine.runtime)
+        if target is None:
+            outcome = Outcome.UNKNOWN
+        elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        else:
+            outcome = await post(request, engine.runtime, target)
     except ConnectorError as error:
         return await _connector_failure(request, engine, error)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
@@ -386,6 +385,20 @@ async def _send_claimed(
     elif outcome is Outcome.UNKNOWN:
         return await _unknown(request, engine)
     return outcome
+
+
+def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -> bool:
+    """Half the claim is gone (slow storage): the send, with the Connector's own retries,
+    could outlive it, and another instance would send too. Checked before the target's
+    reference is resolved and again before the send itself."""
+    if engine.clock() - claimed_at <= engine.claim_seconds / 2:
+        return False
+    logger.info(
+        "proactive %r: claim on %s mostly spent before the send; retried",
+        request.id,
+        request.label,
+    )
+    return True
 
 
 async def _retry_failed(

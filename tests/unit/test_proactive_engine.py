@@ -1079,3 +1079,35 @@ async def test_a_kept_outcome_comes_back_before_its_claim_ends_however_often_it_
     assert len(sends(fake_connector)) == 7  # three throttled attempts of two, one delivered
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["delivered"]) == ("done", 1)
+
+
+async def test_a_user_target_whose_lookups_spent_the_claim_is_not_sent_on_it(parts, fake_connector):
+    # The claim's time was checked only before the target's reference was resolved: a
+    # `user` target then looks the user up twice, creates the 1:1 and stores it (four
+    # calls of up to 10-12 s each) before the send, whose own retries could then outlive
+    # the claim while another instance took the target over and sent too.
+    runtime, engine = parts
+    clock, store = engine.clock, runtime.references
+
+    class SlowStore(MemoryReferenceStore):
+        """Lookups and the write of the new 1:1 at a storage brownout's pace (test clock)."""
+
+        async def find_by_user(self, **kwargs):
+            clock.now += 10
+            return await MemoryReferenceStore.find_by_user(self, **kwargs)
+
+        async def upsert(self, reference, **kwargs):
+            clock.now += 10
+            return await MemoryReferenceStore.upsert(self, reference, **kwargs)
+
+    store.__class__ = SlowStore
+    text = body({"user": user(fake_connector)}, "u-1")
+    assert await handle(engine, text) is Outcome.REQUEUED
+    assert sends(fake_connector) == []  # 30 s of the 45 s claim gone: not sent on it
+    assert not any("/out/" in name for name in engine.ledger.blobs)  # released
+    [(copy, _)] = engine.queue.take()
+
+    store.__class__ = MemoryReferenceStore  # storage is quick again
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert len(fake_connector.requests_for("createConversation")) == 1  # the stored 1:1 reused
+    assert len(sends(fake_connector)) == 1
