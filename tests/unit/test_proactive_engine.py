@@ -1111,3 +1111,29 @@ async def test_a_user_target_whose_lookups_spent_the_claim_is_not_sent_on_it(par
     assert await handle(engine, copy) is Outcome.DELIVERED
     assert len(fake_connector.requests_for("createConversation")) == 1  # the stored 1:1 reused
     assert len(sends(fake_connector)) == 1
+
+
+async def test_a_message_the_host_poisoned_is_retried_once_given_a_poison_reason(
+    parts, fake_connector
+):
+    # The host's own poison copy is the message as it was, without `poisonReason`.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [throttled])
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    queue, engine.queue = engine.queue, DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    engine.queue = queue
+
+    assert await handle(engine, text) is Outcome.DUPLICATE  # put back as it is
+    assert len(sends(fake_connector)) == 1  # the throttled attempt only
+    retried = json.dumps({**json.loads(text), "poisonReason": "retried by an operator"})
+    assert await handle(engine, retried) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
