@@ -1137,3 +1137,28 @@ async def test_a_message_the_host_poisoned_is_retried_once_given_a_poison_reason
     assert await handle(engine, retried) is Outcome.DELIVERED
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
+async def test_bookkeeping_left_by_the_previous_layout_is_read_as_it_was_meant(
+    parts, fake_connector
+):
+    # Before the slot, a target had a claim of its own (claim/<target>.json) and an outcome
+    # created without one. A crashed holder's claim there is ignored; an old outcome still
+    # decides (delivered: never again; failed: an operator's poison copy retries it).
+    from shared.reports import claim_name, record_outcome
+
+    _runtime, engine = parts
+    ledger, now = engine.ledger, engine.clock.now
+    await ensure_head(ledger, "old-1", "single", now)
+    await ledger.create(claim_name("old-1", "target"), {"owner": "x", "expiresAt": now + 999})
+    await record_outcome(ledger, "old-1", "target", "delivered", now, label="msteams/a:1")
+    await ensure_head(ledger, "old-2", "single", now)
+    await record_outcome(ledger, "old-2", "target", "failed", now, reason="500", label="k")
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"}, "old-1")) is Outcome.DUPLICATE
+    assert (await read_report(ledger, "old-1"))["state"] == "done"
+    retry = {**json.loads(body({"conversation": "msteams/a:1"}, "old-2")), "poisonReason": "500"}
+    assert await handle(engine, json.dumps(retry)) is Outcome.DELIVERED
+    report = await read_report(ledger, "old-2")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+    assert sends(fake_connector) == ["a:1"]
