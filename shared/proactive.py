@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, deliver, send_one
+from shared.delivery import Outcome, Parts, deliver, post, resolve
 from shared.idempotency import (
     Busy,
     Claim,
@@ -274,6 +274,10 @@ async def _hold_for_storage(
     *,
     unrecorded: tuple[Final, str | None] | None = None,
 ) -> Outcome:
+    if unrecorded is not None and request.engine.outcome is None:
+        # The first copy kept for an outcome comes back within seconds, while the send's
+        # claim still holds other copies off the target, not after the send's own backoff.
+        request = replace(request, engine=replace(request.engine, attempt=0))
     delay = engine.jitter(_settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
@@ -321,6 +325,11 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 
 
+class _OutcomeKept(Exception):
+    """Storage refused the target's outcome after the send; a copy that carries it was
+    queued. The claim is kept: it holds other copies off the target until it is recorded."""
+
+
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
@@ -340,40 +349,56 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             return Outcome.DUPLICATE
         claim = retried
     outcome: Outcome | None = None
+    kept = False
     try:
         outcome = await _send_claimed(request, engine, claim, claimed_at)
         return outcome
+    except _OutcomeKept:
+        kept = True  # the claim stays until the kept copy records the outcome
+        return Outcome.REQUEUED
     finally:
-        if outcome not in SETTLED:
+        if outcome not in SETTLED and not kept:
             await release_claim(ledger, claim)
 
 
 async def _send_claimed(
     request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
 ) -> Outcome:
-    if engine.clock() - claimed_at > engine.claim_seconds / 2:
-        # Slow storage spent most of the claim: the send (with the Connector's own
-        # retries) could outlive it, and another instance would send too.
-        logger.info(
-            "proactive %r: claim on %s mostly spent before the send; retried",
-            request.id,
-            request.label,
-        )
-        return await engine.requeue(request, engine.jitter(1.0), count=False)
     try:
-        outcome = await send_one(request, engine.runtime)
+        if _claim_spent(request, engine, claimed_at):
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        target = await resolve(request, engine.runtime)
+        if target is None:
+            outcome = Outcome.UNKNOWN
+        elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        else:
+            outcome = await post(request, engine.runtime, target)
     except ConnectorError as error:
         return await _connector_failure(request, engine, error)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
-        if not await _record_or_hold(request, engine, final, claim_etag=claim.etag):
-            return Outcome.REQUEUED
+        await _record_or_hold(request, engine, final, claim_etag=claim.etag)
         if outcome is Outcome.DELIVERED:
             logger.info("proactive %r: delivered to %s", request.id, request.label)
     elif outcome is Outcome.UNKNOWN:
         return await _unknown(request, engine)
     return outcome
+
+
+def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -> bool:
+    """Half the claim is gone (slow storage): the send, with the Connector's own retries,
+    could outlive it, and another instance would send too. Checked before the target's
+    reference is resolved and again before the send itself."""
+    if engine.clock() - claimed_at <= engine.claim_seconds / 2:
+        return False
+    logger.info(
+        "proactive %r: claim on %s mostly spent before the send; retried",
+        request.id,
+        request.label,
+    )
+    return True
 
 
 async def _retry_failed(
@@ -421,15 +446,15 @@ async def _record_or_hold(
     *,
     reason: str | None = None,
     claim_etag: str | None = None,
-) -> bool:
-    """Record the target's final outcome (after a send); False when storage refused and a
-    copy that carries the outcome was queued instead, so it is recorded, never resent."""
+) -> None:
+    """Record the target's final outcome (after a send). When storage refuses, a copy that
+    carries the outcome is queued instead (so it is recorded, never resent), and
+    _OutcomeKept tells the send to keep its claim meanwhile."""
     try:
         await _record(request, engine, outcome, reason, claim_etag=claim_etag)
     except StoreError as failure:
         await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-        return False
-    return True
+        raise _OutcomeKept from None
 
 
 async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -605,8 +630,7 @@ async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outco
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    if not await _record_or_hold(request, engine, "failed", reason=reason):
-        return Outcome.REQUEUED  # recorded later; the poison copy is already there
+    await _record_or_hold(request, engine, "failed", reason=reason)  # or kept, recorded later
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 
