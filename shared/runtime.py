@@ -4,20 +4,15 @@ Warm invocations reuse the authenticator's key cache, the Connector client's HTT
 session and token, and the reference store's client. Building a :class:`Runtime` does no
 I/O and imports nothing heavy: each part connects (and imports its SDK) on first use.
 The first request that passes the cheap checks calls :meth:`Runtime.prepare`, which
-starts that first use in the background (see there).
+starts the bot's token acquisition in the background (see there).
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.config import Settings, get_settings
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from shared.auth.inbound import InboundAuthenticator
@@ -37,7 +32,6 @@ class Runtime:
     router: Router
     state: StateStore | None = None  # None: handlers that use state get a clear StateError
     tokens: MsalTokenProvider | None = None  # the Connector client's, to prefetch
-    preload: tuple[str, ...] = ()  # modules every turn needs, imported by prepare()
     _prepared: bool = field(default=False, init=False, repr=False)
 
     @classmethod
@@ -58,28 +52,24 @@ class Runtime:
             router=router,
             state=create_state_store(settings),
             tokens=tokens,
-            preload=BLOB_STORE_MODULES,
         )
 
     def prepare(self) -> None:
-        """Start in the background what the first turn will need anyway; once per runtime.
+        """Start the bot's token acquisition in the background; once per runtime.
 
-        Called by the messages endpoint for the first request that passed the cheap checks
-        (before its token is checked). On a cold start the turn would otherwise import and
-        connect one part after the other; started together, the bot's own token request
-        and the storage SDK's import overlap the inbound token check (signing keys
-        fetched over the network) instead of following it. Nothing here is sent on the
-        request's behalf: the token is only cached (see MsalTokenProvider.prefetch, at
-        most one request to Entra ID this way), and the imports have no side effect.
+        Called by the messages endpoint for the first request that passed the cheap checks,
+        before its token is checked. On a cold start the turn would otherwise check the
+        inbound token (signing keys fetched over the network) and only then import MSAL
+        and ask Entra ID (two more round trips); started together, they overlap. Nothing
+        is sent on the request's behalf: the token is only cached, and this asks Entra ID
+        at most once per process (see MsalTokenProvider.prefetch). The storage SDK is not
+        preloaded here: its import is CPU work that would compete with the reply.
         """
         if self._prepared:
             return
         self._prepared = True
         if self.tokens is not None:
             self.tokens.prefetch()
-        if self.preload:
-            loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, _import_quietly, self.preload)
 
     async def close(self) -> None:
         await self.authenticator.close()
@@ -87,20 +77,6 @@ class Runtime:
         await self.references.close()
         if self.state is not None:
             await self.state.close()
-
-
-# What the blob reference store imports on its first call (shared.storage): the SDK's
-# import is most of a cold turn's CPU.
-BLOB_STORE_MODULES = ("azure.storage.blob.aio", "azure.core.exceptions")
-
-
-def _import_quietly(names: tuple[str, ...]) -> None:
-    """Import ``names`` (in a worker thread); a failure is left for the real use to report."""
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # e.g. a package missing: its user raises properly
-            logger.debug("preloading %s failed: %s", name, type(error).__name__)
 
 
 _runtime: Runtime | None = None

@@ -34,11 +34,10 @@ def settings(aad_app, identity_env, fake_connector):
 
 @pytest.fixture
 async def runtime(settings):
-    # The production parts, but references in memory (no Azurite here) and no storage SDK
-    # preloaded (the memory store needs none).
+    # The production parts, but references in memory (no Azurite here).
     production = Runtime.create(settings, router)
     await production.references.close()
-    runtime = dataclasses.replace(production, references=MemoryReferenceStore(), preload=())
+    runtime = dataclasses.replace(production, references=MemoryReferenceStore())
     yield runtime
     await runtime.close()
 
