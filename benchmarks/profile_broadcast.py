@@ -155,9 +155,9 @@ async def run_pipeline(
     await invoker.drain(5.0)
     for client in clients:
         await client.close()
-    from shared.runtime import get_runtime
+    import app as bot_app
 
-    await get_runtime().close()
+    await bot_app.runtime().close()
     await close_shared_clients()
     return {**outcome, "durations": durations}
 

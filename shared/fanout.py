@@ -7,7 +7,9 @@ broadcast's fan-out claim:
 2. lists the next page of matching references (channel, tenant and team filters are the
    store's; `personal` is checked here), and enqueues one child per conversation:
    ``{"id": <broadcast id>, "to": {"conversation": <key>}, <content>, "_proactive":
-   {"child": true}}``, whose outcome is recorded under the broadcast's id by key;
+   {"child": true, "reference": <the listed reference>}}``, whose outcome is recorded
+   under the broadcast's id by key (the reference rides along so the send reads nothing
+   from the store; one too large to fit is left out and read instead);
 3. writes the checkpoint with ``If-Match`` (a page is never counted twice);
 4. stops after `fanout_seconds` and puts the broadcast back on the queue, so the next
    page may be fanned out by any instance and no invocation runs long.
@@ -24,13 +26,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from shared.idempotency import Busy, release_claim, take_claim
+from shared.idempotency import Busy, Settled, release_claim, take_claim
 from shared.ledger import iso
 from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
 from shared.queues import MAX_REQUEST_BYTES, compact_json
-from shared.references.contract import StoredReference
+from shared.references.contract import StoredReference, StoreError
 from shared.reports import (
     FANOUT_TARGET,
+    claim_name,
     ensure_head,
     head_name,
     record_duplicate,
@@ -52,8 +55,10 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger = engine.ledger
     await ensure_head(ledger, request.id, "broadcast", engine.clock())
     claim = await take_claim(
-        ledger, request.id, FANOUT_TARGET, engine.clock(), seconds=engine.claim_seconds
+        ledger, claim_name(request.id, FANOUT_TARGET), engine.clock(), seconds=engine.claim_seconds
     )
+    if isinstance(claim, Settled):  # never: this slot holds no outcome
+        raise StoreError("proactive ledger: the fan-out claim holds an outcome")
     if isinstance(claim, Busy):
         return await engine.requeue(request, engine.jitter(min(claim.wait, 10.0)), count=False)
     try:
@@ -116,8 +121,12 @@ async def _enqueue_children(
             "id": request.id,
             "to": {"conversation": stored.key},
             **content,
-            RESERVED: {"child": True},
+            RESERVED: {"child": True, "reference": stored.reference},
         }
+        if len(compact_json(child).encode("utf-8")) > MAX_REQUEST_BYTES:
+            # Too large to carry the reference (and still leave room for what the engine
+            # and the poison queue add): the child reads it from the store instead.
+            child[RESERVED] = {"child": True}
         async with semaphore:
             if request_bytes(child) > MAX_REQUEST_BYTES:
                 # The key replaces the filter: a long one may not fit. Reported, not raised

@@ -1,33 +1,41 @@
-"""Exactly once, as far as a queue allows: claims and delivered markers per target.
+"""Exactly once, as far as a queue allows: one slot per target, claimed, then settled.
 
-Teams has no idempotency key, so the store decides whether a target was already sent:
+Teams has no idempotency key, so the store decides whether a target was already sent. A
+target's slot is one blob (``out/<target>.json``, shared/reports.py) that holds either a
+claim or the target's final outcome:
 
-1. **Claim** (create-only blob with an expiry) before anything is sent, so two instances
-   (a host redelivery, a resubmitted id, a resumed fan-out) never work on one target at
-   the same time. An expired claim (its holder crashed) is taken over with ``If-Match``.
-2. **Check** the target's outcome *after* holding the claim: a holder that finished just
-   before would otherwise be repeated.
-3. **Send**, then write the delivered marker (the outcome blob, create-only) at once,
-   before anything else; then release the claim.
+1. **Claim** it before anything is sent: a create-only write of a claim with an expiry. It
+   succeeds only where the slot is empty, so it proves, in the same request, that no
+   instance holds the target (a host redelivery, a resubmitted id, a resumed fan-out) and
+   that it has no outcome yet. A slot that holds a claim past its expiry (its holder
+   crashed) is taken over with ``If-Match``; one that holds an outcome is settled.
+2. **Send**, then **settle**: the outcome replaces the claim at once (``If-Match`` on the
+   claim's ETag, shared/reports.py), before anything else. A send that is put back
+   (throttled, ...) releases the claim instead.
 
-What is left is the window between the Connector's 2xx and the marker write: a crash
+What is left is the window between the Connector's 2xx and the settling write: a crash
 there means the target is sent again once the claim has expired. It is one storage round
 trip wide; docs/proactive.md says so. (Storage refusing the write alone does not: the
 engine's kept copy carries the outcome and records it later, without a send.)
+
+A broadcast's fan-out takes the same kind of claim on a slot of its own that never holds
+an outcome (``claim/fan-out.json``).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from shared.ledger import Ledger
-from shared.reports import claim_name
+from shared.ledger import Ledger, Record
 
 logger = logging.getLogger(__name__)
 
 CLAIM_SECONDS = 120.0  # longer than any one send (the Connector's budget is 12 s)
+CLAIM_METADATA: Mapping[str, str] = {"claim": "1"}  # how a report's listing tells claims apart
 
 
 @dataclass(slots=True)
@@ -43,19 +51,31 @@ class Busy:
     wait: float
 
 
+@dataclass(slots=True)
+class Settled:
+    """The slot already holds the target's final outcome."""
+
+    record: Record
+
+
+def is_outcome(data: Any) -> bool:
+    return isinstance(data, dict) and "outcome" in data
+
+
 async def take_claim(
-    ledger: Ledger, request_id: str, target: str, now: float, *, seconds: float = CLAIM_SECONDS
-) -> Claim | Busy:
-    """Claim the target, or learn how long its current holder may still hold it."""
-    name = claim_name(request_id, target)
+    ledger: Ledger, name: str, now: float, *, seconds: float = CLAIM_SECONDS
+) -> Claim | Busy | Settled:
+    """Claim the slot `name`, or learn its outcome, or how long its holder may keep it."""
     data = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
     for _ in range(3):
-        etag = await ledger.create(name, data)
+        etag = await ledger.create(name, data, metadata=CLAIM_METADATA)
         if etag is not None:
             return Claim(name, etag)
         current = await ledger.read(name)
         if current is None:
             continue  # released meanwhile: try again
+        if is_outcome(current.data):
+            return Settled(current)
         expires = current.data.get("expiresAt") if isinstance(current.data, dict) else None
         if isinstance(expires, int | float) and current.modified:
             # Never longer than a claim lasts from when the store wrote it (its own clock,
@@ -63,11 +83,20 @@ async def take_claim(
             expires = min(expires, current.modified + seconds + 1.0)
         if isinstance(expires, int | float) and expires > now:
             return Busy(expires - now)
-        etag = await ledger.replace(name, data, current.etag)  # expired: its holder is gone
+        etag = await replace_with_claim(ledger, name, current.etag, now, seconds=seconds)
         if etag is not None:
-            logger.info("proactive %r: took over an expired claim on %r", request_id, target)
+            logger.info("proactive: took over an expired claim on %s", name[-80:])
             return Claim(name, etag)
     return Busy(5.0)
+
+
+async def replace_with_claim(
+    ledger: Ledger, name: str, etag: str, now: float, *, seconds: float = CLAIM_SECONDS
+) -> str | None:
+    """Claim a slot whose content was read with `etag` (an expired claim, or a failed
+    outcome an operator retries); None when it changed since."""
+    data = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
+    return await ledger.replace(name, data, etag, metadata=CLAIM_METADATA)
 
 
 async def release_claim(ledger: Ledger, claim: Claim) -> None:

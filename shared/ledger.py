@@ -1,13 +1,14 @@
 """The proactive engine's bookkeeping: small JSON blobs with create-only and ETag'd writes.
 
-Everything the engine remembers about a request (its delivery report, the delivered
-markers, claims, the broadcast fan-out cursor, the schedules' last runs) is a small blob
+Everything the engine remembers about a request (its delivery report, each target's
+slot: claim, then outcome, the broadcast fan-out cursor, the schedules' last runs) is a small blob
 in `BOT_REFERENCES_CONTAINER`, written with the only primitives that stay correct when
 many function instances work at once:
 
 - :meth:`create` — ``If-None-Match: *``: exactly one writer wins (and gets the ETag); the
   rest get None.
-- :meth:`replace` — ``If-Match`` on the ETag read: a concurrent change is never lost.
+- :meth:`replace` — ``If-Match`` on the ETag read: a concurrent change is never lost. It
+  writes the whole blob: the metadata given, or none.
 - :meth:`list` — names under a prefix with their metadata, so a report is aggregated
   from one listing instead of one read per blob.
 
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,10 +33,11 @@ from shared.references.contract import StoreError
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
 
 if TYPE_CHECKING:
-    from azure.storage.blob.aio import ContainerClient
+    from azure.storage.blob.aio import BlobClient, ContainerClient
 
 
 OPERATION_TIMEOUT = 15.0  # seconds for one ledger call, the client's retries included
+BLOB_CLIENTS = 1024  # blob clients kept for reuse, the least recently used dropped first
 
 
 @dataclass(slots=True)
@@ -62,7 +65,9 @@ class Ledger(Protocol):
 
     async def read(self, name: str) -> Record | None: ...
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None: ...
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None: ...
 
     async def delete(self, name: str, etag: str | None = None) -> bool: ...
 
@@ -107,12 +112,14 @@ class MemoryLedger:
             raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
         return Record(data, found[2], found[3])
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None:
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None:
         found = self.blobs.get(name)
         if found is None or found[2] != etag:
             return None
         new = self._etag()
-        self.blobs[name] = (_body(data), found[1], new, self.clock())
+        self.blobs[name] = (_body(data), dict(metadata or {}), new, self.clock())
         return new
 
     async def delete(self, name: str, etag: str | None = None) -> bool:
@@ -145,11 +152,26 @@ class BlobLedger:
         self._settings = settings
         self._options = options
         self._page_size = page_size
+        self._blobs: OrderedDict[str, tuple[ContainerClient, BlobClient]] = OrderedDict()
 
     def _container(self) -> ContainerClient:
         # The process's shared client (one per event loop), as the poison queue uses.
         service = get_blob_service(self._settings.storage, self._options)
         return service.get_container_client(self._settings.references_container)
+
+    def _blob(self, name: str) -> BlobClient:
+        """The blob's client, reused for the next call on the same name (a target's slot is
+        claimed, then settled): building one costs about as much CPU as a request."""
+        container = self._container()
+        cached = self._blobs.get(name)
+        if cached is not None and cached[0] is container:
+            self._blobs.move_to_end(name)
+            return cached[1]
+        blob = container.get_blob_client(name)
+        self._blobs[name] = (container, blob)
+        if len(self._blobs) > BLOB_CLIENTS:
+            self._blobs.popitem(last=False)
+        return blob
 
     async def create(
         self, name: str, data: Any, *, metadata: Mapping[str, str] | None = None
@@ -168,7 +190,7 @@ class BlobLedger:
 
         async with _guard("read", name):
             try:
-                downloader = await self._container().download_blob(name)
+                downloader = await self._blob(name).download_blob()
                 body = await downloader.readall()
             except ResourceNotFoundError:
                 return None
@@ -179,14 +201,16 @@ class BlobLedger:
         modified = downloader.properties.last_modified
         return Record(data, downloader.properties.etag, modified.timestamp() if modified else 0.0)
 
-    async def replace(self, name: str, data: Any, etag: str) -> str | None:
+    async def replace(
+        self, name: str, data: Any, etag: str, *, metadata: Mapping[str, str] | None = None
+    ) -> str | None:
         from azure.core import MatchConditions
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         async with _guard("replace", name):
             try:
                 result = await self._upload(
-                    name, data, None, etag=etag, match_condition=MatchConditions.IfNotModified
+                    name, data, metadata, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
             except ResourceNotFoundError:
                 return None
@@ -205,7 +229,7 @@ class BlobLedger:
             conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
         async with _guard("delete", name):
             try:
-                await self._container().delete_blob(name, **conditions)
+                await self._blob(name).delete_blob(**conditions)
             except ResourceNotFoundError:
                 return False
             except HttpResponseError as error:
@@ -245,7 +269,7 @@ class BlobLedger:
         from azure.core.exceptions import ResourceNotFoundError
         from azure.storage.blob import ContentSettings
 
-        blob = self._container().get_blob_client(name)
+        blob = self._blob(name)
         kwargs = {
             "metadata": dict(metadata) if metadata else None,
             "content_settings": ContentSettings(content_type="application/json"),

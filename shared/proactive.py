@@ -5,7 +5,7 @@ target: a stored conversation (`conversation`), an explicit `reference`, a Teams
 (their stored 1:1, or a new one), or a `broadcast` (fanned out by shared/fanout.py into
 one message per conversation). :func:`handle_queue_message` is the queue trigger's one call:
 
-- delivered: the marker is written at once, then reported.
+- delivered: the target's slot is settled at once (shared/idempotency.py), then reported.
 - the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
   reported as a duplicate.
 - throttled or transient after the client's own retries: a copy goes back on the queue
@@ -38,7 +38,14 @@ from dataclasses import dataclass, replace
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, deliver, send_one
-from shared.idempotency import Busy, release_claim, take_claim
+from shared.idempotency import (
+    Busy,
+    Claim,
+    Settled,
+    release_claim,
+    replace_with_claim,
+    take_claim,
+)
 from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import (
     MAX_ID_CHARS,
@@ -310,51 +317,89 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
     return Outcome.POISONED
 
 
+# What a send ends with when the target's slot holds its outcome (not a claim to release).
+SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
+
+
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)
     claimed_at = engine.clock()
-    claim = await take_claim(ledger, request.id, target, claimed_at, seconds=engine.claim_seconds)
+    name = outcome_name(request.id, target)
+    claim = await take_claim(ledger, name, claimed_at, seconds=engine.claim_seconds)
     if isinstance(claim, Busy):
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
-    try:
-        if not await _clear_to_send(request, engine, target):
+    if isinstance(claim, Settled):
+        retried = await _retry_failed(request, engine, name, claim)
+        if retried is None:
             await record_duplicate(ledger, request.id, request.label, now)
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
-        if engine.clock() - claimed_at > engine.claim_seconds / 2:
-            # Slow storage spent most of the claim: the send (with the Connector's own
-            # retries) could outlive it, and another instance would send too.
-            logger.info(
-                "proactive %r: claim on %s mostly spent before the send; retried",
-                request.id,
-                request.label,
-            )
-            return await engine.requeue(request, engine.jitter(1.0), count=False)
-        try:
-            outcome = await send_one(request, engine.runtime)
-        except ConnectorError as error:
-            return await _connector_failure(request, engine, error)
-        if outcome is Outcome.DELIVERED:
-            # The marker first, before anything else: this is the crash window's far edge.
-            if not await _record_or_hold(request, engine, "delivered"):
-                return Outcome.REQUEUED
-            logger.info("proactive %r: delivered to %s", request.id, request.label)
-        elif outcome is Outcome.PRUNED:
-            if not await _record_or_hold(request, engine, "pruned"):
-                return Outcome.REQUEUED
-        elif outcome is Outcome.UNKNOWN:
-            return await _unknown(request, engine)
+        claim = retried
+    outcome: Outcome | None = None
+    try:
+        outcome = await _send_claimed(request, engine, claim, claimed_at)
         return outcome
     finally:
-        await release_claim(ledger, claim)
+        if outcome not in SETTLED:
+            await release_claim(ledger, claim)
+
+
+async def _send_claimed(
+    request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
+) -> Outcome:
+    if engine.clock() - claimed_at > engine.claim_seconds / 2:
+        # Slow storage spent most of the claim: the send (with the Connector's own
+        # retries) could outlive it, and another instance would send too.
+        logger.info(
+            "proactive %r: claim on %s mostly spent before the send; retried",
+            request.id,
+            request.label,
+        )
+        return await engine.requeue(request, engine.jitter(1.0), count=False)
+    try:
+        outcome = await send_one(request, engine.runtime)
+    except ConnectorError as error:
+        return await _connector_failure(request, engine, error)
+    if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
+        # Settled first, before anything else: this is the crash window's far edge.
+        final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
+        if not await _record_or_hold(request, engine, final, claim_etag=claim.etag):
+            return Outcome.REQUEUED
+        if outcome is Outcome.DELIVERED:
+            logger.info("proactive %r: delivered to %s", request.id, request.label)
+    elif outcome is Outcome.UNKNOWN:
+        return await _unknown(request, engine)
+    return outcome
+
+
+async def _retry_failed(
+    request: ProactiveRequest, engine: Engine, name: str, settled: Settled
+) -> Claim | None:
+    """A failed target whose poison copy an operator put back: claimed to try again. A
+    delivered or pruned target is never sent again (None)."""
+    failed = settled.record.data.get("outcome") == "failed"
+    if not failed or "poisonReason" not in request.message:
+        return None
+    etag = await replace_with_claim(
+        engine.ledger, name, settled.record.etag, engine.clock(), seconds=engine.claim_seconds
+    )
+    if etag is None:
+        return None  # changed since it was read: another instance is on it
+    logger.info("proactive %r: %s retried by an operator", request.id, request.label)
+    return Claim(name, etag)
 
 
 async def _record(
-    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
+    request: ProactiveRequest,
+    engine: Engine,
+    outcome: Final,
+    reason: str | None,
+    *,
+    claim_etag: str | None = None,
 ) -> bool:
     """Record the request's target's final outcome; False when it already had one."""
     return await record_outcome(
@@ -365,16 +410,22 @@ async def _record(
         engine.clock(),
         reason=reason,
         label=request.label,
+        claim_etag=claim_etag,
     )
 
 
 async def _record_or_hold(
-    request: ProactiveRequest, engine: Engine, outcome: Final, *, reason: str | None = None
+    request: ProactiveRequest,
+    engine: Engine,
+    outcome: Final,
+    *,
+    reason: str | None = None,
+    claim_etag: str | None = None,
 ) -> bool:
     """Record the target's final outcome (after a send); False when storage refused and a
     copy that carries the outcome was queued instead, so it is recorded, never resent."""
     try:
-        await _record(request, engine, outcome, reason)
+        await _record(request, engine, outcome, reason, claim_etag=claim_etag)
     except StoreError as failure:
         await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
         return False
@@ -394,20 +445,6 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
         return Outcome.DUPLICATE
     logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
     return Outcome(outcome)
-
-
-async def _clear_to_send(request: ProactiveRequest, engine: Engine, target: str) -> bool:
-    """No outcome yet; or a failed one and this is its poison copy, put back by an operator
-    to try again (a delivered or pruned target is never sent again)."""
-    name = outcome_name(request.id, target)
-    record = await engine.ledger.read(name)
-    if record is None:
-        return True
-    failed = isinstance(record.data, dict) and record.data.get("outcome") == "failed"
-    if failed and "poisonReason" in request.message:
-        logger.info("proactive %r: %s retried by an operator", request.id, request.label)
-        return await engine.ledger.delete(name, record.etag)
-    return False
 
 
 async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:

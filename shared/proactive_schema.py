@@ -49,6 +49,9 @@ class Bookkeeping:
     attempt: int = 0
     since: float | None = None
     child: bool = False
+    # A child's conversation reference as the fan-out listed it: the send needs no read of
+    # the store (the Connector still refuses an untrusted serviceUrl, as for any target).
+    reference: Mapping[str, Any] | None = None
     # Sent, but its outcome could not be recorded (storage failed): record it, send nothing.
     outcome: str | None = None
     reason: str | None = None
@@ -57,6 +60,8 @@ class Bookkeeping:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
         if self.child:
             data["child"] = True
+        if self.reference is not None:
+            data["reference"] = self.reference
         if self.outcome:
             data["outcome"] = self.outcome
             if self.reason:
@@ -145,6 +150,14 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
             raise InvalidRequest(
                 "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
             ) from None
+        if engine.reference is not None:
+            try:
+                carried = _reference_key(engine.reference)
+            except InvalidRequest:
+                carried = None
+            if carried != value:
+                raise InvalidRequest(f"`{RESERVED}.reference` is not `to.conversation`'s")
+            return replace(base, key=value, reference=engine.reference)
         return replace(base, key=value)
     if kind == "reference":
         return replace(base, key=_reference_key(value), reference=value)
@@ -211,7 +224,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     if not isinstance(value, dict):
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
     attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
-    outcome, reason = value.get("outcome"), value.get("reason")
+    outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
     if (
         not isinstance(attempt, int)
         or attempt < 0
@@ -219,9 +232,12 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         or not isinstance(child, bool)
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
+        or not (reference is None or (child and isinstance(reference, dict)))
     ):
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
-    return Bookkeeping(attempt, float(since) if since is not None else None, child, outcome, reason)
+    return Bookkeeping(
+        attempt, float(since) if since is not None else None, child, reference, outcome, reason
+    )
 
 
 def _content(activity: Any, text: Any) -> dict[str, Any]:

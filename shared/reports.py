@@ -9,13 +9,14 @@ the reference store encodes name segments; see docs/proactive.md):
     delivery attempt; for a broadcast also the fan-out's checkpoint, updated with ETags
     by the one instance holding the fan-out claim.
 ``out/<target>.json``
-    One per target, create-only: the delivered marker (see shared/idempotency.py) or the
-    final outcome (pruned, failed + reason). Its metadata repeats the outcome, so a report
-    is one listing, and concurrent children never write to one shared blob.
+    One per target, the target's slot (shared/idempotency.py): a claim while an instance
+    works on it, then its final outcome (delivered, pruned, failed + reason), which is
+    never replaced. Its metadata repeats the outcome, so a report is one listing, and
+    concurrent children never write to one shared blob.
 ``dup/<uuid>.json``
     One per arrival that was not sent again because its target already had an outcome.
-``claim/<target>.json``
-    Held while an instance works on the target (shared/idempotency.py).
+``claim/fan-out.json``
+    Held while an instance fans a broadcast out (shared/fanout.py).
 ``started.json``
     Written when a single-target request is requeued (throttled, ...): it is running.
 
@@ -30,7 +31,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from shared.idempotency import is_outcome
 from shared.ledger import Ledger, iso
+from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
 
 PREFIX = "proactive/"
@@ -55,7 +58,7 @@ def outcome_name(request_id: str, target: str) -> str:
     return f"{request_prefix(request_id)}out/{encode_segment(target, 400)}.json"
 
 
-def claim_name(request_id: str, target: str) -> str:
+def claim_name(request_id: str, target: str = FANOUT_TARGET) -> str:
     return f"{request_prefix(request_id)}claim/{encode_segment(target, 400)}.json"
 
 
@@ -92,9 +95,13 @@ async def record_outcome(
     reason: str | None = None,
     label: str | None = None,
     detail: Mapping[str, Any] | None = None,
+    claim_etag: str | None = None,
 ) -> bool:
     """Write the target's final outcome once; False when it already had one.
 
+    `claim_etag`: the claim this instance holds on the target's slot, replaced in one
+    write. Without it (or when that claim was taken over meanwhile) a claim found in the
+    slot is replaced too: whoever holds it is past its own check, and the outcome is final.
     `label` is what the report shows as the target (the conversation key, when known).
     """
     shown = label or target
@@ -103,8 +110,23 @@ async def record_outcome(
     if reason:
         metadata["reason"] = _pack(reason[:MAX_REASON_CHARS])
         data["reason"] = reason[:MAX_REASON_CHARS]
-    created = await ledger.create(outcome_name(request_id, target), data, metadata=metadata)
-    return created is not None
+    name = outcome_name(request_id, target)
+    settled = claim_etag is not None and await ledger.replace(
+        name, data, claim_etag, metadata=metadata
+    )
+    if settled:
+        return True
+    for _ in range(5):
+        if await ledger.create(name, data, metadata=metadata) is not None:
+            return True
+        current = await ledger.read(name)
+        if current is None:
+            continue  # released meanwhile
+        if is_outcome(current.data):
+            return False
+        if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:
+            return True
+    raise StoreError(f"proactive ledger: {name[-80:]} kept changing; outcome not recorded")
 
 
 async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:
@@ -123,7 +145,7 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     claimed = False
     async for entry in ledger.list(prefix):
         rest = entry.name[len(prefix) :]
-        if rest.startswith("claim/") or rest == "started.json":
+        if rest.startswith("claim/") or rest == "started.json" or "claim" in entry.metadata:
             claimed = True  # being worked on, or tried and waiting for its next attempt
             continue
         if rest.startswith("dup/"):

@@ -48,6 +48,20 @@ async def test_replace_needs_the_current_etag(ledger):
     assert await ledger.replace("missing.json", {"v": 1}, first) is None
 
 
+async def test_replace_writes_the_whole_blob_metadata_included(ledger):
+    # A target's slot turns from a claim into its outcome in one write (shared/idempotency.py).
+    claim = await ledger.create("s/t.json", {"owner": "me"}, metadata={"claim": "1"})
+    assert await ledger.replace(
+        "s/t.json", {"outcome": "delivered"}, claim, metadata={"outcome": "delivered"}
+    )
+    [entry] = [e async for e in ledger.list("s/")]
+    assert entry.metadata == {"outcome": "delivered"}
+    record = await ledger.read("s/t.json")
+    assert await ledger.replace("s/t.json", {"v": 2}, record.etag)
+    [entry] = [e async for e in ledger.list("s/")]
+    assert entry.metadata == {}
+
+
 async def test_delete_with_and_without_etag(ledger):
     etag = await ledger.create("x.json", {})
     assert await ledger.delete("x.json", '"not-it"') is False

@@ -23,7 +23,7 @@ from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.queues import MemoryQueue
 from shared.ratelimit import Pacer
 from shared.references import MemoryReferenceStore
-from shared.reports import claim_name, ensure_head, read_report
+from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
 from shared.runtime import Runtime
 from tools.botsim.connector import FakeConnector, Reply
@@ -263,7 +263,9 @@ async def test_a_resubmitted_id_sends_nothing_new_and_is_reported_duplicate(part
 
 async def test_a_target_claimed_elsewhere_is_not_sent_at_the_same_time(parts, fake_connector):
     _runtime, engine = parts
-    await engine.ledger.create(claim_name("req-1", "target"), {"expiresAt": engine.clock.now + 30})
+    await engine.ledger.create(
+        outcome_name("req-1", "target"), {"expiresAt": engine.clock.now + 30}
+    )
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
     assert sends(fake_connector) == []
     [(copy, delay)] = engine.queue.take()
@@ -433,18 +435,129 @@ async def test_an_operator_puts_a_poison_copy_back_to_retry_a_failed_target(part
     assert len(sends(fake_connector)) == 2  # the 500 and the retry
 
 
-async def test_a_broadcast_child_removed_after_the_listing_fails_at_once_without_poison(
+async def test_a_broadcast_child_removed_after_the_listing_is_left_to_the_channel(
     parts, fake_connector
 ):
+    # A child carries the reference the fan-out listed, so the send reads nothing from the
+    # store. A conversation uninstalled meanwhile is the channel's to refuse (403), and is
+    # then reported pruned, not failed and not poisoned.
     runtime, engine = parts
     await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
     assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
     await runtime.references.delete("msteams/a:2")  # uninstalled meanwhile
+    fake_connector.script("POST", r"a%3A2/activities$", [Reply(403, json=GONE)])
     await drain(engine)
     report = await read_report(engine.ledger, "b-1")
-    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+    assert (report["state"], report["delivered"], report["pruned"]) == ("done", 1, 1)
+    assert report["failed"] == 0 and engine.queue.poisoned == []
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+
+
+def child(key: str, carried: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "id": "b-1",
+            "to": {"conversation": key},
+            "text": "hi",
+            "_proactive": {"child": True, "reference": carried},
+        }
+    )
+
+
+async def test_a_child_carrying_another_conversations_reference_is_poisoned_unsent(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    other = reference(fake_connector.url, "a:other")
+    assert await handle(engine, child("msteams/a:1", other)) is Outcome.POISONED
+    [poisoned] = engine.queue.poisoned
+    assert "_proactive.reference" in poisoned["poisonReason"]
+    assert sends(fake_connector) == []
+
+
+async def test_a_child_carrying_an_untrusted_service_url_sends_nothing_there(parts, fake_connector):
+    # Whoever can write to the queue gains nothing over a `reference` target: the trusted
+    # serviceUrls decide where the bot's token goes.
+    _runtime, engine = parts
+    with FakeConnector() as attacker:
+        forged = reference(attacker.url, "a:1")
+        assert await handle(engine, child("msteams/a:1", forged)) is Outcome.FAILED
+        assert attacker.requests == []
+    report = await read_report(engine.ledger, "b-1")
+    assert report["failed"] == 1 and "not trusted" in report["failures"][0]["reason"]
+    assert sends(fake_connector) == []
+
+
+async def test_a_broadcast_child_costs_two_bookkeeping_writes_and_no_reads(parts, fake_connector):
+    # Claim the target's slot (create-only), send, settle it with the outcome (If-Match):
+    # no outcome read, no reference read, no claim left behind to delete.
+    runtime, engine = parts
+    calls: list[str] = []
+
+    class Counting(MemoryLedger):
+        async def create(self, name, data, *, metadata=None):
+            calls.append("create")
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+        async def read(self, name):
+            calls.append("read")
+            return await MemoryLedger.read(self, name)
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            calls.append("replace")
+            return await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+
+        async def delete(self, name, etag=None):
+            calls.append("delete")
+            return await MemoryLedger.delete(self, name, etag)
+
+    engine.ledger = Counting(clock=engine.clock)
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    [(text, _)] = engine.queue.take()
+    await runtime.references.delete("msteams/a:1")  # the send does not need the store
+    calls.clear()
+    assert await handle(engine, text) is Outcome.DELIVERED
+    assert calls == ["create", "replace"]
+    assert sends(fake_connector) == ["a:1"]
+    prefix = request_prefix("b-1")
+    names = [n[len(prefix) :] for n in engine.ledger.blobs if n.startswith(prefix)]
+    assert sorted(names) == ["head.json", outcome_name("b-1", "msteams/a:1")[len(prefix) :]]
+    assert await handle(engine, text) is Outcome.DUPLICATE  # a redelivery sends nothing
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_report_counts_a_claimed_target_as_running(parts, fake_connector):
+    _runtime, engine = parts
+    from shared.idempotency import Claim, take_claim
+
+    await ensure_head(engine.ledger, "req-1", "single", engine.clock.now)
+    claim = await take_claim(engine.ledger, outcome_name("req-1", "target"), engine.clock.now)
+    assert isinstance(claim, Claim)
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
+
+
+async def test_a_broadcast_child_too_large_to_carry_its_reference_reads_it_from_the_store(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    from shared.queues import MAX_REQUEST_BYTES
+
+    await runtime.references.delete("msteams/a:1")
+    large = reference(fake_connector.url, "a:2", user="29:b")
+    large["user"]["name"] = "n" * (MAX_REQUEST_BYTES // 2)
+    await runtime.references.upsert(large)
+    text = {"id": "b-1", "to": {"broadcast": {}}, "text": "t" * (MAX_REQUEST_BYTES // 2)}
+    assert await handle(engine, json.dumps(text)) is Outcome.FANNED_OUT
+    [(child, _)] = engine.queue.take()
+    assert json.loads(child)["_proactive"] == {"child": True}
+    engine.queue.sent.append((child, 0.0))
+    await runtime.references.delete("msteams/a:2")  # uninstalled meanwhile
+    await drain(engine)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 0, 1)
     assert "removed from the store" in report["failures"][0]["reason"]
-    assert engine.queue.poisoned == []
+    assert sends(fake_connector) == [] and engine.queue.poisoned == []
 
 
 # --- unusable app settings -----------------------------------------------------------------
@@ -707,17 +820,17 @@ async def test_a_claim_mostly_spent_on_slow_storage_is_not_used_for_a_send(parts
     clock = engine.clock
 
     class SlowLedger(MemoryLedger):
-        """Reads of outcomes take 30 s (a storage brownout, played on the test clock)."""
+        """Claims take 30 s to write (a storage brownout, played on the test clock)."""
 
-        async def read(self, name):
+        async def create(self, name, data, *, metadata=None):
             if "/out/" in name:
                 clock.now += 30
-            return await MemoryLedger.read(self, name)
+            return await MemoryLedger.create(self, name, data, metadata=metadata)
 
     engine.ledger = SlowLedger(clock=clock)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
     assert sends(fake_connector) == []
-    assert not any("/claim/" in name for name in engine.ledger.blobs)  # released
+    assert not any("/out/" in name for name in engine.ledger.blobs)  # released
     [(copy, _)] = engine.queue.take()
 
     engine.ledger = MemoryLedger(clock=clock)  # storage is quick again
@@ -764,7 +877,7 @@ async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(par
     # claim's age is read from the store's own timestamp, so it ends after its length.
     _runtime, engine = parts
     skewed = {"owner": "x", "expiresAt": engine.clock.now + 3600 + engine.claim_seconds}
-    await engine.ledger.create(claim_name("req-1", "target"), skewed)
+    await engine.ledger.create(outcome_name("req-1", "target"), skewed)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
     [(copy, _)] = engine.queue.take()
 
@@ -808,14 +921,23 @@ async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a
     _runtime, engine = parts
 
     class MarkerOutage(MemoryLedger):
+        """Writes of an outcome fail while `down` (claims still land)."""
+
         down = True
 
-        async def create(self, name, data, *, metadata=None):
+        def check(self, data):
             from shared.references import StoreError
 
-            if self.down and "/out/" in name:
+            if self.down and "outcome" in data:
                 raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+        async def create(self, name, data, *, metadata=None):
+            self.check(data)
             return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            self.check(data)
+            return await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
 
     engine.ledger = MarkerOutage(clock=engine.clock)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
