@@ -94,7 +94,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     # A well-formed request: start what its turn will need (once per process; nothing is
     # sent on its behalf before its token is checked, see Runtime.prepare).
     runtime.prepare()
-    from shared.auth.inbound import AuthError, NotLoopback  # with the authenticator
+    from shared.auth.inbound import AuthError, NotLoopback  # with the authenticator (jwt)
 
     try:
         identity = await runtime.authenticator.authenticate(
