@@ -34,8 +34,7 @@ if "BODY" in os.environ:
     request = func.HttpRequest(
         method="POST",
         url="http://127.0.0.1:7071/api/messages",
-        headers={"Content-Type": os.environ["CONTENT_TYPE"]}
-        | ({"Authorization": os.environ["AUTHORIZATION"]} if "AUTHORIZATION" in os.environ else {}),
+        headers={"Content-Type": os.environ["CONTENT_TYPE"]},
         body=os.environ["BODY"].encode(),
     )
     status = asyncio.run(messages_function.main(request)).status_code
@@ -120,34 +119,6 @@ def test_first_unauthenticated_activity_loads_no_token_or_queue_client(
     # No token needed, so MSAL and azure-identity stay unloaded; nothing is enqueued.
     for package in ("msal", "azure.identity", "azure.storage.queue"):
         assert package not in report["handled"], package
-
-
-@pytest.mark.integration
-def test_first_authenticated_activity_does_not_load_pyjwt(
-    azurite, fake_connector, fake_aad, aad_app, identity_env, channel_identity, unique_name
-):
-    # The production cold path: the channel's token checked against botsim's JWKS, the
-    # reply sent with a token from the fake AAD (MSAL). Tokens are read and verified with
-    # cryptography's RSA primitives alone (shared.auth.jws): PyJWT's import is ~20 ms.
-    settings = {
-        **aad_app.env,
-        **identity_env,
-        "BOT_TRUSTED_SERVICE_URLS": fake_connector.url,
-        "AzureWebJobsStorage": azurite.connection_string,
-        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
-    }
-    token = channel_identity.mint_channel_token(aad_app.app_id, fake_connector.url + "/")
-    body = json.dumps(message(fake_connector.url + "/", unique_name("conv")))
-
-    report = run_child(
-        settings, body=body, content_type="application/json", authorization=f"Bearer {token}"
-    )
-
-    assert report["status"] == 200
-    [reply] = fake_connector.requests
-    assert fake_aad.is_valid_token(reply.authorization.removeprefix("Bearer "))
-    assert "msal" in report["handled"]
-    assert "jwt" not in report["handled"]
 
 
 def test_the_product_venv_holds_neither_reference_sdk():
