@@ -30,8 +30,6 @@ from shared.urls import is_loopback_host
 if TYPE_CHECKING:
     import aiohttp
 
-    from shared.auth.jws import Jws
-
 CLOCK_SKEW = 300.0  # seconds of leeway on exp and nbf (Bot Framework: 5 minutes)
 MAX_TOKEN_CHARS = 16 * 1024
 ALGORITHM = "RS256"  # the only algorithm the Bot Framework and AAD sign with
@@ -143,23 +141,21 @@ class InboundAuthenticator:
         token = _bearer_token(authorization)
         parsed = self._parsed.get(token)
         if parsed is None:
-            jws = _read(token)
-            parsed = _ParsedToken(jws, _unverified_kid(jws.header), jws.claims.get("iss"))
+            parsed = _ParsedToken(_unverified_kid(token), _unverified_claims(token).get("iss"))
             self._parsed.put(token, parsed)
-        issuer = parsed.issuer
+        kid, issuer = parsed.kid, parsed.issuer
         if issuer == settings.channel_issuer:
-            return await self._channel_identity(parsed, activity)
+            return await self._channel_identity(token, kid, activity)
         if isinstance(issuer, str) and issuer in self._emulator_issuers:
-            return await self._emulator_identity(parsed, activity)
+            return await self._emulator_identity(token, kid, activity)
         raise AuthError("token issuer is not trusted")
 
     async def _channel_identity(
-        self, parsed: _ParsedToken, activity: Mapping[str, Any]
+        self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        kid = parsed.kid
         key = await self._key(settings.openid_metadata_url, kid)
-        claims = _verified(parsed, key)
+        claims = self._verified(token, key)
         if claims.get("iss") != settings.channel_issuer:
             raise AuthError("token issuer is not the channel issuer")
         self._check_audience_and_lifetime(claims)
@@ -178,12 +174,11 @@ class InboundAuthenticator:
         return Identity(True, "channel", settings.app_id, claims)
 
     async def _emulator_identity(
-        self, parsed: _ParsedToken, activity: Mapping[str, Any]
+        self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        kid = parsed.kid
         key = await self._key(settings.emulator_openid_metadata_url, kid)
-        claims = _verified(parsed, key)
+        claims = self._verified(token, key)
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or issuer not in self._emulator_issuers:
             raise AuthError("token issuer is not an accepted AAD issuer")
@@ -212,6 +207,19 @@ class InboundAuthenticator:
         # No serviceurl claim to pin it: at least the shape the Connector client accepts.
         _service_target(activity)
         return Identity(True, "emulator", caller, claims)
+
+    def _verified(self, token: str, key: SigningKey) -> Mapping[str, Any]:
+        """The token's claims once its signature verified with ``key``, checked once per
+        token and key: the same token with the same published key object verifies the same.
+        A key refreshed or withdrawn since is a new (or no) object, so it is checked again.
+        Every claim check runs on each use, on a read-only copy."""
+        parsed = self._parsed.get(token)
+        if parsed is not None and parsed.key is key and parsed.claims is not None:
+            return parsed.claims
+        claims = MappingProxyType(_verified_claims(token, key))
+        if parsed is not None:
+            parsed.key, parsed.claims = key, claims
+        return claims
 
     def _check_audience_and_lifetime(self, claims: Mapping[str, Any]) -> None:
         audience = claims.get("aud")
@@ -256,7 +264,6 @@ class InboundAuthenticator:
 class _ParsedToken:
     """What one token string says before and after its signature is checked."""
 
-    jws: Jws
     kid: str
     issuer: Any
     key: SigningKey | None = None  # the key its signature verified with
@@ -296,16 +303,13 @@ def _bearer_token(authorization: str | None) -> str:
     return token
 
 
-def _read(token: str) -> Jws:
-    from shared.auth.jws import JwsError, read
+def _unverified_kid(token: str) -> str:
+    import jwt
 
     try:
-        return read(token)
-    except JwsError as exc:
-        raise AuthError(str(exc)) from None
-
-
-def _unverified_kid(header: Mapping[str, Any]) -> str:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise AuthError("token header is not a JWT header") from None
     # Decide the algorithm before touching any key: no `none`, no HMAC keyed with a public key.
     if header.get("alg") != ALGORITHM:
         raise AuthError(f"token algorithm {str(header.get('alg'))[:20]!r} is not {ALGORITHM}")
@@ -315,20 +319,36 @@ def _unverified_kid(header: Mapping[str, Any]) -> str:
     return kid
 
 
-def _verified(parsed: _ParsedToken, key: SigningKey) -> Mapping[str, Any]:
-    """The token's claims once its RS256 signature verified with ``key`` (the algorithm
-    was checked when the token was read), checked once per token and key: the same token
-    with the same published key object verifies the same. A key refreshed or withdrawn
-    since is a new (or no) object, so it is checked again. Every claim check runs on each
-    use, by the caller, on a read-only view."""
-    from shared.auth.jws import verify_rs256
+def _unverified_claims(token: str) -> dict[str, Any]:
+    import jwt
 
-    if parsed.key is key and parsed.claims is not None:
-        return parsed.claims
-    if not verify_rs256(parsed.jws, key.public_key):
-        raise AuthError(f"signature does not verify with key {key.kid}")
-    parsed.key, parsed.claims = key, MappingProxyType(parsed.jws.claims)
-    return parsed.claims
+    try:
+        return jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise AuthError("token payload is not a JWT payload") from None
+
+
+def _verified_claims(token: str, key: SigningKey) -> dict[str, Any]:
+    import jwt
+
+    try:
+        # Signature only; the claims are checked here against the injected clock.
+        return jwt.decode(
+            token,
+            key.public_key,
+            algorithms=[ALGORITHM],
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except jwt.InvalidSignatureError:
+        raise AuthError(f"signature does not verify with key {key.kid}") from None
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"token rejected: {type(exc).__name__}") from None
 
 
 def _is_number(value: object) -> bool:
