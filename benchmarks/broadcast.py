@@ -90,22 +90,36 @@ async def broadcast(
     of `expected`, the report is read only every REPORT_EVERY seconds; then twice a second.
     """
     from shared.producer import enqueue, read_report
+    from shared.references import StoreError
 
+    failed_reads: list[str] = []
     started = time.perf_counter()
     request_id = await enqueue({"to": {"broadcast": {}}, "text": text}, settings=settings)
     report: dict[str, Any] | None = None
     deadline = started + give_up_after
     last_read = started
+    timeline: list[tuple[float, int]] = []  # (seconds since enqueue, conversations reached)
     while time.perf_counter() < deadline:  # polled: the report is a blob, not an event
         await asyncio.sleep(0.5 if received is not None else 1.0)
+        if received is not None:
+            timeline.append((round(time.perf_counter() - started, 1), received()))
         short = received is not None and received() < expected
         if short and time.perf_counter() - last_read < REPORT_EVERY:
             continue
         last_read = time.perf_counter()
-        report = await read_report(request_id, settings=settings)
+        try:
+            report = await read_report(request_id, settings=settings)
+        except StoreError as error:  # the emulator busy past a call's timeout: read again
+            failed_reads.append(str(error)[:120])
+            continue
         if report and report.get("state") == "done":
             break
-    return {"seconds": time.perf_counter() - started, "report": report}
+    return {
+        "seconds": time.perf_counter() - started,
+        "report": report,
+        "report_reads_failed": len(failed_reads),
+        "timeline": timeline,
+    }
 
 
 def run_once(
@@ -159,7 +173,19 @@ def run_once(
         "peak_rss_mib": [round(m, 1) for m in memory],
         "load_average_1m": round(os.getloadavg()[0], 2),
         "failures_sample": (report.get("failures") or [])[:3],
+        "report_reads_failed": outcome["report_reads_failed"],
+        # Between 10 % and 90 % of the conversations reached: the pace while sending, without
+        # the fan-out's first page and the last stragglers (requeued 429s) at either end.
+        "steady_sends_per_s": steady_rate(outcome["timeline"], count),
     }
+
+
+def steady_rate(timeline: list[tuple[float, int]], count: int) -> float | None:
+    low = next(((t, n) for t, n in timeline if n >= count * 0.1), None)
+    high = next(((t, n) for t, n in timeline if n >= count * 0.9), None)
+    if low is None or high is None or high[0] <= low[0]:
+        return None
+    return round((high[1] - low[1]) / (high[0] - low[0]), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=10_000)
     parser.add_argument("--processes", default="1,2,4")
     parser.add_argument("--tenant-limit", type=int, default=50)
+    parser.add_argument(
+        "--bot-rate-limit",
+        type=float,
+        help="the hosts' BOT_CONNECTOR_RATE_LIMIT (default: --tenant-limit, as an app is "
+        "configured with the limit its channel enforces)",
+    )
     parser.add_argument("--unthrottled", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="per broadcast, seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -184,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "conversations": args.conversations,
         "tenants": len(TENANTS),
         "tenant_limit_per_s": args.tenant_limit,
+        "bot_rate_limit_per_s": args.bot_rate_limit or args.tenant_limit,
         "enforced_rate_per_s": args.tenant_limit * len(TENANTS),
         "runs": [],
     }
@@ -201,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 **services.env(warm.TARGETS["ours"], 0),
                 "BOT_PROACTIVE_QUEUE": f"bench-{suffix}",
                 "BOT_REFERENCES_CONTAINER": f"bench-{suffix}",
+                "BOT_CONNECTOR_RATE_LIMIT": str(args.bot_rate_limit or args.tenant_limit),
             }
             from shared.config import Settings
 
@@ -215,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             result["achieved_share_of_enforced"] = round(
                 result["sends_per_s"] / report["enforced_rate_per_s"], 3
             )
+            if result["steady_sends_per_s"] is not None:
+                result["steady_share_of_enforced"] = round(
+                    result["steady_sends_per_s"] / report["enforced_rate_per_s"], 3
+                )
             report["runs"].append(result)
         else:
             report["unthrottled"] = result

@@ -348,8 +348,9 @@ def spawn(
 def activity(services: Services, run: str, n: int, workload: str = "mixed") -> dict[str, Any]:
     """Message ``n`` of a run. ``mixed``: even ones to 8 shared group conversations (many
     users), odd ones each to a new 1:1 conversation (one user; a new user for every one).
-    ``shared``: all to the 8 group conversations (nothing new for ours to store)."""
-    if n % 2 == 0 or workload == "shared":
+    ``shared``: all to the 8 group conversations (nothing new for ours to store); ``new``:
+    each to a new 1:1 conversation (benchmarks/profile_turn.py)."""
+    if workload == "shared" or (n % 2 == 0 and workload != "new"):
         conversation = {
             "id": f"shared-{(n // 2) % SHARED_CONVERSATIONS}",
             "isGroup": True,

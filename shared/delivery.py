@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,24 +64,42 @@ async def deliver(body: bytes | str, runtime: Parts) -> Outcome:
 
 
 async def send_one(request: ProactiveRequest, runtime: Parts) -> Outcome:
-    """Send to the request's one target. Raises ConnectorError / StoreError.
+    """Send to the request's one target. Raises ConnectorError / StoreError."""
+    target = await resolve(request, runtime)
+    if target is None:
+        return Outcome.UNKNOWN
+    return await post(request, runtime, target)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a send goes: the reference, and the stored one's key when it came from the store."""
+
+    reference: Mapping[str, Any]
+    stored_key: str | None = None
+
+
+async def resolve(request: ProactiveRequest, runtime: Parts) -> Target | None:
+    """The request's target reference (a `user` target's 1:1 is created when it has none);
+    None when no reference is stored under the key. Raises ConnectorError / StoreError."""
+    if request.user is not None:
+        stored_key, reference = await _user_reference(request.user, runtime)
+        return Target(reference, stored_key)
+    if request.reference is not None:
+        return Target(request.reference)
+    assert request.key is not None
+    stored = await runtime.references.get(request.key)
+    return None if stored is None else Target(stored.reference, stored.key)
+
+
+async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Outcome:
+    """Send the activity to the resolved target. Raises ConnectorError / StoreError.
 
     Gone: only the reference that was tried is pruned. For an inline `reference` target
     that is the stored one only when it names the same serviceUrl and conversation (the
     producer's copy may be stale while the stored one, under the same key, works).
     """
-    stored_key: str | None = None  # the stored reference the send used, if any
-    if request.user is not None:
-        stored_key, reference = await _user_reference(request.user, runtime)
-    elif request.reference is not None:
-        reference = request.reference
-    else:
-        assert request.key is not None
-        stored = await runtime.references.get(request.key)
-        if stored is None:
-            return Outcome.UNKNOWN
-        stored_key, reference = stored.key, stored.reference
-
+    stored_key, reference = target.stored_key, target.reference
     activity = apply_conversation_reference(request.activity, reference)
     try:
         await runtime.connector.background().send_to_conversation(

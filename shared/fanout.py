@@ -41,7 +41,8 @@ from shared.reports import (
 )
 
 if TYPE_CHECKING:
-    from shared.proactive import Engine, Outcome
+    from shared.engine import Engine
+    from shared.proactive import Outcome
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ claim or the target's final outcome:
    crashed) is taken over with ``If-Match``; one that holds an outcome is settled.
 2. **Send**, then **settle**: the outcome replaces the claim at once (``If-Match`` on the
    claim's ETag, shared/reports.py), before anything else. A send that is put back
-   (throttled, ...) releases the claim instead.
+   (throttled, ...) releases the claim instead; one whose outcome storage refused keeps
+   it until the copy kept to record the outcome has recorded it.
 
 What is left is the window between the Connector's 2xx and the settling write: a crash
 there means the target is sent again once the claim has expired. It is one storage round

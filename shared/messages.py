@@ -3,7 +3,10 @@
 The order is the security boundary: cheap checks of the request first (method, media
 type, size, JSON, required fields), then the token, and only then anything with a side
 effect. A request that fails a check never reaches a handler, never writes storage and
-never makes the bot obtain or send its token.
+never makes the bot send its token. The first well-formed request of a process starts
+the bot's own token acquisition in the background before its token is checked (at most
+once per process, the token only cached: see Runtime.prepare), so a cold turn does not
+do one after the other.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         return HttpResponse.text(invalid.status, invalid.reason)
 
     ids = _ids(activity)
+    # A well-formed request: start what its turn will need (once per process; nothing is
+    # sent on its behalf before its token is checked, see Runtime.prepare).
+    runtime.prepare()
     from shared.auth.inbound import AuthError, NotLoopback  # with the authenticator (jwt)
 
     try:

@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, deliver, send_one
+from shared.delivery import Outcome, Parts, deliver, post, resolve
+from shared.engine import Engine
 from shared.idempotency import (
     Busy,
     Claim,
@@ -46,7 +46,7 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
-from shared.ledger import BlobLedger, Ledger, iso
+from shared.ledger import iso
 from shared.proactive_schema import (
     MAX_ID_CHARS,
     RESERVED,
@@ -72,7 +72,6 @@ from shared.reports import (
     outcome_name,
     record_duplicate,
     record_outcome,
-    started_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,77 +88,6 @@ __all__ = [
     "poison_message",
     "send_to_poison_queue",
 ]
-
-
-# ---------------------------------------------------------------------------- the engine
-
-
-@dataclass(slots=True)
-class Engine:
-    """What the queue trigger works with: the runtime, the bookkeeping store, the queue."""
-
-    runtime: Parts
-    ledger: Ledger
-    queue: MessageQueue
-    clock: Callable[[], float] = time.time
-    rand: Callable[[], float] = random.random
-    max_age: float = 3600.0  # throttled / transient requeues stop after this long
-    unknown_window: float = 60.0  # an unknown conversation key is retried this long
-    claim_seconds: float = 45.0
-    fanout_page_size: int = 250
-    fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
-    fanout_parallel: int = 32
-
-    @classmethod
-    def for_runtime(cls, runtime: Parts) -> Engine:
-        settings = runtime.settings
-        return cls(
-            runtime,
-            BlobLedger(settings),
-            StorageQueue(settings),
-            max_age=settings.proactive_max_age,
-            claim_seconds=settings.proactive_claim_seconds,
-        )
-
-    def jitter(self, delay: float) -> float:
-        """Spread requeued copies so a burst does not come back all at once."""
-        return delay * (1 + 0.2 * self.rand()) + self.rand()
-
-    async def requeue(
-        self,
-        request: ProactiveRequest,
-        delay: float,
-        *,
-        count: bool = True,
-        mark: bool = True,
-        unrecorded: tuple[Final, str | None] | None = None,
-    ) -> Outcome:
-        """Put a copy back with a visibility delay; the original then completes normally.
-
-        `unrecorded`: the target's outcome (and reason) that storage refused to record;
-        the copy records it on arrival and sends nothing.
-        """
-        now = self.clock()
-        engine = request.engine
-        bookkeeping = replace(
-            engine,
-            attempt=engine.attempt + (1 if count else 0),
-            since=engine.since if engine.since is not None else now,
-        )
-        if unrecorded is not None:
-            bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
-        # An operator's retry keeps its `poisonReason` until it has an outcome again.
-        copy = {**request.message, RESERVED: bookkeeping.to_json()}
-        if mark and count and not engine.child and request.broadcast is None:
-            await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
-        # Written after the mark: a failure before the put leaves only the original, which
-        # the host redelivers; never a copy and a raise (two copies) for one failure.
-        await self.queue.put(compact_json(copy), delay=delay)
-        return Outcome.REQUEUED
-
-    def age(self, request: ProactiveRequest) -> float:
-        since = request.engine.since
-        return 0.0 if since is None else max(0.0, self.clock() - since)
 
 
 async def handle_queue_message(
@@ -274,6 +202,10 @@ async def _hold_for_storage(
     *,
     unrecorded: tuple[Final, str | None] | None = None,
 ) -> Outcome:
+    if unrecorded is not None and request.engine.outcome is None:
+        # The first copy kept for an outcome comes back within seconds, while the send's
+        # claim still holds other copies off the target, not after the send's own backoff.
+        request = replace(request, engine=replace(request.engine, attempt=0))
     delay = engine.jitter(_settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
@@ -321,6 +253,11 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 
 
+class _OutcomeKept(Exception):
+    """Storage refused the target's outcome after the send; a copy that carries it was
+    queued. The claim is kept: it holds other copies off the target until it is recorded."""
+
+
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
@@ -340,40 +277,56 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             return Outcome.DUPLICATE
         claim = retried
     outcome: Outcome | None = None
+    kept = False
     try:
         outcome = await _send_claimed(request, engine, claim, claimed_at)
         return outcome
+    except _OutcomeKept:
+        kept = True  # the claim stays until the kept copy records the outcome
+        return Outcome.REQUEUED
     finally:
-        if outcome not in SETTLED:
+        if outcome not in SETTLED and not kept:
             await release_claim(ledger, claim)
 
 
 async def _send_claimed(
     request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
 ) -> Outcome:
-    if engine.clock() - claimed_at > engine.claim_seconds / 2:
-        # Slow storage spent most of the claim: the send (with the Connector's own
-        # retries) could outlive it, and another instance would send too.
-        logger.info(
-            "proactive %r: claim on %s mostly spent before the send; retried",
-            request.id,
-            request.label,
-        )
-        return await engine.requeue(request, engine.jitter(1.0), count=False)
     try:
-        outcome = await send_one(request, engine.runtime)
+        if _claim_spent(request, engine, claimed_at):
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        target = await resolve(request, engine.runtime)
+        if target is None:
+            outcome = Outcome.UNKNOWN
+        elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
+            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        else:
+            outcome = await post(request, engine.runtime, target)
     except ConnectorError as error:
         return await _connector_failure(request, engine, error)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
-        if not await _record_or_hold(request, engine, final, claim_etag=claim.etag):
-            return Outcome.REQUEUED
+        await _record_or_hold(request, engine, final, claim_etag=claim.etag)
         if outcome is Outcome.DELIVERED:
             logger.info("proactive %r: delivered to %s", request.id, request.label)
     elif outcome is Outcome.UNKNOWN:
         return await _unknown(request, engine)
     return outcome
+
+
+def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -> bool:
+    """Half the claim is gone (slow storage): the send, with the Connector's own retries,
+    could outlive it, and another instance would send too. Checked before the target's
+    reference is resolved and again before the send itself."""
+    if engine.clock() - claimed_at <= engine.claim_seconds / 2:
+        return False
+    logger.info(
+        "proactive %r: claim on %s mostly spent before the send; retried",
+        request.id,
+        request.label,
+    )
+    return True
 
 
 async def _retry_failed(
@@ -421,15 +374,15 @@ async def _record_or_hold(
     *,
     reason: str | None = None,
     claim_etag: str | None = None,
-) -> bool:
-    """Record the target's final outcome (after a send); False when storage refused and a
-    copy that carries the outcome was queued instead, so it is recorded, never resent."""
+) -> None:
+    """Record the target's final outcome (after a send). When storage refuses, a copy that
+    carries the outcome is queued instead (so it is recorded, never resent), and
+    _OutcomeKept tells the send to keep its claim meanwhile."""
     try:
         await _record(request, engine, outcome, reason, claim_etag=claim_etag)
     except StoreError as failure:
         await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-        return False
-    return True
+        raise _OutcomeKept from None
 
 
 async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -605,8 +558,7 @@ async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outco
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    if not await _record_or_hold(request, engine, "failed", reason=reason):
-        return Outcome.REQUEUED  # recorded later; the poison copy is already there
+    await _record_or_hold(request, engine, "failed", reason=reason)  # or kept, recorded later
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 

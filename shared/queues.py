@@ -7,6 +7,7 @@ would have been sent, for unit tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class MemoryQueue:
 
 
 async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
-    from azure.core.exceptions import ResourceNotFoundError
+    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
     from azure.storage.queue import TextBase64EncodePolicy
 
     from shared.storage import get_queue_service
@@ -76,7 +77,8 @@ async def _send(settings: Settings, queue_name: str, text: str, delay: float) ->
     try:
         await queue.send_message(text, visibility_timeout=visibility)
     except ResourceNotFoundError:
-        await queue.create_queue()
+        with contextlib.suppress(ResourceExistsError):  # created meanwhile by another writer
+            await queue.create_queue()
         await queue.send_message(text, visibility_timeout=visibility)
 
 

@@ -102,6 +102,7 @@ class MsalTokenProvider:
         self._thread_lock = threading.Lock()
         self._inflight: asyncio.Task[_Token] | None = None
         self._inflight_loop: asyncio.AbstractEventLoop | None = None
+        self._prefetched = False
 
     @property
     def credential_kind(self) -> str:
@@ -138,6 +139,26 @@ class MsalTokenProvider:
             self._inflight, self._inflight_loop = task, loop
         # Shielded: one caller giving up must not cancel the acquisition the others share.
         return (await asyncio.shield(task)).value
+
+    def prefetch(self) -> None:
+        """Start acquiring the token in the background, once in the provider's lifetime.
+
+        For the first request of a process, before it is authenticated, so that MSAL's
+        import and the token request overlap the inbound checks instead of following
+        them. Safe before authentication: the token is only cached, never sent (the
+        Connector client sends it, to trusted serviceUrls, after the request is
+        verified), and whatever the requests, this asks Entra ID at most once. A failure
+        is not reported here: the next :meth:`get_token` asks again and raises it.
+        """
+        if self._prefetched:
+            return
+        self._prefetched = True
+        if self._token.value or (self._inflight is not None and not self._inflight.done()):
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._refresh())
+        task.add_done_callback(_retrieve)
+        self._inflight, self._inflight_loop = task, loop
 
     async def _refresh(self) -> _Token:
         previous = self._token
@@ -288,6 +309,12 @@ class MsalTokenProvider:
             f"token request failed ({type(error).__name__}); check {setting}",
             setting=setting,
         )
+
+
+def _retrieve(task: asyncio.Task[_Token]) -> None:
+    """Mark a prefetch's failure as seen (a later get_token reports its own)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _aad_error(result: dict[str, Any], kind: str) -> TokenError:

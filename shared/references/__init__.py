@@ -33,7 +33,8 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     when the user has more than one (a guest's 1:1 in each tenant; several Web Chat
     sessions), so a lookup narrowed to a tenant, or made after the latest one was deleted,
     still finds the others. Changed with ETags like the documents; brought up to date
-    before a document write and checked again after it; every entry is verified against
+    after every document write (a delete takes its entries out before it removes the
+    document, so the last word is always the writer's); every entry is verified against
     its document when read, so a stale or orphaned entry is never returned.
 
 Name segments
@@ -46,7 +47,11 @@ Name segments
 Writes
     Create with ``If-None-Match: *``, update with ``If-Match`` on the ETag read; on a
     conflict the document is re-read and the change re-applied (bounded, jittered retries,
-    then :class:`StoreConflict`). ``upsert`` merges the incoming reference into the stored
+    then :class:`StoreConflict`). While most conversations this process has not cached
+    turn out new (a moving average), an upsert creates the document straight away instead
+    of reading its absence first; a refused create falls back to the read and merge. A new
+    conversation then costs two calls (document, then user index; one more with an
+    aadObjectId). ``upsert`` merges the incoming reference into the stored
     one (top-level fields; nested objects with the same ``id`` merge too) and writes only
     when something material changed: ``activityId`` never forces a write, nor do the
     speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
@@ -54,7 +59,9 @@ Writes
     read (re-reading when it changed meanwhile), so a delete racing a re-create never
     leaves a stored conversation its user cannot be found by. An upsert that changes nothing
     still checks (when it read the document) that the user index lists the conversation
-    and puts it back if not, which repairs a delete interrupted between its two steps.
+    and puts it back if not, which repairs a delete interrupted between its two steps, and
+    an upsert whose index write failed after its document write (such an upsert raises
+    and is not cached, so the conversation's next activity reads the document).
 
 Cache
     A bounded in-process LRU remembers what was last read or written per key (5 minutes),

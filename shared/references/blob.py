@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("shared.references")  # the package logs under one name
 
 _METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
+_NEW_SHARE_WEIGHT = 0.2  # weight of the latest uncached upsert in the share of new ones
 
 
 @dataclass(slots=True)
@@ -134,6 +135,7 @@ class BlobReferenceStore:
         self._max_attempts = max_attempts
         self._listing_batch = listing_batch
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
+        self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
         self._sleep = sleep
 
@@ -160,8 +162,13 @@ class BlobReferenceStore:
         name = document_name(key)
         generation = self._deletions
         async with self._guard("upsert", key):
+            create_first = self._new_share > 0.5
+            if create_first and await self._create(name, reference, team_id, generation):
+                return True
             for attempt in range(self._max_attempts):
                 current = await self._read(name, key)
+                if attempt == 0 and not create_first:  # a refused create was counted
+                    self._observe(new=current is None)
                 planned = plan(current, reference, team_id, self._clock())
                 if planned is None:
                     assert current is not None
@@ -172,19 +179,6 @@ class BlobReferenceStore:
                         await self._update_index(current.channel_id, kind, value, including(key))
                     self._remember(current, generation)
                     return False
-                # The user index is brought up to date before the document (an entry
-                # without its document is ignored on lookup, so a crash in between harms
-                # nothing) and checked again after it, because a delete that ran meanwhile
-                # may have taken this key out of it.
-                entries = index_entries(planned)
-                for kind, value in entries:
-                    await self._update_index(
-                        planned.channel_id,
-                        kind,
-                        value,
-                        to_front(key),
-                        likely_absent=current is None and attempt == 0,
-                    )
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -192,13 +186,7 @@ class BlobReferenceStore:
                     metadata_for=planned,
                 )
                 if etag is not None:
-                    for kind, value in entries:
-                        await self._update_index(planned.channel_id, kind, value, to_front(key))
-                    planned.etag = etag
-                    self._remember(planned, generation)
-                    logger.debug(
-                        "references: %s %s", "updated" if current else "created", short_key(key)
-                    )
+                    await self._written(planned, etag, current is None, generation)
                     return True
                 self._cache.drop(key)
                 await self._backoff(attempt)
@@ -206,6 +194,46 @@ class BlobReferenceStore:
             f"reference store: upsert of {short_key(key)} gave up after "
             f"{self._max_attempts} concurrent-update conflicts"
         )
+
+    async def _create(
+        self, name: str, reference: Mapping[str, Any], team_id: str | None, generation: int
+    ) -> bool:
+        """Create the document straight away (If-None-Match: *), without reading its absence
+        first: one call fewer for a new conversation, one more (the refused create) for a
+        stored one, so only tried while most uncached conversations have been new."""
+        planned = plan(None, reference, team_id, self._clock())
+        assert planned is not None  # nothing stored: always something to write
+        etag = await self._put(name, _document_body(planned), None, metadata_for=planned)
+        self._observe(new=etag is not None)
+        if etag is None:
+            return False  # stored already: read it and merge, as usual
+        await self._written(planned, etag, True, generation)
+        return True
+
+    async def _written(
+        self, planned: StoredReference, etag: str, created: bool, generation: int
+    ) -> None:
+        """After a document write: its user index entries, then the cache.
+
+        The document first, then the index. A delete takes the key out of the index before
+        it removes the document, so the index write that follows every document write leaves
+        a stored conversation findable by its user; nothing needs reading back. Should the
+        index write fail (or the process die) in between, nothing is remembered: the next
+        activity reads the document, finds it unchanged and puts the index entry back.
+        """
+        for kind, value in index_entries(planned):
+            await self._update_index(
+                planned.channel_id, kind, value, to_front(planned.key), likely_absent=created
+            )
+        planned.etag = etag
+        self._remember(planned, generation)
+        logger.debug(
+            "references: %s %s", "created" if created else "updated", short_key(planned.key)
+        )
+
+    def _observe(self, *, new: bool) -> None:
+        """Track how often an uncached conversation turns out new (a moving average)."""
+        self._new_share += ((1.0 if new else 0.0) - self._new_share) * _NEW_SHARE_WEIGHT
 
     async def delete(self, key: str) -> bool:
         name = document_name(key)

@@ -162,10 +162,21 @@ def guest_reference(tenant: int, **extra) -> dict:
     }
 
 
-async def test_user_index_loses_no_conversation_under_concurrent_writers(azurite, unique_name):
+@pytest.mark.parametrize("mode", ["read-first", "create-first"])
+async def test_user_index_loses_no_conversation_under_concurrent_writers(
+    azurite, unique_name, mode
+):
     settings = settings_for(azurite.connection_string, unique_name("race"))
     stores = [BlobReferenceStore(settings, options=OPTIONS, max_attempts=25) for _ in range(3)]
     try:
+        if mode == "create-first":
+            # Each instance has just seen new conversations only: it now creates documents
+            # without reading first, and a conversation stored by another gets a refused
+            # create, then the read and merge.
+            for n, store in enumerate(stores):
+                for i in range(6):
+                    other_user = {"id": f"29:warm-{n}-{i}"}
+                    await store.upsert(guest_reference(100 + 10 * n + i, user=other_user))
         await asyncio.gather(*(stores[t % 3].upsert(guest_reference(t)) for t in range(6)))
         # Half are removed while the other half change, all at once, from three instances.
         await asyncio.gather(

@@ -959,21 +959,13 @@ async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(part
     _runtime, engine = parts
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
 
-    class OutcomeOutage(MemoryLedger):
-        """Outcome writes fail while `down` (storage failing right after the send)."""
-
-        down = True
-
-        async def create(self, name, data, *, metadata=None):
-            from shared.references import StoreError
-
-            if self.down and "/out/" in name:
-                raise StoreError("proactive ledger: storage unreachable (test outage)")
-            return await MemoryLedger.create(self, name, data, metadata=metadata)
-
-    engine.ledger = OutcomeOutage(clock=engine.clock)
+    # Only the outcome's write fails (storage failing right after the send): failing every
+    # write under out/ would refuse the claim too, and nothing would be sent at all.
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    assert len(sends(fake_connector)) == 1
     [(copy, _)] = engine.queue.take()
+    assert json.loads(copy)["_proactive"]["outcome"] == "failed"
     engine.ledger.down = False
     assert await handle(engine, copy) is Outcome.FAILED
 
@@ -982,3 +974,191 @@ async def test_a_500_whose_failure_cannot_be_recorded_is_still_never_resent(part
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["failed"]) == ("done", 1)
     assert "500" in report["failures"][0]["reason"]
+
+
+# --- review: a kept outcome keeps its target claimed ---------------------------------------
+
+
+class OutcomeWriteOutage(MemoryLedger):
+    """Writes of an outcome fail while `down`; claims, reads and deletes still work (one
+    refused write after the Connector's 2xx)."""
+
+    down = True
+
+    def _check(self, data) -> None:
+        from shared.references import StoreError
+
+        if self.down and isinstance(data, dict) and "outcome" in data:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+    async def create(self, name, data, *, metadata=None):
+        self._check(data)
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        self._check(data)
+        return await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+
+
+async def test_a_second_copy_is_not_sent_while_a_refused_outcome_waits_to_be_recorded(
+    parts, fake_connector
+):
+    # The send succeeded, storage refused the settling write: the copy kept to record the
+    # outcome is queued. The claim must stay meanwhile; released, it let a second copy of
+    # the target (a resumed fan-out's page, a resubmitted id) claim the empty slot and
+    # send the message again before the kept copy recorded it.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)["_proactive"]["outcome"] == "delivered"
+    engine.ledger.down = False
+
+    engine.clock.now += 1
+    assert await handle(engine, text) is Outcome.REQUEUED  # the same request again: held off
+    [(second, _)] = engine.queue.take()
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] == "running"
+
+    assert await handle(engine, kept) is Outcome.DELIVERED
+    assert await handle(engine, second) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
+async def test_a_500_whose_failure_waits_to_be_recorded_is_not_resent_by_a_second_copy(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(second, _)] = engine.queue.take()
+    assert await handle(engine, kept) is Outcome.FAILED
+    assert await handle(engine, second) is Outcome.DUPLICATE
+    assert len(sends(fake_connector)) == 1  # the 500 was never resent
+    assert len(engine.queue.poisoned) == 1
+
+
+async def test_a_kept_outcome_comes_back_before_its_claim_ends_however_often_it_was_throttled(
+    parts, fake_connector
+):
+    # The kept copy's delay grew with the send's earlier attempts (5 x 3^n: 135 s after
+    # three throttles), so the claim holding other copies off ended long before the
+    # outcome was recorded: a second copy of the target sent the message again.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "1"})
+    fake_connector.script("POST", r"/activities$", [throttled] * 6)
+    text = body({"conversation": "msteams/a:1"})
+    copy = text
+    for _ in range(3):
+        assert await handle(engine, copy) is Outcome.REQUEUED
+        [(copy, delay)] = engine.queue.take()
+        engine.clock.now += delay
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await handle(engine, copy) is Outcome.REQUEUED  # delivered; its outcome refused
+    [(kept, kept_delay)] = engine.queue.take()
+    engine.ledger.down = False
+
+    # What comes back first: the kept copy, or a second copy of the target arriving just
+    # after the claim ends.
+    arrivals = sorted([(kept_delay, kept), (engine.claim_seconds + 1, text)])
+    start = engine.clock.now
+    for at, message in arrivals:
+        engine.clock.now = start + at
+        await handle(engine, message)
+    await drain(engine)
+    assert len(sends(fake_connector)) == 7  # three throttled attempts of two, one delivered
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"]) == ("done", 1)
+
+
+async def test_a_user_target_whose_lookups_spent_the_claim_is_not_sent_on_it(parts, fake_connector):
+    # The claim's time was checked only before the target's reference was resolved: a
+    # `user` target then looks the user up twice, creates the 1:1 and stores it (four
+    # calls of up to 10-12 s each) before the send, whose own retries could then outlive
+    # the claim while another instance took the target over and sent too.
+    runtime, engine = parts
+    clock, store = engine.clock, runtime.references
+
+    class SlowStore(MemoryReferenceStore):
+        """Lookups and the write of the new 1:1 at a storage brownout's pace (test clock)."""
+
+        async def find_by_user(self, **kwargs):
+            clock.now += 10
+            return await MemoryReferenceStore.find_by_user(self, **kwargs)
+
+        async def upsert(self, reference, **kwargs):
+            clock.now += 10
+            return await MemoryReferenceStore.upsert(self, reference, **kwargs)
+
+    store.__class__ = SlowStore
+    text = body({"user": user(fake_connector)}, "u-1")
+    assert await handle(engine, text) is Outcome.REQUEUED
+    assert sends(fake_connector) == []  # 30 s of the 45 s claim gone: not sent on it
+    assert not any("/out/" in name for name in engine.ledger.blobs)  # released
+    [(copy, _)] = engine.queue.take()
+
+    store.__class__ = MemoryReferenceStore  # storage is quick again
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert len(fake_connector.requests_for("createConversation")) == 1  # the stored 1:1 reused
+    assert len(sends(fake_connector)) == 1
+
+
+async def test_a_message_the_host_poisoned_is_retried_once_given_a_poison_reason(
+    parts, fake_connector
+):
+    # The host's own poison copy is the message as it was, without `poisonReason`.
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [throttled])
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    queue, engine.queue = engine.queue, DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    engine.queue = queue
+
+    assert await handle(engine, text) is Outcome.DUPLICATE  # put back as it is
+    assert len(sends(fake_connector)) == 1  # the throttled attempt only
+    retried = json.dumps({**json.loads(text), "poisonReason": "retried by an operator"})
+    assert await handle(engine, retried) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
+async def test_bookkeeping_left_by_the_previous_layout_is_read_as_it_was_meant(
+    parts, fake_connector
+):
+    # Before the slot, a target had a claim of its own (claim/<target>.json) and an outcome
+    # created without one. A crashed holder's claim there is ignored; an old outcome still
+    # decides (delivered: never again; failed: an operator's poison copy retries it).
+    from shared.reports import claim_name, record_outcome
+
+    _runtime, engine = parts
+    ledger, now = engine.ledger, engine.clock.now
+    await ensure_head(ledger, "old-1", "single", now)
+    await ledger.create(claim_name("old-1", "target"), {"owner": "x", "expiresAt": now + 999})
+    await record_outcome(ledger, "old-1", "target", "delivered", now, label="msteams/a:1")
+    await ensure_head(ledger, "old-2", "single", now)
+    await record_outcome(ledger, "old-2", "target", "failed", now, reason="500", label="k")
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"}, "old-1")) is Outcome.DUPLICATE
+    assert (await read_report(ledger, "old-1"))["state"] == "done"
+    retry = {**json.loads(body({"conversation": "msteams/a:1"}, "old-2")), "poisonReason": "500"}
+    assert await handle(engine, json.dumps(retry)) is Outcome.DELIVERED
+    report = await read_report(ledger, "old-2")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+    assert sends(fake_connector) == ["a:1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
@@ -82,3 +83,34 @@ def test_the_command_line_builds_each_target():
     with pytest.raises(SystemExit):
         parse(["send", "--conversation", "k", "--broadcast", "--text", "x"])
     assert uuid.UUID(str(uuid.uuid4()))
+
+
+@pytest.mark.integration
+async def test_a_queue_another_writer_creates_first_still_gets_the_message(
+    azurite, unique_name, monkeypatch
+):
+    # The queue is missing when the first message goes out, and another writer (a second
+    # producer, a host starting up) creates it between our send's 404 and our create.
+    from azure.storage.queue import QueueClient as SyncQueueClient
+    from azure.storage.queue.aio import QueueClient
+
+    from shared.config import Settings, StorageSettings
+    from shared.queues import StorageQueue
+    from shared.storage import close_shared_clients
+
+    name = unique_name("race")
+    other = SyncQueueClient.from_connection_string(azurite.connection_string, name)
+    create = QueueClient.create_queue
+
+    async def another_writer_first(self, **kwargs):
+        other.create_queue()  # the other writer wins the race
+        return await create(self, **kwargs)
+
+    monkeypatch.setattr(QueueClient, "create_queue", another_writer_first)
+    settings = Settings(storage=StorageSettings(connection_string=azurite.connection_string))
+    try:
+        await StorageQueue(settings, name).put("hello")
+    finally:
+        await close_shared_clients()
+    [message] = other.peek_messages()
+    assert base64.b64decode(message.content) == b"hello"  # base64, as Functions expects

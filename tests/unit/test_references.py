@@ -669,24 +669,104 @@ async def gated(azurite, unique_name):
 
 
 @pytest.mark.integration
-async def test_blob_a_new_users_first_conversation_costs_six_storage_calls(gated):
+async def test_blob_a_new_users_first_conversation_costs_four_storage_calls(gated):
     store, transport = gated()
     await store.upsert(reference(conversation_id="a:0", user="29:other", aad="aad-other"))
     transport.sent.clear()
     assert await store.upsert(reference()) is True  # a 1:1 conversation with a new user
-    # The document is looked for (absent), each user index created at once (If-None-Match,
-    # no read first), the document created, each index checked again after it.
+    # The document is looked for (absent) and created, then each user index created at
+    # once (If-None-Match, no read first). Nothing is read back.
     assert transport.sent == [
         ("GET", "refs"),
-        ("PUT", "users"),
-        ("PUT", "users"),
         ("PUT", "refs"),
-        ("GET", "users"),
-        ("GET", "users"),
+        ("PUT", "users"),
+        ("PUT", "users"),
     ]
     by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
     by_aad = await store.find_by_user(channel_id="msteams", aad_object_id="aad-user")
     assert by_id is not None and by_aad is not None and by_id.key == "msteams/a:1"
+
+
+@pytest.mark.integration
+async def test_blob_while_most_conversations_are_new_they_are_created_without_a_read(gated):
+    store, transport = gated()
+    for n in range(10):  # new users' first conversations (many users starting at once)
+        transport.sent.clear()
+        assert await store.upsert(reference(f"new:{n}", user=f"29:u{n}", aad=f"aad-{n}"))
+    # The document is created straight away (If-None-Match: *): no read of its absence.
+    assert transport.sent == [("PUT", "refs"), ("PUT", "users"), ("PUT", "users")]
+
+    # A conversation stored earlier (by another instance: nothing cached here) whose
+    # reference changed: the create is refused, then the usual read and conditional write.
+    other, _ = gated()
+    await other.upsert(reference("old:1", user="29:old", aad="aad-old"))
+    transport.sent.clear()
+    assert await store.upsert(reference("old:1", user="29:old", aad="aad-old", locale="de-DE"))
+    assert transport.sent[:3] == [("PUT", "refs"), ("GET", "refs"), ("PUT", "refs")]
+    stored = await store.get("msteams/old:1")
+    assert stored is not None and stored.reference["locale"] == "de-DE"
+    for n in (0, 9):
+        found = await store.find_by_user(channel_id="msteams", aad_object_id=f"aad-{n}")
+        assert found is not None and found.key == f"msteams/new:{n}"
+
+    # Once most uncached conversations turn out to be stored already, reading comes first.
+    for n in range(20):
+        await other.upsert(reference(f"seen:{n}", user=f"29:s{n}", aad=None))
+    for n in range(20):
+        await store.upsert(reference(f"seen:{n}", user=f"29:s{n}", aad=None, locale="fr-FR"))
+    transport.sent.clear()
+    await store.upsert(reference("seen:0", user="29:s0", aad=None, locale="it-IT"), refresh=True)
+    assert transport.sent[0] == ("GET", "refs")
+
+
+class FailingTransport(AioHttpTransport):
+    """The SDK's own transport; requests a predicate picks fail as a dropped connection
+    would (the one failure Azurite cannot be made to produce on demand)."""
+
+    def __init__(self, fails) -> None:
+        super().__init__()
+        self.fails = fails
+
+    async def send(self, request, **kwargs):
+        from azure.core.exceptions import ServiceRequestError
+
+        if self.fails(request):
+            raise ServiceRequestError("connection dropped (test)")
+        return await super().send(request, **kwargs)
+
+
+@pytest.mark.integration
+async def test_blob_index_write_failing_after_the_document_is_repaired_by_the_next_activity(
+    azurite, unique_name
+):
+    # The document is written before the user index: when the index write fails (or the
+    # process dies in between), the conversation is stored but its user cannot be found
+    # yet. The failed upsert must not be remembered, so the next activity of the
+    # conversation (same process, same reference) reads the document and writes the index.
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    failing = {"on": True}
+    transport = FailingTransport(lambda r: failing["on"] and _is("PUT", "users")(r))
+    client = AsyncBlobServiceClient.from_connection_string(
+        azurite.connection_string, transport=transport, retry_total=0
+    )
+    store = BlobReferenceStore(settings, client=client, options=FAST)
+    try:
+        with pytest.raises(StoreError):
+            await store.upsert(reference())
+        container = ContainerClient.from_connection_string(
+            azurite.connection_string, settings.references_container
+        )
+        assert container.get_blob_client(document_name("msteams/a:1")).exists()  # written
+        assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+        failing["on"] = False
+        assert await store.upsert(reference()) is False  # nothing changed: no document write
+        by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
+        by_aad = await store.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+        assert by_id is not None and by_id.key == "msteams/a:1"
+        assert by_aad is not None and by_aad.key == "msteams/a:1"
+    finally:
+        await store.close()
+        await client.close()
 
 
 @pytest.mark.integration

@@ -1,0 +1,86 @@
+"""The proactive engine's working parts: the runtime, the bookkeeping, the queue, its clock.
+
+:class:`Engine` is what the queue trigger (shared/proactive.py) and the fan-out
+(shared/fanout.py) work with, and how a copy of a request goes back on the queue.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from shared.delivery import Outcome, Parts
+from shared.ledger import BlobLedger, Ledger, iso
+from shared.proactive_schema import RESERVED, ProactiveRequest
+from shared.queues import MessageQueue, StorageQueue, compact_json
+from shared.reports import Final, started_name
+
+
+@dataclass(slots=True)
+class Engine:
+    """What the queue trigger works with: the runtime, the bookkeeping store, the queue."""
+
+    runtime: Parts
+    ledger: Ledger
+    queue: MessageQueue
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+    max_age: float = 3600.0  # throttled / transient requeues stop after this long
+    unknown_window: float = 60.0  # an unknown conversation key is retried this long
+    claim_seconds: float = 45.0
+    fanout_page_size: int = 250
+    fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
+    fanout_parallel: int = 32
+
+    @classmethod
+    def for_runtime(cls, runtime: Parts) -> Engine:
+        settings = runtime.settings
+        return cls(
+            runtime,
+            BlobLedger(settings),
+            StorageQueue(settings),
+            max_age=settings.proactive_max_age,
+            claim_seconds=settings.proactive_claim_seconds,
+        )
+
+    def jitter(self, delay: float) -> float:
+        """Spread requeued copies so a burst does not come back all at once."""
+        return delay * (1 + 0.2 * self.rand()) + self.rand()
+
+    async def requeue(
+        self,
+        request: ProactiveRequest,
+        delay: float,
+        *,
+        count: bool = True,
+        mark: bool = True,
+        unrecorded: tuple[Final, str | None] | None = None,
+    ) -> Outcome:
+        """Put a copy back with a visibility delay; the original then completes normally.
+
+        `unrecorded`: the target's outcome (and reason) that storage refused to record;
+        the copy records it on arrival and sends nothing.
+        """
+        now = self.clock()
+        engine = request.engine
+        bookkeeping = replace(
+            engine,
+            attempt=engine.attempt + (1 if count else 0),
+            since=engine.since if engine.since is not None else now,
+        )
+        if unrecorded is not None:
+            bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
+        # An operator's retry keeps its `poisonReason` until it has an outcome again.
+        copy = {**request.message, RESERVED: bookkeeping.to_json()}
+        if mark and count and not engine.child and request.broadcast is None:
+            await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
+        # Written after the mark: a failure before the put leaves only the original, which
+        # the host redelivers; never a copy and a raise (two copies) for one failure.
+        await self.queue.put(compact_json(copy), delay=delay)
+        return Outcome.REQUEUED
+
+    def age(self, request: ProactiveRequest) -> float:
+        since = request.engine.since
+        return 0.0 if since is None else max(0.0, self.clock() - since)
