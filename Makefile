@@ -104,11 +104,13 @@ test: setup $(PLAYGROUND) browser
 
 ## Benchmarks (not part of make test): side by side with three SDKs behind their own servers
 ## (cold start, warm throughput, the floor), a broadcast through the queue pipeline under
-## Teams' limits, import + first turn in-process, the reference store. Each SDK goes into
-## its own venv under .tools/. Results go to benchmarks/results/.
+## Teams' limits and the SDKs' own proactive loops over the same conversations, import +
+## first turn in-process, the reference store. Each SDK goes into its own venv under
+## .tools/. Results go to benchmarks/results/.
 bench: setup
 	$(PY) -m benchmarks.warm --chart --shared-only
 	$(PY) -m benchmarks.broadcast --unthrottled
+	$(PY) -m benchmarks.broadcast_peers --unthrottled
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
 

@@ -14,7 +14,7 @@ Reported per process count: achieved sends/s against the enforced rate (2 tenant
 limit), delivered, lost (delivered per the report but never received), duplicated,
 429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
 run of one process with no limits enforced. Results: benchmarks/results/broadcast.json.
-The SDKs' own proactive loops are not measured here (yet).
+The SDKs' own proactive loops over the same conversations: benchmarks/broadcast_peers.py.
 """
 
 from __future__ import annotations

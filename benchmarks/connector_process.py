@@ -2,7 +2,10 @@
 
 In its own process it does not share an interpreter lock with the load generator, so
 neither slows the other's clock. ``--teams-limits`` and ``--tenant-limit N`` make it
-enforce Teams' limits with 429s (for a broadcast benchmark). Prints ``{"url": ...}``
+enforce Teams' limits with 429s (for a broadcast benchmark); ``--conversation-tenants
+FILE`` (a JSON object, conversation id -> tenant) tells the tenant limit which tenant a
+request counts against when its body names none, as Teams knows it from the
+conversation. Prints ``{"url": ...}``
 once listening, then answers commands on stdin, one per line, each with one JSON line
 on stdout:
 
@@ -11,7 +14,8 @@ on stdout:
   (carrying a bearer token; the bots get theirs from botsim's fake AAD, the only token
   service they can reach),
   ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
-  breaking an enforced limit), and with ``stats texts`` also ``texts`` (text -> count);
+  breaking an enforced limit), and with ``stats texts`` also ``texts`` (conversation|text
+  -> count received) and ``throttled_texts`` (conversation|text -> count answered 429);
 - ``reset``: forget what was counted;
 - ``quit``.
 """
@@ -24,9 +28,19 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from shared.ratelimit import Window
 from tools.botsim.connector import FakeConnector, RecordedRequest
+
+
+def throttled_texts(connector: FakeConnector) -> dict[str, int]:
+    """conversation|text -> how many times it was answered 429: who retried, who lost it."""
+    throttled: Counter[str] = Counter()
+    for request in connector.requests:
+        if request.status == 429 and isinstance(request.json, dict):
+            throttled[f"{request.conversation_id}|{request.json.get('text')}"] += 1
+    return dict(throttled)
 
 
 def main() -> None:
@@ -42,7 +56,13 @@ def main() -> None:
         default=0,
         help="requests per second per Teams tenant named in the body (Teams: about 50)",
     )
+    parser.add_argument(
+        "--conversation-tenants",
+        type=Path,
+        help="JSON object: conversation id -> tenant, for requests whose body names no tenant",
+    )
     args = parser.parse_args()
+    tenants = json.loads(args.conversation_tenants.read_text()) if args.conversation_tenants else {}
     lock = threading.Lock()
     texts: Counter[str] = Counter()
     counts = {"received": 0, "authorized": 0, "last": 0.0}
@@ -61,6 +81,7 @@ def main() -> None:
     def configure(connector: FakeConnector) -> None:
         connector.enforce_limits = args.teams_limits
         connector.tenant_limit = Window(args.tenant_limit, 1.0) if args.tenant_limit else None
+        connector.conversation_tenants = dict(tenants)
         connector.subscribe(count)
 
     with FakeConnector() as connector:
@@ -87,6 +108,7 @@ def main() -> None:
                     }
                     if command[1:] == ["texts"]:
                         answer["texts"] = dict(texts)
+                        answer["throttled_texts"] = throttled_texts(connector)
             print(json.dumps(answer), flush=True)
 
 

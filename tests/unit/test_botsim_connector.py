@@ -136,6 +136,26 @@ async def test_a_global_limit_counts_every_request(http):
         assert fake.violations[0].conversation_id is None
 
 
+async def test_the_tenant_limit_knows_a_conversations_tenant_when_the_body_names_none(http):
+    # Teams counts a request against the tenant its conversation belongs to; a bot that
+    # sends only the conversation id (no tenantId in the body) still counts against it.
+    with FakeConnector(tenant_limit=Window(2, 10.0)) as fake:
+        fake.conversation_tenants = {"a:1": "t1", "a:2": "t2"}
+
+        async def post(conversation: str, body: dict) -> int:
+            path = f"/v3/conversations/{conversation}/activities"
+            async with http.post(url(fake, path), json=body) as r:
+                return r.status
+
+        t1 = [await post("a%3A1", {"text": str(n)}) for n in range(3)]
+        t2 = await post("a%3A2", {"text": "x"})
+        named = await post("a%3A2", {"conversation": {"tenantId": "t9"}})  # the body wins
+
+        assert t1 == [200, 200, 429]
+        assert (t2, named) == (200, 200)
+        assert [v.tenant_id for v in fake.violations] == ["t1"]
+
+
 async def test_subscribers_receive_each_activity_as_it_arrives(fake_connector, http):
     queue: asyncio.Queue = asyncio.Queue()
     received = []

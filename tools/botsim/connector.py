@@ -169,6 +169,9 @@ class FakeConnector:
         self.windows = tuple(windows)
         self.global_limit = global_limit
         self.tenant_limit = tenant_limit  # per Teams tenant named in the body (Teams: ~50/s)
+        # conversation id -> tenant, for requests whose body names no tenant (Teams knows a
+        # conversation's tenant; a bot may send only the conversation id)
+        self.conversation_tenants: dict[str, str] = {}
         self.auth_check = auth_check
         self.redirect_attachments = redirect_attachments
         self.members: dict[str, list[dict[str, Any]]] = {}
@@ -224,6 +227,7 @@ class FakeConnector:
             self.enforce_limits = False
             self.global_limit = None
             self.tenant_limit = None
+            self.conversation_tenants = {}
             self.auth_check = None
             self.redirect_attachments = True
 
@@ -407,6 +411,9 @@ class FakeConnector:
                     return violation
             if self.tenant_limit is not None:
                 tenant = _tenant(recorded.json)
+                if tenant is None and recorded.conversation_id is not None:
+                    key = recorded.conversation_id.split(";", 1)[0]
+                    tenant = self.conversation_tenants.get(key)
                 arrivals = self._tenant_arrivals.setdefault(tenant, deque())
                 violation = _admit(arrivals, (self.tenant_limit,), arrived, None, tenant)
                 if violation is not None:
