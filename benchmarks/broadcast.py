@@ -72,7 +72,7 @@ async def seed(settings: Any, service_url: str, app_id: str, count: int) -> None
         await store.close()
 
 
-REPORT_EVERY = 10.0  # seconds between report reads while the Connector is still receiving
+REPORT_EVERY = 60.0  # seconds between report reads while the Connector is still receiving
 
 
 async def broadcast(

@@ -63,6 +63,7 @@ log = logging.getLogger("shared.connector")  # the package logs under one name
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
 
+REQUEST_RESERVE_SECONDS = 5.0  # of a call's budget, never spent waiting before a request
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
 MAX_REDIRECTS = 5  # attachment views only
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -390,6 +391,9 @@ class ConnectorClient:
         scope = pacing_scope(target, pace, body)
         # One budget for everything: the token, pacing waits, every attempt, every backoff.
         deadline = self._clock() + policy.max_total_seconds
+        # Kept for the request itself: one cut short after it was written may have been
+        # posted, and a retry would post it again. Waits end early enough to leave it.
+        reserve = min(REQUEST_RESERVE_SECONDS, policy.max_total_seconds / 2)
         attempt = failures = 0
         rejected: str | None = None
         failure: ConnectorError | None = None
@@ -399,7 +403,9 @@ class ConnectorClient:
             token = await self._token(operation, rejected, deadline)
             if self._clock() >= deadline:  # the token took the whole budget
                 raise failure or budget_spent(operation)
-            granted = await self._pace(operation, scope, deadline)
+            granted = await self._pace(operation, scope, deadline - reserve)
+            if self._remaining(deadline) < reserve:
+                raise failure or budget_spent(operation)
             attempt += 1
             answer = await self._attempt(
                 operation,
@@ -432,7 +438,7 @@ class ConnectorClient:
             delay = failure.retry_after
             if delay is None:
                 delay = policy.backoff(failures)
-            if failures >= policy.max_attempts or self._clock() + delay > deadline:
+            if failures >= policy.max_attempts or self._clock() + delay > deadline - reserve:
                 raise failure
             await self._sleep(delay)
 

@@ -467,7 +467,8 @@ async def test_endless_429s_give_up_within_the_bounds_as_throttled(client, fake_
 
     assert (caught.value.kind, caught.value.status) == (ErrorKind.THROTTLED, 429)
     assert caught.value.retry_after == 2.0
-    assert len(fake_connector.requests) == 5  # max_attempts
+    # 0, 2, 4, 6 s: one at 8 s would leave less than the 5 s kept for the request itself.
+    assert len(fake_connector.requests) == 4
     assert vtime.now - start <= NO_JITTER.max_total_seconds
     assert fake_connector.activities == []
 
@@ -480,7 +481,8 @@ async def test_endless_503s_give_up_within_the_total_time(client, fake_connector
         await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
 
     assert (caught.value.kind, caught.value.status) == (ErrorKind.TRANSIENT, 503)
-    assert len(fake_connector.requests) == 3  # 0 s, 5 s, 10 s; a wait to 15 s would exceed 12 s
+    # 0 s, 5 s; one at 10 s would leave less than the 5 s kept for the request itself.
+    assert len(fake_connector.requests) == 2
     assert vtime.now - start <= 12.0
 
 
@@ -1358,3 +1360,29 @@ def test_background_is_one_view_of_the_same_client(settings):
     assert client.background() is view and view.background() is view
     assert view.pacer is client.pacer
     assert view.is_trusted(settings.trusted_service_urls[0])
+
+
+async def test_a_send_is_never_started_with_too_little_of_its_budget_left(aad_app):
+    # A request cut short by its deadline after it was written may still be posted, and a
+    # proactive send that fails transiently is sent again: a duplicate. So a send whose
+    # pacing wait leaves too little of the budget for the request itself is not started.
+    with FakeConnector() as fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        fake.script("POST", r"a%3A2/activities$", [Reply(200, json={"id": "1"}, delay=0.4)])
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=Pacer(1.2),  # one background send per ~0.87 s in a Teams tenant
+            retry=RetryPolicy(max_total_seconds=1.0),
+        )
+        background = connector.background()
+        activity = {"type": "message", "channelId": "msteams", "conversation": {"id": "x"}}
+        activity["conversation"]["tenantId"] = "t"
+        try:
+            await background.send_to_conversation(fake.url, "a:1", activity)
+            with pytest.raises(ConnectorError) as caught:
+                await background.send_to_conversation(fake.url, "a:2", activity)
+        finally:
+            await connector.close()
+    assert caught.value.code == "PacingTimeout" and "nothing was sent" in str(caught.value)
+    assert [r.conversation_id for r in fake.requests_for("sendToConversation")] == ["a:1"]
