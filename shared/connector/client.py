@@ -45,10 +45,12 @@ from shared.connector.errors import (
 )
 from shared.connector.scope import pacing_scope
 from shared.connector.transport import (
+    REDIRECT_STATUSES,
     Expect,
     Http,
     build_url,
     encode_body,
+    follow_redirect,
     read_body,
     request_headers,
     result,
@@ -56,7 +58,6 @@ from shared.connector.transport import (
 from shared.connector.transport import quote_segment as _q
 from shared.ratelimit import Pacer, PacingTimeout, Scope
 from shared.serviceurl import ServiceTarget, TrustPolicy, host_for_log
-from shared.urls import is_loopback_host
 
 log = logging.getLogger("shared.connector")  # the package logs under one name
 
@@ -66,7 +67,6 @@ Clock = Callable[[], float]
 REQUEST_RESERVE_SECONDS = 5.0  # of a call's budget, never spent waiting before a request
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
 MAX_REDIRECTS = 5  # attachment views only
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class ConnectorClient:
@@ -566,8 +566,10 @@ class ConnectorClient:
                 method, url, headers=headers, data=data, allow_redirects=False
             ) as response:
                 location = response.headers.get("Location")
-                if follow and response.status in _REDIRECT_STATUSES and location:
-                    url, headers = self._redirect(operation, url, location, headers)
+                if follow and response.status in REDIRECT_STATUSES and location:
+                    url, headers = follow_redirect(
+                        operation, url, location, headers, self.is_trusted
+                    )
                     continue
                 ok = 200 <= response.status < 300
                 content = await read_body(operation, response, ok)
@@ -575,27 +577,3 @@ class ConnectorClient:
         raise ConnectorError(
             ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
         )
-
-    def _redirect(
-        self, operation: str, url: yarl.URL, location: str, headers: dict[str, str]
-    ) -> tuple[yarl.URL, dict[str, str]]:
-        try:
-            target = url.join(yarl.URL(location))
-            host = target.host
-        except (ValueError, TypeError):
-            target, host = None, None
-        secure = target is not None and (
-            target.scheme == "https" or (target.scheme == "http" and is_loopback_host(host))
-        )
-        if target is None or not host or not secure:
-            raise ConnectorError(
-                ErrorKind.INVALID,
-                "redirected to a location that is not an https URL",
-                operation=operation,
-            )
-        headers = dict(headers)
-        same_origin = target.origin() == url.origin()
-        if not (same_origin and self.is_trusted(str(target.with_query(None).with_fragment(None)))):
-            headers.pop("Authorization", None)
-        log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
-        return target, headers

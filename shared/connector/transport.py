@@ -1,12 +1,12 @@
 """The Connector client's HTTP plumbing: the session, request bodies and URLs, bounded
-reads of the answers."""
+reads of the answers, where a redirect may lead."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -14,7 +14,8 @@ import aiohttp
 import yarl
 
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.serviceurl import ServiceTarget
+from shared.serviceurl import ServiceTarget, host_for_log
+from shared.urls import is_loopback_host
 
 log = logging.getLogger("shared.connector")  # the package logs under one name
 
@@ -22,6 +23,7 @@ Expect = Literal["dict", "list", "none", "bytes"]
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
 MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class Http:
@@ -137,3 +139,34 @@ def build_url(target: ServiceTarget, path: str, query: Mapping[str, str | None] 
     # encoded=True: the URL is exactly the checked one plus already-encoded segments;
     # yarl must not decode %2F or resolve anything.
     return yarl.URL(f"{target.base}{path}{qs}", encoded=True)
+
+
+def follow_redirect(
+    operation: str,
+    url: yarl.URL,
+    location: str,
+    headers: dict[str, str],
+    is_trusted: Callable[[str], bool],
+) -> tuple[yarl.URL, dict[str, str]]:
+    """Where a redirect leads (https only, or http on loopback), and the headers for it:
+    the bot's token goes along only to the same origin, still inside the trusted set."""
+    try:
+        target = url.join(yarl.URL(location))
+        host = target.host
+    except (ValueError, TypeError):
+        target, host = None, None
+    secure = target is not None and (
+        target.scheme == "https" or (target.scheme == "http" and is_loopback_host(host))
+    )
+    if target is None or not host or not secure:
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            "redirected to a location that is not an https URL",
+            operation=operation,
+        )
+    headers = dict(headers)
+    same_origin = target.origin() == url.origin()
+    if not (same_origin and is_trusted(str(target.with_query(None).with_fragment(None)))):
+        headers.pop("Authorization", None)
+    log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
+    return target, headers
