@@ -276,17 +276,16 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
         claim = retried
-    outcome: Outcome | None = None
-    kept = False
     try:
         outcome = await _send_claimed(request, engine, claim, claimed_at)
-        return outcome
     except _OutcomeKept:
-        kept = True  # the claim stays until the kept copy records the outcome
-        return Outcome.REQUEUED
-    finally:
-        if outcome not in SETTLED and not kept:
-            await release_claim(ledger, claim)
+        return Outcome.REQUEUED  # the claim stays until the kept copy records the outcome
+    except BaseException:
+        await release_claim(ledger, claim)
+        raise
+    if outcome not in SETTLED:
+        await release_claim(ledger, claim)
+    return outcome
 
 
 async def _send_claimed(
