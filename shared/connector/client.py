@@ -64,7 +64,7 @@ log = logging.getLogger("shared.connector")  # the package logs under one name
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
 
-REQUEST_RESERVE_SECONDS = 5.0  # of a call's budget, never spent waiting before a request
+REQUEST_RESERVE_SECONDS = 2.0  # of a call's budget, never spent waiting before a request
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
 MAX_REDIRECTS = 5  # attachment views only
 
