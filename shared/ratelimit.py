@@ -67,7 +67,7 @@ MAX_PAUSE = 0.25  # seconds
 # climbs halfway back within RECOVERY_SECONDS, then grows by PROBE_SHARE of the ceiling
 # per second. Measured against the alternatives (a fixed 30 % cut, a full quick recovery,
 # faster or accelerating probes) in tests/unit/test_ratelimit.py's simulation with a real
-# host's jitter: this kept 2-4 instances at 89-94 % of the limit with 0.2-1.9 % of the
+# host's jitter: this kept 2-4 instances at 87-94 % of the limit with 0.2-1.9 % of the
 # requests answered 429, most of them in the first seconds, when every instance starts
 # at the whole limit.
 LONE_CUT = 0.1
