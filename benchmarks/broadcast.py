@@ -73,10 +73,10 @@ async def seed(settings: Any, service_url: str, app_id: str, count: int) -> None
 
 
 # Seconds between report reads while the Connector is short of the expected count but
-# still receiving: the report lists every outcome blob, which stalls the one Azurite for
-# seconds at thousands of outcomes, and with it every host's claims and ledger writes
-# (measured, benchmarks/pacing_report.py: the tenant's line stood empty about 3 s after
-# each read). The report is read at once when the Connector stops receiving.
+# still receiving. The report lists every outcome blob, thousands of them, on the one
+# Azurite that every host's claims and ledger writes also wait on. It was read every
+# 60 s; now only when the Connector goes quiet (or every REPORT_EVERY seconds), so that
+# the producer's polling is not part of what is measured.
 REPORT_EVERY = 300.0
 QUIET_SECONDS = 5.0  # the Connector received nothing this long: read the report
 
