@@ -12,7 +12,9 @@ warm path gains too: full passes no longer walk the process's modules.
 
 A pause never turns on a collector that someone else turned off: it resumes only what it
 paused. What is frozen is never collected, so the rare cycle that is garbage at the moment
-of the freeze stays in memory, once per process.
+of the freeze stays in memory, once per process. The first request ends the warm-up
+whatever it was: when it is refused before its turn (a 400, a 401), the imports of the
+first real turn run with the collector on, which is slower but changes nothing else.
 """
 
 from __future__ import annotations
