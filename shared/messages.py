@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared import warmup
 from shared.activity import (
     Activity,
     InvalidActivity,
@@ -64,11 +65,13 @@ async def handle_messages(
     `runtime` is the runtime, or the app's function that gets it (app.runtime): called
     here, so app settings that do not validate give the channel a clean 500.
     """
-    try:
-        return await _handle(request, runtime)
-    except Exception as error:  # a bug here must still give the channel a clean answer
-        logger.error("messages: unexpected %s", describe(error))
-        return HttpResponse.text(500, SERVER_ERROR)
+    # A process's first turn imports most of what the bot uses: see shared/warmup.py.
+    with warmup.FIRST_TURN.turn():
+        try:
+            return await _handle(request, runtime)
+        except Exception as error:  # a bug here must still give the channel a clean answer
+            logger.error("messages: unexpected %s", describe(error))
+            return HttpResponse.text(500, SERVER_ERROR)
 
 
 async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]) -> HttpResponse:

@@ -8,12 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from shared import warmup
+
 pytest_plugins = [
     "tests.fixtures.storage",
     "tests.fixtures.identity",
     "tests.fixtures.connector",
     "tests.fixtures.aad",
 ]
+
+# The messages endpoint pauses the garbage collector for a process's first turn and then
+# freezes what the process has loaded (shared/warmup.py). This process is pytest's, not a
+# bot's: its first turn would be some test's, and the freeze would keep every object of
+# the run so far. tests/unit/test_warmup.py tests the first turn on its own; the local
+# hosts the end-to-end tests start are bot processes and run it for real.
+warmup.FIRST_TURN = warmup.FirstTurn(warm=True)
 
 
 def _children(pid: int) -> list[str]:

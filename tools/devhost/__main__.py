@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -46,7 +47,7 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, collect: bool = True) -> int:
     # Imported here so `--help` and argument errors stay instant.
     from tools.devhost.app import load_app
     from tools.devhost.host import HostOptions, serve
@@ -59,18 +60,32 @@ async def run(args: argparse.Namespace) -> int:
     if settings.get(DEBUG_SETTING, "").strip() == "1":
         logging.getLogger().setLevel(logging.DEBUG)
     app = load_app(root, settings, args.functions)
+    # Loaded: what the host and the function modules imported lives as long as the
+    # process. Out of the collector's way for good (the permanent generation), and the
+    # collector back on when main() found it on.
+    gc.freeze()
+    if collect:
+        gc.enable()
     return await serve(app, settings, HostOptions(host=args.host, port=args.port))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging()
+    # The host's start is imports: no garbage for the cyclic collector to find, only
+    # objects for its passes to walk (a tenth of a cold first answer's CPU, see
+    # shared/warmup.py), so it waits until the app is loaded (run()).
+    collect = gc.isenabled()
+    gc.disable()
     try:
-        return asyncio.run(run(args))
+        args = parse_args(argv)
+        configure_logging()
+        return asyncio.run(run(args, collect))
     except HostError as exc:
         logger.error("%s", exc)
         print(f"devhost: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if collect:
+            gc.enable()
 
 
 def end_process(code: int) -> None:
