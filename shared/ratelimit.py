@@ -10,8 +10,9 @@ The model (README, "Pacing"):
   per app per tenant, across every instance of the app, counted in a strict 1-s window.
   Each process keeps one :class:`AdaptiveRate` per Teams tenant. It starts at that
   ceiling (a lone instance gets the whole tenant) and keeps to the window by when
-  requests were answered, not when they were granted: one that left late holds back
-  those after it rather than arriving bunched with them. On a 429 the request waits
+  requests reached the channel as far as it can tell, not when they were granted: one
+  whose round trip took longer than usual is taken to have left that much late and
+  holds back those after it rather than arriving bunched with them. On a 429 the request waits
   the server's ``Retry-After``, and the rate is cut by what the 429 says: a lone 429 at
   the ceiling with nearly all of the last second through cuts a little and recovers
   fully; otherwise others share the tenant, and the rate drops to what the channel let
@@ -76,14 +77,15 @@ CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
 # The channel counts a tenant's requests in a strict 1-s window. Besides spacing its grants,
-# a lane keeps the times of its last `ceiling` requests, each moved to when its answer
-# came (no earlier than when the channel counted it), and grants no background request
+# a lane keeps the times of its last `ceiling` requests, each moved later by as much as
+# its round trip took longer than the lane's usual one, and grants no background request
 # while that many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late
 # leaving (a busy event loop, a descheduled process) delays the ones after it instead of
 # arriving bunched with them. Even spacing alone tolerated only ~1/share - 1 s (42 ms at
 # 96 %) of such lateness; the benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
+ROUND_TRIPS_KEPT = 32  # their median is a lane's usual round trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,7 @@ class AdaptiveRate:
     do not cut again: they were sent at the old rate. Background grants are evenly spaced
     (no bursts a sliding window would count twice), with one interval of catch-up when
     the caller was late, and never more than ``ceiling`` of them, replies included, in
-    the channel's window by when they were answered (:meth:`answered`).
+    the channel's window by when they reached it as far as :meth:`answered` tells.
     """
 
     __slots__ = (
@@ -190,6 +192,7 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
+        "_round_trips",
         "_window_limit",
         "ceiling",
         "line",
@@ -210,6 +213,7 @@ class AdaptiveRate:
         # Kept sorted: the earliest is the one that leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -234,8 +238,16 @@ class AdaptiveRate:
 
     def answered(self, now: float, sent_at: float) -> None:
         """The request granted at ``sent_at`` was answered (not 429) at ``now``."""
+        round_trip = now - sent_at
+        self._round_trips.append(round_trip)
         if self._forget(sent_at):
-            insort(self._counted, max(now, sent_at))
+            # A request that took longer than the lane's usual round trip (the median of
+            # its recent ones) is taken to have left that much late: counted from then,
+            # so the ones after it wait for it to leave the window. Not from its answer:
+            # that would count every request a round trip late, and at 300 ms cost a
+            # fifth of the rate (tests/unit/test_ratelimit.py, a distant Connector).
+            usual = sorted(self._round_trips)[len(self._round_trips) // 2]
+            insort(self._counted, sent_at + max(0.0, round_trip - usual))
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted
