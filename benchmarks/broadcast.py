@@ -72,7 +72,13 @@ async def seed(settings: Any, service_url: str, app_id: str, count: int) -> None
         await store.close()
 
 
-REPORT_EVERY = 60.0  # seconds between report reads while the Connector is still receiving
+# Seconds between report reads while the Connector is short of the expected count but
+# still receiving. The report lists every outcome blob, thousands of them, on the one
+# Azurite that every host's claims and ledger writes also wait on. It was read every
+# 60 s; now only when the Connector goes quiet (or every REPORT_EVERY seconds), so that
+# the producer's polling is not part of what is measured.
+REPORT_EVERY = 300.0
+QUIET_SECONDS = 5.0  # the Connector received nothing this long: read the report
 
 
 async def broadcast(
@@ -81,13 +87,15 @@ async def broadcast(
     give_up_after: float,
     received: Callable[[], int] | None = None,
     expected: int = 0,
+    quiet: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Enqueue one broadcast and wait for its report to say `done`.
 
     The report is one listing of every outcome blob (thousands, each parsed from XML),
     which costs the storage emulator as much as a few hundred deliveries. So while the
     fake Connector (`received`: how many distinct conversations it has received) is short
-    of `expected`, the report is read only every REPORT_EVERY seconds; then twice a second.
+    of `expected` and still receiving (`quiet`: seconds since its last request), the
+    report is read only every REPORT_EVERY seconds; then twice a second.
     """
     from shared.producer import enqueue, read_report
     from shared.references import StoreError
@@ -104,6 +112,8 @@ async def broadcast(
         if received is not None:
             timeline.append((round(time.perf_counter() - started, 1), received()))
         short = received is not None and received() < expected
+        if short and quiet is not None and quiet() >= QUIET_SECONDS:
+            short = False  # nothing arriving: stalled, failed or waiting on requeues
         if short and time.perf_counter() - last_read < REPORT_EVERY:
             continue
         last_read = time.perf_counter()
@@ -123,7 +133,12 @@ async def broadcast(
 
 
 def run_once(
-    services: warm.Services, env: dict[str, str], processes: int, count: int, timeout: float
+    services: warm.Services,
+    env: dict[str, str],
+    processes: int,
+    count: int,
+    timeout: float,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     from shared.config import Settings
 
@@ -141,11 +156,15 @@ def run_once(
         storage_cpu = services.storage_cpu_seconds()
         text = f"news {uuid.uuid4().hex[:8]}"
         received = lambda: services.connector.stats()["distinct"]  # noqa: E731
-        outcome = asyncio.run(broadcast(settings, text, timeout, received, count))
+        quiet = lambda: services.connector.stats()["idle_for"] or 0.0  # noqa: E731
+        outcome = asyncio.run(broadcast(settings, text, timeout, received, count, quiet))
         stats = services.connector.stats()
         host_cpu = sum(server.cpu_seconds() for server in servers) - host_cpu
         storage_cpu = services.storage_cpu_seconds() - storage_cpu
         memory = [server.memory_kib().get("VmHWM", 0) / 1024 for server in servers]
+        if trace is not None:
+            arrivals = services.connector.command("arrivals")["arrivals"]
+            (trace / "connector.json").write_text(json.dumps(arrivals))
     finally:
         for server in servers:
             server.stop()
@@ -202,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unthrottled", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="per broadcast, seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="folder for a pacing trace per run (benchmarks/pacing_trace; measurement only): "
+        "each grant, request and 429 in the hosts, each arrival at the fake Connector; "
+        "summed up by python -m benchmarks.pacing_report FOLDER",
+    )
     args = parser.parse_args(argv)
     counts = [int(p) for p in args.processes.split(",")]
     report: dict[str, Any] = {
@@ -236,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                 "BOT_REFERENCES_CONTAINER": f"bench-{suffix}",
                 "BOT_CONNECTOR_RATE_LIMIT": str(args.bot_rate_limit or args.tenant_limit),
             }
+            trace = None
+            if args.trace is not None:
+                trace = args.trace / f"{processes}-hosts-{suffix}"
+                trace.mkdir(parents=True, exist_ok=True)
+                env["BENCH_PACING_TRACE"] = str(trace.resolve())
+                here = Path(__file__).resolve().parent / "pacing_trace"
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (str(here), str(warm.ROOT), env.get("PYTHONPATH", "")) if p
+                )
             from shared.config import Settings
 
             print(f"storing {args.conversations} conversations ...", flush=True)
@@ -244,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(seed(settings, services.connector_url, services.app_id, args.conversations))
             report["seed_seconds"] = round(time.perf_counter() - started, 1)
             print(f"broadcast with {processes} process(es) ...", flush=True)
-            result = run_once(services, env, processes, args.conversations, args.timeout)
+            result = run_once(services, env, processes, args.conversations, args.timeout, trace)
         if connector_args:
             result["achieved_share_of_enforced"] = round(
                 result["sends_per_s"] / report["enforced_rate_per_s"], 3

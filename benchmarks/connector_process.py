@@ -16,6 +16,8 @@ on stdout:
   ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
   breaking an enforced limit), and with ``stats texts`` also ``texts`` (conversation|text
   -> count received) and ``throttled_texts`` (conversation|text -> count answered 429);
+- ``arrivals``: ``[time, status, conversation id, tenant]`` of every request since the last
+  reset, time as the machine's monotonic clock (the hosts' pacing trace uses the same);
 - ``reset``: forget what was counted;
 - ``quit``.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from shared.ratelimit import Window
 from tools.botsim.connector import FakeConnector, RecordedRequest
+from tools.botsim.connector import _tenant as request_tenant
 
 
 def throttled_texts(connector: FakeConnector) -> dict[str, int]:
@@ -41,6 +44,13 @@ def throttled_texts(connector: FakeConnector) -> dict[str, int]:
         if request.status == 429 and isinstance(request.json, dict):
             throttled[f"{request.conversation_id}|{request.json.get('text')}"] += 1
     return dict(throttled)
+
+
+def _tenant_of(request: RecordedRequest, tenants: dict[str, str]) -> str | None:
+    tenant = request_tenant(request.json)  # as the tenant limit counts it
+    if tenant is None and request.conversation_id is not None:
+        tenant = tenants.get(request.conversation_id.split(";", 1)[0])
+    return tenant
 
 
 def main() -> None:
@@ -98,6 +108,13 @@ def main() -> None:
                     connector.reset()
                     configure(connector)
                     answer: dict = {"ok": True}
+                elif command[0] == "arrivals":
+                    answer = {
+                        "arrivals": [
+                            [r.time, r.status, r.conversation_id, _tenant_of(r, tenants)]
+                            for r in connector.requests
+                        ]
+                    }
                 else:
                     answer = {
                         "received": counts["received"],

@@ -7,14 +7,20 @@ The model (README, "Pacing"):
   kept per Teams conversation (a sliding-window log). Other channels publish no such
   limits, so their conversations are not held back at all.
 - **Per app and tenant, not per process.** Teams also allows about 50 requests per second
-  per app per tenant, across every instance of the app. Each process keeps one
-  :class:`AdaptiveRate` per Teams tenant: it starts at that ceiling (a lone instance gets
-  the whole tenant), and on a 429 it backs off (the request waits the server's
-  ``Retry-After``), cuts its rate, and then probes back upwards (quickly back towards
-  where the 429 came, then slowly past it). N instances that share a tenant so settle
-  near 1/N of the limit each, together close to it, with a 429 now and then rather
-  than a storm. Other channels get
-  a lane per (channel, service host) with no ceiling that only honours ``Retry-After``.
+  per app per tenant, across every instance of the app, counted in a strict 1-s window.
+  Each process keeps one :class:`AdaptiveRate` per Teams tenant. It starts at that
+  ceiling (a lone instance gets the whole tenant) and keeps to the window by when
+  requests reached the channel as far as it can tell, not when they were granted: one
+  whose round trip took longer than usual is taken to have left that much late and
+  holds back those after it rather than arriving bunched with them. On a 429 the request waits
+  the server's ``Retry-After``, and the rate is cut by what the 429 says: a lone 429 at
+  the ceiling with nearly all of the last second through cuts a little and recovers
+  fully; otherwise others share the tenant, and the rate drops to what the channel let
+  through from this instance in the last second (30-60 % off), recovers halfway within
+  5 s, then probes upwards slowly. N instances that share a tenant so settle near 1/N
+  of the limit each, together close to it, with a 429 now and then rather than a
+  storm. Other channels get a lane per (channel, service host) with no ceiling that
+  only honours ``Retry-After``.
 - **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
   counted in it, so background traffic yields to them. Background requests (proactive
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -40,7 +47,9 @@ Sleep = Callable[[float], Awaitable[object]]
 
 TEAMS = "msteams"
 DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per tenant
-DEFAULT_BACKGROUND_SHARE = 0.96  # of a tenant's rate; the rest is headroom for replies
+# Of a tenant's rate; the rest is headroom for replies (at 50/s, 1.5 requests/s: any
+# second of a broadcast holds 48 or 49, so a reply still fits in the window).
+DEFAULT_BACKGROUND_SHARE = 0.97
 DEFAULT_RETRY_AFTER = 1.0  # a 429 that did not say how long to wait
 MIN_RATE = 0.5  # requests per second: a lane is never cut below this
 # The throttled request itself waits the whole Retry-After (the Connector client's retry,
@@ -51,9 +60,32 @@ MIN_RATE = 0.5  # requests per second: a lane is never cut below this
 # more likely one conversation's limit than the tenant's.
 PAUSE_SHARE = 0.25
 MAX_PAUSE = 0.25  # seconds
-CUT_FACTOR = 0.7  # on a 429 the rate drops to this share of what it was
-RECOVERY_SECONDS = 5.0  # back to the rate that drew the 429 after this long
-PROBE_SHARE = 0.005  # then growing past it by this share of the ceiling per second
+# What a 429 does to the rate (AdaptiveRate.throttled). At the ceiling, with at least
+# 1 - LONE_CUT of it through in the last second, a 429 says little (a reply that found
+# the window full, a brief burst from elsewhere): LONE_CUT off, back within
+# RECOVERY_SECONDS. Otherwise other instances share the tenant: the rate drops to what
+# got through from this one in the last second, at least CUT_MIN and at most CUT_MAX off,
+# climbs halfway back within RECOVERY_SECONDS, then grows by PROBE_SHARE of the ceiling
+# per second. Measured against the alternatives (a fixed 30 % cut, a full quick recovery,
+# faster or accelerating probes) in tests/unit/test_ratelimit.py's simulation with a real
+# host's jitter: this kept 2-4 instances at 87-94 % of the limit with 0.2-1.9 % of the
+# requests answered 429, most of them in the first seconds, when every instance starts
+# at the whole limit.
+LONE_CUT = 0.1
+CUT_MIN = 0.3
+CUT_MAX = 0.6
+RECOVERY_SECONDS = 5.0
+PROBE_SHARE = 0.002
+# The channel counts a tenant's requests in a strict 1-s window. Besides spacing its grants,
+# a lane keeps the times of its last `ceiling` requests, each moved later by as much as
+# its round trip took longer than the lane's usual one, and grants no background request
+# while that many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late
+# leaving (a busy event loop, a descheduled process) delays the ones after it instead of
+# arriving bunched with them. Even spacing alone tolerated only ~1/share - 1 s (42 ms at
+# 96 %) of such lateness; the benchmark's hosts were late by up to 100-200 ms.
+WINDOW_SECONDS = 1.0
+WINDOW_MARGIN = 0.01
+ROUND_TRIPS_KEPT = 32  # their median is a lane's usual round trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +176,28 @@ class AdaptiveRate:
 
     Before any 429 the rate is ``ceiling`` (None: no ceiling, only pauses). A 429 pauses
     background traffic for PAUSE_SHARE of the server's Retry-After (at most MAX_PAUSE)
-    and cuts the rate to
-    CUT_FACTOR of what it was; from there it follows a cubic curve back to that rate
-    after RECOVERY_SECONDS, then grows past it by PROBE_SHARE of the ceiling per second.
-    429s for requests granted before the last cut do not cut again: they were sent at the
-    old rate. Background grants are evenly spaced (no bursts a sliding window would
-    count twice), with one interval of catch-up when the caller was late.
+    and cuts the rate (:meth:`_cut`); from there it follows a concave cubic curve up to
+    the peak :meth:`_cut` chose, reached after RECOVERY_SECONDS, then grows past it by
+    PROBE_SHARE of the ceiling per second. 429s for requests granted before the last cut
+    do not cut again: they were sent at the old rate. Background grants are evenly spaced
+    (no bursts a sliding window would count twice), with one interval of catch-up when
+    the caller was late, and never more than ``ceiling`` of them, replies included, in
+    the channel's window by when they reached it as far as :meth:`answered` tells.
     """
 
-    __slots__ = ("_cut_at", "_next", "_paused_until", "_peak", "ceiling", "line", "used_at")
+    __slots__ = (
+        "_counted",
+        "_cut_at",
+        "_floor",
+        "_next",
+        "_paused_until",
+        "_peak",
+        "_round_trips",
+        "_window_limit",
+        "ceiling",
+        "line",
+        "used_at",
+    )
 
     def __init__(self, ceiling: float | None) -> None:
         self.ceiling = ceiling
@@ -160,8 +205,15 @@ class AdaptiveRate:
         self._next = float("-inf")  # earliest time of the next background grant
         self._paused_until = float("-inf")
         self._peak = ceiling or 0.0
+        self._floor = self._peak
         self._cut_at: float | None = None
         self.used_at = float("-inf")
+        # The last `ceiling` requests the channel counted (or may yet count): the grant
+        # time, replaced by the answer's time once it came; 429s are dropped (not counted).
+        # Kept sorted: the earliest is the one that leaves the channel's window first.
+        self._counted: list[float] = []
+        self._window_limit = max(1, int(ceiling)) if ceiling else 0
+        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -169,20 +221,48 @@ class AdaptiveRate:
             return self.ceiling
         elapsed = now - self._cut_at
         if elapsed < RECOVERY_SECONDS:  # concave: quickly most of the way, then carefully
-            progress = elapsed / RECOVERY_SECONDS - 1.0  # -1 at the cut, 0 at the peak
-            rate = self._peak * (1.0 + (1.0 - CUT_FACTOR) * progress**3)
+            left = 1.0 - elapsed / RECOVERY_SECONDS  # 1 at the cut, 0 back at the peak
+            rate = self._peak - (self._peak - self._floor) * left**3
         else:
-            probe = (self.ceiling or self._peak) * PROBE_SHARE
-            rate = self._peak + probe * (elapsed - RECOVERY_SECONDS)
+            probing = elapsed - RECOVERY_SECONDS
+            rate = self._peak + (self.ceiling or self._peak) * PROBE_SHARE * probing
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         return max(MIN_RATE, rate)
 
     def background_wait(self, now: float) -> float:
-        return max(self._paused_until, self._next) - now
+        wait = max(self._paused_until, self._next) - now
+        if self._window_limit and len(self._counted) >= self._window_limit:
+            wait = max(wait, self._counted[0] + WINDOW_SECONDS + WINDOW_MARGIN - now)
+        return wait
+
+    def answered(self, now: float, sent_at: float) -> None:
+        """The request granted at ``sent_at`` was answered (not 429) at ``now``."""
+        round_trip = now - sent_at
+        self._round_trips.append(round_trip)
+        if self._forget(sent_at):
+            # A request that took longer than the lane's usual round trip (the median of
+            # its recent ones) is taken to have left that much late: counted from then,
+            # so the ones after it wait for it to leave the window. Not from its answer:
+            # that would count every request a round trip late, and at 300 ms cost a
+            # fifth of the rate (tests/unit/test_ratelimit.py, a distant Connector).
+            usual = sorted(self._round_trips)[len(self._round_trips) // 2]
+            insort(self._counted, sent_at + max(0.0, round_trip - usual))
+
+    def _forget(self, sent_at: float) -> bool:
+        counted = self._counted
+        index = bisect_left(counted, sent_at)
+        if index < len(counted) and counted[index] == sent_at:
+            del counted[index]
+            return True
+        return False  # already out of the window's reach
 
     def record(self, now: float, background: bool, share: float) -> None:
         self.used_at = now
+        if self._window_limit:
+            if len(self._counted) >= self._window_limit:
+                del self._counted[0]
+            insort(self._counted, now)
         rate = self.rate(now)
         if rate is None:
             return
@@ -194,6 +274,7 @@ class AdaptiveRate:
 
     def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
         """Take a 429 into account; True when it cut the rate."""
+        self._forget(sent_at)  # the channel did not count it
         pause = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         pause = min(pause * PAUSE_SHARE, MAX_PAUSE)
         self._paused_until = max(self._paused_until, now + pause)
@@ -202,13 +283,28 @@ class AdaptiveRate:
         current = self.rate(now)
         if current is None:
             return False
-        # A 429 before the rate got back to the last peak: others share this tenant too;
-        # aim lower than where this one came (TCP CUBIC's "fast convergence").
-        shrinking = self._cut_at is not None and current < self._peak
-        self._peak = current * (1.0 + CUT_FACTOR) / 2.0 if shrinking else current
+        floor, peak = self._cut(now, current)
+        self._peak = peak
+        self._floor = floor
         self._cut_at = now
         self._next = max(self._next, now + pause)
         return True
+
+    def _cut(self, now: float, current: float) -> tuple[float, float]:
+        """Where a 429 takes the rate (the floor), and where it recovers to (the peak)."""
+        since = now - WINDOW_SECONDS
+        through = (len(self._counted) - bisect_right(self._counted, since)) / WINDOW_SECONDS
+        ceiling = self.ceiling or current
+        if current >= ceiling and through >= current * (1.0 - LONE_CUT):
+            # At the ceiling, and the channel took nearly all of the last window: one 429
+            # that says little (a reply in a full window, a brief burst elsewhere).
+            return current * (1.0 - LONE_CUT), current
+        # Others share the tenant: down to what the channel let through from this lane,
+        # within [CUT_MIN, CUT_MAX] below where it was.
+        floor = max(
+            MIN_RATE, min(current * (1.0 - CUT_MIN), max(through, current * (1.0 - CUT_MAX)))
+        )
+        return floor, (floor + current) / 2.0
 
     def idle(self, now: float) -> bool:
         """Nothing learnt that still matters: the lane can be forgotten."""
@@ -323,6 +419,10 @@ class Pacer:
                 return await self._take_slot(self.lane(scope), conversation, background, deadline)
         finally:
             conversation.users -= 1
+
+    def answered(self, scope: Scope, sent_at: float) -> None:
+        """A request to ``scope`` granted at ``sent_at`` was answered, not with a 429."""
+        self.lane(scope).answered(self._clock(), sent_at)
 
     def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
         """A request to ``scope`` granted at ``sent_at`` was answered 429."""

@@ -832,10 +832,10 @@ async def test_a_teams_broadcast_stays_under_the_tenant_limit_and_replies_are_no
                 r.time for r in fake.requests if r.json["conversation"]["tenantId"] == tenant
             )
             assert all(times[i + 50] - times[i] >= 1.0 for i in range(len(times) - 50))
-        # Two tenants at 48/s each: 1000 in about 10.5 s, not the 20 s of a per-process cap.
+        # Two tenants at 48.5/s each: 1000 in about 10.3 s, not the 20 s of a per-process cap.
         assert finished - 1000.0 < 12
         # The replies found headroom: none waited for the broadcast (virtual time moves
-        # while other senders sleep, by at most one of their 1/48 s intervals).
+        # while other senders sleep, by at most one of their 1/48.5 s intervals).
         assert len(waited) == 10 and max(waited) < 0.05
 
 

@@ -176,9 +176,11 @@ async def test_background_traffic_keeps_to_its_share_of_the_tenant_rate_evenly_s
 
     await time.run(*(send(n) for n in range(1000)))
 
-    assert max_in_window(grants, 1.0) <= 49  # 96 % of 50/s, never a burst
-    # The share is used, not wasted: 1000 at 48/s take about 20.8 s.
-    assert 20.0 <= max(grants) <= 21.5
+    gaps = [b - a for a, b in itertools.pairwise(grants)]
+    assert min(gaps) >= 1 / 48.5 - 1e-9  # 97 % of 50/s, evenly spaced: never a burst
+    assert max_in_window(grants, 1.0) <= 49  # a reply still fits in any second
+    # The share is used, not wasted: 1000 at 48.5/s take about 20.6 s.
+    assert 20.0 <= max(grants) <= 21.0
     assert pacer.granted_background == 1000
 
 
@@ -193,7 +195,7 @@ async def test_each_tenant_has_its_own_rate():
         done[tenant] = time.now
 
     await time.run(broadcast("t1"), broadcast("t2"))
-    assert 9.5 <= done["t1"] <= 10.5 and 9.5 <= done["t2"] <= 10.5  # 480 at 48/s each
+    assert 9.5 <= done["t1"] <= 10.5 and 9.5 <= done["t2"] <= 10.5  # 480 at 48.5/s each
 
 
 async def test_background_yields_to_replies_in_the_same_tenant():
@@ -226,19 +228,79 @@ async def test_background_yields_to_replies_in_the_same_tenant():
 # --- learning the tenant's limit from 429s ------------------------------------------------
 
 
-def test_a_429_cuts_the_rate_then_it_recovers_and_probes_past_it():
+def through(lane: AdaptiveRate, start: float, seconds: float, rate: float) -> float:
+    """``rate`` requests per second from ``start`` for ``seconds``, each answered (counted
+    by the channel) 2 ms later; returns the time after the last."""
+    now = start
+    while now < start + seconds:
+        lane.record(now, True, 1.0)
+        lane.answered(now + 0.002, now)
+        now += 1.0 / rate
+    return now
+
+
+def test_a_lone_429_at_the_ceiling_cuts_a_little_and_recovers_fully():
+    # Nearly all of the last second got through: one 429 that says little (a reply that
+    # found the window full, a brief burst from elsewhere), not N instances overshooting.
     lane = AdaptiveRate(50.0)
-    assert lane.rate(0.0) == 50.0
-    assert lane.throttled(10.0, 1.0, sent_at=9.9)
-    assert lane.rate(10.0) == pytest.approx(35.0)
-    assert lane.background_wait(10.0) == pytest.approx(0.25)  # a quarter of Retry-After
-    assert 35.0 < lane.rate(12.0) < 50.0
-    assert lane.rate(15.0) == pytest.approx(50.0)  # back where the 429 came
+    now = through(lane, 9.0, 1.0, 49.0)
+    assert lane.throttled(now, 1.0, sent_at=now - 0.01)
+    assert lane.rate(now) == pytest.approx(45.0)  # 10 % off, not 30
+    assert lane.background_wait(now) == pytest.approx(0.25)  # a quarter of Retry-After
+    assert lane.rate(now + 5.0) == pytest.approx(50.0)  # back at the ceiling in 5 s
+
+
+def test_a_429_when_less_got_through_cuts_to_what_did():
+    # 2 instances at 50/s each on a 50/s tenant: this one got about 25 of its 50 through.
+    lane = AdaptiveRate(50.0)
+    through(lane, 9.01, 0.98, 25.0)  # 25 requests in the last second
+    assert lane.throttled(10.0, 1.0, sent_at=9.99)
+    assert lane.rate(10.0) == pytest.approx(25.0)
     # 429s for requests sent before the cut were sent at the old rate: no second cut.
-    assert not lane.throttled(10.1, 1.0, sent_at=9.95)
-    assert lane.rate(10.1) == pytest.approx(lane.rate(10.1))
-    assert lane.throttled(12.0, None, sent_at=11.0)  # a new 429: aim lower again
-    assert lane.rate(12.0) < 35.0
+    assert not lane.throttled(10.1, 1.0, sent_at=9.995)
+    assert lane.rate(10.1) < 26.0
+    # Back halfway towards where the 429 came within 5 s, then probing upwards slowly.
+    assert lane.rate(15.0) == pytest.approx(37.5)
+    assert lane.rate(25.0) == pytest.approx(37.5 + 50.0 * 0.002 * 10.0)
+    # Each 429 that comes takes it down to what got through again.
+    through(lane, 25.01, 0.98, 20.0)
+    assert lane.throttled(26.0, 1.0, sent_at=25.99)
+    assert lane.rate(26.0) == pytest.approx(20.0)
+
+
+def test_a_429_cuts_at_most_60_percent_however_little_got_through():
+    lane = AdaptiveRate(15.0)
+    now = through(lane, 0.0, 2.0, 3.0)  # 3/s through of the 15/s it tried
+    assert lane.throttled(now, 1.0, sent_at=now - 0.01)
+    assert lane.rate(now) == pytest.approx(6.0)
+    assert lane.rate(now + 5.0) == pytest.approx(10.5)
+
+
+def test_a_request_that_left_late_holds_back_the_ones_after_it():
+    # 15/s, evenly spaced at 97 %: 16 grants span 1.03 s, so a strict 1-s window at the
+    # Connector tolerates only 31 ms of difference in how long requests take to get there.
+    lane = AdaptiveRate(15.0)
+    arrivals = []
+    now = 0.0
+    for n in range(40):
+        now += max(0.0, lane.background_wait(now))
+        lane.record(now, True, 0.97)
+        # Every tenth one waited 150 ms on a busy event loop before it left.
+        arrived = now + (0.15 if n % 10 == 5 else 0.002)
+        arrivals.append(arrived)
+        lane.answered(arrived + 0.002, now)
+    assert max_in_window(arrivals, 1.0) <= 15
+    assert now < 40 / 15 / 0.97 + 0.3  # it cost a few waits, not the rate
+
+
+def test_a_request_answered_429_does_not_hold_back_the_window():
+    lane = AdaptiveRate(15.0)
+    for n in range(15):
+        lane.record(n * 0.01, True, 1.0)
+    lane.throttled(0.2, 1.0, sent_at=0.05)  # the channel did not count it
+    wait_at = 0.5
+    # Only 14 counted in the window: the 16th waits for its spacing and pause, not a second.
+    assert lane.background_wait(wait_at) < 0.5
 
 
 def test_a_lane_without_a_ceiling_only_pauses():
@@ -256,46 +318,136 @@ def test_a_long_retry_after_pauses_the_tenant_only_briefly():
     assert lane.background_wait(10.0) == pytest.approx(0.25)
 
 
-async def instances_sharing_a_tenant(count: int, seconds: float = 100.0, limit: int = 50):
+class Jitter:
+    """The delays a real host adds, drawn from what the broadcast benchmark's pacing trace
+    measured (benchmarks/pacing_report.py, 1 and 4 host processes on 2 busy cores): from
+    a grant to the request's arrival at the Connector about 1 ms, 1 in 250 late by
+    30-150 ms; a wake-up from a pacing wait about 1 ms late, 1 in 100 by 10-80 ms."""
+
+    def __init__(self, rng: random.Random, on: bool) -> None:
+        self.rng, self.on = rng, on
+
+    def to_connector(self) -> float:
+        delay = 0.005 + self.rng.random() * 0.01
+        if self.on:
+            delay = 0.001 + self.rng.expovariate(1 / 0.0015)
+            if self.rng.random() < 0.004:
+                delay += self.rng.uniform(0.03, 0.15)
+        return delay
+
+    def wake_up(self) -> float:
+        if not self.on:
+            return 0.0
+        late = self.rng.expovariate(1 / 0.001)
+        if self.rng.random() < 0.01:
+            late += self.rng.uniform(0.01, 0.08)
+        return late
+
+
+async def instances_sharing_a_tenant(
+    count: int, seconds: float = 100.0, limit: int = 50, jitter: bool = False, seed: int = 0
+):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
-    allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it."""
+    allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
+    Returns the rate achieved (a share of ``limit``) and the share of requests answered
+    429, over the whole run and after its first 10 seconds."""
     time = VirtualScheduler()
-    rng = random.Random(count)
+    noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
     arrivals: deque[float] = deque()
-    outcome = {"sent": 0, "throttled": 0}
+    outcome = {"sent_early": 0, "throttled_early": 0, "sent_later": 0, "throttled_later": 0}
     scope = teams()
+
+    async def sleep(seconds: float) -> None:
+        await time.sleep(seconds + noise.wake_up())
 
     async def sender(pacer: Pacer):
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
-            await time.sleep(0.005 + rng.random() * 0.01)  # to the Connector
+            await time.sleep(noise.to_connector())
             while arrivals and arrivals[0] <= time.now - 1.0:
                 arrivals.popleft()
+            when = "_later" if time.now >= 10.0 else "_early"
             if len(arrivals) >= limit:
-                outcome["throttled"] += 1
+                outcome["throttled" + when] += 1
+                await time.sleep(0.002)  # the answer on its way back
                 pacer.throttled(scope, 1.0, granted)
+                await time.sleep(1.0)  # the client's retry waits the Retry-After
             else:
                 arrivals.append(time.now)
-                outcome["sent"] += 1
+                outcome["sent" + when] += 1
+                await time.sleep(0.002)
+                pacer.answered(scope, granted)
 
-    pacers = [Pacer(limit, clock=time.clock, sleep=time.sleep) for _ in range(count)]
+    pacers = [Pacer(limit, clock=time.clock, sleep=sleep) for _ in range(count)]
     await time.run(*(sender(p) for p in pacers for _ in range(8)))
-    rate = outcome["sent"] / seconds
-    share_429 = outcome["throttled"] / (outcome["sent"] + outcome["throttled"])
-    return rate / limit, share_429
+    sent = outcome["sent_early"] + outcome["sent_later"]
+    throttled = outcome["throttled_early"] + outcome["throttled_later"]
+    later = outcome["throttled_later"] / (outcome["sent_later"] + outcome["throttled_later"])
+    return sent / seconds / limit, throttled / (sent + throttled), later
 
 
 async def test_one_instance_uses_the_tenant_limit_without_a_429():
-    achieved, share_429 = await instances_sharing_a_tenant(1)
+    achieved, share_429, _ = await instances_sharing_a_tenant(1)
     assert achieved >= 0.95 and share_429 == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_one_instance_with_a_real_hosts_jitter_still_draws_no_429(seed):
+    # The tenant's strict 1-s window counts arrivals, not grants: a request that left
+    # late must not arrive bunched with the ones granted after it.
+    achieved, share_429, _ = await instances_sharing_a_tenant(1, limit=15, jitter=True, seed=seed)
+    assert share_429 == 0.0
+    assert achieved >= 0.95
 
 
 @pytest.mark.parametrize("count", [2, 4])
 async def test_instances_sharing_a_tenant_approach_its_limit_without_a_429_storm(count):
-    achieved, share_429 = await instances_sharing_a_tenant(count)
+    achieved, share_429, _ = await instances_sharing_a_tenant(count)
     # Each started at the whole limit; together they settle close under it.
     assert achieved >= 0.88
     assert share_429 < 0.02
+
+
+@pytest.mark.parametrize("count", [2, 4])
+async def test_instances_with_jitter_and_a_small_limit_settle_without_a_429_storm(count):
+    # The broadcast benchmark's paced run: 15/s per tenant, so each of 4 instances sends
+    # 3-4 requests in a second and their even streams line up now and then. Most 429s
+    # come in the first seconds, when each instance starts at the whole limit (1.8-1.9 %
+    # of 100 s here, 1.1-1.2 % after the first 10; the old fixed 30 % cut: 4.4 %).
+    achieved, share_429, later = await instances_sharing_a_tenant(count, limit=15, jitter=True)
+    assert achieved >= 0.86
+    assert share_429 < 0.025 and later < 0.015
+
+
+async def test_a_distant_connector_does_not_cost_the_lane_its_rate():
+    # Teams answers in some hundreds of milliseconds. Counting each request from its
+    # answer would hold every window a round trip longer: 77 % of the rate at 300 ms.
+    time = VirtualScheduler()
+    rng = random.Random(7)
+    arrivals: deque[float] = deque()
+    sent = throttled = 0
+    scope = teams()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+
+    async def sender():
+        nonlocal sent, throttled
+        while time.now < 60.0:
+            granted = await pacer.acquire(scope, background=True)
+            await time.sleep(0.15 + rng.random() * 0.005)  # there
+            while arrivals and arrivals[0] <= time.now - 1.0:
+                arrivals.popleft()
+            if len(arrivals) >= 50:
+                throttled += 1
+                pacer.throttled(scope, 1.0, granted)
+                await time.sleep(1.0)
+                continue
+            arrivals.append(time.now)
+            sent += 1
+            await time.sleep(0.1 + rng.random() * 0.1)  # and back, less evenly
+            pacer.answered(scope, granted)
+
+    await time.run(*(sender() for _ in range(64)))
+    assert sent / 60.0 / 50 >= 0.94 and throttled == 0
 
 
 async def test_background_waits_after_a_429_but_replies_do_not():
@@ -305,7 +457,9 @@ async def test_background_waits_after_a_429_but_replies_do_not():
     pacer.throttled(teams("a:1"), 2.0, granted)
     assert await pacer.acquire(teams("a:2")) == 0.0
     await time.run(pacer.acquire(teams("a:3"), background=True))
-    assert time.now == pytest.approx(0.25, abs=0.05)
+    # The pause, then the reply's slot at the cut rate (20/s: nothing got through, and a
+    # 429 cuts at most 60 %).
+    assert time.now == pytest.approx(0.25 + 1 / 20, abs=0.01)
     assert pacer.throttled_count == 1 and pacer.cuts == 1
 
 

@@ -1,0 +1,108 @@
+"""Pacing trace for the broadcast benchmark (measurement only, never deployed).
+
+``python -m benchmarks.broadcast --trace DIR`` puts this folder first on the hosts'
+PYTHONPATH, so Python imports it at start-up in every host process; with
+``BENCH_PACING_TRACE`` set it wraps the pacer and the Connector client to write one JSON
+line per grant, per request and per 429 to ``DIR/host-<pid>.jsonl``
+(benchmarks/pacing_report.py reads them with the fake Connector's arrivals).
+"""
+
+from __future__ import annotations
+
+import os
+
+_DIR = os.environ.get("BENCH_PACING_TRACE")
+
+
+def _install(directory: str) -> None:
+    import contextvars
+    import json
+    import time
+
+    from shared.connector import client as client_module
+    from shared.ratelimit import Pacer
+
+    out = open(os.path.join(directory, f"host-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
+    slept: contextvars.ContextVar[float] = contextvars.ContextVar("slept", default=0.0)
+    last: contextvars.ContextVar[tuple] = contextvars.ContextVar("last", default=(None, None))
+
+    def write(record: dict) -> None:
+        out.write(json.dumps(record) + "\n")
+
+    original_wait = Pacer._wait_until
+
+    async def wait_until(self, wait_time, deadline):
+        start = time.monotonic()
+        now = await original_wait(self, wait_time, deadline)
+        slept.set(slept.get() + (time.monotonic() - start))
+        return now
+
+    original_grant = Pacer._grant
+
+    def grant(self, lane, conversation, background, now):
+        before = lane._next
+        rate = lane.rate(now)
+        waiters = len(getattr(lane.line._lock, "_waiters", None) or ())
+        granted = original_grant(self, lane, conversation, background, now)
+        write(
+            {
+                "k": "grant",
+                "t": now,
+                "next_before": before if before != float("-inf") else None,
+                "rate": rate,
+                "bg": background,
+                "slept": round(slept.get(), 4),
+                "waiters": waiters,
+                "lane": id(lane),
+            }
+        )
+        slept.set(0.0)
+        last.set((now, id(lane)))
+        return granted
+
+    original_throttled = Pacer.throttled
+
+    def throttled(self, scope, retry_after, sent_at):
+        cuts = self.cuts
+        original_throttled(self, scope, retry_after, sent_at)
+        lane = self.lane(scope)
+        write(
+            {
+                "k": "429",
+                "t": time.monotonic(),
+                "tenant": scope.tenant_id,
+                "conv": scope.conversation,
+                "sent_at": sent_at,
+                "cut": self.cuts > cuts,
+                "rate_after": lane.rate(time.monotonic()),
+            }
+        )
+
+    original_send = client_module.ConnectorClient._send
+
+    async def send(self, operation, method, url, headers, data, expect):
+        start = time.monotonic()
+        status, response_headers, content = await original_send(
+            self, operation, method, url, headers, data, expect
+        )
+        write(
+            {
+                "k": "send",
+                "start": start,
+                "end": time.monotonic(),
+                "status": status,
+                "path": url.raw_path,
+                "grant": last.get()[0],
+                "lane": last.get()[1],
+            }
+        )
+        return status, response_headers, content
+
+    Pacer._wait_until = wait_until
+    Pacer._grant = grant
+    Pacer.throttled = throttled
+    client_module.ConnectorClient._send = send
+
+
+if _DIR:
+    _install(_DIR)
