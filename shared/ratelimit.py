@@ -78,14 +78,14 @@ RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
 # The channel counts a tenant's requests in a strict 1-s window. Besides spacing its grants,
 # a lane keeps the times of its last `ceiling` requests, each moved later by as much as
-# its round trip took longer than the lane's usual one, and grants no background request
+# its round trip took longer than its operation's usual one, and grants no background request
 # while that many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late
 # leaving (a busy event loop, a descheduled process) delays the ones after it instead of
 # arriving bunched with them. Even spacing alone tolerated only ~1/share - 1 s (42 ms at
 # 96 %) of such lateness; the benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
-ROUND_TRIPS_KEPT = 32  # their median is a lane's usual round trip
+ROUND_TRIPS_KEPT = 32  # per operation: their median is its usual round trip in a lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +213,8 @@ class AdaptiveRate:
         # Kept sorted: the earliest is the one that leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
-        self._round_trips: deque[float] = deque(maxlen=ROUND_TRIPS_KEPT)
+        # Per operation: createConversation answering slower than a send is not lateness.
+        self._round_trips: dict[str, deque[float]] = {}
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -236,17 +237,20 @@ class AdaptiveRate:
             wait = max(wait, self._counted[0] + WINDOW_SECONDS + WINDOW_MARGIN - now)
         return wait
 
-    def answered(self, now: float, sent_at: float) -> None:
+    def answered(self, now: float, sent_at: float, operation: str = "") -> None:
         """The request granted at ``sent_at`` was answered (not 429) at ``now``."""
         round_trip = now - sent_at
-        self._round_trips.append(round_trip)
+        round_trips = self._round_trips.get(operation)
+        if round_trips is None:
+            round_trips = self._round_trips[operation] = deque(maxlen=ROUND_TRIPS_KEPT)
+        round_trips.append(round_trip)
         if self._forget(sent_at):
-            # A request that took longer than the lane's usual round trip (the median of
-            # its recent ones) is taken to have left that much late: counted from then,
-            # so the ones after it wait for it to leave the window. Not from its answer:
+            # A request that took longer than its operation's usual round trip (the median
+            # of its recent ones in this lane) is taken to have left that much late: counted
+            # from then, so the ones after it wait for it to leave the window. Not from its answer:
             # that would count every request a round trip late, and at 300 ms cost a
             # fifth of the rate (tests/unit/test_ratelimit.py, a distant Connector).
-            usual = sorted(self._round_trips)[len(self._round_trips) // 2]
+            usual = sorted(round_trips)[len(round_trips) // 2]
             insort(self._counted, sent_at + max(0.0, round_trip - usual))
 
     def _forget(self, sent_at: float) -> bool:
@@ -420,9 +424,13 @@ class Pacer:
         finally:
             conversation.users -= 1
 
-    def answered(self, scope: Scope, sent_at: float) -> None:
-        """A request to ``scope`` granted at ``sent_at`` was answered, not with a 429."""
-        self.lane(scope).answered(self._clock(), sent_at)
+    def answered(self, scope: Scope, sent_at: float, operation: str = "") -> None:
+        """A request to ``scope`` granted at ``sent_at`` was answered, not with a 429.
+
+        ``operation`` names what the request did (a fixed set, e.g. the Connector client's
+        operations): each has its own usual round trip.
+        """
+        self.lane(scope).answered(self._clock(), sent_at, operation)
 
     def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
         """A request to ``scope`` granted at ``sent_at`` was answered 429."""

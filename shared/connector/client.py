@@ -422,7 +422,7 @@ class ConnectorClient:
             else:
                 status, response_headers, content = answer
                 if status != 429:  # counted by the channel: when, as far as pacing goes
-                    self.pacer.answered(scope, granted)
+                    self.pacer.answered(scope, granted, operation)
                 if 200 <= status < 300:
                     return result(operation, expect, content)
                 if status == 401 and token is not None and rejected is None:
