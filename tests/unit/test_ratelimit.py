@@ -344,6 +344,23 @@ class Jitter:
         return late
 
 
+class StrictWindow:
+    """A tenant's limit as the channel keeps it: at most ``limit`` arrivals in any second;
+    an arrival it refuses (429) is not counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._arrivals: deque[float] = deque()
+
+    def admit(self, now: float) -> bool:
+        while self._arrivals and self._arrivals[0] <= now - 1.0:
+            self._arrivals.popleft()
+        if len(self._arrivals) >= self.limit:
+            return False
+        self._arrivals.append(now)
+        return True
+
+
 async def instances_sharing_a_tenant(
     count: int, seconds: float = 100.0, limit: int = 50, jitter: bool = False, seed: int = 0
 ):
@@ -353,7 +370,7 @@ async def instances_sharing_a_tenant(
     429, over the whole run and after its first 10 seconds."""
     time = VirtualScheduler()
     noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
-    arrivals: deque[float] = deque()
+    channel = StrictWindow(limit)
     outcome = {"sent_early": 0, "throttled_early": 0, "sent_later": 0, "throttled_later": 0}
     scope = teams()
 
@@ -364,16 +381,13 @@ async def instances_sharing_a_tenant(
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(noise.to_connector())
-            while arrivals and arrivals[0] <= time.now - 1.0:
-                arrivals.popleft()
             when = "_later" if time.now >= 10.0 else "_early"
-            if len(arrivals) >= limit:
+            if not channel.admit(time.now):
                 outcome["throttled" + when] += 1
                 await time.sleep(0.002)  # the answer on its way back
                 pacer.throttled(scope, 1.0, granted)
                 await time.sleep(1.0)  # the client's retry waits the Retry-After
             else:
-                arrivals.append(time.now)
                 outcome["sent" + when] += 1
                 await time.sleep(0.002)
                 pacer.answered(scope, granted)
@@ -419,35 +433,46 @@ async def test_instances_with_jitter_and_a_small_limit_settle_without_a_429_stor
     assert share_429 < 0.025 and later < 0.015
 
 
-async def test_a_distant_connector_does_not_cost_the_lane_its_rate():
-    # Teams answers in some hundreds of milliseconds. Counting each request from its
-    # answer would hold every window a round trip longer: 77 % of the rate at 300 ms.
+async def one_lane_far_from_its_connector(senders: int, seed: int, request):
+    """``senders`` broadcast for 60 s through one pacer into a tenant that allows 50
+    requests in any second (429 with Retry-After: 1 above it). ``request(rng)`` gives each
+    request's (time to reach the channel, time for its answer to come back, operation).
+    Returns when the accepted requests arrived, and how many were answered 429."""
     time = VirtualScheduler()
-    rng = random.Random(7)
-    arrivals: deque[float] = deque()
-    sent = throttled = 0
+    rng = random.Random(seed)
+    channel = StrictWindow(50)
+    accepted: list[float] = []
+    throttled = 0
     scope = teams()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
 
     async def sender():
-        nonlocal sent, throttled
+        nonlocal throttled
         while time.now < 60.0:
+            there, back, operation = request(rng)
             granted = await pacer.acquire(scope, background=True)
-            await time.sleep(0.15 + rng.random() * 0.005)  # there
-            while arrivals and arrivals[0] <= time.now - 1.0:
-                arrivals.popleft()
-            if len(arrivals) >= 50:
+            await time.sleep(there)
+            if not channel.admit(time.now):
                 throttled += 1
                 pacer.throttled(scope, 1.0, granted)
                 await time.sleep(1.0)
                 continue
-            arrivals.append(time.now)
-            sent += 1
-            await time.sleep(0.1 + rng.random() * 0.1)  # and back, less evenly
-            pacer.answered(scope, granted)
+            accepted.append(time.now)
+            await time.sleep(back)
+            pacer.answered(scope, granted, operation)
 
-    await time.run(*(sender() for _ in range(64)))
-    assert sent / 60.0 / 50 >= 0.94 and throttled == 0
+    await time.run(*(sender() for _ in range(senders)))
+    return accepted, throttled
+
+
+async def test_a_distant_connector_does_not_cost_the_lane_its_rate():
+    # Teams answers in some hundreds of milliseconds. Counting each request from its
+    # answer would hold every window a round trip longer: 77 % of the rate at 300 ms.
+    def request(rng):  # 150 ms there, 100-200 ms back, less evenly
+        return 0.15 + rng.random() * 0.005, 0.1 + rng.random() * 0.1, ""
+
+    accepted, throttled = await one_lane_far_from_its_connector(64, 7, request)
+    assert len(accepted) / 60.0 / 50 >= 0.94 and throttled == 0
 
 
 async def test_operations_with_different_round_trips_do_not_cost_the_lane_its_rate():
@@ -455,32 +480,14 @@ async def test_operations_with_different_round_trips_do_not_cost_the_lane_its_ra
     # createConversation taking longer to answer than a send (the channel's work, after
     # the request reached it) is not lateness. Taken against one usual round trip for
     # both, every slow one held the window longer: 86 % of the rate.
-    time = VirtualScheduler()
-    rng = random.Random(11)
-    arrivals: deque[float] = deque()
-    sent = throttled = 0
-    scope = teams()
-    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    def request(rng):
+        slow = rng.random() < 0.5
+        there = 0.1 + rng.random() * 0.005
+        back = (0.7 if slow else 0.1) + rng.random() * 0.005
+        return there, back, "createConversation" if slow else "sendToConversation"
 
-    async def sender():
-        nonlocal sent, throttled
-        while time.now < 60.0:
-            slow = rng.random() < 0.5
-            granted = await pacer.acquire(scope, background=True)
-            await time.sleep(0.1 + rng.random() * 0.005)  # there
-            while arrivals and arrivals[0] <= time.now - 1.0:
-                arrivals.popleft()
-            if len(arrivals) >= 50:
-                throttled += 1
-                pacer.throttled(scope, 1.0, granted)
-                await time.sleep(1.0)
-                continue
-            arrivals.append(time.now)
-            sent += 10.0 <= time.now < 60.0
-            await time.sleep((0.7 if slow else 0.1) + rng.random() * 0.005)  # and back
-            pacer.answered(scope, granted, "createConversation" if slow else "sendToConversation")
-
-    await time.run(*(sender() for _ in range(96)))
+    accepted, throttled = await one_lane_far_from_its_connector(96, 11, request)
+    sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
     assert sent / 50.0 / 50 >= 0.94 and throttled == 0
 
 
