@@ -55,6 +55,19 @@ async def settled(fake_aad, expected: int) -> None:
     await asyncio.sleep(0.2)
 
 
+async def echoed_with_the_one_token(
+    runtime, settings, channel_identity, fake_connector, fake_aad
+) -> None:
+    """An authenticated turn is answered 200, and everything the bot has sent carried the
+    one token the fake AAD issued."""
+    token = channel_identity.mint_channel_token(settings.app_id, fake_connector.url)
+    assert (
+        await handle_messages(post(activity_for(fake_connector.url), token), runtime)
+    ).status == 200
+    [issued] = fake_aad.issuances
+    assert [r.authorization for r in fake_connector.requests] == [f"Bearer {issued.token}"]
+
+
 async def test_the_first_echo_carries_the_one_token_obtained(
     runtime, settings, channel_identity, fake_connector, fake_aad
 ):
@@ -82,12 +95,7 @@ async def test_unauthenticated_requests_ask_for_the_token_at_most_once_and_send_
     assert (await runtime.references.list()).items == []  # and nothing was recorded
 
     # The first authenticated turn uses the token already obtained.
-    token = channel_identity.mint_channel_token(settings.app_id, fake_connector.url)
-    assert (
-        await handle_messages(post(activity_for(fake_connector.url), token), runtime)
-    ).status == 200
-    [issued] = fake_aad.issuances
-    assert [r.authorization for r in fake_connector.requests] == [f"Bearer {issued.token}"]
+    await echoed_with_the_one_token(runtime, settings, channel_identity, fake_connector, fake_aad)
 
 
 async def test_malformed_requests_start_nothing(runtime, fake_connector, fake_aad):
@@ -107,10 +115,5 @@ async def test_a_failed_prefetch_is_asked_again_by_the_first_authenticated_turn(
     await settled(fake_aad, 1)
     assert fake_aad.issuances == []
 
-    token = channel_identity.mint_channel_token(settings.app_id, fake_connector.url)
-    assert (
-        await handle_messages(post(activity_for(fake_connector.url), token), runtime)
-    ).status == 200
-    [issued] = fake_aad.issuances
-    assert [r.authorization for r in fake_connector.requests] == [f"Bearer {issued.token}"]
+    await echoed_with_the_one_token(runtime, settings, channel_identity, fake_connector, fake_aad)
     assert token_requests(fake_aad) == 2
