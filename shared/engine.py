@@ -34,7 +34,7 @@ class Engine:
     fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
     fanout_parallel: int = 32
     # The fan-out adds no page while the queue holds this many messages (shared/fanout.py).
-    fanout_backlog: int = 2000
+    fanout_backlog: int = 1000
 
     @classmethod
     def for_runtime(cls, runtime: Parts) -> Engine:
