@@ -22,8 +22,9 @@ the whole broadcast; a child leaves the queue minutes after its reference was li
 an hour; and the continuation, put back behind the backlog, comes round when the queue
 has drained it, to add the next pages. The count it goes by is the queue's approximate
 message count (one call per invocation; delayed copies included), so children requeued
-by a throttled tenant hold the next pages back too. A queue that cannot say how full it
-is counts as not full.
+by a throttled tenant hold the next pages back too; so do messages a producer delayed for
+days, which is why a fan-out held back for `FULL_QUEUE_PATIENCE` adds a page all the
+same. A queue that cannot say how full it is counts as not full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from shared.idempotency import Busy, Settled, release_claim, take_claim
@@ -59,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 CONTENT_FIELDS = ("activity", "text")
 FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
+# Seconds since the fan-out last added a page (or first came round) after which a full
+# queue no longer holds it back: it adds one page per this long at least.
+FULL_QUEUE_PATIENCE = 60.0
 
 
 async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -69,10 +74,14 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     await ensure_head(ledger, request.id, "broadcast", engine.clock())
     queued = await engine.queue.depth()
     if queued is not None and queued >= engine.fanout_backlog:
-        # Put back with a delay: the queue may hold only delayed copies, and a copy put
-        # back without one would come round at once.
-        logger.info("proactive %r: fan-out waits, %d messages queued", request.id, queued)
-        return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
+        if engine.age(request) < FULL_QUEUE_PATIENCE:
+            # Put back with a delay: the queue may hold only delayed copies, and a copy
+            # put back without one would come round at once.
+            logger.info("proactive %r: fan-out waits, %d messages queued", request.id, queued)
+            return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
+        # Full all this time: what fills it may be due only in days (a producer's delay),
+        # so one page goes all the same; it waits again behind it.
+        logger.info("proactive %r: fan-out adds a page, %d messages queued", request.id, queued)
     claim = await take_claim(
         ledger, claim_name(request.id, FANOUT_TARGET), engine.clock(), seconds=engine.claim_seconds
     )
@@ -126,7 +135,9 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
         await release_claim(ledger, claim)
     # Released first, so the continuation can take the claim at once, wherever it runs.
     logger.info("proactive %r: fan-out continues (%d so far)", request.id, head["targets"])
-    return await engine.requeue(request, 0.0, count=False)
+    # A broadcast copy's `since` is when it last added a page: its patience starts again.
+    progressed = replace(request, engine=replace(request.engine, since=None))
+    return await engine.requeue(progressed, 0.0, count=False)
 
 
 def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:

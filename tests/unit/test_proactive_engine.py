@@ -440,6 +440,43 @@ async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
     assert report["targets"] == report["delivered"] == 12 and report["duplicate"] == 0
 
 
+async def test_messages_scheduled_days_ahead_do_not_hold_a_broadcast_back_for_days(
+    parts, fake_connector
+):
+    # The queue's count includes messages delayed for days (`send_later`, a producer's
+    # `delay`: up to 7 days). They are not a backlog anyone works through: a broadcast
+    # that only waited for the count to fall would wait until they come due, coming
+    # round every few seconds all that time.
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 3
+    later = [body({"conversation": "a:1"}, f"later-{i}") for i in range(3)]
+    engine.queue.sent.extend((text, 6 * 24 * 3600.0) for text in later)
+
+    copy, rounds, waited = body({"broadcast": {}}, "b-1"), 0, 0.0
+    while True:
+        rounds += 1
+        assert rounds <= 100, f"still no child after {waited:.0f} s of waiting"
+        assert await handle(engine, copy) is Outcome.REQUEUED
+        if len(engine.queue.sent) > len(later) + 1:
+            break
+        (copy, delay) = engine.queue.sent.pop()  # it comes back after its delay
+        engine.clock.now += delay
+        waited += delay
+    assert waited <= 120  # held back a minute or two, not until the scheduled ones are due
+
+    # It adds a page at a time while the queue stays full, never the whole broadcast.
+    children = [json.loads(t) for t, _ in engine.queue.sent if t not in later]
+    assert len(children) == engine.fanout_page_size + 1  # and the continuation
+    assert sum(bool(c.get("_proactive", {}).get("child")) for c in children) == 2
+    # Its patience starts again: coming round at once, it waits, adding nothing.
+    (continuation, _delay) = engine.queue.sent.pop()
+    count = len(engine.queue.sent)
+    assert await handle(engine, continuation) is Outcome.REQUEUED
+    assert len(engine.queue.sent) == count + 1 and engine.queue.sent[-1][1] >= 2.0
+
+
 async def test_a_queue_that_cannot_tell_its_depth_does_not_stop_a_broadcast(parts, fake_connector):
     runtime, engine = parts
     await store_many(runtime, fake_connector.url)
