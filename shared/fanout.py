@@ -23,8 +23,8 @@ an hour; and the continuation, put back behind the backlog, comes round when the
 has drained it, to add the next pages. The count it goes by is the queue's approximate
 message count (one call per invocation; delayed copies included), so children requeued
 by a throttled tenant hold the next pages back too; so do messages a producer delayed for
-days, which is why a fan-out held back for `FULL_QUEUE_PATIENCE` adds a page all the
-same. A queue that cannot say how full it is counts as not full.
+days, which is why a fan-out held back for `FULL_QUEUE_PATIENCE` adds a page's worth of
+children all the same. A queue that cannot say how full it is counts as not full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
@@ -73,15 +73,17 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger = engine.ledger
     await ensure_head(ledger, request.id, "broadcast", engine.clock())
     queued = await engine.queue.depth()
-    if queued is not None and queued >= engine.fanout_backlog:
+    backlog = engine.fanout_backlog
+    if queued is not None and queued >= backlog:
         if engine.age(request) < FULL_QUEUE_PATIENCE:
             # Put back with a delay: the queue may hold only delayed copies, and a copy
             # put back without one would come round at once.
             logger.info("proactive %r: fan-out waits, %d messages queued", request.id, queued)
             return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
         # Full all this time: what fills it may be due only in days (a producer's delay),
-        # so one page goes all the same; it waits again behind it.
+        # so a page's worth of children goes all the same; it waits again behind them.
         logger.info("proactive %r: fan-out adds a page, %d messages queued", request.id, queued)
+        backlog = queued + engine.fanout_page_size
     claim = await take_claim(
         ledger, claim_name(request.id, FANOUT_TARGET), engine.clock(), seconds=engine.claim_seconds
     )
@@ -129,7 +131,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 return Outcome.FANNED_OUT
             if engine.clock() - started >= engine.fanout_seconds:
                 break
-            if queued is not None and queued >= engine.fanout_backlog:
+            if queued is not None and queued >= backlog:
                 break  # the continuation, behind these children, adds the next pages
     finally:
         await release_claim(ledger, claim)

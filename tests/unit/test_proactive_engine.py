@@ -20,6 +20,7 @@ from shared.auth.tokens import create_token_provider
 from shared.connector import ConnectorClient, RetryPolicy
 from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
+from shared.proactive_schema import RESERVED
 from shared.queues import MemoryQueue
 from shared.ratelimit import Pacer
 from shared.references import MemoryReferenceStore
@@ -440,30 +441,40 @@ async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
     assert report["targets"] == report["delivered"] == 12 and report["duplicate"] == 0
 
 
+def hold_queue_full_for_days(engine: Engine) -> list[str]:
+    """Messages delayed for days (`send_later`, a producer's `delay`: up to 7 days), as
+    many as the fan-out's backlog: the queue's count includes them."""
+    later = [body({"conversation": "a:1"}, f"later-{i}") for i in range(engine.fanout_backlog)]
+    engine.queue.sent.extend((text, 6 * 24 * 3600.0) for text in later)
+    return later
+
+
+async def wait_until_fanned_out_more(engine: Engine, copy: str) -> float:
+    """Handle the broadcast's copies, each after its delay, until one adds children: the
+    seconds it waited."""
+    count, waited = len(engine.queue.sent), 0.0
+    for _ in range(200):
+        await handle(engine, copy)
+        if any(json.loads(t)[RESERVED].get("child") for t, _ in engine.queue.sent[count:]):
+            return waited
+        (copy, delay) = engine.queue.sent.pop()  # it comes back after its delay
+        engine.clock.now += delay
+        waited += delay
+    raise AssertionError(f"still no child after {waited:.0f} s of waiting")
+
+
 async def test_messages_scheduled_days_ahead_do_not_hold_a_broadcast_back_for_days(
     parts, fake_connector
 ):
-    # The queue's count includes messages delayed for days (`send_later`, a producer's
-    # `delay`: up to 7 days). They are not a backlog anyone works through: a broadcast
-    # that only waited for the count to fall would wait until they come due, coming
-    # round every few seconds all that time.
+    # They are not a backlog anyone works through: a broadcast that only waited for the
+    # count to fall would wait until they come due, coming round every few seconds.
     runtime, engine = parts
     await store_many(runtime, fake_connector.url)
     engine.fanout_page_size = 2
     engine.fanout_backlog = 3
-    later = [body({"conversation": "a:1"}, f"later-{i}") for i in range(3)]
-    engine.queue.sent.extend((text, 6 * 24 * 3600.0) for text in later)
+    later = hold_queue_full_for_days(engine)
 
-    copy, rounds, waited = body({"broadcast": {}}, "b-1"), 0, 0.0
-    while True:
-        rounds += 1
-        assert rounds <= 100, f"still no child after {waited:.0f} s of waiting"
-        assert await handle(engine, copy) is Outcome.REQUEUED
-        if len(engine.queue.sent) > len(later) + 1:
-            break
-        (copy, delay) = engine.queue.sent.pop()  # it comes back after its delay
-        engine.clock.now += delay
-        waited += delay
+    waited = await wait_until_fanned_out_more(engine, body({"broadcast": {}}, "b-1"))
     assert waited <= 120  # held back a minute or two, not until the scheduled ones are due
 
     # It adds a page at a time while the queue stays full, never the whole broadcast.
@@ -475,6 +486,26 @@ async def test_messages_scheduled_days_ahead_do_not_hold_a_broadcast_back_for_da
     count = len(engine.queue.sent)
     assert await handle(engine, continuation) is Outcome.REQUEUED
     assert len(engine.queue.sent) == count + 1 and engine.queue.sent[-1][1] >= 2.0
+
+
+async def test_a_held_back_broadcast_adds_a_page_of_matches_not_a_page_of_listing(
+    parts, fake_connector
+):
+    # Pages of the store's listing may hold no match (`personal` is checked here): one
+    # listed page a minute would take a broadcast to the few channels among many personal
+    # chats hours while the queue stays full.
+    runtime, engine = parts
+    for i in range(6):
+        await runtime.references.upsert(reference(fake_connector.url, f"a:p{i}", user=f"29:{i}"))
+    await runtime.references.upsert(reference(fake_connector.url, "z:chan", personal=False))
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 3
+    later = hold_queue_full_for_days(engine)
+
+    copy = body({"broadcast": {"personal": False}}, "b-1")
+    assert await wait_until_fanned_out_more(engine, copy) <= 120
+    [child] = [json.loads(t) for t, _ in engine.queue.sent if t not in later]
+    assert child[RESERVED]["reference"]["conversation"]["id"] == "z:chan"
 
 
 async def test_a_queue_that_cannot_tell_its_depth_does_not_stop_a_broadcast(parts, fake_connector):
