@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 CONTENT_FIELDS = ("activity", "text")
 FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
 # Seconds since the fan-out last added a page (or first came round) after which a full
-# queue no longer holds it back: it adds one page per this long at least.
+# queue no longer holds it back: it adds a page's worth of children per this long at least.
 FULL_QUEUE_PATIENCE = 60.0
 
 
