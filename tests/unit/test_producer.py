@@ -132,3 +132,38 @@ async def test_the_queue_tells_how_many_messages_it_holds(azurite, unique_name):
         assert await queue.depth() == 3
     finally:
         await close_shared_clients()
+
+
+@pytest.mark.integration
+async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, unique_name, caplog):
+    # An identity allowed to add and take messages but not to read the queue's properties:
+    # the depth is unknown (the fan-out then adds pages as if the queue were not full), and
+    # the log names the error's type, never the credential.
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    from shared.config import Settings, StorageSettings
+    from shared.queues import StorageQueue
+    from shared.storage import close_shared_clients
+
+    account = dict(part.split("=", 1) for part in azurite.connection_string.split(";") if part)
+    sas = generate_account_sas(
+        account["AccountName"],
+        account["AccountKey"],
+        ResourceTypes(container=True, object=True),
+        AccountSasPermissions(add=True, process=True, create=True),
+        datetime.now(UTC) + timedelta(hours=1),
+    )
+    connection = f"QueueEndpoint={account['QueueEndpoint']};SharedAccessSignature={sas}"
+    queue = StorageQueue(
+        Settings(storage=StorageSettings(connection_string=connection)), unique_name("depth")
+    )
+    try:
+        await queue.put("child")  # allowed
+        assert await queue.depth() is None
+    finally:
+        await close_shared_clients()
+    [warning] = [r for r in caplog.records if "depth unknown" in r.getMessage()]
+    assert "HttpResponseError" in warning.getMessage()
+    assert sas.split("sig=")[1][:12] not in caplog.text
