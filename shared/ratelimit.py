@@ -10,9 +10,9 @@ The model (README, "Pacing"):
   per app per tenant, across every instance of the app, counted in a strict 1-s window.
   Each process keeps one :class:`AdaptiveRate` per Teams tenant. It starts at that
   ceiling (a lone instance gets the whole tenant) and keeps to the window by when
-  requests reached the channel as far as it can tell, not when they were granted: one
-  whose round trip took longer than usual is taken to have left that much late and
-  holds back those after it rather than arriving bunched with them. On a 429 the request waits
+  requests left (the Connector client measures it as each request is written), not when
+  they were granted: one that left late holds back those after it rather than arriving
+  bunched with them. On a 429 the request waits
   the server's ``Retry-After``, and the rate is cut by what the 429 says: a lone 429 at
   the ceiling with nearly all of the last second through cuts a little and recovers
   fully; otherwise others share the tenant, and the rate drops to what the channel let
@@ -76,16 +76,17 @@ CUT_MIN = 0.3
 CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
-# The channel counts a tenant's requests in a strict 1-s window. Besides spacing its grants,
-# a lane keeps the times of its last `ceiling` requests, each moved later by as much as
-# its round trip took longer than its operation's usual one, and grants no background request
-# while that many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late
-# leaving (a busy event loop, a descheduled process) delays the ones after it instead of
-# arriving bunched with them. Even spacing alone tolerated only ~1/share - 1 s (42 ms at
-# 96 %) of such lateness; the benchmark's hosts were late by up to 100-200 ms.
+# The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
+# Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
+# from when it left (the grant until then), and grants no background request while that
+# many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late leaving (a busy
+# event loop, a descheduled process, a wait for a pooled connection) delays the ones after
+# it instead of arriving bunched with them. The way to the channel takes about as long
+# for every request, so it changes nothing; how long the answer takes does not count at
+# all. Even spacing alone tolerated only ~1/share - 1 s (42 ms at 96 %) of lateness; the
+# benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
-ROUND_TRIPS_KEPT = 32  # per operation: their median is its usual round trip in a lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,7 @@ class AdaptiveRate:
     do not cut again: they were sent at the old rate. Background grants are evenly spaced
     (no bursts a sliding window would count twice), with one interval of catch-up when
     the caller was late, and never more than ``ceiling`` of them, replies included, in
-    the channel's window by when they reached it as far as :meth:`answered` tells.
+    the channel's window by when they left, as :meth:`left` tells.
     """
 
     __slots__ = (
@@ -192,7 +193,6 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
-        "_round_trips",
         "_window_limit",
         "ceiling",
         "line",
@@ -209,12 +209,10 @@ class AdaptiveRate:
         self._cut_at: float | None = None
         self.used_at = float("-inf")
         # The last `ceiling` requests the channel counted (or may yet count): the grant
-        # time, replaced by the answer's time once it came; 429s are dropped (not counted).
-        # Kept sorted: the earliest is the one that leaves the channel's window first.
+        # time, replaced by when the request left once that is known; 429s are dropped
+        # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
-        # Per operation: createConversation answering slower than a send is not lateness.
-        self._round_trips: dict[str, deque[float]] = {}
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -237,21 +235,20 @@ class AdaptiveRate:
             wait = max(wait, self._counted[0] + WINDOW_SECONDS + WINDOW_MARGIN - now)
         return wait
 
-    def answered(self, now: float, sent_at: float, operation: str = "") -> None:
-        """The request granted at ``sent_at`` was answered (not 429) at ``now``."""
-        round_trip = now - sent_at
-        round_trips = self._round_trips.get(operation)
-        if round_trips is None:
-            round_trips = self._round_trips[operation] = deque(maxlen=ROUND_TRIPS_KEPT)
-        round_trips.append(round_trip)
-        if self._forget(sent_at):
-            # A request that took longer than its operation's usual round trip (the median
-            # of its recent ones in this lane) is taken to have left that much late: counted
-            # from then, so the ones after it wait for it to leave the window. Not from its answer:
-            # that would count every request a round trip late, and at 300 ms cost a
-            # fifth of the rate (tests/unit/test_ratelimit.py, a distant Connector).
-            usual = sorted(round_trips)[len(round_trips) // 2]
-            insort(self._counted, sent_at + max(0.0, round_trip - usual))
+    @property
+    def counted(self) -> tuple[float, ...]:
+        """When the requests the channel's window may still hold left (or were granted)."""
+        return tuple(self._counted)
+
+    def left(self, sent_at: float, left_at: float) -> None:
+        """The request granted at ``sent_at`` left at ``left_at`` (not answered 429).
+
+        Counted from then, so the ones after it wait for it to leave the window. Not from
+        its answer: that would count every request a round trip late (at 300 ms, a fifth
+        of the rate), and a slow answer would hold the window for nothing.
+        """
+        if left_at > sent_at and self._forget(sent_at):
+            insort(self._counted, left_at)
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted
@@ -348,8 +345,9 @@ class Pacer:
     ``scope`` may be sent: at once for most. ``background=True`` marks traffic that keeps
     to ``background_share`` of its tenant's rate and yields to interactive requests.
     ``max_wait`` bounds the wait: :class:`PacingTimeout` instead of a later slot.
-    :meth:`throttled` tells the pacer about a 429. Memory stays bounded: conversations and
-    lanes are forgotten when idle, and at most ``max_conversations`` are kept.
+    :meth:`left` tells the pacer when a request left, :meth:`throttled` about a 429.
+    Memory stays bounded: conversations and lanes are forgotten when idle, and at most
+    ``max_conversations`` are kept.
     """
 
     def __init__(
@@ -424,13 +422,15 @@ class Pacer:
         finally:
             conversation.users -= 1
 
-    def answered(self, scope: Scope, sent_at: float, operation: str = "") -> None:
-        """A request to ``scope`` granted at ``sent_at`` was answered, not with a 429.
+    def now(self) -> float:
+        """The pacer's clock: grant times and :meth:`left` times are read from it."""
+        return self._clock()
 
-        ``operation`` names what the request did (a fixed set, e.g. the Connector client's
-        operations): each has its own usual round trip.
-        """
-        self.lane(scope).answered(self._clock(), sent_at, operation)
+    def left(self, scope: Scope, sent_at: float, left_at: float) -> None:
+        """A request to ``scope`` granted at ``sent_at`` left at ``left_at`` (the pacer's
+        clock) and was not answered 429: the channel counts it from then. A request whose
+        departure is not known stays counted from its grant."""
+        self.lane(scope).left(sent_at, left_at)
 
     def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
         """A request to ``scope`` granted at ``sent_at`` was answered 429."""

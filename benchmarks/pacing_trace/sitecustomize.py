@@ -80,10 +80,10 @@ def _install(directory: str) -> None:
 
     original_send = client_module.ConnectorClient._send
 
-    async def send(self, operation, method, url, headers, data, expect):
+    async def send(self, operation, method, url, headers, data, expect, departure):
         start = time.monotonic()
         status, response_headers, content = await original_send(
-            self, operation, method, url, headers, data, expect
+            self, operation, method, url, headers, data, expect, departure
         )
         write(
             {
@@ -92,6 +92,7 @@ def _install(directory: str) -> None:
                 "end": time.monotonic(),
                 "status": status,
                 "path": url.raw_path,
+                "left": departure.at,
                 "grant": last.get()[0],
                 "lane": last.get()[1],
             }

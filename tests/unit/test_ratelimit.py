@@ -229,12 +229,12 @@ async def test_background_yields_to_replies_in_the_same_tenant():
 
 
 def through(lane: AdaptiveRate, start: float, seconds: float, rate: float) -> float:
-    """``rate`` requests per second from ``start`` for ``seconds``, each answered (counted
-    by the channel) 2 ms later; returns the time after the last."""
+    """``rate`` requests per second from ``start`` for ``seconds``, each leaving 1 ms after
+    its grant (and counted by the channel); returns the time after the last."""
     now = start
     while now < start + seconds:
         lane.record(now, True, 1.0)
-        lane.answered(now + 0.002, now)
+        lane.left(now, now + 0.001)
         now += 1.0 / rate
     return now
 
@@ -286,9 +286,9 @@ def test_a_request_that_left_late_holds_back_the_ones_after_it():
         now += max(0.0, lane.background_wait(now))
         lane.record(now, True, 0.97)
         # Every tenth one waited 150 ms on a busy event loop before it left.
-        arrived = now + (0.15 if n % 10 == 5 else 0.002)
-        arrivals.append(arrived)
-        lane.answered(arrived + 0.002, now)
+        left = now + (0.15 if n % 10 == 5 else 0.0)
+        arrivals.append(left + 0.002)
+        lane.left(now, left)
     assert max_in_window(arrivals, 1.0) <= 15
     assert now < 40 / 15 / 0.97 + 0.3  # it cost a few waits, not the rate
 
@@ -322,18 +322,23 @@ class Jitter:
     """The delays a real host adds, drawn from what the broadcast benchmark's pacing trace
     measured (benchmarks/pacing_report.py, 1 and 4 host processes on 2 busy cores): from
     a grant to the request's arrival at the Connector about 1 ms, 1 in 250 late by
-    30-150 ms; a wake-up from a pacing wait about 1 ms late, 1 in 100 by 10-80 ms."""
+    30-150 ms; a wake-up from a pacing wait about 1 ms late, 1 in 100 by 10-80 ms.
+    Without it, requests leave at their grant and take 5-15 ms to arrive."""
 
     def __init__(self, rng: random.Random, on: bool) -> None:
         self.rng, self.on = rng, on
 
+    def leaving(self) -> float:
+        """From the grant until the request is written to the connection."""
+        if not self.on:
+            return 0.0
+        late = self.rng.expovariate(1 / 0.0015)
+        if self.rng.random() < 0.004:
+            late += self.rng.uniform(0.03, 0.15)
+        return late
+
     def to_connector(self) -> float:
-        delay = 0.005 + self.rng.random() * 0.01
-        if self.on:
-            delay = 0.001 + self.rng.expovariate(1 / 0.0015)
-            if self.rng.random() < 0.004:
-                delay += self.rng.uniform(0.03, 0.15)
-        return delay
+        return 0.001 if self.on else 0.005 + self.rng.random() * 0.01
 
     def wake_up(self) -> float:
         if not self.on:
@@ -380,6 +385,8 @@ async def instances_sharing_a_tenant(
     async def sender(pacer: Pacer):
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
+            await time.sleep(noise.leaving())
+            left = time.now
             await time.sleep(noise.to_connector())
             when = "_later" if time.now >= 10.0 else "_early"
             if not channel.admit(time.now):
@@ -390,7 +397,7 @@ async def instances_sharing_a_tenant(
             else:
                 outcome["sent" + when] += 1
                 await time.sleep(0.002)
-                pacer.answered(scope, granted)
+                pacer.left(scope, granted, left)
 
     pacers = [Pacer(limit, clock=time.clock, sleep=sleep) for _ in range(count)]
     await time.run(*(sender(p) for p in pacers for _ in range(8)))
@@ -436,8 +443,9 @@ async def test_instances_with_jitter_and_a_small_limit_settle_without_a_429_stor
 async def one_lane_far_from_its_connector(senders: int, seed: int, request):
     """``senders`` broadcast for 60 s through one pacer into a tenant that allows 50
     requests in any second (429 with Retry-After: 1 above it). ``request(rng)`` gives each
-    request's (time to reach the channel, time for its answer to come back, operation).
-    Returns when the accepted requests arrived, and how many were answered 429."""
+    request's (time from its grant until it left, time to reach the channel, time for its
+    answer to come back). Returns the share of the limit that reached the channel from 10 s
+    on, and how many requests were answered 429."""
     time = VirtualScheduler()
     rng = random.Random(seed)
     channel = StrictWindow(50)
@@ -449,8 +457,10 @@ async def one_lane_far_from_its_connector(senders: int, seed: int, request):
     async def sender():
         nonlocal throttled
         while time.now < 60.0:
-            there, back, operation = request(rng)
+            late, there, back = request(rng)
             granted = await pacer.acquire(scope, background=True)
+            await time.sleep(late)
+            left = time.now  # what the Connector client measures as the request is written
             await time.sleep(there)
             if not channel.admit(time.now):
                 throttled += 1
@@ -459,36 +469,66 @@ async def one_lane_far_from_its_connector(senders: int, seed: int, request):
                 continue
             accepted.append(time.now)
             await time.sleep(back)
-            pacer.answered(scope, granted, operation)
+            pacer.left(scope, granted, left)
 
     await time.run(*(sender() for _ in range(senders)))
-    return accepted, throttled
+    sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
+    return sent / 50.0 / 50, throttled
 
 
 async def test_a_distant_connector_does_not_cost_the_lane_its_rate():
     # Teams answers in some hundreds of milliseconds. Counting each request from its
     # answer would hold every window a round trip longer: 77 % of the rate at 300 ms.
     def request(rng):  # 150 ms there, 100-200 ms back, less evenly
-        return 0.15 + rng.random() * 0.005, 0.1 + rng.random() * 0.1, ""
+        return 0.0, 0.15 + rng.random() * 0.005, 0.1 + rng.random() * 0.1
 
-    accepted, throttled = await one_lane_far_from_its_connector(64, 7, request)
-    assert len(accepted) / 60.0 / 50 >= 0.94 and throttled == 0
+    achieved, throttled = await one_lane_far_from_its_connector(64, 7, request)
+    assert achieved >= 0.95 and throttled == 0
 
 
 async def test_operations_with_different_round_trips_do_not_cost_the_lane_its_rate():
     # Sending to users creates each conversation, then sends to it, in the same tenant:
     # createConversation taking longer to answer than a send (the channel's work, after
-    # the request reached it) is not lateness. Taken against one usual round trip for
-    # both, every slow one held the window longer: 86 % of the rate.
+    # the request reached it) is not lateness. Judged from round trips against one usual
+    # one for both, every slow one held the window longer: 86 % of the rate.
     def request(rng):
         slow = rng.random() < 0.5
-        there = 0.1 + rng.random() * 0.005
-        back = (0.7 if slow else 0.1) + rng.random() * 0.005
-        return there, back, "createConversation" if slow else "sendToConversation"
+        return 0.0, 0.1 + rng.random() * 0.005, (0.7 if slow else 0.1) + rng.random() * 0.005
 
-    accepted, throttled = await one_lane_far_from_its_connector(96, 11, request)
-    sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
-    assert sent / 50.0 / 50 >= 0.94 and throttled == 0
+    achieved, throttled = await one_lane_far_from_its_connector(96, 11, request)
+    assert achieved >= 0.95 and throttled == 0
+
+
+@pytest.mark.parametrize("spread", [0.4, 0.8])
+async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_rate(spread):
+    # A far Connector answers a request that reached it on time anywhere from 50 ms to
+    # 50 ms + spread later (the server's own jitter), around a 300 ms round trip. Judged
+    # from the round trip, a slow answer read as a request that left late and held the
+    # window for nothing: 91.7 % of the limit at a 0.4-s spread, 87.6 % at 0.8, against
+    # 97 % with steady answers. Counted from when each request left, nothing is lost.
+    def steady(rng):
+        return 0.0, 0.05, 0.25
+
+    def jittery(rng):
+        return 0.0, 0.05, 0.05 + rng.random() * spread
+
+    without, throttled_without = await one_lane_far_from_its_connector(96, 3, steady)
+    achieved, throttled = await one_lane_far_from_its_connector(96, 3, jittery)
+    assert without >= 0.96 and throttled_without == 0
+    assert achieved >= without - 0.01 and throttled == 0
+
+
+async def test_requests_that_left_late_hold_back_a_far_lane_without_a_429():
+    # One request in 20 left 100-200 ms after its grant (a busy event loop, a descheduled
+    # process, a wait for a pooled connection), answered anywhere within 0.1-0.5 s:
+    # counted from when it left, the ones granted after it wait instead of arriving
+    # bunched with it in the channel's strict window.
+    def request(rng):
+        late = rng.uniform(0.1, 0.2) if rng.random() < 0.05 else 0.0
+        return late, 0.05, 0.05 + rng.random() * 0.4
+
+    achieved, throttled = await one_lane_far_from_its_connector(96, 5, request)
+    assert throttled == 0 and achieved >= 0.93
 
 
 async def test_background_waits_after_a_429_but_replies_do_not():
