@@ -12,15 +12,16 @@ The model (README, "Pacing"):
   ceiling (a lone instance gets the whole tenant) and keeps to the window by when
   requests left (the Connector client measures it as each request is written), not when
   they were granted: one that left late holds back those after it rather than arriving
-  bunched with them. On a 429 the request waits
-  the server's ``Retry-After``, and the rate is cut by what the 429 says: a lone 429 at
-  the ceiling with nearly all of the last second through cuts a little and recovers
-  fully; otherwise others share the tenant, and the rate drops to what the channel let
-  through from this instance in the last second (30-60 % off), recovers halfway within
-  5 s, then probes upwards slowly. N instances that share a tenant so settle near 1/N
-  of the limit each, together close to it, with a 429 now and then rather than a
-  storm. Other channels get a lane per (channel, service host) with no ceiling that
-  only honours ``Retry-After``.
+  bunched with them. On a 429 the request waits the server's ``Retry-After``, and the
+  rate is cut by what the 429 says: a lone 429 at the ceiling with nearly all of the last
+  second through cuts a little and recovers fully; otherwise others share the tenant,
+  and the rate drops to what the channel let through from this instance in the last
+  second (30-60 % off), recovers halfway within 5 s, then probes upwards slowly. N
+  instances that share a tenant so settle near 1/N of the limit each, together close to
+  it, with a 429 now and then rather than a storm. A conversation answered 429 again
+  within a minute is held by a limit of its own (a Teams thread's): its 429s no longer
+  cut the tenant. Other channels get a lane per (channel, service host) with no ceiling
+  that only honours ``Retry-After``.
 - **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
   counted in it, so background traffic yields to them. Background requests (proactive
@@ -76,6 +77,14 @@ CUT_MIN = 0.3
 CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
+# Teams also limits threads in ways not modelled here: one conversation can draw 429 after
+# 429 while the tenant is far from full, and each cut the tenant (to 15-53 % of the limit
+# in tests/unit/test_ratelimit.py's simulation). A conversation answered 429 again within
+# CONVERSATION_429_SECONDS is taken to be held by a limit of its own: the request still
+# waits its Retry-After, the tenant neither pauses nor cuts. Its first 429 counts as usual:
+# waiting for 429s on two conversations before any cut let N instances draw 3-8 % 429s.
+CONVERSATION_429_SECONDS = 60.0
+CONVERSATIONS_REMEMBERED = 64  # per lane, the most recent
 # The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
 # Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
 # from when it left (the grant until then), and grants no background request while that
@@ -193,6 +202,7 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
+        "_throttled_conversations",
         "_window_limit",
         "ceiling",
         "line",
@@ -207,6 +217,7 @@ class AdaptiveRate:
         self._peak = ceiling or 0.0
         self._floor = self._peak
         self._cut_at: float | None = None
+        self._throttled_conversations: dict[str, float] = {}  # when each last drew a 429
         self.used_at = float("-inf")
         # The last `ceiling` requests the channel counted (or may yet count): the grant
         # time, replaced by when the request left once that is known; 429s are dropped
@@ -273,9 +284,23 @@ class AdaptiveRate:
         base = self._next if self._next > now - interval else now
         self._next = base + interval
 
-    def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
-        """Take a 429 into account; True when it cut the rate."""
+    def throttled(
+        self, now: float, retry_after: float | None, sent_at: float, conversation: str | None = None
+    ) -> bool:
+        """Take a 429 into account; True when it cut the rate.
+
+        A conversation answered 429 again within CONVERSATION_429_SECONDS is held by a
+        limit of its own (a Teams thread's): that 429 neither pauses nor cuts the tenant.
+        """
         self._forget(sent_at)  # the channel did not count it
+        if conversation is not None and self.ceiling is not None:
+            throttled = self._throttled_conversations
+            earlier = throttled.pop(conversation, None)
+            throttled[conversation] = now
+            if len(throttled) > CONVERSATIONS_REMEMBERED:
+                del throttled[next(iter(throttled))]
+            if earlier is not None and now - earlier <= CONVERSATION_429_SECONDS:
+                return False
         pause = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         pause = min(pause * PAUSE_SHARE, MAX_PAUSE)
         self._paused_until = max(self._paused_until, now + pause)
@@ -435,7 +460,7 @@ class Pacer:
     def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
         """A request to ``scope`` granted at ``sent_at`` was answered 429."""
         self.throttled_count += 1
-        if self.lane(scope).throttled(self._clock(), retry_after, sent_at):
+        if self.lane(scope).throttled(self._clock(), retry_after, sent_at, scope.conversation):
             self.cuts += 1
 
     async def _take_slot(
