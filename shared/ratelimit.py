@@ -252,11 +252,13 @@ class AdaptiveRate:
         return tuple(self._counted)
 
     def left(self, sent_at: float, left_at: float) -> None:
-        """The request granted at ``sent_at`` left at ``left_at`` (not answered 429).
+        """The request counted from ``sent_at`` (its grant, or an earlier ``left_at``) left
+        at ``left_at``.
 
         Counted from then, so the ones after it wait for it to leave the window. Not from
         its answer: that would count every request a round trip late (at 300 ms, a fifth
-        of the rate), and a slow answer would hold the window for nothing.
+        of the rate), and a slow answer would hold the window for nothing. Told as it
+        leaves, not once answered: until then it would be counted from its grant.
         """
         if left_at > sent_at and self._forget(sent_at):
             insort(self._counted, left_at)
@@ -285,14 +287,21 @@ class AdaptiveRate:
         self._next = base + interval
 
     def throttled(
-        self, now: float, retry_after: float | None, sent_at: float, conversation: str | None = None
+        self,
+        now: float,
+        retry_after: float | None,
+        sent_at: float,
+        *,
+        left_at: float | None = None,
+        conversation: str | None = None,
     ) -> bool:
-        """Take a 429 into account; True when it cut the rate.
+        """Take a 429 for the request granted at ``sent_at`` (that :meth:`left` at
+        ``left_at``, if it was told) into account; True when it cut the rate.
 
         A conversation answered 429 again within CONVERSATION_429_SECONDS is held by a
         limit of its own (a Teams thread's): that 429 neither pauses nor cuts the tenant.
         """
-        self._forget(sent_at)  # the channel did not count it
+        self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
         if conversation is not None and self.ceiling is not None:
             throttled = self._throttled_conversations
             earlier = throttled.pop(conversation, None)
@@ -452,15 +461,27 @@ class Pacer:
         return self._clock()
 
     def left(self, scope: Scope, sent_at: float, left_at: float) -> None:
-        """A request to ``scope`` granted at ``sent_at`` left at ``left_at`` (the pacer's
-        clock) and was not answered 429: the channel counts it from then. A request whose
-        departure is not known stays counted from its grant."""
+        """A request to ``scope`` granted at ``sent_at`` (or told to have left then) left at
+        ``left_at``, on the pacer's clock: the channel counts it from then, unless it
+        answers 429 (:meth:`throttled`). A request never told of stays counted from its
+        grant."""
         self.lane(scope).left(sent_at, left_at)
 
-    def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
-        """A request to ``scope`` granted at ``sent_at`` was answered 429."""
+    def throttled(
+        self,
+        scope: Scope,
+        retry_after: float | None,
+        sent_at: float,
+        left_at: float | None = None,
+    ) -> None:
+        """A request to ``scope`` granted at ``sent_at`` (told to have :meth:`left` at
+        ``left_at``, if it was) was answered 429."""
         self.throttled_count += 1
-        if self.lane(scope).throttled(self._clock(), retry_after, sent_at, scope.conversation):
+        lane = self.lane(scope)
+        now = self._clock()
+        if lane.throttled(
+            now, retry_after, sent_at, left_at=left_at, conversation=scope.conversation
+        ):
             self.cuts += 1
 
     async def _take_slot(

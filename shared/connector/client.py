@@ -408,7 +408,7 @@ class ConnectorClient:
             if self._remaining(deadline) < reserve:
                 raise failure or budget_spent(operation)
             attempt += 1
-            departure = Departure(self.pacer.now)
+            departure = self._departure(scope, granted)
             answer = await self._attempt(
                 operation,
                 method,
@@ -420,10 +420,6 @@ class ConnectorClient:
                 expect,
                 departure,
             )
-            status = None if isinstance(answer, ConnectorError) else answer[0]
-            if departure.at is not None and status != 429:
-                # Counted by the channel from when it left (as from its grant until now).
-                self.pacer.left(scope, granted, departure.at)
             if isinstance(answer, ConnectorError):
                 failure = answer
             else:
@@ -438,7 +434,7 @@ class ConnectorClient:
                     operation, status, response_headers, content, secrets=(token or "",)
                 )
                 if status == 429:
-                    self.pacer.throttled(scope, failure.retry_after, granted)
+                    self.pacer.throttled(scope, failure.retry_after, granted, departure.at)
                 if status not in RETRY_STATUSES:
                     raise failure
             failures += 1
@@ -509,6 +505,16 @@ class ConnectorClient:
                 retry_after=error.wait,
                 operation=operation,
             ) from None
+
+    def _departure(self, scope: Scope, granted: float) -> Departure:
+        """When the next request leaves, told to the pacer as it happens: the channel
+        counts it from then (README, "Pacing")."""
+        pacer = self.pacer
+
+        def left(previous: float | None, at: float) -> None:
+            pacer.left(scope, granted if previous is None else previous, at)
+
+        return Departure(pacer.now, left)
 
     async def _attempt(
         self,

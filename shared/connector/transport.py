@@ -28,21 +28,32 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class Departure:
-    """When one request was written to its connection (``at``, on ``clock``; None until
+    """When one request was written to its connection: ``at``, on ``clock`` (None until
     then). Passed to aiohttp as the request's ``trace_request_ctx``; the tracing of
-    :func:`departure_tracing` sets it."""
+    :func:`departure_tracing` stamps it, and each stamp is passed on to ``on_left(previous,
+    at)`` (``previous``: the stamp before, None for the first) as it happens."""
 
-    __slots__ = ("at", "clock")
+    __slots__ = ("at", "clock", "on_left")
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        on_left: Callable[[float | None, float], None] | None = None,
+    ) -> None:
         self.clock = clock
+        self.on_left = on_left
         self.at: float | None = None
+
+    def stamp(self) -> None:
+        previous, self.at = self.at, self.clock()
+        if self.on_left is not None:
+            self.on_left(previous, self.at)
 
 
 async def _written(_session: object, context: SimpleNamespace, _params: object) -> None:
     departure = context.trace_request_ctx
     if type(departure) is Departure:
-        departure.at = departure.clock()
+        departure.stamp()
 
 
 def departure_tracing() -> aiohttp.TraceConfig:

@@ -963,6 +963,40 @@ async def test_a_request_that_waited_for_a_connection_is_counted_from_when_it_le
     assert granted + 0.25 <= lane.counted[-1] <= second.time
 
 
+async def test_the_tenant_window_learns_a_departure_before_the_answer(settings, fake_connector):
+    # Both sends take 300 ms to answer, over one pooled connection: the second leaves
+    # when the first is answered. While its own answer is still on the way, the window
+    # already counts it from then: a lane told only once answered would count it from
+    # its grant until then, and with round trips near a second a request that left late
+    # would reach Teams in the same second as ones granted a second after it.
+    fake_connector.script(
+        "POST", "activities$", [Reply(200), Reply(200, delay=0.3), Reply(200, delay=0.3)]
+    )
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1), trace_configs=[departure_tracing()]
+    )
+    connector = ConnectorClient(settings, create_token_provider(settings), session=session)
+    counted: list[tuple[float, ...]] = []
+
+    async def look_while_the_second_is_answered() -> None:
+        while len(fake_connector.requests) < 3:  # noqa: ASYNC110 - the fake runs in a thread
+            await asyncio.sleep(0.005)
+        counted.append(tenant_lane(connector).counted)
+
+    try:
+        await connector.send_to_conversation(fake_connector.url, "a:0", teams_reply(0))  # warm
+        await asyncio.gather(
+            connector.send_to_conversation(fake_connector.url, "a:1", teams_reply(1)),
+            connector.send_to_conversation(fake_connector.url, "a:2", teams_reply(2)),
+            look_while_the_second_is_answered(),
+        )
+    finally:
+        await session.close()
+    granted = tenant_lane(connector).used_at
+    second = fake_connector.requests[2]
+    assert granted + 0.25 <= counted[0][-1] <= second.time
+
+
 # --- redirects: only attachment views follow them, and never with the token off the set ---
 
 

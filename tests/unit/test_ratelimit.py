@@ -389,17 +389,16 @@ async def instances_sharing_a_tenant(
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(noise.leaving())
             left = time.now
+            pacer.left(scope, granted, left)
             await time.sleep(noise.to_connector())
             when = "_later" if time.now >= 10.0 else "_early"
             if not channel.admit(time.now):
                 outcome["throttled" + when] += 1
                 await time.sleep(0.002)  # the answer on its way back
-                pacer.throttled(scope, 1.0, granted)
+                pacer.throttled(scope, 1.0, granted, left)
                 await time.sleep(1.0)  # the client's retry waits the Retry-After
             else:
                 outcome["sent" + when] += 1
-                await time.sleep(0.002)
-                pacer.left(scope, granted, left)
                 scope = teams(f"a:{next(conversations)}")
 
     pacers = [Pacer(limit, clock=time.clock, sleep=sleep) for _ in range(count)]
@@ -463,16 +462,16 @@ async def one_lane_far_from_its_connector(senders: int, seed: int, request):
             late, there, back = request(rng)
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(late)
-            left = time.now  # what the Connector client measures as the request is written
+            left = time.now  # the Connector client tells the pacer as the request is written
+            pacer.left(scope, granted, left)
             await time.sleep(there)
             if not channel.admit(time.now):
                 throttled += 1
-                pacer.throttled(scope, 1.0, granted)
+                pacer.throttled(scope, 1.0, granted, left)
                 await time.sleep(1.0)
                 continue
             accepted.append(time.now)
             await time.sleep(back)
-            pacer.left(scope, granted, left)
 
     await time.run(*(sender() for _ in range(senders)))
     sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
@@ -521,16 +520,19 @@ async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_
     assert achieved >= without - 0.01 and throttled == 0
 
 
-async def test_requests_that_left_late_hold_back_a_far_lane_without_a_429():
+@pytest.mark.parametrize("spread", [0.4, 0.8, 1.4])
+async def test_requests_that_left_late_hold_back_a_far_lane_without_a_429(spread):
     # One request in 20 left 100-200 ms after its grant (a busy event loop, a descheduled
-    # process, a wait for a pooled connection), answered anywhere within 0.1-0.5 s:
-    # counted from when it left, the ones granted after it wait instead of arriving
-    # bunched with it in the channel's strict window.
+    # process, a wait for a pooled connection), answered 0.1 s to 0.1 s + spread after it
+    # left: counted from when it left, the ones granted after it wait instead of arriving
+    # bunched with it in the channel's strict window. Told only once answered, the lane
+    # counted a request from its grant until then: with answers up to 0.9 s, 2-3 429s a
+    # minute (95 % of the limit); up to 1.5 s, 2-6 (86-89 %).
     def request(rng):
         late = rng.uniform(0.1, 0.2) if rng.random() < 0.05 else 0.0
-        return late, 0.05, 0.05 + rng.random() * 0.4
+        return late, 0.05, 0.05 + rng.random() * spread
 
-    achieved, throttled = await one_lane_far_from_its_connector(96, 5, request)
+    achieved, throttled = await one_lane_far_from_its_connector(160, 5, request)
     assert throttled == 0 and achieved >= 0.93
 
 
