@@ -979,8 +979,9 @@ async def test_the_tenant_window_learns_a_departure_before_the_answer(settings, 
     counted: list[tuple[float, ...]] = []
 
     async def look_while_the_second_is_answered() -> None:
-        while len(fake_connector.requests) < 3:  # noqa: ASYNC110 - the fake runs in a thread
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(10):
+            while len(fake_connector.requests) < 3:  # noqa: ASYNC110 - the fake is a thread
+                await asyncio.sleep(0.005)
         counted.append(tenant_lane(connector).counted)
 
     try:
