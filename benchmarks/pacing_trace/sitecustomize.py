@@ -62,9 +62,9 @@ def _install(directory: str) -> None:
 
     original_throttled = Pacer.throttled
 
-    def throttled(self, scope, retry_after, sent_at):
+    def throttled(self, scope, retry_after, sent_at, left_at=None):
         cuts = self.cuts
-        original_throttled(self, scope, retry_after, sent_at)
+        original_throttled(self, scope, retry_after, sent_at, left_at)
         lane = self.lane(scope)
         write(
             {
