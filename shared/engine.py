@@ -33,6 +33,8 @@ class Engine:
     fanout_page_size: int = 250
     fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
     fanout_parallel: int = 32
+    # The fan-out adds no page while the queue holds this many messages (shared/fanout.py).
+    fanout_backlog: int = 2000
 
     @classmethod
     def for_runtime(cls, runtime: Parts) -> Engine:

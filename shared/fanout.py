@@ -11,8 +11,19 @@ broadcast's fan-out claim:
    under the broadcast's id by key (the reference rides along so the send reads nothing
    from the store; one too large to fit is left out and read instead);
 3. writes the checkpoint with ``If-Match`` (a page is never counted twice);
-4. stops after `fanout_seconds` and puts the broadcast back on the queue, so the next
-   page may be fanned out by any instance and no invocation runs long.
+4. stops after `fanout_seconds`, or once the queue holds `fanout_backlog` messages, and
+   puts the broadcast back on the queue, so the next page may be fanned out by any
+   instance and no invocation runs long.
+
+Flow control: the queue is kept at about `fanout_backlog` messages, not filled with every
+child at once. A request enqueued behind a broadcast to a hundred thousand conversations
+(one tenant's 50 sends/s take half an hour for them) waits behind a backlog, not behind
+the whole broadcast; a child leaves the queue minutes after its reference was listed, not
+an hour; and the continuation, put back behind the backlog, comes round when the queue
+has drained it, to add the next pages. The count it goes by is the queue's approximate
+message count (one call per invocation; delayed copies included), so children requeued
+by a throttled tenant hold the next pages back too. A queue that cannot say how full it
+is counts as not full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
@@ -47,6 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONTENT_FIELDS = ("activity", "text")
+FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
 
 
 async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -55,6 +67,12 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     assert request.broadcast is not None
     ledger = engine.ledger
     await ensure_head(ledger, request.id, "broadcast", engine.clock())
+    queued = await engine.queue.depth()
+    if queued is not None and queued >= engine.fanout_backlog:
+        # Put back with a delay: the queue may hold only delayed copies, and a copy put
+        # back without one would come round at once.
+        logger.info("proactive %r: fan-out waits, %d messages queued", request.id, queued)
+        return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
     claim = await take_claim(
         ledger, claim_name(request.id, FANOUT_TARGET), engine.clock(), seconds=engine.claim_seconds
     )
@@ -80,6 +98,8 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             )
             targets = [item for item in page.items if _matches(item, request.broadcast)]
             await _enqueue_children(request, targets, engine)
+            if queued is not None:
+                queued += len(targets)
             head.update(
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
@@ -100,6 +120,8 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 return Outcome.FANNED_OUT
             if engine.clock() - started >= engine.fanout_seconds:
                 break
+            if queued is not None and queued >= engine.fanout_backlog:
+                break  # the continuation, behind these children, adds the next pages
     finally:
         await release_claim(ledger, claim)
     # Released first, so the continuation can take the claim at once, wherever it runs.

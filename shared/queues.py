@@ -1,4 +1,4 @@
-"""The proactive queue as the engine and producers use it: put (with a delay) and poison.
+"""The proactive queue as the engine and producers use it: put (with a delay), poison, depth.
 
 Messages are base64-encoded, as the Functions host expects of every queue message; a
 queue that does not exist yet is created on first use. :class:`MemoryQueue` records what
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shared.config import Settings
+
+logger = logging.getLogger(__name__)
 
 # A queue message is at most 64 KiB once base64-encoded, so this many bytes before encoding.
 MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
@@ -28,6 +31,8 @@ class MessageQueue(Protocol):
 
     async def poison(self, body: bytes | str, reason: str) -> None: ...
 
+    async def depth(self) -> int | None: ...
+
 
 class StorageQueue:
     """`queue_name` (default `BOT_PROACTIVE_QUEUE`) and its `-poison` queue on storage."""
@@ -41,6 +46,24 @@ class StorageQueue:
 
     async def poison(self, body: bytes | str, reason: str) -> None:
         await _send(self._settings, f"{self.name}-poison", poison_message(body, reason), 0.0)
+
+    async def depth(self) -> int | None:
+        """About how many messages the queue holds, delayed ones included (None: unknown).
+
+        The service's approximate count, never below the true one. Only a hint for flow
+        control (shared/fanout.py): a queue that cannot say is treated as not full.
+        """
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        queue = _queue_client(self._settings, self.name)
+        try:
+            properties = await queue.get_queue_properties()
+        except ResourceNotFoundError:
+            return 0
+        except AzureError as error:
+            logger.warning("queue %r: depth unknown (%s)", self.name, type(error).__name__)
+            return None
+        return properties.approximate_message_count
 
 
 @dataclass(slots=True)
@@ -59,20 +82,28 @@ class MemoryQueue:
     async def poison(self, body: bytes | str, reason: str) -> None:
         self.poisoned.append(json.loads(poison_message(body, reason)))
 
+    async def depth(self) -> int | None:
+        return len(self.sent)  # put and not taken yet
+
     def take(self) -> list[tuple[str, float]]:
         sent, self.sent = self.sent, []
         return sent
 
 
-async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
-    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+def _queue_client(settings: Settings, queue_name: str) -> Any:
     from azure.storage.queue import TextBase64EncodePolicy
 
     from shared.storage import get_queue_service
 
-    queue = get_queue_service(settings.storage).get_queue_client(
+    return get_queue_service(settings.storage).get_queue_client(
         queue_name, message_encode_policy=TextBase64EncodePolicy()
     )
+
+
+async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
+    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+    queue = _queue_client(settings, queue_name)
     visibility = min(MAX_DELAY_SECONDS, max(0, math.ceil(delay))) or None
     try:
         await queue.send_message(text, visibility_timeout=visibility)

@@ -400,6 +400,61 @@ async def test_a_resumed_fanout_re_enqueues_a_page_but_sends_each_target_once(
     assert report["duplicate"] >= 2
 
 
+async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
+    parts, fake_connector
+):
+    # A broadcast to many conversations does not put every child on the queue at once:
+    # whatever is enqueued after it would wait behind all of them.
+    runtime, engine = parts
+    for i in range(11):
+        await runtime.references.upsert(reference(fake_connector.url, f"a:n{i}", user=f"29:{i}"))
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 5
+
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
+    queued = engine.queue.take()
+    *children, (continuation, delay) = queued
+    assert len(children) == 6  # pages of 2 until the queue held 5 or more
+    assert json.loads(continuation)["to"] == {"broadcast": {}} and delay == 0
+
+    # Come round while the children are still queued: nothing added, back later.
+    engine.queue.sent.extend(children)
+    assert await handle(engine, continuation) is Outcome.REQUEUED
+    [(again, wait)] = engine.queue.sent[len(children) :]
+    assert json.loads(again)["to"] == {"broadcast": {}} and wait >= 2.0
+    assert not [n for n in engine.ledger.blobs if n.endswith("claim/fan-out.json")]
+
+    # Behind the children once they are sent: the next pages, until everything is queued.
+    most = 0
+    for _ in range(50):
+        sent = engine.queue.take()
+        if not sent:
+            break
+        for text, _delay in sent:
+            await handle(engine, text)
+            most = max(most, len(engine.queue.sent))
+    assert most <= engine.fanout_backlog + engine.fanout_page_size
+    assert sorted(sends(fake_connector)) == sorted(["a:1", *(f"a:n{i}" for i in range(11))])
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done"
+    assert report["targets"] == report["delivered"] == 12 and report["duplicate"] == 0
+
+
+async def test_a_queue_that_cannot_tell_its_depth_does_not_stop_a_broadcast(parts, fake_connector):
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+
+    class Unknown(MemoryQueue):
+        async def depth(self):
+            return None  # the service could not say
+
+    engine.queue = Unknown()
+    engine.fanout_backlog = 1
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    await drain(engine)
+    assert len(sends(fake_connector)) == 5
+
+
 async def test_a_broadcast_child_that_is_gone_is_pruned_and_reported(parts, fake_connector):
     runtime, engine = parts
     fake_connector.script("POST", r"a%3A1/activities$", [Reply(403, json=GONE)])

@@ -114,3 +114,21 @@ async def test_a_queue_another_writer_creates_first_still_gets_the_message(
         await close_shared_clients()
     [message] = other.peek_messages()
     assert base64.b64decode(message.content) == b"hello"  # base64, as Functions expects
+
+
+@pytest.mark.integration
+async def test_the_queue_tells_how_many_messages_it_holds(azurite, unique_name):
+    # The fan-out's flow control goes by it (shared/fanout.py): delayed copies count too.
+    from shared.config import Settings, StorageSettings
+    from shared.queues import StorageQueue
+    from shared.storage import close_shared_clients
+
+    settings = Settings(storage=StorageSettings(connection_string=azurite.connection_string))
+    queue = StorageQueue(settings, unique_name("depth"))
+    try:
+        assert await queue.depth() == 0  # not created yet
+        for delay in (0.0, 0.0, 30.0):
+            await queue.put("child", delay=delay)
+        assert await queue.depth() == 3
+    finally:
+        await close_shared_clients()
