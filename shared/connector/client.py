@@ -507,8 +507,7 @@ class ConnectorClient:
             ) from None
 
     def _departure(self, scope: Scope, granted: float) -> Departure:
-        """When the next request leaves, told to the pacer as it happens: the channel
-        counts it from then (README, "Pacing")."""
+        """When the next request leaves, told to the pacer as it happens (README, "Pacing")."""
         pacer = self.pacer
 
         def left(previous: float | None, at: float) -> None:
@@ -528,8 +527,8 @@ class ConnectorClient:
         expect: Expect,
         departure: Departure,
     ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
-        """One request: the answer, or a retryable ConnectorError for a connection failure.
-        ``departure`` learns when the request left, if it did."""
+        """One request (``departure`` learns when it left): the answer, or a retryable
+        ConnectorError for a connection failure."""
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 status, response_headers, content = await self._send(
