@@ -645,6 +645,21 @@ def test_a_conversation_answered_429_again_cuts_nothing_but_another_one_does():
     assert lane.throttled(again, 1.0, sent_at=again - 0.01, conversation="a:busy")
 
 
+def test_a_conversation_told_to_wait_long_is_its_own_limit_when_answered_429_again():
+    # A thread's limit may ask for minutes (Retry-After: 120): the request is sent again
+    # only after that wait (the client's retry, the proactive engine's requeue), and its
+    # next 429 is still that thread's, not the tenant's.
+    lane = AdaptiveRate(50.0)
+    now = through(lane, 0.0, 1.0, 49.0)
+    assert lane.throttled(now, 120.0, sent_at=now - 0.01, conversation="a:busy")
+    now = through(lane, now + 120.0, 1.0, 49.0)
+    assert not lane.throttled(now, 120.0, sent_at=now - 0.01, conversation="a:busy")
+    assert lane.rate(now) == 50.0 and lane.background_wait(now) < 0.1
+    # A minute after the wait it asked for, it is forgotten.
+    now = through(lane, now + 181.0, 1.0, 49.0)
+    assert lane.throttled(now, 1.0, sent_at=now - 0.01, conversation="a:busy")
+
+
 async def test_background_waits_after_a_429_but_replies_do_not():
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
