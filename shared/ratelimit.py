@@ -10,17 +10,19 @@ The model (README, "Pacing"):
   per app per tenant, across every instance of the app, counted in a strict 1-s window.
   Each process keeps one :class:`AdaptiveRate` per Teams tenant. It starts at that
   ceiling (a lone instance gets the whole tenant) and keeps to the window by when
-  requests reached the channel as far as it can tell, not when they were granted: one
-  whose round trip took longer than usual is taken to have left that much late and
-  holds back those after it rather than arriving bunched with them. On a 429 the request waits
-  the server's ``Retry-After``, and the rate is cut by what the 429 says: a lone 429 at
-  the ceiling with nearly all of the last second through cuts a little and recovers
-  fully; otherwise others share the tenant, and the rate drops to what the channel let
-  through from this instance in the last second (30-60 % off), recovers halfway within
-  5 s, then probes upwards slowly. N instances that share a tenant so settle near 1/N
-  of the limit each, together close to it, with a 429 now and then rather than a
-  storm. Other channels get a lane per (channel, service host) with no ceiling that
-  only honours ``Retry-After``.
+  requests left (the Connector client measures it as each request is written), not when
+  they were granted: one that left late holds back those after it rather than arriving
+  bunched with them. On a 429 the request waits the server's ``Retry-After``, and the
+  rate is cut by what the 429 says: a lone 429 at the ceiling with nearly all of the last
+  second through cuts a little and recovers fully; otherwise others share the tenant,
+  and the rate drops to what the channel let through from this instance in the last
+  second (30-60 % off), recovers halfway within 5 s, then probes upwards slowly. N
+  instances that share a tenant so settle near 1/N of the limit each, together close to
+  it, with a 429 now and then rather than a storm. A conversation answered 429 again
+  within a minute of the wait its last 429 asked for, none other in between, is held by
+  a limit of its own (a Teams thread's): its 429s no longer cut the tenant. Other
+  channels get a lane per (channel, service host) with no ceiling that only honours
+  ``Retry-After``.
 - **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
   counted in it, so background traffic yields to them. Background requests (proactive
@@ -76,16 +78,31 @@ CUT_MIN = 0.3
 CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
-# The channel counts a tenant's requests in a strict 1-s window. Besides spacing its grants,
-# a lane keeps the times of its last `ceiling` requests, each moved later by as much as
-# its round trip took longer than its operation's usual one, and grants no background request
-# while that many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late
-# leaving (a busy event loop, a descheduled process) delays the ones after it instead of
-# arriving bunched with them. Even spacing alone tolerated only ~1/share - 1 s (42 ms at
-# 96 %) of such lateness; the benchmark's hosts were late by up to 100-200 ms.
+# Teams also limits threads in ways not modelled here: one conversation can draw 429 after
+# 429 while the tenant is far from full, and each cut the tenant (to 15-53 % of the limit
+# in tests/unit/test_ratelimit.py's simulation). A conversation answered 429 again within
+# CONVERSATION_429_SECONDS after the Retry-After its last 429 asked for (it is sent again
+# only then), with no other conversation answered 429 in between, is taken to be held by
+# a limit of its own: the request still waits its Retry-After, the tenant neither pauses
+# nor cuts. Its first 429 counts as usual: waiting for 429s on two
+# conversations before any cut let N instances draw 3-8 % 429s. A full tenant's 429s fall
+# on whichever conversations come next: ignoring every repeat let instances that each
+# send to a few conversations draw 19-31 % 429s. Two conversations thread-limited at
+# once interleave their 429s, and each counts for the tenant.
+CONVERSATION_429_SECONDS = 60.0
+CONVERSATIONS_REMEMBERED = 64  # per lane, the most recent
+MAX_REMEMBERED_WAIT = 3600.0  # a Retry-After longer than this is remembered as this
+# The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
+# Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
+# from when it left (the grant until then), and grants no background request while that
+# many fall inside WINDOW_SECONDS + WINDOW_MARGIN: a request that was late leaving (a busy
+# event loop, a descheduled process, a wait for a pooled connection) delays the ones after
+# it instead of arriving bunched with them. The way to the channel takes about as long
+# for every request, so it changes nothing; how long the answer takes does not count at
+# all. Even spacing alone tolerated only ~1/share - 1 s (42 ms at 96 %) of lateness; the
+# benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
-ROUND_TRIPS_KEPT = 32  # per operation: their median is its usual round trip in a lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +199,7 @@ class AdaptiveRate:
     do not cut again: they were sent at the old rate. Background grants are evenly spaced
     (no bursts a sliding window would count twice), with one interval of catch-up when
     the caller was late, and never more than ``ceiling`` of them, replies included, in
-    the channel's window by when they reached it as far as :meth:`answered` tells.
+    the channel's window by when they left, as :meth:`left` tells.
     """
 
     __slots__ = (
@@ -192,7 +209,7 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
-        "_round_trips",
+        "_throttled_conversations",
         "_window_limit",
         "ceiling",
         "line",
@@ -207,14 +224,15 @@ class AdaptiveRate:
         self._peak = ceiling or 0.0
         self._floor = self._peak
         self._cut_at: float | None = None
+        # When each conversation (None: a request for none) last drew a 429, and until
+        # when that 429 asked it to wait; latest last.
+        self._throttled_conversations: dict[str | None, tuple[float, float]] = {}
         self.used_at = float("-inf")
         # The last `ceiling` requests the channel counted (or may yet count): the grant
-        # time, replaced by the answer's time once it came; 429s are dropped (not counted).
-        # Kept sorted: the earliest is the one that leaves the channel's window first.
+        # time, replaced by when the request left once that is known; 429s are dropped
+        # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
-        # Per operation: createConversation answering slower than a send is not lateness.
-        self._round_trips: dict[str, deque[float]] = {}
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -237,21 +255,22 @@ class AdaptiveRate:
             wait = max(wait, self._counted[0] + WINDOW_SECONDS + WINDOW_MARGIN - now)
         return wait
 
-    def answered(self, now: float, sent_at: float, operation: str = "") -> None:
-        """The request granted at ``sent_at`` was answered (not 429) at ``now``."""
-        round_trip = now - sent_at
-        round_trips = self._round_trips.get(operation)
-        if round_trips is None:
-            round_trips = self._round_trips[operation] = deque(maxlen=ROUND_TRIPS_KEPT)
-        round_trips.append(round_trip)
-        if self._forget(sent_at):
-            # A request that took longer than its operation's usual round trip (the median
-            # of its recent ones in this lane) is taken to have left that much late: counted
-            # from then, so the ones after it wait for it to leave the window. Not from its answer:
-            # that would count every request a round trip late, and at 300 ms cost a
-            # fifth of the rate (tests/unit/test_ratelimit.py, a distant Connector).
-            usual = sorted(round_trips)[len(round_trips) // 2]
-            insort(self._counted, sent_at + max(0.0, round_trip - usual))
+    @property
+    def counted(self) -> tuple[float, ...]:
+        """When the requests the channel's window may still hold left (or were granted)."""
+        return tuple(self._counted)
+
+    def left(self, sent_at: float, left_at: float) -> None:
+        """The request counted from ``sent_at`` (its grant, or an earlier ``left_at``) left
+        at ``left_at``.
+
+        Counted from then, so the ones after it wait for it to leave the window. Not from
+        its answer: that would count every request a round trip late (at 300 ms, a fifth
+        of the rate), and a slow answer would hold the window for nothing. Told as it
+        leaves, not once answered: until then it would be counted from its grant.
+        """
+        if left_at > sent_at and self._forget(sent_at):
+            insort(self._counted, left_at)
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted
@@ -276,10 +295,28 @@ class AdaptiveRate:
         base = self._next if self._next > now - interval else now
         self._next = base + interval
 
-    def throttled(self, now: float, retry_after: float | None, sent_at: float) -> bool:
-        """Take a 429 into account; True when it cut the rate."""
-        self._forget(sent_at)  # the channel did not count it
-        pause = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+    def throttled(
+        self,
+        now: float,
+        retry_after: float | None,
+        sent_at: float,
+        *,
+        left_at: float | None = None,
+        conversation: str | None = None,
+    ) -> bool:
+        """Take a 429 for the request granted at ``sent_at`` (that :meth:`left` at
+        ``left_at``, if it was told) into account; True when it cut the rate.
+
+        A conversation answered 429 again within CONVERSATION_429_SECONDS after the wait
+        its last 429 asked for, no other answered 429 in between, is held by a limit of
+        its own (a Teams thread's): that 429 neither pauses nor cuts the tenant
+        (:meth:`_own_limit`).
+        """
+        self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
+        wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        if self.ceiling is not None and self._own_limit(now, conversation, wait):
+            return False
+        pause = wait
         pause = min(pause * PAUSE_SHARE, MAX_PAUSE)
         self._paused_until = max(self._paused_until, now + pause)
         if self._cut_at is not None and sent_at < self._cut_at:
@@ -293,6 +330,27 @@ class AdaptiveRate:
         self._cut_at = now
         self._next = max(self._next, now + pause)
         return True
+
+    def _own_limit(self, now: float, conversation: str | None, wait: float) -> bool:
+        """Whether this 429 (which asked to ``wait``) is ``conversation``'s own limit: it
+        drew one within CONVERSATION_429_SECONDS after the wait that one asked for, and no
+        other conversation (nor a request for none) has drawn one since. A full tenant
+        answers 429 to whichever request comes next, so its 429s fall on several
+        conversations in turn, each of them again and again when an instance sends to
+        only a few."""
+        throttled = self._throttled_conversations
+        earlier, until = throttled.pop(conversation, (None, 0.0))
+        # Kept in the order they were answered: the last is the latest other 429.
+        other = next(reversed(throttled.values()), (None, 0.0))[0]
+        throttled[conversation] = (now, now + min(wait, MAX_REMEMBERED_WAIT))
+        if len(throttled) > CONVERSATIONS_REMEMBERED:
+            del throttled[next(iter(throttled))]
+        return (
+            conversation is not None
+            and earlier is not None
+            and now - until <= CONVERSATION_429_SECONDS
+            and (other is None or other < earlier)
+        )
 
     def _cut(self, now: float, current: float) -> tuple[float, float]:
         """Where a 429 takes the rate (the floor), and where it recovers to (the peak)."""
@@ -348,8 +406,9 @@ class Pacer:
     ``scope`` may be sent: at once for most. ``background=True`` marks traffic that keeps
     to ``background_share`` of its tenant's rate and yields to interactive requests.
     ``max_wait`` bounds the wait: :class:`PacingTimeout` instead of a later slot.
-    :meth:`throttled` tells the pacer about a 429. Memory stays bounded: conversations and
-    lanes are forgotten when idle, and at most ``max_conversations`` are kept.
+    :meth:`left` tells the pacer when a request left, :meth:`throttled` about a 429.
+    Memory stays bounded: conversations and lanes are forgotten when idle, and at most
+    ``max_conversations`` are kept.
     """
 
     def __init__(
@@ -424,18 +483,32 @@ class Pacer:
         finally:
             conversation.users -= 1
 
-    def answered(self, scope: Scope, sent_at: float, operation: str = "") -> None:
-        """A request to ``scope`` granted at ``sent_at`` was answered, not with a 429.
+    def now(self) -> float:
+        """The pacer's clock: grant times and :meth:`left` times are read from it."""
+        return self._clock()
 
-        ``operation`` names what the request did (a fixed set, e.g. the Connector client's
-        operations): each has its own usual round trip.
-        """
-        self.lane(scope).answered(self._clock(), sent_at, operation)
+    def left(self, scope: Scope, sent_at: float, left_at: float) -> None:
+        """A request to ``scope`` granted at ``sent_at`` (or told to have left then) left at
+        ``left_at``, on the pacer's clock: the channel counts it from then, unless it
+        answers 429 (:meth:`throttled`). A request never told of stays counted from its
+        grant."""
+        self.lane(scope).left(sent_at, left_at)
 
-    def throttled(self, scope: Scope, retry_after: float | None, sent_at: float) -> None:
-        """A request to ``scope`` granted at ``sent_at`` was answered 429."""
+    def throttled(
+        self,
+        scope: Scope,
+        retry_after: float | None,
+        sent_at: float,
+        left_at: float | None = None,
+    ) -> None:
+        """A request to ``scope`` granted at ``sent_at`` (told to have :meth:`left` at
+        ``left_at``, if it was) was answered 429."""
         self.throttled_count += 1
-        if self.lane(scope).throttled(self._clock(), retry_after, sent_at):
+        lane = self.lane(scope)
+        now = self._clock()
+        if lane.throttled(
+            now, retry_after, sent_at, left_at=left_at, conversation=scope.conversation
+        ):
             self.cuts += 1
 
     async def _take_slot(

@@ -62,9 +62,9 @@ def _install(directory: str) -> None:
 
     original_throttled = Pacer.throttled
 
-    def throttled(self, scope, retry_after, sent_at):
+    def throttled(self, scope, retry_after, sent_at, left_at=None):
         cuts = self.cuts
-        original_throttled(self, scope, retry_after, sent_at)
+        original_throttled(self, scope, retry_after, sent_at, left_at)
         lane = self.lane(scope)
         write(
             {
@@ -80,10 +80,10 @@ def _install(directory: str) -> None:
 
     original_send = client_module.ConnectorClient._send
 
-    async def send(self, operation, method, url, headers, data, expect):
+    async def send(self, operation, method, url, headers, data, expect, departure):
         start = time.monotonic()
         status, response_headers, content = await original_send(
-            self, operation, method, url, headers, data, expect
+            self, operation, method, url, headers, data, expect, departure
         )
         write(
             {
@@ -92,6 +92,7 @@ def _install(directory: str) -> None:
                 "end": time.monotonic(),
                 "status": status,
                 "path": url.raw_path,
+                "left": departure.at,
                 "grant": last.get()[0],
                 "lane": last.get()[1],
             }

@@ -4,7 +4,8 @@
   request path (trust check, pacing, token, retries);
 - :mod:`shared.connector.errors`: :class:`ConnectorError` and the classification of the
   Connector's answers, and the retry policy;
-- :mod:`shared.connector.transport`: the HTTP session, request bodies and URLs, bounded reads.
+- :mod:`shared.connector.transport`: the HTTP session, when a request left, request bodies
+  and URLs, bounded reads.
 
 Which serviceUrls the bot's token may go to is :mod:`shared.serviceurl` (shared with the
 settings check and inbound auth). The names below are re-exported so
@@ -41,7 +42,12 @@ if TYPE_CHECKING:
         ConnectorClient,
         Sleep,
     )
-    from shared.connector.transport import MAX_ERROR_BODY_BYTES, MAX_RESPONSE_BYTES, Expect
+    from shared.connector.transport import (
+        MAX_ERROR_BODY_BYTES,
+        MAX_RESPONSE_BYTES,
+        Expect,
+        departure_tracing,
+    )
 
 _LAZY = {
     "ConnectorClient": "shared.connector.client",
@@ -52,6 +58,7 @@ _LAZY = {
     "Expect": "shared.connector.transport",
     "MAX_RESPONSE_BYTES": "shared.connector.transport",
     "MAX_ERROR_BODY_BYTES": "shared.connector.transport",
+    "departure_tracing": "shared.connector.transport",
 }
 
 __all__ = [
@@ -75,6 +82,7 @@ __all__ = [
     "ServiceTarget",
     "Sleep",
     "classify",
+    "departure_tracing",
     "error_from_response",
     "parse_error_body",
     "parse_retry_after",

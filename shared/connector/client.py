@@ -46,6 +46,7 @@ from shared.connector.errors import (
 from shared.connector.scope import pacing_scope
 from shared.connector.transport import (
     REDIRECT_STATUSES,
+    Departure,
     Expect,
     Http,
     build_url,
@@ -407,6 +408,7 @@ class ConnectorClient:
             if self._remaining(deadline) < reserve:
                 raise failure or budget_spent(operation)
             attempt += 1
+            departure = self._departure(scope, granted)
             answer = await self._attempt(
                 operation,
                 method,
@@ -416,13 +418,12 @@ class ConnectorClient:
                 attempt,
                 deadline,
                 expect,
+                departure,
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
             else:
                 status, response_headers, content = answer
-                if status != 429:  # counted by the channel: when, as far as pacing goes
-                    self.pacer.answered(scope, granted, operation)
                 if 200 <= status < 300:
                     return result(operation, expect, content)
                 if status == 401 and token is not None and rejected is None:
@@ -433,7 +434,7 @@ class ConnectorClient:
                     operation, status, response_headers, content, secrets=(token or "",)
                 )
                 if status == 429:
-                    self.pacer.throttled(scope, failure.retry_after, granted)
+                    self.pacer.throttled(scope, failure.retry_after, granted, departure.at)
                 if status not in RETRY_STATUSES:
                     raise failure
             failures += 1
@@ -505,6 +506,15 @@ class ConnectorClient:
                 operation=operation,
             ) from None
 
+    def _departure(self, scope: Scope, granted: float) -> Departure:
+        """When the next request leaves, told to the pacer as it happens (README, "Pacing")."""
+        pacer = self.pacer
+
+        def left(previous: float | None, at: float) -> None:
+            pacer.left(scope, granted if previous is None else previous, at)
+
+        return Departure(pacer.now, left)
+
     async def _attempt(
         self,
         operation: str,
@@ -515,12 +525,14 @@ class ConnectorClient:
         attempt: int,
         deadline: float,
         expect: Expect,
+        departure: Departure,
     ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
-        """One request: the answer, or a retryable ConnectorError for a connection failure."""
+        """One request (``departure`` learns when it left): the answer, or a retryable
+        ConnectorError for a connection failure."""
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 status, response_headers, content = await self._send(
-                    operation, method, url, headers, data, expect
+                    operation, method, url, headers, data, expect, departure
                 )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             outcome = f"failed={type(error).__name__}"
@@ -557,16 +569,24 @@ class ConnectorClient:
         headers: dict[str, str],
         data: bytes | None,
         expect: Expect,
+        departure: Departure,
     ) -> tuple[int, Mapping[str, str], bytes]:
         session = self._http.get()
         # Attachment views redirect to where the bytes live; nothing else may redirect
         # (a 3xx is an error), and redirects are followed here, not by aiohttp, so the
         # token is dropped unless the next hop is still inside the trusted set.
         follow = expect == "bytes"
+        traced: Departure | None = departure  # the request to the Connector, not a redirect
         for _ in range(MAX_REDIRECTS + 1):
             async with session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                trace_request_ctx=traced,
             ) as response:
+                traced = None
                 location = response.headers.get("Location")
                 if follow and response.status in REDIRECT_STATUSES and location:
                     url, headers = follow_redirect(

@@ -1,5 +1,5 @@
-"""The Connector client's HTTP plumbing: the session, request bodies and URLs, bounded
-reads of the answers, where a redirect may lead."""
+"""The Connector client's HTTP plumbing: the session, when a request left, request bodies
+and URLs, bounded reads of the answers, where a redirect may lead."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -26,8 +27,50 @@ MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is n
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
+class Departure:
+    """When one request was written to its connection: ``at``, on ``clock`` (None until
+    then). Passed to aiohttp as the request's ``trace_request_ctx``; the tracing of
+    :func:`departure_tracing` stamps it, and each stamp is passed on to ``on_left(previous,
+    at)`` (``previous``: the stamp before, None for the first) as it happens."""
+
+    __slots__ = ("at", "clock", "on_left")
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        on_left: Callable[[float | None, float], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.on_left = on_left
+        self.at: float | None = None
+
+    def stamp(self) -> None:
+        previous, self.at = self.at, self.clock()
+        if self.on_left is not None:
+            self.on_left(previous, self.at)
+
+
+async def _written(_session: object, context: SimpleNamespace, _params: object) -> None:
+    departure = context.trace_request_ctx
+    if type(departure) is Departure:
+        departure.stamp()
+
+
+def departure_tracing() -> aiohttp.TraceConfig:
+    """aiohttp tracing that stamps a request's :class:`Departure` as its headers, then each
+    chunk of its body, are written (the same instant for a small request): the last stamp
+    is when all of it left, after any wait for a connection. A session given to the
+    Connector client needs it in its ``trace_configs`` for pacing to know when requests
+    left; without it they are counted from their grant."""
+    config = aiohttp.TraceConfig()
+    config.on_request_headers_sent.append(_written)
+    config.on_request_chunk_sent.append(_written)
+    return config
+
+
 class Http:
-    """The process's one aiohttp session (per event loop), created on first use."""
+    """The process's one aiohttp session (per event loop), created on first use, with
+    :func:`departure_tracing`."""
 
     __slots__ = ("_loop", "_owned", "_session", "_timeout")
 
@@ -46,6 +89,7 @@ class Http:
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
             cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between calls
+            trace_configs=[departure_tracing()],
         )
         self._loop = loop
         self._owned = True

@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import pytest
 
 from shared.auth.tokens import create_token_provider
@@ -24,10 +25,11 @@ from shared.connector import (
     ConnectorError,
     ErrorKind,
     RetryPolicy,
+    departure_tracing,
     parse_error_body,
     parse_retry_after,
 )
-from shared.ratelimit import Pacer, Window
+from shared.ratelimit import Pacer, Scope, Window
 from tests.fixtures.connector import VirtualTime
 from tools.botsim.connector import FakeConnector, Reply
 
@@ -898,6 +900,102 @@ async def test_an_injected_session_is_used_and_left_open(settings, fake_connecto
         await connector.close()
         assert not session.closed
     assert fake_connector.requests[0].operation == "getConversationMembers"
+
+
+# --- when a request left: what the tenant's window is kept by ---------------------------------
+
+
+def teams_reply(n: int) -> dict:
+    return {"channelId": "msteams", "conversation": {"id": f"a:{n}", "tenantId": "t1"}}
+
+
+def tenant_lane(connector: ConnectorClient):
+    return connector.pacer.lane(Scope(channel_id="msteams", tenant_id="t1"))
+
+
+async def test_a_request_with_a_slow_answer_is_counted_from_when_it_left(settings, fake_connector):
+    # The Connector took 300 ms to answer the third send, after two quick ones: the
+    # request left on time, so the tenant's window counts it from then. Judged from its
+    # round trip, it was taken to have left ~300 ms late and held the window for nothing.
+    fake_connector.script(
+        "POST", "activities$", [Reply(200), Reply(200), Reply(200, json={"id": "3"}, delay=0.3)]
+    )
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        for n in range(3):
+            await connector.send_to_conversation(fake_connector.url, f"a:{n}", teams_reply(n))
+        answered = time.monotonic()
+    finally:
+        await connector.close()
+    lane = tenant_lane(connector)
+    granted, arrived = lane.used_at, fake_connector.requests[-1].time
+    assert answered - granted >= 0.3  # the answer really was slow
+    assert len(lane.counted) == 3
+    assert granted <= lane.counted[-1] <= arrived
+
+
+async def test_a_request_that_waited_for_a_connection_is_counted_from_when_it_left(
+    settings, fake_connector
+):
+    # One pooled connection: the second send, granted with the first, can only leave once
+    # the first is answered (300 ms). The channel counts it from then, and so does the
+    # tenant's window, in a session given to the client with the departure tracing.
+    fake_connector.script("POST", "activities$", [Reply(200), Reply(200, delay=0.3), Reply(200)])
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1), trace_configs=[departure_tracing()]
+    )
+    connector = ConnectorClient(settings, create_token_provider(settings), session=session)
+    try:
+        await connector.send_to_conversation(fake_connector.url, "a:0", teams_reply(0))  # warm
+        lane = tenant_lane(connector)
+        await asyncio.gather(
+            *(
+                connector.send_to_conversation(fake_connector.url, f"a:{n}", teams_reply(n))
+                for n in (1, 2)
+            )
+        )
+    finally:
+        await session.close()
+    first, second = sorted(fake_connector.requests[1:], key=lambda r: r.time)
+    granted = lane.used_at  # both were granted at once, the second last
+    assert second.time - granted >= 0.3
+    assert lane.counted[-2] <= first.time
+    assert granted + 0.25 <= lane.counted[-1] <= second.time
+
+
+async def test_the_tenant_window_learns_a_departure_before_the_answer(settings, fake_connector):
+    # Both sends take 300 ms to answer, over one pooled connection: the second leaves
+    # when the first is answered. While its own answer is still on the way, the window
+    # already counts it from then: a lane told only once answered would count it from
+    # its grant until then, and with round trips near a second a request that left late
+    # would reach Teams in the same second as ones granted a second after it.
+    fake_connector.script(
+        "POST", "activities$", [Reply(200), Reply(200, delay=0.3), Reply(200, delay=0.3)]
+    )
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1), trace_configs=[departure_tracing()]
+    )
+    connector = ConnectorClient(settings, create_token_provider(settings), session=session)
+    counted: list[tuple[float, ...]] = []
+
+    async def look_while_the_second_is_answered() -> None:
+        async with asyncio.timeout(10):
+            while len(fake_connector.requests) < 3:  # noqa: ASYNC110 - the fake is a thread
+                await asyncio.sleep(0.005)
+        counted.append(tenant_lane(connector).counted)
+
+    try:
+        await connector.send_to_conversation(fake_connector.url, "a:0", teams_reply(0))  # warm
+        await asyncio.gather(
+            connector.send_to_conversation(fake_connector.url, "a:1", teams_reply(1)),
+            connector.send_to_conversation(fake_connector.url, "a:2", teams_reply(2)),
+            look_while_the_second_is_answered(),
+        )
+    finally:
+        await session.close()
+    granted = tenant_lane(connector).used_at
+    second = fake_connector.requests[2]
+    assert granted + 0.25 <= counted[0][-1] <= second.time
 
 
 # --- redirects: only attachment views follow them, and never with the token off the set ---

@@ -229,12 +229,12 @@ async def test_background_yields_to_replies_in_the_same_tenant():
 
 
 def through(lane: AdaptiveRate, start: float, seconds: float, rate: float) -> float:
-    """``rate`` requests per second from ``start`` for ``seconds``, each answered (counted
-    by the channel) 2 ms later; returns the time after the last."""
+    """``rate`` requests per second from ``start`` for ``seconds``, each leaving 1 ms after
+    its grant (and counted by the channel); returns the time after the last."""
     now = start
     while now < start + seconds:
         lane.record(now, True, 1.0)
-        lane.answered(now + 0.002, now)
+        lane.left(now, now + 0.001)
         now += 1.0 / rate
     return now
 
@@ -286,9 +286,9 @@ def test_a_request_that_left_late_holds_back_the_ones_after_it():
         now += max(0.0, lane.background_wait(now))
         lane.record(now, True, 0.97)
         # Every tenth one waited 150 ms on a busy event loop before it left.
-        arrived = now + (0.15 if n % 10 == 5 else 0.002)
-        arrivals.append(arrived)
-        lane.answered(arrived + 0.002, now)
+        left = now + (0.15 if n % 10 == 5 else 0.0)
+        arrivals.append(left + 0.002)
+        lane.left(now, left)
     assert max_in_window(arrivals, 1.0) <= 15
     assert now < 40 / 15 / 0.97 + 0.3  # it cost a few waits, not the rate
 
@@ -322,18 +322,23 @@ class Jitter:
     """The delays a real host adds, drawn from what the broadcast benchmark's pacing trace
     measured (benchmarks/pacing_report.py, 1 and 4 host processes on 2 busy cores): from
     a grant to the request's arrival at the Connector about 1 ms, 1 in 250 late by
-    30-150 ms; a wake-up from a pacing wait about 1 ms late, 1 in 100 by 10-80 ms."""
+    30-150 ms; a wake-up from a pacing wait about 1 ms late, 1 in 100 by 10-80 ms.
+    Without it, requests leave at their grant and take 5-15 ms to arrive."""
 
     def __init__(self, rng: random.Random, on: bool) -> None:
         self.rng, self.on = rng, on
 
+    def leaving(self) -> float:
+        """From the grant until the request is written to the connection."""
+        if not self.on:
+            return 0.0
+        late = self.rng.expovariate(1 / 0.0015)
+        if self.rng.random() < 0.004:
+            late += self.rng.uniform(0.03, 0.15)
+        return late
+
     def to_connector(self) -> float:
-        delay = 0.005 + self.rng.random() * 0.01
-        if self.on:
-            delay = 0.001 + self.rng.expovariate(1 / 0.0015)
-            if self.rng.random() < 0.004:
-                delay += self.rng.uniform(0.03, 0.15)
-        return delay
+        return 0.001 if self.on else 0.005 + self.rng.random() * 0.01
 
     def wake_up(self) -> float:
         if not self.on:
@@ -362,38 +367,53 @@ class StrictWindow:
 
 
 async def instances_sharing_a_tenant(
-    count: int, seconds: float = 100.0, limit: int = 50, jitter: bool = False, seed: int = 0
+    count: int,
+    seconds: float = 100.0,
+    limit: int = 50,
+    jitter: bool = False,
+    seed: int = 0,
+    conversations: int | None = None,
 ):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
     allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
-    Returns the rate achieved (a share of ``limit``) and the share of requests answered
-    429, over the whole run and after its first 10 seconds."""
+    Each send goes to a conversation of its own, and after a 429 to the same one again;
+    with ``conversations``, each instance sends to that many conversations of its own in
+    turn instead (a bot posting into a few busy channels). Returns the rate achieved (a
+    share of ``limit``) and the share of requests answered 429, over the whole run and
+    after its first 10 seconds."""
     time = VirtualScheduler()
     noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
     channel = StrictWindow(limit)
     outcome = {"sent_early": 0, "throttled_early": 0, "sent_later": 0, "throttled_later": 0}
-    scope = teams()
+    fresh = itertools.count()
 
     async def sleep(seconds: float) -> None:
         await time.sleep(seconds + noise.wake_up())
 
-    async def sender(pacer: Pacer):
+    async def sender(pacer: Pacer, instance: int, first: int):
+        if conversations is None:
+            names = (f"a:{n}" for n in fresh)
+        else:
+            names = (f"{instance}:{n % conversations}" for n in itertools.count(first))
+        scope = teams(next(names))
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
+            await time.sleep(noise.leaving())
+            left = time.now
+            pacer.left(scope, granted, left)
             await time.sleep(noise.to_connector())
             when = "_later" if time.now >= 10.0 else "_early"
             if not channel.admit(time.now):
                 outcome["throttled" + when] += 1
                 await time.sleep(0.002)  # the answer on its way back
-                pacer.throttled(scope, 1.0, granted)
+                pacer.throttled(scope, 1.0, granted, left)
                 await time.sleep(1.0)  # the client's retry waits the Retry-After
             else:
                 outcome["sent" + when] += 1
-                await time.sleep(0.002)
-                pacer.answered(scope, granted)
+                scope = teams(next(names))
 
     pacers = [Pacer(limit, clock=time.clock, sleep=sleep) for _ in range(count)]
-    await time.run(*(sender(p) for p in pacers for _ in range(8)))
+    await time.run(*(sender(p, i, n) for i, p in enumerate(pacers) for n in range(8)))
     sent = outcome["sent_early"] + outcome["sent_later"]
     throttled = outcome["throttled_early"] + outcome["throttled_later"]
     later = outcome["throttled_later"] / (outcome["sent_later"] + outcome["throttled_later"])
@@ -426,18 +446,37 @@ async def test_instances_sharing_a_tenant_approach_its_limit_without_a_429_storm
 async def test_instances_with_jitter_and_a_small_limit_settle_without_a_429_storm(count):
     # The broadcast benchmark's paced run: 15/s per tenant, so each of 4 instances sends
     # 3-4 requests in a second and their even streams line up now and then. Most 429s
-    # come in the first seconds, when each instance starts at the whole limit (1.8-1.9 %
-    # of 100 s here, 1.1-1.2 % after the first 10; the old fixed 30 % cut: 4.4 %).
+    # come in the first seconds, when each instance starts at the whole limit (4 instances:
+    # 1.9 % of 100 s here, 1.2 % after the first 10; the old fixed 30 % cut: 4.4 %).
     achieved, share_429, later = await instances_sharing_a_tenant(count, limit=15, jitter=True)
     assert achieved >= 0.86
     assert share_429 < 0.025 and later < 0.015
 
 
+@pytest.mark.parametrize(("count", "limit", "conversations"), [(8, 50, 4), (4, 15, 2)])
+async def test_instances_each_sending_to_a_few_conversations_settle_without_a_429_storm(
+    count, limit, conversations
+):
+    # A full tenant answers 429 to whichever request comes next: when each instance sends
+    # to a few conversations, each of them draws 429 after 429. Taken every time for that
+    # conversation's own limit (its 429 within a minute of its last), they stopped cutting
+    # the instances' rates: 19.4 % of the requests answered 429 (8 instances with 4
+    # conversations each at 50/s) and 30.9 % (4 with 2 at 15/s, 75 % of the limit). Now
+    # only a conversation that no other has drawn a 429 between is: 2.0 and 3.2 %
+    # (1.7 and 1.9 % when every 429 counted as the tenant's).
+    achieved, share_429, later = await instances_sharing_a_tenant(
+        count, limit=limit, jitter=True, conversations=conversations
+    )
+    assert share_429 < 0.04 and later < 0.03
+    assert achieved >= 0.9
+
+
 async def one_lane_far_from_its_connector(senders: int, seed: int, request):
     """``senders`` broadcast for 60 s through one pacer into a tenant that allows 50
     requests in any second (429 with Retry-After: 1 above it). ``request(rng)`` gives each
-    request's (time to reach the channel, time for its answer to come back, operation).
-    Returns when the accepted requests arrived, and how many were answered 429."""
+    request's (time from its grant until it left, time to reach the channel, time for its
+    answer to come back). Returns the share of the limit that reached the channel from 10 s
+    on, and how many requests were answered 429."""
     time = VirtualScheduler()
     rng = random.Random(seed)
     channel = StrictWindow(50)
@@ -449,46 +488,176 @@ async def one_lane_far_from_its_connector(senders: int, seed: int, request):
     async def sender():
         nonlocal throttled
         while time.now < 60.0:
-            there, back, operation = request(rng)
+            late, there, back = request(rng)
             granted = await pacer.acquire(scope, background=True)
+            await time.sleep(late)
+            left = time.now  # the Connector client tells the pacer as the request is written
+            pacer.left(scope, granted, left)
             await time.sleep(there)
             if not channel.admit(time.now):
                 throttled += 1
-                pacer.throttled(scope, 1.0, granted)
+                pacer.throttled(scope, 1.0, granted, left)
                 await time.sleep(1.0)
                 continue
             accepted.append(time.now)
             await time.sleep(back)
-            pacer.answered(scope, granted, operation)
 
     await time.run(*(sender() for _ in range(senders)))
-    return accepted, throttled
+    sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
+    return sent / 50.0 / 50, throttled
 
 
 async def test_a_distant_connector_does_not_cost_the_lane_its_rate():
     # Teams answers in some hundreds of milliseconds. Counting each request from its
     # answer would hold every window a round trip longer: 77 % of the rate at 300 ms.
     def request(rng):  # 150 ms there, 100-200 ms back, less evenly
-        return 0.15 + rng.random() * 0.005, 0.1 + rng.random() * 0.1, ""
+        return 0.0, 0.15 + rng.random() * 0.005, 0.1 + rng.random() * 0.1
 
-    accepted, throttled = await one_lane_far_from_its_connector(64, 7, request)
-    assert len(accepted) / 60.0 / 50 >= 0.94 and throttled == 0
+    achieved, throttled = await one_lane_far_from_its_connector(64, 7, request)
+    assert achieved >= 0.95 and throttled == 0
 
 
 async def test_operations_with_different_round_trips_do_not_cost_the_lane_its_rate():
     # Sending to users creates each conversation, then sends to it, in the same tenant:
     # createConversation taking longer to answer than a send (the channel's work, after
-    # the request reached it) is not lateness. Taken against one usual round trip for
-    # both, every slow one held the window longer: 86 % of the rate.
+    # the request reached it) is not lateness. Judged from round trips against one usual
+    # one for both, every slow one held the window longer: 86 % of the rate.
     def request(rng):
         slow = rng.random() < 0.5
-        there = 0.1 + rng.random() * 0.005
-        back = (0.7 if slow else 0.1) + rng.random() * 0.005
-        return there, back, "createConversation" if slow else "sendToConversation"
+        return 0.0, 0.1 + rng.random() * 0.005, (0.7 if slow else 0.1) + rng.random() * 0.005
 
-    accepted, throttled = await one_lane_far_from_its_connector(96, 11, request)
-    sent = sum(1 for arrived in accepted if 10.0 <= arrived < 60.0)
-    assert sent / 50.0 / 50 >= 0.94 and throttled == 0
+    achieved, throttled = await one_lane_far_from_its_connector(96, 11, request)
+    assert achieved >= 0.95 and throttled == 0
+
+
+@pytest.mark.parametrize("spread", [0.4, 0.8])
+async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_rate(spread):
+    # A far Connector answers a request that reached it on time anywhere from 50 ms to
+    # 50 ms + spread later (the server's own jitter): round trips of 0.1-0.5 s or 0.1-0.9 s
+    # against a steady 0.3 s. Judged from the round trip, a slow answer read as a request
+    # that left late and held the window for nothing: 91.6 % of the limit at a 0.4-s
+    # spread, 87.0 % at 0.8, against 97 % with steady answers. Counted from when each
+    # request left, nothing is lost.
+    def steady(rng):
+        return 0.0, 0.05, 0.25
+
+    def jittery(rng):
+        return 0.0, 0.05, 0.05 + rng.random() * spread
+
+    without, throttled_without = await one_lane_far_from_its_connector(96, 3, steady)
+    achieved, throttled = await one_lane_far_from_its_connector(96, 3, jittery)
+    assert without >= 0.96 and throttled_without == 0
+    assert achieved >= without - 0.01 and throttled == 0
+
+
+@pytest.mark.parametrize("spread", [0.4, 0.8, 1.4])
+async def test_requests_that_left_late_hold_back_a_far_lane_without_a_429(spread):
+    # One request in 20 left 100-200 ms after its grant (a busy event loop, a descheduled
+    # process, a wait for a pooled connection), answered 0.1 s to 0.1 s + spread after it
+    # left: counted from when it left, the ones granted after it wait instead of arriving
+    # bunched with it in the channel's strict window. Told only once answered, the lane
+    # counted a request from its grant until then: with answers up to 0.9 s, 2-3 429s a
+    # minute (95 % of the limit); up to 1.5 s, 2-6 (86-89 %).
+    def request(rng):
+        late = rng.uniform(0.1, 0.2) if rng.random() < 0.05 else 0.0
+        return late, 0.05, 0.05 + rng.random() * spread
+
+    achieved, throttled = await one_lane_far_from_its_connector(160, 5, request)
+    assert throttled == 0 and achieved >= 0.93
+
+
+async def broadcast_beside_a_throttled_thread(busy_rate: float, thread_seconds: float):
+    """One instance broadcasts for 120 s into a tenant that allows 50 requests in any
+    second, while a proactive stream sends ``busy_rate`` per second to one conversation the
+    channel holds to 1 request per ``thread_seconds`` (a thread limit the pacer does not
+    know), answering 429 (Retry-After: 1) above it; each is sent again after its wait.
+    Returns the share of the limit the broadcast reached from 10 s on, and how many of
+    its requests the tenant's window refused."""
+    time = VirtualScheduler()
+    rng = random.Random(1)
+    tenant, thread = StrictWindow(50), deque()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    conversations = itertools.count()
+    outcome = {"broadcast": 0, "tenant_429": 0}
+
+    async def send(scope: Scope, busy: bool) -> float:
+        while True:
+            granted = await pacer.acquire(scope, background=True)
+            await time.sleep(0.05)  # on the way
+            while thread and thread[0] <= time.now - thread_seconds:
+                thread.popleft()
+            if busy and thread:
+                refused = True
+            else:
+                refused = not tenant.admit(time.now)
+                outcome["tenant_429"] += refused
+            if refused:
+                await time.sleep(0.05)
+                pacer.throttled(scope, 1.0, granted)
+                await time.sleep(1.0)
+                continue
+            if busy:
+                thread.append(time.now)
+            arrived = time.now
+            await time.sleep(0.1 + rng.random() * 0.1)
+            return arrived
+
+    async def broadcast():
+        while time.now < 120.0:
+            if 10.0 <= await send(teams(f"a:{next(conversations)}"), False) < 120.0:
+                outcome["broadcast"] += 1
+
+    async def busy():
+        while time.now < 120.0:
+            await send(teams("19:busy@thread.v2"), True)
+            await time.sleep(1.0 / busy_rate)
+
+    await time.run(*(broadcast() for _ in range(16)), busy())
+    return outcome["broadcast"] / 110.0 / 50, outcome["tenant_429"]
+
+
+@pytest.mark.parametrize(("busy_rate", "thread_seconds"), [(2.0, 1.0), (0.5, 5.0)])
+async def test_one_conversation_answered_429_again_and_again_does_not_cut_the_tenant(
+    busy_rate, thread_seconds
+):
+    # Teams limits a thread in ways the pacer does not model. Each such 429 cut the whole
+    # tenant (up to 60 % a time, cuts upon cuts): the broadcast beside it got 53 % of the
+    # limit (a conversation held to 1 send per second, sent 2) or 15 % (1 per 5 s, sent
+    # one every 2 s). Its first 429 may still cut; its next ones are its own limit.
+    achieved, tenant_429 = await broadcast_beside_a_throttled_thread(busy_rate, thread_seconds)
+    assert achieved >= 0.93 and tenant_429 == 0
+
+
+def test_a_conversation_answered_429_again_cuts_nothing_but_another_one_does():
+    lane = AdaptiveRate(50.0)
+    now = through(lane, 0.0, 1.0, 49.0)
+    assert lane.throttled(now, 1.0, sent_at=now - 0.01, conversation="a:busy")
+    now = through(lane, now + 10.0, 1.0, 49.0)  # back at the ceiling
+    # The same conversation again, 11 s later: its own limit, not the tenant's.
+    assert not lane.throttled(now, 1.0, sent_at=now - 0.01, conversation="a:busy")
+    assert lane.rate(now) == 50.0 and lane.background_wait(now) < 0.1  # no pause either
+    # Another conversation's 429 is taken as the tenant's, as is one for no conversation.
+    assert lane.throttled(now + 0.1, 1.0, sent_at=now, conversation="a:other")
+    later = through(lane, now + 10.0, 1.0, 49.0)
+    assert lane.throttled(later, 1.0, sent_at=later - 0.01)
+    # Others have drawn 429s since its last: the tenant is full, and its next 429 says so.
+    again = through(lane, later + 10.0, 1.0, 49.0)
+    assert lane.throttled(again, 1.0, sent_at=again - 0.01, conversation="a:busy")
+
+
+def test_a_conversation_told_to_wait_long_is_its_own_limit_when_answered_429_again():
+    # A thread's limit may ask for minutes (Retry-After: 120): the request is sent again
+    # only after that wait (the client's retry, the proactive engine's requeue), and its
+    # next 429 is still that thread's, not the tenant's.
+    lane = AdaptiveRate(50.0)
+    now = through(lane, 0.0, 1.0, 49.0)
+    assert lane.throttled(now, 120.0, sent_at=now - 0.01, conversation="a:busy")
+    now = through(lane, now + 120.0, 1.0, 49.0)
+    assert not lane.throttled(now, 120.0, sent_at=now - 0.01, conversation="a:busy")
+    assert lane.rate(now) == 50.0 and lane.background_wait(now) < 0.1
+    # A minute after the wait it asked for, it is forgotten.
+    now = through(lane, now + 181.0, 1.0, 49.0)
+    assert lane.throttled(now, 1.0, sent_at=now - 0.01, conversation="a:busy")
 
 
 async def test_background_waits_after_a_429_but_replies_do_not():
