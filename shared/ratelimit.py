@@ -44,6 +44,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from shared.thread_limits import ThreadLimits
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 
@@ -78,20 +80,6 @@ CUT_MIN = 0.3
 CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.002
-# Teams also limits threads in ways not modelled here: one conversation can draw 429 after
-# 429 while the tenant is far from full, and each cut the tenant (to 15-53 % of the limit
-# in tests/unit/test_ratelimit.py's simulation). A conversation answered 429 again within
-# CONVERSATION_429_SECONDS after the Retry-After its last 429 asked for (it is sent again
-# only then), with no other conversation answered 429 in between, is taken to be held by
-# a limit of its own: the request still waits its Retry-After, the tenant neither pauses
-# nor cuts. Its first 429 counts as usual: waiting for 429s on two
-# conversations before any cut let N instances draw 3-8 % 429s. A full tenant's 429s fall
-# on whichever conversations come next: ignoring every repeat let instances that each
-# send to a few conversations draw 19-31 % 429s. Two conversations thread-limited at
-# once interleave their 429s, and each counts for the tenant.
-CONVERSATION_429_SECONDS = 60.0
-CONVERSATIONS_REMEMBERED = 64  # per lane, the most recent
-MAX_REMEMBERED_WAIT = 3600.0  # a Retry-After longer than this is remembered as this
 # The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
 # Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
 # from when it left (the grant until then), and grants no background request while that
@@ -209,7 +197,7 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
-        "_throttled_conversations",
+        "_thread_limits",
         "_window_limit",
         "ceiling",
         "line",
@@ -224,9 +212,7 @@ class AdaptiveRate:
         self._peak = ceiling or 0.0
         self._floor = self._peak
         self._cut_at: float | None = None
-        # When each conversation (None: a request for none) last drew a 429, and until
-        # when that 429 asked it to wait; latest last.
-        self._throttled_conversations: dict[str | None, tuple[float, float]] = {}
+        self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
         # The last `ceiling` requests the channel counted (or may yet count): the grant
         # time, replaced by when the request left once that is known; 429s are dropped
@@ -310,14 +296,13 @@ class AdaptiveRate:
         A conversation answered 429 again within CONVERSATION_429_SECONDS after the wait
         its last 429 asked for, no other answered 429 in between, is held by a limit of
         its own (a Teams thread's): that 429 neither pauses nor cuts the tenant
-        (:meth:`_own_limit`).
+        (shared/thread_limits.py).
         """
         self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
-        if self.ceiling is not None and self._own_limit(now, conversation, wait):
+        if self.ceiling is not None and self._thread_limits.own_limit(now, conversation, wait):
             return False
-        pause = wait
-        pause = min(pause * PAUSE_SHARE, MAX_PAUSE)
+        pause = min(wait * PAUSE_SHARE, MAX_PAUSE)
         self._paused_until = max(self._paused_until, now + pause)
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
@@ -330,27 +315,6 @@ class AdaptiveRate:
         self._cut_at = now
         self._next = max(self._next, now + pause)
         return True
-
-    def _own_limit(self, now: float, conversation: str | None, wait: float) -> bool:
-        """Whether this 429 (which asked to ``wait``) is ``conversation``'s own limit: it
-        drew one within CONVERSATION_429_SECONDS after the wait that one asked for, and no
-        other conversation (nor a request for none) has drawn one since. A full tenant
-        answers 429 to whichever request comes next, so its 429s fall on several
-        conversations in turn, each of them again and again when an instance sends to
-        only a few."""
-        throttled = self._throttled_conversations
-        earlier, until = throttled.pop(conversation, (None, 0.0))
-        # Kept in the order they were answered: the last is the latest other 429.
-        other = next(reversed(throttled.values()), (None, 0.0))[0]
-        throttled[conversation] = (now, now + min(wait, MAX_REMEMBERED_WAIT))
-        if len(throttled) > CONVERSATIONS_REMEMBERED:
-            del throttled[next(iter(throttled))]
-        return (
-            conversation is not None
-            and earlier is not None
-            and now - until <= CONVERSATION_429_SECONDS
-            and (other is None or other < earlier)
-        )
 
     def _cut(self, now: float, current: float) -> tuple[float, float]:
         """Where a 429 takes the rate (the floor), and where it recovers to (the peak)."""
