@@ -33,7 +33,7 @@ class Engine:
     fanout_page_size: int = 250
     fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
     fanout_parallel: int = 32
-    # The fan-out adds no page while the queue holds this many messages (shared/fanout.py).
+    # A broadcast adds no page while this many of its children are queued (shared/fanout.py).
     fanout_backlog: int = 1000
 
     @classmethod
