@@ -24,10 +24,11 @@ listed, not an hour; and the continuation, put back behind the backlog, comes ro
 the queue has worked through it, to add the next pages. The queue's approximate count
 (one call per invocation) answers while it is below the backlog. Above it, the count
 cannot say whose messages fill the queue, so the broadcast counts its own: the checkpoint
-keeps, for its latest pages, the key of each page's last queued child and how many it
+keeps, for its latest pages, the slot of each page's last queued child and how many it
 queued (sparse pages merged, so they add up to a backlog), and a page counts as queued
-until that child's slot holds an outcome (one read per page, newest first). Messages a producer delayed for days, or another broadcast's children, so never
-hold it back; its own children do, requeued by a throttled tenant too, and after
+until that slot holds an outcome (one read per page, newest first). Messages a producer
+delayed for days, or another broadcast's children, so never hold it back; its own
+children do, requeued by a throttled tenant too, and after
 `FULL_QUEUE_PATIENCE` of that it adds a page's worth all the same (a child the host lost
 would otherwise hold it forever). A queue that cannot say how full it is counts as not
 full.
@@ -58,6 +59,7 @@ from shared.reports import (
     outcome_name,
     record_duplicate,
     record_outcome,
+    request_prefix,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +73,7 @@ FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks agai
 # Seconds since the fan-out last added a page (or first came round) after which its own
 # queued children no longer hold it back: it adds a page's worth of children per this long.
 FULL_QUEUE_PATIENCE = 60.0
-# Pages the checkpoint remembers as possibly still queued (a key and a count each); sparse
+# Pages the checkpoint remembers as possibly still queued (a slot and a count each); sparse
 # pages are merged, so these always add up to a backlog (see _recent_pages).
 MAX_RECENT_PAGES = 64
 
@@ -134,7 +136,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
-                pages=_recent_pages(head, queued, engine.fanout_backlog),
+                pages=_recent_pages(request.id, head, queued, engine.fanout_backlog),
             )
             new_etag = await ledger.replace(head_name(request.id), head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
@@ -162,10 +164,11 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
 
 
 def _recent_pages(
-    head: dict[str, Any], queued: Sequence[StoredReference], backlog: int
+    request_id: str, head: dict[str, Any], queued: Sequence[StoredReference], backlog: int
 ) -> list[Any]:
     """The checkpoint's pages still counted as queued, with the children just queued: for
-    each, the key of its last queued child and how many it queued (see _own_backlog).
+    each, the slot of its last queued child (``out/<key>.json``: a long key is hashed, so
+    the checkpoint stays small) and how many it queued (see _own_backlog).
 
     A page of few children (a `personal` filter's sparse listing) is merged into the one
     before while that one holds fewer than a 63rd of the backlog, so the pages kept always
@@ -174,11 +177,12 @@ def _recent_pages(
     """
     pages = [page for page in head.get("pages") or () if _is_page(page)]
     if queued:
+        slot = outcome_name(request_id, queued[-1].key)[len(request_prefix(request_id)) :]
         least = -(-backlog // (MAX_RECENT_PAGES - 1))
         if pages and pages[-1][1] < least:
-            pages[-1] = [queued[-1].key, pages[-1][1] + len(queued)]
+            pages[-1] = [slot, pages[-1][1] + len(queued)]
         else:
-            pages.append([queued[-1].key, len(queued)])
+            pages.append([slot, len(queued)])
     return pages[-MAX_RECENT_PAGES:]
 
 
@@ -195,7 +199,7 @@ async def _own_backlog(engine: Engine, request_id: str, head: dict[str, Any]) ->
     for page in reversed(pages):
         if queued >= engine.fanout_backlog:
             break
-        slot = await engine.ledger.read(outcome_name(request_id, page[0]))
+        slot = await engine.ledger.read(request_prefix(request_id) + page[0])
         if slot is not None and is_outcome(slot.data):
             through.append(page)
         else:
@@ -209,6 +213,8 @@ def _is_page(value: Any) -> bool:
         isinstance(value, list)
         and len(value) == 2
         and isinstance(value[0], str)
+        and value[0].startswith("out/")
+        and value[0].endswith(".json")
         and isinstance(value[1], int)
     )
 
