@@ -28,10 +28,9 @@ keeps, for its latest pages, the slot of each page's last queued child and how m
 queued (sparse pages merged, so they add up to a backlog), and a page counts as queued
 until that slot holds an outcome (one read per page, newest first). Messages a producer
 delayed for days, or another broadcast's children, so never hold it back; its own
-children do, requeued by a throttled tenant too, and after
-`FULL_QUEUE_PATIENCE` of that it adds a page's worth all the same (a child the host lost
-would otherwise hold it forever). A queue that cannot say how full it is counts as not
-full.
+children do, requeued by a throttled tenant too, and after `FULL_QUEUE_PATIENCE` of that
+it adds a page's worth all the same (a child the host lost would otherwise hold it
+forever). A queue that cannot say how full it is counts as not full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
