@@ -767,6 +767,47 @@ async def test_a_broadcast_child_removed_after_the_listing_is_left_to_the_channe
     assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
 
 
+async def test_a_throttled_child_is_retried_with_the_conversations_current_reference(
+    aad_app, fake_connector
+):
+    # A child carries the reference listed at fan-out time; a 429 can put it back for up
+    # to an hour, by when the conversation may have moved (a new serviceUrl) or gone.
+    with FakeConnector() as moved_to:
+        trusted = f"{fake_connector.url},{moved_to.url}"
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=trusted)
+        store = MemoryReferenceStore()
+        for key, user in (("a:1", "29:a"), ("a:2", "29:b")):
+            await store.upsert(reference(fake_connector.url, key, user=user))
+        clock = Clock()
+        runtime = make_runtime(settings, store, clock)
+        engine = Engine(
+            runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0
+        )
+        try:
+            throttled = Reply(
+                429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "30"}
+            )
+            fake_connector.script("POST", r"/activities$", [throttled] * 8)
+            assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+            for text, _delay in engine.queue.take():
+                assert await handle(engine, text) is Outcome.REQUEUED
+            retries = engine.queue.take()
+            assert len(retries) == 2
+            assert all("reference" not in json.loads(t)[RESERVED] for t, _ in retries)
+
+            # Meanwhile a:1 moved to another serviceUrl and a:2 was uninstalled.
+            await store.upsert(reference(moved_to.url, "a:1", user="29:a"))
+            await store.delete("msteams/a:2")
+            for text, _delay in retries:
+                await handle(engine, text)
+            assert sends(moved_to) == ["a:1"]
+            report = await read_report(engine.ledger, "b-1")
+            assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+            assert "removed from the store" in report["failures"][0]["reason"]
+        finally:
+            await runtime.close()
+
+
 def child(key: str, carried: dict[str, Any]) -> str:
     return json.dumps(
         {
