@@ -599,5 +599,10 @@ def conversation_key(conversation_id: str) -> str:
 
 
 def _accelerating(seconds: float) -> float:
-    """Seconds of probing, weighted so the probe's pace doubles every PROBE_DOUBLING."""
-    return PROBE_DOUBLING / math.log(2.0) * (2.0 ** (seconds / PROBE_DOUBLING) - 1.0)
+    """Seconds of probing, weighted so the probe's pace doubles every PROBE_DOUBLING.
+
+    Counted up to 20 doublings (a weight of millions, past any ceiling from a lane's
+    lowest rate): hours without a 429 would otherwise overflow a float.
+    """
+    doublings = min(seconds / PROBE_DOUBLING, 20.0)
+    return PROBE_DOUBLING / math.log(2.0) * (2.0**doublings - 1.0)
