@@ -32,6 +32,45 @@ def test_settings_come_from_the_environment_then_local_settings(tmp_path):
     assert not settings.app_id  # a producer needs no bot credentials
 
 
+def test_storage_set_in_the_environment_replaces_the_files_storage_as_a_whole(tmp_path):
+    # README, Deploy step 5: an operator exports the identity-based form in the repo, where
+    # `make run` left local.settings.json with the connection string of Azurite.
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}})
+    )
+    settings = producer_settings(
+        {
+            "AzureWebJobsStorage__queueServiceUri": "https://acct.queue.core.windows.net",
+            "AzureWebJobsStorage__blobServiceUri": "https://acct.blob.core.windows.net",
+        },
+        tmp_path,
+    )
+    assert settings.storage.connection_string == ""
+    assert settings.storage.service_uri("queue") == "https://acct.queue.core.windows.net"
+    assert settings.storage.service_uri("blob") == "https://acct.blob.core.windows.net"
+
+    # And the other way round: a connection string in the environment is not mixed with
+    # identity-based settings from the file.
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"AzureWebJobsStorage__accountName": "acct"}})
+    )
+    settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
+    assert settings.storage.connection_string == "UseDevelopmentStorage=true"
+    assert settings.storage.account_name == ""
+
+
+def test_storage_that_is_contradictory_in_one_place_is_still_refused(tmp_path):
+    with pytest.raises(SettingsError) as raised:
+        producer_settings(
+            {
+                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                "AzureWebJobsStorage__accountName": "acct",
+            },
+            tmp_path,
+        )
+    assert raised.value.setting == "AzureWebJobsStorage"
+
+
 def test_bad_names_are_refused_by_setting(tmp_path):
     with pytest.raises(SettingsError) as raised:
         producer_settings({"BOT_PROACTIVE_QUEUE": "Not_A_Queue"}, tmp_path)
