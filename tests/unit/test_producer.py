@@ -206,3 +206,28 @@ async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, u
     [warning] = [r for r in caplog.records if "depth unknown" in r.getMessage()]
     assert "HttpResponseError" in warning.getMessage()
     assert sas.split("sig=")[1][:12] not in caplog.text
+
+
+@pytest.mark.integration
+async def test_a_new_reports_update_time_is_never_before_its_creation(azurite, unique_name):
+    # createdAt is the producer's clock in milliseconds; blob times have whole seconds.
+    from shared.config import Settings, StorageSettings
+    from shared.producer import read_report
+    from shared.storage import close_shared_clients
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("refs"),
+        proactive_queue=unique_name("proactive"),
+    )
+    try:
+        reports = []
+        for _ in range(3):
+            request = {"to": {"conversation": "msteams/19:a@thread.tacv2"}, "text": "hi"}
+            reports.append(
+                await read_report(await enqueue(request, settings=settings), settings=settings)
+            )
+    finally:
+        await close_shared_clients()
+    assert [r["state"] for r in reports] == ["pending"] * 3
+    assert [r["updatedAt"] >= r["createdAt"] for r in reports] == [True] * 3, reports
