@@ -200,7 +200,9 @@ def ensure_resources(conn_str: str, queues: list[str], containers: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the repo-local Azurite")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.azurite", description="Run the repo-local Azurite"
+    )
     parser.add_argument("--default-ports", action="store_true", help="10000/10001/10002")
     parser.add_argument("--location", help="data folder (default: in memory)")
     parser.add_argument("--cert", help="PEM certificate: serve HTTPS (needs --key)")
