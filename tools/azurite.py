@@ -182,18 +182,27 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Retries for a local emulator: a few seconds, not the SDK's 15 s backoff (over a minute).
+LOCAL_RETRY = {
+    "retry_total": 3,
+    "initial_backoff": 0.5,
+    "increment_base": 1,
+    "random_jitter_range": 0.5,
+}
+
+
 def ensure_resources(conn_str: str, queues: list[str], containers: list[str]) -> None:
     """Create queues (and their `-poison` twins) and containers if they do not exist."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
 
-    queue_service = QueueServiceClient.from_connection_string(conn_str)
+    queue_service = QueueServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)
     for name in queues:
         for queue in (name, f"{name}-poison"):
             with contextlib.suppress(ResourceExistsError):
                 queue_service.create_queue(queue)
-    blob_service = BlobServiceClient.from_connection_string(conn_str)
+    blob_service = BlobServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)
     for name in containers:
         with contextlib.suppress(ResourceExistsError):
             blob_service.create_container(name)

@@ -178,6 +178,11 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
             [settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
         )
     except Exception as error:  # whatever answers on the ports is not a working Azurite
+        if not (listening(args.blob_port) and listening(args.queue_port)):
+            raise RunError(
+                f"Azurite stopped answering on ports {args.blob_port}/{args.queue_port} (was "
+                "another `make run` stopping?): run `make run` again"
+            ) from None
         raise RunError(
             f"ports {args.blob_port}/{args.queue_port} answer, but not as Azurite "
             f"({type(error).__name__}): stop what uses them, then run `make run` again"

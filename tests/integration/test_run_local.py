@@ -252,3 +252,18 @@ def test_make_run_with_a_broken_settings_file_names_it(make_run):
     assert "local.settings.json is not readable JSON" in run.stderr
     assert "Traceback" not in run.stderr
     assert not accepts_connections(run.ports["blob"])
+
+
+def test_make_run_when_azurite_stops_before_the_queues_are_created_says_so_quickly():
+    # The Azurite found on the ports (another `make run` that is stopping, say) is gone by
+    # the time the queues and the container are created: nothing answers there any more.
+    from tools import run_local
+
+    args = run_local.parse_args(["--blob-port", str(free_port()), "--queue-port", str(free_port())])
+    started = time.monotonic()
+    with pytest.raises(run_local.RunError) as raised:
+        run_local.create_resources(args, {})
+    assert time.monotonic() - started < 40  # not the storage SDK's minute and a half of retries
+    message = str(raised.value)
+    assert "not as Azurite" not in message  # nothing answers: it is not some other program
+    assert f"{args.blob_port}/{args.queue_port}" in message and "make run" in message
