@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.broadcast [--conversations 10000] [--processes 1,2,4]
                                              [--tenant-limit 50] [--unthrottled]
+                                             [--scheduled 0]
 
 Stores ``--conversations`` Teams channel conversations in 2 tenants (Azurite), then for
 each process count starts that many local hosts (``tools.devhost`` serving
@@ -9,6 +10,8 @@ each process count starts that many local hosts (``tools.devhost`` serving
 conversation with ``shared.producer.enqueue`` and polls its delivery report until it is
 ``done``. The fake Connector (benchmarks/connector_process.py) enforces Teams' windows
 per conversation and ``--tenant-limit`` requests per second per tenant, answering 429.
+``--scheduled N`` first enqueues N requests a producer delayed by a day (reminders due
+tomorrow), which sit in the queue, and in its message count, for the whole run.
 
 Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
 limit), delivered, lost (delivered per the report but never received), duplicated,
@@ -56,6 +59,25 @@ def reference(service_url: str, app_id: str, n: int) -> dict[str, Any]:
     }
 
 
+async def schedule_for_tomorrow(settings: Any, count: int) -> None:
+    """`count` requests a producer delayed by a day: queued, counted, not due in this run."""
+    from shared.producer import enqueue
+    from shared.storage import close_shared_clients
+
+    gate = asyncio.Semaphore(32)
+    tomorrow = 24 * 3600.0
+
+    async def one(n: int) -> None:
+        request = {"to": {"conversation": f"msteams/19:bench{n}@thread.tacv2"}, "text": "later"}
+        async with gate:
+            await enqueue(request, settings=settings, delay=tomorrow)
+
+    try:
+        await asyncio.gather(*(one(n) for n in range(count)))
+    finally:
+        await close_shared_clients()
+
+
 async def seed(settings: Any, service_url: str, app_id: str, count: int) -> None:
     from shared.references import BlobReferenceStore
 
@@ -99,6 +121,7 @@ async def broadcast(
     """
     from shared.producer import enqueue, read_report
     from shared.references import StoreError
+    from shared.storage import close_shared_clients
 
     failed_reads: list[str] = []
     started = time.perf_counter()
@@ -124,6 +147,7 @@ async def broadcast(
             continue
         if report and report.get("state") == "done":
             break
+    await close_shared_clients()
     return {
         "seconds": time.perf_counter() - started,
         "report": report,
@@ -219,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         "configured with the limit its channel enforces)",
     )
     parser.add_argument("--unthrottled", action="store_true")
+    parser.add_argument(
+        "--scheduled",
+        type=int,
+        default=0,
+        help="requests delayed by a day, enqueued before the broadcast (default 0)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="per broadcast, seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
@@ -244,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "tenant_limit_per_s": args.tenant_limit,
         "bot_rate_limit_per_s": args.bot_rate_limit or args.tenant_limit,
         "enforced_rate_per_s": args.tenant_limit * len(TENANTS),
+        "scheduled_for_tomorrow": args.scheduled,
         "runs": [],
     }
     limits = ["--teams-limits", "--tenant-limit", str(args.tenant_limit)]
@@ -278,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings.from_env(env)
             asyncio.run(seed(settings, services.connector_url, services.app_id, args.conversations))
             report["seed_seconds"] = round(time.perf_counter() - started, 1)
+            if args.scheduled:
+                print(f"enqueueing {args.scheduled} requests due tomorrow ...", flush=True)
+                asyncio.run(schedule_for_tomorrow(settings, args.scheduled))
             print(f"broadcast with {processes} process(es) ...", flush=True)
             result = run_once(services, env, processes, args.conversations, args.timeout, trace)
         if connector_args:

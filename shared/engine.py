@@ -33,7 +33,7 @@ class Engine:
     fanout_page_size: int = 250
     fanout_seconds: float = 20.0  # one invocation fans out at most this long, then continues
     fanout_parallel: int = 32
-    # The fan-out adds no page while the queue holds this many messages (shared/fanout.py).
+    # A broadcast adds no page while this many of its children are queued (shared/fanout.py).
     fanout_backlog: int = 1000
 
     @classmethod
@@ -72,6 +72,10 @@ class Engine:
             attempt=engine.attempt + (1 if count else 0),
             since=engine.since if engine.since is not None else now,
         )
+        if count and bookkeeping.reference is not None:
+            # A broadcast child tried and put back (throttled, for up to `max_age`) reads the
+            # conversation's reference again: it may have moved to another serviceUrl, or gone.
+            bookkeeping = replace(bookkeeping, reference=None)
         if unrecorded is not None:
             bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again.

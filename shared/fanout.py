@@ -3,7 +3,8 @@
 A broadcast request is never delivered by one invocation. Each invocation that holds the
 broadcast's fan-out claim:
 
-1. reads the checkpoint (the report head: the store's continuation token, targets so far);
+1. reads the checkpoint (the report head: the store's continuation token, targets so far,
+   its latest pages);
 2. lists the next page of matching references (channel, tenant and team filters are the
    store's; `personal` is checked here), and enqueues one child per conversation:
    ``{"id": <broadcast id>, "to": {"conversation": <key>}, <content>, "_proactive":
@@ -11,20 +12,25 @@ broadcast's fan-out claim:
    under the broadcast's id by key (the reference rides along so the send reads nothing
    from the store; one too large to fit is left out and read instead);
 3. writes the checkpoint with ``If-Match`` (a page is never counted twice);
-4. stops after `fanout_seconds`, or once the queue holds `fanout_backlog` messages, and
-   puts the broadcast back on the queue, so the next page may be fanned out by any
-   instance and no invocation runs long.
+4. stops after `fanout_seconds`, or once about `fanout_backlog` of its own children are
+   queued, and puts the broadcast back on the queue, so the next page may be fanned out by
+   any instance and no invocation runs long.
 
-Flow control: the queue is kept at about `fanout_backlog` messages, not filled with every
-child at once. A request enqueued behind a broadcast to a hundred thousand conversations
-(one tenant's 50 sends/s take half an hour for them) waits behind a backlog, not behind
-the whole broadcast; a child leaves the queue minutes after its reference was listed, not
-an hour; and the continuation, put back behind the backlog, comes round when the queue
-has drained it, to add the next pages. The count it goes by is the queue's approximate
-message count (one call per invocation; delayed copies included), so children requeued
-by a throttled tenant hold the next pages back too; so do messages a producer delayed for
-days, which is why a fan-out held back for `FULL_QUEUE_PATIENCE` adds a page's worth of
-children all the same. A queue that cannot say how full it is counts as not full.
+Flow control: each broadcast keeps about `fanout_backlog` of its children on the queue,
+not every child at once. A request enqueued behind a broadcast to a hundred thousand
+conversations (one tenant's 50 sends/s take half an hour for them) waits behind a backlog,
+not behind the whole broadcast; a child leaves the queue minutes after its reference was
+listed, not an hour; and the continuation, put back behind the backlog, comes round when
+the queue has worked through it, to add the next pages. The queue's approximate count
+(one call per invocation) answers while it is below the backlog. Above it, the count
+cannot say whose messages fill the queue, so the broadcast counts its own: the checkpoint
+keeps, for its latest pages, the key of each page's last child and the page's size, and a
+page counts as queued until that child's slot holds an outcome (one read per page, newest
+first). Messages a producer delayed for days, or another broadcast's children, so never
+hold it back; its own children do, requeued by a throttled tenant too, and after
+`FULL_QUEUE_PATIENCE` of that it adds a page's worth all the same (a child the host lost
+would otherwise hold it forever). A queue that cannot say how full it is counts as not
+full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
@@ -39,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from shared.idempotency import Busy, Settled, release_claim, take_claim
+from shared.idempotency import Busy, Settled, is_outcome, release_claim, take_claim
 from shared.ledger import iso
 from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
 from shared.queues import MAX_REQUEST_BYTES, compact_json
@@ -49,6 +55,7 @@ from shared.reports import (
     claim_name,
     ensure_head,
     head_name,
+    outcome_name,
     record_duplicate,
     record_outcome,
 )
@@ -61,9 +68,12 @@ logger = logging.getLogger(__name__)
 
 CONTENT_FIELDS = ("activity", "text")
 FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
-# Seconds since the fan-out last added a page (or first came round) after which a full
-# queue no longer holds it back: it adds a page's worth of children per this long at least.
+# Seconds since the fan-out last added a page (or first came round) after which its own
+# queued children no longer hold it back: it adds a page's worth of children per this long.
 FULL_QUEUE_PATIENCE = 60.0
+# Pages the checkpoint remembers as possibly still queued (a key and a count each): enough
+# for a backlog of sparse pages (a `personal` filter can leave a page a handful of matches).
+MAX_RECENT_PAGES = 64
 
 
 async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -72,18 +82,24 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     assert request.broadcast is not None
     ledger = engine.ledger
     await ensure_head(ledger, request.id, "broadcast", engine.clock())
-    queued = await engine.queue.depth()
-    backlog = engine.fanout_backlog
-    if queued is not None and queued >= backlog:
-        if engine.age(request) < FULL_QUEUE_PATIENCE:
-            # Put back with a delay: the queue may hold only delayed copies, and a copy
-            # put back without one would come round at once.
-            logger.info("proactive %r: fan-out waits, %d messages queued", request.id, queued)
-            return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
-        # Full all this time: what fills it may be due only in days (a producer's delay),
-        # so a page's worth of children goes all the same; it waits again behind them.
-        logger.info("proactive %r: fan-out adds a page, %d messages queued", request.id, queued)
-        backlog = queued + engine.fanout_page_size
+    # How many of its own children the queue holds (None: it cannot tell, so not full).
+    own = await engine.queue.depth()
+    seen = None  # the checkpoint as read to count them, with the pages found through dropped
+    if own is not None and own >= engine.fanout_backlog:
+        # Full, but of what? Only the broadcast's own children hold it back: messages a
+        # producer delayed for days, or another broadcast's children, are not its backlog.
+        seen = await ledger.read(head_name(request.id))
+        own = await _own_backlog(engine, request.id, seen.data if seen else {})
+        if own >= engine.fanout_backlog:
+            if engine.age(request) < FULL_QUEUE_PATIENCE:
+                # Put back with a delay: the queue may hold only delayed copies, and a copy
+                # put back without one would come round at once.
+                logger.info("proactive %r: fan-out waits, %d own queued", request.id, own)
+                return await engine.requeue(request, engine.jitter(FULL_QUEUE_WAIT), count=False)
+            # Its own children have kept the queue full for a minute (a tenant throttling
+            # them, a child the host lost): a page's worth all the same, then it waits.
+            logger.info("proactive %r: fan-out adds a page, %d own queued", request.id, own)
+            own = engine.fanout_backlog - engine.fanout_page_size
     claim = await take_claim(
         ledger, claim_name(request.id, FANOUT_TARGET), engine.clock(), seconds=engine.claim_seconds
     )
@@ -97,6 +113,8 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             await record_duplicate(ledger, request.id, "broadcast", engine.clock())
             logger.info("proactive %r: broadcast already fanned out", request.id)
             return Outcome.DUPLICATE
+        if seen is not None and seen.etag == record.etag:
+            record = seen  # unchanged since: keep the pages found through dropped
         head, etag = dict(record.data), record.etag
         started = engine.clock()
         while True:
@@ -109,13 +127,14 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             )
             targets = [item for item in page.items if _matches(item, request.broadcast)]
             await _enqueue_children(request, targets, engine)
-            if queued is not None:
-                queued += len(targets)
+            if own is not None:
+                own += len(targets)
             head.update(
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
+                pages=_recent_pages(head, targets),
             )
             new_etag = await ledger.replace(head_name(request.id), head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
@@ -131,7 +150,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 return Outcome.FANNED_OUT
             if engine.clock() - started >= engine.fanout_seconds:
                 break
-            if queued is not None and queued >= backlog:
+            if own is not None and own >= engine.fanout_backlog:
                 break  # the continuation, behind these children, adds the next pages
     finally:
         await release_claim(ledger, claim)
@@ -140,6 +159,46 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     # A broadcast copy's `since` is when it last added a page: its patience starts again.
     progressed = replace(request, engine=replace(request.engine, since=None))
     return await engine.requeue(progressed, 0.0, count=False)
+
+
+def _recent_pages(head: dict[str, Any], targets: Sequence[StoredReference]) -> list[Any]:
+    """The checkpoint's pages still counted as queued, with the page just added: for each,
+    the key of its last child and how many children it had (see _own_backlog)."""
+    pages = [page for page in head.get("pages") or () if _is_page(page)]
+    if targets:
+        pages.append([targets[-1].key, len(targets)])
+    return pages[-MAX_RECENT_PAGES:]
+
+
+async def _own_backlog(engine: Engine, request_id: str, head: dict[str, Any]) -> int:
+    """About how many of this broadcast's children are still queued, newest page first.
+
+    A page counts as queued until its last child has an outcome: the queue hands messages
+    out roughly in order, so by then the page is through (a child put back by throttling
+    has none, and holds its page). Drops the pages found through from `head["pages"]`.
+    Counting stops once the backlog is reached; older pages are then not read.
+    """
+    pages = [page for page in head.get("pages") or () if _is_page(page)]
+    queued, through = 0, []
+    for page in reversed(pages):
+        if queued >= engine.fanout_backlog:
+            break
+        slot = await engine.ledger.read(outcome_name(request_id, page[0]))
+        if slot is not None and is_outcome(slot.data):
+            through.append(page)
+        else:
+            queued += page[1]
+    head["pages"] = [page for page in pages if page not in through]
+    return queued
+
+
+def _is_page(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    )
 
 
 def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:

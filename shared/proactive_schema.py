@@ -51,6 +51,7 @@ class Bookkeeping:
     child: bool = False
     # A child's conversation reference as the fan-out listed it: the send needs no read of
     # the store (the Connector still refuses an untrusted serviceUrl, as for any target).
+    # A copy put back to be tried again leaves it out (Engine.requeue).
     reference: Mapping[str, Any] | None = None
     # Sent, but its outcome could not be recorded (storage failed): record it, send nothing.
     outcome: str | None = None

@@ -954,3 +954,45 @@ def test_message_encodings_round_trip():
     assert decode_body(encode_body(body, "none"), "none") == body
     with pytest.raises(UndecodableMessage):
         decode_body("not base64!", "base64")
+
+
+async def _thread_hops_of_one_receive_and_delete(service: Any, queue_name: str) -> int:
+    """How many times the host's client hands work to a thread for one receive and one
+    delete (aiohttp's netrc and proxy lookups when it trusts the environment)."""
+    import concurrent.futures.thread as threads
+
+    queue = service.get_queue_client(queue_name)
+    await queue.create_queue()
+    await queue.send_message("a")  # the connection is made
+    submitted = 0
+    original = threads.ThreadPoolExecutor.submit
+
+    def counting(self, fn, /, *args, **kwargs):
+        nonlocal submitted
+        submitted += 1
+        return original(self, fn, *args, **kwargs)
+
+    threads.ThreadPoolExecutor.submit = counting  # the thread pool, not the host's code
+    try:
+        [message] = [m async for m in queue.receive_messages(max_messages=1)]
+        await queue.delete_message(message)
+    finally:
+        threads.ThreadPoolExecutor.submit = original
+    return submitted
+
+
+async def test_the_hosts_queue_calls_make_no_thread_hop(azurite, unique_name, monkeypatch):
+    # One receive per batch and one delete per message: two thread wake-ups each, with the
+    # event loop busy delivering, cost the host ~0.4 ms of CPU per message (profiled).
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings = {"AzureWebJobsStorage": azurite.connection_string}
+    connection = resolve_connection("AzureWebJobsStorage", settings, where="test")
+    async with queue_service_client(connection, where="test") as service:
+        assert await _thread_hops_of_one_receive_and_delete(service, unique_name("q")) == 0
+
+    # A proxy in the environment is still honoured (NO_PROXY keeps loopback direct).
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    async with queue_service_client(connection, where="test") as service:
+        assert await _thread_hops_of_one_receive_and_delete(service, unique_name("q")) > 0

@@ -463,48 +463,114 @@ async def wait_until_fanned_out_more(engine: Engine, copy: str) -> float:
     raise AssertionError(f"still no child after {waited:.0f} s of waiting")
 
 
-async def test_messages_scheduled_days_ahead_do_not_hold_a_broadcast_back_for_days(
-    parts, fake_connector
-):
-    # They are not a backlog anyone works through: a broadcast that only waited for the
-    # count to fall would wait until they come due, coming round every few seconds.
+def children_of(engine: Engine, request_id: str) -> list[str]:
+    """The queued children of one broadcast, as queued."""
+    return [
+        text
+        for text, _ in engine.queue.sent
+        if json.loads(text)["id"] == request_id and json.loads(text)[RESERVED].get("child")
+    ]
+
+
+def continuation_of(engine: Engine, request_id: str) -> str:
+    [copy] = [
+        text
+        for text, _ in engine.queue.sent
+        if json.loads(text)["id"] == request_id and "broadcast" in json.loads(text)["to"]
+    ]
+    engine.queue.sent = [(t, d) for t, d in engine.queue.sent if t != copy]
+    return copy
+
+
+async def test_messages_scheduled_days_ahead_do_not_hold_a_broadcast_back(parts, fake_connector):
+    # They are not a backlog anyone works through: a broadcast that waited for the queue's
+    # count to fall would wait until they come due (or crawl along a page at a time).
     runtime, engine = parts
     await store_many(runtime, fake_connector.url)
     engine.fanout_page_size = 2
     engine.fanout_backlog = 3
     later = hold_queue_full_for_days(engine)
 
-    waited = await wait_until_fanned_out_more(engine, body({"broadcast": {}}, "b-1"))
-    assert waited <= 120  # held back a minute or two, not until the scheduled ones are due
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
+    # Its own backlog at once (pages of 2 until 3 or more of its own are queued).
+    assert len(children_of(engine, "b-1")) == 4
+    continuation = continuation_of(engine, "b-1")
 
-    # It adds a page at a time while the queue stays full, never the whole broadcast.
-    children = [json.loads(t) for t, _ in engine.queue.sent if t not in later]
-    assert len(children) == engine.fanout_page_size + 1  # and the continuation
-    assert sum(bool(c.get("_proactive", {}).get("child")) for c in children) == 2
-    # Its patience starts again: coming round at once, it waits, adding nothing.
-    (continuation, _delay) = engine.queue.sent.pop()
-    count = len(engine.queue.sent)
+    # While its own children are queued, it waits for them, however many others there are.
     assert await handle(engine, continuation) is Outcome.REQUEUED
-    assert len(engine.queue.sent) == count + 1 and engine.queue.sent[-1][1] >= 2.0
+    assert len(children_of(engine, "b-1")) == 4
+    waiting, delay = engine.queue.sent[-1]
+    assert "broadcast" in json.loads(waiting)["to"] and delay >= 2.0
+    engine.queue.sent.pop()
+
+    # Once they are delivered, it adds the rest; the delayed messages are still queued.
+    for child in children_of(engine, "b-1"):
+        engine.queue.sent.remove((child, 0.0))
+        assert await handle(engine, child) is Outcome.DELIVERED
+    assert await handle(engine, continuation) is Outcome.FANNED_OUT
+    await drain_all_but(engine, later)
+    assert sorted(sends(fake_connector)) == sorted(
+        {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}
+    )
+    assert [text for text, _ in engine.queue.sent] == later
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done" and report["delivered"] == report["targets"] == 5
 
 
-async def test_a_held_back_broadcast_adds_a_page_of_matches_not_a_page_of_listing(
+async def drain_all_but(engine: Engine, kept: list[str]) -> None:
+    """Handle everything queued except `kept` (messages delayed for days), delays skipped."""
+    for _ in range(100):
+        due = [(t, d) for t, d in engine.queue.sent if t not in kept]
+        if not due:
+            return
+        engine.queue.sent = [(t, d) for t, d in engine.queue.sent if t in kept]
+        for text, _delay in due:
+            await handle(engine, text)
+    raise AssertionError("the queue never drained")
+
+
+async def test_another_broadcasts_children_do_not_hold_a_broadcast_back(parts, fake_connector):
+    # Two broadcasts at once (two tenants, say): each keeps a backlog of its own children
+    # queued, so one tenant's pace does not set the other's.
+    runtime, engine = parts
+    for i in range(8):
+        await runtime.references.upsert(reference(fake_connector.url, f"a:n{i}", user=f"29:{i}"))
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 4
+
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    first = children_of(engine, "b-1")
+    assert len(first) == 4
+    continuation_of(engine, "b-1")
+    assert await handle(engine, body({"broadcast": {}}, "b-2")) is Outcome.REQUEUED
+    assert len(children_of(engine, "b-2")) == 4  # not held back by b-1's four
+    second = continuation_of(engine, "b-2")
+    assert await handle(engine, second) is Outcome.REQUEUED  # but by its own four
+    assert len(children_of(engine, "b-2")) == 4
+
+
+async def test_a_broadcast_held_back_by_its_own_children_adds_a_page_of_matches_a_minute(
     parts, fake_connector
 ):
-    # Pages of the store's listing may hold no match (`personal` is checked here): one
-    # listed page a minute would take a broadcast to the few channels among many personal
-    # chats hours while the queue stays full.
+    # Its own children may stay queued for long (a tenant throttling them, a child the host
+    # lost): the broadcast still adds a page's worth of matches a minute, and pages of the
+    # store's listing that match nothing (`personal` is checked here) do not count.
     runtime, engine = parts
+    for i in range(2):
+        await runtime.references.upsert(reference(fake_connector.url, f"a:c{i}", personal=False))
     for i in range(6):
         await runtime.references.upsert(reference(fake_connector.url, f"a:p{i}", user=f"29:{i}"))
     await runtime.references.upsert(reference(fake_connector.url, "z:chan", personal=False))
     engine.fanout_page_size = 2
-    engine.fanout_backlog = 3
-    later = hold_queue_full_for_days(engine)
+    engine.fanout_backlog = 2
 
-    copy = body({"broadcast": {"personal": False}}, "b-1")
-    assert await wait_until_fanned_out_more(engine, copy) <= 120
-    [child] = [json.loads(t) for t, _ in engine.queue.sent if t not in later]
+    await handle(engine, body({"broadcast": {"personal": False}}, "b-1"))
+    stuck = children_of(engine, "b-1")
+    assert len(stuck) == 2  # never handled from here on
+    copy = continuation_of(engine, "b-1")
+    waited = await wait_until_fanned_out_more(engine, copy)
+    assert 60 <= waited <= 120
+    [child] = [json.loads(t) for t in children_of(engine, "b-1") if t not in stuck]
     assert child[RESERVED]["reference"]["conversation"]["id"] == "z:chan"
 
 
@@ -574,6 +640,47 @@ async def test_a_broadcast_child_removed_after_the_listing_is_left_to_the_channe
     assert (report["state"], report["delivered"], report["pruned"]) == ("done", 1, 1)
     assert report["failed"] == 0 and engine.queue.poisoned == []
     assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+
+
+async def test_a_throttled_child_is_retried_with_the_conversations_current_reference(
+    aad_app, fake_connector
+):
+    # A child carries the reference listed at fan-out time; a 429 can put it back for up
+    # to an hour, by when the conversation may have moved (a new serviceUrl) or gone.
+    with FakeConnector() as moved_to:
+        trusted = f"{fake_connector.url},{moved_to.url}"
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=trusted)
+        store = MemoryReferenceStore()
+        for key, user in (("a:1", "29:a"), ("a:2", "29:b")):
+            await store.upsert(reference(fake_connector.url, key, user=user))
+        clock = Clock()
+        runtime = make_runtime(settings, store, clock)
+        engine = Engine(
+            runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0
+        )
+        try:
+            throttled = Reply(
+                429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "30"}
+            )
+            fake_connector.script("POST", r"/activities$", [throttled] * 8)
+            assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+            for text, _delay in engine.queue.take():
+                assert await handle(engine, text) is Outcome.REQUEUED
+            retries = engine.queue.take()
+            assert len(retries) == 2
+            assert all("reference" not in json.loads(t)[RESERVED] for t, _ in retries)
+
+            # Meanwhile a:1 moved to another serviceUrl and a:2 was uninstalled.
+            await store.upsert(reference(moved_to.url, "a:1", user="29:a"))
+            await store.delete("msteams/a:2")
+            for text, _delay in retries:
+                await handle(engine, text)
+            assert sends(moved_to) == ["a:1"]
+            report = await read_report(engine.ledger, "b-1")
+            assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
+            assert "removed from the store" in report["failures"][0]["reason"]
+        finally:
+            await runtime.close()
 
 
 def child(key: str, carried: dict[str, Any]) -> str:

@@ -67,6 +67,8 @@ def queue_service_client(connection: Connection, *, where: str) -> QueueServiceC
     Retries are short: the listener's own polling loop retries, and a storage emulator
     that is not running should show up as a warning within seconds, not minutes.
     """
+    from urllib.request import getproxies  # loaded with aiohttp, which the client needs
+
     from azure.storage.queue.aio import QueueServiceClient
 
     # Passed through to the client's default (async) exponential retry policy.
@@ -76,6 +78,9 @@ def queue_service_client(connection: Connection, *, where: str) -> QueueServiceC
         "increment_base": 2,
         "random_jitter_range": 1,
         "connection_timeout": 10,
+        # Trusting the environment makes aiohttp look up ~/.netrc and the proxy variables in
+        # a worker thread on every request: a thread hop per receive and per delete.
+        "use_env_settings": bool(getproxies()),
     }
     if connection.connection_string:
         try:
