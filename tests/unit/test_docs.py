@@ -129,3 +129,13 @@ def test_relative_links_in_the_docs_resolve_inside_the_repo():
             if not resolved.exists() or ROOT not in resolved.parents:
                 broken.append(f"{name}: {target}")
     assert broken == []
+
+
+def test_every_python_m_command_in_the_docs_exists():
+    missing = []
+    for name in tracked("*.md", "Makefile", ".github/workflows/*.yml"):
+        for module in re.findall(r"python -m ([A-Za-z_][\w.]*\w)", (ROOT / name).read_text()):
+            path = ROOT / module.replace(".", "/")
+            if not (path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()):
+                missing.append(f"{name}: python -m {module}")
+    assert missing == []
