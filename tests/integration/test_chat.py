@@ -71,13 +71,7 @@ def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp
     }
     host = DevHost(env, tmp_path, functions=("messages_function", "proactive_function"))
     host.wait_started()
-    read_end, write_end = os.pipe()
-    out = io.StringIO()
-    thread = threading.Thread(
-        target=chat.main,
-        args=(["--bot", f"{host.url}/api/messages", "--port", str(port)], os.fdopen(read_end), out),
-    )
-    thread.start()
+    thread, write_end, out = chat_in_background(f"{host.url}/api/messages", port)
     try:
         with os.fdopen(write_end, "w") as typed:
             typed.write("hi\n")
@@ -92,6 +86,17 @@ def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp
         thread.join(timeout=30)
         host.stop()
     assert not thread.is_alive()
+
+
+def chat_in_background(bot_url: str, port: int) -> tuple[threading.Thread, int, io.StringIO]:
+    """`make chat` in a thread: its thread, the fd to type into (close it to quit), its output."""
+    read_end, write_end = os.pipe()
+    out = io.StringIO()
+    thread = threading.Thread(
+        target=chat.main, args=(["--bot", bot_url, "--port", str(port)], os.fdopen(read_end), out)
+    )
+    thread.start()
+    return thread, write_end, out
 
 
 async def only_reference(env: dict[str, str]) -> str:
@@ -216,13 +221,7 @@ def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
     app.router.add_post("/api/messages", accept)
     bot = BackgroundServer(app).start()
     port = free_port()
-    read_end, write_end = os.pipe()
-    out = io.StringIO()
-    thread = threading.Thread(
-        target=chat.main,
-        args=(["--bot", f"{bot.url}/api/messages", "--port", str(port)], os.fdopen(read_end), out),
-    )
-    thread.start()
+    thread, write_end, out = chat_in_background(f"{bot.url}/api/messages", port)
     try:
         wait_until(lambda: "Type a message" in out.getvalue(), "the prompt")
         for conversation in ("botsim-earlier", conversations[0]):  # another chat's, then ours
