@@ -187,6 +187,9 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
     ready = wait_for_line(run, "Ready: ")
     assert f"http://127.0.0.1:{ports['port']}/api/messages" in ready
     assert "`make chat`" in ready and "`make playground`" in ready
+    # It ends the start-up: after the host's list of functions, not lost above it.
+    lines = run.stdout.splitlines()
+    assert lines.index(ready) > min(i for i, line in enumerate(lines) if line.startswith(STARTED))
 
     # The bot answers on its port: an object that is not an activity is its 400.
     assert post_status(ports["port"], "/api/messages", b"{}") == 400
