@@ -24,13 +24,13 @@ listed, not an hour; and the continuation, put back behind the backlog, comes ro
 the queue has worked through it, to add the next pages. The queue's approximate count
 (one call per invocation) answers while it is below the backlog. Above it, the count
 cannot say whose messages fill the queue, so the broadcast counts its own: the checkpoint
-keeps, for its latest pages, the key of each page's last child and the page's size, and a
-page counts as queued until that child's slot holds an outcome (one read per page, newest
-first). Messages a producer delayed for days, or another broadcast's children, so never
-hold it back; its own children do, requeued by a throttled tenant too, and after
-`FULL_QUEUE_PATIENCE` of that it adds a page's worth all the same (a child the host lost
-would otherwise hold it forever). A queue that cannot say how full it is counts as not
-full.
+keeps, for its latest pages, the slot of each page's last queued child and how many it
+queued (sparse pages merged, so they add up to a backlog), and a page counts as queued
+until that slot holds an outcome (one read per page, newest first). Messages a producer
+delayed for days, or another broadcast's children, so never hold it back; its own
+children do, requeued by a throttled tenant too, and after `FULL_QUEUE_PATIENCE` of that
+it adds a page's worth all the same (a child the host lost would otherwise hold it
+forever). A queue that cannot say how full it is counts as not full.
 
 A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
 delivery dedupes per (id, conversation). The children spread over every instance the
@@ -58,6 +58,7 @@ from shared.reports import (
     outcome_name,
     record_duplicate,
     record_outcome,
+    request_prefix,
 )
 
 if TYPE_CHECKING:
@@ -71,8 +72,8 @@ FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks agai
 # Seconds since the fan-out last added a page (or first came round) after which its own
 # queued children no longer hold it back: it adds a page's worth of children per this long.
 FULL_QUEUE_PATIENCE = 60.0
-# Pages the checkpoint remembers as possibly still queued (a key and a count each): enough
-# for a backlog of sparse pages (a `personal` filter can leave a page a handful of matches).
+# Pages the checkpoint remembers as possibly still queued (a slot and a count each); sparse
+# pages are merged, so these always add up to a backlog (see _recent_pages).
 MAX_RECENT_PAGES = 64
 
 
@@ -126,15 +127,15 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 page_size=engine.fanout_page_size,
             )
             targets = [item for item in page.items if _matches(item, request.broadcast)]
-            await _enqueue_children(request, targets, engine)
+            queued = await _enqueue_children(request, targets, engine)
             if own is not None:
-                own += len(targets)
+                own += len(queued)
             head.update(
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
-                pages=_recent_pages(head, targets),
+                pages=_recent_pages(request.id, head, queued, engine.fanout_backlog),
             )
             new_etag = await ledger.replace(head_name(request.id), head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
@@ -161,12 +162,26 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     return await engine.requeue(progressed, 0.0, count=False)
 
 
-def _recent_pages(head: dict[str, Any], targets: Sequence[StoredReference]) -> list[Any]:
-    """The checkpoint's pages still counted as queued, with the page just added: for each,
-    the key of its last child and how many children it had (see _own_backlog)."""
+def _recent_pages(
+    request_id: str, head: dict[str, Any], queued: Sequence[StoredReference], backlog: int
+) -> list[Any]:
+    """The checkpoint's pages still counted as queued, with the children just queued: for
+    each, the slot of its last queued child (``out/<key>.json``: a long key is hashed, so
+    the checkpoint stays small) and how many it queued (see _own_backlog).
+
+    A page of few children (a `personal` filter's sparse listing) is merged into the one
+    before while that one holds fewer than a 63rd of the backlog, so the pages kept always
+    add up to a backlog. A child recorded failed at fan-out (too large) is not queued: its
+    outcome would mark its page through at once.
+    """
     pages = [page for page in head.get("pages") or () if _is_page(page)]
-    if targets:
-        pages.append([targets[-1].key, len(targets)])
+    if queued:
+        slot = outcome_name(request_id, queued[-1].key)[len(request_prefix(request_id)) :]
+        least = -(-backlog // (MAX_RECENT_PAGES - 1))
+        if pages and pages[-1][1] < least:
+            pages[-1] = [slot, pages[-1][1] + len(queued)]
+        else:
+            pages.append([slot, len(queued)])
     return pages[-MAX_RECENT_PAGES:]
 
 
@@ -183,7 +198,7 @@ async def _own_backlog(engine: Engine, request_id: str, head: dict[str, Any]) ->
     for page in reversed(pages):
         if queued >= engine.fanout_backlog:
             break
-        slot = await engine.ledger.read(outcome_name(request_id, page[0]))
+        slot = await engine.ledger.read(request_prefix(request_id) + page[0])
         if slot is not None and is_outcome(slot.data):
             through.append(page)
         else:
@@ -197,6 +212,8 @@ def _is_page(value: Any) -> bool:
         isinstance(value, list)
         and len(value) == 2
         and isinstance(value[0], str)
+        and value[0].startswith("out/")
+        and value[0].endswith(".json")
         and isinstance(value[1], int)
     )
 
@@ -207,11 +224,13 @@ def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:
 
 async def _enqueue_children(
     request: ProactiveRequest, targets: Sequence[StoredReference], engine: Engine
-) -> None:
+) -> list[StoredReference]:
+    """Queue one child per target; the targets queued, in order (a child too large to
+    queue is recorded failed instead)."""
     content = {name: request.message[name] for name in CONTENT_FIELDS if name in request.message}
     semaphore = asyncio.Semaphore(engine.fanout_parallel)
 
-    async def one(stored: StoredReference) -> None:
+    async def one(stored: StoredReference) -> StoredReference | None:
         child: dict[str, Any] = {
             "id": request.id,
             "to": {"conversation": stored.key},
@@ -237,7 +256,9 @@ async def _enqueue_children(
                     label=stored.key,
                 )
                 logger.warning("proactive %r: %s: too large, not sent", request.id, stored.key)
-                return
+                return None
             await engine.queue.put(compact_json(child))
+            return stored
 
-    await asyncio.gather(*(one(stored) for stored in targets))
+    queued = await asyncio.gather(*(one(stored) for stored in targets))
+    return [stored for stored in queued if stored is not None]

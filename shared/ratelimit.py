@@ -16,9 +16,10 @@ The model (README, "Pacing"):
   rate is cut by what the 429 says: a lone 429 at the ceiling with nearly all of the last
   second through cuts a little and recovers fully; otherwise others share the tenant,
   and the rate drops to what the channel let through from this instance in the last
-  second (30-60 % off), recovers halfway within 5 s, then probes upwards slowly. N
-  instances that share a tenant so settle near 1/N of the limit each, together close to
-  it, with a 429 now and then rather than a storm. A conversation answered 429 again
+  second (30-60 % off), recovers halfway within 5 s, then probes upwards slowly, by a
+  share of its own rate (so N instances together probe as fast as one). N instances that
+  share a tenant so settle near 1/N of the limit each, together close to it, with a 429
+  now and then rather than a storm. A conversation answered 429 again
   within a minute of the wait its last 429 asked for, none other in between, is held by
   a limit of its own (a Teams thread's): its 429s no longer cut the tenant. Other
   channels get a lane per (channel, service host) with no ceiling that only honours
@@ -55,7 +56,11 @@ DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per te
 # second of a broadcast holds 48 or 49, so a reply still fits in the window).
 DEFAULT_BACKGROUND_SHARE = 0.97
 DEFAULT_RETRY_AFTER = 1.0  # a 429 that did not say how long to wait
-MIN_RATE = 0.5  # requests per second: a lane is never cut below this
+MIN_RATE = 0.5  # requests per second: a lane without a ceiling is never cut below this
+# ... and one with a ceiling never below this share of it (0.25/s of Teams' 50/s): the
+# Functions host may run a hundred or more instances on one broadcast's queue, and a floor
+# that many instances together exceed would be a 429 storm nothing could cut.
+MIN_SHARE = 0.005
 # The throttled request itself waits the whole Retry-After (the Connector client's retry,
 # or the proactive engine's requeue); the rest of its tenant's background traffic pauses
 # for this share of it, at most MAX_PAUSE, then goes on at the cut rate. A whole-second
@@ -69,17 +74,21 @@ MAX_PAUSE = 0.25  # seconds
 # the window full, a brief burst from elsewhere): LONE_CUT off, back within
 # RECOVERY_SECONDS. Otherwise other instances share the tenant: the rate drops to what
 # got through from this one in the last second, at least CUT_MIN and at most CUT_MAX off,
-# climbs halfway back within RECOVERY_SECONDS, then grows by PROBE_SHARE of the ceiling
-# per second. Measured against the alternatives (a fixed 30 % cut, a full quick recovery,
-# faster or accelerating probes) in tests/unit/test_ratelimit.py's simulation with a real
-# host's jitter: this kept 2-4 instances at 87-94 % of the limit with 0.2-1.9 % of the
-# requests answered 429, most of them in the first seconds, when every instance starts
-# at the whole limit.
+# climbs halfway back within RECOVERY_SECONDS, then grows by PROBE_SHARE of where it
+# climbed back to, per second: an instance at 1/N of the tenant probes at 1/N of one
+# alone's pace, so N instances together probe as one would, however many the host runs.
+# Measured against the alternatives (a fixed 30 % cut, a full quick recovery, faster or
+# accelerating probes, a probe by a share of the ceiling) in tests/unit/test_ratelimit.py's
+# simulation with a real host's jitter, 100 s on a 50/s tenant: 2-32 instances at 93-95 %
+# of the limit, 0.1-1.2 % of their requests answered 429 after the first 10 s (probing by
+# 0.2 % of the ceiling: 94-96 %, but 0.4 / 1.1 / 3.5 / 8.2 % with 4 / 8 / 16 / 32
+# instances), most of the 429s in the first seconds, when every instance starts at the
+# whole limit.
 LONE_CUT = 0.1
 CUT_MIN = 0.3
 CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
-PROBE_SHARE = 0.002
+PROBE_SHARE = 0.004
 # The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
 # Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
 # from when it left (the grant until then), and grants no background request while that
@@ -183,7 +192,7 @@ class AdaptiveRate:
     background traffic for PAUSE_SHARE of the server's Retry-After (at most MAX_PAUSE)
     and cuts the rate (:meth:`_cut`); from there it follows a concave cubic curve up to
     the peak :meth:`_cut` chose, reached after RECOVERY_SECONDS, then grows past it by
-    PROBE_SHARE of the ceiling per second. 429s for requests granted before the last cut
+    PROBE_SHARE of that peak per second. 429s for requests granted before the last cut
     do not cut again: they were sent at the old rate. Background grants are evenly spaced
     (no bursts a sliding window would count twice), with one interval of catch-up when
     the caller was late, and never more than ``ceiling`` of them, replies included, in
@@ -194,6 +203,7 @@ class AdaptiveRate:
         "_counted",
         "_cut_at",
         "_floor",
+        "_lowest",
         "_next",
         "_paused_until",
         "_peak",
@@ -219,6 +229,7 @@ class AdaptiveRate:
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
+        self._lowest = ceiling * MIN_SHARE if ceiling else MIN_RATE
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""
@@ -230,10 +241,10 @@ class AdaptiveRate:
             rate = self._peak - (self._peak - self._floor) * left**3
         else:
             probing = elapsed - RECOVERY_SECONDS
-            rate = self._peak + (self.ceiling or self._peak) * PROBE_SHARE * probing
+            rate = self._peak + self._peak * PROBE_SHARE * probing
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
-        return max(MIN_RATE, rate)
+        return max(self._lowest, rate)
 
     def background_wait(self, now: float) -> float:
         wait = max(self._paused_until, self._next) - now
@@ -328,7 +339,8 @@ class AdaptiveRate:
         # Others share the tenant: down to what the channel let through from this lane,
         # within [CUT_MIN, CUT_MAX] below where it was.
         floor = max(
-            MIN_RATE, min(current * (1.0 - CUT_MIN), max(through, current * (1.0 - CUT_MAX)))
+            self._lowest,
+            min(current * (1.0 - CUT_MIN), max(through, current * (1.0 - CUT_MAX))),
         )
         return floor, (floor + current) / 2.0
 

@@ -8,7 +8,7 @@ the reference store encodes name segments; see docs/proactive.md):
     "continuation", "fannedOut"}``: created (create-only) by the producer or by the first
     delivery attempt; for a broadcast also the fan-out's checkpoint, updated with ETags
     by the one instance holding the fan-out claim, with its latest pages (``"pages"``:
-    ``[last child's key, children]`` each, for flow control, shared/fanout.py).
+    ``["out/<last child>.json", children]`` each, for flow control, shared/fanout.py).
 ``out/<target>.json``
     One per target, the target's slot (shared/idempotency.py): a claim while an instance
     works on it, then its final outcome (delivered, pruned, failed + reason), which is

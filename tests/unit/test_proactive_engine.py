@@ -574,6 +574,131 @@ async def test_a_broadcast_held_back_by_its_own_children_adds_a_page_of_matches_
     assert child[RESERVED]["reference"]["conversation"]["id"] == "z:chan"
 
 
+async def test_a_broadcast_of_sparse_pages_is_still_held_back_by_its_own_children(
+    parts, fake_connector
+):
+    # A `personal` filter can leave each listed page a single match: the pages the
+    # checkpoint remembers must still add up to a backlog, or a broadcast whose children
+    # stay queued (a tenant throttling them) never finds its backlog and keeps adding.
+    runtime, engine = parts
+    for i in range(200):
+        for n in (1, 2):
+            await runtime.references.upsert(
+                reference(fake_connector.url, f"a:{i:03d}-{n}", user=f"29:{i}-{n}")
+            )
+        await runtime.references.upsert(
+            reference(fake_connector.url, f"a:{i:03d}-3", personal=False)
+        )
+    engine.fanout_page_size = 3  # each listed page: two personal chats and one channel
+    engine.fanout_backlog = 80  # more than the pages the checkpoint keeps (64)
+
+    copy = body({"broadcast": {"personal": False}}, "b-1")
+    for _ in range(6):  # it comes round, none of its children handled meanwhile
+        await handle(engine, copy)
+        copy = continuation_of(engine, "b-1")
+    assert len(children_of(engine, "b-1")) == engine.fanout_backlog
+
+
+async def test_a_child_too_large_to_queue_does_not_mark_its_page_through(parts, fake_connector):
+    # The last child of each page here is too large to queue: recorded failed at once. Were
+    # that outcome taken as its page being through, the page's queued children would not
+    # count, and the broadcast would add pages without end while the queue stays full.
+    from shared.queues import MAX_REQUEST_BYTES
+
+    runtime, engine = parts
+    for i in range(8):
+        await runtime.references.upsert(reference(fake_connector.url, f"a:{i:02d}", user="u"))
+        long_id = f"a:{i:02d}-" + "c" * 600
+        await runtime.references.upsert(reference(fake_connector.url, long_id, user="v"))
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 4
+    later = hold_queue_full_for_days(engine)
+    overhead = len(body({"broadcast": {}}, "b-1", text="").encode())
+    copy = body({"broadcast": {}}, "b-1", text="x" * (MAX_REQUEST_BYTES - overhead - 100))
+
+    for _ in range(4):  # it comes round, none of its children handled meanwhile
+        await handle(engine, copy)
+        copy = continuation_of(engine, "b-1")
+    assert len(children_of(engine, "b-1")) == engine.fanout_backlog
+
+    # Once they are delivered it goes on; every conversation ends with one outcome.
+    await drain_all_but(engine, later)  # its children
+    engine.queue.sent.append((copy, 0.0))
+    await drain_all_but(engine, later)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"], report["failed"]) == (
+        "done",
+        17,
+        9,
+        8,
+    )
+    assert len(sends(fake_connector)) == 9
+
+
+async def test_a_storage_outage_counting_its_own_children_keeps_the_broadcast(
+    parts, fake_connector
+):
+    # Reading its pages' slots fails: the copy is kept and retried, as for any storage
+    # failure (raised, it would spend the host's dequeues and be poisoned with no outcome).
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+    engine.fanout_page_size = 2
+    engine.fanout_backlog = 2
+    later = hold_queue_full_for_days(engine)
+    ledger = SlotReadOutage(clock=engine.clock)
+    engine.ledger = ledger
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
+    continuation = continuation_of(engine, "b-1")
+    children = children_of(engine, "b-1")
+    assert len(children) == 2
+
+    ledger.down = True
+    assert await handle(engine, continuation) is Outcome.REQUEUED
+    kept, delay = engine.queue.sent[-1]
+    assert json.loads(kept)["to"] == {"broadcast": {}} and delay >= 5
+    assert children_of(engine, "b-1") == children and engine.queue.poisoned == []
+
+    ledger.down = False
+    await drain_all_but(engine, later)
+    assert sorted(sends(fake_connector)) == sorted(
+        {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}
+    )
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done" and report["delivered"] == report["targets"] == 5
+
+
+class SlotReadOutage(MemoryLedger):
+    """Reading a target's slot fails while `down` (an outage mid-way through a count)."""
+
+    down = False
+
+    async def read(self, name):
+        from shared.references import StoreError
+
+        if self.down and "/out/" in name:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+        return await MemoryLedger.read(self, name)
+
+
+async def test_the_checkpoint_stays_small_whatever_the_conversation_ids(parts, fake_connector):
+    # Conversation ids are as long as the channel makes them (the store hashes long ones
+    # in blob names): the checkpoint, read by every report, must not grow with them.
+    runtime, engine = parts
+    for i in range(70):
+        long_id = f"19:{i:02d}" + "c" * 2_000
+        await runtime.references.upsert(reference(fake_connector.url, long_id, personal=False))
+    engine.fanout_page_size = 1
+    engine.fanout_backlog = 63  # pages of one child are not merged: 64 of them kept
+
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
+    await drain(engine)
+    [head] = [blob for name, blob in engine.ledger.blobs.items() if name.endswith("head.json")]
+    assert len(json.loads(head[0])["pages"]) == 64
+    assert len(head[0]) < 16_000  # 64 long ids would be 128 kB
+    report = await read_report(engine.ledger, "b-1")
+    assert report["state"] == "done" and report["delivered"] == report["targets"] == 71
+
+
 async def test_a_queue_that_cannot_tell_its_depth_does_not_stop_a_broadcast(parts, fake_connector):
     runtime, engine = parts
     await store_many(runtime, fake_connector.url)
