@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -260,9 +261,12 @@ def test_a_429_when_less_got_through_cuts_to_what_did():
     assert not lane.throttled(10.1, 1.0, sent_at=9.995)
     assert lane.rate(10.1) < 26.0
     # Back halfway towards where the 429 came within 5 s, then probing upwards slowly, by
-    # a share of its own rate: N instances together probe as fast as one would.
+    # a share of its own rate (N instances together probe as fast as one would), faster
+    # the longer no 429 comes (its pace doubles every 30 s).
     assert lane.rate(15.0) == pytest.approx(37.5)
-    assert lane.rate(25.0) == pytest.approx(37.5 + 37.5 * 0.004 * 10.0)
+    doubling = 30.0 / math.log(2)  # 10 s of probing count as 11.2 s, 30 s as 43 s
+    assert lane.rate(25.0) == pytest.approx(37.5 * (1 + 0.004 * doubling * (2 ** (1 / 3) - 1)))
+    assert lane.rate(45.0) == pytest.approx(37.5 * (1 + 0.004 * doubling))
     # Each 429 that comes takes it down to what got through again.
     through(lane, 25.01, 0.98, 20.0)
     assert lane.throttled(26.0, 1.0, sent_at=25.99)
@@ -466,7 +470,43 @@ async def test_many_instances_sharing_a_tenant_settle_without_a_429_storm(count)
     # one, and 8.2 % of their requests after the first 10 s were answered 429 (16: 3.5 %).
     achieved, _share_429, later = await instances_sharing_a_tenant(count, jitter=True)
     assert achieved >= 0.9
-    assert later < 0.015
+    assert later < 0.02
+
+
+async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back():
+    # 20 instances share a 50/s tenant for a minute, then 19 stop. Probing by a share of
+    # its own rate alone, the one left (at 1/20 of the tenant) had 7 % of it 4 minutes
+    # later; the probe's pace doubling every 30 s without a 429 brings it back.
+    time = VirtualScheduler()
+    noise = Jitter(random.Random(7), True)
+    channel = StrictWindow(50)
+    fresh = itertools.count()
+    last_half_minute = 0
+
+    async def sleep(seconds: float) -> None:
+        await time.sleep(seconds + noise.wake_up())
+
+    async def sender(pacer: Pacer, until: float):
+        nonlocal last_half_minute
+        scope = teams(f"a:{next(fresh)}")
+        while time.now < until:
+            granted = await pacer.acquire(scope, background=True)
+            await time.sleep(noise.leaving())
+            left = time.now
+            pacer.left(scope, granted, left)
+            await time.sleep(noise.to_connector())
+            if not channel.admit(time.now):
+                await time.sleep(0.002)
+                pacer.throttled(scope, 1.0, granted, left)
+                await time.sleep(1.0)
+            else:
+                last_half_minute += time.now >= 270.0
+                scope = teams(f"a:{next(fresh)}")
+
+    pacers = [Pacer(50, clock=time.clock, sleep=sleep) for _ in range(20)]
+    ends = [300.0] + [60.0] * 19
+    await time.run(*(sender(p, end) for p, end in zip(pacers, ends, strict=True) for _ in range(8)))
+    assert last_half_minute / 30.0 >= 0.5 * 50
 
 
 @pytest.mark.parametrize("count", [2, 4])
