@@ -473,23 +473,24 @@ async def test_many_instances_sharing_a_tenant_settle_without_a_429_storm(count)
     assert later < 0.02
 
 
-async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back():
-    # 20 instances share a 50/s tenant for a minute, then 19 stop. Probing by a share of
-    # its own rate alone, the one left (at 1/20 of the tenant) had 7 % of it 4 minutes
-    # later; the probe's pace doubling every 30 s without a 429 brings it back.
+async def instance_left_after_a_scale_in(
+    count: int = 20, stop_at: float = 60.0, until: float = 300.0, limit: int = 50
+) -> list[float]:
+    """``count`` instances share a tenant (with a real host's jitter) until ``stop_at``,
+    when all but one stop (the host scales in). Returns the share of ``limit`` the one
+    left got through in each half minute from then until ``until``."""
     time = VirtualScheduler()
     noise = Jitter(random.Random(7), True)
-    channel = StrictWindow(50)
+    channel = StrictWindow(limit)
     fresh = itertools.count()
-    last_half_minute = 0
+    sent = [0] * int((until - stop_at) // 30)
 
     async def sleep(seconds: float) -> None:
         await time.sleep(seconds + noise.wake_up())
 
-    async def sender(pacer: Pacer, until: float):
-        nonlocal last_half_minute
+    async def sender(pacer: Pacer, end: float, counted: bool):
         scope = teams(f"a:{next(fresh)}")
-        while time.now < until:
+        while time.now < end:
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(noise.leaving())
             left = time.now
@@ -500,13 +501,27 @@ async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back()
                 pacer.throttled(scope, 1.0, granted, left)
                 await time.sleep(1.0)
             else:
-                last_half_minute += time.now >= 270.0
+                half_minute = int((time.now - stop_at) // 30)
+                if counted and 0 <= half_minute < len(sent):
+                    sent[half_minute] += 1
                 scope = teams(f"a:{next(fresh)}")
 
-    pacers = [Pacer(50, clock=time.clock, sleep=sleep) for _ in range(20)]
-    ends = [300.0] + [60.0] * 19
-    await time.run(*(sender(p, end) for p, end in zip(pacers, ends, strict=True) for _ in range(8)))
-    assert last_half_minute / 30.0 >= 0.5 * 50
+    pacers = [Pacer(limit, clock=time.clock, sleep=sleep) for _ in range(count)]
+    senders = [
+        sender(pacer, until if i == 0 else stop_at, i == 0)
+        for i, pacer in enumerate(pacers)
+        for _ in range(8)
+    ]
+    await time.run(*senders)
+    return [n / 30.0 / limit for n in sent]
+
+
+async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back():
+    # 20 instances share a 50/s tenant for a minute, then 19 stop. Probing by a share of
+    # its own rate alone, the one left (at 1/20 of the tenant) had 7 % of it 4 minutes
+    # later; the probe's pace doubling every 30 s without a 429 brings it back.
+    shares = await instance_left_after_a_scale_in()
+    assert shares[-1] >= 0.5
 
 
 @pytest.mark.parametrize("count", [2, 4])

@@ -1,0 +1,79 @@
+"""Pacing with many instances on one tenant: ``python -m benchmarks.pacing_instances``.
+
+    .venv/bin/python -m benchmarks.pacing_instances [--instances 1,2,4,8,16,32]
+                                                    [--limits 50,15] [--seconds 100]
+
+The simulation of tests/unit/test_ratelimit.py, in virtual time: N pacers (each its own
+process, as the Functions host scales a queue out) broadcast into one Teams tenant whose
+Connector allows ``limit`` requests in any second (a strict window, 429 above it), with
+the delays a real host adds. Per N and limit: the share of the limit that got through and
+the share of requests answered 429, over the run and after its first 10 s (every instance
+starts at the whole limit). Then 20 instances for a minute, of which 19 stop: the share of
+the limit the one left gets in each half minute after. Results (with the pacer's
+constants) to benchmarks/results/pacing_instances.json (benchmarks/README.md, "Pacing
+with many instances").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+from shared import ratelimit
+from tests.unit.test_ratelimit import instance_left_after_a_scale_in, instances_sharing_a_tenant
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pacing_instances.json"
+
+
+async def measure(instances: list[int], limits: list[int], seconds: float) -> dict:
+    rows = []
+    for limit in limits:
+        for count in instances:
+            achieved, share_429, later = await instances_sharing_a_tenant(
+                count, seconds=seconds, limit=limit, jitter=True
+            )
+            row = {
+                "instances": count,
+                "limit_per_s": limit,
+                "achieved_share_of_limit": round(achieved, 3),
+                "share_429": round(share_429, 4),
+                "share_429_after_10_s": round(later, 4),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    scale_in = [round(share, 2) for share in await instance_left_after_a_scale_in()]
+    print(json.dumps({"one_left_after_20_share_per_half_minute": scale_in}), flush=True)
+    return {
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "seconds": seconds,
+        "pacer": {
+            "probe_share": ratelimit.PROBE_SHARE,
+            "probe_doubling_s": getattr(ratelimit, "PROBE_DOUBLING", None),
+            "min_share": getattr(ratelimit, "MIN_SHARE", None),
+            "background_share": ratelimit.DEFAULT_BACKGROUND_SHARE,
+        },
+        "sharing_a_tenant": rows,
+        "one_left_after_20_share_per_half_minute": scale_in,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pacing_instances")
+    parser.add_argument("--instances", default="1,2,4,8,16,32")
+    parser.add_argument("--limits", default="50,15")
+    parser.add_argument("--seconds", type=float, default=100.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    instances = [int(n) for n in args.instances.split(",")]
+    limits = [int(n) for n in args.limits.split(",")]
+    result = asyncio.run(measure(instances, limits, args.seconds))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
