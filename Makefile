@@ -114,6 +114,7 @@ bench: setup
 	$(PY) -m benchmarks.broadcast_peers --unthrottled
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
+	$(PY) -m benchmarks.pacing_instances
 
 ## Soak (not part of make test): one broadcast to 10,000 conversations through two local
 ## hosts, the fake Connector enforcing Teams limits; results in benchmarks/results/.
