@@ -296,6 +296,26 @@ def test_429_after_429_takes_a_lane_down_to_a_200th_of_its_ceiling(ceiling, lowe
     assert lane.rate(now - 0.01) == pytest.approx(lowest)  # as the last 429 left it
 
 
+async def test_a_tenant_answered_429_once_still_sends_hours_later():
+    # The probe's pace doubles every 30 s without a 429: after about 8.5 h of it,
+    # 2 ** (t / 30) no longer fits in a float. A lane that is busy (or the only one, so
+    # never forgotten) must still grant sends, at its ceiling, however long ago its last
+    # 429 was.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    scope = teams("a:1")
+    granted = await pacer.acquire(scope, background=True)
+    time.now += 0.01
+    pacer.throttled(scope, 1.0, granted)
+    assert pacer.cuts == 1
+    for hours in (1, 9, 24 * 30):
+        time.now = hours * 3600.0
+        await pacer.acquire(teams(f"a:{hours}"), background=True)
+        assert pacer.lane(scope).rate(time.now) == 50.0
+    pacer.throttled(scope, 1.0, time.now)  # and a 429 then still cuts it
+    assert pacer.cuts == 2 and pacer.lane(scope).rate(time.now) < 50.0
+
+
 def test_a_request_that_left_late_holds_back_the_ones_after_it():
     # 15/s, evenly spaced at 97 %: 16 grants span 1.03 s, so a strict 1-s window at the
     # Connector tolerates only 31 ms of difference in how long requests take to get there.
