@@ -413,14 +413,16 @@ async def instances_sharing_a_tenant(
     jitter: bool = False,
     seed: int = 0,
     conversations: int | None = None,
+    joining_every: float = 0.0,
 ):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
     allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
     Each send goes to a conversation of its own, and after a 429 to the same one again;
     with ``conversations``, each instance sends to that many conversations of its own in
-    turn instead (a bot posting into a few busy channels). Returns the rate achieved (a
-    share of ``limit``) and the share of requests answered 429, over the whole run and
-    after its first 10 seconds."""
+    turn instead (a bot posting into a few busy channels). With ``joining_every``, the
+    instances start that many seconds apart (the host scaling out). Returns the rate
+    achieved (a share of ``limit``) and the share of requests answered 429, over the
+    whole run and after its first 10 seconds."""
     time = VirtualScheduler()
     noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
     channel = StrictWindow(limit)
@@ -436,6 +438,7 @@ async def instances_sharing_a_tenant(
         else:
             names = (f"{instance}:{n % conversations}" for n in itertools.count(first))
         scope = teams(next(names))
+        await time.sleep(instance * joining_every)
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(noise.leaving())
@@ -491,6 +494,17 @@ async def test_many_instances_sharing_a_tenant_settle_without_a_429_storm(count)
     achieved, _share_429, later = await instances_sharing_a_tenant(count, jitter=True)
     assert achieved >= 0.9
     assert later < 0.02
+
+
+async def test_instances_joining_one_by_one_settle_without_a_429_storm():
+    # The host scales out one instance at a time, and each starts at the whole limit,
+    # into a tenant the others already fill: 32 joining 5 s apart drew 429s for 8.2 % of
+    # their requests when each probed by a share of the tenant's limit, 5.3 % now.
+    achieved, _share_429, later = await instances_sharing_a_tenant(
+        32, seconds=200.0, jitter=True, joining_every=5.0
+    )
+    assert achieved >= 0.9
+    assert later < 0.065
 
 
 async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back():
