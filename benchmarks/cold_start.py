@@ -444,7 +444,7 @@ def comparison(
 
 
 COMPARISONS = {
-    # the brief's figures: the whole import / spawn-to-reply, azure.functions included for
+    # the target's figures: the whole import / spawn-to-reply, azure.functions included for
     # every bot (each would run on Functions, whose worker imports it)
     "import": ("import_ms", None),
     "first_activity": ("first_activity_ms", None),

@@ -1,6 +1,6 @@
 """Soak: one broadcast to many conversations through the whole proactive path.
 
-    .venv/bin/python -m benchmarks.proactive_soak [--count 10000] [--hosts 2]
+    .venv/bin/python -m benchmarks.proactive_soak [--count 10000] [--hosts 2] [--output FILE]
 
 Starts its own Azurite, the fake AAD (HTTPS, MSAL) and botsim's fake Connector enforcing
 the Teams per-conversation limits plus a global limit of 50 requests/s (answering 429 with
@@ -8,7 +8,7 @@ the Teams per-conversation limits plus a global limit of 50 requests/s (answerin
 Functions hosts (`python -m tools.devhost --functions proactive_function`) on the repo's
 host.json, enqueues one broadcast through shared.producer and waits for its report.
 
-Prints and writes benchmarks/results/proactive_soak.json: the report, how many
+Prints and writes `--output` (default benchmarks/results/proactive_soak.json): the report, how many
 conversations received the message (exactly once / twice / never), the 429s the fake
 answered, what went to the poison queue, and the time to done. Not part of `make test`.
 """
@@ -174,12 +174,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proactive_soak")
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="where the result goes (default: benchmarks/results/proactive_soak.json)",
+    )
     args = parser.parse_args()
     logs = ROOT / ".tools" / "soak-logs"
     logs.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args.count, args.hosts, logs))
     print(json.dumps(result, indent=2))
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ async def main(timer: func.TimerRequest) -> None:
     from shared.producer import producer_settings
 
     enqueued = await run_timer(producer_settings())
-    log.info(
+    # Most minutes nothing is due, and the host already logs every run.
+    level = logging.INFO if enqueued or timer.past_due else logging.DEBUG
+    log.log(
+        level,
         "schedules: %d due send(s) enqueued%s",
         len(enqueued),
         " (past due)" if timer.past_due else "",

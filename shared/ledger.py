@@ -290,7 +290,7 @@ class BlobLedger:
 @contextlib.asynccontextmanager
 async def _guard(operation: str, name: str):
     """Storage failures become StoreError: status and code only, never the service's text."""
-    from azure.core.exceptions import AzureError, HttpResponseError
+    from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
 
     try:
         async with asyncio.timeout(OPERATION_TIMEOUT):
@@ -299,6 +299,18 @@ async def _guard(operation: str, name: str):
         raise
     except TimeoutError:
         raise StoreError(f"proactive ledger: {operation} {name} timed out") from None
+    except ClientAuthenticationError as error:
+        # No token (the identity endpoint's or Entra ID's status, not storage's), or one
+        # storage refused: the same hint as the reference store's, never the error's text.
+        code = getattr(error, "error_code", None)
+        raise StoreError(
+            f"proactive ledger: {operation} {name}: storage authentication failed "
+            f"({type(error).__name__}, HTTP {error.status_code}); check AzureWebJobsStorage "
+            "(the connection string, or the identity's __clientId, sign-in and role on the "
+            "storage account)",
+            status=error.status_code,
+            code=str(code) if code else None,
+        ) from None
     except HttpResponseError as error:
         code = getattr(error, "error_code", None)
         raise StoreError(

@@ -34,6 +34,7 @@ from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
 
 LOCAL_SETTINGS = "local.settings.json"
+STORAGE_SETTING = "AzureWebJobsStorage"
 
 
 async def enqueue(
@@ -95,9 +96,17 @@ async def read_report(request_id: str, *, settings: Settings | None = None) -> d
 
 def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None = None) -> Settings:
     """What a producer needs: storage, container and queue, from the environment first,
-    then `local.settings.json` Values. A producer needs no bot credentials."""
+    then `local.settings.json` Values. A producer needs no bot credentials.
+
+    Storage is taken whole from one place: an environment that sets any form of
+    `AzureWebJobsStorage` (an operator's identity-based URIs, say) replaces the file's
+    (the connection string of the local Azurite that `make run` writes), never mixes with it.
+    """
+    environment = os.environ if env is None else env
     merged = dict(_local_values(folder or Path.cwd()))
-    merged.update(os.environ if env is None else env)
+    if any(_is_storage_setting(name) for name in environment):
+        merged = {name: value for name, value in merged.items() if not _is_storage_setting(name)}
+    merged.update(environment)
 
     def get(name: str, default: str) -> str:
         return merged.get(name, "").strip() or default
@@ -112,6 +121,10 @@ def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None 
         ),
         allow_unauthenticated=True,  # unused: a producer sends nothing to a Connector
     )
+
+
+def _is_storage_setting(name: str) -> bool:
+    return name == STORAGE_SETTING or name.startswith(f"{STORAGE_SETTING}__")
 
 
 def _local_values(folder: Path) -> dict[str, str]:

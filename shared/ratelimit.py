@@ -100,7 +100,6 @@ CUT_MAX = 0.6
 RECOVERY_SECONDS = 5.0
 PROBE_SHARE = 0.004
 PROBE_DOUBLING = 30.0
-PROBE_DOUBLINGS_MAX = 40  # far past the ceiling, far short of a float's range
 # The channel counts a tenant's requests in a strict 1-s window, by when they arrive.
 # Besides spacing its grants, a lane keeps the times of its last `ceiling` requests, each
 # from when it left (the grant until then), and grants no background request while that
@@ -606,9 +605,8 @@ def conversation_key(conversation_id: str) -> str:
 def _accelerating(seconds: float) -> float:
     """Seconds of probing, weighted so the probe's pace doubles every PROBE_DOUBLING.
 
-    Counted up to PROBE_DOUBLINGS_MAX doublings: a peak is never below a 200th of its
-    ceiling (MIN_SHARE), and back at the ceiling after about 10 (5 minutes at 30 s), while
-    2 ** (seconds / PROBE_DOUBLING) overflows a float after 1,024 (8.5 hours).
+    Counted up to 20 doublings (a weight of millions, past any ceiling from a lane's
+    lowest rate): hours without a 429 would otherwise overflow a float.
     """
-    doublings = min(seconds / PROBE_DOUBLING, PROBE_DOUBLINGS_MAX)
+    doublings = min(seconds / PROBE_DOUBLING, 20.0)
     return PROBE_DOUBLING / math.log(2.0) * (2.0**doublings - 1.0)

@@ -174,6 +174,12 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     else:
         head = head_record.data
         latest = max(latest, head_record.modified)
+    created = head.get("createdAt")
+    updated = iso(latest) if latest else head.get("updatedAt")
+    if isinstance(created, str) and isinstance(updated, str):
+        # Blob times have whole seconds, createdAt the writer's milliseconds: the same format,
+        # so the later of the two compares as the greater string.
+        updated = max(created, updated)
     single = head.get("kind") != "broadcast"
     targets = 1 if single else int(head.get("targets") or 0)
     if head.get("fannedOut") and finished >= targets:
@@ -191,8 +197,8 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
         "pruned": counts["pruned"],
         "failed": counts["failed"],
         "failures": failures,
-        "createdAt": head.get("createdAt"),
-        "updatedAt": iso(latest) if latest else head.get("updatedAt"),
+        "createdAt": created,
+        "updatedAt": updated,
     }
 
 

@@ -182,25 +182,36 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Retries for a local emulator: a few seconds, not the SDK's 15 s backoff (over a minute).
+LOCAL_RETRY = {
+    "retry_total": 3,
+    "initial_backoff": 0.5,
+    "increment_base": 1,
+    "random_jitter_range": 0.5,
+}
+
+
 def ensure_resources(conn_str: str, queues: list[str], containers: list[str]) -> None:
     """Create queues (and their `-poison` twins) and containers if they do not exist."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
 
-    queue_service = QueueServiceClient.from_connection_string(conn_str)
+    queue_service = QueueServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)
     for name in queues:
         for queue in (name, f"{name}-poison"):
             with contextlib.suppress(ResourceExistsError):
                 queue_service.create_queue(queue)
-    blob_service = BlobServiceClient.from_connection_string(conn_str)
+    blob_service = BlobServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)
     for name in containers:
         with contextlib.suppress(ResourceExistsError):
             blob_service.create_container(name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the repo-local Azurite")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.azurite", description="Run the repo-local Azurite"
+    )
     parser.add_argument("--default-ports", action="store_true", help="10000/10001/10002")
     parser.add_argument("--location", help="data folder (default: in memory)")
     parser.add_argument("--cert", help="PEM certificate: serve HTTPS (needs --key)")

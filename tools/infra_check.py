@@ -687,7 +687,9 @@ def check_all(infra: Path = INFRA) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.infra_check", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("infra", nargs="?", type=Path, default=INFRA, help="the infra folder")
     parser.add_argument(
         "--role-condition",

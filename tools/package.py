@@ -103,7 +103,9 @@ def build(output: Path, root: Path = ROOT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.package", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("output", type=Path, help="where to write the zip")
     parser.add_argument("--root", type=Path, default=ROOT, help="the app's folder")
     args = parser.parse_args(argv)

@@ -4,8 +4,9 @@ Creates `local.settings.json` from the example on first run, starts the repo's A
 (unless one already answers on the default ports; its data is kept in
 `.tools/azurite-data`), creates the bot's queues and container, then runs `func start`
 when Azure Functions Core Tools are on PATH and the repo's own host (`tools/devhost`)
-otherwise. Once the bot answers it prints one `Ready:` line with its URL and what to run
-next (`make chat`, `make playground`; `--no-hints` leaves those out). Ctrl-C or SIGTERM
+otherwise. Once the bot answers and the host says it is running (`/admin/host/status`,
+so after the host's own start-up lines) it prints one `Ready:` line with its URL and what
+to run next (`make chat`, `make playground`; `--no-hints` leaves those out). Ctrl-C or SIGTERM
 stops everything it started and says what it stopped; a port already taken is a
 one-line message, not a traceback.
 
@@ -178,6 +179,11 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
             [settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
         )
     except Exception as error:  # whatever answers on the ports is not a working Azurite
+        if not (listening(args.blob_port) and listening(args.queue_port)):
+            raise RunError(
+                f"Azurite stopped answering on ports {args.blob_port}/{args.queue_port} (was "
+                "another `make run` stopping?): run `make run` again"
+            ) from None
         raise RunError(
             f"ports {args.blob_port}/{args.queue_port} answer, but not as Azurite "
             f"({type(error).__name__}): stop what uses them, then run `make run` again"
@@ -218,15 +224,32 @@ def ready_line(args: argparse.Namespace) -> str:
     )
 
 
+def host_running(port: int) -> bool | None:
+    """What the host says of itself (`GET /admin/host/status`): True once it is `Running`,
+    False while it is still starting, None when it does not say."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/admin/host/status")
+        response = connection.getresponse()
+        document = json.loads(response.read()) if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        connection.close()
+    state = document.get("state") if isinstance(document, dict) else None
+    return state == "Running" if isinstance(state, str) else None
+
+
 def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> int:
     """Run the host until it exits, or until Ctrl-C / SIGTERM stops it; its exit code.
 
-    Prints `ready` once the host accepts connections on `port`.
+    Prints `ready` once the host accepts connections on `port` and, when it says how it is
+    (the repo's host does), once it is running: after its own start-up lines, not above them.
     """
     host = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         while host.poll() is None:
-            if listening(port):
+            if listening(port) and host_running(port) is not False:
                 print(ready, flush=True)
                 break
             time.sleep(0.1)

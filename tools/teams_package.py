@@ -131,7 +131,9 @@ def build(output: Path, values: dict[str, str], app_package: Path = APP_PACKAGE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.teams_package", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("output", type=Path)
     parser.add_argument(
         "--bot-id", default="", help="the bot's app id (deployment output botAppId)"

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 from aiohttp import web
@@ -70,13 +71,7 @@ def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp
     }
     host = DevHost(env, tmp_path, functions=("messages_function", "proactive_function"))
     host.wait_started()
-    read_end, write_end = os.pipe()
-    out = io.StringIO()
-    thread = threading.Thread(
-        target=chat.main,
-        args=(["--bot", f"{host.url}/api/messages", "--port", str(port)], os.fdopen(read_end), out),
-    )
-    thread.start()
+    thread, write_end, out = chat_in_background(f"{host.url}/api/messages", port)
     try:
         with os.fdopen(write_end, "w") as typed:
             typed.write("hi\n")
@@ -91,6 +86,17 @@ def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp
         thread.join(timeout=30)
         host.stop()
     assert not thread.is_alive()
+
+
+def chat_in_background(bot_url: str, port: int) -> tuple[threading.Thread, int, io.StringIO]:
+    """`make chat` in a thread: its thread, the fd to type into (close it to quit), its output."""
+    read_end, write_end = os.pipe()
+    out = io.StringIO()
+    thread = threading.Thread(
+        target=chat.main, args=(["--bot", bot_url, "--port", str(port)], os.fdopen(read_end), out)
+    )
+    thread.start()
+    return thread, write_end, out
 
 
 async def only_reference(env: dict[str, str]) -> str:
@@ -199,3 +205,42 @@ def test_chat_survives_the_bot_going_away_mid_conversation():
     assert code == 0
     assert "is `make run` still running?" in printed
     assert "Traceback" not in printed
+
+
+def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
+    """An earlier chat's conversation is stored with the same serviceUrl (port 3980), so a
+    broadcast reaches this chat's fake Connector once per conversation: the copy for the
+    other conversation says whose it is instead of looking like a duplicate."""
+    conversations: list[str] = []
+
+    async def accept(request: web.Request) -> web.Response:
+        conversations.append((await request.json())["conversation"]["id"])
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/api/messages", accept)
+    bot = BackgroundServer(app).start()
+    port = free_port()
+    thread, write_end, out = chat_in_background(f"{bot.url}/api/messages", port)
+    try:
+        wait_until(lambda: "Type a message" in out.getvalue(), "the prompt")
+        for conversation in ("botsim-earlier", conversations[0]):  # another chat's, then ours
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v3/conversations/{conversation}/activities",
+                data=json.dumps({"type": "message", "text": "Maintenance at 6"}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            with urllib.request.urlopen(request, timeout=10):
+                pass
+        wait_until(lambda: out.getvalue().count("Maintenance at 6") == 2, "both messages")
+    finally:
+        os.close(write_end)
+        thread.join(timeout=30)
+        bot.stop()
+
+    lines = [line for line in out.getvalue().splitlines() if "Maintenance at 6" in line]
+    assert lines == [
+        "bot (send, to conversation botsim-earlier)> Maintenance at 6",
+        "bot (send)> Maintenance at 6",
+    ]

@@ -363,6 +363,23 @@ def test_a_producer_with_the_default_credential_chain_enqueues_and_reads_reports
     assert jwt_identity.tokens
 
 
+def test_a_producer_without_a_usable_identity_is_told_which_setting_to_check(
+    oauth_azurite, tls, unique_name
+):
+    # The operator of README Deploy step 5 before `az login`: the producer's first write (the
+    # report's head) cannot get a token; the error says so, not "HTTP None".
+    settings = identity_settings(oauth_azurite, unique_name("refs"))
+    settings["BOT_PROACTIVE_QUEUE"] = unique_name("q")
+    with FakeManagedIdentity(client_ids=("some-other-identity",)) as identity:
+        result = run_scenario("producer-error", settings, tls, identity.endpoint, identity.secret)
+
+    assert result["type"] == "StoreError"
+    assert "storage authentication failed" in result["error"]
+    assert "AzureWebJobsStorage" in result["error"]
+    assert identity.secret not in result["error"]
+    assert "No managed identity" not in result["error"]  # the endpoint's text stays out
+
+
 def test_azurite_refuses_oauth_without_https():
     with pytest.raises(ValueError, match="HTTPS"):
         Azurite(oauth=True)
@@ -435,6 +452,19 @@ async def _producer(settings: Settings) -> dict[str, Any]:
     return {"id": request_id, "report": report}
 
 
+async def _producer_error(settings: Settings) -> dict[str, Any]:
+    from shared import producer
+    from shared.storage import close_shared_clients
+
+    try:
+        await producer.enqueue({"to": {"conversation": GROUP_KEY}, "text": "hi"}, settings=settings)
+    except StoreError as exc:
+        return {"error": str(exc), "type": type(exc).__name__}
+    finally:
+        await close_shared_clients()
+    return {"error": None, "type": None}
+
+
 def _child(argv: list[str]) -> None:
     scenario, settings_env, *extra = argv
     settings = Settings.from_env(json.loads(settings_env))
@@ -443,6 +473,7 @@ def _child(argv: list[str]) -> None:
         "store-error": _store_error,
         "queue": _queue,
         "producer": _producer,
+        "producer-error": _producer_error,
     }
     result = asyncio.run(scenarios[scenario](settings, *extra))
     print(json.dumps(result), flush=True)

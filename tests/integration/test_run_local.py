@@ -187,6 +187,9 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
     ready = wait_for_line(run, "Ready: ")
     assert f"http://127.0.0.1:{ports['port']}/api/messages" in ready
     assert "`make chat`" in ready and "`make playground`" in ready
+    # It ends the start-up: after the host's list of functions, not lost above it.
+    lines = run.stdout.splitlines()
+    assert lines.index(ready) > min(i for i, line in enumerate(lines) if line.startswith(STARTED))
 
     # The bot answers on its port: an object that is not an activity is its 400.
     assert post_status(ports["port"], "/api/messages", b"{}") == 400
@@ -252,3 +255,18 @@ def test_make_run_with_a_broken_settings_file_names_it(make_run):
     assert "local.settings.json is not readable JSON" in run.stderr
     assert "Traceback" not in run.stderr
     assert not accepts_connections(run.ports["blob"])
+
+
+def test_make_run_when_azurite_stops_before_the_queues_are_created_says_so_quickly():
+    # The Azurite found on the ports (another `make run` that is stopping, say) is gone by
+    # the time the queues and the container are created: nothing answers there any more.
+    from tools import run_local
+
+    args = run_local.parse_args(["--blob-port", str(free_port()), "--queue-port", str(free_port())])
+    started = time.monotonic()
+    with pytest.raises(run_local.RunError) as raised:
+        run_local.create_resources(args, {})
+    assert time.monotonic() - started < 40  # not the storage SDK's minute and a half of retries
+    message = str(raised.value)
+    assert "not as Azurite" not in message  # nothing answers: it is not some other program
+    assert f"{args.blob_port}/{args.queue_port}" in message and "make run" in message

@@ -32,6 +32,45 @@ def test_settings_come_from_the_environment_then_local_settings(tmp_path):
     assert not settings.app_id  # a producer needs no bot credentials
 
 
+def test_storage_set_in_the_environment_replaces_the_files_storage_as_a_whole(tmp_path):
+    # README, Deploy step 5: an operator exports the identity-based form in the repo, where
+    # `make run` left local.settings.json with the connection string of Azurite.
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}})
+    )
+    settings = producer_settings(
+        {
+            "AzureWebJobsStorage__queueServiceUri": "https://acct.queue.core.windows.net",
+            "AzureWebJobsStorage__blobServiceUri": "https://acct.blob.core.windows.net",
+        },
+        tmp_path,
+    )
+    assert settings.storage.connection_string == ""
+    assert settings.storage.service_uri("queue") == "https://acct.queue.core.windows.net"
+    assert settings.storage.service_uri("blob") == "https://acct.blob.core.windows.net"
+
+    # And the other way round: a connection string in the environment is not mixed with
+    # identity-based settings from the file.
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"AzureWebJobsStorage__accountName": "acct"}})
+    )
+    settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
+    assert settings.storage.connection_string == "UseDevelopmentStorage=true"
+    assert settings.storage.account_name == ""
+
+
+def test_storage_that_is_contradictory_in_one_place_is_still_refused(tmp_path):
+    with pytest.raises(SettingsError) as raised:
+        producer_settings(
+            {
+                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                "AzureWebJobsStorage__accountName": "acct",
+            },
+            tmp_path,
+        )
+    assert raised.value.setting == "AzureWebJobsStorage"
+
+
 def test_bad_names_are_refused_by_setting(tmp_path):
     with pytest.raises(SettingsError) as raised:
         producer_settings({"BOT_PROACTIVE_QUEUE": "Not_A_Queue"}, tmp_path)
@@ -167,3 +206,28 @@ async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, u
     [warning] = [r for r in caplog.records if "depth unknown" in r.getMessage()]
     assert "HttpResponseError" in warning.getMessage()
     assert sas.split("sig=")[1][:12] not in caplog.text
+
+
+@pytest.mark.integration
+async def test_a_new_reports_update_time_is_never_before_its_creation(azurite, unique_name):
+    # createdAt is the producer's clock in milliseconds; blob times have whole seconds.
+    from shared.config import Settings, StorageSettings
+    from shared.producer import read_report
+    from shared.storage import close_shared_clients
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("refs"),
+        proactive_queue=unique_name("proactive"),
+    )
+    try:
+        reports = []
+        for _ in range(3):
+            request = {"to": {"conversation": "msteams/19:a@thread.tacv2"}, "text": "hi"}
+            reports.append(
+                await read_report(await enqueue(request, settings=settings), settings=settings)
+            )
+    finally:
+        await close_shared_clients()
+    assert [r["state"] for r in reports] == ["pending"] * 3
+    assert [r["updatedAt"] >= r["createdAt"] for r in reports] == [True] * 3, reports

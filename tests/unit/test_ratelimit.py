@@ -874,3 +874,12 @@ async def test_a_wait_behind_other_senders_of_the_conversation_respects_max_wait
 def test_the_background_share_must_be_a_fraction(share):
     with pytest.raises(ValueError):
         Pacer(10, background_share=share)
+
+
+def test_hours_of_probing_without_a_429_keep_the_lane_at_its_ceiling():
+    # The probe's pace doubles every 30 s: after hours without a 429 its weight would
+    # overflow a float (2.0 ** 1024) and every grant of the lane would raise.
+    lane = AdaptiveRate(50.0)
+    through(lane, 9.01, 0.98, 25.0)
+    assert lane.throttled(10.0, 1.0, sent_at=9.99)
+    assert lane.rate(10.0 + 10 * 3600.0) == pytest.approx(50.0)

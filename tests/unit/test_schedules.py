@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -133,7 +134,9 @@ async def test_a_re_enabled_schedule_does_not_send_what_fell_due_while_it_was_di
     assert ids == ["schedule:s:2030-01-01T12:30Z"]
 
 
-async def test_the_timer_enqueues_with_only_the_storage_settings(monkeypatch, azurite, unique_name):
+async def test_the_timer_enqueues_with_only_the_storage_settings(
+    monkeypatch, azurite, unique_name, caplog
+):
     # Scheduling needs storage only: a bot credential mistake must not stop the timer
     # (its due times would pile up and all go at once when the setting is fixed).
     import os
@@ -160,7 +163,14 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(monkeypatch, az
     try:
         ledger = BlobLedger(producer_settings())
         await ledger.create("schedules/tick.json", {"schedule": "* * * * * *", "request": REQUEST})
+        caplog.set_level(logging.INFO)
         await schedule_function.main(TimerRequest())
+        assert "schedules: 1 due send(s) enqueued" in caplog.text
+        # A run with nothing due (every minute, most of the time) says nothing at INFO:
+        # the host already logs each run.
+        caplog.clear()
+        await schedule_function.main(TimerRequest())
+        assert not [r for r in caplog.records if r.levelno >= logging.INFO]
     finally:
         reset_settings()
         reset_runtime()

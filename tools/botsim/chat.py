@@ -4,7 +4,8 @@ Starts botsim's fake Connector on a loopback port (the serviceUrl of every activ
 posts), opens a conversation with a `conversationUpdate` (so the bot welcomes you and
 remembers the conversation), then posts each line you type as a `message` activity to
 the bot's `/api/messages`. Everything the bot sends to the fake Connector is printed as
-it arrives: replies, updates, and proactive messages sent later.
+it arrives: replies, updates, and proactive messages sent later (what goes to another
+conversation on this port, an earlier chat's, is labelled with that conversation's id).
 
 The local bot runs in unauthenticated mode (`BOT_ALLOW_UNAUTHENTICATED=true`, no app
 id), so the chat sends no token; the bot accepts that only for loopback serviceUrls (any
@@ -89,6 +90,11 @@ class Chat:
             "updateActivity": "update",
             "deleteActivity": "delete",
         }.get(request.operation or "", request.operation or "?")
+        conversation = request.conversation_id
+        if conversation and conversation != self.conversation_id:
+            # An earlier chat's conversation has the same serviceUrl (this port): a
+            # broadcast reaches it here too, and must not look like a duplicate.
+            label = f"{label}, to conversation {conversation}"
         if request.operation == "deleteActivity":
             print(
                 f"bot ({label})> [activity {request.params.get('activityId')}]",

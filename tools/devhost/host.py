@@ -56,8 +56,15 @@ async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOpti
     invoker = Invoker(executor, function_timeout=app.config.function_timeout)
     routes = [compile_route(app.config.route_prefix, f) for f in _of(app, HttpTrigger)]
     manual: dict[str, Any] = {}  # filled once the listeners exist
+    started = asyncio.Event()  # set once every listener runs and the host has said so
     runner, port = await _start_http(
-        build_web_app(routes, invoker, manual_triggers=manual), options
+        build_web_app(
+            routes,
+            invoker,
+            manual_triggers=manual,
+            state=lambda: "Running" if started.is_set() else "Initialized",
+        ),
+        options,
     )
     # HTTP is served first: the queue and timer listeners need the storage SDK and
     # croniter, which take longer to import than everything an HTTP function needs.
@@ -72,6 +79,7 @@ async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOpti
     for task in tasks:
         task.add_done_callback(_report_crash)
     _announce(app, routes, listeners, f"http://{_url_host(options.host)}:{port}")
+    started.set()
 
     await stopping.wait()
     logger.info("Stopping the host")

@@ -97,13 +97,17 @@ def build_web_app(
     invoker: Invoker,
     *,
     manual_triggers: Mapping[str, ManualTrigger] | None = None,
+    state: Callable[[], str] = lambda: "Running",
 ) -> web.Application:
-    """One catch-all handler: admin endpoints first, then the function routes in order."""
+    """One catch-all handler: admin endpoints first, then the function routes in order.
+
+    `state` is what `GET /admin/host/status` says, as the Functions host: `Running` once
+    every listener has started (HTTP is served before the queue and timer listeners)."""
     manual = manual_triggers if manual_triggers is not None else {}  # may fill in later
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path.startswith(ADMIN_PREFIX):
-            return await _admin(request, manual)
+            return await _admin(request, manual, state)
         path = routing_path(request.raw_path)
         matches = [(r, m) for r in routes if (m := r.pattern.match(path))]
         for route, match in matches:
@@ -167,11 +171,13 @@ def to_web_response(value: Any) -> web.Response:
     return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
 
 
-async def _admin(request: web.Request, manual: Mapping[str, ManualTrigger]) -> web.Response:
+async def _admin(
+    request: web.Request, manual: Mapping[str, ManualTrigger], state: Callable[[], str]
+) -> web.Response:
     """`GET /admin/host/status` and `POST /admin/functions/<name>` (run a non-HTTP function)."""
     path = request.path.rstrip("/").lower()
     if path == "/admin/host/status" and request.method == "GET":
-        return web.json_response({"state": "Running"})
+        return web.json_response({"state": state()})
     prefix = "/admin/functions/"
     if path.startswith(prefix) and request.method == "POST":
         name = request.path.rstrip("/")[len(prefix) :]
