@@ -58,10 +58,14 @@ DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per te
 # second of a broadcast holds 48 or 49, so a reply still fits in the window).
 DEFAULT_BACKGROUND_SHARE = 0.97
 DEFAULT_RETRY_AFTER = 1.0  # a 429 that did not say how long to wait
-MIN_RATE = 0.5  # requests per second: a lane without a ceiling is never cut below this
-# ... and one with a ceiling never below this share of it (0.25/s of Teams' 50/s): the
-# Functions host may run a hundred or more instances on one broadcast's queue, and a floor
-# that many instances together exceed would be a 429 storm nothing could cut.
+# A lane is never cut below this share of its ceiling (0.25/s of Teams' 50/s; a lane
+# without a ceiling is never cut, only paused): the Functions host may run a hundred or
+# more instances on one broadcast's queue, and a floor that many instances together
+# exceed would be a 429 storm nothing could cut. The price, with a small ceiling shared
+# by several instances: a lane cut that low spaces its background requests far apart
+# (tests/unit/test_ratelimit.py's simulation, 8 instances on a 5/s tenant: lanes cut to
+# 0.06-0.09/s, 12-17 s between two of their requests, 69 % of the limit and 7 % of the
+# requests answered 429 after the first 10 s; with a fixed 0.5/s floor 80 %, but 24 %).
 MIN_SHARE = 0.005
 # The throttled request itself waits the whole Retry-After (the Connector client's retry,
 # or the proactive engine's requeue); the rest of its tenant's background traffic pauses
@@ -85,7 +89,7 @@ MAX_PAUSE = 0.25  # seconds
 # tests/unit/test_ratelimit.py's simulation with a real host's jitter, 100 s on a 50/s
 # tenant, against the alternatives (a fixed 30 % cut, a full quick recovery, faster or
 # accelerating probes by a share of the ceiling, a probe by a share of its own rate that
-# does not accelerate): 2-32 instances at 93-95 % of the limit, 0.1-1.8 % of their
+# does not accelerate): 2-32 instances at 92-95 % of the limit, 0.1-1.8 % of their
 # requests answered 429 after the first 10 s (by 0.2 % of the ceiling, as before: 0.4 /
 # 1.1 / 3.5 / 8.2 % with 4 / 8 / 16 / 32 instances); most 429s come in the first seconds,
 # when every instance starts at the whole limit. 20 instances, then 1: the one left had
@@ -237,7 +241,7 @@ class AdaptiveRate:
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
-        self._lowest = ceiling * MIN_SHARE if ceiling else MIN_RATE
+        self._lowest = ceiling * MIN_SHARE if ceiling else 0.0
 
     def rate(self, now: float) -> float | None:
         """Requests per second this instance may send now (None: not limited)."""

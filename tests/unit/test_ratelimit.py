@@ -296,6 +296,26 @@ def test_429_after_429_takes_a_lane_down_to_a_200th_of_its_ceiling(ceiling, lowe
     assert lane.rate(now - 0.01) == pytest.approx(lowest)  # as the last 429 left it
 
 
+async def test_a_tenant_answered_429_once_still_sends_hours_later():
+    # The probe's pace doubles every 30 s without a 429: after about 8.5 h of it,
+    # 2 ** (t / 30) no longer fits in a float. A lane that is busy (or the only one, so
+    # never forgotten) must still grant sends, at its ceiling, however long ago its last
+    # 429 was.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    scope = teams("a:1")
+    granted = await pacer.acquire(scope, background=True)
+    time.now += 0.01
+    pacer.throttled(scope, 1.0, granted)
+    assert pacer.cuts == 1
+    for hours in (1, 9, 24 * 30):
+        time.now = hours * 3600.0
+        await pacer.acquire(teams(f"a:{hours}"), background=True)
+        assert pacer.lane(scope).rate(time.now) == 50.0
+    pacer.throttled(scope, 1.0, time.now)  # and a 429 then still cuts it
+    assert pacer.cuts == 2 and pacer.lane(scope).rate(time.now) < 50.0
+
+
 def test_a_request_that_left_late_holds_back_the_ones_after_it():
     # 15/s, evenly spaced at 97 %: 16 grants span 1.03 s, so a strict 1-s window at the
     # Connector tolerates only 31 ms of difference in how long requests take to get there.
@@ -393,14 +413,16 @@ async def instances_sharing_a_tenant(
     jitter: bool = False,
     seed: int = 0,
     conversations: int | None = None,
+    joining_every: float = 0.0,
 ):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
     allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
     Each send goes to a conversation of its own, and after a 429 to the same one again;
     with ``conversations``, each instance sends to that many conversations of its own in
-    turn instead (a bot posting into a few busy channels). Returns the rate achieved (a
-    share of ``limit``) and the share of requests answered 429, over the whole run and
-    after its first 10 seconds."""
+    turn instead (a bot posting into a few busy channels). With ``joining_every``, the
+    instances start that many seconds apart (the host scaling out). Returns the rate
+    achieved (a share of ``limit``) and the share of requests answered 429, over the
+    whole run and after its first 10 seconds."""
     time = VirtualScheduler()
     noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
     channel = StrictWindow(limit)
@@ -416,6 +438,7 @@ async def instances_sharing_a_tenant(
         else:
             names = (f"{instance}:{n % conversations}" for n in itertools.count(first))
         scope = teams(next(names))
+        await time.sleep(instance * joining_every)
         while time.now < seconds:
             granted = await pacer.acquire(scope, background=True)
             await time.sleep(noise.leaving())
@@ -471,6 +494,17 @@ async def test_many_instances_sharing_a_tenant_settle_without_a_429_storm(count)
     achieved, _share_429, later = await instances_sharing_a_tenant(count, jitter=True)
     assert achieved >= 0.9
     assert later < 0.02
+
+
+async def test_instances_joining_one_by_one_settle_without_a_429_storm():
+    # The host scales out one instance at a time, and each starts at the whole limit,
+    # into a tenant the others already fill: 32 joining 5 s apart drew 429s for 8.2 % of
+    # their requests when each probed by a share of the tenant's limit, 5.3 % now.
+    achieved, _share_429, later = await instances_sharing_a_tenant(
+        32, seconds=200.0, jitter=True, joining_every=5.0
+    )
+    assert achieved >= 0.9
+    assert later < 0.065
 
 
 async def instance_left_after_a_scale_in(
