@@ -22,7 +22,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from shared import ratelimit
+from shared import ratelimit, tenant_rate
 from tests.unit.test_ratelimit import instance_left_after_a_scale_in, instances_sharing_a_tenant
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pacing_instances.json"
@@ -50,9 +50,9 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seconds": seconds,
         "pacer": {
-            "probe_share": ratelimit.PROBE_SHARE,
-            "probe_doubling_s": getattr(ratelimit, "PROBE_DOUBLING", None),
-            "min_share": getattr(ratelimit, "MIN_SHARE", None),
+            "probe_share": tenant_rate.PROBE_SHARE,
+            "probe_doubling_s": tenant_rate.PROBE_DOUBLING,
+            "min_share": tenant_rate.MIN_SHARE,
             "background_share": ratelimit.DEFAULT_BACKGROUND_SHARE,
         },
         "sharing_a_tenant": rows,

@@ -166,7 +166,7 @@ class Settings:
     schedule: str = DEFAULT_SCHEDULE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Teams requests per second per app per tenant (all instances together): where each
-    # tenant's adaptive rate starts and what it never probes past (shared/ratelimit.py).
+    # tenant's adaptive rate starts and what it never probes past (shared/tenant_rate.py).
     connector_rate_limit: float = 50.0
     federated_token_file: str = ""
     # Proactive engine bounds (docs/proactive.md): how long a throttled or transiently

@@ -15,7 +15,6 @@ import pytest
 
 from shared.ratelimit import (
     TEAMS_CONVERSATION_WINDOWS,
-    AdaptiveRate,
     Pacer,
     PacingTimeout,
     Scope,
@@ -23,6 +22,7 @@ from shared.ratelimit import (
     Window,
     conversation_key,
 )
+from shared.tenant_rate import AdaptiveRate
 
 
 def teams(conversation: str | None = None, tenant: str = "tenant-a") -> Scope:
