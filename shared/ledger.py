@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.config import Settings
-from shared.references.contract import StoreError
+from shared.references.contract import StoreError, storage_auth_failed
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
 
 if TYPE_CHECKING:
@@ -300,17 +300,7 @@ async def _guard(operation: str, name: str):
     except TimeoutError:
         raise StoreError(f"proactive ledger: {operation} {name} timed out") from None
     except ClientAuthenticationError as error:
-        # No token (the identity endpoint's or Entra ID's status, not storage's), or one
-        # storage refused: the same hint as the reference store's, never the error's text.
-        code = getattr(error, "error_code", None)
-        raise StoreError(
-            f"proactive ledger: {operation} {name}: storage authentication failed "
-            f"({type(error).__name__}, HTTP {error.status_code}); check AzureWebJobsStorage "
-            "(the connection string, or the identity's __clientId, sign-in and role on the "
-            "storage account)",
-            status=error.status_code,
-            code=str(code) if code else None,
-        ) from None
+        raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
     except HttpResponseError as error:
         code = getattr(error, "error_code", None)
         raise StoreError(

@@ -41,6 +41,7 @@ from shared.references.contract import (
     plan,
     reference_key,
     short_key,
+    storage_auth_failed,
     to_document,
     to_front,
     user_lookups,
@@ -492,13 +493,8 @@ class BlobReferenceStore:
                 f"reference store: {operation} {short_key(key)} timed out after {timeout:g}s"
             ) from None
         except ClientAuthenticationError as exc:
-            raise StoreError(
-                f"reference store: {operation} {short_key(key)}: storage authentication failed "
-                f"({type(exc).__name__}, HTTP {exc.status_code}); check AzureWebJobsStorage "
-                "(the connection string, or the managed identity's __clientId and its role "
-                "on the storage account)",
-                status=exc.status_code,
-            ) from None
+            where = f"reference store: {operation} {short_key(key)}"
+            raise storage_auth_failed(where, exc) from None
         except HttpResponseError as exc:
             code = _error_code(exc)
             raise StoreError(

@@ -37,6 +37,22 @@ class StoreError(Exception):
         self.code = code
 
 
+def storage_auth_failed(where: str, error: Any) -> StoreError:
+    """A ClientAuthenticationError as StoreError: no token (the identity endpoint's or Entra
+    ID's refusal, without an HTTP status of storage's), or one storage refused. Names the
+    setting to check; never the error's text, which may quote a token endpoint's answer."""
+    status = getattr(error, "status_code", None)
+    code = getattr(error, "error_code", None)
+    shown = f", HTTP {status}" if status is not None else ""
+    return StoreError(
+        f"{where}: storage authentication failed ({type(error).__name__}{shown}); check "
+        "AzureWebJobsStorage (the connection string, or the identity's __clientId, sign-in "
+        "and role on the storage account)",
+        status=status,
+        code=str(code) if code else None,
+    )
+
+
 class StoreConflict(StoreError):
     """Concurrent writers kept changing a document; the change was not applied."""
 

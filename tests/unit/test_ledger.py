@@ -110,3 +110,21 @@ async def test_a_long_listing_is_timed_per_page_not_as_a_whole(azurite, unique_n
         assert len([entry async for entry in ledger.list("p/")]) == 80
     finally:
         await close_shared_clients()
+
+
+@pytest.mark.parametrize("status", [None, 403])
+def test_a_storage_authentication_failure_names_the_setting_never_the_errors_text(status):
+    # No token (azure-identity raises without an HTTP status) or a token storage refused:
+    # both stores say which setting to check, and never "HTTP None" or the error's text.
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from shared.references.contract import storage_auth_failed
+
+    error = ClientAuthenticationError(message="token endpoint said: secret-abc123")
+    error.status_code = status
+    failure = storage_auth_failed("proactive ledger: write out/x.json", error)
+    text = str(failure)
+    assert "storage authentication failed" in text and "AzureWebJobsStorage" in text
+    assert "None" not in text and "secret-abc123" not in text
+    assert failure.status == status
+    assert ("HTTP 403" in text) == (status == 403)
