@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.config import Settings
-from shared.references.contract import StoreError, storage_auth_failed
+from shared.references.contract import REFUSED, StoreError, storage_auth_failed
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
 
 if TYPE_CHECKING:
@@ -299,9 +299,9 @@ async def _guard(operation: str, name: str):
         raise
     except TimeoutError:
         raise StoreError(f"proactive ledger: {operation} {name} timed out") from None
-    except ClientAuthenticationError as error:
-        raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
     except HttpResponseError as error:
+        if isinstance(error, ClientAuthenticationError) or error.status_code in REFUSED:
+            raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
         code = getattr(error, "error_code", None)
         raise StoreError(
             f"proactive ledger: {operation} {name} failed: HTTP {error.status_code} {code or ''}",

@@ -22,6 +22,7 @@ from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
 from shared.config import Settings
 from shared.references.contract import (
     MAX_PAGE_SIZE,
+    REFUSED,
     SCHEMA_VERSION,
     Filters,
     Page,
@@ -492,10 +493,10 @@ class BlobReferenceStore:
             raise StoreError(
                 f"reference store: {operation} {short_key(key)} timed out after {timeout:g}s"
             ) from None
-        except ClientAuthenticationError as exc:
-            where = f"reference store: {operation} {short_key(key)}"
-            raise storage_auth_failed(where, exc) from None
         except HttpResponseError as exc:
+            if isinstance(exc, ClientAuthenticationError) or exc.status_code in REFUSED:
+                where = f"reference store: {operation} {short_key(key)}"
+                raise storage_auth_failed(where, exc) from None
             code = _error_code(exc)
             raise StoreError(
                 f"reference store: {operation} {short_key(key)} failed: HTTP {exc.status_code} "

@@ -37,18 +37,30 @@ class StoreError(Exception):
         self.code = code
 
 
-def storage_auth_failed(where: str, error: Any) -> StoreError:
-    """A ClientAuthenticationError as StoreError: no token (the identity endpoint's or Entra
-    ID's refusal, without an HTTP status of storage's), or one storage refused. Names the
-    setting to check; never the error's text, which may quote a token endpoint's answer."""
+# What storage answers a credential it refuses, or an identity without a data role on it.
+REFUSED = frozenset({401, 403})
+
+
+def storage_auth_message(where: str, error: Any) -> str:
+    """What a ClientAuthenticationError says to an operator: no token (the identity
+    endpoint's or Entra ID's refusal, without an HTTP status of storage's), or one storage
+    refused. Names the setting to check; never the error's text, which may quote a token
+    endpoint's answer."""
     status = getattr(error, "status_code", None)
-    code = getattr(error, "error_code", None)
     shown = f", HTTP {status}" if status is not None else ""
-    return StoreError(
+    return (
         f"{where}: storage authentication failed ({type(error).__name__}{shown}); check "
         "AzureWebJobsStorage (the connection string, or the identity's __clientId, sign-in "
-        "and role on the storage account)",
-        status=status,
+        "and role on the storage account)"
+    )
+
+
+def storage_auth_failed(where: str, error: Any) -> StoreError:
+    """A ClientAuthenticationError as StoreError (see :func:`storage_auth_message`)."""
+    code = getattr(error, "error_code", None)
+    return StoreError(
+        storage_auth_message(where, error),
+        status=getattr(error, "status_code", None),
         code=str(code) if code else None,
     )
 

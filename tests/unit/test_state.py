@@ -323,3 +323,22 @@ async def test_storage_that_is_down_is_a_state_error_without_secrets():
         await store.close()
     assert "c2VjcmV0" not in str(raised.value)
     assert "state store: read failed" in str(raised.value)
+
+
+@pytest.mark.integration
+async def test_storage_refusing_the_credential_says_which_setting_to_check(azurite, unique_name):
+    # The account key is wrong: the operator is told to check AzureWebJobsStorage, not
+    # given a bare "HTTP 403" (and never the key).
+    wrong = azurite.connection_string.replace(
+        azurite.connection_string.split("AccountKey=")[1].split(";")[0],
+        "c2VjcmV0LWtleS12YWx1ZQ==",
+    )
+    store = BlobStateStore(settings_for(wrong, unique_name("state")), options=FAST_STORAGE)
+    try:
+        with pytest.raises(StateError) as raised:
+            await store.read(USER)
+    finally:
+        await store.close()
+    assert "storage authentication failed" in str(raised.value)
+    assert "AzureWebJobsStorage" in str(raised.value)
+    assert "c2VjcmV0" not in str(raised.value)
