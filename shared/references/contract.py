@@ -42,10 +42,10 @@ REFUSED = frozenset({401, 403})
 
 
 def storage_auth_message(where: str, error: Any) -> str:
-    """What a ClientAuthenticationError says to an operator: no token (the identity
-    endpoint's or Entra ID's refusal, without an HTTP status of storage's), or one storage
-    refused. Names the setting to check; never the error's text, which may quote a token
-    endpoint's answer."""
+    """What a missing or refused storage credential says to an operator: no token (the
+    identity endpoint's or Entra ID's refusal, without an HTTP status of storage's), or a
+    key or token storage refused (401/403, REFUSED). Names the setting to check; never the
+    error's text, which may quote a token endpoint's answer."""
     status = getattr(error, "status_code", None)
     shown = f", HTTP {status}" if status is not None else ""
     return (
@@ -56,7 +56,7 @@ def storage_auth_message(where: str, error: Any) -> str:
 
 
 def storage_auth_failed(where: str, error: Any) -> StoreError:
-    """A ClientAuthenticationError as StoreError (see :func:`storage_auth_message`)."""
+    """A missing or refused storage credential as StoreError (:func:`storage_auth_message`)."""
     code = getattr(error, "error_code", None)
     return StoreError(
         storage_auth_message(where, error),
