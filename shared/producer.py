@@ -101,8 +101,13 @@ def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None 
     Storage is taken whole from one place: an environment that sets any form of
     `AzureWebJobsStorage` (an operator's identity-based URIs, say) replaces the file's
     (the connection string of the local Azurite that `make run` writes), never mixes with it.
+    A blank one in the environment is no setting: it neither replaces nor blanks the file's.
     """
-    environment = os.environ if env is None else env
+    environment = {
+        name: value
+        for name, value in (os.environ if env is None else env).items()
+        if value.strip() or not _is_storage_setting(name)
+    }
     merged = dict(_local_values(folder or Path.cwd()))
     if any(_is_storage_setting(name) for name in environment):
         merged = {name: value for name, value in merged.items() if not _is_storage_setting(name)}

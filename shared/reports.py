@@ -28,6 +28,7 @@ State: ``pending`` until an instance started on it, ``running`` while targets re
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -176,9 +177,10 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
         latest = max(latest, head_record.modified)
     created = head.get("createdAt")
     updated = iso(latest) if latest else head.get("updatedAt")
-    if isinstance(created, str) and isinstance(updated, str):
+    if _is_iso(created) and _is_iso(updated):
         # Blob times have whole seconds, createdAt the writer's milliseconds: the same format,
-        # so the later of the two compares as the greater string.
+        # so the later of the two compares as the greater string (a createdAt not in that
+        # format, a head edited by hand, is shown as found but never taken as updatedAt).
         updated = max(created, updated)
     single = head.get("kind") != "broadcast"
     targets = 1 if single else int(head.get("targets") or 0)
@@ -200,6 +202,14 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
         "createdAt": created,
         "updatedAt": updated,
     }
+
+
+_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _is_iso(value: Any) -> bool:
+    """Whether `value` is a time as `iso` writes it (so two compare as strings)."""
+    return isinstance(value, str) and _ISO.fullmatch(value) is not None
 
 
 def _pack(text: str) -> str:

@@ -231,3 +231,29 @@ async def test_a_new_reports_update_time_is_never_before_its_creation(azurite, u
         await close_shared_clients()
     assert [r["state"] for r in reports] == ["pending"] * 3
     assert [r["updatedAt"] >= r["createdAt"] for r in reports] == [True] * 3, reports
+
+
+def test_a_blank_storage_setting_in_the_environment_does_not_replace_the_files(tmp_path):
+    # A blank value is no setting: an exported but empty AzureWebJobsStorage__clientId (or
+    # AzureWebJobsStorage) must not throw away the connection string of the file.
+    (tmp_path / "local.settings.json").write_text(
+        json.dumps({"Values": {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}})
+    )
+    for blank in ({"AzureWebJobsStorage__clientId": "  "}, {"AzureWebJobsStorage": ""}):
+        settings = producer_settings(blank, tmp_path)
+        assert settings.storage.connection_string == "UseDevelopmentStorage=true", blank
+
+
+async def test_a_report_whose_creation_time_is_not_a_time_keeps_its_update_time():
+    # A head someone edited by hand: createdAt is shown as found, updatedAt stays a time.
+    from shared.ledger import MemoryLedger, iso
+    from shared.reports import head_name, new_head, read_report
+
+    ledger = MemoryLedger(clock=lambda: 1_800_000_000.0)
+    for created in ("not a time", "zzzz", None, 12):
+        head = {**new_head("r1", "single", 1_700_000_000.0), "createdAt": created}
+        ledger.blobs.clear()
+        await ledger.create(head_name("r1"), head)
+        report = await read_report(ledger, "r1")
+        assert report["createdAt"] == created
+        assert report["updatedAt"] == iso(1_800_000_000.0), report
