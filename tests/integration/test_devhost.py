@@ -33,6 +33,7 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost, wait_for
+from tests.fixtures.storage import thread_hops
 from tools.azurite import listening as accepts_connections
 from tools.devhost.app import (
     Function,
@@ -959,26 +960,13 @@ def test_message_encodings_round_trip():
 async def _thread_hops_of_one_receive_and_delete(service: Any, queue_name: str) -> int:
     """How many times the host's client hands work to a thread for one receive and one
     delete (aiohttp's netrc and proxy lookups when it trusts the environment)."""
-    import concurrent.futures.thread as threads
-
     queue = service.get_queue_client(queue_name)
     await queue.create_queue()
     await queue.send_message("a")  # the connection is made
-    submitted = 0
-    original = threads.ThreadPoolExecutor.submit
-
-    def counting(self, fn, /, *args, **kwargs):
-        nonlocal submitted
-        submitted += 1
-        return original(self, fn, *args, **kwargs)
-
-    threads.ThreadPoolExecutor.submit = counting  # the thread pool, not the host's code
-    try:
+    with thread_hops() as submitted:
         [message] = [m async for m in queue.receive_messages(max_messages=1)]
         await queue.delete_message(message)
-    finally:
-        threads.ThreadPoolExecutor.submit = original
-    return submitted
+    return submitted[0]
 
 
 async def test_the_hosts_queue_calls_make_no_thread_hop(azurite, unique_name, monkeypatch):

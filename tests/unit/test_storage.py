@@ -16,6 +16,7 @@ from shared.storage import (
     get_blob_service,
     get_queue_service,
 )
+from tests.fixtures.storage import thread_hops
 
 
 def storage(**env: str) -> StorageSettings:
@@ -43,27 +44,16 @@ async def test_connection_string_clients_reach_azurite(azurite, unique_name):
 async def _thread_hops_of_one_read(settings: StorageSettings, container_name: str) -> int:
     """How many times one blob read hands work to a thread (aiohttp's netrc and proxy
     lookups when it trusts the environment: a thread wake-up each, on every call)."""
-    import concurrent.futures.thread as threads
-
     blob = create_blob_service(settings)
     container = blob.get_container_client(container_name)
-    submitted = 0
-    original = threads.ThreadPoolExecutor.submit
-
-    def counting(self, fn, /, *args, **kwargs):
-        nonlocal submitted
-        submitted += 1
-        return original(self, fn, *args, **kwargs)
-
     try:
         await container.upload_blob("x.json", b"{}", overwrite=True)
         await (await container.download_blob("x.json")).readall()  # connection made
-        threads.ThreadPoolExecutor.submit = counting  # the thread pool, not the bot's code
-        await (await container.download_blob("x.json")).readall()
+        with thread_hops() as submitted:
+            await (await container.download_blob("x.json")).readall()
     finally:
-        threads.ThreadPoolExecutor.submit = original
         await close_client(blob)
-    return submitted
+    return submitted[0]
 
 
 @pytest.mark.integration
