@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.config import Settings
-from shared.references.contract import REFUSED, StoreError, storage_auth_failed
+from shared.references.contract import StoreError, refused_credential, storage_auth_failed
 from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class BlobLedger:
 @contextlib.asynccontextmanager
 async def _guard(operation: str, name: str):
     """Storage failures become StoreError: status and code only, never the service's text."""
-    from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+    from azure.core.exceptions import AzureError, HttpResponseError
 
     try:
         async with asyncio.timeout(OPERATION_TIMEOUT):
@@ -300,7 +300,7 @@ async def _guard(operation: str, name: str):
     except TimeoutError:
         raise StoreError(f"proactive ledger: {operation} {name} timed out") from None
     except HttpResponseError as error:
-        if isinstance(error, ClientAuthenticationError) or error.status_code in REFUSED:
+        if refused_credential(error):
             raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
         code = getattr(error, "error_code", None)
         raise StoreError(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.blob_container import ContainerVanished, LazyContainer
 from shared.config import Settings
-from shared.references.contract import REFUSED, storage_auth_message
+from shared.references.contract import refused_credential, storage_auth_message
 from shared.references.keys import encode_segment
 from shared.state import (
     MAX_STATE_BYTES,
@@ -107,7 +107,7 @@ class BlobStateStore:
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str):
         """Bound the call in time; storage failures become StateError (status, no text)."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        from azure.core.exceptions import AzureError, HttpResponseError
 
         timeout = self._options.operation_timeout
         try:
@@ -122,7 +122,7 @@ class BlobStateStore:
         except TimeoutError:
             raise StateError(f"state store: {operation} timed out after {timeout:g}s") from None
         except HttpResponseError as exc:
-            if isinstance(exc, ClientAuthenticationError) or exc.status_code in REFUSED:
+            if refused_credential(exc):
                 raise StateError(storage_auth_message(f"state store: {operation}", exc)) from None
             raise StateError(
                 f"state store: {operation} failed: HTTP {exc.status_code} ({type(exc).__name__})"

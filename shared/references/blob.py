@@ -22,7 +22,6 @@ from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
 from shared.config import Settings
 from shared.references.contract import (
     MAX_PAGE_SIZE,
-    REFUSED,
     SCHEMA_VERSION,
     Filters,
     Page,
@@ -41,6 +40,7 @@ from shared.references.contract import (
     index_keys,
     plan,
     reference_key,
+    refused_credential,
     short_key,
     storage_auth_failed,
     to_document,
@@ -481,7 +481,7 @@ class BlobReferenceStore:
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str, key: str):
         """Bound the call in time and turn storage failures into StoreError (no secrets)."""
-        from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+        from azure.core.exceptions import AzureError, HttpResponseError
 
         timeout = self._options.operation_timeout
         try:
@@ -494,7 +494,7 @@ class BlobReferenceStore:
                 f"reference store: {operation} {short_key(key)} timed out after {timeout:g}s"
             ) from None
         except HttpResponseError as exc:
-            if isinstance(exc, ClientAuthenticationError) or exc.status_code in REFUSED:
+            if refused_credential(exc):
                 where = f"reference store: {operation} {short_key(key)}"
                 raise storage_auth_failed(where, exc) from None
             code = _error_code(exc)

@@ -38,14 +38,24 @@ class StoreError(Exception):
 
 
 # What storage answers a credential it refuses, or an identity without a data role on it.
-REFUSED = frozenset({401, 403})
+_REFUSED = frozenset({401, 403})
+
+
+def refused_credential(error: Any) -> bool:
+    """Whether a storage SDK error is a missing or refused credential: no token (a
+    ClientAuthenticationError), or a key or token storage answered 401/403."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    return isinstance(error, ClientAuthenticationError) or (
+        getattr(error, "status_code", None) in _REFUSED
+    )
 
 
 def storage_auth_message(where: str, error: Any) -> str:
-    """What a missing or refused storage credential says to an operator: no token (the
-    identity endpoint's or Entra ID's refusal, without an HTTP status of storage's), or a
-    key or token storage refused (401/403, REFUSED). Names the setting to check; never the
-    error's text, which may quote a token endpoint's answer."""
+    """What a missing or refused storage credential (:func:`refused_credential`) says to an
+    operator: no token (the identity endpoint's or Entra ID's refusal, without an HTTP
+    status of storage's), or a key or token storage refused (401/403). Names the setting to
+    check; never the error's text, which may quote a token endpoint's answer."""
     status = getattr(error, "status_code", None)
     shown = f", HTTP {status}" if status is not None else ""
     return (
