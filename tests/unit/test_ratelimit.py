@@ -406,6 +406,26 @@ class StrictWindow:
         return True
 
 
+async def send_once(
+    time: VirtualScheduler, noise: Jitter, channel: StrictWindow, pacer: Pacer, scope: Scope
+) -> tuple[bool, float]:
+    """One background request through ``pacer`` into ``channel``, with a host's delays:
+    whether the channel admitted it, and when it arrived. A refused one is told to the
+    pacer and waits its Retry-After (1 s), as the Connector client's retry does."""
+    granted = await pacer.acquire(scope, background=True)
+    await time.sleep(noise.leaving())
+    left = time.now
+    pacer.left(scope, granted, left)
+    await time.sleep(noise.to_connector())
+    arrived = time.now
+    if channel.admit(arrived):
+        return True, arrived
+    await time.sleep(0.002)  # the answer on its way back
+    pacer.throttled(scope, 1.0, granted, left)
+    await time.sleep(1.0)  # the client's retry waits the Retry-After
+    return False, arrived
+
+
 async def instances_sharing_a_tenant(
     count: int,
     seconds: float = 100.0,
@@ -440,17 +460,10 @@ async def instances_sharing_a_tenant(
         scope = teams(next(names))
         await time.sleep(instance * joining_every)
         while time.now < seconds:
-            granted = await pacer.acquire(scope, background=True)
-            await time.sleep(noise.leaving())
-            left = time.now
-            pacer.left(scope, granted, left)
-            await time.sleep(noise.to_connector())
-            when = "_later" if time.now >= 10.0 else "_early"
-            if not channel.admit(time.now):
+            admitted, arrived = await send_once(time, noise, channel, pacer, scope)
+            when = "_later" if arrived >= 10.0 else "_early"
+            if not admitted:
                 outcome["throttled" + when] += 1
-                await time.sleep(0.002)  # the answer on its way back
-                pacer.throttled(scope, 1.0, granted, left)
-                await time.sleep(1.0)  # the client's retry waits the Retry-After
             else:
                 outcome["sent" + when] += 1
                 scope = teams(next(names))
@@ -525,17 +538,9 @@ async def instance_left_after_a_scale_in(
     async def sender(pacer: Pacer, end: float, counted: bool):
         scope = teams(f"a:{next(fresh)}")
         while time.now < end:
-            granted = await pacer.acquire(scope, background=True)
-            await time.sleep(noise.leaving())
-            left = time.now
-            pacer.left(scope, granted, left)
-            await time.sleep(noise.to_connector())
-            if not channel.admit(time.now):
-                await time.sleep(0.002)
-                pacer.throttled(scope, 1.0, granted, left)
-                await time.sleep(1.0)
-            else:
-                half_minute = int((time.now - stop_at) // 30)
+            admitted, arrived = await send_once(time, noise, channel, pacer, scope)
+            if admitted:
+                half_minute = int((arrived - stop_at) // 30)
                 if counted and 0 <= half_minute < len(sent):
                     sent[half_minute] += 1
                 scope = teams(f"a:{next(fresh)}")
