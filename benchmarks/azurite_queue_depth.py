@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     load = round(os.getloadavg()[0], 2)
-    with Azurite() as azurite:
+    with Azurite(in_memory=False) as azurite:
         rows = asyncio.run(measure(azurite.connection_string, depths, args.ops))
     report = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     load_start = os.getloadavg()[0]
-    with Azurite() as azurite:
+    with Azurite(in_memory=False) as azurite:
         results = asyncio.run(bench(azurite.connection_string, args.count, args.concurrency))
     report = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -16,7 +16,8 @@ tomorrow), which sit in the queue, and in its message count, for the whole run.
 Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
 limit), delivered, lost (delivered per the report but never received), duplicated,
 429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
-run of one process with no limits enforced. Results: benchmarks/results/broadcast.json.
+run of one process with no limits enforced and the bot's own pacing lifted (UNPACED_RATE).
+Results: benchmarks/results/broadcast.json.
 The SDKs' own proactive loops over the same conversations: benchmarks/broadcast_peers.py.
 """
 
@@ -40,6 +41,11 @@ from benchmarks import warm
 
 TENANTS = ("tenant-a", "tenant-b")
 RESULTS = warm.RESULTS / "broadcast.json"
+# The hosts' BOT_CONNECTOR_RATE_LIMIT in the unthrottled run. An app is configured with
+# the limit its channel enforces; this Connector enforces none, and at Teams' 50/s the
+# bot's own pacer would hold the two tenants to 97/s, measuring the pacer instead of the
+# pipeline. High enough never to bind here.
+UNPACED_RATE = 100_000
 
 
 def reference(service_url: str, app_id: str, n: int) -> dict[str, Any]:
@@ -234,7 +240,9 @@ def steady_rate(timeline: list[tuple[float, int]], count: int) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.broadcast", description=__doc__)
     parser.add_argument("--conversations", type=int, default=10_000)
-    parser.add_argument("--processes", default="1,2,4")
+    parser.add_argument(
+        "--processes", default="1,2,4", help="host process counts, comma-separated ('': none)"
+    )
     parser.add_argument("--tenant-limit", type=int, default=50)
     parser.add_argument(
         "--bot-rate-limit",
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "summed up by python -m benchmarks.pacing_report FOLDER",
     )
     args = parser.parse_args(argv)
-    counts = [int(p) for p in args.processes.split(",")]
+    counts = [int(p) for p in args.processes.split(",") if p.strip()]
     report: dict[str, Any] = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.broadcast " + " ".join(argv or sys.argv[1:]),
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(processes, limits) for processes in counts]
     if args.unthrottled:
         plan.append((1, []))
+    paced_rate = args.bot_rate_limit or args.tenant_limit
     for processes, connector_args in plan:
         with ExitStack() as stack:
             services = warm.start_services(stack, need_storage=True, connector_args=connector_args)
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 **services.env(warm.TARGETS["ours"], 0),
                 "BOT_PROACTIVE_QUEUE": f"bench-{suffix}",
                 "BOT_REFERENCES_CONTAINER": f"bench-{suffix}",
-                "BOT_CONNECTOR_RATE_LIMIT": str(args.bot_rate_limit or args.tenant_limit),
+                "BOT_CONNECTOR_RATE_LIMIT": str(paced_rate if connector_args else UNPACED_RATE),
             }
             trace = None
             if args.trace is not None:
@@ -324,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             report["runs"].append(result)
         else:
+            result["bot_rate_limit_per_s"] = UNPACED_RATE
             report["unthrottled"] = result
         print(json.dumps(result), flush=True)
     report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)

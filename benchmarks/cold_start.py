@@ -396,7 +396,7 @@ def start_storage(services: ExitStack) -> Azurite:
     """Azurite in memory with the references container (as deployed infra provides it)."""
     from tools.azurite import Azurite, ensure_resources
 
-    azurite = services.enter_context(Azurite())
+    azurite = services.enter_context(Azurite(in_memory=False))
     ensure_resources(azurite.connection_string, [], ["conversation-references"])
     return azurite
 

@@ -97,7 +97,7 @@ def start_host(env: dict[str, str], logs: Path) -> subprocess.Popen:
 async def run(count: int, hosts: int, logs: Path) -> dict:
     app_id, secret = str(uuid.uuid4()), uuid.uuid4().hex
     with (
-        Azurite() as azurite,
+        Azurite(in_memory=False) as azurite,
         FakeAAD() as aad,
         FakeConnector(enforce_limits=True, global_limit=Window(50, 1.0)) as connector,
     ):

@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.profile_broadcast [--conversations 1000] [--profile]
                                                      [--batch-size 32] [--threshold 16]
 
-Starts Azurite and the fake Connector (no limits enforced), stores ``--conversations``
+Starts Azurite and the fake Connector (no limits enforced, and the bot's own pacing lifted
+unless ``--bot-rate-limit`` sets it), stores ``--conversations``
 Teams channel conversations, then runs the local host's queue listener for
 ``proactive_function`` in this process (as ``python -m tools.devhost`` does), enqueues one
 broadcast with ``shared.producer.enqueue`` and waits for its report to say ``done``.
@@ -191,7 +192,7 @@ async def storage_only(connection_string: str, count: int, concurrency: int) -> 
 def measure_storage(count: int, concurrency: int) -> None:
     from tools.azurite import Azurite, ensure_resources
 
-    with Azurite() as azurite:
+    with Azurite(in_memory=False) as azurite:
         ensure_resources(azurite.connection_string, [], ["conversation-references"])
         assert azurite.process is not None
         before = cpu_seconds(azurite.process.pid)
@@ -218,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threshold", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--bot-rate-limit",
+        type=float,
+        default=broadcast.UNPACED_RATE,
+        help="the host's BOT_CONNECTOR_RATE_LIMIT (default: too high to bind; 50 is Teams')",
+    )
     parser.add_argument("--profile", action="store_true", help="pyinstrument the run")
     parser.add_argument(
         "--poll-report",
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         from tools.azurite import Azurite, ensure_resources
 
         services = warm.start_services(stack, need_storage=False)
-        azurite = stack.enter_context(Azurite())
+        azurite = stack.enter_context(Azurite(in_memory=False))
         ensure_resources(azurite.connection_string, [], ["conversation-references"])
         services = dataclasses.replace(services, storage=azurite.connection_string)
         suffix = uuid.uuid4().hex[:8]
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             **services.env(warm.TARGETS["ours"], 0),
             "BOT_PROACTIVE_QUEUE": f"prof-{suffix}",
             "BOT_REFERENCES_CONTAINER": f"prof-{suffix}",
+            "BOT_CONNECTOR_RATE_LIMIT": str(args.bot_rate_limit),
         }
         from shared.config import Settings
 

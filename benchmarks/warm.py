@@ -264,7 +264,11 @@ def start_services(
     if need_storage:
         from tools.azurite import Azurite, ensure_resources
 
-        azurite = stack.enter_context(Azurite())
+        # Data on disk (a temporary folder), as `make run` keeps it: in memory, every queue
+        # message is an extent of its own, and Azurite's once-a-minute queue garbage
+        # collection removes them one at a time from an indexed collection, freezing it
+        # for 16 s in a broadcast (benchmarks/README.md, "Azurite's freezes").
+        azurite = stack.enter_context(Azurite(in_memory=False))
         ensure_resources(azurite.connection_string, [], ["conversation-references"])
         storage = azurite.connection_string
         storage_pid = azurite.process.pid if azurite.process else 0
