@@ -2,12 +2,12 @@
 
     .venv/bin/python -m benchmarks.azurite_queue_depth [--depths 0,250,1000,10000] [--ops 30]
 
-Starts its own Azurite (in memory, free ports), fills one queue to each depth in turn
-(messages of 1,500 bytes, about a broadcast child's size) and times, one at a time, `ops`
-rounds of put, receive (one message) and delete: the medians per depth. It measures the
-emulator, not the bot: the reason the fan-out's flow control also matters locally
-(docs/proactive.md, "Flow control"). Writes benchmarks/results/azurite_queue_depth.json.
-Not part of `make test`.
+Starts its own Azurite (its data in a temporary folder, free ports), fills one queue to
+each depth in turn (messages of 1,500 bytes, about a broadcast child's size) and times, one
+at a time, `ops` rounds of put, receive (one message) and delete: the medians per depth.
+It measures the emulator, not the bot: the reason the fan-out's flow control also
+matters locally (docs/proactive.md, "Flow control"). Writes
+benchmarks/results/azurite_queue_depth.json. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "load_average_1m": {"start": load, "end": round(os.getloadavg()[0], 2)},
         },
-        "storage": "Azurite (in memory), loopback; medians of one operation at a time",
+        "storage": "Azurite (data on disk), loopback; medians of one operation at a time",
         "ops_per_depth": args.ops,
         "rows": rows,
     }

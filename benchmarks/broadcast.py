@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import uuid
@@ -247,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bot-rate-limit",
         type=float,
-        help="the hosts' BOT_CONNECTOR_RATE_LIMIT (default: --tenant-limit, as an app is "
-        "configured with the limit its channel enforces)",
+        help="the hosts' BOT_CONNECTOR_RATE_LIMIT in the runs with limits enforced (default: "
+        "--tenant-limit, as an app is configured with the limit its channel enforces; the "
+        "unthrottled run uses UNPACED_RATE)",
     )
     parser.add_argument("--unthrottled", action="store_true")
     parser.add_argument(
@@ -268,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     counts = [int(p) for p in args.processes.split(",") if p.strip()]
+    if not counts and not args.unthrottled:
+        parser.error("nothing to run: give --processes or --unthrottled")
     report: dict[str, Any] = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.broadcast " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.broadcast " + shlex.join(argv or sys.argv[1:]),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

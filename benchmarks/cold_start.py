@@ -393,7 +393,8 @@ def describe(bot: Bot) -> dict[str, Any]:
 
 
 def start_storage(services: ExitStack) -> Azurite:
-    """Azurite in memory with the references container (as deployed infra provides it)."""
+    """Azurite (its data in a temporary folder) with the references container (as deployed
+    infra provides it)."""
     from tools.azurite import Azurite, ensure_resources
 
     azurite = services.enter_context(Azurite(in_memory=False))

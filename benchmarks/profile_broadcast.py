@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.profile_broadcast [--conversations 1000] [--profile]
                                                      [--batch-size 32] [--threshold 16]
+                                                     [--bot-rate-limit N]
 
 Starts Azurite and the fake Connector (no limits enforced, and the bot's own pacing lifted
 unless ``--bot-rate-limit`` sets it), stores ``--conversations``

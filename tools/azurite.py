@@ -145,7 +145,9 @@ class Azurite:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Azurite exited with code {self.process.returncode}")
+                code = self.process.returncode
+                self.stop()  # removes a temporary folder of its own
+                raise RuntimeError(f"Azurite exited with code {code}")
             if listening(self.blob_port) and listening(self.queue_port):
                 return self
             time.sleep(0.1)
