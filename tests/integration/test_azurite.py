@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
@@ -29,3 +32,21 @@ def test_stop_leaves_no_process():
     process = instance.process
     instance.stop()
     assert process is not None and process.poll() is not None
+
+
+def test_data_on_disk_is_removed_on_stop_and_when_it_cannot_start():
+    instance = Azurite(in_memory=False).start()
+    folder = Path(instance.location)
+    ensure_resources(instance.connection_string, ["queue-on-disk"], [])
+    assert any(folder.iterdir())  # the data is on disk
+    instance.stop()
+    assert not folder.exists()
+
+    # Its blob port taken: Azurite exits while starting, and leaves no folder behind.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        failed = Azurite(in_memory=False, blob_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="exited"):
+            failed.start()
+    assert failed.process is None and not Path(failed.location).exists()
