@@ -2,8 +2,8 @@
 
     .venv/bin/python -m benchmarks.bench_references [--count 10000] [--concurrency 32]
 
-Starts its own Azurite (its data in a temporary folder, free ports), then measures with
-BlobReferenceStore:
+Starts its own Azurite (in memory: blobs only, see warm.start_services; free ports), then
+measures with BlobReferenceStore:
 
 - upsert (create) throughput of `count` new references (20% 1:1, which also write the
   user index), `concurrency` upserts in flight;
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     load_start = os.getloadavg()[0]
-    with Azurite(in_memory=False) as azurite:
+    with Azurite() as azurite:
         results = asyncio.run(bench(azurite.connection_string, args.count, args.concurrency))
     report = {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "load_average_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         },
-        "storage": "Azurite (data on disk), loopback",
+        "storage": "Azurite (in-memory), loopback",
         "references": args.count,
         "tenants": TENANTS,
         "personal_share": 1 / PERSONAL_EVERY,

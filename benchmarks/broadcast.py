@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     paced_rate = args.bot_rate_limit or args.tenant_limit
     for processes, connector_args in plan:
         with ExitStack() as stack:
-            services = warm.start_services(stack, need_storage=True, connector_args=connector_args)
+            services = warm.start_services(
+                stack, need_storage=True, connector_args=connector_args, queue_traffic=True
+            )
             suffix = uuid.uuid4().hex[:8]
             env = {
                 **services.env(warm.TARGETS["ours"], 0),

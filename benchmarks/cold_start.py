@@ -393,11 +393,11 @@ def describe(bot: Bot) -> dict[str, Any]:
 
 
 def start_storage(services: ExitStack) -> Azurite:
-    """Azurite (its data in a temporary folder) with the references container (as deployed
-    infra provides it)."""
+    """Azurite in memory (no queue traffic here; see warm.start_services) with the
+    references container (as deployed infra provides it)."""
     from tools.azurite import Azurite, ensure_resources
 
-    azurite = services.enter_context(Azurite(in_memory=False))
+    azurite = services.enter_context(Azurite())
     ensure_resources(azurite.connection_string, [], ["conversation-references"])
     return azurite
 

@@ -249,8 +249,21 @@ class ConnectorProcess:
 
 
 def start_services(
-    stack: ExitStack, need_storage: bool, connector_args: Sequence[str] = ()
+    stack: ExitStack,
+    need_storage: bool,
+    connector_args: Sequence[str] = (),
+    *,
+    queue_traffic: bool = False,
 ) -> Services:
+    """The identity services, the fake AAD and Connector, and Azurite when `need_storage`.
+
+    Azurite keeps its data on disk when `queue_traffic` (the broadcast): in memory, every
+    queue message is an extent of its own, and its once-a-minute queue garbage collection
+    removes them one at a time from an indexed collection, freezing it for 16 s in a
+    broadcast. Without queue traffic (a turn writes blobs only) it stays in memory, where a
+    blob write costs it 20-40 % less CPU than on disk (benchmarks/README.md, "Broadcast:
+    Azurite's freezes").
+    """
     from tools.botsim.aad import FakeAAD
     from tools.botsim.identity import start_identity_services
 
@@ -264,11 +277,7 @@ def start_services(
     if need_storage:
         from tools.azurite import Azurite, ensure_resources
 
-        # Data on disk (a temporary folder), as `make run` keeps it: in memory, every queue
-        # message is an extent of its own, and Azurite's once-a-minute queue garbage
-        # collection removes them one at a time from an indexed collection, freezing it
-        # for 16 s in a broadcast (benchmarks/README.md, "Azurite's freezes").
-        azurite = stack.enter_context(Azurite(in_memory=False))
+        azurite = stack.enter_context(Azurite(in_memory=not queue_traffic))
         ensure_resources(azurite.connection_string, [], ["conversation-references"])
         storage = azurite.connection_string
         storage_pid = azurite.process.pid if azurite.process else 0
