@@ -206,7 +206,8 @@ class Pacer:
                 if not (oldest.idle(now) and not oldest.line.get().locked()):
                     break
                 del self._lanes[oldest_key]
-            lane = self._lanes[key] = AdaptiveRate(self.tenant_rate if scope.teams else None)
+            ceiling = self.tenant_rate if scope.teams else None
+            lane = self._lanes[key] = AdaptiveRate(ceiling, self.background_share)
         else:
             self._lanes.move_to_end(key)
         return lane
@@ -290,7 +291,7 @@ class Pacer:
     ) -> float:
         # Checked and recorded with no await in between: the event loop cannot interleave
         # another caller, so no window is ever overbooked.
-        lane.record(now, background, self.background_share)
+        lane.record(now, background)
         if conversation is not None:
             conversation.log.record(now)
         if background:

@@ -179,9 +179,11 @@ async def test_background_traffic_keeps_to_its_share_of_the_tenant_rate_evenly_s
 
     gaps = [b - a for a, b in itertools.pairwise(grants)]
     assert min(gaps) >= 1 / 48.5 - 1e-9  # 97 % of 50/s, evenly spaced: never a burst
-    assert max_in_window(grants, 1.0) <= 49  # a reply still fits in any second
-    # The share is used, not wasted: 1000 at 48.5/s take about 20.6 s.
-    assert 20.0 <= max(grants) <= 21.0
+    # 2 of every second's 50 left to replies (ceil(50 x 3 %)): 48 in any second.
+    assert max_in_window(grants, 1.0) <= 48
+    # The share is used, not wasted: 1000 at 48 per second (and the window's 10-ms
+    # margin) take about 21 s.
+    assert 20.5 <= max(grants) <= 21.2
     assert pacer.granted_background == 1000
 
 
@@ -234,7 +236,7 @@ def through(lane: AdaptiveRate, start: float, seconds: float, rate: float) -> fl
     its grant (and counted by the channel); returns the time after the last."""
     now = start
     while now < start + seconds:
-        lane.record(now, True, 1.0)
+        lane.record(now, True)
         lane.left(now, now + 0.001)
         now += 1.0 / rate
     return now
@@ -319,12 +321,12 @@ async def test_a_tenant_answered_429_once_still_sends_hours_later():
 def test_a_request_that_left_late_holds_back_the_ones_after_it():
     # 15/s, evenly spaced at 97 %: 16 grants span 1.03 s, so a strict 1-s window at the
     # Connector tolerates only 31 ms of difference in how long requests take to get there.
-    lane = AdaptiveRate(15.0)
+    lane = AdaptiveRate(15.0, 0.97)
     arrivals = []
     now = 0.0
     for n in range(40):
         now += max(0.0, lane.background_wait(now))
-        lane.record(now, True, 0.97)
+        lane.record(now, True)
         # Every tenth one waited 150 ms on a busy event loop before it left.
         left = now + (0.15 if n % 10 == 5 else 0.0)
         arrivals.append(left + 0.002)
@@ -336,7 +338,7 @@ def test_a_request_that_left_late_holds_back_the_ones_after_it():
 def test_a_request_answered_429_does_not_hold_back_the_window():
     lane = AdaptiveRate(15.0)
     for n in range(15):
-        lane.record(n * 0.01, True, 1.0)
+        lane.record(n * 0.01, True)
     lane.throttled(0.2, 1.0, sent_at=0.05)  # the channel did not count it
     wait_at = 0.5
     # Only 14 counted in the window: the 16th waits for its spacing and pause, not a second.
@@ -485,9 +487,10 @@ async def test_one_instance_uses_the_tenant_limit_without_a_429():
 async def test_one_instance_with_a_real_hosts_jitter_still_draws_no_429(seed):
     # The tenant's strict 1-s window counts arrivals, not grants: a request that left
     # late must not arrive bunched with the ones granted after it.
+    # At 15/s the replies' reserve is 1 of every second's 15: at most 14/15 = 93 %.
     achieved, share_429, _ = await instances_sharing_a_tenant(1, limit=15, jitter=True, seed=seed)
     assert share_429 == 0.0
-    assert achieved >= 0.95
+    assert achieved >= 0.92
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -657,8 +660,8 @@ async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_
     # 50 ms + spread later (the server's own jitter): round trips of 0.1-0.5 s or 0.1-0.9 s
     # against a steady 0.3 s. Judged from the round trip, a slow answer read as a request
     # that left late and held the window for nothing: 91.6 % of the limit at a 0.4-s
-    # spread, 87.0 % at 0.8, against 97 % with steady answers. Counted from when each
-    # request left, nothing is lost.
+    # spread, 87.0 % at 0.8, against 97 % with steady answers (95 % since the replies'
+    # reserve, 48 of every 50). Counted from when each request left, nothing is lost.
     def steady(rng):
         return 0.0, 0.05, 0.25
 
@@ -667,7 +670,7 @@ async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_
 
     without, throttled_without = await one_lane_far_from_its_connector(96, 3, steady)
     achieved, throttled = await one_lane_far_from_its_connector(96, 3, jittery)
-    assert without >= 0.96 and throttled_without == 0
+    assert without >= 0.95 and throttled_without == 0
     assert achieved >= without - 0.01 and throttled == 0
 
 
@@ -685,6 +688,72 @@ async def test_requests_that_left_late_hold_back_a_far_lane_without_a_429(spread
 
     achieved, throttled = await one_lane_far_from_its_connector(160, 5, request)
     assert throttled == 0 and achieved >= 0.93
+
+
+async def broadcast_beside_replies(limit: int, reply_rate: float, seed: int, seconds=100.0):
+    """One instance broadcasts into a tenant that allows ``limit`` requests in any second
+    (with a real host's jitter), while users' messages bring replies at random, on average
+    ``reply_rate`` a second, each into a conversation of its own. Returns the share of the
+    limit the broadcast got through, and how many replies there were and were answered 429."""
+    time = VirtualScheduler()
+    rng = random.Random(seed)
+    noise = Jitter(rng, True)
+    channel = StrictWindow(limit)
+    sent = 0
+    replies: list[bool] = []
+    fresh = itertools.count()
+
+    async def sleep(seconds: float) -> None:
+        await time.sleep(seconds + noise.wake_up())
+
+    pacer = Pacer(limit, clock=time.clock, sleep=sleep)
+
+    async def broadcast():
+        nonlocal sent
+        scope = teams(f"a:{next(fresh)}")
+        while time.now < seconds:
+            admitted, _ = await send_once(time, noise, channel, pacer, scope)
+            if admitted:
+                sent += 1
+                scope = teams(f"a:{next(fresh)}")
+
+    async def reply(scope: Scope):
+        granted = await pacer.acquire(scope)  # interactive: never waits for the tenant
+        await time.sleep(noise.leaving())
+        pacer.left(scope, granted, time.now)
+        await time.sleep(noise.to_connector())
+        admitted = channel.admit(time.now)
+        replies.append(admitted)
+        if not admitted:
+            pacer.throttled(scope, 1.0, granted, time.now)
+
+    async def users():
+        pending = []
+        while time.now < seconds:
+            await time.sleep(rng.expovariate(reply_rate))
+            pending.append(asyncio.ensure_future(reply(teams(f"user:{len(pending)}"))))
+        await asyncio.gather(*pending)
+
+    await time.run(*(broadcast() for _ in range(8)), users())
+    return sent / seconds / limit, len(replies), replies.count(False)
+
+
+@pytest.mark.parametrize(
+    ("limit", "reply_rate", "most_throttled"), [(50, 3.0, 0.003), (15, 0.3, 0.03)]
+)
+async def test_replies_beside_a_broadcast_find_room_in_the_tenants_window(
+    limit, reply_rate, most_throttled
+):
+    # Background keeps ceil(limit x 3 %) of every second free, counting the replies
+    # already in it: 0 of 905 replies answered 429 at 50/s, 1 of 78 at 15/s. Spacing
+    # alone (at 97 % of the rate) left the window to chance: 6 of 920 (0.65 %) and 13 of
+    # 95 (14 %), whose cuts took the broadcast at 15/s down to 84 % of the limit.
+    outcomes = [await broadcast_beside_replies(limit, reply_rate, seed) for seed in range(3)]
+    replies = sum(count for _, count, _ in outcomes)
+    throttled = sum(refused for _, _, refused in outcomes)
+    assert replies > 200 * reply_rate  # they did come, throughout the runs
+    assert throttled / replies < most_throttled
+    assert min(achieved for achieved, _, _ in outcomes) >= 0.87  # the broadcast still runs
 
 
 async def broadcast_beside_a_throttled_thread(busy_rate: float, thread_seconds: float):
