@@ -71,11 +71,14 @@ PROBE_DOUBLING = 30.0
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
 # Of every window, background requests leave ceil(ceiling x (1 - background share)) to
-# replies (2 of Teams' 50, 1 of a 15/s tenant): counted with the replies already in it, a
-# second of background never fills what a reply needs. Evenly spaced grants alone left
-# the window to chance: with a small tenant limit it was full whenever a reply came
-# (tests/unit/test_ratelimit.py's simulation, 15/s, a reply every 3 s on average: 20 % of
-# replies answered 429, none with the reserve).
+# replies (2 of Teams' 50, 1 of a 15/s tenant) while replies are being sent (one in the
+# last REPLY_SECONDS), and one otherwise, so the first reply after a quiet spell finds
+# room too: counted with the replies already in it, a second of background never fills
+# what a reply needs. Evenly spaced grants alone left the window to chance: with a small
+# tenant limit it was full whenever a reply came (tests/unit/test_ratelimit.py's
+# simulation, 15/s, a reply every 3 s on average: 14 % of replies answered 429, 1 % with
+# the reserve).
+REPLY_SECONDS = 10.0
 # A background grant that comes late (its wait woken late by a busy event loop) may be
 # made up for by the ones after it, for up to CATCH_UP_SECONDS of lateness; the window's
 # reserve keeps the replies' share of every second. A reply's own slot is never made up
@@ -111,6 +114,8 @@ class AdaptiveRate:
         "_next",
         "_paused_until",
         "_peak",
+        "_quiet_limit",
+        "_reply_at",
         "_share",
         "_thread_limits",
         "_window_limit",
@@ -137,6 +142,8 @@ class AdaptiveRate:
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
         reserve = math.ceil(ceiling * (1.0 - background_share)) if ceiling else 0
         self._background_limit = max(1, self._window_limit - reserve) if ceiling else 0
+        self._quiet_limit = max(1, self._window_limit - min(reserve, 1)) if ceiling else 0
+        self._reply_at = float("-inf")
         self._lowest = ceiling * MIN_SHARE if ceiling else 0.0
 
     def rate(self, now: float) -> float | None:
@@ -156,7 +163,9 @@ class AdaptiveRate:
 
     def background_wait(self, now: float) -> float:
         wait = max(self._paused_until, self._next) - now
-        counted, limit = self._counted, self._background_limit
+        counted = self._counted
+        replying = now - self._reply_at < REPLY_SECONDS
+        limit = self._background_limit if replying else self._quiet_limit
         if limit and len(counted) >= limit:
             # The window holds `limit` requests while the limit-th latest is in it.
             oldest = counted[len(counted) - limit]
@@ -190,6 +199,8 @@ class AdaptiveRate:
 
     def record(self, now: float, background: bool) -> None:
         self.used_at = now
+        if not background:
+            self._reply_at = now
         if self._window_limit:
             if len(self._counted) >= self._window_limit:
                 del self._counted[0]

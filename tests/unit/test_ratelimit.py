@@ -179,11 +179,10 @@ async def test_background_traffic_keeps_to_its_share_of_the_tenant_rate_evenly_s
 
     gaps = [b - a for a, b in itertools.pairwise(grants)]
     assert min(gaps) >= 1 / 48.5 - 1e-9  # 97 % of 50/s, evenly spaced: never a burst
-    # 2 of every second's 50 left to replies (ceil(50 x 3 %)): 48 in any second.
-    assert max_in_window(grants, 1.0) <= 48
-    # The share is used, not wasted: 1000 at 48 per second (and the window's 10-ms
-    # margin) take about 21 s.
-    assert 20.5 <= max(grants) <= 21.2
+    # With no reply in the last 10 s, 1 of every second's 50 is left free for the next.
+    assert max_in_window(grants, 1.0) <= 49
+    # The share is used, not wasted: 1000 at 48.5/s take about 20.6 s.
+    assert 20.0 <= max(grants) <= 21.0
     assert pacer.granted_background == 1000
 
 
@@ -391,6 +390,17 @@ class Jitter:
         return late
 
 
+class BusyJitter(Jitter):
+    """A host busier than the traced one: 5 % of wake-ups later still, by up to 60 ms (the
+    lone host of the broadcast benchmark lost 4.5 % of its pace to waits woken late)."""
+
+    def wake_up(self) -> float:
+        late = super().wake_up()
+        if self.rng.random() < 0.05:
+            late += self.rng.uniform(0.0, 0.06)
+        return late
+
+
 class StrictWindow:
     """A tenant's limit as the channel keeps it: at most ``limit`` arrivals in any second;
     an arrival it refuses (429) is not counted."""
@@ -436,6 +446,7 @@ async def instances_sharing_a_tenant(
     seed: int = 0,
     conversations: int | None = None,
     joining_every: float = 0.0,
+    busy: bool = False,
 ):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
     allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
@@ -446,7 +457,7 @@ async def instances_sharing_a_tenant(
     achieved (a share of ``limit``) and the share of requests answered 429, over the
     whole run and after its first 10 seconds."""
     time = VirtualScheduler()
-    noise = Jitter(random.Random(count * 1000 + limit + seed), jitter)
+    noise = (BusyJitter if busy else Jitter)(random.Random(count * 1000 + limit + seed), jitter)
     channel = StrictWindow(limit)
     outcome = {"sent_early": 0, "throttled_early": 0, "sent_later": 0, "throttled_later": 0}
     fresh = itertools.count()
@@ -491,6 +502,17 @@ async def test_one_instance_with_a_real_hosts_jitter_still_draws_no_429(seed):
     achieved, share_429, _ = await instances_sharing_a_tenant(1, limit=15, jitter=True, seed=seed)
     assert share_429 == 0.0
     assert achieved >= 0.92
+
+
+async def test_a_lone_instance_on_a_busy_event_loop_makes_up_for_waits_woken_late():
+    # Late wake-ups delay the grants after them; made up for within 0.1 s (the window
+    # still keeps a reply's room), they cost little: 95.4-95.6 % of the limit over these
+    # seeds, against 89.1-90.0 % with one interval of catch-up.
+    outcomes = [
+        await instances_sharing_a_tenant(1, jitter=True, busy=True, seed=seed) for seed in range(3)
+    ]
+    assert min(achieved for achieved, _, _ in outcomes) >= 0.94
+    assert sum(share_429 for _, share_429, _ in outcomes) == 0.0
 
 
 @pytest.mark.parametrize("count", [2, 4])
