@@ -279,11 +279,13 @@ class Pacer:
             return wait
 
         if not background:
-            now = await self._wait_until(wait_time, deadline)
+            now, _ = await self._wait_until(wait_time, deadline)
             return self._grant(lane, conversation, background, now)
-        async with self._holding(lane.line.get(), deadline):
-            now = await self._wait_until(wait_time, deadline)
-            return self._grant(lane, conversation, background, now)
+        line = lane.line.get()
+        queued = line.locked()  # behind others in the line, not arriving at an idle one
+        async with self._holding(line, deadline):
+            now, slept = await self._wait_until(wait_time, deadline)
+            return self._grant(lane, conversation, background, now, late=queued or slept)
 
     def _grant(
         self,
@@ -291,10 +293,11 @@ class Pacer:
         conversation: _Conversation | None,
         background: bool,
         now: float,
+        late: bool = False,
     ) -> float:
         # Checked and recorded with no await in between: the event loop cannot interleave
         # another caller, so no window is ever overbooked.
-        lane.record(now, background)
+        lane.record(now, background, late)
         if conversation is not None:
             conversation.log.record(now)
         if background:
@@ -304,16 +307,19 @@ class Pacer:
 
     async def _wait_until(
         self, wait_time: Callable[[float], float], deadline: float | None
-    ) -> float:
-        """Sleep until ``wait_time(now)`` is 0; return that ``now``. Never past ``deadline``."""
+    ) -> tuple[float, bool]:
+        """Sleep until ``wait_time(now)`` is 0; return that ``now`` and whether it slept.
+        Never past ``deadline``."""
+        slept = False
         while True:
             now = self._clock()
             wait = wait_time(now)
             if wait <= 0:
-                return now
+                return now, slept
             if deadline is not None and now + wait > deadline:
                 raise PacingTimeout(wait)
             self.waited += wait
+            slept = True
             await self._sleep(wait)
 
     @asynccontextmanager

@@ -70,22 +70,17 @@ PROBE_DOUBLING = 30.0
 # benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
-# Of every window, background requests leave ceil(ceiling x (1 - background share)) to
-# replies (2 of Teams' 50, 1 of a 15/s tenant) while replies are being sent (one in the
-# last REPLY_SECONDS), and one otherwise, so the first reply after a quiet spell finds
-# room too: counted with the replies already in it, a second of background never fills
-# what a reply needs. Evenly spaced grants alone left the window to chance: with a small
-# tenant limit it was full whenever a reply came (tests/unit/test_ratelimit.py's
-# simulation, 15/s, a reply every 3 s on average: 14 % of replies answered 429, 1 % with
-# the reserve).
-REPLY_SECONDS = 10.0
-# A background grant that comes late (its wait woken late by a busy event loop) may be
-# made up for by the ones after it, for up to CATCH_UP_SECONDS of lateness; the window's
-# reserve keeps the replies' share of every second. A reply's own slot is never made up
-# for. Measured in the same simulation with a busy host's wake-ups (5 % of them late by up
-# to 60 ms), a lone instance at 50/s: 93.0 % of the limit with both against 89.3 % with
-# one interval of catch-up and no reserve, and no reply answered 429 at 1-3 replies/s
-# (before: 1-2 in 500-1,500).
+# Room for replies in every window (each instance counts its own): background requests
+# leave the rest of their share, ceiling x (1 - share), rounded up while replies are being
+# sent (one in the last REPLY_SECONDS) and rounded down otherwise (2 and 1 of Teams' 50;
+# 1 and 0 of 15/s). Counted with the replies already in the window, background never fills
+# what a reply needs; evenly spaced grants alone left that to chance (the simulations in
+# tests/unit/test_ratelimit.py give the figures).
+REPLY_SECONDS = 60.0
+# A background request woken late by a busy event loop, or queued behind one that was,
+# is made up for by the ones after it, for up to this much lateness: within the window's
+# count, which keeps the replies' room. A reply's slot, a pause after a 429 and an idle
+# line are never made up for: one interval of catch-up at most, as before.
 CATCH_UP_SECONDS = 0.1
 
 
@@ -99,14 +94,13 @@ class AdaptiveRate:
     PROBE_SHARE of that peak per second, a pace that doubles every PROBE_DOUBLING
     seconds. 429s for requests granted before the last cut do not cut again: they were
     sent at the old rate. Background grants are evenly spaced at ``background_share`` of
-    the rate (no bursts a sliding window would count twice), made up for when the caller
-    was late by up to CATCH_UP_SECONDS, and never more of them than leave the replies'
-    reserve free in the channel's window, replies included, counted by when they left, as
+    the rate (no bursts a sliding window would count twice), made up for when they were
+    woken late by up to CATCH_UP_SECONDS, and never so many that the replies' room in the
+    channel's window is taken, replies included, each counted from when it left, as
     :meth:`left` tells.
     """
 
     __slots__ = (
-        "_background_limit",
         "_counted",
         "_cut_at",
         "_floor",
@@ -116,6 +110,7 @@ class AdaptiveRate:
         "_peak",
         "_quiet_limit",
         "_reply_at",
+        "_replying_limit",
         "_share",
         "_thread_limits",
         "_window_limit",
@@ -140,9 +135,9 @@ class AdaptiveRate:
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
         self._window_limit = max(1, int(ceiling)) if ceiling else 0
-        reserve = math.ceil(ceiling * (1.0 - background_share)) if ceiling else 0
-        self._background_limit = max(1, self._window_limit - reserve) if ceiling else 0
-        self._quiet_limit = max(1, self._window_limit - min(reserve, 1)) if ceiling else 0
+        headroom = round(ceiling * (1.0 - background_share), 9) if ceiling else 0.0
+        self._replying_limit = max(1, self._window_limit - math.ceil(headroom))
+        self._quiet_limit = max(1, self._window_limit - math.floor(headroom))
         self._reply_at = float("-inf")
         self._lowest = ceiling * MIN_SHARE if ceiling else 0.0
 
@@ -165,8 +160,8 @@ class AdaptiveRate:
         wait = max(self._paused_until, self._next) - now
         counted = self._counted
         replying = now - self._reply_at < REPLY_SECONDS
-        limit = self._background_limit if replying else self._quiet_limit
-        if limit and len(counted) >= limit:
+        limit = self._replying_limit if replying else self._quiet_limit
+        if self._window_limit and len(counted) >= limit:
             # The window holds `limit` requests while the limit-th latest is in it.
             oldest = counted[len(counted) - limit]
             wait = max(wait, oldest + WINDOW_SECONDS + WINDOW_MARGIN - now)
@@ -197,7 +192,9 @@ class AdaptiveRate:
             return True
         return False  # already out of the window's reach
 
-    def record(self, now: float, background: bool) -> None:
+    def record(self, now: float, background: bool, late: bool = False) -> None:
+        """A request granted at ``now``; ``late``: a background grant that waited its turn
+        (woken from its wait, or queued behind others), whose lateness may be made up for."""
         self.used_at = now
         if not background:
             self._reply_at = now
@@ -209,11 +206,11 @@ class AdaptiveRate:
         if rate is None:
             return
         if background:
-            # Late by up to CATCH_UP_SECONDS (or one interval, when that is longer), the
+            # Late by up to CATCH_UP_SECONDS (one interval, if longer or not `late`), the
             # grants after this one come sooner until the spacing has caught up; after a
-            # longer gap it starts again from now: never a burst.
+            # longer gap it starts again from now.
             interval = 1.0 / (rate * self._share)
-            catch_up = max(interval, CATCH_UP_SECONDS)
+            catch_up = max(interval, CATCH_UP_SECONDS) if late else interval
             base = self._next if self._next > now - catch_up else now
         else:  # a reply takes a slot of its own: never made up for
             interval = 1.0 / rate
@@ -243,6 +240,7 @@ class AdaptiveRate:
             return False
         pause = min(wait * PAUSE_SHARE, MAX_PAUSE)
         self._paused_until = max(self._paused_until, now + pause)
+        self._next = max(self._next, self._paused_until)  # a pause is not made up for
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
         current = self.rate(now)
@@ -252,7 +250,6 @@ class AdaptiveRate:
         self._peak = peak
         self._floor = floor
         self._cut_at = now
-        self._next = max(self._next, now + pause)
         return True
 
     def _cut(self, now: float, current: float) -> tuple[float, float]:

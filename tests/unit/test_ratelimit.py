@@ -179,7 +179,6 @@ async def test_background_traffic_keeps_to_its_share_of_the_tenant_rate_evenly_s
 
     gaps = [b - a for a, b in itertools.pairwise(grants)]
     assert min(gaps) >= 1 / 48.5 - 1e-9  # 97 % of 50/s, evenly spaced: never a burst
-    # With no reply in the last 10 s, 1 of every second's 50 is left free for the next.
     assert max_in_window(grants, 1.0) <= 49
     # The share is used, not wasted: 1000 at 48.5/s take about 20.6 s.
     assert 20.0 <= max(grants) <= 21.0
@@ -225,6 +224,90 @@ async def test_background_yields_to_replies_in_the_same_tenant():
     everything = background + [g for _, g in replies]
     assert max_in_window(everything, 1.0) <= 51  # the broadcast made room for them
     assert max(background) > 11.5  # 10 s alone; 100 replies cost it about 2 s more
+
+
+async def test_room_for_replies_is_kept_for_a_minute_after_the_last_reply():
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    grants: list[float] = []
+
+    async def broadcast():
+        n = 0
+        while time.now < 70.0:
+            n += 1
+            await pacer.acquire(teams(f"a:{n}"), background=True)
+            grants.append(time.now)
+
+    await pacer.acquire(teams("a:user"))  # a reply at 0 s
+    await time.run(*(broadcast() for _ in range(8)))
+
+    def most_in_a_second(start: float, end: float) -> int:
+        return max_in_window([t for t in grants if start <= t < end], 1.0)
+
+    assert most_in_a_second(1.0, 59.0) == 48  # 2 of Teams' 50 kept for replies
+    assert most_in_a_second(61.0, 70.0) == 49  # then 1, for the next reply after the quiet
+
+
+def test_background_does_not_make_up_for_the_slot_a_reply_took():
+    lane = AdaptiveRate(50.0, 0.97)
+    interval = 1 / 48.5
+    lane.record(0.0, True, late=True)
+    lane.record(0.05, False)  # a reply, while the next background request was late
+    # The next background request (woken at 0.06) waits one full interval after the
+    # reply: the reply's slot is not made up for, as a late background one's would be.
+    assert lane.background_wait(0.06) == pytest.approx(0.05 + 1 / 50 - 0.06)
+    lane.record(0.08, True, late=True)  # late by 0.01 s: made up for from there
+    assert lane.background_wait(0.08) == pytest.approx(0.07 + interval - 0.08)
+
+
+def test_a_late_background_request_is_made_up_for_but_an_idle_line_is_not():
+    lane = AdaptiveRate(50.0, 0.97)
+    interval = 1 / 48.5
+    lane.record(0.0, True, late=True)
+    lane.record(0.08, True, late=True)  # woken 0.06 s late: the next may go at once
+    assert lane.background_wait(0.08) < 0
+    idle = AdaptiveRate(50.0, 0.97)
+    idle.record(0.0, True, late=True)
+    idle.record(0.08, True)  # arrived at an idle line: spacing starts again from it
+    assert idle.background_wait(0.08) == pytest.approx(interval)
+
+
+async def test_a_batch_arriving_at_an_idle_line_is_spaced_from_its_first():
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    await pacer.acquire(teams("a:0"), background=True)
+    time.now = 0.09  # the line stood empty for 0.07 s after the next slot
+
+    grants = await time.run(
+        *(pacer.acquire(teams(f"a:{n}"), background=True) for n in range(1, 17))
+    )
+
+    gaps = [b - a for a, b in itertools.pairwise(sorted(grants))]
+    assert min(gaps) == pytest.approx(1 / 48.5)  # no burst making up for the idle time
+
+
+async def test_a_pause_after_a_429_is_not_made_up_for_with_a_burst():
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    grants: list[float] = []
+
+    async def broadcast():
+        n = 0
+        while time.now < 3.0:
+            n += 1
+            grants.append(await pacer.acquire(teams(f"a:{id(grants)}:{n}"), background=True))
+
+    async def throttled():
+        await time.sleep(1.0)
+        pacer.throttled(teams("a:x"), 1.0, 0.99)  # cuts, pauses 0.25 s
+        await time.sleep(0.08)
+        pacer.throttled(teams("a:y"), 1.0, 0.98)  # granted before the cut: pauses, no cut
+
+    await time.run(*(broadcast() for _ in range(8)), throttled())
+    resumed = [t for t in grants if t >= 1.08]
+    assert resumed[0] == pytest.approx(1.33)  # the second pause, 0.25 s from 1.08 s
+    gaps = [b - a for a, b in itertools.pairwise(resumed[:8])]
+    assert min(gaps) > 0.02  # then evenly spaced at the cut rate, not a burst
 
 
 # --- learning the tenant's limit from 429s ------------------------------------------------
@@ -498,10 +581,9 @@ async def test_one_instance_uses_the_tenant_limit_without_a_429():
 async def test_one_instance_with_a_real_hosts_jitter_still_draws_no_429(seed):
     # The tenant's strict 1-s window counts arrivals, not grants: a request that left
     # late must not arrive bunched with the ones granted after it.
-    # At 15/s the replies' reserve is 1 of every second's 15: at most 14/15 = 93 %.
     achieved, share_429, _ = await instances_sharing_a_tenant(1, limit=15, jitter=True, seed=seed)
     assert share_429 == 0.0
-    assert achieved >= 0.92
+    assert achieved >= 0.95
 
 
 async def test_a_lone_instance_on_a_busy_event_loop_makes_up_for_waits_woken_late():
@@ -682,8 +764,8 @@ async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_
     # 50 ms + spread later (the server's own jitter): round trips of 0.1-0.5 s or 0.1-0.9 s
     # against a steady 0.3 s. Judged from the round trip, a slow answer read as a request
     # that left late and held the window for nothing: 91.6 % of the limit at a 0.4-s
-    # spread, 87.0 % at 0.8, against 97 % with steady answers (95 % since the replies'
-    # reserve, 48 of every 50). Counted from when each request left, nothing is lost.
+    # spread, 87.0 % at 0.8, against 97 % with steady answers. Counted from when each
+    # request left, nothing is lost.
     def steady(rng):
         return 0.0, 0.05, 0.25
 
@@ -692,7 +774,7 @@ async def test_answers_that_come_back_at_varying_times_do_not_cost_the_lane_its_
 
     without, throttled_without = await one_lane_far_from_its_connector(96, 3, steady)
     achieved, throttled = await one_lane_far_from_its_connector(96, 3, jittery)
-    assert without >= 0.95 and throttled_without == 0
+    assert without >= 0.96 and throttled_without == 0
     assert achieved >= without - 0.01 and throttled == 0
 
 
@@ -742,12 +824,13 @@ async def broadcast_beside_replies(limit: int, reply_rate: float, seed: int, sec
     async def reply(scope: Scope):
         granted = await pacer.acquire(scope)  # interactive: never waits for the tenant
         await time.sleep(noise.leaving())
-        pacer.left(scope, granted, time.now)
+        left = time.now
+        pacer.left(scope, granted, left)
         await time.sleep(noise.to_connector())
         admitted = channel.admit(time.now)
         replies.append(admitted)
         if not admitted:
-            pacer.throttled(scope, 1.0, granted, time.now)
+            pacer.throttled(scope, 1.0, granted, left)
 
     async def users():
         pending = []
@@ -761,15 +844,16 @@ async def broadcast_beside_replies(limit: int, reply_rate: float, seed: int, sec
 
 
 @pytest.mark.parametrize(
-    ("limit", "reply_rate", "most_throttled"), [(50, 3.0, 0.003), (15, 0.3, 0.03)]
+    ("limit", "reply_rate", "most_throttled"), [(50, 3.0, 0.003), (15, 0.3, 0.05)]
 )
 async def test_replies_beside_a_broadcast_find_room_in_the_tenants_window(
     limit, reply_rate, most_throttled
 ):
-    # Background keeps ceil(limit x 3 %) of every second free, counting the replies
-    # already in it: 0 of 905 replies answered 429 at 50/s, 1 of 78 at 15/s. Spacing
-    # alone (at 97 % of the rate) left the window to chance: 6 of 920 (0.65 %) and 13 of
-    # 95 (14 %), whose cuts took the broadcast at 15/s down to 84 % of the limit.
+    # While replies come, background keeps ceil(limit x 3 %) of every second free,
+    # counting the replies already in it: 0 of 905 replies answered 429 at 50/s, 3 of 103
+    # at 15/s (each run's first reply, after a quiet spell, when 15/s keeps no room).
+    # Spacing alone (at 97 % of the rate) left the window to chance: 6 of 920 (0.65 %)
+    # and 13 of 95 (14 %), whose cuts took the broadcast at 15/s down to 84 % of the limit.
     outcomes = [await broadcast_beside_replies(limit, reply_rate, seed) for seed in range(3)]
     replies = sum(count for _, count, _ in outcomes)
     throttled = sum(refused for _, _, refused in outcomes)
