@@ -14,7 +14,8 @@ per conversation and ``--tenant-limit`` requests per second per tenant, answerin
 tomorrow), which sit in the queue, and in its message count, for the whole run.
 
 Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
-limit), delivered, lost (delivered per the report but never received), duplicated,
+limit), from enqueue to the report saying ``done`` and to the last request the Connector
+received, delivered, lost (delivered per the report but never received), duplicated,
 429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
 run of one process with no limits enforced and the bot's own pacing lifted (UNPACED_RATE).
 Results: benchmarks/results/broadcast.json.
@@ -156,6 +157,7 @@ async def broadcast(
             break
     await close_shared_clients()
     return {
+        "started": started,
         "seconds": time.perf_counter() - started,
         "report": report,
         "report_reads_failed": len(failed_reads),
@@ -189,7 +191,11 @@ def run_once(
         received = lambda: services.connector.stats()["distinct"]  # noqa: E731
         quiet = lambda: services.connector.stats()["idle_for"] or 0.0  # noqa: E731
         outcome = asyncio.run(broadcast(settings, text, timeout, received, count, quiet))
+        stats_at = time.perf_counter()
         stats = services.connector.stats()
+        # From enqueue to the last request the Connector received (the report's last
+        # outcomes and its reading come after it).
+        to_last_send = stats_at - outcome["started"] - (stats["idle_for"] or 0.0)
         host_cpu = sum(server.cpu_seconds() for server in servers) - host_cpu
         storage_cpu = services.storage_cpu_seconds() - storage_cpu
         memory = [server.memory_kib().get("VmHWM", 0) / 1024 for server in servers]
@@ -211,6 +217,8 @@ def run_once(
         "failed": report.get("failed"),
         # From enqueue to the report saying done (polled each second): fan-out included.
         "sends_per_s": round(stats["distinct"] / outcome["seconds"], 1),
+        "seconds_to_last_send": round(to_last_send, 1),
+        "sends_per_s_to_last_send": round(stats["distinct"] / max(to_last_send, 1e-9), 1),
         "received": stats["received"],
         "distinct": stats["distinct"],
         "lost": max(0, delivered - stats["distinct"]),
@@ -332,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         if connector_args:
             result["achieved_share_of_enforced"] = round(
                 result["sends_per_s"] / report["enforced_rate_per_s"], 3
+            )
+            result["share_of_enforced_to_last_send"] = round(
+                result["sends_per_s_to_last_send"] / report["enforced_rate_per_s"], 3
             )
             if result["steady_sends_per_s"] is not None:
                 result["steady_share_of_enforced"] = round(

@@ -33,17 +33,17 @@ def _install(directory: str) -> None:
 
     async def wait_until(self, wait_time, deadline):
         start = time.monotonic()
-        now = await original_wait(self, wait_time, deadline)
+        result = await original_wait(self, wait_time, deadline)
         slept.set(slept.get() + (time.monotonic() - start))
-        return now
+        return result
 
     original_grant = Pacer._grant
 
-    def grant(self, lane, conversation, background, now):
+    def grant(self, lane, conversation, background, now, late=False):
         before = lane._next
         rate = lane.rate(now)
         waiters = len(getattr(lane.line._lock, "_waiters", None) or ())
-        granted = original_grant(self, lane, conversation, background, now)
+        granted = original_grant(self, lane, conversation, background, now, late)
         write(
             {
                 "k": "grant",
@@ -51,6 +51,7 @@ def _install(directory: str) -> None:
                 "next_before": before if before != float("-inf") else None,
                 "rate": rate,
                 "bg": background,
+                "late": late,
                 "slept": round(slept.get(), 4),
                 "waiters": waiters,
                 "lane": id(lane),
