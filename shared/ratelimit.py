@@ -30,9 +30,9 @@ The model (README, "Pacing"):
   counted in it, so background traffic yields to them. Background requests (proactive
   sends, broadcasts) wait in a FIFO line per tenant, evenly spaced at ``background_share``
   of the tenant's current rate, and leave room for replies in every 1-s window (the rest
-  of the share, rounded up, while replies are being sent; one request otherwise). One
-  that a busy event loop let leave late is made up for by the ones after it, within
-  that window.
+  of the share, rounded up while replies are being sent, rounded down otherwise). One
+  that a busy event loop woke late is made up for by the ones after it, within that
+  window.
 
 Sends to one conversation go out one at a time in call order (a FIFO lock per
 conversation), so replies arrive in the order the bot wrote them; within a conversation,
