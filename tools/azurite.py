@@ -215,26 +215,36 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.azurite", description="Run the repo-local Azurite"
     )
     parser.add_argument("--default-ports", action="store_true", help="10000/10001/10002")
-    parser.add_argument("--location", help="data folder (default: in memory)")
+    parser.add_argument(
+        "--location", help="data folder, kept (default: a temporary one, removed on stop)"
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="no data folder (its queue service pauses for seconds once a minute under load)",
+    )
     parser.add_argument("--cert", help="PEM certificate: serve HTTPS (needs --key)")
     parser.add_argument("--key", help="PEM private key of --cert")
     parser.add_argument("--oauth", action="store_true", help="accept bearer tokens (HTTPS only)")
     args = parser.parse_args(argv)
     if bool(args.cert) != bool(args.key) or (args.oauth and not args.cert):
         parser.error("--cert and --key go together, and --oauth needs them")
+    if args.in_memory and args.location:
+        parser.error("--in-memory and --location exclude each other")
     ports = DEFAULT_PORTS if args.default_ports else {}
     azurite = Azurite(
         blob_port=ports.get("blob"),
         queue_port=ports.get("queue"),
         table_port=ports.get("table"),
         location=args.location,
-        in_memory=args.location is None,
+        in_memory=args.in_memory,
         cert_path=args.cert,
         key_path=args.key,
         oauth=args.oauth,
     )
     azurite.start()
-    print(f"Azurite running: {azurite.connection_string}", flush=True)
+    data = "in memory" if azurite.in_memory else f"data in {azurite.location}"
+    print(f"Azurite running: {azurite.connection_string} ({data})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while azurite.process and azurite.process.poll() is None:

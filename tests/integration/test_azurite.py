@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +55,29 @@ def test_data_on_disk_is_removed_on_stop_and_when_it_cannot_start():
         with pytest.raises(RuntimeError, match="exited"):
             failed.start()
     assert failed.process is None and not Path(failed.location).exists()
+
+
+def test_the_command_keeps_data_in_a_folder_it_removes_on_stop():
+    # In memory, Azurite's queue service pauses for seconds once a minute under steady
+    # traffic (benchmarks/README.md, "Broadcast: Azurite's freezes"): the command keeps
+    # its data on disk unless told otherwise.
+    root = Path(__file__).resolve().parents[2]
+    command = subprocess.Popen(
+        [sys.executable, "-m", "tools.azurite"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = command.stdout.readline().strip()
+        started = re.fullmatch(r"Azurite running: (\S+) \(data in (.+)\)", line)
+        assert started, line
+        folder = Path(started.group(2))
+        ensure_resources(started.group(1), ["queue-of-the-command"], [])
+        assert any(folder.iterdir())  # what it stored is in the folder
+    finally:
+        os.killpg(command.pid, signal.SIGTERM)
+        command.wait(timeout=30)
+    assert command.returncode == 0
+    assert not folder.exists()
