@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -62,22 +63,23 @@ def test_the_command_keeps_data_in_a_folder_it_removes_on_stop():
     # traffic (benchmarks/README.md, "Broadcast: Azurite's freezes"): the command keeps
     # its data on disk unless told otherwise.
     root = Path(__file__).resolve().parents[2]
-    command = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "tools.azurite"],
         cwd=root,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
-    )
-    try:
-        line = command.stdout.readline().strip()
-        started = re.fullmatch(r"Azurite running: (\S+) \(data in (.+)\)", line)
-        assert started, line
-        folder = Path(started.group(2))
-        ensure_resources(started.group(1), ["queue-of-the-command"], [])
-        assert any(folder.iterdir())  # what it stored is in the folder
-    finally:
-        os.killpg(command.pid, signal.SIGTERM)
-        command.wait(timeout=30)
+    ) as command:
+        try:
+            line = command.stdout.readline().strip()
+            started = re.fullmatch(r"Azurite running: (\S+) \(data in (.+)\)", line)
+            assert started, line
+            folder = Path(started.group(2))
+            ensure_resources(started.group(1), ["queue-of-the-command"], [])
+            assert any(folder.iterdir())  # what it stored is in the folder
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(command.pid, signal.SIGTERM)
+            command.wait(timeout=30)
     assert command.returncode == 0
     assert not folder.exists()
