@@ -290,12 +290,11 @@ async def test_a_pause_after_a_429_is_not_made_up_for_with_a_burst():
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
     grants: list[float] = []
+    fresh = itertools.count()
 
     async def broadcast():
-        n = 0
         while time.now < 3.0:
-            n += 1
-            grants.append(await pacer.acquire(teams(f"a:{id(grants)}:{n}"), background=True))
+            grants.append(await pacer.acquire(teams(f"a:{next(fresh)}"), background=True))
 
     async def throttled():
         await time.sleep(1.0)
