@@ -215,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.azurite", description="Run the repo-local Azurite"
     )
     parser.add_argument("--default-ports", action="store_true", help="10000/10001/10002")
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--location", help="data folder, kept (default: a temporary one, removed on stop)"
     )
-    parser.add_argument(
+    where.add_argument(
         "--in-memory",
         action="store_true",
         help="no data folder (its queue service pauses for seconds once a minute under load)",
@@ -229,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.cert) != bool(args.key) or (args.oauth and not args.cert):
         parser.error("--cert and --key go together, and --oauth needs them")
-    if args.in_memory and args.location:
-        parser.error("--in-memory and --location exclude each other")
     ports = DEFAULT_PORTS if args.default_ports else {}
     azurite = Azurite(
         blob_port=ports.get("blob"),
