@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -235,6 +236,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
     from shared.storage import close_shared_clients
 
     args = _parser().parse_args(argv)
+    _quiet_identity_warnings()
     try:
         settings = producer_settings()
         if args.command == "send":
@@ -258,6 +260,19 @@ async def run(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         await close_shared_clients()
+
+
+def _quiet_identity_warnings() -> None:
+    """Keep azure-identity's warnings off the command's stderr.
+
+    Without a usable identity, azure-identity writes a dozen lines (every credential it
+    tried, and where to read about each) each time a token is asked for, and the storage
+    SDK asks on every retry: about fifty lines before the command's own one-line error,
+    which names the setting to check. A level an operator set on the logger is kept.
+    """
+    identity_log = logging.getLogger("azure.identity")
+    if identity_log.level == logging.NOTSET:
+        identity_log.setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,18 +195,24 @@ def identity_settings(azurite: Azurite, container: str) -> dict[str, str]:
     }
 
 
+def child_env(tls: Tls, endpoint: str, header: str, **settings: str) -> dict[str, str]:
+    """A child's environment: this machine's, with azure-identity pointed at ``endpoint``
+    (the App Service managed identity form) and the test's CA trusted."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_IDENTITY_ENV_PREFIXES)}
+    env.pop("REQUESTS_CA_BUNDLE", None)
+    env.update(SSL_CERT_FILE=tls.ca_path, IDENTITY_ENDPOINT=endpoint, IDENTITY_HEADER=header)
+    return {**env, **settings}
+
+
 def run_scenario(
     scenario: str, settings_env: dict[str, str], tls: Tls, endpoint: str, header: str, *extra: str
 ) -> dict[str, Any]:
     """Run `scenario` in a child interpreter set up like a Functions host; its JSON result."""
     Settings.from_env(settings_env)  # a settings mistake fails here, readably
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_IDENTITY_ENV_PREFIXES)}
-    env.pop("REQUESTS_CA_BUNDLE", None)
-    env.update(SSL_CERT_FILE=tls.ca_path, IDENTITY_ENDPOINT=endpoint, IDENTITY_HEADER=header)
     completed = subprocess.run(
         [sys.executable, "-m", MODULE, scenario, json.dumps(settings_env), *extra],
         cwd=ROOT,
-        env=env,
+        env=child_env(tls, endpoint, header),
         capture_output=True,
         text=True,
         timeout=60,
@@ -232,6 +238,17 @@ def admin_queue(azurite: Azurite, tls: Tls, name: str):
     return QueueClient.from_connection_string(
         azurite.connection_string, name, connection_verify=tls.ca_path
     )
+
+
+def queued(azurite: Azurite, tls: Tls, name: str) -> int:
+    """How many messages the queue ``name`` holds (0 when it does not exist)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    with admin_queue(azurite, tls, name) as client:
+        try:
+            return client.get_queue_properties().approximate_message_count
+        except ResourceNotFoundError:
+            return 0
 
 
 def container_exists(azurite: Azurite, tls: Tls, container: str) -> bool:
@@ -378,6 +395,41 @@ def test_a_producer_without_a_usable_identity_is_told_which_setting_to_check(
     assert "AzureWebJobsStorage" in result["error"]
     assert identity.secret not in result["error"]
     assert "No managed identity" not in result["error"]  # the endpoint's text stays out
+
+
+def test_the_producer_command_without_a_usable_identity_prints_one_clear_error(
+    oauth_azurite, tls, unique_name, tmp_path
+):
+    # The same operator at the command line: azure-identity would log every credential of
+    # its default chain it tried, a dozen lines per token request and four requests over
+    # the storage SDK's retries, before the command's own error. Only that error is shown.
+    queue = unique_name("q")
+    settings = identity_settings(oauth_azurite, unique_name("refs"))
+    del settings["AzureWebJobsStorage__credential"]  # the default chain, as on a laptop
+    settings["BOT_PROACTIVE_QUEUE"] = queue
+    command = ["send", "--conversation", GROUP_KEY, "--text", "hi"]
+    with FakeManagedIdentity(client_ids=("some-other-identity",)) as identity:
+        completed = subprocess.run(
+            [sys.executable, "-m", "shared.producer", *command],
+            cwd=tmp_path,  # no local.settings.json there: the environment only
+            env={
+                **child_env(tls, identity.endpoint, identity.secret, **settings),
+                "PYTHONPATH": str(ROOT),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        asked = list(identity.requests)
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""  # no request id: nothing was enqueued
+    [line] = completed.stderr.splitlines()
+    assert line.startswith("error: ") and "storage authentication failed" in line
+    assert "AzureWebJobsStorage" in line
+    assert identity.secret not in line
+    assert asked, "the default chain's managed identity was asked"
+    assert queued(oauth_azurite, tls, queue) == 0
 
 
 def test_azurite_refuses_oauth_without_https():
