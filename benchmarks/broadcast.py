@@ -138,6 +138,8 @@ async def broadcast(
     deadline = started + give_up_after
     last_read = started
     timeline: list[tuple[float, int]] = []  # (seconds since enqueue, conversations reached)
+    # Each report read: (began, ended) in seconds since enqueue, the state, targets finished.
+    reads: list[tuple[float, float, str | None, int]] = []
     while time.perf_counter() < deadline:  # polled: the report is a blob, not an event
         await asyncio.sleep(0.5 if received is not None else 1.0)
         if received is not None:
@@ -153,6 +155,15 @@ async def broadcast(
         except StoreError as error:  # the emulator busy past a call's timeout: read again
             failed_reads.append(str(error)[:120])
             continue
+        finished = sum(report.get(k, 0) for k in ("delivered", "pruned", "failed")) if report else 0
+        reads.append(
+            (
+                round(last_read - started, 2),
+                round(time.perf_counter() - started, 2),
+                report.get("state") if report else None,
+                finished,
+            )
+        )
         if report and report.get("state") == "done":
             break
     await close_shared_clients()
@@ -161,6 +172,7 @@ async def broadcast(
         "seconds": time.perf_counter() - started,
         "report": report,
         "report_reads_failed": len(failed_reads),
+        "report_reads": reads,
         "timeline": timeline,
     }
 
@@ -232,6 +244,7 @@ def run_once(
         "load_average_1m": round(os.getloadavg()[0], 2),
         "failures_sample": (report.get("failures") or [])[:3],
         "report_reads_failed": outcome["report_reads_failed"],
+        "report_reads": outcome["report_reads"],
         # Between 10 % and 90 % of the conversations reached: the pace while sending, without
         # the fan-out's first page and the last stragglers (requeued 429s) at either end.
         "steady_sends_per_s": steady_rate(outcome["timeline"], count),

@@ -14,6 +14,10 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 - gone (403 roster / blocked, 404): the reference actually tried is pruned, reported.
 - no stored reference for the key: requeued for about a minute (the reference may be
   landing), then failed with a poison copy.
+- a broadcast child whose tenant's line in this instance would hold it over a second
+  while another tenant's line here stands nearly empty: requeued before its slot is
+  claimed, after about that wait, so the invocation takes another message (README,
+  "Pacing"). Nothing was sent; it does not count as an attempt.
 - malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
   at once, reported failed.
 - 500 (the message may have been posted): never resent; failed with a poison copy.
@@ -36,7 +40,7 @@ from dataclasses import replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, deliver, post, resolve
+from shared.delivery import Outcome, Parts, crowded, deliver, post, resolve
 from shared.engine import Engine
 from shared.idempotency import (
     Busy,
@@ -251,6 +255,7 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 
 # What a send ends with when the target's slot holds its outcome (not a claim to release).
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
+MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its wait, at most this
 
 
 class _OutcomeKept(Exception):
@@ -259,6 +264,16 @@ class _OutcomeKept(Exception):
 
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
+    wait = crowded(request, engine.runtime)
+    if wait > 0:
+        # Its tenant's line here is long while another stands nearly empty: back on the
+        # queue before its slot is claimed, so this invocation takes another message.
+        logger.debug(
+            "proactive %r: %s waits %.1f s here; requeued", request.id, request.label, wait
+        )
+        return await engine.requeue(
+            request, engine.jitter(min(wait, MAX_CROWDED_DELAY)), count=False
+        )
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)

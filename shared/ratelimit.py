@@ -58,6 +58,15 @@ DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per te
 # Of a tenant's rate; the rest is headroom for replies (at 50/s, 1.5 requests/s: any
 # second of a broadcast holds 48 or 49, so a reply still fits in the window).
 DEFAULT_BACKGROUND_SHARE = 0.97
+# Pacer.crowded: a line a background request would wait in over this long, while another
+# line of the process used by background requests in the last ACTIVE_SECONDS would take
+# one in under OTHER_LINE_SHARE of that. Measured in tests/unit/test_ratelimit.py's
+# simulation of instances whose invocations are shared by two tenants (benchmarks/README.md,
+# "Broadcast: an instance's invocations shared by its tenants"): 1 s put back 4-12 % of
+# the sends with 2-8 instances; 2 s put back none with 2 instances, which stayed at 80-89 %.
+CROWDED_SECONDS = 1.0
+ACTIVE_SECONDS = 5.0
+OTHER_LINE_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +246,35 @@ class Pacer:
         finally:
             conversation.users -= 1
 
+    def crowded(self, scope: Scope) -> float:
+        """Seconds a background request to ``scope`` would wait in its tenant's line here,
+        when that is over CROWDED_SECONDS while another line of this process, used by
+        background requests in the last ACTIVE_SECONDS, would take one in under a quarter
+        of that; 0.0 otherwise.
+
+        The proactive engine puts such a request back on the queue instead of waiting (its
+        invocation is then free for a message to that other tenant). Each instance takes
+        queue messages for every tenant into a fixed number of invocations, and requests
+        stay longest where this instance's share of the tenant is smallest: left alone, an
+        instance's invocations fill with its slowest tenant's requests while its line for
+        another stands empty, and that share goes unused (README, "Pacing").
+        """
+        lane = self._lanes.get(scope.lane)
+        if lane is None:
+            return 0.0
+        now = self._clock()
+        wait = lane.line_seconds(now)
+        if wait <= CROWDED_SECONDS:
+            return 0.0
+        for other in reversed(self._lanes.values()):  # the most recently used first
+            if other is lane:
+                continue
+            if now - other.background_at > ACTIVE_SECONDS:
+                continue
+            if other.line_seconds(now) < wait * OTHER_LINE_SHARE:
+                return wait
+        return 0.0
+
     def now(self) -> float:
         """The pacer's clock: grant times and :meth:`left` times are read from it."""
         return self._clock()
@@ -283,9 +321,13 @@ class Pacer:
             return self._grant(lane, conversation, background, now)
         line = lane.line.get()
         queued = line.locked()  # behind others in the line, not arriving at an idle one
-        async with self._holding(line, deadline):
-            now, slept = await self._wait_until(wait_time, deadline)
-            return self._grant(lane, conversation, background, now, late=queued or slept)
+        lane.waiting += 1
+        try:
+            async with self._holding(line, deadline):
+                now, slept = await self._wait_until(wait_time, deadline)
+                return self._grant(lane, conversation, background, now, late=queued or slept)
+        finally:
+            lane.waiting -= 1
 
     def _grant(
         self,

@@ -114,15 +114,18 @@ class AdaptiveRate:
         "_share",
         "_thread_limits",
         "_window_limit",
+        "background_at",
         "ceiling",
         "line",
         "used_at",
+        "waiting",
     )
 
     def __init__(self, ceiling: float | None, background_share: float = 1.0) -> None:
         self.ceiling = ceiling
         self._share = background_share
         self.line = LoopLock()  # background requests queue here, in order
+        self.waiting = 0  # background requests in the line (or about to join it)
         self._next = float("-inf")  # earliest time of the next background grant
         self._paused_until = float("-inf")
         self._peak = ceiling or 0.0
@@ -130,6 +133,7 @@ class AdaptiveRate:
         self._cut_at: float | None = None
         self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
+        self.background_at = float("-inf")  # the last background grant
         # The last `ceiling` requests the channel counted (or may yet count): the grant
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
@@ -167,6 +171,14 @@ class AdaptiveRate:
             wait = max(wait, oldest + WINDOW_SECONDS + WINDOW_MARGIN - now)
         return wait
 
+    def line_seconds(self, now: float) -> float:
+        """About how long a background request joining the line now would wait behind those
+        already in it: their number over the background rate (0.0 without a ceiling)."""
+        rate = self.rate(now)
+        if not self.waiting or rate is None:
+            return 0.0
+        return self.waiting / (rate * self._share)
+
     @property
     def counted(self) -> tuple[float, ...]:
         """When the requests the channel's window may still hold left (or were granted)."""
@@ -196,7 +208,9 @@ class AdaptiveRate:
         """A request granted at ``now``; ``late``: a background grant that waited its turn
         (woken from its wait, or queued behind others), whose lateness may be made up for."""
         self.used_at = now
-        if not background:
+        if background:
+            self.background_at = now
+        else:
             self._reply_at = now
         if self._window_limit:
             if len(self._counted) >= self._window_limit:
