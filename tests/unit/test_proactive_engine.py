@@ -8,6 +8,7 @@ engine put back (with which delay) and what it poisoned is what the tests read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
 from shared.queues import MemoryQueue
-from shared.ratelimit import Pacer
+from shared.ratelimit import Pacer, Scope
 from shared.references import MemoryReferenceStore
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
@@ -1517,3 +1518,58 @@ async def test_bookkeeping_left_by_the_previous_layout_is_read_as_it_was_meant(
     report = await read_report(ledger, "old-2")
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
     assert sends(fake_connector) == ["a:1"]
+
+
+# --- an instance's invocations shared by tenants ----------------------------------------
+
+
+async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
+    aad_app, fake_connector
+):
+    # The instance's line for tenant-1 holds 5 background sends (2.6 s at 2/s) while its
+    # line for tenant-2 has just stood empty: a child for tenant-1 would hold this
+    # invocation for seconds that a message for tenant-2 could use. It goes back on the
+    # queue as it came, after about that wait, before anything is claimed or sent.
+    settings = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="2"
+    )
+    clock = Clock()
+    runtime = make_runtime(settings, MemoryReferenceStore(), clock)
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
+    pacer = runtime.connector.pacer
+    target = reference(fake_connector.url, "a:1", tenant="tenant-1")
+    child = json.dumps(
+        {
+            "id": "b-1",
+            "to": {"conversation": "msteams/a:1"},
+            "text": "hello",
+            RESERVED: {"child": True, "reference": target},
+        }
+    )
+    line = Scope("msteams", "tenant-1", None, "elsewhere:443")
+    waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(6)]
+    try:
+        await asyncio.sleep(0)  # the first is granted, five wait
+        await pacer.acquire(Scope("msteams", "tenant-2", None, "elsewhere:443"), background=True)
+
+        assert await handle(engine, child) is Outcome.REQUEUED
+
+        [(copy, delay)] = engine.queue.take()
+        queued = json.loads(copy)
+        assert queued[RESERVED].pop("attempt") == 0  # not counted as an attempt
+        assert queued[RESERVED].pop("since") == clock.now
+        assert queued == json.loads(child)
+        assert delay == pytest.approx(5 / (2 * 0.97), rel=0.05)
+        assert sends(fake_connector) == []
+        assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    try:
+        # The line empty again, the copy is sent, once.
+        assert await handle(engine, copy) is Outcome.DELIVERED
+        assert sends(fake_connector) == ["a:1"]
+        assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
+    finally:
+        await runtime.close()

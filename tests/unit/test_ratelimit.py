@@ -674,6 +674,133 @@ async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back()
     assert shares[-1] >= 0.5
 
 
+async def instances_serving_two_tenants(
+    count: int, put_back: bool, seed: int = 0, seconds: float = 100.0, invocations: int = 32
+) -> tuple[float, float, float]:
+    """``count`` instances (each its own pacer) take a broadcast's queue messages, each for
+    one of two 50/s tenants at random, into ``invocations`` each: a message is claimed
+    (20-60 ms of storage), sent (with a 429's Retry-After waited, as the Connector client
+    does), then its outcome written (20-60 ms), and the invocation takes the next. With
+    ``put_back``, a message whose tenant's line is crowded (``Pacer.crowded``) goes back on
+    the queue instead (20-60 ms), as the proactive engine does. Returns the share of the
+    two limits reached after the first 10 s, the share of requests answered 429, and how
+    many messages were put back per one sent."""
+    time = VirtualScheduler()
+    rng = random.Random(seed)
+    noise = Jitter(random.Random(seed + 7), True)
+    channels = {"t0": StrictWindow(50), "t1": StrictWindow(50)}
+    counts = {"sent_later": 0, "sent": 0, "throttled": 0, "put_back": 0}
+    names = itertools.count()
+
+    async def sleep(seconds: float) -> None:
+        await time.sleep(seconds + noise.wake_up())
+
+    async def storage() -> None:
+        await time.sleep(rng.uniform(0.02, 0.06))
+
+    async def invocation(pacer: Pacer) -> None:
+        while time.now < seconds:
+            tenant = rng.choice(sorted(channels))
+            scope = teams(f"a:{next(names)}", tenant)
+            if put_back and pacer.crowded(scope) > 0:
+                counts["put_back"] += 1
+                await storage()
+                continue
+            await storage()
+            while True:
+                admitted, arrived = await send_once(time, noise, channels[tenant], pacer, scope)
+                if admitted:
+                    break
+                counts["throttled"] += 1
+            counts["sent"] += 1
+            counts["sent_later"] += arrived >= 10.0
+            await storage()
+
+    pacers = [Pacer(50, clock=time.clock, sleep=sleep) for _ in range(count)]
+    await time.run(*(invocation(p) for p in pacers for _ in range(invocations)))
+    sent = counts["sent"]
+    return (
+        counts["sent_later"] / (seconds - 10.0) / 100.0,
+        counts["throttled"] / (sent + counts["throttled"]),
+        counts["put_back"] / sent,
+    )
+
+
+@pytest.mark.parametrize("count", [2, 4])
+async def test_instances_whose_invocations_serve_two_tenants_put_back_what_would_wait(count):
+    # Each instance's invocations fill with the requests of the tenant it has the smallest
+    # share of (they stay longest), while its line for the other tenant stands empty and
+    # that share goes unused: waiting, 2 / 4 instances reached 87.5 / 87.0 % of the limits
+    # (80-90 % over three seeds). Put back when their tenant's line would hold them over a
+    # second while another stands nearly empty: 91.9 / 95.1 %, for 4-12 % more queue
+    # messages. A lone instance puts back nothing.
+    waiting, waiting_429, _ = await instances_serving_two_tenants(count, put_back=False)
+    achieved, share_429, put_back = await instances_serving_two_tenants(count, put_back=True)
+    assert achieved >= 0.9
+    assert achieved >= waiting + 0.03
+    assert share_429 < 0.01 and waiting_429 < 0.01
+    assert put_back < 0.15
+
+
+async def test_a_lone_instance_serving_two_tenants_puts_nothing_back():
+    achieved, share_429, put_back = await instances_serving_two_tenants(1, put_back=True)
+    assert put_back == 0.0 and share_429 == 0.0
+    assert achieved >= 0.94
+
+
+async def test_a_line_is_crowded_only_while_another_stands_nearly_empty():
+    time = VirtualScheduler()
+    pacer = Pacer(10, clock=time.clock, sleep=time.sleep)  # background: 9.7/s
+    crowded_at: dict[str, float] = {}
+
+    async def line_of_twenty():
+        await asyncio.gather(*(pacer.acquire(teams(), background=True) for _ in range(20)))
+
+    async def look():
+        await time.sleep(0.01)  # 19 wait in tenant-a's line (the first was granted)
+        crowded_at["alone"] = pacer.crowded(teams())
+        await pacer.acquire(teams(tenant="tenant-c"))  # a reply: not background work
+        crowded_at["beside a reply"] = pacer.crowded(teams())
+        await pacer.acquire(teams(tenant="tenant-b"), background=True)
+        crowded_at["beside an empty line"] = pacer.crowded(teams())
+        crowded_at["the empty line"] = pacer.crowded(teams(tenant="tenant-b"))
+        crowded_at["a lane never used"] = pacer.crowded(teams(tenant="tenant-d"))
+        crowded_at["webchat"] = pacer.crowded(webchat("c:1"))
+        await time.sleep(5.1)  # tenant-b's background traffic stopped 5 s ago
+        crowded_at["tenant-b gone quiet"] = pacer.crowded(teams())
+
+    await time.run(line_of_twenty(), look())
+
+    assert crowded_at["beside an empty line"] == pytest.approx(19 / 9.7, rel=0.01)
+    assert crowded_at["alone"] == crowded_at["beside a reply"] == 0.0
+    assert crowded_at["the empty line"] == crowded_at["a lane never used"] == 0.0
+    assert crowded_at["webchat"] == 0.0
+    assert crowded_at["tenant-b gone quiet"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("line_a", "line_b"),
+    [(10, 3), (20, 10)],  # 9 wait in a's line (0.93 s); 19 (1.96 s) beside 9 in b's (0.93 s)
+)
+async def test_a_line_is_not_crowded_while_short_or_while_the_others_are_long_too(line_a, line_b):
+    time = VirtualScheduler()
+    pacer = Pacer(10, clock=time.clock, sleep=time.sleep)  # background: 9.7/s
+    seen: list[float] = []
+
+    async def line(tenant: str, count: int):
+        await asyncio.gather(
+            *(pacer.acquire(teams(tenant=tenant), background=True) for _ in range(count))
+        )
+
+    async def look():
+        await time.sleep(0.01)
+        seen.append(pacer.crowded(teams(tenant="tenant-a")))
+        seen.append(pacer.crowded(teams(tenant="tenant-b")))
+
+    await time.run(line("tenant-a", line_a), line("tenant-b", line_b), look())
+    assert seen == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("count", [2, 4])
 async def test_instances_with_jitter_and_a_small_limit_settle_without_a_429_storm(count):
     # The broadcast benchmark's paced run: 15/s per tenant, so each of 4 instances sends
