@@ -9,7 +9,9 @@ Connector allows ``limit`` requests in any second (a strict window, 429 above it
 the delays a real host adds. Per N and limit: the share of the limit that got through and
 the share of requests answered 429, over the run and after its first 10 s (every instance
 starts at the whole limit). Then 20 instances for a minute, of which 19 stop: the share of
-the limit the one left gets in each half minute after. Results (with the pacer's
+the limit the one left gets in each half minute after. Then up to 8 instances taking a
+broadcast to two tenants into 32 invocations each, waiting in a crowded line or putting
+the message back (``Pacer.crowded``), three seeds each. Results (with the pacer's
 constants) to benchmarks/results/pacing_instances.json (benchmarks/README.md, "Pacing
 with many instances").
 """
@@ -23,7 +25,11 @@ import json
 from pathlib import Path
 
 from shared import ratelimit, tenant_rate
-from tests.unit.test_ratelimit import instance_left_after_a_scale_in, instances_sharing_a_tenant
+from tests.unit.test_ratelimit import (
+    instance_left_after_a_scale_in,
+    instances_serving_two_tenants,
+    instances_sharing_a_tenant,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pacing_instances.json"
 
@@ -46,6 +52,23 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             print(json.dumps(row), flush=True)
     scale_in = [round(share, 2) for share in await instance_left_after_a_scale_in()]
     print(json.dumps({"one_left_after_20_share_per_half_minute": scale_in}), flush=True)
+    two_tenants = []
+    for count in instances:
+        if count > 8:
+            continue  # 32 invocations each: past 8 instances the run takes minutes
+        for put_back in (False, True):
+            runs = [
+                await instances_serving_two_tenants(count, put_back, seed=seed) for seed in range(3)
+            ]
+            row = {
+                "instances": count,
+                "put_back": put_back,
+                "achieved_share_of_limits_after_10_s": [round(r[0], 3) for r in runs],
+                "share_429": [round(r[1], 4) for r in runs],
+                "put_back_per_send": [round(r[2], 3) for r in runs],
+            }
+            two_tenants.append(row)
+            print(json.dumps(row), flush=True)
     return {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seconds": seconds,
@@ -54,9 +77,11 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             "probe_doubling_s": tenant_rate.PROBE_DOUBLING,
             "min_share": tenant_rate.MIN_SHARE,
             "background_share": ratelimit.DEFAULT_BACKGROUND_SHARE,
+            "crowded_seconds": ratelimit.CROWDED_SECONDS,
         },
         "sharing_a_tenant": rows,
         "one_left_after_20_share_per_half_minute": scale_in,
+        "serving_two_tenants": two_tenants,
     }
 
 
