@@ -92,15 +92,15 @@ async def resolve(request: ProactiveRequest, runtime: Parts) -> Target | None:
     return None if stored is None else Target(stored.reference, stored.key)
 
 
-def crowded(request: ProactiveRequest, runtime: Parts) -> float:
-    """Seconds the send of a request that carries its reference (a broadcast child) would
-    wait in its tenant's line in this process while another line here stands nearly empty
-    (shared/ratelimit.py, ``Pacer.crowded``); 0.0 otherwise, and for other requests."""
+def crowded_wait(request: ProactiveRequest, runtime: Parts) -> float:
+    """Seconds to put a request that carries its reference (a broadcast child) back for, its
+    tenant's line in this process being long while another stands nearly empty
+    (shared/ratelimit.py, ``Pacer.crowded_wait``); 0.0: send it, as for other requests."""
     reference = request.reference
     if reference is None or not request.engine.child:
         return 0.0
     activity = apply_conversation_reference(request.activity, reference)
-    return runtime.connector.background().crowded(
+    return runtime.connector.background().crowded_wait(
         reference["serviceUrl"], reference["conversation"]["id"], activity
     )
 

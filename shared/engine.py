@@ -58,20 +58,22 @@ class Engine:
         *,
         count: bool = True,
         mark: bool = True,
+        age: bool = True,
         unrecorded: tuple[Final, str | None] | None = None,
     ) -> Outcome:
         """Put a copy back with a visibility delay; the original then completes normally.
 
-        `unrecorded`: the target's outcome (and reason) that storage refused to record;
-        the copy records it on arrival and sends nothing.
+        `count`: an attempt (it drives backoff). `age`: start the request's age, which
+        bounds how long it is requeued, if it has none yet. `unrecorded`: the target's
+        outcome (and reason) that storage refused to record; the copy records it on
+        arrival and sends nothing.
         """
         now = self.clock()
         engine = request.engine
-        bookkeeping = replace(
-            engine,
-            attempt=engine.attempt + (1 if count else 0),
-            since=engine.since if engine.since is not None else now,
-        )
+        since = engine.since
+        if since is None and age:
+            since = now
+        bookkeeping = replace(engine, attempt=engine.attempt + (1 if count else 0), since=since)
         if count and bookkeeping.reference is not None:
             # A broadcast child tried and put back (throttled, for up to `max_age`) reads the
             # conversation's reference again: it may have moved to another serviceUrl, or gone.

@@ -40,7 +40,7 @@ from dataclasses import replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, crowded, deliver, post, resolve
+from shared.delivery import Outcome, Parts, crowded_wait, deliver, post, resolve
 from shared.engine import Engine
 from shared.idempotency import (
     Busy,
@@ -264,16 +264,16 @@ class _OutcomeKept(Exception):
 
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
-    wait = crowded(request, engine.runtime)
+    wait = crowded_wait(request, engine.runtime)
     if wait > 0:
         # Its tenant's line here is long while another stands nearly empty: back on the
-        # queue before its slot is claimed, so this invocation takes another message.
+        # queue as it came, before its slot is claimed, so this invocation takes another
+        # message. Not an attempt, and its age is not started.
         logger.debug(
-            "proactive %r: %s waits %.1f s here; requeued", request.id, request.label, wait
+            "proactive %r: %s would wait %.1f s; put back", request.id, request.label, wait
         )
-        return await engine.requeue(
-            request, engine.jitter(min(wait, MAX_CROWDED_DELAY)), count=False
-        )
+        delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
+        return await engine.requeue(request, delay, count=False, age=False)
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     if not request.engine.child and request.engine.since is None:  # a first attempt
         await ensure_head(ledger, request.id, "single", now)

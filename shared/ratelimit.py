@@ -58,13 +58,16 @@ DEFAULT_TENANT_RATE = 50.0  # Teams: about 50 requests per second per app per te
 # Of a tenant's rate; the rest is headroom for replies (at 50/s, 1.5 requests/s: any
 # second of a broadcast holds 48 or 49, so a reply still fits in the window).
 DEFAULT_BACKGROUND_SHARE = 0.97
-# Pacer.crowded: a line a background request would wait in over this long, while another
+# Pacer.crowded_wait: a line a background request would wait in over this long, while another
 # line of the process used by background requests in the last ACTIVE_SECONDS would take
-# one in under OTHER_LINE_SHARE of that. Measured in tests/unit/test_ratelimit.py's
-# simulation of instances whose invocations are shared by two tenants (benchmarks/README.md,
-# "Broadcast: an instance's invocations shared by its tenants"): 1 s put back 4-12 % of
-# the sends with 2-8 instances; 2 s put back none with 2 instances, which stayed at 80-89 %.
-CROWDED_SECONDS = 1.0
+# one in under OTHER_LINE_SHARE of that. The queue listener fetches 32 messages once 16 or
+# fewer are in flight, so a batch arriving finds at most about 16 in a line: over 1 s that
+# is only a line under 16/s (3 or more instances on a 50/s tenant). Simulated
+# (tests/unit/test_ratelimit.py, `broadcast_through_instances`, 10,000 messages to two
+# tenants, three seeds): at 1 s, 2 instances put nothing back (85-88 % of the limits), 4
+# went from 84-86 % to 90-91 %; at 0.5 s, 2 reached 87-89 % and 4 89-91 %, with 9-14 % of
+# the messages put back once more.
+CROWDED_SECONDS = 0.5
 ACTIVE_SECONDS = 5.0
 OTHER_LINE_SHARE = 0.25
 
@@ -246,18 +249,21 @@ class Pacer:
         finally:
             conversation.users -= 1
 
-    def crowded(self, scope: Scope) -> float:
-        """Seconds a background request to ``scope`` would wait in its tenant's line here,
-        when that is over CROWDED_SECONDS while another line of this process, used by
-        background requests in the last ACTIVE_SECONDS, would take one in under a quarter
-        of that; 0.0 otherwise.
+    def crowded_wait(self, scope: Scope) -> float:
+        """Seconds to put a background request to ``scope`` back for, so that the invocation
+        holding it serves another line instead; 0.0: send it.
 
-        The proactive engine puts such a request back on the queue instead of waiting (its
-        invocation is then free for a message to that other tenant). Each instance takes
-        queue messages for every tenant into a fixed number of invocations, and requests
-        stay longest where this instance's share of the tenant is smallest: left alone, an
-        instance's invocations fill with its slowest tenant's requests while its line for
-        another stands empty, and that share goes unused (README, "Pacing").
+        Nonzero when its tenant's line here would hold it over CROWDED_SECONDS while another
+        line of this process would take a request in under OTHER_LINE_SHARE of that, and
+        that line has background grants (in the last ACTIVE_SECONDS) not yet spent on a
+        put-back: each nonzero answer spends one, so put-backs never outnumber the requests
+        they make way for.
+
+        Why: each instance takes queue messages for every tenant into a fixed number of
+        invocations, and requests stay longest where this instance's share of the tenant is
+        smallest. Left alone, an instance's invocations fill with its slowest tenant's
+        requests while its line for another stands empty, and that share goes unused
+        (README, "Pacing").
         """
         lane = self._lanes.get(scope.lane)
         if lane is None:
@@ -267,11 +273,12 @@ class Pacer:
         if wait <= CROWDED_SECONDS:
             return 0.0
         for other in reversed(self._lanes.values()):  # the most recently used first
-            if other is lane:
+            if other is lane or not other.credit:
                 continue
             if now - other.background_at > ACTIVE_SECONDS:
                 continue
             if other.line_seconds(now) < wait * OTHER_LINE_SHARE:
+                other.credit -= 1
                 return wait
         return 0.0
 

@@ -82,6 +82,10 @@ REPLY_SECONDS = 60.0
 # count, which keeps the replies' room. A reply's slot, a pause after a 429 and an idle
 # line are never made up for: one interval of catch-up at most, as before.
 CATCH_UP_SECONDS = 0.1
+# A line's background grants that may each let another line's request be put back
+# (Pacer.crowded_wait), at most this many saved up: put-backs never outnumber the sends
+# they make way for.
+CREDIT_CAP = 16
 
 
 class AdaptiveRate:
@@ -116,6 +120,7 @@ class AdaptiveRate:
         "_window_limit",
         "background_at",
         "ceiling",
+        "credit",
         "line",
         "used_at",
         "waiting",
@@ -134,6 +139,7 @@ class AdaptiveRate:
         self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
         self.background_at = float("-inf")  # the last background grant
+        self.credit = 0  # background grants not yet spent on another line's put-backs
         # The last `ceiling` requests the channel counted (or may yet count): the grant
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
@@ -172,12 +178,13 @@ class AdaptiveRate:
         return wait
 
     def line_seconds(self, now: float) -> float:
-        """About how long a background request joining the line now would wait behind those
-        already in it: their number over the background rate (0.0 without a ceiling)."""
+        """About how long a background request joining the line now would wait: for the next
+        grant (spacing, a pause, the window), then one interval for each request already
+        waiting (0.0 without a ceiling)."""
         rate = self.rate(now)
-        if not self.waiting or rate is None:
+        if rate is None:
             return 0.0
-        return self.waiting / (rate * self._share)
+        return max(0.0, self.background_wait(now)) + self.waiting / (rate * self._share)
 
     @property
     def counted(self) -> tuple[float, ...]:
@@ -210,6 +217,7 @@ class AdaptiveRate:
         self.used_at = now
         if background:
             self.background_at = now
+            self.credit = min(self.credit + 1, CREDIT_CAP)
         else:
             self._reply_at = now
         if self._window_limit:

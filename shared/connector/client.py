@@ -117,14 +117,16 @@ class ConnectorClient:
             self._background_view = view
         return self._background_view
 
-    def crowded(self, service_url: str, conversation_id: str, activity: Mapping[str, Any]) -> float:
-        """Seconds a background send of ``activity`` would wait in its tenant's line here
-        while another line of this process stands nearly empty (:meth:`Pacer.crowded`);
-        0.0 otherwise, and for a URL the bot does not trust (the send says why)."""
+    def crowded_wait(
+        self, service_url: str, conversation_id: str, activity: Mapping[str, Any]
+    ) -> float:
+        """Seconds to put a background send of ``activity`` back for, its tenant's line here
+        being long while another stands nearly empty (:meth:`Pacer.crowded_wait`); 0.0:
+        send it, as for a URL the bot does not trust (the send says why)."""
         target = self._trusted_target(service_url)
         if target is None:
             return 0.0
-        return self.pacer.crowded(pacing_scope(target, conversation_id, activity))
+        return self.pacer.crowded_wait(pacing_scope(target, conversation_id, activity))
 
     # --- trust ------------------------------------------------------------------------
 

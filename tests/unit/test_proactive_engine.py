@@ -1523,13 +1523,15 @@ async def test_bookkeeping_left_by_the_previous_layout_is_read_as_it_was_meant(
 # --- an instance's invocations shared by tenants ----------------------------------------
 
 
+@pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
 async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
-    aad_app, fake_connector
+    aad_app, fake_connector, in_line, delay
 ):
-    # The instance's line for tenant-1 holds 5 background sends (2.6 s at 2/s) while its
-    # line for tenant-2 has just stood empty: a child for tenant-1 would hold this
-    # invocation for seconds that a message for tenant-2 could use. It goes back on the
-    # queue as it came, after about that wait, before anything is claimed or sent.
+    # The instance's line for tenant-1 holds background sends (at 2/s: the next grant in
+    # 0.5 s, then 0.5 s for each waiting) while its line for tenant-2 has just stood empty:
+    # a child for tenant-1 would hold this invocation for seconds that a message for
+    # tenant-2 could use. It goes back on the queue as it came, visible after about that
+    # wait (at most 15 s), before anything is claimed or sent.
     settings = aad_app.settings(
         BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="2"
     )
@@ -1547,19 +1549,19 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
         }
     )
     line = Scope("msteams", "tenant-1", None, "elsewhere:443")
-    waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(6)]
+    waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(in_line)]
     try:
-        await asyncio.sleep(0)  # the first is granted, five wait
+        await asyncio.sleep(0)  # the first is granted, the others wait
         await pacer.acquire(Scope("msteams", "tenant-2", None, "elsewhere:443"), background=True)
 
         assert await handle(engine, child) is Outcome.REQUEUED
 
-        [(copy, delay)] = engine.queue.take()
+        [(copy, put_back_for)] = engine.queue.take()
         queued = json.loads(copy)
         assert queued[RESERVED].pop("attempt") == 0  # not counted as an attempt
-        assert queued[RESERVED].pop("since") == clock.now
+        assert queued[RESERVED].pop("since") is None  # its age not started
         assert queued == json.loads(child)
-        assert delay == pytest.approx(5 / (2 * 0.97), rel=0.05)
+        assert put_back_for == pytest.approx(delay, rel=0.05)
         assert sends(fake_connector) == []
         assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
     finally:
