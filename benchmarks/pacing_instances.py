@@ -9,9 +9,10 @@ Connector allows ``limit`` requests in any second (a strict window, 429 above it
 the delays a real host adds. Per N and limit: the share of the limit that got through and
 the share of requests answered 429, over the run and after its first 10 s (every instance
 starts at the whole limit). Then 20 instances for a minute, of which 19 stop: the share of
-the limit the one left gets in each half minute after. Then up to 8 instances taking a
-broadcast to two tenants into 32 invocations each, waiting in a crowded line or putting
-the message back (``Pacer.crowded``), three seeds each. Results (with the pacer's
+the limit the one left gets in each half minute after. Then 1-8 instances taking a
+broadcast of 10,000 messages to two tenants as the host's queue listener does, waiting in
+a crowded line or putting the message back (``Pacer.crowded_wait``), three seeds each:
+the share of the limits from the start to the last outcome. Results (with the pacer's
 constants) to benchmarks/results/pacing_instances.json (benchmarks/README.md, "Pacing
 with many instances").
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from shared import ratelimit, tenant_rate
 from tests.unit.test_ratelimit import (
+    broadcast_through_instances,
     instance_left_after_a_scale_in,
-    instances_serving_two_tenants,
     instances_sharing_a_tenant,
 )
 
@@ -55,17 +56,20 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
     two_tenants = []
     for count in instances:
         if count > 8:
-            continue  # 32 invocations each: past 8 instances the run takes minutes
+            continue  # 32 invocations each and 10,000 messages: past 8 the run takes minutes
         for put_back in (False, True):
             runs = [
-                await instances_serving_two_tenants(count, put_back, seed=seed) for seed in range(3)
+                await broadcast_through_instances(
+                    count, {"t0": 5000, "t1": 5000}, put_back=put_back, seed=seed
+                )
+                for seed in range(3)
             ]
             row = {
                 "instances": count,
                 "put_back": put_back,
-                "achieved_share_of_limits_after_10_s": [round(r[0], 3) for r in runs],
-                "share_429": [round(r[1], 4) for r in runs],
-                "put_back_per_send": [round(r[2], 3) for r in runs],
+                "share_of_limits": [round(r.share, 3) for r in runs],
+                "share_429": [round(r.share_429, 4) for r in runs],
+                "put_back_messages": [r.put_back for r in runs],
             }
             two_tenants.append(row)
             print(json.dumps(row), flush=True)
