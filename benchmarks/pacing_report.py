@@ -53,6 +53,7 @@ def report(folder: Path, limit: int) -> None:
     overshoot: list[float] = []
     per_host_grants: list[tuple[str, list[dict]]] = []
     causes = {"granted over the limit": 0, "arrivals bunched": 0}
+    put_backs: list[dict] = []  # broadcast children put back rather than wait (crowded_wait)
     first = last = None
     for host in hosts:
         records = [json.loads(line) for line in host.read_text().splitlines() if line]
@@ -68,6 +69,7 @@ def report(folder: Path, limit: int) -> None:
                     break
         bg = [r for r in records if r["k"] == "grant" and r["bg"]]
         per_host_grants.append((host.name, bg))
+        put_backs.extend(r for r in records if r["k"] == "put_back")
         for record in bg:
             tenant = lane_tenant.get((host.name, record["lane"]), "?")
             grants[tenant].append(record["t"])
@@ -99,6 +101,8 @@ def report(folder: Path, limit: int) -> None:
     print(f"  grant -> request start: {quantiles(write_delays)}")
     print(f"  wake-up after a wait, late by: {quantiles(overshoot)}")
     print(f"  429s: {len(throttled)}: {dict(causes)}")
+    waits = [r["wait"] for r in put_backs]
+    print(f"  put back rather than wait: {len(put_backs)}, for {quantiles(waits)}")
     for name, bg in per_host_grants:
         rates = [r["rate"] for r in bg if r["rate"]]
         if rates:

@@ -3,7 +3,7 @@
 ``python -m benchmarks.broadcast --trace DIR`` puts this folder first on the hosts'
 PYTHONPATH, so Python imports it at start-up in every host process; with
 ``BENCH_PACING_TRACE`` set it wraps the pacer and the Connector client to write one JSON
-line per grant, per request and per 429 to ``DIR/host-<pid>.jsonl``
+line per grant, per request, per 429 and per put-back to ``DIR/host-<pid>.jsonl``
 (benchmarks/pacing_report.py reads them with the fake Connector's arrivals).
 """
 
@@ -79,6 +79,14 @@ def _install(directory: str) -> None:
             }
         )
 
+    original_crowded = Pacer.crowded_wait
+
+    def crowded_wait(self, scope):
+        wait = original_crowded(self, scope)
+        if wait > 0:
+            write({"k": "put_back", "t": time.monotonic(), "tenant": scope.tenant_id, "wait": wait})
+        return wait
+
     original_send = client_module.ConnectorClient._send
 
     async def send(self, operation, method, url, headers, data, expect, departure):
@@ -103,6 +111,7 @@ def _install(directory: str) -> None:
     Pacer._wait_until = wait_until
     Pacer._grant = grant
     Pacer.throttled = throttled
+    Pacer.crowded_wait = crowded_wait
     client_module.ConnectorClient._send = send
 
 
