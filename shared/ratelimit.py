@@ -34,6 +34,10 @@ The model (README, "Pacing"):
   that a busy event loop woke late is made up for by the ones after it, within that
   window.
 
+- **An instance's invocations are shared by its tenants.** A broadcast child whose
+  tenant's line here is long while another line stands nearly empty is better put back on
+  the queue than waited for: :meth:`Pacer.crowded_wait` says so, and for how long.
+
 Sends to one conversation go out one at a time in call order (a FIFO lock per
 conversation), so replies arrive in the order the bot wrote them; within a conversation,
 order wins over class.
@@ -254,10 +258,10 @@ class Pacer:
         holding it serves another line instead; 0.0: send it.
 
         Nonzero when its tenant's line here would hold it over CROWDED_SECONDS while another
-        line of this process would take a request in under OTHER_LINE_SHARE of that, and
-        that line has background grants (in the last ACTIVE_SECONDS) not yet spent on a
-        put-back: each nonzero answer spends one, so put-backs never outnumber the requests
-        they make way for.
+        line of this process, granted background requests in the last ACTIVE_SECONDS, would
+        take one in under OTHER_LINE_SHARE of that, and has grants not yet spent on a
+        put-back (at most tenant_rate.CREDIT_CAP): each nonzero answer spends one, so put-backs never
+        outnumber the requests they make way for.
 
         Why: each instance takes queue messages for every tenant into a fixed number of
         invocations, and requests stay longest where this instance's share of the tenant is
