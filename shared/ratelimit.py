@@ -260,8 +260,8 @@ class Pacer:
         Nonzero when its tenant's line here would hold it over CROWDED_SECONDS while another
         line of this process, granted background requests in the last ACTIVE_SECONDS, would
         take one in under OTHER_LINE_SHARE of that, and has grants not yet spent on a
-        put-back (at most tenant_rate.CREDIT_CAP): each nonzero answer spends one, so put-backs never
-        outnumber the requests they make way for.
+        put-back (at most tenant_rate.CREDIT_CAP): each nonzero answer spends one, so
+        put-backs never outnumber the requests they make way for.
 
         Why: each instance takes queue messages for every tenant into a fixed number of
         invocations, and requests stay longest where this instance's share of the tenant is
