@@ -14,10 +14,10 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 - gone (403 roster / blocked, 404): the reference actually tried is pruned, reported.
 - no stored reference for the key: requeued for about a minute (the reference may be
   landing), then failed with a poison copy.
-- a broadcast child whose tenant's line in this instance would hold it over half a
-  second while another line here stands nearly empty: requeued as it came before its
-  slot is claimed, after about that wait, so the invocation takes another message
-  (README, "Pacing"). Nothing was sent; not an attempt, its age not started.
+- a broadcast child whose tenant's line in this instance would hold it over a second
+  while another line here stands nearly empty: requeued as it came before its slot is
+  claimed, after about that wait, so the invocation takes another message (README,
+  "Pacing"). Nothing was sent; not an attempt, its age not started.
 - malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
   at once, reported failed.
 - 500 (the message may have been posted): never resent; failed with a poison copy.

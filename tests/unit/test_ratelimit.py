@@ -676,7 +676,7 @@ async def test_the_instance_left_when_the_host_scales_in_takes_the_tenant_back()
     assert shares[-1] >= 0.5
 
 
-TWO_TENANTS = {"t0": 2500, "t1": 2500}
+TWO_TENANTS = {"t0": 5000, "t1": 5000}
 
 
 @dataclass(slots=True)
@@ -777,8 +777,8 @@ async def broadcast_through_instances(
 async def test_instances_sharing_two_tenants_put_back_what_would_wait_in_a_crowded_line():
     # 4 instances take a broadcast to two tenants as the host's queue listener does. Waiting,
     # an instance's invocations fill with the tenant it holds the smallest share of, while
-    # its line for the other stands empty: 82-87 % of the limits over three seeds. Put back
-    # instead: 88-90 %, for 10-16 % more queue messages.
+    # its line for the other stands empty: 84-86 % of the limits over three seeds. Put back
+    # instead: 90-91 %, for 11-15 % more queue messages.
     waited = [
         await broadcast_through_instances(4, TWO_TENANTS, put_back=False, seed=seed)
         for seed in range(3)
@@ -787,8 +787,8 @@ async def test_instances_sharing_two_tenants_put_back_what_would_wait_in_a_crowd
         await broadcast_through_instances(4, TWO_TENANTS, put_back=True, seed=seed)
         for seed in range(3)
     ]
-    assert statistics.mean(b.share for b in put) >= statistics.mean(b.share for b in waited) + 0.02
-    assert min(b.share for b in put) >= 0.87
+    assert statistics.mean(b.share for b in put) >= statistics.mean(b.share for b in waited) + 0.03
+    assert min(b.share for b in put) >= 0.89
     assert max(b.put_back for b in put) <= 0.2 * sum(TWO_TENANTS.values())
     assert max(b.share_429 for b in put) < 0.01
 
