@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "--trace",
         type=Path,
         help="folder for a pacing trace per run (benchmarks/pacing_trace; measurement only): "
-        "each grant, request and 429 in the hosts, each arrival at the fake Connector; "
+        "each grant, request, 429 and put-back in the hosts, each arrival at the fake Connector; "
         "summed up by python -m benchmarks.pacing_report FOLDER",
     )
     args = parser.parse_args(argv)
