@@ -70,8 +70,8 @@ DEFAULT_BACKGROUND_SHARE = 0.97
 # (tests/unit/test_ratelimit.py, `broadcast_through_instances`, 10,000 messages to two
 # tenants, three seeds): 4 instances went from 84-86 % of the limits to 90-91 %, 8 from
 # 81-86 % to 86-89 %, with 11-16 % of the messages put back once more; 2 put nothing back
-# (85-88 %). At 0.5 s, 2 reached 87-89 % in the simulation, but through the local host
-# (benchmarks/README.md) 83-86 % against 85-89 % without put-backs, paying for 9-13 %.
+# (85-88 %). At 0.5 s, 2 reached 87-89 % in the simulation (9-13 % put back), but
+# through the local host (benchmarks/README.md) 83-86 % against 85-89 % without.
 CROWDED_SECONDS = 1.0
 ACTIVE_SECONDS = 5.0
 OTHER_LINE_SHARE = 0.25
