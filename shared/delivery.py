@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
+from shared.connector.scope import pacing_scope
 from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
 
 if TYPE_CHECKING:
@@ -99,10 +100,14 @@ def crowded_wait(request: ProactiveRequest, runtime: Parts) -> float:
     reference = request.reference
     if reference is None or not request.engine.child:
         return 0.0
+    target = runtime.connector.trusted_target(reference["serviceUrl"])
+    if target is None:
+        return 0.0  # the send refuses it, and says why
+    conversation_id = reference["conversation"]["id"]
     activity = apply_conversation_reference(request.activity, reference)
-    return runtime.connector.background().crowded_wait(
-        reference["serviceUrl"], reference["conversation"]["id"], activity
-    )
+    # The scope the send itself will be paced under (ConnectorClient, its one request path).
+    scope = pacing_scope(target, conversation_id, activity)
+    return runtime.connector.pacer.crowded_wait(scope)
 
 
 async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Outcome:

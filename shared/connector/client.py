@@ -117,24 +117,14 @@ class ConnectorClient:
             self._background_view = view
         return self._background_view
 
-    def crowded_wait(
-        self, service_url: str, conversation_id: str, activity: Mapping[str, Any]
-    ) -> float:
-        """Seconds to put a background send of ``activity`` back for, its tenant's line here
-        being long while another stands nearly empty (:meth:`Pacer.crowded_wait`); 0.0:
-        send it, as for a URL the bot does not trust (the send says why)."""
-        target = self._trusted_target(service_url)
-        if target is None:
-            return 0.0
-        return self.pacer.crowded_wait(pacing_scope(target, conversation_id, activity))
-
     # --- trust ------------------------------------------------------------------------
 
     def is_trusted(self, service_url: str) -> bool:
         """May the bot send its token to ``service_url``? Decided on the URL alone."""
-        return self._trusted_target(service_url) is not None
+        return self.trusted_target(service_url) is not None
 
-    def _trusted_target(self, service_url: str) -> ServiceTarget | None:
+    def trusted_target(self, service_url: str) -> ServiceTarget | None:
+        """Where ``service_url`` points, when the bot may send its token there; else None."""
         return self._trust.target(service_url)
 
     # --- activities -------------------------------------------------------------------
@@ -459,7 +449,7 @@ class ConnectorClient:
     def _require_trusted(self, operation: str, service_url: str) -> ServiceTarget:
         # Checked before any token is acquired or connection opened (docs/architecture.md,
         # trust model: never send the bot's token to a serviceUrl outside the trusted set).
-        target = self._trusted_target(service_url)
+        target = self.trusted_target(service_url)
         if target is not None:
             return target
         log.warning(
