@@ -1,8 +1,9 @@
 """The app: which bot the function adapters serve. The library never names it.
 
-Every function folder gets the process's runtime here, the same way, and hands it to
-the library (`shared.messages`, `shared.proactive`, `shared.schedules`). To serve another
-bot, change the one import below; for the example bot beside the echo:
+The HTTP and queue function folders get the process's runtime here, the same way, and
+hand it to the library (`shared.messages`, `shared.proactive`); the timer
+(`shared.schedules`) needs only the storage settings and does not import this module.
+To serve another bot, change the one import below; for the example bot beside the echo:
 
     from examples.cards_and_state import router
 

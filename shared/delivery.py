@@ -147,7 +147,7 @@ async def _prune(
         return False
     stored = await runtime.references.get(key)
     if stored is None or not _same_conversation(stored.reference, tried):
-        return False  # defect 4: the stored reference was not the one tried
+        return False  # the stored reference is not the one tried: keep it (docs/proactive.md)
     return await runtime.references.delete(key)
 
 

@@ -35,7 +35,6 @@ from shared.ledger import Ledger, Record
 
 logger = logging.getLogger(__name__)
 
-CLAIM_SECONDS = 120.0  # longer than any one send (the Connector's budget is 12 s)
 CLAIM_METADATA: Mapping[str, str] = {"claim": "1"}  # how a report's listing tells claims apart
 
 
@@ -64,7 +63,7 @@ def is_outcome(data: Any) -> bool:
 
 
 async def take_claim(
-    ledger: Ledger, name: str, now: float, *, seconds: float = CLAIM_SECONDS
+    ledger: Ledger, name: str, now: float, *, seconds: float
 ) -> Claim | Busy | Settled:
     """Claim the slot `name`, or learn its outcome, or how long its holder may keep it."""
     data = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
@@ -92,7 +91,7 @@ async def take_claim(
 
 
 async def replace_with_claim(
-    ledger: Ledger, name: str, etag: str, now: float, *, seconds: float = CLAIM_SECONDS
+    ledger: Ledger, name: str, etag: str, now: float, *, seconds: float
 ) -> str | None:
     """Claim a slot whose content was read with `etag` (an expired claim, or a failed
     outcome an operator retries); None when it changed since."""

@@ -38,9 +38,10 @@ The model (README, "Pacing"):
   tenant's line here is long while another line stands nearly empty is better put back on
   the queue than waited for: :meth:`Pacer.crowded_wait` says so, and for how long.
 
-Sends to one conversation go out one at a time in call order (a FIFO lock per
+Sends to one Teams conversation are granted one at a time in call order (a FIFO lock per
 conversation), so replies arrive in the order the bot wrote them; within a conversation,
-order wins over class.
+order wins over class. Other channels' conversations have no published limits and are
+not serialised.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ DEFAULT_BACKGROUND_SHARE = 0.97
 # line of the process used by background requests in the last ACTIVE_SECONDS would take
 # one in under OTHER_LINE_SHARE of that. The queue listener fetches 32 messages once 16 or
 # fewer are in flight, so a batch arriving finds at most about 16 in a line: over 1 s that
-# is only a line under 16/s (3 or more instances on a 50/s tenant). Simulated
+# is only a line under 16/s (4 or more instances on a 50/s tenant: 3 get 16.2/s each). Simulated
 # (tests/unit/test_ratelimit.py, `broadcast_through_instances`, 10,000 messages to two
 # tenants, three seeds): 4 instances went from 84-86 % of the limits to 90-91 %, 8 from
 # 81-86 % to 86-89 %, with 11-16 % of the messages put back once more; 2 put nothing back

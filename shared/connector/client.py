@@ -71,7 +71,7 @@ MAX_REDIRECTS = 5  # attachment views only
 
 
 class ConnectorClient:
-    """The Bot Connector v3 operations, one per method (see the seed OpenAPI)."""
+    """The Bot Connector REST v3 operations (all 15), one method each."""
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
          "tenantId": "…" | null, "teamId": "…" | null, "personal": false,
          "userId": "29:…" | null, "aadObjectId": "…" | null,   # only for 1:1 conversations
          "reference": {…ConversationReference…},
-         "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:00Z"}
+         "createdAt": "2025-01-01T00:00:00.000000Z", "updatedAt": "2025-01-01T00:00:00.000000Z"}
 
     Blob metadata (written in the same request as the body, so never out of step):
     ``schema``, ``tenant`` and ``team`` (encoded like a name segment) and ``doc`` (the

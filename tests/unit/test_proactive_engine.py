@@ -887,7 +887,9 @@ async def test_a_report_counts_a_claimed_target_as_running(parts, fake_connector
     from shared.idempotency import Claim, take_claim
 
     await ensure_head(engine.ledger, "req-1", "single", engine.clock.now)
-    claim = await take_claim(engine.ledger, outcome_name("req-1", "target"), engine.clock.now)
+    claim = await take_claim(
+        engine.ledger, outcome_name("req-1", "target"), engine.clock.now, seconds=45.0
+    )
     assert isinstance(claim, Claim)
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
