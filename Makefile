@@ -111,7 +111,7 @@ bench: setup
 	$(PY) -m benchmarks.warm --chart --shared-only
 	$(PY) -m benchmarks.broadcast --unthrottled
 	$(PY) -m benchmarks.broadcast --processes 1,4 --tenant-limit 15 --output benchmarks/results/broadcast_paced.json
-	$(PY) -m benchmarks.broadcast_peers --unthrottled
+	$(PY) -m benchmarks.broadcast_peers --unthrottled --chart
 	$(PY) -m benchmarks.cold_start
 	$(PY) -m benchmarks.bench_references
 	$(PY) -m benchmarks.pacing_instances

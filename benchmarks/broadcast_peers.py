@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.broadcast_peers [--conversations 10000]
         [--peers botbuilder,agents,teams] [--concurrency 1,32] [--tenant-limit 50]
-    .venv/bin/python -m benchmarks.broadcast_peers --table-only   # broadcast.md from the JSONs
+    .venv/bin/python -m benchmarks.broadcast_peers --table-only [--chart]  # from the JSONs
 
 The comparison for benchmarks/broadcast.py: the same ``--conversations`` Teams channel
 conversations in 2 tenants (the references ``broadcast.reference`` builds), the same
@@ -31,7 +31,8 @@ received, whether the SDK retried a 429 (429s drawn vs sends that failed with 42
 CPU per delivered send (the loop process's user + system time during the loop) and its
 peak RSS. Results: benchmarks/results/broadcast_peers.json; benchmarks/results/broadcast.md
 is the table of both, ours from benchmarks/results/broadcast.json (its run with one
-host process), with the ratios ours / theirs.
+host process), with the ratios ours / theirs; ``--chart`` also draws
+benchmarks/results/broadcast.png from them.
 """
 
 from __future__ import annotations
@@ -344,6 +345,56 @@ def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart_series(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the broadcast chart shows (benchmarks/chart.py draws it, in a venv with
+    matplotlib and nothing else): per run, delivered/s, the share of the conversations
+    that never received the text, and CPU per delivered send; the runs with no limits
+    enforced apart."""
+
+    def bar(label: str, row: Mapping[str, Any]) -> dict[str, Any]:
+        delivered, lost = row.get("delivered") or 0, row.get("lost") or 0
+        return {
+            "label": label,
+            "delivered_per_s": row.get("sends_per_s"),
+            "lost_percent": round(100.0 * lost / (delivered + lost), 1) if delivered + lost else 0,
+            "cpu_ms_per_send": row.get("cpu_ms_per_send"),
+        }
+
+    def peer_label(run: Mapping[str, Any]) -> str:
+        name = run["label"].rsplit(" ", 1)[0]  # without the version
+        return f"{name}, {'sequential' if run['mode'] == mode(1) else 'gather'}"
+
+    limited = [
+        bar(f"ours, {run['processes']} host(s)", _ours_row(run))
+        for run in (ours or {}).get("runs", [])
+    ]
+    limited += [bar(peer_label(run), run) for run in peers["runs"]]
+    free = []
+    if ours and ours.get("unthrottled"):
+        free.append(bar("ours, 1 host", _ours_row(ours["unthrottled"])))
+    free += [bar(peer_label(run), run) for run in peers.get("unthrottled", [])]
+    machine = peers["machine"]
+    return {
+        "title": (
+            f"Broadcast to {peers['conversations']:,} Teams conversations, {peers['generated']},"
+            f" {machine['cpus']} cores, load {machine['load_average_1m_start']}"
+            f"-{machine['load_average_1m_end']}"
+        ),
+        "enforced_rate_per_s": peers["enforced_rate_per_s"],
+        "limited": limited,
+        "unthrottled": free,
+    }
+
+
+def write_chart(peers_path: Path, ours_path: Path, png: Path) -> None:
+    peers = json.loads(peers_path.read_text())
+    ours = json.loads(ours_path.read_text()) if ours_path.exists() else None
+    series = warm.TOOLS / "bench-logs" / "broadcast_chart.json"
+    series.parent.mkdir(parents=True, exist_ok=True)
+    series.write_text(json.dumps(chart_series(peers, ours)))
+    warm.chart(series, png, "--broadcast")
+
+
 def write_table(peers_path: Path, ours_path: Path, table: Path) -> str:
     peers = json.loads(peers_path.read_text())
     ours = json.loads(ours_path.read_text()) if ours_path.exists() else None
@@ -372,12 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-install", action="store_true", help="use the peers' venvs as they are"
     )
     parser.add_argument("--table-only", action="store_true", help="only rewrite broadcast.md")
+    parser.add_argument(
+        "--chart", action="store_true", help="also draw results/broadcast.png (with the table)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--ours", type=Path, default=OURS, help="broadcast.py's results")
     parser.add_argument("--table", type=Path, default=TABLE)
     args = parser.parse_args(argv)
     if args.table_only:
         print(write_table(args.output, args.ours, args.table))
+        if args.chart:
+            write_chart(args.output, args.ours, args.table.with_suffix(".png"))
         return 0
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := [p for p in peers if p not in PEERS]:
@@ -417,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(write_table(args.output, args.ours, args.table))
+    if args.chart:
+        write_chart(args.output, args.ours, args.table.with_suffix(".png"))
     return 0
 
 

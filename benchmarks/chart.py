@@ -1,6 +1,8 @@
-"""The PNG chart of a benchmarks/warm.py report: ``python -m benchmarks.chart REPORT PNG``.
+"""The PNG charts of the benchmarks, drawn in .tools/bench-report (matplotlib stays out of
+the product's .venv):
 
-Runs in .tools/bench-report (matplotlib stays out of the product's .venv).
+    python -m benchmarks.chart REPORT PNG                # a benchmarks/warm.py report
+    python -m benchmarks.chart --broadcast SERIES PNG    # broadcast_peers.chart_series's JSON
 """
 
 from __future__ import annotations
@@ -51,5 +53,44 @@ def main(report_path: str, png: str) -> None:
     figure.savefig(png, dpi=100)
 
 
+def broadcast(series_path: str, png: str) -> None:
+    series = json.loads(Path(series_path).read_text())
+    limited, free = series["limited"], series["unthrottled"]
+    panels = [
+        (limited, "delivered_per_s", "delivered/s, Teams limits enforced"),
+        (limited, "lost_percent", "conversations that never got it, %"),
+        (limited, "cpu_ms_per_send", "CPU ms per delivered send (the sender)"),
+        (free, "delivered_per_s", "delivered/s, no limits enforced"),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(20, 6))
+    for axis, (rows, metric, title) in zip(axes, panels, strict=True):
+        labels = [row["label"] for row in rows]
+        values = [row[metric] or 0 for row in rows]
+        colors = ["tab:blue" if label.startswith("ours") else "tab:gray" for label in labels]
+        axis.barh(range(len(rows)), values, color=colors)
+        axis.set_yticks(range(len(rows)))
+        axis.set_yticklabels(labels if axis is axes[0] or rows is free else [""] * len(rows))
+        axis.invert_yaxis()
+        axis.set_title(title)
+        for n, value in enumerate(values):
+            axis.annotate(
+                f"{value:g}",
+                (value, n),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
+    enforced = series["enforced_rate_per_s"]
+    axes[0].axvline(enforced, color="tab:red", linestyle="--", label=f"enforced: {enforced}/s")
+    axes[0].legend(loc="lower right")
+    figure.suptitle(series["title"])
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--broadcast":
+        broadcast(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2])

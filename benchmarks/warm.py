@@ -773,8 +773,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def chart(report_path: Path, png: Path) -> None:
-    """The PNG chart, drawn in .tools/bench-report (matplotlib stays out of .venv)."""
+def chart(report_path: Path, png: Path, *options: str) -> None:
+    """A PNG chart (benchmarks/chart.py; ``options`` before its arguments), drawn in
+    .tools/bench-report (matplotlib stays out of .venv)."""
     venv = TOOLS / "bench-report"
     python = venv / "bin" / "python"
     requirements = ROOT / "benchmarks" / "requirements-report.txt"
@@ -784,7 +785,9 @@ def chart(report_path: Path, png: Path) -> None:
             [str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements)], check=True
         )
     subprocess.run(
-        [str(python), "-m", "benchmarks.chart", str(report_path), str(png)], cwd=ROOT, check=True
+        [str(python), "-m", "benchmarks.chart", *options, str(report_path), str(png)],
+        cwd=ROOT,
+        check=True,
     )
 
 

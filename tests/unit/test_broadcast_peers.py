@@ -132,7 +132,8 @@ def test_the_retry_verdict_follows_what_became_of_the_conversations_answered_429
     assert verdict(5, 2, 3).startswith("partly")
 
 
-def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
+def results() -> tuple[dict, dict]:
+    """A peers' report and ours, as broadcast_peers.py and broadcast.py write them."""
     machine = {"cpus": 2, "python": "3.11", "platform": "x"}
     peers = {
         "generated": "g",
@@ -186,6 +187,11 @@ def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
     peers["unthrottled"] = [{**peers["runs"][0], **free_run, "cpu_ms_per_send": 2.0}]
     ours_free = {k: v for k, v in ours["runs"][0].items() if k != "achieved_share_of_enforced"}
     ours["unthrottled"] = {**ours_free, "sends_per_s": 100.0, "host_cpu_ms_per_send": 5.0}
+    return peers, ours
+
+
+def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
+    peers, ours = results()
 
     table = broadcast_peers.markdown(peers, ours)
 
@@ -199,3 +205,30 @@ def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
     assert rows[0].startswith("| ours, queue pipeline, 1 host process | 100.0 | — |")
     assert rows[1].startswith("| Agents SDK 1.9.0, gather | 400.0")
     assert rows[1].endswith("| 0.25 | 2.50 |")  # against ours with no limits: 100 / 400, 5 / 2
+
+
+def test_the_chart_shows_each_run_delivered_lost_and_cpu_with_no_limits_apart():
+    peers, ours = results()
+
+    series = broadcast_peers.chart_series(peers, ours)
+
+    assert series["enforced_rate_per_s"] == 100
+    assert series["limited"] == [
+        {
+            "label": "ours, 1 host(s)",
+            "delivered_per_s": 30.0,
+            "lost_percent": 0.0,
+            "cpu_ms_per_send": 8.0,
+        },
+        {
+            "label": "Agents SDK, sequential",
+            "delivered_per_s": 60.0,
+            "lost_percent": 25.0,
+            "cpu_ms_per_send": 4.0,
+        },
+    ]
+    assert [(bar["label"], bar["delivered_per_s"]) for bar in series["unthrottled"]] == [
+        ("ours, 1 host", 100.0),
+        ("Agents SDK, gather", 400.0),
+    ]
+    assert "Broadcast to 100 Teams conversations" in series["title"]
