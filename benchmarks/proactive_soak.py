@@ -170,7 +170,7 @@ async def run(count: int, hosts: int, logs: Path) -> dict:
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proactive_soak")
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--hosts", type=int, default=2)
@@ -187,7 +187,15 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if result["received_once"] != args.count:  # a loss or a duplicate: the soak fails
+        print(
+            f"soak failed: {result['never_received']} never received, "
+            f"{result['received_twice_or_more']} received more than once",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -102,6 +102,11 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
     for blob in names:
         name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
         if not name or "/" in name:
+            logger.warning(
+                "schedule %r skipped: a schedule is a blob directly under %s, not in a folder",
+                name[:200],
+                SCHEDULES_PREFIX,
+            )
             continue
         # One bad document (or one failed read) never stops the other schedules.
         try:

@@ -105,6 +105,17 @@ async def test_a_document_that_is_not_json_is_skipped_with_a_log_and_the_others_
     assert "b-broken" in caplog.text and "not valid JSON" in caplog.text
 
 
+async def test_a_document_in_a_folder_is_skipped_with_a_log_naming_it(caplog):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create(
+        "schedules/team/daily.json", {"schedule": "0 * * * * *", "request": REQUEST}
+    )
+    await ledger.create("schedules/daily.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, T0) == ["schedule:daily:2030-01-01T12:00Z"]
+    assert "'team/daily' skipped" in caplog.text and "not in a folder" in caplog.text
+
+
 async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stopping_others():
     ledger, queue = MemoryLedger(), MemoryQueue()
     await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
