@@ -103,7 +103,7 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
         name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
         if not name or "/" in name:
             logger.warning(
-                "schedule %r skipped: a schedule is a blob directly under %s, not in a folder",
+                "schedule %r skipped: a schedule is a named blob right under %s, not in a folder",
                 name[:200],
                 SCHEDULES_PREFIX,
             )
