@@ -62,7 +62,7 @@ def broadcast(series_path: str, png: str) -> None:
         (limited, "cpu_ms_per_send", "CPU ms per delivered send (the sender)"),
         (free, "delivered_per_s", "delivered/s, no limits enforced"),
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(20, 6))
+    figure, axes = plt.subplots(1, len(panels), figsize=(20, 6), layout="constrained")
     for axis, (rows, metric, title) in zip(axes, panels, strict=True):
         labels = [row["label"] for row in rows]
         values = [row[metric] or 0 for row in rows]
@@ -71,6 +71,7 @@ def broadcast(series_path: str, png: str) -> None:
         axis.set_yticks(range(len(rows)))
         axis.set_yticklabels(labels if axis is axes[0] or rows is free else [""] * len(rows))
         axis.invert_yaxis()
+        axis.margins(x=0.15)  # room for the values written beside the bars
         axis.set_title(title)
         for n, value in enumerate(values):
             axis.annotate(
@@ -85,7 +86,6 @@ def broadcast(series_path: str, png: str) -> None:
     axes[0].axvline(enforced, color="tab:red", linestyle="--", label=f"enforced: {enforced}/s")
     axes[0].legend(loc="lower right")
     figure.suptitle(series["title"])
-    figure.tight_layout()
     figure.savefig(png, dpi=100)
 
 
