@@ -187,10 +187,12 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    if result["received_once"] != args.count:  # a loss or a duplicate: the soak fails
+    state = (result["report"] or {}).get("state")
+    if result["received_once"] != args.count or state != "done" or result["poisoned"]:
         print(
             f"soak failed: {result['never_received']} never received, "
-            f"{result['received_twice_or_more']} received more than once",
+            f"{result['received_twice_or_more']} received more than once, "
+            f"report {state}, {result['poisoned']} poisoned",
             file=sys.stderr,
         )
         return 1

@@ -10,23 +10,40 @@ and received once, every conversation of the broadcast reached exactly once.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_benchmark(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """Run ``python -m ARGS``; past ``timeout``, interrupt it so that it stops what it
+    started (its Azurite, hosts and fake Connector), then fail."""
+    process = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)  # the benchmark's own clean-up runs
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        pytest.fail(f"{args[0]} did not finish within {timeout:.0f} s")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+@pytest.mark.timeout(150)
 def test_the_warm_benchmark_measures_this_bot_with_every_reply_received_once(tmp_path):
     output = tmp_path / "warm.json"
     result = run_benchmark(
@@ -37,7 +54,7 @@ def test_the_warm_benchmark_measures_this_bot_with_every_reply_received_once(tmp
         "--no-cold",
         "--output",
         str(output),
-        timeout=300,
+        timeout=100,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
@@ -49,6 +66,7 @@ def test_the_warm_benchmark_measures_this_bot_with_every_reply_received_once(tmp
     assert report["floor"]["cpu_ms_per_activity"] > 0
 
 
+@pytest.mark.timeout(150)
 def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_path):
     output = tmp_path / "broadcast.json"
     result = run_benchmark(
@@ -60,8 +78,8 @@ def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_pat
         "--output",
         str(output),
         "--timeout",
-        "240",
-        timeout=420,
+        "80",
+        timeout=100,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = json.loads(output.read_text())["runs"]

@@ -209,6 +209,9 @@ def test_the_table_puts_ours_first_and_divides_ours_by_theirs():
 
 def test_the_chart_shows_each_run_delivered_lost_and_cpu_with_no_limits_apart():
     peers, ours = results()
+    # Ours: 2 of the 200 targets never reached the Connector (whatever the report said),
+    # and Azurite spent 9 ms per send beside the host's 8.
+    ours["runs"][0].update(targets=200, distinct=198, azurite_cpu_ms_per_send=9.0)
 
     series = broadcast_peers.chart_series(peers, ours)
 
@@ -217,14 +220,16 @@ def test_the_chart_shows_each_run_delivered_lost_and_cpu_with_no_limits_apart():
         {
             "label": "ours, 1 host(s)",
             "delivered_per_s": 30.0,
-            "lost_percent": 0.0,
+            "lost_percent": 1.0,
             "cpu_ms_per_send": 8.0,
+            "storage_cpu_ms_per_send": 9.0,
         },
         {
             "label": "Agents SDK, sequential",
             "delivered_per_s": 60.0,
             "lost_percent": 25.0,
             "cpu_ms_per_send": 4.0,
+            "storage_cpu_ms_per_send": 0.0,
         },
     ]
     assert [(bar["label"], bar["delivered_per_s"]) for bar in series["unthrottled"]] == [
