@@ -76,8 +76,8 @@ def broadcast(series_path: str, png: str) -> None:
         axis.set_yticks(range(len(rows)))
         axis.set_yticklabels(labels if axis is axes[0] or rows is free else [""] * len(rows))
         axis.invert_yaxis()
-        axis.margins(x=0.15)  # room for the values written beside the bars
         axis.set_title(title)
+        axis.set_xlim(0, max(values, default=0) * 1.18 or 1)  # room for the values beside
         for n, value in enumerate(values):
             axis.annotate(
                 f"{value:g}",
