@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shared import ratelimit, tenant_rate
 from tests.unit.test_ratelimit import (
+    TWO_TENANTS,
     broadcast_through_instances,
     instance_left_after_a_scale_in,
     instances_sharing_a_tenant,
@@ -59,9 +60,7 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             continue  # 32 invocations each and 10,000 messages: past 8 the run takes minutes
         for put_back in (False, True):
             runs = [
-                await broadcast_through_instances(
-                    count, {"t0": 5000, "t1": 5000}, put_back=put_back, seed=seed
-                )
+                await broadcast_through_instances(count, TWO_TENANTS, put_back=put_back, seed=seed)
                 for seed in range(3)
             ]
             row = {
