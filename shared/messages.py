@@ -132,8 +132,10 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     recorded = dict(activity)
     outcome = await _run_turn(runtime.router, turn)
     if activity["type"] == "deleteUserData":
-        # The channel asks the bot to forget the sender: erase, and record nothing.
-        outcome.failed = outcome.failed or not await _erase(runtime, recorded, ids)
+        # The channel asks the bot to forget the sender: erase, and record nothing. The
+        # erasure never depends on the bot's handlers: it runs even when one of them failed.
+        erased = await _erase(runtime, recorded, ids)
+        outcome.failed = outcome.failed or not erased
     else:
         await _record(runtime, recorded, ids)
     response = _respond(activity, turn, outcome)
