@@ -73,6 +73,22 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 _KEY_VAULT_REFERENCE = "@microsoft.keyvault("
 
 
+# Environment variables the hosting platform sets, any one of which means the app runs on
+# Azure. These are the names the Functions host itself reads to tell its plans apart; only
+# App Service sets WEBSITE_INSTANCE_ID, so Linux and Flex Consumption and Container Apps are
+# known by the others. The host, too, takes a CONTAINER_NAME as Linux Consumption, so a
+# local container that sets one must unset it to run without an app id.
+AZURE_HOST_MARKERS: dict[str, str] = {
+    "WEBSITE_INSTANCE_ID": "App Service: Windows plans, Linux dedicated and Premium",
+    "WEBSITE_SITE_NAME": "the function app's name, on every App Service-based plan",
+    "WEBSITE_SKU": "the plan's SKU (Dynamic, ElasticPremium, FlexConsumption, ...)",
+    "CONTAINER_NAME": "Linux Consumption and Flex Consumption instances",
+    "WEBSITE_POD_NAME": "Flex Consumption instances (before the site settings arrive)",
+    "LEGION_SERVICE_HOST": "Flex Consumption (the Legion platform)",
+    "MANAGED_ENVIRONMENT": "Functions on Azure Container Apps",
+}
+
+
 class SettingsError(Exception):
     """A setting is missing, malformed or contradicts another one."""
 
@@ -219,12 +235,13 @@ class Settings:
                 "MicrosoftAppId",
                 "is required (set BOT_ALLOW_UNAUTHENTICATED=true only for local use without one)",
             )
-        if allow_unauthenticated and not app_id and env.get("WEBSITE_INSTANCE_ID", "").strip():
-            # Only App Service (Functions on Azure) sets WEBSITE_INSTANCE_ID: a deployed bot
-            # without an app id would answer anyone, so this is a mistake, not a mode.
+        marker = _azure_host_marker(env) if allow_unauthenticated and not app_id else None
+        if marker:
+            # A deployed bot without an app id would answer anyone: a mistake, not a mode.
             raise SettingsError(
                 "BOT_ALLOW_UNAUTHENTICATED",
-                "is for local use only; on Azure set MicrosoftAppId (and its credential)",
+                f"is for local use only, and {marker} is set, so this runs on Azure: "
+                "set MicrosoftAppId (and its credential)",
             )
         if app_type in ("SingleTenant", "UserAssignedMSI") and not tenant_id:
             raise SettingsError(
@@ -286,6 +303,11 @@ class Settings:
             proactive_max_age=_parse_number(env, "BOT_PROACTIVE_MAX_AGE_SECONDS", 3600.0, float),
             proactive_claim_seconds=_parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float),
         )
+
+
+def _azure_host_marker(env: Mapping[str, str]) -> str | None:
+    """The first hosting-platform variable set in `env` (None: not on Azure)."""
+    return next((name for name in AZURE_HOST_MARKERS if env.get(name, "").strip()), None)
 
 
 def _reject_unresolved_key_vault_references(env: Mapping[str, str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared import warmup
+from shared.config import AZURE_HOST_MARKERS
 
 pytest_plugins = [
     "tests.fixtures.storage",
@@ -23,6 +24,12 @@ pytest_plugins = [
 # the run so far. tests/unit/test_warmup.py tests the first turn on its own; the local
 # hosts the end-to-end tests start are bot processes and run it for real.
 warmup.FIRST_TURN = warmup.FirstTurn(warm=True)
+
+# The suite runs the bot locally, in unauthenticated mode among others, wherever it runs: a
+# hosting-platform variable inherited from the machine (a container's CONTAINER_NAME) would
+# make every such bot refuse to start as if on Azure. Tests that mean Azure set their own.
+for _marker in AZURE_HOST_MARKERS:
+    os.environ.pop(_marker, None)
 
 
 def _children(pid: int) -> list[str]:

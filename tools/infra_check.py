@@ -50,7 +50,6 @@ NOT_DEPLOYED = {
     "BOT_ALLOW_UNAUTHENTICATED": "local use only; the app refuses it on Azure",
     "MicrosoftAppCertificatePath": "a PEM file path; Flex Consumption loads no certificate files",
     "AZURE_FEDERATED_TOKEN_FILE": "set by Kubernetes workload identity, not by Functions",
-    "WEBSITE_INSTANCE_ID": "set by the platform itself",
     "AzureWebJobsStorage": "a connection string holds the account key: identity-based only",
     "AzureWebJobsStorage__accountName": "the service URIs are set instead (right in every cloud)",
 }

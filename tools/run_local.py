@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from shared.config import AZURE_HOST_MARKERS
 from tools.azurite import (
     DEFAULT_PORTS,
     ROOT,
@@ -198,7 +199,9 @@ def host_command(args: argparse.Namespace) -> list[str]:
 
 def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
     """The host's environment: ours, plus what the host would not find on its own."""
-    env = dict(os.environ)
+    # `make run` is local by definition: a hosting-platform variable inherited from the
+    # machine (a container's CONTAINER_NAME) would make the bot refuse local mode as on Azure.
+    env = {name: value for name, value in os.environ.items() if name not in AZURE_HOST_MARKERS}
     if args.settings.resolve() != SETTINGS_FILE.resolve():
         for name, value in file_values.items():  # the host reads only the repo's file
             env.setdefault(name, value)

@@ -81,6 +81,9 @@ class RunLocal:
             str(self.data),
         ]
         env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        # Containers often carry a name the Functions host takes for Azure's: `make run` is
+        # local all the same, so the bot must still start in local unauthenticated mode.
+        env["CONTAINER_NAME"] = "dev-container"
         with open(self._out, "wb") as out, open(self._err, "wb") as err:
             self.process = subprocess.Popen(
                 args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True

@@ -6,7 +6,7 @@ import pytest
 from croniter import croniter
 
 from shared.auth.tokens import create_token_provider
-from shared.config import CLOUDS, Settings, SettingsError
+from shared.config import AZURE_HOST_MARKERS, CLOUDS, Settings, SettingsError
 from shared.connector import ConnectorClient, parse_service_url
 from shared.urls import is_loopback_host
 
@@ -299,13 +299,49 @@ def test_rate_limit_must_be_a_finite_number(value):
 # --- unauthenticated mode is local only ----------------------------------------------------------
 
 
-def test_unauthenticated_mode_is_refused_on_azure():
-    env = {"BOT_ALLOW_UNAUTHENTICATED": "true", "WEBSITE_INSTANCE_ID": "a1b2c3"}
+# What each hosting plan sets (and does not: only App Service sets WEBSITE_INSTANCE_ID, so
+# Linux and Flex Consumption and Container Apps must be recognised by their own markers).
+AZURE_HOSTS = {
+    "app service (Windows, Linux dedicated, Premium)": {
+        "WEBSITE_INSTANCE_ID": "a1b2c3",
+        "WEBSITE_SITE_NAME": "contoso-bot",
+        "WEBSITE_SKU": "ElasticPremium",
+    },
+    "flex consumption (Legion)": {
+        "WEBSITE_SKU": "FlexConsumption",
+        "WEBSITE_SITE_NAME": "contoso-bot",
+        "CONTAINER_NAME": "contoso-bot_abc",
+        "LEGION_SERVICE_HOST": "10.0.0.1",
+    },
+    "flex consumption in placeholder mode": {
+        "WEBSITE_POD_NAME": "pod-1",
+        "LEGION_SERVICE_HOST": "10.0.0.1",
+    },
+    "linux consumption (Atlas)": {
+        "WEBSITE_SKU": "Dynamic",
+        "WEBSITE_SITE_NAME": "contoso-bot",
+        "CONTAINER_NAME": "contoso-bot_abc",
+    },
+    "functions on container apps": {"MANAGED_ENVIRONMENT": "true"},
+}
+
+
+@pytest.mark.parametrize("host", list(AZURE_HOSTS))
+def test_unauthenticated_mode_is_refused_on_azure(host):
+    env = {"BOT_ALLOW_UNAUTHENTICATED": "true", **AZURE_HOSTS[host]}
     with pytest.raises(SettingsError) as raised:
         Settings.from_env(env)
     assert raised.value.setting == "BOT_ALLOW_UNAUTHENTICATED"
     # With an app id the flag changes nothing, so it is not an error there.
     assert not settings(**env).auth_disabled
+
+
+@pytest.mark.parametrize("marker", sorted(AZURE_HOST_MARKERS))
+def test_each_host_marker_alone_means_azure(marker):
+    with pytest.raises(SettingsError):
+        Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true", marker: "x"})
+    # A marker that is present but empty marks nothing.
+    assert Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true", marker: " "}).auth_disabled
 
 
 # --- US Gov: the cloud's URLs agree with the token and Connector modules ------------------------

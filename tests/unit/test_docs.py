@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings
+from shared.config import AZURE_HOST_MARKERS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_TABLES = ("README.md", "docs/contracts.md")
 # Read by the code, but set by the platform, not by a user: never in the settings tables.
-PLATFORM_SETTINGS = {"WEBSITE_INSTANCE_ID"}
+PLATFORM_SETTINGS = set(AZURE_HOST_MARKERS)
 LOCAL = {"BOT_ALLOW_UNAUTHENTICATED": "true"}  # the fewest settings that validate
 
 
@@ -108,6 +108,13 @@ def test_the_defaults_in_the_settings_table_are_the_codes(document):
         if name in CLOUD_DEFAULTS and not shown(getattr(usgov, attribute), rows[name]):
             wrong[f"{name} (usgov)"] = (getattr(usgov, attribute), rows[name])
     assert wrong == {}
+
+
+def test_the_contract_names_every_variable_that_means_azure():
+    # A reader checking why local mode was refused finds the variable the error named.
+    text = (ROOT / "docs" / "contracts.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `BOT_ALLOW_UNAUTH"))
+    assert [m for m in AZURE_HOST_MARKERS if f"`{m}`" not in row] == []
 
 
 def tracked(*patterns: str) -> list[str]:
