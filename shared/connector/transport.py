@@ -169,6 +169,15 @@ def quote_segment(value: str) -> str:
     An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
     can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
     """
+    # "." and ".." have no encoding that is safe: quote() leaves them as dot segments, and
+    # %2E is an unreserved character in disguise, which a server may decode before it
+    # resolves dot segments (RFC 3986 6.2.2). Either way `/conversations/../activities`
+    # could reach another operation than the URL that was checked. No channel issues such
+    # an id, so it is refused before anything is sent.
+    if value in (".", ".."):
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is '.' or '..'; nothing was sent"
+        )
     try:
         return quote(value, safe="")
     except UnicodeEncodeError:

@@ -1156,6 +1156,46 @@ async def test_a_lone_surrogate_in_an_id_is_a_clear_error_and_nothing_is_sent(
     assert fake_connector.requests == []
 
 
+# Every path parameter of the Connector API, each given a dot segment in turn.
+DOT_ID_CALLS = {
+    "sendToConversation": lambda c, u, x: c.send_to_conversation(u, x, {"type": "message"}),
+    "replyToActivity": lambda c, u, x: c.reply_to_activity(u, "a:1", x, {"type": "message"}),
+    "updateActivity": lambda c, u, x: c.update_activity(u, x, "1", {"type": "message"}),
+    "deleteActivity": lambda c, u, x: c.delete_activity(u, "a:1", x),
+    "sendConversationHistory": lambda c, u, x: c.send_conversation_history(u, x, {}),
+    "getActivityMembers": lambda c, u, x: c.get_activity_members(u, "a:1", x),
+    "getConversationMembers": lambda c, u, x: c.get_conversation_members(u, x),
+    "getConversationPagedMembers": lambda c, u, x: c.get_conversation_paged_members(u, x),
+    "getConversationMember": lambda c, u, x: c.get_conversation_member(u, "a:1", x),
+    "deleteConversationMember": lambda c, u, x: c.delete_conversation_member(u, x, "29:u"),
+    "uploadAttachment": lambda c, u, x: c.upload_attachment(u, x, {}),
+    "getAttachmentInfo": lambda c, u, x: c.get_attachment_info(u, x),
+    "getAttachment": lambda c, u, x: c.get_attachment(u, "att-1", x),
+}
+
+
+@pytest.mark.parametrize("dots", [".", ".."])
+@pytest.mark.parametrize("operation", list(DOT_ID_CALLS))
+async def test_an_id_that_is_a_dot_segment_is_invalid_and_nothing_is_sent(
+    client, fake_connector, operation, dots
+):
+    # `/v3/conversations/../activities` is another operation to a server that resolves
+    # dot segments, so the request would not go to the URL that was checked.
+    with pytest.raises(ConnectorError) as caught:
+        await DOT_ID_CALLS[operation](client, fake_connector.url, dots)
+    assert caught.value.kind is ErrorKind.INVALID
+    assert not caught.value.retryable
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"), [("...", "..."), (".a", ".a"), ("%2e%2e", "%252e%252e")]
+)
+async def test_ids_that_only_look_like_dots_are_sent_encoded(client, fake_connector, given, sent):
+    await client.send_to_conversation(fake_connector.url, given, {"type": "message"})
+    assert fake_connector.requests[-1].raw_path == f"/v3/conversations/{sent}/activities"
+
+
 def test_a_prefix_with_an_encoded_slash_matches_only_itself():
     settings = Settings.from_env(
         {
