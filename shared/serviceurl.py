@@ -68,7 +68,6 @@ class ServiceTarget:
 
 # Encoded "/", "\\", "." and NUL: servers that decode them could walk out of a path prefix.
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC]|00)")
-_ENCODED = "has encoded separators in its path"
 
 
 def parse_service_url(service_url: object) -> ServiceTarget | None:
@@ -85,13 +84,12 @@ def parse_service_url(service_url: object) -> ServiceTarget | None:
 
 def prefix_problem(prefix: str) -> str:
     """Why a ``BOT_TRUSTED_SERVICE_URLS`` entry is unusable ("" when the Connector client
-    can use it), worded for a settings error: it never repeats the value.
-
-    A path with encoded separators (%2F, %2E, %5C) is let through, as it always was: the
-    client ignores such a prefix (with a warning), so it trusts nothing.
+    can use it), worded for a settings error: it never repeats the value. Anything the
+    client's own parse refuses is a problem, encoded separators included: the client
+    would trust nothing under such a prefix, so the app must not start as if it did.
     """
     parsed = _parse(prefix)
-    return "" if isinstance(parsed, ServiceTarget) or parsed == _ENCODED else parsed
+    return "" if isinstance(parsed, ServiceTarget) else parsed
 
 
 def _parse(url: object) -> ServiceTarget | str:
@@ -118,7 +116,7 @@ def _parse(url: object) -> ServiceTarget | str:
         return "has an invalid port"
     path = parts.path
     if _ENCODED_SEPARATOR.search(path):
-        return _ENCODED
+        return "has encoded separators (%2F, %2E, %5C or %00) in its path"
     if not PATH_CHARS.fullmatch(path) or has_dot_segment(path):
         return "has a path with dot segments or characters a URL path cannot have"
     default = 443 if scheme == "https" else 80

@@ -127,6 +127,13 @@ UNUSABLE_PREFIXES = {
     "underscore host": "https://bots_x.example",
     "query": "https://bots.example/api?x=1",
     "no scheme": "bots.example/api",
+    "encoded slash": "https://bots.example/bots%2Fa",
+    "encoded slash, lower case": "https://bots.example/bots%2fa",
+    "encoded dots": "https://bots.example/a/%2E%2E/b",
+    "encoded dot, lower case": "https://bots.example/a/%2e",
+    "encoded backslash": "https://bots.example/a%5Cb",
+    "encoded backslash, lower case": "https://bots.example/a%5cb",
+    "encoded NUL": "https://bots.example/a%00",
 }
 
 

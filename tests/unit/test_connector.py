@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from shared.auth.tokens import create_token_provider
-from shared.config import Settings
+from shared.config import Settings, SettingsError
 from shared.connector import (
     NO_RETRY,
     ConnectorClient,
@@ -1196,15 +1196,19 @@ async def test_ids_that_only_look_like_dots_are_sent_encoded(client, fake_connec
     assert fake_connector.requests[-1].raw_path == f"/v3/conversations/{sent}/activities"
 
 
-def test_a_prefix_with_an_encoded_slash_matches_only_itself():
-    settings = Settings.from_env(
-        {
-            "MicrosoftAppId": "a",
-            "MicrosoftAppPassword": "p",
-            "BOT_TRUSTED_SERVICE_URLS": "https://connector.contoso.com/a%2Fb",
-        }
-    )
+def test_a_prefix_with_an_encoded_slash_is_refused_and_would_trust_nothing():
+    env = {
+        "MicrosoftAppId": "a",
+        "MicrosoftAppPassword": "p",
+        "BOT_TRUSTED_SERVICE_URLS": "https://connector.contoso.com/a%2Fb",
+    }
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    assert raised.value.setting == "BOT_TRUSTED_SERVICE_URLS"
+    # Settings built without the check (a caller's own): the client still trusts nothing.
+    settings = Settings(app_id="a", trusted_service_urls=(env["BOT_TRUSTED_SERVICE_URLS"],))
     client = ConnectorClient(settings, None)
+    assert not client.is_trusted("https://connector.contoso.com/a%2Fb/")
     assert not client.is_trusted("https://connector.contoso.com/a/b/")
     assert not client.is_trusted("https://connector.contoso.com/a%2Fb/../../c/")
     assert not client.is_trusted("https://connector.contoso.com/a/")

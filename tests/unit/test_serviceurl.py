@@ -19,6 +19,8 @@ MALFORMED = [
     "https://bots.example./amer/",
     "http://bots.example/amer/",
     "https://bots.ex ample/amer/",
+    "https://bots.example/amer%2Fx/",
+    "https://bots.example/amer/%2e%2e/",
 ]
 
 
