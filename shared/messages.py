@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ LOCAL_UNAUTHORIZED = (
     "client a serviceUrl on this machine, or configure MicrosoftAppId and send tokens."
 )
 SERVER_ERROR = "The bot could not process this activity."
+# The signing keys could not be fetched (none cached): the token is not judged, so no 401.
+KEYS_UNAVAILABLE = "The bot cannot verify requests right now; try again shortly."
 RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
 MAX_LOGGED_ID = 200  # characters of an id a log line may quote
 
@@ -97,12 +100,24 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     # A well-formed request: start what its turn will need (once per process; nothing is
     # sent on its behalf before its token is checked, see Runtime.prepare).
     runtime.prepare()
-    from shared.auth.inbound import AuthError, NotLoopback  # with the authenticator (jwt)
+    from shared.auth.inbound import (  # with the authenticator (jwt)
+        AuthError,
+        KeysUnavailable,
+        NotLoopback,
+    )
 
     try:
         identity = await runtime.authenticator.authenticate(
             request.header("authorization"), activity
         )
+    except KeysUnavailable as error:
+        # An outage, not a bad token: the channel may retry once the key cache tries again.
+        from shared.auth.keys import COLD_RETRY_INTERVAL
+
+        logger.error("messages: 503 %s: outage: %s", ids, error)
+        response = HttpResponse.text(503, KEYS_UNAVAILABLE)
+        response.headers["Retry-After"] = str(math.ceil(COLD_RETRY_INTERVAL))
+        return response
     except AuthError as error:
         # AuthError's message is the internal reason, written without the token.
         logger.warning("messages: 401 %s: %s", ids, error)

@@ -10,6 +10,8 @@ Two token kinds reach the messages endpoint:
 The path is chosen by the unverified `iss`, then everything is verified. Every failure
 raises :class:`AuthError` whose message is an internal reason (for the log, never the
 user, never the token); no other exception escapes :meth:`InboundAuthenticator.authenticate`.
+When the signing keys cannot be fetched (and none are cached) it is :class:`KeysUnavailable`,
+an outage rather than a verdict on the token.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ BOT_FRAMEWORK_TENANTS: dict[str, tuple[str, ...]] = {
 
 class AuthError(Exception):
     """The request is not authenticated. `str(e)` is the internal reason: log it, never send it."""
+
+
+class KeysUnavailable(AuthError):
+    """The signing keys could not be fetched and none are cached: the token could not be
+    checked, which says nothing against it. Raised only for a failed fetch of the keys,
+    never for a fault of the token (an unknown key id after a successful fetch is one)."""
 
 
 class NotLoopback(AuthError):
@@ -154,7 +162,7 @@ class InboundAuthenticator:
         self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        key = await self._key(settings.openid_metadata_url, kid)
+        key = await self._key_or_token_fault(settings.openid_metadata_url, token, kid)
         claims = self._verified(token, key)
         if claims.get("iss") != settings.channel_issuer:
             raise AuthError("token issuer is not the channel issuer")
@@ -177,7 +185,7 @@ class InboundAuthenticator:
         self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        key = await self._key(settings.emulator_openid_metadata_url, kid)
+        key = await self._key_or_token_fault(settings.emulator_openid_metadata_url, token, kid)
         claims = self._verified(token, key)
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or issuer not in self._emulator_issuers:
@@ -239,6 +247,15 @@ class InboundAuthenticator:
             if not_before > now + CLOCK_SKEW:
                 raise AuthError("token not valid yet (nbf)")
 
+    async def _key_or_token_fault(self, metadata_url: str, token: str, kid: str) -> SigningKey:
+        """The signing key; when it cannot be fetched, a token that would be refused
+        whatever its signature (another audience, expired) is still refused as such."""
+        try:
+            return await self._key(metadata_url, kid)
+        except KeysUnavailable:
+            self._check_audience_and_lifetime(_unverified_claims(token))
+            raise
+
     async def _key(self, metadata_url: str, kid: str) -> SigningKey:
         cache = self._caches.get(metadata_url)
         if cache is None:
@@ -247,7 +264,7 @@ class InboundAuthenticator:
         try:
             key = await cache.get(kid)
         except KeySourceError as exc:
-            raise AuthError(f"signing keys unavailable: {exc}") from None
+            raise KeysUnavailable(f"signing keys unavailable: {exc}") from None
         if key is None:
             raise AuthError(f"token signed with an unknown key id {kid!r}")
         return key

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 
 import aiohttp
@@ -16,7 +17,13 @@ import jwt
 import pytest
 from aiohttp import web
 
-from shared.auth.inbound import ANONYMOUS, AuthError, Identity, InboundAuthenticator
+from shared.auth.inbound import (
+    ANONYMOUS,
+    AuthError,
+    Identity,
+    InboundAuthenticator,
+    KeysUnavailable,
+)
 from shared.auth.keys import KeySourceError, OpenIdKeyCache, parse_jwks
 from shared.config import Settings
 from tools.botsim.identity import IdentityService
@@ -582,16 +589,84 @@ async def test_keys_refreshed_daily(auth, channel_identity, clock):
     assert channel_identity.jwks_requests == 2
 
 
-async def test_outage_without_cached_keys_is_an_auth_error(auth, channel_identity, clock):
+async def keys_unavailable(auth: InboundAuthenticator, token: str) -> str:
+    with pytest.raises(KeysUnavailable) as caught:
+        await auth.authenticate(bearer(token), activity())
+    assert token not in str(caught.value)
+    return str(caught.value)
+
+
+async def test_outage_without_cached_keys_is_keys_unavailable(auth, channel_identity, clock):
+    # Not the token's fault: the answer must not tell the channel its valid token is bad.
     channel_identity.set_outage(True)
     token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
-    assert "unavailable" in await rejected(auth, bearer(token), activity())
+    assert "unavailable" in await keys_unavailable(auth, token)
     # Retried after a short pause, not on every request.
     channel_identity.set_outage(False)
-    assert "unavailable" in await rejected(auth, bearer(token), activity())
+    assert "unavailable" in await keys_unavailable(auth, token)
     assert channel_identity.metadata_requests == 1
     clock.advance(5)
     assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+
+
+async def test_a_key_endpoint_that_refuses_connections_is_keys_unavailable(
+    channel_identity, emulator_identity, clock
+):
+    with socket.socket() as closed:  # a port nothing listens on once this socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": APP_ID,
+            "BOT_OPENID_METADATA_URL": f"http://127.0.0.1:{port}/v1/.well-known/openid",
+        }
+    )
+    authenticator = InboundAuthenticator(settings, clock=clock)
+    try:
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+        await keys_unavailable(authenticator, token)
+    finally:
+        await authenticator.close()
+
+
+async def test_emulator_keys_outage_is_keys_unavailable(auth, emulator_identity):
+    emulator_identity.set_outage(True)
+    await keys_unavailable(auth, emulator_identity.mint_emulator_token(APP_ID))
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["other audience", "expired", "not valid yet", "no exp"],
+)
+async def test_during_an_outage_a_token_wrong_whatever_its_signature_is_still_a_401(
+    auth, channel_identity, clock, fault
+):
+    mint = {
+        "other audience": lambda: channel_identity.mint_channel_token(
+            OTHER_APP_ID, SERVICE_URL
+        ),
+        "expired": lambda: channel_identity.mint_channel_token(
+            APP_ID, SERVICE_URL, now=clock.now - 7200
+        ),
+        "not valid yet": lambda: channel_identity.mint_channel_token(
+            APP_ID, SERVICE_URL, nbf=clock.now + 3600
+        ),
+        "no exp": lambda: channel_identity.mint_channel_token(APP_ID, SERVICE_URL, drop=("exp",)),
+    }
+    channel_identity.set_outage(True)
+    with pytest.raises(AuthError) as caught:
+        await auth.authenticate(bearer(mint[fault]()), activity())
+    assert not isinstance(caught.value, KeysUnavailable)
+
+
+async def test_an_unknown_kid_after_a_successful_refetch_is_a_token_fault(
+    auth, channel_identity
+):
+    unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)
+    with pytest.raises(AuthError) as caught:
+        await auth.authenticate(bearer(unknown), activity())
+    assert not isinstance(caught.value, KeysUnavailable)
+    assert "unknown key id" in str(caught.value)
 
 
 async def test_plain_http_metadata_refused_unless_loopback(channel_identity):

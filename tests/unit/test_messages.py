@@ -24,7 +24,13 @@ from shared.bot import router as shipped_router
 from shared.config import Settings, reset_settings
 from shared.connector import ConnectorClient
 from shared.http import HttpRequest, HttpResponse
-from shared.messages import LOCAL_UNAUTHORIZED, SERVER_ERROR, UNAUTHORIZED, handle_messages
+from shared.messages import (
+    KEYS_UNAVAILABLE,
+    LOCAL_UNAUTHORIZED,
+    SERVER_ERROR,
+    UNAUTHORIZED,
+    handle_messages,
+)
 from shared.references import MemoryReferenceStore, StoreError
 from shared.router import APOLOGY, InvokeResponse, Router
 from shared.runtime import Runtime, reset_runtime
@@ -282,6 +288,58 @@ async def test_token_with_an_app_id_but_no_header_in_unauthenticated_mode_is_401
     await _assert_rejected(
         await bot.handle(post(activity_for(fake_connector.url))), bot, fake_connector, fake_aad
     )
+
+
+# --- signing keys unavailable: 503, not a verdict on the token ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["channel", "emulator"])
+async def test_a_valid_token_while_the_keys_cannot_be_fetched_is_503_without_side_effects(
+    bot, channel_identity, emulator_identity, fake_connector, fake_aad, caplog, kind
+):
+    # A cold instance (no keys cached) during an outage of the key endpoint: a 401 would
+    # tell the channel its valid token is bad; 503 with Retry-After says "try again".
+    if kind == "channel":
+        channel_identity.set_outage(True)
+        token = channel_token(channel_identity, bot)
+        incoming = activity_for(fake_connector.url)
+    else:
+        emulator_identity.set_outage(True)
+        token = emulator_identity.mint_emulator_token(bot.settings.app_id)
+        incoming = activity_for(fake_connector.url, channelId="emulator")
+    with caplog.at_level(logging.INFO):
+        response = await bot.handle(post(incoming, token))
+
+    assert response.status == 503
+    assert response.body == KEYS_UNAVAILABLE.encode()
+    assert 1 <= int(response.headers["Retry-After"]) <= 30
+    assert fake_connector.requests == []
+    assert await stored_keys(bot.store) == []
+    assert fake_aad.issuances == []
+    assert "outage" in caplog.text and token not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing header",
+        "garbage",
+        "alg none",
+        "hs256 with the public key",
+        "wrong aud",
+        "wrong iss",
+        "expired beyond skew",
+        "nbf in the future",
+        "no exp",
+    ],
+)
+async def test_during_a_key_outage_a_token_fault_is_still_401(
+    bot, channel_identity, fake_connector, fake_aad, case
+):
+    channel_identity.set_outage(True)
+    token = FAILURES[case](channel_identity, bot, fake_connector.url)
+    response = await bot.handle(post(activity_for(fake_connector.url), token))
+    await _assert_rejected(response, bot, fake_connector, fake_aad)
 
 
 async def _assert_rejected(response, bot, fake_connector, fake_aad) -> None:
