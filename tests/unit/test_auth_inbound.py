@@ -642,9 +642,7 @@ async def test_during_an_outage_a_token_wrong_whatever_its_signature_is_still_a_
     auth, channel_identity, clock, fault
 ):
     mint = {
-        "other audience": lambda: channel_identity.mint_channel_token(
-            OTHER_APP_ID, SERVICE_URL
-        ),
+        "other audience": lambda: channel_identity.mint_channel_token(OTHER_APP_ID, SERVICE_URL),
         "expired": lambda: channel_identity.mint_channel_token(
             APP_ID, SERVICE_URL, now=clock.now - 7200
         ),
@@ -659,9 +657,7 @@ async def test_during_an_outage_a_token_wrong_whatever_its_signature_is_still_a_
     assert not isinstance(caught.value, KeysUnavailable)
 
 
-async def test_an_unknown_kid_after_a_successful_refetch_is_a_token_fault(
-    auth, channel_identity
-):
+async def test_an_unknown_kid_after_a_successful_refetch_is_a_token_fault(auth, channel_identity):
     unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)
     with pytest.raises(AuthError) as caught:
         await auth.authenticate(bearer(unknown), activity())
