@@ -65,7 +65,10 @@ def teams_team_id(activity: Mapping[str, Any]) -> str | None:
 
 
 def tenant_id(activity: Mapping[str, Any]) -> str | None:
-    """The AAD tenant of an activity (Teams): conversation.tenantId or channelData.tenant.id."""
+    """The AAD tenant an activity names: conversation.tenantId or channelData.tenant.id.
+
+    Trusted only on msteams (:func:`teams_tenant_id`, which decisions about an incoming
+    activity use); also reads the bot's own outgoing activities."""
     conversation = activity.get("conversation") or {}
     tenant = conversation.get("tenantId") if isinstance(conversation, Mapping) else None
     if not tenant:
