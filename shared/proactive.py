@@ -20,7 +20,8 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
   "Pacing"). Nothing was sent; not an attempt, its age not started.
 - malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
   at once, reported failed.
-- 500 (the message may have been posted): never resent; failed with a poison copy.
+- 500, or no answer after the POST was written (the message may have been posted): never
+  resent; failed with a poison copy.
 - the bot's credentials or settings refused: requeued with capped backoff, never
   poisoned; delivered once the setting (named in the log) is fixed.
 
@@ -50,7 +51,7 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
-from shared.ledger import iso
+from shared.ledger import Record, iso
 from shared.proactive_schema import (
     MAX_ID_CHARS,
     RESERVED,
@@ -141,6 +142,8 @@ async def _end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) -
     from shared.reports import FANOUT_TARGET, head_name
 
     record = await engine.ledger.read(head_name(request.id))
+    if record is not None and isinstance(record.data, dict) and record.data.get("pending"):
+        record = await _end_pending_page(request, engine, record, reason)
     if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
         return
     head = {
@@ -162,6 +165,40 @@ async def _end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) -
         reason=reason,
         label=label,
     )
+
+
+async def _end_pending_page(
+    request: ProactiveRequest, engine: Engine, record: Record, reason: str
+) -> Record | None:
+    """The page the checkpoint counted but may not have queued in full: queued again, or,
+    when that fails too (the queue may be what is failing), each of its targets with an
+    empty slot reported failed, so the report still ends. None: the checkpoint moved on."""
+    from shared.fanout import finish_pending_page, pending_keys
+    from shared.reports import head_name
+
+    try:
+        return await finish_pending_page(request, engine, record)
+    except Exception as error:
+        logger.warning(
+            "proactive %r: the pending fan-out page could not be queued again (%s)",
+            request.id,
+            type(error).__name__,
+        )
+    reason = f"{reason}; this conversation's message may not have been queued"
+    for key in await pending_keys(engine, request.id, record.data):
+        await record_outcome(
+            engine.ledger,
+            request.id,
+            key,
+            "failed",
+            engine.clock(),
+            reason=reason,
+            label=key,
+            only_if_empty=True,
+        )
+    head = {**record.data, "pending": None}
+    etag = await engine.ledger.replace(head_name(request.id), head, record.etag)
+    return None if etag is None else Record(head, etag, record.modified)
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
@@ -218,7 +255,7 @@ async def _hold_for_storage(
         delay,
     )
     try:
-        return await engine.requeue(request, delay, mark=False, unrecorded=unrecorded)
+        return await engine.requeue(request, delay, mark=False, held=True, unrecorded=unrecorded)
     except Exception:
         raise failure from None
 
@@ -454,7 +491,7 @@ async def _connector_failure(
             error.setting or "MicrosoftAppId",
             delay,
         )
-        return await engine.requeue(request, delay)
+        return await engine.requeue(request, delay, held=True)
     if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
         age = engine.age(request)
         if age < engine.max_age:
@@ -527,7 +564,8 @@ async def hold_for_settings(
         engine_field = message.get(RESERVED)
         engine_field = dict(engine_field) if isinstance(engine_field, dict) else {}
         attempt = engine_field.get("attempt") if isinstance(engine_field.get("attempt"), int) else 0
-        message[RESERVED] = {**engine_field, "attempt": attempt + 1}
+        # Held for the settings: not the message's age (see Engine.requeue's `held`).
+        message[RESERVED] = {**engine_field, "attempt": attempt + 1, "since": None}
         text = compact_json(message)
     delay = _settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.

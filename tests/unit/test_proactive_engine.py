@@ -24,7 +24,7 @@ from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
 from shared.queues import MemoryQueue
 from shared.ratelimit import Pacer, Scope
-from shared.references import MemoryReferenceStore
+from shared.references import MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
 from shared.runtime import Runtime
@@ -196,6 +196,20 @@ async def test_a_500_is_never_resent(parts, fake_connector):
     assert report["failed"] == 1 and "500" in report["failures"][0]["reason"]
 
 
+async def test_a_send_answered_after_its_time_budget_is_never_resent(parts, fake_connector):
+    # The POST reached the channel, which posted it and answered after the client's whole
+    # budget (2 s here): it may have been posted, so it is not requeued and sent again.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(200, json={"id": "m1"}, delay=3.0)])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    assert await drain(engine) == []
+    assert sends(fake_connector) == ["a:1"]
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (0, 1)
+
+
 async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_try(
     parts, fake_connector
 ):
@@ -243,6 +257,41 @@ async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     finally:
         await fixed.close()
     assert sends(fake_connector) == ["a:1"] and queue.poisoned == []
+
+
+async def test_time_held_for_credentials_is_not_the_message_age(aad_app, fake_aad, fake_connector):
+    # The secret was fixed two hours later: the held backlog then meets a busy Connector. The
+    # age bound is for throttled and failing sends; the hold must not have started it.
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    clock = Clock()
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    wrong = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
+    )
+    runtime = make_runtime(wrong, store)
+    engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
+    try:
+        assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+        [(copy, _delay)] = queue.take()
+    finally:
+        await runtime.close()
+
+    clock.now += 2 * 3600
+    fixed = make_runtime(aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url), store)
+    engine = Engine(fixed, ledger, queue, clock=clock, rand=lambda: 0)
+    busy = Reply(503, body="busy")
+    fake_connector.script("POST", r"/activities$", [busy] * FAST_RETRY.max_attempts)
+    try:
+        assert await handle(engine, copy) is Outcome.REQUEUED
+        assert queue.poisoned == []
+        [(copy, _delay)] = queue.take()
+        clock.now += 60
+        assert await handle(engine, copy) is Outcome.DELIVERED
+    finally:
+        await fixed.close()
+    report = await read_report(ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (1, 0)
 
 
 # --- exactly once ------------------------------------------------------------------------
@@ -374,32 +423,56 @@ async def test_a_broadcast_reaches_each_matching_conversation_once(
     assert report["targets"] == report["delivered"] == len(expected)
 
 
-async def test_a_resumed_fanout_re_enqueues_a_page_but_sends_each_target_once(
+async def test_a_fanout_stopped_after_queueing_a_page_counts_each_target_once(
     parts, fake_connector
 ):
-    runtime, engine = parts
-    await store_many(runtime, fake_connector.url)
+    # The holder queued a page's children and stopped before its checkpoint said so; one
+    # child then pruned its conversation. The next holder queues the page's keys again (as
+    # written ahead), not a new listing without the pruned one, so the count stays exact
+    # and the report is not `done` while a child is still queued.
+    runtime, engine = parts  # stores msteams/a:1
+    for conversation in ("a:2", "a:3", "a:4"):
+        await runtime.references.upsert(
+            reference(fake_connector.url, conversation, user=f"29:{conversation}")
+        )
     engine.fanout_page_size = 2
     engine.fanout_seconds = 0
+    fake_connector.script("POST", r"a%3A2/activities$", [Reply(403, json=GONE)])
+
+    class StopsBeforeItsCheckpoint(MemoryLedger):
+        stopped = False
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            clearing = name.endswith("head.json") and data.get("page") and not data.get("pending")
+            if clearing and not self.stopped:
+                self.stopped = True
+                raise StoreError("proactive ledger: unreachable (test: the holder stopped)")
+            return await super().replace(name, data, etag, metadata=metadata)
+
+    engine.ledger = StopsBeforeItsCheckpoint(clock=engine.clock)
     assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
-    children_and_continuation = engine.queue.take()
-    # A crash after the first page's children were enqueued but before its checkpoint:
-    # the original broadcast is redelivered and enqueues that page again.
-    head_name = next(n for n in engine.ledger.blobs if n.endswith("head.json"))
-    data = json.loads(engine.ledger.blobs[head_name][0])
-    data.update(continuation=None, targets=0)
-    record = await engine.ledger.read(head_name)
-    await engine.ledger.replace(head_name, data, record.etag)
-    engine.queue.sent.extend(children_and_continuation)
-    await handle(engine, body({"broadcast": {}}, "b-1"))
+    queued = engine.queue.take()
+    children = [text for text, _ in queued if json.loads(text)["to"].get("conversation")]
+    [resumed] = [text for text, _ in queued if "broadcast" in json.loads(text)["to"]]
+    for text in children:  # a:1 delivered, a:2 gone: pruned from the store
+        await handle(engine, text)
+    assert await runtime.references.get("msteams/a:2") is None
+
+    assert await handle(engine, resumed) is Outcome.REQUEUED  # the page again, then page 2
+    queued = engine.queue.take()
+    keys = sorted(json.loads(text)["to"].get("conversation", "") for text, _ in queued)
+    assert keys == ["", "msteams/a:1", "msteams/a:2", "msteams/a:3", "msteams/a:4"]
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"]) == ("running", 4)
+    engine.queue.sent.extend(queued)
     await drain(engine)
 
-    assert sorted(sends(fake_connector)) == sorted(
-        {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}
-    )
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2", "a:3", "a:4"]
     report = await read_report(engine.ledger, "b-1")
-    assert report["state"] == "done" and report["delivered"] == report["targets"] == 5
-    assert report["duplicate"] >= 2
+    counts = {key: report[key] for key in ("state", "targets", "delivered", "pruned", "failed")}
+    assert counts == {"state": "done", "targets": 4, "delivered": 3, "pruned": 1, "failed": 0}
+    assert report["duplicate"] == 2
+    assert not [name for name in engine.ledger.blobs if "/page/" in name]  # none left over
 
 
 async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
@@ -961,11 +1034,13 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     from shared.proactive import hold_for_settings
 
     queue = MemoryQueue()
-    text = body({"conversation": "msteams/a:1"})
+    # A message throttled for a while before the settings broke: the hold clears its age.
+    text = json.dumps({**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"since": 5}})
     for expected in (1, 2, 3):
         await hold_for_settings(text, RuntimeError("MicrosoftAppId is required"), queue=queue)
         [(text, delay)] = queue.take()
         assert json.loads(text)["_proactive"]["attempt"] == expected
+        assert json.loads(text)["_proactive"]["since"] is None
         assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
     await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
     [(raw, _)] = queue.take()
@@ -1267,8 +1342,13 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     await drain(engine)
 
     report = await read_report(engine.ledger, "b-1")
-    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
-    assert "fan-out" in report["failures"][0]["target"]
+    # The second page was counted before it was queued, and the queue refused it: a:2 is
+    # reported failed with the fan-out, not left out of the count.
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 2)
+    failures = {failure["target"]: failure["reason"] for failure in report["failures"]}
+    assert set(failures) == {"broadcast fan-out", "msteams/a:2"}
+    assert "may not have been queued" in failures["msteams/a:2"]
+    assert report["targets"] == 3
 
 
 async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a_resend(
