@@ -70,10 +70,7 @@ async def enqueue(
     message = dict(request)
     if message.get("id") is None:
         message["id"] = str(uuid.uuid4())
-    text = compact_json(message)
-    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
-        # The engine adds its bookkeeping to copies it requeues: leave room for it.
-        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
+    text = request_text(message)
     parsed = parse_request(text)
     kind = "broadcast" if parsed.broadcast is not None else "single"
     try:
@@ -85,6 +82,18 @@ async def enqueue(
         # infra grants): the report appears with the first delivery attempt instead.
     await StorageQueue(settings).put(text, delay=delay)
     return parsed.id
+
+
+def request_text(message: Mapping[str, Any]) -> str:
+    """The request as it is queued (compact JSON); InvalidRequest when it is too large.
+
+    The engine adds its bookkeeping to copies it requeues (and the poison queue a reason),
+    so a request may use at most MAX_REQUEST_BYTES of a queue message.
+    """
+    text = compact_json(message)
+    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
+    return text
 
 
 async def read_report(request_id: str, *, settings: Settings | None = None) -> dict | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.ledger import Ledger, Record
+from shared.producer import request_text
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MessageQueue, compact_json
 from shared.references.contract import StoreError
@@ -60,17 +61,31 @@ def parse_schedule(name: str, document: Any) -> Schedule:
         or not croniter.is_valid(expression, second_at_beginning=True)
     ):
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
+    if not _ever_due(expression):
+        raise InvalidRequest("`schedule` never falls due (a date no month has, such as 30 Feb)")
     enabled = document.get("enabled", True)
     if not isinstance(enabled, bool):
         raise InvalidRequest("`enabled` must be true or false")
     request = document.get("request")
     if not isinstance(request, dict) or "id" in request or RESERVED in request:
         raise InvalidRequest("`request` must be a proactive request without `id`")
-    parse_request(compact_json({**request, "id": schedule_id(name, _EPOCH)}))
+    # The producer's own rules, size included: every due time's message is this long.
+    parse_request(request_text({**request, "id": schedule_id(name, _EPOCH)}))
     return Schedule(name, expression, request, enabled)
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _ever_due(expression: str) -> bool:
+    """Whether the expression names a time that comes (`0 0 0 30 2 *` parses, never does)."""
+    from croniter import CroniterBadDateError, croniter
+
+    try:
+        croniter(expression, _EPOCH, second_at_beginning=True, day_or=False).get_next(datetime)
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def schedule_id(name: str, due: datetime) -> str:
@@ -94,7 +109,12 @@ def due_times(expression: str, after: datetime, until: datetime) -> list[datetim
 
 
 async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> list[str]:
-    """Enqueue every schedule's due times since its last run; the ids enqueued."""
+    """Enqueue every schedule's due times since its last run; the ids enqueued.
+
+    One bad document, or one schedule's failed read or put, never stops the others.
+    """
+    from azure.core.exceptions import AzureError  # what the queue's storage calls raise
+
     enqueued: list[str] = []
     names = [
         entry.name async for entry in ledger.list(SCHEDULES_PREFIX) if entry.name.endswith(".json")
@@ -108,7 +128,6 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
                 SCHEDULES_PREFIX,
             )
             continue
-        # One bad document (or one failed read) never stops the other schedules.
         try:
             record = await ledger.read(blob)
             if record is None:
@@ -122,7 +141,15 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
         except InvalidRequest as error:
             logger.warning("schedule %r skipped: %s", name, error)
             continue
-        enqueued += await _run_one(ledger, queue, schedule, now)
+        try:
+            enqueued += await _run_one(ledger, queue, schedule, now)
+        except (StoreError, AzureError, ValueError) as error:
+            # Its last run is not moved on: the next run enqueues what is due then.
+            logger.warning(
+                "schedule %r: not run this time (%s); retried at the next run",
+                name,
+                type(error).__name__,
+            )
     return enqueued
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
-from shared.queues import MemoryQueue
+from shared.queues import MemoryQueue, compact_json
 from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
@@ -191,3 +191,79 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         assert client.get_queue_properties().approximate_message_count == 1
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        # Valid NCRONTAB fields, but 30 February (31 April, a 31 February Monday) never comes.
+        ({"schedule": "0 0 0 30 2 *", "request": REQUEST}, "never falls due"),
+        ({"schedule": "0 0 9 31 4 *", "request": REQUEST}, "never falls due"),
+        ({"schedule": "0 0 0 31 2 Mon", "request": REQUEST}, "never falls due"),
+        # What the producer would refuse: its copies would not fit in a queue message.
+        ({"schedule": "0 * * * * *", "request": {**REQUEST, "text": "x" * 60_000}}, "larger than"),
+    ],
+)
+async def test_a_schedule_that_could_never_be_sent_is_skipped_and_the_others_run(
+    caplog, document, reason
+):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-bad.json", document)
+    await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:b-good:2030-01-01T12:00Z"]
+    assert [json.loads(text)["id"] for text, _ in queue.sent] == ids
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'a-bad' skipped" in warning.getMessage() and reason in warning.getMessage()
+    assert "xxxx" not in caplog.text  # the document's content is never logged
+    # Every minute the same: the bad one skipped, the good one run.
+    later = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
+    assert later == ["schedule:b-good:2030-01-01T12:01Z"]
+
+
+def test_a_schedule_whose_request_just_fits_is_accepted():
+    # The limit is the producer's (the request with its schedule id, as JSON).
+    from shared.queues import MAX_REQUEST_BYTES
+
+    name = "fits"
+    overhead = len(compact_json({**REQUEST, "text": "", "id": schedule_id(name, T0)}))
+    text = "x" * (MAX_REQUEST_BYTES - overhead)
+    assert parse_schedule(name, {"schedule": "0 * * * * *", "request": {**REQUEST, "text": text}})
+    with pytest.raises(InvalidRequest, match="larger than"):
+        parse_schedule(
+            name, {"schedule": "0 * * * * *", "request": {**REQUEST, "text": text + "x"}}
+        )
+
+
+async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
+    # The queue service fails one schedule's put: that schedule is retried at the next run,
+    # with everything that fell due meanwhile. Simulated: Azurite cannot be made to drop
+    # one message's connection, so the in-memory queue raises what the SDK raises then.
+    from azure.core.exceptions import ServiceResponseError
+
+    class FailingOnce(MemoryQueue):
+        async def put(self, text: str, *, delay: float = 0.0) -> None:
+            if ":a-flaky:" in text and self.failing:
+                self.failing = False
+                raise ServiceResponseError("connection reset")
+            await super().put(text, delay=delay)
+
+    ledger, queue = MemoryLedger(), FailingOnce()
+    queue.failing = False
+    await ledger.create("schedules/a-flaky.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    assert len(await run_schedules(ledger, queue, T0)) == 2
+
+    queue.failing = True
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
+    assert ids == ["schedule:b-good:2030-01-01T12:01Z"]
+    assert "'a-flaky'" in caplog.text and "ServiceResponseError" in caplog.text
+
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=2))
+    assert ids == [
+        "schedule:a-flaky:2030-01-01T12:01Z",
+        "schedule:a-flaky:2030-01-01T12:02Z",
+        "schedule:b-good:2030-01-01T12:02Z",
+    ]
