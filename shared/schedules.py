@@ -23,8 +23,8 @@ from typing import Any
 
 from shared.config import Settings
 from shared.ledger import Ledger, Record
-from shared.producer import request_text
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.producer import request_text
 from shared.queues import MessageQueue, compact_json
 from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
