@@ -8,7 +8,9 @@ A schedule is a JSON blob ``schedules/<name>.json`` in `BOT_REFERENCES_CONTAINER
 Each timer run (`BOT_SCHEDULE`, every minute by default) enqueues, for every enabled
 schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
-(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once. Two
+(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once; a
+document written since its last run (edited, or deleted and created again) counts from
+that write instead, so nothing from before it is sent. Two
 runs that overlap, or a run retried after a crash before its bookkeeping was written,
 enqueue the same ids again: delivery dedupes by id, so each due time is sent once.
 A schedule fires at most once a minute (due times are per minute).
@@ -142,7 +144,7 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
             logger.warning("schedule %r skipped: %s", name, error)
             continue
         try:
-            enqueued += await _run_one(ledger, queue, schedule, now)
+            enqueued += await _run_one(ledger, queue, schedule, now, record.modified)
         except (StoreError, AzureError, ValueError) as error:
             # Its last run is not moved on: the next run enqueues what is due then.
             logger.warning(
@@ -163,9 +165,16 @@ def _last_run(state: Record | None) -> datetime | None:
     return moment if moment is not None and moment.tzinfo is not None else None
 
 
+def _minute_before(moment: datetime) -> datetime:
+    """Just before `moment`'s minute: due times from then on count that minute."""
+    return moment.replace(second=0, microsecond=0) - timedelta(microseconds=1)
+
+
 async def _run_one(
-    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime
+    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime, written: float
 ) -> list[str]:
+    """Enqueue the schedule's due times since its last run, or since its document was
+    last written (`written`, epoch seconds, 0 when unknown) when that is later."""
     state_name = f"{STATE_PREFIX}{encode_segment(schedule.name, 400)}.json"
     until = now.astimezone(UTC)
     try:
@@ -179,13 +188,16 @@ async def _run_one(
             logger.warning(
                 "schedule %r: its last-run record was unusable; restarts now", schedule.name
             )
-        last = until.replace(second=0, microsecond=0) - timedelta(microseconds=1)
+        last = _minute_before(until)
     if not schedule.enabled:
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
+    # A document written since (edited, or deleted and created again under this name) is
+    # a schedule that starts afresh: nothing that fell due before it is sent.
+    since = max(last, _minute_before(datetime.fromtimestamp(written, UTC)))
     ids = []
-    for due in due_times(schedule.expression, last, until):
+    for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)
         await queue.put(compact_json({**schedule.request, "id": request_id}))
         ids.append(request_id)

@@ -267,3 +267,77 @@ async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
         "schedule:a-flaky:2030-01-01T12:02Z",
         "schedule:b-good:2030-01-01T12:02Z",
     ]
+
+
+class StoreClock:
+    """The store's clock (what it stamps as a blob's last write), set by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+async def test_a_schedule_created_again_sends_nothing_from_before_it_existed():
+    T8 = datetime(2030, 1, 1, 8, 0, 30, tzinfo=UTC)
+    clock = StoreClock(T8)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await ledger.create("schedules/hourly.json", {"schedule": "0 0 * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, T8) == ["schedule:hourly:2030-01-01T08:00Z"]
+    clock.now = T8 + timedelta(minutes=5)
+    await ledger.delete("schedules/hourly.json")  # the operator removes it
+    for hour in range(1, 10):  # the timer keeps running, with nothing to do
+        assert await run_schedules(ledger, queue, T8 + timedelta(hours=hour)) == []
+
+    # At 17:20 the operator adds a schedule by that name again, with another request.
+    clock.now = T8 + timedelta(hours=9, minutes=20)
+    await ledger.create(
+        "schedules/hourly.json",
+        {"schedule": "0 0 * * * *", "request": {**REQUEST, "text": "new"}},
+    )
+    assert await run_schedules(ledger, queue, clock.now) == []
+    ids = await run_schedules(ledger, queue, T8 + timedelta(hours=10))
+    assert ids == ["schedule:hourly:2030-01-01T18:00Z"]
+    assert [json.loads(text)["text"] for text, _ in queue.sent] == ["tick", "new"]
+
+
+async def test_an_edited_schedule_starts_afresh_and_an_unchanged_one_catches_up():
+    clock = StoreClock(T0)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    document = {"schedule": "0 */10 * * * *", "request": REQUEST}
+    await ledger.create("schedules/edited.json", document)
+    await ledger.create("schedules/same.json", document)
+    assert len(await run_schedules(ledger, queue, T0)) == 2  # both due at 12:00
+
+    # The timer is down from 12:01 to 13:00; at 12:35 the operator edits one schedule.
+    clock.now = T0 + timedelta(minutes=35)
+    record = await ledger.read("schedules/edited.json")
+    await ledger.replace("schedules/edited.json", {**document, "enabled": True}, record.etag)
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=60))
+
+    assert ids == [
+        # Edited: only what fell due after the edit.
+        "schedule:edited:2030-01-01T12:40Z",
+        "schedule:edited:2030-01-01T12:50Z",
+        "schedule:edited:2030-01-01T13:00Z",
+        # Unchanged: everything the timer missed, once.
+        *(f"schedule:same:2030-01-01T{t}Z" for t in ("12:10", "12:20", "12:30", "12:40")),
+        "schedule:same:2030-01-01T12:50Z",
+        "schedule:same:2030-01-01T13:00Z",
+    ]
+
+
+async def test_a_schedule_written_in_the_minute_it_falls_due_still_fires_that_minute():
+    # As a new schedule always has: the run counts its own minute (the timer fires at
+    # second 0 and may run a moment late, or the document may be written a moment early).
+    clock = StoreClock(T0)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    document = {"schedule": "0 0 * * * *", "request": REQUEST}
+    await ledger.create("schedules/s.json", document)
+    assert await run_schedules(ledger, queue, T0 - timedelta(minutes=1)) == []
+    clock.now = T0.replace(minute=0, second=5)
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", {**document, "enabled": True}, record.etag)
+
+    assert await run_schedules(ledger, queue, T0) == ["schedule:s:2030-01-01T12:00Z"]
