@@ -65,7 +65,9 @@ param trustedServiceUrls string = ''
 @description('BOT_REFERENCES_CONTAINER: blob container of conversation references, schedules and delivery reports.')
 param referencesContainer string = 'conversation-references'
 
-@description('BOT_PROACTIVE_QUEUE: queue of proactive send requests; its poison queue is <name>-poison.')
+@description('BOT_PROACTIVE_QUEUE: queue of proactive send requests; its poison queue is <name>-poison, so at most 56 characters (queue names have 3-63).')
+@minLength(3)
+@maxLength(56)
 param proactiveQueue string = 'proactive-messages'
 
 @description('BOT_SCHEDULE: 6-field NCRONTAB (UTC) of the timer that enqueues due schedules.')

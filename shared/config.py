@@ -66,6 +66,9 @@ CLOUDS: dict[ChannelService, Cloud] = {
 
 DEFAULT_SCHEDULE = "0 * * * * *"  # every minute (6-field NCRONTAB): schedules fire on time
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_QUEUE = "proactive-messages"
+POISON_SUFFIX = "-poison"  # failed proactive requests go to `<BOT_PROACTIVE_QUEUE>-poison`
+MAX_QUEUE_NAME = 63 - len(POISON_SUFFIX)  # Azure's queue names have at most 63 characters
 
 # App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
 # cannot (no access to the vault, a wrong URI), the app sees the reference text itself, and
@@ -162,7 +165,7 @@ class Settings:
     allow_unauthenticated: bool = False
     storage: StorageSettings = field(default_factory=StorageSettings)
     references_container: str = "conversation-references"
-    proactive_queue: str = "proactive-messages"
+    proactive_queue: str = DEFAULT_QUEUE
     schedule: str = DEFAULT_SCHEDULE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Teams requests per second per app per tenant (all instances together): where each
@@ -276,9 +279,7 @@ class Settings:
                 "BOT_REFERENCES_CONTAINER",
                 get("BOT_REFERENCES_CONTAINER", "conversation-references"),
             ),
-            proactive_queue=_storage_name(
-                "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
-            ),
+            proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
             schedule=schedule,
             max_body_bytes=_parse_number(env, "BOT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
             connector_rate_limit=_parse_number(env, "BOT_CONNECTOR_RATE_LIMIT", 50.0, float),
@@ -407,6 +408,18 @@ def _storage_name(setting: str, name: str) -> str:
     )
     if not ok:
         raise SettingsError(setting, "must be 3-63 lower-case letters, digits and single dashes")
+    return name
+
+
+def proactive_queue_name(name: str) -> str:
+    """`BOT_PROACTIVE_QUEUE`, short enough that its poison queue's name is one too."""
+    _storage_name("BOT_PROACTIVE_QUEUE", name)
+    if len(name) > MAX_QUEUE_NAME:
+        raise SettingsError(
+            "BOT_PROACTIVE_QUEUE",
+            f"must be at most {MAX_QUEUE_NAME} characters: its poison queue "
+            f"`<name>{POISON_SUFFIX}` must fit Azure's 63",
+        )
     return name
 
 

@@ -30,7 +30,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.config import Settings, SettingsError, StorageSettings, _storage_name
+from shared.config import (
+    DEFAULT_QUEUE,
+    Settings,
+    SettingsError,
+    StorageSettings,
+    _storage_name,
+    proactive_queue_name,
+)
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
 
@@ -131,9 +138,7 @@ def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None 
         references_container=_storage_name(
             "BOT_REFERENCES_CONTAINER", get("BOT_REFERENCES_CONTAINER", "conversation-references")
         ),
-        proactive_queue=_storage_name(
-            "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
-        ),
+        proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
         allow_unauthenticated=True,  # unused: a producer sends nothing to a Connector
     )
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.config import Settings
+from shared.config import POISON_SUFFIX, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class StorageQueue:
         await _send(self._settings, self.name, text, delay)
 
     async def poison(self, body: bytes | str, reason: str) -> None:
-        await _send(self._settings, f"{self.name}-poison", poison_message(body, reason), 0.0)
+        await _send(
+            self._settings, f"{self.name}{POISON_SUFFIX}", poison_message(body, reason), 0.0
+        )
 
     async def depth(self) -> int | None:
         """About how many messages the queue holds, delayed ones included (None: unknown).

@@ -87,6 +87,29 @@ def test_bad_settings_name_the_setting(env, setting):
     assert "s3cret" not in str(raised.value)
 
 
+def test_a_queue_name_whose_poison_queue_could_not_exist_is_refused(tmp_path):
+    # The engine poisons to `<name>-poison`, and an Azure queue name has at most 63
+    # characters: with a longer name every poison copy would fail.
+    from shared.producer import producer_settings
+
+    longest = "q" * 56
+    assert settings(BOT_PROACTIVE_QUEUE=longest).proactive_queue == longest
+    too_long = "q" * 57
+    for read in (
+        lambda: settings(BOT_PROACTIVE_QUEUE=too_long),
+        lambda: producer_settings(
+            {"AzureWebJobsStorage": "UseDevelopmentStorage=true", "BOT_PROACTIVE_QUEUE": too_long},
+            tmp_path,
+        ),
+    ):
+        with pytest.raises(SettingsError) as raised:
+            read()
+        assert raised.value.setting == "BOT_PROACTIVE_QUEUE"
+        assert "56" in raised.value.problem and "-poison" in raised.value.problem
+    # A container name keeps Azure's own limit.
+    assert settings(BOT_REFERENCES_CONTAINER="c" * 63).references_container == "c" * 63
+
+
 def test_local_unauthenticated_mode_needs_the_flag_and_no_app_id():
     local = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
     assert local.auth_disabled
