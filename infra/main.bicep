@@ -83,7 +83,7 @@ param connectorRateLimit string = '50'
 @description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
 param proactiveMaxAgeSeconds string = '3600'
 
-@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it.')
+@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it. At least 24 (twice the Connector client\'s 12 s budget for one send): the app refuses less at startup.')
 param proactiveClaimSeconds string = '45'
 
 // ---- Producers ----

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from shared.connector.errors import RetryPolicy
 from shared.serviceurl import prefix_problem
 from shared.urls import is_loopback_host
 
@@ -285,7 +286,7 @@ class Settings:
             connector_rate_limit=_parse_number(env, "BOT_CONNECTOR_RATE_LIMIT", 50.0, float),
             federated_token_file=get("AZURE_FEDERATED_TOKEN_FILE"),
             proactive_max_age=_parse_number(env, "BOT_PROACTIVE_MAX_AGE_SECONDS", 3600.0, float),
-            proactive_claim_seconds=_parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float),
+            proactive_claim_seconds=_parse_claim_seconds(env),
         )
 
 
@@ -445,6 +446,21 @@ def _parse_number(env: Mapping[str, str], name: str, default, kind):
     if value <= 0:
         raise SettingsError(name, "must be greater than zero")
     return value
+
+
+def _parse_claim_seconds(env: Mapping[str, str]) -> float:
+    # A send starts only while half of its claim is left (shared/proactive.py), and the
+    # Connector client spends up to its whole budget on it, retries included: a shorter
+    # claim could expire mid-send, and another instance would take it over and send again.
+    floor = 2 * RetryPolicy().max_total_seconds
+    seconds = _parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float)
+    if seconds < floor:
+        raise SettingsError(
+            "BOT_PROACTIVE_CLAIM_SECONDS",
+            f"must be at least {floor:g} seconds: twice the Connector client's "
+            f"{floor / 2:g} s budget for one send with its retries",
+        )
+    return seconds
 
 
 _settings: Settings | None = None

@@ -110,6 +110,22 @@ def test_a_queue_name_whose_poison_queue_could_not_exist_is_refused(tmp_path):
     assert settings(BOT_REFERENCES_CONTAINER="c" * 63).references_container == "c" * 63
 
 
+def test_a_claim_shorter_than_a_send_with_its_retries_is_refused():
+    # A send starts only while half of its claim is left, and the Connector client spends
+    # up to its whole budget on it: a shorter claim could expire mid-send, and another
+    # instance would take the target over and send it again.
+    from shared.connector import RetryPolicy
+
+    floor = 2 * RetryPolicy().max_total_seconds
+    assert settings(BOT_PROACTIVE_CLAIM_SECONDS=str(floor)).proactive_claim_seconds == floor
+    assert settings().proactive_claim_seconds == 45.0
+    for short in ("4", "0.5", str(floor - 0.5)):
+        with pytest.raises(SettingsError) as raised:
+            settings(BOT_PROACTIVE_CLAIM_SECONDS=short)
+        assert raised.value.setting == "BOT_PROACTIVE_CLAIM_SECONDS"
+        assert f"at least {floor:g}" in raised.value.problem
+
+
 def test_local_unauthenticated_mode_needs_the_flag_and_no_app_id():
     local = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
     assert local.auth_disabled
