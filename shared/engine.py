@@ -59,19 +59,22 @@ class Engine:
         count: bool = True,
         mark: bool = True,
         age: bool = True,
+        held: bool = False,
         unrecorded: tuple[Final, str | None] | None = None,
     ) -> Outcome:
         """Put a copy back with a visibility delay; the original then completes normally.
 
         `count`: an attempt (it drives backoff). `age`: start the request's age, which
-        bounds how long it is requeued, if it has none yet. `unrecorded`: the target's
-        outcome (and reason) that storage refused to record; the copy records it on
-        arrival and sends nothing.
+        bounds how long it is requeued, if it has none yet. `held`: kept for the bot's own
+        credentials or storage, a wait that is not the message's to spend: its age is
+        cleared, and starts again at its next throttled or failing send. `unrecorded`: the
+        target's outcome (and reason) that storage refused to record; the copy records it
+        on arrival and sends nothing.
         """
         now = self.clock()
         engine = request.engine
-        since = engine.since
-        if since is None and age:
+        since = None if held else engine.since
+        if since is None and age and not held:
             since = now
         bookkeeping = replace(engine, attempt=engine.attempt + (1 if count else 0), since=since)
         if count and bookkeeping.reference is not None:

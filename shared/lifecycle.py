@@ -21,6 +21,7 @@ once, under its channel id: the `;messageid=…` thread suffix of its activities
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from enum import StrEnum
@@ -38,6 +39,7 @@ from shared.references.contract import ReferenceStore, reference_key
 logger = logging.getLogger(__name__)
 
 _REMOVAL_EVENTS = frozenset({"teamDeleted", "teamHardDeleted"})
+TEAM_PAGE_SIZE = 25  # a removed team's channel references deleted at once
 _THREAD_MARKER = ";messageid="
 
 
@@ -129,13 +131,17 @@ async def _remove(
     if team_id:
         # The bot left (or lost) a whole team: its channels' references are useless too.
         # Team ids are unique across tenants, so no tenant filter (older documents may lack it).
+        # A page's deletes run side by side (a team may hold hundreds of channels).
         continuation = None
         while True:
             page = await store.list(
-                channel_id=reference["channelId"], team_id=team_id, continuation=continuation
+                channel_id=reference["channelId"],
+                team_id=team_id,
+                continuation=continuation,
+                page_size=TEAM_PAGE_SIZE,
             )
-            for item in page.items:
-                removed += 1 if await store.delete(item.key) else 0
+            deleted = await asyncio.gather(*(store.delete(item.key) for item in page.items))
+            removed += sum(deleted)
             continuation = page.continuation
             if continuation is None:
                 break

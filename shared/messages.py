@@ -47,6 +47,10 @@ LOCAL_UNAUTHORIZED = (
 )
 SERVER_ERROR = "The bot could not process this activity."
 RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
+# A removal (uninstall, bot removed, team deleted: a team's channels too) must not be cut
+# short, or the rest stays stored and is broadcast to: more time, within the channel's 15 s,
+# and when it fails all the same the answer is a 500, so the channel's retry finishes it.
+REMOVAL_BUDGET = 10.0
 MAX_LOGGED_ID = 200  # characters of an id a log line may quote
 
 
@@ -125,17 +129,29 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         settings=runtime.settings,
         state=runtime.state,
     )
-    # The reference is recorded after the turn, never before or beside it: the reply waits
-    # neither for a blob write nor, on a cold start, for the storage SDK's import (which
-    # would hold the event loop while the reply is in flight). A shallow copy keeps a
-    # handler's edits to the activity out of the reference.
+    # A shallow copy keeps a handler's edits to the activity out of the reference.
     recorded = dict(activity)
-    outcome = await _run_turn(runtime.router, turn)
     if activity["type"] == "deleteUserData":
-        # The channel asks the bot to forget the sender: erase, and record nothing.
-        outcome.failed = outcome.failed or not await _erase(runtime, recorded, ids)
+        # The channel asks the bot to forget the sender: erase, and record nothing. The
+        # erasure never depends on the bot's handlers: it runs even when one of them failed.
+        outcome = await _run_turn(runtime.router, turn)
+        erased = await _erase(runtime, recorded, ids)
+        outcome.failed = outcome.failed or not erased
+    elif activity["type"] == "invoke" or turn.expects_replies:
+        # The HTTP answer is the reply (a card, a dialog, the buffered replies): the
+        # reference is recorded beside the turn, so the answer waits for the longer of the
+        # two, not for both.
+        async with asyncio.TaskGroup() as both:
+            recording = both.create_task(_record(runtime, recorded, ids))
+            outcome = await _run_turn(runtime.router, turn)
+        outcome.failed = outcome.failed or not recording.result()
     else:
-        await _record(runtime, recorded, ids)
+        # The reply went to the Connector during the turn: the reference is recorded after
+        # it, so the reply waits neither for a blob write nor, on a cold start, for the
+        # storage SDK's import (which would hold the event loop while it is in flight).
+        outcome = await _run_turn(runtime.router, turn)
+        written = await _record(runtime, recorded, ids)  # whatever the turn's outcome
+        outcome.failed = outcome.failed or not written
     response = _respond(activity, turn, outcome)
     logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response
@@ -151,25 +167,32 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     return TurnOutcome(handled=result.handled, value=result.value)
 
 
-async def _record(runtime: Runtime, activity: Activity, ids: str) -> None:
-    """Add/refresh/remove the conversation reference; a storage failure is only logged.
+async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
+    """Add/refresh/remove the conversation reference; False when a removal failed.
 
-    The write gets at most RECORD_BUDGET seconds: the channel is still waiting for the
-    HTTP answer (Teams gives message-extension queries 5 s in all), and a storage outage
-    with its retries must not eat that. A write cut short is redone by a later activity.
+    A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
+    answer (Teams gives message-extension queries 5 s in all), and a storage outage with
+    its retries must not eat that. A write cut short or failed is only logged: a later
+    activity redoes it. A removal gets REMOVAL_BUDGET, and its failure fails the answer
+    (no later activity would redo it; the channel's retry does).
     """
-    from shared.lifecycle import record_activity
+    from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
 
+    removal = classify(activity) is Change.REMOVE
+    what = "reference not removed" if removal else "reference not recorded"
     try:
-        async with asyncio.timeout(RECORD_BUDGET):
+        async with asyncio.timeout(REMOVAL_BUDGET if removal else RECORD_BUDGET):
             await record_activity(runtime.references, activity)
     except TimeoutError:
-        logger.error("messages: reference not recorded %s: storage did not answer in time", ids)
+        logger.error("messages: %s %s: storage did not answer in time", what, ids)
     except StoreError as error:
-        logger.error("messages: reference not recorded %s: %s", ids, error)
+        logger.error("messages: %s %s: %s", what, ids, error)
     except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
-        logger.error("messages: reference not recorded %s: %s", ids, type(error).__name__)
+        logger.error("messages: %s %s: %s", what, ids, type(error).__name__)
+    else:
+        return True
+    return not removal
 
 
 async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:

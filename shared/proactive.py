@@ -20,7 +20,8 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
   "Pacing"). Nothing was sent; not an attempt, its age not started.
 - malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
   at once, reported failed.
-- 500 (the message may have been posted): never resent; failed with a poison copy.
+- 500, or no answer after the POST was written (the message may have been posted): never
+  resent; failed with a poison copy.
 - the bot's credentials or settings refused: requeued with capped backoff, never
   poisoned; delivered once the setting (named in the log) is fixed.
 
@@ -218,7 +219,7 @@ async def _hold_for_storage(
         delay,
     )
     try:
-        return await engine.requeue(request, delay, mark=False, unrecorded=unrecorded)
+        return await engine.requeue(request, delay, mark=False, held=True, unrecorded=unrecorded)
     except Exception:
         raise failure from None
 
@@ -454,7 +455,7 @@ async def _connector_failure(
             error.setting or "MicrosoftAppId",
             delay,
         )
-        return await engine.requeue(request, delay)
+        return await engine.requeue(request, delay, held=True)
     if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
         age = engine.age(request)
         if age < engine.max_age:
@@ -527,7 +528,8 @@ async def hold_for_settings(
         engine_field = message.get(RESERVED)
         engine_field = dict(engine_field) if isinstance(engine_field, dict) else {}
         attempt = engine_field.get("attempt") if isinstance(engine_field.get("attempt"), int) else 0
-        message[RESERVED] = {**engine_field, "attempt": attempt + 1}
+        # Held for the settings: not the message's age (see Engine.requeue's `held`).
+        message[RESERVED] = {**engine_field, "attempt": attempt + 1, "since": None}
         text = compact_json(message)
     delay = _settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.

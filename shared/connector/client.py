@@ -529,23 +529,38 @@ class ConnectorClient:
         departure: Departure,
     ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
         """One request (``departure`` learns when it left): the answer, or a retryable
-        ConnectorError for a connection failure."""
+        ConnectorError for a connection failure.
+
+        A POST that failed after it was written (no answer in time, the connection dropped,
+        a broken answer) may have been posted: that is UNCERTAIN, raised and never retried,
+        as a 500 is. A failure before anything was written, or of a GET, PUT or DELETE
+        (each idempotent), is TRANSIENT."""
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 status, response_headers, content = await self._send(
                     operation, method, url, headers, data, expect, departure
                 )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
-            outcome = f"failed={type(error).__name__}"
-            failure = ConnectorError(
+            log.info(
+                "connector %s %s %s failed=%s attempt=%d",
+                method,
+                url.host,
+                operation,
+                type(error).__name__,
+                attempt,
+            )
+            if method == "POST" and departure.at is not None:
+                raise ConnectorError(
+                    ErrorKind.UNCERTAIN,
+                    f"no answer after the request was sent ({type(error).__name__}); "
+                    "it may have been posted",
+                    operation=operation,
+                ) from None
+            return ConnectorError(
                 ErrorKind.TRANSIENT,
                 f"connection failed ({type(error).__name__})",
                 operation=operation,
             )
-            log.info(
-                "connector %s %s %s %s attempt=%d", method, url.host, operation, outcome, attempt
-            )
-            return failure
         except aiohttp.ClientError as error:  # e.g. a malformed answer: not worth a retry
             raise ConnectorError(
                 ErrorKind.INVALID, f"request failed ({type(error).__name__})", operation=operation

@@ -8,6 +8,7 @@ is exercised in tests/integration/test_messages_e2e.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -558,6 +559,108 @@ async def test_reference_write_neither_delays_nor_breaks_the_reply(
     assert fake_connector.activities[0]["text"] == "Echo: hello there"
     assert store.reply_arrived_first is True
     assert "reference not recorded" in caplog.text
+
+
+class MeetingStore(MemoryReferenceStore):
+    """A write that returns only once the invoke's handler has started: a pipeline that
+    ran the two one after the other would wait here until the test's timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handler_started = asyncio.Event()
+        self.write_started = asyncio.Event()
+
+    async def upsert(self, reference, *, team_id=None, refresh=False) -> bool:
+        self.write_started.set()
+        await asyncio.wait_for(self.handler_started.wait(), 5)
+        return await super().upsert(reference, team_id=team_id, refresh=refresh)
+
+
+async def test_an_invoke_answer_waits_for_the_reference_write_beside_it_not_after_it(
+    make_bot, channel_identity, fake_connector
+):
+    router = Router()
+
+    @router.invoke("adaptiveCard/action")
+    async def card(turn):
+        store.handler_started.set()
+        await asyncio.wait_for(store.write_started.wait(), 5)  # the write is under way
+        return InvokeResponse(200, {"statusCode": 200, "value": "done"})
+
+    bot = make_bot(router)
+    store = MeetingStore()
+    bot.runtime.references = store
+    card_action = activity_for(fake_connector.url, type="invoke", name="adaptiveCard/action")
+
+    response = await bot.handle(post(card_action, channel_token(channel_identity, bot)))
+
+    assert (response.status, json.loads(response.body)["value"]) == (200, "done")
+    assert await stored_keys(store) == [f"{CHANNEL}/{CONVERSATION}"]
+
+
+class SlowDeletes(MemoryReferenceStore):
+    """Each delete costs two storage round trips (read, then a conditional delete)."""
+
+    round_trip = 0.0
+    fail = False
+
+    async def delete(self, key: str) -> bool:
+        await asyncio.sleep(2 * self.round_trip)
+        if self.fail:
+            raise StoreError("reference store: delete failed (simulated outage)")
+        return await super().delete(key)
+
+
+def team_channel(n: int) -> dict:
+    return {"id": f"19:ch{n}@thread.tacv2", "conversationType": "channel", "tenantId": "t-1"}
+
+
+TEAM = {"tenant": {"id": "t-1"}, "team": {"id": "19:team@thread.tacv2"}}
+
+
+async def test_removal_from_a_team_removes_all_its_channels_within_the_answer(
+    bot, channel_identity, fake_connector
+):
+    store = SlowDeletes()
+    bot.runtime.references = store
+    for n in range(100):  # the bot was @mentioned in 100 of the team's channels
+        await store.upsert(
+            {**activity_for(fake_connector.url), "conversation": team_channel(n)},
+            team_id=TEAM["team"]["id"],
+        )
+    store.round_trip = 0.015  # 6 s one delete after another: over the 2 s a write gets
+    uninstall = activity_for(
+        fake_connector.url,
+        type="installationUpdate",
+        action="remove",
+        conversation=team_channel(0),
+        channelData=TEAM,
+    )
+
+    response = await bot.handle(post(uninstall, channel_token(channel_identity, bot)))
+
+    assert response.status == 200
+    assert await stored_keys(store) == []
+
+
+async def test_a_removal_that_storage_refuses_is_a_500_for_the_channel_to_retry(
+    bot, channel_identity, fake_connector, caplog
+):
+    store = SlowDeletes()
+    bot.runtime.references = store
+    await store.upsert(activity_for(fake_connector.url))
+    store.fail = True
+    uninstall = activity_for(fake_connector.url, type="installationUpdate", action="remove")
+
+    with caplog.at_level(logging.ERROR):
+        response = await bot.handle(post(uninstall, channel_token(channel_identity, bot)))
+
+    assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert fake_connector.requests == []  # nothing said to anyone: the bot was removed
+    assert "reference not removed" in caplog.text
+    store.fail = False  # the channel's retry, storage back
+    response = await bot.handle(post(uninstall, channel_token(channel_identity, bot)))
+    assert response.status == 200 and await stored_keys(store) == []
 
 
 async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch, caplog):

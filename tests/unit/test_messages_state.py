@@ -127,6 +127,30 @@ async def test_delete_user_data_erases_and_records_nothing(bot, channel_identity
     assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
 
 
+async def test_delete_user_data_erases_even_when_a_handler_for_it_fails(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    router = state_router()
+
+    @router.catch_all()
+    async def everything_else(turn: TurnContext) -> None:
+        raise RuntimeError("handler bug")  # e.g. its own Connector call failed
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    await say(bot, channel_identity, fake_connector, "dark")
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None
+
+    response = await say(bot, channel_identity, fake_connector, "", type="deleteUserData")
+
+    assert response.status == 500  # the handler failed, and the channel is told so
+    assert await bot.runtime.state.read(USER_KEY) is None
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+
+
 async def test_delete_user_data_with_storage_down_is_500_and_keeps_the_reference(
     bot, channel_identity, fake_connector, caplog
 ):

@@ -196,6 +196,20 @@ async def test_a_500_is_never_resent(parts, fake_connector):
     assert report["failed"] == 1 and "500" in report["failures"][0]["reason"]
 
 
+async def test_a_send_answered_after_its_time_budget_is_never_resent(parts, fake_connector):
+    # The POST reached the channel, which posted it and answered after the client's whole
+    # budget (2 s here): it may have been posted, so it is not requeued and sent again.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(200, json={"id": "m1"}, delay=3.0)])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    assert await drain(engine) == []
+    assert sends(fake_connector) == ["a:1"]
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (0, 1)
+
+
 async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_try(
     parts, fake_connector
 ):
@@ -243,6 +257,41 @@ async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     finally:
         await fixed.close()
     assert sends(fake_connector) == ["a:1"] and queue.poisoned == []
+
+
+async def test_time_held_for_credentials_is_not_the_message_age(aad_app, fake_aad, fake_connector):
+    # The secret was fixed two hours later: the held backlog then meets a busy Connector. The
+    # age bound is for throttled and failing sends; the hold must not have started it.
+    store = MemoryReferenceStore()
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    clock = Clock()
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    wrong = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
+    )
+    runtime = make_runtime(wrong, store)
+    engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
+    try:
+        assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+        [(copy, _delay)] = queue.take()
+    finally:
+        await runtime.close()
+
+    clock.now += 2 * 3600
+    fixed = make_runtime(aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url), store)
+    engine = Engine(fixed, ledger, queue, clock=clock, rand=lambda: 0)
+    busy = Reply(503, body="busy")
+    fake_connector.script("POST", r"/activities$", [busy] * FAST_RETRY.max_attempts)
+    try:
+        assert await handle(engine, copy) is Outcome.REQUEUED
+        assert queue.poisoned == []
+        [(copy, _delay)] = queue.take()
+        clock.now += 60
+        assert await handle(engine, copy) is Outcome.DELIVERED
+    finally:
+        await fixed.close()
+    report = await read_report(ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (1, 0)
 
 
 # --- exactly once ------------------------------------------------------------------------
@@ -961,11 +1010,13 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     from shared.proactive import hold_for_settings
 
     queue = MemoryQueue()
-    text = body({"conversation": "msteams/a:1"})
+    # A message throttled for a while before the settings broke: the hold clears its age.
+    text = json.dumps({**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"since": 5}})
     for expected in (1, 2, 3):
         await hold_for_settings(text, RuntimeError("MicrosoftAppId is required"), queue=queue)
         [(text, delay)] = queue.take()
         assert json.loads(text)["_proactive"]["attempt"] == expected
+        assert json.loads(text)["_proactive"]["since"] is None
         assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
     await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
     [(raw, _)] = queue.take()
