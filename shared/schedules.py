@@ -10,10 +10,10 @@ schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
 (``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once; a
 document written since its last run (edited, or deleted and created again) counts from
-that write instead, so nothing from before it is sent. Two
-runs that overlap, or a run retried after a crash before its bookkeeping was written,
-enqueue the same ids again: delivery dedupes by id, so each due time is sent once.
-A schedule fires at most once a minute (due times are per minute).
+that write instead, so nothing from before it is sent. Two runs that overlap, or a run
+retried after a crash before its bookkeeping was written, enqueue the same ids again:
+delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
+minute (due times are per minute).
 """
 
 from __future__ import annotations
