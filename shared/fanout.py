@@ -4,17 +4,20 @@ A broadcast request is never delivered by one invocation. Each invocation that h
 broadcast's fan-out claim:
 
 1. reads the checkpoint (the report head: the store's continuation token, targets so far,
-   its latest pages);
+   its latest pages, the page it may not have finished queueing);
 2. lists the next page of matching references (channel, tenant and team filters are the
-   store's; `personal` is checked here), and enqueues one child per conversation:
-   ``{"id": <broadcast id>, "to": {"conversation": <key>}, <content>, "_proactive":
-   {"child": true, "reference": <the listed reference>}}``, whose outcome is recorded
-   under the broadcast's id by key (the reference rides along so the send reads nothing
-   from the store; one too large to fit is left out and read instead);
-3. writes the checkpoint with ``If-Match`` (a page is never counted twice);
-4. stops after `fanout_seconds`, or once about `fanout_backlog` of its own children are
-   queued, and puts the broadcast back on the queue, so the next page may be fanned out by
-   any instance and no invocation runs long.
+   store's; `personal` is checked here);
+3. writes the page's keys (``page/<n>.json``, create-only), then the checkpoint with
+   ``If-Match``, counting the page's targets and naming it pending, before anything is
+   queued: a page is never counted twice, and every target counted is queued;
+4. enqueues one child per conversation: ``{"id": <broadcast id>, "to": {"conversation":
+   <key>}, <content>, "_proactive": {"child": true, "reference": <the listed
+   reference>}}``, whose outcome is recorded under the broadcast's id by key (the reference
+   rides along so the send reads nothing from the store; one too large to fit is left out
+   and read instead);
+5. stops after `fanout_seconds`, or once about `fanout_backlog` of its own children are
+   queued, clears the pending page, and puts the broadcast back on the queue, so the next
+   page may be fanned out by any instance and no invocation runs long.
 
 Flow control: each broadcast keeps about `fanout_backlog` of its children on the queue,
 not every child at once. A request enqueued behind a broadcast to a hundred thousand
@@ -32,9 +35,12 @@ children do, requeued by a throttled tenant too, and after `FULL_QUEUE_PATIENCE`
 it adds a page's worth all the same (a child the host lost would otherwise hold it
 forever). A queue that cannot say how full it is counts as not full.
 
-A crash between 2 and 3 re-enqueues that page's children on resume: harmless, since
-delivery dedupes per (id, conversation). The children spread over every instance the
-host scales out to; each one is retried on its own.
+A crash between 3 and 5 leaves the page pending: the next holder queues its keys again
+before anything else (children that read their reference from the store; delivery dedupes
+per (id, conversation), so one already queued is reported a duplicate, not sent twice).
+The count is the keys', not a new listing's, which may have lost a conversation one of the
+page's own children pruned meanwhile. The children spread over every instance the host
+scales out to; each one is retried on its own.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from shared.idempotency import Busy, Settled, is_outcome, release_claim, take_claim
-from shared.ledger import iso
+from shared.ledger import Record, iso
 from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
 from shared.queues import MAX_REQUEST_BYTES, compact_json
 from shared.references.contract import StoredReference, StoreError
@@ -56,6 +62,7 @@ from shared.reports import (
     ensure_head,
     head_name,
     outcome_name,
+    page_name,
     record_duplicate,
     record_outcome,
     request_prefix,
@@ -110,6 +117,10 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
         return await engine.requeue(request, engine.jitter(min(claim.wait, 10.0)), count=False)
     try:
         record = await ledger.read(head_name(request.id))
+        if record is not None and record.data.get("pending") is not None:
+            record = await finish_pending_page(request, engine, record)
+            if record is None:
+                return Outcome.REQUEUED  # the checkpoint moved on elsewhere: claim lost
         if record is None or record.data.get("fannedOut"):
             await record_duplicate(ledger, request.id, "broadcast", engine.clock())
             logger.info("proactive %r: broadcast already fanned out", request.id)
@@ -127,34 +138,48 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 page_size=engine.fanout_page_size,
             )
             targets = [item for item in page.items if _matches(item, request.broadcast)]
-            queued = await _enqueue_children(request, targets, engine)
-            if own is not None:
-                own += len(queued)
+            children = _children(request, [(item.key, item.reference) for item in targets])
+            queued = [item for item, child in zip(targets, children, strict=True) if child]
+            number, previous = int(head.get("page") or 0) + 1, head.get("pending")
+            if targets:  # written ahead: what the checkpoint counts is queued, even after a crash
+                await _write_page(engine, request.id, number, [item.key for item in targets])
             head.update(
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
                 pages=_recent_pages(request.id, head, queued, engine.fanout_backlog),
+                page=number,
+                pending=number if targets else None,
             )
             new_etag = await ledger.replace(head_name(request.id), head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
                 logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
                 return Outcome.REQUEUED
             etag = new_etag
-            if head["fannedOut"]:
-                logger.info(
-                    "proactive %r: broadcast fanned out to %d conversations",
-                    request.id,
-                    head["targets"],
+            if previous is not None:  # queued in full before this page was listed
+                await _drop_page(engine, request.id, previous)
+            await _enqueue_children(request, targets, children, engine)
+            if own is not None:
+                own += len(queued)
+            done = head["fannedOut"]
+            if (
+                done
+                or engine.clock() - started >= engine.fanout_seconds
+                or (
+                    own is not None and own >= engine.fanout_backlog  # the continuation adds more
                 )
-                return Outcome.FANNED_OUT
-            if engine.clock() - started >= engine.fanout_seconds:
+            ):
+                if await _clear_pending(request, engine, head, etag) is None:
+                    return Outcome.REQUEUED
                 break
-            if own is not None and own >= engine.fanout_backlog:
-                break  # the continuation, behind these children, adds the next pages
     finally:
         await release_claim(ledger, claim)
+    if head["fannedOut"]:
+        logger.info(
+            "proactive %r: broadcast fanned out to %d conversations", request.id, head["targets"]
+        )
+        return Outcome.FANNED_OUT
     # Released first, so the continuation can take the claim at once, wherever it runs.
     logger.info("proactive %r: fan-out continues (%d so far)", request.id, head["targets"])
     # A broadcast copy's `since` is when it last added a page: its patience starts again.
@@ -222,43 +247,121 @@ def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:
     return broadcast.personal is None or stored.personal == broadcast.personal
 
 
-async def _enqueue_children(
-    request: ProactiveRequest, targets: Sequence[StoredReference], engine: Engine
-) -> list[StoredReference]:
-    """Queue one child per target; the targets queued, in order (a child too large to
-    queue is recorded failed instead)."""
+def _children(request: ProactiveRequest, targets: Sequence[tuple[str, Any]]) -> list[str | None]:
+    """The child message (JSON) for each (key, reference or None), or None for one too
+    large to queue."""
     content = {name: request.message[name] for name in CONTENT_FIELDS if name in request.message}
-    semaphore = asyncio.Semaphore(engine.fanout_parallel)
-
-    async def one(stored: StoredReference) -> StoredReference | None:
-        child: dict[str, Any] = {
-            "id": request.id,
-            "to": {"conversation": stored.key},
-            **content,
-            RESERVED: {"child": True, "reference": stored.reference},
-        }
-        if len(compact_json(child).encode("utf-8")) > MAX_REQUEST_BYTES:
+    children: list[str | None] = []
+    for key, reference in targets:
+        child: dict[str, Any] = {"id": request.id, "to": {"conversation": key}, **content}
+        child[RESERVED] = {"child": True}
+        if reference is not None:
+            carried = {**child, RESERVED: {"child": True, "reference": reference}}
             # Too large to carry the reference (and still leave room for what the engine
             # and the poison queue add): the child reads it from the store instead.
-            child[RESERVED] = {"child": True}
-        async with semaphore:
-            if request_bytes(child) > MAX_REQUEST_BYTES:
-                # The key replaces the filter: a long one may not fit. Reported, not raised
-                # (a raise would stop the fan-out on every attempt).
-                await record_outcome(
-                    engine.ledger,
-                    request.id,
-                    stored.key,
-                    "failed",
-                    engine.clock(),
-                    reason=f"the message for this conversation is larger than "
-                    f"{MAX_REQUEST_BYTES} bytes as JSON",
-                    label=stored.key,
-                )
-                logger.warning("proactive %r: %s: too large, not sent", request.id, stored.key)
-                return None
-            await engine.queue.put(compact_json(child))
-            return stored
+            if len(compact_json(carried).encode("utf-8")) <= MAX_REQUEST_BYTES:
+                child = carried
+        # The key replaces the filter: a long one may not fit.
+        children.append(compact_json(child) if request_bytes(child) <= MAX_REQUEST_BYTES else None)
+    return children
 
-    queued = await asyncio.gather(*(one(stored) for stored in targets))
-    return [stored for stored in queued if stored is not None]
+
+async def _enqueue_children(
+    request: ProactiveRequest,
+    keys: Sequence[StoredReference] | Sequence[str],
+    children: Sequence[str | None],
+    engine: Engine,
+) -> None:
+    """Queue each child; one too large to queue is recorded failed instead (reported, not
+    raised: a raise would stop the fan-out on every attempt)."""
+    semaphore = asyncio.Semaphore(engine.fanout_parallel)
+
+    async def one(key: str, child: str | None) -> None:
+        async with semaphore:
+            if child is not None:
+                await engine.queue.put(child)
+                return
+            await record_outcome(
+                engine.ledger,
+                request.id,
+                key,
+                "failed",
+                engine.clock(),
+                reason=f"the message for this conversation is larger than "
+                f"{MAX_REQUEST_BYTES} bytes as JSON",
+                label=key,
+            )
+            logger.warning("proactive %r: %s: too large, not sent", request.id, key)
+
+    names = [item if isinstance(item, str) else item.key for item in keys]
+    await asyncio.gather(*(one(key, child) for key, child in zip(names, children, strict=True)))
+
+
+async def finish_pending_page(
+    request: ProactiveRequest, engine: Engine, record: Record
+) -> Record | None:
+    """Queue again the page the checkpoint names pending (its holder may have stopped part
+    way), then clear it: the record as written, or None when the checkpoint moved on
+    elsewhere. Its children read their references from the store."""
+    head = dict(record.data)
+    keys = await pending_keys(engine, request.id, head)
+    if keys:
+        logger.warning(
+            "proactive %r: fan-out page %s may not have been queued in full; queued again",
+            request.id,
+            head["pending"],
+        )
+        children = _children(request, [(key, None) for key in keys])
+        await _enqueue_children(request, keys, children, engine)
+    etag = await _clear_pending(request, engine, head, record.etag)
+    return None if etag is None else Record(head, etag, record.modified)
+
+
+async def pending_keys(engine: Engine, request_id: str, head: dict[str, Any]) -> list[str]:
+    """The keys of the page the checkpoint names pending ([] when it names none, or its
+    page is missing or unreadable: written before the checkpoint names it, so only by hand)."""
+    number = head.get("pending")
+    if number is None:
+        return []
+    page = await engine.ledger.read(page_name(request_id, number))
+    keys = page.data.get("keys") if page is not None and isinstance(page.data, dict) else None
+    if isinstance(keys, list) and all(isinstance(key, str) for key in keys):
+        return keys
+    logger.error("proactive %r: fan-out page %s is missing or unreadable", request_id, number)
+    return []
+
+
+async def _clear_pending(
+    request: ProactiveRequest, engine: Engine, head: dict[str, Any], etag: str
+) -> str | None:
+    """The pending page is queued: say so in the checkpoint (None: it moved on elsewhere),
+    and remove the page's keys (best effort: a page left over is never read again)."""
+    number = head.get("pending")
+    if number is None:
+        return etag
+    head["pending"] = None
+    new_etag = await engine.ledger.replace(head_name(request.id), head, etag)
+    if new_etag is None:
+        logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
+        return None
+    await _drop_page(engine, request.id, number)
+    return new_etag
+
+
+async def _write_page(engine: Engine, request_id: str, number: int, keys: list[str]) -> None:
+    """The page's keys, replacing any an earlier holder wrote for the same page and never
+    named in the checkpoint (it stopped between the two writes)."""
+    name = page_name(request_id, number)
+    if await engine.ledger.create(name, {"keys": keys}) is not None:
+        return
+    found = await engine.ledger.read(name)
+    if found is None or await engine.ledger.replace(name, {"keys": keys}, found.etag) is None:
+        raise StoreError("proactive ledger: a fan-out page changed while it was written")
+
+
+async def _drop_page(engine: Engine, request_id: str, number: Any) -> None:
+    """Best effort: a page left over is never read again (reports skip it)."""
+    try:
+        await engine.ledger.delete(page_name(request_id, number))
+    except StoreError as error:
+        logger.info("proactive %r: fan-out page %s not removed (%s)", request_id, number, error)

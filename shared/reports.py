@@ -8,7 +8,12 @@ the reference store encodes name segments; see docs/proactive.md):
     "continuation", "fannedOut"}``: created (create-only) by the producer or by the first
     delivery attempt; for a broadcast also the fan-out's checkpoint, updated with ETags
     by the one instance holding the fan-out claim, with its latest pages (``"pages"``:
-    ``["out/<last child>.json", children]`` each, for flow control, shared/fanout.py).
+    ``["out/<last child>.json", children]`` each, for flow control), the number of pages
+    listed (``"page"``) and the one counted but maybe not queued in full (``"pending"``)
+    (shared/fanout.py).
+``page/<n>.json``
+    ``{"keys": [...]}``: the conversations of a broadcast's nth fan-out page, written before
+    the checkpoint counts them and removed once they are queued.
 ``out/<target>.json``
     One per target, the target's slot (shared/idempotency.py): a claim while an instance
     works on it, then its final outcome (delivered, pruned, failed + reason), which is
@@ -64,6 +69,11 @@ def claim_name(request_id: str, target: str = FANOUT_TARGET) -> str:
     return f"{request_prefix(request_id)}claim/{encode_segment(target, 400)}.json"
 
 
+def page_name(request_id: str, number: Any) -> str:
+    """The keys of a broadcast's `number`th fan-out page, written before it is queued."""
+    return f"{request_prefix(request_id)}page/{int(number)}.json"
+
+
 def started_name(request_id: str) -> str:
     """Marks a single-target request that was tried and is waiting to be tried again."""
     return f"{request_prefix(request_id)}started.json"
@@ -98,8 +108,11 @@ async def record_outcome(
     label: str | None = None,
     detail: Mapping[str, Any] | None = None,
     claim_etag: str | None = None,
+    only_if_empty: bool = False,
 ) -> bool:
     """Write the target's final outcome once; False when it already had one.
+
+    `only_if_empty`: only into an empty slot (False when it holds a claim or an outcome).
 
     `claim_etag`: the claim this instance holds on the target's slot, replaced in one
     write. Without it (or when that claim was taken over meanwhile) a claim found in the
@@ -121,6 +134,8 @@ async def record_outcome(
     for _ in range(5):
         if await ledger.create(name, data, metadata=metadata) is not None:
             return True
+        if only_if_empty:
+            return False
         current = await ledger.read(name)
         if current is None:
             continue  # released meanwhile

@@ -24,7 +24,7 @@ from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
 from shared.queues import MemoryQueue
 from shared.ratelimit import Pacer, Scope
-from shared.references import MemoryReferenceStore
+from shared.references import MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
 from shared.runtime import Runtime
@@ -423,32 +423,56 @@ async def test_a_broadcast_reaches_each_matching_conversation_once(
     assert report["targets"] == report["delivered"] == len(expected)
 
 
-async def test_a_resumed_fanout_re_enqueues_a_page_but_sends_each_target_once(
+async def test_a_fanout_stopped_after_queueing_a_page_counts_each_target_once(
     parts, fake_connector
 ):
-    runtime, engine = parts
-    await store_many(runtime, fake_connector.url)
+    # The holder queued a page's children and stopped before its checkpoint said so; one
+    # child then pruned its conversation. The next holder queues the page's keys again (as
+    # written ahead), not a new listing without the pruned one, so the count stays exact
+    # and the report is not `done` while a child is still queued.
+    runtime, engine = parts  # stores msteams/a:1
+    for conversation in ("a:2", "a:3", "a:4"):
+        await runtime.references.upsert(
+            reference(fake_connector.url, conversation, user=f"29:{conversation}")
+        )
     engine.fanout_page_size = 2
     engine.fanout_seconds = 0
+    fake_connector.script("POST", r"a%3A2/activities$", [Reply(403, json=GONE)])
+
+    class StopsBeforeItsCheckpoint(MemoryLedger):
+        stopped = False
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            clearing = name.endswith("head.json") and data.get("page") and not data.get("pending")
+            if clearing and not self.stopped:
+                self.stopped = True
+                raise StoreError("proactive ledger: unreachable (test: the holder stopped)")
+            return await super().replace(name, data, etag, metadata=metadata)
+
+    engine.ledger = StopsBeforeItsCheckpoint(clock=engine.clock)
     assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.REQUEUED
-    children_and_continuation = engine.queue.take()
-    # A crash after the first page's children were enqueued but before its checkpoint:
-    # the original broadcast is redelivered and enqueues that page again.
-    head_name = next(n for n in engine.ledger.blobs if n.endswith("head.json"))
-    data = json.loads(engine.ledger.blobs[head_name][0])
-    data.update(continuation=None, targets=0)
-    record = await engine.ledger.read(head_name)
-    await engine.ledger.replace(head_name, data, record.etag)
-    engine.queue.sent.extend(children_and_continuation)
-    await handle(engine, body({"broadcast": {}}, "b-1"))
+    queued = engine.queue.take()
+    children = [text for text, _ in queued if json.loads(text)["to"].get("conversation")]
+    [resumed] = [text for text, _ in queued if "broadcast" in json.loads(text)["to"]]
+    for text in children:  # a:1 delivered, a:2 gone: pruned from the store
+        await handle(engine, text)
+    assert await runtime.references.get("msteams/a:2") is None
+
+    assert await handle(engine, resumed) is Outcome.REQUEUED  # the page again, then page 2
+    queued = engine.queue.take()
+    keys = sorted(json.loads(text)["to"].get("conversation", "") for text, _ in queued)
+    assert keys == ["", "msteams/a:1", "msteams/a:2", "msteams/a:3", "msteams/a:4"]
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"]) == ("running", 4)
+    engine.queue.sent.extend(queued)
     await drain(engine)
 
-    assert sorted(sends(fake_connector)) == sorted(
-        {"a:1", "19:chan-t1", "a:t2", "a:t1-other", "web-1"}
-    )
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2", "a:3", "a:4"]
     report = await read_report(engine.ledger, "b-1")
-    assert report["state"] == "done" and report["delivered"] == report["targets"] == 5
-    assert report["duplicate"] >= 2
+    counts = {key: report[key] for key in ("state", "targets", "delivered", "pruned", "failed")}
+    assert counts == {"state": "done", "targets": 4, "delivered": 3, "pruned": 1, "failed": 0}
+    assert report["duplicate"] == 2
+    assert not [name for name in engine.ledger.blobs if "/page/" in name]  # none left over
 
 
 async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
@@ -1318,8 +1342,13 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     await drain(engine)
 
     report = await read_report(engine.ledger, "b-1")
-    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 1)
-    assert "fan-out" in report["failures"][0]["target"]
+    # The second page was counted before it was queued, and the queue refused it: a:2 is
+    # reported failed with the fan-out, not left out of the count.
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 2)
+    failures = {failure["target"]: failure["reason"] for failure in report["failures"]}
+    assert set(failures) == {"broadcast fan-out", "msteams/a:2"}
+    assert "may not have been queued" in failures["msteams/a:2"]
+    assert report["targets"] == 3
 
 
 async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a_resend(
