@@ -65,7 +65,9 @@ param trustedServiceUrls string = ''
 @description('BOT_REFERENCES_CONTAINER: blob container of conversation references, schedules and delivery reports.')
 param referencesContainer string = 'conversation-references'
 
-@description('BOT_PROACTIVE_QUEUE: queue of proactive send requests; its poison queue is <name>-poison.')
+@description('BOT_PROACTIVE_QUEUE: queue of proactive send requests; its poison queue is <name>-poison, so at most 56 characters (queue names have 3-63).')
+@minLength(3)
+@maxLength(56)
 param proactiveQueue string = 'proactive-messages'
 
 @description('BOT_SCHEDULE: 6-field NCRONTAB (UTC) of the timer that enqueues due schedules.')
@@ -81,7 +83,7 @@ param connectorRateLimit string = '50'
 @description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
 param proactiveMaxAgeSeconds string = '3600'
 
-@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it.')
+@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it. At least 24 (twice the Connector client\'s 12 s budget for one send): the app refuses less at startup.')
 param proactiveClaimSeconds string = '45'
 
 // ---- Producers ----

@@ -65,7 +65,10 @@ def teams_team_id(activity: Mapping[str, Any]) -> str | None:
 
 
 def tenant_id(activity: Mapping[str, Any]) -> str | None:
-    """The AAD tenant of an activity (Teams): conversation.tenantId or channelData.tenant.id."""
+    """The AAD tenant an activity names: conversation.tenantId or channelData.tenant.id.
+
+    Trusted only on msteams (:func:`teams_tenant_id`, which decisions about an incoming
+    activity use); also reads the bot's own outgoing activities."""
     conversation = activity.get("conversation") or {}
     tenant = conversation.get("tenantId") if isinstance(conversation, Mapping) else None
     if not tenant:
@@ -107,32 +110,59 @@ class InvalidActivity(Exception):
         self.reason = reason
 
 
-# Optional fields that handlers and reply building read: spec A2003 says receivers SHOULD
-# reject values of the wrong type, so a handler never meets e.g. a `from` that is a string.
-# `None` is accepted everywhere as "absent".
-# `value` (invoke and event payloads) may be any JSON value.
-_OBJECT_FIELDS = ("from", "recipient", "channelData", "relatesTo")
-_STRING_FIELDS = (
-    "id",
-    "text",
-    "locale",
-    "name",
-    "action",
-    "replyToId",
-    "deliveryMode",
-    "textFormat",
-    "timestamp",
-    "localTimestamp",
+# Optional fields that handlers, routes and reply building read, with their JSON types: spec
+# A2003 says receivers SHOULD reject values of the wrong type, so a handler never meets e.g.
+# a `from` that is a string or a `recipient.id` that is a number (a route would raise: a 500
+# and an apology posted with the bot's token). `None` is accepted everywhere as "absent";
+# unknown fields are kept unchecked (spec A2005). `value` (invoke and event payloads) may be
+# any JSON value.
+_FIELDS: dict[str, type] = {
+    "from": dict,
+    "recipient": dict,
+    "channelData": dict,
+    "relatesTo": dict,
+    "id": str,
+    "text": str,
+    "locale": str,
+    "name": str,
+    "action": str,
+    "replyToId": str,
+    "deliveryMode": str,
+    "textFormat": str,
+    "timestamp": str,
+    "localTimestamp": str,
+    "membersAdded": list,
+    "membersRemoved": list,
+    "reactionsAdded": list,
+    "reactionsRemoved": list,
+    "attachments": list,
+    "entities": list,
+}
+_ACCOUNT = {"id": str, "name": str, "aadObjectId": str, "role": str}
+_CONVERSATION = {
+    "id": str,
+    "name": str,
+    "isGroup": bool,
+    "conversationType": str,
+    "tenantId": str,
+}
+_ITEMS = {  # the lists of objects, and the fields of their items
+    "membersAdded": _ACCOUNT,
+    "membersRemoved": _ACCOUNT,
+    "reactionsAdded": {"type": str},
+    "reactionsRemoved": {"type": str},
+    "entities": {"type": str},
+    "attachments": {"contentType": str, "contentUrl": str, "name": str, "thumbnailUrl": str},
+}
+_MENTION = {"mentioned": dict, "text": str}  # an entity of type "mention"
+# Teams' channelData (checked on msteams only: elsewhere channelData is the channel's own).
+_TEAMS_DATA = {"tenant": dict, "team": dict, "channel": dict, "eventType": str}
+_TEAMS_DATA_OBJECTS = (
+    ("tenant", {"id": str}),
+    ("team", {"id": str, "name": str, "aadGroupId": str}),
+    ("channel", {"id": str, "name": str}),
 )
-_LIST_FIELDS = (
-    "membersAdded",
-    "membersRemoved",
-    "reactionsAdded",
-    "reactionsRemoved",
-    "attachments",
-    "entities",
-)
-_MEMBER_LISTS = ("membersAdded", "membersRemoved", "reactionsAdded", "reactionsRemoved")
+_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
 
 # How deeply objects and arrays may nest, the activity itself being level 1: the default
 # limit of .NET's JSON readers (Json.NET 13, System.Text.Json), so of what .NET channels
@@ -179,7 +209,8 @@ def parse_activity(body: bytes) -> Activity:
 
 
 def validate_activity(activity: Mapping[str, Any]) -> None:
-    """Raise :class:`InvalidActivity` (400) unless the required fields are present and typed."""
+    """Raise :class:`InvalidActivity` (400) unless the required fields are present and the
+    known ones, nested ones included, have their JSON types."""
     for name in ("type", "channelId"):
         if not _non_empty_string(activity.get(name)):
             raise InvalidActivity(400, f"missing {name}")
@@ -188,21 +219,34 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
     conversation = activity.get("conversation")
     if not isinstance(conversation, dict) or not _non_empty_string(conversation.get("id")):
         raise InvalidActivity(400, "missing conversation.id")
-    for name in _OBJECT_FIELDS:
-        if not isinstance(activity.get(name), dict | None):
-            raise InvalidActivity(400, f"{name} must be an object")
-    for name in _STRING_FIELDS:
-        if not isinstance(activity.get(name), str | None):
-            raise InvalidActivity(400, f"{name} must be a string")
-    for name in _LIST_FIELDS:
-        if not isinstance(activity.get(name), list | None):
-            raise InvalidActivity(400, f"{name} must be an array")
-    for name in _MEMBER_LISTS:
-        if not all(isinstance(item, dict) for item in activity.get(name) or ()):
-            raise InvalidActivity(400, f"{name} must hold objects")
-    for name in ("entities", "attachments"):
-        if not all(isinstance(item, dict) for item in activity.get(name) or ()):
-            raise InvalidActivity(400, f"{name} must hold objects")
+    _check_fields(activity, _FIELDS, "")
+    _check_fields(conversation, _CONVERSATION, "conversation.")
+    for name in ("from", "recipient"):
+        if account := activity.get(name):
+            _check_fields(account, _ACCOUNT, f"{name}.")
+    for name, fields in _ITEMS.items():
+        for index, item in enumerate(activity.get(name) or ()):
+            if not isinstance(item, dict):
+                raise InvalidActivity(400, f"{name} must hold objects")
+            _check_fields(item, fields, f"{name}[{index}].")
+            if name == "entities" and item.get("type") == "mention":
+                _check_fields(item, _MENTION, f"{name}[{index}].")
+                if mentioned := item.get("mentioned"):
+                    _check_fields(mentioned, _ACCOUNT, f"{name}[{index}].mentioned.")
+    data = activity.get("channelData")
+    if data and from_teams(activity):
+        _check_fields(data, _TEAMS_DATA, "channelData.")
+        for name, fields in _TEAMS_DATA_OBJECTS:
+            if part := data.get(name):
+                _check_fields(part, fields, f"channelData.{name}.")
+
+
+def _check_fields(value: Mapping[str, Any], fields: Mapping[str, type], where: str) -> None:
+    """400 when one of `fields` in `value` is present (not null) with another JSON type."""
+    for name, field in value.items():  # what was sent: usually fewer than what is known
+        kind = fields.get(name)
+        if kind is not None and field is not None and not isinstance(field, kind):
+            raise InvalidActivity(400, f"{where}{name} must be {_KINDS[kind]}")
 
 
 def is_http_url(value: Any) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from shared.connector.errors import RetryPolicy
 from shared.serviceurl import prefix_problem
 from shared.urls import is_loopback_host
 
@@ -66,6 +67,9 @@ CLOUDS: dict[ChannelService, Cloud] = {
 
 DEFAULT_SCHEDULE = "0 * * * * *"  # every minute (6-field NCRONTAB): schedules fire on time
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_QUEUE = "proactive-messages"
+POISON_SUFFIX = "-poison"  # failed proactive requests go to `<BOT_PROACTIVE_QUEUE>-poison`
+MAX_QUEUE_NAME = 63 - len(POISON_SUFFIX)  # Azure's queue names have at most 63 characters
 
 # App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
 # cannot (no access to the vault, a wrong URI), the app sees the reference text itself, and
@@ -178,7 +182,7 @@ class Settings:
     allow_unauthenticated: bool = False
     storage: StorageSettings = field(default_factory=StorageSettings)
     references_container: str = "conversation-references"
-    proactive_queue: str = "proactive-messages"
+    proactive_queue: str = DEFAULT_QUEUE
     schedule: str = DEFAULT_SCHEDULE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Teams requests per second per app per tenant (all instances together): where each
@@ -293,15 +297,13 @@ class Settings:
                 "BOT_REFERENCES_CONTAINER",
                 get("BOT_REFERENCES_CONTAINER", "conversation-references"),
             ),
-            proactive_queue=_storage_name(
-                "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
-            ),
+            proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
             schedule=schedule,
             max_body_bytes=_parse_number(env, "BOT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
             connector_rate_limit=_parse_number(env, "BOT_CONNECTOR_RATE_LIMIT", 50.0, float),
             federated_token_file=get("AZURE_FEDERATED_TOKEN_FILE"),
             proactive_max_age=_parse_number(env, "BOT_PROACTIVE_MAX_AGE_SECONDS", 3600.0, float),
-            proactive_claim_seconds=_parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float),
+            proactive_claim_seconds=_parse_claim_seconds(env),
         )
 
 
@@ -432,6 +434,18 @@ def _storage_name(setting: str, name: str) -> str:
     return name
 
 
+def proactive_queue_name(name: str) -> str:
+    """`BOT_PROACTIVE_QUEUE`, short enough that its poison queue's name is one too."""
+    _storage_name("BOT_PROACTIVE_QUEUE", name)
+    if len(name) > MAX_QUEUE_NAME:
+        raise SettingsError(
+            "BOT_PROACTIVE_QUEUE",
+            f"must be at most {MAX_QUEUE_NAME} characters: its poison queue "
+            f"`<name>{POISON_SUFFIX}` must fit Azure's 63",
+        )
+    return name
+
+
 def _parse_bool(env: Mapping[str, str], name: str) -> bool:
     value = env.get(name, "").strip().lower()
     if value in ("", "false", "0", "no"):
@@ -454,6 +468,21 @@ def _parse_number(env: Mapping[str, str], name: str, default, kind):
     if value <= 0:
         raise SettingsError(name, "must be greater than zero")
     return value
+
+
+def _parse_claim_seconds(env: Mapping[str, str]) -> float:
+    # A send starts only while half of its claim is left (shared/proactive.py), and the
+    # Connector client spends up to its whole budget on it, retries included: a shorter
+    # claim could expire mid-send, and another instance would take it over and send again.
+    floor = 2 * RetryPolicy().max_total_seconds
+    seconds = _parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float)
+    if seconds < floor:
+        raise SettingsError(
+            "BOT_PROACTIVE_CLAIM_SECONDS",
+            f"must be at least {floor:g} seconds: twice the Connector client's "
+            f"{floor / 2:g} s budget for one send with its retries",
+        )
+    return seconds
 
 
 _settings: Settings | None = None

@@ -30,7 +30,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.config import Settings, SettingsError, StorageSettings, _storage_name
+from shared.config import (
+    DEFAULT_QUEUE,
+    Settings,
+    SettingsError,
+    StorageSettings,
+    _storage_name,
+    proactive_queue_name,
+)
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
 
@@ -70,10 +77,7 @@ async def enqueue(
     message = dict(request)
     if message.get("id") is None:
         message["id"] = str(uuid.uuid4())
-    text = compact_json(message)
-    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
-        # The engine adds its bookkeeping to copies it requeues: leave room for it.
-        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
+    text = request_text(message)
     parsed = parse_request(text)
     kind = "broadcast" if parsed.broadcast is not None else "single"
     try:
@@ -85,6 +89,18 @@ async def enqueue(
         # infra grants): the report appears with the first delivery attempt instead.
     await StorageQueue(settings).put(text, delay=delay)
     return parsed.id
+
+
+def request_text(message: Mapping[str, Any]) -> str:
+    """The request as it is queued (compact JSON); InvalidRequest when it is too large.
+
+    The engine adds its bookkeeping to copies it requeues (and the poison queue a reason),
+    so a request may use at most MAX_REQUEST_BYTES of a queue message.
+    """
+    text = compact_json(message)
+    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
+    return text
 
 
 async def read_report(request_id: str, *, settings: Settings | None = None) -> dict | None:
@@ -122,9 +138,7 @@ def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None 
         references_container=_storage_name(
             "BOT_REFERENCES_CONTAINER", get("BOT_REFERENCES_CONTAINER", "conversation-references")
         ),
-        proactive_queue=_storage_name(
-            "BOT_PROACTIVE_QUEUE", get("BOT_PROACTIVE_QUEUE", "proactive-messages")
-        ),
+        proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
         allow_unauthenticated=True,  # unused: a producer sends nothing to a Connector
     )
 

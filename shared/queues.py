@@ -1,8 +1,8 @@
 """The proactive queue as the engine and producers use it: put (with a delay), poison, depth.
 
-Messages are base64-encoded, as the Functions host expects of every queue message; a
-queue that does not exist yet is created on first use. :class:`MemoryQueue` records what
-would have been sent, for unit tests.
+Messages are base64-encoded, as the Functions host expects of every queue message, and
+never expire (only taking one removes it); a queue that does not exist yet is created on
+first use. :class:`MemoryQueue` records what would have been sent, for unit tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.config import Settings
+from shared.config import POISON_SUFFIX, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ MAX_QUEUE_MESSAGE_BYTES = 48 * 1024
 # poison queue a reason) to copies of it, which must still fit.
 MAX_REQUEST_BYTES = MAX_QUEUE_MESSAGE_BYTES - 512
 MAX_DELAY_SECONDS = 7 * 24 * 3600 - 60  # Azure's largest visibility timeout is 7 days
+NEVER_EXPIRES = -1  # a message's time to live (Put Message `messagettl`): until it is taken
 
 
 class MessageQueue(Protocol):
@@ -45,7 +46,9 @@ class StorageQueue:
         await _send(self._settings, self.name, text, delay)
 
     async def poison(self, body: bytes | str, reason: str) -> None:
-        await _send(self._settings, f"{self.name}-poison", poison_message(body, reason), 0.0)
+        await _send(
+            self._settings, f"{self.name}{POISON_SUFFIX}", poison_message(body, reason), 0.0
+        )
 
     async def depth(self) -> int | None:
         """About how many messages the queue holds, delayed ones included (None: unknown).
@@ -105,12 +108,16 @@ async def _send(settings: Settings, queue_name: str, text: str, delay: float) ->
 
     queue = _queue_client(settings, queue_name)
     visibility = min(MAX_DELAY_SECONDS, max(0, math.ceil(delay))) or None
+    # Never expires: the service's default time to live (7 days from the put) would delete
+    # a message delayed nearly that long a minute after it became visible, unprocessed
+    # and unreported, and a poison copy before an operator looked.
+    options = {"visibility_timeout": visibility, "time_to_live": NEVER_EXPIRES}
     try:
-        await queue.send_message(text, visibility_timeout=visibility)
+        await queue.send_message(text, **options)
     except ResourceNotFoundError:
         with contextlib.suppress(ResourceExistsError):  # created meanwhile by another writer
             await queue.create_queue()
-        await queue.send_message(text, visibility_timeout=visibility)
+        await queue.send_message(text, **options)
 
 
 def poison_message(body: bytes | str, reason: str) -> str:

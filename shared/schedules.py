@@ -8,10 +8,12 @@ A schedule is a JSON blob ``schedules/<name>.json`` in `BOT_REFERENCES_CONTAINER
 Each timer run (`BOT_SCHEDULE`, every minute by default) enqueues, for every enabled
 schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
-(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once. Two
-runs that overlap, or a run retried after a crash before its bookkeeping was written,
-enqueue the same ids again: delivery dedupes by id, so each due time is sent once.
-A schedule fires at most once a minute (due times are per minute).
+(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once; a
+document written since its last run (edited, or deleted and created again) counts from
+that write instead, so nothing from before it is sent. Two runs that overlap, or a run
+retried after a crash before its bookkeeping was written, enqueue the same ids again:
+delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
+minute (due times are per minute).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from shared.config import Settings
 from shared.ledger import Ledger, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.producer import request_text
 from shared.queues import MessageQueue, compact_json
 from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
@@ -60,17 +63,31 @@ def parse_schedule(name: str, document: Any) -> Schedule:
         or not croniter.is_valid(expression, second_at_beginning=True)
     ):
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
+    if not _ever_due(expression):
+        raise InvalidRequest("`schedule` never falls due (a date no month has, such as 30 Feb)")
     enabled = document.get("enabled", True)
     if not isinstance(enabled, bool):
         raise InvalidRequest("`enabled` must be true or false")
     request = document.get("request")
     if not isinstance(request, dict) or "id" in request or RESERVED in request:
         raise InvalidRequest("`request` must be a proactive request without `id`")
-    parse_request(compact_json({**request, "id": schedule_id(name, _EPOCH)}))
+    # The producer's own rules, size included: every due time's message is this long.
+    parse_request(request_text({**request, "id": schedule_id(name, _EPOCH)}))
     return Schedule(name, expression, request, enabled)
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _ever_due(expression: str) -> bool:
+    """Whether the expression names a time that comes (`0 0 0 30 2 *` parses, never does)."""
+    from croniter import CroniterBadDateError, croniter
+
+    try:
+        croniter(expression, _EPOCH, second_at_beginning=True, day_or=False).get_next(datetime)
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def schedule_id(name: str, due: datetime) -> str:
@@ -94,7 +111,12 @@ def due_times(expression: str, after: datetime, until: datetime) -> list[datetim
 
 
 async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> list[str]:
-    """Enqueue every schedule's due times since its last run; the ids enqueued."""
+    """Enqueue every schedule's due times since its last run; the ids enqueued.
+
+    One bad document, or one schedule's failed read or put, never stops the others.
+    """
+    from azure.core.exceptions import AzureError  # what the queue's storage calls raise
+
     enqueued: list[str] = []
     names = [
         entry.name async for entry in ledger.list(SCHEDULES_PREFIX) if entry.name.endswith(".json")
@@ -108,7 +130,6 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
                 SCHEDULES_PREFIX,
             )
             continue
-        # One bad document (or one failed read) never stops the other schedules.
         try:
             record = await ledger.read(blob)
             if record is None:
@@ -122,7 +143,15 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
         except InvalidRequest as error:
             logger.warning("schedule %r skipped: %s", name, error)
             continue
-        enqueued += await _run_one(ledger, queue, schedule, now)
+        try:
+            enqueued += await _run_one(ledger, queue, schedule, now, record.modified)
+        except (StoreError, AzureError, ValueError) as error:
+            # Its last run is not moved on: the next run enqueues what is due then.
+            logger.warning(
+                "schedule %r: not run this time (%s); retried at the next run",
+                name,
+                type(error).__name__,
+            )
     return enqueued
 
 
@@ -136,9 +165,16 @@ def _last_run(state: Record | None) -> datetime | None:
     return moment if moment is not None and moment.tzinfo is not None else None
 
 
+def _minute_before(moment: datetime) -> datetime:
+    """Just before `moment`'s minute: due times from then on count that minute."""
+    return moment.replace(second=0, microsecond=0) - timedelta(microseconds=1)
+
+
 async def _run_one(
-    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime
+    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime, written: float
 ) -> list[str]:
+    """Enqueue the schedule's due times since its last run, or since its document was
+    last written (`written`, epoch seconds, 0 when unknown) when that is later."""
     state_name = f"{STATE_PREFIX}{encode_segment(schedule.name, 400)}.json"
     until = now.astimezone(UTC)
     try:
@@ -152,13 +188,16 @@ async def _run_one(
             logger.warning(
                 "schedule %r: its last-run record was unusable; restarts now", schedule.name
             )
-        last = until.replace(second=0, microsecond=0) - timedelta(microseconds=1)
+        last = _minute_before(until)
     if not schedule.enabled:
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
+    # A document written since (edited, or deleted and created again under this name) is
+    # a schedule that starts afresh: nothing that fell due before it is sent.
+    since = max(last, _minute_before(datetime.fromtimestamp(written, UTC)))
     ids = []
-    for due in due_times(schedule.expression, last, until):
+    for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)
         await queue.put(compact_json({**schedule.request, "id": request_id}))
         ids.append(request_id)

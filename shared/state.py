@@ -14,10 +14,13 @@ again:
 
 - changes made through :meth:`State.update` are replayed on the fresh document (so two
   concurrent counters both count);
-- other edits are merged field by field (top-level keys): fields only this writer changed
-  are applied, fields only the other writer changed are kept; a field both changed
-  differently goes to ``State.merge`` when set, else the save fails with
-  :class:`StateConflict`, having written nothing (safe to retry).
+- other (direct) edits are then merged field by field (top-level keys), three ways: the
+  loaded document with the updates replayed, the fresh one with them replayed, and this
+  writer's data. Fields only this writer edited are applied, fields only the other writer
+  changed are kept, a field both changed to the same value is written once (so two plain
+  ``+= 1`` edits that meet count once: read-modify-write changes belong in ``update``); a
+  field both changed differently goes to ``State.merge`` when set, else the save fails
+  with :class:`StateConflict`, having written nothing (safe to retry).
 
 Documents are plain JSON (no pickling), limited to :data:`MAX_STATE_BYTES` of UTF-8; a
 bigger state is a :class:`StateTooLarge` error and nothing is written.
@@ -41,7 +44,8 @@ SCHEMA_VERSION = 1
 Scope = Literal["conversation", "user"]
 Data = dict[str, Any]
 Change = Callable[[Data], Any]  # mutates the state in place; must depend only on it
-Merge = Callable[[Data, Data, Data], Data]  # (as loaded, theirs now, ours) -> to write
+# (as loaded, theirs now, ours) -> to write; the first two with the update() changes replayed
+Merge = Callable[[Data, Data, Data], Data]
 
 _SCOPES: tuple[Scope, ...] = ("conversation", "user")
 
@@ -220,7 +224,8 @@ _MISSING = object()
 
 def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
     """Three-way merge on top-level fields: ours where only we changed a field, theirs
-    where only they did; StateConflict where both changed one field differently."""
+    where only they did, the value once where both changed it to the same value;
+    StateConflict where both changed one field differently."""
     merged = dict(theirs)
     for name in loaded.keys() | ours.keys():
         before, mine = loaded.get(name, _MISSING), ours.get(name, _MISSING)
@@ -253,7 +258,9 @@ class State:
     def __init__(self, store: StateStore | None, key: str, *, merge: Merge | None = None):
         split_state_key(key)
         self.key = key
-        self.merge = merge  # combines fields both writers changed (see merge_fields)
+        # Combines fields both writers changed: called like merge_fields, with the loaded
+        # and the fresh document each with this turn's update() changes replayed.
+        self.merge = merge
         self._store = store
         self._loaded: Data | None = None  # the data as read (or as last saved)
         self._etag: str | None = None
@@ -331,10 +338,13 @@ class State:
         return deleted
 
     def _reapply(self, loaded: Data, theirs: Data, ours: Data) -> Data:
-        if self._updates and self._replay(_copy(loaded)) == ours:
-            return self._replay(_copy(theirs))  # every change came through update()
+        # The update() changes are replayed on both sides, so only the direct edits are
+        # merged: base and theirs both carry this turn's updates, ours carries its edits.
+        base, fresh = self._replay(_copy(loaded)), self._replay(_copy(theirs))
+        if base == ours:
+            return fresh  # every change came through update()
         merge = self.merge or merge_fields
-        return merge(_copy(loaded), _copy(theirs), _copy(ours))
+        return merge(base, fresh, _copy(ours))
 
     def _replay(self, data: Data) -> Data:
         for change in self._updates:

@@ -30,9 +30,9 @@ from shared.activity import (
     conversation_reference,
     is_bot_account,
     teams_team_id,
+    teams_tenant_id,
     text_without_bot_mention,
 )
-from shared.activity import tenant_id as activity_tenant_id
 from shared.cards import as_attachment
 from shared.state import State, StateStore, conversation_state_key, user_state_key
 from shared.wire import (
@@ -147,8 +147,9 @@ class TurnContext:
 
     @property
     def tenant_id(self) -> str | None:
-        """The Microsoft Entra tenant (conversation.tenantId or channelData.tenant.id)."""
-        return activity_tenant_id(self.activity)
+        """The Microsoft Entra tenant (conversation.tenantId or channelData.tenant.id) of an
+        msteams activity; None on other channels, whose clients write those fields."""
+        return teams_tenant_id(self.activity)
 
     @property
     def team_id(self) -> str | None:

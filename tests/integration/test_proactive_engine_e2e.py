@@ -7,9 +7,9 @@ shared.producer (the API, and once the command), and what is checked is what a u
 operator would see: what reached the Connector, the delivery report, the poison queue,
 the store, and how often the host dequeued a message.
 
-Hosts that are killed or share work run with `DEVHOST_QUEUE_LEASE_SECONDS` and
-`BOT_PROACTIVE_CLAIM_SECONDS` of a few seconds, so a killed instance's messages and
-claims come back in seconds rather than the platform's minutes.
+Hosts that are killed or share work run with a `DEVHOST_QUEUE_LEASE_SECONDS` of a few
+seconds and the shortest `BOT_PROACTIVE_CLAIM_SECONDS` the settings accept, so a killed
+instance's messages and claims come back in seconds rather than the platform's minutes.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from azure.storage.queue import QueueServiceClient
 
 from shared import producer
 from shared.config import Settings
+from shared.connector import RetryPolicy
 from shared.references import BlobReferenceStore
 from shared.schedules import run_timer
 from shared.storage import close_shared_clients
@@ -486,7 +487,11 @@ async def test_an_expired_secret_loses_nothing_and_delivers_once_fixed(
 
 # --- crashes and scale-out ---------------------------------------------------------------------
 
-FAST_RECOVERY = {"DEVHOST_QUEUE_LEASE_SECONDS": "3", "BOT_PROACTIVE_CLAIM_SECONDS": "4"}
+# The shortest claim the settings accept (twice the Connector client's budget for a send).
+FAST_RECOVERY = {
+    "DEVHOST_QUEUE_LEASE_SECONDS": "3",
+    "BOT_PROACTIVE_CLAIM_SECONDS": str(2 * RetryPolicy().max_total_seconds),
+}
 
 
 @pytest.fixture

@@ -139,6 +139,33 @@ def test_body_must_be_an_object(body):
         ({"membersAdded": {"id": "x"}}, "membersAdded must be an array"),
         ({"membersAdded": ["x"]}, "membersAdded must hold objects"),
         ({"entities": [1]}, "entities must hold objects"),
+        # Nested fields the bot reads: a wrong type would fail a handler or a route (a 500
+        # and an apology posted with the bot's token) instead of a 400.
+        ({"recipient": {"id": 28}}, "recipient.id must be a string"),
+        ({"from": {"id": "29:user", "name": ["Ada"]}}, "from.name must be a string"),
+        ({"from": {"id": "29:user", "aadObjectId": 1}}, "from.aadObjectId must be a string"),
+        ({"from": {"id": "29:user", "role": {}}}, "from.role must be a string"),
+        ({"conversation": {"id": "a:1", "isGroup": "false"}}, "conversation.isGroup must be a"),
+        ({"conversation": {"id": "a:1", "conversationType": 1}}, "conversation.conversationType"),
+        ({"conversation": {"id": "a:1", "tenantId": {"id": "t"}}}, "conversation.tenantId"),
+        ({"conversation": {"id": "a:1", "name": 2}}, "conversation.name must be a string"),
+        ({"membersAdded": [{"id": 29}]}, "membersAdded[0].id must be a string"),
+        ({"membersRemoved": [{"id": "29:a"}, {"id": "29:b", "name": 0}]}, "membersRemoved[1].name"),
+        ({"reactionsAdded": [{"type": ["like"]}]}, "reactionsAdded[0].type must be a string"),
+        ({"entities": [{"type": 1}]}, "entities[0].type must be a string"),
+        ({"entities": [{"type": "mention", "mentioned": "28:bot"}]}, "entities[0].mentioned"),
+        (
+            {"entities": [{"type": "mention", "mentioned": {"id": 28}, "text": "<at>B</at>"}]},
+            "entities[0].mentioned.id must be a string",
+        ),
+        ({"entities": [{"type": "mention", "text": 5}]}, "entities[0].text must be a string"),
+        ({"attachments": [{"contentType": None, "contentUrl": 1}]}, "attachments[0].contentUrl"),
+        ({"channelData": {"tenant": "t-1"}}, "channelData.tenant must be an object"),
+        ({"channelData": {"tenant": {"id": 1}}}, "channelData.tenant.id must be a string"),
+        ({"channelData": {"team": {"id": "19:t", "name": 3}}}, "channelData.team.name must be"),
+        ({"channelData": {"channel": {"id": []}}}, "channelData.channel.id must be a string"),
+        ({"channelData": {"eventType": True}}, "channelData.eventType must be a string"),
+        ({"replyToId": 17}, "replyToId must be a string"),
     ],
 )
 def test_required_and_typed_fields(change, reason):
@@ -186,6 +213,47 @@ def test_valid_body_parses_and_keeps_unknown_fields():
     parsed = parse_activity(json.dumps(activity).encode("utf-8"))
     assert parsed == activity
     assert parsed["futureField"] == {"nested": [1, 2]}
+
+
+def test_every_nested_field_of_a_teams_activity_is_accepted():
+    activity = incoming(
+        type="conversationUpdate",
+        **{"from": {"id": "29:user", "name": "Ada", "aadObjectId": "aad-1", "role": "user"}},
+        recipient={"id": "28:bot", "name": "Bot", "role": "bot", "extra": {"kept": 1}},
+        conversation={
+            "id": "19:c@thread.tacv2",
+            "name": "General",
+            "isGroup": True,
+            "conversationType": "channel",
+            "tenantId": "tenant-1",
+            "unknown": [1],
+        },
+        membersAdded=[{"id": "28:bot"}, {"id": "29:new", "name": "New", "aadObjectId": "a"}],
+        membersRemoved=[{"id": "29:old", "role": None}],
+        reactionsAdded=[{"type": "like"}],
+        entities=[
+            {"type": "mention", "mentioned": {"id": "28:bot", "name": "Bot"}, "text": "<at>B</at>"},
+            {"type": "clientInfo", "locale": "en-GB", "timezone": "Europe/London"},
+            {"mentioned": "no type: not a mention, kept"},
+        ],
+        attachments=[{"contentType": "text/html", "content": {"any": "JSON"}, "name": "x"}],
+        channelData={
+            "tenant": {"id": "tenant-1"},
+            "team": {"id": "19:team@thread.tacv2", "name": "Team", "aadGroupId": "g"},
+            "channel": {"id": "19:c@thread.tacv2", "name": "General"},
+            "eventType": "channelCreated",
+            "settings": {"selectedChannel": {"id": "19:c@thread.tacv2"}},
+        },
+        replyToId="1700",
+    )
+    assert parse_activity(json.dumps(activity).encode()) == activity
+
+
+def test_another_channels_channel_data_is_its_own():
+    # Teams' channelData shape is checked on msteams only: on other channels channelData is
+    # whatever the channel (or a Web Chat client) puts there, and the bot reads none of it.
+    activity = incoming(channelId="webchat", channelData={"tenant": "any", "team": 1})
+    assert parse_activity(json.dumps(activity).encode()) == activity
 
 
 def test_utf16_body_is_accepted_as_json():

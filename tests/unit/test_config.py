@@ -87,6 +87,45 @@ def test_bad_settings_name_the_setting(env, setting):
     assert "s3cret" not in str(raised.value)
 
 
+def test_a_queue_name_whose_poison_queue_could_not_exist_is_refused(tmp_path):
+    # The engine poisons to `<name>-poison`, and an Azure queue name has at most 63
+    # characters: with a longer name every poison copy would fail.
+    from shared.producer import producer_settings
+
+    longest = "q" * 56
+    assert settings(BOT_PROACTIVE_QUEUE=longest).proactive_queue == longest
+    too_long = "q" * 57
+    for read in (
+        lambda: settings(BOT_PROACTIVE_QUEUE=too_long),
+        lambda: producer_settings(
+            {"AzureWebJobsStorage": "UseDevelopmentStorage=true", "BOT_PROACTIVE_QUEUE": too_long},
+            tmp_path,
+        ),
+    ):
+        with pytest.raises(SettingsError) as raised:
+            read()
+        assert raised.value.setting == "BOT_PROACTIVE_QUEUE"
+        assert "56" in raised.value.problem and "-poison" in raised.value.problem
+    # A container name keeps Azure's own limit.
+    assert settings(BOT_REFERENCES_CONTAINER="c" * 63).references_container == "c" * 63
+
+
+def test_a_claim_shorter_than_a_send_with_its_retries_is_refused():
+    # A send starts only while half of its claim is left, and the Connector client spends
+    # up to its whole budget on it: a shorter claim could expire mid-send, and another
+    # instance would take the target over and send it again.
+    from shared.connector import RetryPolicy
+
+    floor = 2 * RetryPolicy().max_total_seconds
+    assert settings(BOT_PROACTIVE_CLAIM_SECONDS=str(floor)).proactive_claim_seconds == floor
+    assert settings().proactive_claim_seconds == 45.0
+    for short in ("4", "0.5", str(floor - 0.5)):
+        with pytest.raises(SettingsError) as raised:
+            settings(BOT_PROACTIVE_CLAIM_SECONDS=short)
+        assert raised.value.setting == "BOT_PROACTIVE_CLAIM_SECONDS"
+        assert f"at least {floor:g}" in raised.value.problem
+
+
 def test_local_unauthenticated_mode_needs_the_flag_and_no_app_id():
     local = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
     assert local.auth_disabled

@@ -368,6 +368,21 @@ MALFORMED = {
     "ftp serviceUrl": (400, {"fields": {"serviceUrl": "ftp://127.0.0.1/"}}),
     "conversation without id": (400, {"fields": {"conversation": {"name": "x"}}}),
     "from is a string": (400, {"fields": {"from": "29:user"}}),
+    # A route predicate would raise on these (a 500, the apology sent with the bot's token).
+    "recipient.id a number": (
+        400,
+        {
+            "fields": {
+                "type": "conversationUpdate",
+                "recipient": {"id": 28},
+                "membersAdded": [{"id": "29:new-user"}],
+            }
+        },
+    ),
+    "a member's id a number": (
+        400,
+        {"fields": {"type": "conversationUpdate", "membersAdded": [{"id": 29}]}},
+    ),
 }
 
 

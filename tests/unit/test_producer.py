@@ -174,6 +174,46 @@ async def test_the_queue_tells_how_many_messages_it_holds(azurite, unique_name):
 
 
 @pytest.mark.integration
+async def test_messages_the_bot_queues_never_expire_before_they_are_taken(azurite, unique_name):
+    # Without a time to live the service deletes a message 7 days after it was put, taken
+    # or not: one delayed by nearly 7 days (the producer allows up to MAX_DELAY_SECONDS)
+    # would be visible for a minute, then gone unreported. Nor does a poison copy expire
+    # before an operator looks. A short delay here: the expiry is set when the message is
+    # put, whatever its delay.
+    import asyncio
+    from datetime import timedelta
+
+    from azure.storage.queue import QueueClient
+
+    from shared.config import Settings, StorageSettings
+    from shared.queues import MAX_DELAY_SECONDS, StorageQueue
+    from shared.storage import close_shared_clients
+
+    settings = Settings(storage=StorageSettings(connection_string=azurite.connection_string))
+    queue = StorageQueue(settings, unique_name("ttl"))
+    try:
+        await queue.put("later", delay=1)
+        await queue.poison("broken", "invalid request: test")
+    finally:
+        await close_shared_clients()
+    received = []
+    for name in (queue.name, f"{queue.name}-poison"):
+        client = QueueClient.from_connection_string(azurite.connection_string, name)
+        try:
+            for _ in range(100):  # the delayed one becomes visible after a second
+                received += list(client.receive_messages(visibility_timeout=60))
+                if len(received) == (1 if name == queue.name else 2):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            client.close()
+    assert len(received) == 2
+    for message in received:
+        kept = message.expires_on - message.inserted_on
+        assert kept > timedelta(seconds=MAX_DELAY_SECONDS, days=365), message.expires_on
+
+
+@pytest.mark.integration
 async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, unique_name, caplog):
     # An identity allowed to add and take messages but not to read the queue's properties:
     # the depth is unknown (the fan-out then adds pages as if the queue were not full), and

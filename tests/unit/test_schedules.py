@@ -10,7 +10,7 @@ import pytest
 
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
-from shared.queues import MemoryQueue
+from shared.queues import MemoryQueue, compact_json
 from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
@@ -191,3 +191,153 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         assert client.get_queue_properties().approximate_message_count == 1
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        # Valid NCRONTAB fields, but 30 February (31 April, a 31 February Monday) never comes.
+        ({"schedule": "0 0 0 30 2 *", "request": REQUEST}, "never falls due"),
+        ({"schedule": "0 0 9 31 4 *", "request": REQUEST}, "never falls due"),
+        ({"schedule": "0 0 0 31 2 Mon", "request": REQUEST}, "never falls due"),
+        # What the producer would refuse: its copies would not fit in a queue message.
+        ({"schedule": "0 * * * * *", "request": {**REQUEST, "text": "x" * 60_000}}, "larger than"),
+    ],
+)
+async def test_a_schedule_that_could_never_be_sent_is_skipped_and_the_others_run(
+    caplog, document, reason
+):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-bad.json", document)
+    await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    assert ids == ["schedule:b-good:2030-01-01T12:00Z"]
+    assert [json.loads(text)["id"] for text, _ in queue.sent] == ids
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'a-bad' skipped" in warning.getMessage() and reason in warning.getMessage()
+    assert "xxxx" not in caplog.text  # the document's content is never logged
+    # Every minute the same: the bad one skipped, the good one run.
+    later = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
+    assert later == ["schedule:b-good:2030-01-01T12:01Z"]
+
+
+def test_a_schedule_whose_request_just_fits_is_accepted():
+    # The limit is the producer's (the request with its schedule id, as JSON).
+    from shared.queues import MAX_REQUEST_BYTES
+
+    name = "fits"
+    overhead = len(compact_json({**REQUEST, "text": "", "id": schedule_id(name, T0)}))
+    text = "x" * (MAX_REQUEST_BYTES - overhead)
+    assert parse_schedule(name, {"schedule": "0 * * * * *", "request": {**REQUEST, "text": text}})
+    with pytest.raises(InvalidRequest, match="larger than"):
+        parse_schedule(
+            name, {"schedule": "0 * * * * *", "request": {**REQUEST, "text": text + "x"}}
+        )
+
+
+async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
+    # The queue service fails one schedule's put: that schedule is retried at the next run,
+    # with everything that fell due meanwhile. Simulated: Azurite cannot be made to drop
+    # one message's connection, so the in-memory queue raises what the SDK raises then.
+    from azure.core.exceptions import ServiceResponseError
+
+    class FailingOnce(MemoryQueue):
+        async def put(self, text: str, *, delay: float = 0.0) -> None:
+            if ":a-flaky:" in text and self.failing:
+                self.failing = False
+                raise ServiceResponseError("connection reset")
+            await super().put(text, delay=delay)
+
+    ledger, queue = MemoryLedger(), FailingOnce()
+    queue.failing = False
+    await ledger.create("schedules/a-flaky.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    assert len(await run_schedules(ledger, queue, T0)) == 2
+
+    queue.failing = True
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
+    assert ids == ["schedule:b-good:2030-01-01T12:01Z"]
+    assert "'a-flaky'" in caplog.text and "ServiceResponseError" in caplog.text
+
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=2))
+    assert ids == [
+        "schedule:a-flaky:2030-01-01T12:01Z",
+        "schedule:a-flaky:2030-01-01T12:02Z",
+        "schedule:b-good:2030-01-01T12:02Z",
+    ]
+
+
+class StoreClock:
+    """The store's clock (what it stamps as a blob's last write), set by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+async def test_a_schedule_created_again_sends_nothing_from_before_it_existed():
+    T8 = datetime(2030, 1, 1, 8, 0, 30, tzinfo=UTC)
+    clock = StoreClock(T8)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await ledger.create("schedules/hourly.json", {"schedule": "0 0 * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, T8) == ["schedule:hourly:2030-01-01T08:00Z"]
+    clock.now = T8 + timedelta(minutes=5)
+    await ledger.delete("schedules/hourly.json")  # the operator removes it
+    for hour in range(1, 10):  # the timer keeps running, with nothing to do
+        assert await run_schedules(ledger, queue, T8 + timedelta(hours=hour)) == []
+
+    # At 17:20 the operator adds a schedule by that name again, with another request.
+    clock.now = T8 + timedelta(hours=9, minutes=20)
+    await ledger.create(
+        "schedules/hourly.json",
+        {"schedule": "0 0 * * * *", "request": {**REQUEST, "text": "new"}},
+    )
+    assert await run_schedules(ledger, queue, clock.now) == []
+    ids = await run_schedules(ledger, queue, T8 + timedelta(hours=10))
+    assert ids == ["schedule:hourly:2030-01-01T18:00Z"]
+    assert [json.loads(text)["text"] for text, _ in queue.sent] == ["tick", "new"]
+
+
+async def test_an_edited_schedule_starts_afresh_and_an_unchanged_one_catches_up():
+    clock = StoreClock(T0)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    document = {"schedule": "0 */10 * * * *", "request": REQUEST}
+    await ledger.create("schedules/edited.json", document)
+    await ledger.create("schedules/same.json", document)
+    assert len(await run_schedules(ledger, queue, T0)) == 2  # both due at 12:00
+
+    # The timer is down from 12:01 to 13:00; at 12:35 the operator edits one schedule.
+    clock.now = T0 + timedelta(minutes=35)
+    record = await ledger.read("schedules/edited.json")
+    await ledger.replace("schedules/edited.json", {**document, "enabled": True}, record.etag)
+    ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=60))
+
+    assert ids == [
+        # Edited: only what fell due after the edit.
+        "schedule:edited:2030-01-01T12:40Z",
+        "schedule:edited:2030-01-01T12:50Z",
+        "schedule:edited:2030-01-01T13:00Z",
+        # Unchanged: everything the timer missed, once.
+        *(f"schedule:same:2030-01-01T{t}Z" for t in ("12:10", "12:20", "12:30", "12:40")),
+        "schedule:same:2030-01-01T12:50Z",
+        "schedule:same:2030-01-01T13:00Z",
+    ]
+
+
+async def test_a_schedule_written_in_the_minute_it_falls_due_still_fires_that_minute():
+    # As a new schedule always has: the run counts its own minute (the timer fires at
+    # second 0 and may run a moment late, or the document may be written a moment early).
+    clock = StoreClock(T0)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    document = {"schedule": "0 0 * * * *", "request": REQUEST}
+    await ledger.create("schedules/s.json", document)
+    assert await run_schedules(ledger, queue, T0 - timedelta(minutes=1)) == []
+    clock.now = T0.replace(minute=0, second=5)
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", {**document, "enabled": True}, record.etag)
+
+    assert await run_schedules(ledger, queue, T0) == ["schedule:s:2030-01-01T12:00Z"]

@@ -196,6 +196,67 @@ async def test_many_concurrent_turns_lose_nothing(store):
     assert (await store.read(CONVERSATION)).data == {"count": MAX_SAVE_ATTEMPTS - 2}
 
 
+async def test_update_changes_count_when_the_turns_also_edit_directly(store):
+    # Two turns each count a click with update() and also record a plain edit of a field
+    # only they change: both clicks count and both plain edits are kept.
+    def click(data):
+        data["clicks"] = data.get("clicks", 0) + 1
+
+    await store.write(CONVERSATION, {"clicks": 1}, etag=None)
+    first, second = State(store, CONVERSATION), State(store, CONVERSATION)
+    (await first.update(click))["seen_alice"] = True
+    (await second.update(click))["seen_bob"] = True
+    assert await first.save() and await second.save()
+    expected = {"clicks": 3, "seen_alice": True, "seen_bob": True}
+    assert (await store.read(CONVERSATION)).data == expected
+    assert await second.load() == expected
+
+
+async def test_a_direct_edit_that_overrides_an_update_is_kept(store):
+    # The plain edit set a field the update() also set: the edit wins for that field, as it
+    # did in the turn; the other writer's update() field is kept.
+    await store.write(USER, {"n": 0, "mode": "a"}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["other"] = 1
+    (await second.update(lambda d: d.update(n=d["n"] + 1, mode="b")))["mode"] = "c"
+    assert await first.save() and await second.save()
+    assert (await store.read(USER)).data == {"n": 1, "mode": "c", "other": 1}
+
+
+async def test_the_merge_hook_gets_both_sides_with_the_updates_replayed(store):
+    def click(data):
+        data["clicks"] = data.get("clicks", 0) + 1
+
+    await store.write(USER, {"clicks": 0, "tags": []}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.update(click))["tags"] = ["a"]
+    (await second.update(click))["tags"] = ["b"]
+    assert await first.save()
+    seen = []
+
+    def union(loaded, theirs, ours):
+        seen.append((loaded, theirs, ours))
+        return {**theirs, "tags": sorted(set(theirs["tags"]) | set(ours["tags"]))}
+
+    second.merge = union
+    assert await second.save()
+    assert seen == [
+        ({"clicks": 1, "tags": []}, {"clicks": 2, "tags": ["a"]}, {"clicks": 1, "tags": ["b"]})
+    ]
+    assert (await store.read(USER)).data == {"clicks": 2, "tags": ["a", "b"]}
+
+
+async def test_plain_edits_to_the_same_value_are_not_a_conflict(store):
+    # The documented rule: a field both writers changed to the same value is written once.
+    # So two plain `+= 1` edits that meet count once; counters belong in update().
+    await store.write(USER, {"clicks": 1}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["clicks"] += 1
+    (await second.load())["clicks"] += 1
+    assert await first.save() and await second.save()
+    assert (await store.read(USER)).data == {"clicks": 2}
+
+
 async def test_edits_of_different_fields_merge(store):
     await store.write(USER, {"theme": "light", "lang": "en", "old": 1}, etag=None)
     first, second = State(store, USER), State(store, USER)

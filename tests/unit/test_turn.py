@@ -114,6 +114,19 @@ def test_a_team_id_counts_only_on_teams():
     assert turn.team_id is None
 
 
+def test_a_tenant_id_counts_only_on_teams():
+    # Web Chat / Direct Line clients write channelData (and conversation) themselves: a
+    # tenant they name is not a verified Microsoft Entra tenant.
+    turn = turn_for(teams_activity(channelId="webchat"))
+    assert turn.tenant_id is None
+    conversation = dict(TEAMS_CHANNEL, tenantId="tenant-2")
+    turn = turn_for(teams_activity(channelId="directline", conversation=conversation))
+    assert turn.tenant_id is None
+    # On msteams both places Teams puts it count.
+    turn = turn_for(teams_activity(conversation=conversation, channelData={}))
+    assert turn.tenant_id == "tenant-2"
+
+
 @pytest.mark.parametrize(
     ("conversation", "personal", "group_chat", "channel"),
     [
