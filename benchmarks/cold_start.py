@@ -158,7 +158,16 @@ def ensure_sdk_venv(venv: Path = SDK_VENV, requirements: Path = SDK_REQUIREMENTS
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CONTROLLED_PREFIXES)}
+    """This environment without the bots' own settings, nor the variables that say a
+    process runs on Azure (a container may carry one, and ours is measured as a local
+    process: on Azure it would refuse unauthenticated mode)."""
+    from shared.config import AZURE_HOST_MARKERS
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_CONTROLLED_PREFIXES) and k not in AZURE_HOST_MARKERS
+    }
     env.pop("PYTHONPATH", None)
     env.update(extra)
     return env

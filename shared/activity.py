@@ -219,6 +219,15 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
     conversation = activity.get("conversation")
     if not isinstance(conversation, dict) or not _non_empty_string(conversation.get("id")):
         raise InvalidActivity(400, "missing conversation.id")
+    # Ids the bot puts in Connector paths: "." or ".." there would be a dot segment (the
+    # Connector client refuses them; no channel issues them).
+    for where, value in (
+        ("id", activity.get("id")),
+        ("conversation.id", conversation["id"]),
+        ("replyToId", activity.get("replyToId")),
+    ):
+        if value in _DOT_SEGMENTS:
+            raise InvalidActivity(400, f"{where} must not be '.' or '..'")
     _check_fields(activity, _FIELDS, "")
     _check_fields(conversation, _CONVERSATION, "conversation.")
     for name in ("from", "recipient"):
@@ -239,6 +248,9 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
         for name, fields in _TEAMS_DATA_OBJECTS:
             if part := data.get(name):
                 _check_fields(part, fields, f"channelData.{name}.")
+
+
+_DOT_SEGMENTS = (".", "..")
 
 
 def _check_fields(value: Mapping[str, Any], fields: Mapping[str, type], where: str) -> None:

@@ -383,6 +383,10 @@ MALFORMED = {
         400,
         {"fields": {"type": "conversationUpdate", "membersAdded": [{"id": 29}]}},
     ),
+    # Ids that would be dot segments in a Connector path.
+    "id '..'": (400, {"fields": {"id": ".."}}),
+    "conversation.id '.'": (400, {"fields": {"conversation": {"id": "."}}}),
+    "replyToId '..'": (400, {"fields": {"replyToId": ".."}}),
 }
 
 

@@ -325,9 +325,8 @@ def test_well_formed_messages_with_a_valid_token_are_echoed(harness):
             return
         if activity_id in (".", ".."):
             # No channel issues such an id: a reply to it would put a dot segment in the
-            # Connector path, so the client refuses it (invalid), nothing reaches the
-            # Connector, and the turn fails as any handler whose send failed.
-            assert status == 500
+            # Connector path, so it is refused up front, and nothing reaches the Connector.
+            assert status == 400
             assert harness.connector.requests[before:] == []
             return
         assert status == 200
