@@ -65,7 +65,12 @@ log = logging.getLogger("shared.connector")  # the package logs under one name
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
 
-REQUEST_RESERVE_SECONDS = 2.0  # of a call's budget, never spent waiting before a request
+# Of a call's budget, never spent waiting before a request: the request's own time to
+# answer (a message answered later may have been posted; it is never sent again).
+REQUEST_RESERVE_SECONDS = 5.0
+# Operations whose POST delivers an activity: one left without an answer after it was
+# written may have been posted (createConversation only when it carries a first activity).
+POSTS_ACTIVITIES = frozenset({"sendToConversation", "replyToActivity", "sendConversationHistory"})
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
 MAX_REDIRECTS = 5  # attachment views only
 
@@ -391,6 +396,9 @@ class ConnectorClient:
         url = build_url(target, path, query)
         data = encode_body(operation, body)
         scope = pacing_scope(target, pace, body)
+        posts = operation in POSTS_ACTIVITIES or (
+            operation == "createConversation" and bool(body and body.get("activity"))
+        )
         # One budget for everything: the token, pacing waits, every attempt, every backoff.
         deadline = self._clock() + policy.max_total_seconds
         # Kept for the request itself: one cut short after it was written may have been
@@ -420,6 +428,7 @@ class ConnectorClient:
                 deadline,
                 expect,
                 departure,
+                posts,
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
@@ -527,14 +536,16 @@ class ConnectorClient:
         deadline: float,
         expect: Expect,
         departure: Departure,
+        posts: bool,
     ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
         """One request (``departure`` learns when it left): the answer, or a retryable
         ConnectorError for a connection failure.
 
-        A POST that failed after it was written (no answer in time, the connection dropped,
-        a broken answer) may have been posted: that is UNCERTAIN, raised and never retried,
-        as a 500 is. A failure before anything was written, or of a GET, PUT or DELETE
-        (each idempotent), is TRANSIENT."""
+        A request that delivers an activity (``posts``) and failed after it was written (no
+        answer in time, the connection dropped, a broken answer) may have been posted: that
+        is UNCERTAIN, raised and never retried, as a 500 is. A failure before anything was
+        written, or of any other request (a read, an update, a delete, creating a
+        conversation with no first message), is TRANSIENT."""
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 status, response_headers, content = await self._send(
@@ -549,7 +560,7 @@ class ConnectorClient:
                 type(error).__name__,
                 attempt,
             )
-            if method == "POST" and departure.at is not None:
+            if posts and departure.at is not None:
                 raise ConnectorError(
                     ErrorKind.UNCERTAIN,
                     f"no answer after the request was sent ({type(error).__name__}); "

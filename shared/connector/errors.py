@@ -40,14 +40,14 @@ _MAX_CODE_CHARS = 100
 
 class ErrorKind(StrEnum):
     THROTTLED = "throttled"  # 429: retry after retry_after
-    # 412, 502, 503, 504, connection errors before a POST was written (and any for an
-    # idempotent GET, PUT, DELETE): retry later
+    # 412, 502, 503, 504, connection errors before a message's POST was written (and any
+    # for a request that posts no message): retry later
     TRANSIENT = "transient"
     GONE = "gone"  # the bot can no longer reach this conversation: prune, do not retry
     INVALID = "invalid"  # the request is wrong: do not retry
     UNTRUSTED = "untrusted"  # serviceUrl outside the trusted set: nothing was sent
-    # 500 and other unexpected 5xx, or a POST left without an answer after it was written
-    # (timed out, connection dropped): the service may have acted (a message may be
+    # 500 and other unexpected 5xx, or a message's POST left without an answer after it was
+    # written (timed out, connection dropped): the service may have acted (a message may be
     # posted), so resending is not safe; report it and let an operator decide.
     UNCERTAIN = "uncertain"
     # The bot's own credentials or settings were refused (no token, a second 401): nothing

@@ -210,6 +210,18 @@ async def test_a_send_answered_after_its_time_budget_is_never_resent(parts, fake
     assert (report["delivered"], report["failed"]) == (0, 1)
 
 
+async def test_a_slow_answer_to_creating_a_users_chat_is_retried_not_failed(parts, fake_connector):
+    # Creating the 1:1 carries no message: nothing can have been posted, and Teams answers
+    # the existing chat again. A slow answer is requeued like any transient failure.
+    _runtime, engine = parts
+    slow = Reply(200, json={"id": "a:new"}, delay=3.0)
+    fake_connector.script("POST", r"/v3/conversations$", [slow])
+    assert await handle(engine, body({"user": user(fake_connector)}, "u-1")) is Outcome.REQUEUED
+    assert engine.queue.poisoned == [] and sends(fake_connector) == []
+    assert await drain(engine) == [Outcome.DELIVERED]
+    assert len(sends(fake_connector)) == 1  # to the chat the fake Connector answered now
+
+
 async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_try(
     parts, fake_connector
 ):
