@@ -7,7 +7,8 @@ broadcast's fan-out claim:
    its latest pages, the page it may not have finished queueing);
 2. lists the next page of matching references (channel, tenant and team filters are the
    store's; `personal` is checked here);
-3. writes the page's keys (``page/<n>.json``, create-only), then the checkpoint with
+3. writes the page's keys (``page/<n>-<token>.json``, create-only, a blob of this
+   holder's own), then the checkpoint with
    ``If-Match``, counting the page's targets and naming it pending, before anything is
    queued: a page is never counted twice, and every target counted is queued;
 4. enqueues one child per conversation: ``{"id": <broadcast id>, "to": {"conversation":
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -141,8 +143,9 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             children = _children(request, [(item.key, item.reference) for item in targets])
             queued = [item for item, child in zip(targets, children, strict=True) if child]
             number, previous = int(head.get("page") or 0) + 1, head.get("pending")
+            pending = None
             if targets:  # written ahead: what the checkpoint counts is queued, even after a crash
-                await _write_page(engine, request.id, number, [item.key for item in targets])
+                pending = await _write_page(engine, request.id, number, [t.key for t in targets])
             head.update(
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
@@ -150,7 +153,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 updatedAt=iso(engine.clock()),
                 pages=_recent_pages(request.id, head, queued, engine.fanout_backlog),
                 page=number,
-                pending=number if targets else None,
+                pending=pending,
             )
             new_etag = await ledger.replace(head_name(request.id), head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
@@ -320,14 +323,17 @@ async def finish_pending_page(
 async def pending_keys(engine: Engine, request_id: str, head: dict[str, Any]) -> list[str]:
     """The keys of the page the checkpoint names pending ([] when it names none, or its
     page is missing or unreadable: written before the checkpoint names it, so only by hand)."""
-    number = head.get("pending")
-    if number is None:
+    page = head.get("pending")
+    if page is None:
         return []
-    page = await engine.ledger.read(page_name(request_id, number))
-    keys = page.data.get("keys") if page is not None and isinstance(page.data, dict) else None
+    try:
+        found = await engine.ledger.read(page_name(request_id, page))
+    except ValueError:  # not a page id this code writes: the head was edited by hand
+        found = None
+    keys = found.data.get("keys") if found is not None and isinstance(found.data, dict) else None
     if isinstance(keys, list) and all(isinstance(key, str) for key in keys):
         return keys
-    logger.error("proactive %r: fan-out page %s is missing or unreadable", request_id, number)
+    logger.error("proactive %r: fan-out page %.40r is missing or unreadable", request_id, page)
     return []
 
 
@@ -336,32 +342,31 @@ async def _clear_pending(
 ) -> str | None:
     """The pending page is queued: say so in the checkpoint (None: it moved on elsewhere),
     and remove the page's keys (best effort: a page left over is never read again)."""
-    number = head.get("pending")
-    if number is None:
+    page = head.get("pending")
+    if page is None:
         return etag
     head["pending"] = None
     new_etag = await engine.ledger.replace(head_name(request.id), head, etag)
     if new_etag is None:
         logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
         return None
-    await _drop_page(engine, request.id, number)
+    await _drop_page(engine, request.id, page)
     return new_etag
 
 
-async def _write_page(engine: Engine, request_id: str, number: int, keys: list[str]) -> None:
-    """The page's keys, replacing any an earlier holder wrote for the same page and never
-    named in the checkpoint (it stopped between the two writes)."""
-    name = page_name(request_id, number)
-    if await engine.ledger.create(name, {"keys": keys}) is not None:
-        return
-    found = await engine.ledger.read(name)
-    if found is None or await engine.ledger.replace(name, {"keys": keys}, found.etag) is None:
-        raise StoreError("proactive ledger: a fan-out page changed while it was written")
+async def _write_page(engine: Engine, request_id: str, number: int, keys: list[str]) -> str:
+    """The page's keys in a blob of this writer's own (create-only); its id, for the
+    checkpoint to name. Two holders of one page (a claim that expired under a stalled one)
+    never write the same blob, so the one the checkpoint names is the one it counted."""
+    page = f"{number}-{uuid.uuid4().hex[:12]}"
+    if await engine.ledger.create(page_name(request_id, page), {"keys": keys}) is None:
+        raise StoreError("proactive ledger: a fan-out page blob already exists")
+    return page
 
 
-async def _drop_page(engine: Engine, request_id: str, number: Any) -> None:
+async def _drop_page(engine: Engine, request_id: str, page: Any) -> None:
     """Best effort: a page left over is never read again (reports skip it)."""
     try:
-        await engine.ledger.delete(page_name(request_id, number))
-    except StoreError as error:
-        logger.info("proactive %r: fan-out page %s not removed (%s)", request_id, number, error)
+        await engine.ledger.delete(page_name(request_id, page))
+    except (StoreError, ValueError) as error:
+        logger.info("proactive %r: fan-out page not removed (%s)", request_id, error)

@@ -11,9 +11,10 @@ the reference store encodes name segments; see docs/proactive.md):
     ``["out/<last child>.json", children]`` each, for flow control), the number of pages
     listed (``"page"``) and the one counted but maybe not queued in full (``"pending"``)
     (shared/fanout.py).
-``page/<n>.json``
-    ``{"keys": [...]}``: the conversations of a broadcast's nth fan-out page, written before
-    the checkpoint counts them and removed once they are queued.
+``page/<n>-<token>.json``
+    ``{"keys": [...]}``: the conversations of a broadcast's nth fan-out page, written
+    (create-only, a name of its writer's own) before the checkpoint counts them and names
+    it, removed once they are queued.
 ``out/<target>.json``
     One per target, the target's slot (shared/idempotency.py): a claim while an instance
     works on it, then its final outcome (delivered, pruned, failed + reason), which is
@@ -69,9 +70,15 @@ def claim_name(request_id: str, target: str = FANOUT_TARGET) -> str:
     return f"{request_prefix(request_id)}claim/{encode_segment(target, 400)}.json"
 
 
-def page_name(request_id: str, number: Any) -> str:
-    """The keys of a broadcast's `number`th fan-out page, written before it is queued."""
-    return f"{request_prefix(request_id)}page/{int(number)}.json"
+_PAGE_ID = re.compile(r"\d{1,9}-[0-9a-f]{12}")
+
+
+def page_name(request_id: str, page: Any) -> str:
+    """The keys of a broadcast's fan-out page (`page`: ``"<n>-<writer's token>"``), written
+    before it is queued; ValueError for anything else (the id is read from the head)."""
+    if not isinstance(page, str) or not _PAGE_ID.fullmatch(page):
+        raise ValueError("not a fan-out page id")
+    return f"{request_prefix(request_id)}page/{page}.json"
 
 
 def started_name(request_id: str) -> str:

@@ -487,6 +487,85 @@ async def test_a_fanout_stopped_after_queueing_a_page_counts_each_target_once(
     assert not [name for name in engine.ledger.blobs if "/page/" in name]  # none left over
 
 
+class Stopped(BaseException):
+    """A holder's process stops: nothing after this point runs (not an Exception, so no
+    handler in the engine sees it)."""
+
+
+async def test_two_holders_of_one_page_never_lose_what_the_checkpoint_counted(
+    parts, fake_connector
+):
+    # Holder A stalls past its claim after writing its page, B takes the claim over and
+    # lists the page again after a conversation was removed, A's checkpoint lands first
+    # (B's is refused), then A stops before queueing a child. The page the checkpoint
+    # names must be A's, or a counted target is never queued and the report never ends.
+    from shared.fanout import fan_out
+    from shared.proactive_schema import parse_request
+
+    runtime, engine = parts  # stores msteams/a:1
+    for conversation in ("a:2", "a:3", "a:4"):
+        await runtime.references.upsert(
+            reference(fake_connector.url, conversation, user=f"29:{conversation}")
+        )
+    a_checkpoints, b_lists, a_puts, b_done = (asyncio.Event() for _ in range(4))
+
+    class Interleaved(MemoryLedger):
+        async def replace(self, name, data, etag, *, metadata=None):
+            if name.endswith("head.json") and data.get("pending") and not a_checkpoints.is_set():
+                a_checkpoints.set()
+                await asyncio.wait_for(b_lists.wait(), 5)  # B has read the checkpoint
+            return await super().replace(name, data, etag, metadata=metadata)
+
+    class ListingB(MemoryReferenceStore):
+        b = False
+
+        async def list(self, **kwargs):
+            if self.b:
+                b_lists.set()
+                await asyncio.wait_for(a_puts.wait(), 5)  # A's checkpoint has landed
+            return await super().list(**kwargs)
+
+    class StopsA(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            a_puts.set()
+            await asyncio.wait_for(b_done.wait(), 5)
+            raise Stopped()
+
+    store = ListingB()
+    for item in (await runtime.references.list()).items:
+        await store.upsert(item.reference)
+    runtime.references = store
+    engine.ledger = Interleaved(clock=engine.clock)
+    holders = []
+    for queue in (StopsA(), MemoryQueue()):
+        holder = Engine(runtime, engine.ledger, queue, clock=engine.clock, rand=lambda: 0)
+        holder.fanout_page_size, holder.fanout_seconds = 2, 0
+        holders.append(holder)
+    text = body({"broadcast": {}}, "b-1")
+
+    a = asyncio.create_task(fan_out(parse_request(text), holders[0]))
+    await asyncio.wait_for(a_checkpoints.wait(), 5)  # A listed a:1, a:2 and wrote its page
+    engine.clock.now += engine.claim_seconds + 5  # A stalled past its claim
+    await store.delete("msteams/a:1")  # uninstalled meanwhile
+    store.b = True
+    assert await fan_out(parse_request(text), holders[1]) is Outcome.REQUEUED  # B refused
+    store.b = False
+    b_done.set()
+    with pytest.raises(Stopped):
+        await a
+    assert holders[1].queue.sent == []  # B queued nothing: its checkpoint was refused
+
+    engine.clock.now += engine.claim_seconds + 5  # the host redelivers the broadcast
+    await handle(engine, text)
+    await drain(engine)
+
+    report = await read_report(engine.ledger, "b-1")
+    counts = {key: report[key] for key in ("state", "targets", "delivered", "failed")}
+    assert counts == {"state": "done", "targets": 4, "delivered": 3, "failed": 1}
+    assert report["failures"][0]["target"] == "msteams/a:1"  # removed before it was sent
+    assert sorted(sends(fake_connector)) == ["a:2", "a:3", "a:4"]
+
+
 async def test_a_broadcast_fills_the_queue_to_its_backlog_then_follows_it_down(
     parts, fake_connector
 ):
