@@ -8,9 +8,9 @@ broadcast's fan-out claim:
 2. lists the next page of matching references (channel, tenant and team filters are the
    store's; `personal` is checked here);
 3. writes the page's keys (``page/<n>-<token>.json``, create-only, a blob of this
-   holder's own), then the checkpoint with
-   ``If-Match``, counting the page's targets and naming it pending, before anything is
-   queued: a page is never counted twice, and every target counted is queued;
+   holder's own), then the checkpoint with ``If-Match``, counting the page's targets and
+   naming that blob pending, before anything is queued: a page is never counted twice,
+   and every target counted is queued;
 4. enqueues one child per conversation: ``{"id": <broadcast id>, "to": {"conversation":
    <key>}, <content>, "_proactive": {"child": true, "reference": <the listed
    reference>}}``, whose outcome is recorded under the broadcast's id by key (the reference
