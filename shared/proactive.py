@@ -51,7 +51,6 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
-from shared.ledger import Record, iso
 from shared.proactive_schema import (
     MAX_ID_CHARS,
     RESERVED,
@@ -127,78 +126,15 @@ async def _record_given_up(body: bytes | str, engine: Engine) -> None:
         if request.broadcast is None:
             await _record(request, engine, "failed", reason)
         else:
-            await _end_fan_out(request, engine, reason)
+            from shared.fanout import end_fan_out
+
+            await end_fan_out(request, engine, reason)
     except Exception as error:  # best effort: the store may be what is failing
         logger.warning(
             "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
         )
         return
     logger.warning("proactive %r: %s: %s", request.id, request.label, reason)
-
-
-async def _end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) -> None:
-    """A fan-out the host gives up on: ended, with the fan-out itself as one failed
-    target, so the report reaches `done` once the children enqueued so far are."""
-    from shared.reports import FANOUT_TARGET, head_name
-
-    record = await engine.ledger.read(head_name(request.id))
-    if record is not None and isinstance(record.data, dict) and record.data.get("pending"):
-        record = await _end_pending_page(request, engine, record, reason)
-    if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
-        return
-    head = {
-        **record.data,
-        "fannedOut": True,
-        "targets": int(record.data.get("targets") or 0) + 1,
-        "updatedAt": iso(engine.clock()),
-    }
-    if await engine.ledger.replace(head_name(request.id), head, record.etag) is None:
-        return  # a fan-out moved on meanwhile: it is not over
-    reason = f"{reason}; conversations not yet fanned out were not sent"
-    label = "broadcast fan-out"
-    await record_outcome(
-        engine.ledger,
-        request.id,
-        FANOUT_TARGET,
-        "failed",
-        engine.clock(),
-        reason=reason,
-        label=label,
-    )
-
-
-async def _end_pending_page(
-    request: ProactiveRequest, engine: Engine, record: Record, reason: str
-) -> Record | None:
-    """The page the checkpoint counted but may not have queued in full: queued again, or,
-    when that fails too (the queue may be what is failing), each of its targets with an
-    empty slot reported failed, so the report still ends. None: the checkpoint moved on."""
-    from shared.fanout import finish_pending_page, pending_keys
-    from shared.reports import head_name
-
-    try:
-        return await finish_pending_page(request, engine, record)
-    except Exception as error:
-        logger.warning(
-            "proactive %r: the pending fan-out page could not be queued again (%s)",
-            request.id,
-            type(error).__name__,
-        )
-    reason = f"{reason}; this conversation's message may not have been queued"
-    for key in await pending_keys(engine, request.id, record.data):
-        await record_outcome(
-            engine.ledger,
-            request.id,
-            key,
-            "failed",
-            engine.clock(),
-            reason=reason,
-            label=key,
-            only_if_empty=True,
-        )
-    head = {**record.data, "pending": None}
-    etag = await engine.ledger.replace(head_name(request.id), head, record.etag)
-    return None if etag is None else Record(head, etag, record.modified)
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
