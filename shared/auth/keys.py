@@ -96,7 +96,9 @@ class OpenIdKeyCache:
     async def get(self, kid: str) -> SigningKey | None:
         """The key published under `kid`, or None when the source does not publish it.
 
-        Raises :class:`KeySourceError` only when no keys could ever be fetched.
+        Raises :class:`KeySourceError` when no keys could ever be fetched, and for a kid
+        not cached while the source's last fetch failed: it may be a key the issuer has just
+        rolled out, which this process cannot see until the source answers again.
         """
         fetched = False  # keys fetched for this very call: an unknown kid is not refetched
         if self._keys is None:
@@ -117,6 +119,8 @@ class OpenIdKeyCache:
             self._miss_refreshed_at = self._clock()
             await self._refresh()
             key = self._keys.get(kid)
+        if key is None and self._last_error:
+            raise KeySourceError(f"unknown key id while the key source fails: {self._last_error}")
         return key
 
     async def close(self) -> None:
