@@ -37,13 +37,13 @@ from shared.serviceurl import TEAMS_HOSTS, TRUSTED_HOSTS, ServiceTarget, parse_s
 if TYPE_CHECKING:
     from shared.connector.client import (
         DEFAULT_TIMEOUT,
-        MAX_REDIRECTS,
         Clock,
         ConnectorClient,
         Sleep,
     )
     from shared.connector.transport import (
         MAX_ERROR_BODY_BYTES,
+        MAX_REDIRECTS,
         MAX_RESPONSE_BYTES,
         Expect,
         departure_tracing,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "ConnectorClient": "shared.connector.client",
     "DEFAULT_TIMEOUT": "shared.connector.client",
-    "MAX_REDIRECTS": "shared.connector.client",
+    "MAX_REDIRECTS": "shared.connector.transport",
     "Sleep": "shared.connector.client",
     "Clock": "shared.connector.client",
     "Expect": "shared.connector.transport",

@@ -45,14 +45,12 @@ from shared.connector.errors import (
 )
 from shared.connector.scope import pacing_scope
 from shared.connector.transport import (
-    REDIRECT_STATUSES,
     Departure,
     Expect,
     Http,
     build_url,
     encode_body,
-    follow_redirect,
-    read_body,
+    exchange,
     request_headers,
     result,
 )
@@ -72,7 +70,6 @@ REQUEST_RESERVE_SECONDS = 5.0
 # written may have been posted (createConversation only when it carries a first activity).
 POSTS_ACTIVITIES = frozenset({"sendToConversation", "replyToActivity", "sendConversationHistory"})
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5, sock_read=15)
-MAX_REDIRECTS = 5  # attachment views only
 
 
 class ConnectorClient:
@@ -548,8 +545,16 @@ class ConnectorClient:
         conversation with no first message), is TRANSIENT."""
         try:
             async with asyncio.timeout(self._remaining(deadline)):
-                status, response_headers, content = await self._send(
-                    operation, method, url, headers, data, expect, departure
+                status, response_headers, content = await exchange(
+                    self._http.get(),
+                    operation,
+                    method,
+                    url,
+                    headers,
+                    data,
+                    follow=expect == "bytes",
+                    departure=departure,
+                    is_trusted=self.is_trusted,
                 )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             log.info(
@@ -587,42 +592,3 @@ class ConnectorClient:
             attempt,
         )
         return status, response_headers, content
-
-    async def _send(
-        self,
-        operation: str,
-        method: str,
-        url: yarl.URL,
-        headers: dict[str, str],
-        data: bytes | None,
-        expect: Expect,
-        departure: Departure,
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        session = self._http.get()
-        # Attachment views redirect to where the bytes live; nothing else may redirect
-        # (a 3xx is an error), and redirects are followed here, not by aiohttp, so the
-        # token is dropped unless the next hop is still inside the trusted set.
-        follow = expect == "bytes"
-        traced: Departure | None = departure  # the request to the Connector, not a redirect
-        for _ in range(MAX_REDIRECTS + 1):
-            async with session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                trace_request_ctx=traced,
-            ) as response:
-                traced = None
-                location = response.headers.get("Location")
-                if follow and response.status in REDIRECT_STATUSES and location:
-                    url, headers = follow_redirect(
-                        operation, url, location, headers, self.is_trusted
-                    )
-                    continue
-                ok = 200 <= response.status < 300
-                content = await read_body(operation, response, ok)
-                return response.status, response.headers, content
-        raise ConnectorError(
-            ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
-        )

@@ -1,5 +1,6 @@
 """The Connector client's HTTP plumbing: the session, when a request left, request bodies
-and URLs, bounded reads of the answers, where a redirect may lead."""
+and URLs, one exchange with its redirects, bounded reads of the answers, where a redirect
+may lead."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ Expect = Literal["dict", "list", "none", "bytes"]
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
 MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5  # attachment views only
 
 
 class Departure:
@@ -223,3 +225,45 @@ def follow_redirect(
         headers.pop("Authorization", None)
     log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
     return target, headers
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    operation: str,
+    method: str,
+    url: yarl.URL,
+    headers: dict[str, str],
+    data: bytes | None,
+    *,
+    follow: bool,
+    departure: Departure,
+    is_trusted: Callable[[str], bool],
+) -> tuple[int, Mapping[str, str], bytes]:
+    """One request and its answer: the status, headers and body, read within bounds.
+
+    `follow`: redirects are followed (attachment views redirect to where the bytes live);
+    otherwise a 3xx is answered as it is. They are followed here, not by aiohttp, so the
+    token is dropped unless the next hop is still inside the trusted set (`is_trusted`).
+    `departure` is stamped when the request to the Connector (not a redirect) is written.
+    """
+    traced: Departure | None = departure
+    for _ in range(MAX_REDIRECTS + 1):
+        async with session.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            trace_request_ctx=traced,
+        ) as response:
+            traced = None
+            location = response.headers.get("Location")
+            if follow and response.status in REDIRECT_STATUSES and location:
+                url, headers = follow_redirect(operation, url, location, headers, is_trusted)
+                continue
+            ok = 200 <= response.status < 300
+            content = await read_body(operation, response, ok)
+            return response.status, response.headers, content
+    raise ConnectorError(
+        ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
+    )
