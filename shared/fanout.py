@@ -284,15 +284,9 @@ async def _enqueue_children(
             if child is not None:
                 await engine.queue.put(child)
                 return
-            await record_outcome(
-                engine.ledger,
-                request.id,
-                key,
-                "failed",
-                engine.clock(),
-                reason=f"the message for this conversation is larger than "
-                f"{MAX_REQUEST_BYTES} bytes as JSON",
-                label=key,
+            reason = f"larger than {MAX_REQUEST_BYTES} bytes as JSON"
+            await _report_failed(
+                engine, request.id, key, f"the message for this conversation is {reason}"
             )
             logger.warning("proactive %r: %s: too large, not sent", request.id, key)
 
@@ -345,16 +339,7 @@ async def _end_pending_page(
         )
     reason = f"{reason}; this conversation's message may not have been queued"
     for key in await pending_keys(engine, request.id, record.data):
-        await record_outcome(
-            engine.ledger,
-            request.id,
-            key,
-            "failed",
-            engine.clock(),
-            reason=reason,
-            label=key,
-            only_if_empty=True,
-        )
+        await _report_failed(engine, request.id, key, reason, only_if_empty=True)
     head = {**record.data, "pending": None}
     etag = await engine.ledger.replace(head_name(request.id), head, record.etag)
     return None if etag is None else Record(head, etag, record.modified)
@@ -430,3 +415,19 @@ async def _drop_page(engine: Engine, request_id: str, page: Any) -> None:
         await engine.ledger.delete(page_name(request_id, page))
     except (StoreError, ValueError) as error:
         logger.info("proactive %r: fan-out page not removed (%s)", request_id, error)
+
+
+async def _report_failed(
+    engine: Engine, request_id: str, key: str, reason: str, *, only_if_empty: bool = False
+) -> None:
+    """A conversation the fan-out itself reports failed (shown by its key)."""
+    await record_outcome(
+        engine.ledger,
+        request_id,
+        key,
+        "failed",
+        engine.clock(),
+        reason=reason,
+        label=key,
+        only_if_empty=only_if_empty,
+    )

@@ -407,6 +407,12 @@ async def store_many(runtime: Runtime, url: str) -> None:
     )
 
 
+async def store_personal(runtime: Runtime, url: str, *conversations: str) -> None:
+    """1:1 conversations in tenant-1, each with a user of its own."""
+    for conversation in conversations:
+        await runtime.references.upsert(reference(url, conversation, user=f"29:{conversation}"))
+
+
 @pytest.mark.parametrize(
     ("filters", "expected"),
     [
@@ -443,10 +449,7 @@ async def test_a_fanout_stopped_after_queueing_a_page_counts_each_target_once(
     # written ahead), not a new listing without the pruned one, so the count stays exact
     # and the report is not `done` while a child is still queued.
     runtime, engine = parts  # stores msteams/a:1
-    for conversation in ("a:2", "a:3", "a:4"):
-        await runtime.references.upsert(
-            reference(fake_connector.url, conversation, user=f"29:{conversation}")
-        )
+    await store_personal(runtime, fake_connector.url, "a:2", "a:3", "a:4")
     engine.fanout_page_size = 2
     engine.fanout_seconds = 0
     fake_connector.script("POST", r"a%3A2/activities$", [Reply(403, json=GONE)])
@@ -503,10 +506,7 @@ async def test_two_holders_of_one_page_never_lose_what_the_checkpoint_counted(
     from shared.proactive_schema import parse_request
 
     runtime, engine = parts  # stores msteams/a:1
-    for conversation in ("a:2", "a:3", "a:4"):
-        await runtime.references.upsert(
-            reference(fake_connector.url, conversation, user=f"29:{conversation}")
-        )
+    await store_personal(runtime, fake_connector.url, "a:2", "a:3", "a:4")
     a_checkpoints, b_lists, a_puts, b_done = (asyncio.Event() for _ in range(4))
 
     class Interleaved(MemoryLedger):
