@@ -72,8 +72,11 @@ def classify(activity: Mapping[str, Any]) -> Change:
     return Change.REFRESH
 
 
-async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) -> None:
-    """Add, refresh or remove the activity's conversation reference (see the module table).
+async def record_activity(
+    store: ReferenceStore, activity: Mapping[str, Any], change: Change | None = None
+) -> None:
+    """Add, refresh or remove the activity's conversation reference (see the module table;
+    `change`: what :func:`classify` said of it, when the caller already asked).
 
     Raises StoreError when storage fails; the pipeline logs it and still answers the user.
     """
@@ -84,7 +87,7 @@ async def record_activity(store: ReferenceStore, activity: Mapping[str, Any]) ->
         logger.warning("references: activity %s not recorded: %s", activity.get("id"), exc)
         return
     team_id = teams_team_id(activity)
-    change = classify(activity)
+    change = classify(activity) if change is None else change
     if change is Change.REMOVE:
         await _remove(store, key, reference, team_id, activity.get("id"))
         return

@@ -194,11 +194,12 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
 
-    removal = classify(activity) is Change.REMOVE
+    change = classify(activity)
+    removal = change is Change.REMOVE
     what = "reference not removed" if removal else "reference not recorded"
     try:
         async with asyncio.timeout(REMOVAL_BUDGET if removal else RECORD_BUDGET):
-            await record_activity(runtime.references, activity)
+            await record_activity(runtime.references, activity, change)
     except TimeoutError:
         logger.error("messages: %s %s: storage did not answer in time", what, ids)
     except StoreError as error:
