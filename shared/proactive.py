@@ -290,7 +290,7 @@ async def _send_claimed(
         else:
             outcome = await post(request, engine.runtime, target)
     except ConnectorError as error:
-        return await _connector_failure(request, engine, error)
+        return await _connector_failure(request, engine, error, claim.etag)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
@@ -298,7 +298,7 @@ async def _send_claimed(
         if outcome is Outcome.DELIVERED:
             logger.info("proactive %r: delivered to %s", request.id, request.label)
     elif outcome is Outcome.UNKNOWN:
-        return await _unknown(request, engine)
+        return await _unknown(request, engine, claim.etag)
     return outcome
 
 
@@ -387,13 +387,15 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
     return Outcome(outcome)
 
 
-async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:
+async def _unknown(
+    request: ProactiveRequest, engine: Engine, claim_etag: str | None = None
+) -> Outcome:
     """No stored reference: it may be landing (written after the install's turn)."""
     if request.engine.child:
         # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
         # is landing, and a poison copy per removed conversation would only be noise.
         reason = "the conversation was removed from the store after the broadcast matched it"
-        await _record(request, engine, "failed", reason)
+        await _record(request, engine, "failed", reason, claim_etag=claim_etag)
         logger.info("proactive %r: %s: %s", request.id, request.label, reason)
         return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
@@ -405,13 +407,12 @@ async def _unknown(request: ProactiveRequest, engine: Engine) -> Outcome:
             delay,
         )
         return await engine.requeue(request, delay)
-    return await _fail(
-        request, engine, f"no stored reference for conversation {request.label[:200]}"
-    )
+    reason = f"no stored reference for conversation {request.label[:200]}"
+    return await _fail(request, engine, reason, claim_etag)
 
 
 async def _connector_failure(
-    request: ProactiveRequest, engine: Engine, error: ConnectorError
+    request: ProactiveRequest, engine: Engine, error: ConnectorError, claim_etag: str
 ) -> Outcome:
     kind, what = error.kind, _describe(error)
     # No token (Entra ID refused the credential, or could not be reached at the configured
@@ -437,7 +438,7 @@ async def _connector_failure(
             elif age + wait > engine.max_age:
                 # Waiting as told would outlive the bound: reported now, not in an hour.
                 reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
-                return await _fail(request, engine, reason)
+                return await _fail(request, engine, reason, claim_etag)
             delay = engine.jitter(wait)
             logger.info(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
@@ -448,7 +449,8 @@ async def _connector_failure(
                 request.engine.attempt + 1,
             )
             return await engine.requeue(request, delay)
-        return await _fail(request, engine, f"gave up after {age:.0f} s: {what}")
+        reason = f"gave up after {age:.0f} s: {what}"
+        return await _fail(request, engine, reason, claim_etag)
     if kind is ErrorKind.UNCERTAIN:
         reason = f"{what}: the message may have been posted, so it is not resent"
     elif kind is ErrorKind.UNTRUSTED:
@@ -457,7 +459,7 @@ async def _connector_failure(
         reason = f"the channel refused the conversation: {what}"
     else:
         reason = f"not deliverable: {what}"
-    return await _fail(request, engine, reason)
+    return await _fail(request, engine, reason, claim_etag)
 
 
 def _settings_backoff(attempt: int) -> float:
@@ -539,14 +541,17 @@ def _describe(error: ConnectorError) -> str:
     return " ".join(parts)
 
 
-async def _fail(request: ProactiveRequest, engine: Engine, reason: str) -> Outcome:
+async def _fail(
+    request: ProactiveRequest, engine: Engine, reason: str, claim_etag: str | None = None
+) -> Outcome:
     """Final failure: reported with the reason, and a poison copy for an operator."""
     # The copy an operator may put back as it is: a fresh start (a child stays a child).
     copy = {k: v for k, v in request.message.items() if k != RESERVED}
     if request.engine.child:
         copy[RESERVED] = {"child": True}
     await engine.queue.poison(compact_json(copy), reason)
-    await _record_or_hold(request, engine, "failed", reason=reason)  # or kept, recorded later
+    # or kept, recorded later
+    await _record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
     logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
     return Outcome.FAILED
 

@@ -124,6 +124,9 @@ async def record_outcome(
     `claim_etag`: the claim this instance holds on the target's slot, replaced in one
     write. Without it (or when that claim was taken over meanwhile) a claim found in the
     slot is replaced too: whoever holds it is past its own check, and the outcome is final.
+    Except a failure over a live claim of another instance (it took over after this one's
+    claim expired, and is sending): its holder records the outcome, so a failure here
+    cannot stand in the report for a target that instance then delivers (False).
     `label` is what the report shows as the target (the conversation key, when known).
     """
     shown = label or target
@@ -148,9 +151,16 @@ async def record_outcome(
             continue  # released meanwhile
         if is_outcome(current.data):
             return False
+        if outcome == "failed" and claim_etag is not None and _live_claim(current.data, now):
+            return False
         if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:
             return True
     raise StoreError(f"proactive ledger: {name[-80:]} kept changing; outcome not recorded")
+
+
+def _live_claim(data: Any, now: float) -> bool:
+    expires = data.get("expiresAt") if isinstance(data, dict) else None
+    return isinstance(expires, int | float) and expires > now
 
 
 async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:

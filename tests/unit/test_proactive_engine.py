@@ -1059,6 +1059,42 @@ async def test_a_report_counts_a_claimed_target_as_running(parts, fake_connector
     assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
 
 
+async def test_a_failure_does_not_replace_the_live_claim_of_an_instance_that_took_over(
+    parts, fake_connector
+):
+    # This instance stalled past its claim; another took the target over and is sending.
+    # The stalled one's failure (here a 500) must not settle the slot under it: the report
+    # would say failed for a target the other instance delivers.
+    _runtime, engine = parts
+    from shared.idempotency import replace_with_claim
+    from shared.reports import record_outcome
+
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    name = outcome_name("req-1", "target")
+    taken: list[str] = []
+
+    class TakenOverBeforeTheFailureLands(MemoryLedger):
+        async def replace(self, name_, data, etag, *, metadata=None):
+            if name_ == name and "outcome" in data and not taken:
+                current = await self.read(name)
+                later = engine.clock.now + engine.claim_seconds + 1
+                taken.append(await replace_with_claim(self, name, current.etag, later, seconds=45))
+            return await MemoryLedger.replace(self, name_, data, etag, metadata=metadata)
+
+    engine.ledger = TakenOverBeforeTheFailureLands(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    assert len(engine.queue.poisoned) == 1  # the operator's copy is still made
+    slot = await engine.ledger.read(name)
+    assert slot.etag == taken[0] and "outcome" not in slot.data  # still the other's claim
+
+    # The instance that took over delivers, and its outcome is what the report shows.
+    assert await record_outcome(
+        engine.ledger, "req-1", "target", "delivered", engine.clock.now, claim_etag=taken[0]
+    )
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
 async def test_a_broadcast_child_too_large_to_carry_its_reference_reads_it_from_the_store(
     parts, fake_connector
 ):
