@@ -10,13 +10,17 @@ The inbound pipeline calls :func:`record_activity` for every authenticated activ
 | installationUpdate `remove` / `remove-upgrade`                | remove                 |
 | conversationUpdate with the bot in `membersRemoved`           | remove                 |
 | conversationUpdate, Teams `eventType` `teamDeleted` / `teamHardDeleted` | remove       |
+| invoke `composeExtension/…` (a message extension)              | nothing                |
 | anything else                                                 | store when new or changed |
 
 "Add or refresh" bypasses the store's in-process cache (another instance may have removed
 the reference meanwhile); "when new or changed" does not, so a chatty conversation costs no
-storage call per message. Removing a Teams team's conversation also removes the stored
-references of the team's channels (same `channelData.team.id`). A Teams channel is stored
-once, under its channel id: the `;messageid=…` thread suffix of its activities is dropped.
+storage call per message. A message extension is used in whatever chat the user is typing
+in, one the bot is usually not a member of (a chat between two people included): its
+invokes name that chat, so they are not recorded. Removing a Teams team's conversation
+also removes the stored references of the team's channels (same `channelData.team.id`). A
+Teams channel is stored once, under its channel id: the `;messageid=…` thread suffix of its
+activities is dropped.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ async def record_activity(
 
     Raises StoreError when storage fails; the pipeline logs it and still answers the user.
     """
+    if _from_message_extension(activity):
+        return
     reference = _reference(activity)
     try:
         key = reference_key(reference)
@@ -96,6 +102,15 @@ async def record_activity(
         logger.debug(
             "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
         )
+
+
+def _from_message_extension(activity: Mapping[str, Any]) -> bool:
+    name = activity.get("name")
+    return (
+        activity.get("type") == "invoke"
+        and isinstance(name, str)
+        and name.startswith("composeExtension/")
+    )
 
 
 def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:

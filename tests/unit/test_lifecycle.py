@@ -128,6 +128,21 @@ async def test_other_members_added_stores_a_new_conversation_too(store):
     assert await keys(store) == {"msteams/19:chat"}
 
 
+async def test_a_message_extension_used_in_a_chat_between_two_people_records_nothing(store):
+    # The user's own 1:1 with the bot is stored; then they search with the bot's message
+    # extension in a chat with a colleague, which the bot is not in. Its invokes name that
+    # chat: stored, it would become the user's latest 1:1 and a `user` target would go there.
+    await record_activity(store, message("a:bot-chat"))
+    search = activity("invoke", "a:chat-with-colleague", name="composeExtension/query")
+    await record_activity(store, search)
+    assert await keys(store) == {"msteams/a:bot-chat"}
+    found = await store.find_by_user(channel_id="msteams", user_id="29:user")
+    assert found.key == "msteams/a:bot-chat"
+    card = activity("invoke", "a:bot-chat", name="adaptiveCard/action")
+    await record_activity(store, card)  # other invokes are recorded as before
+    assert await keys(store) == {"msteams/a:bot-chat"}
+
+
 async def test_first_message_adds_and_a_changed_one_refreshes(store):
     await record_activity(store, message())
     first = await store.get("msteams/a:personal")
