@@ -401,3 +401,14 @@ def is_bot_account(account: Any, bot_id: str | None) -> bool:
     if not bot_id or not isinstance(account, Mapping) or not isinstance(account.get("id"), str):
         return False
     return account["id"].removeprefix("28:") == bot_id.removeprefix("28:")
+
+
+def is_message_extension(activity: Mapping[str, Any]) -> bool:
+    """A message extension's invoke (``composeExtension/…``): it names the chat the user
+    is typing in, which the bot is usually not a member of."""
+    name = activity.get("name")
+    return (
+        activity.get("type") == "invoke"
+        and isinstance(name, str)
+        and name.startswith("composeExtension/")
+    )

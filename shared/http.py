@@ -40,7 +40,7 @@ class HttpResponse:
     def json(cls, status: int, payload: Any) -> HttpResponse:
         return cls(
             status,
-            json.dumps(payload, separators=(",", ":")).encode(),
+            json.dumps(payload, separators=(",", ":"), allow_nan=False).encode(),
             {"Content-Type": "application/json; charset=utf-8"},
         )
 

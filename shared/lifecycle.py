@@ -35,6 +35,7 @@ from shared.activity import (
     channel_data,
     conversation_reference,
     is_bot_account,
+    is_message_extension,
     teams_team_id,
     teams_tenant_id,
 )
@@ -84,7 +85,7 @@ async def record_activity(
 
     Raises StoreError when storage fails; the pipeline logs it and still answers the user.
     """
-    if _from_message_extension(activity):
+    if is_message_extension(activity):
         return
     reference = _reference(activity)
     try:
@@ -102,15 +103,6 @@ async def record_activity(
         logger.debug(
             "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
         )
-
-
-def _from_message_extension(activity: Mapping[str, Any]) -> bool:
-    name = activity.get("name")
-    return (
-        activity.get("type") == "invoke"
-        and isinstance(name, str)
-        and name.startswith("composeExtension/")
-    )
 
 
 def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:

@@ -227,27 +227,36 @@ async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:
 def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
     if outcome.failed:
         return HttpResponse.text(500, SERVER_ERROR)
-    if activity["type"] != "invoke":
-        if turn.expects_replies:
-            return HttpResponse.json(200, {"activities": turn.buffered})
+    if activity["type"] != "invoke" and not turn.expects_replies:
         return HttpResponse(200)
+    try:
+        return _answer(activity, turn, outcome)
+    except (TypeError, ValueError):  # not JSON: a set, NaN, ...
+        logger.error(
+            "messages: the answer to %s %s is not JSON",
+            activity["type"],
+            _clip(activity.get("name") or ""),
+        )
+        return HttpResponse.text(500, SERVER_ERROR)
+
+
+def _answer(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
+    """The HTTP answer that carries the turn's reply: the buffered replies, the invoke's."""
+    if activity["type"] != "invoke":
+        return HttpResponse.json(200, {"activities": turn.buffered})
     invoke = _invoke_result(outcome, activity)
     if invoke is None:
         return HttpResponse.text(500, SERVER_ERROR)
-    try:
-        if turn.expects_replies:
-            # As the SDKs do: the invoke's answer travels with the replies, as an activity.
-            value: dict[str, Any] = {"status": invoke.status}
-            if invoke.body is not None:
-                value["body"] = invoke.body
-            answer = {"type": "invokeResponse", "value": value}
-            return HttpResponse.json(200, {"activities": [*turn.buffered, answer]})
-        if invoke.body is None:
-            return HttpResponse(invoke.status)
-        return HttpResponse.json(invoke.status, invoke.body)
-    except (TypeError, ValueError):
-        logger.error("messages: invoke %s returned a body that is not JSON", activity.get("name"))
-        return HttpResponse.text(500, SERVER_ERROR)
+    if turn.expects_replies:
+        # As the SDKs do: the invoke's answer travels with the replies, as an activity.
+        value: dict[str, Any] = {"status": invoke.status}
+        if invoke.body is not None:
+            value["body"] = invoke.body
+        answer = {"type": "invokeResponse", "value": value}
+        return HttpResponse.json(200, {"activities": [*turn.buffered, answer]})
+    if invoke.body is None:
+        return HttpResponse(invoke.status)
+    return HttpResponse.json(invoke.status, invoke.body)
 
 
 def _invoke_result(outcome: TurnOutcome, activity: Activity) -> InvokeResponse | None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shared.activity import channel_data, is_bot_account
+from shared.activity import channel_data, is_bot_account, is_message_extension
 from shared.diagnostics import describe
 from shared.turn import TurnContext
 
@@ -306,6 +306,10 @@ class Router:
 
         The user never sees the exception; the log names the activity, the conversation and
         where the exception was raised (not its text, which may carry user data or secrets).
+        No apology is posted for a message extension's invoke (the chat the user types in,
+        which the bot is usually not in; a search runs as they type) nor for a card's
+        automatic refresh (one per person viewing it): their client shows the failed
+        answer itself.
         """
         logger.error(
             "handler failed: activity=%r conversation=%r type=%r error=%s",
@@ -317,7 +321,7 @@ class Router:
         try:
             if self._on_error is not None:
                 await self._on_error(turn, error)
-            else:
+            elif not _answered_in_place(turn.activity):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
@@ -326,3 +330,17 @@ class Router:
                 turn.conversation_key,
                 type(failure).__name__,
             )
+
+
+def _answered_in_place(activity: Mapping[str, Any]) -> bool:
+    """An invoke whose failure its client shows where it happened, so that a message
+    posted to the conversation would only be noise (see Router.handle_error)."""
+    if is_message_extension(activity):
+        return True
+    value = activity.get("value")
+    return (
+        activity.get("type") == "invoke"
+        and activity.get("name") == "adaptiveCard/action"
+        and isinstance(value, Mapping)
+        and value.get("trigger") == "automatic"
+    )

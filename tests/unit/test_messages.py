@@ -534,6 +534,39 @@ async def test_expect_replies_returns_the_buffered_activities(
     assert fake_connector.requests == []
 
 
+async def test_an_answer_that_is_not_json_is_a_500_never_sent_as_invalid_json(
+    make_bot, channel_identity, fake_connector, caplog
+):
+    # NaN and Infinity are not JSON: a channel's parser refuses `{"score":NaN}`. An answer
+    # carrying one is the bot's error (500), as a set or any other non-JSON value is.
+    router = Router()
+
+    @router.invoke("composeExtension/query")
+    async def scored(turn):
+        return {"composeExtension": {"type": "result", "score": float("nan")}}
+
+    @router.invoke("task/fetch")
+    async def unordered(turn):
+        return {"task": {"ids": {1, 2}}}
+
+    @router.message()
+    async def infinite(turn):
+        await turn.reply({"type": "message", "text": "ranked", "value": {"rank": float("inf")}})
+
+    bot = make_bot(router)
+    token = channel_token(channel_identity, bot)
+    with caplog.at_level(logging.ERROR):
+        for incoming in (
+            activity_for(fake_connector.url, type="invoke", name="composeExtension/query"),
+            activity_for(fake_connector.url, type="invoke", name="task/fetch"),
+            activity_for(fake_connector.url, deliveryMode="expectReplies"),
+        ):
+            response = await bot.handle(post(incoming, token))
+            assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert caplog.text.count("is not JSON") == 3
+    assert fake_connector.requests == []
+
+
 async def test_expect_replies_invoke_carries_the_invoke_response(
     make_bot, channel_identity, fake_connector
 ):
@@ -602,6 +635,40 @@ async def test_raising_handler_apologises_and_answers_500(
     assert "hunter2" not in caplog.text
     assert "hunter2" not in apology.json["text"] and b"hunter2" not in response.body
     assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
+
+
+async def test_a_failing_search_or_card_refresh_posts_no_apology_but_a_failing_click_does(
+    make_bot, channel_identity, fake_connector
+):
+    # A message extension searches as the user types, in whatever chat they are in; a card
+    # refreshes itself for each person who views it. A failure of either is shown by the
+    # client; an apology posted each time would fill the chat with them.
+    router = Router()
+
+    @router.invoke("composeExtension/query")
+    @router.invoke("adaptiveCard/action")
+    async def broken(turn):
+        raise RuntimeError("search backend down")
+
+    bot = make_bot(router)
+    token = channel_token(channel_identity, bot)
+    search = activity_for(fake_connector.url, type="invoke", name="composeExtension/query")
+    refresh = activity_for(
+        fake_connector.url,
+        type="invoke",
+        name="adaptiveCard/action",
+        value={"action": {"type": "Action.Execute", "verb": "refresh"}, "trigger": "automatic"},
+    )
+    for invoke in (search, search, refresh):
+        response = await bot.handle(post(invoke, token))
+        assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert fake_connector.requests == []
+
+    click = dict(refresh, id="click-1", value={"action": {"type": "Action.Execute"}})
+    response = await bot.handle(post(click, token))
+    assert response.status == 500
+    [apology] = fake_connector.requests  # a button the user pressed: told in the chat
+    assert apology.json["text"] == APOLOGY and apology.json["replyToId"] == "click-1"
 
 
 class GatedFailingStore(MemoryReferenceStore):
