@@ -74,6 +74,11 @@ class Ledger(Protocol):
     def list(self, prefix: str) -> AsyncIterator[Entry]: ...
 
 
+class NotJson(StoreError):
+    """A blob was read, and its content is not JSON: the document itself is unusable
+    (any other StoreError is the storage call failing, and says nothing of the document)."""
+
+
 def _body(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -109,7 +114,7 @@ class MemoryLedger:
         try:
             data = json.loads(found[0])
         except ValueError:
-            raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
+            raise NotJson(f"proactive ledger: {name} is not valid JSON") from None
         return Record(data, found[2], found[3])
 
     async def replace(
@@ -197,7 +202,7 @@ class BlobLedger:
         try:
             data = json.loads(body)
         except ValueError:
-            raise StoreError(f"proactive ledger: {name} is not valid JSON") from None
+            raise NotJson(f"proactive ledger: {name} is not valid JSON") from None
         modified = downloader.properties.last_modified
         return Record(data, downloader.properties.etag, modified.timestamp() if modified else 0.0)
 

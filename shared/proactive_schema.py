@@ -7,6 +7,7 @@ short reason (it becomes the poison copy's `poisonReason` and the report's reaso
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -123,7 +124,9 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     conversation, from, recipient) always come from the target's reference.
     """
     try:
-        message = json.loads(body)
+        message = json.loads(body, parse_constant=_refuse_constant)
+    except InvalidRequest:
+        raise
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the message is not JSON") from None
     if not isinstance(message, dict):
@@ -134,6 +137,10 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     request_id = message.get("id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
         raise InvalidRequest(f"`id` must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    if _UNPRINTABLE.search(request_id):
+        raise InvalidRequest(
+            "`id` must be printable text: no control characters, line breaks or lone surrogates"
+        )
     activity = _content(message.get("activity"), message.get("text"))
     engine = _bookkeeping(message.get(RESERVED))
     base = ProactiveRequest(request_id, None, None, activity, engine=engine, message=message)
@@ -167,6 +174,18 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if kind == "broadcast":
         return replace(base, broadcast=parse_broadcast(value))
     raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+# Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and lone
+# surrogates (bytes that were not UTF-8, as Python decodes them): an id is printed on one
+# line by the producer command and logged, and is a blob name in UTF-8.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _refuse_constant(constant: str) -> Any:
+    """Python's json reads NaN and (-)Infinity; no JSON parser does (the Connector's
+    included), so such a request could reach no one."""
+    raise InvalidRequest(f"`{constant}` is not a JSON number: numbers must be finite")
 
 
 def _reference_key(reference: Any) -> str:

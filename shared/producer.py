@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ async def enqueue(
     """
     from shared.ledger import BlobLedger
     from shared.references.contract import StoreError
-    from shared.reports import ensure_head
+    from shared.reports import ensure_head, head_name
 
     settings = settings or producer_settings()
     if not isinstance(request, Mapping):
@@ -80,14 +81,25 @@ async def enqueue(
     text = request_text(message)
     parsed = parse_request(text)
     kind = "broadcast" if parsed.broadcast is not None else "single"
+    ledger = BlobLedger(settings)
+    head = None
     try:
-        await ensure_head(BlobLedger(settings), parsed.id, kind, time.time())
+        head = await ensure_head(ledger, parsed.id, kind, time.time())
     except StoreError as error:
         if error.status != 403:
             raise
         # A producer allowed to enqueue and read reports, not to write blobs (the role the
         # infra grants): the report appears with the first delivery attempt instead.
-    await StorageQueue(settings).put(text, delay=delay)
+    try:
+        await StorageQueue(settings).put(text, delay=delay)
+    except Exception:
+        # Not queued (or not known to be): the head this call wrote would say `pending`
+        # for ever. Removed unless it changed meanwhile; the engine writes it again when
+        # it takes a copy, so removing it is safe even if the put did land.
+        if head is not None:
+            with contextlib.suppress(StoreError):
+                await ledger.delete(head_name(parsed.id), head)
+        raise
     return parsed.id
 
 
@@ -97,7 +109,15 @@ def request_text(message: Mapping[str, Any]) -> str:
     The engine adds its bookkeeping to copies it requeues (and the poison queue a reason),
     so a request may use at most MAX_REQUEST_BYTES of a queue message.
     """
-    text = compact_json(message)
+    try:
+        text = compact_json(message, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        # A value JSON has no form for (NaN, Infinity, an object of another type, a cycle)
+        # or nesting deeper than the parser's stack: refused here, not by every target.
+        raise InvalidRequest(
+            "the request is not JSON: objects, arrays, strings, finite numbers (no NaN or "
+            "Infinity), true, false and null only"
+        ) from None
     if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
     return text
@@ -194,9 +214,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _json_arg(name: str, text: str) -> Any:
     try:
-        return json.loads(text)
-    except ValueError:
+        return json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise UsageError(f"{name} is not valid JSON") from None
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and (-)Infinity; JSON has no such numbers."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:

@@ -142,11 +142,13 @@ def poison_message(body: bytes | str, reason: str) -> str:
     return text
 
 
-def compact_json(value: Any) -> str:
+def compact_json(value: Any, *, allow_nan: bool = True) -> str:
+    """`value` as compact JSON. `allow_nan=False`: ValueError for NaN and the infinities,
+    which json writes as `NaN`/`Infinity`, text no JSON parser but Python's accepts."""
     # Non-ASCII text stays as it is: \uXXXX escapes would make it up to three times longer.
     try:
-        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
         encoded.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (valid as a JSON escape, not as UTF-8)
-        encoded = json.dumps(value, separators=(",", ":"))
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)
     return encoded

@@ -99,9 +99,10 @@ def new_head(request_id: str, kind: Kind, now: float) -> dict[str, Any]:
     }
 
 
-async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -> None:
-    """Create the request's head unless it exists (create-only: the first writer wins)."""
-    await ledger.create(head_name(request_id), new_head(request_id, kind, now))
+async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -> str | None:
+    """Create the request's head unless it exists (create-only: the first writer wins);
+    the ETag of the head this call created, None when it existed already."""
+    return await ledger.create(head_name(request_id), new_head(request_id, kind, now))
 
 
 async def record_outcome(

@@ -10,6 +10,7 @@ import pytest
 
 from shared.config import SettingsError
 from shared.proactive import InvalidRequest
+from shared.proactive_schema import parse_request
 from shared.producer import _parser, build_request, enqueue, producer_settings
 
 
@@ -77,6 +78,16 @@ def test_bad_names_are_refused_by_setting(tmp_path):
     assert "BOT_PROACTIVE_QUEUE" in str(raised.value)
 
 
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+NESTED = _nested(100_000)
+
+
 @pytest.mark.parametrize(
     ("request_", "reason"),
     [
@@ -85,6 +96,17 @@ def test_bad_names_are_refused_by_setting(tmp_path):
         ({"to": {"conversation": "msteams/a"}, "text": "x", "_proactive": {}}, "engine's own"),
         (["not", "an", "object"], "object"),
         ({"to": {"conversation": "msteams/a"}, "text": "x" * 49_000}, "larger than"),
+        # Values JSON has no form for: refused as the documented InvalidRequest.
+        ({"to": {"conversation": "msteams/a"}, "activity": {"value": float("nan")}}, "finite"),
+        ({"to": {"conversation": "msteams/a"}, "activity": {"v": float("-inf")}}, "finite"),
+        ({"to": {"conversation": "msteams/a"}, "activity": {"value": object()}}, "not JSON"),
+        ({"to": {"conversation": "msteams/a"}, "activity": {"value": {1, 2}}}, "not JSON"),
+        ({"to": {"conversation": "msteams/a"}, "activity": NESTED}, "not JSON"),
+        # Ids are one printable line of UTF-8 text.
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "id": "a\nb"}, "printable"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "id": "a\x00"}, "printable"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "id": "a\u2028b"}, "printable"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "id": "a\udcff"}, "printable"),
     ],
 )
 async def test_invalid_requests_are_refused_before_anything_is_enqueued(tmp_path, request_, reason):
@@ -103,6 +125,15 @@ async def test_a_delay_outside_the_queues_range_is_refused_before_anything_is_en
     request = {"to": {"conversation": "msteams/a"}, "text": "x"}
     with pytest.raises(InvalidRequest, match="delay"):
         await enqueue(request, settings=settings, delay=delay)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_queued_message_with_a_number_json_has_not_is_refused_with_its_reason(constant):
+    # From any producer, not only this one: the engine poisons it with this reason at
+    # once, instead of every target of a broadcast failing at the Connector.
+    body = f'{{"id": "n", "to": {{"broadcast": {{}}}}, "activity": {{"value": {constant}}}}}'
+    with pytest.raises(InvalidRequest, match=f"`{constant}` is not a JSON number"):
+        parse_request(body)
 
 
 def test_the_command_line_builds_each_target():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
+NAN = float("nan")
 T0 = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
 
 
@@ -30,6 +32,54 @@ def test_due_times_are_minutes_after_the_last_run_up_to_now():
 def test_a_long_outage_catches_up_on_at_most_a_day_and_the_latest_sixty():
     due = due_times("0 * * * * *", T0 - timedelta(days=30), T0)
     assert len(due) == 60 and due[-1] == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_catching_up_a_day_of_a_schedule_due_every_second_is_cheap():
+    # The walk steps per due minute, never per second: the timer's event loop is not held.
+    import time
+
+    started = time.process_time()
+    due = due_times("* * * * * *", T0 - timedelta(days=2), T0)
+    assert time.process_time() - started < 0.2  # stepping per second took about 1.8 s
+    assert len(due) == 60 and due[-1] == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["* * * * * *", "45 * * * * *", "0 */7 * * * *", "0 0 * * * *", "5,10-20/5 3/17 * * * *"],
+)
+def test_due_minutes_are_the_minutes_the_expression_names_a_second_of(expression):
+    from croniter import croniter
+
+    def fires_within(minute: datetime) -> bool:
+        start = minute - timedelta(microseconds=1)
+        iterator = croniter(expression, start, second_at_beginning=True, day_or=False)
+        return iterator.get_next(datetime) < minute + timedelta(minutes=1)
+
+    for after, until in [
+        (T0 - timedelta(hours=3), T0),  # more than 60 due: the latest 60
+        (T0 - timedelta(minutes=1, seconds=10), T0),  # a run in a minute's middle
+        (datetime(2030, 1, 1, 11, 58, 59, 999999, tzinfo=UTC), T0),
+    ]:
+        minutes = [T0.replace(second=0) - timedelta(minutes=m) for m in range(200)]
+        expected = sorted(m for m in minutes if after < m <= until and fires_within(m))[-60:]
+        assert due_times(expression, after, until) == expected
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "0 30 9 * Jan Mon",
+        "0 0 9 * * MON-fri",
+        "5,10-20/5 0 0 1-31/2 * *",
+        "0 5/15 * * * *",
+        "0 0 9 * * 0",
+        "0 0 9 * * 6",
+        "0 0 9 5-5 */2 sun,sat",
+    ],
+)
+def test_ncrontab_forms_are_accepted(expression):
+    assert parse_schedule("s", {"schedule": expression, "request": REQUEST}).expression
 
 
 def test_ids_name_the_schedule_and_the_due_minute():
@@ -128,6 +178,78 @@ async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stop
     assert await run_schedules(ledger, queue, T0 + timedelta(seconds=10)) == []
 
 
+@pytest.mark.integration
+async def test_a_failed_read_of_a_last_run_record_loses_none_of_its_catch_up(
+    azurite, unique_name, caplog
+):
+    # The timer is down 12:01-12:40; its first run back cannot read one schedule's last-run
+    # record (storage unreachable for that read: a ledger on a dead endpoint). That schedule
+    # is skipped this run, its record kept; the next run sends all it missed, once.
+    from azure.storage.queue import QueueClient
+
+    from shared.config import Settings, StorageSettings
+    from shared.ledger import BlobLedger
+    from shared.queues import StorageQueue
+    from shared.schedules import STATE_PREFIX
+    from shared.storage import close_shared_clients
+    from tests.fixtures.storage import FAST_STORAGE
+    from tools.azurite import connection_string, free_port
+
+    container, queue_name = unique_name("sched"), unique_name("sched")
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=container,
+    )
+    dead = Settings(
+        storage=StorageSettings(connection_string=connection_string(free_port(), free_port())),
+        references_container=container,
+    )
+
+    state_name = f"{STATE_PREFIX}{encode_segment('flaky', 400)}.json"
+
+    class StateReadFails(BlobLedger):
+        failing = False
+
+        async def read(self, name):
+            if self.failing and name == state_name:
+                return await BlobLedger(dead, options=FAST_STORAGE).read(name)
+            return await super().read(name)
+
+    ledger, queue = StateReadFails(settings), StorageQueue(settings, queue_name)
+    document = {"schedule": "0 */10 * * * *", "request": REQUEST}
+    T12 = T0.replace(second=0)
+    try:
+        await ledger.create("schedules/flaky.json", document)
+        await ledger.create("schedules/steady.json", document)
+        assert len(await run_schedules(ledger, queue, T12)) == 2
+        state = await ledger.read(state_name)
+
+        ledger.failing = True
+        caplog.set_level(logging.WARNING)
+        first = await run_schedules(ledger, queue, T12 + timedelta(minutes=40))
+        assert [i for i in first if ":flaky:" in i] == []
+        assert len([i for i in first if ":steady:" in i]) == 4  # the others still run
+        assert "'flaky': not run this time (StoreError)" in caplog.text
+        assert "unusable" not in caplog.text
+
+        ledger.failing = False
+        assert (await ledger.read(state_name)).etag == state.etag  # left alone
+        second = await run_schedules(ledger, queue, T12 + timedelta(minutes=41))
+        assert second == [f"schedule:flaky:2030-01-01T12:{m}0Z" for m in (1, 2, 3, 4)]
+    finally:
+        await close_shared_clients()
+    client = QueueClient.from_connection_string(azurite.connection_string, queue_name)
+    try:
+        on_queue = [
+            json.loads(base64.b64decode(m.content))["id"]
+            for m in client.receive_messages(max_messages=32)
+        ]
+    finally:
+        client.close()
+    flaky = sorted(i for i in on_queue if ":flaky:" in i)
+    assert flaky == [f"schedule:flaky:2030-01-01T12:{m}0Z" for m in (0, 1, 2, 3, 4)]
+
+
 async def test_a_re_enabled_schedule_does_not_send_what_fell_due_while_it_was_disabled():
     ledger, queue = MemoryLedger(), MemoryQueue()
     document = {"schedule": "0 * * * * *", "request": REQUEST}
@@ -202,6 +324,22 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         ({"schedule": "0 0 0 31 2 Mon", "request": REQUEST}, "never falls due"),
         # What the producer would refuse: its copies would not fit in a queue message.
         ({"schedule": "0 * * * * *", "request": {**REQUEST, "text": "x" * 60_000}}, "larger than"),
+        # Python's json writes and reads NaN; the Connector's parser (any JSON one) does not.
+        (
+            {"schedule": "0 * * * * *", "request": {"to": REQUEST["to"], "activity": {"v": NAN}}},
+            "finite",
+        ),
+        # croniter's extensions, not NCRONTAB: the Functions host's parser refuses each.
+        ({"schedule": "0 R * * * *", "request": REQUEST}, "minute field"),  # random minute
+        ({"schedule": "0 H * * * *", "request": REQUEST}, "minute field"),  # hashed
+        ({"schedule": "0 0 9 L * *", "request": REQUEST}, "day field"),
+        ({"schedule": "0 0 9 15W * *", "request": REQUEST}, "day field"),
+        ({"schedule": "0 0 9 ? * *", "request": REQUEST}, "day field"),
+        ({"schedule": "0 0 9 * * 1#2", "request": REQUEST}, "day-of-week field"),
+        ({"schedule": "0 0 9 * * 7", "request": REQUEST}, "day-of-week field"),
+        ({"schedule": "0 0 9 * * 5-1", "request": REQUEST}, "day-of-week field"),  # wraps
+        ({"schedule": "0 0 9 * * Monday", "request": REQUEST}, "day-of-week field"),
+        ({"schedule": "0 */0 * * * *", "request": REQUEST}, "minute field"),
     ],
 )
 async def test_a_schedule_that_could_never_be_sent_is_skipped_and_the_others_run(
