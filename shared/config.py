@@ -370,53 +370,61 @@ def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-# NCRONTAB fields (sec min hour day month day-of-week): bounds, and the names NCrontab knows.
+# NCRONTAB as the Functions host's parser (NCrontab) reads a field, and only what croniter
+# (the schedules' parser) reads the same way: numbers, `*`, ranges `a-b` with a <= b
+# (NCrontab swaps a reversed range, croniter wraps it around), lists, and steps `/n`
+# (n >= 1); month and day of week also take English 3-letter names (NCrontab takes any
+# prefix of the full name, croniter only these). croniter's extensions (`R` random, `H`
+# hashed, `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB: refused, not guessed at.
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_SCHEDULE_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+_NCRONTAB_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("second", 0, 59, ()),
     ("minute", 0, 59, ()),
     ("hour", 0, 23, ()),
     ("day", 1, 31, ()),
     ("month", 1, 12, _MONTHS),
-    ("day of week", 0, 7, _DAYS),
+    ("day-of-week", 0, 6, _DAYS),
 )
-_SCHEDULE_ITEM = re.compile(r"(\*|\?|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/([0-9]+))?")
+_NCRONTAB_ITEM = re.compile(r"(\*|[0-9A-Za-z]+|[0-9A-Za-z]+-[0-9A-Za-z]+)(?:/([0-9]+))?")
+
+
+def ncrontab_problem(expression: str) -> str | None:
+    """What keeps `expression` from being a 6-field NCRONTAB (sec min hour day month
+    day-of-week), in a few words naming the field; None when it is one."""
+    fields = expression.split()
+    if len(fields) != 6:
+        return "must be a 6-field NCRONTAB expression (sec min hour day month day-of-week)"
+    for text, (name, low, high, names) in zip(fields, _NCRONTAB_FIELDS, strict=True):
+        if not all(_ncrontab_item_ok(item, low, high, names) for item in text.split(",")):
+            words = f"{low}-{high}" + (" or 3-letter names" if names else "")
+            return f"its {name} field takes {words}, *, ranges a-b (a <= b), lists and /steps"
+    return None
+
+
+def _ncrontab_item_ok(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
+    match = _NCRONTAB_ITEM.fullmatch(item)
+    if match is None or (match[2] is not None and int(match[2]) < 1):
+        return False
+    if match[1] == "*":
+        return True
+    bounds = []
+    for text in match[1].split("-"):
+        if text.isdigit() and low <= int(text) <= high:
+            bounds.append(int(text))
+        elif text.lower() in names:
+            bounds.append(names.index(text.lower()) + low)
+        else:
+            return False
+    return bounds == sorted(bounds)
 
 
 def _validate_schedule(schedule: str) -> str:
-    """Catch what is obviously not a 6-field NCRONTAB (the host's parser is the final word)."""
-    fields = schedule.split()
-    if len(fields) != 6:
-        raise SettingsError(
-            "BOT_SCHEDULE", "must be a 6-field NCRONTAB expression (sec min hour day month dow)"
-        )
-    for text, (name, low, high, names) in zip(fields, _SCHEDULE_FIELDS, strict=True):
-        if not all(_schedule_item_ok(item, low, high, names) for item in text.split(",")):
-            raise SettingsError(
-                "BOT_SCHEDULE", f"the {name} field is not valid (values {low}-{high}, *, -, /, ,)"
-            )
+    """Refuse what the host's NCRONTAB parser would (it is the final word)."""
+    problem = ncrontab_problem(schedule)
+    if problem is not None:
+        raise SettingsError("BOT_SCHEDULE", problem)
     return schedule
-
-
-def _schedule_item_ok(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
-    match = _SCHEDULE_ITEM.fullmatch(item)
-    if match is None:
-        return False
-    base, step = match.groups()
-    if step is not None and int(step) == 0:
-        return False
-    if base == "?":  # "any" in the day fields (croniter, Quartz); left to the host to judge
-        return step is None and high in (31, 7)
-    if base == "*":
-        return True
-    return all(_schedule_value_ok(value, low, high, names) for value in base.split("-"))
-
-
-def _schedule_value_ok(value: str, low: int, high: int, names: tuple[str, ...]) -> bool:
-    if value.isdigit():
-        return low <= int(value) <= high
-    return value.lower() in names
 
 
 def _storage_name(setting: str, name: str) -> str:

@@ -19,12 +19,11 @@ minute (due times are per minute).
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.config import Settings
+from shared.config import Settings, ncrontab_problem
 from shared.ledger import Ledger, NotJson, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.producer import request_text
@@ -60,7 +59,9 @@ def parse_schedule(name: str, document: Any) -> Schedule:
     expression = document.get("schedule")
     if not isinstance(expression, str) or len(expression.split()) != 6:
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
-    _check_ncrontab(expression)
+    problem = ncrontab_problem(expression)
+    if problem is not None:
+        raise InvalidRequest(f"`schedule` must be a 6-field NCRONTAB expression (UTC): {problem}")
     if not croniter.is_valid(expression, second_at_beginning=True):
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
     if not _ever_due(expression):
@@ -77,58 +78,6 @@ def parse_schedule(name: str, document: Any) -> Schedule:
 
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-
-# NCRONTAB as the Functions host's parser (NCrontab) reads a field, and only what croniter
-# reads the same way: numbers, `*`, ranges `a-b` with a <= b (NCrontab swaps a reversed
-# range, croniter wraps it around), lists, and steps `/n` (n >= 1); month and day of week
-# also take English 3-letter names (NCrontab takes any prefix of the full name, croniter
-# only these). croniter's own extensions (`R` random, `H` hashed, `L`, `#`, `W`, `?`,
-# day of week 7) are not NCRONTAB: refused, not guessed at.
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
-    ("second", 0, 59, ()),
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day", 1, 31, ()),
-    ("month", 1, 12, _MONTHS),
-    ("day-of-week", 0, 6, _DAYS),
-)
-_ITEM = re.compile(r"(\*|[0-9A-Za-z]+|[0-9A-Za-z]+-[0-9A-Za-z]+)(?:/([0-9]+))?")
-
-
-def _check_ncrontab(expression: str) -> None:
-    """InvalidRequest naming the first field that is not NCRONTAB's syntax."""
-    for text, (name, low, high, names) in zip(expression.split(), _FIELDS, strict=True):
-        if not all(_item_ok(item, low, high, names) for item in text.split(",")):
-            words = f"{low}-{high}" + (" or 3-letter names" if names else "")
-            raise InvalidRequest(
-                f"`schedule` must be a 6-field NCRONTAB expression (UTC): its {name} field "
-                f"takes {words}, *, ranges a-b (a <= b), lists and /steps"
-            )
-
-
-def _item_ok(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
-    match = _ITEM.fullmatch(item)
-    if match is None or (match[2] is not None and int(match[2]) < 1):
-        return False
-    if match[1] == "*":
-        return True
-    bounds = []
-    for text in match[1].split("-"):
-        value = _field_value(text, low, high, names)
-        if value is None:
-            return False
-        bounds.append(value)
-    return bounds == sorted(bounds)
-
-
-def _field_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int | None:
-    if text.isdigit():
-        value = int(text)
-        return value if low <= value <= high else None
-    lowered = text.lower()
-    return names.index(lowered) + low if lowered in names else None
 
 
 def _ever_due(expression: str) -> bool:

@@ -299,7 +299,7 @@ VALID_SCHEDULES = [
     "0 0 7,18 * * *",
     "5,10-20/5 0 0 1-31/2 * *",
     "0 0 9 * * sun",
-    "0 0 9 ? * *",
+    "0 0 9 * * 0-6",
 ]
 INVALID_SCHEDULES = {
     "hour 25": "0 0 25 * * *",
@@ -313,6 +313,9 @@ INVALID_SCHEDULES = {
     "month name in the day field": "0 0 9 Jan * *",
     "negative": "0 -5 9 * * *",
     "L is not NCRONTAB": "0 0 9 L * *",
+    "? is not NCRONTAB": "0 0 9 ? * *",
+    "day of week 7": "0 0 9 * * 7",
+    "a reversed range": "0 0 9 * * 5-1",
     "a TimeSpan": "00:05:00",
     "five fields": "0 9 * * *",
 }
