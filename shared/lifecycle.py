@@ -13,6 +13,12 @@ The inbound pipeline calls :func:`record_activity` for every authenticated activ
 | invoke `composeExtension/…` (a message extension)              | nothing                |
 | anything else                                                 | store when new or changed |
 
+A removal deletes the bot state of each conversation it removes with its reference (the
+state first, so a retry after a failure still finds the reference): the conversation's
+state and, for a Teams channel, the state of every thread of it (``;messageid=…``, each
+thread has its own). A user's own state stays: it is not the conversation's
+(:mod:`shared.userdata` erases it).
+
 "Add or refresh" bypasses the store's in-process cache (another instance may have removed
 the reference meanwhile); "when new or changed" does not, so a chatty conversation costs no
 storage call per message. A message extension is used in whatever chat the user is typing
@@ -29,9 +35,10 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.activity import (
+    TEAMS_CHANNEL,
     channel_data,
     conversation_reference,
     is_bot_account,
@@ -40,6 +47,11 @@ from shared.activity import (
     teams_tenant_id,
 )
 from shared.references.contract import ReferenceStore, reference_key
+from shared.references.keys import split_key
+from shared.state import conversation_state_key
+
+if TYPE_CHECKING:
+    from shared.state import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +90,18 @@ def classify(activity: Mapping[str, Any]) -> Change:
 
 
 async def record_activity(
-    store: ReferenceStore, activity: Mapping[str, Any], change: Change | None = None
+    store: ReferenceStore,
+    activity: Mapping[str, Any],
+    change: Change | None = None,
+    *,
+    state: StateStore | None = None,
 ) -> None:
     """Add, refresh or remove the activity's conversation reference (see the module table;
-    `change`: what :func:`classify` said of it, when the caller already asked).
+    `change`: what :func:`classify` said of it, when the caller already asked). A removal
+    also deletes the removed conversations' state from `state`, when given.
 
-    Raises StoreError when storage fails; the pipeline logs it and still answers the user.
+    Raises StoreError (StateError) when storage fails; the pipeline logs it and still
+    answers the user, but for a removal.
     """
     if is_message_extension(activity):
         return
@@ -96,7 +114,7 @@ async def record_activity(
     team_id = teams_team_id(activity)
     change = classify(activity) if change is None else change
     if change is Change.REMOVE:
-        await _remove(store, key, reference, team_id, activity.get("id"))
+        await _remove(store, state, key, reference, team_id, activity.get("id"))
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
@@ -132,12 +150,13 @@ def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _remove(
     store: ReferenceStore,
+    state: StateStore | None,
     key: str,
     reference: Mapping[str, Any],
     team_id: str | None,
     activity_id: Any,
 ) -> None:
-    removed = 1 if await store.delete(key) else 0
+    removed = 1 if await _forget(store, state, key, _is_channel(reference)) else 0
     if team_id:
         # The bot left (or lost) a whole team: its channels' references are useless too.
         # Team ids are unique across tenants, so no tenant filter (older documents may lack it).
@@ -150,12 +169,40 @@ async def _remove(
                 continuation=continuation,
                 page_size=TEAM_PAGE_SIZE,
             )
-            deleted = await asyncio.gather(*(store.delete(item.key) for item in page.items))
+            deleted = await asyncio.gather(
+                *(
+                    _forget(store, state, item.key, _is_channel(item.reference))
+                    for item in page.items
+                )
+            )
             removed += sum(deleted)
             continuation = page.continuation
             if continuation is None:
                 break
     logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
+
+
+async def _forget(store: ReferenceStore, state: StateStore | None, key: str, channel: bool) -> bool:
+    """Delete a conversation's state (a Teams channel's: its threads' too), then its
+    reference; whether the reference was there. State first: should a delete fail, the
+    removal fails and the channel's retry still finds the reference to finish with."""
+    if state is not None:
+        channel_id, conversation_id = split_key(key)
+        if channel:
+            thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
+            await state.delete_prefixed(thread)
+        await state.delete(conversation_state_key(channel_id, conversation_id))
+    return await store.delete(key)
+
+
+def _is_channel(reference: Mapping[str, Any]) -> bool:
+    """A Teams channel, whose threads each have a state of their own."""
+    conversation = reference.get("conversation")
+    return (
+        reference.get("channelId") == TEAMS_CHANNEL
+        and isinstance(conversation, Mapping)
+        and conversation.get("conversationType") == "channel"
+    )
 
 
 def _includes_bot(activity: Mapping[str, Any], field: str) -> bool:

@@ -183,7 +183,8 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
 
 
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
-    """Add/refresh/remove the conversation reference; False when a removal failed.
+    """Add/refresh/remove the conversation reference (a removal: the removed conversations'
+    state too); False when a removal failed.
 
     A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
     answer (Teams gives message-extension queries 5 s in all), and a storage outage with
@@ -193,16 +194,17 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     """
     from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
+    from shared.state import StateError
 
     change = classify(activity)
     removal = change is Change.REMOVE
     what = "reference not removed" if removal else "reference not recorded"
     try:
         async with asyncio.timeout(REMOVAL_BUDGET if removal else RECORD_BUDGET):
-            await record_activity(runtime.references, activity, change)
+            await record_activity(runtime.references, activity, change, state=runtime.state)
     except TimeoutError:
         logger.error("messages: %s %s: storage did not answer in time", what, ids)
-    except StoreError as error:
+    except (StoreError, StateError) as error:
         logger.error("messages: %s %s: %s", what, ids, error)
     except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
         logger.error("messages: %s %s: %s", what, ids, type(error).__name__)

@@ -7,7 +7,8 @@ memory (:class:`MemoryStateStore`, same contract, for tests and tools). One test
 (tests/unit/test_state.py) runs against both.
 
 The store contract is small: ``read``, ``write`` (create with If-None-Match, update with
-If-Match on the ETag read) and ``delete``. :class:`State` builds the rest on it: loaded
+If-Match on the ETag read), ``delete`` and ``delete_prefixed`` (the states of a Teams
+channel's threads, when the bot leaves it). :class:`State` builds the rest on it: loaded
 lazily, saved only when changed, and never a silent overwrite. When another writer saved
 the document since it was loaded, the save re-reads it and applies this writer's change
 again:
@@ -86,6 +87,8 @@ class StateStore(Protocol):
     async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None: ...
 
     async def delete(self, key: str) -> bool: ...
+
+    async def delete_prefixed(self, prefix: str) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -211,6 +214,15 @@ class MemoryStateStore:
     async def delete(self, key: str) -> bool:
         split_state_key(key)
         return self._docs.pop(key, None) is not None
+
+    async def delete_prefixed(self, prefix: str) -> int:
+        """Delete every document whose key starts with `prefix` (``"<scope>/<channel>/"``
+        and the start of an id); how many were deleted."""
+        split_state_key(prefix)
+        keys = [key for key in self._docs if key.startswith(prefix)]
+        for key in keys:
+            del self._docs[key]
+        return len(keys)
 
     async def close(self) -> None:
         return None

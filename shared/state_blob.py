@@ -19,6 +19,7 @@ SDK's text (which may carry a SAS URL). The storage SDK is imported on first use
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from shared.blob_container import ContainerVanished, LazyContainer
 from shared.config import Settings
 from shared.references.contract import refused_credential, storage_auth_message
-from shared.references.keys import encode_segment
+from shared.references.keys import decode_segment, encode_segment
 from shared.state import (
     MAX_STATE_BYTES,
     StateDocument,
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state/"
 _CHANNEL_BUDGET = 96  # characters of a channel-id segment, as for references
+_LISTING_PAGE = 1000  # names per listing call of delete_prefixed
+_PARALLEL_DELETES = 16
 
 
 def state_blob_name(key: str) -> str:
@@ -101,6 +104,46 @@ class BlobStateStore:
         async with self._guard("delete"):
             return bool(await self._container.remove(name))
 
+    async def delete_prefixed(self, prefix: str) -> int:
+        """Delete every document whose key starts with `prefix` (``"<scope>/<channel>/"``
+        and the start of an id); how many were deleted. A prefix listing: base64 of the
+        prefix's whole 3-byte groups starts the name of every id that starts with it, and
+        each name found is decoded and checked. Ids stored under a hashed name (over about
+        600 bytes) are not found this way."""
+        scope, channel_id, start = split_state_key(prefix)
+        folder = f"{STATE_PREFIX}{scope}/{encode_segment(channel_id, _CHANNEL_BUDGET)}/"
+        raw = start.encode("utf-8", "surrogatepass")
+        whole = base64.urlsafe_b64encode(raw[: len(raw) // 3 * 3]).decode("ascii")
+        semaphore = asyncio.Semaphore(_PARALLEL_DELETES)
+
+        async def remove(name: str) -> bool:
+            async with semaphore, self._guard("delete"):
+                return bool(await self._container.remove(name))
+
+        deleted, marker = 0, None
+        while True:
+            async with self._guard("list"):
+                names, marker = await self._names(f"{folder}b{whole}", marker)
+            wanted = [name for name in names if _owner(name, folder).startswith(start)]
+            deleted += sum(await asyncio.gather(*(remove(name) for name in wanted)))
+            if marker is None:
+                return deleted
+
+    async def _names(self, prefix: str, marker: str | None) -> tuple[list[str], str | None]:
+        """One listing page of blob names under `prefix`, and the marker of the next."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        pages = (
+            self._container.get()
+            .list_blobs(name_starts_with=prefix, results_per_page=_LISTING_PAGE)
+            .by_page(continuation_token=marker)
+        )
+        try:
+            names = [blob.name async for blob in await pages.__anext__()]
+        except (StopAsyncIteration, ResourceNotFoundError):
+            return [], None  # no container yet: nothing stored
+        return names, pages.continuation_token or None
+
     async def close(self) -> None:
         await self._container.close()
 
@@ -131,6 +174,15 @@ class BlobStateStore:
             raise StateError(
                 f"state store: {operation} failed: storage unreachable ({type(exc).__name__})"
             ) from None
+
+
+def _owner(name: str, folder: str) -> str:
+    """The id a listed ``<folder>b….json`` name stands for ("" when it is not one)."""
+    segment = name[len(folder) : -len(".json")] if name.endswith(".json") else ""
+    try:
+        return decode_segment(segment) or ""
+    except (ValueError, UnicodeError):
+        return ""
 
 
 def create_state_store(settings: Settings) -> BlobStateStore:

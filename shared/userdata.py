@@ -5,6 +5,11 @@ messages pipeline on the channel's ``deleteUserData`` activity. It removes the u
 state on the channel, every stored 1:1 conversation with them (the reference, so no
 proactive message reaches them, and that conversation's state). Group conversations are
 not the user's: they stay.
+
+The 1:1s are found through the user's index (:mod:`shared.references`), which lists their
+most recent ``INDEX_KEYS``; when it says it overflowed (a user with more conversations than
+that, e.g. a Web Chat conversation per visit), the channel's references are listed as well.
+An aadObjectId names a user on Teams only: elsewhere the client writes it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.activity import TEAMS_CHANNEL
+from shared.references.contract import INDEX_KEYS, StoredReference, user_matches
 from shared.state import StateStore, conversation_state_key, user_state_key
 
 if TYPE_CHECKING:
@@ -21,14 +28,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_CONVERSATIONS = 256  # 1:1 conversations erased per call (a user has a few at most)
+MAX_CONVERSATIONS = INDEX_KEYS  # 1:1s taken from the user index per call (past it: listing)
+LISTING_PAGE = 1000  # references per page when the channel is listed
 
 
 @dataclass(slots=True)
 class Erased:
     """What was removed."""
 
-    user_state: bool = False
+    user_state: bool = False  # some user state (one per user id the user goes by)
     conversations: list[str] = field(default_factory=list)  # conversation keys
 
 
@@ -40,45 +48,104 @@ async def erase_user_data(
     state: StateStore | None,
     references: ReferenceStore,
 ) -> Erased:
-    """Remove a user's state and 1:1 conversations on `channel_id`. Idempotent: a retry
-    after a storage failure finishes the job. Raises StoreError / StateError."""
+    """Remove a user's state and 1:1 conversations on `channel_id`: the user state of
+    `user_id` and of every user id their 1:1s name (so an aadObjectId alone erases it too).
+    Idempotent: a retry after a storage failure finishes the job. Raises StoreError /
+    StateError; ValueError when nobody is named (an aadObjectId names nobody off Teams)."""
+    if aad_object_id and channel_id != TEAMS_CHANNEL:
+        aad_object_id = None  # written by the client there: never an identity
     if not channel_id or not (user_id or aad_object_id):
-        raise ValueError("erase_user_data needs channel_id and user_id or aad_object_id")
-    erased = Erased()
-    for _ in range(MAX_CONVERSATIONS):
-        found = await references.find_by_user(
-            channel_id=channel_id, user_id=user_id, aad_object_id=aad_object_id
+        raise ValueError(
+            "erase_user_data needs channel_id and user_id (or, on msteams, aad_object_id)"
         )
-        if found is None or found.key in erased.conversations:
+    eraser = _Eraser(channel_id, user_id, aad_object_id, state, references)
+    lookup = {"channel_id": channel_id, "user_id": user_id, "aad_object_id": aad_object_id}
+    overflowed = await references.user_index_overflowed(**lookup)
+    if overflowed:
+        await eraser.listed()
+    for _ in range(MAX_CONVERSATIONS + 1):  # a full index, then the None that ends it
+        found = await references.find_by_user(**lookup)
+        if found is None or found.key in eraser.erased.conversations:
             break
-        # The conversation's state first: if the reference delete then fails, a retry
-        # still finds the conversation and finishes.
-        if state is not None:
-            await state.delete(conversation_state_key(found.channel_id, found.conversation_id))
-        await references.delete(found.key)
-        erased.conversations.append(found.key)
-    if state is not None and user_id:
-        erased.user_state = await state.delete(user_state_key(channel_id, user_id))
+        await eraser.one(found)
+    else:  # still finding more (written meanwhile): list the channel as well
+        await eraser.listed()
+    if overflowed:
+        # Only now, everything erased: a failure before leaves the mark for a retry.
+        await references.settle_user_index(**lookup)
+    if user_id:
+        await eraser.user_state(user_id)
+    erased = eraser.erased
     logger.info(
-        "userdata: erased channel=%r user state=%s conversations=%d",
+        "userdata: erased channel=%r user state=%s conversations=%d (channel listed: %s)",
         channel_id,
         erased.user_state,
         len(erased.conversations),
+        overflowed,
     )
     return erased
+
+
+@dataclass(slots=True)
+class _Eraser:
+    channel_id: str
+    user_id: str | None
+    aad_object_id: str | None
+    state: StateStore | None
+    references: ReferenceStore
+    erased: Erased = field(default_factory=Erased)
+    _users_done: set[str] = field(default_factory=set)
+
+    async def one(self, found: StoredReference) -> None:
+        """A 1:1: its state and its user's state first, then the reference, so a retry
+        after a failure still finds the conversation (and the user id it names)."""
+        if self.state is not None:
+            await self.state.delete(conversation_state_key(found.channel_id, found.conversation_id))
+        if found.user_id:
+            await self.user_state(found.user_id)
+        await self.references.delete(found.key)
+        self.erased.conversations.append(found.key)
+
+    async def listed(self) -> None:
+        """Every 1:1 of the user among the channel's references (paged)."""
+        continuation = None
+        while True:
+            page = await self.references.list(
+                channel_id=self.channel_id, continuation=continuation, page_size=LISTING_PAGE
+            )
+            for stored in page.items:
+                if (
+                    user_matches(stored, self.user_id, self.aad_object_id, None)
+                    and stored.key not in self.erased.conversations
+                ):
+                    await self.one(stored)
+            continuation = page.continuation
+            if continuation is None:
+                return
+
+    async def user_state(self, user_id: str) -> None:
+        if self.state is None or user_id in self._users_done:
+            return
+        if await self.state.delete(user_state_key(self.channel_id, user_id)):
+            self.erased.user_state = True
+        self._users_done.add(user_id)
 
 
 async def erase_for_activity(
     activity: Mapping[str, Any], *, state: StateStore | None, references: ReferenceStore
 ) -> Erased:
-    """Act on a ``deleteUserData`` activity: erase the data of its sender (`from`)."""
+    """Act on a ``deleteUserData`` activity: erase the data of its sender (`from`; their
+    aadObjectId on Teams only, where the channel vouches for it)."""
     sender = activity.get("from") or {}
+    channel_id = activity["channelId"]
     user_id = sender.get("id") if isinstance(sender.get("id"), str) else None
     aad = sender.get("aadObjectId") if isinstance(sender.get("aadObjectId"), str) else None
+    if channel_id != TEAMS_CHANNEL:
+        aad = None
     if not (user_id or aad):
         return Erased()  # nobody named: nothing to erase
     return await erase_user_data(
-        channel_id=activity["channelId"],
+        channel_id=channel_id,
         user_id=user_id or None,
         aad_object_id=aad or None,
         state=state,

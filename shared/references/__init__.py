@@ -29,10 +29,15 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
 
 ``users/<channel>/id/<user id>.json`` and ``users/<channel>/aad/<aadObjectId>.json``
     Small index documents ``{"schemaVersion": 1, "key": "<conversation key>"}`` pointing at
-    a user's 1:1 conversation, plus ``"older": [...]`` (most recent first, at most 8 in all)
-    when the user has more than one (a guest's 1:1 in each tenant; several Web Chat
-    sessions), so a lookup narrowed to a tenant, or made after the latest one was deleted,
-    still finds the others. Changed with ETags like the documents; brought up to date
+    a user's 1:1 conversation, plus ``"older": [...]`` (most recent first, at most
+    ``INDEX_KEYS`` = 256 in all) when the user has more than one (a guest's 1:1 in each
+    tenant; several Web Chat sessions), so a lookup narrowed to a tenant, or made after the
+    latest one was deleted, still finds the others. A write that drops the oldest key for
+    lack of room adds ``"overflowed": true``, which later writes keep, and the document is
+    kept while it says so, even with no key left: erasure (:mod:`shared.userdata`) then
+    lists the channel too, and clears the mark (``settle_user_index``) once all is erased.
+    The ``aad`` index is kept for msteams only: elsewhere the client writes aadObjectId.
+    Changed with ETags like the documents; brought up to date
     after every document write (a delete takes its entries out before it removes the
     document, so the last word is always the writer's); every entry is verified against
     its document when read, so a stale or orphaned entry is never returned.
@@ -77,6 +82,7 @@ from __future__ import annotations
 
 from shared.references.blob import BLOB_CLIENTS, BlobReferenceStore, create_reference_store
 from shared.references.contract import (
+    INDEX_KEYS,
     MAX_PAGE_SIZE,
     SCHEMA_VERSION,
     TEAMS_CHANNEL,
@@ -102,6 +108,7 @@ from shared.references.memory import MemoryReferenceStore
 
 __all__ = [
     "BLOB_CLIENTS",
+    "INDEX_KEYS",
     "MAX_PAGE_SIZE",
     "SCHEMA_VERSION",
     "TEAMS_CHANNEL",

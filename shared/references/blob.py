@@ -24,11 +24,13 @@ from shared.references.contract import (
     MAX_PAGE_SIZE,
     SCHEMA_VERSION,
     Filters,
+    IndexChange,
     Page,
     ReferenceStore,
     StoreConflict,
     StoredReference,
     StoreError,
+    UserIndex,
     check_page_size,
     copied,
     decode_token,
@@ -37,10 +39,11 @@ from shared.references.contract import (
     including,
     index_body,
     index_entries,
-    index_keys,
     plan,
+    read_index,
     reference_key,
     refused_credential,
+    settled,
     short_key,
     storage_auth_failed,
     to_document,
@@ -278,7 +281,7 @@ class BlobReferenceStore:
         async with self._guard("find_by_user", channel_id):
             for kind, value in lookups:
                 index = await self._read_json(user_index_name(channel_id, kind, value))
-                for key in index_keys(index[0]) if index else []:
+                for key in read_index(index[0]).keys if index else ():
                     try:
                         name = document_name(key)
                     except ValueError:
@@ -287,6 +290,25 @@ class BlobReferenceStore:
                     if stored and user_matches(stored, user_id, aad_object_id, tenant_id):
                         return stored
         return None
+
+    async def user_index_overflowed(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> bool:
+        lookups = user_lookups(channel_id, user_id, aad_object_id)
+        async with self._guard("user_index_overflowed", channel_id):
+            for kind, value in lookups:
+                index = await self._read_json(user_index_name(channel_id, kind, value))
+                if index and read_index(index[0]).overflowed:
+                    return True
+        return False
+
+    async def settle_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        lookups = user_lookups(channel_id, user_id, aad_object_id)
+        async with self._guard("settle_user_index", channel_id):
+            for kind, value in lookups:
+                await self._update_index(channel_id, kind, value, settled)
 
     async def close(self) -> None:
         await self._store.close()
@@ -342,7 +364,7 @@ class BlobReferenceStore:
             current = await self._read(name, key)
             if current is None:
                 return False
-            for kind, value in index_entries(current):
+            for kind, value in index_entries(current, any_channel=True):
                 await self._update_index(current.channel_id, kind, value, without(key))
             removed = await self._remove(name, current.etag)  # type: ignore[arg-type]
             if removed is not None:
@@ -358,11 +380,12 @@ class BlobReferenceStore:
         channel_id: str,
         kind: Literal["id", "aad"],
         value: str,
-        change: Callable[[list[str]], list[str]],
+        change: IndexChange,
         *,
         likely_absent: bool = False,
     ) -> None:
-        """Apply `change` to a user index's keys (read, then conditional write or delete).
+        """Apply `change` to a user index (read, then conditional write or delete; an index
+        left with no key is removed, unless it says it overflowed: erasure must see that).
 
         ``likely_absent``: try creating the index first (one call instead of two when the
         user has none yet; one wasted call when they have).
@@ -371,16 +394,16 @@ class BlobReferenceStore:
         if likely_absent:
             # A new user's first conversation: create the index straight away (If-None-
             # Match: *), no read first; if it exists after all, read and apply as usual.
-            wanted = change([])
-            if wanted and await self._put(name, index_body(wanted), None) is not None:
+            wanted = change(UserIndex())
+            if not wanted.empty and await self._put(name, index_body(wanted), None) is not None:
                 return
         for attempt in range(self._max_attempts):
             found = await self._read_json(name)
-            keys = index_keys(found[0]) if found else []
-            wanted = change(keys)
-            if wanted == keys and (found is None or wanted):
-                return  # already so (an index left with no key is removed below)
-            if wanted:
+            current = read_index(found[0]) if found else UserIndex()
+            wanted = change(current)
+            if wanted == current and (found is None or not wanted.empty):
+                return  # already so (an empty index is removed below)
+            if not wanted.empty:
                 etag = found[1] if found else None
                 done = await self._put(name, index_body(wanted), etag) is not None
             else:

@@ -25,7 +25,10 @@ logger = logging.getLogger("shared.references")  # the package logs under one na
 SCHEMA_VERSION = 1
 VOLATILE_FIELDS = frozenset({"activityId"})  # change every message; never worth a write
 MAX_PAGE_SIZE = 5000  # Azure's largest listing page
-_INDEX_KEYS = 8  # conversations a user index remembers (e.g. one 1:1 per tenant)
+# Conversations a user index lists (a 1:1 per tenant; a Web Chat conversation per visit).
+# Past that the oldest key is dropped and the index says it overflowed: erasure then lists
+# the channel as well (shared/userdata.py), so no conversation escapes it.
+INDEX_KEYS = 256
 
 
 class StoreError(Exception):
@@ -131,6 +134,14 @@ class ReferenceStore(Protocol):
         tenant_id: str | None = None,
     ) -> StoredReference | None: ...
 
+    async def user_index_overflowed(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> bool: ...
+
+    async def settle_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -223,7 +234,8 @@ def plan(
         team_id=team,
         personal=personal,
         user_id=str_or_none(user.get("id")) if personal else None,
-        aad_object_id=str_or_none(user.get("aadObjectId")) if personal else None,
+        # Another channel's client writes from.aadObjectId itself: never an identity there.
+        aad_object_id=str_or_none(user.get("aadObjectId")) if personal and teams else None,
         created_at=current.created_at if current else stamp,
         updated_at=stamp,
     )
@@ -287,22 +299,27 @@ def short_key(key: str) -> str:
 def user_matches(
     stored: StoredReference, user_id: str | None, aad_object_id: str | None, tenant: str | None
 ) -> bool:
+    """A 1:1 with this user (in `tenant` when given). The aadObjectId counts on Teams only:
+    elsewhere the client writes it (documents stored before that rule may still carry one)."""
     if not stored.personal or (tenant is not None and stored.tenant_id != tenant):
         return False
     return (user_id is not None and stored.user_id == user_id) or (
-        aad_object_id is not None and stored.aad_object_id == aad_object_id
+        aad_object_id is not None
+        and stored.channel_id == TEAMS_CHANNEL
+        and stored.aad_object_id == aad_object_id
     )
 
 
 def user_lookups(
     channel_id: str, user_id: str | None, aad_object_id: str | None
 ) -> list[tuple[Literal["id", "aad"], str]]:
+    """The user indexes to read; an aadObjectId is indexed on Teams only (none elsewhere)."""
     if not channel_id or (user_id is None and aad_object_id is None):
         raise ValueError("find_by_user needs channel_id and user_id or aad_object_id")
     lookups: list[tuple[Literal["id", "aad"], str]] = []
     if user_id is not None:
         lookups.append(("id", user_id))
-    if aad_object_id is not None:
+    if aad_object_id is not None and channel_id == TEAMS_CHANNEL:
         lookups.append(("aad", aad_object_id))
     return lookups
 
@@ -362,40 +379,84 @@ def copied(stored: StoredReference) -> StoredReference:
     return replace(stored, reference=json.loads(json.dumps(stored.reference)))
 
 
-def to_front(key: str) -> Callable[[list[str]], list[str]]:
-    """Index change: `key` becomes the user's most recent conversation."""
-    return lambda keys: [key, *(k for k in keys if k != key)][:_INDEX_KEYS]
+@dataclass(frozen=True, slots=True)
+class UserIndex:
+    """A user index: their conversation keys, most recent first, and whether a key was ever
+    dropped for lack of room (then erasure lists the channel; see INDEX_KEYS)."""
+
+    keys: tuple[str, ...] = ()
+    overflowed: bool = False
+
+    @property
+    def empty(self) -> bool:
+        """Nothing worth keeping: no key, and no overflow for erasure to act on."""
+        return not self.keys and not self.overflowed
 
 
-def including(key: str) -> Callable[[list[str]], list[str]]:
+IndexChange = Callable[[UserIndex], UserIndex]
+
+
+def to_front(key: str) -> IndexChange:
+    """Index change: `key` becomes the user's most recent conversation; the oldest key
+    goes when there is no room, and the index then says it overflowed."""
+
+    def change(index: UserIndex) -> UserIndex:
+        keys = (key, *(k for k in index.keys if k != key))
+        overflowed = index.overflowed or len(keys) > INDEX_KEYS
+        return UserIndex(keys[:INDEX_KEYS], overflowed)
+
+    return change
+
+
+def including(key: str) -> IndexChange:
     """Index change: `key` is listed (at the front when it was missing), else unchanged."""
-    return lambda keys: keys if key in keys else to_front(key)(keys)
+    return lambda index: index if key in index.keys else to_front(key)(index)
 
 
-def without(key: str) -> Callable[[list[str]], list[str]]:
-    return lambda keys: [k for k in keys if k != key]
+def without(key: str) -> IndexChange:
+    """Index change: `key` is no longer listed (an overflow mark stays)."""
+    return lambda index: UserIndex(tuple(k for k in index.keys if k != key), index.overflowed)
 
 
-def index_keys(document: Any) -> list[str]:
-    """The conversation keys of a user index document, most recent first."""
-    if not isinstance(document, dict) or not isinstance(document.get("key"), str):
-        return []
+def settled(index: UserIndex) -> UserIndex:
+    """Index change after an erasure that listed the channel: the overflow is dealt with."""
+    return UserIndex(index.keys, False)
+
+
+def read_index(document: Any) -> UserIndex:
+    """A user index document: ``{"key": most recent, "older": [...], "overflowed": true}``,
+    each part optional (an overflowed index whose keys were all deleted has none)."""
+    if not isinstance(document, dict):
+        return UserIndex()
+    first = document.get("key")
     older = document.get("older")
     older = [key for key in older if isinstance(key, str)] if isinstance(older, list) else []
-    return [document["key"], *older]
+    keys = (first, *older) if isinstance(first, str) else ()
+    return UserIndex(keys, document.get("overflowed") is True)
 
 
-def index_body(keys: list[str]) -> bytes:
-    document: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "key": keys[0]}
-    if len(keys) > 1:
-        document["older"] = keys[1:]
+def index_body(index: UserIndex) -> bytes:
+    document: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION}
+    if index.keys:
+        document["key"] = index.keys[0]
+    if len(index.keys) > 1:
+        document["older"] = list(index.keys[1:])
+    if index.overflowed:
+        document["overflowed"] = True
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def index_entries(stored: StoredReference) -> list[tuple[Literal["id", "aad"], str]]:
+def index_entries(
+    stored: StoredReference, *, any_channel: bool = False
+) -> list[tuple[Literal["id", "aad"], str]]:
+    """The user indexes that list a stored 1:1: by user id, and by aadObjectId on Teams
+    only (another channel's client writes that field itself). `any_channel`: also the
+    aadObjectId a document stored before that rule carries off Teams, so that a delete
+    takes its old index entry out too."""
     entries: list[tuple[Literal["id", "aad"], str]] = []
     if stored.personal and stored.user_id:
         entries.append(("id", stored.user_id))
-    if stored.personal and stored.aad_object_id:
+    teams = stored.channel_id == TEAMS_CHANNEL
+    if stored.personal and stored.aad_object_id and (teams or any_channel):
         entries.append(("aad", stored.aad_object_id))
     return entries

@@ -11,6 +11,7 @@ from shared.references.contract import (
     Filters,
     Page,
     StoredReference,
+    UserIndex,
     check_page_size,
     copied,
     decode_token,
@@ -18,6 +19,7 @@ from shared.references.contract import (
     index_entries,
     plan,
     reference_key,
+    settled,
     to_front,
     user_lookups,
     user_matches,
@@ -38,7 +40,7 @@ class MemoryReferenceStore:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._docs: dict[str, StoredReference] = {}
-        self._users: dict[tuple[str, str, str], list[str]] = {}  # (channel, kind, id) -> keys
+        self._users: dict[tuple[str, str, str], UserIndex] = {}  # (channel, kind, id)
         self._sorted: list[str] | None = None
         self._version = 0
         self.writes = 0
@@ -60,7 +62,7 @@ class MemoryReferenceStore:
         planned.etag = f'"m{self._version}"'
         for kind, value in index_entries(planned):
             entry = (planned.channel_id, kind, value)
-            self._users[entry] = to_front(key)(self._users.get(entry, []))
+            self._users[entry] = to_front(key)(self._users.get(entry, UserIndex()))
         if key not in self._docs:
             self._sorted = None
         self._docs[key] = copied(planned)
@@ -74,12 +76,8 @@ class MemoryReferenceStore:
             return False
         self._sorted = None
         self.deletes += 1
-        for kind, value in index_entries(stored):
-            entry = (stored.channel_id, kind, value)
-            if keys := without(key)(self._users.get(entry, [])):
-                self._users[entry] = keys
-            else:
-                self._users.pop(entry, None)
+        for kind, value in index_entries(stored, any_channel=True):
+            self._change_index((stored.channel_id, kind, value), without(key))
         return True
 
     async def list(
@@ -116,11 +114,34 @@ class MemoryReferenceStore:
         tenant_id: str | None = None,
     ) -> StoredReference | None:
         for kind, value in user_lookups(channel_id, user_id, aad_object_id):
-            for key in self._users.get((channel_id, kind, value), []):
+            for key in self._users.get((channel_id, kind, value), UserIndex()).keys:
                 stored = self._docs.get(key)
                 if stored and user_matches(stored, user_id, aad_object_id, tenant_id):
                     return copied(stored)
         return None
+
+    async def user_index_overflowed(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> bool:
+        return any(
+            self._users.get((channel_id, kind, value), UserIndex()).overflowed
+            for kind, value in user_lookups(channel_id, user_id, aad_object_id)
+        )
+
+    async def settle_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        for kind, value in user_lookups(channel_id, user_id, aad_object_id):
+            self._change_index((channel_id, kind, value), settled)
+
+    def _change_index(
+        self, entry: tuple[str, str, str], change: Callable[[UserIndex], UserIndex]
+    ) -> None:
+        index = change(self._users.get(entry, UserIndex()))
+        if index.empty:
+            self._users.pop(entry, None)  # kept while overflowed: erasure must see that
+        else:
+            self._users[entry] = index
 
     async def close(self) -> None:
         return None

@@ -19,6 +19,8 @@ from shared.references import (
     StoreError,
     document_name,
 )
+from shared.state import MemoryStateStore, conversation_state_key, user_state_key
+from shared.state_blob import BlobStateStore
 from tests.fixtures.storage import FAST_STORAGE
 from tools.azurite import free_port
 
@@ -83,6 +85,36 @@ async def store(request, unique_name):
         instance = BlobReferenceStore(settings, options=FAST)
     yield instance
     await instance.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
+async def stores(request, unique_name):
+    """A reference store and a state store, both in memory or both on Azurite."""
+    if request.param == "memory":
+        references, state = MemoryReferenceStore(), MemoryStateStore()
+    else:
+        azurite = request.getfixturevalue("azurite")
+        settings = Settings(
+            storage=StorageSettings(connection_string=azurite.connection_string),
+            references_container=unique_name("life"),
+        )
+        references = BlobReferenceStore(settings, options=FAST)
+        state = BlobStateStore(settings, options=FAST)
+    yield references, state
+    await references.close()
+    await state.close()
+
+
+async def write_states(state, *conversation_ids: str) -> list[str]:
+    """A state for each conversation (a Teams thread id included) and the user's own."""
+    written = [conversation_state_key("msteams", c) for c in conversation_ids]
+    for key in [*written, user_state_key("msteams", "29:user")]:
+        assert await state.write(key, {"kept": key}, etag=None)
+    return written
+
+
+async def states_left(state, conversation_ids) -> list[str]:
+    return [c for c in conversation_ids if await state.read(conversation_state_key("msteams", c))]
 
 
 async def keys(store) -> set[str]:
@@ -237,6 +269,32 @@ async def test_uninstall_removes_the_conversation(store, action):
     assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
 
 
+async def test_uninstall_deletes_the_conversations_state(stores):
+    # Its state could not be erased later: erasure finds a user's 1:1s by their references.
+    references, state = stores
+    await record_activity(references, message(), state=state)
+    await record_activity(references, message("a:other"), state=state)
+    await write_states(state, "a:personal", "a:other")
+
+    await record_activity(references, activity("installationUpdate", action="remove"), state=state)
+
+    assert await keys(references) == {"msteams/a:other"}
+    assert await states_left(state, ["a:personal", "a:other"]) == ["a:other"]
+    assert await state.read(user_state_key("msteams", "29:user"))  # the user's own stays
+
+
+async def test_bot_removed_from_a_group_chat_deletes_its_state(stores):
+    references, state = stores
+    await record_activity(references, message("19:chat", personal=False), state=state)
+    await write_states(state, "19:chat")
+    removed = activity(
+        "conversationUpdate", "19:chat", personal=False, membersRemoved=[{"id": BOT["id"]}]
+    )
+    await record_activity(references, removed, state=state)
+    assert await keys(references) == set()
+    assert await states_left(state, ["19:chat"]) == []
+
+
 @pytest.mark.parametrize("bot_id", ["28:bot-app-id", "bot-app-id"])
 async def test_bot_removed_from_a_group_chat_removes_it(store, bot_id):
     await record_activity(store, message("19:chat", personal=False))
@@ -277,6 +335,33 @@ async def test_team_deleted_removes_all_its_channels(store, event):
         ),
     )
     assert await keys(store) == {"msteams/19:general-b", "msteams/a:personal"}
+
+
+@pytest.mark.parametrize("how", ["teamDeleted", "bot removed"])
+async def test_team_removal_deletes_the_state_of_its_channels_and_their_threads(stores, how):
+    references, state = stores
+    await _two_teams_and_a_chat(references)
+    team_a = [
+        "19:general-a",
+        "19:general-a;messageid=5",
+        "19:design-a",
+        "19:design-a;messageid=17",
+        "19:design-a;messageid=1700000000018",  # a thread whose reference was never stored
+    ]
+    others = ["19:general-b", "19:general-b;messageid=3", "19:design-ab;messageid=4", "a:personal"]
+    await write_states(state, *team_a, *others)
+    fields = {"event": "teamDeleted"} if how == "teamDeleted" else {}
+    if how == "bot removed":
+        fields["membersRemoved"] = [{"id": BOT["id"]}]
+    removal = activity(
+        "conversationUpdate", "19:general-a", personal=False, team="19:general-a", **fields
+    )
+
+    await record_activity(references, removal, state=state)
+
+    assert await keys(references) == {"msteams/19:general-b", "msteams/a:personal"}
+    assert await states_left(state, team_a + others) == others
+    assert await state.read(user_state_key("msteams", "29:user"))
 
 
 async def test_bot_removed_from_a_team_removes_all_its_channels(store):

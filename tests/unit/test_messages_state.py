@@ -11,7 +11,13 @@ import pytest
 
 from shared.config import Settings, StorageSettings
 from shared.router import APOLOGY, Router
-from shared.state import MemoryStateStore, State, conversation_state_key, user_state_key
+from shared.state import (
+    MemoryStateStore,
+    State,
+    StateError,
+    conversation_state_key,
+    user_state_key,
+)
 from shared.state_blob import BlobStateStore
 from shared.turn import TurnContext
 from tests.fixtures.storage import FAST_STORAGE
@@ -171,3 +177,109 @@ async def test_delete_user_data_with_storage_down_is_500_and_keeps_the_reference
     assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None
     assert "user data not erased" in caplog.text
     assert secret not in caplog.text
+
+
+# ---------------------------------------------------------------------------- removals
+
+
+async def test_uninstall_deletes_the_1to1_state_so_none_outlives_erasure(
+    bot, channel_identity, fake_connector
+):
+    await say(bot, channel_identity, fake_connector, "secret-note")
+    conversation = conversation_state_key(CHANNEL, CONVERSATION)
+    assert (await bot.runtime.state.read(conversation)).data == {"last": "secret-note"}
+
+    response = await say(
+        bot, channel_identity, fake_connector, "", type="installationUpdate", action="remove"
+    )
+
+    assert response.status == 200
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+    assert await bot.runtime.state.read(conversation) is None
+    # The user's own state stays until they (or an operator) ask for erasure.
+    assert (await bot.runtime.state.read(USER_KEY)).data == {"theme": "secret-note"}
+
+
+async def test_team_deleted_deletes_the_state_of_its_channel_threads(
+    bot, channel_identity, fake_connector
+):
+    team = {"team": {"id": "19:team@thread.tacv2"}, "tenant": {"id": "t-1"}}
+    channel = {"conversationType": "channel", "isGroup": True, "tenantId": "t-1"}
+    for thread in ("111", "222"):
+        conversation = {**channel, "id": f"19:chan@thread.tacv2;messageid={thread}"}
+        await say(
+            bot, channel_identity, fake_connector, "hi", channelData=team, conversation=conversation
+        )
+    thread = conversation_state_key(CHANNEL, "19:chan@thread.tacv2;messageid=111")
+    assert (await bot.runtime.state.read(thread)).data == {"last": "hi"}
+    removed = {**team, "eventType": "teamDeleted"}
+
+    response = await say(
+        bot,
+        channel_identity,
+        fake_connector,
+        "",
+        type="conversationUpdate",
+        channelData=removed,
+        conversation={**channel, "id": "19:team@thread.tacv2"},
+    )
+
+    assert response.status == 200
+    assert [item.key for item in (await bot.store.list()).items] == []
+    for thread in ("111", "222"):
+        key = conversation_state_key(CHANNEL, f"19:chan@thread.tacv2;messageid={thread}")
+        assert await bot.runtime.state.read(key) is None
+
+
+class StateDown(MemoryStateStore):
+    """Memory state whose deletes fail while `down` (storage unreachable)."""
+
+    down = True
+
+    async def delete(self, key):
+        if self.down:
+            raise StateError("state store: delete failed: storage unreachable (OSError)")
+        return await super().delete(key)
+
+
+async def test_a_removal_whose_state_delete_fails_is_a_500_and_the_retry_finishes(
+    bot, channel_identity, fake_connector, caplog
+):
+    bot.runtime.state = StateDown()
+    bot.runtime.state.down = False
+    await say(bot, channel_identity, fake_connector, "secret-note")
+    bot.runtime.state.down = True
+    uninstall = {"type": "installationUpdate", "action": "remove"}
+
+    response = await say(bot, channel_identity, fake_connector, "", **uninstall)
+
+    assert response.status == 500
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None  # state goes first
+    assert "reference not removed" in caplog.text and "storage unreachable" in caplog.text
+    bot.runtime.state.down = False  # the channel's retry
+    assert (await say(bot, channel_identity, fake_connector, "", **uninstall)).status == 200
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+
+
+async def test_delete_user_data_erases_every_web_chat_visit(bot, channel_identity, fake_connector):
+    # Web Chat starts a new Direct Line conversation per visit, under one user id.
+    web_chat = {"channelId": "webchat", "channelData": None, "from": {"id": "dl_user-1"}}
+    for n in range(10):
+        visit = {**web_chat, "conversation": {"id": f"DL-conv-{n}"}, "id": f"DL-conv-{n}|1"}
+        assert (
+            await say(bot, channel_identity, fake_connector, f"visit {n}", **visit)
+        ).status == 200
+    assert len((await bot.store.list()).items) == 10
+
+    erase = {**web_chat, "conversation": {"id": "DL-conv-9"}, "type": "deleteUserData"}
+    assert (await say(bot, channel_identity, fake_connector, "", **erase)).status == 200
+
+    assert (await bot.store.list()).items == []
+    assert await bot.runtime.state.read(user_state_key("webchat", "dl_user-1")) is None
+    states = [
+        n
+        for n in range(10)
+        if await bot.runtime.state.read(conversation_state_key("webchat", f"DL-conv-{n}"))
+    ]
+    assert states == []

@@ -21,6 +21,7 @@ from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
 
 from shared.config import Settings, SettingsError, StorageSettings
 from shared.references import (
+    INDEX_KEYS,
     BlobReferenceStore,
     MemoryReferenceStore,
     StoreError,
@@ -388,6 +389,43 @@ async def test_find_by_user_after_their_latest_conversation_is_deleted(store):
     assert await store.find_by_user(channel_id="webchat", user_id="u-1") is None
 
 
+async def visits(store, count: int, user: str = "u-many") -> list[str]:
+    """`count` Web Chat visits of one user: a new Direct Line conversation each time."""
+    for n in range(count):
+        await store.upsert(reference(f"dl-{n}", channel_id="webchat", tenant=None, user=user))
+    return [f"webchat/dl-{n}" for n in range(count)]
+
+
+async def test_a_user_index_out_of_room_says_it_overflowed_until_settled(store):
+    keys = await visits(store, INDEX_KEYS + 2)
+    who = {"channel_id": "webchat", "user_id": "u-many"}
+    assert await store.user_index_overflowed(**who) is True  # the two oldest are not listed
+    assert (await store.find_by_user(**who)).key == keys[-1]
+    assert [key for key in keys if await store.get(key) is None] == []  # all still stored
+    assert await store.user_index_overflowed(channel_id="webchat", user_id="u-other") is False
+    # Deleting every listed conversation leaves the mark: erasure must still list the channel.
+    for key in keys:
+        await store.delete(key)
+    assert await store.find_by_user(**who) is None
+    assert await store.user_index_overflowed(**who) is True
+    await store.upsert(reference("dl-new", channel_id="webchat", tenant=None, user="u-many"))
+    assert await store.user_index_overflowed(**who) is True  # kept by later writes
+    await store.settle_user_index(**who)
+    assert await store.user_index_overflowed(**who) is False
+    assert (await store.find_by_user(**who)).key == "webchat/dl-new"
+
+
+async def test_an_aad_object_id_counts_on_teams_only(store):
+    # Off Teams, from.aadObjectId is whatever the client wrote: a Web Chat user claiming
+    # Alice's must not find (or, through erasure, delete) anything of hers by it.
+    await store.upsert(reference("dl-1", channel_id="webchat", tenant=None, aad="aad-alice"))
+    await store.upsert(reference("a:1", user="29:alice", aad="aad-alice"))
+    assert (await store.get("webchat/dl-1")).aad_object_id is None
+    assert await store.find_by_user(channel_id="webchat", aad_object_id="aad-alice") is None
+    found = await store.find_by_user(channel_id="msteams", aad_object_id="aad-alice")
+    assert found.key == "msteams/a:1"
+
+
 async def test_group_speakers_locale_alone_writes_nothing(store):
     # In a group every speaker brings their own client's locale: no write per speaker.
     group = "19:team@thread.tacv2"
@@ -572,6 +610,22 @@ async def test_blob_stale_user_index_is_ignored(blob_store):
             user_index_name("msteams", "id", "29:dave"), json.dumps(junk), overwrite=True
         )
         assert await store.find_by_user(channel_id="msteams", user_id="29:dave") is None
+
+
+@pytest.mark.integration
+async def test_blob_overflowed_user_index_is_kept_without_keys_until_settled(blob_store):
+    store, container = blob_store
+    keys = await visits(store, INDEX_KEYS + 1)
+    index = container.get_blob_client(user_index_name("webchat", "id", "u-many"))
+    document = json.loads(index.download_blob().readall())
+    assert document["overflowed"] is True
+    assert [document["key"], *document["older"]] == keys[:0:-1]  # the oldest dropped
+    for key in keys:
+        await store.delete(key)
+    assert json.loads(index.download_blob().readall()) == {"schemaVersion": 1, "overflowed": True}
+    await store.settle_user_index(channel_id="webchat", user_id="u-many")
+    assert not index.exists()
+    assert not any(b.name.startswith("users/") for b in container.list_blobs())  # no aad one
 
 
 @pytest.mark.integration

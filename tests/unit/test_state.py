@@ -311,6 +311,40 @@ async def test_delete_then_state_starts_empty(store):
     assert await store.read(USER) is None
 
 
+async def test_delete_prefixed_deletes_the_threads_of_one_channel_only(store):
+    # Each Teams channel thread has a state of its own ("<channel>;messageid=<root>"). The
+    # channels' ids differ in length (the prefix ends at each place of a base64 group) and
+    # in script.
+    for channel in ("19:c@thread.tacv2", "19:ç会话@thread.tacv2", "19:cc@thread.tacv2"):
+        gone = [
+            conversation_state_key("msteams", f"{channel};messageid={root}")
+            for root in ("1", "22", "1700000000000")
+        ]
+        kept = [
+            conversation_state_key("msteams", channel),  # the channel's own
+            conversation_state_key("msteams", f"{channel[:-1]}X;messageid=1"),  # another's
+            conversation_state_key("webchat", f"{channel};messageid=1"),  # another channel id
+            user_state_key("msteams", f"{channel};messageid=1"),  # another scope
+        ]
+        for key in gone + kept:
+            assert await store.write(key, {"kept": key}, etag=None)
+
+        prefix = conversation_state_key("msteams", f"{channel};messageid=")
+        assert await store.delete_prefixed(prefix) == 3
+
+        assert [key for key in gone if await store.read(key)] == []
+        assert [key for key in kept if await store.read(key) is None] == []
+        assert await store.delete_prefixed(prefix) == 0
+        for key in kept:
+            await store.delete(key)
+
+
+async def test_delete_prefixed_with_nothing_stored_deletes_nothing(store):
+    assert await store.delete_prefixed(conversation_state_key("msteams", "19:c;messageid=")) == 0
+    with pytest.raises(ValueError):
+        await store.delete_prefixed("conversation/msteams/")
+
+
 class BusyStore(MemoryStateStore):
     """A memory store where another writer always saves just before this one."""
 

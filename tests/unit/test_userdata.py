@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from azure.storage.blob import ContainerClient
 
 from shared.config import Settings, StorageSettings
-from shared.references import BlobReferenceStore, MemoryReferenceStore
-from shared.state import MemoryStateStore, conversation_state_key, user_state_key
+from shared.references import (
+    INDEX_KEYS,
+    BlobReferenceStore,
+    MemoryReferenceStore,
+    document_name,
+    user_index_name,
+)
+from shared.state import MemoryStateStore, StateError, conversation_state_key, user_state_key
 from shared.state_blob import BlobStateStore
 from shared.userdata import erase_for_activity, erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
-from tests.unit.test_references import reference
+from tests.unit.test_references import list_all, reference
 
 
 @pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
@@ -85,8 +94,127 @@ async def test_erase_by_aad_object_id_finds_the_conversations(stores):
         channel_id="msteams", aad_object_id="aad-ada", state=state, references=references
     )
     assert sorted(erased.conversations) == ["msteams/a:ada-1", "msteams/a:ada-2"]
-    # The user state is keyed by the channel's user id, which was not given: it stays.
-    assert erased.user_state is False
+    # The user state is keyed by the channel's user id: the conversations found name it.
+    assert erased.user_state is True
+    assert await state.read(user_state_key("msteams", "29:ada")) is None
+    assert await state.read(conversation_state_key("msteams", "a:ada-1")) is None
+    for key in (user_state_key("msteams", "29:bob"), user_state_key("webchat", "29:ada")):
+        assert (await state.read(key)).data == {"kept": key}
+
+
+async def web_chat_visits(references, state, count: int) -> list[str]:
+    """Ada's `count` Web Chat visits (a new Direct Line conversation each), each with state;
+    Bob's visit; a group conversation Ada spoke in."""
+    for n in range(count):
+        ref = reference(f"dl-{n}", channel_id="webchat", tenant=None, user="dl_ada", aad=None)
+        await references.upsert(ref)
+        await state.write(conversation_state_key("webchat", f"dl-{n}"), {"n": n}, etag=None)
+    await references.upsert(
+        reference("dl-bob", channel_id="webchat", tenant=None, user="dl_bob", aad=None)
+    )
+    await references.upsert(
+        reference("group", channel_id="webchat", tenant=None, user="dl_ada", personal=False)
+    )
+    for key in (
+        user_state_key("webchat", "dl_ada"),
+        user_state_key("webchat", "dl_bob"),
+        conversation_state_key("webchat", "dl-bob"),
+    ):
+        await state.write(key, {"kept": key}, etag=None)
+    return [f"webchat/dl-{n}" for n in range(count)]
+
+
+async def assert_only_others_are_left(references, state, count: int) -> None:
+    assert sorted(await list_all(references)) == ["webchat/dl-bob", "webchat/group"]
+    left = [
+        n for n in range(count) if await state.read(conversation_state_key("webchat", f"dl-{n}"))
+    ]
+    assert left == []
+    assert await state.read(user_state_key("webchat", "dl_ada")) is None
+    for key in (user_state_key("webchat", "dl_bob"), conversation_state_key("webchat", "dl-bob")):
+        assert (await state.read(key)).data == {"kept": key}
+    who = {"channel_id": "webchat", "user_id": "dl_ada"}
+    assert await references.find_by_user(**who) is None
+    assert await references.user_index_overflowed(**who) is False  # its index is gone
+
+
+async def test_erase_reaches_conversations_the_user_index_no_longer_lists(stores):
+    # More conversations than the user index holds: the oldest are found by listing.
+    references, state = stores
+    keys = await web_chat_visits(references, state, INDEX_KEYS + 3)
+
+    erased = await erase_user_data(
+        channel_id="webchat", user_id="dl_ada", state=state, references=references
+    )
+
+    assert sorted(erased.conversations) == sorted(keys) and erased.user_state
+    await assert_only_others_are_left(references, state, INDEX_KEYS + 3)
+
+
+class FailingState(MemoryStateStore):
+    """A state store whose deletes fail after `allowed` of them (storage went down)."""
+
+    def __init__(self, inner, allowed: int) -> None:
+        super().__init__()
+        self.inner, self.allowed = inner, allowed
+
+    async def read(self, key):
+        return await self.inner.read(key)
+
+    async def write(self, key, data, *, etag):
+        return await self.inner.write(key, data, etag=etag)
+
+    async def delete(self, key):
+        if self.allowed <= 0:
+            raise StateError("state store: delete failed: storage unreachable (OSError)")
+        self.allowed -= 1
+        return await self.inner.delete(key)
+
+
+async def test_an_erasure_cut_short_is_finished_by_a_retry(stores):
+    references, state = stores
+    count = INDEX_KEYS + 3
+    await web_chat_visits(references, state, count)
+    for allowed in (2, 100):  # storage fails part-way through, twice
+        failing = FailingState(state, allowed)
+        with pytest.raises(StateError):
+            await erase_user_data(
+                channel_id="webchat", user_id="dl_ada", state=failing, references=references
+            )
+        # Part done; the mark that sends erasure to the listing is still there.
+        left = len(await list_all(references))
+        assert 2 < left < count + 2
+        assert await references.user_index_overflowed(channel_id="webchat", user_id="dl_ada")
+
+    await erase_user_data(
+        channel_id="webchat", user_id="dl_ada", state=state, references=references
+    )
+    await assert_only_others_are_left(references, state, count)
+
+
+async def test_off_teams_an_aad_object_id_erases_nothing(stores):
+    # A Web Chat client writes from.aadObjectId itself: Mallory claiming Ada's must not
+    # erase Ada's conversation (stored with the same claimed id).
+    references, state = stores
+    await references.upsert(
+        reference("dl-ada", channel_id="webchat", tenant=None, user="dl_ada", aad="aad-ada")
+    )
+    await state.write(conversation_state_key("webchat", "dl-ada"), {"n": 1}, etag=None)
+    activity = {
+        "type": "deleteUserData",
+        "channelId": "webchat",
+        "from": {"id": "dl_mallory", "aadObjectId": "aad-ada"},
+        "conversation": {"id": "dl-mallory"},
+    }
+    erased = await erase_for_activity(activity, state=state, references=references)
+    assert erased.conversations == []
+    assert await references.get("webchat/dl-ada") is not None
+    assert await state.read(conversation_state_key("webchat", "dl-ada")) is not None
+    with pytest.raises(ValueError, match="msteams"):
+        await erase_user_data(
+            channel_id="webchat", aad_object_id="aad-ada", state=state, references=references
+        )
+    assert await references.get("webchat/dl-ada") is not None
 
 
 async def test_delete_user_data_activity_erases_its_sender(stores):
@@ -123,3 +251,47 @@ async def test_erase_needs_a_user():
             state=MemoryStateStore(),
             references=MemoryReferenceStore(),
         )
+
+
+@pytest.mark.integration
+async def test_blob_a_web_chat_aad_object_id_stored_before_the_rule_is_never_matched(
+    azurite, unique_name
+):
+    # Documents and index entries written before aadObjectId counted on Teams only: the
+    # claimed id matches nothing, and erasing the user by id takes the old entry out too.
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("erase"),
+    )
+    references, state = BlobReferenceStore(settings, options=FAST_STORAGE), MemoryStateStore()
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    try:
+        ref = reference("dl-ada", channel_id="webchat", tenant=None, user="dl_ada", aad="aad-ada")
+        await references.upsert(ref)
+        document = json.loads(raw.download_blob(document_name("webchat/dl-ada")).readall())
+        raw.upload_blob(
+            document_name("webchat/dl-ada"),
+            json.dumps({**document, "aadObjectId": "aad-ada"}),
+            overwrite=True,
+        )
+        legacy = user_index_name("webchat", "aad", "aad-ada")
+        raw.upload_blob(legacy, json.dumps({"schemaVersion": 1, "key": "webchat/dl-ada"}))
+
+        assert await references.find_by_user(channel_id="webchat", aad_object_id="aad-ada") is None
+        mallory = {"type": "deleteUserData", "channelId": "webchat"}
+        mallory["from"] = {"id": "dl_mallory", "aadObjectId": "aad-ada"}
+        assert (
+            await erase_for_activity(mallory, state=state, references=references)
+        ).conversations == []
+        assert await references.get("webchat/dl-ada") is not None
+
+        erased = await erase_user_data(
+            channel_id="webchat", user_id="dl_ada", state=state, references=references
+        )
+        assert erased.conversations == ["webchat/dl-ada"]
+        assert [blob.name for blob in raw.list_blobs()] == []  # the old aad entry too
+    finally:
+        await references.close()
+        raw.close()
