@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import azure.functions as func
@@ -22,9 +24,24 @@ from shared.proactive import process_queue_message
 log = logging.getLogger(__name__)
 
 
-@functools.cache
+# The app setting the host reads over host.json's value (its configuration keys are
+# case-insensitive, `__` separating the levels).
+HOST_OVERRIDE = "AzureFunctionsJobHost__extensions__queues__maxDequeueCount"
+_WHOLE_NUMBER = re.compile(r"\s*\+?[0-9]{1,9}\s*")
+
+
 def max_dequeue_count() -> int:
-    """host.json's `maxDequeueCount` (the host's default, 5, when it is not set)."""
+    """The host's `maxDequeueCount`: the app setting `HOST_OVERRIDE` when it is a positive
+    whole number, else host.json's (the host's default, 5, when neither is set)."""
+    wanted = HOST_OVERRIDE.lower()
+    for name, value in os.environ.items():
+        if name.lower() == wanted and _WHOLE_NUMBER.fullmatch(value) and int(value) > 0:
+            return int(value)
+    return _host_json_max_dequeue_count()
+
+
+@functools.cache
+def _host_json_max_dequeue_count() -> int:
     path = Path(__file__).resolve().parent.parent / "host.json"
     try:
         return int(json.loads(path.read_text("utf-8"))["extensions"]["queues"]["maxDequeueCount"])

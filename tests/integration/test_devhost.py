@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import logging
 import shutil
 import signal
 import threading
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -320,13 +321,15 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
     with running(REPO, tmp_path, env, "--functions", *ready) as host:
         assert f"messages_function: [POST] {host.url}/api/messages" in host.stdout
         assert all(f"  {name}: " in host.stdout for name in ready)
-        # An empty activity: rejected by the bot itself, so no reply is attempted anywhere.
-        status, _, _ = request(
+        # An empty activity: rejected by the bot itself (its own 400 and reason, not the
+        # host's 500), so no reply is attempted anywhere; the invocation itself succeeded.
+        status, headers, body = request(
             host, "POST", "/api/messages", b"{}", {"Content-Type": "application/json"}
         )
-        assert status not in (404, 405)
+        assert (status, body) == (400, b"missing type"), host.stderr
+        assert headers["Content-Type"] == "text/plain; charset=utf-8"
         assert request(host, "GET", "/api/messages")[0] == 404
-        wait_for_log(host, "Executed 'Functions.messages_function'")
+        wait_for_log(host, "Executed 'Functions.messages_function' (Succeeded")
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
@@ -523,13 +526,28 @@ def test_a_message_failing_while_the_host_stops_is_released_not_lost(tmp_path, a
         client.send_message(b64("late"))
         wait_for(lambda: records(late_file), 10, "the function to start")
         host.process.send_signal(signal.SIGTERM)  # the function fails during the drain
+        failed = _moment(
+            lambda: "Executed 'Functions.late_function' (Failed" in host.stderr, "the failure"
+        )
+        back = _moment(lambda: client.peek_messages(max_messages=5), "the message back")
         assert host.wait_exit(timeout=15) == 0
     finally:
         host.stop()
-    # Released with visibilityTimeout (1 s), not hidden for the 10 min of a lost lease.
-    visible = wait_for(lambda: client.peek_messages(max_messages=5), 5, "the message back")
+    # Released with worker_app's visibilityTimeout (1 s): not visible again at once, nor
+    # hidden for the 10 min of a lost lease.
+    assert back - failed >= 0.5, host.stderr
+    visible = client.peek_messages(max_messages=5)
     assert [(m.content, m.dequeue_count) for m in visible] == [(b64("late"), 1)]
-    assert "Executed 'Functions.late_function' (Failed" in host.stderr
+
+
+def _moment(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> float:
+    """When `predicate` first held (time.monotonic(), polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def _exists(client: QueueClient) -> bool:
@@ -704,9 +722,10 @@ async def listening(
     trigger = QueueTrigger("msg", queue_name, "AzureWebJobsStorage", data_type=data_type)
     function = make_function(FunctionSpec("queue_function", APPS, trigger), main)
     visibility = options.pop("receive_visibility", 600)
+    function_timeout = options.pop("function_timeout", None)
     defaults = {"max_polling_interval": 0.2, "visibility_timeout": 0.0, "max_dequeue_count": 1}
     executor = ThreadPoolExecutor(max_workers=2)
-    invoker = Invoker(executor)
+    invoker = Invoker(executor, function_timeout=function_timeout)
     listener = QueueListener(
         function,
         service,
@@ -733,6 +752,11 @@ async def _texts(client: Any) -> list[str]:
         return [m.content for m in await client.peek_messages(max_messages=32)]
     except Exception:
         return []
+
+
+async def _drained(client: Any) -> bool:
+    """No message left at all, hidden ones included."""
+    return (await client.get_queue_properties()).approximate_message_count == 0
 
 
 async def _gone(client: Any) -> bool:
@@ -852,6 +876,124 @@ async def test_a_poison_queue_has_no_poison_queue_of_its_own(storage):
         assert (await client.get_queue_properties()).approximate_message_count == 1
     assert await _gone(storage.get_queue_client(f"{name}-poison"))
     assert calls == [1]
+
+
+async def test_no_more_than_batch_size_plus_new_batch_threshold_run_at_once(storage):
+    # The host fetches a new batch only once no more than newBatchThreshold messages are
+    # still being processed: at most batchSize + newBatchThreshold invocations at once.
+    name = f"devhost-batch-{uuid.uuid4().hex[:10]}"
+    started: list[str] = []
+    running_now: list[int] = [0]
+    peak: list[int] = [0]
+    done: list[str] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        started.append(msg.id)
+        running_now[0] += 1
+        peak[0] = max(peak[0], running_now[0])
+        # Short and long runs alternate: a batch's short one ends while its long one runs.
+        await asyncio.sleep(0.6 if len(started) % 2 == 0 else 0.2)
+        running_now[0] -= 1
+        done.append(msg.get_body().decode())
+
+    client = storage.get_queue_client(name)
+    await client.create_queue()
+    sent = [f"m{i}" for i in range(8)]
+    for text in sent:
+        await client.send_message(b64(text))
+    async with listening(storage, main, name, batch_size=2, new_batch_threshold=1):
+        await eventually(lambda: asyncio.sleep(0, len(done) == len(sent)), 15, "every message")
+    assert sorted(done) == sorted(sent)
+    assert peak[0] == 3  # 2 + 1: the threshold was reached, and never passed
+
+
+async def test_a_failed_message_is_hidden_for_visibility_timeout_then_retried(storage):
+    name = f"devhost-vis-{uuid.uuid4().hex[:10]}"
+    calls: list[float] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(time.monotonic())
+        if msg.dequeue_count == 1:
+            raise ValueError("fails once")
+
+    async with listening(storage, main, name, visibility_timeout=2.0, max_dequeue_count=3):
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("retry me"))
+        await eventually(lambda: asyncio.sleep(0, len(calls) == 2), 10, "the retry")
+        assert await _texts(client) == []  # succeeded the second time: deleted
+    # Released with visibilityTimeout (not at once, not after the 10-min lease).
+    assert 1.5 <= calls[1] - calls[0] <= 5
+
+
+async def test_a_timer_run_later_than_scheduled_is_past_due():
+    # The machine slept (or the clock jumped) past the next occurrence: the run that
+    # catches up says so; the runs on time do not.
+    jump = [timedelta(0)]
+    seen: list[bool] = []
+
+    def wake_up_late() -> None:
+        jump[0] = timedelta(seconds=30)
+
+    async def main(timer: func.TimerRequest) -> None:
+        seen.append(timer.past_due)
+        if len(seen) == 2:  # while the listener sleeps until the third run
+            asyncio.get_running_loop().call_later(0.1, wake_up_late)
+
+    trigger = TimerTrigger("timer", "00:00:00.2", run_on_startup=False)
+    function = make_function(FunctionSpec("tick_function", APPS, trigger), main)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        listener = TimerListener(
+            function,
+            IntervalSchedule(0.2),
+            Invoker(executor),
+            clock=lambda: datetime.now(UTC) + jump[0],
+        )
+        task = asyncio.create_task(listener.run())
+        await eventually(lambda: asyncio.sleep(0, len(seen) >= 4), 5, "four runs")
+        listener.stop()
+        await asyncio.wait_for(task, 5)
+    assert seen[:4] == [False, False, True, False]
+
+
+async def test_run_on_startup_fires_once_at_start():
+    started: list[tuple[bool, str]] = []
+
+    async def main(timer: func.TimerRequest) -> None:
+        started.append((timer.past_due, timer.schedule_status["Last"]))
+
+    # Next occurrence in an hour: only runOnStartup can fire it during the test.
+    trigger = TimerTrigger("timer", "01:00:00", run_on_startup=True)
+    function = make_function(FunctionSpec("tick_function", APPS, trigger), main)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        listener = TimerListener(function, IntervalSchedule(3600), Invoker(executor))
+        task = asyncio.create_task(listener.run())
+        await eventually(lambda: asyncio.sleep(0, started), 5, "the startup run")
+        await asyncio.sleep(0.3)
+        listener.stop()
+        await asyncio.wait_for(task, 5)
+    assert started == [(False, "0001-01-01T00:00:00")]  # once, never run before
+
+
+async def test_an_async_function_past_function_timeout_fails_and_its_message_is_retried(
+    storage, caplog
+):
+    caplog.set_level(logging.INFO, logger="tools.devhost")
+    name = f"devhost-timeout-{uuid.uuid4().hex[:10]}"
+    calls: list[int] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+        if msg.dequeue_count == 1:
+            await asyncio.sleep(30)  # hangs: the host's functionTimeout ends it
+
+    async with listening(storage, main, name, function_timeout=0.5, max_dequeue_count=3):
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("hangs once"))
+        await eventually(lambda: asyncio.sleep(0, calls == [1, 2]), 5, "the retry")
+        await eventually(lambda: _drained(client), 5, "the message deleted")
+    assert calls == [1, 2]
+    assert "Function 'queue_function' timed out after 0.5s" in caplog.text
+    assert "Executed 'Functions.queue_function' (Failed" in caplog.text
 
 
 async def test_a_long_timer_run_never_overlaps_the_next():

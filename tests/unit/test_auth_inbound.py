@@ -333,6 +333,17 @@ async def test_key_not_endorsed_for_the_channel(auth, channel_identity):
     assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id=None))
 
 
+async def test_emulator_key_endorsed_for_other_channels_only(auth, emulator_identity):
+    # AAD keys carry no endorsements (any channel); a key that has them is held to them.
+    kid = emulator_identity.rotate_key(endorsements=["webchat"])
+    token = emulator_identity.mint_emulator_token(APP_ID, version="2.0", kid=kid)
+    webchat = activity("http://localhost:53000", "webchat")
+    assert (await auth.authenticate(bearer(token), webchat)).kind == "emulator"
+    for channel_id in ("emulator", "WebChat", None):
+        reason = await rejected(auth, bearer(token), activity("http://localhost:53000", channel_id))
+        assert "endorsed" in reason
+
+
 @pytest.mark.parametrize(
     ("claims", "expected"),
     [

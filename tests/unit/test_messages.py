@@ -282,6 +282,22 @@ async def test_channel_not_endorsed_by_the_signing_key(
     await _assert_rejected(await bot.handle(post(incoming, token)), bot, fake_connector, fake_aad)
 
 
+async def test_emulator_token_signed_by_a_key_endorsed_for_other_channels_is_401(
+    bot, emulator_identity, fake_connector, fake_aad
+):
+    # AAD's keys carry no endorsements and sign any Emulator token; one that does carry
+    # them vouches for those channels only.
+    kid = emulator_identity.rotate_key(endorsements=["webchat", "directline"])
+    token = emulator_identity.mint_emulator_token(bot.settings.app_id, version="2.0", kid=kid)
+    incoming = activity_for(fake_connector.url, channelId="emulator")
+    await _assert_rejected(await bot.handle(post(incoming, token)), bot, fake_connector, fake_aad)
+
+    # The same token for a channel its key is endorsed for is answered.
+    webchat = activity_for(fake_connector.url, channelId="webchat")
+    assert (await bot.handle(post(webchat, token))).status == 200
+    assert [r.json["text"] for r in fake_connector.requests] == ["Echo: hello there"]
+
+
 async def test_token_with_an_app_id_but_no_header_in_unauthenticated_mode_is_401(
     make_bot, fake_connector, fake_aad
 ):

@@ -3,7 +3,8 @@
 Sends go over HTTP to botsim's fake Connector with tokens from the fake AAD (MSAL);
 references are in the in-memory store and the bookkeeping in the in-memory ledger (the
 Blob ledger runs the same contract in test_ledger.py). The queue is a recorder: what the
-engine put back (with which delay) and what it poisoned is what the tests read.
+engine put back (with which delay) and what it poisoned is what the tests read. The
+queue trigger itself (`proactive_function.main`, its last attempt) runs on Azurite.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import json
 import os
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import azure.functions as func
 import pytest
+from azure.core.exceptions import HttpResponseError
 
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
@@ -1426,10 +1430,138 @@ async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_pois
     assert "poison" in report["failures"][0]["reason"]
 
 
-def test_the_trigger_knows_the_hosts_dequeue_budget():
+def test_the_trigger_knows_the_hosts_dequeue_budget(monkeypatch):
     import proactive_function
 
+    monkeypatch.delenv(proactive_function.HOST_OVERRIDE, raising=False)
     assert proactive_function.max_dequeue_count() == 5  # host.json's maxDequeueCount
+
+
+@pytest.fixture
+async def refusing_queue(aad_app, azurite, unique_name, monkeypatch):
+    """The bot's settings in this process's environment, on storage whose Blob service
+    works and whose Queue service refuses every put (an account SAS that covers Blob
+    only: the service answers 403). Yields a reader of a request's report."""
+    from azure.storage.blob import ResourceTypes, Services, generate_account_sas
+
+    from shared.config import Settings, reset_settings
+    from shared.ledger import BlobLedger
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+    from tools.azurite import ACCOUNT, ACCOUNT_KEY
+
+    sas = generate_account_sas(
+        ACCOUNT,
+        ACCOUNT_KEY,
+        ResourceTypes(service=True, container=True, object=True),
+        "racwdl",
+        datetime.now(UTC) + timedelta(hours=1),
+        services=Services(blob=True),
+    )
+    container = unique_name("refs")
+    env = {
+        **aad_app.env,
+        "AzureWebJobsStorage": (
+            f"BlobEndpoint={azurite.blob_url};QueueEndpoint={azurite.queue_url};"
+            f"SharedAccessSignature={sas}"
+        ),
+        "BOT_REFERENCES_CONTAINER": container,
+        "BOT_PROACTIVE_QUEUE": unique_name("refused"),
+    }
+    monkeypatch.delenv("BOT_ALLOW_UNAUTHENTICATED", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    reset_runtime()
+    operator = Settings.from_env(
+        {**env, "AzureWebJobsStorage": azurite.connection_string}  # full rights, to read
+    )
+    ledger = BlobLedger(operator)
+
+    async def report(request_id: str) -> dict[str, Any] | None:
+        return await read_report(ledger, request_id)
+
+    try:
+        yield report
+    finally:
+        import app
+
+        await app.runtime().close()
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+
+
+def queue_message(text: str, dequeue_count: int) -> func.QueueMessage:
+    """The trigger value as the Python worker builds it."""
+    from azure.functions.queue import QueueMessage
+
+    now = datetime.now(UTC)
+    return QueueMessage(
+        id="m-1",
+        body=text.encode(),
+        dequeue_count=dequeue_count,
+        insertion_time=now,
+        expiration_time=now + timedelta(days=7),
+        time_next_visible=now,
+        pop_receipt="receipt",
+    )
+
+
+async def test_the_trigger_records_a_failure_on_the_last_attempt_the_host_grants(
+    refusing_queue, monkeypatch
+):
+    # No stored reference yet: the engine puts a copy back to wait for it, and the queue
+    # refuses it, so the function raises. Before the last attempt the host redelivers
+    # (the report stays open); on the last one it poisons the message, so the failure
+    # must be recorded first or the report never reaches `done`.
+    import proactive_function
+
+    monkeypatch.delenv(proactive_function.HOST_OVERRIDE, raising=False)
+    text = body({"conversation": "msteams/a:landing"}, request_id="req-last")
+    for attempt in (1, 4):
+        with pytest.raises(HttpResponseError):  # the queue's 403, raised for the host
+            await proactive_function.main(queue_message(text, attempt))
+        report = await refusing_queue("req-last")
+        assert report is not None and report["state"] != "done", report
+
+    with pytest.raises(HttpResponseError):
+        await proactive_function.main(queue_message(text, 5))  # host.json's maxDequeueCount
+    report = await refusing_queue("req-last")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    [failure] = report["failures"]
+    assert failure["target"] == "msteams/a:landing"
+    assert "moved it to the poison queue" in failure["reason"]
+
+
+OVERRIDE = "AzureFunctionsJobHost__extensions__queues__maxDequeueCount"
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "last"),
+    [
+        (OVERRIDE, "2", 2),
+        (OVERRIDE, " 3 ", 3),
+        (OVERRIDE.lower(), "2", 2),  # the host's configuration keys ignore case
+        (OVERRIDE, "0", 5),
+        (OVERRIDE, "two", 5),
+    ],
+)
+async def test_the_hosts_dequeue_budget_can_be_overridden_by_an_app_setting(
+    refusing_queue, monkeypatch, name, setting, last
+):
+    # The host reads this app setting over host.json; a value it could not use leaves
+    # host.json's 5.
+    import proactive_function
+
+    monkeypatch.setenv(name, setting)
+    assert proactive_function.max_dequeue_count() == last
+    text = body({"conversation": "msteams/a:landing"}, request_id="req-budget")
+    for attempt in (last - 1, last):
+        with pytest.raises(HttpResponseError):
+            await proactive_function.main(queue_message(text, attempt))
+        report = await refusing_queue("req-budget")
+        assert (report["state"] == "done") is (attempt == last), report
 
 
 async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(parts, fake_connector):
