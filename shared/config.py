@@ -245,7 +245,9 @@ class Settings:
             raise SettingsError(
                 "BOT_ALLOW_UNAUTHENTICATED",
                 f"is for local use only, and {marker} is set, so this runs on Azure: "
-                "set MicrosoftAppId (and its credential)",
+                "set MicrosoftAppId (and its credential); on a machine that is not Azure "
+                f"(a container that sets {marker} for itself), start the bot without "
+                f"{marker} (`env -u {marker}`; `make run` does)",
             )
         if app_type in ("SingleTenant", "UserAssignedMSI") and not tenant_id:
             raise SettingsError(
@@ -427,10 +429,10 @@ def _validate_schedule(schedule: str) -> str:
     return schedule
 
 
-def _storage_name(setting: str, name: str) -> str:
+def _storage_name(setting: str, name: str, longest: int = 63) -> str:
     # Queue and container names share Azure's rules: 3-63 chars of a-z, 0-9 and single dashes.
     ok = (
-        3 <= len(name) <= 63
+        3 <= len(name) <= longest
         and all(c.islower() or c.isdigit() or c == "-" for c in name)
         and name[0] != "-"
         and name[-1] != "-"
@@ -438,20 +440,21 @@ def _storage_name(setting: str, name: str) -> str:
         and name.isascii()
     )
     if not ok:
-        raise SettingsError(setting, "must be 3-63 lower-case letters, digits and single dashes")
+        raise SettingsError(
+            setting, f"must be 3-{longest} lower-case letters, digits and single dashes"
+        )
     return name
 
 
 def proactive_queue_name(name: str) -> str:
     """`BOT_PROACTIVE_QUEUE`, short enough that its poison queue's name is one too."""
-    _storage_name("BOT_PROACTIVE_QUEUE", name)
     if len(name) > MAX_QUEUE_NAME:
         raise SettingsError(
             "BOT_PROACTIVE_QUEUE",
             f"must be at most {MAX_QUEUE_NAME} characters: its poison queue "
             f"`<name>{POISON_SUFFIX}` must fit Azure's 63",
         )
-    return name
+    return _storage_name("BOT_PROACTIVE_QUEUE", name, MAX_QUEUE_NAME)
 
 
 def _parse_bool(env: Mapping[str, str], name: str) -> bool:

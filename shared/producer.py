@@ -131,6 +131,14 @@ async def read_report(request_id: str, *, settings: Settings | None = None) -> d
     return await read(BlobLedger(settings or producer_settings()), request_id)
 
 
+async def close() -> None:
+    """Close the storage clients :func:`enqueue` and :func:`read_report` share across calls
+    (a script calls it before its event loop ends; the next call opens new ones)."""
+    from shared.storage import close_shared_clients
+
+    await close_shared_clients()
+
+
 def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None = None) -> Settings:
     """What a producer needs: storage, container and queue, from the environment first,
     then `local.settings.json` Values. A producer needs no bot credentials.
@@ -272,7 +280,6 @@ async def _conversations(settings: Settings, filters: Any) -> list[str]:
 
 async def run(argv: Sequence[str] | None = None) -> int:
     from shared.references.contract import StoreError
-    from shared.storage import close_shared_clients
 
     args = _parser().parse_args(argv)
     _quiet_identity_warnings()
@@ -298,7 +305,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
         print(f"error: could not reach storage ({type(error).__name__})", file=sys.stderr)
         return 1
     finally:
-        await close_shared_clients()
+        await close()
 
 
 def _quiet_identity_warnings() -> None:

@@ -220,9 +220,14 @@ def ready_line(args: argparse.Namespace) -> str:
     url = f"http://127.0.0.1:{args.port}/api/messages"
     if args.no_hints:
         return f"Ready: the bot answers on {url}"
+    if args.port == PORT:
+        chat, playground = "`make chat`", "`make playground`"
+    else:  # the make targets talk to the default port
+        chat = f"`.venv/bin/python -m tools.botsim chat --bot {url}`"
+        playground = f"`.venv/bin/python -m tools.playground --bot {url}`"
     return (
-        f"Ready: the bot answers on {url}. In another terminal: `make chat` (a terminal chat)"
-        " or `make playground` (Microsoft 365 Agents Playground, a Teams-like page)."
+        f"Ready: the bot answers on {url}. In another terminal: {chat} (a terminal chat)"
+        f" or {playground} (Microsoft 365 Agents Playground, a Teams-like page)."
         " Ctrl-C stops it."
     )
 

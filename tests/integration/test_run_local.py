@@ -189,7 +189,13 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
     # One line says the bot is ready and what to do next.
     ready = wait_for_line(run, "Ready: ")
     assert f"http://127.0.0.1:{ports['port']}/api/messages" in ready
-    assert "`make chat`" in ready and "`make playground`" in ready
+    # On another port than make's, the commands that reach this bot, not make's.
+    url = f"http://127.0.0.1:{ports['port']}/api/messages"
+    if ports["port"] == 7071:
+        assert "`make chat`" in ready and "`make playground`" in ready
+    else:
+        assert f"tools.botsim chat --bot {url}`" in ready
+        assert f"tools.playground --bot {url}`" in ready
     # It ends the start-up: after the host's list of functions, not lost above it.
     lines = run.stdout.splitlines()
     assert lines.index(ready) > min(i for i, line in enumerate(lines) if line.startswith(STARTED))
@@ -273,3 +279,15 @@ def test_make_run_when_azurite_stops_before_the_queues_are_created_says_so_quick
     message = str(raised.value)
     assert "not as Azurite" not in message  # nothing answers: it is not some other program
     assert f"{args.blob_port}/{args.queue_port}" in message and "make run" in message
+
+
+def test_the_ready_line_names_make_targets_only_on_makes_own_port():
+    import argparse
+
+    from tools.run_local import PORT, ready_line
+
+    on_make = ready_line(argparse.Namespace(port=PORT, no_hints=False))
+    assert "`make chat`" in on_make and "`make playground`" in on_make
+    other = ready_line(argparse.Namespace(port=7999, no_hints=False))
+    assert "make chat" not in other
+    assert "tools.botsim chat --bot http://127.0.0.1:7999/api/messages`" in other

@@ -108,6 +108,9 @@ def test_a_queue_name_whose_poison_queue_could_not_exist_is_refused(tmp_path):
         assert "56" in raised.value.problem and "-poison" in raised.value.problem
     # A container name keeps Azure's own limit.
     assert settings(BOT_REFERENCES_CONTAINER="c" * 63).references_container == "c" * 63
+    with pytest.raises(SettingsError) as raised:  # a bad name is told the queue's own limit
+        settings(BOT_PROACTIVE_QUEUE="Bad_Q")
+    assert "3-56 lower-case" in raised.value.problem
 
 
 def test_a_claim_shorter_than_a_send_with_its_retries_is_refused():
@@ -387,8 +390,11 @@ def test_unauthenticated_mode_is_refused_on_azure(host):
 
 @pytest.mark.parametrize("marker", sorted(AZURE_HOST_MARKERS))
 def test_each_host_marker_alone_means_azure(marker):
-    with pytest.raises(SettingsError):
+    with pytest.raises(SettingsError) as raised:
         Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true", marker: "x"})
+    # Both ways out are named: an app id, or (not on Azure) starting without the marker.
+    assert "set MicrosoftAppId" in raised.value.problem
+    assert f"env -u {marker}" in raised.value.problem
     # A marker that is present but empty marks nothing.
     assert Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true", marker: " "}).auth_disabled
 
