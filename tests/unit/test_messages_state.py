@@ -200,6 +200,42 @@ async def test_uninstall_deletes_the_1to1_state_so_none_outlives_erasure(
     assert (await bot.runtime.state.read(USER_KEY)).data == {"theme": "secret-note"}
 
 
+@pytest.mark.parametrize("delivery", ["normal", "expectReplies"])
+async def test_a_removal_handler_that_saves_conversation_state_leaves_none_behind(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+    delivery,
+):
+    # The handler's save comes before the removal, whatever the delivery mode: run beside
+    # the turn (as other expectReplies turns are recorded), the removal's delete came first
+    # and the save wrote the state back, with no reference left to erase it through.
+    import asyncio
+
+    router = state_router()
+
+    @router.installation_removed()
+    async def goodbye(turn: TurnContext) -> None:
+        data = await turn.conversation_state.load()
+        await asyncio.sleep(0.05)  # e.g. a call to the bot's own backend
+        data["uninstalled"] = True
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    await say(bot, channel_identity, fake_connector, "secret-note")
+    conversation = conversation_state_key(CHANNEL, CONVERSATION)
+    assert await bot.runtime.state.read(conversation) is not None
+
+    removal = {"type": "installationUpdate", "action": "remove"}
+    if delivery == "expectReplies":
+        removal["deliveryMode"] = "expectReplies"
+    response = await say(bot, channel_identity, fake_connector, "", **removal)
+
+    assert response.status == 200
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+    assert await bot.runtime.state.read(conversation) is None
+
+
 async def test_team_deleted_deletes_the_state_of_its_channel_threads(
     bot, channel_identity, fake_connector
 ):
