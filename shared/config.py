@@ -372,14 +372,18 @@ def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-# NCRONTAB as the Functions host's parser (NCrontab) reads a field, and only what croniter
-# (the schedules' parser) reads the same way: numbers, `*`, ranges `a-b` with a <= b
-# (NCrontab swaps a reversed range, croniter wraps it around), lists, and steps `/n`
-# (n >= 1); month and day of week also take English 3-letter names (NCrontab takes any
-# prefix of the full name, croniter only these). croniter's extensions (`R` random, `H`
-# hashed, `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB: refused, not guessed at.
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# NCRONTAB, as the Functions host's parser (NCrontab) reads a field: numbers, `*`, ranges
+# `a-b`, lists, and steps `/n` (n >= 1); month and day of week also take names, any prefix
+# of the English name (`Mon`, `Monday`). croniter's extensions (`R` random, `H` hashed,
+# `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB. The schedule documents are run by
+# croniter, so they take only what both read the same way (`portable`): a reversed range
+# `5-1` (NCrontab swaps its ends, croniter wraps around) is refused, and names are the
+# 3-letter ones.
+_MONTHS = (
+    "january", "february", "march", "april", "may", "june",
+    "july", "august", "september", "october", "november", "december",
+)  # fmt: skip
+_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 _NCRONTAB_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("second", 0, 59, ()),
     ("minute", 0, 59, ()),
@@ -391,20 +395,24 @@ _NCRONTAB_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
 _NCRONTAB_ITEM = re.compile(r"(\*|[0-9A-Za-z]+|[0-9A-Za-z]+-[0-9A-Za-z]+)(?:/([0-9]+))?")
 
 
-def ncrontab_problem(expression: str) -> str | None:
+def ncrontab_problem(expression: str, *, portable: bool = True) -> str | None:
     """What keeps `expression` from being a 6-field NCRONTAB (sec min hour day month
-    day-of-week), in a few words naming the field; None when it is one."""
+    day-of-week), in a few words naming the field; None when it is one. `portable`: only
+    what NCrontab and croniter read alike (see above); else all NCrontab reads."""
     fields = expression.split()
     if len(fields) != 6:
         return "must be a 6-field NCRONTAB expression (sec min hour day month day-of-week)"
     for text, (name, low, high, names) in zip(fields, _NCRONTAB_FIELDS, strict=True):
-        if not all(_ncrontab_item_ok(item, low, high, names) for item in text.split(",")):
-            words = f"{low}-{high}" + (" or 3-letter names" if names else "")
-            return f"its {name} field takes {words}, *, ranges a-b (a <= b), lists and /steps"
+        if not all(_ncrontab_item_ok(item, low, high, names, portable) for item in text.split(",")):
+            words = f"{low}-{high}" + (" or names" if names else "")
+            ranges = "ranges a-b (a <= b)" if portable else "ranges a-b"
+            return f"its {name} field takes {words}, *, {ranges}, lists and /steps"
     return None
 
 
-def _ncrontab_item_ok(item: str, low: int, high: int, names: tuple[str, ...]) -> bool:
+def _ncrontab_item_ok(
+    item: str, low: int, high: int, names: tuple[str, ...], portable: bool
+) -> bool:
     match = _NCRONTAB_ITEM.fullmatch(item)
     if match is None or (match[2] is not None and int(match[2]) < 1):
         return False
@@ -412,18 +420,27 @@ def _ncrontab_item_ok(item: str, low: int, high: int, names: tuple[str, ...]) ->
         return True
     bounds = []
     for text in match[1].split("-"):
-        if text.isdigit() and low <= int(text) <= high:
-            bounds.append(int(text))
-        elif text.lower() in names:
-            bounds.append(names.index(text.lower()) + low)
-        else:
+        value = _ncrontab_value(text.lower(), low, high, names, portable)
+        if value is None:
             return False
-    return bounds == sorted(bounds)
+        bounds.append(value)
+    return bounds == sorted(bounds) or not portable
+
+
+def _ncrontab_value(
+    text: str, low: int, high: int, names: tuple[str, ...], portable: bool
+) -> int | None:
+    if text.isdigit():
+        return int(text) if low <= int(text) <= high else None
+    for index, name in enumerate(names):
+        if (text == name[:3]) if portable else name.startswith(text):
+            return index + low
+    return None
 
 
 def _validate_schedule(schedule: str) -> str:
     """Refuse what the host's NCRONTAB parser would (it is the final word)."""
-    problem = ncrontab_problem(schedule)
+    problem = ncrontab_problem(schedule, portable=False)  # the host's own parser reads it
     if problem is not None:
         raise SettingsError("BOT_SCHEDULE", problem)
     return schedule

@@ -5,7 +5,8 @@ A schedule is a JSON blob ``schedules/<name>.json`` in `BOT_REFERENCES_CONTAINER
     {"schedule": "0 0 9 * * Mon-Fri", "request": {<a proactive request without id>},
      "enabled": true}
 
-Each timer run (`BOT_SCHEDULE`, every minute by default) enqueues, for every enabled
+Each timer run (`BOT_SCHEDULE`; the template and the example settings run it every
+minute) enqueues, for every enabled
 schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
 (``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once; a
