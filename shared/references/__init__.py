@@ -36,6 +36,9 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     lack of room adds ``"overflowed": true``, which later writes keep, and the document is
     kept while it says so, even with no key left: erasure (:mod:`shared.userdata`) then
     lists the channel too, and clears the mark (``settle_user_index``) once all is erased.
+    ``overflowed`` is always written; a document without it comes from an earlier
+    version, which kept 8 keys unmarked, and counts as overflowed when full (on Teams) or
+    always (elsewhere).
     The ``aad`` index is kept for msteams only: elsewhere the client writes aadObjectId.
     Changed with ETags like the documents; brought up to date
     after every document write (a delete takes its entries out before it removes the

@@ -281,7 +281,7 @@ class BlobReferenceStore:
         async with self._guard("find_by_user", channel_id):
             for kind, value in lookups:
                 index = await self._read_json(user_index_name(channel_id, kind, value))
-                for key in read_index(index[0]).keys if index else ():
+                for key in read_index(index[0], channel_id, kind).keys if index else ():
                     try:
                         name = document_name(key)
                     except ValueError:
@@ -298,7 +298,7 @@ class BlobReferenceStore:
         async with self._guard("user_index_overflowed", channel_id):
             for kind, value in lookups:
                 index = await self._read_json(user_index_name(channel_id, kind, value))
-                if index and read_index(index[0]).overflowed:
+                if index and read_index(index[0], channel_id, kind).overflowed:
                     return True
         return False
 
@@ -399,7 +399,7 @@ class BlobReferenceStore:
                 return
         for attempt in range(self._max_attempts):
             found = await self._read_json(name)
-            current = read_index(found[0]) if found else UserIndex()
+            current = read_index(found[0], channel_id, kind) if found else UserIndex()
             wanted = change(current)
             if wanted == current and (found is None or not wanted.empty):
                 return  # already so (an empty index is removed below)

@@ -423,26 +423,42 @@ def settled(index: UserIndex) -> UserIndex:
     return UserIndex(index.keys, False)
 
 
-def read_index(document: Any) -> UserIndex:
-    """A user index document: ``{"key": most recent, "older": [...], "overflowed": true}``,
-    each part optional (an overflowed index whose keys were all deleted has none)."""
+_LEGACY_INDEX_KEYS = 8  # what the index held before INDEX_KEYS, with no overflow mark
+
+
+def read_index(document: Any, channel_id: str, kind: Literal["id", "aad"]) -> UserIndex:
+    """A user index document: ``{"key": most recent, "older": [...], "overflowed": bool}``
+    (an overflowed index whose keys were all deleted has no key).
+
+    A document with no ``overflowed`` was written by an earlier version, which kept 8 keys
+    and dropped the oldest without a word: it counts as overflowed when it is full, and off
+    Teams whatever its length (a full one may have lost keys since, and there one user
+    often has many conversations; on Teams a user has one 1:1 per tenant), so erasure
+    lists the channel rather than miss a conversation it dropped. An aadObjectId index off
+    Teams is never read any more, only emptied: never overflowed."""
     if not isinstance(document, dict):
         return UserIndex()
     first = document.get("key")
     older = document.get("older")
     older = [key for key in older if isinstance(key, str)] if isinstance(older, list) else []
     keys = (first, *older) if isinstance(first, str) else ()
-    return UserIndex(keys, document.get("overflowed") is True)
+    overflowed = document.get("overflowed")
+    if not isinstance(overflowed, bool) and channel_id == TEAMS_CHANNEL:
+        overflowed = len(keys) >= _LEGACY_INDEX_KEYS
+    elif not isinstance(overflowed, bool):
+        overflowed = kind == "id"
+    return UserIndex(keys, overflowed)
 
 
 def index_body(index: UserIndex) -> bytes:
+    """The document of a user index; ``overflowed`` always written (its absence marks a
+    document of an earlier version, see :func:`read_index`)."""
     document: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION}
     if index.keys:
         document["key"] = index.keys[0]
     if len(index.keys) > 1:
         document["older"] = list(index.keys[1:])
-    if index.overflowed:
-        document["overflowed"] = True
+    document["overflowed"] = index.overflowed
     return json.dumps(document, separators=(",", ":")).encode()
 
 

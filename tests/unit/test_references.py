@@ -510,7 +510,7 @@ async def test_blob_layout_is_plain_schema_versioned_json(blob_store):
         .download_blob()
         .readall()
     )
-    assert index == {"schemaVersion": 1, "key": "msteams/a:1"}
+    assert index == {"schemaVersion": 1, "key": "msteams/a:1", "overflowed": False}
     assert {b.name.split("/")[0] for b in container.list_blobs()} == {"refs", "users"}
 
 
@@ -924,7 +924,12 @@ async def test_blob_user_index_keeps_older_conversations(blob_store):
     await store.upsert(reference("a:1", tenant="tenant-1"))
     await store.upsert(reference("a:2", tenant="tenant-2"))
     index = container.download_blob(user_index_name("msteams", "aad", "aad-user")).readall()
-    assert json.loads(index) == {"schemaVersion": 1, "key": "msteams/a:2", "older": ["msteams/a:1"]}
+    assert json.loads(index) == {
+        "schemaVersion": 1,
+        "key": "msteams/a:2",
+        "older": ["msteams/a:1"],
+        "overflowed": False,
+    }
     await store.delete("msteams/a:2")
     await store.delete("msteams/a:1")
     assert not [b.name for b in container.list_blobs(name_starts_with="users/")]

@@ -295,3 +295,46 @@ async def test_blob_a_web_chat_aad_object_id_stored_before_the_rule_is_never_mat
     finally:
         await references.close()
         raw.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("channel", ["webchat", "msteams"])
+async def test_blob_an_index_the_previous_version_filled_still_leads_erasure_to_every_1to1(
+    azurite, unique_name, channel
+):
+    # Before the overflow mark, an index kept a user's 8 latest conversations and dropped
+    # older ones without a word. Such a document (no `overflowed`) is read as overflowed
+    # when it is full (on Teams) or always (elsewhere): erasure then lists the channel.
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("erase"),
+    )
+    references, state = BlobReferenceStore(settings, options=FAST_STORAGE), MemoryStateStore()
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    try:
+        keys = []
+        for visit in range(10):
+            ref = reference(f"a:{visit}", channel_id=channel, tenant=None, user="u-bob", aad=None)
+            await references.upsert(ref)
+            keys.append(f"{channel}/a:{visit}")
+            await state.write(
+                conversation_state_key(channel, f"a:{visit}"), {"n": visit}, etag=None
+            )
+        latest_first = keys[::-1]
+        legacy = {"schemaVersion": 1, "key": latest_first[0], "older": latest_first[1:8]}
+        raw.upload_blob(user_index_name(channel, "id", "u-bob"), json.dumps(legacy), overwrite=True)
+
+        erased = await erase_user_data(
+            channel_id=channel, user_id="u-bob", state=state, references=references
+        )
+
+        assert sorted(erased.conversations) == sorted(keys)
+        assert await list_all(references) == []
+        for visit in range(10):
+            assert await state.read(conversation_state_key(channel, f"a:{visit}")) is None
+        assert [blob.name for blob in raw.list_blobs()] == []
+    finally:
+        await references.close()
+        raw.close()
