@@ -92,15 +92,25 @@ async def enqueue(
         # infra grants): the report appears with the first delivery attempt instead.
     try:
         await StorageQueue(settings).put(text, delay=delay)
-    except Exception:
-        # Not queued (or not known to be): the head this call wrote would say `pending`
-        # for ever. Removed unless it changed meanwhile; the engine writes it again when
-        # it takes a copy, so removing it is safe even if the put did land.
-        if head is not None:
+    except Exception as error:
+        # Refused, so not queued: the head this call wrote would say `pending` for ever, so
+        # it goes (unless it changed meanwhile). A put whose answer was lost may have landed
+        # and be in an instance's hands already, which reads the head: that one stays.
+        if head is not None and _refused(error):
             with contextlib.suppress(StoreError):
                 await ledger.delete(head_name(parsed.id), head)
         raise
     return parsed.id
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether a queue put surely did not land: the service refused it (4xx), or the
+    request never reached it (no connection). A timeout or a 5xx may have landed."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError
+
+    if isinstance(error, HttpResponseError) and error.status_code is not None:
+        return 400 <= error.status_code < 500
+    return isinstance(error, ServiceRequestError | ValueError)
 
 
 def request_text(message: Mapping[str, Any]) -> str:

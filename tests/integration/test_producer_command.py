@@ -127,6 +127,43 @@ def test_a_request_the_queue_refuses_leaves_no_pending_report(azurite, storage):
     assert '"state": "pending"' in producer(storage, "report", "r1").stdout
 
 
+async def test_a_put_that_may_have_landed_keeps_its_report(azurite, storage):
+    # A queue that fails with a 500 may have stored the message, which an instance may be
+    # fanning out already from the head: the head stays (the request reads `pending`).
+    from aiohttp import web
+
+    from shared.proactive_schema import InvalidRequest
+    from shared.producer import close, enqueue, producer_settings, read_report
+
+    async def failing(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="InternalError")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", failing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    env = {
+        **storage,
+        "AzureWebJobsStorage": (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={azurite.blob_url};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+        ),
+    }
+    settings = producer_settings(env)
+    try:
+        request = {"id": "r-500", "to": {"conversation": "msteams/a:1"}, "text": "hi"}
+        with pytest.raises(Exception) as raised:
+            await enqueue(request, settings=settings)
+        assert not isinstance(raised.value, InvalidRequest)
+        assert (await read_report("r-500", settings=settings))["state"] == "pending"
+    finally:
+        await close()
+        await runner.cleanup()
+
+
 SCRIPT = """
 import asyncio
 
