@@ -1,7 +1,9 @@
 """Build the deployable zip: the app's files, minus what `.funcignore` excludes.
 
 This is what `func azure functionapp publish` uploads (it reads `.funcignore` the same way,
-with .gitignore rules), so the zip can also go to a zip deploy. Entries are sorted and
+with .gitignore rules), so the zip can also go to a zip deploy. In a git work tree only
+files git tracks go in: a stray file beside the app (a settings backup holding a secret, a
+download) is left out and named, where `func` would upload it. Entries are sorted and
 carry a fixed timestamp: the same tree always gives the same bytes.
 
     python -m tools.package dist/functionapp.zip
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -63,6 +66,36 @@ def is_ignored(relative: str, is_dir: bool, rules: list[Rule]) -> bool:
 
 def package_files(root: Path = ROOT) -> list[str]:
     """Relative paths (with /) of every file that goes into the package, sorted."""
+    found = app_files(root)
+    tracked = tracked_files(root)
+    return found if tracked is None else [name for name in found if name in tracked]
+
+
+def untracked_files(root: Path = ROOT) -> list[str]:
+    """The app's files left out because git does not track them (none outside git)."""
+    tracked = tracked_files(root)
+    return [] if tracked is None else [name for name in app_files(root) if name not in tracked]
+
+
+def tracked_files(root: Path) -> set[str] | None:
+    """The files git tracks under `root`, relative to it; None when `root` is not in a git
+    work tree (a downloaded copy) or git is not installed."""
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
+    return {name for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if name}
+
+
+def app_files(root: Path = ROOT) -> list[str]:
+    """Every file under `root` that `.funcignore` lets through (what `func` uploads)."""
     ignore_file = root / ".funcignore"
     rules = parse_ignore(ignore_file.read_text()) if ignore_file.is_file() else []
     found: list[str] = []
@@ -72,6 +105,8 @@ def package_files(root: Path = ROOT) -> list[str]:
             relative = f"{prefix}{entry.name}"
             if entry.is_symlink():
                 continue  # could point anywhere on this machine: a key, a home folder
+            if relative == ".git":
+                continue  # the repository itself, whatever `.funcignore` says
             is_dir = entry.is_dir()
             if is_ignored(relative, is_dir, rules):
                 continue
@@ -109,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="where to write the zip")
     parser.add_argument("--root", type=Path, default=ROOT, help="the app's folder")
     args = parser.parse_args(argv)
-    files = build(args.output, args.root.resolve())
+    root = args.root.resolve()
+    files = build(args.output, root)
     print(f"{args.output}: {len(files)} files")
+    left_out = untracked_files(root)
+    if left_out:
+        shown = ", ".join(left_out[:10]) + (", ..." if len(left_out) > 10 else "")
+        print(f"left out, not tracked by git ({len(left_out)}): {shown} (git add what belongs)")
     return 0
 
 

@@ -171,3 +171,34 @@ def test_a_symlink_never_brings_a_file_from_outside_into_the_package(tmp_path: P
     (app / "shared" / "key.txt").symlink_to(outside / "id_rsa")
     (app / "linked").symlink_to(outside, target_is_directory=True)
     assert package.package_files(app) == ["host.json", "requirements.txt"]
+
+
+def test_in_a_git_work_tree_only_tracked_files_are_packed_and_the_rest_named(
+    tmp_path: Path, capsys
+) -> None:
+    # A settings backup with a secret, or any download beside the app, would go to Azure
+    # with `func publish`; the package takes what git tracks and names what it left out.
+    import subprocess
+
+    app = tmp_path / "app"
+    (app / "shared").mkdir(parents=True)
+    for name in ("host.json", "requirements.txt", "app.py", "shared/bot.py"):
+        (app / name).write_text("x")
+    git = ["git", "-C", str(app), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "app"], check=True)
+    (app / "local.settings.json.bak").write_text('{"MicrosoftAppPassword": "secret"}')
+    (app / "shared" / "notes.txt").write_text("untracked")
+
+    assert package.package_files(app) == [
+        "app.py",
+        "host.json",
+        "requirements.txt",
+        "shared/bot.py",
+    ]
+    assert package.main([str(tmp_path / "out.zip"), "--root", str(app)]) == 0
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        assert "local.settings.json.bak" not in archive.namelist()
+    printed = capsys.readouterr().out
+    assert "left out, not tracked by git (2): local.settings.json.bak, shared/notes.txt" in printed
