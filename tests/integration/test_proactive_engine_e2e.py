@@ -18,11 +18,8 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -41,7 +38,8 @@ from shared.connector import RetryPolicy
 from shared.references import BlobReferenceStore
 from shared.schedules import run_timer
 from shared.storage import close_shared_clients
-from tests.fixtures.devhost import ROOT, DevHost
+from tests.fixtures.devhost import DevHost
+from tests.integration.test_producer_command import producer as run_producer
 from tools.botsim import identity as botsim_identity
 from tools.botsim.connector import FakeConnector, Reply
 
@@ -262,18 +260,6 @@ async def test_a_resubmitted_request_id_sends_nothing_new(devhost, bot, connecto
     await bot.send(request)
     await bot.wait_report(request["id"], delivered=1, duplicate=1)
     assert len(sent_to(connector, conversation)) == 1
-
-
-def run_producer(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    return subprocess.run(
-        [sys.executable, "-m", "shared.producer", *args],
-        cwd=ROOT,
-        env={**keep, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_the_producer_command_sends_reports_and_lists(devhost, bot, connector, tmp_path):

@@ -19,8 +19,7 @@ from shared.references import (
     StoreError,
     document_name,
 )
-from shared.state import MemoryStateStore, conversation_state_key, user_state_key
-from shared.state_blob import BlobStateStore
+from shared.state import conversation_state_key, user_state_key
 from tests.fixtures.storage import FAST_STORAGE
 from tools.azurite import free_port
 
@@ -85,24 +84,6 @@ async def store(request, unique_name):
         instance = BlobReferenceStore(settings, options=FAST)
     yield instance
     await instance.close()
-
-
-@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
-async def stores(request, unique_name):
-    """A reference store and a state store, both in memory or both on Azurite."""
-    if request.param == "memory":
-        references, state = MemoryReferenceStore(), MemoryStateStore()
-    else:
-        azurite = request.getfixturevalue("azurite")
-        settings = Settings(
-            storage=StorageSettings(connection_string=azurite.connection_string),
-            references_container=unique_name("life"),
-        )
-        references = BlobReferenceStore(settings, options=FAST)
-        state = BlobStateStore(settings, options=FAST)
-    yield references, state
-    await references.close()
-    await state.close()
 
 
 async def write_states(state, *conversation_ids: str) -> list[str]:

@@ -17,27 +17,25 @@ from shared.references import (
     user_index_name,
 )
 from shared.state import MemoryStateStore, StateError, conversation_state_key, user_state_key
-from shared.state_blob import BlobStateStore
 from shared.userdata import erase_for_activity, erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
 from tests.unit.test_references import list_all, reference
 
 
-@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
-async def stores(request, unique_name):
-    if request.param == "memory":
-        references, state = MemoryReferenceStore(), MemoryStateStore()
-    else:
-        azurite = request.getfixturevalue("azurite")
-        settings = Settings(
-            storage=StorageSettings(connection_string=azurite.connection_string),
-            references_container=unique_name("erase"),
-        )
-        references = BlobReferenceStore(settings, options=FAST_STORAGE)
-        state = BlobStateStore(settings, options=FAST_STORAGE)
-    yield references, state
+@pytest.fixture
+async def blob_store(azurite, unique_name):
+    """A Blob reference store on Azurite, and a client on its container to read it raw."""
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("erase"),
+    )
+    references = BlobReferenceStore(settings, options=FAST_STORAGE)
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    yield references, raw
     await references.close()
-    await state.close()
+    raw.close()
 
 
 async def seed(references, state) -> None:
@@ -255,86 +253,64 @@ async def test_erase_needs_a_user():
 
 @pytest.mark.integration
 async def test_blob_a_web_chat_aad_object_id_stored_before_the_rule_is_never_matched(
-    azurite, unique_name
+    blob_store,
 ):
     # Documents and index entries written before aadObjectId counted on Teams only: the
     # claimed id matches nothing, and erasing the user by id takes the old entry out too.
-    settings = Settings(
-        storage=StorageSettings(connection_string=azurite.connection_string),
-        references_container=unique_name("erase"),
+    references, raw = blob_store
+    state = MemoryStateStore()
+    ref = reference("dl-ada", channel_id="webchat", tenant=None, user="dl_ada", aad="aad-ada")
+    await references.upsert(ref)
+    document = json.loads(raw.download_blob(document_name("webchat/dl-ada")).readall())
+    raw.upload_blob(
+        document_name("webchat/dl-ada"),
+        json.dumps({**document, "aadObjectId": "aad-ada"}),
+        overwrite=True,
     )
-    references, state = BlobReferenceStore(settings, options=FAST_STORAGE), MemoryStateStore()
-    raw = ContainerClient.from_connection_string(
-        azurite.connection_string, settings.references_container
+    legacy = user_index_name("webchat", "aad", "aad-ada")
+    raw.upload_blob(legacy, json.dumps({"schemaVersion": 1, "key": "webchat/dl-ada"}))
+
+    assert await references.find_by_user(channel_id="webchat", aad_object_id="aad-ada") is None
+    mallory = {"type": "deleteUserData", "channelId": "webchat"}
+    mallory["from"] = {"id": "dl_mallory", "aadObjectId": "aad-ada"}
+    assert (
+        await erase_for_activity(mallory, state=state, references=references)
+    ).conversations == []
+    assert await references.get("webchat/dl-ada") is not None
+
+    erased = await erase_user_data(
+        channel_id="webchat", user_id="dl_ada", state=state, references=references
     )
-    try:
-        ref = reference("dl-ada", channel_id="webchat", tenant=None, user="dl_ada", aad="aad-ada")
-        await references.upsert(ref)
-        document = json.loads(raw.download_blob(document_name("webchat/dl-ada")).readall())
-        raw.upload_blob(
-            document_name("webchat/dl-ada"),
-            json.dumps({**document, "aadObjectId": "aad-ada"}),
-            overwrite=True,
-        )
-        legacy = user_index_name("webchat", "aad", "aad-ada")
-        raw.upload_blob(legacy, json.dumps({"schemaVersion": 1, "key": "webchat/dl-ada"}))
-
-        assert await references.find_by_user(channel_id="webchat", aad_object_id="aad-ada") is None
-        mallory = {"type": "deleteUserData", "channelId": "webchat"}
-        mallory["from"] = {"id": "dl_mallory", "aadObjectId": "aad-ada"}
-        assert (
-            await erase_for_activity(mallory, state=state, references=references)
-        ).conversations == []
-        assert await references.get("webchat/dl-ada") is not None
-
-        erased = await erase_user_data(
-            channel_id="webchat", user_id="dl_ada", state=state, references=references
-        )
-        assert erased.conversations == ["webchat/dl-ada"]
-        assert [blob.name for blob in raw.list_blobs()] == []  # the old aad entry too
-    finally:
-        await references.close()
-        raw.close()
+    assert erased.conversations == ["webchat/dl-ada"]
+    assert [blob.name for blob in raw.list_blobs()] == []  # the old aad entry too
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("channel", ["webchat", "msteams"])
 async def test_blob_an_index_the_previous_version_filled_still_leads_erasure_to_every_1to1(
-    azurite, unique_name, channel
+    blob_store, channel
 ):
     # Before the overflow mark, an index kept a user's 8 latest conversations and dropped
     # older ones without a word. Such a document (no `overflowed`) is read as overflowed
     # when it is full (on Teams) or always (elsewhere): erasure then lists the channel.
-    settings = Settings(
-        storage=StorageSettings(connection_string=azurite.connection_string),
-        references_container=unique_name("erase"),
-    )
-    references, state = BlobReferenceStore(settings, options=FAST_STORAGE), MemoryStateStore()
-    raw = ContainerClient.from_connection_string(
-        azurite.connection_string, settings.references_container
-    )
-    try:
-        keys = []
-        for visit in range(10):
-            ref = reference(f"a:{visit}", channel_id=channel, tenant=None, user="u-bob", aad=None)
-            await references.upsert(ref)
-            keys.append(f"{channel}/a:{visit}")
-            await state.write(
-                conversation_state_key(channel, f"a:{visit}"), {"n": visit}, etag=None
-            )
-        latest_first = keys[::-1]
-        legacy = {"schemaVersion": 1, "key": latest_first[0], "older": latest_first[1:8]}
-        raw.upload_blob(user_index_name(channel, "id", "u-bob"), json.dumps(legacy), overwrite=True)
+    references, raw = blob_store
+    state = MemoryStateStore()
+    keys = []
+    for visit in range(10):
+        ref = reference(f"a:{visit}", channel_id=channel, tenant=None, user="u-bob", aad=None)
+        await references.upsert(ref)
+        keys.append(f"{channel}/a:{visit}")
+        await state.write(conversation_state_key(channel, f"a:{visit}"), {"n": visit}, etag=None)
+    latest_first = keys[::-1]
+    legacy = {"schemaVersion": 1, "key": latest_first[0], "older": latest_first[1:8]}
+    raw.upload_blob(user_index_name(channel, "id", "u-bob"), json.dumps(legacy), overwrite=True)
 
-        erased = await erase_user_data(
-            channel_id=channel, user_id="u-bob", state=state, references=references
-        )
+    erased = await erase_user_data(
+        channel_id=channel, user_id="u-bob", state=state, references=references
+    )
 
-        assert sorted(erased.conversations) == sorted(keys)
-        assert await list_all(references) == []
-        for visit in range(10):
-            assert await state.read(conversation_state_key(channel, f"a:{visit}")) is None
-        assert [blob.name for blob in raw.list_blobs()] == []
-    finally:
-        await references.close()
-        raw.close()
+    assert sorted(erased.conversations) == sorted(keys)
+    assert await list_all(references) == []
+    for visit in range(10):
+        assert await state.read(conversation_state_key(channel, f"a:{visit}")) is None
+    assert [blob.name for blob in raw.list_blobs()] == []
