@@ -483,19 +483,30 @@ class BlobReferenceStore:
     async def _materialize(
         self, found: list[tuple[str, Any]], filters: Filters
     ) -> list[StoredReference]:
-        """Listed blobs → references, from metadata; a document too big for it is read."""
+        """Listed blobs → references, from metadata; a document too big for it is read.
+
+        A document this version cannot read (a newer `schemaVersion` after a rollback, a
+        blob someone else wrote under the prefix) is left out with a warning: one such blob
+        must not stop every broadcast and erasure that lists its channel. Reading it
+        directly (`get`, an upsert) still fails, so nothing ever rewrites it."""
         semaphore = asyncio.Semaphore(16)
 
         async def one(name: str, blob: Any) -> StoredReference | None:
-            doc = (blob.metadata or {}).get("doc")
-            if doc:
-                stored = from_document(_unpack(doc), blob.etag)
-            else:
-                async with semaphore:
-                    found_json = await self._read_json(name)
-                if found_json is None:
-                    return None  # deleted since it was listed
-                stored = from_document(found_json[0], found_json[1])
+            try:
+                doc = (blob.metadata or {}).get("doc")
+                if doc:
+                    stored = from_document(_unpack(doc), blob.etag)
+                else:
+                    async with semaphore:
+                        found_json = await self._read_json(name)
+                    if found_json is None:
+                        return None  # deleted since it was listed
+                    stored = from_document(found_json[0], found_json[1])
+            except StoreError as unreadable:
+                if unreadable.status is not None:
+                    raise  # storage failed: not the document's doing
+                logger.warning("references: listing left out %s: %s", name[-80:], unreadable)
+                return None
             return stored if filters.matches(stored) else None
 
         results = await asyncio.gather(*(one(name, blob) for name, blob in found))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import socket
 import time
@@ -586,6 +587,26 @@ async def test_blob_foreign_or_corrupt_documents_raise_store_error(blob_store):
         json.loads(container.download_blob(document_name("msteams/new")).readall())["schemaVersion"]
         == 99
     )
+
+
+@pytest.mark.integration
+async def test_blob_a_listing_leaves_out_documents_it_cannot_read_and_says_so(blob_store, caplog):
+    # A document a newer version wrote (kept after a rollback), or junk under the prefix:
+    # every broadcast and erasure listing the channel failed on it, for as long as it stayed.
+    store, container = blob_store
+    await store.upsert(reference("a:1"))
+    await store.upsert(reference("a:2"))
+    container.upload_blob(
+        document_name("msteams/new"),
+        json.dumps({"schemaVersion": 99, "key": "msteams/new", "reference": {}}),
+    )
+    container.upload_blob(document_name("msteams/bad"), b"{not json")
+    with caplog.at_level(logging.WARNING, logger="shared.references"):
+        assert sorted(await list_all(store, channel_id="msteams")) == ["msteams/a:1", "msteams/a:2"]
+    assert caplog.text.count("listing left out") == 2
+    assert "schemaVersion 99" in caplog.text and "not json" not in caplog.text
+    with pytest.raises(StoreError, match="schemaVersion"):
+        await store.upsert(reference("new"))  # still never rewritten
 
 
 @pytest.mark.integration
