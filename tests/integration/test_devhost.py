@@ -1126,3 +1126,28 @@ async def test_the_hosts_queue_calls_make_no_thread_hop(azurite, unique_name, mo
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     async with queue_service_client(connection, where="test") as service:
         assert await _thread_hops_of_one_receive_and_delete(service, unique_name("q")) > 0
+
+
+def test_an_app_setting_overrides_host_json_queue_options_as_on_azure(tmp_path: Path) -> None:
+    # The proactive function reads the same override to know its last attempt: the local
+    # host must poison after as many attempts as the function counts.
+    from proactive_function import max_dequeue_count
+    from tools.devhost.app import HostError, read_host_config
+
+    (tmp_path / "host.json").write_text(
+        json.dumps({"version": "2.0", "extensions": {"queues": {"maxDequeueCount": 5}}})
+    )
+    assert read_host_config(tmp_path).queues.max_dequeue_count == 5
+    settings = {
+        "AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "2",
+        "azurefunctionsjobhost__Extensions__Queues__visibilityTimeout": "00:00:07",
+    }
+    config = read_host_config(tmp_path, settings)
+    assert (config.queues.max_dequeue_count, config.queues.visibility_timeout) == (2, 7.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AzureFunctionsJobHost__extensions__queues__maxDequeueCount", "2")
+        assert max_dequeue_count() == 2  # the function and the host agree
+    with pytest.raises(HostError, match="maxDequeueCount"):
+        read_host_config(
+            tmp_path, {"AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "many"}
+        )

@@ -120,9 +120,20 @@ class FunctionApp:
     functions: tuple[Function, ...]
 
 
-def read_host_config(root: Path) -> HostConfig:
+# App settings the Functions host reads over host.json's queue options (names compared
+# without case, as the host's configuration does).
+HOST_QUEUE_OVERRIDE = "azurefunctionsjobhost__extensions__queues__"
+_QUEUE_INTEGERS = ("batchSize", "newBatchThreshold", "maxDequeueCount")
+_QUEUE_TEXTS = ("maxPollingInterval", "visibilityTimeout", "messageEncoding")
+
+
+def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> HostConfig:
+    """host.json, with the queue options an app setting overrides as on Azure
+    (``AzureFunctionsJobHost__extensions__queues__maxDequeueCount`` and the like)."""
     document = _read_json(root / HOST_JSON, HOST_JSON)
     extensions = _object(document.get("extensions", {}), "host.json extensions")
+    queues = dict(_object(extensions.get("queues", {}), "host.json extensions.queues"))
+    queues.update(_queue_overrides(settings or {}))
     http = _object(extensions.get("http", {}), "host.json extensions.http")
     prefix = str(http.get("routePrefix", "api")).strip("/")
     timeout = document.get("functionTimeout")
@@ -131,9 +142,29 @@ def read_host_config(root: Path) -> HostConfig:
         function_timeout = parse_timespan(timeout, where="host.json functionTimeout")
     return HostConfig(
         route_prefix=prefix,
-        queues=_queue_options(_object(extensions.get("queues", {}), "host.json extensions.queues")),
+        queues=_queue_options(queues),
         function_timeout=function_timeout,
     )
+
+
+def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:
+    known = {name.lower(): name for name in (*_QUEUE_INTEGERS, *_QUEUE_TEXTS)}
+    overrides: dict[str, Any] = {}
+    for setting, value in settings.items():
+        lowered = setting.lower()
+        if not lowered.startswith(HOST_QUEUE_OVERRIDE):
+            continue
+        name = known.get(lowered.removeprefix(HOST_QUEUE_OVERRIDE))
+        if name is None:
+            continue
+        text = value.strip()
+        if name in _QUEUE_INTEGERS:
+            if not text.isdigit():
+                raise HostError(f"{setting}: expected a whole number, got {value!r}")
+            overrides[name] = int(text)
+        else:
+            overrides[name] = text
+    return overrides
 
 
 def _queue_options(queues: Mapping[str, Any]) -> QueueOptions:
@@ -327,7 +358,7 @@ def load_app(
     root: Path, settings: Mapping[str, str], only: Sequence[str] | None = None
 ) -> FunctionApp:
     """Read host.json and every function, then import them (settings already in os.environ)."""
-    config = read_host_config(root)
+    config = read_host_config(root, settings)
     specs = discover_functions(root, settings, only)
     install_app_package(root)
     return FunctionApp(root, config, tuple(load_function(spec) for spec in specs))
