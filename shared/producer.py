@@ -104,13 +104,16 @@ async def enqueue(
 
 
 def _refused(error: BaseException) -> bool:
-    """Whether a queue put surely did not land: the service refused it (4xx), or the
-    request never reached it (no connection). A timeout or a 5xx may have landed."""
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError
+    """Whether a queue put surely did not land: the service answered it with a refusal
+    (4xx, which the storage client does not retry), or it was refused before it was sent.
+    A 5xx, a timeout or a dropped connection may have landed, on that attempt or an
+    earlier one the client retried (it raises only the last attempt's error; a connection
+    error there says nothing of the attempts before it)."""
+    from azure.core.exceptions import HttpResponseError
 
     if isinstance(error, HttpResponseError) and error.status_code is not None:
-        return 400 <= error.status_code < 500
-    return isinstance(error, ServiceRequestError | ValueError)
+        return 400 <= error.status_code < 500 and error.status_code not in (408, 429)
+    return isinstance(error, ValueError)
 
 
 def request_text(message: Mapping[str, Any]) -> str:
