@@ -377,8 +377,8 @@ def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
 # of the English name (`Mon`, `Monday`). croniter's extensions (`R` random, `H` hashed,
 # `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB. The schedule documents are run by
 # croniter, so they take only what both read the same way (`portable`): a reversed range
-# `5-1` (NCrontab swaps its ends, croniter wraps around) is refused, and names are the
-# 3-letter ones.
+# `5-1` (NCrontab swaps its ends, croniter wraps around) and a range of one value `5-5`
+# (croniter reads it as `*`) are refused, and names are the 3-letter ones.
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
     "july", "august", "september", "october", "november", "december",
@@ -405,7 +405,7 @@ def ncrontab_problem(expression: str, *, portable: bool = True) -> str | None:
     for text, (name, low, high, names) in zip(fields, _NCRONTAB_FIELDS, strict=True):
         if not all(_ncrontab_item_ok(item, low, high, names, portable) for item in text.split(",")):
             words = f"{low}-{high}" + (" or names" if names else "")
-            ranges = "ranges a-b (a <= b)" if portable else "ranges a-b"
+            ranges = "ranges a-b (a < b)" if portable else "ranges a-b"
             return f"its {name} field takes {words}, *, {ranges}, lists and /steps"
     return None
 
@@ -424,7 +424,9 @@ def _ncrontab_item_ok(
         if value is None:
             return False
         bounds.append(value)
-    return bounds == sorted(bounds) or not portable
+    if portable and len(bounds) == 2:
+        return bounds[0] < bounds[1]  # croniter reads `a-a` as `*` (and `a-a/n` as `*/n`)
+    return True
 
 
 def _ncrontab_value(

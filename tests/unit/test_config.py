@@ -330,7 +330,9 @@ def test_valid_schedules_are_kept(schedule):
     assert croniter.is_valid(schedule, second_at_beginning=True)
 
 
-@pytest.mark.parametrize("schedule", ["0 0 22-6 * * *", "0 0 9 * * Monday", "0 0 9 1 Jan-Mar *"])
+@pytest.mark.parametrize(
+    "schedule", ["0 0 22-6 * * *", "0 0 9 * * Monday", "0 0 9-9 * * *", "0 0 9 1 Jan-Mar *"]
+)
 def test_what_the_hosts_parser_reads_is_accepted_though_schedule_documents_refuse_it(schedule):
     # A deployed BOT_SCHEDULE the host runs must not be refused by the bot's own settings
     # (every function would answer 500): NCrontab swaps a reversed range's ends and takes

@@ -75,7 +75,7 @@ def test_due_minutes_are_the_minutes_the_expression_names_a_second_of(expression
         "0 5/15 * * * *",
         "0 0 9 * * 0",
         "0 0 9 * * 6",
-        "0 0 9 5-5 */2 sun,sat",
+        "0 0 9 5-6 */2 sun,sat",
     ],
 )
 def test_ncrontab_forms_are_accepted(expression):
@@ -339,6 +339,10 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         ({"schedule": "0 0 9 * * 7", "request": REQUEST}, "day-of-week field"),
         ({"schedule": "0 0 9 * * 5-1", "request": REQUEST}, "day-of-week field"),  # wraps
         ({"schedule": "0 0 9 * * Monday", "request": REQUEST}, "day-of-week field"),
+        # One-value ranges: croniter reads `9-9` as `*` (every hour), NCrontab as 9.
+        ({"schedule": "0 0 9-9 * * *", "request": REQUEST}, "hour field"),
+        ({"schedule": "0 0 9 * * Mon-Mon", "request": REQUEST}, "day-of-week field"),
+        ({"schedule": "0 0 9 1 6-6/2 *", "request": REQUEST}, "month field"),
         ({"schedule": "0 */0 * * * *", "request": REQUEST}, "minute field"),
     ],
 )
