@@ -2,9 +2,10 @@
 
 This is what `func azure functionapp publish` uploads (it reads `.funcignore` the same way,
 with .gitignore rules), so the zip can also go to a zip deploy. In a git work tree only
-files git tracks go in: a stray file beside the app (a settings backup holding a secret, a
-download) is left out and named, where `func` would upload it. Entries are sorted and
-carry a fixed timestamp: the same tree always gives the same bytes.
+files git tracks go in, and a file git neither tracks nor ignores stops the build (a
+module not added yet would be missing on Azure; a stray settings backup may hold a
+secret, which `func` would upload) unless `--allow-untracked` leaves such files out.
+Entries are sorted and carry a fixed timestamp: the same tree always gives the same bytes.
 
     python -m tools.package dist/functionapp.zip
 """
@@ -67,31 +68,41 @@ def is_ignored(relative: str, is_dir: bool, rules: list[Rule]) -> bool:
 def package_files(root: Path = ROOT) -> list[str]:
     """Relative paths (with /) of every file that goes into the package, sorted."""
     found = app_files(root)
-    tracked = tracked_files(root)
+    tracked = _git_files(root, "--cached")
     return found if tracked is None else [name for name in found if name in tracked]
 
 
 def untracked_files(root: Path = ROOT) -> list[str]:
-    """The app's files left out because git does not track them (none outside git)."""
-    tracked = tracked_files(root)
-    return [] if tracked is None else [name for name in app_files(root) if name not in tracked]
+    """The app's files git neither tracks nor ignores (none outside git): a file not added
+    yet, or a stray one beside the app. Ignored files are left out without a word."""
+    others = _git_files(root, "--others", "--exclude-standard")
+    return [] if others is None else [name for name in app_files(root) if name in others]
 
 
-def tracked_files(root: Path) -> set[str] | None:
-    """The files git tracks under `root`, relative to it; None when `root` is not in a git
-    work tree (a downloaded copy) or git is not installed."""
+def _git_files(root: Path, *which: str) -> set[str] | None:
+    """`git ls-files` under `root`, relative to it; None when `root` is in no git work tree
+    (a downloaded copy) or git is not installed. SystemExit when it is in one and git
+    fails there (a repository another user owns, say): packing everything instead could
+    take a stray secret along."""
     try:
         listed = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", "--cached"],
+            ["git", "-C", str(root), "ls-files", "-z", *which],
             capture_output=True,
             timeout=60,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
+        listed = None
+    if listed is not None and listed.returncode == 0:
+        names = listed.stdout.decode("utf-8", "surrogateescape").split("\0")
+        return {name for name in names if name}
+    if not any((folder / ".git").exists() for folder in (root, *root.parents)):
         return None
-    if listed.returncode != 0:
-        return None
-    return {name for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if name}
+    reason = listed.stderr.decode("utf-8", "replace").strip().splitlines() if listed else []
+    raise SystemExit(
+        f"{root} is in a git work tree, but git could not list its files"
+        + (f": {reason[0]}" if reason else " (is git installed?)")
+    )
 
 
 def app_files(root: Path = ROOT) -> list[str]:
@@ -143,14 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("output", type=Path, help="where to write the zip")
     parser.add_argument("--root", type=Path, default=ROOT, help="the app's folder")
+    parser.add_argument(
+        "--allow-untracked",
+        action="store_true",
+        help="build even when files git neither tracks nor ignores are beside the app",
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    untracked = untracked_files(root)
+    shown = ", ".join(untracked[:10]) + (", ..." if len(untracked) > 10 else "")
+    if untracked and not args.allow_untracked:
+        print(
+            f"error: {len(untracked)} file(s) git neither tracks nor ignores: {shown}. "
+            "git add what the app needs, delete or ignore the rest, or pass "
+            "--allow-untracked to leave them out",
+            file=sys.stderr,
+        )
+        return 1
     files = build(args.output, root)
     print(f"{args.output}: {len(files)} files")
-    left_out = untracked_files(root)
-    if left_out:
-        shown = ", ".join(left_out[:10]) + (", ..." if len(left_out) > 10 else "")
-        print(f"left out, not tracked by git ({len(left_out)}): {shown} (git add what belongs)")
+    if untracked:
+        print(f"left out, not tracked by git ({len(untracked)}): {shown}")
     return 0
 
 

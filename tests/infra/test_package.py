@@ -173,32 +173,50 @@ def test_a_symlink_never_brings_a_file_from_outside_into_the_package(tmp_path: P
     assert package.package_files(app) == ["host.json", "requirements.txt"]
 
 
-def test_in_a_git_work_tree_only_tracked_files_are_packed_and_the_rest_named(
+def test_in_a_git_work_tree_only_tracked_files_are_packed_and_strays_stop_the_build(
     tmp_path: Path, capsys
 ) -> None:
-    # A settings backup with a secret, or any download beside the app, would go to Azure
-    # with `func publish`; the package takes what git tracks and names what it left out.
+    # A settings backup with a secret beside the app would go to Azure with `func publish`,
+    # and a module not added yet would be missing there: the build stops and names them.
+    # Ignored files are left out without a word.
     import subprocess
 
     app = tmp_path / "app"
     (app / "shared").mkdir(parents=True)
     for name in ("host.json", "requirements.txt", "app.py", "shared/bot.py"):
         (app / name).write_text("x")
+    (app / ".gitignore").write_text("*.log\n")
     git = ["git", "-C", str(app), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "app"], check=True)
     (app / "local.settings.json.bak").write_text('{"MicrosoftAppPassword": "secret"}')
-    (app / "shared" / "notes.txt").write_text("untracked")
+    (app / "shared" / "helper.py").write_text("untracked")
+    (app / "host.log").write_text("ignored")
 
-    assert package.package_files(app) == [
-        "app.py",
-        "host.json",
-        "requirements.txt",
-        "shared/bot.py",
-    ]
-    assert package.main([str(tmp_path / "out.zip"), "--root", str(app)]) == 0
-    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
-        assert "local.settings.json.bak" not in archive.namelist()
-    printed = capsys.readouterr().out
-    assert "left out, not tracked by git (2): local.settings.json.bak, shared/notes.txt" in printed
+    expected = [".gitignore", "app.py", "host.json", "requirements.txt", "shared/bot.py"]
+    assert package.package_files(app) == expected
+    out = tmp_path / "out.zip"
+    assert package.main([str(out), "--root", str(app)]) == 1
+    assert not out.exists()
+    error = capsys.readouterr().err
+    assert (
+        "2 file(s) git neither tracks nor ignores: local.settings.json.bak, shared/helper.py"
+        in error
+    )
+
+    assert package.main([str(out), "--root", str(app), "--allow-untracked"]) == 0
+    with zipfile.ZipFile(out) as archive:
+        assert archive.namelist() == expected
+    assert "left out, not tracked by git (2)" in capsys.readouterr().out
+
+
+def test_a_work_tree_git_cannot_read_stops_the_build(tmp_path: Path) -> None:
+    # Packing everything when git fails (a repository another user owns, say) could take a
+    # stray secret along.
+    app = tmp_path / "app"
+    (app / ".git").mkdir(parents=True)  # not a repository git can read
+    for name in ("host.json", "requirements.txt"):
+        (app / name).write_text("x")
+    with pytest.raises(SystemExit, match="git could not list its files"):
+        package.package_files(app)
