@@ -36,8 +36,6 @@ from shared.turn import TurnContext
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from shared.lifecycle import Change
-
 logger = logging.getLogger(__name__)
 
 UNAUTHORIZED = "Unauthorized."  # the one 401 body: the reason is logged, never sent
@@ -154,27 +152,23 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         outcome = await _run_turn(runtime.router, turn)
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
-    else:
-        from shared.lifecycle import Change, classify
-
-        change = classify(recorded)
-        if (activity["type"] == "invoke" or turn.expects_replies) and change is not Change.REMOVE:
-            # The HTTP answer is the reply (a card, a dialog, the buffered replies): the
-            # reference is recorded beside the turn, so the answer waits for the longer of
-            # the two, not for both.
-            async with asyncio.TaskGroup() as both:
-                recording = both.create_task(_record(runtime, recorded, ids, change))
-                outcome = await _run_turn(runtime.router, turn)
-            outcome.failed = outcome.failed or not recording.result()
-        else:
-            # The reply went to the Connector during the turn: the reference is recorded
-            # after it, so the reply waits neither for a blob write nor, on a cold start, for
-            # the storage SDK's import (which would hold the event loop while it is in
-            # flight). A removal always comes after the turn: it deletes the conversation's
-            # state, which the turn's own save would otherwise write back.
+    elif (activity["type"] == "invoke" or turn.expects_replies) and not _removal(recorded):
+        # The HTTP answer is the reply (a card, a dialog, the buffered replies): the
+        # reference is recorded beside the turn, so the answer waits for the longer of the
+        # two, not for both.
+        async with asyncio.TaskGroup() as both:
+            recording = both.create_task(_record(runtime, recorded, ids))
             outcome = await _run_turn(runtime.router, turn)
-            written = await _record(runtime, recorded, ids, change)  # whatever the outcome
-            outcome.failed = outcome.failed or not written
+        outcome.failed = outcome.failed or not recording.result()
+    else:
+        # The reply went to the Connector during the turn: the reference is recorded after
+        # it, so the reply waits neither for a blob write nor, on a cold start, for the
+        # store's imports (which would hold the event loop while it is in flight). A
+        # removal always comes after the turn: it deletes the conversation's state, which
+        # the turn's own save would otherwise write back.
+        outcome = await _run_turn(runtime.router, turn)
+        written = await _record(runtime, recorded, ids)  # whatever the turn's outcome
+        outcome.failed = outcome.failed or not written
     response = _respond(activity, turn, outcome)
     logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
     return response
@@ -190,7 +184,13 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     return TurnOutcome(handled=result.handled, value=result.value)
 
 
-async def _record(runtime: Runtime, activity: Activity, ids: str, change: Change) -> bool:
+def _removal(activity: Activity) -> bool:
+    from shared.lifecycle import Change, classify
+
+    return classify(activity) is Change.REMOVE
+
+
+async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     """Add/refresh/remove the conversation reference (a removal: the removed conversations'
     state too); False when a removal failed.
 
@@ -200,10 +200,11 @@ async def _record(runtime: Runtime, activity: Activity, ids: str, change: Change
     activity redoes it. A removal gets REMOVAL_BUDGET, and its failure fails the answer
     (no later activity would redo it; the channel's retry does).
     """
-    from shared.lifecycle import Change, record_activity
+    from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
     from shared.state import StateError
 
+    change = classify(activity)
     removal = change is Change.REMOVE
     what = "reference not removed" if removal else "reference not recorded"
     try:
