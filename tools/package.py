@@ -68,37 +68,58 @@ def is_ignored(relative: str, is_dir: bool, rules: list[Rule]) -> bool:
 def package_files(root: Path = ROOT) -> list[str]:
     """Relative paths (with /) of every file that goes into the package, sorted."""
     found = app_files(root)
-    tracked = _git_files(root, "--cached")
+    tracked = _tracked(root)
     return found if tracked is None else [name for name in found if name in tracked]
 
 
 def untracked_files(root: Path = ROOT) -> list[str]:
     """The app's files git neither tracks nor ignores (none outside git): a file not added
-    yet, or a stray one beside the app. Ignored files are left out without a word."""
-    others = _git_files(root, "--others", "--exclude-standard")
-    return [] if others is None else [name for name in app_files(root) if name in others]
+    yet (in a nested repository too), or a stray one beside the app. Ignored files are
+    left out without a word."""
+    tracked = _tracked(root)
+    if tracked is None:
+        return []
+    candidates = [name for name in app_files(root) if name not in tracked]
+    if not candidates:
+        return []
+    # check-ignore answers 1 when none of them is ignored: not a failure.
+    listed = _git(root, ["check-ignore", "-z", "--stdin"], "\0".join(candidates), ok=(0, 1))
+    ignored = set(_names(listed or b""))
+    return [name for name in candidates if name not in ignored]
 
 
-def _git_files(root: Path, *which: str) -> set[str] | None:
-    """`git ls-files` under `root`, relative to it; None when `root` is in no git work tree
-    (a downloaded copy) or git is not installed. SystemExit when it is in one and git
-    fails there (a repository another user owns, say): packing everything instead could
-    take a stray secret along."""
+def _tracked(root: Path) -> set[str] | None:
+    """The files git tracks under `root` (a submodule's included), relative to it."""
+    listed = _git(root, ["ls-files", "-z", "--cached", "--recurse-submodules"])
+    return None if listed is None else set(_names(listed))
+
+
+def _names(listed: bytes) -> list[str]:
+    return [name for name in listed.decode("utf-8", "surrogateescape").split("\0") if name]
+
+
+def _git(
+    root: Path, args: list[str], stdin: str | None = None, ok: tuple[int, ...] = (0,)
+) -> bytes | None:
+    """git's output for `args` run in `root`; None when `root` is in no git work tree (a
+    downloaded copy) or git is not installed. SystemExit when it is in one and git fails
+    there (a repository another user owns, say): packing everything instead could take a
+    stray secret along."""
     try:
-        listed = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", *which],
+        done = subprocess.run(
+            ["git", "-C", str(root), *args],
+            input=stdin.encode("utf-8", "surrogateescape") if stdin is not None else None,
             capture_output=True,
             timeout=60,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
-        listed = None
-    if listed is not None and listed.returncode == 0:
-        names = listed.stdout.decode("utf-8", "surrogateescape").split("\0")
-        return {name for name in names if name}
+        done = None
+    if done is not None and done.returncode in ok:
+        return done.stdout
     if not any((folder / ".git").exists() for folder in (root, *root.parents)):
         return None
-    reason = listed.stderr.decode("utf-8", "replace").strip().splitlines() if listed else []
+    reason = done.stderr.decode("utf-8", "replace").strip().splitlines() if done else []
     raise SystemExit(
         f"{root} is in a git work tree, but git could not list its files"
         + (f": {reason[0]}" if reason else " (is git installed?)")
@@ -116,8 +137,8 @@ def app_files(root: Path = ROOT) -> list[str]:
             relative = f"{prefix}{entry.name}"
             if entry.is_symlink():
                 continue  # could point anywhere on this machine: a key, a home folder
-            if relative == ".git":
-                continue  # the repository itself, whatever `.funcignore` says
+            if entry.name == ".git":
+                continue  # a repository (a nested one's too), whatever `.funcignore` says
             is_dir = entry.is_dir()
             if is_ignored(relative, is_dir, rules):
                 continue
@@ -134,6 +155,12 @@ def build(output: Path, root: Path = ROOT) -> list[str]:
     """Write the zip to `output` and return the paths it holds."""
     files = package_files(root)
     missing = [name for name in ("host.json", "requirements.txt") if name not in files]
+    if missing and not [name for name in missing if name not in app_files(root)]:
+        raise SystemExit(
+            f"{root}: git tracks none of {', '.join(missing)} here (a folder the enclosing "
+            "repository ignores, or files not added yet): add them, or package a copy "
+            "outside the repository"
+        )
     if missing:
         raise SystemExit(f"not a Functions app root (missing {', '.join(missing)}): {root}")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -220,3 +220,55 @@ def test_a_work_tree_git_cannot_read_stops_the_build(tmp_path: Path) -> None:
         (app / name).write_text("x")
     with pytest.raises(SystemExit, match="git could not list its files"):
         package.package_files(app)
+
+
+def _git_app(folder: Path, files: tuple[str, ...] = ("host.json", "requirements.txt")) -> list:
+    """A committed git repository at `folder` holding `files`; the git command prefix."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("x")
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    return git
+
+
+def test_a_module_in_a_nested_repository_stops_the_build_and_a_submodules_is_packed(
+    tmp_path: Path, capsys
+) -> None:
+    # git lists a nested repository as one folder entry and a submodule as one gitlink:
+    # their files must neither vanish from the zip without a word nor be refused.
+    import subprocess
+
+    app, lib = tmp_path / "app", tmp_path / "lib"
+    git = _git_app(app)
+    _git_app(lib, ("helper.py",))
+    subprocess.run(["git", "clone", "-q", str(lib), str(app / "shared" / "vendor")], check=True)
+    out = tmp_path / "out.zip"
+    assert package.main([str(out), "--root", str(app)]) == 1
+    assert "shared/vendor/helper.py" in capsys.readouterr().err
+
+    (app / "shared").joinpath("vendor").rename(tmp_path / "gone")
+    clone = ["-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib)]
+    subprocess.run([*git, *clone, "shared/vendor"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "vendor"], check=True)
+    assert package.main([str(out), "--root", str(app)]) == 0
+    with zipfile.ZipFile(out) as archive:
+        assert "shared/vendor/helper.py" in archive.namelist()
+
+
+def test_an_app_the_enclosing_repository_ignores_is_told_so(tmp_path: Path) -> None:
+    # A copy inside a repository that ignores it: "not a Functions app" would be wrong.
+    parent = tmp_path / "home"
+    _git_app(parent, (".gitignore",))
+    (parent / ".gitignore").write_text("app/\n")
+    app = parent / "app"
+    app.mkdir()
+    for name in ("host.json", "requirements.txt"):
+        (app / name).write_text("x")
+    with pytest.raises(SystemExit, match=r"git tracks none of host\.json, requirements\.txt"):
+        package.build(tmp_path / "out.zip", app)
