@@ -197,7 +197,7 @@ def parse_activity(body: bytes) -> Activity:
     Unknown fields are kept as they are (spec A2005).
     """
     try:
-        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(body, parse_constant=refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidActivity(400, "body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -276,8 +276,13 @@ def _non_empty_string(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+class NotJsonNumber(ValueError):
+    """`NaN` or `(-)Infinity` in a JSON text: Python's json reads them, no other parser does."""
+
+
+def refuse_constant(name: str) -> Any:
+    """`json.loads(..., parse_constant=refuse_constant)`: NotJsonNumber for those names."""
+    raise NotJsonNumber(f"`{name}` is not a JSON number: numbers must be finite")
 
 
 def _finite_float(text: str) -> float:

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shared.activity import TEAMS_CHANNEL, as_activity, conversation_key, split_key
+from shared.activity import (
+    TEAMS_CHANNEL,
+    NotJsonNumber,
+    as_activity,
+    conversation_key,
+    refuse_constant,
+    split_key,
+)
 from shared.reports import SINGLE_TARGET
 
 # The one field the engine adds to copies it puts back on the queue (attempt count, first
@@ -124,9 +131,9 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     conversation, from, recipient) always come from the target's reference.
     """
     try:
-        message = json.loads(body, parse_constant=_refuse_constant)
-    except InvalidRequest:
-        raise
+        message = json.loads(body, parse_constant=refuse_constant)
+    except NotJsonNumber as error:  # no parser on the way to the channel would read it
+        raise InvalidRequest(str(error)) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the message is not JSON") from None
     if not isinstance(message, dict):
@@ -180,12 +187,6 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
 # surrogates (bytes that were not UTF-8, as Python decodes them): an id is printed on one
 # line by the producer command and logged, and is a blob name in UTF-8.
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def _refuse_constant(constant: str) -> Any:
-    """Python's json reads NaN and (-)Infinity; no JSON parser does (the Connector's
-    included), so such a request could reach no one."""
-    raise InvalidRequest(f"`{constant}` is not a JSON number: numbers must be finite")
 
 
 def _reference_key(reference: Any) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.activity import refuse_constant
 from shared.config import (
     DEFAULT_QUEUE,
     Settings,
@@ -235,14 +236,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _json_arg(name: str, text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise UsageError(f"{name} is not valid JSON") from None
-
-
-def _not_json(constant: str) -> Any:
-    """Python's json reads NaN and (-)Infinity; JSON has no such numbers."""
-    raise ValueError(f"{constant} is not a JSON number")
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
