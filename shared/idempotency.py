@@ -62,6 +62,12 @@ def is_outcome(data: Any) -> bool:
     return isinstance(data, dict) and "outcome" in data
 
 
+def claim_expiry(data: Any) -> float | None:
+    """When the claim `data` (a slot's content) says it ends; None when it is no claim."""
+    expires = data.get("expiresAt") if isinstance(data, dict) else None
+    return expires if isinstance(expires, int | float) else None
+
+
 async def take_claim(
     ledger: Ledger, name: str, now: float, *, seconds: float
 ) -> Claim | Busy | Settled:
@@ -76,12 +82,12 @@ async def take_claim(
             continue  # released meanwhile: try again
         if is_outcome(current.data):
             return Settled(current)
-        expires = current.data.get("expiresAt") if isinstance(current.data, dict) else None
-        if isinstance(expires, int | float) and current.modified:
+        expires = claim_expiry(current.data)
+        if expires is not None and current.modified:
             # Never longer than a claim lasts from when the store wrote it (its own clock,
             # to the second): a holder whose clock ran ahead cannot block the target.
             expires = min(expires, current.modified + seconds + 1.0)
-        if isinstance(expires, int | float) and expires > now:
+        if expires is not None and expires > now:
             return Busy(expires - now)
         etag = await replace_with_claim(ledger, name, current.etag, now, seconds=seconds)
         if etag is not None:

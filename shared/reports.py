@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from shared.idempotency import is_outcome
+from shared.idempotency import claim_expiry, is_outcome
 from shared.ledger import Ledger, iso
 from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
@@ -152,16 +152,12 @@ async def record_outcome(
             continue  # released meanwhile
         if is_outcome(current.data):
             return False
-        if outcome == "failed" and claim_etag is not None and _live_claim(current.data, now):
+        expires = claim_expiry(current.data)
+        if outcome == "failed" and claim_etag is not None and expires is not None and expires > now:
             return False
         if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:
             return True
     raise StoreError(f"proactive ledger: {name[-80:]} kept changing; outcome not recorded")
-
-
-def _live_claim(data: Any, now: float) -> bool:
-    expires = data.get("expiresAt") if isinstance(data, dict) else None
-    return isinstance(expires, int | float) and expires > now
 
 
 async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:
