@@ -39,6 +39,7 @@ from shared.references import BlobReferenceStore
 from shared.schedules import run_timer
 from shared.storage import close_shared_clients
 from tests.fixtures.devhost import DevHost
+from tests.fixtures.storage import sas_connection_string
 from tests.integration.test_producer_command import producer as run_producer
 from tools.botsim import identity as botsim_identity
 from tools.botsim.connector import FakeConnector, Reply
@@ -561,22 +562,7 @@ async def test_a_producer_allowed_only_to_enqueue_and_read_still_sends(
 ):
     # The infra grants producers queue "add" and blob "read": no blob writes. Here that is
     # an account SAS with exactly those rights.
-    from azure.storage.blob import ResourceTypes, Services, generate_account_sas
-
-    from tools.azurite import ACCOUNT, ACCOUNT_KEY
-
-    sas = generate_account_sas(
-        ACCOUNT,
-        ACCOUNT_KEY,
-        ResourceTypes(container=True, object=True),
-        "rla",
-        datetime.now(UTC) + timedelta(hours=1),
-        services=Services(blob=True, queue=True),
-    )
-    connection = (
-        f"BlobEndpoint={azurite.blob_url};QueueEndpoint={azurite.queue_url};"
-        f"SharedAccessSignature={sas}"
-    )
+    connection = sas_connection_string(azurite, "rla", services="bq")
     limited = producer.producer_settings(
         {
             **{k: v for k, v in bot.env.items() if k != "AzureWebJobsStorage"},

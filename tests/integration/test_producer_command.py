@@ -7,14 +7,14 @@ import contextlib
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.blob import ContainerClient, ResourceTypes, Services, generate_account_sas
+from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import ROOT
+from tests.fixtures.storage import sas_connection_string
 from tools.azurite import ACCOUNT, ACCOUNT_KEY
 
 pytestmark = pytest.mark.integration
@@ -94,21 +94,7 @@ def test_a_request_the_queue_refuses_leaves_no_pending_report(azurite, storage):
     # Blob writes allowed, queue refused: a producer role with Blob write but no Queue
     # Sender. `send` fails, and no report says `pending` for a request never queued (a
     # script polling `report` until it is done would wait for ever).
-    sas = generate_account_sas(
-        ACCOUNT,
-        ACCOUNT_KEY,
-        ResourceTypes(container=True, object=True),
-        "rwdlc",
-        datetime.now(UTC) + timedelta(hours=1),
-        services=Services(blob=True),
-    )
-    blob_only = {
-        **storage,
-        "AzureWebJobsStorage": (
-            f"BlobEndpoint={azurite.blob_url};QueueEndpoint={azurite.queue_url};"
-            f"SharedAccessSignature={sas}"
-        ),
-    }
+    blob_only = {**storage, "AzureWebJobsStorage": sas_connection_string(azurite, "rwdlc")}
 
     send = ("send", "--conversation", "msteams/a:1", "--text", "hi", "--id", "r1")
     sent = producer(blob_only, *send)

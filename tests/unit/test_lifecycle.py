@@ -15,7 +15,6 @@ from shared.config import Settings, StorageSettings
 from shared.lifecycle import Change, classify, record_activity
 from shared.references import (
     BlobReferenceStore,
-    MemoryReferenceStore,
     StoreError,
     document_name,
 )
@@ -71,19 +70,10 @@ def channel_message(conversation_id: str, team: str) -> dict:
     return message(conversation_id, personal=False, team=team)
 
 
-@pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
-async def store(request, unique_name):
-    if request.param == "memory":
-        instance = MemoryReferenceStore()
-    else:
-        azurite = request.getfixturevalue("azurite")
-        settings = Settings(
-            storage=StorageSettings(connection_string=azurite.connection_string),
-            references_container=unique_name("life"),
-        )
-        instance = BlobReferenceStore(settings, options=FAST)
-    yield instance
-    await instance.close()
+@pytest.fixture
+def store(stores):
+    """The reference store of `stores` (in memory, or on Azurite)."""
+    return stores[0]
 
 
 async def write_states(state, *conversation_ids: str) -> list[str]:

@@ -32,6 +32,7 @@ from shared.references import MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
 from shared.runtime import Runtime
+from tests.fixtures.storage import sas_connection_string
 from tools.botsim.connector import FakeConnector, Reply
 
 FAST_RETRY = RetryPolicy(max_attempts=2, max_total_seconds=2.0, base_delay=0.01, max_delay=0.02)
@@ -1442,29 +1443,15 @@ async def refusing_queue(aad_app, azurite, unique_name, monkeypatch):
     """The bot's settings in this process's environment, on storage whose Blob service
     works and whose Queue service refuses every put (an account SAS that covers Blob
     only: the service answers 403). Yields a reader of a request's report."""
-    from azure.storage.blob import ResourceTypes, Services, generate_account_sas
-
     from shared.config import Settings, reset_settings
     from shared.ledger import BlobLedger
     from shared.runtime import reset_runtime
     from shared.storage import close_shared_clients
-    from tools.azurite import ACCOUNT, ACCOUNT_KEY
 
-    sas = generate_account_sas(
-        ACCOUNT,
-        ACCOUNT_KEY,
-        ResourceTypes(service=True, container=True, object=True),
-        "racwdl",
-        datetime.now(UTC) + timedelta(hours=1),
-        services=Services(blob=True),
-    )
     container = unique_name("refs")
     env = {
         **aad_app.env,
-        "AzureWebJobsStorage": (
-            f"BlobEndpoint={azurite.blob_url};QueueEndpoint={azurite.queue_url};"
-            f"SharedAccessSignature={sas}"
-        ),
+        "AzureWebJobsStorage": sas_connection_string(azurite, "racwdl", resource_types="sco"),
         "BOT_REFERENCES_CONTAINER": container,
         "BOT_PROACTIVE_QUEUE": unique_name("refused"),
     }

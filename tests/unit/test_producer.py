@@ -12,6 +12,7 @@ from shared.config import SettingsError
 from shared.proactive import InvalidRequest
 from shared.proactive_schema import parse_request
 from shared.producer import _parser, build_request, enqueue, producer_settings
+from tests.fixtures.storage import sas_connection_string
 
 
 def test_settings_come_from_the_environment_then_local_settings(tmp_path):
@@ -249,23 +250,11 @@ async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, u
     # An identity allowed to add and take messages but not to read the queue's properties:
     # the depth is unknown (the fan-out then adds pages as if the queue were not full), and
     # the log names the error's type, never the credential.
-    from datetime import UTC, datetime, timedelta
-
-    from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
-
     from shared.config import Settings, StorageSettings
     from shared.queues import StorageQueue
     from shared.storage import close_shared_clients
 
-    account = dict(part.split("=", 1) for part in azurite.connection_string.split(";") if part)
-    sas = generate_account_sas(
-        account["AccountName"],
-        account["AccountKey"],
-        ResourceTypes(container=True, object=True),
-        AccountSasPermissions(add=True, process=True, create=True),
-        datetime.now(UTC) + timedelta(hours=1),
-    )
-    connection = f"QueueEndpoint={account['QueueEndpoint']};SharedAccessSignature={sas}"
+    connection = sas_connection_string(azurite, "acp", services="q")
     queue = StorageQueue(
         Settings(storage=StorageSettings(connection_string=connection)), unique_name("depth")
     )
@@ -276,7 +265,7 @@ async def test_a_queue_the_identity_may_not_read_has_an_unknown_depth(azurite, u
         await close_shared_clients()
     [warning] = [r for r in caplog.records if "depth unknown" in r.getMessage()]
     assert "HttpResponseError" in warning.getMessage()
-    assert sas.split("sig=")[1][:12] not in caplog.text
+    assert connection.split("sig=")[1][:12] not in caplog.text
 
 
 @pytest.mark.integration
