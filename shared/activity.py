@@ -197,7 +197,7 @@ def parse_activity(body: bytes) -> Activity:
     Unknown fields are kept as they are (spec A2005).
     """
     try:
-        value = json.loads(body, parse_constant=refuse_constant, parse_float=_finite_float)
+        value = json.loads(body, parse_constant=refuse_constant, parse_float=finite_float)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidActivity(400, "body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -285,11 +285,14 @@ def refuse_constant(name: str) -> Any:
     raise NotJsonNumber(f"`{name}` is not a JSON number: numbers must be finite")
 
 
-def _finite_float(text: str) -> float:
-    # 1e999 is valid JSON syntax but parses to inf, which json.dumps would send on as Infinity.
+def finite_float(text: str) -> float:
+    """`json.loads(..., parse_float=finite_float)`: NotJsonNumber for a number no float holds.
+
+    1e999 is valid JSON syntax, but Python reads it as infinity, sent on as `Infinity`.
+    """
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError("number out of range")
+        raise NotJsonNumber(f"`{text[:40]}` is out of range: numbers must be finite")
     return value
 
 

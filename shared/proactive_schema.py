@@ -17,6 +17,7 @@ from shared.activity import (
     NotJsonNumber,
     as_activity,
     conversation_key,
+    finite_float,
     refuse_constant,
     split_key,
 )
@@ -131,7 +132,7 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     conversation, from, recipient) always come from the target's reference.
     """
     try:
-        message = json.loads(body, parse_constant=refuse_constant)
+        message = json.loads(body, parse_constant=refuse_constant, parse_float=finite_float)
     except NotJsonNumber as error:  # no parser on the way to the channel would read it
         raise InvalidRequest(str(error)) from None
     except (ValueError, UnicodeDecodeError, RecursionError):

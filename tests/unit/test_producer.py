@@ -137,6 +137,14 @@ def test_a_queued_message_with_a_number_json_has_not_is_refused_with_its_reason(
         parse_request(body)
 
 
+@pytest.mark.parametrize("number", ["1e999", "-1e999"])
+def test_a_queued_message_with_a_number_too_large_for_a_float_is_refused(number):
+    # Valid JSON syntax that Python reads as infinity, which would go on as Infinity.
+    body = f'{{"id": "n", "to": {{"broadcast": {{}}}}, "activity": {{"value": {number}}}}}'
+    with pytest.raises(InvalidRequest, match="numbers must be finite"):
+        parse_request(body)
+
+
 def test_the_command_line_builds_each_target():
     parse = _parser().parse_args
     assert build_request(parse(["send", "--conversation", "msteams/a", "--text", "hi"])) == {
