@@ -35,6 +35,8 @@ CHANNEL_AUTH_TENANTS = {"public": "botframework.com", "usgov": "MicrosoftService
 REFRESH_MARGIN_SECONDS = 300.0
 # If a refresh fails, keep using the current token while it has at least this long left.
 STALE_TOKEN_GRACE_SECONDS = 30.0
+# After a failed refresh, a token still valid is used this long before the next attempt.
+REFRESH_RETRY_SECONDS = 10.0
 HTTP_TIMEOUT_SECONDS = 10.0
 
 # Entra error codes worth a hint about which setting to check.
@@ -103,6 +105,8 @@ class MsalTokenProvider:
         self._inflight: asyncio.Task[_Token] | None = None
         self._inflight_loop: asyncio.AbstractEventLoop | None = None
         self._prefetched = False
+        self._retry_at = 0.0  # no background refresh before then (one just failed)
+        self._last_error: TokenError | None = None  # why the latest refresh failed
 
     @property
     def credential_kind(self) -> str:
@@ -128,17 +132,39 @@ class MsalTokenProvider:
         return f"{settings.login_authority.rstrip('/')}/{tenant}"
 
     async def get_token(self, *, force_refresh: bool = False) -> str:
-        """A valid access token. ``force_refresh`` after the Connector rejected the current one."""
+        """A valid access token. ``force_refresh`` after the Connector rejected the current one.
+
+        A token in its last minutes (past ``refresh_at``) with more than the grace left is
+        returned at once while a new one is acquired in the background: a slow or failing
+        Entra ID then holds up no call (MSAL waits up to HTTP_TIMEOUT_SECONDS, most of a
+        call's budget). After a failed background refresh, the next one waits
+        REFRESH_RETRY_SECONDS. Only a token missing, expiring within the grace or refused
+        by the Connector is waited for.
+        """
         token = self._token
-        if not force_refresh and token.value and self._clock() < token.refresh_at:
-            return token.value
+        if not force_refresh and token.value:
+            now = self._clock()
+            if now < token.refresh_at:
+                return token.value
+            if token.expires_at - now > STALE_TOKEN_GRACE_SECONDS:
+                if now >= self._retry_at:
+                    self._shared_refresh()
+                return token.value
+        # Shielded: one caller giving up must not cancel the acquisition the others share.
+        fresh = (await asyncio.shield(self._shared_refresh())).value
+        if force_refresh and fresh == token.value and self._last_error is not None:
+            raise self._last_error  # the refresh failed and kept the token the Connector refused
+        return fresh
+
+    def _shared_refresh(self) -> asyncio.Task[_Token]:
+        """The refresh in flight on this loop, or a new one (nobody may wait for it)."""
         loop = asyncio.get_running_loop()
         task = self._inflight
         if task is None or task.done() or self._inflight_loop is not loop:
             task = loop.create_task(self._refresh())
+            task.add_done_callback(_retrieve)
             self._inflight, self._inflight_loop = task, loop
-        # Shielded: one caller giving up must not cancel the acquisition the others share.
-        return (await asyncio.shield(task)).value
+        return task
 
     def prefetch(self) -> None:
         """Start acquiring the token in the background, once in the provider's lifetime.
@@ -155,16 +181,15 @@ class MsalTokenProvider:
         self._prefetched = True
         if self._token.value or (self._inflight is not None and not self._inflight.done()):
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._refresh())
-        task.add_done_callback(_retrieve)
-        self._inflight, self._inflight_loop = task, loop
+        self._shared_refresh()
 
     async def _refresh(self) -> _Token:
         previous = self._token
         try:
             token = await asyncio.to_thread(self._acquire_blocking)
         except TokenError as error:
+            self._retry_at = self._clock() + REFRESH_RETRY_SECONDS
+            self._last_error = error
             if previous.value and previous.expires_at - self._clock() > STALE_TOKEN_GRACE_SECONDS:
                 log.warning(
                     "token refresh for app %s failed (%s); still using the current token",
@@ -312,7 +337,8 @@ class MsalTokenProvider:
 
 
 def _retrieve(task: asyncio.Task[_Token]) -> None:
-    """Mark a prefetch's failure as seen (a later get_token reports its own)."""
+    """Mark a refresh's failure as seen when nobody waited for it (a prefetch, a refresh in
+    the background): a later get_token reports its own."""
     if not task.cancelled():
         task.exception()
 

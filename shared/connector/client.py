@@ -53,6 +53,7 @@ from shared.connector.transport import (
     exchange,
     request_headers,
     result,
+    traces_departures,
 )
 from shared.connector.transport import quote_segment as _q
 from shared.ratelimit import Pacer, PacingTimeout, Scope
@@ -543,10 +544,14 @@ class ConnectorClient:
         is UNCERTAIN, raised and never retried, as a 500 is. A failure before anything was
         written, or of any other request (a read, an update, a delete, creating a
         conversation with no first message), is TRANSIENT."""
+        session = self._http.get()
+        # A session given to the client without departure tracing cannot say whether a
+        # failed request had been written: then it may have been.
+        untraced = not traces_departures(session)
         try:
             async with asyncio.timeout(self._remaining(deadline)):
                 status, response_headers, content = await exchange(
-                    self._http.get(),
+                    session,
                     operation,
                     method,
                     url,
@@ -565,7 +570,7 @@ class ConnectorClient:
                 type(error).__name__,
                 attempt,
             )
-            if posts and departure.at is not None:
+            if posts and (departure.at is not None or untraced):
                 raise ConnectorError(
                     ErrorKind.UNCERTAIN,
                     f"no answer after the request was sent ({type(error).__name__}); "
@@ -578,6 +583,13 @@ class ConnectorClient:
                 operation=operation,
             )
         except aiohttp.ClientError as error:  # e.g. a malformed answer: not worth a retry
+            if posts and (departure.at is not None or untraced):
+                raise ConnectorError(
+                    ErrorKind.UNCERTAIN,
+                    f"no valid answer after the request was sent ({type(error).__name__}); "
+                    "it may have been posted",
+                    operation=operation,
+                ) from None
             raise ConnectorError(
                 ErrorKind.INVALID, f"request failed ({type(error).__name__})", operation=operation
             ) from None

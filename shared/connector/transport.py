@@ -70,6 +70,12 @@ def departure_tracing() -> aiohttp.TraceConfig:
     return config
 
 
+def traces_departures(session: aiohttp.ClientSession) -> bool:
+    """Whether `session` stamps departures (:func:`departure_tracing`): without it, when a
+    request failed nobody knows whether it had been written."""
+    return any(_written in config.on_request_headers_sent for config in session.trace_configs)
+
+
 class Http:
     """The process's one aiohttp session (per event loop), created on first use, with
     :func:`departure_tracing`."""
@@ -176,9 +182,10 @@ def quote_segment(value: str) -> str:
     # resolves dot segments (RFC 3986 6.2.2). Either way `/conversations/../activities`
     # could reach another operation than the URL that was checked. No channel issues such
     # an id, so it is refused before anything is sent.
-    if value in (".", ".."):
+    if value in ("", ".", ".."):
         raise ConnectorError(
-            ErrorKind.INVALID, "an id in the request path is '.' or '..'; nothing was sent"
+            ErrorKind.INVALID,
+            "an id in the request path is empty, '.' or '..'; nothing was sent",
         )
     try:
         return quote(value, safe="")
@@ -262,7 +269,20 @@ async def exchange(
                 url, headers = follow_redirect(operation, url, location, headers, is_trusted)
                 continue
             ok = 200 <= response.status < 300
-            content = await read_body(operation, response, ok)
+            try:
+                content = await read_body(operation, response, ok)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                if not ok or method == "GET":
+                    raise  # what was asked for did not arrive: tried again
+                # The status says it was done (a message posted, an update, a delete): only
+                # its result (a posted activity's id) is lost, which a retry would repeat.
+                log.warning(
+                    "connector %s answered %d, then its body broke off (%s)",
+                    operation,
+                    response.status,
+                    type(error).__name__,
+                )
+                content = b""
             return response.status, response.headers, content
     raise ConnectorError(
         ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation

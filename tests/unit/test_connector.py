@@ -32,6 +32,7 @@ from shared.connector import (
 from shared.connector.client import REQUEST_RESERVE_SECONDS
 from shared.ratelimit import Pacer, Scope, Window
 from tests.fixtures.connector import VirtualTime
+from tools.botsim.aad import AadError
 from tools.botsim.connector import FakeConnector, Reply
 
 # Teams ids really look like this: every character a naive client would get wrong.
@@ -458,6 +459,110 @@ async def test_a_dropped_connection_is_retried_for_a_read(client, fake_connector
     # after the client's backoff: either way it was read again and answered.
     assert len(fake_connector.requests) == 2
     assert isinstance(members, list)
+
+
+async def test_a_dropped_post_on_a_session_without_departure_tracing_is_not_sent_again(
+    fake_connector,
+):
+    # A session of the caller's own cannot say whether the request had been written.
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    fake_connector.script("POST", "activities$", [Reply(drop=True)])
+    async with aiohttp.ClientSession() as session:
+        client = ConnectorClient(settings, None, session=session)
+        with pytest.raises(ConnectorError) as caught:
+            await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert caught.value.kind is ErrorKind.UNCERTAIN
+    assert len(fake_connector.requests_for("sendToConversation")) == 1
+
+
+async def _raw_server(answer: bytes):
+    """A loopback server that reads one request's head and answers `answer`, then hangs up."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    heads: list[bytes] = []
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+
+
+CUT_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{"
+
+
+async def test_a_success_whose_body_breaks_off_is_a_success_and_not_sent_again(vtime):
+    # The status line says the message was posted (or deleted): only its id is lost.
+    server, url, heads = await _raw_server(CUT_200)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        assert await client.send_to_conversation(url, "a:1", {"type": "message"}) == {}
+        await client.delete_activity(url, "a:1", "act-1")
+        with pytest.raises(ConnectorError) as caught:  # a read's result did not arrive
+            await client.get_conversation_members(url, "a:1")
+    finally:
+        await client.close()
+        server.close()
+    assert caught.value.kind is ErrorKind.TRANSIENT
+    assert [head.split(b" ", 1)[0] for head in heads][:2] == [b"POST", b"DELETE"]
+    assert len(heads) > 3  # the read was tried again
+
+
+async def test_a_broken_answer_to_a_post_is_uncertain_and_not_sent_again(vtime):
+    server, url, heads = await _raw_server(b"HTTP/1.1 2OO OK\r\n\r\n")
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await client.send_to_conversation(url, "a:1", {"type": "message"})
+    finally:
+        await client.close()
+        server.close()
+    # `invalid` put a proactive message in the poison queue, whence it may be sent again.
+    assert caught.value.kind is ErrorKind.UNCERTAIN
+    assert len(heads) == 1
+
+
+async def test_a_401_whose_refresh_fails_is_reported_as_entra_said(
+    fake_connector, fake_aad, aad_app
+):
+    # Not the refused token sent again and a second 401 called a credentials problem.
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    client = ConnectorClient(settings, create_token_provider(settings))
+    try:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+        fake_connector.script("POST", "activities$", [Reply(401)])
+        fake_aad.fail_next(AadError("temporarily_unavailable", 50196, "Try again.", 503))
+        with pytest.raises(ConnectorError) as caught:
+            await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+    finally:
+        await client.close()
+    assert (caught.value.kind, caught.value.code) == (ErrorKind.TRANSIENT, "HTTP503")
+    assert [r.status for r in fake_connector.requests] == [200, 401]
+
+
+async def test_a_send_in_the_token_s_last_minutes_does_not_wait_for_a_slow_entra(
+    fake_connector, fake_aad, aad_app
+):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    later = VirtualTime(start=time.time())
+    client = ConnectorClient(settings, create_token_provider(settings, clock=later.clock))
+    try:
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+        later.now += 3600 - 240  # 4 minutes left: inside the refresh margin
+        fake_aad.delay = 1.0  # MSAL waits up to 10 s, most of a send's 12 s budget
+        await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+        assert fake_aad.issued[aad_app.app_id] == 1  # sent before the refresh came back
+        first, second = fake_connector.requests
+        assert second.status == 200 and second.authorization == first.authorization
+        async with asyncio.timeout(10):  # the refresh lands for the sends after
+            while fake_aad.issued[aad_app.app_id] < 2:  # noqa: ASYNC110 - the fake is a thread
+                await asyncio.sleep(0.05)
+    finally:
+        await client.close()
 
 
 async def test_a_server_that_is_down_gives_up_as_transient(settings, aad_app, vtime):
@@ -1069,7 +1174,10 @@ async def test_a_redirect_within_the_trusted_prefix_keeps_the_token(client, fake
     fake_connector.attachments["x"] = {"originalBase64": "aGk="}  # the fake redirects in-origin
 
     assert await client.get_attachment(fake_connector.url, "x", "original") == b"hi"
-    assert fake_connector.requests[0].raw_path.startswith("/v3/attachments/")
+    (view,) = fake_connector.requests
+    assert view.raw_path.startswith("/v3/attachments/")
+    assert fake_connector.blob_fetches == [("/_blobs/x/original", view.authorization)]
+    assert view.authorization.startswith("Bearer ")
 
 
 async def test_a_redirect_loop_gives_up(client, fake_connector):
@@ -1195,13 +1303,14 @@ DOT_ID_CALLS = {
 }
 
 
-@pytest.mark.parametrize("dots", [".", ".."])
+@pytest.mark.parametrize("dots", ["", ".", ".."])
 @pytest.mark.parametrize("operation", list(DOT_ID_CALLS))
-async def test_an_id_that_is_a_dot_segment_is_invalid_and_nothing_is_sent(
+async def test_an_id_that_is_empty_or_a_dot_segment_is_invalid_and_nothing_is_sent(
     client, fake_connector, operation, dots
 ):
     # `/v3/conversations/../activities` is another operation to a server that resolves
-    # dot segments, so the request would not go to the URL that was checked.
+    # dot segments, so the request would not go to the URL that was checked; an empty id
+    # (`/v3/conversations//activities`, `.../activities/`) names no resource at all.
     with pytest.raises(ConnectorError) as caught:
         await DOT_ID_CALLS[operation](client, fake_connector.url, dots)
     assert caught.value.kind is ErrorKind.INVALID

@@ -86,19 +86,42 @@ async def test_concurrent_first_callers_share_one_acquisition(fake_aad, aad_app)
     assert fake_aad.issued[aad_app.app_id] == 1
 
 
-async def test_expiry_triggers_exactly_one_refresh_for_50_concurrent_callers(fake_aad, aad_app):
+async def _replaced(provider, old: str, seconds: float = 10.0) -> str:
+    """The token once the refresh started in the background has replaced `old`."""
+    async with asyncio.timeout(seconds):
+        while (token := await provider.get_token()) == old:  # noqa: ASYNC110 - a thread refreshes
+            await asyncio.sleep(0.01)
+    return token
+
+
+async def test_a_token_in_its_last_minutes_is_used_at_once_while_one_refresh_runs(
+    fake_aad, aad_app
+):
     time = VirtualTime(start=1_000_000.0)
     provider = create_token_provider(aad_app.settings(), clock=time.clock)
     first = await provider.get_token()
 
     time.now += 3600 - 299  # inside the last 5 minutes of the token's life
-    fake_aad.delay = 0.1
+    fake_aad.delay = 0.5  # Entra ID slow: no caller waits for it
     tokens = await asyncio.gather(*(provider.get_token() for _ in range(50)))
 
+    assert set(tokens) == {first}
+    assert fake_aad.issued[aad_app.app_id] == 1  # the refresh is still on its way
+    second = await _replaced(provider, first)
+    assert fake_aad.issued[aad_app.app_id] == 2  # one refresh for all of them
+    assert fake_aad.is_valid_token(second)
+
+
+async def test_a_token_about_to_expire_is_waited_for(fake_aad, aad_app):
+    time = VirtualTime(start=1_000_000.0)
+    provider = create_token_provider(aad_app.settings(), clock=time.clock)
+    first = await provider.get_token()
+
+    time.now += 3600 - 20  # 20 s left: too little to send with
+    second = await provider.get_token()
+
+    assert second != first
     assert fake_aad.issued[aad_app.app_id] == 2
-    assert len(set(tokens)) == 1
-    assert tokens[0] != first
-    assert fake_aad.is_valid_token(tokens[0])
 
 
 async def test_a_token_is_reused_until_shortly_before_expiry(fake_aad, aad_app):
@@ -108,6 +131,7 @@ async def test_a_token_is_reused_until_shortly_before_expiry(fake_aad, aad_app):
 
     time.now += 3600 - 301
     assert await provider.get_token() == first
+    await asyncio.sleep(0.2)
     assert fake_aad.issued[aad_app.app_id] == 1
 
 
@@ -119,8 +143,10 @@ async def test_short_lived_tokens_are_refreshed_at_half_life(fake_aad, aad_app):
 
     time.now += 59
     assert await provider.get_token() == first
+    await asyncio.sleep(0.2)
+    assert fake_aad.issued[aad_app.app_id] == 1
     time.now += 2
-    assert await provider.get_token() != first
+    assert await _replaced(provider, first) != first
 
 
 async def test_force_refresh_gets_a_new_token_past_msal_cache(fake_aad, aad_app):
@@ -319,7 +345,9 @@ async def test_an_unreachable_authority_is_a_transient_error_naming_the_setting(
     assert "s3cret" not in str(caught.value)
 
 
-async def test_a_failed_refresh_keeps_the_current_token_while_it_is_valid(fake_aad, aad_app):
+async def test_a_failed_refresh_keeps_the_current_token_while_it_is_valid(
+    fake_aad, aad_app, caplog
+):
     time = VirtualTime(start=1_000_000.0)
     provider = create_token_provider(aad_app.settings(), clock=time.clock)
     first = await provider.get_token()
@@ -327,8 +355,45 @@ async def test_a_failed_refresh_keeps_the_current_token_while_it_is_valid(fake_a
     fake_aad.fail_next(AadError())  # e.g. the secret was just rotated elsewhere
 
     assert await provider.get_token() == first  # still 200 s left: better than failing
+    async with asyncio.timeout(10):
+        while "still using the current token" not in caplog.text:  # noqa: ASYNC110 - a thread
+            await asyncio.sleep(0.01)
+    assert fake_aad.rejections == [(aad_app.app_id, "AADSTS7000215")]
 
-    assert await provider.get_token() != first  # the next call refreshes successfully
+    time.now += 5  # within the pause after a failure: Entra ID is not asked again
+    assert await provider.get_token() == first
+    await asyncio.sleep(0.2)
+    assert len(fake_aad.rejections) == 1 and fake_aad.issued[aad_app.app_id] == 1
+
+    time.now += 6  # the next attempt succeeds
+    assert await _replaced(provider, first) != first
+    assert fake_aad.issued[aad_app.app_id] == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "transient", "setting"),
+    [
+        (
+            AadError("temporarily_unavailable", 50196, "Try again.", 503),
+            True,
+            "BOT_LOGIN_AUTHORITY",
+        ),
+        (AadError(), False, "MicrosoftAppPassword"),  # the secret was rotated
+    ],
+)
+async def test_a_refused_token_is_not_returned_when_its_refresh_fails(
+    fake_aad, aad_app, error, transient, setting
+):
+    provider = create_token_provider(aad_app.settings())
+    await provider.get_token()
+    fake_aad.fail_next(error)
+
+    # The Connector answered 401 to the token: sent again, it would be refused again, and
+    # the call reported as a credentials problem whatever Entra ID said.
+    with pytest.raises(TokenError) as caught:
+        await provider.get_token(force_refresh=True)
+
+    assert (caught.value.transient, caught.value.setting) == (transient, setting)
 
 
 async def test_a_scripted_aad_outage_surfaces_once_the_token_has_expired(fake_aad, aad_app):

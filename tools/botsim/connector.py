@@ -180,6 +180,8 @@ class FakeConnector:
         self._clock = clock
         self._lock = threading.Condition()
         self._requests: list[RecordedRequest] = []
+        # Where attachment views redirect to (not Connector operations): (path, Authorization).
+        self._blob_fetches: list[tuple[str, str | None]] = []
         self._scripts: list[_Script] = []
         self._violations: list[Violation] = []
         self._arrivals: dict[str, deque[float]] = {}
@@ -215,6 +217,7 @@ class FakeConnector:
         """Forget requests, scripts, violations, subscribers and stored data."""
         with self._lock:
             self._requests.clear()
+            self._blob_fetches.clear()
             self._scripts.clear()
             self._violations.clear()
             self._arrivals.clear()
@@ -242,6 +245,13 @@ class FakeConnector:
     def violations(self) -> list[Violation]:
         with self._lock:
             return list(self._violations)
+
+    @property
+    def blob_fetches(self) -> list[tuple[str, str | None]]:
+        """Requests for the bytes an attachment view redirected to: (raw path, the
+        Authorization header or None)."""
+        with self._lock:
+            return list(self._blob_fetches)
 
     def requests_for(self, operation: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.operation == operation]
@@ -327,6 +337,8 @@ class FakeConnector:
         arrived = self._clock()
         raw_path = request.raw_path.split("?", 1)[0]
         if raw_path.startswith("/_blobs/"):
+            with self._lock:
+                self._blob_fetches.append((raw_path, request.headers.get("Authorization")))
             return self._blob(raw_path)
         body = await request.read()
         payload = _json_or_none(body)
