@@ -24,8 +24,11 @@ The model (README, "Pacing"):
   within a minute of the wait its last 429 asked for, none other in between, is held by
   a limit of its own (a Teams thread's): its 429s no longer cut the tenant. Other
   channels get a lane per (channel, service host) with no ceiling that only honours
-  ``Retry-After``.
-- **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
+  ``Retry-After`` (the request answered 429 waits all of it; the lane's other background
+  traffic pauses for a quarter of it, at most 0.25 s, since the 429 may be one
+  conversation's limit).
+- **Replies are never held behind broadcasts** (except behind one to their own
+  conversation, see the last paragraph). Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
   counted in it, so background traffic yields to them. Background requests (proactive
   sends, broadcasts) wait in a FIFO line per tenant, evenly spaced at ``background_share``
@@ -40,8 +43,9 @@ The model (README, "Pacing"):
 
 Sends to one Teams conversation are granted one at a time in call order (a FIFO lock per
 conversation), so replies arrive in the order the bot wrote them; within a conversation,
-order wins over class. Other channels' conversations have no published limits and are
-not serialised.
+order wins over class: a reply to a conversation whose background send is waiting in
+its tenant's line waits for that send's grant. Other channels' conversations have no
+published limits and are not serialised.
 """
 
 from __future__ import annotations
