@@ -561,7 +561,11 @@ class ConnectorClient:
                     departure=departure,
                     is_trusted=self.is_trusted,
                 )
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
+            # A malformed answer, unlike a connection that failed, is not worth a retry.
+            broken = not isinstance(
+                error, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+            )
             log.info(
                 "connector %s %s %s failed=%s attempt=%d",
                 method,
@@ -573,8 +577,14 @@ class ConnectorClient:
             if posts and (departure.at is not None or untraced):
                 raise ConnectorError(
                     ErrorKind.UNCERTAIN,
-                    f"no answer after the request was sent ({type(error).__name__}); "
-                    "it may have been posted",
+                    f"no {'valid ' if broken else ''}answer after the request was sent "
+                    f"({type(error).__name__}); it may have been posted",
+                    operation=operation,
+                ) from None
+            if broken:
+                raise ConnectorError(
+                    ErrorKind.INVALID,
+                    f"request failed ({type(error).__name__})",
                     operation=operation,
                 ) from None
             return ConnectorError(
@@ -582,17 +592,6 @@ class ConnectorClient:
                 f"connection failed ({type(error).__name__})",
                 operation=operation,
             )
-        except aiohttp.ClientError as error:  # e.g. a malformed answer: not worth a retry
-            if posts and (departure.at is not None or untraced):
-                raise ConnectorError(
-                    ErrorKind.UNCERTAIN,
-                    f"no valid answer after the request was sent ({type(error).__name__}); "
-                    "it may have been posted",
-                    operation=operation,
-                ) from None
-            raise ConnectorError(
-                ErrorKind.INVALID, f"request failed ({type(error).__name__})", operation=operation
-            ) from None
         # A success is detail (DEBUG); anything else is worth a line at the default level.
         log.log(
             logging.DEBUG if 200 <= status < 300 else logging.INFO,
