@@ -212,7 +212,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
             await record_activity(runtime.references, activity, change, state=runtime.state)
     except TimeoutError:
         logger.error("messages: %s %s: storage did not answer in time", what, ids)
-    except (StoreError, StateError) as error:
+    except (StoreError, StateError, SettingsError) as error:  # their text names no secret
         logger.error("messages: %s %s: %s", what, ids, error)
     except Exception as error:  # e.g. a storage SDK error: its text may carry a SAS URL
         logger.error("messages: %s %s: %s", what, ids, type(error).__name__)

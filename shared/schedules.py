@@ -126,10 +126,14 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
     from azure.core.exceptions import AzureError  # what the queue's storage calls raise
 
     enqueued: list[str] = []
-    names = [
-        entry.name async for entry in ledger.list(SCHEDULES_PREFIX) if entry.name.endswith(".json")
-    ]
+    names = [entry.name async for entry in ledger.list(SCHEDULES_PREFIX)]
     for blob in names:
+        if not blob.endswith(".json"):
+            logger.warning(
+                "schedule blob %r skipped: a schedule document's name ends in .json",
+                blob[len(SCHEDULES_PREFIX) :][:200],
+            )
+            continue
         name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
         if not name or "/" in name:
             logger.warning(

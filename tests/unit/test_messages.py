@@ -869,3 +869,35 @@ def test_building_the_runtime_is_cheap():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "BlobReferenceStore []"
+
+
+async def test_a_storage_setting_that_does_not_parse_is_named_in_the_log(
+    fake_connector, monkeypatch, caplog
+):
+    # The reply goes out; the reference cannot be stored, and the log must say which
+    # setting to fix (never its value, which holds the account key).
+    garbage = "AccountName=x;AccountKey=c2VjcmV0;garbage"
+    monkeypatch.setenv("BOT_ALLOW_UNAUTHENTICATED", "true")
+    monkeypatch.delenv("MicrosoftAppId", raising=False)
+    monkeypatch.setenv("AzureWebJobsStorage", garbage)
+    reset_settings()
+    reset_runtime()
+    try:
+        with caplog.at_level(logging.INFO):
+            response = await handle_messages(
+                HttpRequest.create(
+                    "POST",
+                    {"Content-Type": "application/json"},
+                    json.dumps(activity_for(fake_connector.url)).encode(),
+                    "http://localhost/api/messages",
+                ),
+                app.runtime,
+            )
+    finally:
+        reset_settings()
+        reset_runtime()
+    assert response.status == 200
+    assert len(fake_connector.activities) == 1
+    (line,) = [r.getMessage() for r in caplog.records if "reference not recorded" in r.getMessage()]
+    assert "AzureWebJobsStorage" in line and "not a valid storage connection string" in line
+    assert "c2VjcmV0" not in caplog.text

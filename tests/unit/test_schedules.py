@@ -166,6 +166,16 @@ async def test_a_document_in_a_folder_is_skipped_with_a_log_naming_it(caplog):
     assert "'team/daily' skipped" in caplog.text and "not in a folder" in caplog.text
 
 
+@pytest.mark.parametrize("blob", ["schedules/daily", "schedules/Daily.JSON", "schedules/d.txt"])
+async def test_a_document_not_named_json_is_skipped_with_a_log_naming_it(caplog, blob):
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create(blob, {"schedule": "0 * * * * *", "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, T0) == []
+    assert f"{blob.removeprefix('schedules/')!r} skipped" in caplog.text
+    assert "ends in .json" in caplog.text
+
+
 async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stopping_others():
     ledger, queue = MemoryLedger(), MemoryQueue()
     await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
