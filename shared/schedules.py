@@ -14,7 +14,7 @@ document written since its last run (edited, or deleted and created again) count
 that write instead, so nothing from before it is sent. Two runs that overlap, or a run
 retried after a crash before its bookkeeping was written, enqueue the same ids again:
 delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
-minute (due times are per minute).
+minute (due times are per minute), never before its first due second in that minute.
 """
 
 from __future__ import annotations
@@ -97,24 +97,28 @@ def schedule_id(name: str, due: datetime) -> str:
 
 
 def due_times(expression: str, after: datetime, until: datetime) -> list[datetime]:
-    """Due minutes in (after, until], latest MAX_DUE_PER_RUN of them, oldest first.
+    """Due minutes, latest MAX_DUE_PER_RUN of them, oldest first.
 
-    A minute is due when the expression names any second of it. The walk goes back from
-    `until`'s minute one due minute per step, so it costs at most MAX_DUE_PER_RUN steps
-    whatever the window or the expression's seconds (`* * * * * *` included).
+    A minute is due once the first second of it the expression names has come, in
+    (after, until]: never before (a run at 09:00:00 does not send `45 0 9 * * *`; the
+    next run does, as 09:00). The walk goes back from `until` one due minute per step, so
+    it costs at most MAX_DUE_PER_RUN steps whatever the window or the expression's seconds
+    (`* * * * * *` included).
     """
     from croniter import croniter
 
+    def cron(start: datetime) -> croniter:
+        return croniter(expression, start, second_at_beginning=True, day_or=False)
+
     after = max(after, until - MAX_CATCH_UP)
-    end = until.replace(second=0, microsecond=0) + timedelta(minutes=1)  # until's minute ends
-    iterator = croniter(expression, end, second_at_beginning=True, day_or=False)
+    latest = cron(until.replace(microsecond=0) + timedelta(seconds=1))  # until's second counts
     due: list[datetime] = []
     while len(due) < MAX_DUE_PER_RUN:
-        minute = iterator.get_prev(datetime).replace(second=0, microsecond=0)
-        if minute <= after:
-            break
+        minute = latest.get_prev(datetime).replace(second=0, microsecond=0)
+        if cron(minute - timedelta(seconds=1)).get_next(datetime) <= after:
+            break  # its first due second came by the last run: that run had it
         due.append(minute)
-        iterator.set_current(minute)  # the next step starts before this minute
+        latest.set_current(minute)  # the next step starts before this minute
     return due[::-1]
 
 

@@ -48,21 +48,25 @@ def test_catching_up_a_day_of_a_schedule_due_every_second_is_cheap():
     "expression",
     ["* * * * * *", "45 * * * * *", "0 */7 * * * *", "0 0 * * * *", "5,10-20/5 3/17 * * * *"],
 )
-def test_due_minutes_are_the_minutes_the_expression_names_a_second_of(expression):
+def test_due_minutes_are_those_whose_first_named_second_came_since_the_last_run(expression):
     from croniter import croniter
 
-    def fires_within(minute: datetime) -> bool:
+    def first_second(minute: datetime) -> datetime | None:
         start = minute - timedelta(microseconds=1)
         iterator = croniter(expression, start, second_at_beginning=True, day_or=False)
-        return iterator.get_next(datetime) < minute + timedelta(minutes=1)
+        first = iterator.get_next(datetime)
+        return first if first < minute + timedelta(minutes=1) else None
 
     for after, until in [
         (T0 - timedelta(hours=3), T0),  # more than 60 due: the latest 60
         (T0 - timedelta(minutes=1, seconds=10), T0),  # a run in a minute's middle
         (datetime(2030, 1, 1, 11, 58, 59, 999999, tzinfo=UTC), T0),
+        (T0 - timedelta(minutes=1), T0 + timedelta(seconds=15)),  # 12:00:45 has come
     ]:
-        minutes = [T0.replace(second=0) - timedelta(minutes=m) for m in range(200)]
-        expected = sorted(m for m in minutes if after < m <= until and fires_within(m))[-60:]
+        minutes = [T0.replace(second=0) - timedelta(minutes=m) for m in range(-1, 200)]
+        expected = sorted(
+            m for m in minutes if (first := first_second(m)) and after < first <= until
+        )[-60:]
         assert due_times(expression, after, until) == expected
 
 
@@ -478,6 +482,19 @@ async def test_an_edited_schedule_starts_afresh_and_an_unchanged_one_catches_up(
         "schedule:same:2030-01-01T12:50Z",
         "schedule:same:2030-01-01T13:00Z",
     ]
+
+
+async def test_a_schedule_with_seconds_is_enqueued_by_the_first_run_after_them_never_before():
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/s.json", {"schedule": "45 0 9 * * *", "request": REQUEST})
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    assert await run_schedules(ledger, queue, nine - timedelta(minutes=1)) == []
+
+    assert await run_schedules(ledger, queue, nine + timedelta(seconds=0.1)) == []  # 45 s early
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == [
+        "schedule:s:2030-01-01T09:00Z"
+    ]
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=2, seconds=0.1)) == []
 
 
 async def test_a_schedule_written_in_the_minute_it_falls_due_still_fires_that_minute():
