@@ -68,6 +68,10 @@ CLOUDS: dict[ChannelService, Cloud] = {
 DEFAULT_SCHEDULE = "0 * * * * *"  # every minute (6-field NCRONTAB): schedules fire on time
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_QUEUE = "proactive-messages"
+# The settings the functions' bindings name (`%BOT_PROACTIVE_QUEUE%`, `%BOT_SCHEDULE%`), with
+# the app's defaults. The Functions host resolves a binding only from a setting that is set
+# (infra/ sets both on Azure); the local host applies these where nothing sets them.
+BINDING_DEFAULTS = {"BOT_PROACTIVE_QUEUE": DEFAULT_QUEUE, "BOT_SCHEDULE": DEFAULT_SCHEDULE}
 POISON_SUFFIX = "-poison"  # failed proactive requests go to `<BOT_PROACTIVE_QUEUE>-poison`
 MAX_QUEUE_NAME = 63 - len(POISON_SUFFIX)  # Azure's queue names have at most 63 characters
 

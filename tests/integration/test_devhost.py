@@ -332,6 +332,23 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
         wait_for_log(host, "Executed 'Functions.messages_function' (Succeeded")
 
 
+def test_the_real_app_starts_with_the_app_s_defaults_for_its_binding_settings(tmp_path, azurite):
+    # Neither BOT_PROACTIVE_QUEUE nor BOT_SCHEDULE set: the documented defaults apply
+    # (the Functions host on Azure would not index the two functions; infra/ sets both).
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "MicrosoftAppId": "",
+        "BOT_ALLOW_UNAUTHENTICATED": "true",
+        "BOT_REFERENCES_CONTAINER": f"devhost-real-{uuid.uuid4().hex[:8]}",
+    }
+    functions = ("messages_function", "proactive_function", "schedule_function")
+    with running(REPO, tmp_path, env, "--functions", *functions) as host:
+        assert all(f"  {name}: " in host.stdout for name in functions), host.stderr
+        assert "proactive_function: queueTrigger (queue proactive-messages)" in host.stdout
+        assert "schedule_function: timerTrigger (schedule 0 * * * * *" in host.stdout
+        assert "BOT_SCHEDULE is not set: the app's default '0 * * * * *'" in host.stderr
+
+
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
 def test_an_activity_logs_one_line_by_default_and_its_detail_at_debug(
     tmp_path, azurite, fake_connector, debug

@@ -57,6 +57,7 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
         raise HostError(f"--root: {args.root} is not a folder")
     # Like the real host: settings are in os.environ before any function module is imported.
     settings = apply_settings(load_local_settings(root), os.environ)
+    _apply_binding_defaults(settings)
     if settings.get(DEBUG_SETTING, "").strip() == "1":
         logging.getLogger().setLevel(logging.DEBUG)
     app = load_app(root, settings, args.functions)
@@ -67,6 +68,17 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
     if collect:
         gc.enable()
     return await serve(app, settings, HostOptions(host=args.host, port=args.port))
+
+
+def _apply_binding_defaults(settings: dict[str, str]) -> None:
+    """The app's defaults for the settings its bindings name, where nothing sets them (the
+    Functions host on Azure has none: there they must be set, as infra/ does)."""
+    from shared.config import BINDING_DEFAULTS
+
+    for name, value in BINDING_DEFAULTS.items():
+        if name not in settings:
+            settings[name] = os.environ[name] = value
+            logger.info("%s is not set: the app's default %r (on Azure, set it)", name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
