@@ -27,8 +27,7 @@ The model (README, "Pacing"):
   ``Retry-After`` (the request answered 429 waits all of it; the lane's other background
   traffic pauses for a quarter of it, at most 0.25 s, since the 429 may be one
   conversation's limit).
-- **Replies are never held behind broadcasts** (except behind one to their own
-  conversation, see the last paragraph). Interactive requests (a reply in a user's
+- **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
   counted in it, so background traffic yields to them. Background requests (proactive
   sends, broadcasts) wait in a FIFO line per tenant, evenly spaced at ``background_share``
@@ -41,11 +40,13 @@ The model (README, "Pacing"):
   tenant's line here is long while another line stands nearly empty is better put back on
   the queue than waited for: :meth:`Pacer.crowded_wait` says so, and for how long.
 
-Sends to one Teams conversation are granted one at a time in call order (a FIFO lock per
-conversation), so replies arrive in the order the bot wrote them; within a conversation,
-order wins over class: a reply to a conversation whose background send is waiting in
-its tenant's line waits for that send's grant. Other channels' conversations have no
-published limits and are not serialised.
+Sends to one Teams conversation are granted in call order within each class (a FIFO
+lock per conversation and class), so replies arrive in the order the bot wrote them, and
+so do background sends; a reply does not wait for a background send to its conversation
+that waits in its tenant's line (it goes first). A background send whose conversation's
+window the replies filled while it waited in the line steps out of the line until the
+window has room, then queues again, so it never holds up the line. Other channels'
+conversations have no published limits and are not serialised.
 """
 
 from __future__ import annotations
@@ -166,12 +167,13 @@ class SlidingWindowLog:
 
 
 class _Conversation:
-    __slots__ = ("lock", "log", "users")
+    __slots__ = ("background_lock", "lock", "log", "users")
 
     def __init__(self, windows: Sequence[Window]) -> None:
         self.log = SlidingWindowLog(windows)
-        self.lock = LoopLock()
-        self.users = 0  # callers holding or waiting for the lock: never forget it then
+        self.lock = LoopLock()  # interactive requests, granted in call order
+        self.background_lock = LoopLock()  # background requests, granted in call order
+        self.users = 0  # callers holding or waiting for a lock: never forget it then
 
 
 class Pacer:
@@ -248,8 +250,11 @@ class Pacer:
             return await self._take_slot(self.lane(scope), None, background, deadline)
         conversation = self._conversation(scope.conversation)
         conversation.users += 1
+        # One line per class: a reply never queues behind a background request that waits
+        # for its tenant's rate (the windows are checked and recorded at each grant).
+        lock = conversation.background_lock if background else conversation.lock
         try:
-            async with self._holding(conversation.lock.get(), deadline):
+            async with self._holding(lock.get(), deadline):
                 # The conversation's own windows first, outside the tenant's line, so one
                 # busy conversation never holds up requests to the others.
                 await self._wait_until(
@@ -327,22 +332,28 @@ class Pacer:
         background: bool,
         deadline: float | None,
     ) -> float:
-        def wait_time(now: float) -> float:
-            wait = lane.background_wait(now) if background else 0.0
-            if conversation is not None:
-                wait = max(wait, conversation.log.wait_time(now, self.margin))
-            return wait
+        def window_wait(now: float) -> float:  # the conversation's own windows
+            return 0.0 if conversation is None else conversation.log.wait_time(now, self.margin)
 
         if not background:
-            now, _ = await self._wait_until(wait_time, deadline)
+            now, _ = await self._wait_until(window_wait, deadline)
             return self._grant(lane, conversation, background, now)
         line = lane.line.get()
         queued = line.locked()  # behind others in the line, not arriving at an idle one
         lane.waiting += 1
         try:
-            async with self._holding(line, deadline):
-                now, slept = await self._wait_until(wait_time, deadline)
-                return self._grant(lane, conversation, background, now, late=queued or slept)
+            while True:
+                async with self._holding(line, deadline):
+                    now, slept = await self._wait_until(lane.background_wait, deadline)
+                    if window_wait(now) <= 0:
+                        return self._grant(
+                            lane, conversation, background, now, late=queued or slept
+                        )
+                # Replies to its conversation filled the window while this request waited in
+                # the line: it waits for the window outside the line, which no other
+                # conversation's request should wait behind, then queues again.
+                await self._wait_until(window_wait, deadline)
+                queued = True
         finally:
             lane.waiting -= 1
 

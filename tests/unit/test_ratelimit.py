@@ -228,6 +228,71 @@ async def test_background_yields_to_replies_in_the_same_tenant():
     assert max(background) > 11.5  # 10 s alone; 100 replies cost it about 2 s more
 
 
+async def test_a_reply_does_not_wait_behind_a_background_send_to_its_own_conversation():
+    # The broadcast's message to the user waits its turn in the tenant's line; the bot's
+    # answer to the user's message, meanwhile, waits only for the conversation's windows.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    granted: dict[str, float] = {}
+
+    async def proactive(conversation: str):
+        await pacer.acquire(teams(conversation), background=True)
+        granted.setdefault(conversation, time.now)
+
+    async def reply():
+        await time.sleep(0.2)
+        await pacer.acquire(teams("a:user"))
+        granted["reply"] = time.now
+
+    await time.run(*(proactive(f"a:{n}") for n in range(100)), proactive("a:user"), reply())
+
+    assert granted["reply"] == 0.2
+    assert granted["a:user"] > 2.0  # still in its turn, after the 100 queued before it
+
+
+async def test_a_background_send_whose_window_replies_filled_steps_out_of_the_line():
+    # Seven replies fill the conversation's 1-s window while its proactive message waits
+    # in the line: the requests behind that message are not held for the window.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    granted: dict[str, float] = {}
+
+    async def proactive(conversation: str, after: float = 0.0):
+        await time.sleep(after)
+        await pacer.acquire(teams(conversation), background=True)
+        granted[conversation] = time.now
+
+    async def replies():
+        await time.sleep(0.05)
+        for _ in range(7):
+            await pacer.acquire(teams("a:user"))
+        granted["replies"] = time.now
+
+    await time.run(
+        *(proactive(f"a:{n}") for n in range(5)),
+        proactive("a:user", after=0.01),
+        *(proactive(f"b:{n}", after=0.02) for n in range(5)),
+        replies(),
+    )
+
+    assert granted["replies"] == 0.05
+    assert max(granted[f"b:{n}"] for n in range(5)) < 0.5  # 11 grants at 48.5/s
+    assert granted["a:user"] >= 1.05  # once the replies' window let it
+
+
+async def test_background_sends_to_one_conversation_keep_their_call_order():
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    order: list[int] = []
+
+    async def send(n: int):
+        await pacer.acquire(teams("a:1"), background=True)
+        order.append(n)
+
+    await time.run(*(send(n) for n in range(20)))
+    assert order == list(range(20))
+
+
 async def test_room_for_replies_is_kept_for_a_minute_after_the_last_reply():
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
