@@ -199,6 +199,7 @@ class MsalTokenProvider:
                 return previous
             raise
         self._token = token
+        self._last_error = None
         return token
 
     # --- blocking part, runs in a worker thread -------------------------------------

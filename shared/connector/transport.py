@@ -70,6 +70,21 @@ def departure_tracing() -> aiohttp.TraceConfig:
     return config
 
 
+# Operations whose success callers can take without its result: a 2xx whose body breaks off
+# is still their success. The others (reads, a new conversation's id, an upload's id) are
+# tried again.
+DONE_ON_STATUS = frozenset(
+    {
+        "sendToConversation",
+        "replyToActivity",
+        "sendConversationHistory",
+        "updateActivity",
+        "deleteActivity",
+        "deleteConversationMember",
+    }
+)
+
+
 def traces_departures(session: aiohttp.ClientSession) -> bool:
     """Whether `session` stamps departures (:func:`departure_tracing`): without it, when a
     request failed nobody knows whether it had been written."""
@@ -272,10 +287,11 @@ async def exchange(
             try:
                 content = await read_body(operation, response, ok)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-                if not ok or method == "GET":
-                    raise  # what was asked for did not arrive: tried again
-                # The status says it was done (a message posted, an update, a delete): only
-                # its result (a posted activity's id) is lost, which a retry would repeat.
+                if ok and operation not in DONE_ON_STATUS:
+                    raise  # the result asked for did not arrive: tried again
+                # The status decides: an error's body is detail, and a success of these
+                # operations is done (a message posted, an update, a delete), only its
+                # result (a posted activity's id) lost, which a retry would repeat.
                 log.warning(
                     "connector %s answered %d, then its body broke off (%s)",
                     operation,

@@ -340,6 +340,7 @@ def test_the_real_app_starts_with_the_app_s_defaults_for_its_binding_settings(tm
         "MicrosoftAppId": "",
         "BOT_ALLOW_UNAUTHENTICATED": "true",
         "BOT_REFERENCES_CONTAINER": f"devhost-real-{uuid.uuid4().hex[:8]}",
+        "BOT_PROACTIVE_QUEUE": "",  # empty: the app reads it as unset
     }
     functions = ("messages_function", "proactive_function", "schedule_function")
     with running(REPO, tmp_path, env, "--functions", *functions) as host:

@@ -476,12 +476,13 @@ async def test_a_dropped_post_on_a_session_without_departure_tracing_is_not_sent
     assert len(fake_connector.requests_for("sendToConversation")) == 1
 
 
-async def _raw_server(answer: bytes):
-    """A loopback server that reads one request's head and answers `answer`, then hangs up."""
+async def _raw_server(*answers: bytes):
+    """A loopback server that reads each request's head and answers the next of `answers`
+    (the last one again once they run out), then hangs up."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         heads.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(answer)
+        writer.write(answers[min(len(heads), len(answers)) - 1])
         await writer.drain()
         writer.close()
 
@@ -509,6 +510,43 @@ async def test_a_success_whose_body_breaks_off_is_a_success_and_not_sent_again(v
     assert caught.value.kind is ErrorKind.TRANSIENT
     assert [head.split(b" ", 1)[0] for head in heads][:2] == [b"POST", b"DELETE"]
     assert len(heads) > 3  # the read was tried again
+
+
+async def test_a_new_conversation_whose_answer_breaks_off_is_tried_again(vtime):
+    # Its id is the result: an empty success would fail a user target for good.
+    server, url, heads = await _raw_server(
+        CUT_200,
+        CUT_200,
+        b"HTTP/1.1 201 Created\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "a:9"}',
+    )
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        created = await client.create_conversation(
+            url, {"isGroup": False, "members": [{"id": "29:u"}], "bot": {"id": "28:b"}}
+        )
+    finally:
+        await client.close()
+        server.close()
+    assert created == {"id": "a:9"}
+    assert len(heads) == 3
+
+
+async def test_an_error_whose_body_breaks_off_is_decided_by_its_status(vtime):
+    # A 429 says nothing was posted: retried after its Retry-After, never `uncertain`.
+    cut_429 = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 200\r\n\r\n{"
+    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"id": "x"}'
+    server, url, heads = await _raw_server(cut_429, ok)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        sent = await client.send_to_conversation(url, "a:1", {"type": "message"})
+    finally:
+        await client.close()
+        server.close()
+    assert sent == {"id": "x"}
+    assert len(heads) == 2 and vtime.sleeps == [2.0]
 
 
 async def test_a_broken_answer_to_a_post_is_uncertain_and_not_sent_again(vtime):

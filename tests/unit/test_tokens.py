@@ -303,6 +303,29 @@ async def test_user_assigned_managed_identity_uses_the_identity_endpoint(
     assert fake_managed_identity.issued[app_id] == 2
 
 
+async def test_a_forced_refresh_answered_with_the_same_token_returns_it(
+    fake_managed_identity: FakeManagedIdentity,
+):
+    # An earlier failed refresh is not this one's: App Service's endpoint answers a refresh
+    # with the token it issued last, which is then what there is.
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": str(uuid.uuid4()),
+            "MicrosoftAppType": "UserAssignedMSI",
+            "MicrosoftAppTenantId": str(uuid.uuid4()),
+        }
+    )
+    provider = create_token_provider(settings)
+    await provider.get_token()
+    fake_managed_identity.fail_next(400)
+    with pytest.raises(TokenError):
+        await provider.get_token(force_refresh=True)
+    second = await provider.get_token(force_refresh=True)
+
+    fake_managed_identity.reuse = True
+    assert await provider.get_token(force_refresh=True) == second
+
+
 async def test_a_wrong_secret_names_the_aad_code_and_never_the_secret(fake_aad, aad_app):
     settings = aad_app.settings(MicrosoftAppPassword="wrong-secret-value")
 

@@ -469,6 +469,11 @@ class FakeManagedIdentity:
         self.issued: Counter[str] = Counter()  # client_id ("system" when none) -> tokens
         self.requests: list[dict[str, str]] = []
         self.tokens: set[str] = set()
+        # App Service's endpoint answers with the token it issued last while that is valid:
+        # set `reuse` to do the same (by default every request gets a new token).
+        self.reuse = False
+        self._last: tuple[str, int] | None = None
+        self._failures: deque[int] = deque()
         self._lock = threading.Lock()
         self.app = web.Application()
         self.app.router.add_get("/msi/token", self._token)
@@ -484,6 +489,11 @@ class FakeManagedIdentity:
 
     def stop(self) -> None:
         self.server.stop()
+
+    def fail_next(self, status: int = 500, count: int = 1) -> None:
+        """Answer the next ``count`` token requests with ``status``."""
+        with self._lock:
+            self._failures.extend([status] * count)
 
     def __enter__(self) -> FakeManagedIdentity:
         return self.start()
@@ -509,11 +519,22 @@ class FakeManagedIdentity:
                 {"statusCode": 400, "message": "No managed identity with this client_id"},
                 status=400,
             )
-        token = f"fake-msi-{secrets.token_urlsafe(24)}"
-        expires_on = int(time.time()) + self.expires_in
         with self._lock:
-            self.issued[client_id] += 1
-            self.tokens.add(token)
+            failure = self._failures.popleft() if self._failures else None
+            last = self._last if self.reuse else None
+        if failure is not None:
+            return web.json_response(
+                {"statusCode": failure, "message": "scripted failure"}, status=failure
+            )
+        if last is not None and last[1] > time.time() + 300:
+            token, expires_on = last
+        else:
+            token = f"fake-msi-{secrets.token_urlsafe(24)}"
+            expires_on = int(time.time()) + self.expires_in
+            with self._lock:
+                self.issued[client_id] += 1
+                self.tokens.add(token)
+                self._last = (token, expires_on)
         return web.json_response(
             {
                 "access_token": token,

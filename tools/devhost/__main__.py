@@ -76,7 +76,7 @@ def _apply_binding_defaults(settings: dict[str, str]) -> None:
     from shared.config import BINDING_DEFAULTS
 
     for name, value in BINDING_DEFAULTS.items():
-        if name not in settings:
+        if not settings.get(name, "").strip():  # unset or empty, as the app reads it
             settings[name] = os.environ[name] = value
             logger.info("%s is not set: the app's default %r (on Azure, set it)", name, value)
 
