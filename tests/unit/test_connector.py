@@ -536,7 +536,10 @@ async def test_a_new_conversation_whose_answer_breaks_off_is_tried_again(vtime):
 async def test_an_error_whose_body_breaks_off_is_decided_by_its_status(vtime):
     # A 429 says nothing was posted: retried after its Retry-After, never `uncertain`.
     cut_429 = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 200\r\n\r\n{"
-    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"id": "x"}'
+    ok = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+        b'{"id": "x"}'
+    )
     server, url, heads = await _raw_server(cut_429, ok)
     settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
     client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
