@@ -200,20 +200,25 @@ async def _run_one(
     # Any other storage error reading it goes to run_schedules: this schedule is skipped
     # this run, its record untouched, and the next run catches up on what is due.
     last = _last_run(state)
+    written_minute = _minute_before(datetime.fromtimestamp(written, UTC))
     if last is None:
-        # A new schedule starts now (a run a moment late still counts this minute).
+        # A new schedule starts now (a run a moment late still counts this minute); one
+        # written in the minute before this run's, from that write's minute, as an edited
+        # one: a due second after the write came before this run, which had to count it.
         if state is not None:
             logger.warning(
                 "schedule %r: its last-run record was unusable; restarts now", schedule.name
             )
         last = _minute_before(until)
+        if last - timedelta(minutes=1) <= written_minute < last:
+            last = written_minute
     if not schedule.enabled:
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
-    since = max(last, _minute_before(datetime.fromtimestamp(written, UTC)))
+    since = max(last, written_minute)
     ids = []
     for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)

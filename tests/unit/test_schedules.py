@@ -435,6 +435,22 @@ class StoreClock:
         return self.now.timestamp()
 
 
+async def test_a_schedule_written_between_two_runs_sends_a_due_second_that_came_after_it():
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(nine - timedelta(minutes=5))
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await ledger.create("schedules/old.json", {"schedule": "45 * * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, nine + timedelta(seconds=0.1)) == []
+
+    clock.now = nine + timedelta(seconds=10)  # written after that run, before 09:00:45
+    await ledger.create("schedules/new.json", {"schedule": "45 0 9 * * *", "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == [
+        "schedule:new:2030-01-01T09:00Z",
+        "schedule:old:2030-01-01T09:00Z",
+    ]
+
+
 async def test_a_schedule_created_again_sends_nothing_from_before_it_existed():
     T8 = datetime(2030, 1, 1, 8, 0, 30, tzinfo=UTC)
     clock = StoreClock(T8)
