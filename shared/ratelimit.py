@@ -44,8 +44,9 @@ Sends to one Teams conversation are granted in call order within each class (a F
 lock per conversation and class), so replies arrive in the order the bot wrote them, and
 so do background sends; a reply does not wait for a background send to its conversation
 that waits in its tenant's line (it goes first). A background send whose conversation's
-window the replies filled while it waited in the line steps out of the line until the
-window has room, then queues again, so it never holds up the line. Other channels'
+window the replies filled while it waited in the line takes its turn of the tenant's rate
+and waits for the window outside the line, so it never holds up the line, nor loses its
+turn to the replies. Other channels'
 conversations have no published limits and are not serialised.
 """
 
@@ -342,20 +343,22 @@ class Pacer:
         queued = line.locked()  # behind others in the line, not arriving at an idle one
         lane.waiting += 1
         try:
-            while True:
-                async with self._holding(line, deadline):
-                    now, slept = await self._wait_until(lane.background_wait, deadline)
-                    if window_wait(now) <= 0:
-                        return self._grant(
-                            lane, conversation, background, now, late=queued or slept
-                        )
+            async with self._holding(line, deadline):
+                now, slept = await self._wait_until(lane.background_wait, deadline)
+                if window_wait(now) <= 0:
+                    return self._grant(lane, conversation, background, now, late=queued or slept)
                 # Replies to its conversation filled the window while this request waited in
-                # the line: it waits for the window outside the line, which no other
-                # conversation's request should wait behind, then queues again.
-                await self._wait_until(window_wait, deadline)
-                queued = True
+                # the line: it takes its turn of the tenant's rate now and waits for the
+                # window outside the line, which no other conversation's request should
+                # wait behind (the tenant counts it from when it leaves: Pacer.left).
+                self._grant(lane, None, background, now, late=queued or slept)
         finally:
             lane.waiting -= 1
+        granted = now
+        now, _ = await self._wait_until(window_wait, deadline)
+        if conversation is not None:  # always: only its window can be full
+            conversation.log.record(now)
+        return granted
 
     def _grant(
         self,

@@ -250,9 +250,9 @@ async def test_a_reply_does_not_wait_behind_a_background_send_to_its_own_convers
     assert granted["a:user"] > 2.0  # still in its turn, after the 100 queued before it
 
 
-async def test_a_background_send_whose_window_replies_filled_steps_out_of_the_line():
+async def test_a_background_send_whose_window_replies_filled_does_not_hold_the_line():
     # Seven replies fill the conversation's 1-s window while its proactive message waits
-    # in the line: the requests behind that message are not held for the window.
+    # in the line: it waits for the window outside the line, the requests behind it do not.
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
     granted: dict[str, float] = {}
@@ -278,6 +278,51 @@ async def test_a_background_send_whose_window_replies_filled_steps_out_of_the_li
     assert granted["replies"] == 0.05
     assert max(granted[f"b:{n}"] for n in range(5)) < 0.5  # 11 grants at 48.5/s
     assert granted["a:user"] >= 1.05  # once the replies' window let it
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.25, 2.5, 3.75])
+async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conversation(offset):
+    # 8 replies every 5 s (within Teams' limits) while a broadcast keeps the tenant's line
+    # about 3 s long: the proactive message to that conversation still goes within its
+    # budget, whenever in the bursts' cycle it comes.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    queued, outcome = [0], []
+
+    async def one(n: int):
+        try:
+            await pacer.acquire(teams(f"b:{n}"), background=True)
+        finally:
+            queued[0] -= 1
+
+    async def broadcast():
+        sends, n = [], 0
+        while not outcome:
+            while queued[0] < 3 * 48.5:
+                queued[0] += 1
+                n += 1
+                sends.append(asyncio.ensure_future(one(n)))
+            await time.sleep(0.05)
+        await asyncio.gather(*sends)
+
+    async def bursts():
+        replies = []
+        while not outcome:
+            await time.sleep(5.0)
+            replies += [asyncio.ensure_future(pacer.acquire(teams("a:user"))) for _ in range(8)]
+        await asyncio.gather(*replies)
+
+    async def proactive():
+        await time.sleep(30.0 + offset)
+        try:
+            await pacer.acquire(teams("a:user"), background=True, max_wait=7.0)
+            outcome.append(time.now - 30.0 - offset)
+        except PacingTimeout:
+            outcome.append("timed out")
+
+    await time.run(broadcast(), bursts(), proactive())
+
+    assert outcome[0] != "timed out" and outcome[0] < 7.0
 
 
 async def test_background_sends_to_one_conversation_keep_their_call_order():
