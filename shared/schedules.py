@@ -200,18 +200,19 @@ async def _run_one(
     # Any other storage error reading it goes to run_schedules: this schedule is skipped
     # this run, its record untouched, and the next run catches up on what is due.
     last = _last_run(state)
-    written_minute = _minute_before(datetime.fromtimestamp(written, UTC))
+    written_at = datetime.fromtimestamp(written, UTC)
+    written_minute = _minute_before(written_at)
     if last is None:
         # A new schedule starts now (a run a moment late still counts this minute); one
-        # written in the minute before this run's, from that write's minute, as an edited
-        # one: a due second after the write came before this run, which had to count it.
+        # written in the minute before this run's, from its write: a due second after the
+        # write came before this run, which has to send it (none from before the write).
         if state is not None:
             logger.warning(
                 "schedule %r: its last-run record was unusable; restarts now", schedule.name
             )
         last = _minute_before(until)
         if last - timedelta(minutes=1) <= written_minute < last:
-            last = written_minute
+            last = written_at - timedelta(microseconds=1)
     if not schedule.enabled:
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
@@ -219,6 +220,13 @@ async def _run_one(
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
     since = max(last, written_minute)
+    if state is None:
+        # A new schedule's starting point is recorded before anything is enqueued, so a
+        # run that fails part-way is caught up by the next from there, as for any other.
+        etag = await ledger.create(state_name, {"last": since.isoformat()})
+        if etag is None:
+            return []  # an overlapping run recorded it first: that run enqueues
+        state = Record({"last": since.isoformat()}, etag)
     ids = []
     for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)
@@ -226,9 +234,7 @@ async def _run_one(
         ids.append(request_id)
         logger.info("schedule %r: enqueued %s", schedule.name, request_id)
     data = {"last": until.isoformat()}
-    if state is None:
-        await ledger.create(state_name, data)
-    elif state.etag == "*":
+    if state.etag == "*":
         await ledger.delete(state_name)
         await ledger.create(state_name, data)
     elif last <= until:

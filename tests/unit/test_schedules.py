@@ -8,6 +8,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core.exceptions import ServiceResponseError
 
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
@@ -397,22 +398,12 @@ async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
     # The queue service fails one schedule's put: that schedule is retried at the next run,
     # with everything that fell due meanwhile. Simulated: Azurite cannot be made to drop
     # one message's connection, so the in-memory queue raises what the SDK raises then.
-    from azure.core.exceptions import ServiceResponseError
-
-    class FailingOnce(MemoryQueue):
-        async def put(self, text: str, *, delay: float = 0.0) -> None:
-            if ":a-flaky:" in text and self.failing:
-                self.failing = False
-                raise ServiceResponseError("connection reset")
-            await super().put(text, delay=delay)
-
-    ledger, queue = MemoryLedger(), FailingOnce()
-    queue.failing = False
+    ledger, queue = MemoryLedger(), QueueFailingOnce()
     await ledger.create("schedules/a-flaky.json", {"schedule": "0 * * * * *", "request": REQUEST})
     await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
     assert len(await run_schedules(ledger, queue, T0)) == 2
 
-    queue.failing = True
+    queue.failing = ":a-flaky:"
     ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
     assert ids == ["schedule:b-good:2030-01-01T12:01Z"]
     assert "'a-flaky'" in caplog.text and "ServiceResponseError" in caplog.text
@@ -448,6 +439,46 @@ async def test_a_schedule_written_between_two_runs_sends_a_due_second_that_came_
     assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == [
         "schedule:new:2030-01-01T09:00Z",
         "schedule:old:2030-01-01T09:00Z",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [("0 0 9 * * *", []), ("0 * * * * *", ["schedule:s:2030-01-01T09:01Z"])],
+)
+async def test_a_schedule_written_between_two_runs_sends_nothing_due_before_its_write(
+    expression, expected
+):
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(nine + timedelta(seconds=30))  # after the 09:00 run
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await ledger.create("schedules/s.json", {"schedule": expression, "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == expected
+
+
+class QueueFailingOnce(MemoryQueue):
+    """A queue whose next put of a message holding `failing` fails, once, as storage would
+    (Azurite cannot be made to drop one message's connection)."""
+
+    failing = ""  # e.g. ":name:" (a schedule's ids); "" fails nothing
+
+    async def put(self, text: str, *, delay: float = 0.0) -> None:
+        if self.failing and self.failing in text:
+            self.failing = ""
+            raise ServiceResponseError("connection reset")
+        await super().put(text, delay=delay)
+
+
+async def test_a_new_schedule_whose_first_run_failed_is_caught_up_by_the_next():
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    ledger, queue = MemoryLedger(clock=StoreClock(nine + timedelta(seconds=30))), QueueFailingOnce()
+    await ledger.create("schedules/s.json", {"schedule": "0 1 9 * * *", "request": REQUEST})
+    queue.failing = ":s:"
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == []
+
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=2, seconds=0.1)) == [
+        "schedule:s:2030-01-01T09:01Z"
     ]
 
 
