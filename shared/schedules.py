@@ -224,9 +224,10 @@ async def _run_one(
         # A new schedule's starting point is recorded before anything is enqueued, so a
         # run that fails part-way is caught up by the next from there, as for any other.
         etag = await ledger.create(state_name, {"last": since.isoformat()})
-        if etag is None:
-            return []  # an overlapping run recorded it first: that run enqueues
-        state = Record({"last": since.isoformat()}, etag)
+        # None: an overlapping run recorded it first; this one enqueues the same ids too.
+        state = Record(None, etag) if etag is not None else await ledger.read(state_name)
+        if state is None:
+            return []  # recorded and removed meanwhile: the next run starts it again
     ids = []
     for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)
