@@ -304,15 +304,23 @@ def test_sigterm_waits_for_invocations_in_flight(tmp_path):
 # --- the real app -----------------------------------------------------------------
 
 
-def test_real_app_serves_messages_function(tmp_path, azurite):
-    env = {
+def real_app_env(azurite, **settings: str) -> dict[str, str]:
+    """The bot's settings for the local host, unauthenticated, on its own container."""
+    return {
         "AzureWebJobsStorage": azurite.connection_string,
         "MicrosoftAppId": "",
         "BOT_ALLOW_UNAUTHENTICATED": "true",
-        "BOT_PROACTIVE_QUEUE": f"devhost-real-{uuid.uuid4().hex[:8]}",
-        "BOT_SCHEDULE": "0 0 9 * * *",
         "BOT_REFERENCES_CONTAINER": f"devhost-real-{uuid.uuid4().hex[:8]}",
+        **settings,
     }
+
+
+def test_real_app_serves_messages_function(tmp_path, azurite):
+    env = real_app_env(
+        azurite,
+        BOT_PROACTIVE_QUEUE=f"devhost-real-{uuid.uuid4().hex[:8]}",
+        BOT_SCHEDULE="0 0 9 * * *",
+    )
     ready = [
         name
         for name in ("messages_function", "proactive_function", "schedule_function")
@@ -335,13 +343,7 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
 def test_the_real_app_starts_with_the_app_s_defaults_for_its_binding_settings(tmp_path, azurite):
     # Neither BOT_PROACTIVE_QUEUE nor BOT_SCHEDULE set: the documented defaults apply
     # (the Functions host on Azure would not index the two functions; infra/ sets both).
-    env = {
-        "AzureWebJobsStorage": azurite.connection_string,
-        "MicrosoftAppId": "",
-        "BOT_ALLOW_UNAUTHENTICATED": "true",
-        "BOT_REFERENCES_CONTAINER": f"devhost-real-{uuid.uuid4().hex[:8]}",
-        "BOT_PROACTIVE_QUEUE": "",  # empty: the app reads it as unset
-    }
+    env = real_app_env(azurite, BOT_PROACTIVE_QUEUE="")  # empty: the app reads it as unset
     functions = ("messages_function", "proactive_function", "schedule_function")
     with running(REPO, tmp_path, env, "--functions", *functions) as host:
         assert all(f"  {name}: " in host.stdout for name in functions), host.stderr
