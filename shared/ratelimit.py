@@ -45,8 +45,9 @@ lock per conversation and class), so replies arrive in the order the bot wrote t
 so do background sends; a reply does not wait for a background send to its conversation
 that waits in its tenant's line (it goes first). A background send whose conversation's
 window the replies filled while it waited in the line takes its turn of the tenant's rate
-and waits for the window outside the line, so it never holds up the line, nor loses its
-turn to the replies. Other channels'
+and waits for the window outside the line (up to a second: the 1-s and 2-s windows), so
+it never holds up the line, nor loses its turn to the replies; a longer wait (the 30-s
+window) it spends outside the line without its turn, then queues again. Other channels'
 conversations have no published limits and are not serialised.
 """
 
@@ -59,7 +60,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from shared.tenant_rate import AdaptiveRate, LoopLock
+from shared.tenant_rate import WINDOW_SECONDS, AdaptiveRate, LoopLock
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
@@ -343,15 +344,26 @@ class Pacer:
         queued = line.locked()  # behind others in the line, not arriving at an idle one
         lane.waiting += 1
         try:
-            async with self._holding(line, deadline):
-                now, slept = await self._wait_until(lane.background_wait, deadline)
-                if window_wait(now) <= 0:
-                    return self._grant(lane, conversation, background, now, late=queued or slept)
-                # Replies to its conversation filled the window while this request waited in
-                # the line: it takes its turn of the tenant's rate now and waits for the
-                # window outside the line, which no other conversation's request should
-                # wait behind (the tenant counts it from when it leaves: Pacer.left).
-                self._grant(lane, None, background, now, late=queued or slept)
+            while True:
+                async with self._holding(line, deadline):
+                    now, slept = await self._wait_until(lane.background_wait, deadline)
+                    wait = window_wait(now)
+                    if wait <= 0:
+                        return self._grant(
+                            lane, conversation, background, now, late=queued or slept
+                        )
+                    if wait <= WINDOW_SECONDS:
+                        # Replies to its conversation filled the window while it waited in
+                        # the line: it takes its turn of the tenant's rate now and waits for
+                        # the window outside the line, which no other conversation's request
+                        # should wait behind. Within the tenant's window, it is counted from
+                        # when it leaves (Pacer.left).
+                        self._grant(lane, None, background, now, late=queued or slept)
+                        break
+                # A longer wait (the 30-s window): out of the line without its turn, which
+                # the tenant's window could no longer count when it left; queued again.
+                await self._wait_until(window_wait, deadline)
+                queued = True
         finally:
             lane.waiting -= 1
         granted = now

@@ -325,6 +325,45 @@ async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conver
     assert outcome[0] != "timed out" and outcome[0] < 7.0
 
 
+async def test_a_background_send_never_leaves_long_after_its_turn_of_the_tenant_rate():
+    # 60 replies in 25 s fill the conversation's 30-s window. Its proactive message does not
+    # take a turn of the tenant's rate and leave seconds later, when the tenant's window
+    # could no longer count it: it waits outside the line without one, then queues again.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    queued, late = [0], []
+
+    async def one(n: int):
+        try:
+            await pacer.acquire(teams(f"b:{n}"), background=True)
+        finally:
+            queued[0] -= 1
+
+    async def broadcast():
+        sends, n = [], 0
+        while time.now < 45.0:
+            while queued[0] < 3 * 48.5:
+                queued[0] += 1
+                n += 1
+                sends.append(asyncio.ensure_future(one(n)))
+            await time.sleep(0.05)
+        await asyncio.gather(*sends)
+
+    async def chat():
+        for _ in range(60):
+            await pacer.acquire(teams("a:hot"))
+            await time.sleep(25.0 / 60)
+
+    async def proactive():
+        await time.sleep(24.0)
+        granted = await pacer.acquire(teams("a:hot"), background=True)
+        late.append(time.now - granted)
+
+    await time.run(broadcast(), chat(), proactive())
+
+    assert late and late[0] <= 1.0, late
+
+
 async def test_background_sends_to_one_conversation_keep_their_call_order():
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
