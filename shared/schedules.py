@@ -202,6 +202,7 @@ async def _run_one(
     last = _last_run(state)
     written_at = datetime.fromtimestamp(written, UTC)
     written_minute = _minute_before(written_at)
+    fresh = last is None
     if last is None:
         # A new schedule starts now (a run a moment late still counts this minute); one
         # written in the minute before this run's, from its write: a due second after the
@@ -220,12 +221,8 @@ async def _run_one(
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
     since = max(last, written_minute)
-    if state is None:
-        # A new schedule's starting point is recorded before anything is enqueued, so a
-        # run that fails part-way is caught up by the next from there, as for any other.
-        etag = await ledger.create(state_name, {"last": since.isoformat()})
-        # None: an overlapping run recorded it first; this one enqueues the same ids too.
-        state = Record(None, etag) if etag is not None else await ledger.read(state_name)
+    if fresh:
+        state = await _record_start(ledger, state_name, state, since)
         if state is None:
             return []  # recorded and removed meanwhile: the next run starts it again
     ids = []
@@ -234,13 +231,28 @@ async def _run_one(
         await queue.put(compact_json({**schedule.request, "id": request_id}))
         ids.append(request_id)
         logger.info("schedule %r: enqueued %s", schedule.name, request_id)
-    data = {"last": until.isoformat()}
-    if state.etag == "*":
-        await ledger.delete(state_name)
-        await ledger.create(state_name, data)
-    elif last <= until:
+    if last <= until:
+        data = {"last": until.isoformat()}
         await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
     return ids
+
+
+async def _record_start(
+    ledger: Ledger, name: str, state: Record | None, since: datetime
+) -> Record | None:
+    """Record where a schedule with no usable last run (new, or its record unusable)
+    starts, before anything is enqueued, so that a run failing part-way is caught up by
+    the next from there, as for any other. The record as written, or as an overlapping
+    run wrote it first (this run then enqueues the same ids too); None when it is gone."""
+    data = {"last": since.isoformat()}
+    if state is not None and state.etag == "*":  # not JSON: replaced
+        await ledger.delete(name)
+        state = None
+    if state is None:
+        etag = await ledger.create(name, data)
+    else:
+        etag = await ledger.replace(name, data, state.etag)
+    return Record(data, etag) if etag is not None else await ledger.read(name)
 
 
 async def run_timer(settings: Settings, now: datetime | None = None) -> list[str]:

@@ -482,6 +482,20 @@ async def test_a_new_schedule_whose_first_run_failed_is_caught_up_by_the_next():
     ]
 
 
+@pytest.mark.parametrize("record", [b"garbage", b'{"last": "yesterday"}'])
+async def test_a_schedule_whose_record_was_unusable_and_whose_run_failed_is_caught_up(record):
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    ledger, queue = MemoryLedger(clock=StoreClock(nine - timedelta(days=1))), QueueFailingOnce()
+    await ledger.create("schedules/s.json", {"schedule": "0 0 9 * * *", "request": REQUEST})
+    ledger.blobs[f"proactive-schedules/{encode_segment('s', 400)}.json"] = (record, {}, '"x"', 0)
+    queue.failing = ":s:"
+    assert await run_schedules(ledger, queue, nine + timedelta(seconds=0.1)) == []
+
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=0.1)) == [
+        "schedule:s:2030-01-01T09:00Z"
+    ]
+
+
 async def test_a_schedule_created_again_sends_nothing_from_before_it_existed():
     T8 = datetime(2030, 1, 1, 8, 0, 30, tzinfo=UTC)
     clock = StoreClock(T8)
