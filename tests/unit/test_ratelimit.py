@@ -10,7 +10,7 @@ import math
 import random
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -280,14 +280,12 @@ async def test_a_background_send_whose_window_replies_filled_does_not_hold_the_l
     assert granted["a:user"] >= 1.05  # once the replies' window let it
 
 
-@pytest.mark.parametrize("offset", [0.0, 1.25, 2.5, 3.75])
-async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conversation(offset):
-    # 8 replies every 5 s (within Teams' limits) while a broadcast keeps the tenant's line
-    # about 3 s long: the proactive message to that conversation still goes within its
-    # budget, whenever in the bursts' cycle it comes.
-    time = VirtualScheduler()
-    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
-    queued, outcome = [0], []
+async def keep_the_line_busy(
+    pacer: Pacer, time: VirtualScheduler, busy: Callable[[], bool], seconds: float = 3.0
+) -> None:
+    """A broadcast that keeps about `seconds` of background sends queued in tenant-a's line
+    while `busy()`, each to a conversation of its own."""
+    queued = [0]
 
     async def one(n: int):
         try:
@@ -295,15 +293,24 @@ async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conver
         finally:
             queued[0] -= 1
 
-    async def broadcast():
-        sends, n = [], 0
-        while not outcome:
-            while queued[0] < 3 * 48.5:
-                queued[0] += 1
-                n += 1
-                sends.append(asyncio.ensure_future(one(n)))
-            await time.sleep(0.05)
-        await asyncio.gather(*sends)
+    sends, n = [], 0
+    while busy():
+        while queued[0] < seconds * 48.5:
+            queued[0] += 1
+            n += 1
+            sends.append(asyncio.ensure_future(one(n)))
+        await time.sleep(0.05)
+    await asyncio.gather(*sends)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.25, 2.5, 3.75])
+async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conversation(offset):
+    # 8 replies every 5 s (within Teams' limits) while a broadcast keeps the tenant's line
+    # about 3 s long: the proactive message to that conversation still goes within its
+    # budget, whenever in the bursts' cycle it comes.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    outcome: list[float | str] = []
 
     async def bursts():
         replies = []
@@ -320,7 +327,7 @@ async def test_bursts_of_replies_do_not_starve_a_background_send_to_their_conver
         except PacingTimeout:
             outcome.append("timed out")
 
-    await time.run(broadcast(), bursts(), proactive())
+    await time.run(keep_the_line_busy(pacer, time, lambda: not outcome), bursts(), proactive())
 
     assert outcome[0] != "timed out" and outcome[0] < 7.0
 
@@ -331,23 +338,7 @@ async def test_a_background_send_never_leaves_long_after_its_turn_of_the_tenant_
     # could no longer count it: it waits outside the line without one, then queues again.
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
-    queued, late = [0], []
-
-    async def one(n: int):
-        try:
-            await pacer.acquire(teams(f"b:{n}"), background=True)
-        finally:
-            queued[0] -= 1
-
-    async def broadcast():
-        sends, n = [], 0
-        while time.now < 45.0:
-            while queued[0] < 3 * 48.5:
-                queued[0] += 1
-                n += 1
-                sends.append(asyncio.ensure_future(one(n)))
-            await time.sleep(0.05)
-        await asyncio.gather(*sends)
+    late: list[float] = []
 
     async def chat():
         for _ in range(60):
@@ -359,7 +350,7 @@ async def test_a_background_send_never_leaves_long_after_its_turn_of_the_tenant_
         granted = await pacer.acquire(teams("a:hot"), background=True)
         late.append(time.now - granted)
 
-    await time.run(broadcast(), chat(), proactive())
+    await time.run(keep_the_line_busy(pacer, time, lambda: time.now < 45.0), chat(), proactive())
 
     assert late and late[0] <= 1.0, late
 
