@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
-import yarl
 
 from shared.auth.tokens import TokenError, TokenProvider
 from shared.config import Settings
@@ -50,10 +49,9 @@ from shared.connector.transport import (
     Http,
     build_url,
     encode_body,
-    exchange,
     request_headers,
     result,
-    traces_departures,
+    send_once,
 )
 from shared.connector.transport import quote_segment as _q
 from shared.ratelimit import Pacer, PacingTimeout, Scope
@@ -416,17 +414,19 @@ class ConnectorClient:
                 raise failure or budget_spent(operation)
             attempt += 1
             departure = self._departure(scope, granted)
-            answer = await self._attempt(
+            answer = await send_once(
+                self._http.get(),
                 operation,
                 method,
                 url,
                 request_headers(token, data),
                 data,
-                attempt,
-                deadline,
-                expect,
-                departure,
-                posts,
+                attempt=attempt,
+                seconds=self._remaining(deadline),
+                follow=expect == "bytes",
+                departure=departure,
+                is_trusted=self.is_trusted,
+                posts=posts,
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
@@ -522,84 +522,3 @@ class ConnectorClient:
             pacer.left(scope, granted if previous is None else previous, at)
 
         return Departure(pacer.now, left)
-
-    async def _attempt(
-        self,
-        operation: str,
-        method: str,
-        url: yarl.URL,
-        headers: dict[str, str],
-        data: bytes | None,
-        attempt: int,
-        deadline: float,
-        expect: Expect,
-        departure: Departure,
-        posts: bool,
-    ) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
-        """One request (``departure`` learns when it left): the answer, or a retryable
-        ConnectorError for a connection failure.
-
-        A request that delivers an activity (``posts``) and failed after it was written (no
-        answer in time, the connection dropped, a broken answer) may have been posted: that
-        is UNCERTAIN, raised and never retried, as a 500 is. A failure before anything was
-        written, or of any other request (a read, an update, a delete, creating a
-        conversation with no first message), is TRANSIENT."""
-        session = self._http.get()
-        # A session given to the client without departure tracing cannot say whether a
-        # failed request had been written: then it may have been.
-        untraced = not traces_departures(session)
-        try:
-            async with asyncio.timeout(self._remaining(deadline)):
-                status, response_headers, content = await exchange(
-                    session,
-                    operation,
-                    method,
-                    url,
-                    headers,
-                    data,
-                    follow=expect == "bytes",
-                    departure=departure,
-                    is_trusted=self.is_trusted,
-                )
-        except (TimeoutError, aiohttp.ClientError) as error:
-            # A malformed answer, unlike a connection that failed, is not worth a retry.
-            broken = not isinstance(
-                error, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
-            )
-            log.info(
-                "connector %s %s %s failed=%s attempt=%d",
-                method,
-                url.host,
-                operation,
-                type(error).__name__,
-                attempt,
-            )
-            if posts and (departure.at is not None or untraced):
-                raise ConnectorError(
-                    ErrorKind.UNCERTAIN,
-                    f"no {'valid ' if broken else ''}answer after the request was sent "
-                    f"({type(error).__name__}); it may have been posted",
-                    operation=operation,
-                ) from None
-            if broken:
-                raise ConnectorError(
-                    ErrorKind.INVALID,
-                    f"request failed ({type(error).__name__})",
-                    operation=operation,
-                ) from None
-            return ConnectorError(
-                ErrorKind.TRANSIENT,
-                f"connection failed ({type(error).__name__})",
-                operation=operation,
-            )
-        # A success is detail (DEBUG); anything else is worth a line at the default level.
-        log.log(
-            logging.DEBUG if 200 <= status < 300 else logging.INFO,
-            "connector %s %s %s status=%d attempt=%d",
-            method,
-            url.host,
-            operation,
-            status,
-            attempt,
-        )
-        return status, response_headers, content

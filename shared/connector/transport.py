@@ -303,3 +303,86 @@ async def exchange(
     raise ConnectorError(
         ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
     )
+
+
+async def send_once(
+    session: aiohttp.ClientSession,
+    operation: str,
+    method: str,
+    url: yarl.URL,
+    headers: dict[str, str],
+    data: bytes | None,
+    *,
+    attempt: int,
+    seconds: float,
+    follow: bool,
+    departure: Departure,
+    is_trusted: Callable[[str], bool],
+    posts: bool,
+) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
+    """One attempt of a request, within `seconds` (:func:`exchange`): the answer, or a
+    retryable ConnectorError for a connection failure.
+
+    A request that delivers an activity (``posts``) and failed after it was written (no
+    answer in time, the connection dropped, a broken answer) may have been posted: that
+    is UNCERTAIN, raised and never retried, as a 500 is. A failure before anything was
+    written, or of any other request (a read, an update, a delete, creating a
+    conversation with no first message), is TRANSIENT; a malformed answer to one is
+    INVALID, raised (not worth a retry)."""
+    # A session given to the client without departure tracing cannot say whether a
+    # failed request had been written: then it may have been.
+    untraced = not traces_departures(session)
+    try:
+        async with asyncio.timeout(seconds):
+            status, response_headers, content = await exchange(
+                session,
+                operation,
+                method,
+                url,
+                headers,
+                data,
+                follow=follow,
+                departure=departure,
+                is_trusted=is_trusted,
+            )
+    except (TimeoutError, aiohttp.ClientError) as error:
+        broken = not isinstance(
+            error, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+        )
+        log.info(
+            "connector %s %s %s failed=%s attempt=%d",
+            method,
+            url.host,
+            operation,
+            type(error).__name__,
+            attempt,
+        )
+        if posts and (departure.at is not None or untraced):
+            raise ConnectorError(
+                ErrorKind.UNCERTAIN,
+                f"no {'valid ' if broken else ''}answer after the request was sent "
+                f"({type(error).__name__}); it may have been posted",
+                operation=operation,
+            ) from None
+        if broken:
+            raise ConnectorError(
+                ErrorKind.INVALID,
+                f"request failed ({type(error).__name__})",
+                operation=operation,
+            ) from None
+        return ConnectorError(
+            ErrorKind.TRANSIENT,
+            f"connection failed ({type(error).__name__})",
+            operation=operation,
+        )
+    # A success is detail (DEBUG); anything else is worth a line at the default level.
+    log.log(
+        logging.DEBUG if 200 <= status < 300 else logging.INFO,
+        "connector %s %s %s status=%d attempt=%d",
+        method,
+        url.host,
+        operation,
+        status,
+        attempt,
+    )
+    return status, response_headers, content
