@@ -280,8 +280,8 @@ class BlobReferenceStore:
         lookups = user_lookups(channel_id, user_id, aad_object_id)
         async with self._guard("find_by_user", channel_id):
             for kind, value in lookups:
-                index = await self._read_json(user_index_name(channel_id, kind, value))
-                for key in read_index(index[0], channel_id, kind).keys if index else ():
+                index = await self._read_index(channel_id, kind, value)
+                for key in index.keys if index else ():
                     try:
                         name = document_name(key)
                     except ValueError:
@@ -297,10 +297,17 @@ class BlobReferenceStore:
         lookups = user_lookups(channel_id, user_id, aad_object_id)
         async with self._guard("user_index_overflowed", channel_id):
             for kind, value in lookups:
-                index = await self._read_json(user_index_name(channel_id, kind, value))
-                if index and read_index(index[0], channel_id, kind).overflowed:
+                index = await self._read_index(channel_id, kind, value)
+                if index and index.overflowed:
                     return True
         return False
+
+    async def _read_index(
+        self, channel_id: str, kind: Literal["id", "aad"], value: str
+    ) -> UserIndex | None:
+        """A user's index on `channel_id` as stored, or None when there is none."""
+        found = await self._read_json(user_index_name(channel_id, kind, value))
+        return read_index(found[0], channel_id, kind) if found else None
 
     async def settle_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
