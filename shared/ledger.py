@@ -113,7 +113,7 @@ class MemoryLedger:
             return None
         try:
             data = json.loads(found[0])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise NotJson(f"proactive ledger: {name} is not valid JSON") from None
         return Record(data, found[2], found[3])
 
@@ -201,7 +201,7 @@ class BlobLedger:
                 return None
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
             raise NotJson(f"proactive ledger: {name} is not valid JSON") from None
         modified = downloader.properties.last_modified
         return Record(data, downloader.properties.etag, modified.timestamp() if modified else 0.0)

@@ -86,7 +86,7 @@ class BlobStateStore:
             return None  # no document, or no container yet
         try:
             stored = from_document(json.loads(found.body), found.etag)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
             raise StateError("state store: a stored document is not valid JSON") from None
         return stored if stored.key == key else None  # a hashed name's other key: absent
 

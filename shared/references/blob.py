@@ -331,7 +331,7 @@ class BlobReferenceStore:
             return None  # no blob, or no container yet
         try:
             document = json.loads(blob.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
             raise StoreError(f"reference store: {name} is not valid JSON") from None
         return document, blob.etag, blob.metadata
 
@@ -589,7 +589,7 @@ def _compress(body: bytes) -> bytes:
 def _unpack(packed: str) -> Any:
     try:
         return json.loads(zlib.decompress(base64.urlsafe_b64decode(packed)))
-    except (ValueError, zlib.error):
+    except (ValueError, RecursionError, zlib.error):
         raise StoreError("reference store: unreadable document copy in blob metadata") from None
 
 

@@ -610,6 +610,19 @@ async def test_blob_a_listing_leaves_out_documents_it_cannot_read_and_says_so(bl
 
 
 @pytest.mark.integration
+async def test_blob_json_nested_deeper_than_the_parser_goes_is_left_out_like_junk(blob_store):
+    # "[[[[…]]]]" under the prefix raised RecursionError out of the listing: every
+    # broadcast, team removal and erasure listing the channel stopped on it.
+    store, container = blob_store
+    await store.upsert(reference("a:1"))
+    deep = b"[" * 200_000 + b"]" * 200_000
+    container.upload_blob(document_name("msteams/deep"), deep)
+    assert await list_all(store, channel_id="msteams") == ["msteams/a:1"]
+    with pytest.raises(StoreError, match="not valid JSON"):
+        await store.get("msteams/deep")
+
+
+@pytest.mark.integration
 async def test_blob_stale_user_index_is_ignored(blob_store):
     store, container = blob_store
     await store.upsert(reference("a:1", user="29:alice", aad=None))

@@ -160,6 +160,33 @@ async def test_a_document_that_is_not_json_is_skipped_with_a_log_and_the_others_
     assert "b-broken" in caplog.text and "not valid JSON" in caplog.text
 
 
+@pytest.mark.parametrize("damaged", ["schedule", "record"])
+async def test_json_nested_deeper_than_the_parser_goes_is_skipped_like_any_broken_json(
+    caplog, damaged
+):
+    # A document (or a last-run record) of "[[[[…]]]]": the parser's RecursionError
+    # escaped the run, and no schedule was enqueued while the blob stayed.
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-first.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/b-deep.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    await ledger.create("schedules/c-last.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    deep = b"[" * 200_000 + b"]" * 200_000
+    name = (
+        "schedules/b-deep.json"
+        if damaged == "schedule"
+        else f"proactive-schedules/{encode_segment('b-deep', 400)}.json"
+    )
+    ledger.blobs[name] = (deep, {}, '"x"', 0.0)
+
+    ids = await run_schedules(ledger, queue, T0)
+
+    expected = ["schedule:a-first:2030-01-01T12:00Z", "schedule:c-last:2030-01-01T12:00Z"]
+    if damaged == "record":  # an unusable record: that schedule restarts now, as documented
+        expected.insert(1, "schedule:b-deep:2030-01-01T12:00Z")
+    assert ids == expected
+    assert "b-deep" in caplog.text
+
+
 async def test_a_document_in_a_folder_is_skipped_with_a_log_naming_it(caplog):
     ledger, queue = MemoryLedger(), MemoryQueue()
     await ledger.create(

@@ -390,11 +390,12 @@ async def test_blob_layout_is_plain_json_under_state(azurite, unique_name):
 
 
 @pytest.mark.integration
-async def test_a_foreign_document_is_a_clear_error(azurite, unique_name):
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 200_000 + b"]" * 200_000])
+async def test_a_foreign_document_is_a_clear_error(azurite, unique_name, body):
     container = unique_name("state")
     blobs = ContainerClient.from_connection_string(azurite.connection_string, container)
     blobs.create_container()
-    blobs.upload_blob(state_blob_name(USER), b"{not json")
+    blobs.upload_blob(state_blob_name(USER), body)
     store = BlobStateStore(settings_for(azurite.connection_string, container))
     try:
         with pytest.raises(StateError, match="not valid JSON"):
