@@ -152,7 +152,7 @@ def parse_error_body(
     text = content.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, _clean(text, secrets), None
     if not isinstance(data, dict):
         return None, _clean(text, secrets), None
@@ -209,7 +209,7 @@ def _json_object(value: Any) -> dict[str, Any]:
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             parsed = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
         return parsed if isinstance(parsed, dict) else {}
     return {}

@@ -177,7 +177,7 @@ def result(operation: str, expect: Expect, content: bytes) -> Any:
         return empty
     try:
         data = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         log.warning("connector %s answered 2xx with a body that is not JSON", operation)
         return empty
     if isinstance(data, list if expect == "list" else dict):

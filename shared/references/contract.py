@@ -357,7 +357,7 @@ def decode_token(token: str | None, filters: Filters) -> dict[str, Any]:
         raise ValueError("invalid continuation token")
     try:
         state = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):
         raise ValueError("invalid continuation token") from None
     if (
         not isinstance(state, dict)

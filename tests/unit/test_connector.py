@@ -765,6 +765,8 @@ def error(code: str, message: str = "") -> str:
         (400, error("BadArgument", "Unknown activity type"), ErrorKind.INVALID, "BadArgument"),
         (403, error("Forbidden", "Something else"), ErrorKind.INVALID, "Forbidden"),
         (404, "Not Found", ErrorKind.INVALID, None),
+        # Nested deeper than the parser goes: RecursionError escaped the classification.
+        (400, "[" * 100_000 + "]" * 100_000, ErrorKind.INVALID, None),
     ],
 )
 async def test_error_bodies_are_classified(client, fake_connector, status, body, kind, code):
@@ -778,12 +780,27 @@ async def test_error_bodies_are_classified(client, fake_connector, status, body,
     assert caught.value.terminal is (kind is ErrorKind.GONE)
 
 
+async def test_a_send_answered_with_json_deeper_than_the_parser_goes_is_delivered(
+    client, fake_connector
+):
+    # The answer's body says nothing the send needs: the message was posted (2xx), so
+    # it is a success, and it is not sent again; RecursionError escaped the parse.
+    fake_connector.script("POST", "activities$", [Reply(201, body="[" * 100_000)])
+
+    sent = await client.send_to_conversation(fake_connector.url, CONVERSATION, {"type": "message"})
+
+    assert sent == {}
+    assert len(fake_connector.requests) == 1
+
+
 def test_teams_nested_error_body_is_parsed():
     code, message, teams_code = parse_error_body(TEAMS_209.encode())
     assert (code, teams_code) == ("MessageWritesBlocked", 209)
     assert message == "Thread is blocked from message writes."
     assert parse_error_body(b"<html>Bad gateway</html>") == (None, "<html>Bad gateway</html>", None)
     assert parse_error_body(b'{"code":"X","message":"y"}') == ("X", "y", None)
+    deep_inner = json.dumps({"errorCode": 209, "message": '{"a":' + "[" * 100_000})
+    assert parse_error_body(deep_inner.encode())[0] == "209"
 
 
 # --- trusted serviceUrls -------------------------------------------------------------

@@ -328,6 +328,7 @@ async def test_list_rejects_bad_page_sizes_and_tokens(store):
         "é",
         base64.urlsafe_b64encode(b"[1, 2]").decode(),
         base64.urlsafe_b64encode(b'{"v": 1, "a": 5}').decode(),
+        base64.urlsafe_b64encode(b"[" * 100_000).decode(),  # deeper than the parser goes
     ]
     for token in forged:
         with pytest.raises(ValueError):
