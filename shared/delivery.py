@@ -18,11 +18,13 @@ from shared.activity import apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
+from shared.lifecycle import forget_conversation
 from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
 
 if TYPE_CHECKING:
     from shared.connector import ConnectorClient
     from shared.references import ReferenceStore
+    from shared.state import StateStore
 
 # The engine's logger: one name for every line an operator follows a request by.
 logger = logging.getLogger("shared.proactive")
@@ -37,6 +39,8 @@ class Parts(Protocol):
     def connector(self) -> ConnectorClient: ...
     @property
     def references(self) -> ReferenceStore: ...
+    @property
+    def state(self) -> StateStore | None: ...
 
 
 class Outcome(StrEnum):
@@ -141,14 +145,15 @@ async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Out
 async def _prune(
     runtime: Parts, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
 ) -> bool:
-    if stored_key is not None:
-        return await runtime.references.delete(stored_key)
-    if key is None:
-        return False
-    stored = await runtime.references.get(key)
-    if stored is None or not _same_conversation(stored.reference, tried):
-        return False  # the stored reference is not the one tried: keep it (docs/proactive.md)
-    return await runtime.references.delete(key)
+    """Remove the conversation tried, its state with it (as a removal does)."""
+    if stored_key is None:
+        if key is None:
+            return False
+        stored = await runtime.references.get(key)
+        if stored is None or not _same_conversation(stored.reference, tried):
+            return False  # the stored reference is not the one tried: keep it (docs/proactive.md)
+        stored_key, tried = key, stored.reference
+    return await forget_conversation(runtime.references, runtime.state, stored_key, tried)
 
 
 def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

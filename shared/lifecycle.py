@@ -156,7 +156,7 @@ async def _remove(
     team_id: str | None,
     activity_id: Any,
 ) -> None:
-    removed = 1 if await _forget(store, state, key, _is_channel(reference)) else 0
+    removed = 1 if await forget_conversation(store, state, key, reference) else 0
     if team_id:
         # The bot left (or lost) a whole team: its channels' references are useless too.
         # Team ids are unique across tenants, so no tenant filter (older documents may lack it).
@@ -171,7 +171,7 @@ async def _remove(
             )
             deleted = await asyncio.gather(
                 *(
-                    _forget(store, state, item.key, _is_channel(item.reference))
+                    forget_conversation(store, state, item.key, item.reference)
                     for item in page.items
                 )
             )
@@ -182,13 +182,17 @@ async def _remove(
     logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
 
 
-async def _forget(store: ReferenceStore, state: StateStore | None, key: str, channel: bool) -> bool:
+async def forget_conversation(
+    store: ReferenceStore, state: StateStore | None, key: str, reference: Mapping[str, Any]
+) -> bool:
     """Delete a conversation's state (a Teams channel's: its threads' too), then its
-    reference; whether the reference was there. State first: should a delete fail, the
-    removal fails and the channel's retry still finds the reference to finish with."""
+    reference (`reference` as stored under `key`); whether the reference was there. State
+    first: should a delete fail, the caller fails and its retry still finds the reference
+    to finish with. Removals and the proactive engine's pruning both come here: once the
+    reference is gone, nothing can find the conversation's state again."""
     if state is not None:
         channel_id, conversation_id = split_key(key)
-        if channel:
+        if _is_channel(reference):
             thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
             await state.delete_prefixed(thread)
         await state.delete(conversation_state_key(channel_id, conversation_id))

@@ -232,6 +232,38 @@ async def test_a_conversation_the_channel_says_is_gone_is_pruned(runtime, fake_c
     assert await stored_keys(runtime) == [f"msteams/{OTHER}"]
 
 
+@pytest.mark.parametrize("kind", ["personal", "channel"])
+async def test_a_pruned_conversation_takes_its_state_with_it(runtime, fake_connector, kind):
+    # Pruned, the reference went and the conversation's state stayed, where no removal or
+    # erasure could reach it any more (both find state through a stored reference).
+    from shared.state import MemoryStateStore, conversation_state_key, user_state_key
+
+    conversation = CONVERSATION if kind == "personal" else "19:gone@thread.tacv2"
+    key = f"msteams/{conversation}"
+    stored = reference_for(fake_connector.url, conversation)
+    stored["conversation"]["conversationType"] = kind
+    await runtime.references.upsert(stored)
+    runtime.state = state = MemoryStateStore()
+    kept = [
+        conversation_state_key("msteams", OTHER),
+        user_state_key("msteams", "29:user-1"),  # the user's own: not the conversation's
+        conversation_state_key("msteams", conversation + "x;messageid=1"),  # another channel
+    ]
+    gone = [conversation_state_key("msteams", conversation)]
+    if kind == "channel":
+        gone.append(conversation_state_key("msteams", conversation + ";messageid=17"))
+    for name in kept + gone:
+        assert await state.write(name, {"n": 1}, etag=None)
+    blocked = {"error": {"code": "ConversationBlockedByUser", "message": "x"}}
+    fake_connector.script("POST", r"/activities$", [Reply(403, json=blocked)])
+
+    assert await deliver(request({"conversation": key}), runtime) is Outcome.PRUNED
+
+    assert await runtime.references.get(key) is None
+    assert [name for name in gone if await state.read(name) is not None] == []
+    assert [name for name in kept if await state.read(name) is None] == []
+
+
 async def test_a_gone_explicit_reference_prunes_its_stored_copy(runtime, fake_connector):
     body = {"error": {"code": "BotNotInConversationRoster", "message": "x"}}
     fake_connector.script("POST", r"/activities$", [Reply(403, json=body)])
