@@ -9,6 +9,9 @@ not the user's: they stay.
 The 1:1s are found through the user's index (:mod:`shared.references`), which lists their
 most recent ``INDEX_KEYS``; when it says it overflowed (a user with more conversations than
 that, e.g. a Web Chat conversation per visit), the channel's references are listed as well.
+An erasure marks the index that way before it deletes anything and clears the mark once
+all is erased: a 1:1 leaves the index before its document is deleted, so after a failure
+part-way only the listing that the mark asks for finds what is left.
 An aadObjectId names a user on Teams only: elsewhere the client writes it.
 """
 
@@ -63,16 +66,24 @@ async def erase_user_data(
     overflowed = await references.user_index_overflowed(**lookup)
     if overflowed:
         await eraser.listed()
+    else:
+        # Deleting a 1:1 takes it out of the index first: should its document's delete
+        # then fail, only a listing finds it again. The mark makes a retry list.
+        await references.mark_user_index(**lookup)
     for _ in range(MAX_CONVERSATIONS + 1):  # a full index, then the None that ends it
         found = await references.find_by_user(**lookup)
-        if found is None or found.key in eraser.erased.conversations:
+        if found is None:
+            break
+        if found.key in eraser.erased.conversations:
+            # Stored again meanwhile (the user's new message): the index starts over with
+            # it, so the rest are found by listing (which leaves that one, as it is new).
+            await eraser.listed()
             break
         await eraser.one(found)
     else:  # still finding more (written meanwhile): list the channel as well
         await eraser.listed()
-    if overflowed:
-        # Only now, everything erased: a failure before leaves the mark for a retry.
-        await references.settle_user_index(**lookup)
+    # Only now, everything erased: a failure before leaves the mark for a retry.
+    await references.settle_user_index(**lookup)
     if user_id:
         await eraser.user_state(user_id)
     erased = eraser.erased

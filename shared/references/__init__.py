@@ -36,14 +36,17 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     lack of room adds ``"overflowed": true``, which later writes keep, and the document is
     kept while it says so, even with no key left: erasure (:mod:`shared.userdata`) then
     lists the channel too, and clears the mark (``settle_user_index``) once all is erased.
+    An erasure sets the same mark before it deletes anything (``mark_user_index``), so
+    that one stopped part-way is finished by a retry that lists the channel.
     ``overflowed`` is always written; a document without it comes from an earlier
     version, which kept 8 keys unmarked, and counts as overflowed when full (on Teams) or
     always (elsewhere).
     The ``aad`` index is kept for msteams only: elsewhere the client writes aadObjectId.
     Changed with ETags like the documents; brought up to date
-    after every document write (a delete takes its entries out before it removes the
-    document, so the last word is always the writer's); every entry is verified against
-    its document when read, so a stale or orphaned entry is never returned.
+    before every document write, so no document is stored without its entries (a delete
+    takes them out before it removes the document at the ETag it read, so the last word
+    is always the writer's); every entry is verified against its document when read, so
+    a stale or orphaned entry is never returned.
 
 Name segments
     ``b`` + base64url(UTF-8, no padding) of the id: reversible (:func:`decode_segment`),

@@ -39,6 +39,7 @@ from shared.references.contract import (
     including,
     index_body,
     index_entries,
+    marked,
     plan,
     read_index,
     reference_key,
@@ -184,6 +185,7 @@ class BlobReferenceStore:
                         await self._update_index(current.channel_id, kind, value, including(key))
                     self._remember(current, generation)
                     return False
+                await self._index(planned, likely_absent=current is None)
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -191,7 +193,7 @@ class BlobReferenceStore:
                     metadata_for=planned,
                 )
                 if etag is not None:
-                    await self._written(planned, etag, current is None, generation)
+                    self._written(planned, etag, current is None, generation)
                     return True
                 self._cache.drop(key)
                 await self._backoff(attempt)
@@ -208,28 +210,34 @@ class BlobReferenceStore:
         stored one, so only tried while most uncached conversations have been new."""
         planned = plan(None, reference, team_id, self._clock())
         assert planned is not None  # nothing stored: always something to write
+        await self._index(planned, likely_absent=True)
         etag = await self._put(name, _document_body(planned), None, metadata_for=planned)
         self._observe(new=etag is not None)
         if etag is None:
             return False  # stored already: read it and merge, as usual
-        await self._written(planned, etag, True, generation)
+        self._written(planned, etag, True, generation)
         return True
 
-    async def _written(
-        self, planned: StoredReference, etag: str, created: bool, generation: int
-    ) -> None:
-        """After a document write: its user index entries, then the cache.
+    async def _index(self, planned: StoredReference, *, likely_absent: bool) -> None:
+        """Before a document write: its user index entries (the key to the front).
 
-        The document first, then the index. A delete takes the key out of the index before
-        it removes the document, so the index write that follows every document write leaves
-        a stored conversation findable by its user; nothing needs reading back. Should the
-        index write fail (or the process die) in between, nothing is remembered: the next
-        activity reads the document, finds it unchanged and puts the index entry back.
+        The index first, then the document, so a document is never stored without its
+        entries: erasure finds a user's 1:1s through them. Should the document write fail,
+        be cut short or lose a race, the entry is left pointing at a document that is not
+        (or not yet) there, which is harmless: every entry is checked against its document
+        when read. A delete takes the key out of the index before it removes the document
+        at the ETag it read, so an upsert racing it either lands first (the delete's
+        conditional remove fails, and it starts over) or after (its own write of the index
+        comes first): either way a stored document keeps its entries.
+        ``likely_absent``: the user's first conversation, probably (see _update_index).
         """
         for kind, value in index_entries(planned):
             await self._update_index(
-                planned.channel_id, kind, value, to_front(planned.key), likely_absent=created
+                planned.channel_id, kind, value, to_front(planned.key), likely_absent=likely_absent
             )
+
+    def _written(self, planned: StoredReference, etag: str, created: bool, generation: int) -> None:
+        """After a document write: remember it."""
         planned.etag = etag
         self._remember(planned, generation)
         logger.debug(
@@ -309,13 +317,28 @@ class BlobReferenceStore:
         found = await self._read_json(user_index_name(channel_id, kind, value))
         return read_index(found[0], channel_id, kind) if found else None
 
+    async def mark_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        await self._change_indexes("mark_user_index", channel_id, user_id, aad_object_id, marked)
+
     async def settle_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None:
+        await self._change_indexes("settle_user_index", channel_id, user_id, aad_object_id, settled)
+
+    async def _change_indexes(
+        self,
+        operation: str,
+        channel_id: str,
+        user_id: str | None,
+        aad_object_id: str | None,
+        change: IndexChange,
+    ) -> None:
         lookups = user_lookups(channel_id, user_id, aad_object_id)
-        async with self._guard("settle_user_index", channel_id):
+        async with self._guard(operation, channel_id):
             for kind, value in lookups:
-                await self._update_index(channel_id, kind, value, settled)
+                await self._update_index(channel_id, kind, value, change)
 
     async def close(self) -> None:
         await self._store.close()

@@ -138,6 +138,13 @@ class ReferenceStore(Protocol):
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> bool: ...
 
+    async def mark_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        """An erasure begins: mark the user's index (one with keys) as overflowed, so that
+        should it fail part-way, its retry lists the channel for what the index lost."""
+        ...
+
     async def settle_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None: ...
@@ -421,6 +428,12 @@ def without(key: str) -> IndexChange:
 def settled(index: UserIndex) -> UserIndex:
     """Index change after an erasure that listed the channel: the overflow is dealt with."""
     return UserIndex(index.keys, False)
+
+
+def marked(index: UserIndex) -> UserIndex:
+    """Index change as an erasure begins: an index with keys says it overflowed (a retry
+    after a failure part-way then lists the channel); one with none stays as it is."""
+    return UserIndex(index.keys, True) if index.keys else index
 
 
 _LEGACY_INDEX_KEYS = 8  # what the index held before INDEX_KEYS, with no overflow mark

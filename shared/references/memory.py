@@ -17,6 +17,7 @@ from shared.references.contract import (
     decode_token,
     encode_token,
     index_entries,
+    marked,
     plan,
     reference_key,
     settled,
@@ -127,6 +128,12 @@ class MemoryReferenceStore:
             self._users.get((channel_id, kind, value), UserIndex()).overflowed
             for kind, value in user_lookups(channel_id, user_id, aad_object_id)
         )
+
+    async def mark_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        for kind, value in user_lookups(channel_id, user_id, aad_object_id):
+            self._change_index((channel_id, kind, value), marked)
 
     async def settle_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None

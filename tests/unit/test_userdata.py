@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -314,3 +315,96 @@ async def test_blob_an_index_the_previous_version_filled_still_leads_erasure_to_
     for visit in range(10):
         assert await state.read(conversation_state_key(channel, f"a:{visit}")) is None
     assert [blob.name for blob in raw.list_blobs()] == []
+
+
+async def test_a_1to1_stored_again_during_the_erasure_does_not_end_it_early(stores):
+    # Ada's 1:1 in tenant 1 is erased, then her message in it lands on another instance
+    # and stores it again (the index's front). The erasure took the repeat for the end
+    # and left her 1:1 in tenant 2, which nothing had touched.
+    references, state = stores
+    await seed(references, state)
+    real_delete, raced = references.delete, []
+
+    async def delete_then_ada_speaks(key):
+        deleted = await real_delete(key)
+        if not raced:
+            raced.append(key)
+            await references.upsert(reference(key.split("/", 1)[1], user="29:ada", aad="aad-ada"))
+        return deleted
+
+    references.delete = delete_then_ada_speaks
+    erased = await erase_user_data(
+        channel_id="msteams", user_id="29:ada", state=state, references=references
+    )
+
+    left = sorted(await list_all(references))
+    assert left == sorted(["msteams/a:bob-1", "msteams/19:group", raced[0]])
+    assert sorted(erased.conversations) == ["msteams/a:ada-1", "msteams/a:ada-2"]
+
+
+@pytest.mark.integration
+async def test_blob_a_retry_after_a_reference_delete_failed_finishes_the_erasure(blob_store):
+    # The reference's blob delete failed after its user index entry was removed: the retry
+    # found nothing through the index, answered "done", and the 1:1 stayed stored.
+    from azure.core.exceptions import HttpResponseError
+
+    from shared.references import StoreError
+
+    references, _ = blob_store
+    state = MemoryStateStore()
+    await seed(references, state)
+    container, failed = references._store, []
+    real_remove = container.remove
+
+    async def remove_failing_once(name, etag=None):
+        if name.startswith("refs/") and not failed:
+            failed.append(name)
+            busy = HttpResponseError(message="Server Busy")
+            busy.status_code = 503
+            raise busy
+        return await real_remove(name, etag)
+
+    container.remove = remove_failing_once
+    with pytest.raises(StoreError):
+        await erase_user_data(
+            channel_id="msteams", user_id="29:ada", state=state, references=references
+        )
+    container.remove = real_remove
+    await erase_user_data(
+        channel_id="msteams", user_id="29:ada", state=state, references=references
+    )
+
+    assert failed
+    assert sorted(await list_all(references)) == ["msteams/19:group", "msteams/a:bob-1"]
+    who = {"channel_id": "msteams", "user_id": "29:ada"}
+    assert await references.user_index_overflowed(**who) is False  # settled once done
+
+
+@pytest.mark.integration
+async def test_blob_a_record_cut_short_leaves_nothing_erasure_cannot_find(blob_store):
+    # A new 1:1's record cut off between its two writes (the turn's recording budget ran
+    # out, or the process died): the document was written without its index entry, and
+    # the user's erasure did not find it.
+    references, _ = blob_store
+    container, writes = references._store, []
+    real_put = container.put
+    stalled = asyncio.Event()
+
+    async def second_write_stalls(name, body, etag, **options):
+        writes.append(name)
+        if len(writes) == 2:
+            await stalled.wait()  # never set: cancelled by the budget
+        return await real_put(name, body, etag, **options)
+
+    container.put = second_write_stalls
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await references.upsert(reference("a:ada-1", user="29:ada", aad="aad-ada"))
+    container.put = real_put
+    assert len(writes) == 2
+
+    await erase_user_data(
+        channel_id="msteams", user_id="29:ada", state=MemoryStateStore(), references=references
+    )
+
+    assert await list_all(references) == []
