@@ -41,6 +41,7 @@ from shared.activity import (
     TEAMS_CHANNEL,
     channel_data,
     conversation_reference,
+    from_teams,
     is_bot_account,
     is_message_extension,
     teams_team_id,
@@ -77,7 +78,10 @@ def classify(activity: Mapping[str, Any]) -> Change:
             return Change.REMOVE
         return Change.REFRESH
     if kind == "conversationUpdate":
-        event = channel_data(activity).get("eventType")
+        # A Teams field (elsewhere the client writes channelData), and text when it is one.
+        event = channel_data(activity).get("eventType") if from_teams(activity) else None
+        if not isinstance(event, str):
+            event = None
         if event in _REMOVAL_EVENTS:
             return Change.REMOVE
         if event == "teamRestored":

@@ -156,6 +156,9 @@ class OpenIdKeyCache:
             try:
                 keys = await self._fetch()
             except KeySourceError as exc:
+                # Counted from the failure: an attempt that hung until the fetch timeout
+                # must not leave the pause between attempts already spent.
+                self._attempted_at = self._clock()
                 self._last_error = str(exc)
                 log.warning(
                     "signing keys refresh failed url=%s cached=%d reason=%s",

@@ -482,6 +482,44 @@ async def test_key_source_documents_are_limited_in_size_and_time():
                 assert time.monotonic() - started < 3
 
 
+async def test_after_a_cold_fetch_timed_out_requests_wait_before_fetching_again():
+    # A key endpoint that accepts and never answers (packets dropped): the attempt ends at
+    # the fetch timeout, as long as the pause between cold attempts (5 s), and the pause
+    # counted from the attempt's start. Every request then fetched again and waited the
+    # whole timeout for its 503.
+    now = [1000.0]
+    hits = []
+
+    async def hang(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        now[0] += 6  # the attempt takes longer than the pause between cold attempts
+        await asyncio.sleep(1)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/meta", hang)
+    with BackgroundServer(app) as server:
+        async with aiohttp.ClientSession() as session:
+
+            async def shared_session() -> aiohttp.ClientSession:
+                return session
+
+            cache = OpenIdKeyCache(
+                server.url + "/meta", shared_session, timeout=0.3, clock=lambda: now[0]
+            )
+            with pytest.raises(KeySourceError, match="longer than"):
+                await cache.get("kid")
+            started = time.monotonic()
+            with pytest.raises(KeySourceError):
+                await cache.get("kid")
+            assert time.monotonic() - started < 0.2  # answered at once, no second wait
+            assert len(hits) == 1
+            now[0] += 5  # the pause is over: tried again
+            with pytest.raises(KeySourceError):
+                await cache.get("kid")
+            assert len(hits) == 2
+
+
 def jwk(bits: int = 2048, **fields) -> dict:
     from cryptography.hazmat.primitives.asymmetric import rsa
 

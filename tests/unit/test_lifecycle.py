@@ -122,6 +122,19 @@ async def test_bot_added_to_a_team_adds_the_conversation(store, bot_id):
     assert "activityId" not in stored.reference  # a conversationUpdate cannot be replied to
 
 
+@pytest.mark.parametrize("event", [["teamDeleted"], {"x": 1}, 7, "teamDeleted"])
+def test_an_event_type_off_teams_or_not_text_means_nothing(event):
+    # A list there raised TypeError (unhashable) after the turn's replies had gone: a 500,
+    # the conversation not recorded, and a channel that retries would welcome twice. And
+    # eventType is a Teams field: on another channel its client writes channelData.
+    added = {"membersAdded": [{"id": "u-2"}]}
+    webchat = activity("conversationUpdate", "c-1", event=event, channelId="webchat", **added)
+    assert classify(webchat) is Change.REFRESH
+    teams = activity("conversationUpdate", "19:chat", personal=False, event=event, **added)
+    expected = Change.REMOVE if event == "teamDeleted" else Change.REFRESH
+    assert classify(teams) is expected
+
+
 async def test_other_members_added_stores_a_new_conversation_too(store):
     update = activity(
         "conversationUpdate", "19:chat", personal=False, membersAdded=[{"id": "29:x"}]
