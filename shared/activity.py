@@ -202,7 +202,7 @@ def parse_activity(body: bytes) -> Activity:
         raise InvalidActivity(400, "body is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidActivity(400, "body must be a JSON object")
-    if _nests_deeper(value, MAX_JSON_DEPTH):
+    if nests_deeper(value, MAX_JSON_DEPTH):
         raise InvalidActivity(400, f"body is nested more than {MAX_JSON_DEPTH} levels deep")
     validate_activity(value)
     return value
@@ -296,7 +296,7 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _nests_deeper(value: Any, limit: int) -> bool:
+def nests_deeper(value: Any, limit: int) -> bool:
     """True when objects/arrays in `value` nest more than `limit` levels (no recursion)."""
     level = [value]
     for _ in range(limit):

@@ -80,7 +80,10 @@ class NotJson(StoreError):
 
 
 def _body(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: valid as a JSON escape, not as UTF-8
+        return json.dumps(data, separators=(",", ":")).encode("ascii")
 
 
 # ---------------------------------------------------------------------------- in memory

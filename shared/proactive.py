@@ -52,12 +52,12 @@ from shared.idempotency import (
     take_claim,
 )
 from shared.proactive_schema import (
-    MAX_ID_CHARS,
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
     parse_request,
     request_bytes,
+    usable_id,
 )
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
@@ -563,9 +563,7 @@ def _request_id(body: bytes | str) -> str | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     request_id = message.get("id") if isinstance(message, dict) else None
-    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS:
-        return request_id
-    return None
+    return request_id if usable_id(request_id) else None
 
 
 async def send_to_poison_queue(settings: Settings, body: bytes | str, reason: str) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.activity import (
+    MAX_JSON_DEPTH,
     TEAMS_CHANNEL,
     NotJsonNumber,
     as_activity,
     conversation_key,
     finite_float,
+    nests_deeper,
     refuse_constant,
     split_key,
 )
@@ -139,6 +141,8 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
         raise InvalidRequest("the message is not JSON") from None
     if not isinstance(message, dict):
         raise InvalidRequest("the message is not a JSON object")
+    if nests_deeper(message, MAX_JSON_DEPTH + 1):  # the activity one level down
+        raise InvalidRequest(f"the activity nests more than {MAX_JSON_DEPTH} levels deep")
     unknown = sorted(set(message) - TOP_LEVEL_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
@@ -162,6 +166,8 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if kind == "conversation":
         try:
             split_key(value)
+            if _SURROGATE.search(value):
+                raise ValueError("not Unicode text")
         except ValueError:
             raise InvalidRequest(
                 "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
@@ -182,6 +188,13 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if kind == "broadcast":
         return replace(base, broadcast=parse_broadcast(value))
     raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+def usable_id(value: Any) -> bool:
+    """Whether `value` passes parse_request's rules for `id` (a report is kept under it)."""
+    return (
+        isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and not _UNPRINTABLE.search(value)
+    )
 
 
 # Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and lone
@@ -286,4 +299,9 @@ def _content(activity: Any, text: Any) -> dict[str, Any]:
 
 
 def _non_empty_string(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
+    """A non-empty string of Unicode text (a lone surrogate escape is JSON, not text: no
+    blob name, URL or log line takes it)."""
+    return isinstance(value, str) and bool(value) and not _SURROGATE.search(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

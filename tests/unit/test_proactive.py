@@ -32,6 +32,7 @@ from shared.proactive import (
 )
 from shared.queues import MemoryQueue
 from shared.references import MemoryReferenceStore
+from shared.reports import read_report
 from shared.router import Router
 from shared.runtime import Runtime
 from shared.storage import close_shared_clients
@@ -541,6 +542,50 @@ async def test_malformed_queue_message_is_poisoned_at_once(
     ]
     assert fake_connector.requests == []
     assert fake_aad.issuances == []
+
+
+def _deep(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+USER_TO = {"channelId": "msteams", "tenantId": "t-1", "serviceUrl": "https://x.example/"}
+UNSTORABLE = {
+    # A lone surrogate escape (valid JSON, not Unicode; what Python makes of bytes that are
+    # not UTF-8 on a command line): every attempt raised UnicodeEncodeError writing the
+    # report, and the host poisoned the message with no reason.
+    "id": ({"id": "req-\ud800", "to": {"conversation": KEY}, "text": "hi"}, None),
+    "conversation key": (
+        {"id": "req-k", "to": {"conversation": "msteams/a:\udc00"}, "text": "hi"},
+        "req-k",
+    ),
+    "user": ({"id": "req-u", "to": {"user": {**USER_TO, "id": "29:\udc00"}}, "text": "x"}, "req-u"),
+    # Nested deeper than the channel's JSON readers go: parsed here, then RecursionError
+    # (or not) depending on the stack depth where it was written again.
+    "nesting": (
+        {"id": "req-d", "to": {"conversation": KEY}, "activity": {"value": _deep(300)}},
+        "req-d",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSTORABLE))
+async def test_a_request_no_store_or_channel_takes_is_poisoned_at_once_with_its_reason(
+    runtime, engine, fake_connector, case
+):
+    message, request_id = UNSTORABLE[case]
+
+    outcome = await handle_queue_message(json.dumps(message), runtime, engine=engine)
+
+    assert outcome is Outcome.POISONED
+    [copy] = engine.queue.poisoned
+    assert copy["poisonReason"].startswith("invalid request: ")
+    assert fake_connector.requests == []
+    if request_id is not None:
+        report = await read_report(engine.ledger, request_id)
+        assert (report["state"], report["failed"]) == ("done", 1)
 
 
 async def test_untrusted_reference_is_poisoned_at_once(runtime, engine, attacker, fake_connector):
