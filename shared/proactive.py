@@ -33,11 +33,12 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
@@ -110,21 +111,43 @@ async def handle_queue_message(
     engine = engine or Engine.for_runtime(runtime)
     try:
         return await _handle(body, engine)
-    except Exception:
+    except Exception as failure:
         if final_attempt:
-            await _record_given_up(body, engine)
+            await _record_given_up(body, engine, failure)
         raise
 
 
-async def _record_given_up(body: bytes | str, engine: Engine) -> None:
+async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception) -> None:
+    """The host's last attempt failed: the target's outcome as far as it is known, so its
+    report still reaches `done`. What a copy kept for its record carries, or what a send
+    left unrecorded, is that outcome; otherwise it failed, unless another instance holds a
+    live claim on the target (it is sending, and records its own outcome)."""
     try:
         request = parse_request(body)
     except InvalidRequest:
         return
-    reason = "the function failed on every attempt; the host moved it to the poison queue"
+    outcome: Final = "failed"
+    reason: str | None = (
+        "the function failed on every attempt; the host moved it to the poison queue"
+    )
+    claim_etag = None
+    if isinstance(failure, _Unsettled):
+        outcome, reason, claim_etag = failure.outcome, failure.reason, failure.claim_etag
+    elif request.engine.outcome is not None:
+        outcome, reason = request.engine.outcome, request.engine.reason
     try:
         if request.broadcast is None:
-            await _record(request, engine, "failed", reason)
+            await record_outcome(
+                engine.ledger,
+                request.id,
+                request.target_name,
+                outcome,
+                engine.clock(),
+                reason=reason,
+                label=request.label,
+                claim_etag=claim_etag,
+                yield_to_live_claim=True,
+            )
         else:
             from shared.fanout import end_fan_out
 
@@ -134,7 +157,7 @@ async def _record_given_up(body: bytes | str, engine: Engine) -> None:
             "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
         )
         return
-    logger.warning("proactive %r: %s: %s", request.id, request.label, reason)
+    logger.warning("proactive %r: %s: %s", request.id, request.label, reason or outcome)
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
@@ -220,7 +243,15 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
     if request_id:
         now = engine.clock()
         await ensure_head(engine.ledger, request_id, "single", now)
-        await record_outcome(engine.ledger, request_id, SINGLE_TARGET, "failed", now, reason=reason)
+        await record_outcome(
+            engine.ledger,
+            request_id,
+            SINGLE_TARGET,
+            "failed",
+            now,
+            reason=reason,
+            yield_to_live_claim=True,
+        )
     await engine.queue.poison(body, reason)
     logger.warning("proactive %r poisoned: %s", request_id, reason)
     return Outcome.POISONED
@@ -234,6 +265,26 @@ MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its 
 class _OutcomeKept(Exception):
     """Storage refused the target's outcome after the send; a copy that carries it was
     queued. The claim is kept: it holds other copies off the target until it is recorded."""
+
+
+class _Unsettled(RuntimeError):
+    """After a send, the target's outcome could not be stored (nor a copy carrying it
+    queued), or the invocation failed. Raised to the host (not a StoreError: a copy
+    requeued without the outcome would send again); the claim stays, as after a crash in
+    that window, and the host's last attempt records this outcome over it."""
+
+    def __init__(self, outcome: Final, reason: str | None, claim_etag: str | None) -> None:
+        super().__init__(f"the send's outcome ({outcome}) is not recorded")
+        self.outcome, self.reason, self.claim_etag = outcome, reason, claim_etag
+
+
+@dataclass(slots=True)
+class _Progress:
+    posted: bool = False  # the Connector may have the message: a failure keeps the claim
+
+
+SETTLE_PAUSES = (0.5, 2.0)  # seconds between tries to record an outcome, or keep a copy of it
+POISON_PAUSES = (0.5, 2.0)  # seconds between tries to put a failure's poison copy
 
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -264,12 +315,20 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
             return Outcome.DUPLICATE
         claim = retried
+    progress = _Progress()
     try:
-        outcome = await _send_claimed(request, engine, claim, claimed_at)
+        outcome = await _send_claimed(request, engine, claim, claimed_at, progress)
     except _OutcomeKept:
         return Outcome.REQUEUED  # the claim stays until the kept copy records the outcome
-    except BaseException:
-        await release_claim(ledger, claim)
+    except BaseException as error:
+        if not progress.posted:
+            await release_claim(ledger, claim)
+            raise
+        # The claim stays: released, the host's redelivery would send again at once. What
+        # the host's last attempt then records over it, should it fail too:
+        if isinstance(error, Exception) and not isinstance(error, _Unsettled):
+            reason = "the function failed after the send; the message may have been posted"
+            raise _Unsettled("failed", reason, claim.etag) from error
         raise
     if outcome not in SETTLED:
         await release_claim(ledger, claim)
@@ -277,7 +336,11 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
 
 
 async def _send_claimed(
-    request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
+    request: ProactiveRequest,
+    engine: Engine,
+    claim: Claim,
+    claimed_at: float,
+    progress: _Progress,
 ) -> Outcome:
     try:
         if _claim_spent(request, engine, claimed_at):
@@ -288,8 +351,10 @@ async def _send_claimed(
         elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
             return await engine.requeue(request, engine.jitter(1.0), count=False)
         else:
+            progress.posted = True
             outcome = await post(request, engine.runtime, target)
     except ConnectorError as error:
+        progress.posted = error.kind is ErrorKind.UNCERTAIN
         return await _connector_failure(request, engine, error, claim.etag)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
@@ -364,12 +429,21 @@ async def _record_or_hold(
 ) -> None:
     """Record the target's final outcome (after a send). When storage refuses, a copy that
     carries the outcome is queued instead (so it is recorded, never resent), and
-    _OutcomeKept tells the send to keep its claim meanwhile."""
-    try:
-        await _record(request, engine, outcome, reason, claim_etag=claim_etag)
-    except StoreError as failure:
-        await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-        raise _OutcomeKept from None
+    _OutcomeKept tells the send to keep its claim meanwhile. When the queue refuses that
+    copy too, both are tried again after a pause (SETTLE_PAUSES), then _Unsettled."""
+    for pause in (*SETTLE_PAUSES, None):
+        try:
+            await _record(request, engine, outcome, reason, claim_etag=claim_etag)
+            return
+        except StoreError as failure:
+            try:
+                await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+            except Exception:
+                if pause is None:
+                    raise _Unsettled(outcome, reason, claim_etag) from None
+                await asyncio.sleep(engine.jitter(pause))
+                continue
+            raise _OutcomeKept from None
 
 
 async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -383,6 +457,8 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
     if not created:  # this copy arrived twice
         await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
         return Outcome.DUPLICATE
+    if outcome == "failed":
+        await _put_poison_copy(request, engine, reason or "failed")
     logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
     return Outcome(outcome)
 
@@ -544,16 +620,38 @@ def _describe(error: ConnectorError) -> str:
 async def _fail(
     request: ProactiveRequest, engine: Engine, reason: str, claim_etag: str | None = None
 ) -> Outcome:
-    """Final failure: reported with the reason, and a poison copy for an operator."""
-    # The copy an operator may put back as it is: a fresh start (a child stays a child).
+    """Final failure: reported with the reason, and a poison copy for an operator.
+
+    Recorded first: once the outcome is in the slot no copy of the request sends again,
+    whatever happens to the poison copy. When storage refuses the record, the copy kept
+    to record it puts the poison copy when it does (_record_unrecorded)."""
+    await _record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
+    await _put_poison_copy(request, engine, reason)
+    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
+    return Outcome.FAILED
+
+
+async def _put_poison_copy(request: ProactiveRequest, engine: Engine, reason: str) -> None:
+    """The copy an operator may put back as it is: a fresh start (a child stays a child).
+    Its failure is recorded already, so a queue that refuses it is tried again after a
+    pause (POISON_PAUSES), then left: the report keeps the reason."""
     copy = {k: v for k, v in request.message.items() if k != RESERVED}
     if request.engine.child:
         copy[RESERVED] = {"child": True}
-    await engine.queue.poison(compact_json(copy), reason)
-    # or kept, recorded later
-    await _record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
-    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
-    return Outcome.FAILED
+    for pause in (*POISON_PAUSES, None):
+        try:
+            await engine.queue.poison(compact_json(copy), reason)
+            return
+        except Exception as error:
+            if pause is None:
+                logger.warning(
+                    "proactive %r: the poison copy could not be queued (%s); the report "
+                    "has the failure and its reason",
+                    request.id,
+                    type(error).__name__,
+                )
+                return
+            await asyncio.sleep(engine.jitter(pause))
 
 
 def _request_id(body: bytes | str) -> str | None:

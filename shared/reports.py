@@ -117,6 +117,7 @@ async def record_outcome(
     detail: Mapping[str, Any] | None = None,
     claim_etag: str | None = None,
     only_if_empty: bool = False,
+    yield_to_live_claim: bool = False,
 ) -> bool:
     """Write the target's final outcome once; False when it already had one.
 
@@ -128,6 +129,8 @@ async def record_outcome(
     Except a failure over a live claim of another instance (it took over after this one's
     claim expired, and is sending): its holder records the outcome, so a failure here
     cannot stand in the report for a target that instance then delivers (False).
+    `yield_to_live_claim`: the same for a failure recorded without a claim (the host gave
+    up on a message, or it is invalid): any live claim is another's, sending.
     `label` is what the report shows as the target (the conversation key, when known).
     """
     shown = label or target
@@ -153,7 +156,8 @@ async def record_outcome(
         if is_outcome(current.data):
             return False
         expires = claim_expiry(current.data)
-        if outcome == "failed" and claim_etag is not None and expires is not None and expires > now:
+        guarded = claim_etag is not None or yield_to_live_claim
+        if outcome == "failed" and guarded and expires is not None and expires > now:
             return False
         if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:
             return True

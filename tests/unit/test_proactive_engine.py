@@ -1903,3 +1903,183 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
         assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
     finally:
         await runtime.close()
+
+
+# --- review: once the Connector may have the message, no failure sends it again ----------
+
+
+class FlakyQueue(MemoryQueue):
+    """A queue whose next `fail_puts` puts and `fail_poisons` poison puts fail (a transient
+    queue error), then work."""
+
+    def __init__(self, *, fail_puts: int = 0, fail_poisons: int = 0) -> None:
+        super().__init__()
+        self.fail_puts, self.fail_poisons = fail_puts, fail_poisons
+
+    async def put(self, text, *, delay=0.0):
+        if self.fail_puts > 0:
+            self.fail_puts -= 1
+            raise OSError("queue unreachable (test outage)")
+        await MemoryQueue.put(self, text, delay=delay)
+
+    async def poison(self, body, reason):
+        if self.fail_poisons > 0:
+            self.fail_poisons -= 1
+            raise OSError("queue unreachable (test outage)")
+        await MemoryQueue.poison(self, body, reason)
+
+
+async def redelivered(engine: Engine, text: str) -> list[Outcome | str]:
+    """The message handled as the host would: again after an attempt that raised."""
+    outcomes: list[Outcome | str] = []
+    for _ in range(2):
+        try:
+            outcomes.append(await handle(engine, text))
+            return outcomes
+        except Exception as error:
+            outcomes.append(type(error).__name__)
+    return outcomes
+
+
+async def test_a_send_that_may_have_been_posted_is_not_resent_when_its_poison_copy_fails_once(
+    parts, fake_connector
+):
+    # A 500 (the message may have been posted): its poison copy was put before the failure
+    # was recorded, and a queue error there released the claim; the host's redelivery
+    # found the slot empty and sent the message again.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.queue = FlakyQueue(fail_poisons=1)
+    text = body({"conversation": "msteams/a:1"})
+
+    await redelivered(engine, text)
+    engine.clock.now += engine.claim_seconds + 1
+    await redelivered(engine, text)
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"]
+
+
+async def test_a_failure_kept_for_its_record_still_leaves_a_poison_copy(parts, fake_connector):
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+
+    assert await handle(engine, kept) is Outcome.FAILED
+
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"] and RESERVED not in poisoned
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_delivered_send_whose_settle_and_first_kept_copy_failed_is_not_resent(
+    parts, fake_connector
+):
+    # The 2xx came, the settling write failed, and the first put of the copy that carries
+    # the outcome failed once: the StoreError went on to the requeue for storage failures,
+    # whose copy carried no outcome, and sent the message again when it came back.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    engine.queue = FlakyQueue(fail_puts=1)
+    text = body({"conversation": "msteams/a:1"})
+
+    assert await handle(engine, text) is Outcome.REQUEUED
+
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)[RESERVED]["outcome"] == "delivered"
+    engine.ledger.down = False
+    assert await handle(engine, kept) is Outcome.DELIVERED
+    engine.clock.now += engine.claim_seconds + 1
+    assert await handle(engine, text) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_delivered_send_nothing_could_record_keeps_its_claim(parts, fake_connector):
+    # Neither the settling write nor the kept copy's put got through: the claim stays (the
+    # message went out), so the host's redelivery is held off rather than sent at once.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(Exception) as raised:
+        await handle(engine, text)
+    assert not isinstance(raised.value, StoreError)  # not for the storage requeue either
+
+    engine.queue = MemoryQueue()
+    assert await handle(engine, text) is Outcome.REQUEUED  # held off by the claim
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_the_hosts_last_attempt_never_fails_a_target_another_instance_is_sending(
+    parts, fake_connector
+):
+    # Copy A holds a live claim and is sending; copy B, on the host's last attempt, finds
+    # it busy and cannot queue its put-back. B's "failed on every attempt" replaced A's
+    # claim: the report said failed for a target A then delivered.
+    from shared.idempotency import take_claim
+    from shared.reports import SINGLE_TARGET
+
+    _runtime, engine = parts
+    text = body({"conversation": "msteams/a:1"})
+    slot = outcome_name("req-1", SINGLE_TARGET)
+    await ensure_head(engine.ledger, "req-1", "single", engine.clock())
+    claim = await take_claim(engine.ledger, slot, engine.clock(), seconds=engine.claim_seconds)
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.queue = DownQueue()
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+
+    record = await engine.ledger.read(slot)
+    assert record is not None and record.etag == claim.etag  # A's claim, untouched
+    report = await read_report(engine.ledger, "req-1")
+    assert report["failed"] == 0
+
+
+async def test_the_hosts_last_attempt_records_the_outcome_a_kept_copy_carries(
+    parts, fake_connector
+):
+    # A kept copy (delivered; storage refused its record) whose last attempt failed too:
+    # the host gave up on it, and the report said failed for a message that was delivered.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+
+    class OneMoreRefusal(OutcomeWriteOutage):
+        left = 1
+
+        def _check(self, data) -> None:
+            if isinstance(data, dict) and "outcome" in data and self.left > 0:
+                self.left -= 1
+                raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    engine.ledger = OneMoreRefusal(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.queue = DownQueue()
+    with pytest.raises(StoreError):
+        await handle_queue_message(kept, engine.runtime, engine=engine, final_attempt=True)
+
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+    assert sends(fake_connector) == ["a:1"]
