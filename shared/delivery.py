@@ -20,6 +20,8 @@ from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
 from shared.lifecycle import forget_conversation
 from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
+from shared.references.contract import StoreError
+from shared.state import StateError
 
 if TYPE_CHECKING:
     from shared.connector import ConnectorClient
@@ -145,7 +147,17 @@ async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Out
 async def _prune(
     runtime: Parts, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
 ) -> bool:
-    """Remove the conversation tried, its state with it (as a removal does)."""
+    """Remove the conversation tried, its state with it (as a removal does). A state
+    store failure is a storage failure like the reference store's (StoreError)."""
+    try:
+        return await _forget_tried(runtime, stored_key, key, tried)
+    except StateError as error:
+        raise StoreError(str(error)) from None
+
+
+async def _forget_tried(
+    runtime: Parts, stored_key: str | None, key: str | None, tried: Mapping[str, Any]
+) -> bool:
     if stored_key is None:
         if key is None:
             return False

@@ -352,7 +352,11 @@ async def _send_claimed(
             return await engine.requeue(request, engine.jitter(1.0), count=False)
         else:
             progress.posted = True
-            outcome = await post(request, engine.runtime, target)
+            try:
+                outcome = await post(request, engine.runtime, target)
+            except StoreError:
+                progress.posted = False  # the prune of a conversation that is gone
+                raise
     except ConnectorError as error:
         progress.posted = error.kind is ErrorKind.UNCERTAIN
         return await _connector_failure(request, engine, error, claim.etag)

@@ -2083,3 +2083,37 @@ async def test_the_hosts_last_attempt_records_the_outcome_a_kept_copy_carries(
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
     assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_prune_whose_state_delete_fails_is_held_for_storage_and_retried(
+    parts, fake_connector
+):
+    # The channel said the conversation is gone (nothing was posted), and deleting its
+    # state failed: the failure is a storage one, held and retried like any other, with
+    # the claim released, not a send that "may have been posted".
+    from shared.state import MemoryStateStore, StateError, conversation_state_key
+
+    runtime, engine = parts
+
+    class DownState(MemoryStateStore):
+        down = True
+
+        async def delete(self, key):
+            if self.down:
+                raise StateError("state store: delete failed: HTTP 503 (HttpResponseError)")
+            return await MemoryStateStore.delete(self, key)
+
+    runtime.state = state = DownState()
+    assert await state.write(conversation_state_key("msteams", "a:1"), {"n": 1}, etag=None)
+    fake_connector.script("POST", r"/activities$", [Reply(403, json=GONE)] * 2)
+    text = body({"conversation": "msteams/a:1"})
+
+    assert await handle(engine, text) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+    state.down = False
+    assert await handle(engine, copy) is Outcome.PRUNED  # not held off by a kept claim
+
+    assert await runtime.references.get("msteams/a:1") is None
+    assert await state.read(conversation_state_key("msteams", "a:1")) is None
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["pruned"]) == ("done", 1)
