@@ -43,10 +43,10 @@ Blob layout (container `BOT_REFERENCES_CONTAINER`, created on first write)
     always (elsewhere).
     The ``aad`` index is kept for msteams only: elsewhere the client writes aadObjectId.
     Changed with ETags like the documents; brought up to date
-    before every document write, so no document is stored without its entries (a delete
-    takes them out before it removes the document at the ETag it read, so the last word
-    is always the writer's); every entry is verified against its document when read, so
-    a stale or orphaned entry is never returned.
+    after every document write (a delete takes its entries out before it removes the
+    document, so the last word is always the writer's), and that write finishes even when
+    the caller stopped waiting (a turn's recording budget); every entry is verified against
+    its document when read, so a stale or orphaned entry is never returned.
 
 Name segments
     ``b`` + base64url(UTF-8, no padding) of the id: reversible (:func:`decode_segment`),

@@ -141,6 +141,7 @@ class BlobReferenceStore:
         self._max_attempts = max_attempts
         self._listing_batch = listing_batch
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
+        self._indexing: set[asyncio.Task] = set()  # index writes an upsert stopped waiting for
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
         self._sleep = sleep
@@ -185,7 +186,6 @@ class BlobReferenceStore:
                         await self._update_index(current.channel_id, kind, value, including(key))
                     self._remember(current, generation)
                     return False
-                await self._index(planned, likely_absent=current is None)
                 etag = await self._put(
                     name,
                     _document_body(planned),
@@ -193,7 +193,7 @@ class BlobReferenceStore:
                     metadata_for=planned,
                 )
                 if etag is not None:
-                    self._written(planned, etag, current is None, generation)
+                    await self._written(planned, etag, current is None, generation)
                     return True
                 self._cache.drop(key)
                 await self._backoff(attempt)
@@ -210,39 +210,54 @@ class BlobReferenceStore:
         stored one, so only tried while most uncached conversations have been new."""
         planned = plan(None, reference, team_id, self._clock())
         assert planned is not None  # nothing stored: always something to write
-        await self._index(planned, likely_absent=True)
         etag = await self._put(name, _document_body(planned), None, metadata_for=planned)
         self._observe(new=etag is not None)
         if etag is None:
             return False  # stored already: read it and merge, as usual
-        self._written(planned, etag, True, generation)
+        await self._written(planned, etag, True, generation)
         return True
 
-    async def _index(self, planned: StoredReference, *, likely_absent: bool) -> None:
-        """Before a document write: its user index entries (the key to the front).
+    async def _written(
+        self, planned: StoredReference, etag: str, created: bool, generation: int
+    ) -> None:
+        """After a document write: its user index entries, then the cache.
 
-        The index first, then the document, so a document is never stored without its
-        entries: erasure finds a user's 1:1s through them. Should the document write fail,
-        be cut short or lose a race, the entry is left pointing at a document that is not
-        (or not yet) there, which is harmless: every entry is checked against its document
-        when read. A delete takes the key out of the index before it removes the document
-        at the ETag it read, so an upsert racing it either lands first (the delete's
-        conditional remove fails, and it starts over) or after (its own write of the index
-        comes first): either way a stored document keeps its entries.
-        ``likely_absent``: the user's first conversation, probably (see _update_index).
+        The document first, then the index. A delete takes the key out of the index before
+        it removes the document, so the index write that follows every document write leaves
+        a stored conversation findable by its user; nothing needs reading back (written
+        first, an entry could be removed by a delete racing a blind create, which then
+        stores the document without it). The index write is not cut short when the caller
+        stops waiting (a turn's recording budget): it finishes on its own, since erasure
+        finds a user's 1:1s through it. Should it fail (or the process die) in between,
+        nothing is remembered: the next activity reads the document, finds it unchanged
+        and puts the index entry back.
         """
-        for kind, value in index_entries(planned):
-            await self._update_index(
-                planned.channel_id, kind, value, to_front(planned.key), likely_absent=likely_absent
-            )
-
-    def _written(self, planned: StoredReference, etag: str, created: bool, generation: int) -> None:
-        """After a document write: remember it."""
+        task = asyncio.ensure_future(self._index(planned, created))
+        self._indexing.add(task)
+        task.add_done_callback(self._indexed)
+        await asyncio.shield(task)
         planned.etag = etag
         self._remember(planned, generation)
         logger.debug(
             "references: %s %s", "created" if created else "updated", short_key(planned.key)
         )
+
+    async def _index(self, planned: StoredReference, likely_absent: bool) -> None:
+        async with self._guard("upsert", planned.key):
+            for kind, value in index_entries(planned):
+                await self._update_index(
+                    planned.channel_id,
+                    kind,
+                    value,
+                    to_front(planned.key),
+                    likely_absent=likely_absent,
+                )
+
+    def _indexed(self, task: asyncio.Task) -> None:
+        self._indexing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Seen by the upsert that awaited it, unless it had stopped waiting.
+            logger.debug("references: an index update failed: %s", task.exception())
 
     def _observe(self, *, new: bool) -> None:
         """Track how often an uncached conversation turns out new (a moving average)."""
