@@ -895,6 +895,26 @@ async def test_blob_delete_racing_a_recreate_keeps_the_user_index(gated):
 
 
 @pytest.mark.integration
+async def test_blob_a_blind_create_racing_a_delete_keeps_the_user_index(gated):
+    # An instance that has seen mostly new conversations creates without reading first.
+    # Its create lands just after another instance deleted the conversation: the document
+    # is stored again, and its user must still find it (written before the document, its
+    # index entry was taken out by the delete).
+    deleter, _ = gated()
+    creator, creator_transport = gated()
+    await deleter.upsert(reference())
+    creator._new_share = 1.0  # create-first, as after a run of new conversations
+    document_put = creator_transport.gate(_is("PUT", "refs"))
+    creating = asyncio.create_task(creator.upsert(reference(service_url=AMER)))
+    await document_put.wait_reached()
+    assert await deleter.delete("msteams/a:1") is True
+    document_put.released.set()
+    assert await creating is True
+    by_id = await creator.find_by_user(channel_id="msteams", user_id="29:user")
+    assert by_id is not None and by_id.key == "msteams/a:1"
+
+
+@pytest.mark.integration
 async def test_blob_delete_during_an_update_leaves_no_stale_cache(gated):
     store, transport = gated()
     await store.upsert(reference())
