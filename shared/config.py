@@ -110,7 +110,7 @@ class SettingsError(Exception):
 class StorageSettings:
     """Where `AzureWebJobsStorage` points: a connection string, or identity-based URIs."""
 
-    connection_string: str = ""
+    connection_string: str = field(default="", repr=False)  # may hold the account key
     account_name: str = ""
     blob_service_uri: str = ""
     queue_service_uri: str = ""

@@ -41,7 +41,13 @@ from shared.config import (
     proactive_queue_name,
 )
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
-from shared.queues import MAX_DELAY_SECONDS, MAX_REQUEST_BYTES, StorageQueue, compact_json
+from shared.queues import (
+    MAX_DELAY_SECONDS,
+    MAX_REQUEST_BYTES,
+    QueueError,
+    StorageQueue,
+    compact_json,
+)
 
 LOCAL_SETTINGS = "local.settings.json"
 STORAGE_SETTING = "AzureWebJobsStorage"
@@ -110,10 +116,8 @@ def _refused(error: BaseException) -> bool:
     A 5xx, a timeout or a dropped connection may have landed, on that attempt or an
     earlier one the client retried (it raises only the last attempt's error; a connection
     error there says nothing of the attempts before it)."""
-    from azure.core.exceptions import HttpResponseError
-
-    if isinstance(error, HttpResponseError) and error.status_code is not None:
-        return 400 <= error.status_code < 500 and error.status_code not in (408, 429)
+    if isinstance(error, QueueError) and error.status is not None:
+        return 400 <= error.status < 500 and error.status not in (408, 429)
     return isinstance(error, ValueError)
 
 

@@ -27,6 +27,16 @@ MAX_DELAY_SECONDS = 7 * 24 * 3600 - 60  # Azure's largest visibility timeout is 
 NEVER_EXPIRES = -1  # a message's time to live (Put Message `messagettl`): until it is taken
 
 
+class QueueError(Exception):
+    """A queue call failed. The message names the queue, the operation and the status or
+    the error's type, never the storage SDK's text (which may carry a SAS URL, the
+    service's answer, or a token endpoint's)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class MessageQueue(Protocol):
     async def put(self, text: str, *, delay: float = 0.0) -> None: ...
 
@@ -104,7 +114,7 @@ def _queue_client(settings: Settings, queue_name: str) -> Any:
 
 
 async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
-    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+    from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
     queue = _queue_client(settings, queue_name)
     visibility = min(MAX_DELAY_SECONDS, max(0, math.ceil(delay))) or None
@@ -113,11 +123,28 @@ async def _send(settings: Settings, queue_name: str, text: str, delay: float) ->
     # and unreported, and a poison copy before an operator looked.
     options = {"visibility_timeout": visibility, "time_to_live": NEVER_EXPIRES}
     try:
-        await queue.send_message(text, **options)
-    except ResourceNotFoundError:
-        with contextlib.suppress(ResourceExistsError):  # created meanwhile by another writer
-            await queue.create_queue()
-        await queue.send_message(text, **options)
+        try:
+            await queue.send_message(text, **options)
+        except ResourceNotFoundError:
+            with contextlib.suppress(ResourceExistsError):  # created meanwhile by another
+                await queue.create_queue()
+            await queue.send_message(text, **options)
+    except (AzureError, OSError) as error:
+        raise _queue_error(queue_name, error) from None
+
+
+def _queue_error(queue_name: str, error: BaseException) -> QueueError:
+    from shared.references.contract import refused_credential, storage_auth_message
+
+    where = f"queue {queue_name!r}: put"
+    status = getattr(error, "status_code", None)
+    if refused_credential(error):
+        return QueueError(storage_auth_message(where, error), status=status)
+    if status is not None:
+        code = getattr(error, "error_code", None)
+        shown = f" {str(code)[:60]}" if code else ""
+        return QueueError(f"{where} failed: HTTP {status}{shown}", status=status)
+    return QueueError(f"{where} failed: storage unreachable ({type(error).__name__})")
 
 
 def poison_message(body: bytes | str, reason: str) -> str:

@@ -28,7 +28,7 @@ from shared.config import Settings, ncrontab_problem
 from shared.ledger import Ledger, NotJson, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.producer import request_text
-from shared.queues import MessageQueue, compact_json
+from shared.queues import MessageQueue, QueueError, compact_json
 from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
 
@@ -127,8 +127,6 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
 
     One bad document, or one schedule's failed read or put, never stops the others.
     """
-    from azure.core.exceptions import AzureError  # what the queue's storage calls raise
-
     enqueued: list[str] = []
     names = [entry.name async for entry in ledger.list(SCHEDULES_PREFIX)]
     for blob in names:
@@ -161,7 +159,7 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
             continue
         try:
             enqueued += await _run_one(ledger, queue, schedule, now, record.modified)
-        except (StoreError, AzureError, ValueError) as error:
+        except (StoreError, QueueError, ValueError) as error:
             # Its last run is not moved on: the next run enqueues what is due then.
             logger.warning(
                 "schedule %r: not run this time (%s); retried at the next run",

@@ -345,7 +345,9 @@ def _retrieve(task: asyncio.Task[_Token]) -> None:
 
 
 def _aad_error(result: dict[str, Any], kind: str) -> TokenError:
-    error = str(result.get("error") or "unknown_error")
+    error = str(result.get("error") or "")
+    if not _OAUTH_ERROR.fullmatch(error):
+        error = "unknown_error"  # not an OAuth error code: never quoted (it may echo the form)
     description = str(result.get("error_description") or "")
     match = re.search(r"AADSTS(\d+)", description)
     codes = result.get("error_codes")
@@ -367,6 +369,8 @@ def _aad_error(result: dict[str, Any], kind: str) -> TokenError:
         transient=transient,
     )
 
+
+_OAUTH_ERROR = re.compile(r"[a-z_]{1,64}")  # RFC 6749's codes: invalid_client, …
 
 _PEM_KEY = re.compile(
     r"-----BEGIN ((?:RSA |EC |ENCRYPTED )?PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL

@@ -44,6 +44,11 @@ def test_usgov_selects_every_cloud_url():
 
 def test_secret_is_not_in_repr():
     assert "s3cret" not in repr(settings())
+    # Nor the storage account's key (a bot author logging turn.settings, a traceback that
+    # shows locals).
+    key = "AccountKey=S3CRETKEY=="
+    connection = f"DefaultEndpointsProtocol=https;AccountName=a;{key};EndpointSuffix=x"
+    assert key not in repr(settings(AzureWebJobsStorage=connection))
 
 
 @pytest.mark.parametrize(

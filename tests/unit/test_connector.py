@@ -910,7 +910,7 @@ async def test_unauthenticated_local_mode_sends_no_token_and_only_to_loopback(fa
 
 async def test_the_token_never_appears_in_logs(client, fake_connector, fake_aad, caplog):
     caplog.set_level(logging.DEBUG)  # every logger, msal's and aiohttp's included
-    caplog.set_level(logging.DEBUG, logger="msal")  # the app holds it at WARNING otherwise
+    caplog.set_level(logging.DEBUG, logger="msal")  # the app silences it otherwise
     fake_connector.script(
         "POST",
         "activities$",

@@ -8,6 +8,7 @@ with which token), what the store holds afterwards, and what `deliver` raised or
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -695,6 +696,42 @@ async def test_logs_name_the_request_but_never_its_text(runtime, fake_connector,
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "req-1" in logged and "req-bad" in logged
     assert secret_text not in logged
+
+
+async def test_a_queue_answering_broken_http_raises_its_type_never_the_sas_url(aad_app):
+    # A queue endpoint behind a broken proxy answers something that is not HTTP: the SDK's
+    # error quotes the request's URL, SAS signature included, and it went to the host's
+    # log as it was (the function raised it).
+    import traceback
+
+    from shared.queues import QueueError, StorageQueue
+
+    async def not_http(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nBad Header Line\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sas = "sv=2022-11-02&ss=q&srt=sco&sp=a&se=2030-01-01T00:00:00Z&sig=SECRETSIG123"
+    settings = aad_app.settings(
+        AzureWebJobsStorage=(
+            f"QueueEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+            f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;SharedAccessSignature={sas}"
+        )
+    )
+    try:
+        queue = StorageQueue(settings)
+        for put in (lambda: queue.put("{}"), lambda: queue.poison("{}", "a reason")):
+            with pytest.raises(QueueError) as raised:
+                await put()
+            logged = "".join(traceback.format_exception(raised.value))
+            assert "SECRETSIG123" not in logged
+            assert "storage unreachable" in str(raised.value) or "HTTP" in str(raised.value)
+    finally:
+        server.close()
+        await close_shared_clients()
 
 
 async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(

@@ -18,7 +18,6 @@ from typing import Any
 
 import azure.functions as func
 import pytest
-from azure.core.exceptions import HttpResponseError
 
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
@@ -26,7 +25,7 @@ from shared.connector import ConnectorClient, RetryPolicy
 from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
-from shared.queues import MemoryQueue
+from shared.queues import MemoryQueue, QueueError
 from shared.ratelimit import Pacer, Scope
 from shared.references import MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
@@ -1507,12 +1506,16 @@ async def test_the_trigger_records_a_failure_on_the_last_attempt_the_host_grants
     monkeypatch.delenv(proactive_function.HOST_OVERRIDE, raising=False)
     text = body({"conversation": "msteams/a:landing"}, request_id="req-last")
     for attempt in (1, 4):
-        with pytest.raises(HttpResponseError):  # the queue's 403, raised for the host
+        with pytest.raises(QueueError) as raised:  # the queue's 403, raised for the host
             await proactive_function.main(queue_message(text, attempt))
+        # Its text and chain, which the host logs: the status, never the SDK's text (the
+        # service's answer, the request's URL with the SAS signature).
+        assert "HTTP 403" in str(raised.value) and "sig=" not in str(raised.value)
+        assert raised.value.__cause__ is None and raised.value.__suppress_context__
         report = await refusing_queue("req-last")
         assert report is not None and report["state"] != "done", report
 
-    with pytest.raises(HttpResponseError):
+    with pytest.raises(QueueError):
         await proactive_function.main(queue_message(text, 5))  # host.json's maxDequeueCount
     report = await refusing_queue("req-last")
     assert (report["state"], report["failed"]) == ("done", 1)
@@ -1545,7 +1548,7 @@ async def test_the_hosts_dequeue_budget_can_be_overridden_by_an_app_setting(
     assert proactive_function.max_dequeue_count() == last
     text = body({"conversation": "msteams/a:landing"}, request_id="req-budget")
     for attempt in (last - 1, last):
-        with pytest.raises(HttpResponseError):
+        with pytest.raises(QueueError):
             await proactive_function.main(queue_message(text, attempt))
         report = await refusing_queue("req-budget")
         assert (report["state"] == "done") is (attempt == last), report

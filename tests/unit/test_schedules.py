@@ -8,11 +8,10 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.core.exceptions import ServiceResponseError
 
 from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
-from shared.queues import MemoryQueue, compact_json
+from shared.queues import MemoryQueue, QueueError, compact_json
 from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
 
@@ -424,7 +423,7 @@ def test_a_schedule_whose_request_just_fits_is_accepted():
 async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
     # The queue service fails one schedule's put: that schedule is retried at the next run,
     # with everything that fell due meanwhile. Simulated: Azurite cannot be made to drop
-    # one message's connection, so the in-memory queue raises what the SDK raises then.
+    # one message's connection, so the in-memory queue raises what StorageQueue raises then.
     ledger, queue = MemoryLedger(), QueueFailingOnce()
     await ledger.create("schedules/a-flaky.json", {"schedule": "0 * * * * *", "request": REQUEST})
     await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
@@ -433,7 +432,7 @@ async def test_a_failed_put_for_one_schedule_does_not_stop_the_others(caplog):
     queue.failing = ":a-flaky:"
     ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=1))
     assert ids == ["schedule:b-good:2030-01-01T12:01Z"]
-    assert "'a-flaky'" in caplog.text and "ServiceResponseError" in caplog.text
+    assert "'a-flaky'" in caplog.text and "QueueError" in caplog.text
 
     ids = await run_schedules(ledger, queue, T0 + timedelta(minutes=2))
     assert ids == [
@@ -493,7 +492,8 @@ class QueueFailingOnce(MemoryQueue):
     async def put(self, text: str, *, delay: float = 0.0) -> None:
         if self.failing and self.failing in text:
             self.failing = ""
-            raise ServiceResponseError("connection reset")
+            # What StorageQueue raises when the SDK's connection was reset.
+            raise QueueError("queue 'q': put failed: storage unreachable (ServiceResponseError)")
         await super().put(text, delay=delay)
 
 

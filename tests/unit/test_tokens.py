@@ -453,7 +453,7 @@ async def test_no_log_line_holds_the_secret_the_assertion_or_the_token(
     import logging
 
     caplog.set_level(logging.DEBUG)  # every logger: msal's, urllib3's and ours
-    caplog.set_level(logging.DEBUG, logger="msal")  # the app holds it at WARNING otherwise
+    caplog.set_level(logging.DEBUG, logger="msal")  # the app silences it otherwise
     secret_token = await create_token_provider(aad_app.settings()).get_token()
 
     app_id = str(uuid.uuid4())
@@ -478,3 +478,26 @@ async def test_no_log_line_holds_the_secret_the_assertion_or_the_token(
     for value in (aad_app.secret, assertion, refused, secret_token, federated_token):
         assert value not in caplog.text
     assert refused not in str(caught.value) and caught.value.code
+
+
+async def test_a_token_endpoint_answer_quoting_the_secret_reaches_no_log(fake_aad, aad_app, caplog):
+    # A proxy or an error page at the login authority answers a 4xx that is not JSON and
+    # quotes the request's form, client secret included: MSAL logged it, as it came, at
+    # ERROR (the worker forwards ERROR to the host). Nor may Entra's `error` field, which
+    # the app quotes, carry anything but a short code.
+    import logging
+
+    import shared  # noqa: F401  (the app's logging policy)
+
+    secret = aad_app.settings().app_password
+    caplog.set_level(logging.INFO)
+    provider = create_token_provider(aad_app.settings())
+    fake_aad.fail_next(AadError(status=400, echo_form=True))
+    with pytest.raises(TokenError):
+        await provider.get_token()
+    fake_aad.fail_next(AadError(error=f"invalid_client secret={secret}"))
+    with pytest.raises(TokenError) as caught:
+        await provider.get_token()
+
+    assert secret not in caplog.text
+    assert secret not in str(caught.value) and secret not in str(caught.value.code)

@@ -58,6 +58,7 @@ class AadError:
     code: int = 7000215
     description: str = "Invalid client secret provided."
     status: int = 401
+    echo_form: bool = False  # answer plain text quoting the request's form (a proxy's page)
 
 
 @dataclass(slots=True)
@@ -294,6 +295,9 @@ class FakeAAD:
                 k: v for k, v in params.items() if k not in _SECRET_FIELDS
             }
             scripted = self._errors.popleft() if self._errors else None
+        if scripted is not None and scripted.echo_form:
+            form_text = "&".join(f"{k}={v}" for k, v in params.items())
+            return web.Response(status=scripted.status, text=f"Bad request. You sent: {form_text}")
         if scripted is not None:
             return self._error(client_id, scripted)
         if params.get("grant_type") != CLIENT_CREDENTIALS:
