@@ -51,6 +51,8 @@ def _host_json_max_dequeue_count() -> int:
 
 async def main(msg: func.QueueMessage) -> None:
     final = (msg.dequeue_count or 0) >= max_dequeue_count()
-    outcome = await process_queue_message(msg.get_body(), runtime, final_attempt=final)
+    outcome = await process_queue_message(
+        msg.get_body(), runtime, final_attempt=final, message_id=msg.id
+    )
     # DEBUG: the engine's own line (request id, target, outcome) is the one an operator reads.
     log.debug("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

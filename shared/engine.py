@@ -35,6 +35,9 @@ class Engine:
     fanout_parallel: int = 32
     # A broadcast adds no page while this many of its children are queued (shared/fanout.py).
     fanout_backlog: int = 1000
+    # The host's id of the queue message being handled (its redeliveries share it; a copy
+    # the engine puts back is a new message): written into the claims it takes.
+    message_id: str | None = None
 
     @classmethod
     def for_runtime(cls, runtime: Parts) -> Engine:

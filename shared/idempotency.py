@@ -69,10 +69,11 @@ def claim_expiry(data: Any) -> float | None:
 
 
 async def take_claim(
-    ledger: Ledger, name: str, now: float, *, seconds: float
+    ledger: Ledger, name: str, now: float, *, seconds: float, message: str | None = None
 ) -> Claim | Busy | Settled:
-    """Claim the slot `name`, or learn its outcome, or how long its holder may keep it."""
-    data = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
+    """Claim the slot `name`, or learn its outcome, or how long its holder may keep it.
+    `message`: the host's id of the queue message claiming (its redeliveries share it)."""
+    data = _claim(now, seconds, message)
     for _ in range(3):
         etag = await ledger.create(name, data, metadata=CLAIM_METADATA)
         if etag is not None:
@@ -89,7 +90,9 @@ async def take_claim(
             expires = min(expires, current.modified + seconds + 1.0)
         if expires is not None and expires > now:
             return Busy(expires - now)
-        etag = await replace_with_claim(ledger, name, current.etag, now, seconds=seconds)
+        etag = await replace_with_claim(
+            ledger, name, current.etag, now, seconds=seconds, message=message
+        )
         if etag is not None:
             logger.info("proactive: took over an expired claim on %s", name[-80:])
             return Claim(name, etag)
@@ -97,12 +100,18 @@ async def take_claim(
 
 
 async def replace_with_claim(
-    ledger: Ledger, name: str, etag: str, now: float, *, seconds: float
+    ledger: Ledger, name: str, etag: str, now: float, *, seconds: float, message: str | None = None
 ) -> str | None:
     """Claim a slot whose content was read with `etag` (an expired claim, or a failed
     outcome an operator retries); None when it changed since."""
-    data = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
-    return await ledger.replace(name, data, etag, metadata=CLAIM_METADATA)
+    return await ledger.replace(name, _claim(now, seconds, message), etag, metadata=CLAIM_METADATA)
+
+
+def _claim(now: float, seconds: float, message: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
+    if message is not None:
+        data["message"] = message
+    return data
 
 
 async def release_claim(ledger: Ledger, claim: Claim) -> None:

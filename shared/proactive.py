@@ -71,6 +71,7 @@ from shared.queues import (
 from shared.references import StoreError
 from shared.reports import (
     FINAL_OUTCOMES,
+    MAX_REASON_CHARS,
     SINGLE_TARGET,
     Final,
     ensure_head,
@@ -101,14 +102,18 @@ async def handle_queue_message(
     *,
     engine: Engine | None = None,
     final_attempt: bool = False,
+    message_id: str | None = None,
 ) -> Outcome:
     """Process one queue message; see :func:`_handle`.
 
     `final_attempt`: the host poisons the message if this attempt raises too (its
     `maxDequeueCount` is reached). The target's failure is then recorded first, so its
-    report (and its broadcast's) still reaches `done`.
+    report (and its broadcast's) still reaches `done`. `message_id`: the host's id of the
+    queue message, which its redeliveries share.
     """
     engine = engine or Engine.for_runtime(runtime)
+    if message_id is not None:
+        engine = replace(engine, message_id=message_id)
     try:
         return await _handle(body, engine)
     except Exception as failure:
@@ -131,13 +136,16 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
         "the function failed on every attempt; the host moved it to the poison queue"
     )
     claim_etag = None
+    known = True  # the outcome is this message's own: recorded over any claim
     if isinstance(failure, _Unsettled):
         outcome, reason, claim_etag = failure.outcome, failure.reason, failure.claim_etag
     elif request.engine.outcome is not None:
         outcome, reason = request.engine.outcome, request.engine.reason
+    else:
+        known = False
     try:
         if request.broadcast is None:
-            await record_outcome(
+            recorded = await record_outcome(
                 engine.ledger,
                 request.id,
                 request.target_name,
@@ -146,8 +154,13 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
                 reason=reason,
                 label=request.label,
                 claim_etag=claim_etag,
-                yield_to_live_claim=True,
+                yield_to_live_claim=not known,
+                own_message=engine.message_id,
             )
+            if recorded and known and outcome == "failed" and request.engine.outcome:
+                # The host poisons this copy as it is, carrying its outcome: the copy an
+                # operator can put back to retry is the request's own.
+                await _put_poison_copy(request, engine, reason or "failed")
         else:
             from shared.fanout import end_fan_out
 
@@ -184,6 +197,10 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
         except StoreError as failure:
             return await _hold_raw(engine, body, failure)
     try:
+        if request.engine.outcome == "failed" and "poisonReason" in request.message:
+            # A kept failure the host poisoned, put back by an operator to retry it: the
+            # request is tried again, like the engine's own poison copy.
+            request = replace(request, engine=replace(request.engine, outcome=None, reason=None))
         if request.engine.outcome is not None:
             return await _record_unrecorded(request, engine)
         if request.broadcast is not None:
@@ -303,7 +320,9 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         await ensure_head(ledger, request.id, "single", now)
     claimed_at = engine.clock()
     name = outcome_name(request.id, target)
-    claim = await take_claim(ledger, name, claimed_at, seconds=engine.claim_seconds)
+    claim = await take_claim(
+        ledger, name, claimed_at, seconds=engine.claim_seconds, message=engine.message_id
+    )
     if isinstance(claim, Busy):
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
@@ -458,13 +477,29 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
         created = await _record(request, engine, outcome, reason)
     except StoreError as failure:
         return await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-    if not created:  # this copy arrived twice
+    if not created and not await _recorded_as(request, engine, outcome, reason):
         await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
-        return Outcome.DUPLICATE
+        return Outcome.DUPLICATE  # this copy arrived twice
+    # Recorded now, or its record had landed although storage reported a failure (a
+    # timeout after the write): either way the poison copy has not been put yet.
     if outcome == "failed":
         await _put_poison_copy(request, engine, reason or "failed")
     logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
     return Outcome(outcome)
+
+
+async def _recorded_as(
+    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
+) -> bool:
+    """Whether the target's slot holds this outcome with this reason (a failure's record
+    that landed while storage answered with an error)."""
+    if outcome != "failed":
+        return False  # nothing follows a delivery's or a prune's record
+    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    data = record.data if record is not None and isinstance(record.data, dict) else {}
+    return (
+        data.get("outcome") == outcome and data.get("reason") == (reason or "")[:MAX_REASON_CHARS]
+    )
 
 
 async def _unknown(
@@ -548,7 +583,11 @@ def _settings_backoff(attempt: int) -> float:
 
 
 async def process_queue_message(
-    body: bytes | str, get_runtime: Callable[[], Parts], *, final_attempt: bool = False
+    body: bytes | str,
+    get_runtime: Callable[[], Parts],
+    *,
+    final_attempt: bool = False,
+    message_id: str | None = None,
 ) -> Outcome:
     """The queue trigger's one call: handle the message with the process's runtime (from
     the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
@@ -559,7 +598,9 @@ async def process_queue_message(
         runtime = get_runtime()
     except SettingsError as error:
         return await hold_for_settings(body, error)
-    return await handle_queue_message(body, runtime, final_attempt=final_attempt)
+    return await handle_queue_message(
+        body, runtime, final_attempt=final_attempt, message_id=message_id
+    )
 
 
 async def hold_for_settings(

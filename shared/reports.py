@@ -118,6 +118,7 @@ async def record_outcome(
     claim_etag: str | None = None,
     only_if_empty: bool = False,
     yield_to_live_claim: bool = False,
+    own_message: str | None = None,
 ) -> bool:
     """Write the target's final outcome once; False when it already had one.
 
@@ -130,7 +131,8 @@ async def record_outcome(
     claim expired, and is sending): its holder records the outcome, so a failure here
     cannot stand in the report for a target that instance then delivers (False).
     `yield_to_live_claim`: the same for a failure recorded without a claim (the host gave
-    up on a message, or it is invalid): any live claim is another's, sending.
+    up on a message, or it is invalid): a live claim is another's, sending, unless it
+    names `own_message` (an earlier attempt of the same queue message took it).
     `label` is what the report shows as the target (the conversation key, when known).
     """
     shown = label or target
@@ -157,6 +159,9 @@ async def record_outcome(
             return False
         expires = claim_expiry(current.data)
         guarded = claim_etag is not None or yield_to_live_claim
+        holder = current.data.get("message") if isinstance(current.data, dict) else None
+        if own_message is not None and holder == own_message:
+            guarded = False  # this message's own earlier attempt: nobody else is sending
         if outcome == "failed" and guarded and expires is not None and expires > now:
             return False
         if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:

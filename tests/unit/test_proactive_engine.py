@@ -2120,3 +2120,127 @@ async def test_a_prune_whose_state_delete_fails_is_held_for_storage_and_retried(
     assert await state.read(conversation_state_key("msteams", "a:1")) is None
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["pruned"]) == ("done", 1)
+
+
+# --- review: the host's last attempt and a failure's poison copy -------------------------
+
+
+class OneMoreRefusal(OutcomeWriteOutage):
+    """One more write of an outcome is refused, then they work."""
+
+    left = 1
+
+    def _check(self, data) -> None:
+        if isinstance(data, dict) and "outcome" in data and self.left > 0:
+            self.left -= 1
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+
+class DownQueue(MemoryQueue):
+    async def put(self, text, *, delay=0.0):
+        raise OSError("queue unreachable (test outage)")
+
+
+async def kept_failure(engine: Engine, fake_connector: FakeConnector) -> str:
+    """A 500 whose failure storage refused to record: the kept copy carrying it."""
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)[RESERVED]["outcome"] == "failed"
+    return kept
+
+
+async def test_the_last_attempt_of_a_kept_failure_records_it_over_the_sends_own_claim(
+    parts, fake_connector
+):
+    # The kept copy's last attempt failed too; its give-up record gave way to the live
+    # claim, which was the send's own (kept for the copy): the report stayed `running`.
+    _runtime, engine = parts
+    kept = await kept_failure(engine, fake_connector)
+    engine.ledger = OneMoreRefusal(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.queue = DownQueue()
+    engine.clock.now += 5  # the send's claim is still live
+    with pytest.raises(StoreError):
+        await handle_queue_message(kept, engine.runtime, engine=engine, final_attempt=True)
+
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
+    # The host poisons the kept copy as it is; the engine's copy is the request's own.
+    [poisoned] = engine.queue.poisoned
+    assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_the_last_attempt_after_an_unsettled_send_is_not_held_off_by_its_own_claim(
+    parts, fake_connector
+):
+    # Attempt 4 was delivered but nothing could record it (the claim kept); attempt 5 of
+    # the same queue message, the host's last, found that claim live and gave way to it.
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(RuntimeError):  # unsettled: for the host, the claim kept
+        await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
+    engine.ledger.down = False
+    engine.clock.now += 10
+    with pytest.raises(OSError):  # busy, and its put-back refused
+        await handle_queue_message(
+            text, engine.runtime, engine=engine, message_id="m-7", final_attempt=True
+        )
+
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] == "done"
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_failure_whose_record_landed_while_storage_failed_still_gets_its_poison_copy(
+    parts, fake_connector
+):
+    # The failure's write landed, then storage answered with an error (a timeout after
+    # the service took it): the kept copy found it recorded, counted a duplicate, and no
+    # poison copy was ever put.
+    _runtime, engine = parts
+
+    class LandsThenFails(MemoryLedger):
+        left = 1
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+            if isinstance(data, dict) and "outcome" in data and self.left > 0:
+                self.left -= 1
+                raise StoreError("proactive ledger: replace timed out (test)")
+            return result
+
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = LandsThenFails(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+
+    assert await handle(engine, kept) is Outcome.FAILED
+
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"], report["duplicate"]) == ("done", 1, 0)
+
+
+async def test_a_kept_failure_the_host_poisoned_is_retried_when_an_operator_puts_it_back(
+    parts, fake_connector
+):
+    # The host's own poison copy of a kept failure carries its outcome: put back with a
+    # poisonReason, as the docs say to retry, it only counted a duplicate.
+    _runtime, engine = parts
+    kept = await kept_failure(engine, fake_connector)
+    engine.ledger.down = False
+    assert await handle(engine, kept) is Outcome.FAILED  # recorded
+    engine.queue = MemoryQueue()
+    retry = {**json.loads(kept), "poisonReason": "put back by an operator"}
+
+    assert await handle(engine, json.dumps(retry)) is Outcome.DELIVERED
+
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the operator's decision: sent again
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (1, 0)
