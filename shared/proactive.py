@@ -39,6 +39,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
@@ -145,14 +146,11 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
         known = False
     try:
         if request.broadcast is None:
-            recorded = await record_outcome(
-                engine.ledger,
-                request.id,
-                request.target_name,
+            recorded = await _record(
+                request,
+                engine,
                 outcome,
-                engine.clock(),
-                reason=reason,
-                label=request.label,
+                reason,
                 claim_etag=claim_etag,
                 yield_to_live_claim=not known,
                 own_message=engine.message_id,
@@ -428,8 +426,10 @@ async def _record(
     reason: str | None,
     *,
     claim_etag: str | None = None,
+    **options: Any,
 ) -> bool:
-    """Record the request's target's final outcome; False when it already had one."""
+    """Record the request's target's final outcome; False when it already had one.
+    `options`: record_outcome's own (yielding to a live claim)."""
     return await record_outcome(
         engine.ledger,
         request.id,
@@ -439,6 +439,7 @@ async def _record(
         reason=reason,
         label=request.label,
         claim_etag=claim_etag,
+        **options,
     )
 
 

@@ -1911,6 +1911,22 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
 # --- review: once the Connector may have the message, no failure sends it again ----------
 
 
+class OneMoreRefusal(OutcomeWriteOutage):
+    """One more write of an outcome is refused, then they work."""
+
+    left = 1
+
+    def _check(self, data) -> None:
+        if isinstance(data, dict) and "outcome" in data and self.left > 0:
+            self.left -= 1
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+
+class DownQueue(MemoryQueue):
+    async def put(self, text, *, delay=0.0):
+        raise OSError("queue unreachable (test outage)")
+
+
 class FlakyQueue(MemoryQueue):
     """A queue whose next `fail_puts` puts and `fail_poisons` poison puts fail (a transient
     queue error), then work."""
@@ -2011,10 +2027,6 @@ async def test_a_delivered_send_nothing_could_record_keeps_its_claim(parts, fake
     _runtime, engine = parts
     engine.ledger = OutcomeWriteOutage(clock=engine.clock)
 
-    class DownQueue(MemoryQueue):
-        async def put(self, text, *, delay=0.0):
-            raise OSError("queue unreachable (test outage)")
-
     engine.queue = DownQueue()
     text = body({"conversation": "msteams/a:1"})
     with pytest.raises(Exception) as raised:
@@ -2041,10 +2053,6 @@ async def test_the_hosts_last_attempt_never_fails_a_target_another_instance_is_s
     await ensure_head(engine.ledger, "req-1", "single", engine.clock())
     claim = await take_claim(engine.ledger, slot, engine.clock(), seconds=engine.claim_seconds)
 
-    class DownQueue(MemoryQueue):
-        async def put(self, text, *, delay=0.0):
-            raise OSError("queue unreachable (test outage)")
-
     engine.queue = DownQueue()
     with pytest.raises(OSError):
         await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
@@ -2065,18 +2073,6 @@ async def test_the_hosts_last_attempt_records_the_outcome_a_kept_copy_carries(
     text = body({"conversation": "msteams/a:1"})
     assert await handle(engine, text) is Outcome.REQUEUED
     [(kept, _)] = engine.queue.take()
-
-    class OneMoreRefusal(OutcomeWriteOutage):
-        left = 1
-
-        def _check(self, data) -> None:
-            if isinstance(data, dict) and "outcome" in data and self.left > 0:
-                self.left -= 1
-                raise StoreError("proactive ledger: storage unreachable (test outage)")
-
-    class DownQueue(MemoryQueue):
-        async def put(self, text, *, delay=0.0):
-            raise OSError("queue unreachable (test outage)")
 
     engine.ledger = OneMoreRefusal(clock=engine.clock, blobs=engine.ledger.blobs)
     engine.queue = DownQueue()
@@ -2123,22 +2119,6 @@ async def test_a_prune_whose_state_delete_fails_is_held_for_storage_and_retried(
 
 
 # --- review: the host's last attempt and a failure's poison copy -------------------------
-
-
-class OneMoreRefusal(OutcomeWriteOutage):
-    """One more write of an outcome is refused, then they work."""
-
-    left = 1
-
-    def _check(self, data) -> None:
-        if isinstance(data, dict) and "outcome" in data and self.left > 0:
-            self.left -= 1
-            raise StoreError("proactive ledger: storage unreachable (test outage)")
-
-
-class DownQueue(MemoryQueue):
-    async def put(self, text, *, delay=0.0):
-        raise OSError("queue unreachable (test outage)")
 
 
 async def kept_failure(engine: Engine, fake_connector: FakeConnector) -> str:
