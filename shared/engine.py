@@ -86,8 +86,11 @@ class Engine:
             bookkeeping = replace(bookkeeping, reference=None)
         if unrecorded is not None:
             bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
-        # An operator's retry keeps its `poisonReason` until it has an outcome again.
+        # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy
+        # kept to record its outcome has one (and must not read as an operator's retry).
         copy = {**request.message, RESERVED: bookkeeping.to_json()}
+        if unrecorded is not None:
+            copy.pop("poisonReason", None)
         if mark and count and not engine.child and request.broadcast is None:
             await self.ledger.create(started_name(request.id), {"at": iso(now)})  # "running"
         # Written after the mark: a failure before the put leaves only the original, which

@@ -49,6 +49,7 @@ from shared.idempotency import (
     Busy,
     Claim,
     Settled,
+    is_outcome,
     release_claim,
     replace_with_claim,
     take_claim,
@@ -144,6 +145,13 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
         outcome, reason = request.engine.outcome, request.engine.reason
     else:
         known = False
+        if await _claimed_by(engine, request):
+            # An earlier attempt of this message claimed the target and never released
+            # the claim: it reached the send (or died on the way).
+            reason = (
+                "the function failed on every attempt, after a send that may have been "
+                "posted; the host moved it to the poison queue"
+            )
     try:
         if request.broadcast is None:
             recorded = await _record(
@@ -169,6 +177,15 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
         )
         return
     logger.warning("proactive %r: %s: %s", request.id, request.label, reason or outcome)
+
+
+async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
+    """Whether the target's slot holds a claim an attempt of this very queue message took."""
+    if engine.message_id is None or request.broadcast is not None:
+        return False
+    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    data = record.data if record is not None and isinstance(record.data, dict) else {}
+    return not is_outcome(data) and data.get("message") == engine.message_id
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
@@ -411,7 +428,12 @@ async def _retry_failed(
     if not failed or "poisonReason" not in request.message:
         return None
     etag = await replace_with_claim(
-        engine.ledger, name, settled.record.etag, engine.clock(), seconds=engine.claim_seconds
+        engine.ledger,
+        name,
+        settled.record.etag,
+        engine.clock(),
+        seconds=engine.claim_seconds,
+        message=engine.message_id,
     )
     if etag is None:
         return None  # changed since it was read: another instance is on it

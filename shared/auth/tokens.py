@@ -197,6 +197,9 @@ class MsalTokenProvider:
                     error,
                 )
                 return previous
+            # The app's one line for it (MSAL is silent): what Entra ID said, by code and
+            # status, and the setting to check; never the endpoint's answer.
+            log.warning("token request for app %s failed: %s", self._settings.app_id, error)
             raise
         self._token = token
         self._last_error = None

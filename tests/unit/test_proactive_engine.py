@@ -2224,3 +2224,64 @@ async def test_a_kept_failure_the_host_poisoned_is_retried_when_an_operator_puts
     assert sends(fake_connector) == ["a:1", "a:1"]  # the operator's decision: sent again
     report = await read_report(engine.ledger, "req-1")
     assert (report["delivered"], report["failed"]) == (1, 0)
+
+
+async def test_an_operators_retry_whose_failure_is_kept_is_not_sent_again(parts, fake_connector):
+    # The retry drew a 500 and storage refused its record: the copy kept to record it
+    # kept the retry's poisonReason, was taken for an operator's retry of a kept failure,
+    # and sent the message again.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 3)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    engine.queue = MemoryQueue()
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await handle(engine, json.dumps(poisoned)) is Outcome.REQUEUED  # the retry
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+
+    assert await handle(engine, kept) is Outcome.FAILED
+
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+    [again] = engine.queue.poisoned
+    assert RESERVED not in again and "may have been posted" in again["poisonReason"]
+
+
+async def test_a_give_up_over_its_own_earlier_attempts_claim_says_it_may_have_been_posted(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(RuntimeError):  # delivered, unsettled: the claim kept
+        await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
+    engine.ledger.down = False
+    engine.clock.now += 10
+    with pytest.raises(OSError):
+        await handle_queue_message(
+            text, engine.runtime, engine=engine, message_id="m-7", final_attempt=True
+        )
+
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
+
+
+async def test_an_operators_retry_claims_the_target_in_its_own_message_name(parts, fake_connector):
+    # Its claim named no message: a retry delivered but unsettled, whose last attempt
+    # then failed, gave way to its own claim and left the report `running`.
+    from shared.reports import SINGLE_TARGET
+
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.queue = DownQueue()
+    retry = json.dumps(poisoned)
+    with pytest.raises(RuntimeError):
+        await handle_queue_message(retry, engine.runtime, engine=engine, message_id="m-9")
+
+    slot = await engine.ledger.read(outcome_name("req-1", SINGLE_TARGET))
+    assert slot.data.get("message") == "m-9"

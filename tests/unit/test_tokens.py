@@ -501,3 +501,19 @@ async def test_a_token_endpoint_answer_quoting_the_secret_reaches_no_log(fake_aa
 
     assert secret not in caplog.text
     assert secret not in str(caught.value) and secret not in str(caught.value.code)
+
+
+async def test_a_failed_token_request_is_logged_by_the_app_with_what_to_check(
+    fake_aad, aad_app, caplog
+):
+    # MSAL is silent: without this line a turn's failure said only "TokenError".
+    import logging
+
+    caplog.set_level(logging.INFO)
+    provider = create_token_provider(aad_app.settings())
+    fake_aad.fail_next(AadError())
+    with pytest.raises(TokenError):
+        await provider.get_token()
+
+    [line] = [r.getMessage() for r in caplog.records if "token request for app" in r.getMessage()]
+    assert "AADSTS7000215" in line and "MicrosoftAppPassword" in line
