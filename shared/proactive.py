@@ -127,8 +127,8 @@ async def handle_queue_message(
 async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception) -> None:
     """The host's last attempt failed: the target's outcome as far as it is known, so its
     report still reaches `done`. What a copy kept for its record carries, or what a send
-    left unrecorded, is that outcome; otherwise it failed, unless another instance holds a
-    live claim on the target (it is sending, and records its own outcome)."""
+    left unrecorded, is that outcome; otherwise it failed, unless another queue message
+    holds a live claim on the target (it is sending, and records its own outcome)."""
     try:
         request = parse_request(body)
     except InvalidRequest:
@@ -180,10 +180,14 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
 
 
 async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
-    """Whether the target's slot holds a claim an attempt of this very queue message took."""
+    """Whether the target's slot holds a claim an attempt of this very queue message took
+    (False when that cannot be read: the store may be what is failing)."""
     if engine.message_id is None or request.broadcast is not None:
         return False
-    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    try:
+        record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    except StoreError:
+        return False
     data = record.data if record is not None and isinstance(record.data, dict) else {}
     return not is_outcome(data) and data.get("message") == engine.message_id
 
