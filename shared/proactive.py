@@ -163,7 +163,8 @@ async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception
                 yield_to_live_claim=not known,
                 own_message=engine.message_id,
             )
-            if recorded and known and outcome == "failed" and request.engine.outcome:
+            kept_failure = known and outcome == "failed" and request.engine.outcome
+            if kept_failure and (recorded or await _recorded_as(request, engine, outcome, reason)):
                 # The host poisons this copy as it is, carrying its outcome: the copy an
                 # operator can put back to retry is the request's own.
                 await _put_poison_copy(request, engine, reason or "failed")
@@ -507,8 +508,8 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
     if not created and not await _recorded_as(request, engine, outcome, reason):
         await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
         return Outcome.DUPLICATE  # this copy arrived twice
-    # Recorded now, or its record had landed although storage reported a failure (a
-    # timeout after the write): either way the poison copy has not been put yet.
+    # Recorded now, or its failure's record had landed although storage answered an
+    # error (a timeout after the write): either way the poison copy has not been put yet.
     if outcome == "failed":
         await _put_poison_copy(request, engine, reason or "failed")
     logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
@@ -518,15 +519,14 @@ async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outco
 async def _recorded_as(
     request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
 ) -> bool:
-    """Whether the target's slot holds this outcome with this reason (a failure's record
-    that landed while storage answered with an error)."""
+    """Whether the target's slot holds this failure with this reason (a record that landed
+    while storage answered with an error: its poison copy is still to be put)."""
     if outcome != "failed":
-        return False  # nothing follows a delivery's or a prune's record
+        return False  # a delivery or a prune found recorded is counted a duplicate
     record = await engine.ledger.read(outcome_name(request.id, request.target_name))
     data = record.data if record is not None and isinstance(record.data, dict) else {}
-    return (
-        data.get("outcome") == outcome and data.get("reason") == (reason or "")[:MAX_REASON_CHARS]
-    )
+    recorded_reason = data.get("reason") or ""
+    return data.get("outcome") == outcome and recorded_reason == (reason or "")[:MAX_REASON_CHARS]
 
 
 async def _unknown(

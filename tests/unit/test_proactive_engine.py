@@ -1927,6 +1927,20 @@ class DownQueue(MemoryQueue):
         raise OSError("queue unreachable (test outage)")
 
 
+class LandsThenFails(MemoryLedger):
+    """The next write of an outcome lands, then storage answers with an error (a timeout
+    after the service took the write)."""
+
+    left = 1
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        if isinstance(data, dict) and "outcome" in data and self.left > 0:
+            self.left -= 1
+            raise StoreError("proactive ledger: replace timed out (test)")
+        return result
+
+
 class FlakyQueue(MemoryQueue):
     """A queue whose next `fail_puts` puts and `fail_poisons` poison puts fail (a transient
     queue error), then work."""
@@ -2184,16 +2198,6 @@ async def test_a_failure_whose_record_landed_while_storage_failed_still_gets_its
     # poison copy was ever put.
     _runtime, engine = parts
 
-    class LandsThenFails(MemoryLedger):
-        left = 1
-
-        async def replace(self, name, data, etag, *, metadata=None):
-            result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
-            if isinstance(data, dict) and "outcome" in data and self.left > 0:
-                self.left -= 1
-                raise StoreError("proactive ledger: replace timed out (test)")
-            return result
-
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
     engine.ledger = LandsThenFails(clock=engine.clock)
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
@@ -2285,3 +2289,19 @@ async def test_an_operators_retry_claims_the_target_in_its_own_message_name(part
 
     slot = await engine.ledger.read(outcome_name("req-1", SINGLE_TARGET))
     assert slot.data.get("message") == "m-9"
+
+
+async def test_the_last_attempt_of_a_kept_failure_whose_record_landed_puts_its_poison_copy(
+    parts, fake_connector
+):
+    _runtime, engine = parts
+    kept = await kept_failure(engine, fake_connector)
+    engine.ledger = LandsThenFails(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.queue = DownQueue()
+    with pytest.raises(StoreError):
+        await handle_queue_message(
+            kept, engine.runtime, engine=engine, message_id="k-1", final_attempt=True
+        )
+
+    [poisoned] = engine.queue.poisoned
+    assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
