@@ -432,6 +432,8 @@ async def _retry_failed(
     failed = settled.record.data.get("outcome") == "failed"
     if not failed or "poisonReason" not in request.message:
         return None
+    if engine.message_id is not None and settled.record.data.get("message") == engine.message_id:
+        return None  # this very queue message failed it: the host's redelivery, not a retry
     etag = await replace_with_claim(
         engine.ledger,
         name,
@@ -456,7 +458,11 @@ async def _record(
     **options: Any,
 ) -> bool:
     """Record the request's target's final outcome; False when it already had one.
-    `options`: record_outcome's own (yielding to a live claim)."""
+    `options`: record_outcome's own (yielding to a live claim). The outcome names the
+    queue message that recorded it (an operator's retry is never retried by its own
+    redelivery)."""
+    if engine.message_id is not None:
+        options.setdefault("detail", {"message": engine.message_id})
     return await record_outcome(
         engine.ledger,
         request.id,

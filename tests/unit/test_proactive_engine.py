@@ -2305,3 +2305,38 @@ async def test_the_last_attempt_of_a_kept_failure_whose_record_landed_puts_its_p
 
     [poisoned] = engine.queue.poisoned
     assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
+
+
+async def test_an_operators_retry_delivered_again_by_the_host_after_its_failure_sends_nothing(
+    parts, fake_connector
+):
+    # The retry drew a 500, recorded it, and the process died before the function
+    # returned: the host delivered the same queue message again, which took its own
+    # failure for one to retry and posted a message that may have been posted already.
+    class Died(BaseException):
+        """The process dying (or the host cancelling the invocation) here."""
+
+    class DiesOnPoison(MemoryQueue):
+        async def poison(self, body, reason):
+            raise Died()
+
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 3)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    retry = json.dumps(poisoned)
+    engine.queue = DiesOnPoison()
+    with pytest.raises(Died):
+        await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-1")
+    engine.queue = MemoryQueue()
+
+    outcome = await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-1")
+
+    assert outcome is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+    # Another message carrying the same poison copy is a new retry, the operator's call.
+    assert (
+        await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-2")
+        is Outcome.FAILED
+    )
+    assert len(sends(fake_connector)) == 3
