@@ -33,26 +33,33 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, crowded_wait, deliver, post, resolve
-from shared.engine import Engine
+from shared.engine import Engine, settings_backoff
 from shared.idempotency import (
     Busy,
     Claim,
     Settled,
-    is_outcome,
     release_claim,
     replace_with_claim,
     take_claim,
+)
+from shared.outcomes import (
+    OutcomeKept,
+    Unsettled,
+    fail_target,
+    hold_for_storage,
+    record_given_up,
+    record_or_hold,
+    record_target,
+    record_unrecorded,
 )
 from shared.proactive_schema import (
     RESERVED,
@@ -72,8 +79,6 @@ from shared.queues import (
 )
 from shared.references import StoreError
 from shared.reports import (
-    FINAL_OUTCOMES,
-    MAX_REASON_CHARS,
     SINGLE_TARGET,
     Final,
     ensure_head,
@@ -120,77 +125,8 @@ async def handle_queue_message(
         return await _handle(body, engine)
     except Exception as failure:
         if final_attempt:
-            await _record_given_up(body, engine, failure)
+            await record_given_up(body, engine, failure)
         raise
-
-
-async def _record_given_up(body: bytes | str, engine: Engine, failure: Exception) -> None:
-    """The host's last attempt failed: the target's outcome as far as it is known, so its
-    report still reaches `done`. What a copy kept for its record carries, or what a send
-    left unrecorded, is that outcome; otherwise it failed, unless another queue message
-    holds a live claim on the target (it is sending, and records its own outcome)."""
-    try:
-        request = parse_request(body)
-    except InvalidRequest:
-        return
-    outcome: Final = "failed"
-    reason: str | None = (
-        "the function failed on every attempt; the host moved it to the poison queue"
-    )
-    claim_etag = None
-    known = True  # the outcome is this message's own: recorded over any claim
-    if isinstance(failure, _Unsettled):
-        outcome, reason, claim_etag = failure.outcome, failure.reason, failure.claim_etag
-    elif request.engine.outcome is not None:
-        outcome, reason = request.engine.outcome, request.engine.reason
-    else:
-        known = False
-        if await _claimed_by(engine, request):
-            # An earlier attempt of this message claimed the target and never released
-            # the claim: it reached the send (or died on the way).
-            reason = (
-                "the function failed on every attempt, after a send that may have been "
-                "posted; the host moved it to the poison queue"
-            )
-    try:
-        if request.broadcast is None:
-            recorded = await _record(
-                request,
-                engine,
-                outcome,
-                reason,
-                claim_etag=claim_etag,
-                yield_to_live_claim=not known,
-                own_message=engine.message_id,
-            )
-            kept_failure = known and outcome == "failed" and request.engine.outcome
-            if kept_failure and (recorded or await _recorded_as(request, engine, outcome, reason)):
-                # The host poisons this copy as it is, carrying its outcome: the copy an
-                # operator can put back to retry is the request's own.
-                await _put_poison_copy(request, engine, reason or "failed")
-        else:
-            from shared.fanout import end_fan_out
-
-            await end_fan_out(request, engine, reason)
-    except Exception as error:  # best effort: the store may be what is failing
-        logger.warning(
-            "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
-        )
-        return
-    logger.warning("proactive %r: %s: %s", request.id, request.label, reason or outcome)
-
-
-async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
-    """Whether the target's slot holds a claim an attempt of this very queue message took
-    (False when that cannot be read: the store may be what is failing)."""
-    if engine.message_id is None or request.broadcast is not None:
-        return False
-    try:
-        record = await engine.ledger.read(outcome_name(request.id, request.target_name))
-    except StoreError:
-        return False
-    data = record.data if record is not None and isinstance(record.data, dict) else {}
-    return not is_outcome(data) and data.get("message") == engine.message_id
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
@@ -222,38 +158,14 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
             # request is tried again, like the engine's own poison copy.
             request = replace(request, engine=replace(request.engine, outcome=None, reason=None))
         if request.engine.outcome is not None:
-            return await _record_unrecorded(request, engine)
+            return await record_unrecorded(request, engine)
         if request.broadcast is not None:
             from shared.fanout import fan_out
 
             return await fan_out(request, engine)
         return await _deliver_tracked(request, engine)
     except StoreError as failure:
-        return await _hold_for_storage(request, engine, failure)
-
-
-async def _hold_for_storage(
-    request: ProactiveRequest,
-    engine: Engine,
-    failure: StoreError,
-    *,
-    unrecorded: tuple[Final, str | None] | None = None,
-) -> Outcome:
-    if unrecorded is not None and request.engine.outcome is None:
-        # The first copy kept for an outcome comes back within seconds, while the send's
-        # claim still holds other copies off the target, not after the send's own backoff.
-        request = replace(request, engine=replace(request.engine, attempt=0))
-    delay = engine.jitter(_settings_backoff(request.engine.attempt))
-    logger.warning(
-        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
-        request.id,
-        failure,
-        delay,
-    )
-    try:
-        return await engine.requeue(request, delay, mark=False, held=True, unrecorded=unrecorded)
-    except Exception:
-        raise failure from None
+        return await hold_for_storage(request, engine, failure)
 
 
 async def _hold_raw(engine: Engine, body: bytes | str, failure: StoreError) -> Outcome:
@@ -299,29 +211,9 @@ SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.
 MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its wait, at most this
 
 
-class _OutcomeKept(Exception):
-    """Storage refused the target's outcome after the send; a copy that carries it was
-    queued. The claim is kept: it holds other copies off the target until it is recorded."""
-
-
-class _Unsettled(RuntimeError):
-    """After a send, the target's outcome could not be stored (nor a copy carrying it
-    queued), or the invocation failed. Raised to the host (not a StoreError: a copy
-    requeued without the outcome would send again); the claim stays, as after a crash in
-    that window, and the host's last attempt records this outcome over it."""
-
-    def __init__(self, outcome: Final, reason: str | None, claim_etag: str | None) -> None:
-        super().__init__(f"the send's outcome ({outcome}) is not recorded")
-        self.outcome, self.reason, self.claim_etag = outcome, reason, claim_etag
-
-
 @dataclass(slots=True)
 class _Progress:
     posted: bool = False  # the Connector may have the message: a failure keeps the claim
-
-
-SETTLE_PAUSES = (0.5, 2.0)  # seconds between tries to record an outcome, or keep a copy of it
-POISON_PAUSES = (0.5, 2.0)  # seconds between tries to put a failure's poison copy
 
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -357,7 +249,7 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     progress = _Progress()
     try:
         outcome = await _send_claimed(request, engine, claim, claimed_at, progress)
-    except _OutcomeKept:
+    except OutcomeKept:
         return Outcome.REQUEUED  # the claim stays until the kept copy records the outcome
     except BaseException as error:
         if not progress.posted:
@@ -365,9 +257,9 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             raise
         # The claim stays: released, the host's redelivery would send again at once. What
         # the host's last attempt then records over it, should it fail too:
-        if isinstance(error, Exception) and not isinstance(error, _Unsettled):
+        if isinstance(error, Exception) and not isinstance(error, Unsettled):
             reason = "the function failed after the send; the message may have been posted"
-            raise _Unsettled("failed", reason, claim.etag) from error
+            raise Unsettled("failed", reason, claim.etag) from error
         raise
     if outcome not in SETTLED:
         await release_claim(ledger, claim)
@@ -402,7 +294,7 @@ async def _send_claimed(
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
-        await _record_or_hold(request, engine, final, claim_etag=claim.etag)
+        await record_or_hold(request, engine, final, claim_etag=claim.etag)
         if outcome is Outcome.DELIVERED:
             logger.info("proactive %r: delivered to %s", request.id, request.label)
     elif outcome is Outcome.UNKNOWN:
@@ -448,93 +340,6 @@ async def _retry_failed(
     return Claim(name, etag)
 
 
-async def _record(
-    request: ProactiveRequest,
-    engine: Engine,
-    outcome: Final,
-    reason: str | None,
-    *,
-    claim_etag: str | None = None,
-    **options: Any,
-) -> bool:
-    """Record the request's target's final outcome; False when it already had one.
-    `options`: record_outcome's own (yielding to a live claim). The outcome names the
-    queue message that recorded it (an operator's retry is never retried by its own
-    redelivery)."""
-    if engine.message_id is not None:
-        options.setdefault("detail", {"message": engine.message_id})
-    return await record_outcome(
-        engine.ledger,
-        request.id,
-        request.target_name,
-        outcome,
-        engine.clock(),
-        reason=reason,
-        label=request.label,
-        claim_etag=claim_etag,
-        **options,
-    )
-
-
-async def _record_or_hold(
-    request: ProactiveRequest,
-    engine: Engine,
-    outcome: Final,
-    *,
-    reason: str | None = None,
-    claim_etag: str | None = None,
-) -> None:
-    """Record the target's final outcome (after a send). When storage refuses, a copy that
-    carries the outcome is queued instead (so it is recorded, never resent), and
-    _OutcomeKept tells the send to keep its claim meanwhile. When the queue refuses that
-    copy too, both are tried again after a pause (SETTLE_PAUSES), then _Unsettled."""
-    for pause in (*SETTLE_PAUSES, None):
-        try:
-            await _record(request, engine, outcome, reason, claim_etag=claim_etag)
-            return
-        except StoreError as failure:
-            try:
-                await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-            except Exception:
-                if pause is None:
-                    raise _Unsettled(outcome, reason, claim_etag) from None
-                await asyncio.sleep(engine.jitter(pause))
-                continue
-            raise _OutcomeKept from None
-
-
-async def _record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
-    """A copy kept because storage refused to record its outcome: recorded now, not sent."""
-    outcome, reason = request.engine.outcome, request.engine.reason
-    assert outcome in FINAL_OUTCOMES
-    try:
-        created = await _record(request, engine, outcome, reason)
-    except StoreError as failure:
-        return await _hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
-    if not created and not await _recorded_as(request, engine, outcome, reason):
-        await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
-        return Outcome.DUPLICATE  # this copy arrived twice
-    # Recorded now, or its failure's record had landed although storage answered an
-    # error (a timeout after the write): either way the poison copy has not been put yet.
-    if outcome == "failed":
-        await _put_poison_copy(request, engine, reason or "failed")
-    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
-    return Outcome(outcome)
-
-
-async def _recorded_as(
-    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
-) -> bool:
-    """Whether the target's slot holds this failure with this reason (a record that landed
-    while storage answered with an error: its poison copy is still to be put)."""
-    if outcome != "failed":
-        return False  # a delivery or a prune found recorded is counted a duplicate
-    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
-    data = record.data if record is not None and isinstance(record.data, dict) else {}
-    recorded_reason = data.get("reason") or ""
-    return data.get("outcome") == outcome and recorded_reason == (reason or "")[:MAX_REASON_CHARS]
-
-
 async def _unknown(
     request: ProactiveRequest, engine: Engine, claim_etag: str | None = None
 ) -> Outcome:
@@ -543,7 +348,7 @@ async def _unknown(
         # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
         # is landing, and a poison copy per removed conversation would only be noise.
         reason = "the conversation was removed from the store after the broadcast matched it"
-        await _record(request, engine, "failed", reason, claim_etag=claim_etag)
+        await record_target(request, engine, "failed", reason, claim_etag=claim_etag)
         logger.info("proactive %r: %s: %s", request.id, request.label, reason)
         return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
@@ -556,7 +361,7 @@ async def _unknown(
         )
         return await engine.requeue(request, delay)
     reason = f"no stored reference for conversation {request.label[:200]}"
-    return await _fail(request, engine, reason, claim_etag)
+    return await fail_target(request, engine, reason, claim_etag)
 
 
 async def _connector_failure(
@@ -567,7 +372,7 @@ async def _connector_failure(
     # authority) is the bot's configuration, not the message's: kept until it is fixed.
     no_token = kind is ErrorKind.TRANSIENT and error.setting is not None
     if kind is ErrorKind.CREDENTIALS or no_token:
-        delay = engine.jitter(_settings_backoff(request.engine.attempt))
+        delay = engine.jitter(settings_backoff(request.engine.attempt))
         logger.warning(
             "proactive %r: no usable credentials (%s); check the setting %s. "
             "The message is kept and retried in %.0f s",
@@ -586,7 +391,7 @@ async def _connector_failure(
             elif age + wait > engine.max_age:
                 # Waiting as told would outlive the bound: reported now, not in an hour.
                 reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
-                return await _fail(request, engine, reason, claim_etag)
+                return await fail_target(request, engine, reason, claim_etag)
             delay = engine.jitter(wait)
             logger.info(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
@@ -598,7 +403,7 @@ async def _connector_failure(
             )
             return await engine.requeue(request, delay)
         reason = f"gave up after {age:.0f} s: {what}"
-        return await _fail(request, engine, reason, claim_etag)
+        return await fail_target(request, engine, reason, claim_etag)
     if kind is ErrorKind.UNCERTAIN:
         reason = f"{what}: the message may have been posted, so it is not resent"
     elif kind is ErrorKind.UNTRUSTED:
@@ -607,12 +412,7 @@ async def _connector_failure(
         reason = f"the channel refused the conversation: {what}"
     else:
         reason = f"not deliverable: {what}"
-    return await _fail(request, engine, reason, claim_etag)
-
-
-def _settings_backoff(attempt: int) -> float:
-    """5, 15, 45, 135, 405, then every 600 s: a fixed setting is picked up within 10 min."""
-    return min(600.0, 5.0 * 3 ** min(attempt, 10))
+    return await fail_target(request, engine, reason, claim_etag)
 
 
 async def process_queue_message(
@@ -659,7 +459,7 @@ async def hold_for_settings(
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         message[RESERVED] = {**engine_field, "attempt": attempt + 1, "since": None}
         text = compact_json(message)
-    delay = _settings_backoff(attempt) * (1 + 0.2 * random.random())
+    delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.
     logger.warning(
         "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
@@ -693,43 +493,6 @@ def _describe(error: ConnectorError) -> str:
     if error.code:
         parts.append(f"code {error.code[:60]}")
     return " ".join(parts)
-
-
-async def _fail(
-    request: ProactiveRequest, engine: Engine, reason: str, claim_etag: str | None = None
-) -> Outcome:
-    """Final failure: reported with the reason, and a poison copy for an operator.
-
-    Recorded first: once the outcome is in the slot no copy of the request sends again,
-    whatever happens to the poison copy. When storage refuses the record, the copy kept
-    to record it puts the poison copy when it does (_record_unrecorded)."""
-    await _record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
-    await _put_poison_copy(request, engine, reason)
-    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
-    return Outcome.FAILED
-
-
-async def _put_poison_copy(request: ProactiveRequest, engine: Engine, reason: str) -> None:
-    """The copy an operator may put back as it is: a fresh start (a child stays a child).
-    Its failure is recorded already, so a queue that refuses it is tried again after a
-    pause (POISON_PAUSES), then left: the report keeps the reason."""
-    copy = {k: v for k, v in request.message.items() if k != RESERVED}
-    if request.engine.child:
-        copy[RESERVED] = {"child": True}
-    for pause in (*POISON_PAUSES, None):
-        try:
-            await engine.queue.poison(compact_json(copy), reason)
-            return
-        except Exception as error:
-            if pause is None:
-                logger.warning(
-                    "proactive %r: the poison copy could not be queued (%s); the report "
-                    "has the failure and its reason",
-                    request.id,
-                    type(error).__name__,
-                )
-                return
-            await asyncio.sleep(engine.jitter(pause))
 
 
 def _request_id(body: bytes | str) -> str | None:

@@ -1,0 +1,272 @@
+"""What a proactive target ends with, once it has been tried: its outcome recorded in its
+slot, kept in a copy when storage refuses it, a failure's poison copy, and what the
+host's last attempt records when the function failed on every attempt.
+
+The rules (docs/proactive.md): an outcome is recorded before anything else follows it;
+once the Connector may have the message, a refusal to record never sends it again (the
+outcome travels in a kept copy, or the claim stays); a failure is recorded before its
+poison copy is put. shared/proactive.py decides what each attempt's result means and
+calls these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from shared.delivery import Outcome
+from shared.engine import Engine, settings_backoff
+from shared.idempotency import is_outcome
+from shared.proactive_schema import RESERVED, InvalidRequest, ProactiveRequest, parse_request
+from shared.queues import compact_json
+from shared.references import StoreError
+from shared.reports import (
+    FINAL_OUTCOMES,
+    MAX_REASON_CHARS,
+    Final,
+    outcome_name,
+    record_duplicate,
+    record_outcome,
+)
+
+# The engine's logger: one name for every line an operator follows a request by.
+logger = logging.getLogger("shared.proactive")
+
+
+class OutcomeKept(Exception):
+    """Storage refused the target's outcome after the send; a copy that carries it was
+    queued. The claim is kept: it holds other copies off the target until it is recorded."""
+
+
+class Unsettled(RuntimeError):
+    """After a send, the target's outcome could not be stored (nor a copy carrying it
+    queued), or the invocation failed. Raised to the host (not a StoreError: a copy
+    requeued without the outcome would send again); the claim stays, as after a crash in
+    that window, and the host's last attempt records this outcome over it."""
+
+    def __init__(self, outcome: Final, reason: str | None, claim_etag: str | None) -> None:
+        super().__init__(f"the send's outcome ({outcome}) is not recorded")
+        self.outcome, self.reason, self.claim_etag = outcome, reason, claim_etag
+
+
+SETTLE_PAUSES = (0.5, 2.0)  # seconds between tries to record an outcome, or keep a copy of it
+POISON_PAUSES = (0.5, 2.0)  # seconds between tries to put a failure's poison copy
+
+
+async def record_target(
+    request: ProactiveRequest,
+    engine: Engine,
+    outcome: Final,
+    reason: str | None,
+    *,
+    claim_etag: str | None = None,
+    **options: Any,
+) -> bool:
+    """Record the request's target's final outcome; False when it already had one.
+    `options`: record_outcome's own (yielding to a live claim). The outcome names the
+    queue message that recorded it (an operator's retry is never retried by its own
+    redelivery)."""
+    if engine.message_id is not None:
+        options.setdefault("detail", {"message": engine.message_id})
+    return await record_outcome(
+        engine.ledger,
+        request.id,
+        request.target_name,
+        outcome,
+        engine.clock(),
+        reason=reason,
+        label=request.label,
+        claim_etag=claim_etag,
+        **options,
+    )
+
+
+async def record_or_hold(
+    request: ProactiveRequest,
+    engine: Engine,
+    outcome: Final,
+    *,
+    reason: str | None = None,
+    claim_etag: str | None = None,
+) -> None:
+    """Record the target's final outcome (after a send). When storage refuses, a copy that
+    carries the outcome is queued instead (so it is recorded, never resent), and
+    OutcomeKept tells the send to keep its claim meanwhile. When the queue refuses that
+    copy too, both are tried again after a pause (SETTLE_PAUSES), then Unsettled."""
+    for pause in (*SETTLE_PAUSES, None):
+        try:
+            await record_target(request, engine, outcome, reason, claim_etag=claim_etag)
+            return
+        except StoreError as failure:
+            try:
+                await hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+            except Exception:
+                if pause is None:
+                    raise Unsettled(outcome, reason, claim_etag) from None
+                await asyncio.sleep(engine.jitter(pause))
+                continue
+            raise OutcomeKept from None
+
+
+async def hold_for_storage(
+    request: ProactiveRequest,
+    engine: Engine,
+    failure: StoreError,
+    *,
+    unrecorded: tuple[Final, str | None] | None = None,
+) -> Outcome:
+    if unrecorded is not None and request.engine.outcome is None:
+        # The first copy kept for an outcome comes back within seconds, while the send's
+        # claim still holds other copies off the target, not after the send's own backoff.
+        request = replace(request, engine=replace(request.engine, attempt=0))
+    delay = engine.jitter(settings_backoff(request.engine.attempt))
+    logger.warning(
+        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
+        request.id,
+        failure,
+        delay,
+    )
+    try:
+        return await engine.requeue(request, delay, mark=False, held=True, unrecorded=unrecorded)
+    except Exception:
+        raise failure from None
+
+
+async def record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcome:
+    """A copy kept because storage refused to record its outcome: recorded now, not sent."""
+    outcome, reason = request.engine.outcome, request.engine.reason
+    assert outcome in FINAL_OUTCOMES
+    try:
+        created = await record_target(request, engine, outcome, reason)
+    except StoreError as failure:
+        return await hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
+    if not created and not await _recorded_as(request, engine, outcome, reason):
+        await record_duplicate(engine.ledger, request.id, request.label, engine.clock())
+        return Outcome.DUPLICATE  # this copy arrived twice
+    # Recorded now, or its failure's record had landed although storage answered an
+    # error (a timeout after the write): either way the poison copy has not been put yet.
+    if outcome == "failed":
+        await put_poison_copy(request, engine, reason or "failed")
+    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
+    return Outcome(outcome)
+
+
+async def _recorded_as(
+    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
+) -> bool:
+    """Whether the target's slot holds this failure with this reason (a record that landed
+    while storage answered with an error: its poison copy is still to be put)."""
+    if outcome != "failed":
+        return False  # a delivery or a prune found recorded is counted a duplicate
+    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    data = record.data if record is not None and isinstance(record.data, dict) else {}
+    recorded_reason = data.get("reason") or ""
+    return data.get("outcome") == outcome and recorded_reason == (reason or "")[:MAX_REASON_CHARS]
+
+
+async def fail_target(
+    request: ProactiveRequest, engine: Engine, reason: str, claim_etag: str | None = None
+) -> Outcome:
+    """Final failure: reported with the reason, and a poison copy for an operator.
+
+    Recorded first: once the outcome is in the slot no copy of the request sends again,
+    whatever happens to the poison copy. When storage refuses the record, the copy kept
+    to record it puts the poison copy when it does (record_unrecorded)."""
+    await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
+    await put_poison_copy(request, engine, reason)
+    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
+    return Outcome.FAILED
+
+
+async def put_poison_copy(request: ProactiveRequest, engine: Engine, reason: str) -> None:
+    """The copy an operator may put back as it is: a fresh start (a child stays a child).
+    Its failure is recorded already, so a queue that refuses it is tried again after a
+    pause (POISON_PAUSES), then left: the report keeps the reason."""
+    copy = {k: v for k, v in request.message.items() if k != RESERVED}
+    if request.engine.child:
+        copy[RESERVED] = {"child": True}
+    for pause in (*POISON_PAUSES, None):
+        try:
+            await engine.queue.poison(compact_json(copy), reason)
+            return
+        except Exception as error:
+            if pause is None:
+                logger.warning(
+                    "proactive %r: the poison copy could not be queued (%s); the report "
+                    "has the failure and its reason",
+                    request.id,
+                    type(error).__name__,
+                )
+                return
+            await asyncio.sleep(engine.jitter(pause))
+
+
+async def record_given_up(body: bytes | str, engine: Engine, failure: Exception) -> None:
+    """The host's last attempt failed: the target's outcome as far as it is known, so its
+    report still reaches `done`. What a copy kept for its record carries, or what a send
+    left unrecorded, is that outcome; otherwise it failed, unless another queue message
+    holds a live claim on the target (it is sending, and records its own outcome)."""
+    try:
+        request = parse_request(body)
+    except InvalidRequest:
+        return
+    outcome: Final = "failed"
+    reason: str | None = (
+        "the function failed on every attempt; the host moved it to the poison queue"
+    )
+    claim_etag = None
+    known = True  # the outcome is this message's own: recorded over any claim
+    if isinstance(failure, Unsettled):
+        outcome, reason, claim_etag = failure.outcome, failure.reason, failure.claim_etag
+    elif request.engine.outcome is not None:
+        outcome, reason = request.engine.outcome, request.engine.reason
+    else:
+        known = False
+        if await _claimed_by(engine, request):
+            # An earlier attempt of this message claimed the target and never released
+            # the claim: it reached the send (or died on the way).
+            reason = (
+                "the function failed on every attempt, after a send that may have been "
+                "posted; the host moved it to the poison queue"
+            )
+    try:
+        if request.broadcast is None:
+            recorded = await record_target(
+                request,
+                engine,
+                outcome,
+                reason,
+                claim_etag=claim_etag,
+                yield_to_live_claim=not known,
+                own_message=engine.message_id,
+            )
+            kept_failure = known and outcome == "failed" and request.engine.outcome
+            if kept_failure and (recorded or await _recorded_as(request, engine, outcome, reason)):
+                # The host poisons this copy as it is, carrying its outcome: the copy an
+                # operator can put back to retry is the request's own.
+                await put_poison_copy(request, engine, reason or "failed")
+        else:
+            from shared.fanout import end_fan_out
+
+            await end_fan_out(request, engine, reason)
+    except Exception as error:  # best effort: the store may be what is failing
+        logger.warning(
+            "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
+        )
+        return
+    logger.warning("proactive %r: %s: %s", request.id, request.label, reason or outcome)
+
+
+async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
+    """Whether the target's slot holds a claim an attempt of this very queue message took
+    (False when that cannot be read: the store may be what is failing)."""
+    if engine.message_id is None or request.broadcast is not None:
+        return False
+    try:
+        record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    except StoreError:
+        return False
+    data = record.data if record is not None and isinstance(record.data, dict) else {}
+    return not is_outcome(data) and data.get("message") == engine.message_id
