@@ -6,23 +6,20 @@ Layout, write rules and the cache's guarantees are described in :mod:`shared.ref
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import random
 import time
-import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
 from shared.config import Settings
+from shared.references.blob_format import blob_metadata, document_body, meta_value, unpack_copy
+from shared.references.cache import RecentCache
 from shared.references.contract import (
     MAX_PAGE_SIZE,
-    SCHEMA_VERSION,
     Filters,
     IndexChange,
     Page,
@@ -32,7 +29,6 @@ from shared.references.contract import (
     StoreError,
     UserIndex,
     check_page_size,
-    copied,
     decode_token,
     encode_token,
     from_document,
@@ -47,7 +43,6 @@ from shared.references.contract import (
     settled,
     short_key,
     storage_auth_failed,
-    to_document,
     to_front,
     user_lookups,
     user_matches,
@@ -56,7 +51,6 @@ from shared.references.contract import (
 from shared.references.keys import (
     channel_prefix,
     document_name,
-    encode_segment,
     user_index_name,
 )
 from shared.storage import (
@@ -71,39 +65,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shared.references")  # the package logs under one name
 
-_METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
 _NEW_SHARE_WEIGHT = 0.2  # weight of the latest uncached upsert in the share of new ones
-
-
-@dataclass(slots=True)
-class _RecentCache:
-    """What this process last read or wrote per key, for a bounded time (LRU)."""
-
-    size: int
-    ttl: float
-    clock: Callable[[], float]
-    entries: OrderedDict[str, tuple[float, StoredReference]] = field(default_factory=OrderedDict)
-
-    def get(self, key: str) -> StoredReference | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] < self.clock():
-            del self.entries[key]
-            return None
-        self.entries.move_to_end(key)
-        return entry[1]
-
-    def put(self, stored: StoredReference) -> None:
-        if self.size <= 0:
-            return
-        self.entries[stored.key] = (self.clock() + self.ttl, copied(stored))
-        self.entries.move_to_end(stored.key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-    def drop(self, key: str) -> None:
-        self.entries.pop(key, None)
 
 
 class BlobReferenceStore:
@@ -137,7 +99,7 @@ class BlobReferenceStore:
             label="references",
             blob_clients=BLOB_CLIENTS,
         )
-        self._cache = _RecentCache(cache_size, cache_ttl, clock)
+        self._cache = RecentCache(cache_size, cache_ttl, clock)
         self._max_attempts = max_attempts
         self._listing_batch = listing_batch
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
@@ -188,7 +150,7 @@ class BlobReferenceStore:
                     return False
                 etag = await self._put(
                     name,
-                    _document_body(planned),
+                    document_body(planned),
                     current.etag if current else None,
                     metadata_for=planned,
                 )
@@ -210,7 +172,7 @@ class BlobReferenceStore:
         stored one, so only tried while most uncached conversations have been new."""
         planned = plan(None, reference, team_id, self._clock())
         assert planned is not None  # nothing stored: always something to write
-        etag = await self._put(name, _document_body(planned), None, metadata_for=planned)
+        etag = await self._put(name, document_body(planned), None, metadata_for=planned)
         self._observe(new=etag is not None)
         if etag is None:
             return False  # stored already: read it and merge, as usual
@@ -390,7 +352,7 @@ class BlobReferenceStore:
     ) -> str | None:
         """Write `name` if it is still at `etag` (absent when None): the new ETag, or None
         when another writer changed or removed it first."""
-        metadata = _metadata(metadata_for, body) if metadata_for else None
+        metadata = blob_metadata(metadata_for, body) if metadata_for else None
         try:
             return await self._store.put(name, body, etag, metadata=metadata)
         except ContainerVanished:
@@ -484,8 +446,8 @@ class BlobReferenceStore:
         filtered = filters.tenant_id is not None or filters.team_id is not None
         batch = max(page_size, self._listing_batch)
         fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
-        tenant = _meta_value(filters.tenant_id)
-        team = _meta_value(filters.team_id)
+        tenant = meta_value(filters.tenant_id)
+        team = meta_value(filters.team_id)
         marker: str | None = state.get("m")
         after: str | None = state.get("a")
         found: list[tuple[str, Any]] = []
@@ -540,7 +502,7 @@ class BlobReferenceStore:
             try:
                 doc = (blob.metadata or {}).get("doc")
                 if doc:
-                    stored = from_document(_unpack(doc), blob.etag)
+                    stored = from_document(unpack_copy(doc), blob.etag)
                 else:
                     async with semaphore:
                         found_json = await self._read_json(name)
@@ -594,41 +556,6 @@ def _error_code(exc: Any) -> str | None:
     """Storage's own error code ("LeaseIdMissing"), not the SDK enum's name."""
     code = getattr(exc, "error_code", None)
     return str(getattr(code, "value", code)) if code else None
-
-
-def _document_body(stored: StoredReference) -> bytes:
-    return json.dumps(to_document(stored), separators=(",", ":")).encode()
-
-
-def _meta_value(value: str | None) -> str | None:
-    return None if value is None else encode_segment(value, 200)
-
-
-def _metadata(stored: StoredReference, body: bytes) -> dict[str, str]:
-    metadata = {"schema": str(SCHEMA_VERSION)}
-    if stored.tenant_id is not None:
-        metadata["tenant"] = _meta_value(stored.tenant_id)  # type: ignore[assignment]
-    if stored.team_id is not None:
-        metadata["team"] = _meta_value(stored.team_id)  # type: ignore[assignment]
-    packed = base64.urlsafe_b64encode(_compress(body)).decode("ascii")
-    if len(packed) <= _METADATA_DOC_LIMIT:
-        metadata["doc"] = packed
-    return metadata
-
-
-def _compress(body: bytes) -> bytes:
-    """zlib with an 8 KiB window: a document copy must fit in metadata (a few KiB) anyway,
-    and the default 32 KiB window costs several times the CPU to set up. Any zlib reader
-    decompresses it (the window size is in the header)."""
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 13, 5)
-    return compressor.compress(body) + compressor.flush()
-
-
-def _unpack(packed: str) -> Any:
-    try:
-        return json.loads(zlib.decompress(base64.urlsafe_b64decode(packed)))
-    except (ValueError, RecursionError, zlib.error):
-        raise StoreError("reference store: unreadable document copy in blob metadata") from None
 
 
 def create_reference_store(settings: Settings) -> ReferenceStore:
