@@ -160,8 +160,7 @@ async def _recorded_as(
     while storage answered with an error: its poison copy is still to be put)."""
     if outcome != "failed":
         return False  # a delivery or a prune found recorded is counted a duplicate
-    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
-    data = record.data if record is not None and isinstance(record.data, dict) else {}
+    data = await _slot(engine, request)
     recorded_reason = data.get("reason") or ""
     return data.get("outcome") == outcome and recorded_reason == (reason or "")[:MAX_REASON_CHARS]
 
@@ -265,8 +264,13 @@ async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
     if engine.message_id is None or request.broadcast is not None:
         return False
     try:
-        record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+        data = await _slot(engine, request)
     except StoreError:
         return False
-    data = record.data if record is not None and isinstance(record.data, dict) else {}
     return not is_outcome(data) and data.get("message") == engine.message_id
+
+
+async def _slot(engine: Engine, request: ProactiveRequest) -> dict[str, Any]:
+    """What the target's slot holds (a claim or an outcome), {} when nothing usable."""
+    record = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    return record.data if record is not None and isinstance(record.data, dict) else {}
