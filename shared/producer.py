@@ -8,6 +8,9 @@
                                    (--text TEXT | --activity JSON) [--id ID]
     python -m shared.producer report ID
     python -m shared.producer conversations [FILTER_JSON]
+    python -m shared.producer schedule put NAME --cron NCRONTAB (a target and a content,
+                                   as for send) [--disabled]
+    python -m shared.producer schedule list | delete NAME
 
 Requests are validated by the same parser delivery uses, so a request this accepts is
 one the engine can deliver. Storage comes from the same `AzureWebJobsStorage` forms the
@@ -221,21 +224,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     send = commands.add_parser("send", help="enqueue a request; prints its id")
-    target = send.add_mutually_exclusive_group(required=True)
-    target.add_argument("--conversation", metavar="KEY", help="a stored conversation key")
-    target.add_argument("--user", metavar="JSON", help='{"channelId","id","tenantId","serviceUrl"}')
-    target.add_argument(
-        "--broadcast", metavar="FILTER_JSON", nargs="?", const="{}", help="every match"
-    )
-    content = send.add_mutually_exclusive_group(required=True)
-    content.add_argument("--text", help="the message text")
-    content.add_argument("--activity", metavar="JSON", help="an activity object")
+    _request_arguments(send)
     send.add_argument("--id", help="the request id (default: a new uuid)")
     report = commands.add_parser("report", help="print a request's delivery report")
     report.add_argument("id")
     conversations = commands.add_parser("conversations", help="list stored conversation keys")
     conversations.add_argument("filter", nargs="?", default="{}", metavar="FILTER_JSON")
+    schedule = commands.add_parser("schedule", help="write, list or delete timed sends")
+    actions = schedule.add_subparsers(dest="action", required=True)
+    put = actions.add_parser(
+        "put", help="write a schedule, replacing one of that name; prints its name"
+    )
+    put.add_argument("name")
+    put.add_argument(
+        "--cron", required=True, metavar="NCRONTAB", help='6 fields, UTC: "0 0 9 * * 1-5"'
+    )
+    _request_arguments(put)
+    put.add_argument("--disabled", action="store_true", help="written, not run until enabled")
+    actions.add_parser("list", help="print each schedule, or why it is skipped, as a JSON line")
+    delete = actions.add_parser("delete", help="delete a schedule")
+    delete.add_argument("name")
     return parser
+
+
+def _request_arguments(command: argparse.ArgumentParser) -> None:
+    """A request's target and content (send, schedule put)."""
+    target = command.add_mutually_exclusive_group(required=True)
+    target.add_argument("--conversation", metavar="KEY", help="a stored conversation key")
+    target.add_argument("--user", metavar="JSON", help='{"channelId","id","tenantId","serviceUrl"}')
+    target.add_argument(
+        "--broadcast", metavar="FILTER_JSON", nargs="?", const="{}", help="every match"
+    )
+    content = command.add_mutually_exclusive_group(required=True)
+    content.add_argument("--text", help="the message text")
+    content.add_argument("--activity", metavar="JSON", help="an activity object")
 
 
 def _json_arg(name: str, text: str) -> Any:
@@ -257,7 +279,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         request["text"] = args.text
     else:
         request["activity"] = _json_arg("--activity", args.activity)
-    if args.id is not None:
+    if getattr(args, "id", None) is not None:
         request["id"] = args.id
     return request
 
@@ -300,6 +322,8 @@ async def run(argv: Sequence[str] | None = None) -> int:
         settings = producer_settings()
         if args.command == "send":
             print(await enqueue(build_request(args), settings=settings), flush=True)
+        elif args.command == "schedule":
+            return await _schedule(settings, args)
         elif args.command == "report":
             report = await read_report(args.id, settings=settings)
             if report is None:
@@ -319,6 +343,39 @@ async def run(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         await close()
+
+
+async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.ledger import BlobLedger, iso
+    from shared.schedules import read_schedules, remove_schedule, write_schedule
+
+    ledger = BlobLedger(settings)
+    if args.action == "put":
+        document = {
+            "schedule": args.cron,
+            "request": build_request(args),
+            "enabled": not args.disabled,
+        }
+        await write_schedule(ledger, args.name, document)
+        print(args.name, flush=True)
+    elif args.action == "list":
+        async for found in read_schedules(ledger):
+            line: dict[str, Any] = {"name": found.name}
+            if found.schedule is None:
+                line["problem"] = found.problem
+            else:
+                line |= {
+                    "schedule": found.schedule.expression,
+                    "enabled": found.schedule.enabled,
+                    "request": found.schedule.request,
+                    "updatedAt": iso(found.modified),
+                }
+            print(json.dumps(line, ensure_ascii=False))
+        sys.stdout.flush()
+    elif not await remove_schedule(ledger, args.name):
+        print(f"error: no schedule named {args.name!r}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _quiet_identity_warnings() -> None:

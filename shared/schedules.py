@@ -20,6 +20,8 @@ minute (due times are per minute), never before its first due second in that min
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -122,51 +124,126 @@ def due_times(expression: str, after: datetime, until: datetime) -> list[datetim
     return due[::-1]
 
 
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A blob under ``schedules/``: its schedule, or why the timer skips it (`problem`)."""
+
+    name: str
+    schedule: Schedule | None
+    problem: str | None = None
+    modified: float = 0.0  # when its document was last written (epoch seconds)
+
+
+async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
+    """Every blob under ``schedules/``, in name order, read and checked as the timer does."""
+    names = [entry.name async for entry in ledger.list(SCHEDULES_PREFIX)]
+    for blob in names:
+        name = blob[len(SCHEDULES_PREFIX) :]
+        if not blob.endswith(".json"):
+            yield Listed(name, None, "a schedule document's name ends in .json")
+            continue
+        name = name[: -len(".json")]
+        if not name or "/" in name:
+            yield Listed(
+                name,
+                None,
+                f"a schedule is a named blob right under {SCHEDULES_PREFIX}, not in a folder",
+            )
+            continue
+        try:
+            record = await ledger.read(blob)
+            if record is None:
+                continue  # removed since the listing
+            schedule = parse_schedule(name, record.data)
+        except StoreError:
+            yield Listed(name, None, "the document is not valid JSON or unreadable")
+            continue
+        except InvalidRequest as error:
+            yield Listed(name, None, str(error))
+            continue
+        yield Listed(name, schedule, None, record.modified)
+
+
 async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> list[str]:
     """Enqueue every schedule's due times since its last run; the ids enqueued.
 
     One bad document, or one schedule's failed read or put, never stops the others.
     """
     enqueued: list[str] = []
-    names = [entry.name async for entry in ledger.list(SCHEDULES_PREFIX)]
-    for blob in names:
-        if not blob.endswith(".json"):
-            logger.warning(
-                "schedule blob %r skipped: a schedule document's name ends in .json",
-                blob[len(SCHEDULES_PREFIX) :][:200],
-            )
-            continue
-        name = blob[len(SCHEDULES_PREFIX) : -len(".json")]
-        if not name or "/" in name:
-            logger.warning(
-                "schedule %r skipped: a schedule is a named blob right under %s, not in a folder",
-                name[:200],
-                SCHEDULES_PREFIX,
-            )
+    async for found in read_schedules(ledger):
+        if found.schedule is None:
+            # Never the document's content: only which one, and the rule it breaks.
+            logger.warning("schedule %r skipped: %s", found.name[:200], found.problem)
             continue
         try:
-            record = await ledger.read(blob)
-            if record is None:
-                continue
-            schedule = parse_schedule(name, record.data)
-        except StoreError:
-            logger.warning(
-                "schedule %r skipped: the document is not valid JSON or unreadable", name
-            )
-            continue
-        except InvalidRequest as error:
-            logger.warning("schedule %r skipped: %s", name, error)
-            continue
-        try:
-            enqueued += await _run_one(ledger, queue, schedule, now, record.modified)
+            enqueued += await _run_one(ledger, queue, found.schedule, now, found.modified)
         except (StoreError, QueueError, ValueError) as error:
             # Its last run is not moved on: the next run enqueues what is due then.
             logger.warning(
                 "schedule %r: not run this time (%s); retried at the next run",
-                name,
+                found.name,
                 type(error).__name__,
             )
     return enqueued
+
+
+def check_name(name: Any) -> str:
+    """A name the schedule commands write: InvalidRequest unless it is 1-100 letters,
+    digits, '.', '_' or '-' starting with a letter or digit (it is a blob name and part
+    of every due time's request id)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidRequest(
+            "a schedule's name is 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_WRITE_ATTEMPTS = 3
+
+
+async def write_schedule(ledger: Ledger, name: str, document: Any) -> Schedule:
+    """Write the schedule `name` (replacing one of that name), checked first as the timer
+    checks it: InvalidRequest (nothing written) for a document the timer would skip.
+
+    A replaced schedule starts afresh from this write, as any edited document does."""
+    schedule = parse_schedule(check_name(name), document)
+    data = {
+        "schedule": schedule.expression,
+        "request": schedule.request,
+        "enabled": schedule.enabled,
+    }
+    blob = schedule_blob(name)
+    for _ in range(_WRITE_ATTEMPTS):
+        if await ledger.create(blob, data) is not None:
+            return schedule
+        try:
+            found = await ledger.read(blob)
+        except NotJson:  # a broken document of that name: this one replaces it
+            await ledger.delete(blob)
+            continue
+        if found is not None and await ledger.replace(blob, data, found.etag) is not None:
+            return schedule
+    raise StoreError(f"schedules: {name} changed each time it was about to be written")
+
+
+async def remove_schedule(ledger: Ledger, name: str) -> bool:
+    """Delete the schedule `name` and its last-run record; False when there was none.
+    Its due times already enqueued are still delivered."""
+    if not name or "/" in name:
+        raise InvalidRequest("a schedule's name is one blob name, without '/'")
+    removed = await ledger.delete(schedule_blob(name))
+    await ledger.delete(_state_name(name))  # a schedule created again starts afresh
+    return removed
+
+
+def schedule_blob(name: str) -> str:
+    return f"{SCHEDULES_PREFIX}{name}.json"
+
+
+def _state_name(name: str) -> str:
+    return f"{STATE_PREFIX}{encode_segment(name, 400)}.json"
 
 
 def _last_run(state: Record | None) -> datetime | None:
@@ -189,7 +266,7 @@ async def _run_one(
 ) -> list[str]:
     """Enqueue the schedule's due times since its last run, or since its document was
     last written (`written`, epoch seconds, 0 when unknown) when that is later."""
-    state_name = f"{STATE_PREFIX}{encode_segment(schedule.name, 400)}.json"
+    state_name = _state_name(schedule.name)
     until = now.astimezone(UTC)
     try:
         state = await ledger.read(state_name)

@@ -186,3 +186,113 @@ def test_a_script_using_the_python_api_closes_what_it_opened(storage):
     assert done.stdout.split()[1] == "pending"
     assert "Unclosed" not in done.stderr and done.stderr == ""
     assert queued(storage) == 1
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def schedules(env: dict[str, str]) -> list[dict]:
+    import json
+
+    listed = producer(env, "schedule", "list")
+    assert (listed.returncode, listed.stderr) == (0, ""), listed.stderr[-500:]
+    return [json.loads(line) for line in listed.stdout.splitlines()]
+
+
+async def test_a_schedule_put_by_the_command_is_listed_run_by_the_timer_and_deleted(storage):
+    from datetime import UTC, datetime
+
+    from shared.ledger import BlobLedger
+    from shared.producer import close, producer_settings
+    from shared.queues import StorageQueue
+    from shared.schedules import run_schedules
+
+    put = ("schedule", "put", "standup", "--cron", "0 0 9 * * 1-5")
+    written = producer(storage, *put, "--conversation", "msteams/a:1", "--text", "Stand-up")
+    assert (written.returncode, written.stdout, written.stderr) == (0, "standup\n", "")
+    [listed] = schedules(storage)
+    assert listed["name"] == "standup" and listed["schedule"] == "0 0 9 * * 1-5"
+    assert listed["enabled"] is True and "problem" not in listed
+    assert listed["request"] == {"to": {"conversation": "msteams/a:1"}, "text": "Stand-up"}
+
+    # Written again: replaced, not added to.
+    again = producer(storage, *put, "--broadcast", '{"channelId": "msteams"}', "--text", "All")
+    assert again.returncode == 0, again.stderr
+    [listed] = schedules(storage)
+    assert listed["request"] == {"to": {"broadcast": {"channelId": "msteams"}}, "text": "All"}
+
+    # The timer, on a Monday at 09:00:30: one send, with the schedule's id for that minute.
+    settings = producer_settings(storage)
+    ledger, queue = BlobLedger(settings), StorageQueue(settings)
+    monday = datetime(2030, 1, 7, 9, 0, 30, tzinfo=UTC)
+    try:
+        assert await run_schedules(ledger, queue, monday) == ["schedule:standup:2030-01-07T09:00Z"]
+    finally:
+        await close()
+    assert queued(storage) == 1
+    assert any(name.startswith("proactive-schedules/") for name in stored(storage))
+
+    deleted = producer(storage, "schedule", "delete", "standup")
+    assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, "", "")
+    assert schedules(storage) == []
+    assert stored(storage) == []  # its last-run record went with it
+    missing = producer(storage, "schedule", "delete", "standup")
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == "error: no schedule named 'standup'\n"
+    assert queued(storage) == 1  # what was enqueued before the delete is still delivered
+
+
+def stored(env: dict[str, str]) -> list[str]:
+    return blobs(env["AzureWebJobsStorage"], env["BOT_REFERENCES_CONTAINER"])
+
+
+BAD_SCHEDULES = {
+    "cron with 5 fields": (["standup", "--cron", "0 9 * * 1-5"], "6-field NCRONTAB"),
+    "cron that never falls due": (["standup", "--cron", "0 0 0 30 2 *"], "never falls due"),
+    "name in a folder": (["team/standup", "--cron", "0 0 9 * * *"], "schedule's name is"),
+    "name with a space": (["stand up", "--cron", "0 0 9 * * *"], "schedule's name is"),
+    "request too large": (["s", "--cron", "0 0 9 * * *", "--text", "x" * 50_000], "larger than"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCHEDULES))
+def test_a_schedule_the_timer_would_skip_is_refused_and_nothing_is_written(storage, case):
+    args, reason = BAD_SCHEDULES[case]
+    content = [] if "--text" in args else ["--text", "hi"]
+    result = producer(storage, "schedule", "put", *args, "--conversation", "msteams/a:1", *content)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr[-500:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and reason in line, line
+    assert stored(storage) == []
+
+
+def test_a_disabled_schedule_and_a_broken_document_are_listed_as_the_timer_sees_them(storage):
+    from azure.storage.blob import ContainerClient
+
+    put = ("schedule", "put", "paused", "--cron", "0 0 9 * * *", "--disabled")
+    assert producer(storage, *put, "--conversation", "msteams/a:1", "--text", "x").returncode == 0
+    container = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with container:
+        container.upload_blob("schedules/broken.json", b'{"schedule": "secret-ish', overwrite=True)
+        container.upload_blob(
+            "schedules/odd.json", b'{"schedule": "0 0 9 * * *", "request": {"text": "x"}}'
+        )
+
+    listed = {line["name"]: line for line in schedules(storage)}
+
+    assert listed["paused"]["enabled"] is False
+    assert listed["broken"] == {
+        "name": "broken",
+        "problem": "the document is not valid JSON or unreadable",
+    }
+    assert set(listed["odd"]) == {"name", "problem"} and "`to`" in listed["odd"]["problem"]
+    assert "secret-ish" not in str(listed)  # a document's content is never echoed
+    # A broken document is replaced by a good one of the same name.
+    fixed = producer(
+        storage, "schedule", "put", "broken", "--cron", "0 0 9 * * *",
+        "--conversation", "msteams/a:1", "--text", "fixed",
+    )  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert {line["name"]: line for line in schedules(storage)}["broken"]["enabled"] is True

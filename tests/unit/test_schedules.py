@@ -598,3 +598,54 @@ async def test_a_schedule_written_in_the_minute_it_falls_due_still_fires_that_mi
     await ledger.replace("schedules/s.json", {**document, "enabled": True}, record.etag)
 
     assert await run_schedules(ledger, queue, T0) == ["schedule:s:2030-01-01T12:00Z"]
+
+
+async def test_a_written_schedule_is_run_by_the_timer_and_a_removed_one_no_longer():
+    from shared.schedules import read_schedules, remove_schedule, write_schedule
+
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await write_schedule(ledger, "tick", {"schedule": "0 * * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, T0) == ["schedule:tick:2030-01-01T12:00Z"]
+    [listed] = [found async for found in read_schedules(ledger)]
+    assert (listed.name, listed.schedule.enabled, listed.problem) == ("tick", True, None)
+
+    assert await remove_schedule(ledger, "tick") is True
+    assert ledger.blobs == {}  # the document and its last-run record
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=5)) == []
+    assert await remove_schedule(ledger, "tick") is False
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "-lead", "sp ace", "é", "x" * 101, None])
+async def test_a_schedule_name_the_command_cannot_write_is_refused_before_storage(name):
+    from shared.schedules import write_schedule
+
+    ledger = MemoryLedger()
+    with pytest.raises(InvalidRequest, match="schedule's name is"):
+        await write_schedule(ledger, name, {"schedule": "0 * * * * *", "request": REQUEST})
+    assert ledger.blobs == {}
+
+
+async def test_writing_over_a_document_that_is_not_json_replaces_it():
+    from shared.schedules import write_schedule
+
+    ledger = MemoryLedger()
+    ledger.blobs["schedules/tick.json"] = (b"{not json", {}, '"x"', 0.0)
+    await write_schedule(ledger, "tick", {"schedule": "0 * * * * *", "request": REQUEST})
+    record = await ledger.read("schedules/tick.json")
+    assert record.data == {"schedule": "0 * * * * *", "request": REQUEST, "enabled": True}
+
+
+async def test_a_write_racing_other_writers_each_time_fails_and_says_so():
+    from shared.references.contract import StoreError
+    from shared.schedules import write_schedule
+
+    class Contended(MemoryLedger):
+        async def replace(self, name, data, etag, *, metadata=None):
+            await super().replace(name, {"changed": "meanwhile"}, etag)  # another writer
+            return None
+
+    ledger = Contended()
+    await ledger.create("schedules/tick.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    with pytest.raises(StoreError, match="changed each time"):
+        await write_schedule(ledger, "tick", {"schedule": "0 0 * * * *", "request": REQUEST})
+    assert (await ledger.read("schedules/tick.json")).data == {"changed": "meanwhile"}
