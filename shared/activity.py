@@ -228,6 +228,12 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
     ):
         if value in _DOT_SEGMENTS:
             raise InvalidActivity(400, f"{where} must not be '.' or '..'")
+        if isinstance(value, str) and not _is_text(value):
+            raise InvalidActivity(400, f"{where} must be text (no lone surrogate escapes)")
+    # The conversation key is "<channelId>/<conversation.id>", the state keys alike.
+    channel_id = activity["channelId"]
+    if "/" in channel_id or not _is_text(channel_id):
+        raise InvalidActivity(400, "channelId must be text without '/'")
     _check_fields(activity, _FIELDS, "")
     _check_fields(conversation, _CONVERSATION, "conversation.")
     for name in ("from", "recipient"):
@@ -251,6 +257,18 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
 
 
 _DOT_SEGMENTS = (".", "..")
+
+
+def _is_text(value: str) -> bool:
+    """Unicode text: a lone surrogate escape ("\\ud800") parses as JSON, and no URL
+    path, UTF-8 body or blob name can carry it."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_fields(value: Mapping[str, Any], fields: Mapping[str, type], where: str) -> None:

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path, PurePath
 
 MAX_FRAMES = 6
+MAX_LOGGED_ID = 200  # characters of an untrusted id a log line may quote
 MAX_CHAIN = 3  # the exception and at most two it was raised from or while handling
 
 # The app's root folder (`shared/` lives in it), as imported and with links resolved.
@@ -77,3 +78,10 @@ def _short_path(filename: str) -> str:
         if parts[index] in _PACKAGE_DIRS:
             return "/".join(parts[index + 1 :])
     return "/".join(parts[-2:])
+
+
+def clip(value: object, limit: int = MAX_LOGGED_ID) -> str:
+    """`value`'s repr, cut to `limit` characters with the length it had (an id from a
+    request: quoted, so it cannot fake a log line, and short, so it cannot flood one)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"

@@ -27,7 +27,7 @@ from shared.activity import (
     parse_activity,
 )
 from shared.config import SettingsError
-from shared.diagnostics import describe
+from shared.diagnostics import clip, describe
 from shared.http import HttpRequest, HttpResponse
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime
@@ -54,7 +54,6 @@ RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
 # short, or the rest stays stored and is broadcast to: more time, within the channel's 15 s,
 # and when it fails all the same the answer is a 500, so the channel's retry finishes it.
 REMOVAL_BUDGET = 10.0
-MAX_LOGGED_ID = 200  # characters of an id a log line may quote
 
 
 @dataclass(slots=True)
@@ -245,7 +244,7 @@ def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> Htt
         logger.error(
             "messages: the answer to %s %s is not JSON",
             activity["type"],
-            _clip(activity.get("name") or ""),
+            clip(activity.get("name") or ""),
         )
         return HttpResponse.text(500, SERVER_ERROR)
 
@@ -278,7 +277,9 @@ def _invoke_result(outcome: TurnOutcome, activity: Activity) -> InvokeResponse |
     response = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
     if not isinstance(response.status, int) or not 200 <= response.status <= 599:
         logger.error(
-            "messages: invoke %s returned status %r", activity.get("name"), response.status
+            "messages: invoke %s returned status %s",
+            clip(activity.get("name")),
+            clip(response.status),
         )
         return None
     return response
@@ -288,9 +289,4 @@ def _ids(activity: Activity) -> str:
     """What lets an operator follow one activity in the logs (quoted and clipped: the ids
     are untrusted, and logged before the token is checked)."""
     key = conversation_key(activity["channelId"], activity["conversation"]["id"])
-    return f"activity={_clip(activity.get('id'))} conversation={_clip(key)}"
-
-
-def _clip(value: Any, limit: int = MAX_LOGGED_ID) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+    return f"activity={clip(activity.get('id'))} conversation={clip(key)}"

@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shared.activity import channel_data, is_bot_account, is_message_extension
-from shared.diagnostics import describe
+from shared.activity import channel_data, from_teams, is_bot_account, is_message_extension
+from shared.diagnostics import clip, describe
 from shared.turn import TurnContext
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class Router:
         return self.on(
             lambda turn: (
                 turn.activity.get("type") == "conversationUpdate"
+                and from_teams(turn.activity)  # elsewhere channelData is the client's own
                 and channel_data(turn.activity).get("eventType") == event_type
             )
         )
@@ -281,7 +282,9 @@ class Router:
         return self.on(lambda turn: True)
 
     def error(self, handler: ErrorHandler) -> ErrorHandler:
-        """Replace the apology sent when a handler raises (the failure is logged either way)."""
+        """Replace the apology sent when a handler raises (the failure is logged either way).
+        What it sends goes to the Connector even under ``expectReplies``: the turn's answer
+        is then the failure, which carries nothing."""
         self._on_error = handler
         return handler
 
@@ -312,22 +315,23 @@ class Router:
         answer itself.
         """
         logger.error(
-            "handler failed: activity=%r conversation=%r type=%r error=%s",
-            turn.activity.get("id"),
-            turn.conversation_key,
-            turn.activity.get("type"),
+            "handler failed: activity=%s conversation=%s type=%s error=%s",
+            clip(turn.activity.get("id")),
+            clip(turn.conversation_key),
+            clip(turn.activity.get("type")),
             describe(error),
         )
         try:
             if self._on_error is not None:
+                turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
             elif not _answered_in_place(turn.activity):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
-                "could not apologise: activity=%r conversation=%r error=%s",
-                turn.activity.get("id"),
-                turn.conversation_key,
+                "could not apologise: activity=%s conversation=%s error=%s",
+                clip(turn.activity.get("id")),
+                clip(turn.conversation_key),
                 type(failure).__name__,
             )
 

@@ -265,7 +265,7 @@ class State:
     A turn saves its states at its end; proactive code calls ``save`` itself.
     """
 
-    __slots__ = ("_data", "_etag", "_loaded", "_store", "_updates", "key", "merge")
+    __slots__ = ("_data", "_etag", "_loaded", "_loading", "_store", "_updates", "key", "merge")
 
     def __init__(self, store: StateStore | None, key: str, *, merge: Merge | None = None):
         split_state_key(key)
@@ -278,6 +278,7 @@ class State:
         self._etag: str | None = None
         self._data: Data | None = None  # what the bot sees and changes
         self._updates: list[Change] = []
+        self._loading = asyncio.Lock()  # held by the first read
 
     @classmethod
     def for_conversation(cls, store: StateStore, channel_id: str, conversation_id: str) -> State:
@@ -296,12 +297,15 @@ class State:
         return self._data is not None and self._data != self._loaded
 
     async def load(self) -> Data:
-        """The state's data (read from the store on the first call only)."""
+        """The state's data (read from the store on the first call only: calls made side
+        by side wait for that one read, so no change is made to data a second read replaces)."""
         if self._data is None:
-            stored = await self._require_store().read(self.key)
-            self._loaded = stored.data if stored else {}
-            self._etag = stored.etag if stored else None
-            self._data = _copy(self._loaded)
+            async with self._loading:
+                if self._data is None:
+                    stored = await self._require_store().read(self.key)
+                    self._loaded = stored.data if stored else {}
+                    self._etag = stored.etag if stored else None
+                    self._data = _copy(self._loaded)
         return self._data
 
     async def update(self, change: Change) -> Data:

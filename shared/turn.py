@@ -60,6 +60,7 @@ class TurnContext:
         "_user_state",
         "activity",
         "buffered",
+        "buffering",
         "connector",
         "identity",
         "match",
@@ -83,6 +84,7 @@ class TurnContext:
         self.state_store = state
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
+        self.buffering = True  # False once the answer can no longer carry what is sent
         self._conversation_state: State | None = None
         self._user_state: State | None = None
 
@@ -330,7 +332,7 @@ class TurnContext:
         return await enqueue(request, settings=self.settings, delay=delay)
 
     async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
-        if buffer and self.expects_replies:
+        if buffer and self.buffering and self.expects_replies:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]

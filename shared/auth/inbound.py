@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from shared.auth.keys import KeySourceError, OpenIdKeyCache, SigningKey
 from shared.config import CLOUDS, Settings
+from shared.diagnostics import clip
 from shared.serviceurl import ServiceTarget, parse_service_url
 from shared.urls import is_loopback_host
 
@@ -178,7 +179,7 @@ class InboundAuthenticator:
             raise AuthError("serviceurl claim does not match the activity's serviceUrl")
         channel_id = activity.get("channelId")
         if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
+            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
         return Identity(True, "channel", settings.app_id, claims)
 
     async def _emulator_identity(
@@ -211,7 +212,7 @@ class InboundAuthenticator:
         if key.endorsements is not None and (
             not isinstance(channel_id, str) or channel_id not in key.endorsements
         ):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {_clip(channel_id)}")
+            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
         # No serviceurl claim to pin it: at least the shape the Connector client accepts.
         _service_target(activity)
         return Identity(True, "emulator", caller, claims)
@@ -387,9 +388,3 @@ def _service_target(activity: Mapping[str, Any]) -> ServiceTarget:
     if target is None:
         raise AuthError("serviceUrl is not a plain https URL (http only for loopback hosts)")
     return target
-
-
-def _clip(value: object, limit: int = 80) -> str:
-    """An untrusted value quoted for a reason (which is logged), briefly."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}..."

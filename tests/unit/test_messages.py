@@ -403,6 +403,15 @@ MALFORMED = {
     "id '..'": (400, {"fields": {"id": ".."}}),
     "conversation.id '.'": (400, {"fields": {"conversation": {"id": "."}}}),
     "replyToId '..'": (400, {"fields": {"replyToId": ".."}}),
+    # Ids no Connector path can carry (a lone surrogate is JSON, not text): the reply
+    # failed (a 500) after the reference of an unreachable conversation was stored.
+    "conversation.id with a lone surrogate": (400, {"fields": {"conversation": {"id": "c\ud800"}}}),
+    "id with a lone surrogate": (400, {"fields": {"id": "m\udc00"}}),
+    "replyToId with a lone surrogate": (400, {"fields": {"replyToId": "m\udc00"}}),
+    # A conversation key is "<channelId>/<conversation.id>": state and references have
+    # no key for a channel id with a '/' (a handler using state failed with a 500).
+    "channelId with a '/'": (400, {"fields": {"channelId": "web/chat"}}),
+    "channelId with a lone surrogate": (400, {"fields": {"channelId": "web\ud800"}}),
 }
 
 

@@ -322,6 +322,46 @@ async def test_custom_error_handler_replaces_the_apology():
     assert [c[3]["text"] for c in connector.calls] == ["Oops (KeyError)"]
 
 
+async def test_a_custom_error_handler_is_seen_under_expect_replies():
+    # The turn answers 500 then, so what the handler sends cannot wait for that answer.
+    router = Router()
+    connector = RecordingConnector()
+
+    @router.error
+    async def on_error(turn, error):
+        await turn.reply("Oops, our side failed")
+
+    turn = turn_for(activity(text="hi", deliveryMode="expectReplies"), connector)
+    await router.handle_error(turn, KeyError("k"))
+    [(op, _, _, reply_to, sent)] = connector.calls
+    assert (op, reply_to, sent["text"]) == ("reply", "in-1", "Oops, our side failed")
+    assert turn.buffered == []
+
+
+@pytest.mark.parametrize("channel", ["webchat", "directline", "emulator"])
+async def test_teams_events_match_only_on_teams(channel):
+    # Elsewhere channelData is whatever the client wrote: "teamDeleted" from a Web Chat
+    # page must not run the bot's handler for a deleted team.
+    seen: list[str] = []
+    router = full_router(seen)
+    incoming = activity(
+        "conversationUpdate", channelId=channel, channelData={"eventType": "teamRenamed"}
+    )
+    await router.dispatch(turn_for(incoming))
+    assert seen == []
+
+
+async def test_a_failed_turn_logs_its_ids_clipped(caplog):
+    router = Router()
+    connector = RecordingConnector(fail=True)
+    incoming = activity(id="i" * 200_000, conversation={"id": "c" * 200_000})
+    with caplog.at_level(logging.WARNING, logger="shared.router"):
+        await router.handle_error(turn_for(incoming, connector), ValueError("x"))
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000
+    assert "activity='iiii" in caplog.text and "(200002 chars)" in caplog.text
+
+
 def test_turn_members_and_text():
     turn = turn_for(
         activity(

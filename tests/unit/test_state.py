@@ -196,6 +196,20 @@ async def test_many_concurrent_turns_lose_nothing(store):
     assert (await store.read(CONVERSATION)).data == {"count": MAX_SAVE_ATTEMPTS - 2}
 
 
+async def test_updates_started_together_in_one_turn_both_count(store):
+    # Two helpers of one handler changing the state side by side: both first loads read
+    # the store, and the second read replaced the data the first change was made to.
+    await store.write(CONVERSATION, {"n": 0}, etag=None)
+    state = State(store, CONVERSATION)
+
+    def add(data):
+        data["n"] += 1
+
+    await asyncio.gather(state.update(add), state.update(add), state.load())
+    assert await state.save()
+    assert (await store.read(CONVERSATION)).data == {"n": 2}
+
+
 async def test_update_changes_count_when_the_turns_also_edit_directly(store):
     # Two turns each count a click with update() and also record a plain edit of a field
     # only they change: both clicks count and both plain edits are kept.
