@@ -50,12 +50,20 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shared.idempotency import Busy, Settled, is_outcome, release_claim, take_claim
 from shared.ledger import Record, iso
-from shared.proactive_schema import RESERVED, BroadcastFilter, ProactiveRequest, request_bytes
+from shared.proactive_schema import (
+    RESERVED,
+    BroadcastFilter,
+    InvalidRequest,
+    ProactiveRequest,
+    carries,
+    check_conversation_key,
+    request_bytes,
+)
 from shared.queues import MAX_REQUEST_BYTES, compact_json
 from shared.references.contract import StoredReference, StoreError
 from shared.reports import (
@@ -141,7 +149,11 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             )
             targets = [item for item in page.items if _matches(item, request.broadcast)]
             children = _children(request, [(item.key, item.reference) for item in targets])
-            queued = [item for item, child in zip(targets, children, strict=True) if child]
+            queued = [
+                item
+                for item, child in zip(targets, children, strict=True)
+                if isinstance(child, str)
+            ]
             number, previous = int(head.get("page") or 0) + 1, head.get("pending")
             pending = None
             if targets:  # written ahead: what the checkpoint counts is queued, even after a crash
@@ -250,45 +262,67 @@ def _matches(stored: StoredReference, broadcast: BroadcastFilter) -> bool:
     return broadcast.personal is None or stored.personal == broadcast.personal
 
 
-def _children(request: ProactiveRequest, targets: Sequence[tuple[str, Any]]) -> list[str | None]:
-    """The child message (JSON) for each (key, reference or None), or None for one too
-    large to queue."""
+@dataclass(frozen=True, slots=True)
+class _Unqueued:
+    """A conversation whose child no queue message can be: reported failed, with why."""
+
+    reason: str
+
+
+def _children(
+    request: ProactiveRequest, targets: Sequence[tuple[str, Any]]
+) -> list[str | _Unqueued]:
+    """The child message (JSON) for each (key, reference or None), or why there is none.
+
+    Each child is one parse_request takes: a stored key it would refuse (an earlier
+    version stored ids with lone surrogates) is reported failed here, and a reference it
+    would refuse (nested too deep, another key's) is left for the child to read."""
     content = {name: request.message[name] for name in CONTENT_FIELDS if name in request.message}
-    children: list[str | None] = []
+    children: list[str | _Unqueued] = []
     for key, reference in targets:
+        try:
+            check_conversation_key(key)
+        except InvalidRequest:
+            children.append(_Unqueued("the conversation's stored id is not Unicode text"))
+            continue
         child: dict[str, Any] = {"id": request.id, "to": {"conversation": key}, **content}
         child[RESERVED] = {"child": True}
-        if reference is not None:
+        if reference is not None and carries(reference, key):
             carried = {**child, RESERVED: {"child": True, "reference": reference}}
             # Too large to carry the reference (and still leave room for what the engine
             # and the poison queue add): the child reads it from the store instead.
             if len(compact_json(carried).encode("utf-8")) <= MAX_REQUEST_BYTES:
                 child = carried
         # The key replaces the filter: a long one may not fit.
-        children.append(compact_json(child) if request_bytes(child) <= MAX_REQUEST_BYTES else None)
+        if request_bytes(child) <= MAX_REQUEST_BYTES:
+            children.append(compact_json(child))
+        else:
+            children.append(
+                _Unqueued(
+                    f"the message for this conversation is larger than {MAX_REQUEST_BYTES} "
+                    "bytes as JSON"
+                )
+            )
     return children
 
 
 async def _enqueue_children(
     request: ProactiveRequest,
     keys: Sequence[StoredReference] | Sequence[str],
-    children: Sequence[str | None],
+    children: Sequence[str | _Unqueued],
     engine: Engine,
 ) -> None:
-    """Queue each child; one too large to queue is recorded failed instead (reported, not
-    raised: a raise would stop the fan-out on every attempt)."""
+    """Queue each child; a conversation with none is recorded failed instead (reported,
+    not raised: a raise would stop the fan-out on every attempt)."""
     semaphore = asyncio.Semaphore(engine.fanout_parallel)
 
-    async def one(key: str, child: str | None) -> None:
+    async def one(key: str, child: str | _Unqueued) -> None:
         async with semaphore:
-            if child is not None:
+            if isinstance(child, str):
                 await engine.queue.put(child)
                 return
-            reason = f"larger than {MAX_REQUEST_BYTES} bytes as JSON"
-            await _report_failed(
-                engine, request.id, key, f"the message for this conversation is {reason}"
-            )
-            logger.warning("proactive %r: %s: too large, not sent", request.id, key)
+            await _report_failed(engine, request.id, key, child.reason)
+            logger.warning("proactive %r: %r not sent: %s", request.id, key[:200], child.reason)
 
     names = [item if isinstance(item, str) else item.key for item in keys]
     await asyncio.gather(*(one(key, child) for key, child in zip(names, children, strict=True)))

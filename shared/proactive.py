@@ -81,10 +81,10 @@ from shared.references import StoreError
 from shared.reports import (
     SINGLE_TARGET,
     Final,
-    ensure_head,
     outcome_name,
     record_duplicate,
     record_outcome,
+    single_head,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,16 +191,20 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
     request_id = _request_id(body)
     if request_id:
         now = engine.clock()
-        await ensure_head(engine.ledger, request_id, "single", now)
-        await record_outcome(
-            engine.ledger,
-            request_id,
-            SINGLE_TARGET,
-            "failed",
-            now,
-            reason=reason,
-            yield_to_live_claim=True,
-        )
+        if await single_head(engine.ledger, request_id, now):
+            await record_outcome(
+                engine.ledger,
+                request_id,
+                SINGLE_TARGET,
+                "failed",
+                now,
+                reason=reason,
+                yield_to_live_claim=True,
+            )
+        elif (key := _child_key(body)) is not None:  # a broadcast's child: its target
+            await record_outcome(engine.ledger, request_id, key, "failed", now, reason=reason)
+        # Otherwise a request of its own reusing a broadcast's id: not one of its targets,
+        # so nothing goes in its report; the poison copy says why.
     await engine.queue.poison(body, reason)
     logger.warning("proactive %r poisoned: %s", request_id, reason)
     return Outcome.POISONED
@@ -228,8 +232,13 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
         return await engine.requeue(request, delay, count=False, age=False)
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
-    if not request.engine.child and request.engine.since is None:  # a first attempt
-        await ensure_head(ledger, request.id, "single", now)
+    first = not request.engine.child and request.engine.since is None
+    if first and not await single_head(ledger, request.id, now):
+        await record_duplicate(ledger, request.id, request.label, now)
+        logger.warning(
+            "proactive %r: the id is a broadcast's; %s not sent", request.id, request.label
+        )
+        return Outcome.DUPLICATE
     claimed_at = engine.clock()
     name = outcome_name(request.id, target)
     claim = await take_claim(
@@ -493,6 +502,19 @@ def _describe(error: ConnectorError) -> str:
     if error.code:
         parts.append(f"code {error.code[:60]}")
     return " ".join(parts)
+
+
+def _child_key(body: bytes | str) -> str | None:
+    """The conversation key of a broadcast child (None for anything else)."""
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get(RESERVED), dict):
+        return None
+    target = message.get("to")
+    key = target.get("conversation") if isinstance(target, dict) else None
+    return key if message[RESERVED].get("child") is True and isinstance(key, str) else None
 
 
 def _request_id(body: bytes | str) -> str | None:

@@ -164,14 +164,7 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if engine.child and kind != "conversation":
         raise InvalidRequest("a broadcast child names a conversation")
     if kind == "conversation":
-        try:
-            split_key(value)
-            if _SURROGATE.search(value):
-                raise ValueError("not Unicode text")
-        except ValueError:
-            raise InvalidRequest(
-                "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
-            ) from None
+        check_conversation_key(value)
         if engine.reference is not None:
             try:
                 carried = _reference_key(engine.reference)
@@ -188,6 +181,33 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if kind == "broadcast":
         return replace(base, broadcast=parse_broadcast(value))
     raise InvalidRequest("`to` must name a conversation, reference, user or broadcast")
+
+
+def check_conversation_key(value: Any) -> str:
+    """`value` when it is a `to.conversation` parse_request takes; InvalidRequest otherwise."""
+    try:
+        split_key(value)
+        if _SURROGATE.search(value):
+            raise ValueError("not Unicode text")
+    except ValueError:
+        raise InvalidRequest(
+            "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
+        ) from None
+    return value
+
+
+# A broadcast child nests its reference two levels down (the message, its RESERVED field).
+_CARRIED_DEPTH = MAX_JSON_DEPTH + 1 - 2
+
+
+def carries(reference: Any, key: str) -> bool:
+    """Whether a broadcast child to `key` may carry `reference` (parse_request takes it:
+    the reference's own key, within the nesting a message may have); a child that may not
+    reads the reference from the store instead."""
+    try:
+        return _reference_key(reference) == key and not nests_deeper(reference, _CARRIED_DEPTH)
+    except InvalidRequest:
+        return False
 
 
 def usable_id(value: Any) -> bool:

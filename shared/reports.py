@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from shared.idempotency import claim_expiry, is_outcome
-from shared.ledger import Ledger, iso
+from shared.ledger import Ledger, NotJson, iso
 from shared.references.contract import StoreError
 from shared.references.keys import encode_segment
 
@@ -103,6 +103,26 @@ async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -
     """Create the request's head unless it exists (create-only: the first writer wins);
     the ETag of the head this call created, None when it existed already."""
     return await ledger.create(head_name(request_id), new_head(request_id, kind, now))
+
+
+async def single_head(ledger: Ledger, request_id: str, now: float) -> bool:
+    """Make sure a single-target request has its head; False when the id is a broadcast's.
+
+    A request reusing a broadcast's id is then a duplicate: sent, it would count as one of
+    the broadcast's targets (its report `done` too early) and repeat one of its sends. Read
+    first: the producer has usually created the head, and a read costs what a refused
+    create would."""
+    name = head_name(request_id)
+    for _ in range(2):
+        try:
+            head = await ledger.read(name)
+        except NotJson:
+            return True  # unreadable: what it was cannot be told, as before this check
+        if head is not None:
+            return not (isinstance(head.data, dict) and head.data.get("kind") == "broadcast")
+        if await ledger.create(name, new_head(request_id, "single", now)) is not None:
+            return True
+    return True  # created and removed meanwhile: nothing says it is a broadcast's
 
 
 async def record_outcome(

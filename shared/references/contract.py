@@ -341,6 +341,9 @@ class Filters:
     team_id: str | None
 
     def matches(self, stored: StoredReference) -> bool:
+        teams_only = self.tenant_id is not None or self.team_id is not None
+        if teams_only and stored.channel_id != TEAMS_CHANNEL:
+            return False  # recorded by an earlier version from another channel's channelData
         return (
             (self.channel_id is None or stored.channel_id == self.channel_id)
             and (self.tenant_id is None or stored.tenant_id == self.tenant_id)

@@ -445,6 +445,80 @@ async def test_a_broadcast_reaches_each_matching_conversation_once(
     assert report["targets"] == report["delivered"] == len(expected)
 
 
+async def test_a_conversation_no_child_can_address_is_reported_failed_under_its_key(
+    parts, fake_connector
+):
+    # Stored by an earlier version (inbound now refuses a lone surrogate in an id), or
+    # with a user nested so deep that the child carrying it is over the parser's limit:
+    # each child was poisoned as a request of its own, its failure recorded as target
+    # "target", and with two of them the report stayed `running` for ever.
+    runtime, engine = parts  # stores msteams/a:1
+    deep: dict[str, Any] = {"id": "29:deep"}
+    for _ in range(61):
+        deep = {"x": deep}
+    await runtime.references.upsert(reference(fake_connector.url, "c\ud800-1", user="29:s1"))
+    await runtime.references.upsert(reference(fake_connector.url, "c\ud800-2", user="29:s2"))
+    await runtime.references.upsert(
+        {**reference(fake_connector.url, "a:deep", user="29:d"), "user": {"id": "29:d", **deep}}
+    )
+
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    await drain(engine)
+
+    assert sorted(sends(fake_connector)) == ["a:1", "a:deep"]  # read from the store instead
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"]) == ("done", 4, 2)
+    # Reported under their keys (the surrogate's bytes shown as replacement characters).
+    failed = sorted(failure["target"] for failure in report["failures"])
+    assert [(f[:9], f[-2:], "\ufffd" in f) for f in failed] == [
+        ("msteams/c", "-1", True),
+        ("msteams/c", "-2", True),
+    ]
+    assert all("not Unicode text" in failure["reason"] for failure in report["failures"])
+    assert engine.queue.poisoned == []
+
+
+async def test_a_single_request_reusing_a_broadcasts_id_is_a_duplicate(parts, fake_connector):
+    # It was sent (a:1 got the message twice) and counted as one of the broadcast's
+    # targets, so the report said `done` while a child was still queued.
+    runtime, engine = parts  # stores msteams/a:1
+    await store_personal(runtime, fake_connector.url, "a:2")
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    children = engine.queue.take()
+
+    assert await handle(engine, body({"conversation": "msteams/a:1"}, "b-1")) is (Outcome.DUPLICATE)
+    assert sends(fake_connector) == []
+    await handle(engine, children[0][0])
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["duplicate"]) == ("running", 1, 1)
+    await handle(engine, children[1][0])
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+    assert (await read_report(engine.ledger, "b-1"))["state"] == "done"
+
+
+async def test_an_invalid_child_is_its_conversations_failure_and_a_stray_request_none(
+    parts, fake_connector
+):
+    # A child the parser refuses (queued by an earlier version, say) fails its own target;
+    # a request of its own that reuses the broadcast's id is in no way one of its targets.
+    runtime, engine = parts  # stores msteams/a:1
+    await store_personal(runtime, fake_connector.url, "a:2")
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    first, second = (json.loads(text) for text, _ in engine.queue.take())
+    await handle(engine, json.dumps(first))
+    broken = {**second, RESERVED: {"child": True, "reference": reference("x", "a:other")}}
+
+    assert await handle(engine, json.dumps(broken)) is Outcome.POISONED
+    assert await handle(engine, body({"conversation": "not a key"}, "b-1")) is Outcome.POISONED
+
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"]) == ("done", 2, 1)
+    [failure] = report["failures"]
+    assert failure["target"] == second["to"]["conversation"]
+    assert "reference" in failure["reason"]
+    assert len(engine.queue.poisoned) == 2
+
+
 async def test_a_fanout_stopped_after_queueing_a_page_counts_each_target_once(
     parts, fake_connector
 ):

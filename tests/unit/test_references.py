@@ -417,6 +417,36 @@ async def test_a_user_index_out_of_room_says_it_overflowed_until_settled(store):
     assert (await store.find_by_user(**who)).key == "webchat/dl-new"
 
 
+async def test_tenant_and_team_filters_skip_other_channels_stored_by_earlier_versions(
+    store, request
+):
+    # Before tenant and team were indexed from Teams data only, a Web Chat client's own
+    # channelData filled them: such a document, until rewritten, must not match a filter.
+    from shared.references.blob_format import blob_metadata, document_body
+    from shared.references.contract import plan
+    from shared.references.keys import document_name
+
+    await store.upsert(reference("t1-a", tenant="t1", personal=False), team_id="team-x")
+    legacy = plan(None, reference("web-old", channel_id="webchat", tenant="t1"), None, 1.7e9)
+    legacy.tenant_id, legacy.team_id = "t1", "team-x"
+    if isinstance(store, MemoryReferenceStore):
+        store._docs[legacy.key] = legacy
+        store._sorted = None
+    else:
+        azurite = request.getfixturevalue("azurite")
+        container = ContainerClient.from_connection_string(
+            azurite.connection_string, store._container_name
+        )
+        with container:
+            body = document_body(legacy)
+            metadata = blob_metadata(legacy, body)
+            container.upload_blob(document_name(legacy.key), body, metadata=metadata)
+
+    assert await list_all(store, tenant_id="t1") == ["msteams/t1-a"]
+    assert await list_all(store, team_id="team-x") == ["msteams/t1-a"]
+    assert sorted(await list_all(store)) == ["msteams/t1-a", "webchat/web-old"]
+
+
 async def test_an_aad_object_id_counts_on_teams_only(store):
     # Off Teams, from.aadObjectId is whatever the client wrote: a Web Chat user claiming
     # Alice's must not find (or, through erasure, delete) anything of hers by it.
