@@ -396,7 +396,11 @@ _NCRONTAB_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("month", 1, 12, _MONTHS),
     ("day-of-week", 0, 6, _DAYS),
 )
-_NCRONTAB_ITEM = re.compile(r"(\*|[0-9A-Za-z]+|[0-9A-Za-z]+-[0-9A-Za-z]+)(?:/([0-9]+))?")
+# A value or name has at most 9 characters (September, Wednesday): never more digits than
+# int() takes (a ValueError, not a reason).
+_NCRONTAB_ITEM = re.compile(
+    r"(\*|[0-9A-Za-z]{1,9}|[0-9A-Za-z]{1,9}-[0-9A-Za-z]{1,9})(?:/([0-9]{1,9}))?"
+)
 
 
 def ncrontab_problem(expression: str, *, portable: bool = True) -> str | None:

@@ -47,6 +47,7 @@ class Entry:
     name: str
     metadata: dict[str, str]
     modified: float
+    size: int = 0  # bytes
 
 
 @dataclass(slots=True)
@@ -140,8 +141,8 @@ class MemoryLedger:
     async def list(self, prefix: str) -> AsyncIterator[Entry]:
         for name in sorted(self.blobs):
             if name.startswith(prefix):
-                _, metadata, _, modified = self.blobs[name]
-                yield Entry(name, dict(metadata), modified)
+                body, metadata, _, modified = self.blobs[name]
+                yield Entry(name, dict(metadata), modified, len(body))
 
 
 # ---------------------------------------------------------------------------- Blob storage
@@ -270,7 +271,10 @@ class BlobLedger:
             for blob in blobs:
                 modified = blob.last_modified
                 yield Entry(
-                    blob.name, dict(blob.metadata or {}), modified.timestamp() if modified else 0
+                    blob.name,
+                    dict(blob.metadata or {}),
+                    modified.timestamp() if modified else 0,
+                    blob.size or 0,
                 )
 
     async def _upload(self, name: str, data: Any, metadata, **conditions: Any) -> dict:

@@ -279,8 +279,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         request["text"] = args.text
     else:
         request["activity"] = _json_arg("--activity", args.activity)
-    if getattr(args, "id", None) is not None:
-        request["id"] = args.id
+    if args.command == "send":  # chosen here, so that an error can name it
+        request["id"] = args.id if args.id is not None else str(uuid.uuid4())
     return request
 
 
@@ -317,11 +317,21 @@ async def run(argv: Sequence[str] | None = None) -> int:
     from shared.references.contract import StoreError
 
     args = _parser().parse_args(argv)
-    _quiet_identity_warnings()
+    _quiet_library_logs()
     try:
         settings = producer_settings()
         if args.command == "send":
-            print(await enqueue(build_request(args), settings=settings), flush=True)
+            request = build_request(args)
+            try:
+                print(await enqueue(request, settings=settings), flush=True)
+            except QueueError as error:
+                if _refused(error):
+                    raise
+                # Its put may have landed: a second `send` would be a new request.
+                raise QueueError(
+                    f"{error}; request {request['id']!r} may have been queued: see `report` "
+                    f"for it, and to try again send it with --id {request['id']}"
+                ) from None
         elif args.command == "schedule":
             return await _schedule(settings, args)
         elif args.command == "report":
@@ -335,7 +345,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
                 print(key)
             sys.stdout.flush()
         return 0
-    except (UsageError, InvalidRequest, SettingsError, StoreError) as error:
+    except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
@@ -378,17 +388,16 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_identity_warnings() -> None:
-    """Keep azure-identity's warnings off the command's stderr.
+def _quiet_library_logs() -> None:
+    """Keep the Azure SDK's log records off the command's stderr, which carries the
+    command's own one-line error and nothing else.
 
     Without a usable identity, azure-identity writes a dozen lines (every credential it
     tried, and where to read about each) each time a token is asked for, and the storage
-    SDK asks on every retry: about fifty lines before the command's own one-line error,
-    which names the setting to check. A level an operator set on the logger is kept.
+    SDK asks on every retry; a storage answer it cannot parse (a 500 with no body) comes
+    with a traceback. The command says what failed itself, naming the setting to check.
     """
-    identity_log = logging.getLogger("azure.identity")
-    if identity_log.level == logging.NOTSET:
-        identity_log.setLevel(logging.ERROR)
+    logging.getLogger("azure").setLevel(logging.CRITICAL + 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,8 @@ document written since its last run (edited, or deleted and created again) count
 that write instead, so nothing from before it is sent. Two runs that overlap, or a run
 retried after a crash before its bookkeeping was written, enqueue the same ids again:
 delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
-minute (due times are per minute), never before its first due second in that minute.
+minute (due times are per minute), never before its first due second in that minute
+(within EARLY_RUN: the host may fire a run a moment early).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ SCHEDULES_PREFIX = "schedules/"
 STATE_PREFIX = "proactive-schedules/"
 MAX_CATCH_UP = timedelta(days=1)  # a schedule missed for longer catches up on this much
 MAX_DUE_PER_RUN = 60  # due times enqueued per schedule per run, the latest ones
+MAX_DOCUMENT_BYTES = 64 * 1024  # a request is at most 48,640 bytes as JSON
+MAX_EXPRESSION_CHARS = 256
+# The host may fire a run a few ms before the minute it is for: a due second at most this
+# far ahead counts as come, rather than wait for the next run.
+EARLY_RUN = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,8 @@ def parse_schedule(name: str, document: Any) -> Schedule:
     if unknown:
         raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
     expression = document.get("schedule")
+    if isinstance(expression, str) and len(expression) > MAX_EXPRESSION_CHARS:
+        raise InvalidRequest(f"`schedule` is longer than {MAX_EXPRESSION_CHARS} characters")
     if not isinstance(expression, str) or len(expression.split()) != 6:
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
     problem = ncrontab_problem(expression)
@@ -136,8 +144,9 @@ class Listed:
 
 async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
     """Every blob under ``schedules/``, in name order, read and checked as the timer does."""
-    names = [entry.name async for entry in ledger.list(SCHEDULES_PREFIX)]
-    for blob in names:
+    entries = [entry async for entry in ledger.list(SCHEDULES_PREFIX)]
+    for entry in entries:
+        blob = entry.name
         name = blob[len(SCHEDULES_PREFIX) :]
         if not blob.endswith(".json"):
             yield Listed(name, None, "a schedule document's name ends in .json")
@@ -150,6 +159,9 @@ async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
                 f"a schedule is a named blob right under {SCHEDULES_PREFIX}, not in a folder",
             )
             continue
+        if entry.size > MAX_DOCUMENT_BYTES:
+            yield Listed(name, None, f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")
+            continue
         try:
             record = await ledger.read(blob)
             if record is None:
@@ -160,6 +172,9 @@ async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
             continue
         except InvalidRequest as error:
             yield Listed(name, None, str(error))
+            continue
+        except ValueError:  # croniter's own refusals, whose text may quote the document
+            yield Listed(name, None, "`schedule` is not an expression croniter reads")
             continue
         yield Listed(name, schedule, None, record.modified)
 
@@ -335,5 +350,5 @@ async def run_timer(settings: Settings, now: datetime | None = None) -> list[str
     from shared.ledger import BlobLedger
     from shared.queues import StorageQueue
 
-    moment = now or datetime.now(UTC)
+    moment = (now or datetime.now(UTC)) + EARLY_RUN
     return await run_schedules(BlobLedger(settings), StorageQueue(settings), moment)

@@ -100,6 +100,9 @@ def test_a_request_the_queue_refuses_leaves_no_pending_report(azurite, storage):
     sent = producer(blob_only, *send)
     assert (sent.returncode, sent.stdout) == (1, "")
     assert sent.stderr.startswith("error: ") and sent.stderr.count("\n") == 1, sent.stderr
+    # What the queue said (its status; the credential to check), not "unreachable".
+    assert "403" in sent.stderr and "could not reach" not in sent.stderr, sent.stderr
+    assert "may have been queued" not in sent.stderr  # refused: surely not queued
 
     report = producer(storage, "report", "r1")
     assert (report.returncode, report.stdout) == (1, ""), report.stdout
@@ -152,6 +155,44 @@ async def test_a_put_that_may_have_landed_keeps_its_report(azurite, storage, que
         await close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(azurite, storage):
+    # The queue answers 500: the put may have landed (the client retried it, too). The
+    # command chose the id; without it on stderr, a second `send` was a new request.
+    import asyncio
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 500 Internal\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {
+        **storage,
+        "AzureWebJobsStorage": (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={azurite.blob_url};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+        ),
+    }
+    try:
+        sent = await asyncio.to_thread(
+            producer, env, "send", "--conversation", "msteams/a:1", "--text", "hi"
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
+    assert len(sent.stderr.splitlines()) == 1, sent.stderr
+    line = sent.stderr.strip()
+    assert line.startswith("error: ") and "may have been queued" in line, line
+    request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
+    report = producer(storage, "report", request_id)
+    assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
 
 SCRIPT = """

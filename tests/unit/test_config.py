@@ -325,6 +325,9 @@ INVALID_SCHEDULES = {
     "day of week 7": "0 0 9 * * 7",
     "a TimeSpan": "00:05:00",
     "five fields": "0 9 * * *",
+    # More digits than Python turns into an int: a ValueError, not a settings error.
+    "a number of 5,000 digits": "1" * 5000 + " 0 9 * * *",
+    "a step of 5,000 digits": "*/" + "1" * 5000 + " 0 9 * * *",
 }
 
 

@@ -649,3 +649,61 @@ async def test_a_write_racing_other_writers_each_time_fails_and_says_so():
     with pytest.raises(StoreError, match="changed each time"):
         await write_schedule(ledger, "tick", {"schedule": "0 0 * * * *", "request": REQUEST})
     assert (await ledger.read("schedules/tick.json")).data == {"changed": "meanwhile"}
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        # Python will not turn 5,000 digits into an int: its ValueError stopped the run.
+        ({"schedule": "1" * 5000 + " 0 9 * * *", "request": REQUEST}, "longer than"),
+        # 40 KB of a valid list: half a second of the event loop per run.
+        ({"schedule": "0," * 20_000 + "0 0 9 * * *", "request": REQUEST}, "longer than"),
+        ({"schedule": "0 0 9 * * *", "request": REQUEST, "pad": "x" * 70_000}, "larger than"),
+    ],
+)
+async def test_a_schedule_too_large_to_read_or_run_is_skipped_and_the_others_run(
+    caplog, document, problem
+):
+    from shared.schedules import read_schedules
+
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a-bad.json", document)
+    await ledger.create("schedules/b-good.json", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    assert await run_schedules(ledger, queue, T0) == ["schedule:b-good:2030-01-01T12:00Z"]
+    assert "'a-bad' skipped" in caplog.text and problem in caplog.text
+    [bad, good] = [found async for found in read_schedules(ledger)]
+    assert bad.schedule is None and problem in bad.problem and good.schedule is not None
+
+
+async def test_a_timer_firing_a_moment_early_still_sends_that_minute(
+    monkeypatch, azurite, unique_name
+):
+    # The host may fire `0 * * * * *` a few ms before the minute: the 09:00 send waited for
+    # the 09:01 run.
+    from azure.storage.queue import QueueClient
+
+    from shared.ledger import BlobLedger
+    from shared.producer import producer_settings
+    from shared.schedules import run_timer
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("sched")
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_PROACTIVE_QUEUE": queue,
+        "BOT_REFERENCES_CONTAINER": unique_name("sched"),
+    }
+    settings = producer_settings(env)
+    document = {"schedule": "0 0 9 * * *", "request": REQUEST}
+    try:
+        await BlobLedger(settings).create("schedules/standup.json", document)
+        early = datetime(2030, 1, 7, 8, 59, 59, 995_000, tzinfo=UTC)
+        ids = await run_timer(settings, early)
+        again = await run_timer(settings, early + timedelta(minutes=1, seconds=0.01))
+    finally:
+        await close_shared_clients()
+    assert (ids, again) == (["schedule:standup:2030-01-07T09:00Z"], [])
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    with client:
+        assert client.get_queue_properties().approximate_message_count == 1
