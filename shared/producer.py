@@ -279,8 +279,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         request["text"] = args.text
     else:
         request["activity"] = _json_arg("--activity", args.activity)
-    if args.command == "send":  # chosen here, so that an error can name it
-        request["id"] = args.id if args.id is not None else str(uuid.uuid4())
+    if getattr(args, "id", None) is not None:
+        request["id"] = args.id
     return request
 
 
@@ -322,6 +322,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
         settings = producer_settings()
         if args.command == "send":
             request = build_request(args)
+            request.setdefault("id", str(uuid.uuid4()))  # chosen here: an error can name it
             try:
                 print(await enqueue(request, settings=settings), flush=True)
             except QueueError as error:
