@@ -3,6 +3,7 @@ prints, its exit status, and what it leaves on the queue and in the container.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -122,69 +123,28 @@ async def test_a_put_that_may_have_landed_keeps_its_report(azurite, storage, que
     # A put answered 500, or whose connection dropped after it was sent (the client raises
     # a connection error then, as when nothing was sent), may have stored the message, which
     # an instance may be fanning out from the head already: the head stays (`pending`).
-    import asyncio
-
     from shared.proactive_schema import InvalidRequest
     from shared.producer import close, enqueue, producer_settings, read_report
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")
-            if queue == "answers 500":
-                writer.write(b"HTTP/1.1 500 Internal\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    env = {
-        **storage,
-        "AzureWebJobsStorage": (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint={azurite.blob_url};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
-        ),
-    }
-    settings = producer_settings(env)
-    try:
-        request = {"id": "r-maybe", "to": {"conversation": "msteams/a:1"}, "text": "hi"}
-        with pytest.raises(Exception) as raised:
-            await enqueue(request, settings=settings)
-        assert not isinstance(raised.value, InvalidRequest)
-        assert (await read_report("r-maybe", settings=settings))["state"] == "pending"
-    finally:
-        await close()
-        server.close()
-        await server.wait_closed()
+    async with broken_queue(azurite, storage, answer_500=queue == "answers 500") as env:
+        settings = producer_settings(env)
+        try:
+            request = {"id": "r-maybe", "to": {"conversation": "msteams/a:1"}, "text": "hi"}
+            with pytest.raises(Exception) as raised:
+                await enqueue(request, settings=settings)
+            assert not isinstance(raised.value, InvalidRequest)
+            assert (await read_report("r-maybe", settings=settings))["state"] == "pending"
+        finally:
+            await close()
 
 
 async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(azurite, storage):
     # The queue answers 500: the put may have landed (the client retried it, too). The
     # command chose the id; without it on stderr, a second `send` was a new request.
-    import asyncio
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 500 Internal\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    env = {
-        **storage,
-        "AzureWebJobsStorage": (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint={azurite.blob_url};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
-        ),
-    }
-    try:
+    async with broken_queue(azurite, storage, answer_500=True) as env:
         sent = await asyncio.to_thread(
             producer, env, "send", "--conversation", "msteams/a:1", "--text", "hi"
         )
-    finally:
-        server.close()
-        await server.wait_closed()
 
     assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
     assert len(sent.stderr.splitlines()) == 1, sent.stderr
@@ -193,6 +153,34 @@ async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(az
     request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
     report = producer(storage, "report", request_id)
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
+
+
+@contextlib.asynccontextmanager
+async def broken_queue(azurite, storage: dict[str, str], *, answer_500: bool):
+    """The settings of `storage` with its queue endpoint a server that answers every
+    request 500 (`answer_500`) or drops the connection once it has read it."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            if answer_500:
+                writer.write(b"HTTP/1.1 500 Internal\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield {
+            **storage,
+            "AzureWebJobsStorage": (
+                f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                f"BlobEndpoint={azurite.blob_url};QueueEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+            ),
+        }
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 SCRIPT = """
