@@ -145,6 +145,19 @@ def test_startup_lists_functions_with_urls(http_host):
     assert f"sync_function: [GET] {http_host.url}/api/sync" in http_host.stdout
 
 
+def test_a_gzip_body_reaches_the_function_as_it_was_sent(http_host):
+    # The Functions host passes request bodies on as they came; aiohttp's server inflated
+    # them, so a bot that answers 400 to gzip on Azure worked here.
+    import gzip
+
+    compressed = gzip.compress(b'{"hello": 1}')
+    status, _, body = request(
+        http_host, "POST", "/api/echo/z", compressed, {"Content-Encoding": "gzip"}
+    )
+    assert status == 201
+    assert bytes.fromhex(json.loads(body)["body_bytes"]) == compressed
+
+
 def test_post_reaches_async_function_with_real_http_request(http_host):
     status, headers, body = request(
         http_host, "POST", "/api/echo/item-42?q=find", b'{"hello": 1}', {"X-Test": "yes"}
@@ -500,6 +513,15 @@ def test_timer_fires_on_its_ncrontab_schedule(worker):
 
 def _second_of(iso: str) -> int:
     return int(iso[17:19])
+
+
+def test_an_app_of_its_own_imports_its_own_shared_package(tmp_path):
+    # The local host applied the bot's binding defaults by importing the bot's `shared`,
+    # which then stood in for any other app's `shared`: ModuleNotFoundError, every call 500.
+    with running(APPS / "shared_app", tmp_path, {}) as host:
+        status, _, body = request(host, "GET", "/api/hello_function")
+    assert (status, body) == (200, b"hello from the app's own shared (GET)")
+    assert "BOT_PROACTIVE_QUEUE is not set" not in host.stderr  # the bot's, not this app's
 
 
 def test_message_encoding_none(tmp_path, azurite, queue):
@@ -1010,6 +1032,30 @@ async def test_an_async_function_past_function_timeout_fails_and_its_message_is_
         client = storage.get_queue_client(name)
         await client.send_message(b64("hangs once"))
         await eventually(lambda: asyncio.sleep(0, calls == [1, 2]), 5, "the retry")
+        await eventually(lambda: _drained(client), 5, "the message deleted")
+    assert calls == [1, 2]
+    assert "Function 'queue_function' timed out after 0.5s" in caplog.text
+    assert "Executed 'Functions.queue_function' (Failed" in caplog.text
+
+
+async def test_a_sync_function_past_function_timeout_fails_and_its_message_is_retried(
+    storage, caplog
+):
+    # A thread cannot be stopped, but the invocation fails as the host's does: the message
+    # was deleted as if the function had succeeded.
+    caplog.set_level(logging.INFO, logger="tools.devhost")
+    name = f"devhost-timeout-{uuid.uuid4().hex[:10]}"
+    calls: list[int] = []
+
+    def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+        if msg.dequeue_count == 1:
+            time.sleep(2)  # past the host's functionTimeout
+
+    async with listening(storage, main, name, function_timeout=0.5, max_dequeue_count=3):
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("hangs once"))
+        await eventually(lambda: asyncio.sleep(0, calls == [1, 2]), 10, "the retry")
         await eventually(lambda: _drained(client), 5, "the message deleted")
     assert calls == [1, 2]
     assert "Function 'queue_function' timed out after 0.5s" in caplog.text

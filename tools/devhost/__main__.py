@@ -22,6 +22,7 @@ logger = logging.getLogger("tools.devhost")
 # The host's own libraries. The app's (the Azure SDK, MSAL) are the app's to decide, as on
 # Azure, where the worker forwards whatever the app logs at INFO and above.
 QUIET_LOGGERS = ("aiohttp.access", "asyncio", "urllib3")
+BOT_ROOT = Path(__file__).resolve().parents[2]  # the function app this repo is
 DEBUG_SETTING = "PYTHON_ENABLE_DEBUG_LOGGING"  # the Python worker's: "1" forwards DEBUG too
 
 
@@ -57,7 +58,8 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
         raise HostError(f"--root: {args.root} is not a folder")
     # Like the real host: settings are in os.environ before any function module is imported.
     settings = apply_settings(load_local_settings(root), os.environ)
-    _apply_binding_defaults(settings)
+    if root == BOT_ROOT:  # another app's own `shared` must not meet the bot's
+        _apply_binding_defaults(settings)
     if settings.get(DEBUG_SETTING, "").strip() == "1":
         logging.getLogger().setLevel(logging.DEBUG)
     app = load_app(root, settings, args.functions)
@@ -71,8 +73,9 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
 
 
 def _apply_binding_defaults(settings: dict[str, str]) -> None:
-    """The app's defaults for the settings its bindings name, where nothing sets them (the
-    Functions host on Azure has none: there they must be set, as infra/ does)."""
+    """The bot's defaults for the settings its bindings name, where nothing sets them (the
+    Functions host on Azure has none: there they must be set, as infra/ does). For the bot
+    alone: importing its `shared` package would stand in for another app's own `shared`."""
     from shared.config import BINDING_DEFAULTS
 
     for name, value in BINDING_DEFAULTS.items():

@@ -113,7 +113,11 @@ def _thread_count(settings: Mapping[str, str]) -> int | None:
 async def _start_http(app: web.Application, options: HostOptions) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0 picks a free port); the runner and the actual port."""
     # shutdown_timeout bounds how long runner.cleanup() waits for requests in flight.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=options.shutdown_grace)
+    # Bodies reach functions as they came: the Functions host does not decompress a
+    # `Content-Encoding: gzip` request (aiohttp would, by default).
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=options.shutdown_grace, auto_decompress=False
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, options.host, options.port).start()

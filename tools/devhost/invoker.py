@@ -203,8 +203,11 @@ class Invoker:
                 return await function.main(**kwargs)
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, function.main, **kwargs)
-        # A thread cannot be stopped: a sync function is never cut short, only reported late.
-        return await loop.run_in_executor(self._executor, call)
+        # A thread cannot be stopped: past the timeout the invocation fails (a 500, a
+        # message retried) as the host's does, while the thread runs on to its end.
+        return await asyncio.wait_for(
+            loop.run_in_executor(self._executor, call), self._function_timeout
+        )
 
     @staticmethod
     def _log_executed(function: Function, invocation_id: str, started: float, *, failed: bool):
