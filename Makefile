@@ -6,9 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
+AZURITE_STAMP := .tools/azurite/.installed-$(AZURITE_VERSION)
 STAMP := $(VENV)/.installed
 PLAYGROUND_VERSION := 0.2.28
 PLAYGROUND := .tools/playground/node_modules/.bin/agentsplayground
+PLAYGROUND_STAMP := .tools/playground/.installed-$(PLAYGROUND_VERSION)
 CHANNEL ?= msteams
 # Playwright (browser test) drives Debian's chromium: it never downloads a browser.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
@@ -19,10 +21,13 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 # app's), and the Teams manifest JSON schemas from Microsoft's npm package.
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov-venv/bin/checkov
+CHECKOV_STAMP := .tools/checkov-venv/.installed-$(CHECKOV_VERSION)
 APP_MANIFEST_VERSION := 1.1.2
 APP_MANIFEST := .tools/app-manifest/node_modules/@microsoft/app-manifest/package.json
+APP_MANIFEST_STAMP := .tools/app-manifest/.installed-$(APP_MANIFEST_VERSION)
 
-setup: $(STAMP) $(AZURITE) $(CHECKOV) $(APP_MANIFEST)
+# Each tool's stamp names its version: a pinned version changed by a pull is installed.
+setup: $(STAMP) $(AZURITE_STAMP) $(CHECKOV_STAMP) $(APP_MANIFEST_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@echo "Installing the Python packages into $(VENV) (first run only: about 20-60 s)..."
@@ -40,12 +45,13 @@ define npm_tool
 	@cd .tools/$(1) && npm install --no-audit --no-fund --no-package-lock --no-progress \
 		--loglevel=error $(2)
 	@echo "$(3) installed."
+	@touch $@
 endef
 
-$(AZURITE):
+$(AZURITE_STAMP):
 	$(call npm_tool,azurite,azurite@$(AZURITE_VERSION),Azurite $(AZURITE_VERSION),about 30-60 s)
 
-$(PLAYGROUND):
+$(PLAYGROUND_STAMP):
 	$(call npm_tool,playground,@microsoft/m365agentsplayground@$(PLAYGROUND_VERSION),Microsoft 365 Agents Playground $(PLAYGROUND_VERSION),a few seconds)
 
 ## Chromium for the browser test: Debian's package, installed when missing and possible
@@ -62,17 +68,19 @@ browser:
 		fi; \
 	fi
 
-$(CHECKOV):
+$(CHECKOV_STAMP):
 	@echo "Installing checkov $(CHECKOV_VERSION) into .tools/checkov-venv (first run only: about 30-60 s)..."
 	@$(PYTHON) -m venv .tools/checkov-venv
 	@.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+	@touch $@
 
-$(APP_MANIFEST):
+$(APP_MANIFEST_STAMP):
 	@echo "Installing the Teams manifest schemas into .tools/app-manifest (npm; first run only: a few seconds)..."
 	@mkdir -p .tools/app-manifest
 	@echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
 	@cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \
 		--no-progress --loglevel=error @microsoft/app-manifest@$(APP_MANIFEST_VERSION)
+	@touch $@
 
 ## The zip `func azure functionapp publish` (or a zip deploy) uploads: dist/functionapp.zip.
 package: setup
@@ -93,11 +101,11 @@ chat: setup
 
 ## Microsoft 365 Agents Playground (a Teams-like page) against the local bot; starts the bot
 ## when `make run` is not running. CHANNEL=webchat or CHANNEL=emulator for another channel.
-playground: setup $(PLAYGROUND)
+playground: setup $(PLAYGROUND_STAMP)
 	@$(PY) -m tools.playground --channel $(CHANNEL)
 
 ## Lint, then every test (unit + Azurite integration + end-to-end). Starts and stops its own Azurite.
-test: setup $(PLAYGROUND) browser
+test: setup $(PLAYGROUND_STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

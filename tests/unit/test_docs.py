@@ -146,3 +146,29 @@ def test_every_python_m_command_in_the_docs_exists():
             if not (path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()):
                 missing.append(f"{name}: python -m {module}")
     assert missing == []
+
+
+def test_a_tool_version_changed_in_the_makefile_is_installed_by_make_setup():
+    # Each tool's target was the installed binary: a pull that moved its pinned version
+    # kept the old one installed.
+    import subprocess
+
+    versions = {
+        "AZURITE_VERSION": ("azurite@9.9.9", "npm install"),
+        "PLAYGROUND_VERSION": ("m365agentsplayground@9.9.9", "npm install"),
+        "CHECKOV_VERSION": ("checkov==9.9.9", "pip install"),
+        "APP_MANIFEST_VERSION": ("app-manifest@9.9.9", "npm install"),
+    }
+    for setting, (package, how) in versions.items():
+        target = "playground" if setting == "PLAYGROUND_VERSION" else "setup"
+        planned = subprocess.run(
+            ["make", "-n", target, f"{setting}=9.9.9"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert planned.returncode == 0, planned.stderr
+        lines = planned.stdout.replace("\\\n", " ").splitlines()  # continued lines joined
+        installs = [line for line in lines if package in line]
+        assert installs and how in installs[0], (setting, planned.stdout[-1000:])
