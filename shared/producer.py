@@ -340,10 +340,11 @@ async def run(argv: Sequence[str] | None = None) -> int:
             if report is None:
                 print(f"no report for {args.id!r} (yet)", file=sys.stderr)
                 return 1
-            print(json.dumps(report, ensure_ascii=False), flush=True)
+            _print_json(report)
+            sys.stdout.flush()
         else:
             for key in await _conversations(settings, _json_arg("FILTER_JSON", args.filter)):
-                print(key)
+                print(_printable(key))
             sys.stdout.flush()
         return 0
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
@@ -381,12 +382,33 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
                     "request": found.schedule.request,
                     "updatedAt": iso(found.modified),
                 }
-            print(json.dumps(line, ensure_ascii=False))
+            _print_json(line)
         sys.stdout.flush()
     elif not await remove_schedule(ledger, args.name):
         print(f"error: no schedule named {args.name!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_json(value: Any) -> None:
+    """One JSON line, as text when stdout can write it, else with \\u escapes (a lone
+    surrogate, or a console whose encoding lacks a character): the same JSON either way."""
+    text = json.dumps(value, ensure_ascii=False)
+    if _printable(text) != text:
+        text = json.dumps(value)
+    print(text)
+
+
+def _printable(text: str) -> str:
+    """`text` with what stdout cannot encode written as backslash escapes."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+    return text
 
 
 def _quiet_library_logs() -> None:

@@ -109,20 +109,20 @@ async def single_head(ledger: Ledger, request_id: str, now: float) -> bool:
     """Make sure a single-target request has its head; False when the id is a broadcast's.
 
     A request reusing a broadcast's id is then a duplicate: sent, it would count as one of
-    the broadcast's targets (its report `done` too early) and repeat one of its sends. Read
-    first: the producer has usually created the head, and a read costs what a refused
-    create would."""
+    the broadcast's targets (its report `done` too early) and repeat one of its sends.
+    Created first: schedules and producers with the read-only role the template grants
+    write no head, so the read is only paid where one exists."""
     name = head_name(request_id)
     for _ in range(2):
+        if await ledger.create(name, new_head(request_id, "single", now)) is not None:
+            return True
         try:
             head = await ledger.read(name)
         except NotJson:
             return True  # unreadable: what it was cannot be told, as before this check
         if head is not None:
             return not (isinstance(head.data, dict) and head.data.get("kind") == "broadcast")
-        if await ledger.create(name, new_head(request_id, "single", now)) is not None:
-            return True
-    return True  # created and removed meanwhile: nothing says it is a broadcast's
+    return True  # removed as often as it was created: nothing says it is a broadcast's
 
 
 async def record_outcome(

@@ -244,11 +244,14 @@ async def write_schedule(ledger: Ledger, name: str, document: Any) -> Schedule:
 
 
 async def remove_schedule(ledger: Ledger, name: str) -> bool:
-    """Delete the schedule `name` and its last-run record; False when there was none.
-    Its due times already enqueued are still delivered."""
-    if not name or "/" in name:
-        raise InvalidRequest("a schedule's name is one blob name, without '/'")
+    """Delete the schedule `name` (as :func:`read_schedules` lists it, so also a blob the
+    timer skips: one in a folder, or not named .json) and its last-run record; False when
+    there was none. Its due times already enqueued are still delivered."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("a schedule's name is not empty")
     removed = await ledger.delete(schedule_blob(name))
+    if not removed and not name.endswith(".json"):
+        removed = await ledger.delete(f"{SCHEDULES_PREFIX}{name}")  # listed as it is named
     await ledger.delete(_state_name(name))  # a schedule created again starts afresh
     return removed
 

@@ -325,3 +325,30 @@ def test_a_disabled_schedule_and_a_broken_document_are_listed_as_the_timer_sees_
     )  # fmt: skip
     assert fixed.returncode == 0, fixed.stderr
     assert {line["name"]: line for line in schedules(storage)}["broken"]["enabled"] is True
+
+
+def test_list_shows_every_schedule_and_delete_removes_whatever_list_names(storage):
+    # A lone surrogate in a request `put` accepted made `list` fail (stdout could not
+    # encode it) and hide every schedule after it; names `list` showed for blobs the timer
+    # skips could not be deleted.
+    from azure.storage.blob import ContainerClient
+
+    odd = ("schedule", "put", "a-odd", "--cron", "0 0 9 * * *", "--conversation", "msteams/a:1")
+    assert producer(storage, *odd, "--activity", '{"text": "hi \\ud800"}').returncode == 0
+    good = ("schedule", "put", "b-good", "--cron", "0 0 9 * * *", "--conversation", "msteams/a:1")
+    assert producer(storage, *good, "--text", "hi").returncode == 0
+    container = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with container:
+        container.upload_blob("schedules/c-plain", b"{}")
+        container.upload_blob("schedules/team/d-nested.json", b"{}")
+
+    listed = {line["name"]: line for line in schedules(storage)}
+    assert sorted(listed) == ["a-odd", "b-good", "c-plain", "team/d-nested"]
+    assert listed["a-odd"]["request"]["activity"]["text"] == "hi \ud800"
+    for name in listed:
+        deleted = producer(storage, "schedule", "delete", name)
+        assert (deleted.returncode, deleted.stderr) == (0, ""), (name, deleted.stderr)
+    assert schedules(storage) == []
+    assert not [name for name in stored(storage) if name.startswith("schedules/")]

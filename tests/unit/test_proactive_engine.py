@@ -496,6 +496,39 @@ async def test_a_single_request_reusing_a_broadcasts_id_is_a_duplicate(parts, fa
     assert (await read_report(engine.ledger, "b-1"))["state"] == "done"
 
 
+@pytest.mark.parametrize("head", ["absent", "written by the producer"])
+async def test_a_single_sends_first_attempt_reads_its_head_only_when_one_exists(
+    parts, fake_connector, head
+):
+    # Checking that the id is not a broadcast's costs nothing where no head exists (the
+    # timer's sends, a producer with the read-only role the template grants).
+    _runtime, engine = parts
+
+    class Counting(MemoryLedger):
+        calls: list[str]
+
+        async def create(self, name, data, *, metadata=None):
+            self.calls.append("create")
+            return await super().create(name, data, metadata=metadata)
+
+        async def read(self, name):
+            self.calls.append("read")
+            return await super().read(name)
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            self.calls.append("replace")
+            return await super().replace(name, data, etag, metadata=metadata)
+
+    engine.ledger = ledger = Counting(clock=engine.clock)
+    ledger.calls = []
+    if head != "absent":
+        await ensure_head(ledger, "req-1", "single", engine.clock())
+    ledger.calls = []
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.DELIVERED
+    expected = ["create", "create", "replace"]  # the head, the claim, the outcome
+    assert ledger.calls == (expected if head == "absent" else ["create", "read", *expected[1:]])
+
+
 async def test_an_invalid_child_is_its_conversations_failure_and_a_stray_request_none(
     parts, fake_connector
 ):

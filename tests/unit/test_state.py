@@ -200,7 +200,7 @@ async def test_updates_started_together_in_one_turn_both_count(store):
     # Two helpers of one handler changing the state side by side: both first loads read
     # the store, and the second read replaced the data the first change was made to.
     await store.write(CONVERSATION, {"n": 0}, etag=None)
-    state = State(store, CONVERSATION)
+    state = State(SlowReads(store), CONVERSATION)
 
     def add(data):
         data["n"] += 1
@@ -357,6 +357,21 @@ async def test_delete_prefixed_with_nothing_stored_deletes_nothing(store):
     assert await store.delete_prefixed(conversation_state_key("msteams", "19:c;messageid=")) == 0
     with pytest.raises(ValueError):
         await store.delete_prefixed("conversation/msteams/")
+
+
+class SlowReads:
+    """`store` whose reads give way to other tasks first, as any I/O does (the memory
+    store's never do, so side-by-side loads would run one after the other)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    async def read(self, key):
+        await asyncio.sleep(0)
+        return await self._store.read(key)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
 
 
 class BusyStore(MemoryStateStore):
