@@ -280,5 +280,7 @@ output botName string = bot.outputs.name
 output botAppId string = appId
 output identityClientId string = identity.properties.clientId
 output storageAccountName string = storage.outputs.name
+output blobEndpoint string = storage.outputs.blobEndpoint
+output queueEndpoint string = storage.outputs.queueEndpoint
 output proactiveQueue string = storage.outputs.proactiveQueueName
 output keyVaultName string = singleTenant ? names.vault : ''

@@ -546,6 +546,9 @@ def _reachable_names(value: Any, variables: dict[str, Any], seen: set[str]) -> s
 # What each end of the identity wiring must be (rendered), and where.
 IDENTITY_SETTINGS = {
     "AzureWebJobsStorage__clientId": "identity.properties.clientId",
+    # Each service at its own endpoint (swapped, no proactive message would ever be read).
+    "AzureWebJobsStorage__blobServiceUri": "storage.outputs.blobEndpoint",
+    "AzureWebJobsStorage__queueServiceUri": "storage.outputs.queueEndpoint",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": (
         "ClientId=${identity.properties.clientId};Authorization=AAD"
     ),

@@ -110,6 +110,16 @@ def test_a_missing_queue_role_is_reported(infra_copy: Path) -> None:
     assert "the app's identity lacks queue:receive on account or poisonQueue" in problems
 
 
+def test_a_storage_endpoint_pointing_at_the_other_service_is_reported(infra_copy: Path) -> None:
+    mutate(
+        infra_copy / "main.bicep",
+        "AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint",
+        "AzureWebJobsStorage__queueServiceUri: storage.outputs.blobEndpoint",
+    )
+    problems = infra_check.check_all(infra_copy)
+    assert "AzureWebJobsStorage__queueServiceUri must be storage.outputs.queueEndpoint" in problems
+
+
 def test_a_weaker_blob_role_is_reported(infra_copy: Path) -> None:
     # Reader instead of Owner: the app could no longer write or delete references.
     mutate(
