@@ -29,7 +29,7 @@ APP_MANIFEST_STAMP := .tools/app-manifest/.installed-$(APP_MANIFEST_VERSION)
 # Each tool's stamp names its version: a pinned version changed by a pull is installed.
 setup: $(STAMP) $(AZURITE_STAMP) $(CHECKOV_STAMP) $(APP_MANIFEST_STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@echo "Installing the Python packages into $(VENV) (first run only: about 20-60 s)..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
