@@ -6,11 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 AZURITE_VERSION := 3.37.0
 AZURITE := .tools/azurite/node_modules/.bin/azurite
-AZURITE_STAMP := .tools/azurite/.installed-$(AZURITE_VERSION)
+AZURITE_STAMP := .tools/azurite/node_modules/.installed-$(AZURITE_VERSION)
 STAMP := $(VENV)/.installed
 PLAYGROUND_VERSION := 0.2.28
 PLAYGROUND := .tools/playground/node_modules/.bin/agentsplayground
-PLAYGROUND_STAMP := .tools/playground/.installed-$(PLAYGROUND_VERSION)
+PLAYGROUND_STAMP := .tools/playground/node_modules/.installed-$(PLAYGROUND_VERSION)
 CHANNEL ?= msteams
 # Playwright (browser test) drives Debian's chromium: it never downloads a browser.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
@@ -24,9 +24,11 @@ CHECKOV := .tools/checkov-venv/bin/checkov
 CHECKOV_STAMP := .tools/checkov-venv/.installed-$(CHECKOV_VERSION)
 APP_MANIFEST_VERSION := 1.1.2
 APP_MANIFEST := .tools/app-manifest/node_modules/@microsoft/app-manifest/package.json
-APP_MANIFEST_STAMP := .tools/app-manifest/.installed-$(APP_MANIFEST_VERSION)
+APP_MANIFEST_STAMP := .tools/app-manifest/node_modules/.installed-$(APP_MANIFEST_VERSION)
 
-# Each tool's stamp names its version: a pinned version changed by a pull is installed.
+# Each tool's stamp names its version and lives in what it stands for (node_modules, the
+# venv): a pinned version changed by a pull (up or down) is installed, and so is a tool
+# whose folder was deleted.
 setup: $(STAMP) $(AZURITE_STAMP) $(CHECKOV_STAMP) $(APP_MANIFEST_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
@@ -40,6 +42,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 # No npm spinner: its glyphs stick to the next line when the output is not a terminal.
 define npm_tool
 	@echo "Installing $(3) into .tools/$(1) (npm; first run only: $(4))..."
+	@rm -f .tools/$(1)/node_modules/.installed-*
 	@mkdir -p .tools/$(1)
 	@echo '{"name": "local-$(1)", "private": true}' > .tools/$(1)/package.json
 	@cd .tools/$(1) && npm install --no-audit --no-fund --no-package-lock --no-progress \
@@ -70,12 +73,14 @@ browser:
 
 $(CHECKOV_STAMP):
 	@echo "Installing checkov $(CHECKOV_VERSION) into .tools/checkov-venv (first run only: about 30-60 s)..."
+	@rm -f .tools/checkov-venv/.installed-*
 	@$(PYTHON) -m venv .tools/checkov-venv
 	@.tools/checkov-venv/bin/pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 	@touch $@
 
 $(APP_MANIFEST_STAMP):
 	@echo "Installing the Teams manifest schemas into .tools/app-manifest (npm; first run only: a few seconds)..."
+	@rm -f .tools/app-manifest/node_modules/.installed-*
 	@mkdir -p .tools/app-manifest
 	@echo '{"name": "local-app-manifest", "private": true}' > .tools/app-manifest/package.json
 	@cd .tools/app-manifest && npm install --no-audit --no-fund --no-package-lock --ignore-scripts \

@@ -242,8 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     _request_arguments(put)
     put.add_argument("--disabled", action="store_true", help="written, not run until enabled")
     actions.add_parser("list", help="print each schedule, or why it is skipped, as a JSON line")
-    delete = actions.add_parser("delete", help="delete a schedule")
-    delete.add_argument("name")
+    delete = actions.add_parser("delete", help="delete a schedule, or a listed blob")
+    delete.add_argument("name", help="a schedule's name, or a `blob` that list shows")
     return parser
 
 
@@ -372,7 +372,7 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
         print(args.name, flush=True)
     elif args.action == "list":
         async for found in read_schedules(ledger):
-            line: dict[str, Any] = {"name": found.name}
+            line: dict[str, Any] = {"name": found.name, "blob": found.blob}
             if found.schedule is None:
                 line["problem"] = found.problem
             else:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.config import Settings, ncrontab_problem
-from shared.ledger import Ledger, NotJson, Record
+from shared.ledger import Entry, Ledger, NotJson, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.producer import request_text
 from shared.queues import MessageQueue, QueueError, compact_json
@@ -140,43 +140,44 @@ class Listed:
     schedule: Schedule | None
     problem: str | None = None
     modified: float = 0.0  # when its document was last written (epoch seconds)
+    blob: str = ""  # its full name
 
 
 async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
     """Every blob under ``schedules/``, in name order, read and checked as the timer does."""
     entries = [entry async for entry in ledger.list(SCHEDULES_PREFIX)]
     for entry in entries:
-        blob = entry.name
-        name = blob[len(SCHEDULES_PREFIX) :]
-        if not blob.endswith(".json"):
-            yield Listed(name, None, "a schedule document's name ends in .json")
-            continue
-        name = name[: -len(".json")]
-        if not name or "/" in name:
-            yield Listed(
-                name,
-                None,
-                f"a schedule is a named blob right under {SCHEDULES_PREFIX}, not in a folder",
-            )
-            continue
-        if entry.size > MAX_DOCUMENT_BYTES:
-            yield Listed(name, None, f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")
-            continue
-        try:
-            record = await ledger.read(blob)
-            if record is None:
-                continue  # removed since the listing
-            schedule = parse_schedule(name, record.data)
-        except StoreError:
-            yield Listed(name, None, "the document is not valid JSON or unreadable")
-            continue
-        except InvalidRequest as error:
-            yield Listed(name, None, str(error))
-            continue
-        except ValueError:  # croniter's own refusals, whose text may quote the document
-            yield Listed(name, None, "`schedule` is not an expression croniter reads")
-            continue
-        yield Listed(name, schedule, None, record.modified)
+        found = await _check(ledger, entry)
+        if found is not None:
+            yield replace(found, blob=entry.name)
+
+
+async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
+    """The listed blob's schedule, or why the timer skips it; None when it is gone."""
+    blob = entry.name
+    name = blob[len(SCHEDULES_PREFIX) :]
+    if not blob.endswith(".json"):
+        return Listed(name, None, "a schedule document's name ends in .json")
+    name = name[: -len(".json")]
+    if not name or "/" in name:
+        return Listed(
+            name,
+            None,
+            f"a schedule is a named blob right under {SCHEDULES_PREFIX}, not in a folder",
+        )
+    if entry.size > MAX_DOCUMENT_BYTES:
+        return Listed(name, None, f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        record = await ledger.read(blob)
+        if record is None:
+            return None  # removed since the listing
+        return Listed(name, parse_schedule(name, record.data), None, record.modified)
+    except StoreError:
+        return Listed(name, None, "the document is not valid JSON or unreadable")
+    except InvalidRequest as error:
+        return Listed(name, None, str(error))
+    except ValueError:  # croniter's own refusals, whose text may quote the document
+        return Listed(name, None, "`schedule` is not an expression croniter reads")
 
 
 async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> list[str]:
@@ -244,15 +245,19 @@ async def write_schedule(ledger: Ledger, name: str, document: Any) -> Schedule:
 
 
 async def remove_schedule(ledger: Ledger, name: str) -> bool:
-    """Delete the schedule `name` (as :func:`read_schedules` lists it, so also a blob the
-    timer skips: one in a folder, or not named .json) and its last-run record; False when
-    there was none. Its due times already enqueued are still delivered."""
+    """Delete the schedule `name` (``schedules/<name>.json``), or the blob `name` names
+    when it starts with ``schedules/`` (each listed blob's `blob`, one the timer skips
+    included), and a schedule's last-run record; False when the listing of ``schedules/``
+    holds no such blob. Only a listed blob is deleted: a name such as ``../x`` never
+    reaches another blob. Due times already enqueued are still delivered."""
     if not isinstance(name, str) or not name:
-        raise InvalidRequest("a schedule's name is not empty")
-    removed = await ledger.delete(schedule_blob(name))
-    if not removed and not name.endswith(".json"):
-        removed = await ledger.delete(f"{SCHEDULES_PREFIX}{name}")  # listed as it is named
-    await ledger.delete(_state_name(name))  # a schedule created again starts afresh
+        raise InvalidRequest("give a schedule's name, or a blob name under schedules/")
+    blob = name if name.startswith(SCHEDULES_PREFIX) else schedule_blob(name)
+    if not [entry async for entry in ledger.list(blob) if entry.name == blob]:
+        return False
+    removed = await ledger.delete(blob)
+    if blob.endswith(".json"):  # a schedule created again starts afresh
+        await ledger.delete(_state_name(blob[len(SCHEDULES_PREFIX) : -len(".json")]))
     return removed
 
 

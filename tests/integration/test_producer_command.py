@@ -314,9 +314,10 @@ def test_a_disabled_schedule_and_a_broken_document_are_listed_as_the_timer_sees_
     assert listed["paused"]["enabled"] is False
     assert listed["broken"] == {
         "name": "broken",
+        "blob": "schedules/broken.json",
         "problem": "the document is not valid JSON or unreadable",
     }
-    assert set(listed["odd"]) == {"name", "problem"} and "`to`" in listed["odd"]["problem"]
+    assert set(listed["odd"]) == {"name", "blob", "problem"} and "`to`" in listed["odd"]["problem"]
     assert "secret-ish" not in str(listed)  # a document's content is never echoed
     # A broken document is replaced by a good one of the same name.
     fixed = producer(
@@ -344,11 +345,33 @@ def test_list_shows_every_schedule_and_delete_removes_whatever_list_names(storag
         container.upload_blob("schedules/c-plain", b"{}")
         container.upload_blob("schedules/team/d-nested.json", b"{}")
 
-    listed = {line["name"]: line for line in schedules(storage)}
-    assert sorted(listed) == ["a-odd", "b-good", "c-plain", "team/d-nested"]
-    assert listed["a-odd"]["request"]["activity"]["text"] == "hi \ud800"
-    for name in listed:
-        deleted = producer(storage, "schedule", "delete", name)
-        assert (deleted.returncode, deleted.stderr) == (0, ""), (name, deleted.stderr)
+        container.upload_blob("schedules/b-good", b"{}")  # listed as "b-good" too
+        container.upload_blob("victim.json", b"{}")
+
+    listed = schedules(storage)
+    assert [line["name"] for line in listed] == [
+        "a-odd",
+        "b-good",
+        "b-good",
+        "c-plain",
+        "team/d-nested",
+    ]
+    assert listed[0]["request"]["activity"]["text"] == "hi \ud800"
+    # A name never reaches a blob outside schedules/ (`..` resolves in the URL's path).
+    for outside in ("../victim", "schedules/../victim.json"):
+        refused = producer(storage, "schedule", "delete", outside)
+        assert refused.returncode == 1 and "no schedule named" in refused.stderr
+    # The blob `list` names is deleted, and that one only.
+    deleted = producer(storage, "schedule", "delete", "schedules/b-good")
+    assert (deleted.returncode, deleted.stderr) == (0, "")
+    assert [line["blob"] for line in schedules(storage)] == [
+        "schedules/a-odd.json",
+        "schedules/b-good.json",
+        "schedules/c-plain",
+        "schedules/team/d-nested.json",
+    ]
+    for line in schedules(storage):
+        deleted = producer(storage, "schedule", "delete", line["blob"])
+        assert (deleted.returncode, deleted.stderr) == (0, ""), (line, deleted.stderr)
     assert schedules(storage) == []
-    assert not [name for name in stored(storage) if name.startswith("schedules/")]
+    assert stored(storage) == ["victim.json"]  # and no last-run record left
