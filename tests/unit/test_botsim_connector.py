@@ -126,6 +126,20 @@ async def test_the_fake_clock_decides_the_windows(http):
         assert {v.window for v in fake.violations} == {Window(8, 2.0)}
 
 
+async def test_a_thread_gets_at_most_1800_operations_an_hour(http):
+    # Teams' fourth per-thread window (the bot's pacer leaves it to the channel): a
+    # conversation under every shorter limit is still refused after 1,800 in an hour.
+    now = [0.0]
+    with FakeConnector(enforce_limits=True, clock=lambda: now[0]) as fake:
+        statuses = []
+        for step in range(1801):
+            now[0] = step * 0.55  # 1.8 per second: under 7/1 s, 8/2 s and 60/30 s
+            async with http.post(url(fake, "/v3/conversations/c/activities"), json={}) as r:
+                statuses.append(r.status)
+        assert statuses[:1800] == [200] * 1800 and statuses[1800] == 429
+        assert {v.window for v in fake.violations} == {Window(1800, 3600.0)}
+
+
 async def test_a_global_limit_counts_every_request(http):
     with FakeConnector(global_limit=Window(3, 10.0)) as fake:
         statuses = []

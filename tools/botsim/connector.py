@@ -149,6 +149,11 @@ def default_members(conversation_id: str) -> list[dict[str, Any]]:
     ]
 
 
+# Teams' per-thread limits in full: the bot's pacer keeps to the first three and leaves the
+# hour's 1,800 to the channel, which this enforces as Teams does.
+TEAMS_THREAD_WINDOWS: tuple[Window, ...] = (*TEAMS_CONVERSATION_WINDOWS, Window(1800, 3600.0))
+
+
 class FakeConnector:
     """The fake Connector service. Start with :meth:`start` or use it as a context manager."""
 
@@ -156,7 +161,7 @@ class FakeConnector:
         self,
         *,
         enforce_limits: bool = False,
-        windows: Sequence[Window] = TEAMS_CONVERSATION_WINDOWS,
+        windows: Sequence[Window] = TEAMS_THREAD_WINDOWS,
         global_limit: Window | None = None,
         tenant_limit: Window | None = None,
         clock: Callable[[], float] = time.monotonic,
