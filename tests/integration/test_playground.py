@@ -279,3 +279,21 @@ def test_make_playground_against_a_bot_that_is_not_running_says_so(tmp_path):
     assert result.returncode == 1
     assert f"no bot answers at {bot}: start it first" in result.stderr
     assert "Traceback" not in result.stderr and "Stopped" not in result.stdout
+
+
+def test_make_playground_for_a_local_bot_that_expects_tokens_says_so_and_starts_nothing(tmp_path):
+    # Every activity was answered 401, which only the page's log panel showed.
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.playground", "--port", str(free_port())],
+        cwd=ROOT,
+        env={**keep, "MicrosoftAppId": "00000000-0000-0000-0000-0000000000a1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "expects a channel token" in result.stderr
+    assert '"BOT_ALLOW_UNAUTHENTICATED": "true"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "starting it" not in result.stdout and "Stopped" not in result.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from urllib.parse import urlsplit
 
 from tools.azurite import listening
+from tools.devhost.settings import apply_settings, load_local_settings
 from tools.playground import CHANNELS, DEFAULT_PORT, ROOT, Playground, PlaygroundError
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
@@ -45,19 +47,23 @@ def bot_port(url: str) -> int | None:
 
 
 def start_bot(port: int) -> subprocess.Popen[bytes]:
-    """`make run`'s program on `port`, sharing this terminal; returns once it listens."""
+    """`make run`'s program on `port`, sharing this terminal; returns once it listens
+    (stopped again if this is interrupted or fails before then)."""
     print("No bot answers yet: starting it (`make run`) in this terminal", flush=True)
     bot = subprocess.Popen(
         [sys.executable, "-m", "tools.run_local", "--port", str(port), "--no-hints"], cwd=ROOT
     )
     deadline = time.monotonic() + BOT_START_TIMEOUT
-    while not listening(port):
-        if bot.poll() is not None:
-            raise PlaygroundError("the bot did not start (see the lines above)")
-        if time.monotonic() > deadline:
-            stop_bot(bot)
-            raise PlaygroundError("the bot did not start in time")
-        time.sleep(0.2)
+    try:
+        while not listening(port):
+            if bot.poll() is not None:
+                raise PlaygroundError("the bot did not start (see the lines above)")
+            if time.monotonic() > deadline:
+                raise PlaygroundError("the bot did not start in time")
+            time.sleep(0.2)
+    except BaseException:
+        stop_bot(bot)
+        raise
     return bot
 
 
@@ -71,13 +77,27 @@ def stop_bot(bot: subprocess.Popen[bytes]) -> None:
         bot.wait()
 
 
+NEEDS_TOKEN = (
+    "the local bot expects a channel token (MicrosoftAppId is set), which the Playground "
+    "does not send it: every activity would be answered 401.\nTo use the Playground "
+    'locally, set in local.settings.json "MicrosoftAppId": "" and '
+    '"BOT_ALLOW_UNAUTHENTICATED": "true" (and restart `make run` if it runs).'
+)
+
+
+def check_local_bot() -> None:
+    """PlaygroundError when the local bot's settings (the environment over
+    local.settings.json, as the local host reads them) make it refuse the Playground."""
+    settings = apply_settings(load_local_settings(ROOT), dict(os.environ))
+    if settings.get("MicrosoftAppId", "").strip():
+        raise PlaygroundError(NEEDS_TOKEN)
+
+
 def run(args: argparse.Namespace) -> int:
     bot = None
     port = bot_port(args.bot)
-    if port is not None and not listening(port):
-        if args.bot != DEFAULT_BOT:
-            raise PlaygroundError(f"no bot answers at {args.bot}: start it first")
-        bot = start_bot(port)
+    if args.bot == DEFAULT_BOT:
+        check_local_bot()
     playground = Playground(
         args.bot,
         channel=args.channel,
@@ -86,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     )
     started = False
     try:
+        if port is not None and not listening(port):
+            if args.bot != DEFAULT_BOT:
+                raise PlaygroundError(f"no bot answers at {args.bot}: start it first")
+            bot = start_bot(port)
         playground.start()
         started = True
         print(
@@ -122,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except PlaygroundError as error:
         print(f"make playground: {error}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # stopped before the Playground ran: what started is stopped
+        return 0
 
 
 if __name__ == "__main__":
