@@ -88,6 +88,16 @@ def load_settings(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in values.items() if v is not None}
 
 
+def _repo_values() -> dict[str, str]:
+    """The repo's own local.settings.json `Values` ({} when it is absent or unreadable)."""
+    try:
+        document = json.loads(SETTINGS_FILE.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return {}
+    values = document.get("Values") if isinstance(document, dict) else None
+    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+
+
 def port_in_use(port: int) -> bool:
     """True when something answers on 127.0.0.1:port or a listener could not bind it."""
     with socket.socket() as probe:
@@ -205,6 +215,9 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     if args.settings.resolve() != SETTINGS_FILE.resolve():
         for name, value in file_values.items():  # the host reads only the repo's file
             env.setdefault(name, value)
+        # ... and reads it still: what FILE leaves out must not come from it (blank is unset).
+        for name in _repo_values():
+            env.setdefault(name, "")
     storage = env.get("AzureWebJobsStorage", file_values.get("AzureWebJobsStorage", ""))
     custom_ports = (args.blob_port, args.queue_port) != (
         DEFAULT_PORTS["blob"],

@@ -291,3 +291,25 @@ def test_the_ready_line_names_make_targets_only_on_makes_own_port():
     other = ready_line(argparse.Namespace(port=7999, no_hints=False))
     assert "make chat" not in other
     assert "tools.botsim chat --bot http://127.0.0.1:7999/api/messages`" in other
+
+
+def test_a_settings_file_of_its_own_is_the_hosts_only_settings(tmp_path, monkeypatch):
+    # The host also reads the repo's local.settings.json: an app id there made the bot of
+    # `--settings FILE` (unauthenticated, no app id) answer 401.
+    import json
+
+    from tools import run_local
+
+    repo = tmp_path / "local.settings.json"
+    repo.write_text(json.dumps({"Values": {"MicrosoftAppId": "app-1", "BOT_X": "repo"}}))
+    other = tmp_path / "other.settings.json"
+    other.write_text(json.dumps({"Values": {"BOT_ALLOW_UNAUTHENTICATED": "true", "BOT_X": "it"}}))
+    monkeypatch.setattr(run_local, "SETTINGS_FILE", repo)
+    monkeypatch.delenv("MicrosoftAppId", raising=False)
+    monkeypatch.delenv("BOT_X", raising=False)
+    args = run_local.parse_args(["--settings", str(other)])
+
+    env = run_local.host_environment(args, run_local.load_settings(other))
+
+    assert env["MicrosoftAppId"] == ""  # blank: unset, whatever the repo's file says
+    assert (env["BOT_X"], env["BOT_ALLOW_UNAUTHENTICATED"]) == ("it", "true")
