@@ -41,6 +41,16 @@ def test_msal_obtains_a_token_over_https(fake_aad, aad_app):
     assert fake_aad.last_request[aad_app.app_id]["scope"] == SCOPE[0]
 
 
+def test_the_connector_check_refuses_a_token_for_another_audience(fake_aad, aad_app):
+    # Entra ID issues a Graph token to the same app; the Connector would refuse it, and so
+    # must the fake Connector's check, or a bot asking for the wrong scope passes locally.
+    app = msal_app(fake_aad, aad_app.app_id, aad_app.secret)
+    graph = app.acquire_token_for_client(["https://graph.microsoft.com/.default"])
+    assert "access_token" in graph
+    assert not fake_aad.is_valid_token(graph["access_token"])
+    assert fake_aad.is_valid_token(app.acquire_token_for_client(SCOPE)["access_token"])
+
+
 def test_tls_needs_the_generated_ca(fake_aad):
     discovery = f"{fake_aad.url}/botframework.com/v2.0/.well-known/openid-configuration"
     assert requests.get(discovery, verify=fake_aad.ca_path, timeout=10).status_code == 200

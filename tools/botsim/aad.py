@@ -45,6 +45,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tools.botsim.server import BackgroundServer
 
 CLIENT_CREDENTIALS = "client_credentials"
+# The audiences the Connector accepts (public and US Gov clouds).
+CONNECTOR_SCOPES = frozenset(
+    {"https://api.botframework.com/.default", "https://api.botframework.us/.default"}
+)
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 _SECRET_FIELDS = ("client_secret", "client_assertion")
@@ -250,10 +254,14 @@ class FakeAAD:
             self._errors.extend([error or AadError()] * count)
 
     def is_valid_token(self, token: str | None) -> bool:
-        """True for an unexpired token this fake issued (use as a Connector auth check)."""
+        """True for an unexpired token this fake issued for the Bot Framework (use as a
+        Connector auth check: the Connector refuses a token for another audience)."""
         now = time.time()
         with self._lock:
-            return any(i.token == token and i.expires_at > now for i in self.issuances)
+            return any(
+                i.token == token and i.expires_at > now and i.scope in CONNECTOR_SCOPES
+                for i in self.issuances
+            )
 
     def _client(self, client_id: str) -> _Client:
         return self._clients.setdefault(client_id, _Client(client_id))
