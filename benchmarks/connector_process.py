@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument(
         "--teams-limits",
         action="store_true",
-        help="enforce Teams' per-conversation windows (7/1 s, 8/2 s, 60/30 s) with 429s",
+        help="enforce Teams' per-conversation windows (7/1 s, 8/2 s, 60/30 s, 1,800/h) with 429s",
     )
     parser.add_argument(
         "--tenant-limit",

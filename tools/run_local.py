@@ -202,7 +202,10 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
 
 
 def host_command(args: argparse.Namespace) -> list[str]:
-    if not args.devhost and shutil.which("func"):
+    # Core Tools read the repo's local.settings.json whatever the environment holds (they
+    # fill in a variable set blank, too): another settings file needs the local host.
+    own_file = args.settings.resolve() == SETTINGS_FILE.resolve()
+    if not args.devhost and own_file and shutil.which("func"):
         return ["func", "start", "--port", str(args.port)]
     return [sys.executable, "-m", "tools.devhost", "--port", str(args.port)]
 

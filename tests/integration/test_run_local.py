@@ -313,3 +313,17 @@ def test_a_settings_file_of_its_own_is_the_hosts_only_settings(tmp_path, monkeyp
 
     assert env["MicrosoftAppId"] == ""  # blank: unset, whatever the repo's file says
     assert (env["BOT_X"], env["BOT_ALLOW_UNAUTHENTICATED"]) == ("it", "true")
+
+
+def test_another_settings_file_runs_the_local_host_even_with_core_tools_installed(
+    tmp_path, monkeypatch
+):
+    # Core Tools read the repo's local.settings.json whatever the environment says (a blank
+    # variable too): FILE's settings would lose to it.
+    from tools import run_local
+
+    monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    other = tmp_path / "other.settings.json"
+    assert run_local.host_command(run_local.parse_args([]))[:2] == ["func", "start"]
+    command = run_local.host_command(run_local.parse_args(["--settings", str(other)]))
+    assert command[1:3] == ["-m", "tools.devhost"]

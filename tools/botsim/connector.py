@@ -3,7 +3,7 @@
 It records every request (method, raw percent-encoded path, decoded path parameters,
 query, headers, JSON body, arrival time), answers with sensible defaults, replays
 scripted replies (statuses, Teams error bodies, Retry-After, delays, dropped
-connections), can enforce the Teams per-conversation limits (7/1 s, 8/2 s, 60/30 s →
+connections), can enforce the Teams per-conversation limits (7/1 s, 8/2 s, 60/30 s, 1,800/h →
 429, with a record of violations) and hands each activity the bot sends to subscribers
 as it arrives (the chat command prints them).
 

@@ -19,7 +19,7 @@ import time
 from urllib.parse import urlsplit
 
 from tools.azurite import listening
-from tools.devhost.settings import apply_settings, load_local_settings
+from tools.devhost.settings import HostError, load_local_settings
 from tools.playground import CHANNELS, DEFAULT_PORT, ROOT, Playground, PlaygroundError
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
@@ -61,13 +61,25 @@ def start_bot(port: int) -> subprocess.Popen[bytes]:
             if time.monotonic() > deadline:
                 raise PlaygroundError("the bot did not start in time")
             time.sleep(0.2)
+    except KeyboardInterrupt:
+        stop_bot(bot, interrupted=True)
+        raise
     except BaseException:
         stop_bot(bot)
         raise
     return bot
 
 
-def stop_bot(bot: subprocess.Popen[bytes]) -> None:
+# A Ctrl-C in the terminal reaches the bot too, which then stops on its own: a SIGTERM on
+# top would cut its cleanup short (Azurite left running). Only one that is still running
+# after this long (a SIGTERM sent to this process alone) gets one.
+OWN_STOP_SECONDS = 15.0
+
+
+def stop_bot(bot: subprocess.Popen[bytes], *, interrupted: bool = False) -> None:
+    if interrupted:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            bot.wait(timeout=OWN_STOP_SECONDS)
     if bot.poll() is None:
         bot.send_signal(signal.SIGTERM)
     try:
@@ -77,38 +89,43 @@ def stop_bot(bot: subprocess.Popen[bytes]) -> None:
         bot.wait()
 
 
+APP_ID = "MicrosoftAppId"  # the setting, as the app reads it
 NEEDS_TOKEN = (
-    "the local bot expects a channel token (MicrosoftAppId is set), which the Playground "
-    "does not send it: every activity would be answered 401.\nTo use the Playground "
-    'locally, set in local.settings.json "MicrosoftAppId": "" and '
-    '"BOT_ALLOW_UNAUTHENTICATED": "true" (and restart `make run` if it runs).'
+    "the local bot would expect a channel token (MicrosoftAppId is set {where}), which the "
+    "Playground does not send: every activity would be answered 401.\nTo use the "
+    'Playground locally, make MicrosoftAppId "" there and set '
+    '"BOT_ALLOW_UNAUTHENTICATED": "true" in local.settings.json.'
 )
 
 
 def check_local_bot() -> None:
-    """PlaygroundError when the local bot's settings (the environment over
-    local.settings.json, as the local host reads them) make it refuse the Playground."""
-    settings = apply_settings(load_local_settings(ROOT), dict(os.environ))
-    if settings.get("MicrosoftAppId", "").strip():
-        raise PlaygroundError(NEEDS_TOKEN)
+    """PlaygroundError when the settings the bot it starts would read (the environment
+    over local.settings.json, as the local host reads them) make it refuse the Playground."""
+    try:
+        local = load_local_settings(ROOT)
+    except HostError as error:
+        raise PlaygroundError(str(error)) from None
+    if os.environ.get(APP_ID, "").strip():
+        raise PlaygroundError(NEEDS_TOKEN.format(where="in the environment"))
+    if APP_ID not in os.environ and local.get(APP_ID, "").strip():
+        raise PlaygroundError(NEEDS_TOKEN.format(where="in local.settings.json"))
 
 
 def run(args: argparse.Namespace) -> int:
     bot = None
     port = bot_port(args.bot)
-    if args.bot == DEFAULT_BOT:
-        check_local_bot()
     playground = Playground(
         args.bot,
         channel=args.channel,
         port=args.port,
         echo=lambda line: print(f"playground: {line}"),
     )
-    started = False
+    started = interrupted = False
     try:
         if port is not None and not listening(port):
             if args.bot != DEFAULT_BOT:
                 raise PlaygroundError(f"no bot answers at {args.bot}: start it first")
+            check_local_bot()  # a bot already running is as it was started
             bot = start_bot(port)
         playground.start()
         started = True
@@ -121,13 +138,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"The Playground exited with {code}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
+        interrupted = True
         return 0
     finally:
         with contextlib.suppress(KeyboardInterrupt):
             playground.stop()
             stopped = ["the Playground"] if started else []
             if bot is not None:
-                stop_bot(bot)
+                stop_bot(bot, interrupted=interrupted)
                 stopped.append("the bot it started")
             if stopped:
                 print(f"Stopped {' and '.join(stopped)}.", flush=True)
