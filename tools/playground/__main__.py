@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,8 +78,11 @@ OWN_STOP_SECONDS = 15.0
 
 
 def stop_bot(bot: subprocess.Popen[bytes], *, interrupted: bool = False) -> None:
-    if interrupted:
-        with contextlib.suppress(subprocess.TimeoutExpired):
+    """Stop the bot this started. `interrupted`: by a Ctrl-C, which the terminal sent the
+    bot as well (a SIGTERM sent to this process alone is not one: the bot has nothing)."""
+    if interrupted and not STOP.terminated:
+        # Another signal meanwhile ends the wait: the bot gets its SIGTERM at once.
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
             bot.wait(timeout=OWN_STOP_SECONDS)
     if bot.poll() is None:
         bot.send_signal(signal.SIGTERM)
@@ -107,7 +111,10 @@ def check_local_bot() -> None:
         raise PlaygroundError(str(error)) from None
     if os.environ.get(APP_ID, "").strip():
         raise PlaygroundError(NEEDS_TOKEN.format(where="in the environment"))
-    if APP_ID not in os.environ and local.get(APP_ID, "").strip():
+    # The local host lets a variable set blank win over the file; Core Tools (which `make
+    # run` prefers when installed) fill it in from the file.
+    from_file = APP_ID not in os.environ or (not os.environ[APP_ID] and shutil.which("func"))
+    if from_file and local.get(APP_ID, "").strip():
         raise PlaygroundError(NEEDS_TOKEN.format(where="in local.settings.json"))
 
 
@@ -151,8 +158,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"Stopped {' and '.join(stopped)}.", flush=True)
 
 
+class _Stop:
+    terminated = False  # a SIGTERM came: the bot this started got nothing from it
+
+
+STOP = _Stop()
+
+
 def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops like Ctrl-C."""
+    """SIGTERM stops like Ctrl-C (and the bot this started is sent one at once)."""
+    STOP.terminated = True
     raise KeyboardInterrupt
 
 
