@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -228,11 +229,11 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
     ):
         if value in _DOT_SEGMENTS:
             raise InvalidActivity(400, f"{where} must not be '.' or '..'")
-        if isinstance(value, str) and not _is_text(value):
+        if isinstance(value, str) and not is_unicode_text(value):
             raise InvalidActivity(400, f"{where} must be text (no lone surrogate escapes)")
     # The conversation key is "<channelId>/<conversation.id>", the state keys alike.
     channel_id = activity["channelId"]
-    if "/" in channel_id or not _is_text(channel_id):
+    if "/" in channel_id or not is_unicode_text(channel_id):
         raise InvalidActivity(400, "channelId must be text without '/'")
     _check_fields(activity, _FIELDS, "")
     _check_fields(conversation, _CONVERSATION, "conversation.")
@@ -259,16 +260,13 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
 _DOT_SEGMENTS = (".", "..")
 
 
-def _is_text(value: str) -> bool:
-    """Unicode text: a lone surrogate escape ("\\ud800") parses as JSON, and no URL
-    path, UTF-8 body or blob name can carry it."""
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def is_unicode_text(value: str) -> bool:
+    """Whether `value` is Unicode text: a lone surrogate escape ("\\ud800") parses as
+    JSON, and no URL path, UTF-8 body, blob name or log line can carry it."""
+    return value.isascii() or not _SURROGATE.search(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_fields(value: Mapping[str, Any], fields: Mapping[str, type], where: str) -> None:

@@ -19,6 +19,7 @@ from shared.activity import (
     as_activity,
     conversation_key,
     finite_float,
+    is_unicode_text,
     nests_deeper,
     refuse_constant,
     split_key,
@@ -187,7 +188,7 @@ def check_conversation_key(value: Any) -> str:
     """`value` when it is a `to.conversation` parse_request takes; InvalidRequest otherwise."""
     try:
         split_key(value)
-        if _SURROGATE.search(value):
+        if not is_unicode_text(value):
             raise ValueError("not Unicode text")
     except ValueError:
         raise InvalidRequest(
@@ -321,7 +322,4 @@ def _content(activity: Any, text: Any) -> dict[str, Any]:
 def _non_empty_string(value: Any) -> bool:
     """A non-empty string of Unicode text (a lone surrogate escape is JSON, not text: no
     blob name, URL or log line takes it)."""
-    return isinstance(value, str) and bool(value) and not _SURROGATE.search(value)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+    return isinstance(value, str) and bool(value) and is_unicode_text(value)
