@@ -112,12 +112,11 @@ async def single_head(ledger: Ledger, request_id: str, now: float) -> bool:
     the broadcast's targets (its report `done` too early) and repeat one of its sends.
     Created first: schedules and producers with the read-only role the template grants
     write no head, so the read is only paid where one exists."""
-    name = head_name(request_id)
     for _ in range(2):
-        if await ledger.create(name, new_head(request_id, "single", now)) is not None:
+        if await ensure_head(ledger, request_id, "single", now) is not None:
             return True
         try:
-            head = await ledger.read(name)
+            head = await ledger.read(head_name(request_id))
         except NotJson:
             return True  # unreadable: what it was cannot be told, as before this check
         if head is not None:
