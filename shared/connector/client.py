@@ -430,20 +430,30 @@ class ConnectorClient:
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
+            elif 200 <= answer.status < 300:
+                value = result(operation, expect, answer.content, posted=posts)
+                if not isinstance(value, ConnectorError):
+                    return value
+                if not value.retryable:
+                    raise value
+                failure = value  # what was asked for did not arrive readable: tried again
             else:
-                status, response_headers, content = answer
-                if 200 <= status < 300:
-                    return result(operation, expect, content)
-                if status == 401 and token is not None and rejected is None:
+                connector = not answer.redirected  # else the host a redirect led to
+                if answer.status == 401 and connector and token is not None and rejected is None:
                     # The token was rejected (revoked, rotated secret): one fresh token, once.
                     rejected = token
                     continue
                 failure = error_from_response(
-                    operation, status, response_headers, content, secrets=(token or "",)
+                    operation,
+                    answer.status,
+                    answer.headers,
+                    answer.content,
+                    secrets=(token or "",),
+                    redirected=answer.redirected,
                 )
-                if status == 429:
+                if answer.status == 429 and connector:
                     self.pacer.throttled(scope, failure.retry_after, granted, departure.at)
-                if status not in RETRY_STATUSES:
+                if answer.status not in RETRY_STATUSES:
                     raise failure
             failures += 1
             delay = failure.retry_after

@@ -102,13 +102,21 @@ def error_from_response(
     content: bytes,
     *,
     secrets: Sequence[str] = (),
+    redirected: bool = False,
 ) -> ConnectorError:
     """The ConnectorError for a non-2xx answer, classified per the Teams error table.
 
     ``secrets`` (the token that was sent) are removed should the service echo them.
+    ``redirected``: the answer came from where a redirect led (an attachment's bytes), not
+    from the Connector; a refusal there is ``invalid`` and names no setting (the bot's token
+    was not sent there), and only its throttling and transient statuses are retried.
     """
     code, message, teams_code = parse_error_body(content, secrets)
     kind = classify(status, code, teams_code)
+    if redirected:
+        if kind not in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.UNCERTAIN):
+            kind = ErrorKind.INVALID
+        message = f"the host it was redirected to answered: {message or f'HTTP {status}'}"
     return ConnectorError(
         kind,
         message or f"HTTP {status}",

@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -25,6 +25,8 @@ Expect = Literal["dict", "list", "none", "bytes"]
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
 MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
+# A 2xx to an operation in DONE_ON_STATUS is its success: its body gets this long at most.
+DONE_BODY_SECONDS = 5.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5  # attachment views only
 
@@ -146,19 +148,64 @@ def encode_body(operation: str, body: Mapping[str, Any] | None) -> bytes | None:
         ) from None
 
 
-async def read_body(operation: str, response: aiohttp.ClientResponse, ok: bool) -> bytes:
-    """The answer's body, up to a limit: errors are cut short, oversized results refused."""
-    limit = MAX_RESPONSE_BYTES if ok else MAX_ERROR_BODY_BYTES
-    if ok and (response.content_length or 0) > limit:
-        raise too_large(operation, limit)
+class Answer(NamedTuple):
+    """One answer to a request: its status, headers and body (read within bounds)."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+    # From the host a redirect led to (an attachment's bytes), not from the Connector: its
+    # 401 says nothing of the bot's token, its 429 nothing of the Connector's rate.
+    redirected: bool = False
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The first `limit` bytes of the answer's body, and whether it had more (left unread:
+    aiohttp then closes the connection rather than reuse it)."""
     body = bytearray()
     async for chunk in response.content.iter_chunked(64 * 1024):
         body += chunk
         if len(body) > limit:
-            if ok:
-                raise too_large(operation, limit)
-            return bytes(body[:limit])  # leaving unread: aiohttp closes the connection
-    return bytes(body)
+            return bytes(body[:limit]), True
+    return bytes(body), False
+
+
+async def result_body(operation: str, response: aiohttp.ClientResponse) -> bytes:
+    """A 2xx answer's body, whose result is what was asked for: a larger one is refused."""
+    if (response.content_length or 0) > MAX_RESPONSE_BYTES:
+        raise too_large(operation, MAX_RESPONSE_BYTES)
+    content, more = await read_body(response, MAX_RESPONSE_BYTES)
+    if more:
+        raise too_large(operation, MAX_RESPONSE_BYTES)
+    return content
+
+
+async def done_body(
+    operation: str, response: aiohttp.ClientResponse, budget: asyncio.Timeout
+) -> bytes:
+    """The body of a 2xx to an operation in DONE_ON_STATUS, whose status is its success:
+    read for at most DONE_BODY_SECONDS (and never past the request's budget), and dropped
+    (the result lost, the success kept) when it breaks off, stalls or is too large. A retry
+    would post the message, or make the change, again."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + DONE_BODY_SECONDS
+    if budget.when() is not None:
+        until = min(until, budget.when())
+    budget.reschedule(None)  # the status has arrived: from here the body's own bound decides
+    problem: str
+    try:
+        if (response.content_length or 0) > MAX_RESPONSE_BYTES:
+            problem = f"is larger than {MAX_RESPONSE_BYTES} bytes"
+        else:
+            async with asyncio.timeout_at(until):
+                content, more = await read_body(response, MAX_RESPONSE_BYTES)
+            if not more:
+                return content
+            problem = f"is larger than {MAX_RESPONSE_BYTES} bytes"
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        problem = f"broke off ({type(error).__name__})"
+    log.warning("connector %s answered %d, then its body %s", operation, response.status, problem)
+    return b""
 
 
 def too_large(operation: str, limit: int) -> ConnectorError:
@@ -167,23 +214,44 @@ def too_large(operation: str, limit: int) -> ConnectorError:
     )
 
 
-def result(operation: str, expect: Expect, content: bytes) -> Any:
+def result(operation: str, expect: Expect, content: bytes, *, posted: bool = False) -> Any:
+    """What a 2xx answer returns to the caller, or the ConnectorError it is.
+
+    For the operations in DONE_ON_STATUS the status is the success: a body that is empty,
+    not JSON or of another shape only loses the detail (an empty result). For the others
+    the result is what was asked for (members, a page, a new conversation's id), and such a
+    body (a gateway's page, one cut short where HTTP cannot tell) is TRANSIENT, tried
+    again; or UNCERTAIN when the request posted an activity (`posted`: not sent again).
+    """
     if expect == "bytes":
         return content
     if expect == "none":
         return None
-    empty: Any = [] if expect == "list" else {}
+    shape = list if expect == "list" else dict
+    done = operation in DONE_ON_STATUS
     if not content.strip():
-        return empty
-    try:
-        data = json.loads(content)
-    except (ValueError, RecursionError):
-        log.warning("connector %s answered 2xx with a body that is not JSON", operation)
-        return empty
-    if isinstance(data, list if expect == "list" else dict):
-        return data
-    log.warning("connector %s answered 2xx with an unexpected JSON shape", operation)
-    return empty
+        if done:
+            return shape()
+        problem = "an empty body"
+    else:
+        try:
+            data = json.loads(content)
+        except (ValueError, RecursionError):
+            problem = "a body that is not JSON"
+        else:
+            if isinstance(data, shape):
+                return data
+            problem = "an unexpected JSON shape"
+    log.warning("connector %s answered 2xx with %s", operation, problem)
+    if done:
+        return shape()
+    if posted:
+        return ConnectorError(
+            ErrorKind.UNCERTAIN,
+            f"answered 2xx with {problem}: the activity was posted, its result is unknown",
+            operation=operation,
+        )
+    return ConnectorError(ErrorKind.TRANSIENT, f"answered 2xx with {problem}", operation=operation)
 
 
 def quote_segment(value: str) -> str:
@@ -257,11 +325,13 @@ async def exchange(
     headers: dict[str, str],
     data: bytes | None,
     *,
+    seconds: float,
     follow: bool,
     departure: Departure,
     is_trusted: Callable[[str], bool],
-) -> tuple[int, Mapping[str, str], bytes]:
-    """One request and its answer: the status, headers and body, read within bounds.
+) -> Answer:
+    """One request and its answer within `seconds` (TimeoutError past them): the status,
+    headers and body, read within bounds.
 
     `follow`: redirects are followed (attachment views redirect to where the bytes live);
     otherwise a 3xx is answered as it is. They are followed here, not by aiohttp, so the
@@ -269,40 +339,50 @@ async def exchange(
     `departure` is stamped when the request to the Connector (not a redirect) is written.
     """
     traced: Departure | None = departure
-    for _ in range(MAX_REDIRECTS + 1):
-        async with session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            trace_request_ctx=traced,
-        ) as response:
-            traced = None
-            location = response.headers.get("Location")
-            if follow and response.status in REDIRECT_STATUSES and location:
-                url, headers = follow_redirect(operation, url, location, headers, is_trusted)
-                continue
-            ok = 200 <= response.status < 300
-            try:
-                content = await read_body(operation, response, ok)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-                if ok and operation not in DONE_ON_STATUS:
-                    raise  # the result asked for did not arrive: tried again
-                # The status decides: an error's body is detail, and a success of these
-                # operations is done (a message posted, an update, a delete), only its
-                # result (a posted activity's id) lost, which a retry would repeat.
-                log.warning(
-                    "connector %s answered %d, then its body broke off (%s)",
-                    operation,
-                    response.status,
-                    type(error).__name__,
-                )
-                content = b""
-            return response.status, response.headers, content
+    redirected = False
+    async with asyncio.timeout(seconds) as budget:
+        for _ in range(MAX_REDIRECTS + 1):
+            async with session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                trace_request_ctx=traced,
+            ) as response:
+                traced = None
+                location = response.headers.get("Location")
+                if follow and response.status in REDIRECT_STATUSES and location:
+                    url, headers = follow_redirect(operation, url, location, headers, is_trusted)
+                    redirected = True
+                    continue
+                status = response.status
+                if not 200 <= status < 300:
+                    content = await error_body(operation, response)
+                elif operation in DONE_ON_STATUS:
+                    content = await done_body(operation, response, budget)
+                else:
+                    content = await result_body(operation, response)  # broken off: tried again
+                return Answer(status, response.headers, content, redirected)
     raise ConnectorError(
         ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
     )
+
+
+async def error_body(operation: str, response: aiohttp.ClientResponse) -> bytes:
+    """An error's body, cut short: detail only, the status decides (one that breaks off is
+    dropped)."""
+    try:
+        content, _ = await read_body(response, MAX_ERROR_BODY_BYTES)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+        log.warning(
+            "connector %s answered %d, then its body broke off (%s)",
+            operation,
+            response.status,
+            type(error).__name__,
+        )
+        return b""
+    return content
 
 
 async def send_once(
@@ -319,7 +399,7 @@ async def send_once(
     departure: Departure,
     is_trusted: Callable[[str], bool],
     posts: bool,
-) -> tuple[int, Mapping[str, str], bytes] | ConnectorError:
+) -> Answer | ConnectorError:
     """One attempt of a request, within `seconds` (:func:`exchange`): the answer, or a
     retryable ConnectorError for a connection failure.
 
@@ -333,18 +413,18 @@ async def send_once(
     # failed request had been written: then it may have been.
     untraced = not traces_departures(session)
     try:
-        async with asyncio.timeout(seconds):
-            status, response_headers, content = await exchange(
-                session,
-                operation,
-                method,
-                url,
-                headers,
-                data,
-                follow=follow,
-                departure=departure,
-                is_trusted=is_trusted,
-            )
+        answer = await exchange(
+            session,
+            operation,
+            method,
+            url,
+            headers,
+            data,
+            seconds=seconds,
+            follow=follow,
+            departure=departure,
+            is_trusted=is_trusted,
+        )
     except (TimeoutError, aiohttp.ClientError) as error:
         broken = not isinstance(
             error, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
@@ -377,12 +457,12 @@ async def send_once(
         )
     # A success is detail (DEBUG); anything else is worth a line at the default level.
     log.log(
-        logging.DEBUG if 200 <= status < 300 else logging.INFO,
+        logging.DEBUG if 200 <= answer.status < 300 else logging.INFO,
         "connector %s %s %s status=%d attempt=%d",
         method,
         url.host,
         operation,
-        status,
+        answer.status,
         attempt,
     )
-    return status, response_headers, content
+    return answer

@@ -184,7 +184,7 @@ async def test_get_conversation_members(client, fake_connector):
 
 async def test_get_conversation_paged_members(client, fake_connector):
     fake_connector.members[CONVERSATION] = [{"id": f"29:{n}"} for n in range(5)]
-    token = "tok/en=+&1"  # continuation tokens are opaque: must survive the query string
+    token = "tok/en=+&1%2e%2e"  # continuation tokens are opaque: must survive the query
 
     fake_connector.script(
         "GET",
@@ -565,6 +565,134 @@ async def test_a_broken_answer_to_a_post_is_uncertain_and_not_sent_again(vtime):
     # `invalid` put a proactive message in the poison queue, whence it may be sent again.
     assert caught.value.kind is ErrorKind.UNCERTAIN
     assert len(heads) == 1
+
+
+# A 2xx whose body is not the result asked for: HTML from a gateway, another JSON shape, or
+# a close-framed body cut short (HTTP cannot tell it is short).
+HTML_200 = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 22\r\n\r\n"
+    b"<html>gateway ok</html"
+)
+SHAPE_200 = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n"ok"'
+CUT_CLOSE_200 = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    b'{"members": [{"id": "29:a"}], "continuationToken": "2'
+)
+EMPTY_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("answer", [HTML_200, SHAPE_200, CUT_CLOSE_200, EMPTY_200])
+async def test_a_read_whose_answer_cannot_be_read_is_an_error_not_an_empty_result(vtime, answer):
+    # `[]` members or a last page would tell the bot nobody is there, or that paging ended.
+    server, url, heads = await _raw_server(answer)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    reads = {
+        "members": lambda: client.get_conversation_members(url, "a:1"),
+        "paged": lambda: client.get_conversation_paged_members(url, "a:1"),
+        "member": lambda: client.get_conversation_member(url, "a:1", "29:a"),
+        "conversations": lambda: client.get_conversations(url),
+    }
+    kinds = {}
+    try:
+        for name, read in reads.items():
+            with pytest.raises(ConnectorError) as caught:
+                await read()
+            kinds[name] = caught.value.kind
+    finally:
+        await client.close()
+        server.close()
+    assert set(kinds.values()) == {ErrorKind.TRANSIENT}
+    assert len(heads) > 2 * len(reads)  # each was tried again
+
+
+async def test_a_read_tried_again_after_an_unreadable_answer_returns_the_next_one(vtime):
+    good = (
+        b"HTTP/1.1 201 Created\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "a:9"}'
+    )
+    server, url, heads = await _raw_server(HTML_200, CUT_CLOSE_200, good)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        created = await client.create_conversation(
+            url, {"isGroup": False, "members": [{"id": "29:u"}], "bot": {"id": "28:b"}}
+        )
+    finally:
+        await client.close()
+        server.close()
+    assert created == {"id": "a:9"}  # a new conversation's id is what a user target needs
+    assert len(heads) == 3
+
+
+async def test_a_new_conversation_with_a_message_whose_answer_cannot_be_read_is_not_sent_again(
+    vtime,
+):
+    server, url, heads = await _raw_server(HTML_200)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    parameters = {"isGroup": False, "members": [{"id": "29:u"}], "activity": {"type": "message"}}
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await client.create_conversation(url, parameters)
+    finally:
+        await client.close()
+        server.close()
+    assert caught.value.kind is ErrorKind.UNCERTAIN  # posted, its id unknown
+    assert len(heads) == 1
+
+
+async def _stalling_server(answer: bytes):
+    """A loopback server that answers each request with `answer` and then never finishes
+    its body (the connection stays open for a minute)."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(60)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+
+
+async def test_a_success_whose_body_stalls_is_a_success_and_not_sent_again():
+    # The status line said it was posted (deleted): neither `uncertain` nor a second request.
+    stall = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{"
+    server, url, heads = await _stalling_server(stall)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, retry=RetryPolicy(max_total_seconds=1.0, jitter=0))
+    started = time.monotonic()
+    try:
+        assert await client.send_to_conversation(url, "a:1", {"type": "message"}) == {}
+        await client.delete_activity(url, "a:1", "act-1")
+    finally:
+        await client.close()
+        server.close()
+    assert [head.split(b" ", 1)[0] for head in heads] == [b"POST", b"DELETE"]
+    assert time.monotonic() - started < 3  # within each call's budget
+
+
+async def test_a_success_larger_than_the_limit_to_a_send_is_a_success(vtime):
+    # Refusing it as `invalid` sent the message to the poison queue, whence it is sent again.
+    big = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b'Content-Length: 40000000\r\n\r\n{"id": "1"}'
+    )
+    server, url, heads = await _raw_server(big)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        assert await client.send_to_conversation(url, "a:1", {"type": "message"}) == {}
+        with pytest.raises(ConnectorError) as caught:  # a read's result is still refused
+            await client.get_conversation_members(url, "a:1")
+    finally:
+        await client.close()
+        server.close()
+    assert caught.value.kind is ErrorKind.INVALID and "larger than" in caught.value.message
+    assert len(heads) == 2
 
 
 async def test_a_401_whose_refresh_fails_is_reported_as_entra_said(
@@ -1209,6 +1337,29 @@ async def test_an_attachment_redirect_to_another_host_carries_no_token(client, f
         (elsewhere,) = other.requests
     assert fake_connector.requests[0].authorization.startswith("Bearer ")
     assert elsewhere.authorization is None
+
+
+async def test_a_refusal_where_an_attachment_redirect_led_is_not_the_connector_s(
+    fake_connector, fake_aad, aad_app
+):
+    # The bot's token was not sent there: no forced refresh, no setting named.
+    with FakeConnector(redirect_attachments=False) as other:
+        refusal = Reply(401, json={"error": {"code": "AuthenticationFailed", "message": "SAS"}})
+        other.script("GET", "", [refusal] * 3)
+        location = f"{other.url}/blob/x"
+        fake_connector.script("GET", "views", [Reply(302, headers={"Location": location})] * 3)
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+        client = ConnectorClient(settings, create_token_provider(settings))
+        try:
+            with pytest.raises(ConnectorError) as caught:
+                await client.get_attachment(fake_connector.url, "att", "original")
+        finally:
+            await client.close()
+        assert [request.authorization for request in other.requests] == [None]
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.INVALID, 401)
+    assert caught.value.setting is None and "redirected" in caught.value.message
+    assert fake_aad.issued[aad_app.app_id] == 1
+    assert len(fake_connector.requests) == 1
 
 
 async def test_a_redirect_out_of_the_trusted_path_prefix_carries_no_token(fake_connector, aad_app):

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -366,7 +366,7 @@ class FakeConnector:
             path=unquote(raw_path),
             operation=operation,
             params=params,
-            query=dict(parse_qsl(request.query_string, keep_blank_values=True)),
+            query=dict(request.query),
             headers=dict(request.headers),
             json=payload,
             body=body,
