@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.activity import apply_conversation_reference, conversation_key
+from shared.activity import TEAMS_CHANNEL, apply_conversation_reference, conversation_key
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
@@ -177,6 +177,14 @@ def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return where(a) == where(b)
 
 
+def _user_account(user: UserTarget) -> dict[str, str]:
+    """The user of a 1:1 the bot opened: on Teams a target named by the aadObjectId (not a
+    `29:` id) is stored as that too, so that erasing the user by it finds the conversation."""
+    if user.channel_id == TEAMS_CHANNEL and not user.user_id.startswith("29:"):
+        return {"id": user.user_id, "aadObjectId": user.user_id}
+    return {"id": user.user_id}
+
+
 async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mapping[str, Any]]:
     """The user's stored 1:1 in that tenant, or a new one (created, then remembered)."""
     store = runtime.references
@@ -212,7 +220,7 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
             "tenantId": user.tenant_id,
         },
         "bot": bot,
-        "user": {"id": user.user_id},
+        "user": _user_account(user),
     }
     await store.upsert(reference, refresh=True)
     key = conversation_key(user.channel_id, conversation_id)

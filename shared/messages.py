@@ -223,10 +223,15 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
 async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:
     """Erase the sender's state and references (deleteUserData); False when storage failed
     (the turn then answers 500, and the channel's retry finishes the job)."""
+    from shared.references.contract import StoreError
+    from shared.state import StateError
     from shared.userdata import erase_for_activity
 
     try:
         await erase_for_activity(activity, state=runtime.state, references=runtime.references)
+    except (StoreError, StateError) as error:  # their text names no secret: it says why
+        logger.error("messages: user data not erased %s: %s (%s)", ids, error, describe(error))
+        return False
     except Exception as error:  # a storage SDK error's text may carry a SAS URL
         logger.error("messages: user data not erased %s: %s", ids, describe(error))
         return False

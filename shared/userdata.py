@@ -61,8 +61,38 @@ async def erase_user_data(
         raise ValueError(
             "erase_user_data needs channel_id and user_id (or, on msteams, aad_object_id)"
         )
-    eraser = _Eraser(channel_id, user_id, aad_object_id, state, references)
-    lookup = {"channel_id": channel_id, "user_id": user_id, "aad_object_id": aad_object_id}
+    erased = Erased()
+    users_done: set[str] = set()
+    overflowed = False
+    names = [(user_id, aad_object_id)]
+    if aad_object_id and aad_object_id != user_id:
+        # A 1:1 the bot opened for a `user` target named by the aadObjectId has it for its
+        # user id (until the user writes in it): indexed, and matched, under that id.
+        names.append((aad_object_id, None))
+    for named_id, named_aad in names:
+        eraser = _Eraser(channel_id, named_id, named_aad, state, references, erased, users_done)
+        overflowed = await _erase_indexed(eraser) or overflowed
+    if user_id:
+        await eraser.user_state(user_id)
+    logger.info(
+        "userdata: erased channel=%r user state=%s conversations=%d (channel listed: %s)",
+        channel_id,
+        erased.user_state,
+        len(erased.conversations),
+        overflowed,
+    )
+    return erased
+
+
+async def _erase_indexed(eraser: _Eraser) -> bool:
+    """Erase the 1:1s the user's index (by the eraser's names) lists, or the channel's
+    listing finds; whether the index had overflowed."""
+    references = eraser.references
+    lookup = {
+        "channel_id": eraser.channel_id,
+        "user_id": eraser.user_id,
+        "aad_object_id": eraser.aad_object_id,
+    }
     overflowed = await references.user_index_overflowed(**lookup)
     if overflowed:
         await eraser.listed()
@@ -82,19 +112,10 @@ async def erase_user_data(
         await eraser.one(found)
     else:  # still finding more (written meanwhile): list the channel as well
         await eraser.listed()
-    # Only now, everything erased: a failure before leaves the mark for a retry.
+    # Only now, everything erased: a failure before leaves the mark for a retry. What the
+    # index still lists that is no longer the user's goes with it.
     await references.settle_user_index(**lookup)
-    if user_id:
-        await eraser.user_state(user_id)
-    erased = eraser.erased
-    logger.info(
-        "userdata: erased channel=%r user state=%s conversations=%d (channel listed: %s)",
-        channel_id,
-        erased.user_state,
-        len(erased.conversations),
-        overflowed,
-    )
-    return erased
+    return overflowed
 
 
 @dataclass(slots=True)
@@ -105,7 +126,7 @@ class _Eraser:
     state: StateStore | None
     references: ReferenceStore
     erased: Erased = field(default_factory=Erased)
-    _users_done: set[str] = field(default_factory=set)
+    _users_done: set[str] = field(default_factory=set)  # user states deleted (or absent)
 
     async def one(self, found: StoredReference) -> None:
         """A 1:1: its state and its user's state first, then the reference, so a retry

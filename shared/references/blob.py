@@ -155,6 +155,8 @@ class BlobReferenceStore:
                     metadata_for=planned,
                 )
                 if etag is not None:
+                    if current is not None:
+                        await self._unindex(current, planned)
                     await self._written(planned, etag, current is None, generation)
                     return True
                 self._cache.drop(key)
@@ -178,6 +180,15 @@ class BlobReferenceStore:
             return False  # stored already: read it and merge, as usual
         await self._written(planned, etag, True, generation)
         return True
+
+    async def _unindex(self, previous: StoredReference, planned: StoredReference) -> None:
+        """The user index entries a document had and no longer has (its user id changed:
+        a 1:1 opened for a user by their aadObjectId, then written in by them) are removed,
+        or erasing that user would leave an index naming their conversation behind."""
+        kept = set(index_entries(planned))
+        for kind, value in index_entries(previous, any_channel=True):
+            if (kind, value) not in kept:
+                await self._update_index(previous.channel_id, kind, value, without(previous.key))
 
     async def _written(
         self, planned: StoredReference, etag: str, created: bool, generation: int
@@ -271,7 +282,7 @@ class BlobReferenceStore:
                         name = document_name(key)
                     except ValueError:
                         continue  # not an index entry this store wrote: treat as absent
-                    stored = await self._read(name, key)
+                    stored = await self._read_readable(name, key)
                     if stored and user_matches(stored, user_id, aad_object_id, tenant_id):
                         return stored
         return None
@@ -302,7 +313,22 @@ class BlobReferenceStore:
     async def settle_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None:
-        await self._change_indexes("settle_user_index", channel_id, user_id, aad_object_id, settled)
+        lookups = user_lookups(channel_id, user_id, aad_object_id)
+        async with self._guard("settle_user_index", channel_id):
+            for kind, value in lookups:
+                index = await self._read_index(channel_id, kind, value)
+                if index is None:
+                    continue
+                # What is still listed after an erasure is not the user's any more (a
+                # document since deleted, or now naming another user id): dropped, so no
+                # index of the user's is left behind naming their conversations.
+                names = (user_id, None) if kind == "id" else (None, aad_object_id)
+                stale = set()
+                for key in index.keys:
+                    stored = await self._read_readable(*_document(key))
+                    if stored is None or not user_matches(stored, *names, None):
+                        stale.add(key)
+                await self._update_index(channel_id, kind, value, settled(stale))
 
     async def _change_indexes(
         self,
@@ -342,6 +368,20 @@ class BlobReferenceStore:
         stored = from_document(found[0], found[1])
         return stored if stored.key == key else None  # a hashed name's other key: absent
 
+    async def _read_readable(self, name: str | None, key: str) -> StoredReference | None:
+        """:meth:`_read` for an index entry: a document this version cannot read (a newer
+        `schemaVersion` after a rollback) is passed over with a warning naming it, as a
+        listing does, so it stops no erasure or user target; None for no name either."""
+        if name is None:
+            return None
+        try:
+            return await self._read(name, key)
+        except StoreError as unreadable:
+            if unreadable.status is not None:
+                raise  # storage failed: not the document's doing
+            logger.warning("references: user index passed over %s: %s", name[-80:], unreadable)
+            return None
+
     async def _put(
         self,
         name: str,
@@ -368,7 +408,16 @@ class BlobReferenceStore:
     async def _delete(self, name: str, key: str) -> bool:
         """Index entries first, then the document at the ETag they were read from."""
         for attempt in range(self._max_attempts):
-            current = await self._read(name, key)
+            try:
+                current = await self._read(name, key)
+            except StoreError as unreadable:
+                if unreadable.status is not None:
+                    raise
+                removed = await self._remove_unreadable(name, unreadable)
+                if removed is not None:
+                    return removed
+                await self._backoff(attempt)
+                continue
             if current is None:
                 return False
             for kind, value in index_entries(current, any_channel=True):
@@ -381,6 +430,17 @@ class BlobReferenceStore:
             f"reference store: delete of {short_key(key)} gave up after "
             f"{self._max_attempts} concurrent-update conflicts"
         )
+
+    async def _remove_unreadable(self, name: str, unreadable: StoreError) -> bool | None:
+        """Remove a document this version cannot read (the conversation it names is being
+        removed, whatever wrote it): at the ETag it has now, so a concurrent write wins. Its
+        user index entries, which only it could name, are dropped when its user's data is
+        erased (:meth:`settle_user_index`); until then they lead nowhere."""
+        blob = await self._store.read(name)
+        if blob is None:
+            return False
+        logger.warning("references: removing %s, which cannot be read: %s", name[-80:], unreadable)
+        return await self._remove(name, blob.etag)
 
     async def _update_index(
         self,
@@ -562,3 +622,12 @@ def create_reference_store(settings: Settings) -> ReferenceStore:
     """The Blob store for `settings`; SettingsError now when AzureWebJobsStorage is unusable."""
     check_storage_settings(settings.storage, "blob")
     return BlobReferenceStore(settings)
+
+
+def _document(key: str) -> tuple[str | None, str]:
+    """The document name of an index entry's key and the key; None for a key this store
+    did not write."""
+    try:
+        return document_name(key), key
+    except ValueError:
+        return None, key

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -428,9 +428,10 @@ def without(key: str) -> IndexChange:
     return lambda index: UserIndex(tuple(k for k in index.keys if k != key), index.overflowed)
 
 
-def settled(index: UserIndex) -> UserIndex:
-    """Index change after an erasure that listed the channel: the overflow is dealt with."""
-    return UserIndex(index.keys, False)
+def settled(stale: Collection[str] = ()) -> IndexChange:
+    """Index change once an erasure is done: the overflow is dealt with (it listed the
+    channel), and the `stale` keys, no longer the user's, are dropped."""
+    return lambda index: UserIndex(tuple(k for k in index.keys if k not in stale), False)
 
 
 def marked(index: UserIndex) -> UserIndex:

@@ -56,11 +56,17 @@ class MemoryReferenceStore:
         self, reference: Mapping[str, Any], *, team_id: str | None = None, refresh: bool = False
     ) -> bool:
         key = reference_key(reference)
-        planned = plan(self._docs.get(key), reference, team_id, self._clock())
+        previous = self._docs.get(key)
+        planned = plan(previous, reference, team_id, self._clock())
         if planned is None:
             return False
         self._version += 1
         planned.etag = f'"m{self._version}"'
+        if previous is not None:  # entries it no longer has (its user id changed) go
+            kept = set(index_entries(planned))
+            for kind, value in index_entries(previous, any_channel=True):
+                if (kind, value) not in kept:
+                    self._change_index((previous.channel_id, kind, value), without(key))
         for kind, value in index_entries(planned):
             entry = (planned.channel_id, kind, value)
             self._users[entry] = to_front(key)(self._users.get(entry, UserIndex()))
@@ -139,7 +145,14 @@ class MemoryReferenceStore:
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None:
         for kind, value in user_lookups(channel_id, user_id, aad_object_id):
-            self._change_index((channel_id, kind, value), settled)
+            entry = (channel_id, kind, value)
+            names = (user_id, None) if kind == "id" else (None, aad_object_id)
+            stale = {
+                key
+                for key in self._users.get(entry, UserIndex()).keys
+                if key not in self._docs or not user_matches(self._docs[key], *names, None)
+            }
+            self._change_index(entry, settled(stale))
 
     def _change_index(
         self, entry: tuple[str, str, str], change: Callable[[UserIndex], UserIndex]

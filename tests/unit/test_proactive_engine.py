@@ -381,6 +381,30 @@ async def test_a_user_target_creates_the_1to1_then_reuses_it(parts, fake_connect
     assert stored is not None and stored.key == f"msteams/{conversation}"
 
 
+async def test_a_1to1_opened_for_a_user_named_by_aad_object_id_is_erased_by_it(
+    parts, fake_connector
+):
+    # Teams takes the aadObjectId as the member's id: the 1:1 is stored under it, so the
+    # user's deleteUserData (their 29: id and that aadObjectId) finds it.
+    from shared.userdata import erase_for_activity
+
+    runtime, engine = parts
+    aad = "00000000-0000-0000-0000-0000000000aa"
+    assert await handle(engine, body({"user": user(fake_connector, aad)})) is Outcome.DELIVERED
+    [created] = fake_connector.requests_for("createConversation")
+    assert created.json["members"] == [{"id": aad}]
+    key = f"msteams/{created.response['id']}"
+    stored = await runtime.references.find_by_user(channel_id="msteams", aad_object_id=aad)
+    assert stored is not None and stored.key == key
+
+    request = {"type": "deleteUserData", "channelId": "msteams"}
+    request["from"] = {"id": "29:grace", "aadObjectId": aad}
+    erased = await erase_for_activity(request, state=runtime.state, references=runtime.references)
+
+    assert erased.conversations == [key]
+    assert await runtime.references.get(key) is None
+
+
 async def test_a_user_target_reuses_a_stored_1to1_instead_of_creating(parts, fake_connector):
     _runtime, engine = parts
     assert await handle(engine, body({"user": user(fake_connector, "29:ada")})) is Outcome.DELIVERED

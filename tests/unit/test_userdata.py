@@ -407,3 +407,95 @@ async def test_blob_a_record_cut_short_leaves_nothing_erasure_cannot_find(blob_s
     )
 
     assert await list_all(references) == []
+
+
+AAD_ADA = "00000000-0000-0000-0000-00000000ada0"
+
+
+def opened_by_aad(conversation_id: str = "a:opened") -> dict:
+    """A 1:1 the bot opened for a `user` target named by the aadObjectId, as the versions
+    before it also stored the aadObjectId kept it: that id as the user's id."""
+    ref = reference(conversation_id, user=AAD_ADA, aad=None)
+    ref["user"] = {"id": AAD_ADA}
+    return ref
+
+
+def delete_user_data(user_id: str = "29:ada", aad: str = AAD_ADA) -> dict:
+    return {
+        "type": "deleteUserData",
+        "channelId": "msteams",
+        "from": {"id": user_id, "aadObjectId": aad},
+    }
+
+
+async def test_a_1to1_opened_for_the_user_by_their_aad_object_id_is_erased(stores):
+    references, state = stores
+    await references.upsert(opened_by_aad())
+    await state.write(user_state_key("msteams", AAD_ADA), {"n": 1}, etag=None)
+
+    erased = await erase_for_activity(delete_user_data(), state=state, references=references)
+
+    assert erased.conversations == ["msteams/a:opened"]
+    assert await references.get("msteams/a:opened") is None
+    assert await references.find_by_user(channel_id="msteams", user_id=AAD_ADA) is None
+    assert await state.read(user_state_key("msteams", AAD_ADA)) is None
+
+
+async def test_blob_erasure_leaves_no_index_of_the_user_behind(blob_store):
+    # The 1:1 was opened by aadObjectId, then the user wrote in it (its user id changed):
+    # no index blob naming the user, or their conversation, may stay after the erasure.
+    references, raw = blob_store
+    state = MemoryStateStore()
+    await references.upsert(opened_by_aad(), refresh=True)
+    await references.upsert(reference("a:opened", user="29:ada", aad=AAD_ADA), refresh=True)
+    await references.upsert(reference("a:bob", user="29:bob", aad="aad-bob"))
+    assert await references.find_by_user(channel_id="msteams", user_id=AAD_ADA) is None
+
+    erased = await erase_for_activity(delete_user_data(), state=state, references=references)
+
+    assert erased.conversations == ["msteams/a:opened"]
+    left = sorted(blob.name for blob in raw.list_blobs())
+    assert left == sorted(
+        [
+            document_name("msteams/a:bob"),
+            user_index_name("msteams", "id", "29:bob"),
+            user_index_name("msteams", "aad", "aad-bob"),
+        ]
+    )
+
+
+async def test_blob_an_index_entry_whose_document_is_gone_is_dropped_by_the_erasure(blob_store):
+    # A removal racing a message's write can leave an entry pointing at no document.
+    references, raw = blob_store
+    state = MemoryStateStore()
+    await references.upsert(reference("a:ada", user="29:ada", aad=AAD_ADA))
+    raw.delete_blob(document_name("msteams/a:ada"))
+
+    erased = await erase_for_activity(delete_user_data(), state=state, references=references)
+
+    assert erased.conversations == []
+    assert [blob.name for blob in raw.list_blobs()] == []
+
+
+async def test_blob_a_1to1_this_version_cannot_read_stops_no_erasure_and_is_removed_on_removal(
+    blob_store, caplog
+):
+    # A newer version rewrote it (schemaVersion 2) and was rolled back.
+    references, raw = blob_store
+    state = MemoryStateStore()
+    await references.upsert(reference("a:newer", user="29:ada", aad=AAD_ADA))
+    await references.upsert(reference("a:ada", user="29:ada", aad=AAD_ADA))
+    newer = json.loads(raw.download_blob(document_name("msteams/a:newer")).readall())
+    raw.upload_blob(
+        document_name("msteams/a:newer"), json.dumps({**newer, "schemaVersion": 2}), overwrite=True
+    )
+    await state.write(user_state_key("msteams", "29:ada"), {"n": 1}, etag=None)
+
+    erased = await erase_for_activity(delete_user_data(), state=state, references=references)
+
+    assert erased.conversations == ["msteams/a:ada"]
+    assert await state.read(user_state_key("msteams", "29:ada")) is None
+    assert "passed over" in caplog.text and "schemaVersion 2" in caplog.text
+    # Its removal (the bot uninstalled there) deletes it all the same.
+    assert await references.delete("msteams/a:newer") is True
+    assert [blob.name for blob in raw.list_blobs()] == []
