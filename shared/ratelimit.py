@@ -29,7 +29,8 @@ The model (README, "Pacing"):
   conversation's limit).
 - **Replies are never held behind broadcasts.** Interactive requests (a reply in a user's
   turn) wait only for their conversation's windows, never for a tenant rate; they are
-  counted in it, so background traffic yields to them. Background requests (proactive
+  counted in it, so background traffic yields to them, and background requests leave one
+  of each conversation window to them. Background requests (proactive
   sends, broadcasts) wait in a FIFO line per tenant, evenly spaced at ``background_share``
   of the tenant's current rate, and leave room for replies in every 1-s window (the rest
   of the share, rounded up while replies are being sent, rounded down otherwise). One
@@ -83,6 +84,15 @@ DEFAULT_BACKGROUND_SHARE = 0.97
 CROWDED_SECONDS = 1.0
 ACTIVE_SECONDS = 5.0
 OTHER_LINE_SHARE = 0.25
+# Background sends to a Teams conversation leave this many of each of its windows to
+# replies (6 of 7 per second, 7 of 8 per 2 s, 59 of 60 per 30 s): an alert storm into a
+# channel never makes a user's reply there wait for the 30-s window (the reply and the
+# apology after a failed turn would both be refused past their budget).
+BACKGROUND_RESERVE = 1
+# A background send that waited its turn in the tenant's line, then finds its conversation's
+# 1-s or 2-s window full (replies), takes the turn and waits outside the line for this
+# long at most; a longer wait (the 30-s window) gives the turn up and queues again.
+SHORT_WINDOW_WAIT = 2 * WINDOW_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +159,34 @@ class SlidingWindowLog:
         self._times: deque[float] = deque(maxlen=max(w.limit for w in self.windows))
         self._span = max(w.seconds for w in self.windows)
 
-    def wait_time(self, now: float, margin: float = 0.0) -> float:
-        """Seconds until one more event fits in every window (0 when it fits now)."""
+    def wait_time(self, now: float, margin: float = 0.0, reserve: int = 0) -> float:
+        """Seconds until one more event fits in every window (0 when it fits now), with
+        `reserve` of each window's limit kept free (for other events than this one)."""
         wait = 0.0
         count = len(self._times)
         for window in self.windows:
-            if count >= window.limit:
+            limit = max(1, window.limit - reserve)
+            if count >= limit:
                 # The window is full when the limit-th most recent event is still inside it.
-                oldest = self._times[count - window.limit]
+                oldest = self._times[count - limit]
                 wait = max(wait, oldest + window.seconds + margin - now)
         return wait
 
     def record(self, now: float) -> None:
         self._times.append(now)
+
+    def moved(self, recorded: float, left_at: float) -> None:
+        """The event recorded at (or just after) `recorded` happened at `left_at`, later:
+        counted from then, in order."""
+        times = self._times
+        for index, at in enumerate(times):
+            if recorded <= at <= left_at:
+                del times[index]
+                position = len(times)
+                while position and times[position - 1] > left_at:
+                    position -= 1
+                times.insert(position, left_at)
+                return
 
     def idle(self, now: float, margin: float = 0.0) -> bool:
         """True when no recorded event can constrain a future one any more."""
@@ -259,8 +284,9 @@ class Pacer:
             async with self._holding(lock.get(), deadline):
                 # The conversation's own windows first, outside the tenant's line, so one
                 # busy conversation never holds up requests to the others.
+                reserve = BACKGROUND_RESERVE if background else 0
                 await self._wait_until(
-                    lambda now: conversation.log.wait_time(now, self.margin), deadline
+                    lambda now: conversation.log.wait_time(now, self.margin, reserve), deadline
                 )
                 return await self._take_slot(self.lane(scope), conversation, background, deadline)
         finally:
@@ -309,6 +335,11 @@ class Pacer:
         answers 429 (:meth:`throttled`). A request never told of stays counted from its
         grant."""
         self.lane(scope).left(sent_at, left_at)
+        conversation = self._conversations.get(scope.conversation) if scope.teams else None
+        if conversation is not None and scope.conversation is not None:
+            # Its windows count it from then too: one that left late would otherwise let
+            # the next arrive inside a window the channel still counts it in.
+            conversation.log.moved(sent_at, left_at)
 
     def throttled(
         self,
@@ -334,8 +365,12 @@ class Pacer:
         background: bool,
         deadline: float | None,
     ) -> float:
+        reserve = BACKGROUND_RESERVE if background else 0
+
         def window_wait(now: float) -> float:  # the conversation's own windows
-            return 0.0 if conversation is None else conversation.log.wait_time(now, self.margin)
+            if conversation is None:
+                return 0.0
+            return conversation.log.wait_time(now, self.margin, reserve)
 
         if not background:
             now, _ = await self._wait_until(window_wait, deadline)
@@ -352,7 +387,9 @@ class Pacer:
                         return self._grant(
                             lane, conversation, background, now, late=queued or slept
                         )
-                    if wait <= WINDOW_SECONDS:
+                    if deadline is not None and now + wait > deadline:
+                        raise PacingTimeout(wait)  # before its turn is taken: nothing spent
+                    if wait <= SHORT_WINDOW_WAIT:
                         # Replies to its conversation filled the window while it waited in
                         # the line: it takes its turn of the tenant's rate now and waits for
                         # the window outside the line, which no other conversation's request

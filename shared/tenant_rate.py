@@ -234,9 +234,14 @@ class AdaptiveRate:
             interval = 1.0 / (rate * self._share)
             catch_up = max(interval, CATCH_UP_SECONDS) if late else interval
             base = self._next if self._next > now - catch_up else now
-        else:  # a reply takes a slot of its own: never made up for
+        else:
+            # A reply takes a slot of its own, never made up for, but holds background
+            # traffic back by at most the channel's window from now: replies faster than
+            # a cut rate would otherwise run up a debt that background traffic waits out
+            # long after they stopped (a minute of them: most of an hour).
             interval = 1.0 / rate
-            base = max(self._next, now)
+            self._next = min(max(self._next, now) + interval, now + max(interval, WINDOW_SECONDS))
+            return
         self._next = base + interval
 
     def throttled(

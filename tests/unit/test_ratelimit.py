@@ -390,6 +390,31 @@ async def test_room_for_replies_is_kept_for_a_minute_after_the_last_reply():
     assert most_in_a_second(61.0, 70.0) == 49  # then 1, for the next reply after the quiet
 
 
+async def test_replies_faster_than_a_cut_rate_hold_background_back_only_while_they_last():
+    # Other instances filled the tenant: 429s cut this lane to its floor; then replies
+    # came faster than that rate for a minute. A proactive send right after goes within
+    # its budget (it waited most of an hour behind the replies' debt).
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    for n in range(6):
+        time.now += 0.01
+        pacer.throttled(teams(f"a:q{n}"), 1.0, time.now - 0.005)
+    stop = time.now + 60.0
+    n = 0
+    while time.now < stop:
+        await pacer.acquire(teams(f"a:user{n}"))
+        n += 1
+        time.now += 1 / 20
+    stopped = time.now
+
+    async def proactive() -> float:
+        await pacer.acquire(teams("a:p"), background=True, max_wait=7.0)
+        return time.now - stopped
+
+    [waited] = await time.run(proactive())
+    assert waited < 7.0
+
+
 def test_background_does_not_make_up_for_the_slot_a_reply_took():
     lane = AdaptiveRate(50.0, 0.97)
     interval = 1 / 48.5
@@ -1411,3 +1436,75 @@ def test_hours_of_probing_without_a_429_keep_the_lane_at_its_ceiling():
     through(lane, 9.01, 0.98, 25.0)
     assert lane.throttled(10.0, 1.0, sent_at=9.99)
     assert lane.rate(10.0 + 10 * 3600.0) == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("reply_at", [3.0, 16.0, 29.0])
+async def test_background_sends_to_a_conversation_leave_room_for_a_reply_there(reply_at):
+    # An alert storm into a channel (each send requeued after a PacingTimeout, as the
+    # proactive engine does), then a user's @mention there: the reply is not refused.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    replied: list[float | str] = []
+
+    async def alert() -> None:
+        while True:
+            try:
+                await pacer.acquire(teams("19:alerts"), background=True, max_wait=7.0)
+                return
+            except PacingTimeout as timeout:
+                await time.sleep(timeout.wait)
+
+    async def reply() -> None:
+        await time.sleep(reply_at)
+        asked = time.now
+        try:
+            await pacer.acquire(teams("19:alerts"), max_wait=7.0)
+            replied.append(time.now - asked)
+        except PacingTimeout:
+            replied.append("refused")
+
+    await time.run(*(alert() for _ in range(100)), reply())
+    assert replied != ["refused"] and replied[0] < 1.0
+
+
+async def test_a_background_send_timed_out_spends_no_turn_of_its_tenant():
+    # Replies filled its conversation's window while it waited in the tenant's line.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    timed_out: list[float] = []
+
+    async def others(n: int) -> None:
+        await pacer.acquire(teams(f"b:{n}"), background=True)
+
+    async def replies() -> None:
+        await time.sleep(0.3)
+        for _ in range(7):
+            await pacer.acquire(teams("a:user"))
+
+    async def proactive() -> None:
+        await time.sleep(0.001)
+        with pytest.raises(PacingTimeout):
+            await pacer.acquire(teams("a:user"), background=True, max_wait=0.8)
+        timed_out.append(pacer.granted_background)
+
+    await time.run(*(others(n) for n in range(30)), replies(), proactive())
+    assert timed_out == [30]  # the others' turns only
+
+
+async def test_a_conversation_s_windows_count_a_send_from_when_it_left():
+    # A send that left late (a busy event loop) is counted from then: the next ones do
+    # not arrive inside a window the channel still counts it in.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    scope = teams("a:user")
+    arrivals: list[float] = []
+
+    async def sends() -> None:
+        for n in range(20):
+            granted = await pacer.acquire(scope)
+            left = granted + (0.3 if n % 7 == 0 else 0.0)
+            pacer.left(scope, granted, left)
+            arrivals.append(left)
+
+    await time.run(sends())
+    assert_within(arrivals, TEAMS_CONVERSATION_WINDOWS)
