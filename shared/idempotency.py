@@ -46,9 +46,11 @@ class Claim:
 
 @dataclass(slots=True)
 class Busy:
-    """Another instance holds the target's claim, for `wait` more seconds at most."""
+    """Another attempt holds the target's claim, for `wait` more seconds at most; `message`:
+    the queue message whose attempt took it, when it said."""
 
     wait: float
+    message: str | None = None
 
 
 @dataclass(slots=True)
@@ -89,7 +91,8 @@ async def take_claim(
             # to the second): a holder whose clock ran ahead cannot block the target.
             expires = min(expires, current.modified + seconds + 1.0)
         if expires is not None and expires > now:
-            return Busy(expires - now)
+            holder = current.data.get("message") if isinstance(current.data, dict) else None
+            return Busy(expires - now, holder if isinstance(holder, str) else None)
         etag = await replace_with_claim(
             ledger, name, current.etag, now, seconds=seconds, message=message
         )

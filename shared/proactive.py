@@ -213,6 +213,7 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 # What a send ends with when the target's slot holds its outcome (not a claim to release).
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its wait, at most this
+MIN_REQUEUE_SECONDS = 1.0  # a throttled or failed send's copy comes back after this at least
 
 
 @dataclass(slots=True)
@@ -245,6 +246,12 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         ledger, name, claimed_at, seconds=engine.claim_seconds, message=engine.message_id
     )
     if isinstance(claim, Busy):
+        if claim.message is not None and claim.message == engine.message_id:
+            # This queue message's own earlier attempt claimed the target and failed
+            # after its send (it keeps the claim then): sending again could post it twice,
+            # and a copy put back would take the claim over and do the same, for ever.
+            reason = "the function failed after the send; the message may have been posted"
+            return await fail_target(request, engine, reason)
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
@@ -361,7 +368,7 @@ async def _unknown(
         logger.info("proactive %r: %s: %s", request.id, request.label, reason)
         return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
-        delay = engine.jitter(min(20.0, 5.0 * 2**request.engine.attempt))
+        delay = engine.jitter(min(20.0, 5.0 * 2 ** min(request.engine.attempt, 8)))
         logger.info(
             "proactive %r: no stored reference for %s yet; retry in %.0f s",
             request.id,
@@ -396,12 +403,14 @@ async def _connector_failure(
         if age < engine.max_age:
             wait = error.retry_after
             if wait is None:
-                wait = min(300.0, 2.0 * 2**request.engine.attempt)
+                wait = min(300.0, 2.0 * 2 ** min(request.engine.attempt, 8))
             elif age + wait > engine.max_age:
                 # Waiting as told would outlive the bound: reported now, not in an hour.
                 reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
                 return await fail_target(request, engine, reason, claim_etag)
-            delay = engine.jitter(wait)
+            # A Retry-After of 0 still waits a moment: requeued at once, the copy would be
+            # answered 429 again in a loop for the whole age bound.
+            delay = engine.jitter(max(wait, MIN_REQUEUE_SECONDS))
             logger.info(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
                 request.id,
@@ -461,10 +470,11 @@ async def hold_for_settings(
         message = json.loads(text)
     except (ValueError, RecursionError):
         message = None
-    if isinstance(message, dict):
-        engine_field = message.get(RESERVED)
-        engine_field = dict(engine_field) if isinstance(engine_field, dict) else {}
-        attempt = engine_field.get("attempt") if isinstance(engine_field.get("attempt"), int) else 0
+    if isinstance(message, dict) and _parses(text):
+        # Only a request that parses is rewritten: one that does not is kept as it is, to
+        # be refused once the settings are fixed (not made valid by the rewrite).
+        engine_field = dict(message.get(RESERVED) or {})
+        attempt = engine_field.get("attempt", 0)
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         message[RESERVED] = {**engine_field, "attempt": attempt + 1, "since": None}
         text = compact_json(message)
@@ -477,6 +487,14 @@ async def hold_for_settings(
     )
     await queue.put(text, delay=delay)
     return Outcome.REQUEUED
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_request(text)
+    except InvalidRequest:
+        return False
+    return True
 
 
 def _holding_queue() -> StorageQueue:

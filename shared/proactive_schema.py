@@ -274,6 +274,17 @@ def parse_broadcast(value: Any) -> BroadcastFilter:
     )
 
 
+MAX_ATTEMPT = 1_000_000  # attempts the engine counts: far more than an hour of requeues
+MAX_EPOCH = 1e11  # seconds: the year 5138, and finite (an integer past 1e308 is not)
+
+
+def _is_epoch(value: Any) -> bool:
+    """A time in epoch seconds as the engine writes it: a finite number in range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= MAX_EPOCH  # NaN compares false
+
+
 def _bookkeeping(value: Any) -> Bookkeeping:
     if value is None:
         return Bookkeeping()
@@ -283,8 +294,8 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
     if (
         not isinstance(attempt, int)
-        or attempt < 0
-        or not isinstance(since, int | float | None)
+        or not 0 <= attempt <= MAX_ATTEMPT
+        or not (since is None or _is_epoch(since))
         or not isinstance(child, bool)
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)

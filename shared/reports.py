@@ -49,6 +49,7 @@ SINGLE_TARGET = "target"  # the outcome name of a request with one target
 FANOUT_TARGET = "fan-out"  # the claim name of a broadcast's fan-out
 MAX_FAILURES_LISTED = 1000  # a report lists at most this many failed targets
 MAX_REASON_CHARS = 300
+MAX_LABEL_CHARS = 1000  # of a target's label, as a report lists it
 Kind = Literal["single", "broadcast"]
 Final = Literal["delivered", "pruned", "failed"]
 FINAL_OUTCOMES: tuple[Final, ...] = ("delivered", "pruned", "failed")
@@ -155,7 +156,9 @@ async def record_outcome(
     `label` is what the report shows as the target (the conversation key, when known).
     """
     shown = label or target
-    metadata = {"outcome": outcome, "target": _pack(shown)}
+    # Cut short in the metadata (Azure keeps 8 KiB of it per blob; a request may name a
+    # target of 40,000 characters): the document keeps the whole of it.
+    metadata = {"outcome": outcome, "target": _pack(shown[:MAX_LABEL_CHARS])}
     data: dict[str, Any] = {"target": shown, "outcome": outcome, "at": iso(now), **(detail or {})}
     if reason:
         metadata["reason"] = _pack(reason[:MAX_REASON_CHARS])

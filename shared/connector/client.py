@@ -457,7 +457,7 @@ class ConnectorClient:
                     raise failure
             failures += 1
             delay = failure.retry_after
-            if delay is None:
+            if not delay:  # none given, or 0: retried at once, a 429 would come straight back
                 delay = policy.backoff(failures)
             if failures >= policy.max_attempts or self._clock() + delay > deadline - reserve:
                 raise failure

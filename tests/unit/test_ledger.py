@@ -128,3 +128,19 @@ def test_a_storage_authentication_failure_names_the_setting_never_the_errors_tex
     assert "None" not in text and "secret-abc123" not in text
     assert failure.status == status
     assert ("HTTP 403" in text) == (status == 403)
+
+
+async def test_an_outcome_for_a_target_with_a_very_long_name_is_recorded_and_reported(ledger):
+    # A request may name a conversation id of 40,000 characters; blob metadata holds 8 KiB.
+    # Refused, the outcome never landed and the request went round the queue for ever.
+    from shared.reports import MAX_LABEL_CHARS, ensure_head, read_report, record_outcome
+
+    label = "msteams/a:" + "x" * 14_000
+    await ensure_head(ledger, "long", "single", 0.0)
+    recorded = await record_outcome(
+        ledger, "long", "target", "failed", 0.0, reason="not deliverable", label=label
+    )
+
+    report = await read_report(ledger, "long")
+    assert recorded and (report["state"], report["failed"]) == ("done", 1)
+    assert report["failures"][0]["target"] == label[:MAX_LABEL_CHARS]

@@ -447,6 +447,25 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         "`to.reference.bot` must be an object",
     ),
     "nested beyond the JSON parser": ("[" * 100_000 + "]" * 100_000, "not JSON"),
+    # A queue writer's numbers past what the engine writes: no OverflowError at float(),
+    # and no 2 ** attempt that holds the worker for half a minute.
+    "first seen at an integer past a float": (
+        '{"id":"r","to":{"conversation":"msteams/a:1"},"text":"x","_proactive":{"since":1'
+        + "0" * 400
+        + "}}",
+        "engine's own field",
+    ),
+    "attempt in the billions": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"conversation": "msteams/a:1"},
+                "text": "x",
+                "_proactive": {"attempt": 10**10},
+            }
+        ),
+        "engine's own field",
+    ),
 }
 
 
@@ -615,8 +634,10 @@ async def test_throttled_queue_message_is_requeued_not_poisoned(runtime, engine,
     outcome = await handle_queue_message(request({"conversation": KEY}), runtime, engine=engine)
     assert outcome is Outcome.REQUEUED
     assert engine.queue.poisoned == []
-    [(copy, _)] = engine.queue.sent
+    [(copy, delay)] = engine.queue.sent
     assert json.loads(copy)["_proactive"]["attempt"] == 1
+    assert delay >= 1.0  # `Retry-After: 0` is not a loop of 429s for the whole age bound
+    assert len(fake_connector.requests) < 10  # nor of retries at once
 
 
 def test_poison_copy_keeps_the_request_and_adds_the_reason():

@@ -1307,6 +1307,13 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
     [(raw, _)] = queue.take()
     assert raw == "\ufffdnot json"  # kept (it is poisoned once the settings work)
+    # A request the engine refuses stays as it came: the hold does not make it valid.
+    refused = json.dumps(
+        {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}
+    )
+    await hold_for_settings(refused, RuntimeError("x"), queue=queue)
+    [(raw, _)] = queue.take()
+    assert raw == refused
 
 
 async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app, fake_connector):
@@ -2293,11 +2300,12 @@ async def test_the_last_attempt_of_a_kept_failure_records_it_over_the_sends_own_
     assert sends(fake_connector) == ["a:1"]
 
 
-async def test_the_last_attempt_after_an_unsettled_send_is_not_held_off_by_its_own_claim(
+async def test_a_redelivery_after_an_unsettled_send_reports_it_and_never_sends_again(
     parts, fake_connector
 ):
-    # Attempt 4 was delivered but nothing could record it (the claim kept); attempt 5 of
-    # the same queue message, the host's last, found that claim live and gave way to it.
+    # Attempt 1 was delivered but nothing could record it (the claim kept); the host's
+    # next attempt of the same queue message found that claim live. A copy put back would
+    # take the claim over once it expired and send again, and so would each of its own.
     _runtime, engine = parts
     engine.ledger = OutcomeWriteOutage(clock=engine.clock)
     engine.queue = DownQueue()
@@ -2305,16 +2313,19 @@ async def test_the_last_attempt_after_an_unsettled_send_is_not_held_off_by_its_o
     with pytest.raises(RuntimeError):  # unsettled: for the host, the claim kept
         await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
     engine.ledger.down = False
+    engine.queue = MemoryQueue()
     engine.clock.now += 10
-    with pytest.raises(OSError):  # busy, and its put-back refused
-        await handle_queue_message(
-            text, engine.runtime, engine=engine, message_id="m-7", final_attempt=True
-        )
+    outcome = await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
 
+    assert outcome is Outcome.FAILED
+    assert engine.queue.sent == []  # no copy that could send it again
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["failed"]) == ("done", 1)
-    # Over its own earlier attempt's claim: it says the message may have been posted.
     assert "may have been posted" in report["failures"][0]["reason"]
+    [poisoned] = engine.queue.poisoned  # an operator's to put back, knowing that
+    assert "may have been posted" in poisoned["poisonReason"]
+    engine.clock.now += 600
+    assert await handle_queue_message(text, engine.runtime, engine=engine) is Outcome.DUPLICATE
     assert sends(fake_connector) == ["a:1"]
 
 
