@@ -64,6 +64,7 @@ class Engine:
         age: bool = True,
         held: bool = False,
         unrecorded: tuple[Final, str | None] | None = None,
+        keep_reference: bool = False,
     ) -> Outcome:
         """Put a copy back with a visibility delay; the original then completes normally.
 
@@ -72,7 +73,8 @@ class Engine:
         credentials or storage, a wait that is not the message's to spend: its age is
         cleared, and starts again at its next throttled or failing send. `unrecorded`: the
         target's outcome (and reason) that storage refused to record; the copy records it
-        on arrival and sends nothing.
+        on arrival and sends nothing. `keep_reference`: a counted copy of a broadcast child
+        still carries its reference (nothing was sent: the pacer held it back).
         """
         now = self.clock()
         engine = request.engine
@@ -80,7 +82,7 @@ class Engine:
         if since is None and age and not held:
             since = now
         bookkeeping = replace(engine, attempt=engine.attempt + (1 if count else 0), since=since)
-        if count and bookkeeping.reference is not None:
+        if count and bookkeeping.reference is not None and not keep_reference:
             # A broadcast child tried and put back (throttled, for up to `max_age`) reads the
             # conversation's reference again: it may have moved to another serviceUrl, or gone.
             bookkeeping = replace(bookkeeping, reference=None)

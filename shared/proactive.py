@@ -419,7 +419,11 @@ async def _connector_failure(
                 delay,
                 request.engine.attempt + 1,
             )
-            return await engine.requeue(request, delay)
+            # Held back here (no send slot in time), nothing was sent: a broadcast child
+            # keeps the reference it carries, and with it the put-back when its tenant's
+            # line is crowded (which needs the tenant the reference names).
+            local = error.code == "PacingTimeout"
+            return await engine.requeue(request, delay, keep_reference=local)
         reason = f"gave up after {age:.0f} s: {what}"
         return await fail_target(request, engine, reason, claim_etag)
     if kind is ErrorKind.UNCERTAIN:

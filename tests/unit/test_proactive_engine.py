@@ -2046,6 +2046,42 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
         await runtime.close()
 
 
+async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(aad_app, fake_connector):
+    # No send slot within its budget (its tenant's line here is long, and no other line
+    # stands empty, so it was not put back): nothing was sent, and the copy still carries
+    # the reference, so the next time its line is crowded it can be put back unclaimed.
+    settings = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="2"
+    )
+    clock = Clock()
+    runtime = make_runtime(settings, MemoryReferenceStore(), clock)
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
+    target = reference(fake_connector.url, "a:1", tenant="tenant-1")
+    child = json.dumps(
+        {
+            "id": "b-1",
+            "to": {"conversation": "msteams/a:1"},
+            "text": "hello",
+            RESERVED: {"child": True, "reference": target},
+        }
+    )
+    line = Scope("msteams", "tenant-1", None, "elsewhere:443")
+    pacer = runtime.connector.pacer
+    waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(40)]
+    try:
+        await asyncio.sleep(0)
+        assert await handle(engine, child) is Outcome.REQUEUED
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await runtime.close()
+    [(copy, _)] = engine.queue.take()
+    kept = json.loads(copy)[RESERVED]
+    assert (kept["attempt"], kept["reference"]) == (1, target)
+    assert sends(fake_connector) == []
+
+
 # --- review: once the Connector may have the message, no failure sends it again ----------
 
 
