@@ -84,6 +84,9 @@ DEFAULT_BACKGROUND_SHARE = 0.97
 CROWDED_SECONDS = 1.0
 ACTIVE_SECONDS = 5.0
 OTHER_LINE_SHARE = 0.25
+# Teams conversations whose tenant the pacer remembers (the most recently used), for the
+# requests to them that name none: a delete shortly after a send finds it.
+TENANTS_KEPT = 10_000
 # Background sends to a Teams conversation leave this many of each of its windows to
 # replies (6 of 7 per second, 7 of 8 per 2 s, 59 of 60 per 30 s): an alert storm into a
 # channel never makes a user's reply there wait for the 30-s window (the reply and the
@@ -238,6 +241,10 @@ class Pacer:
         self._sleep = sleep
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         self._lanes: OrderedDict[tuple[str, str], AdaptiveRate] = OrderedDict()
+        # Teams conversation -> its tenant, from requests that named both: a request that
+        # names none (a delete has no body; a reference target may carry no tenant) counts
+        # against its tenant all the same, not in a lane of its own beside it.
+        self._tenants: OrderedDict[str, str] = OrderedDict()
         self._max_conversations = max_conversations
         self.granted = 0
         self.granted_background = 0
@@ -251,7 +258,7 @@ class Pacer:
 
     def lane(self, scope: Scope) -> AdaptiveRate:
         """The app-wide rate ``scope`` counts against (created on first use)."""
-        key = scope.lane
+        key = self._lane_key(scope)
         lane = self._lanes.get(key)
         if lane is None:
             now = self._clock()
@@ -265,6 +272,22 @@ class Pacer:
         else:
             self._lanes.move_to_end(key)
         return lane
+
+    def _lane_key(self, scope: Scope) -> tuple[str, str]:
+        """`scope`'s lane: a Teams conversation's tenant's, learnt when the scope names none."""
+        conversation = scope.conversation
+        if not (scope.teams and conversation):
+            return scope.lane
+        tenants = self._tenants
+        if scope.tenant_id:
+            if tenants.get(conversation) != scope.tenant_id:
+                tenants[conversation] = scope.tenant_id
+                if len(tenants) > TENANTS_KEPT:
+                    tenants.popitem(last=False)
+            tenants.move_to_end(conversation)
+            return scope.lane
+        tenant = tenants.get(conversation)
+        return (TEAMS, f"tenant:{tenant}") if tenant else scope.lane
 
     async def acquire(
         self, scope: Scope, *, background: bool = False, max_wait: float | None = None
@@ -308,7 +331,7 @@ class Pacer:
         requests while its line for another stands empty, and that share goes unused
         (README, "Pacing").
         """
-        lane = self._lanes.get(scope.lane)
+        lane = self._lanes.get(self._lane_key(scope))
         if lane is None:
             return 0.0
         now = self._clock()

@@ -1508,3 +1508,21 @@ async def test_a_conversation_s_windows_count_a_send_from_when_it_left():
 
     await time.run(sends())
     assert_within(arrivals, TEAMS_CONVERSATION_WINDOWS)
+
+
+async def test_a_teams_request_that_names_no_tenant_counts_against_its_conversation_s_tenant():
+    # A delete has no body, a reference target may carry no tenant: with the stored sends
+    # to the same tenant they took about 98 background requests in a second (limit 50).
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep, margin=0.0)
+    await pacer.acquire(teams("a:known"))  # a reply named the tenant once
+    grants: list[float] = []
+
+    async def send(scope: Scope) -> None:
+        await pacer.acquire(scope, background=True)
+        grants.append(time.now)
+
+    unnamed = Scope("msteams", None, "a:known", "smba.trafficmanager.net:443")
+    stored = [teams(f"a:{n}") for n in range(60)]
+    await time.run(*(send(unnamed) for _ in range(60)), *(send(scope) for scope in stored))
+    assert max_in_window(grants, 1.0) <= 50
