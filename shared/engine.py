@@ -110,6 +110,9 @@ class Engine:
         return 0.0 if since is None else max(0.0, self.clock() - since)
 
 
+LONGEST_HOLD = 5  # attempts after which settings_backoff waits its longest (600 s)
+
+
 def settings_backoff(attempt: int) -> float:
     """5, 15, 45, 135, 405, then every 600 s: a fixed setting is picked up within 10 min."""
     return min(600.0, 5.0 * 3 ** min(attempt, 10))

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, crowded_wait, deliver, post, resolve
-from shared.engine import Engine, settings_backoff
+from shared.engine import LONGEST_HOLD, Engine, settings_backoff
 from shared.idempotency import (
     Busy,
     Claim,
@@ -480,19 +480,19 @@ async def hold_for_settings(
     if queue is None:
         queue = _holding_queue()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    attempt = 0
     try:
-        message = json.loads(text)
-    except (ValueError, RecursionError):
-        message = None
-    if isinstance(message, dict) and _parses(text):
-        # Only a request that parses is rewritten: one that does not is kept as it is, to
-        # be refused once the settings are fixed (not made valid by the rewrite).
+        message = parse_request(text).message
+    except InvalidRequest:
+        # Kept as it came, to be refused once the settings work (a rewrite could make it
+        # valid); with nowhere to count its attempts, held for the longest backoff.
+        attempt = LONGEST_HOLD
+    else:
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
-        message[RESERVED] = {**engine_field, "attempt": attempt + 1, "since": None}
-        text = compact_json(message)
+        text = compact_json(
+            {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
+        )
     delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.
     logger.warning(
@@ -502,14 +502,6 @@ async def hold_for_settings(
     )
     await queue.put(text, delay=delay)
     return Outcome.REQUEUED
-
-
-def _parses(text: str) -> bool:
-    try:
-        parse_request(text)
-    except InvalidRequest:
-        return False
-    return True
 
 
 def _holding_queue() -> StorageQueue:

@@ -46,7 +46,7 @@ lock per conversation and class), so replies arrive in the order the bot wrote t
 so do background sends; a reply does not wait for a background send to its conversation
 that waits in its tenant's line (it goes first). A background send whose conversation's
 window the replies filled while it waited in the line takes its turn of the tenant's rate
-and waits for the window outside the line (up to a second: the 1-s and 2-s windows), so
+and waits for the window outside the line (up to 2 s: the 1-s and 2-s windows), so
 it never holds up the line, nor loses its turn to the replies; a longer wait (the 30-s
 window) it spends outside the line without its turn, then queues again. Other channels'
 conversations have no published limits and are not serialised.

@@ -200,8 +200,15 @@ class AdaptiveRate:
         of the rate), and a slow answer would hold the window for nothing. Told as it
         leaves, not once answered: until then it would be counted from its grant.
         """
-        if left_at > sent_at and self._forget(sent_at):
-            insort(self._counted, left_at)
+        if not self._window_limit or left_at <= sent_at:
+            return
+        # Not found: its grant already left the window's log (a wait of over a second for
+        # its conversation's window, at the full rate): counted from now all the same.
+        self._forget(sent_at)
+        counted = self._counted
+        insort(counted, left_at)
+        if len(counted) > self._window_limit:
+            del counted[0]
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted

@@ -25,7 +25,7 @@ Expect = Literal["dict", "list", "none", "bytes"]
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # a larger answer is refused, not read into memory
 MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any error document; the rest is not read
-# A 2xx to an operation in DONE_ON_STATUS is its success: its body gets this long at most.
+# An answer whose status decides (an error, a 2xx in DONE_ON_STATUS): its body gets this long.
 DONE_BODY_SECONDS = 5.0
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5  # attachment views only
@@ -180,13 +180,17 @@ async def result_body(operation: str, response: aiohttp.ClientResponse) -> bytes
     return content
 
 
-async def done_body(
+async def detail_body(
     operation: str, response: aiohttp.ClientResponse, budget: asyncio.Timeout
 ) -> bytes:
-    """The body of a 2xx to an operation in DONE_ON_STATUS, whose status is its success:
-    read for at most DONE_BODY_SECONDS (and never past the request's budget), and dropped
-    (the result lost, the success kept) when it breaks off, stalls or is too large. A retry
-    would post the message, or make the change, again."""
+    """The body of an answer whose status decides: an error's (detail, cut to
+    MAX_ERROR_BODY_BYTES), or a 2xx to an operation in DONE_ON_STATUS (its success; a
+    retry would post the message, or make the change, again). Read for at most
+    DONE_BODY_SECONDS, never past the request's budget, and dropped when it breaks off,
+    stalls (a 429 must not turn into a send that may have been posted) or, for a success,
+    is too large (the result lost, the success kept)."""
+    ok = 200 <= response.status < 300
+    limit = MAX_RESPONSE_BYTES if ok else MAX_ERROR_BODY_BYTES
     loop = asyncio.get_running_loop()
     until = loop.time() + DONE_BODY_SECONDS
     if budget.when() is not None:
@@ -194,14 +198,14 @@ async def done_body(
     budget.reschedule(None)  # the status has arrived: from here the body's own bound decides
     problem: str
     try:
-        if (response.content_length or 0) > MAX_RESPONSE_BYTES:
-            problem = f"is larger than {MAX_RESPONSE_BYTES} bytes"
+        if ok and (response.content_length or 0) > limit:
+            problem = f"is larger than {limit} bytes"
         else:
             async with asyncio.timeout_at(until):
-                content, more = await read_body(response, MAX_RESPONSE_BYTES)
-            if not more:
-                return content
-            problem = f"is larger than {MAX_RESPONSE_BYTES} bytes"
+                content, more = await read_body(response, limit)
+            if not (ok and more):
+                return content  # an error's detail, cut short: the status decides
+            problem = f"is larger than {limit} bytes"
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         problem = f"broke off ({type(error).__name__})"
     log.warning("connector %s answered %d, then its body %s", operation, response.status, problem)
@@ -357,32 +361,14 @@ async def exchange(
                     redirected = True
                     continue
                 status = response.status
-                if not 200 <= status < 300:
-                    content = await error_body(operation, response)
-                elif operation in DONE_ON_STATUS:
-                    content = await done_body(operation, response, budget)
-                else:
+                if 200 <= status < 300 and operation not in DONE_ON_STATUS:
                     content = await result_body(operation, response)  # broken off: tried again
+                else:
+                    content = await detail_body(operation, response, budget)
                 return Answer(status, response.headers, content, redirected)
     raise ConnectorError(
         ErrorKind.INVALID, f"more than {MAX_REDIRECTS} redirects", operation=operation
     )
-
-
-async def error_body(operation: str, response: aiohttp.ClientResponse) -> bytes:
-    """An error's body, cut short: detail only, the status decides (one that breaks off is
-    dropped)."""
-    try:
-        content, _ = await read_body(response, MAX_ERROR_BODY_BYTES)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-        log.warning(
-            "connector %s answered %d, then its body broke off (%s)",
-            operation,
-            response.status,
-            type(error).__name__,
-        )
-        return b""
-    return content
 
 
 async def send_once(

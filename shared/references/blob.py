@@ -325,10 +325,23 @@ class BlobReferenceStore:
                 names = (user_id, None) if kind == "id" else (None, aad_object_id)
                 stale = set()
                 for key in index.keys:
-                    stored = await self._read_readable(*_document(key))
+                    name, _ = _document(key)
+                    try:
+                        stored = await self._read(name, key) if name else None
+                    except StoreError as unreadable:
+                        if unreadable.status is not None:
+                            raise
+                        continue  # not this version's to judge: kept for one that can read it
                     if stored is None or not user_matches(stored, *names, None):
                         stale.add(key)
                 await self._update_index(channel_id, kind, value, settled(stale))
+                # A dropped conversation the user wrote in meanwhile (its document written
+                # after it was read above) goes back: its own index write may have come
+                # before the one above. After this read, that write comes after it.
+                for key in stale:
+                    stored = await self._read_readable(*_document(key))
+                    if stored is not None and user_matches(stored, *names, None):
+                        await self._update_index(channel_id, kind, value, including(key))
 
     async def _change_indexes(
         self,

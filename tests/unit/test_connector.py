@@ -675,6 +675,22 @@ async def test_a_success_whose_body_stalls_is_a_success_and_not_sent_again():
     assert time.monotonic() - started < 3  # within each call's budget
 
 
+async def test_an_error_whose_body_stalls_is_decided_by_its_status():
+    # A 429 says nothing was posted: never `uncertain` because its body did not arrive.
+    stall = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 20\r\n\r\n{"
+    server, url, heads = await _stalling_server(stall)
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, retry=RetryPolicy(max_total_seconds=1.0, jitter=0))
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await client.send_to_conversation(url, "a:1", {"type": "message"})
+    finally:
+        await client.close()
+        server.close()
+    assert (caught.value.kind, caught.value.status) == (ErrorKind.THROTTLED, 429)
+    assert caught.value.retry_after == 30 and len(heads) == 1
+
+
 async def test_a_success_larger_than_the_limit_to_a_send_is_a_success(vtime):
     # Refusing it as `invalid` sent the message to the poison queue, whence it is sent again.
     big = (

@@ -1305,15 +1305,16 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
         assert json.loads(text)["_proactive"]["since"] is None
         assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
     await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
-    [(raw, _)] = queue.take()
+    [(raw, delay)] = queue.take()
     assert raw == "\ufffdnot json"  # kept (it is poisoned once the settings work)
+    assert delay >= 600  # with no count of its own, held for the longest wait
     # A request the engine refuses stays as it came: the hold does not make it valid.
     refused = json.dumps(
         {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}
     )
     await hold_for_settings(refused, RuntimeError("x"), queue=queue)
-    [(raw, _)] = queue.take()
-    assert raw == refused
+    [(raw, delay)] = queue.take()
+    assert raw == refused and delay >= 600
 
 
 async def test_an_unreachable_login_authority_never_ages_the_message_out(aad_app, fake_connector):

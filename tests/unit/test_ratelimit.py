@@ -1526,3 +1526,14 @@ async def test_a_teams_request_that_names_no_tenant_counts_against_its_conversat
     stored = [teams(f"a:{n}") for n in range(60)]
     await time.run(*(send(unnamed) for _ in range(60)), *(send(scope) for scope in stored))
     assert max_in_window(grants, 1.0) <= 50
+
+
+def test_a_send_whose_grant_fell_out_of_the_window_log_is_counted_when_it_left():
+    # It waited over a second for its conversation's window, outside the tenant's line,
+    # while 50 others were granted: it is counted from when it left all the same.
+    lane = AdaptiveRate(50.0, 0.97)
+    lane.record(0.0, True)
+    for n in range(1, 51):
+        lane.record(n * 0.02, True)
+    lane.left(0.0, 1.5)
+    assert 1.5 in lane.counted and len(lane.counted) == 50

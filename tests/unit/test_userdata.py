@@ -496,6 +496,61 @@ async def test_blob_a_1to1_this_version_cannot_read_stops_no_erasure_and_is_remo
     assert erased.conversations == ["msteams/a:ada"]
     assert await state.read(user_state_key("msteams", "29:ada")) is None
     assert "passed over" in caplog.text and "schemaVersion 2" in caplog.text
-    # Its removal (the bot uninstalled there) deletes it all the same.
+    # Its index entries stay, for a version that can read it to erase it.
+    index = json.loads(raw.download_blob(user_index_name("msteams", "id", "29:ada")).readall())
+    assert index["key"] == "msteams/a:newer"
+    # Its removal (the bot uninstalled there) deletes it all the same; the next erasure
+    # drops the entries that now lead nowhere.
     assert await references.delete("msteams/a:newer") is True
+    await erase_for_activity(delete_user_data(), state=state, references=references)
     assert [blob.name for blob in raw.list_blobs()] == []
+
+
+async def test_blob_a_conversation_the_user_writes_in_while_the_erasure_settles_stays_findable(
+    azurite, unique_name
+):
+    # Its entry led nowhere when the erasure read it (a removal raced an earlier write);
+    # then the user wrote in it again (another instance) before the index was settled.
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("settle"),
+    )
+
+    class Racing(BlobReferenceStore):
+        racer = None
+
+        async def settle_user_index(self, **lookup):
+            self.settling = True
+            try:
+                await super().settle_user_index(**lookup)
+            finally:
+                self.settling = False
+
+        async def _read(self, name, key):
+            found = await super()._read(name, key)
+            if getattr(self, "settling", False) and self.racer is not None:
+                racer, self.racer = self.racer, None
+                await racer()
+            return found
+
+    references = Racing(settings, options=FAST_STORAGE)
+    other = BlobReferenceStore(settings, options=FAST_STORAGE)
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    try:
+        ada = reference("a:ada", channel_id="webchat", tenant=None, user="dl_ada", aad=None)
+        await references.upsert(ada)
+        raw.delete_blob(document_name("webchat/a:ada"))  # the entry now leads nowhere
+        references.racer = lambda: other.upsert(ada, refresh=True)
+
+        await erase_user_data(
+            channel_id="webchat", user_id="dl_ada", state=None, references=references
+        )
+
+        found = await other.find_by_user(channel_id="webchat", user_id="dl_ada")
+        assert found is not None and found.key == "webchat/a:ada"
+    finally:
+        await references.close()
+        await other.close()
+        raw.close()
