@@ -684,6 +684,69 @@ async def test_a_key_endpoint_that_refuses_connections_is_keys_unavailable(
         await authenticator.close()
 
 
+def non_loopback_address() -> str | None:
+    """This machine's address on its outbound interface (no packet is sent), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed, never reached
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_keys_behind_a_redirect_to_plain_http_off_loopback_are_never_used(
+    channel_identity, clock
+):
+    # The metadata (loopback, plain http allowed) names a key URL that redirects to plain
+    # http on another address: the keys fetched there could have been changed on the way.
+    elsewhere = non_loopback_address()
+    if elsewhere is None:
+        pytest.skip("this machine has no address but loopback to redirect to")
+    jwks = channel_identity.jwks_document()
+    off = web.Application()
+
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response(jwks)
+
+    off.router.add_get("/jwks", keys)
+    local = web.Application()
+    local_port = 0
+
+    async def metadata(request: web.Request) -> web.Response:
+        jwks_uri = f"http://127.0.0.1:{local_port}/jwks"
+        return web.json_response({"issuer": "https://api.botframework.com", "jwks_uri": jwks_uri})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://{elsewhere}:{off_port}/jwks")
+
+    local.router.add_get("/metadata", metadata)
+    local.router.add_get("/jwks", redirect)
+    runners = [web.AppRunner(off), web.AppRunner(local)]
+    for runner in runners:
+        await runner.setup()
+    off_site = web.TCPSite(runners[0], elsewhere, 0)
+    local_site = web.TCPSite(runners[1], "127.0.0.1", 0)
+    await off_site.start()
+    await local_site.start()
+    off_port = off_site._server.sockets[0].getsockname()[1]
+    local_port = local_site._server.sockets[0].getsockname()[1]
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": APP_ID,
+            "BOT_OPENID_METADATA_URL": f"http://127.0.0.1:{local_port}/metadata",
+        }
+    )
+    authenticator = InboundAuthenticator(settings, clock=clock)
+    try:
+        token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+        assert "must be https" in await keys_unavailable(authenticator, token)
+    finally:
+        await authenticator.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
 async def test_emulator_keys_outage_is_keys_unavailable(auth, emulator_identity):
     emulator_identity.set_outage(True)
     await keys_unavailable(auth, emulator_identity.mint_emulator_token(APP_ID))

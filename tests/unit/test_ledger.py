@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -32,6 +33,9 @@ async def test_create_is_create_only(ledger):
     assert await ledger.create("a/b.json", {"n": 2}) is None
     record = await ledger.read("a/b.json")
     assert (record.data, record.etag) == ({"n": 1}, etag)
+    # When it was last written, by the store's clock: schedules start afresh from an edit,
+    # and a claim's length is counted from it (shared/schedules.py, shared/idempotency.py).
+    assert abs(record.modified - time.time()) < 60
 
 
 async def test_concurrent_creates_have_exactly_one_winner(ledger):

@@ -592,6 +592,21 @@ async def test_an_answer_that_is_not_json_is_a_500_never_sent_as_invalid_json(
     assert fake_connector.requests == []
 
 
+async def test_an_invoke_answer_with_a_status_outside_200_to_599_is_a_500(
+    make_bot, channel_identity, fake_connector
+):
+    router = Router()
+
+    @router.invoke("task/fetch")
+    async def odd(turn):
+        return InvokeResponse(700, {"x": 1})
+
+    bot = make_bot(router)
+    invoke = activity_for(fake_connector.url, type="invoke", name="task/fetch")
+    response = await bot.handle(post(invoke, channel_token(channel_identity, bot)))
+    assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+
+
 async def test_expect_replies_invoke_carries_the_invoke_response(
     make_bot, channel_identity, fake_connector
 ):

@@ -1633,6 +1633,49 @@ def queue_message(text: str, dequeue_count: int) -> func.QueueMessage:
     )
 
 
+async def test_the_trigger_names_the_queue_message_in_what_it_records(
+    aad_app, azurite, unique_name, fake_connector, monkeypatch
+):
+    # The host's message id is how a redelivery knows its own earlier attempt (a claim it
+    # kept, an outcome it recorded): the trigger passes on the id the worker gives it.
+    import app
+    import proactive_function
+    from shared.config import Settings, reset_settings
+    from shared.ledger import BlobLedger
+    from shared.references import BlobReferenceStore
+    from shared.runtime import reset_runtime
+    from shared.storage import close_shared_clients
+
+    env = {
+        **aad_app.env,
+        "AzureWebJobsStorage": azurite.connection_string,
+        "BOT_REFERENCES_CONTAINER": unique_name("refs"),
+        "BOT_PROACTIVE_QUEUE": unique_name("queue"),
+        "BOT_TRUSTED_SERVICE_URLS": fake_connector.url,
+    }
+    monkeypatch.delenv("BOT_ALLOW_UNAUTHENTICATED", raising=False)
+    monkeypatch.delenv(proactive_function.HOST_OVERRIDE, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    reset_runtime()
+    settings = Settings.from_env(env)
+    store = BlobReferenceStore(settings)
+    try:
+        await store.upsert(reference(fake_connector.url, "a:1"))
+        text = body({"conversation": "msteams/a:1"}, request_id="req-id")
+        await proactive_function.main(queue_message(text, 1))
+        record = await BlobLedger(settings).read(outcome_name("req-id", "target"))
+    finally:
+        await store.close()
+        await app.runtime().close()
+        reset_settings()
+        reset_runtime()
+        await close_shared_clients()
+    assert sends(fake_connector) == ["a:1"]
+    assert (record.data["outcome"], record.data["message"]) == ("delivered", "m-1")
+
+
 async def test_the_trigger_records_a_failure_on_the_last_attempt_the_host_grants(
     refusing_queue, monkeypatch
 ):
@@ -2373,6 +2416,25 @@ async def test_a_failure_after_the_send_that_repeats_sends_once_more_then_is_rep
     [poisoned] = engine.queue.poisoned
     assert "may have been posted" in poisoned["poisonReason"] and RESERVED not in poisoned
     assert sends(fake_connector) == ["a:1", "a:1"]
+
+
+async def test_a_500_whose_failure_cannot_be_recorded_is_not_posted_again_by_a_redelivery(
+    parts, fake_connector
+):
+    # A 500 may have been posted: when neither the ledger nor the queue takes its failure,
+    # the claim stays, and the host's redelivery of the same message posts nothing.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 3)
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    engine.queue = DownQueue()
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(RuntimeError):
+        await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-1")
+    engine.ledger.down = False
+    engine.queue = MemoryQueue()
+    engine.clock.now += 10  # the host's visibilityTimeout
+    await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-1")
+    assert sends(fake_connector) == ["a:1"]
 
 
 async def test_a_claim_its_own_attempt_kept_before_the_send_is_waited_out_and_sent_once(

@@ -325,3 +325,17 @@ async def test_a_report_whose_creation_time_is_not_a_time_keeps_its_update_time(
         report = await read_report(ledger, "r1")
         assert report["createdAt"] == created
         assert report["updatedAt"] == iso(1_800_000_000.0), report
+
+
+async def test_a_report_is_updated_when_its_latest_outcome_was_recorded():
+    from shared.ledger import MemoryLedger, iso
+    from shared.reports import ensure_head, read_report, record_outcome
+
+    now = [1_800_000_000.0]
+    ledger = MemoryLedger(clock=lambda: now[0])
+    await ensure_head(ledger, "b1", "broadcast", now[0])
+    for key in ("msteams/a:1", "msteams/a:2"):
+        now[0] += 60
+        await record_outcome(ledger, "b1", key, "delivered", now[0])
+    report = await read_report(ledger, "b1")
+    assert (report["createdAt"], report["updatedAt"]) == (iso(1_800_000_000.0), iso(now[0]))
