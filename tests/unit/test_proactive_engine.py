@@ -2036,22 +2036,15 @@ async def test_bookkeeping_left_by_the_previous_layout_is_read_as_it_was_meant(
 # --- an instance's invocations shared by tenants ----------------------------------------
 
 
-@pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
-async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
-    aad_app, fake_connector, in_line, delay
-):
-    # The instance's line for tenant-1 holds background sends (at 2/s: the next grant in
-    # 0.5 s, then 0.5 s for each waiting) while its line for tenant-2 has just stood empty:
-    # a child for tenant-1 would hold this invocation for seconds that a message for
-    # tenant-2 could use. It goes back on the queue as it came, visible after about that
-    # wait (at most 15 s), before anything is claimed or sent.
+def slow_tenant_child(aad_app, fake_connector) -> tuple[Runtime, Engine, dict[str, Any], str]:
+    """An engine whose tenants get 2 sends a second, and a broadcast child carrying its
+    reference (tenant-1's conversation a:1)."""
     settings = aad_app.settings(
         BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="2"
     )
     clock = Clock()
     runtime = make_runtime(settings, MemoryReferenceStore(), clock)
     engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
-    pacer = runtime.connector.pacer
     target = reference(fake_connector.url, "a:1", tenant="tenant-1")
     child = json.dumps(
         {
@@ -2061,6 +2054,20 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
             RESERVED: {"child": True, "reference": target},
         }
     )
+    return runtime, engine, target, child
+
+
+@pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
+async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
+    aad_app, fake_connector, in_line, delay
+):
+    # The instance's line for tenant-1 holds background sends (at 2/s: the next grant in
+    # 0.5 s, then 0.5 s for each waiting) while its line for tenant-2 has just stood empty:
+    # a child for tenant-1 would hold this invocation for seconds that a message for
+    # tenant-2 could use. It goes back on the queue as it came, visible after about that
+    # wait (at most 15 s), before anything is claimed or sent.
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    pacer = runtime.connector.pacer
     line = Scope("msteams", "tenant-1", None, "elsewhere:443")
     waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(in_line)]
     try:
@@ -2094,21 +2101,7 @@ async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(aad_ap
     # No send slot within its budget (its tenant's line here is long, and no other line
     # stands empty, so it was not put back): nothing was sent, and the copy still carries
     # the reference, so the next time its line is crowded it can be put back unclaimed.
-    settings = aad_app.settings(
-        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, BOT_CONNECTOR_RATE_LIMIT="2"
-    )
-    clock = Clock()
-    runtime = make_runtime(settings, MemoryReferenceStore(), clock)
-    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
-    target = reference(fake_connector.url, "a:1", tenant="tenant-1")
-    child = json.dumps(
-        {
-            "id": "b-1",
-            "to": {"conversation": "msteams/a:1"},
-            "text": "hello",
-            RESERVED: {"child": True, "reference": target},
-        }
-    )
+    runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
     line = Scope("msteams", "tenant-1", None, "elsewhere:443")
     pacer = runtime.connector.pacer
     waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(40)]
