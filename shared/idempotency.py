@@ -90,9 +90,14 @@ async def take_claim(
             # Never longer than a claim lasts from when the store wrote it (its own clock,
             # to the second): a holder whose clock ran ahead cannot block the target.
             expires = min(expires, current.modified + seconds + 1.0)
+        holder = current.data.get("message") if isinstance(current.data, dict) else None
+        holder = holder if isinstance(holder, str) else None
         if expires is not None and expires > now:
-            holder = current.data.get("message") if isinstance(current.data, dict) else None
-            return Busy(expires - now, holder if isinstance(holder, str) else None)
+            return Busy(expires - now, holder)
+        if message is not None and holder == message:
+            # Kept by an earlier attempt of this same queue message, which failed once its
+            # send had begun: not taken over, whatever its age (the caller decides).
+            return Busy(0.0, holder)
         etag = await replace_with_claim(
             ledger, name, current.etag, now, seconds=seconds, message=message
         )
