@@ -65,6 +65,7 @@ class Engine:
         held: bool = False,
         unrecorded: tuple[Final, str | None] | None = None,
         keep_reference: bool = False,
+        resumed: bool = False,
     ) -> Outcome:
         """Put a copy back with a visibility delay; the original then completes normally.
 
@@ -75,6 +76,8 @@ class Engine:
         target's outcome (and reason) that storage refused to record; the copy records it
         on arrival and sends nothing. `keep_reference`: a counted copy of a broadcast child
         still carries its reference (nothing was sent: the pacer held it back).
+        `resumed`: the copy waits out a claim its message's earlier attempt kept after its
+        send began (it says so; a copy that finds its own claim again reports it).
         """
         now = self.clock()
         engine = request.engine
@@ -86,6 +89,8 @@ class Engine:
             # A broadcast child tried and put back (throttled, for up to `max_age`) reads the
             # conversation's reference again: it may have moved to another serviceUrl, or gone.
             bookkeeping = replace(bookkeeping, reference=None)
+        if resumed:
+            bookkeeping = replace(bookkeeping, resumed=True)
         if unrecorded is not None:
             bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy

@@ -95,8 +95,9 @@ async def take_claim(
         if expires is not None and expires > now:
             return Busy(expires - now, holder)
         if message is not None and holder == message:
-            # Kept by an earlier attempt of this same queue message, which failed once its
-            # send had begun: not taken over, whatever its age (the caller decides).
+            # Kept by an earlier attempt of this same queue message, which failed (or whose
+            # process died) once its send had begun: not taken over, whatever its age; the
+            # caller decides (shared/proactive.py).
             return Busy(0.0, holder)
         etag = await replace_with_claim(
             ledger, name, current.etag, now, seconds=seconds, message=message

@@ -247,14 +247,24 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     )
     if isinstance(claim, Busy):
         if claim.message is not None and claim.message == engine.message_id:
-            # This queue message's own earlier attempt claimed the target and failed once
-            # its send had begun (it keeps the claim then; a failure before that releases
-            # it): the POST may have left, a 500 or an unanswered send among them. Sending
-            # again could post it twice, and a copy put back would take the claim over and
-            # do the same, for ever should the failure repeat. Reported, never resent, live
-            # or expired (a redelivery late after a slow failure, or a crash).
-            reason = "the function failed after the send; the message may have been posted"
-            return await fail_target(request, engine, reason)
+            # This queue message's own earlier attempt claimed the target and failed, or its
+            # process died, once its send had begun (the claim is kept then; live, or
+            # expired when the redelivery came late). The POST may have left, or it may
+            # still have been waiting for its slot (a host killed mid-broadcast leaves
+            # dozens so): the claim cannot say. A copy waits the claim out, then sends; one
+            # such copy only: should it fail the same way, it is reported rather than put
+            # back again to send again, for ever when the failure repeats.
+            if request.engine.resumed:
+                reason = "the function failed after the send; the message may have been posted"
+                return await fail_target(request, engine, reason)
+            logger.warning(
+                "proactive %r: %s: an earlier attempt failed after its send began; "
+                "tried once more when its claim ends",
+                request.id,
+                request.label,
+            )
+            delay = engine.jitter(min(claim.wait, 60.0))
+            return await engine.requeue(request, delay, count=False, resumed=True)
         # Another instance is on it (or crashed on it): look again when its claim ends.
         logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)

@@ -68,11 +68,16 @@ class Bookkeeping:
     # Sent, but its outcome could not be recorded (storage failed): record it, send nothing.
     outcome: str | None = None
     reason: str | None = None
+    # Put back to wait out the claim an earlier attempt of its queue message kept after
+    # the send began (it may have posted): once more only (shared/proactive.py).
+    resumed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
         if self.child:
             data["child"] = True
+        if self.resumed:
+            data["resumed"] = True
         if self.reference is not None:
             data["reference"] = self.reference
         if self.outcome:
@@ -292,18 +297,26 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
     attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
     outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
+    resumed = value.get("resumed", False)
     if (
         not isinstance(attempt, int)
         or not 0 <= attempt <= MAX_ATTEMPT
         or not (since is None or _is_epoch(since))
         or not isinstance(child, bool)
+        or not isinstance(resumed, bool)
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
         or not (reference is None or (child and isinstance(reference, dict)))
     ):
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
     return Bookkeeping(
-        attempt, float(since) if since is not None else None, child, reference, outcome, reason
+        attempt,
+        float(since) if since is not None else None,
+        child,
+        reference,
+        outcome,
+        reason,
+        resumed,
     )
 
 

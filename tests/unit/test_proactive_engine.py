@@ -2373,43 +2373,53 @@ async def test_the_last_attempt_of_a_kept_failure_records_it_over_the_sends_own_
     assert sends(fake_connector) == ["a:1"]
 
 
-async def test_a_redelivery_after_an_unsettled_send_reports_it_and_never_sends_again(
-    parts, fake_connector
+@pytest.mark.parametrize("redelivered_after", [10, 60])  # the claim live, or ended
+async def test_a_failure_after_the_send_that_repeats_sends_once_more_then_is_reported(
+    parts, fake_connector, redelivered_after
 ):
-    # Attempt 1 was delivered but nothing could record it (the claim kept); the host's
-    # next attempt of the same queue message found that claim live. A copy put back would
-    # take the claim over once it expired and send again, and so would each of its own.
+    # Delivered, then nothing could record it (the claim kept); the host's next attempt
+    # of the same queue message finds that claim, live or (late) expired. A copy waits it
+    # out and sends once more (the POST may not have left); should that fail the same
+    # way, it is reported, not put back again: each copy would otherwise send again.
     _runtime, engine = parts
     engine.ledger = OutcomeWriteOutage(clock=engine.clock)
     engine.queue = DownQueue()
     text = body({"conversation": "msteams/a:1"})
     with pytest.raises(RuntimeError):  # unsettled: for the host, the claim kept
         await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
-    engine.ledger.down = False
     engine.queue = MemoryQueue()
-    engine.clock.now += 10
+    engine.clock.now += redelivered_after
     outcome = await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-7")
+    assert outcome is Outcome.REQUEUED and sends(fake_connector) == ["a:1"]
+    [(copy, delay)] = engine.queue.take()
+    assert json.loads(copy)[RESERVED]["resumed"] is True and delay <= 60
 
-    assert outcome is Outcome.FAILED
-    assert engine.queue.sent == []  # no copy that could send it again
+    engine.clock.now += 60  # the claim has ended: the copy sends, and fails the same way
+    engine.queue = DownQueue()
+    with pytest.raises(RuntimeError):
+        await handle_queue_message(copy, engine.runtime, engine=engine, message_id="c-1")
+    engine.queue = MemoryQueue()
+    engine.ledger.down = False
+    engine.clock.now += 10
+    outcome = await handle_queue_message(copy, engine.runtime, engine=engine, message_id="c-1")
+
+    assert outcome is Outcome.FAILED and engine.queue.sent == []
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["failed"]) == ("done", 1)
     assert "may have been posted" in report["failures"][0]["reason"]
-    [poisoned] = engine.queue.poisoned  # an operator's to put back, knowing that
-    assert "may have been posted" in poisoned["poisonReason"]
-    engine.clock.now += 600
-    assert await handle_queue_message(text, engine.runtime, engine=engine) is Outcome.DUPLICATE
-    assert sends(fake_connector) == ["a:1"]
+    [poisoned] = engine.queue.poisoned
+    assert "may have been posted" in poisoned["poisonReason"] and RESERVED not in poisoned
+    assert sends(fake_connector) == ["a:1", "a:1"]
 
 
-async def test_a_500_whose_failure_cannot_be_recorded_is_not_posted_again_by_a_redelivery(
+async def test_a_500_whose_failure_neither_storage_nor_the_queue_takes_is_sent_once_more(
     parts, fake_connector
 ):
-    # A 500 may have been posted: when neither the ledger nor the queue takes its failure,
-    # the claim stays, and the host's redelivery of the same message reports it; no copy
-    # is put back that would take the claim over and post it again.
+    # The documented window (docs/proactive.md): the claim cannot tell this from a crash
+    # before the POST, so the message is sent once more when storage is back, then its
+    # failure is recorded and reported; never a third time.
     _runtime, engine = parts
-    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 3)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 6)
     engine.ledger = OutcomeWriteOutage(clock=engine.clock)
     engine.queue = DownQueue()
     text = body({"conversation": "msteams/a:1"})
@@ -2419,31 +2429,38 @@ async def test_a_500_whose_failure_cannot_be_recorded_is_not_posted_again_by_a_r
     engine.queue = MemoryQueue()
     engine.clock.now += 10  # the host's visibilityTimeout
     outcome = await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-1")
-    assert outcome is Outcome.FAILED and engine.queue.sent == []
-    assert sends(fake_connector) == ["a:1"]
+    assert outcome is Outcome.REQUEUED and sends(fake_connector) == ["a:1"]
+    [(copy, _)] = engine.queue.take()
+    engine.clock.now += 60
+    assert await handle_queue_message(copy, engine.runtime, engine=engine) is Outcome.FAILED
+    engine.clock.now += 600
+    assert await handle_queue_message(copy, engine.runtime, engine=engine) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1", "a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1) and "500" in str(report)
 
 
-async def test_a_claim_its_own_message_kept_is_not_taken_over_once_it_expired(
-    parts, fake_connector
+@pytest.mark.parametrize("redelivered_after", [10, 60])  # the claim live, or ended
+async def test_a_claim_its_own_attempt_kept_before_the_send_is_waited_out_and_sent_once(
+    parts, fake_connector, redelivered_after
 ):
-    # The earlier attempt sent and failed slowly (storage timing out three times over), or
-    # its process died: the host's next attempt comes after the claim ended. It reports
-    # the target, rather than take the claim over and send a second time.
+    # The earlier attempt claimed the target and failed before its POST left, its claim
+    # kept (its release failed too, or its host was killed while it waited in the pacing
+    # line): nothing was sent, and the message is delivered once, not reported.
     from shared.idempotency import take_claim
 
     _runtime, engine = parts
     name = outcome_name("req-1", "target")
     await take_claim(engine.ledger, name, engine.clock.now, seconds=45, message="m-8")
-    engine.clock.now += 60
     text = body({"conversation": "msteams/a:1"})
+    engine.clock.now += redelivered_after
     outcome = await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-8")
-    assert outcome is Outcome.FAILED and sends(fake_connector) == []
-    report = await read_report(engine.ledger, "req-1")
-    assert (report["state"], report["failed"]) == ("done", 1)
-    assert "may have been posted" in report["failures"][0]["reason"]
-    # Another message for the target (a resubmitted id) finds its outcome: nothing sent.
-    assert await handle_queue_message(text, engine.runtime, engine=engine) is Outcome.DUPLICATE
-    assert sends(fake_connector) == []
+    assert outcome is Outcome.REQUEUED and sends(fake_connector) == []
+    [(copy, _)] = engine.queue.take()
+    engine.clock.now += 60
+    assert await handle_queue_message(copy, engine.runtime, engine=engine) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+    assert (await read_report(engine.ledger, "req-1"))["delivered"] == 1
 
 
 async def test_a_failure_whose_record_landed_while_storage_failed_still_gets_its_poison_copy(
