@@ -21,7 +21,8 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 - malformed, untrusted serviceUrl, refused by the Connector: poison copy with the reason
   at once, reported failed.
 - 500, or no answer after the POST was written (the message may have been posted): never
-  resent; failed with a poison copy.
+  resent (but once, should neither storage nor the queue take its failure: docs/
+  proactive.md, "The remaining window"); failed with a poison copy.
 - the bot's credentials or settings refused: requeued with capped backoff, never
   poisoned; delivered once the setting (named in the log) is fixed.
 
@@ -256,7 +257,10 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
             # back again to send again, for ever when the failure repeats.
             if request.engine.resumed:
                 reason = "the function failed after the send; the message may have been posted"
-                return await fail_target(request, engine, reason)
+                try:
+                    return await fail_target(request, engine, reason)
+                except OutcomeKept:
+                    return Outcome.REQUEUED  # the claim stays until the kept copy records
             logger.warning(
                 "proactive %r: %s: an earlier attempt failed after its send began; "
                 "tried once more when its claim ends",

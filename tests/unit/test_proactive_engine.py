@@ -2463,6 +2463,40 @@ async def test_a_claim_its_own_attempt_kept_before_the_send_is_waited_out_and_se
     assert (await read_report(engine.ledger, "req-1"))["delivered"] == 1
 
 
+async def test_a_resumed_copy_whose_failure_only_the_queue_takes_keeps_it_and_returns(
+    parts, fake_connector
+):
+    # The resumed copy finds its own claim again (its first attempt died) while Blob
+    # refuses the failure's record: a copy kept to record it is queued and the attempt
+    # returns, as for a send's outcome; raised to the host, every attempt queued another.
+    from shared.idempotency import take_claim
+
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    engine.ledger.down = False
+    text = body({"conversation": "msteams/a:1"})
+    name = outcome_name("req-1", "target")
+    await take_claim(engine.ledger, name, engine.clock.now, seconds=45, message="m-1")
+    engine.clock.now += 60
+    assert await handle_queue_message(text, engine.runtime, engine=engine, message_id="m-1") is (
+        Outcome.REQUEUED
+    )
+    [(resumed, _)] = engine.queue.take()
+    await take_claim(engine.ledger, name, engine.clock.now, seconds=45, message="r-1")
+    engine.clock.now += 10
+    engine.ledger.down = True
+    outcome = await handle_queue_message(resumed, engine.runtime, engine=engine, message_id="r-1")
+
+    assert outcome is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)[RESERVED]["outcome"] == "failed"
+    engine.ledger.down = False
+    assert await handle_queue_message(kept, engine.runtime, engine=engine) is Outcome.FAILED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert len(engine.queue.poisoned) == 1 and sends(fake_connector) == []
+
+
 async def test_a_failure_whose_record_landed_while_storage_failed_still_gets_its_poison_copy(
     parts, fake_connector
 ):
