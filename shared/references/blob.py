@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from shared.blob_container import BLOB_CLIENTS, ContainerVanished, LazyContainer
 from shared.config import Settings
-from shared.references.blob_format import blob_metadata, document_body, meta_value, unpack_copy
+from shared.references.blob_format import blob_metadata, document_body
+from shared.references.blob_listing import list_page
 from shared.references.cache import RecentCache
 from shared.references.contract import (
-    MAX_PAGE_SIZE,
     Filters,
     IndexChange,
     Page,
@@ -30,11 +30,11 @@ from shared.references.contract import (
     UserIndex,
     check_page_size,
     decode_token,
-    encode_token,
     from_document,
     including,
     index_body,
     index_entries,
+    listed_by,
     marked,
     plan,
     read_index,
@@ -49,7 +49,6 @@ from shared.references.contract import (
     without,
 )
 from shared.references.keys import (
-    channel_prefix,
     document_name,
     user_index_name,
 )
@@ -263,7 +262,10 @@ class BlobReferenceStore:
         filters = Filters(channel_id, tenant_id, team_id)
         state = decode_token(continuation, filters)
         async with self._guard("list", channel_id or "*"):
-            return await self._list(filters, state, page_size)
+            batch = max(page_size, self._listing_batch)
+            return await list_page(
+                self._container(), self._read_json, filters, state, page_size, batch
+            )
 
     async def find_by_user(
         self,
@@ -278,11 +280,7 @@ class BlobReferenceStore:
             for kind, value in lookups:
                 index = await self._read_index(channel_id, kind, value)
                 for key in index.keys if index else ():
-                    try:
-                        name = document_name(key)
-                    except ValueError:
-                        continue  # not an index entry this store wrote: treat as absent
-                    stored = await self._read_readable(name, key)
+                    stored = await self._read_readable(*_document(key))
                     if stored and user_matches(stored, user_id, aad_object_id, tenant_id):
                         return stored
         return None
@@ -322,7 +320,6 @@ class BlobReferenceStore:
                 # What is still listed after an erasure is not the user's any more (a
                 # document since deleted, or now naming another user id): dropped, so no
                 # index of the user's is left behind naming their conversations.
-                names = (user_id, None) if kind == "id" else (None, aad_object_id)
                 stale = set()
                 for key in index.keys:
                     name, _ = _document(key)
@@ -332,7 +329,7 @@ class BlobReferenceStore:
                         if unreadable.status is not None:
                             raise
                         continue  # not this version's to judge: kept for one that can read it
-                    if stored is None or not user_matches(stored, *names, None):
+                    if stored is None or not listed_by(stored, kind, value):
                         stale.add(key)
                 await self._update_index(channel_id, kind, value, settled(stale))
                 # A dropped conversation the user wrote in meanwhile (its document written
@@ -340,7 +337,7 @@ class BlobReferenceStore:
                 # before the one above. After this read, that write comes after it.
                 for key in stale:
                     stored = await self._read_readable(*_document(key))
-                    if stored is not None and user_matches(stored, *names, None):
+                    if stored is not None and listed_by(stored, kind, value):
                         await self._update_index(channel_id, kind, value, including(key))
 
     async def _change_indexes(
@@ -384,7 +381,8 @@ class BlobReferenceStore:
     async def _read_readable(self, name: str | None, key: str) -> StoredReference | None:
         """:meth:`_read` for an index entry: a document this version cannot read (a newer
         `schemaVersion` after a rollback) is passed over with a warning naming it, as a
-        listing does, so it stops no erasure or user target; None for no name either."""
+        listing does, so it stops no erasure or user target; None for no name (a key this
+        store did not write: treated as absent)."""
         if name is None:
             return None
         try:
@@ -507,90 +505,6 @@ class BlobReferenceStore:
     def _forget(self, key: str) -> None:
         self._deletions += 1
         self._cache.drop(key)
-
-    async def _list(self, filters: Filters, state: dict[str, Any], page_size: int) -> Page:
-        """One page: Azure pages fetched from a marker, skipping names up to `after`.
-
-        The token holds Azure's marker of the page being consumed and the last name handed
-        out from it, so a page that ends mid-listing-page resumes exactly after that name.
-        """
-        from azure.core.exceptions import ResourceNotFoundError
-
-        filtered = filters.tenant_id is not None or filters.team_id is not None
-        batch = max(page_size, self._listing_batch)
-        fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
-        tenant = meta_value(filters.tenant_id)
-        team = meta_value(filters.team_id)
-        marker: str | None = state.get("m")
-        after: str | None = state.get("a")
-        found: list[tuple[str, Any]] = []
-        while True:
-            pages = (
-                self._container()
-                .list_blobs(
-                    name_starts_with=channel_prefix(filters.channel_id),
-                    include=["metadata"],
-                    results_per_page=fetch,
-                )
-                .by_page(continuation_token=marker)
-            )
-            try:
-                blobs = [blob async for blob in await pages.__anext__()]
-                next_marker = pages.continuation_token or None
-            except (StopAsyncIteration, ResourceNotFoundError):
-                blobs, next_marker = [], None  # no container yet: nothing stored
-            for index, blob in enumerate(blobs):
-                metadata = blob.metadata or {}
-                if after is not None and blob.name <= after:
-                    continue
-                if tenant is not None and metadata.get("tenant") != tenant:
-                    continue
-                if team is not None and metadata.get("team") != team:
-                    continue
-                found.append((blob.name, blob))
-                if len(found) == page_size:
-                    if index + 1 < len(blobs):
-                        token = encode_token(filters, m=marker, a=blob.name)
-                    else:
-                        token = encode_token(filters, m=next_marker) if next_marker else None
-                    return Page(await self._materialize(found, filters), token)
-            if not next_marker:
-                return Page(await self._materialize(found, filters), None)
-            # `after` stays: names handed out before may reappear on a later listing page
-            # when conversations were added in front of them meanwhile.
-            marker = next_marker
-
-    async def _materialize(
-        self, found: list[tuple[str, Any]], filters: Filters
-    ) -> list[StoredReference]:
-        """Listed blobs → references, from metadata; a document too big for it is read.
-
-        A document this version cannot read (a newer `schemaVersion` after a rollback, a
-        blob someone else wrote under the prefix) is left out with a warning: one such blob
-        must not stop every broadcast and erasure that lists its channel. Reading it
-        directly (`get`, an upsert) still fails, so nothing ever rewrites it."""
-        semaphore = asyncio.Semaphore(16)
-
-        async def one(name: str, blob: Any) -> StoredReference | None:
-            try:
-                doc = (blob.metadata or {}).get("doc")
-                if doc:
-                    stored = from_document(unpack_copy(doc), blob.etag)
-                else:
-                    async with semaphore:
-                        found_json = await self._read_json(name)
-                    if found_json is None:
-                        return None  # deleted since it was listed
-                    stored = from_document(found_json[0], found_json[1])
-            except StoreError as unreadable:
-                if unreadable.status is not None:
-                    raise  # storage failed: not the document's doing
-                logger.warning("references: listing left out %s: %s", name[-80:], unreadable)
-                return None
-            return stored if filters.matches(stored) else None
-
-        results = await asyncio.gather(*(one(name, blob) for name, blob in found))
-        return [stored for stored in results if stored is not None]
 
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str, key: str):

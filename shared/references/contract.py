@@ -317,6 +317,14 @@ def user_matches(
     )
 
 
+def listed_by(stored: StoredReference, kind: Literal["id", "aad"], value: str) -> bool:
+    """Whether the user index `kind`/`value` should list `stored`: a 1:1 of that user id,
+    or of that aadObjectId on Teams."""
+    if kind == "id":
+        return user_matches(stored, value, None, None)
+    return user_matches(stored, None, value, None)
+
+
 def user_lookups(
     channel_id: str, user_id: str | None, aad_object_id: str | None
 ) -> list[tuple[Literal["id", "aad"], str]]:

@@ -17,6 +17,7 @@ from shared.references.contract import (
     decode_token,
     encode_token,
     index_entries,
+    listed_by,
     marked,
     plan,
     reference_key,
@@ -146,11 +147,10 @@ class MemoryReferenceStore:
     ) -> None:
         for kind, value in user_lookups(channel_id, user_id, aad_object_id):
             entry = (channel_id, kind, value)
-            names = (user_id, None) if kind == "id" else (None, aad_object_id)
             stale = {
                 key
                 for key in self._users.get(entry, UserIndex()).keys
-                if key not in self._docs or not user_matches(self._docs[key], *names, None)
+                if key not in self._docs or not listed_by(self._docs[key], kind, value)
             }
             self._change_index(entry, settled(stale))
 

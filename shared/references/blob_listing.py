@@ -1,0 +1,123 @@
+"""Listing a channel's reference documents on Blob storage, page by page.
+
+A listing is a prefix listing of the channel's documents; the tenant and team filters
+are matched on each blob's metadata, and each reference is read from the compressed copy
+its metadata carries (the document itself only when it was too big for that), so a page
+of a broadcast reads no documents. The continuation token is the store's own
+(:func:`shared.references.contract.encode_token`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from shared.references.blob_format import meta_value, unpack_copy
+from shared.references.contract import (
+    MAX_PAGE_SIZE,
+    Filters,
+    Page,
+    StoredReference,
+    StoreError,
+    encode_token,
+    from_document,
+)
+from shared.references.keys import channel_prefix
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import ContainerClient
+
+logger = logging.getLogger("shared.references")  # the package logs under one name
+
+ReadJson = Callable[[str], Awaitable[tuple[Any, str, dict[str, str]] | None]]
+
+
+async def list_page(
+    container: ContainerClient,
+    read_json: ReadJson,
+    filters: Filters,
+    state: dict[str, Any],
+    page_size: int,
+    batch: int,
+) -> Page:
+    """One page: Azure pages fetched from a marker, skipping names up to `after`; with a
+    tenant or team filter, `batch` names are fetched per Azure page (most do not match).
+
+    The token holds Azure's marker of the page being consumed and the last name handed
+    out from it, so a page that ends mid-listing-page resumes exactly after that name.
+    """
+    from azure.core.exceptions import ResourceNotFoundError
+
+    filtered = filters.tenant_id is not None or filters.team_id is not None
+    fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
+    tenant = meta_value(filters.tenant_id)
+    team = meta_value(filters.team_id)
+    marker: str | None = state.get("m")
+    after: str | None = state.get("a")
+    found: list[tuple[str, Any]] = []
+    while True:
+        pages = container.list_blobs(
+            name_starts_with=channel_prefix(filters.channel_id),
+            include=["metadata"],
+            results_per_page=fetch,
+        ).by_page(continuation_token=marker)
+        try:
+            blobs = [blob async for blob in await pages.__anext__()]
+            next_marker = pages.continuation_token or None
+        except (StopAsyncIteration, ResourceNotFoundError):
+            blobs, next_marker = [], None  # no container yet: nothing stored
+        for index, blob in enumerate(blobs):
+            metadata = blob.metadata or {}
+            if after is not None and blob.name <= after:
+                continue
+            if tenant is not None and metadata.get("tenant") != tenant:
+                continue
+            if team is not None and metadata.get("team") != team:
+                continue
+            found.append((blob.name, blob))
+            if len(found) == page_size:
+                if index + 1 < len(blobs):
+                    token = encode_token(filters, m=marker, a=blob.name)
+                else:
+                    token = encode_token(filters, m=next_marker) if next_marker else None
+                return Page(await _materialize(read_json, found, filters), token)
+        if not next_marker:
+            return Page(await _materialize(read_json, found, filters), None)
+        # `after` stays: names handed out before may reappear on a later listing page
+        # when conversations were added in front of them meanwhile.
+        marker = next_marker
+
+
+async def _materialize(
+    read_json: ReadJson, found: list[tuple[str, Any]], filters: Filters
+) -> list[StoredReference]:
+    """Listed blobs → references, from metadata; a document too big for it is read.
+
+    A document this version cannot read (a newer `schemaVersion` after a rollback, a
+    blob someone else wrote under the prefix) is left out with a warning: one such blob
+    must not stop every broadcast and erasure that lists its channel. Reading it
+    directly (`get`, an upsert) still fails, so nothing ever rewrites it."""
+    semaphore = asyncio.Semaphore(16)
+
+    async def one(name: str, blob: Any) -> StoredReference | None:
+        try:
+            doc = (blob.metadata or {}).get("doc")
+            if doc:
+                stored = from_document(unpack_copy(doc), blob.etag)
+            else:
+                async with semaphore:
+                    found_json = await read_json(name)
+                if found_json is None:
+                    return None  # deleted since it was listed
+                stored = from_document(found_json[0], found_json[1])
+        except StoreError as unreadable:
+            if unreadable.status is not None:
+                raise  # storage failed: not the document's doing
+            logger.warning("references: listing left out %s: %s", name[-80:], unreadable)
+            return None
+        return stored if filters.matches(stored) else None
+
+    results = await asyncio.gather(*(one(name, blob) for name, blob in found))
+    return [stored for stored in results if stored is not None]
