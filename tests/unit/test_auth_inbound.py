@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import socket
 import time
+import tracemalloc
 
 import aiohttp
 import jwt
@@ -923,6 +925,26 @@ async def test_a_repeated_token_signed_by_a_key_no_longer_published_is_rejected(
     new = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
     assert (await auth.authenticate(bearer(new), activity())).kind == "channel"  # refetched
     assert "unknown key id" in await rejected(auth, bearer(old), activity())
+
+
+async def test_a_flood_of_distinct_tokens_leaves_memory_bounded(auth):
+    # Each token string is remembered once parsed (the channel reuses one for an hour); a
+    # sender of ever new tokens must not grow the process. 1,200 tokens of about 13 KB
+    # would hold about 16 MB; the most recent 256 about 3.5 MB.
+    pad = "x" * 9_800
+    header = {"alg": "RS256", "kid": "k", "typ": "JWT"}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1_200):
+            token = unsigned(header, {"iss": "https://issuer.example", "n": i, "pad": pad})
+            assert "issuer" in await rejected(auth, bearer(token), activity())
+        del token
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 6 * 2**20
 
 
 # -- the serviceUrl shape on Emulator tokens ----------------------------------------------
