@@ -176,6 +176,30 @@ def _copy(data: Mapping[str, Any]) -> Data:
     return json.loads(json.dumps(data))
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON text would be. Python's ``==`` holds ``True == 1`` and ``1 == 1.0``,
+    which JSON tells apart: a flag turned from 1 to true is a change to save. Iterative,
+    so data nested as deep as JSON allows cannot exhaust the stack."""
+    pending = [(a, b)]
+    while pending:
+        x, y = pending.pop()
+        if x is y:
+            continue
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, dict):
+            if x.keys() != y.keys():
+                return False
+            pending.extend((value, y[name]) for name, value in x.items())
+        elif isinstance(x, list):
+            if len(x) != len(y):
+                return False
+            pending.extend(zip(x, y, strict=True))
+        elif x != y:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------- in memory
 
 
@@ -241,10 +265,10 @@ def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
     merged = dict(theirs)
     for name in loaded.keys() | ours.keys():
         before, mine = loaded.get(name, _MISSING), ours.get(name, _MISSING)
-        if mine == before:
+        if same_json(mine, before):
             continue
         other = theirs.get(name, _MISSING)
-        if other != before and other != mine:
+        if not same_json(other, before) and not same_json(other, mine):
             raise StateConflict(
                 "state: another turn changed the same field at the same time; nothing was "
                 "written (set State.merge to combine such changes)"
@@ -294,7 +318,7 @@ class State:
 
     @property
     def changed(self) -> bool:
-        return self._data is not None and self._data != self._loaded
+        return self._data is not None and not same_json(self._data, self._loaded)
 
     async def load(self) -> Data:
         """The state's data (read from the store on the first call only: calls made side
@@ -315,6 +339,12 @@ class State:
         change(data)
         self._updates.append(change)
         return data
+
+    def check(self) -> None:
+        """Raise what :meth:`save` would for changed data it cannot store (StateTooLarge,
+        StateError), without writing anything."""
+        if self.changed:
+            encode_data(self._data, self._require_store().max_bytes)
 
     async def save(self) -> bool:
         """Write the data if it changed (True when written). Raises StateTooLarge or
@@ -357,7 +387,7 @@ class State:
         # The update() changes are replayed on both sides, so only the direct edits are
         # merged: base and theirs both carry this turn's updates, ours carries its edits.
         base, fresh = self._replay(_copy(loaded)), self._replay(_copy(theirs))
-        if base == ours:
+        if same_json(base, ours):
             return fresh  # every change came through update()
         merge = self.merge or merge_fields
         return merge(base, fresh, _copy(ours))

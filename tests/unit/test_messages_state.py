@@ -49,6 +49,12 @@ def state_router() -> Router:
         (await turn.user_state.load())["notes"] = "x" * 70_000
         await turn.reply("noted")
 
+    @router.message(r"^counted$")
+    async def counted(turn: TurnContext) -> None:
+        await turn.conversation_state.update(lambda data: data.update(n=data.get("n", 0) + 1))
+        (await turn.user_state.load())["seen"] = {"a set", "is not JSON"}
+        await turn.reply("counted")
+
     @router.message(r"^fail$")
     async def fail(turn: TurnContext) -> None:
         (await turn.user_state.load())["theme"] = "half-done"
@@ -111,6 +117,19 @@ async def test_state_over_the_limit_fails_the_turn_and_writes_nothing(
     assert response.status == 500
     texts = [request.json["text"] for request in fake_connector.requests]
     assert texts == ["noted", APOLOGY]
+    assert await bot.runtime.state.read(USER_KEY) is None
+    assert bot.runtime.state.writes == 0
+
+
+async def test_a_state_that_cannot_be_stored_fails_the_turn_before_either_is_written(
+    bot, channel_identity, fake_connector
+):
+    # The conversation state is fine, the user state is not JSON: writing the first would
+    # count the turn again when the channel retries the 500.
+    for _ in range(2):
+        response = await say(bot, channel_identity, fake_connector, "counted")
+        assert response.status == 500
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
     assert await bot.runtime.state.read(USER_KEY) is None
     assert bot.runtime.state.writes == 0
 

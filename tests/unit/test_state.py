@@ -166,6 +166,30 @@ async def test_changed_state_is_written_and_read_back(store):
     assert await State(store, USER).load() == {"theme": "dark"}
 
 
+async def test_a_change_json_tells_apart_is_saved(store):
+    # Python holds True == 1 and 1 == 1.0; JSON does not, and the next turn reads the type.
+    await store.write(USER, {"on": 1, "off": 0, "flags": [1, 0], "ratio": 1}, etag=None)
+    state = State(store, USER)
+    data = await state.load()
+    data.update(on=True, off=False, flags=[True, False], ratio=1.0)
+    assert await state.save() is True
+    stored = (await store.read(USER)).data
+    assert [type(stored[name]) for name in ("on", "off", "ratio")] == [bool, bool, float]
+    assert [type(flag) for flag in stored["flags"]] == [bool, bool]
+
+
+async def test_a_type_change_merges_as_a_change(store):
+    # A concurrent writer saved first: the flag turned from 1 to true is still this turn's
+    # edit, merged on top of the other writer's field.
+    await store.write(USER, {"on": 1, "lang": "en"}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["on"] = True
+    (await second.load())["lang"] = "de"
+    assert await second.save() and await first.save()
+    assert (await store.read(USER)).data == {"on": True, "lang": "de"}
+    assert type((await store.read(USER)).data["on"]) is bool
+
+
 async def test_two_concurrent_counters_both_count(store):
     first, second = State(store, CONVERSATION), State(store, CONVERSATION)
     await first.load()
