@@ -158,13 +158,10 @@ async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
     name = blob[len(SCHEDULES_PREFIX) :]
     if not blob.endswith(".json"):
         return Listed(name, None, "a schedule document's name ends in .json")
+    # The blob's name under schedules/, less .json, folders included: "team/daily".
     name = name[: -len(".json")]
-    if not name or "/" in name:
-        return Listed(
-            name,
-            None,
-            f"a schedule is a named blob right under {SCHEDULES_PREFIX}, not in a folder",
-        )
+    if not name:
+        return Listed(name, None, "a schedule document's name is empty")
     if entry.size > MAX_DOCUMENT_BYTES:
         return Listed(name, None, f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")
     try:

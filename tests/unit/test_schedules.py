@@ -186,15 +186,20 @@ async def test_json_nested_deeper_than_the_parser_goes_is_skipped_like_any_broke
     assert "b-deep" in caplog.text
 
 
-async def test_a_document_in_a_folder_is_skipped_with_a_log_naming_it(caplog):
+async def test_a_document_in_a_folder_is_named_by_its_path_under_schedules():
+    # The contract: the blob's name under schedules/, less .json, is the schedule's name.
     ledger, queue = MemoryLedger(), MemoryQueue()
     await ledger.create(
         "schedules/team/daily.json", {"schedule": "0 * * * * *", "request": REQUEST}
     )
     await ledger.create("schedules/daily.json", {"schedule": "0 * * * * *", "request": REQUEST})
 
-    assert await run_schedules(ledger, queue, T0) == ["schedule:daily:2030-01-01T12:00Z"]
-    assert "'team/daily' skipped" in caplog.text and "not in a folder" in caplog.text
+    expected = ["schedule:daily:2030-01-01T12:00Z", "schedule:team/daily:2030-01-01T12:00Z"]
+    assert await run_schedules(ledger, queue, T0) == expected
+    assert sorted(json.loads(text)["id"] for text, _ in queue.sent) == expected
+    # Its last run is its own: the next minute sends each once more, no more.
+    assert len(await run_schedules(ledger, queue, T0 + timedelta(minutes=1))) == 2
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=1)) == []
 
 
 @pytest.mark.parametrize("blob", ["schedules/daily", "schedules/Daily.JSON", "schedules/d.txt"])
