@@ -27,6 +27,7 @@ log = logging.getLogger("shared.connector")  # as before: these lines are the cl
 # does not say which channel it is for (a delete, a createConversation).
 TEAMS_HOSTS = (
     "smba.trafficmanager.net",
+    "smba.onyx.prod.teams.trafficmanager.net",
     "smba.infra.gcc.teams.microsoft.com",
     "smba.infra.gov.teams.microsoft.us",
     "smba.infra.dod.teams.microsoft.us",
@@ -38,6 +39,7 @@ TRUSTED_HOSTS: dict[str, tuple[str, ...]] = {
     "public": (
         "botframework.com",
         "smba.trafficmanager.net",  # Teams, public cloud
+        "smba.onyx.prod.teams.trafficmanager.net",  # Teams, public cloud (not a subdomain)
         "smba.infra.gcc.teams.microsoft.com",  # Teams, GCC
     ),
     "usgov": (

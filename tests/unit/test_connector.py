@@ -30,7 +30,9 @@ from shared.connector import (
     parse_retry_after,
 )
 from shared.connector.client import REQUEST_RESERVE_SECONDS
+from shared.connector.scope import pacing_scope
 from shared.ratelimit import Pacer, Scope, Window
+from shared.serviceurl import parse_service_url
 from tests.fixtures.connector import VirtualTime
 from tools.botsim.aad import AadError
 from tools.botsim.connector import FakeConnector, Reply
@@ -1559,9 +1561,15 @@ def test_each_cloud_trusts_only_its_own_teams_hosts():
     # GCC runs on the commercial cloud; GCC High and DoD on Azure Government.
     for url in (
         "https://smba.trafficmanager.net/teams/",
+        "https://smba.onyx.prod.teams.trafficmanager.net/amer/",  # not a subdomain of it
         "https://smba.infra.gcc.teams.microsoft.com/teams",
     ):
         assert public.is_trusted(url) and not usgov.is_trusted(url)
+        # A request there that names no channel (a delete) is paced as Teams traffic.
+        scope = pacing_scope(parse_service_url(url), "a:1", None)
+        assert scope.channel_id == "msteams"
+    lookalike = "https://smba.onyx.prod.teams.trafficmanager.net.example.com/amer/"
+    assert not public.is_trusted(lookalike)
     for url in (
         "https://smba.infra.gov.teams.microsoft.us/teams",
         "https://smba.infra.dod.teams.microsoft.us/teams",
