@@ -20,7 +20,7 @@ from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
 from shared.lifecycle import forget_conversation
 from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
-from shared.references.contract import StoreError
+from shared.references.contract import StoreError, UnreadableDocument
 from shared.state import StateError
 
 if TYPE_CHECKING:
@@ -222,7 +222,19 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
         "bot": bot,
         "user": _user_account(user),
     }
-    await store.upsert(reference, refresh=True)
     key = conversation_key(user.channel_id, conversation_id)
+    try:
+        stored = await store.get(key)
+        if stored is not None:
+            # The channel answered with a 1:1 already recorded, which the target named
+            # otherwise (a tenant or aadObjectId in another case, a user id for an aad
+            # one): what the channel's own activities recorded is kept, and used.
+            return key, stored.reference
+        await store.upsert(reference, refresh=True)
+    except UnreadableDocument:
+        # Recorded by a version that this one cannot read (after a rollback): the send
+        # needs no record, and that document is left for the version that wrote it.
+        logger.warning("proactive: 1:1 %s is stored unreadably; sent, not recorded", key[:120])
+        return key, reference
     logger.info("proactive: created 1:1 %s for a user target", key[:120])
     return key, reference

@@ -27,6 +27,7 @@ from shared.references.contract import (
     StoreConflict,
     StoredReference,
     StoreError,
+    UnreadableDocument,
     UserIndex,
     check_page_size,
     decode_token,
@@ -368,7 +369,7 @@ class BlobReferenceStore:
         try:
             document = json.loads(blob.body)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
-            raise StoreError(f"reference store: {name} is not valid JSON") from None
+            raise UnreadableDocument(f"reference store: {name} is not valid JSON") from None
         return document, blob.etag, blob.metadata
 
     async def _read(self, name: str, key: str) -> StoredReference | None:

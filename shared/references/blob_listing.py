@@ -23,8 +23,9 @@ from shared.references.contract import (
     StoreError,
     encode_token,
     from_document,
+    same_id,
 )
-from shared.references.keys import channel_prefix
+from shared.references.keys import channel_prefix, decode_segment
 
 if TYPE_CHECKING:
     from azure.storage.blob.aio import ContainerClient
@@ -52,7 +53,7 @@ async def list_page(
 
     filtered = filters.tenant_id is not None or filters.team_id is not None
     fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
-    tenant = meta_value(filters.tenant_id)
+    tenant = filters.tenant_id
     team = meta_value(filters.team_id)
     marker: str | None = state.get("m")
     after: str | None = state.get("a")
@@ -72,7 +73,7 @@ async def list_page(
             metadata = blob.metadata or {}
             if after is not None and blob.name <= after:
                 continue
-            if tenant is not None and metadata.get("tenant") != tenant:
+            if tenant is not None and not _same_tenant(metadata.get("tenant"), filters):
                 continue
             if team is not None and metadata.get("team") != team:
                 continue
@@ -121,3 +122,18 @@ async def _materialize(
 
     results = await asyncio.gather(*(one(name, blob) for name, blob in found))
     return [stored for stored in results if stored is not None]
+
+
+def _same_tenant(stored: str | None, filters: Filters) -> bool:
+    """Whether a blob's `tenant` metadata names the filter's tenant, without case (a
+    GUID); a hashed value (a tenant id over 200 characters) only exactly."""
+    wanted = filters.tenant_id
+    if stored is None or wanted is None:
+        return False
+    if stored == meta_value(wanted):
+        return True
+    try:
+        value = decode_segment(stored)
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return False
+    return value is not None and same_id(value, wanted)

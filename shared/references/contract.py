@@ -78,6 +78,11 @@ def storage_auth_failed(where: str, error: Any) -> StoreError:
     )
 
 
+class UnreadableDocument(StoreError):
+    """A stored document this version cannot read (not JSON, not a reference document, or
+    a newer `schemaVersion` after a rollback): storage answered, the content is the fault."""
+
+
 class StoreConflict(StoreError):
     """Concurrent writers kept changing a document; the change was not applied."""
 
@@ -267,13 +272,13 @@ def to_document(stored: StoredReference) -> dict[str, Any]:
 
 def from_document(document: Any, etag: str | None = None) -> StoredReference:
     if not isinstance(document, dict) or not isinstance(document.get("reference"), dict):
-        raise StoreError("reference store: a stored document is not a reference document")
+        raise UnreadableDocument("reference store: a stored document is not a reference document")
     version = document.get("schemaVersion")
     if version != SCHEMA_VERSION:
         # Never rewrite a document a newer version of the bot wrote.
-        raise StoreError(f"reference store: unsupported schemaVersion {version!r}")
+        raise UnreadableDocument(f"reference store: unsupported schemaVersion {version!r}")
     if not isinstance(document.get("key"), str):
-        raise StoreError("reference store: a stored document has no key")
+        raise UnreadableDocument("reference store: a stored document has no key")
     return StoredReference(
         key=document["key"],
         reference=document["reference"],
@@ -308,13 +313,19 @@ def user_matches(
 ) -> bool:
     """A 1:1 with this user (in `tenant` when given). The aadObjectId counts on Teams only:
     elsewhere the client writes it (documents stored before that rule may still carry one)."""
-    if not stored.personal or (tenant is not None and stored.tenant_id != tenant):
+    if not stored.personal or (tenant is not None and not same_id(stored.tenant_id, tenant)):
         return False
     return (user_id is not None and stored.user_id == user_id) or (
         aad_object_id is not None
         and stored.channel_id == TEAMS_CHANNEL
-        and stored.aad_object_id == aad_object_id
+        and same_id(stored.aad_object_id, aad_object_id)
     )
+
+
+def same_id(stored: str | None, given: str) -> bool:
+    """Tenant ids and aadObjectIds are GUIDs, whatever their case: Teams writes them in
+    lower case, a program naming a user or a tenant may not."""
+    return stored is not None and stored.lower() == given.lower()
 
 
 def listed_by(stored: StoredReference, kind: Literal["id", "aad"], value: str) -> bool:
@@ -335,7 +346,7 @@ def user_lookups(
     if user_id is not None:
         lookups.append(("id", user_id))
     if aad_object_id is not None and channel_id == TEAMS_CHANNEL:
-        lookups.append(("aad", aad_object_id))
+        lookups.append(("aad", aad_object_id.lower()))  # a GUID: indexed in lower case
     return lookups
 
 
@@ -354,7 +365,7 @@ class Filters:
             return False  # recorded by an earlier version from another channel's channelData
         return (
             (self.channel_id is None or stored.channel_id == self.channel_id)
-            and (self.tenant_id is None or stored.tenant_id == self.tenant_id)
+            and (self.tenant_id is None or same_id(stored.tenant_id, self.tenant_id))
             and (self.team_id is None or stored.team_id == self.team_id)
         )
 
@@ -499,5 +510,5 @@ def index_entries(
         entries.append(("id", stored.user_id))
     teams = stored.channel_id == TEAMS_CHANNEL
     if stored.personal and stored.aad_object_id and (teams or any_channel):
-        entries.append(("aad", stored.aad_object_id))
+        entries.append(("aad", stored.aad_object_id.lower()))
     return entries

@@ -35,7 +35,7 @@ from azure.storage.queue import QueueServiceClient
 from shared import producer
 from shared.config import Settings
 from shared.connector import RetryPolicy
-from shared.references import BlobReferenceStore
+from shared.references import BlobReferenceStore, document_name
 from shared.schedules import run_timer
 from shared.storage import close_shared_clients
 from tests.fixtures.devhost import DevHost
@@ -397,6 +397,25 @@ async def test_an_untrusted_service_url_is_refused_and_reported(devhost, bot, co
         assert attacker.requests == []
     poisoned = {m["id"] for m in bot.poisoned()}
     assert {inline, via_user} <= poisoned
+
+
+async def test_a_user_whose_1to1_a_newer_version_recorded_is_still_sent_to(devhost, bot, connector):
+    # After a rollback, the user's 1:1 is stored in a schemaVersion this version cannot
+    # read: the lookup passes over it, the channel answers with that 1:1, and the message
+    # goes there (it was held as a storage outage for ever), leaving the document alone.
+    tag = uuid.uuid4().hex[:8]
+    [_] = await bot.store(reference_for(connector.url, f"a:other-{tag}"))  # the container
+    newer = {"schemaVersion": 99, "key": f"msteams/a:newer-{tag}", "reference": {}}
+    bot.container.upload_blob(document_name(f"msteams/a:newer-{tag}"), json.dumps(newer))
+    connector.script("POST", r"/v3/conversations$", [Reply(200, json={"id": f"a:newer-{tag}"})])
+    user = {"channelId": "msteams", "id": f"29:u-{tag}", "tenantId": "tenant-1"}
+    request_id = await bot.send(
+        {"to": {"user": {**user, "serviceUrl": connector.url}}, "text": "hi"}
+    )
+    await bot.wait_report(request_id, delivered=1, targets=1)
+    assert [a["text"] for a in sent_to(connector, f"a:newer-{tag}")] == ["hi"]
+    stored = bot.container.download_blob(document_name(f"msteams/a:newer-{tag}")).readall()
+    assert json.loads(stored) == newer
 
 
 # --- schedules -----------------------------------------------------------------------------------

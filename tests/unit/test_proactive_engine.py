@@ -412,6 +412,46 @@ async def test_a_user_target_reuses_a_stored_1to1_instead_of_creating(parts, fak
     assert sends(fake_connector) == ["a:1"]
 
 
+AAD = "0f1e2d3c-0000-4000-8000-0000000000aa"
+
+
+async def test_a_user_target_naming_ids_in_another_case_reuses_the_stored_1to1(
+    parts, fake_connector
+):
+    # Tenant ids and aadObjectIds are GUIDs: Teams writes them in lower case, a program
+    # may not (SQL Server prints them upper case).
+    runtime, engine = parts
+    recorded = reference(fake_connector.url, "a:ada", user="29:ada-2")
+    recorded["user"]["aadObjectId"] = AAD
+    await runtime.references.upsert(recorded)
+    for n, named in enumerate(({"id": AAD.upper()}, {"id": "29:ada-2"})):
+        target = {**user(fake_connector), **named, "tenantId": "TENANT-1"}
+        assert await handle(engine, body({"user": target}, f"u-{n}")) is Outcome.DELIVERED
+    assert fake_connector.requests_for("createConversation") == []
+    assert sends(fake_connector) == ["a:ada", "a:ada"]
+    stored = await runtime.references.get("msteams/a:ada")
+    assert stored.reference["user"] == recorded["user"]
+    assert stored.reference["conversation"]["tenantId"] == "tenant-1"
+
+
+async def test_a_new_1to1_the_channel_answers_with_an_existing_one_keeps_what_it_recorded(
+    parts, fake_connector
+):
+    # The target names the user by an id the stored 1:1 does not carry (no aadObjectId
+    # was recorded): the channel answers with that 1:1, whose record stays as it was.
+    runtime, engine = parts
+    recorded = reference(fake_connector.url, "a:ada", user="29:ada-2")
+    await runtime.references.upsert(recorded)
+    fake_connector.script("POST", r"/v3/conversations$", [Reply(200, json={"id": "a:ada"})])
+    target = {**user(fake_connector), "id": AAD}
+    assert await handle(engine, body({"user": target})) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:ada"]
+    stored = await runtime.references.get("msteams/a:ada")
+    assert stored.reference["user"] == {"id": "29:ada-2", "name": "Ada"}  # not the aad one
+    found = await runtime.references.find_by_user(channel_id="msteams", user_id="29:ada-2")
+    assert found is not None and found.key == "msteams/a:ada"
+
+
 async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake_connector):
     _runtime, engine = parts
     with FakeConnector() as attacker:

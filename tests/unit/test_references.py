@@ -236,6 +236,19 @@ async def test_find_by_user_id_and_aad_object_id(store):
         await store.find_by_user(channel_id="msteams")
 
 
+async def test_tenant_ids_and_aad_object_ids_match_in_any_case(store):
+    # GUIDs: Teams writes them in lower case, a program naming a user or a tenant may not.
+    aad = "0f1e2d3c-0000-4000-8000-0000000000aa"
+    await store.upsert(reference("a:1", user="29:alice", aad=aad, tenant="tenant-abc"))
+    for tenant in ("tenant-abc", "TENANT-ABC", "Tenant-Abc"):
+        found = await store.find_by_user(
+            channel_id="msteams", aad_object_id=aad.upper(), tenant_id=tenant
+        )
+        assert found is not None and found.key == "msteams/a:1"
+        assert await list_all(store, channel_id="msteams", tenant_id=tenant) == ["msteams/a:1"]
+    assert await list_all(store, tenant_id="tenant-ab") == []  # still the whole id
+
+
 async def test_find_by_user_ignores_group_conversations(store):
     await store.upsert(reference("19:group", personal=False, user="29:alice", aad="aad-alice"))
     assert await store.find_by_user(channel_id="msteams", user_id="29:alice") is None
