@@ -47,6 +47,7 @@ scales out to; each one is retried on its own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -127,6 +128,9 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
         return await engine.requeue(request, engine.jitter(min(claim.wait, 10.0)), count=False)
     try:
         record = await ledger.read(head_name(request.id))
+        digest = _digest(request)
+        if record is not None and record.data.get("digest") not in (None, digest):
+            return await _other_broadcast(request, engine)
         if record is not None and record.data.get("pending") is not None:
             record = await finish_pending_page(request, engine, record)
             if record is None:
@@ -140,13 +144,16 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
         head, etag = dict(record.data), record.etag
         started = engine.clock()
         while True:
-            page = await engine.runtime.references.list(
-                channel_id=request.broadcast.channel_id,
-                tenant_id=request.broadcast.tenant_id,
-                team_id=request.broadcast.team_id,
-                continuation=head.get("continuation"),
-                page_size=engine.fanout_page_size,
-            )
+            try:
+                page = await engine.runtime.references.list(
+                    channel_id=request.broadcast.channel_id,
+                    tenant_id=request.broadcast.tenant_id,
+                    team_id=request.broadcast.team_id,
+                    continuation=head.get("continuation"),
+                    page_size=engine.fanout_page_size,
+                )
+            except ValueError:  # the checkpoint's listing has other filters (an older head)
+                return await _other_broadcast(request, engine)
             targets = [item for item in page.items if _matches(item, request.broadcast)]
             children = _children(request, [(item.key, item.reference) for item in targets])
             queued = [
@@ -159,6 +166,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             if targets:  # written ahead: what the checkpoint counts is queued, even after a crash
                 pending = await _write_page(engine, request.id, number, [t.key for t in targets])
             head.update(
+                digest=digest,
                 continuation=page.continuation,
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
@@ -200,6 +208,26 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     # A broadcast copy's `since` is when it last added a page: its patience starts again.
     progressed = replace(request, engine=replace(request.engine, since=None))
     return await engine.requeue(progressed, 0.0, count=False)
+
+
+def _digest(request: ProactiveRequest) -> str:
+    """What the broadcast is (its targets and content), for telling another message that
+    reuses its id from its own copies."""
+    shown = {name: request.message.get(name) for name in ("to", *CONTENT_FIELDS)}
+    return hashlib.sha256(compact_json(shown).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+async def _other_broadcast(request: ProactiveRequest, engine: Engine) -> Outcome:
+    """A broadcast reusing the id of one under way with other targets or content: counted
+    as a duplicate, as a single request reusing an id is; the first goes on unchanged."""
+    from shared.proactive import Outcome
+
+    await record_duplicate(engine.ledger, request.id, "broadcast", engine.clock())
+    logger.warning(
+        "proactive %r: another broadcast with this id is under way; this one is a duplicate",
+        request.id,
+    )
+    return Outcome.DUPLICATE
 
 
 def _recent_pages(

@@ -509,6 +509,30 @@ async def test_a_broadcast_reaches_each_matching_conversation_once(
     assert report["targets"] == report["delivered"] == len(expected)
 
 
+@pytest.mark.parametrize(
+    "other", [{"to": {"broadcast": {"tenantId": "tenant-2"}}}, {"text": "another text"}]
+)
+async def test_a_broadcast_reusing_the_id_of_one_under_way_is_a_duplicate(
+    parts, fake_connector, other
+):
+    # Other filters made every attempt raise (the checkpoint's listing is of the first's
+    # filters) until the host gave up and ended the first broadcast's fan-out; other
+    # content went on with the first's fan-out, sending the rest the second's text.
+    runtime, engine = parts
+    await store_many(runtime, fake_connector.url)
+    engine.fanout_page_size = 2
+    engine.fanout_seconds = 0  # one page per invocation: continuations on the queue
+    first = {"id": "b-1", "to": {"broadcast": {"tenantId": "tenant-1"}}, "text": "first"}
+    assert await handle(engine, json.dumps(first)) is Outcome.REQUEUED  # a page, then goes on
+    assert await handle(engine, json.dumps({**first, **other})) is Outcome.DUPLICATE
+    await drain(engine)
+    assert sorted(sends(fake_connector)) == ["19:chan-t1", "a:1", "a:t1-other"]
+    assert {activity["text"] for activity in fake_connector.activities} == {"first"}
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["duplicate"]) == ("done", 3, 1)
+    assert report["failed"] == 0 and engine.queue.poisoned == []
+
+
 async def test_a_conversation_no_child_can_address_is_reported_failed_under_its_key(
     parts, fake_connector
 ):
