@@ -7,7 +7,8 @@
 - Redirects are followed only for attachment views, and the token never follows one
   outside the trusted set. Answers are read up to a size limit.
 - Path parameters are percent-encoded (Teams ids contain ``:``, ``@``, ``;`` and ``/``).
-- 412, 429, 502, 503, 504 and connection errors are retried on every method, POST included,
+- 412, 429, 502, 503, 504 and connection errors are retried on every method, POST included
+  (but a POST of an activity whose request was written is ``uncertain``, never sent again),
   honouring ``Retry-After``, otherwise with capped exponential backoff and jitter, within a
   bounded number of attempts and a bounded total time (pacing, token and every attempt
   included); 500 and other 4xx are not retried.

@@ -218,14 +218,23 @@ def too_large(operation: str, limit: int) -> ConnectorError:
     )
 
 
+# Operations whose result is the id of what they made: an object without one is no result.
+ID_RESULTS = frozenset({"createConversation", "uploadAttachment"})
+
+
+def _names_id(data: Any) -> bool:
+    return isinstance(data.get("id"), str) and bool(data["id"])
+
+
 def result(operation: str, expect: Expect, content: bytes, *, posted: bool = False) -> Any:
     """What a 2xx answer returns to the caller, or the ConnectorError it is.
 
     For the operations in DONE_ON_STATUS the status is the success: a body that is empty,
     not JSON or of another shape only loses the detail (an empty result). For the others
-    the result is what was asked for (members, a page, a new conversation's id), and such a
-    body (a gateway's page, one cut short where HTTP cannot tell) is TRANSIENT, tried
-    again; or UNCERTAIN when the request posted an activity (`posted`: not sent again).
+    the result is what was asked for (members, a page, a new conversation's id: an object
+    without a string `id` for the operations in ID_RESULTS), and such a body (a gateway's
+    page, one cut short where HTTP cannot tell) is TRANSIENT, tried again; or UNCERTAIN
+    when the request posted an activity (`posted`: not sent again).
     """
     if expect == "bytes":
         return content
@@ -243,7 +252,7 @@ def result(operation: str, expect: Expect, content: bytes, *, posted: bool = Fal
         except (ValueError, RecursionError):
             problem = "a body that is not JSON"
         else:
-            if isinstance(data, shape):
+            if isinstance(data, shape) and (operation not in ID_RESULTS or _names_id(data)):
                 return data
             problem = "an unexpected JSON shape"
     log.warning("connector %s answered 2xx with %s", operation, problem)

@@ -560,6 +560,10 @@ CUT_CLOSE_200 = (
     b'{"members": [{"id": "29:a"}], "continuationToken": "2'
 )
 EMPTY_200 = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+NO_ID_200 = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n"
+    b'{"message": "upstream busy"}'
+)
 
 
 @pytest.mark.parametrize("answer", [HTML_200, SHAPE_200, CUT_CLOSE_200, EMPTY_200])
@@ -587,7 +591,9 @@ async def test_a_read_whose_answer_cannot_be_read_is_an_error_not_an_empty_resul
     assert len(heads) > 2 * len(reads)  # each was tried again
 
 
-@pytest.mark.parametrize("first", [(CUT_200, CUT_200), (HTML_200, CUT_CLOSE_200)])
+@pytest.mark.parametrize(
+    "first", [(CUT_200, CUT_200), (HTML_200, CUT_CLOSE_200), (NO_ID_200, EMPTY_200)]
+)
 async def test_a_new_conversation_whose_answer_cannot_be_read_is_tried_again(vtime, first):
     # Broken off, cut short where HTTP cannot tell, or a gateway's page: its id is the
     # result, and an empty success would fail a user target for good.
@@ -607,6 +613,19 @@ async def test_a_new_conversation_whose_answer_cannot_be_read_is_tried_again(vti
         server.close()
     assert created == {"id": "a:9"}  # a new conversation's id is what a user target needs
     assert len(heads) == 3
+
+
+async def test_an_upload_answered_without_an_id_is_tried_again(vtime):
+    good = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+    server, url, heads = await _raw_server(NO_ID_200, good + b'{"id": "at1"}')
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    client = ConnectorClient(settings, None, sleep=vtime.sleep, clock=vtime.clock)
+    try:
+        uploaded = await client.upload_attachment(url, "a:1", {"type": "image/png"})
+    finally:
+        await client.close()
+        server.close()
+    assert uploaded == {"id": "at1"} and len(heads) == 2
 
 
 async def test_a_new_conversation_with_a_message_whose_answer_cannot_be_read_is_not_sent_again(
