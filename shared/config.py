@@ -22,6 +22,11 @@ from shared.urls import is_loopback_host
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
 ChannelService = Literal["public", "usgov"]
 
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
+# The Bot Framework SDKs' `ChannelService` setting: empty for the public cloud, this URL for
+# US Government. An existing bot's value maps over.
+_SDK_CHANNEL_SERVICES: dict[str, ChannelService] = {"https://botframework.azure.us": "usgov"}
+
 _APP_TYPES: dict[str, AppType] = {
     "multitenant": "MultiTenant",
     "singletenant": "SingleTenant",
@@ -226,6 +231,7 @@ class Settings:
         channel_service = get("BOT_CHANNEL_SERVICE", "public").lower()
         if channel_service not in CLOUDS:
             raise SettingsError("BOT_CHANNEL_SERVICE", "must be 'public' or 'usgov'")
+        channel_service = _sdk_channel_service(get("ChannelService"), get("BOT_CHANNEL_SERVICE"))
         cloud = CLOUDS[channel_service]  # type: ignore[index]
 
         raw_type = get("MicrosoftAppType", "MultiTenant")
@@ -235,8 +241,10 @@ class Settings:
                 "MicrosoftAppType", "must be MultiTenant, SingleTenant or UserAssignedMSI"
             )
 
-        app_id = get("MicrosoftAppId")
-        tenant_id = get("MicrosoftAppTenantId")
+        # GUIDs, in any case: tokens carry them in lower case. (A tenant named by its
+        # domain is case-blind too.)
+        app_id = _lower_guid(get("MicrosoftAppId"))
+        tenant_id = get("MicrosoftAppTenantId").lower()
         allow_unauthenticated = _parse_bool(env, "BOT_ALLOW_UNAUTHENTICATED")
         if not app_id and not allow_unauthenticated:
             raise SettingsError(
@@ -482,6 +490,31 @@ def proactive_queue_name(name: str) -> str:
             f"`<name>{POISON_SUFFIX}` must fit Azure's 63",
         )
     return _storage_name("BOT_PROACTIVE_QUEUE", name, MAX_QUEUE_NAME)
+
+
+def _lower_guid(value: str) -> str:
+    return value.lower() if _GUID.fullmatch(value) else value
+
+
+def _sdk_channel_service(sdk_value: str, ours: str) -> ChannelService:
+    """BOT_CHANNEL_SERVICE, or the cloud the SDKs' `ChannelService` names when it is unset;
+    both set must agree, and a `ChannelService` value that names no cloud is refused (it
+    was ignored: a US Gov bot ran as public and refused every channel token)."""
+    chosen: ChannelService = ours.lower() or "public"  # type: ignore[assignment]
+    if not sdk_value:
+        return chosen
+    mapped = _SDK_CHANNEL_SERVICES.get(sdk_value.rstrip("/").lower())
+    if mapped is None:
+        raise SettingsError(
+            "ChannelService",
+            "names no cloud this bot knows: https://botframework.azure.us (US Government), "
+            "or leave it empty and set BOT_CHANNEL_SERVICE",
+        )
+    if ours and chosen != mapped:
+        raise SettingsError(
+            "BOT_CHANNEL_SERVICE", f"is {chosen}, but ChannelService names {mapped}"
+        )
+    return mapped
 
 
 def _parse_bool(env: Mapping[str, str], name: str) -> bool:

@@ -177,6 +177,30 @@ async def test_emulator_token_from_the_bots_own_tenant(identity_env, emulator_id
         await multi.close()
 
 
+async def test_app_and_tenant_ids_set_in_upper_case_still_match_genuine_tokens(
+    identity_env, channel_identity, emulator_identity
+):
+    # GUIDs in any case: an app id or tenant pasted in upper case refused every token.
+    env = {
+        "MicrosoftAppId": APP_ID.upper(),
+        "MicrosoftAppTenantId": BOT_TENANT.upper(),
+        "MicrosoftAppType": "SingleTenant",
+        **identity_env,
+    }
+    authenticator = InboundAuthenticator(Settings.from_env(env))
+    channel = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    emulator = emulator_identity.mint_emulator_token(APP_ID, version="2.0", tenant=BOT_TENANT)
+    try:
+        assert (await authenticator.authenticate(bearer(channel), activity())).kind == "channel"
+        emulator_activity = activity("http://127.0.0.1:1", "emulator")
+        identity = await authenticator.authenticate(bearer(emulator), emulator_activity)
+        assert identity.kind == "emulator"
+        other = channel_identity.mint_channel_token(OTHER_APP_ID, SERVICE_URL)
+        assert "audience" in await rejected(authenticator, bearer(other), activity())
+    finally:
+        await authenticator.close()
+
+
 async def test_clock_skew_of_five_minutes_is_tolerated(auth, channel_identity, clock):
     now = clock.now
     late = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, exp=now - 240)

@@ -42,6 +42,35 @@ def test_usgov_selects_every_cloud_url():
     assert s.login_authority == "https://login.microsoftonline.us"
 
 
+@pytest.mark.parametrize(
+    "value", ["https://botframework.azure.us", "HTTPS://BotFramework.azure.us/"]
+)
+def test_the_sdks_us_gov_channel_service_setting_maps_over(value):
+    # An existing US Gov bot's app settings: it ran as public, refusing every channel token.
+    s = settings(ChannelService=value)
+    assert s.channel_service == "usgov"
+    assert s.channel_issuer == "https://api.botframework.us"
+    assert settings(ChannelService=value, BOT_CHANNEL_SERVICE="usgov").channel_service == "usgov"
+    assert settings(ChannelService="").channel_service == "public"
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"ChannelService": "https://botframework.example"}, "ChannelService"),
+        ({"ChannelService": "usgov"}, "ChannelService"),
+        (
+            {"ChannelService": "https://botframework.azure.us", "BOT_CHANNEL_SERVICE": "public"},
+            "BOT_CHANNEL_SERVICE",
+        ),
+    ],
+)
+def test_a_channel_service_naming_no_cloud_or_another_is_refused(env, setting):
+    with pytest.raises(SettingsError) as raised:
+        settings(**env)
+    assert raised.value.setting == setting
+
+
 def test_secret_is_not_in_repr():
     assert "s3cret" not in repr(settings())
     # Nor the storage account's key (a bot author logging turn.settings, a traceback that
