@@ -324,7 +324,9 @@ async def run(argv: Sequence[str] | None = None) -> int:
             request = build_request(args)
             request.setdefault("id", str(uuid.uuid4()))  # chosen here: an error can name it
             try:
-                print(await enqueue(request, settings=settings), flush=True)
+                queued_id = await enqueue(request, settings=settings)
+                # Escaped where stdout cannot encode it: the put has landed, say so.
+                print(_printable(queued_id), flush=True)
             except QueueError as error:
                 if _refused(error):
                     raise

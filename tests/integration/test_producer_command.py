@@ -200,6 +200,17 @@ asyncio.run(main())
 """
 
 
+def test_an_id_stdout_cannot_encode_is_printed_escaped_and_the_send_succeeds(storage):
+    # On a stdout that cannot encode the id (a pipe in an ANSI code page), the message
+    # was queued but the command exited 1 saying storage could not be reached.
+    env = {**storage, "PYTHONIOENCODING": "ascii"}
+    sent = producer(env, "send", "--conversation", "msteams/a:1", "--text", "x", "--id", "café-1")
+    assert (sent.returncode, sent.stdout, sent.stderr) == (0, "caf\\xe9-1\n", "")
+    assert queued(storage) == 1
+    report = producer(env, "report", "café-1")
+    assert report.returncode == 0 and '"pending"' in report.stdout
+
+
 def test_a_script_using_the_python_api_closes_what_it_opened(storage):
     # asyncio.run ends the loop: clients left open print "Unclosed client session" then.
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
