@@ -501,14 +501,17 @@ def index_body(index: UserIndex) -> bytes:
 def index_entries(
     stored: StoredReference, *, any_channel: bool = False
 ) -> list[tuple[Literal["id", "aad"], str]]:
-    """The user indexes that list a stored 1:1: by user id, and by aadObjectId on Teams
-    only (another channel's client writes that field itself). `any_channel`: also the
-    aadObjectId a document stored before that rule carries off Teams, so that a delete
-    takes its old index entry out too."""
+    """The user indexes that list a stored 1:1: by user id, and by aadObjectId (in lower
+    case) on Teams only (another channel's client writes that field itself). `any_channel`,
+    for removals: also the entries earlier versions wrote, so that a delete takes them out
+    too: the aadObjectId a document carries off Teams, and in the case it was given."""
     entries: list[tuple[Literal["id", "aad"], str]] = []
     if stored.personal and stored.user_id:
         entries.append(("id", stored.user_id))
     teams = stored.channel_id == TEAMS_CHANNEL
-    if stored.personal and stored.aad_object_id and (teams or any_channel):
-        entries.append(("aad", stored.aad_object_id.lower()))
+    aad = stored.aad_object_id
+    if stored.personal and aad and (teams or any_channel):
+        entries.append(("aad", aad.lower()))
+        if any_channel and aad != aad.lower():
+            entries.append(("aad", aad))
     return entries

@@ -691,6 +691,25 @@ async def test_blob_stale_user_index_is_ignored(blob_store):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("how", ["written by the user", "deleted"])
+async def test_blob_an_aad_index_an_earlier_version_wrote_in_upper_case_goes(blob_store, how):
+    # Earlier versions indexed the aadObjectId as given (a user target named it in upper
+    # case); now it is indexed in lower case. The old entry must still go, or erasing the
+    # user leaves an index naming their conversation behind.
+    store, container = blob_store
+    aad = "0F1E2D3C-0000-4000-8000-0000000000AA"
+    await store.upsert(reference("a:1", user=aad, aad=aad))
+    old = user_index_name("msteams", "aad", aad)
+    container.upload_blob(old, json.dumps({"schemaVersion": 1, "key": "msteams/a:1"}))
+    if how == "deleted":
+        assert await store.delete("msteams/a:1")
+    else:  # the user writes in it: Teams names them by their 29: id, aadObjectId lower
+        await store.upsert(reference("a:1", user="29:alice", aad=aad.lower()), refresh=True)
+    left = json.loads(container.download_blob(old).readall()) if blob_exists(container, old) else {}
+    assert "msteams/a:1" not in json.dumps(left)
+
+
+@pytest.mark.integration
 async def test_blob_overflowed_user_index_is_kept_without_keys_until_settled(blob_store):
     store, container = blob_store
     keys = await visits(store, INDEX_KEYS + 1)
@@ -1154,3 +1173,7 @@ async def test_blob_interrupted_delete_is_repaired_by_the_next_activity(
         await other.close()
     assert by_id is not None and by_id.key == "msteams/a:1"
     assert by_aad is not None and by_aad.key == "msteams/a:1"
+
+
+def blob_exists(container, name: str) -> bool:
+    return container.get_blob_client(name).exists()
