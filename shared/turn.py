@@ -235,8 +235,8 @@ class TurnContext:
     async def save_state(self) -> None:
         """Save the turn's changed states now (the pipeline also does it after the turn).
         Each is checked first: one too large or not plain JSON fails before either is
-        written. A conflict or a storage failure is found by the write itself, so it can
-        still come after the other state was saved."""
+        written. A conflict, a storage failure or a merge that comes out too large is found
+        by the write itself, so it can still come after the other state was saved."""
         states = [s for s in (self._conversation_state, self._user_state) if s is not None]
         for state in states:
             state.check()
