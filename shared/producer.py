@@ -326,7 +326,12 @@ async def run(argv: Sequence[str] | None = None) -> int:
             try:
                 queued_id = await enqueue(request, settings=settings)
                 # Escaped where stdout cannot encode it: the put has landed, say so.
-                print(_printable(queued_id), flush=True)
+                try:
+                    print(_printable(queued_id), flush=True)
+                except OSError:  # stdout closed (a reader that stopped): still queued
+                    _drop_stdout()
+                    print(f"request {_printable(queued_id)!r} was queued", file=sys.stderr)
+                    return 0
             except QueueError as error:
                 if _refused(error):
                     raise
@@ -399,6 +404,14 @@ def _print_json(value: Any) -> None:
     if _printable(text) != text:
         text = json.dumps(value)
     print(text)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's last flush of what could not
+    be written raises nothing more at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _printable(text: str) -> str:

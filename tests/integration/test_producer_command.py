@@ -211,6 +211,29 @@ def test_an_id_stdout_cannot_encode_is_printed_escaped_and_the_send_succeeds(sto
     assert report.returncode == 0 and '"pending"' in report.stdout
 
 
+def test_a_send_whose_stdout_is_closed_says_it_was_queued(storage):
+    # A caller that stopped reading (`send ... | head -c0`): the message was queued, yet
+    # the command said it could not reach storage.
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    read, write = os.pipe()
+    os.close(read)
+    command = ["send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r-1"]
+    try:
+        sent = subprocess.run(
+            [sys.executable, "-m", "shared.producer", *command],
+            cwd=ROOT,
+            env={**keep, **storage},
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert (sent.returncode, sent.stderr) == (0, "request 'r-1' was queued\n")
+    assert queued(storage) == 1
+
+
 def test_a_script_using_the_python_api_closes_what_it_opened(storage):
     # asyncio.run ends the loop: clients left open print "Unclosed client session" then.
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
