@@ -196,9 +196,10 @@ class Router:
             False: (action,),
             True: (f"{action}-upgrade",),
         }[upgrade]
+        # Case-blind, as the reference store judges the action (shared.lifecycle).
         return lambda turn: (
             turn.activity.get("type") == "installationUpdate"
-            and turn.activity.get("action") in wanted
+            and str(turn.activity.get("action") or "").lower() in wanted
         )
 
     def reactions_added(self) -> Callable[[H], H]:
@@ -312,7 +313,8 @@ class Router:
         No apology is posted for a message extension's invoke (the chat the user types in,
         which the bot is usually not in; a search runs as they type) nor for a card's
         automatic refresh (one per person viewing it): their client shows the failed
-        answer itself.
+        answer itself. Nor to a conversation the bot was just removed from (uninstalled,
+        removed, the team deleted): nobody there would read it, and Teams refuses it.
         """
         logger.error(
             "handler failed: activity=%s conversation=%s type=%s error=%s",
@@ -325,7 +327,7 @@ class Router:
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
-            elif not _answered_in_place(turn.activity):
+            elif not _no_apology(turn.activity):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
@@ -336,10 +338,13 @@ class Router:
             )
 
 
-def _answered_in_place(activity: Mapping[str, Any]) -> bool:
+def _no_apology(activity: Mapping[str, Any]) -> bool:
     """An invoke whose failure its client shows where it happened, so that a message
-    posted to the conversation would only be noise (see Router.handle_error)."""
-    if is_message_extension(activity):
+    posted to the conversation would only be noise, or the bot's removal from the
+    conversation (see Router.handle_error)."""
+    from shared.lifecycle import Change, classify  # on a failure only
+
+    if is_message_extension(activity) or classify(activity) is Change.REMOVE:
         return True
     value = activity.get("value")
     return (

@@ -711,6 +711,31 @@ async def test_a_failing_search_or_card_refresh_posts_no_apology_but_a_failing_c
     assert apology.json["text"] == APOLOGY and apology.json["replyToId"] == "click-1"
 
 
+async def test_a_failing_removal_handler_posts_no_apology_to_the_conversation_left(
+    make_bot, channel_identity, fake_connector
+):
+    # Uninstalled or removed: nobody there reads it (Teams refuses it), and the channel's
+    # retry of the 500 posted it again.
+    router = Router()
+
+    @router.installation_removed()
+    @router.bot_removed()
+    async def broken(turn):
+        raise RuntimeError("cleanup failed")
+
+    bot = make_bot(router)
+    token = channel_token(channel_identity, bot)
+    bot_id = "28:bot"  # the activity's recipient
+    uninstall = activity_for(fake_connector.url, type="installationUpdate", action="remove")
+    removed = activity_for(
+        fake_connector.url, type="conversationUpdate", membersRemoved=[{"id": bot_id}]
+    )
+    for removal in (uninstall, removed):
+        response = await bot.handle(post(removal, token))
+        assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert fake_connector.requests == []
+
+
 class GatedFailingStore(MemoryReferenceStore):
     """The memory store, except that a write waits until the reply has reached the
     Connector and then fails like a storage outage: proves the reply does not wait for the

@@ -120,6 +120,9 @@ KINDS = [
     (activity("installationUpdate", action="add-upgrade"), "install_upgrade"),
     (activity("installationUpdate", action="remove"), "uninstall"),
     (activity("installationUpdate", action="remove-upgrade"), "uninstall"),
+    # The action's case: the store removes on `REMOVE`, so the handler runs on it too.
+    (activity("installationUpdate", action="REMOVE"), "uninstall"),
+    (activity("installationUpdate", action="Add"), "install"),
     (activity("messageReaction", reactionsAdded=[{"type": "like"}]), "reactions_added"),
     (activity("messageReaction", reactionsRemoved=[{"type": "like"}]), "reactions_removed"),
     (activity("messageUpdate", text="edited"), "message_update"),
