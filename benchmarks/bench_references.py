@@ -127,6 +127,8 @@ async def bench(connection_string: str, count: int, concurrency: int) -> dict[st
         storage=StorageSettings(connection_string=connection_string),
         references_container="bench-references",
     )
+    # Large enough to hold every reference: "warm" means each was seen recently (the
+    # store's default holds 1,024, the most recent an instance recorded).
     store = BlobReferenceStore(settings, cache_size=2 * count)
     results: dict[str, Any] = {}
     try:

@@ -15,7 +15,8 @@ tomorrow), which sit in the queue, and in its message count, for the whole run.
 
 Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
 limit), from enqueue to the report saying ``done`` and to the last request the Connector
-received, delivered, lost (delivered per the report but never received), duplicated,
+received, delivered, lost (stored conversations the Connector never received the message
+in, whatever the report says), duplicated,
 429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
 run of one process with no limits enforced and the bot's own pacing lifted (UNPACED_RATE).
 Results: benchmarks/results/broadcast.json.
@@ -233,7 +234,10 @@ def run_once(
         "sends_per_s_to_last_send": round(stats["distinct"] / max(to_last_send, 1e-9), 1),
         "received": stats["received"],
         "distinct": stats["distinct"],
-        "lost": max(0, delivered - stats["distinct"]),
+        "conversations": count,
+        # Counted at the Connector: every stored conversation should get the message once.
+        "lost": max(0, count - stats["distinct"]),
+        "complete": report.get("state") == "done" and report.get("targets") == count,
         "duplicated": stats["received"] - stats["distinct"],
         "throttled_429": stats["throttled"],
         "share_429": round(stats["throttled"] / sends, 4) if sends else 0.0,
@@ -369,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
+    runs = [*report["runs"], *([report["unthrottled"]] if "unthrottled" in report else [])]
+    unfinished = [r["processes"] for r in runs if not r["complete"] or r["lost"]]
+    if unfinished:
+        print(f"runs with {unfinished} process(es) did not finish or lost messages", flush=True)
+        return 1
     return 0
 
 

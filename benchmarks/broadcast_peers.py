@@ -251,9 +251,17 @@ def _ours_row(run: Mapping[str, Any]) -> dict[str, Any]:
         **run,
         "attempts_per_s": round(tried / run["seconds"], 1) if run.get("seconds") else None,
         "cpu_ms_per_send": run.get("host_cpu_ms_per_send"),
-        "retries_429": "yes (the engine re-queues)",
+        "retries_429": _ours_retries_429(run),
         "peak_rss_mib": max(run.get("peak_rss_mib") or [0]),
     }
+
+
+def _ours_retries_429(run: Mapping[str, Any]) -> str:
+    """As :func:`retries_429` judges the peers: from the 429s this run drew and whether
+    every conversation still got its message."""
+    if not run.get("throttled_429"):
+        return "not exercised (no 429 drawn)"
+    return "yes" if not run.get("lost") else "partly (some retried, some lost)"
 
 
 def _table(
@@ -364,7 +372,7 @@ def chart_series(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> di
     def ours_bar(label: str, run: Mapping[str, Any]) -> dict[str, Any]:
         # Never received, of the conversations targeted: what the report calls delivered
         # but the Connector never saw, and what the report gave up on, alike.
-        targets = run.get("targets") or run.get("conversations") or 0
+        targets = run.get("conversations") or run.get("targets") or 0
         missed = max(0, targets - (run.get("distinct") or 0))
         return {
             **bar(label, _ours_row(run)),

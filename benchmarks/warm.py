@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -434,7 +436,9 @@ async def first_echo(server: Server, services: Services) -> dict[str, float]:
 def measure_cold(targets: Sequence[Target], services: Services, repeats: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {t.key: [] for t in targets}
     for round_ in range(repeats + 1):  # the first round warms the page cache, discarded
-        for target in targets:
+        # Each round in another order, as the warm runs: no bot always spawns first.
+        order = list(targets[round_ % len(targets) :]) + list(targets[: round_ % len(targets)])
+        for target in order:
             services.connector.reset()
             server = spawn(target, services)
             try:
@@ -486,9 +490,11 @@ async def load(
                     latencies.append(time.perf_counter() - started)
                     statuses[r.status] = statuses.get(r.status, 0) + 1
 
+        storage0 = services.storage_cpu_seconds()
         cpu0, wall0 = server.cpu_seconds(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         cpu1, wall1 = server.cpu_seconds(), time.perf_counter()
+        storage1 = services.storage_cpu_seconds()
     ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
     latencies.sort()
     return {
@@ -499,6 +505,9 @@ async def load(
         "p50_ms": _percentile(latencies, 50) * 1000.0,
         "p99_ms": _percentile(latencies, 99) * 1000.0,
         "cpu_ms_per_activity": (cpu1 - cpu0) * 1000.0 / max(ok, 1),
+        # The storage emulator's CPU on the same cores (only ours writes to it): not in the
+        # figure above, which is the bot's process alone, as it is for the SDKs.
+        "storage_cpu_ms_per_activity": (storage1 - storage0) * 1000.0 / max(ok, 1),
     }
 
 
@@ -526,16 +535,22 @@ def measure_warm(
                     run = f"{workload[0]}{repeat}c{concurrency}{target.key}"
                     services.connector.reset()
                     server = servers[target.key]
-                    asyncio.run(load(server, services, run, 1, 0.3))  # warm the connection
+                    # Warms the connection, under its own run id: its new conversations
+                    # are not among the measured run's (ours would have them stored).
+                    asyncio.run(load(server, services, f"{run}w", 1, 0.3))
                     services.connector.reset()
                     load_before = os.getloadavg()[0]
                     result = asyncio.run(
                         load(server, services, run, concurrency, seconds, workload)
                     )
                     stats = _settled(services.connector, expected=result["ok"])
+                    echoes = _echoes(services.connector.stats(texts=True), run)
                     result["replies_received"] = stats["received"]
-                    result["lost"] = max(0, result["ok"] - stats["distinct"])
-                    result["duplicated"] = stats["received"] - stats["distinct"]
+                    # Per activity: each answered one's echo, by its own text (an error text
+                    # in one conversation must not stand in for a missing echo elsewhere).
+                    result["lost"] = max(0, result["ok"] - echoes["distinct"])
+                    result["duplicated"] = echoes["duplicated"]
+                    result["other_texts"] = echoes["other"]
                     result["replies_without_token"] = stats["received"] - stats["authorized"]
                     result["load_average_1m"] = [round(load_before, 2), _load()]
                     runs[target.key][concurrency].append(result)
@@ -572,9 +587,11 @@ def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_ms": median("p50_ms"),
         "p99_ms": median("p99_ms"),
         "cpu_ms_per_activity": median("cpu_ms_per_activity"),
+        "storage_cpu_ms_per_activity": median("storage_cpu_ms_per_activity"),
         "lost": sum(r["lost"] for r in results),
         "duplicated": sum(r["duplicated"] for r in results),
         "non_2xx": sum(r["sent"] - r["ok"] for r in results),
+        "other_texts": sum(r.get("other_texts", 0) for r in results),
         "runs": results,
     }
 
@@ -622,6 +639,26 @@ async def measure_floor(services: Services, count: int = 2000) -> dict[str, Any]
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _echoes(stats: Mapping[str, Any], run: str) -> dict[str, int]:
+    """The replies that echo one of the run's messages (``m-<run>-<n>``), each counted
+    once (``distinct``) and beyond once (``duplicated``); ``other``: replies that echo
+    none of them (an apology, an error text)."""
+    pattern = re.compile(rf"\bm-{re.escape(run)}-(\d+)\b")
+    seen: Counter[str] = Counter()
+    other = 0
+    for key, count in (stats.get("texts") or {}).items():
+        found = pattern.search(key.partition("|")[2])
+        if found is None:
+            other += count
+        else:
+            seen[found.group(1)] += count
+    return {
+        "distinct": len(seen),
+        "duplicated": sum(n - 1 for n in seen.values()),
+        "other": other,
+    }
 
 
 def _settled(connector: ConnectorProcess, expected: int, timeout: float = 10.0) -> dict[str, Any]:
@@ -700,9 +737,12 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
     row("peak RSS MiB", {k: warm[k]["peak_rss_mib"] for k in warm}, "lower")
     row(
-        "lost + duplicated replies",
+        "lost + duplicated replies, non-2xx answers, other texts",
         {
-            k: sum(v["lost"] + v["duplicated"] for v in warm[k]["concurrency"].values())
+            k: sum(
+                v["lost"] + v["duplicated"] + v["non_2xx"] + v.get("other_texts", 0)
+                for v in warm[k]["concurrency"].values()
+            )
             for k in warm
         },
         "lower",

@@ -59,6 +59,7 @@ def test_the_warm_benchmark_measures_this_bot_with_every_reply_received_once(tmp
     for level in measured.values():
         assert level["activities_per_s"] > 0
         assert (level["lost"], level["duplicated"], level["non_2xx"]) == (0, 0, 0)
+        assert level["other_texts"] == 0
     assert report["floor"]["cpu_ms_per_activity"] > 0
 
 
@@ -72,3 +73,4 @@ def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_pat
     (run,) = report["runs"]
     assert (run["state"], run["targets"], run["delivered"], run["failed"]) == ("done", 40, 40, 0)
     assert (run["received"], run["distinct"], run["lost"], run["duplicated"]) == (40, 40, 0, 0)
+    assert run["complete"] and run["conversations"] == 40
