@@ -2,13 +2,17 @@
 
     .venv/bin/python -m benchmarks.cold_start [--runs 15] [--bots ours,botbuilder,agents]
 
-For each bot, in fresh processes, with the same request and the same auth mode:
+For each bot, in fresh processes, with the same request:
 
 - import time: wall time around importing the bot's entry module, measured inside the
   process (interpreter start-up, the same for all, is excluded);
-- first activity: from just before the process is spawned until the (loopback) Connector
-  receives the bot's reply to ONE message activity, the process having started the bot,
-  parsed the request, authenticated it, routed it and sent the echo.
+- first activity, every bot in unauthenticated local mode: from just before the process
+  is spawned until the (loopback) Connector receives the bot's reply to ONE message
+  activity, and until the process has its HTTP answer;
+- first turn, every bot with its normal authentication (the target's figure): the same,
+  the token checked against botsim's OpenID metadata and JWKS and the reply sent with a
+  token from botsim's fake AAD, each fetched by the fresh process; compared on the
+  answer (the turn is over when it is answered: ours records the conversation before).
 
 The SDKs run from their own venv (.tools/bench-sdk-venv, created here from
 benchmarks/requirements-sdk.txt), so the product's .venv never holds them. Results go to
@@ -508,57 +512,69 @@ def measure_bots(
     }
 
 
-def measure_ours_authenticated(
-    ours: Bot, runs: int, connector: FakeConnector, services: ExitStack
-) -> dict[str, Any]:
-    """Ours in production mode: a botsim channel JWT in, a FakeAAD token on the reply.
-
-    Each fresh process fetches the OpenID metadata and JWKS, validates the token, imports
-    MSAL and obtains its token over HTTPS before it can reply: the full cold path.
+def measure_authenticated(
+    bots: Sequence[Bot], runs: int, connector: FakeConnector, services: ExitStack
+) -> dict[str, dict[str, Any]]:
+    """Every bot with its normal authentication: a botsim channel JWT in, checked against
+    botsim's OpenID metadata and JWKS, and the reply sent with a token from botsim's fake
+    AAD. Each fresh process fetches the metadata and keys, validates the token and obtains
+    its own token over HTTPS before it can reply: the whole cold path, as deployed.
     """
     from tools.botsim.aad import FakeAAD
     from tools.botsim.identity import IdentityService
 
     channel = services.enter_context(IdentityService.channel())
-    aad = services.enter_context(FakeAAD())
+    aad = services.enter_context(FakeAAD(jwt_tokens=True))  # the Agents SDK reads its claims
     app_id, secret = str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}"
     aad.register_secret(app_id, secret)
     service_url = connector.url + "/"
     token = channel.mint_channel_token(app_id, service_url, lifetime=6 * 3600)
-    bot = replace(
-        ours,
-        key="ours_full_auth",
-        label="ours, full auth",
-        env={
-            **{k: v for k, v in ours.env.items() if k != "BOT_ALLOW_UNAUTHENTICATED"},
-            "MicrosoftAppId": app_id,
-            "MicrosoftAppPassword": secret,
-            "BOT_LOGIN_AUTHORITY": aad.url,
-            "BOT_OPENID_METADATA_URL": channel.metadata_url,
-            "REQUESTS_CA_BUNDLE": aad.ca_path,  # MSAL (requests) trusts FakeAAD's CA
-            "SSL_CERT_FILE": aad.ca_path,
-        },
-    )
+    trust = {"REQUESTS_CA_BUNDLE": aad.ca_path, "SSL_CERT_FILE": aad.ca_path}
+
+    def authenticated(bot: Bot) -> Bot:
+        if bot.key == "ours":
+            env = {
+                **{k: v for k, v in bot.env.items() if k != "BOT_ALLOW_UNAUTHENTICATED"},
+                "MicrosoftAppId": app_id,
+                "MicrosoftAppPassword": secret,
+                "BOT_LOGIN_AUTHORITY": aad.url,
+                "BOT_OPENID_METADATA_URL": channel.metadata_url,
+            }
+        else:
+            env = {
+                **bot.env,
+                "BENCH_APP_ID": app_id,
+                "BENCH_APP_PASSWORD": secret,
+                "BENCH_AAD_URL": aad.url,
+                "BENCH_OPENID_METADATA_URL": channel.metadata_url,
+                "BENCH_EMULATOR_OPENID_METADATA_URL": channel.metadata_url,
+                "BENCH_JWKS_URL": channel.jwks_url,
+            }
+        return replace(bot, env={**env, **trust})
+
+    authed = [authenticated(bot) for bot in bots]
     request = {
         "BENCH_BODY": json.dumps(message_activity(service_url)),
         "BENCH_AUTHORIZATION": f"Bearer {token}",
     }
-    print(f"first activity, ours with full auth: {runs} runs ...", flush=True)
-    first = interleaved([bot], runs, lambda b: measure_first_activity(b, connector, request))
-    runs_ = first[bot.key]
-    if not all(aad.is_valid_token(_bearer(r.authorization)) for r in runs_):
-        raise BenchmarkError("ours_full_auth: a reply did not carry the FakeAAD token")
-    return {
-        "label": bot.label,
-        "auth": "channel JWT validated against botsim's OpenID/JWKS; reply token from FakeAAD",
-        "first_activity_ms": asdict(Stats.of([r.reply_ms for r in runs_])),
-        "first_activity_ms_excl_preloaded": {
-            "preloaded": list(bot.preloaded),
-            **asdict(Stats.of([r.reply_ms - r.preload_ms for r in runs_])),
-        },
-        "answered_ms": asdict(Stats.of([r.answered_ms for r in runs_])),
-        "heavy_modules_loaded_by_first_activity": runs_[-1].loaded,
-    }
+    print(f"first activity, every bot authenticated: {runs} runs per bot ...", flush=True)
+    firsts = interleaved(authed, runs, lambda b: measure_first_activity(b, connector, request))
+    results = {}
+    for bot in authed:
+        measured = firsts[bot.key]
+        if not all(aad.is_valid_token(_bearer(r.authorization)) for r in measured):
+            raise BenchmarkError(f"{bot.key}: a reply did not carry the fake AAD's token")
+        results[bot.key] = {
+            "label": bot.label,
+            "first_activity_ms": asdict(Stats.of([r.reply_ms for r in measured])),
+            "answered_ms": asdict(Stats.of([r.answered_ms for r in measured])),
+            "answered_ms_excl_preloaded": {
+                "preloaded": list(bot.preloaded),
+                **asdict(Stats.of([r.answered_ms - r.preload_ms for r in measured])),
+            },
+            "heavy_modules_loaded_by_first_activity": measured[-1].loaded,
+        }
+    return results
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -605,10 +621,23 @@ def run(runs: int, keys: Sequence[str], install: bool = True, full_auth: bool = 
                     ours, ["-m", "benchmarks.sdk.run_once", ours.handler_module], request
                 ),
             }
-            if full_auth:
-                report["ours_full_auth"] = measure_ours_authenticated(
-                    ours, runs, connector, services
-                )
+        if full_auth:
+            connector.reset()
+            authenticated = measure_authenticated(bots, runs, connector, services)
+            report["authenticated"] = {
+                "auth": "every bot's own: a channel JWT checked against botsim's OpenID "
+                "metadata and JWKS, the reply sent with the fake AAD's token",
+                "bots": authenticated,
+                # The target's figures: the whole first turn, until the HTTP answer (ours
+                # records the conversation after its reply and before it answers).
+                "comparison": {
+                    name: comparison(authenticated, metric)
+                    for name, metric in (
+                        ("first_turn_answered", "answered_ms"),
+                        ("first_turn_answered_excl_preloaded", "answered_ms_excl_preloaded"),
+                    )
+                },
+            }
         report["machine"]["load_average_1m"]["end"] = round(os.getloadavg()[0], 2)
         return report
 
@@ -625,14 +654,15 @@ def print_table(report: Mapping[str, Any]) -> None:
                 data["import_ms_excl_preloaded"],
                 data["first_activity_ms_excl_preloaded"],
             )
-    full = report.get("ours_full_auth")
-    if full:
-        first, excl = full["first_activity_ms"], full["first_activity_ms_excl_preloaded"]
-        print(f"{full['label']:40} {'':16} {first['median']:>9.1f} ({first['p90']:>6.1f})")
-        label = f"  without {', '.join(excl['preloaded'])}"
-        print(f"{label:40} {'':16} {excl['median']:>9.1f} ({excl['p90']:>6.1f})")
+    authenticated = report.get("authenticated")
+    comparisons = dict(report["comparison"])
+    if authenticated:
+        print(f"\n{'authenticated, median ms (p90)':40} {'reply':>16} {'answered':>18}")
+        for data in authenticated["bots"].values():
+            _print_row(data["label"], data["first_activity_ms"], data["answered_ms"])
+        comparisons |= authenticated["comparison"]
     print()
-    for name, result in report["comparison"].items():
+    for name, result in comparisons.items():
         if result:
             verdict = "PASS" if result["pass"] else "FAIL"
             print(
@@ -660,7 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=15, help="measured runs per bot and metric")
     parser.add_argument("--bots", default="ours,botbuilder,agents", help="comma-separated subset")
     parser.add_argument("--no-install", action="store_true", help="use the SDK venv as it is")
-    parser.add_argument("--no-full-auth", action="store_true", help="skip ours with full auth")
+    parser.add_argument(
+        "--no-full-auth", action="store_true", help="skip the round with every bot authenticated"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.bots.split(",") if k.strip()]

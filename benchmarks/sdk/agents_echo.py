@@ -5,6 +5,11 @@ module level, like the sample. :func:`handle` does what the sample's aiohttp ser
 one request (the JWT middleware's ``_authorize_request``, then ``CloudAdapter.process`` via the
 SDK's framework-neutral ``process_request``), without a web server.
 
+With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim as in
+benchmarks/peers/agents_server.py (its JWT middleware's check against botsim's JWKS, MSAL
+for the bot's token from the fake AAD, MSAL's instance discovery off); otherwise the
+sample's local mode (no client id, anonymous allowed).
+
 Runs only in the benchmark's SDK venv (.tools/bench-sdk-venv).
 """
 
@@ -14,6 +19,13 @@ import json
 import os
 from collections.abc import Mapping
 from typing import Any
+
+if os.environ.get("BENCH_APP_ID"):
+    import msal
+
+    from benchmarks.peers.local_msal import without_instance_discovery
+
+    without_instance_discovery(msal)
 
 from microsoft_agents.activity import load_configuration_from_env
 from microsoft_agents.authentication.msal import MsalConnectionManager
@@ -25,7 +37,10 @@ from microsoft_agents.hosting.core import (
     TurnContext,
     TurnState,
 )
-from microsoft_agents.hosting.core.authorization.jwt import _authorize_request
+from microsoft_agents.hosting.core.authorization.jwt import (
+    _authorize_request,
+    jwt_token_validator,
+)
 from microsoft_agents.hosting.core.http import HttpResponse
 
 
@@ -34,8 +49,19 @@ def _env(name: str) -> str:
 
 
 def _environment() -> dict[str, str]:
-    """The sample's .env: no client id plus ANONYMOUS_ALLOWED = local unauthenticated mode."""
+    """The sample's .env: no client id plus ANONYMOUS_ALLOWED = local unauthenticated mode;
+    with BENCH_APP_ID, its normal authentication against botsim."""
     settings = "CONNECTIONS__SERVICE_CONNECTION__SETTINGS__"
+    if _env("BENCH_APP_ID"):
+        jwt_token_validator.BOTFRAMEWORK_JWKS_URIS["https://api.botframework.com"] = _env(
+            "BENCH_JWKS_URL"
+        )
+        return {
+            f"{settings}CLIENTID": _env("BENCH_APP_ID"),
+            f"{settings}CLIENTSECRET": _env("BENCH_APP_PASSWORD"),
+            f"{settings}AUTHORITY": _env("BENCH_AAD_URL") + "/botframework.com",
+            f"{settings}TENANTID": "botframework.com",
+        }
     client_id = _env("MicrosoftAppId")
     env = {f"{settings}ANONYMOUS_ALLOWED": "false" if client_id else "true"}
     if client_id:

@@ -5,6 +5,11 @@ module level. :func:`handle` does what ``CloudAdapter.process`` does with an aio
 (content-type check, JSON parse, ``Activity().deserialize``, ``process_activity`` with the
 Authorization header), without a web server, so the benchmark times the SDK, not aiohttp's.
 
+With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim as in
+benchmarks/peers/botbuilder_server.py (channel tokens checked against botsim's OpenID
+metadata, the bot's token from its fake AAD, MSAL's instance discovery off); otherwise the
+sample's local mode (no app id: no authentication).
+
 Runs only in the benchmark's SDK venv (.tools/bench-sdk-venv).
 """
 
@@ -13,6 +18,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+
+if os.environ.get("BENCH_APP_ID"):
+    import msal
+
+    from benchmarks.peers.local_msal import without_instance_discovery
+
+    without_instance_discovery(msal)
 
 from botbuilder.core import ActivityHandler, MessageFactory, TurnContext
 from botbuilder.integration.aiohttp import (
@@ -26,13 +38,30 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
-class Config:
+class LocalConfig:
     """The sample's config.py: empty app id and password = authentication disabled (local)."""
 
     APP_ID = _env("MicrosoftAppId", "")
     APP_PASSWORD = _env("MicrosoftAppPassword", "")
     APP_TYPE = _env("MicrosoftAppType", "MultiTenant")
     APP_TENANTID = _env("MicrosoftAppTenantId", "")
+
+
+class AuthConfig:
+    """Its normal authentication, pointed at botsim (as benchmarks/peers/botbuilder_server)."""
+
+    APP_ID = _env("BENCH_APP_ID")
+    APP_PASSWORD = _env("BENCH_APP_PASSWORD")
+    APP_TYPE = "MultiTenant"
+    VALIDATE_AUTHORITY = False
+    TO_CHANNEL_FROM_BOT_LOGIN_URL = _env("BENCH_AAD_URL") + "/botframework.com"
+    TO_CHANNEL_FROM_BOT_OAUTH_SCOPE = "https://api.botframework.com"
+    TO_BOT_FROM_CHANNEL_TOKEN_ISSUER = "https://api.botframework.com"
+    TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL = _env("BENCH_OPENID_METADATA_URL")
+    TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL = _env("BENCH_EMULATOR_OPENID_METADATA_URL")
+
+
+Config = AuthConfig if _env("BENCH_APP_ID") else LocalConfig
 
 
 class EchoBot(ActivityHandler):
