@@ -52,6 +52,8 @@ NOT_DEPLOYED = {
     "AZURE_FEDERATED_TOKEN_FILE": "set by Kubernetes workload identity, not by Functions",
     "AzureWebJobsStorage": "a connection string holds the account key: identity-based only",
     "AzureWebJobsStorage__accountName": "the service URIs are set instead (right in every cloud)",
+    "ChannelService": "an existing SDK bot's setting, mapped over; the template sets "
+    "BOT_CHANNEL_SERVICE",
 }
 # Settings Flex Consumption rejects or that would bring shared keys back.
 FORBIDDEN = (
