@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import app
+from shared import messages as messages_module
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.bot import router as shipped_router
@@ -847,6 +848,46 @@ async def test_removal_from_a_team_removes_all_its_channels_within_the_answer(
     )
 
     response = await bot.handle(post(uninstall, channel_token(channel_identity, bot)))
+
+    assert response.status == 200
+    assert await stored_keys(store) == []
+
+
+class SlowListing(MemoryReferenceStore):
+    """A listing page costs what a large bot's does: every stored Teams conversation is
+    walked to find a team's channels (about 0.4 s per 1,000 on a local Azurite)."""
+
+    page_seconds = 0.0
+
+    async def list(self, **filters):
+        await asyncio.sleep(self.page_seconds)
+        return await super().list(**filters)
+
+
+async def test_a_team_removal_slower_than_a_removals_budget_still_completes(
+    bot, channel_identity, fake_connector, monkeypatch
+):
+    # A team's listing walked past the removal's 10 s for a bot with ~25,000 Teams
+    # conversations: every retry failed the same way and the channels stayed stored. The
+    # budgets are scaled down here (10 s -> 0.2 s), the listing taking 0.6 s.
+    monkeypatch.setattr(messages_module, "REMOVAL_BUDGET", 0.2)
+    monkeypatch.setattr(messages_module, "TEAM_REMOVAL_BUDGET", 12 * 0.2)
+    store = SlowListing()
+    bot.runtime.references = store
+    for n in range(6):
+        await store.upsert(
+            {**activity_for(fake_connector.url), "conversation": team_channel(n)},
+            team_id=TEAM["team"]["id"],
+        )
+    store.page_seconds = 0.6
+    deleted = activity_for(
+        fake_connector.url,
+        type="conversationUpdate",
+        conversation=team_channel(0),
+        channelData={**TEAM, "eventType": "teamDeleted"},
+    )
+
+    response = await bot.handle(post(deleted, channel_token(channel_identity, bot)))
 
     assert response.status == 200
     assert await stored_keys(store) == []
