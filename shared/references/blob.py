@@ -85,6 +85,7 @@ class BlobReferenceStore:
         cache_ttl: float = 300.0,
         max_attempts: int = 16,
         listing_batch: int = 1000,
+        listing_slice: float | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
@@ -102,6 +103,11 @@ class BlobReferenceStore:
         self._cache = RecentCache(cache_size, cache_ttl, clock)
         self._max_attempts = max_attempts
         self._listing_batch = listing_batch
+        # Seconds a listing call walks before it returns what it found (a quarter of the
+        # operation timeout that bounds the call).
+        self._listing_slice = (
+            options.operation_timeout / 4 if listing_slice is None else listing_slice
+        )
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
         self._indexing: set[asyncio.Task] = set()  # index writes an upsert stopped waiting for
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
@@ -265,7 +271,13 @@ class BlobReferenceStore:
         async with self._guard("list", channel_id or "*"):
             batch = max(page_size, self._listing_batch)
             return await list_page(
-                self._container(), self._read_json, filters, state, page_size, batch
+                self._container(),
+                self._read_json,
+                filters,
+                state,
+                page_size,
+                batch,
+                self._listing_slice,
             )
 
     async def find_by_user(

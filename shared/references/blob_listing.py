@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +43,17 @@ async def list_page(
     state: dict[str, Any],
     page_size: int,
     batch: int,
+    time_slice: float,
 ) -> Page:
     """One page: Azure pages fetched from a marker, skipping names up to `after`; with a
     tenant or team filter, `batch` names are fetched per Azure page (most do not match).
 
     The token holds Azure's marker of the page being consumed and the last name handed
     out from it, so a page that ends mid-listing-page resumes exactly after that name.
+    Once `time_slice` seconds are spent, the page ends with the next Azure page, however
+    few it found: a filter that matches little in a large channel (a team's channels among
+    tens of thousands of conversations) is walked in calls that each end well within the
+    store's operation timeout, its caller paging on.
     """
     from azure.core.exceptions import ResourceNotFoundError
 
@@ -58,6 +64,7 @@ async def list_page(
     marker: str | None = state.get("m")
     after: str | None = state.get("a")
     found: list[tuple[str, Any]] = []
+    ends = time.monotonic() + time_slice
     while True:
         pages = container.list_blobs(
             name_starts_with=channel_prefix(filters.channel_id),
@@ -86,6 +93,9 @@ async def list_page(
                 return Page(await _materialize(read_json, found, filters), token)
         if not next_marker:
             return Page(await _materialize(read_json, found, filters), None)
+        if time.monotonic() >= ends:
+            token = encode_token(filters, m=next_marker)
+            return Page(await _materialize(read_json, found, filters), token)
         # `after` stays: names handed out before may reappear on a later listing page
         # when conversations were added in front of them meanwhile.
         marker = next_marker

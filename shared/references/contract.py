@@ -107,6 +107,10 @@ class StoredReference:
 
 @dataclass(slots=True)
 class Page:
+    """Up to `page_size` references, and the token of the next page (None: the listing is
+    through). A page may hold fewer, or none, while a token follows: a filtered listing
+    returns what it found when its time slice is spent (see BlobReferenceStore)."""
+
     items: list[StoredReference]
     continuation: str | None = None
 

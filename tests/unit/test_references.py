@@ -518,6 +518,51 @@ async def test_a_token_forged_for_other_filters_lists_only_those_filters(store):
 # ---------------------------------------------------------------------------- Blob only
 
 
+@pytest.mark.integration
+async def test_blob_a_filtered_listing_is_walked_in_calls_bounded_in_time(azurite, unique_name):
+    # A team's channels among tens of thousands of Teams conversations: one list call
+    # walked them all, past the 10 s that bound a store call, and the team's removal
+    # failed on every retry. Each call now returns after its time slice (0 here: one
+    # Azure page of 5 names per call), however few it found, and the team's removal
+    # pages on to the end.
+    from shared.lifecycle import record_activity
+
+    store = BlobReferenceStore(
+        settings_for(azurite.connection_string, unique_name("refs")),
+        options=FAST,
+        listing_batch=5,
+        listing_slice=0.0,
+    )
+    try:
+        for n in range(40):
+            await store.upsert(reference(f"19:x{n:02}", personal=False), team_id="team-x")
+        for n in (3, 17, 36):
+            await store.upsert(reference(f"19:x{n:02}t", personal=False), team_id="team-t")
+        sizes = []
+        continuation = None
+        while True:
+            page = await store.list(team_id="team-t", page_size=2, continuation=continuation)
+            sizes.append(len(page.items))
+            continuation = page.continuation
+            if continuation is None:
+                break
+        assert len(sizes) >= 8 and sum(sizes) == 3  # 43 names, 5 per call
+
+        general = reference("19:x03t", personal=False)
+        deleted = {
+            **general,
+            "type": "conversationUpdate",
+            "id": "act-1",
+            "recipient": {"id": "28:bot"},
+            "channelData": {"eventType": "teamDeleted", "team": {"id": "team-t"}},
+        }
+        await record_activity(store, deleted)
+        left = await list_all(store, channel_id="msteams")
+        assert len(left) == 40 and not any(key.endswith("t") for key in left)
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 async def blob_store(azurite, unique_name):
     container = unique_name("refs")
