@@ -148,7 +148,8 @@ def devhost(
         result = asyncio.run(
             warm.load(server, services, "profiled", concurrency, count / 50.0, workload)
         )
-        print(json.dumps({k: v for k, v in result.items() if k != "statuses"}, indent=1))
+        shown = {k: v for k, v in result.items() if k not in ("statuses", "answered")}
+        print(json.dumps(shown, indent=1))
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)

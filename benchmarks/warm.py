@@ -473,6 +473,7 @@ async def load(
 
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    answered: set[str] = set()  # the numbers of the activities answered 2xx
     sent = 0
     stop_at = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -489,6 +490,8 @@ async def load(
                     await r.read()
                     latencies.append(time.perf_counter() - started)
                     statuses[r.status] = statuses.get(r.status, 0) + 1
+                    if 200 <= r.status < 300:
+                        answered.add(str(n))
 
         storage0 = services.storage_cpu_seconds()
         cpu0, wall0 = server.cpu_seconds(), time.perf_counter()
@@ -500,6 +503,7 @@ async def load(
     return {
         "sent": sent,
         "ok": ok,
+        "answered": answered,  # taken out before the result is stored
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "activities_per_s": ok / (wall1 - wall0),
         "p50_ms": _percentile(latencies, 50) * 1000.0,
@@ -546,9 +550,9 @@ def measure_warm(
                     stats = _settled(services.connector, expected=result["ok"])
                     echoes = _echoes(services.connector.stats(texts=True), run)
                     result["replies_received"] = stats["received"]
-                    # Per activity: each answered one's echo, by its own text (an error text
-                    # in one conversation must not stand in for a missing echo elsewhere).
-                    result["lost"] = max(0, result["ok"] - echoes["distinct"])
+                    # Per activity: each one answered 2xx and its echo, by its own text (an
+                    # error text, or the echo of one answered 500, never stands in for it).
+                    result["lost"] = len(result.pop("answered") - echoes["echoed"])
                     result["duplicated"] = echoes["duplicated"]
                     result["other_texts"] = echoes["other"]
                     result["replies_without_token"] = stats["received"] - stats["authorized"]
@@ -641,7 +645,7 @@ async def measure_floor(services: Services, count: int = 2000) -> dict[str, Any]
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _echoes(stats: Mapping[str, Any], run: str) -> dict[str, int]:
+def _echoes(stats: Mapping[str, Any], run: str) -> dict[str, Any]:
     """The replies that echo one of the run's messages (``m-<run>-<n>``), each counted
     once (``distinct``) and beyond once (``duplicated``); ``other``: replies that echo
     none of them (an apology, an error text)."""
@@ -658,6 +662,7 @@ def _echoes(stats: Mapping[str, Any], run: str) -> dict[str, int]:
         "distinct": len(seen),
         "duplicated": sum(n - 1 for n in seen.values()),
         "other": other,
+        "echoed": set(seen),
     }
 
 

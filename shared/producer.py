@@ -357,6 +357,10 @@ async def run(argv: Sequence[str] | None = None) -> int:
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of stdout stopped: storage was not the trouble
+        _drop_stdout()
+        print("error: stdout was closed before the output was written", file=sys.stderr)
+        return 1
     except Exception as error:
         print(f"error: could not reach storage ({type(error).__name__})", file=sys.stderr)
         return 1

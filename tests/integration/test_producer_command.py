@@ -232,6 +232,24 @@ def test_a_send_whose_stdout_is_closed_says_it_was_queued(storage):
         os.close(write)
     assert (sent.returncode, sent.stderr) == (0, "request 'r-1' was queued\n")
     assert queued(storage) == 1
+    # Another command's output is lost: an error, but not storage's.
+    for command in (["report", "r-1"],):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.producer", *command],
+                cwd=ROOT,
+                env={**keep, **storage},
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write)
+        expected = "error: stdout was closed before the output was written\n"
+        assert (done.returncode, done.stderr) == (1, expected), command
 
 
 def test_a_script_using_the_python_api_closes_what_it_opened(storage):
