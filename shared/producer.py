@@ -326,12 +326,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
             try:
                 queued_id = await enqueue(request, settings=settings)
                 # Escaped where stdout cannot encode it: the put has landed, say so.
-                try:
-                    print(_printable(queued_id), flush=True)
-                except OSError:  # stdout closed (a reader that stopped): still queued
-                    _drop_stdout()
-                    print(f"request {_printable(queued_id)!r} was queued", file=sys.stderr)
-                    return 0
+                _print_done(_printable(queued_id), f"request {_printable(queued_id)!r} was queued")
             except QueueError as error:
                 if _refused(error):
                     raise
@@ -357,11 +352,12 @@ async def run(argv: Sequence[str] | None = None) -> int:
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader of stdout stopped: storage was not the trouble
-        _drop_stdout()
-        print("error: stdout was closed before the output was written", file=sys.stderr)
-        return 1
     except Exception as error:
+        if isinstance(error, BrokenPipeError) or sys.stdout is None:
+            # The reader of stdout stopped, or there is no stdout: storage was not the trouble.
+            _drop_stdout()
+            print("error: stdout was closed before the output was written", file=sys.stderr)
+            return 1
         print(f"error: could not reach storage ({type(error).__name__})", file=sys.stderr)
         return 1
     finally:
@@ -380,7 +376,7 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
             "enabled": not args.disabled,
         }
         await write_schedule(ledger, args.name, document)
-        print(args.name, flush=True)
+        _print_done(args.name, f"schedule {args.name!r} was written")
     elif args.action == "list":
         async for found in read_schedules(ledger):
             line: dict[str, Any] = {"name": found.name, "blob": found.blob}
@@ -410,9 +406,21 @@ def _print_json(value: Any) -> None:
     print(text)
 
 
+def _print_done(shown: str, said: str) -> None:
+    """Print what a command made (`shown`: an id, a name) once it is made; when stdout is
+    closed, `said` goes to stderr instead, and the command still succeeded."""
+    try:
+        print(shown, flush=True)
+    except OSError:
+        _drop_stdout()
+        print(said, file=sys.stderr)
+
+
 def _drop_stdout() -> None:
     """Point stdout at the null device, so the interpreter's last flush of what could not
-    be written raises nothing more at exit."""
+    be written raises nothing more at exit (no stdout at all: nothing to point)."""
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

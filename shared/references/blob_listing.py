@@ -93,8 +93,8 @@ async def list_page(
                 return Page(await _materialize(read_json, found, filters), token)
         if not next_marker:
             return Page(await _materialize(read_json, found, filters), None)
-        if time.monotonic() >= ends:
-            token = encode_token(filters, m=next_marker)
+        if time.monotonic() >= ends:  # `after` kept, as below
+            token = encode_token(filters, m=next_marker, a=after)
             return Page(await _materialize(read_json, found, filters), token)
         # `after` stays: names handed out before may reappear on a later listing page
         # when conversations were added in front of them meanwhile.

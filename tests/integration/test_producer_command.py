@@ -211,8 +211,9 @@ def test_an_id_stdout_cannot_encode_is_printed_escaped_and_the_send_succeeds(sto
     assert report.returncode == 0 and '"pending"' in report.stdout
 
 
-def producer_to_closed_stdout(env: dict[str, str], *args: str) -> tuple[int, str]:
-    """The command run with a stdout whose reader has gone (`... | head -c0`)."""
+def producer_to_closed_stdout(env: dict[str, str], *args: str, fd: bool = True) -> tuple:
+    """The command run with a stdout whose reader has gone (`... | head -c0`), or with no
+    stdout at all (`fd=False`: `... >&-`)."""
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     read, write = os.pipe()
     os.close(read)
@@ -225,20 +226,27 @@ def producer_to_closed_stdout(env: dict[str, str], *args: str) -> tuple[int, str
             stderr=subprocess.PIPE,
             text=True,
             timeout=60,
+            preexec_fn=None if fd else (lambda: os.close(1)),
         )
     finally:
         os.close(write)
     return done.returncode, done.stderr
 
 
-def test_a_send_whose_stdout_is_closed_says_it_was_queued(storage):
-    # The message was queued, yet the command said it could not reach storage.
+def test_a_command_whose_stdout_is_closed_says_so_and_what_it_did(storage):
+    # The message was queued, the schedule written, yet each command said it could not
+    # reach storage (or, for `schedule put`, that it failed).
     command = ["send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r-1"]
     assert producer_to_closed_stdout(storage, *command) == (0, "request 'r-1' was queued\n")
     assert queued(storage) == 1
-    # Another command's output is lost: an error, but not storage's.
+    put = ["schedule", "put", "daily", "--cron", "0 0 9 * * *", "--conversation", "msteams/a:1"]
+    put += ["--text", "x"]
+    assert producer_to_closed_stdout(storage, *put) == (0, "schedule 'daily' was written\n")
+    assert "daily" in producer(storage, "schedule", "list").stdout
+    # A command whose output is lost: an error, but not storage's.
     expected = (1, "error: stdout was closed before the output was written\n")
-    assert producer_to_closed_stdout(storage, "report", "r-1") == expected
+    for fd in (True, False):
+        assert producer_to_closed_stdout(storage, "report", "r-1", fd=fd) == expected
 
 
 def test_a_script_using_the_python_api_closes_what_it_opened(storage):

@@ -1037,9 +1037,12 @@ async def test_blob_delete_during_an_update_leaves_no_stale_cache(gated):
 
 
 @pytest.mark.integration
-async def test_blob_paging_survives_inserts_before_the_resume_point(azurite, unique_name):
+@pytest.mark.parametrize("time_slice", [None, 0.0])  # 0: each call ends after one page
+async def test_blob_paging_survives_inserts_before_the_resume_point(
+    azurite, unique_name, time_slice
+):
     settings = settings_for(azurite.connection_string, unique_name("refs"))
-    store = BlobReferenceStore(settings, options=FAST, listing_batch=4)
+    store = BlobReferenceStore(settings, options=FAST, listing_batch=4, listing_slice=time_slice)
     try:
         wanted = {f"msteams/m-{i}" for i in range(3)}
         for key in wanted:
