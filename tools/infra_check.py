@@ -624,14 +624,17 @@ def check_identity(infra: Path = INFRA) -> list[str]:
 
 # A parameter value that is only meaningful with others given too.
 NEEDS = {("botAppType", "SingleTenant"): ("botAppId",)}
+# What Bicep's decorators cannot say: the prefix starts a storage account's name, which
+# takes only lower-case letters and digits (ARM refuses it after other resources exist).
+PATTERNS = {"namePrefix": (re.compile(r"[a-z0-9]+"), "lower-case letters and digits only")}
 
 _TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
 
 
 def check_parameter_file(infra: Path = INFRA) -> list[str]:
     """main.parameters.json names only parameters main.bicep has, with values of their type
-    and within their @allowed / @minValue / @maxValue / @minLength / @maxLength, and gives
-    every parameter that has no default."""
+    and within their @allowed / @minValue / @maxValue / @minLength / @maxLength (and the
+    PATTERNS their descriptions state), and gives every parameter that has no default."""
     declared = load(infra, "main.bicep")["parameters"]
     path = infra / "main.parameters.json"
     values = {
@@ -662,6 +665,9 @@ def check_parameter_file(infra: Path = INFRA) -> list[str]:
             problems.append(f"{path.name}: {name} is shorter than {rules['min_length']}")
         if "max_length" in rules and len(value) > rules["max_length"]:
             problems.append(f"{path.name}: {name} is longer than {rules['max_length']}")
+        pattern, meaning = PATTERNS.get(name, (None, ""))
+        if pattern is not None and not pattern.fullmatch(value):
+            problems.append(f"{path.name}: {name}={value!r} must be {meaning}")
     for (name, value), needed in NEEDS.items():
         if values.get(name) == value:
             problems.extend(

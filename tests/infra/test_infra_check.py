@@ -195,6 +195,22 @@ def test_a_parameter_file_with_a_bad_value_or_name_is_reported(infra_copy: Path)
     assert "main.parameters.json: botId is not a parameter" in problems
 
 
+def test_a_name_prefix_a_storage_account_name_cannot_start_with_is_reported(
+    infra_copy: Path,
+) -> None:
+    # 3-11 characters, so its decorators pass: ARM refused the storage account's name
+    # after the identity had been created.
+    path = infra_copy / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"]["namePrefix"] = {"value": "Echo-Bot"}
+    path.write_text(json.dumps(values))
+    problems = infra_check.check_parameter_file(infra_copy)
+    expected = (
+        "main.parameters.json: namePrefix='Echo-Bot' must be lower-case letters and digits only"
+    )
+    assert problems == [expected]
+
+
 def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
     """Bicep's defaults, with what Azure fills in at deployment, make valid Settings."""
     from shared.config import Settings
