@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import azure.functions as func
 
@@ -40,13 +41,27 @@ def max_dequeue_count() -> int:
     return _host_json_max_dequeue_count()
 
 
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
+
+
 @functools.cache
-def _host_json_max_dequeue_count() -> int:
-    path = Path(__file__).resolve().parent.parent / "host.json"
+def _host_json_max_dequeue_count(path: Path = HOST_JSON) -> int:
     try:
-        return int(json.loads(path.read_text("utf-8"))["extensions"]["queues"]["maxDequeueCount"])
+        document = json.loads(path.read_text("utf-8"))
+        queues = _setting(_setting(document, "extensions"), "queues")
+        return int(_setting(queues, "maxDequeueCount"))
     except (OSError, ValueError, KeyError, TypeError):
         return 5
+
+
+def _setting(section: Any, name: str) -> Any:
+    """A host.json key in any case, as the host reads it (.NET configuration)."""
+    if not isinstance(section, dict):
+        raise TypeError(name)
+    for key, value in section.items():
+        if key.lower() == name.lower():
+            return value
+    raise KeyError(name)
 
 
 async def main(msg: func.QueueMessage) -> None:

@@ -130,13 +130,16 @@ _QUEUE_TEXTS = ("maxPollingInterval", "visibilityTimeout", "messageEncoding")
 def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> HostConfig:
     """host.json, with the queue options an app setting overrides as on Azure
     (``AzureFunctionsJobHost__extensions__queues__maxDequeueCount`` and the like)."""
-    document = _read_json(root / HOST_JSON, HOST_JSON)
-    extensions = _object(document.get("extensions", {}), "host.json extensions")
-    queues = dict(_object(extensions.get("queues", {}), "host.json extensions.queues"))
+    # Keys in any case, as the host reads host.json (.NET configuration).
+    document = _folded(_read_json(root / HOST_JSON, HOST_JSON))
+    extensions = _folded(_object(document.get("extensions", {}), "host.json extensions"))
+    queues = _object(extensions.get("queues", {}), "host.json extensions.queues")
+    known = {name.lower(): name for name in (*_QUEUE_INTEGERS, *_QUEUE_TEXTS)}
+    queues = {known.get(key.lower(), key): value for key, value in queues.items()}
     queues.update(_queue_overrides(settings or {}))
-    http = _object(extensions.get("http", {}), "host.json extensions.http")
-    prefix = str(http.get("routePrefix", "api")).strip("/")
-    timeout = document.get("functionTimeout")
+    http = _folded(_object(extensions.get("http", {}), "host.json extensions.http"))
+    prefix = str(http.get("routeprefix", "api")).strip("/")
+    timeout = document.get("functiontimeout")
     function_timeout = None
     if timeout not in (None, "", "-1", -1):
         function_timeout = parse_timespan(timeout, where="host.json functionTimeout")
@@ -145,6 +148,10 @@ def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> H
         queues=_queue_options(queues),
         function_timeout=function_timeout,
     )
+
+
+def _folded(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {key.lower(): value for key, value in section.items()}
 
 
 def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ the 5 fields without seconds, firing at second 0), evaluated with croniter in UT
 `WEBSITE_TIME_ZONE` when set to an IANA zone. Like NCrontab, a day must match both the
 day and the day-of-week fields (croniter's default ORs them). Runs of one function
 never overlap: the next occurrence is computed after a run ends, skipping occurrences
-missed meanwhile. `past_due` is true when a run starts noticeably later than its
-scheduled time.
+missed meanwhile. `past_due` is false for every scheduled run, late or not, as the timer
+extension passes it (only its schedule monitor, which this host does not keep, sets it,
+for an occurrence missed while the host was down).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from tools.devhost.settings import HostError, parse_timespan
 
 logger = logging.getLogger(__name__)
 
-PAST_DUE_AFTER = timedelta(seconds=1)
 LONGEST_SLEEP = 30.0  # re-check the wall clock at least this often
 NEVER = "0001-01-01T00:00:00"
 
@@ -117,8 +117,7 @@ class TimerListener:
             await self._fire(now, past_due=False)
         due = self.schedule.next_after(now)
         while await self._sleep_until(due):
-            started = self._clock()
-            await self._fire(due, past_due=started - due > PAST_DUE_AFTER)
+            await self._fire(due, past_due=False)
             due = self.schedule.next_after(max(due, self._clock()))
 
     async def invoke_manually(self, _text: str = "") -> Outcome:
