@@ -47,7 +47,7 @@ HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 @functools.cache
 def _host_json_max_dequeue_count(path: Path = HOST_JSON) -> int:
     try:
-        document = json.loads(path.read_text("utf-8"))
+        document = json.loads(path.read_text("utf-8-sig"))  # a BOM, as the host allows
         queues = _setting(_setting(document, "extensions"), "queues")
         return int(_setting(queues, "maxDequeueCount"))
     except (OSError, ValueError, KeyError, TypeError):
@@ -55,13 +55,16 @@ def _host_json_max_dequeue_count(path: Path = HOST_JSON) -> int:
 
 
 def _setting(section: Any, name: str) -> Any:
-    """A host.json key in any case, as the host reads it (.NET configuration)."""
+    """A host.json key in any case, as the host reads it (.NET configuration, flattened
+    leaf by leaf): of keys that differ only in case the last wins, sections merge."""
     if not isinstance(section, dict):
         raise TypeError(name)
-    for key, value in section.items():
-        if key.lower() == name.lower():
-            return value
-    raise KeyError(name)
+    found = [value for key, value in section.items() if key.lower() == name.lower()]
+    if not found:
+        raise KeyError(name)
+    if all(isinstance(value, dict) for value in found):
+        return {key: value for part in found for key, value in part.items()}
+    return found[-1]
 
 
 async def main(msg: func.QueueMessage) -> None:

@@ -483,8 +483,9 @@ def check_hosting(infra: Path = INFRA) -> list[str]:
         problems.append("the deployment container must be reached with the user-assigned identity")
     if app.get("identity", {}).get("type") != "UserAssigned":
         problems.append("the function app must run as the user-assigned identity")
-    host = json.loads((ROOT / "host.json").read_text())
-    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    from tools.devhost.app import read_host_config  # host.json read as the host does
+
+    prefix = read_host_config(ROOT).route_prefix
     binding = json.loads((ROOT / "messages_function" / "function.json").read_text())
     route = next(b["route"] for b in binding["bindings"] if b["type"] == "httpTrigger")
     endpoint = load(infra, "main.bicep")["modules"]["bot"]["config"]["params"].get("endpoint")

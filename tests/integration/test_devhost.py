@@ -259,14 +259,15 @@ def test_a_host_header_no_url_can_carry_is_a_400_without_a_traceback(http_host):
     # The host's web server refuses it; the local host answered 500 and logged two
     # tracebacks of its own.
     port = int(http_host.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(
-            b"GET /api/out HTTP/1.1\r\nHost: x:notaport\r\nConnection: close\r\n\r\n"
-        )
-        answer = b""
-        while chunk := connection.recv(4096):
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400")
+    for path in (b"/api/out", b"/nope", b"/admin/host/status"):  # whatever the path
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(
+                b"GET " + path + b" HTTP/1.1\r\nHost: x:notaport\r\nConnection: close\r\n\r\n"
+            )
+            answer = b""
+            while chunk := connection.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400"), path
     assert request(http_host, "GET", "/api/out")[0] == 200  # and it serves on
     assert "Traceback" not in http_host.stdout + http_host.stderr
 
@@ -1231,7 +1232,7 @@ def test_host_json_keys_are_read_in_any_case_as_on_azure(tmp_path: Path) -> None
 
     path = tmp_path / "host.json"
     document = {
-        "Version": "2.0",
+        "version": "2.0",  # the one key the host reads exactly
         "FunctionTimeout": "00:00:30",
         "Extensions": {
             "Queues": {"MaxDequeueCount": 2, "VisibilityTimeout": "00:00:03"},
@@ -1243,3 +1244,15 @@ def test_host_json_keys_are_read_in_any_case_as_on_azure(tmp_path: Path) -> None
     assert (config.queues.max_dequeue_count, config.queues.visibility_timeout) == (2, 3.0)
     assert (config.route_prefix, config.function_timeout) == ("bots", 30.0)
     assert _host_json_max_dequeue_count(path) == 2
+    # Keys differing only in case: the last wins and sections merge, as the host's
+    # flattened configuration has it; and a BOM, which the host reads past.
+    text = (
+        '{"version": "2.0", "extensions": {"queues": {"batchSize": 8, "maxDequeueCount": 5}},'
+        ' "Extensions": {"Queues": {"MaxDequeueCount": 3}}}'
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "host.json").write_text(text, encoding="utf-8-sig")
+    queues = read_host_config(other).queues
+    assert (queues.batch_size, queues.max_dequeue_count) == (8, 3)
+    assert _host_json_max_dequeue_count(other / "host.json") == 3

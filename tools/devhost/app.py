@@ -151,7 +151,16 @@ def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> H
 
 
 def _folded(section: Mapping[str, Any]) -> dict[str, Any]:
-    return {key.lower(): value for key, value in section.items()}
+    """Keys in lower case; of keys that differ only in case the last wins and sections
+    merge, as the host flattens host.json into case-blind configuration."""
+    folded: dict[str, Any] = {}
+    for key, value in section.items():
+        name = key.lower()
+        if isinstance(value, dict) and isinstance(folded.get(name), dict):
+            folded[name] = {**folded[name], **value}
+        else:
+            folded[name] = value
+    return folded
 
 
 def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:

@@ -106,6 +106,10 @@ def build_web_app(
     manual = manual_triggers if manual_triggers is not None else {}  # may fill in later
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            str(request.url)
+        except ValueError:  # a Host header no URL can carry ("x:notaport"): the host's 400
+            return web.Response(status=400)
         if request.path.startswith(ADMIN_PREFIX):
             return await _admin(request, manual, state)
         path = routing_path(request.raw_path)
@@ -130,13 +134,9 @@ async def _invoke(
     # The host passes the worker a body only when the request declares a positive
     # Content-Length: a chunked request reaches the function with an empty body.
     body = await request.read() if (request.content_length or 0) > 0 else b""
-    try:
-        url = str(request.url)
-    except ValueError:  # a Host header no URL can carry ("x:notaport"): the host's 400
-        return web.Response(status=400)
     trigger_request = WorkerHttpRequest(
         method=request.method,
-        url=url,
+        url=str(request.url),  # a Host no URL can carry was answered 400 before
         headers=_joined((name.lower(), value) for name, value in request.headers.items()),
         params={k: v for k, v in _joined(request.query.items()).items() if v},
         route_params={k: v for k, v in match.groupdict().items() if v is not None},
