@@ -338,9 +338,7 @@ class BlobReferenceStore:
                     name, _ = _document(key)
                     try:
                         stored = await self._read(name, key) if name else None
-                    except StoreError as unreadable:
-                        if unreadable.status is not None:
-                            raise
+                    except UnreadableDocument:
                         continue  # not this version's to judge: kept for one that can read it
                     if stored is None or not listed_by(stored, kind, value):
                         stale.add(key)
@@ -400,9 +398,7 @@ class BlobReferenceStore:
             return None
         try:
             return await self._read(name, key)
-        except StoreError as unreadable:
-            if unreadable.status is not None:
-                raise  # storage failed: not the document's doing
+        except UnreadableDocument as unreadable:
             logger.warning("references: user index passed over %s: %s", name[-80:], unreadable)
             return None
 
@@ -434,9 +430,7 @@ class BlobReferenceStore:
         for attempt in range(self._max_attempts):
             try:
                 current = await self._read(name, key)
-            except StoreError as unreadable:
-                if unreadable.status is not None:
-                    raise
+            except UnreadableDocument as unreadable:
                 removed = await self._remove_unreadable(name, unreadable)
                 if removed is not None:
                     return removed
@@ -455,7 +449,7 @@ class BlobReferenceStore:
             f"{self._max_attempts} concurrent-update conflicts"
         )
 
-    async def _remove_unreadable(self, name: str, unreadable: StoreError) -> bool | None:
+    async def _remove_unreadable(self, name: str, unreadable: UnreadableDocument) -> bool | None:
         """Remove a document this version cannot read (the conversation it names is being
         removed, whatever wrote it): at the ETag it has now, so a concurrent write wins. Its
         user index entries, which only it could name, are dropped when its user's data is

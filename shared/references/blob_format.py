@@ -10,7 +10,12 @@ import json
 import zlib
 from typing import Any
 
-from shared.references.contract import SCHEMA_VERSION, StoredReference, StoreError, to_document
+from shared.references.contract import (
+    SCHEMA_VERSION,
+    StoredReference,
+    UnreadableDocument,
+    to_document,
+)
 from shared.references.keys import encode_segment
 
 METADATA_DOC_LIMIT = 7000  # Azure allows 8 KiB of metadata in all
@@ -48,4 +53,6 @@ def unpack_copy(packed: str) -> Any:
     try:
         return json.loads(zlib.decompress(base64.urlsafe_b64decode(packed)))
     except (ValueError, RecursionError, zlib.error):
-        raise StoreError("reference store: unreadable document copy in blob metadata") from None
+        raise UnreadableDocument(
+            "reference store: unreadable document copy in blob metadata"
+        ) from None

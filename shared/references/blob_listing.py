@@ -21,7 +21,7 @@ from shared.references.contract import (
     Filters,
     Page,
     StoredReference,
-    StoreError,
+    UnreadableDocument,
     encode_token,
     from_document,
     same_id,
@@ -123,9 +123,7 @@ async def _materialize(
                 if found_json is None:
                     return None  # deleted since it was listed
                 stored = from_document(found_json[0], found_json[1])
-        except StoreError as unreadable:
-            if unreadable.status is not None:
-                raise  # storage failed: not the document's doing
+        except UnreadableDocument as unreadable:  # storage failing is not this
             logger.warning("references: listing left out %s: %s", name[-80:], unreadable)
             return None
         return stored if filters.matches(stored) else None
