@@ -59,7 +59,7 @@ async def list_page(
 
     filtered = filters.tenant_id is not None or filters.team_id is not None
     fetch = min(MAX_PAGE_SIZE, batch) if filtered else page_size
-    tenant = filters.tenant_id
+    tenant, tenant_meta = filters.tenant_id, meta_value(filters.tenant_id)
     team = meta_value(filters.team_id)
     marker: str | None = state.get("m")
     after: str | None = state.get("a")
@@ -80,7 +80,7 @@ async def list_page(
             metadata = blob.metadata or {}
             if after is not None and blob.name <= after:
                 continue
-            if tenant is not None and not _same_tenant(metadata.get("tenant"), filters):
+            if tenant is not None and not _same_tenant(metadata.get("tenant"), tenant, tenant_meta):
                 continue
             if team is not None and metadata.get("team") != team:
                 continue
@@ -132,13 +132,13 @@ async def _materialize(
     return [stored for stored in results if stored is not None]
 
 
-def _same_tenant(stored: str | None, filters: Filters) -> bool:
-    """Whether a blob's `tenant` metadata names the filter's tenant, without case (a
-    GUID); a hashed value (a tenant id over 200 characters) only exactly."""
-    wanted = filters.tenant_id
-    if stored is None or wanted is None:
+def _same_tenant(stored: str | None, wanted: str, encoded: str | None) -> bool:
+    """Whether a blob's `tenant` metadata names the filter's tenant (`encoded`: its
+    metadata form, computed once per call), without case (a GUID); a hashed value (a
+    tenant id over 200 characters) only exactly."""
+    if stored is None:
         return False
-    if stored == meta_value(wanted):
+    if stored == encoded:
         return True
     try:
         value = decode_segment(stored)
