@@ -231,7 +231,8 @@ class Settings:
         channel_service = get("BOT_CHANNEL_SERVICE", "public").lower()
         if channel_service not in CLOUDS:
             raise SettingsError("BOT_CHANNEL_SERVICE", "must be 'public' or 'usgov'")
-        channel_service = _sdk_channel_service(get("ChannelService"), get("BOT_CHANNEL_SERVICE"))
+        explicit = bool(get("BOT_CHANNEL_SERVICE"))
+        channel_service = _sdk_channel_service(get("ChannelService"), channel_service, explicit)
         cloud = CLOUDS[channel_service]  # type: ignore[index]
 
         raw_type = get("MicrosoftAppType", "MultiTenant")
@@ -496,13 +497,13 @@ def _lower_guid(value: str) -> str:
     return value.lower() if _GUID.fullmatch(value) else value
 
 
-def _sdk_channel_service(sdk_value: str, ours: str) -> ChannelService:
-    """BOT_CHANNEL_SERVICE, or the cloud the SDKs' `ChannelService` names when it is unset;
-    both set must agree, and a `ChannelService` value that names no cloud is refused (it
-    was ignored: a US Gov bot ran as public and refused every channel token)."""
-    chosen: ChannelService = ours.lower() or "public"  # type: ignore[assignment]
+def _sdk_channel_service(sdk_value: str, chosen: str, explicit: bool) -> ChannelService:
+    """`chosen` (BOT_CHANNEL_SERVICE, checked; `explicit` when it was set), or the cloud
+    the SDKs' `ChannelService` names when it is unset; both set must agree, and a
+    `ChannelService` value that names no cloud is refused (it was ignored: a US Gov bot
+    ran as public and refused every channel token)."""
     if not sdk_value:
-        return chosen
+        return chosen  # type: ignore[return-value]  # checked against CLOUDS
     mapped = _SDK_CHANNEL_SERVICES.get(sdk_value.rstrip("/").lower())
     if mapped is None:
         raise SettingsError(
@@ -510,7 +511,7 @@ def _sdk_channel_service(sdk_value: str, ours: str) -> ChannelService:
             "names no cloud this bot knows: https://botframework.azure.us (US Government), "
             "or leave it empty and set BOT_CHANNEL_SERVICE",
         )
-    if ours and chosen != mapped:
+    if explicit and chosen != mapped:
         raise SettingsError(
             "BOT_CHANNEL_SERVICE", f"is {chosen}, but ChannelService names {mapped}"
         )

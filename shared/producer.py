@@ -324,9 +324,9 @@ async def run(argv: Sequence[str] | None = None) -> int:
             request = build_request(args)
             request.setdefault("id", str(uuid.uuid4()))  # chosen here: an error can name it
             try:
-                queued_id = await enqueue(request, settings=settings)
+                shown = _printable(await enqueue(request, settings=settings))
                 # Escaped where stdout cannot encode it: the put has landed, say so.
-                _print_done(_printable(queued_id), f"request {_printable(queued_id)!r} was queued")
+                _print_done(shown, f"request {shown!r} was queued")
             except QueueError as error:
                 if _refused(error):
                     raise
