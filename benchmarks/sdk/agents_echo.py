@@ -5,12 +5,13 @@ module level, like the sample. :func:`handle` does what the sample's aiohttp ser
 one request (the JWT middleware's ``_authorize_request``, then ``CloudAdapter.process`` via the
 SDK's framework-neutral ``process_request``), without a web server.
 
-With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim as in
-benchmarks/peers/agents_server.py (its JWT middleware's check against botsim's JWKS, MSAL
-for the bot's token from the fake AAD, MSAL's instance discovery off); otherwise the
-sample's local mode (no client id, anonymous allowed).
+With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim (its JWT
+check against botsim's JWKS, MSAL for the bot's token from the fake AAD, MSAL's instance
+discovery off); otherwise the sample's local mode (no client id, anonymous allowed).
+benchmarks/peers/agents_server.py serves this module's agent with the quickstart's aiohttp
+server, always authenticated.
 
-Runs only in the benchmark's SDK venv (.tools/bench-sdk-venv).
+Runs in the benchmark's SDK venv (.tools/bench-sdk-venv) and in .tools/bench-agents.
 """
 
 from __future__ import annotations

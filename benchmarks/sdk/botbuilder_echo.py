@@ -5,12 +5,14 @@ module level. :func:`handle` does what ``CloudAdapter.process`` does with an aio
 (content-type check, JSON parse, ``Activity().deserialize``, ``process_activity`` with the
 Authorization header), without a web server, so the benchmark times the SDK, not aiohttp's.
 
-With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim as in
-benchmarks/peers/botbuilder_server.py (channel tokens checked against botsim's OpenID
-metadata, the bot's token from its fake AAD, MSAL's instance discovery off); otherwise the
-sample's local mode (no app id: no authentication).
+With BENCH_APP_ID set, authentication is the SDK's own, configured against botsim (channel
+tokens checked against botsim's OpenID metadata, the bot's token from its fake AAD; MSAL's
+instance discovery is turned off, since the SDK's VALIDATE_AUTHORITY setting does not stop
+it and it would ask a Microsoft host this machine cannot reach); otherwise the sample's
+local mode (no app id: no authentication). benchmarks/peers/botbuilder_server.py serves
+this module's adapter and bot with the sample's aiohttp server, always authenticated.
 
-Runs only in the benchmark's SDK venv (.tools/bench-sdk-venv).
+Runs in the benchmark's SDK venv (.tools/bench-sdk-venv) and in .tools/bench-botbuilder.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class LocalConfig:
 
 
 class AuthConfig:
-    """Its normal authentication, pointed at botsim (as benchmarks/peers/botbuilder_server)."""
+    """Its normal authentication, pointed at botsim."""
 
     APP_ID = _env("BENCH_APP_ID")
     APP_PASSWORD = _env("BENCH_APP_PASSWORD")
