@@ -360,8 +360,11 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
     """A fan-out the host gives up on: ended, with the fan-out itself as one failed
     target, so the report reaches `done` once the children enqueued so far are."""
     record = await engine.ledger.read(head_name(request.id))
-    if record is not None and isinstance(record.data, dict) and record.data.get("pending"):
-        record = await _end_pending_page(request, engine, record, reason)
+    if record is not None and isinstance(record.data, dict):
+        if record.data.get("digest") not in (None, _digest(request)):
+            return  # another broadcast reusing its id (see _other_broadcast): not this one's
+        if record.data.get("pending"):
+            record = await _end_pending_page(request, engine, record, reason)
     if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
         return
     head = {

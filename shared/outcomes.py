@@ -29,6 +29,7 @@ from shared.reports import (
     outcome_name,
     record_duplicate,
     record_outcome,
+    single_head,
 )
 
 # The engine's logger: one name for every line an operator follows a request by.
@@ -232,6 +233,15 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
             )
     try:
         if request.broadcast is None:
+            if not request.engine.child and not await single_head(
+                engine.ledger, request.id, engine.clock()
+            ):
+                # A request of its own reusing a broadcast's id: not one of its targets, so
+                # nothing goes in its report (as when one is poisoned as invalid).
+                logger.warning(
+                    "proactive %r: the id is a broadcast's; given up, not reported", request.id
+                )
+                return
             recorded = await record_target(
                 request,
                 engine,

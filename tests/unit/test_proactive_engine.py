@@ -1846,6 +1846,87 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     assert report["targets"] == 3
 
 
+class _DuplicateRecordOutage:
+    """The engine's ledger, but storage refuses the record of a duplicate (an outage while
+    a reused id is told apart)."""
+
+    def __init__(self, ledger):
+        self._ledger = ledger
+
+    def __getattr__(self, name):
+        return getattr(self._ledger, name)
+
+    async def create(self, name, data, *, metadata=None):
+        if "/dup/" in name:
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+        return await self._ledger.create(name, data, metadata=metadata)
+
+
+async def _given_up_in_an_outage(engine, text, message_id):
+    """`text` handled on the host's last attempt while its duplicate cannot be recorded
+    nor any copy queued: it fails."""
+    ledger, queue = engine.ledger, engine.queue
+    engine.ledger, engine.queue = _DuplicateRecordOutage(ledger), _QueueOutage()
+    try:
+        with pytest.raises((StoreError, OSError)):
+            await handle_queue_message(
+                text, engine.runtime, engine=engine, final_attempt=True, message_id=message_id
+            )
+    finally:
+        engine.ledger, engine.queue = ledger, queue
+
+
+class _QueueOutage(MemoryQueue):
+    async def put(self, text, *, delay=0.0):
+        raise OSError("queue unreachable (test outage)")
+
+    async def poison(self, body, reason):
+        raise OSError("queue unreachable (test outage)")
+
+
+async def test_a_broadcast_reusing_an_id_given_up_leaves_the_first_broadcasts_fanout_going(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    engine.fanout_page_size = 1
+    engine.fanout_seconds = 0
+    assert await handle(engine, body({"broadcast": {}}, "b-1", text="first")) is Outcome.REQUEUED
+    pending = engine.queue.take()  # page 1's child and the continuation
+
+    # Another broadcast with the first's id and other content fails on every attempt.
+    await _given_up_in_an_outage(engine, body({"broadcast": {}}, "b-1", text="second"), "m-2")
+    for text, _delay in pending:
+        await handle(engine, text)
+    await drain(engine)
+
+    report = await read_report(engine.ledger, "b-1")
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+    assert (report["state"], report["targets"], report["delivered"]) == ("done", 2, 2)
+    assert report["failed"] == 0
+
+
+async def test_a_request_reusing_a_broadcasts_id_given_up_writes_nothing_in_its_report(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+    [first, second] = engine.queue.take()
+    assert await handle(engine, first[0]) is Outcome.DELIVERED
+
+    # A request of its own reusing the broadcast's id fails on every attempt.
+    await _given_up_in_an_outage(engine, body({"conversation": "msteams/a:1"}, "b-1"), "m-2")
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("running", 1, 0)
+
+    assert await handle(engine, second[0]) is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"], report["delivered"]) == ("done", 2, 2)
+    assert (report["failed"], report["failures"]) == (0, [])
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+
+
 async def test_a_delivered_marker_refused_by_storage_is_recorded_later_without_a_resend(
     parts, fake_connector
 ):
