@@ -406,13 +406,7 @@ def text_without_bot_mention(activity: Mapping[str, Any]) -> str:
             continue
         mentioned = entity.get("mentioned")
         mention_text = entity.get("text")
-        if (
-            bot_id
-            and isinstance(mentioned, Mapping)
-            and mentioned.get("id") == bot_id
-            and isinstance(mention_text, str)
-            and mention_text
-        ):
+        if is_bot_account(mentioned, bot_id) and isinstance(mention_text, str) and mention_text:
             text = text.replace(mention_text, "")
     return text.strip()
 

@@ -42,7 +42,9 @@ async def welcome(turn: TurnContext) -> None:
         found = await asyncio.gather(*(member_name(turn, members[i]) for i in unnamed))
         for i, name in zip(unnamed, found, strict=True):
             names[i] = name
-    await turn.send(greeting(names))
+    # Plain text: a display name is anyone's to choose, and Markdown in it (a link) would
+    # be shown as the bot's own.
+    await turn.send({"type": "message", "text": greeting(names), "textFormat": "plain"})
 
 
 def greeting(names: list[str]) -> str:

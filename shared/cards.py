@@ -102,8 +102,21 @@ def refresh(verb: str, *, data: Any = None, user_ids: Iterable[str] | None = Non
 
 
 def card_attachment(card: Mapping[str, Any]) -> Attachment:
-    """An Adaptive Card as a message attachment."""
-    return {"contentType": ADAPTIVE_CARD, "content": dict(card)}
+    """An Adaptive Card as a message attachment (given the attachment, the same again)."""
+    return {"contentType": ADAPTIVE_CARD, "content": card_content(card)}
+
+
+def card_content(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The Adaptive Card itself, given the card or its attachment (:func:`card_attachment`);
+    ValueError for an attachment of another kind (a hero card answers no card invoke)."""
+    if "contentType" not in card:
+        return dict(card)
+    content = card.get("content")
+    if card["contentType"] != ADAPTIVE_CARD or not isinstance(content, Mapping):
+        raise ValueError(
+            f"expected an Adaptive Card or its attachment, got a {card['contentType']!r} attachment"
+        )
+    return dict(content)
 
 
 # ---------------------------------------------------------------------------- hero cards

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from shared.cards import ADAPTIVE_CARD, card_attachment
+from shared.cards import ADAPTIVE_CARD, card_attachment, card_content
 from shared.router import InvokeResponse
 
 MESSAGE_RESPONSE = "application/vnd.microsoft.activity.message"
@@ -24,8 +24,9 @@ ERROR_RESPONSE = "application/vnd.microsoft.error"
 
 
 def card_response(card: Mapping[str, Any]) -> InvokeResponse:
-    """Answer an ``adaptiveCard/action``: this card replaces the one that was pressed."""
-    return _card_invoke(200, ADAPTIVE_CARD, dict(card))
+    """Answer an ``adaptiveCard/action``: this card (or its attachment) replaces the one
+    that was pressed."""
+    return _card_invoke(200, ADAPTIVE_CARD, card_content(card))
 
 
 def card_text_response(text: str) -> InvokeResponse:
@@ -51,8 +52,9 @@ def task_card(
     height: int | str | None = None,
     width: int | str | None = None,
 ) -> InvokeResponse:
-    """Answer ``task/fetch`` (or ``task/submit``, to go on) with a dialog showing `card`
-    (``height``/``width``: pixels, or "small" | "medium" | "large")."""
+    """Answer ``task/fetch`` (or ``task/submit``, to go on) with a dialog showing `card`, an
+    Adaptive Card or its attachment (``height``/``width``: pixels, or "small" | "medium" |
+    "large")."""
     return _task_continue({"card": card_attachment(card)}, title, height, width)
 
 

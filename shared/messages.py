@@ -12,6 +12,7 @@ do one after the other.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ class TurnOutcome:
     handled: bool = False
     value: Any = None
     failed: bool = False
+    invoke: InvokeResponse | None = None  # an invoke's answer, checked
+    body: bytes | None = None  # its body as JSON (None: no body)
+
+
+class InvalidAnswer(ValueError):
+    """An invoke handler's answer cannot be sent (a status out of range, a body that is
+    not JSON): the turn fails before anything it changed is saved."""
 
 
 async def handle_messages(
@@ -182,11 +190,14 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     try:
         result = await router.dispatch(turn)
+        outcome = TurnOutcome(handled=result.handled, value=result.value)
+        if turn.activity["type"] == "invoke":
+            _check_invoke(outcome, turn.activity)  # an answer that cannot be sent saves nothing
         await turn.save_state()  # only what the handler changed; a failure fails the turn
     except Exception as error:
         await router.handle_error(turn, error)
         return TurnOutcome(handled=True, failed=True)
-    return TurnOutcome(handled=result.handled, value=result.value)
+    return outcome
 
 
 def _removal(activity: Activity) -> bool:
@@ -254,7 +265,7 @@ def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> Htt
         return HttpResponse(200)
     try:
         return _answer(activity, turn, outcome)
-    except (TypeError, ValueError):  # not JSON: a set, NaN, ...
+    except (TypeError, ValueError):  # not JSON: a set, NaN, ... in the buffered replies
         logger.error(
             "messages: the answer to %s %s is not JSON",
             activity["type"],
@@ -267,36 +278,43 @@ def _answer(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> Http
     """The HTTP answer that carries the turn's reply: the buffered replies, the invoke's."""
     if activity["type"] != "invoke":
         return HttpResponse.json(200, {"activities": turn.buffered})
-    invoke = _invoke_result(outcome, activity)
-    if invoke is None:
-        return HttpResponse.text(500, SERVER_ERROR)
+    invoke = outcome.invoke
+    assert invoke is not None  # checked by _run_turn
     if turn.expects_replies:
         # As the SDKs do: the invoke's answer travels with the replies, as an activity.
         value: dict[str, Any] = {"status": invoke.status}
-        if invoke.body is not None:
+        if outcome.body is not None:
             value["body"] = invoke.body
         answer = {"type": "invokeResponse", "value": value}
         return HttpResponse.json(200, {"activities": [*turn.buffered, answer]})
-    if invoke.body is None:
+    if outcome.body is None:
         return HttpResponse(invoke.status)
-    return HttpResponse.json(invoke.status, invoke.body)
+    return HttpResponse(
+        invoke.status, outcome.body, {"Content-Type": "application/json; charset=utf-8"}
+    )
 
 
-def _invoke_result(outcome: TurnOutcome, activity: Activity) -> InvokeResponse | None:
-    """An invoke handler's return value as status and body (see Router.invoke); 501 when
-    no handler took it, None when the handler returned an impossible status."""
+def _check_invoke(outcome: TurnOutcome, activity: Activity) -> None:
+    """An invoke handler's return value as status and body (see Router.invoke), in
+    `outcome`: 501 when no handler took it. InvalidAnswer for a status out of range or a
+    body that is not JSON. A 204 or 304 answer has no body, whatever the handler gave."""
     if not outcome.handled:
-        return InvokeResponse(501)
+        outcome.invoke = InvokeResponse(501)
+        return
     value = outcome.value
-    response = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
-    if not isinstance(response.status, int) or not 200 <= response.status <= 599:
-        logger.error(
-            "messages: invoke %s returned status %s",
-            clip(activity.get("name")),
-            clip(response.status),
-        )
-        return None
-    return response
+    invoke = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
+    name = clip(activity.get("name") or "")
+    if not isinstance(invoke.status, int) or not 200 <= invoke.status <= 599:
+        logger.error("messages: invoke %s returned status %s", name, clip(invoke.status))
+        raise InvalidAnswer("an invoke answer's status must be an int from 200 to 599")
+    if invoke.body is not None and invoke.status not in (204, 304):
+        try:
+            text = json.dumps(invoke.body, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError):  # a set, NaN, a datetime, ...
+            logger.error("messages: the answer to invoke %s is not JSON", name)
+            raise InvalidAnswer("an invoke answer's body must be plain JSON") from None
+        outcome.body = text.encode()
+    outcome.invoke = invoke
 
 
 def _ids(activity: Activity) -> str:

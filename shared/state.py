@@ -334,7 +334,10 @@ class State:
 
     async def update(self, change: Change) -> Data:
         """Apply `change` to the data now, and again on the fresh data if a concurrent
-        writer saved first. `change` must depend only on the data it is given."""
+        writer saved first. `change` must depend only on the data it is given. The data
+        returned is final once saved: a save that meets a concurrent writer's changes
+        updates it in place, so read from it after :meth:`save` (or the turn's
+        ``save_state``) what the user is shown."""
         data = await self.load()
         change(data)
         self._updates.append(change)

@@ -332,6 +332,14 @@ def test_bot_mention_is_removed_from_text_but_other_mentions_stay():
     assert text_without_bot_mention(incoming(text=None)) == ""
 
 
+def test_bot_mention_naming_the_bot_without_its_prefix_is_removed_too():
+    activity = incoming(
+        text="<at>Bot</at> help",
+        entities=[{"type": "mention", "mentioned": {"id": "bot"}, "text": "<at>Bot</at>"}],
+    )
+    assert text_without_bot_mention(activity) == "help"
+
+
 def test_is_bot_account():
     assert is_bot_account({"id": "28:bot"}, "28:bot")
     assert is_bot_account({"id": "bot"}, "28:bot")  # Teams sometimes drops the prefix

@@ -57,6 +57,16 @@ async def test_a_member_the_channel_names_is_greeted_by_name(fake_connector, con
     assert [r.operation for r in fake_connector.requests] == ["sendToConversation"]
 
 
+async def test_a_name_with_markdown_is_greeted_as_plain_text(fake_connector, connector):
+    name = "[Re-verify your account](https://example.invalid/login)"
+    activity = joined(fake_connector, {"id": "u-1", "name": name}, channel="msteams")
+    assert await run(fake_connector, connector, activity) == [
+        f"Welcome, {name}! Send me a message and I will echo it."
+    ]
+    [sent] = [r.json for r in fake_connector.requests if r.json]
+    assert sent["textFormat"] == "plain"  # shown as typed, not as the bot's link
+
+
 async def test_teams_members_without_names_are_looked_up_through_the_connector(
     fake_connector, connector
 ):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from shared.config import Settings, StorageSettings
-from shared.router import APOLOGY, Router
+from shared.messages import SERVER_ERROR
+from shared.router import APOLOGY, InvokeResponse, Router
 from shared.state import (
     MemoryStateStore,
     State,
@@ -54,6 +55,16 @@ def state_router() -> Router:
         await turn.conversation_state.update(lambda data: data.update(n=data.get("n", 0) + 1))
         (await turn.user_state.load())["seen"] = {"a set", "is not JSON"}
         await turn.reply("counted")
+
+    @router.invoke("task/submit")
+    async def submit(turn: TurnContext):
+        await turn.conversation_state.update(lambda data: data.update(n=data.get("n", 0) + 1))
+        value = (turn.activity.get("value") or {}).get("answer")
+        if value == "bad status":
+            return InvokeResponse(700, {"task": {"type": "message", "value": "saved"}})
+        if value == "empty":
+            return InvokeResponse(204, {"dropped": True})  # a 204 has no body
+        return {"task": {"type": "message", "value": "saved"}, "at": {"not", "json"}}
 
     @router.message(r"^fail$")
     async def fail(turn: TurnContext) -> None:
@@ -138,6 +149,44 @@ async def test_a_failed_handler_saves_no_state(bot, channel_identity, fake_conne
     response = await say(bot, channel_identity, fake_connector, "fail")
     assert response.status == 500
     assert await bot.runtime.state.read(USER_KEY) is None
+
+
+@pytest.mark.parametrize("answer", ["not json", "bad status"])
+async def test_an_invoke_answer_that_cannot_be_sent_fails_the_turn_before_state_is_saved(
+    bot, channel_identity, fake_connector, answer
+):
+    for _ in range(2):  # the user, seeing the failure, submits again
+        response = await say(
+            bot,
+            channel_identity,
+            fake_connector,
+            "",
+            type="invoke",
+            name="task/submit",
+            value={"answer": answer},
+        )
+        assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+    assert bot.runtime.state.writes == 0
+    texts = [request.json["text"] for request in fake_connector.requests]
+    assert texts == [APOLOGY, APOLOGY]  # as for any failed turn
+
+
+async def test_an_invoke_answered_204_sends_no_body_and_saves_its_state(
+    bot, channel_identity, fake_connector
+):
+    response = await say(
+        bot,
+        channel_identity,
+        fake_connector,
+        "",
+        type="invoke",
+        name="task/submit",
+        value={"answer": "empty"},
+    )
+    assert (response.status, response.body) == (204, b"")
+    stored = await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION))
+    assert stored.data == {"n": 1}
 
 
 async def test_delete_user_data_erases_and_records_nothing(bot, channel_identity, fake_connector):

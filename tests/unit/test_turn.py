@@ -346,6 +346,17 @@ async def test_card_actions_route_by_verb_with_typed_values():
     }
 
 
+def test_card_answers_take_the_card_or_its_attachment_alike():
+    card = counter(3)
+    attached = card_attachment(card)
+    assert card_response(attached) == card_response(card)
+    assert task_card(attached, title="T") == task_card(card, title="T")
+    assert card_attachment(attached) == attached  # not wrapped twice
+    assert task_card(attached).body["task"]["value"]["card"] == attached
+    with pytest.raises(ValueError, match="Adaptive Card"):
+        card_response(hero_card("Not an adaptive card"))
+
+
 @pytest.mark.parametrize(
     "value", [None, "text", {"action": "not an object"}, {"trigger": "manual"}]
 )
