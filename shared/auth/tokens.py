@@ -354,9 +354,11 @@ def _aad_error(result: dict[str, Any], kind: str) -> TokenError:
     description = str(result.get("error_description") or "")
     match = re.search(r"AADSTS(\d+)", description)
     codes = result.get("error_codes")
-    number = (
-        match.group(1) if match else (str(codes[0]) if isinstance(codes, list) and codes else "")
-    )
+    number = match.group(1) if match else ""
+    if not number and isinstance(codes, list) and codes:
+        first = str(codes[0]) if isinstance(codes[0], int | str) else ""
+        # A number only: the text of a proxy's page may echo the form, secret included.
+        number = first if first.isascii() and first.isdigit() and len(first) <= 10 else ""
     code = f"AADSTS{number}" if number else error
     setting = _AADSTS_HINTS.get(number) or {
         "certificate": "MicrosoftAppCertificatePath",
