@@ -443,7 +443,8 @@ def _ncrontab_item_ok(
         bounds.append(value)
     if portable and len(bounds) == 2:
         return bounds[0] < bounds[1]  # croniter reads `a-a` as `*` (and `a-a/n` as `*/n`)
-    return True
+    # `a/1`: NCrontab reads it as `a` alone, croniter as `a` to the field's end.
+    return not (portable and match[2] is not None and int(match[2]) == 1)
 
 
 def _ncrontab_value(

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.activity import refuse_constant
+from shared.activity import is_unicode_text, refuse_constant
 from shared.config import (
     DEFAULT_QUEUE,
     Settings,
@@ -261,10 +261,19 @@ def _request_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _json_arg(name: str, text: str) -> Any:
+    _text_arg(name, text)
     try:
         return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise UsageError(f"{name} is not valid JSON") from None
+
+
+def _text_arg(name: str, text: str) -> str:
+    """`text` when it is Unicode text; bytes the terminal's encoding could not decode come
+    in as lone surrogates, which would be sent as such (UsageError)."""
+    if not is_unicode_text(text):
+        raise UsageError(f"{name} is not text in the terminal's encoding (UTF-8?)")
+    return text
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -276,7 +285,7 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         to = {"broadcast": _json_arg("--broadcast", args.broadcast)}
     request: dict[str, Any] = {"to": to}
     if args.text is not None:
-        request["text"] = args.text
+        request["text"] = _text_arg("--text", args.text)
     else:
         request["activity"] = _json_arg("--activity", args.activity)
     if getattr(args, "id", None) is not None:
@@ -397,18 +406,25 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+_UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _print_json(value: Any) -> None:
     """One JSON line, as text when stdout can write it, else with \\u escapes (a lone
     surrogate, or a console whose encoding lacks a character): the same JSON either way."""
     text = json.dumps(value, ensure_ascii=False)
     if _printable(text) != text:
         text = json.dumps(value)
-    print(text)
+    # Line breaks to a reader that splits lines the Unicode way: escaped, one object a line.
+    print(text.translate(_UNICODE_LINE_BREAKS))
 
 
 def _print_done(shown: str, said: str) -> None:
     """Print what a command made (`shown`: an id, a name) once it is made; when stdout is
     closed, `said` goes to stderr instead, and the command still succeeded."""
+    if sys.stdout is None:  # started without any stdout
+        print(said, file=sys.stderr)
+        return
     try:
         print(shown, flush=True)
     except OSError:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from shared.activity import is_unicode_text
 from shared.config import Settings, ncrontab_problem
 from shared.ledger import Entry, Ledger, NotJson, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
@@ -247,7 +248,7 @@ async def remove_schedule(ledger: Ledger, name: str) -> bool:
     included), and a schedule's last-run record; False when the listing of ``schedules/``
     holds no such blob. Only a listed blob is deleted: a name such as ``../x`` never
     reaches another blob. Due times already enqueued are still delivered."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or not is_unicode_text(name):
         raise InvalidRequest("give a schedule's name, or a blob name under schedules/")
     blob = name if name.startswith(SCHEDULES_PREFIX) else schedule_blob(name)
     if not [entry async for entry in ledger.list(blob) if entry.name == blob]:

@@ -75,6 +75,9 @@ BAD_INPUT = {
     "id not UTF-8": (["--text", "hi", "--id", b"id-\xff"], "`id` must be printable"),
     "id with a newline": (["--text", "hi", "--id", "line1\nline2"], "`id` must be printable"),
     "id with an escape": (["--text", "hi", "--id", "a\x1b[2Jb"], "`id` must be printable"),
+    # Bytes a UTF-8 terminal could not decode (Latin-1 "café"): sent as they came before.
+    "text not UTF-8": (["--text", b"caf\xe9"], "--text is not text in the terminal's"),
+    "activity not UTF-8": (["--activity", b'{"text": "caf\xe9"}'], "--activity is not text"),
 }
 
 
@@ -236,13 +239,17 @@ def producer_to_closed_stdout(env: dict[str, str], *args: str, fd: bool = True) 
 def test_a_command_whose_stdout_is_closed_says_so_and_what_it_did(storage):
     # The message was queued, the schedule written, yet each command said it could not
     # reach storage (or, for `schedule put`, that it failed).
-    command = ["send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r-1"]
-    assert producer_to_closed_stdout(storage, *command) == (0, "request 'r-1' was queued\n")
-    assert queued(storage) == 1
-    put = ["schedule", "put", "daily", "--cron", "0 0 9 * * *", "--conversation", "msteams/a:1"]
-    put += ["--text", "x"]
-    assert producer_to_closed_stdout(storage, *put) == (0, "schedule 'daily' was written\n")
-    assert "daily" in producer(storage, "schedule", "list").stdout
+    # With no stdout at all (`fd=False`), the id went nowhere and the command said nothing.
+    for fd, n in ((True, 1), (False, 2)):
+        command = ["send", "--conversation", "msteams/a:1", "--text", "x", "--id", f"r-{n}"]
+        done = producer_to_closed_stdout(storage, *command, fd=fd)
+        assert done == (0, f"request 'r-{n}' was queued\n")
+        assert queued(storage) == n
+        put = ["schedule", "put", f"daily-{n}", "--cron", "0 0 9 * * *"]
+        put += ["--conversation", "msteams/a:1", "--text", "x"]
+        done = producer_to_closed_stdout(storage, *put, fd=fd)
+        assert done == (0, f"schedule 'daily-{n}' was written\n")
+        assert f"daily-{n}" in producer(storage, "schedule", "list").stdout
     # A command whose output is lost: an error, but not storage's.
     expected = (1, "error: stdout was closed before the output was written\n")
     for fd in (True, False):
@@ -424,3 +431,25 @@ def test_list_shows_every_schedule_and_delete_removes_whatever_list_names(storag
         assert (deleted.returncode, deleted.stderr) == (0, ""), (line, deleted.stderr)
     assert schedules(storage) == []
     assert stored(storage) == ["victim.json"]  # and no last-run record left
+
+
+def test_list_escapes_unicode_line_breaks_so_each_schedule_stays_one_line(storage):
+    # A blob another client named with U+2028 or U+0085: a reader splitting lines the
+    # Unicode way got fragments that were not JSON.
+    from azure.storage.blob import ContainerClient
+
+    container = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with container:
+        container.create_container()
+        container.upload_blob("schedules/a\u2028b.json", b"{}")
+        container.upload_blob("schedules/c\x85d.json", b"{}")
+    assert [line["name"] for line in schedules(storage)] == ["a\u2028b", "c\x85d"]
+
+
+def test_deleting_a_schedule_named_in_bytes_the_terminal_could_not_decode_says_so(storage):
+    refused = producer(storage, "schedule", "delete", b"x\xff")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: give a schedule's name")
+    assert "could not reach storage" not in refused.stderr

@@ -368,7 +368,8 @@ def test_valid_schedules_are_kept(schedule):
 
 
 @pytest.mark.parametrize(
-    "schedule", ["0 0 22-6 * * *", "0 0 9 * * Monday", "0 0 9-9 * * *", "0 0 9 1 Jan-Mar *"]
+    "schedule",
+    ["0 0 22-6 * * *", "0 0 9 * * Monday", "0 0 9-9 * * *", "0 0 9 1 Jan-Mar *", "0 0 9 * * 1/1"],
 )
 def test_what_the_hosts_parser_reads_is_accepted_though_schedule_documents_refuse_it(schedule):
     # A deployed BOT_SCHEDULE the host runs must not be refused by the bot's own settings

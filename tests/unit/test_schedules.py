@@ -389,6 +389,9 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         ({"schedule": "0 0 9-9 * * *", "request": REQUEST}, "hour field"),
         ({"schedule": "0 0 9 * * Mon-Mon", "request": REQUEST}, "day-of-week field"),
         ({"schedule": "0 0 9 1 6-6/2 *", "request": REQUEST}, "month field"),
+        # A single value stepped by 1: NCrontab reads it alone, croniter to the field's end.
+        ({"schedule": "0 0 9 * * Mon/1", "request": REQUEST}, "day-of-week field"),
+        ({"schedule": "0 0 9 1/1 * *", "request": REQUEST}, "day field"),
         ({"schedule": "0 */0 * * * *", "request": REQUEST}, "minute field"),
     ],
 )
