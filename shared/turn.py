@@ -278,7 +278,7 @@ class TurnContext:
     async def send(self, text_or_activity: str | Mapping[str, Any]) -> dict:
         """Post a new activity to this conversation (Connector `SendToConversation`): text,
         an activity, or an Adaptive Card / attachment (sent as a message carrying it)."""
-        activity = apply_conversation_reference(_outgoing(text_or_activity), self.reference)
+        activity = apply_conversation_reference(self._outgoing(text_or_activity), self.reference)
         return await self._deliver(activity, reply_to=None, buffer=True)
 
     async def reply(
@@ -293,7 +293,7 @@ class TurnContext:
         """
         incoming_id = self.reference.get("activityId")
         activity = apply_conversation_reference(
-            _outgoing(text_or_activity), self.reference, reply=bool(incoming_id)
+            self._outgoing(text_or_activity), self.reference, reply=bool(incoming_id)
         )
         return await self._deliver(activity, reply_to=incoming_id, buffer=buffer)
 
@@ -329,12 +329,34 @@ class TurnContext:
         """
         from shared.producer import enqueue
 
-        outgoing = _outgoing(text_or_activity)
+        outgoing = self._outgoing(text_or_activity)
         reference = {k: v for k, v in self.reference.items() if k != "activityId"}
         request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
         if request_id is not None:
             request["id"] = request_id
         return await enqueue(request, settings=self.settings, delay=delay)
+
+    def _outgoing(self, value: str | Mapping[str, Any]) -> Activity:
+        """What a handler sends to this conversation, as an activity. ValueError when it
+        names another conversation, serviceUrl or channel: it would be posted here all the
+        same (to post elsewhere: ``turn.connector``, or ``shared.producer.enqueue``)."""
+        activity = _outgoing(value)
+        here = self.reference
+        for name, mine in (
+            ("conversation", (here.get("conversation") or {}).get("id")),
+            ("serviceUrl", here.get("serviceUrl")),
+            ("channelId", here.get("channelId")),
+        ):
+            theirs = activity.get(name)
+            if isinstance(theirs, Mapping):
+                theirs = theirs.get("id")
+            if theirs is not None and theirs != mine:
+                raise ValueError(
+                    f"the activity's {name} is not this conversation's: a turn sends to its "
+                    "own conversation (turn.connector or shared.producer.enqueue send "
+                    "elsewhere)"
+                )
+        return activity
 
     async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
         if buffer and self.buffering and self.expects_replies:

@@ -287,6 +287,30 @@ async def test_send_reply_and_update_take_a_card(sent):
     assert [call[0] for call in connector.calls] == ["send", "reply", "update"]
 
 
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        {"conversation": {"id": "19:admins@thread.tacv2"}},
+        {"serviceUrl": "https://smba.trafficmanager.net/emea/"},
+        {"channelId": "webchat"},
+    ],
+    ids=["conversation", "serviceUrl", "channelId"],
+)
+async def test_an_activity_addressed_elsewhere_is_refused_not_posted_here(elsewhere):
+    connector = RecordingConnector()
+    incoming = activity()
+    turn = turn_for(incoming, connector)
+    outgoing = {"type": "message", "text": "for the admins only", **elsewhere}
+    for send in (turn.send, turn.reply):
+        with pytest.raises(ValueError, match="not this conversation's"):
+            await send(outgoing)
+    assert connector.calls == []
+    # Naming this conversation, as a copy of the incoming activity's fields does, is fine.
+    here = {k: incoming[k] for k in ("conversation", "serviceUrl", "channelId")}
+    await turn.send({"type": "message", "text": "hi", **here})
+    assert [call[0] for call in connector.calls] == ["send"]
+
+
 # ------------------------------------------------------------------- card and dialog routes
 
 
