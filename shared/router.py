@@ -309,7 +309,8 @@ class Router:
         """Log a failed turn with its ids and apologise to the user. Never raises.
 
         The user never sees the exception; the log names the activity, the conversation and
-        where the exception was raised (not its text, which may carry user data or secrets).
+        where the exception was raised (not its text, which may carry user data or secrets,
+        but for the app's own errors whose text says why: see _reason).
         No apology is posted for a message extension's invoke (the chat the user types in,
         which the bot is usually not in; a search runs as they type) nor for a card's
         automatic refresh (one per person viewing it): their client shows the failed
@@ -317,11 +318,12 @@ class Router:
         removed, the team deleted): nobody there would read it, and Teams refuses it.
         """
         logger.error(
-            "handler failed: activity=%s conversation=%s type=%s error=%s",
+            "handler failed: activity=%s conversation=%s type=%s error=%s%s",
             clip(turn.activity.get("id")),
             clip(turn.conversation_key),
             clip(turn.activity.get("type")),
             describe(error),
+            _reason(error),
         )
         try:
             if self._on_error is not None:
@@ -336,6 +338,27 @@ class Router:
                 clip(turn.conversation_key),
                 type(failure).__name__,
             )
+
+
+def _reason(error: BaseException) -> str:
+    """What the author needs to know of a failure whose text is the app's own: a state or
+    storage error says why (too large, a conflict, unreachable); a Connector error says
+    what the channel answered (operation, kind, status and code; not its message, which
+    quotes the channel's answer)."""
+    from shared.connector.errors import ConnectorError
+    from shared.references.contract import StoreError
+    from shared.state import StateError
+
+    if isinstance(error, StateError | StoreError):
+        return f" ({error})"
+    if isinstance(error, ConnectorError):
+        parts = [error.operation or "connector", error.kind.value]
+        if error.status is not None:
+            parts.append(str(error.status))
+        if error.code:
+            parts.append(clip(error.code))
+        return f" ({' '.join(parts)})"
+    return ""
 
 
 def _no_apology(activity: Mapping[str, Any]) -> bool:

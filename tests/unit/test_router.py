@@ -304,6 +304,34 @@ async def test_raising_handler_gets_logged_and_the_user_an_apology(caplog):
     assert "conversation='msteams/a:conv'" in record.getMessage()
 
 
+async def test_a_failed_turn_logs_why_when_the_error_is_the_apps_own(caplog):
+    # The author needs "over the limit" or the channel's 400 BadArgument to fix the bot;
+    # an arbitrary exception's text still never reaches the log.
+    from shared.connector.errors import ConnectorError, ErrorKind
+    from shared.state import StateTooLarge
+
+    refused = ConnectorError(
+        ErrorKind.INVALID,
+        "the channel said: card text 'call Ada on 555'",
+        status=400,
+        code="BadArgument",
+        operation="sendToConversation",
+    )
+    turn = turn_for(activity(text="hi"), RecordingConnector())
+    with caplog.at_level(logging.ERROR, logger="shared.router"):
+        for error in (
+            StateTooLarge("state is 70001 bytes of JSON, over the limit of 65536"),
+            refused,
+            RuntimeError("secret detail: token=abc"),
+        ):
+            await Router().handle_error(turn, error)
+    too_large, connector, other = (record.getMessage() for record in caplog.records)
+    assert "(state is 70001 bytes of JSON, over the limit of 65536)" in too_large
+    assert "(sendToConversation invalid 400 'BadArgument')" in connector
+    assert "555" not in connector
+    assert other.endswith("error=RuntimeError")  # no text, no reason
+
+
 async def test_failing_apology_is_logged_not_raised(caplog):
     router = Router()
     connector = RecordingConnector(fail=True)
