@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from shared.activity import (
     check_content_type,
     check_size,
     conversation_key,
+    is_message_extension,
     parse_activity,
     teams_team_id,
 )
@@ -51,6 +53,8 @@ LOCAL_UNAUTHORIZED = (
 SERVER_ERROR = "The bot could not process this activity."
 # The signing keys could not be fetched (none cached): the token is not judged, so no 401.
 KEYS_UNAVAILABLE = "The bot cannot verify requests right now; try again shortly."
+CHANNEL_WINDOW = 15.0  # seconds a channel waits for the HTTP answer to an activity
+EXTENSION_WINDOW = 5.0  # ... and Teams for a message extension's invoke
 RECORD_BUDGET = 2.0  # seconds the reference write may add to the HTTP answer
 # A removal (uninstall, bot removed, team deleted: a team's channels too) must not be cut
 # short, or the rest stays stored and is broadcast to: more time, within the channel's 15 s,
@@ -95,6 +99,7 @@ async def handle_messages(
 
 
 async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]) -> HttpResponse:
+    started = time.monotonic()
     if request.method != "POST":
         return HttpResponse(405, b"", {"Allow": "POST"})
     if not isinstance(runtime, Runtime):
@@ -184,7 +189,24 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         outcome.failed = outcome.failed or not written
     response = _respond(activity, turn, outcome)
     logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
+    _check_late(activity, recorded, ids, time.monotonic() - started)
     return response
+
+
+def _check_late(activity: Activity, recorded: Activity, ids: str, elapsed: float) -> None:
+    """Warn when the answer came after the channel stopped waiting: the channel may send
+    the activity again, and the handler then runs a second time (slow work belongs in
+    ``turn.send_later`` or the proactive queue). A removal may run on by design."""
+    window = EXTENSION_WINDOW if is_message_extension(activity) else CHANNEL_WINDOW
+    if elapsed > window and not _removal(recorded):
+        logger.warning(
+            "messages: %s %s answered after %.1f s; the channel waits %.0f s, then may send "
+            "it again",
+            ids,
+            activity["type"],
+            elapsed,
+            window,
+        )
 
 
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:

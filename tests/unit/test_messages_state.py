@@ -189,6 +189,28 @@ async def test_an_invoke_answered_204_sends_no_body_and_saves_its_state(
     assert stored.data == {"n": 1}
 
 
+async def test_a_turn_answered_after_the_channel_stopped_waiting_is_a_warning(
+    bot, channel_identity, fake_connector, caplog, monkeypatch
+):
+    # The channel may send the activity again: the handler would run twice, and the
+    # operator saw nothing to say why.
+    import logging
+
+    import shared.messages
+
+    monkeypatch.setattr(shared.messages, "CHANNEL_WINDOW", 0.0)
+    with caplog.at_level(logging.WARNING, logger="shared.messages"):
+        assert (await say(bot, channel_identity, fake_connector, "dark")).status == 200
+    [line] = [r.getMessage() for r in caplog.records if "answered after" in r.getMessage()]
+    assert "the channel waits 0 s, then may send it again" in line
+
+    caplog.clear()
+    monkeypatch.setattr(shared.messages, "CHANNEL_WINDOW", 15.0)
+    with caplog.at_level(logging.WARNING, logger="shared.messages"):
+        assert (await say(bot, channel_identity, fake_connector, "dark")).status == 200
+    assert "answered after" not in caplog.text
+
+
 async def test_delete_user_data_erases_and_records_nothing(bot, channel_identity, fake_connector):
     await say(bot, channel_identity, fake_connector, "dark")
     assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is not None
