@@ -151,20 +151,25 @@ async def test_a_failed_handler_saves_no_state(bot, channel_identity, fake_conne
     assert await bot.runtime.state.read(USER_KEY) is None
 
 
+async def submit(bot, channel_identity, fake_connector, answer: str):
+    """A dialog's task/submit, its handler answering as `answer` says (state_router)."""
+    return await say(
+        bot,
+        channel_identity,
+        fake_connector,
+        "",
+        type="invoke",
+        name="task/submit",
+        value={"answer": answer},
+    )
+
+
 @pytest.mark.parametrize("answer", ["not json", "bad status"])
 async def test_an_invoke_answer_that_cannot_be_sent_fails_the_turn_before_state_is_saved(
     bot, channel_identity, fake_connector, answer
 ):
     for _ in range(2):  # the user, seeing the failure, submits again
-        response = await say(
-            bot,
-            channel_identity,
-            fake_connector,
-            "",
-            type="invoke",
-            name="task/submit",
-            value={"answer": answer},
-        )
+        response = await submit(bot, channel_identity, fake_connector, answer)
         assert (response.status, response.body) == (500, SERVER_ERROR.encode())
     assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
     assert bot.runtime.state.writes == 0
@@ -175,15 +180,7 @@ async def test_an_invoke_answer_that_cannot_be_sent_fails_the_turn_before_state_
 async def test_an_invoke_answered_204_sends_no_body_and_saves_its_state(
     bot, channel_identity, fake_connector
 ):
-    response = await say(
-        bot,
-        channel_identity,
-        fake_connector,
-        "",
-        type="invoke",
-        name="task/submit",
-        value={"answer": "empty"},
-    )
+    response = await submit(bot, channel_identity, fake_connector, "empty")
     assert (response.status, response.body) == (204, b"")
     stored = await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION))
     assert stored.data == {"n": 1}
