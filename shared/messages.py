@@ -213,8 +213,11 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     try:
         result = await router.dispatch(turn)
         outcome = TurnOutcome(handled=result.handled, value=result.value)
+        # An answer that cannot be sent saves nothing (the channel's retry would count twice).
         if turn.activity["type"] == "invoke":
-            _check_invoke(outcome, turn.activity)  # an answer that cannot be sent saves nothing
+            _check_invoke(outcome, turn.activity)
+        if turn.expects_replies:
+            _check_replies(turn)
         await turn.save_state()  # only what the handler changed; a failure fails the turn
     except Exception as error:
         await router.handle_error(turn, error)
@@ -285,15 +288,7 @@ def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> Htt
         return HttpResponse.text(500, SERVER_ERROR)
     if activity["type"] != "invoke" and not turn.expects_replies:
         return HttpResponse(200)
-    try:
-        return _answer(activity, turn, outcome)
-    except (TypeError, ValueError):  # not JSON: a set, NaN, ... in the buffered replies
-        logger.error(
-            "messages: the answer to %s %s is not JSON",
-            activity["type"],
-            clip(activity.get("name") or ""),
-        )
-        return HttpResponse.text(500, SERVER_ERROR)
+    return _answer(activity, turn, outcome)  # JSON: checked before the turn's state was saved
 
 
 def _answer(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
@@ -314,6 +309,20 @@ def _answer(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> Http
     return HttpResponse(
         invoke.status, outcome.body, {"Content-Type": "application/json; charset=utf-8"}
     )
+
+
+def _check_replies(turn: TurnContext) -> None:
+    """InvalidAnswer when the replies buffered for the HTTP answer (expectReplies) are not
+    JSON (e.g. a set in a card's data; NaN)."""
+    try:
+        json.dumps(turn.buffered, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        logger.error(
+            "messages: the answer to %s %s is not JSON",
+            turn.activity["type"],
+            clip(turn.activity.get("name") or ""),
+        )
+        raise InvalidAnswer("the replies an expectReplies answer carries must be JSON") from None
 
 
 def _check_invoke(outcome: TurnOutcome, activity: Activity) -> None:

@@ -301,7 +301,7 @@ class TurnContext:
         self, activity_id: str, text_or_activity: str | Mapping[str, Any]
     ) -> dict:
         """Replace an activity the bot sent earlier in this conversation."""
-        activity = apply_conversation_reference(_outgoing(text_or_activity), self.reference)
+        activity = apply_conversation_reference(self._outgoing(text_or_activity), self.reference)
         activity["id"] = activity_id
         return await self.connector.update_activity(
             activity["serviceUrl"], activity["conversation"]["id"], activity_id, activity
@@ -350,6 +350,8 @@ class TurnContext:
             theirs = activity.get(name)
             if isinstance(theirs, Mapping):
                 theirs = theirs.get("id")
+            if name == "serviceUrl" and isinstance(theirs, str) and isinstance(mine, str):
+                theirs, mine = theirs.rstrip("/"), mine.rstrip("/")  # one endpoint either way
             if theirs is not None and theirs != mine:
                 raise ValueError(
                     f"the activity's {name} is not this conversation's: a turn sends to its "

@@ -590,9 +590,11 @@ async def test_an_answer_that_is_not_json_is_a_500_never_sent_as_invalid_json(
             response = await bot.handle(post(incoming, token))
             assert (response.status, response.body) == (500, SERVER_ERROR.encode())
     assert caplog.text.count("is not JSON") == 3
-    # A failed turn, as one that raised: the dialog's user gets the apology in the chat,
-    # the message extension's sees the failure where they type. Nothing else was sent.
-    assert [request.json["text"] for request in fake_connector.requests] == [APOLOGY]
+    # A failed turn, as one that raised: the dialog's and the message's users get the
+    # apology in the chat, the message extension's sees the failure where they type.
+    # Nothing else was sent.
+    texts = [request.json["text"] for request in fake_connector.requests]
+    assert texts == [APOLOGY, APOLOGY]
 
 
 async def test_an_invoke_answer_with_a_status_outside_200_to_599_is_a_500(

@@ -66,6 +66,11 @@ def state_router() -> Router:
             return InvokeResponse(204, {"dropped": True})  # a 204 has no body
         return {"task": {"type": "message", "value": "saved"}, "at": {"not", "json"}}
 
+    @router.message(r"^unsendable$")
+    async def unsendable(turn: TurnContext) -> None:
+        await turn.conversation_state.update(lambda data: data.update(n=data.get("n", 0) + 1))
+        await turn.send({"text": "x", "value": {"a set", "is not JSON"}})
+
     @router.message(r"^fail$")
     async def fail(turn: TurnContext) -> None:
         (await turn.user_state.load())["theme"] = "half-done"
@@ -175,6 +180,19 @@ async def test_an_invoke_answer_that_cannot_be_sent_fails_the_turn_before_state_
     assert bot.runtime.state.writes == 0
     texts = [request.json["text"] for request in fake_connector.requests]
     assert texts == [APOLOGY, APOLOGY]  # as for any failed turn
+
+
+async def test_expect_replies_that_cannot_be_sent_fail_the_turn_before_state_is_saved(
+    bot, channel_identity, fake_connector
+):
+    for _ in range(2):  # the channel retries the 500
+        response = await say(
+            bot, channel_identity, fake_connector, "unsendable", deliveryMode="expectReplies"
+        )
+        assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+    assert bot.runtime.state.writes == 0
+    assert [request.json["text"] for request in fake_connector.requests] == [APOLOGY] * 2
 
 
 async def test_an_invoke_answered_204_sends_no_body_and_saves_its_state(

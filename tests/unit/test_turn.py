@@ -301,14 +301,16 @@ async def test_an_activity_addressed_elsewhere_is_refused_not_posted_here(elsewh
     incoming = activity()
     turn = turn_for(incoming, connector)
     outgoing = {"type": "message", "text": "for the admins only", **elsewhere}
-    for send in (turn.send, turn.reply):
+    for send in (turn.send, turn.reply, lambda out: turn.update_activity("sent-1", out)):
         with pytest.raises(ValueError, match="not this conversation's"):
             await send(outgoing)
     assert connector.calls == []
-    # Naming this conversation, as a copy of the incoming activity's fields does, is fine.
+    # Naming this conversation, as a copy of the incoming activity's fields does, is fine,
+    # and so is its serviceUrl without the trailing slash (the same endpoint).
     here = {k: incoming[k] for k in ("conversation", "serviceUrl", "channelId")}
     await turn.send({"type": "message", "text": "hi", **here})
-    assert [call[0] for call in connector.calls] == ["send"]
+    await turn.reply({"text": "hi", "serviceUrl": incoming["serviceUrl"].rstrip("/")})
+    assert [call[0] for call in connector.calls] == ["send", "reply"]
 
 
 # ------------------------------------------------------------------- card and dialog routes
