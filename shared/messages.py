@@ -77,8 +77,9 @@ class TurnOutcome:
 
 
 class InvalidAnswer(ValueError):
-    """An invoke handler's answer cannot be sent (a status out of range, a body that is
-    not JSON): the turn fails before anything it changed is saved."""
+    """A turn's HTTP answer cannot be sent (an invoke's status out of range or body not
+    JSON; expectReplies replies not JSON): the turn fails before anything it changed is
+    saved."""
 
 
 async def handle_messages(
