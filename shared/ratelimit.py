@@ -416,9 +416,13 @@ class Pacer:
                         # Replies to its conversation filled the window while it waited in
                         # the line: it takes its turn of the tenant's rate now and waits for
                         # the window outside the line, which no other conversation's request
-                        # should wait behind. Within the tenant's window, it is counted from
-                        # when it leaves (Pacer.left).
+                        # should wait behind. The tenant's window counts it from when it
+                        # will leave, and until then (a turn counted from now would drop
+                        # out of a 1-s window before a wait of over a second ended);
+                        # Pacer.left moves it should it leave later still.
                         self._grant(lane, None, background, now, late=queued or slept)
+                        lane.left(now, now + wait)
+                        now += wait
                         break
                 # A longer wait (the 30-s window): out of the line without its turn, which
                 # the tenant's window could no longer count when it left; queued again.
@@ -426,8 +430,12 @@ class Pacer:
                 queued = True
         finally:
             lane.waiting -= 1
-        granted = now
-        now, _ = await self._wait_until(window_wait, deadline)
+        granted = now  # where the tenant's window counts it
+        try:
+            now, _ = await self._wait_until(window_wait, deadline)
+        except PacingTimeout:
+            lane.withdraw(granted)  # replies kept the window full: it never leaves
+            raise
         if conversation is not None:  # always: only its window can be full
             conversation.log.record(now)
         return granted

@@ -70,6 +70,7 @@ PROBE_DOUBLING = 30.0
 # benchmark's hosts were late by up to 100-200 ms.
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
+WINDOW_LOG_LIMIT = 10_000  # requests per second: above it, no window (see AdaptiveRate)
 # Room for replies in every window (each instance counts its own): background requests
 # leave the rest of their share, ceiling x (1 - share), rounded up while replies are being
 # sent (one in the last REPLY_SECONDS) and rounded down otherwise (2 and 1 of Teams' 50;
@@ -144,7 +145,10 @@ class AdaptiveRate:
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
-        self._window_limit = max(1, int(ceiling)) if ceiling else 0
+        # Above WINDOW_LOG_LIMIT (a limit set that high to lift pacing), no window is kept:
+        # its log would hold that many entries per lane. The spacing still applies.
+        windowed = ceiling is not None and 0 < ceiling <= WINDOW_LOG_LIMIT
+        self._window_limit = max(1, int(ceiling)) if windowed else 0
         headroom = round(ceiling * (1.0 - background_share), 9) if ceiling else 0.0
         self._replying_limit = max(1, self._window_limit - math.ceil(headroom))
         self._quiet_limit = max(1, self._window_limit - math.floor(headroom))
@@ -209,6 +213,11 @@ class AdaptiveRate:
         insort(counted, left_at)
         if len(counted) > self._window_limit:
             del counted[0]
+
+    def withdraw(self, sent_at: float) -> None:
+        """The request counted from ``sent_at`` never left: the window no longer counts it."""
+        if self._window_limit:
+            self._forget(sent_at)
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted

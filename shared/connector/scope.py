@@ -23,7 +23,8 @@ def pacing_scope(
         tenant = tenant_id(body) or body.get("tenantId")  # createConversation: tenantId
     return Scope(
         channel_id=channel,
-        tenant_id=tenant if isinstance(tenant, str) and tenant else None,
+        # One tenant, one lane: tenant ids are GUIDs, which a producer may write in capitals.
+        tenant_id=tenant.lower() if isinstance(tenant, str) and tenant else None,
         conversation=conversation_key(conversation_id) if conversation_id else None,
         service=f"{target.host}:{target.port}",
     )

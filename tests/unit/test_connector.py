@@ -1174,6 +1174,39 @@ async def test_a_teams_broadcast_stays_under_the_tenant_limit_and_replies_are_no
         assert len(waited) == 10 and max(waited) < 0.05
 
 
+async def test_one_tenant_named_in_two_cases_is_paced_as_one(aad_app):
+    # A producer's user target may name the tenant in capitals (and the 1:1 it opens is
+    # stored so), while Teams writes it in lower case: two lanes sent it ~98/s.
+    vtime, pacer, fake = paced_fake()
+    tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+    with fake:
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+        connector = ConnectorClient(
+            settings,
+            create_token_provider(settings),
+            pacer=pacer,
+            retry=RetryPolicy(max_total_seconds=60.0),
+            sleep=vtime.sleep,
+            clock=vtime.clock,
+        )
+        background = connector.background()
+
+        async def send(n: int) -> None:
+            named = tenant.upper() if n % 2 else tenant
+            conversation = {"id": f"a:{n}", "tenantId": named}
+            activity = {"channelId": "msteams", "conversation": conversation, "text": str(n)}
+            await background.send_to_conversation(fake.url, f"a:{n}", activity)
+
+        try:
+            await asyncio.gather(*(send(n) for n in range(300)))
+        finally:
+            await connector.close()
+
+    times = sorted(r.time for r in fake.requests)
+    assert len(times) == 300
+    assert all(times[i + 50] - times[i] >= 1.0 for i in range(len(times) - 50))
+
+
 async def test_a_429_from_the_tenant_limit_slows_that_tenant_down(aad_app):
     vtime, pacer, fake = paced_fake(tenant_limit=Window(10, 1.0))  # the app thinks 50/s
     with fake:

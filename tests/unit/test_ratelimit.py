@@ -280,6 +280,45 @@ async def test_a_background_send_whose_window_replies_filled_does_not_hold_the_l
     assert granted["a:user"] >= 1.05  # once the replies' window let it
 
 
+async def test_sends_waiting_over_a_second_outside_the_line_stay_in_the_tenants_window():
+    # Replies fill six busy chats' 2-s windows while a proactive send to each waits in the
+    # line: each takes its turn, then waits 1-2 s outside it. Counted from its turn, it
+    # dropped out of the tenant's 1-s window before it left, and the broadcast behind it
+    # refilled the window: background alone sent 53 in one second.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    left: list[float] = []
+    chats = [f"19:hot{i}@thread.v2" for i in range(6)]
+
+    async def background(conversation: str, after: float = 0.0):
+        await time.sleep(after)
+        scope = teams(conversation)
+        granted = await pacer.acquire(scope, background=True)
+        if time.now > granted:  # the client tells the pacer when it left
+            pacer.left(scope, granted, time.now)
+        left.append(time.now)
+
+    async def reply(conversation: str):
+        await time.sleep(10.45)
+        await pacer.acquire(teams(conversation))
+
+    async def broadcast():  # about half a second queued in the line from 0 to 20 s
+        sends, n = [], 0
+        while time.now < 20.0:
+            while sum(not send.done() for send in sends) < 25:
+                n += 1
+                sends.append(asyncio.ensure_future(background(f"b:{n}")))
+            await time.sleep(0.02)
+        await asyncio.gather(*sends)
+
+    await time.run(
+        broadcast(),
+        *(background(chat, after=10.0) for chat in chats),
+        *(reply(chat) for chat in chats for _ in range(7)),
+    )
+    assert max_in_window(left, 1.0) <= 50
+
+
 async def keep_the_line_busy(
     pacer: Pacer, time: VirtualScheduler, busy: Callable[[], bool], seconds: float = 3.0
 ) -> None:
@@ -425,6 +464,32 @@ def test_background_does_not_make_up_for_the_slot_a_reply_took():
     assert lane.background_wait(0.06) == pytest.approx(0.05 + 1 / 50 - 0.06)
     lane.record(0.08, True, late=True)  # late by 0.01 s: made up for from there
     assert lane.background_wait(0.08) == pytest.approx(0.07 + interval - 0.08)
+
+
+def test_a_request_withdrawn_before_it_left_no_longer_fills_the_window():
+    # A background send that took its turn, then timed out waiting for its conversation's
+    # window (replies kept it full), never left: the tenant's window must not count it.
+    lane = AdaptiveRate(50.0, 0.97)
+    for n in range(49):
+        lane.record(n / 100, True)
+    lane.record(0.6, True)
+    lane.left(0.6, 1.4)  # counted from when it will leave
+    assert lane.counted[-1] == 1.4
+    lane.withdraw(1.4)
+    assert 1.4 not in lane.counted and len(lane.counted) == 49
+
+
+def test_a_limit_set_high_to_lift_pacing_keeps_no_window_log():
+    # BOT_CONNECTOR_RATE_LIMIT=1e9: a log of the last 1e9 requests per lane grew for ever.
+    lane = AdaptiveRate(1e9, 0.97)
+    for n in range(20_000):
+        lane.record(n / 1e6, n % 2 == 0)
+    assert lane.counted == ()
+    assert lane.background_wait(0.02) <= 1e-6  # only the spacing, at that rate
+    teams = AdaptiveRate(50.0, 0.97)
+    for n in range(200):
+        teams.record(n / 50, True)
+    assert len(teams.counted) == 50
 
 
 def test_a_late_background_request_is_made_up_for_but_an_idle_line_is_not():
