@@ -223,6 +223,20 @@ async def test_a_turn_answered_after_the_channel_stopped_waiting_is_a_warning(
     monkeypatch.setattr(shared.messages, "CHANNEL_WINDOW", 15.0)
     with caplog.at_level(logging.WARNING, logger="shared.messages"):
         assert (await say(bot, channel_identity, fake_connector, "dark")).status == 200
+        # A message extension's query: Teams waits 5 s for it, not 15.
+        monkeypatch.setattr(shared.messages, "EXTENSION_WINDOW", 0.0)
+        query = {"type": "invoke", "name": "composeExtension/query", "value": {}}
+        assert (await say(bot, channel_identity, fake_connector, "", **query)).status == 501
+    [line] = [r.getMessage() for r in caplog.records if "answered after" in r.getMessage()]
+    assert "type='invoke'" not in line and "invoke answered after" in line
+    assert "the channel waits 0 s" in line
+
+    # A removal may run on past the channel's wait by design: no warning.
+    caplog.clear()
+    monkeypatch.setattr(shared.messages, "CHANNEL_WINDOW", 0.0)
+    with caplog.at_level(logging.WARNING, logger="shared.messages"):
+        removal = {"type": "installationUpdate", "action": "remove"}
+        assert (await say(bot, channel_identity, fake_connector, "", **removal)).status == 200
     assert "answered after" not in caplog.text
 
 

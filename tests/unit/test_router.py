@@ -20,7 +20,12 @@ USER = {"id": "29:user", "name": "Ada"}
 
 
 class RecordingConnector:
-    """Records the turn's Connector calls; `fail` makes every call raise."""
+    """Records the turn's Connector calls; `fail` makes every call raise.
+
+    A stand-in (not the real client) for routing tests, which assert which Connector call
+    a turn makes, not what travels over HTTP: the same calls through the real
+    ConnectorClient and botsim's HTTP FakeConnector are tested in test_messages*.py,
+    test_turn.py and test_bot.py."""
 
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[tuple] = []

@@ -296,21 +296,31 @@ async def test_send_reply_and_update_take_a_card(sent):
     ],
     ids=["conversation", "serviceUrl", "channelId"],
 )
-async def test_an_activity_addressed_elsewhere_is_refused_not_posted_here(elsewhere):
-    connector = RecordingConnector()
-    incoming = activity()
-    turn = turn_for(incoming, connector)
+async def test_an_activity_addressed_elsewhere_is_refused_not_posted_here(
+    elsewhere, aad_app, fake_connector
+):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    incoming = activity(serviceUrl=fake_connector.url + "/")
+    turn = TurnContext(incoming, connector)
     outgoing = {"type": "message", "text": "for the admins only", **elsewhere}
-    for send in (turn.send, turn.reply, lambda out: turn.update_activity("sent-1", out)):
-        with pytest.raises(ValueError, match="not this conversation's"):
-            await send(outgoing)
-    assert connector.calls == []
-    # Naming this conversation, as a copy of the incoming activity's fields does, is fine,
-    # and so is its serviceUrl without the trailing slash (the same endpoint).
-    here = {k: incoming[k] for k in ("conversation", "serviceUrl", "channelId")}
-    await turn.send({"type": "message", "text": "hi", **here})
-    await turn.reply({"text": "hi", "serviceUrl": incoming["serviceUrl"].rstrip("/")})
-    assert [call[0] for call in connector.calls] == ["send", "reply"]
+    try:
+        for send in (turn.send, turn.reply, lambda out: turn.update_activity("sent-1", out)):
+            with pytest.raises(ValueError, match="not this conversation's"):
+                await send(outgoing)
+        assert fake_connector.requests == []
+        # Naming this conversation, as a copy of the incoming activity's fields does, is
+        # fine, and so is its serviceUrl without the trailing slash (the same endpoint).
+        here = {k: incoming[k] for k in ("conversation", "serviceUrl", "channelId")}
+        await turn.send({"type": "message", "text": "hi", **here})
+        await turn.reply({"text": "hi", "serviceUrl": fake_connector.url})
+    finally:
+        await connector.close()
+    assert [r.operation for r in fake_connector.requests] == [
+        "sendToConversation",
+        "replyToActivity",
+    ]
+    assert [a["conversation"]["id"] for a in fake_connector.activities] == ["a:conv"] * 2
 
 
 # ------------------------------------------------------------------- card and dialog routes
