@@ -21,8 +21,16 @@ async def main(timer: func.TimerRequest) -> None:
     # Storage settings only (as a producer's): a bot credential mistake must not stop
     # the schedules, whose sends then wait on the queue until it is fixed.
     from shared.producer import producer_settings
+    from shared.queues import QueueError
+    from shared.references.contract import StoreError
 
-    enqueued = await run_timer(producer_settings())
+    try:
+        enqueued = await run_timer(producer_settings())
+    except (StoreError, QueueError) as error:
+        # Storage unreachable: one line that says so (their text names no secret), not a
+        # traceback a minute. Nothing is lost: the next run enqueues what was due since.
+        log.error("schedules: not run, the next run catches up: %s", error)
+        return
     # Most minutes nothing is due, and the host already logs every run.
     level = logging.INFO if enqueued or timer.past_due else logging.DEBUG
     log.log(

@@ -193,6 +193,23 @@ LOCAL_RETRY = {
 }
 
 
+def too_old(error: BaseException) -> bool:
+    """Whether a storage error is an Azurite older than the storage SDK refusing the
+    SDK's API version (`InvalidHeaderValue` on `x-ms-version`): an Azurite installed
+    elsewhere (an editor extension, a global npm install, an old image)."""
+    code = getattr(error, "error_code", None)
+    code = str(getattr(code, "value", code) or "")  # the SDK's enum, or the code itself
+    return code == "InvalidHeaderValue" and "API version" in str(
+        getattr(error, "message", "") or ""
+    )
+
+
+TOO_OLD = (
+    "the Azurite there is older than the storage SDK (it refuses its API version): stop it, "
+    "so that `make run` starts the repo's own, or upgrade it"
+)
+
+
 def ensure_resources(conn_str: str, queues: list[str], containers: list[str]) -> None:
     """Create queues (and their `-poison` twins) and containers if they do not exist."""
     from azure.core.exceptions import ResourceExistsError

@@ -34,10 +34,12 @@ from shared.config import AZURE_HOST_MARKERS
 from tools.azurite import (
     DEFAULT_PORTS,
     ROOT,
+    TOO_OLD,
     Azurite,
     connection_string,
     ensure_resources,
     listening,
+    too_old,
 )
 
 PORT = 7071
@@ -195,6 +197,8 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
                 f"Azurite stopped answering on ports {args.blob_port}/{args.queue_port} (was "
                 "another `make run` stopping?): run `make run` again"
             ) from None
+        if too_old(error):
+            raise RunError(f"ports {args.blob_port}/{args.queue_port}: {TOO_OLD}") from None
         raise RunError(
             f"ports {args.blob_port}/{args.queue_port} answer, but not as Azurite "
             f"({type(error).__name__}): stop what uses them, then run `make run` again"

@@ -207,6 +207,29 @@ def test_chat_survives_the_bot_going_away_mid_conversation():
     assert "Traceback" not in printed
 
 
+def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
+    # The reason (a setting that does not validate, say) is in the bot's log only.
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/api/messages", broken)
+    bot = BackgroundServer(app).start()
+    out = io.StringIO()
+    try:
+        code = chat.main(
+            ["--bot", f"{bot.url}/api/messages", "--port", str(free_port())],
+            stdin=io.StringIO("hello\n"),
+            out=out,
+        )
+    finally:
+        bot.stop()
+    printed = out.getvalue()
+    assert code == 0
+    assert "answered 500 to the conversation start: its log" in printed
+    assert "(the bot answered HTTP 500: its log says why)" in printed
+
+
 def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
     """An earlier chat's conversation is stored with the same serviceUrl (port 3980), so a
     broadcast reaches this chat's fake Connector once per conversation: the copy for the

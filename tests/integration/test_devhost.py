@@ -376,7 +376,9 @@ def test_real_app_serves_messages_function(tmp_path, azurite):
 def test_the_real_app_starts_with_the_app_s_defaults_for_its_binding_settings(tmp_path, azurite):
     # Neither BOT_PROACTIVE_QUEUE nor BOT_SCHEDULE set: the documented defaults apply
     # (the Functions host on Azure would not index the two functions; infra/ sets both).
-    env = real_app_env(azurite, BOT_PROACTIVE_QUEUE="")  # empty: the app reads it as unset
+    # Empty: the app reads it as unset (and the environment wins over a local.settings.json
+    # that `make run` left in the repo).
+    env = real_app_env(azurite, BOT_PROACTIVE_QUEUE="", BOT_SCHEDULE="")
     functions = ("messages_function", "proactive_function", "schedule_function")
     with running(REPO, tmp_path, env, "--functions", *functions) as host:
         assert all(f"  {name}: " in host.stdout for name in functions), host.stderr
@@ -684,8 +686,16 @@ def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     app = _app(tmp_path, function_json, code)
     host = DevHost({}, tmp_path, root=app, functions=())
     assert host.wait_exit(timeout=20) == 1
-    assert expected in host.stderr
+    assert host.stderr.count(expected) == 1  # said once (it was logged and printed)
     assert "Traceback" not in host.stderr
+
+
+def test_a_queue_name_from_an_app_setting_names_the_setting(tmp_path):
+    binding = _binding("queueTrigger", queueName="%WORK_QUEUE%")
+    app = _app(tmp_path, binding, "def main(x):\n    pass\n")
+    host = DevHost({"WORK_QUEUE": "Bad_Name"}, tmp_path, root=app, functions=())
+    assert host.wait_exit(timeout=20) == 1
+    assert "queueName %WORK_QUEUE%: 'Bad_Name' is not a valid queue name" in host.stderr
 
 
 HTTP_BINDINGS = {

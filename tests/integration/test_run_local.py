@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -279,6 +280,52 @@ def test_make_run_when_azurite_stops_before_the_queues_are_created_says_so_quick
     message = str(raised.value)
     assert "not as Azurite" not in message  # nothing answers: it is not some other program
     assert f"{args.blob_port}/{args.queue_port}" in message and "make run" in message
+
+
+class _OldAzurite(http.server.BaseHTTPRequestHandler):
+    """Answers every request as an Azurite older than the storage SDK does (3.33, say):
+    400 InvalidHeaderValue for the SDK's x-ms-version. An HTTP stand-in: an old Azurite
+    is not installed here."""
+
+    def _refuse(self) -> None:
+        body = (
+            b'<?xml version="1.0" encoding="utf-8"?><Error><Code>InvalidHeaderValue</Code>'
+            b"<Message>The API version 2026-10-06 is not supported by Azurite. Please "
+            b"upgrade Azurite to latest version and retry.</Message></Error>"
+        )
+        self.send_response(400)
+        self.send_header("x-ms-error-code", "InvalidHeaderValue")
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_GET = do_POST = do_HEAD = _refuse
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_an_azurite_older_than_the_storage_sdk_is_named_as_such():
+    # It answered as Azurite, then `make run` said the ports answer "but not as Azurite".
+    import threading
+
+    from tools import run_local
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OldAzurite) for _ in "bq"]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        blob, queue = (server.server_address[1] for server in servers)
+        args = run_local.parse_args(["--blob-port", str(blob), "--queue-port", str(queue)])
+        with pytest.raises(run_local.RunError) as raised:
+            run_local.create_resources(args, {})
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    message = str(raised.value)
+    assert "older than the storage SDK" in message and "not as Azurite" not in message
 
 
 def test_the_ready_line_names_make_targets_only_on_makes_own_port():

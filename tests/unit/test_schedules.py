@@ -361,6 +361,35 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         client.close()
 
 
+async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
+    monkeypatch, caplog
+):
+    # A traceback a minute while the emulator (or storage) is down: the next run catches
+    # up anyway, since each schedule keeps its own record.
+    import os
+
+    from azure.functions.timer import TimerRequest
+
+    import schedule_function
+    from shared.config import reset_settings
+    from shared.storage import close_shared_clients
+    from tools.azurite import connection_string, free_port
+
+    monkeypatch.setenv("AzureWebJobsStorage", connection_string(free_port(), free_port()))
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    try:
+        with caplog.at_level(logging.INFO):
+            await schedule_function.main(TimerRequest())  # does not raise
+    finally:
+        reset_settings()
+        await close_shared_clients()
+    [record] = [r for r in caplog.records if r.name == "schedule_function"]
+    assert record.levelno == logging.ERROR and record.exc_info is None
+    assert "schedules: not run, the next run catches up" in record.getMessage()
+    assert "storage unreachable" in record.getMessage()
+
+
 @pytest.mark.parametrize(
     ("document", "reason"),
     [

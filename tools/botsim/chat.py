@@ -162,7 +162,14 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
     if status == 401:
         print(NEEDS_TOKEN_HINT, file=out, flush=True)
         return 1
-    if status != 200:
+    if status >= 500:
+        print(
+            f"the bot answered {status} to the conversation start: its log (the `make run` "
+            "terminal) says why",
+            file=out,
+            flush=True,
+        )
+    elif status != 200:
         print(f"the bot answered {status} to the conversation start", file=out, flush=True)
     print("Type a message and press Enter (Ctrl-D to quit).", file=out, flush=True)
     for line in stdin:
@@ -177,6 +184,8 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
         if status == 401:
             print(NEEDS_TOKEN_HINT, file=out, flush=True)
             return 1
-        if status != 200:
+        if status >= 500:
+            print(f"(the bot answered HTTP {status}: its log says why)", file=out, flush=True)
+        elif status != 200:
             print(f"(the bot answered HTTP {status})", file=out, flush=True)
     return 0

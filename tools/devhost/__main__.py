@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging()
         return asyncio.run(run(args, collect))
     except HostError as exc:
-        logger.error("%s", exc)
-        print(f"devhost: error: {exc}", file=sys.stderr, flush=True)
+        print(f"devhost: error: {exc}", file=sys.stderr, flush=True)  # once, not logged too
         return 1
     finally:
         if collect:

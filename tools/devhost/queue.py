@@ -343,6 +343,11 @@ def _fields(message: QueueMessage) -> dict[str, Any]:
 
 def _log_storage_error(action: str, queue: str, exc: Exception) -> None:
     # Status and error code only: storage error text can echo request details.
+    from tools.azurite import TOO_OLD, too_old
+
+    if too_old(exc):
+        logger.warning("Storage error %s queue '%s': %s", action, queue, TOO_OLD)
+        return
     status = getattr(exc, "status_code", None)
     if status is None:
         logger.warning(
