@@ -421,8 +421,6 @@ class Pacer:
                         # out of a 1-s window before a wait of over a second ended);
                         # Pacer.left moves it should it leave later still.
                         self._grant(lane, None, background, now, late=queued or slept)
-                        lane.left(now, now + wait)
-                        now += wait
                         break
                 # A longer wait (the 30-s window): out of the line without its turn, which
                 # the tenant's window could no longer count when it left; queued again.
@@ -430,15 +428,40 @@ class Pacer:
                 queued = True
         finally:
             lane.waiting -= 1
-        granted = now  # where the tenant's window counts it
-        try:
-            now, _ = await self._wait_until(window_wait, deadline)
-        except PacingTimeout:
-            lane.withdraw(granted)  # replies kept the window full: it never leaves
-            raise
+        granted, now = await self._leave_when_room(lane, now, window_wait, deadline)
         if conversation is not None:  # always: only its window can be full
             conversation.log.record(now)
         return granted
+
+    async def _leave_when_room(
+        self,
+        lane: AdaptiveRate,
+        turn: float,
+        window_wait: Callable[[float], float],
+        deadline: float | None,
+    ) -> tuple[float, float]:
+        """After its turn, wait for the conversation's window; return when the tenant's
+        window counts the request from (its grant, for Pacer.left and Pacer.throttled)
+        and the time it may leave. Counted from when it will leave, and until then,
+        whenever that moves later (more replies: another window). One that never leaves
+        (timed out, cancelled) is withdrawn."""
+        counted = turn
+        try:
+            while True:
+                now = self._clock()
+                wait = window_wait(now)
+                if wait <= 0:
+                    return counted, now
+                if deadline is not None and now + wait > deadline:
+                    raise PacingTimeout(wait)
+                if now + wait > counted:
+                    lane.defer(counted, now + wait)
+                    counted = now + wait
+                self.waited += wait
+                await self._sleep(wait)
+        except BaseException:
+            lane.withdraw(counted)
+            raise
 
     def _grant(
         self,

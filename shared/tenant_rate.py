@@ -71,6 +71,7 @@ PROBE_DOUBLING = 30.0
 WINDOW_SECONDS = 1.0
 WINDOW_MARGIN = 0.01
 WINDOW_LOG_LIMIT = 10_000  # requests per second: above it, no window (see AdaptiveRate)
+TURNS_KEPT = 256  # deferred requests remembered for their 429s (see AdaptiveRate.defer)
 # Room for replies in every window (each instance counts its own): background requests
 # leave the rest of their share, ceiling x (1 - share), rounded up while replies are being
 # sent (one in the last REPLY_SECONDS) and rounded down otherwise (2 and 1 of Teams' 50;
@@ -118,6 +119,7 @@ class AdaptiveRate:
         "_replying_limit",
         "_share",
         "_thread_limits",
+        "_turns",
         "_window_limit",
         "background_at",
         "ceiling",
@@ -145,6 +147,9 @@ class AdaptiveRate:
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
+        # Requests counted from when they will leave (deferred), by that time: their turn,
+        # by which a 429 answered to them is judged (sent before or after the last cut).
+        self._turns: dict[float, float] = {}
         # Above WINDOW_LOG_LIMIT (a limit set that high to lift pacing), no window is kept:
         # its log would hold that many entries per lane. The spacing still applies.
         windowed = ceiling is not None and 0 < ceiling <= WINDOW_LOG_LIMIT
@@ -214,8 +219,20 @@ class AdaptiveRate:
         if len(counted) > self._window_limit:
             del counted[0]
 
+    def defer(self, sent_at: float, until: float) -> None:
+        """The request counted from ``sent_at``, a turn taken before its conversation's
+        window had room, will leave at ``until``: counted from then, and until then (a
+        turn counted from when it was taken would drop out of the window first). A 429
+        answered to it is judged by its turn."""
+        turn = self._turns.pop(sent_at, sent_at)
+        self.left(sent_at, until)
+        self._turns[until] = turn
+        if len(self._turns) > TURNS_KEPT:
+            del self._turns[next(iter(self._turns))]
+
     def withdraw(self, sent_at: float) -> None:
         """The request counted from ``sent_at`` never left: the window no longer counts it."""
+        self._turns.pop(sent_at, None)
         if self._window_limit:
             self._forget(sent_at)
 
@@ -278,6 +295,7 @@ class AdaptiveRate:
         (shared/thread_limits.py).
         """
         self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
+        sent_at = self._turns.pop(sent_at, sent_at)  # a deferred request: its turn
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         if self.ceiling is not None and self._thread_limits.own_limit(now, conversation, wait):
             return False

@@ -4,6 +4,7 @@ an adaptive rate per Teams tenant, background traffic that yields to replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
@@ -60,7 +61,9 @@ class VirtualScheduler:
                 when = self._sleepers[0][0]
                 self.now = max(self.now, when)
                 while self._sleepers and self._sleepers[0][0] <= when:
-                    heapq.heappop(self._sleepers)[2].set_result(None)
+                    future = heapq.heappop(self._sleepers)[2]
+                    if not future.done():  # a sleeper cancelled meanwhile is skipped
+                        future.set_result(None)
         return [t.result() for t in tasks]
 
 
@@ -317,6 +320,120 @@ async def test_sends_waiting_over_a_second_outside_the_line_stay_in_the_tenants_
         *(reply(chat) for chat in chats for _ in range(7)),
     )
     assert max_in_window(left, 1.0) <= 50
+
+
+async def test_a_send_whose_wait_grows_after_its_turn_stays_in_the_tenants_window():
+    # As above, but one more reply to each chat after the turn makes 59 in 30 s: the send
+    # then waits for the 30-s window, about 8 s longer, still holding its turn. Counted
+    # until its first expected departure only, it dropped out of the tenant's window
+    # again and the six left on top of a full one: 53 in one second.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    left: list[float] = []
+    chats = [f"19:hot{i}@thread.v2" for i in range(6)]
+
+    async def background(conversation: str, after: float = 0.0):
+        await time.sleep(after)
+        scope = teams(conversation)
+        granted = await pacer.acquire(scope, background=True)
+        if time.now > granted:  # the client tells the pacer when it left
+            pacer.left(scope, granted, time.now)
+        left.append(time.now)
+
+    async def reply(conversation: str, at: float):
+        await time.sleep(at)
+        await pacer.acquire(teams(conversation))
+
+    async def broadcast():  # about half a second queued in the line from 0 to 40 s
+        sends, n = [], 0
+        while time.now < 40.0:
+            while sum(not send.done() for send in sends) < 25:
+                n += 1
+                sends.append(asyncio.ensure_future(background(f"b:{n}")))
+            await time.sleep(0.02)
+        await asyncio.gather(*sends)
+
+    replies = []
+    for chat in chats:
+        replies += [reply(chat, 0.3 * k) for k in range(51)]  # 51 in the chat's 30 s
+        replies += [reply(chat, 20.05) for _ in range(7)]  # fill its 1-s and 2-s windows
+        replies.append(reply(chat, 21.8))  # after the send's turn: the 59th in 30 s
+    await time.run(broadcast(), *(background(chat, after=20.0) for chat in chats), *replies)
+    assert max_in_window(left, 1.0) <= 50
+    assert max(left) > 29.0  # the six waited for the 30-s window
+
+
+async def test_a_deferred_sends_429_is_judged_by_its_turn_not_by_when_it_left():
+    # Its turn came before another request's 429 cut the rate: its own 429, answered
+    # after the cut, is at the old rate and must not cut again (it halved the rate).
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    granted: dict[str, float] = {}
+
+    async def deferred():
+        await time.sleep(0.01)
+        granted["hot"] = await pacer.acquire(teams("19:hot"), background=True)
+
+    async def reply(after: float):
+        await time.sleep(after)
+        await pacer.acquire(teams("19:hot"))
+
+    async def cut_then_429():
+        await time.sleep(0.6)
+        pacer.throttled(teams("b:1"), 1.0, sent_at=0.5)  # the first cut
+        while "hot" not in granted:
+            await time.sleep(0.01)
+        await time.sleep(0.2)
+        cuts = pacer.cuts
+        pacer.throttled(teams("19:hot"), 1.0, sent_at=granted["hot"], left_at=granted["hot"])
+        granted["cut again"] = pacer.cuts > cuts
+
+    background = (pacer.acquire(teams(f"b:{n}"), background=True) for n in range(20))
+    await time.run(*background, *(reply(0.05) for _ in range(7)), deferred(), cut_then_429())
+    assert pacer.cuts == 1 and granted["cut again"] is False
+    assert granted["hot"] > 2.0  # it waited for its chat's 2-s window
+
+
+@pytest.mark.parametrize("ending", ["timeout", "cancelled"])
+async def test_a_send_that_never_leaves_after_its_turn_is_not_counted(ending):
+    # Its wait after the turn grows past its max_wait (PacingTimeout), or its task is
+    # cancelled: the tenant's window must not count a request that never went out.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    seen: dict[str, object] = {}
+
+    async def deferred():
+        try:
+            max_wait = 3.0 if ending == "timeout" else None
+            await pacer.acquire(teams("19:hot"), background=True, max_wait=max_wait)
+        except (PacingTimeout, asyncio.CancelledError) as error:
+            seen["ended"] = type(error).__name__
+            raise
+
+    async def reply(at: float):
+        await time.sleep(at)
+        await pacer.acquire(teams("19:hot"))
+
+    async def line_then_send():
+        await time.sleep(20.0)
+        # A line to wait in, so that the replies fill the chat's windows meanwhile.
+        line = [
+            asyncio.ensure_future(pacer.acquire(teams(f"b:{n}"), background=True))
+            for n in range(25)
+        ]
+        task = asyncio.ensure_future(deferred())
+        await time.sleep(5.0)  # past the 59th reply (21.8): it now waits for ~30 s
+        if ending == "cancelled":
+            task.cancel()
+        with contextlib.suppress(PacingTimeout, asyncio.CancelledError):
+            await task
+        await asyncio.gather(*line)
+        seen["counted"] = [t for t in pacer.lane(teams()).counted if t > 21.9]  # not replies
+
+    replies = [reply(0.3 * k) for k in range(51)] + [reply(20.05) for _ in range(7)]
+    await time.run(*replies, reply(21.8), line_then_send())
+    assert seen["ended"] == ("PacingTimeout" if ending == "timeout" else "CancelledError")
+    assert seen["counted"] == [], seen  # it was counted from about 22.1 while it waited
 
 
 async def keep_the_line_busy(
