@@ -446,22 +446,19 @@ class Pacer:
         whenever that moves later (more replies: another window). One that never leaves
         (timed out, cancelled) is withdrawn."""
         counted = turn
+
+        def keep_counted(now: float, wait: float) -> None:
+            nonlocal counted
+            if now + wait > counted:
+                lane.defer(counted, now + wait)
+                counted = now + wait
+
         try:
-            while True:
-                now = self._clock()
-                wait = window_wait(now)
-                if wait <= 0:
-                    return counted, now
-                if deadline is not None and now + wait > deadline:
-                    raise PacingTimeout(wait)
-                if now + wait > counted:
-                    lane.defer(counted, now + wait)
-                    counted = now + wait
-                self.waited += wait
-                await self._sleep(wait)
+            now, _ = await self._wait_until(window_wait, deadline, keep_counted)
         except BaseException:
             lane.withdraw(counted)
             raise
+        return counted, now
 
     def _grant(
         self,
@@ -482,10 +479,13 @@ class Pacer:
         return now
 
     async def _wait_until(
-        self, wait_time: Callable[[float], float], deadline: float | None
+        self,
+        wait_time: Callable[[float], float],
+        deadline: float | None,
+        before_sleep: Callable[[float, float], None] | None = None,
     ) -> tuple[float, bool]:
         """Sleep until ``wait_time(now)`` is 0; return that ``now`` and whether it slept.
-        Never past ``deadline``."""
+        Never past ``deadline``. ``before_sleep(now, wait)`` is told of each wait."""
         slept = False
         while True:
             now = self._clock()
@@ -494,6 +494,8 @@ class Pacer:
                 return now, slept
             if deadline is not None and now + wait > deadline:
                 raise PacingTimeout(wait)
+            if before_sleep is not None:
+                before_sleep(now, wait)
             self.waited += wait
             slept = True
             await self._sleep(wait)

@@ -283,50 +283,12 @@ async def test_a_background_send_whose_window_replies_filled_does_not_hold_the_l
     assert granted["a:user"] >= 1.05  # once the replies' window let it
 
 
-async def test_sends_waiting_over_a_second_outside_the_line_stay_in_the_tenants_window():
-    # Replies fill six busy chats' 2-s windows while a proactive send to each waits in the
-    # line: each takes its turn, then waits 1-2 s outside it. Counted from its turn, it
-    # dropped out of the tenant's 1-s window before it left, and the broadcast behind it
-    # refilled the window: background alone sent 53 in one second.
-    time = VirtualScheduler()
-    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
-    left: list[float] = []
-    chats = [f"19:hot{i}@thread.v2" for i in range(6)]
-
-    async def background(conversation: str, after: float = 0.0):
-        await time.sleep(after)
-        scope = teams(conversation)
-        granted = await pacer.acquire(scope, background=True)
-        if time.now > granted:  # the client tells the pacer when it left
-            pacer.left(scope, granted, time.now)
-        left.append(time.now)
-
-    async def reply(conversation: str):
-        await time.sleep(10.45)
-        await pacer.acquire(teams(conversation))
-
-    async def broadcast():  # about half a second queued in the line from 0 to 20 s
-        sends, n = [], 0
-        while time.now < 20.0:
-            while sum(not send.done() for send in sends) < 25:
-                n += 1
-                sends.append(asyncio.ensure_future(background(f"b:{n}")))
-            await time.sleep(0.02)
-        await asyncio.gather(*sends)
-
-    await time.run(
-        broadcast(),
-        *(background(chat, after=10.0) for chat in chats),
-        *(reply(chat) for chat in chats for _ in range(7)),
-    )
-    assert max_in_window(left, 1.0) <= 50
-
-
-async def test_a_send_whose_wait_grows_after_its_turn_stays_in_the_tenants_window():
-    # As above, but one more reply to each chat after the turn makes 59 in 30 s: the send
-    # then waits for the 30-s window, about 8 s longer, still holding its turn. Counted
-    # until its first expected departure only, it dropped out of the tenant's window
-    # again and the six left on top of a full one: 53 in one second.
+async def busy_chats_during_a_broadcast(
+    replies_at: Sequence[float], send_at: float, until: float
+) -> list[float]:
+    """Six busy chats, each sent replies at `replies_at`, and a proactive send to each at
+    `send_at`, while a broadcast keeps about half a second queued in the tenant's line
+    until `until`: when each background request left."""
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
     left: list[float] = []
@@ -344,21 +306,40 @@ async def test_a_send_whose_wait_grows_after_its_turn_stays_in_the_tenants_windo
         await time.sleep(at)
         await pacer.acquire(teams(conversation))
 
-    async def broadcast():  # about half a second queued in the line from 0 to 40 s
+    async def broadcast():
         sends, n = [], 0
-        while time.now < 40.0:
+        while time.now < until:
             while sum(not send.done() for send in sends) < 25:
                 n += 1
                 sends.append(asyncio.ensure_future(background(f"b:{n}")))
             await time.sleep(0.02)
         await asyncio.gather(*sends)
 
-    replies = []
-    for chat in chats:
-        replies += [reply(chat, 0.3 * k) for k in range(51)]  # 51 in the chat's 30 s
-        replies += [reply(chat, 20.05) for _ in range(7)]  # fill its 1-s and 2-s windows
-        replies.append(reply(chat, 21.8))  # after the send's turn: the 59th in 30 s
-    await time.run(broadcast(), *(background(chat, after=20.0) for chat in chats), *replies)
+    await time.run(
+        broadcast(),
+        *(background(chat, after=send_at) for chat in chats),
+        *(reply(chat, at) for chat in chats for at in replies_at),
+    )
+    return left
+
+
+async def test_sends_waiting_over_a_second_outside_the_line_stay_in_the_tenants_window():
+    # Replies fill six busy chats' 2-s windows while a proactive send to each waits in the
+    # line: each takes its turn, then waits 1-2 s outside it. Counted from its turn, it
+    # dropped out of the tenant's 1-s window before it left, and the broadcast behind it
+    # refilled the window: background alone sent 53 in one second.
+    left = await busy_chats_during_a_broadcast([10.45] * 7, send_at=10.0, until=20.0)
+    assert max_in_window(left, 1.0) <= 50
+
+
+async def test_a_send_whose_wait_grows_after_its_turn_stays_in_the_tenants_window():
+    # As above, with 51 replies to each chat over the 30 s before, then one more after the
+    # send's turn: 59 in 30 s, so the send waits for the 30-s window, about 8 s longer,
+    # still holding its turn. Counted until its first expected departure only, it dropped
+    # out of the tenant's window again and the six left on top of a full one: 53 in 1 s.
+    earlier = [0.3 * k for k in range(51)]
+    replies = [*earlier, *[20.05] * 7, 21.8]
+    left = await busy_chats_during_a_broadcast(replies, send_at=20.0, until=40.0)
     assert max_in_window(left, 1.0) <= 50
     assert max(left) > 29.0  # the six waited for the 30-s window
 
