@@ -22,11 +22,13 @@ async def main(timer: func.TimerRequest) -> None:
     # the schedules, whose sends then wait on the queue until it is fixed.
     from shared.producer import producer_settings
     from shared.queues import QueueError
-    from shared.references.contract import StoreError
+    from shared.references.contract import StorageAuthFailed, StoreError
 
     try:
         enqueued = await run_timer(producer_settings())
     except (StoreError, QueueError) as error:
+        if isinstance(error, StorageAuthFailed) or getattr(error, "status", None) in (401, 403):
+            raise  # a credential to fix, not an outage: the host records the run as failed
         # Storage unreachable: one line that says so (their text names no secret), not a
         # traceback a minute. Nothing is lost: the next run enqueues what was due since.
         log.error("schedules: not run, the next run catches up: %s", error)

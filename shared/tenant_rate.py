@@ -147,9 +147,10 @@ class AdaptiveRate:
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
-        # Requests counted from when they will leave (deferred), by that time: their turn,
-        # by which a 429 answered to them is judged (sent before or after the last cut).
-        self._turns: dict[float, float] = {}
+        # Requests counted from when they will leave (deferred), by that time: their turns
+        # (two may share a time), by which a 429 answered to them is judged (sent before
+        # or after the last cut).
+        self._turns: dict[float, list[float]] = {}
         # Above WINDOW_LOG_LIMIT (a limit set that high to lift pacing), no window is kept:
         # its log would hold that many entries per lane. The spacing still applies.
         windowed = ceiling is not None and 0 < ceiling <= WINDOW_LOG_LIMIT
@@ -224,17 +225,28 @@ class AdaptiveRate:
         window had room, will leave at ``until``: counted from then, and until then (a
         turn counted from when it was taken would drop out of the window first). A 429
         answered to it is judged by its turn."""
-        turn = self._turns.pop(sent_at, sent_at)
+        turn = self._turn(sent_at)
         self.left(sent_at, until)
-        self._turns[until] = turn
+        self._turns.setdefault(until, []).append(turn)
         if len(self._turns) > TURNS_KEPT:
             del self._turns[next(iter(self._turns))]
 
     def withdraw(self, sent_at: float) -> None:
         """The request counted from ``sent_at`` never left: the window no longer counts it."""
-        self._turns.pop(sent_at, None)
+        self._turn(sent_at)
         if self._window_limit:
             self._forget(sent_at)
+
+    def _turn(self, sent_at: float) -> float:
+        """The turn of the request counted from ``sent_at`` (``sent_at`` itself unless it
+        was deferred), no longer remembered."""
+        turns = self._turns.get(sent_at)
+        if not turns:
+            return sent_at
+        turn = turns.pop(0)
+        if not turns:
+            del self._turns[sent_at]
+        return turn
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted
@@ -295,7 +307,7 @@ class AdaptiveRate:
         (shared/thread_limits.py).
         """
         self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
-        sent_at = self._turns.pop(sent_at, sent_at)  # a deferred request: its turn
+        sent_at = self._turn(sent_at)  # a deferred request: its turn
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         if self.ceiling is not None and self._thread_limits.own_limit(now, conversation, wait):
             return False

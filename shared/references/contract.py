@@ -68,10 +68,14 @@ def storage_auth_message(where: str, error: Any) -> str:
     )
 
 
+class StorageAuthFailed(StoreError):
+    """Storage was given no credential, or refused it: a setting to fix, not an outage."""
+
+
 def storage_auth_failed(where: str, error: Any) -> StoreError:
     """A missing or refused storage credential as StoreError (:func:`storage_auth_message`)."""
     code = getattr(error, "error_code", None)
-    return StoreError(
+    return StorageAuthFailed(
         storage_auth_message(where, error),
         status=getattr(error, "status_code", None),
         code=str(code) if code else None,

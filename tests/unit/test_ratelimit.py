@@ -375,6 +375,40 @@ async def test_a_deferred_sends_429_is_judged_by_its_turn_not_by_when_it_left():
     assert granted["hot"] > 2.0  # it waited for its chat's 2-s window
 
 
+async def test_two_sends_deferred_to_the_same_moment_each_keep_their_turn():
+    # Two chats' windows blocked by replies recorded at one clock reading: both sends are
+    # deferred to the same moment. Remembered by that moment alone, one turn stood for
+    # both, and the second 429 (turns before the cut) cut the rate again.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    granted: dict[str, float] = {}
+    cut_again: dict[str, bool] = {}
+
+    async def deferred(chat: str):
+        await time.sleep(0.01)
+        granted[chat] = await pacer.acquire(teams(chat), background=True)
+
+    async def reply(chat: str):
+        await time.sleep(0.05)
+        await pacer.acquire(teams(chat))
+
+    async def cut_then_429s():
+        await time.sleep(1.5)
+        pacer.throttled(teams("b:1"), 1.0, sent_at=1.4)  # the cut, after both turns
+        while len(granted) < 2:
+            await time.sleep(0.01)
+        for chat in ("19:a", "19:b"):
+            cuts = pacer.cuts
+            pacer.throttled(teams(chat), 1.0, sent_at=granted[chat], left_at=granted[chat])
+            cut_again[chat] = pacer.cuts > cuts
+
+    background = (pacer.acquire(teams(f"b:{n}"), background=True) for n in range(20))
+    replies = [reply(chat) for chat in ("19:a", "19:b") for _ in range(7)]
+    await time.run(*background, *replies, deferred("19:a"), deferred("19:b"), cut_then_429s())
+    assert granted["19:a"] == granted["19:b"]  # the same moment
+    assert cut_again == {"19:a": False, "19:b": False} and pacer.cuts == 1
+
+
 @pytest.mark.parametrize("ending", ["timeout", "cancelled"])
 async def test_a_send_that_never_leaves_after_its_turn_is_not_counted(ending):
     # Its wait after the turn grows past its max_wait (PacingTimeout), or its task is

@@ -390,6 +390,30 @@ async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
     assert "storage unreachable" in record.getMessage()
 
 
+async def test_the_timer_with_a_refused_storage_key_fails_the_run(azurite, monkeypatch):
+    # A credential to fix, not an outage: logged as "the next run catches up", every run
+    # counted a success by the host while nothing ever ran.
+    import os
+
+    from azure.functions.timer import TimerRequest
+
+    import schedule_function
+    from shared.config import reset_settings
+    from shared.references.contract import StorageAuthFailed
+    from shared.storage import close_shared_clients
+
+    wrong_key = azurite.connection_string.replace("AccountKey=", "AccountKey=AAAA", 1)
+    monkeypatch.setenv("AzureWebJobsStorage", wrong_key)
+    monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+    reset_settings()
+    try:
+        with pytest.raises(StorageAuthFailed, match="check AzureWebJobsStorage"):
+            await schedule_function.main(TimerRequest())
+    finally:
+        reset_settings()
+        await close_shared_clients()
+
+
 @pytest.mark.parametrize(
     ("document", "reason"),
     [

@@ -290,9 +290,10 @@ def _trigger(name: str, binding: Mapping[str, Any], settings: Mapping[str, str],
         connection = str(binding.get("connection") or DEFAULT_CONNECTION)
         resolved = resolve(queue_name, settings, where=f"{where} queueName")
         if not _QUEUE_NAME.match(resolved):
-            source = f" {queue_name}" if resolved != queue_name else ""  # %Setting%: named
+            # From a %Setting%: named, its value not shown (it may be any setting's).
+            shown = queue_name if resolved != queue_name else repr(resolved)
             raise HostError(
-                f"{where} queueName{source}: {resolved!r} is not a valid queue name "
+                f"{where} queueName: {shown} is not a valid queue name "
                 "(3-63 lower-case letters, digits and single hyphens)"
             )
         return QueueTrigger(
