@@ -3,9 +3,11 @@
 Called through :func:`erase_user_data` (an operator's or the bot's own request) and by the
 messages pipeline on the channel's ``deleteUserData`` activity. It removes the user's
 state on the channel, every stored 1:1 conversation with them (the reference, so no
-later proactive message reaches them, and that conversation's state). Group conversations
-are not the user's: they stay. A broadcast fanned out before the erasure still reaches
-them: its queued messages carry the references they were listed with.
+later broadcast or send by conversation key finds them, and that conversation's state).
+Group conversations are not the user's: they stay. It is not a block list: a `user` or
+`reference` target names the user itself and still reaches them (a `user` target stores
+the 1:1 again), and a broadcast fanned out before the erasure still reaches them (its
+queued messages carry the references they were listed with).
 
 The 1:1s are found through the user's index (:mod:`shared.references`), which lists their
 most recent ``INDEX_KEYS``; when it says it overflowed (a user with more conversations than
