@@ -21,13 +21,13 @@ async def main(timer: func.TimerRequest) -> None:
     # Storage settings only (as a producer's): a bot credential mistake must not stop
     # the schedules, whose sends then wait on the queue until it is fixed.
     from shared.producer import producer_settings
-    from shared.queues import QueueError
+    from shared.queues import QueueAuthFailed, QueueError
     from shared.references.contract import StorageAuthFailed, StoreError
 
     try:
         enqueued = await run_timer(producer_settings())
     except (StoreError, QueueError) as error:
-        if isinstance(error, StorageAuthFailed) or getattr(error, "status", None) in (401, 403):
+        if isinstance(error, StorageAuthFailed | QueueAuthFailed):
             raise  # a credential to fix, not an outage: the host records the run as failed
         # Storage unreachable: one line that says so (their text names no secret), not a
         # traceback a minute. Nothing is lost: the next run enqueues what was due since.

@@ -133,13 +133,18 @@ async def _send(settings: Settings, queue_name: str, text: str, delay: float) ->
         raise _queue_error(queue_name, error) from None
 
 
+class QueueAuthFailed(QueueError):
+    """Storage was given no credential for the queue, or refused it: a setting to fix,
+    not an outage."""
+
+
 def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     from shared.references.contract import refused_credential, storage_auth_message
 
     where = f"queue {queue_name!r}: put"
     status = getattr(error, "status_code", None)
     if refused_credential(error):
-        return QueueError(storage_auth_message(where, error), status=status)
+        return QueueAuthFailed(storage_auth_message(where, error), status=status)
     if status is not None:
         code = getattr(error, "error_code", None)
         shown = f" {str(code)[:60]}" if code else ""

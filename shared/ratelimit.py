@@ -450,8 +450,7 @@ class Pacer:
         def keep_counted(now: float, wait: float) -> None:
             nonlocal counted
             if now + wait > counted:
-                lane.defer(counted, now + wait)
-                counted = now + wait
+                counted = lane.defer(counted, now + wait)
 
         try:
             now, _ = await self._wait_until(window_wait, deadline, keep_counted)

@@ -32,8 +32,8 @@ from shared.config import Settings, ncrontab_problem
 from shared.ledger import Entry, Ledger, NotJson, Record
 from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
 from shared.producer import request_text
-from shared.queues import MessageQueue, QueueError, compact_json
-from shared.references.contract import StoreError
+from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
+from shared.references.contract import StorageAuthFailed, StoreError
 from shared.references.keys import encode_segment
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,8 @@ async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
         if record is None:
             return None  # removed since the listing
         return Listed(name, parse_schedule(name, record.data), None, record.modified)
+    except StorageAuthFailed:
+        raise  # a credential to fix: no document can be read, this one is not at fault
     except StoreError:
         return Listed(name, None, "the document is not valid JSON or unreadable")
     except InvalidRequest as error:
@@ -191,6 +193,8 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
             continue
         try:
             enqueued += await _run_one(ledger, queue, found.schedule, now, found.modified)
+        except (StorageAuthFailed, QueueAuthFailed):
+            raise  # a credential to fix: every schedule would fail alike (the run fails)
         except (StoreError, QueueError, ValueError) as error:
             # Its last run is not moved on: the next run enqueues what is due then.
             logger.warning(

@@ -147,10 +147,10 @@ class AdaptiveRate:
         # time, replaced by when the request left once that is known; 429s are dropped
         # (not counted). Kept sorted: the earliest leaves the channel's window first.
         self._counted: list[float] = []
-        # Requests counted from when they will leave (deferred), by that time: their turns
-        # (two may share a time), by which a 429 answered to them is judged (sent before
-        # or after the last cut).
-        self._turns: dict[float, list[float]] = {}
+        # Requests counted from when they will leave (deferred), by that time (one each):
+        # their turn, by which a 429 answered to them is judged (sent before or after the
+        # last cut).
+        self._turns: dict[float, float] = {}
         # Above WINDOW_LOG_LIMIT (a limit set that high to lift pacing), no window is kept:
         # its log would hold that many entries per lane. The spacing still applies.
         windowed = ceiling is not None and 0 < ceiling <= WINDOW_LOG_LIMIT
@@ -220,33 +220,27 @@ class AdaptiveRate:
         if len(counted) > self._window_limit:
             del counted[0]
 
-    def defer(self, sent_at: float, until: float) -> None:
+    def defer(self, sent_at: float, until: float) -> float:
         """The request counted from ``sent_at``, a turn taken before its conversation's
         window had room, will leave at ``until``: counted from then, and until then (a
-        turn counted from when it was taken would drop out of the window first). A 429
+        turn counted from when it was taken would drop out of the window first). Returns
+        the time it is counted from now: ``until``, or the next float after it when
+        another deferred request has that time (each is told apart by its time). A 429
         answered to it is judged by its turn."""
-        turn = self._turn(sent_at)
+        turn = self._turns.pop(sent_at, sent_at)
+        while until in self._turns:
+            until = math.nextafter(until, math.inf)
         self.left(sent_at, until)
-        self._turns.setdefault(until, []).append(turn)
+        self._turns[until] = turn
         if len(self._turns) > TURNS_KEPT:
             del self._turns[next(iter(self._turns))]
+        return until
 
     def withdraw(self, sent_at: float) -> None:
         """The request counted from ``sent_at`` never left: the window no longer counts it."""
-        self._turn(sent_at)
+        self._turns.pop(sent_at, None)
         if self._window_limit:
             self._forget(sent_at)
-
-    def _turn(self, sent_at: float) -> float:
-        """The turn of the request counted from ``sent_at`` (``sent_at`` itself unless it
-        was deferred), no longer remembered."""
-        turns = self._turns.get(sent_at)
-        if not turns:
-            return sent_at
-        turn = turns.pop(0)
-        if not turns:
-            del self._turns[sent_at]
-        return turn
 
     def _forget(self, sent_at: float) -> bool:
         counted = self._counted
@@ -307,7 +301,7 @@ class AdaptiveRate:
         (shared/thread_limits.py).
         """
         self._forget(sent_at if left_at is None else left_at)  # the channel did not count it
-        sent_at = self._turn(sent_at)  # a deferred request: its turn
+        sent_at = self._turns.pop(sent_at, sent_at)  # a deferred request: its turn
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         if self.ceiling is not None and self._thread_limits.own_limit(now, conversation, wait):
             return False

@@ -690,6 +690,16 @@ def test_startup_errors_are_clear(tmp_path, function_json, code, expected):
     assert "Traceback" not in host.stderr
 
 
+@pytest.mark.parametrize("value", ["AccountKey=c2VjcmV0", "AccountKey=c2Vj:cmV0"])
+def test_a_schedule_from_an_app_setting_names_the_setting_not_its_value(tmp_path, value):
+    binding = _binding("timerTrigger", schedule="%WORK_SCHEDULE%")
+    app = _app(tmp_path, binding, "def main(x):\n    pass\n")
+    host = DevHost({"WORK_SCHEDULE": value}, tmp_path, root=app, functions=())
+    assert host.wait_exit(timeout=20) == 1
+    assert "schedule: %WORK_SCHEDULE% is not" in host.stderr  # an NCRONTAB / a TimeSpan
+    assert "AccountKey" not in host.stderr
+
+
 def test_a_queue_name_from_an_app_setting_names_the_setting(tmp_path):
     binding = _binding("queueTrigger", queueName="%WORK_QUEUE%")
     app = _app(tmp_path, binding, "def main(x):\n    pass\n")

@@ -405,8 +405,25 @@ async def test_two_sends_deferred_to_the_same_moment_each_keep_their_turn():
     background = (pacer.acquire(teams(f"b:{n}"), background=True) for n in range(20))
     replies = [reply(chat) for chat in ("19:a", "19:b") for _ in range(7)]
     await time.run(*background, *replies, deferred("19:a"), deferred("19:b"), cut_then_429s())
-    assert granted["19:a"] == granted["19:b"]  # the same moment
+    assert granted["19:a"] != granted["19:b"]  # the same moment, told apart by one float
+    assert abs(granted["19:a"] - granted["19:b"]) < 1e-9
     assert cut_again == {"19:a": False, "19:b": False} and pacer.cuts == 1
+
+
+def test_each_deferred_request_is_judged_by_its_own_turn():
+    # A (turn 1.0) and B (turn 2.0, after a cut at 1.5) deferred to the same moment; A
+    # leaves and succeeds (nothing more is told of it), B is answered 429. Looked up by
+    # the moment alone, B took A's turn (before the cut) and its 429 cut nothing.
+    lane = AdaptiveRate(50, 0.97)
+    lane.record(1.0, True)
+    a = lane.defer(1.0, 3.0)
+    lane.record(1.2, True)
+    assert lane.throttled(1.5, 1.0, 1.2)  # the cut
+    lane.record(2.0, True)
+    b = lane.defer(2.0, 3.0)
+    assert a == 3.0 and 3.0 < b < 3.0001  # told apart by their times
+    lane.left(a, 3.01)  # A left
+    assert lane.throttled(3.2, 1.0, b, left_at=3.02)  # B's own turn came after the cut
 
 
 @pytest.mark.parametrize("ending", ["timeout", "cancelled"])

@@ -225,6 +225,32 @@ async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stop
 
 
 @pytest.mark.integration
+async def test_a_queue_that_refuses_the_credential_fails_the_run(azurite, unique_name):
+    # Blob storage takes the credential, the queue refuses it (an identity with a Blob
+    # data role but no Queue one): each schedule logged "retried at the next run" and the
+    # run counted a success every minute while nothing was ever sent.
+    from shared.config import Settings, StorageSettings
+    from shared.ledger import BlobLedger
+    from shared.queues import QueueAuthFailed, StorageQueue
+    from shared.storage import close_shared_clients
+
+    container = unique_name("sched")
+    settings = Settings(
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=container,
+    )
+    wrong_key = azurite.connection_string.replace("AccountKey=", "AccountKey=AAAA", 1)
+    refused = Settings(storage=StorageSettings(connection_string=wrong_key))
+    ledger = BlobLedger(settings)
+    try:
+        await ledger.create("schedules/tick.json", {"schedule": "0 * * * * *", "request": REQUEST})
+        with pytest.raises(QueueAuthFailed, match="check AzureWebJobsStorage"):
+            await run_schedules(ledger, StorageQueue(refused, unique_name("sched")), T0)
+    finally:
+        await close_shared_clients()
+
+
+@pytest.mark.integration
 async def test_a_failed_read_of_a_last_run_record_loses_none_of_its_catch_up(
     azurite, unique_name, caplog
 ):

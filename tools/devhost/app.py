@@ -81,6 +81,7 @@ class TimerTrigger:
     name: str
     schedule: str
     run_on_startup: bool
+    source: str = ""  # as function.json has it: a %Setting% names where the schedule came from
 
 
 Trigger = HttpTrigger | QueueTrigger | TimerTrigger
@@ -310,6 +311,7 @@ def _trigger(name: str, binding: Mapping[str, Any], settings: Mapping[str, str],
             name=param,
             schedule=resolve(schedule, settings, where=f"{where} schedule").strip(),
             run_on_startup=bool(binding.get("runOnStartup", False)),
+            source=schedule.strip(),
         )
     raise HostError(
         f"{where}: trigger type {kind!r} is not supported by tools/devhost "

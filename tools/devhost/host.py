@@ -162,7 +162,9 @@ def _listeners(
             trigger = function.spec.trigger
             assert isinstance(trigger, TimerTrigger)
             where = f"{function.name}/function.json schedule"
-            schedule = parse_schedule(trigger.schedule, settings, where=where)
+            # From a %Setting%: named, its value not shown (it may be any setting's).
+            shown = trigger.source if trigger.source not in ("", trigger.schedule) else None
+            schedule = parse_schedule(trigger.schedule, settings, where=where, shown=shown)
             listeners.append(TimerListener(function, schedule, invoker))
     queue_functions = _of(app, QueueTrigger)
     if queue_functions:

@@ -58,10 +58,18 @@ class IntervalSchedule:
         return when + timedelta(seconds=self.seconds)
 
 
-def parse_schedule(text: str, settings: Mapping[str, str], *, where: str) -> Schedule:
-    """A schedule from an NCRONTAB expression or a TimeSpan such as 00:05:00."""
+def parse_schedule(
+    text: str, settings: Mapping[str, str], *, where: str, shown: str | None = None
+) -> Schedule:
+    """A schedule from an NCRONTAB expression or a TimeSpan such as 00:05:00. Errors
+    quote `text`, or say `shown` instead (the %Setting% it came from)."""
     if ":" in text:
-        seconds = parse_timespan(text, where=where)
+        try:
+            seconds = parse_timespan(text, where=where)
+        except HostError:
+            if shown is None:
+                raise
+            raise HostError(f"{where}: {shown} is not a TimeSpan like 00:05:00") from None
         if seconds <= 0:
             raise HostError(f"{where}: the interval must be positive")
         return IntervalSchedule(seconds)
@@ -71,7 +79,7 @@ def parse_schedule(text: str, settings: Mapping[str, str], *, where: str) -> Sch
     expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
     if len(fields) not in (5, 6) or not croniter.is_valid(expression, second_at_beginning=True):
         raise HostError(
-            f"{where}: {text!r} is not an NCRONTAB expression "
+            f"{where}: {shown or repr(text)} is not an NCRONTAB expression "
             "(second minute hour day month day-of-week, or the last five)"
         )
     return CronSchedule(expression, _zone(settings))
