@@ -331,7 +331,7 @@ def test_without_a_usable_identity_the_store_fails_clearly_and_writes_nothing(
         asked = list(identity.requests)
 
     assert result["error"] is not None, "the write must not succeed"
-    assert result["type"] == "StoreError"
+    assert result["type"] == "StorageAuthFailed"  # a StoreError: a credential to fix
     assert "storage authentication failed" in result["error"]
     assert "AzureWebJobsStorage" in result["error"]  # names the setting to check
     assert identity.secret not in result["error"]
@@ -352,7 +352,7 @@ def test_a_token_storage_does_not_accept_fails_clearly_and_writes_nothing(
         tokens = set(identity.tokens)
 
     assert result["error"] is not None, "the write must not succeed"
-    assert result["type"] == "StoreError"
+    assert result["type"] == "StorageAuthFailed"  # a StoreError: a credential to fix
     assert "storage authentication failed" in result["error"]
     assert result["status"] in (401, 403)
     assert tokens and not any(token in result["error"] for token in tokens)
@@ -390,7 +390,7 @@ def test_a_producer_without_a_usable_identity_is_told_which_setting_to_check(
     with FakeManagedIdentity(client_ids=("some-other-identity",)) as identity:
         result = run_scenario("producer-error", settings, tls, identity.endpoint, identity.secret)
 
-    assert result["type"] == "StoreError"
+    assert result["type"] == "StorageAuthFailed"  # a StoreError: a credential to fix
     assert "storage authentication failed" in result["error"]
     assert "AzureWebJobsStorage" in result["error"]
     assert identity.secret not in result["error"]
