@@ -1079,6 +1079,21 @@ async def test_the_token_never_appears_in_logs(client, fake_connector, fake_aad,
 # --- pacing against the fake Connector's enforcement ----------------------------------
 
 
+def paced_client(
+    aad_app, vtime: VirtualTime, pacer: Pacer, fake: FakeConnector, **options
+) -> ConnectorClient:
+    """The real client of paced_fake's parts: trusting the fake, on their virtual time."""
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
+    return ConnectorClient(
+        settings,
+        create_token_provider(settings),
+        pacer=pacer,
+        sleep=vtime.sleep,
+        clock=vtime.clock,
+        **options,
+    )
+
+
 def paced_fake(**fake_options) -> tuple[VirtualTime, Pacer, FakeConnector]:
     """A fake Connector, a pacer and virtual time shared by both.
 
@@ -1095,14 +1110,9 @@ def paced_fake(**fake_options) -> tuple[VirtualTime, Pacer, FakeConnector]:
 async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_app):
     vtime, pacer, fake = paced_fake(enforce_limits=True)
     with fake:
-        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
-        connector = ConnectorClient(
-            settings,
-            create_token_provider(settings),
-            pacer=pacer,
-            retry=RetryPolicy(max_total_seconds=60.0),  # the pacing waits count: allow them
-            sleep=vtime.sleep,
-            clock=vtime.clock,
+        # The pacing waits count: allow them.
+        connector = paced_client(
+            aad_app, vtime, pacer, fake, retry=RetryPolicy(max_total_seconds=60.0)
         )
         try:
             await asyncio.gather(
@@ -1125,14 +1135,7 @@ async def test_100_sends_to_one_conversation_never_exceed_the_teams_windows(aad_
 async def test_a_teams_broadcast_stays_under_the_tenant_limit_and_replies_are_not_held(aad_app):
     vtime, pacer, fake = paced_fake(enforce_limits=True, tenant_limit=Window(50, 1.0))
     with fake:
-        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
-        connector = ConnectorClient(
-            settings,
-            create_token_provider(settings),
-            pacer=pacer,
-            sleep=vtime.sleep,
-            clock=vtime.clock,
-        )
+        connector = paced_client(aad_app, vtime, pacer, fake)
         background = connector.background()
         workers = asyncio.Semaphore(50)
 
@@ -1180,14 +1183,8 @@ async def test_one_tenant_named_in_two_cases_is_paced_as_one(aad_app):
     vtime, pacer, fake = paced_fake()
     tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47"
     with fake:
-        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
-        connector = ConnectorClient(
-            settings,
-            create_token_provider(settings),
-            pacer=pacer,
-            retry=RetryPolicy(max_total_seconds=60.0),
-            sleep=vtime.sleep,
-            clock=vtime.clock,
+        connector = paced_client(
+            aad_app, vtime, pacer, fake, retry=RetryPolicy(max_total_seconds=60.0)
         )
         background = connector.background()
 
@@ -1210,14 +1207,8 @@ async def test_one_tenant_named_in_two_cases_is_paced_as_one(aad_app):
 async def test_a_429_from_the_tenant_limit_slows_that_tenant_down(aad_app):
     vtime, pacer, fake = paced_fake(tenant_limit=Window(10, 1.0))  # the app thinks 50/s
     with fake:
-        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake.url)
-        connector = ConnectorClient(
-            settings,
-            create_token_provider(settings),
-            pacer=pacer,
-            retry=RetryPolicy(max_total_seconds=60.0),
-            sleep=vtime.sleep,
-            clock=vtime.clock,
+        connector = paced_client(
+            aad_app, vtime, pacer, fake, retry=RetryPolicy(max_total_seconds=60.0)
         )
         background = connector.background()
         try:
