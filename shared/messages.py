@@ -12,7 +12,6 @@ do one after the other.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -72,8 +71,7 @@ class TurnOutcome:
     handled: bool = False
     value: Any = None
     failed: bool = False
-    invoke: InvokeResponse | None = None  # an invoke's answer, checked
-    body: bytes | None = None  # its body as JSON (None: no body)
+    answer: HttpResponse | None = None  # an invoke's or expectReplies' answer, built
 
 
 class InvalidAnswer(ValueError):
@@ -214,11 +212,10 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     try:
         result = await router.dispatch(turn)
         outcome = TurnOutcome(handled=result.handled, value=result.value)
-        # An answer that cannot be sent saves nothing (the channel's retry would count twice).
-        if turn.activity["type"] == "invoke":
-            _check_invoke(outcome, turn.activity)
-        if turn.expects_replies:
-            _check_replies(turn)
+        if turn.activity["type"] == "invoke" or turn.expects_replies:
+            # Built before the save: an answer that cannot be sent saves nothing (the
+            # channel's retry would count the turn twice).
+            outcome.answer = _answer(turn.activity, turn, outcome)
         await turn.save_state()  # only what the handler changed; a failure fails the turn
     except Exception as error:
         await router.handle_error(turn, error)
@@ -287,66 +284,55 @@ async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:
 def _respond(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
     if outcome.failed:
         return HttpResponse.text(500, SERVER_ERROR)
-    if activity["type"] != "invoke" and not turn.expects_replies:
-        return HttpResponse(200)
-    return _answer(activity, turn, outcome)  # JSON: checked before the turn's state was saved
+    return outcome.answer or HttpResponse(200)  # no invoke, no expectReplies: 200
 
 
 def _answer(activity: Activity, turn: TurnContext, outcome: TurnOutcome) -> HttpResponse:
-    """The HTTP answer that carries the turn's reply: the buffered replies, the invoke's."""
+    """The HTTP answer that carries the turn's reply: the buffered replies, the invoke's.
+    InvalidAnswer when it cannot be sent (see _invoke_result; JSON it is not)."""
     if activity["type"] != "invoke":
-        return HttpResponse.json(200, {"activities": turn.buffered})
-    invoke = outcome.invoke
-    assert invoke is not None  # checked by _run_turn
+        return _json_answer(activity, 200, {"activities": turn.buffered})
+    invoke = _invoke_result(outcome, activity)
+    body = None if invoke.status in (204, 304) else invoke.body  # they carry no body
     if turn.expects_replies:
         # As the SDKs do: the invoke's answer travels with the replies, as an activity.
         value: dict[str, Any] = {"status": invoke.status}
-        if outcome.body is not None:
-            value["body"] = invoke.body
+        if body is not None:
+            value["body"] = body
         answer = {"type": "invokeResponse", "value": value}
-        return HttpResponse.json(200, {"activities": [*turn.buffered, answer]})
-    if outcome.body is None:
+        return _json_answer(activity, 200, {"activities": [*turn.buffered, answer]})
+    if body is None:
         return HttpResponse(invoke.status)
-    return HttpResponse(
-        invoke.status, outcome.body, {"Content-Type": "application/json; charset=utf-8"}
-    )
+    return _json_answer(activity, invoke.status, body)
 
 
-def _check_replies(turn: TurnContext) -> None:
-    """InvalidAnswer when the replies buffered for the HTTP answer (expectReplies) are not
-    JSON (e.g. a set in a card's data; NaN)."""
+def _json_answer(activity: Activity, status: int, payload: Any) -> HttpResponse:
     try:
-        json.dumps(turn.buffered, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
+        return HttpResponse.json(status, payload)
+    except (TypeError, ValueError, RecursionError):  # a set, NaN, a datetime, ...
         logger.error(
             "messages: the answer to %s %s is not JSON",
-            turn.activity["type"],
-            clip(turn.activity.get("name") or ""),
+            activity["type"],
+            clip(activity.get("name") or ""),
         )
-        raise InvalidAnswer("the replies an expectReplies answer carries must be JSON") from None
+        raise InvalidAnswer("a turn's answer must be plain JSON") from None
 
 
-def _check_invoke(outcome: TurnOutcome, activity: Activity) -> None:
-    """An invoke handler's return value as status and body (see Router.invoke), in
-    `outcome`: 501 when no handler took it. InvalidAnswer for a status out of range or a
-    body that is not JSON. A 204 or 304 answer has no body, whatever the handler gave."""
+def _invoke_result(outcome: TurnOutcome, activity: Activity) -> InvokeResponse:
+    """An invoke handler's return value as status and body (see Router.invoke): 501 when
+    no handler took it; InvalidAnswer for a status out of range."""
     if not outcome.handled:
-        outcome.invoke = InvokeResponse(501)
-        return
+        return InvokeResponse(501)
     value = outcome.value
     invoke = value if isinstance(value, InvokeResponse) else InvokeResponse(200, value)
-    name = clip(activity.get("name") or "")
     if not isinstance(invoke.status, int) or not 200 <= invoke.status <= 599:
-        logger.error("messages: invoke %s returned status %s", name, clip(invoke.status))
+        logger.error(
+            "messages: invoke %s returned status %s",
+            clip(activity.get("name") or ""),
+            clip(invoke.status),
+        )
         raise InvalidAnswer("an invoke answer's status must be an int from 200 to 599")
-    if invoke.body is not None and invoke.status not in (204, 304):
-        try:
-            text = json.dumps(invoke.body, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError, RecursionError):  # a set, NaN, a datetime, ...
-            logger.error("messages: the answer to invoke %s is not JSON", name)
-            raise InvalidAnswer("an invoke answer's body must be plain JSON") from None
-        outcome.body = text.encode()
-    outcome.invoke = invoke
+    return invoke
 
 
 def _ids(activity: Activity) -> str:
