@@ -26,9 +26,9 @@ async def main(timer: func.TimerRequest) -> None:
 
     try:
         enqueued = await run_timer(producer_settings())
+    except (StorageAuthFailed, QueueAuthFailed):
+        raise  # a credential to fix, not an outage: the host records the run as failed
     except (StoreError, QueueError) as error:
-        if isinstance(error, StorageAuthFailed | QueueAuthFailed):
-            raise  # a credential to fix, not an outage: the host records the run as failed
         # Storage unreachable: one line that says so (their text names no secret), not a
         # traceback a minute. Nothing is lost: the next run enqueues what was due since.
         log.error("schedules: not run, the next run catches up: %s", error)

@@ -126,6 +126,8 @@ class FunctionApp:
 HOST_QUEUE_OVERRIDE = "azurefunctionsjobhost__extensions__queues__"
 _QUEUE_INTEGERS = ("batchSize", "newBatchThreshold", "maxDequeueCount")
 _QUEUE_TEXTS = ("maxPollingInterval", "visibilityTimeout", "messageEncoding")
+# Their names by lower case: host.json and app settings name them in any case.
+_QUEUE_NAMES = {name.lower(): name for name in (*_QUEUE_INTEGERS, *_QUEUE_TEXTS)}
 
 
 def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> HostConfig:
@@ -135,8 +137,7 @@ def read_host_config(root: Path, settings: Mapping[str, str] | None = None) -> H
     document = _folded(_read_json(root / HOST_JSON, HOST_JSON))
     extensions = _folded(_object(document.get("extensions", {}), "host.json extensions"))
     queues = _object(extensions.get("queues", {}), "host.json extensions.queues")
-    known = {name.lower(): name for name in (*_QUEUE_INTEGERS, *_QUEUE_TEXTS)}
-    queues = {known.get(key.lower(), key): value for key, value in queues.items()}
+    queues = {_QUEUE_NAMES.get(key.lower(), key): value for key, value in queues.items()}
     queues.update(_queue_overrides(settings or {}))
     http = _folded(_object(extensions.get("http", {}), "host.json extensions.http"))
     prefix = str(http.get("routeprefix", "api")).strip("/")
@@ -165,13 +166,12 @@ def _folded(section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:
-    known = {name.lower(): name for name in (*_QUEUE_INTEGERS, *_QUEUE_TEXTS)}
     overrides: dict[str, Any] = {}
     for setting, value in settings.items():
         lowered = setting.lower()
         if not lowered.startswith(HOST_QUEUE_OVERRIDE):
             continue
-        name = known.get(lowered.removeprefix(HOST_QUEUE_OVERRIDE))
+        name = _QUEUE_NAMES.get(lowered.removeprefix(HOST_QUEUE_OVERRIDE))
         if name is None:
             continue
         text = value.strip()
