@@ -183,13 +183,19 @@ def test_chat_moves_to_a_free_port_when_the_default_one_is_taken(local_bot, monk
     assert "bot (reply)> Echo: hello" in printed
 
 
+def stub_bot(handler) -> BackgroundServer:
+    """A started server whose POST /api/messages answers with `handler` (a stand-in for
+    the bot where the test is about how the chat takes its answers)."""
+    app = web.Application()
+    app.router.add_post("/api/messages", handler)
+    return BackgroundServer(app).start()
+
+
 def test_chat_survives_the_bot_going_away_mid_conversation():
     async def accept(request: web.Request) -> web.Response:
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/api/messages", accept)
-    bot = BackgroundServer(app).start()
+    bot = stub_bot(accept)
     out = io.StringIO()
 
     def typed():
@@ -212,9 +218,7 @@ def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
     async def broken(request: web.Request) -> web.Response:
         return web.Response(status=500)
 
-    app = web.Application()
-    app.router.add_post("/api/messages", broken)
-    bot = BackgroundServer(app).start()
+    bot = stub_bot(broken)
     out = io.StringIO()
     try:
         code = chat.main(
@@ -240,9 +244,7 @@ def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
         conversations.append((await request.json())["conversation"]["id"])
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/api/messages", accept)
-    bot = BackgroundServer(app).start()
+    bot = stub_bot(accept)
     port = free_port()
     thread, write_end, out = chat_in_background(f"{bot.url}/api/messages", port)
     try:
