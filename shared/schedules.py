@@ -47,6 +47,10 @@ MAX_EXPRESSION_CHARS = 256
 # The host may fire a run a few ms before the minute it is for: a due second at most this
 # far ahead counts as come, rather than wait for the next run.
 EARLY_RUN = timedelta(seconds=1)
+# A last run recorded up to this far ahead of a run's clock is the clocks of two instances
+# disagreeing a little: nothing falls due before it, and the record stands. Further ahead,
+# the schedule restarts from the run that finds it.
+AHEAD_TOLERATED = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +304,18 @@ async def _run_one(
     # Any other storage error reading it goes to run_schedules: this schedule is skipped
     # this run, its record untouched, and the next run catches up on what is due.
     last = _last_run(state)
+    if last is not None and last - until > AHEAD_TOLERATED:
+        # Written by a clock far ahead of this one (or edited by hand): kept, it would hold
+        # the schedule back until then. It restarts as from an unusable record; a due time
+        # the record's run enqueued already is enqueued with its id again, sent once.
+        logger.warning(
+            "schedule %r: its last run is recorded %d s ahead of this run's clock; restarts now",
+            schedule.name,
+            (last - until).total_seconds(),
+        )
+        last = None
+    elif last is None and state is not None:
+        logger.warning("schedule %r: its last-run record was unusable; restarts now", schedule.name)
     written_at = datetime.fromtimestamp(written, UTC)
     written_minute = _minute_before(written_at)
     fresh = last is None
@@ -307,10 +323,6 @@ async def _run_one(
         # A new schedule starts now (a run a moment late still counts this minute); one
         # written in the minute before this run's, from its write: a due second after the
         # write came before this run, which has to send it (none from before the write).
-        if state is not None:
-            logger.warning(
-                "schedule %r: its last-run record was unusable; restarts now", schedule.name
-            )
         last = _minute_before(until)
         if last - timedelta(minutes=1) <= written_minute < last:
             last = written_at - timedelta(microseconds=1)

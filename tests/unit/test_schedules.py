@@ -224,6 +224,45 @@ async def test_a_damaged_last_run_record_restarts_that_schedule_now_without_stop
     assert await run_schedules(ledger, queue, T0 + timedelta(seconds=10)) == []
 
 
+async def test_a_last_run_recorded_far_ahead_of_the_clock_restarts_the_schedule_now(caplog):
+    # A record from an instance whose clock ran a day ahead, or edited by hand: kept, it
+    # would hold the schedule back until then, an edit of the document included.
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    record = f"proactive-schedules/{encode_segment('a', 400)}.json"
+    ahead = (T0 + timedelta(days=1)).isoformat()
+    await ledger.create(record, {"last": ahead})
+
+    with caplog.at_level(logging.WARNING, logger="shared.schedules"):
+        assert await run_schedules(ledger, queue, T0) == ["schedule:a:2030-01-01T12:00Z"]
+    assert "'a': its last run is recorded 86400 s ahead of this run's clock" in caplog.text
+    assert ahead not in caplog.text
+    assert (await ledger.read(record)).data == {"last": T0.isoformat()}
+    later = T0 + timedelta(minutes=2)
+    assert await run_schedules(ledger, queue, later) == [
+        "schedule:a:2030-01-01T12:01Z",
+        "schedule:a:2030-01-01T12:02Z",
+    ]
+
+
+async def test_a_last_run_recorded_a_little_ahead_by_another_instance_stands(caplog):
+    # Two instances' clocks 30 s apart: the record stands and nothing is sent twice.
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    record = f"proactive-schedules/{encode_segment('a', 400)}.json"
+    ahead = T0 + timedelta(seconds=30)  # 12:01:00: the 12:01 minute was enqueued by its run
+    await ledger.create(record, {"last": ahead.isoformat()})
+
+    with caplog.at_level(logging.WARNING, logger="shared.schedules"):
+        assert await run_schedules(ledger, queue, T0) == []
+    assert caplog.text == ""
+    assert (await ledger.read(record)).data == {"last": ahead.isoformat()}
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=1)) == []
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=2)) == [
+        "schedule:a:2030-01-01T12:02Z"
+    ]
+
+
 @pytest.mark.integration
 async def test_a_queue_that_refuses_the_credential_fails_the_run(azurite, unique_name):
     # Blob storage takes the credential, the queue refuses it (an identity with a Blob
