@@ -315,7 +315,12 @@ class Router:
         which the bot is usually not in; a search runs as they type) nor for a card's
         automatic refresh (one per person viewing it): their client shows the failed
         answer itself. Nor to a conversation the bot was just removed from (uninstalled,
-        removed, the team deleted): nobody there would read it, and Teams refuses it.
+        removed, the team deleted): nobody there would read it, and Teams refuses it. Nor
+        when the turn failed on the Connector itself (a call unanswered, throttled,
+        refused for the bot's credentials, the conversation gone; any failure but a
+        request the channel called invalid): the apology would meet the same failure, or
+        follow a reply that may have been posted, and waiting for it again would take
+        the HTTP answer past the channel's 15 s.
         """
         logger.error(
             "handler failed: activity=%s conversation=%s type=%s error=%s%s",
@@ -329,7 +334,7 @@ class Router:
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
-            elif not _no_apology(turn.activity):
+            elif not _no_apology(turn.activity) and not _connector_failing(error):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
@@ -359,6 +364,13 @@ def _reason(error: BaseException) -> str:
             parts.append(clip(error.code))
         return f" ({' '.join(parts)})"
     return ""
+
+
+def _connector_failing(error: BaseException) -> bool:
+    """A Connector failure an apology through the same Connector would meet again."""
+    from shared.connector.errors import ConnectorError, ErrorKind
+
+    return isinstance(error, ConnectorError) and error.kind is not ErrorKind.INVALID
 
 
 def _no_apology(activity: Mapping[str, Any]) -> bool:

@@ -406,7 +406,28 @@ def _certificate_credential(path: str) -> dict[str, str]:
         raise TokenError(f"{setting}: encrypted private keys are not supported", setting=setting)
     if certificate is None:
         raise TokenError(f"{setting} holds no PEM certificate", setting=setting)
+    _check_signing_key(key.group(0), setting)
     return {"private_key": key.group(0), "public_certificate": certificate.group(0)}
+
+
+def _check_signing_key(pem: str, setting: str) -> None:
+    """The key must be one MSAL can sign the client assertion with (RS256): an encrypted
+    key in the older PEM form, a damaged one or an EC key would otherwise fail inside
+    MSAL, as if Entra ID were unreachable."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem.encode("ascii"), password=None)
+    except TypeError:  # the key asks for a password
+        raise TokenError(
+            f"{setting}: encrypted private keys are not supported", setting=setting
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TokenError(f"{setting}: the private key cannot be read", setting=setting) from None
+    if not isinstance(key, RSAPrivateKey):
+        raise TokenError(f"{setting}: the private key is not an RSA key", setting=setting)
 
 
 def _read_federated_assertion(path: str) -> str:

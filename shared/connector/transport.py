@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
@@ -299,6 +300,10 @@ def build_url(target: ServiceTarget, path: str, query: Mapping[str, str | None] 
     return yarl.URL(f"{target.base}{path}{qs}", encoded=True)
 
 
+# What a URI may hold as written (RFC 3986: unreserved, reserved and `%`).
+_URI_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
 def follow_redirect(
     operation: str,
     url: yarl.URL,
@@ -309,7 +314,11 @@ def follow_redirect(
     """Where a redirect leads (https only, or http on loopback), and the headers for it:
     the bot's token goes along only to the same origin, still inside the trusted set."""
     try:
-        target = url.join(yarl.URL(location))
+        # A Location in plain ASCII is requested as it is written (yarl would otherwise
+        # decode %3B to `;`, which a server may read as another path); one with other
+        # characters is percent-encoded first.
+        given = yarl.URL(location, encoded=_URI_CHARACTERS.fullmatch(location) is not None)
+        target = url.join(given)
         host = target.host
     except (ValueError, TypeError):
         target, host = None, None

@@ -118,3 +118,31 @@ async def test_a_message_with_text_is_echoed(fake_connector, connector):
     assert await run(fake_connector, connector, incoming(fake_connector, text=" hi ")) == [
         "Echo: hi"
     ]
+
+
+async def test_a_turn_failed_on_the_connector_gets_no_apology_through_it(fake_connector, connector):
+    # The reply was answered 500 (it may have been posted): an apology through the same
+    # Connector would follow it, or wait out the channel's 15 s again.
+    from shared.connector.errors import ConnectorError
+    from shared.router import APOLOGY, Router
+
+    failing = Router()
+
+    @failing.message()
+    async def echo(turn):
+        await turn.reply("echo")
+
+    fake_connector.script("POST", "activities", [Reply(500)])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(ConnectorError) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+    assert [request.json["text"] for request in fake_connector.requests] == ["echo"]
+
+    # A request the channel refused as invalid (a card too large, ...): the apology goes.
+    fake_connector.script("POST", "activities", [Reply(400, json={"error": {"code": "X"}})])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(ConnectorError) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+    assert [request.json["text"] for request in fake_connector.requests][1:] == ["echo", APOLOGY]

@@ -1432,6 +1432,28 @@ async def test_a_redirect_within_the_trusted_prefix_keeps_the_token(client, fake
     assert view.authorization.startswith("Bearer ")
 
 
+async def test_a_redirect_is_requested_with_its_percent_encoding_as_written(client, fake_connector):
+    # `%3B` and `;` are different paths to a server that reads path parameters.
+    with FakeConnector(redirect_attachments=False) as other:
+        other.script("GET", "", [Reply(200, body=b"hi")] * 2)
+        path = "/blobs/att%3B1%3A2%40x/original%3Bv%3D2"
+        fake_connector.script(
+            "GET",
+            "views",
+            [
+                Reply(302, headers={"Location": f"{other.url}{path}?sig=a%2Bb%3D"}),
+                Reply(302, headers={"Location": f"{other.url}/blobs/é v"}),
+            ],
+        )
+
+        assert await client.get_attachment(fake_connector.url, "a", "original") == b"hi"
+        assert await client.get_attachment(fake_connector.url, "b", "original") == b"hi"
+
+        encoded, unicode = other.requests
+    assert encoded.raw_path == path
+    assert unicode.raw_path == "/blobs/%C3%A9%20v"  # not ASCII: encoded before it is asked
+
+
 async def test_a_redirect_loop_gives_up(client, fake_connector):
     loop = Reply(302, headers={"Location": "/v3/attachments/x/views/original"})
     fake_connector.script("GET", "views", [loop] * 50)

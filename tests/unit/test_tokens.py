@@ -240,6 +240,63 @@ async def test_an_unusable_certificate_file_names_the_setting(fake_aad, tmp_path
     assert fake_aad.issued.total() == 0
 
 
+def _unusable_key(kind: str) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if kind == "damaged":
+        return b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    if kind == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    # The older PEM form (`Proc-Type: 4,ENCRYPTED`), as OpenSSL 1.x's genrsa -aes256 wrote.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("encrypted", "encrypted private keys are not supported"),
+        ("damaged", "the private key cannot be read"),
+        ("ec", "the private key is not an RSA key"),
+    ],
+)
+async def test_a_private_key_msal_cannot_sign_with_names_the_setting(
+    fake_aad, tmp_path, kind, problem
+):
+    # Not a transient BOT_LOGIN_AUTHORITY failure, retried as if Entra ID were down.
+    from tools.botsim.aad import generate_certificate
+
+    _, certificate = generate_certificate("bot")
+    path = tmp_path / "bot.pem"
+    path.write_bytes(_unusable_key(kind) + certificate)
+    app_id = str(uuid.uuid4())
+    fake_aad.register_certificate(app_id, certificate)
+    settings = Settings.from_env(
+        {
+            "MicrosoftAppId": app_id,
+            "MicrosoftAppCertificatePath": str(path),
+            "BOT_LOGIN_AUTHORITY": fake_aad.url,
+        }
+    )
+
+    with pytest.raises(TokenError) as caught:
+        await create_token_provider(settings).get_token()
+
+    assert str(caught.value) == f"MicrosoftAppCertificatePath: {problem}"
+    assert (caught.value.setting, caught.value.transient) == ("MicrosoftAppCertificatePath", False)
+    assert fake_aad.issued.total() == 0
+
+
 async def test_federated_assertion_is_read_fresh_from_the_token_file(fake_aad, tmp_path):
     app_id = str(uuid.uuid4())
     fake_aad.register_federated(app_id, subject="system:serviceaccount:bots:bot")
