@@ -4,7 +4,8 @@ Called through :func:`erase_user_data` (an operator's or the bot's own request) 
 messages pipeline on the channel's ``deleteUserData`` activity. It removes the user's
 state on the channel, every stored 1:1 conversation with them (the reference, so no
 later broadcast or send by conversation key finds them, and that conversation's state).
-Group conversations are not the user's: they stay. It is not a block list: a `user` or
+Group conversations are not the user's: they stay (their references keep nobody's
+account or locale, only the conversation's and the bot's). It is not a block list: a `user` or
 `reference` target names the user itself and still reaches them (a `user` target stores
 the 1:1 again), and a broadcast fanned out before the erasure still reaches them (its
 queued messages carry the references they were listed with).

@@ -64,8 +64,10 @@ Writes
     conversation then costs two calls (document, then user index; one more with an
     aadObjectId). ``upsert`` merges the incoming reference into the stored
     one (top-level fields; nested objects with the same ``id`` merge too) and writes only
-    when something material changed: ``activityId`` never forces a write, nor do the
-    speaking ``user`` of a group conversation and that speaker's ``locale``. ``delete``
+    when something material changed: ``activityId`` never forces a write. A group
+    conversation's reference keeps no ``user`` (whoever spoke last) nor their ``locale``
+    (a document an earlier version wrote with them is rewritten without them at its next
+    activity), so nothing of a person stays where an erasure leaves it. ``delete``
     takes the key out of the user index first, then deletes the document at the ETag it
     read (re-reading when it changed meanwhile), so a delete racing a re-create never
     leaves a stored conversation its user cannot be found by. An upsert that changes nothing

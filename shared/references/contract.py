@@ -210,13 +210,14 @@ def _merge(stored: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, 
 
 
 def _material(reference: Mapping[str, Any]) -> dict[str, Any]:
-    material = {k: v for k, v in reference.items() if k not in VOLATILE_FIELDS}
-    if not is_personal(reference):
-        # In a group the reference's user (and their client's locale) is whoever spoke
-        # last: not worth a write.
-        material.pop("user", None)
-        material.pop("locale", None)
-    return material
+    return {k: v for k, v in reference.items() if k not in VOLATILE_FIELDS}
+
+
+# In a group the reference's user (and their client's locale) is whoever spoke last: not
+# kept, so that nothing of a person stays stored in a conversation they only spoke in
+# (an erasure leaves group conversations stored). A document an earlier version wrote
+# with them loses them at its conversation's next activity.
+SPEAKER_FIELDS = ("user", "locale")
 
 
 def plan(
@@ -229,6 +230,9 @@ def plan(
     key = reference_key(reference)
     incoming = json.loads(json.dumps(reference))  # a deep, JSON-clean copy
     merged = _merge(current.reference, incoming) if current else incoming
+    if not is_personal(merged):
+        for name in SPEAKER_FIELDS:
+            merged.pop(name, None)
     # Tenant and team filters of a broadcast must match only what Teams said: another
     # channel's reference may carry a tenant its client made up.
     teams = merged.get("channelId") == TEAMS_CHANNEL
