@@ -29,8 +29,9 @@ async def main(timer: func.TimerRequest) -> None:
     except (StorageAuthFailed, QueueAuthFailed):
         raise  # a credential to fix, not an outage: the host records the run as failed
     except (StoreError, QueueError) as error:
-        # Storage unreachable: one line that says so (their text names no secret), not a
-        # traceback a minute. Nothing is lost: the next run enqueues what was due since.
+        # Storage unreachable, or its answer unreadable: one line that says so (their text
+        # names no secret, nor quotes the answer), not a traceback a minute. Nothing is
+        # lost: the next run enqueues what was due since.
         log.error("schedules: not run, the next run catches up: %s", error)
         return
     # Most minutes nothing is due, and the host already logs every run.

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.config import Settings
 from shared.references.contract import StoreError, refused_credential, storage_auth_failed
-from shared.storage import DEFAULT_OPTIONS, StorageOptions, get_blob_service
+from shared.storage import (
+    DEFAULT_OPTIONS,
+    StorageOptions,
+    get_blob_service,
+    unreadable_answer,
+    unreadable_message,
+)
 
 if TYPE_CHECKING:
     from azure.storage.blob.aio import BlobClient, ContainerClient
@@ -301,7 +307,8 @@ class BlobLedger:
 
 @contextlib.asynccontextmanager
 async def _guard(operation: str, name: str):
-    """Storage failures become StoreError: status and code only, never the service's text."""
+    """Storage failures, and answers the storage SDK cannot read, become StoreError: status
+    and code only, never the service's text."""
     from azure.core.exceptions import AzureError, HttpResponseError
 
     try:
@@ -312,6 +319,9 @@ async def _guard(operation: str, name: str):
     except TimeoutError:
         raise StoreError(f"proactive ledger: {operation} {name} timed out") from None
     except HttpResponseError as error:
+        if unreadable_answer(error):  # a success status, its body unreadable
+            where = f"proactive ledger: {operation} {name}"
+            raise StoreError(unreadable_message(where, error)) from None
         if refused_credential(error):
             raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
         code = getattr(error, "error_code", None)
@@ -325,6 +335,11 @@ async def _guard(operation: str, name: str):
             f"proactive ledger: {operation} {name} failed: storage unreachable "
             f"({type(error).__name__})"
         ) from None
+    except Exception as error:
+        if not unreadable_answer(error):
+            raise  # not the storage SDK's reading: our own code's error, as it is
+        where = f"proactive ledger: {operation} {name}"
+        raise StoreError(unreadable_message(where, error)) from None
 
 
 def iso(epoch: float) -> str:

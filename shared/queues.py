@@ -28,9 +28,9 @@ NEVER_EXPIRES = -1  # a message's time to live (Put Message `messagettl`): until
 
 
 class QueueError(Exception):
-    """A queue call failed. The message names the queue, the operation and the status or
-    the error's type, never the storage SDK's text (which may carry a SAS URL, the
-    service's answer, or a token endpoint's)."""
+    """A queue call failed, or its answer could not be read. The message names the queue,
+    the operation and the status or the error's type, never the storage SDK's text (which
+    may carry a SAS URL, the service's answer, or a token endpoint's)."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -68,12 +68,16 @@ class StorageQueue:
         """
         from azure.core.exceptions import AzureError, ResourceNotFoundError
 
+        from shared.storage import unreadable_answer
+
         queue = _queue_client(self._settings, self.name)
         try:
             properties = await queue.get_queue_properties()
         except ResourceNotFoundError:
             return 0
-        except AzureError as error:
+        except Exception as error:
+            if not isinstance(error, AzureError) and not unreadable_answer(error):
+                raise
             logger.warning("queue %r: depth unknown (%s)", self.name, type(error).__name__)
             return None
         return properties.approximate_message_count
@@ -116,6 +120,8 @@ def _queue_client(settings: Settings, queue_name: str) -> Any:
 async def _send(settings: Settings, queue_name: str, text: str, delay: float) -> None:
     from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
+    from shared.storage import unreadable_answer
+
     queue = _queue_client(settings, queue_name)
     visibility = min(MAX_DELAY_SECONDS, max(0, math.ceil(delay))) or None
     # Never expires: the service's default time to live (7 days from the put) would delete
@@ -129,7 +135,11 @@ async def _send(settings: Settings, queue_name: str, text: str, delay: float) ->
             with contextlib.suppress(ResourceExistsError):  # created meanwhile by another
                 await queue.create_queue()
             await queue.send_message(text, **options)
-    except (AzureError, OSError) as error:
+    except Exception as error:
+        # Any other error as it is: the SDK's UnicodeEncodeError (text it cannot encode)
+        # was raised before anything was sent, and the producer counts it as refused.
+        if not isinstance(error, AzureError | OSError) and not unreadable_answer(error):
+            raise
         raise _queue_error(queue_name, error) from None
 
 
@@ -140,8 +150,13 @@ class QueueAuthFailed(QueueError):
 
 def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     from shared.references.contract import refused_credential, storage_auth_message
+    from shared.storage import unreadable_answer, unreadable_message
 
     where = f"queue {queue_name!r}: put"
+    if unreadable_answer(error):
+        # The put was answered (with a success status, or its body would be an error's):
+        # it may well have landed. No status: not an HTTP failure.
+        return QueueError(unreadable_message(where, error))
     status = getattr(error, "status_code", None)
     if refused_credential(error):
         return QueueAuthFailed(storage_auth_message(where, error), status=status)

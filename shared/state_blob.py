@@ -40,7 +40,12 @@ from shared.state import (
     split_state_key,
     to_document,
 )
-from shared.storage import DEFAULT_OPTIONS, StorageOptions
+from shared.storage import (
+    DEFAULT_OPTIONS,
+    StorageOptions,
+    unreadable_answer,
+    unreadable_message,
+)
 
 if TYPE_CHECKING:
     from azure.storage.blob.aio import BlobServiceClient
@@ -149,7 +154,8 @@ class BlobStateStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str):
-        """Bound the call in time; storage failures become StateError (status, no text)."""
+        """Bound the call in time; storage failures, and answers the storage SDK cannot
+        read, become StateError (status, no text)."""
         from azure.core.exceptions import AzureError, HttpResponseError
 
         timeout = self._options.operation_timeout
@@ -165,6 +171,8 @@ class BlobStateStore:
         except TimeoutError:
             raise StateError(f"state store: {operation} timed out after {timeout:g}s") from None
         except HttpResponseError as exc:
+            if unreadable_answer(exc):  # a success status, its body unreadable
+                raise StateError(unreadable_message(f"state store: {operation}", exc)) from None
             if refused_credential(exc):
                 raise StateError(storage_auth_message(f"state store: {operation}", exc)) from None
             raise StateError(
@@ -174,6 +182,10 @@ class BlobStateStore:
             raise StateError(
                 f"state store: {operation} failed: storage unreachable ({type(exc).__name__})"
             ) from None
+        except Exception as exc:
+            if not unreadable_answer(exc):
+                raise  # not the storage SDK's reading: our own code's error, as it is
+            raise StateError(unreadable_message(f"state store: {operation}", exc)) from None
 
 
 def _owner(name: str, folder: str) -> str:

@@ -227,3 +227,46 @@ async def close_shared_clients() -> None:
     clients = _shared.pop(asyncio.get_running_loop(), {})
     for client in clients.values():
         await close_client(client)
+
+
+# Modules whose frames mark an error as raised while the storage SDK read an answer.
+_SDK_MODULES = ("azure.core.", "azure.storage.")
+
+
+def unreadable_answer(error: BaseException) -> bool:
+    """Whether a storage SDK error says storage answered, but with what the SDK cannot
+    read: XML cut short or broken, a proxy's HTML page, a body that is not UTF-8, a
+    success status the call does not expect. Not an HTTP failure (a status it has is a
+    success) and not storage unreachable: the answer came.
+
+    The SDK raises its DecodeError, or an HttpResponseError with a 2xx/3xx status, for
+    some of these; for others its DeserializationError (a ValueError, not an AzureError)
+    or XML's ParseError (a SyntaxError), from wherever it reads the body; and a
+    UnicodeDecodeError, counted only when raised in the SDK's code (the request is
+    encoded, never decoded: only an answer is).
+    """
+    from xml.etree.ElementTree import ParseError
+
+    from azure.core.exceptions import DecodeError, DeserializationError, HttpResponseError
+
+    if isinstance(error, HttpResponseError):
+        status = error.status_code
+        return isinstance(error, DecodeError) if status is None else status < 400
+    if isinstance(error, DeserializationError | ParseError):
+        return True
+    return isinstance(error, UnicodeDecodeError) and _raised_in_sdk(error)
+
+
+def unreadable_message(where: str, error: BaseException) -> str:
+    """What an :func:`unreadable_answer` says: the operation (`where`) and the error's type,
+    never its text (the SDK's quotes the answer's body)."""
+    return f"{where} failed: the answer could not be read ({type(error).__name__})"
+
+
+def _raised_in_sdk(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_globals.get("__name__", "").startswith(_SDK_MODULES):
+            return True
+        traceback = traceback.tb_next
+    return False

@@ -57,6 +57,8 @@ from shared.storage import (
     DEFAULT_OPTIONS,
     StorageOptions,
     check_storage_settings,
+    unreadable_answer,
+    unreadable_message,
 )
 
 if TYPE_CHECKING:
@@ -515,7 +517,8 @@ class BlobReferenceStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self, operation: str, key: str):
-        """Bound the call in time and turn storage failures into StoreError (no secrets)."""
+        """Bound the call in time and turn storage failures, and answers the storage SDK
+        cannot read, into StoreError (no secrets, no answer text)."""
         from azure.core.exceptions import AzureError, HttpResponseError
 
         timeout = self._options.operation_timeout
@@ -529,13 +532,14 @@ class BlobReferenceStore:
                 f"reference store: {operation} {short_key(key)} timed out after {timeout:g}s"
             ) from None
         except HttpResponseError as exc:
+            where = f"reference store: {operation} {short_key(key)}"
+            if unreadable_answer(exc):  # a success status, its body unreadable
+                raise StoreError(unreadable_message(where, exc)) from None
             if refused_credential(exc):
-                where = f"reference store: {operation} {short_key(key)}"
                 raise storage_auth_failed(where, exc) from None
             code = _error_code(exc)
             raise StoreError(
-                f"reference store: {operation} {short_key(key)} failed: HTTP {exc.status_code} "
-                f"{code or ''}".rstrip(),
+                f"{where} failed: HTTP {exc.status_code} {code or ''}".rstrip(),
                 status=exc.status_code,
                 code=code,
             ) from None
@@ -544,6 +548,11 @@ class BlobReferenceStore:
                 f"reference store: {operation} {short_key(key)} failed: storage unreachable "
                 f"({type(exc).__name__})"
             ) from None
+        except Exception as exc:
+            if not unreadable_answer(exc):
+                raise  # not the storage SDK's reading: our own code's error, as it is
+            where = f"reference store: {operation} {short_key(key)}"
+            raise StoreError(unreadable_message(where, exc)) from None
 
 
 def _error_code(exc: Any) -> str | None:

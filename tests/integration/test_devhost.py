@@ -35,7 +35,12 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost, wait_for
-from tests.fixtures.storage import thread_hops
+from tests.fixtures.storage import (
+    ANSWER_TEXT,
+    UNREADABLE_ANSWERS,
+    thread_hops,
+    unreadable_storage,
+)
 from tools.azurite import listening as accepts_connections
 from tools.devhost.app import (
     Function,
@@ -1007,6 +1012,38 @@ async def test_a_failed_message_is_hidden_for_visibility_timeout_then_retried(st
         assert await _texts(client) == []  # succeeded the second time: deleted
     # Released with visibilityTimeout (not at once, not after the 10-min lease).
     assert 1.5 <= calls[1] - calls[0] <= 5
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_receive_answered_with_what_no_client_can_read_says_so(caplog, answer):
+    # Storage answered (through a proxy, cut short): the listener logged "not reachable;
+    # is the storage emulator running?" (the SDK's ParseError has no status), or a bare
+    # "DecodeError (status=200)". It says the answer could not be read, never its text,
+    # and keeps polling.
+    calls: list[Any] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg)
+
+    async with unreadable_storage(answer) as fake:
+        settings = {"AzureWebJobsStorage": fake.connection_string}
+        service = queue_service_client(
+            resolve_connection("AzureWebJobsStorage", settings, where="test"), where="test"
+        )
+        async with service, listening(service, main, "broken"):
+
+            async def received_twice() -> bool:
+                return sum("/broken/messages" in r for r in fake.requests) >= 2
+
+            await eventually(received_twice, 10, "two receives")
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "tools.devhost.queue"]
+    assert lines and all(
+        line.startswith("Storage's answer could not be read receiving from queue 'broken' (")
+        for line in lines
+    ), lines
+    assert "emulator" not in caplog.text and ANSWER_TEXT not in caplog.text
+    assert calls == []
 
 
 async def test_a_timer_run_later_than_scheduled_is_not_past_due():

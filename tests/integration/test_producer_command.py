@@ -15,7 +15,12 @@ from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import ROOT
-from tests.fixtures.storage import sas_connection_string
+from tests.fixtures.storage import (
+    ANSWER_TEXT,
+    UNREADABLE_ANSWERS,
+    sas_connection_string,
+    unreadable_storage,
+)
 from tools.azurite import ACCOUNT, ACCOUNT_KEY
 
 pytestmark = pytest.mark.integration
@@ -155,6 +160,64 @@ async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(az
     assert line.startswith("error: ") and "may have been queued" in line, line
     request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
     report = producer(storage, "report", request_id)
+    assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_report_and_conversations_whose_listing_cannot_be_read_say_so(answer):
+    # Storage answered the listing 200 with what its SDK cannot read (a proxy's page, XML
+    # cut short): each command said "could not reach storage (DeserializationError)" (it
+    # was reached) or "HTTP 200". One line naming the listing; never the answer's text.
+    from shared.reports import request_prefix
+
+    async with unreadable_storage(answer) as fake:
+        env = {
+            "AzureWebJobsStorage": fake.connection_string,
+            "BOT_REFERENCES_CONTAINER": "refs",
+            "BOT_PROACTIVE_QUEUE": "proactive",
+        }
+        report = await asyncio.to_thread(producer, env, "report", "r1")
+        listed = await asyncio.to_thread(producer, env, "conversations", '{"personal": true}')
+
+    assert len([r for r in fake.requests if "comp=list" in r]) == 2
+    for done, listing in (
+        (report, f"proactive ledger: list {request_prefix('r1')}"),
+        (listed, "reference store: list *"),
+    ):
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"error: {listing} failed: the answer could not be read ("), line
+        assert ANSWER_TEXT not in done.stderr
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_send_whose_put_answer_cannot_be_read_may_have_been_queued(
+    azurite, storage, answer
+):
+    # The queue answered the put 201 (it landed) with a body the SDK cannot read: `send`
+    # said "could not reach storage" and not that the request may have been queued, so
+    # a second `send` was a second request; for a ValueError (a body not in UTF-8) it also
+    # took the request's report away, as for a put refused before it was sent.
+    async with unreadable_storage(answer) as fake:
+        env = {
+            **storage,
+            "AzureWebJobsStorage": (
+                f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                f"BlobEndpoint={azurite.blob_url};QueueEndpoint={fake.queue_url};"
+            ),
+        }
+        send = ("send", "--conversation", "msteams/a:1", "--text", "hi", "--id", "r-unread")
+        sent = await asyncio.to_thread(producer, env, *send)
+
+    assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
+    [line] = sent.stderr.splitlines()
+    queue = storage["BOT_PROACTIVE_QUEUE"]
+    assert line.startswith(f"error: queue {queue!r}: put failed: the answer could not be read ("), (
+        line
+    )
+    assert "'r-unread' may have been queued" in line and "--id r-unread" in line, line
+    assert ANSWER_TEXT not in sent.stderr
+    report = producer(storage, "report", "r-unread")
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
 

@@ -10,6 +10,7 @@ import pytest
 from shared.config import Settings, StorageSettings
 from shared.ledger import BlobLedger, MemoryLedger
 from shared.storage import close_shared_clients
+from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_storage
 
 
 @pytest.fixture(params=["memory", pytest.param("blob", marks=pytest.mark.integration)])
@@ -132,6 +133,35 @@ def test_a_storage_authentication_failure_names_the_setting_never_the_errors_tex
     assert "None" not in text and "secret-abc123" not in text
     assert failure.status == status
     assert ("HTTP 403" in text) == (status == 403)
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error_naming_it(answer):
+    # A proxy's page, or XML cut short, answered with 200: the SDK's DeserializationError
+    # (a ValueError, not an AzureError) escaped as it was, and a report, the schedules'
+    # listing or the engine's bookkeeping failed with a traceback; or it said "HTTP 200".
+    import traceback
+
+    from shared.references.contract import StoreError
+
+    async with unreadable_storage(answer) as storage:
+        settings = Settings(
+            storage=StorageSettings(connection_string=storage.connection_string),
+            references_container="ledger",
+        )
+        try:
+            with pytest.raises(StoreError) as raised:
+                [entry async for entry in BlobLedger(settings).list("requests/r1/")]
+        finally:
+            await close_shared_clients()
+
+    assert any("comp=list" in request for request in storage.requests)
+    text = str(raised.value)
+    assert text.startswith(
+        "proactive ledger: list requests/r1/ failed: the answer could not be read ("
+    ), text
+    assert raised.value.status is None  # not an HTTP failure
+    assert ANSWER_TEXT not in "".join(traceback.format_exception(raised.value))
 
 
 async def test_an_outcome_for_a_target_with_a_very_long_name_is_recorded_and_reported(ledger):

@@ -37,6 +37,7 @@ from shared.reports import read_report
 from shared.router import Router
 from shared.runtime import Runtime
 from shared.storage import close_shared_clients
+from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_storage
 from tools.botsim.connector import FakeConnector, Reply
 
 CONVERSATION = "a:1Xy-personal;with/odd@chars"
@@ -753,6 +754,51 @@ async def test_a_queue_answering_broken_http_raises_its_type_never_the_sas_url(a
     finally:
         server.close()
         await close_shared_clients()
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_put_answered_with_what_no_client_can_read_is_a_queue_error(answer):
+    # The put was answered 201 (it likely landed), with a body the storage SDK cannot read:
+    # its ParseError or UnicodeDecodeError escaped raw (a producer's `send` then said
+    # "could not reach storage", not that the request may have been queued), or it said
+    # "HTTP 201". No status: the producer keeps the request's report (it may be queued).
+    from shared.config import Settings, StorageSettings
+    from shared.queues import QueueError, StorageQueue
+
+    async with unreadable_storage(answer) as storage:
+        settings = Settings(
+            storage=StorageSettings(connection_string=storage.connection_string),
+            proactive_queue="proactive",
+        )
+        try:
+            with pytest.raises(QueueError) as raised:
+                await StorageQueue(settings).put("{}")
+        finally:
+            await close_shared_clients()
+
+    assert "POST /devstoreaccount1/proactive/messages?messagettl=-1" in storage.requests
+    text = str(raised.value)
+    assert text.startswith("queue 'proactive': put failed: the answer could not be read (")
+    assert raised.value.status is None and ANSWER_TEXT not in text
+
+
+async def test_a_queue_depth_answered_with_what_no_client_can_read_is_unknown(caplog):
+    # Only a hint for flow control: an answer that is not UTF-8 (a proxy's Latin-1 page)
+    # raised the SDK's UnicodeDecodeError into the fan-out instead.
+    from shared.config import Settings, StorageSettings
+    from shared.queues import StorageQueue
+
+    async with unreadable_storage("a page not in UTF-8") as storage:
+        settings = Settings(
+            storage=StorageSettings(connection_string=storage.connection_string),
+            proactive_queue="proactive",
+        )
+        try:
+            assert await StorageQueue(settings).depth() is None
+        finally:
+            await close_shared_clients()
+    assert "queue 'proactive': depth unknown (UnicodeDecodeError)" in caplog.text
+    assert ANSWER_TEXT not in caplog.text
 
 
 async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(

@@ -32,7 +32,12 @@ from shared.references import (
     user_index_name,
 )
 from shared.storage import StorageOptions
-from tests.fixtures.storage import FAST_STORAGE
+from tests.fixtures.storage import (
+    ANSWER_TEXT,
+    FAST_STORAGE,
+    UNREADABLE_ANSWERS,
+    unreadable_storage,
+)
 from tools.azurite import Azurite, free_port
 
 FAST = FAST_STORAGE
@@ -1200,6 +1205,26 @@ async def test_unanswering_storage_times_out_instead_of_hanging(unique_name):
             assert time.monotonic() - started < 5
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error(answer):
+    # Answered 200 (a proxy's page, XML cut short): the storage SDK's DeserializationError
+    # is a ValueError, not an AzureError, and escaped the store as it was (a broadcast's
+    # fan-out raised out of the engine, spending the host's dequeue budget, instead of
+    # being held for storage), or the store said "HTTP 200".
+    async with unreadable_storage(answer) as storage:
+        store = BlobReferenceStore(settings_for(storage.connection_string, "refs"), options=FAST)
+        try:
+            with pytest.raises(StoreError) as info:
+                await store.list(channel_id="msteams")
+        finally:
+            await store.close()
+
+    assert any("comp=list" in request for request in storage.requests)
+    text = str(info.value)
+    assert text.startswith("reference store: list msteams failed: the answer could not be read (")
+    assert info.value.status is None and ANSWER_TEXT not in text
 
 
 async def test_create_reference_store_requires_storage_settings():

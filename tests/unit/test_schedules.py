@@ -14,6 +14,7 @@ from shared.proactive import InvalidRequest
 from shared.queues import MemoryQueue, QueueError, compact_json
 from shared.references import encode_segment
 from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
+from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_storage
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
 NAN = float("nan")
@@ -453,6 +454,40 @@ async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
     assert record.levelno == logging.ERROR and record.exc_info is None
     assert "schedules: not run, the next run catches up" in record.getMessage()
     assert "storage unreachable" in record.getMessage()
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_the_timer_whose_listing_cannot_be_read_logs_one_line_not_a_traceback(
+    monkeypatch, caplog, answer
+):
+    # The schedules' listing answered 200 with what the storage SDK cannot read (a proxy's
+    # page, XML cut short): its DeserializationError, a ValueError, failed the run with a
+    # traceback, or the line said "HTTP 200". The next run catches up, as for an outage.
+    import os
+
+    from azure.functions.timer import TimerRequest
+
+    import schedule_function
+    from shared.config import reset_settings
+    from shared.storage import close_shared_clients
+
+    async with unreadable_storage(answer) as storage:
+        monkeypatch.setenv("AzureWebJobsStorage", storage.connection_string)
+        monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
+        reset_settings()
+        try:
+            with caplog.at_level(logging.INFO):
+                await schedule_function.main(TimerRequest())  # does not raise
+        finally:
+            reset_settings()
+            await close_shared_clients()
+    [record] = [r for r in caplog.records if r.name == "schedule_function"]
+    assert record.levelno == logging.ERROR and record.exc_info is None
+    assert record.getMessage().startswith(
+        "schedules: not run, the next run catches up: proactive ledger: list schedules/ "
+        "failed: the answer could not be read ("
+    ), record.getMessage()
+    assert ANSWER_TEXT not in caplog.text
 
 
 async def test_the_timer_with_a_refused_storage_key_fails_the_run(azurite, monkeypatch):

@@ -24,7 +24,12 @@ from shared.state import (
     user_state_key,
 )
 from shared.state_blob import BlobStateStore, state_blob_name
-from tests.fixtures.storage import FAST_STORAGE
+from tests.fixtures.storage import (
+    ANSWER_TEXT,
+    FAST_STORAGE,
+    UNREADABLE_ANSWERS,
+    unreadable_storage,
+)
 from tools.azurite import free_port
 
 USER = user_state_key("msteams", "29:user-1")
@@ -472,6 +477,26 @@ async def test_storage_that_is_down_is_a_state_error_without_secrets():
         await store.close()
     assert "c2VjcmV0" not in str(raised.value)
     assert "state store: read failed" in str(raised.value)
+
+
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_listing_answered_with_what_no_client_can_read_is_a_state_error(answer):
+    # Erasing a conversation's threads lists their documents: a 200 whose body the storage
+    # SDK cannot read (a proxy's page, XML cut short) escaped as the SDK's own ValueError.
+    async with unreadable_storage(answer) as storage:
+        store = BlobStateStore(
+            settings_for(storage.connection_string, "state"), options=FAST_STORAGE
+        )
+        try:
+            with pytest.raises(StateError) as raised:
+                await store.delete_prefixed(conversation_state_key("msteams", "19:c;messageid="))
+        finally:
+            await store.close()
+
+    assert any("comp=list" in request for request in storage.requests)
+    text = str(raised.value)
+    assert text.startswith("state store: list failed: the answer could not be read (")
+    assert ANSWER_TEXT not in text
 
 
 @pytest.mark.integration

@@ -343,10 +343,21 @@ def _fields(message: QueueMessage) -> dict[str, Any]:
 
 def _log_storage_error(action: str, queue: str, exc: Exception) -> None:
     # Status and error code only: storage error text can echo request details.
+    from shared.storage import unreadable_answer
     from tools.azurite import TOO_OLD, too_old
 
     if too_old(exc):
         logger.warning("Storage error %s queue '%s': %s", action, queue, TOO_OLD)
+        return
+    if unreadable_answer(exc):
+        # Storage answered (a proxy's page, XML cut short): not "unreachable", and the
+        # answer's text stays out of the log.
+        logger.warning(
+            "Storage's answer could not be read %s queue '%s' (%s)",
+            action,
+            queue,
+            type(exc).__name__,
+        )
         return
     status = getattr(exc, "status_code", None)
     if status is None:
