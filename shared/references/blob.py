@@ -39,6 +39,7 @@ from shared.references.contract import (
     marked,
     plan,
     read_index,
+    readable_index,
     reference_key,
     refused_credential,
     settled,
@@ -315,8 +316,26 @@ class BlobReferenceStore:
         self, channel_id: str, kind: Literal["id", "aad"], value: str
     ) -> UserIndex | None:
         """A user's index on `channel_id` as stored, or None when there is none."""
-        found = await self._read_json(user_index_name(channel_id, kind, value))
+        found = await self._read_index_blob(user_index_name(channel_id, kind, value))
         return read_index(found[0], channel_id, kind) if found else None
+
+    async def _read_index_blob(self, name: str) -> tuple[Any, str] | None:
+        """A user index's document (None when it is not JSON) and ETag, or None when there
+        is no index. One this version cannot read is logged and read as overflowed
+        (:func:`read_index`): it must not stop the erasure, lookups and removals it is
+        part of, and an erasure then lists the channel."""
+        blob = await self._store.read(name)
+        if blob is None:
+            return None
+        try:
+            document = json.loads(blob.body)
+        except (ValueError, RecursionError):
+            document = None
+        if not readable_index(document):
+            logger.warning(
+                "references: user index %s cannot be read; taken as overflowed", name[-80:]
+            )
+        return document, blob.etag
 
     async def mark_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
@@ -485,7 +504,7 @@ class BlobReferenceStore:
             if not wanted.empty and await self._put(name, index_body(wanted), None) is not None:
                 return
         for attempt in range(self._max_attempts):
-            found = await self._read_json(name)
+            found = await self._read_index_blob(name)
             current = read_index(found[0], channel_id, kind) if found else UserIndex()
             wanted = change(current)
             if wanted == current and (found is None or not wanted.empty):

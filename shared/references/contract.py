@@ -474,6 +474,14 @@ def marked(index: UserIndex) -> UserIndex:
 _LEGACY_INDEX_KEYS = 8  # what the index held before INDEX_KEYS, with no overflow mark
 
 
+def readable_index(document: Any) -> bool:
+    """Whether `document` is a user index this version reads (see :func:`read_index`)."""
+    return (
+        isinstance(document, dict)
+        and document.get("schemaVersion", SCHEMA_VERSION) == SCHEMA_VERSION
+    )
+
+
 def read_index(document: Any, channel_id: str, kind: Literal["id", "aad"]) -> UserIndex:
     """A user index document: ``{"key": most recent, "older": [...], "overflowed": bool}``
     (an overflowed index whose keys were all deleted has no key).
@@ -483,9 +491,14 @@ def read_index(document: Any, channel_id: str, kind: Literal["id", "aad"]) -> Us
     Teams whatever its length (a full one may have lost keys since, and there one user
     often has many conversations; on Teams a user has one 1:1 per tenant), so erasure
     lists the channel rather than miss a conversation it dropped. An aadObjectId index off
-    Teams is never read any more, only emptied: never overflowed."""
-    if not isinstance(document, dict):
-        return UserIndex()
+    Teams is never read any more, only emptied: never overflowed.
+
+    A document that is no index this version reads (`document` None when it is not JSON;
+    another shape; a newer `schemaVersion`) lists nothing and counts as overflowed: an
+    erasure then lists the channel instead of stopping at it, and its next change
+    replaces it."""
+    if not readable_index(document):
+        return UserIndex((), overflowed=True)
     first = document.get("key")
     older = document.get("older")
     older = [key for key in older if isinstance(key, str)] if isinstance(older, list) else []

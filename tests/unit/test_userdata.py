@@ -506,6 +506,40 @@ async def test_blob_a_1to1_this_version_cannot_read_stops_no_erasure_and_is_remo
     assert [blob.name for blob in raw.list_blobs()] == []
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [b"\x00not json", b"[1, 2]", json.dumps({"schemaVersion": 2, "keys": ["x"]}).encode()],
+    ids=["not-json", "not-an-index", "newer-version"],
+)
+async def test_blob_a_user_index_this_version_cannot_read_stops_no_erasure(
+    blob_store, caplog, damage
+):
+    # Read as overflowed: the erasure lists the channel instead of failing at every retry,
+    # and leaves no index of the user behind; the user's 1:1s are still recorded meanwhile.
+    references, raw = blob_store
+    state = MemoryStateStore()
+    await references.upsert(reference("a:ada", user="29:ada", aad=AAD_ADA))
+    await references.upsert(reference("a:bob", user="29:bob", aad="aad-bob"))
+    index = user_index_name("msteams", "id", "29:ada")
+    raw.upload_blob(index, damage, overwrite=True)
+    await references.upsert(reference("a:ada-2", user="29:ada", aad=AAD_ADA, tenant="t-2"))
+    await state.write(user_state_key("msteams", "29:ada"), {"n": 1}, etag=None)
+
+    erased = await erase_for_activity(delete_user_data(), state=state, references=references)
+
+    assert sorted(erased.conversations) == ["msteams/a:ada", "msteams/a:ada-2"]
+    assert await state.read(user_state_key("msteams", "29:ada")) is None
+    assert f"user index {index[-80:]} cannot be read; taken as overflowed" in caplog.text
+    left = sorted(blob.name for blob in raw.list_blobs())
+    assert left == sorted(
+        [
+            document_name("msteams/a:bob"),
+            user_index_name("msteams", "id", "29:bob"),
+            user_index_name("msteams", "aad", "aad-bob"),
+        ]
+    )
+
+
 async def test_blob_a_conversation_the_user_writes_in_while_the_erasure_settles_stays_findable(
     azurite, unique_name
 ):
