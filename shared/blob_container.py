@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.config import StorageSettings
-from shared.storage import DEFAULT_OPTIONS, StorageOptions, close_client, create_blob_service
+from shared.storage import (
+    DEFAULT_OPTIONS,
+    StorageOptions,
+    close_client,
+    create_blob_service,
+    reading_download,
+)
 
 if TYPE_CHECKING:
     from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
@@ -109,8 +115,9 @@ class LazyContainer:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            downloader = await self.blob(name).download_blob()
-            body = await downloader.readall()
+            with reading_download():
+                downloader = await self.blob(name).download_blob()
+                body = await downloader.readall()
         except ResourceNotFoundError:
             return None
         properties = downloader.properties

@@ -34,6 +34,7 @@ from shared.storage import (
     DEFAULT_OPTIONS,
     StorageOptions,
     get_blob_service,
+    reading_download,
     unreadable_answer,
     unreadable_message,
 )
@@ -205,8 +206,9 @@ class BlobLedger:
 
         async with _guard("read", name):
             try:
-                downloader = await self._blob(name).download_blob()
-                body = await downloader.readall()
+                with reading_download():
+                    downloader = await self._blob(name).download_blob()
+                    body = await downloader.readall()
             except ResourceNotFoundError:
                 return None
         try:

@@ -15,10 +15,12 @@ Retries and timeouts are deliberately short (a bot turn has 15 s) and configurab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -255,6 +257,23 @@ def unreadable_answer(error: BaseException) -> bool:
     if isinstance(error, DeserializationError | ParseError):
         return True
     return isinstance(error, UnicodeDecodeError) and _raised_in_sdk(error)
+
+
+@contextlib.contextmanager
+def reading_download() -> Iterator[None]:
+    """Around a blob's download and read: the SDK raises a plain ValueError for an answer
+    it cannot read there (a 200 without the Content-Range its ranged GET asks for, as a
+    proxy's page comes), raised here as its DecodeError, which the guards report as an
+    answer that could not be read. Only one the SDK raised itself: the download's own
+    arguments are the caller's, and a mistake in them stays what it is."""
+    from azure.core.exceptions import DecodeError
+
+    try:
+        yield
+    except ValueError as error:
+        if unreadable_answer(error) or not _raised_in_sdk(error):
+            raise
+        raise DecodeError(f"the download could not be read ({type(error).__name__})") from None
 
 
 def unreadable_message(where: str, error: BaseException) -> str:

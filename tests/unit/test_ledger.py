@@ -164,6 +164,34 @@ async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error_
     assert ANSWER_TEXT not in "".join(traceback.format_exception(raised.value))
 
 
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_read_answered_without_its_content_range_is_a_store_error_naming_it(answer):
+    # A proxy's page answering a blob's ranged GET with 200: the SDK's plain ValueError
+    # escaped, and the timer took a schedule document so read for a bad expression.
+    import traceback
+
+    from shared.references.contract import StoreError
+
+    async with unreadable_storage(answer, downloads=True) as storage:
+        settings = Settings(
+            storage=StorageSettings(connection_string=storage.connection_string),
+            references_container="ledger",
+        )
+        try:
+            with pytest.raises(StoreError) as raised:
+                await BlobLedger(settings).read("schedules/daily.json")
+        finally:
+            await close_shared_clients()
+
+    assert any(r.startswith("GET /devstoreaccount1/ledger/schedules/") for r in storage.requests)
+    text = str(raised.value)
+    assert text.startswith(
+        "proactive ledger: read schedules/daily.json failed: the answer could not be read ("
+    ), text
+    assert raised.value.status is None
+    assert ANSWER_TEXT not in "".join(traceback.format_exception(raised.value))
+
+
 async def test_an_outcome_for_a_target_with_a_very_long_name_is_recorded_and_reported(ledger):
     # A request may name a conversation id of 40,000 characters; blob metadata holds 8 KiB.
     # Refused, the outcome never landed and the request went round the queue for ever.

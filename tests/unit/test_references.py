@@ -1227,6 +1227,24 @@ async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error(
     assert info.value.status is None and ANSWER_TEXT not in text
 
 
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_read_answered_without_its_content_range_is_a_store_error(answer):
+    # A 200 to the document's ranged GET (a proxy's page): the SDK's plain ValueError.
+    async with unreadable_storage(answer, downloads=True) as storage:
+        store = BlobReferenceStore(settings_for(storage.connection_string, "refs"), options=FAST)
+        try:
+            with pytest.raises(StoreError) as info:
+                await store.get("msteams/a:1")
+        finally:
+            await store.close()
+
+    text = str(info.value)
+    assert text.startswith(
+        "reference store: get msteams/a:1 failed: the answer could not be read ("
+    )
+    assert info.value.status is None and ANSWER_TEXT not in text
+
+
 async def test_create_reference_store_requires_storage_settings():
     with pytest.raises(SettingsError) as info:
         create_reference_store(Settings())

@@ -499,6 +499,25 @@ async def test_a_listing_answered_with_what_no_client_can_read_is_a_state_error(
     assert ANSWER_TEXT not in text
 
 
+@pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
+async def test_a_read_answered_without_its_content_range_is_a_state_error(answer):
+    # A 200 to the document's ranged GET (a proxy's page): the SDK's plain ValueError
+    # escaped a turn's state load as it was.
+    async with unreadable_storage(answer, downloads=True) as storage:
+        store = BlobStateStore(
+            settings_for(storage.connection_string, "state"), options=FAST_STORAGE
+        )
+        try:
+            with pytest.raises(StateError) as raised:
+                await store.read(conversation_state_key("msteams", "a:1"))
+        finally:
+            await store.close()
+
+    text = str(raised.value)
+    assert text.startswith("state store: read failed: the answer could not be read (")
+    assert ANSWER_TEXT not in text
+
+
 @pytest.mark.integration
 async def test_storage_refusing_the_credential_says_which_setting_to_check(azurite, unique_name):
     # The account key is wrong: the operator is told to check AzureWebJobsStorage, not
