@@ -48,8 +48,9 @@ MAX_EXPRESSION_CHARS = 256
 # far ahead counts as come, rather than wait for the next run.
 EARLY_RUN = timedelta(seconds=1)
 # A last run recorded up to this far ahead of a run's clock is the clocks of two instances
-# disagreeing a little: nothing falls due before it, and the record stands. Further ahead,
-# the schedule restarts from the run that finds it.
+# disagreeing a little: nothing falls due before it, and the record stands. Further ahead
+# of both this run's clock and storage's when the record was written (a clock that ran
+# ahead, a hand edit), the schedule restarts from the run that finds it.
 AHEAD_TOLERATED = timedelta(minutes=1)
 
 
@@ -285,6 +286,17 @@ def _last_run(state: Record | None) -> datetime | None:
     return moment if moment is not None and moment.tzinfo is not None else None
 
 
+def _ahead(last: datetime, until: datetime, state: Record | None) -> bool:
+    """Whether a last run is recorded further ahead than clocks disagree: ahead of this
+    run's clock and of storage's when it was written (its Last-Modified, when known). A
+    record written by an instance whose clock is right stands for one whose clock is
+    behind, which waits for it instead of rewriting it on every run."""
+    if last - until <= AHEAD_TOLERATED:
+        return False
+    written = state.modified if state is not None else 0.0
+    return not written or last - datetime.fromtimestamp(written, UTC) > AHEAD_TOLERATED
+
+
 def _minute_before(moment: datetime) -> datetime:
     """Just before `moment`'s minute: due times from then on count that minute."""
     return moment.replace(second=0, microsecond=0) - timedelta(microseconds=1)
@@ -304,10 +316,10 @@ async def _run_one(
     # Any other storage error reading it goes to run_schedules: this schedule is skipped
     # this run, its record untouched, and the next run catches up on what is due.
     last = _last_run(state)
-    if last is not None and last - until > AHEAD_TOLERATED:
-        # Written by a clock far ahead of this one (or edited by hand): kept, it would hold
-        # the schedule back until then. It restarts as from an unusable record; a due time
-        # the record's run enqueued already is enqueued with its id again, sent once.
+    if last is not None and _ahead(last, until, state):
+        # Written by a clock that ran ahead (or edited by hand): kept, it would hold the
+        # schedule back until then. It restarts as from an unusable record; a due time the
+        # record's run enqueued already is enqueued with its id again, sent once.
         logger.warning(
             "schedule %r: its last run is recorded %d s ahead of this run's clock; restarts now",
             schedule.name,

@@ -246,6 +246,32 @@ async def test_a_last_run_recorded_far_ahead_of_the_clock_restarts_the_schedule_
     ]
 
 
+async def test_an_instance_whose_clock_is_behind_waits_for_the_record_instead_of_rewriting_it(
+    caplog,
+):
+    # The record was written at storage's time by an instance whose clock is right: for
+    # one whose clock is 10 minutes behind it is far ahead, yet no restart (which each of
+    # its runs would repeat, and the other instance undo, enqueueing its window again).
+    clock = StoreClock(T0)
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    clock.now = T0 + timedelta(minutes=1)
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=1)) == [
+        "schedule:a:2030-01-01T12:01Z"
+    ]
+    record = f"proactive-schedules/{encode_segment('a', 400)}.json"
+    written = await ledger.read(record)
+
+    with caplog.at_level(logging.WARNING, logger="shared.schedules"):
+        assert await run_schedules(ledger, queue, T0 - timedelta(minutes=9)) == []
+    assert caplog.text == ""
+    assert (await ledger.read(record)).etag == written.etag
+    clock.now = T0 + timedelta(minutes=2)
+    assert await run_schedules(ledger, queue, T0 + timedelta(minutes=2)) == [
+        "schedule:a:2030-01-01T12:02Z"
+    ]
+
+
 async def test_a_last_run_recorded_a_little_ahead_by_another_instance_stands(caplog):
     # Two instances' clocks 30 s apart: the record stands and nothing is sent twice.
     ledger, queue = MemoryLedger(), MemoryQueue()
