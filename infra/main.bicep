@@ -86,6 +86,9 @@ param proactiveMaxAgeSeconds string = '3600'
 @description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it. At least 24 (twice the Connector client\'s 12 s budget for one send): the app refuses less at startup.')
 param proactiveClaimSeconds string = '45'
 
+@description('App settings of your own, added to the template\'s: PYTHON_ENABLE_DEBUG_LOGGING, a queue option (AzureFunctionsJobHost__extensions__queues__...), AzureWebJobs.proactive_function.Disabled while upgrading. Every provisioning sets the app\'s settings to exactly the template\'s and these: one set by hand is removed. Names the template sets, or that must not be set on Azure, are refused by tools/infra_check.py.')
+param extraAppSettings object = {}
+
 // ---- Producers ----
 
 @description('Optional object id of a producer (user, group or service principal) allowed to enqueue proactive requests and read delivery reports.')
@@ -236,7 +239,7 @@ var botSettings = {
 var secretSettings = singleTenant ? {
   MicrosoftAppPassword: '@Microsoft.KeyVault(VaultName=${names.vault};SecretName=${botSecretName})'
 } : {}
-var appSettings = union(hostSettings, botSettings, secretSettings)
+var appSettings = union(extraAppSettings, hostSettings, botSettings, secretSettings)
 
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionApp'

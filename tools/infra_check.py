@@ -631,6 +631,78 @@ PATTERNS = {"namePrefix": (re.compile(r"[a-z0-9]+"), "lower-case letters and dig
 
 _TYPES = {"string": str, "int": int, "bool": bool, "object": dict, "array": list}
 
+# What the template's expressions that name no parameter resolve to on Azure (ids and
+# endpoints of what it creates), to read the settings as the app will.
+DEPLOYED = {
+    "AzureWebJobsStorage__blobServiceUri": "https://stbot.blob.core.windows.net/",
+    "AzureWebJobsStorage__queueServiceUri": "https://stbot.queue.core.windows.net/",
+    "AzureWebJobsStorage__clientId": "00000000-0000-0000-0000-00000000000a",
+    "MicrosoftAppId": "00000000-0000-0000-0000-00000000000a",
+    "MicrosoftAppTenantId": "00000000-0000-0000-0000-00000000000b",
+    "MicrosoftAppPassword": "the secret Key Vault holds",
+}
+# Settings set from a module's output that repeats a parameter (or a parameter as a string).
+FROM_PARAMETER = {
+    "BOT_REFERENCES_CONTAINER": "referencesContainer",
+    "BOT_PROACTIVE_QUEUE": "proactiveQueue",
+    "BOT_MAX_BODY_BYTES": "maxBodyBytes",
+}
+# Settings the template sets only with a parameter's value (`cond ? {...} : {}`).
+ONLY_WITH = {"MicrosoftAppPassword": ("botAppType", "SingleTenant")}
+EXTRA_SETTINGS = "extraAppSettings"
+
+
+def deployed_settings(values: dict[str, Any], infra: Path = INFRA) -> dict[str, str]:
+    """The app settings a deployment with parameter `values` gives the app, as it reads
+    them (the parameters' defaults where `values` gives none; Azure's ids made up)."""
+    declared = load(infra, "main.bicep")["parameters"]
+    parameters = {name: p.get("default") for name, p in declared.items()} | values
+    settings = {}
+    for name, value in app_settings(infra).items():
+        if name in ONLY_WITH and parameters.get(ONLY_WITH[name][0]) != ONLY_WITH[name][1]:
+            continue
+        if name in DEPLOYED:
+            settings[name] = DEPLOYED[name]
+        elif name in FROM_PARAMETER:
+            settings[name] = str(parameters[FROM_PARAMETER[name]])
+        elif isinstance(value, str) and value in parameters:
+            settings[name] = str(parameters[value])
+        elif isinstance(value, str) and "${" not in value:
+            settings[name] = value
+    extra = parameters.get(EXTRA_SETTINGS) or {}
+    return {**extra, **settings, "WEBSITE_INSTANCE_ID": "an instance on Azure"}
+
+
+def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
+    """Settings of the operator's own: strings, none the template sets, none that must
+    not be set on Azure (the template's would win; the others break the app or bring
+    shared keys back)."""
+    template = set(app_settings(infra))
+    problems = []
+    for name, value in extra.items():
+        where = f"main.parameters.json: {EXTRA_SETTINGS}.{name}"
+        if not isinstance(value, str):
+            problems.append(f"{where} must be a string (app settings are strings)")
+        if name in template:
+            problems.append(f"{where} is set by the template: change its parameter instead")
+        elif name in NOT_DEPLOYED:
+            problems.append(f"{where} must not be set on Azure: {NOT_DEPLOYED[name]}")
+        elif name in FORBIDDEN:
+            problems.append(f"{where} must not be set on Flex Consumption")
+    return problems
+
+
+def _check_app_accepts(values: dict[str, Any], infra: Path) -> list[str]:
+    """The app's own validation of the settings the parameter file gives it: what it would
+    refuse at every invocation once deployed."""
+    from shared.config import Settings, SettingsError
+
+    try:
+        Settings.from_env(deployed_settings(values, infra))
+    except SettingsError as error:
+        return [f"main.parameters.json: the app would refuse its settings: {error}"]
+    return []
+
 
 def check_parameter_file(infra: Path = INFRA) -> list[str]:
     """main.parameters.json names only parameters main.bicep has, with values of their type
@@ -676,6 +748,10 @@ def check_parameter_file(infra: Path = INFRA) -> list[str]:
                 for other in needed
                 if not values.get(other)
             )
+    if isinstance(values.get(EXTRA_SETTINGS), dict):
+        problems.extend(_check_extra_settings(values[EXTRA_SETTINGS], infra))
+    if not problems:  # each value of its type and range: what the app makes of them
+        problems.extend(_check_app_accepts(values, infra))
     return problems
 
 

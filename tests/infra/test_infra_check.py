@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,31 +218,84 @@ def test_the_settings_bicep_sets_are_accepted_by_the_app() -> None:
 
     main = infra_check.load(infra_check.INFRA, "main.bicep")
     defaults = {name: p.get("default") for name, p in main["parameters"].items()}
-    deployed = {  # what the expressions resolve to on Azure
-        "AzureWebJobsStorage__blobServiceUri": "https://stbot.blob.core.windows.net/",
-        "AzureWebJobsStorage__queueServiceUri": "https://stbot.queue.core.windows.net/",
-        "MicrosoftAppId": "00000000-0000-0000-0000-00000000000a",
-        "MicrosoftAppTenantId": "00000000-0000-0000-0000-00000000000b",
-        "AzureWebJobsStorage__clientId": "00000000-0000-0000-0000-00000000000a",
-        "BOT_REFERENCES_CONTAINER": defaults["referencesContainer"],
-        "BOT_PROACTIVE_QUEUE": defaults["proactiveQueue"],
-        "BOT_MAX_BODY_BYTES": str(defaults["maxBodyBytes"]),
-        "WEBSITE_INSTANCE_ID": "instance",
-    }
-    env = {}
-    for name, value in infra_check.app_settings().items():
-        if name in deployed:
-            env[name] = deployed[name]
-        elif isinstance(value, str) and value in defaults:
-            env[name] = str(defaults[value])
-        elif isinstance(value, str) and not re.search(r"\$\{", value):
-            env[name] = value
-    env["WEBSITE_INSTANCE_ID"] = "instance"
-    settings = Settings.from_env(env)
+    settings = Settings.from_env(infra_check.deployed_settings({}))
     assert settings.app_type == "UserAssignedMSI"
     assert settings.storage.credential == "managedidentity"
     assert settings.proactive_queue == "proactive-messages"
     assert settings.schedule == defaults["schedule"]
+
+
+def write_parameters(infra: Path, **given: Any) -> None:
+    path = infra / "main.parameters.json"
+    values = json.loads(path.read_text())
+    values["parameters"].update({name: {"value": value} for name, value in given.items()})
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "setting"),
+    [
+        ("proactiveClaimSeconds", "20", "BOT_PROACTIVE_CLAIM_SECONDS"),
+        ("schedule", "0 */5 * * *", "BOT_SCHEDULE"),
+        ("connectorRateLimit", "fifty", "BOT_CONNECTOR_RATE_LIMIT"),
+        ("proactiveMaxAgeSeconds", "-1", "BOT_PROACTIVE_MAX_AGE_SECONDS"),
+        ("trustedServiceUrls", "http://bot.example.com/", "BOT_TRUSTED_SERVICE_URLS"),
+        ("loginAuthority", "https://login.example.com/tenant/path", "BOT_LOGIN_AUTHORITY"),
+    ],
+)
+def test_a_parameter_value_the_app_would_refuse_is_reported(
+    infra_copy: Path, name: str, value: str, setting: str
+) -> None:
+    # Of its type and within Bicep's decorators: CI was green, the tag deployed, and every
+    # invocation then failed on the setting.
+    write_parameters(infra_copy, **{name: value})
+    [problem] = infra_check.check_parameter_file(infra_copy)
+    assert problem.startswith(
+        f"main.parameters.json: the app would refuse its settings: setting {setting}: "
+    ), problem
+
+
+def test_settings_of_the_operators_own_are_deployed_with_the_templates(infra_copy: Path) -> None:
+    # Every provisioning sets the app's settings to exactly the template's: one set by
+    # hand (the upgrade's Disabled flag, debug logging) was removed by the next.
+    extra = {
+        "AzureWebJobs.proactive_function.Disabled": "true",
+        "PYTHON_ENABLE_DEBUG_LOGGING": "1",
+    }
+    write_parameters(infra_copy, extraAppSettings=extra)
+    assert infra_check.check_parameter_file(infra_copy) == []
+    settings = infra_check.deployed_settings({"extraAppSettings": extra}, infra_copy)
+    assert settings["AzureWebJobs.proactive_function.Disabled"] == "true"
+    assert settings["BOT_PROACTIVE_QUEUE"] == "proactive-messages"
+
+
+def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_reported(
+    infra_copy: Path,
+) -> None:
+    write_parameters(
+        infra_copy,
+        extraAppSettings={
+            "BOT_SCHEDULE": "0 0 * * * *",  # the template's own: its parameter is the way
+            "BOT_ALLOW_UNAUTHENTICATED": "true",
+            "WEBSITE_RUN_FROM_PACKAGE": "1",
+            "PYTHON_ENABLE_DEBUG_LOGGING": 1,
+        },
+    )
+    where = "main.parameters.json: extraAppSettings."
+    assert infra_check.check_parameter_file(infra_copy) == [
+        f"{where}BOT_SCHEDULE is set by the template: change its parameter instead",
+        f"{where}BOT_ALLOW_UNAUTHENTICATED must not be set on Azure: "
+        + infra_check.NOT_DEPLOYED["BOT_ALLOW_UNAUTHENTICATED"],
+        f"{where}WEBSITE_RUN_FROM_PACKAGE must not be set on Flex Consumption",
+        f"{where}PYTHON_ENABLE_DEBUG_LOGGING must be a string (app settings are strings)",
+    ]
+    # The template's settings win over the operator's in the union, as ARM merges it.
+    assert (
+        infra_check.deployed_settings(
+            {"extraAppSettings": {"BOT_SCHEDULE": "0 0 * * * *"}}, infra_copy
+        )["BOT_SCHEDULE"]
+        == "0 * * * * *"
+    )
 
 
 def test_a_bot_name_that_ignores_the_bots_identity_is_reported(infra_copy: Path) -> None:
