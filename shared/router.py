@@ -316,11 +316,12 @@ class Router:
         automatic refresh (one per person viewing it): their client shows the failed
         answer itself. Nor to a conversation the bot was just removed from (uninstalled,
         removed, the team deleted): nobody there would read it, and Teams refuses it. Nor
-        when the turn failed on the Connector itself (a call unanswered, throttled,
-        refused for the bot's credentials, the conversation gone; any failure but a
-        request the channel called invalid): the apology would meet the same failure, or
-        follow a reply that may have been posted, and waiting for it again would take
-        the HTTP answer past the channel's 15 s.
+        when a send or reply to this conversation failed on the Connector (unanswered,
+        throttled, refused for the bot's credentials, the conversation gone; any failure
+        but a request the channel called invalid): the apology would meet the same
+        failure, or follow a reply that may have been posted, and waiting for it again
+        would take the HTTP answer past the channel's 15 s. A failed call elsewhere (a
+        member lookup, another conversation) does not hold it back.
         """
         logger.error(
             "handler failed: activity=%s conversation=%s type=%s error=%s%s",
@@ -334,7 +335,7 @@ class Router:
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
-            elif not _no_apology(turn.activity) and not _connector_failing(error):
+            elif not _no_apology(turn.activity) and not _connector_failing(turn):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
@@ -366,11 +367,12 @@ def _reason(error: BaseException) -> str:
     return ""
 
 
-def _connector_failing(error: BaseException) -> bool:
-    """A Connector failure an apology through the same Connector would meet again."""
-    from shared.connector.errors import ConnectorError, ErrorKind
+def _connector_failing(turn: TurnContext) -> bool:
+    """Whether a send or reply to this conversation failed in a way the apology, sent the
+    same way, would meet again (anything but a request the channel called invalid)."""
+    from shared.connector.errors import ErrorKind
 
-    return isinstance(error, ConnectorError) and error.kind is not ErrorKind.INVALID
+    return turn.delivery_failed not in (None, ErrorKind.INVALID)
 
 
 def _no_apology(activity: Mapping[str, Any]) -> bool:

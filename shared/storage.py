@@ -245,7 +245,10 @@ def unreadable_answer(error: BaseException) -> bool:
     some of these; for others its DeserializationError (a ValueError, not an AzureError)
     or XML's ParseError (a SyntaxError), from wherever it reads the body; and a
     UnicodeDecodeError, counted only when raised in the SDK's code (the request is
-    encoded, never decoded: only an answer is).
+    encoded, never decoded: only an answer is). That one comes before the SDK looks at
+    the status, whatever it was, a refusal included: Azure Storage answers in UTF-8, so
+    such an answer came from something else on the way (a proxy), whose status says
+    nothing of what storage did, and it is read as unreadable too.
     """
     from xml.etree.ElementTree import ParseError
 

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
     from shared.connector.client import ConnectorClient
+    from shared.connector.errors import ErrorKind
 
 
 class TurnContext:
@@ -62,6 +63,7 @@ class TurnContext:
         "buffered",
         "buffering",
         "connector",
+        "delivery_failed",
         "identity",
         "match",
         "settings",
@@ -85,6 +87,8 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
+        # How the latest send or reply to this conversation failed, if one did.
+        self.delivery_failed: ErrorKind | None = None
         self._conversation_state: State | None = None
         self._user_state: State | None = None
 
@@ -365,11 +369,18 @@ class TurnContext:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
-        if reply_to:
-            return await self.connector.reply_to_activity(
-                service_url, conversation_id, reply_to, activity
-            )
-        return await self.connector.send_to_conversation(service_url, conversation_id, activity)
+        try:
+            if reply_to:
+                return await self.connector.reply_to_activity(
+                    service_url, conversation_id, reply_to, activity
+                )
+            return await self.connector.send_to_conversation(service_url, conversation_id, activity)
+        except Exception as error:
+            from shared.connector.errors import ConnectorError  # on a failure only
+
+            if isinstance(error, ConnectorError):
+                self.delivery_failed = error.kind
+            raise
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:

@@ -319,6 +319,8 @@ def follow_redirect(
         # characters is percent-encoded first.
         given = yarl.URL(location, encoded=_URI_CHARACTERS.fullmatch(location) is not None)
         target = url.join(given)
+        if target.host and target.raw_host != target.host:  # kept as written: lower it
+            target = target.with_host(target.host)
         host = target.host
     except (ValueError, TypeError):
         target, host = None, None

@@ -120,7 +120,9 @@ async def test_a_message_with_text_is_echoed(fake_connector, connector):
     ]
 
 
-async def test_a_turn_failed_on_the_connector_gets_no_apology_through_it(fake_connector, connector):
+async def test_a_turn_whose_reply_failed_on_the_connector_gets_no_apology_through_it(
+    fake_connector, connector
+):
     # The reply was answered 500 (it may have been posted): an apology through the same
     # Connector would follow it, or wait out the channel's 15 s again.
     from shared.connector.errors import ConnectorError
@@ -146,3 +148,29 @@ async def test_a_turn_failed_on_the_connector_gets_no_apology_through_it(fake_co
         await failing.dispatch(turn)
     await failing.handle_error(turn, caught.value)
     assert [request.json["text"] for request in fake_connector.requests][1:] == ["echo", APOLOGY]
+
+
+async def test_a_connector_call_that_failed_elsewhere_still_gets_the_apology(
+    fake_connector, connector
+):
+    # A send to another conversation refused (the user blocked the bot there), a member
+    # lookup answered 500: this conversation's Connector is fine, and the user is told.
+    from shared.connector.errors import ConnectorError, ErrorKind
+    from shared.router import APOLOGY, Router
+
+    failing = Router()
+
+    @failing.message()
+    async def elsewhere(turn):
+        await turn.connector.send_to_conversation(
+            fake_connector.url, "a:other", {"type": "message", "text": "psst"}
+        )
+
+    gone = Reply(403, json={"error": {"code": "ConversationBlockedByUser"}})
+    fake_connector.script("POST", "a%3Aother", [gone])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(ConnectorError) as caught:
+        await failing.dispatch(turn)
+    assert caught.value.kind is ErrorKind.GONE
+    await failing.handle_error(turn, caught.value)
+    assert [request.json["text"] for request in fake_connector.requests] == ["psst", APOLOGY]

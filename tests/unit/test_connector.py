@@ -1454,6 +1454,23 @@ async def test_a_redirect_is_requested_with_its_percent_encoding_as_written(clie
     assert unicode.raw_path == "/blobs/%C3%A9%20v"  # not ASCII: encoded before it is asked
 
 
+async def test_a_redirect_to_its_own_origin_spelt_in_capitals_keeps_the_token(aad_app):
+    with FakeConnector(host="localhost") as fake:
+        base = fake.url.replace("127.0.0.1", "localhost")
+        settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=base)
+        fake.attachments["x"] = {"originalBase64": "aGk="}
+        fake.redirect_attachments = False
+        location = base.replace("localhost", "LOCALHOST") + "/_blobs/x/original"
+        fake.script("GET", "views", [Reply(302, headers={"Location": location})])
+        connector = ConnectorClient(settings, create_token_provider(settings))
+        try:
+            assert await connector.get_attachment(base, "x", "original") == b"hi"
+        finally:
+            await connector.close()
+        [(path, authorization)] = fake.blob_fetches
+    assert path == "/_blobs/x/original" and authorization.startswith("Bearer ")
+
+
 async def test_a_redirect_loop_gives_up(client, fake_connector):
     loop = Reply(302, headers={"Location": "/v3/attachments/x/views/original"})
     fake_connector.script("GET", "views", [loop] * 50)
