@@ -453,11 +453,9 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         client.close()
 
 
-async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
-    monkeypatch, caplog
-):
-    # A traceback a minute while the emulator (or storage) is down: the next run catches
-    # up anyway, since each schedule keeps its own record.
+async def timer_error_line(monkeypatch, caplog, connection_string: str) -> logging.LogRecord:
+    """Run the timer function on `connection_string`: its one line of the run (it must
+    not raise)."""
     import os
 
     from azure.functions.timer import TimerRequest
@@ -465,9 +463,8 @@ async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
     import schedule_function
     from shared.config import reset_settings
     from shared.storage import close_shared_clients
-    from tools.azurite import connection_string, free_port
 
-    monkeypatch.setenv("AzureWebJobsStorage", connection_string(free_port(), free_port()))
+    monkeypatch.setenv("AzureWebJobsStorage", connection_string)
     monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
     reset_settings()
     try:
@@ -478,6 +475,18 @@ async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
         await close_shared_clients()
     [record] = [r for r in caplog.records if r.name == "schedule_function"]
     assert record.levelno == logging.ERROR and record.exc_info is None
+    return record
+
+
+async def test_the_timer_with_storage_unreachable_logs_one_line_not_a_traceback(
+    monkeypatch, caplog
+):
+    # A traceback a minute while the emulator (or storage) is down: the next run catches
+    # up anyway, since each schedule keeps its own record.
+    from tools.azurite import connection_string, free_port
+
+    unreachable = connection_string(free_port(), free_port())
+    record = await timer_error_line(monkeypatch, caplog, unreachable)
     assert "schedules: not run, the next run catches up" in record.getMessage()
     assert "storage unreachable" in record.getMessage()
 
@@ -489,26 +498,8 @@ async def test_the_timer_whose_listing_cannot_be_read_logs_one_line_not_a_traceb
     # The schedules' listing answered 200 with what the storage SDK cannot read (a proxy's
     # page, XML cut short): its DeserializationError, a ValueError, failed the run with a
     # traceback, or the line said "HTTP 200". The next run catches up, as for an outage.
-    import os
-
-    from azure.functions.timer import TimerRequest
-
-    import schedule_function
-    from shared.config import reset_settings
-    from shared.storage import close_shared_clients
-
     async with unreadable_storage(answer) as storage:
-        monkeypatch.setenv("AzureWebJobsStorage", storage.connection_string)
-        monkeypatch.chdir(os.path.dirname(__file__))  # no local.settings.json here
-        reset_settings()
-        try:
-            with caplog.at_level(logging.INFO):
-                await schedule_function.main(TimerRequest())  # does not raise
-        finally:
-            reset_settings()
-            await close_shared_clients()
-    [record] = [r for r in caplog.records if r.name == "schedule_function"]
-    assert record.levelno == logging.ERROR and record.exc_info is None
+        record = await timer_error_line(monkeypatch, caplog, storage.connection_string)
     assert record.getMessage().startswith(
         "schedules: not run, the next run catches up: proactive ledger: list schedules/ "
         "failed: the answer could not be read ("
