@@ -161,7 +161,10 @@ async def _forget_tried(
     if stored_key is None:
         if key is None:
             return False
-        stored = await runtime.references.get(key)
+        try:
+            stored = await runtime.references.get(key)
+        except UnreadableDocument:
+            return False  # another version's: not this one's to judge or remove
         if stored is None or not _same_conversation(stored.reference, tried):
             return False  # the stored reference is not the one tried: keep it (docs/proactive.md)
         stored_key, tried = key, stored.reference

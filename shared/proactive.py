@@ -78,7 +78,7 @@ from shared.queues import (
     compact_json,
     poison_message,
 )
-from shared.references import StoreError
+from shared.references import StoreError, UnreadableDocument
 from shared.reports import (
     SINGLE_TARGET,
     Final,
@@ -309,7 +309,14 @@ async def _send_claimed(
     try:
         if _claim_spent(request, engine, claimed_at):
             return await engine.requeue(request, engine.jitter(1.0), count=False)
-        target = await resolve(request, engine.runtime)
+        try:
+            target = await resolve(request, engine.runtime)
+        except UnreadableDocument as unreadable:
+            # Written by another version (or not JSON): never rewritten, so it will not
+            # heal by waiting, as an outage would. The poison copy can be put back once a
+            # version that reads it runs.
+            reason = f"the stored conversation cannot be read by this version: {unreadable}"
+            return await fail_target(request, engine, reason[:300], claim.etag)
         if target is None:
             outcome = Outcome.UNKNOWN
         elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
@@ -322,8 +329,10 @@ async def _send_claimed(
                 progress.posted = False  # the prune of a conversation that is gone
                 raise
     except ConnectorError as error:
-        progress.posted = error.kind is ErrorKind.UNCERTAIN
-        return await _connector_failure(request, engine, error, claim.etag)
+        # A lookup's failure (creating a user's 1:1) posted nothing, whatever its kind.
+        sent = progress.posted
+        progress.posted = sent and error.kind is ErrorKind.UNCERTAIN
+        return await _connector_failure(request, engine, error, claim.etag, sent=sent)
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
@@ -398,9 +407,19 @@ async def _unknown(
 
 
 async def _connector_failure(
-    request: ProactiveRequest, engine: Engine, error: ConnectorError, claim_etag: str
+    request: ProactiveRequest,
+    engine: Engine,
+    error: ConnectorError,
+    claim_etag: str,
+    *,
+    sent: bool = True,
 ) -> Outcome:
+    """`sent`: the failure came from the send itself, not from finding its conversation."""
     kind, what = error.kind, _describe(error)
+    if kind is ErrorKind.UNCERTAIN and not sent:
+        # Creating a user's 1:1 answered 500 (or went unanswered): nothing was posted, and
+        # asking again gives the same 1:1, so it is retried as a transient failure is.
+        kind = ErrorKind.TRANSIENT
     # No token (Entra ID refused the credential, or could not be reached at the configured
     # authority) is the bot's configuration, not the message's: kept until it is fixed.
     no_token = kind is ErrorKind.TRANSIENT and error.setting is not None
@@ -487,10 +506,17 @@ async def hold_for_settings(
         queue = _holding_queue()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
-        message = parse_request(text).message
-    except InvalidRequest:
-        # Kept as it came, to be refused once the settings work (a rewrite could make it
-        # valid); with nowhere to count its attempts, held for the longest backoff.
+        message = parse_request(body).message  # read as the engine reads it
+    except InvalidRequest as invalid:
+        if text.encode() != body and isinstance(body, bytes):
+            # Not UTF-8 text: held, it would be text with U+FFFD in it, maybe a valid
+            # request. Refused now, as the engine would (it has no id to report under).
+            reason = f"invalid request: {invalid}"
+            await queue.poison(body, reason)
+            logger.warning("proactive: a message was poisoned while holding: %s", reason)
+            return Outcome.POISONED
+        # Kept as it came, to be refused once the settings work (its report needs them);
+        # with nowhere to count its attempts, held for the longest backoff.
         attempt = LONGEST_HOLD
     else:
         engine_field = dict(message.get(RESERVED) or {})

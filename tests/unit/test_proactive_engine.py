@@ -10,6 +10,7 @@ queue trigger itself (`proactive_function.main`, its last attempt) runs on Azuri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -224,6 +225,62 @@ async def test_a_slow_answer_to_creating_a_users_chat_is_retried_not_failed(part
     assert engine.queue.poisoned == [] and sends(fake_connector) == []
     assert await drain(engine) == [Outcome.DELIVERED]
     assert len(sends(fake_connector)) == 1  # to the chat the fake Connector answered now
+
+
+async def test_a_500_to_creating_a_users_chat_is_retried_not_reported_as_maybe_posted(
+    parts, fake_connector
+):
+    # Creating the 1:1 posts no message: its 500 said "the message may have been posted"
+    # and failed the target, which an operator would hesitate to retry.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/v3/conversations$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"user": user(fake_connector)}, "u-1")) is Outcome.REQUEUED
+    assert engine.queue.poisoned == [] and sends(fake_connector) == []
+    assert await drain(engine) == [Outcome.DELIVERED]
+    assert len(sends(fake_connector)) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", json.dumps({"schemaVersion": 2, "key": "msteams/a:1", "reference": {}})],
+    ids=["not-json", "newer-version"],
+)
+async def test_a_conversation_stored_unreadably_fails_its_request_instead_of_holding_it(
+    aad_app, fake_connector, azurite, unique_name, content
+):
+    # Taken for a storage outage, the request came back every 10 minutes for ever with
+    # its report pending; such a document is never rewritten, so waiting never heals it.
+    from azure.storage.blob import ContainerClient
+
+    from shared.config import StorageSettings
+    from shared.references import BlobReferenceStore, document_name
+
+    settings = dataclasses.replace(
+        aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url),
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("refs"),
+    )
+    store = BlobReferenceStore(settings)
+    await store.upsert(reference(fake_connector.url, "a:1"))
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    raw.upload_blob(document_name("msteams/a:1"), content, overwrite=True)
+    raw.close()
+    clock = Clock()
+    runtime = make_runtime(settings, store, clock)
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
+    try:
+        assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    finally:
+        await runtime.close()
+    assert engine.queue.take() == [] and sends(fake_connector) == []
+    [poisoned] = engine.queue.poisoned
+    assert poisoned["poisonReason"].startswith(
+        "the stored conversation cannot be read by this version: "
+    )
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
 
 
 async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_try(
@@ -1368,10 +1425,22 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
         assert json.loads(text)["_proactive"]["attempt"] == expected
         assert json.loads(text)["_proactive"]["since"] is None
         assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
-    await hold_for_settings(b"\xffnot json", RuntimeError("x"), queue=queue)
+    await hold_for_settings("not json", RuntimeError("x"), queue=queue)
     [(raw, delay)] = queue.take()
-    assert raw == "\ufffdnot json"  # kept (it is poisoned once the settings work)
+    assert raw == "not json"  # kept (it is poisoned, and reported, once the settings work)
     assert delay >= 600  # with no count of its own, held for the longest wait
+    # Not UTF-8: held as text, it read as a valid request with U+FFFD in its text, sent
+    # once the settings worked. Refused at once, as the engine refuses it.
+    mangled = b'{"id": "r", "to": {"conversation": "msteams/a:1"}, "text": "pay \xff\xfe now"}'
+    assert await hold_for_settings(mangled, RuntimeError("x"), queue=queue) is Outcome.POISONED
+    assert queue.take() == []
+    [poisoned] = queue.poisoned
+    assert poisoned["poisonReason"] == "invalid request: the message is not JSON"
+    # UTF-16 JSON, which the engine reads: held as the request it is, not as mangled text.
+    utf16 = body({"conversation": "msteams/a:1"}, "r-16").encode("utf-16")
+    await hold_for_settings(utf16, RuntimeError("x"), queue=queue)
+    [(held, _delay)] = queue.take()
+    assert json.loads(held)["id"] == "r-16" and json.loads(held)["text"] == "hello"
     # A request the engine refuses stays as it came: the hold does not make it valid.
     refused = json.dumps(
         {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}
