@@ -316,12 +316,13 @@ class Router:
         automatic refresh (one per person viewing it): their client shows the failed
         answer itself. Nor to a conversation the bot was just removed from (uninstalled,
         removed, the team deleted): nobody there would read it, and Teams refuses it. Nor
-        when a send or reply to this conversation failed on the Connector (unanswered,
-        throttled, refused for the bot's credentials, the conversation gone; any failure
-        but a request the channel called invalid): the apology would meet the same
-        failure, or follow a reply that may have been posted, and waiting for it again
-        would take the HTTP answer past the channel's 15 s. A failed call elsewhere (a
-        member lookup, another conversation) does not hold it back.
+        when a send, reply, update or delete in this conversation failed on the Connector
+        (unanswered, throttled, the conversation gone; any failure but a request the
+        channel called invalid), or any call failed for want of the bot's token: the
+        apology would meet the same failure, or follow a reply that may have been
+        posted, and waiting for it again would take the HTTP answer past the channel's
+        15 s. Another failed call (a member lookup answered 500, a send to another
+        conversation) does not hold it back.
         """
         logger.error(
             "handler failed: activity=%s conversation=%s type=%s error=%s%s",
@@ -335,7 +336,7 @@ class Router:
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
-            elif not _no_apology(turn.activity) and not _connector_failing(turn):
+            elif not _no_apology(turn.activity) and not _connector_failing(turn, error):
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
@@ -367,12 +368,15 @@ def _reason(error: BaseException) -> str:
     return ""
 
 
-def _connector_failing(turn: TurnContext) -> bool:
-    """Whether a send or reply to this conversation failed in a way the apology, sent the
-    same way, would meet again (anything but a request the channel called invalid)."""
-    from shared.connector.errors import ErrorKind
+def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
+    """Whether the apology would meet a Connector failure of the turn again: one noted by
+    the turn (a post to this conversation, anything but invalid; any call without a
+    token) or the bot's token failing the call that raised `error`."""
+    from shared.connector.errors import ConnectorError
 
-    return turn.delivery_failed not in (None, ErrorKind.INVALID)
+    return turn.connector_failed is not None or (
+        isinstance(error, ConnectorError) and error.credentials
+    )
 
 
 def _no_apology(activity: Mapping[str, Any]) -> bool:

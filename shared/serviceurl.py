@@ -33,18 +33,21 @@ TEAMS_HOSTS = (
     "smba.infra.dod.teams.microsoft.us",
 )
 
-# Hosts the bot's token may be sent to (exact host or a subdomain of it), per cloud. GCC
-# tenants use commercial Azure bots; GCC High and DoD bots live in Azure Government.
+# Hosts the bot's token may be sent to, per cloud: `*.domain` any subdomain of a domain
+# Microsoft holds, anything else that host exactly. Teams' hosts are exact: the region is
+# in the path (/amer/), and trafficmanager.net is Azure Traffic Manager's shared zone,
+# where a customer's profile may take a name under smba.trafficmanager.net. GCC tenants
+# use commercial Azure bots; GCC High and DoD bots live in Azure Government.
 TRUSTED_HOSTS: dict[str, tuple[str, ...]] = {
     "public": (
-        "botframework.com",
+        "*.botframework.com",
         "smba.trafficmanager.net",  # Teams, public cloud
-        "smba.onyx.prod.teams.trafficmanager.net",  # Teams, public cloud (not a subdomain)
+        "smba.onyx.prod.teams.trafficmanager.net",  # Teams, public cloud
         "smba.infra.gcc.teams.microsoft.com",  # Teams, GCC
     ),
     "usgov": (
-        "botframework.us",
-        "botframework.azure.us",
+        "*.botframework.us",
+        "*.botframework.azure.us",
         "smba.infra.gov.teams.microsoft.us",  # Teams, GCC High
         "smba.infra.dod.teams.microsoft.us",  # Teams, DoD
     ),
@@ -129,7 +132,7 @@ def _parse(url: object) -> ServiceTarget | str:
 class TrustPolicy:
     """The serviceUrls the bot's token may be sent to, for one app's settings."""
 
-    hosts: tuple[str, ...]  # https on port 443, the host or a subdomain of it
+    hosts: tuple[str, ...]  # https on port 443, as host_in reads them
     prefixes: tuple[ServiceTarget, ...]  # BOT_TRUSTED_SERVICE_URLS
     loopback_only: bool = False  # BOT_ALLOW_UNAUTHENTICATED: nothing but this machine
 
@@ -174,7 +177,10 @@ def trusted_prefixes(prefixes: Sequence[str]) -> tuple[ServiceTarget, ...]:
 
 
 def host_in(host: str, trusted: tuple[str, ...]) -> bool:
-    return any(host == name or host.endswith("." + name) for name in trusted)
+    """Whether `host` is one of `trusted`: a name exactly, or under a `*.domain`."""
+    return any(
+        host.endswith(name[1:]) if name.startswith("*.") else host == name for name in trusted
+    )
 
 
 def prefix_admits(prefix: ServiceTarget, target: ServiceTarget) -> bool:

@@ -18,8 +18,8 @@ end of the turn when changed.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shared.activity import (
     Activity,
@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from shared.connector.errors import ErrorKind
 
 
+T = TypeVar("T")
+
+
 class TurnContext:
     """One incoming activity, who sent it, and how to answer."""
 
@@ -63,7 +66,7 @@ class TurnContext:
         "buffered",
         "buffering",
         "connector",
-        "delivery_failed",
+        "connector_failed",
         "identity",
         "match",
         "settings",
@@ -87,8 +90,10 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
-        # How the latest send or reply to this conversation failed, if one did.
-        self.delivery_failed: ErrorKind | None = None
+        # How a Connector call the error apology depends on failed, if one did: a send,
+        # reply, update or delete in this conversation, or any call for want of the bot's
+        # token (see Router.handle_error).
+        self.connector_failed: ErrorKind | None = None
         self._conversation_state: State | None = None
         self._user_state: State | None = None
 
@@ -253,14 +258,17 @@ class TurnContext:
         """Everyone in this conversation (Connector `GetConversationMembers`); for a large
         team, page through ``turn.connector.get_conversation_paged_members``."""
         service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
-        found = await self.connector.get_conversation_members(service_url, conversation_id)
+        found = await self._noting(
+            self.connector.get_conversation_members(service_url, conversation_id), here=False
+        )
         return cast(list[ChannelAccount], found)
 
     async def member(self, member_id: str) -> ChannelAccount:
         """One member of this conversation (Connector `GetConversationMember`)."""
         service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
-        found = await self.connector.get_conversation_member(
-            service_url, conversation_id, member_id
+        found = await self._noting(
+            self.connector.get_conversation_member(service_url, conversation_id, member_id),
+            here=False,
         )
         return cast(ChannelAccount, found)
 
@@ -307,14 +315,18 @@ class TurnContext:
         """Replace an activity the bot sent earlier in this conversation."""
         activity = apply_conversation_reference(self._outgoing(text_or_activity), self.reference)
         activity["id"] = activity_id
-        return await self.connector.update_activity(
-            activity["serviceUrl"], activity["conversation"]["id"], activity_id, activity
+        return await self._noting(
+            self.connector.update_activity(
+                activity["serviceUrl"], activity["conversation"]["id"], activity_id, activity
+            )
         )
 
     async def delete_activity(self, activity_id: str) -> None:
         """Delete an activity the bot sent earlier in this conversation."""
-        await self.connector.delete_activity(
-            self.activity["serviceUrl"], self.activity["conversation"]["id"], activity_id
+        await self._noting(
+            self.connector.delete_activity(
+                self.activity["serviceUrl"], self.activity["conversation"]["id"], activity_id
+            )
         )
 
     async def send_later(
@@ -369,18 +381,32 @@ class TurnContext:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
-        try:
-            if reply_to:
-                return await self.connector.reply_to_activity(
-                    service_url, conversation_id, reply_to, activity
-                )
-            return await self.connector.send_to_conversation(service_url, conversation_id, activity)
-        except Exception as error:
-            from shared.connector.errors import ConnectorError  # on a failure only
+        if reply_to:
+            call = self.connector.reply_to_activity(
+                service_url, conversation_id, reply_to, activity
+            )
+        else:
+            call = self.connector.send_to_conversation(service_url, conversation_id, activity)
+        return await self._noting(call)
 
-            if isinstance(error, ConnectorError):
-                self.delivery_failed = error.kind
+    async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
+        """`call`'s result; its ConnectorError noted in ``connector_failed`` when the error
+        apology would meet it again: `here` (a post to this conversation, the way the
+        apology goes) for any kind but INVALID, else only for want of the bot's token. A
+        call here that succeeds clears it: the way is open again."""
+        try:
+            result = await call
+        except Exception as error:
+            from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
+
+            if isinstance(error, ConnectorError) and (
+                error.credentials or (here and error.kind is not ErrorKind.INVALID)
+            ):
+                self.connector_failed = error.kind
             raise
+        if here:
+            self.connector_failed = None
+        return result
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:

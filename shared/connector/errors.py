@@ -87,6 +87,12 @@ class ConnectorError(Exception):
         return f"{' '.join(parts)}: {self.message}"
 
     @property
+    def credentials(self) -> bool:
+        """The bot's own token could not be had or was refused (``setting`` names what to
+        check): every call fails alike until that is fixed."""
+        return self.setting is not None
+
+    @property
     def retryable(self) -> bool:
         return self.kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT)
 

@@ -174,3 +174,101 @@ async def test_a_connector_call_that_failed_elsewhere_still_gets_the_apology(
     assert caught.value.kind is ErrorKind.GONE
     await failing.handle_error(turn, caught.value)
     assert [request.json["text"] for request in fake_connector.requests] == ["psst", APOLOGY]
+
+
+async def test_an_update_here_that_failed_on_the_connector_gets_no_apology(
+    fake_connector, connector
+):
+    # The update went the way the apology goes (this conversation) and was answered 500.
+    from shared.connector.errors import ConnectorError
+    from shared.router import Router
+
+    failing = Router()
+
+    @failing.message()
+    async def edit(turn):
+        await turn.update_activity("m-1", "edited")
+
+    fake_connector.script("PUT", "activities", [Reply(500)])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(ConnectorError) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+    assert [request.operation for request in fake_connector.requests] == ["updateActivity"]
+
+
+async def test_no_token_for_a_member_lookup_means_no_apology_asking_again(
+    fake_connector, fake_aad, aad_app
+):
+    # Entra ID refuses the bot: the apology would ask for the same token and wait again.
+    from shared.auth.tokens import create_token_provider
+    from shared.connector.errors import ConnectorError
+    from shared.router import Router
+
+    failing = Router()
+
+    @failing.message()
+    async def lookup(turn):
+        await turn.member("29:ada")
+
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    client = ConnectorClient(settings, create_token_provider(settings))
+    fake_aad.fail_next()  # the apology's own request would get a token: sent, late
+    turn = TurnContext(incoming(fake_connector, text="hi"), client)
+    try:
+        with pytest.raises(ConnectorError) as caught:
+            await failing.dispatch(turn)
+        await failing.handle_error(turn, caught.value)
+    finally:
+        await client.close()
+    assert caught.value.credentials
+    assert fake_connector.requests == []
+    assert fake_aad.issued.total() == 0  # asked once, for the lookup
+
+
+async def test_a_member_lookup_answered_500_still_gets_the_apology(fake_connector, connector):
+    from shared.connector.errors import ConnectorError
+    from shared.router import APOLOGY, Router
+
+    failing = Router()
+
+    @failing.message()
+    async def lookup(turn):
+        await turn.member("29:ada")
+
+    fake_connector.script("GET", "members/", [Reply(500)])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(ConnectorError) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+    assert [request.json["text"] for request in fake_connector.requests if request.json] == [
+        APOLOGY
+    ]
+
+
+async def test_a_send_that_failed_then_went_through_does_not_hold_the_apology_back(
+    fake_connector, connector
+):
+    from shared.connector.errors import ConnectorError
+    from shared.router import APOLOGY, Router
+
+    failing = Router()
+
+    @failing.message()
+    async def retrying(turn):
+        try:
+            await turn.send("first")
+        except ConnectorError:
+            await turn.send("second")
+        raise RuntimeError("a bug after the sends")
+
+    fake_connector.script("POST", "activities", [Reply(500)])
+    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
+    with pytest.raises(RuntimeError) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+    assert [request.json["text"] for request in fake_connector.requests] == [
+        "first",
+        "second",
+        APOLOGY,
+    ]

@@ -1508,6 +1508,12 @@ LOOK_ALIKES = [
     "https://smba.trafficmanager.net;@evil.example/",
     "https://SMBA.TRAFFICMANAGER.NET.evil.example/",
     "https://smba.trafficmanager.net.:443/",
+    # Traffic Manager's shared zone: a customer's profile can be named under Teams' host.
+    "https://attacker-profile.smba.trafficmanager.net/amer/",
+    "https://x.smba.onyx.prod.teams.trafficmanager.net/amer/",
+    "https://x.smba.infra.gcc.teams.microsoft.com/teams/",
+    "https://botframework.com.evil.example/",
+    "https://evilbotframework.com/",
 ]
 
 
