@@ -39,6 +39,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
@@ -508,13 +509,16 @@ async def hold_for_settings(
     try:
         message = parse_request(body).message  # read as the engine reads it
     except InvalidRequest as invalid:
-        if text.encode() != body and isinstance(body, bytes):
-            # Not UTF-8 text: held, it would be text with U+FFFD in it, maybe a valid
-            # request. Refused now, as the engine would (it has no id to report under).
-            reason = f"invalid request: {invalid}"
-            await queue.poison(body, reason)
-            logger.warning("proactive: a message was poisoned while holding: %s", reason)
-            return Outcome.POISONED
+        if isinstance(body, bytes) and text.encode() != body:  # not UTF-8
+            readable = _json_object(body)
+            if readable is None:
+                # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid
+                # request. Refused now, as the engine would (no id to report under).
+                reason = f"invalid request: {invalid}"
+                await queue.poison(body, reason)
+                logger.warning("proactive: a message was poisoned while holding: %s", reason)
+                return Outcome.POISONED
+            text = compact_json(readable)  # UTF-16 or -32 JSON: held as the JSON it is
         # Kept as it came, to be refused once the settings work (its report needs them);
         # with nowhere to count its attempts, held for the longest backoff.
         attempt = LONGEST_HOLD
@@ -561,13 +565,19 @@ def _describe(error: ConnectorError) -> str:
     return " ".join(parts)
 
 
-def _child_key(body: bytes | str) -> str | None:
-    """The conversation key of a broadcast child (None for anything else)."""
+def _json_object(body: bytes | str) -> dict[str, Any] | None:
+    """The JSON object `body` holds (in any encoding json reads), or None."""
     try:
-        message = json.loads(body)
+        found = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(message, dict) or not isinstance(message.get(RESERVED), dict):
+    return found if isinstance(found, dict) else None
+
+
+def _child_key(body: bytes | str) -> str | None:
+    """The conversation key of a broadcast child (None for anything else)."""
+    message = _json_object(body)
+    if message is None or not isinstance(message.get(RESERVED), dict):
         return None
     target = message.get("to")
     key = target.get("conversation") if isinstance(target, dict) else None
@@ -576,11 +586,8 @@ def _child_key(body: bytes | str) -> str | None:
 
 def _request_id(body: bytes | str) -> str | None:
     """The request's `id` for the log, when there is a usable one (never any other content)."""
-    try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    request_id = message.get("id") if isinstance(message, dict) else None
+    message = _json_object(body)
+    request_id = message.get("id") if message is not None else None
     return request_id if usable_id(request_id) else None
 
 

@@ -1436,11 +1436,17 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     assert queue.take() == []
     [poisoned] = queue.poisoned
     assert poisoned["poisonReason"] == "invalid request: the message is not JSON"
-    # UTF-16 JSON, which the engine reads: held as the request it is, not as mangled text.
+    # UTF-16 JSON, which the engine reads: held as the request it is, not as mangled text,
+    # and one the engine refuses is held as its JSON, to be reported under its id.
     utf16 = body({"conversation": "msteams/a:1"}, "r-16").encode("utf-16")
     await hold_for_settings(utf16, RuntimeError("x"), queue=queue)
     [(held, _delay)] = queue.take()
     assert json.loads(held)["id"] == "r-16" and json.loads(held)["text"] == "hello"
+    refused16 = json.dumps({**json.loads(body({"conversation": "msteams/a:1"})), "bogus": 1})
+    await hold_for_settings(refused16.encode("utf-16"), RuntimeError("x"), queue=queue)
+    [(held, delay)] = queue.take()
+    assert json.loads(held) == json.loads(refused16) and delay >= 600
+    assert len(queue.poisoned) == 1  # only the one that is not JSON at all
     # A request the engine refuses stays as it came: the hold does not make it valid.
     refused = json.dumps(
         {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}
