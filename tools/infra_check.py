@@ -647,8 +647,14 @@ FROM_PARAMETER = {
     "BOT_PROACTIVE_QUEUE": "proactiveQueue",
     "BOT_MAX_BODY_BYTES": "maxBodyBytes",
 }
-# Settings the template sets only with a parameter's value (`cond ? {...} : {}`).
+# Settings the template sets only with a parameter's value (`cond ? {...} : {}`), and the
+# variable whose condition says so (check_parameter_file holds the template to it).
 ONLY_WITH = {"MicrosoftAppPassword": ("botAppType", "SingleTenant")}
+ONLY_WITH_VARIABLES = {
+    "secretSettings": "singleTenant ? ",
+    "singleTenant": "equals(botAppType, SingleTenant)",
+}
+_KEY_VAULT_REFERENCE = "@Microsoft.KeyVault("
 EXTRA_SETTINGS = "extraAppSettings"
 
 
@@ -669,7 +675,10 @@ def deployed_settings(values: dict[str, Any], infra: Path = INFRA) -> dict[str, 
             settings[name] = str(parameters[value])
         elif isinstance(value, str) and "${" not in value:
             settings[name] = value
-    extra = parameters.get(EXTRA_SETTINGS) or {}
+    extra = {  # App Service resolves a Key Vault reference before the app reads it
+        name: "a Key Vault secret" if str(value).startswith(_KEY_VAULT_REFERENCE) else value
+        for name, value in (parameters.get(EXTRA_SETTINGS) or {}).items()
+    }
     return {**extra, **settings, "WEBSITE_INSTANCE_ID": "an instance on Azure"}
 
 
@@ -677,18 +686,31 @@ def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
     """Settings of the operator's own: strings, none the template sets, none that must
     not be set on Azure (the template's would win; the others break the app or bring
     shared keys back)."""
-    template = set(app_settings(infra))
+    # Names in any case: the host and the app read their configuration case-blind.
+    template = {name.casefold() for name in app_settings(infra)}
+    not_deployed = {name.casefold(): reason for name, reason in NOT_DEPLOYED.items()}
+    forbidden = {name.casefold() for name in FORBIDDEN}
     problems = []
     for name, value in extra.items():
         where = f"main.parameters.json: {EXTRA_SETTINGS}.{name}"
+        folded = name.casefold()
         if not isinstance(value, str):
             problems.append(f"{where} must be a string (app settings are strings)")
-        if name in template:
+        if folded in template:
             problems.append(f"{where} is set by the template: change its parameter instead")
-        elif name in NOT_DEPLOYED:
-            problems.append(f"{where} must not be set on Azure: {NOT_DEPLOYED[name]}")
-        elif name in FORBIDDEN:
+        elif folded in not_deployed:
+            problems.append(f"{where} must not be set on Azure: {not_deployed[folded]}")
+        elif folded in forbidden:
             problems.append(f"{where} must not be set on Flex Consumption")
+    if problems:
+        return problems
+    # A queue option for host.json: the local host reads them as the Functions host does.
+    from tools.devhost.app import HostError, read_host_config
+
+    try:
+        read_host_config(ROOT, extra)
+    except HostError as error:
+        problems.append(f"main.parameters.json: {EXTRA_SETTINGS}: the host would refuse {error}")
     return problems
 
 
@@ -748,6 +770,10 @@ def check_parameter_file(infra: Path = INFRA) -> list[str]:
                 for other in needed
                 if not values.get(other)
             )
+    variables = load(infra, "main.bicep")["variables"]
+    for variable, condition in ONLY_WITH_VARIABLES.items():
+        if not render(variables.get(variable, {}).get("value")).startswith(condition):
+            problems.append(f"main.bicep: var {variable} must be `{condition}...` (ONLY_WITH)")
     if isinstance(values.get(EXTRA_SETTINGS), dict):
         problems.extend(_check_extra_settings(values[EXTRA_SETTINGS], infra))
     if not problems:  # each value of its type and range: what the app makes of them

@@ -269,6 +269,46 @@ def test_settings_of_the_operators_own_are_deployed_with_the_templates(infra_cop
     assert settings["BOT_PROACTIVE_QUEUE"] == "proactive-messages"
 
 
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        # The host and the app read settings case-blind: a shared key, a runtime setting.
+        ({"azurewebjobsstorage": "AccountKey=x"}, "must not be set on Azure"),
+        ({"functions_worker_runtime": "python"}, "must not be set on Flex Consumption"),
+        ({"bot_schedule": "0 0 * * * *"}, "is set by the template"),
+        # A queue option the Functions host would refuse at its start.
+        (
+            {"AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "0"},
+            "the host would refuse",
+        ),
+    ],
+)
+def test_settings_of_the_operators_own_are_read_as_the_host_reads_them(
+    infra_copy: Path, extra: dict[str, str], problem: str
+) -> None:
+    write_parameters(infra_copy, extraAppSettings=extra)
+    [reported] = infra_check.check_parameter_file(infra_copy)
+    assert problem in reported, reported
+
+
+def test_a_key_vault_reference_of_the_operators_own_is_taken_as_resolved(
+    infra_copy: Path,
+) -> None:
+    reference = "@Microsoft.KeyVault(VaultName=kv-bot;SecretName=openai)"
+    write_parameters(infra_copy, extraAppSettings={"BOT_OPENAI_KEY": reference})
+    assert infra_check.check_parameter_file(infra_copy) == []
+
+
+def test_a_password_set_whatever_the_bots_type_is_reported(infra_copy: Path) -> None:
+    # deployed_settings leaves the password out unless SingleTenant (ONLY_WITH): a
+    # template that set it always would pass, and the app refuse it at every invocation.
+    path = infra_copy / "main.bicep"
+    mutate(path, "var secretSettings = singleTenant ? {", "var secretSettings = true ? {")
+    assert infra_check.check_parameter_file(infra_copy) == [
+        "main.bicep: var secretSettings must be `singleTenant ? ...` (ONLY_WITH)"
+    ]
+
+
 def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_reported(
     infra_copy: Path,
 ) -> None:
