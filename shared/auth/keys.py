@@ -138,6 +138,10 @@ class OpenIdKeyCache:
         )
 
     def _miss_refresh_allowed(self) -> bool:
+        if self._last_error:
+            # The last fetch failed: tried again after the pause the 503's Retry-After
+            # tells the channel, or its retries would all find the same failure.
+            return self._clock() - self._attempted_at >= COLD_RETRY_INTERVAL
         return self._clock() - self._miss_refreshed_at >= self._min_refresh_interval
 
     def _refresh_in_background(self) -> None:

@@ -26,7 +26,7 @@ from shared.auth.inbound import (
     InboundAuthenticator,
     KeysUnavailable,
 )
-from shared.auth.keys import KeySourceError, OpenIdKeyCache, parse_jwks
+from shared.auth.keys import COLD_RETRY_INTERVAL, KeySourceError, OpenIdKeyCache, parse_jwks
 from shared.config import Settings
 from tools.botsim.identity import IdentityService
 from tools.botsim.server import BackgroundServer
@@ -645,10 +645,38 @@ async def test_outage_with_cached_keys_does_not_stop_valid_traffic(auth, channel
     unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL, now=clock.now)
     assert "unknown key id" in await keys_unavailable(auth, unknown)
     assert channel_identity.metadata_requests >= 2  # it did try, and kept the cached keys
-    channel_identity.set_outage(False)  # back: a minute on, the unknown kid is refetched
-    clock.advance(61)
+    channel_identity.set_outage(False)  # back: once the pause has passed, it is refetched
+    clock.advance(5)
     unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL, now=clock.now)
     assert "unknown key id" in await rejected(auth, bearer(unknown), activity())
+
+
+async def test_a_key_rolled_out_while_its_fetch_failed_is_fetched_after_the_retry_after(
+    auth, channel_identity, clock
+):
+    # The channel signs with a new key; the one refetch for it fails. The 503 says
+    # Retry-After 5: the channel's retry after it must find the key, not the failure
+    # again for the rest of the minute that unknown kids wait between fetches.
+    await auth.authenticate(
+        bearer(channel_identity.mint_channel_token(APP_ID, SERVICE_URL)), activity()
+    )
+    channel_identity.rotate_key()
+    channel_identity.set_outage(True)
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, now=clock.now)
+    assert "unknown key id" in await keys_unavailable(auth, token)
+    channel_identity.set_outage(False)
+    fetches = channel_identity.metadata_requests
+    assert "unknown key id" in await keys_unavailable(auth, token)  # no fetch before the pause
+    assert channel_identity.metadata_requests == fetches
+    clock.advance(COLD_RETRY_INTERVAL)
+    assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+    # Unknown kids made up meanwhile still cost a fetch a minute at most.
+    made_up = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL, now=clock.now)
+    fetches = channel_identity.metadata_requests
+    for _ in range(3):
+        clock.advance(COLD_RETRY_INTERVAL)
+        assert "unknown key id" in await rejected(auth, bearer(made_up), activity())
+    assert channel_identity.metadata_requests <= fetches + 1
 
 
 async def test_keys_refreshed_daily(auth, channel_identity, clock):
