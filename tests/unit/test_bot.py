@@ -7,13 +7,14 @@ members it holds for a conversation, as the Connector does.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from shared.bot import NOTHING_TO_ECHO, router
 from shared.config import Settings
 from shared.connector import ConnectorClient
+from shared.router import APOLOGY
 from shared.turn import TurnContext
 from tools.botsim.connector import FakeConnector, Reply
 
@@ -120,47 +121,50 @@ async def test_a_message_with_text_is_echoed(fake_connector, connector):
     ]
 
 
+# --- the error apology: held back when it would meet the turn's own Connector failure ---
+
+
+async def failed_turn(
+    connector: ConnectorClient, activity: dict, handler: Callable[[TurnContext], Awaitable[None]]
+) -> None:
+    """Run `handler` as a message route that fails, then the router's error handling."""
+    from shared.router import Router
+
+    failing = Router()
+    failing.message()(handler)
+    turn = TurnContext(activity, connector)
+    with pytest.raises(Exception) as caught:
+        await failing.dispatch(turn)
+    await failing.handle_error(turn, caught.value)
+
+
+def posted(fake: FakeConnector) -> list[str]:
+    return [request.json["text"] for request in fake.requests if request.json]
+
+
 async def test_a_turn_whose_reply_failed_on_the_connector_gets_no_apology_through_it(
     fake_connector, connector
 ):
     # The reply was answered 500 (it may have been posted): an apology through the same
     # Connector would follow it, or wait out the channel's 15 s again.
-    from shared.connector.errors import ConnectorError
-    from shared.router import APOLOGY, Router
-
-    failing = Router()
-
-    @failing.message()
     async def echo(turn):
         await turn.reply("echo")
 
     fake_connector.script("POST", "activities", [Reply(500)])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(ConnectorError) as caught:
-        await failing.dispatch(turn)
-    await failing.handle_error(turn, caught.value)
-    assert [request.json["text"] for request in fake_connector.requests] == ["echo"]
+    await failed_turn(connector, incoming(fake_connector, text="hi"), echo)
+    assert posted(fake_connector) == ["echo"]
 
     # A request the channel refused as invalid (a card too large, ...): the apology goes.
     fake_connector.script("POST", "activities", [Reply(400, json={"error": {"code": "X"}})])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(ConnectorError) as caught:
-        await failing.dispatch(turn)
-    await failing.handle_error(turn, caught.value)
-    assert [request.json["text"] for request in fake_connector.requests][1:] == ["echo", APOLOGY]
+    await failed_turn(connector, incoming(fake_connector, text="hi"), echo)
+    assert posted(fake_connector)[1:] == ["echo", APOLOGY]
 
 
 async def test_a_connector_call_that_failed_elsewhere_still_gets_the_apology(
     fake_connector, connector
 ):
-    # A send to another conversation refused (the user blocked the bot there), a member
-    # lookup answered 500: this conversation's Connector is fine, and the user is told.
-    from shared.connector.errors import ConnectorError, ErrorKind
-    from shared.router import APOLOGY, Router
-
-    failing = Router()
-
-    @failing.message()
+    # A send to another conversation refused (the user blocked the bot there): this
+    # conversation's Connector is fine, and the user is told.
     async def elsewhere(turn):
         await turn.connector.send_to_conversation(
             fake_connector.url, "a:other", {"type": "message", "text": "psst"}
@@ -168,33 +172,24 @@ async def test_a_connector_call_that_failed_elsewhere_still_gets_the_apology(
 
     gone = Reply(403, json={"error": {"code": "ConversationBlockedByUser"}})
     fake_connector.script("POST", "a%3Aother", [gone])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(ConnectorError) as caught:
-        await failing.dispatch(turn)
-    assert caught.value.kind is ErrorKind.GONE
-    await failing.handle_error(turn, caught.value)
-    assert [request.json["text"] for request in fake_connector.requests] == ["psst", APOLOGY]
+    await failed_turn(connector, incoming(fake_connector, text="hi"), elsewhere)
+    assert posted(fake_connector) == ["psst", APOLOGY]
 
 
 async def test_an_update_here_that_failed_on_the_connector_gets_no_apology(
     fake_connector, connector
 ):
     # The update went the way the apology goes (this conversation) and was answered 500.
-    from shared.connector.errors import ConnectorError
-    from shared.router import Router
-
-    failing = Router()
-
-    @failing.message()
     async def edit(turn):
         await turn.update_activity("m-1", "edited")
 
     fake_connector.script("PUT", "activities", [Reply(500)])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(ConnectorError) as caught:
-        await failing.dispatch(turn)
-    await failing.handle_error(turn, caught.value)
+    await failed_turn(connector, incoming(fake_connector, text="hi"), edit)
     assert [request.operation for request in fake_connector.requests] == ["updateActivity"]
+
+
+async def lookup(turn: TurnContext) -> None:
+    await turn.member("29:ada")
 
 
 async def test_no_token_for_a_member_lookup_means_no_apology_asking_again(
@@ -202,59 +197,29 @@ async def test_no_token_for_a_member_lookup_means_no_apology_asking_again(
 ):
     # Entra ID refuses the bot: the apology would ask for the same token and wait again.
     from shared.auth.tokens import create_token_provider
-    from shared.connector.errors import ConnectorError
-    from shared.router import Router
-
-    failing = Router()
-
-    @failing.message()
-    async def lookup(turn):
-        await turn.member("29:ada")
 
     settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
     client = ConnectorClient(settings, create_token_provider(settings))
     fake_aad.fail_next()  # the apology's own request would get a token: sent, late
-    turn = TurnContext(incoming(fake_connector, text="hi"), client)
     try:
-        with pytest.raises(ConnectorError) as caught:
-            await failing.dispatch(turn)
-        await failing.handle_error(turn, caught.value)
+        await failed_turn(client, incoming(fake_connector, text="hi"), lookup)
     finally:
         await client.close()
-    assert caught.value.credentials
     assert fake_connector.requests == []
     assert fake_aad.issued.total() == 0  # asked once, for the lookup
 
 
 async def test_a_member_lookup_answered_500_still_gets_the_apology(fake_connector, connector):
-    from shared.connector.errors import ConnectorError
-    from shared.router import APOLOGY, Router
-
-    failing = Router()
-
-    @failing.message()
-    async def lookup(turn):
-        await turn.member("29:ada")
-
     fake_connector.script("GET", "members/", [Reply(500)])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(ConnectorError) as caught:
-        await failing.dispatch(turn)
-    await failing.handle_error(turn, caught.value)
-    assert [request.json["text"] for request in fake_connector.requests if request.json] == [
-        APOLOGY
-    ]
+    await failed_turn(connector, incoming(fake_connector, text="hi"), lookup)
+    assert posted(fake_connector) == [APOLOGY]
 
 
 async def test_a_send_that_failed_then_went_through_does_not_hold_the_apology_back(
     fake_connector, connector
 ):
     from shared.connector.errors import ConnectorError
-    from shared.router import APOLOGY, Router
 
-    failing = Router()
-
-    @failing.message()
     async def retrying(turn):
         try:
             await turn.send("first")
@@ -263,12 +228,5 @@ async def test_a_send_that_failed_then_went_through_does_not_hold_the_apology_ba
         raise RuntimeError("a bug after the sends")
 
     fake_connector.script("POST", "activities", [Reply(500)])
-    turn = TurnContext(incoming(fake_connector, text="hi"), connector)
-    with pytest.raises(RuntimeError) as caught:
-        await failing.dispatch(turn)
-    await failing.handle_error(turn, caught.value)
-    assert [request.json["text"] for request in fake_connector.requests] == [
-        "first",
-        "second",
-        APOLOGY,
-    ]
+    await failed_turn(connector, incoming(fake_connector, text="hi"), retrying)
+    assert posted(fake_connector) == ["first", "second", APOLOGY]
