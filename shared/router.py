@@ -375,7 +375,7 @@ def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
     from shared.connector.errors import ConnectorError
 
     return turn.connector_failed is not None or (
-        isinstance(error, ConnectorError) and error.credentials
+        isinstance(error, ConnectorError) and error.no_token
     )
 
 

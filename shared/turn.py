@@ -400,7 +400,7 @@ class TurnContext:
             from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
 
             if isinstance(error, ConnectorError) and (
-                error.credentials or (here and error.kind is not ErrorKind.INVALID)
+                error.no_token or (here and error.kind is not ErrorKind.INVALID)
             ):
                 self.connector_failed = error.kind
             raise

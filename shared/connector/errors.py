@@ -87,10 +87,11 @@ class ConnectorError(Exception):
         return f"{' '.join(parts)}: {self.message}"
 
     @property
-    def credentials(self) -> bool:
-        """The bot's own token could not be had or was refused (``setting`` names what to
-        check): every call fails alike until that is fixed."""
-        return self.setting is not None
+    def no_token(self) -> bool:
+        """The call failed for want of the bot's token: Entra ID refused it or could not
+        give one (``setting`` names what to check), or not in time. Every call fails
+        alike meanwhile."""
+        return self.setting is not None or self.code == "TokenTimeout"
 
     @property
     def retryable(self) -> bool:
