@@ -230,3 +230,16 @@ async def test_a_send_that_failed_then_went_through_does_not_hold_the_apology_ba
     fake_connector.script("POST", "activities", [Reply(500)])
     await failed_turn(connector, incoming(fake_connector, text="hi"), retrying)
     assert posted(fake_connector) == ["first", "second", APOLOGY]
+
+
+async def test_a_call_that_got_no_token_in_time_means_no_apology(fake_connector, connector):
+    # Entra ID too slow for the call's budget: the apology would wait for it again.
+    from shared.connector.errors import ConnectorError, ErrorKind
+
+    async def slow_token(turn):
+        raise ConnectorError(
+            ErrorKind.TRANSIENT, "no token within the time budget", code="TokenTimeout"
+        )
+
+    await failed_turn(connector, incoming(fake_connector, text="hi"), slow_token)
+    assert fake_connector.requests == []
