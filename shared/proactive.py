@@ -509,26 +509,29 @@ async def hold_for_settings(
     try:
         message = parse_request(body).message  # read as the engine reads it
     except InvalidRequest as invalid:
+        reason = f"invalid request: {invalid}"
         if isinstance(body, bytes) and text.encode() != body:  # not UTF-8
             readable = _json_object(body)
             if readable is None:
                 # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid
                 # request. Refused now, as the engine would (no id to report under).
-                reason = f"invalid request: {invalid}"
-                await queue.poison(body, reason)
-                logger.warning("proactive: a message was poisoned while holding: %s", reason)
-                return Outcome.POISONED
+                return await _poison_held(queue, body, reason)
             text = compact_json(readable)  # UTF-16 or -32 JSON: held as the JSON it is
         # Kept as it came, to be refused once the settings work (its report needs them);
         # with nowhere to count its attempts, held for the longest backoff.
         attempt = LONGEST_HOLD
     else:
+        reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
         )
+    if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
+        # Written as UTF-8 (it came as UTF-16 or -32), too large for a queue message: the
+        # engine would refuse it too, so refused now rather than lost to a failing put.
+        return await _poison_held(queue, body, reason)
     delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.
     logger.warning(
@@ -538,6 +541,12 @@ async def hold_for_settings(
     )
     await queue.put(text, delay=delay)
     return Outcome.REQUEUED
+
+
+async def _poison_held(queue: MessageQueue, body: bytes | str, reason: str) -> Outcome:
+    await queue.poison(body, reason)
+    logger.warning("proactive: a message was poisoned while holding: %s", reason)
+    return Outcome.POISONED
 
 
 def _holding_queue() -> StorageQueue:

@@ -173,11 +173,14 @@ def poison_message(body: bytes | str, reason: str) -> str:
     A request that is not a JSON object becomes ``{"poisonReason", "body"}``. When the copy
     would not fit in a queue message, the original text is kept unchanged instead (it fitted
     once, and a copy that cannot be queued would cost the request); the reason is in the log.
+    Bytes json reads as UTF-16 or -32 are read so; written as UTF-8 they may no longer fit,
+    and their text is not the original: then the copy keeps as much of the request as
+    fits, with ``bodyCut``.
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
-        message = json.loads(text)
-    except (ValueError, RecursionError):
+        message = json.loads(body)  # bytes in any encoding json reads
+    except (ValueError, UnicodeDecodeError, RecursionError):
         message = None
     if isinstance(message, dict):
         copy: Any = {**message, "poisonReason": reason}
@@ -186,7 +189,15 @@ def poison_message(body: bytes | str, reason: str) -> str:
     encoded = compact_json(copy)
     if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
         return encoded
-    return text
+    as_it_came = not isinstance(body, bytes) or text.encode("utf-8") == body
+    if as_it_came and len(text.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+        return text
+    kept = compact_json(message) if isinstance(message, dict) else text
+    while True:  # escapes make the JSON longer than the text: cut until it fits
+        kept = kept[: len(kept) * 9 // 10]
+        copy = compact_json({"poisonReason": reason, "body": kept, "bodyCut": True})
+        if len(copy.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+            return copy
 
 
 def compact_json(value: Any, *, allow_nan: bool = True) -> str:

@@ -374,7 +374,7 @@ def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
     token) or the bot's token failing the call that raised `error`."""
     from shared.connector.errors import ConnectorError
 
-    return turn.connector_failed is not None or (
+    return turn.connector_failure is not None or (
         isinstance(error, ConnectorError) and error.no_token
     )
 

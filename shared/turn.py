@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
     from shared.connector.client import ConnectorClient
-    from shared.connector.errors import ErrorKind
+    from shared.connector.errors import ConnectorError
 
 
 T = TypeVar("T")
@@ -66,7 +66,7 @@ class TurnContext:
         "buffered",
         "buffering",
         "connector",
-        "connector_failed",
+        "connector_failure",
         "identity",
         "match",
         "settings",
@@ -93,7 +93,7 @@ class TurnContext:
         # How a Connector call the error apology depends on failed, if one did: a send,
         # reply, update or delete in this conversation, or any call for want of the bot's
         # token (see Router.handle_error).
-        self.connector_failed: ErrorKind | None = None
+        self.connector_failure: ConnectorError | None = None
         self._conversation_state: State | None = None
         self._user_state: State | None = None
 
@@ -390,22 +390,25 @@ class TurnContext:
         return await self._noting(call)
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
-        """`call`'s result; its ConnectorError noted in ``connector_failed`` when the error
-        apology would meet it again: `here` (a post to this conversation, the way the
-        apology goes) for any kind but INVALID, else only for want of the bot's token. A
-        call here that succeeds clears it: the way is open again."""
+        """`call`'s result; its ConnectorError kept in ``connector_failure`` when the error
+        apology would meet it again: for want of the bot's token, or `here` (a post to
+        this conversation, the way the apology goes) for any kind but INVALID. What
+        shows the way open again clears it: a token had (any call that succeeds, after
+        a token failure), an answer here (a success, or a request called invalid)."""
         try:
             result = await call
         except Exception as error:
             from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
 
-            if isinstance(error, ConnectorError) and (
-                error.no_token or (here and error.kind is not ErrorKind.INVALID)
-            ):
-                self.connector_failed = error.kind
+            if isinstance(error, ConnectorError):
+                if error.no_token or (here and error.kind is not ErrorKind.INVALID):
+                    self.connector_failure = error
+                elif here:
+                    self.connector_failure = None  # answered here: the way is open
             raise
-        if here:
-            self.connector_failed = None
+        noted = self.connector_failure
+        if noted is not None and (here or noted.no_token):
+            self.connector_failure = None
         return result
 
 

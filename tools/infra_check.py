@@ -707,8 +707,11 @@ def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
     # A queue option for host.json: the local host reads them as the Functions host does.
     from tools.devhost.app import HostError, read_host_config
 
+    resolved_here = {  # a Key Vault reference is resolved by App Service, not read here
+        name: value for name, value in extra.items() if not value.startswith(_KEY_VAULT_REFERENCE)
+    }
     try:
-        read_host_config(ROOT, extra)
+        read_host_config(ROOT, resolved_here)
     except HostError as error:
         problems.append(f"main.parameters.json: {EXTRA_SETTINGS}: the host would refuse {error}")
     return problems

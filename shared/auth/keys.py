@@ -1,7 +1,8 @@
 """Signing keys from an OpenID metadata document, fetched asynchronously and cached.
 
 One :class:`OpenIdKeyCache` per metadata URL. Keys are refreshed at least daily and on an
-unknown `kid` at most once a minute; concurrent callers share one refresh. A fetch that
+unknown `kid` at most once a minute (every 5 s while the last fetch failed, the pause a
+503's Retry-After names); concurrent callers share one refresh. A fetch that
 fails while keys are cached keeps the cached keys, so an outage of the metadata or JWKS
 endpoint does not stop valid traffic. The parsed RSA public keys are cached, so a
 validation with a known `kid` costs no parsing and no I/O.
@@ -115,7 +116,8 @@ class OpenIdKeyCache:
         key = self._keys.get(kid)
         if key is None and not fetched and (self._lock.locked() or self._miss_refresh_allowed()):
             # An unknown kid may be a key the issuer has just rolled out: refetch, but at
-            # most once a minute, so made-up kids cannot turn us into a fetch amplifier.
+            # most once a minute (every 5 s while fetches fail), so made-up kids cannot
+            # turn us into a fetch amplifier.
             self._miss_refreshed_at = self._clock()
             await self._refresh()
             key = self._keys.get(kid)

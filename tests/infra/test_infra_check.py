@@ -281,6 +281,10 @@ def test_settings_of_the_operators_own_are_deployed_with_the_templates(infra_cop
             {"AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "0"},
             "the host would refuse",
         ),
+        (  # a digit Python reads and the host does not (it crashed the check)
+            {"AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "\u00b2"},
+            "expected a whole number",
+        ),
     ],
 )
 def test_settings_of_the_operators_own_are_read_as_the_host_reads_them(
@@ -295,7 +299,12 @@ def test_a_key_vault_reference_of_the_operators_own_is_taken_as_resolved(
     infra_copy: Path,
 ) -> None:
     reference = "@Microsoft.KeyVault(VaultName=kv-bot;SecretName=openai)"
-    write_parameters(infra_copy, extraAppSettings={"BOT_OPENAI_KEY": reference})
+    extra = {
+        "BOT_OPENAI_KEY": reference,
+        "AzureFunctionsJobHost__extensions__queues__maxDequeueCount": reference,
+        "AzureFunctionsJobHost__extensions__queues__batchSize": "+16",  # .NET reads it
+    }
+    write_parameters(infra_copy, extraAppSettings=extra)
     assert infra_check.check_parameter_file(infra_copy) == []
 
 

@@ -7,6 +7,7 @@ members it holds for a conversation, as the Connector does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -243,3 +244,37 @@ async def test_a_call_that_got_no_token_in_time_means_no_apology(fake_connector,
 
     await failed_turn(connector, incoming(fake_connector, text="hi"), slow_token)
     assert fake_connector.requests == []
+
+
+async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
+    fake_connector, fake_aad, aad_app
+):
+    # What held the apology back is gone: the token came on a second try, or the last
+    # send here was answered (as invalid) after one that went unanswered.
+    from shared.auth.tokens import create_token_provider
+    from shared.connector.errors import ConnectorError
+
+    async def lookup_twice(turn):
+        with contextlib.suppress(ConnectorError):
+            await turn.member("29:ada")
+        await turn.member("29:ada")
+        raise RuntimeError("a bug after the lookups")
+
+    async def send_twice(turn):
+        with contextlib.suppress(ConnectorError):
+            await turn.send("first")
+        await turn.send("second")
+
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    client = ConnectorClient(settings, create_token_provider(settings))
+    fake_aad.fail_next()
+    fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
+    try:
+        await failed_turn(client, incoming(fake_connector, text="hi"), lookup_twice)
+        assert posted(fake_connector) == [APOLOGY]
+        refused = Reply(400, json={"error": {"code": "BadArgument"}})
+        fake_connector.script("POST", "activities", [Reply(500), refused])
+        await failed_turn(client, incoming(fake_connector, text="hi"), send_twice)
+    finally:
+        await client.close()
+    assert posted(fake_connector) == [APOLOGY, "first", "second", APOLOGY]

@@ -1447,6 +1447,20 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     [(held, delay)] = queue.take()
     assert json.loads(held) == json.loads(refused16) and delay >= 600
     assert len(queue.poisoned) == 1  # only the one that is not JSON at all
+    # In UTF-16 it fitted a queue message; written as UTF-8 it would not: refused now (the
+    # put failed on every redelivery, and the host poisoned it with no reason).
+    request = {**json.loads(body({"conversation": "msteams/a:1"})), "text": "字" * 20_000}
+    wide = json.dumps(request, ensure_ascii=False)
+    for large in (wide, json.dumps({**request, "bogus": 1}, ensure_ascii=False)):
+        outcome = await hold_for_settings(large.encode("utf-16"), RuntimeError("x"), queue=queue)
+        assert outcome is Outcome.POISONED and queue.take() == []
+    assert [p["poisonReason"] for p in queue.poisoned[1:]] == [
+        "invalid request: larger than 48640 bytes as JSON",
+        "invalid request: unknown field `bogus`",
+    ]
+    # Its poison copy, too large even unchanged once written as UTF-8, keeps what fits.
+    assert queue.poisoned[1]["bodyCut"] is True
+    assert queue.poisoned[1]["body"].startswith('{"id":"req-1"')
     # A request the engine refuses stays as it came: the hold does not make it valid.
     refused = json.dumps(
         {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}

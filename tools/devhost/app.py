@@ -165,6 +165,9 @@ def _folded(section: Mapping[str, Any]) -> dict[str, Any]:
     return folded
 
 
+_WHOLE_NUMBER = re.compile(r"\+?[0-9]{1,9}")
+
+
 def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for setting, value in settings.items():
@@ -176,7 +179,7 @@ def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:
             continue
         text = value.strip()
         if name in _QUEUE_INTEGERS:
-            if not text.isdigit():
+            if not _WHOLE_NUMBER.fullmatch(text):  # ASCII digits, as .NET reads them
                 raise HostError(f"{setting}: expected a whole number, got {value!r}")
             overrides[name] = int(text)
         else:
