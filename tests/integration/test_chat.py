@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -179,7 +180,11 @@ def test_chat_moves_to_a_free_port_when_the_default_one_is_taken(local_bot, monk
 
     printed = out.getvalue()
     assert code == 0, printed + host.log
-    assert "is in use" in printed
+    # The port it took, which a later chat needs to reach this conversation again.
+    [moved] = re.findall(r"is in use \(another chat\?\): using port (\d+);", printed)
+    assert f"python -m tools.botsim chat --port {moved}" in printed
+    [stored] = [line for line in printed.splitlines() if line.startswith("Conversation botsim/")]
+    assert "(the key producer commands take)" in stored
     assert "bot (reply)> Echo: hello" in printed
 
 

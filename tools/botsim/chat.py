@@ -19,6 +19,7 @@ import http.client
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any, TextIO
@@ -138,7 +139,7 @@ def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
     for candidate in (port,) if port is not None else (DEFAULT_PORT, 0):
         connector = FakeConnector(port=candidate)
         try:
-            return connector.start()
+            connector.start()
         except OSError as error:
             connector.stop()
             if port is not None:
@@ -147,7 +148,16 @@ def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
                     file=out,
                 )
                 return None
-            print(f"port {DEFAULT_PORT} is in use (another chat?): using a free port", file=out)
+            continue
+        if candidate == 0:
+            chosen = urllib.parse.urlsplit(connector.url).port
+            print(
+                f"port {DEFAULT_PORT} is in use (another chat?): using port {chosen}; "
+                f"`python -m tools.botsim chat --port {chosen}` reaches this conversation's "
+                "proactive messages later",
+                file=out,
+            )
+        return connector
     return None
 
 
@@ -171,7 +181,12 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
         )
     elif status != 200:
         print(f"the bot answered {status} to the conversation start", file=out, flush=True)
-    print("Type a message and press Enter (Ctrl-D to quit).", file=out, flush=True)
+    print(
+        f"Conversation botsim/{chat.conversation_id} (the key producer commands take). "
+        "Type a message and press Enter (Ctrl-D to quit).",
+        file=out,
+        flush=True,
+    )
     for line in stdin:
         text = line.strip()
         if not text:

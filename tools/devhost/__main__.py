@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except HostError as exc:
         print(f"devhost: error: {exc}", file=sys.stderr, flush=True)  # once, not logged too
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting, before the host's own handlers
+        return 128 + signal.SIGINT
     finally:
         if collect:
             gc.enable()
