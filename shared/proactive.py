@@ -506,11 +506,12 @@ async def hold_for_settings(
     if queue is None:
         queue = _holding_queue()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    as_it_came = text if isinstance(body, str) or text.encode() == body else None  # UTF-8
     try:
         message = parse_request(body).message  # read as the engine reads it
     except InvalidRequest as invalid:
         reason = f"invalid request: {invalid}"
-        if isinstance(body, bytes) and text.encode() != body:  # not UTF-8
+        if as_it_came is None:
             readable = _json_object(body)
             if readable is None:
                 # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid
@@ -529,9 +530,13 @@ async def hold_for_settings(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
         )
     if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
-        # Written as UTF-8 (it came as UTF-16 or -32), too large for a queue message: the
-        # engine would refuse it too, so refused now rather than lost to a failing put.
-        return await _poison_held(queue, body, reason)
+        if as_it_came is None or len(as_it_came.encode()) > MAX_QUEUE_MESSAGE_BYTES:
+            # Written as UTF-8 (it came as UTF-16 or -32), too large for a queue message:
+            # the engine would refuse it too, so refused now, not lost to a failing put.
+            return await _poison_held(queue, body, reason)
+        # The held copy's bookkeeping made it too large: the message goes back as it came,
+        # to be judged (and reported) once the settings work.
+        text, attempt = as_it_came, LONGEST_HOLD
     delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
     # SettingsError messages name the setting and never carry a value.
     logger.warning(

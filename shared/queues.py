@@ -193,6 +193,7 @@ def poison_message(body: bytes | str, reason: str) -> str:
     if as_it_came and len(text.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
         return text
     kept = compact_json(message) if isinstance(message, dict) else text
+    reason = reason[:1000]  # with an empty body, the copy then fits whatever the reason
     while True:  # escapes make the JSON longer than the text: cut until it fits
         kept = kept[: len(kept) * 9 // 10]
         copy = compact_json({"poisonReason": reason, "body": kept, "bodyCut": True})

@@ -369,13 +369,15 @@ def _reason(error: BaseException) -> str:
 
 
 def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
-    """Whether the apology would meet a Connector failure of the turn again: one noted by
-    the turn (a post to this conversation, anything but invalid; any call without a
-    token) or the bot's token failing the call that raised `error`."""
+    """Whether the apology would meet a Connector failure of the turn again: one the turn
+    noted (its latest post here failed, or the bot's token did) or the bot's token
+    failing the call that raised `error`."""
     from shared.connector.errors import ConnectorError
 
-    return turn.connector_failure is not None or (
-        isinstance(error, ConnectorError) and error.no_token
+    return (
+        turn.failed_here
+        or turn.token_failed
+        or (isinstance(error, ConnectorError) and error.no_token)
     )
 
 

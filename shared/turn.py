@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
     from shared.connector.client import ConnectorClient
-    from shared.connector.errors import ConnectorError
 
 
 T = TypeVar("T")
@@ -66,11 +65,12 @@ class TurnContext:
         "buffered",
         "buffering",
         "connector",
-        "connector_failure",
+        "failed_here",
         "identity",
         "match",
         "settings",
         "state_store",
+        "token_failed",
     )
 
     def __init__(
@@ -90,10 +90,12 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
-        # How a Connector call the error apology depends on failed, if one did: a send,
-        # reply, update or delete in this conversation, or any call for want of the bot's
-        # token (see Router.handle_error).
-        self.connector_failure: ConnectorError | None = None
+        # What the error apology would meet again (Router.handle_error), kept by _noting:
+        # the latest send, reply, update or delete here failed unanswered (or throttled,
+        # the conversation gone: anything the channel did not answer as invalid), and a
+        # call failed for want of the bot's token with none getting one since.
+        self.failed_here = False
+        self.token_failed = False
         self._conversation_state: State | None = None
         self._user_state: State | None = None
 
@@ -390,25 +392,29 @@ class TurnContext:
         return await self._noting(call)
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
-        """`call`'s result; its ConnectorError kept in ``connector_failure`` when the error
-        apology would meet it again: for want of the bot's token, or `here` (a post to
-        this conversation, the way the apology goes) for any kind but INVALID. What
-        shows the way open again clears it: a token had (any call that succeeds, after
-        a token failure), an answer here (a success, or a request called invalid)."""
+        """`call`'s result, noting what its Connector failure says of the error apology's
+        way (``failed_here``, ``token_failed``): `here` is a call to this conversation,
+        the way the apology goes. A call answered by the channel got a token; one here
+        answered as invalid (the request was wrong) shows the way open."""
         try:
             result = await call
         except Exception as error:
             from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
 
             if isinstance(error, ConnectorError):
-                if error.no_token or (here and error.kind is not ErrorKind.INVALID):
-                    self.connector_failure = error
-                elif here:
-                    self.connector_failure = None  # answered here: the way is open
+                answered = error.status is not None
+                if error.no_token:
+                    self.token_failed = True
+                elif answered:
+                    self.token_failed = False
+                invalid = error.kind is ErrorKind.INVALID
+                if here and not error.no_token and (answered or not invalid):
+                    # Refused as invalid before anything was sent says nothing of the way.
+                    self.failed_here = not invalid
             raise
-        noted = self.connector_failure
-        if noted is not None and (here or noted.no_token):
-            self.connector_failure = None
+        self.token_failed = False
+        if here:
+            self.failed_here = False
         return result
 
 

@@ -91,7 +91,7 @@ class ConnectorError(Exception):
         """The call failed for want of the bot's token: Entra ID refused it or could not
         give one (``setting`` names what to check), or not in time. Every call fails
         alike meanwhile."""
-        return self.setting is not None or self.code == "TokenTimeout"
+        return self.setting is not None or (self.code == "TokenTimeout" and self.status is None)
 
     @property
     def retryable(self) -> bool:

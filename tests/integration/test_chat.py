@@ -188,6 +188,18 @@ def test_chat_moves_to_a_free_port_when_the_default_one_is_taken(local_bot, monk
     assert "bot (reply)> Echo: hello" in printed
 
 
+def test_chat_on_a_port_of_the_users_choosing_says_nothing_of_the_default_one(local_bot):
+    host, _ = local_bot
+    out = io.StringIO()
+
+    code = chat.main(
+        ["--port", "0", "--bot", f"{host.url}/api/messages"], stdin=io.StringIO(""), out=out
+    )
+
+    assert code == 0, out.getvalue()
+    assert "in use" not in out.getvalue()
+
+
 def stub_bot(handler) -> BackgroundServer:
     """A started server whose POST /api/messages answers with `handler` (a stand-in for
     the bot where the test is about how the chat takes its answers)."""

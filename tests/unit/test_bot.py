@@ -278,3 +278,63 @@ async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
     finally:
         await client.close()
     assert posted(fake_connector) == [APOLOGY, "first", "second", APOLOGY]
+
+
+async def test_the_apology_follows_what_the_turns_calls_showed_of_its_way(
+    fake_connector, fake_aad, aad_app
+):
+    from shared.auth.tokens import create_token_provider
+    from shared.connector.errors import ConnectorError
+
+    async def no_token_then_answered(turn):
+        # The reply got no token; a lookup then got one (answered 404): the way is open.
+        with contextlib.suppress(ConnectorError):
+            await turn.reply("first")
+        with contextlib.suppress(ConnectorError):
+            await turn.member("29:nobody")
+        raise RuntimeError("a bug")
+
+    async def unanswered_here_then_token_trouble_elsewhere(turn):
+        # The reply may have been posted; a token refused elsewhere and then had again
+        # says nothing of this conversation's way.
+        with contextlib.suppress(ConnectorError):
+            await turn.reply("first")
+        with contextlib.suppress(ConnectorError):
+            await turn.member("29:ada")
+        await turn.member("29:ada")
+        raise RuntimeError("a bug")
+
+    async def unanswered_here_then_refused_before_sending(turn):
+        with contextlib.suppress(ConnectorError):
+            await turn.reply("first")
+        await turn.send({"type": "message", "value": {1, 2}})  # not JSON: nothing sent
+
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    client = ConnectorClient(settings, create_token_provider(settings))
+    fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
+    try:
+        fake_aad.fail_next()
+        await failed_turn(client, incoming(fake_connector, text="hi"), no_token_then_answered)
+        assert posted(fake_connector) == [APOLOGY]
+
+        refused = Reply(401, json={"error": {"code": "Unauthorized"}})
+        fake_connector.script("POST", "activities", [Reply(500)])
+        fake_connector.script("GET", "members/", [refused, refused])
+        activity = incoming(fake_connector, text="hi")
+        await failed_turn(client, activity, unanswered_here_then_token_trouble_elsewhere)
+        assert posted(fake_connector) == [APOLOGY, "first"]
+
+        fake_connector.script("POST", "activities", [Reply(500)])
+        activity = incoming(fake_connector, text="hi")
+        await failed_turn(client, activity, unanswered_here_then_refused_before_sending)
+        assert posted(fake_connector) == [APOLOGY, "first", "first"]
+    finally:
+        await client.close()
+
+
+def test_a_connector_answer_naming_a_token_timeout_is_not_the_bots_token():
+    from shared.connector.errors import ConnectorError, ErrorKind
+
+    answered = ConnectorError(ErrorKind.TRANSIENT, "x", status=504, code="TokenTimeout")
+    ours = ConnectorError(ErrorKind.TRANSIENT, "x", code="TokenTimeout")
+    assert (answered.no_token, ours.no_token) == (False, True)

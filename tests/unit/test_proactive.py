@@ -666,6 +666,16 @@ def test_poison_copy_keeps_non_ascii_text_unescaped():
     lone.encode("utf-8")
 
 
+def test_a_poison_copy_always_fits_a_queue_message_whatever_the_reason():
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES
+
+    for body in ('{"id": "r"}'.encode("utf-16"), b"\xe9", "\x01" * 40_000):
+        copy = poison_message(body, "x" * 60_000)
+        assert len(copy.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+        if not isinstance(body, str):  # a text that fitted comes back as it was
+            assert json.loads(copy)["poisonReason"].startswith("xxx")
+
+
 def test_poison_copy_that_would_not_fit_a_queue_message_keeps_the_original_body():
     body = json.dumps({"id": "r", "to": {"team": "x"}, "text": "a" * (QUEUE_MESSAGE_LIMIT - 60)})
     assert len(body.encode()) <= QUEUE_MESSAGE_LIMIT

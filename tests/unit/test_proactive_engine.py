@@ -26,7 +26,7 @@ from shared.connector import ConnectorClient, RetryPolicy
 from shared.ledger import MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
-from shared.queues import MemoryQueue, QueueError
+from shared.queues import MAX_QUEUE_MESSAGE_BYTES, MemoryQueue, QueueError, compact_json
 from shared.ratelimit import Pacer, Scope
 from shared.references import MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
@@ -1461,6 +1461,16 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
     # Its poison copy, too large even unchanged once written as UTF-8, keeps what fits.
     assert queue.poisoned[1]["bodyCut"] is True
     assert queue.poisoned[1]["body"].startswith('{"id":"req-1"')
+    # A UTF-8 request that fits as it came but not with the hold's bookkeeping is kept as
+    # it came (the engine judges it once the settings work), not poisoned.
+    request = json.loads(body({"conversation": "msteams/a:1"}))
+    room = MAX_QUEUE_MESSAGE_BYTES - len(compact_json({**request, "text": ""})) - 10
+    near = compact_json({**request, "text": "a" * room})
+    assert await hold_for_settings(near.encode(), RuntimeError("x"), queue=queue) is (
+        Outcome.REQUEUED
+    )
+    [(held, delay)] = queue.take()
+    assert held == near and delay >= 600 and len(queue.poisoned) == 3
     # A request the engine refuses stays as it came: the hold does not make it valid.
     refused = json.dumps(
         {**json.loads(body({"conversation": "msteams/a:1"})), RESERVED: {"attempt": "3"}}

@@ -149,7 +149,7 @@ def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
                 )
                 return None
             continue
-        if candidate == 0:
+        if port is None and candidate == 0:
             chosen = urllib.parse.urlsplit(connector.url).port
             print(
                 f"port {DEFAULT_PORT} is in use (another chat?): using port {chosen}; "

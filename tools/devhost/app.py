@@ -177,7 +177,7 @@ def _queue_overrides(settings: Mapping[str, str]) -> dict[str, Any]:
         name = _QUEUE_NAMES.get(lowered.removeprefix(HOST_QUEUE_OVERRIDE))
         if name is None:
             continue
-        text = value.strip()
+        text = value.strip(" \t\n\v\f\r")  # the white space .NET's parse skips
         if name in _QUEUE_INTEGERS:
             if not _WHOLE_NUMBER.fullmatch(text):  # ASCII digits, as .NET reads them
                 raise HostError(f"{setting}: expected a whole number, got {value!r}")
