@@ -29,6 +29,17 @@ async def connector() -> AsyncIterator[ConnectorClient]:
     await client.close()
 
 
+@pytest.fixture
+async def authenticated(fake_connector, aad_app) -> AsyncIterator[ConnectorClient]:
+    """A client with the bot's token from botsim's fake Entra ID (`fake_aad`)."""
+    from shared.auth.tokens import create_token_provider
+
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    client = ConnectorClient(settings, create_token_provider(settings))
+    yield client
+    await client.close()
+
+
 def incoming(fake: FakeConnector, channel: str = "msteams", **fields) -> dict:
     return {
         "type": "message",
@@ -194,18 +205,12 @@ async def lookup(turn: TurnContext) -> None:
 
 
 async def test_no_token_for_a_member_lookup_means_no_apology_asking_again(
-    fake_connector, fake_aad, aad_app
+    fake_connector, fake_aad, authenticated
 ):
     # Entra ID refuses the bot: the apology would ask for the same token and wait again.
-    from shared.auth.tokens import create_token_provider
-
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    client = ConnectorClient(settings, create_token_provider(settings))
+    client = authenticated
     fake_aad.fail_next()  # the apology's own request would get a token: sent, late
-    try:
-        await failed_turn(client, incoming(fake_connector, text="hi"), lookup)
-    finally:
-        await client.close()
+    await failed_turn(client, incoming(fake_connector, text="hi"), lookup)
     assert fake_connector.requests == []
     assert fake_aad.issued.total() == 0  # asked once, for the lookup
 
@@ -247,11 +252,10 @@ async def test_a_call_that_got_no_token_in_time_means_no_apology(fake_connector,
 
 
 async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
-    fake_connector, fake_aad, aad_app
+    fake_connector, fake_aad, authenticated
 ):
     # What held the apology back is gone: the token came on a second try, or the last
     # send here was answered (as invalid) after one that went unanswered.
-    from shared.auth.tokens import create_token_provider
     from shared.connector.errors import ConnectorError
 
     async def lookup_twice(turn):
@@ -265,25 +269,20 @@ async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
             await turn.send("first")
         await turn.send("second")
 
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    client = ConnectorClient(settings, create_token_provider(settings))
+    client = authenticated
     fake_aad.fail_next()
     fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
-    try:
-        await failed_turn(client, incoming(fake_connector, text="hi"), lookup_twice)
-        assert posted(fake_connector) == [APOLOGY]
-        refused = Reply(400, json={"error": {"code": "BadArgument"}})
-        fake_connector.script("POST", "activities", [Reply(500), refused])
-        await failed_turn(client, incoming(fake_connector, text="hi"), send_twice)
-    finally:
-        await client.close()
+    await failed_turn(client, incoming(fake_connector, text="hi"), lookup_twice)
+    assert posted(fake_connector) == [APOLOGY]
+    refused = Reply(400, json={"error": {"code": "BadArgument"}})
+    fake_connector.script("POST", "activities", [Reply(500), refused])
+    await failed_turn(client, incoming(fake_connector, text="hi"), send_twice)
     assert posted(fake_connector) == [APOLOGY, "first", "second", APOLOGY]
 
 
 async def test_the_apology_follows_what_the_turns_calls_showed_of_its_way(
-    fake_connector, fake_aad, aad_app
+    fake_connector, fake_aad, authenticated
 ):
-    from shared.auth.tokens import create_token_provider
     from shared.connector.errors import ConnectorError
 
     async def no_token_then_answered(turn):
@@ -309,27 +308,23 @@ async def test_the_apology_follows_what_the_turns_calls_showed_of_its_way(
             await turn.reply("first")
         await turn.send({"type": "message", "value": {1, 2}})  # not JSON: nothing sent
 
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    client = ConnectorClient(settings, create_token_provider(settings))
+    client = authenticated
     fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
-    try:
-        fake_aad.fail_next()
-        await failed_turn(client, incoming(fake_connector, text="hi"), no_token_then_answered)
-        assert posted(fake_connector) == [APOLOGY]
+    fake_aad.fail_next()
+    await failed_turn(client, incoming(fake_connector, text="hi"), no_token_then_answered)
+    assert posted(fake_connector) == [APOLOGY]
 
-        refused = Reply(401, json={"error": {"code": "Unauthorized"}})
-        fake_connector.script("POST", "activities", [Reply(500)])
-        fake_connector.script("GET", "members/", [refused, refused])
-        activity = incoming(fake_connector, text="hi")
-        await failed_turn(client, activity, unanswered_here_then_token_trouble_elsewhere)
-        assert posted(fake_connector) == [APOLOGY, "first"]
+    refused = Reply(401, json={"error": {"code": "Unauthorized"}})
+    fake_connector.script("POST", "activities", [Reply(500)])
+    fake_connector.script("GET", "members/", [refused, refused])
+    activity = incoming(fake_connector, text="hi")
+    await failed_turn(client, activity, unanswered_here_then_token_trouble_elsewhere)
+    assert posted(fake_connector) == [APOLOGY, "first"]
 
-        fake_connector.script("POST", "activities", [Reply(500)])
-        activity = incoming(fake_connector, text="hi")
-        await failed_turn(client, activity, unanswered_here_then_refused_before_sending)
-        assert posted(fake_connector) == [APOLOGY, "first", "first"]
-    finally:
-        await client.close()
+    fake_connector.script("POST", "activities", [Reply(500)])
+    activity = incoming(fake_connector, text="hi")
+    await failed_turn(client, activity, unanswered_here_then_refused_before_sending)
+    assert posted(fake_connector) == [APOLOGY, "first", "first"]
 
 
 def test_a_connector_answer_naming_a_token_timeout_is_not_the_bots_token():
