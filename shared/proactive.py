@@ -34,17 +34,15 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, crowded_wait, deliver, post, resolve
-from shared.engine import LONGEST_HOLD, Engine, settings_backoff
+from shared.engine import Engine, settings_backoff
+from shared.holding import hold_for_settings
 from shared.idempotency import (
     Busy,
     Claim,
@@ -74,9 +72,8 @@ from shared.proactive_schema import (
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
-    MessageQueue,
     StorageQueue,
-    compact_json,
+    json_object,
     poison_message,
 )
 from shared.references import StoreError, UnreadableDocument
@@ -495,81 +492,6 @@ async def process_queue_message(
     )
 
 
-async def hold_for_settings(
-    body: bytes | str, error: Exception, *, queue: MessageQueue | None = None
-) -> Outcome:
-    """Put the message back with a capped backoff: a settings mistake must not drain the
-    queue into the poison queue (the host's dequeue budget is not touched either).
-
-    Needs only the storage settings (the trigger itself runs on them).
-    """
-    if queue is None:
-        queue = _holding_queue()
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    as_it_came = text if isinstance(body, str) or text.encode() == body else None  # UTF-8
-    try:
-        message = parse_request(body).message  # read as the engine reads it
-    except InvalidRequest as invalid:
-        reason = f"invalid request: {invalid}"
-        if as_it_came is None:
-            readable = _json_object(body)
-            if readable is None:
-                # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid
-                # request. Refused now, as the engine would (no id to report under).
-                return await _poison_held(queue, body, reason)
-            text = compact_json(readable)  # UTF-16 or -32 JSON: held as the JSON it is
-        # Kept as it came, to be refused once the settings work (its report needs them);
-        # with nowhere to count its attempts, held for the longest backoff.
-        attempt = LONGEST_HOLD
-    else:
-        reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
-        engine_field = dict(message.get(RESERVED) or {})
-        attempt = engine_field.get("attempt", 0)
-        # Held for the settings: not the message's age (see Engine.requeue's `held`).
-        text = compact_json(
-            {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
-        )
-    if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
-        if as_it_came is None or len(as_it_came.encode()) > MAX_QUEUE_MESSAGE_BYTES:
-            # Written as UTF-8 (it came as UTF-16 or -32), too large for a queue message:
-            # the engine would refuse it too, so refused now, not lost to a failing put.
-            return await _poison_held(queue, body, reason)
-        # The held copy's bookkeeping made it too large: the message goes back as it came,
-        # to be judged (and reported) once the settings work.
-        text, attempt = as_it_came, LONGEST_HOLD
-    delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
-    # SettingsError messages name the setting and never carry a value.
-    logger.warning(
-        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
-        error,
-        delay,
-    )
-    await queue.put(text, delay=delay)
-    return Outcome.REQUEUED
-
-
-async def _poison_held(queue: MessageQueue, body: bytes | str, reason: str) -> Outcome:
-    await queue.poison(body, reason)
-    logger.warning("proactive: a message was poisoned while holding: %s", reason)
-    return Outcome.POISONED
-
-
-def _holding_queue() -> StorageQueue:
-    """The trigger's own queue from the two settings it runs on, and nothing else: any
-    other setting (the container's name included) may be the one that is broken."""
-    import os
-
-    from shared.config import StorageSettings, _storage_name
-
-    name = os.environ.get("BOT_PROACTIVE_QUEUE", "").strip() or "proactive-messages"
-    settings = Settings(
-        storage=StorageSettings.from_env(os.environ),
-        proactive_queue=_storage_name("BOT_PROACTIVE_QUEUE", name),
-        allow_unauthenticated=True,  # unused: holding a message sends nothing
-    )
-    return StorageQueue(settings)
-
-
 def _describe(error: ConnectorError) -> str:
     parts = [str(error.kind)]
     if error.status is not None:
@@ -579,18 +501,9 @@ def _describe(error: ConnectorError) -> str:
     return " ".join(parts)
 
 
-def _json_object(body: bytes | str) -> dict[str, Any] | None:
-    """The JSON object `body` holds (in any encoding json reads), or None."""
-    try:
-        found = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
 def _child_key(body: bytes | str) -> str | None:
     """The conversation key of a broadcast child (None for anything else)."""
-    message = _json_object(body)
+    message = json_object(body)
     if message is None or not isinstance(message.get(RESERVED), dict):
         return None
     target = message.get("to")
@@ -600,7 +513,7 @@ def _child_key(body: bytes | str) -> str | None:
 
 def _request_id(body: bytes | str) -> str | None:
     """The request's `id` for the log, when there is a usable one (never any other content)."""
-    message = _json_object(body)
+    message = json_object(body)
     request_id = message.get("id") if message is not None else None
     return request_id if usable_id(request_id) else None
 

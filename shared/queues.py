@@ -167,6 +167,16 @@ def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     return QueueError(f"{where} failed: storage unreachable ({type(error).__name__})")
 
 
+def json_object(body: bytes | str) -> dict[str, Any] | None:
+    """The JSON object a queue message's `body` holds (bytes in any encoding json reads:
+    UTF-8, -16 or -32), or None."""
+    try:
+        found = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def poison_message(body: bytes | str, reason: str) -> str:
     """The poison queue's copy: the request with `poisonReason` added (or the raw text).
 
@@ -178,11 +188,8 @@ def poison_message(body: bytes | str, reason: str) -> str:
     fits, with ``bodyCut``.
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        message = json.loads(body)  # bytes in any encoding json reads
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        message = None
-    if isinstance(message, dict):
+    message = json_object(body)
+    if message is not None:
         copy: Any = {**message, "poisonReason": reason}
     else:
         copy = {"poisonReason": reason, "body": text}

@@ -1414,7 +1414,7 @@ async def test_unusable_settings_keep_the_message_with_a_backoff(
 
 
 async def test_a_held_message_counts_its_attempts_and_backs_off():
-    from shared.proactive import hold_for_settings
+    from shared.holding import hold_for_settings
 
     queue = MemoryQueue()
     # A message throttled for a while before the settings broke: the hold clears its age.
