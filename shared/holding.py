@@ -26,6 +26,7 @@ from shared.queues import (
     StorageQueue,
     compact_json,
     json_object,
+    text_as_it_came,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,19 +42,19 @@ async def hold_for_settings(
     """
     if queue is None:
         queue = _holding_queue()
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    as_it_came = text if isinstance(body, str) or text.encode() == body else None  # UTF-8
+    as_it_came = text_as_it_came(body)
     try:
         message = parse_request(body).message  # read as the engine reads it
     except InvalidRequest as invalid:
         reason = f"invalid request: {invalid}"
-        if as_it_came is None:
-            readable = json_object(body)
-            if readable is None:
-                # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid
-                # request. Refused now, as the engine would (no id to report under).
-                return await _poison_held(queue, body, reason)
+        if as_it_came is not None:
+            text = as_it_came
+        elif (readable := json_object(body)) is not None:
             text = compact_json(readable)  # UTF-16 or -32 JSON: held as the JSON it is
+        else:
+            # Nor JSON: held as text, it would have U+FFFD in it, maybe a valid request.
+            # Refused now, as the engine would (no id to report under).
+            return await _poison_held(queue, body, reason)
         # Kept as it came, to be refused once the settings work (its report needs them);
         # with nowhere to count its attempts, held for the longest backoff.
         attempt = LONGEST_HOLD

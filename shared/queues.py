@@ -167,6 +167,17 @@ def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     return QueueError(f"{where} failed: storage unreachable ({type(error).__name__})")
 
 
+def text_as_it_came(body: bytes | str) -> str | None:
+    """A queue message's `body` as text, exactly: None for bytes that are not UTF-8 (their
+    text, decoded with U+FFFD for what is not, would be another message)."""
+    if isinstance(body, str):
+        return body
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def json_object(body: bytes | str) -> dict[str, Any] | None:
     """The JSON object a queue message's `body` holds (bytes in any encoding json reads:
     UTF-8, -16 or -32), or None."""
@@ -187,7 +198,8 @@ def poison_message(body: bytes | str, reason: str) -> str:
     and their text is not the original: then the copy keeps as much of the request as
     fits, with ``bodyCut``.
     """
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    as_it_came = text_as_it_came(body)
+    text = as_it_came if as_it_came is not None else body.decode("utf-8", "replace")
     message = json_object(body)
     if message is not None:
         copy: Any = {**message, "poisonReason": reason}
@@ -196,10 +208,9 @@ def poison_message(body: bytes | str, reason: str) -> str:
     encoded = compact_json(copy)
     if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
         return encoded
-    as_it_came = not isinstance(body, bytes) or text.encode("utf-8") == body
-    if as_it_came and len(text.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
-        return text
-    kept = compact_json(message) if isinstance(message, dict) else text
+    if as_it_came is not None and len(as_it_came.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+        return as_it_came
+    kept = compact_json(message) if message is not None else text
     reason = reason[:1000]  # with an empty body, the copy then fits whatever the reason
     while True:  # escapes make the JSON longer than the text: cut until it fits
         kept = kept[: len(kept) * 9 // 10]
