@@ -31,9 +31,9 @@ def _install(directory: str) -> None:
 
     original_wait = Pacer._wait_until
 
-    async def wait_until(self, wait_time, deadline):
+    async def wait_until(self, wait_time, deadline, *rest, **named):
         start = time.monotonic()
-        result = await original_wait(self, wait_time, deadline)
+        result = await original_wait(self, wait_time, deadline, *rest, **named)
         slept.set(slept.get() + (time.monotonic() - start))
         return result
 
@@ -87,32 +87,32 @@ def _install(directory: str) -> None:
             write({"k": "put_back", "t": time.monotonic(), "tenant": scope.tenant_id, "wait": wait})
         return wait
 
-    original_send = client_module.ConnectorClient._send
+    original_send = client_module.send_once
 
-    async def send(self, operation, method, url, headers, data, expect, departure):
+    async def send(session, operation, method, url, *rest, departure, **named):
         start = time.monotonic()
-        status, response_headers, content = await original_send(
-            self, operation, method, url, headers, data, expect, departure
+        answer = await original_send(
+            session, operation, method, url, *rest, departure=departure, **named
         )
         write(
             {
                 "k": "send",
                 "start": start,
                 "end": time.monotonic(),
-                "status": status,
+                "status": getattr(answer, "status", None),
                 "path": url.raw_path,
                 "left": departure.at,
                 "grant": last.get()[0],
                 "lane": last.get()[1],
             }
         )
-        return status, response_headers, content
+        return answer
 
     Pacer._wait_until = wait_until
     Pacer._grant = grant
     Pacer.throttled = throttled
     Pacer.crowded_wait = crowded_wait
-    client_module.ConnectorClient._send = send
+    client_module.send_once = send
 
 
 if _DIR:

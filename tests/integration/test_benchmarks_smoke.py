@@ -4,7 +4,8 @@ Each runs as `make bench` runs it, a process of its own with its own Azurite, bo
 services and the repo's local host, and writes its results where it is told. The peers
 (the SDKs in their own venvs) are left out: installing them is `make bench`'s business.
 What is checked is what the benchmark reports a user would act on: every echo answered
-and received once, every conversation of the broadcast reached exactly once.
+and received once, every conversation of the broadcast reached exactly once (and the
+pacing trace it can write saw every send).
 """
 
 from __future__ import annotations
@@ -68,9 +69,17 @@ def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_pat
     report = run_benchmark(
         "benchmarks.broadcast",
         *("--conversations", "40", "--processes", "1", "--timeout", "80"),
+        *("--trace", str(tmp_path / "trace")),
         output=tmp_path / "b.json",
     )
     (run,) = report["runs"]
     assert (run["state"], run["targets"], run["delivered"], run["failed"]) == ("done", 40, 40, 0)
     assert (run["received"], run["distinct"], run["lost"], run["duplicated"]) == (40, 40, 0, 0)
     assert run["complete"] and run["conversations"] == 40
+    # The pacing trace (--trace) saw every grant and every send the host made.
+    (host,) = (tmp_path / "trace").glob("*/host-*.jsonl")
+    records = [json.loads(line) for line in host.read_text().splitlines()]
+    sends = [r for r in records if r["k"] == "send" and r["path"].endswith("/activities")]
+    grants = [r for r in records if r["k"] == "grant"]
+    assert len(sends) == 40 and {r["status"] for r in sends} == {200}
+    assert len(grants) >= 40 and all(r["bg"] for r in grants)
