@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shared import listing
 from shared.config import Settings
 from shared.references.contract import StoreError, refused_credential, storage_auth_failed
 from shared.storage import (
@@ -258,32 +259,20 @@ class BlobLedger:
     async def list(self, prefix: str) -> AsyncIterator[Entry]:
         from azure.core.exceptions import ResourceNotFoundError
 
-        pages = (
-            self._container()
-            .list_blobs(
-                name_starts_with=prefix, include=["metadata"], results_per_page=self._page_size
-            )
-            .by_page()
-        )
+        container = self._container()
+        marker: str | None = None
         while True:
             # Each page is one call with its own timeout: a report of a large broadcast
             # is many pages, and must not time out as a whole.
             async with _guard("list", prefix):
                 try:
-                    page = await anext(pages)
-                    blobs = [blob async for blob in page]
-                except StopAsyncIteration:
-                    return
+                    blobs, marker = await listing.page(container, prefix, marker, self._page_size)
                 except ResourceNotFoundError:
                     return  # no container yet: nothing recorded
             for blob in blobs:
-                modified = blob.last_modified
-                yield Entry(
-                    blob.name,
-                    dict(blob.metadata or {}),
-                    modified.timestamp() if modified else 0,
-                    blob.size or 0,
-                )
+                yield Entry(blob.name, blob.metadata, blob.modified, blob.size)
+            if marker is None:
+                return
 
     async def _upload(self, name: str, data: Any, metadata, **conditions: Any) -> dict:
         from azure.core.exceptions import ResourceNotFoundError

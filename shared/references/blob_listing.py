@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from shared import listing
+from shared.listing import Listed
 from shared.references.blob_format import meta_value, unpack_copy
 from shared.references.contract import (
     MAX_PAGE_SIZE,
@@ -63,21 +65,17 @@ async def list_page(
     team = meta_value(filters.team_id)
     marker: str | None = state.get("m")
     after: str | None = state.get("a")
-    found: list[tuple[str, Any]] = []
+    found: list[tuple[str, Listed]] = []
     ends = time.monotonic() + time_slice
     while True:
-        pages = container.list_blobs(
-            name_starts_with=channel_prefix(filters.channel_id),
-            include=["metadata"],
-            results_per_page=fetch,
-        ).by_page(continuation_token=marker)
         try:
-            blobs = [blob async for blob in await pages.__anext__()]
-            next_marker = pages.continuation_token or None
-        except (StopAsyncIteration, ResourceNotFoundError):
+            blobs, next_marker = await listing.page(
+                container, channel_prefix(filters.channel_id), marker, fetch
+            )
+        except ResourceNotFoundError:
             blobs, next_marker = [], None  # no container yet: nothing stored
         for index, blob in enumerate(blobs):
-            metadata = blob.metadata or {}
+            metadata = blob.metadata
             if after is not None and blob.name <= after:
                 continue
             if tenant is not None and not _same_tenant(metadata.get("tenant"), tenant, tenant_meta):
@@ -102,7 +100,7 @@ async def list_page(
 
 
 async def _materialize(
-    read_json: ReadJson, found: list[tuple[str, Any]], filters: Filters
+    read_json: ReadJson, found: list[tuple[str, Listed]], filters: Filters
 ) -> list[StoredReference]:
     """Listed blobs → references, from metadata; a document too big for it is read.
 
@@ -112,9 +110,9 @@ async def _materialize(
     directly (`get`, an upsert) still fails, so nothing ever rewrites it."""
     semaphore = asyncio.Semaphore(16)
 
-    async def one(name: str, blob: Any) -> StoredReference | None:
+    async def one(name: str, blob: Listed) -> StoredReference | None:
         try:
-            doc = (blob.metadata or {}).get("doc")
+            doc = blob.metadata.get("doc")
             if doc:
                 stored = from_document(unpack_copy(doc), blob.etag)
             else:
