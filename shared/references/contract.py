@@ -209,6 +209,13 @@ def _merge(stored: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+PARTY_FIELDS = ("user", "bot")
+
+
+def _names_someone(party: Any) -> bool:
+    return isinstance(party, Mapping) and isinstance(party.get("id"), str) and bool(party["id"])
+
+
 def _material(reference: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in reference.items() if k not in VOLATILE_FIELDS}
 
@@ -229,6 +236,11 @@ def plan(
     """The document to write for `reference`, or None when `current` already says it."""
     key = reference_key(reference)
     incoming = json.loads(json.dumps(reference))  # a deep, JSON-clean copy
+    for name in PARTY_FIELDS:
+        if name in incoming and not _names_someone(incoming[name]):
+            # An activity with `from: {}` names nobody: it must not replace the stored
+            # user, which links a 1:1 to its user (their erasure finds it by them).
+            del incoming[name]
     merged = _merge(current.reference, incoming) if current else incoming
     if not is_personal(merged):
         for name in SPEAKER_FIELDS:

@@ -212,6 +212,17 @@ async def test_unstorable_references_are_rejected(store):
     assert await list_all(store) == []
 
 
+@pytest.mark.parametrize("nobody", [{}, {"name": "no id"}, {"id": ""}, {"id": 7}, "29:x"])
+async def test_an_activity_naming_nobody_keeps_the_stored_user_and_bot(store, nobody):
+    await store.upsert(reference(user="29:ada", aad="aad-ada"))
+    await store.upsert({**reference(user="29:ada"), "user": nobody, "bot": nobody})
+    stored = await store.get("msteams/a:1")
+    assert stored.reference["user"]["id"] == "29:ada"
+    assert stored.reference["bot"]["id"] == "28:bot-app-id"
+    found = await store.find_by_user(channel_id="msteams", user_id="29:ada")
+    assert found is not None and found.key == "msteams/a:1"  # so their erasure finds it
+
+
 async def test_delete_removes_and_a_second_delete_is_fine(store):
     await store.upsert(reference())
     assert await store.delete("msteams/a:1") is True
