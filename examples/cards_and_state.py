@@ -135,6 +135,8 @@ async def remind(turn: TurnContext) -> None:
 @router.message()
 async def count_messages(turn: TurnContext) -> None:
     data = await turn.user_state.update(lambda d: d.update(messages=d.get("messages", 0) + 1))
+    await turn.save_state()  # saved before the reply says the count: a message sent meanwhile
+    # elsewhere (another chat, another instance) is then counted in it
     name = data.get("nickname") or turn.from_.get("name") or "there"
     theme = data.get("theme", "not set")
     await turn.reply(

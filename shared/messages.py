@@ -217,10 +217,19 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
             # channel's retry would count the turn twice).
             outcome.answer = _answer(turn.activity, turn, outcome)
         await turn.save_state()  # only what the handler changed; a failure fails the turn
-    except Exception as error:
+    except (Exception, asyncio.CancelledError) as error:
+        if isinstance(error, asyncio.CancelledError) and _being_cancelled():
+            raise  # the turn itself is (its time is up, the host stops): not a handler failure
         await router.handle_error(turn, error)
         return TurnOutcome(handled=True, failed=True)
     return outcome
+
+
+def _being_cancelled() -> bool:
+    """Whether this task is being cancelled, rather than a handler having raised the
+    CancelledError of a task cancelled elsewhere (one it awaited)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _removal(activity: Activity) -> bool:

@@ -17,6 +17,7 @@ end of the turn when changed.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -398,6 +399,10 @@ class TurnContext:
         answered as invalid (the request was wrong) shows the way open."""
         try:
             result = await call
+        except asyncio.CancelledError:
+            if here:  # cut short in flight (the handler's own timeout): unanswered
+                self.failed_here = True
+            raise
         except Exception as error:
             from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
 

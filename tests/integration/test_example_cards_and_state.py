@@ -184,6 +184,22 @@ async def test_user_state_counts_messages_and_keeps_a_preference_across_instance
     }
 
 
+async def test_two_messages_at_once_are_each_told_their_own_count(
+    instances, channel, fake_connector, settings
+):
+    # Sent side by side to two instances: each reply says the count as saved, never the
+    # count a concurrent save then changed.
+    first, second = instances
+    responses = await asyncio.gather(
+        channel.post(first, channel.activity(text="one")),
+        channel.post(second, channel.activity(GROUP, text="two")),
+    )
+    assert [r.status for r in responses] == [200, 200]
+    texts = sorted(request.json["text"] for request in fake_connector.requests)
+    assert ["message 1 you" in texts[0], "message 2 you" in texts[1]] == [True, True], texts
+    assert stored(settings, user_state_key("msteams", USER["id"])) == {"messages": 2}
+
+
 async def test_a_message_that_changes_nothing_writes_no_state(instances, channel, settings):
     response = await channel.post(instances[0], channel.activity(GROUP, text="card"))
     assert response.status == 200

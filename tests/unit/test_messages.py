@@ -682,6 +682,28 @@ async def test_raising_handler_apologises_and_answers_500(
     assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
 
 
+async def test_a_handler_raising_a_cancelled_error_of_its_own_fails_like_any_other(
+    make_bot, channel_identity, fake_connector
+):
+    # It awaited a task cancelled elsewhere: a failed turn (500, the apology, the
+    # reference recorded), not an escape past the pipeline.
+    router = Router()
+
+    @router.message()
+    async def waits_on_a_cancelled_task(turn):
+        await turn.reply("working on it")
+        task = asyncio.ensure_future(asyncio.sleep(10))
+        task.cancel()
+        await task
+
+    bot = make_bot(router)
+    incoming = activity_for(fake_connector.url)
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+    assert response.status == 500
+    assert [r.json["text"] for r in fake_connector.requests] == ["working on it", APOLOGY]
+    assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
+
+
 async def test_a_failing_search_or_card_refresh_posts_no_apology_but_a_failing_click_does(
     make_bot, channel_identity, fake_connector
 ):
