@@ -17,7 +17,6 @@ end of the turn when changed.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -399,10 +398,6 @@ class TurnContext:
         answered as invalid (the request was wrong) shows the way open."""
         try:
             result = await call
-        except asyncio.CancelledError:
-            if here:  # cut short in flight (the handler's own timeout): unanswered
-                self.failed_here = True
-            raise
         except Exception as error:
             from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
 
