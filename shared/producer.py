@@ -355,7 +355,8 @@ async def run(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
         else:
             for key in await _conversations(settings, _json_arg("FILTER_JSON", args.filter)):
-                print(_printable(key))
+                # One line each: a key's own line breaks (a client chose the id) escaped.
+                print(_printable(key).translate(_KEY_ESCAPES))
             sys.stdout.flush()
         return 0
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
@@ -407,6 +408,12 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+# What a listed key may hold that would break its line: control characters, as Python's
+# backslash escapes write them, and the Unicode line breaks.
+_KEY_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
+    **_UNICODE_LINE_BREAKS,
+}
 
 
 def _print_json(value: Any) -> None:

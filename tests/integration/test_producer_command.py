@@ -516,3 +516,38 @@ def test_deleting_a_schedule_named_in_bytes_the_terminal_could_not_decode_says_s
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: give a schedule's name")
     assert "could not reach storage" not in refused.stderr
+
+
+async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(storage):
+    # A client that chooses its conversation id (a local or Emulator-style channel) may put
+    # a line break in it: printed raw, one key read as two lines, the second naming
+    # another channel's conversation.
+    from shared.config import Settings, StorageSettings
+    from shared.references import BlobReferenceStore
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=storage["AzureWebJobsStorage"]),
+        references_container=storage["BOT_REFERENCES_CONTAINER"],
+    )
+    store = BlobReferenceStore(settings)
+    ids = ["a\nmsteams/19:evil", "b\u2028c", "c\r\td\x7f", "plain"]
+    try:
+        for conversation_id in ids:
+            await store.upsert(
+                {
+                    "channelId": "webchat",
+                    "serviceUrl": "https://webchat.botframework.com/",
+                    "conversation": {"id": conversation_id},
+                    "bot": {"id": "bot"},
+                }
+            )
+    finally:
+        await store.close()
+    listed = await asyncio.to_thread(producer, storage, "conversations", '{"channelId": "webchat"}')
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.splitlines()) == [
+        "webchat/a\\x0amsteams/19:evil",
+        "webchat/b\\u2028c",
+        "webchat/c\\x0d\\x09d\\x7f",
+        "webchat/plain",
+    ]
