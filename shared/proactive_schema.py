@@ -148,7 +148,8 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if not isinstance(message, dict):
         raise InvalidRequest("the message is not a JSON object")
     if nests_deeper(message, MAX_JSON_DEPTH + 1):  # the activity one level down
-        raise InvalidRequest(f"the activity nests more than {MAX_JSON_DEPTH} levels deep")
+        deep = next(name for name, value in message.items() if nests_deeper(value, MAX_JSON_DEPTH))
+        raise InvalidRequest(f"`{deep[:40]}` nests more than {MAX_JSON_DEPTH} levels deep")
     unknown = sorted(set(message) - TOP_LEVEL_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")

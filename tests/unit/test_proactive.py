@@ -827,3 +827,14 @@ async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(
         "id": "r-1",
         "poisonReason": "invalid request: test",
     }
+
+
+@pytest.mark.parametrize("field", ["activity", "to", "_proactive"])
+def test_a_request_nested_too_deep_names_the_field(field):
+    from shared.proactive_schema import MAX_JSON_DEPTH, InvalidRequest, parse_request
+
+    message = {"id": "req-n", "to": {"conversation": KEY}, "activity": {"type": "message"}}
+    message[field] = {"value": _deep(MAX_JSON_DEPTH + 5)}
+    with pytest.raises(InvalidRequest) as refused:
+        parse_request(json.dumps(message))
+    assert str(refused.value) == f"`{field}` nests more than {MAX_JSON_DEPTH} levels deep"
