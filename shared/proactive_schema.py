@@ -131,6 +131,13 @@ def request_bytes(message: Mapping[str, Any]) -> int:
     return len(compact_json(own).encode("utf-8"))
 
 
+def field_name(name: str) -> str:
+    """A field name as a reason shows it: the producer chose it, so at most 40 characters,
+    with line breaks, control and other non-ASCII characters as Python escapes (a reason
+    goes into log lines)."""
+    return ascii(name[:40])[1:-1]
+
+
 def parse_request(body: bytes | str) -> ProactiveRequest:
     """Validate a queue message body; raises InvalidRequest with a short reason.
 
@@ -148,11 +155,15 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     if not isinstance(message, dict):
         raise InvalidRequest("the message is not a JSON object")
     if nests_deeper(message, MAX_JSON_DEPTH + 1):  # the activity one level down
-        deep = next(name for name, value in message.items() if nests_deeper(value, MAX_JSON_DEPTH))
-        raise InvalidRequest(f"`{deep[:40]}` nests more than {MAX_JSON_DEPTH} levels deep")
+        deep = next(
+            name
+            for name, value in message.items()
+            if isinstance(value, dict | list) and nests_deeper(value, MAX_JSON_DEPTH)
+        )
+        raise InvalidRequest(f"`{field_name(deep)}` nests more than {MAX_JSON_DEPTH} levels deep")
     unknown = sorted(set(message) - TOP_LEVEL_FIELDS)
     if unknown:
-        raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
+        raise InvalidRequest(f"unknown field `{field_name(unknown[0])}`")
     request_id = message.get("id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_CHARS:
         raise InvalidRequest(f"`id` must be a non-empty string of at most {MAX_ID_CHARS} chars")
@@ -253,7 +264,7 @@ def _user(value: Any) -> UserTarget:
         raise InvalidRequest("`to.user` must be an object")
     unknown = sorted(set(value) - set(USER_FIELDS))
     if unknown:
-        raise InvalidRequest(f"`to.user` has an unknown field `{unknown[0][:40]}`")
+        raise InvalidRequest(f"`to.user` has an unknown field `{field_name(unknown[0])}`")
     missing = [name for name in USER_FIELDS if not _non_empty_string(value.get(name))]
     if missing:
         raise InvalidRequest("`to.user` needs " + ", ".join(USER_FIELDS) + " (strings)")
@@ -267,9 +278,8 @@ def parse_broadcast(value: Any) -> BroadcastFilter:
         raise InvalidRequest("`to.broadcast` must be an object ({} means every conversation)")
     unknown = sorted(set(value) - set(BROADCAST_FILTERS))
     if unknown:
-        raise InvalidRequest(
-            f"`to.broadcast` filters are {', '.join(BROADCAST_FILTERS)}; not `{unknown[0][:40]}`"
-        )
+        filters, named = ", ".join(BROADCAST_FILTERS), field_name(unknown[0])
+        raise InvalidRequest(f"`to.broadcast` filters are {filters}; not `{named}`")
     for name in ("channelId", "tenantId", "teamId"):
         if name in value and not _non_empty_string(value[name]):
             raise InvalidRequest(f"`to.broadcast.{name}` must be a non-empty string")

@@ -356,7 +356,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
         else:
             for key in await _conversations(settings, _json_arg("FILTER_JSON", args.filter)):
                 # One line each: a key's own line breaks (a client chose the id) escaped.
-                print(_printable(key).translate(_KEY_ESCAPES))
+                print(_printable(key.translate(_KEY_ESCAPES)))
             sys.stdout.flush()
         return 0
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
@@ -408,10 +408,11 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-# What a listed key may hold that would break its line: control characters, as Python's
-# backslash escapes write them, and the Unicode line breaks.
+# What a listed key may hold that would break its line or fool a terminal: control
+# characters (C0, DEL, C1), as Python's backslash escapes write them, and the Unicode
+# line breaks; a backslash itself too, so no key prints as another's escape.
 _KEY_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x5C)},
     **_UNICODE_LINE_BREAKS,
 }
 

@@ -30,7 +30,7 @@ from typing import Any
 from shared.activity import is_unicode_text
 from shared.config import Settings, ncrontab_problem
 from shared.ledger import Entry, Ledger, NotJson, Record
-from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.proactive_schema import RESERVED, InvalidRequest, field_name, parse_request
 from shared.producer import request_text
 from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
 from shared.references.contract import StorageAuthFailed, StoreError
@@ -70,7 +70,7 @@ def parse_schedule(name: str, document: Any) -> Schedule:
         raise InvalidRequest("a schedule document is a JSON object")
     unknown = sorted(set(document) - {"schedule", "request", "enabled"})
     if unknown:
-        raise InvalidRequest(f"unknown field `{unknown[0][:40]}`")
+        raise InvalidRequest(f"unknown field `{field_name(unknown[0])}`")
     expression = document.get("schedule")
     if isinstance(expression, str) and len(expression) > MAX_EXPRESSION_CHARS:
         raise InvalidRequest(f"`schedule` is longer than {MAX_EXPRESSION_CHARS} characters")

@@ -530,7 +530,7 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
         references_container=storage["BOT_REFERENCES_CONTAINER"],
     )
     store = BlobReferenceStore(settings)
-    ids = ["a\nmsteams/19:evil", "b\u2028c", "c\r\td\x7f", "plain"]
+    ids = ["a\nmsteams/19:evil", "b\u2028c", "c\r\td\x7f\x9b", "e\\x0af", "plain"]
     try:
         for conversation_id in ids:
             await store.upsert(
@@ -548,6 +548,7 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
     assert sorted(listed.stdout.splitlines()) == [
         "webchat/a\\x0amsteams/19:evil",
         "webchat/b\\u2028c",
-        "webchat/c\\x0d\\x09d\\x7f",
+        "webchat/c\\x0d\\x09d\\x7f\\x9b",
+        "webchat/e\\x5cx0af",  # a backslash of its own: not read as the escape of a line break
         "webchat/plain",
     ]

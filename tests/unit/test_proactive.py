@@ -829,12 +829,15 @@ async def test_poison_queue_on_azurite_is_created_and_gets_the_base64_copy(
     }
 
 
-@pytest.mark.parametrize("field", ["activity", "to", "_proactive"])
+@pytest.mark.parametrize("field", ["activity", "to", "_proactive", "odd\nname\u2028"])
 def test_a_request_nested_too_deep_names_the_field(field):
     from shared.proactive_schema import MAX_JSON_DEPTH, InvalidRequest, parse_request
 
-    message = {"id": "req-n", "to": {"conversation": KEY}, "activity": {"type": "message"}}
+    # Fields that are no containers come first (a number, null, a boolean): the search
+    # for the deep one passes them by.
+    message = {"n": 1, "text": None, "flag": True, "id": "req-n", "to": {"conversation": KEY}}
     message[field] = {"value": _deep(MAX_JSON_DEPTH + 5)}
     with pytest.raises(InvalidRequest) as refused:
         parse_request(json.dumps(message))
-    assert str(refused.value) == f"`{field}` nests more than {MAX_JSON_DEPTH} levels deep"
+    shown = field.replace("\n", "\\n").replace("\u2028", "\\u2028")  # one line
+    assert str(refused.value) == f"`{shown}` nests more than {MAX_JSON_DEPTH} levels deep"
