@@ -7,6 +7,7 @@ members it holds for a conversation, as the Connector does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -198,6 +199,24 @@ async def test_an_update_here_that_failed_on_the_connector_gets_no_apology(
     fake_connector.script("PUT", "activities", [Reply(500)])
     await failed_turn(connector, incoming(fake_connector, text="hi"), edit)
     assert [request.operation for request in fake_connector.requests] == ["updateActivity"]
+
+
+async def test_a_send_cancelled_before_it_left_does_not_hold_the_apology_back(
+    fake_connector, connector
+):
+    # The usual "reply while working" pattern: the work fails at once and its TaskGroup
+    # cancels the reply before anything left. Nothing failed on the way: the apology goes
+    # (counting the cancelled send as failed left the user with nothing at all).
+    async def handler(turn):
+        async def work():
+            raise RuntimeError("database down")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(turn.reply("working on it"))
+            group.create_task(work())
+
+    await failed_turn(connector, incoming(fake_connector, text="hi"), handler)
+    assert posted(fake_connector) == [APOLOGY]
 
 
 async def lookup(turn: TurnContext) -> None:
