@@ -344,6 +344,15 @@ async def run(argv: Sequence[str] | None = None) -> int:
                     f"{error}; request {request['id']!r} may have been queued: see `report` "
                     f"for it, and to try again send it with --id {request['id']}"
                 ) from None
+            except StoreError as error:
+                # Its report's head failed, so nothing was queued; but a create whose
+                # answers were lost may have landed, and its report reads `pending` until
+                # the same id is sent again (the head is kept, the request queued).
+                raise StoreError(
+                    f"{str(error).rstrip()}; request {request['id']!r} was not queued: to "
+                    f"try again send it with --id {request['id']}",
+                    status=error.status,
+                ) from None
         elif args.command == "schedule":
             return await _schedule(settings, args)
         elif args.command == "report":

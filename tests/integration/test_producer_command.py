@@ -163,6 +163,75 @@ async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(az
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
 
+async def test_a_report_head_whose_answers_were_lost_names_the_id_that_repairs_it(azurite, storage):
+    # Blob storage stores the report's head, but every answer to its create is lost (a
+    # 500 in their place; the client's retries find it exists, and those answers are lost
+    # too). Nothing is queued and the report reads `pending`; the error said only "could
+    # not write", and the id the command chose was shown nowhere, so that report stayed
+    # `pending` for ever. Sent again with the id named, it is queued.
+    from aiohttp import ClientSession, web
+
+    heads: list[int] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with session.request(
+            request.method,
+            azurite.blob_url.rsplit("/", 1)[0] + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+        ) as answer:
+            body = await answer.read()
+            if request.method == "PUT" and request.path.endswith("/head.json"):
+                heads.append(answer.status)
+                if answer.status in (201, 409):
+                    return web.Response(status=500)  # the create's own answer, lost
+            kept = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            return web.Response(status=answer.status, headers=kept, body=body)
+
+    container = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with container:
+        container.create_container()  # made here: this proxy changes headers its create signs
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    blob_url = f"http://127.0.0.1:{runner.addresses[0][1]}/{ACCOUNT}"
+    env = {
+        **storage,
+        "AzureWebJobsStorage": (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={blob_url};QueueEndpoint={azurite.queue_url};"
+        ),
+    }
+    send = ("send", "--conversation", "msteams/a:1", "--text", "hi")
+    try:
+        async with ClientSession() as session:
+            sent = await asyncio.to_thread(producer, env, *send)
+    finally:
+        await runner.cleanup()
+
+    assert heads.count(201) == 1 and heads[heads.index(201) + 1 :], heads
+    assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
+    [line] = sent.stderr.splitlines()
+    assert line.startswith("error: ") and "was not queued" in line, line
+    request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
+    assert queued(storage) == 0
+    report = producer(storage, "report", request_id)
+    assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
+
+    again = producer(storage, *send, "--id", request_id)
+    assert (again.returncode, again.stdout) == (0, f"{request_id}\n"), again.stderr
+    assert queued(storage) == 1
+
+
 @pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
 async def test_report_and_conversations_whose_listing_cannot_be_read_say_so(answer):
     # Storage answered the listing 200 with what its SDK cannot read (a proxy's page, XML
