@@ -25,6 +25,7 @@ from shared.state import StateError
 
 if TYPE_CHECKING:
     from shared.connector import ConnectorClient
+    from shared.ratelimit import Scope
     from shared.references import ReferenceStore
     from shared.state import StateStore
 
@@ -99,21 +100,20 @@ async def resolve(request: ProactiveRequest, runtime: Parts) -> Target | None:
     return None if stored is None else Target(stored.reference, stored.key)
 
 
-def crowded_wait(request: ProactiveRequest, runtime: Parts) -> float:
-    """Seconds to put a request that carries its reference (a broadcast child) back for, its
-    tenant's line in this process being long while another stands nearly empty
-    (shared/ratelimit.py, ``Pacer.crowded_wait``); 0.0: send it, as for other requests."""
+def child_scope(request: ProactiveRequest, runtime: Parts) -> Scope | None:
+    """The scope a request that carries its reference (a broadcast child) will be paced
+    under, known before anything is claimed; None for other requests, and for a serviceUrl
+    the send refuses (and says why)."""
     reference = request.reference
     if reference is None or not request.engine.child:
-        return 0.0
+        return None
     target = runtime.connector.trusted_target(reference["serviceUrl"])
     if target is None:
-        return 0.0  # the send refuses it, and says why
+        return None
     conversation_id = reference["conversation"]["id"]
     activity = apply_conversation_reference(request.activity, reference)
     # The scope the send itself will be paced under (ConnectorClient, its one request path).
-    scope = pacing_scope(target, conversation_id, activity)
-    return runtime.connector.pacer.crowded_wait(scope)
+    return pacing_scope(target, conversation_id, activity)
 
 
 async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Outcome:

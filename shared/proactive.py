@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, crowded_wait, deliver, post, resolve
+from shared.delivery import Outcome, Parts, child_scope, deliver, post, resolve
 from shared.engine import Engine, settings_backoff
 from shared.holding import hold_for_settings
 from shared.idempotency import (
@@ -76,6 +76,7 @@ from shared.queues import (
     json_object,
     poison_message,
 )
+from shared.ratelimit import ROOM_SECONDS, room_within
 from shared.references import StoreError, UnreadableDocument
 from shared.reports import (
     SINGLE_TARGET,
@@ -221,16 +222,26 @@ class _Progress:
 
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
-    wait = crowded_wait(request, engine.runtime)
-    if wait > 0:
-        # Its tenant's line here is long while another stands nearly empty: back on the
-        # queue as it came, before its slot is claimed, so this invocation takes another
-        # message. Not an attempt, and its age is not started.
-        logger.debug(
-            "proactive %r: %s would wait %.1f s; put back", request.id, request.label, wait
-        )
-        delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
-        return await engine.requeue(request, delay, count=False, age=False)
+    scope = child_scope(request, engine.runtime)
+    if scope is None:
+        return await _deliver_let_out(request, engine)
+    connector = engine.runtime.connector
+    pacer = connector.pacer
+    # Its tenant's line here is long while another stands nearly empty; or, waited for in
+    # the line's room (ROOM_SECONDS), the line stayed too long for a send to get its slot
+    # in time: back on the queue as it came, before its slot is claimed, so this
+    # invocation takes another message. Not an attempt, and its age is not started.
+    wait = pacer.crowded_wait(scope)
+    if not wait:
+        async with pacer.admission(scope, room_within(connector.slot_wait), ROOM_SECONDS) as wait:
+            if not wait:
+                return await _deliver_let_out(request, engine)
+    logger.debug("proactive %r: %s would wait %.1f s; put back", request.id, request.label, wait)
+    delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
+    return await engine.requeue(request, delay, count=False, age=False)
+
+
+async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     ledger, now, target = engine.ledger, engine.clock(), request.target_name
     first = not request.engine.child and request.engine.since is None
     if first and not await single_head(ledger, request.id, now):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 
 from shared.thread_limits import ThreadLimits
 
@@ -121,10 +122,12 @@ class AdaptiveRate:
         "_thread_limits",
         "_turns",
         "_window_limit",
+        "admitted",
         "background_at",
         "ceiling",
         "credit",
         "line",
+        "room",
         "used_at",
         "waiting",
     )
@@ -134,6 +137,10 @@ class AdaptiveRate:
         self._share = background_share
         self.line = LoopLock()  # background requests queue here, in order
         self.waiting = 0  # background requests in the line (or about to join it)
+        # Broadcast requests waiting to join the line, in order (Pacer.admission): the turn
+        # of each, done for the one at the head.
+        self.room: deque[asyncio.Future[None]] = deque()
+        self.admitted = 0  # requests let out of the room and not finished (Pacer.admission)
         self._next = float("-inf")  # earliest time of the next background grant
         self._paused_until = float("-inf")
         self._peak = ceiling or 0.0
@@ -195,6 +202,16 @@ class AdaptiveRate:
         if rate is None:
             return 0.0
         return max(0.0, self.background_wait(now)) + self.waiting / (rate * self._share)
+
+    def admission_seconds(self, now: float) -> float:
+        """About how long one more request let out of the room now would wait in the line:
+        :meth:`line_seconds` counting those admitted before it, which may not have joined
+        the line yet (0.0 without a ceiling)."""
+        rate = self.rate(now)
+        if rate is None:
+            return 0.0
+        ahead = max(self.waiting, self.admitted)
+        return max(0.0, self.background_wait(now)) + (ahead + 1) / (rate * self._share)
 
     @property
     def counted(self) -> tuple[float, ...]:

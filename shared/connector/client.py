@@ -66,6 +66,12 @@ Clock = Callable[[], float]
 # Of a call's budget, never spent waiting before a request: the request's own time to
 # answer (a message answered later may have been posted; it is never sent again).
 REQUEST_RESERVE_SECONDS = 5.0
+
+
+def _request_reserve(policy: RetryPolicy) -> float:
+    return min(REQUEST_RESERVE_SECONDS, policy.max_total_seconds / 2)
+
+
 # Operations whose POST delivers an activity: one left without an answer after it was
 # written may have been posted (createConversation only when it carries a first activity).
 POSTS_ACTIVITIES = frozenset({"sendToConversation", "replyToActivity", "sendConversationHistory"})
@@ -118,6 +124,12 @@ class ConnectorClient:
             view._background_view = view
             self._background_view = view
         return self._background_view
+
+    @property
+    def slot_wait(self) -> float:
+        """The longest a call waits for its send slot (its budget less what is kept for the
+        request itself): past that it fails as throttled, nothing sent."""
+        return self._retry.max_total_seconds - _request_reserve(self._retry)
 
     # --- trust ------------------------------------------------------------------------
 
@@ -400,7 +412,7 @@ class ConnectorClient:
         deadline = self._clock() + policy.max_total_seconds
         # Kept for the request itself: one cut short after it was written may have been
         # posted, and a retry would post it again. Waits end early enough to leave it.
-        reserve = min(REQUEST_RESERVE_SECONDS, policy.max_total_seconds / 2)
+        reserve = _request_reserve(policy)
         attempt = failures = 0
         rejected: str | None = None
         failure: ConnectorError | None = None

@@ -20,6 +20,7 @@ from typing import Any
 import azure.functions as func
 import pytest
 
+from shared import proactive
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.connector import ConnectorClient, RetryPolicy
@@ -2334,6 +2335,50 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
         await asyncio.gather(*waiting, return_exceptions=True)
     try:
         # The line empty again, the copy is sent, once.
+        assert await handle(engine, copy) is Outcome.DELIVERED
+        assert sends(fake_connector) == ["a:1"]
+        assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
+    finally:
+        await runtime.close()
+
+
+async def test_a_child_the_room_does_not_let_out_goes_back_unclaimed(
+    aad_app, fake_connector, monkeypatch
+):
+    # One tenant over many instances: this instance's share of tenant-1 (2/s here) is
+    # small, and the broadcast children it let out already fill its line past what a send
+    # may wait for its slot. The next waits in the room, holding nothing; not let out
+    # within the room's bound, it goes back on the queue as it came (not an attempt, its
+    # age not started), nothing claimed or sent, visible when the line would take it. It
+    # was claimed, then requeued as a throttled attempt after waiting for a slot in vain.
+    monkeypatch.setattr(proactive, "ROOM_SECONDS", 0.2)
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    pacer = runtime.connector.pacer
+    line = Scope("msteams", "tenant-1", None, "elsewhere:443")
+    release = asyncio.Event()
+
+    async def let_out_before() -> None:
+        async with pacer.admission(line, 100.0, 60.0):
+            await release.wait()
+
+    ahead = [asyncio.ensure_future(let_out_before()) for _ in range(10)]
+    try:
+        await asyncio.sleep(0)
+        assert await handle(engine, child) is Outcome.REQUEUED
+
+        [(copy, put_back_for)] = engine.queue.take()
+        queued = json.loads(copy)
+        assert queued[RESERVED].pop("attempt") == 0
+        assert queued[RESERVED].pop("since") is None
+        assert queued == json.loads(child)
+        assert put_back_for == pytest.approx(11 / 1.94, rel=0.05)  # 10 ahead, and itself
+        assert sends(fake_connector) == []
+        assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
+    finally:
+        release.set()
+        await asyncio.gather(*ahead)
+    try:
+        # Those ahead finished: let out at once, and sent once.
         assert await handle(engine, copy) is Outcome.DELIVERED
         assert sends(fake_connector) == ["a:1"]
         assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1

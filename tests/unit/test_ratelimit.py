@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from shared.ratelimit import (
+    ROOM_SECONDS,
     TEAMS_CONVERSATION_WINDOWS,
     Pacer,
     PacingTimeout,
@@ -24,6 +25,7 @@ from shared.ratelimit import (
     SlidingWindowLog,
     Window,
     conversation_key,
+    room_within,
 )
 from shared.tenant_rate import AdaptiveRate
 
@@ -888,11 +890,12 @@ async def send_once(
     pacer: Pacer,
     scope: Scope,
     background: bool = True,
+    max_wait: float | None = None,
 ) -> tuple[bool, float]:
     """One request (background unless told) through ``pacer`` into ``channel``, with a
     host's delays: whether the channel admitted it, and when it arrived. A refused one is
     told to the pacer and waits its Retry-After (1 s), as the Connector client's retry does."""
-    granted = await pacer.acquire(scope, background=background)
+    granted = await pacer.acquire(scope, background=background, max_wait=max_wait)
     await time.sleep(noise.leaving())
     left = time.now
     pacer.left(scope, granted, left)
@@ -1066,6 +1069,7 @@ class Broadcast:
     share_429: float  # of the requests sent
     put_back: int  # messages put back on the queue
     finished: dict[str, float]  # when each tenant's last outcome was written
+    timed_out: int = 0  # sends requeued for no slot within the wait a send may spend
 
 
 async def broadcast_through_instances(
@@ -1075,6 +1079,8 @@ async def broadcast_through_instances(
     put_back: bool,
     limits: dict[str, int] | None = None,
     seed: int = 0,
+    slot_wait: float | None = None,
+    room: bool = False,
 ) -> Broadcast:
     """``count`` instances (each its own 50/s pacer) take a broadcast's queue messages, each
     for one tenant in ``messages`` (how many for each, shuffled), as the Functions host's
@@ -1084,7 +1090,11 @@ async def broadcast_through_instances(
     tenant, 50/s unless given; a 429's Retry-After waited as the Connector client does),
     writes the outcome, and the message is deleted (20-60 ms each). With ``put_back``, one
     the pacer says to put back (``Pacer.crowded_wait``) is queued again, visible after its
-    delay as the engine jitters it, before anything is claimed."""
+    delay as the engine jitters it, before anything is claimed. With ``slot_wait``, a send
+    that would wait longer for its slot is requeued (a throttled attempt, visible after the
+    wait it was told); with ``room``, a message first waits in its lane's room
+    (``Pacer.admission``, as the engine does: within ``slot_wait`` less ROOM_MARGIN, for
+    ROOM_SECONDS at most) and is put back when it is not let out."""
     time = VirtualScheduler()
     rng = random.Random(seed)
     noise = Jitter(random.Random(seed + 7), True)
@@ -1094,7 +1104,7 @@ async def broadcast_through_instances(
     tenants = [tenant for tenant, n in messages.items() for _ in range(n)]
     rng.shuffle(tenants)
     queue = [(0.0, next(order), tenant) for tenant in tenants]  # (visible at, order, tenant)
-    counts = {"sent": 0, "throttled": 0, "put_back": 0}
+    counts = {"sent": 0, "throttled": 0, "put_back": 0, "timed_out": 0}
     finished: dict[str, float] = {}
 
     async def sleep(seconds: float) -> None:
@@ -1103,24 +1113,43 @@ async def broadcast_through_instances(
     async def storage() -> None:
         await time.sleep(rng.uniform(0.02, 0.06))
 
+    async def again(tenant: str, wait: float, counted: str) -> None:
+        counts[counted] += 1
+        await storage()  # the copy
+        delay = min(wait, 15.0) * (1 + 0.2 * rng.random()) + rng.random()
+        heapq.heappush(queue, (time.now + delay, next(order), tenant))
+
+    async def send(pacer: Pacer, tenant: str, scope: Scope) -> None:
+        await storage()  # the claim
+        while True:
+            try:
+                admitted, _ = await send_once(
+                    time, noise, channels[tenant], pacer, scope, max_wait=slot_wait
+                )
+            except PacingTimeout as timeout:
+                await again(tenant, max(timeout.wait, 1.0), "timed_out")
+                return
+            if admitted:
+                break
+            counts["throttled"] += 1
+        counts["sent"] += 1
+        await storage()  # the outcome
+        finished[tenant] = time.now
+
     async def invocation(pacer: Pacer, tenant: str, in_flight: list[int]) -> None:
         scope = teams(f"a:{next(order)}", tenant)
         wait = pacer.crowded_wait(scope) if put_back else 0.0
         if wait > 0:
-            counts["put_back"] += 1
-            await storage()  # the copy
-            delay = min(wait, 15.0) * (1 + 0.2 * rng.random()) + rng.random()
-            heapq.heappush(queue, (time.now + delay, next(order), tenant))
+            await again(tenant, wait, "put_back")
+        elif room:
+            assert slot_wait is not None
+            async with pacer.admission(scope, room_within(slot_wait), ROOM_SECONDS) as wait:
+                if wait:
+                    await again(tenant, wait, "put_back")
+                else:
+                    await send(pacer, tenant, scope)
         else:
-            await storage()  # the claim
-            while True:
-                admitted, _ = await send_once(time, noise, channels[tenant], pacer, scope)
-                if admitted:
-                    break
-                counts["throttled"] += 1
-            counts["sent"] += 1
-            await storage()  # the outcome
-            finished[tenant] = time.now
+            await send(pacer, tenant, scope)
         await storage()  # the delete
         in_flight[0] -= 1
 
@@ -1150,7 +1179,113 @@ async def broadcast_through_instances(
         share_429=counts["throttled"] / (sent + counts["throttled"]),
         put_back=counts["put_back"],
         finished=finished,
+        timed_out=counts["timed_out"],
     )
+
+
+async def test_one_tenant_over_eight_instances_waits_in_the_room_not_in_a_line_it_outlasts():
+    # One tenant (50/s) over 8 instances of 48 invocations each: every instance's line held
+    # about 8 s of sends, and those past the 7 s a send may wait for its slot were requeued
+    # as throttled attempts (383 of 3,000). Waiting in the room first, before anything is
+    # claimed, no send outlasts its wait, at about the same pace.
+    lined = await broadcast_through_instances(8, {"tenant-a": 3000}, put_back=True, slot_wait=7.0)
+    roomed = await broadcast_through_instances(
+        8, {"tenant-a": 3000}, put_back=True, slot_wait=7.0, room=True
+    )
+    assert lined.timed_out > 300
+    assert roomed.timed_out < 10 and roomed.put_back < 100
+    assert roomed.share > lined.share - 0.05
+    assert roomed.share_429 < 0.02
+
+
+def room_pacer() -> tuple[VirtualScheduler, Pacer]:
+    time = VirtualScheduler()
+    return time, Pacer(2, clock=time.clock, sleep=time.sleep, margin=0.0)  # 1.94/s of background
+
+
+async def test_the_room_lets_out_in_order_as_many_as_the_line_takes_within_its_bound():
+    # At 1.94 background sends a second, a line takes about 3 requests within 2 s: the
+    # fourth waits in the room until one let out before it has finished; in call order.
+    time, pacer = room_pacer()
+    let_out: list[tuple[int, float]] = []
+
+    async def request(n: int, works: float) -> None:
+        async with pacer.admission(teams(), 2.0, 60.0) as wait:
+            assert wait == 0.0
+            let_out.append((n, time.now))
+            await pacer.acquire(teams(f"a:{n}"), background=True)
+            await time.sleep(works)
+
+    await time.run(*(request(n, 10.0 if n < 3 else 0.0) for n in range(6)))
+
+    assert [n for n, _ in let_out] == list(range(6))
+    assert max(at for _, at in let_out[:3]) < 0.1  # the line's first grants move it on
+    assert let_out[3][1] >= 10.0  # not before the first of the three had finished
+    assert pacer.lane(teams()).admitted == 0 and not pacer.lane(teams()).room
+
+
+async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_told_the_line():
+    # The line stays long (its requests are slow to finish): one in the room is not let
+    # out at once with a put-back (each put-back's freed invocation would take the next
+    # message, and put it back too, as fast as the queue answers); it waits the room's
+    # whole bound, then is told how long the line would hold it.
+    time, pacer = room_pacer()
+    told: list[tuple[float, float]] = []
+    release = asyncio.Event()
+
+    async def holding() -> None:
+        async with pacer.admission(teams(), 100.0, 60.0) as wait:
+            assert wait == 0.0
+            await release.wait()
+
+    async def waiting(bound: float) -> None:
+        async with pacer.admission(teams(), 2.0, bound) as wait:
+            told.append((time.now, wait))
+
+    holders = [asyncio.ensure_future(holding()) for _ in range(10)]
+    await asyncio.sleep(0)
+    await time.run(waiting(5.0), waiting(7.0))
+    release.set()
+    await asyncio.gather(*holders)
+
+    [(first_at, first_wait), (second_at, second_wait)] = told
+    assert (first_at, second_at) == (5.0, 7.0)  # the second, behind it, its own bound too
+    assert first_wait == pytest.approx(11 / 1.94, rel=0.02)  # 10 ahead and itself
+    assert second_wait == pytest.approx(11 / 1.94, rel=0.02)
+    assert pacer.lane(teams()).admitted == 0 and not pacer.lane(teams()).room
+
+
+async def test_the_room_holds_nothing_back_without_a_rate_and_releases_on_failure():
+    # Other channels have no tenant rate: let out at once, however many. A block that
+    # raises still counts its request as finished, and one cancelled in the room leaves
+    # it in order for the next.
+    time, pacer = room_pacer()
+    for n in range(50):
+        async with pacer.admission(webchat(f"c:{n}"), 0.1, 60.0) as wait:
+            assert wait == 0.0
+    with pytest.raises(RuntimeError):
+        async with pacer.admission(teams(), 2.0, 60.0):
+            raise RuntimeError("the send failed")
+    assert pacer.lane(teams()).admitted == 0
+
+    release = asyncio.Event()
+
+    async def holding() -> None:
+        async with pacer.admission(teams(), 100.0, 60.0):
+            await release.wait()
+
+    holders = [asyncio.ensure_future(holding()) for _ in range(10)]
+    await asyncio.sleep(0)
+    cancelled = asyncio.ensure_future(pacer.admission(teams(), 2.0, 60.0).__aenter__())
+    await asyncio.sleep(0)
+    assert len(pacer.lane(teams()).room) == 1
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert not pacer.lane(teams()).room
+    release.set()
+    await asyncio.gather(*holders)
+    async with pacer.admission(teams(), 2.0, 60.0) as wait:
+        assert wait == 0.0 and time.now == 0.0
 
 
 async def test_instances_sharing_two_tenants_put_back_what_would_wait_in_a_crowded_line():
