@@ -54,6 +54,8 @@ def report(folder: Path, limit: int) -> None:
     per_host_grants: list[tuple[str, list[dict]]] = []
     causes = {"granted over the limit": 0, "arrivals bunched": 0}
     put_backs: list[dict] = []  # broadcast children put back rather than wait (crowded_wait)
+    rooms: list[dict] = []  # broadcast children that waited in a tenant's room (admission)
+    timeouts = 0  # sends that found no slot within their wait (requeued as throttled)
     first = last = None
     for host in hosts:
         records = [json.loads(line) for line in host.read_text().splitlines() if line]
@@ -70,6 +72,8 @@ def report(folder: Path, limit: int) -> None:
         bg = [r for r in records if r["k"] == "grant" and r["bg"]]
         per_host_grants.append((host.name, bg))
         put_backs.extend(r for r in records if r["k"] == "put_back")
+        rooms.extend(r for r in records if r["k"] == "room")
+        timeouts += sum(r["k"] == "timeout" for r in records)
         for record in bg:
             tenant = lane_tenant.get((host.name, record["lane"]), "?")
             grants[tenant].append(record["t"])
@@ -103,6 +107,10 @@ def report(folder: Path, limit: int) -> None:
     print(f"  429s: {len(throttled)}: {dict(causes)}")
     waits = [r["wait"] for r in put_backs]
     print(f"  put back rather than wait: {len(put_backs)}, for {quantiles(waits)}")
+    waited = [r["waited"] for r in rooms]
+    put_back = sum(not r["let_out"] for r in rooms)
+    print(f"  waited in a room: {len(rooms)} ({put_back} put back), for {quantiles(waited)}")
+    print(f"  no send slot in time (requeued as throttled): {timeouts}")
     for name, bg in per_host_grants:
         rates = [r["rate"] for r in bg if r["rate"]]
         if rates:

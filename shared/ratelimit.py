@@ -63,6 +63,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from shared.tenant_rate import WINDOW_SECONDS, AdaptiveRate, LoopLock
@@ -89,18 +90,19 @@ CROWDED_SECONDS = 1.0
 ACTIVE_SECONDS = 5.0
 OTHER_LINE_SHARE = 0.25
 # Pacer.admission, as the proactive engine uses it: a broadcast's request is let out of its
-# lane's room while its line would take it within the wait a send may spend for its slot
-# less ROOM_MARGIN (its claim's storage calls, a late wake-up), and waits there for
-# ROOM_SECONDS at most before it is put back on the queue. Simulated (tests/unit/
-# test_ratelimit.py, `broadcast_through_instances`, one tenant at 50/s, 5,000 messages,
-# five seeds): 16 instances requeued 3,565-3,681 sends that had waited 7 s for a slot in
-# vain, at 85-87 % of the limit; with the room and 10 s, 119-122 such (the first seconds,
-# every instance starting at the whole limit) and 606-822 put-backs, at 81-89 %. A longer
-# stay puts fewer back but ends later (three seeds; 15 s: 74-187, 84-88 %; 30 s: 0-2,
-# 83-88 %): at the end of a broadcast each instance works through its own room at its
-# share, where a message put back goes to whichever instance has room. 8 instances (three
-# seeds): 611-668 timeouts at 89-90 %; with the room 0-3, and 0-11 put-backs, at 87-89 %.
-# Up to 4 nothing changes: a line holding all of an instance's 48 stays under 5 s.
+# lane's room while its line (those in it, and those let out that have not joined it yet)
+# would take it within the wait a send may spend for its slot less ROOM_MARGIN (its
+# claim's storage calls, a late wake-up), and waits there for ROOM_SECONDS at most before
+# it is put back on the queue. Simulated (tests/unit/test_ratelimit.py,
+# `broadcast_through_instances`, one tenant at 50/s, 5,000 messages, five seeds): 16
+# instances requeued 3,565-3,681 sends that had waited 7 s for a slot in vain, at 85-87 %
+# of the limit; with the room and 10 s, 118-123 such (the first seconds, every instance
+# starting at the whole limit) and 669-740 put-backs, at 86-89 %. A longer stay puts fewer
+# back but ends later (three seeds; 15 s: 133-174, 83-85 %; 30 s: 0-5, 83-84 %): at the
+# end of a broadcast each instance works through its own room at its share, where a
+# message put back goes to whichever instance has room. 8 instances (three seeds):
+# 611-668 timeouts at 89-90 %; with the room 0-2 and no put-back, at 89 %. Up to 4
+# nothing changes: a line holding all of an instance's 48 stays under 5 s.
 ROOM_MARGIN = 2.0
 ROOM_SECONDS = 10.0
 
@@ -165,6 +167,24 @@ class Scope:
         if self.teams:
             return (TEAMS, f"tenant:{self.tenant_id}" if self.tenant_id else self.service)
         return (self.channel_id or "", self.service)
+
+
+@dataclass(slots=True)
+class _LetOut:
+    """A request let out of its lane's room (Pacer.admission), until it joins the line."""
+
+    lane: AdaptiveRate
+    waiting: bool = True
+
+    def joined(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.lane.joining -= 1
+
+
+# The request the running task's admission let out, if any.
+_LET_OUT: ContextVar[_LetOut | None] = ContextVar("let_out", default=None)
+ROUNDING = 1e-9  # seconds: a wait this short is none
 
 
 class PacingTimeout(Exception):
@@ -292,7 +312,7 @@ class Pacer:
             while self._lanes:  # forget lanes nothing is waiting in and nothing learnt
                 oldest_key, oldest = next(iter(self._lanes.items()))
                 busy = oldest.line.get().locked() or oldest.room
-                if busy or oldest.admitted or not oldest.idle(now):
+                if busy or oldest.joining or not oldest.idle(now):
                     break
                 del self._lanes[oldest_key]
             ceiling = self.tenant_rate if scope.teams else None
@@ -382,7 +402,8 @@ class Pacer:
         would wait no longer than ``within`` seconds in its line, for ``max_wait`` at most.
         Yields 0.0 when it was let out, else about how long its line would hold it (the
         caller puts its request back for that long). The request it lets out counts as
-        ahead of the next ones until the block ends.
+        ahead of the next ones from then on: until it joins the line (its first background
+        :meth:`acquire` for this lane, in the block's task), then as one in the line.
 
         Why: the Functions host gives each instance a fixed number of invocations, and one
         tenant spread over many instances gets a small share of its rate on each: a line
@@ -395,17 +416,23 @@ class Pacer:
         if not await self._let_out(lane, within, max_wait):
             yield max(lane.admission_seconds(self._clock()), within)
             return
-        lane.admitted += 1
+        let_out = _LetOut(lane)
+        lane.joining += 1
+        token = _LET_OUT.set(let_out)
         try:
             yield 0.0
         finally:
-            lane.admitted -= 1
+            _LET_OUT.reset(token)
+            let_out.joined()  # if it never did (its target settled, a failure before)
 
     async def _let_out(self, lane: AdaptiveRate, within: float, max_wait: float) -> bool:
         def wait_time(now: float) -> float:
-            if not lane.admitted:
-                return 0.0  # the line alone bounds the first one's wait
-            return max(0.0, lane.admission_seconds(now) - within)
+            if not (lane.joining or lane.waiting):
+                return 0.0  # nothing ahead: the line alone bounds its wait
+            wait = lane.admission_seconds(now) - within
+            # A wait left over from rounding (1e-15 s) would be slept without end on a
+            # clock where now + wait == now.
+            return wait if wait > ROUNDING else 0.0
 
         room = lane.room
         if not room and wait_time(self._clock()) <= 0:
@@ -494,6 +521,9 @@ class Pacer:
         line = lane.line.get()
         queued = line.locked()  # behind others in the line, not arriving at an idle one
         lane.waiting += 1
+        let_out = _LET_OUT.get()
+        if let_out is not None and let_out.lane is lane:
+            let_out.joined()  # counted in the line from now on
         try:
             while True:
                 async with self._holding(line, deadline):

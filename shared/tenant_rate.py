@@ -122,10 +122,10 @@ class AdaptiveRate:
         "_thread_limits",
         "_turns",
         "_window_limit",
-        "admitted",
         "background_at",
         "ceiling",
         "credit",
+        "joining",
         "line",
         "room",
         "used_at",
@@ -140,7 +140,7 @@ class AdaptiveRate:
         # Broadcast requests waiting to join the line, in order (Pacer.admission): the turn
         # of each, done for the one at the head.
         self.room: deque[asyncio.Future[None]] = deque()
-        self.admitted = 0  # requests let out of the room and not finished (Pacer.admission)
+        self.joining = 0  # requests let out of the room, not in the line yet (Pacer.admission)
         self._next = float("-inf")  # earliest time of the next background grant
         self._paused_until = float("-inf")
         self._peak = ceiling or 0.0
@@ -205,12 +205,12 @@ class AdaptiveRate:
 
     def admission_seconds(self, now: float) -> float:
         """About how long one more request let out of the room now would wait in the line:
-        :meth:`line_seconds` counting those admitted before it, which may not have joined
-        the line yet (0.0 without a ceiling)."""
+        :meth:`line_seconds` counting those let out before it that have not joined the line
+        yet, and itself (0.0 without a ceiling)."""
         rate = self.rate(now)
         if rate is None:
             return 0.0
-        ahead = max(self.waiting, self.admitted)
+        ahead = self.waiting + self.joining
         return max(0.0, self.background_wait(now)) + (ahead + 1) / (rate * self._share)
 
     @property

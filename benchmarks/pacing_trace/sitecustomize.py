@@ -3,7 +3,8 @@
 ``python -m benchmarks.broadcast --trace DIR`` puts this folder first on the hosts'
 PYTHONPATH, so Python imports it at start-up in every host process; with
 ``BENCH_PACING_TRACE`` set it wraps the pacer and the Connector client to write one JSON
-line per grant, per request, per 429 and per put-back to ``DIR/host-<pid>.jsonl``
+line per grant, per request, per 429, per put-back, per wait in a tenant's room and per
+send that found no slot in time to ``DIR/host-<pid>.jsonl``
 (benchmarks/pacing_report.py reads them with the fake Connector's arrivals).
 """
 
@@ -20,7 +21,7 @@ def _install(directory: str) -> None:
     import time
 
     from shared.connector import client as client_module
-    from shared.ratelimit import Pacer
+    from shared.ratelimit import Pacer, PacingTimeout
 
     out = open(os.path.join(directory, f"host-{os.getpid()}.jsonl"), "a", buffering=1)  # noqa: SIM115
     slept: contextvars.ContextVar[float] = contextvars.ContextVar("slept", default=0.0)
@@ -87,6 +88,23 @@ def _install(directory: str) -> None:
             write({"k": "put_back", "t": time.monotonic(), "tenant": scope.tenant_id, "wait": wait})
         return wait
 
+    original_acquire = Pacer.acquire
+
+    async def acquire(self, scope, **named):
+        try:
+            return await original_acquire(self, scope, **named)
+        except PacingTimeout:
+            write({"k": "timeout", "t": time.monotonic(), "tenant": scope.tenant_id})
+            raise
+
+    original_let_out = getattr(Pacer, "_let_out", None)  # the room (absent before it was)
+
+    async def let_out(self, lane, within, max_wait):
+        start = time.monotonic()
+        out = await original_let_out(self, lane, within, max_wait)
+        write({"k": "room", "t": start, "waited": time.monotonic() - start, "let_out": out})
+        return out
+
     original_send = client_module.send_once
 
     async def send(session, operation, method, url, *rest, departure, **named):
@@ -112,6 +130,9 @@ def _install(directory: str) -> None:
     Pacer._grant = grant
     Pacer.throttled = throttled
     Pacer.crowded_wait = crowded_wait
+    Pacer.acquire = acquire
+    if original_let_out is not None:
+        Pacer._let_out = let_out
     client_module.send_once = send
 
 

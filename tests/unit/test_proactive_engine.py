@@ -2386,10 +2386,15 @@ async def test_a_child_the_room_does_not_let_out_goes_back_unclaimed(
         await runtime.close()
 
 
-async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(aad_app, fake_connector):
+async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(
+    aad_app, fake_connector, monkeypatch
+):
     # No send slot within its budget (its tenant's line here is long, and no other line
-    # stands empty, so it was not put back): nothing was sent, and the copy still carries
-    # the reference, so the next time its line is crowded it can be put back unclaimed.
+    # stands empty, so it was not put back; let out of the room all the same, as when
+    # its tenant's rate is cut after it was): nothing was sent, and the copy still
+    # carries the reference, so the next time its line is crowded it can be put back
+    # unclaimed.
+    monkeypatch.setattr(proactive, "room_within", lambda slot_wait: 1000.0)
     runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
     line = Scope("msteams", "tenant-1", None, "elsewhere:443")
     pacer = runtime.connector.pacer

@@ -1198,38 +1198,84 @@ async def test_one_tenant_over_eight_instances_waits_in_the_room_not_in_a_line_i
     assert roomed.share_429 < 0.02
 
 
-def room_pacer() -> tuple[VirtualScheduler, Pacer]:
-    time = VirtualScheduler()
+def room_pacer(start: float = 16.0) -> tuple[VirtualScheduler, Pacer]:
+    # Started past 0: a clock on which now + 1e-15 == now (a rounding left over) is one a
+    # wait must not spin on.
+    time = VirtualScheduler(start)
     return time, Pacer(2, clock=time.clock, sleep=time.sleep, margin=0.0)  # 1.94/s of background
 
 
-async def test_the_room_lets_out_in_order_as_many_as_the_line_takes_within_its_bound():
-    # At 1.94 background sends a second, a line takes about 3 requests within 2 s: the
-    # fourth waits in the room until one let out before it has finished; in call order.
+async def test_the_room_lets_out_in_order_once_the_line_would_take_each_within_its_bound():
+    # At 1.94 background sends a second, 4 sends in the line hold it for about 2 s. One
+    # that may wait 1 s in it is let out of the room once the line has drained enough;
+    # one behind it that may wait 100 s would go at once, but waits its turn behind it.
     time, pacer = room_pacer()
-    let_out: list[tuple[int, float]] = []
+    start = time.now
+    let_out: list[tuple[str, float]] = []
 
-    async def request(n: int, works: float) -> None:
+    async def request(name: str, within: float) -> None:
+        async with pacer.admission(teams(), within, 60.0) as wait:
+            assert wait == 0.0
+            let_out.append((name, time.now - start))
+            await pacer.acquire(teams(f"a:{name}"), background=True)
+
+    line = [pacer.acquire(teams(f"a:{n}"), background=True) for n in range(4)]
+    await time.run(*line, request("short", 1.0), request("patient", 100.0))
+
+    assert [name for name, _ in let_out] == ["short", "patient"]
+    [(_, short_at), (_, patient_at)] = let_out
+    assert 0.5 < short_at < 2.5
+    assert patient_at == short_at  # not before it, and at once after it
+    assert pacer.lane(teams()).joining == 0 and not pacer.lane(teams()).room
+
+
+async def test_six_let_out_in_turn_on_a_clock_far_from_zero_all_go():
+    # At 16 s on the clock a wait computed as 1.8e-15 s (a rounding left over) was slept
+    # over and over: now + 1.8e-15 == now, so the clock never moved and the room hung.
+    time, pacer = room_pacer()
+
+    async def request(n: int) -> None:
         async with pacer.admission(teams(), 2.0, 60.0) as wait:
             assert wait == 0.0
-            let_out.append((n, time.now))
             await pacer.acquire(teams(f"a:{n}"), background=True)
-            await time.sleep(works)
 
-    await time.run(*(request(n, 10.0 if n < 3 else 0.0) for n in range(6)))
+    async with asyncio.timeout(10):
+        await time.run(*(request(n) for n in range(6)))
+    assert pacer.granted_background == 6
 
-    assert [n for n, _ in let_out] == list(range(6))
-    assert max(at for _, at in let_out[:3]) < 0.1  # the line's first grants move it on
-    assert let_out[3][1] >= 10.0  # not before the first of the three had finished
-    assert pacer.lane(teams()).admitted == 0 and not pacer.lane(teams()).room
+
+async def test_sends_in_the_line_that_never_passed_the_room_count_too():
+    # 12 sends joined the line without the room (requests that carry no reference, or a
+    # child whose reference was dropped); 20 children arrive at once. Counting only the
+    # larger of those in the line and those let out, children were let out too far and
+    # 4 waited in the line longer than a send may (7 s), to be requeued as throttled.
+    time = VirtualScheduler(16.0)
+    pacer = Pacer(3, clock=time.clock, sleep=time.sleep, margin=0.0)
+    timed_out = []
+
+    async def child(n: int) -> None:
+        async with pacer.admission(teams(), room_within(7.0), 60.0) as wait:
+            assert wait == 0.0
+            await time.sleep(0.05)  # its claim
+            try:
+                await pacer.acquire(teams(f"c:{n}"), background=True, max_wait=7.0)
+            except PacingTimeout:
+                timed_out.append(n)
+
+    line = [pacer.acquire(teams(f"a:{n}"), background=True) for n in range(12)]
+    await time.run(*line, *(child(n) for n in range(20)))
+
+    assert timed_out == []
+    assert pacer.lane(teams()).joining == 0 and not pacer.lane(teams()).room
 
 
 async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_told_the_line():
-    # The line stays long (its requests are slow to finish): one in the room is not let
-    # out at once with a put-back (each put-back's freed invocation would take the next
-    # message, and put it back too, as fast as the queue answers); it waits the room's
-    # whole bound, then is told how long the line would hold it.
+    # The line stays long (those let out before it have not joined it yet: slow storage):
+    # one in the room is not put back at once (each put-back's freed invocation would
+    # take the next message, and put it back too, as fast as the queue answers); it waits
+    # the room's whole bound, then is told how long the line would hold it.
     time, pacer = room_pacer()
+    start = time.now
     told: list[tuple[float, float]] = []
     release = asyncio.Event()
 
@@ -1240,7 +1286,7 @@ async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_
 
     async def waiting(bound: float) -> None:
         async with pacer.admission(teams(), 2.0, bound) as wait:
-            told.append((time.now, wait))
+            told.append((time.now - start, wait))
 
     holders = [asyncio.ensure_future(holding()) for _ in range(10)]
     await asyncio.sleep(0)
@@ -1252,21 +1298,28 @@ async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_
     assert (first_at, second_at) == (5.0, 7.0)  # the second, behind it, its own bound too
     assert first_wait == pytest.approx(11 / 1.94, rel=0.02)  # 10 ahead and itself
     assert second_wait == pytest.approx(11 / 1.94, rel=0.02)
-    assert pacer.lane(teams()).admitted == 0 and not pacer.lane(teams()).room
+    assert pacer.lane(teams()).joining == 0 and not pacer.lane(teams()).room
 
 
 async def test_the_room_holds_nothing_back_without_a_rate_and_releases_on_failure():
-    # Other channels have no tenant rate: let out at once, however many. A block that
-    # raises still counts its request as finished, and one cancelled in the room leaves
-    # it in order for the next.
+    # Other channels have no tenant rate: let out at once, however many. One let out is
+    # counted once when it joins the line (not again on a retry), and a block that ends
+    # without joining (raises) is not counted after; one cancelled in the room leaves it
+    # in order for the next.
     time, pacer = room_pacer()
     for n in range(50):
         async with pacer.admission(webchat(f"c:{n}"), 0.1, 60.0) as wait:
             assert wait == 0.0
+    async with pacer.admission(teams(), 2.0, 60.0):
+        assert pacer.lane(teams()).joining == 1
+        await pacer.acquire(teams("a:1"), background=True)
+        assert pacer.lane(teams()).joining == 0
+        await time.run(pacer.acquire(teams("a:1"), background=True))  # a retry
+    assert pacer.lane(teams()).joining == 0
     with pytest.raises(RuntimeError):
         async with pacer.admission(teams(), 2.0, 60.0):
-            raise RuntimeError("the send failed")
-    assert pacer.lane(teams()).admitted == 0
+            raise RuntimeError("the claim failed")
+    assert pacer.lane(teams()).joining == 0
 
     release = asyncio.Event()
 
@@ -1284,8 +1337,8 @@ async def test_the_room_holds_nothing_back_without_a_rate_and_releases_on_failur
     assert not pacer.lane(teams()).room
     release.set()
     await asyncio.gather(*holders)
-    async with pacer.admission(teams(), 2.0, 60.0) as wait:
-        assert wait == 0.0 and time.now == 0.0
+    async with asyncio.timeout(5), pacer.admission(teams(), 2.0, 60.0) as wait:
+        assert wait == 0.0  # at once: the line is empty and nothing else waits
 
 
 async def test_instances_sharing_two_tenants_put_back_what_would_wait_in_a_crowded_line():
