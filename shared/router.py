@@ -318,7 +318,8 @@ class Router:
         removed, the team deleted): nobody there would read it, and Teams refuses it. Nor
         when a send, reply, update or delete in this conversation failed on the Connector
         (unanswered, throttled, the conversation gone; any failure but a request the
-        channel called invalid), or any call failed for want of the bot's token: the
+        channel called invalid) or was cancelled once its request was written (the
+        handler's own timeout), or any call failed for want of the bot's token: the
         apology would meet the same failure, or follow a reply that may have been
         posted, and waiting for it again would take the HTTP answer past the channel's
         15 s. Another failed call (a member lookup answered 500, a send to another

@@ -17,6 +17,7 @@ end of the turn when changed.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -92,7 +93,8 @@ class TurnContext:
         self.buffering = True  # False once the answer can no longer carry what is sent
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
-        # the conversation gone: anything the channel did not answer as invalid), and a
+        # the conversation gone: anything the channel did not answer as invalid; or was
+        # cancelled once its request was written), and a
         # call failed for want of the bot's token with none getting one since.
         self.failed_here = False
         self.token_failed = False
@@ -396,26 +398,39 @@ class TurnContext:
         way (``failed_here``, ``token_failed``): `here` is a call to this conversation,
         the way the apology goes. A call answered by the channel got a token; one here
         answered as invalid (the request was wrong) shows the way open."""
-        try:
-            result = await call
-        except Exception as error:
-            from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
+        from shared.connector.transport import requests_leaving
 
-            if isinstance(error, ConnectorError):
-                answered = error.status is not None
-                if error.no_token:
-                    self.token_failed = True
-                elif answered:
-                    self.token_failed = False
-                invalid = error.kind is ErrorKind.INVALID
-                if here and not error.no_token and (answered or not invalid):
-                    # Refused as invalid before anything was sent says nothing of the way.
-                    self.failed_here = not invalid
-            raise
+        with requests_leaving() as left:
+            try:
+                result = await call
+            except asyncio.CancelledError:
+                # Cut short (the handler's own timeout) once its request was written: it
+                # may have been posted, and an apology would follow it.
+                if here and left():
+                    self.failed_here = True
+                raise
+            except Exception as error:
+                self._note_failure(error, here)
+                raise
         self.token_failed = False
         if here:
             self.failed_here = False
         return result
+
+    def _note_failure(self, error: Exception, here: bool) -> None:
+        from shared.connector.errors import ConnectorError, ErrorKind  # on a failure only
+
+        if not isinstance(error, ConnectorError):
+            return
+        answered = error.status is not None
+        if error.no_token:
+            self.token_failed = True
+        elif answered:
+            self.token_failed = False
+        invalid = error.kind is ErrorKind.INVALID
+        if here and not error.no_token and (answered or not invalid):
+            # Refused as invalid before anything was sent says nothing of the way.
+            self.failed_here = not invalid
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:

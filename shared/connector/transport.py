@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, urlencode
@@ -32,13 +34,32 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5  # attachment views only
 
 
+# Set by requests_leaving for the code it wraps: a request created within it marks it as
+# it is written (the context of the task that made the request, or of one it awaits).
+_LEAVING: ContextVar[list[bool] | None] = ContextVar("leaving", default=None)
+
+
+@contextmanager
+def requests_leaving() -> Iterator[Callable[[], bool]]:
+    """Within the block, whether a Connector request made in it was written to its
+    connection (so may have reached the channel), as far as the session stamps departures
+    (:func:`departure_tracing`)."""
+    left = [False]
+    token = _LEAVING.set(left)
+    try:
+        yield lambda: left[0]
+    finally:
+        _LEAVING.reset(token)
+
+
 class Departure:
     """When one request was written to its connection: ``at``, on ``clock`` (None until
     then). Passed to aiohttp as the request's ``trace_request_ctx``; the tracing of
     :func:`departure_tracing` stamps it, and each stamp is passed on to ``on_left(previous,
-    at)`` (``previous``: the stamp before, None for the first) as it happens."""
+    at)`` (``previous``: the stamp before, None for the first) as it happens, and marks
+    the :func:`requests_leaving` block it was made in."""
 
-    __slots__ = ("at", "clock", "on_left")
+    __slots__ = ("at", "clock", "leaving", "on_left")
 
     def __init__(
         self,
@@ -48,9 +69,12 @@ class Departure:
         self.clock = clock
         self.on_left = on_left
         self.at: float | None = None
+        self.leaving = _LEAVING.get()
 
     def stamp(self) -> None:
         previous, self.at = self.at, self.clock()
+        if self.leaving is not None:
+            self.leaving[0] = True
         if self.on_left is not None:
             self.on_left(previous, self.at)
 

@@ -219,6 +219,21 @@ async def test_a_send_cancelled_before_it_left_does_not_hold_the_apology_back(
     assert posted(fake_connector) == [APOLOGY]
 
 
+async def test_a_reply_its_handler_cut_short_after_it_left_gets_no_apology_after_it(
+    fake_connector, connector
+):
+    # The channel is slow to answer, and the handler's own timeout cancels its reply once
+    # the request was written: the reply may have been posted, and an apology through the
+    # same slow Connector would follow it (and hold the HTTP answer up again).
+    async def impatient(turn):
+        async with asyncio.timeout(0.3):
+            await turn.reply("echo")
+
+    fake_connector.script("POST", "activities", [Reply(200, json={"id": "m"}, delay=2.0)])
+    await failed_turn(connector, incoming(fake_connector, text="hi"), impatient)
+    assert posted(fake_connector) == ["echo"]
+
+
 async def lookup(turn: TurnContext) -> None:
     await turn.member("29:ada")
 
