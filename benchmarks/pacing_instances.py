@@ -12,7 +12,10 @@ starts at the whole limit). Then 20 instances for a minute, of which 19 stop: th
 the limit the one left gets in each half minute after. Then 1-8 instances taking a
 broadcast of 10,000 messages to two tenants as the host's queue listener does, waiting in
 a crowded line or putting the message back (``Pacer.crowded_wait``), three seeds each:
-the share of the limits from the start to the last outcome. Results (with the pacer's
+the share of the limits from the start to the last outcome. Then 8 and 16 instances
+taking a broadcast of 5,000 messages to one tenant, sends requeued after waiting 7 s for
+a slot, with and without the room (``Pacer.admission``), three seeds each: the share of
+the limit, the sends requeued after that wait, the messages put back. Results (with the pacer's
 constants) to benchmarks/results/pacing_instances.json (benchmarks/README.md, "Pacing
 with many instances").
 """
@@ -34,6 +37,8 @@ from tests.unit.test_ratelimit import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pacing_instances.json"
+ONE_TENANT = {"tenant-a": 5000}
+SLOT_WAIT = 7.0  # a background send's wait for its slot: its 12-s budget less 5 s kept
 
 
 async def measure(instances: list[int], limits: list[int], seconds: float) -> dict:
@@ -72,6 +77,26 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             }
             two_tenants.append(row)
             print(json.dumps(row), flush=True)
+    one_tenant = []
+    for count in instances:
+        if count < 8 or count > 16:
+            continue  # under 8 the room never holds anything; past 16 minutes per run
+        for room in (False, True):
+            runs = [
+                await broadcast_through_instances(
+                    count, ONE_TENANT, put_back=True, slot_wait=SLOT_WAIT, room=room, seed=seed
+                )
+                for seed in range(3)
+            ]
+            row = {
+                "instances": count,
+                "room": room,
+                "share_of_limit": [round(r.share, 3) for r in runs],
+                "requeued_after_the_slot_wait": [r.timed_out for r in runs],
+                "put_back_messages": [r.put_back for r in runs],
+            }
+            one_tenant.append(row)
+            print(json.dumps(row), flush=True)
     return {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seconds": seconds,
@@ -81,10 +106,14 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             "min_share": tenant_rate.MIN_SHARE,
             "background_share": ratelimit.DEFAULT_BACKGROUND_SHARE,
             "crowded_seconds": ratelimit.CROWDED_SECONDS,
+            "room_seconds": ratelimit.ROOM_SECONDS,
+            "room_margin_s": ratelimit.ROOM_MARGIN,
+            "slot_wait_s": SLOT_WAIT,
         },
         "sharing_a_tenant": rows,
         "one_left_after_20_share_per_half_minute": scale_in,
         "serving_two_tenants": two_tenants,
+        "one_tenant_over_many": one_tenant,
     }
 
 

@@ -422,8 +422,10 @@ class Pacer:
         try:
             yield 0.0
         finally:
-            _LET_OUT.reset(token)
             let_out.joined()  # if it never did (its target settled, a failure before)
+            # Last: it raises when the block ends in another context (a task destroyed
+            # while pending), and the count must be released all the same.
+            _LET_OUT.reset(token)
 
     async def _let_out(self, lane: AdaptiveRate, within: float, max_wait: float) -> bool:
         def wait_time(now: float) -> float:

@@ -1269,6 +1269,18 @@ async def test_sends_in_the_line_that_never_passed_the_room_count_too():
     assert pacer.lane(teams()).joining == 0 and not pacer.lane(teams()).room
 
 
+async def test_a_request_let_out_joins_its_own_tenants_line_not_another():
+    # Let out of tenant-a's room, a call for tenant-b in the same task (a lookup, say)
+    # does not count as joining tenant-a's line: tenant-a still counts it as on its way.
+    _time, pacer = room_pacer()
+    async with pacer.admission(teams(), 2.0, 60.0):
+        await pacer.acquire(teams("b:1", tenant="tenant-b"), background=True)
+        assert pacer.lane(teams()).joining == 1
+        await pacer.acquire(teams("a:1"), background=True)
+        assert pacer.lane(teams()).joining == 0
+    assert pacer.lane(teams(tenant="tenant-b")).joining == 0
+
+
 async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_told_the_line():
     # The line stays long (those let out before it have not joined it yet: slow storage):
     # one in the room is not put back at once (each put-back's freed invocation would
