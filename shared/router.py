@@ -318,8 +318,8 @@ class Router:
         removed, the team deleted): nobody there would read it, and Teams refuses it. Nor
         when a send, reply, update or delete in this conversation failed on the Connector
         (unanswered, throttled, the conversation gone; any failure but a request the
-        channel called invalid) or was cancelled once its request was written (the
-        handler's own timeout), or any call failed for want of the bot's token: the
+        channel called invalid) or was cut short by the handler's own timeout once a
+        request of it was written, or any call failed for want of the bot's token: the
         apology would meet the same failure, or follow a reply that may have been
         posted, and waiting for it again would take the HTTP answer past the channel's
         15 s. Another failed call (a member lookup answered 500, a send to another
@@ -371,14 +371,18 @@ def _reason(error: BaseException) -> str:
 
 def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
     """Whether the apology would meet a Connector failure of the turn again: one the turn
-    noted (its latest post here failed, or the bot's token did) or the bot's token
-    failing the call that raised `error`."""
+    noted (its latest post here failed, or the bot's token did), the bot's token failing
+    the call that raised `error`, or the handler's own timeout (`error`) cutting its
+    latest post here short once it was written: the channel was too slow to answer it.
+    A post cancelled for another reason (a task beside it failed) says nothing of the
+    channel, and the apology goes."""
     from shared.connector.errors import ConnectorError
 
     return (
         turn.failed_here
         or turn.token_failed
         or (isinstance(error, ConnectorError) and error.no_token)
+        or (turn.cut_short_here and isinstance(error, TimeoutError))
     )
 
 

@@ -66,6 +66,7 @@ class TurnContext:
         "buffered",
         "buffering",
         "connector",
+        "cut_short_here",
         "failed_here",
         "identity",
         "match",
@@ -93,10 +94,11 @@ class TurnContext:
         self.buffering = True  # False once the answer can no longer carry what is sent
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
-        # the conversation gone: anything the channel did not answer as invalid; or was
-        # cancelled once its request was written), and a
-        # call failed for want of the bot's token with none getting one since.
+        # the conversation gone: anything the channel did not answer as invalid), or was
+        # cancelled once a request of it was written, and a call failed for want of the
+        # bot's token with none getting one since.
         self.failed_here = False
+        self.cut_short_here = False
         self.token_failed = False
         self._conversation_state: State | None = None
         self._user_state: State | None = None
@@ -404,17 +406,17 @@ class TurnContext:
             try:
                 result = await call
             except asyncio.CancelledError:
-                # Cut short (the handler's own timeout) once its request was written: it
-                # may have been posted, and an apology would follow it.
+                # Cut short once a request of it was written: it may have been posted.
+                # Whether an apology would follow it depends on why (Router.handle_error).
                 if here and left():
-                    self.failed_here = True
+                    self.cut_short_here = True
                 raise
             except Exception as error:
                 self._note_failure(error, here)
                 raise
         self.token_failed = False
         if here:
-            self.failed_here = False
+            self.failed_here = self.cut_short_here = False
         return result
 
     def _note_failure(self, error: Exception, here: bool) -> None:
@@ -431,6 +433,7 @@ class TurnContext:
         if here and not error.no_token and (answered or not invalid):
             # Refused as invalid before anything was sent says nothing of the way.
             self.failed_here = not invalid
+            self.cut_short_here = False
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:

@@ -234,6 +234,27 @@ async def test_a_reply_its_handler_cut_short_after_it_left_gets_no_apology_after
     assert posted(fake_connector) == ["echo"]
 
 
+async def test_a_reply_cancelled_after_it_left_because_its_work_failed_gets_the_apology(
+    fake_connector, connector
+):
+    # "Reply while working": the work fails while the reply, already written, waits for
+    # the channel's answer, and the TaskGroup cancels it. The channel is not failing: the
+    # user is told (holding the apology back for any cancellation left them with
+    # "working on it" and then nothing).
+    async def handler(turn):
+        async def work():
+            await asyncio.sleep(0.2)
+            raise RuntimeError("database down")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(turn.reply("working on it"))
+            group.create_task(work())
+
+    fake_connector.script("POST", "activities", [Reply(200, json={"id": "m"}, delay=0.5)])
+    await failed_turn(connector, incoming(fake_connector, text="hi"), handler)
+    assert posted(fake_connector) == ["working on it", APOLOGY]
+
+
 async def lookup(turn: TurnContext) -> None:
     await turn.member("29:ada")
 
