@@ -2302,6 +2302,27 @@ def slow_tenant_child(aad_app, fake_connector) -> tuple[Runtime, Engine, dict[st
     return runtime, engine, target, child
 
 
+def put_back_unclaimed(engine: Engine, fake_connector, child: str, delay: float) -> str:
+    """The one copy `engine` put back of `child`: as it came (not counted as an attempt,
+    its age not started), visible after about `delay`, nothing sent or recorded."""
+    [(copy, put_back_for)] = engine.queue.take()
+    queued = json.loads(copy)
+    assert queued[RESERVED].pop("attempt") == 0
+    assert queued[RESERVED].pop("since") is None
+    assert queued == json.loads(child)
+    assert put_back_for == pytest.approx(delay, rel=0.05)
+    assert sends(fake_connector) == []
+    assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
+    return copy
+
+
+async def delivered_once(engine: Engine, fake_connector, copy: str) -> None:
+    """`copy`, handled again, is sent once and reported delivered."""
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+    assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
+
+
 @pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
 async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
     aad_app, fake_connector, in_line, delay
@@ -2321,23 +2342,13 @@ async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
 
         assert await handle(engine, child) is Outcome.REQUEUED
 
-        [(copy, put_back_for)] = engine.queue.take()
-        queued = json.loads(copy)
-        assert queued[RESERVED].pop("attempt") == 0  # not counted as an attempt
-        assert queued[RESERVED].pop("since") is None  # its age not started
-        assert queued == json.loads(child)
-        assert put_back_for == pytest.approx(delay, rel=0.05)
-        assert sends(fake_connector) == []
-        assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
+        copy = put_back_unclaimed(engine, fake_connector, child, delay)
     finally:
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
     try:
-        # The line empty again, the copy is sent, once.
-        assert await handle(engine, copy) is Outcome.DELIVERED
-        assert sends(fake_connector) == ["a:1"]
-        assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
+        await delivered_once(engine, fake_connector, copy)  # the line empty again
     finally:
         await runtime.close()
 
@@ -2349,8 +2360,9 @@ async def test_a_child_the_room_does_not_let_out_goes_back_unclaimed(
     # small, and the broadcast children it let out already fill its line past what a send
     # may wait for its slot. The next waits in the room, holding nothing; not let out
     # within the room's bound, it goes back on the queue as it came (not an attempt, its
-    # age not started), nothing claimed or sent, visible when the line would take it. It
-    # was claimed, then requeued as a throttled attempt after waiting for a slot in vain.
+    # age not started), nothing claimed or sent, visible when the line would take it.
+    # (Before the room it was claimed, then requeued as a throttled attempt after waiting
+    # 7 s for a slot in vain.)
     monkeypatch.setattr(proactive, "ROOM_SECONDS", 0.2)
     runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
     pacer = runtime.connector.pacer
@@ -2366,22 +2378,12 @@ async def test_a_child_the_room_does_not_let_out_goes_back_unclaimed(
         await asyncio.sleep(0)
         assert await handle(engine, child) is Outcome.REQUEUED
 
-        [(copy, put_back_for)] = engine.queue.take()
-        queued = json.loads(copy)
-        assert queued[RESERVED].pop("attempt") == 0
-        assert queued[RESERVED].pop("since") is None
-        assert queued == json.loads(child)
-        assert put_back_for == pytest.approx(11 / 1.94, rel=0.05)  # 10 ahead, and itself
-        assert sends(fake_connector) == []
-        assert not [name for name in engine.ledger.blobs if name.startswith(request_prefix("b-1"))]
+        copy = put_back_unclaimed(engine, fake_connector, child, 11 / 1.94)  # 10 ahead, and it
     finally:
         release.set()
         await asyncio.gather(*ahead)
     try:
-        # Those ahead finished: let out at once, and sent once.
-        assert await handle(engine, copy) is Outcome.DELIVERED
-        assert sends(fake_connector) == ["a:1"]
-        assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
+        await delivered_once(engine, fake_connector, copy)  # those ahead finished: let out
     finally:
         await runtime.close()
 
