@@ -95,8 +95,9 @@ class TurnContext:
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
         # the conversation gone: anything the channel did not answer as invalid), or was
-        # cancelled once a request of it was written, and a call failed for want of the
-        # bot's token with none getting one since.
+        # cancelled once a request of it was written (which counts when the handler's own
+        # timeout cancelled it), and a call failed for want of the bot's token with none
+        # getting one since.
         self.failed_here = False
         self.cut_short_here = False
         self.token_failed = False
@@ -396,8 +397,9 @@ class TurnContext:
         return await self._noting(call)
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
-        """`call`'s result, noting what its Connector failure says of the error apology's
-        way (``failed_here``, ``token_failed``): `here` is a call to this conversation,
+        """`call`'s result, noting what its Connector failure or its cancellation says of
+        the error apology's way (``failed_here``, ``cut_short_here``, ``token_failed``):
+        `here` is a call to this conversation,
         the way the apology goes. A call answered by the channel got a token; one here
         answered as invalid (the request was wrong) shows the way open."""
         from shared.connector.transport import requests_leaving
