@@ -76,7 +76,6 @@ from shared.queues import (
     json_object,
     poison_message,
 )
-from shared.ratelimit import ROOM_SECONDS, room_within
 from shared.references import StoreError, UnreadableDocument
 from shared.reports import (
     SINGLE_TARGET,
@@ -86,6 +85,7 @@ from shared.reports import (
     record_outcome,
     single_head,
 )
+from shared.room import ROOM_SECONDS, room_within
 
 logger = logging.getLogger(__name__)
 

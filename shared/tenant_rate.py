@@ -198,20 +198,20 @@ class AdaptiveRate:
         """About how long a background request joining the line now would wait: for the next
         grant (spacing, a pause, the window), then one interval for each request already
         waiting (0.0 without a ceiling)."""
-        rate = self.rate(now)
-        if rate is None:
-            return 0.0
-        return max(0.0, self.background_wait(now)) + self.waiting / (rate * self._share)
+        return self._behind(now, self.waiting)
 
     def admission_seconds(self, now: float) -> float:
         """About how long one more request let out of the room now would wait in the line:
         :meth:`line_seconds` counting those let out before it that have not joined the line
         yet, and itself (0.0 without a ceiling)."""
+        return self._behind(now, self.waiting + self.joining + 1)
+
+    def _behind(self, now: float, requests: int) -> float:
+        """The wait for the next grant, then one interval for each of ``requests``."""
         rate = self.rate(now)
         if rate is None:
             return 0.0
-        ahead = self.waiting + self.joining
-        return max(0.0, self.background_wait(now)) + (ahead + 1) / (rate * self._share)
+        return max(0.0, self.background_wait(now)) + requests / (rate * self._share)
 
     @property
     def counted(self) -> tuple[float, ...]:

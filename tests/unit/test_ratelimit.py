@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import pytest
 
 from shared.ratelimit import (
-    ROOM_SECONDS,
     TEAMS_CONVERSATION_WINDOWS,
     Pacer,
     PacingTimeout,
@@ -25,8 +24,8 @@ from shared.ratelimit import (
     SlidingWindowLog,
     Window,
     conversation_key,
-    room_within,
 )
+from shared.room import ROOM_SECONDS, room_within
 from shared.tenant_rate import AdaptiveRate
 
 
