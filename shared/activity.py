@@ -240,6 +240,11 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
     for name in ("from", "recipient"):
         if account := activity.get(name):
             _check_fields(account, _ACCOUNT, f"{name}.")
+    # Members added or removed are told from the bot by `recipient.id` alone: without it
+    # the bot would greet itself, or miss its own removal.
+    changes_members = activity.get("membersAdded") or activity.get("membersRemoved")
+    if changes_members and not _non_empty_string((activity.get("recipient") or {}).get("id")):
+        raise InvalidActivity(400, "missing recipient.id (the bot's account)")
     for name, fields in _ITEMS.items():
         for index, item in enumerate(activity.get(name) or ()):
             if not isinstance(item, dict):

@@ -166,6 +166,12 @@ def test_body_must_be_an_object(body):
         ({"channelData": {"channel": {"id": []}}}, "channelData.channel.id must be a string"),
         ({"channelData": {"eventType": True}}, "channelData.eventType must be a string"),
         ({"replyToId": 17}, "replyToId must be a string"),
+        # Members changed with no bot to tell apart: the bot would greet itself.
+        ({"recipient": None, "membersAdded": [{"id": "28:bot"}]}, "missing recipient.id"),
+        (
+            {"recipient": {"name": "Bot"}, "membersRemoved": [{"id": "28:bot"}]},
+            "missing recipient.id",
+        ),
     ],
 )
 def test_required_and_typed_fields(change, reason):

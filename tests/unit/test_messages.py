@@ -400,6 +400,14 @@ MALFORMED = {
         400,
         {"fields": {"type": "conversationUpdate", "membersAdded": [{"id": 29}]}},
     ),
+    # The bot is told from the members by `recipient.id` alone (it greeted itself).
+    "members added without a recipient": (
+        400,
+        {
+            "fields": {"type": "conversationUpdate", "membersAdded": [{"id": "28:bot"}]},
+            "drop": "recipient",
+        },
+    ),
     # Ids that would be dot segments in a Connector path.
     "id '..'": (400, {"fields": {"id": ".."}}),
     "conversation.id '.'": (400, {"fields": {"conversation": {"id": "."}}}),
