@@ -358,11 +358,16 @@ def follow_redirect(
             operation=operation,
         )
     headers = dict(headers)
-    same_origin = target.origin() == url.origin()
+    same_origin = _origin(target) == _origin(url)
     if not (same_origin and is_trusted(str(target.with_query(None).with_fragment(None)))):
         headers.pop("Authorization", None)
     log.info("connector %s redirected to host=%s", operation, host_for_log(str(target)))
     return target, headers
+
+
+def _origin(url: yarl.URL) -> tuple[str, str, int | None]:
+    """Scheme, host and port, the port whether written out (`:443`) or left implied."""
+    return url.scheme, (url.host or "").lower(), url.port
 
 
 async def exchange(

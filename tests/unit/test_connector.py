@@ -16,6 +16,7 @@ from email.utils import format_datetime
 
 import aiohttp
 import pytest
+import yarl
 
 from shared.auth.tokens import create_token_provider
 from shared.config import Settings, SettingsError
@@ -31,6 +32,7 @@ from shared.connector import (
 )
 from shared.connector.client import REQUEST_RESERVE_SECONDS
 from shared.connector.scope import pacing_scope
+from shared.connector.transport import follow_redirect
 from shared.ratelimit import Pacer, Scope, Window
 from shared.serviceurl import parse_service_url
 from tests.fixtures.connector import VirtualTime
@@ -1489,6 +1491,32 @@ async def test_a_redirect_to_another_scheme_is_refused(client, fake_connector, l
     with pytest.raises(ConnectorError) as caught:
         await client.get_attachment(fake_connector.url, "x", "original")
     assert caught.value.kind is ErrorKind.INVALID
+
+
+@pytest.mark.parametrize(
+    ("location", "keeps_token"),
+    [
+        ("https://smba.trafficmanager.net:443/amer/v3/attachments/x/views/y", True),
+        ("https://SMBA.trafficmanager.net/amer/v3/attachments/x/views/y", True),
+        ("https://smba.trafficmanager.net:8443/amer/v3/attachments/x/views/y", False),
+        ("http://smba.trafficmanager.net:443/amer/v3/x", None),  # refused: not https
+    ],
+)
+def test_a_redirect_s_origin_is_its_scheme_host_and_port_however_written(
+    settings, location, keeps_token
+):
+    # A Teams serviceUrl on :443 cannot be served here, so the redirect step alone is run,
+    # with the client's own trust check.
+    is_trusted = ConnectorClient(settings, None).is_trusted
+    url = yarl.URL("https://smba.trafficmanager.net/amer/v3/attachments/x/views/original")
+    headers = {"Authorization": "Bearer token", "Accept": "*/*"}
+    if keeps_token is None:
+        with pytest.raises(ConnectorError):
+            follow_redirect("get_attachment", url, location, headers, is_trusted)
+        return
+    target, sent = follow_redirect("get_attachment", url, location, headers, is_trusted)
+    assert ("Authorization" in sent) is keeps_token
+    assert target.port == yarl.URL(location).port
 
 
 # --- trust: look-alike URLs and configured path prefixes ------------------------------
