@@ -70,7 +70,11 @@ def _setting(section: Any, name: str) -> Any:
 async def main(msg: func.QueueMessage) -> None:
     final = (msg.dequeue_count or 0) >= max_dequeue_count()
     outcome = await process_queue_message(
-        msg.get_body(), runtime, final_attempt=final, message_id=msg.id
+        msg.get_body(),
+        runtime,
+        final_attempt=final,
+        message_id=msg.id,
+        redelivered=(msg.dequeue_count or 0) > 1,
     )
     # DEBUG: the engine's own line (request id, target, outcome) is the one an operator reads.
     log.debug("queue message %s (attempt %d): %s", msg.id, msg.dequeue_count, outcome)

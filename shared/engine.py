@@ -38,6 +38,9 @@ class Engine:
     # The host's id of the queue message being handled (its redeliveries share it; a copy
     # the engine puts back is a new message): written into the claims it takes.
     message_id: str | None = None
+    # The host delivers that message again (its dequeueCount above 1): an earlier attempt
+    # may have claimed its target and died after the send began.
+    redelivered: bool = False
 
     @classmethod
     def for_runtime(cls, runtime: Parts) -> Engine:

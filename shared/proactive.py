@@ -47,6 +47,7 @@ from shared.idempotency import (
     Busy,
     Claim,
     Settled,
+    claim_expiry,
     release_claim,
     replace_with_claim,
     take_claim,
@@ -110,17 +111,18 @@ async def handle_queue_message(
     engine: Engine | None = None,
     final_attempt: bool = False,
     message_id: str | None = None,
+    redelivered: bool = False,
 ) -> Outcome:
     """Process one queue message; see :func:`_handle`.
 
     `final_attempt`: the host poisons the message if this attempt raises too (its
     `maxDequeueCount` is reached). The target's failure is then recorded first, so its
     report (and its broadcast's) still reaches `done`. `message_id`: the host's id of the
-    queue message, which its redeliveries share.
+    queue message, which its redeliveries share; `redelivered`: this is one of them.
     """
     engine = engine or Engine.for_runtime(runtime)
     if message_id is not None:
-        engine = replace(engine, message_id=message_id)
+        engine = replace(engine, message_id=message_id, redelivered=redelivered)
     try:
         return await _handle(body, engine)
     except Exception as failure:
@@ -223,7 +225,10 @@ class _Progress:
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     scope = child_scope(request, engine.runtime)
-    if scope is None:
+    if scope is None or (engine.redelivered and await _kept_by_this_message(request, engine)):
+        # A claim this message's earlier attempt kept (its send may have left) is decided
+        # before anything else: a copy put back would be another message, which would
+        # take the claim over and send again, as often as that repeats.
         return await _deliver_let_out(request, engine)
     connector = engine.runtime.connector
     pacer = connector.pacer
@@ -239,6 +244,13 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     logger.debug("proactive %r: %s would wait %.1f s; put back", request.id, request.label, wait)
     delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
     return await engine.requeue(request, delay, count=False, age=False)
+
+
+async def _kept_by_this_message(request: ProactiveRequest, engine: Engine) -> bool:
+    """The target's slot holds a claim taken by this queue message (an earlier attempt)."""
+    kept = await engine.ledger.read(outcome_name(request.id, request.target_name))
+    data = kept.data if kept is not None else None
+    return claim_expiry(data) is not None and data.get("message") == engine.message_id
 
 
 async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome:
@@ -488,6 +500,7 @@ async def process_queue_message(
     *,
     final_attempt: bool = False,
     message_id: str | None = None,
+    redelivered: bool = False,
 ) -> Outcome:
     """The queue trigger's one call: handle the message with the process's runtime (from
     the app's `get_runtime`, app.runtime) or, when the app settings are unusable, keep it
@@ -499,7 +512,11 @@ async def process_queue_message(
     except SettingsError as error:
         return await hold_for_settings(body, error)
     return await handle_queue_message(
-        body, runtime, final_attempt=final_attempt, message_id=message_id
+        body,
+        runtime,
+        final_attempt=final_attempt,
+        message_id=message_id,
+        redelivered=redelivered,
     )
 
 

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,13 +25,14 @@ import pytest
 from shared import proactive
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
+from shared.config import Settings
 from shared.connector import ConnectorClient, RetryPolicy
-from shared.ledger import MemoryLedger
+from shared.ledger import BlobLedger, MemoryLedger
 from shared.proactive import Engine, Outcome, handle_queue_message
 from shared.proactive_schema import RESERVED
 from shared.queues import MAX_QUEUE_MESSAGE_BYTES, MemoryQueue, QueueError, compact_json
 from shared.ratelimit import Pacer, Scope
-from shared.references import MemoryReferenceStore, StoreError
+from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreError
 from shared.reports import ensure_head, outcome_name, read_report, request_prefix
 from shared.router import Router
 from shared.runtime import Runtime
@@ -1797,16 +1800,14 @@ def queue_message(text: str, dequeue_count: int) -> func.QueueMessage:
     )
 
 
-async def test_the_trigger_names_the_queue_message_in_what_it_records(
-    aad_app, azurite, unique_name, fake_connector, monkeypatch
-):
-    # The host's message id is how a redelivery knows its own earlier attempt (a claim it
-    # kept, an outcome it recorded): the trigger passes on the id the worker gives it.
+@asynccontextmanager
+async def trigger_app(
+    aad_app, azurite, unique_name, fake_connector, monkeypatch, **extra: str
+) -> AsyncIterator[tuple[Settings, BlobReferenceStore]]:
+    """The function app's own runtime, as the trigger builds it from the app settings."""
     import app
     import proactive_function
-    from shared.config import Settings, reset_settings
-    from shared.ledger import BlobLedger
-    from shared.references import BlobReferenceStore
+    from shared.config import reset_settings
     from shared.runtime import reset_runtime
     from shared.storage import close_shared_clients
 
@@ -1816,6 +1817,7 @@ async def test_the_trigger_names_the_queue_message_in_what_it_records(
         "BOT_REFERENCES_CONTAINER": unique_name("refs"),
         "BOT_PROACTIVE_QUEUE": unique_name("queue"),
         "BOT_TRUSTED_SERVICE_URLS": fake_connector.url,
+        **extra,
     }
     monkeypatch.delenv("BOT_ALLOW_UNAUTHENTICATED", raising=False)
     monkeypatch.delenv(proactive_function.HOST_OVERRIDE, raising=False)
@@ -1826,18 +1828,76 @@ async def test_the_trigger_names_the_queue_message_in_what_it_records(
     settings = Settings.from_env(env)
     store = BlobReferenceStore(settings)
     try:
-        await store.upsert(reference(fake_connector.url, "a:1"))
-        text = body({"conversation": "msteams/a:1"}, request_id="req-id")
-        await proactive_function.main(queue_message(text, 1))
-        record = await BlobLedger(settings).read(outcome_name("req-id", "target"))
+        yield settings, store
     finally:
         await store.close()
         await app.runtime().close()
         reset_settings()
         reset_runtime()
         await close_shared_clients()
+
+
+async def test_the_trigger_names_the_queue_message_in_what_it_records(
+    aad_app, azurite, unique_name, fake_connector, monkeypatch
+):
+    # The host's message id is how a redelivery knows its own earlier attempt (a claim it
+    # kept, an outcome it recorded): the trigger passes on the id the worker gives it.
+    import proactive_function
+
+    async with trigger_app(aad_app, azurite, unique_name, fake_connector, monkeypatch) as (
+        settings,
+        store,
+    ):
+        await store.upsert(reference(fake_connector.url, "a:1"))
+        text = body({"conversation": "msteams/a:1"}, request_id="req-id")
+        await proactive_function.main(queue_message(text, 1))
+        record = await BlobLedger(settings).read(outcome_name("req-id", "target"))
     assert sends(fake_connector) == ["a:1"]
     assert (record.data["outcome"], record.data["message"]) == ("delivered", "m-1")
+
+
+async def test_the_trigger_tells_a_redelivery_which_finds_the_claim_it_kept_in_a_crowd(
+    aad_app, azurite, unique_name, fake_connector, monkeypatch
+):
+    # The host's second delivery of a broadcast child whose first attempt died after its
+    # send began (its claim kept): even with its tenant's line crowded it is not put back
+    # as another message (which would take the claim over and send again), but waits the
+    # claim out as the resumed copy, sending nothing now.
+    import app
+    import proactive_function
+    from shared.idempotency import take_claim
+
+    async with trigger_app(
+        aad_app, azurite, unique_name, fake_connector, monkeypatch, BOT_CONNECTOR_RATE_LIMIT="2"
+    ) as (settings, _store):
+        target = reference(fake_connector.url, "a:1", tenant="tenant-1")
+        child = {"id": "b-1", "to": {"conversation": "msteams/a:1"}, "text": "hello"}
+        text = json.dumps({**child, RESERVED: {"child": True, "reference": target}})
+        slot = outcome_name("b-1", "msteams/a:1")
+        # Ended (the redelivery came late): the copy is due at once, not in 45 s.
+        await take_claim(BlobLedger(settings), slot, time.time() - 60, seconds=45, message="m-1")
+        async with crowded(app.runtime(), 6):
+            await proactive_function.main(queue_message(text, 2))
+        queued = await next_visible(azurite, settings.proactive_queue)
+    assert sends(fake_connector) == []
+    assert json.loads(queued)[RESERVED]["resumed"] is True
+
+
+async def next_visible(azurite, queue: str, within: float = 20.0) -> str:
+    """The text of the next message that becomes visible on `queue`."""
+    from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
+    client = QueueClient.from_connection_string(
+        azurite.connection_string, queue, message_decode_policy=TextBase64DecodePolicy()
+    )
+    try:
+        deadline = time.monotonic() + within
+        while not (visible := client.peek_messages()):
+            assert time.monotonic() < deadline, "nothing became visible"
+            await asyncio.sleep(0.2)
+        return visible[0].content
+    finally:
+        client.close()
 
 
 async def test_the_trigger_records_a_failure_on_the_last_attempt_the_host_grants(
@@ -2323,30 +2383,36 @@ async def delivered_once(engine: Engine, fake_connector, copy: str) -> None:
     assert (await read_report(engine.ledger, "b-1"))["delivered"] == 1
 
 
-@pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
-async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
-    aad_app, fake_connector, in_line, delay
-):
-    # The instance's line for tenant-1 holds background sends (at 2/s: the next grant in
-    # 0.5 s, then 0.5 s for each waiting) while its line for tenant-2 has just stood empty:
-    # a child for tenant-1 would hold this invocation for seconds that a message for
-    # tenant-2 could use. It goes back on the queue as it came, visible after about that
-    # wait (at most 15 s), before anything is claimed or sent.
-    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+@asynccontextmanager
+async def crowded(runtime: Runtime, in_line: int) -> AsyncIterator[None]:
+    """The instance's line for tenant-1 holds `in_line` background sends (at 2/s: the next
+    grant in 0.5 s, then 0.5 s for each waiting) while its line for tenant-2 has just stood
+    empty."""
     pacer = runtime.connector.pacer
     line = Scope("msteams", "tenant-1", None, "elsewhere:443")
     waiting = [asyncio.ensure_future(pacer.acquire(line, background=True)) for _ in range(in_line)]
     try:
         await asyncio.sleep(0)  # the first is granted, the others wait
         await pacer.acquire(Scope("msteams", "tenant-2", None, "elsewhere:443"), background=True)
-
-        assert await handle(engine, child) is Outcome.REQUEUED
-
-        copy = put_back_unclaimed(engine, fake_connector, child, delay)
+        yield
     finally:
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("in_line", "delay"), [(6, 0.515 + 5 / 1.94), (40, 15.0)])
+async def test_a_child_whose_tenants_line_here_is_crowded_goes_back_unclaimed(
+    aad_app, fake_connector, in_line, delay
+):
+    # A child for tenant-1 would hold this invocation for seconds that a message for
+    # tenant-2 could use. It goes back on the queue as it came, visible after about that
+    # wait (at most 15 s), before anything is claimed or sent.
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    async with crowded(runtime, in_line):
+        assert await handle(engine, child) is Outcome.REQUEUED
+
+        copy = put_back_unclaimed(engine, fake_connector, child, delay)
     try:
         await delivered_once(engine, fake_connector, copy)  # the line empty again
     finally:
@@ -2413,6 +2479,49 @@ async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(
     kept = json.loads(copy)[RESERVED]
     assert (kept["attempt"], kept["reference"]) == (1, target)
     assert sends(fake_connector) == []
+
+
+async def test_a_child_whose_attempts_die_after_the_send_is_sent_twice_at_most_in_a_crowd(
+    aad_app, fake_connector
+):
+    # Its process died after the POST (nothing could record it, the claim kept), and the
+    # host's redelivery came to a crowded line. Put back there, it was a new message that
+    # took the claim over and sent again; each such death sent it once more. The claim
+    # its own attempt kept is decided first: one resumed copy, then a report.
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+
+    async def attempt(text: str, message_id: str, *, redelivered: bool) -> Outcome:
+        return await handle_queue_message(
+            text, runtime, engine=engine, message_id=message_id, redelivered=redelivered
+        )
+
+    try:
+        engine.queue = DownQueue()
+        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
+            await attempt(child, "m-1", redelivered=False)
+        engine.queue = MemoryQueue()
+        engine.clock.now += 60
+        async with crowded(runtime, 6):
+            assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
+        [(copy, _)] = engine.queue.take()
+        assert json.loads(copy)[RESERVED]["resumed"] is True
+
+        engine.queue = DownQueue()
+        with pytest.raises(RuntimeError):  # sent once more, and it died the same way
+            await attempt(copy, "c-1", redelivered=False)
+        engine.queue = MemoryQueue()
+        engine.ledger.down = False
+        engine.clock.now += 60
+        async with crowded(runtime, 6):
+            assert await attempt(copy, "c-1", redelivered=True) is Outcome.FAILED
+    finally:
+        await runtime.close()
+
+    assert sends(fake_connector) == ["a:1", "a:1"] and engine.queue.sent == []
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
 
 
 # --- review: once the Connector may have the message, no failure sends it again ----------
