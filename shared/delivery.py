@@ -18,6 +18,7 @@ from shared.activity import TEAMS_CHANNEL, apply_conversation_reference, convers
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
+from shared.diagnostics import clip
 from shared.lifecycle import forget_conversation
 from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
 from shared.references.contract import StoreError, UnreadableDocument
@@ -136,8 +137,8 @@ async def post(request: ProactiveRequest, runtime: Parts, target: Target) -> Out
         logger.info(
             "proactive %r: %s is gone (%s); %s",
             request.id,
-            request.label,
-            error.code or error.status,
+            request.logged,
+            clip(error.code) if error.code else error.status,
             "reference pruned" if pruned else "no stored reference of it to prune",
         )
         return Outcome.PRUNED

@@ -47,6 +47,7 @@ from shared.activity import (
     teams_team_id,
     teams_tenant_id,
 )
+from shared.diagnostics import clip
 from shared.references.contract import ReferenceStore, reference_key
 from shared.references.keys import split_key
 from shared.state import conversation_state_key
@@ -113,7 +114,7 @@ async def record_activity(
     try:
         key = reference_key(reference)
     except ValueError as exc:
-        logger.warning("references: activity %s not recorded: %s", activity.get("id"), exc)
+        logger.warning("references: activity %s not recorded: %s", clip(activity.get("id")), exc)
         return
     team_id = teams_team_id(activity)
     change = classify(activity) if change is None else change
@@ -123,7 +124,7 @@ async def record_activity(
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
         logger.debug(
-            "references: %s %s for activity %s", change.value, _short(key), activity.get("id")
+            "references: %s %s for activity %s", change.value, clip(key), clip(activity.get("id"))
         )
 
 
@@ -183,7 +184,9 @@ async def _remove(
             continuation = page.continuation
             if continuation is None:
                 break
-    logger.debug("references: removed %d for %s (activity %s)", removed, _short(key), activity_id)
+    logger.debug(
+        "references: removed %d for %s (activity %s)", removed, clip(key), clip(activity_id)
+    )
 
 
 async def forget_conversation(
@@ -220,7 +223,3 @@ def _includes_bot(activity: Mapping[str, Any], field: str) -> bool:
     if not isinstance(members, list):
         return False
     return any(is_bot_account(member, bot_id) for member in members)
-
-
-def _short(key: str) -> str:
-    return key if len(key) <= 120 else key[:100] + "…"

@@ -150,7 +150,7 @@ async def record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcom
     # error (a timeout after the write): either way the poison copy has not been put yet.
     if outcome == "failed":
         await put_poison_copy(request, engine, reason or "failed")
-    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.label, outcome)
+    logger.info("proactive %r: %s: %s recorded (sent earlier)", request.id, request.logged, outcome)
     return Outcome(outcome)
 
 
@@ -176,7 +176,7 @@ async def fail_target(
     to record it puts the poison copy when it does (record_unrecorded)."""
     await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
     await put_poison_copy(request, engine, reason)
-    logger.warning("proactive %r: failed for %s: %s", request.id, request.label, reason)
+    logger.warning("proactive %r: failed for %s: %s", request.id, request.logged, reason)
     return Outcome.FAILED
 
 
@@ -265,7 +265,7 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
             "proactive %r: could not record the failure (%s)", request.id, type(error).__name__
         )
         return
-    logger.warning("proactive %r: %s: %s", request.id, request.label, reason or outcome)
+    logger.warning("proactive %r: %s: %s", request.id, request.logged, reason or outcome)
 
 
 async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:

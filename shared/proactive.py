@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, child_scope, deliver, post, resolve
+from shared.diagnostics import clip
 from shared.engine import Engine, settings_backoff
 from shared.holding import hold_for_settings
 from shared.idempotency import (
@@ -241,7 +242,7 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
         async with pacer.admission(scope, room_within(connector.slot_wait), ROOM_SECONDS) as wait:
             if not wait:
                 return await _deliver_let_out(request, engine)
-    logger.debug("proactive %r: %s would wait %.1f s; put back", request.id, request.label, wait)
+    logger.debug("proactive %r: %s would wait %.1f s; put back", request.id, request.logged, wait)
     delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
     return await engine.requeue(request, delay, count=False, age=False)
 
@@ -259,7 +260,7 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
     if first and not await single_head(ledger, request.id, now):
         await record_duplicate(ledger, request.id, request.label, now)
         logger.warning(
-            "proactive %r: the id is a broadcast's; %s not sent", request.id, request.label
+            "proactive %r: the id is a broadcast's; %s not sent", request.id, request.logged
         )
         return Outcome.DUPLICATE
     claimed_at = engine.clock()
@@ -286,18 +287,18 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
                 "proactive %r: %s: an earlier attempt failed after its send began; "
                 "tried once more when its claim ends",
                 request.id,
-                request.label,
+                request.logged,
             )
             delay = engine.jitter(min(claim.wait, 60.0))
             return await engine.requeue(request, delay, count=False, resumed=True)
         # Another instance is on it (or crashed on it): look again when its claim ends.
-        logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.label)
+        logger.info("proactive %r: %s is being worked on elsewhere", request.id, request.logged)
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
     if isinstance(claim, Settled):
         retried = await _retry_failed(request, engine, name, claim)
         if retried is None:
             await record_duplicate(ledger, request.id, request.label, now)
-            logger.info("proactive %r: %s already done; not sent again", request.id, request.label)
+            logger.info("proactive %r: %s already done; not sent again", request.id, request.logged)
             return Outcome.DUPLICATE
         claim = retried
     progress = _Progress()
@@ -359,7 +360,7 @@ async def _send_claimed(
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
         await record_or_hold(request, engine, final, claim_etag=claim.etag)
         if outcome is Outcome.DELIVERED:
-            logger.info("proactive %r: delivered to %s", request.id, request.label)
+            logger.info("proactive %r: delivered to %s", request.id, request.logged)
     elif outcome is Outcome.UNKNOWN:
         return await _unknown(request, engine, claim.etag)
     return outcome
@@ -374,7 +375,7 @@ def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -
     logger.info(
         "proactive %r: claim on %s mostly spent before the send; retried",
         request.id,
-        request.label,
+        request.logged,
     )
     return True
 
@@ -399,7 +400,7 @@ async def _retry_failed(
     )
     if etag is None:
         return None  # changed since it was read: another instance is on it
-    logger.info("proactive %r: %s retried by an operator", request.id, request.label)
+    logger.info("proactive %r: %s retried by an operator", request.id, request.logged)
     return Claim(name, etag)
 
 
@@ -412,18 +413,18 @@ async def _unknown(
         # is landing, and a poison copy per removed conversation would only be noise.
         reason = "the conversation was removed from the store after the broadcast matched it"
         await record_target(request, engine, "failed", reason, claim_etag=claim_etag)
-        logger.info("proactive %r: %s: %s", request.id, request.label, reason)
+        logger.info("proactive %r: %s: %s", request.id, request.logged, reason)
         return Outcome.FAILED
     if engine.age(request) < engine.unknown_window:
         delay = engine.jitter(min(20.0, 5.0 * 2 ** min(request.engine.attempt, 8)))
         logger.info(
             "proactive %r: no stored reference for %s yet; retry in %.0f s",
             request.id,
-            request.label,
+            request.logged,
             delay,
         )
         return await engine.requeue(request, delay)
-    reason = f"no stored reference for conversation {request.label[:200]}"
+    reason = f"no stored reference for conversation {clip(request.label, 200)}"
     return await fail_target(request, engine, reason, claim_etag)
 
 
@@ -472,7 +473,7 @@ async def _connector_failure(
                 "proactive %r: %s to %s; requeued in %.0f s (attempt %d)",
                 request.id,
                 what,
-                request.label,
+                request.logged,
                 delay,
                 request.engine.attempt + 1,
             )

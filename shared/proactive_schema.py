@@ -24,6 +24,7 @@ from shared.activity import (
     refuse_constant,
     split_key,
 )
+from shared.diagnostics import clip
 from shared.reports import SINGLE_TARGET
 
 # The one field the engine adds to copies it puts back on the queue (attempt count, first
@@ -111,6 +112,12 @@ class ProactiveRequest:
         if self.user:
             return f"user {self.user.channel_id}/{self.user.user_id}"
         return "broadcast"
+
+    @property
+    def logged(self) -> str:
+        """The label for a log line: quoted and cut short, since a conversation's id is
+        whatever its client chose (a line break in it would fake a log line)."""
+        return clip(self.label)
 
 
 # Activity types a bot may send to a conversation on its own initiative. Inbound-only types

@@ -472,6 +472,31 @@ async def test_unauthenticated_requests_cannot_flood_the_log(bot, fake_connector
     assert "activity='iiii" in caplog.text  # still says which activity it was
 
 
+async def test_ids_a_client_chose_cannot_fake_a_log_line_even_at_debug(
+    bot, channel_identity, fake_connector, caplog
+):
+    # Authenticated, an activity may carry any id; the lines that say what was recorded
+    # or removed quote it (a line break in it made a line of the bot's own).
+    forged = "1\nERROR shared.messages: messages: FORGED"
+    token = channel_token(channel_identity, bot)
+    added = activity_for(fake_connector.url, id=forged, conversation={"id": f"19:{forged}"})
+    removed = activity_for(
+        fake_connector.url,
+        id=forged,
+        type="conversationUpdate",
+        conversation={"id": f"19:{forged}"},
+        membersRemoved=[{"id": "28:bot"}],
+    )
+    with caplog.at_level(logging.DEBUG, logger="shared"):
+        assert (await bot.handle(post(added, token))).status == 200
+        assert await stored_keys(bot.store) != []
+        assert (await bot.handle(post(removed, token))).status == 200
+    assert await stored_keys(bot.store) == []
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("references: removed" in line and "\\nERROR" in line for line in lines)
+    assert not [line for line in lines if "\n" in line]
+
+
 async def test_logs_carry_neither_tokens_nor_message_text(
     bot, channel_identity, fake_connector, fake_aad, caplog
 ):

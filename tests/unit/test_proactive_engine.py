@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -122,6 +123,31 @@ async def drain(engine: Engine, limit: int = 500) -> list[Outcome]:
 
 def sends(connector: FakeConnector) -> list[str]:
     return [r.conversation_id for r in connector.requests if r.operation == "sendToConversation"]
+
+
+async def test_a_conversation_id_its_client_chose_cannot_fake_or_flood_a_log_line(
+    parts, fake_connector, caplog
+):
+    # A channel-signed activity may carry any conversation id; its key names the target
+    # in the engine's log lines, where a line break made a second line of the bot's own.
+    _runtime, engine = parts
+    forged = "19:a\nERROR shared.proactive: proactive 'other': FORGED" + "x" * 5_000
+    await engine.runtime.references.upsert(reference(fake_connector.url, forged))
+    missing = "19:gone\nERROR shared.proactive: FORGED TOO"
+    with caplog.at_level(logging.DEBUG, logger="shared"):
+        await handle(engine, body({"conversation": f"msteams/{forged}"}))
+        assert await handle(engine, body({"broadcast": {}}, "b-1")) is Outcome.FANNED_OUT
+        await drain(engine)
+        await handle(engine, body({"conversation": f"msteams/{missing}"}, "req-2"))
+        engine.clock.now += 3600  # an unknown key is retried for a minute, then failed
+        await drain(engine)
+    assert sorted(sends(fake_connector)) == sorted([forged, forged, "a:1"])
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("19:a\\nERROR" in line and "(5065 chars)" in line for line in lines)
+    assert any("19:gone\\nERROR" in line for line in lines)
+    assert not [line for line in lines if "\n" in line or len(line) > 1_000]
+    report = await read_report(engine.ledger, "req-2")
+    assert "19:gone\\nERROR" in report["failures"][0]["reason"]  # as the log shows it
 
 
 # --- defects 1-5 -----------------------------------------------------------------------

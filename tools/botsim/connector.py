@@ -195,7 +195,7 @@ class FakeConnector:
         self._subscribers: list[Callable[[RecordedRequest], None]] = []
         self._ids = itertools.count(1)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.app.router.add_route("*", "/{tail:[\\s\\S]*}", self._handle)
         self.server = BackgroundServer(self.app, host=host, port=port)
 
     # --- lifecycle --------------------------------------------------------------------
