@@ -28,7 +28,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from shared import ratelimit, tenant_rate
+from shared import ratelimit, room, tenant_rate
 from tests.unit.test_ratelimit import (
     TWO_TENANTS,
     broadcast_through_instances,
@@ -37,11 +37,21 @@ from tests.unit.test_ratelimit import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pacing_instances.json"
-ONE_TENANT = {"tenant-a": 5000}
+ONE_TENANT = 5000  # messages of the one-tenant broadcast
 SLOT_WAIT = 7.0  # a background send's wait for its slot: its 12-s budget less 5 s kept
 
 
-async def measure(instances: list[int], limits: list[int], seconds: float) -> dict:
+async def measure(
+    instances: list[int],
+    limits: list[int],
+    seconds: float,
+    *,
+    messages: int = ONE_TENANT,
+    seeds: int = 3,
+) -> dict:
+    """`messages`: the one-tenant broadcast's size, and each tenant's in the two-tenant
+    one; `seeds`: runs of each broadcast."""
+    two = {tenant: messages for tenant in TWO_TENANTS}
     rows = []
     for limit in limits:
         for count in instances:
@@ -65,8 +75,8 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
             continue  # 32 invocations each and 10,000 messages: past 8 the run takes minutes
         for put_back in (False, True):
             runs = [
-                await broadcast_through_instances(count, TWO_TENANTS, put_back=put_back, seed=seed)
-                for seed in range(3)
+                await broadcast_through_instances(count, two, put_back=put_back, seed=seed)
+                for seed in range(seeds)
             ]
             row = {
                 "instances": count,
@@ -81,16 +91,21 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
     for count in instances:
         if count < 8 or count > 16:
             continue  # under 8 the room never holds anything; past 16 minutes per run
-        for room in (False, True):
+        for with_room in (False, True):
             runs = [
                 await broadcast_through_instances(
-                    count, ONE_TENANT, put_back=True, slot_wait=SLOT_WAIT, room=room, seed=seed
+                    count,
+                    {"tenant-a": messages},
+                    put_back=True,
+                    slot_wait=SLOT_WAIT,
+                    room=with_room,
+                    seed=seed,
                 )
-                for seed in range(3)
+                for seed in range(seeds)
             ]
             row = {
                 "instances": count,
-                "room": room,
+                "room": with_room,
                 "share_of_limit": [round(r.share, 3) for r in runs],
                 "requeued_after_the_slot_wait": [r.timed_out for r in runs],
                 "put_back_messages": [r.put_back for r in runs],
@@ -100,6 +115,7 @@ async def measure(instances: list[int], limits: list[int], seconds: float) -> di
     return {
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "seconds": seconds,
+        "messages": messages,
         "pacer": {
             "probe_share": tenant_rate.PROBE_SHARE,
             "probe_doubling_s": tenant_rate.PROBE_DOUBLING,
@@ -122,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", default="1,2,4,8,16,32")
     parser.add_argument("--limits", default="50,15")
     parser.add_argument("--seconds", type=float, default=100.0)
+    parser.add_argument("--messages", type=int, default=ONE_TENANT, help="per broadcast tenant")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of each broadcast")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     instances = [int(n) for n in args.instances.split(",")]
     limits = [int(n) for n in args.limits.split(",")]
-    result = asyncio.run(measure(instances, limits, args.seconds))
+    result = asyncio.run(
+        measure(instances, limits, args.seconds, messages=args.messages, seeds=args.seeds)
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     return 0

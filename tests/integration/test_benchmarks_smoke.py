@@ -83,3 +83,23 @@ def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_pat
     grants = [r for r in records if r["k"] == "grant"]
     assert len(sends) == 40 and {r["status"] for r in sends} == {200}
     assert len(grants) >= 40 and all(r["bg"] for r in grants)
+
+
+@pytest.mark.timeout(150)
+def test_the_pacing_simulation_writes_every_part_of_its_results(tmp_path):
+    # Its parts run for minutes at their full sizes; small ones, one seed, still go through
+    # every part, and the results name the pacer's constants they ran with.
+    report = run_benchmark(
+        "benchmarks.pacing_instances",
+        *("--instances", "2,8", "--limits", "50", "--seconds", "12"),
+        *("--messages", "200", "--seeds", "1"),
+        output=tmp_path / "p.json",
+    )
+    assert [row["instances"] for row in report["sharing_a_tenant"]] == [2, 8]
+    assert report["one_left_after_20_share_per_half_minute"]
+    two = [(row["instances"], row["put_back"]) for row in report["serving_two_tenants"]]
+    assert two == [(2, False), (2, True), (8, False), (8, True)]
+    one = report["one_tenant_over_many"]
+    assert [(row["instances"], row["room"]) for row in one] == [(8, False), (8, True)]
+    assert all(0 < row["share_of_limit"][0] <= 1 for row in one)
+    assert report["pacer"]["room_seconds"] > 0 and report["messages"] == 200
