@@ -255,6 +255,65 @@ async def test_a_reply_cancelled_after_it_left_because_its_work_failed_gets_the_
     assert posted(fake_connector) == ["working on it", APOLOGY]
 
 
+async def test_the_handlers_own_timeout_on_its_own_work_gets_the_apology(fake_connector, connector):
+    # A TimeoutError alone says nothing of the channel: nothing was sent.
+    async def slow_work(turn):
+        async with asyncio.timeout(0.1):
+            await asyncio.sleep(5)
+
+    await failed_turn(connector, incoming(fake_connector, text="hi"), slow_work)
+    assert posted(fake_connector) == [APOLOGY]
+
+
+async def test_a_reply_the_handlers_timeout_cut_short_before_it_left_gets_the_apology(
+    fake_connector, connector
+):
+    # Eight replies fill the conversation's windows (7 in 1 s, 8 in 2 s): the ninth waits
+    # about a second for its slot, and the handler's timeout cancels it there, before any
+    # request of it was written. The channel answered every reply: the apology goes.
+    async def chatty(turn):
+        for n in range(8):
+            await turn.reply(f"r{n}")
+        async with asyncio.timeout(0.2):
+            await turn.reply("ninth")
+
+    await failed_turn(connector, incoming(fake_connector, text="hi"), chatty)
+    assert posted(fake_connector) == [f"r{n}" for n in range(8)] + [APOLOGY]
+
+
+async def test_a_reply_the_channel_answered_after_one_cut_short_opens_the_way_again(
+    fake_connector, connector
+):
+    # Cut short after it left (the channel slow), then a reply the channel answered, then
+    # the handler's timeout on its own work: the apology goes.
+    async def handler(turn):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await turn.reply("slow")
+        await turn.reply("fast")
+        async with asyncio.timeout(0.1):
+            await asyncio.sleep(5)
+
+    fake_connector.script("POST", "activities", [Reply(200, json={"id": "m"}, delay=1.0)])
+    await failed_turn(connector, incoming(fake_connector, text="hi"), handler)
+    assert posted(fake_connector) == ["slow", "fast", APOLOGY]
+
+
+async def test_a_member_lookup_the_handlers_timeout_cut_short_does_not_hold_the_apology(
+    fake_connector, connector
+):
+    # A lookup is not a post here: cut short after it left, it says nothing of the way
+    # the apology goes.
+    async def handler(turn):
+        async with asyncio.timeout(0.3):
+            await turn.member("29:ada")
+
+    fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
+    fake_connector.script("GET", "members/", [Reply(200, json={"id": "29:ada"}, delay=1.0)])
+    await failed_turn(connector, incoming(fake_connector, text="hi"), handler)
+    assert posted(fake_connector) == [APOLOGY]
+
+
 async def lookup(turn: TurnContext) -> None:
     await turn.member("29:ada")
 

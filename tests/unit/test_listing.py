@@ -16,7 +16,8 @@ from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_s
 pytestmark = pytest.mark.integration
 
 # Names as the stores write them (segments percent-encoded) and some no store writes:
-# non-ASCII, spaces, a character XML 1.0 cannot carry (Azure lists it encoded).
+# non-ASCII, spaces, a tab. (A character XML 1.0 cannot carry is listed encoded: Azurite
+# cannot list one, so that listing is served by hand below.)
 NAMES = [
     "proactive/r1/out/19%3Aa%40thread.tacv2.json",
     "proactive/r1/out/29%3Ab.json",
@@ -138,6 +139,41 @@ async def test_an_answer_that_is_not_a_listing_is_read_as_unreadable(answer, mon
     # The stores' guards turn it into their own error, without its text (test_ledger.py,
     # test_references.py): what matters here is that they can tell it for what it is.
     assert unreadable_answer(raised.value)
+
+
+ENCODED_NAME_LISTING = (
+    "application/xml",
+    b'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ContainerName="c">'
+    b"<Prefix>p/</Prefix><MaxResults>10</MaxResults><Blobs>"
+    b'<Blob><Name Encoded="true">p/out/ctl%01x%20y.json</Name><Properties>'
+    b"<Last-Modified>Sun, 06 Dec 2026 10:00:00 GMT</Last-Modified><Etag>0x8DD1</Etag>"
+    b"<Content-Length>3</Content-Length><BlobType>BlockBlob</BlobType></Properties>"
+    b"<Metadata><outcome>delivered</outcome></Metadata></Blob>"
+    b"<Blob><Name>p/out/plain.json</Name><Properties>"
+    b"<Last-Modified>Sun, 06 Dec 2026 10:00:01 GMT</Last-Modified><Etag>0x8DD2</Etag>"
+    b"<Content-Length>2</Content-Length><BlobType>BlockBlob</BlobType></Properties></Blob>"
+    b"</Blobs><NextMarker /></EnumerationResults>",
+)
+
+
+async def test_a_name_listed_encoded_is_read_as_the_sdk_reads_it(monkeypatch):
+    # Azure lists a name holding a character XML 1.0 cannot carry percent-encoded, marked
+    # Encoded="true": the name read is the blob's own, as the SDK's listing gives it.
+    from azure.storage.blob.aio import BlobServiceClient
+
+    from tests.fixtures import storage as fixtures
+
+    monkeypatch.setattr(fixtures, "UNREADABLE_ANSWERS", {"encoded": ENCODED_NAME_LISTING})
+    async with (
+        unreadable_storage("encoded") as fake,
+        BlobServiceClient.from_connection_string(fake.connection_string) as service,
+    ):
+        container = service.get_container_client("c")
+        blobs, marker = await listing.page(container, "p/", None, 10)
+        through_sdk, _ = await listing._sdk_page(container, "p/", None, 10)
+    assert marker is None and blobs == through_sdk
+    assert [blob.name for blob in blobs] == ["p/out/ctl\x01x y.json", "p/out/plain.json"]
+    assert [blob.metadata for blob in blobs] == [{"outcome": "delivered"}, {}]
 
 
 async def test_the_ledger_lists_a_report_across_pages(azurite, unique_name):

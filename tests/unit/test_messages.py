@@ -737,6 +737,29 @@ async def test_a_handler_raising_a_cancelled_error_of_its_own_fails_like_any_oth
     assert await stored_keys(bot.store) == [f"{CHANNEL}/{CONVERSATION}"]
 
 
+async def test_a_turn_the_host_cancels_stays_cancelled_and_posts_nothing_more(
+    make_bot, channel_identity, fake_connector
+):
+    # Its time is up, or the host stops: not a failure of the handler. No 500, no
+    # apology: the cancellation goes on to the host.
+    router = Router()
+    started = asyncio.Event()
+
+    @router.message()
+    async def slow(turn):
+        started.set()
+        await asyncio.sleep(30)
+
+    bot = make_bot(router)
+    request = post(activity_for(fake_connector.url), channel_token(channel_identity, bot))
+    turn = asyncio.ensure_future(bot.handle(request))
+    await started.wait()
+    turn.cancel()
+    [ended] = await asyncio.gather(turn, return_exceptions=True)
+    assert isinstance(ended, asyncio.CancelledError)
+    assert fake_connector.requests == []
+
+
 async def test_a_failing_search_or_card_refresh_posts_no_apology_but_a_failing_click_does(
     make_bot, channel_identity, fake_connector
 ):

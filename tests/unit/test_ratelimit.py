@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import itertools
 import math
@@ -1278,6 +1279,28 @@ async def test_a_request_let_out_joins_its_own_tenants_line_not_another():
         await pacer.acquire(teams("a:1"), background=True)
         assert pacer.lane(teams()).joining == 0
     assert pacer.lane(teams(tenant="tenant-b")).joining == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_task_destroyed_while_let_out_leaves_no_request_counted_on_its_way():
+    # A let-out request whose task is dropped while pending (its process's loop let go of
+    # it) ends its block in another context. Counted for ever as on its way, it would sit
+    # ahead of every later request of its tenant here, and keep the lane from being let go.
+    _time, pacer = room_pacer()
+
+    async def let_out_then_stuck() -> None:
+        async with pacer.admission(teams(), 100.0, 60.0):
+            await asyncio.get_running_loop().create_future()  # never done
+
+    task = asyncio.ensure_future(let_out_then_stuck())
+    await asyncio.sleep(0)
+    lane = pacer.lane(teams())
+    assert lane.joining == 1
+    del task  # nothing holds the task: destroyed while pending
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0)
+    assert lane.joining == 0
 
 
 async def test_a_request_the_room_does_not_let_out_waits_its_whole_bound_and_is_told_the_line():
