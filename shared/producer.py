@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -342,7 +343,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
                 # Its put may have landed: a second `send` would be a new request.
                 raise QueueError(
                     f"{error}; request {request['id']!r} may have been queued: see `report` "
-                    f"for it, and to try again send it with --id {request['id']}"
+                    f"for it, and to try again send it with {_id_option(request['id'])}"
                 ) from None
             except StoreError as error:
                 # Its report's head failed, so nothing was queued; but a create whose
@@ -350,7 +351,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
                 # the same id is sent again (the head is kept, the request queued).
                 raise StoreError(
                     f"{str(error).rstrip()}; request {request['id']!r} was not queued: to "
-                    f"try again send it with --id {request['id']}",
+                    f"try again send it with {_id_option(request['id'])}",
                     status=error.status,
                 ) from None
         elif args.command == "schedule":
@@ -457,6 +458,12 @@ def _drop_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def _id_option(request_id: str) -> str:
+    """The option that sends `request_id` again, as a shell reads it: quoted, and joined by
+    `=` (an id starting with `-` is not taken for an option)."""
+    return f"--id={shlex.quote(request_id)}"
 
 
 def _printable(text: str) -> str:

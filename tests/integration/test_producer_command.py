@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
 
@@ -158,7 +159,8 @@ async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(az
     assert len(sent.stderr.splitlines()) == 1, sent.stderr
     line = sent.stderr.strip()
     assert line.startswith("error: ") and "may have been queued" in line, line
-    request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
+    [option] = shlex.split(line.split("send it with ")[1])
+    request_id = option.removeprefix("--id=")
     report = producer(storage, "report", request_id)
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
@@ -222,12 +224,13 @@ async def test_a_report_head_whose_answers_were_lost_names_the_id_that_repairs_i
     assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
     [line] = sent.stderr.splitlines()
     assert line.startswith("error: ") and "was not queued" in line, line
-    request_id = line.split("--id ")[1].split()[0].strip("'`.,;)")
+    hint = shlex.split(line.split("send it with ")[1])  # as a shell reads it, pasted
+    request_id = hint[0].removeprefix("--id=")
     assert queued(storage) == 0
     report = producer(storage, "report", request_id)
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
-    again = producer(storage, *send, "--id", request_id)
+    again = producer(storage, *send, *hint)
     assert (again.returncode, again.stdout) == (0, f"{request_id}\n"), again.stderr
     assert queued(storage) == 1
 
@@ -275,7 +278,8 @@ async def test_a_send_whose_put_answer_cannot_be_read_may_have_been_queued(
                 f"BlobEndpoint={azurite.blob_url};QueueEndpoint={fake.queue_url};"
             ),
         }
-        send = ("send", "--conversation", "msteams/a:1", "--text", "hi", "--id", "r-unread")
+        request_id = "-r unread; 2026"  # a shell would split it, or read it as an option
+        send = ("send", "--conversation", "msteams/a:1", "--text", "hi", f"--id={request_id}")
         sent = await asyncio.to_thread(producer, env, *send)
 
     assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
@@ -284,9 +288,10 @@ async def test_a_send_whose_put_answer_cannot_be_read_may_have_been_queued(
     assert line.startswith(f"error: queue {queue!r}: put failed: the answer could not be read ("), (
         line
     )
-    assert "'r-unread' may have been queued" in line and "--id r-unread" in line, line
+    assert f"{request_id!r} may have been queued" in line, line
+    assert shlex.split(line.split("send it with ")[1]) == [f"--id={request_id}"], line
     assert ANSWER_TEXT not in sent.stderr
-    report = producer(storage, "report", "r-unread")
+    report = producer(storage, "report", request_id)
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
 
