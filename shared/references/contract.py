@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from shared.activity import TEAMS_CHANNEL, conversation_key, teams_tenant_id
+from shared.diagnostics import clip
 from shared.references.keys import (
     split_key,
 )
@@ -328,8 +329,10 @@ def str_or_none(value: Any) -> str | None:
 
 
 def short_key(key: str) -> str:
-    """A key for log lines and messages: ids are not secret, but may be 1,000+ chars."""
-    return key if len(key) <= 120 else key[:100] + "…"
+    """A key for log lines and messages: quoted and cut short, since its conversation id
+    is whatever the client chose (a line break in it would fake a log line; it may be
+    1,000+ chars)."""
+    return clip(key)
 
 
 def user_matches(

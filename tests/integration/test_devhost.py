@@ -427,7 +427,7 @@ def test_an_activity_logs_one_line_by_default_and_its_detail_at_debug(
     if debug:
         detail = "\n".join(lines)
         assert "messages: activity='activity-1' conversation='msteams/a:logs'" in detail
-        assert "references: created msteams/a:logs" in detail, detail
+        assert "references: created 'msteams/a:logs'" in detail, detail
     else:
         assert len(lines) == 1, lines
         assert "Executed 'Functions.messages_function' (Succeeded" in lines[0]

@@ -254,7 +254,7 @@ async def test_report_and_conversations_whose_listing_cannot_be_read_say_so(answ
     assert len([r for r in fake.requests if "comp=list" in r]) == 2
     for done, listing in (
         (report, f"proactive ledger: list {request_prefix('r1')}"),
-        (listed, "reference store: list *"),
+        (listed, "reference store: list '*'"),
     ):
         assert (done.returncode, done.stdout) == (1, ""), done.stderr
         [line] = done.stderr.splitlines()

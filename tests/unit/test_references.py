@@ -1234,7 +1234,7 @@ async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error(
 
     assert any("comp=list" in request for request in storage.requests)
     text = str(info.value)
-    assert text.startswith("reference store: list msteams failed: the answer could not be read (")
+    assert text.startswith("reference store: list 'msteams' failed: the answer could not be read (")
     assert info.value.status is None and ANSWER_TEXT not in text
 
 
@@ -1251,9 +1251,38 @@ async def test_a_read_answered_without_its_content_range_is_a_store_error(answer
 
     text = str(info.value)
     assert text.startswith(
-        "reference store: get msteams/a:1 failed: the answer could not be read ("
+        "reference store: get 'msteams/a:1' failed: the answer could not be read ("
     )
     assert info.value.status is None and ANSWER_TEXT not in text
+
+
+async def test_a_key_a_client_chose_cannot_fake_a_line_of_the_stores_own(blob_store, caplog):
+    # A channel-signed activity may name any conversation id: the store's lines and its
+    # errors (which the messages endpoint logs at ERROR) quote the key and cut it short.
+    store, _raw = blob_store
+    forged = "19:a\nERROR shared.messages: FORGED" + "x" * 2_000
+    reference = {
+        "channelId": "msteams",
+        "serviceUrl": "https://smba.trafficmanager.net/amer/",
+        "conversation": {"id": forged, "conversationType": "personal", "tenantId": "t-1"},
+        "user": {"id": "29:ada"},
+        "bot": {"id": "28:bot"},
+    }
+    with caplog.at_level(logging.DEBUG, logger="shared"):
+        await store.upsert(reference)
+        await store.delete(f"msteams/{forged}")
+    async with unreadable_storage(next(iter(UNREADABLE_ANSWERS)), downloads=True) as storage:
+        broken = BlobReferenceStore(settings_for(storage.connection_string, "refs"), options=FAST)
+        try:
+            with pytest.raises(StoreError) as info:
+                await broken.get(f"msteams/{forged}")
+        finally:
+            await broken.close()
+    lines = [record.getMessage() for record in caplog.records] + [str(info.value)]
+    assert any("references: created 'msteams/19:a\\nERROR" in line for line in lines)
+    assert any("references: deleted 'msteams/19:a\\nERROR" in line for line in lines)
+    assert str(info.value).startswith("reference store: get 'msteams/19:a\\nERROR")
+    assert not [line for line in lines if "\n" in line or len(line) > 1_000]
 
 
 async def test_create_reference_store_requires_storage_settings():
