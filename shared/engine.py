@@ -93,7 +93,8 @@ class Engine:
             # conversation's reference again: it may have moved to another serviceUrl, or gone.
             bookkeeping = replace(bookkeeping, reference=None)
         if resumed:
-            bookkeeping = replace(bookkeeping, resumed=True)
+            # A message of its own: it takes the kept claim over once it has ended.
+            bookkeeping = replace(bookkeeping, resumed=True, claimed_by=None)
         if unrecorded is not None:
             bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy

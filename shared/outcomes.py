@@ -122,6 +122,10 @@ async def hold_for_storage(
         # The first copy kept for an outcome comes back within seconds, while the send's
         # claim still holds other copies off the target, not after the send's own backoff.
         request = replace(request, engine=replace(request.engine, attempt=0))
+    if engine.redelivered and engine.message_id and request.engine.claimed_by is None:
+        # An earlier attempt of this queue message may have kept the target's claim: the
+        # copy, another message, must still know that claim for its own.
+        request = replace(request, engine=replace(request.engine, claimed_by=engine.message_id))
     delay = engine.jitter(settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",

@@ -155,6 +155,10 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
             return await _poison_invalid(engine, body, reason)
         except StoreError as failure:
             return await _hold_raw(engine, body, failure)
+    if request.engine.claimed_by is not None:
+        # Kept for storage by a redelivery before its claim was decided: it goes on as
+        # that queue message would, so the claim its earlier attempt kept is its own.
+        engine = replace(engine, message_id=request.engine.claimed_by, redelivered=True)
     try:
         if request.engine.outcome == "failed" and "poisonReason" in request.message:
             # A kept failure the host poisoned, put back by an operator to retry it: the

@@ -72,6 +72,10 @@ class Bookkeeping:
     # Put back to wait out the claim an earlier attempt of its queue message kept after
     # the send began (it may have posted): once more only (shared/proactive.py).
     resumed: bool = False
+    # Kept for storage by a redelivery whose claim was not decided yet: the host's id of
+    # that queue message, whose earlier attempt may have kept the target's claim. The copy
+    # goes on as that message would (shared/proactive.py).
+    claimed_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
@@ -79,6 +83,8 @@ class Bookkeeping:
             data["child"] = True
         if self.resumed:
             data["resumed"] = True
+        if self.claimed_by is not None:
+            data["claimedBy"] = self.claimed_by
         if self.reference is not None:
             data["reference"] = self.reference
         if self.outcome:
@@ -315,13 +321,14 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
     attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
     outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
-    resumed = value.get("resumed", False)
+    resumed, claimed_by = value.get("resumed", False), value.get("claimedBy")
     if (
         not isinstance(attempt, int)
         or not 0 <= attempt <= MAX_ATTEMPT
         or not (since is None or _is_epoch(since))
         or not isinstance(child, bool)
         or not isinstance(resumed, bool)
+        or not (claimed_by is None or usable_id(claimed_by))
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
         or not (reference is None or (child and isinstance(reference, dict)))
@@ -335,6 +342,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         outcome,
         reason,
         resumed,
+        claimed_by,
     )
 
 

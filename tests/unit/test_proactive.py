@@ -467,6 +467,29 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         ),
         "engine's own field",
     ),
+    # The queue message whose claim a kept copy goes on with: an id as the host gives it.
+    "claimed by no id": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"conversation": "msteams/a:1"},
+                "text": "x",
+                "_proactive": {"claimedBy": ""},
+            }
+        ),
+        "engine's own field",
+    ),
+    "claimed by a number": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"conversation": "msteams/a:1"},
+                "text": "x",
+                "_proactive": {"claimedBy": 7},
+            }
+        ),
+        "engine's own field",
+    ),
 }
 
 

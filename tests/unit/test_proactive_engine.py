@@ -2550,6 +2550,66 @@ async def test_a_child_whose_attempts_die_after_the_send_is_sent_twice_at_most_i
     assert "may have been posted" in report["failures"][0]["reason"]
 
 
+class ReadFailsOnce(OutcomeWriteOutage):
+    """As OutcomeWriteOutage, and the next `fail_reads` reads fail (a storage blip)."""
+
+    fail_reads = 0
+
+    async def read(self, name):
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise StoreError("proactive ledger: read timed out (test)")
+        return await OutcomeWriteOutage.read(self, name)
+
+
+async def test_a_redelivery_kept_for_storage_before_its_claim_decides_keeps_that_claim(
+    aad_app, fake_connector
+):
+    # As above, but storage fails once as the redelivery reads the target's slot: the
+    # copy kept for storage is another queue message. It carries the redelivered message's
+    # id and goes on as that message would (without it, it took the claim over and sent,
+    # and each crash after that sent once more).
+    runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
+    await runtime.references.upsert(target)  # a kept copy reads it again
+    engine.ledger = ReadFailsOnce(clock=engine.clock)
+
+    async def attempt(text: str, message_id: str, *, redelivered: bool) -> Outcome:
+        return await handle_queue_message(
+            text, runtime, engine=engine, message_id=message_id, redelivered=redelivered
+        )
+
+    try:
+        engine.queue = DownQueue()
+        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
+            await attempt(child, "m-1", redelivered=False)
+        engine.queue = MemoryQueue()
+        engine.clock.now += 60
+        engine.ledger.fail_reads = 1
+        assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
+        [(held, _)] = engine.queue.take()
+        assert json.loads(held)[RESERVED]["claimedBy"] == "m-1"
+
+        assert await attempt(held, "h-1", redelivered=False) is Outcome.REQUEUED
+        [(copy, _)] = engine.queue.take()
+        assert json.loads(copy)[RESERVED]["resumed"] is True
+        assert "claimedBy" not in json.loads(copy)[RESERVED]
+        assert sends(fake_connector) == ["a:1"]
+
+        engine.queue = DownQueue()
+        with pytest.raises(RuntimeError):  # sent once more, and it died the same way
+            await attempt(copy, "c-1", redelivered=False)
+        engine.queue = MemoryQueue()
+        engine.ledger.down = False
+        engine.clock.now += 60
+        assert await attempt(copy, "c-1", redelivered=True) is Outcome.FAILED
+    finally:
+        await runtime.close()
+
+    assert sends(fake_connector) == ["a:1", "a:1"] and engine.queue.sent == []
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+
+
 # --- review: once the Connector may have the message, no failure sends it again ----------
 
 
