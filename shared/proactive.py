@@ -35,8 +35,9 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
@@ -128,8 +129,19 @@ async def handle_queue_message(
         return await _handle(body, engine)
     except Exception as failure:
         if final_attempt:
-            await record_given_up(body, engine, failure)
+            await record_given_up(body, _going_on_as(engine, json_object(body)), failure)
         raise
+
+
+def _going_on_as(engine: Engine, message: Mapping[str, Any] | None) -> Engine:
+    """The engine as the queue message that a copy kept for storage goes on for
+    (`_proactive.claimedBy`): the claim that message's earlier attempt kept is the copy's
+    own. Not for an operator's retry (it carries `poisonReason`): a message of its own."""
+    bookkeeping = message.get(RESERVED) if message is not None else None
+    claimed_by = bookkeeping.get("claimedBy") if isinstance(bookkeeping, dict) else None
+    if message is None or not usable_id(claimed_by) or "poisonReason" in message:
+        return engine
+    return replace(engine, message_id=claimed_by, redelivered=True)
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:
@@ -155,10 +167,7 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
             return await _poison_invalid(engine, body, reason)
         except StoreError as failure:
             return await _hold_raw(engine, body, failure)
-    if request.engine.claimed_by is not None:
-        # Kept for storage by a redelivery before its claim was decided: it goes on as
-        # that queue message would, so the claim its earlier attempt kept is its own.
-        engine = replace(engine, message_id=request.engine.claimed_by, redelivered=True)
+    engine = _going_on_as(engine, request.message)
     try:
         if request.engine.outcome == "failed" and "poisonReason" in request.message:
             # A kept failure the host poisoned, put back by an operator to retry it: the

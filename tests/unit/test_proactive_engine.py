@@ -2610,6 +2610,109 @@ async def test_a_redelivery_kept_for_storage_before_its_claim_decides_keeps_that
     assert (report["state"], report["failed"]) == ("done", 1)
 
 
+@pytest.mark.parametrize("redelivered_after", [5, 60])  # the claim live, or ended
+async def test_a_kept_copy_going_on_for_a_redelivery_reports_what_its_last_attempt_sent(
+    aad_app, fake_connector, redelivered_after
+):
+    # The copy kept for storage (claimedBy m-1) claims under m-1's id and sends; then
+    # nothing takes its outcome and the host gives up on it. Its failure is recorded as
+    # that claim's, the message possibly posted (it was: the report stayed open, or said
+    # nothing of the send, when the last attempt judged the claim by the copy's own id).
+    runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
+    await runtime.references.upsert(target)
+    engine.ledger = ReadFailsOnce(clock=engine.clock)
+
+    async def attempt(text: str, message_id: str, **options: bool) -> Outcome:
+        return await handle_queue_message(
+            text, runtime, engine=engine, message_id=message_id, **options
+        )
+
+    try:
+        engine.ledger.fail_reads = 1  # m-1 came back (its host died before it claimed)
+        assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
+        [(kept, _)] = engine.queue.take()
+        engine.queue = DownQueue()
+        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
+            await attempt(kept, "h-1")
+        engine.ledger.down = False
+        engine.clock.now += redelivered_after
+        with pytest.raises(OSError):  # the queue still down: the host's last attempt
+            await attempt(kept, "h-1", redelivered=True, final_attempt=True)
+    finally:
+        await runtime.close()
+
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
+
+
+class LandsThenDown(MemoryLedger):
+    """Outcome writes fail while `outcomes_down`; with `land_then_fail`, the next outcome
+    lands, storage answers an error, and every call fails after it."""
+
+    outcomes_down = False
+    land_then_fail = False
+    down = False
+
+    def _check(self, data) -> None:
+        if self.down or (self.outcomes_down and isinstance(data, dict) and "outcome" in data):
+            raise StoreError("proactive ledger: storage unreachable (test outage)")
+
+    async def create(self, name, data, *, metadata=None):
+        self._check(data)
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        self._check(data)
+        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        if self.land_then_fail and isinstance(data, dict) and "outcome" in data:
+            self.down = True
+            raise StoreError("proactive ledger: timed out (test)")
+        return result
+
+    async def read(self, name):
+        self._check(None)
+        return await MemoryLedger.read(self, name)
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
+async def test_an_operators_retry_of_a_kept_failure_the_host_poisoned_is_sent(
+    parts, fake_connector, redelivered
+):
+    # A 500 whose failure storage refused: the copy kept to record it (carrying claimedBy
+    # when its message was a redelivery). Its record landed but storage answered an
+    # error, the queue was down, and the host poisoned it as it was. An operator adds a
+    # poisonReason and puts it back (docs/proactive.md): a message of its own, sent once
+    # more, not taken for the redelivery it went on for (answered `duplicate`).
+    runtime, engine = parts
+    engine.ledger = LandsThenDown(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger.outcomes_down = True
+    outcome = await handle_queue_message(
+        text, runtime, engine=engine, message_id="m-1", redelivered=redelivered
+    )
+    assert outcome is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert ("claimedBy" in json.loads(kept)[RESERVED]) is redelivered
+    engine.ledger.outcomes_down, engine.ledger.land_then_fail = False, True
+    engine.queue = DownQueue()
+    for final in (False, True):
+        with pytest.raises(StoreError):
+            await handle_queue_message(
+                kept, runtime, engine=engine, message_id="u-1", final_attempt=final
+            )
+    engine.ledger.down = engine.ledger.land_then_fail = False
+    engine.queue = MemoryQueue()
+    retry = json.dumps({**json.loads(kept), "poisonReason": "retried by an operator"})
+
+    assert await handle(engine, retry) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1", "a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+
+
 # --- review: once the Connector may have the message, no failure sends it again ----------
 
 
