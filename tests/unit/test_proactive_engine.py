@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -2507,6 +2507,34 @@ async def test_a_child_held_back_here_past_its_budget_keeps_its_reference(
     assert sends(fake_connector) == []
 
 
+def attempts(runtime: Runtime, engine: Engine) -> Callable[..., Awaitable[Outcome]]:
+    """Handling of a queue message as the trigger does it: its host id, and the options."""
+
+    async def attempt(text: str, message_id: str, **options: bool) -> Outcome:
+        return await handle_queue_message(
+            text, runtime, engine=engine, message_id=message_id, **options
+        )
+
+    return attempt
+
+
+async def dies_after_its_send(engine: Engine, attempt, text: str, message_id: str, **options):
+    """The attempt sends, then nothing takes its outcome (storage refuses it, the queue the
+    copy kept for it): it raises, as a process that died there."""
+    engine.queue = DownQueue()
+    with pytest.raises(RuntimeError):
+        await attempt(text, message_id, **options)
+    engine.queue = MemoryQueue()
+
+
+async def sent_twice_then_reported(engine: Engine, fake_connector) -> None:
+    """The child was sent once more after a crash, never a third time: then reported."""
+    assert sends(fake_connector) == ["a:1", "a:1"] and engine.queue.sent == []
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert "may have been posted" in report["failures"][0]["reason"]
+
+
 async def test_a_child_whose_attempts_die_after_the_send_is_sent_twice_at_most_in_a_crowd(
     aad_app, fake_connector
 ):
@@ -2516,38 +2544,23 @@ async def test_a_child_whose_attempts_die_after_the_send_is_sent_twice_at_most_i
     # its own attempt kept is decided first: one resumed copy, then a report.
     runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
     engine.ledger = OutcomeWriteOutage(clock=engine.clock)
-
-    async def attempt(text: str, message_id: str, *, redelivered: bool) -> Outcome:
-        return await handle_queue_message(
-            text, runtime, engine=engine, message_id=message_id, redelivered=redelivered
-        )
-
+    attempt = attempts(runtime, engine)
     try:
-        engine.queue = DownQueue()
-        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
-            await attempt(child, "m-1", redelivered=False)
-        engine.queue = MemoryQueue()
+        await dies_after_its_send(engine, attempt, child, "m-1")
         engine.clock.now += 60
         async with crowded(runtime, 6):
             assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
         [(copy, _)] = engine.queue.take()
         assert json.loads(copy)[RESERVED]["resumed"] is True
 
-        engine.queue = DownQueue()
-        with pytest.raises(RuntimeError):  # sent once more, and it died the same way
-            await attempt(copy, "c-1", redelivered=False)
-        engine.queue = MemoryQueue()
+        await dies_after_its_send(engine, attempt, copy, "c-1")
         engine.ledger.down = False
         engine.clock.now += 60
         async with crowded(runtime, 6):
             assert await attempt(copy, "c-1", redelivered=True) is Outcome.FAILED
     finally:
         await runtime.close()
-
-    assert sends(fake_connector) == ["a:1", "a:1"] and engine.queue.sent == []
-    report = await read_report(engine.ledger, "b-1")
-    assert (report["state"], report["failed"]) == ("done", 1)
-    assert "may have been posted" in report["failures"][0]["reason"]
+    await sent_twice_then_reported(engine, fake_connector)
 
 
 class ReadFailsOnce(OutcomeWriteOutage):
@@ -2572,42 +2585,28 @@ async def test_a_redelivery_kept_for_storage_before_its_claim_decides_keeps_that
     runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
     await runtime.references.upsert(target)  # a kept copy reads it again
     engine.ledger = ReadFailsOnce(clock=engine.clock)
-
-    async def attempt(text: str, message_id: str, *, redelivered: bool) -> Outcome:
-        return await handle_queue_message(
-            text, runtime, engine=engine, message_id=message_id, redelivered=redelivered
-        )
-
+    attempt = attempts(runtime, engine)
     try:
-        engine.queue = DownQueue()
-        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
-            await attempt(child, "m-1", redelivered=False)
-        engine.queue = MemoryQueue()
+        await dies_after_its_send(engine, attempt, child, "m-1")
         engine.clock.now += 60
         engine.ledger.fail_reads = 1
         assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
         [(held, _)] = engine.queue.take()
         assert json.loads(held)[RESERVED]["claimedBy"] == "m-1"
 
-        assert await attempt(held, "h-1", redelivered=False) is Outcome.REQUEUED
+        assert await attempt(held, "h-1") is Outcome.REQUEUED
         [(copy, _)] = engine.queue.take()
         assert json.loads(copy)[RESERVED]["resumed"] is True
         assert "claimedBy" not in json.loads(copy)[RESERVED]
         assert sends(fake_connector) == ["a:1"]
 
-        engine.queue = DownQueue()
-        with pytest.raises(RuntimeError):  # sent once more, and it died the same way
-            await attempt(copy, "c-1", redelivered=False)
-        engine.queue = MemoryQueue()
+        await dies_after_its_send(engine, attempt, copy, "c-1")
         engine.ledger.down = False
         engine.clock.now += 60
         assert await attempt(copy, "c-1", redelivered=True) is Outcome.FAILED
     finally:
         await runtime.close()
-
-    assert sends(fake_connector) == ["a:1", "a:1"] and engine.queue.sent == []
-    report = await read_report(engine.ledger, "b-1")
-    assert (report["state"], report["failed"]) == ("done", 1)
+    await sent_twice_then_reported(engine, fake_connector)
 
 
 @pytest.mark.parametrize("redelivered_after", [5, 60])  # the claim live, or ended
@@ -2621,21 +2620,15 @@ async def test_a_kept_copy_going_on_for_a_redelivery_reports_what_its_last_attem
     runtime, engine, target, child = slow_tenant_child(aad_app, fake_connector)
     await runtime.references.upsert(target)
     engine.ledger = ReadFailsOnce(clock=engine.clock)
-
-    async def attempt(text: str, message_id: str, **options: bool) -> Outcome:
-        return await handle_queue_message(
-            text, runtime, engine=engine, message_id=message_id, **options
-        )
-
+    attempt = attempts(runtime, engine)
     try:
         engine.ledger.fail_reads = 1  # m-1 came back (its host died before it claimed)
         assert await attempt(child, "m-1", redelivered=True) is Outcome.REQUEUED
         [(kept, _)] = engine.queue.take()
-        engine.queue = DownQueue()
-        with pytest.raises(RuntimeError):  # sent, then nothing took its outcome
-            await attempt(kept, "h-1")
+        await dies_after_its_send(engine, attempt, kept, "h-1")
         engine.ledger.down = False
         engine.clock.now += redelivered_after
+        engine.queue = DownQueue()
         with pytest.raises(OSError):  # the queue still down: the host's last attempt
             await attempt(kept, "h-1", redelivered=True, final_attempt=True)
     finally:
@@ -2647,27 +2640,23 @@ async def test_a_kept_copy_going_on_for_a_redelivery_reports_what_its_last_attem
     assert "may have been posted" in report["failures"][0]["reason"]
 
 
-class LandsThenDown(MemoryLedger):
-    """Outcome writes fail while `outcomes_down`; with `land_then_fail`, the next outcome
-    lands, storage answers an error, and every call fails after it."""
+class LandsThenDown(OutcomeWriteOutage):
+    """As OutcomeWriteOutage (outcome writes fail while `down`); with `land_then_fail`,
+    the next outcome lands, storage answers an error, and every call fails after it."""
 
-    outcomes_down = False
-    land_then_fail = False
     down = False
+    land_then_fail = False
+    gone = False
 
     def _check(self, data) -> None:
-        if self.down or (self.outcomes_down and isinstance(data, dict) and "outcome" in data):
+        if self.gone:
             raise StoreError("proactive ledger: storage unreachable (test outage)")
-
-    async def create(self, name, data, *, metadata=None):
-        self._check(data)
-        return await MemoryLedger.create(self, name, data, metadata=metadata)
+        OutcomeWriteOutage._check(self, data)
 
     async def replace(self, name, data, etag, *, metadata=None):
-        self._check(data)
-        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        result = await OutcomeWriteOutage.replace(self, name, data, etag, metadata=metadata)
         if self.land_then_fail and isinstance(data, dict) and "outcome" in data:
-            self.down = True
+            self.gone = True
             raise StoreError("proactive ledger: timed out (test)")
         return result
 
@@ -2689,21 +2678,21 @@ async def test_an_operators_retry_of_a_kept_failure_the_host_poisoned_is_sent(
     engine.ledger = LandsThenDown(clock=engine.clock)
     text = body({"conversation": "msteams/a:1"})
     fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
-    engine.ledger.outcomes_down = True
+    engine.ledger.down = True
     outcome = await handle_queue_message(
         text, runtime, engine=engine, message_id="m-1", redelivered=redelivered
     )
     assert outcome is Outcome.REQUEUED
     [(kept, _)] = engine.queue.take()
     assert ("claimedBy" in json.loads(kept)[RESERVED]) is redelivered
-    engine.ledger.outcomes_down, engine.ledger.land_then_fail = False, True
+    engine.ledger.down, engine.ledger.land_then_fail = False, True
     engine.queue = DownQueue()
     for final in (False, True):
         with pytest.raises(StoreError):
             await handle_queue_message(
                 kept, runtime, engine=engine, message_id="u-1", final_attempt=final
             )
-    engine.ledger.down = engine.ledger.land_then_fail = False
+    engine.ledger.gone = engine.ledger.land_then_fail = False
     engine.queue = MemoryQueue()
     retry = json.dumps({**json.loads(kept), "poisonReason": "retried by an operator"})
 
