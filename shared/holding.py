@@ -18,7 +18,7 @@ import random
 from shared.config import Settings
 from shared.delivery import Outcome
 from shared.engine import LONGEST_HOLD, settings_backoff
-from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.proactive_schema import RESERVED, InvalidRequest, parse_request, usable_id
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
@@ -33,10 +33,17 @@ logger = logging.getLogger(__name__)
 
 
 async def hold_for_settings(
-    body: bytes | str, error: Exception, *, queue: MessageQueue | None = None
+    body: bytes | str,
+    error: Exception,
+    *,
+    queue: MessageQueue | None = None,
+    redelivered: str | None = None,
 ) -> Outcome:
     """Put the message back with a capped backoff: a settings mistake must not drain the
     queue into the poison queue (the host's dequeue budget is not touched either).
+    `redelivered`: the host's id of the message when this is a redelivery (an earlier
+    attempt may have kept its target's claim): the held copy goes on as that message
+    (`claimedBy`, as a copy kept for storage does).
 
     Needs only the storage settings (the trigger itself runs on them).
     """
@@ -62,6 +69,8 @@ async def hold_for_settings(
         reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
+        if usable_id(redelivered) and "claimedBy" not in engine_field:
+            engine_field["claimedBy"] = redelivered
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}

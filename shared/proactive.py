@@ -524,7 +524,7 @@ async def process_queue_message(
     try:
         runtime = get_runtime()
     except SettingsError as error:
-        return await hold_for_settings(body, error)
+        return await hold_for_settings(body, error, redelivered=message_id if redelivered else None)
     return await handle_queue_message(
         body,
         runtime,

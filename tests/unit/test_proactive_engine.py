@@ -1455,6 +1455,13 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
         assert json.loads(text)["_proactive"]["attempt"] == expected
         assert json.loads(text)["_proactive"]["since"] is None
         assert 5 * 3 ** (expected - 1) <= delay <= 5 * 3 ** (expected - 1) * 1.2
+    assert "claimedBy" not in json.loads(text)[RESERVED]
+    # A redelivery (its earlier attempt may have kept the target's claim): the held copy
+    # goes on as that message, as a copy kept for storage does; held again, still so.
+    for message_id in ("m-1", "h-1"):
+        await hold_for_settings(text, RuntimeError("x"), queue=queue, redelivered=message_id)
+        [(text, _)] = queue.take()
+        assert json.loads(text)[RESERVED]["claimedBy"] == "m-1"
     await hold_for_settings("not json", RuntimeError("x"), queue=queue)
     [(raw, delay)] = queue.take()
     assert raw == "not json"  # kept (it is poisoned, and reported, once the settings work)
