@@ -94,7 +94,7 @@ class Engine:
             bookkeeping = replace(bookkeeping, reference=None)
         if resumed:
             # A message of its own: it takes the kept claim over once it has ended.
-            bookkeeping = replace(bookkeeping, resumed=True, claimed_by=None)
+            bookkeeping = replace(bookkeeping, resumed=True, claimed_by=None, claimed_retry=False)
         if unrecorded is not None:
             bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy

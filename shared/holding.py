@@ -71,6 +71,8 @@ async def hold_for_settings(
         attempt = engine_field.get("attempt", 0)
         if usable_id(redelivered) and "claimedBy" not in engine_field:
             engine_field["claimedBy"] = redelivered
+            if "poisonReason" in message:
+                engine_field["claimedRetry"] = True
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}

@@ -125,7 +125,12 @@ async def hold_for_storage(
     if engine.redelivered and engine.message_id and request.engine.claimed_by is None:
         # An earlier attempt of this queue message may have kept the target's claim: the
         # copy, another message, must still know that claim for its own.
-        request = replace(request, engine=replace(request.engine, claimed_by=engine.message_id))
+        bookkeeping = replace(
+            request.engine,
+            claimed_by=engine.message_id,
+            claimed_retry="poisonReason" in request.message,
+        )
+        request = replace(request, engine=bookkeeping)
     delay = engine.jitter(settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",

@@ -136,10 +136,14 @@ async def handle_queue_message(
 def _going_on_as(engine: Engine, message: Mapping[str, Any] | None) -> Engine:
     """The engine as the queue message that a copy kept for storage goes on for
     (`_proactive.claimedBy`): the claim that message's earlier attempt kept is the copy's
-    own. Not for an operator's retry (it carries `poisonReason`): a message of its own."""
-    bookkeeping = message.get(RESERVED) if message is not None else None
-    claimed_by = bookkeeping.get("claimedBy") if isinstance(bookkeeping, dict) else None
-    if message is None or not usable_id(claimed_by) or "poisonReason" in message:
+    own. Not for a copy an operator put back to retry it (a `poisonReason` that the
+    message did not carry when the copy was kept: `claimedRetry` says whether it did): a
+    message of its own."""
+    if message is None or not isinstance(bookkeeping := message.get(RESERVED), dict):
+        return engine
+    claimed_by = bookkeeping.get("claimedBy")
+    retrying = bookkeeping.get("claimedRetry") is True
+    if not usable_id(claimed_by) or ("poisonReason" in message) != retrying:
         return engine
     return replace(engine, message_id=claimed_by, redelivered=True)
 

@@ -76,6 +76,9 @@ class Bookkeeping:
     # that queue message, whose earlier attempt may have kept the target's claim. The copy
     # goes on as that message would (shared/proactive.py).
     claimed_by: str | None = None
+    # That message was an operator's retry (it carried `poisonReason`, and so does the
+    # copy): a `poisonReason` on a copy without this mark was added by an operator since.
+    claimed_retry: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
@@ -85,6 +88,8 @@ class Bookkeeping:
             data["resumed"] = True
         if self.claimed_by is not None:
             data["claimedBy"] = self.claimed_by
+            if self.claimed_retry:
+                data["claimedRetry"] = True
         if self.reference is not None:
             data["reference"] = self.reference
         if self.outcome:
@@ -322,6 +327,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     attempt, since, child = value.get("attempt", 0), value.get("since"), value.get("child", False)
     outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
     resumed, claimed_by = value.get("resumed", False), value.get("claimedBy")
+    claimed_retry = value.get("claimedRetry", False)
     if (
         not isinstance(attempt, int)
         or not 0 <= attempt <= MAX_ATTEMPT
@@ -329,6 +335,8 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         or not isinstance(child, bool)
         or not isinstance(resumed, bool)
         or not (claimed_by is None or usable_id(claimed_by))
+        or not isinstance(claimed_retry, bool)
+        or (claimed_retry and claimed_by is None)
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
         or not (reference is None or (child and isinstance(reference, dict)))
@@ -343,6 +351,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         reason,
         resumed,
         claimed_by,
+        claimed_retry,
     )
 
 

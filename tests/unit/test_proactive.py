@@ -479,6 +479,17 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         ),
         "engine's own field",
     ),
+    "claimed as a retry, by nobody": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"conversation": "msteams/a:1"},
+                "text": "x",
+                "_proactive": {"claimedRetry": True},
+            }
+        ),
+        "engine's own field",
+    ),
     "claimed by a number": (
         json.dumps(
             {

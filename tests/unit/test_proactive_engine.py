@@ -3183,12 +3183,15 @@ async def test_the_last_attempt_of_a_kept_failure_whose_record_landed_puts_its_p
     assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
 
 
+@pytest.mark.parametrize("blip", [False, True])
 async def test_an_operators_retry_delivered_again_by_the_host_after_its_failure_sends_nothing(
-    parts, fake_connector
+    parts, fake_connector, blip
 ):
     # The retry drew a 500, recorded it, and the process died before the function
     # returned: the host delivered the same queue message again, which took its own
     # failure for one to retry and posted a message that may have been posted already.
+    # With a storage blip on that redelivery, the copy kept for it goes on as the retry
+    # (it took the failure for another message's, and sent).
     class Died(BaseException):
         """The process dying (or the host cancelling the invocation) here."""
 
@@ -3205,8 +3208,18 @@ async def test_an_operators_retry_delivered_again_by_the_host_after_its_failure_
     with pytest.raises(Died):
         await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-1")
     engine.queue = MemoryQueue()
+    again, again_id = retry, "op-1"
+    if blip:
+        engine.ledger = ReadFailsOnce(clock=engine.clock, blobs=engine.ledger.blobs)
+        engine.ledger.down, engine.ledger.fail_reads = False, 1
+        outcome = await handle_queue_message(
+            retry, engine.runtime, engine=engine, message_id="op-1", redelivered=True
+        )
+        assert outcome is Outcome.REQUEUED
+        [(again, _)] = engine.queue.take()
+        again_id = "k-1"
 
-    outcome = await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-1")
+    outcome = await handle_queue_message(again, engine.runtime, engine=engine, message_id=again_id)
 
     assert outcome is Outcome.DUPLICATE
     assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
