@@ -18,7 +18,14 @@ import random
 from shared.config import Settings
 from shared.delivery import Outcome
 from shared.engine import LONGEST_HOLD, settings_backoff
-from shared.proactive_schema import RESERVED, InvalidRequest, parse_request, usable_id
+from shared.proactive_schema import (
+    RESERVED,
+    InvalidRequest,
+    claim_marks,
+    claimed_identity,
+    parse_request,
+    usable_id,
+)
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
@@ -69,10 +76,10 @@ async def hold_for_settings(
         reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
-        if usable_id(redelivered) and "claimedBy" not in engine_field:
-            engine_field["claimedBy"] = redelivered
-            if "poisonReason" in message:
-                engine_field["claimedRetry"] = True
+        identity = claimed_identity(message) or (redelivered if usable_id(redelivered) else None)
+        engine_field.pop("claimedBy", None)
+        engine_field.pop("claimedRetry", None)
+        engine_field.update(claim_marks(message, identity))
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}

@@ -122,15 +122,18 @@ async def hold_for_storage(
         # The first copy kept for an outcome comes back within seconds, while the send's
         # claim still holds other copies off the target, not after the send's own backoff.
         request = replace(request, engine=replace(request.engine, attempt=0))
-    if engine.redelivered and engine.message_id and request.engine.claimed_by is None:
-        # An earlier attempt of this queue message may have kept the target's claim: the
-        # copy, another message, must still know that claim for its own.
-        bookkeeping = replace(
-            request.engine,
-            claimed_by=engine.message_id,
-            claimed_retry="poisonReason" in request.message,
-        )
-        request = replace(request, engine=bookkeeping)
+    # The copy is another queue message; it goes on as this one (`claimedBy`) where this
+    # one's identity matters: a redelivery (an earlier attempt may have kept the target's
+    # claim), or an outcome to record (recorded as the message that sent). Otherwise it
+    # is a message of its own, whatever mark it came with.
+    identity = engine.message_id if unrecorded is not None or engine.redelivered else None
+    retrying = unrecorded is None and "poisonReason" in request.message  # else dropped
+    bookkeeping = replace(
+        request.engine,
+        claimed_by=identity,
+        claimed_retry=identity is not None and retrying,
+    )
+    request = replace(request, engine=bookkeeping)
     delay = engine.jitter(settings_backoff(request.engine.attempt))
     logger.warning(
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",

@@ -68,6 +68,7 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
+    claimed_identity,
     parse_request,
     request_bytes,
     usable_id,
@@ -134,18 +135,11 @@ async def handle_queue_message(
 
 
 def _going_on_as(engine: Engine, message: Mapping[str, Any] | None) -> Engine:
-    """The engine as the queue message that a copy kept for storage goes on for
-    (`_proactive.claimedBy`): the claim that message's earlier attempt kept is the copy's
-    own. Not for a copy an operator put back to retry it (a `poisonReason` that the
-    message did not carry when the copy was kept: `claimedRetry` says whether it did): a
-    message of its own."""
-    if message is None or not isinstance(bookkeeping := message.get(RESERVED), dict):
+    """The engine as the queue message a kept copy goes on as (`claimed_identity`)."""
+    identity = claimed_identity(message)
+    if identity is None:
         return engine
-    claimed_by = bookkeeping.get("claimedBy")
-    retrying = bookkeeping.get("claimedRetry") is True
-    if not usable_id(claimed_by) or ("poisonReason" in message) != retrying:
-        return engine
-    return replace(engine, message_id=claimed_by, redelivered=True)
+    return replace(engine, message_id=identity, redelivered=True)
 
 
 async def _handle(body: bytes | str, engine: Engine) -> Outcome:

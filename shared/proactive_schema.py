@@ -246,6 +246,32 @@ def carries(reference: Any, key: str) -> bool:
         return False
 
 
+def claimed_identity(message: Mapping[str, Any] | None) -> str | None:
+    """The queue message a copy goes on as (`_proactive.claimedBy`: its earlier attempt's
+    claim is the copy's own), or None. Not when an operator put the copy back to retry it:
+    a `poisonReason` the message did not carry when the copy was kept (`claimedRetry`
+    says whether it did) makes it a message of its own."""
+    bookkeeping = message.get(RESERVED) if message is not None else None
+    if not isinstance(bookkeeping, dict):
+        return None
+    claimed_by = bookkeeping.get("claimedBy")
+    retrying = bookkeeping.get("claimedRetry") is True
+    if not usable_id(claimed_by) or ("poisonReason" in message) != retrying:
+        return None
+    return claimed_by
+
+
+def claim_marks(message: Mapping[str, Any], identity: str | None) -> dict[str, Any]:
+    """The `claimedBy`/`claimedRetry` fields of a copy kept for a message handled as
+    `identity` (None: a message of its own, so none), replacing any it carried."""
+    if identity is None:
+        return {}
+    marks: dict[str, Any] = {"claimedBy": identity}
+    if "poisonReason" in message:
+        marks["claimedRetry"] = True
+    return marks
+
+
 def usable_id(value: Any) -> bool:
     """Whether `value` passes parse_request's rules for `id` (a report is kept under it)."""
     return (

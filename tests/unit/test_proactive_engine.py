@@ -1462,6 +1462,13 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
         await hold_for_settings(text, RuntimeError("x"), queue=queue, redelivered=message_id)
         [(text, _)] = queue.take()
         assert json.loads(text)[RESERVED]["claimedBy"] == "m-1"
+    # An operator's retry of that copy (a poisonReason added) is a message of its own.
+    retry = json.dumps({**json.loads(text), "poisonReason": "retry"})
+    for message_id, marks in (("op-1", {"claimedBy": "op-1", "claimedRetry": True}), (None, {})):
+        await hold_for_settings(retry, RuntimeError("x"), queue=queue, redelivered=message_id)
+        [(held, _)] = queue.take()
+        held_marks = json.loads(held)[RESERVED]
+        assert {k: v for k, v in held_marks.items() if k.startswith("claimed")} == marks
     await hold_for_settings("not json", RuntimeError("x"), queue=queue)
     [(raw, delay)] = queue.take()
     assert raw == "not json"  # kept (it is poisoned, and reported, once the settings work)
@@ -2673,11 +2680,57 @@ class LandsThenDown(OutcomeWriteOutage):
 
 
 @pytest.mark.parametrize("redelivered", [False, True])
+async def test_a_retry_whose_kept_copy_recorded_its_failure_is_not_retried_by_its_redelivery(
+    parts, fake_connector, redelivered
+):
+    # An operator's retry op-1 draws a 500; storage refuses the failure's record, so a copy
+    # carrying it is kept, and op-1's process dies before it returns. The copy records the
+    # failure as op-1's (it recorded it as its own message's, and op-1, delivered again,
+    # took it for another's failure to retry, and sent again what may have been posted).
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 6)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    retry = json.dumps(engine.queue.poisoned[0])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await attempt(retry, "op-1", redelivered=redelivered) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await attempt(kept, "c-1") is Outcome.FAILED  # the failure recorded now
+    engine.clock.now += 60
+
+    assert await attempt(retry, "op-1", redelivered=True) is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+
+
+async def test_a_copy_kept_for_storage_goes_on_as_the_message_handled_whatever_it_carried(
+    aad_app, fake_connector
+):
+    # An operator's retry (a poisonReason added) of a copy that went on as m-1 is a message
+    # of its own. Delivered again, with a storage blip, the copy kept for it goes on as
+    # that retry, not as m-1 (which would take the retry's own claim over and send again).
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    stale = {**json.loads(child), "poisonReason": "retry"}
+    stale[RESERVED] = {**stale[RESERVED], "claimedBy": "m-1"}
+    engine.ledger = ReadFailsOnce(clock=engine.clock)
+    engine.ledger.down, engine.ledger.fail_reads = False, 1
+    try:
+        outcome = await attempts(runtime, engine)(json.dumps(stale), "op-1", redelivered=True)
+    finally:
+        await runtime.close()
+    assert outcome is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    marks = {k: v for k, v in json.loads(kept)[RESERVED].items() if k.startswith("claimed")}
+    assert marks == {"claimedBy": "op-1", "claimedRetry": True}
+    assert sends(fake_connector) == []
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
 async def test_an_operators_retry_of_a_kept_failure_the_host_poisoned_is_sent(
     parts, fake_connector, redelivered
 ):
-    # A 500 whose failure storage refused: the copy kept to record it (carrying claimedBy
-    # when its message was a redelivery). Its record landed but storage answered an
+    # A 500 whose failure storage refused: the copy kept to record it (going on as the
+    # message that sent). Its record landed but storage answered an
     # error, the queue was down, and the host poisoned it as it was. An operator adds a
     # poisonReason and puts it back (docs/proactive.md): a message of its own, sent once
     # more, not taken for the redelivery it went on for (answered `duplicate`).
@@ -2691,7 +2744,7 @@ async def test_an_operators_retry_of_a_kept_failure_the_host_poisoned_is_sent(
     )
     assert outcome is Outcome.REQUEUED
     [(kept, _)] = engine.queue.take()
-    assert ("claimedBy" in json.loads(kept)[RESERVED]) is redelivered
+    assert json.loads(kept)[RESERVED]["claimedBy"] == "m-1"  # recorded as the one that sent
     engine.ledger.down, engine.ledger.land_then_fail = False, True
     engine.queue = DownQueue()
     for final in (False, True):
