@@ -152,7 +152,17 @@ async def record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcom
     outcome, reason = request.engine.outcome, request.engine.reason
     assert outcome in FINAL_OUTCOMES
     try:
-        created = await record_target(request, engine, outcome, reason)
+        # As the message that sent (its own claim is replaced), never over another's live
+        # claim (an operator's retry sending now records its own outcome). A copy kept by
+        # an earlier version names no sender: over any claim, as then.
+        created = await record_target(
+            request,
+            engine,
+            outcome,
+            reason,
+            yield_to_live_claim=request.engine.claimed_by is not None,
+            own_message=engine.message_id,
+        )
     except StoreError as failure:
         return await hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
     if not created and not await _recorded_as(request, engine, outcome, reason):
@@ -229,7 +239,7 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
         "the function failed on every attempt; the host moved it to the poison queue"
     )
     claim_etag = None
-    known = True  # the outcome is this message's own: recorded over any claim
+    known = True  # the outcome is this message's own: recorded over its claim
     if isinstance(failure, Unsettled):
         outcome, reason, claim_etag = failure.outcome, failure.reason, failure.claim_etag
     elif request.engine.outcome is not None:
@@ -260,7 +270,7 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
                 outcome,
                 reason,
                 claim_etag=claim_etag,
-                yield_to_live_claim=not known,
+                yield_to_live_claim=not known or request.engine.claimed_by is not None,
                 own_message=engine.message_id,
             )
             kept_failure = known and outcome == "failed" and request.engine.outcome

@@ -2703,6 +2703,61 @@ async def test_a_retry_whose_kept_copy_recorded_its_failure_is_not_retried_by_it
     assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
 
 
+async def test_a_kept_failure_recorded_again_leaves_an_operators_live_claim_alone(
+    parts, fake_connector
+):
+    # m-1 draws a 500 whose failure storage refuses: K is kept, records it later and puts
+    # the poison copy, then its process dies, so the host delivers K again. Meanwhile an
+    # operator put that copy back (p-1), which is sending. K's record must not replace
+    # p-1's live claim (it did: p-1's delivery went unrecorded, the report said failed,
+    # and another poison copy invited a second delivery).
+    runtime, engine = parts
+    attempt = attempts(runtime, engine)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    assert await attempt(body({"conversation": "msteams/a:1"}), "m-1") is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await attempt(kept, "k-1") is Outcome.FAILED
+    [poison] = engine.queue.poisoned
+    engine.clock.now += 60
+    fake_connector.script("POST", r"/activities$", [Reply(200, json={"id": "x"}, delay=1.0)])
+    retry = asyncio.ensure_future(attempt(json.dumps(poison), "p-1"))
+    await fake_connector.wait_for(lambda requests: requests[1:], timeout=10)  # p-1 sending
+
+    assert await attempt(kept, "k-1", redelivered=True) is Outcome.DUPLICATE
+    assert await retry is Outcome.DELIVERED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)
+    assert len(engine.queue.poisoned) == 1
+
+
+async def test_the_resumed_copy_of_a_retry_does_not_retry_the_failure_its_chain_recorded(
+    parts, fake_connector
+):
+    # An operator's retry op-1 draws a 500 whose failure storage refuses (K kept, the
+    # claim too); op-1 dies before it returns, and the host's redelivery puts back the
+    # resumed copy R. K records the failure (op-1's). R, a message of its own still
+    # carrying poisonReason, took that failure for one to retry and sent the 500 again.
+    runtime, engine = parts
+    attempt = attempts(runtime, engine)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 6)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    retry = json.dumps(engine.queue.poisoned[0])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await attempt(retry, "op-1") is Outcome.REQUEUED  # K
+    [(kept, _)] = engine.queue.take()
+    engine.clock.now += 3
+    assert await attempt(retry, "op-1", redelivered=True) is Outcome.REQUEUED  # R
+    [(resumed, _)] = engine.queue.take()
+    engine.ledger.down = False
+    assert await attempt(kept, "k-1") is Outcome.FAILED
+    engine.clock.now += 60
+
+    assert await attempt(resumed, "r-1") is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+
+
 async def test_a_copy_kept_for_storage_goes_on_as_the_message_handled_whatever_it_carried(
     aad_app, fake_connector
 ):
