@@ -76,7 +76,10 @@ async def hold_for_settings(
         reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
-        identity = claimed_identity(message) or (redelivered if usable_id(redelivered) else None)
+        # A copy kept to record an outcome names its sender already, or (kept by an
+        # earlier version) nobody: never this redelivery, which did not send it.
+        named = redelivered if usable_id(redelivered) and "outcome" not in engine_field else None
+        identity = claimed_identity(message) or named
         engine_field.pop("claimedBy", None)
         engine_field.pop("claimedRetry", None)
         engine_field.update(claim_marks(message, identity))

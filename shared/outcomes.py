@@ -19,7 +19,13 @@ from typing import Any
 from shared.delivery import Outcome
 from shared.engine import Engine, settings_backoff
 from shared.idempotency import is_outcome
-from shared.proactive_schema import RESERVED, InvalidRequest, ProactiveRequest, parse_request
+from shared.proactive_schema import (
+    RESERVED,
+    InvalidRequest,
+    ProactiveRequest,
+    claimed_identity,
+    parse_request,
+)
 from shared.queues import compact_json
 from shared.references import StoreError
 from shared.reports import (
@@ -124,9 +130,16 @@ async def hold_for_storage(
         request = replace(request, engine=replace(request.engine, attempt=0))
     # The copy is another queue message; it goes on as this one (`claimedBy`) where this
     # one's identity matters: a redelivery (an earlier attempt may have kept the target's
-    # claim), or an outcome to record (recorded as the message that sent). Otherwise it
-    # is a message of its own, whatever mark it came with.
-    identity = engine.message_id if unrecorded is not None or engine.redelivered else None
+    # claim), or an outcome to record (recorded as the message that sent: this one, or
+    # the one a kept copy already goes on as; a copy kept by an earlier version names no
+    # sender, and is recorded over any claim, as then). Otherwise it is a message of its
+    # own, whatever mark it came with.
+    if request.engine.outcome is not None:
+        identity = engine.message_id if claimed_identity(request.message) else None
+    elif unrecorded is not None or engine.redelivered:
+        identity = engine.message_id
+    else:
+        identity = None
     retrying = unrecorded is None and "poisonReason" in request.message  # else dropped
     bookkeeping = replace(
         request.engine,

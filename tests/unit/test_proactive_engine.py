@@ -2758,6 +2758,46 @@ async def test_the_resumed_copy_of_a_retry_does_not_retry_the_failure_its_chain_
     assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
 
 
+async def test_a_failure_kept_by_an_earlier_version_and_kept_again_is_still_recorded(
+    parts, fake_connector
+):
+    # An earlier version kept m-1's 500 in a copy that names no sender; storage refuses it
+    # again after the upgrade. The copy kept again must not name itself as the sender: it
+    # then yielded to m-1's still live claim as to another's, and nothing ever recorded the
+    # failure (the report stayed `running`, no poison copy).
+    from shared.holding import hold_for_settings
+    from shared.idempotency import take_claim
+
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    reason = "uncertain status 500: the message may have been posted, so it is not resent"
+    kept = json.dumps(
+        {
+            **json.loads(body({"conversation": "msteams/a:1"})),
+            RESERVED: {"attempt": 0, "since": None, "outcome": "failed", "reason": reason},
+        }
+    )
+    await ensure_head(engine.ledger, "req-1", "single", engine.clock.now)
+    slot = outcome_name("req-1", "target")
+    await take_claim(engine.ledger, slot, engine.clock.now, seconds=45, message="m-1")
+    held = MemoryQueue()
+    await hold_for_settings(kept, RuntimeError("x"), queue=held, redelivered="k-1")
+    [(held_copy, _)] = held.take()
+    assert "claimedBy" not in json.loads(held_copy)[RESERVED]
+    ledger, engine.ledger = engine.ledger, OutcomeWriteOutage(clock=engine.clock)
+    engine.ledger.blobs = ledger.blobs
+    assert await attempt(kept, "k-1") is Outcome.REQUEUED
+    [(again, _)] = engine.queue.take()
+    assert "claimedBy" not in json.loads(again)[RESERVED]
+    engine.ledger.down = False
+    engine.clock.now += 15
+
+    assert await attempt(again, "k-2") is Outcome.FAILED
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert len(engine.queue.poisoned) == 1 and sends(fake_connector) == []
+
+
 async def test_a_copy_kept_for_storage_goes_on_as_the_message_handled_whatever_it_carried(
     aad_app, fake_connector
 ):
