@@ -94,9 +94,18 @@ class Engine:
             bookkeeping = replace(bookkeeping, reference=None)
         if resumed:
             # A message of its own: it takes the kept claim over once it has ended.
-            bookkeeping = replace(bookkeeping, resumed=True, claimed_by=None, claimed_retry=False)
+            bookkeeping = replace(
+                bookkeeping,
+                resumed=True,
+                resumed_retry="poisonReason" in request.message,
+                claimed_by=None,
+                claimed_retry=False,
+            )
         if unrecorded is not None:
-            bookkeeping = replace(bookkeeping, outcome=unrecorded[0], reason=unrecorded[1])
+            # Its `poisonReason` is dropped below: one found on it later is an operator's.
+            bookkeeping = replace(
+                bookkeeping, outcome=unrecorded[0], reason=unrecorded[1], resumed_retry=False
+            )
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy
         # kept to record its outcome has one (and must not read as an operator's retry).
         copy = {**request.message, RESERVED: bookkeeping.to_json()}

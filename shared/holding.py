@@ -78,7 +78,10 @@ async def hold_for_settings(
         attempt = engine_field.get("attempt", 0)
         # A copy kept to record an outcome names its sender already, or (kept by an
         # earlier version) nobody: never this redelivery, which did not send it.
-        named = redelivered if usable_id(redelivered) and "outcome" not in engine_field else None
+        # (An operator's retry of such a copy, a `poisonReason` added, sets the outcome
+        # aside and sends: that retry's redelivery is named, as any.)
+        sends = "outcome" not in engine_field or "poisonReason" in message
+        named = redelivered if usable_id(redelivered) and sends else None
         identity = claimed_identity(message) or named
         engine_field.pop("claimedBy", None)
         engine_field.pop("claimedRetry", None)

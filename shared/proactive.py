@@ -397,9 +397,12 @@ async def _retry_failed(
     """A failed target whose poison copy an operator put back: claimed to try again. A
     delivered or pruned target is never sent again (None)."""
     failed = settled.record.data.get("outcome") == "failed"
-    if not failed or "poisonReason" not in request.message or request.engine.resumed:
-        # A resumed copy follows its message's claim, which had replaced the failure an
-        # operator retried: any failure now is that message's own, recorded since.
+    if not failed or "poisonReason" not in request.message:
+        return None
+    if request.engine.resumed and request.engine.resumed_retry:
+        # Resumed for an operator's retry, whose claim had replaced the failure it
+        # retried: any failure now is that retry's own, recorded since. (A resumed copy an
+        # operator put back with a `poisonReason` of their own is retried.)
         return None
     if engine.message_id is not None and settled.record.data.get("message") == engine.message_id:
         return None  # this very queue message failed it: the host's redelivery, not a retry

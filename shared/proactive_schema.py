@@ -72,6 +72,10 @@ class Bookkeeping:
     # Put back to wait out the claim an earlier attempt of its queue message kept after
     # the send began (it may have posted): once more only (shared/proactive.py).
     resumed: bool = False
+    # That message was an operator's retry when the copy was resumed (it carried
+    # `poisonReason`, and so does the copy): a `poisonReason` on a resumed copy without
+    # this mark was added by an operator since, to retry it.
+    resumed_retry: bool = False
     # Kept for storage by a redelivery whose claim was not decided yet: the host's id of
     # that queue message, whose earlier attempt may have kept the target's claim. The copy
     # goes on as that message would (shared/proactive.py).
@@ -86,6 +90,8 @@ class Bookkeeping:
             data["child"] = True
         if self.resumed:
             data["resumed"] = True
+            if self.resumed_retry:
+                data["resumedRetry"] = True
         if self.claimed_by is not None:
             data["claimedBy"] = self.claimed_by
             if self.claimed_retry:
@@ -354,6 +360,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     outcome, reason, reference = value.get("outcome"), value.get("reason"), value.get("reference")
     resumed, claimed_by = value.get("resumed", False), value.get("claimedBy")
     claimed_retry = value.get("claimedRetry", False)
+    resumed_retry = value.get("resumedRetry", False)
     if (
         not isinstance(attempt, int)
         or not 0 <= attempt <= MAX_ATTEMPT
@@ -363,6 +370,8 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         or not (claimed_by is None or usable_id(claimed_by))
         or not isinstance(claimed_retry, bool)
         or (claimed_retry and claimed_by is None)
+        or not isinstance(resumed_retry, bool)
+        or (resumed_retry and not resumed)
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
         or not (reference is None or (child and isinstance(reference, dict)))
@@ -376,6 +385,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         outcome,
         reason,
         resumed,
+        resumed_retry,
         claimed_by,
         claimed_retry,
     )

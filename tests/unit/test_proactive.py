@@ -490,6 +490,17 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         ),
         "engine's own field",
     ),
+    "resumed as a retry, never resumed": (
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"conversation": "msteams/a:1"},
+                "text": "x",
+                "_proactive": {"resumedRetry": True},
+            }
+        ),
+        "engine's own field",
+    ),
     "claimed by a number": (
         json.dumps(
             {

@@ -1464,8 +1464,14 @@ async def test_a_held_message_counts_its_attempts_and_backs_off():
         assert json.loads(text)[RESERVED]["claimedBy"] == "m-1"
     # An operator's retry of that copy (a poisonReason added) is a message of its own.
     retry = json.dumps({**json.loads(text), "poisonReason": "retry"})
-    for message_id, marks in (("op-1", {"claimedBy": "op-1", "claimedRetry": True}), (None, {})):
-        await hold_for_settings(retry, RuntimeError("x"), queue=queue, redelivered=message_id)
+    kept = json.loads(retry)
+    kept[RESERVED] = {**kept[RESERVED], "outcome": "failed", "reason": "500"}  # one kept
+    for message, message_id, marks in (
+        (retry, "op-1", {"claimedBy": "op-1", "claimedRetry": True}),
+        (retry, None, {}),
+        (json.dumps(kept), "op-1", {"claimedBy": "op-1", "claimedRetry": True}),
+    ):
+        await hold_for_settings(message, RuntimeError("x"), queue=queue, redelivered=message_id)
         [(held, _)] = queue.take()
         held_marks = json.loads(held)[RESERVED]
         assert {k: v for k, v in held_marks.items() if k.startswith("claimed")} == marks
@@ -2796,6 +2802,41 @@ async def test_a_failure_kept_by_an_earlier_version_and_kept_again_is_still_reco
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["failed"]) == ("done", 1)
     assert len(engine.queue.poisoned) == 1 and sends(fake_connector) == []
+
+
+async def test_an_operators_retry_of_a_resumed_copy_the_host_poisoned_is_sent(
+    parts, fake_connector
+):
+    # m-1's send and its resumed copy R's send were both left unrecorded; R's last attempt
+    # recorded its failure and the host poisoned R as it was (`resumed`, no poisonReason,
+    # no poison copy of the engine's). An operator adds a poisonReason and puts it back, as
+    # docs/proactive.md says: it is retried (it was answered `duplicate`: a resumed copy
+    # never retried a failure, though only a retry's resumed copy must not).
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    text = body({"conversation": "msteams/a:1"})
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    await dies_after_its_send(engine, attempt, text, "m-1")
+    engine.clock.now += 10
+    assert await attempt(text, "m-1", redelivered=True) is Outcome.REQUEUED
+    [(resumed, _)] = engine.queue.take()
+    engine.clock.now += 60
+    await dies_after_its_send(engine, attempt, resumed, "r-1")
+    engine.ledger = OneMoreRefusal(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.ledger.left = 3  # the attempt's own three tries, then the give-up record lands
+    engine.clock.now += 10
+    engine.queue = DownQueue()
+    with pytest.raises(RuntimeError):
+        await attempt(resumed, "r-1", redelivered=True, final_attempt=True)
+    engine.queue = MemoryQueue()
+    assert (await read_report(engine.ledger, "req-1"))["failed"] == 1
+    engine.clock.now += 600
+    retry = json.dumps({**json.loads(resumed), "poisonReason": "retried by an operator"})
+
+    assert await attempt(retry, "op-1") is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1", "a:1", "a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"]) == (1, 0)
 
 
 async def test_a_copy_kept_for_storage_goes_on_as_the_message_handled_whatever_it_carried(
