@@ -49,7 +49,6 @@ from shared.idempotency import (
     Busy,
     Claim,
     Settled,
-    claim_expiry,
     release_claim,
     replace_with_claim,
     take_claim,
@@ -59,6 +58,7 @@ from shared.outcomes import (
     Unsettled,
     fail_target,
     hold_for_storage,
+    kept_by_this_message,
     record_given_up,
     record_or_hold,
     record_target,
@@ -237,7 +237,7 @@ class _Progress:
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     scope = child_scope(request, engine.runtime)
-    if scope is None or (engine.redelivered and await _kept_by_this_message(request, engine)):
+    if scope is None or (engine.redelivered and await kept_by_this_message(engine, request)):
         # A claim this message's earlier attempt kept (its send may have left) is decided
         # before anything else: a copy put back would be another message, which would
         # take the claim over and send again, as often as that repeats.
@@ -256,13 +256,6 @@ async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome
     logger.debug("proactive %r: %s would wait %.1f s; put back", request.id, request.logged, wait)
     delay = engine.jitter(min(wait, MAX_CROWDED_DELAY))
     return await engine.requeue(request, delay, count=False, age=False)
-
-
-async def _kept_by_this_message(request: ProactiveRequest, engine: Engine) -> bool:
-    """The target's slot holds a claim taken by this queue message (an earlier attempt)."""
-    kept = await engine.ledger.read(outcome_name(request.id, request.target_name))
-    data = kept.data if kept is not None else None
-    return claim_expiry(data) is not None and data.get("message") == engine.message_id
 
 
 async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome:
