@@ -22,9 +22,8 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     claim_marks,
-    claimed_identity,
+    kept_identity,
     parse_request,
-    usable_id,
 )
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
@@ -76,13 +75,9 @@ async def hold_for_settings(
         reason = f"invalid request: larger than {MAX_REQUEST_BYTES} bytes as JSON"
         engine_field = dict(message.get(RESERVED) or {})
         attempt = engine_field.get("attempt", 0)
-        # A copy kept to record an outcome names its sender already, or (kept by an
-        # earlier version) nobody: never this redelivery, which did not send it.
-        # (An operator's retry of such a copy, a `poisonReason` added, sets the outcome
-        # aside and sends: that retry's redelivery is named, as any.)
-        sends = "outcome" not in engine_field or "poisonReason" in message
-        named = redelivered if usable_id(redelivered) and sends else None
-        identity = claimed_identity(message) or named
+        identity = kept_identity(
+            message, redelivered, redelivered=redelivered is not None, records=False
+        )
         engine_field.pop("claimedBy", None)
         engine_field.pop("claimedRetry", None)
         engine_field.update(claim_marks(message, identity))

@@ -23,7 +23,7 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
-    claimed_identity,
+    kept_identity,
     parse_request,
 )
 from shared.queues import compact_json
@@ -128,18 +128,13 @@ async def hold_for_storage(
         # The first copy kept for an outcome comes back within seconds, while the send's
         # claim still holds other copies off the target, not after the send's own backoff.
         request = replace(request, engine=replace(request.engine, attempt=0))
-    # The copy is another queue message; it goes on as this one (`claimedBy`) where this
-    # one's identity matters: a redelivery (an earlier attempt may have kept the target's
-    # claim), or an outcome to record (recorded as the message that sent: this one, or
-    # the one a kept copy already goes on as; a copy kept by an earlier version names no
-    # sender, and is recorded over any claim, as then). Otherwise it is a message of its
-    # own, whatever mark it came with.
-    if request.engine.outcome is not None:
-        identity = engine.message_id if claimed_identity(request.message) else None
-    elif unrecorded is not None or engine.redelivered:
-        identity = engine.message_id
-    else:
-        identity = None
+    # The copy is another queue message: which one it goes on as (`claimedBy`).
+    identity = kept_identity(
+        request.message,
+        engine.message_id,
+        redelivered=engine.redelivered,
+        records=unrecorded is not None,
+    )
     retrying = unrecorded is None and "poisonReason" in request.message  # else dropped
     bookkeeping = replace(
         request.engine,

@@ -267,6 +267,25 @@ def claimed_identity(message: Mapping[str, Any] | None) -> str | None:
     return claimed_by
 
 
+def kept_identity(
+    message: Mapping[str, Any], handled: str | None, *, redelivered: bool, records: bool
+) -> str | None:
+    """The queue message a copy kept (for storage or the settings) for `message` goes on
+    as: the one `message` already goes on as; else `handled` (the host's id of the message
+    handled, or of the one it goes on as) where its identity matters: a redelivery (an
+    earlier attempt may have kept the target's claim), or an outcome the copy is kept to
+    record (`records`: recorded as the message that sent). A copy carrying an outcome
+    that names nobody (kept by an earlier version) still names nobody: whoever handles it
+    did not send it. Otherwise none: a message of its own, whatever mark it came with."""
+    if (identity := claimed_identity(message)) is not None:
+        return identity
+    bookkeeping = message.get(RESERVED)
+    kept = bookkeeping.get("outcome") if isinstance(bookkeeping, dict) else None
+    if kept is not None and not (kept == "failed" and "poisonReason" in message):
+        return None  # (a failure with a poisonReason is set aside: an operator's retry)
+    return handled if (redelivered or records) and usable_id(handled) else None
+
+
 def claim_marks(message: Mapping[str, Any], identity: str | None) -> dict[str, Any]:
     """The `claimedBy`/`claimedRetry` fields of a copy kept for a message handled as
     `identity` (None: a message of its own, so none), replacing any it carried."""
