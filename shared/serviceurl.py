@@ -13,6 +13,7 @@ exact, the path on whole segments); with ``BOT_ALLOW_UNAUTHENTICATED`` only loop
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -83,7 +84,10 @@ def parse_service_url(service_url: object) -> ServiceTarget | None:
     address (no trailing dot, no percent-encoding), a path without dot segments or
     encoded separators, and plain http only for loopback hosts.
     """
-    parsed = _parse(service_url)
+    if type(service_url) is str and len(service_url) <= _CACHED_LENGTH:
+        parsed = _parse_remembered(service_url)
+    else:
+        parsed = _parse(service_url)
     return parsed if isinstance(parsed, ServiceTarget) else None
 
 
@@ -126,6 +130,13 @@ def _parse(url: object) -> ServiceTarget | str:
         return "has a path with dot segments or characters a URL path cannot have"
     default = 443 if scheme == "https" else 80
     return ServiceTarget(scheme, host, port or default, path.rstrip("/"))
+
+
+# A turn parses its serviceUrl three times (the token's claim, the activity's, the reply's
+# target) and a process meets a handful of them: the last few hundred parses are kept.
+# Entries are short strings and frozen results; longer input is parsed every time.
+_CACHED_LENGTH = 256
+_parse_remembered = functools.lru_cache(maxsize=512)(_parse)
 
 
 @dataclass(frozen=True, slots=True)

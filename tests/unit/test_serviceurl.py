@@ -53,3 +53,27 @@ def test_the_policy_follows_the_settings():
     local = TrustPolicy.configured("public", (), loopback_only=True)
     assert local.target("http://127.0.0.1:3978/") is not None
     assert local.target("https://smba.trafficmanager.net/amer/") is None
+
+
+class Text(str):
+    """A str subclass: parsed every time, never from what an equal plain str left."""
+
+
+def test_a_service_url_reads_the_same_when_met_again():
+    # A process keeps its recent parses (URLs up to 256 characters); a longer URL, a str
+    # subclass and a refused URL read the same on every meeting.
+    long_path = "/amer/" + "a" * 300
+    for url in (
+        "https://SMBA.trafficmanager.net:443/amer/",
+        f"https://smba.trafficmanager.net{long_path}/",
+        Text("https://smba.trafficmanager.net/amer/"),
+    ):
+        for _ in range(2):
+            target = parse_service_url(url)
+            assert target is not None
+            assert target.base == "https://smba.trafficmanager.net" + (
+                long_path if len(url) > 256 else "/amer"
+            )
+    for url in MALFORMED:
+        assert parse_service_url(url) is None
+        assert parse_service_url(url) is None
