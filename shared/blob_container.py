@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.blob_clients import BlobClients
 from shared.config import StorageSettings
 from shared.storage import (
     DEFAULT_OPTIONS,
@@ -58,9 +58,7 @@ class LazyContainer:
     ) -> None:
         self.name = name
         self._label = label  # how its log lines start
-        self._blobs: OrderedDict[str, BlobClient] = OrderedDict()
-        self._blobs_of: ContainerClient | None = None  # the container they belong to
-        self._blob_clients = blob_clients
+        self._blobs = BlobClients(blob_clients)
         self._storage = storage
         self._options = options
         self._client = client
@@ -82,18 +80,7 @@ class LazyContainer:
     def blob(self, name: str) -> BlobClient:
         """The client of one blob, reused for the next call on the same name (a document
         read, then written): building one costs more CPU than the request it makes."""
-        container = self.get()
-        blob = self._blobs.get(name)
-        if blob is None or self._blobs_of is not container:
-            if self._blobs_of is not container:
-                self._blobs.clear()
-                self._blobs_of = container
-            blob = self._blobs[name] = container.get_blob_client(name)
-            if len(self._blobs) > self._blob_clients:
-                self._blobs.popitem(last=False)
-        else:
-            self._blobs.move_to_end(name)
-        return blob
+        return self._blobs.get(self.get(), name)
 
     async def create(self) -> None:
         """Create the container (another writer having created it first is fine)."""

@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared import listing
+from shared.blob_clients import BlobClients
 from shared.config import Settings
 from shared.references.contract import StoreError, refused_credential, storage_auth_failed
 from shared.storage import (
@@ -169,7 +169,7 @@ class BlobLedger:
         self._settings = settings
         self._options = options
         self._page_size = page_size
-        self._blobs: OrderedDict[str, tuple[ContainerClient, BlobClient]] = OrderedDict()
+        self._blobs = BlobClients(BLOB_CLIENTS)
 
     def _container(self) -> ContainerClient:
         # The process's shared client (one per event loop), as the poison queue uses.
@@ -179,16 +179,7 @@ class BlobLedger:
     def _blob(self, name: str) -> BlobClient:
         """The blob's client, reused for the next call on the same name (a target's slot is
         claimed, then settled): building one costs about as much CPU as a request."""
-        container = self._container()
-        cached = self._blobs.get(name)
-        if cached is not None and cached[0] is container:
-            self._blobs.move_to_end(name)
-            return cached[1]
-        blob = container.get_blob_client(name)
-        self._blobs[name] = (container, blob)
-        if len(self._blobs) > BLOB_CLIENTS:
-            self._blobs.popitem(last=False)
-        return blob
+        return self._blobs.get(self._container(), name)
 
     async def create(
         self, name: str, data: Any, *, metadata: Mapping[str, str] | None = None

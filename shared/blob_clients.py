@@ -1,0 +1,106 @@
+"""Clients of one container's blobs, by name: kept for reuse, a new one copied from a sibling.
+
+The storage SDK's ``ContainerClient.get_blob_client`` builds each blob's client from
+nothing: a pipeline around the container's transport and policies, then a generated REST
+client whose constructor makes a configuration and a set of policies it never uses (it
+is handed the pipeline) and a serializer over every model of the REST API. That is about
+0.16 ms of CPU here, as much as the request the client then makes, paid for every new
+blob name: a new conversation's reference and its user's index entry, every outcome of a
+broadcast.
+
+:func:`sibling` makes the client of another blob of the same container from one the SDK
+built: the same pipeline, credentials, configuration and serializers, the blob's name and
+URL its own. It leans on how this SDK version lays a blob client out (parts it does not
+publish, as shared/listing.py does); where a client is not laid out as expected, the SDK
+builds the new one itself. tests/unit/test_blob_clients.py compares a copy with the
+SDK's own client of the same name, part by part, and sends requests through copies.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import BlobClient, ContainerClient
+
+# The generated REST client's operation groups: each holds the client's URL configuration.
+_GROUPS = ("service", "container", "blob", "page_blob", "append_blob", "block_blob")
+
+
+class BlobClients:
+    """The clients of one container's blobs: the last `size` names' are kept (the least
+    recently used dropped first), all dropped when the container's client changes."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._clients: OrderedDict[str, BlobClient] = OrderedDict()
+        self._container: ContainerClient | None = None  # the container they belong to
+        self._template: BlobClient | None = None  # the first the SDK built for it
+
+    def get(self, container: ContainerClient, name: str) -> BlobClient:
+        if container is not self._container:
+            self.clear()
+            self._container = container
+        blob = self._clients.get(name)
+        if blob is not None:
+            self._clients.move_to_end(name)
+            return blob
+        blob = sibling(self._template, name) if self._template is not None else None
+        if blob is None:
+            blob = container.get_blob_client(name)
+            if self._template is None:
+                self._template = blob
+        self._clients[name] = blob
+        if len(self._clients) > self._size:
+            self._clients.popitem(last=False)
+        return blob
+
+    def clear(self) -> None:
+        self._clients.clear()
+        self._container = self._template = None
+
+
+def sibling(template: BlobClient, name: str) -> BlobClient | None:
+    """The client of blob `name` in `template`'s container, copied from `template` (None
+    when `template` is not laid out as this module expects, or `name` is empty)."""
+    if not name or not isinstance(name, str) or not _laid_out_as_expected(template):
+        return None
+    rest = template._client  # type: ignore[attr-defined]
+    blob = copy.copy(template)
+    blob.blob_name = name
+    url = blob.url  # the SDK's own formatting of the blob's URL (its name quoted)
+    config = copy.copy(rest._config)
+    config.url = url
+    pipeline_client = copy.copy(rest._client)
+    pipeline_client._base_url = url
+    new_rest = copy.copy(rest)
+    new_rest._config = config
+    new_rest._client = pipeline_client
+    for group in _GROUPS:
+        operations = copy.copy(getattr(rest, group))
+        operations._config = config
+        operations._client = pipeline_client
+        setattr(new_rest, group, operations)
+    blob._client = new_rest
+    return blob
+
+
+def _laid_out_as_expected(template: Any) -> bool:
+    """Whether every place the SDK keeps a blob client's URL is one this module rewrites:
+    the generated client's configuration, its pipeline client's base URL and each
+    operation group (which must share the client's configuration and pipeline client).
+    A snapshot or version client is never copied (its URL has a query of its own)."""
+    try:
+        rest = template._client
+        config, pipeline_client = rest._config, rest._client
+        groups = [getattr(rest, group) for group in _GROUPS]
+        return (
+            getattr(template, "snapshot", None) is None
+            and getattr(template, "version_id", None) is None
+            and config.url == template.url == pipeline_client._base_url
+            and all(g._config is config and g._client is pipeline_client for g in groups)
+        )
+    except AttributeError:
+        return False
