@@ -11,9 +11,11 @@ broadcast.
 :func:`sibling` makes the client of another blob of the same container from one the SDK
 built: the same pipeline, credentials, configuration and serializers, the blob's name and
 URL its own. It leans on how this SDK version lays a blob client out (parts it does not
-publish, as shared/listing.py does); where a client is not laid out as expected, the SDK
-builds the new one itself. tests/unit/test_blob_clients.py compares a copy with the
-SDK's own client of the same name, part by part, and sends requests through copies.
+publish, as shared/listing.py does); where a client is not laid out as expected, or the
+container's settings a blob client takes (credential, encryption, location mode) changed
+since the template was built, the SDK builds the new one itself.
+tests/unit/test_blob_clients.py compares a copy with the SDK's own client of the same
+name, part by part, and sends requests through copies.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ if TYPE_CHECKING:
 
 # The generated REST client's operation groups: each holds the client's URL configuration.
 _GROUPS = ("service", "container", "blob", "page_blob", "append_blob", "block_blob")
+# All the generated client holds: anything more might keep the template's URL.
+_REST_PARTS = frozenset({"_config", "_client", "_serialize", "_deserialize", *_GROUPS})
+# What a blob client takes from its container when the SDK builds it: a template built
+# before the container's were changed is not copied any more.
+_FROM_CONTAINER = (
+    "credential",
+    "require_encryption",
+    "encryption_version",
+    "key_encryption_key",
+    "key_resolver_function",
+    "_location_mode",
+)
 
 
 class BlobClients:
@@ -38,6 +52,7 @@ class BlobClients:
         self._clients: OrderedDict[str, BlobClient] = OrderedDict()
         self._container: ContainerClient | None = None  # the container they belong to
         self._template: BlobClient | None = None  # the first the SDK built for it
+        self._template_from: tuple[Any, ...] = ()  # the container's settings then
 
     def get(self, container: ContainerClient, name: str) -> BlobClient:
         if container is not self._container:
@@ -47,11 +62,13 @@ class BlobClients:
         if blob is not None:
             self._clients.move_to_end(name)
             return blob
-        blob = sibling(self._template, name) if self._template is not None else None
+        settings = tuple(getattr(container, part, None) for part in _FROM_CONTAINER)
+        blob = None
+        if self._template is not None and settings == self._template_from:
+            blob = sibling(self._template, name)
         if blob is None:
             blob = container.get_blob_client(name)
-            if self._template is None:
-                self._template = blob
+            self._template, self._template_from = blob, settings
         self._clients[name] = blob
         if len(self._clients) > self._size:
             self._clients.popitem(last=False)
@@ -60,6 +77,7 @@ class BlobClients:
     def clear(self) -> None:
         self._clients.clear()
         self._container = self._template = None
+        self._template_from = ()
 
 
 def sibling(template: BlobClient, name: str) -> BlobClient | None:
@@ -84,20 +102,23 @@ def sibling(template: BlobClient, name: str) -> BlobClient | None:
         operations._client = pipeline_client
         setattr(new_rest, group, operations)
     blob._client = new_rest
-    return blob
+    # A URL kept anywhere this module does not rewrite would still be the template's.
+    return blob if blob.url != template.url or name == template.blob_name else None
 
 
 def _laid_out_as_expected(template: Any) -> bool:
     """Whether every place the SDK keeps a blob client's URL is one this module rewrites:
     the generated client's configuration, its pipeline client's base URL and each
-    operation group (which must share the client's configuration and pipeline client).
-    A snapshot or version client is never copied (its URL has a query of its own)."""
+    operation group (which must share the client's configuration and pipeline client),
+    the generated client holding nothing else. A snapshot or version client is never
+    copied (its URL has a query of its own)."""
     try:
         rest = template._client
         config, pipeline_client = rest._config, rest._client
         groups = [getattr(rest, group) for group in _GROUPS]
         return (
-            getattr(template, "snapshot", None) is None
+            set(vars(rest)) == _REST_PARTS
+            and getattr(template, "snapshot", None) is None
             and getattr(template, "version_id", None) is None
             and config.url == template.url == pipeline_client._base_url
             and all(g._config is config and g._client is pipeline_client for g in groups)

@@ -3,8 +3,10 @@ out as the storage SDK's own client of that name, and its requests reach that bl
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import enum
+import functools
 
 import pytest
 
@@ -22,6 +24,14 @@ NAMES = [
     "template.json.2",
 ]
 PRIMITIVES = (str, bytes, int, float, bool, type(None), enum.Enum)
+
+
+def cached_url_class():
+    """A blob client class that keeps its URL once computed."""
+    from azure.storage.blob.aio import BlobClient
+
+    url = functools.cached_property(BlobClient.url.fget)
+    return type("CachedUrl", (BlobClient,), {"url": url})
 
 
 def shape(value, seen=None, depth=0):
@@ -104,6 +114,15 @@ async def test_a_client_laid_out_otherwise_is_not_copied(container):
     odd = container.get_blob_client("template.json")
     odd._client._client._base_url = "http://elsewhere/"
     assert sibling(odd, "x") is None
+    # A part the generated client did not have (a new operation group, say).
+    odd = container.get_blob_client("template.json")
+    odd._client.blob_v2 = copy.copy(odd._client.blob)
+    assert sibling(odd, "x") is None
+    # A client that keeps its URL once computed (here a subclass caching it).
+    odd = container.get_blob_client("template.json")
+    odd.__class__ = cached_url_class()
+    assert odd.url.endswith("/template.json")
+    assert sibling(odd, "x") is None
 
 
 async def test_the_sdk_builds_what_cannot_be_copied(container):
@@ -114,6 +133,33 @@ async def test_the_sdk_builds_what_cannot_be_copied(container):
     assert shape(second) == shape(container.get_blob_client("two.json"))
     await second.upload_blob(b"2")
     assert [b.name async for b in container.list_blobs()] == ["two.json"]
+
+
+async def test_a_container_changed_since_the_template_gets_the_sdks_clients(container):
+    clients = BlobClients(4)
+    clients.get(container, "one.json")
+    container.require_encryption = True  # what get_blob_client hands each new client
+    try:
+        two = clients.get(container, "two.json")
+        assert two.require_encryption is True
+        assert shape(two) == shape(container.get_blob_client("two.json"))
+    finally:
+        container.require_encryption = False
+
+
+async def test_copies_at_work_at_once_keep_to_their_own_blobs(container):
+    clients = BlobClients(64)
+    names = [f"at-once/{index} é%3A.json" for index in range(40)]
+
+    async def round_trip(name):
+        blob = clients.get(container, name)
+        await blob.upload_blob(name.encode())
+        return await (await blob.download_blob()).readall()
+
+    assert await asyncio.gather(*(round_trip(name) for name in names)) == [
+        name.encode() for name in names
+    ]
+    assert sorted([b.name async for b in container.list_blobs()]) == sorted(names)
 
 
 async def test_clients_are_kept_per_name_and_dropped_with_their_container(container, azurite):
