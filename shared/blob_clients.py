@@ -21,6 +21,7 @@ name, part by part, and sends requests through copies.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,12 @@ _FROM_CONTAINER = (
     "key_resolver_function",
     "_location_mode",
 )
+# The first client the SDK built for each container, and the container's settings then:
+# one for every BlobClients of that container (an engine, with its ledger, is made per
+# queue message), dropped with the container's client.
+_TEMPLATES: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class BlobClients:
@@ -51,8 +58,6 @@ class BlobClients:
         self._size = size
         self._clients: OrderedDict[str, BlobClient] = OrderedDict()
         self._container: ContainerClient | None = None  # the container they belong to
-        self._template: BlobClient | None = None  # the first the SDK built for it
-        self._template_from: tuple[Any, ...] = ()  # the container's settings then
 
     def get(self, container: ContainerClient, name: str) -> BlobClient:
         if container is not self._container:
@@ -62,22 +67,26 @@ class BlobClients:
         if blob is not None:
             self._clients.move_to_end(name)
             return blob
-        settings = tuple(getattr(container, part, None) for part in _FROM_CONTAINER)
-        blob = None
-        if self._template is not None and settings == self._template_from:
-            blob = sibling(self._template, name)
-        if blob is None:
-            blob = container.get_blob_client(name)
-            self._template, self._template_from = blob, settings
-        self._clients[name] = blob
+        blob = self._clients[name] = client_of(container, name)
         if len(self._clients) > self._size:
             self._clients.popitem(last=False)
         return blob
 
     def clear(self) -> None:
         self._clients.clear()
-        self._container = self._template = None
-        self._template_from = ()
+        self._container = None
+
+
+def client_of(container: ContainerClient, name: str) -> BlobClient:
+    """A new client of blob `name`: a copy of the container's template when it can be
+    one, else built by the SDK (and then the container's template)."""
+    settings = tuple(getattr(container, part, None) for part in _FROM_CONTAINER)
+    kept = _TEMPLATES.get(container)
+    blob = sibling(kept[0], name) if kept is not None and kept[1] == settings else None
+    if blob is None:
+        blob = container.get_blob_client(name)
+        _TEMPLATES[container] = (blob, settings)
+    return blob
 
 
 def sibling(template: BlobClient, name: str) -> BlobClient | None:

@@ -7,6 +7,8 @@ import asyncio
 import copy
 import enum
 import functools
+import gc
+import weakref
 
 import pytest
 
@@ -160,6 +162,23 @@ async def test_copies_at_work_at_once_keep_to_their_own_blobs(container):
         name.encode() for name in names
     ]
     assert sorted([b.name async for b in container.list_blobs()]) == sorted(names)
+
+
+async def test_every_cache_of_a_container_copies_its_one_template(container, azurite):
+    # An engine and its ledger are made per queue message: their caches share templates.
+    from azure.storage.blob.aio import BlobServiceClient
+
+    one = BlobClients(4).get(container, "one.json")
+    two = BlobClients(4).get(container, "two.json")
+    assert two._client._serialize is one._client._serialize
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    gone = service.get_container_client(container.container_name)
+    BlobClients(4).get(gone, "three.json")
+    dropped = weakref.ref(gone)
+    del gone
+    gc.collect()
+    assert dropped() is None  # a template does not keep its container's client alive
+    await service.close()
 
 
 async def test_clients_are_kept_per_name_and_dropped_with_their_container(container, azurite):
