@@ -13,6 +13,7 @@ import weakref
 import pytest
 
 from shared.blob_clients import BlobClients, sibling
+from tests.fixtures.storage import sas_connection_string
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +204,55 @@ async def test_clients_are_kept_per_name_and_dropped_with_their_container(contai
         assert await (await one.download_blob()).readall() == b"1"
     finally:
         await service.close()
+
+
+def transport_of(client):
+    """The aiohttp transport a client's requests leave through (under the SDK's wrappers)."""
+    transport = client._pipeline._transport
+    while hasattr(transport, "_transport"):
+        transport = transport._transport
+    return transport
+
+
+async def test_a_template_serves_its_own_container_client_only(azurite, unique_name):
+    # With a SAS connection string the container's settings carry no credential, so two
+    # services' clients of one container look alike: only the client itself tells them
+    # apart (a copy through another's template would use that service's connections,
+    # maybe a closed event loop's).
+    from azure.storage.blob.aio import BlobServiceClient
+
+    sas = sas_connection_string(azurite, "rwdlac")
+    name = unique_name("own")
+    first, second = (BlobServiceClient.from_connection_string(sas) for _ in range(2))
+    try:
+        await first.create_container(name)
+        one, two = first.get_container_client(name), second.get_container_client(name)
+        template = weakref.ref(BlobClients(4).get(one, "a.json"))
+        BlobClients(4).get(two, "b.json")
+        copy = BlobClients(4).get(two, "c.json")
+        assert transport_of(copy) is transport_of(second)
+        await copy.upload_blob(b"c")
+        del one
+        gc.collect()
+        assert template() is None  # the template goes with its container's client
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_cache_given_another_container_client_drops_its_names(azurite, unique_name):
+    from azure.storage.blob.aio import BlobServiceClient
+
+    name = unique_name("drop")
+    first, second = (
+        BlobServiceClient.from_connection_string(azurite.connection_string) for _ in range(2)
+    )
+    try:
+        clients = BlobClients(4)
+        one = clients.get(first.get_container_client(name), "one.json")
+        again = clients.get(second.get_container_client(name), "one.json")
+        assert again is not one
+        assert transport_of(again) is transport_of(second)
+    finally:
+        await first.close()
+        await second.close()
