@@ -4,6 +4,7 @@ a fresh venv that has only requirements.txt installed."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -51,6 +52,14 @@ for path in pathlib.Path(".").rglob("*.py"):
 for module in sorted(modules):
     importlib.import_module(module)
 print(len(modules), "modules ok")
+"""
+
+# Every distribution installed, as `name==version` (names normalised as pip writes pins).
+_VERSIONS = """
+import importlib.metadata, re
+for dist in importlib.metadata.distributions():
+    name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+    print(f"{name}=={dist.version}")
 """
 
 
@@ -111,6 +120,12 @@ def test_the_functions_import_with_only_requirements_installed(built, tmp_path: 
     app = tmp_path / "app"
     with zipfile.ZipFile(output) as archive:
         archive.extractall(app)
+    # The packaged constraints apply to whatever installs requirements.txt (Azure's remote
+    # build): pinned lower here, the dependency the app only brings in comes at that pin.
+    constraints = app / "constraints.txt"
+    pins = constraints.read_text()
+    assert "\nazure-core==1.41.0\n" in pins
+    constraints.write_text(pins.replace("\nazure-core==1.41.0\n", "\nazure-core==1.40.0\n"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -143,6 +158,18 @@ def test_the_functions_import_with_only_requirements_installed(built, tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+    versions = subprocess.run(
+        [str(python), "-E", "-s", "-c", _VERSIONS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert "azure-core==1.40.0" in versions
+    pinned = {re.sub(r"[-_.]+(?=.*==)", "-", line.strip().lower()) for line in pins.splitlines()}
+    pinned.add("azure-core==1.40.0")
+    assert [v for v in versions if v not in pinned and not v.startswith("pip==")] == []
 
 
 def test_the_make_targets_run_the_builders() -> None:
