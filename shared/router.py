@@ -92,7 +92,8 @@ class Router:
         self.routes.append(Route(predicate, handler, name or getattr(handler, "__name__", "")))
 
     def on(self, predicate: Predicate) -> Callable[[H], H]:
-        """Register a handler for activities `predicate(turn)` accepts (any custom rule)."""
+        """Register a handler for activities `predicate(turn)` accepts (any custom rule;
+        an ``async def`` rule is awaited)."""
 
         def register(handler: H) -> H:
             self.add(predicate, handler)
@@ -295,6 +296,8 @@ class Router:
         """Run the first route matching `turn`. A handler's exception propagates."""
         for route in self.routes:
             matched = route.predicate(turn)
+            if inspect.isawaitable(matched):
+                matched = await matched  # an async rule (one that reads state, say)
             if not matched:
                 continue
             if isinstance(matched, re.Match):

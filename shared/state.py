@@ -30,6 +30,7 @@ bigger state is a :class:`StateTooLarge` error and nothing is written.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import time
@@ -280,6 +281,21 @@ def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
     return merged
 
 
+def _show_stored(ours: Data, mine: Data, stored: Data) -> None:
+    """Make the bot's data what was stored, keeping the fields it changed since `mine`
+    was taken (while the write was out): those are still to be saved."""
+    shown = _copy(stored)
+    for name in ours.keys() | mine.keys():
+        now = ours.get(name, _MISSING)
+        if not same_json(now, mine.get(name, _MISSING)):
+            if now is _MISSING:
+                shown.pop(name, None)
+            else:
+                shown[name] = now
+    ours.clear()
+    ours.update(shown)
+
+
 class State:
     """One state document, as a handler or proactive code sees it.
 
@@ -339,7 +355,17 @@ class State:
         updates it in place, so read from it after :meth:`save` (or the turn's
         ``save_state``) what the user is shown."""
         data = await self.load()
-        change(data)
+        before = _copy(data)
+        result = change(data)
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never run: nothing changed
+            raise TypeError("state: an update() change must be a plain function, not async")
+        if isinstance(result, Mapping) and result is not data and same_json(before, data):
+            raise TypeError(
+                "state: an update() change must change the dict it is given in place "
+                "(this one returned a new dict and changed nothing)"
+            )
         self._updates.append(change)
         return data
 
@@ -357,22 +383,26 @@ class State:
         store = self._require_store()
         loaded, ours = self._loaded or {}, self._data
         encode_data(ours, store.max_bytes)  # a bad or oversized state fails before any I/O
-        candidate, etag = ours, self._etag
+        # What is written is a copy of the data as the write starts: the handler's other
+        # tasks may go on changing it while the write is out, and those changes stay
+        # unsaved (``changed``) for the next save instead of passing for written.
+        mine, counted, etag = _copy(ours), len(self._updates), self._etag
+        candidate = mine
         for attempt in range(MAX_SAVE_ATTEMPTS):
             new_etag = await store.write(self.key, candidate, etag=etag)
             if new_etag is not None:
-                self._loaded, self._etag = _copy(candidate), new_etag
-                self._updates.clear()
-                if candidate is not ours:  # show the bot what was stored
-                    ours.clear()
-                    ours.update(_copy(candidate))
+                self._loaded, self._etag = candidate, new_etag
+                del self._updates[:counted]
+                if candidate is not mine:  # show the bot what was stored
+                    _show_stored(ours, mine, candidate)
                 return True
             # Jittered: savers that collided do not collide again in step.
             await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
             fresh = await store.read(self.key)
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None
-            candidate = self._reapply(loaded, theirs, ours)
+            mine, counted = _copy(ours), len(self._updates)
+            candidate = self._reapply(loaded, theirs, mine)
             encode_data(candidate, store.max_bytes)
         raise StateConflict(
             f"state: gave up saving after {MAX_SAVE_ATTEMPTS} concurrent changes; nothing was "
@@ -382,7 +412,11 @@ class State:
     async def delete(self) -> bool:
         """Remove the stored document now; the data reads as ``{}`` afterwards."""
         deleted = await self._require_store().delete(self.key)
-        self._loaded, self._data, self._etag = {}, {}, None
+        if self._data is None:
+            self._data = {}
+        else:
+            self._data.clear()  # the dict the handler holds stays the state's
+        self._loaded, self._etag = {}, None
         self._updates.clear()
         return deleted
 

@@ -216,6 +216,24 @@ async def test_registration_order_is_match_order_and_first_match_wins():
     assert [route.name for route in router.routes] == ["specific", "general", "anything"]
 
 
+async def test_an_async_rule_is_awaited_before_it_decides():
+    # A rule that reads something (state, a lookup) is an async def: its answer decides,
+    # not the coroutine object (always true), which would take every activity.
+    router = Router()
+    seen: list[str] = []
+
+    async def members_only(turn):
+        return turn.activity.get("from", {}).get("id") == "29:member"
+
+    router.on(members_only)(lambda turn: seen.append("member"))
+    router.message()(lambda turn: seen.append("anyone"))
+    await router.dispatch(turn_for(activity(text="hi")))
+    await router.dispatch(turn_for(activity(text="hi", **{"from": {"id": "29:member"}})))
+    assert seen == ["anyone", "member"]
+    result = await router.dispatch(turn_for(activity("invoke", name="composeExtension/query")))
+    assert not result.handled  # answered 501 by the endpoint, not by the member's route
+
+
 async def test_bot_and_members_added_together_go_to_the_first_registered_route():
     router = Router()
     seen: list[str] = []

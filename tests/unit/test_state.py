@@ -345,6 +345,93 @@ async def test_a_save_over_the_limit_writes_nothing(store):
     assert (await store.read(USER)).data == {"notes": []}
 
 
+class WriteHeld:
+    """A store whose write number `held` (0 the first) waits until `go` is set: what the
+    handler does meanwhile happens while that write is out."""
+
+    def __init__(self, store, held: int = 0) -> None:
+        self.store, self.held, self.writes = store, held, 0
+        self.max_bytes = store.max_bytes
+        self.writing, self.go = asyncio.Event(), asyncio.Event()
+
+    async def read(self, key):
+        return await self.store.read(key)
+
+    async def write(self, key, data, *, etag):
+        self.writes += 1
+        if self.writes - 1 == self.held:
+            self.writing.set()
+            await self.go.wait()
+        return await self.store.write(key, data, etag=etag)
+
+
+async def test_a_change_made_while_the_save_is_out_is_saved_by_the_next(store):
+    held = WriteHeld(store)
+    state = State(held, USER)
+    data = await state.load()
+    data["a"] = 1
+    saving = asyncio.create_task(state.save())
+    await held.writing.wait()
+    data["b"] = 2  # another task of the same handler, while the write is out
+    state_updated = asyncio.create_task(state.update(lambda d: d.update(c=3)))
+    await asyncio.sleep(0)
+    held.go.set()
+    assert await saving
+    await state_updated
+    assert (await store.read(USER)).data == {"a": 1}
+    assert state.changed and data == {"a": 1, "b": 2, "c": 3}
+    assert await state.save()  # what the turn's end does
+    assert (await store.read(USER)).data == {"a": 1, "b": 2, "c": 3}
+
+
+async def test_a_change_made_while_a_merged_save_is_out_is_kept_and_saved(store):
+    held = WriteHeld(store, held=1)  # the second write: after meeting another writer's
+    state = State(held, USER)
+    data = await state.load()
+    await store.write(USER, {"x": 1}, etag=None)  # another turn saved first
+    data["a"] = 1
+    saving = asyncio.create_task(state.save())
+    await held.writing.wait()
+    data["b"] = 2
+    held.go.set()
+    assert await saving
+    assert (await store.read(USER)).data == {"x": 1, "a": 1}
+    assert data == {"x": 1, "a": 1, "b": 2} and state.changed  # shown merged, b still due
+    assert await state.save()
+    assert (await store.read(USER)).data == {"x": 1, "a": 1, "b": 2}
+
+
+async def test_an_update_change_that_cannot_change_the_data_is_a_clear_error(store):
+    state = State(store, USER)
+
+    async def bump(data):
+        data["n"] = 1
+
+    with pytest.raises(TypeError, match="plain function, not async"):
+        await state.update(bump)
+    with pytest.raises(TypeError, match="in place"):
+        await state.update(lambda data: {**data, "n": 1})
+    assert not state.changed and not await state.save()
+    assert await store.read(USER) is None
+    # Changes that return something of their own are fine: what counts is the change.
+    await state.update(lambda data: data.setdefault("items", []))
+    await state.update(lambda data: data.update(profile={"a": 1}))
+    await state.update(lambda data: data.pop("profile"))
+    assert await state.save()
+    assert (await store.read(USER)).data == {"items": []}
+
+
+async def test_the_data_a_handler_holds_stays_the_states_after_a_delete(store):
+    await store.write(USER, {"count": 5}, etag=None)
+    state = State(store, USER)
+    data = await state.load()
+    await state.delete()
+    assert data == {}  # the handler's dict reads as the state does
+    data["started"] = "now"  # starting over with the dict load() gave it
+    assert await state.save()
+    assert (await store.read(USER)).data == {"started": "now"}
+
+
 async def test_delete_then_state_starts_empty(store):
     await store.write(USER, {"a": 1}, etag=None)
     state = State(store, USER)
