@@ -296,7 +296,10 @@ class TurnContext:
 
     async def send(self, text_or_activity: str | Mapping[str, Any]) -> dict:
         """Post a new activity to this conversation (Connector `SendToConversation`): text,
-        an activity, or an Adaptive Card / attachment (sent as a message carrying it)."""
+        an activity, or an Adaptive Card / attachment (sent as a message carrying it).
+        Returns the Connector's answer (``{"id": ...}``, the id `update_activity` takes);
+        under expectReplies ``{}``: the activity is only buffered, it has no id yet, as
+        with the SDKs (check for ``"id"`` before updating what was sent)."""
         activity = apply_conversation_reference(self._outgoing(text_or_activity), self.reference)
         return await self._deliver(activity, reply_to=None, buffer=True)
 
@@ -308,7 +311,8 @@ class TurnContext:
         An activity without an id, and a conversationUpdate (spec: not a reply target), is
         answered by posting to the conversation instead. ``buffer=False`` posts through the
         Connector even under expectReplies (the error apology uses it: a failed turn answers
-        500, so a buffered apology would never be seen).
+        500, so a buffered apology would never be seen). Returns what :meth:`send` returns
+        (``{}`` when buffered).
         """
         incoming_id = self.reference.get("activityId")
         activity = apply_conversation_reference(

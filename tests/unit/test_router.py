@@ -298,8 +298,8 @@ async def test_reply_to_a_conversation_update_posts_to_the_conversation():
 async def test_expect_replies_buffers_instead_of_sending():
     connector = RecordingConnector()
     turn = turn_for(activity(text="hi", deliveryMode="expectReplies"), connector)
-    await turn.reply("one")
-    await turn.send("two")
+    assert await turn.reply("one") == {}  # buffered: no id yet (documented)
+    assert await turn.send("two") == {}
     assert connector.calls == []
     assert [a["text"] for a in turn.buffered] == ["one", "two"]
     assert turn.buffered[0]["replyToId"] == "in-1"
