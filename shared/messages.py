@@ -161,6 +161,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         settings=runtime.settings,
         state=runtime.state,
     )
+    turn.answer_by = started + _window(activity)
     # A shallow copy keeps a handler's edits to the activity out of the reference.
     recorded = dict(activity)
     if activity["type"] == "deleteUserData":
@@ -196,7 +197,7 @@ def _check_late(activity: Activity, recorded: Activity, ids: str, elapsed: float
     """Warn when the answer came after the channel stopped waiting: the channel may send
     the activity again, and the handler then runs a second time (slow work belongs in
     ``turn.send_later`` or the proactive queue). A removal may run on by design."""
-    window = EXTENSION_WINDOW if is_message_extension(activity) else CHANNEL_WINDOW
+    window = _window(activity)
     if elapsed > window and not _removal(recorded):
         logger.warning(
             "messages: %s %s answered after %.1f s; the channel waits %.0f s, then may send "
@@ -206,6 +207,11 @@ def _check_late(activity: Activity, recorded: Activity, ids: str, elapsed: float
             elapsed,
             window,
         )
+
+
+def _window(activity: Activity) -> float:
+    """How long the channel waits for the HTTP answer to `activity`."""
+    return EXTENSION_WINDOW if is_message_extension(activity) else CHANNEL_WINDOW
 
 
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:

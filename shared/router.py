@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ Predicate = Callable[[TurnContext], Any]  # truthy = match; a re.Match is kept o
 H = TypeVar("H", bound=Callable[..., Any])
 
 APOLOGY = "Sorry, something went wrong on my side. Please try again later."
+APOLOGY_MARGIN = 1.0  # seconds of the channel's wait kept for the answer after the apology
 
 
 @dataclass(slots=True)
@@ -311,6 +313,7 @@ class Router:
     async def handle_error(self, turn: TurnContext, error: BaseException) -> None:
         """Log a failed turn with its ids and apologise to the user. Never raises.
 
+        The apology is tried only within the channel's wait for the answer (_apologise).
         The user never sees the exception; the log names the activity, the conversation and
         where the exception was raised (not its text, which may carry user data or secrets,
         but for the app's own errors whose text says why: see _reason).
@@ -341,7 +344,7 @@ class Router:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
             elif not _no_apology(turn.activity) and not _connector_failing(turn, error):
-                await turn.reply(self.apology, buffer=False)
+                await self._apologise(turn)
         except Exception as failure:
             logger.warning(
                 "could not apologise: activity=%s conversation=%s error=%s",
@@ -349,6 +352,25 @@ class Router:
                 clip(turn.conversation_key),
                 type(failure).__name__,
             )
+
+    async def _apologise(self, turn: TurnContext) -> None:
+        """The apology, in the time the channel still waits for the turn's answer (less
+        APOLOGY_MARGIN for the answer itself); none when less than a second of it is left:
+        an answer past the channel's wait makes it send the activity again."""
+        if turn.answer_by is None:
+            await turn.reply(self.apology, buffer=False)
+            return
+        left = turn.answer_by - time.monotonic() - APOLOGY_MARGIN
+        if left < 1.0:
+            logger.warning(
+                "no apology: activity=%s conversation=%s: the channel stops waiting for "
+                "the answer in %.1f s",
+                clip(turn.activity.get("id")),
+                clip(turn.conversation_key),
+                max(0.0, left + APOLOGY_MARGIN),
+            )
+            return
+        await turn.reply(self.apology, buffer=False, retry=turn.connector.retry_within(left))
 
 
 def _reason(error: BaseException) -> str:

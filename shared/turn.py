@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from shared.auth.inbound import Identity
     from shared.config import Settings
     from shared.connector.client import ConnectorClient
+    from shared.connector.errors import RetryPolicy
 
 
 T = TypeVar("T")
@@ -63,6 +64,7 @@ class TurnContext:
         "_conversation_state",
         "_user_state",
         "activity",
+        "answer_by",
         "buffered",
         "buffering",
         "connector",
@@ -92,6 +94,9 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
+        # When (time.monotonic()) the channel stops waiting for the HTTP answer: set by the
+        # messages endpoint; None for a turn made elsewhere.
+        self.answer_by: float | None = None
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
         # the conversation gone: anything the channel did not answer as invalid), or was
@@ -304,21 +309,26 @@ class TurnContext:
         return await self._deliver(activity, reply_to=None, buffer=True)
 
     async def reply(
-        self, text_or_activity: str | Mapping[str, Any], *, buffer: bool = True
+        self,
+        text_or_activity: str | Mapping[str, Any],
+        *,
+        buffer: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> dict:
         """Answer the incoming activity (Connector `ReplyToActivity`, `replyToId` = its id).
 
         An activity without an id, and a conversationUpdate (spec: not a reply target), is
         answered by posting to the conversation instead. ``buffer=False`` posts through the
         Connector even under expectReplies (the error apology uses it: a failed turn answers
-        500, so a buffered apology would never be seen). Returns what :meth:`send` returns
-        (``{}`` when buffered).
+        500, so a buffered apology would never be seen); `retry` replaces the Connector
+        client's retry policy for this call. Returns what :meth:`send` returns (``{}``
+        when buffered).
         """
         incoming_id = self.reference.get("activityId")
         activity = apply_conversation_reference(
             self._outgoing(text_or_activity), self.reference, reply=bool(incoming_id)
         )
-        return await self._deliver(activity, reply_to=incoming_id, buffer=buffer)
+        return await self._deliver(activity, reply_to=incoming_id, buffer=buffer, retry=retry)
 
     async def update_activity(
         self, activity_id: str, text_or_activity: str | Mapping[str, Any]
@@ -387,17 +397,27 @@ class TurnContext:
                 )
         return activity
 
-    async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
+    async def _deliver(
+        self,
+        activity: Activity,
+        *,
+        reply_to: str | None,
+        buffer: bool,
+        retry: RetryPolicy | None = None,
+    ) -> dict:
         if buffer and self.buffering and self.expects_replies:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
+        options = {} if retry is None else {"retry": retry}
         if reply_to:
             call = self.connector.reply_to_activity(
-                service_url, conversation_id, reply_to, activity
+                service_url, conversation_id, reply_to, activity, **options
             )
         else:
-            call = self.connector.send_to_conversation(service_url, conversation_id, activity)
+            call = self.connector.send_to_conversation(
+                service_url, conversation_id, activity, **options
+            )
         return await self._noting(call)
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -124,6 +125,13 @@ class ConnectorClient:
             view._background_view = view
             self._background_view = view
         return self._background_view
+
+    def retry_within(self, seconds: float) -> RetryPolicy:
+        """This client's retry policy with its whole budget (token, pacing waits, attempts,
+        backoffs) cut to at most `seconds`."""
+        return dataclasses.replace(
+            self._retry, max_total_seconds=min(self._retry.max_total_seconds, seconds)
+        )
 
     @property
     def slot_wait(self) -> float:
