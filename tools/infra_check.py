@@ -7,7 +7,8 @@
 - the role assignments grant what the host and the code do (blob read/write/delete and
   container creation on the account, queue send/receive/delete on the proactive queue
   and its poison queue, telemetry, the Key Vault secret), and no wider: queue roles on the
-  queues, a producer's blob role on the references container;
+  queues, a producer's blob role on the references container, held by its condition to
+  the prefixes the producer reads (PRODUCER_READS);
 - Flex Consumption with Python 3.11 and the identity; the bot's endpoint is the route the
   messages function serves, and the Teams channel is on;
 - the identity is wired right: client ids where client ids go (not object ids), the bot and
@@ -404,6 +405,57 @@ def check_roles(infra: Path = INFRA) -> list[str]:
     return problems
 
 
+# What a producer reads in the references container (shared/producer.py: `conversations`
+# lists the stored conversations, `report` reads a request's report, `schedule list` the
+# schedules; tests/integration/test_producer_command.py runs them held to these): its
+# blob role carries a condition allowing these prefixes only, not the bot's state
+# (state/) or its user index (users/).
+PRODUCER_READS = ("refs/", "proactive/", "schedules/")
+_BLOB_READ = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read"
+_BLOB = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
+
+
+def producer_read_condition(prefixes: tuple[str, ...] = PRODUCER_READS) -> str:
+    """The ABAC condition on a producer's Storage Blob Data Reader assignment: a blob is
+    read only under `prefixes`, a listing only with a prefix under one of them."""
+
+    def under(attribute: str) -> str:
+        return " OR ".join(f"{attribute} StringStartsWith '{prefix}'" for prefix in prefixes)
+
+    read = f"ActionMatches{{'{_BLOB_READ}'}}"
+    return (
+        f"((!({read} AND NOT SubOperationMatches{{'Blob.List'}})) "
+        f"OR ({under(f'@Resource[{_BLOB}:path]')})) "
+        f"AND ((!({read} AND SubOperationMatches{{'Blob.List'}})) "
+        f"OR ({under(f'@Request[{_BLOB}:prefix]')}))"
+    )
+
+
+def check_producer_reads(infra: Path = INFRA) -> list[str]:
+    """A producer's blob role is held to PRODUCER_READS by its condition."""
+    tree = load(infra, "modules/storage.bicep")
+    variables = {name: v["value"] for name, v in tree.get("variables", {}).items()}
+    problems = []
+    for name, resource in tree["resources"].items():
+        if resource["type"] != "Microsoft.Authorization/roleAssignments":
+            continue
+        properties = _config(resource)["properties"]
+        if str(properties.get("principalId")) != "producerPrincipalId":
+            continue
+        role = _resolve_role(properties["roleDefinitionId"], variables)
+        if not any(g.startswith("blob:") for g in ROLE_GRANTS.get(role, ())):
+            continue
+        condition = properties.get("condition")
+        condition = variables.get(condition, condition) if isinstance(condition, str) else None
+        text = condition.replace("\\'", "'") if isinstance(condition, str) else None
+        if text != producer_read_condition() or properties.get("conditionVersion") != "2.0":
+            problems.append(
+                f"storage.bicep: {name} must carry the producer's read condition "
+                "(version 2.0): reads under " + ", ".join(PRODUCER_READS) + " only"
+            )
+    return problems
+
+
 def role_condition(infra: Path = INFRA) -> str:
     """An Azure ABAC condition for the deployer's Role Based Access Control Administrator
     assignment: it may create and delete assignments of the roles this template assigns,
@@ -792,6 +844,7 @@ def check_all(infra: Path = INFRA) -> list[str]:
         check_app_settings,
         check_names,
         check_roles,
+        check_producer_reads,
         check_security,
         check_hosting,
         check_identity,

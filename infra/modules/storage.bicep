@@ -169,6 +169,13 @@ resource producerSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = i
   }
 }
 
+// What a producer reads of the references container, and nothing else of it: stored
+// conversations (refs/), delivery reports (proactive/) and schedules (schedules/); never
+// the bot's state (state/) or its user index (users/). Blobs by path, listings by prefix
+// (a listing without one, of the whole container, is refused). tools/infra_check.py
+// holds this to the prefixes the producer reads.
+var producerReadCondition = '((!(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read\'} AND NOT SubOperationMatches{\'Blob.List\'})) OR (@Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringStartsWith \'refs/\' OR @Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringStartsWith \'proactive/\' OR @Resource[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:path] StringStartsWith \'schedules/\')) AND ((!(ActionMatches{\'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read\'} AND SubOperationMatches{\'Blob.List\'})) OR (@Request[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:prefix] StringStartsWith \'refs/\' OR @Request[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:prefix] StringStartsWith \'proactive/\' OR @Request[Microsoft.Storage/storageAccounts/blobServices/containers/blobs:prefix] StringStartsWith \'schedules/\'))'
+
 resource producerReportReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(producerPrincipalId)) {
   name: guid(referencesContainer.id, producerPrincipalId, roles.storageBlobDataReader)
   scope: referencesContainer
@@ -176,6 +183,8 @@ resource producerReportReader 'Microsoft.Authorization/roleAssignments@2022-04-0
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataReader)
     principalId: producerPrincipalId
     principalType: producerPrincipalType
+    condition: producerReadCondition
+    conditionVersion: '2.0'
   }
 }
 

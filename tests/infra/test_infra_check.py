@@ -511,3 +511,39 @@ def test_single_tenant_without_an_app_id_is_reported(infra_copy: Path) -> None:
     values["parameters"]["botAppId"] = {"value": "6f1c2a7e-3b0d-4c55-9a1e-2d8f0b7c4e11"}
     path.write_text(json.dumps(values))
     assert infra_check.check_parameter_file(infra_copy) == []
+
+
+PRODUCER_READ_PROBLEM = (
+    "storage.bicep: producerReportReader must carry the producer's read condition "
+    "(version 2.0): reads under refs/, proactive/, schedules/ only"
+)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # The bot's state readable too.
+        ("StringStartsWith \\'schedules/\\'))'", "StringStartsWith \\'state/\\'))'"),
+        # No condition at all: the whole container, state and user index included.
+        ("    condition: producerReadCondition\n", ""),
+        ("    conditionVersion: '2.0'\n", ""),
+    ],
+)
+def test_a_producer_reading_more_than_it_needs_is_reported(
+    infra_copy: Path, old: str, new: str
+) -> None:
+    mutate(infra_copy / "modules/storage.bicep", old, new)
+    assert PRODUCER_READ_PROBLEM in infra_check.check_all(infra_copy)
+
+
+def test_the_producers_prefixes_are_the_stores_own() -> None:
+    from shared import reports, schedules, state_blob
+    from shared.references import keys
+
+    assert infra_check.PRODUCER_READS == (
+        keys._DOC_PREFIX,
+        reports.PREFIX,
+        schedules.SCHEDULES_PREFIX,
+    )
+    for private in (state_blob.STATE_PREFIX, keys._USER_PREFIX, schedules.STATE_PREFIX):
+        assert not private.startswith(infra_check.PRODUCER_READS)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
@@ -69,6 +69,155 @@ def blobs(connection: str, container: str) -> list[str]:
         return []
     finally:
         client.close()
+
+
+@contextlib.asynccontextmanager
+async def blob_proxy(azurite, storage, handle):
+    """Azurite's blob service behind a local HTTP proxy: ``handle(request, forward)``
+    answers each request (``await forward()`` passes it on as it came and gives Azurite's
+    answer). Yields the producer's settings reaching blobs through it (queues directly).
+    Requests go on with the path, query and headers they came with (signed by the
+    client's shared key)."""
+    from aiohttp import ClientSession, web
+    from yarl import URL
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        target = URL(azurite.blob_url.rsplit("/", 1)[0] + request.raw_path, encoded=True)
+        body = await request.read()
+        async with session.request(
+            request.method,
+            target,
+            headers=headers,
+            data=body or None,
+            skip_auto_headers=("Content-Type",),  # signed: only the client's own
+        ) as answer:
+            answered = await answer.read()
+            kept = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            return web.Response(status=answer.status, headers=kept, body=answered)
+
+    async def route(request: web.Request) -> web.Response:
+        return await handle(request, lambda: forward(request))
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", route)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    blob_url = f"http://127.0.0.1:{runner.addresses[0][1]}/{ACCOUNT}"
+    try:
+        async with ClientSession() as session:
+            yield {
+                **storage,
+                "AzureWebJobsStorage": (
+                    f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                    f"BlobEndpoint={blob_url};QueueEndpoint={azurite.queue_url};"
+                ),
+            }
+    finally:
+        await runner.cleanup()
+
+
+# Azure's answer to a request a role (or its condition) does not allow.
+NOT_ALLOWED = (
+    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationPermissionMismatch'
+    b"</Code><Message>This request is not authorized to perform this operation using this "
+    b"permission.</Message></Error>"
+)
+
+
+async def test_the_producer_works_within_its_roles_read_condition(azurite, storage):
+    # On Azure a producer's identity reads the references container through Storage Blob
+    # Data Reader, held by a condition (infra/modules/storage.bicep, built and checked by
+    # tools/infra_check.py) to the prefixes it needs: never the bot's state or its user
+    # index. Azurite checks no roles, so this proxy makes the role's decisions (a stand-in
+    # for Azure's checks): no writes; a blob read only under those prefixes; a listing
+    # only with a prefix under them.
+    from aiohttp import web
+
+    from shared.config import Settings, StorageSettings
+    from shared.references import BlobReferenceStore
+    from shared.reports import head_name
+    from shared.state import user_state_key
+    from shared.state_blob import BlobStateStore, state_blob_name
+    from tools.infra_check import PRODUCER_READS
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=storage["AzureWebJobsStorage"]),
+        references_container=storage["BOT_REFERENCES_CONTAINER"],
+    )
+    references, states = BlobReferenceStore(settings), BlobStateStore(settings)
+    try:
+        await references.upsert(
+            {
+                "channelId": "msteams",
+                "serviceUrl": "https://smba.trafficmanager.net/amer/",
+                "conversation": {"id": "a:1", "conversationType": "personal", "tenantId": "t"},
+                "bot": {"id": "28:bot"},
+                "user": {"id": "29:u", "aadObjectId": "00000000-0000-0000-0000-000000000001"},
+            }
+        )
+        await states.write(user_state_key("msteams", "29:u"), {"secret": "s"}, etag=None)
+    finally:
+        await references.close()
+        await states.close()
+    put = ("schedule", "put", "standup", "--cron", "0 0 9 * * 1-5")
+    assert producer(storage, *put, "--conversation", "msteams/a:1", "--text", "x").returncode == 0
+    sent = producer(storage, "send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r1")
+    assert sent.returncode == 0, sent.stderr
+
+    refused: list[tuple[str, str]] = []
+
+    async def as_the_role_allows(request, forward):
+        container, _, blob = request.path.removeprefix(f"/{ACCOUNT}/").partition("/")
+        if request.method not in ("GET", "HEAD"):
+            allowed = False  # a Reader writes nothing
+        elif blob:
+            allowed = blob.startswith(PRODUCER_READS)
+        elif container and request.query.get("comp") == "list":
+            allowed = request.query.get("prefix", "").startswith(PRODUCER_READS)
+        else:
+            allowed = True
+        if allowed:
+            return await forward()
+        refused.append((request.method, blob or request.query.get("prefix", "")))
+        return web.Response(
+            status=403,
+            headers={"x-ms-error-code": "AuthorizationPermissionMismatch"},
+            body=NOT_ALLOWED,
+            content_type="application/xml",
+        )
+
+    async with blob_proxy(azurite, storage, as_the_role_allows) as held:
+        listed = await asyncio.to_thread(producer, held, "conversations")
+        report = await asyncio.to_thread(producer, held, "report", "r1")
+        scheduled = await asyncio.to_thread(producer, held, "schedule", "list")
+        again = await asyncio.to_thread(
+            producer, held, "send", "--conversation", "msteams/a:1", "--text", "y", "--id", "r2"
+        )
+        assert refused == [("PUT", head_name("r2"))]  # the report's head: a write
+        # What the condition holds back: the bot's state, and the container as a whole.
+        state = ContainerClient.from_connection_string(
+            held["AzureWebJobsStorage"], held["BOT_REFERENCES_CONTAINER"]
+        )
+        with state:
+            with pytest.raises(HttpResponseError) as denied:
+                name = state_blob_name(user_state_key("msteams", "29:u"))
+                await asyncio.to_thread(lambda: state.download_blob(name).readall())
+            assert denied.value.status_code == 403
+            with pytest.raises(HttpResponseError) as denied:
+                await asyncio.to_thread(lambda: list(state.list_blobs()))
+            assert denied.value.status_code == 403
+
+    assert (listed.returncode, listed.stdout) == (0, "msteams/a:1\n"), listed.stderr
+    assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
+    assert scheduled.returncode == 0 and '"name": "standup"' in scheduled.stdout
+    assert (again.returncode, again.stdout) == (0, "r2\n"), again.stderr
+    assert queued(storage) == 2
 
 
 DEEP = "[" * 100_000
@@ -171,54 +320,21 @@ async def test_a_report_head_whose_answers_were_lost_names_the_id_that_repairs_i
     # too). Nothing is queued and the report reads `pending`; the error said only "could
     # not write", and the id the command chose was shown nowhere, so that report stayed
     # `pending` for ever. Sent again with the id named, it is queued.
-    from aiohttp import ClientSession, web
+    from aiohttp import web
 
     heads: list[int] = []
 
-    async def forward(request: web.Request) -> web.Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with session.request(
-            request.method,
-            azurite.blob_url.rsplit("/", 1)[0] + request.path_qs,
-            headers=headers,
-            data=await request.read(),
-        ) as answer:
-            body = await answer.read()
-            if request.method == "PUT" and request.path.endswith("/head.json"):
-                heads.append(answer.status)
-                if answer.status in (201, 409):
-                    return web.Response(status=500)  # the create's own answer, lost
-            kept = {
-                k: v
-                for k, v in answer.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "connection")
-            }
-            return web.Response(status=answer.status, headers=kept, body=body)
+    async def lose_the_heads_answers(request, forward):
+        answer = await forward()
+        if request.method == "PUT" and request.path.endswith("/head.json"):
+            heads.append(answer.status)
+            if answer.status in (201, 409):
+                return web.Response(status=500)  # the create's own answer, lost
+        return answer
 
-    container = ContainerClient.from_connection_string(
-        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
-    )
-    with container:
-        container.create_container()  # made here: this proxy changes headers its create signs
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    blob_url = f"http://127.0.0.1:{runner.addresses[0][1]}/{ACCOUNT}"
-    env = {
-        **storage,
-        "AzureWebJobsStorage": (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint={blob_url};QueueEndpoint={azurite.queue_url};"
-        ),
-    }
     send = ("send", "--conversation", "msteams/a:1", "--text", "hi")
-    try:
-        async with ClientSession() as session:
-            sent = await asyncio.to_thread(producer, env, *send)
-    finally:
-        await runner.cleanup()
+    async with blob_proxy(azurite, storage, lose_the_heads_answers) as env:
+        sent = await asyncio.to_thread(producer, env, *send)
 
     assert heads.count(201) == 1 and heads[heads.index(201) + 1 :], heads
     assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
