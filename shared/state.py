@@ -281,6 +281,21 @@ def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
     return merged
 
 
+def _part_of(value: Any, data: Data) -> bool:
+    """Whether `value` is `data` or one of the dicts and lists inside it (what
+    ``setdefault`` and ``get`` give back), not a new object."""
+    pending: list[Any] = [data]
+    while pending:
+        item = pending.pop()
+        if item is value:
+            return True
+        if isinstance(item, dict):
+            pending.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            pending.extend(v for v in item if isinstance(v, dict | list))
+    return False
+
+
 def _show_stored(ours: Data, mine: Data, stored: Data) -> None:
     """Make the bot's data what was stored, keeping the fields it changed since `mine`
     was taken (while the write was out): those are still to be saved."""
@@ -361,7 +376,7 @@ class State:
             if inspect.iscoroutine(result):
                 result.close()  # never run: nothing changed
             raise TypeError("state: an update() change must be a plain function, not async")
-        if isinstance(result, Mapping) and result is not data and same_json(before, data):
+        if isinstance(result, Mapping) and same_json(before, data) and not _part_of(result, data):
             raise TypeError(
                 "state: an update() change must change the dict it is given in place "
                 "(this one returned a new dict and changed nothing)"

@@ -415,6 +415,11 @@ async def test_an_update_change_that_cannot_change_the_data_is_a_clear_error(sto
     assert await store.read(USER) is None
     # Changes that return something of their own are fine: what counts is the change.
     await state.update(lambda data: data.setdefault("items", []))
+    await state.update(lambda data: data.setdefault("prefs", {}))
+    await state.update(lambda data: data.setdefault("prefs", {}))  # there: changes nothing
+    await state.update(lambda data: data["prefs"].setdefault("a", {}).setdefault("b", {}))
+    await state.update(lambda data: data["prefs"].setdefault("a", {}).setdefault("b", {}))
+    await state.update(lambda data: data.pop("prefs"))
     await state.update(lambda data: data.update(profile={"a": 1}))
     await state.update(lambda data: data.pop("profile"))
     assert await state.save()
