@@ -161,16 +161,22 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         settings=runtime.settings,
         state=runtime.state,
     )
-    turn.answer_by = started + _window(activity)
     # A shallow copy keeps a handler's edits to the activity out of the reference.
     recorded = dict(activity)
+    recorded_beside = (activity["type"] == "invoke" or turn.expects_replies) and not _removal(
+        recorded
+    )
+    # When the turn's own work must be over (its apology included): the channel's wait,
+    # less the reference write or the erasure that follows the turn.
+    after = 0.0 if recorded_beside else RECORD_BUDGET
+    turn.answer_by = started + _window(activity) - after
     if activity["type"] == "deleteUserData":
         # The channel asks the bot to forget the sender: erase, and record nothing. The
         # erasure never depends on the bot's handlers: it runs even when one of them failed.
         outcome = await _run_turn(runtime.router, turn)
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
-    elif (activity["type"] == "invoke" or turn.expects_replies) and not _removal(recorded):
+    elif recorded_beside:
         # The HTTP answer is the reply (a card, a dialog, the buffered replies): the
         # reference is recorded beside the turn, so the answer waits for the longer of the
         # two, not for both.

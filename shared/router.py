@@ -288,7 +288,9 @@ class Router:
     def error(self, handler: ErrorHandler) -> ErrorHandler:
         """Replace the apology sent when a handler raises (the failure is logged either way).
         What it sends goes to the Connector even under ``expectReplies``: the turn's answer
-        is then the failure, which carries nothing."""
+        is then the failure, which carries nothing. Its ``turn.send`` and ``turn.reply``
+        keep within what is left of the channel's wait for the answer (they fail once it
+        is spent)."""
         self._on_error = handler
         return handler
 
@@ -342,6 +344,9 @@ class Router:
         try:
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
+                if turn.answer_by is not None:  # its sends too keep within the channel's wait
+                    left = turn.answer_by - time.monotonic() - APOLOGY_MARGIN
+                    turn.retry = turn.connector.retry_within(max(left, 0.0))
                 await self._on_error(turn, error)
             elif not _no_apology(turn.activity) and not _connector_failing(turn, error):
                 await self._apologise(turn)

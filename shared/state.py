@@ -281,36 +281,6 @@ def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
     return merged
 
 
-def _part_of(value: Any, data: Data) -> bool:
-    """Whether `value` is `data` or one of the dicts and lists inside it (what
-    ``setdefault`` and ``get`` give back), not a new object."""
-    pending: list[Any] = [data]
-    while pending:
-        item = pending.pop()
-        if item is value:
-            return True
-        if isinstance(item, dict):
-            pending.extend(v for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            pending.extend(v for v in item if isinstance(v, dict | list))
-    return False
-
-
-def _show_stored(ours: Data, mine: Data, stored: Data) -> None:
-    """Make the bot's data what was stored, keeping the fields it changed since `mine`
-    was taken (while the write was out): those are still to be saved."""
-    shown = _copy(stored)
-    for name in ours.keys() | mine.keys():
-        now = ours.get(name, _MISSING)
-        if not same_json(now, mine.get(name, _MISSING)):
-            if now is _MISSING:
-                shown.pop(name, None)
-            else:
-                shown[name] = now
-    ours.clear()
-    ours.update(shown)
-
-
 class State:
     """One state document, as a handler or proactive code sees it.
 
@@ -320,7 +290,17 @@ class State:
     A turn saves its states at its end; proactive code calls ``save`` itself.
     """
 
-    __slots__ = ("_data", "_etag", "_loaded", "_loading", "_store", "_updates", "key", "merge")
+    __slots__ = (
+        "_data",
+        "_etag",
+        "_loaded",
+        "_loading",
+        "_saving",
+        "_store",
+        "_updates",
+        "key",
+        "merge",
+    )
 
     def __init__(self, store: StateStore | None, key: str, *, merge: Merge | None = None):
         split_state_key(key)
@@ -334,6 +314,7 @@ class State:
         self._data: Data | None = None  # what the bot sees and changes
         self._updates: list[Change] = []
         self._loading = asyncio.Lock()  # held by the first read
+        self._saving = asyncio.Lock()
 
     @classmethod
     def for_conversation(cls, store: StateStore, channel_id: str, conversation_id: str) -> State:
@@ -365,22 +346,17 @@ class State:
 
     async def update(self, change: Change) -> Data:
         """Apply `change` to the data now, and again on the fresh data if a concurrent
-        writer saved first. `change` must depend only on the data it is given. The data
+        writer saved first. `change` must depend only on the data it is given and change
+        it in place (what it returns is not used; an ``async def`` is a TypeError). The data
         returned is final once saved: a save that meets a concurrent writer's changes
         updates it in place, so read from it after :meth:`save` (or the turn's
         ``save_state``) what the user is shown."""
         data = await self.load()
-        before = _copy(data)
         result = change(data)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()  # never run: nothing changed
             raise TypeError("state: an update() change must be a plain function, not async")
-        if isinstance(result, Mapping) and same_json(before, data) and not _part_of(result, data):
-            raise TypeError(
-                "state: an update() change must change the dict it is given in place "
-                "(this one returned a new dict and changed nothing)"
-            )
         self._updates.append(change)
         return data
 
@@ -393,6 +369,10 @@ class State:
     async def save(self) -> bool:
         """Write the data if it changed (True when written). Raises StateTooLarge or
         StateError (nothing written), StateConflict (nothing written, retry-safe)."""
+        async with self._saving:  # one at a time: a second would replay the first's updates
+            return await self._save()
+
+    async def _save(self) -> bool:
         if self._data is None or not self.changed:
             return False
         store = self._require_store()
@@ -406,10 +386,17 @@ class State:
         for attempt in range(MAX_SAVE_ATTEMPTS):
             new_etag = await store.write(self.key, candidate, etag=etag)
             if new_etag is not None:
-                self._loaded, self._etag = candidate, new_etag
                 del self._updates[:counted]
-                if candidate is not mine:  # show the bot what was stored
-                    _show_stored(ours, mine, candidate)
+                if candidate is mine or same_json(ours, mine):
+                    self._loaded, self._etag = candidate, new_etag
+                    if candidate is not mine:  # show the bot what was stored
+                        ours.clear()
+                        ours.update(_copy(candidate))
+                else:
+                    # Changed while a write merged with another writer's was out: the next
+                    # save merges those changes as it would a concurrent writer's (it meets
+                    # this write as one: the ETag kept is the one this write replaced).
+                    self._loaded, self._etag = mine, etag
                 return True
             # Jittered: savers that collided do not collide again in step.
             await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))

@@ -72,6 +72,7 @@ class TurnContext:
         "failed_here",
         "identity",
         "match",
+        "retry",
         "settings",
         "state_store",
         "token_failed",
@@ -94,9 +95,13 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
-        # When (time.monotonic()) the channel stops waiting for the HTTP answer: set by the
-        # messages endpoint; None for a turn made elsewhere.
+        # When (time.monotonic()) the turn's work must be over for its HTTP answer to
+        # reach the channel in time (what the endpoint does after the turn left out): set
+        # by the messages endpoint; None for a turn made elsewhere.
         self.answer_by: float | None = None
+        # The retry policy of send and reply when none is given (None: the Connector
+        # client's own): the error handler's is cut to the time left (Router).
+        self.retry: RetryPolicy | None = None
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
         # the conversation gone: anything the channel did not answer as invalid), or was
@@ -409,6 +414,7 @@ class TurnContext:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
+        retry = retry or self.retry
         options = {} if retry is None else {"retry": retry}
         if reply_to:
             call = self.connector.reply_to_activity(
