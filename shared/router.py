@@ -368,11 +368,10 @@ class Router:
         left = turn.answer_by - time.monotonic() - APOLOGY_MARGIN
         if left < 1.0:
             logger.warning(
-                "no apology: activity=%s conversation=%s: the channel stops waiting for "
-                "the answer in %.1f s",
+                "no apology: activity=%s conversation=%s: too little is left of the "
+                "channel's wait for the answer",
                 clip(turn.activity.get("id")),
                 clip(turn.conversation_key),
-                max(0.0, left + APOLOGY_MARGIN),
             )
             return
         await turn.reply(self.apology, buffer=False, retry=turn.connector.retry_within(left))
