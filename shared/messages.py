@@ -163,8 +163,10 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     )
     # A shallow copy keeps a handler's edits to the activity out of the reference.
     recorded = dict(activity)
-    recorded_beside = (activity["type"] == "invoke" or turn.expects_replies) and not _removal(
-        recorded
+    recorded_beside = (
+        (activity["type"] == "invoke" or turn.expects_replies)
+        and not _removal(recorded)
+        and activity["type"] != "deleteUserData"
     )
     # When the turn's own work must be over (its apology included): the channel's wait,
     # less the reference write or the erasure that follows the turn.

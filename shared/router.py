@@ -288,9 +288,9 @@ class Router:
     def error(self, handler: ErrorHandler) -> ErrorHandler:
         """Replace the apology sent when a handler raises (the failure is logged either way).
         What it sends goes to the Connector even under ``expectReplies``: the turn's answer
-        is then the failure, which carries nothing. Its ``turn.send`` and ``turn.reply``
-        keep within what is left of the channel's wait for the answer (they fail once it
-        is spent)."""
+        is then the failure, which carries nothing. Its ``turn.send``, ``reply``,
+        ``update_activity`` and ``delete_activity`` keep within what is left of the
+        channel's wait for the answer (they fail once it is spent)."""
         self._on_error = handler
         return handler
 

@@ -34,6 +34,7 @@ import inspect
 import json
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,17 +76,23 @@ class StateDocument:
     data: Data
     etag: str | None = None
     updated_at: str | None = None
+    write_id: str | None = None  # the writer's id of the write that stored it
 
 
 class StateStore(Protocol):
     """Where state documents live. ``write`` answers None when the ETag no longer holds
-    (or, with ``etag=None``, when the document exists): the caller re-reads."""
+    (or, with ``etag=None``, when the document exists): the caller re-reads. `write_id`
+    is stored with the document (read back as ``StateDocument.write_id``): a writer whose
+    write was stored but its answer lost (the store's client then retried it, refused)
+    knows it by that id."""
 
     max_bytes: int
 
     async def read(self, key: str) -> StateDocument | None: ...
 
-    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None: ...
+    async def write(
+        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+    ) -> str | None: ...
 
     async def delete(self, key: str) -> bool: ...
 
@@ -151,13 +158,16 @@ def encode_data(data: Any, max_bytes: int = MAX_STATE_BYTES) -> bytes:
     return body
 
 
-def to_document(key: str, data: Mapping[str, Any], now: float) -> Data:
-    return {
+def to_document(key: str, data: Mapping[str, Any], now: float, write_id: str | None = None) -> Data:
+    document = {
         "schemaVersion": SCHEMA_VERSION,
         "key": key,
         "updatedAt": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "data": data,
     }
+    if write_id is not None:
+        document["writeId"] = write_id
+    return document
 
 
 def from_document(document: Any, etag: str | None) -> StateDocument:
@@ -170,7 +180,14 @@ def from_document(document: Any, etag: str | None) -> StateDocument:
         )
     if not isinstance(document.get("key"), str):
         raise StateError("state store: a stored document has no key")
-    return StateDocument(document["key"], document["data"], etag, document.get("updatedAt"))
+    write_id = document.get("writeId")
+    return StateDocument(
+        document["key"],
+        document["data"],
+        etag,
+        document.get("updatedAt"),
+        write_id if isinstance(write_id, str) else None,
+    )
 
 
 def _copy(data: Mapping[str, Any]) -> Data:
@@ -223,14 +240,16 @@ class MemoryStateStore:
             return None
         return StateDocument(stored.key, _copy(stored.data), stored.etag, stored.updated_at)
 
-    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None:
+    async def write(
+        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+    ) -> str | None:
         split_state_key(key)
         body = encode_data(data, self.max_bytes)
         current = self._docs.get(key)
         if (current.etag if current else None) != etag:
             return None
         self._version += 1
-        document = to_document(key, json.loads(body), self._clock())
+        document = to_document(key, json.loads(body), self._clock(), write_id)
         stored = from_document(document, f'"s{self._version}"')
         self._docs[key] = stored
         self.writes += 1
@@ -257,6 +276,9 @@ class MemoryStateStore:
 
 
 _MISSING = object()
+# An If-Match no document's ETag equals: the write it goes with is refused, the
+# document there or not (a None ETag would create a deleted one again).
+_NO_DOCUMENT_HAS = '"no-document-has-this-etag"'
 
 
 def merge_fields(loaded: Data, theirs: Data, ours: Data) -> Data:
@@ -350,7 +372,8 @@ class State:
         it in place (what it returns is not used; an ``async def`` is a TypeError). The data
         returned is final once saved: a save that meets a concurrent writer's changes
         updates it in place, so read from it after :meth:`save` (or the turn's
-        ``save_state``) what the user is shown."""
+        ``save_state``) what the user is shown (unless it changed again while that save
+        was out: then the next save merges it)."""
         data = await self.load()
         result = change(data)
         if inspect.isawaitable(result):
@@ -367,8 +390,10 @@ class State:
             encode_data(self._data, self._require_store().max_bytes)
 
     async def save(self) -> bool:
-        """Write the data if it changed (True when written). Raises StateTooLarge or
-        StateError (nothing written), StateConflict (nothing written, retry-safe)."""
+        """Write the data if it changed (True when written). Raises StateTooLarge (nothing
+        written), StateConflict (nothing written, retry-safe) or StateError (a bad state:
+        nothing written; storage failing: the write may have been stored, its answer
+        lost, so saving again may apply the turn's update() changes a second time)."""
         async with self._saving:  # one at a time: a second would replay the first's updates
             return await self._save()
 
@@ -384,7 +409,17 @@ class State:
         mine, counted, etag = _copy(ours), len(self._updates), self._etag
         candidate = mine
         for attempt in range(MAX_SAVE_ATTEMPTS):
-            new_etag = await store.write(self.key, candidate, etag=etag)
+            write_id = uuid.uuid4().hex
+            new_etag = await store.write(self.key, candidate, etag=etag, write_id=write_id)
+            fresh = None
+            if new_etag is None:
+                # Jittered: savers that collided do not collide again in step.
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
+                fresh = await store.read(self.key)
+                if fresh is not None and fresh.write_id == write_id:
+                    # Stored, but its answer was lost (the store's client retried it,
+                    # refused): this write's own, not another writer's.
+                    new_etag = fresh.etag
             if new_etag is not None:
                 del self._updates[:counted]
                 if candidate is mine or same_json(ours, mine):
@@ -395,12 +430,10 @@ class State:
                 else:
                     # Changed while a write merged with another writer's was out: the next
                     # save merges those changes as it would a concurrent writer's (it meets
-                    # this write as one: the ETag kept is the one this write replaced).
-                    self._loaded, self._etag = mine, etag
+                    # this write as one: the ETag kept can match nothing, so its write is
+                    # refused, deleted document or not).
+                    self._loaded, self._etag = mine, _NO_DOCUMENT_HAS
                 return True
-            # Jittered: savers that collided do not collide again in step.
-            await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
-            fresh = await store.read(self.key)
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None
             mine, counted = _copy(ours), len(self._updates)
@@ -412,15 +445,17 @@ class State:
         )
 
     async def delete(self) -> bool:
-        """Remove the stored document now; the data reads as ``{}`` afterwards."""
-        deleted = await self._require_store().delete(self.key)
-        if self._data is None:
-            self._data = {}
-        else:
-            self._data.clear()  # the dict the handler holds stays the state's
-        self._loaded, self._etag = {}, None
-        self._updates.clear()
-        return deleted
+        """Remove the stored document now; the data reads as ``{}`` afterwards (after a
+        save still out: its outcome would otherwise come back over the deletion)."""
+        async with self._saving:
+            deleted = await self._require_store().delete(self.key)
+            if self._data is None:
+                self._data = {}
+            else:
+                self._data.clear()  # the dict the handler holds stays the state's
+            self._loaded, self._etag = {}, None
+            self._updates.clear()
+            return deleted
 
     def _reapply(self, loaded: Data, theirs: Data, ours: Data) -> Data:
         # The update() changes are replayed on both sides, so only the direct edits are

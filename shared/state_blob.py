@@ -95,9 +95,12 @@ class BlobStateStore:
             raise StateError("state store: a stored document is not valid JSON") from None
         return stored if stored.key == key else None  # a hashed name's other key: absent
 
-    async def write(self, key: str, data: Mapping[str, Any], *, etag: str | None) -> str | None:
+    async def write(
+        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+    ) -> str | None:
         name = state_blob_name(key)
-        document = to_document(key, json.loads(encode_data(data, self.max_bytes)), self._clock())
+        data = json.loads(encode_data(data, self.max_bytes))
+        document = to_document(key, data, self._clock(), write_id)
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogatepass"
         )

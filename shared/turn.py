@@ -99,8 +99,8 @@ class TurnContext:
         # reach the channel in time (what the endpoint does after the turn left out): set
         # by the messages endpoint; None for a turn made elsewhere.
         self.answer_by: float | None = None
-        # The retry policy of send and reply when none is given (None: the Connector
-        # client's own): the error handler's is cut to the time left (Router).
+        # The retry policy of send, reply, update and delete when none is given (None: the
+        # Connector client's own): the error handler's is cut to the time left (Router).
         self.retry: RetryPolicy | None = None
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
@@ -343,7 +343,11 @@ class TurnContext:
         activity["id"] = activity_id
         return await self._noting(
             self.connector.update_activity(
-                activity["serviceUrl"], activity["conversation"]["id"], activity_id, activity
+                activity["serviceUrl"],
+                activity["conversation"]["id"],
+                activity_id,
+                activity,
+                **self._retry_options(),
             )
         )
 
@@ -351,7 +355,10 @@ class TurnContext:
         """Delete an activity the bot sent earlier in this conversation."""
         await self._noting(
             self.connector.delete_activity(
-                self.activity["serviceUrl"], self.activity["conversation"]["id"], activity_id
+                self.activity["serviceUrl"],
+                self.activity["conversation"]["id"],
+                activity_id,
+                **self._retry_options(),
             )
         )
 
@@ -414,8 +421,7 @@ class TurnContext:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
-        retry = retry or self.retry
-        options = {} if retry is None else {"retry": retry}
+        options = self._retry_options(retry)
         if reply_to:
             call = self.connector.reply_to_activity(
                 service_url, conversation_id, reply_to, activity, **options
@@ -425,6 +431,12 @@ class TurnContext:
                 service_url, conversation_id, activity, **options
             )
         return await self._noting(call)
+
+    def _retry_options(self, retry: RetryPolicy | None = None) -> dict[str, RetryPolicy]:
+        """The Connector call's `retry` argument: the one given, else the turn's (the
+        error handler's time left), else none (the client's own policy)."""
+        retry = retry or self.retry
+        return {} if retry is None else {"retry": retry}
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
         """`call`'s result, noting what its Connector failure or its cancellation says of

@@ -717,7 +717,7 @@ async def test_raising_handler_apologises_and_answers_500(
 
 @pytest.mark.parametrize(
     ("working", "custom", "apologised"),
-    [(0.5, False, True), (1.6, False, False), (0.5, True, True)],
+    [(0.5, None, True), (1.6, None, False), (0.5, "reply", True), (0.5, "update", True)],
 )
 async def test_the_apology_keeps_within_the_channels_wait(
     make_bot, channel_identity, fake_connector, monkeypatch, caplog, working, custom, apologised
@@ -742,11 +742,14 @@ async def test_the_apology_keeps_within_the_channels_wait(
 
         @router.error
         async def own_apology(turn, error):
-            await turn.reply("that did not work")
+            if custom == "reply":
+                await turn.reply("that did not work")
+            else:  # the progress card it posted earlier, turned into "failed"
+                await turn.update_activity("progress-1", "that did not work")
 
     bot = make_bot(router)
     fake_connector.script(
-        "POST", "/activities", [Reply(503, delay=0.3, headers={"Retry-After": "1"})] * 20
+        "*", "/activities", [Reply(503, delay=0.3, headers={"Retry-After": "1"})] * 20
     )
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
@@ -755,7 +758,9 @@ async def test_the_apology_keeps_within_the_channels_wait(
         )
     assert response.status == 500
     assert time.monotonic() - started < 5.0
-    tried = [r for r in fake_connector.requests if r.operation == "replyToActivity"]
+    tried = [
+        r for r in fake_connector.requests if r.operation in ("replyToActivity", "updateActivity")
+    ]
     assert bool(tried) is apologised
     assert ("no apology" in caplog.text) is not apologised
 

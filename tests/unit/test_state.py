@@ -7,6 +7,7 @@ clear errors for foreign documents and for storage that is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -357,12 +358,12 @@ class WriteHeld:
     async def read(self, key):
         return await self.store.read(key)
 
-    async def write(self, key, data, *, etag):
+    async def write(self, key, data, *, etag, write_id=None):
         self.writes += 1
         if self.writes - 1 == self.held:
             self.writing.set()
             await self.go.wait()
-        return await self.store.write(key, data, etag=etag)
+        return await self.store.write(key, data, etag=etag, write_id=write_id)
 
 
 async def test_a_change_made_while_the_save_is_out_is_saved_by_the_next(store):
@@ -450,12 +451,116 @@ class AnswerHeld(MemoryStateStore):
         self.armed = False
         self.written, self.go = asyncio.Event(), asyncio.Event()
 
-    async def write(self, key, data, *, etag):
-        answer = await super().write(key, data, etag=etag)
+    async def write(self, key, data, *, etag, write_id=None):
+        answer = await super().write(key, data, etag=etag, write_id=write_id)
         if self.armed and not self.written.is_set():
             self.written.set()
             await self.go.wait()
         return answer
+
+
+async def test_erased_data_stays_erased_when_a_merged_save_met_a_deleted_document(store):
+    # The merged write created the document again (the other writer had deleted it) while
+    # the handler went on editing; then the document is deleted once more (the user's
+    # erasure, say). The turn's end save writes only what the turn changed since its last
+    # write (b), never the data it loaded before the deletions.
+    await store.write(USER, {"secret": "s", "n": 1}, etag=None)
+    held = WriteHeld(store, held=1)
+    state = State(held, USER)
+    data = await state.load()
+    data["a"] = 1
+    await store.delete(USER)
+    saving = asyncio.create_task(state.save())
+    await held.writing.wait()  # the merged write, a create, is out
+    data["b"] = 2
+    held.go.set()
+    assert await saving
+    assert (await store.read(USER)).data == {"a": 1}
+    await store.delete(USER)
+    assert await state.save()
+    assert (await store.read(USER)).data == {"b": 2}
+
+
+async def test_a_delete_waits_for_a_save_that_is_out():
+    store = AnswerHeld()
+    await store.write(USER, {"n": 0}, etag=None)
+    store.armed = True
+    state = State(store, USER)
+    await state.update(increment)
+    saving = asyncio.create_task(state.save())
+    await store.written.wait()  # stored, its answer on the way
+    deleting = asyncio.create_task(state.delete())  # another task starts over meanwhile
+    await asyncio.sleep(0.01)
+    store.go.set()
+    assert await saving and await deleting
+    data = await state.update(increment)  # on the emptied state: n = 1
+    await store.write(USER, {"n": 5}, etag=None)  # another instance, meanwhile
+    assert await state.save()
+    assert (await store.read(USER)).data == {"n": 6} and data == {"n": 6}
+
+
+class LosesTheFirstAnswer:
+    """A TCP proxy to Azurite's blob port that, once `armed`, drops the connection of the
+    first state write after Azurite stored it: its answer is lost, and the storage SDK
+    sends it again (refused: the ETag moved)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.armed, self.dropped = port, False, 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader, writer):
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        lose = asyncio.Event()
+
+        async def requests():
+            with contextlib.suppress(OSError):
+                while chunk := await reader.read(65536):
+                    line = chunk.split(b"\r\n", 1)[0]
+                    if self.armed and line.startswith(b"PUT ") and b"/state/" in line:
+                        self.armed = False
+                        lose.set()
+                    upstream_writer.write(chunk)
+                    await upstream_writer.drain()
+            upstream_writer.close()
+
+        async def answers():
+            with contextlib.suppress(OSError):
+                while chunk := await upstream_reader.read(65536):
+                    if lose.is_set():
+                        self.dropped += 1
+                        writer.transport.abort()
+                        return
+                    writer.write(chunk)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(requests(), answers())
+
+
+@pytest.mark.integration
+async def test_a_write_stored_but_whose_answer_was_lost_counts_once(azurite, unique_name):
+    from tools.azurite import connection_string
+
+    proxy = LosesTheFirstAnswer(azurite.blob_port)
+    port = await proxy.start()
+    container = unique_name("state")
+    direct = BlobStateStore(settings_for(azurite.connection_string, container))
+    through = BlobStateStore(settings_for(connection_string(port, azurite.queue_port), container))
+    try:
+        await direct.write(USER, {"n": 0}, etag=None)
+        state = State(through, USER)
+        await state.update(increment)
+        proxy.armed = True
+        assert await state.save()
+        assert proxy.dropped == 1
+        assert (await direct.read(USER)).data == {"n": 1}
+    finally:
+        await through.close()
+        await direct.close()
+        proxy.server.close()
 
 
 async def test_two_saves_of_one_state_at_once_count_an_update_once():
@@ -565,10 +670,10 @@ class SlowReads:
 class BusyStore(MemoryStateStore):
     """A memory store where another writer always saves just before this one."""
 
-    async def write(self, key, data, *, etag):
+    async def write(self, key, data, *, etag, write_id=None):
         current = await self.read(key)
         await super().write(key, {"other": self.writes}, etag=current.etag if current else None)
-        return await super().write(key, data, etag=etag)
+        return await super().write(key, data, etag=etag, write_id=write_id)
 
 
 async def test_endless_concurrent_writers_give_a_retry_safe_conflict():

@@ -160,8 +160,8 @@ class FailingState(MemoryStateStore):
     async def read(self, key):
         return await self.inner.read(key)
 
-    async def write(self, key, data, *, etag):
-        return await self.inner.write(key, data, etag=etag)
+    async def write(self, key, data, *, etag, write_id=None):
+        return await self.inner.write(key, data, etag=etag, write_id=write_id)
 
     async def delete(self, key):
         if self.allowed <= 0:
