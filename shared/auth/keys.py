@@ -203,8 +203,9 @@ class OpenIdKeyCache:
 
         try:
             async with session.get(url, headers={"Accept": "application/json"}) as response:
-                # A redirect must not lead off https either.
-                require_https_or_loopback(str(response.url), "redirected URL")
+                # A redirect must not lead off https either, at any step of the way.
+                for step in (*response.history, response):
+                    require_https_or_loopback(str(step.url), "redirected URL")
                 if response.status != 200:
                     raise KeySourceError(f"GET {url} answered HTTP {response.status}")
                 body = bytearray()

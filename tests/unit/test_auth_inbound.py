@@ -749,11 +749,13 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.parametrize("way", ["ending there", "passing through"])
 async def test_keys_behind_a_redirect_to_plain_http_off_loopback_are_never_used(
-    channel_identity, clock
+    channel_identity, clock, way
 ):
     # The metadata (loopback, plain http allowed) names a key URL that redirects to plain
-    # http on another address: the keys fetched there could have been changed on the way.
+    # http on another address: the keys fetched there, or where that address sends on to
+    # (back to loopback, say), could have been changed on the way.
     elsewhere = non_loopback_address()
     if elsewhere is None:
         pytest.skip("this machine has no address but loopback to redirect to")
@@ -763,8 +765,13 @@ async def test_keys_behind_a_redirect_to_plain_http_off_loopback_are_never_used(
     async def keys(request: web.Request) -> web.Response:
         return web.json_response(jwks)
 
+    async def bounce(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{local_port}/keys")
+
     off.router.add_get("/jwks", keys)
+    off.router.add_get("/bounce", bounce)
     local = web.Application()
+    local.router.add_get("/keys", keys)
     local_port = 0
 
     async def metadata(request: web.Request) -> web.Response:
@@ -772,7 +779,8 @@ async def test_keys_behind_a_redirect_to_plain_http_off_loopback_are_never_used(
         return web.json_response({"issuer": "https://api.botframework.com", "jwks_uri": jwks_uri})
 
     async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"http://{elsewhere}:{off_port}/jwks")
+        path = "/jwks" if way == "ending there" else "/bounce"
+        raise web.HTTPFound(f"http://{elsewhere}:{off_port}{path}")
 
     local.router.add_get("/metadata", metadata)
     local.router.add_get("/jwks", redirect)
