@@ -481,14 +481,20 @@ async def test_erased_data_stays_erased_when_a_merged_save_met_a_deleted_documen
     assert (await store.read(USER)).data == {"b": 2}
 
 
-async def test_a_delete_waits_for_a_save_that_is_out():
+async def counted_and_saving(start: int):
+    """A state counted once from `start` whose save was stored, its answer held back."""
     store = AnswerHeld()
-    await store.write(USER, {"n": 0}, etag=None)
+    await store.write(USER, {"n": start}, etag=None)
     store.armed = True
     state = State(store, USER)
     await state.update(increment)
-    saving = asyncio.create_task(state.save())
-    await store.written.wait()  # stored, its answer on the way
+    saving = asyncio.create_task(state.save())  # the turn's own save_state, say
+    await store.written.wait()
+    return store, state, saving
+
+
+async def test_a_delete_waits_for_a_save_that_is_out():
+    store, state, saving = await counted_and_saving(0)
     deleting = asyncio.create_task(state.delete())  # another task starts over meanwhile
     await asyncio.sleep(0.01)
     store.go.set()
@@ -564,14 +570,8 @@ async def test_a_write_stored_but_whose_answer_was_lost_counts_once(azurite, uni
 
 
 async def test_two_saves_of_one_state_at_once_count_an_update_once():
-    store = AnswerHeld()
-    await store.write(USER, {"n": 10}, etag=None)
-    store.armed = True
-    state = State(store, USER)
-    await state.update(increment)
-    first = asyncio.create_task(state.save())  # the turn's own save_state ...
-    await store.written.wait()
-    second = asyncio.create_task(state.save())  # ... and the turn's end, at once
+    store, state, first = await counted_and_saving(10)
+    second = asyncio.create_task(state.save())  # the turn's end, at once
     await asyncio.sleep(0.01)
     store.go.set()
     assert await first and not await second
