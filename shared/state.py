@@ -35,13 +35,14 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
 MAX_SAVE_ATTEMPTS = 16  # conflicts re-read and re-applied before StateConflict
+WRITE_IDS_KEPT = 8  # write ids a document keeps (its own and those it was written over)
 SCHEMA_VERSION = 1
 
 Scope = Literal["conversation", "user"]
@@ -76,22 +77,29 @@ class StateDocument:
     data: Data
     etag: str | None = None
     updated_at: str | None = None
-    write_id: str | None = None  # the writer's id of the write that stored it
+    # The ids of the writes that made it, newest first (the last WRITE_IDS_KEPT): the
+    # write that stored it, then those of the documents it was written over.
+    write_ids: tuple[str, ...] = ()
 
 
 class StateStore(Protocol):
     """Where state documents live. ``write`` answers None when the ETag no longer holds
-    (or, with ``etag=None``, when the document exists): the caller re-reads. `write_id`
-    is stored with the document (read back as ``StateDocument.write_id``): a writer whose
-    write was stored but its answer lost (the store's client then retried it, refused)
-    knows it by that id."""
+    (or, with ``etag=None``, when the document exists): the caller re-reads. `write_ids`
+    is stored with the document (read back as ``StateDocument.write_ids``): a writer whose
+    write was stored but its answer lost (the store's client then retried it, refused; or
+    the call failed) finds its id there, even after other writes built on it."""
 
     max_bytes: int
 
     async def read(self, key: str) -> StateDocument | None: ...
 
     async def write(
-        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+        self,
+        key: str,
+        data: Mapping[str, Any],
+        *,
+        etag: str | None,
+        write_ids: Sequence[str] = (),
     ) -> str | None: ...
 
     async def delete(self, key: str) -> bool: ...
@@ -158,15 +166,17 @@ def encode_data(data: Any, max_bytes: int = MAX_STATE_BYTES) -> bytes:
     return body
 
 
-def to_document(key: str, data: Mapping[str, Any], now: float, write_id: str | None = None) -> Data:
+def to_document(
+    key: str, data: Mapping[str, Any], now: float, write_ids: Sequence[str] = ()
+) -> Data:
     document = {
         "schemaVersion": SCHEMA_VERSION,
         "key": key,
         "updatedAt": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "data": data,
     }
-    if write_id is not None:
-        document["writeId"] = write_id
+    if write_ids:
+        document["writeIds"] = list(write_ids[:WRITE_IDS_KEPT])
     return document
 
 
@@ -180,13 +190,14 @@ def from_document(document: Any, etag: str | None) -> StateDocument:
         )
     if not isinstance(document.get("key"), str):
         raise StateError("state store: a stored document has no key")
-    write_id = document.get("writeId")
+    found = document.get("writeIds")
+    write_ids = tuple(i for i in found if isinstance(i, str)) if isinstance(found, list) else ()
     return StateDocument(
         document["key"],
         document["data"],
         etag,
         document.get("updatedAt"),
-        write_id if isinstance(write_id, str) else None,
+        write_ids,
     )
 
 
@@ -238,10 +249,17 @@ class MemoryStateStore:
         stored = self._docs.get(key)
         if stored is None:
             return None
-        return StateDocument(stored.key, _copy(stored.data), stored.etag, stored.updated_at)
+        return StateDocument(
+            stored.key, _copy(stored.data), stored.etag, stored.updated_at, stored.write_ids
+        )
 
     async def write(
-        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+        self,
+        key: str,
+        data: Mapping[str, Any],
+        *,
+        etag: str | None,
+        write_ids: Sequence[str] = (),
     ) -> str | None:
         split_state_key(key)
         body = encode_data(data, self.max_bytes)
@@ -249,7 +267,7 @@ class MemoryStateStore:
         if (current.etag if current else None) != etag:
             return None
         self._version += 1
-        document = to_document(key, json.loads(body), self._clock(), write_id)
+        document = to_document(key, json.loads(body), self._clock(), write_ids)
         stored = from_document(document, f'"s{self._version}"')
         self._docs[key] = stored
         self.writes += 1
@@ -315,10 +333,12 @@ class State:
     __slots__ = (
         "_data",
         "_etag",
+        "_ids",
         "_loaded",
         "_loading",
         "_saving",
         "_store",
+        "_unsettled",
         "_updates",
         "key",
         "merge",
@@ -333,6 +353,10 @@ class State:
         self._store = store
         self._loaded: Data | None = None  # the data as read (or as last saved)
         self._etag: str | None = None
+        self._ids: tuple[str, ...] = ()  # the write ids of the document at _etag
+        # A write whose call failed (it may have been stored): its id, what it wrote and
+        # how many update() changes that covered, for the next save to recognise it.
+        self._unsettled: tuple[str, Data, int] | None = None
         self._data: Data | None = None  # what the bot sees and changes
         self._updates: list[Change] = []
         self._loading = asyncio.Lock()  # held by the first read
@@ -363,6 +387,7 @@ class State:
                     stored = await self._require_store().read(self.key)
                     self._loaded = stored.data if stored else {}
                     self._etag = stored.etag if stored else None
+                    self._ids = stored.write_ids if stored else ()
                     self._data = _copy(self._loaded)
         return self._data
 
@@ -392,8 +417,8 @@ class State:
     async def save(self) -> bool:
         """Write the data if it changed (True when written). Raises StateTooLarge (nothing
         written), StateConflict (nothing written, retry-safe) or StateError (a bad state:
-        nothing written; storage failing: the write may have been stored, its answer
-        lost, so saving again may apply the turn's update() changes a second time)."""
+        nothing written; storage failing: the write may have been stored, and saving this
+        State again finds it by its id and does not apply its update() changes twice)."""
         async with self._saving:  # one at a time: a second would replay the first's updates
             return await self._save()
 
@@ -406,27 +431,36 @@ class State:
         # What is written is a copy of the data as the write starts: the handler's other
         # tasks may go on changing it while the write is out, and those changes stay
         # unsaved (``changed``) for the next save instead of passing for written.
-        mine, counted, etag = _copy(ours), len(self._updates), self._etag
+        mine, counted, etag, based = _copy(ours), len(self._updates), self._etag, self._ids
         candidate = mine
         for attempt in range(MAX_SAVE_ATTEMPTS):
             write_id = uuid.uuid4().hex
-            new_etag = await store.write(self.key, candidate, etag=etag, write_id=write_id)
-            fresh = None
+            ids = (write_id, *based)[:WRITE_IDS_KEPT]
+            try:
+                new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids)
+            except BaseException:
+                self._unsettled = (write_id, candidate, counted)  # may have been stored
+                raise
+            stored, fresh = candidate, None
             if new_etag is None:
                 # Jittered: savers that collided do not collide again in step.
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
                 fresh = await store.read(self.key)
-                if fresh is not None and fresh.write_id == write_id:
+                if fresh is not None and write_id in fresh.write_ids:
                     # Stored, but its answer was lost (the store's client retried it,
-                    # refused): this write's own, not another writer's.
-                    new_etag = fresh.etag
+                    # refused), and maybe written over since by writers who read it:
+                    # this write's own, done.
+                    new_etag, stored, ids = fresh.etag, fresh.data, fresh.write_ids
             if new_etag is not None:
+                self._unsettled = None
                 del self._updates[:counted]
-                if candidate is mine or same_json(ours, mine):
-                    self._loaded, self._etag = candidate, new_etag
-                    if candidate is not mine:  # show the bot what was stored
+                if same_json(ours, mine):
+                    self._loaded, self._etag, self._ids = stored, new_etag, ids
+                    if stored is not mine:  # show the bot what was stored
                         ours.clear()
-                        ours.update(_copy(candidate))
+                        ours.update(_copy(stored))
+                elif stored is mine:
+                    self._loaded, self._etag, self._ids = mine, new_etag, ids
                 else:
                     # Changed while a write merged with another writer's was out: the next
                     # save merges those changes as it would a concurrent writer's (it meets
@@ -434,8 +468,16 @@ class State:
                     # refused, deleted document or not).
                     self._loaded, self._etag = mine, _NO_DOCUMENT_HAS
                 return True
+            unsettled = self._unsettled
+            if unsettled is not None and fresh is not None and unsettled[0] in fresh.write_ids:
+                # An earlier save's write whose call failed was stored after all: its
+                # update() changes are in the document already, not to be replayed.
+                _, loaded, settled = unsettled
+                del self._updates[:settled]
+                self._unsettled = None
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None
+            based = fresh.write_ids if fresh else ()
             mine, counted = _copy(ours), len(self._updates)
             candidate = self._reapply(loaded, theirs, mine)
             encode_data(candidate, store.max_bytes)
@@ -445,15 +487,16 @@ class State:
         )
 
     async def delete(self) -> bool:
-        """Remove the stored document now; the data reads as ``{}`` afterwards (after a
-        save still out: its outcome would otherwise come back over the deletion)."""
-        async with self._saving:
+        """Remove the stored document now; the data reads as ``{}`` afterwards. Waits for a
+        first read or a save still out (bounded by the store's own time limits), whose
+        outcome would otherwise come back over the deletion."""
+        async with self._loading, self._saving:
             deleted = await self._require_store().delete(self.key)
             if self._data is None:
                 self._data = {}
             else:
                 self._data.clear()  # the dict the handler holds stays the state's
-            self._loaded, self._etag = {}, None
+            self._loaded, self._etag, self._ids, self._unsettled = {}, None, (), None
             self._updates.clear()
             return deleted
 

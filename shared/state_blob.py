@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shared.blob_container import ContainerVanished, LazyContainer
@@ -96,11 +96,16 @@ class BlobStateStore:
         return stored if stored.key == key else None  # a hashed name's other key: absent
 
     async def write(
-        self, key: str, data: Mapping[str, Any], *, etag: str | None, write_id: str | None = None
+        self,
+        key: str,
+        data: Mapping[str, Any],
+        *,
+        etag: str | None,
+        write_ids: Sequence[str] = (),
     ) -> str | None:
         name = state_blob_name(key)
         data = json.loads(encode_data(data, self.max_bytes))
-        document = to_document(key, data, self._clock(), write_id)
+        document = to_document(key, data, self._clock(), write_ids)
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogatepass"
         )

@@ -358,12 +358,12 @@ class WriteHeld:
     async def read(self, key):
         return await self.store.read(key)
 
-    async def write(self, key, data, *, etag, write_id=None):
+    async def write(self, key, data, *, etag, write_ids=()):
         self.writes += 1
         if self.writes - 1 == self.held:
             self.writing.set()
             await self.go.wait()
-        return await self.store.write(key, data, etag=etag, write_id=write_id)
+        return await self.store.write(key, data, etag=etag, write_ids=write_ids)
 
 
 async def test_a_change_made_while_the_save_is_out_is_saved_by_the_next(store):
@@ -451,8 +451,8 @@ class AnswerHeld(MemoryStateStore):
         self.armed = False
         self.written, self.go = asyncio.Event(), asyncio.Event()
 
-    async def write(self, key, data, *, etag, write_id=None):
-        answer = await super().write(key, data, etag=etag, write_id=write_id)
+    async def write(self, key, data, *, etag, write_ids=()):
+        answer = await super().write(key, data, etag=etag, write_ids=write_ids)
         if self.armed and not self.written.is_set():
             self.written.set()
             await self.go.wait()
@@ -503,6 +503,81 @@ async def test_a_delete_waits_for_a_save_that_is_out():
     await store.write(USER, {"n": 5}, etag=None)  # another instance, meanwhile
     assert await state.save()
     assert (await store.read(USER)).data == {"n": 6} and data == {"n": 6}
+
+
+class AnswerLost:
+    """Once `armed`, stores the next write, runs `meanwhile` (another writer, say), then
+    answers None as the store's client does when it sent the write again, refused; or,
+    with `failing`, raises StateError as when the call timed out."""
+
+    def __init__(self, store, meanwhile=None, failing: bool = False) -> None:
+        self.store, self.meanwhile, self.failing, self.armed = store, meanwhile, failing, False
+        self.max_bytes = store.max_bytes
+
+    async def read(self, key):
+        return await self.store.read(key)
+
+    async def write(self, key, data, *, etag, write_ids=()):
+        answer = await self.store.write(key, data, etag=etag, write_ids=write_ids)
+        if not self.armed or answer is None:
+            return answer
+        self.armed = False
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        if self.failing:
+            raise StateError("state store: write timed out after 10s")
+        return None
+
+
+async def another_turn_counts(store) -> None:
+    other = State(store, USER)
+    await other.update(increment)
+    assert await other.save()
+
+
+@pytest.mark.parametrize("meanwhile", [False, True])
+async def test_a_write_whose_answer_was_lost_counts_once(store, meanwhile):
+    # Stored, its answer lost: and maybe another turn counted on top of it before this
+    # save read the document again. Each increment counts once.
+    await store.write(USER, {"n": 0}, etag=None)
+    lossy = AnswerLost(store, (lambda: another_turn_counts(store)) if meanwhile else None)
+    state = State(lossy, USER)
+    data = await state.update(increment)
+    lossy.armed = True
+    assert await state.save()
+    expected = {"n": 2 if meanwhile else 1}
+    assert (await store.read(USER)).data == expected and data == expected
+    assert not state.changed
+
+
+async def test_a_write_whose_call_failed_but_was_stored_counts_once_when_saved_again(store):
+    await store.write(USER, {"n": 0}, etag=None)
+    lossy = AnswerLost(store, lambda: another_turn_counts(store), failing=True)
+    state = State(lossy, USER)
+    await state.update(increment)
+    lossy.armed = True
+    with pytest.raises(StateError):
+        await state.save()  # it was stored, and another turn counted since
+    await state.update(increment)
+    assert await state.save()  # proactive code trying again, say
+    assert (await store.read(USER)).data == {"n": 3}
+
+
+async def test_a_delete_while_the_first_load_is_out_reads_as_empty():
+    class SlowRead(MemoryStateStore):
+        async def read(self, key):
+            found = await super().read(key)
+            await asyncio.sleep(0.05)
+            return found
+
+    store = SlowRead()
+    await store.write(USER, {"secret": "s"}, etag=None)
+    state = State(store, USER)
+    loading = asyncio.create_task(state.load())
+    await asyncio.sleep(0.01)
+    await state.delete()
+    assert await loading == {} and await state.load() == {}
+    assert await store.read(USER) is None
 
 
 class LosesTheFirstAnswer:
@@ -670,10 +745,10 @@ class SlowReads:
 class BusyStore(MemoryStateStore):
     """A memory store where another writer always saves just before this one."""
 
-    async def write(self, key, data, *, etag, write_id=None):
+    async def write(self, key, data, *, etag, write_ids=()):
         current = await self.read(key)
         await super().write(key, {"other": self.writes}, etag=current.etag if current else None)
-        return await super().write(key, data, etag=etag, write_id=write_id)
+        return await super().write(key, data, etag=etag, write_ids=write_ids)
 
 
 async def test_endless_concurrent_writers_give_a_retry_safe_conflict():

@@ -160,8 +160,8 @@ class FailingState(MemoryStateStore):
     async def read(self, key):
         return await self.inner.read(key)
 
-    async def write(self, key, data, *, etag, write_id=None):
-        return await self.inner.write(key, data, etag=etag, write_id=write_id)
+    async def write(self, key, data, *, etag, write_ids=()):
+        return await self.inner.write(key, data, etag=etag, write_ids=write_ids)
 
     async def delete(self, key):
         if self.allowed <= 0:
