@@ -42,7 +42,7 @@ from typing import Any, Literal, Protocol
 
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
 MAX_SAVE_ATTEMPTS = 16  # conflicts re-read and re-applied before StateConflict
-WRITE_IDS_KEPT = 8  # write ids a document keeps (its own and those it was written over)
+WRITE_IDS_KEPT = 16  # write ids a document keeps (its own and those it was written over)
 SCHEMA_VERSION = 1
 
 Scope = Literal["conversation", "user"]
@@ -354,9 +354,10 @@ class State:
         self._loaded: Data | None = None  # the data as read (or as last saved)
         self._etag: str | None = None
         self._ids: tuple[str, ...] = ()  # the write ids of the document at _etag
-        # A write whose call failed (it may have been stored): its id, what it wrote and
-        # how many update() changes that covered, for the next save to recognise it.
-        self._unsettled: tuple[str, Data, int] | None = None
+        # Writes not answered yet (a call that failed may have been stored): each one's
+        # id, the data it was made from and how many update() changes it covered, for a
+        # re-read to recognise it.
+        self._unsettled: list[tuple[str, Data, int]] = []
         self._data: Data | None = None  # what the bot sees and changes
         self._updates: list[Change] = []
         self._loading = asyncio.Lock()  # held by the first read
@@ -436,11 +437,10 @@ class State:
         for attempt in range(MAX_SAVE_ATTEMPTS):
             write_id = uuid.uuid4().hex
             ids = (write_id, *based)[:WRITE_IDS_KEPT]
-            try:
-                new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids)
-            except BaseException:
-                self._unsettled = (write_id, candidate, counted)  # may have been stored
-                raise
+            # Unsettled until answered or a re-read tells: `mine` (what the handler's data
+            # was), not the candidate, is the base its stored changes are measured from.
+            self._unsettled.append((write_id, mine, counted))
+            new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids)
             stored, fresh = candidate, None
             if new_etag is None:
                 # Jittered: savers that collided do not collide again in step.
@@ -452,7 +452,7 @@ class State:
                     # this write's own, done.
                     new_etag, stored, ids = fresh.etag, fresh.data, fresh.write_ids
             if new_etag is not None:
-                self._unsettled = None
+                self._unsettled.clear()
                 del self._updates[:counted]
                 if same_json(ours, mine):
                     self._loaded, self._etag, self._ids = stored, new_etag, ids
@@ -468,13 +468,13 @@ class State:
                     # refused, deleted document or not).
                     self._loaded, self._etag = mine, _NO_DOCUMENT_HAS
                 return True
-            unsettled = self._unsettled
-            if unsettled is not None and fresh is not None and unsettled[0] in fresh.write_ids:
+            found = [u for u in self._unsettled if fresh is not None and u[0] in fresh.write_ids]
+            if found:
                 # An earlier save's write whose call failed was stored after all: its
                 # update() changes are in the document already, not to be replayed.
-                _, loaded, settled = unsettled
+                _, loaded, settled = found[-1]
                 del self._updates[:settled]
-                self._unsettled = None
+            self._unsettled.clear()  # none other can be stored any more: the ETag moved on
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None
             based = fresh.write_ids if fresh else ()
@@ -496,7 +496,8 @@ class State:
                 self._data = {}
             else:
                 self._data.clear()  # the dict the handler holds stays the state's
-            self._loaded, self._etag, self._ids, self._unsettled = {}, None, (), None
+            self._loaded, self._etag, self._ids = {}, None, ()
+            self._unsettled.clear()
             self._updates.clear()
             return deleted
 

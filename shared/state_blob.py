@@ -9,7 +9,11 @@ Name segments are encoded as the reference store's are (``b`` + base64url of the
 id, or ``h`` + SHA-256 for an id too long), and each document keeps its full key, so a
 hashed name never answers for another key. A document is plain JSON::
 
-    {"schemaVersion": 1, "key": "user/msteams/29:…", "updatedAt": "…", "data": {…}}
+    {"schemaVersion": 1, "key": "user/msteams/29:…", "updatedAt": "…", "data": {…},
+     "writeIds": [...]}
+
+(``writeIds``: the ids of the write that stored it and of those it was written over,
+newest first; see :class:`shared.state.StateStore`.)
 
 Writes create with ``If-None-Match: *`` and update with ``If-Match`` on the ETag read.
 Storage failures become :class:`shared.state.StateError` naming the operation, never the

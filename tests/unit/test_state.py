@@ -506,22 +506,31 @@ async def test_a_delete_waits_for_a_save_that_is_out():
 
 
 class AnswerLost:
-    """Once `armed`, stores the next write, runs `meanwhile` (another writer, say), then
-    answers None as the store's client does when it sent the write again, refused; or,
-    with `failing`, raises StateError as when the call timed out."""
+    """The next `lose` writes that are stored lose their answers: after `meanwhile`
+    (another writer, say) each answers None, as the store's client does when it sent a
+    stored write again and was refused; or, `failing`, raises StateError, as when the
+    call timed out. The next `fail_refused` refused writes and `fail_reads` reads raise
+    StateError too (storage failing)."""
 
-    def __init__(self, store, meanwhile=None, failing: bool = False) -> None:
-        self.store, self.meanwhile, self.failing, self.armed = store, meanwhile, failing, False
+    def __init__(self, store, meanwhile=None, failing=False) -> None:
+        self.store, self.meanwhile, self.failing = store, meanwhile, failing
+        self.lose = self.fail_refused = self.fail_reads = 0
         self.max_bytes = store.max_bytes
 
     async def read(self, key):
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise StateError("state store: read timed out after 10s")
         return await self.store.read(key)
 
     async def write(self, key, data, *, etag, write_ids=()):
         answer = await self.store.write(key, data, etag=etag, write_ids=write_ids)
-        if not self.armed or answer is None:
+        if answer is None and self.fail_refused:
+            self.fail_refused -= 1
+            raise StateError("state store: write timed out after 10s")
+        if answer is None or not self.lose:
             return answer
-        self.armed = False
+        self.lose -= 1
         if self.meanwhile is not None:
             await self.meanwhile()
         if self.failing:
@@ -543,7 +552,7 @@ async def test_a_write_whose_answer_was_lost_counts_once(store, meanwhile):
     lossy = AnswerLost(store, (lambda: another_turn_counts(store)) if meanwhile else None)
     state = State(lossy, USER)
     data = await state.update(increment)
-    lossy.armed = True
+    lossy.lose = 1
     assert await state.save()
     expected = {"n": 2 if meanwhile else 1}
     assert (await store.read(USER)).data == expected and data == expected
@@ -555,12 +564,45 @@ async def test_a_write_whose_call_failed_but_was_stored_counts_once_when_saved_a
     lossy = AnswerLost(store, lambda: another_turn_counts(store), failing=True)
     state = State(lossy, USER)
     await state.update(increment)
-    lossy.armed = True
+    lossy.lose = 1
     with pytest.raises(StateError):
         await state.save()  # it was stored, and another turn counted since
     await state.update(increment)
     assert await state.save()  # proactive code trying again, say
     assert (await store.read(USER)).data == {"n": 3}
+
+
+async def test_a_merged_write_whose_call_failed_keeps_the_other_writers_change(store):
+    await store.write(USER, {"n": 0}, etag=None)
+    lossy = AnswerLost(store, failing=True)
+    state = State(lossy, USER)
+    await state.update(increment)
+    await another_turn_counts(store)  # before this save's first write: a merge follows
+    lossy.lose = 1
+    with pytest.raises(StateError):
+        await state.save()  # the merged n = 2 was stored, its call failed
+    assert (await store.read(USER)).data == {"n": 2}
+    await state.save()  # the turn's end
+    assert (await store.read(USER)).data == {"n": 2}
+
+
+@pytest.mark.parametrize("failure", ["the re-read failed", "the next write failed too"])
+async def test_a_write_left_unanswered_counts_once_when_saved_again(store, failure):
+    await store.write(USER, {"n": 0}, etag=None)
+    lossy = AnswerLost(store, failing=failure == "the next write failed too")
+    state = State(lossy, USER)
+    await state.update(increment)
+    lossy.lose = 1  # stored, then answered None (a refused resend) or timed out
+    if failure == "the re-read failed":
+        lossy.fail_reads = 1
+    else:
+        lossy.fail_refused = 1  # the next save's first write, refused, times out too
+    for _ in range(2 if failure == "the next write failed too" else 1):
+        with pytest.raises(StateError):
+            await state.save()
+    assert (await store.read(USER)).data == {"n": 1}
+    await state.save()
+    assert (await store.read(USER)).data == {"n": 1}
 
 
 async def test_a_delete_while_the_first_load_is_out_reads_as_empty():
