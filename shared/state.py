@@ -474,6 +474,7 @@ class State:
                 # update() changes are in the document already, not to be replayed.
                 _, loaded, settled = found[-1]
                 del self._updates[:settled]
+                self._loaded = loaded  # the base of what is left, should this save fail
             self._unsettled.clear()  # none other can be stored any more: the ETag moved on
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None

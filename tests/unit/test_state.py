@@ -510,11 +510,12 @@ class AnswerLost:
     (another writer, say) each answers None, as the store's client does when it sent a
     stored write again and was refused; or, `failing`, raises StateError, as when the
     call timed out. The next `fail_refused` refused writes and `fail_reads` reads raise
-    StateError too (storage failing)."""
+    StateError too (storage failing), and so does write number `unsent` (counted from 1),
+    before it is sent."""
 
     def __init__(self, store, meanwhile=None, failing=False) -> None:
         self.store, self.meanwhile, self.failing = store, meanwhile, failing
-        self.lose = self.fail_refused = self.fail_reads = 0
+        self.lose = self.fail_refused = self.fail_reads = self.unsent = self.writes = 0
         self.max_bytes = store.max_bytes
 
     async def read(self, key):
@@ -524,6 +525,9 @@ class AnswerLost:
         return await self.store.read(key)
 
     async def write(self, key, data, *, etag, write_ids=()):
+        self.writes += 1
+        if self.writes == self.unsent:
+            raise StateError("state store: write timed out after 10s")
         answer = await self.store.write(key, data, etag=etag, write_ids=write_ids)
         if answer is None and self.fail_refused:
             self.fail_refused -= 1
@@ -603,6 +607,30 @@ async def test_a_write_left_unanswered_counts_once_when_saved_again(store, failu
     assert (await store.read(USER)).data == {"n": 1}
     await state.save()
     assert (await store.read(USER)).data == {"n": 1}
+
+
+def add_counts(loaded, theirs, ours):
+    """A State.merge for a counter: both sides' increments."""
+    merged = dict(theirs)
+    merged["n"] = theirs.get("n", 0) + ours.get("n", 0) - loaded.get("n", 0)
+    return merged
+
+
+@pytest.mark.parametrize("merge", [None, add_counts])
+async def test_a_write_recognised_by_a_save_that_then_failed_counts_once(store, merge):
+    # A save's write is stored but its call fails; another turn counts; the next save
+    # recognises that write, then its own write fails before it is sent; a third save.
+    await store.write(USER, {"n": 0}, etag=None)
+    lossy = AnswerLost(store, lambda: another_turn_counts(store), failing=True)
+    state = State(lossy, USER, merge=merge)
+    await state.update(increment)
+    lossy.lose, lossy.unsent = 1, 3
+    for _ in range(2):
+        with pytest.raises(StateError):
+            await state.save()
+    assert (await store.read(USER)).data == {"n": 2}
+    await state.save()
+    assert (await store.read(USER)).data == {"n": 2}
 
 
 async def test_a_delete_while_the_first_load_is_out_reads_as_empty():
