@@ -315,7 +315,8 @@ class Router:
     async def handle_error(self, turn: TurnContext, error: BaseException) -> None:
         """Log a failed turn with its ids and apologise to the user. Never raises.
 
-        The apology is tried only within the channel's wait for the answer (_apologise).
+        The apology is tried only within the channel's wait for the answer, and not at all
+        when less than a second of it is left.
         The user never sees the exception; the log names the activity, the conversation and
         where the exception was raised (not its text, which may carry user data or secrets,
         but for the app's own errors whose text says why: see _reason).
@@ -342,14 +343,26 @@ class Router:
             _reason(error),
         )
         try:
+            # What the failure sends keeps within the channel's wait for the answer (less
+            # APOLOGY_MARGIN for the answer itself): an answer past it makes the channel
+            # send the activity again.
+            left = None if turn.answer_by is None else turn.answer_by - time.monotonic()
+            if left is not None:
+                left -= APOLOGY_MARGIN
+                turn.retry = turn.connector.retry_within(max(left, 0.0))
             if self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
-                if turn.answer_by is not None:  # its sends too keep within the channel's wait
-                    left = turn.answer_by - time.monotonic() - APOLOGY_MARGIN
-                    turn.retry = turn.connector.retry_within(max(left, 0.0))
                 await self._on_error(turn, error)
             elif not _no_apology(turn.activity) and not _connector_failing(turn, error):
-                await self._apologise(turn)
+                if left is not None and left < 1.0:
+                    logger.warning(
+                        "no apology: activity=%s conversation=%s: too little is left of "
+                        "the channel's wait for the answer",
+                        clip(turn.activity.get("id")),
+                        clip(turn.conversation_key),
+                    )
+                else:
+                    await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
                 "could not apologise: activity=%s conversation=%s error=%s",
@@ -357,24 +370,6 @@ class Router:
                 clip(turn.conversation_key),
                 type(failure).__name__,
             )
-
-    async def _apologise(self, turn: TurnContext) -> None:
-        """The apology, in the time the channel still waits for the turn's answer (less
-        APOLOGY_MARGIN for the answer itself); none when less than a second of it is left:
-        an answer past the channel's wait makes it send the activity again."""
-        if turn.answer_by is None:
-            await turn.reply(self.apology, buffer=False)
-            return
-        left = turn.answer_by - time.monotonic() - APOLOGY_MARGIN
-        if left < 1.0:
-            logger.warning(
-                "no apology: activity=%s conversation=%s: too little is left of the "
-                "channel's wait for the answer",
-                clip(turn.activity.get("id")),
-                clip(turn.conversation_key),
-            )
-            return
-        await turn.reply(self.apology, buffer=False, retry=turn.connector.retry_within(left))
 
 
 def _reason(error: BaseException) -> str:

@@ -99,8 +99,8 @@ class TurnContext:
         # reach the channel in time (what the endpoint does after the turn left out): set
         # by the messages endpoint; None for a turn made elsewhere.
         self.answer_by: float | None = None
-        # The retry policy of send, reply, update and delete when none is given (None: the
-        # Connector client's own): the error handler's is cut to the time left (Router).
+        # The retry policy of send, reply, update and delete (None: the Connector client's
+        # own): on the error path, cut to what is left of the channel's wait (Router).
         self.retry: RetryPolicy | None = None
         # What the error apology would meet again (Router.handle_error), kept by _noting:
         # the latest send, reply, update or delete here failed unanswered (or throttled,
@@ -314,26 +314,21 @@ class TurnContext:
         return await self._deliver(activity, reply_to=None, buffer=True)
 
     async def reply(
-        self,
-        text_or_activity: str | Mapping[str, Any],
-        *,
-        buffer: bool = True,
-        retry: RetryPolicy | None = None,
+        self, text_or_activity: str | Mapping[str, Any], *, buffer: bool = True
     ) -> dict:
         """Answer the incoming activity (Connector `ReplyToActivity`, `replyToId` = its id).
 
         An activity without an id, and a conversationUpdate (spec: not a reply target), is
         answered by posting to the conversation instead. ``buffer=False`` posts through the
         Connector even under expectReplies (the error apology uses it: a failed turn answers
-        500, so a buffered apology would never be seen); `retry` replaces the Connector
-        client's retry policy for this call. Returns what :meth:`send` returns (``{}``
-        when buffered).
+        500, so a buffered apology would never be seen). Returns what :meth:`send` returns
+        (``{}`` when buffered).
         """
         incoming_id = self.reference.get("activityId")
         activity = apply_conversation_reference(
             self._outgoing(text_or_activity), self.reference, reply=bool(incoming_id)
         )
-        return await self._deliver(activity, reply_to=incoming_id, buffer=buffer, retry=retry)
+        return await self._deliver(activity, reply_to=incoming_id, buffer=buffer)
 
     async def update_activity(
         self, activity_id: str, text_or_activity: str | Mapping[str, Any]
@@ -409,19 +404,12 @@ class TurnContext:
                 )
         return activity
 
-    async def _deliver(
-        self,
-        activity: Activity,
-        *,
-        reply_to: str | None,
-        buffer: bool,
-        retry: RetryPolicy | None = None,
-    ) -> dict:
+    async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
         if buffer and self.buffering and self.expects_replies:
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]
-        options = self._retry_options(retry)
+        options = self._retry_options()
         if reply_to:
             call = self.connector.reply_to_activity(
                 service_url, conversation_id, reply_to, activity, **options
@@ -432,11 +420,10 @@ class TurnContext:
             )
         return await self._noting(call)
 
-    def _retry_options(self, retry: RetryPolicy | None = None) -> dict[str, RetryPolicy]:
-        """The Connector call's `retry` argument: the one given, else the turn's (the
-        error handler's time left), else none (the client's own policy)."""
-        retry = retry or self.retry
-        return {} if retry is None else {"retry": retry}
+    def _retry_options(self) -> dict[str, RetryPolicy]:
+        """The Connector call's `retry` argument: the turn's (the error path's time left),
+        else none (the client's own policy)."""
+        return {} if self.retry is None else {"retry": self.retry}
 
     async def _noting(self, call: Awaitable[T], *, here: bool = True) -> T:
         """`call`'s result, noting what its Connector failure or its cancellation says of
