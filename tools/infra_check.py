@@ -310,6 +310,9 @@ class Assignment:
     grants: frozenset[str]
     principal: str
     role: str = ""  # the role definition's GUID
+    name: str = ""  # the resource's symbolic name
+    condition: str | None = None  # its ABAC condition's text (Bicep's escapes undone)
+    condition_version: str | None = None
 
 
 def role_assignments(infra: Path = INFRA) -> list[Assignment]:
@@ -317,18 +320,24 @@ def role_assignments(infra: Path = INFRA) -> list[Assignment]:
     for path in sorted((infra / "modules").glob("*.bicep")):
         tree = load(infra, f"modules/{path.name}")
         variables = {name: v["value"] for name, v in tree.get("variables", {}).items()}
-        for resource in tree["resources"].values():
+        for name, resource in tree["resources"].items():
             if resource["type"] != "Microsoft.Authorization/roleAssignments":
                 continue
             config = _config(resource)
-            role = _resolve_role(config["properties"]["roleDefinitionId"], variables)
+            properties = config["properties"]
+            role = _resolve_role(properties["roleDefinitionId"], variables)
+            condition = properties.get("condition")
+            condition = variables.get(condition, condition) if isinstance(condition, str) else None
             found.append(
                 Assignment(
                     path.name,
                     str(config.get("scope")),
                     frozenset(ROLE_GRANTS.get(role, set())),
-                    str(config["properties"]["principalId"]),
+                    str(properties["principalId"]),
                     role,
+                    name,
+                    condition.replace("\\'", "'") if isinstance(condition, str) else None,
+                    properties.get("conditionVersion"),
                 )
             )
     return found
@@ -433,25 +442,19 @@ def producer_read_condition(prefixes: tuple[str, ...] = PRODUCER_READS) -> str:
 
 def check_producer_reads(infra: Path = INFRA) -> list[str]:
     """A producer's blob role is held to PRODUCER_READS by its condition."""
-    tree = load(infra, "modules/storage.bicep")
-    variables = {name: v["value"] for name, v in tree.get("variables", {}).items()}
     problems = []
-    for name, resource in tree["resources"].items():
-        if resource["type"] != "Microsoft.Authorization/roleAssignments":
+    for assignment in role_assignments(infra):
+        if assignment.principal != "producerPrincipalId" or not any(
+            g.startswith("blob:") for g in assignment.grants
+        ):
             continue
-        properties = _config(resource)["properties"]
-        if str(properties.get("principalId")) != "producerPrincipalId":
-            continue
-        role = _resolve_role(properties["roleDefinitionId"], variables)
-        if not any(g.startswith("blob:") for g in ROLE_GRANTS.get(role, ())):
-            continue
-        condition = properties.get("condition")
-        condition = variables.get(condition, condition) if isinstance(condition, str) else None
-        text = condition.replace("\\'", "'") if isinstance(condition, str) else None
-        if text != producer_read_condition() or properties.get("conditionVersion") != "2.0":
+        if (assignment.condition, assignment.condition_version) != (
+            producer_read_condition(),
+            "2.0",
+        ):
             problems.append(
-                f"storage.bicep: {name} must carry the producer's read condition "
-                "(version 2.0): reads under " + ", ".join(PRODUCER_READS) + " only"
+                f"{assignment.file}: {assignment.name} must carry the producer's read "
+                "condition (version 2.0): reads under " + ", ".join(PRODUCER_READS) + " only"
             )
     return problems
 
