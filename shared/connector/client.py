@@ -179,6 +179,14 @@ class ConnectorClient:
         *,
         retry: RetryPolicy | None = None,
     ) -> dict:
+        if isinstance(activity_id, str) and activity_id.lower() == "history":
+            # The URL of sendConversationHistory: no encoding tells the two apart (a server
+            # decodes %68istory), so the reply could be taken for a transcript upload.
+            raise ConnectorError(
+                ErrorKind.INVALID,
+                "an activity id 'history' names another operation; nothing was sent",
+                operation="replyToActivity",
+            )
         path = f"/v3/conversations/{_q(conversation_id)}/activities/{_q(activity_id)}"
         return await self._call(
             "replyToActivity",
@@ -412,6 +420,7 @@ class ConnectorClient:
         policy = retry or self._retry
         url = build_url(target, path, query)
         data = encode_body(operation, body)
+        accept = "*/*" if expect == "bytes" else "application/json"  # an attachment's bytes
         scope = pacing_scope(target, pace, body)
         posts = operation in POSTS_ACTIVITIES or (
             operation == "createConversation" and bool(body and body.get("activity"))
@@ -422,6 +431,10 @@ class ConnectorClient:
         # posted, and a retry would post it again. Waits end early enough to leave it.
         reserve = _request_reserve(policy)
         attempt = failures = 0
+        # A DELETE whose earlier attempt may have been carried out (written, then no answer,
+        # here or inside aiohttp; or a gateway's 502/504): a 404 to the retry means it is
+        # gone, as asked.
+        maybe_done = False
         rejected: str | None = None
         failure: ConnectorError | None = None
         while True:
@@ -440,7 +453,7 @@ class ConnectorClient:
                 operation,
                 method,
                 url,
-                request_headers(token, data),
+                request_headers(token, data, accept=accept),
                 data,
                 attempt=attempt,
                 seconds=self._remaining(deadline),
@@ -451,6 +464,7 @@ class ConnectorClient:
             )
             if isinstance(answer, ConnectorError):
                 failure = answer
+                maybe_done = maybe_done or departure.at is not None
             elif 200 <= answer.status < 300:
                 value = result(operation, expect, answer.content, posted=posts)
                 if not isinstance(value, ConnectorError):
@@ -460,6 +474,14 @@ class ConnectorClient:
                 failure = value  # what was asked for did not arrive readable: tried again
             else:
                 connector = not answer.redirected  # else the host a redirect led to
+                maybe_done = maybe_done or departure.stamps > 1
+                if answer.status == 404 and method == "DELETE" and maybe_done:
+                    log.info(
+                        "connector %s answered 404 after an attempt that may have done it: done",
+                        operation,
+                    )
+                    return None
+                maybe_done = maybe_done or answer.status in (502, 504)
                 if answer.status == 401 and connector and token is not None and rejected is None:
                     # The token was rejected (revoked, rotated secret): one fresh token, once.
                     rejected = token

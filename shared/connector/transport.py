@@ -59,7 +59,7 @@ class Departure:
     at)`` (``previous``: the stamp before, None for the first) as it happens, and marks
     the :func:`requests_leaving` block it was made in."""
 
-    __slots__ = ("at", "clock", "leaving", "on_left")
+    __slots__ = ("at", "clock", "leaving", "on_left", "stamps")
 
     def __init__(
         self,
@@ -69,10 +69,12 @@ class Departure:
         self.clock = clock
         self.on_left = on_left
         self.at: float | None = None
+        self.stamps = 0  # more than one: aiohttp wrote it again (a dropped reused connection)
         self.leaving = _LEAVING.get()
 
     def stamp(self) -> None:
         previous, self.at = self.at, self.clock()
+        self.stamps += 1
         if self.leaving is not None:
             self.leaving[0] = True
         if self.on_left is not None:
@@ -151,8 +153,10 @@ class Http:
             await session.close()
 
 
-def request_headers(token: str | None, data: bytes | None) -> dict[str, str]:
-    headers = {"Accept": "application/json"}
+def request_headers(
+    token: str | None, data: bytes | None, *, accept: str = "application/json"
+) -> dict[str, str]:
+    headers = {"Accept": accept}
     if data is not None:
         headers["Content-Type"] = "application/json; charset=utf-8"
     if token is not None:
@@ -165,7 +169,7 @@ def encode_body(operation: str, body: Mapping[str, Any] | None) -> bytes | None:
         return None
     try:
         return json.dumps(body, allow_nan=False).encode()
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:  # nested past Python's limit
         raise ConnectorError(
             ErrorKind.INVALID,
             f"the request body is not JSON ({type(error).__name__}); nothing was sent",
@@ -296,8 +300,13 @@ def quote_segment(value: str) -> str:
     """One path segment, percent-encoded: ``/``, ``:``, ``@`` and ``;`` included.
 
     An id that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes
-    can carry) cannot be encoded: an ``invalid`` error, never a UnicodeEncodeError.
+    can carry) cannot be encoded, and one that is not a string is no id: an ``invalid``
+    error, never a UnicodeEncodeError or TypeError.
     """
+    if not isinstance(value, str):
+        raise ConnectorError(
+            ErrorKind.INVALID, "an id in the request path is not a string; nothing was sent"
+        )
     # "." and ".." have no encoding that is safe: quote() leaves them as dot segments, and
     # %2E is an unreserved character in disguise, which a server may decode before it
     # resolves dot segments (RFC 3986 6.2.2). Either way `/conversations/../activities`

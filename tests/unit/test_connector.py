@@ -1643,6 +1643,76 @@ async def test_an_id_that_is_empty_or_a_dot_segment_is_invalid_and_nothing_is_se
     assert fake_connector.requests == []
 
 
+@pytest.mark.parametrize("operation", list(DOT_ID_CALLS))
+async def test_an_id_that_is_not_a_string_is_invalid_and_nothing_is_sent(
+    client, fake_connector, operation
+):
+    with pytest.raises(ConnectorError) as caught:
+        await DOT_ID_CALLS[operation](client, fake_connector.url, 12345)
+    assert caught.value.kind is ErrorKind.INVALID
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize("activity_id", ["history", "History"])
+async def test_a_reply_to_an_activity_named_history_is_refused(client, fake_connector, activity_id):
+    # Its URL would be sendConversationHistory's: the reply taken for a transcript upload.
+    with pytest.raises(ConnectorError) as caught:
+        await client.reply_to_activity(
+            fake_connector.url, "a:1", activity_id, {"type": "message", "text": "hi"}
+        )
+    assert caught.value.kind is ErrorKind.INVALID
+    assert fake_connector.requests == []
+
+
+async def test_a_body_nested_past_pythons_limit_is_invalid_and_nothing_is_sent(
+    client, fake_connector
+):
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"x": deep}
+    with pytest.raises(ConnectorError) as caught:
+        await client.send_to_conversation(
+            fake_connector.url, "a:1", {"type": "message", "channelData": deep}
+        )
+    assert caught.value.kind is ErrorKind.INVALID
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize(
+    ("first", "call"),
+    [
+        (Reply(504), "delete_activity"),
+        (Reply(502), "delete_conversation_member"),
+        (Reply(drop=True), "delete_activity"),
+    ],
+)
+async def test_a_delete_whose_retry_finds_it_gone_succeeded(
+    client, fake_connector, vtime, first, call
+):
+    # The first attempt may have been carried out before its answer was lost.
+    fake_connector.script("DELETE", ".", [first, Reply(404)])
+
+    assert await getattr(client, call)(fake_connector.url, "a:1", "2") is None
+    assert len(fake_connector.requests) == 2
+
+
+async def test_a_delete_answered_404_at_once_is_invalid(client, fake_connector):
+    fake_connector.script("DELETE", ".", [Reply(404)])
+
+    with pytest.raises(ConnectorError) as caught:
+        await client.delete_activity(fake_connector.url, "a:1", "2")
+    assert caught.value.status == 404
+
+
+async def test_an_attachment_view_accepts_any_content_type(client, fake_connector):
+    fake_connector.attachments[ATTACHMENT] = {"name": "x", "originalBase64": "aGk="}
+    fake_connector.redirect_attachments = False
+    await client.get_attachment(fake_connector.url, ATTACHMENT, "original")
+    assert fake_connector.requests[-1].headers["Accept"] == "*/*"
+    await client.get_attachment_info(fake_connector.url, ATTACHMENT)
+    assert fake_connector.requests[-1].headers["Accept"] == "application/json"
+
+
 @pytest.mark.parametrize(
     ("given", "sent"), [("...", "..."), (".a", ".a"), ("%2e%2e", "%252e%252e")]
 )
