@@ -38,10 +38,6 @@ STALE_TOKEN_GRACE_SECONDS = 30.0
 # After a failed refresh, a token still valid is used this long before the next attempt.
 REFRESH_RETRY_SECONDS = 10.0
 HTTP_TIMEOUT_SECONDS = 10.0
-# Refusals naming one of these are not asked about again for REFRESH_RETRY_SECONDS: the
-# settings are read once per process (a file named by a setting is read per request and
-# may be rotated meanwhile: those refusals are not kept).
-_KEPT_REFUSALS = frozenset({"MicrosoftAppPassword", "MicrosoftAppId", "MicrosoftAppTenantId"})
 
 # Entra error codes worth a hint about which setting to check.
 _AADSTS_HINTS = {
@@ -143,9 +139,7 @@ class MsalTokenProvider:
         Entra ID then holds up no call (MSAL waits up to HTTP_TIMEOUT_SECONDS, most of a
         call's budget). After a failed background refresh, the next one waits
         REFRESH_RETRY_SECONDS. Only a token missing, expiring within the grace or refused
-        by the Connector is waited for; and when Entra ID refused the last request for a
-        setting the process cannot see change (a wrong secret, an unknown app), a call
-        within REFRESH_RETRY_SECONDS of it gets that error again without asking.
+        by the Connector is waited for.
         """
         token = self._token
         if not force_refresh and token.value:
@@ -156,29 +150,11 @@ class MsalTokenProvider:
                 if now >= self._retry_at:
                     self._shared_refresh()
                 return token.value
-        refused = self._recently_refused()
-        if refused is not None and not force_refresh:
-            raise refused
         # Shielded: one caller giving up must not cancel the acquisition the others share.
         fresh = (await asyncio.shield(self._shared_refresh())).value
         if force_refresh and fresh == token.value and self._last_error is not None:
             raise self._last_error  # the refresh failed and kept the token the Connector refused
         return fresh
-
-    def _recently_refused(self) -> TokenError | None:
-        """A copy of the last refresh's error, if it named a setting in _KEPT_REFUSALS, came
-        under REFRESH_RETRY_SECONDS ago, and no refresh is under way."""
-        error = self._last_error
-        inflight = self._inflight
-        if (
-            error is None
-            or error.transient
-            or error.setting not in _KEPT_REFUSALS
-            or self._clock() >= self._retry_at
-            or (inflight is not None and not inflight.done())
-        ):
-            return None
-        return TokenError(str(error), setting=error.setting, code=error.code)
 
     def _shared_refresh(self) -> asyncio.Task[_Token]:
         """The refresh in flight on this loop, or a new one (nobody may wait for it)."""

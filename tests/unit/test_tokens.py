@@ -397,27 +397,6 @@ async def test_a_wrong_secret_names_the_aad_code_and_never_the_secret(fake_aad, 
     assert not error.transient
 
 
-async def test_a_refused_secret_is_not_asked_for_again_by_every_call(fake_aad, aad_app):
-    time = VirtualTime(start=1_000_000.0)
-    settings = aad_app.settings(MicrosoftAppPassword="wrong-secret-value")
-    provider = create_token_provider(settings, clock=time.clock)
-
-    for _ in range(20):  # a busy bot with a refused secret: one request, twenty errors
-        with pytest.raises(TokenError) as caught:
-            await provider.get_token()
-        assert caught.value.code == "AADSTS7000215" and not caught.value.transient
-    assert len(fake_aad.rejections) == 1
-
-    with pytest.raises(TokenError):  # a Connector's 401 still asks at once
-        await provider.get_token(force_refresh=True)
-    assert len(fake_aad.rejections) == 2
-
-    time.now += 11  # past the pause: asked again
-    with pytest.raises(TokenError):
-        await provider.get_token()
-    assert len(fake_aad.rejections) == 3
-
-
 async def test_no_credential_names_the_setting(fake_aad):
     settings = Settings.from_env({"MicrosoftAppId": "app", "BOT_LOGIN_AUTHORITY": fake_aad.url})
 
