@@ -79,6 +79,9 @@ def running(root: Path, logs: Path, env: dict[str, str], *extra: str) -> Iterato
     assert "Unclosed" not in host.stderr
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def request(
     host: DevHost,
     method: str,
@@ -568,13 +571,20 @@ def test_message_encoding_none(tmp_path, azurite, queue):
         client.send_message('{"plain": "text ✓"}')
         got = wait_for(lambda: records(record_file), 10, "the queue function")
         assert got == [{"body": '{"plain": "text ✓"}', "type": "str"}]
-        # The admin endpoint runs a non-HTTP function by hand, as the real host's does.
-        status, _, _ = request(
-            host,
-            "POST",
-            "/admin/functions/plain_function",
-            json.dumps({"input": "by hand"}).encode(),
-        )
+        # The admin endpoint runs a non-HTTP function by hand, as the real host's does: a
+        # JSON object only (a web page can send text/plain or a form without asking).
+        admin = "/admin/functions/plain_function"
+        by_hand = json.dumps({"input": "by hand"}).encode()
+        refused = [
+            request(host, "POST", admin, by_hand, {"Content-Type": "text/plain"})[0],
+            request(host, "POST", admin, by_hand)[0],  # no media type
+            request(host, "POST", admin, b"", JSON)[0],
+            request(host, "POST", admin, b"[1]", JSON)[0],
+            request(host, "POST", admin, b"{", JSON)[0],
+        ]
+        assert refused == [415, 415, 400, 400, 400]
+        assert len(records(record_file)) == 1  # none of them ran it
+        status, _, _ = request(host, "POST", admin.replace("plain", "PLAIN"), by_hand, JSON)
         assert status == 202
         assert records(record_file)[-1] == {"body": "by hand", "type": "str"}
 
@@ -758,7 +768,8 @@ def test_a_function_that_cannot_load_fails_alone_like_the_worker(
     with running(app, tmp_path, {}) as host:
         assert request(host, "POST", "/api/good_function")[0] == 200
         if "timerTrigger" in json.dumps(function_json):
-            assert request(host, "POST", "/admin/functions/only_function", b"{}")[0] == 500
+            admin = "/admin/functions/only_function"
+            assert request(host, "POST", admin, b"{}", JSON)[0] == 500
         else:
             assert request(host, "POST", "/api/only_function", b"{}")[0] == 500
         log = wait_for_log(host, "Function 'only_function' is not loaded")

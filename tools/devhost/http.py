@@ -15,6 +15,7 @@ answers 200 with an empty body, as the host's default result.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -184,15 +185,21 @@ async def _admin(
         return web.json_response({"state": state()})
     prefix = "/admin/functions/"
     if path.startswith(prefix) and request.method == "POST":
-        name = request.path.rstrip("/")[len(prefix) :]
-        trigger = manual.get(name)
+        name = request.path.rstrip("/")[len(prefix) :].lower()  # the host's names ignore case
+        trigger = next((t for n, t in manual.items() if n.lower() == name), None)
         if trigger is None:
             return web.Response(status=404)
+        # A JSON body only, as the host binds it: a web page the developer visits can send
+        # a form or text/plain here without asking (no CORS preflight), never JSON.
+        if request.content_type != "application/json":
+            return web.Response(status=415, text='send JSON: {"input": "..."}')
         try:
-            document = await request.json() if await request.read() else {}
-        except ValueError:
+            document = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            document = None
+        if not isinstance(document, dict):
             return web.Response(status=400, text='body must be JSON: {"input": "..."}')
-        text = document.get("input", "") if isinstance(document, dict) else ""
+        text = document.get("input", "")
         outcome = await trigger(text if isinstance(text, str) else "")
         return web.Response(status=202 if outcome.succeeded else 500)
     return web.Response(status=404)
