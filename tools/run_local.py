@@ -232,6 +232,13 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     )
     if storage.strip().lower() == DEVELOPMENT_STORAGE and custom_ports:
         env["AzureWebJobsStorage"] = connection_string(args.blob_port, args.queue_port)
+    if host_command(args)[0] == "func":
+        # Core Tools start the worker with the `python3` or `python` found on PATH, not
+        # this one: the repo's virtual environment first, and named, as activating it would.
+        bin_dir = os.path.dirname(sys.executable)
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
+        env["VIRTUAL_ENV"] = os.path.dirname(bin_dir)
+        env["languageWorkers__python__defaultExecutablePath"] = sys.executable
     return env
 
 

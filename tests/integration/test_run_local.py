@@ -362,6 +362,41 @@ def test_a_settings_file_of_its_own_is_the_hosts_only_settings(tmp_path, monkeyp
     assert (env["BOT_X"], env["BOT_ALLOW_UNAUTHENTICATED"]) == ("it", "true")
 
 
+def test_core_tools_start_the_worker_with_the_repos_python(tmp_path, monkeypatch):
+    # Core Tools cannot be installed here: `func` is only made to look installed, and the
+    # environment it would get is checked by running the Python it would find there.
+    import shutil
+    import subprocess
+    import sys
+
+    from tools import run_local
+
+    real_which = shutil.which
+    monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a PATH without the repo's environment
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    args = run_local.parse_args([])
+    assert run_local.host_command(args)[0] == "func"
+
+    env = run_local.host_environment(args, {})
+
+    assert env["languageWorkers__python__defaultExecutablePath"] == sys.executable
+    python3 = real_which("python3", path=env["PATH"])
+    assert python3 is not None
+    imported = subprocess.run(
+        [
+            python3,
+            "-c",
+            "import azure.functions, aiohttp, msal, jwt; import sys; print(sys.prefix)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == env["VIRTUAL_ENV"] == sys.prefix
+
+
 def test_another_settings_file_runs_the_local_host_even_with_core_tools_installed(
     tmp_path, monkeypatch
 ):
