@@ -32,6 +32,7 @@ from typing import Any
 
 import azure.functions as func
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.storage.queue import QueueClient
 
 from tests.fixtures.devhost import DevHost, wait_for
@@ -956,6 +957,56 @@ async def test_a_long_invocation_keeps_its_message_invisible(storage):
         props = await client.get_queue_properties()
     assert calls == [1]  # never delivered twice at once
     assert props.approximate_message_count == 0  # deleted with the renewed pop receipt
+
+
+async def test_a_failed_renewal_is_tried_again_before_the_lease_runs_out(storage, caplog):
+    name = f"devhost-renew-{uuid.uuid4().hex[:10]}"
+    calls: list[int] = []
+
+    async def main(msg: func.QueueMessage) -> None:
+        calls.append(msg.dequeue_count)
+        await asyncio.sleep(7)
+
+    async with listening(
+        storage, main, name, receive_visibility=4, max_dequeue_count=5
+    ) as listener:
+        # Fault injection (storage cannot be made to refuse one request on cue): the first
+        # renewal (at 2 s of the 4) fails after a second, as the storage SDK's would after
+        # its own retries; the rest are real. Half a lease later would be too late.
+        update = listener._queue.update_message
+        failures = [HttpResponseError("renewal failed")]
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                await asyncio.sleep(1)
+                raise failures.pop()
+            return await update(*args, **kwargs)
+
+        listener._queue.update_message = flaky
+        client = storage.get_queue_client(name)
+        await client.send_message(b64("slow"))
+        await eventually(lambda: asyncio.sleep(0, calls), 10, "the function")
+        await asyncio.sleep(8)
+        props = await client.get_queue_properties()
+    assert failures == []  # the failure happened
+    assert calls == [1]  # renewed in time: never received again while it ran
+    assert props.approximate_message_count == 0
+
+
+async def test_a_lease_taken_away_is_no_longer_renewed(storage, caplog):
+    name = f"devhost-gone-{uuid.uuid4().hex[:10]}"
+    client = storage.get_queue_client(name)
+
+    async def main(msg: func.QueueMessage) -> None:
+        await client.delete_message(msg.id, msg.pop_receipt)  # someone else settles it
+        await asyncio.sleep(5)
+
+    with caplog.at_level(logging.DEBUG, logger="tools.devhost"):
+        async with listening(storage, main, name, receive_visibility=2):
+            await client.send_message(b64("taken"))
+            await asyncio.sleep(6)
+    assert "renewing message" not in caplog.text  # no failing renewals, each warned about
+    assert caplog.text.count("Cannot renew message") == 1
 
 
 async def test_a_poison_queue_has_no_poison_queue_of_its_own(storage):
