@@ -401,18 +401,32 @@ def as_activity(text_or_activity: str | Mapping[str, Any]) -> Activity:
     return activity
 
 
+# The bot's distinct @mention texts removed from a message's text, at most: each removal
+# reads the whole text, and a client (Direct Line, Web Chat) writes its own entities.
+MAX_BOT_MENTIONS = 16
+
+
 def text_without_bot_mention(activity: Mapping[str, Any]) -> str:
     """The message text with the bot's own @mention removed (Teams puts `<at>Bot</at>` in it)."""
     text = activity.get("text") or ""
     recipient = activity.get("recipient") or {}
     bot_id = recipient.get("id") if isinstance(recipient, Mapping) else None
+    removed: set[str] = set()
     for entity in activity.get("entities") or ():
         if not isinstance(entity, Mapping) or entity.get("type") != "mention":
             continue
         mentioned = entity.get("mentioned")
         mention_text = entity.get("text")
-        if is_bot_account(mentioned, bot_id) and isinstance(mention_text, str) and mention_text:
+        if (
+            is_bot_account(mentioned, bot_id)
+            and isinstance(mention_text, str)
+            and mention_text
+            and mention_text not in removed
+        ):
             text = text.replace(mention_text, "")
+            removed.add(mention_text)
+            if len(removed) == MAX_BOT_MENTIONS:
+                break
     return text.strip()
 
 

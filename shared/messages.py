@@ -196,7 +196,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         written = await _record(runtime, recorded, ids)  # whatever the turn's outcome
         outcome.failed = outcome.failed or not written
     response = _respond(activity, turn, outcome)
-    logger.debug("messages: %s %s -> %s", ids, activity["type"], response.status)
+    logger.debug("messages: %s %s -> %s", ids, clip(activity["type"]), response.status)
     _check_late(activity, recorded, ids, time.monotonic() - started)
     return response
 
@@ -211,7 +211,7 @@ def _check_late(activity: Activity, recorded: Activity, ids: str, elapsed: float
             "messages: %s %s answered after %.1f s; the channel waits %.0f s, then may send "
             "it again",
             ids,
-            activity["type"],
+            clip(activity["type"]),
             elapsed,
             window,
         )
@@ -335,7 +335,7 @@ def _json_answer(activity: Activity, status: int, payload: Any) -> HttpResponse:
     except (TypeError, ValueError, RecursionError):  # a set, NaN, a datetime, ...
         logger.error(
             "messages: the answer to %s %s is not JSON",
-            activity["type"],
+            clip(activity["type"]),
             clip(activity.get("name") or ""),
         )
         raise InvalidAnswer("a turn's answer must be plain JSON") from None

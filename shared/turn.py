@@ -62,6 +62,7 @@ class TurnContext:
 
     __slots__ = (
         "_conversation_state",
+        "_text",
         "_user_state",
         "activity",
         "answer_by",
@@ -113,6 +114,7 @@ class TurnContext:
         self.token_failed = False
         self._conversation_state: State | None = None
         self._user_state: State | None = None
+        self._text: str | None = None
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -131,8 +133,10 @@ class TurnContext:
 
     @property
     def text(self) -> str:
-        """The message text, trimmed, without the bot's own @mention."""
-        return text_without_bot_mention(self.activity)
+        """The message text, trimmed, without the bot's own @mention (worked out once)."""
+        if self._text is None:
+            self._text = text_without_bot_mention(self.activity)
+        return self._text
 
     @property
     def bot_id(self) -> str | None:

@@ -346,6 +346,23 @@ def test_bot_mention_naming_the_bot_without_its_prefix_is_removed_too():
     assert text_without_bot_mention(activity) == "help"
 
 
+def test_the_bots_mentions_are_removed_once_each_and_at_most_sixteen_distinct():
+    # Each removal reads the whole text: a client's 5,000 mentions of the bot in a 1 MiB
+    # message held the event loop for seconds per read. Repeats are removed once; past
+    # sixteen distinct texts, the rest stay.
+    def mention(text: str) -> dict:
+        return {"type": "mention", "mentioned": {"id": "28:bot"}, "text": text}
+
+    names = [f"<at>B{n}</at>" for n in range(20)]
+    activity = incoming(
+        text=" ".join(names) + " go",
+        entities=[mention(names[0])] * 5000 + [mention(name) for name in names],
+    )
+    assert text_without_bot_mention(activity) == " ".join(names[16:]) + " go"
+    repeated = incoming(text="<at>Bot</at> hi <at>Bot</at>", entities=[mention("<at>Bot</at>")] * 3)
+    assert text_without_bot_mention(repeated) == "hi"
+
+
 def test_is_bot_account():
     assert is_bot_account({"id": "28:bot"}, "28:bot")
     assert is_bot_account({"id": "bot"}, "28:bot")  # Teams sometimes drops the prefix

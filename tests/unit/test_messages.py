@@ -487,11 +487,13 @@ async def test_ids_a_client_chose_cannot_fake_a_log_line_even_at_debug(
         conversation={"id": f"19:{forged}"},
         membersRemoved=[{"id": "28:bot"}],
     )
+    typed = activity_for(fake_connector.url, type=f"message{forged}")  # any string is a type
     with caplog.at_level(logging.DEBUG, logger="shared"):
         assert (await bot.handle(post(added, token))).status == 200
         assert await stored_keys(bot.store) != []
         assert (await bot.handle(post(removed, token))).status == 200
-    assert await stored_keys(bot.store) == []
+        assert await stored_keys(bot.store) == []
+        assert (await bot.handle(post(typed, token))).status == 200
     lines = [record.getMessage() for record in caplog.records]
     assert any("references: removed" in line and "\\nERROR" in line for line in lines)
     assert not [line for line in lines if "\n" in line]
