@@ -178,6 +178,15 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         outcome = await _run_turn(runtime.router, turn)
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
+    elif _addition(recorded):
+        # The bot was added (installed, a team restored): stored first, then the turn (a
+        # welcome, say). No later activity may redo a failed write (in a team the bot hears
+        # only its @mentions), so it answers 500 and the handlers do not run: the channel's
+        # retry does both, and the welcome is sent once.
+        if await _record(runtime, recorded, ids):
+            outcome = await _run_turn(runtime.router, turn)
+        else:
+            outcome = TurnOutcome(failed=True)
     elif recorded_beside:
         # The HTTP answer is the reply (a card, a dialog, the buffered replies): the
         # reference is recorded beside the turn, so the answer waits for the longer of the
@@ -252,15 +261,22 @@ def _removal(activity: Activity) -> bool:
     return classify(activity) is Change.REMOVE
 
 
+def _addition(activity: Activity) -> bool:
+    from shared.lifecycle import Change, classify
+
+    return classify(activity) is Change.ADD
+
+
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     """Add/refresh/remove the conversation reference (a removal: the removed conversations'
-    state too); False when a removal failed.
+    state too); False when an addition or a removal failed.
 
     A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
     answer (Teams gives message-extension queries 5 s in all), and a storage outage with
-    its retries must not eat that. A write cut short or failed is only logged: a later
-    activity redoes it. A removal gets REMOVAL_BUDGET (a team's: TEAM_REMOVAL_BUDGET), and
-    its failure fails the answer (no later activity would redo it; the channel's retry does).
+    its retries must not eat that. A refresh cut short or failed is only logged: a later
+    activity redoes it. An addition's failure fails the answer, and so does a removal's,
+    which gets REMOVAL_BUDGET (a team's: TEAM_REMOVAL_BUDGET): no later activity would
+    redo them; the channel's retry does.
     """
     from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
@@ -283,7 +299,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
         logger.error("messages: %s %s: %s", what, ids, type(error).__name__)
     else:
         return True
-    return not removal
+    return change is Change.REFRESH
 
 
 async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:

@@ -22,6 +22,7 @@ import app
 from shared import messages as messages_module
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
+from shared.bot import greeting
 from shared.bot import router as shipped_router
 from shared.config import Settings, reset_settings
 from shared.connector import ConnectorClient
@@ -903,6 +904,38 @@ async def test_reference_write_neither_delays_nor_breaks_the_reply(
     assert fake_connector.activities[0]["text"] == "Echo: hello there"
     assert store.reply_arrived_first is True
     assert "reference not recorded" in caplog.text
+
+
+class Outage(MemoryReferenceStore):
+    down = True
+
+    async def upsert(self, reference, *, team_id=None, refresh=False) -> bool:
+        if self.down:
+            raise StoreError("reference store: write failed (simulated outage)")
+        return await super().upsert(reference, team_id=team_id, refresh=refresh)
+
+
+async def test_an_addition_not_stored_is_a_500_and_the_retry_stores_and_welcomes_once(
+    bot, channel_identity, fake_connector
+):
+    # A bot in a team hears only its @mentions: no later activity would store the team,
+    # and broadcasts would miss it for good. The welcome waits for the write.
+    store = Outage()
+    bot.runtime.references = store
+    added = activity_for(
+        fake_connector.url,
+        type="conversationUpdate",
+        membersAdded=[{"id": "28:bot"}, {"id": "29:user-1", "name": "Ada"}],
+    )
+    token = channel_token(channel_identity, bot)
+
+    assert (await bot.handle(post(added, token))).status == 500
+    assert (fake_connector.activities, await stored_keys(store)) == ([], [])
+
+    store.down = False  # the channel's retry
+    assert (await bot.handle(post(added, token))).status == 200
+    assert await stored_keys(store) == [f"{CHANNEL}/{CONVERSATION}"]
+    assert [a["text"] for a in fake_connector.activities] == [greeting(["Ada"])]
 
 
 class MeetingStore(MemoryReferenceStore):

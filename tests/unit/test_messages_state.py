@@ -228,7 +228,7 @@ async def test_a_turn_answered_after_the_channel_stopped_waiting_is_a_warning(
         query = {"type": "invoke", "name": "composeExtension/query", "value": {}}
         assert (await say(bot, channel_identity, fake_connector, "", **query)).status == 501
     [line] = [r.getMessage() for r in caplog.records if "answered after" in r.getMessage()]
-    assert "type='invoke'" not in line and "invoke answered after" in line
+    assert "type='invoke'" not in line and "'invoke' answered after" in line
     assert "the channel waits 0 s" in line
 
     # A removal may run on past the channel's wait by design: no warning.
