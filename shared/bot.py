@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+from shared.activity import is_bot_account
 from shared.router import Router
 from shared.turn import TurnContext
 
@@ -77,6 +78,9 @@ async def member_name(turn: TurnContext, member: dict[str, Any]) -> str:
 
 @router.message()
 async def echo(turn: TurnContext) -> None:
-    """Answer every message with a reply that repeats its text (or says there was none)."""
+    """Answer every message with a reply that repeats its text (or says there was none);
+    not the bot's own, which a channel may pass back: echoed, it would come back again."""
+    if is_bot_account(turn.activity.get("from"), turn.bot_id):
+        return
     text = turn.text
     await turn.reply(f"Echo: {text}" if text else NOTHING_TO_ECHO)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from shared.activity import TEAMS_CHANNEL, conversation_key, teams_tenant_id
+from shared.activity import TEAMS_CHANNEL, conversation_key, is_bot_account, teams_tenant_id
 from shared.diagnostics import clip
 from shared.references.keys import (
     split_key,
@@ -242,6 +242,9 @@ def plan(
             # An activity with `from: {}` names nobody: it must not replace the stored
             # user, which links a 1:1 to its user (their erasure finds it by them).
             del incoming[name]
+    bot = incoming.get("bot")
+    if "user" in incoming and is_bot_account(incoming["user"], (bot or {}).get("id")):
+        del incoming["user"]  # the bot's own account speaking is not the conversation's user
     merged = _merge(current.reference, incoming) if current else incoming
     if not is_personal(merged):
         for name in SPEAKER_FIELDS:

@@ -134,6 +134,11 @@ async def test_a_message_with_text_is_echoed(fake_connector, connector):
     ]
 
 
+async def test_the_bots_own_message_is_not_echoed(fake_connector, connector):
+    own = incoming(fake_connector, text="Echo: hi", **{"from": {"id": "bot", "name": "Bot"}})
+    assert await run(fake_connector, connector, own) == []
+
+
 # --- the error apology: held back when it would meet the turn's own Connector failure ---
 
 

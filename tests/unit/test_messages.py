@@ -906,6 +906,19 @@ async def test_reference_write_neither_delays_nor_breaks_the_reply(
     assert "reference not recorded" in caplog.text
 
 
+async def test_an_activity_from_the_bots_own_account_leaves_the_1to1_linked_to_its_user(
+    bot, channel_identity, fake_connector
+):
+    token = channel_token(channel_identity, bot)
+    await bot.handle(post(activity_for(fake_connector.url), token))
+    own = activity_for(fake_connector.url, id="2", **{"from": {"id": "28:bot", "name": "Bot"}})
+
+    assert (await bot.handle(post(own, token))).status == 200
+
+    found = await bot.store.find_by_user(channel_id=CHANNEL, user_id="29:user-1")
+    assert found is not None and found.reference["user"]["id"] == "29:user-1"
+
+
 class Outage(MemoryReferenceStore):
     down = True
 
