@@ -30,7 +30,8 @@ from shared.reports import SINGLE_TARGET
 # The one field the engine adds to copies it puts back on the queue (attempt count, first
 # seen, broadcast child). Producers never write it; shared.producer refuses it.
 RESERVED = "_proactive"
-TOP_LEVEL_FIELDS = frozenset({"id", "to", "activity", "text", RESERVED, "poisonReason"})
+POISON_REASON = "poisonReason"  # a poison copy's: an operator who puts it back retries it
+TOP_LEVEL_FIELDS = frozenset({"id", "to", "activity", "text", RESERVED, POISON_REASON})
 BROADCAST_FILTERS = ("channelId", "tenantId", "teamId", "personal")
 USER_FIELDS = ("channelId", "id", "tenantId", "serviceUrl")
 

@@ -44,7 +44,7 @@ from shared.config import (
     _storage_name,
     proactive_queue_name,
 )
-from shared.proactive_schema import RESERVED, InvalidRequest, parse_request
+from shared.proactive_schema import POISON_REASON, RESERVED, InvalidRequest, parse_request
 from shared.queues import (
     MAX_DELAY_SECONDS,
     MAX_REQUEST_BYTES,
@@ -78,8 +78,12 @@ async def enqueue(
     settings = settings or producer_settings()
     if not isinstance(request, Mapping):
         raise InvalidRequest("the request must be an object")
-    if RESERVED in request:
-        raise InvalidRequest(f"`{RESERVED}` is the engine's own field")
+    for own in (RESERVED, POISON_REASON):
+        # A request sent again under its id is delivered once; with a poison copy's reason
+        # it would be an operator's retry, and a failure that may have been posted (a 500)
+        # would be sent again.
+        if own in request:
+            raise InvalidRequest(f"`{own}` is the engine's own field")
     if (
         not isinstance(delay, int | float)
         or isinstance(delay, bool)
@@ -92,6 +96,8 @@ async def enqueue(
     text = request_text(message)
     parsed = parse_request(text)
     kind = "broadcast" if parsed.broadcast is not None else "single"
+    queue = StorageQueue(settings)
+    queue.check()  # settings that reach blobs but not queues: refused before a head is written
     ledger = BlobLedger(settings)
     head = None
     try:
@@ -102,7 +108,7 @@ async def enqueue(
         # A producer allowed to enqueue and read reports, not to write blobs (the role the
         # infra grants): the report appears with the first delivery attempt instead.
     try:
-        await StorageQueue(settings).put(text, delay=delay)
+        await queue.put(text, delay=delay)
     except Exception as error:
         # Refused, so not queued: the head this call wrote would say `pending` for ever, so
         # it goes (unless it changed meanwhile). A put whose answer was lost may have landed
@@ -418,6 +424,12 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+# What JSON leaves as it is and a terminal may act on (DEL and C1: U+009B starts an escape
+# sequence), written as JSON's \u escapes: the same JSON value.
+_JSON_ESCAPES = {
+    **{code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)},
+    **_UNICODE_LINE_BREAKS,
+}
 # What a listed key may hold that would break its line or fool a terminal: control
 # characters (C0, DEL, C1), as Python's backslash escapes write them, and the Unicode
 # line breaks; a backslash itself too, so no key prints as another's escape.
@@ -433,8 +445,9 @@ def _print_json(value: Any) -> None:
     text = json.dumps(value, ensure_ascii=False)
     if _printable(text) != text:
         text = json.dumps(value)
-    # Line breaks to a reader that splits lines the Unicode way: escaped, one object a line.
-    print(text.translate(_UNICODE_LINE_BREAKS))
+    # Line breaks to a reader that splits lines the Unicode way: escaped, one object a line;
+    # and terminal controls a client may have put in an id.
+    print(text.translate(_JSON_ESCAPES))
 
 
 def _print_done(shown: str, said: str) -> None:

@@ -52,6 +52,10 @@ class StorageQueue:
         self._settings = settings
         self.name = queue_name or settings.proactive_queue
 
+    def check(self) -> None:
+        """SettingsError now (no I/O) when the settings cannot reach the queue."""
+        _queue_client(self._settings, self.name)
+
     async def put(self, text: str, *, delay: float = 0.0) -> None:
         await _send(self._settings, self.name, text, delay)
 

@@ -9,9 +9,11 @@ Each timer run (`BOT_SCHEDULE`; the template and the example settings run it eve
 minute) enqueues, for every enabled
 schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
-(``proactive-schedules/<name>.json``), so a missed (past-due) run catches up once; a
-document written since its last run (edited, or deleted and created again) counts from
-that write instead, so nothing from before it is sent. Two runs that overlap, or a run
+(``proactive-schedules/<encoded name>.json``, kept when the schedule is removed), so a
+missed (past-due) run catches up once; a document written since its last run (edited,
+or deleted and created again) counts from that write instead, so nothing from before it
+is sent, and from the next minute when a run came earlier in the minute of the write
+(that minute's id may be the document before's). Two runs that overlap, or a run
 retried after a crash before its bookkeeping was written, enqueue the same ids again:
 delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
 minute (due times are per minute), never before its first due second in that minute
@@ -30,7 +32,13 @@ from typing import Any
 from shared.activity import is_unicode_text
 from shared.config import Settings, ncrontab_problem
 from shared.ledger import Entry, Ledger, NotJson, Record
-from shared.proactive_schema import RESERVED, InvalidRequest, field_name, parse_request
+from shared.proactive_schema import (
+    POISON_REASON,
+    RESERVED,
+    InvalidRequest,
+    field_name,
+    parse_request,
+)
 from shared.producer import request_text
 from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
 from shared.references.contract import StorageAuthFailed, StoreError
@@ -87,8 +95,12 @@ def parse_schedule(name: str, document: Any) -> Schedule:
     if not isinstance(enabled, bool):
         raise InvalidRequest("`enabled` must be true or false")
     request = document.get("request")
-    if not isinstance(request, dict) or "id" in request or RESERVED in request:
-        raise InvalidRequest("`request` must be a proactive request without `id`")
+    if not isinstance(request, dict) or {"id", RESERVED, POISON_REASON} & request.keys():
+        # (Each due time is enqueued again under its id by design: with a poison copy's
+        # reason, every such copy would retry a failure, a 500 that may have been posted.)
+        raise InvalidRequest(
+            f"`request` must be a proactive request without `id`, `{RESERVED}` or `{POISON_REASON}`"
+        )
     # The producer's own rules, size included: every due time's message is this long.
     parse_request(request_text({**request, "id": schedule_id(name, _EPOCH)}))
     return Schedule(name, expression, request, enabled)
@@ -254,18 +266,17 @@ async def write_schedule(ledger: Ledger, name: str, document: Any) -> Schedule:
 async def remove_schedule(ledger: Ledger, name: str) -> bool:
     """Delete the schedule `name` (``schedules/<name>.json``), or the blob `name` names
     when it starts with ``schedules/`` (each listed blob's `blob`, one the timer skips
-    included), and a schedule's last-run record; False when the listing of ``schedules/``
-    holds no such blob. Only a listed blob is deleted: a name such as ``../x`` never
-    reaches another blob. Due times already enqueued are still delivered."""
+    included); False when the listing of ``schedules/`` holds no such blob. Only a listed
+    blob is deleted: a name such as ``../x`` never reaches another blob. Due times already
+    enqueued are still delivered. Its last-run record stays: a schedule created again
+    under the name starts from its write all the same, and one created again in the
+    minute of a run must not reuse that minute's id (see _run_one)."""
     if not isinstance(name, str) or not name or not is_unicode_text(name):
         raise InvalidRequest("give a schedule's name, or a blob name under schedules/")
     blob = name if name.startswith(SCHEDULES_PREFIX) else schedule_blob(name)
     if not [entry async for entry in ledger.list(blob) if entry.name == blob]:
         return False
-    removed = await ledger.delete(blob)
-    if blob.endswith(".json"):  # a schedule created again starts afresh
-        await ledger.delete(_state_name(blob[len(SCHEDULES_PREFIX) : -len(".json")]))
-    return removed
+    return await ledger.delete(blob)
 
 
 def schedule_blob(name: str) -> str:
@@ -295,6 +306,10 @@ def _ahead(last: datetime, until: datetime, state: Record | None) -> bool:
         return False
     written = state.modified if state is not None else 0.0
     return not written or last - datetime.fromtimestamp(written, UTC) > AHEAD_TOLERATED
+
+
+def _minute(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
 
 
 def _minute_before(moment: datetime) -> datetime:
@@ -342,6 +357,10 @@ async def _run_one(
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
+    if not fresh and last < written_at and _minute(last) == _minute(written_at):
+        # Written after a run in the same minute, which may have sent this minute's id
+        # for the document before (ids are per minute, each sent once): from the next.
+        written_minute = _minute(written_at) + timedelta(minutes=1) - timedelta(microseconds=1)
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
     since = max(last, written_minute)

@@ -276,6 +276,22 @@ def test_a_request_the_queue_refuses_leaves_no_pending_report(azurite, storage):
     assert '"state": "pending"' in producer(storage, "report", "r1").stdout
 
 
+def test_settings_that_reach_blobs_but_no_queue_leave_no_pending_report(azurite, storage):
+    # A connection string without a QueueEndpoint: refused before the report's head is
+    # written, which said `pending` for ever for a request never queued.
+    blobs_only = sas_connection_string(azurite, "rwdlc").replace(
+        f"QueueEndpoint={azurite.queue_url};", ""
+    )
+    sent = producer(
+        {**storage, "AzureWebJobsStorage": blobs_only},
+        *("send", "--conversation", "msteams/a:1", "--text", "hi", "--id", "r1"),
+    )
+    assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
+    assert sent.stderr.startswith("error: setting AzureWebJobsStorage"), sent.stderr
+    assert blobs(azurite.connection_string, storage["BOT_REFERENCES_CONTAINER"]) == []
+    assert producer(storage, "report", "r1").returncode == 1  # no report at all
+
+
 @pytest.mark.parametrize("queue", ["answers 500", "drops the connection once it has read"])
 async def test_a_put_that_may_have_landed_keeps_its_report(azurite, storage, queue):
     # A put answered 500, or whose connection dropped after it was sent (the client raises
@@ -699,6 +715,23 @@ def test_list_escapes_unicode_line_breaks_so_each_schedule_stays_one_line(storag
         container.upload_blob("schedules/a\u2028b.json", b"{}")
         container.upload_blob("schedules/c\x85d.json", b"{}")
     assert [line["name"] for line in schedules(storage)] == ["a\u2028b", "c\x85d"]
+
+
+def test_list_escapes_what_a_terminal_would_act_on(storage):
+    # DEL and C1 controls (U+009B starts an escape sequence) in a name another client chose:
+    # written as JSON escapes, the same JSON, nothing a terminal acts on.
+    from azure.storage.blob import ContainerClient
+
+    container = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with container:
+        container.create_container()
+        container.upload_blob("schedules/x\x9b2J\x7f.json", b"{}")
+    listed = producer(storage, "schedule", "list")
+    assert "\x9b" not in listed.stdout and "\x7f" not in listed.stdout
+    assert "\\u009b2J\\u007f" in listed.stdout
+    assert [line["name"] for line in schedules(storage)] == ["x\x9b2J\x7f"]
 
 
 def test_deleting_a_schedule_named_in_bytes_the_terminal_could_not_decode_says_so(storage):

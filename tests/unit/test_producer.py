@@ -95,6 +95,7 @@ NESTED = _nested(100_000)
         ({"to": {"conversation": "no-slash"}, "text": "x"}, "conversation key"),
         ({"to": {"conversation": "msteams/a"}}, "`activity`"),
         ({"to": {"conversation": "msteams/a"}, "text": "x", "_proactive": {}}, "engine's own"),
+        ({"to": {"conversation": "msteams/a"}, "text": "x", "poisonReason": "x"}, "engine's own"),
         (["not", "an", "object"], "object"),
         ({"to": {"conversation": "msteams/a"}, "text": "x" * 49_000}, "larger than"),
         # Values JSON has no form for: refused as the documented InvalidRequest.

@@ -98,6 +98,10 @@ def test_ids_name_the_schedule_and_the_due_minute():
         ({"schedule": "0 * * * *", "request": REQUEST}, "6-field"),
         ({"schedule": "0 0 25 * * *", "request": REQUEST}, "6-field"),
         ({"schedule": "0 * * * * *", "request": {**REQUEST, "id": "x"}}, "without `id`"),
+        (
+            {"schedule": "0 * * * * *", "request": {**REQUEST, "poisonReason": "x"}},
+            "`poisonReason`",
+        ),
         ({"schedule": "0 * * * * *", "request": {"to": {}, "text": "x"}}, "`to`"),
         ({"schedule": "0 * * * * *", "request": REQUEST, "enabled": "yes"}, "`enabled`"),
         ({"schedule": "0 * * * * *", "request": REQUEST, "when": 1}, "unknown field"),
@@ -750,6 +754,31 @@ async def test_an_edited_schedule_starts_afresh_and_an_unchanged_one_catches_up(
     ]
 
 
+@pytest.mark.parametrize("how", ["edited", "removed and written again"])
+async def test_a_schedule_written_after_a_run_in_that_minute_starts_at_the_next(how):
+    # The run at 09:00:00 sent minute 09:00's id for the old document; the new one's 09:00:30
+    # would have had that id too, and been dropped as a duplicate, reported delivered.
+    from shared.schedules import remove_schedule, write_schedule
+
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(nine - timedelta(minutes=10))
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await write_schedule(ledger, "s", {"schedule": "0 * * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, nine - timedelta(minutes=1)) != []
+    assert await run_schedules(ledger, queue, nine) == ["schedule:s:2030-01-01T09:00Z"]
+
+    clock.now = nine + timedelta(seconds=20)
+    if how != "edited":
+        assert await remove_schedule(ledger, "s")
+    new = {"schedule": "30 * * * * *", "request": {**REQUEST, "text": "new"}}
+    await write_schedule(ledger, "s", new)
+    ids = await run_schedules(ledger, queue, nine + timedelta(minutes=1))
+    ids += await run_schedules(ledger, queue, nine + timedelta(minutes=2))
+
+    assert ids == ["schedule:s:2030-01-01T09:01Z"]  # never 09:00's id again
+    assert json.loads(queue.sent[-1][0])["text"] == "new"
+
+
 async def test_a_schedule_with_seconds_is_enqueued_by_the_first_run_after_them_never_before():
     ledger, queue = MemoryLedger(), MemoryQueue()
     await ledger.create("schedules/s.json", {"schedule": "45 0 9 * * *", "request": REQUEST})
@@ -788,7 +817,7 @@ async def test_a_written_schedule_is_run_by_the_timer_and_a_removed_one_no_longe
     assert (listed.name, listed.schedule.enabled, listed.problem) == ("tick", True, None)
 
     assert await remove_schedule(ledger, "tick") is True
-    assert ledger.blobs == {}  # the document and its last-run record
+    assert [n for n in ledger.blobs if n.startswith("schedules/")] == []  # its record stays
     assert await run_schedules(ledger, queue, T0 + timedelta(minutes=5)) == []
     assert await remove_schedule(ledger, "tick") is False
 
