@@ -93,20 +93,21 @@ package: setup
 
 ## The Teams app to upload (sideload): dist/teams-app.zip. Needs the bot's app id and the
 ## app's host name: make teams-package BOT_ID=<guid> BOT_DOMAIN=<app>.azurewebsites.net
-teams-package: setup
+teams-package: $(STAMP) $(APP_MANIFEST_STAMP)
 	$(PY) -m tools.teams_package --bot-id "$(BOT_ID)" --domain "$(BOT_DOMAIN)" dist/teams-app.zip
 
 ## Run the bot locally on http://127.0.0.1:7071 with Azurite on its default ports.
-run: setup
+# Only what running the bot needs (not the checkers `make test` uses).
+run: $(STAMP) $(AZURITE_STAMP)
 	@$(PY) -m tools.run_local
 
 ## Type messages to the locally running bot (start `make run` first, in another terminal).
-chat: setup
+chat: $(STAMP)
 	$(PY) -m tools.botsim chat
 
 ## Microsoft 365 Agents Playground (a Teams-like page) against the local bot; starts the bot
 ## when `make run` is not running. CHANNEL=webchat or CHANNEL=emulator for another channel.
-playground: setup $(PLAYGROUND_STAMP)
+playground: $(STAMP) $(AZURITE_STAMP) $(PLAYGROUND_STAMP)
 	@$(PY) -m tools.playground --channel $(CHANNEL)
 
 ## Lint, then every test (unit + Azurite integration + end-to-end). Starts and stops its own Azurite.
