@@ -293,6 +293,11 @@ def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> 
         with no_interruptions():
             if isinstance(stop, Terminated):
                 host.terminate()  # Ctrl-C reached the host already (same process group)
+            elif command[1:3] == ["-m", "tools.devhost"]:
+                # ... unless it was sent to this process alone (`kill -INT`, a supervisor):
+                # passed on, so the host stops gracefully either way. The local host takes
+                # a second SIGINT within a second as the same one; Core Tools might not.
+                host.send_signal(signal.SIGINT)
             try:
                 return host.wait(timeout=HOST_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:

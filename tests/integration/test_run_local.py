@@ -182,7 +182,7 @@ def post_status(port: int, path: str, body: bytes) -> int:
         connection.close()
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "SIGINT to it alone"])
 def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, stop):
     run = make_run()
     run.wait_started()
@@ -214,11 +214,14 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
 
     if stop == "SIGTERM":
         run.process.send_signal(signal.SIGTERM)
-    else:  # the terminal sends SIGINT to the whole foreground process group
+    elif stop == "Ctrl-C":  # the terminal sends SIGINT to the whole foreground process group
         os.killpg(run.process.pid, signal.SIGINT)
+    else:  # `kill -INT`, a supervisor: the host hears of it only through run_local
+        run.process.send_signal(signal.SIGINT)
     code = run.wait()
 
     assert code == 0, run.stdout + run.stderr
+    assert "Host stopped" in run.stderr  # gracefully, not killed
     assert "Traceback" not in run.stderr
     assert run.stdout.rstrip().endswith("Stopped the bot and Azurite.")
     assert not any(accepts_connections(ports[name]) for name in ("port", "blob", "queue"))
