@@ -1262,7 +1262,8 @@ def test_settings_references_and_timespans():
         resolve("%MISSING%", {}, where="w")
     assert parse_timespan("00:00:02", where="w") == 2.0
     assert parse_timespan("1.00:00:00.5", where="w") == 86400.5
-    assert parse_timespan(1500, where="w") == 1.5
+    with pytest.raises(HostError, match="read it as days"):  # 1.x's milliseconds
+        parse_timespan(1500, where="w")
     with pytest.raises(HostError, match="TimeSpan"):
         parse_timespan("2 seconds", where="w")
 
@@ -1344,6 +1345,20 @@ def test_an_app_setting_overrides_host_json_queue_options_as_on_azure(tmp_path: 
         read_host_config(
             tmp_path, {"AzureFunctionsJobHost__extensions__queues__maxDequeueCount": "many"}
         )
+
+
+def test_queue_defaults_and_timespans_are_read_as_the_host_reads_them(tmp_path: Path) -> None:
+    import os
+
+    from tools.devhost.app import HostError, read_host_config
+
+    (tmp_path / "host.json").write_text('{"extensions": {"queues": {"batchSize": 4}}}')
+    # Half a batch per processor, as the host's QueuesOptions.
+    assert read_host_config(tmp_path).queues.new_batch_threshold == 2 * (os.cpu_count() or 1)
+    # Functions 1.x's milliseconds: the host since 2.x reads 2000 as 2,000 days.
+    (tmp_path / "host.json").write_text('{"extensions": {"queues": {"maxPollingInterval": 2000}}}')
+    with pytest.raises(HostError, match="maxPollingInterval"):
+        read_host_config(tmp_path)
 
 
 def test_host_json_keys_are_read_in_any_case_as_on_azure(tmp_path: Path) -> None:

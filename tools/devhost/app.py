@@ -206,7 +206,13 @@ def _queue_options(queues: Mapping[str, Any]) -> QueueOptions:
         ),
         batch_size=batch_size,
         new_batch_threshold=_integer(
-            queues, "newBatchThreshold", batch_size // 2, where, low=0, high=1000
+            # The host's default: half a batch per processor.
+            queues,
+            "newBatchThreshold",
+            batch_size // 2 * (os.cpu_count() or 1),
+            where,
+            low=0,
+            high=1000,
         ),
         max_dequeue_count=_integer(
             queues, "maxDequeueCount", defaults.max_dequeue_count, where, low=1, high=1000

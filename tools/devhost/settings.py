@@ -65,21 +65,26 @@ def resolve(value: str, settings: Mapping[str, str], *, where: str) -> str:
 
 
 def parse_timespan(value: Any, *, where: str) -> float:
-    """Seconds in a .NET TimeSpan (`[d.]hh:mm[:ss[.fff]]`) or a number of milliseconds."""
+    """Seconds in a .NET TimeSpan (`[d.]hh:mm[:ss[.fff]]`).
+
+    A JSON number is refused: Functions 1.x read it as milliseconds, while the host since
+    2.x reads it as TimeSpan text, `2000` being 2,000 days (a queue polled that rarely)."""
     if isinstance(value, bool):
         raise HostError(f"{where}: expected a TimeSpan like 00:00:02, got {value!r}")
     if isinstance(value, int | float):
-        seconds = value / 1000
-    else:
-        match = _TIMESPAN.match(str(value).strip())
-        if match is None:
-            raise HostError(f"{where}: expected a TimeSpan like 00:00:02, got {value!r}")
-        seconds = (
-            int(match["days"] or 0) * 86400
-            + int(match["h"]) * 3600
-            + int(match["m"]) * 60
-            + float(match["s"] or 0)
+        raise HostError(
+            f'{where}: give a TimeSpan string like "00:00:02", not the number {value!r} '
+            "(the Functions host would read it as days)"
         )
+    match = _TIMESPAN.match(str(value).strip())
+    if match is None:
+        raise HostError(f"{where}: expected a TimeSpan like 00:00:02, got {value!r}")
+    seconds = (
+        int(match["days"] or 0) * 86400
+        + int(match["h"]) * 3600
+        + int(match["m"]) * 60
+        + float(match["s"] or 0)
+    )
     if seconds < 0:
         raise HostError(f"{where}: must not be negative")
     return float(seconds)
