@@ -121,13 +121,12 @@ class BlobReferenceStore:
 
     async def get(self, key: str) -> StoredReference | None:
         name = document_name(key)
-        generation = self._deletions
         async with self._guard("get", key):
             stored = await self._read(name, key)
-        if stored is None:
-            self._cache.drop(key)
-        else:
-            self._remember(stored, generation)
+        # Not remembered: a cached document is one whose user index entries an upsert has
+        # seen to (written, or put back); cached from here, the next activity would skip
+        # that and leave an index that lost the conversation as it is.
+        self._cache.drop(key)
         return stored
 
     async def upsert(
@@ -137,6 +136,20 @@ class BlobReferenceStore:
         cached = None if refresh else self._cache.get(key)
         if cached is not None and plan(cached, reference, team_id, self._clock()) is None:
             return False
+        # The document and its user index entries as one, run to the end even when the
+        # caller stops waiting (a turn's recording budget): cut between the two, a stored
+        # 1:1 would be missing from its user's index, and their erasure would miss it. The
+        # store's own operation timeouts bound it.
+        task = asyncio.ensure_future(self._upsert(key, reference, team_id))
+        self._indexing.add(task)
+        task.add_done_callback(self._indexing.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._unawaited)
+            raise
+
+    async def _upsert(self, key: str, reference: Mapping[str, Any], team_id: str | None) -> bool:
         name = document_name(key)
         generation = self._deletions
         async with self._guard("upsert", key):
@@ -238,8 +251,18 @@ class BlobReferenceStore:
     def _indexed(self, task: asyncio.Task) -> None:
         self._indexing.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # Seen by the upsert that awaited it, unless it had stopped waiting.
+            # Seen by the upsert that awaited it, or by _unawaited when it stopped waiting.
             logger.debug("references: an index update failed: %s", task.exception())
+
+    @staticmethod
+    def _unawaited(task: asyncio.Task) -> None:
+        """The end of an upsert its caller stopped waiting for: a failure nobody else saw."""
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            logger.warning(
+                "references: a write finished after its caller stopped waiting, and failed: %s",
+                error if isinstance(error, StoreError) else type(error).__name__,
+            )
 
     def _observe(self, *, new: bool) -> None:
         """Track how often an uncached conversation turns out new (a moving average)."""

@@ -966,6 +966,48 @@ async def test_blob_while_most_conversations_are_new_they_are_created_without_a_
     assert transport.sent[0] == ("GET", "refs")
 
 
+@pytest.mark.integration
+async def test_blob_a_caller_that_stops_waiting_leaves_the_1to1_findable_by_its_user(gated):
+    # A turn's recording budget ran out while storage was answering the document's write:
+    # the write had landed, and the user index write after it must still happen, or the
+    # user's erasure (which finds 1:1s through the index) would leave the 1:1 behind.
+    store, transport = gated()
+    gate = transport.gate(_is("PUT", "refs"), after_response=True)
+    upsert = asyncio.ensure_future(store.upsert(reference()))
+    await gate.wait_reached()  # stored; its answer held
+    upsert.cancel()  # the caller stops waiting
+    with pytest.raises(asyncio.CancelledError):
+        await upsert
+    gate.released.set()
+
+    for _ in range(100):  # the write goes on by itself
+        found = await store.find_by_user(channel_id="msteams", user_id="29:user")
+        if found is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert found is not None and found.key == "msteams/a:1"
+
+
+@pytest.mark.integration
+async def test_blob_a_get_does_not_let_the_next_activity_skip_repairing_the_index(
+    blob_store, azurite
+):
+    # Stored, but its user index lost it (a write cut short in an earlier version, a
+    # process that died in between): a get (a proactive send) must not cache it as seen.
+    store, raw = blob_store
+    await store.upsert(reference())
+    for blob in list(raw.list_blobs(name_starts_with="users/")):
+        raw.delete_blob(blob.name)
+    fresh = BlobReferenceStore(store._settings, options=FAST)
+    try:
+        assert await fresh.get("msteams/a:1") is not None
+        await fresh.upsert(reference())  # the conversation's next activity
+        found = await fresh.find_by_user(channel_id="msteams", user_id="29:user")
+    finally:
+        await fresh.close()
+    assert found is not None and found.key == "msteams/a:1"
+
+
 class FailingTransport(AioHttpTransport):
     """The SDK's own transport; requests a predicate picks fail as a dropped connection
     would (the one failure Azurite cannot be made to produce on demand)."""
