@@ -9,11 +9,11 @@ Each timer run (`BOT_SCHEDULE`; the template and the example settings run it eve
 minute) enqueues, for every enabled
 schedule, each due time since that schedule's last run, with the id
 ``schedule:<name>:<YYYY-MM-DDTHH:MMZ>``. The last run is a small ETag'd blob per schedule
-(``proactive-schedules/<encoded name>.json``, kept when the schedule is removed), so a
-missed (past-due) run catches up once; a document written since its last run (edited,
-or deleted and created again) counts from that write instead, so nothing from before it
-is sent, and from the next minute when a run came earlier in the minute of the write
-(that minute's id may be the document before's). Two runs that overlap, or a run
+(``proactive-schedules/<encoded name>.json``, with the document's ETag that run read;
+marked removed, not deleted, with the schedule), so a missed (past-due) run catches up
+once; a document written since its last run (edited, or deleted and created again)
+counts from that write instead, so nothing from before it is sent, and never from the
+last run's minute (its id may be the document before's). Two runs that overlap, or a run
 retried after a crash before its bookkeeping was written, enqueue the same ids again:
 delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
 minute (due times are per minute), never before its first due second in that minute
@@ -159,6 +159,7 @@ class Listed:
     problem: str | None = None
     modified: float = 0.0  # when its document was last written (epoch seconds)
     blob: str = ""  # its full name
+    version: str = ""  # its document's ETag
 
 
 async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
@@ -186,7 +187,8 @@ async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
         record = await ledger.read(blob)
         if record is None:
             return None  # removed since the listing
-        return Listed(name, parse_schedule(name, record.data), None, record.modified)
+        schedule = parse_schedule(name, record.data)
+        return Listed(name, schedule, None, record.modified, version=record.etag)
     except StorageAuthFailed:
         raise  # a credential to fix: no document can be read, this one is not at fault
     except StoreError:
@@ -209,7 +211,9 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
             logger.warning("schedule %r skipped: %s", found.name[:200], found.problem)
             continue
         try:
-            enqueued += await _run_one(ledger, queue, found.schedule, now, found.modified)
+            enqueued += await _run_one(
+                ledger, queue, found.schedule, now, found.modified, found.version
+            )
         except (StorageAuthFailed, QueueAuthFailed):
             raise  # a credential to fix: every schedule would fail alike (the run fails)
         except (StoreError, QueueError, ValueError) as error:
@@ -268,15 +272,29 @@ async def remove_schedule(ledger: Ledger, name: str) -> bool:
     when it starts with ``schedules/`` (each listed blob's `blob`, one the timer skips
     included); False when the listing of ``schedules/`` holds no such blob. Only a listed
     blob is deleted: a name such as ``../x`` never reaches another blob. Due times already
-    enqueued are still delivered. Its last-run record stays: a schedule created again
-    under the name starts from its write all the same, and one created again in the
-    minute of a run must not reuse that minute's id (see _run_one)."""
+    enqueued are still delivered. Its last-run record is marked removed (see
+    _mark_removed)."""
     if not isinstance(name, str) or not name or not is_unicode_text(name):
         raise InvalidRequest("give a schedule's name, or a blob name under schedules/")
     blob = name if name.startswith(SCHEDULES_PREFIX) else schedule_blob(name)
     if not [entry async for entry in ledger.list(blob) if entry.name == blob]:
         return False
-    return await ledger.delete(blob)
+    removed = await ledger.delete(blob)
+    if blob.endswith(".json"):
+        await _mark_removed(ledger, _state_name(blob[len(SCHEDULES_PREFIX) : -len(".json")]))
+    return removed
+
+
+async def _mark_removed(ledger: Ledger, name: str) -> None:
+    """Mark a removed schedule's last-run record: a schedule created again under the name
+    starts afresh, but not in a minute whose id the removed one may have sent."""
+    try:
+        state = await ledger.read(name)
+    except NotJson:
+        await ledger.delete(name)
+        return
+    if state is not None and isinstance(state.data, dict):
+        await ledger.replace(name, {**state.data, "removed": True}, state.etag)
 
 
 def schedule_blob(name: str) -> str:
@@ -318,10 +336,19 @@ def _minute_before(moment: datetime) -> datetime:
 
 
 async def _run_one(
-    ledger: Ledger, queue: MessageQueue, schedule: Schedule, now: datetime, written: float
+    ledger: Ledger,
+    queue: MessageQueue,
+    schedule: Schedule,
+    now: datetime,
+    written: float,
+    version: str = "",
 ) -> list[str]:
     """Enqueue the schedule's due times since its last run, or since its document was
-    last written (`written`, epoch seconds, 0 when unknown) when that is later."""
+    last written (`written`, epoch seconds, 0 when unknown) when that is later.
+
+    `version` (the document's ETag) is recorded with the run: a document changed since,
+    or removed and written again, never sends a due time in the minute of the last run,
+    whose id the document before may have sent (ids are per minute, each sent once)."""
     state_name = _state_name(schedule.name)
     until = now.astimezone(UTC)
     try:
@@ -331,6 +358,11 @@ async def _run_one(
     # Any other storage error reading it goes to run_schedules: this schedule is skipped
     # this run, its record untouched, and the next run catches up on what is due.
     last = _last_run(state)
+    recorded = state.data if state is not None and isinstance(state.data, dict) else {}
+    seen = recorded.get("seen")
+    written_at = datetime.fromtimestamp(written, UTC)
+    changed = seen != version if isinstance(seen, str) else last is not None and last < written_at
+    used = last if changed else None  # ids up to its minute may be the document before's
     if last is not None and _ahead(last, until, state):
         # Written by a clock that ran ahead (or edited by hand): kept, it would hold the
         # schedule back until then. It restarts as from an unusable record; a due time the
@@ -340,10 +372,11 @@ async def _run_one(
             schedule.name,
             (last - until).total_seconds(),
         )
-        last = None
+        last = used = None
     elif last is None and state is not None:
         logger.warning("schedule %r: its last-run record was unusable; restarts now", schedule.name)
-    written_at = datetime.fromtimestamp(written, UTC)
+    if recorded.get("removed") is True:
+        last = None  # removed, then written again: a new schedule
     written_minute = _minute_before(written_at)
     fresh = last is None
     if last is None:
@@ -357,15 +390,13 @@ async def _run_one(
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
-    if not fresh and last < written_at and _minute(last) == _minute(written_at):
-        # Written after a run in the same minute, which may have sent this minute's id
-        # for the document before (ids are per minute, each sent once): from the next.
-        written_minute = _minute(written_at) + timedelta(minutes=1) - timedelta(microseconds=1)
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
     since = max(last, written_minute)
+    if used is not None:
+        since = max(since, _minute(used) + timedelta(minutes=1) - timedelta(microseconds=1))
     if fresh:
-        state = await _record_start(ledger, state_name, state, since)
+        state = await _record_start(ledger, state_name, state, since, version)
         if state is None:
             return []  # recorded and removed meanwhile: the next run starts it again
     ids = []
@@ -375,19 +406,19 @@ async def _run_one(
         ids.append(request_id)
         logger.info("schedule %r: enqueued %s", schedule.name, request_id)
     if last <= until:
-        data = {"last": until.isoformat()}
+        data = {"last": until.isoformat(), "seen": version}
         await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
     return ids
 
 
 async def _record_start(
-    ledger: Ledger, name: str, state: Record | None, since: datetime
+    ledger: Ledger, name: str, state: Record | None, since: datetime, version: str
 ) -> Record | None:
     """Record where a schedule with no usable last run (new, or its record unusable)
     starts, before anything is enqueued, so that a run failing part-way is caught up by
     the next from there, as for any other. The record as written, or as an overlapping
     run wrote it first (this run then enqueues the same ids too); None when it is gone."""
-    data = {"last": since.isoformat()}
+    data = {"last": since.isoformat(), "seen": version}
     if state is not None and state.etag == "*":  # not JSON: replaced
         await ledger.delete(name)
         state = None

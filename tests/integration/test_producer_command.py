@@ -589,7 +589,10 @@ async def test_a_schedule_put_by_the_command_is_listed_run_by_the_timer_and_dele
     deleted = producer(storage, "schedule", "delete", "standup")
     assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, "", "")
     assert schedules(storage) == []
-    assert stored(storage) == []  # its last-run record went with it
+    # Its last-run record stays, marked removed: the schedule written again under that
+    # name starts afresh, and never reuses an id of the minute of its last run.
+    [record] = stored(storage)
+    assert record.startswith("proactive-schedules/")
     missing = producer(storage, "schedule", "delete", "standup")
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == "error: no schedule named 'standup'\n"

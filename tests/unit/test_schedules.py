@@ -242,7 +242,7 @@ async def test_a_last_run_recorded_far_ahead_of_the_clock_restarts_the_schedule_
         assert await run_schedules(ledger, queue, T0) == ["schedule:a:2030-01-01T12:00Z"]
     assert "'a': its last run is recorded 86400 s ahead of this run's clock" in caplog.text
     assert ahead not in caplog.text
-    assert (await ledger.read(record)).data == {"last": T0.isoformat()}
+    assert (await ledger.read(record)).data["last"] == T0.isoformat()
     later = T0 + timedelta(minutes=2)
     assert await run_schedules(ledger, queue, later) == [
         "schedule:a:2030-01-01T12:01Z",
@@ -755,28 +755,48 @@ async def test_an_edited_schedule_starts_afresh_and_an_unchanged_one_catches_up(
 
 
 @pytest.mark.parametrize("how", ["edited", "removed and written again"])
-async def test_a_schedule_written_after_a_run_in_that_minute_starts_at_the_next(how):
-    # The run at 09:00:00 sent minute 09:00's id for the old document; the new one's 09:00:30
-    # would have had that id too, and been dropped as a duplicate, reported delivered.
-    from shared.schedules import remove_schedule, write_schedule
+@pytest.mark.parametrize("after", [0.3, 0.9, 20.0])  # seconds after the run fired
+async def test_a_schedule_written_after_a_run_in_that_minute_starts_at_the_next(how, after):
+    # The run at 09:00 sent minute 09:00's id for the old document; the new one's 09:00:30
+    # would have had that id too, and been dropped as a duplicate, reported delivered. The
+    # timer's runs count up to a second ahead (EARLY_RUN): an edit in that second too.
+    from shared.schedules import EARLY_RUN, remove_schedule, write_schedule
 
     nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
     clock = StoreClock(nine - timedelta(minutes=10))
     ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
     await write_schedule(ledger, "s", {"schedule": "0 * * * * *", "request": REQUEST})
-    assert await run_schedules(ledger, queue, nine - timedelta(minutes=1)) != []
-    assert await run_schedules(ledger, queue, nine) == ["schedule:s:2030-01-01T09:00Z"]
+    assert await run_schedules(ledger, queue, nine - timedelta(minutes=1) + EARLY_RUN) != []
+    assert await run_schedules(ledger, queue, nine + EARLY_RUN) == ["schedule:s:2030-01-01T09:00Z"]
 
-    clock.now = nine + timedelta(seconds=20)
+    clock.now = nine + timedelta(seconds=after)
     if how != "edited":
         assert await remove_schedule(ledger, "s")
     new = {"schedule": "30 * * * * *", "request": {**REQUEST, "text": "new"}}
     await write_schedule(ledger, "s", new)
-    ids = await run_schedules(ledger, queue, nine + timedelta(minutes=1))
-    ids += await run_schedules(ledger, queue, nine + timedelta(minutes=2))
+    ids = await run_schedules(ledger, queue, nine + timedelta(minutes=1) + EARLY_RUN)
+    ids += await run_schedules(ledger, queue, nine + timedelta(minutes=2) + EARLY_RUN)
 
     assert ids == ["schedule:s:2030-01-01T09:01Z"]  # never 09:00's id again
     assert json.loads(queue.sent[-1][0])["text"] == "new"
+
+
+async def test_a_schedule_removed_and_written_again_later_sends_nothing_from_before_its_write():
+    from shared.schedules import remove_schedule, write_schedule
+
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(nine - timedelta(minutes=40))
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await write_schedule(ledger, "s", {"schedule": "0 * * * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, nine - timedelta(minutes=30)) != []
+    assert await remove_schedule(ledger, "s")
+    clock.now = nine + timedelta(seconds=40)  # written again half an hour later
+    await write_schedule(ledger, "s", {"schedule": "0 * * * * *", "request": REQUEST})
+
+    # As a new schedule: 09:00:00 came before the write.
+    assert await run_schedules(ledger, queue, nine + timedelta(minutes=1, seconds=1)) == [
+        "schedule:s:2030-01-01T09:01Z"
+    ]
 
 
 async def test_a_schedule_with_seconds_is_enqueued_by_the_first_run_after_them_never_before():
