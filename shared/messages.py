@@ -25,6 +25,7 @@ from shared.activity import (
     check_content_type,
     check_size,
     conversation_key,
+    from_teams,
     is_message_extension,
     parse_activity,
     teams_team_id,
@@ -64,6 +65,10 @@ REMOVAL_BUDGET = 10.0
 # answer coming late (the host runs the invocation on after the channel stopped waiting;
 # a retry meanwhile finds less to delete). Within the host's 230 s for an HTTP answer.
 TEAM_REMOVAL_BUDGET = 120.0
+# The bot added on Teams (installed, added to a team or chat, a team restored): stored before
+# the turn, and a failed write fails the answer (see _handle). More than a refresh gets: a
+# cold instance pays the storage SDK's import and, on Azure, its identity token here.
+ADDITION_BUDGET = 5.0
 
 
 @dataclass(slots=True)
@@ -170,7 +175,8 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     )
     # When the turn's own work must be over (its apology included): the channel's wait,
     # less the reference write or the erasure that follows the turn.
-    after = 0.0 if recorded_beside else RECORD_BUDGET
+    added = _teams_addition(recorded)
+    after = 0.0 if recorded_beside or added else RECORD_BUDGET
     turn.answer_by = started + _window(activity) - after
     if activity["type"] == "deleteUserData":
         # The channel asks the bot to forget the sender: erase, and record nothing. The
@@ -178,11 +184,13 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         outcome = await _run_turn(runtime.router, turn)
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
-    elif _addition(recorded):
-        # The bot was added (installed, a team restored): stored first, then the turn (a
-        # welcome, say). No later activity may redo a failed write (in a team the bot hears
-        # only its @mentions), so it answers 500 and the handlers do not run: the channel's
-        # retry does both, and the welcome is sent once.
+    elif added:
+        # The bot was added on Teams (installed, a team restored): stored first, then the
+        # turn (a welcome, say). No later activity may redo a failed write (in a team the
+        # bot hears only its @mentions; a notification-only app's user may never write),
+        # so it answers 500 and the handlers do not run: the channel's retry does both,
+        # and the welcome is sent once. (Other channels add the bot at each conversation's
+        # start, and its first message records it: their additions go the usual way.)
         if await _record(runtime, recorded, ids):
             outcome = await _run_turn(runtime.router, turn)
         else:
@@ -261,22 +269,22 @@ def _removal(activity: Activity) -> bool:
     return classify(activity) is Change.REMOVE
 
 
-def _addition(activity: Activity) -> bool:
+def _teams_addition(activity: Activity) -> bool:
     from shared.lifecycle import Change, classify
 
-    return classify(activity) is Change.ADD
+    return from_teams(activity) and classify(activity) is Change.ADD
 
 
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     """Add/refresh/remove the conversation reference (a removal: the removed conversations'
-    state too); False when an addition or a removal failed.
+    state too); False when a Teams addition or a removal failed.
 
     A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
     answer (Teams gives message-extension queries 5 s in all), and a storage outage with
     its retries must not eat that. A refresh cut short or failed is only logged: a later
-    activity redoes it. An addition's failure fails the answer, and so does a removal's,
-    which gets REMOVAL_BUDGET (a team's: TEAM_REMOVAL_BUDGET): no later activity would
-    redo them; the channel's retry does.
+    activity redoes it. A Teams addition's failure (within ADDITION_BUDGET) fails the
+    answer, and so does a removal's, which gets REMOVAL_BUDGET (a team's:
+    TEAM_REMOVAL_BUDGET): no later activity would redo them; the channel's retry does.
     """
     from shared.lifecycle import Change, classify, record_activity
     from shared.references.contract import StoreError
@@ -284,8 +292,9 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
 
     change = classify(activity)
     removal = change is Change.REMOVE
+    kept = change is Change.ADD and from_teams(activity)  # stored before the turn
     what = "reference not removed" if removal else "reference not recorded"
-    budget = RECORD_BUDGET
+    budget = ADDITION_BUDGET if kept else RECORD_BUDGET
     if removal:
         budget = TEAM_REMOVAL_BUDGET if teams_team_id(activity) else REMOVAL_BUDGET
     try:
@@ -299,7 +308,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
         logger.error("messages: %s %s: %s", what, ids, type(error).__name__)
     else:
         return True
-    return change is Change.REFRESH
+    return not (removal or kept)
 
 
 async def _erase(runtime: Runtime, activity: Activity, ids: str) -> bool:

@@ -416,7 +416,8 @@ async def _retry_failed(
 async def _unknown(
     request: ProactiveRequest, engine: Engine, claim_etag: str | None = None
 ) -> Outcome:
-    """No stored reference: it may be landing (written after the install's turn)."""
+    """No stored reference: it may be landing (a request sent on an install's event can
+    come before its write)."""
     if request.engine.child:
         # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
         # is landing, and a poison copy per removed conversation would only be noise.

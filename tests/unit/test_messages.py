@@ -928,7 +928,7 @@ class Outage(MemoryReferenceStore):
         return await super().upsert(reference, team_id=team_id, refresh=refresh)
 
 
-async def test_an_addition_not_stored_is_a_500_and_the_retry_stores_and_welcomes_once(
+async def test_a_teams_addition_not_stored_is_a_500_and_the_retry_stores_and_welcomes_once(
     bot, channel_identity, fake_connector
 ):
     # A bot in a team hears only its @mentions: no later activity would store the team,
@@ -948,6 +948,25 @@ async def test_an_addition_not_stored_is_a_500_and_the_retry_stores_and_welcomes
     store.down = False  # the channel's retry
     assert (await bot.handle(post(added, token))).status == 200
     assert await stored_keys(store) == [f"{CHANNEL}/{CONVERSATION}"]
+    assert [a["text"] for a in fake_connector.activities] == [greeting(["Ada"])]
+
+
+async def test_an_addition_elsewhere_is_welcomed_though_storage_is_down(
+    bot, channel_identity, fake_connector
+):
+    # Web Chat and Direct Line add the bot at each conversation's start, and its first
+    # message records it: the welcome does not wait for storage, nor fail with it.
+    store = Outage()
+    bot.runtime.references = store
+    added = activity_for(
+        fake_connector.url,
+        channelId="webchat",
+        type="conversationUpdate",
+        membersAdded=[{"id": "28:bot"}, {"id": "29:user-1", "name": "Ada"}],
+        channelData={},
+    )
+    response = await bot.handle(post(added, channel_token(channel_identity, bot)))
+    assert response.status == 200
     assert [a["text"] for a in fake_connector.activities] == [greeting(["Ada"])]
 
 
