@@ -474,7 +474,7 @@ class ConnectorClient:
                 failure = value  # what was asked for did not arrive readable: tried again
             else:
                 connector = not answer.redirected  # else the host a redirect led to
-                maybe_done = maybe_done or departure.stamps > 1
+                maybe_done = maybe_done or departure.writes > 1
                 if answer.status == 404 and method == "DELETE" and maybe_done:
                     log.info(
                         "connector %s answered 404 after an attempt that may have done it: done",

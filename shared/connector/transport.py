@@ -59,7 +59,7 @@ class Departure:
     at)`` (``previous``: the stamp before, None for the first) as it happens, and marks
     the :func:`requests_leaving` block it was made in."""
 
-    __slots__ = ("at", "clock", "leaving", "on_left", "stamps")
+    __slots__ = ("at", "clock", "leaving", "on_left", "writes")
 
     def __init__(
         self,
@@ -69,22 +69,25 @@ class Departure:
         self.clock = clock
         self.on_left = on_left
         self.at: float | None = None
-        self.stamps = 0  # more than one: aiohttp wrote it again (a dropped reused connection)
+        # Times its headers were written: more than one when aiohttp wrote it again (its
+        # own retry of a request whose reused connection dropped).
+        self.writes = 0
         self.leaving = _LEAVING.get()
 
-    def stamp(self) -> None:
+    def stamp(self, *, headers: bool = False) -> None:
         previous, self.at = self.at, self.clock()
-        self.stamps += 1
+        if headers:
+            self.writes += 1
         if self.leaving is not None:
             self.leaving[0] = True
         if self.on_left is not None:
             self.on_left(previous, self.at)
 
 
-async def _written(_session: object, context: SimpleNamespace, _params: object) -> None:
+async def _written(_session: object, context: SimpleNamespace, params: object) -> None:
     departure = context.trace_request_ctx
     if type(departure) is Departure:
-        departure.stamp()
+        departure.stamp(headers=isinstance(params, aiohttp.TraceRequestHeadersSentParams))
 
 
 def departure_tracing() -> aiohttp.TraceConfig:

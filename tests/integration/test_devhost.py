@@ -94,7 +94,8 @@ def request(
     conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        own_host = any(name.lower() == "host" for name, _ in pairs)
+        conn.putrequest(method, path, skip_host=own_host, skip_accept_encoding=True)
         for name, value in pairs:
             conn.putheader(name, value)
         if body is not None:
@@ -584,6 +585,21 @@ def test_message_encoding_none(tmp_path, azurite, queue):
             request(host, "POST", admin, b"{", JSON)[0],
         ]
         assert refused == [415, 415, 400, 400, 400]
+        # A page whose DNS name was rebound to 127.0.0.1: same-origin to itself, JSON and
+        # all, but it names itself in Host and Origin.
+        rebound = "rebind.attacker.example"
+        for headers in (
+            {**JSON, "Host": f"{rebound}:{host.port}"},
+            {**JSON, "Origin": f"http://{rebound}:{host.port}"},
+            {**JSON, "Origin": "null"},
+        ):
+            assert request(host, "POST", admin, by_hand, headers)[0] == 403, headers
+        local = {
+            **JSON,
+            "Host": f"localhost:{host.port}",
+            "Origin": f"http://localhost:{host.port}",
+        }
+        assert request(host, "GET", "/admin/host/status", None, local)[0] == 200
         assert len(records(record_file)) == 1  # none of them ran it
         status, _, _ = request(host, "POST", admin.replace("plain", "PLAIN"), by_hand, JSON)
         assert status == 202
@@ -1347,14 +1363,21 @@ def test_an_app_setting_overrides_host_json_queue_options_as_on_azure(tmp_path: 
         )
 
 
-def test_queue_defaults_and_timespans_are_read_as_the_host_reads_them(tmp_path: Path) -> None:
+def test_queue_defaults_and_timespans_are_read_as_the_host_reads_them(
+    tmp_path: Path, monkeypatch
+) -> None:
     import os
 
     from tools.devhost.app import HostError, read_host_config
 
-    (tmp_path / "host.json").write_text('{"extensions": {"queues": {"batchSize": 4}}}')
-    # Half a batch per processor, as the host's QueuesOptions.
-    assert read_host_config(tmp_path).queues.new_batch_threshold == 2 * (os.cpu_count() or 1)
+    (tmp_path / "host.json").write_text('{"extensions": {"queues": {"batchSize": 32}}}')
+    # Half a batch per processor, as the host's QueuesOptions (never refused: 64 processors
+    # make 1,024, past what a host.json value may be).
+    processors = len(os.sched_getaffinity(0))
+    assert read_host_config(tmp_path).queues.new_batch_threshold == 16 * processors
+    # This machine has not 64 processors: the count is all that is made up here.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert read_host_config(tmp_path).queues.new_batch_threshold == 1024
     # Functions 1.x's milliseconds: the host since 2.x reads 2000 as 2,000 days.
     (tmp_path / "host.json").write_text('{"extensions": {"queues": {"maxPollingInterval": 2000}}}')
     with pytest.raises(HostError, match="maxPollingInterval"):

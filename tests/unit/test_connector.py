@@ -1293,6 +1293,21 @@ async def test_a_request_with_a_slow_answer_is_counted_from_when_it_left(setting
     assert granted <= lane.counted[-1] <= arrived
 
 
+async def test_a_request_with_a_body_is_written_once_though_stamped_per_chunk(fake_connector):
+    # Its headers, then its body's chunk, stamp its departure; aiohttp wrote it once.
+    from shared.connector.transport import Departure
+
+    async with aiohttp.ClientSession(trace_configs=[departure_tracing()]) as session:
+        for method, body in (("POST", b'{"type": "message"}'), ("DELETE", None)):
+            departure = Departure(time.monotonic)
+            path = "/v3/conversations/a%3A1/activities" + ("/1" if body is None else "")
+            async with session.request(
+                method, fake_connector.url + path, data=body, trace_request_ctx=departure
+            ):
+                pass
+            assert departure.writes == 1 and departure.at is not None
+
+
 async def test_a_request_that_waited_for_a_connection_is_counted_from_when_it_left(
     settings, fake_connector
 ):

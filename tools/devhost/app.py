@@ -194,6 +194,9 @@ def _queue_options(queues: Mapping[str, Any]) -> QueueOptions:
     encoding = str(queues.get("messageEncoding", "base64")).lower()
     if encoding not in ("base64", "none"):
         raise HostError(f"{where}.messageEncoding: expected base64 or none, got {encoding!r}")
+    threshold = batch_size // 2 * _processors()  # unset: the host's default, never refused
+    if "newBatchThreshold" in queues:
+        threshold = _integer(queues, "newBatchThreshold", 0, where, low=0, high=1000)
     return QueueOptions(
         max_polling_interval=max(
             0.1,
@@ -205,15 +208,7 @@ def _queue_options(queues: Mapping[str, Any]) -> QueueOptions:
             queues.get("visibilityTimeout", "00:00:00"), where=f"{where}.visibilityTimeout"
         ),
         batch_size=batch_size,
-        new_batch_threshold=_integer(
-            # The host's default: half a batch per processor.
-            queues,
-            "newBatchThreshold",
-            batch_size // 2 * (os.cpu_count() or 1),
-            where,
-            low=0,
-            high=1000,
-        ),
+        new_batch_threshold=threshold,
         max_dequeue_count=_integer(
             queues, "maxDequeueCount", defaults.max_dequeue_count, where, low=1, high=1000
         ),
@@ -511,6 +506,13 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise HostError(f"{where}: must be a JSON object")
     return value
+
+
+def _processors() -> int:
+    """The processors this process may run on (the host's default newBatchThreshold is
+    half a batch per processor)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _integer(

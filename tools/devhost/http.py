@@ -15,6 +15,7 @@ answers 200 with an empty body, as the host's default result.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ import azure.functions as func
 from aiohttp import web
 from azure.functions.http import HttpRequest as WorkerHttpRequest
 from multidict import CIMultiDict
+from yarl import URL
 
 from tools.devhost.app import Function, HttpTrigger
 from tools.devhost.invoker import Invoker, Outcome
@@ -112,6 +114,8 @@ def build_web_app(
         except ValueError:  # a Host header no URL can carry ("x:notaport"): the host's 400
             return web.Response(status=400)
         if request.path.startswith(ADMIN_PREFIX):
+            if not _own_page(request):
+                return web.Response(status=403)
             return await _admin(request, manual, state)
         path = routing_path(request.raw_path)
         matches = [(r, m) for r in routes if (m := r.pattern.match(path))]
@@ -174,6 +178,31 @@ def to_web_response(value: Any) -> web.Response:
         charset = f"; charset={value.charset}" if mimetype.startswith("text/") else ""
         headers["Content-Type"] = f"{mimetype}{charset}"
     return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
+
+
+def _own_page(request: web.Request) -> bool:
+    """Whether an admin request came to this host by its own address: a Host (and Origin,
+    when a browser sent one) naming localhost or an IP address. A web page whose DNS name
+    was rebound to 127.0.0.1 is same-origin to itself, and sends its own name."""
+
+    def local(host: str | None) -> bool:
+        host = (host or "").lower().strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        try:
+            if not local(URL(origin).host):
+                return False  # "null" (a sandboxed page) included
+        except ValueError:
+            return False
+    return local(request.url.host)
 
 
 async def _admin(
