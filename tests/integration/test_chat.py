@@ -60,6 +60,41 @@ def test_chat_prints_the_welcome_and_the_echo(local_bot):
     assert "answered HTTP" not in printed  # every line got a 200
 
 
+def test_chat_replaces_bytes_its_input_encoding_cannot_read(local_bot):
+    host, port = local_bot
+    out = io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 ok\n"), encoding="utf-8")  # Latin-1 input
+
+    code = chat.main(["--bot", f"{host.url}/api/messages", "--port", str(port)], stdin, out)
+
+    assert code == 0, out.getvalue()
+    assert "bot (reply)> Echo: caf\ufffd ok" in out.getvalue()  # no lone surrogate sent
+
+
+def test_chat_shows_a_cards_texts_and_buttons():
+    adaptive = {
+        "contentType": "application/vnd.microsoft.card.adaptive",
+        "content": {
+            "type": "AdaptiveCard",
+            "body": [
+                {"type": "TextBlock", "text": "Clicks: 0"},
+                {"type": "Container", "items": [{"type": "TextBlock", "text": "Tap below"}]},
+            ],
+            "actions": [{"type": "Action.Execute", "title": "Add one", "verb": "add"}],
+        },
+    }
+    hero = {
+        "contentType": "application/vnd.microsoft.card.hero",
+        "content": {
+            "title": "Menu",
+            "buttons": [{"type": "imBack", "title": "Help", "value": "help"}],
+        },
+    }
+    assert chat.describe_attachment(adaptive) == "Clicks: 0 | Tap below | buttons: Add one"
+    assert chat.describe_attachment(hero) == "Menu | buttons: Help"
+    assert chat.describe_attachment({"contentType": "image/png"}) == "attachment: image/png"
+
+
 def test_chat_prints_proactive_messages_as_they_arrive(azurite, unique_name, tmp_path):
     """A proactive send queued while the person is still typing shows up in the chat."""
     port, queue = free_port(), unique_name("proactive")

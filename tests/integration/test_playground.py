@@ -267,6 +267,50 @@ def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_p
     assert not listening(port)
 
 
+def test_a_playground_that_could_not_have_its_port_starts_again_where_replies_reach_it(
+    bot, monkeypatch
+):
+    # Taken between the check and node's bind (the check is forced to miss it here, the
+    # one thing made up): the Playground listened elsewhere while its mock Connector's
+    # serviceUrl named the taken port, and every reply of the bot was lost.
+    import socket
+
+    import tools.playground
+
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    host, _ = bot
+    monkeypatch.setattr(tools.playground, "_bindable", lambda port: True, raising=False)
+    monkeypatch.setattr(tools.playground, "listening", lambda port: False, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with Playground(f"{host.url}/api/messages", port=port) as playground:
+            args = playground.process.args
+            service_url = args[args.index("--service-url") + 1]
+            assert playground.port != port
+            assert service_url == f"http://127.0.0.1:{playground.port}/_connector"
+
+
+def test_make_playground_for_a_local_bot_in_neither_mode_says_so_and_starts_nothing(tmp_path):
+    # No app id, and local mode not switched on: the bot answered every activity 500.
+    if listening(7071):
+        pytest.skip("a bot runs on 7071 (make run): the Playground would use it as it is")
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.playground", "--port", str(free_port())],
+        cwd=ROOT,
+        env={**keep, "MicrosoftAppId": "", "BOT_ALLOW_UNAUTHENTICATED": "false"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "BOT_ALLOW_UNAUTHENTICATED is not true" in result.stderr
+    assert "starting it" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_make_playground_against_a_bot_that_is_not_running_says_so(tmp_path):
     bot = f"http://127.0.0.1:{free_port()}/api/messages"
     result = subprocess.run(

@@ -170,6 +170,36 @@ async def test_the_tenant_limit_knows_a_conversations_tenant_when_the_body_names
         assert [v.tenant_id for v in fake.violations] == ["t1"]
 
 
+async def test_a_request_refused_by_one_limit_counts_against_none(http):
+    # Nine sends to one conversation at once under a tenant limit of 9/s: two are refused by
+    # the conversation's 7/1 s, and the tenant still takes two more (to another conversation).
+    now = [0.0]
+    with FakeConnector(
+        enforce_limits=True, tenant_limit=Window(9, 1.0), clock=lambda: now[0]
+    ) as fake:
+        fake.conversation_tenants = {"a:1": "t", "b:1": "t"}
+
+        async def post(conversation: str) -> int:
+            path = f"/v3/conversations/{conversation}/activities"
+            async with http.post(url(fake, path), json={}) as r:
+                return r.status
+
+        a = [await post("a%3A1") for _ in range(9)]
+        b = [await post("b%3A1") for _ in range(3)]
+    assert a == [200] * 7 + [429] * 2
+    assert b == [200, 200, 429]
+    assert [v.tenant_id for v in fake.violations] == [None, None, "t"]
+
+
+async def test_a_subscriber_that_fails_changes_no_answer(fake_connector, http):
+    def broken(request):  # `make chat | head` closed its pipe, say
+        raise BrokenPipeError
+
+    fake_connector.subscribe(broken)
+    async with http.post(url(fake_connector, "/v3/conversations/c/activities"), json={}) as r:
+        assert r.status == 200
+
+
 async def test_subscribers_receive_each_activity_as_it_arrives(fake_connector, http):
     queue: asyncio.Queue = asyncio.Queue()
     received = []

@@ -104,8 +104,9 @@ class Chat:
             )
         elif kind == "message":
             text = activity.get("text") or ""
-            extra = len(activity.get("attachments") or [])
-            suffix = f" [+{extra} attachment(s)]" if extra else ""
+            attachments = activity.get("attachments") or []
+            shown = [describe_attachment(a) for a in attachments if isinstance(a, dict)]
+            suffix = "".join(f" [{item}]" for item in shown)
             print(f"bot ({label})> {text}{suffix}", file=self.out, flush=True)
         else:
             print(f"bot ({label})> [{kind}]", file=self.out, flush=True)
@@ -117,6 +118,37 @@ class Chat:
         return self.post(self.activity("message", text=text))
 
 
+def describe_attachment(attachment: dict) -> str:
+    """A card's texts and buttons on one line (press them in `make playground`); another
+    attachment's content type."""
+    kind = str(attachment.get("contentType") or "?")
+    content = attachment.get("content")
+    if not isinstance(content, dict) or not kind.startswith("application/vnd.microsoft.card."):
+        return f"attachment: {kind}"
+    texts: list[str] = []
+    buttons: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            node_type = str(node.get("type") or "")
+            # Adaptive Card actions; a hero card's buttons (title and value).
+            if node_type.startswith("Action.") or ("value" in node and "title" in node):
+                buttons.append(str(node.get("title") or node_type))
+                return
+            for field in ("title", "subtitle", "text"):
+                if isinstance(node.get(field), str) and node[field]:
+                    texts.append(node[field])
+            for field in ("body", "items", "columns", "facts", "actions", "buttons"):
+                walk(node.get(field))
+
+    walk(content)
+    line = " | ".join(texts) or "card"
+    return f"{line} | buttons: {', '.join(buttons)}" if buttons else line
+
+
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.botsim chat", description=__doc__)
     parser.add_argument("--bot", default=DEFAULT_BOT, help="the bot's messages endpoint")
@@ -124,6 +156,9 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO =
         "--port", type=int, help=f"fake Connector port (default {DEFAULT_PORT}, else any free one)"
     )
     args = parser.parse_args(argv)
+    for stream in (stdin, out):  # a byte the terminal's encoding lacks: replaced, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
 
     connector = start_connector(args.port, out)
     if connector is None:

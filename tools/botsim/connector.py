@@ -18,6 +18,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -31,6 +32,8 @@ from aiohttp import web
 
 from shared.ratelimit import TEAMS_CONVERSATION_WINDOWS, Window
 from tools.botsim.server import BackgroundServer
+
+logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 
@@ -420,31 +423,31 @@ class FakeConnector:
         return self._default(request, recorded)
 
     def _check_limits(self, recorded: RecordedRequest, arrived: float) -> Violation | None:
+        """The first limit this request breaks (recorded as a violation), or None; only
+        an admitted request counts against any of them."""
         with self._lock:
+            checks: list[tuple[deque[float], Sequence[Window], str | None, str | None]] = []
             if self.global_limit is not None:
-                violation = _admit(self._global_arrivals, (self.global_limit,), arrived, None)
-                if violation is not None:
-                    self._violations.append(violation)
-                    return violation
+                checks.append((self._global_arrivals, (self.global_limit,), None, None))
             if self.tenant_limit is not None:
                 tenant = _tenant(recorded.json)
                 if tenant is None and recorded.conversation_id is not None:
                     key = recorded.conversation_id.split(";", 1)[0]
                     tenant = self.conversation_tenants.get(key)
                 arrivals = self._tenant_arrivals.setdefault(tenant, deque())
-                violation = _admit(arrivals, (self.tenant_limit,), arrived, None, tenant)
+                checks.append((arrivals, (self.tenant_limit,), None, tenant))
+            conversation = recorded.conversation_id
+            if self.enforce_limits and conversation is not None and recorded.method != "GET":
+                arrivals = self._arrivals.setdefault(conversation.split(";", 1)[0], deque())
+                checks.append((arrivals, self.windows, conversation, None))
+            for arrivals, windows, name, tenant in checks:
+                violation = _refusal(arrivals, windows, arrived, name, tenant)
                 if violation is not None:
                     self._violations.append(violation)
                     return violation
-            conversation = recorded.conversation_id
-            if not self.enforce_limits or conversation is None or recorded.method == "GET":
-                return None
-            key = conversation.split(";", 1)[0]
-            arrivals = self._arrivals.setdefault(key, deque())
-            violation = _admit(arrivals, self.windows, arrived, conversation)
-            if violation is not None:
-                self._violations.append(violation)
-            return violation
+            for arrivals, _, _, _ in checks:
+                arrivals.append(arrived)
+            return None
 
     def _respond(self, recorded: RecordedRequest, status: int, answer: Any) -> web.StreamResponse:
         self._finish(
@@ -467,7 +470,10 @@ class FakeConnector:
             self._lock.notify_all()
         if 200 <= status < 300:
             for callback in subscribers:
-                callback(recorded)
+                try:
+                    callback(recorded)
+                except Exception as error:  # a watcher never changes the channel's answer
+                    logger.warning("botsim: a subscriber failed: %s", type(error).__name__)
 
     # --- default answers, one per operation ---------------------------------------------
 
@@ -596,14 +602,15 @@ def _tenant(payload: Any) -> str | None:
     return payload.get("tenantId") if isinstance(payload.get("tenantId"), str) else None
 
 
-def _admit(
+def _refusal(
     arrivals: deque[float],
     windows: Sequence[Window],
     now: float,
     conversation: str | None,
     tenant: str | None = None,
 ) -> Violation | None:
-    """Count this arrival against every window; a 429 arrival is not counted."""
+    """The window an arrival now would overflow, or None (arrivals older than every
+    window are dropped; the arrival itself is not counted here)."""
     span = max(w.seconds for w in windows)
     while arrivals and arrivals[0] <= now - span:
         arrivals.popleft()
@@ -611,7 +618,6 @@ def _admit(
         inside = sum(1 for t in arrivals if t > now - window.seconds)
         if inside + 1 > window.limit:
             return Violation(conversation, window, now, tenant)
-    arrivals.append(now)
     return None
 
 

@@ -17,13 +17,14 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tools.azurite import free_port, listening
+from tools.azurite import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL_DIR = ROOT / ".tools" / "playground"
@@ -36,6 +37,18 @@ _LISTENING = re.compile(r"Listening on (\d+)")
 # Lines the Playground prints that would mislead here (it opens no browser, and its
 # "localhost" URL can resolve to ::1, where the loopback-bound server does not listen).
 _SILENCED = ("Listening on", "is being launched for you")
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now (as node binds it). A connect
+    test says nothing of a port in the range outgoing connections take theirs from."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class PlaygroundError(Exception):
@@ -103,7 +116,20 @@ class Playground:
             raise PlaygroundError("the Agents Playground is not installed: run `make playground`")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         # A taken port is replaced here, not by the Playground, so the serviceUrl matches.
-        port = free_port() if listening(self.requested_port) else self.requested_port
+        port = self.requested_port if _bindable(self.requested_port) else free_port()
+        for _ in range(3):
+            self._launch(port, timeout)
+            if self.port == port:
+                return self
+            # It listened elsewhere (the port was taken in between): the serviceUrl it was
+            # given names this one, where nothing would take the bot's replies.
+            self.stop()
+            port = free_port()
+        raise PlaygroundError("the Playground did not listen on the port it was given")
+
+    def _launch(self, port: int, timeout: float) -> None:
+        self.port = None
+        self._listening = threading.Event()  # this process's (a stopped one's reader runs on)
         try:
             self.process = subprocess.Popen(
                 self.command(port),
@@ -132,17 +158,17 @@ class Playground:
             if time.monotonic() > deadline:
                 self.stop()
                 raise PlaygroundError("the Playground did not start in time")
-        return self
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
+        listened = self._listening
         for raw in self.process.stdout:
             line = raw.rstrip()
             self.lines.append(line)
             match = _LISTENING.search(line)
-            if match and self.port is None:
+            if match and not listened.is_set():
                 self.port = int(match.group(1))
-                self._listening.set()
+                listened.set()
             if self._echo and line and not any(text in line for text in _SILENCED):
                 self._echo(line)
 

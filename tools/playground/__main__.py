@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -93,7 +94,13 @@ def stop_bot(bot: subprocess.Popen[bytes], *, interrupted: bool = False) -> None
         bot.wait()
 
 
-APP_ID = "MicrosoftAppId"  # the setting, as the app reads it
+APP_ID = "MicrosoftAppId"  # the settings, as the app reads them
+ALLOW = "BOT_ALLOW_UNAUTHENTICATED"
+NEEDS_LOCAL_MODE = (
+    "the local bot has no MicrosoftAppId and BOT_ALLOW_UNAUTHENTICATED is not true: it "
+    "would refuse every activity (500).\nTo use the Playground locally, set "
+    '"BOT_ALLOW_UNAUTHENTICATED": "true" in local.settings.json.'
+)
 NEEDS_TOKEN = (
     "the local bot would expect a channel token (MicrosoftAppId is set {where}), which the "
     "Playground does not send: every activity would be answered 401.\nTo use the "
@@ -109,13 +116,23 @@ def check_local_bot() -> None:
         local = load_local_settings(ROOT)
     except HostError as error:
         raise PlaygroundError(str(error)) from None
+    if not (ROOT / "local.settings.json").is_file():  # `make run` copies the example's
+        local = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
     if os.environ.get(APP_ID, "").strip():
         raise PlaygroundError(NEEDS_TOKEN.format(where="in the environment"))
-    # The local host lets a variable set blank win over the file; Core Tools (which `make
-    # run` prefers when installed) fill it in from the file.
-    from_file = APP_ID not in os.environ or (not os.environ[APP_ID] and shutil.which("func"))
-    if from_file and local.get(APP_ID, "").strip():
+    if _setting(APP_ID, local).strip():
         raise PlaygroundError(NEEDS_TOKEN.format(where="in local.settings.json"))
+    if _setting(ALLOW, local).strip().lower() not in ("true", "1", "yes"):
+        raise PlaygroundError(NEEDS_LOCAL_MODE)
+
+
+def _setting(name: str, local: dict[str, str]) -> str:
+    """`name` as the bot `make run` starts reads it: the environment over the file. The
+    local host lets a variable set blank win over the file; Core Tools (which `make run`
+    prefers when installed) fill it in from the file."""
+    if name in os.environ and (os.environ[name] or not shutil.which("func")):
+        return os.environ[name]
+    return local.get(name, "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +183,7 @@ STOP = _Stop()
 
 
 def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops like Ctrl-C (and the bot this started is sent one at once)."""
+    """SIGTERM and SIGHUP stop like Ctrl-C (and the bot this started is sent one at once)."""
     STOP.terminated = True
     raise KeyboardInterrupt
 
@@ -174,6 +191,7 @@ def interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)  # the terminal closed: node is in its own session
     try:
         return run(args)
     except PlaygroundError as error:
