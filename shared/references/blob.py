@@ -331,7 +331,7 @@ class BlobReferenceStore:
         async with self._guard("user_index_overflowed", channel_id):
             for kind, value in lookups:
                 index = await self._read_index(channel_id, kind, value)
-                if index and index.overflowed:
+                if index and index.nearly_full:
                     return True
         return False
 

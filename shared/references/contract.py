@@ -30,6 +30,7 @@ MAX_PAGE_SIZE = 5000  # Azure's largest listing page
 # Past that the oldest key is dropped and the index says it overflowed: erasure then lists
 # the channel as well (shared/userdata.py), so no conversation escapes it.
 INDEX_KEYS = 256
+INDEX_MARGIN = 16  # see UserIndex.nearly_full
 
 
 class StoreError(Exception):
@@ -150,7 +151,10 @@ class ReferenceStore(Protocol):
 
     async def user_index_overflowed(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
-    ) -> bool: ...
+    ) -> bool:
+        """Whether an erasure must list the channel: an index of the user's overflowed or
+        is nearly full (UserIndex.nearly_full)."""
+        ...
 
     async def mark_user_index(
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
@@ -307,15 +311,28 @@ def from_document(document: Any, etag: str | None = None) -> StoredReference:
         raise UnreadableDocument(f"reference store: unsupported schemaVersion {version!r}")
     if not isinstance(document.get("key"), str):
         raise UnreadableDocument("reference store: a stored document has no key")
+    # A document edited by hand (or another program) with a field of another type is
+    # unreadable here, never a crash further on (an int user id in a blob name, say).
+    texts = ("tenantId", "teamId", "userId", "aadObjectId", "createdAt", "updatedAt")
+    if any(
+        document.get(name) is not None and not isinstance(document[name], str) for name in texts
+    ):
+        raise UnreadableDocument("reference store: a stored document has a field of another type")
+    if not isinstance(document.get("personal", False), bool):
+        raise UnreadableDocument("reference store: a stored document has a field of another type")
+    try:
+        channel_id, conversation_id = split_key(document["key"])
+    except ValueError:
+        raise UnreadableDocument("reference store: a stored document's key is no key") from None
     return StoredReference(
         key=document["key"],
         reference=document["reference"],
         tenant_id=document.get("tenantId"),
         etag=etag,
-        channel_id=document.get("channelId", ""),
-        conversation_id=document.get("conversationId", ""),
+        channel_id=channel_id,
+        conversation_id=conversation_id,
         team_id=document.get("teamId"),
-        personal=bool(document.get("personal")),
+        personal=document.get("personal", False),
         user_id=document.get("userId"),
         aad_object_id=document.get("aadObjectId"),
         created_at=document.get("createdAt"),
@@ -450,6 +467,12 @@ class UserIndex:
     def empty(self) -> bool:
         """Nothing worth keeping: no key, and no overflow for erasure to act on."""
         return not self.keys and not self.overflowed
+
+    @property
+    def nearly_full(self) -> bool:
+        """Overflowed, or close enough to INDEX_KEYS that conversations recorded while an
+        erasure starts could push one out unseen: the erasure lists the channel too."""
+        return self.overflowed or len(self.keys) > INDEX_KEYS - INDEX_MARGIN
 
 
 IndexChange = Callable[[UserIndex], UserIndex]

@@ -132,7 +132,7 @@ class MemoryReferenceStore:
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> bool:
         return any(
-            self._users.get((channel_id, kind, value), UserIndex()).overflowed
+            self._users.get((channel_id, kind, value), UserIndex()).nearly_full
             for kind, value in user_lookups(channel_id, user_id, aad_object_id)
         )
 

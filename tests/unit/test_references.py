@@ -627,6 +627,26 @@ async def test_blob_layout_is_plain_schema_versioned_json(blob_store):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    "edit", [{"userId": 5}, {"aadObjectId": ["x"]}, {"personal": "false"}, {"key": "no-slash"}]
+)
+async def test_a_document_edited_with_a_field_of_another_type_is_a_store_error(blob_store, edit):
+    # Not an AttributeError deep in a turn (an int user id in a blob name): the store's own
+    # error, which names no content.
+    store, container = blob_store
+    await store.upsert(reference())
+    blob = container.get_blob_client(document_name("msteams/a:1"))
+    document = json.loads(blob.download_blob().readall())
+    blob.upload_blob(json.dumps({**document, **edit}), overwrite=True)
+    fresh = BlobReferenceStore(store._settings, options=FAST)
+    try:
+        with pytest.raises(StoreError):
+            await fresh.upsert(reference(locale="de-DE"))
+    finally:
+        await fresh.close()
+
+
+@pytest.mark.integration
 async def test_a_group_document_naming_its_speaker_loses_them_at_the_next_activity(
     blob_store, azurite
 ):

@@ -191,6 +191,17 @@ async def test_an_erasure_cut_short_is_finished_by_a_retry(stores):
     await assert_only_others_are_left(references, state, count)
 
 
+async def test_an_erasure_of_a_user_whose_index_is_nearly_full_lists_the_channel(stores):
+    # Full but not overflowed: a conversation recorded while the erasure starts would push
+    # the oldest out after the erasure read the index, and neither would list it.
+    references, state = stores
+    who = {"channel_id": "webchat", "user_id": "dl_ada"}
+    await web_chat_visits(references, state, 3)
+    assert await references.user_index_overflowed(**who) is False
+    await web_chat_visits(references, state, INDEX_KEYS)
+    assert await references.user_index_overflowed(**who) is True
+
+
 async def test_off_teams_an_aad_object_id_erases_nothing(stores):
     # A Web Chat client writes from.aadObjectId itself: Mallory claiming Ada's must not
     # erase Ada's conversation (stored with the same claimed id).
