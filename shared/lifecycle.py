@@ -10,6 +10,8 @@ The inbound pipeline calls :func:`record_activity` for every authenticated activ
 | installationUpdate `remove` / `remove-upgrade`                | remove                 |
 | conversationUpdate with the bot in `membersRemoved`           | remove                 |
 | conversationUpdate, Teams `eventType` `teamDeleted` / `teamHardDeleted` | remove       |
+| conversationUpdate, Teams `eventType` `channelDeleted`        | refresh, and remove the   |
+|                                                               | `channelData.channel` one |
 | invoke `composeExtension/…` (a message extension)              | nothing                |
 | anything else                                                 | store when new or changed |
 
@@ -126,6 +128,29 @@ async def record_activity(
         logger.debug(
             "references: %s %s for activity %s", change.value, clip(key), clip(activity.get("id"))
         )
+    deleted = _deleted_channel(activity, key)
+    if deleted is not None:
+        # Named by the team's event (its conversation is the team's General channel): the
+        # deleted channel's reference and state go, or broadcasts would keep trying it.
+        channel = {"channelId": TEAMS_CHANNEL, "conversation": {"conversationType": "channel"}}
+        try:
+            if await forget_conversation(store, state, deleted, channel):
+                logger.debug("references: removed deleted channel %s", clip(deleted))
+        except ValueError:  # an id no conversation of the bot's can have: nothing stored
+            logger.debug("references: deleted channel %s is no key", clip(deleted))
+
+
+def _deleted_channel(activity: Mapping[str, Any], key: str) -> str | None:
+    """The key of the channel a Teams `channelDeleted` event names, or None."""
+    if not from_teams(activity) or activity.get("type") != "conversationUpdate":
+        return None
+    data = channel_data(activity)
+    channel = data.get("channel")
+    channel_id = channel.get("id") if isinstance(channel, Mapping) else None
+    if data.get("eventType") != "channelDeleted" or not isinstance(channel_id, str):
+        return None
+    deleted = f"{TEAMS_CHANNEL}/{channel_id.split(_THREAD_MARKER, 1)[0]}"
+    return deleted if deleted != key else None  # never the team's own conversation
 
 
 def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:

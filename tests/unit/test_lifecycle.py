@@ -321,6 +321,31 @@ async def test_team_deleted_removes_all_its_channels(store, event):
     assert await keys(store) == {"msteams/19:general-b", "msteams/a:personal"}
 
 
+async def test_channel_deleted_removes_that_channel_and_its_state_only(stores):
+    # Teams sends it to the team's General channel and names the deleted one in channelData.
+    references, state = stores
+    await _two_teams_and_a_chat(references)
+    await write_states(state, "19:design-a", "19:design-a;messageid=17", "19:general-a")
+    deleted = activity(
+        "conversationUpdate",
+        "19:general-a",
+        personal=False,
+        team="19:general-a",
+        event="channelDeleted",
+    )
+    deleted["channelData"]["channel"] = {"id": "19:design-a", "name": "Design"}
+
+    await record_activity(references, deleted, state=state)
+
+    assert await keys(references) == {
+        "msteams/19:general-a",
+        "msteams/19:general-b",
+        "msteams/a:personal",
+    }
+    channels = ["19:design-a", "19:design-a;messageid=17", "19:general-a"]
+    assert await states_left(state, channels) == ["19:general-a"]
+
+
 @pytest.mark.parametrize("how", ["teamDeleted", "bot removed"])
 async def test_team_removal_deletes_the_state_of_its_channels_and_their_threads(stores, how):
     references, state = stores
