@@ -93,10 +93,12 @@ OTHER_LINE_SHARE = 0.25
 # requests to them that name none: a delete shortly after a send finds it.
 TENANTS_KEPT = 10_000
 # Background sends to a Teams conversation leave this many of each of its windows to
-# replies (6 of 7 per second, 7 of 8 per 2 s, 59 of 60 per 30 s): an alert storm into a
-# channel never makes a user's reply there wait for the 30-s window (the reply and the
-# apology after a failed turn would both be refused past their budget).
+# replies (6 of 7 per second, 7 of 8 per 2 s): a short window frees a slot within 2 s...
 BACKGROUND_RESERVE = 1
+# ... and this many of a longer one (57 of 60 per 30 s): an alert storm into a channel
+# never makes a turn's two or three messages there (or a reply and the apology after a
+# failed turn) wait for the 30-s window's oldest send, seconds past their budget.
+BACKGROUND_RESERVE_LONG = 3
 # A background send that waited its turn in the tenant's line, then finds its conversation's
 # 1-s or 2-s window full (replies), takes the turn and waits outside the line for this
 # long at most; a longer wait (the 30-s window) gives the turn up and queues again.
@@ -118,6 +120,11 @@ TEAMS_CONVERSATION_WINDOWS: tuple[Window, ...] = (
     Window(8, 2.0),
     Window(60, 30.0),
 )
+
+
+def background_reserve(window: Window) -> int:
+    """How much of a conversation's `window` background sends leave to replies."""
+    return BACKGROUND_RESERVE_LONG if window.seconds > SHORT_WINDOW_WAIT else BACKGROUND_RESERVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +174,15 @@ class SlidingWindowLog:
         self._times: deque[float] = deque(maxlen=max(w.limit for w in self.windows))
         self._span = max(w.seconds for w in self.windows)
 
-    def wait_time(self, now: float, margin: float = 0.0, reserve: int = 0) -> float:
+    def wait_time(
+        self, now: float, margin: float = 0.0, reserve: Callable[[Window], int] | None = None
+    ) -> float:
         """Seconds until one more event fits in every window (0 when it fits now), with
-        `reserve` of each window's limit kept free (for other events than this one)."""
+        `reserve(window)` of each window's limit kept free (for other events than this)."""
         wait = 0.0
         count = len(self._times)
         for window in self.windows:
-            limit = max(1, window.limit - reserve)
+            limit = max(1, window.limit - (reserve(window) if reserve else 0))
             if count >= limit:
                 # The window is full when the limit-th most recent event is still inside it.
                 oldest = self._times[count - limit]
@@ -313,7 +322,7 @@ class Pacer:
             async with self._holding(lock.get(), deadline):
                 # The conversation's own windows first, outside the tenant's line, so one
                 # busy conversation never holds up requests to the others.
-                reserve = BACKGROUND_RESERVE if background else 0
+                reserve = background_reserve if background else None
                 await self._wait_until(
                     lambda now: conversation.log.wait_time(now, self.margin, reserve), deadline
                 )
@@ -405,7 +414,7 @@ class Pacer:
         background: bool,
         deadline: float | None,
     ) -> float:
-        reserve = BACKGROUND_RESERVE if background else 0
+        reserve = background_reserve if background else None
 
         def window_wait(now: float) -> float:  # the conversation's own windows
             if conversation is None:

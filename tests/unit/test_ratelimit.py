@@ -1904,6 +1904,39 @@ async def test_background_sends_to_a_conversation_leave_room_for_a_reply_there(r
     assert replied != ["refused"] and replied[0] < 1.0
 
 
+@pytest.mark.parametrize("turn_at", [20.0, 33.0, 41.0, 47.3, 52.0, 58.5])
+async def test_a_storm_into_a_channel_leaves_room_for_a_turns_three_messages(turn_at):
+    # Two or three messages a turn (or a reply and the apology): with one slot of the 30-s
+    # window left to replies, the second waited for the storm's oldest send, seconds past
+    # its budget.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    waits: list[float | str] = []
+
+    async def alert(n: int) -> None:
+        await time.sleep(n / 20)  # 20 alerts a second
+        while True:
+            try:
+                await pacer.acquire(teams("19:alerts"), background=True, max_wait=7.0)
+                return
+            except PacingTimeout as timeout:
+                await time.sleep(timeout.wait)
+
+    async def turn() -> None:
+        await time.sleep(turn_at)
+        for _ in range(3):
+            asked = time.now
+            try:
+                await pacer.acquire(teams("19:alerts"), max_wait=7.0)
+                waits.append(time.now - asked)
+            except PacingTimeout:
+                waits.append("refused")
+            await time.sleep(0.3)
+
+    await time.run(*(alert(n) for n in range(400)), turn())
+    assert "refused" not in waits and max(waits) < 2.0, waits
+
+
 async def test_a_background_send_timed_out_spends_no_turn_of_its_tenant():
     # Replies filled its conversation's window while it waited in the tenant's line.
     time = VirtualScheduler()
