@@ -517,6 +517,10 @@ class Pacer:
             now = self._clock()
             wait = wait_time(now)
             if wait <= 0:
+                if slept and deadline is not None and now > deadline:
+                    # Woken late: granted now, the slot would be counted for a request its
+                    # caller no longer has the time to send.
+                    raise PacingTimeout(0.0)
                 return now, slept
             if deadline is not None and now + wait > deadline:
                 raise PacingTimeout(wait)

@@ -1937,6 +1937,23 @@ async def test_a_storm_into_a_channel_leaves_room_for_a_turns_three_messages(tur
     assert "refused" not in waits and max(waits) < 2.0, waits
 
 
+async def test_a_wait_woken_past_its_deadline_takes_no_slot():
+    # A busy event loop wakes the wait late: granted then, the request would be counted in
+    # the conversation's window and the tenant's rate, and its caller, out of time, sends
+    # nothing.
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.3
+
+    pacer = Pacer(50, clock=lambda: now[0], sleep=late_sleep)
+    for _ in range(7):
+        await pacer.acquire(teams("a:1"))
+    with pytest.raises(PacingTimeout):
+        await pacer.acquire(teams("a:1"), max_wait=1.2)
+    assert pacer.granted == 7  # counted nowhere
+
+
 async def test_a_background_send_timed_out_spends_no_turn_of_its_tenant():
     # Replies filled its conversation's window while it waited in the tenant's line.
     time = VirtualScheduler()
