@@ -35,6 +35,9 @@ MIN_SHARE = 0.005
 # more likely one conversation's limit than the tenant's.
 PAUSE_SHARE = 0.25
 MAX_PAUSE = 0.25  # seconds
+# A 429 whose Retry-After is longer than a window holds off further cuts for that long (at
+# most this many seconds): the tenant's throttle, not a new sign of the rate being high.
+LONG_WAIT_CAP = 60.0
 # What a 429 does to the rate (AdaptiveRate.throttled). At the ceiling, with at least
 # 1 - LONE_CUT of it through in the last second, a 429 says little (a reply that found
 # the window full, a brief burst from elsewhere): LONE_CUT off, back within
@@ -110,6 +113,7 @@ class AdaptiveRate:
     __slots__ = (
         "_counted",
         "_cut_at",
+        "_cut_until",
         "_floor",
         "_lowest",
         "_next",
@@ -146,6 +150,7 @@ class AdaptiveRate:
         self._peak = ceiling or 0.0
         self._floor = self._peak
         self._cut_at: float | None = None
+        self._cut_until = float("-inf")
         self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
         self.background_at = float("-inf")  # the last background grant
@@ -327,6 +332,11 @@ class AdaptiveRate:
         self._next = max(self._next, self._paused_until)  # a pause is not made up for
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
+        if now < self._cut_until:
+            # Within the longer wait the last cut's 429 asked for: the same throttle. Cut
+            # again for each of its 429s (each says "refused", nothing about the rate), a
+            # few seconds of them took the rate to its floor, and minutes to climb back.
+            return False
         current = self.rate(now)
         if current is None:
             return False
@@ -334,6 +344,8 @@ class AdaptiveRate:
         self._peak = peak
         self._floor = floor
         self._cut_at = now
+        if wait > WINDOW_SECONDS:
+            self._cut_until = now + min(wait, LONG_WAIT_CAP)
         return True
 
     def _cut(self, now: float, current: float) -> tuple[float, float]:

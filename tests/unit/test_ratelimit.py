@@ -883,6 +883,39 @@ class StrictWindow:
         return True
 
 
+async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minutes():
+    # The tenant answers every request 429 for 10 s, each saying how long is left; then it
+    # has room again (50/s). One instance, 48 invocations, 0.2 s round trips. Cut again
+    # for each of those 429s, the rate fell to its floor and took minutes to climb back.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    channel = StrictWindow(50)
+    start, stop, end = 10.0, 20.0, 90.0
+    fresh = itertools.count()
+    delivered = [0, 0, 0, 0]  # per 30 s
+
+    async def sender() -> None:
+        while time.now < end:
+            scope = teams(f"a:{next(fresh)}")
+            try:
+                granted = await pacer.acquire(scope, background=True, max_wait=7.0)
+            except PacingTimeout as timeout:
+                await time.sleep(timeout.wait)
+                continue
+            pacer.left(scope, granted, time.now)
+            arrived = time.now + 0.1
+            await time.sleep(0.2)
+            if start <= arrived < stop or not channel.admit(arrived):
+                wait = max(stop - arrived, 1.0) if start <= arrived < stop else 1.0
+                pacer.throttled(scope, wait, granted, granted)
+                await time.sleep(wait)  # requeued for its Retry-After
+            else:
+                delivered[int(arrived // 30)] += 1
+
+    await time.run(*(sender() for _ in range(48)))
+    assert delivered[1] >= 0.8 * 50 * 30, delivered  # back near the limit within 10 s of it
+
+
 async def send_once(
     time: VirtualScheduler,
     noise: Jitter,
