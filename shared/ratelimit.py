@@ -211,13 +211,24 @@ class SlidingWindowLog:
 
 
 class _Conversation:
-    __slots__ = ("background_lock", "lock", "log", "users")
+    __slots__ = ("background_lock", "lock", "log", "not_before", "users")
 
     def __init__(self, windows: Sequence[Window]) -> None:
         self.log = SlidingWindowLog(windows)
         self.lock = LoopLock()  # interactive requests, granted in call order
         self.background_lock = LoopLock()  # background requests, granted in call order
         self.users = 0  # callers holding or waiting for a lock: never forget it then
+        # Until when its latest 429 asked to wait: background requests to it wait as well
+        # (each would be answered 429 in turn, and requeued to come back all together).
+        self.not_before = float("-inf")
+
+    def wait_time(
+        self, now: float, margin: float, reserve: Callable[[Window], int] | None
+    ) -> float:
+        """Seconds until a request fits its windows; a background one (`reserve` given)
+        also waits out the conversation's latest Retry-After."""
+        wait = self.log.wait_time(now, margin, reserve)
+        return max(wait, self.not_before - now) if reserve is not None else wait
 
 
 class Pacer:
@@ -324,7 +335,7 @@ class Pacer:
                 # busy conversation never holds up requests to the others.
                 reserve = background_reserve if background else None
                 await self._wait_until(
-                    lambda now: conversation.log.wait_time(now, self.margin, reserve), deadline
+                    lambda now: conversation.wait_time(now, self.margin, reserve), deadline
                 )
                 return await self._take_slot(self.lane(scope), conversation, background, deadline)
         finally:
@@ -402,6 +413,11 @@ class Pacer:
         self.throttled_count += 1
         lane = self.lane(scope)
         now = self._clock()
+        conversation = self._conversations.get(scope.conversation or "")
+        if scope.teams and conversation is not None and (retry_after or 0.0) > WINDOW_SECONDS:
+            # A wait longer than the windows (a thread's own limit, a tenant refusing all):
+            # the conversation's other background requests would be refused until then.
+            conversation.not_before = max(conversation.not_before, now + retry_after)
         if lane.throttled(
             now, retry_after, sent_at, left_at=left_at, conversation=scope.conversation
         ):
@@ -419,7 +435,7 @@ class Pacer:
         def window_wait(now: float) -> float:  # the conversation's own windows
             if conversation is None:
                 return 0.0
-            return conversation.log.wait_time(now, self.margin, reserve)
+            return conversation.wait_time(now, self.margin, reserve)
 
         if not background:
             now, _ = await self._wait_until(window_wait, deadline)
@@ -572,7 +588,7 @@ class Pacer:
                 self._conversations.move_to_end(key)
                 skipped += 1
                 continue
-            if not (over_cap or oldest.log.idle(now, self.margin)):
+            if not (over_cap or (oldest.log.idle(now, self.margin) and oldest.not_before <= now)):
                 return
             del self._conversations[key]
 

@@ -1249,6 +1249,7 @@ async def test_a_throttled_child_is_retried_with_the_conversations_current_refer
             # Meanwhile a:1 moved to another serviceUrl and a:2 was uninstalled.
             await store.upsert(reference(moved_to.url, "a:1", user="29:a"))
             await store.delete("msteams/a:2")
+            clock.now += 30  # the copies come back after the Retry-After
             for text, _delay in retries:
                 await handle(engine, text)
             assert sends(moved_to) == ["a:1"]
@@ -2354,6 +2355,7 @@ async def test_a_message_the_host_poisoned_is_retried_once_given_a_poison_reason
     assert await handle(engine, text) is Outcome.DUPLICATE  # put back as it is
     assert len(sends(fake_connector)) == 1  # the throttled attempt only
     retried = json.dumps({**json.loads(text), "poisonReason": "retried by an operator"})
+    engine.clock.now += 5  # the operator comes after the 429's Retry-After
     assert await handle(engine, retried) is Outcome.DELIVERED
     report = await read_report(engine.ledger, "req-1")
     assert (report["state"], report["delivered"], report["failed"]) == ("done", 1, 0)

@@ -1970,6 +1970,26 @@ async def test_a_storm_into_a_channel_leaves_room_for_a_turns_three_messages(tur
     assert "refused" not in waits and max(waits) < 2.0, waits
 
 
+async def test_a_conversation_that_asked_to_wait_gets_no_background_request_meanwhile():
+    # Its 429 said 60 s (a limit of its own): every other queued message to it was sent
+    # and refused in turn, each then requeued for the same minute.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+
+    async def scenario() -> None:
+        granted = await pacer.acquire(teams("19:busy"), background=True, max_wait=7.0)
+        pacer.throttled(teams("19:busy"), 60.0, granted)
+        with pytest.raises(PacingTimeout) as refused:
+            await pacer.acquire(teams("19:busy"), background=True, max_wait=7.0)
+        assert refused.value.wait == pytest.approx(60.0, abs=0.5)  # requeued for that long
+        await pacer.acquire(teams("19:other"), background=True, max_wait=7.0)  # others go on
+        await pacer.acquire(teams("19:busy"), max_wait=7.0)  # a user's reply is not held
+        await time.sleep(60.0)
+        await pacer.acquire(teams("19:busy"), background=True, max_wait=7.0)
+
+    await time.run(scenario())
+
+
 async def test_a_wait_woken_past_its_deadline_takes_no_slot():
     # A busy event loop wakes the wait late: granted then, the request would be counted in
     # the conversation's window and the tenant's rate, and its caller, out of time, sends
