@@ -12,8 +12,8 @@ schedule, each due time since that schedule's last run, with the id
 (``proactive-schedules/<encoded name>.json``, with the document's ETag that run read;
 marked removed, not deleted, with the schedule), so a missed (past-due) run catches up
 once; a document written since its last run (edited, or deleted and created again)
-counts from that write instead, so nothing from before it is sent, and never from the
-last run's minute (its id may be the document before's). Two runs that overlap, or a run
+counts from that write instead, so nothing from before it is sent, and never sends in the
+latest minute a run enqueued (its id may be the document before's). Two runs that overlap, or a run
 retried after a crash before its bookkeeping was written, enqueue the same ids again:
 delivery dedupes by id, so each due time is sent once. A schedule fires at most once a
 minute (due times are per minute), never before its first due second in that minute
@@ -305,14 +305,19 @@ def _state_name(name: str) -> str:
     return f"{STATE_PREFIX}{encode_segment(name, 400)}.json"
 
 
-def _last_run(state: Record | None) -> datetime | None:
-    """The last run a state blob records, or None when it records none usable."""
-    last = state.data.get("last") if state is not None and isinstance(state.data, dict) else None
+def _moment(value: Any) -> datetime | None:
+    """An aware datetime from a record's ISO text, or None."""
     try:
-        moment = datetime.fromisoformat(last) if isinstance(last, str) else None
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         return None
     return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def _last_run(state: Record | None) -> datetime | None:
+    """The last run a state blob records, or None when it records none usable."""
+    data = state.data if state is not None and isinstance(state.data, dict) else {}
+    return _moment(data.get("last"))
 
 
 def _ahead(last: datetime, until: datetime, state: Record | None) -> bool:
@@ -362,7 +367,10 @@ async def _run_one(
     seen = recorded.get("seen")
     written_at = datetime.fromtimestamp(written, UTC)
     changed = seen != version if isinstance(seen, str) else last is not None and last < written_at
-    used = last if changed else None  # ids up to its minute may be the document before's
+    # The latest minute whose id a run enqueued (ids up to it may be the document before's);
+    # a record that does not say (an earlier version's) counts its whole last run.
+    enqueued = _moment(recorded.get("enqueued")) if "enqueued" in recorded else last
+    used = enqueued if changed else None
     if last is not None and _ahead(last, until, state):
         # Written by a clock that ran ahead (or edited by hand): kept, it would hold the
         # schedule back until then. It restarts as from an unusable record; a due time the
@@ -396,29 +404,41 @@ async def _run_one(
     if used is not None:
         since = max(since, _minute(used) + timedelta(minutes=1) - timedelta(microseconds=1))
     if fresh:
-        state = await _record_start(ledger, state_name, state, since, version)
+        state = await _record_start(ledger, state_name, state, since, version, until)
         if state is None:
             return []  # recorded and removed meanwhile: the next run starts it again
     ids = []
+    latest = enqueued if not fresh else None
     for due in due_times(schedule.expression, since, until):
         request_id = schedule_id(schedule.name, due)
         await queue.put(compact_json({**schedule.request, "id": request_id}))
         ids.append(request_id)
+        latest = due
         logger.info("schedule %r: enqueued %s", schedule.name, request_id)
     if last <= until:
-        data = {"last": until.isoformat(), "seen": version}
+        data = {
+            "last": until.isoformat(),
+            "seen": version,
+            "enqueued": latest.isoformat() if latest is not None else None,
+        }
         await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
     return ids
 
 
 async def _record_start(
-    ledger: Ledger, name: str, state: Record | None, since: datetime, version: str
+    ledger: Ledger,
+    name: str,
+    state: Record | None,
+    since: datetime,
+    version: str,
+    until: datetime,
 ) -> Record | None:
     """Record where a schedule with no usable last run (new, or its record unusable)
     starts, before anything is enqueued, so that a run failing part-way is caught up by
-    the next from there, as for any other. The record as written, or as an overlapping
-    run wrote it first (this run then enqueues the same ids too); None when it is gone."""
-    data = {"last": since.isoformat(), "seen": version}
+    the next from there, as for any other (and as if it enqueued up to `until`, until it
+    says what it did). The record as written, or as an overlapping run wrote it first
+    (this run then enqueues the same ids too); None when it is gone."""
+    data = {"last": since.isoformat(), "seen": version, "enqueued": until.isoformat()}
     if state is not None and state.etag == "*":  # not JSON: replaced
         await ledger.delete(name)
         state = None

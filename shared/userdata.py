@@ -12,7 +12,8 @@ queued messages carry the references they were listed with).
 
 The 1:1s are found through the user's index (:mod:`shared.references`), which lists their
 most recent ``INDEX_KEYS``; when it says it overflowed (a user with more conversations than
-that, e.g. a Web Chat conversation per visit), the channel's references are listed as well.
+that, e.g. a Web Chat conversation per visit), or is nearly full (conversations recorded as
+the erasure starts could push one out), the channel's references are listed as well.
 An erasure marks the index that way before it deletes anything and clears the mark once
 all is erased: a 1:1 leaves the index before its document is deleted, so after a failure
 part-way only the listing that the mark asks for finds what is left.
@@ -98,12 +99,12 @@ async def _erase_indexed(eraser: _Eraser) -> bool:
         "aad_object_id": eraser.aad_object_id,
     }
     overflowed = await references.user_index_overflowed(**lookup)
+    # Deleting a 1:1 takes it out of the index first: should its document's delete then
+    # fail, only a listing finds it again. The mark makes a retry list (an index nearly
+    # full, listed now, may be much less full by then).
+    await references.mark_user_index(**lookup)
     if overflowed:
         await eraser.listed()
-    else:
-        # Deleting a 1:1 takes it out of the index first: should its document's delete
-        # then fail, only a listing finds it again. The mark makes a retry list.
-        await references.mark_user_index(**lookup)
     for _ in range(MAX_CONVERSATIONS + 1):  # a full index, then the None that ends it
         found = await references.find_by_user(**lookup)
         if found is None:

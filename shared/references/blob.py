@@ -112,7 +112,8 @@ class BlobReferenceStore:
             options.operation_timeout / 4 if listing_slice is None else listing_slice
         )
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
-        self._indexing: set[asyncio.Task] = set()  # index writes an upsert stopped waiting for
+        self._indexing: set[asyncio.Task] = set()  # writes an upsert stopped waiting for
+        self._writing: dict[str, set[asyncio.Task]] = {}  # upserts under way, by key
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
         self._sleep = sleep
@@ -143,6 +144,8 @@ class BlobReferenceStore:
         task = asyncio.ensure_future(self._upsert(key, reference, team_id))
         self._indexing.add(task)
         task.add_done_callback(self._indexing.discard)
+        self._writing.setdefault(key, set()).add(task)
+        task.add_done_callback(lambda done: self._written_out(key, done))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -268,8 +271,20 @@ class BlobReferenceStore:
         """Track how often an uncached conversation turns out new (a moving average)."""
         self._new_share += ((1.0 if new else 0.0) - self._new_share) * _NEW_SHARE_WEIGHT
 
+    def _written_out(self, key: str, task: asyncio.Task) -> None:
+        tasks = self._writing.get(key)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._writing[key]
+
     async def delete(self, key: str) -> bool:
         name = document_name(key)
+        writing = self._writing.get(key)
+        if writing:
+            # An upsert of this key still running (its caller may have stopped waiting):
+            # done first, or, meeting the delete, it would store the conversation again.
+            await asyncio.wait(set(writing), timeout=self._options.operation_timeout)
         self._forget(key)
         try:
             async with self._guard("delete", key):
@@ -409,6 +424,8 @@ class BlobReferenceStore:
                 await self._update_index(channel_id, kind, value, change)
 
     async def close(self) -> None:
+        if self._indexing:  # writes still going on by themselves: ended first
+            await asyncio.wait(set(self._indexing), timeout=self._options.operation_timeout)
         await self._store.close()
 
     # -- storage primitives (called inside _guard): the shared conditional-blob helper

@@ -78,6 +78,7 @@ def test_chat_shows_a_cards_texts_and_buttons():
             "type": "AdaptiveCard",
             "body": [
                 {"type": "TextBlock", "text": "Clicks: 0"},
+                {"type": "FactSet", "facts": [{"title": "Order", "value": "42"}]},
                 {"type": "Container", "items": [{"type": "TextBlock", "text": "Tap below"}]},
             ],
             "actions": [{"type": "Action.Execute", "title": "Add one", "verb": "add"}],
@@ -90,7 +91,9 @@ def test_chat_shows_a_cards_texts_and_buttons():
             "buttons": [{"type": "imBack", "title": "Help", "value": "help"}],
         },
     }
-    assert chat.describe_attachment(adaptive) == "Clicks: 0 | Tap below | buttons: Add one"
+    assert (
+        chat.describe_attachment(adaptive) == "Clicks: 0 | Order: 42 | Tap below | buttons: Add one"
+    )
     assert chat.describe_attachment(hero) == "Menu | buttons: Help"
     assert chat.describe_attachment({"contentType": "image/png"}) == "attachment: image/png"
 

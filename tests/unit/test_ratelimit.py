@@ -916,6 +916,43 @@ async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minute
     assert delivered[1] >= 0.8 * 50 * 30, delivered  # back near the limit within 10 s of it
 
 
+async def test_a_threads_long_429_leaves_the_tenants_adaptation_on():
+    # One thread's own limit answers 429 with 30 s to wait, just before the tenant's room
+    # for this instance shrinks from 25/s to 10/s: the tenant's short 429s must still cut.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    channel = StrictWindow(25)
+    fresh = itertools.count()
+    refused_later = 0
+    thread_refused = False
+
+    async def sender() -> None:
+        nonlocal refused_later, thread_refused
+        while time.now < 40.0:
+            scope = teams(f"a:{next(fresh)}")
+            try:
+                granted = await pacer.acquire(scope, background=True, max_wait=7.0)
+            except PacingTimeout as timeout:
+                await time.sleep(timeout.wait)
+                continue
+            pacer.left(scope, granted, time.now)
+            arrived = time.now + 0.1
+            await time.sleep(0.2)
+            if arrived >= 12.0:
+                channel.limit = 10
+            if arrived >= 10.0 and not thread_refused:
+                thread_refused = True
+                pacer.throttled(scope, 30.0, granted, granted)
+                await time.sleep(30.0)
+            elif not channel.admit(arrived):
+                refused_later += 15.0 <= arrived < 40.0
+                pacer.throttled(scope, 1.0, granted, granted)
+                await time.sleep(1.0)
+
+    await time.run(*(sender() for _ in range(48)))
+    assert refused_later < 40, refused_later
+
+
 async def send_once(
     time: VirtualScheduler,
     noise: Jitter,

@@ -1009,6 +1009,31 @@ async def test_blob_a_caller_that_stops_waiting_leaves_the_1to1_findable_by_its_
 
 
 @pytest.mark.integration
+async def test_blob_a_removal_waits_for_a_write_its_caller_stopped_waiting_for(gated):
+    # The write goes on after its caller gave up (above); a removal meanwhile must not be
+    # undone by it (its conditional write, refused, would read the absence and create).
+    store, transport = gated()
+    await store.upsert(reference())
+    gate = transport.gate(_is("GET", "refs"), after_response=True)
+    upsert = asyncio.ensure_future(store.upsert(reference(locale="de-DE"), refresh=True))
+    await gate.wait_reached()
+    upsert.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upsert
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.3)  # storage answers the write's read a moment later
+        gate.released.set()
+
+    releasing = asyncio.ensure_future(release_soon())
+    assert await store.delete("msteams/a:1") is True
+    await releasing
+    await asyncio.sleep(0.5)  # anything still going on by itself
+    assert await store.get("msteams/a:1") is None
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+
+@pytest.mark.integration
 async def test_blob_a_get_does_not_let_the_next_activity_skip_repairing_the_index(
     blob_store, azurite
 ):
@@ -1141,9 +1166,11 @@ async def test_blob_delete_during_an_update_leaves_no_stale_cache(gated):
     answer = transport.gate(_is("PUT", "refs"), after_response=True)
     updating = asyncio.create_task(store.upsert(reference(service_url=AMER)))
     await answer.wait_reached()  # the update is stored; its answer is not back yet
-    assert await store.delete("msteams/a:1") is True
+    deleting = asyncio.ensure_future(store.delete("msteams/a:1"))  # waits for the update
+    await asyncio.sleep(0.2)
     answer.released.set()
     assert await updating is True
+    assert await deleting is True
     # Deleted after the update: the next message must store the conversation again.
     assert await store.upsert(reference(service_url=AMER)) is True
     assert await store.get("msteams/a:1") is not None

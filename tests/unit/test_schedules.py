@@ -781,6 +781,26 @@ async def test_a_schedule_written_after_a_run_in_that_minute_starts_at_the_next(
     assert json.loads(queue.sent[-1][0])["text"] == "new"
 
 
+async def test_a_schedule_edited_before_its_due_second_in_the_last_runs_minute_still_sends_it():
+    # The run at 09:00:01 enqueued nothing of 09:00 yet (due at 09:00:30): that minute's id
+    # is free, and the edited document's 09:00:30 is sent.
+    from shared.schedules import EARLY_RUN, write_schedule
+
+    nine = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(nine - timedelta(days=1))
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    await write_schedule(ledger, "s", {"schedule": "30 0 9 * * *", "request": REQUEST})
+    assert await run_schedules(ledger, queue, nine - timedelta(minutes=1) + EARLY_RUN) == []
+    assert await run_schedules(ledger, queue, nine + EARLY_RUN) == []
+    clock.now = nine + timedelta(seconds=10)
+    fixed = {"schedule": "30 0 9 * * *", "request": {**REQUEST, "text": "fixed"}}
+    await write_schedule(ledger, "s", fixed)
+
+    ids = await run_schedules(ledger, queue, nine + timedelta(minutes=1) + EARLY_RUN)
+    assert ids == ["schedule:s:2030-01-01T09:00Z"]
+    assert json.loads(queue.sent[-1][0])["text"] == "fixed"
+
+
 async def test_a_schedule_removed_and_written_again_later_sends_nothing_from_before_its_write():
     from shared.schedules import remove_schedule, write_schedule
 

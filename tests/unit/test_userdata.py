@@ -14,9 +14,11 @@ from shared.references import (
     INDEX_KEYS,
     BlobReferenceStore,
     MemoryReferenceStore,
+    StoreError,
     document_name,
     user_index_name,
 )
+from shared.references.contract import index_entries, without
 from shared.state import MemoryStateStore, StateError, conversation_state_key, user_state_key
 from shared.userdata import erase_for_activity, erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
@@ -200,6 +202,40 @@ async def test_an_erasure_of_a_user_whose_index_is_nearly_full_lists_the_channel
     assert await references.user_index_overflowed(**who) is False
     await web_chat_visits(references, state, INDEX_KEYS)
     assert await references.user_index_overflowed(**who) is True
+
+
+class HalfDeletes(MemoryReferenceStore):
+    """The Blob store's delete in its two steps (the user index entry, then the document),
+    its `fail_at`-th delete stopping between them as a storage failure would."""
+
+    fail_at = 0
+
+    async def delete(self, key):
+        self.fail_at -= 1
+        if self.fail_at == 0:
+            stored = self._docs[key]
+            for kind, value in index_entries(stored, any_channel=True):
+                self._change_index((stored.channel_id, kind, value), without(key))
+            raise StoreError("reference store: delete failed (test outage)")
+        return await super().delete(key)
+
+
+async def test_an_erasure_of_a_nearly_full_index_cut_short_is_finished_by_a_retry():
+    # Listed at once for being nearly full, and marked all the same: the retry, finding
+    # the index much less full, lists again for the mark, and finds the 1:1 whose index
+    # entry went before its document's delete failed.
+    references, state = HalfDeletes(), MemoryStateStore()
+    count = INDEX_KEYS - 6
+    await web_chat_visits(references, state, count)
+    references.fail_at = 20
+    with pytest.raises(StoreError):
+        await erase_user_data(
+            channel_id="webchat", user_id="dl_ada", state=state, references=references
+        )
+    await erase_user_data(
+        channel_id="webchat", user_id="dl_ada", state=state, references=references
+    )
+    await assert_only_others_are_left(references, state, count)
 
 
 async def test_off_teams_an_aad_object_id_erases_nothing(stores):

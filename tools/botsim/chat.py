@@ -118,6 +118,23 @@ class Chat:
         return self.post(self.activity("message", text=text))
 
 
+_CARD_ACTIONS = frozenset(
+    {
+        "imBack",
+        "messageBack",
+        "postBack",
+        "openUrl",
+        "invoke",
+        "signin",
+        "call",
+        "showImage",
+        "downloadFile",
+        "playAudio",
+        "playVideo",
+    }
+)
+
+
 def describe_attachment(attachment: dict) -> str:
     """A card's texts and buttons on one line (press them in `make playground`); another
     attachment's content type."""
@@ -134,9 +151,13 @@ def describe_attachment(attachment: dict) -> str:
                 walk(item)
         elif isinstance(node, dict):
             node_type = str(node.get("type") or "")
-            # Adaptive Card actions; a hero card's buttons (title and value).
-            if node_type.startswith("Action.") or ("value" in node and "title" in node):
+            # Adaptive Card actions; a hero card's buttons (card actions; a fact, with its
+            # title and value too, is no button).
+            if node_type.startswith("Action.") or node_type in _CARD_ACTIONS:
                 buttons.append(str(node.get("title") or node_type))
+                return
+            if not node_type and "title" in node and "value" in node:  # a FactSet's fact
+                texts.append(f"{node['title']}: {node['value']}")
                 return
             for field in ("title", "subtitle", "text"):
                 if isinstance(node.get(field), str) and node[field]:
