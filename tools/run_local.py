@@ -129,12 +129,15 @@ def answers_as_azurite(port: int) -> bool:
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise :class:`Terminated`; the previous handlers come back after."""
+    """SIGTERM/SIGHUP raise :class:`Terminated`, SIGINT KeyboardInterrupt (also when this
+    was started with SIGINT ignored, as a shell without job control starts a command run
+    in the background); the previous handlers come back after."""
 
     def terminate(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

@@ -293,24 +293,6 @@ def test_a_playground_that_could_not_have_its_port_starts_again_where_replies_re
             assert service_url == f"http://127.0.0.1:{playground.port}/_connector"
 
 
-def test_make_playground_for_a_local_bot_in_neither_mode_says_so_and_starts_nothing(tmp_path):
-    # No app id, and local mode not switched on: the bot answered every activity 500.
-    if listening(7071):
-        pytest.skip("a bot runs on 7071 (make run): the Playground would use it as it is")
-    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.playground", "--port", str(free_port())],
-        cwd=ROOT,
-        env={**keep, "MicrosoftAppId": "", "BOT_ALLOW_UNAUTHENTICATED": "false"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 1
-    assert "BOT_ALLOW_UNAUTHENTICATED is not true" in result.stderr
-    assert "starting it" not in result.stdout and "Traceback" not in result.stderr
-
-
 def test_make_playground_against_a_bot_that_is_not_running_says_so(tmp_path):
     bot = f"http://127.0.0.1:{free_port()}/api/messages"
     result = subprocess.run(
@@ -325,22 +307,37 @@ def test_make_playground_against_a_bot_that_is_not_running_says_so(tmp_path):
     assert "Traceback" not in result.stderr and "Stopped" not in result.stdout
 
 
-def test_make_playground_for_a_local_bot_that_expects_tokens_says_so_and_starts_nothing(tmp_path):
-    # Every activity was answered 401, which only the page's log panel showed. (Checked
-    # before it starts the bot: a bot already running on 7071 is used as it is.)
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        # Every activity was answered 401, which only the page's log panel showed.
+        (
+            {"MicrosoftAppId": "00000000-0000-0000-0000-0000000000a1"},
+            "expect a channel token (MicrosoftAppId is set in the environment)",
+        ),
+        # No app id, and local mode not switched on: every activity was answered 500.
+        (
+            {"MicrosoftAppId": "", "BOT_ALLOW_UNAUTHENTICATED": "false"},
+            "BOT_ALLOW_UNAUTHENTICATED is not true",
+        ),
+    ],
+)
+def test_make_playground_for_a_local_bot_that_would_refuse_it_says_so_and_starts_nothing(
+    settings, said
+):
+    # Checked before it starts the bot: a bot already running on 7071 is used as it is.
     if listening(7071):
         pytest.skip("a bot runs on 7071 (make run): the Playground would use it as it is")
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     result = subprocess.run(
         [sys.executable, "-m", "tools.playground", "--port", str(free_port())],
         cwd=ROOT,
-        env={**keep, "MicrosoftAppId": "00000000-0000-0000-0000-0000000000a1"},
+        env={**keep, **settings},
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 1
-    assert "expect a channel token (MicrosoftAppId is set in the environment)" in result.stderr
-    assert '"BOT_ALLOW_UNAUTHENTICATED": "true"' in result.stderr
+    assert said in result.stderr and '"BOT_ALLOW_UNAUTHENTICATED": "true"' in result.stderr
     assert "Traceback" not in result.stderr
     assert "starting it" not in result.stdout and "Stopped" not in result.stdout

@@ -87,7 +87,16 @@ class RunLocal:
         env["CONTAINER_NAME"] = "dev-container"
         with open(self._out, "wb") as out, open(self._err, "wb") as err:
             self.process = subprocess.Popen(
-                args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                # As a shell without job control starts a command run in the background
+                # (`make run &` in a script): with SIGINT ignored, which `kill -INT` and
+                # Ctrl-C must still stop.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
             )
 
     @property

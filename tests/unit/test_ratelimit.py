@@ -883,16 +883,12 @@ class StrictWindow:
         return True
 
 
-async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minutes():
-    # The tenant answers every request 429 for 10 s, each saying how long is left; then it
-    # has room again (50/s). One instance, 48 invocations, 0.2 s round trips. Cut again
-    # for each of those 429s, the rate fell to its floor and took minutes to climb back.
-    time = VirtualScheduler()
-    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
-    channel = StrictWindow(50)
-    start, stop, end = 10.0, 20.0, 90.0
+async def run_senders(
+    time: VirtualScheduler, pacer: Pacer, end: float, refuse: Callable[[float], float | None]
+) -> None:
+    """One instance's 48 invocations sending background requests to new conversations until
+    `end`, with 0.2 s round trips; `refuse(arrived)` is a 429's Retry-After, or None."""
     fresh = itertools.count()
-    delivered = [0, 0, 0, 0]  # per 30 s
 
     async def sender() -> None:
         while time.now < end:
@@ -905,14 +901,32 @@ async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minute
             pacer.left(scope, granted, time.now)
             arrived = time.now + 0.1
             await time.sleep(0.2)
-            if start <= arrived < stop or not channel.admit(arrived):
-                wait = max(stop - arrived, 1.0) if start <= arrived < stop else 1.0
+            wait = refuse(arrived)
+            if wait is not None:
                 pacer.throttled(scope, wait, granted, granted)
                 await time.sleep(wait)  # requeued for its Retry-After
-            else:
-                delivered[int(arrived // 30)] += 1
 
     await time.run(*(sender() for _ in range(48)))
+
+
+async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minutes():
+    # The tenant answers every request 429 for 10 s, each saying how long is left; then it
+    # has room again (50/s). Cut again for each of those 429s, the rate fell to its floor
+    # and took minutes to climb back.
+    time = VirtualScheduler()
+    pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
+    channel = StrictWindow(50)
+    delivered = [0, 0, 0, 0]  # per 30 s
+
+    def refuse(arrived: float) -> float | None:
+        if 10.0 <= arrived < 20.0:
+            return max(20.0 - arrived, 1.0)
+        if not channel.admit(arrived):
+            return 1.0
+        delivered[int(arrived // 30)] += 1
+        return None
+
+    await run_senders(time, pacer, 90.0, refuse)
     assert delivered[1] >= 0.8 * 50 * 30, delivered  # back near the limit within 10 s of it
 
 
@@ -922,34 +936,22 @@ async def test_a_threads_long_429_leaves_the_tenants_adaptation_on():
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
     channel = StrictWindow(25)
-    fresh = itertools.count()
     refused_later = 0
     thread_refused = False
 
-    async def sender() -> None:
+    def refuse(arrived: float) -> float | None:
         nonlocal refused_later, thread_refused
-        while time.now < 40.0:
-            scope = teams(f"a:{next(fresh)}")
-            try:
-                granted = await pacer.acquire(scope, background=True, max_wait=7.0)
-            except PacingTimeout as timeout:
-                await time.sleep(timeout.wait)
-                continue
-            pacer.left(scope, granted, time.now)
-            arrived = time.now + 0.1
-            await time.sleep(0.2)
-            if arrived >= 12.0:
-                channel.limit = 10
-            if arrived >= 10.0 and not thread_refused:
-                thread_refused = True
-                pacer.throttled(scope, 30.0, granted, granted)
-                await time.sleep(30.0)
-            elif not channel.admit(arrived):
-                refused_later += 15.0 <= arrived < 40.0
-                pacer.throttled(scope, 1.0, granted, granted)
-                await time.sleep(1.0)
+        if arrived >= 12.0:
+            channel.limit = 10
+        if arrived >= 10.0 and not thread_refused:
+            thread_refused = True
+            return 30.0
+        if channel.admit(arrived):
+            return None
+        refused_later += 15.0 <= arrived < 40.0
+        return 1.0
 
-    await time.run(*(sender() for _ in range(48)))
+    await run_senders(time, pacer, 40.0, refuse)
     assert refused_later < 40, refused_later
 
 

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)  # the terminal closed: node is in its own session
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     try:
         return run(args)
     except PlaygroundError as error:
