@@ -883,11 +883,15 @@ class StrictWindow:
         return True
 
 
+UNSAID = -1.0  # what `refuse` returns for a 429 that says no Retry-After
+
+
 async def run_senders(
     time: VirtualScheduler, pacer: Pacer, end: float, refuse: Callable[[float], float | None]
 ) -> None:
     """One instance's 48 invocations sending background requests to new conversations until
-    `end`, with 0.2 s round trips; `refuse(arrived)` is a 429's Retry-After, or None."""
+    `end`, with 0.2 s round trips; `refuse(arrived)` is a 429's Retry-After (UNSAID: none
+    given), or None (delivered)."""
     fresh = itertools.count()
 
     async def sender() -> None:
@@ -903,23 +907,28 @@ async def run_senders(
             await time.sleep(0.2)
             wait = refuse(arrived)
             if wait is not None:
-                pacer.throttled(scope, wait, granted, granted)
-                await time.sleep(wait)  # requeued for its Retry-After
+                said = None if wait == UNSAID else wait
+                pacer.throttled(scope, said, granted, granted)
+                await time.sleep(said or 1.0)  # requeued for its Retry-After
 
     await time.run(*(sender() for _ in range(48)))
 
 
-async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minutes():
-    # The tenant answers every request 429 for 10 s, each saying how long is left; then it
-    # has room again (50/s). Cut again for each of those 429s, the rate fell to its floor
-    # and took minutes to climb back.
+@pytest.mark.parametrize("unsaid", [0, 10])  # in 10, one 429 says no Retry-After
+async def test_a_tenant_refusing_everything_for_seconds_costs_one_cut_not_minutes(unsaid):
+    # The tenant answers every request 429 for 10 s, each saying how long is left (or
+    # nothing); then it has room again (50/s). Cut again for each of those 429s, the rate
+    # fell to its floor and took minutes to climb back.
     time = VirtualScheduler()
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
     channel = StrictWindow(50)
     delivered = [0, 0, 0, 0]  # per 30 s
+    refusals = itertools.count(1)
 
     def refuse(arrived: float) -> float | None:
         if 10.0 <= arrived < 20.0:
+            if unsaid and next(refusals) % unsaid == 0:
+                return UNSAID
             return max(20.0 - arrived, 1.0)
         if not channel.admit(arrived):
             return 1.0
