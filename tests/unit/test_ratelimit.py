@@ -1956,6 +1956,28 @@ def test_hours_of_probing_without_a_429_keep_the_lane_at_its_ceiling():
     assert lane.rate(10.0 + 10 * 3600.0) == pytest.approx(50.0)
 
 
+async def storm_alert(time: VirtualScheduler, pacer: Pacer, at: float = 0.0) -> None:
+    """One alert into "19:alerts" from `at`, requeued after each PacingTimeout, as the
+    proactive engine does, until it is sent."""
+    await time.sleep(at)
+    while True:
+        try:
+            await pacer.acquire(teams("19:alerts"), background=True, max_wait=7.0)
+            return
+        except PacingTimeout as timeout:
+            await time.sleep(timeout.wait)
+
+
+async def reply_wait(time: VirtualScheduler, pacer: Pacer) -> float | str:
+    """How long a reply into "19:alerts" waited for its slot, or "refused"."""
+    asked = time.now
+    try:
+        await pacer.acquire(teams("19:alerts"), max_wait=7.0)
+    except PacingTimeout:
+        return "refused"
+    return time.now - asked
+
+
 @pytest.mark.parametrize("reply_at", [3.0, 16.0, 29.0])
 async def test_background_sends_to_a_conversation_leave_room_for_a_reply_there(reply_at):
     # An alert storm into a channel (each send requeued after a PacingTimeout, as the
@@ -1964,24 +1986,11 @@ async def test_background_sends_to_a_conversation_leave_room_for_a_reply_there(r
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
     replied: list[float | str] = []
 
-    async def alert() -> None:
-        while True:
-            try:
-                await pacer.acquire(teams("19:alerts"), background=True, max_wait=7.0)
-                return
-            except PacingTimeout as timeout:
-                await time.sleep(timeout.wait)
-
     async def reply() -> None:
         await time.sleep(reply_at)
-        asked = time.now
-        try:
-            await pacer.acquire(teams("19:alerts"), max_wait=7.0)
-            replied.append(time.now - asked)
-        except PacingTimeout:
-            replied.append("refused")
+        replied.append(await reply_wait(time, pacer))
 
-    await time.run(*(alert() for _ in range(100)), reply())
+    await time.run(*(storm_alert(time, pacer) for _ in range(100)), reply())
     assert replied != ["refused"] and replied[0] < 1.0
 
 
@@ -1994,27 +2003,14 @@ async def test_a_storm_into_a_channel_leaves_room_for_a_turns_three_messages(tur
     pacer = Pacer(50, clock=time.clock, sleep=time.sleep)
     waits: list[float | str] = []
 
-    async def alert(n: int) -> None:
-        await time.sleep(n / 20)  # 20 alerts a second
-        while True:
-            try:
-                await pacer.acquire(teams("19:alerts"), background=True, max_wait=7.0)
-                return
-            except PacingTimeout as timeout:
-                await time.sleep(timeout.wait)
-
     async def turn() -> None:
         await time.sleep(turn_at)
         for _ in range(3):
-            asked = time.now
-            try:
-                await pacer.acquire(teams("19:alerts"), max_wait=7.0)
-                waits.append(time.now - asked)
-            except PacingTimeout:
-                waits.append("refused")
+            waits.append(await reply_wait(time, pacer))
             await time.sleep(0.3)
 
-    await time.run(*(alert(n) for n in range(400)), turn())
+    alerts = (storm_alert(time, pacer, at=n / 20) for n in range(400))  # 20 a second
+    await time.run(*alerts, turn())
     assert "refused" not in waits and max(waits) < 2.0, waits
 
 
