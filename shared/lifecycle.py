@@ -12,6 +12,8 @@ The inbound pipeline calls :func:`record_activity` for every authenticated activ
 | conversationUpdate, Teams `eventType` `teamDeleted` / `teamHardDeleted` | remove       |
 | conversationUpdate, Teams `eventType` `channelDeleted`        | refresh, and remove the   |
 |                                                               | `channelData.channel` one |
+| conversationUpdate, Teams `eventType` `channelRestored`       | refresh, and add the      |
+|                                                               | `channelData.channel` one |
 | invoke `composeExtension/…` (a message extension)              | nothing                |
 | anything else                                                 | store when new or changed |
 
@@ -128,7 +130,12 @@ async def record_activity(
         logger.debug(
             "references: %s %s for activity %s", change.value, clip(key), clip(activity.get("id"))
         )
-    deleted = _deleted_channel(activity, key)
+    restored = _named_channel(activity, key, "channelRestored")
+    if restored is not None:
+        # Its reference went with channelDeleted: the team's own, under the channel's id.
+        await store.upsert(_channel_reference(reference, restored), team_id=team_id, refresh=True)
+        logger.debug("references: added restored channel %s", clip(restored))
+    deleted = _named_channel(activity, key, "channelDeleted")
     if deleted is not None:
         # Named by the team's event (its conversation is the team's General channel): the
         # deleted channel's reference and state go, or broadcasts would keep trying it.
@@ -140,17 +147,30 @@ async def record_activity(
             logger.debug("references: deleted channel %s is no key", clip(deleted))
 
 
-def _deleted_channel(activity: Mapping[str, Any], key: str) -> str | None:
-    """The key of the channel a Teams `channelDeleted` event names, or None."""
+def _named_channel(activity: Mapping[str, Any], key: str, event: str) -> str | None:
+    """The key of the channel a Teams `event` (channelDeleted, channelRestored) names in
+    `channelData.channel`, or None (another event; none named; the team's own channel)."""
     if not from_teams(activity) or activity.get("type") != "conversationUpdate":
         return None
     data = channel_data(activity)
     channel = data.get("channel")
     channel_id = channel.get("id") if isinstance(channel, Mapping) else None
-    if data.get("eventType") != "channelDeleted" or not isinstance(channel_id, str):
+    if data.get("eventType") != event or not isinstance(channel_id, str) or not channel_id:
         return None
-    deleted = f"{TEAMS_CHANNEL}/{channel_id.split(_THREAD_MARKER, 1)[0]}"
-    return deleted if deleted != key else None  # never the team's own conversation
+    named = f"{TEAMS_CHANNEL}/{channel_id.split(_THREAD_MARKER, 1)[0]}"
+    return named if named != key else None  # never the team's own conversation
+
+
+def _channel_reference(team: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The reference of the team's channel `key`: the team's (the event's own
+    conversation: serviceUrl, bot, tenant), its conversation the channel."""
+    conversation = {"id": split_key(key)[1], "conversationType": "channel", "isGroup": True}
+    tenant = team["conversation"].get("tenantId")
+    if tenant:
+        conversation["tenantId"] = tenant
+    reference = {name: value for name, value in team.items() if name != "activityId"}
+    reference["conversation"] = conversation
+    return reference
 
 
 def _reference(activity: Mapping[str, Any]) -> dict[str, Any]:

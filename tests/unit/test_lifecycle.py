@@ -346,6 +346,45 @@ async def test_channel_deleted_removes_that_channel_and_its_state_only(stores):
     assert await states_left(state, channels) == ["19:general-a"]
 
 
+def _channel_event(event: str, channel: dict) -> dict:
+    update = activity(
+        "conversationUpdate", "19:general-a", personal=False, team="19:general-a", event=event
+    )
+    update["channelData"]["channel"] = channel
+    return update
+
+
+async def test_channel_restored_stores_that_channel_again(store):
+    # The reference channelDeleted removed comes back with the restore, the team's own
+    # (serviceUrl, bot, tenant) under the channel's id, so broadcasts reach it again.
+    await _two_teams_and_a_chat(store)
+    design = {"id": "19:design-a", "name": "Design"}
+    await record_activity(store, _channel_event("channelDeleted", design))
+    assert "msteams/19:design-a" not in await keys(store)
+
+    await record_activity(store, _channel_event("channelRestored", design))
+
+    stored = await store.get("msteams/19:design-a")
+    assert stored is not None
+    assert stored.reference["conversation"] == {
+        "id": "19:design-a",
+        "conversationType": "channel",
+        "isGroup": True,
+        "tenantId": "tenant-1",
+    }
+    assert stored.reference["serviceUrl"] == SERVICE_URL
+    assert stored.reference["bot"]["id"] == BOT["id"]
+    assert (stored.tenant_id, stored.team_id) == ("tenant-1", "19:general-a")
+    page = await store.list(channel_id="msteams", team_id="19:general-a")
+    assert {item.key for item in page.items} == {"msteams/19:general-a", "msteams/19:design-a"}
+
+
+@pytest.mark.parametrize("channel", [{}, {"id": ""}, {"id": 7}, {"id": "19:general-a"}])
+async def test_channel_restored_naming_no_other_channel_adds_nothing_more(store, channel):
+    await record_activity(store, _channel_event("channelRestored", channel))
+    assert await keys(store) == {"msteams/19:general-a"}
+
+
 @pytest.mark.parametrize("how", ["teamDeleted", "bot removed"])
 async def test_team_removal_deletes_the_state_of_its_channels_and_their_threads(stores, how):
     references, state = stores
