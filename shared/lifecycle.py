@@ -9,6 +9,8 @@ The inbound pipeline calls :func:`record_activity` for every authenticated activ
 | conversationUpdate, Teams `eventType` `teamRestored`          | add again              |
 | installationUpdate `remove` / `remove-upgrade`                | remove                 |
 | conversationUpdate with the bot in `membersRemoved`           | remove                 |
+| ... with Teams `eventType` `channelMemberRemoved`              | remove that channel    |
+|     (the bot disallowed in one shared channel)                 | only                   |
 | conversationUpdate, Teams `eventType` `teamDeleted` / `teamHardDeleted` | remove       |
 | conversationUpdate, Teams `eventType` `channelDeleted`        | refresh, and remove the   |
 |                                                               | `channelData.channel` one |
@@ -28,7 +30,9 @@ the reference meanwhile); "when new or changed" does not, so a chatty conversati
 storage call per message. A message extension is used in whatever chat the user is typing
 in, one the bot is usually not a member of (a chat between two people included): its
 invokes name that chat, so they are not recorded. Removing a Teams team's conversation
-also removes the stored references of the team's channels (same `channelData.team.id`). A
+also removes the stored references of the team's channels (same `channelData.team.id`),
+but for the bot disallowed in one of the team's shared channels, which Teams tells with a
+`channelMemberRemoved` naming the bot and the team (:func:`removed_team`). A
 Teams channel is stored once, under its channel id: the `;messageid=…` thread suffix of its
 activities is dropped.
 """
@@ -123,7 +127,7 @@ async def record_activity(
     team_id = teams_team_id(activity)
     change = classify(activity) if change is None else change
     if change is Change.REMOVE:
-        await _remove(store, state, key, reference, team_id, activity.get("id"))
+        await _remove(store, state, key, reference, removed_team(activity), activity.get("id"))
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
@@ -145,6 +149,16 @@ async def record_activity(
                 logger.debug("references: removed deleted channel %s", clip(deleted))
         except ValueError:  # an id no conversation of the bot's can have: nothing stored
             logger.debug("references: deleted channel %s is no key", clip(deleted))
+
+
+def removed_team(activity: Mapping[str, Any]) -> str | None:
+    """The Teams team a removal takes the bot out of as a whole (all its channels go), or
+    None. The bot disallowed in one shared channel comes as its removal from that channel
+    (`membersRemoved`, eventType `channelMemberRemoved`) with the team's id alongside: the
+    team, its other channels included, keeps the bot."""
+    if channel_data(activity).get("eventType") == "channelMemberRemoved":
+        return None
+    return teams_team_id(activity)
 
 
 def _named_channel(activity: Mapping[str, Any], key: str, event: str) -> str | None:

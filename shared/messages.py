@@ -28,7 +28,6 @@ from shared.activity import (
     from_teams,
     is_message_extension,
     parse_activity,
-    teams_team_id,
 )
 from shared.config import SettingsError
 from shared.diagnostics import clip, describe
@@ -286,7 +285,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     answer, and so does a removal's, which gets REMOVAL_BUDGET (a team's:
     TEAM_REMOVAL_BUDGET): no later activity would redo them; the channel's retry does.
     """
-    from shared.lifecycle import Change, classify, record_activity
+    from shared.lifecycle import Change, classify, record_activity, removed_team
     from shared.references.contract import StoreError
     from shared.state import StateError
 
@@ -296,7 +295,7 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     what = "reference not removed" if removal else "reference not recorded"
     budget = ADDITION_BUDGET if kept else RECORD_BUDGET
     if removal:
-        budget = TEAM_REMOVAL_BUDGET if teams_team_id(activity) else REMOVAL_BUDGET
+        budget = TEAM_REMOVAL_BUDGET if removed_team(activity) else REMOVAL_BUDGET
     try:
         async with asyncio.timeout(budget):
             await record_activity(runtime.references, activity, change, state=runtime.state)

@@ -385,6 +385,37 @@ async def test_channel_restored_naming_no_other_channel_adds_nothing_more(store,
     assert await keys(store) == {"msteams/19:general-a"}
 
 
+async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stores):
+    # Teams tells it as the bot's removal from the shared channel, with the team's id in
+    # channelData (eventType channelMemberRemoved): the team keeps the bot, so its other
+    # channels and their state stay.
+    references, state = stores
+    await _two_teams_and_a_chat(references)
+    await record_activity(references, channel_message("19:shared-a", team="19:general-a"))
+    threads = ["19:shared-a", "19:shared-a;messageid=9", "19:general-a", "19:design-a;messageid=1"]
+    await write_states(state, *threads)
+    disallowed = activity(
+        "conversationUpdate",
+        "19:shared-a",
+        personal=False,
+        team="19:general-a",
+        event="channelMemberRemoved",
+        membersRemoved=[{"id": BOT["id"]}],
+    )
+    disallowed["channelData"]["channel"] = {"id": "19:shared-a", "type": "shared"}
+    assert classify(disallowed) is Change.REMOVE
+
+    await record_activity(references, disallowed, state=state)
+
+    assert await keys(references) == {
+        "msteams/19:general-a",
+        "msteams/19:design-a",
+        "msteams/19:general-b",
+        "msteams/a:personal",
+    }
+    assert await states_left(state, threads) == ["19:general-a", "19:design-a;messageid=1"]
+
+
 @pytest.mark.parametrize("how", ["teamDeleted", "bot removed"])
 async def test_team_removal_deletes_the_state_of_its_channels_and_their_threads(stores, how):
     references, state = stores
