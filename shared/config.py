@@ -7,6 +7,7 @@ raises :class:`SettingsError` naming it, never a stack trace from inside a libra
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -147,20 +148,28 @@ class StorageSettings:
         def get(suffix: str) -> str:
             return env.get(f"{prefix}__{suffix}", "").strip()
 
+        # Read as the Functions host reads them, since its triggers and this app must use
+        # the same account: a connection string wins over the identity-based settings
+        # (which are then ignored), and its empty `;` segments are skipped.
+        connection_string = ";".join(
+            part for part in env.get(prefix, "").strip().split(";") if part.strip()
+        )
+        if connection_string:
+            ignored = [name for name in _IDENTITY_SUFFIXES if get(name)]
+            if ignored:
+                logging.getLogger(__name__).warning(
+                    "settings: %s is a connection string, so %s are ignored (as the host does)",
+                    prefix,
+                    ", ".join(f"{prefix}__{name}" for name in ignored),
+                )
+            return cls(connection_string=connection_string)
         settings = cls(
-            connection_string=env.get(prefix, "").strip(),
             account_name=get("accountName"),
             blob_service_uri=get("blobServiceUri"),
             queue_service_uri=get("queueServiceUri"),
             credential=get("credential"),
             client_id=get("clientId"),
         )
-        if settings.connection_string and (
-            settings.account_name or settings.blob_service_uri or settings.queue_service_uri
-        ):
-            raise SettingsError(
-                prefix, "set either a connection string or the identity-based __ settings, not both"
-            )
         if settings.credential and settings.credential.lower() != "managedidentity":
             raise SettingsError(
                 f"{prefix}__credential", "the only supported value is managedidentity"
@@ -169,9 +178,16 @@ class StorageSettings:
             ("blobServiceUri", settings.blob_service_uri),
             ("queueServiceUri", settings.queue_service_uri),
         ):
-            if uri and urlsplit(uri).scheme not in ("https", "http"):
+            try:
+                scheme = urlsplit(uri).scheme
+            except ValueError:  # e.g. an unclosed [ of an IPv6 host
+                scheme = ""
+            if uri and scheme not in ("https", "http"):
                 raise SettingsError(f"{prefix}__{name}", "must be an http(s) URL")
         return settings
+
+
+_IDENTITY_SUFFIXES = ("accountName", "blobServiceUri", "queueServiceUri", "credential", "clientId")
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +366,9 @@ def _require_https_or_loopback(name: str, url: str) -> None:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
         raise SettingsError(name, "is not a valid URL") from None
+    if "@" in parts.netloc:
+        # aiohttp would send it as Basic credentials, and the URL is logged.
+        raise SettingsError(name, "must not carry a user name or password")
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and is_loopback_host(parts.hostname):
@@ -361,7 +380,10 @@ def _require_bare_authority(authority: str) -> None:
     # The tenant is appended to it (`<authority>/botframework.com` or `/<tenant>`), so a
     # tenant or path given here would make MSAL ask the wrong endpoint.
     parts = urlsplit(authority)
-    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+    # A bare `?` or `#` (or a backslash) leaves no query, fragment or path to see: compared
+    # whole instead.
+    whole = f"{parts.scheme}://{parts.netloc}".lower()
+    if authority.lower() != whole or "@" in parts.netloc or "\\" in authority:
         raise SettingsError(
             "BOT_LOGIN_AUTHORITY",
             "must be the authority host only, without a tenant or path "
@@ -458,9 +480,23 @@ def _ncrontab_value(
     return None
 
 
+# A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]]): App Service plans only.
+_TIMESPAN = re.compile(r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?")
+
+
 def _validate_schedule(schedule: str) -> str:
-    """Refuse what the host's NCRONTAB parser would (it is the final word)."""
-    problem = ncrontab_problem(schedule, portable=False)  # the host's own parser reads it
+    """Refuse what the host's timer would (it is the final word), and nothing more: every
+    function answers 500 while a setting is refused. The timer reads 6 NCRONTAB fields,
+    5 (no seconds: they fire at second 0), or a TimeSpan such as 00:05:00."""
+    fields = schedule.split()
+    if len(fields) == 1 and ":" in schedule:
+        match = _TIMESPAN.fullmatch(schedule)
+        parts = [int(part) for part in match.groups(default="0")] if match else []
+        if not parts or parts[1] > 23 or parts[2] > 59 or parts[3] > 59 or not any(parts):
+            raise SettingsError("BOT_SCHEDULE", "must be a TimeSpan like 00:05:00, over zero")
+        return schedule
+    # The host's own parser reads it: all that NCrontab reads, not only the portable part.
+    problem = ncrontab_problem("0 " + schedule if len(fields) == 5 else schedule, portable=False)
     if problem is not None:
         raise SettingsError("BOT_SCHEDULE", problem)
     return schedule
@@ -536,8 +572,8 @@ def _parse_number(env: Mapping[str, str], name: str, default, kind):
         value = kind(raw)
     except ValueError:
         raise SettingsError(name, "must be a number") from None
-    if not math.isfinite(value):
-        raise SettingsError(name, "must be a finite number")
+    if isinstance(value, float) and not math.isfinite(value):  # an int of any size is
+        raise SettingsError(name, "must be a finite number")  # (isfinite: OverflowError)
     if value <= 0:
         raise SettingsError(name, "must be greater than zero")
     return value

@@ -66,6 +66,17 @@ def require_https_or_loopback(url: str, what: str) -> None:
     raise KeySourceError(f"{what} must be https (plain http only for loopback hosts)")
 
 
+def shown(url: str) -> str:
+    """`url` as logs and errors show it: scheme, host, port and path; never a query (a
+    function key, a signature) nor a user name or password."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(not a valid URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
 class OpenIdKeyCache:
     """The signing keys published behind one OpenID metadata URL."""
 
@@ -168,7 +179,7 @@ class OpenIdKeyCache:
                 self._last_error = str(exc)
                 log.warning(
                     "signing keys refresh failed url=%s cached=%d reason=%s",
-                    self.metadata_url,
+                    shown(self.metadata_url),
                     len(self._keys or {}),
                     exc,
                 )
@@ -176,7 +187,9 @@ class OpenIdKeyCache:
                 self._keys = keys
                 self._fetched_at = self._clock()
                 self._last_error = ""
-                log.info("signing keys refreshed url=%s kids=%s", self.metadata_url, sorted(keys))
+                log.info(
+                    "signing keys refreshed url=%s kids=%s", shown(self.metadata_url), sorted(keys)
+                )
             finally:
                 self._generation += 1
 
@@ -207,20 +220,20 @@ class OpenIdKeyCache:
                 for step in (*response.history, response):
                     require_https_or_loopback(str(step.url), "redirected URL")
                 if response.status != 200:
-                    raise KeySourceError(f"GET {url} answered HTTP {response.status}")
+                    raise KeySourceError(f"GET {shown(url)} answered HTTP {response.status}")
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(64 * 1024):
                     body += chunk
                     if len(body) > MAX_DOCUMENT_BYTES:
-                        raise KeySourceError(f"GET {url} answered too large a document")
+                        raise KeySourceError(f"GET {shown(url)} answered too large a document")
             document = json.loads(body)
         except KeySourceError:
             raise
         except (aiohttp.ClientError, ValueError, RuntimeError) as exc:
             # RuntimeError: a closed session. ValueError: invalid JSON or encoding.
-            raise KeySourceError(f"GET {url} failed: {type(exc).__name__}") from None
+            raise KeySourceError(f"GET {shown(url)} failed: {type(exc).__name__}") from None
         if not isinstance(document, dict):
-            raise KeySourceError(f"GET {url} did not answer a JSON object")
+            raise KeySourceError(f"GET {shown(url)} did not answer a JSON object")
         return document
 
 

@@ -508,6 +508,42 @@ async def test_key_source_documents_are_limited_in_size_and_time():
                 assert time.monotonic() - started < 3
 
 
+async def test_key_source_urls_are_logged_without_their_query(caplog):
+    # A metadata URL may carry a function key or signature in its query: the refresh's log
+    # lines and errors show scheme, host and path only.
+    keys = {"keys": [jwk()]}
+
+    async def meta(request: web.Request) -> web.Response:
+        if request.path == "/broken":
+            return web.json_response({"jwks_uri": f"{server.url}/gone?sig=S3CRET-SIG"})
+        return web.json_response({"jwks_uri": f"{server.url}/keys?sig=S3CRET-SIG"})
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response(keys)
+
+    app = web.Application()
+    app.router.add_get("/meta", meta)
+    app.router.add_get("/broken", meta)
+    app.router.add_get("/keys", jwks)
+    with BackgroundServer(app) as server:
+        async with aiohttp.ClientSession() as session:
+
+            async def shared_session() -> aiohttp.ClientSession:
+                return session
+
+            with caplog.at_level("INFO", logger="shared.auth.keys"):
+                good = OpenIdKeyCache(server.url + "/meta?code=FUNCTION-KEY", shared_session)
+                assert await good.get("good") is not None
+                broken = OpenIdKeyCache(server.url + "/broken?code=FUNCTION-KEY", shared_session)
+                with pytest.raises(KeySourceError) as raised:
+                    await broken.get("good")
+    assert "/gone answered HTTP 404" in str(raised.value)
+    assert "signing keys refreshed url=http://" in caplog.text
+    assert "/meta kids=" in caplog.text
+    for secret in ("FUNCTION-KEY", "S3CRET-SIG"):
+        assert secret not in caplog.text and secret not in str(raised.value)
+
+
 async def test_after_a_cold_fetch_timed_out_requests_wait_before_fetching_again():
     # A key endpoint that accepts and never answers (packets dropped): the attempt ends at
     # the fetch timeout, as long as the pause between cold attempts (5 s), and the pause

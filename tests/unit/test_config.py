@@ -94,16 +94,14 @@ def test_secret_is_not_in_repr():
         ({"BOT_ALLOW_UNAUTHENTICATED": "maybe"}, "BOT_ALLOW_UNAUTHENTICATED"),
         ({"BOT_PROACTIVE_QUEUE": "Bad_Name"}, "BOT_PROACTIVE_QUEUE"),
         ({"BOT_REFERENCES_CONTAINER": "a"}, "BOT_REFERENCES_CONTAINER"),
-        ({"BOT_SCHEDULE": "0 9 * * *"}, "BOT_SCHEDULE"),
+        ({"BOT_SCHEDULE": "0 9 * * * * *"}, "BOT_SCHEDULE"),
         ({"BOT_MAX_BODY_BYTES": "lots"}, "BOT_MAX_BODY_BYTES"),
         ({"BOT_CONNECTOR_RATE_LIMIT": "0"}, "BOT_CONNECTOR_RATE_LIMIT"),
         (
-            {
-                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
-                "AzureWebJobsStorage__accountName": "x",
-            },
-            "AzureWebJobsStorage",
+            {"AzureWebJobsStorage__blobServiceUri": "https://[acct"},
+            "AzureWebJobsStorage__blobServiceUri",
         ),
+        ({"BOT_MAX_BODY_BYTES": "9" * 400}, None),  # an int too large for a float: accepted
         (
             {
                 "AzureWebJobsStorage__accountName": "x",
@@ -114,6 +112,9 @@ def test_secret_is_not_in_repr():
     ],
 )
 def test_bad_settings_name_the_setting(env, setting):
+    if setting is None:
+        settings(**env)
+        return
     with pytest.raises(SettingsError) as raised:
         settings(**env)
     assert raised.value.setting == setting
@@ -301,6 +302,11 @@ def test_app_type_and_channel_service_ignore_case_and_whitespace():
         "https://login.microsoftonline.com/common/",
         "https://login.microsoftonline.com?x=1",
         "https://user@login.microsoftonline.com",
+        # Nothing after them: no query, fragment or path to see, but MSAL's authority
+        # became `https://login.microsoftonline.com?/botframework.com`.
+        "https://login.microsoftonline.com?",
+        "https://login.microsoftonline.com#",
+        "https://login.microsoftonline.com\\",
     ],
 )
 def test_login_authority_is_the_host_only(authority):
@@ -313,6 +319,33 @@ def test_login_authority_is_the_host_only(authority):
 def test_login_authority_keeps_a_port_and_drops_a_trailing_slash():
     s = settings(BOT_LOGIN_AUTHORITY="https://127.0.0.1:8443/")
     assert s.login_authority == "https://127.0.0.1:8443"
+    assert settings(BOT_LOGIN_AUTHORITY="HTTPS://Login.Example").login_authority
+
+
+@pytest.mark.parametrize("setting", ["BOT_OPENID_METADATA_URL", "BOT_EMULATOR_OPENID_METADATA_URL"])
+def test_a_metadata_url_with_credentials_is_refused(setting):
+    # aiohttp sent them as Basic credentials, and the URL went into every key-refresh log.
+    with pytest.raises(SettingsError) as raised:
+        settings(**{setting: "https://proxy:S3CRET@keys.example/meta"})
+    assert raised.value.setting == setting
+    assert "S3CRET" not in str(raised.value)
+
+
+def test_storage_is_read_as_the_host_reads_it(caplog):
+    # The host's triggers and the app must use one account. The host honours a connection
+    # string over leftover identity-based settings and skips empty `;` segments; refused
+    # here, queued messages were raised back to the host and poisoned with no report.
+    connection = "DefaultEndpointsProtocol=https;;AccountName=acct;AccountKey=S3CRET==;"
+    with caplog.at_level("WARNING"):
+        storage = settings(
+            AzureWebJobsStorage=connection, AzureWebJobsStorage__accountName="other"
+        ).storage
+    assert storage.connection_string == (
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=S3CRET=="
+    )
+    assert (storage.account_name, storage.service_uri("blob")) == ("", "")
+    assert "AzureWebJobsStorage__accountName are ignored" in caplog.text
+    assert "S3CRET" not in caplog.text and "other" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -352,8 +385,12 @@ INVALID_SCHEDULES = {
     "L is not NCRONTAB": "0 0 9 L * *",
     "? is not NCRONTAB": "0 0 9 ? * *",
     "day of week 7": "0 0 9 * * 7",
-    "a TimeSpan": "00:05:00",
-    "five fields": "0 9 * * *",
+    "a TimeSpan of zero": "00:00:00",
+    "a TimeSpan hour 24": "24:00:00",
+    "a TimeSpan minute 60": "00:60:00",
+    "a TimeSpan with text": "00:05:00x",
+    "five fields, hour 25": "0 25 * * *",
+    "four fields": "9 * * *",
     # More digits than Python turns into an int: a ValueError, not a settings error.
     "a number of 5,000 digits": "1" * 5000 + " 0 9 * * *",
     "a step of 5,000 digits": "*/" + "1" * 5000 + " 0 9 * * *",
@@ -381,6 +418,16 @@ def test_what_the_hosts_parser_reads_is_accepted_though_schedule_documents_refus
     assert settings(BOT_SCHEDULE=schedule).schedule == schedule
     if schedule != "0 0 9 1 Jan-Mar *":
         assert ncrontab_problem(schedule) is not None
+
+
+@pytest.mark.parametrize("schedule", ["0 9 * * *", "*/5 * * * *", "00:05:00", "1.02:00", "01:00"])
+def test_what_the_timer_runs_without_seconds_or_as_a_timespan_is_accepted(schedule):
+    # The timer takes 5 NCRONTAB fields (firing at second 0) and, on App Service plans, a
+    # TimeSpan: refused here, every function of the bot answered 500 while the timer ran.
+    from tools.devhost.timer import parse_schedule
+
+    assert settings(BOT_SCHEDULE=schedule).schedule == schedule
+    parse_schedule(schedule, {}, where="test")  # the local host runs it too
 
 
 @pytest.mark.parametrize("case", list(INVALID_SCHEDULES))

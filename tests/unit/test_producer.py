@@ -61,16 +61,19 @@ def test_storage_set_in_the_environment_replaces_the_files_storage_as_a_whole(tm
     assert settings.storage.account_name == ""
 
 
-def test_storage_that_is_contradictory_in_one_place_is_still_refused(tmp_path):
-    with pytest.raises(SettingsError) as raised:
-        producer_settings(
+def test_storage_given_both_ways_in_one_place_is_read_as_the_host_reads_it(tmp_path, caplog):
+    # The connection string wins, as in the Functions host, which enqueues to the same queue.
+    with caplog.at_level("WARNING"):
+        settings = producer_settings(
             {
                 "AzureWebJobsStorage": "UseDevelopmentStorage=true",
                 "AzureWebJobsStorage__accountName": "acct",
             },
             tmp_path,
         )
-    assert raised.value.setting == "AzureWebJobsStorage"
+    assert settings.storage.connection_string == "UseDevelopmentStorage=true"
+    assert settings.storage.account_name == ""
+    assert "AzureWebJobsStorage__accountName are ignored" in caplog.text
 
 
 def test_bad_names_are_refused_by_setting(tmp_path):
