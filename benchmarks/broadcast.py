@@ -16,7 +16,8 @@ tomorrow), which sit in the queue, and in its message count, for the whole run.
 Reported per process count: achieved sends/s against the enforced rate (2 tenants x the
 limit), from enqueue to the report saying ``done`` and to the last request the Connector
 received, delivered, lost (stored conversations the Connector never received the message
-in, whatever the report says), duplicated,
+in, whatever the report says), duplicated, other texts (anything else that reached a
+conversation: counted by conversation and text, so that one never stands in for another),
 429s per send, failures in the report, peak RSS per process. ``--unthrottled`` adds a
 run of one process with no limits enforced and the bot's own pacing lifted (UNPACED_RATE).
 Results: benchmarks/results/broadcast.json.
@@ -35,7 +36,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,44 @@ def reference(service_url: str, app_id: str, n: int) -> dict[str, Any]:
         "bot": {"id": f"28:{app_id}", "name": "Bot"},
         "user": {"id": f"29:user{n}", "name": "User"},
         "channelData": {"tenant": {"id": tenant}},
+    }
+
+
+def conversation_id(n: int) -> str:
+    """The id of the ``n``-th seeded conversation (:func:`reference`)."""
+    return reference("", "", n)["conversation"]["id"]
+
+
+def count_delivery(
+    texts: Mapping[str, int], text: str, conversations: Collection[str]
+) -> dict[str, Any]:
+    """What the fake Connector received, ``texts`` mapping ``conversation|text`` to a count
+    (its ``stats texts``), against the broadcast of ``text`` to ``conversations``.
+
+    ``delivered``: the conversations that received ``text``; ``lost``: the others;
+    ``duplicated``: how many times beyond once they received it; ``other_texts``: every
+    other request (another text anywhere, or ``text`` in a conversation not among
+    ``conversations``), never counted as a delivery. Counted so, a conversation that never
+    got the text and another that got a second text (a request due later, an apology) are
+    one lost and one other, not a balance of zero.
+    """
+    targets = set(conversations)
+    got: dict[str, int] = {}
+    other = 0
+    sample: set[str] = set()
+    for key, n in texts.items():
+        conversation, _, body = key.partition("|")
+        if body == text and conversation in targets:
+            got[conversation] = got.get(conversation, 0) + n
+        else:
+            other += n
+            sample.add(f"{conversation}: {body}"[:120])
+    return {
+        "delivered": len(got),
+        "lost": len(targets) - len(got),
+        "duplicated": sum(n - 1 for n in got.values()),
+        "other_texts": other,
+        "other_sample": sorted(sample)[:3],
     }
 
 
@@ -116,7 +155,7 @@ async def broadcast(
     settings: Any,
     text: str,
     give_up_after: float,
-    received: Callable[[], int] | None = None,
+    received: Callable[[str], int] | None = None,
     expected: int = 0,
     quiet: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
@@ -124,7 +163,7 @@ async def broadcast(
 
     The report is one listing of every outcome blob (thousands, each parsed from XML),
     which costs the storage emulator as much as a few hundred deliveries. So while the
-    fake Connector (`received`: how many distinct conversations it has received) is short
+    fake Connector (`received(text)`: how many conversations it has received `text` in) is short
     of `expected` and still receiving (`quiet`: seconds since its last request), the
     report is read only every REPORT_EVERY seconds; then twice a second.
     """
@@ -144,8 +183,9 @@ async def broadcast(
     while time.perf_counter() < deadline:  # polled: the report is a blob, not an event
         await asyncio.sleep(0.5 if received is not None else 1.0)
         if received is not None:
-            timeline.append((round(time.perf_counter() - started, 1), received()))
-        short = received is not None and received() < expected
+            reached = received(text)
+            timeline.append((round(time.perf_counter() - started, 1), reached))
+        short = received is not None and reached < expected
         if short and quiet is not None and quiet() >= QUIET_SECONDS:
             short = False  # nothing arriving: stalled, failed or waiting on requeues
         if short and time.perf_counter() - last_read < REPORT_EVERY:
@@ -169,6 +209,7 @@ async def broadcast(
             break
     await close_shared_clients()
     return {
+        "text": text,
         "started": started,
         "seconds": time.perf_counter() - started,
         "report": report,
@@ -201,11 +242,11 @@ def run_once(
         host_cpu = sum(server.cpu_seconds() for server in servers)
         storage_cpu = services.storage_cpu_seconds()
         text = f"news {uuid.uuid4().hex[:8]}"
-        received = lambda: services.connector.stats()["distinct"]  # noqa: E731
+        received = services.connector.conversations_with
         quiet = lambda: services.connector.stats()["idle_for"] or 0.0  # noqa: E731
         outcome = asyncio.run(broadcast(settings, text, timeout, received, count, quiet))
         stats_at = time.perf_counter()
-        stats = services.connector.stats()
+        stats = services.connector.stats(texts=True)
         # From enqueue to the last request the Connector received (the report's last
         # outcomes and its reading come after it).
         to_last_send = stats_at - outcome["started"] - (stats["idle_for"] or 0.0)
@@ -219,31 +260,38 @@ def run_once(
         for server in servers:
             server.stop()
     report = outcome["report"] or {}
-    delivered = report.get("delivered", 0)
     sends = stats["received"] + stats["throttled"]
+    # Counted at the Connector, by conversation and text: every stored conversation should
+    # get the broadcast's text once, and nothing else should reach anyone.
+    counted = count_delivery(
+        stats.get("texts") or {}, outcome["text"], [conversation_id(n) for n in range(count)]
+    )
+    reached = counted["delivered"]
     return {
         "processes": processes,
         "seconds": round(outcome["seconds"], 1),
         "state": report.get("state"),
         "targets": report.get("targets"),
-        "delivered": delivered,
+        "delivered": report.get("delivered", 0),  # as the report counts it
         "failed": report.get("failed"),
         # From enqueue to the report saying done (polled each second): fan-out included.
-        "sends_per_s": round(stats["distinct"] / outcome["seconds"], 1),
+        "sends_per_s": round(reached / outcome["seconds"], 1),
         "seconds_to_last_send": round(to_last_send, 1),
-        "sends_per_s_to_last_send": round(stats["distinct"] / max(to_last_send, 1e-9), 1),
-        "received": stats["received"],
-        "distinct": stats["distinct"],
+        "sends_per_s_to_last_send": round(reached / max(to_last_send, 1e-9), 1),
+        "received": stats["received"],  # every request answered 2xx, whatever its text
+        "distinct": stats["distinct"],  # different conversation + text pairs among them
         "conversations": count,
-        # Counted at the Connector: every stored conversation should get the message once.
-        "lost": max(0, count - stats["distinct"]),
+        "connector_delivered": reached,  # stored conversations that received the text
+        "lost": counted["lost"],
         "complete": report.get("state") == "done" and report.get("targets") == count,
-        "duplicated": stats["received"] - stats["distinct"],
+        "duplicated": counted["duplicated"],
+        "other_texts_received": counted["other_texts"],
+        "other_texts_sample": counted["other_sample"],
         "throttled_429": stats["throttled"],
         "share_429": round(stats["throttled"] / sends, 4) if sends else 0.0,
-        # CPU per distinct send, from /proc: what the rate is made of on a shared machine.
-        "host_cpu_ms_per_send": round(host_cpu * 1000 / max(1, stats["distinct"]), 2),
-        "azurite_cpu_ms_per_send": round(storage_cpu * 1000 / max(1, stats["distinct"]), 2),
+        # CPU per delivered send, from /proc: what the rate is made of on a shared machine.
+        "host_cpu_ms_per_send": round(host_cpu * 1000 / max(1, reached), 2),
+        "azurite_cpu_ms_per_send": round(storage_cpu * 1000 / max(1, reached), 2),
         "peak_rss_mib": [round(m, 1) for m in memory],
         "load_average_1m": round(os.getloadavg()[0], 2),
         "failures_sample": (report.get("failures") or [])[:3],

@@ -249,6 +249,11 @@ def _ours_row(run: Mapping[str, Any]) -> dict[str, Any]:
     tried = run.get("received", 0) + run.get("throttled_429", 0)
     return {
         **run,
+        # Counted at the Connector, as the peers' are (runs before it was recorded: the
+        # report's count).
+        "delivered": run.get("connector_delivered", run.get("delivered")),
+        # Not recorded by runs before broadcast.py counted by conversation and text.
+        "other_texts_received": run.get("other_texts_received"),
         "attempts_per_s": round(tried / run["seconds"], 1) if run.get("seconds") else None,
         "cpu_ms_per_send": run.get("host_cpu_ms_per_send"),
         "retries_429": _ours_retries_429(run),
@@ -285,7 +290,7 @@ def _table(
             _fmt(row.get("duplicated")),
             _fmt(row.get("throttled_429")),
             str(row.get("retries_429")),
-            _fmt(row.get("other_texts_received", 0)),
+            _fmt(row.get("other_texts_received")),
             _fmt(row.get("cpu_ms_per_send")),
             _fmt(row.get("peak_rss_mib")),
             "" if ours_row else _ratio(base["sends_per_s"], row.get("sends_per_s")),
@@ -330,6 +335,17 @@ def markdown(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
                 base = row
         if ours.get("unthrottled"):
             ours_unthrottled = _ours_row(ours["unthrottled"])
+        ours_runs = [
+            *ours.get("runs", []),
+            *([ours["unthrottled"]] if ours.get("unthrottled") else []),
+        ]
+        if any("connector_delivered" not in run for run in ours_runs):
+            lines.append(
+                "Ours' runs there predate counting by conversation and text: their delivered is"
+                " the report's, lost and duplicated come from the distinct conversation + text"
+                " pairs the Connector received (a conversation missed and another text sent"
+                " elsewhere would cancel out), and other texts were not recorded (—)."
+            )
     rows += [(f"{run['label']}, {run['mode']}", run) for run in peers["runs"]]
     lines += [
         "",
@@ -373,7 +389,9 @@ def chart_series(peers: Mapping[str, Any], ours: Mapping[str, Any] | None) -> di
         # Never received, of the conversations targeted: what the report calls delivered
         # but the Connector never saw, and what the report gave up on, alike.
         targets = run.get("conversations") or run.get("targets") or 0
-        missed = max(0, targets - (run.get("distinct") or 0))
+        # Runs before broadcast.py counted by conversation and text: distinct pairs.
+        reached = run.get("connector_delivered", run.get("distinct")) or 0
+        missed = max(0, targets - reached)
         return {
             **bar(label, _ours_row(run)),
             "lost_percent": round(100.0 * missed / targets, 1) if targets else 0,

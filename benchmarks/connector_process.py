@@ -16,6 +16,8 @@ on stdout:
   ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
   breaking an enforced limit), and with ``stats texts`` also ``texts`` (conversation|text
   -> count received) and ``throttled_texts`` (conversation|text -> count answered 429);
+- ``delivered TEXT``: ``conversations``, how many conversations received TEXT (the rest
+  of the line) at least once: a broadcast's progress, cheaper than ``stats texts``;
 - ``arrivals``: ``[time, status, conversation id, tenant]`` of every request since the last
   reset, time as the machine's monotonic clock (the hosts' pacing trace uses the same);
 - ``reset``: forget what was counted;
@@ -75,6 +77,7 @@ def main() -> None:
     tenants = json.loads(args.conversation_tenants.read_text()) if args.conversation_tenants else {}
     lock = threading.Lock()
     texts: Counter[str] = Counter()
+    reached: Counter[str] = Counter()  # text -> conversations it reached
     counts = {"received": 0, "authorized": 0, "last": 0.0}
 
     def count(request: RecordedRequest) -> None:
@@ -86,7 +89,10 @@ def main() -> None:
             if authorization.startswith("Bearer ") and len(authorization) > 20:
                 counts["authorized"] += 1
             # One key per conversation and text: a broadcast sends one text to many.
-            texts[f"{request.conversation_id}|{activity.get('text')}"] += 1
+            key = f"{request.conversation_id}|{activity.get('text')}"
+            if key not in texts:
+                reached[str(activity.get("text"))] += 1
+            texts[key] += 1
 
     def configure(connector: FakeConnector) -> None:
         connector.enforce_limits = args.teams_limits
@@ -104,10 +110,13 @@ def main() -> None:
             with lock:
                 if command[0] == "reset":
                     texts.clear()
+                    reached.clear()
                     counts.update(received=0, authorized=0, last=0.0)
                     connector.reset()
                     configure(connector)
                     answer: dict = {"ok": True}
+                elif command[0] == "delivered":
+                    answer = {"conversations": reached[line.rstrip("\n").partition(" ")[2]]}
                 elif command[0] == "arrivals":
                     answer = {
                         "arrivals": [

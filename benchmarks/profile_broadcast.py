@@ -113,7 +113,7 @@ async def run_pipeline(
     env: dict[str, str],
     calls: StorageCalls,
     args: argparse.Namespace,
-    received: Callable[[], int] | None,
+    received: Callable[[str], int] | None,
 ) -> dict[str, Any]:
     """The local host's queue listener in this loop, one broadcast, until its report is done."""
     from concurrent.futures import ThreadPoolExecutor
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
             counter = cProfile.Profile()
             counter.enable()
-        received = None if args.poll_report else lambda: services.connector.stats()["distinct"]
+        received = None if args.poll_report else services.connector.conversations_with
         outcome = asyncio.run(run_pipeline(env, calls, args, received))
         if counter is not None:
             counter.disable()

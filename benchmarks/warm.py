@@ -235,6 +235,10 @@ class ConnectorProcess:
     def stats(self, texts: bool = False) -> dict[str, Any]:
         return self.command("stats texts" if texts else "stats")
 
+    def conversations_with(self, text: str) -> int:
+        """How many conversations have received ``text`` since the last reset."""
+        return self.command(f"delivered {text}")["conversations"]
+
     def reset(self) -> None:
         self.command("reset")
 

@@ -75,6 +75,9 @@ def test_the_broadcast_benchmark_reaches_every_conversation_exactly_once(tmp_pat
     (run,) = report["runs"]
     assert (run["state"], run["targets"], run["delivered"], run["failed"]) == ("done", 40, 40, 0)
     assert (run["received"], run["distinct"], run["lost"], run["duplicated"]) == (40, 40, 0, 0)
+    # Counted by conversation and text: each stored conversation got the broadcast's text,
+    # and no other text reached anyone (one would not stand in for a missed conversation).
+    assert (run["connector_delivered"], run["other_texts_received"]) == (40, 0)
     assert run["complete"] and run["conversations"] == 40
     # The pacing trace (--trace) saw every grant and every send the host made.
     (host,) = (tmp_path / "trace").glob("*/host-*.jsonl")

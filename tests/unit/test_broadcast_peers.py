@@ -237,3 +237,28 @@ def test_the_chart_shows_each_run_delivered_lost_and_cpu_with_no_limits_apart():
         ("Agents SDK, gather", 400.0),
     ]
     assert "Broadcast to 100 Teams conversations" in series["title"]
+
+
+def test_ours_counts_are_the_connectors_by_text_and_unrecorded_other_texts_show_as_such():
+    peers, ours = results()
+    # A run as broadcast.py records it now: 198 of the 200 stored conversations received
+    # the text, 3 other texts arrived; 200 distinct conversation + text pairs in all.
+    ours["runs"][0].update(
+        targets=200, distinct=201, connector_delivered=198, lost=2, other_texts_received=3
+    )
+
+    (ours_bar, _) = broadcast_peers.chart_series(peers, ours)["limited"]
+    table = broadcast_peers.markdown(peers, ours)
+    ours_row = next(line for line in table.splitlines() if line.startswith("| ours"))
+
+    assert ours_bar["lost_percent"] == 1.0
+    cells = [cell.strip() for cell in ours_row.split("|")]
+    assert (cells[5], cells[6], cells[10]) == ("198", "2", "3")  # delivered, lost, other texts
+
+    # A run recorded before: its other texts were not counted, which the table says.
+    for name in ("connector_delivered", "other_texts_received"):
+        del ours["runs"][0][name]
+    table = broadcast_peers.markdown(peers, ours)
+    ours_row = next(line for line in table.splitlines() if line.startswith("| ours"))
+    assert [cell.strip() for cell in ours_row.split("|")][10] == "—"
+    assert "predate counting by conversation and text" in table
