@@ -364,21 +364,24 @@ def spawn(
     return Server(target, port, process, spawned)
 
 
+def conversation_of(run: str, n: int, workload: str = "mixed") -> dict[str, Any]:
+    """The conversation message ``n`` of a run goes to (:func:`activity`), and its echo."""
+    if workload == "shared" or (n % 2 == 0 and workload != "new"):
+        return {
+            "id": f"shared-{(n // 2) % SHARED_CONVERSATIONS}",
+            "isGroup": True,
+            "conversationType": "groupChat",
+        }
+    return {"id": f"new-{run}-{n}", "conversationType": "personal"}
+
+
 def activity(services: Services, run: str, n: int, workload: str = "mixed") -> dict[str, Any]:
     """Message ``n`` of a run. ``mixed``: even ones to 8 shared group conversations (many
     users), odd ones each to a new 1:1 conversation (one user; a new user for every one).
     ``shared``: all to the 8 group conversations (nothing new for ours to store); ``new``:
     each to a new 1:1 conversation (benchmarks/profile_turn.py)."""
-    if workload == "shared" or (n % 2 == 0 and workload != "new"):
-        conversation = {
-            "id": f"shared-{(n // 2) % SHARED_CONVERSATIONS}",
-            "isGroup": True,
-            "conversationType": "groupChat",
-        }
-        user = f"user-{n % 50}"
-    else:
-        conversation = {"id": f"new-{run}-{n}", "conversationType": "personal"}
-        user = f"user-{run}-{n}"
+    conversation = conversation_of(run, n, workload)
+    user = f"user-{n % 50}" if conversation.get("isGroup") else f"user-{run}-{n}"
     return {
         "type": "message",
         "id": f"{run}-{n}",
@@ -552,7 +555,7 @@ def measure_warm(
                         load(server, services, run, concurrency, seconds, workload)
                     )
                     stats = _settled(services.connector, expected=result["ok"])
-                    echoes = _echoes(services.connector.stats(texts=True), run)
+                    echoes = _echoes(services.connector.stats(texts=True), run, workload)
                     result["replies_received"] = stats["received"]
                     # Per activity: each one answered 2xx and its echo, by its own text (an
                     # error text, or the echo of one answered 500, never stands in for it).
@@ -649,16 +652,18 @@ async def measure_floor(services: Services, count: int = 2000) -> dict[str, Any]
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _echoes(stats: Mapping[str, Any], run: str) -> dict[str, Any]:
-    """The replies that echo one of the run's messages (``m-<run>-<n>``), each counted
-    once (``distinct``) and beyond once (``duplicated``); ``other``: replies that echo
-    none of them (an apology, an error text)."""
+def _echoes(stats: Mapping[str, Any], run: str, workload: str = "mixed") -> dict[str, Any]:
+    """The replies that echo one of the run's messages (``m-<run>-<n>``) in the
+    conversation that message was sent to, each counted once (``distinct``) and beyond
+    once (``duplicated``); ``other``: replies that echo none of them (an apology, an
+    error text) or echo one in another conversation (its message is then not echoed)."""
     pattern = re.compile(rf"\bm-{re.escape(run)}-(\d+)\b")
     seen: Counter[str] = Counter()
     other = 0
     for key, count in (stats.get("texts") or {}).items():
-        found = pattern.search(key.partition("|")[2])
-        if found is None:
+        conversation, _, text = key.partition("|")
+        found = pattern.search(text)
+        if found is None or conversation != conversation_of(run, int(found[1]), workload)["id"]:
             other += count
         else:
             seen[found.group(1)] += count
