@@ -422,15 +422,24 @@ def start_connector(services: ExitStack) -> FakeConnector:
     return services.enter_context(FakeConnector(clock=time.perf_counter))
 
 
+def round_order(bots: Sequence[Bot], round_: int) -> list[Bot]:
+    """The bots in the order of round ``round_``: rotated by one each round, as
+    benchmarks/warm.py's rounds are, so that no bot always runs first (or right after
+    another, on the caches and the machine's state it leaves)."""
+    shift = round_ % len(bots) if bots else 0
+    return [*bots[shift:], *bots[:shift]]
+
+
 def interleaved(
     bots: Sequence[Bot], runs: int, measure: Callable[[Bot], Any]
 ) -> dict[str, list[Any]]:
-    """One discarded warm-up per bot (writes .pyc files), then ``runs`` round-robin rounds."""
+    """One discarded warm-up per bot (writes .pyc files), then ``runs`` rounds, each in
+    another order (:func:`round_order`)."""
     for bot in bots:
         measure(bot)
     samples: dict[str, list] = {bot.key: [] for bot in bots}
-    for _ in range(runs):
-        for bot in bots:
+    for round_ in range(runs):
+        for bot in round_order(bots, round_):
             samples[bot.key].append(measure(bot))
     return samples
 
