@@ -14,6 +14,9 @@ For each bot, in fresh processes, with the same request:
   token from botsim's fake AAD, each fetched by the fresh process; compared on the
   answer (the turn is over when it is answered: ours records the conversation before).
 
+Every bot, in both rounds and in the import timing, trusts the same store: the system's
+CA certificates plus the fake AAD's, in one file (benchmarks/trust.py).
+
 The SDKs run from their own venv (.tools/bench-sdk-venv, created here from
 benchmarks/requirements-sdk.txt), so the product's .venv never holds them. Results go to
 benchmarks/results/cold_start.json; the target is ours under half the faster SDK's figure.
@@ -39,8 +42,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks import trust
+
 if TYPE_CHECKING:
     from tools.azurite import Azurite
+    from tools.botsim.aad import FakeAAD
     from tools.botsim.connector import FakeConnector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,8 +349,14 @@ def local_mode_env(key: str, connector_url: str, storage: str = "") -> dict[str,
 
 
 def contenders(
-    sdk_python: Path | None, connector_url: str, storage: str, keys: Sequence[str]
+    sdk_python: Path | None,
+    connector_url: str,
+    storage: str,
+    keys: Sequence[str],
+    trust: Mapping[str, str] | None = None,
 ) -> list[Bot]:
+    """The bots ``keys`` names, in unauthenticated local mode, each also given ``trust``
+    (the trust store's settings, benchmarks/trust.py), which stays theirs in both rounds."""
     bots = {
         "ours": Bot(
             "ours",
@@ -380,7 +392,7 @@ def contenders(
             local_mode_env("agents", connector_url),
             preloaded=WORKER_PRELOADED,  # as on Functions, like ours
         )
-    return [bots[k] for k in keys if k in bots]
+    return [replace(bots[k], env={**bots[k].env, **(trust or {})}) for k in keys if k in bots]
 
 
 def describe(bot: Bot) -> dict[str, Any]:
@@ -521,47 +533,57 @@ def measure_bots(
     }
 
 
+def start_aad(services: ExitStack) -> tuple[FakeAAD, dict[str, str]]:
+    """botsim's HTTPS fake AAD (JWT-shaped tokens: the Agents SDK reads their claims) and
+    the settings of the one trust store every bot gets in both rounds: the system's CA
+    certificates plus the fake's (benchmarks/trust.py), in a folder removed at the end."""
+    from tools.botsim.aad import FakeAAD
+
+    aad = services.enter_context(FakeAAD(jwt_tokens=True))
+    folder = services.enter_context(tempfile.TemporaryDirectory(prefix="bench-trust-"))
+    return aad, trust.env(trust.bundle(aad.ca_path, folder))
+
+
+def authenticated(bot: Bot, app_id: str, secret: str, aad_url: str, channel: Any) -> Bot:
+    """``bot`` with its normal authentication against botsim (``channel``: its channel
+    IdentityService), everything else in its settings kept (the trust store among them)."""
+    if bot.key == "ours":
+        env = {
+            **{k: v for k, v in bot.env.items() if k != "BOT_ALLOW_UNAUTHENTICATED"},
+            "MicrosoftAppId": app_id,
+            "MicrosoftAppPassword": secret,
+            "BOT_LOGIN_AUTHORITY": aad_url,
+            "BOT_OPENID_METADATA_URL": channel.metadata_url,
+        }
+    else:
+        env = {
+            **bot.env,
+            "BENCH_APP_ID": app_id,
+            "BENCH_APP_PASSWORD": secret,
+            "BENCH_AAD_URL": aad_url,
+            "BENCH_OPENID_METADATA_URL": channel.metadata_url,
+            "BENCH_EMULATOR_OPENID_METADATA_URL": channel.metadata_url,
+            "BENCH_JWKS_URL": channel.jwks_url,
+        }
+    return replace(bot, env=env)
+
+
 def measure_authenticated(
-    bots: Sequence[Bot], runs: int, connector: FakeConnector, services: ExitStack
+    bots: Sequence[Bot], runs: int, connector: FakeConnector, services: ExitStack, aad: FakeAAD
 ) -> dict[str, dict[str, Any]]:
     """Every bot with its normal authentication: a botsim channel JWT in, checked against
     botsim's OpenID metadata and JWKS, and the reply sent with a token from botsim's fake
     AAD. Each fresh process fetches the metadata and keys, validates the token and obtains
     its own token over HTTPS before it can reply: the whole cold path, as deployed.
     """
-    from tools.botsim.aad import FakeAAD
     from tools.botsim.identity import IdentityService
 
     channel = services.enter_context(IdentityService.channel())
-    aad = services.enter_context(FakeAAD(jwt_tokens=True))  # the Agents SDK reads its claims
     app_id, secret = str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}"
     aad.register_secret(app_id, secret)
     service_url = connector.url + "/"
     token = channel.mint_channel_token(app_id, service_url, lifetime=6 * 3600)
-    trust = {"REQUESTS_CA_BUNDLE": aad.ca_path, "SSL_CERT_FILE": aad.ca_path}
-
-    def authenticated(bot: Bot) -> Bot:
-        if bot.key == "ours":
-            env = {
-                **{k: v for k, v in bot.env.items() if k != "BOT_ALLOW_UNAUTHENTICATED"},
-                "MicrosoftAppId": app_id,
-                "MicrosoftAppPassword": secret,
-                "BOT_LOGIN_AUTHORITY": aad.url,
-                "BOT_OPENID_METADATA_URL": channel.metadata_url,
-            }
-        else:
-            env = {
-                **bot.env,
-                "BENCH_APP_ID": app_id,
-                "BENCH_APP_PASSWORD": secret,
-                "BENCH_AAD_URL": aad.url,
-                "BENCH_OPENID_METADATA_URL": channel.metadata_url,
-                "BENCH_EMULATOR_OPENID_METADATA_URL": channel.metadata_url,
-                "BENCH_JWKS_URL": channel.jwks_url,
-            }
-        return replace(bot, env={**env, **trust})
-
-    authed = [authenticated(bot) for bot in bots]
+    authed = [authenticated(bot, app_id, secret, aad.url, channel) for bot in bots]
     request = {
         "BENCH_BODY": json.dumps(message_activity(service_url)),
         "BENCH_AUTHORIZATION": f"Bearer {token}",
@@ -600,8 +622,9 @@ def run(runs: int, keys: Sequence[str], install: bool = True, full_auth: bool = 
     with ExitStack() as services:
         connector = start_connector(services)
         storage = start_storage(services) if "ours" in keys else None
+        aad, trusted = start_aad(services)
         bots = contenders(
-            sdk_python, connector.url, storage.connection_string if storage else "", keys
+            sdk_python, connector.url, storage.connection_string if storage else "", keys, trusted
         )
         request = {"BENCH_BODY": json.dumps(message_activity(connector.url + "/"))}
         results = measure_bots(bots, runs, connector, request)
@@ -616,6 +639,8 @@ def run(runs: int, keys: Sequence[str], install: bool = True, full_auth: bool = 
             },
             "runs": runs,
             "auth_mode": "unauthenticated local mode (no app id) for every bot",
+            "trust_store": "the system's CA certificates + the fake AAD's, for every bot in"
+            " both rounds (benchmarks/trust.py)",
             "bots": results,
             "comparison": {
                 name: comparison(results, *metrics) for name, metrics in COMPARISONS.items()
@@ -632,15 +657,15 @@ def run(runs: int, keys: Sequence[str], install: bool = True, full_auth: bool = 
             }
         if full_auth:
             connector.reset()
-            authenticated = measure_authenticated(bots, runs, connector, services)
+            measured = measure_authenticated(bots, runs, connector, services, aad)
             report["authenticated"] = {
                 "auth": "every bot's own: a channel JWT checked against botsim's OpenID "
                 "metadata and JWKS, the reply sent with the fake AAD's token",
-                "bots": authenticated,
+                "bots": measured,
                 # The target's figures: the whole first turn, until the HTTP answer (ours
                 # records the conversation after its reply and before it answers).
                 "comparison": {
-                    name: comparison(authenticated, metric)
+                    name: comparison(measured, metric)
                     for name, metric in (
                         ("first_turn_answered", "answered_ms"),
                         ("first_turn_answered_excl_preloaded", "answered_ms_excl_preloaded"),

@@ -7,6 +7,8 @@ Every bot is an echo bot with its normal authentication against botsim: channel 
 (RS256, minted by botsim's IdentityService) checked against botsim's OpenID metadata and
 JWKS, and the reply sent with the bot's own token from botsim's HTTPS fake AAD to
 botsim's fake Connector, which runs in a process of its own and counts the replies.
+Every bot trusts the same store: the system's CA certificates plus the fake AAD's, in one
+file (benchmarks/trust.py).
 
 - ours: ``python -m tools.devhost`` (the repo's local Functions host) serving
   ``messages_function``, with Azurite for the conversation references it records;
@@ -44,11 +46,13 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -57,6 +61,8 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks import trust
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools"
@@ -166,7 +172,7 @@ class Services:
     emulator_metadata: str
     jwks: str
     aad_url: str
-    ca_path: str
+    ca_path: str  # the trust store every bot gets: the system's CAs + the fake AAD's (trust.py)
     connector_url: str
     token: str
     storage: str
@@ -181,7 +187,7 @@ class Services:
 
     def env(self, target: Target, port: int) -> dict[str, str]:
         keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL") if k in os.environ}
-        common = {**keep, "SSL_CERT_FILE": self.ca_path, "REQUESTS_CA_BUNDLE": self.ca_path}
+        common = {**keep, **trust.env(self.ca_path)}
         if target.key == "ours":
             return {
                 **common,
@@ -275,6 +281,9 @@ def start_services(
 
     identity = stack.enter_context(start_identity_services())
     aad = stack.enter_context(FakeAAD(jwt_tokens=True))
+    trust_dir = tempfile.mkdtemp(prefix="bench-trust-")
+    stack.callback(shutil.rmtree, trust_dir, ignore_errors=True)
+    trust_store = trust.bundle(aad.ca_path, trust_dir)
     app_id, secret = str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}"
     aad.register_secret(app_id, secret)
     connector = ConnectorProcess(connector_args)
@@ -295,7 +304,7 @@ def start_services(
         emulator_metadata=identity.emulator.metadata_url,
         jwks=identity.channel.jwks_url,
         aad_url=aad.url,
-        ca_path=aad.ca_path,
+        ca_path=str(trust_store),
         connector_url=connector.url,
         token=token,
         storage=storage,
