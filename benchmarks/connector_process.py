@@ -11,11 +11,14 @@ on stdout:
 
 - ``stats``: what arrived since the last reset: ``received`` (activities the bots
   posted), ``distinct`` (different conversation + text pairs), ``authorized``
-  (carrying a bearer token; the bots get theirs from botsim's fake AAD, the only token
-  service they can reach),
+  (carrying an ``Authorization: Bearer`` header, whatever its token),
   ``idle_for`` (seconds since the last one), ``throttled`` (requests answered 429 for
-  breaking an enforced limit), and with ``stats texts`` also ``texts`` (conversation|text
-  -> count received) and ``throttled_texts`` (conversation|text -> count answered 429);
+  breaking an enforced limit); with ``texts`` (``stats texts``) also ``texts``
+  (conversation|text -> count received) and ``throttled_texts`` (conversation|text ->
+  count answered 429); with ``tokens`` also ``tokens`` (bearer token -> count received,
+  "" for none). The fake AAD that issued the tokens lives in the benchmark's process,
+  which checks them there (``warm.ConnectorProcess``: ``authorized`` becomes the
+  replies carrying a token the fake AAD issued for the Connector, unexpired);
 - ``delivered TEXT``: ``conversations``, how many conversations received TEXT (the rest
   of the line) at least once: a broadcast's progress, cheaper than ``stats texts``;
 - ``arrivals``: ``[time, status, conversation id, tenant]`` of every request since the last
@@ -78,6 +81,7 @@ def main() -> None:
     lock = threading.Lock()
     texts: Counter[str] = Counter()
     reached: Counter[str] = Counter()  # text -> conversations it reached
+    tokens: Counter[str] = Counter()  # bearer token ("" for none) -> requests
     counts = {"received": 0, "authorized": 0, "last": 0.0}
 
     def count(request: RecordedRequest) -> None:
@@ -86,8 +90,10 @@ def main() -> None:
         with lock:
             counts["received"] += 1
             counts["last"] = time.monotonic()
-            if authorization.startswith("Bearer ") and len(authorization) > 20:
+            bearer = authorization.startswith("Bearer ")
+            if bearer and len(authorization) > 20:
                 counts["authorized"] += 1
+            tokens[authorization[len("Bearer ") :] if bearer else ""] += 1
             # One key per conversation and text: a broadcast sends one text to many.
             key = f"{request.conversation_id}|{activity.get('text')}"
             if key not in texts:
@@ -111,6 +117,7 @@ def main() -> None:
                 if command[0] == "reset":
                     texts.clear()
                     reached.clear()
+                    tokens.clear()
                     counts.update(received=0, authorized=0, last=0.0)
                     connector.reset()
                     configure(connector)
@@ -132,9 +139,11 @@ def main() -> None:
                         "idle_for": time.monotonic() - counts["last"] if counts["last"] else None,
                         "throttled": len(connector.violations),  # answered 429
                     }
-                    if command[1:] == ["texts"]:
+                    if "texts" in command[1:]:
                         answer["texts"] = dict(texts)
                         answer["throttled_texts"] = throttled_texts(connector)
+                    if "tokens" in command[1:]:
+                        answer["tokens"] = dict(tokens)
             print(json.dumps(answer), flush=True)
 
 

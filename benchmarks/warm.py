@@ -56,7 +56,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,9 +213,18 @@ class Services:
 
 
 class ConnectorProcess:
-    """benchmarks/connector_process.py: the fake Connector, counting replies."""
+    """benchmarks/connector_process.py: the fake Connector, counting replies.
 
-    def __init__(self, args: Sequence[str] = ()) -> None:
+    ``token_check`` (the fake AAD's ``is_valid_token``): what ``stats()["authorized"]``
+    counts, the replies whose bearer token it accepts, each token checked when first
+    seen; without it, any ``Bearer`` header longer than 20 characters counts.
+    """
+
+    def __init__(
+        self, args: Sequence[str] = (), token_check: Callable[[str], bool] | None = None
+    ) -> None:
+        self.token_check = token_check
+        self._verdicts: dict[str, bool] = {}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.connector_process", *args],
             cwd=ROOT,
@@ -239,7 +248,19 @@ class ConnectorProcess:
         return self._read()
 
     def stats(self, texts: bool = False) -> dict[str, Any]:
-        return self.command("stats texts" if texts else "stats")
+        asked = ["stats", *(["texts"] if texts else []), *(["tokens"] if self.token_check else [])]
+        answer = self.command(" ".join(asked))
+        if self.token_check is not None:
+            answer["authorized"] = sum(
+                n for token, n in answer.pop("tokens").items() if self._valid(token)
+            )
+        return answer
+
+    def _valid(self, token: str) -> bool:
+        if token not in self._verdicts:
+            assert self.token_check is not None
+            self._verdicts[token] = bool(token) and self.token_check(token)
+        return self._verdicts[token]
 
     def conversations_with(self, text: str) -> int:
         """How many conversations have received ``text`` since the last reset."""
@@ -286,7 +307,8 @@ def start_services(
     trust_store = trust.bundle(aad.ca_path, trust_dir)
     app_id, secret = str(uuid.uuid4()), f"secret-{uuid.uuid4().hex}"
     aad.register_secret(app_id, secret)
-    connector = ConnectorProcess(connector_args)
+    # A reply counts as authorized with a token the fake AAD issued for the Connector.
+    connector = ConnectorProcess(connector_args, token_check=aad.is_valid_token)
     stack.callback(connector.close)
     storage, storage_pid = "", 0
     if need_storage:
@@ -612,6 +634,7 @@ def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "duplicated": sum(r["duplicated"] for r in results),
         "non_2xx": sum(r["sent"] - r["ok"] for r in results),
         "other_texts": sum(r.get("other_texts", 0) for r in results),
+        "replies_without_token": sum(r.get("replies_without_token", 0) for r in results),
         "runs": results,
     }
 
@@ -759,12 +782,35 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             "lower",
         )
     row("peak RSS MiB", {k: warm[k]["peak_rss_mib"] for k in warm}, "lower")
+    # Every measured run's replies, both workloads.
+    workloads = [w for w in (warm, shared) if w]
+    both = " (both workloads)" if shared else ""
     row(
-        "lost + duplicated replies, non-2xx answers, other texts",
+        f"lost + duplicated replies, non-2xx answers, other texts{both}",
         {
             k: sum(
                 v["lost"] + v["duplicated"] + v["non_2xx"] + v.get("other_texts", 0)
-                for v in warm[k]["concurrency"].values()
+                for w in workloads
+                for v in w.get(k, {}).get("concurrency", {}).values()
+            )
+            for k in warm
+        },
+        "lower",
+    )
+    checked = report.get("token_check")
+    row(
+        (
+            "replies without a token the fake AAD issued"
+            if checked
+            else "replies without a Bearer header (tokens not checked in this run)"
+        )
+        + both,
+        {
+            k: sum(
+                r.get("replies_without_token", 0)
+                for w in workloads
+                for v in w.get(k, {}).get("concurrency", {}).values()
+                for r in v.get("runs", [])
             )
             for k in warm
         },
@@ -890,6 +936,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average_1m": {"start": _load(), "end": None},
         },
         "channel": CHANNEL,
+        # What makes a reply authorized (replies_without_token counts the others).
+        "token_check": "a token the fake AAD issued for the Connector, unexpired",
         "repeats": args.repeats,
         "seconds_per_run": args.seconds,
         "concurrencies": concurrencies,

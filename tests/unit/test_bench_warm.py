@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 from benchmarks import warm
 
 
@@ -36,3 +39,96 @@ def test_the_group_only_workload_expects_every_echo_in_a_group_conversation():
     echoes = warm._echoes(received, "S", "shared")
 
     assert echoes["echoed"] == {"5"} and echoes["other"] == 1
+
+
+def post(url: str, conversation: str, authorization: str | None) -> int:
+    request = urllib.request.Request(
+        f"{url}/v3/conversations/{conversation}/activities",
+        data=json.dumps({"type": "message", "text": "hi"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.status
+
+
+def test_a_reply_is_authorized_only_with_a_token_the_fake_aad_issued():
+    issued = "eyJ-issued-by-the-fake-aad-0123456789"
+    checked: list[str] = []
+
+    def is_valid_token(token: str) -> bool:
+        checked.append(token)
+        return token == issued
+
+    connector = warm.ConnectorProcess(token_check=is_valid_token)
+    try:
+        statuses = [
+            post(connector.url, "a", f"Bearer {issued}"),
+            post(connector.url, "b", f"Bearer {issued}"),
+            post(connector.url, "c", "Bearer made-up-token-long-enough-to-pass"),
+            post(connector.url, "d", None),
+        ]
+        stats = warm._settled(connector, expected=4)
+    finally:
+        connector.close()
+
+    assert statuses == [200] * 4
+    assert (stats["received"], stats["authorized"]) == (4, 2)
+    assert "tokens" not in stats
+    assert sorted(checked) == sorted([issued, "made-up-token-long-enough-to-pass"])  # once each
+
+
+def report(warm_runs: dict, shared_runs: dict, **extra) -> dict:
+    def target(runs: list[dict]) -> dict:
+        level = {
+            "activities_per_s": 100.0,
+            "p99_ms": 10.0,
+            "cpu_ms_per_activity": 2.0,
+            "lost": sum(r["lost"] for r in runs),
+            "duplicated": 0,
+            "non_2xx": 0,
+            "other_texts": 0,
+            "runs": runs,
+        }
+        return {"peak_rss_mib": 80.0, "concurrency": {"8": level}}
+
+    return {
+        "generated": "g",
+        "command": "c",
+        "machine": {
+            "cpus": 2,
+            "platform": "p",
+            "python": "3.11",
+            "load_average_1m": {"start": 1.0, "end": 1.0},
+        },
+        "concurrencies": [8],
+        "warm": {k: target(runs) for k, runs in warm_runs.items()},
+        "warm_shared_only": {k: target(runs) for k, runs in shared_runs.items()},
+        **extra,
+    }
+
+
+def table_row(table: str, starts: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {starts}"))
+    return [cell.strip() for cell in line.split("|")[2:-1]]
+
+
+def test_the_table_counts_losses_and_replies_without_a_token_in_both_workloads():
+    def run(lost: int = 0, without_token: int = 0) -> dict:
+        return {"lost": lost, "replies_without_token": without_token}
+
+    measured = report(
+        {"ours": [run()], "agents": [run(without_token=1)]},
+        {"ours": [run(lost=2)], "agents": [run(without_token=3)]},
+        token_check="a token the fake AAD issued",
+    )
+
+    table = warm.markdown(measured)
+
+    assert table_row(table, "lost + duplicated")[:2] == ["2", "0"]
+    assert table_row(table, "replies without a token the fake AAD issued")[:2] == ["0", "4"]
+    # Results from before the check name what was counted then.
+    del measured["token_check"]
+    assert table_row(warm.markdown(measured), "replies without a Bearer header")[:2] == ["0", "4"]
