@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.warm [--repeats 3] [--seconds 5] [--concurrency 1,8,32]
                                         [--targets ours,botbuilder,agents,teams] [--smoke]
+    .venv/bin/python -m benchmarks.warm --table-only [--chart] [--output RESULTS.json]
 
 Every bot is an echo bot with its normal authentication against botsim: channel tokens
 (RS256, minted by botsim's IdentityService) checked against botsim's OpenID metadata and
@@ -32,8 +33,11 @@ Half of the activities go to 8 shared group conversations, half each to a new 1:
 conversation (a new user, so ours records a reference and a user index; the SDK samples
 store nothing); ``--shared-only`` adds a run with group conversations only. The channel is
 ``webchat`` (no published per-conversation limits, so pacing is not what is measured).
-Results: benchmarks/results/warm.json and warm.md (ratios ours / theirs); a PNG chart
-with ``--chart`` (needs .tools/bench-report, made from requirements-report.txt).
+Results: benchmarks/results/warm.json and warm.md (ratios ours / theirs; CPU per
+activity of the bot's process, and beside it with the storage emulator's, which only ours
+uses); a PNG chart with ``--chart`` (needs .tools/bench-report, made from
+requirements-report.txt). ``--table-only`` rewrites the table (and the chart) from the
+results alone.
 """
 
 from __future__ import annotations
@@ -630,6 +634,7 @@ def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": median("p99_ms"),
         "cpu_ms_per_activity": median("cpu_ms_per_activity"),
         "storage_cpu_ms_per_activity": median("storage_cpu_ms_per_activity"),
+        "bot_and_storage_cpu_ms_per_activity": bot_and_storage_cpu({"runs": results}),
         "lost": sum(r["lost"] for r in results),
         "duplicated": sum(r["duplicated"] for r in results),
         "non_2xx": sum(r["sent"] - r["ok"] for r in results),
@@ -763,12 +768,27 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             {k: _dig(warm, k, "concurrency", str(c), "p99_ms") for k in warm},
             "lower",
         )
-    for c in report["concurrencies"]:
+
+    def cpu_rows(workload: Mapping[str, Any], prefix: str, c: int) -> None:
+        # The bot's process alone, then with the storage emulator's CPU (only ours uses it)
+        # beside it, where the results recorded that.
         row(
-            f"CPU ms per activity, concurrency {c}",
-            {k: _dig(warm, k, "concurrency", str(c), "cpu_ms_per_activity") for k in warm},
+            f"{prefix}CPU ms per activity, the bot's process, concurrency {c}",
+            {k: _dig(workload, k, "concurrency", str(c), "cpu_ms_per_activity") for k in workload},
             "lower",
         )
+        with_storage = {
+            k: bot_and_storage_cpu(_dig(workload, k, "concurrency", str(c))) for k in workload
+        }
+        if any(v is not None for v in with_storage.values()):
+            row(
+                f"{prefix}CPU ms per activity, bot + storage (Azurite), concurrency {c}",
+                with_storage,
+                "lower",
+            )
+
+    for c in report["concurrencies"]:
+        cpu_rows(warm, "", c)
     shared = report.get("warm_shared_only", {})
     for c in report["concurrencies"] if shared else ():
         row(
@@ -776,15 +796,11 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             {k: _dig(shared, k, "concurrency", str(c), "activities_per_s") for k in shared},
             "higher",
         )
-        row(
-            f"group conversations only: CPU ms per activity, concurrency {c}",
-            {k: _dig(shared, k, "concurrency", str(c), "cpu_ms_per_activity") for k in shared},
-            "lower",
-        )
+        cpu_rows(shared, "group conversations only: ", c)
     row("peak RSS MiB", {k: warm[k]["peak_rss_mib"] for k in warm}, "lower")
     # Every measured run's replies, both workloads.
     workloads = [w for w in (warm, shared) if w]
-    both = " (both workloads)" if shared else ""
+    both = ", both workloads" if shared else ""
     row(
         f"lost + duplicated replies, non-2xx answers, other texts{both}",
         {
@@ -802,7 +818,7 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         (
             "replies without a token the fake AAD issued"
             if checked
-            else "replies without a Bearer header (tokens not checked in this run)"
+            else "replies without a Bearer header (tokens unchecked)"
         )
         + both,
         {
@@ -823,6 +839,24 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         "lower",
     )
     return rows
+
+
+def bot_and_storage_cpu(level: Mapping[str, Any] | None) -> float | None:
+    """CPU ms per activity of the bot's process and the storage emulator together, the
+    median of the runs' sums (None: the results did not record the emulator's)."""
+    if not level:
+        return None
+    if "bot_and_storage_cpu_ms_per_activity" in level:
+        return level["bot_and_storage_cpu_ms_per_activity"]
+    runs = level.get("runs") or []
+    if not runs or any("storage_cpu_ms_per_activity" not in r for r in runs):
+        return None
+    return round(
+        statistics.median(
+            r["cpu_ms_per_activity"] + r["storage_cpu_ms_per_activity"] for r in runs
+        ),
+        2,
+    )
 
 
 def _dig(data: Mapping[str, Any], *path: str) -> Any:
@@ -863,6 +897,15 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['figure']} ({r['better']} is better) | " + " | ".join(cells + shares) + " |"
         )
+    if report.get("cold") and "trust_store" not in report:
+        lines += [
+            "",
+            "The cold rows of this run were measured with every bot trusting the fake AAD's"
+            " CA certificate alone: each TLS context loaded one certificate instead of the"
+            " system's store, so they are about 80-100 ms lower than with it (the ratios"
+            " within a few per cent). Runs since give every bot the system's certificates"
+            " plus the fake AAD's (benchmarks/trust.py).",
+        ]
     floor = report.get("floor")
     if floor:
         lines += [
@@ -918,7 +961,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure a workload of group conversations only (nothing new to store)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "warm.json")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="only rewrite the table (.md beside --output) from --output's results, and"
+        " with --chart the PNG",
+    )
     args = parser.parse_args(argv)
+    if args.table_only:
+        table = markdown(json.loads(args.output.read_text()))
+        args.output.with_suffix(".md").write_text(table)
+        print(table)
+        if args.chart:
+            chart(args.output, args.output.with_suffix(".png"))
+        return 0
     if args.smoke:
         args.repeats, args.seconds, args.concurrency = 1, 0.5, "1,4"
     targets = [TARGETS[k.strip()] for k in args.targets.split(",") if k.strip()]
@@ -938,6 +994,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "channel": CHANNEL,
         # What makes a reply authorized (replies_without_token counts the others).
         "token_check": "a token the fake AAD issued for the Connector, unexpired",
+        "trust_store": "the system's CA certificates + the fake AAD's (benchmarks/trust.py)",
         "repeats": args.repeats,
         "seconds_per_run": args.seconds,
         "concurrencies": concurrencies,

@@ -132,3 +132,23 @@ def test_the_table_counts_losses_and_replies_without_a_token_in_both_workloads()
     # Results from before the check name what was counted then.
     del measured["token_check"]
     assert table_row(warm.markdown(measured), "replies without a Bearer header")[:2] == ["0", "4"]
+
+
+def test_the_table_shows_cpu_with_the_storage_emulators_beside_the_bots_own():
+    def run(cpu: float, storage: float) -> dict:
+        return {"lost": 0, "cpu_ms_per_activity": cpu, "storage_cpu_ms_per_activity": storage}
+
+    # Ours: 2 ms in its own process and 1.5 ms of Azurite's per activity (medians of the
+    # runs' sums); the Agents SDK stores nothing: 4 ms, nothing of Azurite's.
+    measured = report(
+        {"ours": [run(2.0, 1.5), run(2.2, 1.4), run(1.8, 1.9)], "agents": [run(4.0, 0.0)]}, {}
+    )
+    measured["warm"]["agents"]["concurrency"]["8"]["cpu_ms_per_activity"] = 4.0
+
+    table = warm.markdown(measured)
+
+    own = table.index("| CPU ms per activity, the bot's process, concurrency 8")
+    both = table.index("| CPU ms per activity, bot + storage (Azurite), concurrency 8")
+    assert both == table.index("\n", own) + 1  # the next row
+    assert table_row(table, "CPU ms per activity, the bot's process")[2] == "0.50"
+    assert table_row(table, "CPU ms per activity, bot + storage") == ["3.60", "4.00", "0.90"]
