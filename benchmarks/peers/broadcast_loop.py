@@ -14,8 +14,10 @@ TEXT to each, the way the SDK's docs show a bot author doing it, through the SDK
 A send that raises is counted by the HTTP status its exception carries (or the
 exception's type name) and the loop goes on: the message is not sent again (the SDKs
 keep no outbox). Prints one JSON line: the loop's wall time, CPU time (user + system,
-this process) during the loop, peak RSS (the whole process's, imports included) and
-the failures by status.
+this process) during the loop, peak RSS (the whole process's, imports and the loaded
+references included), what loading the references added to the RSS
+(``references_rss_mib``: ours never holds them all, it reads them from storage a page
+at a time) and the failures by status.
 """
 
 from __future__ import annotations
@@ -46,8 +48,17 @@ def status_of(error: BaseException) -> str:
 def peak_rss_mib() -> float:
     """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: after fork + exec it
     still holds the forking parent's peak, the benchmark's own."""
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float:
+    """This process's RSS now (VmRSS)."""
+    return _status_mib("VmRSS")
+
+
+def _status_mib(name: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{name}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
@@ -93,11 +104,15 @@ def main(
     send: Send, argv: list[str] | None = None, setup: Callable[[], Awaitable[None]] | None = None
 ) -> None:
     path, text, concurrency = argv or sys.argv[1:4]
+    before = rss_mib()
     references = json.loads(Path(path).read_text())
+    loaded = rss_mib() - before
 
     async def go() -> dict:
         if setup is not None:
             await setup()
         return await run(send, references, text, int(concurrency))
 
-    print(json.dumps(asyncio.run(go())), flush=True)
+    result = asyncio.run(go())
+    result["references_rss_mib"] = round(max(0.0, loaded), 1)
+    print(json.dumps(result), flush=True)

@@ -8,6 +8,7 @@ runs against botsim's fake Connector over HTTP, its tenant limit enforced.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import aiohttp
@@ -262,3 +263,34 @@ def test_ours_counts_are_the_connectors_by_text_and_unrecorded_other_texts_show_
     ours_row = next(line for line in table.splitlines() if line.startswith("| ours"))
     assert [cell.strip() for cell in ours_row.split("|")][10] == "—"
     assert "predate counting by conversation and text" in table
+
+
+def test_the_loop_records_what_loading_the_references_added_to_its_memory(tmp_path, capsys):
+    path = tmp_path / "references.json"
+    path.write_text(
+        json.dumps([{"conversation": {"id": f"c{n}", "pad": "x" * 400}} for n in range(20_000)])
+    )
+    sent: list[str] = []
+
+    async def send(reference: dict, text: str) -> None:
+        sent.append(reference["conversation"]["id"])
+
+    broadcast_loop.main(send, [str(path), "hi", "1"])
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(sent) == 20_000
+    assert result["references_rss_mib"] >= 5  # 20,000 dicts with 400-character strings: ~14 MiB
+    assert result["peak_rss_mib"] >= result["references_rss_mib"]
+
+
+def test_the_table_says_the_peers_peak_rss_holds_the_references_they_loaded():
+    peers, ours = results()
+
+    table = broadcast_peers.markdown(peers, ours)
+    assert "peak RSS MiB (peers: with the references loaded)" in table
+    assert "includes the 100 references its loop loads" in table
+    assert "not measured in this run" in table
+
+    peers["runs"][0]["references_rss_mib"] = 16.7
+    peers["unthrottled"][0]["references_rss_mib"] = 15.9
+    assert "added to its RSS, 15.9-16.7 MiB" in broadcast_peers.markdown(peers, ours)
