@@ -383,7 +383,13 @@ def _require_bare_authority(authority: str) -> None:
     # A bare `?` or `#` (or a backslash) leaves no query, fragment or path to see: compared
     # whole instead.
     whole = f"{parts.scheme}://{parts.netloc}".lower()
-    if authority.lower() != whole or "@" in parts.netloc or "\\" in authority:
+    host = parts.hostname or ""
+    if (
+        authority.lower() != whole
+        or not re.fullmatch(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+", host)  # a name or an IP
+        or parts.netloc.endswith(":")
+        or "@" in parts.netloc
+    ):
         raise SettingsError(
             "BOT_LOGIN_AUTHORITY",
             "must be the authority host only, without a tenant or path "
@@ -480,21 +486,38 @@ def _ncrontab_value(
     return None
 
 
-# A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]]): App Service plans only.
-_TIMESPAN = re.compile(r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?")
+# A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]], ASCII digits; .NET's
+# TimeSpan holds up to 10,675,199 days): App Service plans only.
+_TIMESPAN = re.compile(
+    r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
+)
+_TIMESPAN_DAYS = 10_675_199
 
 
 def _validate_schedule(schedule: str) -> str:
     """Refuse what the host's timer would (it is the final word), and nothing more: every
     function answers 500 while a setting is refused. The timer reads 6 NCRONTAB fields,
     5 (no seconds: they fire at second 0), or a TimeSpan such as 00:05:00."""
-    fields = schedule.split()
+    fields = [text for text in schedule.split(" ") if text]  # the host splits on spaces only
     if len(fields) == 1 and ":" in schedule:
         match = _TIMESPAN.fullmatch(schedule)
         parts = [int(part) for part in match.groups(default="0")] if match else []
-        if not parts or parts[1] > 23 or parts[2] > 59 or parts[3] > 59 or not any(parts):
+        if (
+            not parts
+            or parts[0] > _TIMESPAN_DAYS
+            or parts[1] > 23
+            or parts[2] > 59
+            or parts[3] > 59
+            or not any(parts)
+        ):
             raise SettingsError("BOT_SCHEDULE", "must be a TimeSpan like 00:05:00, over zero")
         return schedule
+    if len(fields) not in (5, 6) or any(text.isspace() or "\t" in text for text in fields):
+        raise SettingsError(
+            "BOT_SCHEDULE",
+            "must be an NCRONTAB expression of 6 fields (sec min hour day month day-of-week) "
+            "or 5 (no seconds), fields separated by spaces, or a TimeSpan like 00:05:00",
+        )
     # The host's own parser reads it: all that NCrontab reads, not only the portable part.
     problem = ncrontab_problem("0 " + schedule if len(fields) == 5 else schedule, portable=False)
     if problem is not None:

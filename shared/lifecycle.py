@@ -127,6 +127,12 @@ async def record_activity(
     team_id = teams_team_id(activity)
     change = classify(activity) if change is None else change
     if change is Change.REMOVE:
+        shared = _named_channel(activity, key, "channelMemberRemoved")
+        if shared is not None:
+            # The bot disallowed in a shared channel, told in another of the team's
+            # conversations (its General channel): that channel goes, not this one.
+            await _forget_channel(store, state, shared)
+            return
         await _remove(store, state, key, reference, removed_team(activity), activity.get("id"))
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
@@ -137,18 +143,29 @@ async def record_activity(
     restored = _named_channel(activity, key, "channelRestored")
     if restored is not None:
         # Its reference went with channelDeleted: the team's own, under the channel's id.
-        await store.upsert(_channel_reference(reference, restored), team_id=team_id, refresh=True)
-        logger.debug("references: added restored channel %s", clip(restored))
+        try:
+            planned = _channel_reference(reference, restored)
+        except ValueError:  # an id no conversation of the bot's can have
+            logger.debug("references: restored channel %s is no key", clip(restored))
+        else:
+            await store.upsert(planned, team_id=team_id, refresh=True)
+            logger.debug("references: added restored channel %s", clip(restored))
     deleted = _named_channel(activity, key, "channelDeleted")
     if deleted is not None:
         # Named by the team's event (its conversation is the team's General channel): the
         # deleted channel's reference and state go, or broadcasts would keep trying it.
-        channel = {"channelId": TEAMS_CHANNEL, "conversation": {"conversationType": "channel"}}
-        try:
-            if await forget_conversation(store, state, deleted, channel):
-                logger.debug("references: removed deleted channel %s", clip(deleted))
-        except ValueError:  # an id no conversation of the bot's can have: nothing stored
-            logger.debug("references: deleted channel %s is no key", clip(deleted))
+        await _forget_channel(store, state, deleted)
+
+
+async def _forget_channel(store: ReferenceStore, state: StateStore | None, key: str) -> None:
+    """Remove the Teams channel `key` (named by an event of another conversation) with its
+    threads' state."""
+    channel = {"channelId": TEAMS_CHANNEL, "conversation": {"conversationType": "channel"}}
+    try:
+        if await forget_conversation(store, state, key, channel):
+            logger.debug("references: removed channel %s", clip(key))
+    except ValueError:  # an id no conversation of the bot's can have: nothing stored
+        logger.debug("references: channel %s is no key", clip(key))
 
 
 def removed_team(activity: Mapping[str, Any]) -> str | None:

@@ -820,6 +820,22 @@ async def eventually(check: Callable[[], Awaitable[Any]], seconds: float, what: 
     pytest.fail(f"timed out waiting for {what}")
 
 
+async def test_a_connection_string_with_empty_segments_reaches_the_queue(azurite):
+    # As the Functions host and the app (shared.config) read it: empty `;` segments are
+    # skipped (the host had refused what the app and Azure accept).
+    spaced = azurite.connection_string.replace(";", ";;") + ";"
+    settings = {"AzureWebJobsStorage": spaced}
+    service = queue_service_client(
+        resolve_connection("AzureWebJobsStorage", settings, where="test"), where="test"
+    )
+    async with service:
+        queue = service.get_queue_client(f"segments-{uuid.uuid4().hex[:8]}")
+        await queue.create_queue()
+        await queue.send_message("hello")
+        assert [m.content async for m in queue.receive_messages()] == ["hello"]
+        await queue.delete_queue()
+
+
 @pytest.fixture
 async def storage(azurite) -> AsyncIterator[Any]:
     """The host's own async queue service client for Azurite."""

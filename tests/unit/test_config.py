@@ -307,6 +307,11 @@ def test_app_type_and_channel_service_ignore_case_and_whitespace():
         "https://login.microsoftonline.com?",
         "https://login.microsoftonline.com#",
         "https://login.microsoftonline.com\\",
+        # No host a token request could reach.
+        "https://login.microsoftonline.com x",
+        "https://login.microsoftonline.com;tenant",
+        "https://login.microsoftonline.com%2Fcommon",
+        "https://login.microsoftonline.com:",
     ],
 )
 def test_login_authority_is_the_host_only(authority):
@@ -389,6 +394,9 @@ INVALID_SCHEDULES = {
     "a TimeSpan hour 24": "24:00:00",
     "a TimeSpan minute 60": "00:60:00",
     "a TimeSpan with text": "00:05:00x",
+    "a TimeSpan past .NET's days": "10675200.00:00:00",
+    "a TimeSpan in other digits": "\u0660\u0660:\u0660\u0665:\u0660\u0660",
+    "five fields separated by tabs": "0\t9\t*\t*\t*",
     "five fields, hour 25": "0 25 * * *",
     "four fields": "9 * * *",
     # More digits than Python turns into an int: a ValueError, not a settings error.

@@ -416,6 +416,48 @@ async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stor
     assert await states_left(state, threads) == ["19:general-a", "19:design-a;messageid=1"]
 
 
+async def test_bot_disallowed_in_a_shared_channel_told_in_general_removes_the_shared_one(stores):
+    # The same event delivered in the team's General channel, naming the shared channel in
+    # channelData.channel (as Teams tells channelDeleted): General stays.
+    references, state = stores
+    await _two_teams_and_a_chat(references)
+    await record_activity(references, channel_message("19:shared-a", team="19:general-a"))
+    threads = ["19:shared-a", "19:shared-a;messageid=9", "19:general-a", "19:general-a;messageid=2"]
+    await write_states(state, *threads)
+    disallowed = activity(
+        "conversationUpdate",
+        "19:general-a",
+        personal=False,
+        team="19:general-a",
+        event="channelMemberRemoved",
+        membersRemoved=[{"id": BOT["id"]}],
+    )
+    disallowed["channelData"]["channel"] = {"id": "19:shared-a", "type": "shared"}
+
+    await record_activity(references, disallowed, state=state)
+
+    assert await keys(references) == {
+        "msteams/19:general-a",
+        "msteams/19:design-a",
+        "msteams/19:general-b",
+        "msteams/a:personal",
+    }
+    assert await states_left(state, threads) == ["19:general-a", "19:general-a;messageid=2"]
+
+
+@pytest.mark.parametrize("event", ["channelRestored", "channelDeleted", "channelMemberRemoved"])
+async def test_a_channel_event_naming_no_possible_key_changes_nothing_else(store, event):
+    await _two_teams_and_a_chat(store)
+    before = await keys(store)
+    update = _channel_event(event, {"id": ";messageid=1"})
+    if event == "channelMemberRemoved":
+        update["membersRemoved"] = [{"id": BOT["id"]}]
+
+    await record_activity(store, update)  # no error
+
+    assert await keys(store) == before
+
+
 @pytest.mark.parametrize("how", ["teamDeleted", "bot removed"])
 async def test_team_removal_deletes_the_state_of_its_channels_and_their_threads(stores, how):
     references, state = stores

@@ -35,7 +35,8 @@ class Connection:
 def resolve_connection(name: str, settings: Mapping[str, str], *, where: str) -> Connection:
     """The connection named by a binding; a missing setting is a HostError naming it."""
     for setting in (name, f"AzureWebJobs{name}"):
-        value = settings.get(setting, "").strip()
+        # Empty `;` segments skipped, as the Functions host (and shared.config) skip them.
+        value = ";".join(part for part in settings.get(setting, "").split(";") if part.strip())
         if value:
             return Connection(setting, connection_string=_expand_development_storage(value))
     account_url = (
@@ -46,7 +47,11 @@ def resolve_connection(name: str, settings: Mapping[str, str], *, where: str) ->
     if not account_url and account:
         account_url = f"https://{account}.queue.core.windows.net"
     if account_url:
-        if urlsplit(account_url).scheme not in ("http", "https"):
+        try:
+            scheme = urlsplit(account_url).scheme
+        except ValueError:  # e.g. an unclosed [ of an IPv6 host
+            scheme = ""
+        if scheme not in ("http", "https"):
             raise HostError(f"{where}: app setting {name}__queueServiceUri must be an http(s) URL")
         credential = settings.get(f"{name}__credential", "").strip().lower()
         return Connection(
