@@ -1009,6 +1009,33 @@ async def test_blob_a_caller_that_stops_waiting_leaves_the_1to1_findable_by_its_
 
 
 @pytest.mark.integration
+async def test_blob_close_lets_a_write_its_caller_stopped_waiting_for_finish(gated, azurite):
+    # The host stops the process (close) while a write whose turn gave up is still going
+    # on: it ends first, the 1:1 stored and findable by its user, not cut between the two.
+    store, transport = gated()
+    gate = transport.gate(_is("PUT", "refs"), after_response=True)
+    upsert = asyncio.ensure_future(store.upsert(reference()))
+    await gate.wait_reached()
+    upsert.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upsert
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.3)
+        gate.released.set()
+
+    releasing = asyncio.ensure_future(release_soon())
+    await store.close()
+    await releasing
+    fresh = BlobReferenceStore(store._settings, options=FAST)
+    try:
+        found = await fresh.find_by_user(channel_id="msteams", user_id="29:user")
+    finally:
+        await fresh.close()
+    assert found is not None and found.key == "msteams/a:1"
+
+
+@pytest.mark.integration
 async def test_blob_a_removal_waits_for_a_write_its_caller_stopped_waiting_for(gated):
     # The write goes on after its caller gave up (above); a removal meanwhile must not be
     # undone by it (its conditional write, refused, would read the absence and create).
