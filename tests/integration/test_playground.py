@@ -230,9 +230,11 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_path, stop):
     """`python -m tools.playground` (what `make playground` runs) on a PATH with nothing but
-    node: no xdg-open to spawn, and none needed."""
+    node: no xdg-open to spawn, and none needed. Stopped by SIGTERM, or by SIGHUP (its
+    terminal closed), it stops the Playground's node too."""
     if not PLAYGROUND_CLI.exists():
         unavailable("the Agents Playground is not installed: `make test` installs it")
     host, _ = bot
@@ -258,7 +260,7 @@ def test_make_playground_serves_its_page_on_loopback_with_no_xdg_open(bot, tmp_p
         # Loopback only: 127.0.0.1, never the wildcard address (0.0.0.0 or ::).
         assert listening_addresses(port) == {"0100007F"}
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         code = process.wait(timeout=30)
     printed = out.read_text()
     assert code == 0, printed
