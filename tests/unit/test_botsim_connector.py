@@ -59,6 +59,26 @@ async def test_unknown_routes_answer_404_and_are_recorded(fake_connector, http):
     assert fake_connector.requests[0].operation is None
 
 
+@pytest.mark.parametrize(
+    ("channel", "text", "status"),
+    [
+        ("webchat", "x" * 100_000, 200),
+        ("webchat", "x" * 270_000, 413),  # the Bot Connector's 256 KiB request limit
+        ("msteams", "x" * 50_000, 200),  # 100 KB as UTF-16: Teams' limit
+        ("msteams", "x" * 52_000, 413),
+        ("msteams", "\u4e2d" * 52_000, 413),  # 156 KB of UTF-8, 104 KB of UTF-16
+    ],
+)
+async def test_a_message_over_the_services_size_limits_is_refused(http, channel, text, status):
+    activity = {"type": "message", "channelId": channel, "text": text}
+    with FakeConnector() as fake:
+        async with http.post(url(fake, "/v3/conversations/c/activities"), json=activity) as answer:
+            assert answer.status == status
+            body = await answer.json()
+    if status == 413:
+        assert body["error"]["code"] == "MessageSizeTooBig"
+
+
 async def test_scripts_answer_in_order_then_fall_back_to_defaults(fake_connector, http):
     fake_connector.script(
         "POST",

@@ -75,6 +75,11 @@ ACTIVITY_OPERATIONS = frozenset(
 )
 
 THROTTLED_BODY = {"error": {"code": "Throttled", "message": "Too many requests."}}
+# What the services refuse with 413 MessageSizeTooBig: the Bot Connector any request body
+# over 256 KiB; Teams a message over about 100 KB, counted as UTF-16 (its documentation).
+MAX_BODY_BYTES = 262_144
+TEAMS_MAX_UTF16_BYTES = 102_400
+_SIZED_OPERATIONS = frozenset({"sendToConversation", "replyToActivity", "updateActivity"})
 
 
 @dataclass(slots=True)
@@ -417,6 +422,10 @@ class FakeConnector:
             }
         if recorded.operation is None:
             return 404, {"error": {"code": "NotFound", "message": "No such operation."}}
+        if recorded.operation in _SIZED_OPERATIONS and _too_big(recorded):
+            return 413, {
+                "error": {"code": "MessageSizeTooBig", "message": "The message is too large."}
+            }
         violation = self._check_limits(recorded, arrived)
         if violation is not None:
             return 429, THROTTLED_BODY
@@ -639,6 +648,16 @@ def _view_bytes(attachment: Mapping[str, Any], view_id: str) -> bytes | None:
         return base64.b64decode(encoded)
     except ValueError:
         return None
+
+
+def _too_big(recorded: RecordedRequest) -> bool:
+    body = recorded.body
+    if len(body) > MAX_BODY_BYTES:
+        return True
+    payload = recorded.json
+    teams = isinstance(payload, dict) and payload.get("channelId") == "msteams"
+    utf16 = len(body.decode("utf-8", "replace").encode("utf-16-le"))
+    return teams and utf16 > TEAMS_MAX_UTF16_BYTES
 
 
 def _json_or_none(body: bytes) -> Any:
