@@ -309,7 +309,7 @@ class Settings:
         _require_bare_authority(authority)
 
         trusted = _parse_trusted_prefixes(get("BOT_TRUSTED_SERVICE_URLS"))
-        schedule = _validate_schedule(get("BOT_SCHEDULE", DEFAULT_SCHEDULE))
+        schedule = _validate_schedule(get("BOT_SCHEDULE", DEFAULT_SCHEDULE), get("WEBSITE_SKU"))
 
         return cls(
             app_id=app_id,
@@ -492,9 +492,11 @@ _TIMESPAN = re.compile(
     r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
 )
 _TIMESPAN_DAYS = 10_675_199
+# The plans (by WEBSITE_SKU) whose timer takes no TimeSpan.
+_NO_TIMESPAN_PLANS = {"dynamic": "Consumption", "flexconsumption": "Flex Consumption"}
 
 
-def _validate_schedule(schedule: str) -> str:
+def _validate_schedule(schedule: str, sku: str = "") -> str:
     """Refuse what the host's timer would (it is the final word), and nothing more: every
     function answers 500 while a setting is refused. The timer reads 6 NCRONTAB fields,
     5 (no seconds: they fire at second 0), or a TimeSpan such as 00:05:00."""
@@ -511,6 +513,12 @@ def _validate_schedule(schedule: str) -> str:
             or not any(parts)
         ):
             raise SettingsError("BOT_SCHEDULE", "must be a TimeSpan like 00:05:00, over zero")
+        if sku.lower() in _NO_TIMESPAN_PLANS:
+            raise SettingsError(
+                "BOT_SCHEDULE",
+                f"is a TimeSpan, which the timer runs on App Service plans only, and this app "
+                f"runs on a {_NO_TIMESPAN_PLANS[sku.lower()]} plan: give an NCRONTAB expression",
+            )
         return schedule
     if len(fields) not in (5, 6) or any(text.isspace() or "\t" in text for text in fields):
         raise SettingsError(

@@ -438,6 +438,17 @@ def test_what_the_timer_runs_without_seconds_or_as_a_timespan_is_accepted(schedu
     parse_schedule(schedule, {}, where="test")  # the local host runs it too
 
 
+@pytest.mark.parametrize("sku", ["FlexConsumption", "Dynamic"])
+def test_a_timespan_on_a_plan_whose_timer_does_not_run_one_is_refused(sku):
+    # The timer takes a TimeSpan on App Service plans only: on these the timer is not
+    # indexed and no scheduled send is ever enqueued.
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_SCHEDULE="00:05:00", WEBSITE_SKU=sku)
+    assert raised.value.setting == "BOT_SCHEDULE" and "NCRONTAB" in str(raised.value)
+    assert settings(BOT_SCHEDULE="0 */5 * * * *", WEBSITE_SKU=sku).schedule == "0 */5 * * * *"
+    assert settings(BOT_SCHEDULE="00:05:00", WEBSITE_SKU="Standard").schedule == "00:05:00"
+
+
 @pytest.mark.parametrize("case", list(INVALID_SCHEDULES))
 def test_obviously_invalid_schedules_name_the_setting(case):
     with pytest.raises(SettingsError) as raised:
