@@ -179,7 +179,8 @@ def removed_team(activity: Mapping[str, Any]) -> str | None:
 
 
 def _named_channel(activity: Mapping[str, Any], key: str, event: str) -> str | None:
-    """The key of the channel a Teams `event` (channelDeleted, channelRestored) names in
+    """The key of the channel a Teams `event` (channelDeleted, channelRestored,
+    channelMemberRemoved) names in
     `channelData.channel`, or None (another event; none named; the team's own channel)."""
     if not from_teams(activity) or activity.get("type") != "conversationUpdate":
         return None
