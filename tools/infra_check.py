@@ -55,6 +55,7 @@ NOT_DEPLOYED = {
     "AzureWebJobsStorage__accountName": "the service URIs are set instead (right in every cloud)",
     "ChannelService": "an existing SDK bot's setting, mapped over; the template sets "
     "BOT_CHANNEL_SERVICE",
+    "WEBSITE_SKU": "App Service sets it to the plan's SKU (FlexConsumption here)",
 }
 # Settings Flex Consumption rejects or that would bring shared keys back.
 FORBIDDEN = (
@@ -734,7 +735,8 @@ def deployed_settings(values: dict[str, Any], infra: Path = INFRA) -> dict[str, 
         name: "a Key Vault secret" if str(value).startswith(_KEY_VAULT_REFERENCE) else value
         for name, value in (parameters.get(EXTRA_SETTINGS) or {}).items()
     }
-    return {**extra, **settings, "WEBSITE_INSTANCE_ID": "an instance on Azure"}
+    platform = {"WEBSITE_INSTANCE_ID": "an instance on Azure", "WEBSITE_SKU": "FlexConsumption"}
+    return {**extra, **settings, **platform}
 
 
 def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
