@@ -70,7 +70,7 @@ param referencesContainer string = 'conversation-references'
 @maxLength(56)
 param proactiveQueue string = 'proactive-messages'
 
-@description('BOT_SCHEDULE: 6-field NCRONTAB (UTC) of the timer that enqueues due schedules.')
+@description('BOT_SCHEDULE: NCRONTAB (UTC; 6 fields, or 5 without seconds) of the timer that enqueues due schedules. Flex Consumption runs no TimeSpan.')
 param schedule string = '0 * * * * *'
 
 @description('BOT_MAX_BODY_BYTES: largest request body POST /api/messages accepts.')

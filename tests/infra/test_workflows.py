@@ -76,3 +76,50 @@ def test_checkouts_leave_no_token_behind(workflow: Path) -> None:
     assert checkouts
     for options in checkouts:
         assert "persist-credentials: false" in options
+
+
+def _run_block(step_name: str) -> str:
+    """The shell script of the ci.yml step named `step_name` (its `run: |` block)."""
+    lines = (ROOT / ".github" / "workflows" / "ci.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"- name: {step_name}")
+    run = next(i for i in range(start, len(lines)) if lines[i].strip() == "run: |")
+    indent = len(lines[run]) - len(lines[run].lstrip()) + 2
+    script = []
+    for line in lines[run + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        script.append(line[indent:])
+    return "\n".join(script)
+
+
+@pytest.mark.parametrize(("refusals", "code", "uploads"), [(0, 0, 1), (3, 0, 4), (9, 1, 5)])
+def test_the_package_upload_is_tried_again_while_new_roles_apply(
+    tmp_path: Path, refusals: int, code: int, uploads: int
+) -> None:
+    # Right after the first provisioning the upload is refused until the identity's new
+    # storage roles apply: the step tries up to 5 times. An `az` of our own counts the
+    # uploads and refuses the first `refusals` (the one thing made up: no Azure here).
+    calls = tmp_path / "calls"
+    fake = tmp_path / "az"
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n[ "$(wc -l < {calls})" -gt {refusals} ] || exit 1\n'
+    )
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "DEPLOY_RETRY_SECONDS": "0"}
+    env |= {"RESOURCE_GROUP": "rg", "APP": "app"}
+    result = subprocess.run(
+        [
+            "bash",
+            "-e",
+            "-c",
+            _run_block("Deploy the package (remote build installs requirements.txt)"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == code, result.stdout + result.stderr
+    made = calls.read_text().splitlines()
+    assert len(made) == uploads
+    assert all("deployment source config-zip" in call and "--name app" in call for call in made)
