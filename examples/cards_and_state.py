@@ -5,8 +5,9 @@ What it shows, one handler each:
 - ``card``: sends an Adaptive Card with a click counter. Pressing "Add one" sends an
   ``adaptiveCard/action`` invoke (Universal Actions); the bot counts the click in the
   conversation's state and answers with the updated card, which replaces the old one for
-  everyone. The card also asks Teams to refresh it when shown, so a late reader sees the
-  current count.
+  the user who pressed it. The card also asks Teams to refresh it when shown, so the
+  others (and a late reader) see the current count; to change it for everyone at once,
+  a handler updates the message itself (``turn.update_activity``).
 - ``theme dark`` / ``theme light``: a preference in the user's state, kept across
   conversations on the channel.
 - ``nickname``: a card whose button opens a Teams dialog (``task/fetch``); what the user

@@ -90,8 +90,9 @@ def open_url_action(title: str, url: str) -> dict[str, Any]:
 
 
 def refresh(verb: str, *, data: Any = None, user_ids: Iterable[str] | None = None) -> dict:
-    """A card's ``refresh``: Teams invokes `verb` automatically when the card is shown, for
-    the listed users (Teams refreshes automatically for at most 60 users; others press)."""
+    """A card's ``refresh``: Teams invokes `verb` automatically when the card is shown. In
+    a chat of up to 60 members it does so for everyone; in a larger one only for the
+    `user_ids` listed (at most 60), the others seeing a button to refresh it."""
     action: dict[str, Any] = {"type": "Action.Execute", "verb": verb}
     if data is not None:
         action["data"] = data

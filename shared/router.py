@@ -287,6 +287,9 @@ class Router:
 
     def error(self, handler: ErrorHandler) -> ErrorHandler:
         """Replace the apology sent when a handler raises (the failure is logged either way).
+        It is called where the apology would be sent, and only there (see
+        :meth:`handle_error`): not for a message extension's invoke, a card's automatic
+        refresh or the bot's removal, nor after this conversation's Connector failed.
         What it sends goes to the Connector even under ``expectReplies``: the turn's answer
         is then the failure, which carries nothing. Its ``turn.send``, ``reply``,
         ``update_activity`` and ``delete_activity`` keep within what is left of the
@@ -350,19 +353,20 @@ class Router:
             if left is not None:
                 left -= APOLOGY_MARGIN
                 turn.retry = turn.connector.retry_within(max(left, 0.0))
-            if self._on_error is not None:
+            if _no_apology(turn.activity) or _connector_failing(turn, error):
+                pass  # no apology, nor the bot's own in its place
+            elif self._on_error is not None:
                 turn.buffering = False  # the answer is the failure: sent now or never seen
                 await self._on_error(turn, error)
-            elif not _no_apology(turn.activity) and not _connector_failing(turn, error):
-                if left is not None and left < 1.0:
-                    logger.warning(
-                        "no apology: activity=%s conversation=%s: too little is left of "
-                        "the channel's wait for the answer",
-                        clip(turn.activity.get("id")),
-                        clip(turn.conversation_key),
-                    )
-                else:
-                    await turn.reply(self.apology, buffer=False)
+            elif left is not None and left < 1.0:
+                logger.warning(
+                    "no apology: activity=%s conversation=%s: too little is left of "
+                    "the channel's wait for the answer",
+                    clip(turn.activity.get("id")),
+                    clip(turn.conversation_key),
+                )
+            else:
+                await turn.reply(self.apology, buffer=False)
         except Exception as failure:
             logger.warning(
                 "could not apologise: activity=%s conversation=%s error=%s",

@@ -207,14 +207,15 @@ def _copy(data: Mapping[str, Any]) -> Data:
 
 def same_json(a: Any, b: Any) -> bool:
     """Equal as JSON text would be. Python's ``==`` holds ``True == 1`` and ``1 == 1.0``,
-    which JSON tells apart: a flag turned from 1 to true is a change to save. Iterative,
-    so data nested as deep as JSON allows cannot exhaust the stack."""
+    which JSON tells apart: a flag turned from 1 to true is a change to save. A subclass
+    is its JSON kind (a StrEnum a string, a defaultdict an object), as it is written.
+    Iterative, so data nested as deep as JSON allows cannot exhaust the stack."""
     pending = [(a, b)]
     while pending:
         x, y = pending.pop()
         if x is y:
             continue
-        if type(x) is not type(y):
+        if _json_kind(x) is not _json_kind(y):
             return False
         if isinstance(x, dict):
             if x.keys() != y.keys():
@@ -227,6 +228,14 @@ def same_json(a: Any, b: Any) -> bool:
         elif x != y:
             return False
     return True
+
+
+def _json_kind(value: Any) -> type | None:
+    """The JSON type `value` is written as (bool before int: a bool is an int)."""
+    for kind in (bool, int, float, str, dict, list):
+        if isinstance(value, kind):
+            return kind
+    return None
 
 
 # ---------------------------------------------------------------------------- in memory

@@ -18,6 +18,7 @@ end of the turn when changed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -62,6 +63,7 @@ class TurnContext:
 
     __slots__ = (
         "_conversation_state",
+        "_later",
         "_text",
         "_user_state",
         "activity",
@@ -115,6 +117,7 @@ class TurnContext:
         self._conversation_state: State | None = None
         self._user_state: State | None = None
         self._text: str | None = None
+        self._later = 0  # send_later calls made so far: the next one's place in the turn
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -372,6 +375,12 @@ class TurnContext:
         from now (up to about 7 days), with the queue's retries, idempotency and delivery
         report. Returns the request id (``shared.producer.read_report`` reads its report).
 
+        Without ``request_id``, the id is made from the conversation, the incoming
+        activity's id and this call's place among the turn's send_later calls: when the
+        channel sends the same activity again (after a 500 or a late answer) and the
+        handler runs a second time, its requests carry the same ids, and the queue sends
+        each once.
+
         Raises ``shared.proactive_schema.InvalidRequest`` (nothing enqueued) for what the
         engine could not deliver, e.g. an activity type it does not send.
         """
@@ -380,9 +389,19 @@ class TurnContext:
         outgoing = self._outgoing(text_or_activity)
         reference = {k: v for k, v in self.reference.items() if k != "activityId"}
         request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
+        place, self._later = self._later, self._later + 1
+        request_id = self._later_id(place) if request_id is None else request_id
         if request_id is not None:
             request["id"] = request_id
         return await enqueue(request, settings=self.settings, delay=delay)
+
+    def _later_id(self, place: int) -> str | None:
+        """The id of the turn's `place`-th send_later (None: the activity has no id)."""
+        activity_id = self.activity.get("id")
+        if not isinstance(activity_id, str) or not activity_id:
+            return None
+        seed = "\n".join((self.conversation_key, activity_id, str(place)))
+        return "turn:" + hashlib.sha256(seed.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
     def _outgoing(self, value: str | Mapping[str, Any]) -> Activity:
         """What a handler sends to this conversation, as an activity. ValueError when it

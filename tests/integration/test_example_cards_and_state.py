@@ -278,6 +278,31 @@ async def test_a_reminder_goes_through_the_proactive_queue(
         await close_shared_clients()
 
 
+async def test_a_reminder_asked_in_an_activity_the_channel_sends_again_reaches_the_user_once(
+    instances, channel, fake_connector, settings
+):
+    # The channel sends an activity again when its answer failed or came late, and the
+    # handler runs a second time: both runs' requests carry one id, and the queue sends it
+    # once (a random id made the user get the reminder twice).
+    bot = instances[0]
+    asked = channel.activity(text="remind 0 stretch")
+    try:
+        for _ in range(2):
+            assert (await channel.post(bot, asked)).status == 200
+        messages = list(proactive_queue(settings).receive_messages())
+        assert len(messages) == 2
+        bodies = [base64.b64decode(message.content) for message in messages]
+        assert len({json.loads(body)["id"] for body in bodies}) == 1
+        for body in bodies:
+            await handle_queue_message(body, bot)
+    finally:
+        await close_shared_clients()
+    reminders = [
+        r for r in fake_connector.requests if r.json and r.json.get("text") == "Reminder: stretch"
+    ]
+    assert len(reminders) == 1
+
+
 async def test_a_later_reminder_waits_hidden_on_the_queue(instances, channel, settings):
     try:
         response = await channel.post(instances[0], channel.activity(text="remind 600 later"))

@@ -376,6 +376,56 @@ async def test_custom_error_handler_replaces_the_apology():
     assert [c[3]["text"] for c in connector.calls] == ["Oops (KeyError)"]
 
 
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        activity("invoke", name="composeExtension/query"),  # one per keystroke
+        activity("invoke", name="adaptiveCard/action", value={"trigger": "automatic"}),
+        activity("installationUpdate", action="remove"),  # the bot was removed
+    ],
+    ids=["search", "card refresh", "uninstall"],
+)
+async def test_a_custom_error_handler_is_not_called_where_no_apology_goes(incoming):
+    # It replaces the apology, so it follows its rules: its reply was posted once per
+    # keystroke of a failing search, per viewer of a failing refresh, and to a
+    # conversation the bot had left.
+    router = Router()
+    connector = RecordingConnector()
+    called = []
+
+    @router.error
+    async def on_error(turn, error):
+        called.append(error)
+        await turn.reply("Oops, that failed. Try again later.")
+
+    await router.handle_error(turn_for(incoming, connector), KeyError("k"))
+    assert (called, connector.calls) == ([], [])
+
+
+async def test_a_custom_error_handler_is_not_called_after_the_connector_failed_here():
+    from shared.connector.errors import ConnectorError, ErrorKind
+
+    class Unavailable(RecordingConnector):
+        async def _call(self, *call):
+            self.calls.append(call)
+            raise ConnectorError(ErrorKind.TRANSIENT, "unavailable", status=503)
+
+    router = Router()
+    connector = Unavailable()
+    turn = turn_for(activity(), connector)
+    called = []
+
+    @router.error
+    async def on_error(turn, error):
+        called.append(error)
+        await turn.reply("Oops")
+
+    with pytest.raises(ConnectorError) as failed:
+        await turn.reply("hello")  # the handler's own reply meets the Connector failing
+    await router.handle_error(turn, failed.value)
+    assert called == [] and len(connector.calls) == 1
+
+
 async def test_a_custom_error_handler_is_seen_under_expect_replies():
     # The turn answers 500 then, so what the handler sends cannot wait for that answer.
     router = Router()

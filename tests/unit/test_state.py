@@ -172,6 +172,33 @@ async def test_changed_state_is_written_and_read_back(store):
     assert await State(store, USER).load() == {"theme": "dark"}
 
 
+async def test_subclasses_of_json_types_are_their_json_kind(store):
+    # A StrEnum is written as its string, a defaultdict as an object: once saved, nothing
+    # is left to save (every later save wrote again, and a save that met another writer
+    # left the handler's data unrefreshed).
+    import enum
+    from collections import defaultdict
+
+    class Theme(enum.StrEnum):
+        DARK = "dark"
+
+    state = State(store, USER)
+    data = await state.load()
+    data.update(theme=Theme.DARK, seen=defaultdict(int, ada=1))
+    assert await state.save() is True
+    assert state.changed is False
+    assert await state.save() is False
+    assert (await store.read(USER)).data == {"theme": "dark", "seen": {"ada": 1}}
+
+    other = State(store, USER)  # another turn counts meanwhile
+    (await other.load())["n"] = 1
+    assert await other.save() is True
+    data["seen"]["bob"] = 1
+    assert await state.save() is True  # merged with the other's change
+    assert data == {"theme": "dark", "seen": {"ada": 1, "bob": 1}, "n": 1}
+    assert await state.save() is False
+
+
 async def test_a_change_json_tells_apart_is_saved(store):
     # Python holds True == 1 and 1 == 1.0; JSON does not, and the next turn reads the type.
     await store.write(USER, {"on": 1, "off": 0, "flags": [1, 0], "ratio": 1}, etag=None)
