@@ -386,7 +386,7 @@ def _require_bare_authority(authority: str) -> None:
     host = parts.hostname or ""
     if (
         authority.lower() != whole
-        or not re.fullmatch(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+", host)  # a name or an IP
+        or not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+", host)  # a name or an IP
         or parts.netloc.endswith(":")
         or "@" in parts.netloc
     ):
@@ -491,9 +491,10 @@ def _ncrontab_value(
 _TIMESPAN = re.compile(
     r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
 )
-_TIMESPAN_DAYS = 10_675_199
-# The plans (by WEBSITE_SKU) whose timer takes no TimeSpan.
-_NO_TIMESPAN_PLANS = {"dynamic": "Consumption", "flexconsumption": "Flex Consumption"}
+_TIMESPAN_MAX = 922_337_203_685  # seconds in .NET's TimeSpan.MaxValue, whole
+# The plans (by WEBSITE_SKU) whose timer takes no TimeSpan. (Linux Consumption, the only
+# Consumption a Python app has, runs one: its host only warns.)
+_NO_TIMESPAN_PLANS = {"flexconsumption": "Flex Consumption"}
 
 
 def _validate_schedule(schedule: str, sku: str = "") -> str:
@@ -506,7 +507,7 @@ def _validate_schedule(schedule: str, sku: str = "") -> str:
         parts = [int(part) for part in match.groups(default="0")] if match else []
         if (
             not parts
-            or parts[0] > _TIMESPAN_DAYS
+            or parts[0] * 86_400 + parts[1] * 3_600 + parts[2] * 60 + parts[3] > _TIMESPAN_MAX
             or parts[1] > 23
             or parts[2] > 59
             or parts[3] > 59

@@ -289,7 +289,8 @@ class Router:
         """Replace the apology sent when a handler raises (the failure is logged either way).
         It is called where the apology would be sent, and only there (see
         :meth:`handle_error`): not for a message extension's invoke, a card's automatic
-        refresh or the bot's removal, nor after this conversation's Connector failed.
+        refresh or the bot's removal, nor after this conversation's Connector failed, nor
+        with less than a second of the channel's wait left.
         What it sends goes to the Connector even under ``expectReplies``: the turn's answer
         is then the failure, which carries nothing. Its ``turn.send``, ``reply``,
         ``update_activity`` and ``delete_activity`` keep within what is left of the
@@ -355,9 +356,6 @@ class Router:
                 turn.retry = turn.connector.retry_within(max(left, 0.0))
             if _no_apology(turn.activity) or _connector_failing(turn, error):
                 pass  # no apology, nor the bot's own in its place
-            elif self._on_error is not None:
-                turn.buffering = False  # the answer is the failure: sent now or never seen
-                await self._on_error(turn, error)
             elif left is not None and left < 1.0:
                 logger.warning(
                     "no apology: activity=%s conversation=%s: too little is left of "
@@ -365,6 +363,9 @@ class Router:
                     clip(turn.activity.get("id")),
                     clip(turn.conversation_key),
                 )
+            elif self._on_error is not None:
+                turn.buffering = False  # the answer is the failure: sent now or never seen
+                await self._on_error(turn, error)
             else:
                 await turn.reply(self.apology, buffer=False)
         except Exception as failure:

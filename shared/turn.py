@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -117,7 +118,7 @@ class TurnContext:
         self._conversation_state: State | None = None
         self._user_state: State | None = None
         self._text: str | None = None
-        self._later = 0  # send_later calls made so far: the next one's place in the turn
+        self._later: dict[str, int] = {}  # send_later requests made so far, by content
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -389,18 +390,39 @@ class TurnContext:
         outgoing = self._outgoing(text_or_activity)
         reference = {k: v for k, v in self.reference.items() if k != "activityId"}
         request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
-        place, self._later = self._later, self._later + 1
-        request_id = self._later_id(place) if request_id is None else request_id
+        if request_id is None:
+            request_id = self._later_id(request)
         if request_id is not None:
             request["id"] = request_id
         return await enqueue(request, settings=self.settings, delay=delay)
 
-    def _later_id(self, place: int) -> str | None:
-        """The id of the turn's `place`-th send_later (None: the activity has no id)."""
-        activity_id = self.activity.get("id")
+    def _later_id(self, request: Mapping[str, Any]) -> str | None:
+        """The id of a send_later `request` made without one: the same when the channel
+        sends this activity again (its body unchanged) and the handler asks the same again,
+        another for another activity. An edit, a deletion or a reaction carries the id of
+        the message it is about, so the activity's type, timestamp and sender count too;
+        and the request's content, the n-th time this turn asks it. None (a random id)
+        for an activity without an id."""
+        activity = self.activity
+        activity_id = activity.get("id")
         if not isinstance(activity_id, str) or not activity_id:
             return None
-        seed = "\n".join((self.conversation_key, activity_id, str(place)))
+        sender = activity.get("from")
+        content = json.dumps(request, sort_keys=True, default=str)
+        nth = self._later.get(content, 0)
+        self._later[content] = nth + 1
+        seed = json.dumps(
+            [
+                self.conversation_key,
+                activity.get("type"),
+                activity_id,
+                activity.get("timestamp"),
+                sender.get("id") if isinstance(sender, Mapping) else None,
+                content,
+                nth,
+            ],
+            default=str,
+        )
         return "turn:" + hashlib.sha256(seed.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
     def _outgoing(self, value: str | Mapping[str, Any]) -> Activity:

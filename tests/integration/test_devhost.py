@@ -823,7 +823,7 @@ async def eventually(check: Callable[[], Awaitable[Any]], seconds: float, what: 
 async def test_a_connection_string_with_empty_segments_reaches_the_queue(azurite):
     # As the Functions host and the app (shared.config) read it: empty `;` segments are
     # skipped (the host had refused what the app and Azure accept).
-    spaced = azurite.connection_string.replace(";", ";;") + ";"
+    spaced = " " + azurite.connection_string.replace(";", ";;") + ";\n"
     settings = {"AzureWebJobsStorage": spaced}
     service = queue_service_client(
         resolve_connection("AzureWebJobsStorage", settings, where="test"), where="test"
@@ -834,6 +834,10 @@ async def test_a_connection_string_with_empty_segments_reaches_the_queue(azurite
         await queue.send_message("hello")
         assert [m.content async for m in queue.receive_messages()] == ["hello"]
         await queue.delete_queue()
+    # Whitespace around the value is no part of it either (the app strips it too).
+    development = {"AzureWebJobsStorage": " UseDevelopmentStorage=true\n"}
+    resolved = resolve_connection("AzureWebJobsStorage", development, where="test")
+    assert "QueueEndpoint=http://127.0.0.1:10001/" in (resolved.connection_string or "")
 
 
 @pytest.fixture

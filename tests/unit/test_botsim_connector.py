@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -67,12 +68,18 @@ async def test_unknown_routes_answer_404_and_are_recorded(fake_connector, http):
         ("msteams", "x" * 50_000, 200),  # 100 KB as UTF-16: Teams' limit
         ("msteams", "x" * 52_000, 413),
         ("msteams", "\u4e2d" * 52_000, 413),  # 156 KB of UTF-8, 104 KB of UTF-16
+        # 18 KB of UTF-16, sent as \\u escapes (54 KB of JSON): the text counts, not its spelling.
+        ("msteams", "\u4e2d" * 9_000, 200),
+        ("msteams", "\U0001f600" * 4_500, 200),
     ],
 )
 async def test_a_message_over_the_services_size_limits_is_refused(http, channel, text, status):
     activity = {"type": "message", "channelId": channel, "text": text}
+    body = json.dumps(activity)  # ensure_ascii, as the bot's client sends it
     with FakeConnector() as fake:
-        async with http.post(url(fake, "/v3/conversations/c/activities"), json=activity) as answer:
+        target = url(fake, "/v3/conversations/c/activities")
+        headers = {"Content-Type": "application/json"}
+        async with http.post(target, data=body, headers=headers) as answer:
             assert answer.status == status
             body = await answer.json()
     if status == 413:

@@ -402,6 +402,30 @@ async def test_a_custom_error_handler_is_not_called_where_no_apology_goes(incomi
     assert (called, connector.calls) == ([], [])
 
 
+async def test_a_custom_error_handler_is_not_called_with_less_than_a_second_left():
+    import time
+
+    from shared.router import APOLOGY_MARGIN
+
+    class Timed(RecordingConnector):
+        def retry_within(self, seconds):  # what the real client offers the error path
+            return None
+
+    router = Router()
+    connector = Timed()
+    called = []
+
+    @router.error
+    async def on_error(turn, error):
+        called.append(error)
+        await turn.reply("Oops")
+
+    turn = turn_for(activity(), connector)
+    turn.answer_by = time.monotonic() + APOLOGY_MARGIN + 0.5
+    await router.handle_error(turn, KeyError("k"))
+    assert (called, connector.calls) == ([], [])
+
+
 async def test_a_custom_error_handler_is_not_called_after_the_connector_failed_here():
     from shared.connector.errors import ConnectorError, ErrorKind
 

@@ -9,6 +9,7 @@ test_example_cards_and_state.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -205,6 +206,55 @@ async def test_send_later_refuses_what_the_proactive_engine_cannot_send(tmp_path
     with pytest.raises(InvalidRequest, match="delay"):
         await turn.send_later("later", delay=-5)
     assert turn.connector.calls == []
+
+
+@pytest.mark.integration
+async def test_send_later_ids_repeat_only_for_the_same_activity_asking_the_same(
+    azurite, unique_name, tmp_path
+):
+    # A channel's resend repeats the activity's body: its requests get the ids they got
+    # the first time (the queue sends each once). An edit, a deletion or a reaction
+    # carries the id of the message it is about: those are other activities, whose
+    # requests must not be taken for the first one's (they were dropped as done).
+    import base64
+
+    from azure.storage.queue import QueueClient
+
+    from shared.producer import producer_settings
+    from shared.storage import close_shared_clients
+
+    queue = unique_name("later")
+    env = {"AzureWebJobsStorage": azurite.connection_string, "BOT_PROACTIVE_QUEUE": queue}
+    settings = producer_settings(env, tmp_path)
+    message = activity(id="m-1", timestamp="2026-12-07T08:00:00.000Z", text="remind")
+    ids = []
+
+    async def asks(incoming, *texts, delay=0.0):
+        turn = TurnContext(incoming, RecordingConnector(), settings=settings)
+        ids.append([await turn.send_later(text, delay=delay) for text in texts])
+
+    try:
+        await asks(message, "stretch", "stretch", "drink")  # the same text twice: 2 sends
+        await asks(dict(message), "stretch", "stretch", "drink", delay=1)  # sent again
+        edited = dict(message, type="messageUpdate", timestamp="2026-12-07T08:01:00.000Z")
+        await asks(edited, "stretch")
+        by_ada = activity("messageReaction", id="m-1", timestamp="2026-12-07T08:02:00.000Z")
+        by_bob = dict(by_ada, **{"from": {"id": "29:bob"}})
+        await asks(by_ada, "thanks")
+        await asks(by_bob, "thanks")
+    finally:
+        await close_shared_clients()
+
+    first, again, edit, ada, bob = ids
+    assert again == first and len(set(first)) == 3
+    assert len(set(first) | set(edit) | set(ada) | set(bob)) == 6
+    await asyncio.sleep(1.2)  # the resend's requests, delayed a second, visible
+    client = QueueClient.from_connection_string(azurite.connection_string, queue)
+    queued = [
+        json.loads(base64.b64decode(m.content))["id"]
+        for m in client.receive_messages(max_messages=32)
+    ]
+    assert sorted(queued) == sorted(first + again + edit + ada + bob)
 
 
 # ---------------------------------------------------------------------------- cards

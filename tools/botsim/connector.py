@@ -655,9 +655,11 @@ def _too_big(recorded: RecordedRequest) -> bool:
     if len(body) > MAX_BODY_BYTES:
         return True
     payload = recorded.json
-    teams = isinstance(payload, dict) and payload.get("channelId") == "msteams"
-    utf16 = len(body.decode("utf-8", "replace").encode("utf-16-le"))
-    return teams and utf16 > TEAMS_MAX_UTF16_BYTES
+    if not isinstance(payload, dict) or payload.get("channelId") != "msteams":
+        return False
+    # The message as text, not as sent: a client's JSON may spell é or 中 as \\u escapes.
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-16-le", "surrogatepass")) > TEAMS_MAX_UTF16_BYTES
 
 
 def _json_or_none(body: bytes) -> Any:

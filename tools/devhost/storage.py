@@ -36,7 +36,8 @@ def resolve_connection(name: str, settings: Mapping[str, str], *, where: str) ->
     """The connection named by a binding; a missing setting is a HostError naming it."""
     for setting in (name, f"AzureWebJobs{name}"):
         # Empty `;` segments skipped, as the Functions host (and shared.config) skip them.
-        value = ";".join(part for part in settings.get(setting, "").split(";") if part.strip())
+        value = settings.get(setting, "").strip()
+        value = ";".join(part for part in value.split(";") if part.strip())
         if value:
             return Connection(setting, connection_string=_expand_development_storage(value))
     account_url = (
