@@ -1437,3 +1437,58 @@ def test_host_json_keys_are_read_in_any_case_as_on_azure(tmp_path: Path) -> None
     queues = read_host_config(other).queues
     assert (queues.batch_size, queues.max_dequeue_count) == (8, 3)
     assert _host_json_max_dequeue_count(other / "host.json") == 3
+
+
+# --- who may reach it ------------------------------------------------------------------
+
+LOCAL_MODE = {"MicrosoftAppId": "", "BOT_ALLOW_UNAUTHENTICATED": "true"}  # the example's
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+@pytest.mark.parametrize("source", ["local.settings.json", "environment"])
+def test_an_unauthenticated_bot_is_not_served_beyond_loopback(tmp_path, address, source):
+    # It trusts loopback serviceUrls: anyone reaching it could make it post to any port of
+    # this machine (and it would store that conversation).
+    app = _app(tmp_path / "app", HTTP_BINDINGS)
+    if source == "local.settings.json":
+        (app / "local.settings.json").write_text(json.dumps({"Values": LOCAL_MODE}))
+    env = LOCAL_MODE if source == "environment" else {}
+    host = DevHost(env, tmp_path, root=app, functions=(), extra=("--host", address))
+    code = host.wait_exit(timeout=20)
+    assert not accepts_connections(host.port)
+    assert code == 1
+    lines = host.stderr.strip().splitlines()
+    assert len(lines) == 1, host.stderr  # one line, nothing loaded or logged before it
+    assert lines[0].startswith(f"devhost: error: --host {address}: ")
+    assert "loopback only" in lines[0] and "set MicrosoftAppId" in lines[0]
+    assert host.stdout == ""  # no function listed: nothing started
+
+
+@pytest.mark.parametrize(
+    ("address", "settings", "refused"),
+    [
+        ("127.0.0.1", LOCAL_MODE, False),
+        ("::1", LOCAL_MODE, False),
+        ("localhost", LOCAL_MODE, False),
+        ("127.0.0.2", LOCAL_MODE, False),
+        ("192.0.2.10", LOCAL_MODE, True),
+        ("bot.example", LOCAL_MODE, True),  # a name may resolve anywhere
+        ("", LOCAL_MODE, True),  # every interface
+        ("0.0.0.0", {**LOCAL_MODE, "BOT_ALLOW_UNAUTHENTICATED": "TRUE "}, True),
+        (
+            "0.0.0.0",
+            {**LOCAL_MODE, "MicrosoftAppId": "00000000-0000-0000-0000-0000000000a1"},
+            False,
+        ),
+        ("0.0.0.0", {"BOT_ALLOW_UNAUTHENTICATED": "false"}, False),  # the bot refuses all
+        ("0.0.0.0", {}, False),  # another app's settings
+    ],
+)
+def test_which_hosts_an_unauthenticated_bot_may_listen_on(address, settings, refused):
+    from tools.devhost.__main__ import check_exposure
+
+    if refused:
+        with pytest.raises(HostError, match="loopback only"):
+            check_exposure(address, settings)
+    else:
+        check_exposure(address, settings)

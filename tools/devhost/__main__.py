@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -25,6 +26,10 @@ logger = logging.getLogger("tools.devhost")
 QUIET_LOGGERS = ("aiohttp.access", "asyncio", "urllib3")
 BOT_ROOT = Path(__file__).resolve().parents[2]  # the function app this repo is
 DEBUG_SETTING = "PYTHON_ENABLE_DEBUG_LOGGING"  # the Python worker's: "1" forwards DEBUG too
+# The app's settings of local unauthenticated mode (shared/config.py), read here by name:
+# importing the bot's `shared` would stand in for another app's own.
+ALLOW_SETTING = "BOT_ALLOW_UNAUTHENTICATED"
+APP_ID_SETTING = "MicrosoftAppId"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m tools.devhost", description="Run the function app locally"
     )
     parser.add_argument("--port", type=int, default=7071, help="HTTP port (default 7071; 0: any)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (not loopback: only with MicrosoftAppId set)",
+    )
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="function app folder")
     parser.add_argument("--functions", nargs="+", metavar="NAME", help="run only these functions")
     return parser.parse_args(argv)
@@ -59,6 +68,7 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
         raise HostError(f"--root: {args.root} is not a folder")
     # Like the real host: settings are in os.environ before any function module is imported.
     settings = apply_settings(load_local_settings(root), os.environ)
+    check_exposure(args.host, settings)
     if root == BOT_ROOT:  # another app's own `shared` must not meet the bot's
         _apply_binding_defaults(settings)
     if settings.get(DEBUG_SETTING, "").strip() == "1":
@@ -71,6 +81,32 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
     if collect:
         gc.enable()
     return await serve(app, settings, HostOptions(host=args.host, port=args.port))
+
+
+def check_exposure(host: str, settings: dict[str, str]) -> None:
+    """HostError when `host` is not a loopback address and the settings run the bot
+    unauthenticated (BOT_ALLOW_UNAUTHENTICATED true, no MicrosoftAppId, as the app reads
+    them): it trusts loopback serviceUrls, so anyone reaching it could make it post to any
+    port of this machine, and store that conversation."""
+    allow = settings.get(ALLOW_SETTING, "").strip().lower() in ("true", "1", "yes")
+    if is_loopback(host) or not allow or settings.get(APP_ID_SETTING, "").strip():
+        return
+    raise HostError(
+        f"--host {host}: the settings run the bot unauthenticated ({ALLOW_SETTING}=true, "
+        f"no {APP_ID_SETTING}), and an unauthenticated bot listens on loopback only (anyone "
+        "reaching it could make it post to any port of this machine): set "
+        f"{APP_ID_SETTING} to serve other hosts"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address; anything else (every interface, a name) is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _apply_binding_defaults(settings: dict[str, str]) -> None:
