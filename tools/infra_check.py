@@ -21,7 +21,7 @@
 Each check returns a list of problems (empty when the rule holds), so the tests can run
 them against mutated copies and see them fail.
 
-    python -m tools.infra_check [INFRA_DIR]
+    python -m tools.infra_check [INFRA_DIR]   # exit 1: problems; 2: a file it cannot read
     python -m tools.infra_check --role-condition   # the deployer's role assignment condition
 """
 
@@ -786,16 +786,54 @@ def _check_app_accepts(values: dict[str, Any], infra: Path) -> list[str]:
     return []
 
 
+class InputError(Exception):
+    """A file the checks read is missing or not readable; the message names it."""
+
+
+PARAMETER_FILE = "main.parameters.json"
+REQUIRED_FILES = ("main.bicep", PARAMETER_FILE)
+
+
+def parameter_values(infra: Path = INFRA) -> dict[str, Any]:
+    """Each parameter's `value` in main.parameters.json; InputError (one line naming the
+    file, and for a JSON syntax error its line and column) when it cannot be read so."""
+    path = infra / PARAMETER_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not readable ({type(error).__name__})") from None
+    parameters = document.get("parameters") if isinstance(document, dict) else None
+    if not isinstance(parameters, dict) or not all(
+        isinstance(entry, dict) for entry in parameters.values()
+    ):
+        raise InputError(f'{path}: must be an object whose "parameters" object holds objects')
+    return {name: entry.get("value") for name, entry in parameters.items()}
+
+
+def check_inputs(infra: Path) -> None:
+    """InputError when `infra` is not a folder with the files the checks read."""
+    if not infra.is_dir():
+        raise InputError(f"{infra}: not a folder (give the infra folder, or none for ./infra)")
+    for name in REQUIRED_FILES:
+        if not (infra / name).is_file():
+            raise InputError(f"{infra / name}: no such file")
+    parameter_values(infra)
+
+
 def check_parameter_file(infra: Path = INFRA) -> list[str]:
     """main.parameters.json names only parameters main.bicep has, with values of their type
     and within their @allowed / @minValue / @maxValue / @minLength / @maxLength (and the
     PATTERNS their descriptions state), and gives every parameter that has no default."""
     declared = load(infra, "main.bicep")["parameters"]
-    path = infra / "main.parameters.json"
-    values = {
-        name: entry.get("value")
-        for name, entry in json.loads(path.read_text())["parameters"].items()
-    }
+    path = infra / PARAMETER_FILE
+    try:
+        values = parameter_values(infra)
+    except InputError as error:
+        return [str(error)]
     problems = [
         f"{path.name}: {name} is not a parameter" for name in values if name not in declared
     ]
@@ -872,6 +910,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     infra = args.infra
+    try:
+        check_inputs(infra)
+    except InputError as error:
+        print(f"infra_check: {error}", file=sys.stderr)
+        return 2
     if args.role_condition:
         print(role_condition(infra.resolve()))
         return 0

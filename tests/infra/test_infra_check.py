@@ -547,3 +547,45 @@ def test_the_producers_prefixes_are_the_stores_own() -> None:
     )
     for private in (state_blob.STATE_PREFIX, keys._USER_PREFIX, schedules.STATE_PREFIX):
         assert not private.startswith(infra_check.PRODUCER_READS)
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.infra_check", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_parameter_file_that_is_not_json_is_one_line_naming_it(infra_copy: Path) -> None:
+    path = infra_copy / "main.parameters.json"
+    path.write_text('{\n  "parameters": {\n    "schedule": {"value": "0 * * * * *",}\n  }\n}\n')
+    result = run_check(str(infra_copy))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"infra_check: {path}: not valid JSON at line 3, column 41: "
+        "Expecting property name enclosed in double quotes"
+    ]
+    # The check alone says so too, as a problem (no traceback for a caller either).
+    assert infra_check.check_parameter_file(infra_copy) == [result.stderr[13:].strip()]
+
+
+@pytest.mark.parametrize("role_condition", [False, True], ids=["check", "role-condition"])
+def test_a_folder_that_is_not_there_is_one_line_naming_it(tmp_path: Path, role_condition) -> None:
+    missing = tmp_path / "nowhere"
+    result = run_check(str(missing), *(["--role-condition"] if role_condition else []))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"infra_check: {missing}: not a folder" + NOT_A_FOLDER]
+
+
+NOT_A_FOLDER = " (give the infra folder, or none for ./infra)"
+
+
+def test_a_folder_without_the_template_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    result = run_check(str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"infra_check: {tmp_path / 'main.bicep'}: no such file"]
