@@ -262,18 +262,30 @@ def ready_line(args: argparse.Namespace) -> str:
     )
 
 
+STATUS_TIMEOUT = 2.0  # seconds for the host's status answer
+SLOW_START = 120.0  # seconds of "not running yet" after which the wait is said
+
+
 def host_running(port: int) -> bool | None:
     """What the host says of itself (`GET /admin/host/status`): True once it is `Running`,
-    False while it is still starting, None when it does not say."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    False while it is still starting (another state, or no answer yet: refused, cut or
+    timed out), None when it does not say (404, or an answer that is not JSON with a
+    `state`)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=STATUS_TIMEOUT)
     try:
         connection.request("GET", "/admin/host/status")
         response = connection.getresponse()
-        document = json.loads(response.read()) if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
+        body = response.read()
+    except (OSError, http.client.HTTPException):
+        return False  # no answer yet: not running yet
     finally:
         connection.close()
+    if response.status == 404:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
     state = document.get("state") if isinstance(document, dict) else None
     return state == "Running" if isinstance(state, str) else None
 
@@ -285,11 +297,20 @@ def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> 
     (the repo's host does), once it is running: after its own start-up lines, not above them.
     """
     host = subprocess.Popen(command, cwd=ROOT, env=env)
+    slow_at = time.monotonic() + SLOW_START
     try:
         while host.poll() is None:
             if listening(port) and host_running(port) is not False:
                 print(ready, flush=True)
                 break
+            if time.monotonic() > slow_at:  # said once; the wait goes on
+                slow_at = float("inf")
+                print(
+                    f"make run: the host has not said it is running after {SLOW_START:.0f} s "
+                    "(see its lines above); still waiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(0.1)
         return host.wait()
     except (KeyboardInterrupt, Terminated) as stop:

@@ -421,3 +421,51 @@ def test_another_settings_file_runs_the_local_host_even_with_core_tools_installe
     assert run_local.host_command(run_local.parse_args([]))[:2] == ["func", "start"]
     command = run_local.host_command(run_local.parse_args(["--settings", str(other)]))
     assert command[1:3] == ["-m", "tools.devhost"]
+
+
+# A stand-in host for the Ready line's wait: listens on argv[1] and answers its status
+# endpoint as argv[2] says: `hang` leaves requests of the first second unanswered (past the
+# status request's timeout) then says Running, `404` has no such endpoint; it exits after
+# its first answer, saying so first (after 6 s at the latest).
+FAKE_HOST = """
+import http.server, json, sys, threading, time
+port, mode = int(sys.argv[1]), sys.argv[2]
+started = time.monotonic()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if mode == "hang" and time.monotonic() - started < 1.0:
+            time.sleep(10)
+            return
+        print("host: answering", flush=True)
+        body = json.dumps({"state": "Running"}).encode() if mode == "hang" else b"no"
+        self.send_response(200 if mode == "hang" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        threading.Thread(target=server.shutdown).start()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+server.daemon_threads = True
+deadline = threading.Timer(6, server.shutdown)  # at the latest
+deadline.daemon = True
+deadline.start()
+server.serve_forever()
+"""
+
+
+@pytest.mark.parametrize("mode", ["hang", "404"])
+def test_the_ready_line_waits_until_the_host_says_it_runs_or_that_it_does_not_say(capfd, mode):
+    # A status request that timed out was taken as "the host does not say": `Ready:` came
+    # while the host was still starting. Only a 404 (or an answer that is not JSON) is that.
+    from tools import run_local
+
+    port = free_port()
+    command = [sys.executable, "-c", FAKE_HOST, str(port), mode]
+    started = time.monotonic()
+    code = run_local.run_host(command, dict(os.environ), "Ready: the test", port)
+    out = capfd.readouterr().out
+    assert code == 0
+    assert out.count("Ready: the test") == 1 and "host: answering" in out, out
+    assert out.index("host: answering") < out.index("Ready: the test"), out
+    assert time.monotonic() - started < 15
