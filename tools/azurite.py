@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -107,9 +108,20 @@ class Azurite:
     def connection_string(self) -> str:
         return connection_string(self.blob_port, self.queue_port, self.scheme)
 
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"blob": self.blob_port, "queue": self.queue_port, "table": self.table_port}
+
     def start(self, timeout: float = 30.0) -> Azurite:
         if not AZURITE_BIN.exists():
+            self.stop()  # removes a temporary folder of its own
             raise RuntimeError("Azurite is not installed: run `make setup` first")
+        # Azurite exits when a port is taken, but what holds it answers all the same: it
+        # would pass for this one.
+        taken = {service: port for service, port in self.ports.items() if port_in_use(port)}
+        if taken:
+            self.stop()
+            raise PortsTaken(taken)
         args = [
             str(AZURITE_BIN),
             "--silent",
@@ -149,7 +161,10 @@ class Azurite:
                 self.stop()  # removes a temporary folder of its own
                 raise RuntimeError(f"Azurite exited with code {code}")
             if listening(self.blob_port) and listening(self.queue_port):
-                return self
+                time.sleep(0.1)  # taken meanwhile: its process exits at once
+                if self.process.poll() is None:
+                    return self
+                continue
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("Azurite did not start in time")
@@ -175,6 +190,49 @@ class Azurite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PortsTaken(RuntimeError):
+    """Ports an Azurite was to listen on are taken; says by what, when it is an Azurite."""
+
+    def __init__(self, taken: dict[str, int]) -> None:
+        self.taken = taken
+        named = ", ".join(f"{port} ({service})" for service, port in taken.items())
+        ports = "port" if len(taken) == 1 else "ports"
+        answering = [port for service, port in taken.items() if service != "table"]
+        if answering and all(answers_as_azurite(port) for port in answering):
+            why = "an Azurite already answers there: use it, or stop it first"
+        else:
+            held = "it" if len(taken) == 1 else "them"
+            why = f"another program holds {held}: stop it, or choose other ports"
+        super().__init__(f"{ports} {named} taken: {why}")
+
+
+def port_in_use(port: int) -> bool:
+    """True when something answers on 127.0.0.1:port or a listener could not bind it."""
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def answers_as_azurite(port: int) -> bool:
+    """True when an HTTP request to the port gets Azurite's `Server` header back."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/")
+        return "azurite" in (connection.getresponse().getheader("Server") or "").lower()
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 def listening(port: int) -> bool:
@@ -258,18 +316,32 @@ def main(argv: list[str] | None = None) -> int:
         key_path=args.key,
         oauth=args.oauth,
     )
-    azurite.start()
+    try:
+        azurite.start()
+    except RuntimeError as error:  # its ports taken, not installed, exited, too slow
+        print(f"azurite: {error}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as error:
+        azurite.stop()
+        print(
+            f"azurite: Azurite could not be run ({type(error).__name__}): is Node.js installed?",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     data = "in memory" if azurite.in_memory else f"data in {azurite.location}"
     print(f"Azurite running: {azurite.connection_string} ({data})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while azurite.process and azurite.process.poll() is None:
             time.sleep(0.5)
+        code = azurite.process.returncode if azurite.process else None
+        print(f"azurite: Azurite exited with code {code}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         azurite.stop()
-    return 0
 
 
 if __name__ == "__main__":

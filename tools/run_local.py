@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,9 +35,11 @@ from tools.azurite import (
     ROOT,
     TOO_OLD,
     Azurite,
+    answers_as_azurite,
     connection_string,
     ensure_resources,
     listening,
+    port_in_use,
     too_old,
 )
 
@@ -98,33 +99,6 @@ def _repo_values() -> dict[str, str]:
         return {}
     values = document.get("Values") if isinstance(document, dict) else None
     return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
-
-
-def port_in_use(port: int) -> bool:
-    """True when something answers on 127.0.0.1:port or a listener could not bind it."""
-    with socket.socket() as probe:
-        probe.settimeout(0.2)
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            return True
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-def answers_as_azurite(port: int) -> bool:
-    """True when an HTTP request to the port gets Azurite's `Server` header back."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", "/")
-        return "azurite" in (connection.getresponse().getheader("Server") or "").lower()
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
 
 
 @contextlib.contextmanager
