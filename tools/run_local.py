@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import http.client
 import json
 import os
@@ -76,11 +77,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EXAMPLE = "local.settings.example.json"
+IGNORED_SETTINGS = "local.settings*.json"  # .gitignore's: where settings (secrets) go
+
+
 def load_settings(path: Path) -> dict[str, str]:
     """`Values` of the settings file, created from the example when it does not exist."""
     if not path.exists():
-        shutil.copyfile(ROOT / "local.settings.example.json", path)
-        print(f"created {path.name} from local.settings.example.json", flush=True)
+        try:
+            shutil.copyfile(ROOT / EXAMPLE, path)
+        except OSError as error:
+            reason = (
+                f"its folder {path.parent} does not exist"
+                if not path.parent.is_dir()
+                else (error.strerror or type(error).__name__)
+            )
+            raise RunError(f"cannot create {path} from {EXAMPLE}: {reason}") from None
+        print(f"created {path.resolve()} from {EXAMPLE}{_not_ignored(path)}", flush=True)
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as error:
@@ -89,6 +102,15 @@ def load_settings(path: Path) -> dict[str, str]:
     if not isinstance(values, dict):
         raise RunError(f'{path.name} must be a JSON object with a "Values" object')
     return {str(k): str(v) for k, v in values.items() if v is not None}
+
+
+def _not_ignored(path: Path) -> str:
+    """A warning when git would offer the new settings file for a commit: in the repo,
+    under a name .gitignore does not hold (it may get secrets)."""
+    inside = path.resolve().is_relative_to(ROOT)
+    if not inside or fnmatch.fnmatchcase(path.name, IGNORED_SETTINGS):
+        return ""
+    return f" (git does not ignore it: only {IGNORED_SETTINGS} files are; keep secrets out of it)"
 
 
 def _repo_values() -> dict[str, str]:

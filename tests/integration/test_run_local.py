@@ -12,6 +12,7 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -469,3 +470,65 @@ def test_the_ready_line_waits_until_the_host_says_it_runs_or_that_it_does_not_sa
     assert out.count("Ready: the test") == 1 and "host: answering" in out, out
     assert out.index("host: answering") < out.index("Ready: the test"), out
     assert time.monotonic() - started < 15
+
+
+def git(folder: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_a_settings_file_it_creates_is_said_with_where_and_kept_out_of_git(tmp_path, capsys):
+    # `--settings NEWFILE` (a file where users put secrets) showed in `git status`.
+    from tools import run_local
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    (repo / "local.settings.example.json").write_text("{}")  # the example stays tracked
+    tracked = git(ROOT, "ls-files", "local.settings*.json", "*/local.settings*.json").split()
+    assert tracked == ["local.settings.example.json"]
+    created = repo / "local.settings.dev.json"
+
+    values = run_local.load_settings(created)
+
+    assert values["BOT_ALLOW_UNAUTHENTICATED"] == "true"  # the example's
+    out = capsys.readouterr().out
+    assert out == f"created {created} from local.settings.example.json\n"
+    status = git(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    assert sorted(status) == ["?? .gitignore", "?? local.settings.example.json"]
+
+
+def test_a_settings_file_it_creates_under_a_name_git_would_take_says_so(
+    tmp_path, capsys, monkeypatch
+):
+    from tools import run_local
+
+    repo = tmp_path / "repo"  # the repo, as the tool sees it
+    repo.mkdir()
+    shutil.copyfile(ROOT / "local.settings.example.json", repo / "local.settings.example.json")
+    monkeypatch.setattr(run_local, "ROOT", repo)
+    outside = tmp_path / "mine.json"  # out of the repo: nothing to say
+    run_local.load_settings(outside)
+    assert capsys.readouterr().out == f"created {outside} from local.settings.example.json\n"
+    inside = repo / "settings.json"
+    run_local.load_settings(inside)
+    out = capsys.readouterr().out
+    assert out.startswith(f"created {inside} from local.settings.example.json (git does not")
+    assert "only local.settings*.json files are" in out
+
+
+def test_a_settings_file_in_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    from tools import run_local
+
+    path = tmp_path / "nowhere" / "x.json"
+    ports = [f"--{s}-port={free_port()}" for s in ("blob", "queue", "table")]
+    code = run_local.main(["--devhost", f"--port={free_port()}", *ports, f"--settings={path}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines() == [
+        f"make run: cannot create {path} from local.settings.example.json: its folder "
+        f"{path.parent} does not exist"
+    ]
+    assert not path.parent.exists()
