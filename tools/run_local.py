@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from shared.config import AZURE_HOST_MARKERS
+from tools.args import tcp_port
 from tools.azurite import (
     DEFAULT_PORTS,
     ROOT,
@@ -65,9 +66,9 @@ class Terminated(BaseException):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.run_local", description=__doc__)
-    parser.add_argument("--port", type=int, default=PORT, help="the bot's HTTP port")
+    parser.add_argument("--port", type=tcp_port, default=PORT, help="the bot's HTTP port")
     for service in ("blob", "queue", "table"):
-        parser.add_argument(f"--{service}-port", type=int, default=DEFAULT_PORTS[service])
+        parser.add_argument(f"--{service}-port", type=tcp_port, default=DEFAULT_PORTS[service])
     parser.add_argument("--settings", type=Path, default=SETTINGS_FILE, help="local settings")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="Azurite's data folder")
     parser.add_argument("--devhost", action="store_true", help="never use `func start`")

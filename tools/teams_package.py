@@ -155,7 +155,17 @@ def main(argv: list[str] | None = None) -> int:
             args.privacy,
             args.terms,
         )
-        build(args.output, values)
+        if args.output.is_dir():
+            raise PackageError(
+                f"{args.output} is a folder: give the zip's file name, e.g. "
+                f"{args.output / 'teams-app.zip'}"
+            )
+        try:
+            build(args.output, values)
+        except OSError as error:  # a parent that is a file, no permission, a full disk
+            raise PackageError(
+                f"cannot write {args.output}: {error.strerror or type(error).__name__}"
+            ) from None
     except PackageError as error:
         print(f"teams-package: {error}", file=sys.stderr)
         return 2

@@ -164,3 +164,27 @@ def test_the_command_fails_clearly_without_a_bot_id(tmp_path: Path) -> None:
     assert "--bot-id must be the bot's app id" in result.stderr
     assert "Traceback" not in result.stderr
     assert not output.exists()
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_output_that_cannot_be_a_zip_is_one_line(tmp_path: Path, where: str) -> None:
+    # A folder as the output was an IsADirectoryError traceback.
+    (tmp_path / "file").write_text("")
+    output = tmp_path if where == "a folder" else tmp_path / "file" / "teams-app.zip"
+    command = ["tools.teams_package", "--bot-id", BOT_ID, "--domain", DOMAIN, str(output)]
+    result = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    expected = (
+        f"{output} is a folder: give the zip's file name, e.g. {output / 'teams-app.zip'}"
+        if where == "a folder"
+        else f"cannot write {output}: File exists"
+    )
+    assert result.stderr.splitlines() == [f"teams-package: {expected}"]
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written

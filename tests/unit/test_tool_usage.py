@@ -25,3 +25,64 @@ def test_help_shows_the_command_a_user_types(module, capsys):
         main(["--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: {COMMANDS[module]} ")
+
+
+PORT_ERROR = "is not a port (1-65535)"
+ANY_PORT_ERROR = "is not a port (0-65535; 0: any free port)"
+URL_ERROR = "is not an http(s) URL with a host, such as http://127.0.0.1:7071/api/messages"
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "error"),
+    [
+        ("tools.run_local", ["--port", "99999"], f"argument --port: '99999' {PORT_ERROR}"),
+        ("tools.run_local", ["--port", "0"], f"argument --port: '0' {PORT_ERROR}"),
+        ("tools.run_local", ["--blob-port", "-1"], f"argument --blob-port: '-1' {PORT_ERROR}"),
+        ("tools.run_local", ["--table-port", "x"], f"argument --table-port: 'x' {PORT_ERROR}"),
+        (
+            "tools.devhost.__main__",
+            ["--port", "99999"],
+            f"argument --port: '99999' {ANY_PORT_ERROR}",
+        ),
+        ("tools.botsim.chat", ["--port", "99999"], f"argument --port: '99999' {ANY_PORT_ERROR}"),
+        ("tools.botsim.chat", ["--bot", "notaurl"], f"argument --bot: 'notaurl' {URL_ERROR}"),
+        (
+            "tools.botsim.chat",
+            ["--bot", "127.0.0.1:7071/api/messages"],  # no scheme: "no bot answers" it said
+            f"argument --bot: '127.0.0.1:7071/api/messages' {URL_ERROR}",
+        ),
+        (
+            "tools.playground.__main__",
+            ["--port", "99999"],
+            f"argument --port: '99999' {PORT_ERROR}",
+        ),
+        (
+            "tools.playground.__main__",
+            ["--bot", "ftp://127.0.0.1/api/messages"],
+            f"argument --bot: 'ftp://127.0.0.1/api/messages' {URL_ERROR}",
+        ),
+    ],
+)
+def test_a_port_or_url_that_is_not_one_is_refused_before_anything_starts(
+    module, argv, error, capsys, monkeypatch, tmp_path
+):
+    # Tracebacks, and `tools.playground --port 99999` started and stopped the bot and
+    # Azurite first: now argparse's error (exit 2), before anything starts.
+    started = []
+    monkeypatch.setattr("tools.playground.__main__.start_bot", started.append)
+    monkeypatch.setattr("tools.playground.Playground.start", started.append)
+    monkeypatch.setattr("tools.azurite.Azurite.start", started.append)
+    monkeypatch.setattr("tools.botsim.connector.FakeConnector.start", started.append)
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("asyncio.run", lambda coroutine: started.append(coroutine.close()))
+    # Should it get past parsing, nothing of the repo's: its own settings file and ports.
+    if module == "tools.run_local":
+        argv = [*argv, "--settings", str(tmp_path / "local.settings.json")]
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"{COMMANDS[module]}: error: {error}"
+    assert "Traceback" not in err
+    assert started == []

@@ -24,6 +24,7 @@ import urllib.request
 import uuid
 from typing import Any, TextIO
 
+from tools.args import http_url, tcp_port_or_any
 from tools.botsim.connector import FakeConnector, RecordedRequest
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
@@ -172,9 +173,13 @@ def describe_attachment(attachment: dict) -> str:
 
 def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.botsim chat", description=__doc__)
-    parser.add_argument("--bot", default=DEFAULT_BOT, help="the bot's messages endpoint")
     parser.add_argument(
-        "--port", type=int, help=f"fake Connector port (default {DEFAULT_PORT}, else any free one)"
+        "--bot", type=http_url, default=DEFAULT_BOT, help="the bot's messages endpoint"
+    )
+    parser.add_argument(
+        "--port",
+        type=tcp_port_or_any,
+        help=f"fake Connector port (default {DEFAULT_PORT}, else any free one; 0: any free one)",
     )
     args = parser.parse_args(argv)
     for stream in (stdin, out):  # a byte the terminal's encoding lacks: replaced, not a crash

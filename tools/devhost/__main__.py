@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+from tools.args import tcp_port_or_any
 from tools.devhost.settings import HostError, apply_settings, load_local_settings
 
 logger = logging.getLogger("tools.devhost")
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.devhost", description="Run the function app locally"
     )
-    parser.add_argument("--port", type=int, default=7071, help="HTTP port (default 7071; 0: any)")
+    parser.add_argument(
+        "--port", type=tcp_port_or_any, default=7071, help="HTTP port (default 7071; 0: any)"
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",

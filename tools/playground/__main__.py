@@ -20,6 +20,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from tools.args import http_url, tcp_port
 from tools.azurite import listening
 from tools.devhost.settings import HostError, load_local_settings
 from tools.playground import CHANNELS, DEFAULT_PORT, ROOT, Playground, PlaygroundError
@@ -32,9 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.playground", description=__doc__)
     parser.add_argument("--channel", choices=CHANNELS, default="msteams", help="default msteams")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"page port (default {DEFAULT_PORT})"
+        "--port", type=tcp_port, default=DEFAULT_PORT, help=f"page port (default {DEFAULT_PORT})"
     )
-    parser.add_argument("--bot", default=DEFAULT_BOT, help="the bot's messages endpoint")
+    parser.add_argument(
+        "--bot", type=http_url, default=DEFAULT_BOT, help="the bot's messages endpoint"
+    )
     return parser.parse_args(argv)
 
 
