@@ -324,3 +324,40 @@ def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
         "bot (send, to conversation botsim-earlier)> Maintenance at 6",
         "bot (send)> Maintenance at 6",
     ]
+
+
+@pytest.mark.parametrize("where", ["in the environment", "in local.settings.json"])
+def test_the_401_hint_names_where_the_app_id_is_set(where, monkeypatch, tmp_path):
+    # It said to set "MicrosoftAppId": "" in local.settings.json when the environment set it.
+    app_id = "00000000-0000-0000-0000-00000000a99d"
+    settings = {"MicrosoftAppId": "" if where == "in the environment" else app_id}
+    (tmp_path / "local.settings.json").write_text(json.dumps({"Values": settings}))
+    # The repo's file, as the chat sees it.
+    monkeypatch.setattr(chat, "ROOT", tmp_path, raising=False)
+    if where == "in the environment":
+        monkeypatch.setenv("MicrosoftAppId", app_id)
+    else:
+        monkeypatch.delenv("MicrosoftAppId", raising=False)
+
+    async def wants_a_token(request: web.Request) -> web.Response:
+        return web.Response(status=401)
+
+    bot = stub_bot(wants_a_token)
+    out = io.StringIO()
+    try:
+        code = chat.main(
+            ["--bot", f"{bot.url}/api/messages", "--port", str(free_port())],
+            stdin=io.StringIO("hello\n"),
+            out=out,
+        )
+    finally:
+        bot.stop()
+    printed = out.getvalue()
+    assert code == 1
+    assert f"(MicrosoftAppId is set {where})" in printed
+    if where == "in the environment":
+        assert 'set in local.settings.json "MicrosoftAppId": ""' not in printed
+        assert "env -u MicrosoftAppId make run" in printed
+    else:
+        assert 'set in local.settings.json "MicrosoftAppId": ""' in printed
+    assert '"BOT_ALLOW_UNAUTHENTICATED": "true"' in printed

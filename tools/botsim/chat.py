@@ -17,25 +17,57 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any, TextIO
 
 from tools.args import http_url, tcp_port_or_any
 from tools.botsim.connector import FakeConnector, RecordedRequest
+from tools.devhost.settings import HostError, load_local_settings
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
 DEFAULT_PORT = 3980  # any loopback port works: unauthenticated mode accepts them all
 TIMEOUT = 20.0  # the channel gives a bot 15 s
 
-NEEDS_TOKEN_HINT = (
-    "the bot answered 401: it expects a channel token (MicrosoftAppId is set), and the chat "
-    'has none to send.\nTo chat locally, set in local.settings.json "MicrosoftAppId": "" '
-    'and "BOT_ALLOW_UNAUTHENTICATED": "true", then restart `make run`.'
+ROOT = Path(__file__).resolve().parents[2]  # where `make run` reads local.settings.json
+APP_ID = "MicrosoftAppId"
+NEEDS_TOKEN = (
+    "the bot answered 401: it expects a channel token (MicrosoftAppId is set{where}), and the "
+    "chat has none to send.\nTo chat locally, {fix}, then restart `make run`."
 )
+LOCAL_MODE = '"BOT_ALLOW_UNAUTHENTICATED": "true"'
+FIXES = {
+    "in the environment": (
+        'make MicrosoftAppId "" in the environment `make run` starts from (or unset it: '
+        f"`env -u MicrosoftAppId make run`) and set {LOCAL_MODE} in local.settings.json"
+    ),
+    "in local.settings.json": f'set in local.settings.json "MicrosoftAppId": "" and {LOCAL_MODE}',
+    "": (
+        f'set in local.settings.json "MicrosoftAppId": "" and {LOCAL_MODE} (and unset '
+        "MicrosoftAppId in the environment `make run` starts from, if it is set there)"
+    ),
+}
+
+
+def needs_token_hint() -> str:
+    """What to change for a bot that answered 401, naming where its app id is set as the
+    bot `make run` starts reads it (the environment, then local.settings.json), as far as
+    this process can see: the bot may have been started from another environment."""
+    where = ""
+    if os.environ.get(APP_ID, "").strip():
+        where = "in the environment"
+    else:
+        try:
+            if load_local_settings(ROOT).get(APP_ID, "").strip():
+                where = "in local.settings.json"
+        except HostError:
+            pass  # unreadable: the bot would not have started from it
+    return NEEDS_TOKEN.format(where=f" {where}" if where else "", fix=FIXES[where])
 
 
 class BotUnreachable(Exception):
@@ -231,7 +263,7 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
         print(f"{error}: start it with `make run`", file=out, flush=True)
         return 1
     if status == 401:
-        print(NEEDS_TOKEN_HINT, file=out, flush=True)
+        print(needs_token_hint(), file=out, flush=True)
         return 1
     if status >= 500:
         print(
@@ -258,7 +290,7 @@ def converse(chat: Chat, stdin: TextIO, out: TextIO) -> int:
             print(f"({error}; is `make run` still running?)", file=out, flush=True)
             continue
         if status == 401:
-            print(NEEDS_TOKEN_HINT, file=out, flush=True)
+            print(needs_token_hint(), file=out, flush=True)
             return 1
         if status >= 500:
             print(f"(the bot answered HTTP {status}: its log says why)", file=out, flush=True)
