@@ -33,7 +33,8 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from shared.activity import is_unicode_text, refuse_constant
 from shared.config import (
@@ -52,6 +53,7 @@ from shared.queues import (
     StorageQueue,
     compact_json,
 )
+from shared.urls import is_loopback_host
 
 LOCAL_SETTINGS = "local.settings.json"
 STORAGE_SETTING = "AzureWebJobsStorage"
@@ -334,6 +336,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     _quiet_library_logs()
+    settings: Settings | None = None
     try:
         settings = producer_settings()
         if args.command == "send":
@@ -376,7 +379,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
         return 0
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{_unreachable_hint(error, settings)}", file=sys.stderr)
         return 1
     except Exception as error:
         if isinstance(error, BrokenPipeError) or sys.stdout is None:
@@ -388,6 +391,45 @@ async def run(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         await close()
+
+
+UNREACHABLE = "storage unreachable"  # the stores' and the queue's word for no answer
+StorageService = Literal["blob", "queue"]
+
+
+def _unreachable_hint(error: BaseException, settings: Settings | None) -> str:
+    """For storage that did not answer: the endpoint tried (host and port only, never a key
+    or a SAS) and, for one on this machine, what starts it."""
+    if settings is None or UNREACHABLE not in str(error):
+        return ""
+    service: StorageService = "queue" if isinstance(error, QueueError) else "blob"
+    host, port = storage_endpoint(settings.storage, service)
+    if not host:
+        return ""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    local = "; locally, `make run` starts it" if is_loopback_host(host) else ""
+    return f" (tried {service} storage at {shown}{local})"
+
+
+def storage_endpoint(
+    storage: StorageSettings, service: Literal["blob", "queue"]
+) -> tuple[str, int]:
+    """The host and port the storage client of `service` reaches (("", 0) when unknown), as
+    the storage SDK reads the settings (`UseDevelopmentStorage=true`: Azurite's ports)."""
+    try:
+        if storage.connection_string:
+            if service == "blob":
+                from azure.storage.blob import BlobServiceClient as Client
+            else:
+                from azure.storage.queue import QueueServiceClient as Client
+            url = Client.from_connection_string(storage.connection_string).url
+        else:
+            url = storage.service_uri(service)
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except Exception:  # a setting the client would refuse: it was not reached for that
+        return "", 0
+    return host, port or (443 if parts.scheme == "https" else 80)
 
 
 async def _schedule(settings: Settings, args: argparse.Namespace) -> int:

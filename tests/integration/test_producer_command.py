@@ -772,3 +772,65 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
         "webchat/e\\x5cx0af",  # a backslash of its own: not read as the escape of a line break
         "webchat/plain",
     ]
+
+
+# The command with the reference store's retries cut to none: storage that does not answer
+# fails in a second, not after the ~9 s of retries a user waits.
+WITHOUT_RETRIES = """
+import sys
+from shared.references.blob import BlobReferenceStore
+from shared.storage import StorageOptions
+BlobReferenceStore.__init__.__kwdefaults__["options"] = StorageOptions(retry_total=0)
+from shared.producer import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("form", ["account key", "SAS"])
+def test_storage_that_does_not_answer_is_named_by_host_and_port_with_how_to_start_it(form):
+    # It said `error: reference store: list '*' failed: storage unreachable (...)` alone.
+    from tools.azurite import connection_string, free_port
+
+    port = free_port()
+    secret = "sig=NotToBeShown"
+    storage = (
+        connection_string(port, free_port())
+        if form == "account key"
+        else f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};SharedAccessSignature=sv=2024&{secret}"
+    )
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_RETRIES, "conversations"],
+        cwd=ROOT,
+        env={**keep, "AzureWebJobsStorage": storage},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: reference store: list '*' failed: storage unreachable (")
+    assert line.endswith(
+        f"(tried blob storage at 127.0.0.1:{port}; locally, `make run` starts it)"
+    ), line
+    assert ACCOUNT_KEY not in line and secret not in line
+
+
+def test_the_hint_names_the_queue_for_a_queue_that_does_not_answer_and_make_run_only_locally():
+    from shared.producer import _unreachable_hint, producer_settings
+    from shared.queues import QueueError
+    from shared.references.contract import StoreError
+
+    local = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    down = QueueError("proactive queue: put failed: storage unreachable (ServiceRequestError)")
+    assert _unreachable_hint(down, local) == (
+        " (tried queue storage at 127.0.0.1:10001; locally, `make run` starts it)"
+    )
+    azure = producer_settings({"AzureWebJobsStorage__accountName": "stbot"})
+    blob_down = StoreError("reference store: list '*' failed: storage unreachable (OSError)")
+    assert _unreachable_hint(blob_down, azure) == (
+        " (tried blob storage at stbot.blob.core.windows.net:443)"
+    )
+    refused = StoreError("reference store: list '*' failed: HTTP 403", status=403)
+    assert _unreachable_hint(refused, azure) == ""  # it answered: no endpoint to blame
