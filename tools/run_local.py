@@ -6,7 +6,8 @@ Creates `local.settings.json` from the example on first run, starts the repo's A
 when Azure Functions Core Tools are on PATH and the repo's own host (`tools/devhost`)
 otherwise. Once the bot answers and the host says it is running (`/admin/host/status`,
 so after the host's own start-up lines) it prints one `Ready:` line with its URL and what
-to run next (`make chat`, `make playground`; `--no-hints` leaves those out). Ctrl-C or SIGTERM
+to run next (`make chat`, `make playground`; `--no-hints` leaves those out), and with Azurite
+on other ports than its defaults the AzureWebJobsStorage the producer needs. Ctrl-C or SIGTERM
 stops everything it started and says what it stopped; a port already taken is a
 one-line message, not a traceback.
 
@@ -225,13 +226,11 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
         # ... and reads it still: what FILE leaves out must not come from it (blank is unset).
         for name in _repo_values():
             env.setdefault(name, "")
-    storage = env.get("AzureWebJobsStorage", file_values.get("AzureWebJobsStorage", ""))
-    custom_ports = (args.blob_port, args.queue_port) != (
-        DEFAULT_PORTS["blob"],
-        DEFAULT_PORTS["queue"],
+    storage = storage_on_ports(
+        args, env.get("AzureWebJobsStorage", file_values.get("AzureWebJobsStorage", ""))
     )
-    if storage.strip().lower() == DEVELOPMENT_STORAGE and custom_ports:
-        env["AzureWebJobsStorage"] = connection_string(args.blob_port, args.queue_port)
+    if storage is not None:
+        env["AzureWebJobsStorage"] = storage
     if host_command(args)[0] == "func":
         # Core Tools start the worker with the `python3` or `python` found on PATH, not
         # this one: the repo's virtual environment first, and named, as activating it would.
@@ -242,11 +241,33 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     return env
 
 
-def ready_line(args: argparse.Namespace) -> str:
-    """What to do next, once the bot answers."""
+def storage_on_ports(args: argparse.Namespace, storage: str) -> str | None:
+    """`UseDevelopmentStorage=true` names Azurite's default ports: with others, the
+    connection string of Azurite's account on them (its documented, public development
+    key: no secret), which the host gets instead; None when nothing is to change."""
+    custom_ports = (args.blob_port, args.queue_port) != (
+        DEFAULT_PORTS["blob"],
+        DEFAULT_PORTS["queue"],
+    )
+    if storage.strip().lower() == DEVELOPMENT_STORAGE and custom_ports:
+        return connection_string(args.blob_port, args.queue_port)
+    return None
+
+
+def ready_line(args: argparse.Namespace, storage: str | None = None) -> str:
+    """What to do next, once the bot answers; with `storage` (Azurite on other ports than
+    its defaults), the AzureWebJobsStorage the producer needs to reach it, on a line of
+    its own."""
     url = f"http://127.0.0.1:{args.port}/api/messages"
+    producer = (
+        f"\nFor the producer (`.venv/bin/python -m shared.producer`): "
+        f"AzureWebJobsStorage='{storage}' (this Azurite's ports; UseDevelopmentStorage=true "
+        "names its defaults)"
+        if storage
+        else ""
+    )
     if args.no_hints:
-        return f"Ready: the bot answers on {url}"
+        return f"Ready: the bot answers on {url}{producer}"
     if args.port == PORT:
         chat, playground = "`make chat`", "`make playground`"
     else:  # the make targets talk to the default port
@@ -255,7 +276,7 @@ def ready_line(args: argparse.Namespace) -> str:
     return (
         f"Ready: the bot answers on {url}. In another terminal: {chat} (a terminal chat)"
         f" or {playground} (Microsoft 365 Agents Playground, a Teams-like page)."
-        " Ctrl-C stops it."
+        f" Ctrl-C stops it.{producer}"
     )
 
 
@@ -359,7 +380,9 @@ def run(args: argparse.Namespace) -> int:
             create_resources(args, settings)
         command = host_command(args)
         host_started = True
-        return run_host(command, host_environment(args, file_values), ready_line(args), args.port)
+        producer = storage_on_ports(args, settings.get("AzureWebJobsStorage", ""))
+        ready = ready_line(args, producer)
+        return run_host(command, host_environment(args, file_values), ready, args.port)
     finally:
         with no_interruptions():
             if azurite is not None:

@@ -532,3 +532,44 @@ def test_a_settings_file_in_a_folder_that_does_not_exist_is_one_line(tmp_path, c
         f"{path.parent} does not exist"
     ]
     assert not path.parent.exists()
+
+
+def test_with_azurite_on_other_ports_the_ready_line_gives_the_producer_its_storage(make_run):
+    # README said to set AzureWebJobsStorage for the producer too, not to what.
+    run = make_run()
+    run.wait_started()
+    line = wait_for_line(run, "For the producer")
+    storage = connection_string(run.ports["blob"], run.ports["queue"])
+    assert line == (
+        f"For the producer (`.venv/bin/python -m shared.producer`): AzureWebJobsStorage="
+        f"'{storage}' (this Azurite's ports; UseDevelopmentStorage=true names its defaults)"
+    )
+    keep = {k: os.environ[k] for k in INHERITED if k in os.environ}
+    env = {**keep, "AzureWebJobsStorage": storage, "BOT_REFERENCES_CONTAINER": run.container}
+    listed = subprocess.run(
+        [sys.executable, "-m", "shared.producer", "conversations"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (listed.returncode, listed.stderr) == (0, "")  # it reaches this Azurite
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait() == 0
+    assert run.left_behind() == []
+
+
+def test_on_azurites_default_ports_the_ready_line_says_nothing_of_storage():
+    import argparse
+
+    from tools.run_local import ready_line, storage_on_ports
+
+    default = argparse.Namespace(port=7999, no_hints=True, blob_port=10000, queue_port=10001)
+    assert storage_on_ports(default, "UseDevelopmentStorage=true") is None
+    assert "\n" not in ready_line(default, None)
+    other = argparse.Namespace(port=7999, no_hints=True, blob_port=20000, queue_port=20001)
+    assert storage_on_ports(other, "DefaultEndpointsProtocol=https;AccountName=x") is None
+    assert storage_on_ports(other, " usedevelopmentstorage=TRUE ") == connection_string(
+        20000, 20001
+    )
