@@ -517,8 +517,8 @@ def _validate_schedule(schedule: str, sku: str = "") -> str:
         if sku.lower() in _NO_TIMESPAN_PLANS:
             raise SettingsError(
                 "BOT_SCHEDULE",
-                f"is a TimeSpan, which the timer runs on App Service plans only, and this app "
-                f"runs on a {_NO_TIMESPAN_PLANS[sku.lower()]} plan: give an NCRONTAB expression",
+                f"is a TimeSpan, which the timer of a {_NO_TIMESPAN_PLANS[sku.lower()]} plan "
+                "(this app's) does not run: give an NCRONTAB expression",
             )
         return schedule
     if len(fields) not in (5, 6) or any(text.isspace() or "\t" in text for text in fields):

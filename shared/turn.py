@@ -118,7 +118,7 @@ class TurnContext:
         self._conversation_state: State | None = None
         self._user_state: State | None = None
         self._text: str | None = None
-        self._later: dict[str, int] = {}  # send_later requests made so far, by content
+        self._later = 0  # send_later calls made so far: the next one's place in the turn
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -376,11 +376,13 @@ class TurnContext:
         from now (up to about 7 days), with the queue's retries, idempotency and delivery
         report. Returns the request id (``shared.producer.read_report`` reads its report).
 
-        Without ``request_id``, the id is made from the conversation, the incoming
-        activity's id and this call's place among the turn's send_later calls: when the
-        channel sends the same activity again (after a 500 or a late answer) and the
-        handler runs a second time, its requests carry the same ids, and the queue sends
-        each once.
+        Without ``request_id``, the id is made from the incoming activity (its
+        conversation, type, id, timestamp and sender) and this call's place among the
+        turn's send_later calls: when the channel sends the same activity again (after a
+        500 or a late answer) and the handler runs a second time, its requests carry the
+        same ids, and the queue sends each once, whatever they hold this time (a time of
+        day, a generated text). A handler that may ask in another order when run again
+        passes its own ``request_id``.
 
         Raises ``shared.proactive_schema.InvalidRequest`` (nothing enqueued) for what the
         engine could not deliver, e.g. an activity type it does not send.
@@ -390,38 +392,37 @@ class TurnContext:
         outgoing = self._outgoing(text_or_activity)
         reference = {k: v for k, v in self.reference.items() if k != "activityId"}
         request: dict[str, Any] = {"to": {"reference": reference}, "activity": outgoing}
+        place, self._later = self._later, self._later + 1
         if request_id is None:
-            request_id = self._later_id(request)
+            request_id = self._later_id(place)
         if request_id is not None:
             request["id"] = request_id
         return await enqueue(request, settings=self.settings, delay=delay)
 
-    def _later_id(self, request: Mapping[str, Any]) -> str | None:
-        """The id of a send_later `request` made without one: the same when the channel
-        sends this activity again (its body unchanged) and the handler asks the same again,
-        another for another activity. An edit, a deletion or a reaction carries the id of
-        the message it is about, so the activity's type, timestamp and sender count too;
-        and the request's content, the n-th time this turn asks it. None (a random id)
-        for an activity without an id."""
+    def _later_id(self, place: int) -> str | None:
+        """The id of the turn's `place`-th send_later made without one: the same when the
+        channel sends this activity again, another for another activity. An edit, a
+        deletion or a reaction carries the id of the message it is about, so the type,
+        timestamp and sender count too; without a timestamp, the whole activity (a
+        channel's resend repeats it). None (a random id) for an activity without an id."""
         activity = self.activity
         activity_id = activity.get("id")
         if not isinstance(activity_id, str) or not activity_id:
             return None
         sender = activity.get("from")
-        content = json.dumps(request, sort_keys=True, default=str)
-        nth = self._later.get(content, 0)
-        self._later[content] = nth + 1
+        when = activity.get("timestamp")
+        if not isinstance(when, str) or not when:
+            when = json.dumps(activity, sort_keys=True, default=repr)
         seed = json.dumps(
             [
                 self.conversation_key,
                 activity.get("type"),
                 activity_id,
-                activity.get("timestamp"),
+                when,
                 sender.get("id") if isinstance(sender, Mapping) else None,
-                content,
-                nth,
+                place,
             ],
-            default=str,
+            default=repr,
         )
         return "turn:" + hashlib.sha256(seed.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 

@@ -43,4 +43,10 @@ def http_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an http(s) URL with a host, such as {EXAMPLE_URL}"
         )
+    if "@" in parts.netloc or any(c.isspace() or not c.isprintable() for c in value):
+        # Not echoed: it may hold a password. urllib would not send it either.
+        raise argparse.ArgumentTypeError(
+            f"a URL with a user name or password, spaces or control characters cannot be "
+            f"sent to; give one such as {EXAMPLE_URL}"
+        )
     return value

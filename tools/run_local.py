@@ -45,6 +45,7 @@ from tools.azurite import (
     port_in_use,
     too_old,
 )
+from tools.devhost.settings import runs_unauthenticated
 
 PORT = 7071
 SETTINGS_FILE = ROOT / "local.settings.json"
@@ -76,7 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-hints", action="store_true", help="no `make chat` / `make playground` hint when ready"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    ports = {"--port": args.port, "--blob-port": args.blob_port, "--queue-port": args.queue_port}
+    ports["--table-port"] = args.table_port
+    named = {}
+    for option, port in ports.items():
+        if port in named:
+            parser.error(f"{named[port]} and {option} are both {port}: give each its own port")
+        named[port] = option
+    return args
 
 
 EXAMPLE = "local.settings.example.json"
@@ -209,10 +218,33 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
 def host_command(args: argparse.Namespace) -> list[str]:
     # Core Tools read the repo's local.settings.json whatever the environment holds (they
     # fill in a variable set blank, too): another settings file needs the local host.
-    own_file = args.settings.resolve() == SETTINGS_FILE.resolve()
-    if not args.devhost and own_file and shutil.which("func"):
+    if use_core_tools(args) and not exposes_unauthenticated():
         return ["func", "start", "--port", str(args.port)]
     return [sys.executable, "-m", "tools.devhost", "--port", str(args.port)]
+
+
+def use_core_tools(args: argparse.Namespace) -> bool:
+    """Core Tools are there and may run the repo's own settings file."""
+    own_file = args.settings.resolve() == SETTINGS_FILE.resolve()
+    return not args.devhost and own_file and shutil.which("func") is not None
+
+
+def exposes_unauthenticated() -> bool:
+    """Whether Core Tools would serve an unauthenticated bot to the network: they listen
+    on every address, and the repo's settings (the example's, before the file exists;
+    what the environment sets wins) run the bot unauthenticated. The local host, on
+    loopback, runs it instead."""
+    values = _repo_values() if SETTINGS_FILE.exists() else _example_values()
+    values |= {name: value for name, value in os.environ.items() if value.strip()}
+    return runs_unauthenticated(values)
+
+
+def _example_values() -> dict[str, str]:
+    try:
+        values = json.loads((ROOT / EXAMPLE).read_text(encoding="utf-8"))["Values"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(name): str(value) for name, value in values.items()}
 
 
 def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
@@ -379,6 +411,13 @@ def run(args: argparse.Namespace) -> int:
         if settings.get("AzureWebJobsStorage", "").strip().lower() == DEVELOPMENT_STORAGE:
             create_resources(args, settings)
         command = host_command(args)
+        if use_core_tools(args) and command[0] != "func":
+            print(
+                "Core Tools listen on every network address, and these settings run the bot "
+                "unauthenticated: the local host runs it on loopback instead (set "
+                "MicrosoftAppId to use Core Tools)",
+                flush=True,
+            )
         host_started = True
         producer = storage_on_ports(args, settings.get("AzureWebJobsStorage", ""))
         ready = ready_line(args, producer)

@@ -387,6 +387,7 @@ def test_core_tools_start_the_worker_with_the_repos_python(tmp_path, monkeypatch
     real_which = shutil.which
     monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a PATH without the repo's environment
+    monkeypatch.setenv("MicrosoftAppId", "app-1")  # an authenticated bot: Core Tools run it
     monkeypatch.delenv("VIRTUAL_ENV", raising=False)
     args = run_local.parse_args([])
     assert run_local.host_command(args)[0] == "func"
@@ -418,10 +419,38 @@ def test_another_settings_file_runs_the_local_host_even_with_core_tools_installe
     from tools import run_local
 
     monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setenv("MicrosoftAppId", "app-1")  # an authenticated bot: Core Tools run it
     other = tmp_path / "other.settings.json"
     assert run_local.host_command(run_local.parse_args([]))[:2] == ["func", "start"]
     command = run_local.host_command(run_local.parse_args(["--settings", str(other)]))
     assert command[1:3] == ["-m", "tools.devhost"]
+
+
+@pytest.mark.parametrize(
+    ("env", "core_tools"),
+    [
+        ({}, False),  # the example's settings (or the repo's file): unauthenticated
+        ({"MicrosoftAppId": "app-1"}, True),
+        ({"BOT_ALLOW_UNAUTHENTICATED": "false", "MicrosoftAppId": ""}, True),
+    ],
+)
+def test_core_tools_never_serve_an_unauthenticated_bot_to_the_network(monkeypatch, env, core_tools):
+    # Core Tools listen on every address (0.0.0.0): an unauthenticated bot there could be
+    # made to post to any port of this machine by anyone reaching it. The local host, on
+    # loopback, runs it instead. (`func` made to look installed: not installable here.)
+    from tools import run_local
+
+    monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setattr(run_local, "SETTINGS_FILE", run_local.ROOT / "no-such.settings.json")
+    for name in ("MicrosoftAppId", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = run_local.parse_args(["--settings", str(run_local.SETTINGS_FILE)])
+    command = run_local.host_command(args)
+    assert (command[0] == "func") is core_tools
+    if not core_tools:
+        assert command[1:3] == ["-m", "tools.devhost"]
 
 
 # A stand-in host for the Ready line's wait: listens on argv[1] and answers its status

@@ -30,6 +30,11 @@ def test_help_shows_the_command_a_user_types(module, capsys):
 PORT_ERROR = "is not a port (1-65535)"
 ANY_PORT_ERROR = "is not a port (0-65535; 0: any free port)"
 URL_ERROR = "is not an http(s) URL with a host, such as http://127.0.0.1:7071/api/messages"
+SECRET_URL_ERROR = (
+    "a URL with a user name or password, spaces or control characters cannot be sent to; "
+    "give one such as http://127.0.0.1:7071/api/messages"
+)
+OWN = "give each its own port"
 
 
 @pytest.mark.parametrize(
@@ -61,6 +66,22 @@ URL_ERROR = "is not an http(s) URL with a host, such as http://127.0.0.1:7071/ap
             ["--bot", "ftp://127.0.0.1/api/messages"],
             f"argument --bot: 'ftp://127.0.0.1/api/messages' {URL_ERROR}",
         ),
+        (
+            "tools.botsim.chat",
+            ["--bot", "http://user:s3cret@127.0.0.1:7071/api/messages"],  # never echoed
+            f"argument --bot: {SECRET_URL_ERROR}",
+        ),
+        (
+            "tools.botsim.chat",
+            ["--bot", "http://127.0.0.1:7071/api/ messages"],
+            f"argument --bot: {SECRET_URL_ERROR}",
+        ),
+        ("tools.run_local", ["--port", "10000"], "--port and --blob-port are both 10000: " + OWN),
+        (
+            "tools.run_local",
+            ["--blob-port", "12000", "--queue-port", "12000"],
+            "--blob-port and --queue-port are both 12000: " + OWN,
+        ),
     ],
 )
 def test_a_port_or_url_that_is_not_one_is_refused_before_anything_starts(
@@ -84,5 +105,5 @@ def test_a_port_or_url_that_is_not_one_is_refused_before_anything_starts(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == f"{COMMANDS[module]}: error: {error}"
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "s3cret" not in err
     assert started == []

@@ -234,27 +234,35 @@ async def test_send_later_ids_repeat_only_for_the_same_activity_asking_the_same(
         ids.append([await turn.send_later(text, delay=delay) for text in texts])
 
     try:
-        await asks(message, "stretch", "stretch", "drink")  # the same text twice: 2 sends
-        await asks(dict(message), "stretch", "stretch", "drink", delay=1)  # sent again
+        await asks(message, "stretch", "stretch", "drink at 08:00:01")  # 3 requests
+        # Sent again: the same requests, whatever they hold this time (a time of day).
+        await asks(dict(message), "stretch", "stretch", "drink at 08:00:21", delay=1)
         edited = dict(message, type="messageUpdate", timestamp="2026-12-07T08:01:00.000Z")
         await asks(edited, "stretch")
         by_ada = activity("messageReaction", id="m-1", timestamp="2026-12-07T08:02:00.000Z")
         by_bob = dict(by_ada, **{"from": {"id": "29:bob"}})
         await asks(by_ada, "thanks")
         await asks(by_bob, "thanks")
+        # Without a timestamp (an emulator), the activity itself tells them apart.
+        added = activity("messageReaction", id="m-1", reactionsAdded=[{"type": "like"}])
+        removed = activity("messageReaction", id="m-1", reactionsRemoved=[{"type": "like"}])
+        await asks(added, "thanks")
+        await asks(removed, "thanks")
+        await asks(dict(added), "thanks")  # sent again
     finally:
         await close_shared_clients()
 
-    first, again, edit, ada, bob = ids
+    first, again, edit, ada, bob, add, remove, add_again = ids
     assert again == first and len(set(first)) == 3
-    assert len(set(first) | set(edit) | set(ada) | set(bob)) == 6
+    assert add_again == add
+    assert len(set(first) | set(edit) | set(ada) | set(bob) | set(add) | set(remove)) == 8
     await asyncio.sleep(1.2)  # the resend's requests, delayed a second, visible
     client = QueueClient.from_connection_string(azurite.connection_string, queue)
     queued = [
         json.loads(base64.b64decode(m.content))["id"]
         for m in client.receive_messages(max_messages=32)
     ]
-    assert sorted(queued) == sorted(first + again + edit + ada + bob)
+    assert sorted(queued) == sorted(first + again + edit + ada + bob + add + remove + add_again)
 
 
 # ---------------------------------------------------------------------------- cards

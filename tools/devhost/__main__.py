@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 from tools.args import tcp_port_or_any
-from tools.devhost.settings import HostError, apply_settings, load_local_settings
+from tools.devhost.settings import (
+    ALLOW_SETTING,
+    APP_ID_SETTING,
+    HostError,
+    apply_settings,
+    load_local_settings,
+    runs_unauthenticated,
+)
 
 logger = logging.getLogger("tools.devhost")
 
@@ -27,10 +34,6 @@ logger = logging.getLogger("tools.devhost")
 QUIET_LOGGERS = ("aiohttp.access", "asyncio", "urllib3")
 BOT_ROOT = Path(__file__).resolve().parents[2]  # the function app this repo is
 DEBUG_SETTING = "PYTHON_ENABLE_DEBUG_LOGGING"  # the Python worker's: "1" forwards DEBUG too
-# The app's settings of local unauthenticated mode (shared/config.py), read here by name:
-# importing the bot's `shared` would stand in for another app's own.
-ALLOW_SETTING = "BOT_ALLOW_UNAUTHENTICATED"
-APP_ID_SETTING = "MicrosoftAppId"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,8 +94,7 @@ def check_exposure(host: str, settings: dict[str, str]) -> None:
     unauthenticated (BOT_ALLOW_UNAUTHENTICATED true, no MicrosoftAppId, as the app reads
     them): it trusts loopback serviceUrls, so anyone reaching it could make it post to any
     port of this machine, and store that conversation."""
-    allow = settings.get(ALLOW_SETTING, "").strip().lower() in ("true", "1", "yes")
-    if is_loopback(host) or not allow or settings.get(APP_ID_SETTING, "").strip():
+    if is_loopback(host) or not runs_unauthenticated(settings):
         return
     raise HostError(
         f"--host {host}: the settings run the bot unauthenticated ({ALLOW_SETTING}=true, "

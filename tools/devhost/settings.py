@@ -14,6 +14,20 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+# The app's settings of local unauthenticated mode (shared/config.py), read here by name:
+# importing the bot's `shared` would stand in for another app's own.
+ALLOW_SETTING = "BOT_ALLOW_UNAUTHENTICATED"
+APP_ID_SETTING = "MicrosoftAppId"
+
+
+def runs_unauthenticated(settings: Mapping[str, str]) -> bool:
+    """Whether the app would run the bot unauthenticated with `settings` (as it reads
+    them: BOT_ALLOW_UNAUTHENTICATED true and no MicrosoftAppId). Such a bot trusts loopback
+    serviceUrls: anyone reaching it could make it post to any port of this machine."""
+    allow = settings.get(ALLOW_SETTING, "").strip().lower() in ("true", "1", "yes")
+    return allow and not settings.get(APP_ID_SETTING, "").strip()
+
+
 LOCAL_SETTINGS = "local.settings.json"
 _SETTING_REFERENCE = re.compile(r"%([^%\s]+)%")
 _TIMESPAN = re.compile(r"^(?:(?P<days>\d+)\.)?(?P<h>\d+):(?P<m>\d+)(?::(?P<s>\d+(?:\.\d+)?))?$")
