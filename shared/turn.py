@@ -63,6 +63,7 @@ class TurnContext:
     """One incoming activity, who sent it, and how to answer."""
 
     __slots__ = (
+        "_arrived",
         "_conversation_state",
         "_later",
         "_text",
@@ -119,6 +120,8 @@ class TurnContext:
         self._user_state: State | None = None
         self._text: str | None = None
         self._later = 0  # send_later calls made so far: the next one's place in the turn
+        # An activity without a timestamp as it came (send_later's ids; see _later_id).
+        self._arrived = None if activity.get("timestamp") else _as_text(activity)
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -412,7 +415,7 @@ class TurnContext:
         sender = activity.get("from")
         when = activity.get("timestamp")
         if not isinstance(when, str) or not when:
-            when = json.dumps(activity, sort_keys=True, default=repr)
+            when = self._arrived  # the activity as it came, whatever a handler added
         seed = json.dumps(
             [
                 self.conversation_key,
@@ -420,6 +423,8 @@ class TurnContext:
                 activity_id,
                 when,
                 sender.get("id") if isinstance(sender, Mapping) else None,
+                activity.get("reactionsAdded"),
+                activity.get("reactionsRemoved"),
                 place,
             ],
             default=repr,
@@ -511,6 +516,13 @@ class TurnContext:
             # Refused as invalid before anything was sent says nothing of the way.
             self.failed_here = not invalid
             self.cut_short_here = False
+
+
+def _as_text(activity: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(activity, sort_keys=True, default=repr)
+    except (TypeError, ValueError):  # keys of several types (set by a caller, not JSON)
+        return repr(activity)
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:

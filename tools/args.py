@@ -34,6 +34,13 @@ def _port(text: str, *, lowest: int) -> int:
 def http_url(text: str) -> str:
     """An http or https URL with a host (a bot's endpoint, say)."""
     value = text.strip()
+    authority = value.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority or any(c.isspace() or not c.isprintable() for c in value):
+        # Not echoed: it may hold a password. urllib would not send it either.
+        raise argparse.ArgumentTypeError(
+            f"a URL with a user name or password, spaces or control characters cannot be "
+            f"sent to; give one such as {EXAMPLE_URL}"
+        )
     try:
         parts = urlsplit(value)
         _ = parts.port  # a ValueError for a port that is not one
@@ -42,11 +49,5 @@ def http_url(text: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an http(s) URL with a host, such as {EXAMPLE_URL}"
-        )
-    if "@" in parts.netloc or any(c.isspace() or not c.isprintable() for c in value):
-        # Not echoed: it may hold a password. urllib would not send it either.
-        raise argparse.ArgumentTypeError(
-            f"a URL with a user name or password, spaces or control characters cannot be "
-            f"sent to; give one such as {EXAMPLE_URL}"
         )
     return value

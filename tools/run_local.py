@@ -131,7 +131,9 @@ def _repo_values() -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     values = document.get("Values") if isinstance(document, dict) else None
-    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): str(v) for k, v in values.items() if v is not None}
 
 
 @contextlib.contextmanager
@@ -234,9 +236,14 @@ def exposes_unauthenticated() -> bool:
     on every address, and the repo's settings (the example's, before the file exists;
     what the environment sets wins) run the bot unauthenticated. The local host, on
     loopback, runs it instead."""
+    return runs_unauthenticated(core_tools_values())
+
+
+def core_tools_values() -> dict[str, str]:
+    """The settings Core Tools run the app with: the repo's file (the example's before it
+    exists; a null value skipped), a variable of the environment winning unless empty."""
     values = _repo_values() if SETTINGS_FILE.exists() else _example_values()
-    values |= {name: value for name, value in os.environ.items() if value.strip()}
-    return runs_unauthenticated(values)
+    return values | {name: value for name, value in os.environ.items() if value != ""}
 
 
 def _example_values() -> dict[str, str]:
@@ -244,7 +251,7 @@ def _example_values() -> dict[str, str]:
         values = json.loads((ROOT / EXAMPLE).read_text(encoding="utf-8"))["Values"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return {str(name): str(value) for name, value in values.items()}
+    return {str(name): str(value) for name, value in values.items() if value is not None}
 
 
 def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
@@ -263,6 +270,12 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     )
     if storage is not None:
         env["AzureWebJobsStorage"] = storage
+    if use_core_tools(args) and host_command(args)[0] != "func":
+        # The local host in Core Tools' place (the bot unauthenticated): it lets a blank
+        # variable win over the file, where Core Tools fill it in from the file.
+        for name, value in core_tools_values().items():
+            if env.get(name) == "":
+                env[name] = value
     if host_command(args)[0] == "func":
         # Core Tools start the worker with the `python3` or `python` found on PATH, not
         # this one: the repo's virtual environment first, and named, as activating it would.

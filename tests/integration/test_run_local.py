@@ -453,6 +453,37 @@ def test_core_tools_never_serve_an_unauthenticated_bot_to_the_network(monkeypatc
         assert command[1:3] == ["-m", "tools.devhost"]
 
 
+@pytest.mark.parametrize(
+    ("file_app_id", "env"),
+    [
+        (None, {}),  # null in the file: Core Tools skip it, the app has no app id
+        ("app-1", {"MicrosoftAppId": "  "}),  # spaces win over the file, the app strips them
+        (None, {"BOT_ALLOW_UNAUTHENTICATED": ""}),  # blank: Core Tools fill it from the file
+    ],
+    ids=["null app id", "app id of spaces", "blank allow"],
+)
+def test_the_settings_are_judged_as_core_tools_would_give_them(
+    tmp_path, monkeypatch, file_app_id, env
+):
+    from tools import run_local
+
+    settings = tmp_path / "local.settings.json"
+    values = {"BOT_ALLOW_UNAUTHENTICATED": "true", "MicrosoftAppId": file_app_id}
+    settings.write_text(json.dumps({"IsEncrypted": False, "Values": values}))
+    monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setattr(run_local, "SETTINGS_FILE", settings)
+    for name in ("MicrosoftAppId", "BOT_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = run_local.parse_args(["--settings", str(settings)])
+
+    assert run_local.host_command(args)[1:3] == ["-m", "tools.devhost"]
+    # The local host in Core Tools' place gets what they would have given the app.
+    host_env = run_local.host_environment(args, run_local.load_settings(settings))
+    assert host_env.get("BOT_ALLOW_UNAUTHENTICATED") in (None, "true")
+
+
 # A stand-in host for the Ready line's wait: listens on argv[1] and answers its status
 # endpoint as argv[2] says: `hang` leaves requests of the first second unanswered (past the
 # status request's timeout) then says Running, `404` has no such endpoint; it exits after

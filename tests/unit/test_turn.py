@@ -248,21 +248,34 @@ async def test_send_later_ids_repeat_only_for_the_same_activity_asking_the_same(
         removed = activity("messageReaction", id="m-1", reactionsRemoved=[{"type": "like"}])
         await asks(added, "thanks")
         await asks(removed, "thanks")
-        await asks(dict(added), "thanks")  # sent again
+        again_added = dict(added)
+        turn = TurnContext(again_added, RecordingConnector(), settings=settings)
+        again_added["seen"] = 1  # a handler writing into the activity: no part of it
+        ids.append([await turn.send_later("thanks")])
+        # Two reactions at one timestamp, by one sender: still two activities.
+        when = "2026-12-07T08:03:00.000Z"
+        like = activity(
+            "messageReaction", id="m-1", timestamp=when, reactionsAdded=[{"type": "like"}]
+        )
+        heart = dict(like, reactionsAdded=[{"type": "heart"}])
+        await asks(like, "thanks")
+        await asks(heart, "thanks")
     finally:
         await close_shared_clients()
 
-    first, again, edit, ada, bob, add, remove, add_again = ids
+    first, again, edit, ada, bob, add, remove, add_again, liked, hearted = ids
     assert again == first and len(set(first)) == 3
     assert add_again == add
-    assert len(set(first) | set(edit) | set(ada) | set(bob) | set(add) | set(remove)) == 8
+    others = set(edit) | set(ada) | set(bob) | set(add) | set(remove) | set(liked) | set(hearted)
+    assert len(set(first) | others) == 10
     await asyncio.sleep(1.2)  # the resend's requests, delayed a second, visible
     client = QueueClient.from_connection_string(azurite.connection_string, queue)
     queued = [
         json.loads(base64.b64decode(m.content))["id"]
         for m in client.receive_messages(max_messages=32)
     ]
-    assert sorted(queued) == sorted(first + again + edit + ada + bob + add + remove + add_again)
+    everything = first + again + edit + ada + bob + add + remove + add_again + liked + hearted
+    assert sorted(queued) == sorted(everything)
 
 
 # ---------------------------------------------------------------------------- cards
