@@ -268,12 +268,10 @@ def test_chat_survives_the_bot_going_away_mid_conversation():
     assert "Traceback" not in printed
 
 
-def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
-    # The reason (a setting that does not validate, say) is in the bot's log only.
-    async def broken(request: web.Request) -> web.Response:
-        return web.Response(status=500)
-
-    bot = stub_bot(broken)
+def chat_once(handler) -> tuple[int, str]:
+    """`make chat` saying hello to a stand-in bot answering with `handler`: its exit code
+    and what it printed."""
+    bot = stub_bot(handler)
     out = io.StringIO()
     try:
         code = chat.main(
@@ -283,7 +281,15 @@ def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
         )
     finally:
         bot.stop()
-    printed = out.getvalue()
+    return code, out.getvalue()
+
+
+def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
+    # The reason (a setting that does not validate, say) is in the bot's log only.
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    code, printed = chat_once(broken)
     assert code == 0
     assert "answered 500 to the conversation start: its log" in printed
     assert "(the bot answered HTTP 500: its log says why)" in printed
@@ -342,17 +348,7 @@ def test_the_401_hint_names_where_the_app_id_is_set(where, monkeypatch, tmp_path
     async def wants_a_token(request: web.Request) -> web.Response:
         return web.Response(status=401)
 
-    bot = stub_bot(wants_a_token)
-    out = io.StringIO()
-    try:
-        code = chat.main(
-            ["--bot", f"{bot.url}/api/messages", "--port", str(free_port())],
-            stdin=io.StringIO("hello\n"),
-            out=out,
-        )
-    finally:
-        bot.stop()
-    printed = out.getvalue()
+    code, printed = chat_once(wants_a_token)
     assert code == 1
     assert f"(MicrosoftAppId is set {where})" in printed
     if where == "in the environment":

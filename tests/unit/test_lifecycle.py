@@ -385,9 +385,11 @@ async def test_channel_restored_naming_no_other_channel_adds_nothing_more(store,
     assert await keys(store) == {"msteams/19:general-a"}
 
 
-async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stores):
+@pytest.mark.parametrize("told_in", ["19:shared-a", "19:general-a"])
+async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stores, told_in):
     # Teams tells it as the bot's removal from the shared channel, with the team's id in
-    # channelData (eventType channelMemberRemoved): the team keeps the bot, so its other
+    # channelData (eventType channelMemberRemoved), in the shared channel or in the team's
+    # General channel (as it tells channelDeleted): the team keeps the bot, so its other
     # channels and their state stay.
     references, state = stores
     await _two_teams_and_a_chat(references)
@@ -396,7 +398,7 @@ async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stor
     await write_states(state, *threads)
     disallowed = activity(
         "conversationUpdate",
-        "19:shared-a",
+        told_in,
         personal=False,
         team="19:general-a",
         event="channelMemberRemoved",
@@ -414,35 +416,6 @@ async def test_bot_disallowed_in_a_shared_channel_removes_that_channel_only(stor
         "msteams/a:personal",
     }
     assert await states_left(state, threads) == ["19:general-a", "19:design-a;messageid=1"]
-
-
-async def test_bot_disallowed_in_a_shared_channel_told_in_general_removes_the_shared_one(stores):
-    # The same event delivered in the team's General channel, naming the shared channel in
-    # channelData.channel (as Teams tells channelDeleted): General stays.
-    references, state = stores
-    await _two_teams_and_a_chat(references)
-    await record_activity(references, channel_message("19:shared-a", team="19:general-a"))
-    threads = ["19:shared-a", "19:shared-a;messageid=9", "19:general-a", "19:general-a;messageid=2"]
-    await write_states(state, *threads)
-    disallowed = activity(
-        "conversationUpdate",
-        "19:general-a",
-        personal=False,
-        team="19:general-a",
-        event="channelMemberRemoved",
-        membersRemoved=[{"id": BOT["id"]}],
-    )
-    disallowed["channelData"]["channel"] = {"id": "19:shared-a", "type": "shared"}
-
-    await record_activity(references, disallowed, state=state)
-
-    assert await keys(references) == {
-        "msteams/19:general-a",
-        "msteams/19:design-a",
-        "msteams/19:general-b",
-        "msteams/a:personal",
-    }
-    assert await states_left(state, threads) == ["19:general-a", "19:general-a;messageid=2"]
 
 
 @pytest.mark.parametrize("event", ["channelRestored", "channelDeleted", "channelMemberRemoved"])
