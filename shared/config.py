@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from shared.connector.errors import RetryPolicy
 from shared.serviceurl import prefix_problem
+from shared.timer_syntax import timer_schedule_problem
 from shared.urls import is_loopback_host
 
 AppType = Literal["MultiTenant", "SingleTenant", "UserAssignedMSI"]
@@ -413,122 +414,10 @@ def _parse_trusted_prefixes(raw: str) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-# NCRONTAB, as the Functions host's parser (NCrontab) reads a field: numbers, `*`, ranges
-# `a-b`, lists, and steps `/n` (n >= 1); month and day of week also take names, any prefix
-# of the English name (`Mon`, `Monday`). croniter's extensions (`R` random, `H` hashed,
-# `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB. The schedule documents are run by
-# croniter, so they take only what both read the same way (`portable`): a reversed range
-# `5-1` (NCrontab swaps its ends, croniter wraps around) and a range of one value `5-5`
-# (croniter reads it as `*`) are refused, and names are the 3-letter ones.
-_MONTHS = (
-    "january", "february", "march", "april", "may", "june",
-    "july", "august", "september", "october", "november", "december",
-)  # fmt: skip
-_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
-_NCRONTAB_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
-    ("second", 0, 59, ()),
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day", 1, 31, ()),
-    ("month", 1, 12, _MONTHS),
-    ("day-of-week", 0, 6, _DAYS),
-)
-# A value or name has at most 9 characters (September, Wednesday): never more digits than
-# int() takes (a ValueError, not a reason).
-_NCRONTAB_ITEM = re.compile(
-    r"(\*|[0-9A-Za-z]{1,9}|[0-9A-Za-z]{1,9}-[0-9A-Za-z]{1,9})(?:/([0-9]{1,9}))?"
-)
-
-
-def ncrontab_problem(expression: str, *, portable: bool = True) -> str | None:
-    """What keeps `expression` from being a 6-field NCRONTAB (sec min hour day month
-    day-of-week), in a few words naming the field; None when it is one. `portable`: only
-    what NCrontab and croniter read alike (see above); else all NCrontab reads."""
-    fields = expression.split()
-    if len(fields) != 6:
-        return "must be a 6-field NCRONTAB expression (sec min hour day month day-of-week)"
-    for text, (name, low, high, names) in zip(fields, _NCRONTAB_FIELDS, strict=True):
-        if not all(_ncrontab_item_ok(item, low, high, names, portable) for item in text.split(",")):
-            words = f"{low}-{high}" + (" or names" if names else "")
-            ranges = "ranges a-b (a < b)" if portable else "ranges a-b"
-            return f"its {name} field takes {words}, *, {ranges}, lists and /steps"
-    return None
-
-
-def _ncrontab_item_ok(
-    item: str, low: int, high: int, names: tuple[str, ...], portable: bool
-) -> bool:
-    match = _NCRONTAB_ITEM.fullmatch(item)
-    if match is None or (match[2] is not None and int(match[2]) < 1):
-        return False
-    if match[1] == "*":
-        return True
-    bounds = []
-    for text in match[1].split("-"):
-        value = _ncrontab_value(text.lower(), low, high, names, portable)
-        if value is None:
-            return False
-        bounds.append(value)
-    if portable and len(bounds) == 2:
-        return bounds[0] < bounds[1]  # croniter reads `a-a` as `*` (and `a-a/n` as `*/n`)
-    # `a/1`: NCrontab reads it as `a` alone, croniter as `a` to the field's end.
-    return not (portable and match[2] is not None and int(match[2]) == 1)
-
-
-def _ncrontab_value(
-    text: str, low: int, high: int, names: tuple[str, ...], portable: bool
-) -> int | None:
-    if text.isdigit():
-        return int(text) if low <= int(text) <= high else None
-    for index, name in enumerate(names):
-        if (text == name[:3]) if portable else name.startswith(text):
-            return index + low
-    return None
-
-
-# A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]], ASCII digits; .NET's
-# TimeSpan holds up to 10,675,199 days): App Service plans only.
-_TIMESPAN = re.compile(
-    r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
-)
-_TIMESPAN_MAX = 922_337_203_685  # seconds in .NET's TimeSpan.MaxValue, whole
-# The plans (by WEBSITE_SKU) whose timer takes no TimeSpan. (Linux Consumption, the only
-# Consumption a Python app has, runs one: its host only warns.)
-_NO_TIMESPAN_PLANS = {"flexconsumption": "Flex Consumption"}
-
-
 def _validate_schedule(schedule: str, sku: str = "") -> str:
     """Refuse what the host's timer would (it is the final word), and nothing more: every
-    function answers 500 while a setting is refused. The timer reads 6 NCRONTAB fields,
-    5 (no seconds: they fire at second 0), or a TimeSpan such as 00:05:00."""
-    fields = [text for text in schedule.split(" ") if text]  # the host splits on spaces only
-    if len(fields) == 1 and ":" in schedule:
-        match = _TIMESPAN.fullmatch(schedule)
-        parts = [int(part) for part in match.groups(default="0")] if match else []
-        if (
-            not parts
-            or parts[0] * 86_400 + parts[1] * 3_600 + parts[2] * 60 + parts[3] > _TIMESPAN_MAX
-            or parts[1] > 23
-            or parts[2] > 59
-            or parts[3] > 59
-            or not any(parts)
-        ):
-            raise SettingsError("BOT_SCHEDULE", "must be a TimeSpan like 00:05:00, over zero")
-        if sku.lower() in _NO_TIMESPAN_PLANS:
-            raise SettingsError(
-                "BOT_SCHEDULE",
-                f"is a TimeSpan, which the timer of a {_NO_TIMESPAN_PLANS[sku.lower()]} plan "
-                "(this app's) does not run: give an NCRONTAB expression",
-            )
-        return schedule
-    if len(fields) not in (5, 6) or any(text.isspace() or "\t" in text for text in fields):
-        raise SettingsError(
-            "BOT_SCHEDULE",
-            "must be an NCRONTAB expression of 6 fields (sec min hour day month day-of-week) "
-            "or 5 (no seconds), fields separated by spaces, or a TimeSpan like 00:05:00",
-        )
-    # The host's own parser reads it: all that NCrontab reads, not only the portable part.
-    problem = ncrontab_problem("0 " + schedule if len(fields) == 5 else schedule, portable=False)
+    function answers 500 while a setting is refused (shared.timer_syntax)."""
+    problem = timer_schedule_problem(schedule, sku)
     if problem is not None:
         raise SettingsError("BOT_SCHEDULE", problem)
     return schedule

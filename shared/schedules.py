@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.activity import is_unicode_text
-from shared.config import Settings, ncrontab_problem
+from shared.config import Settings
 from shared.ledger import Entry, Ledger, NotJson, Record
 from shared.proactive_schema import (
     POISON_REASON,
@@ -43,6 +43,7 @@ from shared.producer import request_text
 from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
 from shared.references.contract import StorageAuthFailed, StoreError
 from shared.references.keys import encode_segment
+from shared.timer_syntax import ncrontab_problem
 
 logger = logging.getLogger(__name__)
 

@@ -424,7 +424,7 @@ def test_what_the_hosts_parser_reads_is_accepted_though_schedule_documents_refus
     # (every function would answer 500): NCrontab swaps a reversed range's ends and takes
     # any prefix of a name. Schedule documents, run by croniter, take only what both read
     # alike (tests/unit/test_schedules.py).
-    from shared.config import ncrontab_problem
+    from shared.timer_syntax import ncrontab_problem
 
     assert settings(BOT_SCHEDULE=schedule).schedule == schedule
     if schedule != "0 0 9 1 Jan-Mar *":
