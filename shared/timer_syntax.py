@@ -82,7 +82,7 @@ def _ncrontab_value(
 
 
 # A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]], ASCII digits; .NET's
-# TimeSpan holds up to 10,675,199 days): App Service plans only.
+# TimeSpan holds up to 10,675,199 days): not on Flex Consumption (_NO_TIMESPAN_PLANS).
 _TIMESPAN = re.compile(
     r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
 )

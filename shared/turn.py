@@ -120,8 +120,10 @@ class TurnContext:
         self._user_state: State | None = None
         self._text: str | None = None
         self._later = 0  # send_later calls made so far: the next one's place in the turn
-        # An activity without a timestamp as it came (send_later's ids; see _later_id).
-        self._arrived = None if activity.get("timestamp") else _as_text(activity)
+        # An activity without a timestamp as it came (send_later's ids; see _later_id):
+        # a shallow copy, made text only when a send_later needs it.
+        stamped = isinstance(activity.get("timestamp"), str) and activity.get("timestamp")
+        self._arrived = None if stamped else dict(activity)
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -415,7 +417,7 @@ class TurnContext:
         sender = activity.get("from")
         when = activity.get("timestamp")
         if not isinstance(when, str) or not when:
-            when = self._arrived  # the activity as it came, whatever a handler added
+            when = _as_text(self._arrived)  # the activity as it came, not as a handler left it
         seed = json.dumps(
             [
                 self.conversation_key,

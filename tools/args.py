@@ -34,8 +34,7 @@ def _port(text: str, *, lowest: int) -> int:
 def http_url(text: str) -> str:
     """An http or https URL with a host (a bot's endpoint, say)."""
     value = text.strip()
-    authority = value.split("://", 1)[-1].split("/", 1)[0]
-    if "@" in authority or any(c.isspace() or not c.isprintable() for c in value):
+    if "@" in value or any(c.isspace() or not c.isprintable() for c in value):
         # Not echoed: it may hold a password. urllib would not send it either.
         raise argparse.ArgumentTypeError(
             f"a URL with a user name or password, spaces or control characters cannot be "

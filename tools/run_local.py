@@ -112,6 +112,12 @@ def load_settings(path: Path) -> dict[str, str]:
     values = document.get("Values", {}) if isinstance(document, dict) else None
     if not isinstance(values, dict):
         raise RunError(f'{path.name} must be a JSON object with a "Values" object')
+    if document.get("IsEncrypted") is True:
+        # Core Tools would decrypt them, and this could not tell what they run the bot with
+        # (the local host refuses them too).
+        raise RunError(
+            f"{path.name} is encrypted: decrypt it (`func settings decrypt`) to run it here"
+        )
     return {str(k): str(v) for k, v in values.items() if v is not None}
 
 

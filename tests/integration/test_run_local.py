@@ -453,6 +453,18 @@ def test_core_tools_never_serve_an_unauthenticated_bot_to_the_network(monkeypatc
         assert command[1:3] == ["-m", "tools.devhost"]
 
 
+def test_an_encrypted_settings_file_is_refused(tmp_path, monkeypatch):
+    # Core Tools decrypt it: what it runs the bot with cannot be told here (an encrypted
+    # copy of the example's settings ran an unauthenticated bot on every address).
+    from tools import run_local
+
+    settings = tmp_path / "local.settings.json"
+    values = {"BOT_ALLOW_UNAUTHENTICATED": "CfDJ8...", "MicrosoftAppId": "CfDJ8..."}
+    settings.write_text(json.dumps({"IsEncrypted": True, "Values": values}))
+    with pytest.raises(run_local.RunError, match="encrypted: decrypt it"):
+        run_local.load_settings(settings)
+
+
 @pytest.mark.parametrize(
     ("file_app_id", "env"),
     [

@@ -81,6 +81,11 @@ OWN = "give each its own port"
             ["--bot", "ftp://user:s3cret@127.0.0.1/api/messages"],  # two mistakes: no echo
             f"argument --bot: {SECRET_URL_ERROR}",
         ),
+        (
+            "tools.botsim.chat",
+            ["--bot", "http:/bob:s3cret@127.0.0.1:3978/api/messages"],  # no //: no echo either
+            f"argument --bot: {SECRET_URL_ERROR}",
+        ),
         ("tools.run_local", ["--port", "10000"], "--port and --blob-port are both 10000: " + OWN),
         (
             "tools.run_local",
