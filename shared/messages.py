@@ -164,6 +164,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         identity=identity,
         settings=runtime.settings,
         state=runtime.state,
+        body=request.body,
     )
     # A shallow copy keeps a handler's edits to the activity out of the reference.
     recorded = dict(activity)

@@ -18,6 +18,7 @@ end of the turn when changed.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import re
@@ -91,6 +92,7 @@ class TurnContext:
         identity: Identity | None = None,
         settings: Settings | None = None,
         state: StateStore | None = None,
+        body: bytes | None = None,
     ) -> None:
         self.activity = activity
         self.connector = connector  # the whole Connector client, for what a turn may do
@@ -120,10 +122,12 @@ class TurnContext:
         self._user_state: State | None = None
         self._text: str | None = None
         self._later = 0  # send_later calls made so far: the next one's place in the turn
-        # An activity without a timestamp as it came (send_later's ids; see _later_id):
-        # a shallow copy, made text only when a send_later needs it.
+        # An activity without a timestamp as it came (send_later's ids; see _later_id): the
+        # request body's digest (`body`, the endpoint's), else a copy made text when needed.
         stamped = isinstance(activity.get("timestamp"), str) and activity.get("timestamp")
-        self._arrived = None if stamped else dict(activity)
+        self._arrived: Any = None
+        if not stamped:
+            self._arrived = hashlib.sha256(body).hexdigest() if body else copy.deepcopy(activity)
 
     # --- reading the activity ------------------------------------------------------------
 
@@ -417,7 +421,8 @@ class TurnContext:
         sender = activity.get("from")
         when = activity.get("timestamp")
         if not isinstance(when, str) or not when:
-            when = _as_text(self._arrived)  # the activity as it came, not as a handler left it
+            arrived = self._arrived  # the activity as it came, not as a handler left it
+            when = arrived if isinstance(arrived, str) else _as_text(arrived)
         seed = json.dumps(
             [
                 self.conversation_key,

@@ -5,6 +5,7 @@ starts (a port over 65535 was a traceback, some tools' only after starting Azuri
 from __future__ import annotations
 
 import argparse
+import re
 from urllib.parse import urlsplit
 
 EXAMPLE_URL = "http://127.0.0.1:7071/api/messages"
@@ -34,7 +35,11 @@ def _port(text: str, *, lowest: int) -> int:
 def http_url(text: str) -> str:
     """An http or https URL with a host (a bot's endpoint, say)."""
     value = text.strip()
-    if "@" in value or any(c.isspace() or not c.isprintable() for c in value):
+    # The authority, however the rest is written: after a scheme and any slashes, up to
+    # the path, query or fragment.
+    rest = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*:", "", value).lstrip("/\\")
+    authority = re.split(r"[/\\?#]", rest, maxsplit=1)[0]
+    if "@" in authority or any(c.isspace() or not c.isprintable() for c in value):
         # Not echoed: it may hold a password. urllib would not send it either.
         raise argparse.ArgumentTypeError(
             f"a URL with a user name or password, spaces or control characters cannot be "

@@ -45,7 +45,7 @@ from tools.azurite import (
     port_in_use,
     too_old,
 )
-from tools.devhost.settings import runs_unauthenticated
+from tools.devhost.settings import encrypted, runs_unauthenticated
 
 PORT = 7071
 SETTINGS_FILE = ROOT / "local.settings.json"
@@ -112,7 +112,7 @@ def load_settings(path: Path) -> dict[str, str]:
     values = document.get("Values", {}) if isinstance(document, dict) else None
     if not isinstance(values, dict):
         raise RunError(f'{path.name} must be a JSON object with a "Values" object')
-    if document.get("IsEncrypted") is True:
+    if encrypted(document):
         # Core Tools would decrypt them, and this could not tell what they run the bot with
         # (the local host refuses them too).
         raise RunError(
@@ -242,7 +242,18 @@ def exposes_unauthenticated() -> bool:
     on every address, and the repo's settings (the example's, before the file exists;
     what the environment sets wins) run the bot unauthenticated. The local host, on
     loopback, runs it instead."""
+    if SETTINGS_FILE.exists() and _repo_encryption() is not False:
+        return True  # Core Tools would decrypt it (or try): what they run cannot be told
     return runs_unauthenticated(core_tools_values())
+
+
+def _repo_encryption() -> bool | None:
+    """The repo's settings file's `IsEncrypted` as Core Tools read it (None: unreadable)."""
+    try:
+        document = json.loads(SETTINGS_FILE.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    return encrypted(document) if isinstance(document, dict) else None
 
 
 def core_tools_values() -> dict[str, str]:
@@ -433,8 +444,8 @@ def run(args: argparse.Namespace) -> int:
         if use_core_tools(args) and command[0] != "func":
             print(
                 "Core Tools listen on every network address, and these settings run the bot "
-                "unauthenticated: the local host runs it on loopback instead (set "
-                "MicrosoftAppId to use Core Tools)",
+                'unauthenticated (or may: a file not marked "IsEncrypted": false): the local '
+                "host runs it on loopback instead (set MicrosoftAppId to use Core Tools)",
                 flush=True,
             )
         host_started = True

@@ -453,16 +453,37 @@ def test_core_tools_never_serve_an_unauthenticated_bot_to_the_network(monkeypatc
         assert command[1:3] == ["-m", "tools.devhost"]
 
 
-def test_an_encrypted_settings_file_is_refused(tmp_path, monkeypatch):
-    # Core Tools decrypt it: what it runs the bot with cannot be told here (an encrypted
-    # copy of the example's settings ran an unauthenticated bot on every address).
+@pytest.mark.parametrize("flag", [True, "true", "True", 1])
+def test_an_encrypted_settings_file_is_refused(tmp_path, monkeypatch, flag):
+    # Core Tools decrypt it (the flag read as they read it): what it runs the bot with
+    # cannot be told here (an encrypted copy of the example's settings ran an
+    # unauthenticated bot on every address).
     from tools import run_local
 
     settings = tmp_path / "local.settings.json"
     values = {"BOT_ALLOW_UNAUTHENTICATED": "CfDJ8...", "MicrosoftAppId": "CfDJ8..."}
-    settings.write_text(json.dumps({"IsEncrypted": True, "Values": values}))
+    settings.write_text(json.dumps({"IsEncrypted": flag, "Values": values}))
     with pytest.raises(run_local.RunError, match="encrypted: decrypt it"):
         run_local.load_settings(settings)
+
+
+@pytest.mark.parametrize("document", [{}, {"IsEncrypted": None}, {"isEncrypted": False}])
+def test_a_file_core_tools_would_take_for_encrypted_runs_on_the_local_host(
+    tmp_path, monkeypatch, document
+):
+    # Without "IsEncrypted": false Core Tools decrypt the values (or try): which bot they
+    # would run cannot be told, so they do not run it.
+    from tools import run_local
+
+    settings = tmp_path / "local.settings.json"
+    values = {"BOT_ALLOW_UNAUTHENTICATED": "false", "MicrosoftAppId": "app-1"}
+    settings.write_text(json.dumps({**document, "Values": values}))
+    monkeypatch.setattr(run_local.shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setattr(run_local, "SETTINGS_FILE", settings)
+    args = run_local.parse_args(["--settings", str(settings)])
+    assert run_local.host_command(args)[1:3] == ["-m", "tools.devhost"]
+    settings.write_text(json.dumps({"IsEncrypted": False, "Values": values}))
+    assert run_local.host_command(args)[0] == "func"
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,20 @@ OWN = "give each its own port"
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:3978/@me/messages",  # an @ in the path or query is no password
+        "http://127.0.0.1:3978/api/messages?email=a@b.c",
+        "http://[fe80::1%25eth0]:3978/api/messages",
+    ],
+)
+def test_a_bot_url_with_an_at_sign_past_its_host_is_taken(url):
+    from tools.args import http_url
+
+    assert http_url(url) == url
+
+
+@pytest.mark.parametrize(
     ("module", "argv", "error"),
     [
         ("tools.run_local", ["--port", "99999"], f"argument --port: '99999' {PORT_ERROR}"),

@@ -251,6 +251,7 @@ async def test_send_later_ids_repeat_only_for_the_same_activity_asking_the_same(
         again_added = dict(added)
         turn = TurnContext(again_added, RecordingConnector(), settings=settings)
         again_added["seen"] = 1  # a handler writing into the activity: no part of it
+        again_added["from"]["seen"] = 1  # ... nor into a part of it
         ids.append([await turn.send_later("thanks")])
         # Two reactions at one timestamp, by one sender: still two activities.
         when = "2026-12-07T08:03:00.000Z"

@@ -20,6 +20,20 @@ ALLOW_SETTING = "BOT_ALLOW_UNAUTHENTICATED"
 APP_ID_SETTING = "MicrosoftAppId"
 
 
+def encrypted(document: Mapping[str, Any]) -> bool | None:
+    """A settings file's `IsEncrypted` as Core Tools read it: True or False when it says
+    (true/false, as text in any case too, or a number), None when it is missing or null,
+    which Core Tools take for encrypted."""
+    value = document.get("IsEncrypted")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
 def runs_unauthenticated(settings: Mapping[str, str]) -> bool:
     """Whether the app would run the bot unauthenticated with `settings` (as it reads
     them: BOT_ALLOW_UNAUTHENTICATED true and no MicrosoftAppId). Such a bot trusts loopback
@@ -48,7 +62,7 @@ def load_local_settings(root: Path) -> dict[str, str]:
         raise HostError(f"{LOCAL_SETTINGS}: not readable JSON ({type(exc).__name__})") from None
     if not isinstance(document, dict):
         raise HostError(f"{LOCAL_SETTINGS}: must be a JSON object")
-    if document.get("IsEncrypted") is True:
+    if encrypted(document):
         raise HostError(f"{LOCAL_SETTINGS}: encrypted settings are not supported; decrypt them")
     values = document.get("Values", {})
     if not isinstance(values, dict):
