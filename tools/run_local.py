@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from shared.config import AZURE_HOST_MARKERS
 from tools.args import tcp_port
@@ -118,7 +119,7 @@ def load_settings(path: Path) -> dict[str, str]:
         raise RunError(
             f"{path.name} is encrypted: decrypt it (`func settings decrypt`) to run it here"
         )
-    return {str(k): str(v) for k, v in values.items() if v is not None}
+    return _values(document)
 
 
 def _not_ignored(path: Path) -> str:
@@ -130,16 +131,26 @@ def _not_ignored(path: Path) -> str:
     return f" (git does not ignore it: only {IGNORED_SETTINGS} files are; keep secrets out of it)"
 
 
-def _repo_values() -> dict[str, str]:
-    """The repo's own local.settings.json `Values` ({} when it is absent or unreadable)."""
+def _read_document(path: Path) -> dict[str, Any] | None:
+    """A settings file's JSON object, or None when it is absent, unreadable or no object."""
     try:
-        document = json.loads(SETTINGS_FILE.read_text(encoding="utf-8-sig"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
-        return {}
-    values = document.get("Values") if isinstance(document, dict) else None
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _values(document: Mapping[str, Any] | None) -> dict[str, str]:
+    """A settings document's `Values` as text, a null value skipped ({} when none)."""
+    values = document.get("Values") if document is not None else None
     if not isinstance(values, dict):
         return {}
     return {str(k): str(v) for k, v in values.items() if v is not None}
+
+
+def _repo_values() -> dict[str, str]:
+    """The repo's own local.settings.json `Values` ({} when it is absent or unreadable)."""
+    return _values(_read_document(SETTINGS_FILE))
 
 
 @contextlib.contextmanager
@@ -242,33 +253,27 @@ def exposes_unauthenticated() -> bool:
     on every address, and the repo's settings (the example's, before the file exists;
     what the environment sets wins) run the bot unauthenticated. The local host, on
     loopback, runs it instead."""
-    if SETTINGS_FILE.exists() and _repo_encryption() is not False:
+    path = _core_tools_file()
+    document = _read_document(path)
+    if path == SETTINGS_FILE and (document is None or encrypted(document) is not False):
         return True  # Core Tools would decrypt it (or try): what they run cannot be told
-    return runs_unauthenticated(core_tools_values())
-
-
-def _repo_encryption() -> bool | None:
-    """The repo's settings file's `IsEncrypted` as Core Tools read it (None: unreadable)."""
-    try:
-        document = json.loads(SETTINGS_FILE.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        return None
-    return encrypted(document) if isinstance(document, dict) else None
+    return runs_unauthenticated(_over_environment(_values(document)))
 
 
 def core_tools_values() -> dict[str, str]:
     """The settings Core Tools run the app with: the repo's file (the example's before it
     exists; a null value skipped), a variable of the environment winning unless empty."""
-    values = _repo_values() if SETTINGS_FILE.exists() else _example_values()
-    return values | {name: value for name, value in os.environ.items() if value != ""}
+    return _over_environment(_values(_read_document(_core_tools_file())))
 
 
-def _example_values() -> dict[str, str]:
-    try:
-        values = json.loads((ROOT / EXAMPLE).read_text(encoding="utf-8"))["Values"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {str(name): str(value) for name, value in values.items() if value is not None}
+def _core_tools_file() -> Path:
+    """The settings file Core Tools read: the repo's, or the example it is made from."""
+    return SETTINGS_FILE if SETTINGS_FILE.exists() else ROOT / EXAMPLE
+
+
+def _over_environment(values: Mapping[str, str]) -> dict[str, str]:
+    """`values` with what the environment sets over them (an empty variable sets nothing)."""
+    return dict(values) | {name: value for name, value in os.environ.items() if value != ""}
 
 
 def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
@@ -287,13 +292,14 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     )
     if storage is not None:
         env["AzureWebJobsStorage"] = storage
-    if use_core_tools(args) and host_command(args)[0] != "func":
+    core_tools = host_command(args)[0] == "func"
+    if use_core_tools(args) and not core_tools:
         # The local host in Core Tools' place (the bot unauthenticated): it lets a blank
         # variable win over the file, where Core Tools fill it in from the file.
         for name, value in core_tools_values().items():
             if env.get(name) == "":
                 env[name] = value
-    if host_command(args)[0] == "func":
+    if core_tools:
         # Core Tools start the worker with the `python3` or `python` found on PATH, not
         # this one: the repo's virtual environment first, and named, as activating it would.
         bin_dir = os.path.dirname(sys.executable)
