@@ -215,7 +215,7 @@ def same_json(a: Any, b: Any) -> bool:
         x, y = pending.pop()
         if x is y:
             continue
-        if _json_kind(x) is not _json_kind(y):
+        if type(x) is not type(y) and _json_kind(x) is not _json_kind(y):
             return False
         if isinstance(x, dict):
             if x.keys() != y.keys():
