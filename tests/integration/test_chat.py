@@ -21,6 +21,7 @@ from shared.references import BlobReferenceStore
 from tests.fixtures.devhost import DevHost, free_port
 from tools.botsim import chat
 from tools.botsim.server import BackgroundServer
+from tools.devhost.settings import app_id_source
 
 pytestmark = pytest.mark.integration
 
@@ -330,6 +331,44 @@ def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
         "bot (send, to conversation botsim-earlier)> Maintenance at 6",
         "bot (send)> Maintenance at 6",
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "core_tools", "where"),
+    [
+        (None, False, "in local.settings.json"),
+        ("00000000-0000-0000-0000-00000000a99e", False, "in the environment"),
+        # The local host lets a variable set empty win over the file: it runs with no app id.
+        ("", False, ""),
+        # Core Tools fill an empty variable in from the file.
+        ("", True, "in local.settings.json"),
+        # Blank but not empty: a value, for either host.
+        (" ", True, ""),
+    ],
+)
+def test_where_the_app_id_is_set_is_judged_as_the_host_make_run_starts_reads_it(
+    variable, core_tools, where, monkeypatch, tmp_path
+):
+    # The chat's 401 hint and the Playground's check judged an empty variable differently.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if core_tools:
+        # Core Tools cannot be installed here: an executable of that name on PATH stands in
+        # for them (only its presence is looked at).
+        func = bin_dir / "func"
+        func.write_text("#!/bin/sh\nexit 1\n")
+        func.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    if variable is None:
+        monkeypatch.delenv("MicrosoftAppId", raising=False)
+    else:
+        monkeypatch.setenv("MicrosoftAppId", variable)
+    local = {"MicrosoftAppId": "00000000-0000-0000-0000-00000000a99d"}
+    assert app_id_source(local) == where
+    (tmp_path / "local.settings.json").write_text(json.dumps({"Values": local}))
+    monkeypatch.setattr(chat, "ROOT", tmp_path, raising=False)
+    hint = chat.needs_token_hint()
+    assert (f"(MicrosoftAppId is set {where})" if where else "(MicrosoftAppId is set)") in hint
 
 
 @pytest.mark.parametrize("where", ["in the environment", "in local.settings.json"])

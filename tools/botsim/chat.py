@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import sys
 import urllib.error
 import urllib.parse
@@ -28,14 +27,13 @@ from typing import Any, TextIO
 
 from tools.args import http_url, tcp_port_or_any
 from tools.botsim.connector import FakeConnector, RecordedRequest
-from tools.devhost.settings import HostError, load_local_settings
+from tools.devhost.settings import HostError, app_id_source, load_local_settings
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
 DEFAULT_PORT = 3980  # any loopback port works: unauthenticated mode accepts them all
 TIMEOUT = 20.0  # the channel gives a bot 15 s
 
 ROOT = Path(__file__).resolve().parents[2]  # where `make run` reads local.settings.json
-APP_ID = "MicrosoftAppId"
 NEEDS_TOKEN = (
     "the bot answered 401: it expects a channel token (MicrosoftAppId is set{where}), and the "
     "chat has none to send.\nTo chat locally, {fix}, then restart `make run`."
@@ -58,15 +56,10 @@ def needs_token_hint() -> str:
     """What to change for a bot that answered 401, naming where its app id is set as the
     bot `make run` starts reads it (the environment, then local.settings.json), as far as
     this process can see: the bot may have been started from another environment."""
-    where = ""
-    if os.environ.get(APP_ID, "").strip():
-        where = "in the environment"
-    else:
-        try:
-            if load_local_settings(ROOT).get(APP_ID, "").strip():
-                where = "in local.settings.json"
-        except HostError:
-            pass  # unreadable: the bot would not have started from it
+    try:
+        where = app_id_source(load_local_settings(ROOT))
+    except HostError:  # unreadable: the bot would not have started from it
+        where = app_id_source({})
     return NEEDS_TOKEN.format(where=f" {where}" if where else "", fix=FIXES[where])
 
 

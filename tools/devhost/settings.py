@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,24 @@ def runs_unauthenticated(settings: Mapping[str, str]) -> bool:
     serviceUrls: anyone reaching it could make it post to any port of this machine."""
     allow = settings.get(ALLOW_SETTING, "").strip().lower() in ("true", "1", "yes")
     return allow and not settings.get(APP_ID_SETTING, "").strip()
+
+
+def as_started(name: str, local: Mapping[str, str]) -> str:
+    """Setting `name` as the bot `make run` starts reads it with `local` as its file: the
+    environment wins over the file. A variable set empty wins too for the local host, while
+    Core Tools (which `make run` prefers when they are installed) fill it in from the file."""
+    value = os.environ.get(name)
+    if value is not None and (value or shutil.which("func") is None):
+        return value
+    return local.get(name, "")
+
+
+def app_id_source(local: Mapping[str, str]) -> str:
+    """Where the bot `make run` starts with `local` as its file finds a MicrosoftAppId:
+    "in the environment", "in local.settings.json", or "" when it finds none."""
+    if not as_started(APP_ID_SETTING, local).strip():
+        return ""
+    return "in the environment" if os.environ.get(APP_ID_SETTING) else "in local.settings.json"
 
 
 LOCAL_SETTINGS = "local.settings.json"

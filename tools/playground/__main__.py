@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +20,13 @@ from urllib.parse import urlsplit
 
 from tools.args import http_url, tcp_port
 from tools.azurite import listening
-from tools.devhost.settings import HostError, load_local_settings
+from tools.devhost.settings import (
+    ALLOW_SETTING,
+    HostError,
+    app_id_source,
+    as_started,
+    load_local_settings,
+)
 from tools.playground import CHANNELS, DEFAULT_PORT, ROOT, Playground, PlaygroundError
 
 DEFAULT_BOT = "http://127.0.0.1:7071/api/messages"
@@ -97,8 +101,6 @@ def stop_bot(bot: subprocess.Popen[bytes], *, interrupted: bool = False) -> None
         bot.wait()
 
 
-APP_ID = "MicrosoftAppId"  # the settings, as the app reads them
-ALLOW = "BOT_ALLOW_UNAUTHENTICATED"
 NEEDS_LOCAL_MODE = (
     "the local bot has no MicrosoftAppId and BOT_ALLOW_UNAUTHENTICATED is not true: it "
     "would refuse every activity (500).\nTo use the Playground locally, set "
@@ -121,21 +123,11 @@ def check_local_bot() -> None:
         raise PlaygroundError(str(error)) from None
     if not (ROOT / "local.settings.json").is_file():  # `make run` copies the example's
         local = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
-    if os.environ.get(APP_ID, "").strip():
-        raise PlaygroundError(NEEDS_TOKEN.format(where="in the environment"))
-    if _setting(APP_ID, local).strip():
-        raise PlaygroundError(NEEDS_TOKEN.format(where="in local.settings.json"))
-    if _setting(ALLOW, local).strip().lower() not in ("true", "1", "yes"):
+    where = app_id_source(local)
+    if where:
+        raise PlaygroundError(NEEDS_TOKEN.format(where=where))
+    if as_started(ALLOW_SETTING, local).strip().lower() not in ("true", "1", "yes"):
         raise PlaygroundError(NEEDS_LOCAL_MODE)
-
-
-def _setting(name: str, local: dict[str, str]) -> str:
-    """`name` as the bot `make run` starts reads it: the environment over the file. The
-    local host lets a variable set blank win over the file; Core Tools (which `make run`
-    prefers when installed) fill it in from the file."""
-    if name in os.environ and (os.environ[name] or not shutil.which("func")):
-        return os.environ[name]
-    return local.get(name, "")
 
 
 def run(args: argparse.Namespace) -> int:
