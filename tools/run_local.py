@@ -203,7 +203,12 @@ def storage_to_start(args: argparse.Namespace) -> Azurite | None:
                 f"port {port} (Azurite's {service} service) is in use by another program: "
                 "stop it, then run `make run` again"
             )
-    args.data.mkdir(parents=True, exist_ok=True)
+    try:
+        args.data.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, a folder it may not write to
+        raise RunError(
+            f"--data {args.data}: not a folder Azurite can use ({error.strerror})"
+        ) from None
     return Azurite(
         blob_port=ports["blob"],
         queue_port=ports["queue"],

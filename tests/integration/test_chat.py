@@ -237,6 +237,9 @@ def test_chat_on_a_port_of_the_users_choosing_says_nothing_of_the_default_one(lo
 
     assert code == 0, out.getvalue()
     assert "in use" not in out.getvalue()
+    # The port it chose, which a later chat needs to reach this conversation again.
+    [chosen] = re.findall(r"^using port (\d+);", out.getvalue(), re.MULTILINE)
+    assert f"python -m tools.botsim chat --port {chosen}" in out.getvalue()
 
 
 def stub_bot(handler) -> BackgroundServer:

@@ -627,6 +627,26 @@ def test_a_settings_file_in_a_folder_that_does_not_exist_is_one_line(tmp_path, c
     assert not path.parent.exists()
 
 
+def test_a_data_folder_that_is_a_file_is_one_line(tmp_path, capsys):
+    # It was a traceback (FileExistsError).
+    from tools import run_local
+
+    data = tmp_path / "azurite-data"
+    data.write_text("not a folder")
+    settings = tmp_path / "local.settings.json"
+    settings.write_text((ROOT / "local.settings.example.json").read_text())
+    ports = [f"--{s}-port={free_port()}" for s in ("blob", "queue", "table")]
+    code = run_local.main(
+        ["--devhost", f"--port={free_port()}", *ports, f"--settings={settings}", f"--data={data}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines() == [
+        f"make run: --data {data}: not a folder Azurite can use (File exists)"
+    ]
+    assert data.read_text() == "not a folder"
+
+
 def test_with_azurite_on_other_ports_the_ready_line_gives_the_producer_its_storage(make_run):
     # README said to set AzureWebJobsStorage for the producer too, not to what.
     run = make_run()

@@ -235,10 +235,11 @@ def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
                 )
                 return None
             continue
-        if port is None and candidate == 0:
+        if candidate == 0:  # --port 0 too: the port chosen is worth knowing
             chosen = urllib.parse.urlsplit(connector.url).port
+            taken = f"port {DEFAULT_PORT} is in use (another chat?): " if port is None else ""
             print(
-                f"port {DEFAULT_PORT} is in use (another chat?): using port {chosen}; "
+                f"{taken}using port {chosen}; "
                 f"`python -m tools.botsim chat --port {chosen}` reaches this conversation's "
                 "proactive messages later",
                 file=out,
