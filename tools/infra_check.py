@@ -465,6 +465,8 @@ def role_condition(infra: Path = INFRA) -> str:
     assignment: it may create and delete assignments of the roles this template assigns,
     and of no other role (no Owner, no User Access Administrator)."""
     guids = ", ".join(sorted({a.role for a in role_assignments(infra) if a.role}))
+    if not guids:  # a condition allowing no role would only make the deployment fail later
+        raise InputError(f"{infra / 'modules'}: no role assignment found in its .bicep files")
     allowed = {
         "write": f"@Request[Microsoft.Authorization/roleAssignments:RoleDefinitionId] "
         f"ForAnyOfAnyValues:GuidEquals {{{guids}}}",
@@ -916,7 +918,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infra_check: {error}", file=sys.stderr)
         return 2
     if args.role_condition:
-        print(role_condition(infra.resolve()))
+        # A condition made from part of the template would refuse what the rest assigns.
+        problems = check_parses(infra.resolve())
+        for problem in problems:
+            print(f"infra_check: {problem}", file=sys.stderr)
+        try:
+            condition = None if problems else role_condition(infra.resolve())
+        except InputError as error:
+            print(f"infra_check: {error}", file=sys.stderr)
+            return 2
+        if condition is None:
+            return 1
+        print(condition)
         return 0
     problems = check_all(infra.resolve())
     for problem in problems:

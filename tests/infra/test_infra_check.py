@@ -475,6 +475,26 @@ def test_the_role_condition_command_prints_it() -> None:
     assert result.stdout.strip() == infra_check.role_condition()
 
 
+def test_the_role_condition_of_a_template_that_does_not_parse_is_refused(
+    infra_copy: Path,
+) -> None:
+    # It was a traceback; with no modules/ folder, a condition allowing no role at all.
+    (infra_copy / "modules/storage.bicep").write_text("resource {{{\n")
+    result = run_check(str(infra_copy), "--role-condition")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("infra_check: modules/storage.bicep does not parse: ")
+    shutil.rmtree(infra_copy / "modules")
+    (infra_copy / "main.bicep").write_text("param location string = 'x'\n")
+    result = run_check(str(infra_copy), "--role-condition")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"infra_check: {infra_copy / 'modules'}: no role assignment found in its .bicep files"
+    ]
+
+
 @pytest.mark.parametrize(
     ("resource", "problem"),
     [
