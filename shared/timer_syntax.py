@@ -84,9 +84,9 @@ def _ncrontab_value(
 # A TimeSpan as the timer reads one ([d.]hh:mm[:ss[.fffffff]], ASCII digits; .NET's
 # TimeSpan holds up to 10,675,199 days): not on Flex Consumption (_NO_TIMESPAN_PLANS).
 _TIMESPAN = re.compile(
-    r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d{1,7})?)?", re.ASCII
+    r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.(\d{1,7}))?)?", re.ASCII
 )
-_TIMESPAN_MAX = 922_337_203_685  # seconds in .NET's TimeSpan.MaxValue, whole
+_TIMESPAN_MAX_TICKS = 2**63 - 1  # .NET's TimeSpan.MaxValue, in ticks of 100 ns
 # The plans (by WEBSITE_SKU) whose timer takes no TimeSpan. (Linux Consumption, the only
 # Consumption a Python app has, runs one: its host only warns.)
 _NO_TIMESPAN_PLANS = {"flexconsumption": "Flex Consumption"}
@@ -100,15 +100,16 @@ def timer_schedule_problem(schedule: str, sku: str = "") -> str | None:
     fields = [text for text in schedule.split(" ") if text]  # the host splits on spaces only
     if len(fields) == 1 and ":" in schedule:
         match = _TIMESPAN.fullmatch(schedule)
-        parts = [int(part) for part in match.groups(default="0")] if match else []
-        if (
-            not parts
-            or parts[0] * 86_400 + parts[1] * 3_600 + parts[2] * 60 + parts[3] > _TIMESPAN_MAX
-            or parts[1] > 23
-            or parts[2] > 59
-            or parts[3] > 59
-            or not any(parts)
-        ):
+        groups = match.groups(default="0") if match else ()
+        parts = (
+            [int(part) for part in groups[:4]] + [int(groups[4].ljust(7, "0"))] if groups else []
+        )
+        ticks = (
+            (parts[0] * 86_400 + parts[1] * 3_600 + parts[2] * 60 + parts[3]) * 10**7 + parts[4]
+            if parts
+            else 0
+        )
+        if not 0 < ticks <= _TIMESPAN_MAX_TICKS or parts[1] > 23 or parts[2] > 59 or parts[3] > 59:
             return "must be a TimeSpan like 00:05:00, over zero"
         if sku.lower() in _NO_TIMESPAN_PLANS:
             return (

@@ -398,6 +398,7 @@ INVALID_SCHEDULES = {
     "a TimeSpan with text": "00:05:00x",
     "a TimeSpan past .NET's days": "10675200.00:00:00",
     "a TimeSpan past .NET's largest": "10675199.02:48:06",
+    "a TimeSpan past .NET's largest by its fraction": "10675199.02:48:05.4775808",
     "a TimeSpan in other digits": "\u0660\u0660:\u0660\u0665:\u0660\u0660",
     "five fields separated by tabs": "0\t9\t*\t*\t*",
     "five fields, hour 25": "0 25 * * *",
@@ -432,7 +433,17 @@ def test_what_the_hosts_parser_reads_is_accepted_though_schedule_documents_refus
 
 
 @pytest.mark.parametrize(
-    "schedule", ["0 9 * * *", "*/5 * * * *", "00:05:00", "1.02:00", "01:00", "10675199.02:48:05"]
+    "schedule",
+    [
+        "0 9 * * *",
+        "*/5 * * * *",
+        "00:05:00",
+        "1.02:00",
+        "01:00",
+        "10675199.02:48:05",
+        "10675199.02:48:05.4775807",  # .NET's TimeSpan.MaxValue
+        "00:00:30.5",
+    ],
 )
 def test_what_the_timer_runs_without_seconds_or_as_a_timespan_is_accepted(schedule):
     # The timer takes 5 NCRONTAB fields (firing at second 0) and, on App Service plans, a
