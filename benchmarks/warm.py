@@ -182,6 +182,8 @@ class Services:
     storage: str
     connector: ConnectorProcess
     storage_pid: int = 0  # Azurite's process (0: no storage), for its CPU time
+    # Tokens the fake AAD has issued to the bots' app so far (each bot asks for its own).
+    tokens_issued: Callable[[], int] = lambda: 0
 
     def storage_cpu_seconds(self) -> float:
         if not self.storage_pid:
@@ -336,6 +338,7 @@ def start_services(
         storage=storage,
         connector=connector,
         storage_pid=storage_pid,
+        tokens_issued=lambda: aad.issued[app_id],
     )
 
 
@@ -586,9 +589,13 @@ def measure_warm(
                     asyncio.run(load(server, services, f"{run}w", 1, 0.3))
                     services.connector.reset()
                     load_before = os.getloadavg()[0]
+                    issued_before = services.tokens_issued()
                     result = asyncio.run(
                         load(server, services, run, concurrency, seconds, workload)
                     )
+                    # How often the bot asked the token endpoint (a bot that keeps its
+                    # token asks none while warm).
+                    result["token_requests"] = services.tokens_issued() - issued_before
                     stats = _settled(services.connector, expected=result["ok"])
                     echoes = _echoes(services.connector.stats(texts=True), run, workload)
                     result["replies_received"] = stats["received"]
@@ -640,6 +647,13 @@ def _summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "non_2xx": sum(r["sent"] - r["ok"] for r in results),
         "other_texts": sum(r.get("other_texts", 0) for r in results),
         "replies_without_token": sum(r.get("replies_without_token", 0) for r in results),
+        "token_requests_per_activity": (
+            round(
+                sum(r["token_requests"] for r in results) / max(1, sum(r["ok"] for r in results)), 3
+            )
+            if all("token_requests" in r for r in results)
+            else None
+        ),
         "runs": results,
     }
 
@@ -832,6 +846,13 @@ def ratios(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         },
         "lower",
     )
+    # The targets' concurrency (8) when it was measured.
+    c = 8 if 8 in report["concurrencies"] else report["concurrencies"][0]
+    requests = {
+        k: _dig(warm, k, "concurrency", str(c), "token_requests_per_activity") for k in warm
+    }
+    if any(v is not None for v in requests.values()):
+        row(f"token requests per activity, concurrency {c}", requests, "lower")
     row("spawn → port accepts, ms", {k: cold[k]["listening_ms"]["median"] for k in cold}, "lower")
     row(
         "spawn → first authenticated echo answered, ms",

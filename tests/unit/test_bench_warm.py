@@ -152,3 +152,39 @@ def test_the_table_shows_cpu_with_the_storage_emulators_beside_the_bots_own():
     assert both == table.index("\n", own) + 1  # the next row
     assert table_row(table, "CPU ms per activity, the bot's process")[2] == "0.50"
     assert table_row(table, "CPU ms per activity, bot + storage") == ["3.60", "4.00", "0.90"]
+
+
+def test_the_table_shows_how_often_each_bot_asked_the_token_endpoint():
+    # A bot that keeps its token asks none while warm; one that builds its credential
+    # for each turn asks once per reply, which shows in its CPU per activity.
+    def run(ok: int, token_requests: int) -> dict:
+        return {
+            "activities_per_s": 100.0,
+            "p50_ms": 5.0,
+            "p99_ms": 10.0,
+            "cpu_ms_per_activity": 2.0,
+            "storage_cpu_ms_per_activity": 0.0,
+            "lost": 0,
+            "duplicated": 0,
+            "sent": ok,
+            "ok": ok,
+            "token_requests": token_requests,
+        }
+
+    measured = report({}, {})
+    measured["warm"] = {
+        "ours": {"peak_rss_mib": 80.0, "concurrency": {"8": warm._summarize([run(500, 0)])}},
+        "botbuilder": {
+            "peak_rss_mib": 80.0,
+            "concurrency": {"8": warm._summarize([run(40, 40), run(60, 60)])},
+        },
+    }
+
+    assert table_row(warm.markdown(measured), "token requests per activity, concurrency 8")[:2] == [
+        "0.00",
+        "1.00",
+    ]
+    # Results from before it was counted have no such row.
+    del measured["warm"]["botbuilder"]["concurrency"]["8"]["token_requests_per_activity"]
+    measured["warm"]["ours"]["concurrency"]["8"]["token_requests_per_activity"] = None
+    assert "token requests" not in warm.markdown(measured)
