@@ -7,6 +7,7 @@ raises :class:`SettingsError` naming it, never a stack trace from inside a libra
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -387,7 +388,7 @@ def _require_bare_authority(authority: str) -> None:
     host = parts.hostname or ""
     if (
         authority.lower() != whole
-        or not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+", host)  # a name or an IP
+        or not _host_name_or_ip(host)
         or parts.netloc.endswith(":")
         or "@" in parts.netloc
     ):
@@ -396,6 +397,21 @@ def _require_bare_authority(authority: str) -> None:
             "must be the authority host only, without a tenant or path "
             "(e.g. https://login.microsoftonline.com)",
         )
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_name_or_ip(host: str) -> bool:
+    """An IP address, or a DNS name (an underscore allowed, as in a container's name): labels
+    of 1-63 characters, none empty, the last not all digits (`1.2.3.4.5` is no name)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return not labels[-1].isdigit() and all(_LABEL.fullmatch(label) for label in labels)
 
 
 # Entries are judged by the Connector client's own serviceUrl parse (shared.serviceurl): an

@@ -312,6 +312,14 @@ def test_app_type_and_channel_service_ignore_case_and_whitespace():
         "https://login.microsoftonline.com;tenant",
         "https://login.microsoftonline.com%2Fcommon",
         "https://login.microsoftonline.com:",
+        # Not a host name or an IP address: a token request failed naming the setting later.
+        "https://..",
+        "https://login..microsoftonline.com",
+        "https://1.2.3.4.5",
+        "https://256.1.1.1",
+        "https://-login.example",
+        "https://login-.example",
+        "https://" + "a" * 64 + ".example",
     ],
 )
 def test_login_authority_is_the_host_only(authority):
@@ -327,6 +335,8 @@ def test_login_authority_keeps_a_port_and_drops_a_trailing_slash():
     assert settings(BOT_LOGIN_AUTHORITY="HTTPS://Login.Example").login_authority
     # A container's name (docker compose) may have an underscore.
     assert settings(BOT_LOGIN_AUTHORITY="https://fake_aad:8443").login_authority
+    for host in ("login.microsoftonline.us.", "[::1]", "10.0.0.4", "a" * 63 + ".example"):
+        assert settings(BOT_LOGIN_AUTHORITY=f"https://{host}").login_authority
 
 
 @pytest.mark.parametrize("setting", ["BOT_OPENID_METADATA_URL", "BOT_EMULATOR_OPENID_METADATA_URL"])
