@@ -2,7 +2,7 @@
 
 As the SDK's proactive-messages sample does: for each stored ConversationReference,
 ``continue_conversation(reference, callback, app_id)`` with ``turn_context.send_activity``
-in the callback. The adapter is the echo server's (botbuilder_server.py), so the bot's
+in the callback. The adapter is the echo server's (sdk/botbuilder_echo.py), so the bot's
 authentication is configured exactly as there (its token from botsim's fake AAD). No
 server runs: only the loop (broadcast_loop.py). Runs only in .tools/bench-botbuilder.
 """
@@ -15,7 +15,7 @@ from botbuilder.core import MessageFactory, TurnContext
 from botbuilder.schema import ConversationReference
 
 from benchmarks.peers import broadcast_loop
-from benchmarks.peers.botbuilder_server import ADAPTER, Config
+from benchmarks.sdk.botbuilder_echo import ADAPTER, Config
 
 
 async def send(reference: dict[str, Any], text: str) -> None:
