@@ -175,7 +175,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 page=number,
                 pending=pending,
             )
-            new_etag = await ledger.replace(head_name(request.id), head, etag)
+            new_etag = await _replace_head(engine, request.id, head, etag)
             if new_etag is None:  # only the claim holder writes it: our claim was lost
                 logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
                 return Outcome.REQUEUED
@@ -373,7 +373,7 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
         "targets": int(record.data.get("targets") or 0) + 1,
         "updatedAt": iso(engine.clock()),
     }
-    if await engine.ledger.replace(head_name(request.id), head, record.etag) is None:
+    if await _replace_head(engine, request.id, head, record.etag) is None:
         return  # a fan-out moved on meanwhile: it is not over
     reason = f"{reason}; conversations not yet fanned out were not sent"
     label = "broadcast fan-out"
@@ -406,7 +406,7 @@ async def _end_pending_page(
     for key in await pending_keys(engine, request.id, record.data):
         await _report_failed(engine, request.id, key, reason, only_if_empty=True)
     head = {**record.data, "pending": None}
-    etag = await engine.ledger.replace(head_name(request.id), head, record.etag)
+    etag = await _replace_head(engine, request.id, head, record.etag)
     return None if etag is None else Record(head, etag, record.modified)
 
 
@@ -456,12 +456,34 @@ async def _clear_pending(
     if page is None:
         return etag
     head["pending"] = None
-    new_etag = await engine.ledger.replace(head_name(request.id), head, etag)
+    new_etag = await _replace_head(engine, request.id, head, etag)
     if new_etag is None:
         logger.warning("proactive %r: fan-out checkpoint moved on elsewhere", request.id)
         return None
     await _drop_page(engine, request.id, page)
     return new_etag
+
+
+async def _replace_head(
+    engine: Engine, request_id: str, head: dict[str, Any], etag: str
+) -> str | None:
+    """Write the checkpoint over the one read with `etag`: its new ETag, or None when it
+    changed since (another holder moved it on). Each write carries a mark of its own, so a
+    write that landed while its answer was lost (storage answered late or with a 5xx after
+    taking it, and the client's retry then found the ETag changed) is known for ours by
+    reading the checkpoint back: without that, the fan-out took it for another holder's and
+    stopped, with nobody to go on."""
+    head["write"] = uuid.uuid4().hex
+    new_etag = await engine.ledger.replace(head_name(request_id), head, etag)
+    if new_etag is not None:
+        return new_etag
+    current = await engine.ledger.read(head_name(request_id))
+    if current is None or not isinstance(current.data, dict):
+        return None
+    if current.data.get("write") != head["write"]:
+        return None
+    logger.info("proactive %r: fan-out checkpoint written, its answer lost", request_id)
+    return current.etag
 
 
 async def _write_page(engine: Engine, request_id: str, number: int, keys: list[str]) -> str:

@@ -2053,6 +2053,80 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     assert report["targets"] == 3
 
 
+class AnswerLost(MemoryLedger):
+    """Storage takes a write to the fan-out's checkpoint and its answer is lost: late, or a
+    5xx after the write landed, so the client's retry finds the ETag changed (412) and
+    `replace` answers None, as the Blob ledger does (shown on Azurite by a proxy in a
+    review)."""
+
+    def __init__(self, *, clock, lose) -> None:
+        super().__init__(clock=clock)
+        self.lose = lose  # (the n-th write to the checkpoint, its data) -> lose its answer
+        self.head_writes = 0
+        self.lost = 0
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        written = await super().replace(name, data, etag, metadata=metadata)
+        if written is not None and name.endswith("head.json"):
+            self.head_writes += 1
+            if self.lose(self.head_writes, data):
+                self.lost += 1
+                return None
+        return written
+
+
+@pytest.mark.parametrize("lost_write", [1, 2, 3, 4])
+async def test_a_checkpoint_written_with_its_answer_lost_does_not_stop_the_broadcast(
+    parts, fake_connector, lost_write
+):
+    # The fan-out took the lost answer for another holder's write and stopped, with no
+    # copy of itself queued: the pages after it were never listed, the report stayed
+    # `running` for ever. Writes 1-4: page 1's checkpoint, its clearing, page 2's, its.
+    runtime, engine = parts  # stores msteams/a:1
+    await store_personal(runtime, fake_connector.url, "a:2", "a:3", "a:4")
+    engine.fanout_page_size = 2
+    engine.fanout_seconds = 0
+    engine.ledger = AnswerLost(clock=engine.clock, lose=lambda n, _data: n == lost_write)
+
+    await handle(engine, body({"broadcast": {}}, "b-1"))
+    await drain(engine)
+
+    assert engine.ledger.lost == 1
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2", "a:3", "a:4"]
+    report = await read_report(engine.ledger, "b-1")
+    counts = {key: report[key] for key in ("state", "targets", "delivered", "failed")}
+    assert counts == {"state": "done", "targets": 4, "delivered": 4, "failed": 0}
+
+
+async def test_a_fanout_ended_with_its_answer_lost_still_ends_its_report(parts, fake_connector):
+    # The host's last attempt ends the fan-out (targets + 1 for the fan-out itself); that
+    # write's answer lost, the fan-out's failure was never recorded: `running` for ever.
+    runtime, engine = parts
+    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
+    engine.fanout_page_size = 1
+    engine.fanout_seconds = 0
+    engine.ledger = AnswerLost(clock=engine.clock, lose=lambda _n, data: data.get("targets") == 3)
+    text = body({"broadcast": {}}, "b-1")
+    assert await handle(engine, text) is Outcome.REQUEUED  # first page, then continues
+    [child, _continuation] = engine.queue.take()
+
+    class DownQueue(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise OSError("queue unreachable (test outage)")
+
+    queue, engine.queue = engine.queue, DownQueue()
+    with pytest.raises(OSError):
+        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
+    engine.queue = queue
+    engine.queue.sent.append(child)
+    await drain(engine)
+
+    assert engine.ledger.lost == 1
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"]) == ("done", 3)
+    assert (report["delivered"], report["failed"]) == (1, 2)
+
+
 class _DuplicateRecordOutage:
     """The engine's ledger, but storage refuses the record of a duplicate (an outage while
     a reused id is told apart)."""
