@@ -126,7 +126,13 @@ def schedule_id(name: str, due: datetime) -> str:
 
 
 def due_times(expression: str, after: datetime, until: datetime) -> list[datetime]:
-    """Due minutes, latest MAX_DUE_PER_RUN of them, oldest first.
+    """Due minutes, latest MAX_DUE_PER_RUN of them, oldest first (see :func:`_due`)."""
+    return _due(expression, after, until)[0]
+
+
+def _due(expression: str, after: datetime, until: datetime) -> tuple[list[datetime], bool]:
+    """Due minutes, latest MAX_DUE_PER_RUN of them, oldest first, and whether a due minute
+    after `after` was left out (older than MAX_CATCH_UP, or past MAX_DUE_PER_RUN).
 
     A minute is due once the first second of it the expression names has come, in
     (after, until]: never before (a run at 09:00:00 does not send `45 0 9 * * *`; the
@@ -139,16 +145,17 @@ def due_times(expression: str, after: datetime, until: datetime) -> list[datetim
     def cron(start: datetime) -> croniter:
         return croniter(expression, start, second_at_beginning=True, day_or=False)
 
-    after = max(after, until - MAX_CATCH_UP)
+    capped = max(after, until - MAX_CATCH_UP)
     latest = cron(until.replace(microsecond=0) + timedelta(seconds=1))  # until's second counts
     due: list[datetime] = []
-    while len(due) < MAX_DUE_PER_RUN:
+    while True:
         minute = latest.get_prev(datetime).replace(second=0, microsecond=0)
-        if cron(minute - timedelta(seconds=1)).get_next(datetime) <= after:
-            break  # its first due second came by the last run: that run had it
+        came = cron(minute - timedelta(seconds=1)).get_next(datetime)  # its first due second
+        if came <= capped or len(due) == MAX_DUE_PER_RUN:
+            # Came by the last run (that run had it), or a minute the caps leave out.
+            return due[::-1], came > after
         due.append(minute)
         latest.set_current(minute)  # the next step starts before this minute
-    return due[::-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +406,11 @@ async def _run_one(
         # A disabled schedule moves its last run on, so enabling it again does not send
         # what fell due meanwhile.
         last = until
+    elif recorded.get("enabled") is False and changed:
+        # Enabled since the last run saw it disabled: from the write that enabled it (as a
+        # new schedule written in the minute before), not from the start of its minute:
+        # a due second between that run and the write fell due while it was off.
+        last = max(last, written_at - timedelta(microseconds=1))
     # A document written since (edited, or deleted and created again under this name) is
     # a schedule that starts afresh: nothing that fell due before it is sent.
     since = max(last, written_minute)
@@ -410,7 +422,16 @@ async def _run_one(
             return []  # recorded and removed meanwhile: the next run starts it again
     ids = []
     latest = enqueued if not fresh else None
-    for due in due_times(schedule.expression, since, until):
+    due_minutes, left_out = _due(schedule.expression, since, until)
+    if left_out:
+        logger.warning(
+            "schedule %r: due times before %s not sent: a run sends at most the latest %d of "
+            "the last day (runs were missed, or BOT_SCHEDULE runs less often than that)",
+            schedule.name,
+            due_minutes[0].strftime("%Y-%m-%dT%H:%MZ") if due_minutes else until.isoformat(),
+            MAX_DUE_PER_RUN,
+        )
+    for due in due_minutes:
         request_id = schedule_id(schedule.name, due)
         await queue.put(compact_json({**schedule.request, "id": request_id}))
         ids.append(request_id)
@@ -421,6 +442,7 @@ async def _run_one(
             "last": until.isoformat(),
             "seen": version,
             "enqueued": latest.isoformat() if latest is not None else None,
+            "enabled": schedule.enabled,
         }
         await ledger.replace(state_name, data, state.etag)  # lost to an overlapping run: fine
     return ids

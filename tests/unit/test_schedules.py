@@ -954,3 +954,64 @@ async def test_a_timer_firing_a_moment_early_still_sends_that_minute(
     client = QueueClient.from_connection_string(azurite.connection_string, queue)
     with client:
         assert client.get_queue_properties().approximate_message_count == 1
+
+
+@pytest.mark.parametrize(
+    ("expression", "every", "enabled_at", "expected"),
+    [
+        # 09:00:30 fell due after the run that saw it disabled, before the write enabling it.
+        ("30 0 9 * * *", 1, timedelta(seconds=45), []),
+        # 09:03:00 likewise, in the minute of the write.
+        ("0 * * * * *", 5, timedelta(minutes=3, seconds=30), ["09:04", "09:05"]),
+    ],
+)
+async def test_a_schedule_enabled_again_sends_nothing_that_fell_due_before_the_write(
+    expression, every, enabled_at, expected
+):
+    start = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    clock = StoreClock(start - timedelta(minutes=every, seconds=-10))
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    document = {"schedule": expression, "request": REQUEST}
+    await ledger.create("schedules/s.json", document)
+    await run_schedules(ledger, queue, start - timedelta(minutes=every))  # it starts
+    record = await ledger.read("schedules/s.json")
+    clock.now += timedelta(seconds=10)
+    await ledger.replace("schedules/s.json", {**document, "enabled": False}, record.etag)
+    assert await run_schedules(ledger, queue, start) == []
+    clock.now = start + enabled_at
+    record = await ledger.read("schedules/s.json")
+    await ledger.replace("schedules/s.json", document, record.etag)
+
+    ids = await run_schedules(ledger, queue, start + timedelta(minutes=every))
+
+    assert ids == [f"schedule:s:2030-01-01T{minute}Z" for minute in expected]
+
+
+@pytest.mark.parametrize(
+    ("expression", "gap", "sent", "first", "then"),
+    [
+        # The latest sixty; then a run a minute later.
+        ("0 * * * * *", timedelta(hours=2), 60, "2030-01-01T13:01Z", timedelta(minutes=1)),
+        # The last day's; then a run a day later.
+        ("0 0 9 * * *", timedelta(days=3), 1, "2030-01-04T09:00Z", timedelta(days=1)),
+    ],
+)
+async def test_due_times_a_run_leaves_out_are_said_in_a_warning(
+    expression, gap, sent, first, then, caplog
+):
+    # They were dropped silently: runs missed, or a BOT_SCHEDULE firing less often than
+    # the catch-up's bounds (a weekly timer never sent a weekday schedule).
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    await ledger.create("schedules/s.json", {"schedule": expression, "request": REQUEST})
+    await run_schedules(ledger, queue, T0)  # it starts
+    caplog.set_level(logging.WARNING, logger="shared.schedules")
+
+    ids = await run_schedules(ledger, queue, T0 + gap)
+
+    assert len(ids) == sent and ids[0] == f"schedule:s:{first}"
+    [line] = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert line.startswith(f"schedule 's': due times before {first} not sent")
+    caplog.clear()
+    # A run within the bounds says nothing.
+    assert len(await run_schedules(ledger, queue, T0 + gap + then)) == 1
+    assert not [r for r in caplog.records if "not sent" in r.getMessage()]
