@@ -191,6 +191,14 @@ def _user_account(user: UserTarget) -> dict[str, str]:
 
 async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mapping[str, Any]]:
     """The user's stored 1:1 in that tenant, or a new one (created, then remembered)."""
+    if runtime.connector.trusted_target(user.service_url) is None:
+        # Refused whether or not a 1:1 is stored (whose own serviceUrl would be used): a
+        # target naming an untrusted serviceUrl is bad input, and nothing is sent.
+        raise ConnectorError(
+            ErrorKind.UNTRUSTED,
+            "serviceUrl is not trusted; nothing was sent",
+            operation="createConversation",
+        )
     store = runtime.references
     for lookup in ({"user_id": user.user_id}, {"aad_object_id": user.user_id}):
         stored = await store.find_by_user(

@@ -472,8 +472,10 @@ async def _connector_failure(
             wait = error.retry_after
             if wait is None:
                 wait = min(300.0, 2.0 * 2 ** min(request.engine.attempt, 8))
-            elif age + wait > engine.max_age:
-                # Waiting as told would outlive the bound: reported now, not in an hour.
+            elif age + wait >= engine.max_age:
+                # Waiting as told would outlive the bound (the copy would come back at it,
+                # or after it, and fail then): reported now, not in an hour. A Retry-After
+                # over MAX_RETRY_AFTER reads as that much, so it fails at once by default.
                 reason = f"{what}: Retry-After {wait:.0f} s is beyond the age bound"
                 return await fail_target(request, engine, reason, claim_etag)
             # A Retry-After of 0 still waits a moment: requeued at once, the copy would be

@@ -196,7 +196,8 @@ def poison_message(body: bytes | str, reason: str) -> str:
     """The poison queue's copy: the request with `poisonReason` added (or the raw text).
 
     A request that is not a JSON object becomes ``{"poisonReason", "body"}``. When the copy
-    would not fit in a queue message, the original text is kept unchanged instead (it fitted
+    would not fit in a queue message, the reason is cut short until it does; failing that,
+    the original text is kept unchanged instead (it fitted
     once, and a copy that cannot be queued would cost the request); the reason is in the log.
     Bytes json reads as UTF-16 or -32 are read so; written as UTF-8 they may no longer fit,
     and their text is not the original: then the copy keeps as much of the request as
@@ -212,6 +213,15 @@ def poison_message(body: bytes | str, reason: str) -> str:
     encoded = compact_json(copy)
     if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
         return encoded
+    if message is not None:
+        # The reason cut short rather than dropped: a copy without one, put back as it is,
+        # is no retry (the engine finds the target failed and sends nothing).
+        cut = reason
+        while len(cut) > 40:
+            cut = cut[: len(cut) * 3 // 4]
+            encoded = compact_json({**message, "poisonReason": f"{cut}..."})
+            if len(encoded.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
+                return encoded
     if as_it_came is not None and len(as_it_came.encode("utf-8")) <= MAX_QUEUE_MESSAGE_BYTES:
         return as_it_came
     kept = compact_json(message) if message is not None else text

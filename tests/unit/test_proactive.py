@@ -692,6 +692,29 @@ def test_a_poison_copy_always_fits_a_queue_message_whatever_the_reason():
             assert json.loads(copy)["poisonReason"].startswith("xxx")
 
 
+def test_a_poison_copy_of_a_request_at_the_size_limit_keeps_a_reason_cut_short():
+    # A request as large as a producer may send, whose reason (naming a key of 4-byte
+    # characters) took the copy over a queue message: the copy went without `poisonReason`,
+    # and put back as it is, it was no retry (its target found failed, nothing sent).
+    from shared.queues import MAX_REQUEST_BYTES
+
+    key = "webchat/" + "\U0001f600" * 300
+    request = {"id": "r", "to": {"conversation": key}, "text": ""}
+    room = MAX_REQUEST_BYTES - len(json.dumps(request, ensure_ascii=False).encode())
+    request["text"] = "a" * room
+    body = json.dumps(request, ensure_ascii=False).encode()
+    assert len(body) == MAX_REQUEST_BYTES
+    reason = f"no stored reference for conversation {key[:200]}"
+
+    copy = poison_message(body, reason)
+
+    assert len(copy.encode()) <= QUEUE_MESSAGE_LIMIT
+    message = json.loads(copy)
+    assert message["poisonReason"].startswith("no stored reference for conversation webchat/")
+    assert message["poisonReason"].endswith("...")
+    assert {k: v for k, v in message.items() if k != "poisonReason"} == request
+
+
 def test_poison_copy_that_would_not_fit_a_queue_message_keeps_the_original_body():
     body = json.dumps({"id": "r", "to": {"team": "x"}, "text": "a" * (QUEUE_MESSAGE_LIMIT - 60)})
     assert len(body.encode()) <= QUEUE_MESSAGE_LIMIT

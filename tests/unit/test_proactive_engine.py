@@ -539,12 +539,17 @@ async def test_a_new_1to1_the_channel_answers_with_an_existing_one_keeps_what_it
     assert found is not None and found.key == "msteams/a:ada"
 
 
-async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake_connector):
-    _runtime, engine = parts
+@pytest.mark.parametrize("stored", [False, True])
+async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake_connector, stored):
+    # With the user's 1:1 stored, it was delivered there, against the docs' outcome table.
+    runtime, engine = parts
+    if stored:
+        await runtime.references.upsert(reference(fake_connector.url, "a:g", user="29:grace"))
     with FakeConnector() as attacker:
         target = {**user(fake_connector), "serviceUrl": attacker.url}
         assert await handle(engine, body({"user": target})) is Outcome.FAILED
         assert attacker.requests == []
+    assert sends(fake_connector) == []
     report = await read_report(engine.ledger, "req-1")
     assert report["failed"] == 1 and "not trusted" in report["failures"][0]["reason"]
     assert engine.queue.poisoned[0]["to"] == {"user": target}
@@ -1685,12 +1690,24 @@ async def test_a_request_too_large_for_the_engines_copies_is_refused_at_once(par
     assert "larger than" in report["failures"][0]["reason"]
 
 
+@pytest.mark.parametrize(
+    ("max_age", "retry_after"),
+    [
+        (600, "3600"),
+        # The default bound: a Retry-After of 2 hours reads as the hour it is capped at, and
+        # was requeued for that hour (the copy then failed, or met another 429).
+        (3600, "7200"),
+        (3600, "3600"),
+    ],
+)
 async def test_a_retry_after_beyond_the_age_bound_fails_now_instead_of_waiting_past_it(
-    parts, fake_connector
+    parts, fake_connector, max_age, retry_after
 ):
     _runtime, engine = parts
-    engine.max_age = 600
-    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "3600"})
+    engine.max_age = max_age
+    throttled = Reply(
+        429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": retry_after}
+    )
     fake_connector.script("POST", r"/activities$", [throttled] * 2)
 
     assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
