@@ -112,8 +112,20 @@ async def replace_with_claim(
     ledger: Ledger, name: str, etag: str, now: float, *, seconds: float, message: str | None = None
 ) -> str | None:
     """Claim a slot whose content was read with `etag` (an expired claim, or a failed
-    outcome an operator retries); None when it changed since."""
-    return await ledger.replace(name, _claim(now, seconds, message), etag, metadata=CLAIM_METADATA)
+    outcome an operator retries); None when it changed since.
+
+    A claim written while its answer was lost (storage took it, then answered late or with
+    a 5xx, and the client's retry found the ETag changed) is known by its `owner`, read
+    back: taken for another's, the slot held a claim nobody would ever settle."""
+    claim = _claim(now, seconds, message)
+    written = await ledger.replace(name, claim, etag, metadata=CLAIM_METADATA)
+    if written is not None:
+        return written
+    current = await ledger.read(name)
+    ours = current is not None and isinstance(current.data, dict)
+    if ours and current.data.get("owner") == claim["owner"]:
+        return current.etag
+    return None
 
 
 def _claim(now: float, seconds: float, message: str | None) -> dict[str, Any]:

@@ -9,8 +9,9 @@ the reference store encodes name segments; see docs/proactive.md):
     delivery attempt; for a broadcast also the fan-out's checkpoint, updated with ETags
     by the one instance holding the fan-out claim, with its latest pages (``"pages"``:
     ``["out/<last child>.json", children]`` each, for flow control), the number of pages
-    listed (``"page"``) and the one counted but maybe not queued in full (``"pending"``)
-    (shared/fanout.py).
+    listed (``"page"``), the one counted but maybe not queued in full (``"pending"``),
+    what the broadcast is (``"digest"``) and each write's own mark (``"write"``, to know
+    a write whose answer was lost for its own) (shared/fanout.py).
 ``page/<n>-<token>.json``
     ``{"keys": [...]}``: the conversations of a broadcast's nth fan-out page, written
     (create-only, a name of its writer's own) before the checkpoint counts them and names

@@ -1205,6 +1205,39 @@ async def test_an_operator_puts_a_poison_copy_back_to_retry_a_failed_target(part
     assert len(sends(fake_connector)) == 2  # the 500 and the retry
 
 
+async def test_an_operators_retry_whose_claim_was_written_with_its_answer_lost_is_sent(
+    parts, fake_connector
+):
+    # Storage took the retry's claim over the failure and its answer was lost (the
+    # client's retry found the ETag changed): taken for another instance's claim, the
+    # retry was counted a duplicate and the slot kept a claim nobody settled: the report
+    # lost its failure and read `running` for ever, and nothing was sent.
+    _runtime, engine = parts
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+
+    class ClaimAnswerLost(MemoryLedger):
+        lost = 0
+
+        async def replace(self, name, data, etag, *, metadata=None):
+            written = await super().replace(name, data, etag, metadata=metadata)
+            if written is not None and "/out/" in name and "owner" in data and not self.lost:
+                self.lost += 1
+                return None
+            return written
+
+    ledger = ClaimAnswerLost(clock=engine.clock)
+    ledger.blobs, ledger._version = engine.ledger.blobs, engine.ledger._version
+    engine.ledger = ledger
+
+    assert await handle(engine, json.dumps(copy)) is Outcome.DELIVERED
+    assert ledger.lost == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"], report["state"]) == (1, 0, "done")
+    assert len(sends(fake_connector)) == 2  # the 500 and the retry
+
+
 async def test_a_broadcast_child_removed_after_the_listing_is_left_to_the_channel(
     parts, fake_connector
 ):
