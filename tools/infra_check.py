@@ -316,12 +316,15 @@ class Assignment:
     condition_version: str | None = None
 
 
+_GUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def role_assignments(infra: Path = INFRA) -> list[Assignment]:
     found = []
     for path in sorted((infra / "modules").glob("*.bicep")):
         tree = load(infra, f"modules/{path.name}")
         variables = {name: v["value"] for name, v in tree.get("variables", {}).items()}
-        for name, resource in tree["resources"].items():
+        for name, resource in tree.get("resources", {}).items():
             if resource["type"] != "Microsoft.Authorization/roleAssignments":
                 continue
             config = _config(resource)
@@ -464,7 +467,14 @@ def role_condition(infra: Path = INFRA) -> str:
     """An Azure ABAC condition for the deployer's Role Based Access Control Administrator
     assignment: it may create and delete assignments of the roles this template assigns,
     and of no other role (no Owner, no User Access Administrator)."""
-    guids = ", ".join(sorted({a.role for a in role_assignments(infra) if a.role}))
+    assignments = role_assignments(infra)
+    unknown = [a for a in assignments if not _GUID.fullmatch(a.role)]
+    if unknown:  # Azure refuses a condition naming anything but role GUIDs
+        raise InputError(
+            f"{infra / 'modules' / unknown[0].file}: role assignment {unknown[0].name} names "
+            "no role GUID this check can read (a parameter?)"
+        )
+    guids = ", ".join(sorted({a.role for a in assignments}))
     if not guids:  # a condition allowing no role would only make the deployment fail later
         raise InputError(f"{infra / 'modules'}: no role assignment found in its .bicep files")
     allowed = {

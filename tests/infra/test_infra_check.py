@@ -475,6 +475,28 @@ def test_the_role_condition_command_prints_it() -> None:
     assert result.stdout.strip() == infra_check.role_condition()
 
 
+def test_the_role_condition_reads_a_module_without_resources_and_refuses_an_unread_role(
+    infra_copy: Path,
+) -> None:
+    # A module with no resources was a traceback (KeyError); a role taken from a parameter
+    # was printed among the GUIDs (exit 0), a condition Azure refuses.
+    (infra_copy / "modules/monitoring.bicep").write_text("param x string\noutput y string = x\n")
+    result = run_check(str(infra_copy), "--role-condition")
+    assert result.returncode == 0, result.stderr
+    assert "ForAnyOfAnyValues:GuidEquals" in result.stdout
+    mutate(
+        infra_copy / "modules/keyvault.bicep",
+        "roleDefinitions', keyVaultSecretsUser)",
+        "roleDefinitions', extraRoleId)",
+    )
+    result = run_check(str(infra_copy), "--role-condition")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"infra_check: {infra_copy / 'modules' / 'keyvault.bicep'}: ")
+    assert "names no role GUID" in line
+
+
 def test_the_role_condition_of_a_template_that_does_not_parse_is_refused(
     infra_copy: Path,
 ) -> None:
