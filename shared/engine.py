@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from shared.delivery import Outcome, Parts
 from shared.ledger import BlobLedger, Ledger, iso
-from shared.proactive_schema import RESERVED, ProactiveRequest
+from shared.proactive_schema import RESERVED, ProactiveRequest, retry_token
 from shared.queues import MessageQueue, StorageQueue, compact_json
 from shared.reports import Final, started_name
 
@@ -87,7 +87,14 @@ class Engine:
         since = None if held else engine.since
         if since is None and age and not held:
             since = now
-        bookkeeping = replace(engine, attempt=engine.attempt + (1 if count else 0), since=since)
+        bookkeeping = replace(
+            engine,
+            attempt=engine.attempt + (1 if count else 0),
+            since=since,
+            # Every copy of an operator's retry is that retry (its token), whichever queue
+            # message it is: none retries the failure another one recorded.
+            retry_of=retry_token(request.message, self.message_id),
+        )
         if count and bookkeeping.reference is not None and not keep_reference:
             # A broadcast child tried and put back (throttled, for up to `max_age`) reads the
             # conversation's reference again: it may have moved to another serviceUrl, or gone.

@@ -24,6 +24,7 @@ from shared.proactive_schema import (
     claim_marks,
     kept_identity,
     parse_request,
+    retry_token,
 )
 from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
@@ -44,12 +45,15 @@ async def hold_for_settings(
     *,
     queue: MessageQueue | None = None,
     redelivered: str | None = None,
+    message_id: str | None = None,
 ) -> Outcome:
     """Put the message back with a capped backoff: a settings mistake must not drain the
     queue into the poison queue (the host's dequeue budget is not touched either).
     `redelivered`: the host's id of the message when this is a redelivery (an earlier
     attempt may have kept its target's claim): the held copy goes on as that message
-    (`claimedBy`, as a copy kept for storage does).
+    (`claimedBy`, as a copy kept for storage does). `message_id`: the host's id of the
+    message, on any attempt: a copy held for an operator's retry names the retry
+    (`retryOf`), as the engine's own copies do.
 
     Needs only the storage settings (the trigger itself runs on them).
     """
@@ -81,6 +85,14 @@ async def hold_for_settings(
         engine_field.pop("claimedBy", None)
         engine_field.pop("claimedRetry", None)
         engine_field.update(claim_marks(message, identity))
+        token = retry_token(message, identity or message_id)
+        if token is not None:
+            if "poisonReason" in message and engine_field.get("outcome") == "failed":
+                # An operator's retry of a kept failure: set aside, as the engine sets it
+                # aside (else the held copy would read as a new retry of its own).
+                engine_field.pop("outcome")
+                engine_field.pop("reason", None)
+            engine_field["retryOf"] = token
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
             {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}

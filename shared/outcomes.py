@@ -25,6 +25,7 @@ from shared.proactive_schema import (
     ProactiveRequest,
     kept_identity,
     parse_request,
+    retry_token,
 )
 from shared.queues import compact_json
 from shared.references import StoreError
@@ -74,9 +75,14 @@ async def record_target(
     """Record the request's target's final outcome; False when it already had one.
     `options`: record_outcome's own (yielding to a live claim). The outcome names the
     queue message that recorded it (an operator's retry is never retried by its own
-    redelivery)."""
+    redelivery), and the operator's retry it is a copy of (nor by another copy of it)."""
+    detail: dict[str, str] = {}
     if engine.message_id is not None:
-        options.setdefault("detail", {"message": engine.message_id})
+        detail["message"] = engine.message_id
+    if (token := retry_token(request.message, engine.message_id)) is not None:
+        detail["retryOf"] = token
+    if detail:
+        options.setdefault("detail", detail)
     return await record_outcome(
         engine.ledger,
         request.id,

@@ -71,6 +71,7 @@ from shared.proactive_schema import (
     claimed_identity,
     parse_request,
     request_bytes,
+    retry_token,
     usable_id,
 )
 from shared.queues import (
@@ -399,6 +400,11 @@ async def _retry_failed(
         return None
     if engine.message_id is not None and settled.record.data.get("message") == engine.message_id:
         return None  # this very queue message failed it: the host's redelivery, not a retry
+    token = retry_token(request.message, engine.message_id)
+    if token is not None and settled.record.data.get("retryOf") == token:
+        # Another copy of this same retry failed it (a copy kept for storage, or put back
+        # throttled or resumed, alive beside the message it was made from): its own failure.
+        return None
     etag = await replace_with_claim(
         engine.ledger,
         name,
@@ -523,7 +529,9 @@ async def process_queue_message(
     try:
         runtime = get_runtime()
     except SettingsError as error:
-        return await hold_for_settings(body, error, redelivered=message_id if redelivered else None)
+        return await hold_for_settings(
+            body, error, redelivered=message_id if redelivered else None, message_id=message_id
+        )
     return await handle_queue_message(
         body,
         runtime,

@@ -84,6 +84,10 @@ class Bookkeeping:
     # That message was an operator's retry (it carried `poisonReason`, and so does the
     # copy): a `poisonReason` on a copy without this mark was added by an operator since.
     claimed_retry: bool = False
+    # The operator's retry this is a copy of: the host's id of that retry's first queue
+    # message (retry_token). Every copy of one retry carries it, and so does every outcome
+    # they record: no copy retries a failure another copy of the same retry recorded.
+    retry_of: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"attempt": self.attempt, "since": self.since}
@@ -97,6 +101,8 @@ class Bookkeeping:
             data["claimedBy"] = self.claimed_by
             if self.claimed_retry:
                 data["claimedRetry"] = True
+        if self.retry_of is not None:
+            data["retryOf"] = self.retry_of
         if self.reference is not None:
             data["reference"] = self.reference
         if self.outcome:
@@ -268,6 +274,25 @@ def claimed_identity(message: Mapping[str, Any] | None) -> str | None:
     return claimed_by
 
 
+def retry_token(message: Mapping[str, Any], handled: str | None) -> str | None:
+    """The operator's retry `message` is a copy of (`_proactive.retryOf`), None when none.
+
+    A message carrying a `poisonReason` is a retry: the one its `retryOf` names, else its
+    own (`handled`: the host's id of the message handled, or of the one it goes on as). A
+    failure the engine kept to record, put back with a `poisonReason`, is an operator's
+    new retry whatever it names (its recorded failure is set aside). A copy kept to record
+    a retry's outcome (its `poisonReason` dropped) still names that retry."""
+    bookkeeping = message.get(RESERVED)
+    named = bookkeeping.get("retryOf") if isinstance(bookkeeping, dict) else None
+    named = named if usable_id(named) else None
+    own = handled if usable_id(handled) else None
+    if "poisonReason" not in message:
+        return named
+    if isinstance(bookkeeping, dict) and bookkeeping.get("outcome") == "failed":
+        return own
+    return named or own
+
+
 def kept_identity(
     message: Mapping[str, Any], handled: str | None, *, redelivered: bool, records: bool
 ) -> str | None:
@@ -381,6 +406,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
     resumed, claimed_by = value.get("resumed", False), value.get("claimedBy")
     claimed_retry = value.get("claimedRetry", False)
     resumed_retry = value.get("resumedRetry", False)
+    retry_of = value.get("retryOf")
     if (
         not isinstance(attempt, int)
         or not 0 <= attempt <= MAX_ATTEMPT
@@ -392,6 +418,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         or (claimed_retry and claimed_by is None)
         or not isinstance(resumed_retry, bool)
         or (resumed_retry and not resumed)
+        or not (retry_of is None or usable_id(retry_of))
         or outcome not in (None, "delivered", "pruned", "failed")
         or not isinstance(reason, str | None)
         or not (reference is None or (child and isinstance(reference, dict)))
@@ -408,6 +435,7 @@ def _bookkeeping(value: Any) -> Bookkeeping:
         resumed_retry,
         claimed_by,
         claimed_retry,
+        retry_of,
     )
 
 

@@ -481,6 +481,8 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
             "claimed by a number": {"claimedBy": 7},
             "claimed as a retry, by nobody": {"claimedRetry": True},
             "resumed as a retry, never resumed": {"resumedRetry": True},
+            "a copy of a retry named by no id": {"retryOf": ""},
+            "a copy of a retry named by a number": {"retryOf": 7},
         }.items()
     },
 }

@@ -3544,3 +3544,160 @@ async def test_an_operators_retry_delivered_again_by_the_host_after_its_failure_
         is Outcome.FAILED
     )
     assert len(sends(fake_connector)) == 3
+
+
+# --- review: every copy of one operator's retry is that retry ---------------------------
+
+
+class Crash(BaseException):
+    """The process dying here (not an Exception: nothing in the engine handles it)."""
+
+
+class FirstCreateFails(MemoryLedger):
+    """The next create fails (a storage blip as the attempt begins)."""
+
+    fail_creates = 1
+
+    async def create(self, name, data, *, metadata=None):
+        if self.fail_creates:
+            self.fail_creates -= 1
+            raise StoreError("proactive ledger: create timed out (test)")
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+
+class PutLandsThenFails(MemoryQueue):
+    """The next put lands, then the client reports an error (`failure`: or the process
+    dies, a Crash)."""
+
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__()
+        self.failure: BaseException | None = failure
+
+    async def put(self, text, *, delay=0.0):
+        await MemoryQueue.put(self, text, delay=delay)
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+
+class DiesAfterClaimReplaced(MemoryLedger):
+    """The process dies right after the next claim written over a slot's content lands."""
+
+    armed = True
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        if self.armed and isinstance(data, dict) and "expiresAt" in data:
+            self.armed = False
+            raise Crash()
+        return result
+
+
+async def poison_copy_of_a_500(engine: Engine, fake_connector, answers: int = 20) -> str:
+    """A send answered 500 (failed, may have been posted): its poison copy, for a retry.
+    The sends after it are answered 500 too, `answers` in all, then 200."""
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * answers)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    engine.queue = MemoryQueue()
+    return json.dumps(poisoned)
+
+
+async def test_a_retrys_kept_copy_and_its_redelivery_do_not_both_send(parts, fake_connector):
+    # The retry msg-2 meets a storage blip at once: the copy kept for storage (msg-3) is a
+    # first attempt's, claimed by no message, and its put landed though the queue answered
+    # an error, so msg-2 raised and the host delivered it again. msg-3 retried the target
+    # and recorded its 500; msg-2, a retry too, took that failure for one to retry and
+    # sent the message that may have been posted once more.
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    retry = await poison_copy_of_a_500(engine, fake_connector)
+    engine.ledger = FirstCreateFails(clock=engine.clock, blobs=engine.ledger.blobs)
+    engine.queue = PutLandsThenFails(OSError("queue: timed out (test)"))
+    with pytest.raises(StoreError):
+        await attempt(retry, "msg-2")
+    [(kept, _)] = engine.queue.take()
+    assert "claimedBy" not in json.loads(kept)[RESERVED]
+    assert await attempt(kept, "msg-3") is Outcome.FAILED
+    engine.clock.now += 10
+
+    outcome = await attempt(retry, "msg-2", redelivered=True)
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+    assert outcome is Outcome.DUPLICATE
+    slot = await engine.ledger.read(outcome_name("req-1", "target"))
+    assert (slot.data["outcome"], slot.data["message"]) == ("failed", "msg-3")
+    assert len(engine.queue.poisoned) == 1  # msg-3's, for the operator
+
+
+async def test_a_retrys_resumed_copy_and_its_third_delivery_do_not_both_send(parts, fake_connector):
+    # The retry msg-5 dies right after its claim replaced the failure, then, delivered
+    # again, right after it queued the resumed copy msg-6. msg-6 sends (500) and records
+    # its failure; msg-5's third delivery, finding a failure another message recorded,
+    # retried it and sent again a message that may have been posted.
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    retry = await poison_copy_of_a_500(engine, fake_connector)
+    engine.ledger = DiesAfterClaimReplaced(clock=engine.clock, blobs=engine.ledger.blobs)
+    with pytest.raises(Crash):
+        await attempt(retry, "msg-5")
+    engine.clock.now += 10
+    engine.queue = PutLandsThenFails(Crash())
+    with pytest.raises(Crash):
+        await attempt(retry, "msg-5", redelivered=True)
+    [(resumed, _)] = engine.queue.take()
+    assert json.loads(resumed)[RESERVED]["resumed"] is True
+    engine.clock.now += 60
+    assert await attempt(resumed, "msg-6") is Outcome.FAILED
+    assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+    engine.clock.now += 10
+
+    outcome = await attempt(retry, "msg-5", redelivered=True)
+    assert sends(fake_connector) == ["a:1", "a:1"]
+    assert outcome is Outcome.DUPLICATE
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert len(engine.queue.poisoned) == 1  # msg-6's, for the operator
+
+
+async def test_an_operators_retry_of_a_retrys_kept_failure_is_sent(parts, fake_connector):
+    # A failure kept for a retry (msg-2) names that retry; recorded, its copy put back by
+    # an operator with a poisonReason is a retry of its own (its failure set aside), not
+    # taken for msg-2's copy, which never retries msg-2's failure.
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    retry = await poison_copy_of_a_500(engine, fake_connector, answers=2)
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock, blobs=engine.ledger.blobs)
+    assert await attempt(retry, "msg-2") is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    assert json.loads(kept)[RESERVED]["retryOf"] == "msg-2"
+    engine.ledger.down = False
+    assert await attempt(kept, "msg-3") is Outcome.FAILED
+    slot = await engine.ledger.read(outcome_name("req-1", "target"))
+    assert slot.data["retryOf"] == "msg-2"
+    again = json.dumps({**json.loads(kept), "poisonReason": "retried by an operator"})
+
+    assert await attempt(again, "msg-9") is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1", "a:1", "a:1"]
+
+
+async def test_a_retry_held_for_the_settings_names_the_retry(parts, fake_connector):
+    # A copy held while the app settings are unusable is another queue message: as the
+    # engine's own copies, it names the retry (and sets a kept failure aside).
+    from shared.holding import hold_for_settings
+
+    _runtime, engine = parts
+    retry = await poison_copy_of_a_500(engine, fake_connector)
+    queue = MemoryQueue()
+    kept = {**json.loads(retry), RESERVED: {"outcome": "failed", "reason": "500"}}
+    for message in (retry, json.dumps(kept)):
+        await hold_for_settings(message, RuntimeError("x"), queue=queue, message_id="msg-2")
+        [(held, _)] = queue.take()
+        assert json.loads(held)[RESERVED]["retryOf"] == "msg-2"
+        assert "outcome" not in json.loads(held)[RESERVED]
+        await hold_for_settings(held, RuntimeError("x"), queue=queue, message_id="msg-3")
+        [(held, _)] = queue.take()
+        assert json.loads(held)[RESERVED]["retryOf"] == "msg-2"
+    plain = body({"conversation": "msteams/a:1"})
+    await hold_for_settings(plain, RuntimeError("x"), queue=queue, message_id="msg-4")
+    [(held, _)] = queue.take()
+    assert "retryOf" not in json.loads(held)[RESERVED]
