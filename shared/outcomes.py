@@ -323,6 +323,14 @@ async def kept_by_this_message(engine: Engine, request: ProactiveRequest) -> boo
     return not is_outcome(data) and data.get("message") == engine.message_id
 
 
+async def named_by_this_message(engine: Engine, request: ProactiveRequest) -> bool:
+    """Whether the target's slot names this very queue message: a claim an earlier attempt
+    of it kept, or an outcome it recorded; StoreError when the slot cannot be read."""
+    if engine.message_id is None:
+        return False
+    return (await _slot(engine, request)).get("message") == engine.message_id
+
+
 async def _slot(engine: Engine, request: ProactiveRequest) -> dict[str, Any]:
     """What the target's slot holds (a claim or an outcome), {} when nothing usable."""
     record = await engine.ledger.read(outcome_name(request.id, request.target_name))

@@ -7,7 +7,8 @@ one message per conversation). :func:`handle_queue_message` is the queue trigger
 
 - delivered: the target's slot is settled at once (shared/idempotency.py), then reported.
 - the target already has an outcome (a redelivered or resubmitted id): nothing is sent,
-  reported as a duplicate.
+  reported as a duplicate (a failure this same queue message recorded, its process dead
+  before it returned: the poison copy is put again, reported failed).
 - throttled or transient after the client's own retries: a copy goes back on the queue
   after `Retry-After` (+ jitter), up to `BOT_PROACTIVE_MAX_AGE_SECONDS`; then failed, with
   a poison copy.
@@ -58,7 +59,8 @@ from shared.outcomes import (
     Unsettled,
     fail_target,
     hold_for_storage,
-    kept_by_this_message,
+    named_by_this_message,
+    put_poison_copy,
     record_given_up,
     record_or_hold,
     record_target,
@@ -229,6 +231,8 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its wait, at most this
 MIN_REQUEUE_SECONDS = 1.0  # a throttled or failed send's copy comes back after this at least
+# A broadcast child's failure with no poison copy: nothing is landing (see _unknown).
+REMOVED_REASON = "the conversation was removed from the store after the broadcast matched it"
 
 
 @dataclass(slots=True)
@@ -238,10 +242,11 @@ class _Progress:
 
 async def _deliver_tracked(request: ProactiveRequest, engine: Engine) -> Outcome:
     scope = child_scope(request, engine.runtime)
-    if scope is None or (engine.redelivered and await kept_by_this_message(engine, request)):
+    if scope is None or (engine.redelivered and await named_by_this_message(engine, request)):
         # A claim this message's earlier attempt kept (its send may have left) is decided
         # before anything else: a copy put back would be another message, which would
-        # take the claim over and send again, as often as that repeats.
+        # take the claim over and send again, as often as that repeats. So is a failure it
+        # recorded (the copy would not put the poison copy its process died before).
         return await _deliver_let_out(request, engine)
     connector = engine.runtime.connector
     pacer = connector.pacer
@@ -301,6 +306,13 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
     if isinstance(claim, Settled):
         retried = await _retry_failed(request, engine, name, claim)
+        if retried is None and _failed_here(engine, claim):
+            # This queue message recorded the failure, and its process died before the
+            # poison copy was put (or before it returned): put now, so an operator has it.
+            reason = claim.record.data.get("reason") or "failed"
+            await put_poison_copy(request, engine, reason)
+            logger.warning("proactive %r: failed for %s: %s", request.id, request.logged, reason)
+            return Outcome.FAILED
         if retried is None:
             await record_duplicate(ledger, request.id, request.label, now)
             logger.info("proactive %r: %s already done; not sent again", request.id, request.logged)
@@ -324,6 +336,18 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
     if outcome not in SETTLED:
         await release_claim(ledger, claim)
     return outcome
+
+
+def _failed_here(engine: Engine, settled: Settled) -> bool:
+    """Whether the slot holds a failure this very queue message recorded, one that has a
+    poison copy (a broadcast child whose conversation was removed has none)."""
+    data = settled.record.data
+    return (
+        engine.message_id is not None
+        and data.get("message") == engine.message_id
+        and data.get("outcome") == "failed"
+        and data.get("reason") != REMOVED_REASON
+    )
 
 
 async def _send_claimed(
@@ -427,7 +451,7 @@ async def _unknown(
     if request.engine.child:
         # Listed by the fan-out moments ago, removed since (uninstalled, pruned): nothing
         # is landing, and a poison copy per removed conversation would only be noise.
-        reason = "the conversation was removed from the store after the broadcast matched it"
+        reason = REMOVED_REASON
         await record_target(request, engine, "failed", reason, claim_etag=claim_etag)
         logger.info("proactive %r: %s: %s", request.id, request.logged, reason)
         return Outcome.FAILED

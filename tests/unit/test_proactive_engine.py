@@ -2831,7 +2831,9 @@ async def test_a_retry_whose_kept_copy_recorded_its_failure_is_not_retried_by_it
     assert await attempt(kept, "c-1") is Outcome.FAILED  # the failure recorded now
     engine.clock.now += 60
 
-    assert await attempt(retry, "op-1", redelivered=True) is Outcome.DUPLICATE
+    # Its own failure (recorded by the copy that went on as op-1): not sent; it puts the
+    # poison copy, which op-1 cannot tell from one its process died before (docs: extra).
+    assert await attempt(retry, "op-1", redelivered=True) is Outcome.FAILED
     assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
 
 
@@ -3536,8 +3538,11 @@ async def test_an_operators_retry_delivered_again_by_the_host_after_its_failure_
 
     outcome = await handle_queue_message(again, engine.runtime, engine=engine, message_id=again_id)
 
-    assert outcome is Outcome.DUPLICATE
+    assert outcome is Outcome.FAILED
     assert sends(fake_connector) == ["a:1", "a:1"]  # the first send and the retry's
+    # The poison copy its process died before is put now, once, as the engine's own.
+    [poisoned] = engine.queue.poisoned
+    assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
     # Another message carrying the same poison copy is a new retry, the operator's call.
     assert (
         await handle_queue_message(retry, engine.runtime, engine=engine, message_id="op-2")
@@ -3701,3 +3706,92 @@ async def test_a_retry_held_for_the_settings_names_the_retry(parts, fake_connect
     await hold_for_settings(plain, RuntimeError("x"), queue=queue, message_id="msg-4")
     [(held, _)] = queue.take()
     assert "retryOf" not in json.loads(held)[RESERVED]
+
+
+# --- review: a failure's poison copy survives a crash after its record -------------------
+
+
+class DiesAfterOutcomeRecorded(MemoryLedger):
+    """The process dies right after the next outcome write lands."""
+
+    armed = True
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        if self.armed and isinstance(data, dict) and "outcome" in data:
+            self.armed = False
+            raise Crash()
+        return result
+
+
+async def test_a_failure_whose_process_died_before_its_poison_copy_still_gets_one(
+    parts, fake_connector
+):
+    # A 500 (the message may have been posted), its failure recorded, and the process
+    # died before the poison copy was put: the host's redelivery of msg-7 found the slot
+    # failed, counted itself a duplicate, and no poison copy was ever put.
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 6)
+    engine.ledger = DiesAfterOutcomeRecorded(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    with pytest.raises(Crash):
+        await attempt(text, "msg-7")
+    assert engine.queue.poisoned == []
+    engine.clock.now += 10
+
+    outcome = await attempt(text, "msg-7", redelivered=True)
+    [poisoned] = engine.queue.poisoned
+    assert outcome is Outcome.FAILED
+    assert RESERVED not in poisoned and "may have been posted" in poisoned["poisonReason"]
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"], report["duplicate"]) == ("done", 1, 0)
+    # Another message to the same target (a resubmitted id) is a duplicate, as before.
+    assert await attempt(text, "msg-8") is Outcome.DUPLICATE
+    assert len(engine.queue.poisoned) == 1
+
+
+async def test_a_childs_failure_whose_process_died_gets_its_poison_copy_in_a_crowd(
+    aad_app, fake_connector
+):
+    # As above for a broadcast child whose redelivery comes to a crowded line: put back
+    # unclaimed, it was another message, which found the failure and put no poison copy.
+    runtime, engine, _target, child = slow_tenant_child(aad_app, fake_connector)
+    attempt = attempts(runtime, engine)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 6)
+    engine.ledger = DiesAfterOutcomeRecorded(clock=engine.clock)
+    try:
+        with pytest.raises(Crash):
+            await attempt(child, "msg-7")
+        engine.clock.now += 10
+        async with crowded(runtime, 6):
+            outcome = await attempt(child, "msg-7", redelivered=True)
+    finally:
+        await runtime.close()
+    [poisoned] = engine.queue.poisoned
+    assert outcome is Outcome.FAILED
+    assert poisoned[RESERVED] == {"child": True} and "may have been posted" in str(poisoned)
+    assert sends(fake_connector) == ["a:1"] and engine.queue.sent == []
+
+
+async def test_a_removed_childs_failure_is_not_poisoned_by_its_redelivery(parts, fake_connector):
+    # A child whose conversation was removed is failed with no poison copy (nothing is
+    # landing); its redelivery after a crash puts none either.
+    _runtime, engine = parts
+    attempt = attempts(engine.runtime, engine)
+    await ensure_head(engine.ledger, "b-1", "broadcast", engine.clock.now)
+    child = json.dumps(
+        {
+            "id": "b-1",
+            "to": {"conversation": "msteams/a:gone"},
+            "text": "x",
+            RESERVED: {"child": True},
+        }
+    )
+    engine.ledger = DiesAfterOutcomeRecorded(clock=engine.clock, blobs=engine.ledger.blobs)
+    with pytest.raises(Crash):
+        await attempt(child, "msg-7")
+
+    assert await attempt(child, "msg-7", redelivered=True) is Outcome.DUPLICATE
+    assert engine.queue.poisoned == [] and sends(fake_connector) == []
