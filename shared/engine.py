@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from shared.delivery import Outcome, Parts
 from shared.ledger import BlobLedger, Ledger, iso
-from shared.proactive_schema import RESERVED, ProactiveRequest, retry_token
+from shared.proactive_schema import RESERVED, ProactiveRequest, carried, retry_token
 from shared.queues import MessageQueue, StorageQueue, compact_json
 from shared.reports import Final, started_name
 
@@ -115,7 +115,7 @@ class Engine:
             )
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy
         # kept to record its outcome has one (and must not read as an operator's retry).
-        copy = {**request.message, RESERVED: bookkeeping.to_json()}
+        copy = {**carried(request.message), RESERVED: bookkeeping.to_json()}
         if unrecorded is not None:
             copy.pop("poisonReason", None)
         if mark and count and not engine.child and request.broadcast is None:

@@ -21,6 +21,7 @@ from shared.engine import LONGEST_HOLD, settings_backoff
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
+    carried,
     claim_marks,
     kept_identity,
     parse_request,
@@ -95,7 +96,7 @@ async def hold_for_settings(
             engine_field["retryOf"] = token
         # Held for the settings: not the message's age (see Engine.requeue's `held`).
         text = compact_json(
-            {**message, RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
+            {**carried(message), RESERVED: {**engine_field, "attempt": attempt + 1, "since": None}}
         )
     if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
         if as_it_came is None or len(as_it_came.encode()) > MAX_QUEUE_MESSAGE_BYTES:

@@ -154,6 +154,28 @@ ADDRESSING_FIELDS = ("channelId", "serviceUrl", "conversation", "from", "recipie
 MAX_ID_CHARS = 1024
 
 
+# What of an operator's `poisonReason` the engine's copies carry: only its presence counts,
+# and the bookkeeping they add must still fit in a queue message (MAX_REQUEST_BYTES leaves
+# 512 bytes for both), which a long note took up.
+CARRIED_REASON_BYTES = 160
+
+
+def carried(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The message as the engine's copies carry it: a `poisonReason` longer than
+    CARRIED_REASON_BYTES as JSON cut short (as text, with "..." at its end)."""
+    from shared.queues import compact_json
+
+    copy = dict(message)
+    reason = copy.get(POISON_REASON)
+    if reason is None or len(compact_json(reason).encode("utf-8")) <= CARRIED_REASON_BYTES:
+        return copy
+    text = reason if isinstance(reason, str) else compact_json(reason)
+    while len(compact_json(text + "...").encode("utf-8")) > CARRIED_REASON_BYTES:
+        text = text[: len(text) * 3 // 4]
+    copy[POISON_REASON] = text + "..."
+    return copy
+
+
 def request_bytes(message: Mapping[str, Any]) -> int:
     """A request's size as JSON without the fields the engine and the poison queue add."""
     from shared.queues import compact_json

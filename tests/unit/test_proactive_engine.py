@@ -1238,6 +1238,74 @@ async def test_an_operators_retry_whose_claim_was_written_with_its_answer_lost_i
     assert len(sends(fake_connector)) == 2  # the 500 and the retry
 
 
+def at_the_size_limit(request_id: str = "req-1") -> str:
+    """A request as large as a producer may send (MAX_REQUEST_BYTES as JSON)."""
+    from shared.proactive_schema import request_bytes
+    from shared.queues import MAX_REQUEST_BYTES
+
+    message = json.loads(body({"conversation": "msteams/a:1"}, request_id, text=""))
+    message["text"] = "x" * (MAX_REQUEST_BYTES - request_bytes(message))
+    assert request_bytes(message) == MAX_REQUEST_BYTES
+    return json.dumps(message, separators=(",", ":"))
+
+
+async def test_an_operators_retry_at_the_size_limit_with_a_long_note_is_requeued_as_told(
+    parts, fake_connector
+):
+    # The operator's note in `poisonReason` took up the room the engine's bookkeeping
+    # needs: the throttled copy could not be queued (the put raised, the host redelivered
+    # at once, Retry-After never applied, then the host poisoned it).
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES
+
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops"), throttled])
+    assert await handle(engine, at_the_size_limit()) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+    copy["poisonReason"] = "checked with the user: not posted; " + "n" * 420
+    retry = json.dumps(copy, separators=(",", ":"))
+    assert len(retry.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+    engine.message_id = "9f0c3a52-0d1e-4c8b-9a55-2f7d3e1b6c40"  # as the host names them
+
+    assert await handle(engine, retry) is Outcome.REQUEUED
+
+    [(text, delay)] = engine.queue.sent
+    assert len(text.encode()) <= MAX_QUEUE_MESSAGE_BYTES and delay >= 5
+    requeued = json.loads(text)
+    assert requeued["_proactive"]["retryOf"] == engine.message_id
+    assert requeued["poisonReason"].startswith("checked with the user: not posted; nnn")
+    engine.message_id = None
+    engine.clock.now += 10  # the copy comes back after its delay, the tenant's wait over
+    await drain(engine)
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["delivered"], report["failed"], report["state"]) == (1, 0, "done")
+    assert len(sends(fake_connector)) == 3  # the 500, the 429, the retry's send
+
+
+async def test_a_retry_at_the_size_limit_held_for_the_settings_keeps_its_marks():
+    # Too large with its bookkeeping, the held copy went back as it came: no `retryOf` and
+    # no `claimedBy`, so back under a new message id it retried the failure its own retry
+    # had recorded, and sent again a message that may have been posted.
+    from shared.holding import hold_for_settings
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES
+
+    queue = MemoryQueue()
+    retry = {**json.loads(at_the_size_limit()), "poisonReason": "note " + "n" * 450}
+    operator_id = "9f0c3a52-0d1e-4c8b-9a55-2f7d3e1b6c40"
+
+    await hold_for_settings(
+        json.dumps(retry, separators=(",", ":")),
+        RuntimeError("x"),
+        queue=queue,
+        redelivered=operator_id,
+    )
+
+    [(held, _)] = queue.take()
+    assert len(held.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+    marks = json.loads(held)[RESERVED]
+    assert marks["claimedBy"] == operator_id and marks["retryOf"] == operator_id
+
+
 async def test_a_broadcast_child_removed_after_the_listing_is_left_to_the_channel(
     parts, fake_connector
 ):
