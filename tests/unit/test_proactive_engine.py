@@ -2139,10 +2139,9 @@ async def test_a_claim_from_an_instance_whose_clock_runs_ahead_still_expires(par
     assert sends(fake_connector) == ["a:1"]
 
 
-async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_report(
-    parts, fake_connector
-):
-    runtime, engine = parts
+async def fan_out_given_up_on_its_last_attempt(runtime, engine, fake_connector) -> None:
+    """A broadcast to a:1 and a:2, a page each: the first page queued, then the host's last
+    attempt at the broadcast with the queue refusing every put; then the queue is back."""
     await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
     engine.fanout_page_size = 1
     engine.fanout_seconds = 0
@@ -2160,6 +2159,13 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     engine.queue = queue
     engine.queue.sent.append(child)
     await drain(engine)
+
+
+async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_report(
+    parts, fake_connector
+):
+    runtime, engine = parts
+    await fan_out_given_up_on_its_last_attempt(runtime, engine, fake_connector)
 
     report = await read_report(engine.ledger, "b-1")
     # The second page was counted before it was queued, and the queue refused it: a:2 is
@@ -2220,24 +2226,8 @@ async def test_a_fanout_ended_with_its_answer_lost_still_ends_its_report(parts, 
     # The host's last attempt ends the fan-out (targets + 1 for the fan-out itself); that
     # write's answer lost, the fan-out's failure was never recorded: `running` for ever.
     runtime, engine = parts
-    await runtime.references.upsert(reference(fake_connector.url, "a:2", user="29:b"))
-    engine.fanout_page_size = 1
-    engine.fanout_seconds = 0
     engine.ledger = AnswerLost(clock=engine.clock, lose=lambda _n, data: data.get("targets") == 3)
-    text = body({"broadcast": {}}, "b-1")
-    assert await handle(engine, text) is Outcome.REQUEUED  # first page, then continues
-    [child, _continuation] = engine.queue.take()
-
-    class DownQueue(MemoryQueue):
-        async def put(self, text, *, delay=0.0):
-            raise OSError("queue unreachable (test outage)")
-
-    queue, engine.queue = engine.queue, DownQueue()
-    with pytest.raises(OSError):
-        await handle_queue_message(text, engine.runtime, engine=engine, final_attempt=True)
-    engine.queue = queue
-    engine.queue.sent.append(child)
-    await drain(engine)
+    await fan_out_given_up_on_its_last_attempt(runtime, engine, fake_connector)
 
     assert engine.ledger.lost == 1
     report = await read_report(engine.ledger, "b-1")
