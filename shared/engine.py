@@ -15,7 +15,7 @@ from shared.delivery import Outcome, Parts
 from shared.ledger import BlobLedger, Ledger, iso
 from shared.proactive_schema import RESERVED, ProactiveRequest, carried, retry_token
 from shared.queues import MessageQueue, StorageQueue, compact_json
-from shared.reports import Final, started_name
+from shared.reports import Final, report_reason, started_name
 
 
 @dataclass(slots=True)
@@ -111,7 +111,10 @@ class Engine:
         if unrecorded is not None:
             # Its `poisonReason` is dropped below: one found on it later is an operator's.
             bookkeeping = replace(
-                bookkeeping, outcome=unrecorded[0], reason=unrecorded[1], resumed_retry=False
+                bookkeeping,
+                outcome=unrecorded[0],
+                reason=None if unrecorded[1] is None else report_reason(unrecorded[1]),
+                resumed_retry=False,
             )
         # An operator's retry keeps its `poisonReason` until it has an outcome again; a copy
         # kept to record its outcome has one (and must not read as an operator's retry).

@@ -31,11 +31,11 @@ from shared.queues import compact_json
 from shared.references import StoreError
 from shared.reports import (
     FINAL_OUTCOMES,
-    MAX_REASON_CHARS,
     Final,
     outcome_name,
     record_duplicate,
     record_outcome,
+    report_reason,
     single_head,
 )
 
@@ -199,7 +199,7 @@ async def _recorded_as(
         return False  # a delivery or a prune found recorded is counted a duplicate
     data = await _slot(engine, request)
     recorded_reason = data.get("reason") or ""
-    return data.get("outcome") == outcome and recorded_reason == (reason or "")[:MAX_REASON_CHARS]
+    return data.get("outcome") == outcome and recorded_reason == report_reason(reason or "")
 
 
 async def fail_target(

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -237,9 +238,14 @@ def compact_json(value: Any, *, allow_nan: bool = True) -> str:
     """`value` as compact JSON. `allow_nan=False`: ValueError for NaN and the infinities,
     which json writes as `NaN`/`Infinity`, text no JSON parser but Python's accepts."""
     # Non-ASCII text stays as it is: \uXXXX escapes would make it up to three times longer.
+    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
     try:
-        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=allow_nan)
         encoded.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (valid as a JSON escape, not as UTF-8)
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)
+        # Only the surrogates escaped: the whole text in \uXXXX escapes would no longer
+        # fit in a queue message the request (or a copy of it) fitted in.
+        encoded = _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", encoded)
     return encoded
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -50,10 +50,24 @@ SINGLE_TARGET = "target"  # the outcome name of a request with one target
 FANOUT_TARGET = "fan-out"  # the claim name of a broadcast's fan-out
 MAX_FAILURES_LISTED = 1000  # a report lists at most this many failed targets
 MAX_REASON_CHARS = 300
+# ... and bytes, as JSON in UTF-8: a copy kept to record a failure carries its reason, and
+# must still fit in a queue message with a request of the largest size.
+MAX_REASON_BYTES = 256
 MAX_LABEL_CHARS = 1000  # of a target's label, as a report lists it
 Kind = Literal["single", "broadcast"]
 Final = Literal["delivered", "pruned", "failed"]
 FINAL_OUTCOMES: tuple[Final, ...] = ("delivered", "pruned", "failed")
+
+
+def report_reason(reason: str) -> str:
+    """A reason as a report keeps it: cut to MAX_REASON_CHARS characters and, as JSON in
+    UTF-8, MAX_REASON_BYTES bytes (cut again, it stays as it is)."""
+    from shared.queues import compact_json
+
+    cut = reason[:MAX_REASON_CHARS]
+    while len(compact_json(cut).encode("utf-8")) > MAX_REASON_BYTES:
+        cut = cut[: len(cut) * 9 // 10]
+    return cut
 
 
 def request_prefix(request_id: str) -> str:
@@ -162,8 +176,8 @@ async def record_outcome(
     metadata = {"outcome": outcome, "target": _pack(shown[:MAX_LABEL_CHARS])}
     data: dict[str, Any] = {"target": shown, "outcome": outcome, "at": iso(now), **(detail or {})}
     if reason:
-        metadata["reason"] = _pack(reason[:MAX_REASON_CHARS])
-        data["reason"] = reason[:MAX_REASON_CHARS]
+        metadata["reason"] = _pack(report_reason(reason))
+        data["reason"] = report_reason(reason)
     name = outcome_name(request_id, target)
     settled = claim_etag is not None and await ledger.replace(
         name, data, claim_etag, metadata=metadata

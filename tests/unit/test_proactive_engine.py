@@ -3853,3 +3853,91 @@ async def test_a_removed_childs_failure_is_not_poisoned_by_its_redelivery(parts,
 
     assert await attempt(child, "msg-7", redelivered=True) is Outcome.DUPLICATE
     assert engine.queue.poisoned == [] and sends(fake_connector) == []
+
+
+# --- copies at the size limit: lone surrogates, long reasons ------------------------------
+
+
+def at_the_size_limit_in(text: str, to: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A request of MAX_REQUEST_BYTES as JSON whose text is `text` repeated (then padded)."""
+    from shared.proactive_schema import request_bytes
+    from shared.queues import MAX_REQUEST_BYTES
+
+    message = json.loads(body(to or {"conversation": "msteams/a:1"}, "req-1", text=""))
+    room = MAX_REQUEST_BYTES - request_bytes(message)
+    message["text"] = text * (room // len(text.encode()))
+    message["text"] += "x" * (MAX_REQUEST_BYTES - request_bytes(message))
+    assert request_bytes(message) == MAX_REQUEST_BYTES
+    return message
+
+
+async def test_a_lone_surrogate_in_a_retrys_note_does_not_swell_its_copies(parts, fake_connector):
+    # One lone surrogate (a note cut in the middle of an emoji) made every copy written
+    # with all its non-ASCII text as \uXXXX escapes: a request of Chinese text at the size
+    # limit doubled, its throttled copy could not be queued, and a copy held for the
+    # settings went back as it came, without the marks that stop a second send.
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES, compact_json
+
+    _runtime, engine = parts
+    throttled = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "5"})
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops"), throttled])
+    assert await handle(engine, compact_json(at_the_size_limit_in("中"))) is Outcome.FAILED
+    [copy] = engine.queue.poisoned
+    retry = compact_json({**copy, "poisonReason": "checked \ud800"})
+    assert len(retry.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+    engine.message_id = "9f0c3a52-0d1e-4c8b-9a55-2f7d3e1b6c40"
+
+    assert await handle(engine, retry) is Outcome.REQUEUED
+
+    [(text, delay)] = engine.queue.sent
+    assert len(text.encode()) <= MAX_QUEUE_MESSAGE_BYTES and delay >= 5
+    assert json.loads(text)["text"] == copy["text"]
+
+
+async def test_a_failure_with_a_long_reason_kept_for_storage_is_recorded_not_sent_again(
+    parts, fake_connector
+):
+    # A 500 whose error code is 60 lone surrogates (a reason of ~440 bytes as JSON) and one
+    # refused outcome write: the copy kept to record the failure did not fit a queue
+    # message, and the request was sent a second time after its claim ended.
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES, compact_json
+
+    _runtime, engine = parts
+    code = "\ud800" * 60
+    fake_connector.script("POST", r"/activities$", [Reply(500, json={"error": {"code": code}})])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    text = compact_json(at_the_size_limit_in("x"))
+    engine.message_id = "9f0c3a52-0d1e-4c8b-9a55-2f7d3e1b6c40"
+
+    assert await handle(engine, text) is Outcome.REQUEUED  # a copy kept with the failure
+
+    [(kept, _)] = engine.queue.sent
+    assert len(kept.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+    engine.ledger.down = False
+    engine.message_id = None
+    engine.clock.now += 120
+    await drain(engine)
+    assert len(sends(fake_connector)) == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert report["failures"][0]["reason"].startswith("uncertain status 500")
+
+
+async def test_the_kept_failure_of_an_unknown_key_of_emoji_at_the_size_limit_fits(
+    parts, fake_connector
+):
+    # Its reason names the key (up to 200 characters, 4 bytes each): the copy kept to
+    # record it did not fit, and the function raised (the host's dequeue budget spent).
+    from shared.queues import MAX_QUEUE_MESSAGE_BYTES, compact_json
+
+    _runtime, engine = parts
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    message = at_the_size_limit_in("x", {"conversation": "msteams/" + "\U0001f600" * 300})
+    message["_proactive"] = {"attempt": 3, "since": engine.clock() - 120}
+    engine.message_id = "9f0c3a52-0d1e-4c8b-9a55-2f7d3e1b6c40"
+
+    assert await handle(engine, compact_json(message)) is Outcome.REQUEUED
+
+    [(kept, _)] = engine.queue.sent
+    assert len(kept.encode()) <= MAX_QUEUE_MESSAGE_BYTES
+    assert json.loads(kept)["_proactive"]["outcome"] == "failed"
