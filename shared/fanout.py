@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -214,7 +215,13 @@ def _digest(request: ProactiveRequest) -> str:
     """What the broadcast is (its targets and content), for telling another message that
     reuses its id from its own copies."""
     shown = {name: request.message.get(name) for name in ("to", *CONTENT_FIELDS)}
-    return hashlib.sha256(compact_json(shown).encode("utf-8", "surrogatepass")).hexdigest()
+    # Written as earlier versions wrote it (all of it escaped when a lone surrogate is in
+    # it), not by compact_json: a head an earlier version wrote must read as the same.
+    try:
+        text = json.dumps(shown, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(shown, separators=(",", ":")).encode("ascii")
+    return hashlib.sha256(text).hexdigest()
 
 
 async def _other_broadcast(request: ProactiveRequest, engine: Engine) -> Outcome:

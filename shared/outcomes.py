@@ -198,7 +198,9 @@ async def _recorded_as(
     if outcome != "failed":
         return False  # a delivery or a prune found recorded is counted a duplicate
     data = await _slot(engine, request)
-    recorded_reason = data.get("reason") or ""
+    # Both cut as reports cut them: a slot or a kept copy of an earlier version (which
+    # kept 300 characters of it, whatever their bytes) still reads as the same failure.
+    recorded_reason = report_reason(data.get("reason") or "")
     return data.get("outcome") == outcome and recorded_reason == report_reason(reason or "")
 
 

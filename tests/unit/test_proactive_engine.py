@@ -3941,3 +3941,44 @@ async def test_the_kept_failure_of_an_unknown_key_of_emoji_at_the_size_limit_fit
     [(kept, _)] = engine.queue.sent
     assert len(kept.encode()) <= MAX_QUEUE_MESSAGE_BYTES
     assert json.loads(kept)["_proactive"]["outcome"] == "failed"
+
+
+async def test_a_kept_failure_an_earlier_version_recorded_with_a_longer_reason_is_its_own(
+    parts, fake_connector
+):
+    # Earlier versions kept 300 characters of a reason, whatever their bytes, and carried
+    # the whole of it in the copy kept to record it. Such a copy, finding its failure
+    # landed, read it as another's (the reasons differed once cut to 256 bytes): counted
+    # a duplicate, with no poison copy for an operator to retry.
+    _runtime, engine = parts
+    kept = await kept_copy(engine, fake_connector, "failed")
+    reason = "uncertain status 500 code " + "\U0001f600" * 60 + ": the message may have been posted"
+    copy = json.loads(kept)
+    copy[RESERVED]["reason"] = reason
+    engine.ledger.down = False
+    name = outcome_name("req-1", "target")
+    slot = await engine.ledger.read(name)
+    landed = {"target": "msteams/a:1", "outcome": "failed", "reason": reason[:300]}
+    await engine.ledger.replace(name, landed, slot.etag, metadata={"outcome": "failed"})
+
+    assert await handle(engine, json.dumps(copy)) is Outcome.FAILED
+
+    [poisoned] = engine.queue.poisoned
+    assert poisoned["poisonReason"].startswith("uncertain status 500 code")
+    assert sends(fake_connector) == ["a:1"]
+
+
+def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():
+    # A broadcast fanning out across an upgrade compares its digest with the one its
+    # head keeps: written from compact_json, whose text for a lone surrogate changed, it
+    # no longer matched, and the rest of the broadcast was dropped as another's.
+    import hashlib
+
+    from shared.fanout import _digest
+    from shared.proactive_schema import parse_request
+
+    message = {"id": "b-1", "to": {"broadcast": {}}, "text": "h\u00e9llo \ud800"}
+    shown = {"to": message["to"], "activity": None, "text": message["text"]}
+    earlier = json.dumps(shown, separators=(",", ":")).encode("ascii")  # all of it escaped
+
+    assert _digest(parse_request(json.dumps(message))) == hashlib.sha256(earlier).hexdigest()
