@@ -178,10 +178,10 @@ def carried(message: Mapping[str, Any]) -> dict[str, Any]:
 
 def request_bytes(message: Mapping[str, Any]) -> int:
     """A request's size as JSON without the fields the engine and the poison queue add."""
-    from shared.queues import compact_json
+    from shared.queues import request_size
 
     own = {k: v for k, v in message.items() if k not in (RESERVED, "poisonReason")}
-    return len(compact_json(own).encode("utf-8"))
+    return request_size(own)
 
 
 def field_name(name: str) -> str:

@@ -52,6 +52,7 @@ from shared.queues import (
     QueueError,
     StorageQueue,
     compact_json,
+    request_size,
 )
 from shared.urls import is_loopback_host
 
@@ -148,7 +149,7 @@ def request_text(message: Mapping[str, Any]) -> str:
             "the request is not JSON: objects, arrays, strings, finite numbers (no NaN or "
             "Infinity), true, false and null only"
         ) from None
-    if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
+    if request_size(message) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"the request is larger than {MAX_REQUEST_BYTES} bytes as JSON")
     return text
 

@@ -101,6 +101,9 @@ NESTED = _nested(100_000)
         ({"to": {"conversation": "msteams/a"}, "text": "x", "poisonReason": "x"}, "engine's own"),
         (["not", "an", "object"], "object"),
         ({"to": {"conversation": "msteams/a"}, "text": "x" * 49_000}, "larger than"),
+        # With a lone surrogate, judged as earlier versions wrote it (all of it escaped,
+        # twice the size): an instance still running one would refuse it as too large.
+        ({"to": {"conversation": "msteams/a"}, "text": "\ud800" + "中" * 16_180}, "larger than"),
         # Values JSON has no form for: refused as the documented InvalidRequest.
         ({"to": {"conversation": "msteams/a"}, "activity": {"value": float("nan")}}, "finite"),
         ({"to": {"conversation": "msteams/a"}, "activity": {"v": float("-inf")}}, "finite"),
