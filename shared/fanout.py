@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -66,7 +65,7 @@ from shared.proactive_schema import (
     check_conversation_key,
     request_bytes,
 )
-from shared.queues import MAX_REQUEST_BYTES, compact_json
+from shared.queues import MAX_REQUEST_BYTES, compact_json, earlier_json
 from shared.references.contract import StoredReference, StoreError
 from shared.reports import (
     FANOUT_TARGET,
@@ -215,13 +214,9 @@ def _digest(request: ProactiveRequest) -> str:
     """What the broadcast is (its targets and content), for telling another message that
     reuses its id from its own copies."""
     shown = {name: request.message.get(name) for name in ("to", *CONTENT_FIELDS)}
-    # Written as earlier versions wrote it (all of it escaped when a lone surrogate is in
-    # it), not by compact_json: a head an earlier version wrote must read as the same.
-    try:
-        text = json.dumps(shown, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(shown, separators=(",", ":")).encode("ascii")
-    return hashlib.sha256(text).hexdigest()
+    # Written as earlier versions wrote it, not by compact_json (whose text for a lone
+    # surrogate differs): a head an earlier version wrote must read as the same.
+    return hashlib.sha256(earlier_json(shown)).hexdigest()
 
 
 async def _other_broadcast(request: ProactiveRequest, engine: Engine) -> Outcome:

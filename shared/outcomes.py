@@ -312,16 +312,9 @@ async def _claimed_by(engine: Engine, request: ProactiveRequest) -> bool:
     if engine.message_id is None or request.broadcast is not None:
         return False
     try:
-        return await kept_by_this_message(engine, request)
+        data = await _slot(engine, request)
     except StoreError:
         return False
-
-
-async def kept_by_this_message(engine: Engine, request: ProactiveRequest) -> bool:
-    """Whether the target's slot holds a claim an attempt of this very queue message took
-    (an earlier one, which failed or died after its send began); StoreError when the slot
-    cannot be read."""
-    data = await _slot(engine, request)
     return not is_outcome(data) and data.get("message") == engine.message_id
 
 

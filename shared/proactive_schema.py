@@ -163,16 +163,14 @@ CARRIED_REASON_BYTES = 160
 def carried(message: Mapping[str, Any]) -> dict[str, Any]:
     """The message as the engine's copies carry it: a `poisonReason` longer than
     CARRIED_REASON_BYTES as JSON cut short (as text, with "..." at its end)."""
-    from shared.queues import compact_json
+    from shared.queues import compact_json, cut_json
 
     copy = dict(message)
     reason = copy.get(POISON_REASON)
     if reason is None or len(compact_json(reason).encode("utf-8")) <= CARRIED_REASON_BYTES:
         return copy
     text = reason if isinstance(reason, str) else compact_json(reason)
-    while len(compact_json(text + "...").encode("utf-8")) > CARRIED_REASON_BYTES:
-        text = text[: len(text) * 3 // 4]
-    copy[POISON_REASON] = text + "..."
+    copy[POISON_REASON] = cut_json(text, CARRIED_REASON_BYTES, "...")
     return copy
 
 

@@ -251,14 +251,26 @@ def compact_json(value: Any, *, allow_nan: bool = True) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def request_size(value: Any) -> int:
-    """`value`'s size as JSON in bytes, as a request's size is judged: with a lone
-    surrogate in it, as earlier versions wrote such a text (all of it in \\uXXXX escapes),
-    so that no instance still running one refuses, as too large, a request (or a child, or
-    a copy of one) an instance of this version accepted. Its text, compact_json's, is
-    never larger."""
-    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def earlier_json(value: Any) -> bytes:
+    """`value` as compact JSON in UTF-8 as earlier versions wrote it: with a lone surrogate
+    in it, all of its text in \\uXXXX escapes (compact_json escapes the surrogates alone)."""
     try:
-        return len(encoded.encode("utf-8"))
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate
-        return len(json.dumps(value, separators=(",", ":")))
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def request_size(value: Any) -> int:
+    """`value`'s size as JSON in bytes, as a request's size is judged: as earlier versions
+    wrote it (:func:`earlier_json`), so that no instance still running one refuses, as too
+    large, a request (or a child, or a copy of one) an instance of this version accepted.
+    Its text, compact_json's, is never larger."""
+    return len(earlier_json(value))
+
+
+def cut_json(text: str, max_bytes: int, suffix: str = "") -> str:
+    """`text` cut short, `suffix` after it, to at most `max_bytes` bytes as JSON in UTF-8
+    (as compact_json writes it); `text` as it is when that fits. Cut again, it stays."""
+    while len(compact_json(text + suffix).encode("utf-8")) > max_bytes and text:
+        text = text[: len(text) * 9 // 10]
+    return text + suffix

@@ -62,12 +62,9 @@ FINAL_OUTCOMES: tuple[Final, ...] = ("delivered", "pruned", "failed")
 def report_reason(reason: str) -> str:
     """A reason as a report keeps it: cut to MAX_REASON_CHARS characters and, as JSON in
     UTF-8, MAX_REASON_BYTES bytes (cut again, it stays as it is)."""
-    from shared.queues import compact_json
+    from shared.queues import cut_json
 
-    cut = reason[:MAX_REASON_CHARS]
-    while len(compact_json(cut).encode("utf-8")) > MAX_REASON_BYTES:
-        cut = cut[: len(cut) * 9 // 10]
-    return cut
+    return cut_json(reason[:MAX_REASON_CHARS], MAX_REASON_BYTES)
 
 
 def request_prefix(request_id: str) -> str:
@@ -176,8 +173,8 @@ async def record_outcome(
     metadata = {"outcome": outcome, "target": _pack(shown[:MAX_LABEL_CHARS])}
     data: dict[str, Any] = {"target": shown, "outcome": outcome, "at": iso(now), **(detail or {})}
     if reason:
-        metadata["reason"] = _pack(report_reason(reason))
         data["reason"] = report_reason(reason)
+        metadata["reason"] = _pack(data["reason"])
     name = outcome_name(request_id, target)
     settled = claim_etag is not None and await ledger.replace(
         name, data, claim_etag, metadata=metadata

@@ -87,6 +87,7 @@ _TIMESPAN = re.compile(
     r"(?:(\d{1,8})\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.(\d{1,7}))?)?", re.ASCII
 )
 _TIMESPAN_MAX_TICKS = 2**63 - 1  # .NET's TimeSpan.MaxValue, in ticks of 100 ns
+_NOT_A_TIMESPAN = "must be a TimeSpan like 00:05:00, over zero"
 # The plans (by WEBSITE_SKU) whose timer takes no TimeSpan. (Linux Consumption, the only
 # Consumption a Python app has, runs one: its host only warns.)
 _NO_TIMESPAN_PLANS = {"flexconsumption": "Flex Consumption"}
@@ -100,17 +101,14 @@ def timer_schedule_problem(schedule: str, sku: str = "") -> str | None:
     fields = [text for text in schedule.split(" ") if text]  # the host splits on spaces only
     if len(fields) == 1 and ":" in schedule:
         match = _TIMESPAN.fullmatch(schedule)
-        groups = match.groups(default="0") if match else ()
-        parts = (
-            [int(part) for part in groups[:4]] + [int(groups[4].ljust(7, "0"))] if groups else []
-        )
-        ticks = (
-            (parts[0] * 86_400 + parts[1] * 3_600 + parts[2] * 60 + parts[3]) * 10**7 + parts[4]
-            if parts
-            else 0
-        )
-        if not 0 < ticks <= _TIMESPAN_MAX_TICKS or parts[1] > 23 or parts[2] > 59 or parts[3] > 59:
-            return "must be a TimeSpan like 00:05:00, over zero"
+        if match is None:
+            return _NOT_A_TIMESPAN
+        days, hours, minutes, seconds, fraction = match.groups(default="0")
+        whole = int(days) * 86_400 + int(hours) * 3_600 + int(minutes) * 60 + int(seconds)
+        ticks = whole * 10**7 + int(fraction.ljust(7, "0"))
+        out_of_range = int(hours) > 23 or int(minutes) > 59 or int(seconds) > 59
+        if out_of_range or not 0 < ticks <= _TIMESPAN_MAX_TICKS:
+            return _NOT_A_TIMESPAN
         if sku.lower() in _NO_TIMESPAN_PLANS:
             return (
                 f"is a TimeSpan, which the timer of a {_NO_TIMESPAN_PLANS[sku.lower()]} plan "
