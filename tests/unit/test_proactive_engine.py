@@ -3643,17 +3643,24 @@ class PutLandsThenFails(MemoryQueue):
             raise failure
 
 
-class DiesAfterClaimReplaced(MemoryLedger):
-    """The process dies right after the next claim written over a slot's content lands."""
+class DiesAfterReplaced(MemoryLedger):
+    """The process dies right after the next write over a slot whose data has `field` lands."""
 
     armed = True
+    field = ""
 
     async def replace(self, name, data, etag, *, metadata=None):
         result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
-        if self.armed and isinstance(data, dict) and "expiresAt" in data:
+        if self.armed and isinstance(data, dict) and self.field in data:
             self.armed = False
             raise Crash()
         return result
+
+
+class DiesAfterClaimReplaced(DiesAfterReplaced):
+    """The process dies right after the next claim written over a slot's content lands."""
+
+    field = "expiresAt"
 
 
 async def poison_copy_of_a_500(engine: Engine, fake_connector, answers: int = 20) -> str:
@@ -3769,17 +3776,10 @@ async def test_a_retry_held_for_the_settings_names_the_retry(parts, fake_connect
 # --- review: a failure's poison copy survives a crash after its record -------------------
 
 
-class DiesAfterOutcomeRecorded(MemoryLedger):
+class DiesAfterOutcomeRecorded(DiesAfterReplaced):
     """The process dies right after the next outcome write lands."""
 
-    armed = True
-
-    async def replace(self, name, data, etag, *, metadata=None):
-        result = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
-        if self.armed and isinstance(data, dict) and "outcome" in data:
-            self.armed = False
-            raise Crash()
-        return result
+    field = "outcome"
 
 
 async def test_a_failure_whose_process_died_before_its_poison_copy_still_gets_one(

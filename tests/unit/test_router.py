@@ -376,6 +376,19 @@ async def test_custom_error_handler_replaces_the_apology():
     assert [c[3]["text"] for c in connector.calls] == ["Oops (KeyError)"]
 
 
+def recording_error_handler() -> tuple[Router, list[BaseException]]:
+    """A router whose error handler records each error it is called with, then replies."""
+    router = Router()
+    called: list[BaseException] = []
+
+    @router.error
+    async def on_error(turn, error):
+        called.append(error)
+        await turn.reply("Oops, that failed. Try again later.")
+
+    return router, called
+
+
 @pytest.mark.parametrize(
     "incoming",
     [
@@ -389,14 +402,8 @@ async def test_a_custom_error_handler_is_not_called_where_no_apology_goes(incomi
     # It replaces the apology, so it follows its rules: its reply was posted once per
     # keystroke of a failing search, per viewer of a failing refresh, and to a
     # conversation the bot had left.
-    router = Router()
+    router, called = recording_error_handler()
     connector = RecordingConnector()
-    called = []
-
-    @router.error
-    async def on_error(turn, error):
-        called.append(error)
-        await turn.reply("Oops, that failed. Try again later.")
 
     await router.handle_error(turn_for(incoming, connector), KeyError("k"))
     assert (called, connector.calls) == ([], [])
@@ -411,15 +418,8 @@ async def test_a_custom_error_handler_is_not_called_with_less_than_a_second_left
         def retry_within(self, seconds):  # what the real client offers the error path
             return None
 
-    router = Router()
+    router, called = recording_error_handler()
     connector = Timed()
-    called = []
-
-    @router.error
-    async def on_error(turn, error):
-        called.append(error)
-        await turn.reply("Oops")
-
     turn = turn_for(activity(), connector)
     turn.answer_by = time.monotonic() + APOLOGY_MARGIN + 0.5
     await router.handle_error(turn, KeyError("k"))
@@ -434,15 +434,9 @@ async def test_a_custom_error_handler_is_not_called_after_the_connector_failed_h
             self.calls.append(call)
             raise ConnectorError(ErrorKind.TRANSIENT, "unavailable", status=503)
 
-    router = Router()
+    router, called = recording_error_handler()
     connector = Unavailable()
     turn = turn_for(activity(), connector)
-    called = []
-
-    @router.error
-    async def on_error(turn, error):
-        called.append(error)
-        await turn.reply("Oops")
 
     with pytest.raises(ConnectorError) as failed:
         await turn.reply("hello")  # the handler's own reply meets the Connector failing
