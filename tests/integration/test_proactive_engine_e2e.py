@@ -150,6 +150,18 @@ class Bot:
             for m in self.poison.peek_messages(max_messages=32)
         ]
 
+    async def wait_poisoned(self, *request_ids: str, within: float = TIMEOUT) -> list[dict]:
+        """The poison copies of these requests, once all are there: a failure is recorded
+        in the report first and its poison copy put after, so a report can be read first."""
+        deadline = time.monotonic() + within
+        while True:
+            copies = [m for m in self.poisoned() if m.get("id") in request_ids]
+            if {m["id"] for m in copies} >= set(request_ids):
+                return copies
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no poison copy of all of {request_ids}: {copies}")
+            await asyncio.sleep(0.2)
+
     def queued(self) -> int:
         return self.queue.get_queue_properties().approximate_message_count
 
@@ -359,11 +371,7 @@ async def test_malformed_is_poisoned_at_once_and_an_unknown_key_is_kept_and_repo
     request_id = new_id()
     malformed = {"id": request_id, "to": {"conversation": "msteams/x"}}  # no content
     bot.queue.send_message(base64.b64encode(json.dumps(malformed).encode()).decode())
-    started = time.monotonic()
-    while not any(m.get("id") == request_id for m in bot.poisoned()):
-        assert time.monotonic() - started < 15, devhost.log[-3000:]  # seconds, not retries
-        await asyncio.sleep(0.2)
-    [copy] = [m for m in bot.poisoned() if m.get("id") == request_id]
+    [copy] = await bot.wait_poisoned(request_id, within=15)  # seconds, not retries
     assert "`activity`" in copy["poisonReason"]
     report = await bot.wait_report(request_id, failed=1)
     assert "invalid request" in report["failures"][0]["reason"]
@@ -396,8 +404,8 @@ async def test_an_untrusted_service_url_is_refused_and_reported(devhost, bot, co
             report = await bot.wait_report(request_id, failed=1)
             assert "not trusted" in report["failures"][0]["reason"]
         assert attacker.requests == []
-    poisoned = {m["id"] for m in bot.poisoned()}
-    assert {inline, via_user} <= poisoned
+    copies = await bot.wait_poisoned(inline, via_user)
+    assert all("not trusted" in m["poisonReason"] for m in copies)
 
 
 async def test_a_user_whose_1to1_a_newer_version_recorded_is_still_sent_to(devhost, bot, connector):
