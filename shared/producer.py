@@ -76,7 +76,7 @@ async def enqueue(
     """
     from shared.ledger import BlobLedger
     from shared.references.contract import StoreError
-    from shared.reports import ensure_head, head_name
+    from shared.reports import create_own_head, head_name
 
     settings = settings or producer_settings()
     if not isinstance(request, Mapping):
@@ -104,7 +104,7 @@ async def enqueue(
     ledger = BlobLedger(settings)
     head = None
     try:
-        head = await ensure_head(ledger, parsed.id, kind, time.time())
+        head = await create_own_head(ledger, parsed.id, kind, time.time())
     except StoreError as error:
         if error.status != 403:
             raise

@@ -11,7 +11,8 @@ the reference store encodes name segments; see docs/proactive.md):
     ``["out/<last child>.json", children]`` each, for flow control), the number of pages
     listed (``"page"``), the one counted but maybe not queued in full (``"pending"``),
     what the broadcast is (``"digest"``) and each write's own mark (``"write"``, to know
-    a write whose answer was lost for its own) (shared/fanout.py).
+    a write whose answer was lost for its own; the producer's create carries one too)
+    (shared/fanout.py).
 ``page/<n>-<token>.json``
     ``{"keys": [...]}``: the conversations of a broadcast's nth fan-out page, written
     (create-only, a name of its writer's own) before the checkpoint counts them and names
@@ -116,6 +117,25 @@ async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -
     """Create the request's head unless it exists (create-only: the first writer wins);
     the ETag of the head this call created, None when it existed already."""
     return await ledger.create(head_name(request_id), new_head(request_id, kind, now))
+
+
+async def create_own_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -> str | None:
+    """ensure_head for a writer that may take its head back (the producer, when the queue
+    refuses the request): the ETag of the head this call created, None when another writer
+    had created it. The head carries a mark of this call's own, so a create that landed
+    while its answer was lost (the client's retry then found the head there) is known for
+    this call's by reading it back: without that, it was kept, `pending` for ever."""
+    head = {**new_head(request_id, kind, now), "write": uuid.uuid4().hex}
+    etag = await ledger.create(head_name(request_id), head)
+    if etag is not None:
+        return etag
+    try:
+        current = await ledger.read(head_name(request_id))
+    except NotJson:
+        return None
+    if current is None or not isinstance(current.data, dict):
+        return None
+    return current.etag if current.data.get("write") == head["write"] else None
 
 
 async def single_head(ledger: Ledger, request_id: str, now: float) -> bool:

@@ -367,6 +367,55 @@ async def test_a_report_head_whose_answers_were_lost_names_the_id_that_repairs_i
     assert queued(storage) == 1
 
 
+async def test_a_head_created_with_its_answer_lost_goes_when_the_queue_refuses(azurite, storage):
+    # The head's create is stored and its answer lost (a 500 in its place); the client's
+    # retry finds it there (409). The queue then refuses the request: the head was taken
+    # for another writer's and kept, so the report read `pending` for ever for a request
+    # never queued.
+    from aiohttp import web
+
+    from shared.producer import close, enqueue, producer_settings, read_report
+    from shared.queues import QueueError
+
+    heads: list[int] = []
+
+    async def lose_the_first_heads_answer(request, forward):
+        answer = await forward()
+        if request.method == "PUT" and request.path.endswith("/head.json"):
+            heads.append(answer.status)
+            if answer.status == 201:
+                return web.Response(status=500)
+        return answer
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(NOT_ALLOWED), NOT_ALLOWED)
+            )
+            await writer.drain()
+        writer.close()
+
+    queue_server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    queue_url = f"http://127.0.0.1:{queue_server.sockets[0].getsockname()[1]}/{ACCOUNT}"
+    try:
+        async with blob_proxy(azurite, storage, lose_the_first_heads_answer) as env:
+            connection = env["AzureWebJobsStorage"].replace(azurite.queue_url, queue_url)
+            settings = producer_settings({**env, "AzureWebJobsStorage": connection})
+            request = {"id": "r-lost", "to": {"conversation": "msteams/a:1"}, "text": "hi"}
+            with pytest.raises(QueueError) as refused:
+                await enqueue(request, settings=settings)
+            assert refused.value.status == 403
+            assert heads[-2:] == [201, 409]  # (after a 404 when the container is new)
+            assert await read_report("r-lost", settings=producer_settings(storage)) is None
+    finally:
+        await close()
+        queue_server.close()
+        await queue_server.wait_closed()
+    assert blobs(azurite.connection_string, storage["BOT_REFERENCES_CONTAINER"]) == []
+
+
 @pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
 async def test_report_and_conversations_whose_listing_cannot_be_read_say_so(answer):
     # Storage answered the listing 200 with what its SDK cannot read (a proxy's page, XML
