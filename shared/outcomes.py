@@ -23,6 +23,7 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
+    claimed_identity,
     kept_identity,
     parse_request,
     retry_token,
@@ -193,15 +194,25 @@ async def record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcom
 async def _recorded_as(
     request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
 ) -> bool:
-    """Whether the target's slot holds this failure with this reason (a record that landed
-    while storage answered with an error: its poison copy is still to be put)."""
+    """Whether the target's slot holds this copy's failure (a record that landed while
+    storage answered with an error: its poison copy is still to be put).
+
+    Told by the queue message that recorded it: this one, or the one it goes on as. A
+    copy that names no sender (kept by an earlier version) and a slot that names no
+    writer (written by one) are told by the reason instead."""
     if outcome != "failed":
         return False  # a delivery or a prune found recorded is counted a duplicate
     data = await _slot(engine, request)
+    if data.get("outcome") != outcome:
+        return False
+    writer = data.get("message")
+    if writer is not None and writer == engine.message_id:
+        return True
+    if writer is not None and claimed_identity(request.message) is not None:
+        return False  # another message's failure, whatever its reason says
     # Both cut as reports cut them: a slot or a kept copy of an earlier version (which
     # kept 300 characters of it, whatever their bytes) still reads as the same failure.
-    recorded_reason = report_reason(data.get("reason") or "")
-    return data.get("outcome") == outcome and recorded_reason == report_reason(reason or "")
+    return report_reason(data.get("reason") or "") == report_reason(reason or "")
 
 
 async def fail_target(

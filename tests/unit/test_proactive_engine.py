@@ -34,7 +34,13 @@ from shared.proactive_schema import RESERVED
 from shared.queues import MAX_QUEUE_MESSAGE_BYTES, MemoryQueue, QueueError, compact_json
 from shared.ratelimit import Pacer, Scope
 from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreError
-from shared.reports import ensure_head, outcome_name, read_report, request_prefix
+from shared.reports import (
+    ensure_head,
+    outcome_name,
+    read_report,
+    report_reason,
+    request_prefix,
+)
 from shared.router import Router
 from shared.runtime import Runtime
 from tests.fixtures.storage import sas_connection_string
@@ -3965,6 +3971,59 @@ async def test_a_kept_failure_an_earlier_version_recorded_with_a_longer_reason_i
 
     [poisoned] = engine.queue.poisoned
     assert poisoned["poisonReason"].startswith("uncertain status 500 code")
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_kept_failure_finding_another_messages_failure_with_its_reason_is_a_duplicate(
+    parts, fake_connector
+):
+    # Another queue message recorded a failure whose reason reads as this copy's once
+    # cut (they agree on their first 256 bytes): taken for the copy's own, its poison
+    # copy was put beside the other's, one more copy for an operator to put back.
+    _runtime, engine = parts
+    engine.message_id = "m-1"
+    kept = await kept_copy(engine, fake_connector, "failed")
+    assert json.loads(kept)[RESERVED]["claimedBy"] == "m-1"
+    engine.ledger.down = False
+    engine.message_id = "m-2"  # the kept copy's own queue message, going on as m-1
+    name = outcome_name("req-1", "target")
+    slot = await engine.ledger.read(name)
+    mine = json.loads(kept)[RESERVED]["reason"]
+    other = {"target": "msteams/a:1", "outcome": "failed", "message": "m-other"}
+    other["reason"] = report_reason(mine + "x" * 300 + "1")  # another, the same cut short
+    assert other["reason"] == report_reason(mine + "x" * 300 + "2")  # (the test's premise)
+    await engine.ledger.replace(name, other, slot.etag, metadata={"outcome": "failed"})
+    copy = json.loads(kept)
+    copy[RESERVED]["reason"] = mine + "x" * 300 + "2"
+
+    assert await handle(engine, json.dumps(copy)) is Outcome.DUPLICATE
+
+    assert engine.queue.poisoned == []
+    assert sends(fake_connector) == ["a:1"]
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["failed"], report["duplicate"]) == (1, 1)
+
+
+async def test_a_kept_failure_whose_record_landed_under_its_sender_is_its_own(
+    parts, fake_connector
+):
+    # The record landed while storage answered an error: written as the message that
+    # sent (m-1), which the kept copy goes on as. Its poison copy is still to be put.
+    _runtime, engine = parts
+    engine.message_id = "m-1"
+    kept = await kept_copy(engine, fake_connector, "failed")
+    engine.ledger.down = False
+    engine.message_id = "m-2"
+    name = outcome_name("req-1", "target")
+    slot = await engine.ledger.read(name)
+    reason = json.loads(kept)[RESERVED]["reason"]
+    landed = {"target": "msteams/a:1", "outcome": "failed", "message": "m-1", "reason": reason}
+    await engine.ledger.replace(name, landed, slot.etag, metadata={"outcome": "failed"})
+
+    assert await handle(engine, kept) is Outcome.FAILED
+
+    [poisoned] = engine.queue.poisoned
+    assert poisoned["poisonReason"] == reason
     assert sends(fake_connector) == ["a:1"]
 
 
