@@ -197,19 +197,20 @@ async def _recorded_as(
     """Whether the target's slot holds this copy's failure (a record that landed while
     storage answered with an error: its poison copy is still to be put).
 
-    Told by the queue message that recorded it: this one, or the one it goes on as. A
-    copy that names no sender (kept by an earlier version) and a slot that names no
-    writer (written by one) are told by the reason instead."""
+    Recorded by the queue message this copy goes on as (unless the copy names no sender,
+    as those an earlier version kept do, or the slot no writer), with its reason: the
+    same message's other failure is the host giving up on it (its poison copy is the
+    host's own), and another message's failure is not this one's whatever its reason
+    says (reasons are cut, and two may read the same)."""
     if outcome != "failed":
         return False  # a delivery or a prune found recorded is counted a duplicate
     data = await _slot(engine, request)
     if data.get("outcome") != outcome:
         return False
     writer = data.get("message")
-    if writer is not None and writer == engine.message_id:
-        return True
-    if writer is not None and claimed_identity(request.message) is not None:
-        return False  # another message's failure, whatever its reason says
+    named = writer is not None and claimed_identity(request.message) is not None
+    if named and writer != engine.message_id:
+        return False
     # Both cut as reports cut them: a slot or a kept copy of an earlier version (which
     # kept 300 characters of it, whatever their bytes) still reads as the same failure.
     return report_reason(data.get("reason") or "") == report_reason(reason or "")

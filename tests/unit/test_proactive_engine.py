@@ -4027,6 +4027,30 @@ async def test_a_kept_failure_whose_record_landed_under_its_sender_is_its_own(
     assert sends(fake_connector) == ["a:1"]
 
 
+async def test_a_kept_failure_finding_the_host_gave_up_on_its_sender_puts_no_second_copy(
+    parts, fake_connector
+):
+    # The message that sent (m-1) failed on every attempt after keeping this copy: the
+    # host recorded that as m-1 and poisoned m-1 itself. The copy, going on as m-1, is
+    # not that failure's: one more poison copy would be a second one to put back.
+    from shared.outcomes import record_given_up
+
+    _runtime, engine = parts
+    engine.message_id = "m-1"
+    kept = await kept_copy(engine, fake_connector, "failed")
+    engine.ledger.down = False
+    original = body({"conversation": "msteams/a:1"})
+    await record_given_up(original, engine, RuntimeError("the function failed"))
+    report = await read_report(engine.ledger, "req-1")
+    assert "host moved it to the poison queue" in report["failures"][0]["reason"]
+    engine.message_id = "m-2"
+
+    assert await handle(engine, kept) is Outcome.DUPLICATE
+
+    assert engine.queue.poisoned == []
+    assert sends(fake_connector) == ["a:1"]
+
+
 def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():
     # A broadcast fanning out across an upgrade compares its digest with the one its
     # head keeps: written from compact_json, whose text for a lone surrogate changed, it
