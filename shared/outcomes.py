@@ -71,17 +71,21 @@ async def record_target(
     reason: str | None,
     *,
     claim_etag: str | None = None,
+    given_up: bool = False,
     **options: Any,
 ) -> bool:
     """Record the request's target's final outcome; False when it already had one.
     `options`: record_outcome's own (yielding to a live claim). The outcome names the
     queue message that recorded it (an operator's retry is never retried by its own
-    redelivery), and the operator's retry it is a copy of (nor by another copy of it)."""
-    detail: dict[str, str] = {}
+    redelivery), and the operator's retry it is a copy of (nor by another copy of it);
+    `given_up`: the host gave up on that message, and its poison copy is the host's."""
+    detail: dict[str, Any] = {}
     if engine.message_id is not None:
         detail["message"] = engine.message_id
     if (token := retry_token(request.message, engine.message_id)) is not None:
         detail["retryOf"] = token
+    if given_up:
+        detail["givenUp"] = True
     if detail:
         options.setdefault("detail", detail)
     return await record_outcome(
@@ -198,14 +202,14 @@ async def _recorded_as(
     storage answered with an error: its poison copy is still to be put).
 
     Recorded by the queue message this copy goes on as (unless the copy names no sender,
-    as those an earlier version kept do, or the slot no writer), with its reason: the
-    same message's other failure is the host giving up on it (its poison copy is the
-    host's own), and another message's failure is not this one's whatever its reason
-    says (reasons are cut, and two may read the same)."""
+    as those an earlier version kept do, or the slot no writer), with its reason, and not
+    as the host gave up on a message (`givenUp`: its poison copy is the host's own).
+    Another message's failure is not this one's whatever its reason says (reasons are
+    cut, and two may read the same)."""
     if outcome != "failed":
         return False  # a delivery or a prune found recorded is counted a duplicate
     data = await _slot(engine, request)
-    if data.get("outcome") != outcome:
+    if data.get("outcome") != outcome or data.get("givenUp") is True:
         return False
     writer = data.get("message")
     named = writer is not None and claimed_identity(request.message) is not None
@@ -298,6 +302,7 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
                 outcome,
                 reason,
                 claim_etag=claim_etag,
+                given_up=True,
                 yield_to_live_claim=not known or request.engine.claimed_by is not None,
                 own_message=engine.message_id,
             )

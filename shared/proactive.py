@@ -339,14 +339,16 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
 
 
 def _failed_here(engine: Engine, settled: Settled) -> bool:
-    """Whether the slot holds a failure this very queue message recorded, one that has a
-    poison copy (a broadcast child whose conversation was removed has none)."""
+    """Whether the slot holds a failure this very queue message recorded, one whose poison
+    copy is the engine's to put (a broadcast child whose conversation was removed has
+    none; a message the host gave up on, `givenUp`, is the host's poison copy)."""
     data = settled.record.data
     return (
         engine.message_id is not None
         and data.get("message") == engine.message_id
         and data.get("outcome") == "failed"
         and data.get("reason") != REMOVED_REASON
+        and data.get("givenUp") is not True
     )
 
 

@@ -4051,6 +4051,29 @@ async def test_a_kept_failure_finding_the_host_gave_up_on_its_sender_puts_no_sec
     assert sends(fake_connector) == ["a:1"]
 
 
+async def test_a_copy_going_on_as_a_message_the_host_gave_up_on_puts_no_second_copy(
+    parts, fake_connector
+):
+    # m-1 failed on every attempt (the host recorded that as m-1 and poisoned m-1 itself)
+    # after a copy kept for a storage blip, going on as m-1, had been queued. That copy
+    # found "its own" failure and put a poison copy beside the host's: two to put back.
+    from shared.outcomes import record_given_up
+
+    _runtime, engine = parts
+    original = body({"conversation": "msteams/a:1"})
+    engine.message_id = "m-1"
+    await record_given_up(original, engine, RuntimeError("the function failed"))
+    copy = json.loads(original)
+    copy[RESERVED] = {"attempt": 1, "claimedBy": "m-1"}
+    engine.message_id = "m-2"
+
+    assert await handle(engine, json.dumps(copy)) is Outcome.DUPLICATE
+
+    assert engine.queue.poisoned == [] and sends(fake_connector) == []
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"], report["duplicate"]) == ("done", 1, 1)
+
+
 def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():
     # A broadcast fanning out across an upgrade compares its digest with the one its
     # head keeps: written from compact_json, whose text for a lone surrogate changed, it
