@@ -35,6 +35,7 @@ from shared.http import HttpRequest, HttpResponse
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime
 from shared.turn import TurnContext
+from shared.urls import addressed_to_this_machine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,6 +49,11 @@ LOCAL_UNAUTHORIZED = (
     "Unauthorized: this bot runs in local unauthenticated mode (BOT_ALLOW_UNAUTHENTICATED="
     "true), which accepts only loopback serviceUrls (127.0.0.1, localhost, [::1]). Give the "
     "client a serviceUrl on this machine, or configure MicrosoftAppId and send tokens."
+)
+LOCAL_NAME_UNAUTHORIZED = (
+    "Unauthorized: this bot runs in local unauthenticated mode (BOT_ALLOW_UNAUTHENTICATED="
+    "true), which answers only requests addressed to this machine by localhost or an IP "
+    "address, never by another host name (a web page's, rebound to this machine)."
 )
 SERVER_ERROR = "The bot could not process this activity."
 # The signing keys could not be fetched (none cached): the token is not judged, so no 401.
@@ -131,6 +137,14 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         NotLoopback,
     )
 
+    if runtime.settings.auth_disabled and not addressed_to_this_machine(
+        request.header("host"), request.header("origin")
+    ):
+        # Anyone on this machine may drive an unauthenticated bot, so a web page may not:
+        # the page's own name, rebound to 127.0.0.1, would reach it (and through it, any
+        # local port its serviceUrl names).
+        logger.warning("messages: 401 %s: unauthenticated mode, addressed by a host name", ids)
+        return HttpResponse.text(401, LOCAL_NAME_UNAUTHORIZED)
     try:
         identity = await runtime.authenticator.authenticate(
             request.header("authorization"), activity

@@ -38,6 +38,33 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def addressed_to_this_machine(host: str | None, origin: str | None) -> bool:
+    """Whether a request came by this machine's own address: its `Host` header (port
+    aside) localhost or an IP address, and its `Origin`, when a browser sent one, too. A
+    web page whose DNS name was rebound to 127.0.0.1 is same-origin to itself and sends
+    its own name in both: what trusts any caller on this machine refuses it so. A request
+    with no Host (not from a browser) passes."""
+    from yarl import URL
+
+    def by_address(url: str) -> bool:
+        try:
+            parsed = URL(url)
+        except ValueError:
+            return False
+        name = (parsed.host or "").lower()  # none for "null" (a sandboxed page's Origin)
+        if parsed.user is not None or parsed.password is not None:
+            return False
+        return name == "localhost" or is_ip_address(name)
+
+    if origin is not None and not by_address(origin):
+        return False
+    if host is None:
+        return True
+    # A Host header is an authority alone: a path, query or userinfo in it would move
+    # the host a URL parser finds.
+    return not any(c in host for c in "@/\\?# ") and by_address(f"http://{host}")
+
+
 def has_dot_segment(path: str) -> bool:
     """True when a path has a "." or ".." segment, also one with path parameters: servers
     that strip ";..." from a segment (Tomcat and others) read ``..;x`` as ``..``."""

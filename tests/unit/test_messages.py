@@ -29,6 +29,7 @@ from shared.connector import ConnectorClient
 from shared.http import HttpRequest, HttpResponse
 from shared.messages import (
     KEYS_UNAVAILABLE,
+    LOCAL_NAME_UNAUTHORIZED,
     LOCAL_UNAUTHORIZED,
     SERVER_ERROR,
     UNAUTHORIZED,
@@ -535,6 +536,44 @@ async def test_anonymous_mode_accepts_only_real_loopback_service_urls(fake_conne
         assert fake_connector.activities[0]["text"] == "Echo: hello there"
     finally:
         await bot.runtime.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "attacker.example:7071"},
+        {"Host": "127.0.0.1:7071", "Origin": "http://attacker.example:7071"},
+        {"Host": "127.0.0.1:7071", "Origin": "null"},
+    ],
+)
+async def test_anonymous_mode_answers_no_request_addressed_by_a_host_name(fake_connector, headers):
+    # A web page whose name was rebound to 127.0.0.1 sends it as Host (and Origin): it
+    # drove the unauthenticated bot, which then called any local port its serviceUrl
+    # named and, with expectReplies, handed back what that port answered.
+    settings = Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"})
+    bot = Bot(settings, fake_connector.url, shipped_router)
+    try:
+        incoming = activity_for(fake_connector.url, channelId="emulator")
+        response = await bot.handle(post(incoming, headers=headers))
+        assert (response.status, response.body) == (401, LOCAL_NAME_UNAUTHORIZED.encode())
+        assert await stored_keys(bot.store) == [] and fake_connector.requests == []
+        # By this machine's own address (what local clients send), served.
+        for own in ({"Host": "127.0.0.1:7071"}, {"Host": "localhost:7071"}, {"Host": "[::1]"}):
+            local = {**own, "Origin": "http://localhost:3978"}
+            assert (await bot.handle(post(incoming, headers=local))).status == 200
+        assert len(fake_connector.activities) == 3
+    finally:
+        await bot.runtime.close()
+
+
+async def test_a_host_name_is_no_matter_with_authentication_on(
+    bot, channel_identity, fake_connector
+):
+    token = channel_token(channel_identity, bot)
+    incoming = activity_for(fake_connector.url)
+    headers = {"Host": "mybot.azurewebsites.net", "Origin": "https://example.com"}
+    assert (await bot.handle(post(incoming, token, headers=headers))).status == 200
+    assert fake_connector.activities[0]["text"] == "Echo: hello there"
 
 
 async def test_get_is_405(bot, fake_connector):
