@@ -163,10 +163,20 @@ class InboundAuthenticator:
         self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        key = await self._key_or_token_fault(settings.openid_metadata_url, token, kid)
+        key = await self._key_or_token_fault(
+            settings.openid_metadata_url, token, kid, self._channel_claims, activity
+        )
         claims = self._verified(token, key)
         if claims.get("iss") != settings.channel_issuer:
             raise AuthError("token issuer is not the channel issuer")
+        self._channel_claims(claims, activity)
+        channel_id = activity.get("channelId")
+        if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
+            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
+        return Identity(True, "channel", settings.app_id, claims)
+
+    def _channel_claims(self, claims: Mapping[str, Any], activity: Mapping[str, Any]) -> str:
+        """What a channel token must say whatever its signature (AuthError otherwise)."""
         self._check_audience_and_lifetime(claims)
         # The serviceUrl the bot will send its token to must be the one the channel signed.
         service_url = claims.get("serviceurl")
@@ -177,20 +187,30 @@ class InboundAuthenticator:
         target = _service_target(activity)
         if parse_service_url(service_url) != target:
             raise AuthError("serviceurl claim does not match the activity's serviceUrl")
-        channel_id = activity.get("channelId")
-        if not isinstance(channel_id, str) or channel_id not in (key.endorsements or ()):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
-        return Identity(True, "channel", settings.app_id, claims)
+        return self._settings.app_id
 
     async def _emulator_identity(
         self, token: str, kid: str, activity: Mapping[str, Any]
     ) -> Identity:
         settings = self._settings
-        key = await self._key_or_token_fault(settings.emulator_openid_metadata_url, token, kid)
+        key = await self._key_or_token_fault(
+            settings.emulator_openid_metadata_url, token, kid, self._emulator_claims, activity
+        )
         claims = self._verified(token, key)
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or issuer not in self._emulator_issuers:
             raise AuthError("token issuer is not an accepted AAD issuer")
+        caller = self._emulator_claims(claims, activity)
+        channel_id = activity.get("channelId")
+        if key.endorsements is not None and (
+            not isinstance(channel_id, str) or channel_id not in key.endorsements
+        ):
+            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
+        return Identity(True, "emulator", caller, claims)
+
+    def _emulator_claims(self, claims: Mapping[str, Any], activity: Mapping[str, Any]) -> str:
+        """What an Emulator token must say whatever its signature (AuthError otherwise):
+        the calling app, which is the bot itself."""
         self._check_audience_and_lifetime(claims)
         # The Emulator gets an app token (client credentials). `scp` marks a user's delegated
         # token, which any user who can sign in to the bot's own app registration could get.
@@ -206,16 +226,11 @@ class InboundAuthenticator:
             raise AuthError("AAD token has no known ver claim")
         if not isinstance(caller, str) or not caller:
             raise AuthError(f"AAD v{version} token names no calling app")
-        if caller != settings.app_id:
+        if caller != self._settings.app_id:
             raise AuthError("AAD token was issued to another app (skills are not supported)")
-        channel_id = activity.get("channelId")
-        if key.endorsements is not None and (
-            not isinstance(channel_id, str) or channel_id not in key.endorsements
-        ):
-            raise AuthError(f"signing key {kid} is not endorsed for channel {clip(channel_id, 80)}")
         # No serviceurl claim to pin it: at least the shape the Connector client accepts.
         _service_target(activity)
-        return Identity(True, "emulator", caller, claims)
+        return caller
 
     def _verified(self, token: str, key: SigningKey) -> Mapping[str, Any]:
         """The token's claims once its signature verified with ``key``, checked once per
@@ -248,13 +263,21 @@ class InboundAuthenticator:
             if not_before > now + CLOCK_SKEW:
                 raise AuthError("token not valid yet (nbf)")
 
-    async def _key_or_token_fault(self, metadata_url: str, token: str, kid: str) -> SigningKey:
+    async def _key_or_token_fault(
+        self,
+        metadata_url: str,
+        token: str,
+        kid: str,
+        check: Callable[[Mapping[str, Any], Mapping[str, Any]], str],
+        activity: Mapping[str, Any],
+    ) -> SigningKey:
         """The signing key; when it cannot be fetched, a token that would be refused
-        whatever its signature (another audience, expired) is still refused as such."""
+        whatever its signature (another audience, expired, another serviceUrl, another
+        app's: `check` on its claims) is still refused as such, not answered 503."""
         try:
             return await self._key(metadata_url, kid)
         except KeysUnavailable:
-            self._check_audience_and_lifetime(_unverified_claims(token))
+            check(_unverified_claims(token), activity)
             raise
 
     async def _key(self, metadata_url: str, kid: str) -> SigningKey:

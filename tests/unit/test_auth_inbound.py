@@ -873,6 +873,46 @@ async def test_during_an_outage_a_token_wrong_whatever_its_signature_is_still_a_
     assert not isinstance(caught.value, KeysUnavailable)
 
 
+@pytest.mark.parametrize(
+    "fault", ["serviceurl of another host", "no serviceurl", "no serviceUrl in the activity"]
+)
+async def test_during_an_outage_a_channel_token_for_another_service_url_is_still_a_401(
+    auth, channel_identity, fault
+):
+    # It could never be accepted, whatever its signature: answered 503 it said "retry".
+    service_url = {"serviceurl of another host": "https://elsewhere.example/"}.get(
+        fault, SERVICE_URL
+    )
+    drop = ("serviceurl",) if fault == "no serviceurl" else ()
+    token = channel_identity.mint_channel_token(APP_ID, service_url, drop=drop)
+    incoming = activity()
+    if fault == "no serviceUrl in the activity":
+        del incoming["serviceUrl"]
+    channel_identity.set_outage(True)
+    with pytest.raises(AuthError) as caught:
+        await auth.authenticate(bearer(token), incoming)
+    assert not isinstance(caught.value, KeysUnavailable)
+
+
+@pytest.mark.parametrize("fault", ["another app", "a user token", "no known ver"])
+async def test_during_an_outage_an_emulator_token_wrong_whatever_its_signature_is_a_401(
+    auth, emulator_identity, fault
+):
+    mint = {
+        "another app": lambda: emulator_identity.mint_emulator_token(APP_ID, caller=OTHER_APP_ID),
+        "a user token": lambda: emulator_identity.mint_emulator_token(
+            APP_ID, claims={"scp": "user_impersonation"}
+        ),
+        "no known ver": lambda: emulator_identity.mint_emulator_token(
+            APP_ID, claims={"ver": "3.0"}
+        ),
+    }
+    emulator_identity.set_outage(True)
+    with pytest.raises(AuthError) as caught:
+        await auth.authenticate(bearer(mint[fault]()), activity())
+    assert not isinstance(caught.value, KeysUnavailable)
+
+
 async def test_an_unknown_kid_after_a_successful_refetch_is_a_token_fault(auth, channel_identity):
     unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)
     with pytest.raises(AuthError) as caught:
