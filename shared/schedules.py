@@ -43,7 +43,7 @@ from shared.producer import request_text
 from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
 from shared.references.contract import StorageAuthFailed, StoreError
 from shared.references.keys import encode_segment
-from shared.timer_syntax import ncrontab_problem
+from shared.timer_syntax import croniter_form, ncrontab_problem
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def parse_schedule(name: str, document: Any) -> Schedule:
     problem = ncrontab_problem(expression)
     if problem is not None:
         raise InvalidRequest(f"`schedule` must be a 6-field NCRONTAB expression (UTC): {problem}")
-    if not croniter.is_valid(expression, second_at_beginning=True):
+    if not croniter.is_valid(croniter_form(expression), second_at_beginning=True):
         raise InvalidRequest("`schedule` must be a 6-field NCRONTAB expression (UTC)")
     if not _ever_due(expression):
         raise InvalidRequest("`schedule` never falls due (a date no month has, such as 30 Feb)")
@@ -114,8 +114,9 @@ def _ever_due(expression: str) -> bool:
     """Whether the expression names a time that comes (`0 0 0 30 2 *` parses, never does)."""
     from croniter import CroniterBadDateError, croniter
 
+    cron = croniter_form(expression)
     try:
-        croniter(expression, _EPOCH, second_at_beginning=True, day_or=False).get_next(datetime)
+        croniter(cron, _EPOCH, second_at_beginning=True, day_or=False).get_next(datetime)
     except CroniterBadDateError:
         return False
     return True
@@ -142,8 +143,10 @@ def _due(expression: str, after: datetime, until: datetime) -> tuple[list[dateti
     """
     from croniter import croniter
 
+    form = croniter_form(expression)  # NCrontab's meaning, as croniter reads it
+
     def cron(start: datetime) -> croniter:
-        return croniter(expression, start, second_at_beginning=True, day_or=False)
+        return croniter(form, start, second_at_beginning=True, day_or=False)
 
     capped = max(after, until - MAX_CATCH_UP)
     latest = cron(until.replace(microsecond=0) + timedelta(seconds=1))  # until's second counts

@@ -10,11 +10,15 @@ import re
 
 # NCRONTAB, as the Functions host's parser (NCrontab) reads a field: numbers, `*`, ranges
 # `a-b`, lists, and steps `/n` (n >= 1); month and day of week also take names, any prefix
-# of the English name (`Mon`, `Monday`). croniter's extensions (`R` random, `H` hashed,
-# `L`, `#`, `W`, `?`, day of week 7) are not NCRONTAB. The schedule documents are run by
-# croniter, so they take only what both read the same way (`portable`): a reversed range
-# `5-1` (NCrontab swaps its ends, croniter wraps around) and a range of one value `5-5`
-# (croniter reads it as `*`) are refused, and names are the 3-letter ones.
+# of the English name (`Mon`, `Monday`, `M`: the first name it begins), in any case. A
+# reversed range `5-1` is read with its ends swapped, a range of one value `5-5` (stepped
+# or not) as that value, a value stepped `a/n` as `a` to the field's end by n, except by
+# 1, which NCrontab's releases read differently (the one value; to the field's end).
+# croniter's extensions (`R` random, `H` hashed, `L`, `#`, `W`, `?`, day of week 7) are
+# not NCRONTAB. The schedule documents are run by croniter, which reads some of these
+# otherwise (`5-1` wraps around, `5-5` is `*`) and names only as 3 letters: they take
+# NCRONTAB as NCrontab reads it, written as croniter reads it (`croniter_form`), all but
+# `a/1` (`portable`), whose meaning depends on the host's release.
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
     "july", "august", "september", "october", "november", "december",
@@ -37,46 +41,71 @@ _NCRONTAB_ITEM = re.compile(
 
 def ncrontab_problem(expression: str, *, portable: bool = True) -> str | None:
     """What keeps `expression` from being a 6-field NCRONTAB (sec min hour day month
-    day-of-week), in a few words naming the field; None when it is one. `portable`: only
-    what NCrontab and croniter read alike (see above); else all NCrontab reads."""
+    day-of-week), in a few words naming the field; None when it is one. `portable`: not
+    `a/1` either, which NCrontab's releases read differently (see above)."""
     fields = expression.split()
     if len(fields) != 6:
         return "must be a 6-field NCRONTAB expression (sec min hour day month day-of-week)"
     for text, (name, low, high, names) in zip(fields, _NCRONTAB_FIELDS, strict=True):
-        if not all(_ncrontab_item_ok(item, low, high, names, portable) for item in text.split(",")):
+        items = [_ncrontab_item(item, low, high, names) for item in text.split(",")]
+        if None in items:
             words = f"{low}-{high}" + (" or names" if names else "")
-            ranges = "ranges a-b (a < b)" if portable else "ranges a-b"
-            return f"its {name} field takes {words}, *, {ranges}, lists and /steps"
+            return f"its {name} field takes {words}, *, ranges a-b, lists and /steps"
+        stepped_by_1 = [i for i in items if i and i[0] is not None and i[1] is None and i[2] == 1]
+        if portable and stepped_by_1:
+            return (
+                f"its {name} field has a value stepped by 1 (`a/1`), which the host's "
+                "releases read differently: write `a` alone, or the range `a-b`"
+            )
     return None
 
 
-def _ncrontab_item_ok(
-    item: str, low: int, high: int, names: tuple[str, ...], portable: bool
-) -> bool:
+def croniter_form(expression: str) -> str:
+    """A 6-field NCRONTAB (ncrontab_problem finds nothing in it) as croniter reads it in
+    NCrontab's meaning: names as numbers, a range of one value as that value, a reversed
+    range with its ends swapped."""
+    fields = []
+    for text, (_, low, high, names) in zip(expression.split(), _NCRONTAB_FIELDS, strict=True):
+        items = []
+        for item in text.split(","):
+            parsed = _ncrontab_item(item, low, high, names)
+            assert parsed is not None, "croniter_form takes a valid expression"
+            first, last, step = parsed
+            if first is None:
+                items.append(item)  # `*` or `*/n`: read alike
+            elif last is None:
+                items.append(f"{first}/{step}" if step else f"{first}")
+            elif first == last:
+                items.append(f"{first}")  # stepped or not: the one value
+            else:
+                low_end, high_end = sorted((first, last))
+                items.append(f"{low_end}-{high_end}" + (f"/{step}" if step else ""))
+        fields.append(",".join(items))
+    return " ".join(fields)
+
+
+def _ncrontab_item(
+    item: str, low: int, high: int, names: tuple[str, ...]
+) -> tuple[int | None, int | None, int | None] | None:
+    """An item of a list as NCrontab reads it: (first, last or None for a value alone,
+    step or None), (None, None, step) for `*`; None when NCrontab refuses it."""
     match = _NCRONTAB_ITEM.fullmatch(item)
     if match is None or (match[2] is not None and int(match[2]) < 1):
-        return False
+        return None
+    step = int(match[2]) if match[2] is not None else None
     if match[1] == "*":
-        return True
-    bounds = []
-    for text in match[1].split("-"):
-        value = _ncrontab_value(text.lower(), low, high, names, portable)
-        if value is None:
-            return False
-        bounds.append(value)
-    if portable and len(bounds) == 2:
-        return bounds[0] < bounds[1]  # croniter reads `a-a` as `*` (and `a-a/n` as `*/n`)
-    # `a/1`: NCrontab reads it as `a` alone, croniter as `a` to the field's end.
-    return not (portable and match[2] is not None and int(match[2]) == 1)
+        return None, None, step
+    bounds = [_ncrontab_value(text.lower(), low, high, names) for text in match[1].split("-")]
+    if None in bounds:
+        return None
+    return bounds[0], bounds[1] if len(bounds) == 2 else None, step
 
 
-def _ncrontab_value(
-    text: str, low: int, high: int, names: tuple[str, ...], portable: bool
-) -> int | None:
+def _ncrontab_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int | None:
     if text.isdigit():
         return int(text) if low <= int(text) <= high else None
     for index, name in enumerate(names):
-        if (text == name[:3]) if portable else name.startswith(text):
+        if name.startswith(text):
             return index + low
     return None
 

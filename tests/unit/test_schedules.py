@@ -87,6 +87,38 @@ def test_ncrontab_forms_are_accepted(expression):
     assert parse_schedule("s", {"schedule": expression, "request": REQUEST}).expression
 
 
+@pytest.mark.parametrize(
+    ("expression", "same_as"),
+    [
+        # Read as the Functions host's parser (NCrontab) reads them, where croniter alone
+        # would not: a reversed range has its ends swapped (croniter wraps around), a range
+        # of one value is that value (croniter: every hour), names are any prefix of the
+        # English name (croniter: 3 letters only), the first name it begins.
+        ("0 0 9 * * 5-1", "0 0 9 * * 1-5"),
+        ("0 0 22-2/2 * * *", "0 0 2,4,6,8,10,12,14,16,18,20,22 * * *"),
+        ("0 0 9-9 * * *", "0 0 9 * * *"),
+        ("0 0 9 * * Mon-Mon", "0 0 9 * * 1"),
+        ("0 0 9 1 6-6/2 *", "0 0 9 1 6 *"),
+        ("0 0 9 * * Monday", "0 0 9 * * 1"),
+        ("0 0 9 * * monDAY,Fri", "0 0 9 * * 1,5"),
+        ("0 0 9 * * T-f", "0 0 9 * * 2-5"),  # T: Tuesday before Thursday
+        ("0 0 9 * * s", "0 0 9 * * 0"),  # S: Sunday before Saturday
+        ("0 0 9 1 Ma *", "0 0 9 1 3 *"),  # Ma: March before May
+        ("0 0 9 1 September *", "0 0 9 1 9 *"),
+    ],
+)
+def test_ncrontab_forms_croniter_reads_otherwise_fall_due_as_the_host_reads_them(
+    expression, same_as
+):
+    assert parse_schedule("s", {"schedule": expression, "request": REQUEST}).expression == (
+        expression  # kept as written
+    )
+    days = [datetime(2030, 1, 1, tzinfo=UTC) + timedelta(days=n) for n in range(366)]
+    expected = [due_times(same_as, day, day + timedelta(days=1)) for day in days]
+    assert any(expected)
+    assert [due_times(expression, day, day + timedelta(days=1)) for day in days] == expected
+
+
 def test_ids_name_the_schedule_and_the_due_minute():
     assert schedule_id("daily", T0) == "schedule:daily:2030-01-01T12:00Z"
 
@@ -557,15 +589,11 @@ async def test_the_timer_with_a_refused_storage_key_fails_the_run(azurite, monke
         ({"schedule": "0 0 9 ? * *", "request": REQUEST}, "day field"),
         ({"schedule": "0 0 9 * * 1#2", "request": REQUEST}, "day-of-week field"),
         ({"schedule": "0 0 9 * * 7", "request": REQUEST}, "day-of-week field"),
-        ({"schedule": "0 0 9 * * 5-1", "request": REQUEST}, "day-of-week field"),  # wraps
-        ({"schedule": "0 0 9 * * Monday", "request": REQUEST}, "day-of-week field"),
-        # One-value ranges: croniter reads `9-9` as `*` (every hour), NCrontab as 9.
-        ({"schedule": "0 0 9-9 * * *", "request": REQUEST}, "hour field"),
-        ({"schedule": "0 0 9 * * Mon-Mon", "request": REQUEST}, "day-of-week field"),
-        ({"schedule": "0 0 9 1 6-6/2 *", "request": REQUEST}, "month field"),
-        # A single value stepped by 1: NCrontab reads it alone, croniter to the field's end.
-        ({"schedule": "0 0 9 * * Mon/1", "request": REQUEST}, "day-of-week field"),
-        ({"schedule": "0 0 9 1/1 * *", "request": REQUEST}, "day field"),
+        ({"schedule": "0 0 9 * * Mox", "request": REQUEST}, "day-of-week field"),  # no name
+        ({"schedule": "0 0 9 * * Mon-Sonday", "request": REQUEST}, "day-of-week field"),
+        # A single value stepped by 1: NCrontab's releases read it alone, or to the end.
+        ({"schedule": "0 0 9 * * Mon/1", "request": REQUEST}, "stepped by 1"),
+        ({"schedule": "0 0 9 1/1 * *", "request": REQUEST}, "stepped by 1"),
         ({"schedule": "0 */0 * * * *", "request": REQUEST}, "minute field"),
     ],
 )
