@@ -129,7 +129,10 @@ async def remind(turn: TurnContext) -> None:
     if seconds > MAX_REMINDER_SECONDS:
         await turn.reply("I can remind you within a day at most.")
         return
-    await turn.send_later(f"Reminder: {turn.match['what']}", delay=seconds)
+    # Plain, as every text the user wrote that the bot repeats: their Markdown (a link)
+    # would read as the bot's own.
+    reminder = {"type": "message", "text": f"Reminder: {turn.match['what']}"}
+    await turn.send_later({**reminder, "textFormat": "plain"}, delay=seconds)
     await turn.reply(f"I will remind you in {seconds} s.")
 
 
@@ -140,7 +143,8 @@ async def count_messages(turn: TurnContext) -> None:
     # elsewhere (another chat, another instance) is then counted in it
     name = data.get("nickname") or turn.from_.get("name") or "there"
     theme = data.get("theme", "not set")
-    await turn.reply(
+    text = (
         f"Hi {name}: that is message {data['messages']} you sent me. Theme: {theme}. "
         "Say 'card', 'theme dark', 'nickname' or 'remind 60 stretch'."
     )
+    await turn.reply({"type": "message", "text": text, "textFormat": "plain"})

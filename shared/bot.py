@@ -83,4 +83,6 @@ async def echo(turn: TurnContext) -> None:
     if is_bot_account(turn.activity.get("from"), turn.bot_id):
         return
     text = turn.text
-    await turn.reply(f"Echo: {text}" if text else NOTHING_TO_ECHO)
+    # Plain: a user's Markdown (a link saying "sign in again") is not posted as the bot's.
+    reply = f"Echo: {text}" if text else NOTHING_TO_ECHO
+    await turn.reply({"type": "message", "text": reply, "textFormat": "plain"})

@@ -178,6 +178,8 @@ async def test_user_state_counts_messages_and_keeps_a_preference_across_instance
     assert "message 1 you sent me" in texts[0]
     assert texts[1] == "Your theme is now dark."
     assert "message 2 you sent me" in texts[2] and "Theme: dark" in texts[2]
+    # The user's own name, repeated: plain text, never Markdown of the bot's.
+    assert fake_connector.requests[2].json["textFormat"] == "plain"
     assert stored(settings, user_state_key("msteams", USER["id"])) == {
         "messages": 2,
         "theme": "dark",
@@ -271,6 +273,7 @@ async def test_a_reminder_goes_through_the_proactive_queue(
         assert sent.operation == "sendToConversation"
         assert sent.params == {"conversationId": PERSONAL["id"]}
         assert sent.json["text"] == "Reminder: stretch"
+        assert sent.json["textFormat"] == "plain"  # the user's words, never Markdown
         assert "replyToId" not in sent.json
         report = await read_report(request["id"], settings=settings)
         assert (report["state"], report["delivered"]) == ("done", 1)

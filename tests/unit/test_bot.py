@@ -134,6 +134,17 @@ async def test_a_message_with_text_is_echoed(fake_connector, connector):
     ]
 
 
+async def test_a_users_markdown_is_echoed_as_plain_text_not_as_the_bots_own_link(
+    fake_connector, connector
+):
+    text = "[Your session expired: sign in again](https://evil.example/login)"
+    assert await run(fake_connector, connector, incoming(fake_connector, text=text)) == [
+        f"Echo: {text}"
+    ]
+    [sent] = [request.json for request in fake_connector.requests]
+    assert sent["textFormat"] == "plain"
+
+
 async def test_the_bots_own_message_is_not_echoed(fake_connector, connector):
     own = incoming(fake_connector, text="Echo: hi", **{"from": {"id": "bot", "name": "Bot"}})
     assert await run(fake_connector, connector, own) == []
