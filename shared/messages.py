@@ -261,6 +261,7 @@ async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
             # Built before the save: an answer that cannot be sent saves nothing (the
             # channel's retry would count the turn twice).
             outcome.answer = _answer(turn.activity, turn, outcome)
+            turn.answered = True
         await turn.save_state()  # only what the handler changed; a failure fails the turn
     except (Exception, asyncio.CancelledError) as error:
         if isinstance(error, asyncio.CancelledError) and _being_cancelled():

@@ -71,6 +71,7 @@ class TurnContext:
         "_user_state",
         "activity",
         "answer_by",
+        "answered",
         "buffered",
         "buffering",
         "connector",
@@ -102,6 +103,7 @@ class TurnContext:
         self.match: re.Match[str] | None = None  # set by a `Router.message(pattern)` route
         self.buffered: list[Activity] = []  # what was sent under deliveryMode expectReplies
         self.buffering = True  # False once the answer can no longer carry what is sent
+        self.answered = False  # True once the answer carrying the buffered replies is built
         # When (time.monotonic()) the turn's work must be over for its HTTP answer to
         # reach the channel in time (what the endpoint does after the turn left out): set
         # by the messages endpoint; None for a turn made elsewhere.
@@ -464,6 +466,13 @@ class TurnContext:
 
     async def _deliver(self, activity: Activity, *, reply_to: str | None, buffer: bool) -> dict:
         if buffer and self.buffering and self.expects_replies:
+            if self.answered:
+                # A task that outlived its turn: the answer has gone, and the channel asked
+                # for the replies in it (not posted to it): said, not dropped in silence.
+                raise RuntimeError(
+                    "the turn's answer was sent: under expectReplies a send after it "
+                    "reaches nobody (send before the handler returns, or use send_later)"
+                )
             self.buffered.append(activity)
             return {}
         service_url, conversation_id = activity["serviceUrl"], activity["conversation"]["id"]

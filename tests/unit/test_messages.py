@@ -576,6 +576,35 @@ async def test_a_host_name_is_no_matter_with_authentication_on(
     assert fake_connector.activities[0]["text"] == "Echo: hello there"
 
 
+async def test_a_send_after_the_expect_replies_answer_was_built_raises_instead_of_vanishing(
+    make_bot, channel_identity, fake_connector
+):
+    # A task the handler left running sends once the answer has gone: it was buffered
+    # ({}: "sent") into an answer already on its way, and reached nobody.
+    router = Router()
+    go = asyncio.Event()
+    late: list[asyncio.Task] = []
+
+    @router.message()
+    async def handler(turn):
+        await turn.reply("first")
+
+        async def follow_up():
+            await go.wait()
+            return await turn.send("the follow-up")
+
+        late.append(asyncio.get_running_loop().create_task(follow_up()))
+
+    bot = make_bot(router)
+    incoming = activity_for(fake_connector.url, deliveryMode="expectReplies")
+    response = await bot.handle(post(incoming, channel_token(channel_identity, bot)))
+    assert [a["text"] for a in json.loads(response.body)["activities"]] == ["first"]
+    go.set()
+    with pytest.raises(RuntimeError, match="answer was sent"):
+        await late[0]
+    assert fake_connector.requests == []
+
+
 async def test_get_is_405(bot, fake_connector):
     response = await bot.handle(post(activity_for(fake_connector.url), method="GET"))
     assert response.status == 405
