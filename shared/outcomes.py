@@ -23,6 +23,7 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
+    as_handled,
     claimed_identity,
     kept_identity,
     parse_request,
@@ -263,7 +264,9 @@ async def record_given_up(body: bytes | str, engine: Engine, failure: Exception)
     left unrecorded, is that outcome; otherwise it failed, unless another queue message
     holds a live claim on the target (it is sending, and records its own outcome)."""
     try:
-        request = parse_request(body)
+        # An operator's retry of a kept failure is given up as the retry it was handled
+        # as, not with the outcome it once carried (its own send may have been posted).
+        request = as_handled(parse_request(body))
     except InvalidRequest:
         return
     outcome: Final = "failed"

@@ -70,6 +70,7 @@ from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
     ProactiveRequest,
+    as_handled,
     claimed_identity,
     parse_request,
     request_bytes,
@@ -170,10 +171,7 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
             return await _hold_raw(engine, body, failure)
     engine = _going_on_as(engine, request.message)
     try:
-        if request.engine.outcome == "failed" and "poisonReason" in request.message:
-            # A kept failure the host poisoned, put back by an operator to retry it: the
-            # request is tried again, like the engine's own poison copy.
-            request = replace(request, engine=replace(request.engine, outcome=None, reason=None))
+        request = as_handled(request)
         if request.engine.outcome is not None:
             return await record_unrecorded(request, engine)
         if request.broadcast is not None:

@@ -189,6 +189,15 @@ def field_name(name: str) -> str:
     return ascii(name[:40])[1:-1]
 
 
+def as_handled(request: ProactiveRequest) -> ProactiveRequest:
+    """The request as the engine handles it: a kept failure the host poisoned, put back by
+    an operator with a `poisonReason` to retry it, is tried again (its outcome set aside),
+    like the engine's own poison copy; anything else as it is."""
+    if request.engine.outcome == "failed" and "poisonReason" in request.message:
+        return replace(request, engine=replace(request.engine, outcome=None, reason=None))
+    return request
+
+
 def parse_request(body: bytes | str) -> ProactiveRequest:
     """Validate a queue message body; raises InvalidRequest with a short reason.
 

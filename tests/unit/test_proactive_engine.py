@@ -4074,6 +4074,75 @@ async def test_a_copy_going_on_as_a_message_the_host_gave_up_on_puts_no_second_c
     assert (report["state"], report["failed"], report["duplicate"]) == ("done", 1, 1)
 
 
+async def kept_failure_put_back_by_an_operator(engine, fake_connector) -> str:
+    """A 400 whose failure storage refused to record: its kept copy recorded it (with the
+    engine's poison copy, taken by the operator), and an operator put the kept copy back
+    with a `poisonReason` to retry it: that retry's text."""
+    engine.message_id = "m-1"
+    fake_connector.script("POST", r"/activities$", [Reply(400, body="bad")])
+    engine.ledger = OutcomeWriteOutage(clock=engine.clock)
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(kept, _)] = engine.queue.take()
+    engine.ledger.down = False
+    engine.message_id = "m-2"
+    assert await handle(engine, kept) is Outcome.FAILED
+    engine.queue.poisoned.clear()
+    return json.dumps({**json.loads(kept), "poisonReason": "operator: retry please"})
+
+
+async def test_an_operators_retry_of_a_kept_failure_given_up_after_its_send_says_so(
+    parts, fake_connector
+):
+    # The retry took the slot over and its send began, then its process died, and every
+    # redelivery failed (the queue refused the copy each tried to leave). Given up, it
+    # was recorded with the kept copy's old reason and got an engine poison copy beside
+    # the host's: two retryable copies, and the report hid a send that may have posted.
+    from shared.idempotency import replace_with_claim
+
+    _runtime, engine = parts
+    retry = await kept_failure_put_back_by_an_operator(engine, fake_connector)
+    name = outcome_name("req-1", "target")
+    slot = await engine.ledger.read(name)
+    assert await replace_with_claim(
+        engine.ledger, name, slot.etag, engine.clock(), seconds=engine.claim_seconds, message="q-1"
+    )
+    engine.queue = FlakyQueue(fail_puts=100)
+    with pytest.raises(OSError):
+        await handle_queue_message(
+            retry, engine.runtime, engine=engine, final_attempt=True, message_id="q-1",
+            redelivered=True,
+        )  # fmt: skip
+
+    recorded = (await engine.ledger.read(name)).data
+    assert "may have been posted" in recorded["reason"]
+    assert engine.queue.poisoned == []  # the host's own copy of the retry is the one
+
+
+async def test_an_operators_retry_of_a_kept_failure_given_up_unclaimed_puts_no_copy(
+    parts, fake_connector
+):
+    # Its claim's write refused on every attempt: given up, it took the failure recorded
+    # before it for its own and put an engine poison copy beside the host's.
+    _runtime, engine = parts
+    retry = await kept_failure_put_back_by_an_operator(engine, fake_connector)
+
+    class ClaimWritesFail(MemoryLedger):
+        async def replace(self, name, data, etag, *, metadata=None):
+            raise StoreError("storage unreachable (test outage)")
+
+    ledger = ClaimWritesFail(clock=engine.clock)
+    ledger.blobs = engine.ledger.blobs
+    engine.ledger, engine.queue = ledger, FlakyQueue(fail_puts=100)
+    with pytest.raises((StoreError, OSError)):
+        await handle_queue_message(
+            retry, engine.runtime, engine=engine, final_attempt=True, message_id="q-1",
+            redelivered=True,
+        )  # fmt: skip
+
+    assert engine.queue.poisoned == []
+    assert sends(fake_connector) == ["a:1"]  # the first attempt's 400 alone
+
+
 def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():
     # A broadcast fanning out across an upgrade compares its digest with the one its
     # head keeps: written from compact_json, whose text for a lone surrogate changed, it
