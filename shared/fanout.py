@@ -128,6 +128,12 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
         return await engine.requeue(request, engine.jitter(min(claim.wait, 10.0)), count=False)
     try:
         record = await ledger.read(head_name(request.id))
+        if record is None:
+            # Removed since it was made: a producer sending this id again took back the
+            # head it created when the queue refused its put. Made again, or the broadcast
+            # was taken for one already fanned out and never sent.
+            await ensure_head(ledger, request.id, "broadcast", engine.clock())
+            record = await ledger.read(head_name(request.id))
         digest = _digest(request)
         if record is not None and record.data.get("digest") not in (None, digest):
             return await _other_broadcast(request, engine)

@@ -131,7 +131,9 @@ async def create_own_head(ledger: Ledger, request_id: str, kind: Kind, now: floa
         return etag
     try:
         current = await ledger.read(head_name(request_id))
-    except NotJson:
+    except StoreError:
+        # Not JSON, or the read failing: taken for another writer's, as before the mark
+        # (kept; the request still goes on to the queue).
         return None
     if current is None or not isinstance(current.data, dict):
         return None

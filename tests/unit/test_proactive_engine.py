@@ -36,6 +36,8 @@ from shared.ratelimit import Pacer, Scope
 from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreError
 from shared.reports import (
     ensure_head,
+    head_name,
+    new_head,
     outcome_name,
     read_report,
     report_reason,
@@ -4141,6 +4143,37 @@ async def test_an_operators_retry_of_a_kept_failure_given_up_unclaimed_puts_no_c
 
     assert engine.queue.poisoned == []
     assert sends(fake_connector) == ["a:1"]  # the first attempt's 400 alone
+
+
+async def test_a_broadcast_whose_head_a_producer_took_back_meanwhile_is_still_sent(
+    parts, fake_connector
+):
+    # Queued without a head (a producer with the read-only role); another producer sent
+    # the id again, created the head, and took it back when the queue refused its put,
+    # just after the fan-out made sure of it: counted a duplicate, never sent, `pending`.
+    runtime, engine = parts  # stores msteams/a:1
+    await store_personal(runtime, fake_connector.url, "a:2")
+
+    class TakenBackAfterEnsure(MemoryLedger):
+        taken = False
+
+        async def create(self, name, data, *, metadata=None):
+            etag = await MemoryLedger.create(self, name, data, metadata=metadata)
+            if etag is None and name == head_name("b-x") and not self.taken:
+                self.taken = True
+                del self.blobs[name]  # the producer's delete of the head it created
+            return etag
+
+    engine.ledger = TakenBackAfterEnsure(clock=engine.clock)
+    await engine.ledger.create(head_name("b-x"), new_head("b-x", "broadcast", engine.clock()))
+
+    await handle(engine, body({"broadcast": {}}, "b-x"))
+    await drain(engine)
+
+    assert engine.ledger.taken
+    assert sorted(sends(fake_connector)) == ["a:1", "a:2"]
+    report = await read_report(engine.ledger, "b-x")
+    assert (report["state"], report["delivered"], report["duplicate"]) == ("done", 2, 0)
 
 
 def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():

@@ -346,3 +346,34 @@ async def test_a_report_is_updated_when_its_latest_outcome_was_recorded():
         await record_outcome(ledger, "b1", key, "delivered", now[0])
     report = await read_report(ledger, "b1")
     assert (report["createdAt"], report["updatedAt"]) == (iso(1_800_000_000.0), iso(now[0]))
+
+
+@pytest.mark.parametrize("read_back", ["fails", "finds another writer's", "finds its own"])
+async def test_a_head_created_with_its_answer_lost_is_known_by_its_mark(read_back):
+    # The create landed and its answer was lost (the client's retry found it there): the
+    # mark it carries, read back, tells whether the head is this call's (so the producer
+    # takes it back if the queue refuses the request). A read-back that fails took the
+    # head for another writer's, as before the mark: it no longer failed the enqueue.
+    from shared.ledger import MemoryLedger
+    from shared.references import StoreError
+    from shared.reports import create_own_head, head_name, new_head
+
+    class AnswerLost(MemoryLedger):
+        async def create(self, name, data, *, metadata=None):
+            if read_back == "finds another writer's":
+                data = {**new_head("r1", "single", 0.0), "write": "another"}
+            await MemoryLedger.create(self, name, data, metadata=metadata)
+            return None
+
+        async def read(self, name):
+            if read_back == "fails":
+                raise StoreError("storage answered 503", status=503)
+            return await MemoryLedger.read(self, name)
+
+    ledger = AnswerLost()
+    etag = await create_own_head(ledger, "r1", "single", 0.0)
+
+    if read_back == "finds its own":
+        assert etag is not None and etag == ledger.blobs[head_name("r1")][2]
+    else:
+        assert etag is None
