@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -13,7 +14,7 @@ from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
 from shared.queues import MemoryQueue, QueueError, compact_json
 from shared.references import encode_segment
-from shared.schedules import due_times, parse_schedule, run_schedules, schedule_id
+from shared.schedules import EARLY_RUN, due_times, parse_schedule, run_schedules, schedule_id
 from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_storage
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
@@ -471,6 +472,11 @@ async def test_the_timer_enqueues_with_only_the_storage_settings(
         ledger = BlobLedger(producer_settings())
         await ledger.create("schedules/tick.json", {"schedule": "* * * * * *", "request": REQUEST})
         caplog.set_level(logging.INFO)
+        # Both runs in one minute (as the timer sees the clock): one after the next minute
+        # began would find its first second due, and enqueue it.
+        seen = datetime.now(UTC) + EARLY_RUN
+        if seen.second >= 50:
+            await asyncio.sleep(60.5 - seen.second - seen.microsecond / 1e6)
         await schedule_function.main(TimerRequest())
         assert "schedules: 1 due send(s) enqueued" in caplog.text
         # A run with nothing due (every minute, most of the time) says nothing at INFO:
