@@ -107,12 +107,17 @@ async def test_malformed_requests_start_nothing(runtime, fake_connector, fake_aa
 
 
 async def test_a_failed_prefetch_is_asked_again_by_the_first_authenticated_turn(
-    runtime, settings, channel_identity, fake_connector, fake_aad
+    runtime, settings, channel_identity, fake_connector, fake_aad, caplog
 ):
     fake_aad.fail_next(count=1)
     incoming = activity_for(fake_connector.url, id="anonymous")
     assert (await handle_messages(post(incoming), runtime)).status == 401
     await settled(fake_aad, 1)
+    # Ended, not only answered: a turn while the prefetch still runs shares its failure.
+    # Its warning is its last step.
+    async with asyncio.timeout(10):
+        while "token request for app" not in caplog.text:  # noqa: ASYNC110 - a thread
+            await asyncio.sleep(0.01)
     assert fake_aad.issuances == []
 
     await echoed_with_the_one_token(runtime, settings, channel_identity, fake_connector, fake_aad)
