@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import re
+import time
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -38,7 +39,15 @@ from shared.activity import (
     text_without_bot_mention,
 )
 from shared.cards import as_attachment
-from shared.state import State, StateStore, conversation_state_key, user_state_key
+from shared.state import (
+    State,
+    StateConflict,
+    StateError,
+    StateStore,
+    StateTooLarge,
+    conversation_state_key,
+    user_state_key,
+)
 from shared.wire import (
     Attachment,
     CardActionValue,
@@ -271,8 +280,6 @@ class TurnContext:
         if self._user_state is None:
             user_id = self.from_.get("id")
             if not isinstance(user_id, str) or not user_id:
-                from shared.state import StateError
-
                 raise StateError("state: this activity has no from.id, so no user state")
             self._user_state = State(self.state_store, user_state_key(self.channel_id, user_id))
         return self._user_state
@@ -281,12 +288,24 @@ class TurnContext:
         """Save the turn's changed states now (the pipeline also does it after the turn).
         Each is checked first: one too large or not plain JSON fails before either is
         written. A conflict, a storage failure or a merge that comes out too large is found
-        by the write itself, so it can still come after the other state was saved."""
+        by the write itself, so it can still come after the other state was saved. A
+        storage failure is saved once more while the channel's wait allows (the write may
+        have been stored: found by its id, never applied twice)."""
         states = [s for s in (self._conversation_state, self._user_state) if s is not None]
         for state in states:
             state.check()
         for state in states:
-            await state.save()
+            try:
+                await state.save()
+            except (StateTooLarge, StateConflict):
+                raise
+            except StateError:
+                # Storage failed, and the write may have been stored all the same (its
+                # answer lost): saved once more, it is found by its id, not applied again.
+                # Failed instead, the channel's retry of the activity would count it twice.
+                if self.answer_by is not None and self.answer_by - time.monotonic() < 2.0:
+                    raise
+                await state.save()
 
     # --- members -------------------------------------------------------------------------------
 

@@ -439,3 +439,41 @@ async def test_delete_user_data_erases_every_web_chat_visit(bot, channel_identit
         if await bot.runtime.state.read(conversation_state_key("webchat", f"DL-conv-{n}"))
     ]
     assert states == []
+
+
+class LosesOneAnswer(MemoryStateStore):
+    """Memory state whose first write is stored and then answered with an error (a
+    timeout after storage took it)."""
+
+    lose = 1
+
+    async def write(self, key, data, *, etag, write_ids=()):
+        stored = await super().write(key, data, etag=etag, write_ids=write_ids)
+        if stored is not None and self.lose:
+            self.lose -= 1
+            raise StateError("state store: write timed out after 10s")
+        return stored
+
+
+async def test_a_turn_whose_state_was_stored_with_its_answer_lost_counts_it_once(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    # The turn failed (500, an apology after the reply), and the channel's retry of the
+    # activity ran the handler again over the stored write: one message counted twice.
+    router = Router()
+
+    @router.message()
+    async def count(turn: TurnContext) -> None:
+        await turn.conversation_state.update(lambda d: d.update(n=d.get("n", 0) + 1))
+        await turn.reply("counted")
+
+    bot = make_bot(router)
+    bot.runtime.state = LosesOneAnswer()
+    response = await say(bot, channel_identity, fake_connector, "one message")
+
+    assert response.status == 200
+    assert [r.json.get("text") for r in fake_connector.requests] == ["counted"]
+    stored = await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION))
+    assert stored.data == {"n": 1} and bot.runtime.state.lose == 0
