@@ -33,6 +33,7 @@ import asyncio
 import inspect
 import json
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -100,11 +101,14 @@ class StateStore(Protocol):
         *,
         etag: str | None,
         write_ids: Sequence[str] = (),
+        aad_object_id: str | None = None,
     ) -> str | None: ...
 
     async def delete(self, key: str) -> bool: ...
 
     async def delete_prefixed(self, prefix: str) -> int: ...
+
+    async def delete_user_states(self, channel_id: str, aad_object_id: str) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -128,6 +132,23 @@ def state_key(scope: Scope, channel_id: str, owner_id: str) -> str:
     key = f"{scope}/{channel_id}/{owner_id}"
     split_state_key(key)
     return key
+
+
+# An aadObjectId is a GUID; any id of these characters is kept (a blob metadata value).
+_AAD_LABEL = re.compile(r"[0-9a-z._-]{1,128}")
+
+
+def owner_label(key: str, aad_object_id: str | None) -> str | None:
+    """How the owner of the state at `key` is written beside it: a user state's
+    aadObjectId in lower case; None for a conversation's state, or no such id."""
+    if aad_object_id is None or split_state_key(key)[0] != "user":
+        return None
+    return aad_label(aad_object_id)
+
+
+def aad_label(aad_object_id: str) -> str | None:
+    label = aad_object_id.strip().lower() if isinstance(aad_object_id, str) else ""
+    return label if _AAD_LABEL.fullmatch(label) else None
 
 
 def split_state_key(key: str) -> tuple[Scope, str, str]:
@@ -250,6 +271,7 @@ class MemoryStateStore:
         self.max_bytes = max_bytes
         self._clock = clock
         self._docs: dict[str, StateDocument] = {}
+        self._owners: dict[str, str] = {}  # user state key -> its owner's aadObjectId label
         self._version = 0
         self.writes = 0  # successful writes, so tests can see a turn that wrote nothing
 
@@ -269,6 +291,7 @@ class MemoryStateStore:
         *,
         etag: str | None,
         write_ids: Sequence[str] = (),
+        aad_object_id: str | None = None,
     ) -> str | None:
         split_state_key(key)
         body = encode_data(data, self.max_bytes)
@@ -279,12 +302,26 @@ class MemoryStateStore:
         document = to_document(key, json.loads(body), self._clock(), write_ids)
         stored = from_document(document, f'"s{self._version}"')
         self._docs[key] = stored
+        if (label := owner_label(key, aad_object_id)) is not None:
+            self._owners[key] = label
+        else:
+            self._owners.pop(key, None)
         self.writes += 1
         return stored.etag
 
     async def delete(self, key: str) -> bool:
         split_state_key(key)
+        self._owners.pop(key, None)
         return self._docs.pop(key, None) is not None
+
+    async def delete_user_states(self, channel_id: str, aad_object_id: str) -> int:
+        """Delete every user state on `channel_id` saved with `aad_object_id` as its owner;
+        how many were deleted."""
+        prefix, label = f"user/{channel_id}/", aad_label(aad_object_id)
+        keys = [k for k, owner in self._owners.items() if k.startswith(prefix) and owner == label]
+        for key in keys:
+            await self.delete(key)
+        return len(keys)
 
     async def delete_prefixed(self, prefix: str) -> int:
         """Delete every document whose key starts with `prefix` (``"<scope>/<channel>/"``
@@ -349,13 +386,24 @@ class State:
         "_store",
         "_unsettled",
         "_updates",
+        "aad_object_id",
         "key",
         "merge",
     )
 
-    def __init__(self, store: StateStore | None, key: str, *, merge: Merge | None = None):
+    def __init__(
+        self,
+        store: StateStore | None,
+        key: str,
+        *,
+        merge: Merge | None = None,
+        aad_object_id: str | None = None,
+    ):
         split_state_key(key)
         self.key = key
+        # A user state's owner as the channel vouches for it (Teams' aadObjectId): written
+        # with each save, so erasing the user by it finds this state (delete_user_states).
+        self.aad_object_id = aad_object_id
         # Combines fields both writers changed: called like merge_fields, with the loaded
         # and the fresh document each with this turn's update() changes replayed.
         self.merge = merge
@@ -377,8 +425,17 @@ class State:
         return cls(store, conversation_state_key(channel_id, conversation_id))
 
     @classmethod
-    def for_user(cls, store: StateStore, channel_id: str, user_id: str) -> State:
-        return cls(store, user_state_key(channel_id, user_id))
+    def for_user(
+        cls,
+        store: StateStore,
+        channel_id: str,
+        user_id: str,
+        *,
+        aad_object_id: str | None = None,
+    ) -> State:
+        """`aad_object_id`: on msteams, the user's (as Teams sent it), so that erasing the
+        user by it finds this state; elsewhere the client writes it: None."""
+        return cls(store, user_state_key(channel_id, user_id), aad_object_id=aad_object_id)
 
     @property
     def loaded(self) -> bool:
@@ -443,13 +500,14 @@ class State:
         # unsaved (``changed``) for the next save instead of passing for written.
         mine, counted, etag, based = _copy(ours), len(self._updates), self._etag, self._ids
         candidate = mine
+        owner = {"aad_object_id": self.aad_object_id} if self.aad_object_id else {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
             write_id = uuid.uuid4().hex
             ids = (write_id, *based)[:WRITE_IDS_KEPT]
             # Unsettled until answered or a re-read tells: `mine` (what the handler's data
             # was), not the candidate, is the base its stored changes are measured from.
             self._unsettled.append((write_id, mine, counted))
-            new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids)
+            new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids, **owner)
             stored, fresh = candidate, None
             if new_etag is None:
                 # Jittered: savers that collided do not collide again in step.

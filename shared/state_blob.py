@@ -13,7 +13,8 @@ hashed name never answers for another key. A document is plain JSON::
      "writeIds": [...]}
 
 (``writeIds``: the ids of the write that stored it and of those it was written over,
-newest first; see :class:`shared.state.StateStore`.)
+newest first; see :class:`shared.state.StateStore`.) A user state saved on Teams has its
+owner's aadObjectId in its metadata (``aad``), for an erasure by that id to find it.
 
 Writes create with ``If-None-Match: *`` and update with ``If-Match`` on the ETag read.
 Storage failures become :class:`shared.state.StateError` naming the operation, never the
@@ -39,8 +40,10 @@ from shared.state import (
     MAX_STATE_BYTES,
     StateDocument,
     StateError,
+    aad_label,
     encode_data,
     from_document,
+    owner_label,
     split_state_key,
     to_document,
 )
@@ -58,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state/"
 _CHANNEL_BUDGET = 96  # characters of a channel-id segment, as for references
-_LISTING_PAGE = 1000  # names per listing call of delete_prefixed
+_LISTING_PAGE = 1000  # names per listing call of delete_prefixed and delete_user_states
+OWNER_METADATA = "aad"  # a user state's owner, Teams' aadObjectId (state.owner_label)
 _PARALLEL_DELETES = 16
 
 
@@ -106,6 +110,7 @@ class BlobStateStore:
         *,
         etag: str | None,
         write_ids: Sequence[str] = (),
+        aad_object_id: str | None = None,
     ) -> str | None:
         name = state_blob_name(key)
         data = json.loads(encode_data(data, self.max_bytes))
@@ -113,8 +118,10 @@ class BlobStateStore:
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogatepass"
         )
+        owner = owner_label(key, aad_object_id)
+        metadata = {OWNER_METADATA: owner} if owner is not None else None
         async with self._guard("write"):
-            return await self._container.put(name, body, etag)
+            return await self._container.put(name, body, etag, metadata=metadata)
 
     async def delete(self, key: str) -> bool:
         name = state_blob_name(key)
@@ -146,17 +153,46 @@ class BlobStateStore:
             if marker is None:
                 return deleted
 
-    async def _names(self, prefix: str, marker: str | None) -> tuple[list[str], str | None]:
-        """One listing page of blob names under `prefix`, and the marker of the next."""
+    async def delete_user_states(self, channel_id: str, aad_object_id: str) -> int:
+        """Delete every user state on `channel_id` saved with `aad_object_id` as its owner
+        (the blob's metadata says so); how many were deleted. One listing of the channel's
+        user states, with their metadata: an erasure's, not a turn's, cost."""
+        label = aad_label(aad_object_id)
+        if label is None:
+            return 0
+        folder = f"{STATE_PREFIX}user/{encode_segment(channel_id, _CHANNEL_BUDGET)}/"
+        deleted, marker = 0, None
+        while True:
+            async with self._guard("list"):
+                names, marker = await self._names(folder, marker, owner=label)
+            for name in names:
+                async with self._guard("delete"):
+                    deleted += bool(await self._container.remove(name))
+            if marker is None:
+                return deleted
+
+    async def _names(
+        self, prefix: str, marker: str | None, *, owner: str | None = None
+    ) -> tuple[list[str], str | None]:
+        """One listing page of blob names under `prefix` (those whose owner is `owner`,
+        when given), and the marker of the next."""
         from azure.core.exceptions import ResourceNotFoundError
 
         pages = (
             self._container.get()
-            .list_blobs(name_starts_with=prefix, results_per_page=_LISTING_PAGE)
+            .list_blobs(
+                name_starts_with=prefix,
+                include=["metadata"] if owner is not None else None,
+                results_per_page=_LISTING_PAGE,
+            )
             .by_page(continuation_token=marker)
         )
         try:
-            names = [blob.name async for blob in await pages.__anext__()]
+            names = [
+                blob.name
+                async for blob in await pages.__anext__()
+                if owner is None or (blob.metadata or {}).get(OWNER_METADATA) == owner
+            ]
         except (StopAsyncIteration, ResourceNotFoundError):
             return [], None  # no container yet: nothing stored
         return names, pages.continuation_token or None

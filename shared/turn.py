@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from shared.activity import (
+    TEAMS_CHANNEL,
     Activity,
     ConversationReference,
     apply_conversation_reference,
@@ -46,7 +47,6 @@ from shared.state import (
     StateStore,
     StateTooLarge,
     conversation_state_key,
-    user_state_key,
 )
 from shared.wire import (
     Attachment,
@@ -281,7 +281,12 @@ class TurnContext:
             user_id = self.from_.get("id")
             if not isinstance(user_id, str) or not user_id:
                 raise StateError("state: this activity has no from.id, so no user state")
-            self._user_state = State(self.state_store, user_state_key(self.channel_id, user_id))
+            # On Teams the channel vouches for the sender's aadObjectId: saved with the
+            # state, an erasure by that id finds it (elsewhere the client writes it).
+            aad = self.from_.get("aadObjectId") if self.channel_id == TEAMS_CHANNEL else None
+            self._user_state = State.for_user(
+                self.state_store, self.channel_id, user_id, aad_object_id=aad
+            )
         return self._user_state
 
     async def save_state(self) -> None:

@@ -57,7 +57,8 @@ async def erase_user_data(
     references: ReferenceStore,
 ) -> Erased:
     """Remove a user's state and 1:1 conversations on `channel_id`: the user state of
-    `user_id` and of every user id their 1:1s name (so an aadObjectId alone erases it too).
+    `user_id`, of every user id their 1:1s name, and (on msteams) every user state saved
+    with `aad_object_id` as its owner (so an aadObjectId alone erases it too).
     Idempotent: a retry after a storage failure finishes the job. Raises StoreError /
     StateError; ValueError when nobody is named (an aadObjectId names nobody off Teams)."""
     if aad_object_id and channel_id != TEAMS_CHANNEL:
@@ -79,6 +80,10 @@ async def erase_user_data(
         overflowed = await _erase_indexed(eraser) or overflowed
     if user_id:
         await eraser.user_state(user_id)
+    # Saved on Teams, a user state names its owner's aadObjectId: found by it also with
+    # no 1:1 to name the user id (a user of channels only, or after an uninstall).
+    if aad_object_id and state and await state.delete_user_states(channel_id, aad_object_id):
+        erased.user_state = True
     logger.info(
         "userdata: erased channel=%r user state=%s conversations=%d (channel listed: %s)",
         channel_id,

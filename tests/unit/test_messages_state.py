@@ -477,3 +477,25 @@ async def test_a_turn_whose_state_was_stored_with_its_answer_lost_counts_it_once
     assert [r.json.get("text") for r in fake_connector.requests] == ["counted"]
     stored = await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION))
     assert stored.data == {"n": 1} and bot.runtime.state.lose == 0
+
+
+async def test_a_teams_users_state_is_erased_by_their_aad_object_id_alone(
+    bot, channel_identity, fake_connector
+):
+    # The user writes in a team's channel only (no 1:1 is stored): an erasure by the
+    # aadObjectId, as a privacy request names the user, left their state.
+    from shared.userdata import erase_user_data
+
+    channel = {"id": "19:c@thread.tacv2", "conversationType": "channel", "tenantId": "t-1"}
+    response = await say(bot, channel_identity, fake_connector, "my secret", conversation=channel)
+    assert response.status == 200
+    assert (await bot.runtime.state.read(USER_KEY)).data == {"theme": "my secret"}
+
+    erased = await erase_user_data(
+        channel_id=CHANNEL,
+        aad_object_id="AAD-USER-1",
+        state=bot.runtime.state,
+        references=bot.store,
+    )
+
+    assert erased.user_state and await bot.runtime.state.read(USER_KEY) is None

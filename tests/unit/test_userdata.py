@@ -19,7 +19,13 @@ from shared.references import (
     user_index_name,
 )
 from shared.references.contract import index_entries, without
-from shared.state import MemoryStateStore, StateError, conversation_state_key, user_state_key
+from shared.state import (
+    MemoryStateStore,
+    State,
+    StateError,
+    conversation_state_key,
+    user_state_key,
+)
 from shared.userdata import erase_for_activity, erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
 from tests.unit.test_references import list_all, reference
@@ -635,3 +641,27 @@ async def test_blob_a_conversation_the_user_writes_in_while_the_erasure_settles_
         await references.close()
         await other.close()
         raw.close()
+
+
+async def test_an_aad_object_id_erases_user_states_no_stored_1to1_names(stores):
+    # A user of channels only (no 1:1 ever stored), and a user whose app was uninstalled
+    # (the 1:1 and its index removed, "the user's own state stays until erased"): an
+    # erasure by the aadObjectId, as a privacy request names them, found nothing.
+    references, state = stores
+    for user, aad in (("29:channels-only", "AAD-C"), ("29:uninstalled", "aad-u"), ("29:x", "x")):
+        saved = State.for_user(state, "msteams", user, aad_object_id=aad)
+        (await saved.load())["theme"] = f"{user}'s secret"
+        assert await saved.save()
+    # The same user id on another channel, written without an owner, stays.
+    await state.write(user_state_key("webchat", "29:channels-only"), {"n": 1}, etag=None)
+
+    for aad in ("aad-c", "AAD-U"):
+        erased = await erase_user_data(
+            channel_id="msteams", aad_object_id=aad, state=state, references=references
+        )
+        assert erased.user_state and erased.conversations == []
+
+    assert await state.read(user_state_key("msteams", "29:channels-only")) is None
+    assert await state.read(user_state_key("msteams", "29:uninstalled")) is None
+    assert (await state.read(user_state_key("msteams", "29:x"))).data == {"theme": "29:x's secret"}
+    assert await state.read(user_state_key("webchat", "29:channels-only")) is not None
