@@ -81,6 +81,9 @@ class StateDocument:
     # The ids of the writes that made it, newest first (the last WRITE_IDS_KEPT): the
     # write that stored it, then those of the documents it was written over.
     write_ids: tuple[str, ...] = ()
+    # A user state's owner as saved with it (owner_label): kept by writers that do not
+    # know it (proactive code), so an erasure by it still finds the state.
+    owner: str | None = None
 
 
 class StateStore(Protocol):
@@ -281,7 +284,12 @@ class MemoryStateStore:
         if stored is None:
             return None
         return StateDocument(
-            stored.key, _copy(stored.data), stored.etag, stored.updated_at, stored.write_ids
+            stored.key,
+            _copy(stored.data),
+            stored.etag,
+            stored.updated_at,
+            stored.write_ids,
+            self._owners.get(key),
         )
 
     async def write(
@@ -452,11 +460,16 @@ class State:
             async with self._loading:
                 if self._data is None:
                     stored = await self._require_store().read(self.key)
+                    self._adopt_owner(stored)
                     self._loaded = stored.data if stored else {}
                     self._etag = stored.etag if stored else None
                     self._ids = stored.write_ids if stored else ()
                     self._data = _copy(self._loaded)
         return self._data
+
+    def _adopt_owner(self, stored: StateDocument | None) -> None:
+        if self.aad_object_id is None and stored is not None:
+            self.aad_object_id = stored.owner
 
     async def update(self, change: Change) -> Data:
         """Apply `change` to the data now, and again on the fresh data if a concurrent
@@ -513,6 +526,7 @@ class State:
                 # Jittered: savers that collided do not collide again in step.
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
                 fresh = await store.read(self.key)
+                self._adopt_owner(fresh)
                 if fresh is not None and write_id in fresh.write_ids:
                     # Stored, but its answer was lost (the store's client retried it,
                     # refused), and maybe written over since by writers who read it:

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from shared.blob_container import ContainerVanished, LazyContainer
@@ -101,7 +102,9 @@ class BlobStateStore:
             stored = from_document(json.loads(found.body), found.etag)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than it parses
             raise StateError("state store: a stored document is not valid JSON") from None
-        return stored if stored.key == key else None  # a hashed name's other key: absent
+        if stored.key != key:
+            return None  # a hashed name's other key: absent
+        return replace(stored, owner=owner_label(key, found.metadata.get(OWNER_METADATA)))
 
     async def write(
         self,

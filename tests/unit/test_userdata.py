@@ -665,3 +665,21 @@ async def test_an_aad_object_id_erases_user_states_no_stored_1to1_names(stores):
     assert await state.read(user_state_key("msteams", "29:uninstalled")) is None
     assert (await state.read(user_state_key("msteams", "29:x"))).data == {"theme": "29:x's secret"}
     assert await state.read(user_state_key("webchat", "29:channels-only")) is not None
+
+
+async def test_a_user_state_saved_by_code_that_knows_no_aad_object_id_keeps_its_owner(stores):
+    # Proactive code saves the user's state by user id alone: the owner the Teams turn
+    # saved with it stays, so an erasure by the aadObjectId still finds it.
+    references, state = stores
+    turn = State.for_user(state, "msteams", "29:ada", aad_object_id="aad-ada")
+    (await turn.load())["theme"] = "dark"
+    assert await turn.save()
+    later = State.for_user(state, "msteams", "29:ada")
+    await later.update(lambda data: data.update(reminders=1))
+    assert await later.save()
+
+    erased = await erase_user_data(
+        channel_id="msteams", aad_object_id="aad-ada", state=state, references=references
+    )
+
+    assert erased.user_state and await state.read(user_state_key("msteams", "29:ada")) is None
