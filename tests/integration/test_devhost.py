@@ -1257,6 +1257,26 @@ def test_ncrontab_day_and_day_of_week_must_both_match():
     )
 
 
+@pytest.mark.parametrize(
+    ("expression", "first_three"),
+    [
+        # As NCrontab reads them (croniter alone wraps 5-1 round the week, reads 9-9 as
+        # every hour and refuses full names: the host did not start).
+        ("0 0 9 * * 5-1", [(1, 9), (2, 9), (5, 9)]),  # Mon-Fri: 2026-01-01 is a Thursday
+        ("0 0 9-9 * * *", [(1, 9), (2, 9), (3, 9)]),
+        ("0 0 9 * * Monday", [(5, 9), (12, 9), (19, 9)]),
+        ("0 0 22-2/10 * * *", [(1, 2), (1, 12), (1, 22)]),  # 2 to 22, by 10
+    ],
+)
+def test_a_schedule_runs_as_the_timer_reads_it(expression, first_three):
+    schedule = parse_schedule(expression, {}, where="w")
+    when, seen = datetime(2026, 1, 1, tzinfo=UTC), []
+    for _ in range(3):
+        when = schedule.next_after(when)
+        seen.append((when.day, when.hour))
+    assert seen == first_three
+
+
 def test_five_field_cron_runs_at_minute_starts_like_the_timer_extension():
     schedule = parse_schedule("*/5 * * * *", {}, where="w")
     start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)

@@ -1,8 +1,9 @@
 """Timer triggers: 6-field NCRONTAB schedules (or TimeSpan intervals) on the host's loop.
 
 NCRONTAB is `second minute hour day month day-of-week` (the timer extension also takes
-the 5 fields without seconds, firing at second 0), evaluated with croniter in UTC, or in
-`WEBSITE_TIME_ZONE` when set to an IANA zone. Like NCrontab, a day must match both the
+the 5 fields without seconds, firing at second 0), read as the timer's parser (NCrontab)
+reads it and evaluated with croniter in UTC, or in `WEBSITE_TIME_ZONE` when set to an
+IANA zone. Like NCrontab, a day must match both the
 day and the day-of-week fields (croniter's default ORs them). Runs of one function
 never overlap: the next occurrence is computed after a run ends, skipping occurrences
 missed meanwhile. `past_due` is false for every scheduled run, late or not, as the timer
@@ -14,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -73,16 +78,31 @@ def parse_schedule(
         if seconds <= 0:
             raise HostError(f"{where}: the interval must be positive")
         return IntervalSchedule(seconds)
-    from croniter import croniter
-
     fields = text.split()
     expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
-    if len(fields) not in (5, 6) or not croniter.is_valid(expression, second_at_beginning=True):
+    syntax = _ncrontab()
+    if len(fields) not in (5, 6) or syntax.ncrontab_problem(expression, portable=False):
         raise HostError(
             f"{where}: {shown or repr(text)} is not an NCRONTAB expression "
             "(second minute hour day month day-of-week, or the last five)"
         )
-    return CronSchedule(expression, _zone(settings))
+    # Run by croniter in the timer's meaning: NCrontab swaps a reversed range's ends,
+    # reads a one-value range as that value and takes any prefix of a name.
+    return CronSchedule(syntax.croniter_form(expression), _zone(settings))
+
+
+@functools.cache
+def _ncrontab() -> ModuleType:
+    """The repo's reader of NCRONTAB as the timer reads it (shared/timer_syntax.py, which
+    imports nothing of the bot's), loaded under a name of the host's own: imported as
+    `shared.timer_syntax`, the bot's `shared` package would stand in for the `shared` of
+    an app served with --root."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "timer_syntax.py"
+    spec = importlib.util.spec_from_file_location("tools.devhost._timer_syntax", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _zone(settings: Mapping[str, str]) -> tzinfo:
