@@ -308,9 +308,17 @@ class TurnContext:
                 # Storage failed, and the write may have been stored all the same (its
                 # answer lost): saved once more, it is found by its id, not applied again.
                 # Failed instead, the channel's retry of the activity would count it twice.
-                if self.answer_by is not None and self.answer_by - time.monotonic() < 2.0:
+                # Within the channel's wait only: a late answer is resent all the same.
+                left = None if self.answer_by is None else self.answer_by - time.monotonic()
+                if left is not None and left < 2.0:
                     raise
-                await state.save()
+                try:
+                    async with asyncio.timeout(left):
+                        await state.save()
+                except TimeoutError:
+                    raise StateError(
+                        "state: the save was tried again and did not end within the channel's wait"
+                    ) from None
 
     # --- members -------------------------------------------------------------------------------
 

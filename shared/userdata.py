@@ -55,10 +55,12 @@ async def erase_user_data(
     aad_object_id: str | None = None,
     state: StateStore | None,
     references: ReferenceStore,
+    by_owner: bool = True,
 ) -> Erased:
     """Remove a user's state and 1:1 conversations on `channel_id`: the user state of
-    `user_id`, of every user id their 1:1s name, and (on msteams) every user state saved
-    with `aad_object_id` as its owner (so an aadObjectId alone erases it too).
+    `user_id`, of every user id their 1:1s name, and (on msteams, `by_owner`: one listing
+    of the channel's user states) every user state saved with `aad_object_id` as its
+    owner (so an aadObjectId alone erases it too).
     Idempotent: a retry after a storage failure finishes the job. Raises StoreError /
     StateError; ValueError when nobody is named (an aadObjectId names nobody off Teams)."""
     if aad_object_id and channel_id != TEAMS_CHANNEL:
@@ -82,7 +84,12 @@ async def erase_user_data(
         await eraser.user_state(user_id)
     # Saved on Teams, a user state names its owner's aadObjectId: found by it also with
     # no 1:1 to name the user id (a user of channels only, or after an uninstall).
-    if aad_object_id and state and await state.delete_user_states(channel_id, aad_object_id):
+    if (
+        by_owner
+        and aad_object_id
+        and state is not None
+        and await state.delete_user_states(channel_id, aad_object_id)
+    ):
         erased.user_state = True
     logger.info(
         "userdata: erased channel=%r user state=%s conversations=%d (channel listed: %s)",
@@ -192,4 +199,7 @@ async def erase_for_activity(
         aad_object_id=aad or None,
         state=state,
         references=references,
+        # The sender's own user state goes by its id; a listing of every user state of
+        # the channel would not fit in the channel's wait for a large bot.
+        by_owner=user_id is None,
     )

@@ -7,6 +7,8 @@ tests/integration/test_example_cards_and_state.py), or a Blob store whose storag
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from shared.config import Settings, StorageSettings
@@ -499,3 +501,33 @@ async def test_a_teams_users_state_is_erased_by_their_aad_object_id_alone(
     )
 
     assert erased.user_state and await bot.runtime.state.read(USER_KEY) is None
+
+
+class FailsThenHangs(MemoryStateStore):
+    """Memory state whose first write fails at once and whose next one never ends."""
+
+    attempts = 0
+
+    async def write(self, key, data, *, etag, write_ids=()):
+        self.attempts += 1
+        if self.attempts == 1:
+            raise StateError("state store: write failed: HTTP 503 (HttpResponseError)")
+        await asyncio.sleep(3600)
+
+
+async def test_a_save_tried_again_ends_within_the_channels_wait():
+    # The second save had no bound but the store's own timeouts: a storage brownout
+    # answered long after the channel had given up (and sent the activity again).
+    import time
+
+    from tests.unit.test_router import RecordingConnector, activity
+
+    store = FailsThenHangs()
+    turn = TurnContext(activity(), RecordingConnector(), state=store)
+    turn.answer_by = time.monotonic() + 2.5
+    await turn.conversation_state.update(lambda data: data.update(n=1))
+
+    started = time.monotonic()
+    with pytest.raises(StateError, match="within the channel's wait"):
+        await turn.save_state()
+    assert store.attempts == 2 and time.monotonic() - started < 10  # not an hour

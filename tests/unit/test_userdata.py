@@ -683,3 +683,29 @@ async def test_a_user_state_saved_by_code_that_knows_no_aad_object_id_keeps_its_
     )
 
     assert erased.user_state and await state.read(user_state_key("msteams", "29:ada")) is None
+
+
+async def test_a_delete_user_data_activity_erases_its_sender_by_id_in_the_channels_wait(stores):
+    # Inside the turn, the sender's own user state goes by its id; listing every user
+    # state of the channel for other ids with the same aadObjectId would not fit in the
+    # channel's wait on a large bot (an operator's erasure by the aadObjectId does it).
+    references, state = stores
+    for user in ("29:bob", "29:bob-in-another-app"):
+        saved = State.for_user(state, "msteams", user, aad_object_id="aad-bob")
+        (await saved.load())["theme"] = "dark"
+        assert await saved.save()
+    activity = {
+        "type": "deleteUserData",
+        "channelId": "msteams",
+        "from": {"id": "29:bob", "aadObjectId": "aad-bob"},
+        "conversation": {"id": "a:bob-1"},
+    }
+
+    erased = await erase_for_activity(activity, state=state, references=references)
+
+    assert erased.user_state and await state.read(user_state_key("msteams", "29:bob")) is None
+    assert await state.read(user_state_key("msteams", "29:bob-in-another-app")) is not None
+    await erase_user_data(
+        channel_id="msteams", aad_object_id="aad-bob", state=state, references=references
+    )
+    assert await state.read(user_state_key("msteams", "29:bob-in-another-app")) is None
