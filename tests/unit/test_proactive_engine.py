@@ -3976,6 +3976,25 @@ async def test_a_kept_failure_an_earlier_version_recorded_with_a_longer_reason_i
     assert sends(fake_connector) == ["a:1"]
 
 
+async def kept_failure_finding(
+    engine: Engine, fake_connector: FakeConnector, recorded: Callable[[str], dict]
+) -> str:
+    """The copy kept to record a 500's failure (sent as m-1, handled now as m-2, going on
+    as m-1), once its target's slot holds a failure with what `recorded(its reason)`
+    gives (the reason, unless given, its own): the kept copy's text."""
+    engine.message_id = "m-1"
+    kept = await kept_copy(engine, fake_connector, "failed")
+    assert json.loads(kept)[RESERVED]["claimedBy"] == "m-1"
+    engine.ledger.down = False
+    engine.message_id = "m-2"
+    name = outcome_name("req-1", "target")
+    slot = await engine.ledger.read(name)
+    reason = json.loads(kept)[RESERVED]["reason"]
+    found = {"target": "msteams/a:1", "outcome": "failed", "reason": reason, **recorded(reason)}
+    await engine.ledger.replace(name, found, slot.etag, metadata={"outcome": "failed"})
+    return kept
+
+
 async def test_a_kept_failure_finding_another_messages_failure_with_its_reason_is_a_duplicate(
     parts, fake_connector
 ):
@@ -3983,20 +4002,14 @@ async def test_a_kept_failure_finding_another_messages_failure_with_its_reason_i
     # cut (they agree on their first 256 bytes): taken for the copy's own, its poison
     # copy was put beside the other's, one more copy for an operator to put back.
     _runtime, engine = parts
-    engine.message_id = "m-1"
-    kept = await kept_copy(engine, fake_connector, "failed")
-    assert json.loads(kept)[RESERVED]["claimedBy"] == "m-1"
-    engine.ledger.down = False
-    engine.message_id = "m-2"  # the kept copy's own queue message, going on as m-1
-    name = outcome_name("req-1", "target")
-    slot = await engine.ledger.read(name)
-    mine = json.loads(kept)[RESERVED]["reason"]
-    other = {"target": "msteams/a:1", "outcome": "failed", "message": "m-other"}
-    other["reason"] = report_reason(mine + "x" * 300 + "1")  # another, the same cut short
-    assert other["reason"] == report_reason(mine + "x" * 300 + "2")  # (the test's premise)
-    await engine.ledger.replace(name, other, slot.etag, metadata={"outcome": "failed"})
+
+    def others(mine: str) -> dict:  # another reason, which reads the same cut short
+        assert report_reason(mine + "x" * 300 + "1") == report_reason(mine + "x" * 300 + "2")
+        return {"message": "m-other", "reason": report_reason(mine + "x" * 300 + "1")}
+
+    kept = await kept_failure_finding(engine, fake_connector, others)
     copy = json.loads(kept)
-    copy[RESERVED]["reason"] = mine + "x" * 300 + "2"
+    copy[RESERVED]["reason"] += "x" * 300 + "2"
 
     assert await handle(engine, json.dumps(copy)) is Outcome.DUPLICATE
 
@@ -4012,15 +4025,8 @@ async def test_a_kept_failure_whose_record_landed_under_its_sender_is_its_own(
     # The record landed while storage answered an error: written as the message that
     # sent (m-1), which the kept copy goes on as. Its poison copy is still to be put.
     _runtime, engine = parts
-    engine.message_id = "m-1"
-    kept = await kept_copy(engine, fake_connector, "failed")
-    engine.ledger.down = False
-    engine.message_id = "m-2"
-    name = outcome_name("req-1", "target")
-    slot = await engine.ledger.read(name)
+    kept = await kept_failure_finding(engine, fake_connector, lambda r: {"message": "m-1"})
     reason = json.loads(kept)[RESERVED]["reason"]
-    landed = {"target": "msteams/a:1", "outcome": "failed", "message": "m-1", "reason": reason}
-    await engine.ledger.replace(name, landed, slot.etag, metadata={"outcome": "failed"})
 
     assert await handle(engine, kept) is Outcome.FAILED
 

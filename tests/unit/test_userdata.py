@@ -252,12 +252,9 @@ async def test_off_teams_an_aad_object_id_erases_nothing(stores):
         reference("dl-ada", channel_id="webchat", tenant=None, user="dl_ada", aad="aad-ada")
     )
     await state.write(conversation_state_key("webchat", "dl-ada"), {"n": 1}, etag=None)
-    activity = {
-        "type": "deleteUserData",
-        "channelId": "webchat",
-        "from": {"id": "dl_mallory", "aadObjectId": "aad-ada"},
-        "conversation": {"id": "dl-mallory"},
-    }
+    activity = delete_user_data(
+        "dl_mallory", "aad-ada", channel_id="webchat", conversation_id="dl-mallory"
+    )
     erased = await erase_for_activity(activity, state=state, references=references)
     assert erased.conversations == []
     assert await references.get("webchat/dl-ada") is not None
@@ -272,12 +269,7 @@ async def test_off_teams_an_aad_object_id_erases_nothing(stores):
 async def test_delete_user_data_activity_erases_its_sender(stores):
     references, state = stores
     await seed(references, state)
-    activity = {
-        "type": "deleteUserData",
-        "channelId": "msteams",
-        "from": {"id": "29:bob", "aadObjectId": "aad-bob"},
-        "conversation": {"id": "a:bob-1"},
-    }
+    activity = delete_user_data("29:bob", "aad-bob", conversation_id="a:bob-1")
     erased = await erase_for_activity(activity, state=state, references=references)
     assert erased.user_state and erased.conversations == ["msteams/a:bob-1"]
     assert await references.get("msteams/a:bob-1") is None
@@ -473,12 +465,21 @@ def opened_by_aad(conversation_id: str = "a:opened") -> dict:
     return ref
 
 
-def delete_user_data(user_id: str = "29:ada", aad: str = AAD_ADA) -> dict:
-    return {
+def delete_user_data(
+    user_id: str = "29:ada",
+    aad: str = AAD_ADA,
+    *,
+    channel_id: str = "msteams",
+    conversation_id: str | None = None,
+) -> dict:
+    activity = {
         "type": "deleteUserData",
-        "channelId": "msteams",
+        "channelId": channel_id,
         "from": {"id": user_id, "aadObjectId": aad},
     }
+    if conversation_id is not None:
+        activity["conversation"] = {"id": conversation_id}
+    return activity
 
 
 async def test_a_1to1_opened_for_the_user_by_their_aad_object_id_is_erased(stores):
@@ -643,15 +644,19 @@ async def test_blob_a_conversation_the_user_writes_in_while_the_erasure_settles_
         raw.close()
 
 
+async def saved_in_a_teams_turn(state, user_id: str, aad_object_id: str, **data) -> None:
+    saved = State.for_user(state, "msteams", user_id, aad_object_id=aad_object_id)
+    (await saved.load()).update(data)
+    assert await saved.save()
+
+
 async def test_an_aad_object_id_erases_user_states_no_stored_1to1_names(stores):
     # A user of channels only (no 1:1 ever stored), and a user whose app was uninstalled
     # (the 1:1 and its index removed, "the user's own state stays until erased"): an
     # erasure by the aadObjectId, as a privacy request names them, found nothing.
     references, state = stores
     for user, aad in (("29:channels-only", "AAD-C"), ("29:uninstalled", "aad-u"), ("29:x", "x")):
-        saved = State.for_user(state, "msteams", user, aad_object_id=aad)
-        (await saved.load())["theme"] = f"{user}'s secret"
-        assert await saved.save()
+        await saved_in_a_teams_turn(state, user, aad, theme=f"{user}'s secret")
     # The same user id on another channel, written without an owner, stays.
     await state.write(user_state_key("webchat", "29:channels-only"), {"n": 1}, etag=None)
 
@@ -671,9 +676,7 @@ async def test_a_user_state_saved_by_code_that_knows_no_aad_object_id_keeps_its_
     # Proactive code saves the user's state by user id alone: the owner the Teams turn
     # saved with it stays, so an erasure by the aadObjectId still finds it.
     references, state = stores
-    turn = State.for_user(state, "msteams", "29:ada", aad_object_id="aad-ada")
-    (await turn.load())["theme"] = "dark"
-    assert await turn.save()
+    await saved_in_a_teams_turn(state, "29:ada", "aad-ada", theme="dark")
     later = State.for_user(state, "msteams", "29:ada")
     await later.update(lambda data: data.update(reminders=1))
     assert await later.save()
@@ -691,15 +694,8 @@ async def test_a_delete_user_data_activity_erases_its_sender_by_id_in_the_channe
     # channel's wait on a large bot (an operator's erasure by the aadObjectId does it).
     references, state = stores
     for user in ("29:bob", "29:bob-in-another-app"):
-        saved = State.for_user(state, "msteams", user, aad_object_id="aad-bob")
-        (await saved.load())["theme"] = "dark"
-        assert await saved.save()
-    activity = {
-        "type": "deleteUserData",
-        "channelId": "msteams",
-        "from": {"id": "29:bob", "aadObjectId": "aad-bob"},
-        "conversation": {"id": "a:bob-1"},
-    }
+        await saved_in_a_teams_turn(state, user, "aad-bob", theme="dark")
+    activity = delete_user_data("29:bob", "aad-bob", conversation_id="a:bob-1")
 
     erased = await erase_for_activity(activity, state=state, references=references)
 
