@@ -392,6 +392,7 @@ class State:
         "_loading",
         "_saving",
         "_store",
+        "_stored_owner",
         "_unsettled",
         "_updates",
         "aad_object_id",
@@ -412,6 +413,7 @@ class State:
         # A user state's owner as the channel vouches for it (Teams' aadObjectId): written
         # with each save, so erasing the user by it finds this state (delete_user_states).
         self.aad_object_id = aad_object_id
+        self._stored_owner: str | None = None  # the owner the document read last names
         # Combines fields both writers changed: called like merge_fields, with the loaded
         # and the fresh document each with this turn's update() changes replayed.
         self.merge = merge
@@ -468,8 +470,17 @@ class State:
         return self._data
 
     def _adopt_owner(self, stored: StateDocument | None) -> None:
-        if self.aad_object_id is None and stored is not None:
-            self.aad_object_id = stored.owner
+        """Remember the owner the stored document names (read last), for writes that know
+        none of their own."""
+        if stored is not None and stored.owner is not None:
+            self._stored_owner = stored.owner
+
+    def _owner(self) -> dict[str, str]:
+        """The write's owner: the one this State was given (the channel vouches for it),
+        else the one stored, so a save that knows none does not drop it."""
+        given = owner_label(self.key, self.aad_object_id)
+        owner = given or self._stored_owner
+        return {"aad_object_id": owner} if owner else {}
 
     async def update(self, change: Change) -> Data:
         """Apply `change` to the data now, and again on the fresh data if a concurrent
@@ -513,14 +524,15 @@ class State:
         # unsaved (``changed``) for the next save instead of passing for written.
         mine, counted, etag, based = _copy(ours), len(self._updates), self._etag, self._ids
         candidate = mine
-        owner = {"aad_object_id": self.aad_object_id} if self.aad_object_id else {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
             write_id = uuid.uuid4().hex
             ids = (write_id, *based)[:WRITE_IDS_KEPT]
             # Unsettled until answered or a re-read tells: `mine` (what the handler's data
             # was), not the candidate, is the base its stored changes are measured from.
             self._unsettled.append((write_id, mine, counted))
-            new_etag = await store.write(self.key, candidate, etag=etag, write_ids=ids, **owner)
+            new_etag = await store.write(
+                self.key, candidate, etag=etag, write_ids=ids, **self._owner()
+            )
             stored, fresh = candidate, None
             if new_etag is None:
                 # Jittered: savers that collided do not collide again in step.

@@ -705,3 +705,45 @@ async def test_a_delete_user_data_activity_erases_its_sender_by_id_in_the_channe
         channel_id="msteams", aad_object_id="aad-bob", state=state, references=references
     )
     assert await state.read(user_state_key("msteams", "29:bob-in-another-app")) is None
+
+
+async def erased_by(state, references, aad: str) -> bool:
+    erased = await erase_user_data(
+        channel_id="msteams", aad_object_id=aad, state=state, references=references
+    )
+    return erased.user_state
+
+
+async def test_a_save_that_meets_a_teams_turns_write_keeps_its_owner(stores):
+    # Proactive code read the user's state before a Teams turn saved it (with its owner):
+    # its save met that write, re-read it, and wrote again without the owner.
+    references, state = stores
+    later = State.for_user(state, "msteams", "29:ada")
+    await later.load()  # nothing stored yet
+    await saved_in_a_teams_turn(state, "29:ada", "aad-ada", theme="dark")
+    await later.update(lambda data: data.update(reminders=1))
+    assert await later.save()
+
+    assert await erased_by(state, references, "aad-ada")
+
+
+async def test_the_latest_owner_stored_wins_over_one_read_earlier(stores):
+    references, state = stores
+    await saved_in_a_teams_turn(state, "29:ada", "aad-old", theme="dark")
+    later = State.for_user(state, "msteams", "29:ada")
+    await later.load()  # names aad-old
+    await saved_in_a_teams_turn(state, "29:ada", "aad-new", theme="light")
+    await later.update(lambda data: data.update(reminders=1))
+    assert await later.save()
+
+    assert not await erased_by(state, references, "aad-old")
+    assert await erased_by(state, references, "aad-new")
+
+
+@pytest.mark.parametrize("aad", ["", "{not-an-id}"])
+async def test_a_turn_with_no_usable_aad_object_id_keeps_the_stored_owner(stores, aad):
+    references, state = stores
+    await saved_in_a_teams_turn(state, "29:ada", "aad-ada", theme="dark")
+    await saved_in_a_teams_turn(state, "29:ada", aad, theme="light")
+
+    assert await erased_by(state, references, "aad-ada")
