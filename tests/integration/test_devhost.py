@@ -1277,6 +1277,23 @@ def test_a_schedule_runs_as_the_timer_reads_it(expression, first_three):
     assert seen == first_three
 
 
+def test_a_schedule_that_never_falls_due_never_runs_and_stops_nothing(caplog):
+    # The timer takes 30 February and never fires it; croniter's error stopped the
+    # host's timer listener ("A trigger listener stopped unexpectedly").
+    from tools.devhost.timer import NEVER_DUE
+
+    schedule = parse_schedule("0 0 0 30 2 *", {}, where="w")
+    assert schedule.next_after(datetime(2026, 1, 1, tzinfo=UTC)) == NEVER_DUE
+    assert "never falls due" in caplog.text
+
+
+@pytest.mark.parametrize("expression", ["0 0 9 * *\t*", "0 0 9\n* * *"])
+def test_a_schedule_separated_by_other_whitespace_than_spaces_is_refused(expression):
+    # The timer splits on spaces only: it runs here and failed on Azure.
+    with pytest.raises(HostError, match="separated by spaces"):
+        parse_schedule(expression, {}, where="w")
+
+
 def test_five_field_cron_runs_at_minute_starts_like_the_timer_extension():
     schedule = parse_schedule("*/5 * * * *", {}, where="w")
     start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 LONGEST_SLEEP = 30.0  # re-check the wall clock at least this often
 NEVER = "0001-01-01T00:00:00"
+NEVER_DUE = datetime.max.replace(tzinfo=UTC)  # the next run of a schedule that never comes
 
 
 class Schedule(Protocol):
@@ -48,11 +49,16 @@ class CronSchedule:
     zone: tzinfo = UTC
 
     def next_after(self, when: datetime) -> datetime:
-        from croniter import croniter
+        """The next time after `when`; NEVER_DUE for a date no month has (30 February),
+        which the timer takes and never fires."""
+        from croniter import CroniterBadDateError, croniter
 
         local = when.astimezone(self.zone)
         schedule = croniter(self.expression, local, second_at_beginning=True, day_or=False)
-        return schedule.get_next(datetime).astimezone(UTC)
+        try:
+            return schedule.get_next(datetime).astimezone(UTC)
+        except CroniterBadDateError:
+            return NEVER_DUE
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +84,25 @@ def parse_schedule(
         if seconds <= 0:
             raise HostError(f"{where}: the interval must be positive")
         return IntervalSchedule(seconds)
-    fields = text.split()
+    fields = [field for field in text.split(" ") if field]  # the timer splits on spaces only
     expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
     syntax = _ncrontab()
-    if len(fields) not in (5, 6) or syntax.ncrontab_problem(expression, portable=False):
+    if (
+        len(fields) not in (5, 6)
+        or any(not field.isprintable() for field in fields)  # a tab, a line break
+        or syntax.ncrontab_problem(expression, portable=False)
+    ):
         raise HostError(
             f"{where}: {shown or repr(text)} is not an NCRONTAB expression "
-            "(second minute hour day month day-of-week, or the last five)"
+            "(second minute hour day month day-of-week, or the last five, separated by "
+            "spaces)"
         )
     # Run by croniter in the timer's meaning: NCrontab swaps a reversed range's ends,
     # reads a one-value range as that value and takes any prefix of a name.
-    return CronSchedule(syntax.croniter_form(expression), _zone(settings))
+    schedule = CronSchedule(syntax.croniter_form(expression), _zone(settings))
+    if schedule.next_after(datetime.now(UTC)) == NEVER_DUE:
+        logger.warning("%s: %s never falls due (a date no month has)", where, shown or repr(text))
+    return schedule
 
 
 @functools.cache
