@@ -413,7 +413,7 @@ class State:
         # A user state's owner as the channel vouches for it (Teams' aadObjectId): written
         # with each save, so erasing the user by it finds this state (delete_user_states).
         self.aad_object_id = aad_object_id
-        self._stored_owner: str | None = None  # the owner the document read last names
+        self._stored_owner: str | None = None  # the last owner a document read named
         # Combines fields both writers changed: called like merge_fields, with the loaded
         # and the fresh document each with this turn's update() changes replayed.
         self.merge = merge
@@ -470,14 +470,14 @@ class State:
         return self._data
 
     def _adopt_owner(self, stored: StateDocument | None) -> None:
-        """Remember the owner the stored document names (read last), for writes that know
-        none of their own."""
+        """Remember the owner a document read names (the last one named), for writes that
+        know none of their own."""
         if stored is not None and stored.owner is not None:
             self._stored_owner = stored.owner
 
     def _owner(self) -> dict[str, str]:
         """The write's owner: the one this State was given (the channel vouches for it),
-        else the one stored, so a save that knows none does not drop it."""
+        else the last one a document read named, so a save that knows none keeps it."""
         given = owner_label(self.key, self.aad_object_id)
         owner = given or self._stored_owner
         return {"aad_object_id": owner} if owner else {}
