@@ -499,9 +499,11 @@ class ConnectorClient:
                 if answer.status not in RETRY_STATUSES:
                     raise failure
             failures += 1
-            delay = failure.retry_after
-            if not delay:  # none given, or 0: retried at once, a 429 would come straight back
-                delay = policy.backoff(failures)
+            delay = failure.retry_after or 0.0
+            if delay < policy.base_delay:
+                # None given, 0, or a moment (an HTTP-date about now): retried that soon, a
+                # 429 would come straight back, each one cutting the tenant's rate.
+                delay = max(delay, policy.backoff(failures))
             if failures >= policy.max_attempts or self._clock() + delay > deadline - reserve:
                 raise failure
             await self._sleep(delay)

@@ -405,6 +405,21 @@ async def test_retry_after_as_an_http_date_is_honoured(client, fake_connector, v
     assert len(vtime.sleeps) == 1 and 1.5 <= vtime.sleeps[0] <= 3.0
 
 
+@pytest.mark.parametrize("retry_after", ["0", "0.01"])
+async def test_a_retry_after_of_a_moment_waits_the_backoff(
+    client, fake_connector, vtime, retry_after
+):
+    # Retried after 10 ms, each attempt met the same 429 (and cut the tenant's rate): five
+    # in about 50 ms.
+    throttled = Reply(429, headers={"Retry-After": retry_after})
+    fake_connector.script("POST", "activities$", [throttled, throttled])
+
+    await client.send_to_conversation(fake_connector.url, "a:1", {"type": "message"})
+
+    assert [r.status for r in fake_connector.requests] == [429, 429, 200]
+    assert vtime.sleeps == [0.5, 1.0]
+
+
 @pytest.mark.parametrize("status", [412, 502, 503, 504])
 async def test_transient_statuses_are_retried_with_backoff(client, fake_connector, vtime, status):
     fake_connector.script("POST", "activities$", [Reply(status), Reply(status)])
