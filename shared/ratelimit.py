@@ -588,8 +588,14 @@ class Pacer:
                 self._conversations.move_to_end(key)
                 skipped += 1
                 continue
-            if not (over_cap or (oldest.log.idle(now, self.margin) and oldest.not_before <= now)):
+            if not (over_cap or oldest.log.idle(now, self.margin)):
                 return
+            if not over_cap and oldest.not_before > now:
+                # Idle, but told to wait (a long Retry-After): kept, at the back, so that
+                # it keeps no idle conversation behind it in memory until its wait ends.
+                self._conversations.move_to_end(key)
+                skipped += 1
+                continue
             del self._conversations[key]
 
 

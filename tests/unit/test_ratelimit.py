@@ -1905,6 +1905,24 @@ async def test_a_conversation_waiting_long_does_not_stop_memory_being_reclaimed(
     assert tracked[0] <= 100
 
 
+async def test_a_conversation_told_to_wait_long_keeps_no_idle_conversation_in_memory():
+    # One conversation answered Retry-After: 3600 stayed first in line to be forgotten,
+    # and every idle conversation after it stayed too (12,001 after 10 minutes).
+    time = VirtualScheduler()
+    pacer = Pacer(100_000, clock=time.clock, sleep=time.sleep)
+    granted = await pacer.acquire(teams("a:throttled"))
+    pacer.throttled(teams("a:throttled"), 3600.0, sent_at=granted)
+    for n in range(12_000):  # 20/s for 10 minutes, each a conversation of its own
+        time.now += 0.05
+        await pacer.acquire(teams(f"a:{n}"))
+
+    assert pacer.tracked_conversations < 1000
+    # ... and the one told to wait still waits.
+    before = time.now
+    await time.run(pacer.acquire(teams("a:throttled"), background=True))
+    assert time.now >= before + 3600 - 600 - 1
+
+
 # --- deadlines --------------------------------------------------------------------------
 
 
