@@ -332,17 +332,12 @@ class AdaptiveRate:
         self._next = max(self._next, self._paused_until)  # a pause is not made up for
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
-        if now < self._cut_until and (
-            retry_after is None or WINDOW_SECONDS < wait <= self._cut_until - now + WINDOW_SECONDS
-        ):
-            # Within the longer wait the last cut's 429 asked for, another asking to wait
-            # until about the same time (or not saying): the same throttle. Cut again for
-            # each (each says "refused", nothing about the rate), a few seconds of them took
-            # the rate to its floor, and minutes to climb back. One asking for a second or
-            # less still cuts: the tenant is full (a thread's own long 429 must not switch
-            # its adaptation off); so does one asking to wait past that time: a tenant that
-            # answers each overflow with a Retry-After of a few seconds is full again (held
-            # off, instances sharing it drew 429s for 15-30 % of their requests).
+        if now < self._cut_until and (retry_after is None or wait > WINDOW_SECONDS):
+            # Within the longer wait the last cut's 429 asked for, another asking as long
+            # (or not saying): the same throttle. Cut again for each (each says "refused",
+            # nothing about the rate), a few seconds of them took the rate to its floor,
+            # and minutes to climb back. One asking for a second or less still cuts: the
+            # tenant is full (a thread's own long 429 must not switch its adaptation off).
             return False
         current = self.rate(now)
         if current is None:

@@ -972,11 +972,10 @@ async def send_once(
     scope: Scope,
     background: bool = True,
     max_wait: float | None = None,
-    retry_after: float = 1.0,
 ) -> tuple[bool, float]:
     """One request (background unless told) through ``pacer`` into ``channel``, with a
     host's delays: whether the channel admitted it, and when it arrived. A refused one is
-    told to the pacer and waits its Retry-After, as the Connector client's retry does."""
+    told to the pacer and waits its Retry-After (1 s), as the Connector client's retry does."""
     granted = await pacer.acquire(scope, background=background, max_wait=max_wait)
     await time.sleep(noise.leaving())
     left = time.now
@@ -986,8 +985,8 @@ async def send_once(
     if channel.admit(arrived):
         return True, arrived
     await time.sleep(0.002)  # the answer on its way back
-    pacer.throttled(scope, retry_after, granted, left)
-    await time.sleep(retry_after)  # the client's retry waits the Retry-After
+    pacer.throttled(scope, 1.0, granted, left)
+    await time.sleep(1.0)  # the client's retry waits the Retry-After
     return False, arrived
 
 
@@ -1000,11 +999,9 @@ async def instances_sharing_a_tenant(
     conversations: int | None = None,
     joining_every: float = 0.0,
     busy: bool = False,
-    retry_after: float = 1.0,
 ):
     """``count`` pacers (each its own process) broadcast into one tenant whose Connector
-    allows ``limit`` requests in any second and answers 429 (``Retry-After`` 1 s unless
-    told) above it.
+    allows ``limit`` requests in any second and answers 429 (Retry-After: 1) above it.
     Each send goes to a conversation of its own, and after a 429 to the same one again;
     with ``conversations``, each instance sends to that many conversations of its own in
     turn instead (a bot posting into a few busy channels). With ``joining_every``, the
@@ -1028,9 +1025,7 @@ async def instances_sharing_a_tenant(
         scope = teams(next(names))
         await time.sleep(instance * joining_every)
         while time.now < seconds:
-            admitted, arrived = await send_once(
-                time, noise, channel, pacer, scope, retry_after=retry_after
-            )
+            admitted, arrived = await send_once(time, noise, channel, pacer, scope)
             when = "_later" if arrived >= 10.0 else "_early"
             if not admitted:
                 outcome["throttled" + when] += 1
@@ -1088,19 +1083,6 @@ async def test_many_instances_sharing_a_tenant_settle_without_a_429_storm(count)
     achieved, _share_429, later = await instances_sharing_a_tenant(count, jitter=True)
     assert achieved >= 0.9
     assert later < 0.02
-
-
-@pytest.mark.parametrize(("count", "retry_after"), [(8, 5.0), (16, 5.0)])
-async def test_instances_told_to_wait_seconds_after_each_overflow_settle_too(count, retry_after):
-    # A tenant answering each overflow with a Retry-After of a few seconds: every 429
-    # within the wait the last cut asked for was taken for the same throttle and cut
-    # nothing, and instances sharing it drew 429s for 5.6 % (8) and 15 % (16) of their
-    # requests after the first 10 s.
-    achieved, _share_429, later = await instances_sharing_a_tenant(
-        count, jitter=True, retry_after=retry_after
-    )
-    assert achieved >= 0.85
-    assert later < 0.04
 
 
 async def test_instances_joining_one_by_one_settle_without_a_429_storm():
