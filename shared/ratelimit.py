@@ -265,6 +265,9 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        # The waits of conversations forgotten while told to wait (a long Retry-After):
+        # their `not_before` alone, restored if they come back before it ends.
+        self._held: OrderedDict[str, float] = OrderedDict()
         self._lanes: OrderedDict[tuple[str, str], AdaptiveRate] = OrderedDict()
         # Teams conversation -> its tenant, from requests that named both: a request that
         # names none (a delete has no body; a reference target may carry no tenant) counts
@@ -570,6 +573,9 @@ class Pacer:
         conversation = self._conversations.get(key)
         if conversation is None:
             conversation = self._conversations[key] = _Conversation(self.windows)
+            held = self._held.pop(key, None)
+            if held is not None:
+                conversation.not_before = held
         else:
             self._conversations.move_to_end(key)
         return conversation
@@ -578,6 +584,10 @@ class Pacer:
         # Least recently used first; stop at the first one still needed. A conversation
         # someone is waiting for is never dropped: over the cap it goes to the back, so
         # one long wait cannot keep every idle conversation behind it in memory.
+        while self._held and (
+            next(iter(self._held.values())) <= now or len(self._held) > self._max_conversations
+        ):
+            self._held.popitem(last=False)
         skipped = 0
         while len(self._conversations) > skipped:
             key, oldest = next(iter(self._conversations.items()))
@@ -590,12 +600,11 @@ class Pacer:
                 continue
             if not (over_cap or oldest.log.idle(now, self.margin)):
                 return
-            if not over_cap and oldest.not_before > now:
-                # Idle, but told to wait (a long Retry-After): kept, at the back, so that
-                # it keeps no idle conversation behind it in memory until its wait ends.
-                self._conversations.move_to_end(key)
-                skipped += 1
-                continue
+            if oldest.not_before > now:
+                # Idle, but told to wait (a long Retry-After): forgotten all the same (kept,
+                # it kept every idle conversation after it in memory until its wait ended),
+                # its wait alone remembered.
+                self._held[key] = oldest.not_before
             del self._conversations[key]
 
 

@@ -1923,6 +1923,23 @@ async def test_a_conversation_told_to_wait_long_keeps_no_idle_conversation_in_me
     assert time.now >= before + 3600 - 600 - 1
 
 
+async def test_conversations_told_to_wait_long_are_not_walked_by_every_send():
+    # Kept at the back of the forgetting line, 10,000 of them were moved again by each
+    # send to a busy conversation behind them (3.5 ms of the event loop per send). Their
+    # waits alone are kept; each still waits when it comes back.
+    time = VirtualScheduler()
+    pacer = Pacer(100_000, clock=time.clock, sleep=time.sleep)
+    for n in range(1000):
+        granted = await pacer.acquire(teams(f"a:{n}"))
+        pacer.throttled(teams(f"a:{n}"), 3600.0, sent_at=granted)
+    time.now += 60.0  # all of them idle, their waits not over
+    await pacer.acquire(teams("a:busy"))
+
+    assert pacer.tracked_conversations == 1
+    await time.run(pacer.acquire(teams("a:999"), background=True))
+    assert time.now >= 3600.0 - 1
+
+
 # --- deadlines --------------------------------------------------------------------------
 
 
