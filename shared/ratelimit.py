@@ -59,6 +59,7 @@ conversations have no published limits and are not serialised.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -267,7 +268,8 @@ class Pacer:
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         # The waits of conversations forgotten while told to wait (a long Retry-After):
         # their `not_before` alone, restored if they come back before it ends.
-        self._held: OrderedDict[str, float] = OrderedDict()
+        self._held: dict[str, float] = {}
+        self._held_ends: list[tuple[float, str]] = []  # a heap of (wait's end, key)
         self._lanes: OrderedDict[tuple[str, str], AdaptiveRate] = OrderedDict()
         # Teams conversation -> its tenant, from requests that named both: a request that
         # names none (a delete has no body; a reference target may carry no tenant) counts
@@ -417,10 +419,13 @@ class Pacer:
         lane = self.lane(scope)
         now = self._clock()
         conversation = self._conversations.get(scope.conversation or "")
-        if scope.teams and conversation is not None and (retry_after or 0.0) > WINDOW_SECONDS:
+        if scope.teams and scope.conversation and (retry_after or 0.0) > WINDOW_SECONDS:
             # A wait longer than the windows (a thread's own limit, a tenant refusing all):
             # the conversation's other background requests would be refused until then.
-            conversation.not_before = max(conversation.not_before, now + retry_after)
+            if conversation is not None:
+                conversation.not_before = max(conversation.not_before, now + retry_after)
+            else:  # forgotten while its request was out (a late answer): its wait kept
+                self._hold(scope.conversation, now + retry_after)
         if lane.throttled(
             now, retry_after, sent_at, left_at=left_at, conversation=scope.conversation
         ):
@@ -580,14 +585,26 @@ class Pacer:
             self._conversations.move_to_end(key)
         return conversation
 
+    def _hold(self, key: str, not_before: float) -> None:
+        """Remember the wait of a conversation not kept (idle, or not seen since its
+        request was granted), for when it comes back."""
+        end = max(self._held.get(key, not_before), not_before)
+        self._held[key] = end
+        heapq.heappush(self._held_ends, (end, key))
+
     def _forget_idle(self, now: float) -> None:
         # Least recently used first; stop at the first one still needed. A conversation
         # someone is waiting for is never dropped: over the cap it goes to the back, so
         # one long wait cannot keep every idle conversation behind it in memory.
-        while self._held and (
-            next(iter(self._held.values())) <= now or len(self._held) > self._max_conversations
-        ):
-            self._held.popitem(last=False)
+        held, ends = self._held, self._held_ends
+        # Waits that ended, and over the cap those ending soonest, go first.
+        while ends and (ends[0][0] <= now or len(held) > self._max_conversations):
+            end, key = heapq.heappop(ends)
+            if held.get(key) == end:  # else restored or held again since: stale
+                del held[key]
+        if len(ends) > 2 * len(held) + 64:  # the stale entries of restored ones
+            self._held_ends = ends = [(end, key) for key, end in held.items()]
+            heapq.heapify(ends)
         skipped = 0
         while len(self._conversations) > skipped:
             key, oldest = next(iter(self._conversations.items()))
@@ -604,7 +621,7 @@ class Pacer:
                 # Idle, but told to wait (a long Retry-After): forgotten all the same (kept,
                 # it kept every idle conversation after it in memory until its wait ended),
                 # its wait alone remembered.
-                self._held[key] = oldest.not_before
+                self._hold(key, oldest.not_before)
             del self._conversations[key]
 
 

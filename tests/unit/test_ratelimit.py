@@ -1923,6 +1923,37 @@ async def test_a_conversation_told_to_wait_long_keeps_no_idle_conversation_in_me
     assert time.now >= before + 3600 - 600 - 1
 
 
+async def test_a_long_wait_outlives_many_shorter_ones_forgotten_after_it():
+    # The waits of forgotten conversations were dropped in the order they were forgotten:
+    # shorter waits, ended, piled up behind a long one, and over the cap the long one
+    # went first: its conversation was sent to an hour early (and drew another 429).
+    time = VirtualScheduler()
+    pacer = Pacer(100_000, clock=time.clock, sleep=time.sleep, max_conversations=100)
+    granted = await pacer.acquire(teams("a:long"))
+    pacer.throttled(teams("a:long"), 3600.0, sent_at=granted)
+    for n in range(300):  # 2/s, each told to wait 40 s: about 80 waits live at a time
+        time.now += 0.5
+        granted = await pacer.acquire(teams(f"a:{n}"))
+        pacer.throttled(teams(f"a:{n}"), 40.0, sent_at=granted)
+
+    await time.run(pacer.acquire(teams("a:long"), background=True))
+    assert time.now >= 3600.0 - 1
+
+
+async def test_a_429_for_a_conversation_forgotten_meanwhile_still_holds_it():
+    # Answered after its conversation was forgotten (a late answer): the wait was lost.
+    time = VirtualScheduler()
+    pacer = Pacer(100_000, clock=time.clock, sleep=time.sleep)
+    granted = await pacer.acquire(teams("a:x"))
+    time.now += 31.0
+    await pacer.acquire(teams("a:other"))  # forgets a:x, idle
+    pacer.throttled(teams("a:x"), 600.0, sent_at=granted)
+
+    before = time.now
+    await time.run(pacer.acquire(teams("a:x"), background=True))
+    assert time.now >= before + 600 - 1
+
+
 async def test_conversations_told_to_wait_long_are_not_walked_by_every_send():
     # Kept at the back of the forgetting line, 10,000 of them were moved again by each
     # send to a busy conversation behind them (3.5 ms of the event loop per send). Their
