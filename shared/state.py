@@ -3,8 +3,8 @@
 The Bot Framework State service is retired: bots keep their own state. Here it is a JSON
 object per (channel, conversation) and per (channel, user), in Blob storage
 (:mod:`shared.state_blob`, container ``BOT_REFERENCES_CONTAINER`` under ``state/``) or in
-memory (:class:`MemoryStateStore`, same contract, for tests and tools). One test suite
-(tests/unit/test_state.py) runs against both.
+memory (:class:`shared.state_memory.MemoryStateStore`, same contract, for tests and
+tools). One test suite (tests/unit/test_state.py) runs against both.
 
 The store contract is small: ``read``, ``write`` (create with If-None-Match, update with
 If-Match on the ETag read), ``delete`` and ``delete_prefixed`` (the states of a Teams
@@ -34,7 +34,6 @@ import inspect
 import json
 import random
 import re
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -225,7 +224,7 @@ def from_document(document: Any, etag: str | None) -> StateDocument:
     )
 
 
-def _copy(data: Mapping[str, Any]) -> Data:
+def copy_data(data: Mapping[str, Any]) -> Data:
     return json.loads(json.dumps(data))
 
 
@@ -260,88 +259,6 @@ def _json_kind(value: Any) -> type | None:
         if isinstance(value, kind):
             return kind
     return None
-
-
-# ---------------------------------------------------------------------------- in memory
-
-
-class MemoryStateStore:
-    """State in this process: the Blob store's contract (ETags included), no storage."""
-
-    def __init__(
-        self, *, max_bytes: int = MAX_STATE_BYTES, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.max_bytes = max_bytes
-        self._clock = clock
-        self._docs: dict[str, StateDocument] = {}
-        self._owners: dict[str, str] = {}  # user state key -> its owner's aadObjectId label
-        self._version = 0
-        self.writes = 0  # successful writes, so tests can see a turn that wrote nothing
-
-    async def read(self, key: str) -> StateDocument | None:
-        split_state_key(key)
-        stored = self._docs.get(key)
-        if stored is None:
-            return None
-        return StateDocument(
-            stored.key,
-            _copy(stored.data),
-            stored.etag,
-            stored.updated_at,
-            stored.write_ids,
-            self._owners.get(key),
-        )
-
-    async def write(
-        self,
-        key: str,
-        data: Mapping[str, Any],
-        *,
-        etag: str | None,
-        write_ids: Sequence[str] = (),
-        aad_object_id: str | None = None,
-    ) -> str | None:
-        split_state_key(key)
-        body = encode_data(data, self.max_bytes)
-        current = self._docs.get(key)
-        if (current.etag if current else None) != etag:
-            return None
-        self._version += 1
-        document = to_document(key, json.loads(body), self._clock(), write_ids)
-        stored = from_document(document, f'"s{self._version}"')
-        self._docs[key] = stored
-        if (label := owner_label(key, aad_object_id)) is not None:
-            self._owners[key] = label
-        else:
-            self._owners.pop(key, None)
-        self.writes += 1
-        return stored.etag
-
-    async def delete(self, key: str) -> bool:
-        split_state_key(key)
-        self._owners.pop(key, None)
-        return self._docs.pop(key, None) is not None
-
-    async def delete_user_states(self, channel_id: str, aad_object_id: str) -> int:
-        """Delete every user state on `channel_id` saved with `aad_object_id` as its owner;
-        how many were deleted."""
-        prefix, label = f"user/{channel_id}/", aad_label(aad_object_id)
-        keys = [k for k, owner in self._owners.items() if k.startswith(prefix) and owner == label]
-        for key in keys:
-            await self.delete(key)
-        return len(keys)
-
-    async def delete_prefixed(self, prefix: str) -> int:
-        """Delete every document whose key starts with `prefix` (``"<scope>/<channel>/"``
-        and the start of an id); how many were deleted."""
-        split_state_key(prefix)
-        keys = [key for key in self._docs if key.startswith(prefix)]
-        for key in keys:
-            del self._docs[key]
-        return len(keys)
-
-    async def close(self) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------- one state
@@ -466,7 +383,7 @@ class State:
                     self._loaded = stored.data if stored else {}
                     self._etag = stored.etag if stored else None
                     self._ids = stored.write_ids if stored else ()
-                    self._data = _copy(self._loaded)
+                    self._data = copy_data(self._loaded)
         return self._data
 
     def _adopt_owner(self, stored: StateDocument | None) -> None:
@@ -522,7 +439,7 @@ class State:
         # What is written is a copy of the data as the write starts: the handler's other
         # tasks may go on changing it while the write is out, and those changes stay
         # unsaved (``changed``) for the next save instead of passing for written.
-        mine, counted, etag, based = _copy(ours), len(self._updates), self._etag, self._ids
+        mine, counted, etag, based = copy_data(ours), len(self._updates), self._etag, self._ids
         candidate = mine
         for attempt in range(MAX_SAVE_ATTEMPTS):
             write_id = uuid.uuid4().hex
@@ -551,7 +468,7 @@ class State:
                     self._loaded, self._etag, self._ids = stored, new_etag, ids
                     if stored is not mine:  # show the bot what was stored
                         ours.clear()
-                        ours.update(_copy(stored))
+                        ours.update(copy_data(stored))
                 elif stored is mine:
                     self._loaded, self._etag, self._ids = mine, new_etag, ids
                 else:
@@ -572,7 +489,7 @@ class State:
             theirs = fresh.data if fresh else {}
             etag = fresh.etag if fresh else None
             based = fresh.write_ids if fresh else ()
-            mine, counted = _copy(ours), len(self._updates)
+            mine, counted = copy_data(ours), len(self._updates)
             candidate = self._reapply(loaded, theirs, mine)
             encode_data(candidate, store.max_bytes)
         raise StateConflict(
@@ -598,11 +515,11 @@ class State:
     def _reapply(self, loaded: Data, theirs: Data, ours: Data) -> Data:
         # The update() changes are replayed on both sides, so only the direct edits are
         # merged: base and theirs both carry this turn's updates, ours carries its edits.
-        base, fresh = self._replay(_copy(loaded)), self._replay(_copy(theirs))
+        base, fresh = self._replay(copy_data(loaded)), self._replay(copy_data(theirs))
         if same_json(base, ours):
             return fresh  # every change came through update()
         merge = self.merge or merge_fields
-        return merge(base, fresh, _copy(ours))
+        return merge(base, fresh, copy_data(ours))
 
     def _replay(self, data: Data) -> Data:
         for change in self._updates:

@@ -14,14 +14,9 @@ import pytest
 from shared.config import Settings, StorageSettings
 from shared.messages import SERVER_ERROR
 from shared.router import APOLOGY, InvokeResponse, Router
-from shared.state import (
-    MemoryStateStore,
-    State,
-    StateError,
-    conversation_state_key,
-    user_state_key,
-)
+from shared.state import State, StateError, conversation_state_key, user_state_key
 from shared.state_blob import BlobStateStore
+from shared.state_memory import MemoryStateStore
 from shared.turn import TurnContext
 from tests.fixtures.storage import FAST_STORAGE
 from tests.unit.test_messages import (  # the fixtures build the bot as test_messages does

@@ -239,7 +239,8 @@ async def test_a_conversation_the_channel_says_is_gone_is_pruned(runtime, fake_c
 async def test_a_pruned_conversation_takes_its_state_with_it(runtime, fake_connector, kind):
     # Pruned, the reference went and the conversation's state stayed, where no removal or
     # erasure could reach it any more (both find state through a stored reference).
-    from shared.state import MemoryStateStore, conversation_state_key, user_state_key
+    from shared.state import conversation_state_key, user_state_key
+    from shared.state_memory import MemoryStateStore
 
     conversation = CONVERSATION if kind == "personal" else "19:gone@thread.tacv2"
     key = f"msteams/{conversation}"

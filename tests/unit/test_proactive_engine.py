@@ -3293,7 +3293,8 @@ async def test_a_prune_whose_state_delete_fails_is_held_for_storage_and_retried(
     # The channel said the conversation is gone (nothing was posted), and deleting its
     # state failed: the failure is a storage one, held and retried like any other, with
     # the claim released, not a send that "may have been posted".
-    from shared.state import MemoryStateStore, StateError, conversation_state_key
+    from shared.state import StateError, conversation_state_key
+    from shared.state_memory import MemoryStateStore
 
     runtime, engine = parts
 

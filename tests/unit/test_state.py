@@ -16,7 +16,6 @@ from azure.storage.blob import ContainerClient
 from shared.config import Settings, StorageSettings
 from shared.state import (
     MAX_SAVE_ATTEMPTS,
-    MemoryStateStore,
     State,
     StateConflict,
     StateError,
@@ -25,6 +24,7 @@ from shared.state import (
     user_state_key,
 )
 from shared.state_blob import BlobStateStore, state_blob_name
+from shared.state_memory import MemoryStateStore
 from tests.fixtures.storage import (
     ANSWER_TEXT,
     FAST_STORAGE,

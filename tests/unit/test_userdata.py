@@ -19,13 +19,8 @@ from shared.references import (
     user_index_name,
 )
 from shared.references.contract import index_entries, without
-from shared.state import (
-    MemoryStateStore,
-    State,
-    StateError,
-    conversation_state_key,
-    user_state_key,
-)
+from shared.state import State, StateError, conversation_state_key, user_state_key
+from shared.state_memory import MemoryStateStore
 from shared.userdata import erase_for_activity, erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
 from tests.unit.test_references import list_all, reference
