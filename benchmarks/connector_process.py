@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from shared.ratelimit import Window
+from shared.windows import Window
 from tools.botsim.connector import FakeConnector, RecordedRequest
 from tools.botsim.connector import _tenant as request_tenant
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from shared.config import Settings
 from shared.connector import ConnectorClient, ConnectorError
-from shared.ratelimit import Window
+from shared.windows import Window
 from tools.botsim.connector import FakeConnector
 
 START_SECONDS = 5.0  # the first seconds, before the line is full, are not counted

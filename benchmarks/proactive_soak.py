@@ -32,9 +32,9 @@ from azure.storage.queue import QueueClient
 
 from shared import producer
 from shared.config import Settings
-from shared.ratelimit import Window
 from shared.references import BlobReferenceStore, StoreError
 from shared.storage import close_shared_clients
+from shared.windows import Window
 from tools.azurite import Azurite, free_port
 from tools.botsim.aad import FakeAAD
 from tools.botsim.connector import FakeConnector

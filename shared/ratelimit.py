@@ -61,13 +61,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from shared import room
 from shared.tenant_rate import WINDOW_SECONDS, AdaptiveRate, LoopLock
+from shared.windows import TEAMS_CONVERSATION_WINDOWS, SlidingWindowLog, Window
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
@@ -104,23 +105,6 @@ BACKGROUND_RESERVE_LONG = 3
 # 1-s or 2-s window full (replies), takes the turn and waits outside the line for this
 # long at most; a longer wait (the 30-s window) gives the turn up and queues again.
 SHORT_WINDOW_WAIT = 2 * WINDOW_SECONDS
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """At most ``limit`` events in any interval of ``seconds``."""
-
-    limit: int
-    seconds: float
-
-
-# Teams "per bot per thread" limits (1800/hour is left to the channel: a bot that sends
-# that much to one conversation has a product problem, not a pacing one).
-TEAMS_CONVERSATION_WINDOWS: tuple[Window, ...] = (
-    Window(7, 1.0),
-    Window(8, 2.0),
-    Window(60, 30.0),
-)
 
 
 def background_reserve(window: Window) -> int:
@@ -163,52 +147,6 @@ class PacingTimeout(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(f"no request slot in time (next in about {wait:.2f} s)")
         self.wait = wait
-
-
-class SlidingWindowLog:
-    """The times of recent events, enough to check every window."""
-
-    __slots__ = ("_span", "_times", "windows")
-
-    def __init__(self, windows: Sequence[Window]) -> None:
-        self.windows = tuple(windows)
-        self._times: deque[float] = deque(maxlen=max(w.limit for w in self.windows))
-        self._span = max(w.seconds for w in self.windows)
-
-    def wait_time(
-        self, now: float, margin: float = 0.0, reserve: Callable[[Window], int] | None = None
-    ) -> float:
-        """Seconds until one more event fits in every window (0 when it fits now), with
-        `reserve(window)` of each window's limit kept free (for other events than this)."""
-        wait = 0.0
-        count = len(self._times)
-        for window in self.windows:
-            limit = max(1, window.limit - (reserve(window) if reserve else 0))
-            if count >= limit:
-                # The window is full when the limit-th most recent event is still inside it.
-                oldest = self._times[count - limit]
-                wait = max(wait, oldest + window.seconds + margin - now)
-        return wait
-
-    def record(self, now: float) -> None:
-        self._times.append(now)
-
-    def moved(self, recorded: float, left_at: float) -> None:
-        """The event recorded at (or just after) `recorded` happened at `left_at`, later:
-        counted from then, in order."""
-        times = self._times
-        for index, at in enumerate(times):
-            if recorded <= at <= left_at:
-                del times[index]
-                position = len(times)
-                while position and times[position - 1] > left_at:
-                    position -= 1
-                times.insert(position, left_at)
-                return
-
-    def idle(self, now: float, margin: float = 0.0) -> bool:
-        """True when no recorded event can constrain a future one any more."""
-        return not self._times or self._times[-1] + self._span + margin <= now
 
 
 class _Conversation:

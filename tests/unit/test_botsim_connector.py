@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import yarl
 
-from shared.ratelimit import Window
+from shared.windows import Window
 from tools.botsim.connector import OPERATIONS, FakeConnector, Reply
 
 

@@ -17,7 +17,7 @@ import yarl
 from benchmarks import broadcast_peers
 from benchmarks.connector_process import throttled_texts
 from benchmarks.peers import broadcast_loop
-from shared.ratelimit import Window
+from shared.windows import Window
 from tools.botsim.connector import FakeConnector
 
 

@@ -33,8 +33,9 @@ from shared.connector import (
 from shared.connector.client import REQUEST_RESERVE_SECONDS
 from shared.connector.scope import pacing_scope
 from shared.connector.transport import follow_redirect
-from shared.ratelimit import Pacer, Scope, Window
+from shared.ratelimit import Pacer, Scope
 from shared.serviceurl import parse_service_url
+from shared.windows import Window
 from tests.fixtures.connector import VirtualTime
 from tools.botsim.aad import AadError
 from tools.botsim.connector import FakeConnector, Reply

@@ -17,17 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from shared.ratelimit import (
-    TEAMS_CONVERSATION_WINDOWS,
-    Pacer,
-    PacingTimeout,
-    Scope,
-    SlidingWindowLog,
-    Window,
-    conversation_key,
-)
+from shared.ratelimit import Pacer, PacingTimeout, Scope, conversation_key
 from shared.room import ROOM_SECONDS, room_within
 from shared.tenant_rate import AdaptiveRate
+from shared.windows import TEAMS_CONVERSATION_WINDOWS, SlidingWindowLog, Window
 
 
 def teams(conversation: str | None = None, tenant: str = "tenant-a") -> Scope:

@@ -30,7 +30,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from shared.ratelimit import TEAMS_CONVERSATION_WINDOWS, Window
+from shared.windows import TEAMS_CONVERSATION_WINDOWS, Window
 from tools.botsim.server import BackgroundServer
 
 logger = logging.getLogger(__name__)
