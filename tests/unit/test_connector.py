@@ -1240,6 +1240,38 @@ async def test_a_429_from_the_tenant_limit_slows_that_tenant_down(aad_app):
         assert len(fake.violations) < 15  # it learnt: not one 429 per send
 
 
+async def test_a_429_after_a_send_the_tenant_took_is_cut_for_however_long_it_asks(aad_app):
+    # Each 429 asks for 30 s (past the budget: given up at once). The second comes within
+    # the first's 30 s, but after a send the tenant took, sent after the first cut: the
+    # tenant full again, so it cuts too. Untold of that send (the client did not say), the
+    # pacer took the second for the first's throttle.
+    vtime, pacer, fake = paced_fake()
+    wait_30 = Reply(429, json={"error": {"code": "Throttled"}}, headers={"Retry-After": "30"})
+    fake.script("POST", "activities$", [wait_30, Reply(200, json={"id": "1"}), wait_30])
+    with fake:
+        connector = paced_client(
+            aad_app, vtime, pacer, fake, retry=RetryPolicy(max_total_seconds=10.0)
+        )
+        background = connector.background()
+
+        async def send(n: int) -> dict:
+            activity = {"channelId": "msteams", "conversation": {"id": f"a:{n}"}}
+            return await background.send_to_conversation(fake.url, f"a:{n}", activity)
+
+        try:
+            with pytest.raises(ConnectorError):
+                await send(1)
+            assert pacer.cuts == 1
+            await send(2)
+            with pytest.raises(ConnectorError):
+                await send(3)
+        finally:
+            await connector.close()
+    assert [r.status for r in fake.requests] == [429, 200, 429]
+    assert vtime.now - 1000.0 < 30.0  # all within the first 429's wait
+    assert pacer.cuts == 2
+
+
 async def test_a_client_without_pacing_is_caught_by_the_fake(aad_app):
     # The enforcement the pacing tests rely on is real: a burst with pacing off gets 429s.
     with FakeConnector(enforce_limits=True) as fake:
