@@ -141,20 +141,9 @@ class BlobStateStore:
         folder = f"{STATE_PREFIX}{scope}/{encode_segment(channel_id, _CHANNEL_BUDGET)}/"
         raw = start.encode("utf-8", "surrogatepass")
         whole = base64.urlsafe_b64encode(raw[: len(raw) // 3 * 3]).decode("ascii")
-        semaphore = asyncio.Semaphore(_PARALLEL_DELETES)
-
-        async def remove(name: str) -> bool:
-            async with semaphore, self._guard("delete"):
-                return bool(await self._container.remove(name))
-
-        deleted, marker = 0, None
-        while True:
-            async with self._guard("list"):
-                names, marker = await self._names(f"{folder}b{whole}", marker)
-            wanted = [name for name in names if _owner(name, folder).startswith(start)]
-            deleted += sum(await asyncio.gather(*(remove(name) for name in wanted)))
-            if marker is None:
-                return deleted
+        return await self._delete_listed(
+            f"{folder}b{whole}", lambda name: _owner(name, folder).startswith(start)
+        )
 
     async def delete_user_states(self, channel_id: str, aad_object_id: str) -> int:
         """Delete every user state on `channel_id` saved with `aad_object_id` as its owner
@@ -164,13 +153,30 @@ class BlobStateStore:
         if label is None:
             return 0
         folder = f"{STATE_PREFIX}user/{encode_segment(channel_id, _CHANNEL_BUDGET)}/"
+        return await self._delete_listed(folder, owner=label)
+
+    async def _delete_listed(
+        self,
+        prefix: str,
+        wanted: Callable[[str], bool] = lambda name: True,
+        *,
+        owner: str | None = None,
+    ) -> int:
+        """Delete the blobs listed under `prefix` (those whose owner is `owner`, when
+        given) whose names are `wanted`, a page at a time, a few at once; how many were
+        deleted."""
+        semaphore = asyncio.Semaphore(_PARALLEL_DELETES)
+
+        async def remove(name: str) -> bool:
+            async with semaphore, self._guard("delete"):
+                return bool(await self._container.remove(name))
+
         deleted, marker = 0, None
         while True:
             async with self._guard("list"):
-                names, marker = await self._names(folder, marker, owner=label)
-            for name in names:
-                async with self._guard("delete"):
-                    deleted += bool(await self._container.remove(name))
+                names, marker = await self._names(prefix, marker, owner=owner)
+            chosen = [name for name in names if wanted(name)]
+            deleted += sum(await asyncio.gather(*(remove(name) for name in chosen)))
             if marker is None:
                 return deleted
 
