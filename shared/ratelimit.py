@@ -345,8 +345,8 @@ class Pacer:
             conversation.log.moved(sent_at, left_at)
 
     def admitted(self, scope: Scope, sent_at: float) -> None:
-        """A request to ``scope`` counted from ``sent_at`` (its grant, or when it was told to
-        have :meth:`left`) was answered, not 429: the channel admitted it."""
+        """A request to ``scope`` granted at ``sent_at`` (what :meth:`acquire` returned) was
+        answered 2xx: the channel took it."""
         lane = self._lanes.get(self._lane_key(scope))
         if lane is not None:  # else forgotten: nothing learnt it could change
             lane.admitted(sent_at)

@@ -36,7 +36,7 @@ MIN_SHARE = 0.005
 PAUSE_SHARE = 0.25
 MAX_PAUSE = 0.25  # seconds
 # A 429 whose Retry-After is longer than a window holds off further cuts for that long (at
-# most this many seconds), and each like it for as long again while the channel takes
+# most this many seconds), and each like it for as long again while the channel has taken
 # nothing sent since the cut: the tenant's throttle, not a new sign of the rate being high.
 LONG_WAIT_CAP = 60.0
 # What a 429 does to the rate (AdaptiveRate.throttled). At the ceiling, with at least
@@ -153,8 +153,9 @@ class AdaptiveRate:
         self._floor = self._peak
         self._cut_at: float | None = None
         self._cut_until = float("-inf")
-        # The latest turn, since the last cut, of a request the channel admitted: a long
-        # 429 for a request sent after it is a new overflow, not the last cut's throttle.
+        # The latest turn of a request the channel took (answered 2xx) since the
+        # last cut: none, and the long 429s of a refusal hold cuts off for as long as
+        # they ask.
         self._admitted_at = float("-inf")
         self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
@@ -278,7 +279,8 @@ class AdaptiveRate:
         return False  # already out of the window's reach
 
     def admitted(self, sent_at: float) -> None:
-        """The request counted from ``sent_at`` was answered, not 429: the channel took it."""
+        """The request granted at ``sent_at`` (the time :meth:`Pacer.acquire` returned) was
+        answered 2xx: the channel took it."""
         turn = self._turns.pop(sent_at, sent_at)  # a deferred request: its turn
         if self._cut_at is not None and turn >= self._cut_at:
             self._admitted_at = max(self._admitted_at, turn)
@@ -343,27 +345,18 @@ class AdaptiveRate:
         self._next = max(self._next, self._paused_until)  # a pause is not made up for
         if self._cut_at is not None and sent_at < self._cut_at:
             return False  # sent at the old rate, already cut for
-        if (
-            now < self._cut_until
-            and (retry_after is None or wait > WINDOW_SECONDS)
-            and not sent_at > self._admitted_at >= self._cut_at
-        ):
-            # Within the wait the last cut's 429 asked for, another asking for more than
-            # a second (or not saying), for a request sent before any the channel took
-            # since that cut: the same throttle, a tenant refusing everything. Cutting
-            # again for each (each says "refused", nothing about the rate) took the rate
-            # to its floor within seconds, and minutes to climb back. Each such 429 holds
-            # cuts off for as long as it asks: a refusal answering every 429 with the same
-            # few seconds was cut once per Retry-After (30 s of Retry-After: 2, 1 % of the
-            # limit in the half minute after). A 429 for a request sent after one the
-            # channel took since the cut is the tenant full again, however long it asks
-            # to wait, and cuts: taken for the refusal, instances sharing a tenant that
-            # answers every overflow with a Retry-After of seconds stayed above its limit
-            # (16 instances, 5 s: 15 % of their requests answered 429). Measured in
-            # tests/unit/test_ratelimit.py. One asking for a second or less always cuts:
-            # the tenant is full (a thread's own long 429 must not switch its adaptation
-            # off).
-            if wait > WINDOW_SECONDS:
+        if now < self._cut_until and (retry_after is None or wait > WINDOW_SECONDS):
+            # Within the longer wait the last cut's 429 asked for, another asking as long
+            # (or not saying): the same throttle. Cut again for each (each says "refused",
+            # nothing about the rate), a few seconds of them took the rate to its floor,
+            # and minutes to climb back. While the channel has taken nothing sent since
+            # the cut (a tenant refusing everything), each such 429 holds cuts off for as
+            # long as it asks: a refusal answering every 429 with the same few seconds was
+            # cut once per Retry-After (30 s of Retry-After: 2, 1 % of the limit in the
+            # half minute after; tests/unit/test_ratelimit.py). One asking for a second or
+            # less still cuts: the tenant is full (a thread's own long 429 must not switch
+            # its adaptation off).
+            if wait > WINDOW_SECONDS and self._admitted_at < self._cut_at:
                 self._cut_until = max(self._cut_until, now + min(wait, LONG_WAIT_CAP))
             return False
         current = self.rate(now)

@@ -462,15 +462,12 @@ class ConnectorClient:
                 is_trusted=self.is_trusted,
                 posts=posts,
             )
-            taken = not isinstance(answer, ConnectorError) and answer.status != 429
-            if taken and not answer.redirected:
-                # Past the channel's rate limits: a 429 for a request sent after it is the
-                # tenant full again, not its last throttle (shared/tenant_rate.py).
-                self.pacer.admitted(scope, granted)
             if isinstance(answer, ConnectorError):
                 failure = answer
                 maybe_done = maybe_done or departure.at is not None
             elif 200 <= answer.status < 300:
+                if not answer.redirected:  # taken: a tenant's refusal is over (tenant_rate.py)
+                    self.pacer.admitted(scope, granted)
                 value = result(operation, expect, answer.content, posted=posts)
                 if not isinstance(value, ConnectorError):
                     return value
