@@ -68,13 +68,16 @@ Writes
     conversation's reference keeps no ``user`` (whoever spoke last) nor their ``locale``
     (a document an earlier version wrote with them is rewritten without them at its next
     activity), so nothing of a person stays where an erasure leaves it. ``delete``
-    takes the key out of the user index first, then deletes the document at the ETag it
-    read (re-reading when it changed meanwhile), so a delete racing a re-create never
-    leaves a stored conversation its user cannot be found by. An upsert that changes nothing
-    still checks (when it read the document) that the user index lists the conversation
-    and puts it back if not, which repairs a delete interrupted between its two steps, and
-    an upsert whose index write failed after its document write (such an upsert raises
-    and is not cached, so the conversation's next activity reads the document).
+    deletes the document at the ETag it read (re-reading when it changed meanwhile), then
+    takes the key out of the user index, then reads the document again and puts the key
+    back if a re-create stored it meanwhile: a delete racing a re-create never leaves a
+    stored conversation its user cannot be found by, and one stopped halfway leaves only
+    index entries naming no document (checked by every lookup, dropped by an erasure),
+    never a stored 1:1 its user's erasure misses. An upsert that changes nothing still
+    checks (when it read the document) that the user index lists the conversation and
+    puts it back if not, which repairs an upsert whose index write failed after its
+    document write (such an upsert raises and is not cached, so the conversation's next
+    activity reads the document).
 
 Cache
     A bounded in-process LRU remembers what was last read or written per key (5 minutes),

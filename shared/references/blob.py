@@ -156,9 +156,10 @@ class BlobReferenceStore(UserIndexes):
                 planned = plan(current, reference, team_id, self._clock())
                 if planned is None:
                     assert current is not None
-                    # Nothing to write, but the user index may have lost this key (a delete
-                    # interrupted after its first step): put it back, so a `user` target
-                    # finds the conversation again. One small read per uncached activity.
+                    # Nothing to write, but the user index may have lost this key (an index
+                    # write that failed after its document's): put it back, so a `user`
+                    # target finds the conversation again. One small read per uncached
+                    # activity.
                     for kind, value in index_entries(current):
                         await self._update_index(current.channel_id, kind, value, including(key))
                     self._remember(current, generation)
@@ -210,11 +211,12 @@ class BlobReferenceStore(UserIndexes):
     ) -> None:
         """After a document write: its user index entries, then the cache.
 
-        The document first, then the index. A delete takes the key out of the index before
-        it removes the document, so the index write that follows every document write leaves
-        a stored conversation findable by its user; nothing needs reading back (written
-        first, an entry could be removed by a delete racing a blind create, which then
-        stores the document without it). The index write is not cut short when the caller
+        The document first, then the index. A delete removes the document, then takes the
+        key out of the index and reads the document again, putting the key back if it is
+        there (:meth:`_delete`), so the index write that follows every document write
+        leaves a stored conversation findable by its user (written first, an entry could
+        be removed by a delete racing a blind create, which then stores the document
+        without it). The index write is not cut short when the caller
         stops waiting (a turn's recording budget): it finishes on its own, since erasure
         finds a user's 1:1s through it. Should it fail (or the process die) in between,
         nothing is remembered: the next activity reads the document, finds it unchanged
@@ -375,7 +377,14 @@ class BlobReferenceStore(UserIndexes):
         return await self._store.remove(name, etag)
 
     async def _delete(self, name: str, key: str) -> bool:
-        """Index entries first, then the document at the ETag they were read from."""
+        """The document at the ETag it was read with, then its user index entries, which
+        are put back when the document is there again (written anew meanwhile).
+
+        In this order, a removal stopped in between (its time budget, a storage failure,
+        the process ending) leaves index entries naming no document, which every lookup
+        checks and an erasure drops; index entries first, it left a stored 1:1 its user's
+        index no longer named, which that user's erasure then missed.
+        """
         for attempt in range(self._max_attempts):
             try:
                 current = await self._read(name, key)
@@ -387,16 +396,31 @@ class BlobReferenceStore(UserIndexes):
                 continue
             if current is None:
                 return False
-            for kind, value in index_entries(current, any_channel=True):
-                await self._update_index(current.channel_id, kind, value, without(key))
             removed = await self._remove(name, current.etag)  # type: ignore[arg-type]
-            if removed is not None:
-                return removed
-            await self._backoff(attempt)  # updated meanwhile: its index entries may differ
+            if removed is None:
+                await self._backoff(attempt)  # updated meanwhile: its index entries may differ
+                continue
+            entries = index_entries(current, any_channel=True)
+            for kind, value in entries:
+                await self._update_index(current.channel_id, kind, value, without(key))
+            if entries:
+                await self._reindex_if_written(name, key)
+            return removed
         raise StoreConflict(
             f"reference store: delete of {short_key(key)} gave up after "
             f"{self._max_attempts} concurrent-update conflicts"
         )
+
+    async def _reindex_if_written(self, name: str, key: str) -> None:
+        """After a delete took `key` out of its user's index: a document written anew
+        meanwhile (its writer's index write came before that) gets its entries back."""
+        try:
+            again = await self._read(name, key)
+        except UnreadableDocument:
+            return  # whatever wrote it indexes it, or the erasure's listing finds it
+        if again is not None:
+            for kind, value in index_entries(again):
+                await self._update_index(again.channel_id, kind, value, including(key))
 
     async def _remove_unreadable(self, name: str, unreadable: UnreadableDocument) -> bool | None:
         """Remove a document this version cannot read (the conversation it names is being

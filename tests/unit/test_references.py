@@ -1131,6 +1131,52 @@ async def test_blob_index_write_failing_after_the_document_is_repaired_by_the_ne
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("failing", ["DELETE refs", "* users"])
+async def test_blob_a_delete_failing_halfway_leaves_no_1to1_its_users_erasure_misses(
+    azurite, unique_name, failing
+):
+    # A removal stopped halfway (a storage failure, its time budget, the process ending):
+    # taking the user index entries out first, a failed document delete then left a
+    # stored 1:1 its user's index no longer named, so erasing that user missed it. Now
+    # the document goes first: failing there changes nothing; failing after, only index
+    # entries naming no document are left, which lookups check.
+    from shared.userdata import erase_user_data
+
+    settings = settings_for(azurite.connection_string, unique_name("refs"))
+    method, prefix = failing.split()
+    broken = {"on": False}
+    transport = FailingTransport(
+        lambda r: broken["on"] and f"/{prefix}/" in r.url and method in ("*", r.method)
+    )
+    client = AsyncBlobServiceClient.from_connection_string(
+        azurite.connection_string, transport=transport, retry_total=0
+    )
+    store = BlobReferenceStore(settings, client=client, options=FAST)
+    other = BlobReferenceStore(settings, options=FAST)  # an operator's erasure, later
+    try:
+        await store.upsert(reference("a:1"))
+        broken["on"] = True
+        with pytest.raises(StoreError):
+            await store.delete("msteams/a:1")
+        still = await other.get("msteams/a:1")
+        found = await other.find_by_user(channel_id="msteams", user_id="29:user")
+        assert (still is None) is (prefix == "users")
+        assert (found is None) is (still is None)
+        await erase_user_data(
+            channel_id="msteams",
+            user_id="29:user",
+            aad_object_id="aad-user",
+            state=None,
+            references=other,
+        )
+        assert await other.get("msteams/a:1") is None
+    finally:
+        await store.close()
+        await other.close()
+        await client.close()
+
+
+@pytest.mark.integration
 async def test_blob_a_known_users_new_conversation_keeps_the_older_ones_in_the_index(gated):
     store, _ = gated()
     await store.upsert(reference(conversation_id="a:0"))
