@@ -628,6 +628,30 @@ async def test_a_request_no_store_or_channel_takes_is_poisoned_at_once_with_its_
         assert (report["state"], report["failed"]) == ("done", 1)
 
 
+@pytest.mark.parametrize(
+    ("to", "shown"),
+    [
+        ({"conversation": "msteams/a:1"}, "msteams/a:1"),
+        ({"user": {**USER_TO, "id": "29:1"}}, "user msteams/29:1"),
+        ({"broadcast": {}}, "broadcast"),
+        ("msteams/a:1", "target"),  # no target it could name
+    ],
+)
+async def test_an_invalid_requests_failure_names_the_target_it_gave(
+    runtime, engine, fake_connector, to, shown
+):
+    # No content: invalid. Its report named the target "target" (the slot's own name),
+    # where a valid request's names the conversation key, the user or the broadcast.
+    message = {"id": "req-1", "to": to}
+
+    assert await handle_queue_message(json.dumps(message), runtime, engine=engine) is (
+        Outcome.POISONED
+    )
+    [failure] = (await read_report(engine.ledger, "req-1"))["failures"]
+    assert failure["target"] == shown
+    assert failure["reason"].startswith("invalid request: ")
+
+
 async def test_untrusted_reference_is_poisoned_at_once(runtime, engine, attacker, fake_connector):
     body = request({"reference": reference_for(attacker.url)})
     assert await handle_queue_message(body, runtime, engine=engine) is Outcome.FAILED
