@@ -137,5 +137,6 @@ LONGEST_HOLD = 5  # attempts after which settings_backoff waits its longest (600
 
 
 def settings_backoff(attempt: int) -> float:
-    """5, 15, 45, 135, 405, then every 600 s: a fixed setting is picked up within 10 min."""
+    """5, 15, 45, 135, 405, then every 600 s (each spread by up to a fifth more, plus up to
+    a second): a fixed setting is picked up within about 12 min."""
     return min(600.0, 5.0 * 3 ** min(attempt, 10))
