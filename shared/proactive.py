@@ -35,6 +35,7 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -71,6 +72,7 @@ from shared.proactive_schema import (
     InvalidRequest,
     ProactiveRequest,
     as_handled,
+    check_conversation_key,
     claimed_identity,
     parse_request,
     request_bytes,
@@ -594,11 +596,12 @@ def _invalid_label(body: bytes | str) -> str | None:
     if not isinstance(target, dict) or len(target) != 1:
         return None
     [(kind, value)] = target.items()
-    if kind == "conversation" and isinstance(value, str) and value:
-        return value
+    if kind == "conversation":
+        with contextlib.suppress(InvalidRequest):
+            return check_conversation_key(value)  # else not one (a name of another kind)
     if kind == "user" and isinstance(value, dict):
         channel_id, user_id = value.get("channelId"), value.get("id")
-        if isinstance(channel_id, str) and isinstance(user_id, str):
+        if isinstance(channel_id, str) and isinstance(user_id, str) and channel_id and user_id:
             return f"user {channel_id}/{user_id}"
     return "broadcast" if kind == "broadcast" else None
 

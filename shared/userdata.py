@@ -15,8 +15,9 @@ most recent ``INDEX_KEYS``; when it says it overflowed (a user with more convers
 that, e.g. a Web Chat conversation per visit), or is nearly full (conversations recorded as
 the erasure starts could push one out), the channel's references are listed as well.
 An erasure marks the index that way before it deletes anything and clears the mark once
-all is erased: a 1:1 leaves the index before its document is deleted, so after a failure
-part-way only the listing that the mark asks for finds what is left.
+all is erased: after a failure part-way (a 1:1 whose index write failed after its
+document's, a delete stopped with a re-create under way), only the listing that the mark
+asks for is sure to find what is left.
 An aadObjectId names a user on Teams only: elsewhere the client writes it.
 """
 
@@ -111,9 +112,9 @@ async def _erase_indexed(eraser: _Eraser) -> bool:
         "aad_object_id": eraser.aad_object_id,
     }
     overflowed = await references.user_index_overflowed(**lookup)
-    # Deleting a 1:1 takes it out of the index first: should its document's delete then
-    # fail, only a listing finds it again. The mark makes a retry list (an index nearly
-    # full, listed now, may be much less full by then).
+    # A 1:1 the index may not name (its index write failed after its document's): only a
+    # listing finds it. The mark makes a retry list (an index nearly full, listed now, may
+    # be much less full by then).
     await references.mark_user_index(**lookup)
     if overflowed:
         await eraser.listed()

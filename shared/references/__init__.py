@@ -72,8 +72,9 @@ Writes
     takes the key out of the user index, then reads the document again and puts the key
     back if a re-create stored it meanwhile: a delete racing a re-create never leaves a
     stored conversation its user cannot be found by, and one stopped halfway leaves only
-    index entries naming no document (checked by every lookup, dropped by an erasure),
-    never a stored 1:1 its user's erasure misses. An upsert that changes nothing still
+    index entries naming no document (checked by every lookup, dropped by an erasure);
+    the steps after the document's delete run to the end even when the caller stops
+    waiting, like an upsert's index write. An upsert that changes nothing still
     checks (when it read the document) that the user index lists the conversation and
     puts it back if not, which repairs an upsert whose index write failed after its
     document write (such an upsert raises and is not cached, so the conversation's next

@@ -400,27 +400,39 @@ class BlobReferenceStore(UserIndexes):
             if removed is None:
                 await self._backoff(attempt)  # updated meanwhile: its index entries may differ
                 continue
-            entries = index_entries(current, any_channel=True)
-            for kind, value in entries:
-                await self._update_index(current.channel_id, kind, value, without(key))
-            if entries:
-                await self._reindex_if_written(name, key)
+            if index_entries(current, any_channel=True):
+                # Run to the end even when the caller stops waiting (a removal's budget):
+                # cut between taking the key out and the check after it, a re-create
+                # indexed meanwhile would be left out of its user's index.
+                task = asyncio.ensure_future(self._unindex_deleted(current, name))
+                self._indexing.add(task)
+                task.add_done_callback(self._indexed)
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    task.add_done_callback(self._unawaited)
+                    raise
             return removed
         raise StoreConflict(
             f"reference store: delete of {short_key(key)} gave up after "
             f"{self._max_attempts} concurrent-update conflicts"
         )
 
-    async def _reindex_if_written(self, name: str, key: str) -> None:
-        """After a delete took `key` out of its user's index: a document written anew
-        meanwhile (its writer's index write came before that) gets its entries back."""
-        try:
-            again = await self._read(name, key)
-        except UnreadableDocument:
-            return  # whatever wrote it indexes it, or the erasure's listing finds it
-        if again is not None:
-            for kind, value in index_entries(again):
-                await self._update_index(again.channel_id, kind, value, including(key))
+    async def _unindex_deleted(self, deleted: StoredReference, name: str) -> None:
+        """After a delete removed the document: its key out of its user's index, then back
+        in if a document was written anew meanwhile (its writer's index write may have
+        come before that)."""
+        key = deleted.key
+        async with self._guard("delete", key):
+            for kind, value in index_entries(deleted, any_channel=True):
+                await self._update_index(deleted.channel_id, kind, value, without(key))
+            try:
+                again = await self._read(name, key)
+            except UnreadableDocument:
+                return  # what wrote it indexes it, or the erasure's listing finds it
+            if again is not None:
+                for kind, value in index_entries(again):
+                    await self._update_index(again.channel_id, kind, value, including(key))
 
     async def _remove_unreadable(self, name: str, unreadable: UnreadableDocument) -> bool | None:
         """Remove a document this version cannot read (the conversation it names is being

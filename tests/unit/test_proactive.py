@@ -635,6 +635,8 @@ async def test_a_request_no_store_or_channel_takes_is_poisoned_at_once_with_its_
         ({"user": {**USER_TO, "id": "29:1"}}, "user msteams/29:1"),
         ({"broadcast": {}}, "broadcast"),
         ("msteams/a:1", "target"),  # no target it could name
+        ({"conversation": "broadcast"}, "target"),  # not a conversation key
+        ({"user": {"channelId": "", "id": ""}}, "target"),
     ],
 )
 async def test_an_invalid_requests_failure_names_the_target_it_gave(

@@ -1213,6 +1213,27 @@ async def test_blob_delete_racing_a_recreate_keeps_the_user_index(gated):
 
 
 @pytest.mark.integration
+async def test_blob_a_recreate_between_a_deletes_two_steps_is_put_back_in_the_index(gated):
+    # The delete removed the document; before it takes the key out of the user index,
+    # another instance stores the conversation again, index and all. The delete's check
+    # after its index step finds the document and puts the key back.
+    deleter, deleter_transport = gated()
+    recreator, _ = gated()
+    await deleter.upsert(reference())
+    index_read = deleter_transport.gate(_is("GET", "users"))
+    deleting = asyncio.create_task(deleter.delete("msteams/a:1"))
+    await index_read.wait_reached()  # the document is gone; the index still names it
+    assert await recreator.get("msteams/a:1") is None
+    assert await recreator.upsert(reference(service_url=AMER)) is True
+    index_read.released.set()
+    assert await deleting is True
+    by_id = await recreator.find_by_user(channel_id="msteams", user_id="29:user")
+    by_aad = await recreator.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    assert by_id is not None and by_id.reference["serviceUrl"] == AMER
+    assert by_aad is not None and by_aad.key == "msteams/a:1"
+
+
+@pytest.mark.integration
 async def test_blob_a_blind_create_racing_a_delete_keeps_the_user_index(gated):
     # An instance that has seen mostly new conversations creates without reading first.
     # Its create lands just after another instance deleted the conversation: the document
