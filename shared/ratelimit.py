@@ -344,13 +344,6 @@ class Pacer:
             # the next arrive inside a window the channel still counts it in.
             conversation.log.moved(sent_at, left_at)
 
-    def admitted(self, scope: Scope, sent_at: float) -> None:
-        """A request to ``scope`` granted at ``sent_at`` (what :meth:`acquire` returned) was
-        answered 2xx: the channel took it."""
-        lane = self._lanes.get(self._lane_key(scope))
-        if lane is not None:  # else forgotten: nothing learnt it could change
-            lane.admitted(sent_at)
-
     def throttled(
         self,
         scope: Scope,

@@ -36,8 +36,7 @@ MIN_SHARE = 0.005
 PAUSE_SHARE = 0.25
 MAX_PAUSE = 0.25  # seconds
 # A 429 whose Retry-After is longer than a window holds off further cuts for that long (at
-# most this many seconds), and each like it for as long again while the channel has taken
-# nothing sent since the cut: the tenant's throttle, not a new sign of the rate being high.
+# most this many seconds): the tenant's throttle, not a new sign of the rate being high.
 LONG_WAIT_CAP = 60.0
 # What a 429 does to the rate (AdaptiveRate.throttled). At the ceiling, with at least
 # 1 - LONE_CUT of it through in the last second, a 429 says little (a reply that found
@@ -112,7 +111,6 @@ class AdaptiveRate:
     """
 
     __slots__ = (
-        "_admitted_at",
         "_counted",
         "_cut_at",
         "_cut_until",
@@ -153,10 +151,6 @@ class AdaptiveRate:
         self._floor = self._peak
         self._cut_at: float | None = None
         self._cut_until = float("-inf")
-        # The latest turn of a request the channel took (answered 2xx) since the
-        # last cut: none, and the long 429s of a refusal hold cuts off for as long as
-        # they ask.
-        self._admitted_at = float("-inf")
         self._thread_limits = ThreadLimits()
         self.used_at = float("-inf")
         self.background_at = float("-inf")  # the last background grant
@@ -278,13 +272,6 @@ class AdaptiveRate:
             return True
         return False  # already out of the window's reach
 
-    def admitted(self, sent_at: float) -> None:
-        """The request granted at ``sent_at`` (the time :meth:`Pacer.acquire` returned) was
-        answered 2xx: the channel took it."""
-        turn = self._turns.pop(sent_at, sent_at)  # a deferred request: its turn
-        if self._cut_at is not None and turn >= self._cut_at:
-            self._admitted_at = max(self._admitted_at, turn)
-
     def record(self, now: float, background: bool, late: bool = False) -> None:
         """A request granted at ``now``; ``late``: a background grant that waited its turn
         (woken from its wait, or queued behind others), whose lateness may be made up for."""
@@ -349,15 +336,8 @@ class AdaptiveRate:
             # Within the longer wait the last cut's 429 asked for, another asking as long
             # (or not saying): the same throttle. Cut again for each (each says "refused",
             # nothing about the rate), a few seconds of them took the rate to its floor,
-            # and minutes to climb back. While the channel has taken nothing sent since
-            # the cut (a tenant refusing everything), each such 429 holds cuts off for as
-            # long as it asks: a refusal answering every 429 with the same few seconds was
-            # cut once per Retry-After (30 s of Retry-After: 2, 1 % of the limit in the
-            # half minute after; tests/unit/test_ratelimit.py). One asking for a second or
-            # less still cuts: the tenant is full (a thread's own long 429 must not switch
-            # its adaptation off).
-            if wait > WINDOW_SECONDS and self._admitted_at < self._cut_at:
-                self._cut_until = max(self._cut_until, now + min(wait, LONG_WAIT_CAP))
+            # and minutes to climb back. One asking for a second or less still cuts: the
+            # tenant is full (a thread's own long 429 must not switch its adaptation off).
             return False
         current = self.rate(now)
         if current is None:

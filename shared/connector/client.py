@@ -466,8 +466,6 @@ class ConnectorClient:
                 failure = answer
                 maybe_done = maybe_done or departure.at is not None
             elif 200 <= answer.status < 300:
-                if not answer.redirected:  # taken: a tenant's refusal is over (tenant_rate.py)
-                    self.pacer.admitted(scope, granted)
                 value = result(operation, expect, answer.content, posted=posts)
                 if not isinstance(value, ConnectorError):
                     return value
