@@ -68,6 +68,7 @@ from shared.proactive_schema import (
 from shared.queues import MAX_REQUEST_BYTES, compact_json, earlier_json
 from shared.references.contract import StoredReference, StoreError
 from shared.reports import (
+    FANOUT_LABEL,
     FANOUT_TARGET,
     claim_name,
     ensure_head,
@@ -76,6 +77,7 @@ from shared.reports import (
     page_name,
     record_duplicate,
     record_outcome,
+    report_reason,
     request_prefix,
 )
 
@@ -375,16 +377,19 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
             record = await _end_pending_page(request, engine, record, reason)
     if record is None or not isinstance(record.data, dict) or record.data.get("fannedOut"):
         return
+    reason = report_reason(f"{reason}; conversations not yet fanned out were not sent")
+    # The fan-out counted as one more target, and its failure, in one write: the report
+    # reads the failure from the head until its slot is there (a storage failure between
+    # the two writes left a target no outcome would ever come for: `running` for ever).
     head = {
         **record.data,
         "fannedOut": True,
         "targets": int(record.data.get("targets") or 0) + 1,
+        "ended": reason,
         "updatedAt": iso(engine.clock()),
     }
     if await _replace_head(engine, request.id, head, record.etag) is None:
         return  # a fan-out moved on meanwhile: it is not over
-    reason = f"{reason}; conversations not yet fanned out were not sent"
-    label = "broadcast fan-out"
     await record_outcome(
         engine.ledger,
         request.id,
@@ -392,7 +397,7 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
         "failed",
         engine.clock(),
         reason=reason,
-        label=label,
+        label=FANOUT_LABEL,
     )
 
 

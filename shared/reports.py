@@ -49,6 +49,7 @@ from shared.references.keys import encode_segment
 PREFIX = "proactive/"
 SINGLE_TARGET = "target"  # the outcome name of a request with one target
 FANOUT_TARGET = "fan-out"  # the claim name of a broadcast's fan-out
+FANOUT_LABEL = "broadcast fan-out"  # the target a fan-out the host gave up on fails as
 MAX_FAILURES_LISTED = 1000  # a report lists at most this many failed targets
 MAX_REASON_CHARS = 300
 # ... and bytes, as JSON in UTF-8: a copy kept to record a failure carries its reason, and
@@ -231,9 +232,15 @@ async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: fl
 
 
 async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
-    """The report JSON (fixed shape, see docs/proactive.md), or None when nothing is known."""
+    """The report JSON (fixed shape, see docs/proactive.md), or None when nothing is known.
+
+    The outcomes are listed before the head is read: a target's outcome is written only
+    after the head counted it, so the head read after them counts every one listed (read
+    first, a fan-out counting pages meanwhile could be outrun: 4 delivered of 2 targets).
+    """
     prefix = request_prefix(request_id)
-    head_record = await ledger.read(head_name(request_id))
+    fanout_slot = outcome_name(request_id, FANOUT_TARGET)[len(prefix) :]
+    fanout_listed = False
     counts: dict[str, int] = dict.fromkeys(FINAL_OUTCOMES, 0)
     duplicate = 0
     failures: list[dict[str, str]] = []
@@ -251,6 +258,7 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
             if outcome not in counts:
                 continue
             counts[outcome] += 1
+            fanout_listed = fanout_listed or rest == fanout_slot
             if outcome == "failed" and len(failures) < MAX_FAILURES_LISTED:
                 failures.append(
                     {
@@ -261,6 +269,14 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
         else:
             continue
         latest = max(latest, entry.modified)
+    head_record = await ledger.read(head_name(request_id))
+    ended = head_record.data.get("ended") if head_record is not None else None
+    if isinstance(ended, str) and not fanout_listed:
+        # A fan-out the host gave up on, its own failed slot not written (yet): the head
+        # that ended it says why, in the same write that counted it as a target.
+        counts["failed"] += 1
+        if len(failures) < MAX_FAILURES_LISTED:
+            failures.append({"target": FANOUT_LABEL, "reason": ended})
     finished = sum(counts.values())
     if head_record is None:
         if not finished and not duplicate:

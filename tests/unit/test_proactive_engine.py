@@ -35,11 +35,13 @@ from shared.queues import MAX_QUEUE_MESSAGE_BYTES, MemoryQueue, QueueError, comp
 from shared.ratelimit import Pacer, Scope
 from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreError
 from shared.reports import (
+    FANOUT_TARGET,
     ensure_head,
     head_name,
     new_head,
     outcome_name,
     read_report,
+    record_outcome,
     report_reason,
     request_prefix,
 )
@@ -2183,6 +2185,70 @@ async def test_a_fanout_that_fails_on_the_hosts_last_attempt_still_ends_its_repo
     assert set(failures) == {"broadcast fan-out", "msteams/a:2"}
     assert "may not have been queued" in failures["msteams/a:2"]
     assert report["targets"] == 3
+
+
+async def test_a_fanout_ended_whose_own_failure_could_not_be_written_still_ends_its_report(
+    parts, fake_connector
+):
+    # Storage took the head that ended the fan-out (one more target) and refused the
+    # fan-out's own failed slot after it: the report read `running` for ever, one target
+    # short of an outcome, and putting the broadcast back only counted a duplicate.
+    runtime, engine = parts
+    fanout_slot = outcome_name("b-1", FANOUT_TARGET)
+
+    @dataclasses.dataclass
+    class RefusingTheFanoutsSlot(MemoryLedger):
+        refusing: bool = True
+
+        async def create(self, name, data, *, metadata=None):
+            if self.refusing and name == fanout_slot:
+                raise StoreError("proactive ledger: create failed: HTTP 503 (test)")
+            return await super().create(name, data, metadata=metadata)
+
+    engine.ledger = RefusingTheFanoutsSlot(clock=engine.ledger.clock)
+    await fan_out_given_up_on_its_last_attempt(runtime, engine, fake_connector)
+    assert await engine.ledger.read(fanout_slot) is None
+
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["targets"]) == ("done", 3)
+    assert (report["delivered"], report["failed"]) == (1, 2)
+    failures = {failure["target"]: failure["reason"] for failure in report["failures"]}
+    assert "not yet fanned out were not sent" in failures["broadcast fan-out"]
+    engine.ledger.refusing = False  # the slot written later: counted once, not twice
+    await record_outcome(engine.ledger, "b-1", FANOUT_TARGET, "failed", 0.0, reason="x")
+    assert (await read_report(engine.ledger, "b-1"))["failed"] == 2
+
+
+async def test_a_report_read_while_a_fanout_counts_pages_never_outruns_its_targets(parts):
+    # The outcomes were listed after the head was read: a fan-out counting another page,
+    # and its children finishing, meanwhile read as 4 delivered of 2 targets.
+    _runtime, engine = parts
+
+    @dataclasses.dataclass
+    class CountingTheNextPageMeanwhile(MemoryLedger):
+        counting: bool = False
+
+        async def list(self, prefix):
+            if self.counting:
+                self.counting = False
+                current = await self.read(head_name("b-1"))
+                data = {**current.data, "targets": 4, "fannedOut": True}
+                await self.replace(head_name("b-1"), data, current.etag)
+                for key in ("msteams/c", "msteams/d"):
+                    await record_outcome(self, "b-1", key, "delivered", 0.0)
+            async for entry in super().list(prefix):
+                yield entry
+
+    ledger = CountingTheNextPageMeanwhile(clock=engine.ledger.clock)
+    await ensure_head(ledger, "b-1", "broadcast", 0.0)
+    head = await ledger.read(head_name("b-1"))
+    await ledger.replace(head_name("b-1"), {**head.data, "targets": 2}, head.etag)
+    for key in ("msteams/a", "msteams/b"):
+        await record_outcome(ledger, "b-1", key, "delivered", 0.0)
+    ledger.counting = True
+    report = await read_report(ledger, "b-1")
+    assert report["delivered"] <= report["targets"]
+    assert (report["state"], report["targets"], report["delivered"]) == ("done", 4, 4)
 
 
 class AnswerLost(MemoryLedger):
