@@ -22,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+# Files that hold settings and their secrets, at any depth: never packed, whatever
+# `.funcignore` says (a copy outside git packs every file it lets through).
+NEVER_PACKED = ("local.settings*.json", ".env", ".env.*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,8 @@ def app_files(root: Path = ROOT) -> list[str]:
                 continue  # a repository (a nested one's too), whatever `.funcignore` says
             is_dir = entry.is_dir()
             if is_ignored(relative, is_dir, rules):
+                continue
+            if not is_dir and any(fnmatch.fnmatchcase(entry.name, p) for p in NEVER_PACKED):
                 continue
             if is_dir:
                 walk(entry, relative + "/")

@@ -187,6 +187,22 @@ def test_the_make_targets_run_the_builders() -> None:
     )
 
 
+def test_settings_files_never_go_into_the_package(tmp_path: Path) -> None:
+    # A copy outside git packs every file `.funcignore` lets through, and `func` uploads
+    # them: `.funcignore` named only local.settings.json, so a `make run --settings` file
+    # (local.settings.prod.json, the client secret in it) went to Azure.
+    (tmp_path / ".funcignore").write_text("tests\n")  # one that forgot them
+    for name in ("host.json", "requirements.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "shared").mkdir()
+    for name in ("local.settings.prod.json", "shared/local.settings.json", ".env.production"):
+        (tmp_path / name).write_text('{"MicrosoftAppPassword": "secret"}')
+    assert package.package_files(tmp_path) == [".funcignore", "host.json", "requirements.txt"]
+    rules = package.parse_ignore((package.ROOT / ".funcignore").read_text())
+    for name in ("local.settings.json", "local.settings.prod.json", ".env", ".env.local"):
+        assert package.is_ignored(name, False, rules), name
+
+
 def test_a_symlink_never_brings_a_file_from_outside_into_the_package(tmp_path: Path) -> None:
     app, outside = tmp_path / "app", tmp_path / "outside"
     app.mkdir()
