@@ -114,7 +114,7 @@ def build_web_app(
         except ValueError:  # a Host header no URL can carry ("x:notaport"): the host's 400
             return web.Response(status=400)
         if request.path.startswith(ADMIN_PREFIX):
-            if not _own_page(request):
+            if not (_from_this_machine(request) and _own_page(request)):
                 return web.Response(status=403)
             return await _admin(request, manual, state)
         path = routing_path(request.raw_path)
@@ -178,6 +178,19 @@ def to_web_response(value: Any) -> web.Response:
         charset = f"; charset={value.charset}" if mimetype.startswith("text/") else ""
         headers["Content-Type"] = f"{mimetype}{charset}"
     return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
+
+
+def _from_this_machine(request: web.Request) -> bool:
+    """Whether the caller connected from a loopback address. Azure's admin endpoints ask
+    for the master key; this host has none, so one served beyond loopback (`--host`)
+    would run a function (a broadcast, signed with the bot's token) for anyone on the
+    network that reaches it."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _own_page(request: web.Request) -> bool:
