@@ -36,6 +36,7 @@ from shared.storage import (
     StorageOptions,
     get_blob_service,
     reading_download,
+    storage_error_code,
     unreadable_answer,
     unreadable_message,
 )
@@ -306,11 +307,11 @@ async def _guard(operation: str, name: str):
             raise StoreError(unreadable_message(where, error)) from None
         if refused_credential(error):
             raise storage_auth_failed(f"proactive ledger: {operation} {name}", error) from None
-        code = getattr(error, "error_code", None)
+        code = storage_error_code(error)
         raise StoreError(
             f"proactive ledger: {operation} {name} failed: HTTP {error.status_code} {code or ''}",
             status=error.status_code,
-            code=str(code) if code else None,
+            code=code,
         ) from None
     except (AzureError, OSError) as error:
         raise StoreError(

@@ -155,7 +155,7 @@ class QueueAuthFailed(QueueError):
 
 def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     from shared.references.contract import refused_credential, storage_auth_message
-    from shared.storage import unreadable_answer, unreadable_message
+    from shared.storage import storage_error_code, unreadable_answer, unreadable_message
 
     where = f"queue {queue_name!r}: put"
     if unreadable_answer(error):
@@ -166,8 +166,8 @@ def _queue_error(queue_name: str, error: BaseException) -> QueueError:
     if refused_credential(error):
         return QueueAuthFailed(storage_auth_message(where, error), status=status)
     if status is not None:
-        code = getattr(error, "error_code", None)
-        shown = f" {str(code)[:60]}" if code else ""
+        code = storage_error_code(error)
+        shown = f" {code}" if code else ""
         return QueueError(f"{where} failed: HTTP {status}{shown}", status=status)
     return QueueError(f"{where} failed: storage unreachable ({type(error).__name__})")
 

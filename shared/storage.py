@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,6 +234,23 @@ async def close_shared_clients() -> None:
 
 # Modules whose frames mark an error as raised while the storage SDK read an answer.
 _SDK_MODULES = ("azure.core.", "azure.storage.")
+
+
+# Storage's error codes are names ("LeaseIdMissing", "ContainerNotFound").
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+UNRECOGNISED_CODE = "UnrecognisedErrorCode"
+
+
+def storage_error_code(error: Any) -> str | None:
+    """Storage's error code for `error` (its `x-ms-error-code`), the value of the SDK's
+    enum when it is one; UNRECOGNISED_CODE for a header that is not a code's name: a
+    gateway or proxy in between may put anything there, the request's URL with its SAS
+    included, and the code goes into errors and logs."""
+    code = getattr(error, "error_code", None)
+    if not code:
+        return None
+    text = str(getattr(code, "value", code))
+    return text if _ERROR_CODE.fullmatch(text) else UNRECOGNISED_CODE
 
 
 def unreadable_answer(error: BaseException) -> bool:

@@ -48,6 +48,7 @@ from shared.storage import (
     DEFAULT_OPTIONS,
     StorageOptions,
     check_storage_settings,
+    storage_error_code,
     unreadable_answer,
     unreadable_message,
 )
@@ -479,7 +480,7 @@ class BlobReferenceStore(UserIndexes):
                 raise StoreError(unreadable_message(where, exc)) from None
             if refused_credential(exc):
                 raise storage_auth_failed(where, exc) from None
-            code = _error_code(exc)
+            code = storage_error_code(exc)
             raise StoreError(
                 f"{where} failed: HTTP {exc.status_code} {code or ''}".rstrip(),
                 status=exc.status_code,
@@ -495,12 +496,6 @@ class BlobReferenceStore(UserIndexes):
                 raise  # not the storage SDK's reading: our own code's error, as it is
             where = f"reference store: {operation} {short_key(key)}"
             raise StoreError(unreadable_message(where, exc)) from None
-
-
-def _error_code(exc: Any) -> str | None:
-    """Storage's own error code ("LeaseIdMissing"), not the SDK enum's name."""
-    code = getattr(exc, "error_code", None)
-    return str(getattr(code, "value", code)) if code else None
 
 
 def create_reference_store(settings: Settings) -> ReferenceStore:

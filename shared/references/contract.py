@@ -20,6 +20,7 @@ from shared.diagnostics import clip
 from shared.references.keys import (
     split_key,
 )
+from shared.storage import storage_error_code
 
 logger = logging.getLogger("shared.references")  # the package logs under one name
 
@@ -76,11 +77,10 @@ class StorageAuthFailed(StoreError):
 
 def storage_auth_failed(where: str, error: Any) -> StoreError:
     """A missing or refused storage credential as StoreError (:func:`storage_auth_message`)."""
-    code = getattr(error, "error_code", None)
     return StorageAuthFailed(
         storage_auth_message(where, error),
         status=getattr(error, "status_code", None),
-        code=str(code) if code else None,
+        code=storage_error_code(error),
     )
 
 

@@ -229,3 +229,57 @@ async def test_the_shared_clients_build_a_container_or_queue_client_once_per_nam
     # one container client per name, one queue client per (name, encoding)
     assert built.count("ContainerClient") == 2
     assert built.count("QueueClient") == 2
+
+
+SIGNATURE = "sig=SECRET0123456789abcdef"
+
+
+@pytest.fixture
+async def gateway_naming_the_request():
+    """A gateway in front of storage that answers 503 with the request's query (its SAS)
+    as the error code header."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=503, headers={"x-ms-error-code": request.query_string})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield (
+        f"BlobEndpoint=http://127.0.0.1:{port}/a;QueueEndpoint=http://127.0.0.1:{port}/a;"
+        f"SharedAccessSignature=sv=2022-11-02&ss=bq&srt=sco&sp=rwdlacup&{SIGNATURE}"
+    )
+    await runner.cleanup()
+    await close_shared_clients()
+
+
+async def test_an_error_code_that_is_not_a_codes_name_is_never_shown(
+    gateway_naming_the_request, caplog
+):
+    # The code (storage's x-ms-error-code) went into errors and logs as sent: a gateway
+    # naming the failing request there put the SAS signature in them.
+    from shared.config import Settings
+    from shared.ledger import BlobLedger
+    from shared.queues import QueueError, StorageQueue
+    from shared.references import BlobReferenceStore, StoreError
+    from tests.fixtures.storage import FAST_STORAGE
+
+    settings = Settings(storage=StorageSettings(connection_string=gateway_naming_the_request))
+    errors = []
+    references = BlobReferenceStore(settings, options=FAST_STORAGE)
+    for call in (
+        lambda: BlobLedger(settings, options=FAST_STORAGE).read("proactive/x/head.json"),
+        lambda: references.get("msteams/a:1"),
+        lambda: StorageQueue(settings).put("{}"),
+    ):
+        with pytest.raises((StoreError, QueueError)) as raised:
+            await call()
+        errors.append(str(raised.value))
+    await references.close()
+    assert all("HTTP 503 UnrecognisedErrorCode" in error for error in errors), errors
+    assert SIGNATURE not in " ".join(errors) + caplog.text

@@ -25,6 +25,7 @@ import binascii
 import contextlib
 import functools
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -357,8 +358,12 @@ def _fields(message: QueueMessage) -> dict[str, Any]:
 
 def _log_storage_error(action: str, queue: str, exc: Exception) -> None:
     # Status and error code only: storage error text can echo request details.
-    from shared.storage import unreadable_answer
     from tools.azurite import TOO_OLD, too_old
+
+    try:  # the bot's (an app served with --root has its own `shared`, or none)
+        from shared.storage import unreadable_answer
+    except ImportError:
+        unreadable_answer = _never
 
     if too_old(exc):
         logger.warning("Storage error %s queue '%s': %s", action, queue, TOO_OLD)
@@ -388,5 +393,19 @@ def _log_storage_error(action: str, queue: str, exc: Exception) -> None:
         queue,
         type(exc).__name__,
         status,
-        getattr(exc, "error_code", None),
+        _error_code(exc),
     )
+
+
+def _never(_error: BaseException) -> bool:
+    return False
+
+
+def _error_code(exc: Exception) -> str | None:
+    """Storage's error code, when it is a code's name ("QueueNotFound"): a proxy in between
+    may put anything in that header, the request's URL with its SAS included."""
+    code = getattr(exc, "error_code", None)
+    if not code:
+        return None
+    text = str(getattr(code, "value", code))
+    return text if re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", text) else "UnrecognisedErrorCode"
