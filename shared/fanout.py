@@ -136,7 +136,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             # was taken for one already fanned out and never sent.
             await ensure_head(ledger, request.id, "broadcast", engine.clock())
             record = await ledger.read(head_name(request.id))
-        digest = _digest(request)
+        digest = request_digest(request)
         if record is not None and record.data.get("digest") not in (None, digest):
             return await _other_broadcast(request, engine)
         if record is not None and record.data.get("pending") is not None:
@@ -218,9 +218,9 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     return await engine.requeue(progressed, 0.0, count=False)
 
 
-def _digest(request: ProactiveRequest) -> str:
-    """What the broadcast is (its targets and content), for telling another message that
-    reuses its id from its own copies."""
+def request_digest(request: ProactiveRequest) -> str:
+    """What the request is (its targets and content), for telling another request that
+    reuses its id from its own copies (a broadcast's head, the producer's check)."""
     shown = {name: request.message.get(name) for name in ("to", *CONTENT_FIELDS)}
     # Written as earlier versions wrote it, not by compact_json (whose text for a lone
     # surrogate differs): a head an earlier version wrote must read as the same.
@@ -371,7 +371,7 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
     target, so the report reaches `done` once the children enqueued so far are."""
     record = await engine.ledger.read(head_name(request.id))
     if record is not None and isinstance(record.data, dict):
-        if record.data.get("digest") not in (None, _digest(request)):
+        if record.data.get("digest") not in (None, request_digest(request)):
             return  # another broadcast reusing its id (see _other_broadcast): not this one's
         if record.data.get("pending"):
             record = await _end_pending_page(request, engine, record, reason)

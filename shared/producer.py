@@ -45,6 +45,7 @@ from shared.config import (
     _storage_name,
     proactive_queue_name,
 )
+from shared.diagnostics import clip
 from shared.proactive_schema import POISON_REASON, RESERVED, InvalidRequest, parse_request
 from shared.queues import (
     MAX_DELAY_SECONDS,
@@ -61,7 +62,11 @@ STORAGE_SETTING = "AzureWebJobsStorage"
 
 
 async def enqueue(
-    request: Mapping[str, Any], *, settings: Settings | None = None, delay: float = 0.0
+    request: Mapping[str, Any],
+    *,
+    settings: Settings | None = None,
+    delay: float = 0.0,
+    refuse_another_request: bool = True,
 ) -> str:
     """Validate `request`, give it an id when it has none, record it pending, enqueue it.
 
@@ -72,8 +77,14 @@ async def enqueue(
     only (as the infra grants) enqueues all the same, and the report appears when the
     first delivery attempt starts.
 
+    An id the report's head already holds for another request (other targets or
+    content, or a broadcast for a single request) is refused: the queue would send only
+    the one whose message comes first. ``refuse_another_request=False`` enqueues it all
+    the same (a handler run again with another text for the same id: the first wins).
+
     Returns the request id. Raises InvalidRequest (short reason; nothing enqueued).
     """
+    from shared.fanout import request_digest
     from shared.ledger import BlobLedger
     from shared.references.contract import StoreError
     from shared.reports import create_own_head, head_name
@@ -103,8 +114,11 @@ async def enqueue(
     queue.check()  # settings that reach blobs but not queues: refused before a head is written
     ledger = BlobLedger(settings)
     head = None
+    digest = request_digest(parsed)
     try:
-        head = await create_own_head(ledger, parsed.id, kind, time.time())
+        head = await create_own_head(ledger, parsed.id, kind, time.time(), digest=digest)
+        if head is None and refuse_another_request:
+            await _refuse_another_request(ledger, parsed.id, kind, digest)
     except StoreError as error:
         if error.status != 403:
             raise
@@ -121,6 +135,27 @@ async def enqueue(
                 await ledger.delete(head_name(parsed.id), head)
         raise
     return parsed.id
+
+
+async def _refuse_another_request(ledger: Any, request_id: str, kind: str, digest: str) -> None:
+    """InvalidRequest when the head of `request_id` is another request's: another kind,
+    or other targets or content (a head an earlier version or the engine wrote names no
+    digest: what it was cannot be told, so it is not refused)."""
+    from shared.references.contract import StoreError
+    from shared.reports import head_name
+
+    try:
+        record = await ledger.read(head_name(request_id))
+    except StoreError:
+        return  # unreadable, or storage failing: sent as before the check
+    head = record.data if record is not None else None
+    if not isinstance(head, dict):
+        return
+    if head.get("kind") not in (None, kind) or head.get("digest") not in (None, digest):
+        raise InvalidRequest(
+            f"the id {clip(request_id)} is already another request's (other targets or "
+            "content); send this one with another id"
+        )
 
 
 def _refused(error: BaseException) -> bool:

@@ -120,13 +120,18 @@ async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -
     return await ledger.create(head_name(request_id), new_head(request_id, kind, now))
 
 
-async def create_own_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -> str | None:
+async def create_own_head(
+    ledger: Ledger, request_id: str, kind: Kind, now: float, *, digest: str | None = None
+) -> str | None:
     """ensure_head for a writer that may take its head back (the producer, when the queue
     refuses the request): the ETag of the head this call created, None when another writer
     had created it. The head carries a mark of this call's own, so a create that landed
     while its answer was lost (the client's retry then found the head there) is known for
-    this call's by reading it back: without that, it was kept, `pending` for ever."""
+    this call's by reading it back: without that, it was kept, `pending` for ever.
+    `digest`: what the request is (shared.fanout.request_digest), kept in the head."""
     head = {**new_head(request_id, kind, now), "write": uuid.uuid4().hex}
+    if digest is not None:
+        head["digest"] = digest
     etag = await ledger.create(head_name(request_id), head)
     if etag is not None:
         return etag

@@ -440,7 +440,11 @@ class TurnContext:
             request_id = self._later_id(place)
         if request_id is not None:
             request["id"] = request_id
-        return await enqueue(request, settings=self.settings, delay=delay)
+        # Run again (the channel resent the activity), the handler may ask with another
+        # text (a time of day): the first request sent under the id is the one delivered.
+        return await enqueue(
+            request, settings=self.settings, delay=delay, refuse_another_request=False
+        )
 
     def _later_id(self, place: int) -> str | None:
         """The id of the turn's `place`-th send_later made without one: the same when the

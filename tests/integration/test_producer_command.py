@@ -276,6 +276,25 @@ def test_a_request_the_queue_refuses_leaves_no_pending_report(azurite, storage):
     assert '"state": "pending"' in producer(storage, "report", "r1").stdout
 
 
+def test_an_id_another_request_holds_is_refused_and_the_same_request_sent_again(azurite, storage):
+    # A broadcast, or other text, under an id a request already holds went to the queue
+    # and `send` said it was sent: the queue then sent whichever message came first, and
+    # the broadcast was dropped as a duplicate of the single request.
+    send = ("send", "--conversation", "msteams/a:1", "--text", "hi", "--id", "r1")
+    assert producer(storage, *send).returncode == 0
+    for other in (
+        ("send", "--conversation", "msteams/a:1", "--text", "other", "--id", "r1"),
+        ("send", "--conversation", "msteams/a:2", "--text", "hi", "--id", "r1"),
+        ("send", "--broadcast", "--text", "hi", "--id", "r1"),
+    ):
+        refused = producer(storage, *other)
+        assert (refused.returncode, refused.stdout) == (1, ""), other
+        assert "already another request's" in refused.stderr and "'r1'" in refused.stderr
+    again = producer(storage, *send)  # the same request sent again (its answer was lost)
+    assert (again.returncode, again.stdout) == (0, "r1\n"), again.stderr
+    assert queued(storage) == 2
+
+
 def test_settings_that_reach_blobs_but_no_queue_leave_no_pending_report(azurite, storage):
     # A connection string without a QueueEndpoint: refused before the report's head is
     # written, which said `pending` for ever for a request never queued.

@@ -4255,11 +4255,11 @@ def test_a_broadcasts_digest_reads_as_earlier_versions_wrote_it():
     # no longer matched, and the rest of the broadcast was dropped as another's.
     import hashlib
 
-    from shared.fanout import _digest
+    from shared.fanout import request_digest
     from shared.proactive_schema import parse_request
 
     message = {"id": "b-1", "to": {"broadcast": {}}, "text": "h\u00e9llo \ud800"}
     shown = {"to": message["to"], "activity": None, "text": message["text"]}
     earlier = json.dumps(shown, separators=(",", ":")).encode("ascii")  # all of it escaped
 
-    assert _digest(parse_request(json.dumps(message))) == hashlib.sha256(earlier).hexdigest()
+    assert request_digest(parse_request(json.dumps(message))) == hashlib.sha256(earlier).hexdigest()
