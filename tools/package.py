@@ -22,9 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-# Files that hold settings and their secrets, at any depth: never packed, whatever
-# `.funcignore` says (a copy outside git packs every file it lets through).
-NEVER_PACKED = ("local.settings*.json", ".env", ".env.*")
+# Files that hold settings and their secrets, and copies an editor or a hand left beside
+# them, at any depth, in any case: never packed, whatever `.funcignore` says (a copy
+# outside git packs every file it lets through). `.funcignore` names them too.
+NEVER_PACKED = ("local.settings*.json", ".env", ".env.*", "*.env", "*.bak", "*~", "*.swp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,9 @@ def app_files(root: Path = ROOT) -> list[str]:
             is_dir = entry.is_dir()
             if is_ignored(relative, is_dir, rules):
                 continue
-            if not is_dir and any(fnmatch.fnmatchcase(entry.name, p) for p in NEVER_PACKED):
+            if not is_dir and any(
+                fnmatch.fnmatchcase(entry.name.lower(), pattern) for pattern in NEVER_PACKED
+            ):
                 continue
             if is_dir:
                 walk(entry, relative + "/")

@@ -195,11 +195,24 @@ def test_settings_files_never_go_into_the_package(tmp_path: Path) -> None:
     for name in ("host.json", "requirements.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "shared").mkdir()
-    for name in ("local.settings.prod.json", "shared/local.settings.json", ".env.production"):
+    for name in (
+        "local.settings.prod.json",
+        "shared/local.settings.json",
+        ".env.production",
+        "Local.Settings.json",
+        "local.settings.json.bak",
+        "local.settings.json~",
+        "prod.env",
+    ):
         (tmp_path / name).write_text('{"MicrosoftAppPassword": "secret"}')
     assert package.package_files(tmp_path) == [".funcignore", "host.json", "requirements.txt"]
-    rules = package.parse_ignore((package.ROOT / ".funcignore").read_text())
-    for name in ("local.settings.json", "local.settings.prod.json", ".env", ".env.local"):
+    # `.funcignore` for `func publish`, whose parser matches a rule without a slash at the
+    # top folder only: `**/` for the folders below.
+    lines = (package.ROOT / ".funcignore").read_text().splitlines()
+    for pattern in ("local.settings*.json", ".env", ".env.*"):
+        assert pattern in lines and f"**/{pattern}" in lines, pattern
+    rules = package.parse_ignore("\n".join(lines))
+    for name in ("local.settings.prod.json", "shared/.env", "shared/.env.local"):
         assert package.is_ignored(name, False, rules), name
 
 
@@ -233,7 +246,7 @@ def test_in_a_git_work_tree_only_tracked_files_are_packed_and_strays_stop_the_bu
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "app"], check=True)
-    (app / "local.settings.json.bak").write_text('{"MicrosoftAppPassword": "secret"}')
+    (app / "prod-settings.json").write_text('{"MicrosoftAppPassword": "secret"}')
     (app / "shared" / "helper.py").write_text("untracked")
     (app / "host.log").write_text("ignored")
 
@@ -243,10 +256,7 @@ def test_in_a_git_work_tree_only_tracked_files_are_packed_and_strays_stop_the_bu
     assert package.main([str(out), "--root", str(app)]) == 1
     assert not out.exists()
     error = capsys.readouterr().err
-    assert (
-        "2 file(s) git neither tracks nor ignores: local.settings.json.bak, shared/helper.py"
-        in error
-    )
+    assert "2 file(s) git neither tracks nor ignores: prod-settings.json, shared/helper.py" in error
 
     assert package.main([str(out), "--root", str(app), "--allow-untracked"]) == 0
     with zipfile.ZipFile(out) as archive:

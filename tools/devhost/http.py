@@ -180,11 +180,19 @@ def to_web_response(value: Any) -> web.Response:
     return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
 
 
+# Headers a proxy or an HTTP tunnel (Dev Tunnels, ngrok, ...) in front of the host adds:
+# the caller is elsewhere, however local the connection.
+_FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+
+
 def _from_this_machine(request: web.Request) -> bool:
-    """Whether the caller connected from a loopback address. Azure's admin endpoints ask
-    for the master key; this host has none, so one served beyond loopback (`--host`)
-    would run a function (a broadcast, signed with the bot's token) for anyone on the
-    network that reaches it."""
+    """Whether the caller connected from a loopback address, not through a proxy or an
+    HTTP tunnel that says it forwarded the request. Azure's admin endpoints ask for the
+    master key; this host has none, so one served beyond loopback (`--host`), or through
+    a tunnel to test with Teams, would run a function (a broadcast, signed with the bot's
+    token) for anyone who reaches it."""
+    if any(name in request.headers for name in _FORWARDED):
+        return False
     try:
         address = ipaddress.ip_address(request.remote or "")
     except ValueError:
