@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -114,16 +115,17 @@ async def enqueue(
     queue.check()  # settings that reach blobs but not queues: refused before a head is written
     ledger = BlobLedger(settings)
     head = None
-    digest = request_digest(parsed)
+    same = _same_request(parsed)
+    fields = {"digest": request_digest(parsed), SAME_REQUEST: same}
     try:
-        head = await create_own_head(ledger, parsed.id, kind, time.time(), digest=digest)
-        if head is None and refuse_another_request:
-            await _refuse_another_request(ledger, parsed.id, kind, digest)
+        head = await create_own_head(ledger, parsed.id, kind, time.time(), fields=fields)
     except StoreError as error:
         if error.status != 403:
             raise
         # A producer allowed to enqueue and read reports, not to write blobs (the role the
         # infra grants): the report appears with the first delivery attempt instead.
+    if head is None and refuse_another_request:
+        await _refuse_another_request(ledger, parsed.id, kind, same)
     try:
         await queue.put(text, delay=delay)
     except Exception as error:
@@ -137,10 +139,33 @@ async def enqueue(
     return parsed.id
 
 
-async def _refuse_another_request(ledger: Any, request_id: str, kind: str, digest: str) -> None:
+# The head's digest of what a request is, whatever the order of its JSON's keys and however
+# its whole numbers are written (the fan-out's own `digest` is of the request's text).
+SAME_REQUEST = "sameRequest"
+
+
+def _same_request(parsed: Any) -> str:
+    """What the request is (its targets and content), as SAME_REQUEST keeps it: the same
+    request rebuilt from stored data (keys in another order, 1.0 for 1) is the same."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    shown = {name: plain(parsed.message.get(name)) for name in ("to", "activity", "text")}
+    text = json.dumps(shown, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+async def _refuse_another_request(ledger: Any, request_id: str, kind: str, same: str) -> None:
     """InvalidRequest when the head of `request_id` is another request's: another kind,
-    or other targets or content (a head an earlier version or the engine wrote names no
-    digest: what it was cannot be told, so it is not refused)."""
+    or other targets or content (a head the engine or an earlier version wrote keeps no
+    SAME_REQUEST: only its kind can be told). Read with the producer's read-only role too."""
     from shared.references.contract import StoreError
     from shared.reports import head_name
 
@@ -151,10 +176,10 @@ async def _refuse_another_request(ledger: Any, request_id: str, kind: str, diges
     head = record.data if record is not None else None
     if not isinstance(head, dict):
         return
-    if head.get("kind") not in (None, kind) or head.get("digest") not in (None, digest):
+    if head.get("kind") not in (None, kind) or head.get(SAME_REQUEST) not in (None, same):
         raise InvalidRequest(
             f"the id {clip(request_id)} is already another request's (other targets or "
-            "content); send this one with another id"
+            "content, as `report` shows): send this one with another id"
         )
 
 

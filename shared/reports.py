@@ -121,17 +121,20 @@ async def ensure_head(ledger: Ledger, request_id: str, kind: Kind, now: float) -
 
 
 async def create_own_head(
-    ledger: Ledger, request_id: str, kind: Kind, now: float, *, digest: str | None = None
+    ledger: Ledger,
+    request_id: str,
+    kind: Kind,
+    now: float,
+    *,
+    fields: Mapping[str, Any] | None = None,
 ) -> str | None:
     """ensure_head for a writer that may take its head back (the producer, when the queue
     refuses the request): the ETag of the head this call created, None when another writer
     had created it. The head carries a mark of this call's own, so a create that landed
     while its answer was lost (the client's retry then found the head there) is known for
     this call's by reading it back: without that, it was kept, `pending` for ever.
-    `digest`: what the request is (shared.fanout.request_digest), kept in the head."""
-    head = {**new_head(request_id, kind, now), "write": uuid.uuid4().hex}
-    if digest is not None:
-        head["digest"] = digest
+    `fields`: more for the head to keep (what the request is: the producer's digests)."""
+    head = {**new_head(request_id, kind, now), **(fields or {}), "write": uuid.uuid4().hex}
     etag = await ledger.create(head_name(request_id), head)
     if etag is not None:
         return etag
@@ -279,9 +282,8 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     if isinstance(ended, str) and not fanout_listed:
         # A fan-out the host gave up on, its own failed slot not written (yet): the head
         # that ended it says why, in the same write that counted it as a target.
-        counts["failed"] += 1
-        if len(failures) < MAX_FAILURES_LISTED:
-            failures.append({"target": FANOUT_LABEL, "reason": ended})
+        counts["failed"] += 1  # listed first: the rest of the broadcast was not sent
+        failures = [{"target": FANOUT_LABEL, "reason": ended}, *failures][:MAX_FAILURES_LISTED]
     finished = sum(counts.values())
     if head_record is None:
         if not finished and not duplicate:

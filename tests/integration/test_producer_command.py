@@ -293,6 +293,20 @@ def test_an_id_another_request_holds_is_refused_and_the_same_request_sent_again(
     again = producer(storage, *send)  # the same request sent again (its answer was lost)
     assert (again.returncode, again.stdout) == (0, "r1\n"), again.stderr
     assert queued(storage) == 2
+    # Rebuilt from stored data, its JSON's keys in another order, 1.0 for 1: the same.
+    activity = ("send", "--conversation", "msteams/a:1", "--id", "r2", "--activity")
+    first = '{"type": "message", "text": "hi", "value": {"n": 1, "m": 2}}'
+    rebuilt = '{"value": {"m": 2, "n": 1.0}, "text": "hi", "type": "message"}'
+    assert producer(storage, *activity, first).returncode == 0
+    assert producer(storage, *activity, rebuilt).returncode == 0
+    # With the read-only role the template grants (the head is the first sender's), the
+    # id is checked all the same.
+    read_only = sas_connection_string(azurite, "rla", services="bq")
+    reader = {**storage, "AzureWebJobsStorage": read_only}
+    refused = producer(reader, "send", "--broadcast", "--text", "hi", "--id", "r1")
+    assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+    assert producer(reader, *send).returncode == 0
+    assert queued(storage) == 5
 
 
 def test_settings_that_reach_blobs_but_no_queue_leave_no_pending_report(azurite, storage):

@@ -2219,6 +2219,28 @@ async def test_a_fanout_ended_whose_own_failure_could_not_be_written_still_ends_
     assert (await read_report(engine.ledger, "b-1"))["failed"] == 2
 
 
+async def test_a_fanout_ended_heads_a_full_list_of_failures(parts, monkeypatch):
+    # Its failure read from the head went after the children's: with the list full, the
+    # line saying the rest of the broadcast was not sent was the one left out.
+    from shared import reports
+
+    _runtime, engine = parts
+    ledger = engine.ledger
+    monkeypatch.setattr(reports, "MAX_FAILURES_LISTED", 2)
+    await ensure_head(ledger, "b-1", "broadcast", 0.0)
+    head = await ledger.read(head_name("b-1"))
+    ended = {**head.data, "targets": 4, "fannedOut": True, "ended": "given up"}
+    await ledger.replace(head_name("b-1"), ended, head.etag)
+    for key in ("msteams/a", "msteams/b", "msteams/c"):
+        await record_outcome(ledger, "b-1", key, "failed", 0.0, reason="gone")
+    report = await read_report(ledger, "b-1")
+    assert (report["state"], report["failed"]) == ("done", 4)
+    assert [failure["target"] for failure in report["failures"]] == [
+        "broadcast fan-out",
+        "msteams/a",
+    ]
+
+
 async def test_a_report_read_while_a_fanout_counts_pages_never_outruns_its_targets(parts):
     # The outcomes were listed after the head was read: a fan-out counting another page,
     # and its children finishing, meanwhile read as 4 delivered of 2 targets.
