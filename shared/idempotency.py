@@ -36,6 +36,9 @@ from shared.ledger import Ledger, Record
 logger = logging.getLogger(__name__)
 
 CLAIM_METADATA: Mapping[str, str] = {"claim": "1"}  # how a report's listing tells claims apart
+# The longest claim a holder's own length (`seconds` in the claim) is taken for: instances
+# with different BOT_PROACTIVE_CLAIM_SECONDS (a change rolling out) honour the holder's.
+MAX_CLAIM_SECONDS = 3600.0
 
 
 @dataclass(slots=True)
@@ -85,11 +88,22 @@ async def take_claim(
             continue  # released meanwhile: try again
         if is_outcome(current.data):
             return Settled(current)
+        if isinstance(current.data, dict) and current.data.get("owner") == data["owner"]:
+            # This call's own create, which storage took while its answer was lost (the
+            # client's retry found the slot taken): taken for an earlier attempt's, a
+            # target nothing was sent to was failed as "may have been posted".
+            return Claim(name, current.etag)
         expires = claim_expiry(current.data)
         if expires is not None and current.modified:
             # Never longer than a claim lasts from when the store wrote it (its own clock,
-            # to the second): a holder whose clock ran ahead cannot block the target.
-            expires = min(expires, current.modified + seconds + 1.0)
+            # to the second): a holder whose clock ran ahead cannot block the target. As
+            # long as its holder's claims last: one whose setting is longer than this
+            # instance's (a change rolling out) may start its send later.
+            held = current.data.get("seconds")
+            length = seconds
+            if isinstance(held, int | float) and not isinstance(held, bool):
+                length = max(seconds, min(float(held), MAX_CLAIM_SECONDS))
+            expires = min(expires, current.modified + length + 1.0)
         holder = current.data.get("message") if isinstance(current.data, dict) else None
         holder = holder if isinstance(holder, str) else None
         if expires is not None and expires > now:
@@ -129,7 +143,11 @@ async def replace_with_claim(
 
 
 def _claim(now: float, seconds: float, message: str | None) -> dict[str, Any]:
-    data: dict[str, Any] = {"owner": uuid.uuid4().hex, "expiresAt": now + seconds}
+    data: dict[str, Any] = {
+        "owner": uuid.uuid4().hex,
+        "expiresAt": now + seconds,
+        "seconds": seconds,
+    }
     if message is not None:
         data["message"] = message
     return data

@@ -2273,6 +2273,58 @@ async def test_a_report_read_while_a_fanout_counts_pages_never_outruns_its_targe
     assert (report["state"], report["targets"], report["delivered"]) == ("done", 4, 4)
 
 
+async def test_a_claim_whose_create_answer_was_lost_is_known_for_its_own(parts, fake_connector):
+    # Storage took the claim's create and its answer was lost (the client's retry found
+    # the slot taken): the engine took its own claim for an earlier attempt's, put back a
+    # resumed copy, and that copy (its create's answer lost again) failed the target as
+    # "may have been posted" with nothing sent.
+    runtime, engine = parts
+    slot = outcome_name("req-1", "target")
+
+    @dataclasses.dataclass
+    class CreateAnswerLost(MemoryLedger):
+        lost: int = 1
+
+        async def create(self, name, data, *, metadata=None):
+            etag = await super().create(name, data, metadata=metadata)
+            if name == slot and "expiresAt" in data and self.lost:
+                self.lost -= 1
+                return None
+            return etag
+
+    engine.ledger = CreateAnswerLost(clock=engine.ledger.clock)
+    text = body({"conversation": "msteams/a:1"})
+    outcome = await handle_queue_message(text, runtime, engine=engine, message_id="msg-A")
+    assert outcome is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+    assert engine.queue.take() == [] and engine.queue.poisoned == []
+
+
+async def test_a_claim_lasts_as_long_as_its_holders_setting_says(parts, fake_connector):
+    # BOT_PROACTIVE_CLAIM_SECONDS lowered from 120 to 45, instances restarting one by one:
+    # the holder (120 s) may start its send up to 60 s after claiming, and the other
+    # (45 s) took the claim over at 46 s, its own length: both sent.
+    runtime, engine = parts
+    engine.claim_seconds = 120.0
+    other = dataclasses.replace(engine, claim_seconds=45.0, message_id="msg-B")
+    store, text, seen = runtime.references, body({"conversation": "msteams/a:1"}), []
+    get = store.get
+
+    async def slow_get(key):  # the holder reads the reference in 50 s (< 60)
+        found = await get(key)
+        if not seen:
+            engine.clock.now += 47
+            seen.append(await handle_queue_message(text, runtime, engine=other, message_id="B"))
+            engine.clock.now += 3
+        return found
+
+    store.get = slow_get
+    outcome = await handle_queue_message(text, runtime, engine=engine, message_id="msg-A")
+    assert outcome is Outcome.DELIVERED
+    assert seen == [Outcome.REQUEUED]  # the other waits for the claim, then finds it settled
+    assert sends(fake_connector) == ["a:1"]
+
+
 class AnswerLost(MemoryLedger):
     """Storage takes a write to the fan-out's checkpoint and its answer is lost: late, or a
     5xx after the write landed, so the client's retry finds the ETag changed (412) and
