@@ -82,6 +82,9 @@ DEFAULT_QUEUE = "proactive-messages"
 BINDING_DEFAULTS = {"BOT_PROACTIVE_QUEUE": DEFAULT_QUEUE, "BOT_SCHEDULE": DEFAULT_SCHEDULE}
 POISON_SUFFIX = "-poison"  # failed proactive requests go to `<BOT_PROACTIVE_QUEUE>-poison`
 MAX_QUEUE_NAME = 63 - len(POISON_SUFFIX)  # Azure's queue names have at most 63 characters
+# BOT_PROACTIVE_CLAIM_SECONDS at most: instances honour a claim's own length up to this
+# (shared/idempotency.py), so a setting changed while instances run on cannot double a send.
+MAX_CLAIM_SECONDS = 3600.0
 
 # App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
 # cannot (no access to the vault, a wrong URI), the app sees the reference text itself, and
@@ -520,6 +523,7 @@ def _parse_claim_seconds(env: Mapping[str, str]) -> float:
     # A send starts only while half of its claim is left (shared/proactive.py), and the
     # Connector client spends up to its whole budget on it, retries included: a shorter
     # claim could expire mid-send, and another instance would take it over and send again.
+    # Other instances honour a claim's own length up to an hour (shared/idempotency.py).
     floor = 2 * RetryPolicy().max_total_seconds
     seconds = _parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float)
     if seconds < floor:
@@ -527,6 +531,10 @@ def _parse_claim_seconds(env: Mapping[str, str]) -> float:
             "BOT_PROACTIVE_CLAIM_SECONDS",
             f"must be at least {floor:g} seconds: twice the Connector client's "
             f"{floor / 2:g} s budget for one send with its retries",
+        )
+    if seconds > MAX_CLAIM_SECONDS:
+        raise SettingsError(
+            "BOT_PROACTIVE_CLAIM_SECONDS", f"must be at most {MAX_CLAIM_SECONDS:g} seconds"
         )
     return seconds
 

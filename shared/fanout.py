@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONTENT_FIELDS = ("activity", "text")
+# The head's digest of what a request is, whatever the order of its JSON's keys and however
+# its whole numbers are written (`digest` is of the request's text, as earlier versions
+# wrote it): a broadcast's copies, and the producer's id check, compare it.
+SAME_REQUEST = "sameRequest"
 FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
 # Seconds since the fan-out last added a page (or first came round) after which its own
 # queued children no longer hold it back: it adds a page's worth of children per this long.
@@ -137,7 +142,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             await ensure_head(ledger, request.id, "broadcast", engine.clock())
             record = await ledger.read(head_name(request.id))
         digest = request_digest(request)
-        if record is not None and record.data.get("digest") not in (None, digest):
+        if record is not None and another_request(record.data, request):
             return await _other_broadcast(request, engine)
         if record is not None and record.data.get("pending") is not None:
             record = await finish_pending_page(request, engine, record)
@@ -176,6 +181,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             head.update(
                 digest=digest,
                 continuation=page.continuation,
+                **{SAME_REQUEST: same_request(request)},
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
@@ -216,6 +222,34 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
     # A broadcast copy's `since` is when it last added a page: its patience starts again.
     progressed = replace(request, engine=replace(request.engine, since=None))
     return await engine.requeue(progressed, 0.0, count=False)
+
+
+def same_request(request: ProactiveRequest) -> str:
+    """What the request is, as SAME_REQUEST keeps it in the head: its targets and content
+    whatever the order of its JSON's keys and however its whole numbers are written (the
+    same request rebuilt from stored data and sent again is the same)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    shown = {name: plain(request.message.get(name)) for name in ("to", *CONTENT_FIELDS)}
+    text = json.dumps(shown, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def another_request(head: Mapping[str, Any], request: ProactiveRequest) -> bool:
+    """Whether the head is another request's: by SAME_REQUEST where the head keeps it, else
+    by `digest` (a head an earlier version wrote; None: nothing to tell by)."""
+    same = head.get(SAME_REQUEST)
+    if isinstance(same, str):
+        return same != same_request(request)
+    return head.get("digest") not in (None, request_digest(request))
 
 
 def request_digest(request: ProactiveRequest) -> str:
@@ -371,7 +405,7 @@ async def end_fan_out(request: ProactiveRequest, engine: Engine, reason: str) ->
     target, so the report reaches `done` once the children enqueued so far are."""
     record = await engine.ledger.read(head_name(request.id))
     if record is not None and isinstance(record.data, dict):
-        if record.data.get("digest") not in (None, request_digest(request)):
+        if another_request(record.data, request):
             return  # another broadcast reusing its id (see _other_broadcast): not this one's
         if record.data.get("pending"):
             record = await _end_pending_page(request, engine, record, reason)

@@ -31,14 +31,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.config import MAX_CLAIM_SECONDS
 from shared.ledger import Ledger, Record
 
 logger = logging.getLogger(__name__)
 
 CLAIM_METADATA: Mapping[str, str] = {"claim": "1"}  # how a report's listing tells claims apart
-# The longest claim a holder's own length (`seconds` in the claim) is taken for: instances
-# with different BOT_PROACTIVE_CLAIM_SECONDS (a change rolling out) honour the holder's.
-MAX_CLAIM_SECONDS = 3600.0
 
 
 @dataclass(slots=True)
@@ -101,8 +99,8 @@ async def take_claim(
             # instance's (a change rolling out) may start its send later.
             held = current.data.get("seconds")
             length = seconds
-            if isinstance(held, int | float) and not isinstance(held, bool):
-                length = max(seconds, min(float(held), MAX_CLAIM_SECONDS))
+            if isinstance(held, int | float) and not isinstance(held, bool) and held > seconds:
+                length = MAX_CLAIM_SECONDS if held > MAX_CLAIM_SECONDS else float(held)
             expires = min(expires, current.modified + length + 1.0)
         holder = current.data.get("message") if isinstance(current.data, dict) else None
         holder = holder if isinstance(holder, str) else None

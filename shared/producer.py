@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -85,7 +84,7 @@ async def enqueue(
 
     Returns the request id. Raises InvalidRequest (short reason; nothing enqueued).
     """
-    from shared.fanout import request_digest
+    from shared.fanout import SAME_REQUEST, request_digest, same_request
     from shared.ledger import BlobLedger
     from shared.references.contract import StoreError
     from shared.reports import create_own_head, head_name
@@ -115,7 +114,7 @@ async def enqueue(
     queue.check()  # settings that reach blobs but not queues: refused before a head is written
     ledger = BlobLedger(settings)
     head = None
-    same = _same_request(parsed)
+    same = same_request(parsed)
     fields = {"digest": request_digest(parsed), SAME_REQUEST: same}
     try:
         head = await create_own_head(ledger, parsed.id, kind, time.time(), fields=fields)
@@ -139,33 +138,11 @@ async def enqueue(
     return parsed.id
 
 
-# The head's digest of what a request is, whatever the order of its JSON's keys and however
-# its whole numbers are written (the fan-out's own `digest` is of the request's text).
-SAME_REQUEST = "sameRequest"
-
-
-def _same_request(parsed: Any) -> str:
-    """What the request is (its targets and content), as SAME_REQUEST keeps it: the same
-    request rebuilt from stored data (keys in another order, 1.0 for 1) is the same."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [plain(item) for item in value]
-        return value
-
-    shown = {name: plain(parsed.message.get(name)) for name in ("to", "activity", "text")}
-    text = json.dumps(shown, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
 async def _refuse_another_request(ledger: Any, request_id: str, kind: str, same: str) -> None:
     """InvalidRequest when the head of `request_id` is another request's: another kind,
     or other targets or content (a head the engine or an earlier version wrote keeps no
     SAME_REQUEST: only its kind can be told). Read with the producer's read-only role too."""
+    from shared.fanout import SAME_REQUEST
     from shared.references.contract import StoreError
     from shared.reports import head_name
 

@@ -25,7 +25,20 @@ _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 # Files that hold settings and their secrets, and copies an editor or a hand left beside
 # them, at any depth, in any case: never packed, whatever `.funcignore` says (a copy
 # outside git packs every file it lets through). `.funcignore` names them too.
-NEVER_PACKED = ("local.settings*.json", ".env", ".env.*", "*.env", "*.bak", "*~", "*.swp")
+NEVER_PACKED = (
+    "*local.settings*",
+    ".env",
+    ".env.*",
+    "*.env",
+    "*.bak",
+    "*.old",
+    "*.orig",
+    "*.save",
+    "*~",
+    "*.sw?",
+    "#*#",
+    ".#*",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,7 @@ def write_parameters(infra: Path, **given: Any) -> None:
     ("name", "value", "setting"),
     [
         ("proactiveClaimSeconds", "20", "BOT_PROACTIVE_CLAIM_SECONDS"),
+        ("proactiveClaimSeconds", "7200", "BOT_PROACTIVE_CLAIM_SECONDS"),
         ("schedule", "00:05:00", "BOT_SCHEDULE"),  # Flex Consumption runs no TimeSpan
         ("connectorRateLimit", "fifty", "BOT_CONNECTOR_RATE_LIMIT"),
         ("proactiveMaxAgeSeconds", "-1", "BOT_PROACTIVE_MAX_AGE_SECONDS"),

@@ -203,13 +203,16 @@ def test_settings_files_never_go_into_the_package(tmp_path: Path) -> None:
         "local.settings.json.bak",
         "local.settings.json~",
         "prod.env",
+        "shared/Copy of local.settings.json",
+        "local.settings.json.orig",
+        "#local.settings.json#",
     ):
         (tmp_path / name).write_text('{"MicrosoftAppPassword": "secret"}')
     assert package.package_files(tmp_path) == [".funcignore", "host.json", "requirements.txt"]
     # `.funcignore` for `func publish`, whose parser matches a rule without a slash at the
     # top folder only: `**/` for the folders below.
     lines = (package.ROOT / ".funcignore").read_text().splitlines()
-    for pattern in ("local.settings*.json", ".env", ".env.*"):
+    for pattern in ("*local.settings*", ".env", ".env.*"):
         assert pattern in lines and f"**/{pattern}" in lines, pattern
     rules = package.parse_ignore("\n".join(lines))
     for name in ("local.settings.prod.json", "shared/.env", "shared/.env.local"):

@@ -162,6 +162,12 @@ def test_a_claim_shorter_than_a_send_with_its_retries_is_refused():
             settings(BOT_PROACTIVE_CLAIM_SECONDS=short)
         assert raised.value.setting == "BOT_PROACTIVE_CLAIM_SECONDS"
         assert f"at least {floor:g}" in raised.value.problem
+    # Other instances honour a claim's own length up to an hour: a longer one would let an
+    # instance take a claim over while its holder could still start its send.
+    assert settings(BOT_PROACTIVE_CLAIM_SECONDS="3600").proactive_claim_seconds == 3600.0
+    with pytest.raises(SettingsError) as raised:
+        settings(BOT_PROACTIVE_CLAIM_SECONDS="14400")
+    assert "at most 3600" in raised.value.problem
 
 
 def test_local_unauthenticated_mode_needs_the_flag_and_no_app_id():

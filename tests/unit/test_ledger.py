@@ -208,3 +208,33 @@ async def test_an_outcome_for_a_target_with_a_very_long_name_is_recorded_and_rep
     report = await read_report(ledger, "long")
     assert recorded and (report["state"], report["failed"]) == ("done", 1)
     assert report["failures"][0]["target"] == label[:MAX_LABEL_CHARS]
+
+
+@pytest.mark.parametrize(
+    ("held", "wait"),
+    [
+        (None, 45),
+        (True, 45),
+        (float("nan"), 45),
+        (-5, 45),
+        ("9999", 45),
+        (120, 120),
+        (float("inf"), 3600),
+        (10**400, 3600),
+    ],
+)
+async def test_a_claim_lasts_its_holders_length_within_an_hour(held, wait):
+    # A claim keeps its holder's length (BOT_PROACTIVE_CLAIM_SECONDS may differ between
+    # instances while a change rolls out); whatever a slot says there, a reader neither
+    # takes it for longer than an hour nor fails on it (10**400 raised OverflowError).
+    from shared.idempotency import Busy, take_claim
+
+    now = [1000.0]
+    ledger = MemoryLedger(clock=lambda: now[0])
+    claim = {"owner": "another", "expiresAt": 1e12}
+    if held is not None:
+        claim["seconds"] = held
+    await ledger.create("slot", claim)
+    busy = await take_claim(ledger, "slot", 1000.0, seconds=45.0)
+    assert isinstance(busy, Busy)
+    assert busy.wait == pytest.approx(wait + 1.0, abs=1.0)

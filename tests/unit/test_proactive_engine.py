@@ -2273,6 +2273,33 @@ async def test_a_report_read_while_a_fanout_counts_pages_never_outruns_its_targe
     assert (report["state"], report["targets"], report["delivered"]) == ("done", 4, 4)
 
 
+async def test_a_broadcast_sent_again_rebuilt_with_its_keys_reordered_is_sent(
+    parts, fake_connector
+):
+    # The producer's head landed and its put did not; the operator sends the request again
+    # rebuilt from stored data (keys in another order, 1.0 for 1), which the producer lets
+    # through as the same request. The fan-out compared the head's digest of the text,
+    # took it for another broadcast and sent nothing: `pending` for ever.
+    from shared.fanout import SAME_REQUEST, request_digest, same_request
+    from shared.proactive_schema import parse_request
+    from shared.reports import create_own_head
+
+    _runtime, engine = parts
+    activity = {"type": "message", "text": "hi", "channelData": {"n": 1}}
+    first = {"id": "b-1", "to": {"broadcast": {}}, "activity": activity}
+    rebuilt = {"channelData": {"n": 1.0}, "text": "hi", "type": "message"}
+    again = {"activity": rebuilt, "to": {"broadcast": {}}, "id": "b-1"}
+    parsed = parse_request(compact_json(first))
+    fields = {"digest": request_digest(parsed), SAME_REQUEST: same_request(parsed)}
+    await create_own_head(engine.ledger, "b-1", "broadcast", 0.0, fields=fields)
+
+    await handle(engine, compact_json(again))
+    await drain(engine)
+    report = await read_report(engine.ledger, "b-1")
+    assert (report["state"], report["delivered"], report["duplicate"]) == ("done", 1, 0)
+    assert sends(fake_connector) == ["a:1"]
+
+
 async def test_a_claim_whose_create_answer_was_lost_is_known_for_its_own(parts, fake_connector):
     # Storage took the claim's create and its answer was lost (the client's retry found
     # the slot taken): the engine took its own claim for an earlier attempt's, put back a

@@ -180,9 +180,20 @@ def to_web_response(value: Any) -> web.Response:
     return web.Response(status=value.status_code, body=value.get_body(), headers=headers)
 
 
-# Headers a proxy or an HTTP tunnel (Dev Tunnels, ngrok, ...) in front of the host adds:
-# the caller is elsewhere, however local the connection.
-_FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+# Headers a proxy, CDN or HTTP tunnel (Dev Tunnels, ngrok, ...) in front of the host adds
+# (and any X-Forwarded-*): the caller is elsewhere, however local the connection.
+_FORWARDED = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "x-original-host",
+        "x-original-url",
+        "cf-connecting-ip",
+        "true-client-ip",
+    }
+)
 
 
 def _from_this_machine(request: web.Request) -> bool:
@@ -191,8 +202,10 @@ def _from_this_machine(request: web.Request) -> bool:
     master key; this host has none, so one served beyond loopback (`--host`), or through
     a tunnel to test with Teams, would run a function (a broadcast, signed with the bot's
     token) for anyone who reaches it."""
-    if any(name in request.headers for name in _FORWARDED):
-        return False
+    for name in request.headers:
+        lowered = name.lower()
+        if lowered in _FORWARDED or lowered.startswith("x-forwarded-"):
+            return False
     try:
         address = ipaddress.ip_address(request.remote or "")
     except ValueError:
