@@ -35,7 +35,6 @@ dequeue budget (`maxDequeueCount`) is spent only when that copy cannot be queued
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -72,8 +71,8 @@ from shared.proactive_schema import (
     InvalidRequest,
     ProactiveRequest,
     as_handled,
-    check_conversation_key,
     claimed_identity,
+    invalid_target_label,
     parse_request,
     request_bytes,
     retry_token,
@@ -216,7 +215,7 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
                 "failed",
                 now,
                 reason=reason,
-                label=_invalid_label(body),
+                label=invalid_target_label(body),
                 yield_to_live_claim=True,
             )
         elif (key := _child_key(body)) is not None:  # a broadcast's child: its target
@@ -585,25 +584,6 @@ def _child_key(body: bytes | str) -> str | None:
     target = message.get("to")
     key = target.get("conversation") if isinstance(target, dict) else None
     return key if message[RESERVED].get("child") is True and isinstance(key, str) else None
-
-
-def _invalid_label(body: bytes | str) -> str | None:
-    """What the report shows as an invalid request's target, when its `to` names one the
-    way a valid request's report would (a conversation key, a user, a broadcast); None
-    otherwise (the slot's own name)."""
-    message = json_object(body)
-    target = message.get("to") if message is not None else None
-    if not isinstance(target, dict) or len(target) != 1:
-        return None
-    [(kind, value)] = target.items()
-    if kind == "conversation":
-        with contextlib.suppress(InvalidRequest):
-            return check_conversation_key(value)  # else not one (a name of another kind)
-    if kind == "user" and isinstance(value, dict):
-        channel_id, user_id = value.get("channelId"), value.get("id")
-        if isinstance(channel_id, str) and isinstance(user_id, str) and channel_id and user_id:
-            return f"user {channel_id}/{user_id}"
-    return "broadcast" if kind == "broadcast" else None
 
 
 def _request_id(body: bytes | str) -> str | None:

@@ -6,6 +6,7 @@ short reason (it becomes the poison copy's `poisonReason` and the report's reaso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -272,6 +273,27 @@ def check_conversation_key(value: Any) -> str:
             "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
         ) from None
     return value
+
+
+def invalid_target_label(body: bytes | str) -> str | None:
+    """What the report shows as an invalid request's target, when its `to` names one the
+    way a valid request's report would (a conversation key, a user, a broadcast); None
+    otherwise (the slot's own name)."""
+    from shared.queues import json_object
+
+    message = json_object(body)
+    target = message.get("to") if message is not None else None
+    if not isinstance(target, dict) or len(target) != 1:
+        return None
+    [(kind, value)] = target.items()
+    if kind == "conversation":
+        with contextlib.suppress(InvalidRequest):
+            return check_conversation_key(value)  # else not one (a name of another kind)
+    if kind == "user" and isinstance(value, dict):
+        channel_id, user_id = value.get("channelId"), value.get("id")
+        if isinstance(channel_id, str) and isinstance(user_id, str) and channel_id and user_id:
+            return f"user {channel_id}/{user_id}"
+    return "broadcast" if kind == "broadcast" else None
 
 
 # A broadcast child nests its reference two levels down (the message, its RESERVED field).
