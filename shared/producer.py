@@ -389,8 +389,9 @@ async def run(argv: Sequence[str] | None = None) -> int:
                     raise
                 # Its put may have landed: a second `send` would be a new request.
                 raise QueueError(
-                    f"{error}; request {request['id']!r} may have been queued: see `report` "
-                    f"for it, and to try again send it with {_id_option(request['id'])}"
+                    f"{error}; request {request['id']!r} may have been queued: see "
+                    f"`report -- {shlex.quote(request['id'])}` for it, and to try again send "
+                    f"it with {_id_option(request['id'])}"
                 ) from None
             except StoreError as error:
                 # Its report's head failed, so nothing was queued; but a create whose

@@ -345,13 +345,18 @@ async def test_a_put_that_may_have_landed_keeps_its_report(azurite, storage, que
             await close()
 
 
-async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(azurite, storage):
+@pytest.mark.parametrize("chosen", [None, "-x 1"])
+async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(
+    azurite, storage, chosen
+):
     # The queue answers 500: the put may have landed (the client retried it, too). The
-    # command chose the id; without it on stderr, a second `send` was a new request.
+    # command chose the id; without it on stderr, a second `send` was a new request. The
+    # `report` it names runs as pasted, an id starting with `-` too (argparse took it for
+    # an option).
+    send = ("send", "--conversation", "msteams/a:1", "--text", "hi")
     async with broken_queue(azurite, storage, answer_500=True) as env:
-        sent = await asyncio.to_thread(
-            producer, env, "send", "--conversation", "msteams/a:1", "--text", "hi"
-        )
+        given = () if chosen is None else (f"--id={chosen}",)
+        sent = await asyncio.to_thread(producer, env, *send, *given)
 
     assert (sent.returncode, sent.stdout) == (1, ""), sent.stderr
     assert len(sent.stderr.splitlines()) == 1, sent.stderr
@@ -359,7 +364,10 @@ async def test_a_send_that_may_have_landed_names_its_id_so_a_retry_sends_once(az
     assert line.startswith("error: ") and "may have been queued" in line, line
     [option] = shlex.split(line.split("send it with ")[1])
     request_id = option.removeprefix("--id=")
-    report = producer(storage, "report", request_id)
+    assert chosen is None or request_id == chosen
+    command = shlex.split(line.split("see `")[1].split("`")[0])
+    assert command[:2] == ["report", "--"]
+    report = producer(storage, *command)
     assert report.returncode == 0 and '"state": "pending"' in report.stdout, report.stderr
 
 
