@@ -37,6 +37,7 @@ from shared.ratelimit import Pacer, Scope
 from shared.serviceurl import parse_service_url
 from shared.windows import Window
 from tests.fixtures.connector import VirtualTime
+from tests.fixtures.recursion import collector_paused
 from tools.botsim.aad import AadError
 from tools.botsim.connector import FakeConnector, Reply
 
@@ -952,7 +953,10 @@ async def test_a_send_answered_with_json_deeper_than_the_parser_goes_is_delivere
     # it is a success, and it is not sent again; RecursionError escaped the parse.
     fake_connector.script("POST", "activities$", [Reply(201, body="[" * 100_000)])
 
-    sent = await client.send_to_conversation(fake_connector.url, CONVERSATION, {"type": "message"})
+    with collector_paused():
+        sent = await client.send_to_conversation(
+            fake_connector.url, CONVERSATION, {"type": "message"}
+        )
 
     assert sent == {}
     assert len(fake_connector.requests) == 1

@@ -12,6 +12,7 @@ from shared.config import SettingsError
 from shared.proactive import InvalidRequest
 from shared.proactive_schema import parse_request
 from shared.producer import _parser, build_request, enqueue, producer_settings
+from tests.fixtures.recursion import collector_paused
 from tests.fixtures.storage import sas_connection_string
 
 
@@ -120,7 +121,7 @@ NESTED = _nested(100_000)
 async def test_invalid_requests_are_refused_before_anything_is_enqueued(tmp_path, request_, reason):
     # Storage that does not exist: a refusal must come before any storage call.
     settings = producer_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, tmp_path)
-    with pytest.raises(InvalidRequest) as raised:
+    with collector_paused(), pytest.raises(InvalidRequest) as raised:  # NESTED: the limit
         await enqueue(request_, settings=settings)
     assert reason in str(raised.value)
 

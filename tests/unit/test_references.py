@@ -32,6 +32,7 @@ from shared.references import (
     user_index_name,
 )
 from shared.storage import StorageOptions
+from tests.fixtures.recursion import collector_paused
 from tests.fixtures.storage import (
     ANSWER_TEXT,
     FAST_STORAGE,
@@ -366,7 +367,7 @@ async def test_list_rejects_bad_page_sizes_and_tokens(store):
         base64.urlsafe_b64encode(b"[" * 100_000).decode(),  # deeper than the parser goes
     ]
     for token in forged:
-        with pytest.raises(ValueError):
+        with collector_paused(), pytest.raises(ValueError):
             await store.list(continuation=token)
     with pytest.raises(ValueError):  # a token only continues the listing it came from
         await store.list(channel_id="webchat", continuation=page.continuation)
