@@ -141,7 +141,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             # was taken for one already fanned out and never sent.
             await ensure_head(ledger, request.id, "broadcast", engine.clock())
             record = await ledger.read(head_name(request.id))
-        digest = request_digest(request)
+        digest, same = request_digest(request), same_request(request)
         if record is not None and another_request(record.data, request):
             return await _other_broadcast(request, engine)
         if record is not None and record.data.get("pending") is not None:
@@ -181,7 +181,7 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
             head.update(
                 digest=digest,
                 continuation=page.continuation,
-                **{SAME_REQUEST: same_request(request)},
+                **{SAME_REQUEST: same},
                 targets=int(head.get("targets") or 0) + len(targets),
                 fannedOut=page.continuation is None,
                 updatedAt=iso(engine.clock()),
