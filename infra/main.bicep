@@ -83,7 +83,7 @@ param connectorRateLimit string = '50'
 @description('BOT_PROACTIVE_MAX_AGE_SECONDS: how long a throttled or transiently failing proactive send is requeued before it is reported failed.')
 param proactiveMaxAgeSeconds string = '3600'
 
-@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it. At least 24 (twice the Connector client\'s 12 s budget for one send) and at most 3600: the app refuses others at startup.')
+@description('BOT_PROACTIVE_CLAIM_SECONDS: how long an instance holds a proactive target; a crashed instance\'s targets are retried after it. At least 40 (a send starts only while 30 s of it are left, for the send with its retries and the write that settles it) and at most 3600: the app refuses others at startup.')
 param proactiveClaimSeconds string = '45'
 
 @description('App settings of your own, added to the template\'s: PYTHON_ENABLE_DEBUG_LOGGING, a queue option (AzureFunctionsJobHost__extensions__queues__...), AzureWebJobs.proactive_function.Disabled while upgrading. Every provisioning sets the app\'s settings to exactly the template\'s and these: one set by hand is removed. Names the template sets, or that must not be set on Azure, are refused by tools/infra_check.py.')

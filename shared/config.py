@@ -85,6 +85,16 @@ MAX_QUEUE_NAME = 63 - len(POISON_SUFFIX)  # Azure's queue names have at most 63 
 # BOT_PROACTIVE_CLAIM_SECONDS at most: instances honour a claim's own length up to this
 # (shared/idempotency.py), so a setting changed while instances run on cannot double a send.
 MAX_CLAIM_SECONDS = 3600.0
+# One call to the proactive ledger, the storage client's retries included (shared/ledger.py).
+LEDGER_CALL_SECONDS = 15.0
+# What a claim must still have when its send starts: the Connector client's whole budget for
+# the send with its retries, the ledger's for the write that settles it, and 3 s for the
+# instances' clocks. With less, a send whose settling write is slow could be settled after
+# the claim ends, when another copy of the same request may have taken it over and sent too.
+CLAIM_RESERVE_SECONDS = RetryPolicy().max_total_seconds + LEDGER_CALL_SECONDS + 3.0
+# BOT_PROACTIVE_CLAIM_SECONDS at least: the reserve, and 10 s to reach the send (a `user`
+# target's lookups, its new 1:1); a claim spent past its reserve is put back, not sent on.
+MIN_CLAIM_SECONDS = CLAIM_RESERVE_SECONDS + 10.0
 
 # App Service resolves `@Microsoft.KeyVault(...)` app settings before the app starts; when it
 # cannot (no access to the vault, a wrong URI), the app sees the reference text itself, and
@@ -520,17 +530,16 @@ def _parse_number(env: Mapping[str, str], name: str, default, kind):
 
 
 def _parse_claim_seconds(env: Mapping[str, str]) -> float:
-    # A send starts only while half of its claim is left (shared/proactive.py), and the
-    # Connector client spends up to its whole budget on it, retries included: a shorter
-    # claim could expire mid-send, and another instance would take it over and send again.
+    # A send starts only while CLAIM_RESERVE_SECONDS of its claim are left
+    # (shared/proactive.py): a shorter claim would leave too little time to reach the send.
     # Other instances honour a claim's own length up to an hour (shared/idempotency.py).
-    floor = 2 * RetryPolicy().max_total_seconds
     seconds = _parse_number(env, "BOT_PROACTIVE_CLAIM_SECONDS", 45.0, float)
-    if seconds < floor:
+    if seconds < MIN_CLAIM_SECONDS:
         raise SettingsError(
             "BOT_PROACTIVE_CLAIM_SECONDS",
-            f"must be at least {floor:g} seconds: twice the Connector client's "
-            f"{floor / 2:g} s budget for one send with its retries",
+            f"must be at least {MIN_CLAIM_SECONDS:g} seconds: a send starts only while "
+            f"{CLAIM_RESERVE_SECONDS:g} s of its claim are left, for the send with its "
+            "retries and the write that settles it",
         )
     if seconds > MAX_CLAIM_SECONDS:
         raise SettingsError(

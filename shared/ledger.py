@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from shared import listing
 from shared.blob_clients import BlobClients
-from shared.config import Settings
+from shared.config import LEDGER_CALL_SECONDS, Settings
 from shared.references.contract import StoreError, refused_credential, storage_auth_failed
 from shared.storage import (
     DEFAULT_OPTIONS,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from azure.storage.blob.aio import BlobClient, ContainerClient
 
 
-OPERATION_TIMEOUT = 15.0  # seconds for one ledger call, the client's retries included
+OPERATION_TIMEOUT = LEDGER_CALL_SECONDS  # one ledger call, the client's retries included
 BLOB_CLIENTS = 1024  # blob clients kept for reuse, the least recently used dropped first
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shared.config import Settings
+from shared.config import CLAIM_RESERVE_SECONDS, Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, child_scope, deliver, post, resolve
 from shared.diagnostics import clip
@@ -398,10 +398,11 @@ async def _send_claimed(
 
 
 def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -> bool:
-    """Half the claim is gone (slow storage): the send, with the Connector's own retries,
-    could outlive it, and another instance would send too. Checked before the target's
-    reference is resolved and again before the send itself."""
-    if engine.clock() - claimed_at <= engine.claim_seconds / 2:
+    """Too little of the claim is left (slow storage) for the send, with the Connector's
+    own retries, and the write that settles it: settled after the claim ends, another copy
+    of the request could have taken the target over and sent too. Checked before the
+    target's reference is resolved and again before the send itself."""
+    if engine.clock() - claimed_at <= engine.claim_seconds - CLAIM_RESERVE_SECONDS:
         return False
     logger.info(
         "proactive %r: claim on %s mostly spent before the send; retried",

@@ -33,8 +33,7 @@ from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueServiceClient
 
 from shared import producer
-from shared.config import Settings
-from shared.connector import RetryPolicy
+from shared.config import MIN_CLAIM_SECONDS, Settings
 from shared.references import BlobReferenceStore, document_name
 from shared.schedules import run_timer
 from shared.storage import close_shared_clients
@@ -516,10 +515,10 @@ async def test_an_expired_secret_loses_nothing_and_delivers_once_fixed(
 
 # --- crashes and scale-out ---------------------------------------------------------------------
 
-# The shortest claim the settings accept (twice the Connector client's budget for a send).
+# The shortest claim the settings accept (room for a send and the write that settles it).
 FAST_RECOVERY = {
     "DEVHOST_QUEUE_LEASE_SECONDS": "3",
-    "BOT_PROACTIVE_CLAIM_SECONDS": str(2 * RetryPolicy().max_total_seconds),
+    "BOT_PROACTIVE_CLAIM_SECONDS": f"{MIN_CLAIM_SECONDS:g}",
 }
 
 
@@ -557,7 +556,7 @@ async def test_a_host_killed_mid_broadcast_completes_it_after_a_restart(
         assert len(killed_at) < len(conversations)  # it really was mid-broadcast
 
         second = DevHost(shared_env, tmp_path, functions=("proactive_function",)).wait_started()
-        report = await bot.wait_report(request_id, within=90, targets=300, delivered=300)
+        report = await bot.wait_report(request_id, within=120, targets=300, delivered=300)
         sent = conversations_sent(connector, "survive")
         assert set(sent) == set(conversations)
         twice = [c for c, n in sent.items() if n > 1]

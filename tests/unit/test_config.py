@@ -148,13 +148,13 @@ def test_a_queue_name_whose_poison_queue_could_not_exist_is_refused(tmp_path):
     assert "3-56 lower-case" in raised.value.problem
 
 
-def test_a_claim_shorter_than_a_send_with_its_retries_is_refused():
-    # A send starts only while half of its claim is left, and the Connector client spends
-    # up to its whole budget on it: a shorter claim could expire mid-send, and another
-    # instance would take the target over and send it again.
-    from shared.connector import RetryPolicy
-
-    floor = 2 * RetryPolicy().max_total_seconds
+def test_a_claim_too_short_for_a_send_and_its_settling_write_is_refused():
+    # A send starts only while enough of its claim is left for the Connector client's
+    # whole budget (12 s, retries included), the ledger's for the write that settles it
+    # (15 s) and 3 s for clocks, and a claim leaves 10 s to reach the send: 40 s at least.
+    # Shorter, the claim could end before the send is settled, and another instance would
+    # take the target over and send it again.
+    floor = 40.0
     assert settings(BOT_PROACTIVE_CLAIM_SECONDS=str(floor)).proactive_claim_seconds == floor
     assert settings().proactive_claim_seconds == 45.0
     for short in ("4", "0.5", str(floor - 0.5)):

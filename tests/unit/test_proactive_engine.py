@@ -1883,6 +1883,58 @@ async def test_a_claim_mostly_spent_on_slow_storage_is_not_used_for_a_send(parts
     assert sends(fake_connector) == ["a:1"]
 
 
+async def test_a_send_is_started_only_while_its_claim_outlasts_the_write_that_settles_it(
+    parts, fake_connector, monkeypatch
+):
+    # Slow storage throughout, played on the test clock: the reference read took 20 s of
+    # the 45 s claim, the Connector answered after 10 s and the settling write took 16 s.
+    # Started with half its claim left, the send was settled after the claim had ended,
+    # when a second copy of the same request (its id sent again) had taken it over: both
+    # sent. The send needs 12 s (the Connector's budget) + 15 s (the write) + 3 s left.
+    runtime, engine = parts
+    clock, store, text = engine.clock, runtime.references, body({"conversation": "msteams/a:1"})
+    brownout, settled, other = [True], [], []
+    get = store.get
+
+    async def slow_get(key):
+        if brownout[0]:
+            clock.now += 20
+        return await get(key)
+
+    async def slow_post(*args, **kwargs):
+        clock.now += 10
+        return await post(*args, **kwargs)
+
+    class SlowSettle(MemoryLedger):
+        async def replace(self, name, data, etag, *, metadata=None):
+            if "/out/" in name and "outcome" in data and not settled:
+                settled.append(name)  # once: the other copy's own write is not slowed
+                clock.now += 16
+                other.append(
+                    await handle_queue_message(text, runtime, engine=engine, message_id="msg-B")
+                )
+            return await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+
+    post = proactive.post
+    monkeypatch.setattr(proactive, "post", slow_post)
+    store.get = slow_get
+    engine.ledger = SlowSettle(clock=clock)
+    outcome = await handle_queue_message(text, runtime, engine=engine, message_id="msg-A")
+    assert sends(fake_connector) == []  # put back, its claim released
+    assert outcome is Outcome.REQUEUED and other == []
+    assert not any("/out/" in name for name in engine.ledger.blobs)
+    [(copy, _)] = engine.queue.take()
+
+    brownout[0] = False  # the reference read is quick again; the rest stays slow
+    outcome = await handle_queue_message(copy, runtime, engine=engine, message_id="msg-A2")
+    assert outcome is Outcome.DELIVERED
+    assert other == [Outcome.REQUEUED]  # the claim still held the other copy off
+    [(again, _)] = engine.queue.take()
+    outcome = await handle_queue_message(again, runtime, engine=engine, message_id="msg-B")
+    assert outcome is Outcome.DUPLICATE
+    assert sends(fake_connector) == ["a:1"]
+
+
 async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_poisons(
     parts, fake_connector
 ):
@@ -2329,7 +2381,7 @@ async def test_a_claim_whose_create_answer_was_lost_is_known_for_its_own(parts, 
 
 async def test_a_claim_lasts_as_long_as_its_holders_setting_says(parts, fake_connector):
     # BOT_PROACTIVE_CLAIM_SECONDS lowered from 120 to 45, instances restarting one by one:
-    # the holder (120 s) may start its send up to 60 s after claiming, and the other
+    # the holder (120 s) may start its send up to 90 s after claiming, and the other
     # (45 s) took the claim over at 46 s, its own length: both sent.
     runtime, engine = parts
     engine.claim_seconds = 120.0
