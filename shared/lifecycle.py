@@ -168,6 +168,20 @@ async def _forget_channel(store: ReferenceStore, state: StateStore | None, key: 
         logger.debug("references: channel %s is no key", clip(key))
 
 
+def channel_event(activity: Mapping[str, Any]) -> str | None:
+    """`channelDeleted` or `channelRestored` when `activity` is that Teams event naming one
+    of the team's channels (not the team's own): its reference goes, or comes back, with
+    the event, which no later activity would redo. None otherwise."""
+    event = channel_data(activity).get("eventType") if from_teams(activity) else None
+    if event not in ("channelDeleted", "channelRestored"):
+        return None
+    try:
+        key = reference_key(_reference(activity))
+    except ValueError:
+        return None
+    return event if _named_channel(activity, key, event) is not None else None
+
+
 def removed_team(activity: Mapping[str, Any]) -> str | None:
     """The Teams team a removal takes the bot out of as a whole (all its channels go), or
     None. The bot disallowed in one shared channel comes as its removal from that channel

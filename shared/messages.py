@@ -199,8 +199,8 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
     elif added:
-        # The bot was added on Teams (installed, a team restored): stored first, then the
-        # turn (a welcome, say). No later activity may redo a failed write (in a team the
+        # The bot was added on Teams (installed, a team or channel restored): stored first,
+        # then the turn (a welcome, say). No later activity may redo a failed write (in a team the
         # bot hears only its @mentions; a notification-only app's user may never write),
         # so it answers 500 and the handlers do not run: the channel's retry does both,
         # and the welcome is sent once. (Other channels add the bot at each conversation's
@@ -285,9 +285,12 @@ def _removal(activity: Activity) -> bool:
 
 
 def _teams_addition(activity: Activity) -> bool:
-    from shared.lifecycle import Change, classify
+    """The bot added on Teams, or a channel of its team restored."""
+    from shared.lifecycle import Change, channel_event, classify
 
-    return from_teams(activity) and classify(activity) is Change.ADD
+    if not from_teams(activity):
+        return False
+    return classify(activity) is Change.ADD or channel_event(activity) == "channelRestored"
 
 
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
@@ -297,21 +300,25 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
     answer (Teams gives message-extension queries 5 s in all), and a storage outage with
     its retries must not eat that. A refresh cut short or failed is only logged: a later
-    activity redoes it. A Teams addition's failure (within ADDITION_BUDGET) fails the
-    answer, and so does a removal's, which gets REMOVAL_BUDGET (a team's:
-    TEAM_REMOVAL_BUDGET): no later activity would redo them; the channel's retry does.
+    activity redoes it. A Teams addition's failure (within ADDITION_BUDGET; a channel
+    restored is one) fails the answer, and so does a removal's, which gets REMOVAL_BUDGET
+    (a team's: TEAM_REMOVAL_BUDGET; a channel deleted: the same as a conversation's): no
+    later activity would redo them; the channel's retry does.
     """
-    from shared.lifecycle import Change, classify, record_activity, removed_team
+    from shared.lifecycle import Change, channel_event, classify, record_activity, removed_team
     from shared.references.contract import StoreError
     from shared.state import StateError
 
     change = classify(activity)
-    removal = change is Change.REMOVE
-    kept = change is Change.ADD and from_teams(activity)  # stored before the turn
+    named = channel_event(activity)
+    removal = change is Change.REMOVE or named == "channelDeleted"
+    kept = _teams_addition(activity)  # stored before the turn
     what = "reference not removed" if removal else "reference not recorded"
     budget = ADDITION_BUDGET if kept else RECORD_BUDGET
-    if removal:
+    if change is Change.REMOVE:
         budget = TEAM_REMOVAL_BUDGET if removed_team(activity) else REMOVAL_BUDGET
+    elif removal:
+        budget = REMOVAL_BUDGET
     try:
         async with asyncio.timeout(budget):
             await record_activity(runtime.references, activity, change, state=runtime.state)

@@ -35,7 +35,7 @@ from shared.messages import (
     UNAUTHORIZED,
     handle_messages,
 )
-from shared.references import MemoryReferenceStore, StoreError
+from shared.references import MemoryReferenceStore, StoreError, reference_key
 from shared.router import APOLOGY, InvokeResponse, Router
 from shared.runtime import Runtime, reset_runtime
 from tools.botsim.connector import FakeConnector
@@ -1178,6 +1178,57 @@ async def test_a_removal_that_storage_refuses_is_a_500_for_the_channel_to_retry(
     store.fail = False  # the channel's retry, storage back
     response = await bot.handle(post(uninstall, channel_token(channel_identity, bot)))
     assert response.status == 200 and await stored_keys(store) == []
+
+
+class ChannelOutage(MemoryReferenceStore):
+    """Storage refuses every write and delete of one conversation's key only."""
+
+    down: str | None = None
+
+    async def upsert(self, reference, *, team_id=None, refresh=False) -> bool:
+        if self.down is not None and reference_key(reference) == self.down:
+            raise StoreError("reference store: write failed (simulated outage)")
+        return await super().upsert(reference, team_id=team_id, refresh=refresh)
+
+    async def delete(self, key: str) -> bool:
+        if key == self.down:
+            raise StoreError("reference store: delete failed (simulated outage)")
+        return await super().delete(key)
+
+
+@pytest.mark.parametrize("event", ["channelDeleted", "channelRestored"])
+async def test_a_channel_event_whose_channel_storage_refuses_is_a_500_for_the_channel_to_retry(
+    event, bot, channel_identity, fake_connector
+):
+    # Teams tells of a channel deleted or restored once, in the team's General channel: no
+    # later activity removes the deleted one (broadcasts keep trying it) or stores the
+    # restored one (the bot hears only its @mentions there). A failure was only logged.
+    store = ChannelOutage()
+    bot.runtime.references = store
+    general, named = team_channel(0), team_channel(1)
+    key = f"{CHANNEL}/{named['id']}"
+    for conversation in (general, named) if event == "channelDeleted" else (general,):
+        await store.upsert(
+            {**activity_for(fake_connector.url), "conversation": conversation},
+            team_id=TEAM["team"]["id"],
+        )
+    store.down = key
+    update = activity_for(
+        fake_connector.url,
+        type="conversationUpdate",
+        conversation=general,
+        channelData={**TEAM, "eventType": event, "channel": {"id": named["id"], "name": "D"}},
+    )
+    token = channel_token(channel_identity, bot)
+
+    response = await bot.handle(post(update, token))
+    assert (response.status, response.body) == (500, SERVER_ERROR.encode())
+    assert (key in await stored_keys(store)) is (event == "channelDeleted")  # as it was
+
+    store.down = None  # the channel's retry, storage back
+    assert (await bot.handle(post(update, token))).status == 200
+    assert (key in await stored_keys(store)) is (event == "channelRestored")
+    assert f"{CHANNEL}/{general['id']}" in await stored_keys(store)
 
 
 async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch, caplog):
