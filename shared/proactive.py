@@ -360,8 +360,8 @@ async def _send_claimed(
     progress: _Progress,
 ) -> Outcome:
     try:
-        if _claim_spent(request, engine, claimed_at):
-            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        if _claim_spent(engine, claimed_at):
+            return await _put_back_spent(request, engine, claim)
         try:
             target = await resolve(request, engine.runtime)
         except UnreadableDocument as unreadable:
@@ -372,8 +372,8 @@ async def _send_claimed(
             return await fail_target(request, engine, reason[:300], claim.etag)
         if target is None:
             outcome = Outcome.UNKNOWN
-        elif _claim_spent(request, engine, claimed_at):  # a slow lookup (a user's 1:1)
-            return await engine.requeue(request, engine.jitter(1.0), count=False)
+        elif _claim_spent(engine, claimed_at):  # a slow lookup (a user's 1:1)
+            return await _put_back_spent(request, engine, claim)
         else:
             progress.posted = True
             try:
@@ -397,19 +397,30 @@ async def _send_claimed(
     return outcome
 
 
-def _claim_spent(request: ProactiveRequest, engine: Engine, claimed_at: float) -> bool:
+def _claim_spent(engine: Engine, claimed_at: float) -> bool:
     """Too little of the claim is left (slow storage) for the send, with the Connector's
     own retries, and the write that settles it: settled after the claim ends, another copy
     of the request could have taken the target over and sent too. Checked before the
     target's reference is resolved and again before the send itself."""
-    if engine.clock() - claimed_at <= engine.claim_seconds - CLAIM_RESERVE_SECONDS:
-        return False
+    return engine.clock() - claimed_at > engine.claim_seconds - CLAIM_RESERVE_SECONDS
+
+
+async def _put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim) -> Outcome:
+    """Its claim spent before the send: claimed again later, less often the longer storage
+    stays slow (every copy costs it three calls), and past the age bound failed, with a
+    poison copy for an operator."""
+    age = engine.age(request)
+    if age >= engine.max_age:
+        reason = f"gave up after {age:.0f} s: storage too slow to start the send in its claim"
+        return await fail_target(request, engine, reason, claim.etag)
+    delay = engine.jitter(min(30.0, max(1.0, age / 4)))
     logger.info(
-        "proactive %r: claim on %s mostly spent before the send; retried",
+        "proactive %r: claim on %s spent before the send; retried in %.0f s",
         request.id,
         request.logged,
+        delay,
     )
-    return True
+    return await engine.requeue(request, delay, count=False)
 
 
 async def _retry_failed(

@@ -235,7 +235,7 @@ def write_parameters(infra: Path, **given: Any) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "setting"),
     [
-        ("proactiveClaimSeconds", "20", "BOT_PROACTIVE_CLAIM_SECONDS"),
+        ("proactiveClaimSeconds", "39", "BOT_PROACTIVE_CLAIM_SECONDS"),  # accepted before
         ("proactiveClaimSeconds", "7200", "BOT_PROACTIVE_CLAIM_SECONDS"),
         ("schedule", "00:05:00", "BOT_SCHEDULE"),  # Flex Consumption runs no TimeSpan
         ("connectorRateLimit", "fifty", "BOT_CONNECTOR_RATE_LIMIT"),
@@ -254,6 +254,11 @@ def test_a_parameter_value_the_app_would_refuse_is_reported(
     assert problem.startswith(
         f"main.parameters.json: the app would refuse its settings: setting {setting}: "
     ), problem
+
+
+def test_the_shortest_claim_the_app_accepts_passes_the_check(infra_copy: Path) -> None:
+    write_parameters(infra_copy, proactiveClaimSeconds="40")
+    assert infra_check.check_parameter_file(infra_copy) == []
 
 
 def test_settings_of_the_operators_own_are_deployed_with_the_templates(infra_copy: Path) -> None:

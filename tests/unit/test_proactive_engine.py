@@ -1935,6 +1935,56 @@ async def test_a_send_is_started_only_while_its_claim_outlasts_the_write_that_se
     assert sends(fake_connector) == ["a:1"]
 
 
+class SlowClaims(MemoryLedger):
+    """Each claim's create takes `seconds` on the test clock (a storage brownout)."""
+
+    seconds = 0.0
+
+    async def create(self, name, data, *, metadata=None):
+        if "/out/" in name:
+            self.clock.now += self.seconds
+        return await MemoryLedger.create(self, name, data, metadata=metadata)
+
+
+@pytest.mark.parametrize(("spent", "sent"), [(15.0, True), (15.01, False)])
+async def test_a_send_starts_with_30_seconds_of_its_claim_left_and_not_less(
+    parts, fake_connector, spent, sent
+):
+    # 12 s for the send with its retries, 15 s for the write that settles it, 3 s for the
+    # instances' clocks: of a 45 s claim, 15 s may go before the send, not more.
+    _runtime, engine = parts
+    engine.ledger = SlowClaims(clock=engine.clock)
+    engine.ledger.seconds = spent
+    outcome = await handle(engine, body({"conversation": "msteams/a:1"}))
+    assert (outcome, sends(fake_connector)) == (
+        (Outcome.DELIVERED, ["a:1"]) if sent else (Outcome.REQUEUED, [])
+    )
+
+
+async def test_storage_too_slow_to_start_a_send_backs_off_then_fails_it_at_the_age_bound(
+    parts, fake_connector
+):
+    # Each claim's create took 16 s, its whole claim less 29 s: every copy was put back a
+    # second later, for ever, three storage calls a time (never delivered, never failed).
+    _runtime, engine = parts
+    engine.ledger = SlowClaims(clock=engine.clock)
+    engine.ledger.seconds = 16.0
+    text, delays, outcome = body({"conversation": "msteams/a:1"}), [], Outcome.REQUEUED
+    while outcome is Outcome.REQUEUED and len(delays) < 1000:
+        outcome = await handle(engine, text)
+        if outcome is Outcome.REQUEUED:
+            [(text, delay)] = engine.queue.take()
+            delays.append(delay)
+            engine.clock.now += delay
+    assert outcome is Outcome.FAILED and sends(fake_connector) == []
+    assert delays == sorted(delays) and delays[0] < 2 and 30 <= delays[-1] <= 37
+    assert len(delays) < 100  # an hour, the age bound, at 16 s and up to 37 s a copy
+    [poisoned] = engine.queue.poisoned
+    assert "storage too slow" in poisoned["poisonReason"]
+    report = await read_report(engine.ledger, "req-1")
+    assert report["state"] == "done" and report["failed"] == 1
+
+
 async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_poisons(
     parts, fake_connector
 ):
@@ -2389,7 +2439,7 @@ async def test_a_claim_lasts_as_long_as_its_holders_setting_says(parts, fake_con
     store, text, seen = runtime.references, body({"conversation": "msteams/a:1"}), []
     get = store.get
 
-    async def slow_get(key):  # the holder reads the reference in 50 s (< 60)
+    async def slow_get(key):  # the holder reads the reference in 50 s (< 90)
         found = await get(key)
         if not seen:
             engine.clock.now += 47
