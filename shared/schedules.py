@@ -40,7 +40,7 @@ from shared.proactive_schema import (
     parse_request,
 )
 from shared.producer import request_text
-from shared.queues import MessageQueue, QueueAuthFailed, QueueError, compact_json
+from shared.queues import MessageQueue, QueueAuthFailed, compact_json
 from shared.references.contract import StorageAuthFailed, StoreError
 from shared.references.keys import encode_segment
 from shared.timer_syntax import croniter_form, ncrontab_problem
@@ -174,16 +174,23 @@ class Listed:
 
 
 async def read_schedules(ledger: Ledger) -> AsyncIterator[Listed]:
-    """Every blob under ``schedules/``, in name order, read and checked as the timer does."""
+    """Every blob under ``schedules/``, in name order, read and checked as the timer does.
+    Raises StoreError when storage fails to read one (not the document's fault)."""
     entries = [entry async for entry in ledger.list(SCHEDULES_PREFIX)]
     for entry in entries:
         found = await _check(ledger, entry)
         if found is not None:
-            yield replace(found, blob=entry.name)
+            yield found
 
 
 async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
-    """The listed blob's schedule, or why the timer skips it; None when it is gone."""
+    """The listed blob's schedule, or why the timer skips it; None when it is gone.
+    Raises StoreError when storage fails to read it."""
+    found = await _checked(ledger, entry)
+    return None if found is None else replace(found, blob=entry.name)
+
+
+async def _checked(ledger: Ledger, entry: Entry) -> Listed | None:
     blob = entry.name
     name = blob[len(SCHEDULES_PREFIX) :]
     if not blob.endswith(".json"):
@@ -200,9 +207,7 @@ async def _check(ledger: Ledger, entry: Entry) -> Listed | None:
             return None  # removed since the listing
         schedule = parse_schedule(name, record.data)
         return Listed(name, schedule, None, record.modified, version=record.etag)
-    except StorageAuthFailed:
-        raise  # a credential to fix: no document can be read, this one is not at fault
-    except StoreError:
+    except NotJson:
         return Listed(name, None, "the document is not valid JSON or unreadable")
     except InvalidRequest as error:
         return Listed(name, None, str(error))
@@ -216,22 +221,27 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
     One bad document, or one schedule's failed read or put, never stops the others.
     """
     enqueued: list[str] = []
-    async for found in read_schedules(ledger):
-        if found.schedule is None:
-            # Never the document's content: only which one, and the rule it breaks.
-            logger.warning("schedule %r skipped: %s", found.name[:200], found.problem)
-            continue
+    entries = [entry async for entry in ledger.list(SCHEDULES_PREFIX)]
+    for entry in entries:
         try:
+            found = await _check(ledger, entry)
+            if found is None:
+                continue  # removed since the listing
+            if found.schedule is None:
+                # Never the document's content: only which one, and the rule it breaks.
+                logger.warning("schedule %r skipped: %s", found.name[:200], found.problem)
+                continue
             enqueued += await _run_one(
                 ledger, queue, found.schedule, now, found.modified, found.version
             )
         except (StorageAuthFailed, QueueAuthFailed):
             raise  # a credential to fix: every schedule would fail alike (the run fails)
-        except (StoreError, QueueError, ValueError) as error:
-            # Its last run is not moved on: the next run enqueues what is due then.
+        except Exception as error:  # its type only: the text may quote a document or a SAS
+            # Its last run is not moved on: the next run enqueues what fell due meanwhile
+            # (unless its document is written before: an edited schedule starts afresh).
             logger.warning(
-                "schedule %r: not run this time (%s); retried at the next run",
-                found.name,
+                "schedule %r: not run this time (%s); the next run catches up",
+                entry.name[len(SCHEDULES_PREFIX) :].removesuffix(".json")[:200],
                 type(error).__name__,
             )
     return enqueued
@@ -382,6 +392,10 @@ async def _run_one(
     # a record that does not say (an earlier version's) counts its whole last run.
     enqueued = _moment(recorded.get("enqueued")) if "enqueued" in recorded else last
     used = enqueued if changed else None
+    if enqueued is not None and enqueued - until > AHEAD_TOLERATED:
+        # No run enqueues a minute ahead of its clock: edited by hand (or unusable, as
+        # year 9999 is), like a last run recorded far ahead it restarts the schedule.
+        last = max(last, enqueued) if last is not None else enqueued
     if last is not None and _ahead(last, until, state):
         # Written by a clock that ran ahead (or edited by hand): kept, it would hold the
         # schedule back until then. It restarts as from an unusable record; a due time the

@@ -746,6 +746,27 @@ def test_a_disabled_schedule_and_a_broken_document_are_listed_as_the_timer_sees_
     assert {line["name"]: line for line in schedules(storage)}["broken"]["enabled"] is True
 
 
+async def test_a_schedule_storage_fails_to_read_fails_the_list_rather_than_called_broken(
+    azurite, storage
+):
+    # A 503 on one document was listed as "the document is not valid JSON or unreadable"
+    # with exit 0: an operator could delete or rewrite a schedule that was fine.
+    from aiohttp import web
+
+    put = ("schedule", "put", "b", "--cron", "0 0 9 * * *", "--conversation", "msteams/a:1")
+    assert producer(storage, *put, "--text", "x").returncode == 0
+
+    async def busy(request, forward):
+        if request.method == "GET" and request.path.endswith("/schedules/b.json"):
+            return web.Response(status=503, headers={"x-ms-error-code": "ServerBusy"})
+        return await forward()
+
+    async with blob_proxy(azurite, storage, busy) as env:
+        listed = await asyncio.to_thread(producer, env, "schedule", "list")
+    assert listed.returncode == 1 and "503" in listed.stderr, listed.stderr[-500:]
+    assert "not valid JSON" not in listed.stdout
+
+
 def test_list_shows_every_schedule_and_delete_removes_whatever_list_names(storage):
     # A lone surrogate in a request `put` accepted made `list` fail (stdout could not
     # encode it) and hide every schedule after it; names `list` showed for blobs the timer

@@ -14,7 +14,14 @@ from shared.ledger import MemoryLedger
 from shared.proactive import InvalidRequest
 from shared.queues import MemoryQueue, QueueError, compact_json
 from shared.references import encode_segment
-from shared.schedules import EARLY_RUN, due_times, parse_schedule, run_schedules, schedule_id
+from shared.schedules import (
+    EARLY_RUN,
+    STATE_PREFIX,
+    due_times,
+    parse_schedule,
+    run_schedules,
+    schedule_id,
+)
 from tests.fixtures.storage import ANSWER_TEXT, UNREADABLE_ANSWERS, unreadable_storage
 
 REQUEST = {"to": {"conversation": "msteams/a:1"}, "text": "tick"}
@@ -365,7 +372,6 @@ async def test_a_failed_read_of_a_last_run_record_loses_none_of_its_catch_up(
     from shared.config import Settings, StorageSettings
     from shared.ledger import BlobLedger
     from shared.queues import StorageQueue
-    from shared.schedules import STATE_PREFIX
     from shared.storage import close_shared_clients
     from tests.fixtures.storage import FAST_STORAGE
     from tools.azurite import connection_string, free_port
@@ -1049,3 +1055,68 @@ async def test_due_times_a_run_leaves_out_are_said_in_a_warning(
     # A run within the bounds says nothing.
     assert len(await run_schedules(ledger, queue, T0 + gap + then)) == 1
     assert not [r for r in caplog.records if "not sent" in r.getMessage()]
+
+
+class Busy(MemoryLedger):
+    """Storage answers 503 to every read of the blobs named in `failing`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()
+
+    async def read(self, name):
+        if name in self.failing:
+            from shared.references import StoreError
+
+            raise StoreError(
+                f"proactive ledger: read {name} failed: HTTP 503 ServerBusy", status=503
+            )
+        return await super().read(name)
+
+
+async def test_a_document_storage_fails_to_read_is_not_called_broken_and_is_caught_up(caplog):
+    # A 503 on one document read as "the document is not valid JSON or unreadable": the
+    # timer skipped it as broken, and `schedule list` showed a healthy schedule so.
+    from shared.references import StoreError
+    from shared.schedules import read_schedules
+
+    ledger, queue = Busy(), MemoryQueue()
+    document = {"schedule": "0 */10 * * * *", "request": REQUEST}
+    await ledger.create("schedules/a.json", document)
+    await ledger.create("schedules/b.json", document)
+    T12 = T0.replace(second=0)
+    assert len(await run_schedules(ledger, queue, T12)) == 2
+
+    ledger.failing.add("schedules/b.json")
+    caplog.set_level(logging.WARNING)
+    ran = await run_schedules(ledger, queue, T12 + timedelta(minutes=20))
+    assert [i for i in ran if ":b:" in i] == [] and len(ran) == 2  # a's two due times
+    assert "'b': not run this time (StoreError)" in caplog.text
+    assert "not valid JSON" not in caplog.text
+    with pytest.raises(StoreError):
+        [found async for found in read_schedules(ledger)]
+
+    ledger.failing.clear()
+    caught_up = await run_schedules(ledger, queue, T12 + timedelta(minutes=21))
+    assert [i for i in caught_up if ":b:" in i] == [
+        "schedule:b:2030-01-01T12:10Z",
+        "schedule:b:2030-01-01T12:20Z",
+    ]
+
+
+@pytest.mark.parametrize("enqueued", ["9999-12-31T23:59:00+00:00", "9999-12-31T23:59:59-01:00"])
+async def test_a_last_run_record_enqueued_far_ahead_restarts_its_schedule_alone(caplog, enqueued):
+    # Its changed document's next minute overflowed (OverflowError): every run failed
+    # before the schedules after it in name order, every minute.
+    ledger, queue = MemoryLedger(), MemoryQueue()
+    document = {"schedule": "0 * * * * *", "request": REQUEST}
+    await ledger.create("schedules/a.json", document)
+    await ledger.create("schedules/b.json", document)
+    state = f"{STATE_PREFIX}{encode_segment('a', 400)}.json"
+    last = (T0 - timedelta(minutes=5)).isoformat()
+    await ledger.create(state, {"last": last, "seen": "another", "enqueued": enqueued})
+
+    ran = await run_schedules(ledger, queue, T0)
+
+    assert ran == ["schedule:a:2030-01-01T12:00Z", "schedule:b:2030-01-01T12:00Z"]
+    assert "'a': its last run is recorded" in caplog.text
