@@ -114,7 +114,8 @@ async def record_activity(
     also deletes the removed conversations' state from `state`, when given.
 
     Raises StoreError (StateError) when storage fails; the pipeline logs it and still
-    answers the user, but for a removal.
+    answers the user, but for a removal, a Teams addition and a Teams channel deleted or
+    restored, which fail the answer (shared/messages.py).
     """
     if is_message_extension(activity):
         return

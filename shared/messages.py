@@ -70,9 +70,10 @@ REMOVAL_BUDGET = 10.0
 # answer coming late (the host runs the invocation on after the channel stopped waiting;
 # a retry meanwhile finds less to delete). Within the host's 230 s for an HTTP answer.
 TEAM_REMOVAL_BUDGET = 120.0
-# The bot added on Teams (installed, added to a team or chat, a team restored): stored before
-# the turn, and a failed write fails the answer (see _handle). More than a refresh gets: a
-# cold instance pays the storage SDK's import and, on Azure, its identity token here.
+# The bot added on Teams (installed, added to a team or chat, a team or channel restored):
+# stored before the turn, and a failed write fails the answer (see _handle). More than a
+# refresh gets: a cold instance pays the storage SDK's import and, on Azure, its identity
+# token here.
 ADDITION_BUDGET = 5.0
 
 
@@ -189,8 +190,8 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     )
     # When the turn's own work must be over (its apology included): the channel's wait,
     # less the reference write or the erasure that follows the turn.
-    added = _teams_addition(recorded)
-    after = 0.0 if recorded_beside or added else RECORD_BUDGET
+    first = _recorded_first(recorded)
+    after = 0.0 if recorded_beside or first else RECORD_BUDGET
     turn.answer_by = started + _window(activity) - after
     if activity["type"] == "deleteUserData":
         # The channel asks the bot to forget the sender: erase, and record nothing. The
@@ -198,13 +199,15 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         outcome = await _run_turn(runtime.router, turn)
         erased = await _erase(runtime, recorded, ids)
         outcome.failed = outcome.failed or not erased
-    elif added:
-        # The bot was added on Teams (installed, a team or channel restored): stored first,
-        # then the turn (a welcome, say). No later activity may redo a failed write (in a team the
-        # bot hears only its @mentions; a notification-only app's user may never write),
-        # so it answers 500 and the handlers do not run: the channel's retry does both,
-        # and the welcome is sent once. (Other channels add the bot at each conversation's
-        # start, and its first message records it: their additions go the usual way.)
+    elif first:
+        # The bot was added on Teams (installed, a team restored), or one of its team's
+        # channels deleted or restored: stored first, then the turn (a welcome, say). No
+        # later activity may redo a failed write (in a team the bot hears only its
+        # @mentions; a notification-only app's user may never write), so it answers 500
+        # and the handlers do not run: the channel's retry does both, and the welcome is
+        # sent once. (A channel's removal deletes that channel's state, not the turn's.
+        # Other channels add the bot at each conversation's start, and its first message
+        # records it: their additions go the usual way.)
         if await _record(runtime, recorded, ids):
             outcome = await _run_turn(runtime.router, turn)
         else:
@@ -284,13 +287,17 @@ def _removal(activity: Activity) -> bool:
     return classify(activity) is Change.REMOVE
 
 
-def _teams_addition(activity: Activity) -> bool:
-    """The bot added on Teams, or a channel of its team restored."""
+def _recorded_first(activity: Activity) -> bool:
+    """Whether the activity is recorded before its turn: the bot added on Teams, or a
+    channel of its team deleted or restored (Teams tells those once)."""
     from shared.lifecycle import Change, channel_event, classify
 
     if not from_teams(activity):
         return False
-    return classify(activity) is Change.ADD or channel_event(activity) == "channelRestored"
+    change = classify(activity)
+    if change is Change.REMOVE:
+        return False
+    return change is Change.ADD or channel_event(activity) is not None
 
 
 async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
@@ -300,24 +307,24 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     A write gets at most RECORD_BUDGET seconds: the channel is still waiting for the HTTP
     answer (Teams gives message-extension queries 5 s in all), and a storage outage with
     its retries must not eat that. A refresh cut short or failed is only logged: a later
-    activity redoes it. A Teams addition's failure (within ADDITION_BUDGET; a channel
-    restored is one) fails the answer, and so does a removal's, which gets REMOVAL_BUDGET
-    (a team's: TEAM_REMOVAL_BUDGET; a channel deleted: the same as a conversation's): no
-    later activity would redo them; the channel's retry does.
+    activity redoes it. The failure of one recorded before the turn (within
+    ADDITION_BUDGET; REMOVAL_BUDGET for a channel deleted) fails the answer, and so does
+    a removal's, which gets REMOVAL_BUDGET (a team's: TEAM_REMOVAL_BUDGET): no later
+    activity would redo them; the channel's retry does.
     """
     from shared.lifecycle import Change, channel_event, classify, record_activity, removed_team
     from shared.references.contract import StoreError
     from shared.state import StateError
 
     change = classify(activity)
-    named = channel_event(activity)
-    removal = change is Change.REMOVE or named == "channelDeleted"
-    kept = _teams_addition(activity)  # stored before the turn
-    what = "reference not removed" if removal else "reference not recorded"
+    removal = change is Change.REMOVE
+    kept = _recorded_first(activity)
+    forgets = kept and channel_event(activity) == "channelDeleted"
+    what = "reference not removed" if removal or forgets else "reference not recorded"
     budget = ADDITION_BUDGET if kept else RECORD_BUDGET
-    if change is Change.REMOVE:
+    if removal:
         budget = TEAM_REMOVAL_BUDGET if removed_team(activity) else REMOVAL_BUDGET
-    elif removal:
+    elif forgets:
         budget = REMOVAL_BUDGET
     try:
         async with asyncio.timeout(budget):

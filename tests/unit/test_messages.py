@@ -1198,11 +1198,19 @@ class ChannelOutage(MemoryReferenceStore):
 
 @pytest.mark.parametrize("event", ["channelDeleted", "channelRestored"])
 async def test_a_channel_event_whose_channel_storage_refuses_is_a_500_for_the_channel_to_retry(
-    event, bot, channel_identity, fake_connector
+    event, make_bot, channel_identity, fake_connector
 ):
     # Teams tells of a channel deleted or restored once, in the team's General channel: no
     # later activity removes the deleted one (broadcasts keep trying it) or stores the
     # restored one (the bot hears only its @mentions there). A failure was only logged.
+    # Stored before the handlers, which post in General: the retry runs them once.
+    router = Router()
+
+    @router.teams_event(event)
+    async def noticed(turn):
+        await turn.send(f"{event} noticed")
+
+    bot = make_bot(router)
     store = ChannelOutage()
     bot.runtime.references = store
     general, named = team_channel(0), team_channel(1)
@@ -1224,11 +1232,13 @@ async def test_a_channel_event_whose_channel_storage_refuses_is_a_500_for_the_ch
     response = await bot.handle(post(update, token))
     assert (response.status, response.body) == (500, SERVER_ERROR.encode())
     assert (key in await stored_keys(store)) is (event == "channelDeleted")  # as it was
+    assert fake_connector.activities == []  # the handlers have not run
 
     store.down = None  # the channel's retry, storage back
     assert (await bot.handle(post(update, token))).status == 200
     assert (key in await stored_keys(store)) is (event == "channelRestored")
     assert f"{CHANNEL}/{general['id']}" in await stored_keys(store)
+    assert [a["text"] for a in fake_connector.activities] == [f"{event} noticed"]
 
 
 async def test_missing_setting_at_first_invocation_is_500_naming_it(monkeypatch, caplog):
