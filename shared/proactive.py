@@ -361,7 +361,7 @@ async def _send_claimed(
 ) -> Outcome:
     try:
         if _claim_spent(engine, claimed_at):
-            return await _put_back_spent(request, engine, claim)
+            return await _put_back_spent(request, engine, claim, claimed_at)
         try:
             target = await resolve(request, engine.runtime)
         except UnreadableDocument as unreadable:
@@ -373,7 +373,7 @@ async def _send_claimed(
         if target is None:
             outcome = Outcome.UNKNOWN
         elif _claim_spent(engine, claimed_at):  # a slow lookup (a user's 1:1)
-            return await _put_back_spent(request, engine, claim)
+            return await _put_back_spent(request, engine, claim, claimed_at)
         else:
             progress.posted = True
             try:
@@ -405,13 +405,18 @@ def _claim_spent(engine: Engine, claimed_at: float) -> bool:
     return engine.clock() - claimed_at > engine.claim_seconds - CLAIM_RESERVE_SECONDS
 
 
-async def _put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim) -> Outcome:
+async def _put_back_spent(
+    request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
+) -> Outcome:
     """Its claim spent before the send: claimed again later, less often the longer storage
     stays slow (every copy costs it three calls), and past the age bound failed, with a
-    poison copy for an operator."""
+    poison copy for an operator, while the claim is still its own (ended, another copy
+    may have taken the target over and sent it)."""
     age = engine.age(request)
-    if age >= engine.max_age:
+    if age >= engine.max_age and engine.clock() - claimed_at < engine.claim_seconds:
         reason = f"gave up after {age:.0f} s: storage too slow to start the send in its claim"
+        if request.engine.resumed:  # an earlier attempt's send had begun
+            reason += "; an earlier attempt's message may have been posted"
         return await fail_target(request, engine, reason, claim.etag)
     delay = engine.jitter(min(30.0, max(1.0, age / 4)))
     logger.info(

@@ -1985,6 +1985,44 @@ async def test_storage_too_slow_to_start_a_send_backs_off_then_fails_it_at_the_a
     assert report["state"] == "done" and report["failed"] == 1
 
 
+async def test_a_copy_past_the_age_bound_fails_only_while_its_claim_is_its_own(
+    parts, fake_connector
+):
+    # The claim took 50 s of a 45 s claim: another copy may have taken the target over and
+    # be sending it; failed here, the operator got a poison copy of a target delivered.
+    _runtime, engine = parts
+    engine.ledger, engine.max_age = SlowClaims(clock=engine.clock), 100.0
+    engine.ledger.seconds = 50.0
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
+    [(copy, _)] = engine.queue.take()
+    engine.clock.now += 200  # past the age bound
+    assert await handle(engine, copy) is Outcome.REQUEUED
+    assert engine.queue.poisoned == []
+    [(copy, _)] = engine.queue.take()
+
+    engine.ledger.seconds = 0.0  # storage is quick again
+    assert await handle(engine, copy) is Outcome.DELIVERED
+    assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_resumed_copy_that_gives_up_on_slow_storage_says_it_may_have_been_posted(
+    parts, fake_connector
+):
+    # Resumed: an earlier attempt of its message began its send. Failed with "storage too
+    # slow" alone, the poison copy read as nothing sent, and a retry could post it again.
+    _runtime, engine = parts
+    engine.ledger, engine.max_age = SlowClaims(clock=engine.clock), 100.0
+    engine.ledger.seconds = 16.0
+    since = engine.clock.now - 200
+    resumed = {"id": "req-1", "to": {"conversation": "msteams/a:1"}, "text": "hello"}
+    resumed[RESERVED] = {"attempt": 0, "since": since, "resumed": True}
+    assert await handle(engine, json.dumps(resumed)) is Outcome.FAILED
+    [poisoned] = engine.queue.poisoned
+    assert "storage too slow" in poisoned["poisonReason"]
+    assert "may have been posted" in poisoned["poisonReason"]
+    assert sends(fake_connector) == []
+
+
 async def test_the_last_attempt_the_host_grants_records_a_failure_before_it_poisons(
     parts, fake_connector
 ):
