@@ -58,6 +58,7 @@ from shared.activity import (
 from shared.diagnostics import clip
 from shared.references.contract import ReferenceStore, reference_key
 from shared.references.keys import split_key
+from shared.removals import note_removed, removed_since
 from shared.state import conversation_state_key
 
 if TYPE_CHECKING:
@@ -108,10 +109,13 @@ async def record_activity(
     change: Change | None = None,
     *,
     state: StateStore | None = None,
+    started: float | None = None,
 ) -> None:
     """Add, refresh or remove the activity's conversation reference (see the module table;
     `change`: what :func:`classify` said of it, when the caller already asked). A removal
-    also deletes the removed conversations' state from `state`, when given.
+    also deletes the removed conversations' state from `state`, when given. `started`
+    (time.monotonic()): when the activity's turn began; a refresh of a conversation this
+    process removed since then writes nothing (shared/removals.py).
 
     Raises StoreError (StateError) when storage fails; the pipeline logs it and still
     answers the user, but for a removal, a Teams addition and a Teams channel deleted or
@@ -135,6 +139,9 @@ async def record_activity(
             await _forget_channel(store, state, shared)
             return
         await _remove(store, state, key, reference, removed_team(activity), activity.get("id"))
+        return
+    if change is Change.REFRESH and started is not None and removed_since(key, started):
+        logger.info("references: %s was removed during its turn; not recorded again", clip(key))
         return
     written = await store.upsert(reference, team_id=team_id, refresh=change is Change.ADD)
     if written:
@@ -289,8 +296,9 @@ async def forget_conversation(
     first: should a delete fail, the caller fails and its retry still finds the reference
     to finish with. Removals and the proactive engine's pruning both come here: once the
     reference is gone, nothing can find the conversation's state again."""
+    channel_id, conversation_id = split_key(key)
+    note_removed(key, conversation_state_key(channel_id, conversation_id))
     if state is not None:
-        channel_id, conversation_id = split_key(key)
         if _is_channel(reference):
             thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
             await state.delete_prefixed(thread)

@@ -227,7 +227,8 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         # removal always comes after the turn: it deletes the conversation's state, which
         # the turn's own save would otherwise write back.
         outcome = await _run_turn(runtime.router, turn)
-        written = await _record(runtime, recorded, ids)  # whatever the turn's outcome
+        # Whatever the turn's outcome; not when the conversation was removed meanwhile.
+        written = await _record(runtime, recorded, ids, since=turn.started)
         outcome.failed = outcome.failed or not written
     response = _respond(activity, turn, outcome)
     logger.debug("messages: %s %s -> %s", ids, clip(activity["type"]), response.status)
@@ -300,7 +301,9 @@ def _recorded_first(activity: Activity) -> bool:
     return change is Change.ADD or channel_event(activity) is not None
 
 
-async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
+async def _record(
+    runtime: Runtime, activity: Activity, ids: str, *, since: float | None = None
+) -> bool:
     """Add/refresh/remove the conversation reference (a removal: the removed conversations'
     state too); False when a Teams addition or a removal failed.
 
@@ -310,7 +313,8 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
     activity redoes it. The failure of one recorded before the turn (within
     ADDITION_BUDGET; REMOVAL_BUDGET for a channel deleted) fails the answer, and so does
     a removal's, which gets REMOVAL_BUDGET (a team's: TEAM_REMOVAL_BUDGET): no later
-    activity would redo them; the channel's retry does.
+    activity would redo them; the channel's retry does. `since`: when the activity's turn
+    began, after which a removal of its conversation is not undone by a refresh.
     """
     from shared.lifecycle import Change, channel_event, classify, record_activity, removed_team
     from shared.references.contract import StoreError
@@ -328,7 +332,9 @@ async def _record(runtime: Runtime, activity: Activity, ids: str) -> bool:
         budget = REMOVAL_BUDGET
     try:
         async with asyncio.timeout(budget):
-            await record_activity(runtime.references, activity, change, state=runtime.state)
+            await record_activity(
+                runtime.references, activity, change, state=runtime.state, started=since
+            )
     except TimeoutError:
         logger.error("messages: %s %s: storage did not answer in time", what, ids)
     except (StoreError, StateError, SettingsError) as error:  # their text names no secret

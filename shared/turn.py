@@ -40,6 +40,7 @@ from shared.activity import (
     text_without_bot_mention,
 )
 from shared.cards import as_attachment
+from shared.removals import removed_since
 from shared.state import (
     State,
     StateConflict,
@@ -90,6 +91,7 @@ class TurnContext:
         "match",
         "retry",
         "settings",
+        "started",
         "state_store",
         "token_failed",
     )
@@ -117,6 +119,7 @@ class TurnContext:
         # reach the channel in time (what the endpoint does after the turn left out): set
         # by the messages endpoint; None for a turn made elsewhere.
         self.answer_by: float | None = None
+        self.started = time.monotonic()  # a state removed since is not saved again
         # The retry policy of send, reply, update and delete (None: the Connector client's
         # own): on the error path, cut to what is left of the channel's wait (Router).
         self.retry: RetryPolicy | None = None
@@ -297,6 +300,9 @@ class TurnContext:
         storage failure is saved once more while the channel's wait allows (the write may
         have been stored: found by its id, never applied twice)."""
         states = [s for s in (self._conversation_state, self._user_state) if s is not None]
+        # Removed while the turn ran (its conversation, its user's data erased): written
+        # again, it would outlive the removal (shared/removals.py).
+        states = [s for s in states if not removed_since(s.key, self.started)]
         for state in states:
             state.check()
         for state in states:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.activity import TEAMS_CHANNEL
 from shared.references.contract import INDEX_KEYS, StoredReference, user_matches
+from shared.removals import note_removed
 from shared.state import StateStore, conversation_state_key, user_state_key
 
 if TYPE_CHECKING:
@@ -149,8 +150,10 @@ class _Eraser:
     async def one(self, found: StoredReference) -> None:
         """A 1:1: its state and its user's state first, then the reference, so a retry
         after a failure still finds the conversation (and the user id it names)."""
+        state_key = conversation_state_key(found.channel_id, found.conversation_id)
+        note_removed(found.key, state_key)
         if self.state is not None:
-            await self.state.delete(conversation_state_key(found.channel_id, found.conversation_id))
+            await self.state.delete(state_key)
         if found.user_id:
             await self.user_state(found.user_id)
         await self.references.delete(found.key)
@@ -176,7 +179,9 @@ class _Eraser:
     async def user_state(self, user_id: str) -> None:
         if self.state is None or user_id in self._users_done:
             return
-        if await self.state.delete(user_state_key(self.channel_id, user_id)):
+        key = user_state_key(self.channel_id, user_id)
+        note_removed(key)
+        if await self.state.delete(key):
             self.erased.user_state = True
         self._users_done.add(user_id)
 

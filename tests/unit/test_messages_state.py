@@ -526,3 +526,59 @@ async def test_a_save_tried_again_ends_within_the_channels_wait():
     with pytest.raises(StateError, match="within the channel's wait"):
         await turn.save_state()
     assert store.attempts == 2 and time.monotonic() - started < 10  # not an hour
+
+
+def slow_router(release: asyncio.Event) -> Router:
+    router = Router()
+
+    @router.message()
+    async def slow(turn: TurnContext) -> None:  # waits on a model's answer, say
+        (await turn.conversation_state.load())["last"] = turn.text
+        (await turn.user_state.load())["theme"] = turn.text
+        await release.wait()
+        await turn.reply("done")
+
+    return router
+
+
+@pytest.mark.parametrize(
+    "removal",
+    [
+        {"type": "installationUpdate", "action": "remove"},
+        {"type": "deleteUserData"},
+    ],
+)
+async def test_a_turn_running_while_its_conversation_is_removed_does_not_write_it_back(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+    removal,
+):
+    # The slow turn ended after the removal had answered: its reference was stored again
+    # (broadcasts kept sending to an uninstalled bot's chat) and its state saved again
+    # (an erased user's theme came back).
+    release = asyncio.Event()
+    bot = make_bot(slow_router(release))
+    bot.runtime.state = MemoryStateStore()
+    key, state_key = f"{CHANNEL}/{CONVERSATION}", conversation_state_key(CHANNEL, CONVERSATION)
+    release.set()
+    assert (await say(bot, channel_identity, fake_connector, "first")).status == 200
+    assert await bot.store.get(key) is not None
+    assert await bot.runtime.state.read(state_key) is not None
+
+    release.clear()
+    turn = asyncio.create_task(say(bot, channel_identity, fake_connector, "second", id="2"))
+    await asyncio.sleep(0.2)  # the turn waits in its handler
+    removed = await say(bot, channel_identity, fake_connector, "", id="3", **removal)
+    assert removed.status == 200 and await bot.store.get(key) is None
+    release.set()
+    assert (await turn).status == 200
+
+    assert await bot.store.get(key) is None
+    assert await bot.runtime.state.read(state_key) is None
+    if removal["type"] == "deleteUserData":
+        assert await bot.runtime.state.read(USER_KEY) is None
+    # A turn that begins after the removal records the conversation again.
+    assert (await say(bot, channel_identity, fake_connector, "third", id="4")).status == 200
+    assert await bot.store.get(key) is not None
+    assert (await bot.runtime.state.read(state_key)).data == {"last": "third"}
