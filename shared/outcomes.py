@@ -109,15 +109,15 @@ async def record_or_hold(
     *,
     reason: str | None = None,
     claim_etag: str | None = None,
-) -> None:
-    """Record the target's final outcome (after a send). When storage refuses, a copy that
-    carries the outcome is queued instead (so it is recorded, never resent), and
-    OutcomeKept tells the send to keep its claim meanwhile. When the queue refuses that
-    copy too, both are tried again after a pause (SETTLE_PAUSES), then Unsettled."""
+) -> bool:
+    """Record the target's final outcome (after a send); False when the slot had one, or
+    (a failure) another attempt's live claim. When storage refuses, a copy that carries
+    the outcome is queued instead (so it is recorded, never resent), and OutcomeKept tells
+    the send to keep its claim meanwhile. When the queue refuses that copy too, both are
+    tried again after a pause (SETTLE_PAUSES), then Unsettled."""
     for pause in (*SETTLE_PAUSES, None):
         try:
-            await record_target(request, engine, outcome, reason, claim_etag=claim_etag)
-            return
+            return await record_target(request, engine, outcome, reason, claim_etag=claim_etag)
         except StoreError as failure:
             try:
                 await hold_for_storage(request, engine, failure, unrecorded=(outcome, reason))
@@ -228,8 +228,16 @@ async def fail_target(
 
     Recorded first: once the outcome is in the slot no copy of the request sends again,
     whatever happens to the poison copy. When storage refuses the record, the copy kept
-    to record it puts the poison copy when it does (record_unrecorded)."""
-    await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
+    to record it puts the poison copy when it does (record_unrecorded). Not recorded (the
+    target settled meanwhile, or taken over by another copy, which is sending it and
+    records its outcome), it is not this copy's failure: no poison copy (DUPLICATE)."""
+    if not await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag):
+        logger.info(
+            "proactive %r: %s: settled or held by another copy; not failed here",
+            request.id,
+            request.logged,
+        )
+        return Outcome.DUPLICATE
     await put_poison_copy(request, engine, reason)
     logger.warning("proactive %r: failed for %s: %s", request.id, request.logged, reason)
     return Outcome.FAILED

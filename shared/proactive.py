@@ -361,7 +361,7 @@ async def _send_claimed(
 ) -> Outcome:
     try:
         if _claim_spent(engine, claimed_at):
-            return await _put_back_spent(request, engine, claim, claimed_at)
+            return await _put_back_spent(request, engine, claim)
         try:
             target = await resolve(request, engine.runtime)
         except UnreadableDocument as unreadable:
@@ -373,7 +373,7 @@ async def _send_claimed(
         if target is None:
             outcome = Outcome.UNKNOWN
         elif _claim_spent(engine, claimed_at):  # a slow lookup (a user's 1:1)
-            return await _put_back_spent(request, engine, claim, claimed_at)
+            return await _put_back_spent(request, engine, claim)
         else:
             progress.posted = True
             try:
@@ -405,15 +405,13 @@ def _claim_spent(engine: Engine, claimed_at: float) -> bool:
     return engine.clock() - claimed_at > engine.claim_seconds - CLAIM_RESERVE_SECONDS
 
 
-async def _put_back_spent(
-    request: ProactiveRequest, engine: Engine, claim: Claim, claimed_at: float
-) -> Outcome:
+async def _put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim) -> Outcome:
     """Its claim spent before the send: claimed again later, less often the longer storage
     stays slow (every copy costs it three calls), and past the age bound failed, with a
-    poison copy for an operator, while the claim is still its own (ended, another copy
-    may have taken the target over and sent it)."""
+    poison copy for an operator (unless the claim ended and another copy took the target
+    over meanwhile: that one settles it)."""
     age = engine.age(request)
-    if age >= engine.max_age and engine.clock() - claimed_at < engine.claim_seconds:
+    if age >= engine.max_age:
         reason = f"gave up after {age:.0f} s: storage too slow to start the send in its claim"
         if request.engine.resumed:  # an earlier attempt's send had begun
             reason += "; an earlier attempt's message may have been posted"
