@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.activity import is_unicode_text
-from shared.config import Settings
+from shared.config import Settings, SettingsError
 from shared.ledger import Entry, Ledger, NotJson, Record
 from shared.proactive_schema import (
     POISON_REASON,
@@ -234,8 +234,10 @@ async def run_schedules(ledger: Ledger, queue: MessageQueue, now: datetime) -> l
             enqueued += await _run_one(
                 ledger, queue, found.schedule, now, found.modified, found.version
             )
-        except (StorageAuthFailed, QueueAuthFailed):
-            raise  # a credential to fix: every schedule would fail alike (the run fails)
+        except (StorageAuthFailed, QueueAuthFailed, SettingsError):
+            # A credential or a setting to fix: every schedule would fail alike (the run
+            # fails, and the host counts it).
+            raise
         except Exception as error:  # its type only: the text may quote a document or a SAS
             # Its last run is not moved on: the next run enqueues what fell due meanwhile
             # (unless its document is written before: an edited schedule starts afresh).

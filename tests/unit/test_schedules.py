@@ -1120,3 +1120,18 @@ async def test_a_last_run_record_enqueued_far_ahead_restarts_its_schedule_alone(
 
     assert ran == ["schedule:a:2030-01-01T12:00Z", "schedule:b:2030-01-01T12:00Z"]
     assert "'a': its last run is recorded" in caplog.text
+
+
+async def test_a_queue_setting_to_fix_fails_the_run_rather_than_each_schedule_quietly():
+    # Identity-based storage with no queue endpoint: each schedule was logged as "not run
+    # this time" and the run succeeded, every minute, until a day of due times was lost.
+    from shared.config import SettingsError
+
+    class Unconfigured(MemoryQueue):
+        async def put(self, text, *, delay=0.0):
+            raise SettingsError("AzureWebJobsStorage__queueServiceUri", "is required")
+
+    ledger = MemoryLedger()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    with pytest.raises(SettingsError):
+        await run_schedules(ledger, Unconfigured(), T0)
