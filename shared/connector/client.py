@@ -418,7 +418,7 @@ class ConnectorClient:
     ) -> Any:
         target = self._require_trusted(operation, service_url)
         policy = retry or self._retry
-        url = build_url(target, path, query)
+        url = build_url(target, path, query, operation)
         data = encode_body(operation, body)
         accept = "*/*" if expect == "bytes" else "application/json"  # an attachment's bytes
         scope = pacing_scope(target, pace, body)

@@ -328,9 +328,21 @@ def quote_segment(value: str) -> str:
         ) from None
 
 
-def build_url(target: ServiceTarget, path: str, query: Mapping[str, str | None] | None) -> yarl.URL:
+def build_url(
+    target: ServiceTarget,
+    path: str,
+    query: Mapping[str, str | None] | None,
+    operation: str | None = None,
+) -> yarl.URL:
     params = {k: v for k, v in (query or {}).items() if v is not None}
-    qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
+    try:
+        qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
+    except UnicodeEncodeError:  # a paging token handed back from an answer's `\ud800`
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            "a query parameter is not valid Unicode; nothing was sent",
+            operation=operation,
+        ) from None
     # encoded=True: the URL is exactly the checked one plus already-encoded segments;
     # yarl must not decode %2F or resolve anything.
     return yarl.URL(f"{target.base}{path}{qs}", encoded=True)

@@ -1645,6 +1645,23 @@ async def test_a_lone_surrogate_in_an_id_is_a_clear_error_and_nothing_is_sent(
     assert fake_connector.requests == []
 
 
+async def test_a_lone_surrogate_in_a_paging_token_is_a_clear_error_and_nothing_is_sent(
+    client, fake_connector
+):
+    # A token handed back from an answer that carried `\ud800` raised a UnicodeEncodeError.
+    calls = [
+        client.get_conversations(fake_connector.url, "\ud800x"),
+        client.get_conversation_paged_members(
+            fake_connector.url, "a:1", continuation_token="\ud800"
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ConnectorError) as caught:
+            await call
+        assert caught.value.kind is ErrorKind.INVALID and caught.value.operation is not None
+    assert fake_connector.requests == []
+
+
 # Every path parameter of the Connector API, each given a dot segment in turn.
 DOT_ID_CALLS = {
     "sendToConversation": lambda c, u, x: c.send_to_conversation(u, x, {"type": "message"}),
