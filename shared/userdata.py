@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.activity import TEAMS_CHANNEL
-from shared.references.contract import INDEX_KEYS, StoredReference, user_matches
+from shared.activity import TEAMS_CHANNEL, conversation_key
+from shared.references.contract import INDEX_KEYS, StoredReference, is_personal, user_matches
 from shared.removals import note_removed
 from shared.state import StateStore, conversation_state_key, user_state_key
 
@@ -199,7 +199,7 @@ async def erase_for_activity(
         aad = None
     if not (user_id or aad):
         return Erased()  # nobody named: nothing to erase
-    return await erase_user_data(
+    erased = await erase_user_data(
         channel_id=channel_id,
         user_id=user_id or None,
         aad_object_id=aad or None,
@@ -209,3 +209,20 @@ async def erase_for_activity(
         # the channel would not fit in the channel's wait for a large bot.
         by_owner=user_id is None,
     )
+    conversation = activity.get("conversation")
+    conversation_id = conversation.get("id") if isinstance(conversation, Mapping) else None
+    if isinstance(conversation_id, str) and conversation_id and is_personal(activity):
+        # Asked in the user's own 1:1, erased whatever its index says: its reference's
+        # write may have failed after its turn (only logged) while its state was saved.
+        key = conversation_key(channel_id, conversation_id)
+        try:
+            state_key = conversation_state_key(channel_id, conversation_id)
+        except ValueError:  # no state can be kept under such an id
+            return erased
+        if key not in erased.conversations:
+            note_removed(key, state_key)
+            if state is not None:
+                await state.delete(state_key)
+            if await references.delete(key):
+                erased.conversations.append(key)
+    return erased

@@ -582,3 +582,27 @@ async def test_a_turn_running_while_its_conversation_is_removed_does_not_write_i
     assert (await say(bot, channel_identity, fake_connector, "third", id="4")).status == 200
     assert await bot.store.get(key) is not None
     assert (await bot.runtime.state.read(state_key)).data == {"last": "third"}
+
+
+async def test_delete_user_data_erases_its_own_1to1_whose_reference_was_never_stored(
+    bot, channel_identity, fake_connector
+):
+    # The reference's write after the first turn failed (only logged) while the turn's
+    # state was saved: the erasure found 1:1s by stored reference only, and what the user
+    # wrote in the very conversation where they asked to be forgotten stayed.
+    from shared.references import MemoryReferenceStore, StoreError
+
+    class Refusing(MemoryReferenceStore):
+        async def upsert(self, reference, **kwargs) -> bool:
+            raise StoreError("reference store: write failed (simulated outage)")
+
+    bot.runtime.references = Refusing()
+    assert (await say(bot, channel_identity, fake_connector, "my phone is 555")).status == 200
+    state_key = conversation_state_key(CHANNEL, CONVERSATION)
+    assert await bot.runtime.state.read(state_key) is not None
+
+    response = await say(bot, channel_identity, fake_connector, "", type="deleteUserData")
+
+    assert response.status == 200
+    assert await bot.runtime.state.read(state_key) is None
+    assert await bot.runtime.state.read(USER_KEY) is None
