@@ -24,7 +24,8 @@ again:
   with :class:`StateConflict`, having written nothing (safe to retry).
 
 Documents are plain JSON (no pickling), limited to :data:`MAX_STATE_BYTES` of UTF-8; a
-bigger state is a :class:`StateTooLarge` error and nothing is written.
+bigger state is a :class:`StateTooLarge` error and nothing is written. Nor is one nested
+deeper than :data:`MAX_STATE_DEPTH` (a StateError).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from shared.activity import nests_deeper
+
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
+# Objects and arrays nested at most this deep. Deeper, a document written from a shallow
+# stack could exceed the recursion limit when read from a deeper one: every later turn
+# of its user or conversation would fail on it.
+MAX_STATE_DEPTH = 64
 MAX_SAVE_ATTEMPTS = 16  # conflicts re-read and re-applied before StateConflict
 WRITE_IDS_KEPT = 16  # write ids a document keeps (its own and those it was written over)
 SCHEMA_VERSION = 1
@@ -170,6 +177,10 @@ def encode_data(data: Any, max_bytes: int = MAX_STATE_BYTES) -> bytes:
     """The JSON of `data`, checked: an object of plain JSON values, within `max_bytes`."""
     if not isinstance(data, Mapping):
         raise StateError("state must be a JSON object (a dict)")
+    if isinstance(data, dict) and nests_deeper(data, MAX_STATE_DEPTH):
+        raise StateError(
+            f"state is nested more than {MAX_STATE_DEPTH} levels deep; nothing was written"
+        )
     try:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         plain = json.loads(text) == data

@@ -136,6 +136,24 @@ async def test_only_plain_json_objects_are_stored(store, data):
     assert await store.read(USER) is None
 
 
+def nested(levels: int) -> dict:
+    data: dict = {}
+    for _ in range(levels - 1):
+        data = {"n": data}
+    return data
+
+
+async def test_a_state_nested_too_deep_to_read_back_reliably_is_refused(store):
+    # 943 levels were written from a shallow stack and failed to parse when read 20 frames
+    # deeper: every later turn of that user answered 500 until an operator stepped in.
+    await store.write(USER, nested(64), etag=None)
+    assert (await store.read(USER)).data == nested(64)
+    with pytest.raises(StateError) as raised:
+        await store.write(USER, nested(65), etag=None)
+    assert "nested more than 64" in str(raised.value)
+    assert (await store.read(USER)).data == nested(64)  # nothing was written
+
+
 async def test_ids_of_any_shape_get_their_own_documents(store):
     keys = [
         user_state_key("msteams", "29:1a/b?c#d"),
