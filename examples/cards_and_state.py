@@ -36,6 +36,7 @@ from shared.cards import (
 )
 from shared.invokes import card_error, card_response, task_card, task_message
 from shared.router import Router
+from shared.state import StateConflict
 from shared.turn import TurnContext
 
 router = Router()
@@ -94,6 +95,12 @@ async def set_theme(turn: TurnContext) -> None:
         await turn.reply(f"Pick one of: {', '.join(THEMES)}.")
         return
     (await turn.user_state.load())["theme"] = theme
+    try:
+        await turn.save_state()  # saved before the user is told so
+    except StateConflict:  # changed in another chat at the same moment
+        await turn.discard_state()
+        await turn.reply("Your theme was just changed elsewhere; try again.")
+        return
     await turn.reply(f"Your theme is now {theme}.")
 
 

@@ -508,6 +508,22 @@ class State:
             "written"
         )
 
+    async def discard(self) -> None:
+        """Drop the changes not saved yet: the data is what was last read or saved again
+        (in place: the dict the handler holds shows it), and the turn's save has nothing
+        to write. For a handler that caught a failed save (StateTooLarge, StateConflict)
+        and told the user so: without it the turn's own save fails the same way (500 and
+        the apology). A write whose storage failed may have been stored all the same: a
+        discard does not undo it."""
+        async with self._saving:
+            if self._data is None:
+                return
+            self._data.clear()
+            self._data.update(copy_data(self._loaded or {}))
+            self._updates.clear()
+            # Their update() changes are gone: nothing of theirs can be replayed twice.
+            self._unsettled.clear()
+
     async def delete(self) -> bool:
         """Remove the stored document now; the data reads as ``{}`` afterwards. Waits for a
         first read or a save still out (bounded by the store's own time limits), whose

@@ -326,6 +326,14 @@ class TurnContext:
                         "state: the save was tried again and did not end within the channel's wait"
                     ) from None
 
+    async def discard_state(self) -> None:
+        """Drop the turn's state changes not saved yet (State.discard), after a failed
+        ``save_state`` the handler caught and told the user of: the turn then saves
+        nothing more, and answers as the handler did."""
+        for state in (self._conversation_state, self._user_state):
+            if state is not None:
+                await state.discard()
+
     # --- members -------------------------------------------------------------------------------
 
     async def members(self) -> list[ChannelAccount]:

@@ -14,7 +14,13 @@ import pytest
 from shared.config import Settings, StorageSettings
 from shared.messages import SERVER_ERROR
 from shared.router import APOLOGY, InvokeResponse, Router
-from shared.state import State, StateError, conversation_state_key, user_state_key
+from shared.state import (
+    State,
+    StateConflict,
+    StateError,
+    conversation_state_key,
+    user_state_key,
+)
 from shared.state_blob import BlobStateStore
 from shared.state_memory import MemoryStateStore
 from shared.turn import TurnContext
@@ -606,3 +612,57 @@ async def test_delete_user_data_erases_its_own_1to1_whose_reference_was_never_st
     assert response.status == 200
     assert await bot.runtime.state.read(state_key) is None
     assert await bot.runtime.state.read(USER_KEY) is None
+
+
+async def test_a_handler_that_catches_a_failed_save_and_discards_answers_as_it_chose(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    # It caught StateTooLarge and told the user: the turn's own save failed the same way,
+    # and the user got its message, the apology, and (the 500's retry) both again.
+    from shared.state import StateTooLarge
+
+    router = Router()
+
+    @router.message()
+    async def note(turn: TurnContext) -> None:
+        notes = await turn.user_state.load()
+        notes["notes"] = notes.get("notes", "") + turn.text
+        try:
+            await turn.save_state()
+        except StateTooLarge:
+            await turn.discard_state()
+            await turn.reply("Your notebook is full; that note was not kept.")
+            return
+        await turn.reply("noted")
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    assert (await say(bot, channel_identity, fake_connector, "short")).status == 200
+    response = await say(bot, channel_identity, fake_connector, "x" * 70_000, id="2")
+
+    assert response.status == 200
+    assert [a["text"] for a in fake_connector.activities] == [
+        "noted",
+        "Your notebook is full; that note was not kept.",
+    ]
+    assert (await bot.runtime.state.read(USER_KEY)).data == {"notes": "short"}
+
+
+async def test_a_discarded_conflict_leaves_the_other_writers_state_and_saves_nothing():
+    store = MemoryStateStore()
+    mine, theirs = State(store, USER_KEY), State(store, USER_KEY)
+    (await mine.load())["theme"] = "dark"
+    (await theirs.load())["theme"] = "light"
+    assert await theirs.save()
+    with pytest.raises(StateConflict):
+        await mine.save()
+    data = await mine.load()
+    await mine.discard()
+    assert data == {} and not mine.changed  # the dict held shows the state as it was read
+    assert await mine.save() is False
+    assert (await store.read(USER_KEY)).data == {"theme": "light"}
+    (await mine.load())["count"] = 1  # later changes save as usual, merged with theirs
+    assert await mine.save()
+    assert (await store.read(USER_KEY)).data == {"theme": "light", "count": 1}
