@@ -231,11 +231,18 @@ async def fail_target(
     to record it puts the poison copy when it does (record_unrecorded). Not recorded (the
     target settled meanwhile, or taken over by another copy, which is sending it and
     records its outcome), it is not this copy's failure: no poison copy (DUPLICATE)."""
-    if not await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag):
-        logger.info(
-            "proactive %r: %s: settled or held by another copy; not failed here",
+    recorded = await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
+    if not recorded:
+        try:  # its own record may have landed with the answer lost (the client's retry 412)
+            recorded = await _recorded_as(request, engine, "failed", reason)
+        except StoreError:
+            recorded = True  # not known: the operator's copy, as ever
+    if not recorded:
+        logger.warning(
+            "proactive %r: %s: %s; not failed here: another copy settled it or holds it",
             request.id,
             request.logged,
+            reason,
         )
         return Outcome.DUPLICATE
     await put_poison_copy(request, engine, reason)

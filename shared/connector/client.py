@@ -319,6 +319,12 @@ class ConnectorClient:
         retry: RetryPolicy | None = None,
     ) -> dict:
         path = f"/v3/conversations/{_q(conversation_id)}/pagedmembers"
+        if page_size is not None and (type(page_size) is not int or page_size < 1):
+            raise ConnectorError(
+                ErrorKind.INVALID,
+                "pageSize is a whole number from 1; nothing was sent",
+                operation="getConversationPagedMembers",
+            )
         query = {
             "pageSize": str(page_size) if page_size is not None else None,
             "continuationToken": continuation_token,

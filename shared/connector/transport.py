@@ -335,6 +335,12 @@ def build_url(
     operation: str | None = None,
 ) -> yarl.URL:
     params = {k: v for k, v in (query or {}).items() if v is not None}
+    if any(not isinstance(v, str) for v in params.values()):  # a page's whole dict, say
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            "a query parameter is not text; nothing was sent",
+            operation=operation,
+        )
     try:
         qs = f"?{urlencode(params, quote_via=quote, safe='')}" if params else ""
     except UnicodeEncodeError:  # a paging token handed back from an answer's `\ud800`

@@ -1662,6 +1662,28 @@ async def test_a_lone_surrogate_in_a_paging_token_is_a_clear_error_and_nothing_i
     assert fake_connector.requests == []
 
 
+@pytest.mark.parametrize(
+    "paging",
+    [
+        {"continuation_token": {"continuationToken": "x"}},  # the whole page, not its token
+        {"continuation_token": ["a"]},
+        {"continuation_token": 7},
+        {"page_size": True},
+        {"page_size": 1.5},
+        {"page_size": 0},
+        {"page_size": "100"},
+    ],
+)
+async def test_paging_values_that_are_not_what_the_api_takes_are_refused_and_nothing_sent(
+    client, fake_connector, paging
+):
+    # A dict given as the token went out as its Python text; `True` as a page size, "True".
+    with pytest.raises(ConnectorError) as caught:
+        await client.get_conversation_paged_members(fake_connector.url, "a:1", **paging)
+    assert caught.value.kind is ErrorKind.INVALID
+    assert fake_connector.requests == []
+
+
 # Every path parameter of the Connector API, each given a dot segment in turn.
 DOT_ID_CALLS = {
     "sendToConversation": lambda c, u, x: c.send_to_conversation(u, x, {"type": "message"}),

@@ -1462,6 +1462,35 @@ async def test_a_report_counts_a_claimed_target_as_running(parts, fake_connector
     assert (report["state"], report["delivered"], report["failed"]) == ("running", 0, 0)
 
 
+class OutcomeAnswerLost(MemoryLedger):
+    """Storage takes the write of an outcome and its answer is lost: the client's retry
+    finds the ETag changed (412) and the ledger answers None, as BlobLedger does."""
+
+    lost = 0
+
+    async def replace(self, name, data, etag, *, metadata=None):
+        written = await MemoryLedger.replace(self, name, data, etag, metadata=metadata)
+        if written is not None and "/out/" in name and "outcome" in data and not self.lost:
+            self.lost += 1
+            return None
+        return written
+
+
+async def test_a_failure_recorded_with_its_answer_lost_still_gets_its_poison_copy(
+    parts, fake_connector
+):
+    # Read as another copy's outcome, it got none: the report said failed, and the
+    # operator had no copy to put back.
+    _runtime, engine = parts
+    engine.ledger = OutcomeAnswerLost(clock=engine.clock)
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")])
+    assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.FAILED
+    assert engine.ledger.lost == 1
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert len(engine.queue.poisoned) == 1
+
+
 async def test_a_failure_does_not_replace_the_live_claim_of_an_instance_that_took_over(
     parts, fake_connector
 ):
