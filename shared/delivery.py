@@ -169,7 +169,9 @@ async def _forget_tried(
         if stored is None or not _same_conversation(stored.reference, tried):
             return False  # the stored reference is not the one tried: keep it (docs/proactive.md)
         stored_key, tried = key, stored.reference
-    return await forget_conversation(runtime.references, runtime.state, stored_key, tried)
+    return await forget_conversation(
+        runtime.references, runtime.state, stored_key, tried, note=False
+    )
 
 
 def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -289,15 +289,24 @@ async def _remove(
 
 
 async def forget_conversation(
-    store: ReferenceStore, state: StateStore | None, key: str, reference: Mapping[str, Any]
+    store: ReferenceStore,
+    state: StateStore | None,
+    key: str,
+    reference: Mapping[str, Any],
+    *,
+    note: bool = True,
 ) -> bool:
     """Delete a conversation's state (a Teams channel's: its threads' too), then its
     reference (`reference` as stored under `key`); whether the reference was there. State
     first: should a delete fail, the caller fails and its retry still finds the reference
     to finish with. Removals and the proactive engine's pruning both come here: once the
-    reference is gone, nothing can find the conversation's state again."""
+    reference is gone, nothing can find the conversation's state again. `note`: remembered
+    (shared/removals.py) so a turn still running there does not write it back; not for a
+    prune (a send found it gone: no turn runs there, and thousands of prunes would crowd
+    out the removals that matter)."""
     channel_id, conversation_id = split_key(key)
-    note_removed(key, conversation_state_key(channel_id, conversation_id))
+    if note:
+        note_removed(key, conversation_state_key(channel_id, conversation_id))
     if state is not None:
         if _is_channel(reference):
             thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)

@@ -258,6 +258,16 @@ def _window(activity: Activity) -> float:
 
 
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
+    from shared.removals import current_turn
+
+    running = current_turn.set(turn)  # what the handlers remove, they may write again
+    try:
+        return await _dispatch(router, turn)
+    finally:
+        current_turn.reset(running)
+
+
+async def _dispatch(router: Router, turn: TurnContext) -> TurnOutcome:
     try:
         result = await router.dispatch(turn)
         outcome = TurnOutcome(handled=result.handled, value=result.value)

@@ -24,8 +24,9 @@ again:
   with :class:`StateConflict`, having written nothing (safe to retry).
 
 Documents are plain JSON (no pickling), limited to :data:`MAX_STATE_BYTES` of UTF-8; a
-bigger state is a :class:`StateTooLarge` error and nothing is written. Nor is one nested
-deeper than :data:`MAX_STATE_DEPTH` (a StateError).
+bigger state is a :class:`StateTooLarge` error and nothing is written. Nor is one a
+:class:`State` would save nested deeper than :data:`MAX_STATE_DEPTH` (a StateError; a
+document an earlier version stored deeper is saved as it grows).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from shared.activity import nests_deeper
+from shared.removals import removed_since
 
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
 # Objects and arrays nested at most this deep. Deeper, a document written from a shallow
@@ -173,14 +175,15 @@ def split_state_key(key: str) -> tuple[Scope, str, str]:
 # ---------------------------------------------------------------------------- documents
 
 
-def encode_data(data: Any, max_bytes: int = MAX_STATE_BYTES) -> bytes:
-    """The JSON of `data`, checked: an object of plain JSON values, within `max_bytes`."""
+def encode_data(
+    data: Any, max_bytes: int = MAX_STATE_BYTES, *, max_depth: int | None = None
+) -> bytes:
+    """The JSON of `data`, checked: an object of plain JSON values, within `max_bytes` and
+    (when given) nested at most `max_depth` levels."""
     if not isinstance(data, Mapping):
         raise StateError("state must be a JSON object (a dict)")
-    if isinstance(data, dict) and nests_deeper(data, MAX_STATE_DEPTH):
-        raise StateError(
-            f"state is nested more than {MAX_STATE_DEPTH} levels deep; nothing was written"
-        )
+    if max_depth is not None and isinstance(data, dict) and nests_deeper(data, max_depth):
+        raise StateError(f"state is nested more than {max_depth} levels deep; nothing was written")
     try:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         plain = json.loads(text) == data
@@ -326,6 +329,7 @@ class State:
         "aad_object_id",
         "key",
         "merge",
+        "since",
     )
 
     def __init__(
@@ -357,6 +361,9 @@ class State:
         self._updates: list[Change] = []
         self._loading = asyncio.Lock()  # held by the first read
         self._saving = asyncio.Lock()
+        # When (time.monotonic()) its turn began: a save that finds the document deleted
+        # since by a removal of this process writes nothing (shared/removals.py).
+        self.since: float | None = None
 
     @classmethod
     def for_conversation(cls, store: StateStore, channel_id: str, conversation_id: str) -> State:
@@ -431,7 +438,7 @@ class State:
         """Raise what :meth:`save` would for changed data it cannot store (StateTooLarge,
         StateError), without writing anything."""
         if self.changed:
-            encode_data(self._data, self._require_store().max_bytes)
+            encode_data(self._data, self._require_store().max_bytes, max_depth=self._max_depth())
 
     async def save(self) -> bool:
         """Write the data if it changed (True when written). Raises StateTooLarge (nothing
@@ -446,7 +453,8 @@ class State:
             return False
         store = self._require_store()
         loaded, ours = self._loaded or {}, self._data
-        encode_data(ours, store.max_bytes)  # a bad or oversized state fails before any I/O
+        # A bad, oversized or too deep state fails before any I/O.
+        encode_data(ours, store.max_bytes, max_depth=self._max_depth())
         # What is written is a copy of the data as the write starts: the handler's other
         # tasks may go on changing it while the write is out, and those changes stay
         # unsaved (``changed``) for the next save instead of passing for written.
@@ -466,6 +474,8 @@ class State:
                 # Jittered: savers that collided do not collide again in step.
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
                 fresh = await store.read(self.key)
+                if fresh is None and self._removed_meanwhile():
+                    return False  # its removal wins: written again, it would outlive it
                 self._adopt_owner(fresh)
                 if fresh is not None and write_id in fresh.write_ids:
                     # Stored, but its answer was lost (the store's client retried it,
@@ -502,7 +512,7 @@ class State:
             based = fresh.write_ids if fresh else ()
             mine, counted = copy_data(ours), len(self._updates)
             candidate = self._reapply(loaded, theirs, mine)
-            encode_data(candidate, store.max_bytes)
+            encode_data(candidate, store.max_bytes, max_depth=self._max_depth())
         raise StateConflict(
             f"state: gave up saving after {MAX_SAVE_ATTEMPTS} concurrent changes; nothing was "
             "written"
@@ -552,6 +562,17 @@ class State:
         for change in self._updates:
             change(data)
         return data
+
+    def _removed_meanwhile(self) -> bool:
+        return self.since is not None and removed_since(self.key, self.since)
+
+    def _max_depth(self) -> int | None:
+        """MAX_STATE_DEPTH, but for a document an earlier version stored deeper than that:
+        refused, no change to it could be saved (every turn changing it would fail)."""
+        loaded = self._loaded
+        if isinstance(loaded, dict) and nests_deeper(loaded, MAX_STATE_DEPTH):
+            return None
+        return MAX_STATE_DEPTH
 
     def _require_store(self) -> StateStore:
         if self._store is None:

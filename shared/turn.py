@@ -275,6 +275,7 @@ class TurnContext:
         if self._conversation_state is None:
             key = conversation_state_key(self.channel_id, self.conversation["id"])
             self._conversation_state = State(self.state_store, key)
+            self._conversation_state.since = self.started
         return self._conversation_state
 
     @property
@@ -290,6 +291,7 @@ class TurnContext:
             self._user_state = State.for_user(
                 self.state_store, self.channel_id, user_id, aad_object_id=aad
             )
+            self._user_state.since = self.started
         return self._user_state
 
     async def save_state(self) -> None:

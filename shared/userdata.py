@@ -221,8 +221,7 @@ async def erase_for_activity(
             return erased
         if key not in erased.conversations:
             note_removed(key, state_key)
-            if state is not None:
-                await state.delete(state_key)
-            if await references.delete(key):
+            had_state = state is not None and await state.delete(state_key)
+            if await references.delete(key) or had_state:
                 erased.conversations.append(key)
     return erased

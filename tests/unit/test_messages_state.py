@@ -666,3 +666,80 @@ async def test_a_discarded_conflict_leaves_the_other_writers_state_and_saves_not
     (await mine.load())["count"] = 1  # later changes save as usual, merged with theirs
     assert await mine.save()
     assert (await store.read(USER_KEY)).data == {"theme": "light", "count": 1}
+
+
+async def test_a_save_out_when_its_conversations_removal_lands_is_not_written_again():
+    # Checked before the save only: the write was refused (deleted meanwhile), and its
+    # conflict retry created the document again (or met the deletion as a conflict: 500).
+    from shared.lifecycle import forget_conversation
+    from shared.references import MemoryReferenceStore
+
+    class HeldWrite(MemoryStateStore):
+        gate: asyncio.Event | None = None
+
+        async def write(self, key, data, **kwargs):
+            if self.gate is not None:
+                gate, self.gate = self.gate, None
+                await gate.wait()  # on the wire while the removal runs
+            return await super().write(key, data, **kwargs)
+
+    state, references = HeldWrite(), MemoryReferenceStore()
+    key = conversation_state_key("webchat", "c-1")
+    await state.write(key, {"n": 1}, etag=None)
+    reference = {
+        "channelId": "webchat",
+        "serviceUrl": "https://bot.example.com/",
+        "conversation": {"id": "c-1"},
+        "bot": {"id": "b"},
+    }
+    await references.upsert(reference)
+    turn = TurnContext(
+        {**reference, "type": "message", "id": "1", "from": {"id": "u"}, "recipient": {"id": "b"}},
+        None,
+        state=state,
+    )
+    (await turn.conversation_state.load())["m"] = "new"
+    state.gate = gate = asyncio.Event()
+    saving = asyncio.create_task(turn.save_state())
+    await asyncio.sleep(0.05)
+    await forget_conversation(references, state, "webchat/c-1", reference)
+    gate.set()
+    await saving
+    assert await state.read(key) is None
+
+
+async def test_a_handler_that_erases_its_user_then_saves_keeps_what_it_saved(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    # Its own erasure counted as a removal the turn began before: the opt-out it then
+    # saved was dropped without a word.
+    from shared.userdata import erase_user_data
+
+    router = Router()
+
+    @router.message(r"^forget me$")
+    async def forget(turn: TurnContext) -> None:
+        await erase_user_data(
+            channel_id=turn.channel_id,
+            user_id=turn.from_["id"],
+            state=turn.state_store,
+            references=bot.runtime.references,
+        )
+        (await turn.user_state.load())["optedOut"] = True
+        await turn.save_state()
+        await turn.reply("Forgotten.")
+
+    @router.message()
+    async def other(turn: TurnContext) -> None:
+        (await turn.user_state.load())["last"] = turn.text
+        await turn.reply("ok")
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    assert (await say(bot, channel_identity, fake_connector, "hi")).status == 200
+    assert (await say(bot, channel_identity, fake_connector, "forget me", id="2")).status == 200
+    assert (await bot.runtime.state.read(USER_KEY)).data == {"optedOut": True}
+    # Its 1:1 is not recorded again after the turn: the erasure removed it.
+    assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None

@@ -146,12 +146,25 @@ def nested(levels: int) -> dict:
 async def test_a_state_nested_too_deep_to_read_back_reliably_is_refused(store):
     # 943 levels were written from a shallow stack and failed to parse when read 20 frames
     # deeper: every later turn of that user answered 500 until an operator stepped in.
-    await store.write(USER, nested(64), etag=None)
-    assert (await store.read(USER)).data == nested(64)
+    state = State(store, USER)
+    (await state.load()).update(nested(64))
+    assert await state.save()
+    (await state.load())["deeper"] = nested(64)  # 65 levels
     with pytest.raises(StateError) as raised:
-        await store.write(USER, nested(65), etag=None)
+        state.check()
     assert "nested more than 64" in str(raised.value)
+    with pytest.raises(StateError):
+        await state.save()
     assert (await store.read(USER)).data == nested(64)  # nothing was written
+
+
+async def test_a_state_an_earlier_version_stored_deeper_still_saves_its_changes(store):
+    # Refused for its depth, no change to it could be saved: every turn changing it failed.
+    await store.write(USER, nested(80), etag=None)
+    state = State(store, USER)
+    (await state.load())["theme"] = "dark"
+    assert await state.save()
+    assert (await store.read(USER)).data == {**nested(80), "theme": "dark"}
 
 
 async def test_ids_of_any_shape_get_their_own_documents(store):
