@@ -260,7 +260,9 @@ def _window(activity: Activity) -> float:
 async def _run_turn(router: Router, turn: TurnContext) -> TurnOutcome:
     from shared.removals import current_turn
 
-    running = current_turn.set(turn)  # what the handlers remove, they may write again
+    # What the handlers remove, they may write again. A token of its own (not the turn:
+    # the registry would keep each such turn's activity alive for minutes).
+    running = current_turn.set(object())
     try:
         return await _dispatch(router, turn)
     finally:

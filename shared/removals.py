@@ -23,7 +23,8 @@ REMEMBERED_SECONDS = 600.0
 MAX_REMEMBERED = 10_000
 _THREAD_MARKER = ";messageid="  # a Teams channel thread's own id, after its channel's
 
-# The turn running in this context (set by the messages pipeline around its handlers).
+# A token of the turn running in this context (set by the messages pipeline around its
+# handlers).
 current_turn: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "current_turn", default=None
 )
