@@ -197,7 +197,12 @@ async def record_unrecorded(request: ProactiveRequest, engine: Engine) -> Outcom
 
 
 async def _recorded_as(
-    request: ProactiveRequest, engine: Engine, outcome: Final, reason: str | None
+    request: ProactiveRequest,
+    engine: Engine,
+    outcome: Final,
+    reason: str | None,
+    *,
+    sender: bool = False,
 ) -> bool:
     """Whether the target's slot holds this copy's failure (a record that landed while
     storage answered with an error: its poison copy is still to be put).
@@ -214,6 +219,8 @@ async def _recorded_as(
         return False
     writer = data.get("message")
     named = writer is not None and claimed_identity(request.message) is not None
+    # The sender itself (`sender`: fail_target) wrote as this message, named or not.
+    named = named or (sender and writer is not None and engine.message_id is not None)
     if named and writer != engine.message_id:
         return False
     # Both cut as reports cut them: a slot or a kept copy of an earlier version (which
@@ -234,7 +241,7 @@ async def fail_target(
     recorded = await record_or_hold(request, engine, "failed", reason=reason, claim_etag=claim_etag)
     if not recorded:
         try:  # its own record may have landed with the answer lost (the client's retry 412)
-            recorded = await _recorded_as(request, engine, "failed", reason)
+            recorded = await _recorded_as(request, engine, "failed", reason, sender=True)
         except StoreError:
             recorded = True  # not known: the operator's copy, as ever
     if not recorded:

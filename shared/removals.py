@@ -7,7 +7,8 @@ data erased (`deleteUserData`). Ending, it would store the conversation's refere
 again and save the states the removal had just deleted. The removal notes the keys it
 deletes: a conversation's reference key and the state keys (a Teams channel's threads go
 by the channel's); a turn that began before the note leaves them alone, but for what the
-turn removed itself (a handler erasing its user's data, then saving a new state).
+turn removed itself and read again after (a handler erasing its user's data, then
+loading and saving a new state: what it had read before would bring the data back).
 
 Held in the process's memory: a removal another instance handled is not known here
 (README says so). Each note is kept REMEMBERED_SECONDS, longer than a turn may run (the
@@ -46,11 +47,14 @@ def note_removed(*keys: str) -> None:
         del _removed[oldest]
 
 
-def removed_since(key: str, started: float) -> bool:
+def removed_since(key: str, started: float, read_at: float | None = None) -> bool:
     """Whether `key` (a thread's: its channel's) was removed at or after `started`, a
-    time.monotonic() reading, other than by the turn running in this context."""
+    time.monotonic() reading, but by the turn running in this context when what it would
+    write was read after that (`read_at`): written before, it would bring the removed
+    data back."""
     found = _removed.get(key.split(_THREAD_MARKER, 1)[0])
     if found is None:
         return False
     removed, by = found
-    return removed >= started and (by is None or by is not current_turn.get())
+    own = by is not None and by is current_turn.get() and read_at is not None
+    return removed >= started and not (own and read_at > removed)

@@ -26,7 +26,7 @@ again:
 Documents are plain JSON (no pickling), limited to :data:`MAX_STATE_BYTES` of UTF-8; a
 bigger state is a :class:`StateTooLarge` error and nothing is written. Nor is one a
 :class:`State` would save nested deeper than :data:`MAX_STATE_DEPTH` (a StateError; a
-document an earlier version stored deeper is saved as it grows).
+document an earlier version stored deeper may keep its depth, not grow deeper).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import inspect
 import json
 import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -173,6 +174,17 @@ def split_state_key(key: str) -> tuple[Scope, str, str]:
 
 
 # ---------------------------------------------------------------------------- documents
+
+
+def nesting(value: Any) -> int:
+    """How many levels of objects and arrays `value` nests (0 for a scalar; no recursion)."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [
+            c for item in containers for c in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
 
 
 def encode_data(
@@ -329,6 +341,7 @@ class State:
         "aad_object_id",
         "key",
         "merge",
+        "read_at",
         "since",
     )
 
@@ -364,6 +377,7 @@ class State:
         # When (time.monotonic()) its turn began: a save that finds the document deleted
         # since by a removal of this process writes nothing (shared/removals.py).
         self.since: float | None = None
+        self.read_at: float | None = None  # when (time.monotonic()) its data was first read
 
     @classmethod
     def for_conversation(cls, store: StateStore, channel_id: str, conversation_id: str) -> State:
@@ -397,6 +411,7 @@ class State:
             async with self._loading:
                 if self._data is None:
                     stored = await self._require_store().read(self.key)
+                    self.read_at = time.monotonic()
                     self._adopt_owner(stored)
                     self._loaded = stored.data if stored else {}
                     self._etag = stored.etag if stored else None
@@ -451,6 +466,8 @@ class State:
     async def _save(self) -> bool:
         if self._data is None or not self.changed:
             return False
+        if self._removed_meanwhile():
+            return False  # removed since its turn began: written, it would outlive that
         store = self._require_store()
         loaded, ours = self._loaded or {}, self._data
         # A bad, oversized or too deep state fails before any I/O.
@@ -512,7 +529,7 @@ class State:
             based = fresh.write_ids if fresh else ()
             mine, counted = copy_data(ours), len(self._updates)
             candidate = self._reapply(loaded, theirs, mine)
-            encode_data(candidate, store.max_bytes, max_depth=self._max_depth())
+            encode_data(candidate, store.max_bytes, max_depth=self._max_depth(theirs))
         raise StateConflict(
             f"state: gave up saving after {MAX_SAVE_ATTEMPTS} concurrent changes; nothing was "
             "written"
@@ -564,15 +581,17 @@ class State:
         return data
 
     def _removed_meanwhile(self) -> bool:
-        return self.since is not None and removed_since(self.key, self.since)
+        return self.since is not None and removed_since(self.key, self.since, self.read_at)
 
-    def _max_depth(self) -> int | None:
-        """MAX_STATE_DEPTH, but for a document an earlier version stored deeper than that:
-        refused, no change to it could be saved (every turn changing it would fail)."""
-        loaded = self._loaded
-        if isinstance(loaded, dict) and nests_deeper(loaded, MAX_STATE_DEPTH):
-            return None
-        return MAX_STATE_DEPTH
+    def _max_depth(self, *found: Data) -> int:
+        """MAX_STATE_DEPTH, or as deep as a document read already was (an earlier
+        version's): refused, no change to it could be saved, and every turn changing it
+        would fail; it may not grow deeper, though."""
+        limit = MAX_STATE_DEPTH
+        for document in (self._loaded, *found):
+            if isinstance(document, dict) and nests_deeper(document, limit):
+                limit = nesting(document)
+        return limit
 
     def _require_store(self) -> StateStore:
         if self._store is None:

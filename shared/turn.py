@@ -304,7 +304,7 @@ class TurnContext:
         states = [s for s in (self._conversation_state, self._user_state) if s is not None]
         # Removed while the turn ran (its conversation, its user's data erased): written
         # again, it would outlive the removal (shared/removals.py).
-        states = [s for s in states if not removed_since(s.key, self.started)]
+        states = [s for s in states if not removed_since(s.key, self.started, s.read_at)]
         for state in states:
             state.check()
         for state in states:

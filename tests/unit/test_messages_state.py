@@ -743,3 +743,75 @@ async def test_a_handler_that_erases_its_user_then_saves_keeps_what_it_saved(
     assert (await bot.runtime.state.read(USER_KEY)).data == {"optedOut": True}
     # Its 1:1 is not recorded again after the turn: the erasure removed it.
     assert await bot.store.get(f"{CHANNEL}/{CONVERSATION}") is None
+
+
+@pytest.mark.parametrize("edit", ["update", "direct"])
+async def test_a_handler_that_erases_its_user_after_changing_their_state_writes_none_back(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+    edit,
+):
+    # Changed before the erasure (a visit counter), the states were saved at the turn's
+    # end as the turn's own: the erased data came back, or (a direct edit meeting the
+    # deletion) the turn answered 500 with the apology after "Forgotten.".
+    from shared.userdata import erase_user_data
+
+    router = Router()
+
+    @router.message()
+    async def visit(turn: TurnContext) -> None:
+        if edit == "update":
+            await turn.user_state.update(lambda d: d.update(visits=d.get("visits", 0) + 1))
+        else:
+            data = await turn.user_state.load()
+            data["visits"] = data.get("visits", 0) + 1
+        (await turn.conversation_state.load())["last"] = turn.text
+        if turn.text == "forget me":
+            await erase_user_data(
+                channel_id=turn.channel_id,
+                user_id=turn.from_["id"],
+                state=turn.state_store,
+                references=bot.runtime.references,
+            )
+            await turn.reply("Forgotten.")
+        else:
+            await turn.reply("ok")
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    assert (await say(bot, channel_identity, fake_connector, "secret")).status == 200
+    response = await say(bot, channel_identity, fake_connector, "forget me", id="2")
+
+    assert response.status == 200
+    assert [a["text"] for a in fake_connector.activities] == ["ok", "Forgotten."]
+    assert await bot.runtime.state.read(USER_KEY) is None
+    assert await bot.runtime.state.read(conversation_state_key(CHANNEL, CONVERSATION)) is None
+
+
+async def test_a_handlers_own_save_after_its_users_erasure_elsewhere_writes_nothing(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    # State.save() called by the handler itself wrote a new document (no conflict met):
+    # only the turn's save_state left a removed state alone.
+    release = asyncio.Event()
+    router = Router()
+
+    @router.message()
+    async def slow(turn: TurnContext) -> None:
+        (await turn.user_state.load())["theme"] = turn.text
+        await release.wait()
+        await turn.user_state.save()
+        await turn.reply("saved")
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    turn = asyncio.create_task(say(bot, channel_identity, fake_connector, "dark"))
+    await asyncio.sleep(0.2)
+    erased = await say(bot, channel_identity, fake_connector, "", id="2", type="deleteUserData")
+    assert erased.status == 200
+    release.set()
+    assert (await turn).status == 200
+    assert await bot.runtime.state.read(USER_KEY) is None

@@ -1491,6 +1491,39 @@ async def test_a_failure_recorded_with_its_answer_lost_still_gets_its_poison_cop
     assert len(engine.queue.poisoned) == 1
 
 
+async def test_another_messages_failure_with_the_same_reason_is_not_taken_for_this_ones(
+    parts, fake_connector
+):
+    # Its claim taken over while it was sending, message A met B's failure (the same
+    # 500, the same reason) in the slot: read as its own, it put a second poison copy.
+    runtime, engine = parts
+    from shared.idempotency import replace_with_claim
+
+    fake_connector.script("POST", r"/activities$", [Reply(500, body="oops")] * 2)
+    name = outcome_name("req-1", "target")
+    taken: list[Outcome] = []
+
+    class TakenOverAndFailedFirst(MemoryLedger):
+        async def replace(self, name_, data, etag, *, metadata=None):
+            if name_ == name and "outcome" in data and not taken:
+                taken.append(Outcome.REQUEUED)  # once: B's own write is not held
+                current = await self.read(name)
+                later = engine.clock.now + engine.claim_seconds + 1
+                claim = await replace_with_claim(
+                    self, name, current.etag, later, seconds=45, message="B"
+                )
+                b_data = {**data, "message": "B"}
+                await MemoryLedger.replace(self, name_, b_data, claim, metadata=metadata)
+            return await MemoryLedger.replace(self, name_, data, etag, metadata=metadata)
+
+    engine.ledger = TakenOverAndFailedFirst(clock=engine.clock)
+    text = body({"conversation": "msteams/a:1"})
+    outcome = await handle_queue_message(text, runtime, engine=engine, message_id="A")
+    assert outcome is Outcome.DUPLICATE
+    assert engine.queue.poisoned == []  # B's failure has B's poison copy, not A's too
+    assert (await engine.ledger.read(name)).data["message"] == "B"
+
+
 async def test_a_failure_does_not_replace_the_live_claim_of_an_instance_that_took_over(
     parts, fake_connector
 ):

@@ -165,6 +165,19 @@ async def test_a_state_an_earlier_version_stored_deeper_still_saves_its_changes(
     (await state.load())["theme"] = "dark"
     assert await state.save()
     assert (await store.read(USER)).data == {**nested(80), "theme": "dark"}
+    # It keeps its depth; it may not grow deeper (unbounded, it was read back no more).
+    (await state.load())["deeper"] = nested(80)
+    with pytest.raises(StateError):
+        await state.save()
+
+
+async def test_a_save_meeting_a_deeper_document_an_earlier_version_wrote_merges_with_it():
+    store = MemoryStateStore()
+    state = State(store, USER)
+    (await state.load())["theme"] = "dark"  # read while there was none
+    await store.write(USER, nested(80), etag=None)  # an earlier version's, meanwhile
+    assert await state.save()
+    assert (await store.read(USER)).data == {**nested(80), "theme": "dark"}
 
 
 async def test_ids_of_any_shape_get_their_own_documents(store):
