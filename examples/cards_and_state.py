@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.activity import is_bot_account
 from shared.cards import (
     adaptive_card,
     execute_action,
@@ -145,6 +146,8 @@ async def remind(turn: TurnContext) -> None:
 
 @router.message()
 async def count_messages(turn: TurnContext) -> None:
+    if is_bot_account(turn.activity.get("from"), turn.bot_id):
+        return  # its own message passed back by a channel: answered, it would come back
     data = await turn.user_state.update(lambda d: d.update(messages=d.get("messages", 0) + 1))
     await turn.save_state()  # saved before the reply says the count: a message sent meanwhile
     # elsewhere (another chat, another instance) is then counted in it

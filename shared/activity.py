@@ -417,6 +417,11 @@ def text_without_bot_mention(activity: Mapping[str, Any]) -> str:
             continue
         mentioned = entity.get("mentioned")
         mention_text = entity.get("text")
+        name = mentioned.get("name") if isinstance(mentioned, Mapping) else None
+        if mention_text is None and isinstance(name, str) and name:
+            # Teams has sent mentions without `text` (names with `&`): the markup it
+            # puts in the message for them.
+            mention_text = f"<at>{name}</at>"
         if (
             is_bot_account(mentioned, bot_id)
             and isinstance(mention_text, str)

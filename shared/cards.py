@@ -28,6 +28,19 @@ SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
 # ---------------------------------------------------------------------------- Adaptive Cards
 
 
+def _many(values: Iterable[Any], name: str, one: type) -> Iterable[Any]:
+    """`values`, refused when it is a single one of them (a URL string, an element): taken
+    as a list, a string made an item of each character, and a dict one of each key."""
+    if isinstance(values, one | str | bytes):
+        raise TypeError(f"{name} takes a list, not a single {one.__name__}")
+    return values
+
+
+def _card_kind(card: Mapping[str, Any]) -> str:
+    kind = card.get("type")
+    return f"type {kind[:40]!r}" if isinstance(kind, str) else "no type"
+
+
 def adaptive_card(
     body: Iterable[Mapping[str, Any]],
     *,
@@ -45,9 +58,9 @@ def adaptive_card(
         "type": "AdaptiveCard",
         "$schema": SCHEMA,
         "version": version,
-        "body": [dict(element) for element in body],
+        "body": [dict(element) for element in _many(body, "body", Mapping)],
     }
-    actions = [dict(action) for action in actions]
+    actions = [dict(action) for action in _many(actions, "actions", Mapping)]
     if actions:
         card["actions"] = actions
     if refresh is not None:
@@ -98,7 +111,7 @@ def refresh(verb: str, *, data: Any = None, user_ids: Iterable[str] | None = Non
         action["data"] = data
     value: dict[str, Any] = {"action": action}
     if user_ids is not None:
-        value["userIds"] = list(user_ids)
+        value["userIds"] = list(_many(user_ids, "user_ids", str))
     return value
 
 
@@ -111,6 +124,8 @@ def card_content(card: Mapping[str, Any]) -> dict[str, Any]:
     """The Adaptive Card itself, given the card or its attachment (:func:`card_attachment`);
     ValueError for an attachment of another kind (a hero card answers no card invoke)."""
     if "contentType" not in card:
+        if card.get("type") != "AdaptiveCard":  # a message activity, say: Teams shows an error
+            raise ValueError(f"expected an Adaptive Card, got {_card_kind(card)}")
         return dict(card)
     content = card.get("content")
     if card["contentType"] != ADAPTIVE_CARD or not isinstance(content, Mapping):
@@ -136,9 +151,9 @@ def hero_card(
     for name, value in (("title", title), ("subtitle", subtitle), ("text", text)):
         if value is not None:
             content[name] = value
-    if images := [{"url": url} for url in images]:
+    if images := [{"url": url} for url in _many(images, "images", str)]:
         content["images"] = images
-    if buttons := [dict(button) for button in buttons]:
+    if buttons := [dict(button) for button in _many(buttons, "buttons", Mapping)]:
         content["buttons"] = buttons
     return {"contentType": HERO_CARD, "content": content}
 

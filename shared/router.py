@@ -417,11 +417,16 @@ def _connector_failing(turn: TurnContext, error: BaseException) -> bool:
 
 def _no_apology(activity: Mapping[str, Any]) -> bool:
     """An invoke whose failure its client shows where it happened, so that a message
-    posted to the conversation would only be noise, or the bot's removal from the
-    conversation (see Router.handle_error)."""
+    posted to the conversation would only be noise, the bot's removal from the
+    conversation (see Router.handle_error), or the bot's own activity passed back by a
+    channel (the apology would come back too, and fail again while the failure lasts)."""
     from shared.lifecycle import Change, classify  # on a failure only
 
     if is_message_extension(activity) or classify(activity) is Change.REMOVE:
+        return True
+    recipient = activity.get("recipient")
+    bot_id = recipient.get("id") if isinstance(recipient, Mapping) else None
+    if is_bot_account(activity.get("from"), bot_id if isinstance(bot_id, str) else None):
         return True
     value = activity.get("value")
     return (

@@ -186,6 +186,17 @@ async def test_user_state_counts_messages_and_keeps_a_preference_across_instance
     }
 
 
+async def test_the_bots_own_message_passed_back_is_not_answered_or_counted(
+    instances, channel, fake_connector, settings
+):
+    # Answered, it came back on a channel that passes the bot's messages back, for ever.
+    first, _ = instances
+    own = channel.activity(text="Hi Ada: that is message 1", **{"from": {"id": "28:bot"}})
+    assert (await channel.post(first, own)).status == 200
+    assert fake_connector.requests == []
+    assert stored(settings, user_state_key("msteams", "28:bot")) is None
+
+
 async def test_two_messages_at_once_are_each_told_their_own_count(
     instances, channel, fake_connector, settings
 ):

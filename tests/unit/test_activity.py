@@ -338,6 +338,15 @@ def test_bot_mention_is_removed_from_text_but_other_mentions_stay():
     assert text_without_bot_mention(incoming(text=None)) == ""
 
 
+def test_a_bot_mention_without_its_text_is_removed_by_the_markup_of_its_name():
+    # Teams has sent mentions of names with `&` without `text`: routes met the markup.
+    activity = incoming(
+        text="<at>Q&A Bot</at> help",
+        entities=[{"type": "mention", "mentioned": {"id": "28:bot", "name": "Q&A Bot"}}],
+    )
+    assert text_without_bot_mention(activity) == "help"
+
+
 def test_bot_mention_naming_the_bot_without_its_prefix_is_removed_too():
     activity = incoming(
         text="<at>Bot</at> help",

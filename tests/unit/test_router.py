@@ -395,8 +395,9 @@ def recording_error_handler() -> tuple[Router, list[BaseException]]:
         activity("invoke", name="composeExtension/query"),  # one per keystroke
         activity("invoke", name="adaptiveCard/action", value={"trigger": "automatic"}),
         activity("installationUpdate", action="remove"),  # the bot was removed
+        activity(text="hi", **{"from": BOT}),  # its own message, passed back by a channel
     ],
-    ids=["search", "card refresh", "uninstall"],
+    ids=["search", "card refresh", "uninstall", "the bot's own message"],
 )
 async def test_a_custom_error_handler_is_not_called_where_no_apology_goes(incoming):
     # It replaces the apology, so it follows its rules: its reply was posted once per

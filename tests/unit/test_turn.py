@@ -519,3 +519,29 @@ def test_other_invoke_answers():
     }
     with pytest.raises(ValueError):
         card_error(200, "not an error")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: hero_card("t", images="https://example.com/a.png"),  # one image per character
+        lambda: refresh("show", user_ids="29:abc"),  # nobody refreshed: ids of one character
+        lambda: adaptive_card(text_block("x")),  # one element, not a list of them
+        lambda: adaptive_card([text_block("x")], actions=execute_action("Go", verb="go")),
+        lambda: hero_card("t", buttons=button("Yes", "yes")),
+    ],
+    ids=["images", "user ids", "body", "actions", "buttons"],
+)
+def test_a_single_value_where_a_card_builder_takes_a_list_is_a_clear_error(build):
+    with pytest.raises(TypeError, match="takes a list"):
+        build()
+
+
+def test_a_card_answer_refuses_what_is_not_an_adaptive_card():
+    # A message activity given as the card was sent as one: Teams shows an error.
+    from shared.invokes import card_response, task_card
+
+    message = card_message(adaptive_card([text_block("x")]))
+    for answer in (card_response, task_card):
+        with pytest.raises(ValueError, match="expected an Adaptive Card"):
+            answer(message)
