@@ -8,6 +8,7 @@ and builds outgoing activities (replies, activities addressed by a reference).
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -418,20 +419,19 @@ def text_without_bot_mention(activity: Mapping[str, Any]) -> str:
         mentioned = entity.get("mentioned")
         mention_text = entity.get("text")
         name = mentioned.get("name") if isinstance(mentioned, Mapping) else None
+        marks = [mention_text]
         if mention_text is None and isinstance(name, str) and name:
             # Teams has sent mentions without `text` (names with `&`): the markup it
-            # puts in the message for them.
-            mention_text = f"<at>{name}</at>"
-        if (
-            is_bot_account(mentioned, bot_id)
-            and isinstance(mention_text, str)
-            and mention_text
-            and mention_text not in removed
-        ):
-            text = text.replace(mention_text, "")
-            removed.add(mention_text)
-            if len(removed) == MAX_BOT_MENTIONS:
-                break
+            # puts in the message for them, the name as written or HTML-escaped.
+            marks = [f"<at>{name}</at>", f"<at>{html.escape(name, quote=False)}</at>"]
+        if not is_bot_account(mentioned, bot_id):
+            continue
+        for mark in marks:
+            if isinstance(mark, str) and mark and mark not in removed:
+                text = text.replace(mark, "")
+                removed.add(mark)
+        if len(removed) >= MAX_BOT_MENTIONS:
+            break
     return text.strip()
 
 

@@ -305,14 +305,18 @@ async def forget_conversation(
     prune (a send found it gone: no turn runs there, and thousands of prunes would crowd
     out the removals that matter)."""
     channel_id, conversation_id = split_key(key)
+    keys = (key, conversation_state_key(channel_id, conversation_id))
     if note:
-        note_removed(key, conversation_state_key(channel_id, conversation_id))
+        note_removed(*keys)
     if state is not None:
         if _is_channel(reference):
             thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
             await state.delete_prefixed(thread)
-        await state.delete(conversation_state_key(channel_id, conversation_id))
-    return await store.delete(key)
+        await state.delete(keys[1])
+    deleted = await store.delete(key)
+    if note:
+        note_removed(*keys)  # again: a read begun while they were deleted is from before
+    return deleted
 
 
 def _is_channel(reference: Mapping[str, Any]) -> bool:

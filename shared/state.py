@@ -410,8 +410,9 @@ class State:
         if self._data is None:
             async with self._loading:
                 if self._data is None:
+                    began = time.monotonic()  # a read crossing a removal is from before
                     stored = await self._require_store().read(self.key)
-                    self.read_at = time.monotonic()
+                    self.read_at = began
                     self._adopt_owner(stored)
                     self._loaded = stored.data if stored else {}
                     self._etag = stored.etag if stored else None
@@ -557,6 +558,7 @@ class State:
         outcome would otherwise come back over the deletion."""
         async with self._loading, self._saving:
             deleted = await self._require_store().delete(self.key)
+            self.read_at = time.monotonic()  # known empty: what is written now is new
             if self._data is None:
                 self._data = {}
             else:

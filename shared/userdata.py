@@ -157,6 +157,7 @@ class _Eraser:
         if found.user_id:
             await self.user_state(found.user_id)
         await self.references.delete(found.key)
+        note_removed(found.key, state_key)  # again: a read begun meanwhile is from before
         self.erased.conversations.append(found.key)
 
     async def listed(self) -> None:
@@ -181,7 +182,9 @@ class _Eraser:
             return
         key = user_state_key(self.channel_id, user_id)
         note_removed(key)
-        if await self.state.delete(key):
+        deleted = await self.state.delete(key)
+        note_removed(key)  # again: a read begun while it was deleted is from before
+        if deleted:
             self.erased.user_state = True
         self._users_done.add(user_id)
 
@@ -222,6 +225,8 @@ async def erase_for_activity(
         if key not in erased.conversations:
             note_removed(key, state_key)
             had_state = state is not None and await state.delete(state_key)
-            if await references.delete(key) or had_state:
+            had_reference = await references.delete(key)
+            note_removed(key, state_key)
+            if had_reference or had_state:
                 erased.conversations.append(key)
     return erased

@@ -345,6 +345,8 @@ def test_a_bot_mention_without_its_text_is_removed_by_the_markup_of_its_name():
         entities=[{"type": "mention", "mentioned": {"id": "28:bot", "name": "Q&A Bot"}}],
     )
     assert text_without_bot_mention(activity) == "help"
+    activity["text"] = "<at>Q&amp;A Bot</at> help"  # the text as HTML
+    assert text_without_bot_mention(activity) == "help"
 
 
 def test_bot_mention_naming_the_bot_without_its_prefix_is_removed_too():

@@ -815,3 +815,76 @@ async def test_a_handlers_own_save_after_its_users_erasure_elsewhere_writes_noth
     release.set()
     assert (await turn).status == 200
     assert await bot.runtime.state.read(USER_KEY) is None
+
+
+async def test_a_handler_that_erases_its_user_then_deletes_and_writes_keeps_what_it_wrote(
+    make_bot,  # noqa: F811
+    channel_identity,
+    fake_connector,
+):
+    # Its state read before the erasure (a visit counter), the handler deleted it and
+    # saved an opt-out: dropped without a word, the first read counting as its last.
+    from shared.userdata import erase_user_data
+
+    router = Router()
+
+    @router.message()
+    async def visit(turn: TurnContext) -> None:
+        await turn.user_state.update(lambda d: d.update(visits=d.get("visits", 0) + 1))
+        if turn.text == "forget me":
+            await erase_user_data(
+                channel_id=turn.channel_id,
+                user_id=turn.from_["id"],
+                state=turn.state_store,
+                references=bot.runtime.references,
+            )
+            await turn.user_state.delete()  # what it holds is the erased data: start anew
+            (await turn.user_state.load())["optedOut"] = True
+        await turn.reply("ok")
+
+    bot = make_bot(router)
+    bot.runtime.state = MemoryStateStore()
+    assert (await say(bot, channel_identity, fake_connector, "hi")).status == 200
+    assert (await say(bot, channel_identity, fake_connector, "forget me", id="2")).status == 200
+    assert (await bot.runtime.state.read(USER_KEY)).data == {"optedOut": True}
+
+
+async def test_a_state_read_while_its_users_erasure_ran_is_not_written_back():
+    # The read began before the erasure's deletes and ended after them: timed at its
+    # end, it passed for a read after the erasure, and what it read was written back.
+    from shared.references import MemoryReferenceStore
+    from shared.removals import current_turn
+    from shared.userdata import erase_user_data
+
+    class HeldRead(MemoryStateStore):
+        gate: asyncio.Event | None = None
+
+        async def read(self, key):
+            found = await super().read(key)
+            if self.gate is not None:
+                gate, self.gate = self.gate, None
+                await gate.wait()  # the document read; its answer still on the way
+            return found
+
+    store = HeldRead()
+    await store.write(USER_KEY, {"name": "Ada"}, etag=None)
+    incoming = activity_for("https://bot.example.com/", id="1")
+    token = current_turn.set(object())  # one turn: the erasure is its own
+    try:
+        turn = TurnContext(incoming, None, state=store)
+        store.gate = gate = asyncio.Event()
+        reading = asyncio.create_task(turn.user_state.load())
+        await asyncio.sleep(0.05)
+        await erase_user_data(
+            channel_id=CHANNEL,
+            user_id="29:user-1",
+            state=store,
+            references=MemoryReferenceStore(),
+        )
+        gate.set()
+        data = await reading
+        data["greeting"] = f"Hi {data['name']}"
+        await turn.save_state()
+    finally:
+        current_turn.reset(token)
+    assert await store.read(USER_KEY) is None
