@@ -269,14 +269,16 @@ TOO_OLD = (
 
 
 def ensure_resources(conn_str: str, queues: list[str], containers: list[str]) -> None:
-    """Create queues (and their `-poison` twins) and containers if they do not exist."""
+    """Create queues (and their `-poison` twins, where the name fits Azure's 63 characters:
+    the host then has none) and containers if they do not exist."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob import BlobServiceClient
     from azure.storage.queue import QueueServiceClient
 
     queue_service = QueueServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)
     for name in queues:
-        for queue in (name, f"{name}-poison"):
+        poison = f"{name}-poison"
+        for queue in (name, poison) if len(poison) <= 63 else (name,):
             with contextlib.suppress(ResourceExistsError):
                 queue_service.create_queue(queue)
     blob_service = BlobServiceClient.from_connection_string(conn_str, **LOCAL_RETRY)

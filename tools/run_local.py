@@ -46,7 +46,12 @@ from tools.azurite import (
     port_in_use,
     too_old,
 )
-from tools.devhost.settings import encrypted, runs_unauthenticated
+from tools.devhost.settings import (
+    encrypted,
+    environment_problem,
+    json_problem,
+    runs_unauthenticated,
+)
 
 PORT = 7071
 SETTINGS_FILE = ROOT / "local.settings.json"
@@ -109,7 +114,7 @@ def load_settings(path: Path) -> dict[str, str]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as error:
-        raise RunError(f"{path.name} is not readable JSON ({type(error).__name__})") from None
+        raise RunError(f"{path.name} is not readable JSON ({json_problem(error)})") from None
     values = document.get("Values", {}) if isinstance(document, dict) else None
     if not isinstance(values, dict):
         raise RunError(f'{path.name} must be a JSON object with a "Values" object')
@@ -119,7 +124,11 @@ def load_settings(path: Path) -> dict[str, str]:
         raise RunError(
             f"{path.name} is encrypted: decrypt it (`func settings decrypt`) to run it here"
         )
-    return _values(document)
+    values = _values(document)
+    for name, value in values.items():
+        if problem := environment_problem(name, value):
+            raise RunError(f"{path.name}: Values: {problem}")
+    return values
 
 
 def _not_ignored(path: Path) -> str:
@@ -226,6 +235,12 @@ def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> N
             [settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
         )
     except Exception as error:  # whatever answers on the ports is not a working Azurite
+        if getattr(error, "error_code", None) in ("InvalidResourceName", "OutOfRangeInput"):
+            raise RunError(
+                "BOT_PROACTIVE_QUEUE or BOT_REFERENCES_CONTAINER is not a name Azure Storage "
+                "takes (3-63 lower-case letters, digits and single hyphens): fix it in the "
+                "settings, then run `make run` again"
+            ) from None
         if not (listening(args.blob_port) and listening(args.queue_port)):
             raise RunError(
                 f"Azurite stopped answering on ports {args.blob_port}/{args.queue_port} (was "

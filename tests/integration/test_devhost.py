@@ -321,7 +321,9 @@ def test_raising_function_is_500_without_exception_text(http_host):
     assert "RuntimeError" in log  # the developer sees what failed, in the log only
 
 
-def test_sigterm_waits_for_invocations_in_flight(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_waits_for_invocations_in_flight(tmp_path, signum):
+    # SIGHUP (the terminal closed) killed the host mid-invocation: the turn was cut off.
     host = DevHost({}, tmp_path, root=APPS / "http_app", functions=()).wait_started()
     result: dict[str, Any] = {}
 
@@ -333,7 +335,7 @@ def test_sigterm_waits_for_invocations_in_flight(tmp_path):
     try:
         wait_for(lambda: accepts_connections(host.port), 5, "listening")
         wait_for_log(host, "slow invocation started", timeout=10)  # running now
-        host.process.send_signal(signal.SIGTERM)
+        host.process.send_signal(signum)
         assert host.wait_exit(timeout=15) == 0
     finally:
         caller.join(timeout=15)

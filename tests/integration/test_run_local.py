@@ -280,6 +280,67 @@ def test_make_run_with_a_broken_settings_file_names_it(make_run):
     assert not accepts_connections(run.ports["blob"])
 
 
+def test_make_run_creates_a_long_queue_without_the_poison_twin_azure_could_not_have(azurite):
+    # A valid 60-character queue has no poison queue (67 characters): `make run` said its
+    # ports answered "but not as Azurite" and did not start.
+    from tools import run_local
+
+    args = run_local.parse_args(
+        ["--blob-port", str(azurite.blob_port), "--queue-port", str(azurite.queue_port)]
+    )
+    name = f"q{uuid.uuid4().hex}".ljust(60, "q")
+    run_local.create_resources(args, {"BOT_PROACTIVE_QUEUE": name})
+    queues = QueueServiceClient.from_connection_string(azurite.connection_string)
+    assert [q.name for q in queues.list_queues(name_starts_with=name)] == [name]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"BOT_PROACTIVE_QUEUE": "Proactive-Messages"}, {"BOT_REFERENCES_CONTAINER": "Refs"}],
+)
+def test_make_run_with_a_storage_name_azure_refuses_names_the_settings(azurite, settings):
+    from tools import run_local
+
+    args = run_local.parse_args(
+        ["--blob-port", str(azurite.blob_port), "--queue-port", str(azurite.queue_port)]
+    )
+    with pytest.raises(run_local.RunError) as raised:
+        run_local.create_resources(args, settings)
+    message = str(raised.value)
+    assert "BOT_PROACTIVE_QUEUE or BOT_REFERENCES_CONTAINER" in message
+    assert "not as Azurite" not in message
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        ('{"": "x"}', "is no setting name"),
+        ('{"A=B": "x"}', "is no setting name"),
+        ('{"X": "a\\u0000b"}', "NUL character"),
+    ],
+)
+def test_make_run_and_the_local_host_name_a_setting_no_environment_can_hold(
+    make_run, tmp_path, values, said
+):
+    # A traceback (OSError, ValueError) from putting it in the environment.
+    from tools.devhost.settings import HostError, load_local_settings
+
+    run = make_run(settings_text=f'{{"Values": {values}}}')
+    assert run.wait(timeout=30) == 1
+    assert said in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "local.settings.json").write_text(f'{{"Values": {values}}}')
+    with pytest.raises(HostError, match=said):
+        load_local_settings(tmp_path)
+
+
+def test_a_settings_file_that_is_not_json_says_where():
+    from tools.devhost.settings import json_problem
+
+    with pytest.raises(ValueError) as raised:
+        json.loads('{"Values": {"A": "x",}}')  # a trailing comma
+    assert json_problem(raised.value).endswith("at line 1, column 22")
+
+
 def test_make_run_when_azurite_stops_before_the_queues_are_created_says_so_quickly():
     # The Azurite found on the ports (another `make run` that is stopping, say) is gone by
     # the time the queues and the container are created: nothing answers there any more.

@@ -2,7 +2,7 @@
 
 Everything runs on one long-lived event loop, like the Python worker; sync functions
 share a thread pool of `PYTHON_THREADPOOL_THREAD_COUNT` threads (the worker's setting;
-default: Python's). On SIGINT or SIGTERM the host stops polling and timers, stops
+default: Python's). On SIGINT, SIGTERM or SIGHUP the host stops polling and timers, stops
 accepting requests, waits (bounded) for invocations in flight, and returns 0. A queue
 message still being processed when the wait ends stays hidden until its lease runs out
 (at most 10 minutes), as with the Functions host. A second signal exits at once.
@@ -51,7 +51,7 @@ class Listener(Protocol):
 
 
 async def serve(app: FunctionApp, settings: Mapping[str, str], options: HostOptions) -> int:
-    """Run the host until SIGINT/SIGTERM; the exit code."""
+    """Run the host until SIGINT/SIGTERM/SIGHUP; the exit code."""
     executor = ThreadPoolExecutor(_thread_count(settings), thread_name_prefix="devhost-sync")
     invoker = Invoker(executor, function_timeout=app.config.function_timeout)
     routes = [compile_route(app.config.route_prefix, f) for f in _of(app, HttpTrigger)]
@@ -258,7 +258,9 @@ def _install_signal_handlers() -> asyncio.Event:
         first_at.append(time.monotonic())
         stopping.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal closed (the host shares the foreground process group of
+    # `make run`, which stops on it too): stopped as cleanly as on Ctrl-C.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     return stopping
 

@@ -78,7 +78,7 @@ def load_local_settings(root: Path) -> dict[str, str]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
-        raise HostError(f"{LOCAL_SETTINGS}: not readable JSON ({type(exc).__name__})") from None
+        raise HostError(f"{LOCAL_SETTINGS}: not readable JSON ({json_problem(exc)})") from None
     if not isinstance(document, dict):
         raise HostError(f"{LOCAL_SETTINGS}: must be a JSON object")
     if encrypted(document):
@@ -86,7 +86,28 @@ def load_local_settings(root: Path) -> dict[str, str]:
     values = document.get("Values", {})
     if not isinstance(values, dict):
         raise HostError(f"{LOCAL_SETTINGS}: Values must be an object")
-    return {str(name): _as_text(value) for name, value in values.items() if value is not None}
+    settings = {str(name): _as_text(value) for name, value in values.items() if value is not None}
+    for name, value in settings.items():
+        if problem := environment_problem(name, value):
+            raise HostError(f"{LOCAL_SETTINGS}: Values: {problem}")
+    return settings
+
+
+def environment_problem(name: str, value: str) -> str | None:
+    """Why a setting cannot be an environment variable (as the host passes settings to the
+    app), or None."""
+    if not name or "=" in name or "\0" in name:
+        return f"{name[:60]!r} is no setting name (empty, or with '=' or a NUL character)"
+    if "\0" in value:
+        return f"the value of {name[:60]!r} holds a NUL character"
+    return None
+
+
+def json_problem(error: Exception) -> str:
+    """What is wrong with a settings file, and where (a JSON error's line and column)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno}, column {error.colno}"
+    return type(error).__name__
 
 
 def apply_settings(
