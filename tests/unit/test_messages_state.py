@@ -715,18 +715,11 @@ async def test_a_handler_that_erases_its_user_then_saves_keeps_what_it_saved(
 ):
     # Its own erasure counted as a removal the turn began before: the opt-out it then
     # saved was dropped without a word.
-    from shared.userdata import erase_user_data
-
     router = Router()
 
     @router.message(r"^forget me$")
     async def forget(turn: TurnContext) -> None:
-        await erase_user_data(
-            channel_id=turn.channel_id,
-            user_id=turn.from_["id"],
-            state=turn.state_store,
-            references=bot.runtime.references,
-        )
+        await erase_sender(turn, bot)
         (await turn.user_state.load())["optedOut"] = True
         await turn.save_state()
         await turn.reply("Forgotten.")
@@ -755,8 +748,6 @@ async def test_a_handler_that_erases_its_user_after_changing_their_state_writes_
     # Changed before the erasure (a visit counter), the states were saved at the turn's
     # end as the turn's own: the erased data came back, or (a direct edit meeting the
     # deletion) the turn answered 500 with the apology after "Forgotten.".
-    from shared.userdata import erase_user_data
-
     router = Router()
 
     @router.message()
@@ -768,12 +759,7 @@ async def test_a_handler_that_erases_its_user_after_changing_their_state_writes_
             data["visits"] = data.get("visits", 0) + 1
         (await turn.conversation_state.load())["last"] = turn.text
         if turn.text == "forget me":
-            await erase_user_data(
-                channel_id=turn.channel_id,
-                user_id=turn.from_["id"],
-                state=turn.state_store,
-                references=bot.runtime.references,
-            )
+            await erase_sender(turn, bot)
             await turn.reply("Forgotten.")
         else:
             await turn.reply("ok")
@@ -824,20 +810,13 @@ async def test_a_handler_that_erases_its_user_then_deletes_and_writes_keeps_what
 ):
     # Its state read before the erasure (a visit counter), the handler deleted it and
     # saved an opt-out: dropped without a word, the first read counting as its last.
-    from shared.userdata import erase_user_data
-
     router = Router()
 
     @router.message()
     async def visit(turn: TurnContext) -> None:
         await turn.user_state.update(lambda d: d.update(visits=d.get("visits", 0) + 1))
         if turn.text == "forget me":
-            await erase_user_data(
-                channel_id=turn.channel_id,
-                user_id=turn.from_["id"],
-                state=turn.state_store,
-                references=bot.runtime.references,
-            )
+            await erase_sender(turn, bot)
             await turn.user_state.delete()  # what it holds is the erased data: start anew
             (await turn.user_state.load())["optedOut"] = True
         await turn.reply("ok")
@@ -888,3 +867,15 @@ async def test_a_state_read_while_its_users_erasure_ran_is_not_written_back():
     finally:
         current_turn.reset(token)
     assert await store.read(USER_KEY) is None
+
+
+async def erase_sender(turn: TurnContext, bot) -> None:
+    """What a "forget me" handler does: erase its sender's data itself."""
+    from shared.userdata import erase_user_data
+
+    await erase_user_data(
+        channel_id=turn.channel_id,
+        user_id=turn.from_["id"],
+        state=turn.state_store,
+        references=bot.runtime.references,
+    )
