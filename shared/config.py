@@ -339,9 +339,8 @@ class Settings:
             trusted_service_urls=trusted,
             allow_unauthenticated=allow_unauthenticated,
             storage=StorageSettings.from_env(env),
-            references_container=_storage_name(
-                "BOT_REFERENCES_CONTAINER",
-                get("BOT_REFERENCES_CONTAINER", "conversation-references"),
+            references_container=references_container_name(
+                get("BOT_REFERENCES_CONTAINER", "conversation-references")
             ),
             proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
             schedule=schedule,
@@ -467,6 +466,11 @@ def _storage_name(setting: str, name: str, longest: int = 63) -> str:
             setting, f"must be 3-{longest} lower-case letters, digits and single dashes"
         )
     return name
+
+
+def references_container_name(name: str) -> str:
+    """`BOT_REFERENCES_CONTAINER`, a name Azure Storage takes."""
+    return _storage_name("BOT_REFERENCES_CONTAINER", name)
 
 
 def proactive_queue_name(name: str) -> str:

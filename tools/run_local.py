@@ -32,7 +32,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.config import AZURE_HOST_MARKERS
+from shared.config import (
+    AZURE_HOST_MARKERS,
+    DEFAULT_QUEUE,
+    SettingsError,
+    proactive_queue_name,
+    references_container_name,
+)
 from tools.args import tcp_port
 from tools.azurite import (
     DEFAULT_PORTS,
@@ -228,19 +234,16 @@ def storage_to_start(args: argparse.Namespace) -> Azurite | None:
 
 
 def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    queue = settings.get("BOT_PROACTIVE_QUEUE") or DEFAULT_QUEUE
+    container = settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"
+    try:  # as the bot will judge them: started with another, it would answer only 500s
+        proactive_queue_name(queue)
+        references_container_name(container)
+    except SettingsError as error:  # names the setting and the rule, never a secret
+        raise RunError(f"{error}: fix it in the settings, then run `make run` again") from None
     try:
-        ensure_resources(
-            connection_string(args.blob_port, args.queue_port),
-            [settings.get("BOT_PROACTIVE_QUEUE") or "proactive-messages"],
-            [settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"],
-        )
+        ensure_resources(connection_string(args.blob_port, args.queue_port), [queue], [container])
     except Exception as error:  # whatever answers on the ports is not a working Azurite
-        if getattr(error, "error_code", None) in ("InvalidResourceName", "OutOfRangeInput"):
-            raise RunError(
-                "BOT_PROACTIVE_QUEUE or BOT_REFERENCES_CONTAINER is not a name Azure Storage "
-                "takes (3-63 lower-case letters, digits and single hyphens): fix it in the "
-                "settings, then run `make run` again"
-            ) from None
         if not (listening(args.blob_port) and listening(args.queue_port)):
             raise RunError(
                 f"Azurite stopped answering on ports {args.blob_port}/{args.queue_port} (was "
@@ -483,7 +486,8 @@ def run(args: argparse.Namespace) -> int:
             if azurite is not None:
                 azurite.stop()
             if host_started:
-                print(stopped_line(azurite), flush=True)
+                with contextlib.suppress(OSError):  # the terminal may have closed
+                    print(stopped_line(azurite), flush=True)
 
 
 def stopped_line(azurite: Azurite | None) -> str:

@@ -346,6 +346,22 @@ def test_a_stop_signal_waits_for_invocations_in_flight(tmp_path, signum):
     assert "Executed 'Functions.slow_function' (Succeeded" in host.stderr
 
 
+def test_a_host_run_under_nohup_keeps_running_on_sighup(tmp_path):
+    # Its SIGHUP handler replaced the ignored disposition nohup asked for.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited, as under nohup
+    try:
+        host = DevHost({}, tmp_path, root=APPS / "http_app", functions=())
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    host.wait_started()
+    try:
+        host.process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert host.process.poll() is None
+    finally:
+        host.stop()
+
+
 # --- the real app -----------------------------------------------------------------
 
 

@@ -280,25 +280,28 @@ def test_make_run_with_a_broken_settings_file_names_it(make_run):
     assert not accepts_connections(run.ports["blob"])
 
 
-def test_make_run_creates_a_long_queue_without_the_poison_twin_azure_could_not_have(azurite):
-    # A valid 60-character queue has no poison queue (67 characters): `make run` said its
-    # ports answered "but not as Azurite" and did not start.
-    from tools import run_local
+def test_ensure_resources_creates_a_long_queue_without_a_poison_twin_azure_could_not_have(
+    azurite,
+):
+    # A 60-character queue has no poison queue (67 characters): the storage error said
+    # the ports answered "but not as Azurite".
+    from tools.azurite import ensure_resources
 
-    args = run_local.parse_args(
-        ["--blob-port", str(azurite.blob_port), "--queue-port", str(azurite.queue_port)]
-    )
     name = f"q{uuid.uuid4().hex}".ljust(60, "q")
-    run_local.create_resources(args, {"BOT_PROACTIVE_QUEUE": name})
+    ensure_resources(azurite.connection_string, [name], [])
     queues = QueueServiceClient.from_connection_string(azurite.connection_string)
     assert [q.name for q in queues.list_queues(name_starts_with=name)] == [name]
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [{"BOT_PROACTIVE_QUEUE": "Proactive-Messages"}, {"BOT_REFERENCES_CONTAINER": "Refs"}],
+    ("settings", "said"),
+    [
+        ({"BOT_PROACTIVE_QUEUE": "Proactive-Messages"}, "BOT_PROACTIVE_QUEUE"),
+        ({"BOT_PROACTIVE_QUEUE": "q" * 60}, "at most 56"),  # the bot would answer only 500s
+        ({"BOT_REFERENCES_CONTAINER": "Refs"}, "BOT_REFERENCES_CONTAINER"),
+    ],
 )
-def test_make_run_with_a_storage_name_azure_refuses_names_the_settings(azurite, settings):
+def test_make_run_with_a_storage_name_the_bot_refuses_names_the_setting(azurite, settings, said):
     from tools import run_local
 
     args = run_local.parse_args(
@@ -307,8 +310,7 @@ def test_make_run_with_a_storage_name_azure_refuses_names_the_settings(azurite, 
     with pytest.raises(run_local.RunError) as raised:
         run_local.create_resources(args, settings)
     message = str(raised.value)
-    assert "BOT_PROACTIVE_QUEUE or BOT_REFERENCES_CONTAINER" in message
-    assert "not as Azurite" not in message
+    assert said in message and "not as Azurite" not in message
 
 
 @pytest.mark.parametrize(
@@ -317,7 +319,10 @@ def test_make_run_with_a_storage_name_azure_refuses_names_the_settings(azurite, 
         ('{"": "x"}', "is no setting name"),
         ('{"A=B": "x"}', "is no setting name"),
         ('{"X": "a\\u0000b"}', "NUL character"),
+        ('{"X": "a\\ud800b"}', "not valid Unicode"),
+        ('{"X": "' + "x" * 140_000 + '"}', "longer than an environment holds"),
     ],
+    ids=["empty name", "name with =", "NUL", "lone surrogate", "too long"],
 )
 def test_make_run_and_the_local_host_name_a_setting_no_environment_can_hold(
     make_run, tmp_path, values, said

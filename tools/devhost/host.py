@@ -261,6 +261,8 @@ def _install_signal_handlers() -> asyncio.Event:
     # SIGHUP: the terminal closed (the host shares the foreground process group of
     # `make run`, which stops on it too): stopped as cleanly as on Ctrl-C.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # run under nohup (or a supervisor): kept ignored, as asked
         loop.add_signal_handler(signum, on_signal, signum)
     return stopping
 

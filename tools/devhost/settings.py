@@ -93,6 +93,9 @@ def load_local_settings(root: Path) -> dict[str, str]:
     return settings
 
 
+MAX_ENVIRONMENT_STRING = 128 * 1024  # Linux's limit for one `NAME=value`
+
+
 def environment_problem(name: str, value: str) -> str | None:
     """Why a setting cannot be an environment variable (as the host passes settings to the
     app), or None."""
@@ -100,6 +103,12 @@ def environment_problem(name: str, value: str) -> str | None:
         return f"{name[:60]!r} is no setting name (empty, or with '=' or a NUL character)"
     if "\0" in value:
         return f"the value of {name[:60]!r} holds a NUL character"
+    try:
+        size = len(os.fsencode(name)) + len(os.fsencode(value))
+    except UnicodeEncodeError:  # a lone surrogate (JSON's \ud800)
+        return f"{name[:60]!r}: its name or value is not valid Unicode"
+    if size >= MAX_ENVIRONMENT_STRING:
+        return f"the value of {name[:60]!r} is longer than an environment holds"
     return None
 
 
