@@ -324,7 +324,10 @@ def test_raising_function_is_500_without_exception_text(http_host):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_waits_for_invocations_in_flight(tmp_path, signum):
     # SIGHUP (the terminal closed) killed the host mid-invocation: the turn was cut off.
-    host = DevHost({}, tmp_path, root=APPS / "http_app", functions=()).wait_started()
+    # Started as from a terminal: a run under nohup (CI's, say) keeps SIGHUP ignored.
+    with signal_disposition(signal.SIGHUP, signal.SIG_DFL):
+        host = DevHost({}, tmp_path, root=APPS / "http_app", functions=())
+    host.wait_started()
     result: dict[str, Any] = {}
 
     def call() -> None:
@@ -346,13 +349,21 @@ def test_a_stop_signal_waits_for_invocations_in_flight(tmp_path, signum):
     assert "Executed 'Functions.slow_function' (Succeeded" in host.stderr
 
 
+@contextlib.contextmanager
+def signal_disposition(signum: int, handler: Any) -> Iterator[None]:
+    """`handler` for `signum` in this process meanwhile: a host started then inherits an
+    ignored or default disposition (a handler of Python's is reset by the exec)."""
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
 def test_a_host_run_under_nohup_keeps_running_on_sighup(tmp_path):
     # Its SIGHUP handler replaced the ignored disposition nohup asked for.
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited, as under nohup
-    try:
+    with signal_disposition(signal.SIGHUP, signal.SIG_IGN):  # inherited, as under nohup
         host = DevHost({}, tmp_path, root=APPS / "http_app", functions=())
-    finally:
-        signal.signal(signal.SIGHUP, previous)
     host.wait_started()
     try:
         host.process.send_signal(signal.SIGHUP)
