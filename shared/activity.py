@@ -333,6 +333,17 @@ def nests_deeper(value: Any, limit: int) -> bool:
     return True
 
 
+def nesting(value: Any) -> int:
+    """How many levels of objects and arrays `value` nests (0 for a scalar; no recursion)."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [
+            c for item in containers for c in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
+
+
 # --- building outgoing activities ---------------------------------------------------------------
 
 

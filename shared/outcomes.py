@@ -16,9 +16,10 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from shared.config import CLAIM_RESERVE_SECONDS
 from shared.delivery import Outcome
 from shared.engine import Engine, settings_backoff
-from shared.idempotency import is_outcome
+from shared.idempotency import Claim, is_outcome
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -372,3 +373,32 @@ async def _slot(engine: Engine, request: ProactiveRequest) -> dict[str, Any]:
     """What the target's slot holds (a claim or an outcome), {} when nothing usable."""
     record = await engine.ledger.read(outcome_name(request.id, request.target_name))
     return record.data if record is not None and isinstance(record.data, dict) else {}
+
+
+def claim_spent(engine: Engine, claimed_at: float) -> bool:
+    """Too little of the claim is left (slow storage) for the send, with the Connector's
+    own retries, and the write that settles it: settled after the claim ends, another copy
+    of the request could have taken the target over and sent too. Checked before the
+    target's reference is resolved and again before the send itself."""
+    return engine.clock() - claimed_at > engine.claim_seconds - CLAIM_RESERVE_SECONDS
+
+
+async def put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim) -> Outcome:
+    """Its claim spent before the send: claimed again later, less often the longer storage
+    stays slow (every copy costs it three calls), and past the age bound failed, with a
+    poison copy for an operator (unless the claim ended and another copy took the target
+    over meanwhile: that one settles it)."""
+    age = engine.age(request)
+    if age >= engine.max_age:
+        reason = f"gave up after {age:.0f} s: storage too slow to start the send in its claim"
+        if request.engine.resumed:  # an earlier attempt's send had begun
+            reason += "; an earlier attempt's message may have been posted"
+        return await fail_target(request, engine, reason, claim.etag)
+    delay = engine.jitter(min(30.0, max(1.0, age / 4)))
+    logger.info(
+        "proactive %r: claim on %s spent before the send; retried in %.0f s",
+        request.id,
+        request.logged,
+        delay,
+    )
+    return await engine.requeue(request, delay, count=False)

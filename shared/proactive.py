@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shared.config import CLAIM_RESERVE_SECONDS, Settings
+from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.delivery import Outcome, Parts, child_scope, deliver, post, resolve
 from shared.diagnostics import clip
@@ -57,9 +57,11 @@ from shared.idempotency import (
 from shared.outcomes import (
     OutcomeKept,
     Unsettled,
+    claim_spent,
     fail_target,
     hold_for_storage,
     named_by_this_message,
+    put_back_spent,
     put_poison_copy,
     record_given_up,
     record_or_hold,
@@ -360,8 +362,8 @@ async def _send_claimed(
     progress: _Progress,
 ) -> Outcome:
     try:
-        if _claim_spent(engine, claimed_at):
-            return await _put_back_spent(request, engine, claim)
+        if claim_spent(engine, claimed_at):
+            return await put_back_spent(request, engine, claim)
         try:
             target = await resolve(request, engine.runtime)
         except UnreadableDocument as unreadable:
@@ -372,8 +374,8 @@ async def _send_claimed(
             return await fail_target(request, engine, reason[:300], claim.etag)
         if target is None:
             outcome = Outcome.UNKNOWN
-        elif _claim_spent(engine, claimed_at):  # a slow lookup (a user's 1:1)
-            return await _put_back_spent(request, engine, claim)
+        elif claim_spent(engine, claimed_at):  # a slow lookup (a user's 1:1)
+            return await put_back_spent(request, engine, claim)
         else:
             progress.posted = True
             try:
@@ -395,35 +397,6 @@ async def _send_claimed(
     elif outcome is Outcome.UNKNOWN:
         return await _unknown(request, engine, claim.etag)
     return outcome
-
-
-def _claim_spent(engine: Engine, claimed_at: float) -> bool:
-    """Too little of the claim is left (slow storage) for the send, with the Connector's
-    own retries, and the write that settles it: settled after the claim ends, another copy
-    of the request could have taken the target over and sent too. Checked before the
-    target's reference is resolved and again before the send itself."""
-    return engine.clock() - claimed_at > engine.claim_seconds - CLAIM_RESERVE_SECONDS
-
-
-async def _put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim) -> Outcome:
-    """Its claim spent before the send: claimed again later, less often the longer storage
-    stays slow (every copy costs it three calls), and past the age bound failed, with a
-    poison copy for an operator (unless the claim ended and another copy took the target
-    over meanwhile: that one settles it)."""
-    age = engine.age(request)
-    if age >= engine.max_age:
-        reason = f"gave up after {age:.0f} s: storage too slow to start the send in its claim"
-        if request.engine.resumed:  # an earlier attempt's send had begun
-            reason += "; an earlier attempt's message may have been posted"
-        return await fail_target(request, engine, reason, claim.etag)
-    delay = engine.jitter(min(30.0, max(1.0, age / 4)))
-    logger.info(
-        "proactive %r: claim on %s spent before the send; retried in %.0f s",
-        request.id,
-        request.logged,
-        delay,
-    )
-    return await engine.requeue(request, delay, count=False)
 
 
 async def _retry_failed(

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from shared.activity import nests_deeper
+from shared.activity import nesting, nests_deeper
 from shared.removals import removed_since
 
 MAX_STATE_BYTES = 64 * 1024  # of the JSON data, UTF-8
@@ -174,17 +174,6 @@ def split_state_key(key: str) -> tuple[Scope, str, str]:
 
 
 # ---------------------------------------------------------------------------- documents
-
-
-def nesting(value: Any) -> int:
-    """How many levels of objects and arrays `value` nests (0 for a scalar; no recursion)."""
-    depth, level = 0, [value]
-    while containers := [item for item in level if isinstance(item, dict | list)]:
-        depth += 1
-        level = [
-            c for item in containers for c in (item.values() if isinstance(item, dict) else item)
-        ]
-    return depth
 
 
 def encode_data(
@@ -453,7 +442,7 @@ class State:
     def check(self) -> None:
         """Raise what :meth:`save` would for changed data it cannot store (StateTooLarge,
         StateError), without writing anything."""
-        if self.changed:
+        if self.changed and not self._removed_meanwhile():  # such a save writes nothing
             encode_data(self._data, self._require_store().max_bytes, max_depth=self._max_depth())
 
     async def save(self) -> bool:

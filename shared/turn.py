@@ -40,7 +40,6 @@ from shared.activity import (
     text_without_bot_mention,
 )
 from shared.cards import as_attachment
-from shared.removals import removed_since
 from shared.state import (
     State,
     StateConflict,
@@ -301,10 +300,9 @@ class TurnContext:
         by the write itself, so it can still come after the other state was saved. A
         storage failure is saved once more while the channel's wait allows (the write may
         have been stored: found by its id, never applied twice)."""
+        # One removed while the turn ran (its conversation, its user's data erased) is
+        # neither checked nor written (State.since, shared/removals.py).
         states = [s for s in (self._conversation_state, self._user_state) if s is not None]
-        # Removed while the turn ran (its conversation, its user's data erased): written
-        # again, it would outlive the removal (shared/removals.py).
-        states = [s for s in states if not removed_since(s.key, self.started, s.read_at)]
         for state in states:
             state.check()
         for state in states:
