@@ -228,10 +228,8 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
         ("conversation.id", conversation["id"]),
         ("replyToId", activity.get("replyToId")),
     ):
-        if value in _DOT_SEGMENTS:
-            raise InvalidActivity(400, f"{where} must not be '.' or '..'")
-        if isinstance(value, str) and not is_unicode_text(value):
-            raise InvalidActivity(400, f"{where} must be text (no lone surrogate escapes)")
+        if isinstance(value, str) and (problem := path_id_problem(value)):
+            raise InvalidActivity(400, f"{where} {problem}")
     # The conversation key is "<channelId>/<conversation.id>", the state keys alike.
     channel_id = activity["channelId"]
     if "/" in channel_id or not is_unicode_text(channel_id):
@@ -264,6 +262,16 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
 
 
 _DOT_SEGMENTS = (".", "..")
+
+
+def path_id_problem(value: str) -> str | None:
+    """What keeps `value` from being an id the bot puts in a Connector path and a
+    conversation key ("." or ".." would be a dot segment there), or None."""
+    if value in _DOT_SEGMENTS:
+        return "must not be '.' or '..'"
+    if not is_unicode_text(value):
+        return "must be text (no lone surrogate escapes)"
+    return None
 
 
 def is_unicode_text(value: str) -> bool:
@@ -316,6 +324,35 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise NotJsonNumber(f"`{text[:40]}` is out of range: numbers must be finite")
     return value
+
+
+def whole_int(text: str) -> int:
+    """`json.loads(..., parse_int=whole_int)`: NotJsonNumber for a whole number too long for
+    Python to read (over 4,300 digits), rather than a ValueError that reads as "not JSON"."""
+    try:
+        return int(text)
+    except ValueError:
+        raise NotJsonNumber(f"a number of {len(text)} digits is too long") from None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object giving one name twice: parsers differ on which value counts."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=unique_keys)`: DuplicateKey for a name given twice."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise DuplicateKey(name)
+            seen.add(name)
+    return found
 
 
 def nests_deeper(value: Any, limit: int) -> bool:

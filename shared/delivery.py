@@ -14,13 +14,24 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.activity import TEAMS_CHANNEL, apply_conversation_reference, conversation_key
+from shared.activity import (
+    TEAMS_CHANNEL,
+    apply_conversation_reference,
+    conversation_key,
+    path_id_problem,
+)
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
 from shared.connector.scope import pacing_scope
 from shared.diagnostics import clip
 from shared.lifecycle import forget_conversation
-from shared.proactive_schema import InvalidRequest, ProactiveRequest, UserTarget, parse_request
+from shared.proactive_schema import (
+    AAD_OBJECT_ID,
+    InvalidRequest,
+    ProactiveRequest,
+    UserTarget,
+    parse_request,
+)
 from shared.references.contract import StoreError, UnreadableDocument
 from shared.state import StateError
 
@@ -74,7 +85,12 @@ async def deliver(body: bytes | str, runtime: Parts) -> Outcome:
 
 async def send_one(request: ProactiveRequest, runtime: Parts) -> Outcome:
     """Send to the request's one target. Raises ConnectorError / StoreError."""
-    target = await resolve(request, runtime)
+    try:
+        target = await resolve(request, runtime)
+    except ConnectorError as error:
+        if not opening_refused(request, error):
+            raise
+        return Outcome.PRUNED
     if target is None:
         return Outcome.UNKNOWN
     return await post(request, runtime, target)
@@ -99,6 +115,22 @@ async def resolve(request: ProactiveRequest, runtime: Parts) -> Target | None:
     assert request.key is not None
     stored = await runtime.references.get(request.key)
     return None if stored is None else Target(stored.reference, stored.key)
+
+
+def opening_refused(request: ProactiveRequest, error: ConnectorError) -> bool:
+    """Whether `error`, raised while resolving the request's target, is the channel
+    refusing to open a `user` target's 1:1 as gone (the user blocked the bot, the app is
+    not installed for them): as final as a stored conversation answering so, and reported
+    the same way (pruned, with nothing stored to prune), not as a failure each time."""
+    if request.user is None or error.kind is not ErrorKind.GONE:
+        return False
+    logger.info(
+        "proactive %r: the channel will not open a 1:1 with %s (%s); nothing sent",
+        request.id,
+        request.logged,
+        clip(error.code) if error.code else error.status,
+    )
+    return True
 
 
 def child_scope(request: ProactiveRequest, runtime: Parts) -> Scope | None:
@@ -184,9 +216,9 @@ def _same_conversation(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _user_account(user: UserTarget) -> dict[str, str]:
-    """The user of a 1:1 the bot opened: on Teams a target named by the aadObjectId (not a
-    `29:` id) is stored as that too, so that erasing the user by it finds the conversation."""
-    if user.channel_id == TEAMS_CHANNEL and not user.user_id.startswith("29:"):
+    """The user of a 1:1 the bot opened: on Teams a target named by the aadObjectId (a
+    GUID) is stored as that too, so that erasing the user by it finds the conversation."""
+    if user.channel_id == TEAMS_CHANNEL and AAD_OBJECT_ID.fullmatch(user.user_id):
         return {"id": user.user_id, "aadObjectId": user.user_id}
     return {"id": user.user_id}
 
@@ -223,6 +255,16 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
         raise ConnectorError(
             ErrorKind.INVALID, "createConversation answered without an id", status=200
         )
+    if path_id_problem(conversation_id):
+        # Held to what an activity's conversation.id is held to: stored, it would be the
+        # user's 1:1 that every later send fails on.
+        raise ConnectorError(
+            ErrorKind.INVALID,
+            "createConversation answered an id the bot cannot use",
+            status=200,
+            code="UnusableConversationId",
+            operation="createConversation",
+        )
     # The serviceUrl stored is the one that was checked and called, never one the answer
     # suggests: the bot's token only goes to trusted serviceUrls.
     reference = {
@@ -242,13 +284,26 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
         if stored is not None:
             # The channel answered with a 1:1 already recorded, which the target named
             # otherwise (a tenant or aadObjectId in another case, a user id for an aad
-            # one): what the channel's own activities recorded is kept, and used.
+            # one), or which its user's index lost (an index write that failed after its
+            # document's): what the channel's own activities recorded is kept, and used,
+            # and written again, which puts a lost index entry back (or every send to
+            # the user would open the 1:1 again, and erasing them would miss it).
+            await _reindex(store, stored.reference, key)
             return key, stored.reference
         await store.upsert(reference, refresh=True)
     except UnreadableDocument:
         # Recorded by a version that this one cannot read (after a rollback): the send
         # needs no record, and that document is left for the version that wrote it.
-        logger.warning("proactive: 1:1 %s is stored unreadably; sent, not recorded", key[:120])
+        logger.warning("proactive: 1:1 %s is stored unreadably; sent, not recorded", clip(key))
         return key, reference
-    logger.info("proactive: created 1:1 %s for a user target", key[:120])
+    logger.info("proactive: created 1:1 %s for a user target", clip(key))
     return key, reference
+
+
+async def _reindex(store: ReferenceStore, reference: Mapping[str, Any], key: str) -> None:
+    """Best effort: the send does not need it, and the next activity in the 1:1 repairs
+    the index too."""
+    try:
+        await store.upsert(reference, refresh=True)
+    except StoreError as error:
+        logger.warning("proactive: the index of 1:1 %s was not checked: %s", clip(key), error)

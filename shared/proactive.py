@@ -42,7 +42,15 @@ from typing import Any
 
 from shared.config import Settings
 from shared.connector.errors import ConnectorError, ErrorKind
-from shared.delivery import Outcome, Parts, child_scope, deliver, post, resolve
+from shared.delivery import (
+    Outcome,
+    Parts,
+    child_scope,
+    deliver,
+    opening_refused,
+    post,
+    resolve,
+)
 from shared.diagnostics import clip
 from shared.engine import Engine, settings_backoff
 from shared.holding import hold_for_settings
@@ -84,6 +92,7 @@ from shared.queues import (
     MAX_QUEUE_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
     StorageQueue,
+    json_fields,
     json_object,
     poison_message,
 )
@@ -308,7 +317,7 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
     if isinstance(claim, Settled):
         retried = await _retry_failed(request, engine, name, claim)
-        if retried is None and _failed_here(engine, claim):
+        if retried is None and _failed_here(request, engine, claim):
             # This queue message recorded the failure, and its process died before the
             # poison copy was put (or before it returned): put now, so an operator has it.
             reason = claim.record.data.get("reason") or "failed"
@@ -340,17 +349,21 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
     return outcome
 
 
-def _failed_here(engine: Engine, settled: Settled) -> bool:
+def _failed_here(request: ProactiveRequest, engine: Engine, settled: Settled) -> bool:
     """Whether the slot holds a failure this very queue message recorded, one whose poison
     copy is the engine's to put (a broadcast child whose conversation was removed has
-    none; a message the host gave up on, `givenUp`, is the host's poison copy)."""
+    none). One recorded as the host's last attempt of it (`givenUp`) is the host's to
+    poison, but when the host delivers that message again it did not (its maxDequeueCount
+    is higher than the function read): the copy is the engine's then, as the message is
+    deleted once this returns. (Not so for a copy kept to go on as that message, queued
+    before the host gave up on it: the host's poison copy is the one to put back.)"""
     data = settled.record.data
     return (
         engine.message_id is not None
         and data.get("message") == engine.message_id
         and data.get("outcome") == "failed"
         and data.get("reason") != REMOVED_REASON
-        and data.get("givenUp") is not True
+        and (data.get("givenUp") is not True or request.engine.claimed_by is None)
     )
 
 
@@ -386,8 +399,10 @@ async def _send_claimed(
     except ConnectorError as error:
         # A lookup's failure (creating a user's 1:1) posted nothing, whatever its kind.
         sent = progress.posted
-        progress.posted = sent and error.kind is ErrorKind.UNCERTAIN
-        return await _connector_failure(request, engine, error, claim.etag, sent=sent)
+        if sent or not opening_refused(request, error):
+            progress.posted = sent and error.kind is ErrorKind.UNCERTAIN
+            return await _connector_failure(request, engine, error, claim.etag, sent=sent)
+        outcome = Outcome.PRUNED
     if outcome is Outcome.DELIVERED or outcome is Outcome.PRUNED:
         # Settled first, before anything else: this is the crash window's far edge.
         final: Final = "delivered" if outcome is Outcome.DELIVERED else "pruned"
@@ -566,7 +581,7 @@ def _describe(error: ConnectorError) -> str:
 
 def _child_key(body: bytes | str) -> str | None:
     """The conversation key of a broadcast child (None for anything else)."""
-    message = json_object(body)
+    message = json_fields(body)
     if message is None or not isinstance(message.get(RESERVED), dict):
         return None
     target = message.get("to")
@@ -576,7 +591,7 @@ def _child_key(body: bytes | str) -> str | None:
 
 def _request_id(body: bytes | str) -> str | None:
     """The request's `id` for the log, when there is a usable one (never any other content)."""
-    message = json_object(body)
+    message = json_fields(body)
     request_id = message.get("id") if message is not None else None
     return request_id if usable_id(request_id) else None
 

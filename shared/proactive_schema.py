@@ -16,6 +16,7 @@ from typing import Any
 from shared.activity import (
     MAX_JSON_DEPTH,
     TEAMS_CHANNEL,
+    DuplicateKey,
     NotJsonNumber,
     as_activity,
     conversation_key,
@@ -24,6 +25,8 @@ from shared.activity import (
     nests_deeper,
     refuse_constant,
     split_key,
+    unique_keys,
+    whole_int,
 )
 from shared.diagnostics import clip
 from shared.reports import SINGLE_TARGET
@@ -35,6 +38,10 @@ POISON_REASON = "poisonReason"  # a poison copy's: an operator who puts it back 
 TOP_LEVEL_FIELDS = frozenset({"id", "to", "activity", "text", RESERVED, POISON_REASON})
 BROADCAST_FILTERS = ("channelId", "tenantId", "teamId", "personal")
 USER_FIELDS = ("channelId", "id", "tenantId", "serviceUrl")
+# The two ways Teams knows a user: the id its activities carry ("29:" and printable ASCII)
+# and the AAD object id (a GUID).
+TEAMS_USER_ID = re.compile(r"29:[!-~]+")
+AAD_OBJECT_ID = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
 
 
 class InvalidRequest(ValueError):
@@ -208,10 +215,20 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     conversation, from, recipient) always come from the target's reference.
     """
     try:
-        message = json.loads(body, parse_constant=refuse_constant, parse_float=finite_float)
+        message = json.loads(
+            body,
+            parse_constant=refuse_constant,
+            parse_float=finite_float,
+            parse_int=whole_int,
+            object_pairs_hook=unique_keys,
+        )
     except NotJsonNumber as error:  # no parser on the way to the channel would read it
         raise InvalidRequest(str(error)) from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except DuplicateKey as error:  # another reader of the queue may take the other value
+        raise InvalidRequest(f"`{field_name(error.name)}` is given twice in one object") from None
+    except RecursionError:
+        raise InvalidRequest(f"the message nests more than {MAX_JSON_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the message is not JSON") from None
     if not isinstance(message, dict):
         raise InvalidRequest("the message is not a JSON object")
@@ -279,9 +296,9 @@ def invalid_target_label(body: bytes | str) -> str | None:
     """What the report shows as an invalid request's target, when its `to` names one the
     way a valid request's report would (a conversation key, a user, a broadcast); None
     otherwise (the slot's own name)."""
-    from shared.queues import json_object
+    from shared.queues import json_fields
 
-    message = json_object(body)
+    message = json_fields(body)
     target = message.get("to") if message is not None else None
     if not isinstance(target, dict) or len(target) != 1:
         return None
@@ -416,6 +433,11 @@ def _user(value: Any) -> UserTarget:
         raise InvalidRequest("`to.user` needs " + ", ".join(USER_FIELDS) + " (strings)")
     if value["channelId"] != TEAMS_CHANNEL:
         raise InvalidRequest("`to.user` is for Teams users: channelId must be msteams")
+    user_id = value["id"]
+    if not (TEAMS_USER_ID.fullmatch(user_id) or AAD_OBJECT_ID.fullmatch(user_id)):
+        raise InvalidRequest(
+            "`to.user.id` must be a Teams user id (29:...) or the user's AAD object id (a GUID)"
+        )
     return UserTarget(value["channelId"], value["id"], value["tenantId"], value["serviceUrl"])
 
 

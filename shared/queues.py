@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from shared.activity import finite_float, refuse_constant, unique_keys, whole_int
 from shared.config import POISON_SUFFIX, Settings
 
 logger = logging.getLogger(__name__)
@@ -183,11 +184,33 @@ def text_as_it_came(body: bytes | str) -> str | None:
         return None
 
 
-def json_object(body: bytes | str) -> dict[str, Any] | None:
+def json_object(body: bytes | str, *, exact: bool = False) -> dict[str, Any] | None:
     """The JSON object a queue message's `body` holds (bytes in any encoding json reads:
-    UTF-8, -16 or -32), or None."""
+    UTF-8, -16 or -32), or None. `exact`: None too when written out again it would not
+    read as it came: a name given twice (the last one kept), a number no float or int here
+    holds as written (NaN, the infinities, 1e999, over 4,300 digits)."""
     try:
-        found = json.loads(body)
+        if exact:
+            found = json.loads(
+                body,
+                parse_constant=refuse_constant,
+                parse_float=finite_float,
+                parse_int=whole_int,
+                object_pairs_hook=unique_keys,
+            )
+        else:
+            found = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def json_fields(body: bytes | str) -> dict[str, Any] | None:
+    """The JSON object a queue message holds, read for its names, strings and flags only
+    (a request's id, its target): numbers are left as their text, so one Python cannot
+    read (over 4,300 digits) does not hide the id its report is written under."""
+    try:
+        found = json.loads(body, parse_int=str, parse_float=str, parse_constant=str)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return found if isinstance(found, dict) else None
@@ -206,7 +229,8 @@ def poison_message(body: bytes | str, reason: str) -> str:
     """
     as_it_came = text_as_it_came(body)
     text = as_it_came if as_it_came is not None else body.decode("utf-8", "replace")
-    message = json_object(body)
+    # A request written out again only when it reads back as it came; else kept as text.
+    message = json_object(body, exact=True)
     if message is not None:
         copy: Any = {**message, "poisonReason": reason}
     else:

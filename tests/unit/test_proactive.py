@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from azure.storage.queue import QueueClient
 
+from shared.activity import refuse_constant
 from shared.auth.inbound import InboundAuthenticator
 from shared.auth.tokens import create_token_provider
 from shared.connector import ConnectorClient, ConnectorError, ErrorKind, RetryPolicy
@@ -310,6 +311,7 @@ async def test_a_service_unavailable_connector_raises_and_keeps_the_reference(
 
 # --- malformed requests: refused with a reason, nothing sent ---------------------------------
 
+USER_TO = {"channelId": "msteams", "tenantId": "t-1", "serviceUrl": "https://x.example/"}
 MALFORMED: dict[str, tuple[bytes | str, str]] = {
     "not json": (b"hello", "not JSON"),
     "not utf-8": (b"\xff\xfe{", "not JSON"),
@@ -363,6 +365,38 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
             }
         ),
         "channelId must be msteams",
+    ),
+    # Neither a Teams user id nor an AAD object id: it went to createConversation with the
+    # bot's token, and was stored as an aadObjectId.
+    **{
+        f"user target named {name}": (
+            json.dumps({"id": "r", "to": {"user": {**USER_TO, "id": user_id}}, "text": "x"}),
+            "`to.user.id` must be a Teams user id (29:...) or the user's AAD object id",
+        )
+        for name, user_id in (
+            ("by another form", "dl_abc123"),
+            ("by a Skype form", "8:orgid:0f1e2d3c-0000-4000-8000-0000000000aa"),
+            ("with a line break", "29:a\nb"),
+            ("with a space", "29:a b"),
+            ("by 29: alone", "29:"),
+        )
+    },
+    # A name given twice: readers differ on which value counts (this one took the last, a
+    # gateway keeping the first would pass a one-conversation send that went to everyone).
+    "a target given twice": (
+        '{"id": "r", "to": {"conversation": "msteams/a:1"}, "to": {"broadcast": {}}, "text": "x"}',
+        "`to` is given twice in one object",
+    ),
+    "a name given twice in the activity": (
+        '{"id": "r", "to": {"conversation": "msteams/a:1"},'
+        ' "activity": {"type": "message", "text": "a", "text": "b"}}',
+        "`text` is given twice in one object",
+    ),
+    # Over Python's 4,300 digits: read as "not JSON" before, with no report under its id.
+    "a number too long to read": (
+        '{"id": "r", "to": {"conversation": "msteams/a:1"},'
+        ' "activity": {"type": "message", "value": ' + "9" * 5000 + "}}",
+        "a number of 5000 digits is too long",
     ),
     "broadcast with an unknown filter": (
         json.dumps({"id": "r", "to": {"broadcast": {"color": "red"}}, "text": "x"}),
@@ -448,7 +482,7 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         ),
         "`to.reference.bot` must be an object",
     ),
-    "nested beyond the JSON parser": ("[" * 100_000 + "]" * 100_000, "not JSON"),
+    "nested beyond the JSON parser": ("[" * 100_000 + "]" * 100_000, "nests more than 64 levels"),
     # A queue writer's numbers past what the engine writes: no OverflowError at float(),
     # and no 2 ** attempt that holds the worker for half a minute.
     "first seen at an integer past a float": (
@@ -591,7 +625,6 @@ def _deep(levels: int) -> list:
     return value
 
 
-USER_TO = {"channelId": "msteams", "tenantId": "t-1", "serviceUrl": "https://x.example/"}
 UNSTORABLE = {
     # A lone surrogate escape (valid JSON, not Unicode; what Python makes of bytes that are
     # not UTF-8 on a command line): every attempt raised UnicodeEncodeError writing the
@@ -626,6 +659,49 @@ async def test_a_request_no_store_or_channel_takes_is_poisoned_at_once_with_its_
     if request_id is not None:
         report = await read_report(engine.ledger, request_id)
         assert (report["state"], report["failed"]) == ("done", 1)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("a number too long to read", "a number of 5000 digits is too long"),
+        ("a target given twice", "`to` is given twice in one object"),
+    ],
+)
+async def test_a_request_python_reads_only_in_part_is_reported_under_its_id(
+    runtime, engine, fake_connector, case, reason
+):
+    # A 5,000-digit number made the whole message "not JSON": no report under its id, so
+    # a producer polling it waited for ever.
+    body, _ = MALFORMED[case]
+
+    assert await handle_queue_message(body, runtime, engine=engine) is Outcome.POISONED
+
+    report = await read_report(engine.ledger, "r")
+    assert (report["state"], report["failed"]) == ("done", 1)
+    assert report["failures"][0]["reason"] == f"invalid request: {reason}"
+    assert fake_connector.requests == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": "r", "to": {"conversation": "msteams/a:1"}, "activity": {"value": 1e999}}',
+        '{"id": "r", "to": {"conversation": "msteams/a:1"}, "activity": {"value": NaN}}',
+        '{"id": "r", "to": {"conversation": "msteams/a:1"}, "to": {"broadcast": {}}, "text": "x"}',
+    ],
+)
+async def test_a_poison_copy_keeps_a_request_it_would_not_write_out_again_as_it_came(
+    runtime, engine, text
+):
+    # The copy was the request read and written out again: `1e999` came out as Infinity,
+    # text no JSON parser but Python's reads, and a name given twice lost its first value.
+    assert await handle_queue_message(text, runtime, engine=engine) is Outcome.POISONED
+
+    [copy] = engine.queue.poisoned
+    assert copy == {"poisonReason": copy["poisonReason"], "body": text}
+    assert copy["poisonReason"].startswith("invalid request: ")
+    json.loads(poison_message(text, "why"), parse_constant=refuse_constant)  # plain JSON
 
 
 @pytest.mark.parametrize(

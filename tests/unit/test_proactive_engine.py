@@ -565,6 +565,81 @@ async def test_an_untrusted_user_service_url_is_refused_and_reported(parts, fake
     assert engine.queue.poisoned[0]["to"] == {"user": target}
 
 
+BLOCKED = Reply(403, json={"error": {"code": "ConversationBlockedByUser", "message": "blocked"}})
+
+
+async def test_a_user_who_blocked_the_bot_is_reported_pruned_each_time_without_a_poison_copy(
+    parts, fake_connector
+):
+    # Their stored 1:1 answering so was pruned; the next request then opened it again,
+    # was refused the same way, and was failed with a poison copy, night after night.
+    runtime, engine = parts
+    fake_connector.script("POST", r"/v3/conversations$", [BLOCKED, BLOCKED])
+    for n in (1, 2):
+        request = body({"user": user(fake_connector)}, f"u-{n}")
+        assert await handle(engine, request) is Outcome.PRUNED
+        report = await read_report(engine.ledger, f"u-{n}")
+        assert (report["state"], report["pruned"], report["failed"]) == ("done", 1, 0)
+    assert len(fake_connector.requests_for("createConversation")) == 2
+    assert engine.queue.poisoned == [] and engine.queue.take() == [] and sends(fake_connector) == []
+    assert await runtime.references.find_by_user(channel_id="msteams", user_id="29:grace") is None
+
+
+@pytest.mark.parametrize("answered", ["..", "a:\ud800"])
+async def test_a_1to1_id_the_bot_cannot_use_is_refused_and_not_stored(
+    parts, fake_connector, answered
+):
+    # Stored, it was the user's 1:1 every later request and broadcast failed on.
+    runtime, engine = parts
+    fake_connector.script("POST", r"/v3/conversations$", [Reply(200, json={"id": answered})])
+
+    assert await handle(engine, body({"user": user(fake_connector)})) is Outcome.FAILED
+
+    assert sends(fake_connector) == []
+    assert await runtime.references.find_by_user(channel_id="msteams", user_id="29:grace") is None
+    assert await runtime.references.get(f"msteams/{answered}") is None
+    [copy] = engine.queue.poisoned
+    assert copy["poisonReason"].endswith("invalid status 200 code UnusableConversationId")
+
+
+async def test_a_1to1_its_users_index_lost_is_indexed_again_when_the_channel_answers_with_it(
+    aad_app, fake_connector, azurite, unique_name
+):
+    # The index write after the 1:1's document failed once: every request to the user
+    # then opened the 1:1 again, and erasing the user missed it.
+    from azure.storage.blob import ContainerClient
+
+    from shared.config import StorageSettings
+    from shared.references import user_index_name
+
+    settings = dataclasses.replace(
+        aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url),
+        storage=StorageSettings(connection_string=azurite.connection_string),
+        references_container=unique_name("refs"),
+    )
+    store = BlobReferenceStore(settings)
+    await store.upsert(reference(fake_connector.url, "a:g", user="29:grace"))
+    raw = ContainerClient.from_connection_string(
+        azurite.connection_string, settings.references_container
+    )
+    raw.delete_blob(user_index_name("msteams", "id", "29:grace"))
+    raw.close()
+    fake_connector.script("POST", r"/v3/conversations$", [Reply(200, json={"id": "a:g"})])
+    clock = Clock()
+    runtime = make_runtime(settings, store, clock)
+    engine = Engine(runtime, MemoryLedger(clock=clock), MemoryQueue(), clock=clock, rand=lambda: 0)
+    try:
+        for n in (1, 2):
+            request = body({"user": user(fake_connector)}, f"u-{n}")
+            assert await handle(engine, request) is Outcome.DELIVERED
+        found = await store.find_by_user(channel_id="msteams", user_id="29:grace")
+    finally:
+        await runtime.close()
+    assert len(fake_connector.requests_for("createConversation")) == 1
+    assert sends(fake_connector) == ["a:g", "a:g"]
+    assert found is not None and found.key == "msteams/a:g"
+
+
 # --- broadcast -------------------------------------------------------------------------------
 
 
@@ -4425,6 +4500,29 @@ async def test_a_kept_failure_finding_the_host_gave_up_on_its_sender_puts_no_sec
 
     assert engine.queue.poisoned == []
     assert sends(fake_connector) == ["a:1"]
+
+
+async def test_a_message_the_host_delivers_again_after_its_last_attempt_gets_its_poison_copy(
+    parts, fake_connector
+):
+    # The function read maxDequeueCount as 5 (an override it did not read, such as "0xA"),
+    # the host as 10: the 5th attempt recorded the failure as the host's to poison, the
+    # host delivered the message a 6th time, which found the target failed and returned.
+    # The message was deleted: no poison copy anywhere, though the report said there was.
+    from shared.outcomes import record_given_up
+
+    _runtime, engine = parts
+    original = body({"conversation": "msteams/a:1"})
+    engine.message_id = "m-1"
+    await record_given_up(original, engine, RuntimeError("the function failed"))
+
+    assert await handle(engine, original) is Outcome.FAILED
+
+    [copy] = engine.queue.poisoned
+    assert copy["id"] == "req-1" and "function failed on every attempt" in copy["poisonReason"]
+    assert sends(fake_connector) == [] and engine.queue.take() == []
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["failed"]) == ("done", 1)
 
 
 async def test_a_copy_going_on_as_a_message_the_host_gave_up_on_puts_no_second_copy(
