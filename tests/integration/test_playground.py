@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -188,9 +189,12 @@ def test_the_bot_in_the_agents_playground(browser, bot, azurite, tmp_path):
             page.keyboard.press("Enter")
             bot_messages(page, "Echo: hello from the browser").first.wait_for(timeout=SHOWN)
 
+            # The welcome's text shows in more than one place (the message, the chat list's
+            # preview): one more of them, not a count that one welcome already reaches.
+            shown = bot_messages(page, welcome).count()
             mock_activity(page, "Add user")
             wait_for(
-                lambda: bot_messages(page, welcome).count() >= 2, SHOWN / 1000, "a 2nd welcome"
+                lambda: bot_messages(page, welcome).count() > shown, SHOWN / 1000, "a 2nd welcome"
             )
 
             # A proactive message sent with the producer command appears on the open page.
@@ -282,8 +286,7 @@ def test_a_playground_that_could_not_have_its_port_starts_again_where_replies_re
     if not PLAYGROUND_CLI.exists():
         unavailable("the Agents Playground is not installed: `make test` installs it")
     host, _ = bot
-    monkeypatch.setattr(tools.playground, "_bindable", lambda port: True, raising=False)
-    monkeypatch.setattr(tools.playground, "listening", lambda port: False, raising=False)
+    monkeypatch.setattr(tools.playground, "_bindable", lambda port: True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -343,3 +346,104 @@ def test_make_playground_for_a_local_bot_that_would_refuse_it_says_so_and_starts
     assert said in result.stderr and '"BOT_ALLOW_UNAUTHENTICATED": "true"' in result.stderr
     assert "Traceback" not in result.stderr
     assert "starting it" not in result.stdout and "Stopped" not in result.stdout
+
+
+def fetch_status(url: str, **headers: str) -> int:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def upgrade_status(url: str, origin: str) -> int:
+    """The status a WebSocket upgrade sent with `origin` is answered (101: upgraded). In a
+    thread of its own: Playwright's sync API keeps an event loop running in this one."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aiohttp
+
+    async def upgrade() -> int:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            try:
+                async with session.ws_connect(url, origin=origin) as socket:
+                    await socket.close()
+                    return 101
+            except aiohttp.WSServerHandshakeError as error:
+                return error.status
+
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, upgrade()).result()
+
+
+def test_the_playground_answers_only_its_own_page_on_this_machine(bot):
+    # Bound to loopback, it still answered any page a browser here opened: one whose DNS
+    # name was rebound to 127.0.0.1 sent custom activities with a serviceUrl of its choice
+    # (the bot then posted to any port of this machine), and any site read the chat over
+    # a WebSocket (no same-origin rule covers those).
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    host, _ = bot
+    with Playground(f"{host.url}/api/messages", port=free_port()) as playground:
+        own, port = playground.url, playground.port
+        assert fetch_status(f"{own}/") == 200
+        assert fetch_status(f"{own}/", Origin=own) == 200
+        assert fetch_status(f"http://localhost:{port}/") == 200
+        assert fetch_status(f"{own}/", Host=f"rebound.example:{port}") == 403
+        assert fetch_status(f"{own}/_internal/v1/config", Host=f"rebound.example:{port}") == 403
+        assert fetch_status(f"{own}/", Origin="https://elsewhere.example") == 403
+        assert fetch_status(f"{own}/", Origin="null") == 403
+        stream = f"ws://127.0.0.1:{port}/_ws_conversation/v1/conversations/stream"
+        assert upgrade_status(stream, "https://elsewhere.example") == 403
+        assert upgrade_status(stream, own) == 101
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as raw:
+        pairs = [item.split(b"=", 1) for item in raw.read().split(b"\0") if b"=" in item]
+    return {name.decode(): value.decode() for name, value in pairs}
+
+
+def test_the_playground_gets_none_of_the_bots_secrets_and_sends_no_usage_reports(bot, monkeypatch):
+    # It got the whole environment: the bot's secrets, and AUTH_* settings with which it
+    # fetches tokens and sends them. And --disable-telemetry leaves Application Insights'
+    # usage reports on (they ask the cloud's instance metadata endpoint, then Azure).
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    host, _ = bot
+    monkeypatch.setenv("MicrosoftAppPassword", "not-for-the-playground")
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.setenv("AUTH_CLIENT_SECRET", "not-for-the-playground")
+    with Playground(f"{host.url}/api/messages", port=free_port()) as playground:
+        node = environ_of(playground.process.pid)
+    assert "not-for-the-playground" not in node.values()
+    assert not {"MicrosoftAppPassword", "AzureWebJobsStorage", "AUTH_CLIENT_SECRET"} & set(node)
+    assert node["APPLICATION_INSIGHTS_NO_STATSBEAT"] == "true"
+    assert node["PATH"] == os.environ["PATH"]
+
+
+def test_the_playground_ends_with_the_process_that_started_it_even_killed(bot, tmp_path):
+    # Killed with SIGKILL (no handler runs), `python -m tools.playground` left node
+    # serving its port, and the next run moved to another one without saying why.
+    if not PLAYGROUND_CLI.exists():
+        unavailable("the Agents Playground is not installed: `make test` installs it")
+    host, _ = bot
+    port = free_port()
+    out = tmp_path / "playground.out"
+    with open(out, "w") as sink:
+        command = [sys.executable, "-m", "tools.playground", "--port", str(port)]
+        process = subprocess.Popen(
+            [*command, "--bot", f"{host.url}/api/messages"],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: f"open http://127.0.0.1:{port} " in out.read_text(), 60, out.name)
+        assert listening(port)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    wait_for(lambda: not listening(port), 10, "the Playground to end")

@@ -3,12 +3,17 @@
 The Playground (npm `@microsoft/m365agentsplayground`, installed pinned into
 `.tools/playground` by the Makefile) is a local web page that looks like Teams (or Web
 Chat, or the Emulator), plays the channel and the Connector, and mocks installs, members
-joining, teams and channels. It needs no account and no outside network.
+joining, teams and channels. It needs no account (its page loads fonts from Microsoft's
+CDN when it can, and works without them).
 
 It is started here the way a headless machine needs it: no browser opened (its default
-calls `xdg-open`, which a server or container lacks), telemetry off, its log file in the
-tool folder, and its server bound to 127.0.0.1 (its own code listens on every interface;
-`loopback.cjs` is preloaded to change that).
+calls `xdg-open`, which a server or container lacks), telemetry off (its usage reports
+too, which `--disable-telemetry` leaves on), its log file in the tool folder, only the
+environment it needs (not the bot's secrets, nor the `AUTH_*` settings that would make it
+fetch and send tokens), and, through `loopback.cjs`, preloaded: its server bound to
+127.0.0.1 (its own code listens on every interface), answering only requests addressed
+to loopback and sent by its own page (no other site reaches it through a browser), and
+ending with the process that started it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ _LISTENING = re.compile(r"Listening on (\d+)")
 # Lines the Playground prints that would mislead here (it opens no browser, and its
 # "localhost" URL can resolve to ::1, where the loopback-bound server does not listen).
 _SILENCED = ("Listening on", "is being launched for you")
+# What node gets of this process's environment: where to find things, the locale, and the
+# proxy, not the bot's settings and secrets (MicrosoftAppPassword, AzureWebJobsStorage).
+_PASSED_ON = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "NODE_EXTRA_CA_CERTS")
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+_OWN_PREFIXES = ("M365_AGENTS_PLAYGROUND_", "TEAMSAPPTESTER_")  # the Playground's own settings
 
 
 def _bindable(port: int) -> bool:
@@ -106,9 +116,17 @@ class Playground:
         ]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name in _PASSED_ON or name in _PROXIES or name.startswith(_OWN_PREFIXES)
+        }
         env["TEAMSAPPTESTER_BROWSER"] = "none"  # never spawn xdg-open (absent on servers)
         env["M365_AGENTS_PLAYGROUND_LOGFILE"] = str(self.log_file)
+        # Application Insights' own usage reports, which --disable-telemetry leaves on: they
+        # ask the cloud's instance metadata endpoint, then send to Azure.
+        env["APPLICATION_INSIGHTS_NO_STATSBEAT"] = "true"
+        env["PLAYGROUND_EXIT_WITH_PARENT"] = "1"  # loopback.cjs: stdin closing ends it
         return env
 
     def start(self, timeout: float = 60.0) -> Playground:
@@ -135,7 +153,7 @@ class Playground:
                 self.command(port),
                 cwd=TOOL_DIR,  # it reads an optional config file from its working folder
                 env=self.environment(),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # never written: closed when this process ends
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -178,8 +196,17 @@ class Playground:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        try:
+            if process.poll() is None:
+                self._end(process)
+        finally:
+            if process.stdin is not None:
+                process.stdin.close()
+
+    @staticmethod
+    def _end(process: subprocess.Popen[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
