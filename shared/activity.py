@@ -236,23 +236,12 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
         raise InvalidActivity(400, "channelId must be text without '/'")
     _check_fields(activity, _FIELDS, "")
     _check_fields(conversation, _CONVERSATION, "conversation.")
-    for name in ("from", "recipient"):
-        if account := activity.get(name):
-            _check_fields(account, _ACCOUNT, f"{name}.")
+    _check_items(activity)
     # Members added or removed are told from the bot by `recipient.id` alone: without it
     # the bot would greet itself, or miss its own removal.
     changes_members = activity.get("membersAdded") or activity.get("membersRemoved")
     if changes_members and not _non_empty_string((activity.get("recipient") or {}).get("id")):
         raise InvalidActivity(400, "missing recipient.id (the bot's account)")
-    for name, fields in _ITEMS.items():
-        for index, item in enumerate(activity.get(name) or ()):
-            if not isinstance(item, dict):
-                raise InvalidActivity(400, f"{name} must hold objects")
-            _check_fields(item, fields, f"{name}[{index}].")
-            if name == "entities" and item.get("type") == "mention":
-                _check_fields(item, _MENTION, f"{name}[{index}].")
-                if mentioned := item.get("mentioned"):
-                    _check_fields(mentioned, _ACCOUNT, f"{name}[{index}].mentioned.")
     data = activity.get("channelData")
     if data and from_teams(activity):
         _check_fields(data, _TEAMS_DATA, "channelData.")
@@ -281,6 +270,30 @@ def is_unicode_text(value: str) -> bool:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_outgoing_fields(activity: Mapping[str, Any], where: str) -> None:
+    """InvalidActivity (400) when a known field of an activity the bot is to send (`where`:
+    how its reason names the activity) has another JSON type than the schema's: `text` a
+    number, `attachments` not an array of objects. The channel would refuse it."""
+    _check_fields(activity, _FIELDS, where)
+    _check_items(activity, where)
+
+
+def _check_items(activity: Mapping[str, Any], where: str = "") -> None:
+    """The accounts, and the lists of objects, of an activity."""
+    for name in ("from", "recipient"):
+        if account := activity.get(name):
+            _check_fields(account, _ACCOUNT, f"{where}{name}.")
+    for name, fields in _ITEMS.items():
+        for index, item in enumerate(activity.get(name) or ()):
+            if not isinstance(item, dict):
+                raise InvalidActivity(400, f"{where}{name} must hold objects")
+            _check_fields(item, fields, f"{where}{name}[{index}].")
+            if name == "entities" and item.get("type") == "mention":
+                _check_fields(item, _MENTION, f"{where}{name}[{index}].")
+                if mentioned := item.get("mentioned"):
+                    _check_fields(mentioned, _ACCOUNT, f"{where}{name}[{index}].mentioned.")
 
 
 def _check_fields(value: Mapping[str, Any], fields: Mapping[str, type], where: str) -> None:

@@ -17,12 +17,16 @@ from shared.activity import (
     MAX_JSON_DEPTH,
     TEAMS_CHANNEL,
     DuplicateKey,
+    InvalidActivity,
     NotJsonNumber,
     as_activity,
+    check_outgoing_fields,
     conversation_key,
     finite_float,
+    is_http_url,
     is_unicode_text,
     nests_deeper,
+    path_id_problem,
     refuse_constant,
     split_key,
     unique_keys,
@@ -282,9 +286,9 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
 def check_conversation_key(value: Any) -> str:
     """`value` when it is a `to.conversation` parse_request takes; InvalidRequest otherwise."""
     try:
-        split_key(value)
-        if not is_unicode_text(value):
-            raise ValueError("not Unicode text")
+        _, conversation_id = split_key(value)
+        if not is_unicode_text(value) or path_id_problem(conversation_id):
+            raise ValueError("not a conversation id the bot can store")
     except ValueError:
         raise InvalidRequest(
             "`to.conversation` must be a conversation key '<channelId>/<conversation.id>'"
@@ -433,6 +437,8 @@ def _user(value: Any) -> UserTarget:
         raise InvalidRequest("`to.user` needs " + ", ".join(USER_FIELDS) + " (strings)")
     if value["channelId"] != TEAMS_CHANNEL:
         raise InvalidRequest("`to.user` is for Teams users: channelId must be msteams")
+    if not is_http_url(value["serviceUrl"]):
+        raise InvalidRequest("`to.user.serviceUrl` must be an http or https URL")
     user_id = value["id"]
     if not (TEAMS_USER_ID.fullmatch(user_id) or AAD_OBJECT_ID.fullmatch(user_id)):
         raise InvalidRequest(
@@ -451,6 +457,8 @@ def parse_broadcast(value: Any) -> BroadcastFilter:
     for name in ("channelId", "tenantId", "teamId"):
         if name in value and not _non_empty_string(value[name]):
             raise InvalidRequest(f"`to.broadcast.{name}` must be a non-empty string")
+    if "/" in value.get("channelId", ""):  # a channel id never has one: it matches nothing
+        raise InvalidRequest("`to.broadcast.channelId` must be a channel id, without '/'")
     if "personal" in value and not isinstance(value["personal"], bool):
         raise InvalidRequest("`to.broadcast.personal` must be true or false")
     return BroadcastFilter(
@@ -527,6 +535,10 @@ def _content(activity: Any, text: Any) -> dict[str, Any]:
             )
         for name in ADDRESSING_FIELDS:
             outgoing.pop(name, None)
+        try:
+            check_outgoing_fields(outgoing, "activity.")
+        except InvalidActivity as invalid:  # the channel would refuse it: say so now
+            raise InvalidRequest(invalid.reason) from None
         return outgoing
     if isinstance(text, str) and text:
         return as_activity(text)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,6 +38,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from shared.activity import is_unicode_text, refuse_constant
+from shared.command_output import (
+    StdoutFailed,
+    drop_stdout,
+    key_line,
+    print_done,
+    print_json,
+    printable,
+    writing_stdout,
+)
 from shared.config import (
     DEFAULT_QUEUE,
     Settings,
@@ -155,8 +165,9 @@ async def _refuse_another_request(ledger: Any, request_id: str, kind: str, same:
         return
     if head.get("kind") not in (None, kind) or head.get(SAME_REQUEST) not in (None, same):
         raise InvalidRequest(
-            f"the id {clip(request_id)} is already another request's (other targets or "
-            "content, as `report` shows): send this one with another id"
+            f"the id {clip(request_id)} is already another request's (its first request "
+            "had other targets or content; `report` shows how it went): send this one with "
+            "another id"
         )
 
 
@@ -381,9 +392,9 @@ async def run(argv: Sequence[str] | None = None) -> int:
             request = build_request(args)
             request.setdefault("id", str(uuid.uuid4()))  # chosen here: an error can name it
             try:
-                shown = _printable(await enqueue(request, settings=settings))
+                shown = printable(await enqueue(request, settings=settings))
                 # Escaped where stdout cannot encode it: the put has landed, say so.
-                _print_done(shown, f"request {shown!r} was queued")
+                print_done(shown, f"request {shown!r} was queued")
             except QueueError as error:
                 if _refused(error):
                     raise
@@ -409,21 +420,34 @@ async def run(argv: Sequence[str] | None = None) -> int:
             if report is None:
                 print(f"no report for {args.id!r} (yet)", file=sys.stderr)
                 return 1
-            _print_json(report)
-            sys.stdout.flush()
+            with writing_stdout():
+                print_json(report)
+                sys.stdout.flush()
         else:
-            for key in await _conversations(settings, _json_arg("FILTER_JSON", args.filter)):
-                # One line each: a key's own line breaks (a client chose the id) escaped.
-                print(_printable(key.translate(_KEY_ESCAPES)))
-            sys.stdout.flush()
+            keys = await _conversations(settings, _json_arg("FILTER_JSON", args.filter))
+            with writing_stdout():
+                for key in keys:
+                    # One line each: a key's own line breaks (a client chose the id) escaped.
+                    print(printable(key_line(key)))
+                sys.stdout.flush()
         return 0
     except (UsageError, InvalidRequest, SettingsError, StoreError, QueueError) as error:
         print(f"error: {error}{_unreachable_hint(error, settings)}", file=sys.stderr)
         return 1
+    except StdoutFailed as failed:
+        drop_stdout()
+        if isinstance(failed.error, BrokenPipeError):
+            if args.command == "conversations" or getattr(args, "action", None) == "list":
+                return 0  # the reader stopped reading (`| head`): it has whole lines
+            print("error: stdout was closed before the output was written", file=sys.stderr)
+        else:
+            name = errno.errorcode.get(failed.error.errno or 0, type(failed.error).__name__)
+            print(f"error: stdout could not be written ({name})", file=sys.stderr)
+        return 1
     except Exception as error:
         if isinstance(error, BrokenPipeError) or sys.stdout is None:
             # The reader of stdout stopped, or there is no stdout: storage was not the trouble.
-            _drop_stdout()
+            drop_stdout()
             print("error: stdout was closed before the output was written", file=sys.stderr)
             return 1
         print(f"error: could not reach storage ({type(error).__name__})", file=sys.stderr)
@@ -483,7 +507,7 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
             "enabled": not args.disabled,
         }
         await write_schedule(ledger, args.name, document)
-        _print_done(args.name, f"schedule {args.name!r} was written")
+        print_done(args.name, f"schedule {args.name!r} was written")
     elif args.action == "list":
         async for found in read_schedules(ledger):
             line: dict[str, Any] = {"name": found.name, "blob": found.blob}
@@ -496,80 +520,20 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
                     "request": found.schedule.request,
                     "updatedAt": iso(found.modified),
                 }
-            _print_json(line)
-        sys.stdout.flush()
+            with writing_stdout():
+                print_json(line)
+        with writing_stdout():
+            sys.stdout.flush()
     elif not await remove_schedule(ledger, args.name):
         print(f"error: no schedule named {args.name!r}", file=sys.stderr)
         return 1
     return 0
 
 
-_UNICODE_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-# What JSON leaves as it is and a terminal may act on (DEL and C1: U+009B starts an escape
-# sequence), written as JSON's \u escapes: the same JSON value.
-_JSON_ESCAPES = {
-    **{code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)},
-    **_UNICODE_LINE_BREAKS,
-}
-# What a listed key may hold that would break its line or fool a terminal: control
-# characters (C0, DEL, C1), as Python's backslash escapes write them, and the Unicode
-# line breaks; a backslash itself too, so no key prints as another's escape.
-_KEY_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0), 0x5C)},
-    **_UNICODE_LINE_BREAKS,
-}
-
-
-def _print_json(value: Any) -> None:
-    """One JSON line, as text when stdout can write it, else with \\u escapes (a lone
-    surrogate, or a console whose encoding lacks a character): the same JSON either way."""
-    text = json.dumps(value, ensure_ascii=False)
-    if _printable(text) != text:
-        text = json.dumps(value)
-    # Line breaks to a reader that splits lines the Unicode way: escaped, one object a line;
-    # and terminal controls a client may have put in an id.
-    print(text.translate(_JSON_ESCAPES))
-
-
-def _print_done(shown: str, said: str) -> None:
-    """Print what a command made (`shown`: an id, a name) once it is made; when stdout is
-    closed, `said` goes to stderr instead, and the command still succeeded."""
-    if sys.stdout is None:  # started without any stdout
-        print(said, file=sys.stderr)
-        return
-    try:
-        print(shown, flush=True)
-    except OSError:
-        _drop_stdout()
-        print(said, file=sys.stderr)
-
-
-def _drop_stdout() -> None:
-    """Point stdout at the null device, so the interpreter's last flush of what could not
-    be written raises nothing more at exit (no stdout at all: nothing to point)."""
-    if sys.stdout is None:
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def _id_option(request_id: str) -> str:
     """The option that sends `request_id` again, as a shell reads it: quoted, and joined by
     `=` (an id starting with `-` is not taken for an option)."""
     return f"--id={shlex.quote(request_id)}"
-
-
-def _printable(text: str) -> str:
-    """`text` with what stdout cannot encode written as backslash escapes."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except UnicodeEncodeError:
-        return text.encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:
-        return text.encode("ascii", "backslashreplace").decode("ascii")
-    return text
 
 
 def _quiet_library_logs() -> None:

@@ -248,7 +248,9 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     """
     prefix = request_prefix(request_id)
     fanout_slot = outcome_name(request_id, FANOUT_TARGET)[len(prefix) :]
+    single_slot = outcome_name(request_id, SINGLE_TARGET)[len(prefix) :]
     fanout_listed = False
+    many = False  # a slot of a target other than a single request's: a broadcast's
     counts: dict[str, int] = dict.fromkeys(FINAL_OUTCOMES, 0)
     duplicate = 0
     failures: list[dict[str, str]] = []
@@ -267,6 +269,7 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
                 continue
             counts[outcome] += 1
             fanout_listed = fanout_listed or rest == fanout_slot
+            many = many or rest != single_slot
             if outcome == "failed" and len(failures) < MAX_FAILURES_LISTED:
                 failures.append(
                     {
@@ -278,6 +281,8 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
             continue
         latest = max(latest, entry.modified)
     head_record = await ledger.read(head_name(request_id))
+    if head_record is not None:
+        _check_head(head_record.data, head_name(request_id))
     ended = head_record.data.get("ended") if head_record is not None else None
     if isinstance(ended, str) and not fanout_listed:
         # A fan-out the host gave up on, its own failed slot not written (yet): the head
@@ -288,7 +293,12 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
     if head_record is None:
         if not finished and not duplicate:
             return None
-        head = new_head(request_id, "single", latest)  # its head write failed: still reported
+        # Its head write failed, or a rule deleting old blobs took the head first: still
+        # reported. A broadcast's head counted its targets: without it, those found, and
+        # never `done` (how many more there were is not known).
+        head = new_head(request_id, "broadcast" if many else "single", latest)
+        head["targets"] = finished if many else 1
+        head["fannedOut"] = not many
     else:
         head = head_record.data
         latest = max(latest, head_record.modified)
@@ -319,6 +329,18 @@ async def read_report(ledger: Ledger, request_id: str) -> dict[str, Any] | None:
         "createdAt": created,
         "updatedAt": updated,
     }
+
+
+def _check_head(data: Any, name: str) -> None:
+    """StoreError unless `data` reads as a report's head (a blob edited by hand, or by
+    another program, reads as unusable rather than as storage failing)."""
+    targets = data.get("targets", 0) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or (
+        data.get("kind") == "broadcast"
+        and targets is not None
+        and (not isinstance(targets, int) or isinstance(targets, bool) or targets < 0)
+    ):
+        raise NotJson(f"proactive ledger: {name} is not a report's head")
 
 
 _ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import subprocess
@@ -615,6 +616,80 @@ def test_a_command_whose_stdout_is_closed_says_so_and_what_it_did(storage):
         assert producer_to_closed_stdout(storage, "report", "r-1", fd=fd) == expected
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_output_that_cannot_be_written_is_said_to_be_stdouts_not_storages(storage):
+    # A full disk behind stdout was "could not reach storage (OSError)".
+    producer(storage, "send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r-1")
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    for command in (["report", "r-1"], ["conversations"], ["schedule", "list"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.producer", *command],
+                cwd=ROOT,
+                env={**keep, **storage},
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        if command == ["conversations"] or command == ["schedule", "list"]:
+            # Nothing stored to list: nothing written, nothing to fail.
+            assert (done.returncode, done.stderr) == (0, ""), command
+        else:
+            assert (done.returncode, done.stderr) == (
+                1,
+                "error: stdout could not be written (ENOSPC)\n",
+            )
+
+
+def head_blob(storage: dict[str, str], request_id: str) -> str:
+    from shared.reports import head_name
+
+    return head_name(request_id)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [[], "x", {"kind": "broadcast", "targets": "x"}, {"kind": "broadcast", "targets": 1e300}],
+)
+def test_a_report_head_that_is_not_one_says_so_rather_than_blaming_storage(storage, head):
+    # JSON of another shape (edited by hand, another program) was "could not reach
+    # storage (AttributeError)": storage answered, the blob was the trouble.
+    producer(storage, "send", "--conversation", "msteams/a:1", "--text", "x", "--id", "r-1")
+    client = ContainerClient.from_connection_string(
+        storage["AzureWebJobsStorage"], storage["BOT_REFERENCES_CONTAINER"]
+    )
+    with client:
+        client.upload_blob(head_blob(storage, "r-1"), json.dumps(head), overwrite=True)
+    done = producer(storage, "report", "r-1")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: proactive ledger: ")
+    assert done.stderr.endswith("is not a report's head\n")
+
+
+async def test_a_broadcast_whose_head_is_gone_is_not_reported_as_a_finished_single(storage):
+    # A rule deleting old blobs took the head before its targets' outcomes: the report
+    # read "done", 1 target, 5 delivered.
+    from shared.config import Settings, StorageSettings
+    from shared.ledger import BlobLedger
+    from shared.producer import close
+    from shared.reports import record_outcome
+
+    settings = Settings(
+        storage=StorageSettings(connection_string=storage["AzureWebJobsStorage"]),
+        references_container=storage["BOT_REFERENCES_CONTAINER"],
+    )
+    ledger = BlobLedger(settings)
+    try:
+        for n in range(5):
+            await record_outcome(ledger, "b-1", f"msteams/a:{n}", "delivered", 0.0)
+    finally:
+        await close()
+    done = await asyncio.to_thread(producer, storage, "report", "b-1")
+    report = json.loads(done.stdout)
+    assert (report["state"], report["targets"], report["delivered"]) == ("running", 5, 5)
+
+
 def test_a_script_using_the_python_api_closes_what_it_opened(storage):
     # asyncio.run ends the loop: clients left open print "Unclosed client session" then.
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
@@ -862,6 +937,9 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
     )
     store = BlobReferenceStore(settings)
     ids = ["a\nmsteams/19:evil", "b\u2028c", "c\r\td\x7f\x9b", "e\\x0af", "plain"]
+    # Format characters: U+202E shows "gnp.exe" as "exe.png"; U+200B makes a key look
+    # like another one (printed raw before).
+    ids += ["rlo\u202egnp.exe", "zw\u200babc", "tag\U000e0041"]
     try:
         for conversation_id in ids:
             await store.upsert(
@@ -882,7 +960,25 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
         "webchat/c\\x0d\\x09d\\x7f\\x9b",
         "webchat/e\\x5cx0af",  # a backslash of its own: not read as the escape of a line break
         "webchat/plain",
+        "webchat/rlo\\u202egnp.exe",
+        "webchat/tag\\U000e0041",
+        "webchat/zw\\u200babc",
     ]
+    # The reader stops after the first line (`| head -1`): it got whole lines, and that is
+    # no error (exit 1 and "stdout was closed before the output was written" before).
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    command = [sys.executable, "-m", "shared.producer", "conversations"]
+    first = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", 'set -o pipefail; "$@" | head -1', "pipe", *command],
+        cwd=ROOT,
+        env={**keep, **storage},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (first.returncode, first.stderr) == (0, "")
+    assert len(first.stdout.splitlines()) == 1
 
 
 # The command with the reference store's retries cut to none: storage that does not answer

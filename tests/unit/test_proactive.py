@@ -398,6 +398,31 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         ' "activity": {"type": "message", "value": ' + "9" * 5000 + "}}",
         "a number of 5000 digits is too long",
     ),
+    # Of a type the channel refuses: each broadcast child failed at the Connector.
+    "activity text not a string": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": {"text": 5}}),
+        "activity.text must be a string",
+    ),
+    "attachments not an array": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": {"attachments": "x"}}),
+        "activity.attachments must be an array",
+    ),
+    "an attachment not an object": (
+        json.dumps({"id": "r", "to": {"conversation": KEY}, "activity": {"attachments": [1]}}),
+        "activity.attachments must hold objects",
+    ),
+    "a conversation key naming a dot segment": (
+        json.dumps({"id": "r", "to": {"conversation": "msteams/.."}, "text": "x"}),
+        "`to.conversation` must be a conversation key",
+    ),
+    "a broadcast channelId with a slash": (
+        json.dumps({"id": "r", "to": {"broadcast": {"channelId": "msteams/x"}}, "text": "x"}),
+        "`to.broadcast.channelId` must be a channel id, without '/'",
+    ),
+    "a user serviceUrl that is no http URL": (
+        json.dumps({"id": "r", "to": {"user": {**USER_TO, "serviceUrl": "ftp://x"}}, "text": "x"}),
+        "`to.user.serviceUrl` must be an http or https URL",
+    ),
     "broadcast with an unknown filter": (
         json.dumps({"id": "r", "to": {"broadcast": {"color": "red"}}, "text": "x"}),
         "`to.broadcast` filters are channelId, tenantId, teamId, personal",
