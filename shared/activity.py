@@ -236,12 +236,13 @@ def validate_activity(activity: Mapping[str, Any]) -> None:
         raise InvalidActivity(400, "channelId must be text without '/'")
     _check_fields(activity, _FIELDS, "")
     _check_fields(conversation, _CONVERSATION, "conversation.")
-    _check_items(activity)
+    _check_accounts(activity)
     # Members added or removed are told from the bot by `recipient.id` alone: without it
     # the bot would greet itself, or miss its own removal.
     changes_members = activity.get("membersAdded") or activity.get("membersRemoved")
     if changes_members and not _non_empty_string((activity.get("recipient") or {}).get("id")):
         raise InvalidActivity(400, "missing recipient.id (the bot's account)")
+    _check_lists(activity)
     data = activity.get("channelData")
     if data and from_teams(activity):
         _check_fields(data, _TEAMS_DATA, "channelData.")
@@ -277,14 +278,18 @@ def check_outgoing_fields(activity: Mapping[str, Any], where: str) -> None:
     how its reason names the activity) has another JSON type than the schema's: `text` a
     number, `attachments` not an array of objects. The channel would refuse it."""
     _check_fields(activity, _FIELDS, where)
-    _check_items(activity, where)
+    _check_accounts(activity, where)
+    _check_lists(activity, where)
 
 
-def _check_items(activity: Mapping[str, Any], where: str = "") -> None:
-    """The accounts, and the lists of objects, of an activity."""
+def _check_accounts(activity: Mapping[str, Any], where: str = "") -> None:
     for name in ("from", "recipient"):
         if account := activity.get(name):
             _check_fields(account, _ACCOUNT, f"{where}{name}.")
+
+
+def _check_lists(activity: Mapping[str, Any], where: str = "") -> None:
+    """The lists of objects of an activity, and their items' fields."""
     for name, fields in _ITEMS.items():
         for index, item in enumerate(activity.get(name) or ()):
             if not isinstance(item, dict):

@@ -286,9 +286,9 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
             # otherwise (a tenant or aadObjectId in another case, a user id for an aad
             # one), or which its user's index lost (an index write that failed after its
             # document's): what the channel's own activities recorded is kept, and used,
-            # and written again, which puts a lost index entry back (or every send to
-            # the user would open the 1:1 again, and erasing them would miss it).
-            await _reindex(store, stored.reference, key)
+            # and its user's index entries are put back should they be lost (or every
+            # send to the user would open the 1:1 again, and erasing them would miss it).
+            await _reindex(store, key)
             return key, stored.reference
         await store.upsert(reference, refresh=True)
     except UnreadableDocument:
@@ -300,10 +300,11 @@ async def _user_reference(user: UserTarget, runtime: Parts) -> tuple[str, Mappin
     return key, reference
 
 
-async def _reindex(store: ReferenceStore, reference: Mapping[str, Any], key: str) -> None:
+async def _reindex(store: ReferenceStore, key: str) -> None:
     """Best effort: the send does not need it, and the next activity in the 1:1 repairs
-    the index too."""
+    the index too. Nothing but the index is written: the document read a moment ago may
+    have changed or gone since (an erasure), and is not written back."""
     try:
-        await store.upsert(reference, refresh=True)
+        await store.reindex(key)
     except StoreError as error:
         logger.warning("proactive: the index of 1:1 %s was not checked: %s", clip(key), error)

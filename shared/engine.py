@@ -41,6 +41,9 @@ class Engine:
     # The host delivers that message again (its dequeueCount above 1): an earlier attempt
     # may have claimed its target and died after the send began.
     redelivered: bool = False
+    # The host's id of the message as delivered, which `message_id` is not for a copy kept
+    # to go on as another message (`claimedBy`): the message the host gives up on.
+    delivered_as: str | None = None
 
     @classmethod
     def for_runtime(cls, runtime: Parts) -> Engine:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -88,6 +89,8 @@ async def record_target(
         detail["retryOf"] = token
     if given_up:
         detail["givenUp"] = True
+        if engine.delivered_as is not None:
+            detail["givenUpOn"] = engine.delivered_as  # the host's own id of that message
     if detail:
         options.setdefault("detail", detail)
     return await record_outcome(
@@ -402,3 +405,33 @@ async def put_back_spent(request: ProactiveRequest, engine: Engine, claim: Claim
         delay,
     )
     return await engine.requeue(request, delay, count=False)
+
+
+# A broadcast child's failure with no poison copy: nothing is landing (shared/proactive.py,
+# `_unknown`).
+REMOVED_REASON = "the conversation was removed from the store after the broadcast matched it"
+
+
+def failed_here(request: ProactiveRequest, engine: Engine, data: Mapping[str, Any]) -> bool:
+    """Whether the slot's outcome `data` is a failure this very queue message recorded,
+    one whose poison copy is the engine's to put (a broadcast child whose conversation was
+    removed has none). One recorded as the host's last attempt of it (`givenUp`) is the host's to
+    poison, but when the host delivers the message it gave up on again it did not (its
+    maxDequeueCount is higher than the function read): the copy is the engine's then, as
+    the message is deleted once this returns. (Not so for another message going on as
+    it, such as a copy kept for storage queued before the host gave up: the host's poison
+    copy is the one to put back.)"""
+    if data.get("givenUp") is True:
+        given_up_on = data.get("givenUpOn")
+        if given_up_on is None:  # an earlier version's record: this message, unless a copy
+            delivered_again = request.engine.claimed_by is None
+        else:
+            delivered_again = given_up_on == engine.delivered_as
+        if not delivered_again:
+            return False
+    return (
+        engine.message_id is not None
+        and data.get("message") == engine.message_id
+        and data.get("outcome") == "failed"
+        and data.get("reason") != REMOVED_REASON
+    )

@@ -63,10 +63,12 @@ from shared.idempotency import (
     take_claim,
 )
 from shared.outcomes import (
+    REMOVED_REASON,
     OutcomeKept,
     Unsettled,
     claim_spent,
     fail_target,
+    failed_here,
     hold_for_storage,
     named_by_this_message,
     put_back_spent,
@@ -141,7 +143,9 @@ async def handle_queue_message(
     """
     engine = engine or Engine.for_runtime(runtime)
     if message_id is not None:
-        engine = replace(engine, message_id=message_id, redelivered=redelivered)
+        engine = replace(
+            engine, message_id=message_id, redelivered=redelivered, delivered_as=message_id
+        )
     try:
         return await _handle(body, engine)
     except Exception as failure:
@@ -242,8 +246,6 @@ async def _poison_invalid(engine: Engine, body: bytes | str, reason: str) -> Out
 SETTLED = frozenset({Outcome.DELIVERED, Outcome.PRUNED, Outcome.FAILED, Outcome.DUPLICATE})
 MAX_CROWDED_DELAY = 15.0  # seconds: a crowded line's copy comes back after its wait, at most this
 MIN_REQUEUE_SECONDS = 1.0  # a throttled or failed send's copy comes back after this at least
-# A broadcast child's failure with no poison copy: nothing is landing (see _unknown).
-REMOVED_REASON = "the conversation was removed from the store after the broadcast matched it"
 
 
 @dataclass(slots=True)
@@ -317,7 +319,7 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
         return await engine.requeue(request, engine.jitter(min(claim.wait, 15.0)), count=False)
     if isinstance(claim, Settled):
         retried = await _retry_failed(request, engine, name, claim)
-        if retried is None and _failed_here(request, engine, claim):
+        if retried is None and failed_here(request, engine, claim.record.data):
             # This queue message recorded the failure, and its process died before the
             # poison copy was put (or before it returned): put now, so an operator has it.
             reason = claim.record.data.get("reason") or "failed"
@@ -347,24 +349,6 @@ async def _deliver_let_out(request: ProactiveRequest, engine: Engine) -> Outcome
     if outcome not in SETTLED:
         await release_claim(ledger, claim)
     return outcome
-
-
-def _failed_here(request: ProactiveRequest, engine: Engine, settled: Settled) -> bool:
-    """Whether the slot holds a failure this very queue message recorded, one whose poison
-    copy is the engine's to put (a broadcast child whose conversation was removed has
-    none). One recorded as the host's last attempt of it (`givenUp`) is the host's to
-    poison, but when the host delivers that message again it did not (its maxDequeueCount
-    is higher than the function read): the copy is the engine's then, as the message is
-    deleted once this returns. (Not so for a copy kept to go on as that message, queued
-    before the host gave up on it: the host's poison copy is the one to put back.)"""
-    data = settled.record.data
-    return (
-        engine.message_id is not None
-        and data.get("message") == engine.message_id
-        and data.get("outcome") == "failed"
-        and data.get("reason") != REMOVED_REASON
-        and (data.get("givenUp") is not True or request.engine.claimed_by is None)
-    )
 
 
 async def _send_claimed(

@@ -20,6 +20,7 @@ from shared.references.contract import (
     UserIndex,
     including,
     index_body,
+    index_entries,
     listed_by,
     marked,
     read_index,
@@ -125,6 +126,17 @@ class UserIndexes:
                     stored = await self._read_readable(*document_of(key))
                     if stored is not None and listed_by(stored, kind, value):
                         await self._update_index(channel_id, kind, value, including(key))
+
+    async def reindex(self, key: str) -> None:
+        name, _ = document_of(key)
+        if name is None:
+            return
+        async with self._guard("reindex", key):
+            stored = await self._read_readable(name, key)
+            # A delete meanwhile (an erasure, an uninstall) can leave the entry naming no
+            # document: lookups skip such entries, and an erasure drops them.
+            for kind, value in index_entries(stored) if stored else ():
+                await self._update_index(stored.channel_id, kind, value, including(key))
 
     async def _change_indexes(
         self,

@@ -167,6 +167,12 @@ class ReferenceStore(Protocol):
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None: ...
 
+    async def reindex(self, key: str) -> None:
+        """Put the stored conversation `key` back in its user's indexes (lost by an index
+        write that failed after its document's), writing nothing else; nothing when it is
+        not stored."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -16,6 +16,7 @@ from shared.references.contract import (
     copied,
     decode_token,
     encode_token,
+    including,
     index_entries,
     listed_by,
     marked,
@@ -76,6 +77,12 @@ class MemoryReferenceStore:
         self._docs[key] = copied(planned)
         self.writes += 1
         return True
+
+    async def reindex(self, key: str) -> None:
+        split_key(key)
+        stored = self._docs.get(key)
+        for kind, value in index_entries(stored) if stored else ():
+            self._change_index((stored.channel_id, kind, value), including(key))
 
     async def delete(self, key: str) -> bool:
         split_key(key)

@@ -172,6 +172,8 @@ def test_body_must_be_an_object(body):
             {"recipient": {"name": "Bot"}, "membersRemoved": [{"id": "28:bot"}]},
             "missing recipient.id",
         ),
+        # Checked before the members' items, as it always was (the 400's text is the body).
+        ({"recipient": None, "membersAdded": [1]}, "missing recipient.id"),
     ],
 )
 def test_required_and_typed_fields(change, reason):

@@ -420,7 +420,13 @@ MALFORMED: dict[str, tuple[bytes | str, str]] = {
         "`to.broadcast.channelId` must be a channel id, without '/'",
     ),
     "a user serviceUrl that is no http URL": (
-        json.dumps({"id": "r", "to": {"user": {**USER_TO, "serviceUrl": "ftp://x"}}, "text": "x"}),
+        json.dumps(
+            {
+                "id": "r",
+                "to": {"user": {**USER_TO, "id": "29:x", "serviceUrl": "ftp://x"}},
+                "text": "x",
+            }
+        ),
         "`to.user.serviceUrl` must be an http or https URL",
     ),
     "broadcast with an unknown filter": (
@@ -706,6 +712,20 @@ async def test_a_request_python_reads_only_in_part_is_reported_under_its_id(
     assert (report["state"], report["failed"]) == ("done", 1)
     assert report["failures"][0]["reason"] == f"invalid request: {reason}"
     assert fake_connector.requests == []
+
+
+async def test_a_request_whose_id_is_a_number_leaves_no_report_under_its_text(
+    runtime, engine, fake_connector
+):
+    # Its id was read as "7" for the report: the failure recorded there made the request
+    # sent again with the id "7" (the producer's fix) a duplicate, never sent.
+    bad = json.dumps({"id": 7, "to": {"conversation": KEY}, "text": "hi"})
+    assert await handle_queue_message(bad, runtime, engine=engine) is Outcome.POISONED
+    assert await read_report(engine.ledger, "7") is None
+
+    fixed = json.dumps({"id": "7", "to": {"conversation": KEY}, "text": "hi"})
+    assert await handle_queue_message(fixed, runtime, engine=engine) is Outcome.DELIVERED
+    assert len(fake_connector.activities) == 1
 
 
 @pytest.mark.parametrize(

@@ -4533,6 +4533,31 @@ async def test_a_message_the_host_delivers_again_after_its_last_attempt_gets_its
     assert (report["state"], report["failed"]) == ("done", 1)
 
 
+async def test_a_copy_kept_for_storage_the_host_delivers_again_after_giving_up_gets_one(
+    parts, fake_connector
+):
+    # k-1, a copy kept for storage going on as m-1, failed its attempt the function took
+    # for the last: recorded as m-1's, given up. The host (counting more attempts) then
+    # delivered k-1 again, which found "m-1's" failure, answered duplicate, and k-1 was
+    # deleted with no poison copy anywhere.
+    from shared.outcomes import record_given_up
+
+    _runtime, engine = parts
+    copy = json.loads(body({"conversation": "msteams/a:1"}))
+    copy[RESERVED] = {"attempt": 1, "claimedBy": "m-1"}
+    kept = json.dumps(copy)
+    going_on = dataclasses.replace(engine, message_id="m-1", delivered_as="k-1")
+    await record_given_up(kept, going_on, RuntimeError("the function failed"))
+
+    outcome = await handle_queue_message(
+        kept, engine.runtime, engine=engine, message_id="k-1", redelivered=True
+    )
+
+    assert outcome is Outcome.FAILED and sends(fake_connector) == []
+    [poisoned] = engine.queue.poisoned
+    assert "function failed on every attempt" in poisoned["poisonReason"]
+
+
 async def test_a_copy_going_on_as_a_message_the_host_gave_up_on_puts_no_second_copy(
     parts, fake_connector
 ):

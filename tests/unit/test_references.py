@@ -1500,6 +1500,41 @@ async def test_nothing_listening_raises_store_error():
         await store.close()
 
 
+async def lose_user_index(store) -> None:
+    """The user's index entries gone, the document kept (an index write that failed)."""
+    if isinstance(store, MemoryReferenceStore):
+        store._users.clear()
+        return
+    container = ContainerClient.from_connection_string(
+        store._settings.storage.connection_string, store._settings.references_container
+    )
+    with container:
+        container.delete_blob(user_index_name("msteams", "id", "29:user"))
+        container.delete_blob(user_index_name("msteams", "aad", "aad-user"))
+
+
+async def test_reindex_puts_a_lost_index_entry_back_and_writes_nothing_else(store):
+    # A user target's lookup missed such a 1:1, the channel answered with it, and the
+    # engine wrote the reference it had just read back over the store's: an erasure or a
+    # newer serviceUrl in between was undone.
+    await store.upsert(reference("a:1"))
+    before = await store.get("msteams/a:1")
+    await lose_user_index(store)
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+    await store.reindex("msteams/a:1")
+
+    by_id = await store.find_by_user(channel_id="msteams", user_id="29:user")
+    by_aad = await store.find_by_user(channel_id="msteams", aad_object_id="aad-user")
+    assert by_id is not None and by_id.key == "msteams/a:1"
+    assert by_aad is not None and by_aad.key == "msteams/a:1"
+    assert (await store.get("msteams/a:1")).etag == before.etag  # the document unwritten
+    await store.delete("msteams/a:1")
+    await store.reindex("msteams/a:1")  # deleted meanwhile: nothing comes back
+    assert await store.get("msteams/a:1") is None
+    assert await store.find_by_user(channel_id="msteams", user_id="29:user") is None
+
+
 @pytest.mark.integration
 async def test_blob_interrupted_delete_is_repaired_by_the_next_activity(
     blob_store, azurite, unique_name
