@@ -1,9 +1,12 @@
 """The producer command's output: one line per thing shown, safe for a terminal.
 
 What the command prints comes partly from clients (conversation ids, user names in a
-report's failures): control characters, Unicode line breaks and format characters
-(bidirectional controls, zero-width ones) are escaped, so a line cannot be broken, a
-terminal cannot be driven, and one key cannot pass for another. Writing stdout can fail
+report's failures): control characters, Unicode line breaks, format characters
+(bidirectional controls, zero-width ones), other characters drawn as nothing or blank
+(spaces but the ASCII one, fillers, variation selectors) and a key's trailing spaces are
+escaped, so a line cannot be broken, a terminal cannot be driven, and one key does not
+pass for another (characters that merely look alike, such as Cyrillic letters, are
+printed as they are). Writing stdout can fail
 on its own (a reader that stopped reading, a full disk): :class:`StdoutFailed` tells that
 apart from storage failing, whose connection errors are OSErrors too.
 """
@@ -53,17 +56,34 @@ def writing_stdout() -> Iterator[None]:
         raise StdoutFailed(error) from None
 
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]| +$")
+# Drawn as nothing, or as blank, though not format characters: Unicode's default-ignorable
+# code points of other categories (the combining grapheme joiner, Hangul fillers,
+# variation selectors) and the Braille blank.
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
+def _hidden(character: str) -> bool:
+    """Whether a terminal would not show `character` as itself: format characters
+    (category Cf: bidirectional controls that reorder a line, zero-width ones), spaces
+    other than the ASCII one, and what is drawn as nothing."""
+    return unicodedata.category(character) in ("Cf", "Zs") or bool(_INVISIBLE.match(character))
 
 
 def _escape_format(text: str, escape: Callable[[str], str]) -> str:
-    """`text` with its Unicode format characters (category Cf: bidirectional controls that
-    reorder what a terminal shows, zero-width ones that make one key look like another)
-    written by `escape`."""
-    if text.isascii():
+    """`text` with what would make it look like another text written by `escape`: the
+    hidden characters, and spaces at its end."""
+    if text.isascii() and not text.endswith(" "):
         return text
     return _NON_ASCII.sub(
-        lambda found: escape(found[0]) if unicodedata.category(found[0]) == "Cf" else found[0],
+        lambda found: (
+            "".join(map(escape, found[0]))
+            if found[0].startswith(" ") or _hidden(found[0])
+            else found[0]
+        ),
         text,
     )
 
@@ -75,10 +95,15 @@ def _json_escape(character: str) -> str:
 
 
 def key_line(key: str) -> str:
-    """A listed key as its line: control characters, line breaks, backslashes and format
-    characters as Python's backslash escapes."""
+    """A listed key as its line: control characters, line breaks, backslashes, hidden
+    characters and trailing spaces as Python's backslash escapes."""
     escaped = key.translate(_KEY_ESCAPES)
-    return _escape_format(escaped, lambda c: c.encode("unicode_escape").decode("ascii"))
+    return _escape_format(escaped, _python_escape)
+
+
+def _python_escape(character: str) -> str:
+    """A character as Python's backslash escape (a space as \\x20)."""
+    return "\\x20" if character == " " else character.encode("unicode_escape").decode("ascii")
 
 
 def print_json(value: Any) -> None:
@@ -88,7 +113,7 @@ def print_json(value: Any) -> None:
     if printable(text) != text:
         text = json.dumps(value)
     # Line breaks to a reader that splits lines the Unicode way: escaped, one object a line;
-    # and terminal controls and format characters a client may have put in an id.
+    # and terminal controls and hidden characters a client may have put in an id.
     print(_escape_format(text.translate(_JSON_ESCAPES), _json_escape))
 
 

@@ -445,8 +445,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
             print(f"error: stdout could not be written ({name})", file=sys.stderr)
         return 1
     except Exception as error:
-        if isinstance(error, BrokenPipeError) or sys.stdout is None:
-            # The reader of stdout stopped, or there is no stdout: storage was not the trouble.
+        if sys.stdout is None:  # no stdout to write to: storage was not the trouble
             drop_stdout()
             print("error: stdout was closed before the output was written", file=sys.stderr)
             return 1

@@ -939,7 +939,7 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
     ids = ["a\nmsteams/19:evil", "b\u2028c", "c\r\td\x7f\x9b", "e\\x0af", "plain"]
     # Format characters: U+202E shows "gnp.exe" as "exe.png"; U+200B makes a key look
     # like another one (printed raw before).
-    ids += ["rlo\u202egnp.exe", "zw\u200babc", "tag\U000e0041"]
+    ids += ["rlo\u202egnp.exe", "zw\u200babc", "tag\U000e0041", "cgj\u034fx", "nbsp\xa0", "end  "]
     try:
         for conversation_id in ids:
             await store.upsert(
@@ -954,16 +954,21 @@ async def test_conversations_prints_a_key_whose_id_breaks_lines_on_one_line(stor
         await store.close()
     listed = await asyncio.to_thread(producer, storage, "conversations", '{"channelId": "webchat"}')
     assert listed.returncode == 0, listed.stderr
-    assert sorted(listed.stdout.splitlines()) == [
-        "webchat/a\\x0amsteams/19:evil",
-        "webchat/b\\u2028c",
-        "webchat/c\\x0d\\x09d\\x7f\\x9b",
-        "webchat/e\\x5cx0af",  # a backslash of its own: not read as the escape of a line break
-        "webchat/plain",
-        "webchat/rlo\\u202egnp.exe",
-        "webchat/tag\\U000e0041",
-        "webchat/zw\\u200babc",
-    ]
+    assert sorted(listed.stdout.splitlines()) == sorted(
+        [
+            "webchat/a\\x0amsteams/19:evil",
+            "webchat/b\\u2028c",
+            "webchat/c\\x0d\\x09d\\x7f\\x9b",
+            "webchat/e\\x5cx0af",  # a backslash of its own: not read as the escape of a line break
+            "webchat/cgj\\u034fx",
+            "webchat/end\\x20\\x20",
+            "webchat/nbsp\\xa0",
+            "webchat/plain",
+            "webchat/rlo\\u202egnp.exe",
+            "webchat/tag\\U000e0041",
+            "webchat/zw\\u200babc",
+        ]
+    )
     # The reader stops after the first line (`| head -1`): it got whole lines, and that is
     # no error (exit 1 and "stdout was closed before the output was written" before).
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
