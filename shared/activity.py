@@ -344,6 +344,19 @@ def finite_float(text: str) -> float:
     return value
 
 
+def strict_loads(body: bytes | str) -> Any:
+    """JSON read so that no reader on the way reads it otherwise: NotJsonNumber for NaN,
+    the infinities, 1e999 and a whole number too long to read, DuplicateKey for a name
+    given twice (ValueError, UnicodeDecodeError and RecursionError as json.loads)."""
+    return json.loads(
+        body,
+        parse_constant=refuse_constant,
+        parse_float=finite_float,
+        parse_int=whole_int,
+        object_pairs_hook=unique_keys,
+    )
+
+
 def whole_int(text: str) -> int:
     """`json.loads(..., parse_int=whole_int)`: NotJsonNumber for a whole number too long for
     Python to read (over 4,300 digits), rather than a ValueError that reads as "not JSON"."""

@@ -7,7 +7,6 @@ short reason (it becomes the poison copy's `poisonReason` and the report's reaso
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -22,15 +21,12 @@ from shared.activity import (
     as_activity,
     check_outgoing_fields,
     conversation_key,
-    finite_float,
     is_http_url,
     is_unicode_text,
     nests_deeper,
     path_id_problem,
-    refuse_constant,
     split_key,
-    unique_keys,
-    whole_int,
+    strict_loads,
 )
 from shared.diagnostics import clip
 from shared.reports import SINGLE_TARGET
@@ -219,13 +215,7 @@ def parse_request(body: bytes | str) -> ProactiveRequest:
     conversation, from, recipient) always come from the target's reference.
     """
     try:
-        message = json.loads(
-            body,
-            parse_constant=refuse_constant,
-            parse_float=finite_float,
-            parse_int=whole_int,
-            object_pairs_hook=unique_keys,
-        )
+        message = strict_loads(body)
     except NotJsonNumber as error:  # no parser on the way to the channel would read it
         raise InvalidRequest(str(error)) from None
     except DuplicateKey as error:  # another reader of the queue may take the other value

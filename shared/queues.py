@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.activity import finite_float, refuse_constant, unique_keys, whole_int
+from shared.activity import strict_loads
 from shared.config import POISON_SUFFIX, Settings
 
 logger = logging.getLogger(__name__)
@@ -190,16 +190,7 @@ def json_object(body: bytes | str, *, exact: bool = False) -> dict[str, Any] | N
     read as it came: a name given twice (the last one kept), a number no float or int here
     holds as written (NaN, the infinities, 1e999, over 4,300 digits)."""
     try:
-        if exact:
-            found = json.loads(
-                body,
-                parse_constant=refuse_constant,
-                parse_float=finite_float,
-                parse_int=whole_int,
-                object_pairs_hook=unique_keys,
-            )
-        else:
-            found = json.loads(body)
+        found = strict_loads(body) if exact else json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return found if isinstance(found, dict) else None
