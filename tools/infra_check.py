@@ -57,16 +57,44 @@ NOT_DEPLOYED = {
     "BOT_CHANNEL_SERVICE",
     "WEBSITE_SKU": "App Service sets it to the plan's SKU (FlexConsumption here)",
 }
-# Settings Flex Consumption rejects or that would bring shared keys back.
+# Settings Flex Consumption rejects, deprecates or ignores (its documented list, and the
+# time zone, which it does not apply: timers run in UTC), or that would bring shared keys
+# back.
 FORBIDDEN = (
     "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_WORKER_RUNTIME_VERSION",
     "FUNCTIONS_EXTENSION_VERSION",
+    "FUNCTIONS_MAX_HTTP_CONCURRENCY",
+    "FUNCTIONS_WORKER_PROCESS_COUNT",
+    "FUNCTIONS_WORKER_DYNAMIC_CONCURRENCY_ENABLED",
+    "SCM_DO_BUILD_DURING_DEPLOYMENT",
+    "ENABLE_ORYX_BUILD",
     "WEBSITE_RUN_FROM_PACKAGE",
     "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
     "WEBSITE_CONTENTSHARE",
+    "WEBSITE_CONTENTOVERVNET",
+    "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
+    "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITE_TIME_ZONE",
+    "TZ",
+    "DEPLOYMENT_STORAGE_CONNECTION_STRING",
     "AzureWebJobsStorage",
     "APPINSIGHTS_INSTRUMENTATIONKEY",
 )
+# host.json options an app setting could override that the rest of the deployment relies
+# on: the Bot's messaging endpoint is <host>/api/messages, the producer and the engine
+# write base64 queue messages, and the claim and Connector budgets assume the 5 minutes.
+PINNED_HOST_OPTIONS = {
+    "azurefunctionsjobhost__extensions__http__routeprefix": "the Bot's endpoint is /api/messages",
+    "azurefunctionsjobhost__extensions__queues__messageencoding": (
+        "the producer and the engine write base64 messages"
+    ),
+    "azurefunctionsjobhost__functiontimeout": "the proactive budgets assume host.json's 5 minutes",
+}
+# What an account key, a SAS or a connection string holding either looks like: a secret
+# of the operator's own goes in as a Key Vault reference, never as a plain app setting
+# committed to the parameter file.
+_KEY_BEARING = re.compile(r"AccountKey=|SharedAccessSignature=|(?:^|[?&;])sig=", re.IGNORECASE)
 
 # Outputs whose names look secret but are not, and why.
 NOT_SECRET_OUTPUTS = {
@@ -771,6 +799,13 @@ def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
             problems.append(f"{where} must not be set on Azure: {not_deployed[folded]}")
         elif folded in forbidden:
             problems.append(f"{where} must not be set on Flex Consumption")
+        elif folded in PINNED_HOST_OPTIONS:
+            problems.append(f"{where} must not be overridden: {PINNED_HOST_OPTIONS[folded]}")
+        elif isinstance(value, str) and _KEY_BEARING.search(value):
+            problems.append(
+                f"{where} holds a key or a SAS: give a secret as a Key Vault reference "
+                "(@Microsoft.KeyVault(...)), never in the parameter file"
+            )
     if problems:
         return problems
     # A queue option for host.json: the local host reads them as the Functions host does.

@@ -353,6 +353,40 @@ def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_rep
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        # Flex Consumption does not apply it (timers run in UTC): schedules an hour off.
+        ("WEBSITE_TIME_ZONE", "W. Europe Standard Time", "must not be set on Flex Consumption"),
+        ("SCM_DO_BUILD_DURING_DEPLOYMENT", "true", "must not be set on Flex Consumption"),
+        # The Bot's endpoint stays /api/messages: every Teams message would get a 404.
+        ("AzureFunctionsJobHost__extensions__http__routePrefix", "bot", "must not be overridden"),
+        # Base64 on the wire either way: every proactive request would be poisoned.
+        (
+            "AzureFunctionsJobHost__extensions__queues__messageEncoding",
+            "none",
+            "must not be overridden",
+        ),
+        ("AzureFunctionsJobHost__functionTimeout", "00:00:10", "must not be overridden"),
+        # A key committed to git, in the deployment history and a plain app setting.
+        (
+            "DATA_LAKE",
+            "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=b",
+            "holds a key or a SAS",
+        ),
+        ("REPORTS_URL", "https://a.blob.core.windows.net/r?sv=2024&sig=abc", "holds a key"),
+    ],
+)
+def test_settings_of_the_operators_own_that_would_break_the_deployment_are_reported(
+    infra_copy: Path, name: str, value: str, problem: str
+) -> None:
+    # Each passed the check: the deployment then ran with it.
+    write_parameters(infra_copy, extraAppSettings={name: value})
+    [reported] = infra_check.check_parameter_file(infra_copy)
+    assert reported.startswith(f"main.parameters.json: extraAppSettings.{name} ")
+    assert problem in reported
+
+
 def test_a_bot_name_that_ignores_the_bots_identity_is_reported(infra_copy: Path) -> None:
     # An Azure Bot's app id cannot change: switching identity must create a new registration.
     path = infra_copy / "main.bicep"
