@@ -56,7 +56,7 @@ def writing_stdout() -> Iterator[None]:
         raise StdoutFailed(error) from None
 
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]| +$")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]|(?<! ) +\Z")  # not ` +$`: quadratic in a run of spaces
 # Drawn as nothing, or as blank, though not format characters: Unicode's default-ignorable
 # code points of other categories (the combining grapheme joiner, Hangul fillers,
 # variation selectors) and the Braille blank.
@@ -69,8 +69,11 @@ _INVISIBLE = re.compile(
 def _hidden(character: str) -> bool:
     """Whether a terminal would not show `character` as itself: format characters
     (category Cf: bidirectional controls that reorder a line, zero-width ones), spaces
-    other than the ASCII one, and what is drawn as nothing."""
-    return unicodedata.category(character) in ("Cf", "Zs") or bool(_INVISIBLE.match(character))
+    other than the ASCII one, what is drawn as nothing, and code points this Python's
+    Unicode tables do not know (Cn: some are default-ignorable, others assigned since)."""
+    return unicodedata.category(character) in ("Cf", "Zs", "Cn") or bool(
+        _INVISIBLE.match(character)
+    )
 
 
 def _escape_format(text: str, escape: Callable[[str], str]) -> str:

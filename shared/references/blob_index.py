@@ -133,10 +133,17 @@ class UserIndexes:
             return
         async with self._guard("reindex", key):
             stored = await self._read_readable(name, key)
-            # A delete meanwhile (an erasure, an uninstall) can leave the entry naming no
-            # document: lookups skip such entries, and an erasure drops them.
-            for kind, value in index_entries(stored) if stored else ():
+            if stored is None:
+                return
+            for kind, value in index_entries(stored):
                 await self._update_index(stored.channel_id, kind, value, including(key))
+            # An erasure (or a removal, or a write naming another user) between the read
+            # and the writes would leave the key in an index that no longer names it: an
+            # erased user's index, settled, back in storage. Read again, and should the
+            # document be gone or changed, undo as a delete does its own.
+            again = await self._read_readable(name, key)
+            if again is None or set(index_entries(again)) != set(index_entries(stored)):
+                await self._unindex_deleted(stored, name)
 
     async def _change_indexes(
         self,

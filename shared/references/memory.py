@@ -79,7 +79,6 @@ class MemoryReferenceStore:
         return True
 
     async def reindex(self, key: str) -> None:
-        split_key(key)
         stored = self._docs.get(key)
         for kind, value in index_entries(stored) if stored else ():
             self._change_index((stored.channel_id, kind, value), including(key))
