@@ -93,6 +93,7 @@ CONTENT_FIELDS = ("activity", "text")
 # its whole numbers are written (`digest` is of the request's text, as earlier versions
 # wrote it): a broadcast's copies, and the producer's id check, compare it.
 SAME_REQUEST = "sameRequest"
+UNREADABLE_CHECKPOINT = "the fan-out's checkpoint cannot be read by this version"
 FULL_QUEUE_WAIT = 2.0  # seconds: a fan-out that found the queue full looks again after this
 # Seconds since the fan-out last added a page (or first came round) after which its own
 # queued children no longer hold it back: it adds a page's worth of children per this long.
@@ -165,8 +166,16 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                     continuation=head.get("continuation"),
                     page_size=engine.fanout_page_size,
                 )
-            except ValueError:  # the checkpoint's listing has other filters (an older head)
-                return await _other_broadcast(request, engine)
+            except ValueError:
+                if not isinstance(head.get(SAME_REQUEST), str):
+                    # The checkpoint's listing has other filters (an older head, which
+                    # tells requests apart by digest only): another broadcast's.
+                    return await _other_broadcast(request, engine)
+                # Its own checkpoint, which this version cannot read (edited by hand, or
+                # a token another version wrote): ended with its reason, not left running
+                # for ever as another broadcast's duplicate.
+                await end_fan_out(request, engine, UNREADABLE_CHECKPOINT)
+                return Outcome.FAILED
             targets = [item for item in page.items if _matches(item, request.broadcast)]
             children = _children(request, [(item.key, item.reference) for item in targets])
             queued = [
@@ -355,7 +364,8 @@ def _children(
         try:
             check_conversation_key(key)
         except InvalidRequest:
-            children.append(_Unqueued("the conversation's stored id is not Unicode text"))
+            # Stored by an earlier version: an id with a lone surrogate, or "." / "..".
+            children.append(_Unqueued("the conversation's stored id is not one a message can name"))
             continue
         child: dict[str, Any] = {"id": request.id, "to": {"conversation": key}, **content}
         child[RESERVED] = {"child": True}

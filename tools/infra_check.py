@@ -57,9 +57,8 @@ NOT_DEPLOYED = {
     "BOT_CHANNEL_SERVICE",
     "WEBSITE_SKU": "App Service sets it to the plan's SKU (FlexConsumption here)",
 }
-# Settings Flex Consumption rejects, deprecates or ignores (its documented list, and the
-# time zone, which it does not apply: timers run in UTC), or that would bring shared keys
-# back.
+# Settings Flex Consumption rejects or deprecates (its documented list), the time zone,
+# which it is said not to apply (timers run in UTC), and what would bring shared keys back.
 FORBIDDEN = (
     "FUNCTIONS_WORKER_RUNTIME",
     "FUNCTIONS_WORKER_RUNTIME_VERSION",
@@ -75,6 +74,9 @@ FORBIDDEN = (
     "WEBSITE_CONTENTOVERVNET",
     "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
     "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITE_DNS_SERVER",
+    "WEBSITE_NODE_DEFAULT_VERSION",
+    "WEBSITE_VNET_ROUTE_ALL",
     "WEBSITE_TIME_ZONE",
     "TZ",
     "DEPLOYMENT_STORAGE_CONNECTION_STRING",
@@ -90,11 +92,17 @@ PINNED_HOST_OPTIONS = {
         "the producer and the engine write base64 messages"
     ),
     "azurefunctionsjobhost__functiontimeout": "the proactive budgets assume host.json's 5 minutes",
+    "azurefunctionsjobhost__functions": "every function folder is loaded",
+    "azurefunctionsjobhost__extensionbundle": "host.json's bundle is the one tested",
+    "azurefunctionsjobhost__version": "host.json's schema is 2.0",
 }
 # What an account key, a SAS or a connection string holding either looks like: a secret
 # of the operator's own goes in as a Key Vault reference, never as a plain app setting
 # committed to the parameter file.
-_KEY_BEARING = re.compile(r"AccountKey=|SharedAccessSignature=|(?:^|[?&;])sig=", re.IGNORECASE)
+_KEY_BEARING = re.compile(
+    r"AccountKey=|SharedAccessKey=|SharedAccessSignature=|(?:^|[?&;])(?:sig|password|pwd)=",
+    re.IGNORECASE,
+)
 
 # Outputs whose names look secret but are not, and why.
 NOT_SECRET_OUTPUTS = {
@@ -779,6 +787,15 @@ def deployed_settings(values: dict[str, Any], infra: Path = INFRA) -> dict[str, 
     return {**extra, **settings, **platform}
 
 
+def _pinned(folded: str) -> str | None:
+    """Why a host.json option the setting `folded` (case-folded) overrides must stay as it
+    is, for it or a part of it (`..__functions__0`, `..__extensionBundle__version`)."""
+    for option, reason in PINNED_HOST_OPTIONS.items():
+        if folded == option or folded.startswith(f"{option}__"):
+            return reason
+    return None
+
+
 def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
     """Settings of the operator's own: strings, none the template sets, none that must
     not be set on Azure (the template's would win; the others break the app or bring
@@ -799,8 +816,8 @@ def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
             problems.append(f"{where} must not be set on Azure: {not_deployed[folded]}")
         elif folded in forbidden:
             problems.append(f"{where} must not be set on Flex Consumption")
-        elif folded in PINNED_HOST_OPTIONS:
-            problems.append(f"{where} must not be overridden: {PINNED_HOST_OPTIONS[folded]}")
+        elif pinned := _pinned(folded):
+            problems.append(f"{where} must not be overridden: {pinned}")
         elif isinstance(value, str) and _KEY_BEARING.search(value):
             problems.append(
                 f"{where} holds a key or a SAS: give a secret as a Key Vault reference "

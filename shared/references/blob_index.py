@@ -135,15 +135,12 @@ class UserIndexes:
             stored = await self._read_readable(name, key)
             if stored is None:
                 return
+            # An erasure running whole between the read and the writes leaves the key in
+            # the erased user's index, naming a document gone (as an upsert that found
+            # nothing to write does in that race): lookups skip it, the user's next
+            # erasure drops it. Undoing it here took live entries out (README).
             for kind, value in index_entries(stored):
                 await self._update_index(stored.channel_id, kind, value, including(key))
-            # An erasure (or a removal, or a write naming another user) between the read
-            # and the writes would leave the key in an index that no longer names it: an
-            # erased user's index, settled, back in storage. Read again, and should the
-            # document be gone or changed, undo as a delete does its own.
-            again = await self._read_readable(name, key)
-            if again is None or set(index_entries(again)) != set(index_entries(stored)):
-                await self._unindex_deleted(stored, name)
 
     async def _change_indexes(
         self,

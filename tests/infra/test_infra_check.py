@@ -368,6 +368,15 @@ def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_rep
             "must not be overridden",
         ),
         ("AzureFunctionsJobHost__functionTimeout", "00:00:10", "must not be overridden"),
+        # Only the messages function loaded: proactive delivery stops without a word.
+        ("AzureFunctionsJobHost__functions__0", "messages_function", "must not be overridden"),
+        ("AzureFunctionsJobHost__extensionBundle__version", "[3.*, 4.0.0)", "must not be"),
+        ("WEBSITE_VNET_ROUTE_ALL", "1", "must not be set on Flex Consumption"),
+        (
+            "EVENTS",
+            "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=R;SharedAccessKey=k",
+            "holds a key or a SAS",
+        ),
         # A key committed to git, in the deployment history and a plain app setting.
         (
             "DATA_LAKE",

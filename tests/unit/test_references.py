@@ -1536,44 +1536,6 @@ async def test_reindex_puts_a_lost_index_entry_back_and_writes_nothing_else(stor
 
 
 @pytest.mark.integration
-async def test_blob_reindex_overlapping_an_erasure_leaves_no_index_of_the_erased_user(
-    blob_store,
-):
-    # The erasure ran whole between reindex's read of the document and its index writes:
-    # the erased user's index files (named by their ids) came back, naming the 1:1.
-    from shared.userdata import erase_user_data
-
-    store, container = blob_store
-    await store.upsert(reference("a:1"))
-    container.delete_blob(user_index_name("msteams", "id", "29:user"))  # the lost entry
-    read, reads, erased = store._read_readable, 0, []
-
-    async def read_then_erase(name, key):
-        nonlocal reads
-        reads += 1
-        found = await read(name, key)
-        if reads == 1:
-            erased.append(
-                await erase_user_data(
-                    channel_id="msteams",
-                    user_id="29:user",
-                    aad_object_id="aad-user",
-                    state=None,
-                    references=store,
-                )
-            )
-        return found
-
-    store._read_readable = read_then_erase
-    await store.reindex("msteams/a:1")
-
-    assert erased[0].conversations == ["msteams/a:1"]
-    assert await store.get("msteams/a:1") is None
-    assert not blob_exists(container, user_index_name("msteams", "id", "29:user"))
-    assert not blob_exists(container, user_index_name("msteams", "aad", "aad-user"))
-
-
-@pytest.mark.integration
 async def test_blob_interrupted_delete_is_repaired_by_the_next_activity(
     blob_store, azurite, unique_name
 ):
