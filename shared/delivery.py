@@ -63,7 +63,9 @@ class Outcome(StrEnum):
     PRUNED = "pruned"  # the channel said the conversation is gone; its reference was removed
     UNKNOWN = "unknown"  # no stored reference for the conversation key
     POISONED = "poisoned"  # no retry can deliver it: poison queue with the reason, reported
-    FAILED = "failed"  # reported failed (a poison copy holds the request and the reason)
+    # Reported failed; a poison copy holds the request and the reason (but for the failures
+    # docs/proactive.md lists without one: an ended fan-out, a removed broadcast child ...).
+    FAILED = "failed"
     DUPLICATE = "duplicate"  # the target already had an outcome: nothing sent
     REQUEUED = "requeued"  # a copy was put back on the queue with a delay
     FANNED_OUT = "fanned-out"  # a broadcast enqueued its last page of targets

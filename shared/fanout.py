@@ -167,13 +167,14 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                     page_size=engine.fanout_page_size,
                 )
             except ValueError:
-                if not isinstance(head.get(SAME_REQUEST), str):
-                    # The checkpoint's listing has other filters (an older head, which
-                    # tells requests apart by digest only): another broadcast's.
+                if head.get(SAME_REQUEST) is None and head.get("digest") is None:
+                    # The checkpoint's listing may have other filters (a head too old to
+                    # say what request it is): another broadcast's.
                     return await _other_broadcast(request, engine)
-                # Its own checkpoint, which this version cannot read (edited by hand, or
-                # a token another version wrote): ended with its reason, not left running
-                # for ever as another broadcast's duplicate.
+                # Its own checkpoint (the head said so above), which this version cannot
+                # read (edited by hand, or a token another version wrote): ended with its
+                # reason, not left running for ever as another broadcast's duplicate.
+                logger.warning("proactive %r: fan-out ended: %s", request.id, UNREADABLE_CHECKPOINT)
                 await end_fan_out(request, engine, UNREADABLE_CHECKPOINT)
                 return Outcome.FAILED
             targets = [item for item in page.items if _matches(item, request.broadcast)]

@@ -100,7 +100,10 @@ PINNED_HOST_OPTIONS = {
 # of the operator's own goes in as a Key Vault reference, never as a plain app setting
 # committed to the parameter file.
 _KEY_BEARING = re.compile(
-    r"AccountKey=|SharedAccessKey=|SharedAccessSignature=|(?:^|[?&;])(?:sig|password|pwd)=",
+    r"AccountKey\s*=|SharedAccessKey\s*=|SharedAccessSignature\s*="
+    r"|(?:^|[?&;,])\s*(?:sig|password|pwd|api-?key|client_secret)\s*="
+    r"|[?&]code="  # a function key in a URL
+    r"|://[^/\s:@]+:[^/\s@]+@",  # a URL's user:password@
     re.IGNORECASE,
 )
 

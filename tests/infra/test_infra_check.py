@@ -384,6 +384,10 @@ def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_rep
             "holds a key or a SAS",
         ),
         ("REPORTS_URL", "https://a.blob.core.windows.net/r?sv=2024&sig=abc", "holds a key"),
+        ("CACHE", "cache.redis.cache.windows.net:6380,password=s3cr3t,ssl=True", "holds a key"),
+        ("SQL", "Server=tcp:s;User ID=u; Password = s3cr3t;", "holds a key or a SAS"),
+        ("BROKER", "amqps://user:s3cr3t@broker.example.com", "holds a key or a SAS"),
+        ("HOOK", "https://f.azurewebsites.net/api/hook?code=abc==", "holds a key or a SAS"),
     ],
 )
 def test_settings_of_the_operators_own_that_would_break_the_deployment_are_reported(
