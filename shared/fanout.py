@@ -174,7 +174,9 @@ async def fan_out(request: ProactiveRequest, engine: Engine) -> Outcome:
                 # Its own checkpoint (the head said so above), which this version cannot
                 # read (edited by hand, or a token another version wrote): ended with its
                 # reason, not left running for ever as another broadcast's duplicate.
-                logger.warning("proactive %r: fan-out ended: %s", request.id, UNREADABLE_CHECKPOINT)
+                logger.warning(
+                    "proactive %r: fan-out ending: %s", request.id, UNREADABLE_CHECKPOINT
+                )
                 await end_fan_out(request, engine, UNREADABLE_CHECKPOINT)
                 return Outcome.FAILED
             targets = [item for item in page.items if _matches(item, request.broadcast)]

@@ -99,11 +99,14 @@ PINNED_HOST_OPTIONS = {
 # What an account key, a SAS or a connection string holding either looks like: a secret
 # of the operator's own goes in as a Key Vault reference, never as a plain app setting
 # committed to the parameter file.
+_SECRET_NAMES = r"(?:sig|password|pwd|api[-_]?key|client[-_]?secret|access_token|subscription-key)"
 _KEY_BEARING = re.compile(
     r"AccountKey\s*=|SharedAccessKey\s*=|SharedAccessSignature\s*="
-    r"|(?:^|[?&;,])\s*(?:sig|password|pwd|api-?key|client_secret)\s*="
+    # A name of those at the start or after a separator (a lookbehind: `[?&;,\s]\s*`
+    # would scan a run of spaces again from each of them).
+    rf"|(?<![^?&;,\s]){_SECRET_NAMES}\s*="
     r"|[?&]code="  # a function key in a URL
-    r"|://[^/\s:@]+:[^/\s@]+@",  # a URL's user:password@
+    r"|://[^/?#\s:@]*:[^/?#\s@]+@",  # a URL's user:password@ (an empty user too)
     re.IGNORECASE,
 )
 
@@ -823,7 +826,7 @@ def _check_extra_settings(extra: dict[str, Any], infra: Path) -> list[str]:
             problems.append(f"{where} must not be overridden: {pinned}")
         elif isinstance(value, str) and _KEY_BEARING.search(value):
             problems.append(
-                f"{where} holds a key or a SAS: give a secret as a Key Vault reference "
+                f"{where} holds a key, a SAS or a password: give a secret as a Key Vault reference "
                 "(@Microsoft.KeyVault(...)), never in the parameter file"
             )
     if problems:

@@ -375,19 +375,34 @@ def test_settings_of_the_operators_own_that_the_template_or_azure_forbid_are_rep
         (
             "EVENTS",
             "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=R;SharedAccessKey=k",
-            "holds a key or a SAS",
+            "holds a key, a SAS or a password",
         ),
         # A key committed to git, in the deployment history and a plain app setting.
         (
             "DATA_LAKE",
             "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=b",
-            "holds a key or a SAS",
+            "holds a key, a SAS or a password",
         ),
-        ("REPORTS_URL", "https://a.blob.core.windows.net/r?sv=2024&sig=abc", "holds a key"),
-        ("CACHE", "cache.redis.cache.windows.net:6380,password=s3cr3t,ssl=True", "holds a key"),
-        ("SQL", "Server=tcp:s;User ID=u; Password = s3cr3t;", "holds a key or a SAS"),
-        ("BROKER", "amqps://user:s3cr3t@broker.example.com", "holds a key or a SAS"),
-        ("HOOK", "https://f.azurewebsites.net/api/hook?code=abc==", "holds a key or a SAS"),
+        (
+            "REPORTS_URL",
+            "https://a.blob.core.windows.net/r?sv=2024&sig=abc",
+            "holds a key, a SAS or a password",
+        ),
+        (
+            "CACHE",
+            "cache.redis.cache.windows.net:6380,password=s3cr3t,ssl=True",
+            "holds a key, a SAS or a password",
+        ),
+        ("SQL", "Server=tcp:s;User ID=u; Password = s3cr3t;", "holds a key, a SAS or a password"),
+        ("BROKER", "amqps://user:s3cr3t@broker.example.com", "holds a key, a SAS or a password"),
+        (
+            "HOOK",
+            "https://f.azurewebsites.net/api/hook?code=abc==",
+            "holds a key, a SAS or a password",
+        ),
+        ("REDIS", "rediss://:s3cr3t@cache.redis.cache.windows.net:6380/0", "a password"),
+        ("PG", "host=db.example.com user=bot password=s3cr3t dbname=bot", "a password"),
+        ("MAPS", "https://maps.azure.com/x?subscription-key=abc123", "a password"),
     ],
 )
 def test_settings_of_the_operators_own_that_would_break_the_deployment_are_reported(

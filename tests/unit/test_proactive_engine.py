@@ -745,7 +745,7 @@ async def test_a_broadcast_whose_own_checkpoint_cannot_be_read_ends_with_a_reaso
     assert report["failures"][0]["reason"].startswith(
         "the fan-out's checkpoint cannot be read by this version"
     )
-    assert "fan-out ended: the fan-out's checkpoint cannot be read" in caplog.text
+    assert "fan-out ending: the fan-out's checkpoint cannot be read" in caplog.text
 
 
 async def test_a_conversation_no_child_can_address_is_reported_failed_under_its_key(
