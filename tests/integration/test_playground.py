@@ -395,6 +395,9 @@ def test_the_playground_answers_only_its_own_page_on_this_machine(bot):
         assert fetch_status(f"{own}/_internal/v1/config", Host=f"rebound.example:{port}") == 403
         assert fetch_status(f"{own}/", Origin="https://elsewhere.example") == 403
         assert fetch_status(f"{own}/", Origin="null") == 403
+        # What a browser sends, without an Origin, for another site's <img> or link here.
+        assert fetch_status(f"{own}/", **{"Sec-Fetch-Site": "cross-site"}) == 403
+        assert fetch_status(f"{own}/", **{"Sec-Fetch-Site": "same-origin"}) == 200
         stream = f"ws://127.0.0.1:{port}/_ws_conversation/v1/conversations/stream"
         assert upgrade_status(stream, "https://elsewhere.example") == 403
         assert upgrade_status(stream, own) == 101

@@ -27,6 +27,12 @@ function allowed(headers) {
   if (typeof host !== "string" || !LOOPBACK_HOST.test(host)) {
     return false;
   }
+  // Browsers say where a request comes from, also for those they send without an Origin
+  // (an <img> or a link to here on another site): not this page's own, refused.
+  const site = headers["sec-fetch-site"];
+  if (site === "cross-site" || site === "same-site") {
+    return false;
+  }
   const origin = headers.origin;
   if (origin === undefined) {
     return true; // not sent by a page: the bot's own calls, curl
