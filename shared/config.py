@@ -76,6 +76,7 @@ CLOUDS: dict[ChannelService, Cloud] = {
 DEFAULT_SCHEDULE = "0 * * * * *"  # every minute (6-field NCRONTAB): schedules fire on time
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_QUEUE = "proactive-messages"
+DEFAULT_REFERENCES_CONTAINER = "conversation-references"
 # The settings the functions' bindings name (`%BOT_PROACTIVE_QUEUE%`, `%BOT_SCHEDULE%`), with
 # the app's defaults. The Functions host resolves a binding only from a setting that is set
 # (infra/ sets both on Azure); the local host applies these where nothing sets them.
@@ -221,7 +222,7 @@ class Settings:
     trusted_service_urls: tuple[str, ...] = ()
     allow_unauthenticated: bool = False
     storage: StorageSettings = field(default_factory=StorageSettings)
-    references_container: str = "conversation-references"
+    references_container: str = DEFAULT_REFERENCES_CONTAINER
     proactive_queue: str = DEFAULT_QUEUE
     schedule: str = DEFAULT_SCHEDULE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -340,7 +341,7 @@ class Settings:
             allow_unauthenticated=allow_unauthenticated,
             storage=StorageSettings.from_env(env),
             references_container=references_container_name(
-                get("BOT_REFERENCES_CONTAINER", "conversation-references")
+                get("BOT_REFERENCES_CONTAINER", DEFAULT_REFERENCES_CONTAINER)
             ),
             proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
             schedule=schedule,

@@ -40,6 +40,7 @@ activities is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from enum import StrEnum
@@ -58,7 +59,7 @@ from shared.activity import (
 from shared.diagnostics import clip
 from shared.references.contract import ReferenceStore, reference_key
 from shared.references.keys import split_key
-from shared.removals import note_removed, removed_since
+from shared.removals import removed_since, removing
 from shared.state import conversation_state_key
 
 if TYPE_CHECKING:
@@ -305,18 +306,14 @@ async def forget_conversation(
     prune (a send found it gone: no turn runs there, and thousands of prunes would crowd
     out the removals that matter)."""
     channel_id, conversation_id = split_key(key)
-    keys = (key, conversation_state_key(channel_id, conversation_id))
-    if note:
-        note_removed(*keys)
-    if state is not None:
-        if _is_channel(reference):
-            thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
-            await state.delete_prefixed(thread)
-        await state.delete(keys[1])
-    deleted = await store.delete(key)
-    if note:
-        note_removed(*keys)  # again: a read begun while they were deleted is from before
-    return deleted
+    state_key = conversation_state_key(channel_id, conversation_id)
+    with removing(key, state_key) if note else contextlib.nullcontext():
+        if state is not None:
+            if _is_channel(reference):
+                thread = conversation_state_key(channel_id, conversation_id + _THREAD_MARKER)
+                await state.delete_prefixed(thread)
+            await state.delete(state_key)
+        return await store.delete(key)
 
 
 def _is_channel(reference: Mapping[str, Any]) -> bool:

@@ -49,11 +49,12 @@ from shared.command_output import (
 )
 from shared.config import (
     DEFAULT_QUEUE,
+    DEFAULT_REFERENCES_CONTAINER,
     Settings,
     SettingsError,
     StorageSettings,
-    _storage_name,
     proactive_queue_name,
+    references_container_name,
 )
 from shared.diagnostics import clip
 from shared.proactive_schema import POISON_REASON, RESERVED, InvalidRequest, parse_request
@@ -242,8 +243,8 @@ def producer_settings(env: Mapping[str, str] | None = None, folder: Path | None 
 
     return Settings(
         storage=StorageSettings.from_env(merged),
-        references_container=_storage_name(
-            "BOT_REFERENCES_CONTAINER", get("BOT_REFERENCES_CONTAINER", "conversation-references")
+        references_container=references_container_name(
+            get("BOT_REFERENCES_CONTAINER", DEFAULT_REFERENCES_CONTAINER)
         ),
         proactive_queue=proactive_queue_name(get("BOT_PROACTIVE_QUEUE", DEFAULT_QUEUE)),
         allow_unauthenticated=True,  # unused: a producer sends nothing to a Connector

@@ -17,8 +17,10 @@ Functions host waits 230 s for an HTTP answer), and at most MAX_REMEMBERED of th
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
+from collections.abc import Iterator
 
 REMEMBERED_SECONDS = 600.0
 MAX_REMEMBERED = 10_000
@@ -45,6 +47,16 @@ def note_removed(*keys: str) -> None:
         if len(_removed) <= MAX_REMEMBERED and now - _removed[oldest][0] <= REMEMBERED_SECONDS:
             break
         del _removed[oldest]
+
+
+@contextlib.contextmanager
+def removing(*keys: str) -> Iterator[None]:
+    """`keys`, deleted in the block, noted before it and again after it: a read begun
+    while they were being deleted is from before the removal. (A block that fails is noted
+    once, as the removal began.)"""
+    note_removed(*keys)
+    yield
+    note_removed(*keys)
 
 
 def removed_since(key: str, started: float, read_at: float | None = None) -> bool:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.activity import TEAMS_CHANNEL, conversation_key
 from shared.references.contract import INDEX_KEYS, StoredReference, is_personal, user_matches
-from shared.removals import note_removed
+from shared.removals import removing
 from shared.state import StateStore, conversation_state_key, user_state_key
 
 if TYPE_CHECKING:
@@ -151,13 +151,12 @@ class _Eraser:
         """A 1:1: its state and its user's state first, then the reference, so a retry
         after a failure still finds the conversation (and the user id it names)."""
         state_key = conversation_state_key(found.channel_id, found.conversation_id)
-        note_removed(found.key, state_key)
-        if self.state is not None:
-            await self.state.delete(state_key)
-        if found.user_id:
-            await self.user_state(found.user_id)
-        await self.references.delete(found.key)
-        note_removed(found.key, state_key)  # again: a read begun meanwhile is from before
+        with removing(found.key, state_key):
+            if self.state is not None:
+                await self.state.delete(state_key)
+            if found.user_id:
+                await self.user_state(found.user_id)
+            await self.references.delete(found.key)
         self.erased.conversations.append(found.key)
 
     async def listed(self) -> None:
@@ -181,9 +180,8 @@ class _Eraser:
         if self.state is None or user_id in self._users_done:
             return
         key = user_state_key(self.channel_id, user_id)
-        note_removed(key)
-        deleted = await self.state.delete(key)
-        note_removed(key)  # again: a read begun while it was deleted is from before
+        with removing(key):
+            deleted = await self.state.delete(key)
         if deleted:
             self.erased.user_state = True
         self._users_done.add(user_id)
@@ -223,10 +221,9 @@ async def erase_for_activity(
         except ValueError:  # no state can be kept under such an id
             return erased
         if key not in erased.conversations:
-            note_removed(key, state_key)
-            had_state = state is not None and await state.delete(state_key)
-            had_reference = await references.delete(key)
-            note_removed(key, state_key)
+            with removing(key, state_key):
+                had_state = state is not None and await state.delete(state_key)
+                had_reference = await references.delete(key)
             if had_reference or had_state:
                 erased.conversations.append(key)
     return erased

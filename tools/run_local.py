@@ -35,6 +35,7 @@ from typing import Any
 from shared.config import (
     AZURE_HOST_MARKERS,
     DEFAULT_QUEUE,
+    DEFAULT_REFERENCES_CONTAINER,
     SettingsError,
     proactive_queue_name,
     references_container_name,
@@ -235,7 +236,7 @@ def storage_to_start(args: argparse.Namespace) -> Azurite | None:
 
 def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
     queue = settings.get("BOT_PROACTIVE_QUEUE") or DEFAULT_QUEUE
-    container = settings.get("BOT_REFERENCES_CONTAINER") or "conversation-references"
+    container = settings.get("BOT_REFERENCES_CONTAINER") or DEFAULT_REFERENCES_CONTAINER
     try:  # as the bot will judge them: started with another, it would answer only 500s
         proactive_queue_name(queue)
         references_container_name(container)
