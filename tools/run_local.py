@@ -55,9 +55,9 @@ from tools.azurite import (
 )
 from tools.devhost.settings import (
     encrypted,
-    environment_problem,
     json_problem,
     runs_unauthenticated,
+    values_problem,
 )
 
 PORT = 7071
@@ -132,9 +132,8 @@ def load_settings(path: Path) -> dict[str, str]:
             f"{path.name} is encrypted: decrypt it (`func settings decrypt`) to run it here"
         )
     values = _values(document)
-    for name, value in values.items():
-        if problem := environment_problem(name, value):
-            raise RunError(f"{path.name}: Values: {problem}")
+    if problem := values_problem(values):
+        raise RunError(f"{path.name}: Values: {problem}")
     return values
 
 

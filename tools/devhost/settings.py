@@ -87,13 +87,20 @@ def load_local_settings(root: Path) -> dict[str, str]:
     if not isinstance(values, dict):
         raise HostError(f"{LOCAL_SETTINGS}: Values must be an object")
     settings = {str(name): _as_text(value) for name, value in values.items() if value is not None}
-    for name, value in settings.items():
-        if problem := environment_problem(name, value):
-            raise HostError(f"{LOCAL_SETTINGS}: Values: {problem}")
+    if problem := values_problem(settings):
+        raise HostError(f"{LOCAL_SETTINGS}: Values: {problem}")
     return settings
 
 
 MAX_ENVIRONMENT_STRING = 128 * 1024  # Linux's limit for one `NAME=value`
+
+
+def values_problem(values: Mapping[str, str]) -> str | None:
+    """Why one of a settings file's `values` cannot be an environment variable, or None."""
+    for name, value in values.items():
+        if problem := environment_problem(name, value):
+            return problem
+    return None
 
 
 def environment_problem(name: str, value: str) -> str | None:
