@@ -187,7 +187,8 @@ def check_size(content_length: str | None, body: bytes, max_bytes: int) -> None:
         declared = content_length.strip()
         if not declared.isascii() or not declared.isdigit():
             raise InvalidActivity(400, "invalid Content-Length")
-        if len(declared) > 18 or int(declared) > max_bytes:
+        digits = declared.lstrip("0")  # the length is 1*DIGIT: leading zeros are allowed
+        if len(digits) > 18 or int(digits or "0") > max_bytes:
             raise InvalidActivity(413, "body too large")
     if len(body) > max_bytes:
         raise InvalidActivity(413, "body too large")

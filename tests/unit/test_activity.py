@@ -76,6 +76,9 @@ def test_content_type_must_be_json(content_type, status):
         (None, b"x" * 101, 413),  # actual length over the limit, no header
         ("10", b"x" * 101, 413),  # header lies: the body still counts
         ("9" * 5000, b"", 413),  # absurd declared size, no int-parsing crash
+        ("0" * 30 + "100", b"x" * 100, None),  # leading zeros are a valid length (1*DIGIT)
+        ("0" * 30 + "101", b"x" * 100, 413),
+        ("000", b"", None),
         ("-1", b"", 400),
         ("ten", b"", 400),
         ("\u0661\u0660", b"", 400),  # Arabic-Indic digits: isdigit() but not ASCII
