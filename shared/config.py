@@ -292,7 +292,7 @@ class Settings:
                 f"is for local use only, and {marker} is set, so this runs on Azure: "
                 "set MicrosoftAppId (and its credential); on a machine that is not Azure "
                 f"(a container that sets {marker} for itself), start the bot without "
-                f"{marker} (`env -u {marker}`; `make run` does)",
+                f"{marker} (`env -u {marker}`; `make run` and the local host do)",
             )
         if app_type in ("SingleTenant", "UserAssignedMSI") and not tenant_id:
             raise SettingsError(

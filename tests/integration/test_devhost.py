@@ -469,6 +469,30 @@ def test_an_activity_logs_one_line_by_default_and_its_detail_at_debug(
     assert not any("azure.core" in line or "Request URL" in line for line in lines)
 
 
+def test_a_platform_variable_of_the_machine_does_not_make_the_local_bot_refuse_local_mode(
+    tmp_path, azurite, fake_connector
+):
+    # A container that sets CONTAINER_NAME for itself (as Azure's Linux instances do): the
+    # bot takes it for Azure and refuses unauthenticated mode, but this host is never Azure.
+    env = real_app_env(azurite, CONTAINER_NAME="dev-container", WEBSITE_SKU="Dynamic")
+    activity = {
+        "type": "message",
+        "id": "activity-1",
+        "channelId": "webchat",
+        "serviceUrl": fake_connector.url,
+        "from": {"id": "user-1"},
+        "recipient": {"id": "bot"},
+        "conversation": {"id": "markers"},
+        "text": "hello",
+    }
+    with running(REPO, tmp_path, env, "--functions", "messages_function") as host:
+        body = json.dumps(activity).encode()
+        assert request(host, "POST", "/api/messages", body, JSON)[0] == 200, host.stderr
+        for name in ("CONTAINER_NAME", "WEBSITE_SKU"):
+            assert f"{name} is set: left out of the app's settings" in host.stderr
+    assert [a["text"] for a in fake_connector.activities] == ["Echo: hello"]
+
+
 # --- queues and timers -------------------------------------------------------------
 
 

@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace, collect: bool = True) -> int:
     settings = apply_settings(load_local_settings(root), os.environ)
     check_exposure(args.host, settings)
     if root == BOT_ROOT:  # another app's own `shared` must not meet the bot's
+        _leave_out_platform_markers(settings)
         _apply_binding_defaults(settings)
     if settings.get(DEBUG_SETTING, "").strip() == "1":
         logging.getLogger().setLevel(logging.DEBUG)
@@ -112,6 +113,21 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _leave_out_platform_markers(settings: dict[str, str]) -> None:
+    """Take out of the app's settings the variables by which the bot knows it runs on Azure
+    (a container that sets CONTAINER_NAME for itself, say): this host is never Azure (it
+    is not deployed), and with one of them the bot would refuse its local unauthenticated
+    mode and answer every request 500. An unauthenticated bot stays on loopback
+    (:func:`check_exposure`), whatever they said. A line in the log names each."""
+    from shared.config import AZURE_HOST_MARKERS
+
+    for name in AZURE_HOST_MARKERS:
+        in_settings = settings.pop(name, None) is not None
+        in_environment = os.environ.pop(name, None) is not None
+        if in_settings or in_environment:
+            logger.info("%s is set: left out of the app's settings (this host is not Azure)", name)
 
 
 def _apply_binding_defaults(settings: dict[str, str]) -> None:
