@@ -137,6 +137,7 @@ class BlobReferenceStore(UserIndexes):
         task.add_done_callback(self._indexing.discard)
         self._writing.setdefault(key, set()).add(task)
         task.add_done_callback(lambda done: self._written_out(key, done))
+        task.add_done_callback(lambda done: self._failed(key, done))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -203,9 +204,19 @@ class BlobReferenceStore(UserIndexes):
         a 1:1 opened for a user by their aadObjectId, then written in by them) are removed,
         or erasing that user would leave an index naming their conversation behind."""
         kept = set(index_entries(planned))
-        for kind, value in index_entries(previous, any_channel=True):
-            if (kind, value) not in kept:
-                await self._update_index(previous.channel_id, kind, value, without(previous.key))
+        dropped = [e for e in index_entries(previous, any_channel=True) if e not in kept]
+        for kind, value in dropped:
+            await self._update_index(previous.channel_id, kind, value, without(previous.key))
+        if dropped:
+            # Another writer may have stored the document again for that user meanwhile
+            # (its index write, a no-op then, came before ours): put those entries back.
+            again = await self._read_readable(document_name(previous.key), previous.key)
+            if again is not None:
+                for kind, value in index_entries(again):
+                    if (kind, value) in dropped:
+                        await self._update_index(
+                            again.channel_id, kind, value, including(again.key)
+                        )
 
     async def _written(
         self, planned: StoredReference, etag: str, created: bool, generation: int
@@ -260,6 +271,11 @@ class BlobReferenceStore(UserIndexes):
                 error if isinstance(error, StoreError) else type(error).__name__,
             )
 
+    def _failed(self, key: str, task: asyncio.Task) -> None:
+        """A failed upsert leaves nothing cached: what storage holds is unknown now."""
+        if task.cancelled() or task.exception() is not None:
+            self._cache.drop(key)
+
     def _observe(self, *, new: bool) -> None:
         """Track how often an uncached conversation turns out new (a moving average)."""
         self._new_share += ((1.0 if new else 0.0) - self._new_share) * _NEW_SHARE_WEIGHT
@@ -313,6 +329,18 @@ class BlobReferenceStore(UserIndexes):
                 batch,
                 self._listing_slice,
             )
+
+    async def mark_user_index(
+        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
+    ) -> None:
+        await super().mark_user_index(
+            channel_id=channel_id, user_id=user_id, aad_object_id=aad_object_id
+        )
+        # An erasure begins. A conversation this instance stored just before, whose index
+        # write is still under way, would be missed by the erasure's lookups and then kept
+        # by its settle (live, and the user's): this instance's writes are waited for.
+        if self._indexing:
+            await asyncio.wait(set(self._indexing), timeout=self._options.operation_timeout)
 
     async def close(self) -> None:
         if self._indexing:  # writes still going on by themselves: ended first

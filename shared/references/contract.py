@@ -160,7 +160,9 @@ class ReferenceStore(Protocol):
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None:
         """An erasure begins: mark the user's index (one with keys) as overflowed, so that
-        should it fail part-way, its retry lists the channel for what the index lost."""
+        should it fail part-way, its retry lists the channel for what the index lost; then
+        wait for this store's writes still under way, so that a conversation it stored
+        just before is in its user's index when the erasure looks."""
         ...
 
     async def settle_user_index(

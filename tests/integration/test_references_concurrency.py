@@ -274,3 +274,146 @@ async def test_a_thousand_references_page_exactly_on_azurite(azurite, unique_nam
         assert set(tenant_only) == expected_keys(count, "msteams", "tenant-4")
     finally:
         await store.close()
+
+
+# --- a 1:1 whose user changes ------------------------------------------------------------
+
+
+class PausedBeforeUnindex(BlobReferenceStore):
+    """Stops after its document write, before it takes the key out of the old user's index
+    (once `pause` is set), until the test lets it go on."""
+
+    pause: asyncio.Event | None = None
+    reached: asyncio.Event | None = None
+
+    async def _unindex(self, previous, planned):
+        if self.pause is not None and self.reached is not None:
+            self.reached.set()
+            await self.pause.wait()
+        await super()._unindex(previous, planned)
+
+
+async def test_a_user_change_racing_a_change_back_leaves_the_conversation_erasable(
+    azurite, unique_name
+):
+    # One Web Chat conversation written in by two user ids (a client that changes from.id
+    # at sign-in): instance A stores it for u2 and, before it takes it out of u1's index,
+    # instance B stores it for u1 again. A's removal must not leave u1's conversation out
+    # of u1's index: erasing u1 must find and delete it.
+    from shared.userdata import erase_user_data
+    from tests.fixtures.storage import FAST_STORAGE
+    from tests.unit.test_references import reference
+    from tests.unit.test_references import settings_for as store_settings
+
+    settings = store_settings(azurite.connection_string, unique_name("flip"))
+    a = PausedBeforeUnindex(settings, options=FAST_STORAGE)
+    b = BlobReferenceStore(settings, options=FAST_STORAGE)
+    u1 = reference("c:1", channel_id="webchat", tenant=None, user="u1", aad=None)
+    u2 = reference("c:1", channel_id="webchat", tenant=None, user="u2", aad=None)
+    try:
+        await a.upsert(u1)
+        a.pause, a.reached = asyncio.Event(), asyncio.Event()
+        writing = asyncio.ensure_future(a.upsert(u2))
+        await a.reached.wait()
+        assert await b.upsert(u1) is True
+        a.pause.set()
+        assert await writing is True
+        assert (await b.get("webchat/c:1")).user_id == "u1"
+        found = await b.find_by_user(channel_id="webchat", user_id="u1")
+        assert found is not None and found.key == "webchat/c:1"
+        erased = await erase_user_data(channel_id="webchat", user_id="u1", state=None, references=b)
+        assert erased.conversations == ["webchat/c:1"]
+        assert await b.get("webchat/c:1") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_upsert_that_failed_is_not_answered_from_the_cache_afterwards(
+    azurite, unique_name
+):
+    # The user changes (u1 -> u2) and the new user's index write fails after the document
+    # was stored for u2: the conversation is in neither index. The next activity, from u1
+    # again, must not be skipped as "cached, nothing changed": it stores u1 and indexes it.
+    from azure.storage.blob.aio import BlobServiceClient
+
+    from shared.references import StoreError
+    from shared.userdata import erase_user_data
+    from tests.fixtures.storage import FAST_STORAGE
+    from tests.unit.test_references import FailingTransport, reference
+    from tests.unit.test_references import settings_for as store_settings
+
+    settings = store_settings(azurite.connection_string, unique_name("failcache"))
+    failing = {"on": False}
+    transport = FailingTransport(
+        lambda r: failing["on"] and r.method == "PUT" and "/users/" in r.url
+    )
+    client = BlobServiceClient.from_connection_string(
+        azurite.connection_string, transport=transport, retry_total=0
+    )
+    store = BlobReferenceStore(settings, client=client, options=FAST_STORAGE)
+    other = BlobReferenceStore(settings, options=FAST_STORAGE)
+    u1 = reference("c:1", channel_id="webchat", tenant=None, user="u1", aad=None)
+    u2 = reference("c:1", channel_id="webchat", tenant=None, user="u2", aad=None)
+    try:
+        await store.upsert(u1)
+        failing["on"] = True
+        with pytest.raises(StoreError):
+            await store.upsert(u2)
+        failing["on"] = False
+        assert await store.upsert(u1) is True  # written again, not skipped
+        assert (await other.get("webchat/c:1")).user_id == "u1"
+        erased = await erase_user_data(
+            channel_id="webchat", user_id="u1", state=None, references=other
+        )
+        assert erased.conversations == ["webchat/c:1"]
+    finally:
+        await store.close()
+        await other.close()
+        await client.close()
+
+
+class HeldIndexWrite(BlobReferenceStore):
+    """Holds its index writes (once `gate` is set) until the test opens the gate."""
+
+    gate: asyncio.Event | None = None
+    reached: asyncio.Event | None = None
+
+    async def _index(self, planned, likely_absent):
+        if self.gate is not None and self.reached is not None:
+            self.reached.set()
+            await self.gate.wait()
+        await super()._index(planned, likely_absent)
+
+
+async def test_an_erasure_waits_for_a_conversation_this_instance_is_still_indexing(
+    azurite, unique_name
+):
+    # A new 1:1 of the user is stored, its index write still under way, when the erasure
+    # (same instance) begins: the erasure must find and delete it, not leave it stored.
+    from shared.userdata import erase_user_data
+    from tests.fixtures.storage import FAST_STORAGE
+    from tests.unit.test_references import reference
+    from tests.unit.test_references import settings_for as store_settings
+
+    store = HeldIndexWrite(
+        store_settings(azurite.connection_string, unique_name("inflight")), options=FAST_STORAGE
+    )
+    try:
+        await store.upsert(reference("e:old", tenant="t1"))
+        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        recording = asyncio.ensure_future(store.upsert(reference("e:new", tenant="t2")))
+        await store.reached.wait()  # the document is stored; its index write is held
+        asyncio.get_running_loop().call_later(0.3, store.gate.set)
+        erased = await erase_user_data(
+            channel_id="msteams",
+            user_id="29:user",
+            aad_object_id="aad-user",
+            state=None,
+            references=store,
+        )
+        await recording
+        assert sorted(erased.conversations) == ["msteams/e:new", "msteams/e:old"]
+        assert await store.get("msteams/e:new") is None
+    finally:
+        await store.close()
