@@ -91,6 +91,25 @@ def _escape_format(text: str, escape: Callable[[str], str]) -> str:
     )
 
 
+# What a terminal acts on rather than shows, in a message's text: control characters but
+# the line feed and the tab (C0, DEL, C1), and any non-ASCII character, to be judged.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]|[^\x00-\x7f]")
+
+
+def terminal_text(text: str) -> str:
+    """A message's text for a terminal: lines and tabs kept, and whatever would drive the
+    terminal or reorder the line instead of showing (control characters, format
+    characters such as bidirectional controls) as Python's backslash escapes."""
+
+    def escape(found: re.Match[str]) -> str:
+        character = found[0]
+        if unicodedata.category(character) in ("Cc", "Cf"):
+            return _python_escape(character)
+        return character
+
+    return _TERMINAL_CONTROLS.sub(escape, text)
+
+
 def _json_escape(character: str) -> str:
     """A character as JSON's \\u escapes (two, a surrogate pair, beyond the BMP)."""
     units = character.encode("utf-16-be")

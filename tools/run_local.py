@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +332,13 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
     return env
 
 
+def is_development_storage(storage: str) -> bool:
+    """Whether `storage` is `UseDevelopmentStorage=true` alone, as a connection string is
+    read (empty segments such as a trailing `;` skipped, the name in any case)."""
+    segments = [part.strip().lower() for part in storage.split(";") if part.strip()]
+    return segments == [DEVELOPMENT_STORAGE]
+
+
 def storage_on_ports(args: argparse.Namespace, storage: str) -> str | None:
     """`UseDevelopmentStorage=true` names Azurite's default ports: with others, the
     connection string of Azurite's account on them (its documented, public development
@@ -340,7 +347,7 @@ def storage_on_ports(args: argparse.Namespace, storage: str) -> str | None:
         DEFAULT_PORTS["blob"],
         DEFAULT_PORTS["queue"],
     )
-    if storage.strip().lower() == DEVELOPMENT_STORAGE and custom_ports:
+    if is_development_storage(storage) and custom_ports:
         return connection_string(args.blob_port, args.queue_port)
     return None
 
@@ -467,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
                 f" data in {args.data}",
                 flush=True,
             )
-        if settings.get("AzureWebJobsStorage", "").strip().lower() == DEVELOPMENT_STORAGE:
+        if is_development_storage(settings.get("AzureWebJobsStorage", "")):
             create_resources(args, settings)
         command = host_command(args)
         if use_core_tools(args) and command[0] != "func":
@@ -497,8 +504,23 @@ def stopped_line(azurite: Azurite | None) -> str:
     return "Stopped the bot and Azurite."
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def bypass_proxies_for_loopback(environ: MutableMapping[str, str]) -> None:
+    """Everything `make run` starts talks to this machine (Azurite, the bot, the chat's
+    Connector): a proxy set for the machine (`http_proxy`) is not asked to reach it, in
+    this process and in the host it starts."""
+    for name in ("NO_PROXY", "no_proxy"):
+        listed = [entry.strip() for entry in environ.get(name, "").split(",") if entry.strip()]
+        missing = [host for host in LOOPBACK_NAMES if host not in listed]
+        if missing:
+            environ[name] = ",".join([*listed, *missing])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    bypass_proxies_for_loopback(os.environ)
     with stop_signals():
         try:
             return run(args)

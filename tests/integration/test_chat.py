@@ -8,9 +8,13 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -288,6 +292,49 @@ def chat_once(handler) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def test_a_proxy_set_for_the_machine_does_not_stand_between_the_chat_and_the_bot():
+    # A developer's http_proxy (here one nothing answers) is for the outside world: the
+    # chat reaches the bot on this machine directly. A process of its own, since urllib
+    # reads the environment's proxies once per process.
+    said: list[str] = []
+
+    async def accept(request: web.Request) -> web.Response:
+        said.append((await request.json()).get("text") or "")
+        return web.Response(status=200)
+
+    bot = stub_bot(accept)
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "http_proxy": dead, "HTTP_PROXY": dead, "NO_PROXY": "", "no_proxy": ""}
+    try:
+        command = ["tools.botsim", "chat", "--bot", f"{bot.url}/api/messages"]
+        run = subprocess.run(
+            [sys.executable, "-m", *command, "--port", str(free_port())],
+            input="hello\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+            timeout=60,
+        )
+    finally:
+        bot.stop()
+    assert run.returncode == 0, run.stderr
+    assert "is `make run` still running?" not in run.stdout
+    assert "hello" in said
+
+
+def test_make_run_asks_no_proxy_for_this_machine():
+    from tools.run_local import bypass_proxies_for_loopback
+
+    environ = {"NO_PROXY": "corp.example, localhost", "http_proxy": "http://proxy:3128"}
+    bypass_proxies_for_loopback(environ)
+    assert environ["NO_PROXY"] == "corp.example,localhost,127.0.0.1,::1"
+    assert environ["no_proxy"] == "127.0.0.1,localhost,::1"
+    again = dict(environ)
+    bypass_proxies_for_loopback(again)
+    assert again == environ
+
+
 def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
     # The reason (a setting that does not validate, say) is in the bot's log only.
     async def broken(request: web.Request) -> web.Response:
@@ -334,6 +381,54 @@ def test_chat_names_the_conversation_of_a_message_sent_to_another_one():
         "bot (send, to conversation botsim-earlier)> Maintenance at 6",
         "bot (send)> Maintenance at 6",
     ]
+
+
+def post_to_chat(port: int, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v3/conversations/x/activities",
+        data=body,
+        headers=headers,
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_web_page_cannot_write_into_the_chat_and_no_text_drives_the_terminal():
+    """The chat's Connector listens on loopback, where a page open in the person's browser
+    can POST (a text/plain body needs no preflight): refused, nothing shown. What the bot
+    sends is shown with the terminal's controls escaped, never obeyed."""
+
+    async def accept(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    bot = stub_bot(accept)
+    port = free_port()
+    thread, write_end, out = chat_in_background(f"{bot.url}/api/messages", port)
+    forged = json.dumps({"type": "message", "text": "from a page"}).encode()
+    try:
+        wait_until(lambda: "Type a message" in out.getvalue(), "the prompt")
+        page = {"Content-Type": "text/plain;charset=UTF-8", "Origin": "https://evil.example"}
+        assert post_to_chat(port, forged, page) == 403
+        linked = {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}
+        assert post_to_chat(port, forged, linked) == 403
+        assert post_to_chat(port, forged, {"Content-Type": "text/plain"}) == 415
+        text = "\x1b]0;title\x07\x1b[31mred\u202eevil\nsecond line\tend"
+        sent = json.dumps({"type": "message", "text": text}).encode()
+        assert post_to_chat(port, sent, {"Content-Type": "application/json"}) == 200
+        wait_until(lambda: "second line" in out.getvalue(), "the bot's message")
+    finally:
+        os.close(write_end)
+        thread.join(timeout=30)
+        bot.stop()
+    printed = out.getvalue()
+    assert "from a page" not in printed
+    assert "\x1b" not in printed and "\u202e" not in printed
+    shown = "bot (send, to conversation x)> \\x1b]0;title\\x07\\x1b[31mred\\u202eevil\n"
+    assert shown + "second line\tend" in printed
 
 
 @pytest.mark.parametrize(

@@ -752,3 +752,9 @@ def test_on_azurites_default_ports_the_ready_line_says_nothing_of_storage():
     assert storage_on_ports(other, " usedevelopmentstorage=TRUE ") == connection_string(
         20000, 20001
     )
+    # Read as a connection string is: empty segments (a trailing `;`) are nothing.
+    for value in ("UseDevelopmentStorage=true;", ";UseDevelopmentStorage=true;;"):
+        assert storage_on_ports(other, value) == connection_string(20000, 20001)
+    # With a proxy of its own, the emulator is elsewhere: left as it is.
+    proxied = "UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://10.0.0.5"
+    assert storage_on_ports(other, proxied) is None

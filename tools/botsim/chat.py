@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
+from shared.command_output import terminal_text
 from tools.args import http_url, tcp_port_or_any
 from tools.botsim.connector import FakeConnector, RecordedRequest
 from tools.devhost.settings import HostError, app_id_source, load_local_settings
@@ -67,6 +68,10 @@ class BotUnreachable(Exception):
     """No answer from the bot's endpoint (not running, stopped, or too slow)."""
 
 
+# The bot runs on this machine: a proxy set for the machine (`http_proxy`) never reaches it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class Chat:
     """One conversation between a person at a terminal and the bot."""
 
@@ -99,7 +104,7 @@ class Chat:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            with _DIRECT.open(request, timeout=TIMEOUT) as response:
                 return response.status
         except urllib.error.HTTPError as error:
             return error.code
@@ -123,19 +128,17 @@ class Chat:
             # broadcast reaches it here too, and must not look like a duplicate.
             label = f"{label}, to conversation {conversation}"
         if request.operation == "deleteActivity":
-            print(
-                f"bot ({label})> [activity {request.params.get('activityId')}]",
-                file=self.out,
-                flush=True,
-            )
+            line = f"bot ({label})> [activity {request.params.get('activityId')}]"
         elif kind == "message":
             text = activity.get("text") or ""
             attachments = activity.get("attachments") or []
             shown = [describe_attachment(a) for a in attachments if isinstance(a, dict)]
             suffix = "".join(f" [{item}]" for item in shown)
-            print(f"bot ({label})> {text}{suffix}", file=self.out, flush=True)
+            line = f"bot ({label})> {text}{suffix}"
         else:
-            print(f"bot ({label})> [{kind}]", file=self.out, flush=True)
+            line = f"bot ({label})> [{kind}]"
+        # What the bot sends may carry what a client wrote (an echo): shown, never obeyed.
+        print(terminal_text(line), file=self.out, flush=True)
 
     def start(self) -> int:
         return self.post(self.activity("conversationUpdate", membersAdded=[self.user, self.bot]))
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin, out: TextIO =
 def start_connector(port: int | None, out: TextIO) -> FakeConnector | None:
     """The fake Connector on `port`, or on 3980 (any free port when 3980 is taken)."""
     for candidate in (port,) if port is not None else (DEFAULT_PORT, 0):
-        connector = FakeConnector(port=candidate)
+        connector = FakeConnector(port=candidate, refuse_browsers=True)
         try:
             connector.start()
         except OSError as error:

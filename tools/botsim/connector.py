@@ -175,6 +175,7 @@ class FakeConnector:
         clock: Callable[[], float] = time.monotonic,
         auth_check: Callable[[str | None], bool] | None = None,
         redirect_attachments: bool = True,
+        refuse_browsers: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -187,6 +188,9 @@ class FakeConnector:
         self.conversation_tenants: dict[str, str] = {}
         self.auth_check = auth_check
         self.redirect_attachments = redirect_attachments
+        # A person's chat listens here: what a web page open in their browser sends (a
+        # form's or a fetch's POST needs no preflight) must not show as the bot's.
+        self.refuse_browsers = refuse_browsers
         self.members: dict[str, list[dict[str, Any]]] = {}
         self.attachments: dict[str, dict[str, Any]] = {}
         self.conversations: list[dict[str, Any]] = []
@@ -354,6 +358,10 @@ class FakeConnector:
                 self._blob_fetches.append((raw_path, request.headers.get("Authorization")))
             return self._blob(raw_path)
         body = await request.read()
+        if self.refuse_browsers:
+            refusal = _browser_refusal(request, body)
+            if refusal is not None:
+                return refusal
         payload = _json_or_none(body)
         recorded = self._record(request, raw_path, body, payload, arrived)
         reply = self._next_script(request.method, raw_path)
@@ -674,4 +682,16 @@ def _json_or_none(body: bytes) -> Any:
 def _bearer(authorization: str | None) -> str | None:
     if authorization and authorization.startswith("Bearer "):
         return authorization[len("Bearer ") :]
+    return None
+
+
+def _browser_refusal(request: web.Request, body: bytes) -> web.Response | None:
+    """The answer to a request a web page sent (a browser names the page's site in
+    `Origin` or `Sec-Fetch-Site`), or to a body that is not JSON, which the bot's client
+    never sends; None for what the bot sends."""
+    site = request.headers.get("Sec-Fetch-Site", "none").strip().lower()
+    if "Origin" in request.headers or site != "none":
+        return web.Response(status=403, text="requests from web pages are refused")
+    if body and request.content_type != "application/json":
+        return web.Response(status=415, text="only application/json is accepted")
     return None
