@@ -36,6 +36,7 @@ from shared.config import (
     AZURE_HOST_MARKERS,
     DEFAULT_QUEUE,
     DEFAULT_REFERENCES_CONTAINER,
+    Settings,
     SettingsError,
     proactive_queue_name,
     references_container_name,
@@ -231,6 +232,17 @@ def storage_to_start(args: argparse.Namespace) -> Azurite | None:
         location=str(args.data),
         in_memory=False,
     )
+
+
+def check_settings(settings: Mapping[str, str]) -> None:
+    """Judge the settings as the bot will at its first request (started with ones it
+    refuses, it would answer every request 500, the reason in its log alone), the
+    platform's variables left out as the host leaves them."""
+    bot_view = {name: value for name, value in settings.items() if name not in AZURE_HOST_MARKERS}
+    try:
+        Settings.from_env(bot_view)
+    except SettingsError as error:  # names the setting and the rule, never a secret
+        raise RunError(f"{error}: fix it in the settings, then run `make run` again") from None
 
 
 def create_resources(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
@@ -452,6 +464,7 @@ def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> 
 def run(args: argparse.Namespace) -> int:
     file_values = load_settings(args.settings)
     settings = {**file_values, **os.environ}  # like the host: the environment wins
+    check_settings(settings)
     if port_in_use(args.port):
         raise RunError(
             f"port {args.port} is in use: is the bot already running (`make run` in another "

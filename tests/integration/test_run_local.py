@@ -271,6 +271,28 @@ def test_make_run_when_the_storage_ports_answer_but_not_as_azurite(make_run):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        ({"BOT_ALLOW_UNAUTHENTICATED": "maybe"}, "BOT_ALLOW_UNAUTHENTICATED: must be true or"),
+        ({"BOT_MAX_BODY_BYTES": "abc"}, "BOT_MAX_BODY_BYTES"),
+    ],
+)
+def test_make_run_refuses_settings_the_bot_would_refuse_before_starting_anything(
+    make_run, values, said
+):
+    # Started anyway, the bot would answer every request 500, the reason in its log only.
+    example = json.loads((ROOT / "local.settings.example.json").read_text())
+    example["Values"].update(values)
+    run = make_run(settings_text=json.dumps(example))
+
+    assert run.wait(timeout=30) == 1
+    assert said in run.stderr and "fix it in the settings" in run.stderr
+    assert "Traceback" not in run.stderr and "Ready" not in run.stdout
+    assert not accepts_connections(run.ports["blob"])
+    assert not accepts_connections(run.ports["port"])
+
+
 def test_make_run_with_a_broken_settings_file_names_it(make_run):
     run = make_run(settings_text='{"Values": {"MicrosoftAppId": ')
 
