@@ -62,6 +62,10 @@ logger = logging.getLogger("shared.references")  # the package logs under one na
 _NEW_SHARE_WEIGHT = 0.2  # weight of the latest uncached upsert in the share of new ones
 
 
+# How long an erasure waits for this instance's writes still under way (mark_user_index).
+ERASURE_WAIT = 3.0
+
+
 class BlobReferenceStore(UserIndexes):
     """References in Azure Blob storage (layout in the module docstring).
 
@@ -125,7 +129,9 @@ class BlobReferenceStore(UserIndexes):
         self, reference: Mapping[str, Any], *, team_id: str | None = None, refresh: bool = False
     ) -> bool:
         key = reference_key(reference)
-        cached = None if refresh else self._cache.get(key)
+        # The cache is not trusted while this instance still writes the key (a turn that
+        # stopped waiting for it): that write may change what the cache says is stored.
+        cached = None if refresh or key in self._writing else self._cache.get(key)
         if cached is not None and plan(cached, reference, team_id, self._clock()) is None:
             return False
         # The document and its user index entries as one, run to the end even when the
@@ -338,9 +344,14 @@ class BlobReferenceStore(UserIndexes):
         )
         # An erasure begins. A conversation this instance stored just before, whose index
         # write is still under way, would be missed by the erasure's lookups and then kept
-        # by its settle (live, and the user's): this instance's writes are waited for.
-        if self._indexing:
-            await asyncio.wait(set(self._indexing), timeout=self._options.operation_timeout)
+        # by its settle (live, and the user's): this instance's writes of the channel's
+        # conversations are waited for, a while (the channel waits 15 s for the erasure).
+        prefix = f"{channel_id}/"
+        writing = {
+            t for key, tasks in self._writing.items() if key.startswith(prefix) for t in tasks
+        }
+        if writing:
+            await asyncio.wait(writing, timeout=min(ERASURE_WAIT, self._options.operation_timeout))
 
     async def close(self) -> None:
         if self._indexing:  # writes still going on by themselves: ended first

@@ -417,3 +417,72 @@ async def test_an_erasure_waits_for_a_conversation_this_instance_is_still_indexi
         assert await store.get("msteams/e:new") is None
     finally:
         await store.close()
+
+
+async def test_an_erasure_does_not_wait_for_another_channels_writes(azurite, unique_name):
+    # A write of another channel's conversation stuck on storage (held here) is none of the
+    # erasure's business: the channel gives the erasure 15 s, which it must not spend so.
+    from shared.references.blob import ERASURE_WAIT
+    from shared.userdata import erase_user_data
+    from tests.fixtures.storage import FAST_STORAGE
+    from tests.unit.test_references import reference
+    from tests.unit.test_references import settings_for as store_settings
+
+    store = HeldIndexWrite(
+        store_settings(azurite.connection_string, unique_name("otherchannel")),
+        options=FAST_STORAGE,
+    )
+    try:
+        await store.upsert(reference("e:old", tenant="t1"))
+        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        webchat = reference("w:1", channel_id="webchat", tenant=None, user="w-user", aad=None)
+        held = asyncio.ensure_future(store.upsert(webchat))
+        await store.reached.wait()
+        async with asyncio.timeout(ERASURE_WAIT * 0.6):
+            erased = await erase_user_data(
+                channel_id="msteams",
+                user_id="29:user",
+                aad_object_id="aad-user",
+                state=None,
+                references=store,
+            )
+        assert erased.conversations == ["msteams/e:old"]
+        assert not held.done()
+        store.gate.set()
+        assert await held is True
+    finally:
+        await store.close()
+
+
+async def test_the_cache_is_not_trusted_while_this_instance_still_writes_the_conversation(
+    azurite, unique_name
+):
+    # u2's activity stores the 1:1 for u2; its index write is slow and the turn stopped
+    # waiting for it. u1 writes in meanwhile: compared with the cache (which still says
+    # u1) it would be "nothing changed" and skipped, leaving the 1:1 stored for u2.
+    from shared.userdata import erase_user_data
+    from tests.fixtures.storage import FAST_STORAGE
+    from tests.unit.test_references import reference
+    from tests.unit.test_references import settings_for as store_settings
+
+    store = HeldIndexWrite(
+        store_settings(azurite.connection_string, unique_name("inflightcache")),
+        options=FAST_STORAGE,
+    )
+    u1 = reference("c:1", channel_id="webchat", tenant=None, user="u1", aad=None)
+    u2 = reference("c:1", channel_id="webchat", tenant=None, user="u2", aad=None)
+    try:
+        await store.upsert(u1)
+        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        slow = asyncio.ensure_future(store.upsert(u2))
+        await store.reached.wait()  # the document says u2; its index write is held
+        asyncio.get_running_loop().call_later(0.3, store.gate.set)
+        assert await store.upsert(u1) is True
+        await slow
+        assert (await store.get("webchat/c:1")).user_id == "u1"
+        erased = await erase_user_data(
+            channel_id="webchat", user_id="u1", state=None, references=store
+        )
+        assert erased.conversations == ["webchat/c:1"]
+    finally:
+        await store.close()
