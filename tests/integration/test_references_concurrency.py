@@ -12,10 +12,16 @@ import multiprocessing
 import uuid
 
 import pytest
+from azure.storage.blob.aio import BlobServiceClient
 
 from shared.config import Settings, StorageSettings
-from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreConflict
+from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreConflict, StoreError
+from shared.references.blob import ERASURE_WAIT
 from shared.storage import StorageOptions
+from shared.userdata import erase_user_data
+from tests.fixtures.storage import FAST_STORAGE
+from tests.unit.test_references import FailingTransport, reference
+from tests.unit.test_references import settings_for as store_settings
 
 pytestmark = pytest.mark.integration
 
@@ -279,17 +285,29 @@ async def test_a_thousand_references_page_exactly_on_azurite(azurite, unique_nam
 # --- a 1:1 whose user changes ------------------------------------------------------------
 
 
-class PausedBeforeUnindex(BlobReferenceStore):
-    """Stops after its document write, before it takes the key out of the old user's index
-    (once `pause` is set), until the test lets it go on."""
+class Gated(BlobReferenceStore):
+    """Holds one step of its upserts, once :meth:`hold` named it, until the test opens the
+    gate: `_index` (the user's index entries, after the document write) or `_unindex` (a
+    previous user's entries taken out)."""
 
-    pause: asyncio.Event | None = None
+    step = ""
+    gate: asyncio.Event | None = None
     reached: asyncio.Event | None = None
 
-    async def _unindex(self, previous, planned):
-        if self.pause is not None and self.reached is not None:
+    def hold(self, step: str) -> None:
+        self.step, self.gate, self.reached = step, asyncio.Event(), asyncio.Event()
+
+    async def _held(self, step: str) -> None:
+        if step == self.step and self.gate is not None and self.reached is not None:
             self.reached.set()
-            await self.pause.wait()
+            await self.gate.wait()
+
+    async def _index(self, planned, likely_absent):
+        await self._held("_index")
+        await super()._index(planned, likely_absent)
+
+    async def _unindex(self, previous, planned):
+        await self._held("_unindex")
         await super()._unindex(previous, planned)
 
 
@@ -300,23 +318,19 @@ async def test_a_user_change_racing_a_change_back_leaves_the_conversation_erasab
     # at sign-in): instance A stores it for u2 and, before it takes it out of u1's index,
     # instance B stores it for u1 again. A's removal must not leave u1's conversation out
     # of u1's index: erasing u1 must find and delete it.
-    from shared.userdata import erase_user_data
-    from tests.fixtures.storage import FAST_STORAGE
-    from tests.unit.test_references import reference
-    from tests.unit.test_references import settings_for as store_settings
 
     settings = store_settings(azurite.connection_string, unique_name("flip"))
-    a = PausedBeforeUnindex(settings, options=FAST_STORAGE)
+    a = Gated(settings, options=FAST_STORAGE)
     b = BlobReferenceStore(settings, options=FAST_STORAGE)
     u1 = reference("c:1", channel_id="webchat", tenant=None, user="u1", aad=None)
     u2 = reference("c:1", channel_id="webchat", tenant=None, user="u2", aad=None)
     try:
         await a.upsert(u1)
-        a.pause, a.reached = asyncio.Event(), asyncio.Event()
+        a.hold("_unindex")
         writing = asyncio.ensure_future(a.upsert(u2))
         await a.reached.wait()
         assert await b.upsert(u1) is True
-        a.pause.set()
+        a.gate.set()
         assert await writing is True
         assert (await b.get("webchat/c:1")).user_id == "u1"
         found = await b.find_by_user(channel_id="webchat", user_id="u1")
@@ -335,13 +349,6 @@ async def test_an_upsert_that_failed_is_not_answered_from_the_cache_afterwards(
     # The user changes (u1 -> u2) and the new user's index write fails after the document
     # was stored for u2: the conversation is in neither index. The next activity, from u1
     # again, must not be skipped as "cached, nothing changed": it stores u1 and indexes it.
-    from azure.storage.blob.aio import BlobServiceClient
-
-    from shared.references import StoreError
-    from shared.userdata import erase_user_data
-    from tests.fixtures.storage import FAST_STORAGE
-    from tests.unit.test_references import FailingTransport, reference
-    from tests.unit.test_references import settings_for as store_settings
 
     settings = store_settings(azurite.connection_string, unique_name("failcache"))
     failing = {"on": False}
@@ -373,35 +380,18 @@ async def test_an_upsert_that_failed_is_not_answered_from_the_cache_afterwards(
         await client.close()
 
 
-class HeldIndexWrite(BlobReferenceStore):
-    """Holds its index writes (once `gate` is set) until the test opens the gate."""
-
-    gate: asyncio.Event | None = None
-    reached: asyncio.Event | None = None
-
-    async def _index(self, planned, likely_absent):
-        if self.gate is not None and self.reached is not None:
-            self.reached.set()
-            await self.gate.wait()
-        await super()._index(planned, likely_absent)
-
-
 async def test_an_erasure_waits_for_a_conversation_this_instance_is_still_indexing(
     azurite, unique_name
 ):
     # A new 1:1 of the user is stored, its index write still under way, when the erasure
     # (same instance) begins: the erasure must find and delete it, not leave it stored.
-    from shared.userdata import erase_user_data
-    from tests.fixtures.storage import FAST_STORAGE
-    from tests.unit.test_references import reference
-    from tests.unit.test_references import settings_for as store_settings
 
-    store = HeldIndexWrite(
+    store = Gated(
         store_settings(azurite.connection_string, unique_name("inflight")), options=FAST_STORAGE
     )
     try:
         await store.upsert(reference("e:old", tenant="t1"))
-        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        store.hold("_index")
         recording = asyncio.ensure_future(store.upsert(reference("e:new", tenant="t2")))
         await store.reached.wait()  # the document is stored; its index write is held
         asyncio.get_running_loop().call_later(0.3, store.gate.set)
@@ -422,19 +412,14 @@ async def test_an_erasure_waits_for_a_conversation_this_instance_is_still_indexi
 async def test_an_erasure_does_not_wait_for_another_channels_writes(azurite, unique_name):
     # A write of another channel's conversation stuck on storage (held here) is none of the
     # erasure's business: the channel gives the erasure 15 s, which it must not spend so.
-    from shared.references.blob import ERASURE_WAIT
-    from shared.userdata import erase_user_data
-    from tests.fixtures.storage import FAST_STORAGE
-    from tests.unit.test_references import reference
-    from tests.unit.test_references import settings_for as store_settings
 
-    store = HeldIndexWrite(
+    store = Gated(
         store_settings(azurite.connection_string, unique_name("otherchannel")),
         options=FAST_STORAGE,
     )
     try:
         await store.upsert(reference("e:old", tenant="t1"))
-        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        store.hold("_index")
         webchat = reference("w:1", channel_id="webchat", tenant=None, user="w-user", aad=None)
         held = asyncio.ensure_future(store.upsert(webchat))
         await store.reached.wait()
@@ -460,12 +445,8 @@ async def test_the_cache_is_not_trusted_while_this_instance_still_writes_the_con
     # u2's activity stores the 1:1 for u2; its index write is slow and the turn stopped
     # waiting for it. u1 writes in meanwhile: compared with the cache (which still says
     # u1) it would be "nothing changed" and skipped, leaving the 1:1 stored for u2.
-    from shared.userdata import erase_user_data
-    from tests.fixtures.storage import FAST_STORAGE
-    from tests.unit.test_references import reference
-    from tests.unit.test_references import settings_for as store_settings
 
-    store = HeldIndexWrite(
+    store = Gated(
         store_settings(azurite.connection_string, unique_name("inflightcache")),
         options=FAST_STORAGE,
     )
@@ -473,7 +454,7 @@ async def test_the_cache_is_not_trusted_while_this_instance_still_writes_the_con
     u2 = reference("c:1", channel_id="webchat", tenant=None, user="u2", aad=None)
     try:
         await store.upsert(u1)
-        store.gate, store.reached = asyncio.Event(), asyncio.Event()
+        store.hold("_index")
         slow = asyncio.ensure_future(store.upsert(u2))
         await store.reached.wait()  # the document says u2; its index write is held
         asyncio.get_running_loop().call_later(0.3, store.gate.set)
