@@ -92,22 +92,17 @@ def _escape_format(text: str, escape: Callable[[str], str]) -> str:
 
 
 # What a terminal acts on rather than shows, in a message's text: control characters but
-# the line feed and the tab (C0, DEL, C1), and any non-ASCII character, to be judged.
-_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]|[^\x00-\x7f]")
+# the line feed and the tab (C0, DEL, C1), and the bidirectional controls, which reorder
+# what follows them (joiners, soft hyphens and emoji tags are text: shown as they are).
+_TERMINAL_CONTROLS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def terminal_text(text: str) -> str:
     """A message's text for a terminal: lines and tabs kept, and whatever would drive the
-    terminal or reorder the line instead of showing (control characters, format
-    characters such as bidirectional controls) as Python's backslash escapes."""
-
-    def escape(found: re.Match[str]) -> str:
-        character = found[0]
-        if unicodedata.category(character) in ("Cc", "Cf"):
-            return _python_escape(character)
-        return character
-
-    return _TERMINAL_CONTROLS.sub(escape, text)
+    terminal or reorder the line instead of showing as Python's backslash escapes."""
+    return _TERMINAL_CONTROLS.sub(lambda found: _python_escape(found[0]), text)
 
 
 def _json_escape(character: str) -> str:

@@ -234,6 +234,15 @@ def storage_to_start(args: argparse.Namespace) -> Azurite | None:
     )
 
 
+def bot_settings(args: argparse.Namespace, file_values: Mapping[str, str]) -> dict[str, str]:
+    """The settings the bot will see: the environment's over the file's; where Core Tools
+    run the app (or the local host in their place), a variable set empty takes the file's
+    value, as they do."""
+    if use_core_tools(args):
+        return _over_environment(file_values)
+    return {**file_values, **os.environ}
+
+
 def check_settings(settings: Mapping[str, str]) -> None:
     """Judge the settings as the bot will at its first request (started with ones it
     refuses, it would answer every request 500, the reason in its log alone), the
@@ -464,7 +473,7 @@ def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> 
 def run(args: argparse.Namespace) -> int:
     file_values = load_settings(args.settings)
     settings = {**file_values, **os.environ}  # like the host: the environment wins
-    check_settings(settings)
+    check_settings(bot_settings(args, file_values))
     if port_in_use(args.port):
         raise RunError(
             f"port {args.port} is in use: is the bot already running (`make run` in another "
@@ -523,12 +532,17 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 def bypass_proxies_for_loopback(environ: MutableMapping[str, str]) -> None:
     """Everything `make run` starts talks to this machine (Azurite, the bot, the chat's
     Connector): a proxy set for the machine (`http_proxy`) is not asked to reach it, in
-    this process and in the host it starts."""
-    for name in ("NO_PROXY", "no_proxy"):
-        listed = [entry.strip() for entry in environ.get(name, "").split(",") if entry.strip()]
-        missing = [host for host in LOOPBACK_NAMES if host not in listed]
-        if missing:
-            environ[name] = ",".join([*listed, *missing])
+    this process and in the host it starts. Both spellings get the same list (a reader
+    takes one of them: what either held is kept); `*` (no proxy for any host) is left."""
+    listed: list[str] = []
+    for name in ("no_proxy", "NO_PROXY"):
+        for entry in environ.get(name, "").split(","):
+            if entry.strip() and entry.strip() not in listed:
+                listed.append(entry.strip())
+    if "*" in listed:
+        return
+    value = ",".join([*listed, *(host for host in LOOPBACK_NAMES if host not in listed)])
+    environ["no_proxy"] = environ["NO_PROXY"] = value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -326,13 +326,20 @@ def test_a_proxy_set_for_the_machine_does_not_stand_between_the_chat_and_the_bot
 def test_make_run_asks_no_proxy_for_this_machine():
     from tools.run_local import bypass_proxies_for_loopback
 
-    environ = {"NO_PROXY": "corp.example, localhost", "http_proxy": "http://proxy:3128"}
+    # What the user listed stays, in both spellings (readers take either one first).
+    environ = {"NO_PROXY": ".corp.example, localhost", "http_proxy": "http://proxy:3128"}
     bypass_proxies_for_loopback(environ)
-    assert environ["NO_PROXY"] == "corp.example,localhost,127.0.0.1,::1"
-    assert environ["no_proxy"] == "127.0.0.1,localhost,::1"
+    assert environ["NO_PROXY"] == environ["no_proxy"] == ".corp.example,localhost,127.0.0.1,::1"
+    no_proxy = {"no": environ["no_proxy"]}
+    assert urllib.request.proxy_bypass_environment("store.corp.example", no_proxy)
+    assert urllib.request.proxy_bypass_environment("127.0.0.1", no_proxy)
     again = dict(environ)
     bypass_proxies_for_loopback(again)
     assert again == environ
+    # `*` asks no proxy for any host: left as it is.
+    everything = {"no_proxy": "*", "https_proxy": "http://proxy:3128"}
+    bypass_proxies_for_loopback(everything)
+    assert everything == {"no_proxy": "*", "https_proxy": "http://proxy:3128"}
 
 
 def test_chat_with_a_bot_answering_500_points_to_the_bots_log():
@@ -416,7 +423,8 @@ def test_a_web_page_cannot_write_into_the_chat_and_no_text_drives_the_terminal()
         linked = {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}
         assert post_to_chat(port, forged, linked) == 403
         assert post_to_chat(port, forged, {"Content-Type": "text/plain"}) == 415
-        text = "\x1b]0;title\x07\x1b[31mred\u202eevil\nsecond line\tend"
+        assert post_to_chat(port, b"", {}) == 415  # a POST is JSON, even an empty one
+        text = "\x1b]0;title\x07\x1b[31mred\u202eevil\nsecond line\tend \U0001f468\u200d\U0001f469"
         sent = json.dumps({"type": "message", "text": text}).encode()
         assert post_to_chat(port, sent, {"Content-Type": "application/json"}) == 200
         wait_until(lambda: "second line" in out.getvalue(), "the bot's message")
@@ -428,7 +436,8 @@ def test_a_web_page_cannot_write_into_the_chat_and_no_text_drives_the_terminal()
     assert "from a page" not in printed
     assert "\x1b" not in printed and "\u202e" not in printed
     shown = "bot (send, to conversation x)> \\x1b]0;title\\x07\\x1b[31mred\\u202eevil\n"
-    assert shown + "second line\tend" in printed
+    # A joiner is text (a family emoji), not a control: shown as it is.
+    assert shown + "second line\tend \U0001f468\u200d\U0001f469" in printed
 
 
 @pytest.mark.parametrize(

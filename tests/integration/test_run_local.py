@@ -44,7 +44,13 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 class RunLocal:
     """One `python -m tools.run_local` in its own session (so Ctrl-C can be sent to it)."""
 
-    def __init__(self, tmp_path: Path, settings_text: str | None = None, **ports: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        settings_text: str | None = None,
+        env: dict[str, str] | None = None,
+        **ports: int,
+    ) -> None:
         self.ports = {
             "port": free_port(),
             "blob": free_port(),
@@ -82,10 +88,12 @@ class RunLocal:
             "--data",
             str(self.data),
         ]
+        extra_env = env or {}
         env = {k: os.environ[k] for k in INHERITED if k in os.environ}
         # Containers often carry a name the Functions host takes for Azure's: `make run` is
         # local all the same, so the bot must still start in local unauthenticated mode.
         env["CONTAINER_NAME"] = "dev-container"
+        env.update(extra_env)
         with open(self._out, "wb") as out, open(self._err, "wb") as err:
             self.process = subprocess.Popen(
                 args,
@@ -163,8 +171,10 @@ def listening() -> Iterator[int]:
 def make_run(tmp_path) -> Iterator[Callable[..., RunLocal]]:
     started: list[RunLocal] = []
 
-    def start(settings_text: str | None = None, **ports: int) -> RunLocal:
-        run = RunLocal(tmp_path / str(len(started)), settings_text, **ports)
+    def start(
+        settings_text: str | None = None, env: dict[str, str] | None = None, **ports: int
+    ) -> RunLocal:
+        run = RunLocal(tmp_path / str(len(started)), settings_text, env, **ports)
         started.append(run)
         return run
 
@@ -238,6 +248,21 @@ def test_make_run_serves_the_bot_with_storage_and_stops_everything(make_run, sto
     assert run.left_behind() == []
 
 
+def test_make_run_behind_a_proxy_reaches_this_machine_directly(make_run):
+    # A developer's machine with a proxy (one nothing answers here) and no NO_PROXY:
+    # make run creates Azurite's queue and serves the bot without asking the proxy.
+    dead = f"http://127.0.0.1:{free_port()}"
+    run = make_run(env={"http_proxy": dead, "HTTP_PROXY": dead})
+    run.wait_started()
+    wait_for_line(run, "Ready: ")
+    assert post_status(run.ports["port"], "/api/messages", b"{}") == 400
+    conn_str = connection_string(run.ports["blob"], run.ports["queue"])
+    with QueueServiceClient.from_connection_string(conn_str) as queues:
+        assert run.queue in {queue.name for queue in queues.list_queues()}
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait() == 0, run.stdout + run.stderr
+
+
 def test_make_run_when_the_bot_port_is_taken_says_so_and_starts_nothing(make_run):
     with listening() as port:
         run = make_run(port=port)
@@ -291,6 +316,31 @@ def test_make_run_refuses_settings_the_bot_would_refuse_before_starting_anything
     assert "Traceback" not in run.stderr and "Ready" not in run.stdout
     assert not accepts_connections(run.ports["blob"])
     assert not accepts_connections(run.ports["port"])
+
+
+def test_the_settings_judged_are_those_core_tools_would_give_the_bot(tmp_path, monkeypatch):
+    # Core Tools (or the local host in their place, for the repo's own file) fill a
+    # variable set empty from the file: judged with the environment's blank winning, a
+    # working `make run` was refused ("MicrosoftAppId is required").
+    from tools import run_local
+
+    settings = tmp_path / "local.settings.json"
+    monkeypatch.setattr(run_local, "SETTINGS_FILE", settings)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "func").write_text("#!/bin/sh\nexit 3\n")
+    (tools / "func").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BOT_ALLOW_UNAUTHENTICATED", "")
+    file_values = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    args = run_local.parse_args(["--settings", str(settings)])
+    judged = run_local.bot_settings(args, file_values)
+    assert judged["BOT_ALLOW_UNAUTHENTICATED"] == "true"
+    run_local.check_settings(judged)
+    # The local host with its own file reads the environment first, blank included.
+    alone = run_local.parse_args(["--settings", str(settings), "--devhost"])
+    with pytest.raises(run_local.RunError, match="MicrosoftAppId"):
+        run_local.check_settings(run_local.bot_settings(alone, file_values))
 
 
 def test_make_run_with_a_broken_settings_file_names_it(make_run):

@@ -692,6 +692,6 @@ def _browser_refusal(request: web.Request, body: bytes) -> web.Response | None:
     site = request.headers.get("Sec-Fetch-Site", "none").strip().lower()
     if "Origin" in request.headers or site != "none":
         return web.Response(status=403, text="requests from web pages are refused")
-    if body and request.content_type != "application/json":
+    if (body or request.method in ("POST", "PUT")) and request.content_type != "application/json":
         return web.Response(status=415, text="only application/json is accepted")
     return None
