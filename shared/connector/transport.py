@@ -365,8 +365,9 @@ def follow_redirect(
     headers: dict[str, str],
     is_trusted: Callable[[str], bool],
 ) -> tuple[yarl.URL, dict[str, str]]:
-    """Where a redirect leads (https only, or http on loopback), and the headers for it:
-    the bot's token goes along only to the same origin, still inside the trusted set."""
+    """Where a redirect leads (https only; http on loopback only from a Connector itself on
+    loopback over http, a local one), and the headers for it: the bot's token goes along
+    only to the same origin, still inside the trusted set."""
     try:
         # A Location in plain ASCII is requested as it is written (yarl would otherwise
         # decode %3B to `;`, which a server may read as another path); one with other
@@ -378,8 +379,9 @@ def follow_redirect(
         host = target.host
     except (ValueError, TypeError):
         target, host = None, None
+    local = url.scheme == "http" and is_loopback_host(url.host)
     secure = target is not None and (
-        target.scheme == "https" or (target.scheme == "http" and is_loopback_host(host))
+        target.scheme == "https" or (target.scheme == "http" and local and is_loopback_host(host))
     )
     if target is None or not host or not secure:
         raise ConnectorError(

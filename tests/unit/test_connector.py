@@ -1535,6 +1535,9 @@ async def test_a_redirect_to_another_scheme_is_refused(client, fake_connector, l
         ("https://SMBA.trafficmanager.net/amer/v3/attachments/x/views/y", True),
         ("https://smba.trafficmanager.net:8443/amer/v3/attachments/x/views/y", False),
         ("http://smba.trafficmanager.net:443/amer/v3/x", None),  # refused: not https
+        # From a Connector on the internet, never to this machine's own plain-http ports.
+        ("http://127.0.0.1:8081/admin/x", None),
+        ("http://localhost/x", None),
     ],
 )
 def test_a_redirect_s_origin_is_its_scheme_host_and_port_however_written(
