@@ -277,6 +277,11 @@ def unreadable_answer(error: BaseException) -> bool:
         return isinstance(error, DecodeError) if status is None else status < 400
     if isinstance(error, DeserializationError | ParseError):
         return True
+    if isinstance(error, IndexError | KeyError | TypeError):
+        # The SDK reading headers it takes for its own (any name with "or-" in it for
+        # object replication's, an error code's on a 200 from a proxy): raised where the SDK
+        # deserialises, not in code of ours it called back.
+        return _raised_last_in_sdk(error)
     return isinstance(error, UnicodeDecodeError) and _raised_in_sdk(error)
 
 
@@ -301,6 +306,16 @@ def unreadable_message(where: str, error: BaseException) -> str:
     """What an :func:`unreadable_answer` says: the operation (`where`) and the error's type,
     never its text (the SDK's quotes the answer's body)."""
     return f"{where} failed: the answer could not be read ({type(error).__name__})"
+
+
+def _raised_last_in_sdk(error: BaseException) -> bool:
+    """Whether the frame that raised `error` is the storage SDK's."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__", "").startswith(_SDK_MODULES)
 
 
 def _raised_in_sdk(error: BaseException) -> bool:

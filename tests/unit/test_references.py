@@ -39,7 +39,7 @@ from tests.fixtures.storage import (
     UNREADABLE_ANSWERS,
     unreadable_storage,
 )
-from tools.azurite import Azurite, free_port
+from tools.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, free_port
 
 FAST = FAST_STORAGE
 
@@ -1420,6 +1420,38 @@ async def test_a_listing_answered_with_what_no_client_can_read_is_a_store_error(
     text = str(info.value)
     assert text.startswith("reference store: list 'msteams' failed: the answer could not be read (")
     assert info.value.status is None and ANSWER_TEXT not in text
+
+
+async def test_a_success_with_a_header_the_storage_sdk_misreads_is_a_store_error():
+    # A 200 carrying `x-ms-error-code` (a proxy's): the SDK takes any header with "or-" in
+    # its name for object replication's and fails reading it (an IndexError), which
+    # escaped the store as "our own code's error" rather than storage's.
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=200, body=b"{}", headers={"x-ms-error-code": "x"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    connection = (
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+    )
+    store = BlobReferenceStore(settings_for(connection, "refs"), options=FAST)
+    try:
+        with pytest.raises(StoreError) as info:
+            await store.get("msteams/a:1")
+    finally:
+        await store.close()
+        await runner.cleanup()
+    assert str(info.value).startswith(
+        "reference store: get 'msteams/a:1' failed: the answer could not be read ("
+    )
 
 
 @pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
