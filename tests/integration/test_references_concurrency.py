@@ -17,6 +17,7 @@ from azure.storage.blob.aio import BlobServiceClient
 from shared.config import Settings, StorageSettings
 from shared.references import BlobReferenceStore, MemoryReferenceStore, StoreConflict, StoreError
 from shared.references.blob import ERASURE_WAIT
+from shared.references.keys import user_index_name
 from shared.storage import StorageOptions
 from shared.userdata import erase_user_data
 from tests.fixtures.storage import FAST_STORAGE
@@ -341,6 +342,50 @@ async def test_a_user_change_racing_a_change_back_leaves_the_conversation_erasab
     finally:
         await a.close()
         await b.close()
+
+
+class UpsertBeforeIndexRemoval(BlobReferenceStore):
+    """Lets another instance upsert `reference` just before this one removes the user
+    index it emptied (the removal of `index`, once)."""
+
+    other: BlobReferenceStore | None = None
+    index = ""
+    racing: dict | None = None
+
+    def race(self, other: BlobReferenceStore, index: str, reference: dict) -> None:
+        self.other, self.index, self.racing = other, index, reference
+
+    async def _remove(self, name, etag):
+        if name == self.index and self.other is not None and self.racing is not None:
+            racing, self.racing = self.racing, None
+            assert await self.other.upsert(racing) is True
+        return await super()._remove(name, etag)
+
+
+async def test_a_delete_emptying_a_user_index_keeps_a_conversation_indexed_meanwhile(
+    azurite, unique_name
+):
+    # The user's only 1:1 (tenant-1) is deleted, which empties their index; just before
+    # the index is removed, another instance stores the same user's 1:1 in tenant-2 into
+    # it. The removal must not take the new entry with it: the user is still found.
+
+    settings = store_settings(azurite.connection_string, unique_name("emptied"))
+    deleting = UpsertBeforeIndexRemoval(settings, options=FAST_STORAGE)
+    other = BlobReferenceStore(settings, options=FAST_STORAGE)
+    try:
+        await deleting.upsert(reference("a:1", tenant="tenant-1"))
+        index = user_index_name("msteams", "id", "29:user")
+        deleting.race(other, index, reference("a:2", tenant="tenant-2"))
+        assert await deleting.delete("msteams/a:1") is True
+        assert deleting.racing is None  # the upsert ran inside the delete
+        assert await other.get("msteams/a:1") is None
+        found = await other.find_by_user(
+            channel_id="msteams", user_id="29:user", tenant_id="tenant-2"
+        )
+        assert found is not None and found.key == "msteams/a:2"
+    finally:
+        await deleting.close()
+        await other.close()
 
 
 async def test_an_upsert_that_failed_is_not_answered_from_the_cache_afterwards(

@@ -359,6 +359,16 @@ async def test_key_not_endorsed_for_the_channel(auth, channel_identity):
     assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id=None))
 
 
+@pytest.mark.parametrize("endorsements", [None, []], ids=["none", "empty"])
+async def test_a_channel_key_without_endorsements_speaks_for_no_channel(
+    auth, channel_identity, endorsements
+):
+    # Unlike AAD's keys, a Bot Framework key must name the channel: naming none allows none.
+    kid = channel_identity.rotate_key(endorsements=endorsements)
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL, kid=kid)
+    assert "endorsed" in await rejected(auth, bearer(token), activity(channel_id="msteams"))
+
+
 async def test_emulator_key_endorsed_for_other_channels_only(auth, emulator_identity):
     # AAD keys carry no endorsements (any channel); a key that has them is held to them.
     kid = emulator_identity.rotate_key(endorsements=["webchat"])
@@ -460,7 +470,7 @@ async def test_tokens_verified_against_the_right_issuers_keys(
 async def test_odd_activity_values_are_auth_errors(auth, channel_identity):
     token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
     for act in (activity(123), activity("http://[::1"), activity(SERVICE_URL, {"x": 1}), {}):
-        await rejected(auth, bearer(token), act)
+        assert not (await rejected(auth, bearer(token), act)).startswith("unexpected")
 
 
 # -- the key cache ------------------------------------------------------------------------
@@ -994,7 +1004,8 @@ async def test_anonymous_mode_only_for_loopback_service_urls(channel_identity):
 async def test_anonymous_mode_refuses_urls_that_only_look_loopback(url):
     auth = InboundAuthenticator(Settings.from_env({"BOT_ALLOW_UNAUTHENTICATED": "true"}))
     try:
-        await rejected(auth, None, activity(url, "emulator"))
+        reason = await rejected(auth, None, activity(url, "emulator"))
+        assert not reason.startswith("unexpected")  # refused, not crashed
     finally:
         await auth.close()
 
@@ -1061,6 +1072,29 @@ async def test_a_repeated_token_signed_by_a_key_no_longer_published_is_rejected(
     new = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
     assert (await auth.authenticate(bearer(new), activity())).kind == "channel"  # refetched
     assert "unknown key id" in await rejected(auth, bearer(old), activity())
+
+
+async def test_a_repeated_token_is_verified_again_when_its_kid_names_another_key(
+    auth, channel_identity, clock
+):
+    # A rotation that reuses the kid: the JWKS now publishes another key under it. A token
+    # the old key verified no longer verifies, whatever was remembered of it.
+    token = channel_identity.mint_channel_token(APP_ID, SERVICE_URL)
+    assert (await auth.authenticate(bearer(token), activity())).kind == "channel"
+    other = channel_identity.unpublished_key.jwk
+    reused = {**channel_identity.signing_key.jwk, "n": other["n"], "e": other["e"]}
+
+    async def keys(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [reused]})
+
+    app = web.Application()
+    app.router.add_get("/keys", keys)
+    with BackgroundServer(app) as server:
+        channel_identity.metadata_overrides["jwks_uri"] = server.url + "/keys"
+        clock.advance(61)  # an unknown kid refetches the keys again
+        unknown = channel_identity.mint_broken("unknown_kid", APP_ID, SERVICE_URL)
+        assert "unknown key id" in await rejected(auth, bearer(unknown), activity())
+        assert "signature" in await rejected(auth, bearer(token), activity())
 
 
 async def test_a_flood_of_distinct_tokens_leaves_memory_bounded(auth):

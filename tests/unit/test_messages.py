@@ -716,6 +716,24 @@ async def test_an_invoke_answer_with_a_status_outside_200_to_599_is_a_500(
     assert (response.status, response.body) == (500, SERVER_ERROR.encode())
 
 
+@pytest.mark.parametrize("status", [204, 304])
+async def test_an_invoke_answered_204_or_304_has_no_body(
+    make_bot, channel_identity, fake_connector, status
+):
+    # HTTP: a 204 or 304 answer carries no body, whatever the handler gave with it.
+    router = Router()
+
+    @router.invoke("task/fetch")
+    async def unchanged(turn):
+        return InvokeResponse(status, {"statusCode": 200, "value": "ignored"})
+
+    bot = make_bot(router)
+    invoke = activity_for(fake_connector.url, type="invoke", name="task/fetch")
+    response = await bot.handle(post(invoke, channel_token(channel_identity, bot)))
+    assert (response.status, response.body) == (status, b"")
+    assert fake_connector.requests == []
+
+
 async def test_expect_replies_invoke_carries_the_invoke_response(
     make_bot, channel_identity, fake_connector
 ):

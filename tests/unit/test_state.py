@@ -394,6 +394,17 @@ async def test_edits_of_the_same_field_are_a_conflict_and_nothing_is_overwritten
     assert (await store.read(USER)).data == {"theme": "dark"}
 
 
+async def test_a_field_deleted_while_another_turn_changed_it_is_a_conflict(store):
+    await store.write(USER, {"theme": "light", "lang": "en"}, etag=None)
+    first, second = State(store, USER), State(store, USER)
+    (await first.load())["theme"] = "dark"
+    del (await second.load())["theme"]  # read before the first saved
+    assert await first.save()
+    with pytest.raises(StateConflict):
+        await second.save()
+    assert (await store.read(USER)).data == {"theme": "dark", "lang": "en"}
+
+
 async def test_a_merge_function_combines_the_same_field(store):
     first, second = State(store, USER), State(store, USER)
     (await first.load())["tags"] = ["a"]
@@ -415,6 +426,20 @@ async def test_a_save_over_the_limit_writes_nothing(store):
     with pytest.raises(StateTooLarge):
         await state.save()
     assert (await store.read(USER)).data == {"notes": []}
+
+
+async def test_a_state_of_exactly_the_limit_is_saved_and_one_byte_more_is_not(store):
+    # {"blob":"…"} is 11 bytes of JSON around the string: 4096 bytes in all with 4085.
+    state = State(store, USER)
+    (await state.load())["blob"] = "x" * 4085
+    assert await state.save()
+    assert len((await store.read(USER)).data["blob"]) == 4085
+
+    (await state.load())["blob"] += "x"
+    with pytest.raises(StateTooLarge) as raised:
+        await state.save()
+    assert "4097 bytes" in str(raised.value)
+    assert len((await store.read(USER)).data["blob"]) == 4085
 
 
 class WriteHeld:
