@@ -916,6 +916,15 @@ def error(code: str, message: str = "") -> str:
             "ForbiddenOperationException",
         ),
         (403, TEAMS_209, ErrorKind.GONE, "MessageWritesBlocked"),
+        # Teams' 209 is gone whatever its inner document says: none, or a subCode not
+        # known yet (kept as the code, so an operator sees which).
+        (403, '{"errorCode": 209, "message": "{}"}', ErrorKind.GONE, "209"),
+        (
+            403,
+            '{"errorCode": 209, "message": "{\\"subCode\\": \\"SomethingNew\\"}"}',
+            ErrorKind.GONE,
+            "SomethingNew",
+        ),
         (
             404,
             error("ConversationNotFound", "Conversation not found."),

@@ -210,6 +210,22 @@ async def test_an_outcome_for_a_target_with_a_very_long_name_is_recorded_and_rep
     assert report["failures"][0]["target"] == label[:MAX_LABEL_CHARS]
 
 
+async def test_a_report_lists_failed_targets_up_to_its_limit_and_counts_them_all(
+    ledger, monkeypatch
+):
+    from shared import reports
+
+    monkeypatch.setattr(reports, "MAX_FAILURES_LISTED", 2)
+    await reports.ensure_head(ledger, "b1", "broadcast", 0.0)
+    for n in range(3):
+        key = f"msteams/a:{n}"
+        await reports.record_outcome(ledger, "b1", key, "failed", 0.0, reason="blocked")
+
+    report = await reports.read_report(ledger, "b1")
+    assert report["failed"] == 3
+    assert len(report["failures"]) == 2
+
+
 @pytest.mark.parametrize(
     ("held", "wait"),
     [

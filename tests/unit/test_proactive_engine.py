@@ -342,6 +342,24 @@ async def test_a_gone_inline_reference_does_not_prune_the_stored_one_it_did_not_
     assert (report["state"], report["pruned"]) == ("done", 1)
 
 
+async def test_a_gone_inline_reference_spelt_otherwise_prunes_the_stored_one_it_tried(
+    parts, fake_connector
+):
+    # One serviceUrl, written with and without its trailing slash and in another case: the
+    # stored conversation is the one tried, and goes (kept, each send would try it again).
+    runtime, engine = parts
+    await runtime.references.upsert(reference(f"{fake_connector.url}/amer/", "a:1"))
+    fake_connector.script("POST", r"/activities$", [Reply(403, json=GONE)])
+    inline = reference(f"{fake_connector.url}/AMER", "a:1")
+
+    assert await handle(engine, body({"reference": inline})) is Outcome.PRUNED
+
+    assert sends(fake_connector) == ["a:1"]
+    assert await runtime.references.get("msteams/a:1") is None
+    report = await read_report(engine.ledger, "req-1")
+    assert (report["state"], report["pruned"]) == ("done", 1)
+
+
 async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     aad_app, fake_aad, fake_connector
 ):

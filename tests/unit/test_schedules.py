@@ -290,6 +290,19 @@ async def test_a_last_run_recorded_far_ahead_of_the_clock_restarts_the_schedule_
     ]
 
 
+async def test_a_last_run_recorded_minutes_ahead_of_the_clock_and_its_write_restarts_now(caplog):
+    # Five minutes ahead of this run and of storage's time when it was written is more than
+    # two instances' clocks disagree: kept, it would hold the schedule back until then.
+    ledger, queue = MemoryLedger(clock=StoreClock(T0)), MemoryQueue()
+    await ledger.create("schedules/a.json", {"schedule": "0 * * * * *", "request": REQUEST})
+    record = f"proactive-schedules/{encode_segment('a', 400)}.json"
+    await ledger.create(record, {"last": (T0 + timedelta(minutes=5)).isoformat()})
+
+    with caplog.at_level(logging.WARNING, logger="shared.schedules"):
+        assert await run_schedules(ledger, queue, T0) == ["schedule:a:2030-01-01T12:00Z"]
+    assert "'a': its last run is recorded 300 s ahead of this run's clock" in caplog.text
+
+
 async def test_an_instance_whose_clock_is_behind_waits_for_the_record_instead_of_rewriting_it(
     caplog,
 ):

@@ -425,6 +425,32 @@ async def test_an_unreachable_authority_is_a_transient_error_naming_the_setting(
     assert "s3cret" not in str(caught.value)
 
 
+async def test_an_authority_gone_after_the_first_token_is_a_transient_error(monkeypatch):
+    # MSAL's client is built (the authority found) and then Entra ID cannot be reached:
+    # it is down, no setting is wrong, and the call is tried again later.
+    with FakeAAD() as aad:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", aad.ca_path)
+        monkeypatch.setenv("SSL_CERT_FILE", aad.ca_path)
+        aad.register_secret("app", "s3cret")
+        settings = Settings.from_env(
+            {
+                "MicrosoftAppId": "app",
+                "MicrosoftAppPassword": "s3cret",
+                "BOT_LOGIN_AUTHORITY": aad.url,
+            }
+        )
+        provider = create_token_provider(settings)
+        await provider.get_token()
+        aad.server.stop()  # its port closed, its CA still trusted
+
+        with pytest.raises(TokenError) as caught:
+            await provider.get_token(force_refresh=True)
+
+    assert caught.value.transient
+    assert caught.value.setting == "BOT_LOGIN_AUTHORITY"
+    assert "cannot reach the login authority 127.0.0.1" in str(caught.value)
+
+
 async def test_a_failed_refresh_keeps_the_current_token_while_it_is_valid(
     fake_aad, aad_app, caplog
 ):
@@ -484,6 +510,20 @@ async def test_a_scripted_aad_outage_surfaces_once_the_token_has_expired(fake_aa
         await provider.get_token()
     assert caught.value.transient
     assert caught.value.code == "HTTP503"
+
+
+@pytest.mark.parametrize("error", ["server_error", "temporarily_unavailable"])
+async def test_entra_answering_that_it_failed_is_a_transient_error(fake_aad, aad_app, error):
+    # An OAuth error answer (not a 5xx MSAL raises for) saying Entra ID itself failed:
+    # nothing to fix in the settings, the call is tried again later.
+    provider = create_token_provider(aad_app.settings())
+    fake_aad.fail_next(AadError(error, 50000, "There was an error issuing a token.", 400))
+
+    with pytest.raises(TokenError) as caught:
+        await provider.get_token()
+
+    assert caught.value.transient
+    assert caught.value.code == "AADSTS50000"
 
 
 def test_fake_aad_is_not_trusted_without_its_ca(fake_aad_service: FakeAAD, monkeypatch):
