@@ -14,6 +14,7 @@ so the client reads the body and shows the bot's message, as Teams Toolkit answe
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 from shared.cards import ADAPTIVE_CARD, card_attachment, card_content
@@ -34,10 +35,16 @@ def card_text_response(text: str) -> InvokeResponse:
     return _card_invoke(200, MESSAGE_RESPONSE, text)
 
 
-def card_error(status: int, message: str, *, code: str = "BadRequest") -> InvokeResponse:
-    """Answer an ``adaptiveCard/action`` with an error the client shows (status 4xx/5xx)."""
+def card_error(status: int, message: str, *, code: str | None = None) -> InvokeResponse:
+    """Answer an ``adaptiveCard/action`` with an error the client shows (status 4xx/5xx);
+    its `code` is the status's name (403: Forbidden) unless given."""
     if not 400 <= status <= 599:
         raise ValueError("card_error takes a 4xx or 5xx status")
+    if code is None:
+        try:
+            code = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+        except ValueError:  # a status without a name
+            code = "BadRequest" if status < 500 else "InternalServerError"
     return _card_invoke(status, ERROR_RESPONSE, {"code": code, "message": message})
 
 

@@ -77,6 +77,10 @@ def _includes_bot(members: Any, turn: TurnContext) -> bool:
     return any(is_bot_account(member, turn.bot_id) for member in members or ())
 
 
+# Activities Teams tells apart by channelData.eventType (Router.teams_event).
+_TEAMS_EVENT_TYPES = frozenset({"conversationUpdate", "messageUpdate", "messageDelete"})
+
+
 class Router:
     """Ordered routes from activities to handlers; the first matching route handles a turn."""
 
@@ -165,14 +169,16 @@ class Router:
         )
 
     def teams_event(self, event_type: str) -> Callable[[H], H]:
-        """Teams conversationUpdate with this `channelData.eventType`.
+        """A Teams conversationUpdate, messageUpdate or messageDelete with this
+        `channelData.eventType`.
 
         E.g. ``teamRenamed``, ``teamDeleted``, ``teamArchived``, ``channelCreated``,
-        ``channelRenamed``, ``channelDeleted``, ``teamMemberAdded``.
+        ``channelRenamed``, ``channelDeleted``, ``teamMemberAdded``; ``editMessage`` and
+        ``undeleteMessage`` (messageUpdate), ``softDeleteMessage`` (messageDelete).
         """
         return self.on(
             lambda turn: (
-                turn.activity.get("type") == "conversationUpdate"
+                turn.activity.get("type") in _TEAMS_EVENT_TYPES
                 and from_teams(turn.activity)  # elsewhere channelData is the client's own
                 and channel_data(turn.activity).get("eventType") == event_type
             )
@@ -224,7 +230,8 @@ class Router:
         )
 
     def message_update(self) -> Callable[[H], H]:
-        """A user edited a message (Teams also sends this for undelete)."""
+        """A user edited a message (Teams also sends this for undelete: to tell them
+        apart, ``teams_event("editMessage")`` and ``teams_event("undeleteMessage")``)."""
         return self.activity("messageUpdate")
 
     def message_delete(self) -> Callable[[H], H]:

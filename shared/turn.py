@@ -40,6 +40,7 @@ from shared.activity import (
     text_without_bot_mention,
 )
 from shared.cards import as_attachment
+from shared.roster import all_members, roster_id
 from shared.state import (
     State,
     StateConflict,
@@ -337,17 +338,15 @@ class TurnContext:
     # --- members -------------------------------------------------------------------------------
 
     async def members(self) -> list[ChannelAccount]:
-        """Everyone in this conversation (Connector `GetConversationMembers`); for a large
-        team, page through ``turn.connector.get_conversation_paged_members``."""
-        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
-        found = await self._noting(
-            self.connector.get_conversation_members(service_url, conversation_id), here=False
-        )
+        """Everyone in this conversation; in a Teams channel, its team's members, read a
+        page at a time (shared/roster.py)."""
+        found = await self._noting(all_members(self.connector, self.activity), here=False)
         return cast(list[ChannelAccount], found)
 
     async def member(self, member_id: str) -> ChannelAccount:
-        """One member of this conversation (Connector `GetConversationMember`)."""
-        service_url, conversation_id = self.activity["serviceUrl"], self.conversation["id"]
+        """One member of this conversation (in a Teams channel: of its team), Connector
+        `GetConversationMember`."""
+        service_url, conversation_id = self.activity["serviceUrl"], roster_id(self.activity)
         found = await self._noting(
             self.connector.get_conversation_member(service_url, conversation_id, member_id),
             here=False,
@@ -592,9 +591,12 @@ def _as_text(activity: Mapping[str, Any]) -> str:
 
 
 def _outgoing(value: str | Mapping[str, Any]) -> Activity:
-    """What a handler sends, as an activity: a card or attachment becomes a message."""
+    """What a handler sends, as an activity: a card or attachment becomes a message. An
+    `id` it carries (one built from the incoming activity) is the channel's to give."""
     if not isinstance(value, str):
         attachment = as_attachment(value)
         if attachment is not None:
             return {"type": "message", "attachments": [attachment]}
-    return as_activity(value)
+    activity = as_activity(value)
+    activity.pop("id", None)
+    return activity

@@ -461,6 +461,25 @@ async def test_a_custom_error_handler_is_seen_under_expect_replies():
     assert turn.buffered == []
 
 
+async def test_teams_tells_an_edit_from_an_undelete_and_a_soft_delete_by_its_event_type():
+    seen: list[str] = []
+    router = Router()
+    for event in ("editMessage", "undeleteMessage", "softDeleteMessage"):
+
+        @router.teams_event(event)
+        async def handler(turn, event=event):
+            seen.append(event)
+
+    for type_, event in (
+        ("messageUpdate", "undeleteMessage"),
+        ("messageDelete", "softDeleteMessage"),
+        ("messageUpdate", "editMessage"),
+    ):
+        incoming = activity(type_, channelId="msteams", channelData={"eventType": event})
+        await router.dispatch(turn_for(incoming))
+    assert seen == ["undeleteMessage", "softDeleteMessage", "editMessage"]
+
+
 @pytest.mark.parametrize("channel", ["webchat", "directline", "emulator"])
 async def test_teams_events_match_only_on_teams(channel):
     # Elsewhere channelData is whatever the client wrote: "teamDeleted" from a Web Chat

@@ -41,6 +41,7 @@ from shared.router import Router
 from shared.state import StateError
 from shared.turn import TurnContext
 from tests.unit.test_router import RecordingConnector, activity, turn_for
+from tools.botsim.connector import Reply
 
 TEAMS_CHANNEL = {
     "id": "19:general@thread.tacv2;messageid=1700",
@@ -188,10 +189,78 @@ async def test_members_come_from_the_connector(aad_app, fake_connector):
         await connector.close()
     assert [m["name"] for m in members] == ["Ada", "Bob"]
     assert bob == {"id": "29:bob", "name": "Bob"}
+    # Teams reads its roster a page at a time: its unpaged call is deprecated there.
     assert [r.operation for r in fake_connector.requests] == [
-        "getConversationMembers",
+        "getConversationPagedMembers",
         "getConversationMember",
     ]
+
+
+async def test_a_teams_channel_post_asks_for_its_teams_members_page_by_page(
+    aad_app, fake_connector
+):
+    # A post's conversation id (`…;messageid=…`) names no roster: the team's is read, all of
+    # it, a page (of at most 500) at a time, and one member is looked up there too.
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    team = [{"id": f"29:member-{n}", "name": f"Member {n}"} for n in range(1201)]
+    fake_connector.members["19:team@thread.tacv2"] = team
+    turn = TurnContext(teams_activity(serviceUrl=fake_connector.url), connector)
+    try:
+        members = await turn.members()
+        one = await turn.member("29:member-7")
+    finally:
+        await connector.close()
+    assert members == team
+    assert one == {"id": "29:member-7", "name": "Member 7"}
+    asked = [(r.operation, r.params.get("conversationId")) for r in fake_connector.requests]
+    assert asked == [("getConversationPagedMembers", "19:team@thread.tacv2")] * 3 + [
+        ("getConversationMember", "19:team@thread.tacv2")
+    ]
+    assert fake_connector.requests[0].query["pageSize"] == "500"
+
+
+async def test_a_roster_whose_continuation_never_ends_is_read_once_through(aad_app, fake_connector):
+    # A Connector answering every page with the same continuation token: read until the
+    # token repeats, not for ever.
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    page = {"members": [{"id": "29:a"}], "continuationToken": "again"}
+    fake_connector.script("GET", "pagedmembers", [Reply(200, json=page)] * 5)
+    turn = TurnContext(activity(serviceUrl=fake_connector.url), connector)
+    try:
+        members = await turn.members()
+    finally:
+        await connector.close()
+    assert members == [{"id": "29:a"}, {"id": "29:a"}]
+    assert len(fake_connector.requests) == 2
+
+
+async def test_other_channels_ask_for_their_members_in_one_call(aad_app, fake_connector):
+    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
+    connector = ConnectorClient(settings, create_token_provider(settings))
+    fake_connector.members["dl-conv"] = [{"id": "dl-user", "name": "Ada"}]
+    incoming = activity(
+        channelId="directline", serviceUrl=fake_connector.url, conversation={"id": "dl-conv"}
+    )
+    turn = TurnContext(incoming, connector)
+    try:
+        assert await turn.members() == [{"id": "dl-user", "name": "Ada"}]
+    finally:
+        await connector.close()
+    assert [r.operation for r in fake_connector.requests] == ["getConversationMembers"]
+
+
+async def test_an_id_a_handler_copied_into_what_it_sends_is_not_sent():
+    # The channel gives a sent activity its id: one carried over from the incoming
+    # activity (a reply built from it) is dropped; an update names its activity itself.
+    connector = RecordingConnector()
+    turn = turn_for(activity(text="hi"), connector)
+    await turn.send({"type": "message", "text": "copy", "id": "in-1"})
+    await turn.update_activity("sent-9", {"type": "message", "text": "edited", "id": "x"})
+    [(_, _, _, sent), (_, _, _, _, updated)] = connector.calls
+    assert "id" not in sent
+    assert updated["id"] == "sent-9"
 
 
 async def test_send_later_refuses_what_the_proactive_engine_cannot_send(tmp_path):
@@ -519,6 +588,14 @@ def test_other_invoke_answers():
     }
     with pytest.raises(ValueError):
         card_error(200, "not an error")
+    # The error's code names its status unless the bot gives one.
+    assert [card_error(s, "no").body["value"]["code"] for s in (400, 403, 412, 500, 599)] == [
+        "BadRequest",
+        "Forbidden",
+        "PreconditionFailed",
+        "InternalServerError",
+        "InternalServerError",
+    ]
 
 
 @pytest.mark.parametrize(
