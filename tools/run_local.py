@@ -331,9 +331,9 @@ def host_environment(args: argparse.Namespace, file_values: Mapping[str, str]) -
         # ... and reads it still: what FILE leaves out must not come from it (blank is unset).
         for name in _repo_values():
             env.setdefault(name, "")
-    storage = storage_on_ports(
-        args, env.get("AzureWebJobsStorage", file_values.get("AzureWebJobsStorage", ""))
-    )
+    # The storage the bot will see (a blank variable filled from the file where Core Tools
+    # fill it), on this Azurite's ports: set, so no host fills it in with the defaults.
+    storage = storage_on_ports(args, bot_settings(args, file_values).get("AzureWebJobsStorage", ""))
     if storage is not None:
         env["AzureWebJobsStorage"] = storage
     core_tools = host_command(args)[0] == "func"
@@ -472,8 +472,8 @@ def run_host(command: list[str], env: dict[str, str], ready: str, port: int) -> 
 
 def run(args: argparse.Namespace) -> int:
     file_values = load_settings(args.settings)
-    settings = {**file_values, **os.environ}  # like the host: the environment wins
-    check_settings(bot_settings(args, file_values))
+    settings = bot_settings(args, file_values)
+    check_settings(settings)
     if port_in_use(args.port):
         raise RunError(
             f"port {args.port} is in use: is the bot already running (`make run` in another "
@@ -533,13 +533,15 @@ def bypass_proxies_for_loopback(environ: MutableMapping[str, str]) -> None:
     """Everything `make run` starts talks to this machine (Azurite, the bot, the chat's
     Connector): a proxy set for the machine (`http_proxy`) is not asked to reach it, in
     this process and in the host it starts. Both spellings get the same list (a reader
-    takes one of them: what either held is kept); `*` (no proxy for any host) is left."""
+    takes one of them: what either held is kept); `*` (no proxy for any host) in either
+    makes both `*`."""
     listed: list[str] = []
     for name in ("no_proxy", "NO_PROXY"):
         for entry in environ.get(name, "").split(","):
             if entry.strip() and entry.strip() not in listed:
                 listed.append(entry.strip())
-    if "*" in listed:
+    if "*" in listed:  # read as "every host" only when it is the whole value
+        environ["no_proxy"] = environ["NO_PROXY"] = "*"
         return
     value = ",".join([*listed, *(host for host in LOOPBACK_NAMES if host not in listed)])
     environ["no_proxy"] = environ["NO_PROXY"] = value

@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,8 @@ class BlobReferenceStore(UserIndexes):
         )
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
         self._indexing: set[asyncio.Task] = set()  # writes an upsert stopped waiting for
+        # Writes an erasure waited ERASURE_WAIT for in vain: not waited for again.
+        self._waited_out: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
         self._writing: dict[str, set[asyncio.Task]] = {}  # upserts under way, by key
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
@@ -243,6 +246,10 @@ class BlobReferenceStore(UserIndexes):
         task = asyncio.ensure_future(self._index(planned, created))
         self._indexing.add(task)
         task.add_done_callback(self._indexed)
+        # A write of the key still, should the upsert end first (its own timeout).
+        key = planned.key
+        self._writing.setdefault(key, set()).add(task)
+        task.add_done_callback(lambda done: self._written_out(key, done))
         await asyncio.shield(task)
         planned.etag = etag
         self._remember(planned, generation)
@@ -346,12 +353,18 @@ class BlobReferenceStore(UserIndexes):
         # write is still under way, would be missed by the erasure's lookups and then kept
         # by its settle (live, and the user's): this instance's writes of the channel's
         # conversations are waited for, a while (the channel waits 15 s for the erasure).
+        # Each write once: an erasure marks the index of each of the user's names.
         prefix = f"{channel_id}/"
         writing = {
-            t for key, tasks in self._writing.items() if key.startswith(prefix) for t in tasks
+            task
+            for key, tasks in self._writing.items()
+            if key.startswith(prefix)
+            for task in tasks
+            if task not in self._waited_out
         }
         if writing:
             await asyncio.wait(writing, timeout=min(ERASURE_WAIT, self._options.operation_timeout))
+            self._waited_out.update(task for task in writing if not task.done())
 
     async def close(self) -> None:
         if self._indexing:  # writes still going on by themselves: ended first

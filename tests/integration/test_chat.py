@@ -336,10 +336,12 @@ def test_make_run_asks_no_proxy_for_this_machine():
     again = dict(environ)
     bypass_proxies_for_loopback(again)
     assert again == environ
-    # `*` asks no proxy for any host: left as it is.
-    everything = {"no_proxy": "*", "https_proxy": "http://proxy:3128"}
-    bypass_proxies_for_loopback(everything)
-    assert everything == {"no_proxy": "*", "https_proxy": "http://proxy:3128"}
+    # `*` asks no proxy for any host, but only as a whole value: both spellings get it.
+    for given in ({"no_proxy": "*"}, {"NO_PROXY": "*", "no_proxy": "corp.example"}):
+        everything = {**given, "https_proxy": "http://proxy:3128"}
+        bypass_proxies_for_loopback(everything)
+        assert everything["no_proxy"] == everything["NO_PROXY"] == "*"
+        assert urllib.request.proxy_bypass_environment("127.0.0.1", {"no": "*"})
 
 
 def test_chat_with_a_bot_answering_500_points_to_the_bots_log():

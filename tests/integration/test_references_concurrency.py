@@ -512,3 +512,69 @@ async def test_the_cache_is_not_trusted_while_this_instance_still_writes_the_con
         assert erased.conversations == ["webchat/c:1"]
     finally:
         await store.close()
+
+
+async def test_an_erasure_waits_once_for_a_write_stuck_on_storage(
+    azurite, unique_name, monkeypatch
+):
+    # Another user's write of the channel stuck on storage: waited for once per erasure
+    # (ERASURE_WAIT), not once for each of the user's names (user id, aadObjectId).
+    from shared.references import blob as blob_store
+
+    monkeypatch.setattr(blob_store, "ERASURE_WAIT", 0.5)
+    store = Gated(
+        store_settings(azurite.connection_string, unique_name("stuck")), options=FAST_STORAGE
+    )
+    try:
+        await store.upsert(reference("e:old", tenant="t1"))
+        store.hold("_index")
+        other = reference("e:other", tenant="t1", user="29:other", aad="aad-other")
+        stuck = asyncio.ensure_future(store.upsert(other))
+        await store.reached.wait()
+        async with asyncio.timeout(0.5 * 1.8):
+            erased = await erase_user_data(
+                channel_id="msteams",
+                user_id="29:user",
+                aad_object_id="aad-user",
+                state=None,
+                references=store,
+            )
+        assert erased.conversations == ["msteams/e:old"]
+        store.gate.set()
+        assert await stuck is True
+    finally:
+        await store.close()
+
+
+async def test_an_index_write_that_outlives_its_upsert_is_waited_for_by_an_erasure(
+    azurite, unique_name
+):
+    # Storage so slow that the upsert's own timeout ends it after the document write: its
+    # index write goes on alone. An erasure beginning then must still find the 1:1.
+    slow = StorageOptions(
+        retry_total=1,
+        initial_backoff=0.05,
+        increment_base=0.1,
+        jitter=0.0,
+        connection_timeout=1.0,
+        read_timeout=1.0,
+        operation_timeout=1.0,
+    )
+    store = Gated(store_settings(azurite.connection_string, unique_name("outlives")), options=slow)
+    try:
+        await store.upsert(reference("e:old", tenant="t1"))
+        store.hold("_index")
+        with pytest.raises(StoreError):
+            await store.upsert(reference("e:new", tenant="t2"))
+        asyncio.get_running_loop().call_later(0.3, store.gate.set)
+        erased = await erase_user_data(
+            channel_id="msteams",
+            user_id="29:user",
+            aad_object_id="aad-user",
+            state=None,
+            references=store,
+        )
+        assert sorted(erased.conversations) == ["msteams/e:new", "msteams/e:old"]
+        assert await store.get("msteams/e:new") is None
+    finally:
+        await store.close()

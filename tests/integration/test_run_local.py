@@ -341,6 +341,14 @@ def test_the_settings_judged_are_those_core_tools_would_give_the_bot(tmp_path, m
     alone = run_local.parse_args(["--settings", str(settings), "--devhost"])
     with pytest.raises(run_local.RunError, match="MicrosoftAppId"):
         run_local.check_settings(run_local.bot_settings(alone, file_values))
+    # A blank AzureWebJobsStorage is the file's development storage there: the host is
+    # given this Azurite's ports, not left to fill the default ones in.
+    monkeypatch.setenv("AzureWebJobsStorage", "")
+    ported = run_local.parse_args(
+        ["--settings", str(settings), "--blob-port", "20000", "--queue-port", "20001"]
+    )
+    environment = run_local.host_environment(ported, file_values)
+    assert environment["AzureWebJobsStorage"] == connection_string(20000, 20001)
 
 
 def test_make_run_with_a_broken_settings_file_names_it(make_run):
