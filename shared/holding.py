@@ -18,6 +18,7 @@ import random
 from shared.config import Settings
 from shared.delivery import Outcome
 from shared.engine import LONGEST_HOLD, settings_backoff
+from shared.logs import REPEATED, held_back
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -107,13 +108,16 @@ async def hold_for_settings(
         # to be judged (and reported) once the settings work.
         text, attempt = as_it_came, LONGEST_HOLD
     delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
+    await queue.put(text, delay=delay)
     # SettingsError messages name the setting and never carry a value.
-    logger.warning(
-        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
+    count = REPEATED.due(f"settings {error}")
+    logger.log(
+        logging.DEBUG if count is None else logging.WARNING,
+        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s%s",
         error,
         delay,
+        held_back(count or 0),
     )
-    await queue.put(text, delay=delay)
     return Outcome.REQUEUED
 
 

@@ -15,6 +15,9 @@ each activity at DEBUG.
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 QUIET_LIBRARIES = ("azure",)  # "azure" covers azure.core's HTTP logging policy
 SILENT_LIBRARIES = ("msal",)
@@ -26,3 +29,41 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in SILENT_LIBRARIES:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+class Repeated:
+    """A warning that comes with every message while one cause lasts (a setting to fix,
+    storage down): logged once a minute per cause, with how many were held back since,
+    so that the line saying what to fix is not lost among thousands like it."""
+
+    def __init__(self, every: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
+        self._clock = clock
+        self._causes: OrderedDict[str, tuple[float, int]] = OrderedDict()  # last line, held
+
+    def clear(self) -> None:
+        """Forget every cause: the next line of each is logged."""
+        self._causes.clear()
+
+    def due(self, cause: str) -> int | None:
+        """How many lines of `cause` were held back since the last one, when one is due
+        now; None while it is not (this one is counted as held back)."""
+        now = self._clock()
+        last = self._causes.get(cause)
+        if last is not None and now - last[0] < self._every:
+            self._causes[cause] = (last[0], last[1] + 1)
+            return None
+        self._causes[cause] = (now, 0)
+        self._causes.move_to_end(cause)
+        while len(self._causes) > 256:  # causes are few; a flood of distinct ones is cut
+            self._causes.popitem(last=False)
+        return 0 if last is None else last[1]
+
+
+def held_back(count: int) -> str:
+    """The end of a repeated line: how many like it were not logged since the last one."""
+    return f" ({count} more like this since the last such line)" if count else ""
+
+
+# The process's repeated warnings (shared/proactive.py, holding.py, outcomes.py, messages.py).
+REPEATED = Repeated()

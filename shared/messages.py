@@ -32,6 +32,7 @@ from shared.activity import (
 from shared.config import SettingsError
 from shared.diagnostics import clip, describe
 from shared.http import HttpRequest, HttpResponse
+from shared.logs import REPEATED, held_back
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime
 from shared.turn import TurnContext
@@ -117,7 +118,13 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
             runtime = runtime()
         except SettingsError as error:
             # SettingsError's message names the setting and the problem, never its value.
-            logger.error("messages: bot not configured: %s", error)
+            count = REPEATED.due(f"settings {error}")
+            logger.log(
+                logging.DEBUG if count is None else logging.ERROR,
+                "messages: bot not configured: %s%s",
+                error,
+                held_back(count or 0),
+            )
             return HttpResponse.text(500, SERVER_ERROR)
 
     try:

@@ -62,6 +62,7 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
+from shared.logs import REPEATED, held_back
 from shared.outcomes import (
     REMOVED_REASON,
     OutcomeKept,
@@ -476,15 +477,21 @@ async def _connector_failure(
     no_token = kind is ErrorKind.TRANSIENT and error.setting is not None
     if kind is ErrorKind.CREDENTIALS or no_token:
         delay = engine.jitter(settings_backoff(request.engine.attempt))
-        logger.warning(
+        outcome = await engine.requeue(request, delay, held=True)
+        cause = error.code or error.status or "no token"
+        setting = error.setting or "MicrosoftAppId"
+        count = REPEATED.due(f"credentials {setting} {cause}")
+        logger.log(
+            logging.DEBUG if count is None else logging.WARNING,
             "proactive %r: no usable credentials (%s); check the setting %s. "
-            "The message is kept and retried in %.0f s",
+            "The message is kept and retried in %.0f s%s",
             request.id,
-            error.code or error.status or "no token",
-            error.setting or "MicrosoftAppId",
+            cause,
+            setting,
             delay,
+            held_back(count or 0),
         )
-        return await engine.requeue(request, delay, held=True)
+        return outcome
     if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):
         age = engine.age(request)
         if age < engine.max_age:

@@ -10,6 +10,7 @@ import pytest
 
 from shared import warmup
 from shared.config import AZURE_HOST_MARKERS
+from shared.logs import REPEATED
 
 pytest_plugins = [
     "tests.fixtures.storage",
@@ -30,6 +31,13 @@ warmup.FIRST_TURN = warmup.FirstTurn(warm=True)
 # make every such bot refuse to start as if on Azure. Tests that mean Azure set their own.
 for _marker in AZURE_HOST_MARKERS:
     os.environ.pop(_marker, None)
+
+
+@pytest.fixture(autouse=True)
+def _each_test_logs_its_own_warnings():
+    """A warning repeated by every message is logged once a minute per process
+    (shared/logs.py): each test starts that minute afresh, as a process of its own."""
+    REPEATED.clear()
 
 
 def _children(pid: int) -> list[str]:

@@ -138,8 +138,9 @@ class MsalTokenProvider:
         returned at once while a new one is acquired in the background: a slow or failing
         Entra ID then holds up no call (MSAL waits up to HTTP_TIMEOUT_SECONDS, most of a
         call's budget). After a failed background refresh, the next one waits
-        REFRESH_RETRY_SECONDS. Only a token missing, expiring within the grace or refused
-        by the Connector is waited for.
+        REFRESH_RETRY_SECONDS; so does the next request after Entra ID refused the
+        credential (its error is raised again meanwhile). Only a token missing, expiring
+        within the grace or refused by the Connector is waited for.
         """
         token = self._token
         if not force_refresh and token.value:
@@ -150,6 +151,13 @@ class MsalTokenProvider:
                 if now >= self._retry_at:
                     self._shared_refresh()
                 return token.value
+        # Entra ID refused the credential moments ago (a setting to fix): asked again after
+        # REFRESH_RETRY_SECONDS, not by every call meanwhile (a broadcast's every message
+        # would be a token request and a warning).
+        error = self._last_error
+        refused = error is not None and not error.transient and self._clock() < self._retry_at
+        if refused and not force_refresh:
+            raise error.with_traceback(None)
         # Shielded: one caller giving up must not cancel the acquisition the others share.
         fresh = (await asyncio.shield(self._shared_refresh())).value
         if force_refresh and fresh == token.value and self._last_error is not None:

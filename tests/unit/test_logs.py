@@ -28,3 +28,20 @@ def test_importing_the_app_holds_the_azure_sdk_at_warning_and_silences_msal():
     # MSAL's error lines quote the token endpoint's answer (it may echo the secret).
     assert levels.pop("msal") > logging.CRITICAL
     assert levels and all(level == logging.WARNING for level in levels.values()), levels
+
+
+def test_a_repeated_warning_is_logged_once_a_minute_per_cause_with_how_many_were_held():
+    from shared.logs import Repeated, held_back
+
+    now = [0.0]
+    repeated = Repeated(60.0, clock=lambda: now[0])
+    assert repeated.due("credentials MicrosoftAppPassword") == 0  # the first is logged
+    assert [repeated.due("credentials MicrosoftAppPassword") for _ in range(3)] == [None] * 3
+    assert repeated.due("storage 503") == 0  # another cause has its own minute
+    now[0] = 59.9
+    assert repeated.due("credentials MicrosoftAppPassword") is None
+    now[0] = 60.0
+    count = repeated.due("credentials MicrosoftAppPassword")
+    assert count == 4
+    assert held_back(count) == " (4 more like this since the last such line)"
+    assert held_back(0) == ""

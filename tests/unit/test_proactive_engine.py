@@ -390,6 +390,37 @@ async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     assert sends(fake_connector) == ["a:1"] and queue.poisoned == []
 
 
+async def test_refused_credentials_cost_one_warning_and_one_token_request_not_one_per_message(
+    aad_app, fake_aad, fake_connector, caplog
+):
+    # A broadcast's every message meeting a wrong secret: Entra ID was asked, and a warning
+    # logged, for each of them (100,000 warnings an hour at 10,000 targets), burying the
+    # one line saying what to fix.
+    store = MemoryReferenceStore()
+    for n in range(20):
+        await store.upsert(reference(fake_connector.url, f"a:{n}"))
+    clock = Clock()
+    ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
+    wrong = aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
+    )
+    runtime = make_runtime(wrong, store)
+    engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
+    refused = len(fake_aad.rejections)
+    try:
+        with caplog.at_level(logging.INFO):
+            for n in range(20):
+                message = body({"conversation": f"msteams/a:{n}"}, f"req-{n}")
+                assert await handle(engine, message) is Outcome.REQUEUED
+    finally:
+        await runtime.close()
+    assert len(queue.take()) == 20 and queue.poisoned == [] and fake_connector.requests == []
+    assert len(fake_aad.rejections) - refused == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    credentials = [line for line in warnings if "no usable credentials" in line]
+    assert len(credentials) == 1 and "check the setting MicrosoftAppPassword" in credentials[0]
+
+
 async def test_time_held_for_credentials_is_not_the_message_age(aad_app, fake_aad, fake_connector):
     # The secret was fixed two hours later: the held backlog then meets a busy Connector. The
     # age bound is for throttled and failing sends; the hold must not have started it.

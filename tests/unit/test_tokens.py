@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.auth.tokens import TokenError, create_token_provider
+from shared.auth.tokens import REFRESH_RETRY_SECONDS, TokenError, create_token_provider
 from shared.config import Settings
 from tests.fixtures.connector import VirtualTime
 from tools.botsim.aad import AadError, FakeAAD, FakeManagedIdentity
@@ -309,13 +309,21 @@ async def test_federated_assertion_is_read_fresh_from_the_token_file(fake_aad, t
             "BOT_LOGIN_AUTHORITY": fake_aad.url,
         }
     )
-    provider = create_token_provider(settings)
+    now = [1_000_000.0]
+    provider = create_token_provider(settings, clock=lambda: now[0])
 
     with pytest.raises(TokenError, match="AZURE_FEDERATED_TOKEN_FILE"):
         await provider.get_token()
 
-    # The platform rotates the file; the same provider picks the new assertion up.
+    # The platform rotates the file; the same provider picks the new assertion up, once
+    # the refusal's retry interval is over (until then the refusal is raised again, and
+    # Entra ID not asked: a broadcast would ask for each of its messages).
     token_file.write_text(fake_aad.federated_assertion("system:serviceaccount:bots:bot"))
+    asked = len(fake_aad.rejections)
+    with pytest.raises(TokenError, match="AZURE_FEDERATED_TOKEN_FILE"):
+        await provider.get_token()
+    assert len(fake_aad.rejections) == asked == 1
+    now[0] += REFRESH_RETRY_SECONDS
     token = await provider.get_token()
 
     assert fake_aad.is_valid_token(token)
