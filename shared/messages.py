@@ -166,8 +166,16 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         response.headers["Retry-After"] = str(math.ceil(COLD_RETRY_INTERVAL))
         return response
     except AuthError as error:
-        # AuthError's message is the internal reason, written without the token.
-        logger.warning("messages: 401 %s: %s", ids, error)
+        # AuthError's message is the internal reason, written without the token. Anyone
+        # can send requests without a valid one: each reason once a minute, with a count.
+        count = REPEATED.due(f"401 {error}")
+        logger.log(
+            logging.DEBUG if count is None else logging.WARNING,
+            "messages: 401 %s: %s%s",
+            ids,
+            error,
+            held_back(count or 0),
+        )
         local = isinstance(error, NotLoopback) and runtime.settings.auth_disabled
         return HttpResponse.text(401, LOCAL_UNAUTHORIZED if local else UNAUTHORIZED)
     except Exception as error:  # fail closed: an auth problem is never a 500

@@ -107,6 +107,7 @@ class MsalTokenProvider:
         self._prefetched = False
         self._retry_at = 0.0  # no background refresh before then (one just failed)
         self._last_error: TokenError | None = None  # why the latest refresh failed
+        self._reported: TokenError | None = None  # the last failure a caller was given
 
     @property
     def credential_kind(self) -> str:
@@ -151,15 +152,20 @@ class MsalTokenProvider:
                 if now >= self._retry_at:
                     self._shared_refresh()
                 return token.value
-        # Entra ID refused the credential moments ago (a setting to fix): asked again after
-        # REFRESH_RETRY_SECONDS, not by every call meanwhile (a broadcast's every message
-        # would be a token request and a warning).
+        # Entra ID refused the credential to a caller moments ago (a setting to fix): asked
+        # again after REFRESH_RETRY_SECONDS, not by every call meanwhile (a broadcast's
+        # every message would be a token request and a warning). A refusal no caller saw
+        # (the prefetch's) is asked again at once.
         error = self._last_error
         refused = error is not None and not error.transient and self._clock() < self._retry_at
-        if refused and not force_refresh:
+        if refused and error is self._reported and not force_refresh:
             raise error.with_traceback(None)
         # Shielded: one caller giving up must not cancel the acquisition the others share.
-        fresh = (await asyncio.shield(self._shared_refresh())).value
+        try:
+            fresh = (await asyncio.shield(self._shared_refresh())).value
+        except TokenError as failed:
+            self._reported = failed
+            raise
         if force_refresh and fresh == token.value and self._last_error is not None:
             raise self._last_error  # the refresh failed and kept the token the Connector refused
         return fresh

@@ -474,6 +474,19 @@ async def test_unauthenticated_requests_cannot_flood_the_log(bot, fake_connector
     assert "activity='iiii" in caplog.text  # still says which activity it was
 
 
+async def test_requests_refused_for_one_reason_log_one_warning_a_minute(
+    bot, fake_connector, caplog
+):
+    # Anyone can send requests with a junk token: each was a WARNING line (ingestion the
+    # operator pays for). Refused alike, they make one line a minute.
+    incoming = activity_for(fake_connector.url)
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            assert (await bot.handle(post(incoming, "junk"))).status == 401
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "messages: 401" in warnings[0]
+
+
 async def test_ids_a_client_chose_cannot_fake_a_log_line_even_at_debug(
     bot, channel_identity, fake_connector, caplog
 ):
