@@ -18,7 +18,7 @@ import random
 from shared.config import Settings
 from shared.delivery import Outcome
 from shared.engine import LONGEST_HOLD, settings_backoff
-from shared.logs import REPEATED, held_back
+from shared.logs import log_repeated
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -110,13 +110,13 @@ async def hold_for_settings(
     delay = settings_backoff(attempt) * (1 + 0.2 * random.random())
     await queue.put(text, delay=delay)
     # SettingsError messages name the setting and never carry a value.
-    count = REPEATED.due(f"settings {error}")
-    logger.log(
-        logging.DEBUG if count is None else logging.WARNING,
-        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s%s",
+    log_repeated(
+        logger,
+        logging.WARNING,
+        f"settings {error}",
+        "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
         error,
         delay,
-        held_back(count or 0),
     )
     return Outcome.REQUEUED
 

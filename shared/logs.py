@@ -65,5 +65,15 @@ def held_back(count: int) -> str:
     return f" ({count} more like this since the last such line)" if count else ""
 
 
+def log_repeated(
+    logger: logging.Logger, level: int, cause: str, message: str, *args: object
+) -> None:
+    """Log `message` at `level` once a minute per `cause` (:data:`REPEATED`, created
+    below), saying how many like it were held back; at DEBUG in between."""
+    count = REPEATED.due(cause)
+    level = logging.DEBUG if count is None else level
+    logger.log(level, message + "%s", *args, held_back(count or 0))
+
+
 # The process's repeated warnings (shared/proactive.py, holding.py, outcomes.py, messages.py).
 REPEATED = Repeated()

@@ -32,7 +32,7 @@ from shared.activity import (
 from shared.config import SettingsError
 from shared.diagnostics import clip, describe
 from shared.http import HttpRequest, HttpResponse
-from shared.logs import REPEATED, held_back
+from shared.logs import log_repeated
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime
 from shared.turn import TurnContext
@@ -118,12 +118,12 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
             runtime = runtime()
         except SettingsError as error:
             # SettingsError's message names the setting and the problem, never its value.
-            count = REPEATED.due(f"settings {error}")
-            logger.log(
-                logging.DEBUG if count is None else logging.ERROR,
-                "messages: bot not configured: %s%s",
+            log_repeated(
+                logger,
+                logging.ERROR,
+                f"settings {error}",
+                "messages: bot not configured: %s",
                 error,
-                held_back(count or 0),
             )
             return HttpResponse.text(500, SERVER_ERROR)
 
@@ -168,14 +168,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     except AuthError as error:
         # AuthError's message is the internal reason, written without the token. Anyone
         # can send requests without a valid one: each reason once a minute, with a count.
-        count = REPEATED.due(f"401 {error}")
-        logger.log(
-            logging.DEBUG if count is None else logging.WARNING,
-            "messages: 401 %s: %s%s",
-            ids,
-            error,
-            held_back(count or 0),
-        )
+        log_repeated(logger, logging.WARNING, f"401 {error}", "messages: 401 %s: %s", ids, error)
         local = isinstance(error, NotLoopback) and runtime.settings.auth_disabled
         return HttpResponse.text(401, LOCAL_UNAUTHORIZED if local else UNAUTHORIZED)
     except Exception as error:  # fail closed: an auth problem is never a 500

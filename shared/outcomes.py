@@ -21,7 +21,7 @@ from shared.config import CLAIM_RESERVE_SECONDS
 from shared.delivery import Outcome
 from shared.engine import Engine, settings_backoff
 from shared.idempotency import Claim, is_outcome
-from shared.logs import REPEATED, held_back
+from shared.logs import log_repeated
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -164,14 +164,14 @@ async def hold_for_storage(
         outcome = await engine.requeue(request, delay, mark=False, held=True, unrecorded=unrecorded)
     except Exception:
         raise failure from None
-    count = REPEATED.due(f"storage {failure.status} {failure.code}")
-    logger.log(
-        logging.DEBUG if count is None else logging.WARNING,
-        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s%s",
+    log_repeated(
+        logger,
+        logging.WARNING,
+        f"storage {failure.status} {failure.code}",
+        "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
         request.id,
         failure,
         delay,
-        held_back(count or 0),
     )
     return outcome
 

@@ -62,7 +62,7 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
-from shared.logs import REPEATED, held_back
+from shared.logs import log_repeated
 from shared.outcomes import (
     REMOVED_REASON,
     OutcomeKept,
@@ -480,16 +480,16 @@ async def _connector_failure(
         outcome = await engine.requeue(request, delay, held=True)
         cause = error.code or error.status or "no token"
         setting = error.setting or "MicrosoftAppId"
-        count = REPEATED.due(f"credentials {setting} {cause}")
-        logger.log(
-            logging.DEBUG if count is None else logging.WARNING,
+        log_repeated(
+            logger,
+            logging.WARNING,
+            f"credentials {setting} {cause}",
             "proactive %r: no usable credentials (%s); check the setting %s. "
-            "The message is kept and retried in %.0f s%s",
+            "The message is kept and retried in %.0f s",
             request.id,
             cause,
             setting,
             delay,
-            held_back(count or 0),
         )
         return outcome
     if kind in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT):

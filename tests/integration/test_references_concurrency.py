@@ -8,6 +8,7 @@ must hold exactly the fields of the writers that reported success.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import uuid
 
@@ -286,6 +287,17 @@ async def test_a_thousand_references_page_exactly_on_azurite(azurite, unique_nam
 # --- a 1:1 whose user changes ------------------------------------------------------------
 
 
+async def erase_teams_user(store: BlobReferenceStore):
+    """Erase the Teams user `reference()` names by default, by both their ids."""
+    return await erase_user_data(
+        channel_id="msteams",
+        user_id="29:user",
+        aad_object_id="aad-user",
+        state=None,
+        references=store,
+    )
+
+
 class Gated(BlobReferenceStore):
     """Holds one step of its upserts, once :meth:`hold` named it, until the test opens the
     gate: `_index` (the user's index entries, after the document write) or `_unindex` (a
@@ -440,13 +452,7 @@ async def test_an_erasure_waits_for_a_conversation_this_instance_is_still_indexi
         recording = asyncio.ensure_future(store.upsert(reference("e:new", tenant="t2")))
         await store.reached.wait()  # the document is stored; its index write is held
         asyncio.get_running_loop().call_later(0.3, store.gate.set)
-        erased = await erase_user_data(
-            channel_id="msteams",
-            user_id="29:user",
-            aad_object_id="aad-user",
-            state=None,
-            references=store,
-        )
+        erased = await erase_teams_user(store)
         await recording
         assert sorted(erased.conversations) == ["msteams/e:new", "msteams/e:old"]
         assert await store.get("msteams/e:new") is None
@@ -469,13 +475,7 @@ async def test_an_erasure_does_not_wait_for_another_channels_writes(azurite, uni
         held = asyncio.ensure_future(store.upsert(webchat))
         await store.reached.wait()
         async with asyncio.timeout(ERASURE_WAIT * 0.6):
-            erased = await erase_user_data(
-                channel_id="msteams",
-                user_id="29:user",
-                aad_object_id="aad-user",
-                state=None,
-                references=store,
-            )
+            erased = await erase_teams_user(store)
         assert erased.conversations == ["msteams/e:old"]
         assert not held.done()
         store.gate.set()
@@ -532,13 +532,7 @@ async def test_an_erasure_waits_once_for_a_write_stuck_on_storage(
         stuck = asyncio.ensure_future(store.upsert(other))
         await store.reached.wait()
         async with asyncio.timeout(0.5 * 1.8):
-            erased = await erase_user_data(
-                channel_id="msteams",
-                user_id="29:user",
-                aad_object_id="aad-user",
-                state=None,
-                references=store,
-            )
+            erased = await erase_teams_user(store)
         assert erased.conversations == ["msteams/e:old"]
         store.gate.set()
         assert await stuck is True
@@ -551,15 +545,7 @@ async def test_an_index_write_that_outlives_its_upsert_is_waited_for_by_an_erasu
 ):
     # Storage so slow that the upsert's own timeout ends it after the document write: its
     # index write goes on alone. An erasure beginning then must still find the 1:1.
-    slow = StorageOptions(
-        retry_total=1,
-        initial_backoff=0.05,
-        increment_base=0.1,
-        jitter=0.0,
-        connection_timeout=1.0,
-        read_timeout=1.0,
-        operation_timeout=1.0,
-    )
+    slow = dataclasses.replace(FAST_STORAGE, read_timeout=1.0, operation_timeout=1.0)
     store = Gated(store_settings(azurite.connection_string, unique_name("outlives")), options=slow)
     try:
         await store.upsert(reference("e:old", tenant="t1"))
@@ -567,13 +553,7 @@ async def test_an_index_write_that_outlives_its_upsert_is_waited_for_by_an_erasu
         with pytest.raises(StoreError):
             await store.upsert(reference("e:new", tenant="t2"))
         asyncio.get_running_loop().call_later(0.3, store.gate.set)
-        erased = await erase_user_data(
-            channel_id="msteams",
-            user_id="29:user",
-            aad_object_id="aad-user",
-            state=None,
-            references=store,
-        )
+        erased = await erase_teams_user(store)
         assert sorted(erased.conversations) == ["msteams/e:new", "msteams/e:old"]
         assert await store.get("msteams/e:new") is None
     finally:
