@@ -113,7 +113,7 @@ async def hold_for_settings(
     log_repeated(
         logger,
         logging.WARNING,
-        f"settings {error}",
+        f"held for settings: {error}",
         "proactive: the app settings are not usable (%s); message kept, retried in %.0f s",
         error,
         delay,

@@ -15,6 +15,7 @@ each activity at DEBUG.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,6 +59,15 @@ class Repeated:
         while len(self._causes) > 256:  # causes are few; a flood of distinct ones is cut
             self._causes.popitem(last=False)
         return 0 if last is None else last[1]
+
+
+def without_names(text: str) -> str:
+    """An error's text without the names it quotes (a key, a blob): the cause it says,
+    alike for every message that meets it."""
+    return _QUOTED.sub("'…'", text)
+
+
+_QUOTED = re.compile(r"'[^']*'")
 
 
 def held_back(count: int) -> str:

@@ -121,7 +121,7 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
             log_repeated(
                 logger,
                 logging.ERROR,
-                f"settings {error}",
+                f"not configured: {error}",
                 "messages: bot not configured: %s",
                 error,
             )

@@ -21,7 +21,7 @@ from shared.config import CLAIM_RESERVE_SECONDS
 from shared.delivery import Outcome
 from shared.engine import Engine, settings_backoff
 from shared.idempotency import Claim, is_outcome
-from shared.logs import log_repeated
+from shared.logs import log_repeated, without_names
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -167,7 +167,7 @@ async def hold_for_storage(
     log_repeated(
         logger,
         logging.WARNING,
-        f"storage {failure.status} {failure.code}",
+        f"held for storage: {without_names(str(failure))}",
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
         request.id,
         failure,

@@ -280,8 +280,8 @@ def unreadable_answer(error: BaseException) -> bool:
     if isinstance(error, IndexError | KeyError | TypeError):
         # The SDK reading headers it takes for its own (any name with "or-" in it for
         # object replication's, an error code's on a 200 from a proxy): raised where the SDK
-        # deserialises, not in code of ours it called back.
-        return _raised_last_in_sdk(error)
+        # reads an answer, not where it checks our arguments or in code of ours it called.
+        return _raised_reading_an_answer(error)
     return isinstance(error, UnicodeDecodeError) and _raised_in_sdk(error)
 
 
@@ -308,14 +308,19 @@ def unreadable_message(where: str, error: BaseException) -> str:
     return f"{where} failed: the answer could not be read ({type(error).__name__})"
 
 
-def _raised_last_in_sdk(error: BaseException) -> bool:
-    """Whether the frame that raised `error` is the storage SDK's."""
+def _raised_reading_an_answer(error: BaseException) -> bool:
+    """Whether the frame that raised `error` is the storage SDK's, reading an answer: its
+    deserialisers and response handlers (a wrong argument of ours raises elsewhere: in its
+    request builders, serialisers or checks)."""
     traceback = error.__traceback__
     if traceback is None:
         return False
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
-    return traceback.tb_frame.f_globals.get("__name__", "").startswith(_SDK_MODULES)
+    module = traceback.tb_frame.f_globals.get("__name__", "")
+    function = traceback.tb_frame.f_code.co_name.lower()
+    reading = module.endswith(("._deserialize", ".response_handlers")) or "deserializ" in function
+    return module.startswith(_SDK_MODULES) and reading
 
 
 def _raised_in_sdk(error: BaseException) -> bool:

@@ -79,9 +79,9 @@ async def erase_user_data(
         # A 1:1 the bot opened for a `user` target named by the aadObjectId has it for its
         # user id (until the user writes in it): indexed, and matched, under that id.
         names.append((aad_object_id, None))
-    for named_id, named_aad in names:
+    for place, (named_id, named_aad) in enumerate(names):
         eraser = _Eraser(channel_id, named_id, named_aad, state, references, erased, users_done)
-        overflowed = await _erase_indexed(eraser) or overflowed
+        overflowed = await _erase_indexed(eraser, settle_writes=place == 0) or overflowed
     if user_id:
         await eraser.user_state(user_id)
     # Saved on Teams, a user state names its owner's aadObjectId: found by it also with
@@ -103,9 +103,10 @@ async def erase_user_data(
     return erased
 
 
-async def _erase_indexed(eraser: _Eraser) -> bool:
+async def _erase_indexed(eraser: _Eraser, *, settle_writes: bool) -> bool:
     """Erase the 1:1s the user's index (by the eraser's names) lists, or the channel's
-    listing finds; whether the index had overflowed."""
+    listing finds; whether the index had overflowed. `settle_writes`: wait for this
+    process's writes of the channel still under way first (once per erasure)."""
     references = eraser.references
     lookup = {
         "channel_id": eraser.channel_id,
@@ -117,6 +118,8 @@ async def _erase_indexed(eraser: _Eraser) -> bool:
     # listing finds it. The mark makes a retry list (an index nearly full, listed now, may
     # be much less full by then).
     await references.mark_user_index(**lookup)
+    if settle_writes:
+        await references.settle_writes(eraser.channel_id)
     if overflowed:
         await eraser.listed()
     for _ in range(MAX_CONVERSATIONS + 1):  # a full index, then the None that ends it

@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +62,7 @@ logger = logging.getLogger("shared.references")  # the package logs under one na
 _NEW_SHARE_WEIGHT = 0.2  # weight of the latest uncached upsert in the share of new ones
 
 
-# How long an erasure waits for this instance's writes still under way (mark_user_index).
+# How long an erasure waits for this instance's writes still under way (settle_writes).
 ERASURE_WAIT = 3.0
 
 
@@ -109,8 +108,6 @@ class BlobReferenceStore(UserIndexes):
         )
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
         self._indexing: set[asyncio.Task] = set()  # writes an upsert stopped waiting for
-        # Writes an erasure waited ERASURE_WAIT for in vain: not waited for again.
-        self._waited_out: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
         self._writing: dict[str, set[asyncio.Task]] = {}  # upserts under way, by key
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
@@ -343,28 +340,17 @@ class BlobReferenceStore(UserIndexes):
                 self._listing_slice,
             )
 
-    async def mark_user_index(
-        self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
-    ) -> None:
-        await super().mark_user_index(
-            channel_id=channel_id, user_id=user_id, aad_object_id=aad_object_id
-        )
-        # An erasure begins. A conversation this instance stored just before, whose index
-        # write is still under way, would be missed by the erasure's lookups and then kept
-        # by its settle (live, and the user's): this instance's writes of the channel's
+    async def settle_writes(self, channel_id: str) -> None:
+        # A conversation this instance stored just before an erasure, whose index write
+        # is still under way, would be missed by the erasure's lookups and then kept by
+        # its settle (live, and the user's): this instance's writes of the channel's
         # conversations are waited for, a while (the channel waits 15 s for the erasure).
-        # Each write once: an erasure marks the index of each of the user's names.
         prefix = f"{channel_id}/"
         writing = {
-            task
-            for key, tasks in self._writing.items()
-            if key.startswith(prefix)
-            for task in tasks
-            if task not in self._waited_out
+            t for key, tasks in self._writing.items() if key.startswith(prefix) for t in tasks
         }
         if writing:
             await asyncio.wait(writing, timeout=min(ERASURE_WAIT, self._options.operation_timeout))
-            self._waited_out.update(task for task in writing if not task.done())
 
     async def close(self) -> None:
         if self._indexing:  # writes still going on by themselves: ended first

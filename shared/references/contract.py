@@ -160,9 +160,13 @@ class ReferenceStore(Protocol):
         self, *, channel_id: str, user_id: str | None = None, aad_object_id: str | None = None
     ) -> None:
         """An erasure begins: mark the user's index (one with keys) as overflowed, so that
-        should it fail part-way, its retry lists the channel for what the index lost; then
-        wait for this store's writes still under way, so that a conversation it stored
-        just before is in its user's index when the erasure looks."""
+        should it fail part-way, its retry lists the channel for what the index lost."""
+        ...
+
+    async def settle_writes(self, channel_id: str) -> None:
+        """Wait a while (an erasure's, once) for this store's writes of the channel's
+        conversations still under way, so that a conversation it stored just before is
+        in its user's index when the erasure looks."""
         ...
 
     async def settle_user_index(

@@ -558,3 +558,44 @@ async def test_an_index_write_that_outlives_its_upsert_is_waited_for_by_an_erasu
         assert await store.get("msteams/e:new") is None
     finally:
         await store.close()
+
+
+async def test_a_second_erasure_waits_for_the_write_a_first_one_gave_up_on(
+    azurite, unique_name, monkeypatch
+):
+    # Y's new 1:1 is still being indexed (held) when X is erased: X's erasure waits a while,
+    # then goes on. Y's own erasure, next, must wait for it again and erase it.
+    from shared.references import blob as blob_store
+
+    monkeypatch.setattr(blob_store, "ERASURE_WAIT", 0.5)
+    store = Gated(
+        store_settings(azurite.connection_string, unique_name("second")), options=FAST_STORAGE
+    )
+    try:
+        await store.upsert(reference("e:x", tenant="t1", user="29:x", aad="aad-x"))
+        store.hold("_index")
+        y = asyncio.ensure_future(
+            store.upsert(reference("e:y", tenant="t1", user="29:y", aad="aad-y"))
+        )
+        await store.reached.wait()
+        erased_x = await erase_user_data(
+            channel_id="msteams",
+            user_id="29:x",
+            aad_object_id="aad-x",
+            state=None,
+            references=store,
+        )
+        assert erased_x.conversations == ["msteams/e:x"] and not y.done()
+        asyncio.get_running_loop().call_later(0.2, store.gate.set)
+        erased_y = await erase_user_data(
+            channel_id="msteams",
+            user_id="29:y",
+            aad_object_id="aad-y",
+            state=None,
+            references=store,
+        )
+        assert await y is True
+        assert erased_y.conversations == ["msteams/e:y"]
+        assert await store.get("msteams/e:y") is None
+    finally:
+        await store.close()

@@ -45,3 +45,12 @@ def test_a_repeated_warning_is_logged_once_a_minute_per_cause_with_how_many_were
     assert count == 4
     assert held_back(count) == " (4 more like this since the last such line)"
     assert held_back(0) == ""
+
+
+def test_the_cause_of_a_storage_failure_is_its_text_without_the_names_it_quotes():
+    from shared.logs import without_names
+
+    timed_out = without_names("proactive ledger: put 'slot/a:1' timed out after 4s")
+    assert timed_out == without_names("proactive ledger: put 'slot/b:2' timed out after 4s")
+    refused = without_names("reference store: get 'msteams/a:1' failed: no credential (role)")
+    assert refused != timed_out

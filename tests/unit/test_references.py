@@ -1454,6 +1454,28 @@ async def test_a_success_with_a_header_the_storage_sdk_misreads_is_a_store_error
     )
 
 
+async def test_a_wrong_argument_the_storage_sdk_refuses_stays_our_own_error():
+    # The SDK checks arguments in its own frames, before sending anything: such a TypeError
+    # is a bug of ours (a call changed by an SDK upgrade), never "storage unreadable",
+    # which would hold a proactive message for storage for ever.
+    from azure.storage.blob.aio import BlobServiceClient
+
+    from shared.storage import unreadable_answer
+
+    connection = (
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:9/{ACCOUNT};"
+    )
+    async with BlobServiceClient.from_connection_string(connection) as service:
+        blob = service.get_blob_client("c", "b")
+        with pytest.raises(TypeError) as wrong_data:
+            await blob.upload_blob(123)
+        with pytest.raises(TypeError) as wrong_condition:
+            await blob.delete_blob(match_condition=1, etag="x")
+    assert not unreadable_answer(wrong_data.value)
+    assert not unreadable_answer(wrong_condition.value)
+
+
 @pytest.mark.parametrize("answer", list(UNREADABLE_ANSWERS))
 async def test_a_read_answered_without_its_content_range_is_a_store_error(answer):
     # A 200 to the document's ranged GET (a proxy's page): the SDK's plain ValueError.
