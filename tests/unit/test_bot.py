@@ -382,8 +382,11 @@ async def test_a_call_that_got_no_token_in_time_means_no_apology(fake_connector,
 
 
 async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
-    fake_connector, fake_aad, authenticated
+    fake_connector, fake_aad, authenticated, monkeypatch
 ):
+    # Entra ID asked again at once after it refused the credential (the provider waits
+    # REFRESH_RETRY_SECONDS by default): the token comes on the second try.
+    monkeypatch.setattr("shared.auth.tokens.REFRESH_RETRY_SECONDS", 0.0)
     # What held the apology back is gone: the token came on a second try, or the last
     # send here was answered (as invalid) after one that went unanswered.
     from shared.connector.errors import ConnectorError
@@ -411,8 +414,11 @@ async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
 
 
 async def test_the_apology_follows_what_the_turns_calls_showed_of_its_way(
-    fake_connector, fake_aad, authenticated
+    fake_connector, fake_aad, authenticated, monkeypatch
 ):
+    # Entra ID asked again at once after it refused the credential (the provider waits
+    # REFRESH_RETRY_SECONDS by default): the token comes on the second try.
+    monkeypatch.setattr("shared.auth.tokens.REFRESH_RETRY_SECONDS", 0.0)
     from shared.connector.errors import ConnectorError
 
     async def no_token_then_answered(turn):
