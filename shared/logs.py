@@ -62,12 +62,14 @@ class Repeated:
 
 
 def without_names(text: str) -> str:
-    """An error's text without the names it quotes (a key, a blob): the cause it says,
-    alike for every message that meets it."""
-    return _QUOTED.sub("'…'", text)
+    """An error's text without what differs from one message to the next (a quoted key
+    or value, a blob's path, a number): the cause it says, alike for every message that
+    meets it."""
+    return " ".join(_NAMES.sub("…", text).split())
 
 
-_QUOTED = re.compile(r"'[^']*'")
+# Quoted (a quote cut short by clip() runs to the end), path-like, or a number.
+_NAMES = re.compile(r"'[^']*(?:'|$)|\"[^\"]*(?:\"|$)|\S*/\S*|\d+")
 
 
 def held_back(count: int) -> str:
@@ -76,14 +78,22 @@ def held_back(count: int) -> str:
 
 
 def log_repeated(
-    logger: logging.Logger, level: int, cause: str, message: str, *args: object
+    logger: logging.Logger,
+    level: int,
+    cause: str,
+    message: str,
+    *args: object,
+    repeated: Repeated | None = None,
 ) -> None:
-    """Log `message` at `level` once a minute per `cause` (:data:`REPEATED`, created
-    below), saying how many like it were held back; at DEBUG in between."""
-    count = REPEATED.due(cause)
+    """Log `message` at `level` once a minute per `cause` (in `repeated`, by default
+    :data:`REPEATED`, created below), saying how many like it were held back; at DEBUG
+    in between."""
+    count = (repeated or REPEATED).due(cause)
     level = logging.DEBUG if count is None else level
     logger.log(level, message + "%s", *args, held_back(count or 0))
 
 
-# The process's repeated warnings (shared/proactive.py, holding.py, outcomes.py, messages.py).
+# The process's repeated warnings (shared/proactive.py, holding.py, outcomes.py, messages.py);
+# refused requests apart (anyone can send them: their causes must not push the others out).
 REPEATED = Repeated()
+REFUSALS = Repeated()

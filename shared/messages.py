@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from shared.activity import (
 from shared.config import SettingsError
 from shared.diagnostics import clip, describe
 from shared.http import HttpRequest, HttpResponse
-from shared.logs import log_repeated
+from shared.logs import REFUSALS, log_repeated
 from shared.router import InvokeResponse, Router
 from shared.runtime import Runtime
 from shared.turn import TurnContext
@@ -168,7 +169,12 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
     except AuthError as error:
         # AuthError's message is the internal reason, written without the token. Anyone
         # can send requests without a valid one: each reason once a minute, with a count.
-        log_repeated(logger, logging.WARNING, f"401 {error}", "messages: 401 %s: %s", ids, error)
+        # The cause is the reason's words before any value it quotes (a key id, an
+        # algorithm: a junk token's own).
+        cause = re.split("['\"]", str(error), maxsplit=1)[0]
+        log_repeated(
+            logger, logging.WARNING, cause, "messages: 401 %s: %s", ids, error, repeated=REFUSALS
+        )
         local = isinstance(error, NotLoopback) and runtime.settings.auth_disabled
         return HttpResponse.text(401, LOCAL_UNAUTHORIZED if local else UNAUTHORIZED)
     except Exception as error:  # fail closed: an auth problem is never a 500

@@ -167,7 +167,7 @@ async def hold_for_storage(
     log_repeated(
         logger,
         logging.WARNING,
-        f"held for storage: {without_names(str(failure))}",
+        f"held for storage: {failure.status} {failure.code} {without_names(str(failure))}",
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
         request.id,
         failure,

@@ -10,7 +10,7 @@ import pytest
 
 from shared import warmup
 from shared.config import AZURE_HOST_MARKERS
-from shared.logs import REPEATED
+from shared.logs import REFUSALS, REPEATED
 
 pytest_plugins = [
     "tests.fixtures.storage",
@@ -38,6 +38,7 @@ def _each_test_logs_its_own_warnings():
     """A warning repeated by every message is logged once a minute per process
     (shared/logs.py): each test starts that minute afresh, as a process of its own."""
     REPEATED.clear()
+    REFUSALS.clear()
 
 
 def _children(pid: int) -> list[str]:

@@ -154,11 +154,12 @@ class MsalTokenProvider:
                 return token.value
         # Entra ID refused the credential to a caller moments ago (a setting to fix): asked
         # again after REFRESH_RETRY_SECONDS, not by every call meanwhile (a broadcast's
-        # every message would be a token request and a warning). A refusal no caller saw
-        # (the prefetch's) is asked again at once.
+        # every message would be a token request and a warning), a refresh after the
+        # Connector refused the token included. A refusal no caller saw (the prefetch's,
+        # a background refresh's) is asked again at once.
         error = self._last_error
         refused = error is not None and not error.transient and self._clock() < self._retry_at
-        if refused and error is self._reported and not force_refresh:
+        if refused and error is self._reported:
             raise error.with_traceback(None)
         # Shielded: one caller giving up must not cancel the acquisition the others share.
         try:
@@ -167,7 +168,9 @@ class MsalTokenProvider:
             self._reported = failed
             raise
         if force_refresh and fresh == token.value and self._last_error is not None:
-            raise self._last_error  # the refresh failed and kept the token the Connector refused
+            # The refresh failed and kept the token the Connector refused.
+            self._reported = self._last_error
+            raise self._last_error
         return fresh
 
     def _shared_refresh(self) -> asyncio.Task[_Token]:

@@ -381,11 +381,32 @@ async def test_a_call_that_got_no_token_in_time_means_no_apology(fake_connector,
     assert fake_connector.requests == []
 
 
+async def test_a_refused_credential_holds_the_apology_back_and_entra_id_is_asked_once(
+    fake_connector, fake_aad, authenticated
+):
+    # The turn's second call, within the provider's retry interval, is refused without
+    # asking Entra ID again: the apology would meet the same refusal, so none is sent.
+    from shared.connector.errors import ConnectorError
+
+    async def lookup_twice(turn):
+        with contextlib.suppress(ConnectorError):
+            await turn.member("29:ada")
+        await turn.member("29:ada")
+
+    refused = len(fake_aad.rejections)
+    fake_aad.fail_next()
+    fake_connector.members[CONVERSATION] = [{"id": "29:ada", "name": "Ada"}]
+    await failed_turn(authenticated, incoming(fake_connector, text="hi"), lookup_twice)
+    assert posted(fake_connector) == []
+    assert len(fake_aad.rejections) - refused == 1
+
+
 async def test_a_token_had_again_or_an_answer_here_lets_the_apology_go(
     fake_connector, fake_aad, authenticated, monkeypatch
 ):
     # Entra ID asked again at once after it refused the credential (the provider waits
-    # REFRESH_RETRY_SECONDS by default): the token comes on the second try.
+    # REFRESH_RETRY_SECONDS by default): the token comes on the second try, as after a
+    # transient failure (which MSAL's own cache answers again for a few seconds here).
     monkeypatch.setattr("shared.auth.tokens.REFRESH_RETRY_SECONDS", 0.0)
     # What held the apology back is gone: the token came on a second try, or the last
     # send here was answered (as invalid) after one that went unanswered.
@@ -417,7 +438,8 @@ async def test_the_apology_follows_what_the_turns_calls_showed_of_its_way(
     fake_connector, fake_aad, authenticated, monkeypatch
 ):
     # Entra ID asked again at once after it refused the credential (the provider waits
-    # REFRESH_RETRY_SECONDS by default): the token comes on the second try.
+    # REFRESH_RETRY_SECONDS by default): the token comes on the second try, as after a
+    # transient failure (which MSAL's own cache answers again for a few seconds here).
     monkeypatch.setattr("shared.auth.tokens.REFRESH_RETRY_SECONDS", 0.0)
     from shared.connector.errors import ConnectorError
 

@@ -47,10 +47,16 @@ def test_a_repeated_warning_is_logged_once_a_minute_per_cause_with_how_many_were
     assert held_back(0) == ""
 
 
-def test_the_cause_of_a_storage_failure_is_its_text_without_the_names_it_quotes():
+def test_the_cause_of_a_storage_failure_is_its_text_without_what_differs_per_message():
     from shared.logs import without_names
 
-    timed_out = without_names("proactive ledger: put 'slot/a:1' timed out after 4s")
-    assert timed_out == without_names("proactive ledger: put 'slot/b:2' timed out after 4s")
+    # The stores' own texts: the ledger names blobs by path, the reference store quotes
+    # keys (clip() cuts a long one before its closing quote).
+    ledger = "proactive ledger: create proactive/{}/head.json failed: storage unreachable (OSError)"
+    assert without_names(ledger.format("bcmVxLTA")) == without_names(ledger.format("bcmVxLTE"))
+    timed_out = without_names("reference store: upsert 'msteams/a:1' timed out after 4s")
+    assert timed_out == without_names("reference store: upsert 'msteams/b:2' timed out after 10s")
+    cut = "reference store: upsert 'msteams/" + "x" * 300
+    assert without_names(cut + "...(320 chars)") == without_names(cut + "y...(321 chars)")
     refused = without_names("reference store: get 'msteams/a:1' failed: no credential (role)")
-    assert refused != timed_out
+    assert refused != timed_out != without_names(ledger.format("x"))

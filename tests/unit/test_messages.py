@@ -479,12 +479,23 @@ async def test_requests_refused_for_one_reason_log_one_warning_a_minute(
 ):
     # Anyone can send requests with a junk token: each was a WARNING line (ingestion the
     # operator pays for). Refused alike, they make one line a minute.
+    import base64
+
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
     incoming = activity_for(fake_connector.url)
+    issuer = {"iss": "https://api.botframework.com"}
+    # Junk, or a key id of its own each time (a new cause per request, were it the text).
+    tokens = ["junk"] * 3 + [
+        f"{part({'alg': 'RS256', 'kid': f'kid-{n}'})}.{part(issuer)}.c2ln" for n in range(5)
+    ]
     with caplog.at_level(logging.INFO):
-        for _ in range(5):
-            assert (await bot.handle(post(incoming, "junk"))).status == 401
+        for token in tokens:
+            assert (await bot.handle(post(incoming, token))).status == 401
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "messages: 401" in warnings[0]
+    assert len(warnings) == 2 and all("messages: 401" in line for line in warnings)
+    assert "unknown key id 'kid-0'" in warnings[1]
 
 
 async def test_ids_a_client_chose_cannot_fake_a_log_line_even_at_debug(

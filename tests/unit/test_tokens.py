@@ -6,6 +6,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -380,11 +381,18 @@ async def test_a_forced_refresh_answered_with_the_same_token_returns_it(
             "MicrosoftAppTenantId": str(uuid.uuid4()),
         }
     )
-    provider = create_token_provider(settings)
+    now = [time.time()]
+    provider = create_token_provider(settings, clock=lambda: now[0])
     await provider.get_token()
     fake_managed_identity.fail_next(400)
     with pytest.raises(TokenError):
         await provider.get_token(force_refresh=True)
+    # Refused, it is asked again once the retry interval is over, not by every caller.
+    asked = len(fake_managed_identity.requests)
+    with pytest.raises(TokenError):
+        await provider.get_token(force_refresh=True)
+    assert len(fake_managed_identity.requests) == asked
+    now[0] += REFRESH_RETRY_SECONDS
     second = await provider.get_token(force_refresh=True)
 
     fake_managed_identity.reuse = True
