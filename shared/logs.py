@@ -61,15 +61,28 @@ class Repeated:
         return 0 if last is None else last[1]
 
 
-def without_names(text: str) -> str:
-    """An error's text without what differs from one message to the next (a quoted key
-    or value, a blob's path, a number): the cause it says, alike for every message that
-    meets it."""
-    return " ".join(_NAMES.sub("…", text).split())
+def storage_cause(failure: Exception) -> str:
+    """What a storage failure says, alike for every message that meets it: its type,
+    status and code, an HTTP status its text names, and the kind of failure its text
+    says (never a key or a blob's name, which differ from one message to the next)."""
+    text = str(failure)
+    kind = next((kind for kind in _STORAGE_KINDS if kind in text), "failed")
+    http = _HTTP_STATUS.search(text)
+    status, code = getattr(failure, "status", None), getattr(failure, "code", None)
+    return f"{type(failure).__name__} {status} {code} {http and http[0]} {kind}"
 
 
-# Quoted (a quote cut short by clip() runs to the end), path-like, or a number.
-_NAMES = re.compile(r"'[^']*(?:'|$)|\"[^\"]*(?:\"|$)|\S*/\S*|\d+")
+# The kinds of storage failure the stores' texts name (shared/storage.py and the stores).
+_STORAGE_KINDS = (
+    "timed out",
+    "unreachable",
+    "could not be read",
+    "no credential",
+    "kept changing",
+    "gave up",
+    "not JSON",
+)
+_HTTP_STATUS = re.compile(r"HTTP \d{3}")
 
 
 def held_back(count: int) -> str:

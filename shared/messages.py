@@ -162,7 +162,16 @@ async def _handle(request: HttpRequest, runtime: Runtime | Callable[[], Runtime]
         # An outage, not a bad token: the channel may retry once the key cache tries again.
         from shared.auth.keys import COLD_RETRY_INTERVAL
 
-        logger.error("messages: 503 %s: outage: %s", ids, error)
+        # Anyone's request meets it while the keys cannot be fetched: once a minute.
+        log_repeated(
+            logger,
+            logging.ERROR,
+            f"503 {error}",
+            "messages: 503 %s: outage: %s",
+            ids,
+            error,
+            repeated=REFUSALS,
+        )
         response = HttpResponse.text(503, KEYS_UNAVAILABLE)
         response.headers["Retry-After"] = str(math.ceil(COLD_RETRY_INTERVAL))
         return response

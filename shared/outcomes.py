@@ -21,7 +21,7 @@ from shared.config import CLAIM_RESERVE_SECONDS
 from shared.delivery import Outcome
 from shared.engine import Engine, settings_backoff
 from shared.idempotency import Claim, is_outcome
-from shared.logs import log_repeated, without_names
+from shared.logs import log_repeated, storage_cause
 from shared.proactive_schema import (
     RESERVED,
     InvalidRequest,
@@ -167,7 +167,7 @@ async def hold_for_storage(
     log_repeated(
         logger,
         logging.WARNING,
-        f"held for storage: {failure.status} {failure.code} {without_names(str(failure))}",
+        f"held for storage: {storage_cause(failure)}",
         "proactive %r: storage failed (%s); the message is kept and retried in %.0f s",
         request.id,
         failure,

@@ -231,7 +231,7 @@ async def record_outcome(
             return False
         if await ledger.replace(name, data, current.etag, metadata=metadata) is not None:
             return True
-    raise StoreError(f"proactive ledger: {name[-80:]} kept changing; outcome not recorded")
+    raise StoreError(f"proactive ledger: {name[-80:]!r} kept changing; outcome not recorded")
 
 
 async def record_duplicate(ledger: Ledger, request_id: str, target: str, now: float) -> None:

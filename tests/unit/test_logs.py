@@ -47,16 +47,32 @@ def test_a_repeated_warning_is_logged_once_a_minute_per_cause_with_how_many_were
     assert held_back(0) == ""
 
 
-def test_the_cause_of_a_storage_failure_is_its_text_without_what_differs_per_message():
-    from shared.logs import without_names
+def test_the_cause_of_a_storage_failure_is_alike_for_every_message_that_meets_it():
+    from shared.logs import storage_cause
+    from shared.references import StoreError
 
-    # The stores' own texts: the ledger names blobs by path, the reference store quotes
-    # keys (clip() cuts a long one before its closing quote).
+    def cause(text: str, **fields) -> str:
+        return storage_cause(StoreError(text, **fields))
+
+    # The stores' own texts: the ledger names blobs by path or by a name's tail, the
+    # reference store quotes keys (clip() cuts a long one), the state store names a status.
     ledger = "proactive ledger: create proactive/{}/head.json failed: storage unreachable (OSError)"
-    assert without_names(ledger.format("bcmVxLTA")) == without_names(ledger.format("bcmVxLTE"))
-    timed_out = without_names("reference store: upsert 'msteams/a:1' timed out after 4s")
-    assert timed_out == without_names("reference store: upsert 'msteams/b:2' timed out after 10s")
-    cut = "reference store: upsert 'msteams/" + "x" * 300
-    assert without_names(cut + "...(320 chars)") == without_names(cut + "y...(321 chars)")
-    refused = without_names("reference store: get 'msteams/a:1' failed: no credential (role)")
-    assert refused != timed_out != without_names(ledger.format("x"))
+    assert cause(ledger.format("bcmVxLTA")) == cause(ledger.format("bcmVxLTE"))
+    kept = "proactive ledger: {!r} kept changing; outcome not recorded"
+    assert cause(kept.format("OC1WbTVie.json")) == cause(kept.format("YU9Hcmt.json"))
+    timed_out = cause("reference store: upsert 'msteams/a:1' timed out after 4s")
+    quotes = "reference store: upsert 'webchat/x\\'a\"y' timed out after 4s"
+    clipped = "reference store: upsert 'msteams/b" + "x" * 300 + "...(320 chars) timed out after 4s"
+    assert timed_out == cause(clipped)
+    assert cause(quotes) == timed_out
+    # Told apart: another kind, another status.
+    kinds = {
+        timed_out,
+        cause(ledger.format("x")),
+        cause("reference store: get 'k' failed: the answer could not be read (TypeError)"),
+        cause("reference store: get 'k' failed: no credential (role)"),
+        cause("state store: write failed: HTTP 503 (HttpResponseError)"),
+        cause("state store: write failed: HTTP 500 (HttpResponseError)"),
+        cause("reference store: get 'k' failed: HTTP 403 AuthorizationFailure", status=403),
+    }
+    assert len(kinds) == 7

@@ -339,6 +339,19 @@ async def test_a_valid_token_while_the_keys_cannot_be_fetched_is_503_without_sid
     assert "outage" in caplog.text and token not in caplog.text
 
 
+async def test_requests_during_a_key_outage_log_one_error_a_minute(
+    bot, channel_identity, fake_connector, caplog
+):
+    # Every request meets the outage, anyone's included: one line a minute says it.
+    channel_identity.set_outage(True)
+    token = channel_token(channel_identity, bot)
+    with caplog.at_level(logging.INFO, logger="shared.messages"):
+        for _ in range(5):
+            assert (await bot.handle(post(activity_for(fake_connector.url), token))).status == 503
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "messages: 503" in errors[0] and "outage" in errors[0]
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -636,3 +636,41 @@ async def test_a_failed_token_request_is_logged_by_the_app_with_what_to_check(
 
     [line] = [r.getMessage() for r in caplog.records if "token request for app" in r.getMessage()]
     assert "AADSTS7000215" in line and "MicrosoftAppPassword" in line
+
+
+async def test_a_transient_failure_or_a_refusal_no_caller_saw_is_asked_again_at_once():
+    # What the provider asks for, seen where it asks (MSAL's own HTTP cache would answer a
+    # failed request again for seconds, so Entra ID's side cannot show it): a transient
+    # failure is asked again by the next call; so is a refusal only a background refresh
+    # met, when the Connector then refuses the token (force_refresh).
+    from shared.auth import tokens
+
+    now = [1_000_000.0]
+    settings = Settings.from_env({"MicrosoftAppId": str(uuid.uuid4()), "MicrosoftAppPassword": "s"})
+    provider = create_token_provider(settings, clock=lambda: now[0])
+    asked: list[str] = []
+
+    def answers(*outcomes):
+        queue = list(outcomes)
+
+        def acquire():
+            asked.append("asked")
+            outcome = queue.pop(0)
+            if isinstance(outcome, TokenError):
+                raise outcome
+            return tokens._Token(outcome, now[0] + 3600, now[0] + 100)
+
+        provider._acquire_blocking = acquire
+
+    answers(TokenError("busy", transient=True), "t1")
+    with pytest.raises(TokenError):
+        await provider.get_token()
+    assert await provider.get_token() == "t1" and len(asked) == 2
+
+    # The token in its last minutes: refreshed in the background, which Entra ID refuses.
+    now[0] += 200
+    answers(TokenError("refused", setting="MicrosoftAppPassword"), "t2")
+    assert await provider.get_token() == "t1"
+    await asyncio.sleep(0.1)  # the background refresh ends, refused, seen by nobody
+    assert len(asked) == 3
+    assert await provider.get_token(force_refresh=True) == "t2" and len(asked) == 4
