@@ -63,26 +63,22 @@ class Repeated:
 
 def storage_cause(failure: Exception) -> str:
     """What a storage failure says, alike for every message that meets it: its type,
-    status and code, an HTTP status its text names, and the kind of failure its text
-    says (never a key or a blob's name, which differ from one message to the next)."""
-    text = str(failure)
-    kind = next((kind for kind in _STORAGE_KINDS if kind in text), "failed")
+    status and code, an HTTP status its text gives, and its text without what differs
+    from one message to the next (a key as the stores quote it, whatever its words; a
+    blob's path; numbers)."""
+    text = _QUOTED.sub("…", str(failure))
     http = _HTTP_STATUS.search(text)
+    words = " ".join(_VARYING.sub("…", text).split())
     status, code = getattr(failure, "status", None), getattr(failure, "code", None)
-    return f"{type(failure).__name__} {status} {code} {http and http[0]} {kind}"
+    return f"{type(failure).__name__} {status} {code} {http and http[0]} {words}"
 
 
-# The kinds of storage failure the stores' texts name (shared/storage.py and the stores).
-_STORAGE_KINDS = (
-    "timed out",
-    "unreachable",
-    "could not be read",
-    "no credential",
-    "kept changing",
-    "gave up",
-    "not JSON",
+# A value as the stores quote it: repr(), escapes inside, perhaps cut short by clip().
+_QUOTED = re.compile(
+    r"""'(?:[^'\\]|\\.)*(?:'|\.\.\.\(\d+ chars\))|"(?:[^"\\]|\\.)*(?:"|\.\.\.\(\d+ chars\))"""
 )
 _HTTP_STATUS = re.compile(r"HTTP \d{3}")
+_VARYING = re.compile(r"\S*/\S*|\d+")  # a path, a number
 
 
 def held_back(count: int) -> str:

@@ -50,29 +50,34 @@ def test_a_repeated_warning_is_logged_once_a_minute_per_cause_with_how_many_were
 def test_the_cause_of_a_storage_failure_is_alike_for_every_message_that_meets_it():
     from shared.logs import storage_cause
     from shared.references import StoreError
+    from shared.references.contract import short_key
 
     def cause(text: str, **fields) -> str:
         return storage_cause(StoreError(text, **fields))
 
-    # The stores' own texts: the ledger names blobs by path or by a name's tail, the
-    # reference store quotes keys (clip() cuts a long one), the state store names a status.
+    # Texts as the stores write them: the ledger names blobs by path, or a name's tail
+    # quoted; the reference store quotes keys with short_key (repr, clipped), and a key is
+    # whatever the client chose: its words never enter the cause.
     ledger = "proactive ledger: create proactive/{}/head.json failed: storage unreachable (OSError)"
     assert cause(ledger.format("bcmVxLTA")) == cause(ledger.format("bcmVxLTE"))
     kept = "proactive ledger: {!r} kept changing; outcome not recorded"
     assert cause(kept.format("OC1WbTVie.json")) == cause(kept.format("YU9Hcmt.json"))
-    timed_out = cause("reference store: upsert 'msteams/a:1' timed out after 4s")
-    quotes = "reference store: upsert 'webchat/x\\'a\"y' timed out after 4s"
-    clipped = "reference store: upsert 'msteams/b" + "x" * 300 + "...(320 chars) timed out after 4s"
-    assert timed_out == cause(clipped)
-    assert cause(quotes) == timed_out
-    # Told apart: another kind, another status.
+    unreachable = "reference store: get {} failed: storage unreachable (OSError)"
+    keys = ["msteams/a:1", "webchat/x'a\"y timed out", "webchat/HTTP 500", "webchat/" + "b" * 400]
+    assert len({cause(unreachable.format(short_key(key))) for key in keys}) == 1
+    timed_out = "reference store: upsert {} timed out after {}s"
+    assert cause(timed_out.format(short_key("msteams/a:1"), 4)) == cause(
+        timed_out.format(short_key("webchat/" + "c" * 400), 10)
+    )
+    # Told apart: another kind of failure, another status.
     kinds = {
-        timed_out,
+        cause(timed_out.format(short_key("k"), 4)),
+        cause(unreachable.format(short_key("k"))),
         cause(ledger.format("x")),
         cause("reference store: get 'k' failed: the answer could not be read (TypeError)"),
-        cause("reference store: get 'k' failed: no credential (role)"),
         cause("state store: write failed: HTTP 503 (HttpResponseError)"),
         cause("state store: write failed: HTTP 500 (HttpResponseError)"),
-        cause("reference store: get 'k' failed: HTTP 403 AuthorizationFailure", status=403),
+        cause("state store: container botstate keeps vanishing"),
+        cause("state store: delete: storage authentication failed (ClientAuthenticationError)"),
     }
-    assert len(kinds) == 7
+    assert len(kinds) == 8
