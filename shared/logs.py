@@ -9,7 +9,9 @@ runs, and MSAL nothing: its error lines quote the token endpoint's answer as it 
 (a proxy's page may echo the request's form, client secret or assertion included), and
 the app reports every failed token request itself, without that text. The app's own
 loggers log one line per anomaly at INFO and above, and the detail of
-each activity at DEBUG.
+each activity at DEBUG; an anomaly every message meets while one cause lasts (a refused
+credential, storage down, a refused request) is logged once a minute per cause
+(:func:`log_repeated`), with how many like it were held back.
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ def storage_cause(failure: Exception) -> str:
     return f"{type(failure).__name__} {status} {code} {http and http[0]} {words}"
 
 
-# A value as the stores quote it: repr(), escapes inside, perhaps cut short by clip().
+# A value as the stores quote it: repr(), escapes inside, perhaps cut short by clip() (an
+# escape's backslash may be the last character before the cut).
 _QUOTED = re.compile(
-    r"""'(?:[^'\\]|\\.)*(?:'|\.\.\.\(\d+ chars\))|"(?:[^"\\]|\\.)*(?:"|\.\.\.\(\d+ chars\))"""
+    r"""'(?:[^'\\]|\\.)*(?:'|\\?\.\.\.\(\d+ chars\))|"(?:[^"\\]|\\.)*(?:"|\\?\.\.\.\(\d+ chars\))"""
 )
 _HTTP_STATUS = re.compile(r"HTTP \d{3}")
 _VARYING = re.compile(r"\S*/\S*|\d+")  # a path, a number

@@ -62,7 +62,7 @@ from shared.idempotency import (
     replace_with_claim,
     take_claim,
 )
-from shared.logs import log_repeated
+from shared.logs import log_repeated, storage_cause
 from shared.outcomes import (
     REMOVED_REASON,
     OutcomeKept,
@@ -203,17 +203,20 @@ async def _handle(body: bytes | str, engine: Engine) -> Outcome:
 async def _hold_raw(engine: Engine, body: bytes | str, failure: StoreError) -> Outcome:
     """An invalid message whose failure could not be reported yet: kept, reported later."""
     delay = engine.jitter(30.0)
-    logger.warning(
-        "proactive %r: storage failed (%s) reporting an invalid message; retried in %.0f s",
-        _request_id(body),
-        failure,
-        delay,
-    )
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
         await engine.queue.put(text, delay=delay)
     except Exception:
         raise failure from None
+    log_repeated(
+        logger,
+        logging.WARNING,
+        f"held reporting: {storage_cause(failure)}",
+        "proactive %r: storage failed (%s) reporting an invalid message; retried in %.0f s",
+        _request_id(body),
+        failure,
+        delay,
+    )
     return Outcome.REQUEUED
 
 

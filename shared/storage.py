@@ -266,7 +266,10 @@ def unreadable_answer(error: BaseException) -> bool:
     encoded, never decoded: only an answer is). That one comes before the SDK looks at
     the status, whatever it was, a refusal included: Azure Storage answers in UTF-8, so
     such an answer came from something else on the way (a proxy), whose status says
-    nothing of what storage did, and it is read as unreadable too.
+    nothing of what storage did, and it is read as unreadable too. So is an IndexError,
+    KeyError or TypeError raised where the SDK reads an answer (its deserialisers and
+    response handlers: a proxy's header it takes for its own), not where it checks our
+    arguments.
     """
     from xml.etree.ElementTree import ParseError
 

@@ -533,14 +533,15 @@ def bypass_proxies_for_loopback(environ: MutableMapping[str, str]) -> None:
     """Everything `make run` starts talks to this machine (Azurite, the bot, the chat's
     Connector): a proxy set for the machine (`http_proxy`) is not asked to reach it, in
     this process and in the host it starts. Both spellings get the same list (a reader
-    takes one of them: what either held is kept); `*` (no proxy for any host) in either
-    makes both `*`."""
+    takes one of them: what either held is kept); either being `*` alone (no proxy for
+    any host) makes both `*`."""
     listed: list[str] = []
     for name in ("no_proxy", "NO_PROXY"):
         for entry in environ.get(name, "").split(","):
             if entry.strip() and entry.strip() not in listed:
                 listed.append(entry.strip())
-    if "*" in listed:  # read as "every host" only when it is the whole value
+    if any(environ.get(name, "").strip() == "*" for name in ("no_proxy", "NO_PROXY")):
+        # "Every host" (read so only when it is the whole value), in both spellings.
         environ["no_proxy"] = environ["NO_PROXY"] = "*"
         return
     value = ",".join([*listed, *(host for host in LOOPBACK_NAMES if host not in listed)])

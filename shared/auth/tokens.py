@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from shared.config import Settings
+from shared.logs import log_repeated
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +209,26 @@ class MsalTokenProvider:
             self._retry_at = self._clock() + REFRESH_RETRY_SECONDS
             self._last_error = error
             if previous.value and previous.expires_at - self._clock() > STALE_TOKEN_GRACE_SECONDS:
-                log.warning(
+                log_repeated(
+                    log,
+                    logging.WARNING,
+                    f"refresh {error.setting} {error.code} {error.transient}",
                     "token refresh for app %s failed (%s); still using the current token",
                     self._settings.app_id,
                     error,
                 )
                 return previous
             # The app's one line for it (MSAL is silent): what Entra ID said, by code and
-            # status, and the setting to check; never the endpoint's answer.
-            log.warning("token request for app %s failed: %s", self._settings.app_id, error)
+            # status, and the setting to check; never the endpoint's answer. Once a minute
+            # per cause: a transient failure is asked again by every call.
+            log_repeated(
+                log,
+                logging.WARNING,
+                f"token {error.setting} {error.code} {error.transient}",
+                "token request for app %s failed: %s",
+                self._settings.app_id,
+                error,
+            )
             raise
         self._token = token
         self._last_error = None

@@ -108,7 +108,8 @@ class BlobReferenceStore(UserIndexes):
         )
         self._deletions = 0  # bumped by every delete: a read from before it is not cached
         self._indexing: set[asyncio.Task] = set()  # writes an upsert stopped waiting for
-        self._writing: dict[str, set[asyncio.Task]] = {}  # upserts under way, by key
+        # Writes of a key under way (upserts and the index writes they start), by key.
+        self._writing: dict[str, set[asyncio.Task]] = {}
         self._new_share = 0.0  # how often an uncached upsert found no document (see _create)
         self._clock = clock
         self._sleep = sleep

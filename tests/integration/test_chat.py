@@ -342,6 +342,10 @@ def test_make_run_asks_no_proxy_for_this_machine():
         bypass_proxies_for_loopback(everything)
         assert everything["no_proxy"] == everything["NO_PROXY"] == "*"
         assert urllib.request.proxy_bypass_environment("127.0.0.1", {"no": "*"})
+    # Among other entries, `*` is no such thing: the proxy stays for the rest.
+    some = {"no_proxy": "*, corp.example"}
+    bypass_proxies_for_loopback(some)
+    assert some["no_proxy"] == some["NO_PROXY"] == "*,corp.example,127.0.0.1,localhost,::1"
 
 
 def test_chat_with_a_bot_answering_500_points_to_the_bots_log():

@@ -64,6 +64,8 @@ def test_the_cause_of_a_storage_failure_is_alike_for_every_message_that_meets_it
     assert cause(kept.format("OC1WbTVie.json")) == cause(kept.format("YU9Hcmt.json"))
     unreachable = "reference store: get {} failed: storage unreachable (OSError)"
     keys = ["msteams/a:1", "webchat/x'a\"y timed out", "webchat/HTTP 500", "webchat/" + "b" * 400]
+    # clip() cutting right after an escape's backslash (the key's 199th character a \n).
+    keys += [f"webchat/{'z' * (189 + n)}\n{'w' * 100}" for n in range(3)]
     assert len({cause(unreachable.format(short_key(key))) for key in keys}) == 1
     timed_out = "reference store: upsert {} timed out after {}s"
     assert cause(timed_out.format(short_key("msteams/a:1"), 4)) == cause(

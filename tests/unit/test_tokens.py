@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import subprocess
 import sys
@@ -676,3 +677,21 @@ async def test_a_transient_failure_or_a_refusal_no_caller_saw_is_asked_again_at_
         await provider._inflight
     assert len(asked) == 3
     assert await provider.get_token(force_refresh=True) == "t2" and len(asked) == 4
+
+
+async def test_entra_id_failing_for_every_call_logs_one_warning_a_minute(caplog):
+    # A transient failure is asked again by every call: its line is not (each message of
+    # a broadcast would log one).
+    settings = Settings.from_env({"MicrosoftAppId": str(uuid.uuid4()), "MicrosoftAppPassword": "s"})
+    provider = create_token_provider(settings)
+
+    def acquire():
+        raise TokenError("Entra ID unreachable", setting="BOT_LOGIN_AUTHORITY", transient=True)
+
+    provider._acquire_blocking = acquire
+    with caplog.at_level(logging.INFO, logger="shared.auth.tokens"):
+        for _ in range(20):
+            with pytest.raises(TokenError):
+                await provider.get_token()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "token request for app" in warnings[0]
