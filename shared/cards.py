@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from shared.activity import Activity, as_activity
 from shared.wire import Attachment
 
 ADAPTIVE_CARD = "application/vnd.microsoft.card.adaptive"
@@ -174,6 +175,19 @@ def as_attachment(value: Mapping[str, Any]) -> Attachment | None:
     if isinstance(value.get("contentType"), str) and "type" not in value:
         return dict(value)  # type: ignore[return-value]
     return None
+
+
+def as_message(value: str | Mapping[str, Any]) -> Activity:
+    """What a handler sends, as an activity: text or an activity as it is (a copy), a card
+    or an attachment as a message carrying it. An `id` it carries (one built from the
+    incoming activity) is dropped: the channel gives each activity its own."""
+    if not isinstance(value, str):
+        attachment = as_attachment(value)
+        if attachment is not None:
+            return {"type": "message", "attachments": [attachment]}
+    activity = as_activity(value)
+    activity.pop("id", None)
+    return activity
 
 
 def card_message(

@@ -315,21 +315,25 @@ def _raised_reading_an_answer(error: BaseException) -> bool:
     """Whether the frame that raised `error` is the storage SDK's, reading an answer: its
     deserialisers and response handlers (a wrong argument of ours raises elsewhere: in its
     request builders, serialisers or checks)."""
-    traceback = error.__traceback__
-    if traceback is None:
+    frames = _frames(error)
+    if not frames:
         return False
-    while traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    module = traceback.tb_frame.f_globals.get("__name__", "")
-    function = traceback.tb_frame.f_code.co_name.lower()
+    module, function = frames[-1]
     reading = module.endswith(("._deserialize", ".response_handlers")) or "deserializ" in function
     return module.startswith(_SDK_MODULES) and reading
 
 
 def _raised_in_sdk(error: BaseException) -> bool:
+    return any(module.startswith(_SDK_MODULES) for module, _ in _frames(error))
+
+
+def _frames(error: BaseException) -> list[tuple[str, str]]:
+    """The module and (lower-cased) function of each frame `error` passed through, the
+    one that raised it last."""
+    frames = []
     traceback = error.__traceback__
     while traceback is not None:
-        if traceback.tb_frame.f_globals.get("__name__", "").startswith(_SDK_MODULES):
-            return True
+        frame = traceback.tb_frame
+        frames.append((frame.f_globals.get("__name__", ""), frame.f_code.co_name.lower()))
         traceback = traceback.tb_next
-    return False
+    return frames

@@ -31,7 +31,6 @@ from shared.activity import (
     Activity,
     ConversationReference,
     apply_conversation_reference,
-    as_activity,
     conversation_key,
     conversation_reference,
     is_bot_account,
@@ -39,7 +38,7 @@ from shared.activity import (
     teams_tenant_id,
     text_without_bot_mention,
 )
-from shared.cards import as_attachment
+from shared.cards import as_message
 from shared.roster import all_members, roster_id
 from shared.state import (
     State,
@@ -493,7 +492,7 @@ class TurnContext:
         """What a handler sends to this conversation, as an activity. ValueError when it
         names another conversation, serviceUrl or channel: it would be posted here all the
         same (to post elsewhere: ``turn.connector``, or ``shared.producer.enqueue``)."""
-        activity = _outgoing(value)
+        activity = as_message(value)
         here = self.reference
         for name, mine in (
             ("conversation", (here.get("conversation") or {}).get("id")),
@@ -588,15 +587,3 @@ def _as_text(activity: Mapping[str, Any]) -> str:
         return json.dumps(activity, sort_keys=True, default=repr)
     except (TypeError, ValueError):  # keys of several types (set by a caller, not JSON)
         return repr(activity)
-
-
-def _outgoing(value: str | Mapping[str, Any]) -> Activity:
-    """What a handler sends, as an activity: a card or attachment becomes a message. An
-    `id` it carries (one built from the incoming activity) is the channel's to give."""
-    if not isinstance(value, str):
-        attachment = as_attachment(value)
-        if attachment is not None:
-            return {"type": "message", "attachments": [attachment]}
-    activity = as_activity(value)
-    activity.pop("id", None)
-    return activity

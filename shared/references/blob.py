@@ -142,8 +142,7 @@ class BlobReferenceStore(UserIndexes):
         task = asyncio.ensure_future(self._upsert(key, reference, team_id))
         self._indexing.add(task)
         task.add_done_callback(self._indexing.discard)
-        self._writing.setdefault(key, set()).add(task)
-        task.add_done_callback(lambda done: self._written_out(key, done))
+        self._track_write(key, task)
         task.add_done_callback(lambda done: self._failed(key, done))
         try:
             return await asyncio.shield(task)
@@ -246,8 +245,7 @@ class BlobReferenceStore(UserIndexes):
         task.add_done_callback(self._indexed)
         # A write of the key still, should the upsert end first (its own timeout).
         key = planned.key
-        self._writing.setdefault(key, set()).add(task)
-        task.add_done_callback(lambda done: self._written_out(key, done))
+        self._track_write(key, task)
         await asyncio.shield(task)
         planned.etag = etag
         self._remember(planned, generation)
@@ -290,6 +288,11 @@ class BlobReferenceStore(UserIndexes):
     def _observe(self, *, new: bool) -> None:
         """Track how often an uncached conversation turns out new (a moving average)."""
         self._new_share += ((1.0 if new else 0.0) - self._new_share) * _NEW_SHARE_WEIGHT
+
+    def _track_write(self, key: str, task: asyncio.Task) -> None:
+        """`task` writes `key`: listed under it in `_writing` until it ends."""
+        self._writing.setdefault(key, set()).add(task)
+        task.add_done_callback(lambda done: self._written_out(key, done))
 
     def _written_out(self, key: str, task: asyncio.Task) -> None:
         tasks = self._writing.get(key)
