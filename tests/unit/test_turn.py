@@ -173,20 +173,24 @@ async def test_state_without_a_store_fails_clearly_on_first_use():
     await turn.save_state()  # nothing was loaded: nothing to save, no error
 
 
-async def test_members_come_from_the_connector(aad_app, fake_connector):
-    # The real client over HTTP: the turn's connector is the whole ConnectorClient.
+@pytest.fixture
+async def client(aad_app, fake_connector):
+    """The real Connector client over HTTP, to botsim's fake Connector (trusted)."""
     settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
     connector = ConnectorClient(settings, create_token_provider(settings))
+    yield connector
+    await connector.close()
+
+
+async def test_members_come_from_the_connector(client, fake_connector):
+    # The real client over HTTP: the turn's connector is the whole ConnectorClient.
     fake_connector.members["a:conv"] = [
         {"id": "29:user", "name": "Ada", "aadObjectId": "aad-1"},
         {"id": "29:bob", "name": "Bob"},
     ]
-    turn = TurnContext(activity(serviceUrl=fake_connector.url), connector)
-    try:
-        members = await turn.members()
-        bob = await turn.member("29:bob")
-    finally:
-        await connector.close()
+    turn = TurnContext(activity(serviceUrl=fake_connector.url), client)
+    members = await turn.members()
+    bob = await turn.member("29:bob")
     assert [m["name"] for m in members] == ["Ada", "Bob"]
     assert bob == {"id": "29:bob", "name": "Bob"}
     # Teams reads its roster a page at a time: its unpaged call is deprecated there.
@@ -196,21 +200,14 @@ async def test_members_come_from_the_connector(aad_app, fake_connector):
     ]
 
 
-async def test_a_teams_channel_post_asks_for_its_teams_members_page_by_page(
-    aad_app, fake_connector
-):
+async def test_a_teams_channel_post_asks_for_its_teams_members_page_by_page(client, fake_connector):
     # A post's conversation id (`…;messageid=…`) names no roster: the team's is read, all of
     # it, a page (of at most 500) at a time, and one member is looked up there too.
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    connector = ConnectorClient(settings, create_token_provider(settings))
     team = [{"id": f"29:member-{n}", "name": f"Member {n}"} for n in range(1201)]
     fake_connector.members["19:team@thread.tacv2"] = team
-    turn = TurnContext(teams_activity(serviceUrl=fake_connector.url), connector)
-    try:
-        members = await turn.members()
-        one = await turn.member("29:member-7")
-    finally:
-        await connector.close()
+    turn = TurnContext(teams_activity(serviceUrl=fake_connector.url), client)
+    members = await turn.members()
+    one = await turn.member("29:member-7")
     assert members == team
     assert one == {"id": "29:member-7", "name": "Member 7"}
     asked = [(r.operation, r.params.get("conversationId")) for r in fake_connector.requests]
@@ -220,34 +217,22 @@ async def test_a_teams_channel_post_asks_for_its_teams_members_page_by_page(
     assert fake_connector.requests[0].query["pageSize"] == "500"
 
 
-async def test_a_roster_whose_continuation_never_ends_is_read_once_through(aad_app, fake_connector):
+async def test_a_roster_whose_continuation_never_ends_is_read_once_through(client, fake_connector):
     # A Connector answering every page with the same continuation token: read until the
     # token repeats, not for ever.
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    connector = ConnectorClient(settings, create_token_provider(settings))
     page = {"members": [{"id": "29:a"}], "continuationToken": "again"}
     fake_connector.script("GET", "pagedmembers", [Reply(200, json=page)] * 5)
-    turn = TurnContext(activity(serviceUrl=fake_connector.url), connector)
-    try:
-        members = await turn.members()
-    finally:
-        await connector.close()
-    assert members == [{"id": "29:a"}, {"id": "29:a"}]
+    turn = TurnContext(activity(serviceUrl=fake_connector.url), client)
+    assert await turn.members() == [{"id": "29:a"}, {"id": "29:a"}]
     assert len(fake_connector.requests) == 2
 
 
-async def test_other_channels_ask_for_their_members_in_one_call(aad_app, fake_connector):
-    settings = aad_app.settings(BOT_TRUSTED_SERVICE_URLS=fake_connector.url)
-    connector = ConnectorClient(settings, create_token_provider(settings))
+async def test_other_channels_ask_for_their_members_in_one_call(client, fake_connector):
     fake_connector.members["dl-conv"] = [{"id": "dl-user", "name": "Ada"}]
     incoming = activity(
         channelId="directline", serviceUrl=fake_connector.url, conversation={"id": "dl-conv"}
     )
-    turn = TurnContext(incoming, connector)
-    try:
-        assert await turn.members() == [{"id": "dl-user", "name": "Ada"}]
-    finally:
-        await connector.close()
+    assert await TurnContext(incoming, client).members() == [{"id": "dl-user", "name": "Ada"}]
     assert [r.operation for r in fake_connector.requests] == ["getConversationMembers"]
 
 
