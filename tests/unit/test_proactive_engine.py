@@ -360,6 +360,13 @@ async def test_a_gone_inline_reference_spelt_otherwise_prunes_the_stored_one_it_
     assert (report["state"], report["pruned"]) == ("done", 1)
 
 
+def expired_secret(aad_app, fake_connector):
+    """The bot's settings with a secret Entra ID refuses, the fake Connector trusted."""
+    return aad_app.settings(
+        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
+    )
+
+
 async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     aad_app, fake_aad, fake_connector
 ):
@@ -368,10 +375,7 @@ async def test_refused_credentials_keep_the_message_until_the_secret_is_fixed(
     await store.upsert(reference(fake_connector.url, "a:1"))
     clock = Clock()
     ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
-    wrong = aad_app.settings(
-        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
-    )
-    runtime = make_runtime(wrong, store)
+    runtime = make_runtime(expired_secret(aad_app, fake_connector), store)
     engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
     try:
         assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
@@ -401,10 +405,7 @@ async def test_refused_credentials_cost_one_warning_and_one_token_request_not_on
         await store.upsert(reference(fake_connector.url, f"a:{n}"))
     clock = Clock()
     ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
-    wrong = aad_app.settings(
-        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
-    )
-    runtime = make_runtime(wrong, store)
+    runtime = make_runtime(expired_secret(aad_app, fake_connector), store)
     engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
     refused = len(fake_aad.rejections)
     try:
@@ -428,10 +429,7 @@ async def test_time_held_for_credentials_is_not_the_message_age(aad_app, fake_aa
     await store.upsert(reference(fake_connector.url, "a:1"))
     clock = Clock()
     ledger, queue = MemoryLedger(clock=clock), MemoryQueue()
-    wrong = aad_app.settings(
-        BOT_TRUSTED_SERVICE_URLS=fake_connector.url, MicrosoftAppPassword="expired-secret"
-    )
-    runtime = make_runtime(wrong, store)
+    runtime = make_runtime(expired_secret(aad_app, fake_connector), store)
     engine = Engine(runtime, ledger, queue, clock=clock, rand=lambda: 0)
     try:
         assert await handle(engine, body({"conversation": "msteams/a:1"})) is Outcome.REQUEUED
